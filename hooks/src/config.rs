@@ -1,0 +1,455 @@
+//! What the model is: architecture hyper-parameters parsed from a Hugging Face `config.json`.
+//!
+//! Both the old field names of the Pythia hub files (`rotary_pct`, `rotary_emb_base`) and the
+//! newer transformers spellings (`partial_rotary_factor`, `rope_theta`, `rope_parameters`) are read.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+/// The hyper-parameters of a GPT-NeoX (Pythia) model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GptNeoxConfig {
+    /// Residual stream width.
+    pub hidden_size: usize,
+    /// Number of transformer blocks.
+    pub num_layers: usize,
+    /// Number of attention heads.
+    pub num_heads: usize,
+    /// MLP hidden width.
+    pub intermediate_size: usize,
+    /// Rows of the embedding and unembedding matrices.
+    pub vocab_size: usize,
+    /// Fraction of each head's dimensions that receive rotary embeddings.
+    pub rotary_pct: f64,
+    /// Rotary base frequency.
+    pub rotary_base: f64,
+    /// LayerNorm epsilon.
+    pub layer_norm_eps: f64,
+    /// `h + attn(ln1(h)) + mlp(ln2(h))` when true, sequential blocks otherwise.
+    pub parallel_residual: bool,
+    /// Whether `query_key_value` and `dense` have biases.
+    pub attention_bias: bool,
+    /// Whether the unembedding shares the embedding's weights.
+    pub tie_word_embeddings: bool,
+    /// End-of-text token id, used to separate documents.
+    pub eos_token_id: Option<u32>,
+}
+
+impl GptNeoxConfig {
+    /// Dimensions per attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads
+    }
+
+    /// Number of leading head dimensions that are rotated.
+    pub fn rotary_dims(&self) -> usize {
+        (self.head_dim() as f64 * self.rotary_pct) as usize
+    }
+}
+
+/// The hyper-parameters of a Llama-family model (Llama 2/3, Mistral, SmolLM2, ...).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// Residual stream width.
+    pub hidden_size: usize,
+    /// Number of transformer blocks.
+    pub num_layers: usize,
+    /// Number of query heads.
+    pub num_heads: usize,
+    /// Number of key/value heads (grouped-query attention when fewer than `num_heads`).
+    pub num_kv_heads: usize,
+    /// Dimensions per head.
+    pub head_dim: usize,
+    /// SwiGLU hidden width.
+    pub intermediate_size: usize,
+    /// Rows of the embedding and unembedding matrices.
+    pub vocab_size: usize,
+    /// Rotary base frequency.
+    pub rope_theta: f64,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// Whether the q/k/v/o projections have biases.
+    pub attention_bias: bool,
+    /// Whether the MLP projections have biases.
+    pub mlp_bias: bool,
+    /// Whether the unembedding shares the embedding's weights.
+    pub tie_word_embeddings: bool,
+    /// End-of-text token id, used to separate documents.
+    pub eos_token_id: Option<u32>,
+}
+
+/// A model's architecture and its hyper-parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelConfig {
+    /// GPT-NeoX / Pythia.
+    GptNeox(GptNeoxConfig),
+    /// Llama family.
+    Llama(LlamaConfig),
+}
+
+impl ModelConfig {
+    /// Reads and validates a `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: path.into(),
+            message: format!("not valid JSON: {e}"),
+        })?;
+        Self::from_json(&json, path)
+    }
+
+    /// Builds a config from parsed JSON; `path` is only used in error messages.
+    pub fn from_json(json: &Value, path: &Path) -> Result<Self> {
+        let fields = Fields { json, path };
+        let model_type = fields.model_type()?;
+        let config = match model_type.as_str() {
+            "gpt_neox" => ModelConfig::GptNeox(GptNeoxConfig {
+                hidden_size: fields.usize("hidden_size")?,
+                num_layers: fields.usize("num_hidden_layers")?,
+                num_heads: fields.usize("num_attention_heads")?,
+                intermediate_size: fields.usize("intermediate_size")?,
+                vocab_size: fields.usize("vocab_size")?,
+                rotary_pct: fields.first_f64(
+                    &[
+                        "rotary_pct",
+                        "partial_rotary_factor",
+                        "rope_parameters.partial_rotary_factor",
+                    ],
+                    0.25,
+                )?,
+                rotary_base: fields.first_f64(
+                    &[
+                        "rotary_emb_base",
+                        "rope_theta",
+                        "rope_parameters.rope_theta",
+                    ],
+                    10000.0,
+                )?,
+                layer_norm_eps: fields.first_f64(&["layer_norm_eps"], 1e-5)?,
+                parallel_residual: fields.bool_or("use_parallel_residual", true)?,
+                attention_bias: fields.bool_or("attention_bias", true)?,
+                tie_word_embeddings: fields.bool_or("tie_word_embeddings", false)?,
+                eos_token_id: fields.token_id("eos_token_id")?,
+            }),
+            "llama" | "mistral" => {
+                let hidden_size = fields.usize("hidden_size")?;
+                let num_heads = fields.usize("num_attention_heads")?;
+                ModelConfig::Llama(LlamaConfig {
+                    hidden_size,
+                    num_layers: fields.usize("num_hidden_layers")?,
+                    num_heads,
+                    num_kv_heads: fields.usize_or("num_key_value_heads", num_heads)?,
+                    head_dim: fields.usize_or("head_dim", hidden_size / num_heads.max(1))?,
+                    intermediate_size: fields.usize("intermediate_size")?,
+                    vocab_size: fields.usize("vocab_size")?,
+                    rope_theta: fields
+                        .first_f64(&["rope_theta", "rope_parameters.rope_theta"], 10000.0)?,
+                    rms_norm_eps: fields.first_f64(&["rms_norm_eps"], 1e-6)?,
+                    attention_bias: fields.bool_or("attention_bias", false)?,
+                    mlp_bias: fields.bool_or("mlp_bias", false)?,
+                    tie_word_embeddings: fields.bool_or("tie_word_embeddings", false)?,
+                    eos_token_id: fields.token_id("eos_token_id")?,
+                })
+            }
+            other => {
+                return Err(fields.error(format!(
+                    "model_type '{other}' is not supported (supported: gpt_neox, llama, mistral)"
+                )))
+            }
+        };
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Number of transformer blocks.
+    pub fn num_layers(&self) -> usize {
+        match self {
+            ModelConfig::GptNeox(c) => c.num_layers,
+            ModelConfig::Llama(c) => c.num_layers,
+        }
+    }
+
+    /// Residual stream width.
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            ModelConfig::GptNeox(c) => c.hidden_size,
+            ModelConfig::Llama(c) => c.hidden_size,
+        }
+    }
+
+    /// Rows of the unembedding (may exceed the tokenizer's vocabulary: padding columns).
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            ModelConfig::GptNeox(c) => c.vocab_size,
+            ModelConfig::Llama(c) => c.vocab_size,
+        }
+    }
+
+    /// End-of-text token id, if the config names one.
+    pub fn eos_token_id(&self) -> Option<u32> {
+        match self {
+            ModelConfig::GptNeox(c) => c.eos_token_id,
+            ModelConfig::Llama(c) => c.eos_token_id,
+        }
+    }
+
+    /// Width of the tensor at a hook point.
+    pub fn width(&self, point: crate::HookPoint) -> usize {
+        match point {
+            crate::HookPoint::Logits => self.vocab_size(),
+            _ => self.hidden_size(),
+        }
+    }
+
+    /// The `model_type` string of this architecture.
+    pub fn model_type(&self) -> &'static str {
+        match self {
+            ModelConfig::GptNeox(_) => "gpt_neox",
+            ModelConfig::Llama(_) => "llama",
+        }
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |message: String| Error::Config {
+            path: path.into(),
+            message,
+        };
+        let (hidden, heads, layers, vocab) = match self {
+            ModelConfig::GptNeox(c) => (c.hidden_size, c.num_heads, c.num_layers, c.vocab_size),
+            ModelConfig::Llama(c) => (c.hidden_size, c.num_heads, c.num_layers, c.vocab_size),
+        };
+        for (name, value) in [
+            ("hidden_size", hidden),
+            ("num_attention_heads", heads),
+            ("num_hidden_layers", layers),
+            ("vocab_size", vocab),
+        ] {
+            if value == 0 {
+                return Err(bad(format!("{name} must be positive, got 0")));
+            }
+        }
+        match self {
+            ModelConfig::GptNeox(c) => {
+                if c.hidden_size % c.num_heads != 0 {
+                    return Err(bad(format!(
+                        "hidden_size {} is not divisible by num_attention_heads {}",
+                        c.hidden_size, c.num_heads
+                    )));
+                }
+                if !(0.0..=1.0).contains(&c.rotary_pct) {
+                    return Err(bad(format!("rotary_pct {} is not in [0, 1]", c.rotary_pct)));
+                }
+                if c.rotary_dims() % 2 != 0 {
+                    return Err(bad(format!(
+                        "rotary_pct {} gives an odd number of rotary dimensions ({})",
+                        c.rotary_pct,
+                        c.rotary_dims()
+                    )));
+                }
+            }
+            ModelConfig::Llama(c) => {
+                if c.num_kv_heads == 0 || c.num_heads % c.num_kv_heads != 0 {
+                    return Err(bad(format!(
+                        "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                        c.num_heads, c.num_kv_heads
+                    )));
+                }
+                if c.head_dim % 2 != 0 {
+                    return Err(bad(format!(
+                        "head_dim {} must be even for rotary embeddings",
+                        c.head_dim
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Typed access to config fields with errors that name the field and file.
+struct Fields<'a> {
+    json: &'a Value,
+    path: &'a Path,
+}
+
+impl Fields<'_> {
+    fn error(&self, message: String) -> Error {
+        Error::Config {
+            path: self.path.into(),
+            message,
+        }
+    }
+
+    /// Looks up a dotted path such as `rope_parameters.rope_theta`.
+    fn get(&self, key: &str) -> Option<&Value> {
+        key.split('.')
+            .try_fold(self.json, |value, part| value.get(part))
+            .filter(|v| !v.is_null())
+    }
+
+    fn model_type(&self) -> Result<String> {
+        if let Some(model_type) = self.get("model_type").and_then(Value::as_str) {
+            return Ok(model_type.to_string());
+        }
+        let architecture = self
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        match architecture {
+            "GPTNeoXForCausalLM" => Ok("gpt_neox".into()),
+            "LlamaForCausalLM" => Ok("llama".into()),
+            "MistralForCausalLM" => Ok("mistral".into()),
+            _ => {
+                Err(self.error("missing field 'model_type' (and no known 'architectures')".into()))
+            }
+        }
+    }
+
+    fn usize(&self, key: &str) -> Result<usize> {
+        match self.get(key) {
+            None => Err(self.error(format!("missing field '{key}'"))),
+            Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                self.error(format!(
+                    "field '{key}' must be a non-negative integer, got {v}"
+                ))
+            }),
+        }
+    }
+
+    fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(_) => self.usize(key),
+        }
+    }
+
+    fn first_f64(&self, keys: &[&str], default: f64) -> Result<f64> {
+        for key in keys {
+            if let Some(v) = self.get(key) {
+                return v
+                    .as_f64()
+                    .ok_or_else(|| self.error(format!("field '{key}' must be a number, got {v}")));
+            }
+        }
+        Ok(default)
+    }
+
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.error(format!("field '{key}' must be true or false, got {v}"))),
+        }
+    }
+
+    /// A token id that may be given as an integer or a list of integers (the first is used).
+    fn token_id(&self, key: &str) -> Result<Option<u32>> {
+        let value = match self.get(key) {
+            None => return Ok(None),
+            Some(Value::Array(ids)) => match ids.first() {
+                None => return Ok(None),
+                Some(first) => first,
+            },
+            Some(v) => v,
+        };
+        value
+            .as_u64()
+            .and_then(|id| u32::try_from(id).ok())
+            .map(Some)
+            .ok_or_else(|| self.error(format!("field '{key}' must be a token id, got {value}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(json: Value) -> Result<ModelConfig> {
+        ModelConfig::from_json(&json, Path::new("config.json"))
+    }
+
+    fn pythia_70m() -> Value {
+        json!({
+            "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox",
+            "hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8,
+            "intermediate_size": 2048, "hidden_act": "gelu", "rotary_pct": 0.25,
+            "rotary_emb_base": 10000, "layer_norm_eps": 1e-5, "use_parallel_residual": true,
+            "tie_word_embeddings": false, "vocab_size": 50304, "bos_token_id": 0, "eos_token_id": 0
+        })
+    }
+
+    #[test]
+    fn reads_pythia_hub_config() {
+        let ModelConfig::GptNeox(c) = parse(pythia_70m()).unwrap() else {
+            panic!()
+        };
+        assert_eq!((c.hidden_size, c.num_layers, c.num_heads), (512, 6, 8));
+        assert_eq!((c.head_dim(), c.rotary_dims()), (64, 16));
+        assert_eq!(c.eos_token_id, Some(0));
+        assert!(c.parallel_residual && c.attention_bias);
+    }
+
+    #[test]
+    fn reads_new_rope_parameter_names() {
+        let mut j = pythia_70m();
+        let obj = j.as_object_mut().unwrap();
+        obj.remove("rotary_pct");
+        obj.remove("rotary_emb_base");
+        obj.insert(
+            "rope_parameters".into(),
+            json!({"rope_theta": 500.0, "partial_rotary_factor": 1.0}),
+        );
+        let ModelConfig::GptNeox(c) = parse(j).unwrap() else {
+            panic!()
+        };
+        assert_eq!((c.rotary_pct, c.rotary_base), (1.0, 500.0));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut j = pythia_70m();
+        j.as_object_mut().unwrap().remove("hidden_size");
+        let err = parse(j).unwrap_err().to_string();
+        assert!(
+            err.contains("config.json") && err.contains("'hidden_size'"),
+            "{err}"
+        );
+
+        let mut j = pythia_70m();
+        j["num_attention_heads"] = json!(7);
+        let err = parse(j).unwrap_err().to_string();
+        assert!(err.contains("not divisible"), "{err}");
+
+        let mut j = pythia_70m();
+        j["hidden_size"] = json!("big");
+        let err = parse(j).unwrap_err().to_string();
+        assert!(
+            err.contains("'hidden_size' must be a non-negative integer"),
+            "{err}"
+        );
+
+        let err = parse(json!({"model_type": "bert"}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("'bert' is not supported"), "{err}");
+    }
+
+    #[test]
+    fn reads_llama_gqa() {
+        let c = parse(json!({
+            "model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30,
+            "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536,
+            "vocab_size": 49152, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": true, "eos_token_id": 2
+        }))
+        .unwrap();
+        let ModelConfig::Llama(c) = c else { panic!() };
+        assert_eq!((c.head_dim, c.num_kv_heads, c.rope_theta), (64, 3, 1e5));
+    }
+}

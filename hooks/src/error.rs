@@ -1,0 +1,145 @@
+//! One error type for everything the hook runtime can refuse, each variant naming the
+//! file, field or value at fault so the user knows what to fix.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong while resolving, loading or running a model, or reading
+/// and writing data and activation caches.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+
+    /// A model's config.json (or GGUF metadata) is missing a field or has a bad value.
+    #[error("{path}: {message}")]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+
+    /// The model name does not resolve to a folder, a file or a hub repository.
+    #[error("model '{spec}': {message}")]
+    ModelNotFound {
+        /// What the user asked for.
+        spec: String,
+        /// Why it could not be resolved.
+        message: String,
+    },
+
+    /// A hub model is needed but not in the local cache, and downloading is off or failed.
+    #[error(
+        "model '{model}' (revision '{revision}') is not in the Hugging Face cache at {}{}",
+        cache_dir.display(),
+        reason.as_deref().map(|r| format!(" and could not be downloaded: {r}")).unwrap_or_else(|| " and HF_HUB_OFFLINE is set".into())
+    )]
+    NotCached {
+        /// Hub repository id.
+        model: String,
+        /// Branch, tag or commit.
+        revision: String,
+        /// The cache folder that was searched.
+        cache_dir: PathBuf,
+        /// The download error, when a download was tried.
+        reason: Option<String>,
+    },
+
+    /// A weight file is unreadable, truncated or not a weight file.
+    #[error("weights {path}: {message}")]
+    WeightFile {
+        /// The weight file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+
+    /// A tensor the architecture needs is absent from the weight files.
+    #[error("weight '{name}' is missing from {files}")]
+    MissingWeight {
+        /// Tensor name.
+        name: String,
+        /// The files searched.
+        files: String,
+    },
+
+    /// A weight tensor has the wrong shape or a non-float dtype.
+    #[error("weight '{name}': {message}")]
+    BadWeight {
+        /// Tensor name.
+        name: String,
+        /// Expected versus found.
+        message: String,
+    },
+
+    /// A hook point name that the model does not have.
+    #[error("unknown hook point '{name}'; valid hook points: {valid}")]
+    UnknownHookPoint {
+        /// The name given.
+        name: String,
+        /// The model's hook points, comma separated.
+        valid: String,
+    },
+
+    /// A token id at or beyond the model's vocabulary size.
+    #[error(
+        "token id {token} at position {position} is out of range for a vocabulary of {vocab_size}"
+    )]
+    TokenOutOfRange {
+        /// The offending id.
+        token: i64,
+        /// Its flat position in the input.
+        position: usize,
+        /// The model's vocabulary size.
+        vocab_size: usize,
+    },
+
+    /// The tokenizer could not be loaded or failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// A dataset file is malformed or yields no usable tokens.
+    #[error("data {path}: {message}")]
+    Data {
+        /// The dataset file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// An activation cache is incomplete, corrupt or does not match the request.
+    #[error("activation cache {path}: {message}")]
+    Cache {
+        /// The cache folder or shard.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// An argument is out of range or inconsistent with others.
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

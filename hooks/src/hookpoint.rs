@@ -1,0 +1,235 @@
+//! Hook point names: the places in a forward pass where a tensor can be read or replaced.
+//!
+//! Canonical names follow the module paths that sparsify and delphi use (`layers.3`,
+//! `layers.3.mlp`, ...). TransformerLens names (`blocks.3.hook_resid_post`, ...) and the
+//! Hugging Face module names (`embed_in`, `final_layer_norm`, ...) are accepted as aliases.
+
+use std::fmt;
+
+/// One place in the forward pass. Every tensor at a hook point has shape `[batch, seq, width]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HookPoint {
+    /// Token embeddings: the input to layer 0.
+    Embed,
+    /// Output of the attention module of layer `i`, before it is added to the residual.
+    Attention(usize),
+    /// Input of the MLP of layer `i` (the output of its pre-MLP norm); a transcoder's input.
+    MlpInput(usize),
+    /// Output of the MLP of layer `i`, before it is added to the residual.
+    Mlp(usize),
+    /// Residual stream after layer `i`: the input to layer `i + 1`.
+    Layer(usize),
+    /// Residual stream after the final norm.
+    FinalNorm,
+    /// Output logits.
+    Logits,
+}
+
+/// How an architecture spells the attention module in canonical names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionName {
+    /// GPT-NeoX: `layers.{i}.attention`.
+    Attention,
+    /// Llama family: `layers.{i}.self_attn`.
+    SelfAttn,
+}
+
+impl AttentionName {
+    fn as_str(self) -> &'static str {
+        match self {
+            AttentionName::Attention => "attention",
+            AttentionName::SelfAttn => "self_attn",
+        }
+    }
+}
+
+impl HookPoint {
+    /// Position in forward order: sorting by this key gives the order tensors are computed in.
+    pub fn order_key(self) -> (usize, u8) {
+        match self {
+            HookPoint::Embed => (0, 0),
+            HookPoint::Attention(i) => (i + 1, 0),
+            HookPoint::MlpInput(i) => (i + 1, 1),
+            HookPoint::Mlp(i) => (i + 1, 2),
+            HookPoint::Layer(i) => (i + 1, 3),
+            HookPoint::FinalNorm => (usize::MAX, 0),
+            HookPoint::Logits => (usize::MAX, 1),
+        }
+    }
+
+    /// The layer this hook point belongs to, if any.
+    pub fn layer(self) -> Option<usize> {
+        match self {
+            HookPoint::Attention(i)
+            | HookPoint::MlpInput(i)
+            | HookPoint::Mlp(i)
+            | HookPoint::Layer(i) => Some(i),
+            _ => None,
+        }
+    }
+
+    /// Every hook point of a model with `num_layers` layers, in forward order.
+    pub fn all(num_layers: usize) -> Vec<HookPoint> {
+        let mut points = vec![HookPoint::Embed];
+        for i in 0..num_layers {
+            points.extend([
+                HookPoint::Attention(i),
+                HookPoint::MlpInput(i),
+                HookPoint::Mlp(i),
+                HookPoint::Layer(i),
+            ]);
+        }
+        points.extend([HookPoint::FinalNorm, HookPoint::Logits]);
+        points
+    }
+
+    /// The canonical name, spelling the attention module as the architecture does.
+    pub fn name(self, attention: AttentionName) -> String {
+        match self {
+            HookPoint::Embed => "embed".into(),
+            HookPoint::Attention(i) => format!("layers.{i}.{}", attention.as_str()),
+            HookPoint::MlpInput(i) => format!("layers.{i}.mlp.input"),
+            HookPoint::Mlp(i) => format!("layers.{i}.mlp"),
+            HookPoint::Layer(i) => format!("layers.{i}"),
+            HookPoint::FinalNorm => "final_norm".into(),
+            HookPoint::Logits => "logits".into(),
+        }
+    }
+
+    /// Parses a canonical name or an alias, without checking the layer index.
+    ///
+    /// Aliases: `embed_in`, `embed_tokens`, `hook_embed`; `blocks.{i}.hook_resid_pre`
+    /// (the residual before block i), `blocks.{i}.hook_resid_post`, `blocks.{i}.hook_attn_out`,
+    /// `blocks.{i}.hook_mlp_out`; `layers.{i}.attention` / `.self_attn` / `.attn`;
+    /// `final_layer_norm`, `norm`; `lm_head`, `embed_out`, `unembed`.
+    pub fn parse(name: &str) -> Option<HookPoint> {
+        let name = name.trim();
+        match name {
+            "embed" | "embed_in" | "embed_tokens" | "hook_embed" => return Some(HookPoint::Embed),
+            "final_norm" | "final_layer_norm" | "norm" => return Some(HookPoint::FinalNorm),
+            "logits" | "lm_head" | "embed_out" | "unembed" => return Some(HookPoint::Logits),
+            _ => {}
+        }
+        let (prefix, rest) = name.split_once('.')?;
+        let (index, suffix) = match rest.split_once('.') {
+            Some((index, suffix)) => (index, Some(suffix)),
+            None => (rest, None),
+        };
+        let i: usize = index.parse().ok()?;
+        match (prefix, suffix) {
+            ("layers", None) => Some(HookPoint::Layer(i)),
+            ("layers", Some("attention" | "self_attn" | "attn")) => Some(HookPoint::Attention(i)),
+            ("layers", Some("mlp")) => Some(HookPoint::Mlp(i)),
+            ("layers", Some("mlp.input")) => Some(HookPoint::MlpInput(i)),
+            ("blocks", Some("hook_resid_post")) => Some(HookPoint::Layer(i)),
+            ("blocks", Some("hook_resid_pre")) => Some(match i {
+                0 => HookPoint::Embed,
+                _ => HookPoint::Layer(i - 1),
+            }),
+            ("blocks", Some("hook_attn_out")) => Some(HookPoint::Attention(i)),
+            ("blocks", Some("hook_mlp_out")) => Some(HookPoint::Mlp(i)),
+            _ => None,
+        }
+    }
+}
+
+impl PartialOrd for HookPoint {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for HookPoint {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.order_key().cmp(&other.order_key())
+    }
+}
+
+impl fmt::Display for HookPoint {
+    /// Displays the GPT-NeoX spelling; use [`HookPoint::name`] for a specific architecture.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name(AttentionName::Attention))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_names_round_trip() {
+        for attention in [AttentionName::Attention, AttentionName::SelfAttn] {
+            for point in HookPoint::all(3) {
+                assert_eq!(HookPoint::parse(&point.name(attention)), Some(point));
+            }
+        }
+    }
+
+    #[test]
+    fn transformer_lens_aliases() {
+        assert_eq!(
+            HookPoint::parse("blocks.0.hook_resid_pre"),
+            Some(HookPoint::Embed)
+        );
+        assert_eq!(
+            HookPoint::parse("blocks.4.hook_resid_pre"),
+            Some(HookPoint::Layer(3))
+        );
+        assert_eq!(
+            HookPoint::parse("blocks.4.hook_resid_post"),
+            Some(HookPoint::Layer(4))
+        );
+        assert_eq!(
+            HookPoint::parse("blocks.2.hook_attn_out"),
+            Some(HookPoint::Attention(2))
+        );
+        assert_eq!(
+            HookPoint::parse("blocks.2.hook_mlp_out"),
+            Some(HookPoint::Mlp(2))
+        );
+        assert_eq!(HookPoint::parse("embed_in"), Some(HookPoint::Embed));
+        assert_eq!(
+            HookPoint::parse("final_layer_norm"),
+            Some(HookPoint::FinalNorm)
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_names() {
+        for bad in [
+            "",
+            "layers",
+            "layers.x",
+            "layers.1.foo",
+            "blocks.1",
+            "layers.-1",
+            "mlp",
+        ] {
+            assert_eq!(HookPoint::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn forward_order() {
+        let mut points = vec![
+            HookPoint::Logits,
+            HookPoint::Layer(0),
+            HookPoint::Mlp(1),
+            HookPoint::Embed,
+            HookPoint::Attention(1),
+            HookPoint::FinalNorm,
+        ];
+        points.sort();
+        assert_eq!(
+            points,
+            vec![
+                HookPoint::Embed,
+                HookPoint::Layer(0),
+                HookPoint::Attention(1),
+                HookPoint::Mlp(1),
+                HookPoint::FinalNorm,
+                HookPoint::Logits
+            ]
+        );
+    }
+}

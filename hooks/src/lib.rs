@@ -1,0 +1,26 @@
+//! The hook runtime of eleuther-interp: run Pythia / GPT-NeoX (and Llama-family) models on
+//! candle, read or replace the tensor at any hook point, and cache activations over a dataset
+//! to disk or stream them to a trainer.
+//!
+//! The flow follows the modules: [`source`] (where weights come from) -> [`config`] (what the
+//! model is) -> [`Model`] (the forward pass) -> [`HookPoint`] / [`Hooks`] (what to read or
+//! edit) -> [`data`] (text to token chunks) -> [`activations`] (batches of hook-point tensors,
+//! cached or streamed).
+
+pub mod config;
+mod error;
+mod hookpoint;
+mod hooks;
+mod model;
+pub mod source;
+pub mod synthetic;
+mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use hookpoint::{AttentionName, HookPoint};
+pub use hooks::{ForwardOutput, Hooks, ReplaceFn};
+pub use model::{dtype_name, parse_device, parse_dtype, LoadOptions, Model};
+pub use tokenizer::Tokenizer;
+
+pub use candle_core;

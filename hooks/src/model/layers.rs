@@ -1,0 +1,163 @@
+//! Building blocks shared by the architectures: rotary tables, causal attention, and
+//! linear/norm layers built from a weight store.
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::Module;
+
+use crate::weights::WeightStore;
+use crate::Result;
+
+/// Loads tensors from a store in one dtype onto one device.
+pub(crate) struct Loader<'a> {
+    pub store: &'a WeightStore,
+    pub dtype: DType,
+    pub device: &'a Device,
+}
+
+impl Loader<'_> {
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.store.get(name, shape, self.dtype, self.device)
+    }
+
+    /// A `[out, in]` linear layer named `prefix.weight` (and `prefix.bias` when `bias`).
+    pub fn linear(
+        &self,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        let weight = self.tensor(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let bias = if bias {
+            Some(self.tensor(&format!("{prefix}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        Ok(Linear(candle_nn::Linear::new(weight, bias)))
+    }
+
+    /// A LayerNorm with weight and bias.
+    pub fn layer_norm(&self, prefix: &str, dim: usize, eps: f64) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: self.tensor(&format!("{prefix}.weight"), &[dim])?,
+            bias: self.tensor(&format!("{prefix}.bias"), &[dim])?,
+            eps: eps as f32,
+        })
+    }
+}
+
+/// `x W^T + b` over the last dimension.
+pub(crate) struct Linear(pub candle_nn::Linear);
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.0.forward(x)?)
+    }
+}
+
+/// LayerNorm over the last dimension.
+pub(crate) struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(
+            &x.contiguous()?,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
+    }
+}
+
+/// Rotary position embedding (non-interleaved, "NeoX" style: the rotated half-pairs are
+/// `x[..r/2]` and `x[r/2..r]`), applied to the first `dims` dimensions of each head.
+pub(crate) struct Rotary {
+    dims: usize,
+    inv_freq: Vec<f32>,
+}
+
+impl Rotary {
+    pub fn new(dims: usize, base: f64) -> Self {
+        let inv_freq = (0..dims / 2)
+            .map(|i| 1.0 / (base as f32).powf((2 * i) as f32 / dims as f32))
+            .collect();
+        Rotary { dims, inv_freq }
+    }
+
+    /// `cos` and `sin` tables of shape `[seq, dims/2]` for positions `0..seq`.
+    pub fn tables(&self, seq: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.dims / 2;
+        let mut angles = Vec::with_capacity(seq * half);
+        for pos in 0..seq {
+            angles.extend(self.inv_freq.iter().map(|f| pos as f32 * f));
+        }
+        let angles = Tensor::from_vec(angles, (seq, half), device)?;
+        Ok((
+            angles.cos()?.to_dtype(dtype)?,
+            angles.sin()?.to_dtype(dtype)?,
+        ))
+    }
+
+    /// Rotates the first `dims` dimensions of `x: [batch, heads, seq, head_dim]`.
+    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if self.dims == 0 {
+            return Ok(x.clone());
+        }
+        let head_dim = x.dim(D::Minus1)?;
+        if self.dims == head_dim {
+            return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?);
+        }
+        let rotated = x.narrow(D::Minus1, 0, self.dims)?.contiguous()?;
+        let rotated = candle_nn::rotary_emb::rope(&rotated, cos, sin)?;
+        let rest = x.narrow(D::Minus1, self.dims, head_dim - self.dims)?;
+        Ok(Tensor::cat(&[rotated, rest], D::Minus1)?)
+    }
+}
+
+/// An additive causal mask `[seq, seq]` in f32: 0 on and below the diagonal, -inf above.
+pub(crate) fn causal_mask(seq: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (seq, seq), device)?)
+}
+
+/// Causal softmax attention. `q: [b, heads, t, d]`, `k`/`v`: `[b, kv_heads, t, d]` where
+/// `kv_heads` divides `heads`; returns `[b, t, heads * d]`. Scores and softmax in f32.
+pub(crate) fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+) -> Result<Tensor> {
+    let (b, heads, t, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    let (k, v) = if kv_heads == heads {
+        (k.clone(), v.clone())
+    } else {
+        let repeat = heads / kv_heads;
+        (repeat_kv(k, repeat)?, repeat_kv(v, repeat)?)
+    };
+    let dtype = q.dtype();
+    let scale = 1.0 / (d as f64).sqrt();
+    let scores = q
+        .to_dtype(DType::F32)?
+        .matmul(&k.to_dtype(DType::F32)?.t()?)?
+        .affine(scale, 0.0)?
+        .broadcast_add(mask)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    let out = probs.matmul(&v.contiguous()?)?;
+    Ok(out.transpose(1, 2)?.reshape((b, t, heads * d))?)
+}
+
+/// `[b, kv, t, d]` -> `[b, kv * repeat, t, d]`, each kv head repeated `repeat` times in place.
+fn repeat_kv(x: &Tensor, repeat: usize) -> Result<Tensor> {
+    let (b, kv, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .expand((b, kv, repeat, t, d))?
+        .reshape((b, kv * repeat, t, d))?)
+}

@@ -1,0 +1,347 @@
+//! One model interface for every architecture: load by name, list hook points, run a
+//! forward pass with captures and replacements.
+
+mod gpt_neox;
+mod layers;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::ModelConfig;
+use crate::hookpoint::AttentionName;
+use crate::hooks::{ForwardOutput, Hooks, Tap};
+use crate::source::{ModelFiles, ModelSpec};
+use crate::weights::{WeightFiles, WeightStore};
+use crate::{Error, HookPoint, Result, Tokenizer};
+
+use layers::Loader;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Hub revision (branch, tag or commit), e.g. `step1000`; `main` when `None`.
+    pub revision: Option<String>,
+    /// Where the forward pass runs.
+    pub device: Device,
+    /// Compute dtype of weights and activations.
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            revision: None,
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(name: &str) -> Result<Device> {
+    let name = name.trim().to_ascii_lowercase();
+    match name.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" | "gpu" => cuda_device(0),
+        other => match other.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
+            Some(ordinal) => cuda_device(ordinal),
+            None => Err(Error::InvalidArgument(format!(
+                "unknown device '{name}' (expected cpu, cuda or cuda:N)"
+            ))),
+        },
+    }
+}
+
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    if !candle_core::utils::cuda_is_available() {
+        return Err(Error::InvalidArgument(
+            "device 'cuda' requested but this build has no CUDA support (rebuild with --features cuda)".into(),
+        ));
+    }
+    Ok(Device::new_cuda(ordinal)?)
+}
+
+/// Parses `float32`/`f32`, `bfloat16`/`bf16`, `float16`/`f16`.
+pub fn parse_dtype(name: &str) -> Result<DType> {
+    match name.trim().to_ascii_lowercase().as_str() {
+        "float32" | "f32" | "fp32" => Ok(DType::F32),
+        "bfloat16" | "bf16" => Ok(DType::BF16),
+        "float16" | "f16" | "fp16" | "half" => Ok(DType::F16),
+        other => Err(Error::InvalidArgument(format!(
+            "unknown dtype '{other}' (expected float32, bfloat16 or float16)"
+        ))),
+    }
+}
+
+/// The canonical lower-case name of a compute dtype.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "float32",
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        DType::U8 => "uint8",
+        DType::U32 => "uint32",
+        DType::I64 => "int64",
+        _ => "other",
+    }
+}
+
+enum Network {
+    GptNeox(gpt_neox::GptNeox),
+}
+
+/// A loaded language model with its tokenizer.
+pub struct Model {
+    network: Network,
+    config: ModelConfig,
+    tokenizer: Option<Tokenizer>,
+    device: Device,
+    dtype: DType,
+    origin: String,
+    revision: Option<String>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("origin", &self.origin)
+            .field("config", &self.config)
+            .field("dtype", &self.dtype)
+            .finish()
+    }
+}
+
+impl Model {
+    /// Loads a model by short name (`pythia-70m`), hub id, folder or `.gguf` path.
+    pub fn load(name: &str, options: &LoadOptions) -> Result<Self> {
+        let spec = ModelSpec::parse(name, options.revision.as_deref())?;
+        let files = ModelFiles::resolve(&spec)?;
+        Self::from_files(&files, options)
+    }
+
+    /// Loads a model from resolved local files.
+    pub fn from_files(files: &ModelFiles, options: &LoadOptions) -> Result<Self> {
+        let config_path = match (&files.config, &files.weights) {
+            (Some(config), _) => config.clone(),
+            (None, WeightFiles::Gguf(path)) => {
+                return Err(Error::ModelNotFound {
+                    spec: path.display().to_string(),
+                    message: "GGUF models are not supported by this build yet".into(),
+                })
+            }
+            (None, _) => {
+                return Err(Error::ModelNotFound {
+                    spec: files.origin.clone(),
+                    message: "no config.json".into(),
+                })
+            }
+        };
+        let config = ModelConfig::from_file(&config_path)?;
+        let store = WeightStore::open(&files.weights)?;
+        let tokenizer = match &files.tokenizer {
+            Some(path) => Some(Tokenizer::from_file(path, config.eos_token_id())?),
+            None => None,
+        };
+        Self::build(
+            config,
+            &store,
+            tokenizer,
+            options,
+            files.origin.clone(),
+            files.revision.clone(),
+        )
+    }
+
+    /// Assembles a model from a config and weight store (used by every loader).
+    fn build(
+        config: ModelConfig,
+        store: &WeightStore,
+        tokenizer: Option<Tokenizer>,
+        options: &LoadOptions,
+        origin: String,
+        revision: Option<String>,
+    ) -> Result<Self> {
+        let loader = Loader {
+            store,
+            dtype: options.dtype,
+            device: &options.device,
+        };
+        let network = match &config {
+            ModelConfig::GptNeox(c) => Network::GptNeox(gpt_neox::GptNeox::load(c, &loader)?),
+            ModelConfig::Llama(_) => {
+                return Err(Error::ModelNotFound {
+                    spec: origin,
+                    message: "Llama-family models are not supported by this build yet".into(),
+                })
+            }
+        };
+        Ok(Model {
+            network,
+            config,
+            tokenizer,
+            device: options.device.clone(),
+            dtype: options.dtype,
+            origin,
+            revision,
+        })
+    }
+
+    /// The architecture's hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The tokenizer, or an error when the model folder had none.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            Error::Tokenizer(format!("model '{}' has no tokenizer.json", self.origin))
+        })
+    }
+
+    /// Replaces the tokenizer (e.g. with one from another file).
+    pub fn set_tokenizer(&mut self, tokenizer: Tokenizer) {
+        self.tokenizer = Some(tokenizer);
+    }
+
+    /// Where the model came from, e.g. `EleutherAI/pythia-70m@step1000` or a folder.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The hub revision, when loaded from the hub.
+    pub fn revision(&self) -> Option<&str> {
+        self.revision.as_deref()
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn attention_name(&self) -> AttentionName {
+        match self.config {
+            ModelConfig::GptNeox(_) => AttentionName::Attention,
+            ModelConfig::Llama(_) => AttentionName::SelfAttn,
+        }
+    }
+
+    /// Every hook point, in forward order.
+    pub fn hook_points(&self) -> Vec<HookPoint> {
+        HookPoint::all(self.config.num_layers())
+    }
+
+    /// The canonical name of a hook point for this architecture.
+    pub fn hook_name(&self, point: HookPoint) -> String {
+        point.name(self.attention_name())
+    }
+
+    /// Parses a hook point name (canonical or alias) and checks it exists in this model.
+    pub fn hook_point(&self, name: &str) -> Result<HookPoint> {
+        HookPoint::parse(name)
+            .filter(|p| p.layer().is_none_or(|i| i < self.config.num_layers()))
+            .ok_or_else(|| Error::UnknownHookPoint {
+                name: name.to_string(),
+                valid: self.valid_hook_summary(),
+            })
+    }
+
+    fn valid_hook_summary(&self) -> String {
+        let last = self.config.num_layers() - 1;
+        let attn = self.attention_name();
+        format!(
+            "embed, layers.{{0..{last}}}, {}, layers.{{0..{last}}}.mlp, layers.{{0..{last}}}.mlp.input, final_norm, logits \
+             (TransformerLens aliases blocks.{{i}}.hook_resid_pre/hook_resid_post/hook_attn_out/hook_mlp_out also work)",
+            HookPoint::Attention(0).name(attn).replace(".0.", &format!(".{{0..{last}}}.")),
+        )
+    }
+
+    /// Parses a comma-separated list of hook point names.
+    pub fn hook_points_from_list(&self, names: &str) -> Result<Vec<HookPoint>> {
+        let mut points = names
+            .split(',')
+            .filter(|n| !n.trim().is_empty())
+            .map(|n| self.hook_point(n))
+            .collect::<Result<Vec<_>>>()?;
+        points.sort();
+        points.dedup();
+        if points.is_empty() {
+            return Err(Error::InvalidArgument("no hook points given".into()));
+        }
+        Ok(points)
+    }
+
+    /// Turns token ids (`[seq]` or `[batch, seq]`, any integer dtype) into a checked
+    /// `[batch, seq]` u32 tensor on the model's device.
+    pub fn prepare_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        let ids = match ids.rank() {
+            1 => ids.unsqueeze(0)?,
+            2 => ids.clone(),
+            r => {
+                return Err(Error::InvalidArgument(format!(
+                    "token ids must have shape [seq] or [batch, seq], got rank {r} {:?}",
+                    ids.dims()
+                )))
+            }
+        };
+        if ids.dim(1)? == 0 {
+            return Err(Error::InvalidArgument(
+                "token ids are empty (sequence length 0)".into(),
+            ));
+        }
+        let flat: Vec<i64> = ids.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
+        let vocab_size = self.config.vocab_size();
+        if let Some((position, &token)) = flat
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t < 0 || t as usize >= vocab_size)
+        {
+            return Err(Error::TokenOutOfRange {
+                token,
+                position,
+                vocab_size,
+            });
+        }
+        Ok(ids.to_dtype(DType::U32)?.to_device(&self.device)?)
+    }
+
+    /// Runs token ids (`[seq]` or `[batch, seq]`) with the given captures and replacements.
+    /// Captured tensors and logits are always `[batch, seq, width]`.
+    pub fn forward(&self, ids: &Tensor, hooks: &mut Hooks) -> Result<ForwardOutput> {
+        let ids = self.prepare_ids(ids)?;
+        for point in hooks.points().collect::<Vec<_>>() {
+            if point.layer().is_some_and(|i| i >= self.config.num_layers()) {
+                return Err(Error::UnknownHookPoint {
+                    name: self.hook_name(point),
+                    valid: self.valid_hook_summary(),
+                });
+            }
+        }
+        let mut tap = Tap::new(hooks);
+        let logits = match &self.network {
+            Network::GptNeox(net) => net.forward(&ids, &mut tap)?,
+        };
+        Ok(tap.finish(logits))
+    }
+
+    /// The logits `[batch, seq, vocab]` of token ids, with no hooks.
+    pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
+        let out = self.forward(ids, &mut Hooks::new())?;
+        out.logits
+            .ok_or_else(|| Error::InvalidArgument("forward pass stopped before the logits".into()))
+    }
+
+    /// Loads a model from a folder path (convenience for tests and examples).
+    pub fn from_folder(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        Self::from_files(
+            &ModelFiles::resolve(&ModelSpec::Folder(dir.to_path_buf()))?,
+            options,
+        )
+    }
+}

@@ -1,0 +1,406 @@
+//! Where weights come from: a short name, a hub id, a local folder or a `.gguf` file,
+//! resolved to local files (downloading through `hf-hub` into the shared Hugging Face cache).
+//!
+//! Environment: `HF_HOME` moves the cache, `HF_TOKEN` authenticates (else the cached token
+//! file), `HF_HUB_OFFLINE=1` never touches the network, `HF_ENDPOINT` changes the server.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use hf_hub::api::sync::ApiBuilder;
+use hf_hub::{Cache, Repo, RepoType};
+
+use crate::weights::WeightFiles;
+use crate::{Error, Result};
+
+/// The Pythia sizes that short names such as `pythia-70m` expand to.
+pub const PYTHIA_SIZES: [&str; 10] = [
+    "14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b",
+];
+
+/// What a model name refers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSpec {
+    /// A Hugging Face hub repository at a revision (branch, tag or commit).
+    Hub {
+        /// `owner/name`.
+        repo_id: String,
+        /// Branch, tag or commit, e.g. `main` or `step1000`.
+        revision: String,
+    },
+    /// A local folder with `config.json`, weights and usually `tokenizer.json`.
+    Folder(PathBuf),
+    /// A local GGUF file.
+    Gguf(PathBuf),
+}
+
+impl ModelSpec {
+    /// Interprets a user's model name: an existing folder or `.gguf` file, a Pythia short name
+    /// (`pythia-70m`, `pythia-1b-deduped`), or a hub id (`EleutherAI/gpt-neox-20b`).
+    pub fn parse(name: &str, revision: Option<&str>) -> Result<Self> {
+        let path = Path::new(name);
+        if path.is_dir() {
+            return Ok(ModelSpec::Folder(path.to_path_buf()));
+        }
+        let looks_like_path =
+            name.starts_with('.') || name.starts_with('/') || name.starts_with('~');
+        if name.ends_with(".gguf") {
+            if path.is_file() {
+                return Ok(ModelSpec::Gguf(path.to_path_buf()));
+            }
+            return Err(not_found(name, "no such GGUF file"));
+        }
+        if looks_like_path || path.is_file() {
+            return Err(not_found(
+                name,
+                "not a model folder (expected a directory with config.json) or a .gguf file",
+            ));
+        }
+        let revision = revision.unwrap_or("main").to_string();
+        if let Some(repo_id) = expand_short_name(name) {
+            return Ok(ModelSpec::Hub { repo_id, revision });
+        }
+        let parts: Vec<&str> = name.split('/').collect();
+        let valid = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        match parts.as_slice() {
+            [owner, repo] if valid(owner) && valid(repo) => Ok(ModelSpec::Hub {
+                repo_id: name.to_string(),
+                revision,
+            }),
+            [repo] if valid(repo) => Ok(ModelSpec::Hub {
+                repo_id: name.to_string(),
+                revision,
+            }),
+            _ => Err(not_found(
+                name,
+                "not a folder, a .gguf file, a Pythia short name or a hub id (owner/name)",
+            )),
+        }
+    }
+}
+
+fn not_found(spec: &str, message: &str) -> Error {
+    Error::ModelNotFound {
+        spec: spec.into(),
+        message: message.into(),
+    }
+}
+
+/// `pythia-70m` -> `EleutherAI/pythia-70m`, also `-deduped`, `-v0` and `-deduped-v0` variants.
+fn expand_short_name(name: &str) -> Option<String> {
+    let rest = name.strip_prefix("pythia-")?;
+    let size = rest.split('-').next()?;
+    let suffix = &rest[size.len()..];
+    let known_suffix = matches!(suffix, "" | "-deduped" | "-v0" | "-deduped-v0");
+    (PYTHIA_SIZES.contains(&size) && known_suffix).then(|| format!("EleutherAI/{name}"))
+}
+
+/// A model resolved to local files.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    /// `config.json` (absent for GGUF, whose metadata holds the config).
+    pub config: Option<PathBuf>,
+    /// `tokenizer.json`, if the model ships one.
+    pub tokenizer: Option<PathBuf>,
+    /// The weights.
+    pub weights: WeightFiles,
+    /// A short description for manifests and messages, e.g. `EleutherAI/pythia-70m@step1000`.
+    pub origin: String,
+    /// Hub revision, when from the hub.
+    pub revision: Option<String>,
+}
+
+impl ModelFiles {
+    /// Resolves a spec, downloading from the hub when needed and allowed.
+    pub fn resolve(spec: &ModelSpec) -> Result<Self> {
+        match spec {
+            ModelSpec::Folder(dir) => from_folder(dir),
+            ModelSpec::Gguf(path) => Ok(ModelFiles {
+                config: None,
+                tokenizer: None,
+                weights: WeightFiles::Gguf(path.clone()),
+                origin: path.display().to_string(),
+                revision: None,
+            }),
+            ModelSpec::Hub { repo_id, revision } => from_hub(repo_id, revision),
+        }
+    }
+}
+
+/// Weight file layouts in order of preference: (index file, single file, is safetensors).
+const WEIGHT_LAYOUTS: [(&str, &str, bool); 2] = [
+    ("model.safetensors.index.json", "model.safetensors", true),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin", false),
+];
+
+fn from_folder(dir: &Path) -> Result<ModelFiles> {
+    let config = dir.join("config.json");
+    if !config.is_file() {
+        return Err(Error::Config {
+            path: config,
+            message: "missing: a model folder needs config.json".into(),
+        });
+    }
+    let weights = folder_weights(dir, |name| {
+        let p = dir.join(name);
+        p.is_file().then_some(p)
+    })?
+    .ok_or_else(|| {
+        not_found(
+            &dir.display().to_string(),
+            "no weights found (model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json)",
+        )
+    })?;
+    let tokenizer = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
+    Ok(ModelFiles {
+        config: Some(config),
+        tokenizer,
+        weights,
+        origin: dir.display().to_string(),
+        revision: None,
+    })
+}
+
+/// Finds the weight files through `fetch`, which maps a file name to a local path (or
+/// `None` when that file does not exist). Shards named by an index file must all exist.
+fn folder_weights(
+    dir: &Path,
+    mut fetch: impl FnMut(&str) -> Option<PathBuf>,
+) -> Result<Option<WeightFiles>> {
+    for (index_name, single_name, safetensors) in WEIGHT_LAYOUTS {
+        let files = if let Some(index) = fetch(index_name) {
+            let shards = shard_names(&index)?;
+            let mut paths = Vec::with_capacity(shards.len());
+            for shard in shards {
+                let path = fetch(&shard).ok_or_else(|| Error::WeightFile {
+                    path: dir.join(&shard),
+                    message: format!("shard listed in {index_name} is missing"),
+                })?;
+                paths.push(path);
+            }
+            paths
+        } else if let Some(single) = fetch(single_name) {
+            vec![single]
+        } else {
+            continue;
+        };
+        return Ok(Some(if safetensors {
+            WeightFiles::Safetensors(files)
+        } else {
+            WeightFiles::Pickle(files)
+        }));
+    }
+    Ok(None)
+}
+
+/// The distinct shard file names in a `*.index.json` weight map, in first-seen order.
+fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::WeightFile {
+        path: index.into(),
+        message: format!("not valid JSON: {e}"),
+    })?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::WeightFile {
+            path: index.into(),
+            message: "missing object 'weight_map'".into(),
+        })?;
+    let mut shards: Vec<String> = Vec::new();
+    for file in map.values() {
+        let file = file.as_str().ok_or_else(|| Error::WeightFile {
+            path: index.into(),
+            message: format!("weight_map value {file} is not a file name"),
+        })?;
+        if !shards.iter().any(|s| s == file) {
+            shards.push(file.to_string());
+        }
+    }
+    Ok(shards)
+}
+
+/// True when `HF_HUB_OFFLINE` asks for no network access.
+pub fn hub_offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
+        .map(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
+        .unwrap_or(false)
+}
+
+fn from_hub(repo_id: &str, revision: &str) -> Result<ModelFiles> {
+    let cache = Cache::from_env();
+    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
+    let cached = cache.repo(repo.clone());
+    let origin = format!("{repo_id}@{revision}");
+    let not_cached = |reason: Option<String>| Error::NotCached {
+        model: repo_id.into(),
+        revision: revision.into(),
+        cache_dir: cache.path().clone(),
+        reason,
+    };
+
+    // Everything already cached: use it without touching the network.
+    if let Some(files) = hub_files(&origin, revision, |name| cached.get(name))? {
+        return Ok(files);
+    }
+    if hub_offline() {
+        return Err(not_cached(None));
+    }
+
+    let token = std::env::var("HF_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .or_else(|| cache.token());
+    let api = ApiBuilder::from_env()
+        .with_token(token)
+        .with_progress(std::io::stderr().is_terminal())
+        .with_retries(2)
+        .build()
+        .map_err(|e| not_cached(Some(e.to_string())))?;
+    let remote = api.repo(repo);
+    let listing = remote.info().map_err(|e| not_cached(Some(e.to_string())))?;
+    let available: Vec<String> = listing.siblings.into_iter().map(|s| s.rfilename).collect();
+    let mut download_error = None;
+    let files = hub_files(&origin, revision, |name| {
+        if !available.iter().any(|a| a == name) {
+            return None;
+        }
+        tracing::info!("fetching {name} from {origin}");
+        match remote.get(name) {
+            Ok(path) => Some(path),
+            Err(e) => {
+                download_error.get_or_insert(format!("{name}: {e}"));
+                None
+            }
+        }
+    })?;
+    match (files, download_error) {
+        (Some(files), _) => Ok(files),
+        (None, Some(e)) => Err(not_cached(Some(e))),
+        (None, None) => Err(not_found(
+            repo_id,
+            &format!(
+                "revision '{revision}' has no config.json and weights (files: {})",
+                available.join(", ")
+            ),
+        )),
+    }
+}
+
+/// Assembles hub files through `fetch`; `None` when config or weights are unavailable.
+fn hub_files(
+    origin: &str,
+    revision: &str,
+    mut fetch: impl FnMut(&str) -> Option<PathBuf>,
+) -> Result<Option<ModelFiles>> {
+    let Some(config) = fetch("config.json") else {
+        return Ok(None);
+    };
+    let Some(weights) = folder_weights(Path::new(origin), &mut fetch)? else {
+        return Ok(None);
+    };
+    let tokenizer = fetch("tokenizer.json");
+    Ok(Some(ModelFiles {
+        config: Some(config),
+        tokenizer,
+        weights,
+        origin: origin.to_string(),
+        revision: Some(revision.to_string()),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_names_expand_to_eleuther_repos() {
+        for (name, repo) in [
+            ("pythia-70m", "EleutherAI/pythia-70m"),
+            ("pythia-1.4b-deduped", "EleutherAI/pythia-1.4b-deduped"),
+            ("pythia-12b", "EleutherAI/pythia-12b"),
+            (
+                "pythia-160m-deduped-v0",
+                "EleutherAI/pythia-160m-deduped-v0",
+            ),
+        ] {
+            let spec = ModelSpec::parse(name, Some("step1000")).unwrap();
+            assert_eq!(
+                spec,
+                ModelSpec::Hub {
+                    repo_id: repo.into(),
+                    revision: "step1000".into()
+                }
+            );
+        }
+        assert_eq!(expand_short_name("pythia-71m"), None);
+        assert_eq!(expand_short_name("pythia-70m-foo"), None);
+    }
+
+    #[test]
+    fn hub_ids_and_bad_names() {
+        let spec = ModelSpec::parse("EleutherAI/gpt-neox-20b", None).unwrap();
+        assert_eq!(
+            spec,
+            ModelSpec::Hub {
+                repo_id: "EleutherAI/gpt-neox-20b".into(),
+                revision: "main".into()
+            }
+        );
+        assert!(ModelSpec::parse("./no/such/folder", None).is_err());
+        assert!(ModelSpec::parse("missing.gguf", None).is_err());
+        assert!(ModelSpec::parse("a/b/c", None).is_err());
+    }
+
+    #[test]
+    fn offline_without_cache_names_model_revision_and_cache() {
+        let home = tempfile::tempdir().unwrap();
+        // Environment changes are process-wide; this test only sets variables no other test reads.
+        std::env::set_var("HF_HOME", home.path());
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+        let err = ModelFiles::resolve(&ModelSpec::parse("pythia-70m", Some("step1000")).unwrap())
+            .unwrap_err()
+            .to_string();
+        std::env::remove_var("HF_HUB_OFFLINE");
+        std::env::remove_var("HF_HOME");
+        assert!(err.contains("EleutherAI/pythia-70m"), "{err}");
+        assert!(err.contains("step1000"), "{err}");
+        assert!(
+            err.contains(&home.path().join("hub").display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn folder_with_sharded_index() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors", "c": "model-00001-of-00002.safetensors"}}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("model-00001-of-00002.safetensors"), "").unwrap();
+        let err = from_folder(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("model-00002-of-00002.safetensors") && err.contains("missing"),
+            "{err}"
+        );
+        std::fs::write(dir.path().join("model-00002-of-00002.safetensors"), "").unwrap();
+        let files = from_folder(dir.path()).unwrap();
+        let WeightFiles::Safetensors(paths) = files.weights else {
+            panic!()
+        };
+        assert_eq!(paths.len(), 2);
+        assert!(paths[0].ends_with("model-00001-of-00002.safetensors"));
+    }
+}

@@ -1,0 +1,307 @@
+//! GPT-NeoX forward pass against golden values from Hugging Face transformers
+//! (`tests/fixtures/generate.py`): every hook point, logits, ablations, hook semantics.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use hooks::candle_core::{DType, Device, Tensor};
+use hooks::config::ModelConfig;
+use hooks::{HookPoint, Hooks, LoadOptions, Model};
+
+fn fixture_dir(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/gpt_neox")
+        .join(case)
+}
+
+fn expected(dir: &Path) -> HashMap<String, Tensor> {
+    hooks::candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// max |a - b| / max |b|: the error relative to the tensor's scale.
+fn relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
+    let actual = actual.to_dtype(DType::F32).unwrap();
+    assert_eq!(actual.dims(), expected.dims());
+    let diff = (&actual - expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    let scale = expected.abs().unwrap().max_all().unwrap();
+    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
+}
+
+fn load(dir: &Path, dtype: DType) -> Model {
+    let options = LoadOptions {
+        dtype,
+        ..LoadOptions::default()
+    };
+    Model::from_folder(dir, &options).unwrap()
+}
+
+/// Captures every hook point and compares it with the fixture, returning the worst error.
+fn check_all_hook_points(
+    model: &Model,
+    expected: &HashMap<String, Tensor>,
+    tolerance: f32,
+    logits_key: &str,
+) {
+    let ids = &expected["input_ids"];
+    let mut hooks = Hooks::new().capture(model.hook_points());
+    let out = model.forward(ids, &mut hooks).unwrap();
+    for point in model.hook_points() {
+        let name = model.hook_name(point);
+        let actual = &out.captures[&point];
+        let (key, actual) = if point == HookPoint::Logits {
+            (
+                logits_key.to_string(),
+                last_positions(actual, &expected[logits_key]),
+            )
+        } else {
+            (name.clone(), actual.clone())
+        };
+        let err = relative_error(&actual, &expected[&key]);
+        assert!(
+            err < tolerance,
+            "{name}: relative error {err} >= {tolerance}"
+        );
+    }
+}
+
+/// The trailing positions of `[b, t, v]` logits that a fixture keeps (all, or the last few).
+fn last_positions(logits: &Tensor, expected: &Tensor) -> Tensor {
+    let keep = expected.dim(1).unwrap();
+    let seq = logits.dim(1).unwrap();
+    logits.narrow(1, seq - keep, keep).unwrap()
+}
+
+const TINY_CASES: [&str; 3] = ["pythia_style", "sequential_full_rotary", "six_heads_odd"];
+
+#[test]
+fn tiny_models_match_transformers_at_every_hook_point() {
+    for case in TINY_CASES {
+        let dir = fixture_dir(case);
+        let model = load(&dir, DType::F32);
+        check_all_hook_points(&model, &expected(&dir), 1e-4, "logits");
+    }
+}
+
+#[test]
+fn tiny_models_in_bf16_and_f16_stay_close() {
+    for case in TINY_CASES {
+        let dir = fixture_dir(case);
+        let exp = expected(&dir);
+        for dtype in [DType::BF16, DType::F16] {
+            let model = load(&dir, dtype);
+            let logits = model.logits(&exp["input_ids"]).unwrap();
+            assert_eq!(logits.dtype(), dtype);
+            let err = relative_error(&logits, &exp["logits"]);
+            let tolerance = if dtype == DType::BF16 { 5e-2 } else { 1e-2 };
+            assert!(err < tolerance, "{case} {dtype:?}: relative error {err}");
+        }
+    }
+}
+
+#[test]
+fn zero_ablation_matches_transformers() {
+    for case in TINY_CASES {
+        let dir = fixture_dir(case);
+        let model = load(&dir, DType::F32);
+        let exp = expected(&dir);
+        for (point, key) in [
+            (HookPoint::Mlp(1), "ablate.layers.1.mlp.logits"),
+            (HookPoint::Attention(0), "ablate.layers.0.attention.logits"),
+        ] {
+            let mut hooks = Hooks::new().replace(point, |x| Ok(Some(x.zeros_like()?)));
+            let logits = model
+                .forward(&exp["input_ids"], &mut hooks)
+                .unwrap()
+                .logits
+                .unwrap();
+            let err = relative_error(&logits, &exp[key]);
+            assert!(err < 1e-4, "{case} {key}: {err}");
+            assert!(
+                relative_error(&logits, &exp["logits"]) > 1e-3,
+                "{case}: ablation changed nothing"
+            );
+        }
+    }
+}
+
+#[test]
+fn replacing_a_hook_with_its_own_value_is_bit_identical() {
+    let dir = fixture_dir("pythia_style");
+    let model = load(&dir, DType::F32);
+    let ids = &expected(&dir)["input_ids"];
+    let all = model.hook_points();
+    let reference = model
+        .forward(ids, &mut Hooks::new().capture(all.clone()))
+        .unwrap();
+    let reference_logits: Vec<f32> = reference
+        .logits
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for point in all {
+        let value = reference.captures[&point].clone();
+        let mut hooks = Hooks::new().replace_with(point, value);
+        let logits = model.forward(ids, &mut hooks).unwrap().logits.unwrap();
+        let logits: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(logits == reference_logits, "{}", model.hook_name(point));
+    }
+}
+
+#[test]
+fn stopping_early_gives_the_same_captures_without_logits() {
+    let dir = fixture_dir("sequential_full_rotary");
+    let model = load(&dir, DType::F32);
+    let ids = &expected(&dir)["input_ids"];
+    let full = model
+        .forward(ids, &mut Hooks::new().capture([HookPoint::Layer(1)]))
+        .unwrap();
+    let mut early_hooks = Hooks::capture_only([HookPoint::Layer(1), HookPoint::Mlp(0)]);
+    assert!(!early_hooks.wants_logits());
+    let early = model.forward(ids, &mut early_hooks).unwrap();
+    assert!(early.logits.is_none());
+    assert_eq!(early.captures.len(), 2);
+    let a: Vec<f32> = full.captures[&HookPoint::Layer(1)]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f32> = early.captures[&HookPoint::Layer(1)]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(a == b);
+}
+
+#[test]
+fn steering_with_a_closure_changes_downstream_only() {
+    let dir = fixture_dir("pythia_style");
+    let model = load(&dir, DType::F32);
+    let exp = expected(&dir);
+    let mut calls = 0;
+    let mut hooks = Hooks::new()
+        .capture([HookPoint::Layer(0), HookPoint::Embed])
+        .replace(HookPoint::Layer(0), |x| {
+            calls += 1;
+            Ok(Some((x * 2.0)?))
+        });
+    let out = model.forward(&exp["input_ids"], &mut hooks).unwrap();
+    drop(hooks);
+    assert_eq!(calls, 1);
+    // Upstream unchanged, the captured value is the edited one.
+    assert!(relative_error(&out.captures[&HookPoint::Embed], &exp["embed"]) < 1e-6);
+    let edited = (&exp["layers.0"] * 2.0).unwrap();
+    assert!(relative_error(&out.captures[&HookPoint::Layer(0)], &edited) < 1e-4);
+    assert!(relative_error(out.logits.as_ref().unwrap(), &exp["logits"]) > 1e-3);
+}
+
+#[test]
+fn pythia_70m_shape_with_generated_weights_matches_transformers() {
+    let fixture = fixture_dir("pythia_70m_shape");
+    let config = ModelConfig::from_file(&fixture.join("config.json")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture.join("config.json"), dir.path().join("config.json")).unwrap();
+    hooks::synthetic::write_synthetic_weights(&config, dir.path()).unwrap();
+    let model = load(dir.path(), DType::F32);
+    let exp = expected(&fixture);
+    check_all_hook_points(&model, &exp, 1e-4, "logits.last4");
+    let mut hooks = Hooks::new().replace(HookPoint::Mlp(1), |x| Ok(Some(x.zeros_like()?)));
+    let logits = model
+        .forward(&exp["input_ids"], &mut hooks)
+        .unwrap()
+        .logits
+        .unwrap();
+    let expected_logits = &exp["ablate.layers.1.mlp.logits.last4"];
+    let err = relative_error(&last_positions(&logits, expected_logits), expected_logits);
+    assert!(err < 1e-4, "ablated logits: {err}");
+}
+
+#[test]
+fn bad_requests_are_clear_errors() {
+    let dir = fixture_dir("pythia_style");
+    let model = load(&dir, DType::F32);
+    let err = model.hook_point("layers.7").unwrap_err().to_string();
+    assert!(
+        err.contains("'layers.7'") && err.contains("layers.{0..1}"),
+        "{err}"
+    );
+    let err = model.hook_point("layers.0.mlpp").unwrap_err().to_string();
+    assert!(err.contains("valid hook points"), "{err}");
+    let ids = Tensor::new(&[[1u32, 2, 500]], &Device::Cpu).unwrap();
+    let err = model.logits(&ids).unwrap_err().to_string();
+    assert!(
+        err.contains("token id 500 at position 2") && err.contains("128"),
+        "{err}"
+    );
+    let err = model.forward(
+        &ids.narrow(1, 0, 2).unwrap(),
+        &mut Hooks::new().capture([HookPoint::Mlp(5)]),
+    );
+    assert!(err.unwrap_err().to_string().contains("layers.5.mlp"));
+    let wrong = Tensor::zeros((1, 1, 3), DType::F32, &Device::Cpu).unwrap();
+    let mut hooks = Hooks::new().replace_with(HookPoint::Layer(0), wrong);
+    let err = model
+        .forward(&ids.narrow(1, 0, 2).unwrap(), &mut hooks)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("replacement at hook point 'layers.0' has shape [1, 1, 3]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn broken_model_folders_are_clear_errors() {
+    let src = fixture_dir("pythia_style");
+    let dir = tempfile::tempdir().unwrap();
+    let err = Model::from_folder(dir.path(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("config.json"), "{err}");
+
+    std::fs::write(dir.path().join("config.json"), "{ not json").unwrap();
+    std::fs::copy(
+        src.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let err = Model::from_folder(dir.path(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("config.json: not valid JSON"), "{err}");
+
+    // A config that disagrees with the weights: the shape error names the tensor.
+    let config = std::fs::read_to_string(src.join("config.json")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        config.replace("\"intermediate_size\": 256", "\"intermediate_size\": 250"),
+    )
+    .unwrap();
+    let err = Model::from_folder(dir.path(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("dense_h_to_4h.weight") && err.contains("[250, 64]"),
+        "{err}"
+    );
+
+    // Truncated weights.
+    std::fs::write(dir.path().join("config.json"), &config).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        &bytes[..bytes.len() - 1000],
+    )
+    .unwrap();
+    let err = Model::from_folder(dir.path(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+}

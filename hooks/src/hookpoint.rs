@@ -133,6 +133,26 @@ impl HookPoint {
     }
 }
 
+/// Whether `name` matches `pattern`, where `*` matches any run of characters other than `.`
+/// (so `layers.*` matches `layers.3` but not `layers.3.mlp`).
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let pattern: Vec<&str> = pattern.split('.').collect();
+    let name: Vec<&str> = name.split('.').collect();
+    pattern.len() == name.len() && pattern.iter().zip(&name).all(|(p, n)| part_match(p, n))
+}
+
+fn part_match(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == text,
+        Some((prefix, rest)) => {
+            let Some(text) = text.strip_prefix(prefix) else {
+                return false;
+            };
+            (0..=text.len()).any(|i| text.is_char_boundary(i) && part_match(rest, &text[i..]))
+        }
+    }
+}
+
 impl PartialOrd for HookPoint {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
@@ -207,6 +227,15 @@ mod tests {
         ] {
             assert_eq!(HookPoint::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn globs_match_within_one_part() {
+        assert!(glob_match("layers.*", "layers.12"));
+        assert!(!glob_match("layers.*", "layers.12.mlp"));
+        assert!(glob_match("layers.*.mlp", "layers.0.mlp"));
+        assert!(glob_match("layers.1*", "layers.15"));
+        assert!(!glob_match("layers.1*", "layers.2"));
     }
 
     #[test]

@@ -7,11 +7,18 @@
 //! edit) -> [`data`] (text to token chunks) -> [`activations`] (batches of hook-point tensors,
 //! cached or streamed).
 
+pub mod activations;
+pub mod atomic;
+pub mod cli;
 pub mod config;
+pub mod data;
 mod error;
+pub mod fetch;
+mod gguf;
 mod hookpoint;
 mod hooks;
 mod model;
+pub mod progress;
 pub mod source;
 pub mod synthetic;
 mod tokenizer;

@@ -1,5 +1,5 @@
 //! Building blocks shared by the architectures: rotary tables, causal attention, and
-//! linear/norm layers built from a weight store.
+//! linear/norm layers (LayerNorm, RMSNorm) built from a weight store.
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::Module;
@@ -44,6 +44,14 @@ impl Loader<'_> {
             eps: eps as f32,
         })
     }
+
+    /// An RMSNorm with a weight and no bias.
+    pub fn rms_norm(&self, prefix: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: self.tensor(&format!("{prefix}.weight"), &[dim])?,
+            eps,
+        })
+    }
 }
 
 /// `x W^T + b` over the last dimension.
@@ -70,6 +78,26 @@ impl LayerNorm {
             &self.bias,
             self.eps,
         )?)
+    }
+}
+
+/// RMSNorm over the last dimension, as Hugging Face's `LlamaRMSNorm`: `x * rsqrt(mean(x²) + eps)`
+/// in f32, rounded back to the compute dtype, then scaled by the weight.
+pub(crate) struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
+        Ok(x.broadcast_mul(&inv_rms)?
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)?)
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod gpt_neox;
 mod layers;
+mod llama;
 
 use std::path::Path;
 
@@ -90,6 +91,7 @@ pub fn dtype_name(dtype: DType) -> &'static str {
 
 enum Network {
     GptNeox(gpt_neox::GptNeox),
+    Llama(llama::Llama),
 }
 
 /// A loaded language model with its tokenizer.
@@ -126,10 +128,15 @@ impl Model {
         let config_path = match (&files.config, &files.weights) {
             (Some(config), _) => config.clone(),
             (None, WeightFiles::Gguf(path)) => {
-                return Err(Error::ModelNotFound {
-                    spec: path.display().to_string(),
-                    message: "GGUF models are not supported by this build yet".into(),
-                })
+                let gguf = crate::gguf::read(path, options.dtype)?;
+                return Self::build(
+                    gguf.config,
+                    &gguf.store,
+                    gguf.tokenizer,
+                    options,
+                    files.origin.clone(),
+                    files.revision.clone(),
+                );
             }
             (None, _) => {
                 return Err(Error::ModelNotFound {
@@ -170,12 +177,7 @@ impl Model {
         };
         let network = match &config {
             ModelConfig::GptNeox(c) => Network::GptNeox(gpt_neox::GptNeox::load(c, &loader)?),
-            ModelConfig::Llama(_) => {
-                return Err(Error::ModelNotFound {
-                    spec: origin,
-                    message: "Llama-family models are not supported by this build yet".into(),
-                })
-            }
+            ModelConfig::Llama(c) => Network::Llama(llama::Llama::load(c, &loader)?),
         };
         Ok(Model {
             network,
@@ -193,10 +195,14 @@ impl Model {
         &self.config
     }
 
-    /// The tokenizer, or an error when the model folder had none.
+    /// The tokenizer, or an error when the model had none (a folder without
+    /// `tokenizer.json`, or a GGUF file whose tokenizer type is not supported).
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| {
-            Error::Tokenizer(format!("model '{}' has no tokenizer.json", self.origin))
+            Error::Tokenizer(format!(
+                "model '{}' has no usable tokenizer (a folder needs tokenizer.json; a GGUF file needs a 'gpt2' BPE tokenizer)",
+                self.origin
+            ))
         })
     }
 
@@ -262,13 +268,28 @@ impl Model {
         )
     }
 
-    /// Parses a comma-separated list of hook point names.
+    /// Parses a comma-separated list of hook point names; `*` in a name matches any text
+    /// within one dot-separated part (`layers.*` is every layer's residual output).
     pub fn hook_points_from_list(&self, names: &str) -> Result<Vec<HookPoint>> {
-        let mut points = names
-            .split(',')
-            .filter(|n| !n.trim().is_empty())
-            .map(|n| self.hook_point(n))
-            .collect::<Result<Vec<_>>>()?;
+        let mut points = Vec::new();
+        for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if name.contains('*') {
+                let matched: Vec<HookPoint> = self
+                    .hook_points()
+                    .into_iter()
+                    .filter(|p| crate::hookpoint::glob_match(name, &self.hook_name(*p)))
+                    .collect();
+                if matched.is_empty() {
+                    return Err(Error::UnknownHookPoint {
+                        name: name.to_string(),
+                        valid: self.valid_hook_summary(),
+                    });
+                }
+                points.extend(matched);
+            } else {
+                points.push(self.hook_point(name)?);
+            }
+        }
         points.sort();
         points.dedup();
         if points.is_empty() {
@@ -326,6 +347,7 @@ impl Model {
         let mut tap = Tap::new(hooks);
         let logits = match &self.network {
             Network::GptNeox(net) => net.forward(&ids, &mut tap)?,
+            Network::Llama(net) => net.forward(&ids, &mut tap)?,
         };
         Ok(tap.finish(logits))
     }

@@ -1,0 +1,576 @@
+//! The on-disk activation cache: sharded safetensors plus a manifest.
+//!
+//! Layout of a cache folder:
+//! - `shards/shard-000000.safetensors`: `tokens` (u32 `[n]`) and one `[n, width]` tensor per
+//!   hook point, named by its canonical name;
+//! - `progress.json`: written atomically after every shard while the job runs, so an
+//!   interrupted job resumes after the last complete shard;
+//! - `manifest.json`: written last, atomically; a cache without it is incomplete and is
+//!   never read as if it were complete.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use super::{ActivationBatch, ActivationSource, ModelActivations};
+use crate::data::DataSpec;
+use crate::{atomic, dtype_name, parse_dtype, Error, HookPoint, Result};
+
+const FORMAT: &str = "eleuther-interp.activations";
+const VERSION: u32 = 1;
+
+/// What was cached and how: equal settings are required to resume a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CacheSettings {
+    /// Model origin (hub id at revision, folder or file).
+    pub model: String,
+    /// Hub revision, if any.
+    pub revision: Option<String>,
+    /// `gpt_neox` or `llama`.
+    pub architecture: String,
+    /// Canonical hook point names, in forward order.
+    pub hook_points: Vec<String>,
+    /// Width of each hook point's tensors.
+    pub widths: Vec<usize>,
+    /// Dtype the model ran in.
+    pub compute_dtype: String,
+    /// Dtype the activations are stored in.
+    pub dtype: String,
+    /// The dataset and chunking.
+    pub data: DataSpec,
+    /// Chunk limit, if any.
+    pub max_chunks: Option<u64>,
+}
+
+/// One shard file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    /// File name relative to the cache folder.
+    pub file: String,
+    /// Token rows in the shard.
+    pub tokens: u64,
+}
+
+/// The description of a complete cache (`manifest.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always `eleuther-interp.activations`.
+    pub format: String,
+    /// Format version.
+    pub version: u32,
+    /// What was cached.
+    pub settings: CacheSettings,
+    /// Total token rows.
+    pub tokens: u64,
+    /// Number of `seq_len` chunks.
+    pub chunks: u64,
+    /// Bytes of source text consumed (0 for pre-tokenized data).
+    pub text_bytes: u64,
+    /// The shards, in dataset order.
+    pub shards: Vec<ShardInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Progress {
+    settings: CacheSettings,
+    shards: Vec<ShardInfo>,
+    chunks: u64,
+    text_bytes: u64,
+}
+
+/// Options for writing a cache.
+#[derive(Debug, Clone)]
+pub struct CacheOptions {
+    /// Upper bound on one shard's activation bytes.
+    pub max_shard_bytes: usize,
+    /// Start again instead of resuming, deleting what is there.
+    pub overwrite: bool,
+    /// Show a progress bar (only drawn on a terminal).
+    pub progress: bool,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        CacheOptions {
+            max_shard_bytes: 256 << 20,
+            overwrite: false,
+            progress: true,
+        }
+    }
+}
+
+/// What a caching job did.
+#[derive(Debug, Clone)]
+pub struct CacheSummary {
+    /// The finished manifest.
+    pub manifest: Manifest,
+    /// Chunks found already done from an earlier run.
+    pub resumed_chunks: u64,
+    /// Tokens computed in this run.
+    pub new_tokens: u64,
+    /// Bytes written in this run.
+    pub bytes_written: u64,
+    /// Wall time of this run.
+    pub seconds: f64,
+    /// Whether the cache was already complete (nothing done).
+    pub already_complete: bool,
+}
+
+fn cache_error(path: &Path, message: impl Into<String>) -> Error {
+    Error::Cache {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+impl ActivationCache {
+    /// Runs `source` to the end and writes its activations to `dir`, resuming a previous
+    /// run with the same settings.
+    pub fn write(
+        source: &mut ModelActivations,
+        data: &DataSpec,
+        dir: &Path,
+        options: &CacheOptions,
+    ) -> Result<CacheSummary> {
+        let started = Instant::now();
+        let model = source.model();
+        let dtype = source.dtype;
+        let settings = CacheSettings {
+            model: model.origin().to_string(),
+            revision: model.revision().map(str::to_string),
+            architecture: model.config().model_type().to_string(),
+            hook_points: source.points.iter().map(|p| model.hook_name(*p)).collect(),
+            widths: source
+                .points
+                .iter()
+                .map(|p| model.config().width(*p))
+                .collect(),
+            compute_dtype: dtype_name(model.dtype()).to_string(),
+            dtype: dtype_name(dtype).to_string(),
+            data: data.clone(),
+            max_chunks: source.chunks_left,
+        };
+        let names: BTreeMap<HookPoint, String> = source
+            .points
+            .iter()
+            .map(|p| (*p, model.hook_name(*p)))
+            .collect();
+
+        let manifest_path = dir.join("manifest.json");
+        let progress_path = dir.join("progress.json");
+        if options.overwrite && dir.exists() {
+            for file in ["manifest.json", "progress.json"] {
+                let _ = std::fs::remove_file(dir.join(file));
+            }
+            let _ = std::fs::remove_dir_all(dir.join("shards"));
+        }
+        if manifest_path.exists() {
+            let existing = read_manifest(dir)?;
+            if existing.settings != settings {
+                return Err(cache_error(
+                    dir,
+                    "already holds a complete cache made with other settings; choose another folder or pass --overwrite",
+                ));
+            }
+            return Ok(CacheSummary {
+                manifest: existing,
+                resumed_chunks: 0,
+                new_tokens: 0,
+                bytes_written: 0,
+                seconds: 0.0,
+                already_complete: true,
+            });
+        }
+        std::fs::create_dir_all(dir.join("shards"))
+            .map_err(|e| Error::io(dir.join("shards"), e))?;
+
+        let mut progress = if progress_path.exists() {
+            let progress: Progress = read_json(&progress_path)?;
+            if progress.settings != settings {
+                return Err(cache_error(
+                    dir,
+                    "holds an unfinished cache made with other settings (model, hook points, dtype or data differ); choose another folder or pass --overwrite",
+                ));
+            }
+            progress
+        } else {
+            Progress {
+                settings: settings.clone(),
+                shards: Vec::new(),
+                chunks: 0,
+                text_bytes: 0,
+            }
+        };
+        let resumed_chunks = progress.chunks;
+        if resumed_chunks > 0 {
+            let skipped = source.skip_chunks(resumed_chunks)?;
+            if skipped != resumed_chunks {
+                return Err(cache_error(
+                    dir,
+                    format!("progress.json records {resumed_chunks} chunks done but the dataset now has only {skipped}"),
+                ));
+            }
+            tracing::info!(
+                "resuming after {resumed_chunks} chunks in {} shards",
+                progress.shards.len()
+            );
+        }
+        let skipped_bytes = source.chunks().text_bytes();
+
+        let seq_len = data.seq_len as u64;
+        let bar = crate::progress::bar(
+            options.progress,
+            source.chunks_left.map(|c| (c + resumed_chunks) * seq_len),
+            "tokens",
+        );
+        bar.set_position(resumed_chunks * seq_len);
+
+        let mut pending: Vec<ActivationBatch> = Vec::new();
+        let mut pending_bytes = 0usize;
+        let mut new_tokens = 0u64;
+        let mut bytes_written = 0u64;
+        let mut flush = |pending: &mut Vec<ActivationBatch>,
+                         progress: &mut Progress,
+                         text_bytes: u64|
+         -> Result<()> {
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let batch = ActivationBatch::concat(pending)?;
+            pending.clear();
+            let file = format!("shards/shard-{:06}.safetensors", progress.shards.len());
+            let mut tensors = vec![(
+                "tokens".to_string(),
+                Tensor::new(batch.tokens.as_slice(), &Device::Cpu)?,
+            )];
+            for (point, tensor) in &batch.activations {
+                tensors.push((names[point].clone(), tensor.to_device(&Device::Cpu)?));
+            }
+            atomic::write_safetensors(&dir.join(&file), &tensors, None)?;
+            bytes_written += batch.activation_bytes() as u64;
+            progress.chunks += batch.len() as u64 / seq_len;
+            progress.text_bytes = text_bytes;
+            progress.shards.push(ShardInfo {
+                file,
+                tokens: batch.len() as u64,
+            });
+            atomic::write_json(&progress_path, progress)
+        };
+
+        while let Some(batch) = source.next_batch()? {
+            new_tokens += batch.len() as u64;
+            bar.inc(batch.len() as u64);
+            pending_bytes += batch.activation_bytes();
+            pending.push(batch);
+            if pending_bytes >= options.max_shard_bytes {
+                let text_bytes = progress.text_bytes + source.chunks().text_bytes() - skipped_bytes;
+                flush(&mut pending, &mut progress, text_bytes)?;
+                pending_bytes = 0;
+            }
+        }
+        let text_bytes = progress.text_bytes + source.chunks().text_bytes() - skipped_bytes;
+        flush(&mut pending, &mut progress, text_bytes)?;
+        bar.finish_and_clear();
+
+        if progress.chunks == 0 {
+            return Err(Error::Data {
+                path: data.paths.first().cloned().unwrap_or_default(),
+                message: format!(
+                    "the dataset yields no complete chunk of {} tokens ({} tokens in all)",
+                    data.seq_len,
+                    source.chunks().tokens_read()
+                ),
+            });
+        }
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            tokens: progress.shards.iter().map(|s| s.tokens).sum(),
+            chunks: progress.chunks,
+            text_bytes: progress.text_bytes,
+            shards: progress.shards,
+            settings,
+        };
+        atomic::write_json(&manifest_path, &manifest)?;
+        let _ = std::fs::remove_file(&progress_path);
+        Ok(CacheSummary {
+            manifest,
+            resumed_chunks,
+            new_tokens,
+            bytes_written,
+            seconds: started.elapsed().as_secs_f64(),
+            already_complete: false,
+        })
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| cache_error(path, format!("unreadable: {e}")))
+}
+
+fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join("manifest.json");
+    let manifest: Manifest = read_json(&path)?;
+    if manifest.format != FORMAT || manifest.version != VERSION {
+        return Err(cache_error(
+            &path,
+            format!(
+                "format '{}' version {} is not {FORMAT} version {VERSION}",
+                manifest.format, manifest.version
+            ),
+        ));
+    }
+    Ok(manifest)
+}
+
+/// A complete activation cache on disk.
+#[derive(Debug, Clone)]
+pub struct ActivationCache {
+    dir: PathBuf,
+    manifest: Manifest,
+    points: Vec<HookPoint>,
+}
+
+/// The order in which a cache is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadOrder {
+    /// Dataset order.
+    Sequential,
+    /// Shards in random order, rows shuffled within a buffer of `buffer_tokens` rows.
+    Shuffled {
+        /// Random seed: the same seed gives the same order.
+        seed: u64,
+        /// Rows held in memory for shuffling (bounds memory).
+        buffer_tokens: usize,
+    },
+}
+
+impl ActivationCache {
+    /// Opens a complete cache, checking the manifest and that every shard exists.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(cache_error(dir, "no such folder"));
+        }
+        if !dir.join("manifest.json").is_file() {
+            let message = match read_json::<Progress>(&dir.join("progress.json")) {
+                Ok(p) => format!(
+                    "incomplete: {} shards ({} chunks) written but no manifest.json; run the caching job again with the same settings to finish it",
+                    p.shards.len(),
+                    p.chunks
+                ),
+                Err(_) => "no manifest.json: not an activation cache, or a cache that never finished a shard".into(),
+            };
+            return Err(cache_error(dir, message));
+        }
+        let manifest = read_manifest(dir)?;
+        let points = manifest
+            .settings
+            .hook_points
+            .iter()
+            .map(|name| {
+                HookPoint::parse(name).ok_or_else(|| {
+                    cache_error(dir, format!("manifest names unknown hook point '{name}'"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if manifest.shards.is_empty() {
+            return Err(cache_error(dir, "manifest lists no shards"));
+        }
+        for shard in &manifest.shards {
+            if !dir.join(&shard.file).is_file() {
+                return Err(cache_error(dir, format!("shard {} is missing", shard.file)));
+            }
+        }
+        Ok(ActivationCache {
+            dir: dir.to_path_buf(),
+            manifest,
+            points,
+        })
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The cached hook points.
+    pub fn hook_points(&self) -> &[HookPoint] {
+        &self.points
+    }
+
+    /// A reader yielding batches of `batch_tokens` rows (the last may be smaller).
+    pub fn reader(&self, batch_tokens: usize, order: ReadOrder) -> Result<CacheReader> {
+        if batch_tokens == 0 {
+            return Err(Error::InvalidArgument("batch size must be positive".into()));
+        }
+        let mut shard_order: Vec<usize> = (0..self.manifest.shards.len()).collect();
+        let rng = match order {
+            ReadOrder::Sequential => None,
+            ReadOrder::Shuffled { seed, .. } => {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                shard_order.shuffle(&mut rng);
+                Some(rng)
+            }
+        };
+        let buffer_tokens = match order {
+            ReadOrder::Sequential => batch_tokens,
+            ReadOrder::Shuffled { buffer_tokens, .. } => buffer_tokens.max(batch_tokens),
+        };
+        Ok(CacheReader {
+            cache: self.clone(),
+            shard_order: shard_order.into_iter().rev().collect(),
+            pool: None,
+            batch_tokens,
+            buffer_tokens,
+            rng,
+        })
+    }
+
+    fn load_shard(&self, index: usize) -> Result<ActivationBatch> {
+        let info = &self.manifest.shards[index];
+        let path = self.dir.join(&info.file);
+        let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| {
+            cache_error(
+                &path,
+                format!("unreadable shard: {}", crate::weights::root_cause(&e)),
+            )
+        })?;
+        let tokens = tensors
+            .remove("tokens")
+            .ok_or_else(|| cache_error(&path, "shard has no 'tokens' tensor"))?;
+        let tokens: Vec<u32> = tokens.to_vec1()?;
+        if tokens.len() as u64 != info.tokens {
+            return Err(cache_error(
+                &path,
+                format!(
+                    "shard has {} tokens, the manifest says {}",
+                    tokens.len(),
+                    info.tokens
+                ),
+            ));
+        }
+        let dtype = parse_dtype(&self.manifest.settings.dtype)?;
+        let mut activations = BTreeMap::new();
+        for ((point, name), width) in self
+            .points
+            .iter()
+            .zip(&self.manifest.settings.hook_points)
+            .zip(&self.manifest.settings.widths)
+        {
+            let tensor = tensors
+                .remove(name)
+                .ok_or_else(|| cache_error(&path, format!("shard has no tensor '{name}'")))?;
+            if tensor.dims() != [tokens.len(), *width] || tensor.dtype() != dtype {
+                return Err(cache_error(
+                    &path,
+                    format!(
+                        "tensor '{name}' is {:?} {:?}, expected [{}, {width}] {dtype:?}",
+                        tensor.dtype(),
+                        tensor.dims(),
+                        tokens.len()
+                    ),
+                ));
+            }
+            activations.insert(*point, tensor);
+        }
+        Ok(ActivationBatch {
+            tokens,
+            activations,
+        })
+    }
+}
+
+/// Reads a cache batch by batch, holding at most one shuffle buffer plus one shard.
+pub struct CacheReader {
+    cache: ActivationCache,
+    /// Shards still to read, next one last.
+    shard_order: Vec<usize>,
+    /// Rows loaded and (when shuffling) permuted, not yet returned.
+    pool: Option<ActivationBatch>,
+    batch_tokens: usize,
+    buffer_tokens: usize,
+    rng: Option<rand::rngs::StdRng>,
+}
+
+impl CacheReader {
+    fn pool_len(&self) -> usize {
+        self.pool.as_ref().map_or(0, ActivationBatch::len)
+    }
+
+    /// Loads shards until the pool holds `buffer_tokens` rows (or no shards remain), then
+    /// permutes the pool when shuffling.
+    fn refill(&mut self) -> Result<()> {
+        let mut parts: Vec<ActivationBatch> = self.pool.take().into_iter().collect();
+        let mut rows: usize = parts.iter().map(ActivationBatch::len).sum();
+        let mut loaded = false;
+        while rows < self.buffer_tokens {
+            let Some(index) = self.shard_order.pop() else {
+                break;
+            };
+            let shard = self.cache.load_shard(index)?;
+            rows += shard.len();
+            parts.push(shard);
+            loaded = true;
+        }
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let mut pool = if parts.len() == 1 {
+            parts.pop().unwrap()
+        } else {
+            ActivationBatch::concat(&parts)?
+        };
+        if let (Some(rng), true) = (self.rng.as_mut(), loaded) {
+            let mut order: Vec<u32> = (0..pool.len() as u32).collect();
+            order.shuffle(rng);
+            pool = pool.select(&order)?;
+        }
+        self.pool = Some(pool);
+        Ok(())
+    }
+}
+
+impl ActivationSource for CacheReader {
+    fn hook_points(&self) -> &[HookPoint] {
+        &self.cache.points
+    }
+
+    fn next_batch(&mut self) -> Result<Option<ActivationBatch>> {
+        let low_water = if self.rng.is_some() {
+            self.buffer_tokens / 2
+        } else {
+            self.batch_tokens
+        };
+        if self.pool_len() < low_water.max(self.batch_tokens) && !self.shard_order.is_empty() {
+            self.refill()?;
+        }
+        let Some(pool) = self.pool.take() else {
+            return Ok(None);
+        };
+        if pool.len() <= self.batch_tokens {
+            return Ok((!pool.is_empty()).then_some(pool));
+        }
+        let n = self.batch_tokens;
+        let take = |t: &Tensor, start: usize, len: usize| t.narrow(0, start, len);
+        let mut head = BTreeMap::new();
+        let mut tail = BTreeMap::new();
+        for (point, tensor) in &pool.activations {
+            head.insert(*point, take(tensor, 0, n)?);
+            tail.insert(*point, take(tensor, n, pool.len() - n)?);
+        }
+        self.pool = Some(ActivationBatch {
+            tokens: pool.tokens[n..].to_vec(),
+            activations: tail,
+        });
+        Ok(Some(ActivationBatch {
+            tokens: pool.tokens[..n].to_vec(),
+            activations: head,
+        }))
+    }
+}

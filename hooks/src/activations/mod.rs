@@ -1,0 +1,184 @@
+//! Activations: batches of hook-point tensors, produced in-process by running a model over
+//! a dataset ([`ModelActivations`], streaming, no disk) or read back from an on-disk cache
+//! ([`ActivationCache`]). Trainers consume either through [`ActivationSource`].
+
+mod cache;
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor};
+
+pub use cache::{
+    ActivationCache, CacheOptions, CacheReader, CacheSummary, Manifest, ReadOrder, ShardInfo,
+};
+
+use crate::data::ChunkStream;
+use crate::{Error, HookPoint, Hooks, Model, Result};
+
+/// Activations of `n` tokens: for each hook point a `[n, width]` tensor, row `i` belonging
+/// to `tokens[i]`.
+#[derive(Debug, Clone)]
+pub struct ActivationBatch {
+    /// The token at each row.
+    pub tokens: Vec<u32>,
+    /// `[n, width]` per hook point.
+    pub activations: BTreeMap<HookPoint, Tensor>,
+}
+
+impl ActivationBatch {
+    /// Number of token rows.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether the batch has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Size of the activation tensors in bytes.
+    pub fn activation_bytes(&self) -> usize {
+        self.activations
+            .values()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Stacks batches row-wise (all must have the same hook points).
+    pub fn concat(batches: &[ActivationBatch]) -> Result<ActivationBatch> {
+        let first = batches
+            .first()
+            .ok_or_else(|| Error::InvalidArgument("no batches to concatenate".into()))?;
+        let mut activations = BTreeMap::new();
+        for point in first.activations.keys() {
+            let parts: Vec<&Tensor> = batches.iter().map(|b| &b.activations[point]).collect();
+            activations.insert(*point, Tensor::cat(&parts, 0)?);
+        }
+        Ok(ActivationBatch {
+            tokens: batches
+                .iter()
+                .flat_map(|b| b.tokens.iter().copied())
+                .collect(),
+            activations,
+        })
+    }
+
+    /// Rows `indices` of this batch, in that order.
+    pub fn select(&self, indices: &[u32]) -> Result<ActivationBatch> {
+        let index = Tensor::new(indices, &candle_core::Device::Cpu)?;
+        let mut activations = BTreeMap::new();
+        for (point, tensor) in &self.activations {
+            let index = index.to_device(tensor.device())?;
+            activations.insert(*point, tensor.index_select(&index, 0)?);
+        }
+        Ok(ActivationBatch {
+            tokens: indices.iter().map(|&i| self.tokens[i as usize]).collect(),
+            activations,
+        })
+    }
+}
+
+/// A source of activation batches: the on-disk cache reader or the in-process producer.
+pub trait ActivationSource {
+    /// The hook points every batch holds.
+    fn hook_points(&self) -> &[HookPoint];
+    /// The next batch, or `None` when the source is exhausted.
+    fn next_batch(&mut self) -> Result<Option<ActivationBatch>>;
+}
+
+/// Runs a model over a chunked dataset and yields the activations at chosen hook points,
+/// stopping each forward pass after the last hook point needed.
+pub struct ModelActivations<'m> {
+    model: &'m Model,
+    chunks: ChunkStream,
+    points: Vec<HookPoint>,
+    chunks_per_batch: usize,
+    dtype: DType,
+    chunks_left: Option<u64>,
+}
+
+impl<'m> ModelActivations<'m> {
+    /// Streams `points` over `chunks`, `chunks_per_batch` sequences per forward pass, with
+    /// activations converted to `dtype`; at most `max_chunks` chunks when given.
+    pub fn new(
+        model: &'m Model,
+        chunks: ChunkStream,
+        points: Vec<HookPoint>,
+        chunks_per_batch: usize,
+        dtype: DType,
+        max_chunks: Option<u64>,
+    ) -> Result<Self> {
+        if chunks_per_batch == 0 {
+            return Err(Error::InvalidArgument("batch size must be positive".into()));
+        }
+        if points.is_empty() {
+            return Err(Error::InvalidArgument("no hook points requested".into()));
+        }
+        Ok(ModelActivations {
+            model,
+            chunks,
+            points,
+            chunks_per_batch,
+            dtype,
+            chunks_left: max_chunks,
+        })
+    }
+
+    /// Skips `n` chunks of the dataset without running the model (to resume).
+    pub fn skip_chunks(&mut self, n: u64) -> Result<u64> {
+        let skipped = self.chunks.skip_chunks(n)?;
+        if let Some(left) = self.chunks_left.as_mut() {
+            *left = left.saturating_sub(skipped);
+        }
+        Ok(skipped)
+    }
+
+    /// The dataset stream (for token and byte counts).
+    pub fn chunks(&self) -> &ChunkStream {
+        &self.chunks
+    }
+
+    /// The model being run.
+    pub fn model(&self) -> &Model {
+        self.model
+    }
+}
+
+impl ActivationSource for ModelActivations<'_> {
+    fn hook_points(&self) -> &[HookPoint] {
+        &self.points
+    }
+
+    fn next_batch(&mut self) -> Result<Option<ActivationBatch>> {
+        let want = match self.chunks_left {
+            Some(0) => return Ok(None),
+            Some(left) => (left as usize).min(self.chunks_per_batch),
+            None => self.chunks_per_batch,
+        };
+        let chunks = self.chunks.next_chunks(want)?;
+        if chunks.is_empty() {
+            return Ok(None);
+        }
+        if let Some(left) = self.chunks_left.as_mut() {
+            *left -= chunks.len() as u64;
+        }
+        let (batch, seq) = (chunks.len(), chunks[0].len());
+        let tokens: Vec<u32> = chunks.concat();
+        let ids = Tensor::from_vec(tokens.clone(), (batch, seq), self.model.device())?;
+        let mut hooks = Hooks::capture_only(self.points.iter().copied());
+        let out = self.model.forward(&ids, &mut hooks)?;
+        let mut activations = BTreeMap::new();
+        for point in &self.points {
+            let tensor = &out.captures[point];
+            let width = tensor.dim(2)?;
+            activations.insert(
+                *point,
+                tensor.reshape((batch * seq, width))?.to_dtype(self.dtype)?,
+            );
+        }
+        Ok(Some(ActivationBatch {
+            tokens,
+            activations,
+        }))
+    }
+}

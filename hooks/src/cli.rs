@@ -1,0 +1,297 @@
+//! The `hooks` command line: cache activations over a dataset, show a model's hook points,
+//! summarise a cache. [`run`] takes argv so the cargo binary and the Python console script
+//! share one implementation.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::activations::{ActivationCache, CacheOptions, ModelActivations};
+use crate::data::DataSpec;
+use crate::{parse_device, parse_dtype, LoadOptions, Model, Tokenizer};
+
+/// Run Pythia / GPT-NeoX and Llama-family models, read their hook points, cache activations.
+#[derive(Parser, Debug)]
+#[command(name = "hooks", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a model over a dataset and write the activations at chosen hook points to disk
+    /// (sharded safetensors + manifest.json). Re-running the same command resumes an
+    /// interrupted job; a finished cache is left as it is.
+    Cache(CacheArgs),
+    /// Show a model's configuration and its hook points.
+    Info(ModelArgs),
+    /// Summarise an activation cache folder.
+    Inspect {
+        /// The cache folder.
+        dir: PathBuf,
+    },
+}
+
+/// Which model to load and how.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model: Pythia short name (pythia-70m, pythia-1b-deduped), hub id (EleutherAI/gpt-neox-20b),
+    /// a local folder (config.json + weights + tokenizer.json) or a .gguf file.
+    #[arg(long, short)]
+    pub model: String,
+    /// Hub revision: branch, tag or commit (Pythia checkpoints: step0 ... step143000).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Device: cpu, cuda or cuda:N (cuda needs a build with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype: float32, bfloat16 or float16.
+    #[arg(long, default_value = "float32")]
+    pub dtype: String,
+    /// Use this tokenizer.json instead of the model's own.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    /// Loads the model these arguments describe.
+    pub fn load(&self) -> Result<Model> {
+        let options = LoadOptions {
+            revision: self.revision.clone(),
+            device: parse_device(&self.device)?,
+            dtype: parse_dtype(&self.dtype)?,
+        };
+        let mut model = Model::load(&self.model, &options)?;
+        if let Some(path) = &self.tokenizer {
+            model.set_tokenizer(Tokenizer::from_file(path, model.config().eos_token_id())?);
+        }
+        Ok(model)
+    }
+}
+
+/// Which dataset to read and how to chunk it.
+#[derive(Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Dataset files: .txt (one document per non-empty line), .jsonl, .parquet, or
+    /// pre-tokenized .npy / raw uint16 .bin.
+    #[arg(long, required = true, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Format of every data file, overriding the extension: text, text-file (whole file is
+    /// one document), jsonl, parquet, npy, bin.
+    #[arg(long)]
+    pub format: Option<String>,
+    /// JSON field / parquet column holding the text.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// Tokens per sequence: documents are joined with EOS and packed into chunks of this length.
+    #[arg(long, default_value_t = 2048)]
+    pub seq_len: usize,
+    /// Stop after this many tokens (rounded down to whole sequences).
+    #[arg(long)]
+    pub max_tokens: Option<u64>,
+}
+
+impl DataArgs {
+    /// The dataset spec.
+    pub fn spec(&self) -> DataSpec {
+        DataSpec {
+            paths: self.data.clone(),
+            format: self.format.clone(),
+            text_field: self.text_field.clone(),
+            seq_len: self.seq_len,
+        }
+    }
+
+    /// The sequence limit implied by `--max-tokens`.
+    pub fn max_chunks(&self) -> Result<Option<u64>> {
+        match self.max_tokens {
+            None => Ok(None),
+            Some(tokens) if tokens < self.seq_len as u64 => anyhow::bail!(
+                "--max-tokens {tokens} is less than one sequence of --seq-len {}",
+                self.seq_len
+            ),
+            Some(tokens) => Ok(Some(tokens / self.seq_len as u64)),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct CacheArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Hook points, comma separated: embed, layers.3, layers.3.attention (or .self_attn),
+    /// layers.3.mlp, layers.3.mlp.input, final_norm, logits; TransformerLens names
+    /// (blocks.3.hook_resid_post, ...) work too, and '*' matches any layer (layers.*).
+    #[arg(long, required = true)]
+    hookpoints: String,
+    /// Output folder.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Dtype of the stored activations (default: the compute dtype).
+    #[arg(long)]
+    store_dtype: Option<String>,
+    /// Largest shard size in MiB.
+    #[arg(long, default_value_t = 256)]
+    shard_mib: usize,
+    /// Delete what is in the output folder and start again instead of resuming.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// Parses argv (program name first) and runs the command.
+pub fn run<I, T>(args: I) -> Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
+    init_logging();
+    match cli.command {
+        Command::Cache(args) => cache(args),
+        Command::Info(args) => info(args),
+        Command::Inspect { dir } => inspect(dir),
+    }
+}
+
+/// Logs to stderr at `info` (override with `RUST_LOG`); safe to call more than once.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
+fn cache(args: CacheArgs) -> Result<()> {
+    let model = args.model.load()?;
+    let points = model.hook_points_from_list(&args.hookpoints)?;
+    let store_dtype = match &args.store_dtype {
+        Some(name) => parse_dtype(name)?,
+        None => model.dtype(),
+    };
+    let spec = args.data.spec();
+    let tokenizer = model.tokenizer().ok();
+    let chunks = spec.chunks(tokenizer)?;
+    let mut source = ModelActivations::new(
+        &model,
+        chunks,
+        points.clone(),
+        args.batch_size,
+        store_dtype,
+        args.data.max_chunks()?,
+    )?;
+    let options = CacheOptions {
+        max_shard_bytes: args.shard_mib.max(1) << 20,
+        overwrite: args.overwrite,
+        progress: true,
+    };
+    let summary =
+        ActivationCache::write(&mut source, &spec, &args.output, &options).with_context(|| {
+            format!(
+                "caching activations of {} into {}",
+                model.origin(),
+                args.output.display()
+            )
+        })?;
+    let m = &summary.manifest;
+    if summary.already_complete {
+        println!(
+            "{} already holds a complete cache ({} tokens); nothing to do (pass --overwrite to redo it)",
+            args.output.display(),
+            m.tokens
+        );
+        return Ok(());
+    }
+    let names: Vec<String> = points.iter().map(|p| model.hook_name(*p)).collect();
+    println!(
+        "cached {} tokens ({} sequences of {}) of {} at {} into {} shards in {}",
+        m.tokens,
+        m.chunks,
+        spec.seq_len,
+        model.origin(),
+        names.join(", "),
+        m.shards.len(),
+        args.output.display()
+    );
+    if summary.resumed_chunks > 0 {
+        println!(
+            "resumed after {} sequences already cached",
+            summary.resumed_chunks
+        );
+    }
+    let seconds = summary.seconds.max(1e-9);
+    println!(
+        "this run: {} tokens in {:.1} s ({:.0} tokens/s), {:.3} GB written ({:.3} GB/s)",
+        summary.new_tokens,
+        seconds,
+        summary.new_tokens as f64 / seconds,
+        summary.bytes_written as f64 / 1e9,
+        summary.bytes_written as f64 / 1e9 / seconds
+    );
+    Ok(())
+}
+
+fn info(args: ModelArgs) -> Result<()> {
+    let model = args.load()?;
+    let config = model.config();
+    println!("model: {}", model.origin());
+    println!("architecture: {}", config.model_type());
+    println!(
+        "layers: {}  hidden: {}  vocab: {}  dtype: {}",
+        config.num_layers(),
+        config.hidden_size(),
+        config.vocab_size(),
+        crate::dtype_name(model.dtype())
+    );
+    match model.tokenizer() {
+        Ok(t) => println!(
+            "tokenizer: {} tokens, eos id {:?}",
+            t.vocab_size(),
+            t.eos_id()
+        ),
+        Err(_) => println!("tokenizer: none"),
+    }
+    println!("hook points (forward order):");
+    for point in model.hook_points() {
+        println!("  {}", model.hook_name(point));
+    }
+    Ok(())
+}
+
+fn inspect(dir: PathBuf) -> Result<()> {
+    let cache = ActivationCache::open(&dir)?;
+    let m = cache.manifest();
+    let s = &m.settings;
+    println!("cache: {}", dir.display());
+    println!("model: {} ({})", s.model, s.architecture);
+    println!("hook points: {}", s.hook_points.join(", "));
+    println!("dtype: {} (computed in {})", s.dtype, s.compute_dtype);
+    println!(
+        "tokens: {} in {} sequences of {}, {} shards",
+        m.tokens,
+        m.chunks,
+        s.data.seq_len,
+        m.shards.len()
+    );
+    println!(
+        "data: {}",
+        s.data
+            .paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}

@@ -1,0 +1,606 @@
+//! Datasets to fixed-length token chunks.
+//!
+//! Text (`.txt`, one document per non-empty line, or the whole file as one document), JSON
+//! lines (`.jsonl`, a text field per line) and parquet (a text column) are tokenized, each
+//! document preceded by EOS, packed into chunks of `seq_len` tokens, and the last partial
+//! chunk is dropped: the convention of tuned-lens and sparsify (`chunk_and_tokenize`).
+//! Pre-tokenized arrays (`.npy`, raw uint16 `.bin`) are chunked as they are.
+//! Everything streams: memory does not grow with the dataset.
+
+mod npy;
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+pub use npy::TokenArray;
+
+use crate::{Error, Result, Tokenizer};
+
+/// How a dataset file is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataFormat {
+    /// Plain text, one document per non-empty line.
+    TextLines,
+    /// Plain text, the whole file one document.
+    TextFile,
+    /// JSON lines with a text field.
+    Jsonl,
+    /// Parquet with a text column.
+    Parquet,
+    /// NumPy array of token ids.
+    Npy,
+    /// Raw little-endian uint16 token ids.
+    Bin,
+}
+
+impl DataFormat {
+    /// Guesses the format from a file extension.
+    pub fn from_path(path: &Path) -> Result<Self> {
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        match ext.as_str() {
+            "txt" | "text" | "md" | "raw" => Ok(DataFormat::TextLines),
+            "jsonl" | "json" | "ndjson" => Ok(DataFormat::Jsonl),
+            "parquet" => Ok(DataFormat::Parquet),
+            "npy" => Ok(DataFormat::Npy),
+            "bin" => Ok(DataFormat::Bin),
+            _ => Err(Error::Data {
+                path: path.into(),
+                message: format!(
+                    "cannot tell the format from the extension '.{ext}' (use .txt, .jsonl, .parquet, .npy or .bin, or give the format explicitly)"
+                ),
+            }),
+        }
+    }
+
+    /// Parses a format name: `text`, `text-file`, `jsonl`, `parquet`, `npy`, `bin`.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "text" | "txt" | "lines" => Ok(DataFormat::TextLines),
+            "text-file" | "file" => Ok(DataFormat::TextFile),
+            "jsonl" | "json" => Ok(DataFormat::Jsonl),
+            "parquet" => Ok(DataFormat::Parquet),
+            "npy" => Ok(DataFormat::Npy),
+            "bin" => Ok(DataFormat::Bin),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown data format '{other}' (expected text, text-file, jsonl, parquet, npy or bin)"
+            ))),
+        }
+    }
+
+    fn is_pretokenized(self) -> bool {
+        matches!(self, DataFormat::Npy | DataFormat::Bin)
+    }
+}
+
+/// A dataset: files, their format and how to chunk them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DataSpec {
+    /// Dataset files, read in order.
+    pub paths: Vec<PathBuf>,
+    /// Format name (see [`DataFormat::parse`]); guessed from each file's extension when `None`.
+    pub format: Option<String>,
+    /// Field or column holding the text (JSON lines, parquet).
+    pub text_field: String,
+    /// Tokens per chunk.
+    pub seq_len: usize,
+}
+
+impl DataSpec {
+    /// A spec with the default text field (`text`) and guessed formats.
+    pub fn new(paths: Vec<PathBuf>, seq_len: usize) -> Self {
+        DataSpec {
+            paths,
+            format: None,
+            text_field: "text".into(),
+            seq_len,
+        }
+    }
+
+    fn format_of(&self, path: &Path) -> Result<DataFormat> {
+        match &self.format {
+            Some(name) => DataFormat::parse(name),
+            None => DataFormat::from_path(path),
+        }
+    }
+
+    /// Opens the dataset as a stream of chunks. Text formats need a tokenizer with an EOS id.
+    pub fn chunks(&self, tokenizer: Option<&Tokenizer>) -> Result<ChunkStream> {
+        if self.seq_len == 0 {
+            return Err(Error::InvalidArgument(
+                "sequence length must be positive".into(),
+            ));
+        }
+        if self.paths.is_empty() {
+            return Err(Error::InvalidArgument("no dataset files given".into()));
+        }
+        let mut sources = VecDeque::new();
+        for path in &self.paths {
+            if !path.is_file() {
+                return Err(Error::Data {
+                    path: path.clone(),
+                    message: "file not found".into(),
+                });
+            }
+            let format = self.format_of(path)?;
+            if !format.is_pretokenized() && tokenizer.and_then(Tokenizer::eos_id).is_none() {
+                return Err(Error::Data {
+                    path: path.clone(),
+                    message: "text data needs a tokenizer with an end-of-text token".into(),
+                });
+            }
+            sources.push_back((path.clone(), format));
+        }
+        Ok(ChunkStream {
+            spec: self.clone(),
+            tokenizer: tokenizer.cloned(),
+            pending: sources,
+            current: None,
+            buffer: Vec::new(),
+            tokens_read: 0,
+            text_bytes: 0,
+            chunks_emitted: 0,
+        })
+    }
+}
+
+/// Where the next tokens come from.
+enum Source {
+    Documents {
+        path: PathBuf,
+        docs: Box<dyn Iterator<Item = Result<String>>>,
+    },
+    Tokens {
+        array: TokenArray,
+        next: usize,
+    },
+}
+
+/// Documents tokenized per refill; bounds memory and lets the tokenizer use threads.
+const DOCUMENTS_PER_BATCH: usize = 256;
+
+/// An iterator of `seq_len`-token chunks over a dataset.
+pub struct ChunkStream {
+    spec: DataSpec,
+    tokenizer: Option<Tokenizer>,
+    pending: VecDeque<(PathBuf, DataFormat)>,
+    current: Option<Source>,
+    buffer: Vec<u32>,
+    tokens_read: u64,
+    text_bytes: u64,
+    chunks_emitted: u64,
+}
+
+impl ChunkStream {
+    /// Tokens per chunk.
+    pub fn seq_len(&self) -> usize {
+        self.spec.seq_len
+    }
+
+    /// Bytes of text consumed so far (for bits-per-byte); 0 for pre-tokenized data.
+    pub fn text_bytes(&self) -> u64 {
+        self.text_bytes
+    }
+
+    /// Tokens produced by tokenization or read from arrays so far.
+    pub fn tokens_read(&self) -> u64 {
+        self.tokens_read
+    }
+
+    /// Chunks returned so far.
+    pub fn chunks_emitted(&self) -> u64 {
+        self.chunks_emitted
+    }
+
+    /// Skips `n` chunks (to resume a job where it stopped).
+    pub fn skip_chunks(&mut self, n: u64) -> Result<u64> {
+        let mut skipped = 0;
+        while skipped < n {
+            match self.next_chunk()? {
+                Some(_) => skipped += 1,
+                None => break,
+            }
+        }
+        Ok(skipped)
+    }
+
+    /// Up to `n` chunks; fewer only at the end of the data.
+    pub fn next_chunks(&mut self, n: usize) -> Result<Vec<Vec<u32>>> {
+        let mut chunks = Vec::with_capacity(n);
+        while chunks.len() < n {
+            match self.next_chunk()? {
+                Some(chunk) => chunks.push(chunk),
+                None => break,
+            }
+        }
+        Ok(chunks)
+    }
+
+    /// The next chunk, or `None` when the data is exhausted (a final partial chunk is dropped).
+    pub fn next_chunk(&mut self) -> Result<Option<Vec<u32>>> {
+        let seq_len = self.spec.seq_len;
+        while self.buffer.len() < seq_len {
+            if !self.refill()? {
+                return Ok(None);
+            }
+        }
+        let rest = self.buffer.split_off(seq_len);
+        let chunk = std::mem::replace(&mut self.buffer, rest);
+        self.chunks_emitted += 1;
+        Ok(Some(chunk))
+    }
+
+    /// Adds tokens to the buffer; false when every source is exhausted.
+    fn refill(&mut self) -> Result<bool> {
+        loop {
+            if self.current.is_none() {
+                let Some((path, format)) = self.pending.pop_front() else {
+                    return Ok(false);
+                };
+                self.current = Some(self.open(path, format)?);
+            }
+            let added = match self.current.as_mut() {
+                Some(Source::Documents { path, docs }) => {
+                    let mut batch = Vec::new();
+                    for doc in docs.by_ref().take(DOCUMENTS_PER_BATCH) {
+                        batch.push(doc?);
+                    }
+                    if batch.is_empty() {
+                        0
+                    } else {
+                        let path = path.clone();
+                        self.tokenize(&path, batch)?
+                    }
+                }
+                Some(Source::Tokens { array, next }) => {
+                    let want = (self.spec.seq_len * 64).max(1 << 16);
+                    let mut tokens = array.read(*next, want)?;
+                    *next += tokens.len();
+                    let n = tokens.len();
+                    self.buffer.append(&mut tokens);
+                    n
+                }
+                None => 0,
+            };
+            if added > 0 {
+                self.tokens_read += added as u64;
+                return Ok(true);
+            }
+            self.current = None;
+        }
+    }
+
+    fn tokenize(&mut self, path: &Path, docs: Vec<String>) -> Result<usize> {
+        let tokenizer = self
+            .tokenizer
+            .as_ref()
+            .expect("checked when the stream was opened");
+        let eos = tokenizer
+            .eos_id()
+            .expect("checked when the stream was opened");
+        self.text_bytes += docs.iter().map(|d| d.len() as u64).sum::<u64>();
+        let encodings = tokenizer
+            .inner()
+            .encode_batch(docs, false)
+            .map_err(|e| Error::Data {
+                path: path.into(),
+                message: format!("tokenization failed: {e}"),
+            })?;
+        let before = self.buffer.len();
+        for encoding in encodings {
+            self.buffer.push(eos);
+            self.buffer.extend_from_slice(encoding.get_ids());
+        }
+        Ok(self.buffer.len() - before)
+    }
+
+    fn open(&self, path: PathBuf, format: DataFormat) -> Result<Source> {
+        let field = self.spec.text_field.clone();
+        Ok(match format {
+            DataFormat::TextLines => Source::Documents {
+                docs: Box::new(text_lines(&path)?),
+                path,
+            },
+            DataFormat::TextFile => {
+                let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                Source::Documents {
+                    docs: Box::new(std::iter::once(Ok(text))),
+                    path,
+                }
+            }
+            DataFormat::Jsonl => Source::Documents {
+                docs: Box::new(jsonl_texts(&path, field)?),
+                path,
+            },
+            DataFormat::Parquet => Source::Documents {
+                docs: Box::new(parquet_texts(&path, field)?),
+                path,
+            },
+            DataFormat::Npy => Source::Tokens {
+                array: TokenArray::open_npy(&path)?,
+                next: 0,
+            },
+            DataFormat::Bin => Source::Tokens {
+                array: TokenArray::open_bin(&path)?,
+                next: 0,
+            },
+        })
+    }
+}
+
+impl Iterator for ChunkStream {
+    type Item = Result<Vec<u32>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_chunk().transpose()
+    }
+}
+
+fn open_lines(path: &Path) -> Result<impl Iterator<Item = (usize, Result<String>)>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let path = path.to_path_buf();
+    Ok(BufReader::new(file)
+        .lines()
+        .enumerate()
+        .map(move |(i, line)| (i + 1, line.map_err(|e| Error::io(&path, e)))))
+}
+
+fn text_lines(path: &Path) -> Result<impl Iterator<Item = Result<String>>> {
+    Ok(open_lines(path)?.filter_map(|(_, line)| match line {
+        Ok(line) if line.trim().is_empty() => None,
+        other => Some(other),
+    }))
+}
+
+fn jsonl_texts(path: &Path, field: String) -> Result<impl Iterator<Item = Result<String>>> {
+    let path = path.to_path_buf();
+    Ok(open_lines(&path)?.filter_map(move |(number, line)| {
+        let line = match line {
+            Ok(line) if line.trim().is_empty() => return None,
+            Ok(line) => line,
+            Err(e) => return Some(Err(e)),
+        };
+        let bad = |message: String| Error::Data {
+            path: path.clone(),
+            message: format!("line {number}: {message}"),
+        };
+        let value: serde_json::Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => return Some(Err(bad(format!("not valid JSON: {e}")))),
+        };
+        Some(match value.get(&field) {
+            Some(serde_json::Value::String(text)) => Ok(text.clone()),
+            Some(other) => Err(bad(format!("field '{field}' is not a string: {other}"))),
+            None => Err(bad(format!(
+                "no field '{field}' (use --text-field to pick another)"
+            ))),
+        })
+    }))
+}
+
+fn parquet_texts(path: &Path, field: String) -> Result<impl Iterator<Item = Result<String>>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::Field;
+
+    let bad = |message: String| Error::Data {
+        path: path.into(),
+        message,
+    };
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = SerializedFileReader::new(file)
+        .map_err(|e| bad(format!("not a readable parquet file: {e}")))?;
+    let schema = reader.metadata().file_metadata().schema_descr();
+    let columns: Vec<String> = schema.columns().iter().map(|c| c.path().string()).collect();
+    if !columns.contains(&field) {
+        return Err(bad(format!(
+            "no column '{field}' (columns: {})",
+            columns.join(", ")
+        )));
+    }
+    let path = path.to_path_buf();
+    Ok(reader
+        .into_iter()
+        .enumerate()
+        .map(move |(row_number, row)| {
+            let bad = |message: String| Error::Data {
+                path: path.clone(),
+                message: format!("row {row_number}: {message}"),
+            };
+            let row = row.map_err(|e| bad(e.to_string()))?;
+            let value = row
+                .get_column_iter()
+                .find(|(name, _)| **name == field)
+                .map(|(_, value)| value.clone());
+            match value {
+                Some(Field::Str(text)) => Ok(text),
+                Some(Field::Null) => Ok(String::new()),
+                other => Err(bad(format!("column '{field}' is not a string: {other:?}"))),
+            }
+        }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokenizer() -> Tokenizer {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/gpt-neox-20b-tokenizer.json");
+        Tokenizer::from_file(&path, Some(0)).unwrap()
+    }
+
+    fn collect(spec: &DataSpec, tok: &Tokenizer) -> Vec<Vec<u32>> {
+        spec.chunks(Some(tok))
+            .unwrap()
+            .collect::<Result<Vec<_>>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn documents_are_eos_joined_and_packed() {
+        let tok = tokenizer();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.txt");
+        std::fs::write(
+            &path,
+            "Hello world\n\n  \nThe cat sat on the mat.\nA third line here\n",
+        )
+        .unwrap();
+        let mut stream: Vec<u32> = Vec::new();
+        for doc in [
+            "Hello world",
+            "The cat sat on the mat.",
+            "A third line here",
+        ] {
+            stream.push(0);
+            stream.extend(tok.encode(doc).unwrap());
+        }
+        let chunks = collect(&DataSpec::new(vec![path.clone()], 4), &tok);
+        assert_eq!(chunks.len(), stream.len() / 4);
+        assert_eq!(chunks.concat(), stream[..chunks.len() * 4]);
+        assert_eq!(chunks[0][0], 0, "first token is EOS");
+
+        let mut spec = DataSpec::new(vec![path], 4);
+        spec.format = Some("text-file".into());
+        let whole = collect(&spec, &tok);
+        assert_eq!(whole.concat()[0], 0);
+        assert_eq!(
+            whole.concat()[1..],
+            tok.encode("Hello world\n\n  \nThe cat sat on the mat.\nA third line here\n")
+                .unwrap()[..whole.len() * 4 - 1]
+        );
+    }
+
+    #[test]
+    fn jsonl_with_field_and_errors() {
+        let tok = tokenizer();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        std::fs::write(
+            &path,
+            "{\"body\": \"one two three four five\"}\n\n{\"body\": \"six seven\"}\n",
+        )
+        .unwrap();
+        let mut spec = DataSpec::new(vec![path.clone()], 3);
+        spec.text_field = "body".into();
+        let chunks = collect(&spec, &tok);
+        let mut expected = vec![0];
+        expected.extend(tok.encode("one two three four five").unwrap());
+        expected.push(0);
+        expected.extend(tok.encode("six seven").unwrap());
+        assert_eq!(chunks.concat(), expected[..chunks.len() * 3]);
+
+        spec.text_field = "text".into();
+        let err = spec
+            .chunks(Some(&tok))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 1: no field 'text'"), "{err}");
+        std::fs::write(&path, "{\"text\": 3}\n").unwrap();
+        let err = spec
+            .chunks(Some(&tok))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("d.jsonl") && err.contains("not a string"),
+            "{err}"
+        );
+        std::fs::write(&path, "{oops\n").unwrap();
+        let err = spec
+            .chunks(Some(&tok))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not valid JSON"), "{err}");
+    }
+
+    #[test]
+    fn parquet_text_column() {
+        use parquet::data_type::{ByteArray, ByteArrayType};
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::writer::SerializedFileWriter;
+        use parquet::schema::parser::parse_message_type;
+        use std::sync::Arc;
+
+        let tok = tokenizer();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.parquet");
+        let schema = Arc::new(
+            parse_message_type("message doc { REQUIRED BYTE_ARRAY text (UTF8); }").unwrap(),
+        );
+        let file = File::create(&path).unwrap();
+        let mut writer =
+            SerializedFileWriter::new(file, schema, Arc::new(WriterProperties::builder().build()))
+                .unwrap();
+        let docs = ["Parquet rows are documents.", "Second row of text."];
+        let mut group = writer.next_row_group().unwrap();
+        let mut column = group.next_column().unwrap().unwrap();
+        let values: Vec<ByteArray> = docs.iter().map(|d| ByteArray::from(*d)).collect();
+        column
+            .typed::<ByteArrayType>()
+            .write_batch(&values, None, None)
+            .unwrap();
+        column.close().unwrap();
+        group.close().unwrap();
+        writer.close().unwrap();
+
+        let chunks = collect(&DataSpec::new(vec![path.clone()], 2), &tok);
+        let mut expected = Vec::new();
+        for doc in docs {
+            expected.push(0);
+            expected.extend(tok.encode(doc).unwrap());
+        }
+        assert_eq!(chunks.concat(), expected[..chunks.len() * 2]);
+
+        let mut spec = DataSpec::new(vec![path], 2);
+        spec.text_field = "content".into();
+        let err = spec
+            .chunks(Some(&tok))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no column 'content' (columns: text)"), "{err}");
+    }
+
+    #[test]
+    fn pretokenized_and_empty_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.bin");
+        let tokens: Vec<u8> = (0u16..10).flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(&path, tokens).unwrap();
+        let mut stream = DataSpec::new(vec![path], 4).chunks(None).unwrap();
+        assert_eq!(
+            stream.next_chunks(5).unwrap(),
+            vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]
+        );
+
+        let empty = dir.path().join("e.txt");
+        std::fs::write(&empty, "\n\n").unwrap();
+        let tok = tokenizer();
+        assert!(DataSpec::new(vec![empty], 4)
+            .chunks(Some(&tok))
+            .unwrap()
+            .next()
+            .is_none());
+        let err = DataSpec::new(vec![dir.path().join("missing.txt")], 4)
+            .chunks(Some(&tok))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("missing.txt: file not found"));
+    }
+}

@@ -1,0 +1,255 @@
+//! The activation cache: streaming producer, sharded writer, resume after a failure,
+//! sequential and shuffled readers, and the errors for incomplete or damaged caches.
+
+use std::path::{Path, PathBuf};
+
+use hooks::activations::{
+    ActivationBatch, ActivationCache, ActivationSource, CacheOptions, ModelActivations, ReadOrder,
+};
+use hooks::candle_core::{DType, Tensor};
+use hooks::config::ModelConfig;
+use hooks::data::DataSpec;
+use hooks::{HookPoint, Hooks, LoadOptions, Model};
+
+const SEQ_LEN: usize = 16;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A tiny GPT-NeoX with synthetic weights and the real Pythia tokenizer (full vocabulary).
+fn tiny_model(dir: &Path) -> Model {
+    let config = serde_json::json!({
+        "model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 64, "rotary_pct": 0.5,
+        "vocab_size": 50304, "eos_token_id": 0, "use_parallel_residual": true
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    hooks::synthetic::write_synthetic_weights(&config, dir).unwrap();
+    std::fs::copy(
+        repo().join("data/gpt-neox-20b-tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    Model::from_folder(dir, &LoadOptions::default()).unwrap()
+}
+
+/// The first `lines` non-empty lines of WikiText-2 as a text file.
+fn wikitext(dir: &Path, lines: usize) -> PathBuf {
+    let text = std::fs::read_to_string(repo().join("data/wikitext-2-raw-test.txt")).unwrap();
+    let sample: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(lines)
+        .collect();
+    let path = dir.join("sample.txt");
+    std::fs::write(&path, sample.join("\n")).unwrap();
+    path
+}
+
+const POINTS: [HookPoint; 2] = [HookPoint::Layer(0), HookPoint::Mlp(1)];
+
+fn write_cache(
+    model: &Model,
+    spec: &DataSpec,
+    out: &Path,
+    shard_bytes: usize,
+) -> hooks::Result<hooks::activations::CacheSummary> {
+    let chunks = spec.chunks(Some(model.tokenizer()?))?;
+    let mut source = ModelActivations::new(model, chunks, POINTS.to_vec(), 3, DType::F32, None)?;
+    let options = CacheOptions {
+        max_shard_bytes: shard_bytes,
+        overwrite: false,
+        progress: false,
+    };
+    ActivationCache::write(&mut source, spec, out, &options)
+}
+
+fn read_all(cache: &ActivationCache, order: ReadOrder) -> ActivationBatch {
+    let mut reader = cache.reader(50, order).unwrap();
+    let mut batches = Vec::new();
+    while let Some(batch) = reader.next_batch().unwrap() {
+        assert!(batch.len() <= 50);
+        batches.push(batch);
+    }
+    ActivationBatch::concat(&batches).unwrap()
+}
+
+fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+    t.to_vec2().unwrap()
+}
+
+#[test]
+fn cache_round_trip_equals_direct_forward() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let spec = DataSpec::new(vec![wikitext(tmp.path(), 40)], SEQ_LEN);
+    let out = tmp.path().join("cache");
+    let summary = write_cache(&model, &spec, &out, 20_000).unwrap();
+    let manifest = &summary.manifest;
+    assert!(
+        manifest.shards.len() > 2,
+        "small shard bound gives several shards"
+    );
+    assert_eq!(manifest.tokens, manifest.chunks * SEQ_LEN as u64);
+    assert_eq!(
+        manifest.settings.hook_points,
+        vec!["layers.0", "layers.1.mlp"]
+    );
+    assert!(out.join("manifest.json").is_file() && !out.join("progress.json").exists());
+
+    let cache = ActivationCache::open(&out).unwrap();
+    let all = read_all(&cache, ReadOrder::Sequential);
+    assert_eq!(all.len() as u64, manifest.tokens);
+
+    // The same chunks through a plain forward pass.
+    let chunks: Vec<Vec<u32>> = spec
+        .chunks(Some(model.tokenizer().unwrap()))
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    assert_eq!(chunks.len() as u64, manifest.chunks);
+    assert_eq!(all.tokens, chunks.concat());
+    let ids = Tensor::new(chunks, &hooks::candle_core::Device::Cpu).unwrap();
+    let out = model
+        .forward(&ids, &mut Hooks::new().capture(POINTS))
+        .unwrap();
+    for point in POINTS {
+        let direct = out.captures[&point].reshape((all.len(), 32)).unwrap();
+        assert_eq!(rows(&all.activations[&point]), rows(&direct), "{point}");
+    }
+}
+
+#[test]
+fn shuffled_reading_is_a_deterministic_permutation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let spec = DataSpec::new(vec![wikitext(tmp.path(), 30)], SEQ_LEN);
+    let out = tmp.path().join("cache");
+    write_cache(&model, &spec, &out, 10_000).unwrap();
+    let cache = ActivationCache::open(&out).unwrap();
+    let sequential = read_all(&cache, ReadOrder::Sequential);
+    let order = ReadOrder::Shuffled {
+        seed: 7,
+        buffer_tokens: 200,
+    };
+    let a = read_all(&cache, order);
+    let b = read_all(&cache, order);
+    assert_eq!(
+        rows(&a.activations[&POINTS[0]]),
+        rows(&b.activations[&POINTS[0]])
+    );
+    assert_ne!(a.tokens, sequential.tokens);
+    let key = |batch: &ActivationBatch| {
+        let mut r: Vec<(u32, Vec<u32>)> = rows(&batch.activations[&POINTS[1]])
+            .into_iter()
+            .zip(&batch.tokens)
+            .map(|(row, t)| (*t, row.iter().map(|v| v.to_bits()).collect()))
+            .collect();
+        r.sort();
+        r
+    };
+    assert_eq!(key(&a), key(&sequential), "same rows, same token pairing");
+}
+
+#[test]
+fn interrupted_job_resumes_to_the_same_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let text = wikitext(tmp.path(), 30);
+    let jsonl = tmp.path().join("more.jsonl");
+    let good_jsonl = "{\"text\": \"A second file with more text to cache, long enough for a few chunks of tokens.\"}\n".repeat(6);
+    // A malformed line at the end makes the first run fail after some shards were written.
+    std::fs::write(&jsonl, format!("{good_jsonl}{{broken\n")).unwrap();
+    let spec = DataSpec::new(vec![text, jsonl.clone()], SEQ_LEN);
+    let out = tmp.path().join("cache");
+    let err = write_cache(&model, &spec, &out, 5_000)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("more.jsonl") && err.contains("not valid JSON"),
+        "{err}"
+    );
+    assert!(
+        !out.join("manifest.json").exists(),
+        "no manifest for an unfinished cache"
+    );
+    let err = ActivationCache::open(&out).unwrap_err().to_string();
+    assert!(err.contains("incomplete"), "{err}");
+    let shards_before = std::fs::read_dir(out.join("shards")).unwrap().count();
+    assert!(shards_before > 0);
+
+    std::fs::write(&jsonl, &good_jsonl).unwrap();
+    let resumed = write_cache(&model, &spec, &out, 5_000).unwrap();
+    assert!(resumed.resumed_chunks > 0);
+    let fresh_dir = tmp.path().join("fresh");
+    let fresh = write_cache(&model, &spec, &fresh_dir, 5_000).unwrap();
+    assert_eq!(resumed.manifest.tokens, fresh.manifest.tokens);
+    assert_eq!(resumed.manifest.chunks, fresh.manifest.chunks);
+    let a = read_all(&ActivationCache::open(&out).unwrap(), ReadOrder::Sequential);
+    let b = read_all(
+        &ActivationCache::open(&fresh_dir).unwrap(),
+        ReadOrder::Sequential,
+    );
+    assert_eq!(a.tokens, b.tokens);
+    assert_eq!(
+        rows(&a.activations[&POINTS[0]]),
+        rows(&b.activations[&POINTS[0]])
+    );
+
+    // Running again does nothing; other settings are refused.
+    assert!(
+        write_cache(&model, &spec, &out, 5_000)
+            .unwrap()
+            .already_complete
+    );
+    let other = DataSpec::new(spec.paths.clone(), SEQ_LEN * 2);
+    let err = write_cache(&model, &other, &out, 5_000)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("other settings"), "{err}");
+}
+
+#[test]
+fn damaged_caches_and_empty_data_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let spec = DataSpec::new(vec![wikitext(tmp.path(), 10)], SEQ_LEN);
+    let out = tmp.path().join("cache");
+    write_cache(&model, &spec, &out, 5_000).unwrap();
+    let shard = out.join("shards/shard-000001.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
+    let cache = ActivationCache::open(&out).unwrap();
+    let mut reader = cache.reader(10_000, ReadOrder::Sequential).unwrap();
+    let err = loop {
+        match reader.next_batch() {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("damaged shard read without error"),
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(
+        err.contains("shard-000001.safetensors") && err.contains("unreadable shard"),
+        "{err}"
+    );
+    std::fs::remove_file(&shard).unwrap();
+    let err = ActivationCache::open(&out).unwrap_err().to_string();
+    assert!(
+        err.contains("shard shards/shard-000001.safetensors is missing"),
+        "{err}"
+    );
+
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "just a few words\n").unwrap();
+    let err = write_cache(
+        &model,
+        &DataSpec::new(vec![empty], 4096),
+        &tmp.path().join("e"),
+        5_000,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("no complete chunk of 4096 tokens"), "{err}");
+}

@@ -61,14 +61,21 @@ pub(crate) fn read(path: &Path, dtype: DType) -> Result<GgufModel> {
     let names: BTreeMap<_, _> = content.tensor_infos.iter().collect();
     for (name, info) in names {
         let hf = hf_name(name).ok_or_else(|| unknown_tensor(path, name))?;
-        let read_error = |e: candle_core::Error| Error::WeightFile {
-            path: path.into(),
-            message: format!(
-                "cannot read tensor '{name}' ({:?} {:?}): {} (is the file truncated?)",
-                info.ggml_dtype,
-                info.shape.dims(),
-                root_cause(&e)
-            ),
+        let read_error = |e: candle_core::Error| {
+            let cause = root_cause(&e);
+            let hint = if cause.contains("not supported") {
+                "an unsupported tensor type"
+            } else {
+                "the file is truncated or corrupt"
+            };
+            Error::WeightFile {
+                path: path.into(),
+                message: format!(
+                    "cannot read tensor '{name}' ({:?} {:?}): {cause} ({hint})",
+                    info.ggml_dtype,
+                    info.shape.dims(),
+                ),
+            }
         };
         let mut tensor = content
             .tensor(&mut reader, name, &Device::Cpu)
@@ -163,7 +170,7 @@ fn permuted_heads(gguf: &str, num_heads: usize, num_kv_heads: usize) -> Option<u
 /// Hugging Face row `h*hd + t*hd/2 + j` is GGUF row `h*hd + 2j + t`.
 fn unpermute_rows(t: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
-    let rows = dims[0];
+    let rows = dims.first().copied().unwrap_or(1);
     if rows != heads * head_dim {
         return Err(Error::InvalidArgument(format!(
             "has {rows} rows, expected {heads} heads x {head_dim} dims = {}",

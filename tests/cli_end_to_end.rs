@@ -1,0 +1,126 @@
+//! The `hooks` command line end to end, in-process: a model folder and real text in, an
+//! activation cache out; re-running is a no-op; errors are clear.
+
+use std::path::{Path, PathBuf};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+/// A tiny GPT-NeoX folder with synthetic weights and the real Pythia tokenizer.
+fn model_folder(dir: &Path) -> PathBuf {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    let config = serde_json::json!({
+        "model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 50304, "eos_token_id": 0
+    });
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    let parsed = hooks::config::ModelConfig::from_file(&model.join("config.json")).unwrap();
+    hooks::synthetic::write_synthetic_weights(&parsed, &model).unwrap();
+    std::fs::copy(
+        repo().join("data/gpt-neox-20b-tokenizer.json"),
+        model.join("tokenizer.json"),
+    )
+    .unwrap();
+    model
+}
+
+fn run(args: &[&str]) -> anyhow::Result<()> {
+    hooks::cli::run(std::iter::once("hooks").chain(args.iter().copied()))
+}
+
+#[test]
+fn cache_command_writes_a_complete_cache_of_real_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_folder(tmp.path());
+    let out = tmp.path().join("cache");
+    let text = repo().join("data/wikitext-2-raw-test.txt");
+    let args = [
+        "cache",
+        "--model",
+        model.to_str().unwrap(),
+        "--hookpoints",
+        "layers.*,blocks.1.hook_mlp_out",
+        "--data",
+        text.to_str().unwrap(),
+        "--seq-len",
+        "64",
+        "--max-tokens",
+        "1000",
+        "--batch-size",
+        "4",
+        "--shard-mib",
+        "1",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    run(&args).unwrap();
+    let cache = hooks::activations::ActivationCache::open(&out).unwrap();
+    let manifest = cache.manifest();
+    assert_eq!(
+        manifest.tokens,
+        15 * 64,
+        "1000 tokens round down to 15 sequences of 64"
+    );
+    assert_eq!(
+        manifest.settings.hook_points,
+        vec!["layers.0", "layers.1.mlp", "layers.1", "layers.2"]
+    );
+    let modified = std::fs::metadata(out.join("manifest.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    run(&args).unwrap();
+    assert_eq!(
+        std::fs::metadata(out.join("manifest.json"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        modified
+    );
+    run(&["inspect", out.to_str().unwrap()]).unwrap();
+    run(&["info", "--model", model.to_str().unwrap()]).unwrap();
+}
+
+#[test]
+fn cache_command_errors_name_what_is_wrong() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_folder(tmp.path());
+    let text = repo().join("data/wikitext-2-raw-test.txt");
+    let out = tmp.path().join("cache");
+    let base = |hookpoints: &'static str| {
+        vec![
+            "cache".to_string(),
+            "--model".into(),
+            model.display().to_string(),
+            "--hookpoints".into(),
+            hookpoints.into(),
+            "--data".into(),
+            text.display().to_string(),
+            "--seq-len".into(),
+            "64".into(),
+            "--max-tokens".into(),
+            "256".into(),
+            "--output".into(),
+            out.display().to_string(),
+        ]
+    };
+    let run_owned =
+        |args: Vec<String>| hooks::cli::run(std::iter::once("hooks".to_string()).chain(args));
+    let err = format!("{:#}", run_owned(base("layers.9")).unwrap_err());
+    assert!(
+        err.contains("unknown hook point 'layers.9'") && err.contains("layers.{0..2}"),
+        "{err}"
+    );
+    let err = format!("{:#}", run_owned(base("nothing.*")).unwrap_err());
+    assert!(err.contains("'nothing.*'"), "{err}");
+    let mut args = base("layers.0");
+    args[6] = tmp.path().join("missing.txt").display().to_string();
+    let err = format!("{:#}", run_owned(args).unwrap_err());
+    assert!(err.contains("missing.txt: file not found"), "{err}");
+    let mut args = base("layers.0");
+    args[2] = tmp.path().join("no-model").display().to_string();
+    let err = format!("{:#}", run_owned(args).unwrap_err());
+    assert!(err.contains("no-model"), "{err}");
+}

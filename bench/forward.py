@@ -2,6 +2,7 @@
 """Forward-pass throughput: eleuther-interp (candle) vs Hugging Face transformers (PyTorch),
 side by side in one run, on the same synthetic Pythia-shaped model and the same token ids,
 capturing every `layers.{i}` (transformers: output_hidden_states=True).
+`--shape smollm2` runs the real SmolLM2-135M-Instruct GGUF (dequantised by both sides).
 
 Each implementation runs in its own child process so peak RSS is measured separately.
 Needs a Python with torch + transformers + safetensors (not needed by CI).
@@ -45,11 +46,16 @@ def token_ids(batch, seq, vocab):
 
 def run_peer(args):
     import torch
-    from transformers import GPTNeoXForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    model = GPTNeoXForCausalLM.from_pretrained(args.model_dir, dtype=dtype).eval()
+    path = Path(args.model_dir)
+    if path.suffix == ".gguf":  # transformers dequantises the GGUF to dtype
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = model.eval()
     ids = torch.tensor(token_ids(args.batch, args.seq, model.config.vocab_size))
     times = []
     with torch.inference_mode():
@@ -77,7 +83,8 @@ def child(cmd, env):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="pythia-160m", choices=sorted(SHAPES))
+    p.add_argument("--shape", default="pythia-160m", choices=sorted(SHAPES) + ["smollm2"],
+                   help="a synthetic Pythia shape, or smollm2: the real SmolLM2-135M-Instruct GGUF from PyPI")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--iters", type=int, default=3)
@@ -90,10 +97,14 @@ def main():
         return run_peer(args)
 
     model_dir = REPO / "target" / "bench" / f"{args.shape}-synthetic"
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "eleuther-hooks", "--example", "forward_bench"],
-                   cwd=REPO, check=True)
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "eleuther-hooks", "--example", "forward_bench",
+                    "--bin", "hooks"], cwd=REPO, check=True)
     ours = REPO / "target" / "release" / "examples" / "forward_bench"
-    if not (model_dir / "model.safetensors").exists():
+    if args.shape == "smollm2":
+        fetched = subprocess.run([str(REPO / "target/release/hooks"), "fetch", "smollm2"], check=True,
+                                 capture_output=True, text=True)
+        model_dir = Path(fetched.stdout.strip())
+    elif not (model_dir / "model.safetensors").exists():
         model_dir.mkdir(parents=True, exist_ok=True)
         (model_dir / "bench-config.json").write_text(json.dumps(config_for(args.shape)))
         subprocess.run([str(ours), str(model_dir), "--synthesize", str(model_dir / "bench-config.json")], check=True)
@@ -104,7 +115,8 @@ def main():
     ours_result = child([str(ours), str(model_dir)] + common, env)
     peer_result = child([sys.executable, __file__, "--peer", "--model-dir", str(model_dir),
                          "--threads", str(args.threads)] + common, env)
-    print(f"forward {args.shape} (synthetic weights), batch {args.batch} x {args.seq}, {args.dtype}, "
+    weights = "real GGUF weights, dequantised" if args.shape == "smollm2" else "synthetic weights"
+    print(f"forward {args.shape} ({weights}), batch {args.batch} x {args.seq}, {args.dtype}, "
           f"{args.threads} threads, capturing every layers.{{i}}")
     print(f"  eleuther-interp : {ours_result['tokens_per_s']:9.1f} tokens/s  (median {ours_result['median_s']:.3f} s)  peak RSS {ours_result['peak_rss_mib']:.0f} MiB")
     print(f"  {peer_result['impl']}: {peer_result['tokens_per_s']:9.1f} tokens/s  (median {peer_result['median_s']:.3f} s)  peak RSS {peer_result['peak_rss_mib']:.0f} MiB")

@@ -1,4 +1,4 @@
-//! Times our forward pass for `bench/forward.py`: loads a model folder, runs a fixed batch of
+//! Times our forward pass for `bench/forward.py`: loads a model (folder or .gguf), runs a fixed batch of
 //! random token ids capturing every `layers.{i}`, and prints one JSON line of timings.
 //! With `--synthesize CONFIG`, first writes synthetic weights for that config.json into the
 //! model folder (the same generator the golden tests use).
@@ -26,7 +26,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let dir = PathBuf::from(
         args.get(1)
-            .context("usage: forward_bench MODEL_DIR [options]")?,
+            .context("usage: forward_bench MODEL_DIR_OR_GGUF [options]")?,
     );
     let batch: usize = arg(&args, "--batch", "4").parse()?;
     let seq: usize = arg(&args, "--seq", "512").parse()?;
@@ -44,7 +44,7 @@ fn main() -> Result<()> {
         dtype,
         ..LoadOptions::default()
     };
-    let model = Model::from_folder(&dir, &options)?;
+    let model = Model::load(&dir.to_string_lossy(), &options)?;
     let vocab = model.config().vocab_size() as u64;
     // A fixed pseudo-random batch (the same ids bench/forward.py feeds to transformers).
     let ids: Vec<u32> = (0..(batch * seq) as u64)

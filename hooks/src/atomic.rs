@@ -5,6 +5,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use candle_core::{DType, Tensor};
+
 use crate::{Error, Result};
 
 fn temp_path(path: &Path) -> PathBuf {
@@ -47,21 +49,86 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     write(path, text.as_bytes())
 }
 
-/// Writes named tensors as a safetensors file atomically, with optional string metadata.
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &[(String, candle_core::Tensor)],
-    metadata: Option<std::collections::HashMap<String, String>>,
-) -> Result<()> {
-    let views: Vec<(&str, &candle_core::Tensor)> =
-        tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let bytes = safetensors::serialize(views, metadata).map_err(|e| {
-        Error::InvalidArgument(format!(
-            "cannot serialize tensors for {}: {e}",
-            path.display()
-        ))
-    })?;
-    write(path, &bytes)
+/// Writes named tensors as a safetensors file atomically, streaming each tensor's bytes from
+/// its storage (no serialised copy in memory). Each entry may be given in several parts that
+/// are concatenated along dimension 0 (e.g. the batches that make up one shard).
+pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<Tensor>)]) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, parts) in tensors {
+        let first = parts.first().ok_or_else(|| {
+            Error::InvalidArgument(format!("tensor '{name}' for {} has no parts", path.display()))
+        })?;
+        let mut shape = first.dims().to_vec();
+        shape[0] = parts.iter().map(|p| p.dim(0)).sum::<candle_core::Result<usize>>()?;
+        let bytes = shape.iter().product::<usize>() * first.dtype().size_in_bytes();
+        header.insert(
+            name.clone(),
+            serde_json::json!({
+                "dtype": safetensors_dtype(first.dtype())?,
+                "shape": shape,
+                "data_offsets": [offset, offset + bytes],
+            }),
+        );
+        offset += bytes;
+    }
+    let mut header = serde_json::to_vec(&header).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    write_with(path, |w| {
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        for (_, parts) in tensors {
+            for part in parts {
+                with_bytes(part, |bytes| w.write_all(bytes))?;
+            }
+        }
+        Ok(())
+    })
+}
+
+fn safetensors_dtype(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "F32",
+        DType::F16 => "F16",
+        DType::BF16 => "BF16",
+        DType::F64 => "F64",
+        DType::U32 => "U32",
+        DType::I64 => "I64",
+        DType::U8 => "U8",
+        other => return Err(Error::InvalidArgument(format!("cannot store dtype {other:?}"))),
+    })
+}
+
+/// Calls `f` with the raw little-endian bytes of a tensor (moved to the CPU and made
+/// contiguous first if needed).
+fn with_bytes(tensor: &Tensor, f: impl FnOnce(&[u8]) -> std::io::Result<()>) -> std::io::Result<()> {
+    let to_io = |e: candle_core::Error| std::io::Error::other(e.to_string());
+    let tensor = tensor.to_device(&candle_core::Device::Cpu).map_err(to_io)?;
+    let tensor = tensor.contiguous().map_err(to_io)?;
+    let (storage, layout) = tensor.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(std::io::Error::other("tensor is not on the CPU"));
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| std::io::Error::other("tensor is not contiguous"))?;
+    fn bytes_of<T>(values: &[T]) -> &[u8] {
+        // SAFETY: plain-old-data numeric slices reinterpreted as bytes, same lifetime.
+        unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
+    }
+    use candle_core::CpuStorage as C;
+    match cpu {
+        C::F32(v) => f(bytes_of(&v[start..end])),
+        C::F16(v) => f(bytes_of(&v[start..end])),
+        C::BF16(v) => f(bytes_of(&v[start..end])),
+        C::F64(v) => f(bytes_of(&v[start..end])),
+        C::U32(v) => f(bytes_of(&v[start..end])),
+        C::I64(v) => f(bytes_of(&v[start..end])),
+        C::U8(v) => f(bytes_of(&v[start..end])),
+        _ => Err(std::io::Error::other(format!("cannot store dtype {:?}", tensor.dtype()))),
+    }
 }
 
 #[cfg(test)]
@@ -81,6 +148,31 @@ mod tests {
             "[1,2]"
         );
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn streamed_safetensors_load_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let dev = candle_core::Device::Cpu;
+        let a = Tensor::arange(0f32, 6., &dev).unwrap().reshape((3, 2)).unwrap();
+        let b = Tensor::arange(6f32, 10., &dev).unwrap().reshape((2, 2)).unwrap();
+        let ids = Tensor::new(&[7u32, 8, 9], &dev).unwrap();
+        let half = a.to_dtype(DType::BF16).unwrap().t().unwrap();
+        write_safetensors(
+            &path,
+            &[
+                ("x".into(), vec![a.clone(), b]),
+                ("ids".into(), vec![ids]),
+                ("h".into(), vec![half]),
+            ],
+        )
+        .unwrap();
+        let loaded = candle_core::safetensors::load(&path, &dev).unwrap();
+        assert_eq!(loaded["x"].to_vec2::<f32>().unwrap(), vec![vec![0., 1.], vec![2., 3.], vec![4., 5.], vec![6., 7.], vec![8., 9.]]);
+        assert_eq!(loaded["ids"].to_vec1::<u32>().unwrap(), vec![7, 8, 9]);
+        let h = loaded["h"].to_dtype(DType::F32).unwrap();
+        assert_eq!(h.to_vec2::<f32>().unwrap(), a.t().unwrap().to_vec2::<f32>().unwrap());
     }
 
     #[test]

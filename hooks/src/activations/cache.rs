@@ -241,23 +241,26 @@ impl ActivationCache {
             if pending.is_empty() {
                 return Ok(());
             }
-            let batch = ActivationBatch::concat(pending)?;
-            pending.clear();
+            let rows: usize = pending.iter().map(ActivationBatch::len).sum();
+            let tokens: Vec<u32> = pending.iter().flat_map(|b| b.tokens.iter().copied()).collect();
             let file = format!("shards/shard-{:06}.safetensors", progress.shards.len());
             let mut tensors = vec![(
                 "tokens".to_string(),
-                Tensor::new(batch.tokens.as_slice(), &Device::Cpu)?,
+                vec![Tensor::new(tokens.as_slice(), &Device::Cpu)?],
             )];
-            for (point, tensor) in &batch.activations {
-                tensors.push((names[point].clone(), tensor.to_device(&Device::Cpu)?));
+            for point in pending[0].activations.keys() {
+                let parts = pending.iter().map(|b| b.activations[point].clone()).collect();
+                tensors.push((names[point].clone(), parts));
             }
-            atomic::write_safetensors(&dir.join(&file), &tensors, None)?;
-            bytes_written += batch.activation_bytes() as u64;
-            progress.chunks += batch.len() as u64 / seq_len;
+            let shard_bytes: usize = pending.iter().map(ActivationBatch::activation_bytes).sum();
+            pending.clear();
+            atomic::write_safetensors(&dir.join(&file), &tensors)?;
+            bytes_written += shard_bytes as u64;
+            progress.chunks += rows as u64 / seq_len;
             progress.text_bytes = text_bytes;
             progress.shards.push(ShardInfo {
                 file,
-                tokens: batch.len() as u64,
+                tokens: rows as u64,
             });
             atomic::write_json(&progress_path, progress)
         };

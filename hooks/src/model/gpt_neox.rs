@@ -3,7 +3,7 @@
 
 use candle_core::{Tensor, D};
 
-use super::layers::{causal_attention, causal_mask, LayerNorm, Linear, Loader, Rotary};
+use super::layers::{causal_attention, causal_mask, gelu_erf, LayerNorm, Linear, Loader, Rotary};
 use crate::config::GptNeoxConfig;
 use crate::hooks::Tap;
 use crate::{HookPoint, Result};
@@ -173,6 +173,6 @@ impl Block {
     }
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
-        self.mlp_out.forward(&self.mlp_in.forward(x)?.gelu_erf()?)
+        self.mlp_out.forward(&gelu_erf(&self.mlp_in.forward(x)?)?)
     }
 }

@@ -58,8 +58,26 @@ impl Loader<'_> {
 pub(crate) struct Linear(pub candle_nn::Linear);
 
 impl Linear {
+    /// Applies the layer to `[..., in]`, as one matrix product over all leading dimensions.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.0.forward(x)?)
+        let dims = x.dims();
+        if dims.len() <= 2 {
+            return Ok(self.0.forward(x)?);
+        }
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let flat = x.reshape((rows, dims[dims.len() - 1]))?;
+        let out = self.0.forward(&flat)?;
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap() = out.dim(1)?;
+        Ok(out.reshape(shape)?)
+    }
+}
+
+/// The exact (erf) GELU, on a parallel CPU path for f32.
+pub(crate) fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    match super::cpu_kernels::gelu_erf(x)? {
+        Some(y) => Ok(y),
+        None => Ok(x.gelu_erf()?),
     }
 }
 
@@ -157,6 +175,19 @@ pub(crate) fn causal_mask(seq: usize, device: &Device) -> Result<Tensor> {
 /// Causal softmax attention. `q: [b, heads, t, d]`, `k`/`v`: `[b, kv_heads, t, d]` where
 /// `kv_heads` divides `heads`; returns `[b, t, heads * d]`. Scores and softmax in f32.
 pub(crate) fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+) -> Result<Tensor> {
+    if let Some(out) = super::cpu_kernels::causal_attention(q, k, v)? {
+        return Ok(out);
+    }
+    causal_attention_generic(q, k, v, mask)
+}
+
+/// [`causal_attention`] with candle's generic ops (any device and dtype).
+pub(crate) fn causal_attention_generic(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

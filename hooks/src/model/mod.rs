@@ -1,6 +1,7 @@
 //! One model interface for every architecture: load by name, list hook points, run a
 //! forward pass with captures and replacements.
 
+mod cpu_kernels;
 mod gpt_neox;
 mod layers;
 mod llama;

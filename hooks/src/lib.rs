@@ -22,6 +22,7 @@ pub mod progress;
 pub mod source;
 pub mod synthetic;
 mod tokenizer;
+mod unembed;
 pub mod weights;
 
 pub use error::{Error, Result};
@@ -29,5 +30,6 @@ pub use hookpoint::{AttentionName, HookPoint};
 pub use hooks::{ForwardOutput, Hooks, ReplaceFn};
 pub use model::{dtype_name, parse_device, parse_dtype, LoadOptions, Model};
 pub use tokenizer::Tokenizer;
+pub use unembed::{FinalNorm, Unembedding};
 
 pub use candle_core;

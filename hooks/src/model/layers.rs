@@ -58,6 +58,12 @@ impl Loader<'_> {
 pub(crate) struct Linear(pub candle_nn::Linear);
 
 impl Linear {
+    pub fn weight(&self) -> &Tensor {
+        self.0.weight()
+    }
+}
+
+impl Linear {
     /// Applies the layer to `[..., in]`, as one matrix product over all leading dimensions.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
@@ -90,13 +96,21 @@ pub(crate) struct LayerNorm {
 
 impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            &x.contiguous()?,
-            &self.weight,
-            &self.bias,
-            self.eps,
-        )?)
+        layer_norm(x, &self.weight, &self.bias, self.eps as f64)
     }
+
+    pub fn to_final_norm(&self) -> crate::FinalNorm {
+        crate::FinalNorm::Layer {
+            weight: self.weight.clone(),
+            bias: self.bias.clone(),
+            eps: self.eps as f64,
+        }
+    }
+}
+
+/// LayerNorm over the last dimension with weight and bias.
+pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, eps as f32)?)
 }
 
 /// RMSNorm over the last dimension, as Hugging Face's `LlamaRMSNorm`: `x * rsqrt(mean(x²) + eps)`
@@ -108,15 +122,24 @@ pub(crate) struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
-        Ok(x.broadcast_mul(&inv_rms)?
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)?)
+        rms_norm(x, &self.weight, self.eps)
     }
+
+    pub fn to_final_norm(&self) -> crate::FinalNorm {
+        crate::FinalNorm::Rms {
+            weight: self.weight.clone(),
+            eps: self.eps,
+        }
+    }
+}
+
+/// RMSNorm over the last dimension, computed in f32 and rounded back to the input dtype
+/// before the weight is applied (as Hugging Face does).
+pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    Ok(x.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(weight)?)
 }
 
 /// Rotary position embedding (non-interleaved, "NeoX" style: the rotated half-pairs are

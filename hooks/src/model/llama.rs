@@ -97,6 +97,14 @@ impl Llama {
         })
     }
 
+    /// The final norm and unembedding.
+    pub fn unembedding(&self) -> crate::Unembedding {
+        crate::Unembedding {
+            norm: self.final_norm.to_final_norm(),
+            weight: self.unembed.weight().clone(),
+        }
+    }
+
     /// Runs `ids: [batch, seq]` (u32) through the model; `None` when the tap stopped early.
     pub fn forward(&self, ids: &Tensor, tap: &mut Tap) -> Result<Option<Tensor>> {
         let (batch, seq) = ids.dims2()?;

@@ -3,7 +3,7 @@
 
 mod cpu_kernels;
 mod gpt_neox;
-mod layers;
+pub(crate) mod layers;
 mod llama;
 
 use std::path::Path;
@@ -351,6 +351,14 @@ impl Model {
             Network::Llama(net) => net.forward(&ids, &mut tap)?,
         };
         Ok(tap.finish(logits))
+    }
+
+    /// The model's final norm and unembedding, which turn a residual stream into logits.
+    pub fn unembedding(&self) -> crate::Unembedding {
+        match &self.network {
+            Network::GptNeox(net) => net.unembedding(),
+            Network::Llama(net) => net.unembedding(),
+        }
     }
 
     /// The logits `[batch, seq, vocab]` of token ids, with no hooks.

@@ -53,14 +53,33 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
 /// its storage (no serialised copy in memory). Each entry may be given in several parts that
 /// are concatenated along dimension 0 (e.g. the batches that make up one shard).
 pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<Tensor>)]) -> Result<()> {
+    write_safetensors_with_metadata(path, tensors, &std::collections::BTreeMap::new())
+}
+
+/// [`write_safetensors`] with string metadata in the header (`__metadata__`), e.g. the
+/// training state that must change together with a checkpoint's tensors.
+pub fn write_safetensors_with_metadata(
+    path: &Path,
+    tensors: &[(String, Vec<Tensor>)],
+    metadata: &std::collections::BTreeMap<String, String>,
+) -> Result<()> {
     let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::json!(metadata));
+    }
     let mut offset = 0usize;
     for (name, parts) in tensors {
         let first = parts.first().ok_or_else(|| {
-            Error::InvalidArgument(format!("tensor '{name}' for {} has no parts", path.display()))
+            Error::InvalidArgument(format!(
+                "tensor '{name}' for {} has no parts",
+                path.display()
+            ))
         })?;
         let mut shape = first.dims().to_vec();
-        shape[0] = parts.iter().map(|p| p.dim(0)).sum::<candle_core::Result<usize>>()?;
+        shape[0] = parts
+            .iter()
+            .map(|p| p.dim(0))
+            .sum::<candle_core::Result<usize>>()?;
         let bytes = shape.iter().product::<usize>() * first.dtype().size_in_bytes();
         header.insert(
             name.clone(),
@@ -72,7 +91,8 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<Tensor>)]) -> Resu
         );
         offset += bytes;
     }
-    let mut header = serde_json::to_vec(&header).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let mut header =
+        serde_json::to_vec(&header).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     while header.len() % 8 != 0 {
         header.push(b' ');
     }
@@ -97,13 +117,20 @@ fn safetensors_dtype(dtype: DType) -> Result<&'static str> {
         DType::U32 => "U32",
         DType::I64 => "I64",
         DType::U8 => "U8",
-        other => return Err(Error::InvalidArgument(format!("cannot store dtype {other:?}"))),
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "cannot store dtype {other:?}"
+            )))
+        }
     })
 }
 
 /// Calls `f` with the raw little-endian bytes of a tensor (moved to the CPU and made
 /// contiguous first if needed).
-fn with_bytes(tensor: &Tensor, f: impl FnOnce(&[u8]) -> std::io::Result<()>) -> std::io::Result<()> {
+fn with_bytes(
+    tensor: &Tensor,
+    f: impl FnOnce(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let to_io = |e: candle_core::Error| std::io::Error::other(e.to_string());
     let tensor = tensor.to_device(&candle_core::Device::Cpu).map_err(to_io)?;
     let tensor = tensor.contiguous().map_err(to_io)?;
@@ -116,7 +143,9 @@ fn with_bytes(tensor: &Tensor, f: impl FnOnce(&[u8]) -> std::io::Result<()>) -> 
         .ok_or_else(|| std::io::Error::other("tensor is not contiguous"))?;
     fn bytes_of<T>(values: &[T]) -> &[u8] {
         // SAFETY: plain-old-data numeric slices reinterpreted as bytes, same lifetime.
-        unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
+        unsafe {
+            std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+        }
     }
     use candle_core::CpuStorage as C;
     match cpu {
@@ -127,7 +156,10 @@ fn with_bytes(tensor: &Tensor, f: impl FnOnce(&[u8]) -> std::io::Result<()>) -> 
         C::U32(v) => f(bytes_of(&v[start..end])),
         C::I64(v) => f(bytes_of(&v[start..end])),
         C::U8(v) => f(bytes_of(&v[start..end])),
-        _ => Err(std::io::Error::other(format!("cannot store dtype {:?}", tensor.dtype()))),
+        _ => Err(std::io::Error::other(format!(
+            "cannot store dtype {:?}",
+            tensor.dtype()
+        ))),
     }
 }
 
@@ -155,8 +187,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.safetensors");
         let dev = candle_core::Device::Cpu;
-        let a = Tensor::arange(0f32, 6., &dev).unwrap().reshape((3, 2)).unwrap();
-        let b = Tensor::arange(6f32, 10., &dev).unwrap().reshape((2, 2)).unwrap();
+        let a = Tensor::arange(0f32, 6., &dev)
+            .unwrap()
+            .reshape((3, 2))
+            .unwrap();
+        let b = Tensor::arange(6f32, 10., &dev)
+            .unwrap()
+            .reshape((2, 2))
+            .unwrap();
         let ids = Tensor::new(&[7u32, 8, 9], &dev).unwrap();
         let half = a.to_dtype(DType::BF16).unwrap().t().unwrap();
         write_safetensors(
@@ -169,10 +207,22 @@ mod tests {
         )
         .unwrap();
         let loaded = candle_core::safetensors::load(&path, &dev).unwrap();
-        assert_eq!(loaded["x"].to_vec2::<f32>().unwrap(), vec![vec![0., 1.], vec![2., 3.], vec![4., 5.], vec![6., 7.], vec![8., 9.]]);
+        assert_eq!(
+            loaded["x"].to_vec2::<f32>().unwrap(),
+            vec![
+                vec![0., 1.],
+                vec![2., 3.],
+                vec![4., 5.],
+                vec![6., 7.],
+                vec![8., 9.]
+            ]
+        );
         assert_eq!(loaded["ids"].to_vec1::<u32>().unwrap(), vec![7, 8, 9]);
         let h = loaded["h"].to_dtype(DType::F32).unwrap();
-        assert_eq!(h.to_vec2::<f32>().unwrap(), a.t().unwrap().to_vec2::<f32>().unwrap());
+        assert_eq!(
+            h.to_vec2::<f32>().unwrap(),
+            a.t().unwrap().to_vec2::<f32>().unwrap()
+        );
     }
 
     #[test]

@@ -313,11 +313,20 @@ fn unembedding_of_the_last_layer_reproduces_the_logits() {
         let model = load(&dir, DType::F32);
         let last = HookPoint::Layer(model.config().num_layers() - 1);
         let out = model
-            .forward(&expected(&dir)["input_ids"], &mut Hooks::new().capture([last]))
+            .forward(
+                &expected(&dir)["input_ids"],
+                &mut Hooks::new().capture([last]),
+            )
             .unwrap();
         let logits = model.unembedding().forward(&out.captures[&last]).unwrap();
         let a: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = out.logits.unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = out
+            .logits
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert!(a == b, "{case}");
     }
 }

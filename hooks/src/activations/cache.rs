@@ -242,14 +242,20 @@ impl ActivationCache {
                 return Ok(());
             }
             let rows: usize = pending.iter().map(ActivationBatch::len).sum();
-            let tokens: Vec<u32> = pending.iter().flat_map(|b| b.tokens.iter().copied()).collect();
+            let tokens: Vec<u32> = pending
+                .iter()
+                .flat_map(|b| b.tokens.iter().copied())
+                .collect();
             let file = format!("shards/shard-{:06}.safetensors", progress.shards.len());
             let mut tensors = vec![(
                 "tokens".to_string(),
                 vec![Tensor::new(tokens.as_slice(), &Device::Cpu)?],
             )];
             for point in pending[0].activations.keys() {
-                let parts = pending.iter().map(|b| b.activations[point].clone()).collect();
+                let parts = pending
+                    .iter()
+                    .map(|b| b.activations[point].clone())
+                    .collect();
                 tensors.push((names[point].clone(), parts));
             }
             let shard_bytes: usize = pending.iter().map(ActivationBatch::activation_bytes).sum();

@@ -84,6 +84,14 @@ pub trait ActivationSource {
     fn hook_points(&self) -> &[HookPoint];
     /// The next batch, or `None` when the source is exhausted.
     fn next_batch(&mut self) -> Result<Option<ActivationBatch>>;
+
+    /// Skips up to `tokens` rows without producing them where that is cheap (whole
+    /// sequences of a dataset), returning how many were skipped; callers read and drop the
+    /// rest. Used to resume a job. The default skips nothing.
+    fn skip_tokens(&mut self, tokens: u64) -> Result<u64> {
+        let _ = tokens;
+        Ok(0)
+    }
 }
 
 /// Runs a model over a chunked dataset and yields the activations at chosen hook points,
@@ -147,6 +155,11 @@ impl<'m> ModelActivations<'m> {
 impl ActivationSource for ModelActivations<'_> {
     fn hook_points(&self) -> &[HookPoint] {
         &self.points
+    }
+
+    fn skip_tokens(&mut self, tokens: u64) -> Result<u64> {
+        let seq_len = self.chunks.seq_len() as u64;
+        Ok(self.skip_chunks(tokens / seq_len)? * seq_len)
     }
 
     fn next_batch(&mut self) -> Result<Option<ActivationBatch>> {

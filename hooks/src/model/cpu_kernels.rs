@@ -3,9 +3,10 @@
 //! thread) and the erf GELU (parallel). Each returns `None` when it does not apply (not f32,
 //! not on the CPU), and the caller then uses the generic candle path.
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu::with_f32_slices;
 use crate::Result;
 
 /// Query rows processed together: the score block (`BLOCK x seq`) stays in cache.
@@ -22,35 +23,6 @@ impl SharedMut {
     fn get(self) -> *mut f32 {
         self.0
     }
-}
-
-/// Runs `f` on the contiguous f32 CPU data of each tensor, or returns `None`.
-fn with_f32_slices<R>(
-    tensors: &[&Tensor],
-    f: impl FnOnce(&[&[f32]]) -> Result<R>,
-) -> Result<Option<R>> {
-    if tensors
-        .iter()
-        .any(|t| !matches!(t.device(), Device::Cpu) || t.dtype() != DType::F32)
-    {
-        return Ok(None);
-    }
-    let contiguous: Vec<Tensor> = tensors
-        .iter()
-        .map(|t| t.contiguous())
-        .collect::<candle_core::Result<_>>()?;
-    let guards: Vec<_> = contiguous.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(guards.len());
-    for (storage, layout) in &guards {
-        let Storage::Cpu(cpu) = &**storage else {
-            return Ok(None);
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            return Ok(None);
-        };
-        slices.push(&cpu.as_slice::<f32>()?[start..end]);
-    }
-    f(&slices).map(Some)
 }
 
 /// Causal softmax attention in f32. `q: [b, heads, t, d]`, `k`/`v`: `[b, kv_heads, t, d]`;
@@ -169,7 +141,14 @@ mod tests {
     use crate::model::layers::{causal_attention_generic, causal_mask};
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     #[test]
@@ -182,9 +161,12 @@ mod tests {
             let fast = causal_attention(&q, &k, &v).unwrap().unwrap();
             let mask = causal_mask(t, &Device::Cpu).unwrap();
             let reference = causal_attention_generic(&q, &k, &v, &mask).unwrap();
-            assert!(max_abs_diff(&fast, &reference) < 1e-5, "t={t} heads={heads}");
+            assert!(
+                max_abs_diff(&fast, &reference) < 1e-5,
+                "t={t} heads={heads}"
+            );
         }
-        let bf16 = Tensor::zeros((1, 1, 2, 2), DType::BF16, &Device::Cpu).unwrap();
+        let bf16 = Tensor::zeros((1, 1, 2, 2), candle_core::DType::BF16, &Device::Cpu).unwrap();
         assert!(causal_attention(&bf16, &bf16, &bf16).unwrap().is_none());
     }
 

@@ -110,7 +110,12 @@ impl LayerNorm {
 
 /// LayerNorm over the last dimension with weight and bias.
 pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, eps as f32)?)
+    Ok(candle_nn::ops::layer_norm(
+        &x.contiguous()?,
+        weight,
+        bias,
+        eps as f32,
+    )?)
 }
 
 /// RMSNorm over the last dimension, as Hugging Face's `LlamaRMSNorm`: `x * rsqrt(mean(x²) + eps)`
@@ -139,7 +144,9 @@ pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> 
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    Ok(x.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(weight)?)
+    Ok(x.broadcast_mul(&inv_rms)?
+        .to_dtype(dtype)?
+        .broadcast_mul(weight)?)
 }
 
 /// Rotary position embedding (non-interleaved, "NeoX" style: the rotated half-pairs are

@@ -1,0 +1,36 @@
+//! Logit lens and tuned lens (Belrose et al. 2023) on the hook runtime: train translators
+//! with the reference recipe, evaluate lenses per layer, save and load them (our format and
+//! tuned-lens's `params.pt`).
+//!
+//! Flow: [`TunedLens`] (parameters, files) -> [`loss`] (objective and its hand-written
+//! gradient) -> [`train`] (optimiser loop over an activation source, checkpoints) ->
+//! [`eval`] (per-layer metrics) -> [`cli`] (`lens train`, `lens eval`).
+
+pub mod cli;
+pub mod eval;
+mod kernels;
+pub mod loss;
+pub mod train;
+mod tuned_lens;
+
+pub use tuned_lens::{lens_input, unembedding_hash, LensConfig, TunedLens};
+
+/// Errors of lens training, evaluation and files.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// From the hook runtime (model, data, activations, files).
+    #[error(transparent)]
+    Hooks(#[from] hooks::Error),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// A lens file or a lens that does not fit the model.
+    #[error("{0}")]
+    Lens(String),
+    /// Training stopped (data ran out, non-finite loss, bad options).
+    #[error("{0}")]
+    Training(String),
+}
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,252 @@
+//! The lens objective and its gradient, written out by hand: translator
+//! `h' = h + h Wᵀ + b`, the model's frozen final norm and unembedding, then forward
+//! KL(final ‖ lens) or next-token cross-entropy. Autograd is not needed (and candle's fused
+//! norms have no backward); the gradient is checked against finite differences in the tests.
+
+use candle_core::{DType, Tensor, D};
+use hooks::{FinalNorm, Unembedding};
+
+use crate::Result;
+
+/// What the lens is trained to predict, for a chunk of `n` tokens.
+pub enum Target {
+    /// The model's final distribution at the same position (forward KL).
+    Distribution {
+        /// Log-probabilities `[n, vocab]`.
+        log_p: Tensor,
+        /// Probabilities `[n, vocab]`.
+        p: Tensor,
+        /// `Σ_v p log p` per row (the constant part of the KL).
+        p_log_p: Vec<f64>,
+    },
+    /// Next-token ids `[n]` (u32); rows whose target is `u32::MAX` are ignored.
+    NextTokens(Tensor),
+}
+
+impl Target {
+    /// A KL target from the model's final log-probabilities `[n, vocab]`.
+    pub fn distribution(log_p: Tensor) -> Result<Self> {
+        let p = log_p.exp()?;
+        let p_log_p = (&p * &log_p)?
+            .sum(D::Minus1)?
+            .to_dtype(DType::F64)?
+            .to_vec1()?;
+        Ok(Target::Distribution { log_p, p, p_log_p })
+    }
+}
+
+/// Summed loss over the chunk and the gradients of that sum.
+pub struct LossAndGrads {
+    /// Sum of the per-token losses.
+    pub loss: f64,
+    /// Number of tokens that contributed.
+    pub tokens: usize,
+    /// Gradient for `W` `[d, d]`.
+    pub weight: Tensor,
+    /// Gradient for `b` `[d]`.
+    pub bias: Tensor,
+}
+
+/// The final norm of `x: [n, d]` returning `(normed, x̂, 1/σ)` for the backward pass.
+fn norm_forward(norm: &FinalNorm, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    match norm {
+        FinalNorm::Layer { weight, bias, eps } => {
+            let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+            let rstd = (centred.sqr()?.mean_keepdim(D::Minus1)? + *eps)?
+                .sqrt()?
+                .recip()?;
+            let xhat = centred.broadcast_mul(&rstd)?;
+            let normed = xhat.broadcast_mul(weight)?.broadcast_add(bias)?;
+            Ok((normed, xhat, rstd))
+        }
+        FinalNorm::Rms { weight, eps } => {
+            let rstd = (x.sqr()?.mean_keepdim(D::Minus1)? + *eps)?
+                .sqrt()?
+                .recip()?;
+            let xhat = x.broadcast_mul(&rstd)?;
+            Ok((xhat.broadcast_mul(weight)?, xhat, rstd))
+        }
+    }
+}
+
+/// Backward of [`norm_forward`]: from the gradient of the normed output to that of its input.
+fn norm_backward(
+    norm: &FinalNorm,
+    d_normed: &Tensor,
+    xhat: &Tensor,
+    rstd: &Tensor,
+) -> Result<Tensor> {
+    let (weight, centre) = match norm {
+        FinalNorm::Layer { weight, .. } => (weight, true),
+        FinalNorm::Rms { weight, .. } => (weight, false),
+    };
+    let dxhat = d_normed.broadcast_mul(weight)?;
+    let proj = (&dxhat * xhat)?.mean_keepdim(D::Minus1)?;
+    let mut dx = (dxhat.clone() - xhat.broadcast_mul(&proj)?)?;
+    if centre {
+        dx = dx.broadcast_sub(&dxhat.mean_keepdim(D::Minus1)?)?;
+    }
+    Ok(dx.broadcast_mul(rstd)?)
+}
+
+/// `h + h Wᵀ + b` for `h: [n, d]`.
+pub fn translate(h: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    Ok((h + h.matmul(&weight.t()?)?)?.broadcast_add(bias)?)
+}
+
+/// Loss summed over the chunk `h: [n, d]` (f32) and its gradient for `weight` and `bias`.
+pub fn loss_and_grads(
+    h: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    unembedding: &Unembedding,
+    target: &Target,
+) -> Result<LossAndGrads> {
+    let translated = translate(h, weight, bias)?;
+    let (normed, xhat, rstd) = norm_forward(&unembedding.norm, &translated)?;
+    let logits = normed.matmul(&unembedding.weight.t()?)?;
+    let (loss, tokens, d_logits) = match crate::kernels::loss_and_logit_grad(&logits, target)? {
+        Some(fast) => fast,
+        None => loss_and_logit_grad(&logits, target)?,
+    };
+    let d_normed = d_logits.matmul(&unembedding.weight)?;
+    let d_translated = norm_backward(&unembedding.norm, &d_normed, &xhat, &rstd)?;
+    Ok(LossAndGrads {
+        loss,
+        tokens,
+        weight: d_translated.t()?.matmul(h)?,
+        bias: d_translated.sum(0)?,
+    })
+}
+
+/// The summed loss over rows of `logits: [n, vocab]`, the number of rows that count, and
+/// the gradient of the sum with respect to the logits (`softmax - target`).
+pub(crate) fn loss_and_logit_grad(
+    logits: &Tensor,
+    target: &Target,
+) -> Result<(f64, usize, Tensor)> {
+    let log_q = log_softmax(logits)?;
+    let q = log_q.exp()?;
+    Ok(match target {
+        Target::Distribution { log_p, p, .. } => {
+            let kl = (p * (log_p - &log_q)?)?.sum_all()?;
+            (scalar(&kl)?, logits.dim(0)?, (q - p)?)
+        }
+        Target::NextTokens(next) => {
+            let ids: Vec<u32> = next.to_vec1()?;
+            let vocab = logits.dim(1)?;
+            let mut one_hot = vec![0f32; ids.len() * vocab];
+            let mut mask = vec![0f32; ids.len()];
+            for (i, &t) in ids.iter().enumerate().filter(|(_, &t)| t != u32::MAX) {
+                one_hot[i * vocab + t as usize] = 1.0;
+                mask[i] = 1.0;
+            }
+            let valid = mask.iter().filter(|&&m| m > 0.0).count();
+            let device = logits.device();
+            let one_hot =
+                Tensor::from_vec(one_hot, (ids.len(), vocab), device)?.to_dtype(logits.dtype())?;
+            let mask = Tensor::from_vec(mask, (ids.len(), 1), device)?.to_dtype(logits.dtype())?;
+            let ce = (&one_hot * &log_q)?.sum_all()?.neg()?;
+            (scalar(&ce)?, valid, (q.broadcast_mul(&mask)? - one_hot)?)
+        }
+    })
+}
+
+/// Log-softmax over the last dimension (max-shifted, in the input dtype).
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?;
+    let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&log_sum)?)
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn unembedding(layer_norm: bool) -> Unembedding {
+        let dev = Device::Cpu;
+        let weight = Tensor::randn(0f64, 0.7, (11, 6), &dev).unwrap();
+        let gamma = (Tensor::randn(0f64, 0.2, 6, &dev).unwrap() + 1.0).unwrap();
+        let norm = if layer_norm {
+            FinalNorm::Layer {
+                weight: gamma,
+                bias: Tensor::randn(0f64, 0.2, 6, &dev).unwrap(),
+                eps: 1e-5,
+            }
+        } else {
+            FinalNorm::Rms {
+                weight: gamma,
+                eps: 1e-6,
+            }
+        };
+        Unembedding { norm, weight }
+    }
+
+    /// Central finite differences in f64 on every parameter.
+    #[test]
+    fn gradients_match_finite_differences() {
+        let dev = Device::Cpu;
+        for layer_norm in [true, false] {
+            let u = unembedding(layer_norm);
+            let h = Tensor::randn(0f64, 1.0, (5, 6), &dev).unwrap();
+            let w = Tensor::randn(0f64, 0.3, (6, 6), &dev).unwrap();
+            let b = Tensor::randn(0f64, 0.3, 6, &dev).unwrap();
+            let log_p = log_softmax(&Tensor::randn(0f64, 2.0, (5, 11), &dev).unwrap()).unwrap();
+            let next = Tensor::new(&[3u32, 0, u32::MAX, 10, 7], &dev).unwrap();
+            for target in [
+                Target::distribution(log_p.clone()).unwrap(),
+                Target::NextTokens(next.clone()),
+            ] {
+                let g = loss_and_grads(&h, &w, &b, &u, &target).unwrap();
+                let loss_at =
+                    |w: &Tensor, b: &Tensor| loss_and_grads(&h, w, b, &u, &target).unwrap().loss;
+                let eps = 1e-6;
+                let wv: Vec<f64> = w.flatten_all().unwrap().to_vec1().unwrap();
+                let gw: Vec<f64> = g.weight.flatten_all().unwrap().to_vec1().unwrap();
+                for i in 0..wv.len() {
+                    let bump = |delta: f64| {
+                        let mut v = wv.clone();
+                        v[i] += delta;
+                        Tensor::from_vec(v, (6, 6), &dev).unwrap()
+                    };
+                    let numeric =
+                        (loss_at(&bump(eps), &b) - loss_at(&bump(-eps), &b)) / (2.0 * eps);
+                    assert!(
+                        (numeric - gw[i]).abs() < 1e-6 * (1.0 + numeric.abs()),
+                        "W[{i}]: {numeric} vs {}",
+                        gw[i]
+                    );
+                }
+                let bv: Vec<f64> = b.to_vec1().unwrap();
+                let gb: Vec<f64> = g.bias.to_vec1().unwrap();
+                for i in 0..bv.len() {
+                    let bump = |delta: f64| {
+                        let mut v = bv.clone();
+                        v[i] += delta;
+                        Tensor::from_vec(v, 6, &dev).unwrap()
+                    };
+                    let numeric =
+                        (loss_at(&w, &bump(eps)) - loss_at(&w, &bump(-eps))) / (2.0 * eps);
+                    assert!(
+                        (numeric - gb[i]).abs() < 1e-6 * (1.0 + numeric.abs()),
+                        "b[{i}]"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_translator_is_the_logit_lens() {
+        let h = Tensor::randn(0f64, 1.0, (4, 6), &Device::Cpu).unwrap();
+        let w = Tensor::zeros((6, 6), DType::F64, &Device::Cpu).unwrap();
+        let b = Tensor::zeros(6, DType::F64, &Device::Cpu).unwrap();
+        let t = translate(&h, &w, &b).unwrap();
+        assert_eq!(t.to_vec2::<f64>().unwrap(), h.to_vec2::<f64>().unwrap());
+    }
+}

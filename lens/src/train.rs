@@ -1,0 +1,432 @@
+//! Training a tuned lens with the reference recipe (tuned-lens defaults): forward
+//! KL(final ‖ lens), SGD with Nesterov momentum 0.9 at lr 1.0 in the reference's convention
+//! (`lr × (1 − momentum)` as the plain SGD step), coupled weight decay 1e-3, global
+//! gradient-norm clip 1.0, linear decay to zero over 250 steps of 2^18 tokens, f32 lens and
+//! optimiser state. Gradients are accumulated over micro-batches until a step's tokens are in.
+//! Checkpoints (lens + optimiser state + history in one safetensors file, written atomically)
+//! let an interrupted run resume exactly where it stopped.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use hooks::activations::{ActivationBatch, ActivationSource};
+use hooks::optim::{clip_grad_norm, linear_schedule, Optimizer, Rule};
+use hooks::{HookPoint, Unembedding};
+use serde::{Deserialize, Serialize};
+
+use crate::loss::{log_softmax, loss_and_grads, Target};
+use crate::{lens_input, Error, Result, TunedLens};
+
+/// The training objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossKind {
+    /// Forward KL against the model's final distribution at the same position.
+    Kl,
+    /// Cross-entropy against the next token.
+    Ce,
+}
+
+/// The optimiser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// SGD with Nesterov momentum (the reference default).
+    Sgd,
+    /// Adam with AMSGrad, lr `1e-3 × lr`, warm-up min(1000, 0.2 × steps).
+    Adam,
+}
+
+/// Training options; the defaults are the reference recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainOptions {
+    /// Optimiser steps.
+    pub steps: u64,
+    /// Tokens per optimiser step (gradients are accumulated over micro-batches).
+    pub tokens_per_step: usize,
+    /// Learning rate in the reference's convention (SGD: the step is `lr × (1 − momentum)`;
+    /// Adam: `1e-3 × lr`).
+    pub lr: f64,
+    /// Optimiser.
+    pub optimizer: OptimizerKind,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// Coupled weight decay.
+    pub weight_decay: f64,
+    /// Global gradient-norm clip.
+    pub clip: f64,
+    /// Objective.
+    pub loss: LossKind,
+    /// Sequence length of the data (cross-entropy needs sequence boundaries).
+    pub seq_len: usize,
+    /// Tokens decoded at once (bounds memory: about 5 × tokens × vocab floats).
+    pub chunk_tokens: usize,
+    /// Save a checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: u64,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            steps: 250,
+            tokens_per_step: 1 << 18,
+            lr: 1.0,
+            optimizer: OptimizerKind::Sgd,
+            momentum: 0.9,
+            weight_decay: 1e-3,
+            clip: 1.0,
+            loss: LossKind::Kl,
+            seq_len: 2048,
+            chunk_tokens: 256,
+            checkpoint_every: 25,
+        }
+    }
+}
+
+impl TrainOptions {
+    fn rule(&self) -> Rule {
+        match self.optimizer {
+            OptimizerKind::Sgd => Rule::Sgd {
+                momentum: self.momentum,
+                nesterov: true,
+            },
+            OptimizerKind::Adam => Rule::Adam {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                amsgrad: true,
+            },
+        }
+    }
+
+    fn base_lr(&self) -> f64 {
+        match self.optimizer {
+            OptimizerKind::Sgd => self.lr * (1.0 - self.momentum),
+            OptimizerKind::Adam => 1e-3 * self.lr,
+        }
+    }
+
+    fn warmup(&self) -> u64 {
+        match self.optimizer {
+            OptimizerKind::Sgd => 0,
+            OptimizerKind::Adam => 1000.min(self.steps / 5),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Training(m));
+        if self.steps == 0 || self.tokens_per_step == 0 || self.chunk_tokens == 0 {
+            return bad("steps, tokens per step and chunk size must be positive".into());
+        }
+        if self.loss == LossKind::Ce && !self.tokens_per_step.is_multiple_of(self.seq_len) {
+            return bad(format!(
+                "cross-entropy training needs whole sequences per step: tokens per step {} is not a multiple of the sequence length {}",
+                self.tokens_per_step, self.seq_len
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What one optimiser step did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// Step number, from 1.
+    pub step: u64,
+    /// Mean loss per token for each translator (nats).
+    pub loss: Vec<f64>,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+}
+
+/// Training state saved with each checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    options: TrainOptions,
+    tokens_consumed: u64,
+    history: Vec<StepRecord>,
+}
+
+/// The hook points a training source must provide: every lens input and the final residual.
+pub fn required_hook_points(num_layers: usize) -> Vec<HookPoint> {
+    let mut points: Vec<HookPoint> = (0..num_layers).map(lens_input).collect();
+    points.push(HookPoint::Layer(num_layers - 1));
+    points
+}
+
+/// Rows taken from a source in exact counts, carrying the rest of a batch to the next call.
+struct Rows<'s> {
+    source: &'s mut dyn ActivationSource,
+    pending: Option<ActivationBatch>,
+    consumed: u64,
+}
+
+impl Rows<'_> {
+    /// Exactly `n` rows, or `None` (with how many were available) when the data runs out.
+    fn take(&mut self, n: usize) -> Result<std::result::Result<ActivationBatch, usize>> {
+        let mut parts = Vec::new();
+        let mut have = 0;
+        while have < n {
+            let batch = match self.pending.take() {
+                Some(b) => b,
+                None => match self.source.next_batch()? {
+                    Some(b) => b,
+                    None => return Ok(Err(have)),
+                },
+            };
+            let need = n - have;
+            if batch.len() > need {
+                let head: Vec<u32> = (0..need as u32).collect();
+                let tail: Vec<u32> = (need as u32..batch.len() as u32).collect();
+                self.pending = Some(batch.select(&tail)?);
+                parts.push(batch.select(&head)?);
+                have = n;
+            } else {
+                have += batch.len();
+                parts.push(batch);
+            }
+        }
+        self.consumed += n as u64;
+        Ok(Ok(if parts.len() == 1 {
+            parts.pop().unwrap()
+        } else {
+            ActivationBatch::concat(&parts)?
+        }))
+    }
+
+    /// Skips `n` rows (cheaply where the source can), to resume.
+    fn skip(&mut self, n: u64) -> Result<()> {
+        let skipped = self.source.skip_tokens(n)?;
+        let mut rest = (n - skipped) as usize;
+        while rest > 0 {
+            let chunk = rest.min(1 << 16);
+            if self.take(chunk)?.is_err() {
+                return Err(Error::Training(format!(
+                    "cannot resume: the data has fewer than {n} tokens"
+                )));
+            }
+            rest -= chunk;
+        }
+        self.consumed = n;
+        Ok(())
+    }
+}
+
+/// Trains `lens` on activations from `source` (which must provide
+/// [`required_hook_points`]). With `checkpoint_dir`, resumes from a checkpoint there and
+/// writes new ones. Returns the per-step history (including resumed steps).
+pub fn train(
+    lens: &mut TunedLens,
+    unembedding: &Unembedding,
+    source: &mut dyn ActivationSource,
+    options: &TrainOptions,
+    checkpoint_dir: Option<&Path>,
+    mut on_step: impl FnMut(&StepRecord),
+) -> Result<Vec<StepRecord>> {
+    options.validate()?;
+    let layers = lens.num_layers();
+    let needed = required_hook_points(layers);
+    if let Some(missing) = needed.iter().find(|p| !source.hook_points().contains(p)) {
+        return Err(Error::Training(format!(
+            "the activation source lacks hook point '{missing}' (a lens over {layers} layers needs embed and layers.0..{})",
+            layers - 1
+        )));
+    }
+    let unembedding = unembedding.to_dtype(DType::F32)?;
+    let mut optimizer = Optimizer::new(options.rule(), options.weight_decay);
+    let mut history = Vec::new();
+    let mut rows = Rows {
+        source,
+        pending: None,
+        consumed: 0,
+    };
+    let checkpoint = checkpoint_dir.map(|d| d.join("checkpoint.safetensors"));
+    if let Some(path) = checkpoint.as_ref().filter(|p| p.is_file()) {
+        let state = load_checkpoint(path, lens, &mut optimizer, options)?;
+        tracing::info!(
+            "resuming after step {} ({} tokens)",
+            state.history.len(),
+            state.tokens_consumed
+        );
+        rows.skip(state.tokens_consumed)?;
+        history = state.history;
+    }
+
+    let final_point = HookPoint::Layer(layers - 1);
+    while (history.len() as u64) < options.steps {
+        let step = history.len() as u64 + 1;
+        let batch = match rows.take(options.tokens_per_step)? {
+            Ok(batch) => batch,
+            Err(available) => {
+                let needed = options.steps * options.tokens_per_step as u64;
+                return Err(Error::Training(format!(
+                    "the data ran out during step {step}: {} tokens were available, {} steps x {} tokens per step need {needed}{}",
+                    rows.consumed + available as u64,
+                    options.steps,
+                    options.tokens_per_step,
+                    checkpoint_dir.map(|d| format!("; the last checkpoint in {} is kept", d.display())).unwrap_or_default()
+                )));
+            }
+        };
+        let next_tokens = next_token_targets(&batch.tokens, options.seq_len);
+        let mut grads: Vec<Tensor> = lens
+            .parameters()
+            .iter()
+            .map(|p| p.zeros_like())
+            .collect::<candle_core::Result<_>>()?;
+        let mut loss_sums = vec![0f64; layers];
+        let mut counts = vec![0usize; layers];
+        let n = batch.len();
+        for start in (0..n).step_by(options.chunk_tokens) {
+            let len = options.chunk_tokens.min(n - start);
+            let rows_of = |p: HookPoint| -> Result<Tensor> {
+                Ok(batch.activations[&p]
+                    .narrow(0, start, len)?
+                    .to_dtype(DType::F32)?)
+            };
+            let target = match options.loss {
+                LossKind::Kl => Target::distribution(log_softmax(
+                    &unembedding.forward(&rows_of(final_point)?)?,
+                )?)?,
+                LossKind::Ce => Target::NextTokens(
+                    Tensor::new(&next_tokens[start..start + len], &candle_core::Device::Cpu)?
+                        .to_device(unembedding.weight.device())?,
+                ),
+            };
+            for layer in 0..layers {
+                let (w, b) = lens.translator(layer);
+                let g = loss_and_grads(&rows_of(lens_input(layer))?, w, b, &unembedding, &target)?;
+                if !g.loss.is_finite() {
+                    return Err(Error::Training(format!(
+                        "non-finite loss at step {step}, layer {layer} (activations or lens diverged){}",
+                        checkpoint_dir.map(|d| format!("; the last good checkpoint in {} is kept", d.display())).unwrap_or_default()
+                    )));
+                }
+                loss_sums[layer] += g.loss;
+                counts[layer] += g.tokens;
+                grads[2 * layer] = (&grads[2 * layer] + g.weight)?;
+                grads[2 * layer + 1] = (&grads[2 * layer + 1] + g.bias)?;
+            }
+        }
+        let tokens = counts.iter().copied().max().unwrap_or(0).max(1) as f64;
+        for g in grads.iter_mut() {
+            *g = (&*g / tokens)?;
+        }
+        let grad_norm = clip_grad_norm(&mut grads, options.clip)?;
+        let lr = options.base_lr() * linear_schedule(step - 1, options.warmup(), options.steps);
+        let mut params = lens.parameters();
+        optimizer.step(&mut params, &grads, lr)?;
+        lens.set_parameters(params)?;
+        let record = StepRecord {
+            step,
+            loss: loss_sums
+                .iter()
+                .zip(&counts)
+                .map(|(l, &c)| l / c.max(1) as f64)
+                .collect(),
+            grad_norm,
+            lr,
+        };
+        on_step(&record);
+        history.push(record);
+        let due = options.checkpoint_every > 0 && step.is_multiple_of(options.checkpoint_every);
+        if let (Some(path), true) = (&checkpoint, due || step == options.steps) {
+            save_checkpoint(path, lens, &optimizer, options, rows.consumed, &history)?;
+        }
+    }
+    Ok(history)
+}
+
+/// Next-token ids for rows laid out as consecutive sequences of `seq_len`; the last position
+/// of each sequence gets `u32::MAX` (no target).
+fn next_token_targets(tokens: &[u32], seq_len: usize) -> Vec<u32> {
+    (0..tokens.len())
+        .map(|i| {
+            if (i + 1) % seq_len == 0 || i + 1 >= tokens.len() {
+                u32::MAX
+            } else {
+                tokens[i + 1]
+            }
+        })
+        .collect()
+}
+
+fn save_checkpoint(
+    path: &Path,
+    lens: &TunedLens,
+    optimizer: &Optimizer,
+    options: &TrainOptions,
+    tokens_consumed: u64,
+    history: &[StepRecord],
+) -> Result<()> {
+    let mut tensors: Vec<(String, Vec<Tensor>)> = lens
+        .parameters()
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (format!("lens.{i}"), vec![t]))
+        .collect();
+    tensors.extend(
+        optimizer
+            .state_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, vec![t])),
+    );
+    let state = State {
+        options: options.clone(),
+        tokens_consumed,
+        history: history.to_vec(),
+    };
+    let mut metadata = BTreeMap::new();
+    metadata.insert(
+        "state".to_string(),
+        serde_json::to_string(&state).map_err(|e| Error::Training(e.to_string()))?,
+    );
+    hooks::atomic::write_safetensors_with_metadata(path, &tensors, &metadata)?;
+    Ok(())
+}
+
+fn load_checkpoint(
+    path: &Path,
+    lens: &mut TunedLens,
+    optimizer: &mut Optimizer,
+    options: &TrainOptions,
+) -> Result<State> {
+    let bad = |m: String| Error::Training(format!("checkpoint {}: {m}", path.display()));
+    let bytes = std::fs::read(path).map_err(|e| hooks::Error::io(path, e))?;
+    let (_, metadata) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+    let state_json = metadata
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("state"))
+        .ok_or_else(|| bad("no training state in the header".into()))?;
+    let state: State = serde_json::from_str(state_json).map_err(|e| bad(e.to_string()))?;
+    if state.options != *options {
+        return Err(bad(format!(
+            "was made with other training options ({:?}); use another output folder or delete the checkpoint",
+            state.options
+        )));
+    }
+    let device = lens.parameters()[0].device().clone();
+    let tensors =
+        candle_core::safetensors::load_buffer(&bytes, &device).map_err(|e| bad(e.to_string()))?;
+    let params = (0..2 * lens.num_layers())
+        .map(|i| {
+            tensors
+                .get(&format!("lens.{i}"))
+                .cloned()
+                .ok_or_else(|| bad(format!("missing lens.{i}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    lens.set_parameters(params)?;
+    optimizer.restore(state.history.len() as u64, &tensors, 2 * lens.num_layers())?;
+    Ok(state)
+}
+
+/// Where `lens train` keeps its checkpoint inside an output folder.
+pub fn checkpoint_dir(output: &Path) -> PathBuf {
+    output.join("training")
+}

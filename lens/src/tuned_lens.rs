@@ -1,0 +1,280 @@
+//! The tuned lens: one affine translator per layer, `h + W h + b`, applied to the residual
+//! stream entering that layer and decoded with the model's own final norm and unembedding.
+//! Zero-initialised, so an untrained tuned lens is exactly the logit lens.
+//!
+//! Files: our format is `config.json` + `params.safetensors`; the reference format
+//! (tuned-lens's `config.json` + `params.pt`, keys `{i}.weight`, `{i}.bias`) is read too.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use hooks::{HookPoint, Model, Unembedding};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// `config.json` of a lens, with the reference implementation's field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LensConfig {
+    /// The model the lens was trained on.
+    #[serde(default)]
+    pub base_model_name_or_path: String,
+    /// Its revision, if any.
+    #[serde(default)]
+    pub base_model_revision: Option<String>,
+    /// Residual width.
+    pub d_model: usize,
+    /// Number of translators (one per layer).
+    pub num_hidden_layers: usize,
+    /// Whether translators have a bias (always true for lenses we train).
+    #[serde(default = "default_true")]
+    pub bias: bool,
+    /// Fingerprint of the unembedding the lens was trained with (ours: `ei-fnv1a64:...`).
+    #[serde(default)]
+    pub unembed_hash: Option<String>,
+    /// Always `linear_tuned_lens`.
+    #[serde(default = "default_lens_type")]
+    pub lens_type: String,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_lens_type() -> String {
+    "linear_tuned_lens".into()
+}
+
+/// A tuned lens: translator weights `[d, d]` and biases `[d]` per layer, in f32.
+#[derive(Debug, Clone)]
+pub struct TunedLens {
+    /// The lens's description.
+    pub config: LensConfig,
+    weights: Vec<Tensor>,
+    biases: Vec<Tensor>,
+}
+
+/// The hook point whose tensor translator `layer` reads: the residual entering that layer.
+pub fn lens_input(layer: usize) -> HookPoint {
+    match layer {
+        0 => HookPoint::Embed,
+        i => HookPoint::Layer(i - 1),
+    }
+}
+
+impl TunedLens {
+    /// A zero-initialised lens (equal to the logit lens) for `model`.
+    pub fn for_model(model: &Model) -> Result<Self> {
+        let d = model.config().hidden_size();
+        let layers = model.config().num_layers();
+        let config = LensConfig {
+            base_model_name_or_path: model.origin().to_string(),
+            base_model_revision: model.revision().map(str::to_string),
+            d_model: d,
+            num_hidden_layers: layers,
+            bias: true,
+            unembed_hash: Some(unembedding_hash(&model.unembedding())?),
+            lens_type: default_lens_type(),
+        };
+        Self::zeros(config, model.device())
+    }
+
+    /// A zero-initialised lens with the given config.
+    pub fn zeros(config: LensConfig, device: &Device) -> Result<Self> {
+        let d = config.d_model;
+        let weights = (0..config.num_hidden_layers)
+            .map(|_| Tensor::zeros((d, d), DType::F32, device))
+            .collect::<candle_core::Result<_>>()?;
+        let biases = (0..config.num_hidden_layers)
+            .map(|_| Tensor::zeros(d, DType::F32, device))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(TunedLens {
+            config,
+            weights,
+            biases,
+        })
+    }
+
+    /// Number of translators.
+    pub fn num_layers(&self) -> usize {
+        self.weights.len()
+    }
+
+    /// Translator `layer`'s `(W, b)`.
+    pub fn translator(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.weights[layer], &self.biases[layer])
+    }
+
+    /// All parameters, `[W_0, b_0, W_1, b_1, ...]`.
+    pub fn parameters(&self) -> Vec<Tensor> {
+        self.weights
+            .iter()
+            .zip(&self.biases)
+            .flat_map(|(w, b)| [w.clone(), b.clone()])
+            .collect()
+    }
+
+    /// Replaces all parameters (same order as [`TunedLens::parameters`]).
+    pub fn set_parameters(&mut self, params: Vec<Tensor>) -> Result<()> {
+        if params.len() != 2 * self.num_layers() {
+            return Err(Error::Lens(format!(
+                "expected {} parameter tensors, got {}",
+                2 * self.num_layers(),
+                params.len()
+            )));
+        }
+        let mut it = params.into_iter();
+        for layer in 0..self.num_layers() {
+            self.weights[layer] = it.next().unwrap();
+            self.biases[layer] = it.next().unwrap();
+        }
+        Ok(())
+    }
+
+    /// `h + h Wᵀ + b` for `h: [..., d]`, in f32.
+    pub fn transform(&self, h: &Tensor, layer: usize) -> Result<Tensor> {
+        self.check_layer(layer)?;
+        let dims = h.dims().to_vec();
+        let d = self.config.d_model;
+        let flat = h.to_dtype(DType::F32)?.reshape((h.elem_count() / d, d))?;
+        let out = crate::loss::translate(&flat, &self.weights[layer], &self.biases[layer])?;
+        Ok(out.reshape(dims)?)
+    }
+
+    /// Lens logits of `h: [..., d]` at `layer` (decoded with `unembedding`, in f32).
+    pub fn forward(&self, h: &Tensor, layer: usize, unembedding: &Unembedding) -> Result<Tensor> {
+        Ok(unembedding.forward(&self.transform(h, layer)?)?)
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<()> {
+        if layer >= self.num_layers() {
+            return Err(Error::Lens(format!(
+                "layer {layer} is out of range: the lens has {} translators",
+                self.num_layers()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks that this lens fits `model`: same width, layer count and unembedding.
+    pub fn check_model(&self, model: &Model) -> Result<()> {
+        let (d, layers) = (model.config().hidden_size(), model.config().num_layers());
+        if self.config.d_model != d || self.config.num_hidden_layers != layers {
+            return Err(Error::Lens(format!(
+                "lens is for d_model {} with {} layers (trained on '{}'), but model '{}' has d_model {d} with {layers} layers",
+                self.config.d_model, self.config.num_hidden_layers, self.config.base_model_name_or_path, model.origin()
+            )));
+        }
+        if let Some(expected) = self
+            .config
+            .unembed_hash
+            .as_deref()
+            .filter(|h| h.starts_with(HASH_PREFIX))
+        {
+            let actual = unembedding_hash(&model.unembedding())?;
+            if actual != expected {
+                return Err(Error::Lens(format!(
+                    "lens was trained with another unembedding (trained on '{}'; hash {expected}, this model's {actual})",
+                    self.config.base_model_name_or_path
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `config.json` and `params.safetensors` into `dir` (atomically).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| hooks::Error::io(dir, e))?;
+        let mut tensors = Vec::new();
+        for layer in 0..self.num_layers() {
+            tensors.push((format!("{layer}.weight"), vec![self.weights[layer].clone()]));
+            tensors.push((format!("{layer}.bias"), vec![self.biases[layer].clone()]));
+        }
+        hooks::atomic::write_safetensors(&dir.join("params.safetensors"), &tensors)?;
+        hooks::atomic::write_json(&dir.join("config.json"), &self.config)?;
+        Ok(())
+    }
+
+    /// Reads a lens from `dir`: ours (`params.safetensors`) or the reference format (`params.pt`).
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let text =
+            std::fs::read_to_string(&config_path).map_err(|e| hooks::Error::io(&config_path, e))?;
+        let config: LensConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::Lens(format!("{}: {e}", config_path.display())))?;
+        let tensors: HashMap<String, Tensor> = if dir.join("params.safetensors").is_file() {
+            let path = dir.join("params.safetensors");
+            candle_core::safetensors::load(&path, device)
+                .map_err(|e| Error::Lens(format!("{}: {e}", path.display())))?
+        } else if dir.join("params.pt").is_file() {
+            let path = dir.join("params.pt");
+            candle_core::pickle::read_all(&path)
+                .map_err(|e| {
+                    Error::Lens(format!(
+                        "{}: not a readable PyTorch file: {e}",
+                        path.display()
+                    ))
+                })?
+                .into_iter()
+                .collect()
+        } else {
+            return Err(Error::Lens(format!(
+                "{}: no params.safetensors or params.pt",
+                dir.display()
+            )));
+        };
+        let d = config.d_model;
+        let mut lens = Self::zeros(config, device)?;
+        for layer in 0..lens.num_layers() {
+            for (name, shape, slot) in [
+                (format!("{layer}.weight"), vec![d, d], 0),
+                (format!("{layer}.bias"), vec![d], 1),
+            ] {
+                let t = tensors.get(&name).ok_or_else(|| {
+                    Error::Lens(format!("{}: missing tensor '{name}'", dir.display()))
+                })?;
+                if t.dims() != shape.as_slice() {
+                    return Err(Error::Lens(format!(
+                        "{}: tensor '{name}' has shape {:?}, config.json says {shape:?}",
+                        dir.display(),
+                        t.dims()
+                    )));
+                }
+                let t = t.to_dtype(DType::F32)?.to_device(device)?;
+                if slot == 0 {
+                    lens.weights[layer] = t;
+                } else {
+                    lens.biases[layer] = t;
+                }
+            }
+        }
+        Ok(lens)
+    }
+}
+
+const HASH_PREFIX: &str = "ei-fnv1a64:";
+
+/// A fingerprint of an unembedding that survives dtype changes: FNV-1a over the bf16
+/// rounding of its first and last 4096 values and its shape. (Not the reference's hash,
+/// which covers numpy's printed summary of the matrix.)
+pub fn unembedding_hash(unembedding: &Unembedding) -> Result<String> {
+    let w = unembedding.weight.flatten_all()?.to_dtype(DType::F32)?;
+    let n = w.elem_count();
+    let take = n.min(4096);
+    let mut values: Vec<f32> = w.narrow(0, 0, take)?.to_vec1()?;
+    values.extend(w.narrow(0, n - take, take)?.to_vec1::<f32>()?);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for dim in unembedding.weight.dims() {
+        eat(&(*dim as u64).to_le_bytes());
+    }
+    for v in values {
+        eat(&((v.to_bits() + 0x8000) >> 16).to_le_bytes());
+    }
+    Ok(format!("{HASH_PREFIX}{h:016x}"))
+}

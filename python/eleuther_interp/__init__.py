@@ -1,0 +1,92 @@
+"""eleuther_interp: run Pythia / GPT-NeoX and Llama-family models (on candle, in Rust) from
+Python, read or replace the tensor at any hook point, and cache activations over a dataset.
+
+>>> import eleuther_interp as ei
+>>> model = ei.Model.from_pretrained("pythia-70m", revision="step1000")
+>>> ids = model.tokenize("Hello world")
+>>> logits, acts = model.run_with_cache(ids, hookpoints=["layers.3", "layers.3.mlp"])
+>>> logits = model.run_with_hooks(ids, {"layers.3.mlp": lambda x: x * 0})
+
+Arrays cross as numpy: token ids in (any integer dtype, or lists), float32 out.
+Errors: ``ValueError`` for bad arguments (unknown hook point, token id out of range, bad
+config), ``FileNotFoundError`` for missing models and files, ``RuntimeError`` otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from ._native import (
+    ActivationCache,
+    CacheBatches,
+    Model,
+    Tokenizer,
+    __version__,
+    cache_activations,
+    run_cli as _run_cli,
+    write_synthetic_weights,
+)
+
+__all__ = [
+    "ActivationCache",
+    "CacheBatches",
+    "Model",
+    "Tokenizer",
+    "__version__",
+    "cache_activations",
+    "hooks_main",
+    "make_synthetic_model",
+    "write_synthetic_weights",
+]
+
+
+def hooks_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the ``hooks`` command line (``hooks cache``, ``hooks info``, ``hooks inspect``)
+    in this process and returns its exit status.
+
+    ``argv`` is the argument list without the program name (default ``sys.argv[1:]``).
+    An error prints ``error: <message>`` on stderr and returns 1. ``--help``, ``--version``
+    and invalid arguments end the process, as a command line does (status 0 or 2).
+
+    This is the entry point of the ``hooks`` console script. Called from Python, the work
+    runs with the GIL released and cannot be interrupted with Ctrl-C until it returns; use
+    :func:`cache_activations` for an interruptible job.
+    """
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        _run_cli(["hooks", *[os.fspath(a) for a in argv]])
+    except RuntimeError as error:
+        sys.stdout.flush()
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def make_synthetic_model(
+    folder: Union[str, "os.PathLike[str]"],
+    config: Mapping[str, Any],
+    tokenizer: Optional[Union[str, "os.PathLike[str]"]] = None,
+) -> str:
+    """Creates a model folder with deterministic synthetic weights and returns its path.
+
+    ``config`` is a Hugging Face ``config.json`` as a dict (``model_type`` ``"gpt_neox"``,
+    ``"llama"`` or ``"mistral"`` plus its sizes); ``tokenizer`` is a ``tokenizer.json`` to
+    copy in. The weights are those of ``tests/fixtures/generate.py`` (the same for the same
+    config), so any model shape can be built without downloading anything: for tests,
+    examples and benchmarks. Load it with ``Model.from_pretrained(folder)``.
+    """
+    import json
+
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    config_path = os.path.join(folder, "config.json")
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(dict(config), f, indent=2)
+    write_synthetic_weights(config_path, folder)
+    if tokenizer is not None:
+        shutil.copyfile(os.fspath(tokenizer), os.path.join(folder, "tokenizer.json"))
+    return folder

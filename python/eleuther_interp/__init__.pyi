@@ -1,0 +1,190 @@
+"""Type stubs of eleuther_interp (the classes and functions live in eleuther_interp._native)."""
+
+import os
+import pathlib
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union, final, overload
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "ActivationCache",
+    "CacheBatches",
+    "Model",
+    "Tokenizer",
+    "__version__",
+    "cache_activations",
+    "hooks_main",
+    "make_synthetic_model",
+    "write_synthetic_weights",
+]
+
+__version__: str
+
+_Path = Union[str, "os.PathLike[str]"]
+# Token ids: any integer numpy array or a (nested) list of ints, [seq] or [batch, seq].
+_Ids = Union[npt.NDArray[np.integer[Any]], Sequence[int], Sequence[Sequence[int]]]
+_F32 = npt.NDArray[np.float32]
+_I64 = npt.NDArray[np.int64]
+# A hook: a callable given the float32 array at a hook point, returning its replacement
+# (same shape) or None; or a fixed replacement array; or None (no hook).
+_Hook = Union[Callable[[_F32], Optional[npt.ArrayLike]], npt.ArrayLike, None]
+_Names = Union[str, Sequence[str]]
+
+@final
+class Tokenizer:
+    """A tokenizer (Hugging Face ``tokenizers``), as loaded with a model."""
+
+    @staticmethod
+    def from_file(path: _Path, *, eos_id: Optional[int] = None) -> "Tokenizer":
+        """Loads a ``tokenizer.json``; ``eos_id`` overrides the end-of-text id."""
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text`` (no special tokens unless asked)."""
+    @overload
+    def decode(
+        self, ids: Union[Sequence[int], npt.NDArray[np.integer[Any]]], *, skip_special_tokens: bool = False
+    ) -> str: ...
+    @overload
+    def decode(self, ids: Sequence[Sequence[int]], *, skip_special_tokens: bool = False) -> list[str]: ...
+    def token_to_id(self, token: str) -> Optional[int]:
+        """The id of a token string as spelled in the vocabulary, or None."""
+    def id_to_token(self, id: int) -> Optional[str]:
+        """The vocabulary spelling of a token id, or None."""
+    @property
+    def eos_id(self) -> Optional[int]:
+        """The end-of-text token id, or None when unknown."""
+    @property
+    def pad_id(self) -> int:
+        """The id used to pad batches: pad id, else end-of-text id, else 0."""
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size including added tokens."""
+    def __len__(self) -> int: ...
+
+@final
+class Model:
+    """A language model (Pythia / GPT-NeoX or Llama family) running on candle, with every
+    hook point readable and replaceable. Outputs are float32 numpy arrays: ``[seq, width]``
+    for 1-D ids, ``[batch, seq, width]`` for 2-D ids. The forward pass takes no attention
+    mask: with right padding, outputs at padding positions are garbage and must be ignored."""
+
+    @staticmethod
+    def from_pretrained(
+        name: _Path,
+        *,
+        revision: Optional[str] = None,
+        device: str = "cpu",
+        dtype: Union[str, np.dtype[Any], type, None] = None,
+        tokenizer: Optional[_Path] = None,
+    ) -> "Model":
+        """Loads a model: Pythia short name, hub id, local folder or ``.gguf`` file."""
+    @property
+    def hookpoints(self) -> list[str]:
+        """Every hook point's canonical name, in forward order."""
+    def resolve_hookpoints(self, names: _Names) -> list[str]:
+        """Canonical names of hook point names, aliases or ``*`` patterns, in forward order."""
+    @property
+    def config(self) -> dict[str, Any]:
+        """The architecture's hyper-parameters."""
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (``RuntimeError`` when it has none)."""
+    @property
+    def origin(self) -> str:
+        """Where the model came from (hub id at revision, folder or file)."""
+    @property
+    def revision(self) -> Optional[str]:
+        """The hub revision, or None."""
+    @property
+    def dtype(self) -> str:
+        """The compute dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``."""
+    @property
+    def device(self) -> str:
+        """``"cpu"`` or ``"cuda:N"``."""
+    @overload
+    def tokenize(self, text: str, *, padding: bool = True, add_special_tokens: bool = False) -> _I64:
+        """Token ids of one text: int64 ``[seq]``."""
+    @overload
+    def tokenize(
+        self, text: Union[list[str], tuple[str, ...]], *, padding: bool = True, add_special_tokens: bool = False
+    ) -> Union[tuple[_I64, _I64], list[_I64]]:
+        """With padding (default): ``(ids, attention_mask)``, each int64 ``[batch, max_len]``,
+        right-padded; without: a list of 1-D arrays."""
+    def forward(self, ids: _Ids) -> _F32:
+        """The logits: ``[seq, vocab]`` or ``[batch, seq, vocab]``."""
+    def run_with_cache(
+        self,
+        ids: _Ids,
+        hookpoints: Optional[_Names] = None,
+        *,
+        stop_early: bool = False,
+        hooks: Optional[Mapping[str, _Hook]] = None,
+    ) -> tuple[Optional[_F32], dict[str, _F32]]:
+        """``(logits, activations)``; keys are the names as given (patterns expand to
+        canonical names); ``stop_early=True`` returns ``(None, activations)``."""
+    def run_with_hooks(self, ids: _Ids, hooks: Mapping[str, _Hook]) -> _F32:
+        """The logits with hook points replaced by what the hooks return."""
+
+@final
+class CacheBatches(Iterator[dict[str, np.ndarray]]):
+    """Iterator over an activation cache's batches."""
+
+    def __iter__(self) -> "CacheBatches": ...
+    def __next__(self) -> dict[str, np.ndarray]: ...
+
+@final
+class ActivationCache:
+    """A complete activation cache on disk, read back in batches of token rows."""
+
+    def __new__(cls, path: _Path) -> "ActivationCache": ...
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest as a dict."""
+    @property
+    def hookpoints(self) -> list[str]:
+        """The cached hook points' canonical names, in forward order."""
+    @property
+    def tokens(self) -> int:
+        """Number of token rows."""
+    @property
+    def path(self) -> pathlib.Path:
+        """The cache folder."""
+    def batches(
+        self,
+        batch_tokens: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        buffer_tokens: Optional[int] = None,
+    ) -> CacheBatches:
+        """Batches of ``batch_tokens`` rows: each hook point's float32 ``[n, width]`` array
+        plus ``"tokens"`` (int64 ``[n]``)."""
+
+def cache_activations(
+    model: Union[Model, _Path],
+    hookpoints: _Names,
+    data: Union[_Path, Sequence[_Path]],
+    output: _Path,
+    *,
+    seq_len: int = 2048,
+    batch_size: int = 8,
+    max_tokens: Optional[int] = None,
+    dtype: Optional[str] = None,
+    format: Optional[str] = None,
+    text_field: str = "text",
+    shard_mib: int = 256,
+    overwrite: bool = False,
+    progress: bool = False,
+    callback: Optional[Callable[[dict[str, Any]], Any]] = None,
+) -> dict[str, Any]:
+    """Runs a model over a dataset and writes the activations at ``hookpoints`` to
+    ``output`` (resumable; the format of ``hooks cache``); returns a summary dict."""
+
+def write_synthetic_weights(config_json: _Path, out_dir: _Path) -> None:
+    """Writes ``model.safetensors`` with deterministic synthetic weights for a config."""
+
+def make_synthetic_model(folder: _Path, config: Mapping[str, Any], tokenizer: Optional[_Path] = None) -> str:
+    """Creates a model folder with synthetic weights (and optionally a tokenizer)."""
+
+def hooks_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the ``hooks`` command line; returns its exit status."""

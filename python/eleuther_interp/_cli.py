@@ -1,0 +1,19 @@
+"""The ``hooks`` console script: the Rust command line, run in this Python process."""
+
+import signal
+import sys
+
+
+def main() -> None:
+    """Entry point of the ``hooks`` script: behaves like the native ``hooks`` binary."""
+    # The command runs in Rust without returning to Python until it is done, so Python's
+    # SIGINT handler could never act on Ctrl-C: restore the default (terminate), as for a
+    # native program. Interrupted caching jobs resume when re-run.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    from . import hooks_main
+
+    sys.exit(hooks_main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

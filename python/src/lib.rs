@@ -1,0 +1,64 @@
+//! The native part of the `eleuther_interp` Python package: bindings of the `hooks` runtime
+//! (models, hook points, tokenizers, the activation cache and the `hooks` command line).
+//!
+//! Everything user-facing is documented from Python (`help(eleuther_interp.Model)`); the
+//! doc comments on the `#[pyclass]` / `#[pymethods]` items below are those docstrings.
+//! Tensors cross as numpy arrays, errors as Python exceptions (see [`errors`]), and long
+//! computations run with the GIL released.
+
+#![warn(missing_docs)]
+
+pub mod cache;
+pub mod convert;
+pub mod errors;
+pub mod model;
+
+use std::path::PathBuf;
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+
+use crate::errors::IntoPyResult;
+
+/// Runs the ``hooks`` command line in this process.
+///
+/// ``argv`` is the full argument vector, program name first (``["hooks", "info", "-m",
+/// "pythia-70m"]``). Raises ``RuntimeError`` with the error chain when the command fails.
+/// ``--help`` / ``--version`` and argument errors end the process (as a command line does);
+/// use :func:`eleuther_interp.hooks_main` for the console-script behaviour.
+#[pyfunction]
+fn run_cli(py: Python<'_>, argv: Vec<String>) -> PyResult<()> {
+    py.detach(move || hooks::cli::run(argv).map_err(|e| format!("{e:#}")))
+        .map_err(PyRuntimeError::new_err)
+}
+
+/// Writes ``model.safetensors`` with deterministic synthetic float32 weights for the
+/// architecture described by ``config_json`` (a Hugging Face ``config.json``) into
+/// ``out_dir`` (created if needed).
+///
+/// The weights are the same as ``tests/fixtures/generate.py`` produces for the same config,
+/// so a model of any size can be built without downloading one (tests, benchmarks).
+#[pyfunction]
+fn write_synthetic_weights(py: Python<'_>, config_json: PathBuf, out_dir: PathBuf) -> PyResult<()> {
+    py.detach(move || {
+        let config = hooks::config::ModelConfig::from_file(&config_json)?;
+        hooks::synthetic::write_synthetic_weights(&config, &out_dir)
+    })
+    .into_py_result()
+}
+
+/// The extension module `eleuther_interp._native`.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // Whether this is a debug build (`maturin develop` without --release): slow Rust code.
+    m.add("DEBUG_BUILD", cfg!(debug_assertions))?;
+    m.add_class::<model::PyModel>()?;
+    m.add_class::<model::PyTokenizer>()?;
+    m.add_class::<cache::PyActivationCache>()?;
+    m.add_class::<cache::CacheBatches>()?;
+    m.add_function(wrap_pyfunction!(cache::cache_activations, m)?)?;
+    m.add_function(wrap_pyfunction!(run_cli, m)?)?;
+    m.add_function(wrap_pyfunction!(write_synthetic_weights, m)?)?;
+    Ok(())
+}

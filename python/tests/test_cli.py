@@ -1,0 +1,63 @@
+"""The `hooks` console script and `eleuther_interp.hooks_main`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import eleuther_interp as ei
+
+from conftest import PYTHIA_STYLE
+
+HOOKS = Path(sys.executable).parent / ("hooks.exe" if os.name == "nt" else "hooks")
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(HOOKS), *args], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
+    )
+
+
+def test_help_exits_zero():
+    assert HOOKS.exists(), f"console script not installed at {HOOKS}"
+    result = run("--help")
+    assert result.returncode == 0, result.stderr
+    for command in ["cache", "info", "inspect"]:
+        assert command in result.stdout
+    version = run("--version")
+    assert version.returncode == 0 and ei.__version__ in version.stdout
+
+
+def test_info_lists_hookpoints():
+    result = run("info", "--model", str(PYTHIA_STYLE))
+    assert result.returncode == 0, result.stderr
+    assert "layers.1.mlp.input" in result.stdout
+    assert "architecture: gpt_neox" in result.stdout
+
+
+def test_errors_exit_nonzero_with_message():
+    result = run("info", "--model", "/no/such/model")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ")
+    assert "/no/such/model" in result.stderr
+    bad_args = run("cache", "--bogus")
+    assert bad_args.returncode == 2
+    assert "--bogus" in bad_args.stderr
+
+
+def test_python_dash_m():
+    result = subprocess.run(
+        [sys.executable, "-m", "eleuther_interp", "--help"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and "inspect" in result.stdout
+
+
+def test_hooks_main_in_process(capfd):
+    assert ei.hooks_main(["info", "--model", str(PYTHIA_STYLE)]) == 0
+    out, _ = capfd.readouterr()
+    assert "final_norm" in out
+    assert ei.hooks_main(["inspect", "/no/such/cache"]) == 1
+    _, err = capfd.readouterr()
+    assert err.startswith("error: ") and "no such folder" in err

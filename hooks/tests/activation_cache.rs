@@ -253,3 +253,39 @@ fn damaged_caches_and_empty_data_are_clear_errors() {
     .to_string();
     assert!(err.contains("no complete chunk of 4096 tokens"), "{err}");
 }
+
+#[test]
+fn a_stop_request_writes_what_was_computed_and_the_job_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let spec = DataSpec::new(vec![wikitext(tmp.path(), 30)], SEQ_LEN);
+    let out = tmp.path().join("cache");
+    let options = CacheOptions {
+        max_shard_bytes: 1 << 30,
+        overwrite: false,
+        progress: false,
+    };
+    let mut seen = Vec::new();
+    let chunks = spec.chunks(Some(model.tokenizer().unwrap())).unwrap();
+    let mut source =
+        ModelActivations::new(&model, chunks, POINTS.to_vec(), 3, DType::F32, None).unwrap();
+    let err = ActivationCache::write_with(&mut source, &spec, &out, &options, |tokens| {
+        seen.push(tokens);
+        if seen.len() == 2 {
+            return Err(hooks::Error::InvalidArgument("interrupted".into()));
+        }
+        Ok(())
+    })
+    .unwrap_err();
+    assert_eq!(err.to_string(), "interrupted");
+    assert_eq!(seen, vec![3 * SEQ_LEN as u64, 6 * SEQ_LEN as u64]);
+    assert_eq!(
+        std::fs::read_dir(out.join("shards")).unwrap().count(),
+        1,
+        "the two batches were saved"
+    );
+    let resumed = write_cache(&model, &spec, &out, 1 << 30).unwrap();
+    assert_eq!(resumed.resumed_chunks, 6);
+    let fresh = write_cache(&model, &spec, &tmp.path().join("fresh"), 1 << 30).unwrap();
+    assert_eq!(resumed.manifest.tokens, fresh.manifest.tokens);
+}

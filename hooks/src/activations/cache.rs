@@ -137,6 +137,20 @@ impl ActivationCache {
         dir: &Path,
         options: &CacheOptions,
     ) -> Result<CacheSummary> {
+        Self::write_with(source, data, dir, options, |_| Ok(()))
+    }
+
+    /// [`ActivationCache::write`] calling `after_batch` with the tokens cached so far (this run
+    /// and earlier ones) after every batch. An error from it stops the job: what was computed
+    /// is first written as a shard, so running the job again resumes there (used for Ctrl-C
+    /// and progress reporting from Python).
+    pub fn write_with(
+        source: &mut ModelActivations,
+        data: &DataSpec,
+        dir: &Path,
+        options: &CacheOptions,
+        mut after_batch: impl FnMut(u64) -> Result<()>,
+    ) -> Result<CacheSummary> {
         let started = Instant::now();
         let model = source.model();
         let dtype = source.dtype;
@@ -276,10 +290,15 @@ impl ActivationCache {
             bar.inc(batch.len() as u64);
             pending_bytes += batch.activation_bytes();
             pending.push(batch);
-            if pending_bytes >= options.max_shard_bytes {
+            let stop = after_batch(resumed_chunks * seq_len + new_tokens).err();
+            if pending_bytes >= options.max_shard_bytes || stop.is_some() {
                 let text_bytes = progress.text_bytes + source.chunks().text_bytes() - skipped_bytes;
                 flush(&mut pending, &mut progress, text_bytes)?;
                 pending_bytes = 0;
+            }
+            if let Some(error) = stop {
+                bar.abandon();
+                return Err(error);
             }
         }
         let text_bytes = progress.text_bytes + source.chunks().text_bytes() - skipped_bytes;

@@ -153,7 +153,7 @@ impl DataSpec {
 enum Source {
     Documents {
         path: PathBuf,
-        docs: Box<dyn Iterator<Item = Result<String>>>,
+        docs: Box<dyn Iterator<Item = Result<String>> + Send>,
     },
     Tokens {
         array: TokenArray,

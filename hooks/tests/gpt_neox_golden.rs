@@ -330,3 +330,46 @@ fn unembedding_of_the_last_layer_reproduces_the_logits() {
         assert!(a == b, "{case}");
     }
 }
+
+#[test]
+fn pytorch_pickle_checkpoint_with_legacy_buffers_loads() {
+    // pytorch_model.bin written by transformers (tests/fixtures/make_pickle_checkpoint.py).
+    let model = load(&fixture_dir("pythia_style_pickle"), DType::F32);
+    check_all_hook_points(
+        &model,
+        &expected(&fixture_dir("pythia_style")),
+        1e-4,
+        "logits",
+    );
+}
+
+#[test]
+fn sharded_safetensors_with_an_index_load() {
+    let src = fixture_dir("pythia_style");
+    let tensors =
+        hooks::candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (shard, part) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", shard + 1);
+        let subset: HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), tensors[*n].clone()))
+            .collect();
+        hooks::candle_core::safetensors::save(&subset, dir.path().join(&file)).unwrap();
+        for n in part {
+            weight_map.insert((*n).clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let model = load(dir.path(), DType::F32);
+    check_all_hook_points(&model, &expected(&src), 1e-4, "logits");
+}

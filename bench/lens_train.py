@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Tuned-lens training throughput: eleuther-interp (`lens train`) vs PyPI tuned-lens, side by
+side in one run, on the same model, the same text and the same recipe (SGD Nesterov 0.9,
+lr 1.0 in tuned-lens's convention, weight decay 1e-3, clip 1.0, KL loss, linear decay).
+
+The peer is tuned-lens's own training step (`tuned_lens/scripts/train_loop.py`: model forward
+with output_hidden_states under no_grad, per-layer KL backward under bfloat16 autocast,
+clip, step), driven by a small loop here because its CLI needs the datasets library and
+the hub. Both read the same token chunks: the text is tokenized by our `hooks` data
+pipeline (EOS-joined, packed) and written to an .npy file that both sides consume.
+
+    python bench/lens_train.py [--shape pythia-160m|smollm2] [--steps 3] [--tokens-per-step 512] [--seq 256]
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from forward import SHAPES, config_for  # noqa: E402
+
+
+def peer(args):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from tuned_lens.nn.lenses import TunedLens
+
+    torch.set_num_threads(args.threads)
+    path = Path(args.model_path)
+    if path.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval().requires_grad_(False)
+    lens = TunedLens.from_model(model).float()
+    opt = torch.optim.SGD(lens.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (args.steps - s) / args.steps))
+    tokens = np.load(args.tokens).astype(np.int64)
+    per_step = args.tokens_per_step // args.seq
+    micro = args.batch
+    autocast = {"bf16": torch.bfloat16, "f32": None}[args.peer_precision]
+    losses = []
+    start = time.perf_counter()
+    row = 0
+    for step in range(args.steps):
+        step_losses = []
+        for _ in range(per_step // micro):
+            ids = torch.from_numpy(tokens[row:row + micro])
+            row += micro
+            with torch.no_grad():
+                out = model(ids, output_hidden_states=True)
+            labels = out.logits.float().log_softmax(-1)
+            for i, h in enumerate(out.hidden_states[:-1]):
+                with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+                    logits = lens(h, idx=i)
+                    loss = torch.sum(labels.exp() * (labels - logits.log_softmax(-1)), dim=-1).mean()
+                    step_losses.append(loss.item())
+                (loss / (per_step // micro)).backward()
+        torch.nn.utils.clip_grad_norm_(lens.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        sched.step()
+        losses.append(sum(step_losses) / len(step_losses))
+    seconds = time.perf_counter() - start
+    print(json.dumps({"impl": f"tuned-lens {__import__('tuned_lens').__version__} ({args.peer_precision} autocast)",
+                      "seconds": seconds, "tokens_per_s": args.steps * args.tokens_per_step / seconds,
+                      "mean_loss_last_step": losses[-1],
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="pythia-160m", choices=sorted(SHAPES) + ["smollm2"])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--tokens-per-step", type=int, default=512)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--peer-precision", default="bf16", choices=["bf16", "f32"],
+                   help="tuned-lens trains under bfloat16 autocast by default")
+    p.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model-path", help=argparse.SUPPRESS)
+    p.add_argument("--tokens", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.peer:
+        return peer(args)
+
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "eleuther-lens", "--bin", "lens",
+                    "-p", "eleuther-hooks", "--bin", "hooks", "--example", "forward_bench"], cwd=REPO, check=True)
+    bench = REPO / "target" / "bench"
+    if args.shape == "smollm2":
+        model_path = subprocess.run([str(REPO / "target/release/hooks"), "fetch", "smollm2"], check=True,
+                                    capture_output=True, text=True).stdout.strip()
+    else:
+        model_path = bench / f"{args.shape}-synthetic"
+        if not (model_path / "model.safetensors").exists():
+            model_path.mkdir(parents=True, exist_ok=True)
+            (model_path / "bench-config.json").write_text(json.dumps(config_for(args.shape)))
+            subprocess.run([str(REPO / "target/release/examples/forward_bench"), str(model_path), "--synthesize",
+                            str(model_path / "bench-config.json")], check=True)
+        (model_path / "tokenizer.json").write_bytes((REPO / "data/gpt-neox-20b-tokenizer.json").read_bytes())
+        model_path = str(model_path)
+
+    # The same chunks for both: tokenize once with our pipeline into an activation-free .npy.
+    needed = args.steps * args.tokens_per_step
+    npy = bench / f"lens-tokens-{args.shape}-{args.seq}.npy"
+    cache = bench / f"lens-tokens-{args.shape}-{args.seq}"
+    subprocess.run([str(REPO / "target/release/hooks"), "cache", "--model", model_path, "--hookpoints", "embed",
+                    "--data", str(REPO / "data/wikitext-2-raw-test.txt"), "--seq-len", str(args.seq),
+                    "--max-tokens", str(needed), "--output", str(cache), "--overwrite"], check=True,
+                   capture_output=True)
+    from safetensors.numpy import load_file
+    ids = np.concatenate([load_file(str(f))["tokens"] for f in sorted((cache / "shards").glob("*.safetensors"))])
+    np.save(npy, ids.reshape(-1, args.seq).astype(np.int64))
+
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
+    out = bench / f"lens-{args.shape}"
+    cmd = [str(REPO / "target/release/lens"), "train", "--model", model_path, "--data", str(npy),
+           "--seq-len", str(args.seq), "--batch-size", str(args.batch), "--tokens-per-step", str(args.tokens_per_step),
+           "--steps", str(args.steps), "--checkpoint-every", "0", "--output", str(out)]
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    start = time.perf_counter()
+    ours = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, env=env, capture_output=True, text=True)
+    ours_s = time.perf_counter() - start
+    if ours.returncode != 0:
+        sys.exit(ours.stderr)
+    ours_peak = int(ours.stderr.strip().splitlines()[-1]) / 1024
+    history = json.loads((out / "training" / "history.json").read_text())
+    ours_loss = sum(history[-1]["loss"]) / len(history[-1]["loss"])
+
+    theirs = subprocess.run([sys.executable, __file__, "--peer", "--model-path", model_path, "--tokens", str(npy),
+                             "--steps", str(args.steps), "--tokens-per-step", str(args.tokens_per_step),
+                             "--seq", str(args.seq), "--batch", str(args.batch), "--threads", str(args.threads),
+                             "--peer-precision", args.peer_precision],
+                            env=env, capture_output=True, text=True)
+    if theirs.returncode != 0:
+        sys.exit(theirs.stderr)
+    t = json.loads(theirs.stdout.strip().splitlines()[-1])
+    ours_tps = needed / ours_s
+    print(f"tuned-lens training, {args.shape}, {args.steps} steps x {args.tokens_per_step} tokens (seq {args.seq}), "
+          f"{args.threads} threads")
+    print(f"  eleuther-interp (f32): {ours_tps:8.1f} tokens/s  ({ours_s:.1f} s incl. model load)  "
+          f"peak RSS {ours_peak:.0f} MiB  mean KL last step {ours_loss:.4f}")
+    print(f"  {t['impl']}: {t['tokens_per_s']:8.1f} tokens/s  ({t['seconds']:.1f} s, loop only)  "
+          f"peak RSS {t['peak_rss_mib']:.0f} MiB  mean KL last step {t['mean_loss_last_step']:.4f}")
+    print(f"  ratio ours/theirs (throughput): {ours_tps / t['tokens_per_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

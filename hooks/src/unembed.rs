@@ -47,7 +47,11 @@ impl Unembedding {
 
     /// Logits `[..., vocab]` of residual-stream vectors `h: [..., d]`.
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
-        let normed = self.normalize(h)?;
+        self.project(&self.normalize(h)?)
+    }
+
+    /// Logits `[..., vocab]` of already normalised vectors `[..., d]`.
+    pub fn project(&self, normed: &Tensor) -> Result<Tensor> {
         let dims = normed.dims().to_vec();
         let d = dims[dims.len() - 1];
         let flat = normed.reshape((normed.elem_count() / d, d))?;

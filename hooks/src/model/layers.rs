@@ -55,13 +55,7 @@ impl Loader<'_> {
 }
 
 /// `x W^T + b` over the last dimension.
-pub(crate) struct Linear(pub candle_nn::Linear);
-
-impl Linear {
-    pub fn weight(&self) -> &Tensor {
-        self.0.weight()
-    }
-}
+pub(crate) struct Linear(candle_nn::Linear);
 
 impl Linear {
     /// Applies the layer to `[..., in]`, as one matrix product over all leading dimensions.

@@ -5,21 +5,16 @@
 
 use candle_core::Tensor;
 
-use super::layers::{causal_attention, causal_mask, Linear, Loader, RmsNorm, Rotary};
+use super::decoder::{self, AttentionInputs, Decoder};
+use super::layers::{causal_attention, Linear, Loader, RmsNorm, Rotary};
 use crate::config::LlamaConfig;
 use crate::hooks::Tap;
-use crate::{HookPoint, Result};
+use crate::{HookPoint, Result, Unembedding};
 
-pub(crate) struct Llama {
-    embed: Tensor,
-    blocks: Vec<Block>,
-    final_norm: RmsNorm,
-    unembed: Linear,
-    rotary: Rotary,
-}
+/// Llama: the shared decoder with Llama blocks.
+pub(crate) type Llama = Decoder<Block>;
 
-struct Block {
-    index: usize,
+pub(crate) struct Block {
     input_norm: RmsNorm,
     post_attention_norm: RmsNorm,
     q_proj: Linear,
@@ -34,119 +29,81 @@ struct Block {
     head_dim: usize,
 }
 
-impl Llama {
-    pub fn load(cfg: &LlamaConfig, w: &Loader) -> Result<Self> {
-        let (d, f, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
-        let (q_dim, kv_dim) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-        let embed = w.tensor("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
-        let blocks = (0..cfg.num_layers)
-            .map(|i| {
-                let p = format!("model.layers.{i}");
-                let attn = |name: &str, in_dim, out_dim| {
-                    w.linear(
-                        &format!("{p}.self_attn.{name}"),
-                        in_dim,
-                        out_dim,
-                        cfg.attention_bias,
-                    )
-                };
-                let mlp = |name: &str, in_dim, out_dim| {
-                    w.linear(&format!("{p}.mlp.{name}"), in_dim, out_dim, cfg.mlp_bias)
-                };
-                Ok(Block {
-                    index: i,
-                    input_norm: w.rms_norm(&format!("{p}.input_layernorm"), d, cfg.rms_norm_eps)?,
-                    post_attention_norm: w.rms_norm(
-                        &format!("{p}.post_attention_layernorm"),
-                        d,
-                        cfg.rms_norm_eps,
-                    )?,
-                    q_proj: attn("q_proj", d, q_dim)?,
-                    k_proj: attn("k_proj", d, kv_dim)?,
-                    v_proj: attn("v_proj", d, kv_dim)?,
-                    o_proj: attn("o_proj", q_dim, d)?,
-                    gate_proj: mlp("gate_proj", d, f)?,
-                    up_proj: mlp("up_proj", d, f)?,
-                    down_proj: mlp("down_proj", f, d)?,
-                    num_heads: cfg.num_heads,
-                    num_kv_heads: cfg.num_kv_heads,
-                    head_dim: hd,
-                })
+/// Loads Llama-family weights (Hugging Face names).
+pub(crate) fn load(cfg: &LlamaConfig, w: &Loader) -> Result<Llama> {
+    let (d, f, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+    let (q_dim, kv_dim) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+    let embed = w.tensor("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
+    let blocks = (0..cfg.num_layers)
+        .map(|i| {
+            let p = format!("model.layers.{i}");
+            let attn = |name: &str, in_dim, out_dim| {
+                w.linear(
+                    &format!("{p}.self_attn.{name}"),
+                    in_dim,
+                    out_dim,
+                    cfg.attention_bias,
+                )
+            };
+            let mlp = |name: &str, in_dim, out_dim| {
+                w.linear(&format!("{p}.mlp.{name}"), in_dim, out_dim, cfg.mlp_bias)
+            };
+            Ok(Block {
+                input_norm: w.rms_norm(&format!("{p}.input_layernorm"), d, cfg.rms_norm_eps)?,
+                post_attention_norm: w.rms_norm(
+                    &format!("{p}.post_attention_layernorm"),
+                    d,
+                    cfg.rms_norm_eps,
+                )?,
+                q_proj: attn("q_proj", d, q_dim)?,
+                k_proj: attn("k_proj", d, kv_dim)?,
+                v_proj: attn("v_proj", d, kv_dim)?,
+                o_proj: attn("o_proj", q_dim, d)?,
+                gate_proj: mlp("gate_proj", d, f)?,
+                up_proj: mlp("up_proj", d, f)?,
+                down_proj: mlp("down_proj", f, d)?,
+                num_heads: cfg.num_heads,
+                num_kv_heads: cfg.num_kv_heads,
+                head_dim: hd,
             })
-            .collect::<Result<Vec<_>>>()?;
-        let has_head = w.store.contains("lm_head.weight");
-        if !cfg.tie_word_embeddings && !has_head {
-            tracing::warn!(
-                "config says the embeddings are not tied but there is no lm_head.weight; \
-                 using the embedding as the unembedding"
-            );
-        }
-        // Hugging Face ties the head to the embedding whenever the config says so, even if a
-        // checkpoint also stores `lm_head.weight`.
-        let unembed = if cfg.tie_word_embeddings || !has_head {
-            Linear(candle_nn::Linear::new(embed.clone(), None))
-        } else {
-            w.linear("lm_head", d, cfg.vocab_size, false)?
-        };
-        Ok(Llama {
-            embed,
-            blocks,
-            final_norm: w.rms_norm("model.norm", d, cfg.rms_norm_eps)?,
-            unembed,
-            rotary: Rotary::new(hd, cfg.rope_theta),
         })
+        .collect::<Result<Vec<_>>>()?;
+    let has_head = w.store.contains("lm_head.weight");
+    if !cfg.tie_word_embeddings && !has_head {
+        tracing::warn!(
+            "config says the embeddings are not tied but there is no lm_head.weight; \
+                 using the embedding as the unembedding"
+        );
     }
-
-    /// The final norm and unembedding.
-    pub fn unembedding(&self) -> crate::Unembedding {
-        crate::Unembedding {
-            norm: self.final_norm.to_final_norm(),
-            weight: self.unembed.weight().clone(),
-        }
-    }
-
-    /// Runs `ids: [batch, seq]` (u32) through the model; `None` when the tap stopped early.
-    pub fn forward(&self, ids: &Tensor, tap: &mut Tap) -> Result<Option<Tensor>> {
-        let (batch, seq) = ids.dims2()?;
-        let d = self.embed.dim(1)?;
-        let embedded = self
-            .embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((batch, seq, d))?;
-        let mut h = tap.visit(HookPoint::Embed, embedded)?;
-        if tap.done_after(HookPoint::Embed) {
-            return Ok(None);
-        }
-        let (cos, sin) = self.rotary.tables(seq, h.dtype(), h.device())?;
-        let mask = causal_mask(seq, h.device())?;
-        for block in &self.blocks {
-            h = block.forward(&h, &self.rotary, &cos, &sin, &mask, tap)?;
-            if tap.done_after(HookPoint::Layer(block.index)) {
-                return Ok(None);
-            }
-        }
-        let normed = tap.visit(HookPoint::FinalNorm, self.final_norm.forward(&h)?)?;
-        if tap.done_after(HookPoint::FinalNorm) {
-            return Ok(None);
-        }
-        let logits = tap.visit(HookPoint::Logits, self.unembed.forward(&normed)?)?;
-        Ok(Some(logits))
-    }
+    // Hugging Face ties the head to the embedding whenever the config says so, even if a
+    // checkpoint also stores `lm_head.weight`.
+    let unembed = if cfg.tie_word_embeddings || !has_head {
+        embed.clone()
+    } else {
+        w.tensor("lm_head.weight", &[cfg.vocab_size, d])?
+    };
+    let final_norm = w.rms_norm("model.norm", d, cfg.rms_norm_eps)?;
+    Ok(Llama {
+        embed,
+        blocks,
+        unembedding: Unembedding {
+            norm: final_norm.to_final_norm(),
+            weight: unembed,
+        },
+        rotary: Rotary::new(hd, cfg.rope_theta),
+    })
 }
 
-impl Block {
+impl decoder::Block for Block {
     /// `h + attn(norm1(h))`, then `+ mlp(norm2(...))`, in Hugging Face's addition order.
     fn forward(
         &self,
+        i: usize,
         h: &Tensor,
-        rotary: &Rotary,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
+        inputs: &AttentionInputs,
         tap: &mut Tap,
     ) -> Result<Tensor> {
-        let i = self.index;
-        let attention = self.attention(&self.input_norm.forward(h)?, rotary, cos, sin, mask)?;
+        let attention = self.attention(&self.input_norm.forward(h)?, inputs)?;
         let attention = tap.visit(HookPoint::Attention(i), attention)?;
         let mid = (h + attention)?;
         let mlp_input = tap.visit(
@@ -156,15 +113,10 @@ impl Block {
         let mlp = tap.visit(HookPoint::Mlp(i), self.mlp(&mlp_input)?)?;
         tap.visit(HookPoint::Layer(i), (mid + mlp)?)
     }
+}
 
-    fn attention(
-        &self,
-        x: &Tensor,
-        rotary: &Rotary,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-    ) -> Result<Tensor> {
+impl Block {
+    fn attention(&self, x: &Tensor, inputs: &AttentionInputs) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
             Ok(proj
@@ -173,10 +125,16 @@ impl Block {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = rotary.apply(&heads(&self.q_proj, self.num_heads)?, cos, sin)?;
-        let k = rotary.apply(&heads(&self.k_proj, self.num_kv_heads)?, cos, sin)?;
+        let (cos, sin) = (&inputs.cos, &inputs.sin);
+        let q = inputs
+            .rotary
+            .apply(&heads(&self.q_proj, self.num_heads)?, cos, sin)?;
+        let k = inputs
+            .rotary
+            .apply(&heads(&self.k_proj, self.num_kv_heads)?, cos, sin)?;
         let v = heads(&self.v_proj, self.num_kv_heads)?;
-        self.o_proj.forward(&causal_attention(&q, &k, &v, mask)?)
+        self.o_proj
+            .forward(&causal_attention(&q, &k, &v, &inputs.mask)?)
     }
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {

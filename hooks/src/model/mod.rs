@@ -2,6 +2,7 @@
 //! forward pass with captures and replacements.
 
 mod cpu_kernels;
+mod decoder;
 mod gpt_neox;
 pub(crate) mod layers;
 mod llama;
@@ -177,8 +178,8 @@ impl Model {
             device: &options.device,
         };
         let network = match &config {
-            ModelConfig::GptNeox(c) => Network::GptNeox(gpt_neox::GptNeox::load(c, &loader)?),
-            ModelConfig::Llama(c) => Network::Llama(llama::Llama::load(c, &loader)?),
+            ModelConfig::GptNeox(c) => Network::GptNeox(gpt_neox::load(c, &loader)?),
+            ModelConfig::Llama(c) => Network::Llama(llama::load(c, &loader)?),
         };
         Ok(Model {
             network,
@@ -356,8 +357,8 @@ impl Model {
     /// The model's final norm and unembedding, which turn a residual stream into logits.
     pub fn unembedding(&self) -> crate::Unembedding {
         match &self.network {
-            Network::GptNeox(net) => net.unembedding(),
-            Network::Llama(net) => net.unembedding(),
+            Network::GptNeox(net) => net.unembedding.clone(),
+            Network::Llama(net) => net.unembedding.clone(),
         }
     }
 

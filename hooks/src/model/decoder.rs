@@ -1,0 +1,71 @@
+//! The skeleton every supported architecture shares: embed, a stack of blocks, final norm,
+//! unembedding, with the hook points between them. An architecture supplies only its block.
+
+use candle_core::Tensor;
+
+use super::layers::{causal_mask, Rotary};
+use crate::hooks::Tap;
+use crate::{HookPoint, Result, Unembedding};
+
+/// Per-pass inputs every block's attention needs.
+pub(crate) struct AttentionInputs<'a> {
+    pub rotary: &'a Rotary,
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub mask: Tensor,
+}
+
+/// One transformer block of an architecture; it visits its own hook points.
+pub(crate) trait Block {
+    /// Runs block `index` on the residual `h: [batch, seq, d]`, returning the new residual.
+    fn forward(
+        &self,
+        index: usize,
+        h: &Tensor,
+        inputs: &AttentionInputs,
+        tap: &mut Tap,
+    ) -> Result<Tensor>;
+}
+
+/// Embedding, blocks, final norm and unembedding.
+pub(crate) struct Decoder<B> {
+    pub embed: Tensor,
+    pub blocks: Vec<B>,
+    pub unembedding: Unembedding,
+    pub rotary: Rotary,
+}
+
+impl<B: Block> Decoder<B> {
+    /// Runs `ids: [batch, seq]` (u32) through the model; `None` when the tap stopped early.
+    pub fn forward(&self, ids: &Tensor, tap: &mut Tap) -> Result<Option<Tensor>> {
+        let (batch, seq) = ids.dims2()?;
+        let d = self.embed.dim(1)?;
+        let embedded = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((batch, seq, d))?;
+        let mut h = tap.visit(HookPoint::Embed, embedded)?;
+        if tap.done_after(HookPoint::Embed) {
+            return Ok(None);
+        }
+        let (cos, sin) = self.rotary.tables(seq, h.dtype(), h.device())?;
+        let inputs = AttentionInputs {
+            rotary: &self.rotary,
+            cos,
+            sin,
+            mask: causal_mask(seq, h.device())?,
+        };
+        for (index, block) in self.blocks.iter().enumerate() {
+            h = block.forward(index, &h, &inputs, tap)?;
+            if tap.done_after(HookPoint::Layer(index)) {
+                return Ok(None);
+            }
+        }
+        let normed = tap.visit(HookPoint::FinalNorm, self.unembedding.normalize(&h)?)?;
+        if tap.done_after(HookPoint::FinalNorm) {
+            return Ok(None);
+        }
+        let logits = tap.visit(HookPoint::Logits, self.unembedding.project(&normed)?)?;
+        Ok(Some(logits))
+    }
+}

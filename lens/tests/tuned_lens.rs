@@ -325,3 +325,37 @@ fn lens_that_does_not_fit_the_model_is_refused() {
     let err = TunedLens::load(&dir, &Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("no params.safetensors or params.pt"), "{err}");
 }
+
+#[test]
+fn non_finite_activations_stop_training_with_step_and_layer() {
+    let model = Model::from_folder(
+        &repo().join("tests/fixtures/gpt_neox/pythia_style"),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let ids = Tensor::new(&[[1u32, 2, 3, 4, 5, 6, 7, 8]], &Device::Cpu).unwrap();
+    let mut source = memory_source(&model, &ids);
+    let batch = &mut source.batches[0];
+    let poisoned = batch.activations[&HookPoint::Layer(0)]
+        .affine(f64::NAN, 0.0)
+        .unwrap();
+    batch.activations.insert(HookPoint::Layer(0), poisoned);
+    let mut lens = TunedLens::for_model(&model).unwrap();
+    let options = TrainOptions {
+        steps: 1,
+        tokens_per_step: 8,
+        seq_len: 8,
+        ..TrainOptions::default()
+    };
+    let err = train(
+        &mut lens,
+        &model.unembedding(),
+        &mut source,
+        &options,
+        None,
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("non-finite loss at step 1, layer 1"), "{err}");
+}

@@ -6,15 +6,12 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use hooks::activations::{ActivationCache, ActivationSource, ModelActivations, ReadOrder};
-use hooks::cli::{DataArgs, ModelArgs};
-use hooks::Model;
+use hooks::activations::ReadOrder;
+use hooks::cli::ModelArgs;
 
 use crate::eval::evaluate;
-use crate::train::{
-    checkpoint_dir, required_hook_points, train, LossKind, OptimizerKind, TrainOptions,
-};
-use crate::TunedLens;
+use crate::train::{checkpoint_dir, train, LossKind, OptimizerKind, TrainOptions};
+use crate::{LensData, TunedLens};
 
 /// Train and evaluate tuned lenses and the logit lens.
 #[derive(Parser, Debug)]
@@ -135,51 +132,17 @@ where
     }
 }
 
-/// Opens the activation source a lens needs: the model streaming over data, or a cache.
-fn open_source<'m>(
-    model: &'m Model,
-    source: &Source,
-    order: ReadOrder,
-    max_tokens: Option<u64>,
-) -> Result<Box<dyn ActivationSource + 'm>> {
-    let layers = model.config().num_layers();
-    let points = required_hook_points(layers);
-    if let Some(dir) = &source.activations {
-        let cache = ActivationCache::open(dir)?;
-        let names: Vec<String> = points.iter().map(|p| model.hook_name(*p)).collect();
-        for name in &names {
-            if !cache.manifest().settings.hook_points.contains(name) {
-                anyhow::bail!(
-                    "activation cache {} lacks hook point '{name}'; a lens needs {}",
-                    dir.display(),
-                    names.join(", ")
-                );
-            }
+impl Source {
+    fn lens_data(&self) -> LensData {
+        LensData {
+            data: self.data.clone(),
+            activations: self.activations.clone(),
+            format: self.format.clone(),
+            text_field: self.text_field.clone(),
+            seq_len: self.seq_len,
+            batch_size: self.batch_size,
         }
-        return Ok(Box::new(
-            cache.reader(source.seq_len * source.batch_size, order)?,
-        ));
     }
-    if source.data.is_empty() {
-        anyhow::bail!("give --data files or --activations");
-    }
-    let data = DataArgs {
-        data: source.data.clone(),
-        format: source.format.clone(),
-        text_field: source.text_field.clone(),
-        seq_len: source.seq_len,
-        max_tokens,
-    };
-    let chunks = data.spec().chunks(model.tokenizer().ok())?;
-    let max_chunks = data.max_chunks()?;
-    Ok(Box::new(ModelActivations::new(
-        model,
-        chunks,
-        points,
-        source.batch_size,
-        model.dtype(),
-        max_chunks,
-    )?))
 }
 
 fn train_command(args: TrainArgs) -> Result<()> {
@@ -205,12 +168,16 @@ fn train_command(args: TrainArgs) -> Result<()> {
         chunk_tokens: args.chunk_tokens,
         checkpoint_every: args.checkpoint_every,
     };
-    let order = ReadOrder::Shuffled {
-        seed: args.seed,
-        buffer_tokens: 1 << 16,
+    // Shuffled rows would break the sequences next-token targets need.
+    let order = match options.loss {
+        LossKind::Kl => ReadOrder::Shuffled {
+            seed: args.seed,
+            buffer_tokens: 1 << 16,
+        },
+        LossKind::Ce => ReadOrder::Sequential,
     };
     let needed = options.steps * options.tokens_per_step as u64;
-    let mut source = open_source(&model, &args.source, order, Some(needed))?;
+    let mut source = args.source.lens_data().open(&model, order, Some(needed))?;
     let mut lens = TunedLens::for_model(&model)?;
     let ckpt = checkpoint_dir(&args.output);
     std::fs::create_dir_all(&ckpt).with_context(|| format!("creating {}", ckpt.display()))?;
@@ -233,6 +200,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
                     r.lr
                 );
             }
+            Ok(())
         },
     )
     .with_context(|| format!("training a tuned lens for {}", model.origin()))?;
@@ -263,12 +231,8 @@ fn eval_command(args: EvalArgs) -> Result<()> {
         }
         None => None,
     };
-    let mut source = open_source(
-        &model,
-        &args.source,
-        ReadOrder::Sequential,
-        Some(args.tokens),
-    )?;
+    let data = args.source.lens_data();
+    let mut source = data.open(&model, ReadOrder::Sequential, Some(args.tokens))?;
     let layers = model.config().num_layers();
     let mut report = evaluate(
         lens.as_ref(),
@@ -279,23 +243,7 @@ fn eval_command(args: EvalArgs) -> Result<()> {
         args.tokens,
         args.chunk_tokens,
     )?;
-    if args.source.activations.is_none() {
-        // Bits per byte: the same text measured again (cheap: tokenisation only).
-        let data = DataArgs {
-            data: args.source.data.clone(),
-            format: args.source.format.clone(),
-            text_field: args.source.text_field.clone(),
-            seq_len: args.source.seq_len,
-            max_tokens: None,
-        };
-        let mut chunks = data.spec().chunks(model.tokenizer().ok())?;
-        chunks.skip_chunks(report.tokens / args.source.seq_len as u64)?;
-        if chunks.text_bytes() > 0 {
-            report.nats_to_bits_per_byte = Some(
-                chunks.tokens_read() as f64 / chunks.text_bytes() as f64 / std::f64::consts::LN_2,
-            );
-        }
-    }
+    report.nats_to_bits_per_byte = data.nats_to_bits_per_byte(&model, report.tokens)?;
     print!("{}", report.table());
     if let Some(path) = &args.json {
         hooks::atomic::write_json(path, &report)?;

@@ -10,10 +10,12 @@ pub mod cli;
 pub mod eval;
 mod kernels;
 pub mod loss;
+mod source;
 pub mod train;
 mod tuned_lens;
 
-pub use tuned_lens::{lens_input, unembedding_hash, LensConfig, TunedLens};
+pub use source::LensData;
+pub use tuned_lens::{lens_input, unembedding_hash, LensConfig, TunedLens, UNEMBED_HASH_PREFIX};
 
 /// Errors of lens training, evaluation and files.
 #[derive(Debug, thiserror::Error)]

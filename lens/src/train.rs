@@ -217,14 +217,16 @@ impl Rows<'_> {
 
 /// Trains `lens` on activations from `source` (which must provide
 /// [`required_hook_points`]). With `checkpoint_dir`, resumes from a checkpoint there and
-/// writes new ones. Returns the per-step history (including resumed steps).
+/// writes new ones. `on_step` sees every step; an error from it stops training after a
+/// checkpoint of that step is written, and is returned. Returns the per-step history
+/// (including resumed steps).
 pub fn train(
     lens: &mut TunedLens,
     unembedding: &Unembedding,
     source: &mut dyn ActivationSource,
     options: &TrainOptions,
     checkpoint_dir: Option<&Path>,
-    mut on_step: impl FnMut(&StepRecord),
+    mut on_step: impl FnMut(&StepRecord) -> Result<()>,
 ) -> Result<Vec<StepRecord>> {
     options.validate()?;
     let layers = lens.num_layers();
@@ -330,11 +332,14 @@ pub fn train(
             grad_norm,
             lr,
         };
-        on_step(&record);
+        let stop = on_step(&record).err();
         history.push(record);
         let due = options.checkpoint_every > 0 && step.is_multiple_of(options.checkpoint_every);
-        if let (Some(path), true) = (&checkpoint, due || step == options.steps) {
+        if let (Some(path), true) = (&checkpoint, due || step == options.steps || stop.is_some()) {
             save_checkpoint(path, lens, &optimizer, options, rows.consumed, &history)?;
+        }
+        if let Some(error) = stop {
+            return Err(error);
         }
     }
     Ok(history)

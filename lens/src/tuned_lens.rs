@@ -170,7 +170,7 @@ impl TunedLens {
             .config
             .unembed_hash
             .as_deref()
-            .filter(|h| h.starts_with(HASH_PREFIX))
+            .filter(|h| h.starts_with(UNEMBED_HASH_PREFIX))
         {
             let actual = unembedding_hash(&model.unembedding())?;
             if actual != expected {
@@ -253,7 +253,8 @@ impl TunedLens {
     }
 }
 
-const HASH_PREFIX: &str = "ei-fnv1a64:";
+/// The prefix of our unembedding fingerprints in `config.json` (`unembed_hash`).
+pub const UNEMBED_HASH_PREFIX: &str = "ei-fnv1a64:";
 
 /// A fingerprint of an unembedding that survives dtype changes: FNV-1a over the bf16
 /// rounding of its first and last 4096 values and its shape. (Not the reference's hash,
@@ -276,5 +277,5 @@ pub fn unembedding_hash(unembedding: &Unembedding) -> Result<String> {
     for v in values {
         eat(&((v.to_bits() + 0x8000) >> 16).to_le_bytes());
     }
-    Ok(format!("{HASH_PREFIX}{h:016x}"))
+    Ok(format!("{UNEMBED_HASH_PREFIX}{h:016x}"))
 }

@@ -221,7 +221,7 @@ fn training_beats_the_logit_lens_and_is_deterministic_and_resumable() {
         &mut stream(&model, None),
         &options(),
         None,
-        |_| {},
+        |_| Ok(()),
     )
     .unwrap();
     assert_eq!(history.len(), 12);
@@ -259,7 +259,7 @@ fn training_beats_the_logit_lens_and_is_deterministic_and_resumable() {
         &mut stream(&model, Some(7 * 512 / SEQ as u64)),
         &options(),
         Some(&ckpt),
-        |_| {},
+        |_| Ok(()),
     )
     .unwrap_err()
     .to_string();
@@ -279,11 +279,50 @@ fn training_beats_the_logit_lens_and_is_deterministic_and_resumable() {
         &mut stream(&model, None),
         &options(),
         Some(&ckpt),
-        |r| steps_run.push(r.step),
+        |r| {
+            steps_run.push(r.step);
+            Ok(())
+        },
     )
     .unwrap();
     assert_eq!(steps_run, (6..=12).collect::<Vec<u64>>());
     assert_eq!(history2, history);
+    assert!(flat(&resumed) == flat(&lens));
+
+    // Stopped from the step callback at step 6: that step is checkpointed, then resumed.
+    let ckpt = tmp.path().join("ckpt-stop");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    let mut stopped = untrained.clone();
+    let err = train(
+        &mut stopped,
+        &u,
+        &mut stream(&model, None),
+        &options(),
+        Some(&ckpt),
+        |r| {
+            if r.step == 6 {
+                return Err(lens::Error::Training("stop requested".into()));
+            }
+            Ok(())
+        },
+    )
+    .unwrap_err();
+    assert_eq!(err.to_string(), "stop requested");
+    let mut resumed = untrained.clone();
+    let mut first_step = None;
+    train(
+        &mut resumed,
+        &u,
+        &mut stream(&model, None),
+        &options(),
+        Some(&ckpt),
+        |r| {
+            first_step.get_or_insert(r.step);
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(first_step, Some(7));
     assert!(flat(&resumed) == flat(&lens));
 
     // Save and load.
@@ -353,7 +392,7 @@ fn non_finite_activations_stop_training_with_step_and_layer() {
         &mut source,
         &options,
         None,
-        |_| {},
+        |_| Ok(()),
     )
     .unwrap_err()
     .to_string();

@@ -1,11 +1,14 @@
 """eleuther_interp: run Pythia / GPT-NeoX and Llama-family models (on candle, in Rust) from
-Python, read or replace the tensor at any hook point, and cache activations over a dataset.
+Python, read or replace the tensor at any hook point, cache activations over a dataset, and
+train, apply and evaluate tuned lenses and the logit lens.
 
 >>> import eleuther_interp as ei
 >>> model = ei.Model.from_pretrained("pythia-70m", revision="step1000")
 >>> ids = model.tokenize("Hello world")
 >>> logits, acts = model.run_with_cache(ids, hookpoints=["layers.3", "layers.3.mlp"])
 >>> logits = model.run_with_hooks(ids, {"layers.3.mlp": lambda x: x * 0})
+>>> lens = ei.TunedLens.train(model, data=["train.txt"], output="lens/")
+>>> lens_logits = lens.forward(acts["layers.3"], 4, model)   # hidden_states[4]
 
 Arrays cross as numpy: token ids in (any integer dtype, or lists), float32 out.
 Errors: ``ValueError`` for bad arguments (unknown hook point, token id out of range, bad
@@ -17,30 +20,50 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from ._native import (
     ActivationCache,
     CacheBatches,
+    LogitLens,
     Model,
     Tokenizer,
+    TunedLens,
     __version__,
     cache_activations,
+    evaluate_lens,
     run_cli as _run_cli,
+    run_lens_cli as _run_lens_cli,
     write_synthetic_weights,
 )
 
 __all__ = [
     "ActivationCache",
     "CacheBatches",
+    "LogitLens",
     "Model",
     "Tokenizer",
+    "TunedLens",
     "__version__",
     "cache_activations",
+    "evaluate_lens",
     "hooks_main",
+    "lens_main",
     "make_synthetic_model",
     "write_synthetic_weights",
 ]
+
+
+def _run_main(program: str, run: Callable[[list[str]], None], argv: Optional[Sequence[str]]) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        run([program, *[os.fspath(a) for a in argv]])
+    except RuntimeError as error:
+        sys.stdout.flush()
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def hooks_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -55,15 +78,22 @@ def hooks_main(argv: Optional[Sequence[str]] = None) -> int:
     runs with the GIL released and cannot be interrupted with Ctrl-C until it returns; use
     :func:`cache_activations` for an interruptible job.
     """
-    if argv is None:
-        argv = sys.argv[1:]
-    try:
-        _run_cli(["hooks", *[os.fspath(a) for a in argv]])
-    except RuntimeError as error:
-        sys.stdout.flush()
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return _run_main("hooks", _run_cli, argv)
+
+
+def lens_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the ``lens`` command line (``lens train``, ``lens eval``) in this process and
+    returns its exit status.
+
+    ``argv`` is the argument list without the program name (default ``sys.argv[1:]``).
+    An error prints ``error: <message>`` on stderr and returns 1. ``--help``, ``--version``
+    and invalid arguments end the process, as a command line does (status 0 or 2).
+
+    This is the entry point of the ``lens`` console script. Called from Python, the work
+    runs with the GIL released and cannot be interrupted with Ctrl-C until it returns; use
+    :meth:`TunedLens.train` and :func:`evaluate_lens` for interruptible work.
+    """
+    return _run_main("lens", _run_lens_cli, argv)
 
 
 def make_synthetic_model(

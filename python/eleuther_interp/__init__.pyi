@@ -10,11 +10,15 @@ import numpy.typing as npt
 __all__ = [
     "ActivationCache",
     "CacheBatches",
+    "LogitLens",
     "Model",
     "Tokenizer",
+    "TunedLens",
     "__version__",
     "cache_activations",
+    "evaluate_lens",
     "hooks_main",
+    "lens_main",
     "make_synthetic_model",
     "write_synthetic_weights",
 ]
@@ -188,3 +192,107 @@ def make_synthetic_model(folder: _Path, config: Mapping[str, Any], tokenizer: Op
 
 def hooks_main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the ``hooks`` command line; returns its exit status."""
+
+@final
+class TunedLens:
+    """A tuned lens: one affine translator per layer, ``h + h @ W.T + b``, applied to the
+    residual stream entering that layer (``hidden_states[i]``) and decoded with the model's
+    final norm and unembedding. Zero translators equal the logit lens."""
+
+    @staticmethod
+    def for_model(model: Union[Model, _Path]) -> "TunedLens":
+        """A zero-initialised lens (equal to the logit lens) for ``model``."""
+    @staticmethod
+    def load(path: _Path, device: str = "cpu") -> "TunedLens":
+        """Loads ours (``params.safetensors``) or tuned-lens's (``params.pt``) lens folder."""
+    def save(self, path: _Path) -> None:
+        """Writes ``config.json`` + ``params.safetensors`` (the format of ``lens train``)."""
+    def export_reference(self, path: _Path) -> None:
+        """Writes tuned-lens's format (``config.json`` + ``params.pt``); needs PyTorch."""
+    def forward(self, hidden: npt.ArrayLike, layer: int, model: Model) -> _F32:
+        """Lens logits ``[..., vocab]`` of ``hidden`` ``[..., d_model]`` at ``layer``."""
+    def __call__(self, hidden: npt.ArrayLike, layer: int, model: Model) -> _F32:
+        """Same as :meth:`forward`."""
+    def transform_hidden(self, hidden: npt.ArrayLike, layer: int) -> _F32:
+        """The translated hidden states ``h + h @ W.T + b`` (same shape)."""
+    def check_model(self, model: Model) -> None:
+        """Raises ``ValueError`` unless the lens fits ``model``."""
+    def state_dict(self) -> dict[str, _F32]:
+        """Parameters keyed ``"{i}.weight"`` / ``"{i}.bias"``, float32."""
+    @property
+    def config(self) -> dict[str, Any]:
+        """``config.json`` as a dict (tuned-lens's field names)."""
+    @property
+    def num_layers(self) -> int:
+        """Number of translators."""
+    @property
+    def d_model(self) -> int:
+        """Residual width."""
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Per-step training records (``step``, ``loss`` per layer, ``grad_norm``, ``lr``)."""
+    def __len__(self) -> int: ...
+    @staticmethod
+    def train(
+        model: Union[Model, _Path],
+        data: Union[_Path, Sequence[_Path], None] = None,
+        *,
+        activations: Optional[_Path] = None,
+        output: Optional[_Path] = None,
+        steps: int = 250,
+        tokens_per_step: int = 262144,
+        lr: float = 1.0,
+        optimizer: str = "sgd",
+        loss: str = "kl",
+        seq_len: int = 2048,
+        batch_size: int = 1,
+        chunk_tokens: int = 256,
+        seed: int = 42,
+        checkpoint_every: int = 25,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-3,
+        clip: float = 1.0,
+        format: Optional[str] = None,
+        text_field: str = "text",
+        progress: bool = False,
+        callback: Optional[Callable[[dict[str, Any]], Any]] = None,
+    ) -> "TunedLens":
+        """Trains a lens with the reference recipe over ``data`` or a cache of
+        ``activations``; resumable with ``output``; ``callback(step_record)`` per step."""
+
+@final
+class LogitLens:
+    """Decodes residual-stream vectors with the model's final norm and unembedding."""
+
+    def __new__(cls, model: Union[Model, _Path]) -> "LogitLens": ...
+    @staticmethod
+    def from_model(model: Union[Model, _Path]) -> "LogitLens":
+        """Same as ``LogitLens(model)``."""
+    def forward(self, hidden: npt.ArrayLike, layer: Optional[int] = None) -> _F32:
+        """Logits ``[..., vocab]`` of ``hidden`` ``[..., d_model]`` (``layer`` is ignored)."""
+    def __call__(self, hidden: npt.ArrayLike, layer: Optional[int] = None) -> _F32:
+        """Same as :meth:`forward`."""
+    def transform_hidden(self, hidden: npt.ArrayLike, layer: Optional[int] = None) -> _F32:
+        """The identity (a float32 copy)."""
+    @property
+    def model(self) -> Model:
+        """The model it decodes with."""
+
+def evaluate_lens(
+    model: Union[Model, _Path],
+    lens: Optional[TunedLens] = None,
+    data: Union[_Path, Sequence[_Path], None] = None,
+    *,
+    activations: Optional[_Path] = None,
+    tokens: int = 262144,
+    seq_len: int = 2048,
+    batch_size: int = 1,
+    chunk_tokens: int = 256,
+    format: Optional[str] = None,
+    text_field: str = "text",
+) -> dict[str, Any]:
+    """Per-layer CE, entropy, KL and top-1 agreement of the logit lens (and ``lens``), as
+    ``lens eval --json`` reports them, plus ``table``."""
+
+def lens_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the ``lens`` command line; returns its exit status."""

@@ -1,4 +1,5 @@
-"""The ``hooks`` console script: the Rust command line, run in this Python process."""
+"""The ``hooks`` and ``lens`` console scripts: the Rust command lines, run in this Python
+process."""
 
 import signal
 import sys
@@ -13,6 +14,15 @@ def main() -> None:
     from . import hooks_main
 
     sys.exit(hooks_main(sys.argv[1:]))
+
+
+def lens() -> None:
+    """Entry point of the ``lens`` script: behaves like the native ``lens`` binary."""
+    # As for `hooks`: Ctrl-C terminates; `lens train` resumes from its last checkpoint.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    from . import lens_main
+
+    sys.exit(lens_main(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 //! The native part of the `eleuther_interp` Python package: bindings of the `hooks` runtime
-//! (models, hook points, tokenizers, the activation cache and the `hooks` command line).
+//! (models, hook points, tokenizers, the activation cache and the `hooks` command line) and
+//! of the `lens` crate (tuned lens and logit lens: apply, train, evaluate; the `lens`
+//! command line).
 //!
 //! Everything user-facing is documented from Python (`help(eleuther_interp.Model)`); the
 //! doc comments on the `#[pyclass]` / `#[pymethods]` items below are those docstrings.
@@ -11,6 +13,7 @@
 pub mod cache;
 pub mod convert;
 pub mod errors;
+pub mod lenses;
 pub mod model;
 
 use std::path::PathBuf;
@@ -58,6 +61,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<cache::PyActivationCache>()?;
     m.add_class::<cache::CacheBatches>()?;
     m.add_function(wrap_pyfunction!(cache::cache_activations, m)?)?;
+    m.add_class::<lenses::PyTunedLens>()?;
+    m.add_class::<lenses::PyLogitLens>()?;
+    m.add_function(wrap_pyfunction!(lenses::evaluate_lens, m)?)?;
+    m.add_function(wrap_pyfunction!(lenses::run_lens_cli, m)?)?;
     m.add_function(wrap_pyfunction!(run_cli, m)?)?;
     m.add_function(wrap_pyfunction!(write_synthetic_weights, m)?)?;
     Ok(())

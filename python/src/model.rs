@@ -3,6 +3,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use hooks::candle_core::{DeviceLocation, Tensor};
 use hooks::config::ModelConfig;
@@ -190,6 +191,8 @@ impl PyTokenizer {
 pub struct PyModel {
     inner: Model,
     tokenizer: Option<Py<PyTokenizer>>,
+    /// `lens::unembedding_hash` of the model, computed on first use (lens checks).
+    unembed_hash: OnceLock<String>,
 }
 
 /// What to do at a hook point of `run_with_hooks`.
@@ -279,6 +282,16 @@ impl PyModel {
         &self.inner
     }
 
+    /// The fingerprint of the model's unembedding that lenses record
+    /// (`lens::unembedding_hash`), computed once.
+    pub fn unembedding_hash(&self) -> lens::Result<&str> {
+        if let Some(hash) = self.unembed_hash.get() {
+            return Ok(hash);
+        }
+        let hash = lens::unembedding_hash(&self.inner.unembedding())?;
+        Ok(self.unembed_hash.get_or_init(|| hash))
+    }
+
     /// Loads a model (the GIL is released while loading).
     pub fn load(
         py: Python<'_>,
@@ -311,6 +324,7 @@ impl PyModel {
         Ok(PyModel {
             inner: model,
             tokenizer,
+            unembed_hash: OnceLock::new(),
         })
     }
 

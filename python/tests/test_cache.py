@@ -5,6 +5,9 @@ sequential and shuffled batches, and its errors."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,7 @@ import pytest
 
 import eleuther_interp as ei
 
-from conftest import wikitext_lines
+from conftest import WIKITEXT, wikitext_lines
 
 SEQ_LEN = 16
 BATCH = 3
@@ -146,8 +149,18 @@ def test_interrupt_then_resume(tiny_model, sample, cached, tmp_path):
     assert (out / "progress.json").exists() and not (out / "manifest.json").exists()
     with pytest.raises(RuntimeError, match="incomplete"):
         ei.ActivationCache(out)
-    summary = write(tiny_model, sample, out)
+    infos: list[dict] = []
+    summary = write(tiny_model, sample, out, callback=infos.append)
     assert summary["resumed_chunks"] == 2 * BATCH
+    # The counts seen by the callback of the resumed run: tokens in all, new ones, shards.
+    assert infos[0]["tokens"] == 3 * BATCH * SEQ_LEN and infos[0]["new_tokens"] == BATCH * SEQ_LEN
+    assert infos[-1]["tokens"] == summary["tokens"]
+    assert infos[-1]["new_tokens"] == summary["new_tokens"] == summary["tokens"] - 2 * BATCH * SEQ_LEN
+    # `shards`: the shards complete once that batch is written (the last, partial one is
+    # written after the last batch).
+    ends = np.cumsum([shard["tokens"] for shard in summary["manifest"]["shards"]])
+    assert [i["shards"] for i in infos[:-1]] == [int((ends <= i["tokens"]).sum()) for i in infos[:-1]]
+    assert infos[0]["shards"] == 1 and infos[-1]["shards"] == summary["shards"] - 1
     full = read_all(ei.ActivationCache(cached[0]))
     resumed = read_all(ei.ActivationCache(out))
     assert summary["tokens"] == len(full["tokens"])
@@ -218,3 +231,20 @@ def test_errors(tiny_model, sample, tmp_path):
         ei.ActivationCache(tmp_path / "empty")
     with pytest.raises(ValueError, match="positive"):
         ei.cache_activations(tiny_model, POINTS, data=[sample], output=tmp_path / "z", seq_len=0)
+
+
+def test_ctrl_c_stops_and_keeps_what_was_computed(tiny_model, tmp_path):
+    out = tmp_path / "ctrl-c"
+    # SIGINT while Rust runs the job (GIL released, no callback): the writer saves a shard
+    # and stops; the folder is an unfinished, resumable cache.
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ei.cache_activations(tiny_model, POINTS, data=[WIKITEXT], output=out, seq_len=SEQ_LEN,
+                                 batch_size=BATCH, max_tokens=200_000)
+    finally:
+        timer.cancel()
+    assert (out / "progress.json").exists() and not (out / "manifest.json").exists()
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["chunks"] > 0 and len(progress["shards"]) == 1

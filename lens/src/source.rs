@@ -1,0 +1,108 @@
+//! Where a lens's activations come from: the model run over a dataset (streaming, no disk)
+//! or an activation cache made by `hooks cache`. Shared by the `lens` command and Python.
+
+use std::path::PathBuf;
+
+use hooks::activations::{ActivationCache, ActivationSource, ModelActivations, ReadOrder};
+use hooks::data::DataSpec;
+use hooks::Model;
+
+use crate::train::required_hook_points;
+use crate::{Error, Result};
+
+/// The data a lens is trained or evaluated on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LensData {
+    /// Text or token files to run the model over (empty when `activations` is given).
+    pub data: Vec<PathBuf>,
+    /// An activation cache with embed and every `layers.{i}`.
+    pub activations: Option<PathBuf>,
+    /// Format of the data files (see `hooks::data::DataFormat::parse`).
+    pub format: Option<String>,
+    /// JSON field / parquet column with the text.
+    pub text_field: String,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Sequences per forward pass.
+    pub batch_size: usize,
+}
+
+impl LensData {
+    /// The dataset spec of `data`.
+    pub fn spec(&self) -> DataSpec {
+        DataSpec {
+            paths: self.data.clone(),
+            format: self.format.clone(),
+            text_field: self.text_field.clone(),
+            seq_len: self.seq_len,
+        }
+    }
+
+    /// Opens the source a lens over `model` needs (every lens input and the last layer).
+    /// A cache is read in `order`; the model is run over at most `max_tokens` tokens,
+    /// rounded up to whole sequences.
+    pub fn open<'m>(
+        &self,
+        model: &'m Model,
+        order: ReadOrder,
+        max_tokens: Option<u64>,
+    ) -> Result<Box<dyn ActivationSource + Send + 'm>> {
+        if self.seq_len == 0 || self.batch_size == 0 {
+            return Err(Error::Lens(
+                "sequence length and batch size must be positive".into(),
+            ));
+        }
+        let points = required_hook_points(model.config().num_layers());
+        match (&self.activations, self.data.is_empty()) {
+            (Some(_), false) => {
+                return Err(Error::Lens(
+                    "give data files or an activation cache, not both".into(),
+                ))
+            }
+            (None, true) => {
+                return Err(Error::Lens("give data files or an activation cache".into()))
+            }
+            _ => {}
+        }
+        if let Some(dir) = &self.activations {
+            let cache = ActivationCache::open(dir)?;
+            let names: Vec<String> = points.iter().map(|p| model.hook_name(*p)).collect();
+            if let Some(missing) = names
+                .iter()
+                .find(|n| !cache.manifest().settings.hook_points.contains(n))
+            {
+                return Err(Error::Lens(format!(
+                    "activation cache {} lacks hook point '{missing}'; a lens needs {}",
+                    dir.display(),
+                    names.join(", ")
+                )));
+            }
+            return Ok(Box::new(
+                cache.reader(self.seq_len * self.batch_size, order)?,
+            ));
+        }
+        let chunks = self.spec().chunks(model.tokenizer().ok())?;
+        let max_chunks = max_tokens.map(|t| t.div_ceil(self.seq_len as u64));
+        Ok(Box::new(ModelActivations::new(
+            model,
+            chunks,
+            points,
+            self.batch_size,
+            model.dtype(),
+            max_chunks,
+        )?))
+    }
+
+    /// The factor from nats per token to bits per byte of the text (`tokens / bytes / ln 2`)
+    /// over the first `tokens` tokens of `data`; `None` for a cache or pre-tokenized data.
+    pub fn nats_to_bits_per_byte(&self, model: &Model, tokens: u64) -> Result<Option<f64>> {
+        if self.activations.is_some() {
+            return Ok(None);
+        }
+        let mut chunks = self.spec().chunks(model.tokenizer().ok())?;
+        chunks.skip_chunks(tokens / self.seq_len as u64)?;
+        Ok((chunks.text_bytes() > 0).then(|| {
+            chunks.tokens_read() as f64 / chunks.text_bytes() as f64 / std::f64::consts::LN_2
+        }))
+    }
+}

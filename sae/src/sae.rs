@@ -1,0 +1,549 @@
+//! The sparse autoencoder: parameters, encoder, decoder and files, as in sparsify's
+//! `SparseCoder` (`sparsify/sparse_coder.py`, PyPI `eai-sparsify` 1.3.3).
+//!
+//! `encode(x) = TopK_k(ReLU(W_enc (x − b_dec) + b_enc))` (no `− b_dec` for transcoders),
+//! `decode(a, i) = Σ_j a_j W_dec[i_j] + b_dec`, plus `x W_skipᵀ` with a skip connection.
+//! Files: `cfg.json` (the config fields plus `d_in`) and `sae.safetensors` with
+//! `encoder.weight [n, d]`, `encoder.bias [n]`, `W_dec [n, d]`, `b_dec [d]` (and
+//! `W_skip [d, d]` with a skip connection), float32.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::kernels;
+use crate::{Error, Result};
+
+/// `cfg.json` of a sparsify sparse coder (`SparseCoderConfig` plus `d_in`), field names and
+/// defaults as in sparsify; every field but `d_in` may be missing, unknown fields (such as
+/// the `signed` of older releases) are ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaeConfig {
+    /// Activation function: only `"topk"` is supported (sparsify also has `"groupmax"`).
+    #[serde(default = "default_activation")]
+    pub activation: String,
+    /// Latents per input dimension, used when `num_latents` is 0.
+    #[serde(default = "default_expansion_factor")]
+    pub expansion_factor: usize,
+    /// Keep decoder rows at unit norm during training.
+    #[serde(default = "default_true")]
+    pub normalize_decoder: bool,
+    /// Number of latents; 0 means `d_in × expansion_factor`.
+    #[serde(default)]
+    pub num_latents: usize,
+    /// Active latents per token.
+    #[serde(default = "default_k")]
+    pub k: usize,
+    /// Train with the Multi-TopK loss (affects training only).
+    #[serde(default)]
+    pub multi_topk: bool,
+    /// A linear skip connection `W_skip [d, d]`.
+    #[serde(default)]
+    pub skip_connection: bool,
+    /// A transcoder (predicts a module's output from its input): the encoder does not
+    /// subtract `b_dec`.
+    #[serde(default)]
+    pub transcode: bool,
+    /// Input width.
+    pub d_in: usize,
+}
+
+fn default_activation() -> String {
+    "topk".into()
+}
+
+fn default_expansion_factor() -> usize {
+    32
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_k() -> usize {
+    32
+}
+
+impl SaeConfig {
+    /// A TopK autoencoder config with sparsify's defaults, `num_latents` latents and `k`
+    /// active ones.
+    pub fn new(d_in: usize, num_latents: usize, k: usize) -> Self {
+        SaeConfig {
+            activation: default_activation(),
+            expansion_factor: default_expansion_factor(),
+            normalize_decoder: true,
+            num_latents,
+            k,
+            multi_topk: false,
+            skip_connection: false,
+            transcode: false,
+            d_in,
+        }
+    }
+
+    /// The number of latents (`num_latents`, or `d_in × expansion_factor` when that is 0).
+    pub fn latents(&self) -> usize {
+        if self.num_latents > 0 {
+            self.num_latents
+        } else {
+            self.d_in * self.expansion_factor
+        }
+    }
+
+    /// Checks that the config describes an SAE this crate can run.
+    pub fn validate(&self) -> Result<()> {
+        if self.activation != "topk" {
+            return Err(Error::Sae(format!(
+                "activation '{}' is not supported (only 'topk')",
+                self.activation
+            )));
+        }
+        if self.d_in == 0 || self.latents() == 0 {
+            return Err(Error::Sae(format!(
+                "d_in ({}) and the number of latents ({}) must be positive",
+                self.d_in,
+                self.latents()
+            )));
+        }
+        if self.k == 0 || self.k > self.latents() {
+            return Err(Error::Sae(format!(
+                "k = {} must be between 1 and the number of latents ({})",
+                self.k,
+                self.latents()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What [`Sae::forward`] computes.
+#[derive(Debug, Clone)]
+pub struct ForwardOutput {
+    /// The reconstruction (or, for a transcoder, the prediction) `[N, d]`.
+    pub x_hat: Tensor,
+    /// Activations of the selected latents `[N, k]`, largest first.
+    pub top_acts: Tensor,
+    /// Their latent indices `[N, k]` (u32).
+    pub top_indices: Tensor,
+    /// Fraction of variance unexplained over the batch: `Σ‖y − x̂‖² / Σ‖y − mean(y)‖²`.
+    pub fvu: f64,
+}
+
+/// A TopK sparse autoencoder (or transcoder) with sparsify's parameters.
+#[derive(Debug, Clone)]
+pub struct Sae {
+    config: SaeConfig,
+    w_enc: Tensor,
+    b_enc: Tensor,
+    w_dec: Tensor,
+    b_dec: Tensor,
+    w_skip: Option<Tensor>,
+}
+
+/// Tensor names in `sae.safetensors`, in the order of [`Sae::parameters`].
+const NAMES: [&str; 4] = ["encoder.weight", "encoder.bias", "W_dec", "b_dec"];
+const SKIP: &str = "W_skip";
+
+impl Sae {
+    /// A freshly initialised SAE, as sparsify does it: encoder weight from PyTorch's
+    /// `nn.Linear` default (uniform in `±1/√d_in`; drawn from a seeded generator, so not
+    /// PyTorch's numbers), zero encoder bias, decoder = encoder with unit-norm rows (zeros
+    /// for a transcoder), zero `b_dec` (a trainer sets it to the data mean), zero `W_skip`.
+    pub fn new(config: SaeConfig, seed: u64, device: &Device) -> Result<Self> {
+        config.validate()?;
+        let (d, n) = (config.d_in, config.latents());
+        let bound = 1.0 / (d as f32).sqrt();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let w: Vec<f32> = (0..n * d)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        let w_enc = Tensor::from_vec(w, (n, d), device)?;
+        let w_dec = if config.transcode {
+            w_enc.zeros_like()?
+        } else {
+            w_enc.clone()
+        };
+        let w_skip = if config.skip_connection {
+            Some(Tensor::zeros((d, d), DType::F32, device)?)
+        } else {
+            None
+        };
+        let mut sae = Sae {
+            b_enc: Tensor::zeros(n, DType::F32, device)?,
+            b_dec: Tensor::zeros(d, DType::F32, device)?,
+            config,
+            w_enc,
+            w_dec,
+            w_skip,
+        };
+        if sae.config.normalize_decoder && !sae.config.transcode {
+            sae.set_decoder_norm_to_unit_norm()?;
+        }
+        Ok(sae)
+    }
+
+    /// The config.
+    pub fn config(&self) -> &SaeConfig {
+        &self.config
+    }
+
+    /// Input width `d`.
+    pub fn d_in(&self) -> usize {
+        self.config.d_in
+    }
+
+    /// Number of latents `n`.
+    pub fn num_latents(&self) -> usize {
+        self.config.latents()
+    }
+
+    /// Active latents per token.
+    pub fn k(&self) -> usize {
+        self.config.k
+    }
+
+    /// Changes the number of active latents (e.g. a k schedule); must be in `1..=n`.
+    pub fn set_k(&mut self, k: usize) -> Result<()> {
+        let mut config = self.config.clone();
+        config.k = k;
+        config.validate()?;
+        self.config = config;
+        Ok(())
+    }
+
+    /// Encoder weight `[n, d]` (`encoder.weight`).
+    pub fn w_enc(&self) -> &Tensor {
+        &self.w_enc
+    }
+
+    /// Encoder bias `[n]` (`encoder.bias`).
+    pub fn b_enc(&self) -> &Tensor {
+        &self.b_enc
+    }
+
+    /// Decoder weight `[n, d]`: row `i` is latent `i`'s direction (`W_dec`).
+    pub fn w_dec(&self) -> &Tensor {
+        &self.w_dec
+    }
+
+    /// Decoder bias `[d]` (`b_dec`), also subtracted from the input before encoding.
+    pub fn b_dec(&self) -> &Tensor {
+        &self.b_dec
+    }
+
+    /// Skip-connection weight `[d, d]`, if the config has one.
+    pub fn w_skip(&self) -> Option<&Tensor> {
+        self.w_skip.as_ref()
+    }
+
+    /// The trainable parameters `[W_enc, b_enc, W_dec, b_dec]` (not `W_skip`).
+    pub fn parameters(&self) -> Vec<Tensor> {
+        vec![
+            self.w_enc.clone(),
+            self.b_enc.clone(),
+            self.w_dec.clone(),
+            self.b_dec.clone(),
+        ]
+    }
+
+    /// Replaces the parameters (same order, shapes and dtype as [`Sae::parameters`]).
+    pub fn set_parameters(&mut self, params: Vec<Tensor>) -> Result<()> {
+        let current = self.parameters();
+        if params.len() != current.len() {
+            return Err(Error::Sae(format!(
+                "expected {} parameter tensors, got {}",
+                current.len(),
+                params.len()
+            )));
+        }
+        for ((name, old), new) in NAMES.iter().zip(&current).zip(&params) {
+            if old.dims() != new.dims() || old.dtype() != new.dtype() {
+                return Err(Error::Sae(format!(
+                    "parameter '{name}' must be {:?} {:?}, got {:?} {:?}",
+                    old.dtype(),
+                    old.dims(),
+                    new.dtype(),
+                    new.dims()
+                )));
+            }
+        }
+        let mut it = params.into_iter();
+        self.w_enc = it.next().unwrap();
+        self.b_enc = it.next().unwrap();
+        self.w_dec = it.next().unwrap();
+        self.b_dec = it.next().unwrap();
+        Ok(())
+    }
+
+    /// The SAE with every parameter converted to `dtype` (e.g. f64 for gradient checks; the
+    /// fast CPU kernels apply to f32 only).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Sae {
+            config: self.config.clone(),
+            w_enc: self.w_enc.to_dtype(dtype)?,
+            b_enc: self.b_enc.to_dtype(dtype)?,
+            w_dec: self.w_dec.to_dtype(dtype)?,
+            b_dec: self.b_dec.to_dtype(dtype)?,
+            w_skip: self
+                .w_skip
+                .as_ref()
+                .map(|w| w.to_dtype(dtype))
+                .transpose()?,
+        })
+    }
+
+    /// Divides every decoder row by its norm plus float32 epsilon (sparsify's
+    /// `set_decoder_norm_to_unit_norm`).
+    pub fn set_decoder_norm_to_unit_norm(&mut self) -> Result<()> {
+        let norm = self.w_dec.sqr()?.sum_keepdim(1)?.sqrt()?;
+        self.w_dec = self.w_dec.broadcast_div(&(norm + f32::EPSILON as f64)?)?;
+        Ok(())
+    }
+
+    /// `x: [N, d]` in the parameters' dtype and device, or an error naming the shape.
+    pub(crate) fn input(&self, x: &Tensor, what: &str) -> Result<Tensor> {
+        match x.dims() {
+            [_, d] if *d == self.d_in() => Ok(x.to_dtype(self.w_enc.dtype())?),
+            dims => Err(Error::Sae(format!(
+                "{what} must be [tokens, {}], got {dims:?}",
+                self.d_in()
+            ))),
+        }
+    }
+
+    /// Pre-activations of every latent, `ReLU(W_enc (x − b_dec) + b_enc)`: `[N, n]`.
+    pub fn pre_activations(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.input(x, "input")?;
+        let x = if self.config.transcode {
+            x
+        } else {
+            x.broadcast_sub(&self.b_dec)?
+        };
+        Ok(x.matmul(&self.w_enc.t()?)?
+            .broadcast_add(&self.b_enc)?
+            .relu()?)
+    }
+
+    /// The `k` most active latents of each token of `x: [N, d]`: `(top_acts [N, k],
+    /// top_indices [N, k] u32)`, largest first, ties by lower index.
+    pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        kernels::topk(&self.pre_activations(x)?, self.config.k)
+    }
+
+    /// `Σ_j top_acts[:, j] · W_dec[top_indices[:, j]] + b_dec`: `[N, d]` (without the skip
+    /// connection, like sparsify's `decode`).
+    pub fn decode(&self, top_acts: &Tensor, top_indices: &Tensor) -> Result<Tensor> {
+        let (rows, k) = top_acts.dims2()?;
+        if top_indices.dims() != [rows, k] {
+            return Err(Error::Sae(format!(
+                "top_acts {:?} and top_indices {:?} must have the same shape",
+                top_acts.dims(),
+                top_indices.dims()
+            )));
+        }
+        let top_acts = top_acts.to_dtype(self.w_dec.dtype())?;
+        let top_indices = top_indices.to_dtype(DType::U32)?;
+        kernels::decode(&top_acts, &top_indices, &self.w_dec, &self.b_dec)
+    }
+
+    /// Encodes and decodes `x: [N, d]` and measures the FVU against `x` itself.
+    pub fn forward(&self, x: &Tensor) -> Result<ForwardOutput> {
+        self.forward_target(x, x)
+    }
+
+    /// Encodes and decodes `x` and measures the FVU against `y` (a transcoder's target).
+    pub fn forward_target(&self, x: &Tensor, y: &Tensor) -> Result<ForwardOutput> {
+        let (top_acts, top_indices) = self.encode(x)?;
+        let mut x_hat = self.decode(&top_acts, &top_indices)?;
+        if let Some(w_skip) = &self.w_skip {
+            x_hat = (x_hat + self.input(x, "input")?.matmul(&w_skip.t()?)?)?;
+        }
+        let y = self.input(y, "target")?;
+        if y.dim(0)? != x_hat.dim(0)? {
+            return Err(Error::Sae(format!(
+                "target has {} rows, input {}",
+                y.dim(0)?,
+                x_hat.dim(0)?
+            )));
+        }
+        let fvu = fvu(&y, &x_hat)?;
+        Ok(ForwardOutput {
+            x_hat,
+            top_acts,
+            top_indices,
+            fvu,
+        })
+    }
+
+    /// Writes `cfg.json` and `sae.safetensors` into `dir` (created if needed), atomically,
+    /// in sparsify's layout.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| hooks::Error::io(dir, e))?;
+        let mut tensors: Vec<(String, Vec<Tensor>)> = NAMES
+            .iter()
+            .zip(self.parameters())
+            .map(|(name, t)| Ok((name.to_string(), vec![t.to_dtype(DType::F32)?])))
+            .collect::<Result<_>>()?;
+        if let Some(w) = &self.w_skip {
+            tensors.push((SKIP.into(), vec![w.to_dtype(DType::F32)?]));
+        }
+        hooks::atomic::write_safetensors(&dir.join("sae.safetensors"), &tensors)?;
+        hooks::atomic::write_json(&dir.join("cfg.json"), &self.config)?;
+        Ok(())
+    }
+
+    /// Reads an SAE saved by sparsify's `save_to_disk` (or [`Sae::save`]) from `dir`;
+    /// parameters become float32 on `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let cfg_path = dir.join("cfg.json");
+        let text =
+            std::fs::read_to_string(&cfg_path).map_err(|e| hooks::Error::io(&cfg_path, e))?;
+        let config: SaeConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::Sae(format!("{}: {e}", cfg_path.display())))?;
+        config
+            .validate()
+            .map_err(|e| Error::Sae(format!("{}: {e}", cfg_path.display())))?;
+        let path = dir.join("sae.safetensors");
+        if !path.is_file() {
+            return Err(Error::Sae(format!("{}: no such file", path.display())));
+        }
+        let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&path, device)
+            .map_err(|e| Error::Sae(format!("{}: {e}", path.display())))?;
+        let (d, n) = (config.d_in, config.latents());
+        let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = tensors.get(name).ok_or_else(|| {
+                Error::Sae(format!(
+                    "{}: missing tensor '{name}' (expected shape {shape:?})",
+                    path.display()
+                ))
+            })?;
+            if t.dims() != shape {
+                return Err(Error::Sae(format!(
+                    "{}: tensor '{name}' has shape {:?}, but cfg.json (d_in {d}, {n} latents) needs {shape:?}",
+                    path.display(),
+                    t.dims()
+                )));
+            }
+            Ok(t.to_dtype(DType::F32)?)
+        };
+        let w_skip = if config.skip_connection {
+            Some(get(SKIP, &[d, d])?)
+        } else {
+            None
+        };
+        Ok(Sae {
+            w_enc: get(NAMES[0], &[n, d])?,
+            b_enc: get(NAMES[1], &[n])?,
+            w_dec: get(NAMES[2], &[n, d])?,
+            b_dec: get(NAMES[3], &[d])?,
+            w_skip,
+            config,
+        })
+    }
+}
+
+/// Fraction of variance unexplained as sparsify computes it: `Σ (y − ŷ)² / Σ (y − ȳ)²`,
+/// sums over tokens and dimensions, `ȳ` the batch mean.
+pub fn fvu(y: &Tensor, y_hat: &Tensor) -> Result<f64> {
+    let total_variance = total_variance(y)?;
+    let l2 = (y - y_hat)?
+        .sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    Ok(l2 / total_variance)
+}
+
+/// `Σ (y − ȳ)²` over tokens and dimensions (the FVU's denominator).
+pub(crate) fn total_variance(y: &Tensor) -> Result<f64> {
+    Ok(y.broadcast_sub(&y.mean_keepdim(0)?)?
+        .sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::uniform;
+
+    #[test]
+    fn config_defaults_and_unknown_fields() {
+        let config: SaeConfig = serde_json::from_str(
+            r#"{"k": 16, "signed": false, "d_in": 512, "num_latents": 32768}"#,
+        )
+        .unwrap();
+        assert_eq!(config.activation, "topk");
+        assert!(config.normalize_decoder && !config.transcode && !config.multi_topk);
+        assert_eq!((config.latents(), config.k), (32768, 16));
+        let config: SaeConfig = serde_json::from_str(r#"{"d_in": 8}"#).unwrap();
+        assert_eq!((config.latents(), config.k), (256, 32));
+        let bad = SaeConfig {
+            activation: "groupmax".into(),
+            ..SaeConfig::new(8, 64, 4)
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("groupmax"));
+        assert!(SaeConfig::new(8, 64, 65).validate().is_err());
+        assert!(serde_json::from_str::<SaeConfig>(r#"{"k": 4}"#).is_err());
+    }
+
+    #[test]
+    fn init_follows_sparsify() {
+        let sae = Sae::new(SaeConfig::new(16, 40, 4), 7, &Device::Cpu).unwrap();
+        let w: Vec<Vec<f32>> = sae.w_enc().to_vec2().unwrap();
+        let dec: Vec<Vec<f32>> = sae.w_dec().to_vec2().unwrap();
+        let bound = 0.25f32;
+        for (we, wd) in w.iter().zip(&dec) {
+            assert!(we.iter().all(|v| v.abs() <= bound));
+            let norm = we.iter().map(|v| v * v).sum::<f32>().sqrt();
+            for (a, b) in we.iter().zip(wd) {
+                assert!((a / norm - b).abs() < 1e-6);
+            }
+        }
+        assert_eq!(
+            sae.b_enc().sum_all().unwrap().to_scalar::<f32>().unwrap(),
+            0.0
+        );
+        assert_eq!(
+            sae.b_dec().sum_all().unwrap().to_scalar::<f32>().unwrap(),
+            0.0
+        );
+        // Seeded: same seed, same SAE.
+        let again = Sae::new(SaeConfig::new(16, 40, 4), 7, &Device::Cpu).unwrap();
+        assert_eq!(again.w_enc().to_vec2::<f32>().unwrap(), w);
+    }
+
+    #[test]
+    fn forward_is_decode_of_encode_and_f64_agrees() {
+        let mut sae = Sae::new(SaeConfig::new(12, 30, 3), 1, &Device::Cpu).unwrap();
+        let mut params = sae.parameters();
+        params[3] = uniform(&[12], 0.0, 0.8, 1);
+        params[1] = uniform(&[30], 0.0, 0.2, 2);
+        sae.set_parameters(params).unwrap();
+        let x = uniform(&[9, 12], 0.0, 1.7, 3);
+        let out = sae.forward(&x).unwrap();
+        assert_eq!(out.top_indices.dims(), &[9, 3]);
+        let fvu_direct = fvu(&x, &out.x_hat).unwrap();
+        assert!((out.fvu - fvu_direct).abs() < 1e-12);
+        // The f64 SAE runs the generic tensor path: same selection, same reconstruction.
+        let out64 = sae.to_dtype(DType::F64).unwrap().forward(&x).unwrap();
+        assert_eq!(
+            out64.top_indices.to_vec2::<u32>().unwrap(),
+            out.top_indices.to_vec2::<u32>().unwrap()
+        );
+        let diff: f64 = (out64.x_hat - out.x_hat.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+        assert!(sae.forward(&x.narrow(1, 0, 11).unwrap()).is_err());
+    }
+}

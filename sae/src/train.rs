@@ -1,0 +1,1053 @@
+//! Training a TopK autoencoder with sparsify's recipe (`sparsify/trainer.py`, optimizer
+//! `adam`): loss = FVU of each batch, `Σ‖x − x̂‖² / Σ‖x − mean(x)‖²`; `b_dec` set to the
+//! first batch's mean; Adam (PyTorch defaults, no weight decay) at
+//! `lr = 2e-4 / √(num_latents / 2^14)` unless given, linear warm-up over 1000 steps then
+//! linear decay to zero at the last step (transformers' `get_linear_schedule_with_warmup`,
+//! so the first step has lr 0 as in sparsify); decoder rows kept at unit norm (the gradient
+//! component parallel to each row is removed before the step, rows are renormalised after
+//! it); dead latents = not selected for more than 10M tokens.
+//!
+//! Gradients are written by hand and touch only the `k` selected latents of each token
+//! (see [`fvu_and_grads`]). One deliberate difference from sparsify: its fused encoder
+//! backward ignores the ReLU, so a selected latent with pre-activation ≤ 0 (possible only
+//! when fewer than `k` are positive) still passes gradient to the encoder; ours passes none
+//! (the exact gradient).
+//!
+//! Checkpoints (SAE, Adam state, dead-latent counters and history in one safetensors file,
+//! written atomically) let an interrupted run resume exactly where it stopped.
+//!
+//! Optional terms, both as in sparsify and off by default: AuxK (`auxk_alpha`) and
+//! Multi-TopK (the SAE config's `multi_topk`); see [`fvu_and_grads`].
+//!
+//! Not implemented yet: transcoders and skip connections (refused with a clear error).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use hooks::activations::ActivationSource;
+use hooks::optim::{linear_schedule, Optimizer, Rule};
+use hooks::HookPoint;
+use serde::{Deserialize, Serialize};
+
+use crate::kernels::{backward, Backward};
+use crate::sae::total_variance as batch_variance;
+use crate::{Error, Result, Sae, SaeConfig};
+
+/// Training options; the defaults are sparsify's (Adam).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainOptions {
+    /// Optimiser steps.
+    pub steps: u64,
+    /// Tokens per step (sparsify: 32 sequences of 2048).
+    pub tokens_per_step: usize,
+    /// Tokens encoded at once within a step (bounds memory: the dense pre-activations
+    /// take `chunk_tokens × num_latents` floats); gradients are summed over the chunks.
+    pub chunk_tokens: usize,
+    /// Peak learning rate; `None` means `2e-4 / √(num_latents / 2^14)`.
+    pub lr: Option<f64>,
+    /// Linear warm-up steps.
+    pub warmup_steps: u64,
+    /// A latent is dead after this many tokens without being selected.
+    pub dead_feature_threshold: u64,
+    /// Weight of the AuxK loss (0: off, sparsify's default; Gao et al. use 1/32).
+    pub auxk_alpha: f64,
+    /// Save a checkpoint every this many steps (0: only at the end), when [`train`] is
+    /// given a checkpoint folder.
+    pub checkpoint_every: u64,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            steps: 1000,
+            tokens_per_step: 32 * 2048,
+            chunk_tokens: 4096,
+            lr: None,
+            warmup_steps: 1000,
+            dead_feature_threshold: 10_000_000,
+            auxk_alpha: 0.0,
+            checkpoint_every: 1000,
+        }
+    }
+}
+
+impl TrainOptions {
+    /// The peak learning rate for an SAE with `num_latents` latents.
+    pub fn peak_lr(&self, num_latents: usize) -> f64 {
+        self.lr
+            .unwrap_or_else(|| 2e-4 / (num_latents as f64 / (1u64 << 14) as f64).sqrt())
+    }
+}
+
+/// The FVU of a batch and its gradient.
+#[derive(Debug, Clone)]
+pub struct FvuGrads {
+    /// `Σ‖x − x̂‖² / Σ‖x − mean(x)‖²`.
+    pub fvu: f64,
+    /// Gradients in the order of [`Sae::parameters`]: `[W_enc, b_enc, W_dec, b_dec]`.
+    pub grads: Vec<Tensor>,
+    /// Activations of the selected latents `[N, k]`.
+    pub top_acts: Tensor,
+    /// The selected latents `[N, k]` (u32).
+    pub top_indices: Tensor,
+    /// The AuxK loss before weighting (0 without AuxK or without dead latents).
+    pub auxk_loss: f64,
+    /// With Multi-TopK: the FVU of the reconstruction from the `4k` most active latents,
+    /// and those latents `[N, 4k]` (which sparsify counts as fired).
+    pub multi_topk: Option<(f64, Tensor)>,
+}
+
+/// What the AuxK objective (Gao et al. 2024, as in sparsify) needs for one batch.
+#[derive(Debug, Clone, Copy)]
+pub struct AuxK<'a> {
+    /// Per latent: whether it is dead (not selected for more than the threshold).
+    pub dead: &'a [bool],
+    /// Weight of the AuxK loss in the objective (sparsify's `auxk_alpha`).
+    pub alpha: f64,
+}
+
+/// The FVU of `sae` on `x: [N, d]` and its exact gradient with respect to the parameters
+/// (piecewise: the TopK selection is held fixed). With `x̂ = Σ_j a_j W_dec[i_j] + b_dec`,
+/// `g = 2 (x̂ − x) / TV` and `ga_j = g · W_dec[i_j]` (0 where `a_j = 0`):
+/// `∂W_dec[i_j] += a_j g`, `∂W_enc[i_j] += ga_j (x − b_dec)`, `∂b_enc[i_j] += ga_j`,
+/// `∂b_dec = Σ_tokens (g − Σ_j ga_j W_enc[i_j])`. CPU f32 uses a fused kernel (tokens,
+/// then latents, in parallel); other devices and dtypes use generic tensor ops.
+///
+/// `total_variance` is `TV`; `None` computes it from `x`. Pass the whole batch's value when
+/// `x` is one chunk of it: the chunks' FVUs and gradients then add up to the batch's
+/// (sparsify does the same for its micro-batches).
+///
+/// With `multi_topk` in the config, the objective also has Gao et al.'s Multi-TopK term
+/// `FVU_4k / 8`, the FVU of decoding the `4k` most active latents (sparsify's weighting);
+/// its gradient reaches the encoder too (sparsify 1.3.3 drops that part, as for AuxK).
+///
+/// With `auxk`, the gradient is that of `FVU + alpha · AuxK`: `AuxK = s Σ‖ê − e‖² / TV`
+/// where `e = x − x̂` is held constant, `ê` decodes (without `b_dec`) the
+/// `k_aux = min(d/2, #dead)` most active dead latents and `s = min(#dead / (d/2), 1)`,
+/// as in sparsify. Unlike sparsify 1.3.3, whose fused encoder drops the gradient of the
+/// pre-activations, the AuxK gradient also reaches the encoder (and `b_dec` through the
+/// encoder input), as in OpenAI's implementation: that is what lets dead latents revive.
+pub fn fvu_and_grads(
+    sae: &Sae,
+    x: &Tensor,
+    total_variance: Option<f64>,
+    auxk: Option<&AuxK>,
+) -> Result<FvuGrads> {
+    check_trainable(sae.config())?;
+    let x = sae.input(x, "training input")?;
+    let tv = match total_variance {
+        Some(tv) => tv,
+        None => batch_variance(&x)?,
+    };
+    if tv.is_nan() || tv <= 0.0 {
+        return Err(Error::Training(format!(
+            "the batch has no variance (total variance {tv}); the FVU is undefined"
+        )));
+    }
+    let pre = sae.pre_activations(&x)?;
+    let (top_acts, top_indices) = crate::kernels::topk(&pre, sae.k())?;
+    let x_hat = sae.decode(&top_acts, &top_indices)?;
+    let residual = (&x - &x_hat)?;
+    let l2 = sum_squares(&residual)?;
+    let xc = x.broadcast_sub(sae.b_dec())?;
+    let mut grads = backward(&Backward {
+        x: &x,
+        xc: &xc,
+        acts: &top_acts,
+        indices: &top_indices,
+        x_hat: &x_hat,
+        w_enc: sae.w_enc(),
+        w_dec: sae.w_dec(),
+        scale: 2.0 / tv,
+    })?;
+    let mut multi_topk = None;
+    if sae.config().multi_topk {
+        let (acts, indices) = crate::kernels::topk(&pre, 4 * sae.k())?;
+        let x_hat = sae.decode(&acts, &indices)?;
+        let extra = backward(&Backward {
+            x: &x,
+            xc: &xc,
+            acts: &acts,
+            indices: &indices,
+            x_hat: &x_hat,
+            w_enc: sae.w_enc(),
+            w_dec: sae.w_dec(),
+            scale: 2.0 / (8.0 * tv),
+        })?;
+        grads = add_all(&grads, &extra)?;
+        multi_topk = Some((sum_squares(&(&x - &x_hat)?)? / tv, indices));
+    }
+    let mut auxk_loss = 0.0;
+    if let Some(auxk) = auxk {
+        if let Some((loss, aux)) = auxk_and_grads(sae, &xc, &pre, &residual, auxk, tv)? {
+            auxk_loss = loss;
+            grads = add_all(&grads, &aux)?;
+        }
+    }
+    Ok(FvuGrads {
+        fvu: l2 / tv,
+        grads,
+        top_acts,
+        top_indices,
+        auxk_loss,
+        multi_topk,
+    })
+}
+
+fn add_all(a: &[Tensor], b: &[Tensor]) -> Result<Vec<Tensor>> {
+    Ok(a.iter()
+        .zip(b)
+        .map(|(a, b)| a + b)
+        .collect::<candle_core::Result<_>>()?)
+}
+
+/// Refuses SAEs this trainer cannot train.
+fn check_trainable(config: &SaeConfig) -> Result<()> {
+    if config.transcode || config.skip_connection {
+        return Err(Error::Training(
+            "training transcoders and skip connections is not implemented yet".into(),
+        ));
+    }
+    if config.multi_topk && 4 * config.k > config.latents() {
+        return Err(Error::Training(format!(
+            "Multi-TopK needs 4k = {} latents but the SAE has {}",
+            4 * config.k,
+            config.latents()
+        )));
+    }
+    Ok(())
+}
+
+fn sum_squares(t: &Tensor) -> Result<f64> {
+    Ok(t.sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
+}
+
+/// The unweighted AuxK loss and the gradient of `alpha` times it (see [`fvu_and_grads`]);
+/// `None` without dead latents.
+fn auxk_and_grads(
+    sae: &Sae,
+    xc: &Tensor,
+    pre: &Tensor,
+    residual: &Tensor,
+    auxk: &AuxK,
+    tv: f64,
+) -> Result<Option<(f64, Vec<Tensor>)>> {
+    let n = sae.num_latents();
+    if auxk.dead.len() != n {
+        return Err(Error::Training(format!(
+            "the dead-latent mask has {} entries for {n} latents",
+            auxk.dead.len()
+        )));
+    }
+    let num_dead = auxk.dead.iter().filter(|&&d| d).count();
+    if num_dead == 0 {
+        return Ok(None);
+    }
+    let half = (sae.d_in() / 2).max(1);
+    let scale = (num_dead as f64 / half as f64).min(1.0);
+    let mask: Vec<u8> = auxk.dead.iter().map(|&d| u8::from(d)).collect();
+    let mask = Tensor::from_vec(mask, n, pre.device())?
+        .broadcast_as(pre.shape())?
+        .contiguous()?;
+    let excluded =
+        Tensor::full(f32::NEG_INFINITY, pre.shape(), pre.device())?.to_dtype(pre.dtype())?;
+    let (acts, indices) =
+        crate::kernels::topk(&mask.where_cond(pre, &excluded)?, half.min(num_dead))?;
+    let zero = sae.b_dec().zeros_like()?;
+    let e_hat = crate::kernels::decode(&acts, &indices, sae.w_dec(), &zero)?;
+    let diff = (&e_hat - residual)?;
+    let weight = 2.0 * auxk.alpha * scale / tv;
+    let mut grads = backward(&Backward {
+        x: residual,
+        xc,
+        acts: &acts,
+        indices: &indices,
+        x_hat: &e_hat,
+        w_enc: sae.w_enc(),
+        w_dec: sae.w_dec(),
+        scale: weight,
+    })?;
+    // ê has no b_dec term: only the path through the encoder input remains.
+    grads[3] = (&grads[3] - (diff.sum(0)? * weight)?)?;
+    Ok(Some((scale * sum_squares(&diff)? / tv, grads)))
+}
+
+/// Removes from each row of `grad` its component along the same (unit-norm) row of
+/// `w_dec` (sparsify's `remove_gradient_parallel_to_decoder_directions`).
+pub fn remove_parallel_component(grad: &Tensor, w_dec: &Tensor) -> Result<Tensor> {
+    let parallel = (grad * w_dec)?.sum_keepdim(1)?;
+    Ok((grad - w_dec.broadcast_mul(&parallel)?)?)
+}
+
+/// What one optimiser step did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// Step number, from 1.
+    pub step: u64,
+    /// FVU of the step's batch (before the update).
+    pub fvu: f64,
+    /// Unweighted AuxK loss of the batch (0 when AuxK is off or no latent is dead).
+    pub auxk_loss: f64,
+    /// FVU of the `4k`-latent reconstruction (0 without Multi-TopK).
+    pub multi_topk_fvu: f64,
+    /// Mean number of latents with a positive activation per token (at most `k`).
+    pub l0: f64,
+    /// Fraction of latents not selected for more than the dead-feature threshold.
+    pub dead_fraction: f64,
+    /// Learning rate used.
+    pub lr: f64,
+}
+
+/// Optimiser, schedule and dead-latent state for training one SAE, one batch at a time.
+#[derive(Debug, Clone)]
+pub struct Trainer {
+    options: TrainOptions,
+    optimizer: Optimizer,
+    tokens_since_fired: Vec<u64>,
+    steps_done: u64,
+}
+
+impl Trainer {
+    /// A trainer for `sae` (checks the options and that the SAE is a TopK autoencoder).
+    pub fn new(sae: &Sae, options: TrainOptions) -> Result<Self> {
+        check_trainable(sae.config())?;
+        if options.steps == 0 || options.tokens_per_step == 0 || options.chunk_tokens == 0 {
+            return Err(Error::Training(
+                "steps, tokens per step and chunk size must be positive".into(),
+            ));
+        }
+        if !(options.auxk_alpha >= 0.0 && options.auxk_alpha.is_finite()) {
+            return Err(Error::Training(format!(
+                "the AuxK weight must be zero or positive, got {}",
+                options.auxk_alpha
+            )));
+        }
+        let lr = options.peak_lr(sae.num_latents());
+        if !(lr > 0.0 && lr.is_finite()) {
+            return Err(Error::Training(format!(
+                "the learning rate must be positive, got {lr}"
+            )));
+        }
+        Ok(Trainer {
+            options,
+            optimizer: Optimizer::new(
+                Rule::Adam {
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    amsgrad: false,
+                },
+                0.0,
+            ),
+            tokens_since_fired: vec![0; sae.num_latents()],
+            steps_done: 0,
+        })
+    }
+
+    /// The options.
+    pub fn options(&self) -> &TrainOptions {
+        &self.options
+    }
+
+    /// Steps taken so far.
+    pub fn steps_done(&self) -> u64 {
+        self.steps_done
+    }
+
+    /// Per latent, tokens seen since it was last selected.
+    pub fn tokens_since_fired(&self) -> &[u64] {
+        &self.tokens_since_fired
+    }
+
+    /// Fraction of latents not selected for more than the dead-feature threshold.
+    pub fn dead_fraction(&self) -> f64 {
+        let dead = self
+            .tokens_since_fired
+            .iter()
+            .filter(|&&t| t > self.options.dead_feature_threshold)
+            .count();
+        dead as f64 / self.tokens_since_fired.len() as f64
+    }
+
+    /// One optimiser step on the batch `x: [N, d]` (on the first step, `b_dec` is set to
+    /// the batch mean first).
+    pub fn step(&mut self, sae: &mut Sae, x: &Tensor) -> Result<StepRecord> {
+        let step = self.steps_done + 1;
+        if sae.num_latents() != self.tokens_since_fired.len() {
+            return Err(Error::Training(format!(
+                "this trainer was made for an SAE with {} latents, not {}",
+                self.tokens_since_fired.len(),
+                sae.num_latents()
+            )));
+        }
+        let x = sae.input(x, "training batch")?;
+        if self.steps_done == 0 {
+            let mut params = sae.parameters();
+            params[3] = x.mean(0)?;
+            sae.set_parameters(params)?;
+        }
+        if sae.config().normalize_decoder {
+            sae.set_decoder_norm_to_unit_norm()?;
+        }
+        let dead: Vec<bool> = self
+            .tokens_since_fired
+            .iter()
+            .map(|&t| t > self.options.dead_feature_threshold)
+            .collect();
+        let auxk = AuxK {
+            dead: &dead,
+            alpha: self.options.auxk_alpha,
+        };
+        let Batch {
+            fvu,
+            auxk_loss,
+            multi_topk_fvu,
+            mut grads,
+            fired,
+            active,
+        } = batch_grads(
+            sae,
+            &x,
+            self.options.chunk_tokens,
+            (auxk.alpha > 0.0).then_some(&auxk),
+        )?;
+        if !fvu.is_finite() {
+            return Err(Error::Training(format!(
+                "non-finite FVU at step {step} (activations or SAE diverged)"
+            )));
+        }
+        if sae.config().normalize_decoder {
+            grads[2] = remove_parallel_component(&grads[2], sae.w_dec())?;
+        }
+        let lr = self.options.peak_lr(sae.num_latents())
+            * linear_schedule(
+                self.steps_done,
+                self.options.warmup_steps,
+                self.options.steps,
+            );
+        let mut params = sae.parameters();
+        self.optimizer.step(&mut params, &grads, lr)?;
+        sae.set_parameters(params)?;
+        if sae.config().normalize_decoder {
+            sae.set_decoder_norm_to_unit_norm()?;
+        }
+
+        let tokens = x.dim(0)?;
+        for t in self.tokens_since_fired.iter_mut() {
+            *t += tokens as u64;
+        }
+        for i in fired {
+            self.tokens_since_fired[i as usize] = 0;
+        }
+        self.steps_done = step;
+        Ok(StepRecord {
+            step,
+            fvu,
+            auxk_loss,
+            multi_topk_fvu,
+            l0: active / tokens.max(1) as f64,
+            dead_fraction: self.dead_fraction(),
+            lr,
+        })
+    }
+}
+
+/// A whole step's FVU and gradients, summed over chunks.
+struct Batch {
+    fvu: f64,
+    auxk_loss: f64,
+    multi_topk_fvu: f64,
+    grads: Vec<Tensor>,
+    /// Every latent selected for some token (with repeats; the `4k` with Multi-TopK).
+    fired: Vec<u32>,
+    /// Number of positive activations.
+    active: f64,
+}
+
+fn batch_grads(sae: &Sae, x: &Tensor, chunk_tokens: usize, auxk: Option<&AuxK>) -> Result<Batch> {
+    let tv = batch_variance(x)?;
+    let n = x.dim(0)?;
+    let mut batch = Batch {
+        fvu: 0.0,
+        auxk_loss: 0.0,
+        multi_topk_fvu: 0.0,
+        grads: Vec::new(),
+        fired: Vec::new(),
+        active: 0.0,
+    };
+    for start in (0..n).step_by(chunk_tokens) {
+        let chunk = x.narrow(0, start, chunk_tokens.min(n - start))?;
+        let out = fvu_and_grads(sae, &chunk, Some(tv), auxk)?;
+        batch.fvu += out.fvu;
+        batch.auxk_loss += out.auxk_loss;
+        batch.grads = if batch.grads.is_empty() {
+            out.grads
+        } else {
+            add_all(&batch.grads, &out.grads)?
+        };
+        let fired = match &out.multi_topk {
+            Some((fvu, indices)) => {
+                batch.multi_topk_fvu += fvu;
+                indices
+            }
+            None => &out.top_indices,
+        };
+        batch.fired.extend(fired.flatten_all()?.to_vec1::<u32>()?);
+        batch.active += out
+            .top_acts
+            .gt(0.0)?
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+    }
+    Ok(batch)
+}
+
+/// Rows of one hook point taken from a source in exact counts, carrying the rest of a
+/// batch over to the next call.
+struct Rows<'s> {
+    source: &'s mut dyn ActivationSource,
+    point: HookPoint,
+    pending: Vec<Tensor>,
+    have: usize,
+    consumed: u64,
+}
+
+impl Rows<'_> {
+    /// Exactly `n` rows `[n, d]`, or `Err(available)` when the data runs out first.
+    fn take(&mut self, n: usize) -> Result<std::result::Result<Tensor, usize>> {
+        while self.have < n {
+            let Some(batch) = self.source.next_batch()? else {
+                return Ok(Err(self.have));
+            };
+            let rows = batch.activations.get(&self.point).ok_or_else(|| {
+                Error::Training(format!("a batch lacks hook point '{}'", self.point))
+            })?;
+            self.have += rows.dim(0)?;
+            self.pending.push(rows.clone());
+        }
+        let all = Tensor::cat(&self.pending, 0)?;
+        self.pending = if self.have > n {
+            vec![all.narrow(0, n, self.have - n)?]
+        } else {
+            Vec::new()
+        };
+        self.have -= n;
+        self.consumed += n as u64;
+        Ok(Ok(all.narrow(0, 0, n)?))
+    }
+
+    /// Skips `n` rows (cheaply where the source can), to resume.
+    fn skip(&mut self, n: u64) -> Result<()> {
+        let mut rest = n - self.source.skip_tokens(n)?;
+        while rest > 0 {
+            let chunk = rest.min(1 << 16) as usize;
+            if self.take(chunk)?.is_err() {
+                return Err(Error::Training(format!(
+                    "cannot resume: the data has fewer than {n} tokens"
+                )));
+            }
+            rest -= chunk as u64;
+        }
+        self.consumed = n;
+        Ok(())
+    }
+}
+
+/// Training state saved with each checkpoint (as JSON in the safetensors header).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    options: TrainOptions,
+    config: SaeConfig,
+    tokens_consumed: u64,
+    history: Vec<StepRecord>,
+}
+
+/// Where [`train`] keeps its checkpoint inside a checkpoint folder.
+pub fn checkpoint_path(dir: &Path) -> PathBuf {
+    dir.join("checkpoint.safetensors")
+}
+
+/// Trains `sae` on the activations at `point` from `source` for `options.steps` steps of
+/// exactly `options.tokens_per_step` tokens (batches are split and joined as needed);
+/// `on_step` sees each step's record. With `checkpoint_dir`, resumes from the checkpoint
+/// there (SAE, Adam state, dead-latent counters, history; the source is advanced past the
+/// tokens already used) and writes one every `checkpoint_every` steps and at the end.
+/// Returns the history, resumed steps included.
+pub fn train(
+    sae: &mut Sae,
+    source: &mut dyn ActivationSource,
+    point: HookPoint,
+    options: &TrainOptions,
+    checkpoint_dir: Option<&Path>,
+    mut on_step: impl FnMut(&StepRecord),
+) -> Result<Vec<StepRecord>> {
+    if !source.hook_points().contains(&point) {
+        return Err(Error::Training(format!(
+            "the activation source has no hook point '{point}'"
+        )));
+    }
+    let mut trainer = Trainer::new(sae, options.clone())?;
+    let mut rows = Rows {
+        source,
+        point,
+        pending: Vec::new(),
+        have: 0,
+        consumed: 0,
+    };
+    let mut history = Vec::with_capacity(options.steps as usize);
+    let checkpoint = checkpoint_dir.map(checkpoint_path);
+    if let Some(path) = checkpoint.as_ref().filter(|p| p.is_file()) {
+        let state = load_checkpoint(path, sae, &mut trainer)?;
+        rows.skip(state.tokens_consumed)?;
+        history = state.history;
+    }
+    let keep = || {
+        checkpoint_dir
+            .map(|d| format!("; the last checkpoint in {} is kept", d.display()))
+            .unwrap_or_default()
+    };
+    while trainer.steps_done() < options.steps {
+        let step = trainer.steps_done() + 1;
+        let x = match rows.take(options.tokens_per_step)? {
+            Ok(x) => x,
+            Err(available) => {
+                return Err(Error::Training(format!(
+                    "the data ran out during step {step}: {} tokens were available, {} steps x {} tokens per step need {}{}",
+                    rows.consumed + available as u64,
+                    options.steps,
+                    options.tokens_per_step,
+                    options.steps * options.tokens_per_step as u64,
+                    keep()
+                )))
+            }
+        };
+        let record = trainer.step(sae, &x).map_err(|e| match e {
+            Error::Training(m) => Error::Training(format!("{m}{}", keep())),
+            other => other,
+        })?;
+        on_step(&record);
+        history.push(record);
+        let due = options.checkpoint_every > 0 && step.is_multiple_of(options.checkpoint_every);
+        if let (Some(path), true) = (&checkpoint, due || step == options.steps) {
+            save_checkpoint(path, sae, &trainer, rows.consumed, &history)?;
+        }
+    }
+    Ok(history)
+}
+
+const PARAMS: [&str; 4] = ["sae.w_enc", "sae.b_enc", "sae.w_dec", "sae.b_dec"];
+
+fn save_checkpoint(
+    path: &Path,
+    sae: &Sae,
+    trainer: &Trainer,
+    tokens_consumed: u64,
+    history: &[StepRecord],
+) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| hooks::Error::io(dir, e))?;
+    }
+    let mut tensors: Vec<(String, Vec<Tensor>)> = PARAMS
+        .iter()
+        .zip(sae.parameters())
+        .map(|(name, t)| (name.to_string(), vec![t]))
+        .collect();
+    tensors.extend(
+        trainer
+            .optimizer
+            .state_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, vec![t])),
+    );
+    let fired: Vec<i64> = trainer
+        .tokens_since_fired
+        .iter()
+        .map(|&t| t as i64)
+        .collect();
+    let count = fired.len();
+    tensors.push((
+        "tokens_since_fired".into(),
+        vec![Tensor::from_vec(fired, count, &candle_core::Device::Cpu)?],
+    ));
+    let state = State {
+        options: trainer.options.clone(),
+        config: sae.config().clone(),
+        tokens_consumed,
+        history: history.to_vec(),
+    };
+    let mut metadata = BTreeMap::new();
+    metadata.insert(
+        "state".to_string(),
+        serde_json::to_string(&state).map_err(|e| Error::Training(e.to_string()))?,
+    );
+    hooks::atomic::write_safetensors_with_metadata(path, &tensors, &metadata)?;
+    Ok(())
+}
+
+fn load_checkpoint(path: &Path, sae: &mut Sae, trainer: &mut Trainer) -> Result<State> {
+    let bad = |m: String| Error::Training(format!("checkpoint {}: {m}", path.display()));
+    let bytes = std::fs::read(path).map_err(|e| hooks::Error::io(path, e))?;
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+    let state_json = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("state"))
+        .ok_or_else(|| bad("no training state in the header".into()))?;
+    let state: State = serde_json::from_str(state_json).map_err(|e| bad(e.to_string()))?;
+    if state.options != trainer.options || state.config != *sae.config() {
+        return Err(bad(format!(
+            "was made with other training options or another SAE config ({:?}, {:?}); use another folder or delete the checkpoint",
+            state.options, state.config
+        )));
+    }
+    let device = sae.w_enc().device().clone();
+    let tensors =
+        candle_core::safetensors::load_buffer(&bytes, &device).map_err(|e| bad(e.to_string()))?;
+    let get = |name: &str| {
+        tensors
+            .get(name)
+            .cloned()
+            .ok_or_else(|| bad(format!("missing tensor '{name}'")))
+    };
+    let params = PARAMS.iter().map(|n| get(n)).collect::<Result<Vec<_>>>()?;
+    sae.set_parameters(params).map_err(|e| bad(e.to_string()))?;
+    let steps = state.history.len() as u64;
+    trainer.optimizer.restore(steps, &tensors, PARAMS.len())?;
+    let fired: Vec<i64> = get("tokens_since_fired")?.to_vec1()?;
+    if fired.len() != sae.num_latents() {
+        return Err(bad(format!(
+            "tokens_since_fired has {} entries for {} latents",
+            fired.len(),
+            sae.num_latents()
+        )));
+    }
+    trainer.tokens_since_fired = fired.into_iter().map(|t| t as u64).collect();
+    trainer.steps_done = steps;
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::uniform;
+    use candle_core::Device;
+
+    /// An SAE with 16 latents (k = 3) and every parameter nonzero, and 5 tokens (so at
+    /// least one latent is never selected), in `dtype`.
+    fn case(dtype: DType) -> (Sae, Tensor) {
+        case_with(SaeConfig::new(6, 16, 3), dtype)
+    }
+
+    fn case_with(config: SaeConfig, dtype: DType) -> (Sae, Tensor) {
+        let mut sae = Sae::new(config, 5, &Device::Cpu).unwrap();
+        let mut params = sae.parameters();
+        params[1] = uniform(&[16], 0.0, 0.3, 1);
+        params[2] = (&params[2] + uniform(&[16, 6], 0.0, 0.5, 2)).unwrap();
+        params[3] = uniform(&[6], 0.0, 0.5, 3);
+        sae.set_parameters(params).unwrap();
+        let x = uniform(&[5, 6], 0.4, 1.7, 4);
+        (sae.to_dtype(dtype).unwrap(), x.to_dtype(dtype).unwrap())
+    }
+
+    /// Checks `grads` against central differences of `loss` for every parameter element;
+    /// returns how many were checked.
+    fn assert_matches_finite_differences(
+        sae: &Sae,
+        grads: &[Tensor],
+        loss: impl Fn(&Sae) -> f64,
+    ) -> usize {
+        let h = 1e-6;
+        let mut checked = 0;
+        for (p, grad) in grads.iter().enumerate() {
+            let flat: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
+            let values: Vec<f64> = sae.parameters()[p]
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (e, &analytic) in flat.iter().enumerate() {
+                let at = |delta: f64| {
+                    let mut v = values.clone();
+                    v[e] += delta;
+                    let mut params = sae.parameters();
+                    params[p] = Tensor::from_vec(v, params[p].shape(), &Device::Cpu).unwrap();
+                    let mut moved = sae.clone();
+                    moved.set_parameters(params).unwrap();
+                    loss(&moved)
+                };
+                let numeric = (at(h) - at(-h)) / (2.0 * h);
+                assert!(
+                    (numeric - analytic).abs() < 1e-6 * (1.0 + analytic.abs()),
+                    "param {p} element {e}: numeric {numeric} analytic {analytic}"
+                );
+                checked += 1;
+            }
+        }
+        checked
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        let (sae, x) = case(DType::F64);
+        let base = fvu_and_grads(&sae, &x, None, None).unwrap();
+        let indices = base.top_indices.to_vec2::<u32>().unwrap();
+        let checked = assert_matches_finite_differences(&sae, &base.grads, |moved| {
+            let out = fvu_and_grads(moved, &x, None, None).unwrap();
+            // The loss is smooth only while the selection stays put.
+            assert_eq!(out.top_indices.to_vec2::<u32>().unwrap(), indices);
+            out.fvu
+        });
+        assert_eq!(checked, 16 * 6 + 16 + 16 * 6 + 6);
+        // Latents never selected get no gradient at all.
+        let selected: std::collections::BTreeSet<u32> = indices.iter().flatten().copied().collect();
+        let g_w_dec: Vec<Vec<f64>> = base.grads[2].to_vec2().unwrap();
+        for (i, row) in g_w_dec.iter().enumerate() {
+            if !selected.contains(&(i as u32)) {
+                assert!(row.iter().all(|&v| v == 0.0));
+            }
+        }
+        assert!(selected.len() < 16);
+    }
+
+    #[test]
+    fn auxk_gradient_matches_finite_differences() {
+        let (sae, x) = case(DType::F64);
+        let base = fvu_and_grads(&sae, &x, None, None).unwrap();
+        // AuxK's target, the main residual, is a constant.
+        let x_hat = sae.decode(&base.top_acts, &base.top_indices).unwrap();
+        let residual = (&x - &x_hat).unwrap();
+        let tv = batch_variance(&x).unwrap();
+        // 5 dead latents (k_aux = d/2 = 3, scale 1) and 2 (k_aux = 2, scale 2/3).
+        for dead_latents in [&[0usize, 5, 9, 12, 14][..], &[3, 7]] {
+            let mut dead = vec![false; 16];
+            for &i in dead_latents {
+                dead[i] = true;
+            }
+            let auxk = AuxK {
+                dead: &dead,
+                alpha: 0.5,
+            };
+            let aux = |sae: &Sae| {
+                let xc = x.broadcast_sub(sae.b_dec()).unwrap();
+                let pre = sae.pre_activations(&x).unwrap();
+                auxk_and_grads(sae, &xc, &pre, &residual, &auxk, tv)
+                    .unwrap()
+                    .unwrap()
+            };
+            let (loss, grads) = aux(&sae);
+            assert!(loss > 0.0);
+            assert_matches_finite_differences(&sae, &grads, |moved| 0.5 * aux(moved).0);
+            // The encoder gets AuxK gradient too.
+            assert!(
+                grads[0]
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+                    > 0.0
+            );
+            // fvu_and_grads adds exactly this term.
+            let combined = fvu_and_grads(&sae, &x, None, Some(&auxk)).unwrap();
+            assert!((combined.auxk_loss - loss).abs() < 1e-15);
+            for ((c, b), a) in combined.grads.iter().zip(&base.grads).zip(&grads) {
+                let diff: f64 = ((c - b).unwrap() - a)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                assert!(diff < 1e-12, "{diff}");
+            }
+        }
+        let none = vec![false; 16];
+        let off = AuxK {
+            dead: &none,
+            alpha: 1.0,
+        };
+        assert_eq!(
+            fvu_and_grads(&sae, &x, None, Some(&off)).unwrap().auxk_loss,
+            0.0
+        );
+    }
+
+    #[test]
+    fn multi_topk_gradient_matches_finite_differences() {
+        let mut config = SaeConfig::new(6, 16, 3);
+        config.multi_topk = true;
+        let (sae, x) = case_with(config, DType::F64);
+        let out = fvu_and_grads(&sae, &x, None, None).unwrap();
+        let (fvu_4k, indices_4k) = out.multi_topk.clone().unwrap();
+        assert_eq!(indices_4k.dims(), &[5, 12]);
+        assert!(fvu_4k < out.fvu, "more latents reconstruct better");
+        let checked = assert_matches_finite_differences(&sae, &out.grads, |moved| {
+            let out = fvu_and_grads(moved, &x, None, None).unwrap();
+            out.fvu + out.multi_topk.unwrap().0 / 8.0
+        });
+        assert_eq!(checked, 16 * 6 + 16 + 16 * 6 + 6);
+    }
+
+    #[test]
+    fn cpu_kernel_matches_generic_gradients() {
+        let (sae, x) = case(DType::F32);
+        let fast = fvu_and_grads(&sae, &x, None, None).unwrap();
+        let slow = fvu_and_grads(
+            &sae.to_dtype(DType::F64).unwrap(),
+            &x.to_dtype(DType::F64).unwrap(),
+            None,
+            None,
+        )
+        .unwrap();
+        assert!((fast.fvu - slow.fvu).abs() < 1e-5);
+        for (a, b) in fast.grads.iter().zip(&slow.grads) {
+            let diff: f64 = (a.to_dtype(DType::F64).unwrap() - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(diff < 1e-5, "{diff}");
+        }
+        // And the generic path in f32 too.
+        let xc = x.broadcast_sub(sae.b_dec()).unwrap();
+        let x_hat = sae.decode(&fast.top_acts, &fast.top_indices).unwrap();
+        let tv = batch_variance(&x).unwrap();
+        let generic = crate::kernels::backward_generic(&Backward {
+            x: &x,
+            xc: &xc,
+            acts: &fast.top_acts,
+            indices: &fast.top_indices,
+            x_hat: &x_hat,
+            w_enc: sae.w_enc(),
+            w_dec: sae.w_dec(),
+            scale: 2.0 / tv,
+        })
+        .unwrap();
+        for (a, b) in fast.grads.iter().zip(&generic) {
+            let diff: f32 = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(diff < 1e-5, "{diff}");
+        }
+    }
+
+    #[test]
+    fn chunks_add_up_to_the_whole_batch() {
+        let (sae, x) = case(DType::F64);
+        let whole = batch_grads(&sae, &x, 5, None).unwrap();
+        let chunked = batch_grads(&sae, &x, 2, None).unwrap();
+        assert!((whole.fvu - chunked.fvu).abs() < 1e-12);
+        assert_eq!(whole.fired, chunked.fired);
+        assert_eq!(whole.active, chunked.active);
+        for (a, b) in whole.grads.iter().zip(&chunked.grads) {
+            let diff: f64 = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(diff < 1e-12, "{diff}");
+        }
+        let direct = fvu_and_grads(&sae, &x, None, None).unwrap();
+        assert!((direct.fvu - whole.fvu).abs() < 1e-15);
+    }
+
+    #[test]
+    fn projection_removes_the_radial_component() {
+        let (sae, x) = case(DType::F32);
+        let g = fvu_and_grads(&sae, &x, None, None).unwrap().grads[2].clone();
+        let mut unit = sae.clone();
+        unit.set_decoder_norm_to_unit_norm().unwrap();
+        let projected = remove_parallel_component(&g, unit.w_dec()).unwrap();
+        let radial: Vec<f32> = (projected * unit.w_dec())
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(radial.iter().all(|v| v.abs() < 1e-6), "{radial:?}");
+    }
+
+    #[test]
+    fn first_step_sets_b_dec_to_the_mean_and_tracks_firing() {
+        let (mut sae, x) = case(DType::F32);
+        let options = TrainOptions {
+            steps: 10,
+            tokens_per_step: 5,
+            chunk_tokens: 2,
+            lr: None,
+            warmup_steps: 2,
+            dead_feature_threshold: 4,
+            auxk_alpha: 0.0,
+            checkpoint_every: 0,
+        };
+        let mut trainer = Trainer::new(&sae, options.clone()).unwrap();
+        let first = trainer.step(&mut sae, &x).unwrap();
+        assert_eq!((first.step, first.lr), (1, 0.0));
+        let diff: f32 = (sae.b_dec() - x.mean(0).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-6);
+        // lr 0 left the encoder as it was: the same selection as the step's.
+        let (_, indices) = sae.encode(&x).unwrap();
+        let fired: std::collections::BTreeSet<u32> = indices
+            .to_vec2::<u32>()
+            .unwrap()
+            .into_iter()
+            .flatten()
+            .collect();
+        for (i, &t) in trainer.tokens_since_fired().iter().enumerate() {
+            assert_eq!(t, if fired.contains(&(i as u32)) { 0 } else { 5 });
+        }
+        let dead = (16 - fired.len()) as f64 / 16.0;
+        assert_eq!((first.dead_fraction, trainer.dead_fraction()), (dead, dead));
+        let second = trainer.step(&mut sae, &x).unwrap();
+        assert!((second.lr - 0.5 * options.peak_lr(16)).abs() < 1e-15);
+        assert_eq!(trainer.steps_done(), 2);
+    }
+
+    #[test]
+    fn lr_rule_and_refusals() {
+        let options = TrainOptions::default();
+        assert!((options.peak_lr(1 << 14) - 2e-4).abs() < 1e-15);
+        assert!((options.peak_lr(1 << 16) - 1e-4).abs() < 1e-15);
+        let mut config = SaeConfig::new(6, 10, 3);
+        config.multi_topk = true;
+        let sae = Sae::new(config, 0, &Device::Cpu).unwrap();
+        let message = Trainer::new(&sae, options.clone()).unwrap_err().to_string();
+        assert!(message.contains("4k = 12"), "{message}");
+        let mut config = SaeConfig::new(6, 10, 2);
+        config.transcode = true;
+        let sae = Sae::new(config, 0, &Device::Cpu).unwrap();
+        assert!(Trainer::new(&sae, options.clone()).is_err());
+        let sae = Sae::new(SaeConfig::new(6, 10, 3), 0, &Device::Cpu).unwrap();
+        let zero_steps = TrainOptions {
+            steps: 0,
+            ..options
+        };
+        assert!(Trainer::new(&sae, zero_steps).is_err());
+    }
+}

@@ -1,0 +1,284 @@
+//! Parity with PyPI eai-sparsify 1.3.3 (tests/fixtures/sae/{tiny,skip_transcoder}, written
+//! by sparsify's own `save_to_disk`): loading, encode, decode, FVU and its gradient, AuxK,
+//! Multi-TopK; our files round-trip; bad files fail with messages that name the file,
+//! tensor and shape.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use sae::train::{fvu_and_grads, remove_parallel_component, AuxK};
+use sae::{Sae, SaeConfig};
+
+fn fixture(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/sae")
+        .join(case)
+}
+
+fn expected(case: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(case).join("expected.safetensors"), &Device::Cpu)
+        .unwrap()
+}
+
+/// max |a − b| / max |b|.
+fn relative_error(a: &Tensor, b: &Tensor) -> f32 {
+    let diff: f32 = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let scale: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    diff / scale
+}
+
+#[test]
+fn sparsify_file_gives_sparsify_outputs() {
+    let sae = Sae::load(&fixture("tiny"), &Device::Cpu).unwrap();
+    assert_eq!(sae.config(), &SaeConfig::new(48, 192, 8));
+    let e = expected("tiny");
+    let x = &e["x"];
+    let pre = sae.pre_activations(x).unwrap();
+    assert!(relative_error(&pre, &e["pre_acts"]) < 1e-5);
+
+    let (acts, indices) = sae.encode(x).unwrap();
+    assert_eq!(
+        indices.to_vec2::<u32>().unwrap(),
+        e["top_indices"]
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_vec2::<u32>()
+            .unwrap()
+    );
+    assert!(relative_error(&acts, &e["top_acts"]) < 1e-5);
+
+    // Decoding sparsify's own codes (int64 indices accepted).
+    let decoded = sae.decode(&e["top_acts"], &e["top_indices"]).unwrap();
+    assert!(relative_error(&decoded, &e["decoded"]) < 1e-5);
+
+    let out = sae.forward(x).unwrap();
+    assert!(relative_error(&out.x_hat, &e["decoded"]) < 1e-5);
+    let fvu = e["fvu"].to_vec1::<f32>().unwrap()[0] as f64;
+    assert!((out.fvu - fvu).abs() < 1e-5 * fvu, "{} vs {fvu}", out.fvu);
+
+    // The generic (non-CPU-kernel) path agrees too, in f64.
+    let out64 = sae.to_dtype(DType::F64).unwrap().forward(x).unwrap();
+    assert_eq!(
+        out64.top_indices.to_vec2::<u32>().unwrap(),
+        out.top_indices.to_vec2::<u32>().unwrap()
+    );
+    assert!((out64.fvu - fvu).abs() < 1e-5 * fvu);
+}
+
+#[test]
+fn sparsify_skip_transcoder_gives_sparsify_outputs() {
+    let dir = fixture("skip_transcoder");
+    let sae = Sae::load(&dir, &Device::Cpu).unwrap();
+    assert!(sae.config().transcode && sae.config().skip_connection);
+    assert_eq!(sae.w_skip().unwrap().dims(), &[48, 48]);
+    let e = expected("skip_transcoder");
+    let (x, y) = (&e["x"], &e["y"]);
+    assert!(relative_error(&sae.pre_activations(x).unwrap(), &e["pre_acts"]) < 1e-5);
+    let out = sae.forward_target(x, y).unwrap();
+    assert_eq!(
+        out.top_indices.to_vec2::<u32>().unwrap(),
+        e["top_indices"]
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_vec2::<u32>()
+            .unwrap()
+    );
+    assert!(relative_error(&out.top_acts, &e["top_acts"]) < 1e-5);
+    let decoded = sae.decode(&out.top_acts, &out.top_indices).unwrap();
+    assert!(relative_error(&decoded, &e["decoded"]) < 1e-5);
+    assert!(relative_error(&out.x_hat, &e["sae_out"]) < 1e-5);
+    let fvu = e["fvu"].to_vec1::<f32>().unwrap()[0] as f64;
+    assert!((out.fvu - fvu).abs() < 1e-5 * fvu, "{} vs {fvu}", out.fvu);
+
+    // Round trip keeps W_skip; training such an SAE is refused for now.
+    let tmp = tempfile::tempdir().unwrap();
+    sae.save(tmp.path()).unwrap();
+    let again = Sae::load(tmp.path(), &Device::Cpu).unwrap();
+    assert_eq!(
+        relative_error(again.w_skip().unwrap(), sae.w_skip().unwrap()),
+        0.0
+    );
+    assert!(fvu_and_grads(&sae, x, None, None)
+        .unwrap_err()
+        .to_string()
+        .contains("not implemented"));
+}
+
+#[test]
+fn fvu_gradient_matches_sparsify_autograd() {
+    let sae = Sae::load(&fixture("tiny"), &Device::Cpu).unwrap();
+    let e = expected("tiny");
+    let out = fvu_and_grads(&sae, &e["x"], None, None).unwrap();
+    let fvu = e["fvu"].to_vec1::<f32>().unwrap()[0] as f64;
+    assert!((out.fvu - fvu).abs() < 1e-5 * fvu);
+    for (grad, name) in out
+        .grads
+        .iter()
+        .zip(["encoder.weight", "encoder.bias", "W_dec", "b_dec"])
+    {
+        let error = relative_error(grad, &e[&format!("grad.{name}")]);
+        assert!(error < 1e-5, "{name}: {error}");
+    }
+    let projected = remove_parallel_component(&out.grads[2], sae.w_dec()).unwrap();
+    assert!(relative_error(&projected, &e["grad.W_dec.projected"]) < 1e-5);
+}
+
+#[test]
+fn auxk_loss_and_decoder_gradient_match_sparsify() {
+    let sae = Sae::load(&fixture("tiny"), &Device::Cpu).unwrap();
+    let e = expected("tiny");
+    let dead: Vec<bool> = e["auxk.dead"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&d| d != 0)
+        .collect();
+    assert_eq!(dead.iter().filter(|&&d| d).count(), 16);
+    let auxk = AuxK {
+        dead: &dead,
+        alpha: 1.0,
+    };
+    let with = fvu_and_grads(&sae, &e["x"], None, Some(&auxk)).unwrap();
+    let without = fvu_and_grads(&sae, &e["x"], None, None).unwrap();
+    let loss = e["auxk.loss"].to_vec1::<f32>().unwrap()[0] as f64;
+    assert!(
+        (with.auxk_loss - loss).abs() < 1e-5 * loss,
+        "{} vs {loss}",
+        with.auxk_loss
+    );
+    // sparsify's AuxK gradient reaches only W_dec (ours also reaches the encoder).
+    let aux_w_dec = (&with.grads[2] - &without.grads[2]).unwrap();
+    let error = relative_error(&aux_w_dec, &e["auxk.grad.W_dec"]);
+    assert!(error < 1e-5, "{error}");
+}
+
+#[test]
+fn multi_topk_fvu_and_decoder_gradient_match_sparsify() {
+    // The fixture's SAE with multi_topk switched on in cfg.json.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("tiny").join("sae.safetensors"),
+        dir.path().join("sae.safetensors"),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(fixture("tiny").join("cfg.json")).unwrap();
+    let cfg = cfg.replace("\"multi_topk\": false", "\"multi_topk\": true");
+    std::fs::write(dir.path().join("cfg.json"), cfg).unwrap();
+    let multi = Sae::load(dir.path(), &Device::Cpu).unwrap();
+    assert!(multi.config().multi_topk);
+    let plain = Sae::load(&fixture("tiny"), &Device::Cpu).unwrap();
+
+    let e = expected("tiny");
+    let with = fvu_and_grads(&multi, &e["x"], None, None).unwrap();
+    let without = fvu_and_grads(&plain, &e["x"], None, None).unwrap();
+    assert_eq!(with.fvu, without.fvu);
+    let (fvu_4k, indices_4k) = with.multi_topk.unwrap();
+    let expected_fvu = e["multi_topk.fvu"].to_vec1::<f32>().unwrap()[0] as f64;
+    assert!((fvu_4k - expected_fvu).abs() < 1e-5 * expected_fvu);
+    // The same 4k latents per token (compared as sets: order does not matter here).
+    let sets = |t: &Tensor| -> Vec<Vec<u32>> {
+        let mut rows = t.to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap();
+        rows.iter_mut().for_each(|r| r.sort());
+        rows
+    };
+    assert_eq!(sets(&indices_4k), sets(&e["multi_topk.indices"]));
+    // The term is weighted 1/8; sparsify's gradient reaches only the decoder side.
+    let w_dec = ((&with.grads[2] - &without.grads[2]).unwrap() * 8.0).unwrap();
+    let error = relative_error(&w_dec, &e["multi_topk.grad.W_dec"]);
+    assert!(error < 1e-5, "{error}");
+}
+
+#[test]
+fn save_load_round_trip_writes_sparsify_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let sae = Sae::load(&fixture("tiny"), &Device::Cpu).unwrap();
+    sae.save(dir.path()).unwrap();
+    let tensors =
+        candle_core::safetensors::load(dir.path().join("sae.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<&str> = tensors.keys().map(String::as_str).collect();
+    names.sort();
+    assert_eq!(names, ["W_dec", "b_dec", "encoder.bias", "encoder.weight"]);
+    assert!(tensors.values().all(|t| t.dtype() == DType::F32));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("cfg.json")).unwrap())
+            .unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny").join("cfg.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg, reference);
+    let again = Sae::load(dir.path(), &Device::Cpu).unwrap();
+    for (a, b) in again.parameters().iter().zip(sae.parameters()) {
+        assert_eq!(relative_error(a, &b), 0.0);
+    }
+    // Only temporary-free files are left behind by the atomic writes.
+    let mut files: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["cfg.json", "sae.safetensors"]);
+}
+
+#[test]
+fn bad_files_are_refused_with_clear_messages() {
+    let sae = Sae::load(&fixture("tiny"), &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let err = |dir: &Path| Sae::load(dir, &Device::Cpu).unwrap_err().to_string();
+
+    assert!(err(dir.path()).contains("cfg.json"));
+
+    // cfg.json that disagrees with the tensors.
+    sae.save(dir.path()).unwrap();
+    std::fs::write(
+        dir.path().join("cfg.json"),
+        r#"{"num_latents": 96, "k": 8, "d_in": 48}"#,
+    )
+    .unwrap();
+    let message = err(dir.path());
+    assert!(
+        message.contains("encoder.weight")
+            && message.contains("[192, 48]")
+            && message.contains("[96, 48]"),
+        "{message}"
+    );
+
+    // A missing tensor.
+    let params = sae.parameters();
+    hooks::atomic::write_safetensors(
+        &dir.path().join("sae.safetensors"),
+        &[
+            ("encoder.weight".into(), vec![params[0].clone()]),
+            ("encoder.bias".into(), vec![params[1].clone()]),
+            ("W_dec".into(), vec![params[2].clone()]),
+        ],
+    )
+    .unwrap();
+    std::fs::copy(
+        fixture("tiny").join("cfg.json"),
+        dir.path().join("cfg.json"),
+    )
+    .unwrap();
+    let message = err(dir.path());
+    assert!(
+        message.contains("missing tensor 'b_dec'") && message.contains("sae.safetensors"),
+        "{message}"
+    );
+
+    // A config without d_in, and an unsupported activation.
+    std::fs::write(dir.path().join("cfg.json"), r#"{"k": 8}"#).unwrap();
+    assert!(err(dir.path()).contains("d_in"));
+    std::fs::write(
+        dir.path().join("cfg.json"),
+        r#"{"activation": "groupmax", "k": 8, "d_in": 48, "num_latents": 192}"#,
+    )
+    .unwrap();
+    assert!(err(dir.path()).contains("groupmax"));
+}

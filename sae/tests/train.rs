@@ -1,0 +1,348 @@
+//! Training on data with a planted sparse dictionary and on a tiny model's activations over
+//! real text: the FVU falls well below its start, decoder rows stay unit-norm, runs are
+//! deterministic and resume exactly, bad sources are refused.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use hooks::activations::{ActivationBatch, ActivationSource, ModelActivations};
+use hooks::data::DataSpec;
+use hooks::{HookPoint, LoadOptions, Model};
+use rand::{Rng, SeedableRng};
+use sae::train::{train, StepRecord, TrainOptions};
+use sae::{Sae, SaeConfig};
+
+const D: usize = 32;
+const ATOMS: usize = 48;
+const ACTIVE: usize = 3;
+const POINT: HookPoint = HookPoint::Layer(0);
+
+/// Tokens that are a mean vector plus `ACTIVE` random atoms of a fixed unit-norm dictionary
+/// with coefficients in [1, 3), plus a little noise; served in batches of 100 rows.
+struct Planted {
+    rng: rand::rngs::StdRng,
+    dictionary: Vec<Vec<f32>>,
+    mean: Vec<f32>,
+    batches_left: usize,
+    points: Vec<HookPoint>,
+}
+
+impl Planted {
+    fn new(seed: u64, batches: usize) -> Self {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let gauss = |rng: &mut rand::rngs::StdRng| -> f32 {
+            // Sum of uniforms: close enough to Gaussian for directions.
+            (0..12).map(|_| rng.random::<f32>()).sum::<f32>() - 6.0
+        };
+        let dictionary = (0..ATOMS)
+            .map(|_| {
+                let v: Vec<f32> = (0..D).map(|_| gauss(&mut rng)).collect();
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                v.iter().map(|x| x / norm).collect()
+            })
+            .collect();
+        let mean = (0..D).map(|_| 0.5 * gauss(&mut rng)).collect();
+        Planted {
+            rng,
+            dictionary,
+            mean,
+            batches_left: batches,
+            points: vec![POINT],
+        }
+    }
+}
+
+impl ActivationSource for Planted {
+    fn hook_points(&self) -> &[HookPoint] {
+        &self.points
+    }
+
+    fn next_batch(&mut self) -> hooks::Result<Option<ActivationBatch>> {
+        if self.batches_left == 0 {
+            return Ok(None);
+        }
+        self.batches_left -= 1;
+        let rows = 100;
+        let mut data = Vec::with_capacity(rows * D);
+        for _ in 0..rows {
+            let mut x = self.mean.clone();
+            for _ in 0..ACTIVE {
+                let atom = self.rng.random_range(0..ATOMS);
+                let c = self.rng.random_range(1.0f32..3.0);
+                for (v, a) in x.iter_mut().zip(&self.dictionary[atom]) {
+                    *v += c * a;
+                }
+            }
+            for v in x.iter_mut() {
+                *v += 0.02 * (self.rng.random::<f32>() - 0.5);
+            }
+            data.extend(x);
+        }
+        let tensor = Tensor::from_vec(data, (rows, D), &Device::Cpu)?;
+        Ok(Some(ActivationBatch {
+            tokens: vec![0; rows],
+            activations: [(POINT, tensor)].into_iter().collect(),
+        }))
+    }
+}
+
+fn options() -> TrainOptions {
+    TrainOptions {
+        steps: 150,
+        tokens_per_step: 256,
+        chunk_tokens: 100,
+        lr: Some(1e-2),
+        warmup_steps: 10,
+        dead_feature_threshold: 256 * 50,
+        auxk_alpha: 0.0,
+        checkpoint_every: 0,
+    }
+}
+
+fn run(seed: u64) -> (Sae, Vec<StepRecord>) {
+    let mut sae = Sae::new(SaeConfig::new(D, 96, 4), seed, &Device::Cpu).unwrap();
+    let mut source = Planted::new(11, 400);
+    let history = train(&mut sae, &mut source, POINT, &options(), None, |_| {}).unwrap();
+    (sae, history)
+}
+
+#[test]
+fn fvu_falls_on_a_planted_sparse_dictionary() {
+    let (sae, history) = run(0);
+    assert_eq!(history.len(), 150);
+    let first = history[0].fvu;
+    let last: f64 = history[140..].iter().map(|r| r.fvu).sum::<f64>() / 10.0;
+    eprintln!(
+        "FVU {first:.4} -> {last:.4}, L0 {:.2}, dead {:.3}",
+        history[149].l0, history[149].dead_fraction
+    );
+    assert!(first > 0.5, "{first}");
+    assert!(last < 0.2 * first, "FVU {first} -> {last}");
+    assert_eq!(history[0].lr, 0.0, "sparsify's schedule starts at lr 0");
+    assert!(history.iter().all(|r| r.l0 <= 4.0));
+    // Unit-norm decoder rows.
+    let norms: Vec<f32> = sae
+        .w_dec()
+        .sqr()
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-5));
+    // Same seed and data: the same run.
+    let (_, again) = run(0);
+    assert_eq!(again, history);
+}
+
+#[test]
+fn auxk_runs_once_latents_die_and_training_still_converges() {
+    let mut sae = Sae::new(SaeConfig::new(D, 96, 4), 0, &Device::Cpu).unwrap();
+    let options = TrainOptions {
+        dead_feature_threshold: 256 * 5,
+        auxk_alpha: 1.0 / 32.0,
+        ..options()
+    };
+    let history = train(
+        &mut sae,
+        &mut Planted::new(11, 400),
+        POINT,
+        &options,
+        None,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(history[0].auxk_loss, 0.0, "nothing is dead at the start");
+    assert!(history.iter().any(|r| r.auxk_loss > 0.0));
+    let last: f64 = history[140..].iter().map(|r| r.fvu).sum::<f64>() / 10.0;
+    assert!(
+        last < 0.2 * history[0].fvu,
+        "FVU {} -> {last}",
+        history[0].fvu
+    );
+}
+
+#[test]
+fn multi_topk_training_converges_and_reports_the_4k_fvu() {
+    let mut config = SaeConfig::new(D, 96, 4);
+    config.multi_topk = true;
+    let mut sae = Sae::new(config, 0, &Device::Cpu).unwrap();
+    let history = train(
+        &mut sae,
+        &mut Planted::new(11, 400),
+        POINT,
+        &options(),
+        None,
+        |_| {},
+    )
+    .unwrap();
+    assert!(history.iter().all(|r| r.multi_topk_fvu > 0.0));
+    let last: f64 = history[140..].iter().map(|r| r.fvu).sum::<f64>() / 10.0;
+    let last_4k: f64 = history[140..].iter().map(|r| r.multi_topk_fvu).sum::<f64>() / 10.0;
+    eprintln!(
+        "FVU {:.4} -> {last:.4}; 4k FVU {:.4} -> {last_4k:.4}",
+        history[0].fvu, history[0].multi_topk_fvu
+    );
+    assert!(last_4k < 0.2 * history[0].multi_topk_fvu);
+    assert!(
+        last < 0.2 * history[0].fvu,
+        "FVU {} -> {last}",
+        history[0].fvu
+    );
+}
+
+#[test]
+fn data_running_out_or_a_missing_hook_point_is_an_error() {
+    let mut sae = Sae::new(SaeConfig::new(D, 96, 4), 0, &Device::Cpu).unwrap();
+    let message = train(
+        &mut sae,
+        &mut Planted::new(1, 3),
+        POINT,
+        &options(),
+        None,
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(message.contains("ran out during step 2"), "{message}");
+    let message = train(
+        &mut sae,
+        &mut Planted::new(1, 3),
+        HookPoint::Layer(1),
+        &options(),
+        None,
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(message.contains("layers.1"), "{message}");
+}
+
+fn flat(sae: &Sae) -> Vec<f32> {
+    sae.parameters()
+        .iter()
+        .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect()
+}
+
+#[test]
+fn an_interrupted_run_resumes_exactly() {
+    let options = TrainOptions {
+        steps: 12,
+        checkpoint_every: 4,
+        ..options()
+    };
+    let fresh = || Sae::new(SaeConfig::new(D, 96, 4), 3, &Device::Cpu).unwrap();
+    let mut straight = fresh();
+    let full = train(
+        &mut straight,
+        &mut Planted::new(5, 40),
+        POINT,
+        &options,
+        None,
+        |_| {},
+    )
+    .unwrap();
+
+    // 1800 tokens: the data runs out during step 8, after the checkpoint of step 4.
+    let dir = tempfile::tempdir().unwrap();
+    let mut sae = fresh();
+    let message = train(
+        &mut sae,
+        &mut Planted::new(5, 18),
+        POINT,
+        &options,
+        Some(dir.path()),
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        message.contains("step 8") && message.contains("last checkpoint"),
+        "{message}"
+    );
+    let mut sae = fresh();
+    let mut resumed_steps = Vec::new();
+    let history = train(
+        &mut sae,
+        &mut Planted::new(5, 40),
+        POINT,
+        &options,
+        Some(dir.path()),
+        |r| resumed_steps.push(r.step),
+    )
+    .unwrap();
+    assert_eq!(resumed_steps, (5..=12).collect::<Vec<u64>>());
+    assert_eq!(history, full);
+    assert_eq!(flat(&sae), flat(&straight));
+
+    // A finished run's checkpoint with other options is refused.
+    let other = TrainOptions {
+        lr: Some(2e-2),
+        ..options.clone()
+    };
+    let message = train(
+        &mut fresh(),
+        &mut Planted::new(5, 40),
+        POINT,
+        &other,
+        Some(dir.path()),
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(message.contains("other training options"), "{message}");
+}
+
+/// A tiny GPT-NeoX with synthetic weights and the real Pythia tokenizer.
+fn tiny_model(dir: &Path) -> Model {
+    let config = serde_json::json!({
+        "model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 64, "rotary_pct": 0.5,
+        "vocab_size": 50304, "eos_token_id": 0
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let parsed = hooks::config::ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    hooks::synthetic::write_synthetic_weights(&parsed, dir).unwrap();
+    std::fs::copy(
+        repo().join("data/gpt-neox-20b-tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    Model::from_folder(dir, &LoadOptions::default()).unwrap()
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[test]
+fn trains_on_model_activations_over_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let spec = DataSpec::new(vec![repo().join("data/wikitext-2-raw-test.txt")], 64);
+    let chunks = spec.chunks(Some(model.tokenizer().unwrap())).unwrap();
+    let mut source =
+        ModelActivations::new(&model, chunks, vec![POINT], 8, DType::F32, None).unwrap();
+    let mut sae = Sae::new(SaeConfig::new(32, 128, 8), 0, &Device::Cpu).unwrap();
+    let options = TrainOptions {
+        steps: 80,
+        tokens_per_step: 512,
+        chunk_tokens: 512,
+        lr: Some(1e-2),
+        warmup_steps: 8,
+        dead_feature_threshold: 512 * 20,
+        auxk_alpha: 0.0,
+        checkpoint_every: 0,
+    };
+    let history = train(&mut sae, &mut source, POINT, &options, None, |_| {}).unwrap();
+    let first = history[0].fvu;
+    let last: f64 = history[75..].iter().map(|r| r.fvu).sum::<f64>() / 5.0;
+    eprintln!(
+        "FVU {first:.4} -> {last:.4}, L0 {:.2}, dead {:.3}",
+        history[79].l0, history[79].dead_fraction
+    );
+    assert!(last < 0.6 * first, "FVU {first} -> {last}");
+}

@@ -12,6 +12,7 @@ pipeline (EOS-joined, packed) and written to an .npy file that both sides consum
     python bench/lens_train.py [--shape pythia-160m|smollm2] [--steps 3] [--tokens-per-step 512] [--seq 256]
 """
 import argparse
+import importlib.metadata
 import json
 import os
 import resource
@@ -69,7 +70,7 @@ def peer(args):
         sched.step()
         losses.append(sum(step_losses) / len(step_losses))
     seconds = time.perf_counter() - start
-    print(json.dumps({"impl": f"tuned-lens {__import__('tuned_lens').__version__} ({args.peer_precision} autocast)",
+    print(json.dumps({"impl": f"tuned-lens {importlib.metadata.version('tuned-lens')} ({args.peer_precision} autocast)",
                       "seconds": seconds, "tokens_per_s": args.steps * args.tokens_per_step / seconds,
                       "mean_loss_last_step": losses[-1],
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

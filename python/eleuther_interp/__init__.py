@@ -1,6 +1,7 @@
 """eleuther_interp: run Pythia / GPT-NeoX and Llama-family models (on candle, in Rust) from
 Python, read or replace the tensor at any hook point, cache activations over a dataset, and
-train, apply and evaluate tuned lenses and the logit lens.
+train, apply and evaluate tuned lenses and the logit lens, and load, apply and train TopK sparse
+autoencoders in EleutherAI sparsify's format.
 
 >>> import eleuther_interp as ei
 >>> model = ei.Model.from_pretrained("pythia-70m", revision="step1000")
@@ -9,6 +10,8 @@ train, apply and evaluate tuned lenses and the logit lens.
 >>> logits = model.run_with_hooks(ids, {"layers.3.mlp": lambda x: x * 0})
 >>> lens = ei.TunedLens.train(model, data=["train.txt"], output="lens/")
 >>> lens_logits = lens.forward(acts["layers.3"], 4, model)   # hidden_states[4]
+>>> sae = ei.Sae.load("saes/layers.3")        # sparsify's cfg.json + sae.safetensors
+>>> top_acts, top_indices = sae.encode(acts["layers.3"].reshape(-1, sae.d_in))
 
 Arrays cross as numpy: token ids in (any integer dtype, or lists), float32 out.
 Errors: ``ValueError`` for bad arguments (unknown hook point, token id out of range, bad
@@ -27,6 +30,7 @@ from ._native import (
     CacheBatches,
     LogitLens,
     Model,
+    Sae,
     Tokenizer,
     TunedLens,
     __version__,
@@ -35,6 +39,7 @@ from ._native import (
     fetch_smollm2,
     run_cli as _run_cli,
     run_lens_cli as _run_lens_cli,
+    run_sae_cli as _run_sae_cli,
     write_synthetic_weights,
 )
 
@@ -43,6 +48,7 @@ __all__ = [
     "CacheBatches",
     "LogitLens",
     "Model",
+    "Sae",
     "Tokenizer",
     "TunedLens",
     "__version__",
@@ -52,6 +58,7 @@ __all__ = [
     "hooks_main",
     "lens_main",
     "make_synthetic_model",
+    "sae_main",
     "write_synthetic_weights",
 ]
 
@@ -96,6 +103,21 @@ def lens_main(argv: Optional[Sequence[str]] = None) -> int:
     :meth:`TunedLens.train` and :func:`evaluate_lens` for interruptible work.
     """
     return _run_main("lens", _run_lens_cli, argv)
+
+
+def sae_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the ``sae`` command line (``sae train``, ``sae eval``) in this process and
+    returns its exit status.
+
+    ``argv`` is the argument list without the program name (default ``sys.argv[1:]``).
+    An error prints ``error: <message>`` on stderr and returns 1. ``--help``, ``--version``
+    and invalid arguments end the process, as a command line does (status 0 or 2).
+
+    This is the entry point of the ``sae`` console script. Called from Python, the work runs
+    with the GIL released and cannot be interrupted with Ctrl-C until it returns (``sae
+    train`` resumes from its last checkpoint when re-run).
+    """
+    return _run_main("sae", _run_sae_cli, argv)
 
 
 def make_synthetic_model(

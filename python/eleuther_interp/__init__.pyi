@@ -12,6 +12,7 @@ __all__ = [
     "CacheBatches",
     "LogitLens",
     "Model",
+    "Sae",
     "Tokenizer",
     "TunedLens",
     "__version__",
@@ -20,6 +21,7 @@ __all__ = [
     "hooks_main",
     "lens_main",
     "make_synthetic_model",
+    "sae_main",
     "fetch_smollm2",
     "write_synthetic_weights",
 ]
@@ -301,3 +303,33 @@ def evaluate_lens(
 
 def lens_main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the ``lens`` command line; returns its exit status."""
+
+@final
+class Sae:
+    """A TopK sparse autoencoder in EleutherAI sparsify's format (``cfg.json`` +
+    ``sae.safetensors``): ``encode(x) = TopK_k(ReLU(W_enc (x - b_dec) + b_enc))``,
+    ``decode(a, i) = sum_j a_j W_dec[i_j] + b_dec``."""
+
+    @staticmethod
+    def load(path: _Path, device: str = "cpu") -> "Sae":
+        """Loads an SAE folder (sparsify's layout; for ``sae train`` output, a hook point's subfolder)."""
+    def save(self, path: _Path) -> None:
+        """Writes ``cfg.json`` and ``sae.safetensors`` into the folder ``path``."""
+    @property
+    def cfg(self) -> dict[str, Any]:
+        """The config (``cfg.json``) as a dict."""
+    @property
+    def num_latents(self) -> int: ...
+    @property
+    def d_in(self) -> int: ...
+    @property
+    def k(self) -> int: ...
+    def encode(self, x: npt.ArrayLike) -> tuple[_F32, _I64]:
+        """``(top_acts float32 [N, k], top_indices int64 [N, k])`` of ``x`` ``[N, d_in]``, largest first."""
+    def decode(self, top_acts: npt.ArrayLike, top_indices: npt.ArrayLike) -> _F32:
+        """``[N, d_in]`` float32 reconstruction from ``[N, k]`` activations and indices."""
+    def forward(self, x: npt.ArrayLike) -> dict[str, Any]:
+        """``{"x_hat": [N, d_in], "top_acts": [N, k], "top_indices": [N, k], "fvu": float}``."""
+
+def sae_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the ``sae`` command line (``sae train``, ``sae eval``); returns its exit status."""

@@ -1,4 +1,4 @@
-"""The ``hooks`` and ``lens`` console scripts: the Rust command lines, run in this Python
+"""The ``hooks``, ``lens`` and ``sae`` console scripts: the Rust command lines, run in this Python
 process."""
 
 import signal
@@ -23,6 +23,15 @@ def lens() -> None:
     from . import lens_main
 
     sys.exit(lens_main(sys.argv[1:]))
+
+
+def sae() -> None:
+    """Entry point of the ``sae`` script: behaves like the native ``sae`` binary."""
+    # As for `hooks`: Ctrl-C terminates; `sae train` resumes from its last checkpoint.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    from . import sae_main
+
+    sys.exit(sae_main(sys.argv[1:]))
 
 
 if __name__ == "__main__":

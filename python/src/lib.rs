@@ -1,7 +1,8 @@
 //! The native part of the `eleuther_interp` Python package: bindings of the `hooks` runtime
 //! (models, hook points, tokenizers, the activation cache and the `hooks` command line) and
 //! of the `lens` crate (tuned lens and logit lens: apply, train, evaluate; the `lens`
-//! command line).
+//! command line) and of the `sae` crate (sparsify-compatible TopK SAEs; the `sae` command
+//! line).
 //!
 //! Everything user-facing is documented from Python (`help(eleuther_interp.Model)`); the
 //! doc comments on the `#[pyclass]` / `#[pymethods]` items below are those docstrings.
@@ -15,6 +16,7 @@ pub mod convert;
 pub mod errors;
 pub mod lenses;
 pub mod model;
+pub mod saes;
 
 use std::path::PathBuf;
 
@@ -74,6 +76,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<lenses::PyLogitLens>()?;
     m.add_function(wrap_pyfunction!(lenses::evaluate_lens, m)?)?;
     m.add_function(wrap_pyfunction!(lenses::run_lens_cli, m)?)?;
+    m.add_class::<saes::PySae>()?;
+    m.add_function(wrap_pyfunction!(saes::run_sae_cli, m)?)?;
     m.add_function(wrap_pyfunction!(run_cli, m)?)?;
     m.add_function(wrap_pyfunction!(write_synthetic_weights, m)?)?;
     m.add_function(wrap_pyfunction!(fetch_smollm2, m)?)?;

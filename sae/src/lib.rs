@@ -5,13 +5,15 @@
 //! forward, files) -> [`train`] (FVU objective, optional AuxK and Multi-TopK, hand-written
 //! sparse gradients, decoder norm constraint, Adam with sparsify's schedule, dead-latent
 //! tracking, checkpoints) over an activation source from the hook runtime (a model run or
-//! an activation cache).
+//! an activation cache; [`train::train_many`] trains one SAE per hook point in one pass) ->
+//! [`cli`] (the `sae train` / `sae eval` command line, also behind Python's `sae` script).
 //!
 //! candle has no TopK: the CPU path uses the kernels in `kernels` (rows in parallel,
 //! partial selection, sparse decode of the `k` chosen decoder rows); other devices and
 //! dtypes fall back to generic tensor ops (sort-based TopK, which is slow and, on CUDA,
 //! limited to rows of about 8k latents by candle's bitonic sort).
 
+pub mod cli;
 mod kernels;
 mod sae;
 pub mod train;

@@ -306,7 +306,9 @@ impl Sae {
     /// `x: [N, d]` in the parameters' dtype and device, or an error naming the shape.
     pub(crate) fn input(&self, x: &Tensor, what: &str) -> Result<Tensor> {
         match x.dims() {
-            [_, d] if *d == self.d_in() => Ok(x.to_dtype(self.w_enc.dtype())?),
+            [_, d] if *d == self.d_in() => Ok(x
+                .to_device(self.w_enc.device())?
+                .to_dtype(self.w_enc.dtype())?),
             dims => Err(Error::Sae(format!(
                 "{what} must be [tokens, {}], got {dims:?}",
                 self.d_in()

@@ -507,38 +507,45 @@ fn batch_grads(sae: &Sae, x: &Tensor, chunk_tokens: usize, auxk: Option<&AuxK>) 
     Ok(batch)
 }
 
-/// Rows of one hook point taken from a source in exact counts, carrying the rest of a
-/// batch over to the next call.
+/// Rows of some hook points taken from a source in exact counts (the same rows for every
+/// point), carrying the rest of a batch over to the next call.
 struct Rows<'s> {
     source: &'s mut dyn ActivationSource,
-    point: HookPoint,
-    pending: Vec<Tensor>,
+    points: Vec<HookPoint>,
+    /// Per point, rows read but not yet taken.
+    pending: Vec<Vec<Tensor>>,
     have: usize,
     consumed: u64,
 }
 
 impl Rows<'_> {
-    /// Exactly `n` rows `[n, d]`, or `Err(available)` when the data runs out first.
-    fn take(&mut self, n: usize) -> Result<std::result::Result<Tensor, usize>> {
+    /// Exactly `n` rows `[n, d]` per point, or `Err(available)` when the data runs out first.
+    fn take(&mut self, n: usize) -> Result<std::result::Result<Vec<Tensor>, usize>> {
         while self.have < n {
             let Some(batch) = self.source.next_batch()? else {
                 return Ok(Err(self.have));
             };
-            let rows = batch.activations.get(&self.point).ok_or_else(|| {
-                Error::Training(format!("a batch lacks hook point '{}'", self.point))
-            })?;
-            self.have += rows.dim(0)?;
-            self.pending.push(rows.clone());
+            for (point, pending) in self.points.iter().zip(self.pending.iter_mut()) {
+                let rows = batch.activations.get(point).ok_or_else(|| {
+                    Error::Training(format!("a batch lacks hook point '{point}'"))
+                })?;
+                pending.push(rows.clone());
+            }
+            self.have += batch.len();
         }
-        let all = Tensor::cat(&self.pending, 0)?;
-        self.pending = if self.have > n {
-            vec![all.narrow(0, n, self.have - n)?]
-        } else {
-            Vec::new()
-        };
+        let mut taken = Vec::with_capacity(self.points.len());
+        for pending in self.pending.iter_mut() {
+            let all = Tensor::cat(pending, 0)?;
+            *pending = if self.have > n {
+                vec![all.narrow(0, n, self.have - n)?]
+            } else {
+                Vec::new()
+            };
+            taken.push(all.narrow(0, 0, n)?);
+        }
         self.have -= n;
         self.consumed += n as u64;
-        Ok(Ok(all.narrow(0, 0, n)?))
+        Ok(Ok(taken))
     }
 
     /// Skips `n` rows (cheaply where the source can), to resume.
@@ -586,35 +593,113 @@ pub fn train(
     checkpoint_dir: Option<&Path>,
     mut on_step: impl FnMut(&StepRecord),
 ) -> Result<Vec<StepRecord>> {
-    if !source.hook_points().contains(&point) {
+    let dirs = checkpoint_dir.map(|d| vec![d.to_path_buf()]);
+    let mut histories = train_many(
+        std::slice::from_mut(sae),
+        source,
+        &[point],
+        options,
+        dirs.as_deref(),
+        |_, r| on_step(r),
+    )?;
+    Ok(histories.pop().unwrap_or_default())
+}
+
+/// Trains one SAE per hook point in a single pass over `source`: `saes[i]` on the
+/// activations at `points[i]`, every SAE seeing the same tokens at each step (the model runs
+/// once for all of them). Otherwise as [`train`]; `checkpoint_dirs` has one folder per SAE,
+/// and a resumed run needs every SAE's checkpoint at the same step. `on_step` gets the SAE's
+/// index and its record. Returns each SAE's history.
+pub fn train_many(
+    saes: &mut [Sae],
+    source: &mut dyn ActivationSource,
+    points: &[HookPoint],
+    options: &TrainOptions,
+    checkpoint_dirs: Option<&[PathBuf]>,
+    mut on_step: impl FnMut(usize, &StepRecord),
+) -> Result<Vec<Vec<StepRecord>>> {
+    if saes.len() != points.len() || saes.is_empty() {
         return Err(Error::Training(format!(
-            "the activation source has no hook point '{point}'"
+            "need one SAE per hook point, got {} SAEs for {} hook points",
+            saes.len(),
+            points.len()
         )));
     }
-    let mut trainer = Trainer::new(sae, options.clone())?;
+    if let Some(dirs) = checkpoint_dirs {
+        if dirs.len() != saes.len() {
+            return Err(Error::Training(format!(
+                "need one checkpoint folder per SAE, got {} for {}",
+                dirs.len(),
+                saes.len()
+            )));
+        }
+    }
+    for point in points {
+        if !source.hook_points().contains(point) {
+            return Err(Error::Training(format!(
+                "the activation source has no hook point '{point}'"
+            )));
+        }
+    }
+    let mut trainers = saes
+        .iter()
+        .map(|sae| Trainer::new(sae, options.clone()))
+        .collect::<Result<Vec<_>>>()?;
     let mut rows = Rows {
         source,
-        point,
-        pending: Vec::new(),
+        points: points.to_vec(),
+        pending: vec![Vec::new(); points.len()],
         have: 0,
         consumed: 0,
     };
-    let mut history = Vec::with_capacity(options.steps as usize);
-    let checkpoint = checkpoint_dir.map(checkpoint_path);
-    if let Some(path) = checkpoint.as_ref().filter(|p| p.is_file()) {
-        let state = load_checkpoint(path, sae, &mut trainer)?;
-        rows.skip(state.tokens_consumed)?;
-        history = state.history;
+    let mut histories = vec![Vec::with_capacity(options.steps as usize); saes.len()];
+    let checkpoints: Option<Vec<PathBuf>> =
+        checkpoint_dirs.map(|dirs| dirs.iter().map(|d| checkpoint_path(d)).collect());
+    if let Some(paths) = &checkpoints {
+        let found = paths.iter().filter(|p| p.is_file()).count();
+        if found > 0 && found < paths.len() {
+            return Err(Error::Training(format!(
+                "only {found} of {} checkpoints exist ({}); cannot resume the SAEs together",
+                paths.len(),
+                paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if found > 0 {
+            let mut consumed = None;
+            for (i, path) in paths.iter().enumerate() {
+                let state = load_checkpoint(path, &mut saes[i], &mut trainers[i])?;
+                if consumed.is_some_and(|c| c != state.tokens_consumed) {
+                    return Err(Error::Training(format!(
+                        "checkpoint {} is at another step than the others; cannot resume the SAEs together",
+                        path.display()
+                    )));
+                }
+                consumed = Some(state.tokens_consumed);
+                histories[i] = state.history;
+            }
+            // A finished run reads nothing more.
+            if trainers[0].steps_done() < options.steps {
+                rows.skip(consumed.unwrap_or(0))?;
+            }
+            rows.consumed = consumed.unwrap_or(0);
+        }
     }
     let keep = || {
-        checkpoint_dir
-            .map(|d| format!("; the last checkpoint in {} is kept", d.display()))
+        checkpoint_dirs
+            .map(|d| {
+                let names: Vec<String> = d.iter().map(|d| d.display().to_string()).collect();
+                format!("; the last checkpoint in {} is kept", names.join(", "))
+            })
             .unwrap_or_default()
     };
-    while trainer.steps_done() < options.steps {
-        let step = trainer.steps_done() + 1;
-        let x = match rows.take(options.tokens_per_step)? {
-            Ok(x) => x,
+    while trainers[0].steps_done() < options.steps {
+        let step = trainers[0].steps_done() + 1;
+        let xs = match rows.take(options.tokens_per_step)? {
+            Ok(xs) => xs,
             Err(available) => {
                 return Err(Error::Training(format!(
                     "the data ran out during step {step}: {} tokens were available, {} steps x {} tokens per step need {}{}",
@@ -626,18 +711,25 @@ pub fn train(
                 )))
             }
         };
-        let record = trainer.step(sae, &x).map_err(|e| match e {
-            Error::Training(m) => Error::Training(format!("{m}{}", keep())),
-            other => other,
-        })?;
-        on_step(&record);
-        history.push(record);
+        for (i, ((sae, trainer), x)) in saes.iter_mut().zip(&mut trainers).zip(&xs).enumerate() {
+            let record = trainer.step(sae, x).map_err(|e| match e {
+                Error::Training(m) if points.len() > 1 => {
+                    Error::Training(format!("hook point '{}': {m}{}", points[i], keep()))
+                }
+                Error::Training(m) => Error::Training(format!("{m}{}", keep())),
+                other => other,
+            })?;
+            on_step(i, &record);
+            histories[i].push(record);
+        }
         let due = options.checkpoint_every > 0 && step.is_multiple_of(options.checkpoint_every);
-        if let (Some(path), true) = (&checkpoint, due || step == options.steps) {
-            save_checkpoint(path, sae, &trainer, rows.consumed, &history)?;
+        if let (Some(paths), true) = (&checkpoints, due || step == options.steps) {
+            for (i, path) in paths.iter().enumerate() {
+                save_checkpoint(path, &saes[i], &trainers[i], rows.consumed, &histories[i])?;
+            }
         }
     }
-    Ok(history)
+    Ok(histories)
 }
 
 const PARAMS: [&str; 4] = ["sae.w_enc", "sae.b_enc", "sae.w_dec", "sae.b_dec"];

@@ -9,7 +9,7 @@ use hooks::activations::{ActivationBatch, ActivationSource, ModelActivations};
 use hooks::data::DataSpec;
 use hooks::{HookPoint, LoadOptions, Model};
 use rand::{Rng, SeedableRng};
-use sae::train::{train, StepRecord, TrainOptions};
+use sae::train::{train, train_many, StepRecord, TrainOptions};
 use sae::{Sae, SaeConfig};
 
 const D: usize = 32;
@@ -294,6 +294,54 @@ fn an_interrupted_run_resumes_exactly() {
     .unwrap_err()
     .to_string();
     assert!(message.contains("other training options"), "{message}");
+}
+
+#[test]
+fn several_saes_in_one_pass_match_separate_runs() {
+    let options = TrainOptions {
+        steps: 12,
+        ..options()
+    };
+    let fresh = |seed| Sae::new(SaeConfig::new(D, 96, 4), seed, &Device::Cpu).unwrap();
+    let mut saes = vec![fresh(1), fresh(2)];
+    let dir = tempfile::tempdir().unwrap();
+    let dirs = vec![dir.path().join("a"), dir.path().join("b")];
+    let histories = train_many(
+        &mut saes,
+        &mut Planted::new(5, 40),
+        &[POINT, POINT],
+        &options,
+        Some(&dirs),
+        |_, _| {},
+    )
+    .unwrap();
+    for (i, seed) in [1, 2].into_iter().enumerate() {
+        let mut alone = fresh(seed);
+        let history = train(
+            &mut alone,
+            &mut Planted::new(5, 40),
+            POINT,
+            &options,
+            None,
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(histories[i], history);
+        assert_eq!(flat(&saes[i]), flat(&alone));
+    }
+    // Resuming needs every SAE's checkpoint.
+    std::fs::remove_file(sae::train::checkpoint_path(&dirs[1])).unwrap();
+    let message = train_many(
+        &mut [fresh(1), fresh(2)],
+        &mut Planted::new(5, 40),
+        &[POINT, POINT],
+        &options,
+        Some(&dirs),
+        |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(message.contains("only 1 of 2 checkpoints"), "{message}");
 }
 
 /// A tiny GPT-NeoX with synthetic weights and the real Pythia tokenizer.

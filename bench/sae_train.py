@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""TopK SAE training throughput: eleuther-interp (`sae train --activations`) vs PyPI
+eai-sparsify's training step, side by side in one run, on the same activations and the same
+recipe (FVU loss, Adam at sparsify's default lr 2e-4 / sqrt(n / 2^14), linear warm-up then
+decay, b_dec initialised to the first batch's mean, decoder rows kept at unit norm).
+
+The activations are those of `layers.0` of a synthetic model of the chosen shape (d = 768 for
+pythia-160m) over WikiText-2, cached once with `hooks cache`. The peer is sparsify's own
+`SparseCoder` forward/backward (its fused TopK encoder autograd function, triton off: this
+is a CPU run) plus the steps of `sparsify/trainer.py` around it, driven by a small loop
+here because sparsify's trainer needs `datasets`, `schedulefree` and a model; sparsify's
+package `__init__` is bypassed as in tests/fixtures/generate.py.
+
+Run with the reference venv (torch + eai-sparsify):
+
+    /work/venv-ref/bin/python bench/sae_train.py [--shape pythia-160m] [--latents 24576] [--k 32]
+        [--steps 5] [--batch 4096] [--threads 2]
+"""
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from forward import SHAPES, config_for  # noqa: E402
+
+
+def import_sparsify():
+    import importlib.metadata
+    import importlib.util
+    import types
+
+    os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
+    if "sparsify" not in sys.modules:
+        spec = importlib.util.find_spec("sparsify")
+        if spec is None:
+            raise SystemExit("eai-sparsify is not installed in this Python (use /work/venv-ref/bin/python)")
+        pkg = types.ModuleType("sparsify")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["sparsify"] = pkg
+    from sparsify.config import SparseCoderConfig
+    from sparsify.sparse_coder import SparseCoder
+
+    return SparseCoder, SparseCoderConfig, importlib.metadata.version("eai-sparsify")
+
+
+def load_cache(cache: Path, point: str) -> np.ndarray:
+    from safetensors.numpy import load_file
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    return np.concatenate([load_file(str(cache / s["file"]))[point] for s in manifest["shards"]])
+
+
+def peer(args):
+    import torch
+
+    SparseCoder, SparseCoderConfig, version = import_sparsify()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    acts = load_cache(Path(args.cache), "layers.0")
+    d = acts.shape[1]
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=args.latents, k=args.k))
+    lr = 2e-4 / (args.latents / 2**14) ** 0.5
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    warmup = args.warmup
+
+    def schedule(step):  # transformers' get_linear_schedule_with_warmup
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (args.steps - step) / max(1, args.steps - warmup))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    fvus = []
+    start = time.perf_counter()
+    for step in range(args.steps):
+        x = torch.from_numpy(acts[step * args.batch:(step + 1) * args.batch])
+        if step == 0:
+            sae.b_dec.data = x.mean(0)
+        sae.set_decoder_norm_to_unit_norm()
+        out = sae(x)
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        sae.set_decoder_norm_to_unit_norm()
+        fvus.append(out.fvu.item())
+    seconds = time.perf_counter() - start
+    print(json.dumps({"impl": f"eai-sparsify {version} (torch {torch.__version__})", "seconds": seconds,
+                      "tokens_per_s": args.steps * args.batch / seconds, "fvu_last_step": fvus[-1],
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="pythia-160m", choices=sorted(SHAPES))
+    p.add_argument("--latents", type=int, default=24576)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=4096, help="tokens per step")
+    p.add_argument("--warmup", type=int, default=1000, help="lr warm-up steps (sparsify: 1000)")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cache", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.peer:
+        return peer(args)
+
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "eleuther-sae", "--bin", "sae",
+                    "-p", "eleuther-hooks", "--bin", "hooks", "--example", "forward_bench"], cwd=REPO, check=True)
+    bench = REPO / "target" / "bench"
+    model_path = bench / f"{args.shape}-synthetic"
+    if not (model_path / "model.safetensors").exists():
+        model_path.mkdir(parents=True, exist_ok=True)
+        (model_path / "bench-config.json").write_text(json.dumps(config_for(args.shape)))
+        subprocess.run([str(REPO / "target/release/examples/forward_bench"), str(model_path), "--synthesize",
+                        str(model_path / "bench-config.json")], check=True)
+    (model_path / "tokenizer.json").write_bytes((REPO / "data/gpt-neox-20b-tokenizer.json").read_bytes())
+
+    needed = args.steps * args.batch
+    cache = bench / f"sae-acts-{args.shape}-{needed}"
+    if not (cache / "manifest.json").exists():
+        subprocess.run([str(REPO / "target/release/hooks"), "cache", "--model", str(model_path), "--hookpoints",
+                        "layers.0", "--data", str(REPO / "data/wikitext-2-raw-test.txt"), "--seq-len", "256",
+                        "--max-tokens", str(needed), "--output", str(cache), "--overwrite"], check=True,
+                       capture_output=True)
+
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
+    out = bench / f"sae-{args.shape}"
+    cmd = [str(REPO / "target/release/sae"), "train", "--activations", str(cache), "--output", str(out),
+           "--batch-size", str(args.batch), "--steps", str(args.steps), "--k", str(args.k),
+           "--num-latents", str(args.latents), "--lr-warmup-steps", str(args.warmup),
+           "--checkpoint-every", "0", "--chunk-tokens", str(args.batch), "--seed", str(args.seed)]
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    ours = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, env=env, capture_output=True, text=True)
+    if ours.returncode != 0:
+        sys.exit(ours.stdout + ours.stderr)
+    ours_peak = int(ours.stderr.strip().splitlines()[-1]) / 1024
+    m = re.search(r"this run: (\d+) steps in ([\d.]+) s \((\d+) tokens/s\)", ours.stdout)
+    ours_s, ours_tps = float(m.group(2)), float(m.group(3))
+    history = json.loads((out / "checkpoints" / "layers.0" / "history.json").read_text())
+
+    theirs = subprocess.run([sys.executable, __file__, "--peer", "--cache", str(cache), "--steps", str(args.steps),
+                             "--batch", str(args.batch), "--latents", str(args.latents), "--k", str(args.k),
+                             "--warmup", str(args.warmup), "--threads", str(args.threads), "--seed", str(args.seed)],
+                            env=env, capture_output=True, text=True)
+    if theirs.returncode != 0:
+        sys.exit(theirs.stderr)
+    t = json.loads(theirs.stdout.strip().splitlines()[-1])
+    d = config_for(args.shape)["hidden_size"]
+    print(f"TopK SAE training, d {d}, {args.latents} latents, k {args.k}, {args.steps} steps x {args.batch} tokens, "
+          f"{args.threads} threads")
+    print(f"  eleuther-interp (f32): {ours_tps:8.1f} tokens/s  ({ours_s:.1f} s, training loop incl. cache reads)  "
+          f"peak RSS {ours_peak:.0f} MiB  FVU last step {history[-1]['fvu']:.4f}")
+    print(f"  {t['impl']}: {t['tokens_per_s']:8.1f} tokens/s  ({t['seconds']:.1f} s, loop only)  "
+          f"peak RSS {t['peak_rss_mib']:.0f} MiB  FVU last step {t['fvu_last_step']:.4f}")
+    print(f"  ratio ours/theirs (throughput): {ours_tps / t['tokens_per_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

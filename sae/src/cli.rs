@@ -1,0 +1,696 @@
+//! The `sae` command line: `sae train` and `sae eval`. [`run`] takes argv so the cargo
+//! binary and the Python console script share one implementation.
+//!
+//! `sae train` writes sparsify's layout, `OUTPUT/<hookpoint>/cfg.json` + `sae.safetensors`
+//! (loadable by sparsify's `SparseCoder.load_many`), with checkpoints in
+//! `OUTPUT/checkpoints/<hookpoint>/` so that re-running the same command resumes.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, D};
+use clap::{Args, Parser, Subcommand};
+use hooks::activations::{ActivationCache, ActivationSource, ModelActivations, ReadOrder};
+use hooks::cli::ModelArgs;
+use hooks::data::DataSpec;
+use hooks::{HookPoint, Hooks, Model};
+use serde::{Deserialize, Serialize};
+
+use crate::train::{train_many, StepRecord, TrainOptions};
+use crate::{Sae, SaeConfig};
+
+/// Train and evaluate TopK sparse autoencoders (sparsify-compatible files).
+#[derive(Parser, Debug)]
+#[command(name = "sae", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train one TopK SAE per hook point in a single pass over the activations (streamed from
+    /// the model, or read shuffled from a cache); writes OUTPUT/<hookpoint>/cfg.json +
+    /// sae.safetensors. Re-running the same command resumes from OUTPUT/checkpoints.
+    Train(TrainArgs),
+    /// Evaluate SAEs on a model: FVU, L0, dead latents, explained variance, and the
+    /// language-model loss with each SAE spliced into the forward pass (CE loss recovered
+    /// against zero-ablation).
+    Eval(EvalArgs),
+}
+
+/// The model (optional for training on a cache).
+#[derive(Args, Debug)]
+struct ModelOpts {
+    /// Model: Pythia short name, hub id, a local folder or a .gguf file.
+    #[arg(long, short)]
+    model: Option<String>,
+    /// Hub revision: branch, tag or commit.
+    #[arg(long)]
+    revision: Option<String>,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute dtype of the model: float32, bfloat16 or float16.
+    #[arg(long, default_value = "float32")]
+    dtype: String,
+    /// Use this tokenizer.json instead of the model's own.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+impl ModelOpts {
+    fn load(&self) -> Result<Option<Model>> {
+        let Some(model) = &self.model else {
+            return Ok(None);
+        };
+        let args = ModelArgs {
+            model: model.clone(),
+            revision: self.revision.clone(),
+            device: self.device.clone(),
+            dtype: self.dtype.clone(),
+            tokenizer: self.tokenizer.clone(),
+        };
+        Ok(Some(args.load()?))
+    }
+}
+
+#[derive(Args, Debug)]
+struct DataOpts {
+    /// Text/token data to run the model over (see --format); training can read --activations instead.
+    #[arg(long, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// Format of the data files (text, text-file, jsonl, parquet, npy, bin).
+    #[arg(long)]
+    format: Option<String>,
+    /// JSON field / parquet column with the text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 2048)]
+    seq_len: usize,
+    /// Sequences per forward pass of the model.
+    #[arg(long, default_value_t = 8)]
+    forward_batch: usize,
+}
+
+impl DataOpts {
+    fn spec(&self) -> DataSpec {
+        DataSpec {
+            paths: self.data.clone(),
+            format: self.format.clone(),
+            text_field: self.text_field.clone(),
+            seq_len: self.seq_len,
+        }
+    }
+
+    /// Streams `points` of `model` over the data, at most `max_tokens` (whole sequences).
+    fn stream<'m>(
+        &self,
+        model: &'m Model,
+        points: Vec<HookPoint>,
+        max_tokens: Option<u64>,
+    ) -> Result<ModelActivations<'m>> {
+        if self.data.is_empty() {
+            bail!("give --data files to run the model over (or --activations for training)");
+        }
+        if self.seq_len == 0 || self.forward_batch == 0 {
+            bail!("--seq-len and --forward-batch must be positive");
+        }
+        let chunks = self.spec().chunks(model.tokenizer().ok())?;
+        let max_chunks = max_tokens.map(|t| t.div_ceil(self.seq_len as u64));
+        Ok(ModelActivations::new(
+            model,
+            chunks,
+            points,
+            self.forward_batch,
+            DType::F32,
+            max_chunks,
+        )?)
+    }
+}
+
+#[derive(Args, Debug)]
+struct TrainArgs {
+    #[command(flatten)]
+    model: ModelOpts,
+    #[command(flatten)]
+    data: DataOpts,
+    /// An activation cache made by `hooks cache` (read shuffled); instead of --model/--data.
+    #[arg(long)]
+    activations: Option<PathBuf>,
+    /// Hook points, comma separated (layers.3,layers.5.mlp; '*' matches any layer); with
+    /// --activations the default is every cached point.
+    #[arg(long)]
+    hookpoints: Option<String>,
+    /// Output folder: OUTPUT/<hookpoint>/{cfg.json,sae.safetensors}.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Active latents per token.
+    #[arg(long, default_value_t = 32)]
+    k: usize,
+    /// Latents per input dimension (ignored when --num-latents is given).
+    #[arg(long, default_value_t = 32)]
+    expansion_factor: usize,
+    /// Number of latents (default: d_in x expansion factor).
+    #[arg(long)]
+    num_latents: Option<usize>,
+    /// Tokens per optimiser step (sparsify: 32 sequences x 2048 tokens).
+    #[arg(long, default_value_t = 32 * 2048)]
+    batch_size: usize,
+    /// Tokens encoded at once within a step (memory: this x num_latents floats).
+    #[arg(long, default_value_t = 4096)]
+    chunk_tokens: usize,
+    /// Peak learning rate (default: 2e-4 / sqrt(num_latents / 2^14), as sparsify).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Linear learning-rate warm-up steps.
+    #[arg(long, default_value_t = 1000)]
+    lr_warmup_steps: u64,
+    /// Optimiser steps (or give --max-tokens; with --activations the default is the whole cache).
+    #[arg(long, conflicts_with = "max_tokens")]
+    steps: Option<u64>,
+    /// Train on this many tokens (rounded down to whole steps).
+    #[arg(long)]
+    max_tokens: Option<u64>,
+    /// Weight of the AuxK loss (0: off, sparsify's default; Gao et al. use 1/32).
+    #[arg(long, default_value_t = 0.0)]
+    auxk_alpha: f64,
+    /// A latent is dead after this many tokens without firing.
+    #[arg(long, default_value_t = 10_000_000)]
+    dead_feature_threshold: u64,
+    /// Train with the Multi-TopK loss.
+    #[arg(long)]
+    multi_topk: bool,
+    /// Seed of the SAE initialisation and of the cache shuffle.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Rows held in memory to shuffle a cache.
+    #[arg(long, default_value_t = 1 << 17)]
+    shuffle_buffer: usize,
+    /// Checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = 1000)]
+    checkpoint_every: u64,
+}
+
+#[derive(Args, Debug)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelOpts,
+    #[command(flatten)]
+    data: DataOpts,
+    /// Folder of SAEs as `sae train` writes it (OUTPUT/<hookpoint>/cfg.json ...).
+    #[arg(long)]
+    sae: PathBuf,
+    /// Hook points to evaluate (default: every SAE in the folder).
+    #[arg(long)]
+    hookpoints: Option<String>,
+    /// Tokens to evaluate (whole sequences).
+    #[arg(long, default_value_t = 1 << 16)]
+    tokens: u64,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Parses argv (program name first) and runs the command.
+pub fn run<I, T>(args: I) -> Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
+    hooks::cli::init_logging();
+    match cli.command {
+        Command::Train(args) => train_command(args),
+        Command::Eval(args) => eval_command(args).map(|_| ()),
+    }
+}
+
+/// The hook points of a cache, or those named in `list` (which the cache must have).
+fn cache_points(cache: &ActivationCache, list: Option<&str>) -> Result<Vec<(HookPoint, String)>> {
+    let cached: Vec<(HookPoint, String)> = cache
+        .hook_points()
+        .iter()
+        .copied()
+        .zip(cache.manifest().settings.hook_points.iter().cloned())
+        .collect();
+    let Some(list) = list else {
+        return Ok(cached);
+    };
+    let mut out = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let point =
+            HookPoint::parse(name).with_context(|| format!("unknown hook point '{name}'"))?;
+        let found = cached.iter().find(|(p, _)| *p == point).with_context(|| {
+            format!(
+                "the activation cache has no hook point '{name}' (it has {})",
+                cache.manifest().settings.hook_points.join(", ")
+            )
+        })?;
+        if !out.contains(found) {
+            out.push(found.clone());
+        }
+    }
+    if out.is_empty() {
+        bail!("no hook points given");
+    }
+    Ok(out)
+}
+
+/// Width of each hook point's activations, from a one-token forward pass.
+fn model_widths(model: &Model, points: &[HookPoint]) -> Result<Vec<usize>> {
+    let ids = Tensor::new(&[[0u32]], model.device())?;
+    let mut hooks = Hooks::capture_only(points.iter().copied());
+    let out = model.forward(&ids, &mut hooks)?;
+    points.iter().map(|p| Ok(out.captures[p].dim(2)?)).collect()
+}
+
+fn train_command(args: TrainArgs) -> Result<()> {
+    let model = args.model.load()?;
+    let device = match &model {
+        Some(model) => model.device().clone(),
+        None => hooks::parse_device(&args.model.device)?,
+    };
+    let (points, names, widths, cache) = match (&args.activations, &model) {
+        (Some(dir), _) => {
+            if !args.data.data.is_empty() {
+                bail!("give --data (with --model) or --activations, not both");
+            }
+            let cache = ActivationCache::open(dir)?;
+            let chosen = cache_points(&cache, args.hookpoints.as_deref())?;
+            let settings = &cache.manifest().settings;
+            let widths = chosen
+                .iter()
+                .map(|(_, name)| {
+                    let i = settings.hook_points.iter().position(|n| n == name).unwrap();
+                    settings.widths[i]
+                })
+                .collect();
+            let (points, names) = chosen.into_iter().unzip();
+            (points, names, widths, Some(cache))
+        }
+        (None, Some(model)) => {
+            let list = args
+                .hookpoints
+                .as_deref()
+                .context("give --hookpoints (e.g. layers.3,layers.5.mlp)")?;
+            let points = model.hook_points_from_list(list)?;
+            let names = points.iter().map(|p| model.hook_name(*p)).collect();
+            let widths = model_widths(model, &points)?;
+            (points, names, widths, None)
+        }
+        (None, None) => bail!("give --model with --data, or --activations"),
+    };
+    let names: Vec<String> = names;
+    let widths: Vec<usize> = widths;
+    if args.batch_size == 0 {
+        bail!("--batch-size must be positive");
+    }
+    let steps = match (args.steps, args.max_tokens, &cache) {
+        (Some(steps), _, _) => steps,
+        (None, Some(tokens), _) => tokens / args.batch_size as u64,
+        (None, None, Some(cache)) => cache.manifest().tokens / args.batch_size as u64,
+        (None, None, None) => bail!("give --steps or --max-tokens"),
+    };
+    if steps == 0 {
+        bail!(
+            "no whole step of --batch-size {} tokens to train on",
+            args.batch_size
+        );
+    }
+    let options = TrainOptions {
+        steps,
+        tokens_per_step: args.batch_size,
+        chunk_tokens: args.chunk_tokens,
+        lr: args.lr,
+        warmup_steps: args.lr_warmup_steps,
+        dead_feature_threshold: args.dead_feature_threshold,
+        auxk_alpha: args.auxk_alpha,
+        checkpoint_every: args.checkpoint_every,
+    };
+    let mut saes = widths
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| {
+            let mut config = SaeConfig::new(d, args.num_latents.unwrap_or(0), args.k);
+            config.expansion_factor = args.expansion_factor;
+            config.multi_topk = args.multi_topk;
+            Ok(Sae::new(config, args.seed.wrapping_add(i as u64), &device)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let needed = steps * args.batch_size as u64;
+    let mut source: Box<dyn ActivationSource + '_> = match (&cache, &model) {
+        (Some(cache), _) => Box::new(cache.reader(
+            args.batch_size,
+            ReadOrder::Shuffled {
+                seed: args.seed,
+                buffer_tokens: args.shuffle_buffer,
+            },
+        )?),
+        (None, Some(model)) => Box::new(args.data.stream(model, points.clone(), Some(needed))?),
+        (None, None) => unreachable!(),
+    };
+    let checkpoints: Vec<PathBuf> = names
+        .iter()
+        .map(|n| args.output.join("checkpoints").join(n))
+        .collect();
+    let bar = hooks::progress::bar(true, Some(steps), "steps");
+    let started = std::time::Instant::now();
+    let mut new_steps = 0u64;
+    let last = points.len() - 1;
+    let histories = train_many(
+        &mut saes,
+        source.as_mut(),
+        &points,
+        &options,
+        Some(&checkpoints),
+        |i, r| {
+            if i == 0 {
+                new_steps += 1;
+            }
+            if i == last {
+                bar.set_position(r.step);
+            }
+            bar.set_message(format!("{} FVU {:.4}", names[i], r.fvu));
+            if r.step == 1 || r.step % 100 == 0 || r.step == steps {
+                tracing::info!(
+                    "step {} {}: FVU {:.4} L0 {:.1} dead {:.2}% lr {:.2e}",
+                    r.step,
+                    names[i],
+                    r.fvu,
+                    r.l0,
+                    100.0 * r.dead_fraction,
+                    r.lr
+                );
+            }
+        },
+    )
+    .with_context(|| format!("training SAEs into {}", args.output.display()))?;
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    for ((sae, name), (history, ckpt)) in saes
+        .iter()
+        .zip(&names)
+        .zip(histories.iter().zip(&checkpoints))
+    {
+        sae.save(&args.output.join(name))?;
+        hooks::atomic::write_json(&ckpt.join("history.json"), history)?;
+    }
+    println!(
+        "trained {} SAE(s) ({} latents, k {}) for {steps} steps of {} tokens -> {}",
+        saes.len(),
+        saes[0].num_latents(),
+        args.k,
+        args.batch_size,
+        args.output.display()
+    );
+    if new_steps > 0 {
+        println!(
+            "this run: {new_steps} steps in {seconds:.1} s ({:.0} tokens/s)",
+            (new_steps * args.batch_size as u64) as f64 / seconds.max(1e-9)
+        );
+    } else {
+        println!("already trained: nothing to do (delete the output folder to start again)");
+    }
+    println!(
+        "{:>24} {:>8} {:>8} {:>8}",
+        "hook point", "FVU", "L0", "dead %"
+    );
+    for (name, history) in names.iter().zip(&histories) {
+        let r: &StepRecord = history.last().expect("at least one step");
+        println!(
+            "{name:>24} {:>8.4} {:>8.2} {:>8.2}",
+            r.fvu,
+            r.l0,
+            100.0 * r.dead_fraction
+        );
+    }
+    Ok(())
+}
+
+/// Evaluation of one SAE spliced into the model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SaeEval {
+    /// Hook point.
+    pub hookpoint: String,
+    /// Fraction of variance unexplained over all evaluated tokens.
+    pub fvu: f64,
+    /// `1 − FVU`.
+    pub explained_variance: f64,
+    /// Mean number of active (positive) latents per token.
+    pub l0: f64,
+    /// Percentage of latents that never fired on the evaluated tokens.
+    pub dead_pct: f64,
+    /// Next-token cross-entropy (nats) with the SAE's reconstruction in place.
+    pub ce_sae: f64,
+    /// Next-token cross-entropy with the hook point zero-ablated.
+    pub ce_zero: f64,
+    /// `(CE_zero − CE_sae) / (CE_zero − CE_clean)`.
+    pub ce_loss_recovered: f64,
+}
+
+/// The result of `sae eval`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// Tokens evaluated.
+    pub tokens: u64,
+    /// The model's own next-token cross-entropy (nats).
+    pub ce_clean: f64,
+    /// One row per SAE.
+    pub saes: Vec<SaeEval>,
+}
+
+impl EvalReport {
+    /// A readable table.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "{} tokens; clean CE {:.4} nats\n{:>24} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
+            self.tokens,
+            self.ce_clean,
+            "hook point",
+            "FVU",
+            "EV",
+            "L0",
+            "dead %",
+            "CE sae",
+            "CE zero",
+            "CE recov"
+        );
+        for s in &self.saes {
+            out += &format!(
+                "{:>24} {:>8.4} {:>8.4} {:>8.2} {:>8.2} {:>8.4} {:>8.4} {:>9.4}\n",
+                s.hookpoint,
+                s.fvu,
+                s.explained_variance,
+                s.l0,
+                s.dead_pct,
+                s.ce_sae,
+                s.ce_zero,
+                s.ce_loss_recovered
+            );
+        }
+        out
+    }
+}
+
+/// Sum of next-token cross-entropies of `logits [b, s, v]` for `ids [b, s]`, and the count.
+fn ce_sum(logits: &Tensor, ids: &Tensor) -> Result<(f64, usize)> {
+    let (b, s, v) = logits.dims3()?;
+    if s < 2 {
+        return Ok((0.0, 0));
+    }
+    let logits = logits
+        .narrow(1, 0, s - 1)?
+        .to_dtype(DType::F32)?
+        .reshape((b * (s - 1), v))?;
+    let targets = ids.narrow(1, 1, s - 1)?.reshape((b * (s - 1), 1))?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let lse = (logits
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + &max)?;
+    let picked = logits.gather(&targets.contiguous()?, D::Minus1)?;
+    let total = (lse - picked)?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    Ok((total, b * (s - 1)))
+}
+
+#[derive(Default)]
+struct Sums {
+    l2: f64,
+    sum: Vec<f64>,
+    sum_sq: f64,
+    active: f64,
+    fired: Vec<bool>,
+    ce_sae: f64,
+    ce_zero: f64,
+}
+
+fn eval_command(args: EvalArgs) -> Result<EvalReport> {
+    let model = args
+        .model
+        .load()?
+        .context("give --model: evaluation runs the model")?;
+    let points = match &args.hookpoints {
+        Some(list) => model.hook_points_from_list(list)?,
+        None => {
+            let mut found = Vec::new();
+            let entries = std::fs::read_dir(&args.sae)
+                .with_context(|| format!("reading {}", args.sae.display()))?;
+            for entry in entries {
+                let path = entry?.path();
+                if path.join("cfg.json").is_file() {
+                    let name = path.file_name().unwrap_or_default().to_string_lossy();
+                    found.push(model.hook_point(&name)?);
+                }
+            }
+            found.sort();
+            if found.is_empty() {
+                bail!(
+                    "{} holds no SAE folders (<hookpoint>/cfg.json)",
+                    args.sae.display()
+                );
+            }
+            found
+        }
+    };
+    let saes = points
+        .iter()
+        .map(|p| {
+            let dir = sae_dir(&args.sae, &model, *p);
+            Sae::load(&dir, model.device()).with_context(|| format!("loading {}", dir.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let chunks = args.data.spec().chunks(model.tokenizer().ok())?;
+    let mut chunks = chunks;
+    let max_chunks = args.tokens.div_ceil(args.data.seq_len.max(1) as u64);
+    let mut sums: Vec<Sums> = saes
+        .iter()
+        .map(|s| Sums {
+            sum: vec![0.0; s.d_in()],
+            fired: vec![false; s.num_latents()],
+            ..Sums::default()
+        })
+        .collect();
+    let (mut ce_clean, mut ce_count, mut tokens, mut done_chunks) = (0.0, 0usize, 0u64, 0u64);
+    let bar = hooks::progress::bar(true, Some(args.tokens), "tokens");
+    while done_chunks < max_chunks {
+        let want = (max_chunks - done_chunks).min(args.data.forward_batch.max(1) as u64);
+        let batch = chunks.next_chunks(want as usize)?;
+        if batch.is_empty() {
+            break;
+        }
+        done_chunks += batch.len() as u64;
+        let (b, s) = (batch.len(), batch[0].len());
+        let ids = Tensor::from_vec(batch.concat(), (b, s), model.device())?;
+        let mut hooks = Hooks::new().capture(points.iter().copied());
+        let out = model.forward(&ids, &mut hooks)?;
+        let logits = out.logits.context("the model returned no logits")?;
+        let (ce, count) = ce_sum(&logits, &ids)?;
+        ce_clean += ce;
+        ce_count += count;
+        tokens += (b * s) as u64;
+        for ((point, sae), sums) in points.iter().zip(&saes).zip(sums.iter_mut()) {
+            let x = out.captures[point].to_dtype(DType::F32)?;
+            let d = x.dim(2)?;
+            let flat = x.reshape((b * s, d))?;
+            let fwd = sae.forward(&flat)?;
+            sums.l2 += (&flat - &fwd.x_hat)?
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            let col: Vec<f32> = flat.sum(0)?.to_vec1()?;
+            for (acc, v) in sums.sum.iter_mut().zip(col) {
+                *acc += v as f64;
+            }
+            sums.sum_sq += flat
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+            let acts: Vec<f32> = fwd.top_acts.flatten_all()?.to_vec1()?;
+            let indices: Vec<u32> = fwd.top_indices.flatten_all()?.to_vec1()?;
+            for (a, i) in acts.iter().zip(&indices) {
+                if *a > 0.0 {
+                    sums.active += 1.0;
+                    sums.fired[*i as usize] = true;
+                }
+            }
+            // The SAE's reconstruction in place of the activations.
+            let mut hooks = Hooks::new().replace(*point, |x: &Tensor| {
+                let dims = x.dims().to_vec();
+                let flat = x.reshape((dims[0] * dims[1], dims[2]))?;
+                let recon = sae
+                    .forward(&flat)
+                    .map_err(|e| hooks::Error::InvalidArgument(format!("SAE: {e}")))?;
+                Ok(Some(recon.x_hat.reshape(dims)?))
+            });
+            let logits = model.forward(&ids, &mut hooks)?.logits.unwrap();
+            sums.ce_sae += ce_sum(&logits, &ids)?.0;
+            let mut hooks = Hooks::new().replace(*point, |x: &Tensor| Ok(Some(x.zeros_like()?)));
+            let logits = model.forward(&ids, &mut hooks)?.logits.unwrap();
+            sums.ce_zero += ce_sum(&logits, &ids)?.0;
+        }
+        bar.set_position(tokens);
+    }
+    bar.finish_and_clear();
+    if tokens == 0 || ce_count == 0 {
+        bail!("no tokens to evaluate");
+    }
+    let n = tokens as f64;
+    let cc = ce_count as f64;
+    let ce_clean = ce_clean / cc;
+    let rows = points
+        .iter()
+        .zip(&sums)
+        .map(|(point, s)| {
+            let mean_sq: f64 = s.sum.iter().map(|v| v * v).sum::<f64>() / n;
+            let fvu = s.l2 / (s.sum_sq - mean_sq);
+            let (ce_sae, ce_zero) = (s.ce_sae / cc, s.ce_zero / cc);
+            let dead = s.fired.iter().filter(|f| !**f).count();
+            SaeEval {
+                hookpoint: model.hook_name(*point),
+                fvu,
+                explained_variance: 1.0 - fvu,
+                l0: s.active / n,
+                dead_pct: 100.0 * dead as f64 / s.fired.len() as f64,
+                ce_sae,
+                ce_zero,
+                ce_loss_recovered: (ce_zero - ce_sae) / (ce_zero - ce_clean),
+            }
+        })
+        .collect();
+    let report = EvalReport {
+        tokens,
+        ce_clean,
+        saes: rows,
+    };
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        hooks::atomic::write_json(path, &report)?;
+        println!("report written to {}", path.display());
+    }
+    Ok(report)
+}
+
+/// The folder of the SAE for `point` under `root`: the model's name for the point, or any
+/// alias of it that exists.
+fn sae_dir(root: &Path, model: &Model, point: HookPoint) -> PathBuf {
+    let canonical = root.join(model.hook_name(point));
+    if canonical.is_dir() {
+        return canonical;
+    }
+    let plain = root.join(point.to_string());
+    if plain.is_dir() {
+        plain
+    } else {
+        canonical
+    }
+}

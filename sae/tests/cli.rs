@@ -1,0 +1,262 @@
+//! The `sae` command line end to end, in-process, on a tiny synthetic GPT-NeoX over real
+//! text: `sae train` (two hook points in one pass) writes sparsify's layout, re-running
+//! resumes (exactly, after an interruption), `sae train --activations` reads a cache, and
+//! `sae eval` reports FVU, L0, dead latents and the CE loss recovered.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use hooks::data::DataSpec;
+use sae::Sae;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A tiny GPT-NeoX folder with synthetic weights and the real Pythia tokenizer.
+fn model_folder(dir: &Path) -> PathBuf {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    let config = serde_json::json!({
+        "model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 64, "rotary_pct": 0.5,
+        "vocab_size": 50304, "eos_token_id": 0
+    });
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    let parsed = hooks::config::ModelConfig::from_file(&model.join("config.json")).unwrap();
+    hooks::synthetic::write_synthetic_weights(&parsed, &model).unwrap();
+    std::fs::copy(
+        repo().join("data/gpt-neox-20b-tokenizer.json"),
+        model.join("tokenizer.json"),
+    )
+    .unwrap();
+    model
+}
+
+fn sae_cli(args: &[&str]) -> anyhow::Result<()> {
+    sae::cli::run(std::iter::once("sae").chain(args.iter().copied()))
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn flat(sae: &Sae) -> Vec<f32> {
+    sae.parameters()
+        .iter()
+        .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect()
+}
+
+/// The first lines of the wikitext test set that make between 14 and 20 sequences of 64
+/// tokens: enough for 3 steps of 256 tokens, not for 5.
+fn truncated_text(dir: &Path, model: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(repo().join("data/wikitext-2-raw-test.txt")).unwrap();
+    let tokenizer = hooks::Tokenizer::from_file(&model.join("tokenizer.json"), Some(0)).unwrap();
+    let path = dir.join("short.txt");
+    let lines: Vec<&str> = text.lines().collect();
+    for n in (10..lines.len()).step_by(5) {
+        std::fs::write(&path, lines[..n].join("\n")).unwrap();
+        let mut chunks = DataSpec::new(vec![path.clone()], 64)
+            .chunks(Some(&tokenizer))
+            .unwrap();
+        let count = chunks.next_chunks(100).unwrap().len();
+        if count >= 14 {
+            assert!(count <= 20, "{count} sequences");
+            return path;
+        }
+    }
+    panic!("the text is too short");
+}
+
+#[test]
+fn train_resume_and_eval_on_a_tiny_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_folder(tmp.path());
+    let text = repo().join("data/wikitext-2-raw-test.txt");
+    let train_args = |output: &Path, data: &Path| -> Vec<String> {
+        [
+            "train",
+            "--model",
+            s(&model),
+            "--hookpoints",
+            "layers.0,layers.1.mlp",
+            "--data",
+            s(data),
+            "--output",
+            s(output),
+            "--seq-len",
+            "64",
+            "--forward-batch",
+            "4",
+            "--batch-size",
+            "256",
+            "--steps",
+            "6",
+            "--k",
+            "4",
+            "--expansion-factor",
+            "2",
+            "--lr",
+            "1e-2",
+            "--lr-warmup-steps",
+            "2",
+            "--checkpoint-every",
+            "3",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let call = |args: Vec<String>| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        sae_cli(&refs)
+    };
+
+    // Straight through.
+    let out = tmp.path().join("run1");
+    call(train_args(&out, &text)).unwrap();
+    let points = ["layers.0", "layers.1.mlp"];
+    let trained: Vec<Sae> = points
+        .iter()
+        .map(|p| Sae::load(&out.join(p), &Device::Cpu).unwrap())
+        .collect();
+    for sae in &trained {
+        assert_eq!((sae.d_in(), sae.num_latents(), sae.k()), (32, 64, 4));
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(points[0]).join("cfg.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["expansion_factor"], 2);
+    }
+    assert_ne!(flat(&trained[0]), flat(&trained[1]));
+    let history: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(out.join("checkpoints/layers.1.mlp/history.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(history.len(), 6);
+
+    // Re-running a finished run changes nothing.
+    call(train_args(&out, &text)).unwrap();
+    let again = Sae::load(&out.join(points[1]), &Device::Cpu).unwrap();
+    assert_eq!(flat(&again), flat(&trained[1]));
+
+    // Interrupted (the data runs out after the checkpoint of step 3), then resumed.
+    let short = truncated_text(tmp.path(), &model);
+    let out2 = tmp.path().join("run2");
+    let message = format!("{:#}", call(train_args(&out2, &short)).unwrap_err());
+    assert!(message.contains("ran out during step"), "{message}");
+    assert!(!out2.join(points[0]).join("sae.safetensors").exists());
+    call(train_args(&out2, &text)).unwrap();
+    for (p, sae) in points.iter().zip(&trained) {
+        let resumed = Sae::load(&out2.join(p), &Device::Cpu).unwrap();
+        assert_eq!(flat(&resumed), flat(sae), "{p}");
+    }
+
+    // Evaluation with the SAEs spliced in.
+    let json = tmp.path().join("eval.json");
+    call(
+        [
+            "eval",
+            "--model",
+            s(&model),
+            "--sae",
+            s(&out),
+            "--data",
+            s(&text),
+            "--seq-len",
+            "64",
+            "--forward-batch",
+            "4",
+            "--tokens",
+            "256",
+            "--json",
+            s(&json),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect(),
+    )
+    .unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["tokens"], 256);
+    let rows = report["saes"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["hookpoint"], "layers.0");
+    assert_eq!(rows[1]["hookpoint"], "layers.1.mlp");
+    let clean = report["ce_clean"].as_f64().unwrap();
+    assert!(clean.is_finite() && clean > 0.0);
+    for row in rows {
+        let f = |k: &str| row[k].as_f64().unwrap();
+        assert!(f("fvu") > 0.0 && f("fvu") < 1.5, "{row}");
+        assert!((f("explained_variance") - (1.0 - f("fvu"))).abs() < 1e-12);
+        assert!(f("l0") > 0.0 && f("l0") <= 4.0, "{row}");
+        assert!((0.0..=100.0).contains(&f("dead_pct")), "{row}");
+        let recovered = (f("ce_zero") - f("ce_sae")) / (f("ce_zero") - clean);
+        assert!((recovered - f("ce_loss_recovered")).abs() < 1e-9, "{row}");
+        assert!(f("ce_sae").is_finite() && f("ce_zero").is_finite());
+    }
+}
+
+#[test]
+fn train_from_an_activation_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_folder(tmp.path());
+    let text = repo().join("data/wikitext-2-raw-test.txt");
+    let cache = tmp.path().join("cache");
+    hooks::cli::run([
+        "hooks",
+        "cache",
+        "--model",
+        s(&model),
+        "--hookpoints",
+        "layers.0,layers.1",
+        "--data",
+        s(&text),
+        "--seq-len",
+        "64",
+        "--max-tokens",
+        "1024",
+        "--output",
+        s(&cache),
+    ])
+    .unwrap();
+    let out = tmp.path().join("saes");
+    let args = [
+        "train",
+        "--activations",
+        s(&cache),
+        "--hookpoints",
+        "layers.1",
+        "--output",
+        s(&out),
+        "--batch-size",
+        "256",
+        "--num-latents",
+        "48",
+        "--k",
+        "3",
+        "--multi-topk",
+        "--auxk-alpha",
+        "0.03125",
+        "--lr-warmup-steps",
+        "1",
+    ];
+    sae_cli(&args).unwrap();
+    let sae = Sae::load(&out.join("layers.1"), &Device::Cpu).unwrap();
+    assert_eq!((sae.d_in(), sae.num_latents(), sae.k()), (32, 48, 3));
+    assert!(sae.config().multi_topk);
+    assert!(!out.join("layers.0").exists());
+    // The whole cache: 1024 tokens = 4 steps.
+    let history: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(out.join("checkpoints/layers.1/history.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(history.len(), 4);
+    // A hook point the cache lacks is refused by name.
+    let mut bad = args.to_vec();
+    bad[4] = "layers.0.mlp";
+    let message = format!("{:#}", sae_cli(&bad).unwrap_err());
+    assert!(message.contains("layers.0.mlp"), "{message}");
+}

@@ -238,6 +238,9 @@ def test_ctrl_c_stops_and_keeps_what_was_computed(tiny_model, tmp_path):
     # SIGINT while Rust runs the job (GIL released, no callback): the writer saves a shard
     # and stops; the folder is an unfinished, resumable cache.
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    # A process started in the background by a shell inherits SIGINT as ignored: install
+    # Python's handler explicitly so the test does not depend on how it was launched.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -245,6 +248,7 @@ def test_ctrl_c_stops_and_keeps_what_was_computed(tiny_model, tmp_path):
                                  batch_size=BATCH, max_tokens=200_000)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert (out / "progress.json").exists() and not (out / "manifest.json").exists()
     progress = json.loads((out / "progress.json").read_text())
     assert progress["chunks"] > 0 and len(progress["shards"]) == 1

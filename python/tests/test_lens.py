@@ -294,6 +294,9 @@ def test_ctrl_c_stops_training_between_steps(train_model, tmp_path):
     out = tmp_path / "ctrl-c"
     # SIGINT while Rust runs the steps (GIL released, no callback): noticed before the next step.
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    # A process started in the background by a shell inherits SIGINT as ignored: install
+    # Python's handler explicitly so the test does not depend on how it was launched.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer.start()
     started = time.monotonic()
     try:
@@ -301,5 +304,6 @@ def test_ctrl_c_stops_training_between_steps(train_model, tmp_path):
             ei.TunedLens.train(train_model, output=out, checkpoint_every=1, **{**TRAIN, "steps": 30})
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - started < 20
     assert not (out / "params.safetensors").exists()  # stopped, not finished

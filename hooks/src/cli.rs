@@ -257,30 +257,43 @@ fn cache(args: CacheArgs) -> Result<()> {
 }
 
 fn info(args: ModelArgs) -> Result<()> {
+    use std::fmt::Write as _;
     let model = args.load()?;
     let config = model.config();
-    println!("model: {}", model.origin());
-    println!("architecture: {}", config.model_type());
-    println!(
+    let mut out = String::new();
+    writeln!(out, "model: {}", model.origin())?;
+    writeln!(out, "architecture: {}", config.model_type())?;
+    writeln!(
+        out,
         "layers: {}  hidden: {}  vocab: {}  dtype: {}",
         config.num_layers(),
         config.hidden_size(),
         config.vocab_size(),
         crate::dtype_name(model.dtype())
-    );
+    )?;
     match model.tokenizer() {
-        Ok(t) => println!(
+        Ok(t) => writeln!(
+            out,
             "tokenizer: {} tokens, eos id {:?}",
             t.vocab_size(),
             t.eos_id()
-        ),
-        Err(_) => println!("tokenizer: none"),
+        )?,
+        Err(_) => writeln!(out, "tokenizer: none")?,
     }
-    println!("hook points (forward order):");
+    writeln!(out, "hook points (forward order):")?;
     for point in model.hook_points() {
-        println!("  {}", model.hook_name(point));
+        writeln!(out, "  {}", model.hook_name(point))?;
     }
-    Ok(())
+    emit(&out)
+}
+
+/// Writes to stdout; a reader that stopped early (`| head`) is not an error.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 fn inspect(dir: PathBuf) -> Result<()> {

@@ -9,6 +9,7 @@
 
 pub mod activations;
 pub mod atomic;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod cpu;

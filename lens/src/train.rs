@@ -6,7 +6,6 @@
 //! Checkpoints (lens + optimiser state + history in one safetensors file, written atomically)
 //! let an interrupted run resume exactly where it stopped.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
@@ -367,30 +366,19 @@ fn save_checkpoint(
     tokens_consumed: u64,
     history: &[StepRecord],
 ) -> Result<()> {
-    let mut tensors: Vec<(String, Vec<Tensor>)> = lens
+    let mut tensors: Vec<(String, Tensor)> = lens
         .parameters()
         .into_iter()
         .enumerate()
-        .map(|(i, t)| (format!("lens.{i}"), vec![t]))
+        .map(|(i, t)| (format!("lens.{i}"), t))
         .collect();
-    tensors.extend(
-        optimizer
-            .state_tensors()
-            .into_iter()
-            .map(|(n, t)| (n, vec![t])),
-    );
+    tensors.extend(optimizer.state_tensors());
     let state = State {
         options: options.clone(),
         tokens_consumed,
         history: history.to_vec(),
     };
-    let mut metadata = BTreeMap::new();
-    metadata.insert(
-        "state".to_string(),
-        serde_json::to_string(&state).map_err(|e| Error::Training(e.to_string()))?,
-    );
-    hooks::atomic::write_safetensors_with_metadata(path, &tensors, &metadata)?;
-    Ok(())
+    Ok(hooks::checkpoint::save(path, tensors, &state)?)
 }
 
 fn load_checkpoint(
@@ -400,24 +388,14 @@ fn load_checkpoint(
     options: &TrainOptions,
 ) -> Result<State> {
     let bad = |m: String| Error::Training(format!("checkpoint {}: {m}", path.display()));
-    let bytes = std::fs::read(path).map_err(|e| hooks::Error::io(path, e))?;
-    let (_, metadata) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-    let state_json = metadata
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("state"))
-        .ok_or_else(|| bad("no training state in the header".into()))?;
-    let state: State = serde_json::from_str(state_json).map_err(|e| bad(e.to_string()))?;
+    let device = lens.parameters()[0].device().clone();
+    let (state, tensors): (State, _) = hooks::checkpoint::load(path, &device)?;
     if state.options != *options {
         return Err(bad(format!(
             "was made with other training options ({:?}); use another output folder or delete the checkpoint",
             state.options
         )));
     }
-    let device = lens.parameters()[0].device().clone();
-    let tensors =
-        candle_core::safetensors::load_buffer(&bytes, &device).map_err(|e| bad(e.to_string()))?;
     let params = (0..2 * lens.num_layers())
         .map(|i| {
             tensors

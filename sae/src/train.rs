@@ -21,7 +21,6 @@
 //!
 //! Not implemented yet: transcoders and skip connections (refused with a clear error).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
@@ -744,18 +743,12 @@ fn save_checkpoint(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| hooks::Error::io(dir, e))?;
     }
-    let mut tensors: Vec<(String, Vec<Tensor>)> = PARAMS
+    let mut tensors: Vec<(String, Tensor)> = PARAMS
         .iter()
         .zip(sae.parameters())
-        .map(|(name, t)| (name.to_string(), vec![t]))
+        .map(|(name, t)| (name.to_string(), t))
         .collect();
-    tensors.extend(
-        trainer
-            .optimizer
-            .state_tensors()
-            .into_iter()
-            .map(|(n, t)| (n, vec![t])),
-    );
+    tensors.extend(trainer.optimizer.state_tensors());
     let fired: Vec<i64> = trainer
         .tokens_since_fired
         .iter()
@@ -764,7 +757,7 @@ fn save_checkpoint(
     let count = fired.len();
     tensors.push((
         "tokens_since_fired".into(),
-        vec![Tensor::from_vec(fired, count, &candle_core::Device::Cpu)?],
+        Tensor::from_vec(fired, count, &candle_core::Device::Cpu)?,
     ));
     let state = State {
         options: trainer.options.clone(),
@@ -772,35 +765,19 @@ fn save_checkpoint(
         tokens_consumed,
         history: history.to_vec(),
     };
-    let mut metadata = BTreeMap::new();
-    metadata.insert(
-        "state".to_string(),
-        serde_json::to_string(&state).map_err(|e| Error::Training(e.to_string()))?,
-    );
-    hooks::atomic::write_safetensors_with_metadata(path, &tensors, &metadata)?;
-    Ok(())
+    Ok(hooks::checkpoint::save(path, tensors, &state)?)
 }
 
 fn load_checkpoint(path: &Path, sae: &mut Sae, trainer: &mut Trainer) -> Result<State> {
     let bad = |m: String| Error::Training(format!("checkpoint {}: {m}", path.display()));
-    let bytes = std::fs::read(path).map_err(|e| hooks::Error::io(path, e))?;
-    let (_, header) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-    let state_json = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("state"))
-        .ok_or_else(|| bad("no training state in the header".into()))?;
-    let state: State = serde_json::from_str(state_json).map_err(|e| bad(e.to_string()))?;
+    let device = sae.w_enc().device().clone();
+    let (state, tensors): (State, _) = hooks::checkpoint::load(path, &device)?;
     if state.options != trainer.options || state.config != *sae.config() {
         return Err(bad(format!(
             "was made with other training options or another SAE config ({:?}, {:?}); use another folder or delete the checkpoint",
             state.options, state.config
         )));
     }
-    let device = sae.w_enc().device().clone();
-    let tensors =
-        candle_core::safetensors::load_buffer(&bytes, &device).map_err(|e| bad(e.to_string()))?;
     let get = |name: &str| {
         tensors
             .get(name)

@@ -1,0 +1,63 @@
+//! Training checkpoints: named tensors plus a serialisable training state in one safetensors
+//! file (the state as JSON in the header), written atomically, so the tensors and the state
+//! that describes them can never disagree after a crash. Used by the lens and SAE trainers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::{atomic, Error, Result};
+
+fn bad(path: &Path, message: impl std::fmt::Display) -> Error {
+    Error::InvalidArgument(format!("checkpoint {}: {message}", path.display()))
+}
+
+/// Writes `tensors` and `state` to `path` atomically.
+pub fn save<S: Serialize>(path: &Path, tensors: Vec<(String, Tensor)>, state: &S) -> Result<()> {
+    let json = serde_json::to_string(state).map_err(|e| bad(path, e))?;
+    let metadata = BTreeMap::from([("state".to_string(), json)]);
+    let tensors: Vec<(String, Vec<Tensor>)> =
+        tensors.into_iter().map(|(n, t)| (n, vec![t])).collect();
+    atomic::write_safetensors_with_metadata(path, &tensors, &metadata)
+}
+
+/// Reads a checkpoint written by [`save`]: its state and its tensors (on `device`).
+pub fn load<S: DeserializeOwned>(
+    path: &Path,
+    device: &Device,
+) -> Result<(S, HashMap<String, Tensor>)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(path, e))?;
+    let json = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("state"))
+        .ok_or_else(|| bad(path, "no training state in the header"))?;
+    let state = serde_json::from_str(json).map_err(|e| bad(path, e))?;
+    let tensors =
+        candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| bad(path, e))?;
+    Ok((state, tensors))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.safetensors");
+        let t = Tensor::new(&[1f32, 2.5], &Device::Cpu).unwrap();
+        save(&path, vec![("w".into(), t)], &vec![0.1f64, 7.0]).unwrap();
+        let (state, tensors): (Vec<f64>, _) = load(&path, &Device::Cpu).unwrap();
+        assert_eq!(state, vec![0.1, 7.0]);
+        assert_eq!(tensors["w"].to_vec1::<f32>().unwrap(), vec![1.0, 2.5]);
+        std::fs::write(&path, b"garbage").unwrap();
+        let err = load::<Vec<f64>>(&path, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("c.safetensors"), "{err}");
+    }
+}

@@ -11,7 +11,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use hooks::candle_core::{Device, Tensor};
-use hooks::config::ModelConfig;
 use hooks::{HookPoint, Hooks, LoadOptions, Model};
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
@@ -34,10 +33,9 @@ fn main() -> Result<()> {
     let dtype = hooks::parse_dtype(&arg(&args, "--dtype", "float32"))?;
     let synthesize = arg(&args, "--synthesize", "");
     if !synthesize.is_empty() {
-        std::fs::create_dir_all(&dir)?;
-        std::fs::copy(&synthesize, dir.join("config.json"))?;
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        hooks::synthetic::write_synthetic_weights(&config, &dir)?;
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&synthesize)?)?;
+        hooks::synthetic::write_synthetic_model(&dir, &config, None)?;
         return Ok(());
     }
     let options = LoadOptions {

@@ -10,17 +10,14 @@ fn repo() -> PathBuf {
 /// A tiny GPT-NeoX folder with synthetic weights and the real Pythia tokenizer.
 fn model_folder(dir: &Path) -> PathBuf {
     let model = dir.join("model");
-    std::fs::create_dir_all(&model).unwrap();
     let config = serde_json::json!({
         "model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 3,
         "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 50304, "eos_token_id": 0
     });
-    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
-    let parsed = hooks::config::ModelConfig::from_file(&model.join("config.json")).unwrap();
-    hooks::synthetic::write_synthetic_weights(&parsed, &model).unwrap();
-    std::fs::copy(
-        repo().join("data/gpt-neox-20b-tokenizer.json"),
-        model.join("tokenizer.json"),
+    hooks::synthetic::write_synthetic_model(
+        &model,
+        &config,
+        Some(&repo().join("data/gpt-neox-20b-tokenizer.json")),
     )
     .unwrap();
     model

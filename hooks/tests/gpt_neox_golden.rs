@@ -8,6 +8,9 @@ use hooks::candle_core::{DType, Device, Tensor};
 use hooks::config::ModelConfig;
 use hooks::{HookPoint, Hooks, LoadOptions, Model};
 
+mod common;
+use common::relative_error;
+
 fn fixture_dir(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures/gpt_neox")
@@ -16,20 +19,6 @@ fn fixture_dir(case: &str) -> PathBuf {
 
 fn expected(dir: &Path) -> HashMap<String, Tensor> {
     hooks::candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap()
-}
-
-/// max |a - b| / max |b|: the error relative to the tensor's scale.
-fn relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
-    let actual = actual.to_dtype(DType::F32).unwrap();
-    assert_eq!(actual.dims(), expected.dims());
-    let diff = (&actual - expected)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap();
-    let scale = expected.abs().unwrap().max_all().unwrap();
-    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
 }
 
 fn load(dir: &Path, dtype: DType) -> Model {

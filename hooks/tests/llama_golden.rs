@@ -8,6 +8,9 @@ use hooks::candle_core::{DType, Device, Tensor};
 use hooks::config::ModelConfig;
 use hooks::{HookPoint, Hooks, LoadOptions, Model};
 
+mod common;
+use common::relative_error;
+
 const CASES: [&str; 3] = ["gqa_tied", "mha_untied", "gqa_head_dim"];
 
 fn fixture_dir(case: &str) -> PathBuf {
@@ -27,20 +30,6 @@ fn load(case: &str, dtype: DType) -> Model {
         ..LoadOptions::default()
     };
     Model::from_folder(&fixture_dir(case), &options).unwrap()
-}
-
-/// max |a - b| / max |b|: the error relative to the tensor's scale.
-fn relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
-    let actual = actual.to_dtype(DType::F32).unwrap();
-    assert_eq!(actual.dims(), expected.dims());
-    let diff = (&actual - expected)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap();
-    let scale = expected.abs().unwrap().max_all().unwrap();
-    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
 }
 
 fn logits_with(model: &Model, ids: &Tensor, hooks: &mut Hooks) -> Tensor {

@@ -15,26 +15,15 @@ use hooks::candle_core::{DType, Device, IndexOp, Tensor, D};
 use hooks::{HookPoint, Hooks, LoadOptions, Model};
 use serde_json::Value as Json;
 
+mod common;
+use common::relative_error;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
 fn load_safetensors(path: &Path) -> HashMap<String, Tensor> {
     hooks::candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
-/// max |a - b| / max |b|: the error relative to the tensor's scale.
-fn relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
-    let actual = actual.to_dtype(DType::F32).unwrap();
-    assert_eq!(actual.dims(), expected.dims());
-    let diff = (&actual - expected)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap();
-    let scale = expected.abs().unwrap().max_all().unwrap();
-    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
 }
 
 /// The worst, over positions, of max |a - b| / max |b| within one position of `[1, seq, width]`:

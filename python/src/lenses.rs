@@ -183,19 +183,8 @@ impl PyTunedLens {
         }
         std::fs::create_dir_all(&path).map_err(|e| to_py_err(hooks::Error::io(&path, e)))?;
         let state = py.import("collections")?.getattr("OrderedDict")?.call0()?;
-        let params = py
-            .detach(|| {
-                self.inner
-                    .parameters()
-                    .iter()
-                    .map(HostArray::from_tensor)
-                    .collect::<hooks::Result<Vec<_>>>()
-            })
-            .into_py_result()?;
-        for (i, host) in params.into_iter().enumerate() {
-            let name = format!("{}.{}", i / 2, if i % 2 == 0 { "weight" } else { "bias" });
-            let tensor = torch.call_method1("from_numpy", (host.into_numpy(py)?,))?;
-            state.set_item(name, tensor)?;
+        for (name, array) in self.state_dict(py)?.iter() {
+            state.set_item(name, torch.call_method1("from_numpy", (array,))?)?;
         }
         torch.call_method1("save", (state, path.join("params.pt")))?;
         let json =

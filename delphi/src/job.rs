@@ -1,0 +1,543 @@
+//! Batch jobs: explain and score many latents, writing one explanation file and one file
+//! per scorer and latent, atomically. Re-running skips what is on disk, so an interrupted or
+//! partly failed job is finished by running it again; `shard i/n` splits the latents
+//! deterministically so that n machines can share a job and their merged output equals one
+//! machine's.
+//!
+//! Output layout (delphi's): `explanations/<hookpoint>_latent<i>.txt` (a JSON string),
+//! `scores/<scorer>/<hookpoint>_latent<i>.txt` (a JSON list of per-excerpt records),
+//! `run_config.json`, and `summary.json` (written by [`summarize`]).
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use hooks::Tokenizer;
+
+use crate::embedding::SentenceEmbedder;
+use crate::examples::{build_examples, latent_seed, Example, ExampleConfig, LatentExamples};
+use crate::explain::{explain, ExplainConfig};
+use crate::latents::{LatentCache, TokenTable};
+use crate::llm::{Llm, Usage};
+use crate::metrics::{median, Confusion};
+use crate::prompts::{ClassifierTask, ShownExample};
+use crate::score::{
+    classifier_summary, classify, embed_score, embedding_auc, ClassifiedSample, EmbeddedSample,
+    Sample, ScoreConfig, Scorer,
+};
+use crate::{Error, Result};
+
+/// Which part of a job this process runs: latents whose index is `index` modulo `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    /// This process's part, from 0.
+    pub index: usize,
+    /// Number of parts.
+    pub count: usize,
+}
+
+impl Shard {
+    /// The whole job.
+    pub const ALL: Shard = Shard { index: 0, count: 1 };
+
+    /// Parses `i/n` (0 <= i < n).
+    pub fn parse(text: &str) -> Result<Self> {
+        let bad = || {
+            Error::Invalid(format!(
+                "shard '{text}' must be i/n with 0 <= i < n, e.g. 0/4"
+            ))
+        };
+        let (i, n) = text.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Self { index, count })
+    }
+
+    /// Whether `latent` belongs to this shard.
+    pub fn contains(&self, latent: u32) -> bool {
+        latent as usize % self.count == self.index
+    }
+}
+
+/// Everything that decides a job's results (saved as `run_config.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobConfig {
+    /// Hook points whose latents are explained.
+    pub hookpoints: Vec<String>,
+    /// Latent indices to explain at each hook point.
+    pub latents: Range<u32>,
+    /// Scorers to run.
+    pub scorers: Vec<Scorer>,
+    /// Example construction.
+    pub examples: ExampleConfig,
+    /// Explainer settings.
+    pub explain: ExplainConfig,
+    /// Scorer settings.
+    pub score: ScoreConfig,
+}
+
+/// How a job runs (does not change its results).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Output folder.
+    pub output: PathBuf,
+    /// This process's part of the job.
+    pub shard: Shard,
+    /// Latents processed at once (their requests share the client's concurrency limit).
+    pub concurrency: usize,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// The models a job talks to.
+pub struct JobModels<'a> {
+    /// Writes explanations.
+    pub explainer: &'a dyn Llm,
+    /// Answers detection and fuzzing prompts.
+    pub scorer: &'a dyn Llm,
+    /// Embeds texts for the embedding scorer.
+    pub embedder: Option<&'a SentenceEmbedder>,
+}
+
+/// What one run did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunReport {
+    /// Latents of this shard in the job.
+    pub latents: u64,
+    /// Latents with an explanation and every score on disk at the end.
+    pub complete: u64,
+    /// Latents skipped because they fire too rarely.
+    pub skipped: u64,
+    /// Explanations that could not be parsed (not written; retried next run).
+    pub explanation_failures: u64,
+    /// Latents where a request or file write failed (retried next run), with the reason.
+    pub errors: Vec<String>,
+    /// Tokens spent in this run.
+    pub usage: Usage,
+}
+
+fn file_stem(hookpoint: &str, latent: u32) -> String {
+    format!("{}_latent{latent}", hookpoint.replace('/', "--"))
+}
+
+fn explanation_path(output: &Path, hookpoint: &str, latent: u32) -> PathBuf {
+    output
+        .join("explanations")
+        .join(format!("{}.txt", file_stem(hookpoint, latent)))
+}
+
+fn score_path(output: &Path, scorer: Scorer, hookpoint: &str, latent: u32) -> PathBuf {
+    output
+        .join("scores")
+        .join(scorer.dir_name())
+        .join(format!("{}.txt", file_stem(hookpoint, latent)))
+}
+
+fn write_json_file<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let text = serde_json::to_string(value).map_err(|e| Error::file(path, e.to_string()))?;
+    hooks::atomic::write(path, text.as_bytes())?;
+    Ok(())
+}
+
+fn read_json_file<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::file(path, format!("unreadable result file: {e}")))
+}
+
+/// Writes `run_config.json`, refusing an output folder that holds results of other settings
+/// (mixing them would make the scores incomparable).
+fn check_run_config(output: &Path, config: &JobConfig) -> Result<()> {
+    let path = output.join("run_config.json");
+    if path.is_file() {
+        let existing: JobConfig = read_json_file(&path)?;
+        let differs =
+            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+        for (field, differ) in [
+            ("examples", differs(&existing.examples, &config.examples)),
+            ("explain", differs(&existing.explain, &config.explain)),
+            ("score", differs(&existing.score, &config.score)),
+        ] {
+            if differ {
+                return Err(Error::file(
+                    &path,
+                    format!("the results there were made with other '{field}' settings; use a new output folder"),
+                ));
+            }
+        }
+    }
+    std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
+    write_json_file(&path, config)
+}
+
+/// Text of each token of an example.
+fn token_texts(tokenizer: &Tokenizer, tokens: &[u32]) -> Result<Vec<String>> {
+    tokens
+        .iter()
+        .map(|&t| Ok(tokenizer.token_text(t)?))
+        .collect()
+}
+
+fn shown(tokenizer: &Tokenizer, example: &Example, max: f32) -> Result<ShownExample> {
+    Ok(ShownExample {
+        tokens: token_texts(tokenizer, &example.tokens)?,
+        activations: example.activations.clone(),
+        normalized: example.normalized(max),
+    })
+}
+
+/// The scoring samples of a latent: its held-out activating examples and silent windows.
+fn scoring_samples(tokenizer: &Tokenizer, examples: &LatentExamples) -> Result<Vec<Sample>> {
+    let activating = examples.test.iter().map(|e| (e, true));
+    let silent = examples.non_activating.iter().map(|e| (e, false));
+    activating
+        .chain(silent)
+        .map(|(e, activating)| {
+            Ok(Sample {
+                tokens: token_texts(tokenizer, &e.tokens)?,
+                activations: e.activations.clone(),
+                activating,
+                distance: e.quantile.map_or(-1, |q| q as i64),
+            })
+        })
+        .collect()
+}
+
+/// Counters shared by the latents in flight.
+#[derive(Default)]
+struct Counters {
+    complete: AtomicU64,
+    skipped: AtomicU64,
+    explanation_failures: AtomicU64,
+    errors: Mutex<Vec<String>>,
+    usage: Mutex<Usage>,
+}
+
+impl Counters {
+    fn spend(&self, usage: Usage) {
+        self.usage.lock().expect("usage lock").add(usage);
+    }
+}
+
+/// Outcome of one latent.
+enum Outcome {
+    Complete,
+    Skipped,
+    NoExplanation,
+}
+
+/// Explains and scores one latent, skipping the files already on disk.
+#[allow(clippy::too_many_arguments)]
+async fn process_latent(
+    hookpoint: &str,
+    latent: u32,
+    firings: &[crate::latents::Firing],
+    tokens: &TokenTable,
+    tokenizer: &Tokenizer,
+    models: &JobModels<'_>,
+    config: &JobConfig,
+    output: &Path,
+    counters: &Counters,
+) -> Result<Outcome> {
+    let seed = latent_seed(config.examples.seed, hookpoint, latent);
+    let examples = match build_examples(firings, tokens, &config.examples, seed)? {
+        Ok(examples) => examples,
+        Err(_) => return Ok(Outcome::Skipped),
+    };
+    let path = explanation_path(output, hookpoint, latent);
+    let explanation: String = if path.is_file() {
+        read_json_file(&path)?
+    } else {
+        let shown_examples: Vec<ShownExample> = examples
+            .train
+            .iter()
+            .map(|e| shown(tokenizer, e, examples.max_activation))
+            .collect::<Result<_>>()?;
+        let answer = explain(models.explainer, &shown_examples, &config.explain).await?;
+        counters.spend(answer.usage);
+        match answer.explanation {
+            Some(text) => {
+                write_json_file(&path, &text)?;
+                text
+            }
+            None => {
+                tracing::warn!(
+                    "{hookpoint} latent {latent}: no [EXPLANATION]: line in the answer: {:?}",
+                    answer.answer
+                );
+                return Ok(Outcome::NoExplanation);
+            }
+        }
+    };
+    let samples = scoring_samples(tokenizer, &examples)?;
+    for &scorer in &config.scorers {
+        let path = score_path(output, scorer, hookpoint, latent);
+        if path.is_file() {
+            continue;
+        }
+        let task = match scorer {
+            Scorer::Detection => ClassifierTask::Detection,
+            Scorer::Fuzzing => ClassifierTask::Fuzzing,
+            Scorer::Embedding => {
+                let embedder = models.embedder.ok_or_else(|| {
+                    Error::Invalid("the embedding scorer needs a sentence embedder".into())
+                })?;
+                let scored =
+                    tokio::task::block_in_place(|| embed_score(embedder, &explanation, &samples))?;
+                write_json_file(&path, &scored)?;
+                continue;
+            }
+        };
+        let score = classify(
+            models.scorer,
+            task,
+            &explanation,
+            samples.clone(),
+            &config.score,
+            seed ^ scorer as u64,
+        )
+        .await?;
+        counters.spend(score.usage);
+        write_json_file(&path, &score.samples)?;
+    }
+    Ok(Outcome::Complete)
+}
+
+/// Runs this shard of a job: every latent of `config.latents` at every hook point that
+/// belongs to `options.shard`. Latents whose requests fail are reported, not fatal; their
+/// files are simply missing, so the next run retries them.
+pub async fn run_job(
+    cache: &LatentCache,
+    tokenizer: &Tokenizer,
+    models: &JobModels<'_>,
+    config: &JobConfig,
+    options: &RunOptions,
+) -> Result<RunReport> {
+    if config.scorers.contains(&Scorer::Embedding) && models.embedder.is_none() {
+        return Err(Error::Invalid(
+            "the embedding scorer needs a sentence embedder".into(),
+        ));
+    }
+    check_run_config(&options.output, config)?;
+    let mut work = Vec::new();
+    for hookpoint in &config.hookpoints {
+        let firings = cache.firings(hookpoint, config.latents.clone())?;
+        for latent in config
+            .latents
+            .clone()
+            .filter(|&l| options.shard.contains(l))
+        {
+            work.push((
+                hookpoint.as_str(),
+                latent,
+                firings.get(&latent).cloned().unwrap_or_default(),
+            ));
+        }
+    }
+    let counters = Counters::default();
+    let bar = hooks::progress::bar(options.progress, Some(work.len() as u64), "latents");
+    let total = work.len() as u64;
+    let results = futures::stream::iter(work.iter())
+        .map(|(hookpoint, latent, firings)| {
+            let counters = &counters;
+            let bar = &bar;
+            async move {
+                let outcome = process_latent(
+                    hookpoint,
+                    *latent,
+                    firings,
+                    cache.tokens(),
+                    tokenizer,
+                    models,
+                    config,
+                    &options.output,
+                    counters,
+                )
+                .await;
+                match outcome {
+                    Ok(Outcome::Complete) => {
+                        counters.complete.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Outcome::Skipped) => {
+                        counters.skipped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Outcome::NoExplanation) => {
+                        counters
+                            .explanation_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(error) => {
+                        tracing::warn!("{hookpoint} latent {latent}: {error}");
+                        counters
+                            .errors
+                            .lock()
+                            .expect("errors lock")
+                            .push(format!("{hookpoint} latent {latent}: {error}"));
+                    }
+                }
+                let usage = *counters.usage.lock().expect("usage lock");
+                let failures = counters.errors.lock().expect("errors lock").len() as u64
+                    + counters.explanation_failures.load(Ordering::Relaxed);
+                bar.set_message(format!(
+                    "{failures} failed, {} tokens",
+                    usage.prompt_tokens + usage.completion_tokens
+                ));
+                bar.inc(1);
+            }
+        })
+        .buffer_unordered(options.concurrency.max(1));
+    results.collect::<Vec<()>>().await;
+    bar.finish_and_clear();
+    let mut errors = counters.errors.into_inner().expect("errors lock");
+    errors.sort();
+    Ok(RunReport {
+        latents: total,
+        complete: counters.complete.into_inner(),
+        skipped: counters.skipped.into_inner(),
+        explanation_failures: counters.explanation_failures.into_inner(),
+        errors,
+        usage: counters.usage.into_inner().expect("usage lock"),
+    })
+}
+
+/// Aggregate results of one scorer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScorerSummary {
+    /// Latents with a score file.
+    pub latents: u64,
+    /// Median over latents of the balanced accuracy (detection, fuzzing).
+    pub median_balanced_accuracy: Option<f64>,
+    /// Median over latents of F1 (detection, fuzzing).
+    pub median_f1: Option<f64>,
+    /// Median over latents of the ROC AUC (embedding; detection and fuzzing with logprobs).
+    pub median_auc: Option<f64>,
+    /// Counts pooled over all latents' excerpts (delphi's aggregate), with failed parses.
+    pub pooled: Option<Confusion>,
+}
+
+/// The summary of a job's output folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSummary {
+    /// Latents with an explanation file.
+    pub explained: u64,
+    /// Per scorer (delphi's folder names).
+    pub scorers: BTreeMap<String, ScorerSummary>,
+}
+
+/// Summarises every result in `output` for the job's latents (all shards), writes
+/// `summary.json` atomically and returns it.
+pub fn summarize(output: &Path, config: &JobConfig) -> Result<JobSummary> {
+    let mut explained = 0;
+    let mut scorers = BTreeMap::new();
+    for &scorer in &config.scorers {
+        let (mut accuracies, mut f1s, mut aucs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut pooled: Option<Confusion> = None;
+        let mut latents = 0;
+        for hookpoint in &config.hookpoints {
+            for latent in config.latents.clone() {
+                let path = score_path(output, scorer, hookpoint, latent);
+                if !path.is_file() {
+                    continue;
+                }
+                latents += 1;
+                if scorer == Scorer::Embedding {
+                    let samples: Vec<EmbeddedSample> = read_json_file(&path)?;
+                    aucs.extend(embedding_auc(&samples));
+                    continue;
+                }
+                let samples: Vec<ClassifiedSample> = read_json_file(&path)?;
+                let (summary, auc) = classifier_summary(&samples);
+                pooled
+                    .get_or_insert_with(Confusion::default)
+                    .add(&summary.confusion);
+                accuracies.extend(summary.balanced_accuracy);
+                f1s.extend(summary.f1);
+                aucs.extend(auc);
+            }
+        }
+        scorers.insert(
+            scorer.dir_name().to_string(),
+            ScorerSummary {
+                latents,
+                median_balanced_accuracy: median(&accuracies),
+                median_f1: median(&f1s),
+                median_auc: median(&aucs),
+                pooled,
+            },
+        );
+    }
+    for hookpoint in &config.hookpoints {
+        for latent in config.latents.clone() {
+            explained += explanation_path(output, hookpoint, latent).is_file() as u64;
+        }
+    }
+    let summary = JobSummary { explained, scorers };
+    write_json_file(&output.join("summary.json"), &summary)?;
+    Ok(summary)
+}
+
+/// The summary as a table for people.
+pub fn summary_table(summary: &JobSummary) -> String {
+    let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+    let mut out = format!(
+        "{} latents explained\n{:<10} {:>8} {:>14} {:>10} {:>10} {:>14}\n",
+        summary.explained, "scorer", "latents", "balanced acc.", "F1", "AUC", "failed parses"
+    );
+    for (name, s) in &summary.scorers {
+        out.push_str(&format!(
+            "{:<10} {:>8} {:>14} {:>10} {:>10} {:>14}\n",
+            name,
+            s.latents,
+            cell(s.median_balanced_accuracy),
+            cell(s.median_f1),
+            cell(s.median_auc),
+            s.pooled.map_or("-".to_string(), |p| p.failed.to_string())
+        ));
+    }
+    out.push_str("(medians over latents; failed parses are excerpts without a usable answer)\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_partition_the_latents() {
+        let shards: Vec<Shard> = (0..3)
+            .map(|i| Shard::parse(&format!("{i}/3")).unwrap())
+            .collect();
+        for latent in 0..100 {
+            assert_eq!(shards.iter().filter(|s| s.contains(latent)).count(), 1);
+        }
+        for bad in ["3/3", "1", "a/b", "0/0"] {
+            assert!(Shard::parse(bad).unwrap_err().to_string().contains(bad));
+        }
+    }
+
+    #[test]
+    fn file_names_follow_delphi() {
+        let out = Path::new("/r");
+        assert_eq!(
+            explanation_path(out, "layers.6", 3),
+            Path::new("/r/explanations/layers.6_latent3.txt")
+        );
+        assert_eq!(
+            score_path(out, Scorer::Fuzzing, "layer_5/width_16k", 7),
+            Path::new("/r/scores/fuzz/layer_5--width_16k_latent7.txt")
+        );
+    }
+}

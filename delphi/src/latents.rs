@@ -1,0 +1,606 @@
+//! The latent cache: where each SAE latent fires over a dataset, stored sparsely on disk.
+//!
+//! Our layout (`write_latent_cache`) is a folder with `config.json` and shards
+//! `shards/<first>_<end>.safetensors`, each covering sequences `first..end` (end exclusive)
+//! and holding `tokens` `[n, seq_len]` (u32) plus, per hook point, `<hookpoint>.locations`
+//! `[N, 3]` (u32: sequence, position, latent) and `<hookpoint>.activations` `[N]` (f16).
+//! Memory is bounded by one shard; shards are written atomically, so an interrupted run
+//! resumes after the last complete shard.
+//!
+//! [`LatentCache::open`] also reads delphi's layout (`<hookpoint>/<start>_<end>.safetensors`
+//! with `locations` `[N, 3]` u16/u32 holding `latent - start`, `activations` f16 and the full
+//! `tokens` matrix in every file, `end` inclusive).
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use hooks::activations::{ActivationSource, ModelActivations};
+use hooks::{HookPoint, Model};
+use sae::Sae;
+
+use crate::{Error, Result};
+
+/// One activation of a latent: where and how strongly it fired.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Firing {
+    /// Sequence index in the cache.
+    pub seq: u32,
+    /// Token position in the sequence.
+    pub pos: u32,
+    /// Activation value.
+    pub value: f32,
+}
+
+/// The cached token sequences, all of one length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenTable {
+    tokens: Vec<u32>,
+    seq_len: usize,
+}
+
+impl TokenTable {
+    /// Sequences of `seq_len` tokens laid end to end.
+    pub fn new(tokens: Vec<u32>, seq_len: usize) -> Result<Self> {
+        if seq_len == 0 || !tokens.len().is_multiple_of(seq_len) {
+            return Err(Error::Invalid(format!(
+                "{} tokens do not make whole sequences of {seq_len}",
+                tokens.len()
+            )));
+        }
+        Ok(Self { tokens, seq_len })
+    }
+
+    /// Tokens per sequence.
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
+    /// Number of sequences.
+    pub fn sequences(&self) -> usize {
+        self.tokens.len() / self.seq_len
+    }
+
+    /// Tokens of window `index` when sequences are cut into windows of `width` tokens.
+    pub fn window(&self, index: u64, width: usize) -> &[u32] {
+        let start = index as usize * width;
+        &self.tokens[start..start + width]
+    }
+}
+
+/// What `config.json` of our cache records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CacheConfig {
+    /// Always [`CACHE_FORMAT`].
+    pub format: String,
+    /// The model that produced the activations.
+    pub model: String,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Hook point name -> number of latents of its SAE.
+    pub hookpoints: BTreeMap<String, u32>,
+    /// Sequences per shard (the last may be shorter).
+    pub sequences_per_shard: usize,
+    /// Set once every requested sequence is in a shard.
+    pub complete: bool,
+}
+
+/// The `format` field of our cache's `config.json`.
+pub const CACHE_FORMAT: &str = "eleuther-interp latent cache v1";
+
+/// One SAE to run at a hook point while caching.
+pub struct CacheTarget<'a> {
+    /// The hook point name (the SAE's folder name, e.g. `layers.6`).
+    pub name: String,
+    /// Where its input is read.
+    pub point: HookPoint,
+    /// The SAE.
+    pub sae: &'a Sae,
+}
+
+/// Options of [`write_latent_cache`].
+#[derive(Debug, Clone)]
+pub struct WriteOptions {
+    /// Sequences per forward pass.
+    pub batch_size: usize,
+    /// Sequences per shard file.
+    pub sequences_per_shard: usize,
+    /// Stop after this many sequences.
+    pub max_sequences: Option<u64>,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// Runs `model` over `chunks` and writes where each target SAE's latents fire to `dir`,
+/// resuming after the shards already there. Returns the number of sequences cached.
+pub fn write_latent_cache(
+    model: &Model,
+    chunks: hooks::data::ChunkStream,
+    targets: &[CacheTarget<'_>],
+    dir: &Path,
+    options: &WriteOptions,
+) -> Result<u64> {
+    if targets.is_empty() {
+        return Err(Error::Invalid("no SAEs to cache".into()));
+    }
+    if options.sequences_per_shard == 0 || options.batch_size == 0 {
+        return Err(Error::Invalid(
+            "batch size and sequences per shard must be positive".into(),
+        ));
+    }
+    let seq_len = chunks.seq_len();
+    let config = CacheConfig {
+        format: CACHE_FORMAT.into(),
+        model: model.origin().to_string(),
+        seq_len,
+        hookpoints: targets
+            .iter()
+            .map(|t| (t.name.clone(), t.sae.num_latents() as u32))
+            .collect(),
+        sequences_per_shard: options.sequences_per_shard,
+        complete: false,
+    };
+    let shards_dir = dir.join("shards");
+    std::fs::create_dir_all(&shards_dir).map_err(|e| Error::io(&shards_dir, e))?;
+    let config_path = dir.join("config.json");
+    if config_path.is_file() {
+        let existing = read_config(&config_path)?;
+        let same = CacheConfig {
+            complete: false,
+            ..existing.clone()
+        } == config;
+        if !same {
+            return Err(Error::file(
+                &config_path,
+                format!(
+                    "holds a cache of another run (model {}, seq_len {}, hook points {:?}, {} sequences per shard); \
+                     use another output folder or delete this one",
+                    existing.model, existing.seq_len, existing.hookpoints.keys(), existing.sequences_per_shard
+                ),
+            ));
+        }
+    }
+    hooks::atomic::write_json(&config_path, &config)?;
+
+    let done = shard_ranges(&shards_dir)?.last().map_or(0, |r| r.end);
+    let points: Vec<HookPoint> = targets.iter().map(|t| t.point).collect();
+    // The limit counts from the start of the data: skipping the cached sequences uses it up.
+    let mut source = ModelActivations::new(
+        model,
+        chunks,
+        points,
+        options.batch_size,
+        DType::F32,
+        options.max_sequences,
+    )?;
+    let skipped = source.skip_chunks(done)?;
+    if skipped < done {
+        return Err(Error::Invalid(format!(
+            "the cache in {} already holds {done} sequences but the data has only {skipped}",
+            dir.display()
+        )));
+    }
+    let bar = hooks::progress::bar(options.progress, options.max_sequences, "sequences");
+    bar.set_position(done);
+    let mut shard = ShardBuffer::new(targets.len(), done);
+    while let Some(batch) = source.next_batch()? {
+        let sequences = batch.tokens.len() / seq_len;
+        for (slot, target) in targets.iter().enumerate() {
+            let x = &batch.activations[&target.point];
+            let (acts, indices) = target.sae.encode(x)?;
+            let acts = acts.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            let indices = indices.to_vec2::<u32>()?;
+            let base = shard.sequences as usize * seq_len;
+            for (row, (acts, indices)) in acts.iter().zip(&indices).enumerate() {
+                let token = base + row;
+                let (seq, pos) = (shard.first + (token / seq_len) as u64, token % seq_len);
+                for (&a, &latent) in acts.iter().zip(indices) {
+                    if a > 0.0 {
+                        shard.locations[slot].extend([seq as u32, pos as u32, latent]);
+                        shard.values[slot].push(half::f16::from_f32(a));
+                    }
+                }
+            }
+        }
+        shard.tokens.extend_from_slice(&batch.tokens);
+        shard.sequences += sequences as u64;
+        bar.inc(sequences as u64);
+        if shard.sequences as usize >= options.sequences_per_shard {
+            shard.write(&shards_dir, targets, seq_len)?;
+            shard = ShardBuffer::new(targets.len(), shard.first + shard.sequences);
+        }
+    }
+    if shard.sequences > 0 {
+        shard.write(&shards_dir, targets, seq_len)?;
+    }
+    bar.finish_and_clear();
+    let total = shard.first + shard.sequences;
+    hooks::atomic::write_json(
+        &config_path,
+        &CacheConfig {
+            complete: true,
+            ..config
+        },
+    )?;
+    Ok(total)
+}
+
+/// The entries of one shard being filled.
+struct ShardBuffer {
+    first: u64,
+    sequences: u64,
+    tokens: Vec<u32>,
+    locations: Vec<Vec<u32>>,
+    values: Vec<Vec<half::f16>>,
+}
+
+impl ShardBuffer {
+    fn new(targets: usize, first: u64) -> Self {
+        Self {
+            first,
+            sequences: 0,
+            tokens: Vec::new(),
+            locations: vec![Vec::new(); targets],
+            values: vec![Vec::new(); targets],
+        }
+    }
+
+    fn write(&self, dir: &Path, targets: &[CacheTarget<'_>], seq_len: usize) -> Result<()> {
+        let cpu = Device::Cpu;
+        let n = self.sequences as usize;
+        let mut tensors = vec![(
+            "tokens".to_string(),
+            vec![Tensor::from_slice(&self.tokens, (n, seq_len), &cpu)?],
+        )];
+        for (slot, target) in targets.iter().enumerate() {
+            let count = self.values[slot].len();
+            tensors.push((
+                format!("{}.locations", target.name),
+                vec![Tensor::from_slice(&self.locations[slot], (count, 3), &cpu)?],
+            ));
+            tensors.push((
+                format!("{}.activations", target.name),
+                vec![Tensor::from_slice(&self.values[slot], count, &cpu)?],
+            ));
+        }
+        let end = self.first + self.sequences;
+        let path = dir.join(format!("{}_{end}.safetensors", self.first));
+        hooks::atomic::write_safetensors(&path, &tensors)?;
+        Ok(())
+    }
+}
+
+fn read_config(path: &Path) -> Result<CacheConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let config: CacheConfig = serde_json::from_str(&text)
+        .map_err(|e| Error::file(path, format!("not a latent cache config: {e}")))?;
+    if config.format != CACHE_FORMAT {
+        return Err(Error::file(
+            path,
+            format!("format is '{}', expected '{CACHE_FORMAT}'", config.format),
+        ));
+    }
+    Ok(config)
+}
+
+/// `<a>_<b>.safetensors` file names in `dir` as ranges, sorted.
+fn numbered_files(dir: &Path) -> Result<Vec<(u64, u64, PathBuf)>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        let Some(stem) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".safetensors"))
+        else {
+            continue;
+        };
+        if let Some((a, b)) = stem.split_once('_') {
+            if let (Ok(a), Ok(b)) = (a.parse(), b.parse()) {
+                files.push((a, b, path));
+            }
+        }
+    }
+    files.sort_by_key(|f| (f.0, f.1));
+    Ok(files)
+}
+
+/// The sequence ranges of our shards, checked to tile `0..end` without gaps.
+fn shard_ranges(dir: &Path) -> Result<Vec<Range<u64>>> {
+    let mut expected = 0;
+    let mut ranges = Vec::new();
+    for (first, end, path) in numbered_files(dir)? {
+        if first != expected || end <= first {
+            return Err(Error::file(
+                &path,
+                format!("shard covers sequences {first}..{end} but the previous shards end at {expected}"),
+            ));
+        }
+        expected = end;
+        ranges.push(first..end);
+    }
+    Ok(ranges)
+}
+
+/// Which layout a cache folder has.
+#[derive(Debug, Clone, PartialEq)]
+enum Layout {
+    Ours {
+        shards: Vec<PathBuf>,
+    },
+    Delphi {
+        files: BTreeMap<String, Vec<(u32, u32, PathBuf)>>,
+    },
+}
+
+/// A latent cache opened for reading: ours or delphi's.
+#[derive(Debug)]
+pub struct LatentCache {
+    dir: PathBuf,
+    layout: Layout,
+    tokens: TokenTable,
+    hookpoints: BTreeMap<String, Option<u32>>,
+}
+
+impl LatentCache {
+    /// Opens a cache written by [`write_latent_cache`] or by delphi (its `latents/` folder).
+    pub fn open(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let ours = config_path.is_file()
+            && std::fs::read_to_string(&config_path)
+                .map(|t| t.contains(CACHE_FORMAT))
+                .unwrap_or(false);
+        if ours {
+            Self::open_ours(dir, read_config(&config_path)?)
+        } else {
+            Self::open_delphi(dir)
+        }
+    }
+
+    fn open_ours(dir: &Path, config: CacheConfig) -> Result<Self> {
+        if !config.complete {
+            return Err(Error::file(
+                dir.join("config.json"),
+                "the cache is incomplete (its writer stopped early): re-run the caching command to finish it",
+            ));
+        }
+        let shards_dir = dir.join("shards");
+        shard_ranges(&shards_dir)?;
+        let shards: Vec<PathBuf> = numbered_files(&shards_dir)?
+            .into_iter()
+            .map(|f| f.2)
+            .collect();
+        let mut tokens = Vec::new();
+        for path in &shards {
+            let bytes = read_file(path)?;
+            let st = parse(path, &bytes)?;
+            tokens.extend(read_u32s(path, &st, "tokens")?);
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            layout: Layout::Ours { shards },
+            tokens: TokenTable::new(tokens, config.seq_len)?,
+            hookpoints: config
+                .hookpoints
+                .into_iter()
+                .map(|(k, v)| (k, Some(v)))
+                .collect(),
+        })
+    }
+
+    fn open_delphi(dir: &Path) -> Result<Self> {
+        let mut files = BTreeMap::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let path = entry.map_err(|e| Error::io(dir, e))?.path();
+            if !path.is_dir() {
+                continue;
+            }
+            let splits: Vec<(u32, u32, PathBuf)> = numbered_files(&path)?
+                .into_iter()
+                .map(|(a, b, p)| (a as u32, b as u32, p))
+                .collect();
+            if !splits.is_empty() {
+                let name = path
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
+                files.insert(name, splits);
+            }
+        }
+        let first = files.values().next().and_then(|s| s.first()).ok_or_else(|| {
+            Error::file(
+                dir,
+                format!(
+                    "is neither our latent cache (config.json with format '{CACHE_FORMAT}') nor delphi's \
+                     (<hookpoint>/<start>_<end>.safetensors)"
+                ),
+            )
+        })?;
+        let path = first.2.clone();
+        let bytes = read_file(&path)?;
+        let st = parse(&path, &bytes)?;
+        let view = tensor(&path, &st, "tokens")?;
+        let shape = view.shape().to_vec();
+        if shape.len() != 2 {
+            return Err(Error::file(
+                &path,
+                format!("'tokens' has shape {shape:?}, expected [sequences, ctx_len]"),
+            ));
+        }
+        let tokens = TokenTable::new(read_u32s(&path, &st, "tokens")?, shape[1])?;
+        let hookpoints = files
+            .iter()
+            .map(|(name, splits)| (name.clone(), splits.last().map(|s| s.1 + 1)))
+            .collect();
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            layout: Layout::Delphi { files },
+            tokens,
+            hookpoints,
+        })
+    }
+
+    /// The cached tokens.
+    pub fn tokens(&self) -> &TokenTable {
+        &self.tokens
+    }
+
+    /// Hook point names with their number of latents (when known).
+    pub fn hookpoints(&self) -> &BTreeMap<String, Option<u32>> {
+        &self.hookpoints
+    }
+
+    /// Where each latent in `latents` of `hookpoint` fires, by latent (latents that never
+    /// fire are absent), in cache order.
+    pub fn firings(
+        &self,
+        hookpoint: &str,
+        latents: Range<u32>,
+    ) -> Result<BTreeMap<u32, Vec<Firing>>> {
+        if !self.hookpoints.contains_key(hookpoint) {
+            return Err(Error::Invalid(format!(
+                "the cache in {} has no hook point '{hookpoint}' (it has: {})",
+                self.dir.display(),
+                self.hookpoints
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let mut out: BTreeMap<u32, Vec<Firing>> = BTreeMap::new();
+        let mut keep =
+            |path: &Path, locations: Vec<u32>, values: Vec<f32>, offset: u32| -> Result<()> {
+                if locations.len() != values.len() * 3 {
+                    return Err(Error::file(
+                        path,
+                        format!(
+                            "{} locations for {} activations",
+                            locations.len() / 3,
+                            values.len()
+                        ),
+                    ));
+                }
+                for (loc, value) in locations.chunks_exact(3).zip(values) {
+                    let latent = loc[2] + offset;
+                    if latents.contains(&latent) {
+                        out.entry(latent).or_default().push(Firing {
+                            seq: loc[0],
+                            pos: loc[1],
+                            value,
+                        });
+                    }
+                }
+                Ok(())
+            };
+        match &self.layout {
+            Layout::Ours { shards } => {
+                for path in shards {
+                    let bytes = read_file(path)?;
+                    let st = parse(path, &bytes)?;
+                    let locations = read_u32s(path, &st, &format!("{hookpoint}.locations"))?;
+                    let values = read_f32s(path, &st, &format!("{hookpoint}.activations"))?;
+                    keep(path, locations, values, 0)?;
+                }
+            }
+            Layout::Delphi { files } => {
+                for (start, end, path) in &files[hookpoint] {
+                    if *end < latents.start || *start >= latents.end {
+                        continue;
+                    }
+                    let bytes = read_file(path)?;
+                    let st = parse(path, &bytes)?;
+                    let locations = read_u32s(path, &st, "locations")?;
+                    let values = read_f32s(path, &st, "activations")?;
+                    keep(path, locations, values, *start)?;
+                }
+            }
+        }
+        for firings in out.values_mut() {
+            firings.sort_by_key(|f| (f.seq, f.pos));
+        }
+        Ok(out)
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
+fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::file(path, format!("not a safetensors file: {e}")))
+}
+
+fn tensor<'a>(
+    path: &Path,
+    st: &'a SafeTensors<'a>,
+    name: &str,
+) -> Result<safetensors::tensor::TensorView<'a>> {
+    st.tensor(name)
+        .map_err(|_| Error::file(path, format!("missing tensor '{name}'")))
+}
+
+/// An integer tensor of any width as u32 (delphi writes u16 or u32 locations, int64 tokens).
+fn read_u32s(path: &Path, st: &SafeTensors<'_>, name: &str) -> Result<Vec<u32>> {
+    let view = tensor(path, st, name)?;
+    let data = view.data();
+    let bad = |v: i128| Error::file(path, format!("'{name}' holds {v}, outside 0..2^32"));
+    let convert = |v: i128| u32::try_from(v).map_err(|_| bad(v));
+    match view.dtype() {
+        Dtype::U8 => Ok(data.iter().map(|&b| b as u32).collect()),
+        Dtype::U16 => Ok(data
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32)
+            .collect()),
+        Dtype::U32 => Ok(data
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+            .collect()),
+        Dtype::I32 => data
+            .chunks_exact(4)
+            .map(|b| convert(i32::from_le_bytes(b.try_into().unwrap()) as i128))
+            .collect(),
+        Dtype::I64 => data
+            .chunks_exact(8)
+            .map(|b| convert(i64::from_le_bytes(b.try_into().unwrap()) as i128))
+            .collect(),
+        Dtype::U64 => data
+            .chunks_exact(8)
+            .map(|b| convert(u64::from_le_bytes(b.try_into().unwrap()) as i128))
+            .collect(),
+        other => Err(Error::file(
+            path,
+            format!("'{name}' has dtype {other:?}, expected an integer type"),
+        )),
+    }
+}
+
+/// A float tensor (f16, bf16 or f32) as f32.
+fn read_f32s(path: &Path, st: &SafeTensors<'_>, name: &str) -> Result<Vec<f32>> {
+    let view = tensor(path, st, name)?;
+    let data = view.data();
+    match view.dtype() {
+        Dtype::F16 => Ok(data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect()),
+        Dtype::BF16 => Ok(data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect()),
+        Dtype::F32 => Ok(data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()),
+        other => Err(Error::file(
+            path,
+            format!("'{name}' has dtype {other:?}, expected a float type"),
+        )),
+    }
+}

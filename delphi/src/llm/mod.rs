@@ -1,0 +1,115 @@
+//! The language models that explain and score: one [`Llm`] interface, implemented by an
+//! OpenAI-compatible HTTP client ([`openai::OpenAiClient`]) and by a GGUF model run in
+//! process ([`local::LocalLlm`]).
+
+pub mod local;
+pub mod openai;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Result;
+
+/// Who wrote a chat message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Instructions that frame the conversation.
+    System,
+    /// The asking side (our prompts).
+    User,
+    /// The model's side (few-shot answers and its replies).
+    Assistant,
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Author of the message.
+    pub role: Role,
+    /// Its text.
+    pub content: String,
+}
+
+impl Message {
+    /// A system message.
+    pub fn system(content: impl Into<String>) -> Self {
+        Self { role: Role::System, content: content.into() }
+    }
+    /// A user message.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self { role: Role::User, content: content.into() }
+    }
+    /// An assistant message.
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self { role: Role::Assistant, content: content.into() }
+    }
+}
+
+/// One chat completion to make, with its own sampling settings (never shared between
+/// requests).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    /// The conversation so far; the model answers the last message.
+    pub messages: Vec<Message>,
+    /// Upper bound on generated tokens.
+    pub max_tokens: u32,
+    /// Sampling temperature; 0 is greedy.
+    pub temperature: f32,
+    /// When set, ask for this many alternatives (with log-probabilities) per generated token.
+    pub top_logprobs: Option<u8>,
+}
+
+/// A generated token with its log-probability and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprobs {
+    /// The token's text.
+    pub token: String,
+    /// Its natural-log probability.
+    pub logprob: f32,
+    /// The most likely tokens at this position (including the chosen one), best first.
+    pub top: Vec<(String, f32)>,
+}
+
+/// Tokens spent by requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens of the prompts.
+    pub prompt_tokens: u64,
+    /// Tokens generated.
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    /// Adds another request's usage.
+    pub fn add(&mut self, other: Usage) {
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+    }
+}
+
+/// A model's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatResponse {
+    /// The generated text.
+    pub text: String,
+    /// Per generated token, when [`ChatRequest::top_logprobs`] asked for them and the backend
+    /// supports it.
+    pub logprobs: Option<Vec<TokenLogprobs>>,
+    /// Tokens spent.
+    pub usage: Usage,
+}
+
+/// A future that can be sent between threads, as returned by [`Llm::chat`].
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A chat model: anything that answers a [`ChatRequest`]. Implementations bound their own
+/// concurrency and retry transient failures; an error returned here is final for that request.
+pub trait Llm: Send + Sync {
+    /// Answers one request.
+    fn chat(&self, request: ChatRequest) -> BoxFuture<'_, Result<ChatResponse>>;
+    /// A short name for logs and result files (model name, URL or GGUF file name).
+    fn name(&self) -> String;
+}

@@ -1,0 +1,404 @@
+//! A client for any OpenAI-compatible `/chat/completions` server (vLLM, SGLang, llama.cpp
+//! server, Ollama, OpenRouter, OpenAI): bounded concurrency, timeouts, retries with
+//! exponential backoff and jitter that honour `Retry-After`, per-request sampling settings,
+//! token accounting. The API key comes from an environment variable and is never logged.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+
+use super::{BoxFuture, ChatRequest, ChatResponse, Llm, TokenLogprobs, Usage};
+use crate::{Error, Result};
+
+/// Settings of an [`OpenAiClient`].
+#[derive(Debug, Clone)]
+pub struct OpenAiConfig {
+    /// The server's API root (`http://localhost:8000/v1`) or its full chat-completions URL.
+    pub url: String,
+    /// The `model` field of each request.
+    pub model: String,
+    /// Name of the environment variable holding the API key; none sends no key.
+    pub api_key_env: Option<String>,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Time limit of one HTTP request.
+    pub timeout: Duration,
+    /// Retries after the first attempt of a request before it fails.
+    pub max_retries: u32,
+    /// Wait before the first retry; doubles each retry up to [`Self::max_backoff`].
+    pub initial_backoff: Duration,
+    /// Longest wait between retries (a server's `Retry-After` may ask for longer, up to 10 min).
+    pub max_backoff: Duration,
+    /// Prices in dollars per million prompt and completion tokens, for the cost estimate.
+    pub price_per_million: Option<(f64, f64)>,
+}
+
+impl OpenAiConfig {
+    /// Defaults for a server at `url` serving `model`: 16 requests in flight, 120 s timeout,
+    /// 8 retries from 1 s doubling to 30 s.
+    pub fn new(url: impl Into<String>, model: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            model: model.into(),
+            api_key_env: None,
+            concurrency: 16,
+            timeout: Duration::from_secs(120),
+            max_retries: 8,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(30),
+            price_per_million: None,
+        }
+    }
+
+    /// The URL requests go to.
+    fn endpoint(&self) -> String {
+        let url = self.url.trim_end_matches('/');
+        if url.ends_with("/chat/completions") {
+            url.to_string()
+        } else {
+            format!("{url}/chat/completions")
+        }
+    }
+}
+
+/// An OpenAI-compatible chat-completions client.
+pub struct OpenAiClient {
+    config: OpenAiConfig,
+    endpoint: String,
+    api_key: Option<String>,
+    http: reqwest::Client,
+    in_flight: Semaphore,
+    usage: Mutex<Usage>,
+    retries: Mutex<u64>,
+}
+
+impl std::fmt::Debug for OpenAiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key itself is never printed.
+        f.debug_struct("OpenAiClient")
+            .field("endpoint", &self.endpoint)
+            .field("model", &self.config.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// How one attempt ended when it did not produce a response.
+enum Failure {
+    /// Worth retrying (server error, 408/429, timeout, broken connection or body), after at
+    /// least this long when the server said so.
+    Transient(String, Option<Duration>),
+    /// Retrying cannot help (other 4xx).
+    Final(String),
+}
+
+impl OpenAiClient {
+    /// A client for `config`; reads the API key from `config.api_key_env` when set (an unset
+    /// or empty variable is an error, so a job does not run unauthenticated by mistake).
+    pub fn new(config: OpenAiConfig) -> Result<Self> {
+        if config.concurrency == 0 {
+            return Err(Error::Invalid("concurrency must be at least 1".into()));
+        }
+        let api_key = match &config.api_key_env {
+            None => None,
+            Some(var) => match std::env::var(var) {
+                Ok(key) if !key.is_empty() => Some(key),
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "the API key variable {var} is not set (or empty)"
+                    )))
+                }
+            },
+        };
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .build()
+            .map_err(|e| Error::Invalid(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Self {
+            endpoint: config.endpoint(),
+            in_flight: Semaphore::new(config.concurrency),
+            config,
+            api_key,
+            http,
+            usage: Mutex::new(Usage::default()),
+            retries: Mutex::new(0),
+        })
+    }
+
+    /// Tokens spent so far by all requests of this client.
+    pub fn usage(&self) -> Usage {
+        *self.usage.lock().expect("usage lock")
+    }
+
+    /// Retries made so far (all requests).
+    pub fn retries(&self) -> u64 {
+        *self.retries.lock().expect("retries lock")
+    }
+
+    /// Estimated dollars spent so far, when prices are configured.
+    pub fn cost(&self) -> Option<f64> {
+        let (prompt, completion) = self.config.price_per_million?;
+        let usage = self.usage();
+        Some(
+            (usage.prompt_tokens as f64 * prompt + usage.completion_tokens as f64 * completion)
+                / 1e6,
+        )
+    }
+
+    fn body(&self, request: &ChatRequest) -> Value {
+        let mut body = json!({
+            "model": self.config.model,
+            "messages": request.messages,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+        });
+        if let Some(top) = request.top_logprobs {
+            body["logprobs"] = json!(true);
+            body["top_logprobs"] = json!(top);
+        }
+        body
+    }
+
+    async fn attempt(&self, body: &Value) -> std::result::Result<ChatResponse, Failure> {
+        let mut builder = self.http.post(&self.endpoint).json(body);
+        if let Some(key) = &self.api_key {
+            builder = builder.bearer_auth(key);
+        }
+        let response = builder.send().await.map_err(|e| {
+            let what = if e.is_timeout() {
+                "timed out"
+            } else {
+                "connection failed"
+            };
+            Failure::Transient(format!("request {what}: {}", without_url(&e)), None)
+        })?;
+        let status = response.status();
+        let retry_after = retry_after(response.headers());
+        let text = response.text().await.map_err(|e| {
+            Failure::Transient(
+                format!("reading the body failed: {}", without_url(&e)),
+                None,
+            )
+        })?;
+        if !status.is_success() {
+            let message = format!("HTTP {status}: {}", snippet(&text));
+            let code = status.as_u16();
+            return Err(if code == 408 || code == 429 || status.is_server_error() {
+                Failure::Transient(message, retry_after)
+            } else {
+                Failure::Final(message)
+            });
+        }
+        parse_response(&text).map_err(|message| Failure::Transient(message, None))
+    }
+
+    fn backoff(&self, retry: u32) -> Duration {
+        let base = self.config.initial_backoff.as_secs_f64() * 2f64.powi(retry as i32);
+        let capped = base.min(self.config.max_backoff.as_secs_f64());
+        let jitter = rand::rng().random_range(0.8..1.2);
+        Duration::from_secs_f64(capped * jitter)
+    }
+
+    async fn chat_with_retries(&self, request: ChatRequest) -> Result<ChatResponse> {
+        let body = self.body(&request);
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .expect("semaphore is never closed");
+        let mut retry = 0;
+        loop {
+            match self.attempt(&body).await {
+                Ok(response) => {
+                    self.usage.lock().expect("usage lock").add(response.usage);
+                    return Ok(response);
+                }
+                Err(Failure::Final(message)) => return Err(self.error(message)),
+                Err(Failure::Transient(message, after)) => {
+                    if retry >= self.config.max_retries {
+                        return Err(self.error(format!(
+                            "{message} (gave up after {} retries)",
+                            self.config.max_retries
+                        )));
+                    }
+                    let wait = after
+                        .map(|a| a.min(Duration::from_secs(600)))
+                        .unwrap_or_else(|| self.backoff(retry));
+                    tracing::warn!(
+                        "{}: {message}; retrying in {:.1} s",
+                        self.endpoint,
+                        wait.as_secs_f64()
+                    );
+                    *self.retries.lock().expect("retries lock") += 1;
+                    tokio::time::sleep(wait).await;
+                    retry += 1;
+                }
+            }
+        }
+    }
+
+    fn error(&self, message: String) -> Error {
+        Error::Llm {
+            backend: self.endpoint.clone(),
+            message,
+        }
+    }
+}
+
+impl Llm for OpenAiClient {
+    fn chat(&self, request: ChatRequest) -> BoxFuture<'_, Result<ChatResponse>> {
+        Box::pin(self.chat_with_retries(request))
+    }
+
+    fn name(&self) -> String {
+        format!("{} at {}", self.config.model, self.endpoint)
+    }
+}
+
+/// A reqwest error without the URL (which could carry credentials in its query).
+fn without_url(error: &reqwest::Error) -> String {
+    let mut inner: &dyn std::error::Error = error;
+    while let Some(source) = inner.source() {
+        inner = source;
+    }
+    inner.to_string()
+}
+
+/// The `Retry-After` header in seconds (the HTTP-date form is treated as absent).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    let seconds: f64 = value.trim().parse().ok()?;
+    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
+}
+
+/// The start of a body, for error messages.
+fn snippet(text: &str) -> String {
+    let text = text.trim();
+    match text.char_indices().nth(200) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
+/// Reads a chat-completions body: the first choice's text, its log-probabilities when
+/// present, and the token usage.
+fn parse_response(text: &str) -> std::result::Result<ChatResponse, String> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| format!("the response is not JSON ({e}): {}", snippet(text)))?;
+    let choice = value
+        .get("choices")
+        .and_then(|c| c.get(0))
+        .ok_or_else(|| format!("the response has no choices[0]: {}", snippet(text)))?;
+    let content = choice
+        .get("message")
+        .and_then(|m| m.get("content"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("choices[0].message.content is missing: {}", snippet(text)))?;
+    let logprobs = choice
+        .get("logprobs")
+        .and_then(|l| l.get("content"))
+        .and_then(Value::as_array)
+        .map(|tokens| tokens.iter().map(parse_token_logprobs).collect())
+        .transpose()?;
+    let count = |field: &str| {
+        value
+            .get("usage")
+            .and_then(|u| u.get(field))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    Ok(ChatResponse {
+        text: content.to_string(),
+        logprobs,
+        usage: Usage {
+            prompt_tokens: count("prompt_tokens"),
+            completion_tokens: count("completion_tokens"),
+        },
+    })
+}
+
+fn parse_token_logprobs(value: &Value) -> std::result::Result<TokenLogprobs, String> {
+    let pair = |v: &Value| -> Option<(String, f32)> {
+        Some((
+            v.get("token")?.as_str()?.to_string(),
+            v.get("logprob")?.as_f64()? as f32,
+        ))
+    };
+    let (token, logprob) =
+        pair(value).ok_or_else(|| format!("a logprobs entry lacks token/logprob: {value}"))?;
+    let top = value
+        .get("top_logprobs")
+        .and_then(Value::as_array)
+        .map(|alternatives| alternatives.iter().filter_map(pair).collect())
+        .unwrap_or_default();
+    Ok(TokenLogprobs {
+        token,
+        logprob,
+        top,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_accepts_api_root_or_full_url() {
+        assert_eq!(
+            OpenAiConfig::new("http://h:1/v1/", "m").endpoint(),
+            "http://h:1/v1/chat/completions"
+        );
+        assert_eq!(
+            OpenAiConfig::new("http://h:1/v1/chat/completions", "m").endpoint(),
+            "http://h:1/v1/chat/completions"
+        );
+    }
+
+    #[test]
+    fn parses_content_logprobs_and_usage() {
+        let body = r#"{"choices":[{"message":{"role":"assistant","content":"[1,0]"},
+            "logprobs":{"content":[{"token":"[","logprob":-0.01,"top_logprobs":[{"token":"[","logprob":-0.01}]},
+            {"token":"1","logprob":-0.2,"top_logprobs":[{"token":"1","logprob":-0.2},{"token":"0","logprob":-1.7}]}]}}],
+            "usage":{"prompt_tokens":12,"completion_tokens":5}}"#;
+        let response = parse_response(body).unwrap();
+        assert_eq!(response.text, "[1,0]");
+        assert_eq!(
+            response.usage,
+            Usage {
+                prompt_tokens: 12,
+                completion_tokens: 5
+            }
+        );
+        let logprobs = response.logprobs.unwrap();
+        assert_eq!(
+            logprobs[1].top,
+            vec![("1".to_string(), -0.2), ("0".to_string(), -1.7)]
+        );
+    }
+
+    #[test]
+    fn malformed_bodies_are_named() {
+        assert!(parse_response("{\"choi").unwrap_err().contains("not JSON"));
+        assert!(parse_response("{\"choices\":[]}")
+            .unwrap_err()
+            .contains("choices[0]"));
+        assert!(parse_response("{\"choices\":[{\"message\":{}}]}")
+            .unwrap_err()
+            .contains("content is missing"));
+    }
+
+    #[test]
+    fn missing_key_variable_is_an_error_and_keys_are_not_printed() {
+        let mut config = OpenAiConfig::new("http://127.0.0.1:9/v1", "m");
+        config.api_key_env = Some("EI_TEST_KEY_THAT_IS_NOT_SET".into());
+        let error = OpenAiClient::new(config.clone()).unwrap_err().to_string();
+        assert!(error.contains("EI_TEST_KEY_THAT_IS_NOT_SET"), "{error}");
+        config.api_key_env = Some("PATH".into());
+        let client = OpenAiClient::new(config).unwrap();
+        let printed = format!("{client:?}");
+        assert!(printed.contains("<set>") && !printed.contains(&std::env::var("PATH").unwrap()));
+    }
+}

@@ -1,0 +1,332 @@
+//! What the language model is told, and how its answers are read.
+//!
+//! The formats follow delphi's conventions so that scores are comparable: activating tokens
+//! are wrapped in `<<` `>>` (runs of tokens above 0.3 of the example's maximum), an
+//! `Activations:` line lists `("token" : n)` with n in 0-10, the explainer ends its answer
+//! with a line starting `[EXPLANATION]:`, and the scorers answer with a list of 0/1, one per
+//! numbered example. The wording and the few-shot examples are our own.
+
+use crate::llm::Message;
+
+/// Fraction of an example's maximum above which a token is marked.
+pub const HIGHLIGHT_THRESHOLD: f32 = 0.3;
+
+/// The marker the explainer's answer ends with.
+pub const EXPLANATION_MARKER: &str = "[EXPLANATION]:";
+
+/// An example ready to show: its tokens as text and the latent's activation per token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShownExample {
+    /// Text of each token (concatenated they give the window's text).
+    pub tokens: Vec<String>,
+    /// Activation per token.
+    pub activations: Vec<f32>,
+    /// Activation per token as an integer 0-10 relative to the latent's maximum.
+    pub normalized: Vec<u8>,
+}
+
+/// The text with runs of tokens whose activation exceeds `threshold` times `max`
+/// wrapped in `<<` `>>`.
+pub fn highlight(tokens: &[String], marked: &[bool]) -> String {
+    let mut out = String::new();
+    let mut open = false;
+    for (token, &mark) in tokens.iter().zip(marked) {
+        if mark && !open {
+            out.push_str("<<");
+            open = true;
+        } else if !mark && open {
+            out.push_str(">>");
+            open = false;
+        }
+        out.push_str(token);
+    }
+    if open {
+        out.push_str(">>");
+    }
+    out
+}
+
+/// Which tokens of an example count as active: above [`HIGHLIGHT_THRESHOLD`] of its maximum.
+pub fn active_tokens(activations: &[f32]) -> Vec<bool> {
+    let max = activations.iter().copied().fold(0.0, f32::max);
+    activations
+        .iter()
+        .map(|&a| max > 0.0 && a > HIGHLIGHT_THRESHOLD * max)
+        .collect()
+}
+
+/// `Activations: ("tok" : 7), ("other" : 3)` for the marked tokens.
+fn activation_line(example: &ShownExample, marked: &[bool]) -> String {
+    let entries: Vec<String> = example
+        .tokens
+        .iter()
+        .zip(&example.normalized)
+        .zip(marked)
+        .filter(|(_, &m)| m)
+        .map(|((token, n), _)| format!("(\"{token}\" : {n})"))
+        .collect();
+    format!("Activations: {}", entries.join(", "))
+}
+
+const EXPLAINER_SYSTEM: &str = "\
+You study the internals of a language model. One of its latent features is active on some \
+tokens of the text excerpts you will be shown. In each excerpt the tokens where the feature \
+is active are wrapped in << and >>, and the line after the excerpt gives each marked token \
+with the feature's strength on it, from 1 (weak) to 10 (strongest).
+
+Work out what the feature responds to. Look both at the marked tokens and at the words \
+around them. Then describe the feature in one short phrase or sentence:
+- be specific but cover all the excerpts, not just one;
+- do not mention the << >> markers or the numbers;
+- write plain prose, not a list.
+End your answer with a line that starts with [EXPLANATION]: followed by the description.";
+
+/// Few-shot demonstrations: (excerpts with their activation lines, answer).
+const EXPLAINER_SHOTS: [(&str, &str); 2] = [
+    (
+        "Example 1: The meeting was moved to<< Tuesday>> because the hall was booked.
+Activations: (\" Tuesday\" : 10)
+Example 2: She has lived in Lisbon since<< March>> and plans to stay.
+Activations: (\" March\" : 8)
+Example 3: Shops close early on<< Sundays>> in most of the town.
+Activations: (\" Sundays\" : 9)",
+        "The marked words are all days of the week or months, each naming when something happens.
+[EXPLANATION]: Names of days and months used as time expressions.",
+    ),
+    (
+        "Example 1: The results were<< not>> as good as we had hoped.
+Activations: (\" not\" : 10)
+Example 2: He<< never>> answered the letter.
+Activations: (\" never\" : 9)
+Example 3: There is<< no>> evidence that the drug works.
+Activations: (\" no\" : 7)",
+        "Each marked token turns the statement around: not, never, no.
+[EXPLANATION]: Negation words such as \"not\", \"never\" and \"no\".",
+    ),
+];
+
+/// The explainer's conversation for a latent's examples.
+pub fn explainer_messages(examples: &[ShownExample], show_activations: bool) -> Vec<Message> {
+    let mut messages = vec![Message::system(EXPLAINER_SYSTEM)];
+    for (shot, answer) in EXPLAINER_SHOTS {
+        let shot = if show_activations {
+            shot.to_string()
+        } else {
+            shot.lines()
+                .filter(|l| !l.starts_with("Activations:"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        messages.push(Message::user(shot));
+        messages.push(Message::assistant(answer));
+    }
+    let mut body = String::new();
+    for (i, example) in examples.iter().enumerate() {
+        let marked = active_tokens(&example.activations);
+        body.push_str(&format!(
+            "Example {}: {}\n",
+            i + 1,
+            highlight(&example.tokens, &marked)
+        ));
+        if show_activations {
+            body.push_str(&activation_line(example, &marked));
+            body.push('\n');
+        }
+    }
+    messages.push(Message::user(body.trim_end().to_string()));
+    messages
+}
+
+/// The explanation in an explainer's answer: the text after the *last* `[EXPLANATION]:`
+/// marker, up to the end of that line (a marker quoted earlier, e.g. in reasoning, is not
+/// taken). `None` when there is no marker or nothing after it.
+pub fn parse_explanation(answer: &str) -> Option<String> {
+    let start = answer.rfind(EXPLANATION_MARKER)? + EXPLANATION_MARKER.len();
+    let rest = answer[start..].trim_start();
+    let line = rest.lines().next().unwrap_or("").trim();
+    (!line.is_empty()).then(|| line.to_string())
+}
+
+/// Which test a scorer's prompt asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClassifierTask {
+    /// Does the text contain what the explanation describes? (plain text)
+    Detection,
+    /// Are the marked tokens the ones the explanation describes? (marked text)
+    Fuzzing,
+}
+
+const DETECTION_SYSTEM: &str = "\
+You check descriptions of a language model's latent features. You get a description of a \
+feature and a numbered list of text excerpts. For each excerpt decide whether the feature, as \
+described, would be active somewhere in it: 1 if yes, 0 if no. Most descriptions fit only some \
+excerpts. Answer with nothing but a list of 0s and 1s in square brackets, one entry per \
+excerpt in order, for example [1, 0, 0, 1, 0].";
+
+const FUZZING_SYSTEM: &str = "\
+You check descriptions of a language model's latent features. You get a description of a \
+feature and a numbered list of text excerpts in which some tokens are wrapped in << and >>. \
+For each excerpt decide whether the marked tokens are the ones where the feature, as described, \
+would be active: 1 if all marked tokens fit the description, 0 if any does not. Answer with \
+nothing but a list of 0s and 1s in square brackets, one entry per excerpt in order, for \
+example [0, 1, 1, 0, 0].";
+
+const DETECTION_SHOT: (&str, &str, &str) = (
+    "Words for family members.",
+    "Example 0: My sister and I drove to the coast last summer.
+Example 1: The engine needs a new filter before winter.
+Example 2: His grandfather built the house in 1921.
+Example 3: Prices rose by four percent over the year.",
+    "[1, 0, 1, 0]",
+);
+
+const FUZZING_SHOT: (&str, &str, &str) = (
+    "Words for family members.",
+    "Example 0: My<< sister>> and I drove to the coast last summer.
+Example 1: The<< engine>> needs a new filter before winter.
+Example 2: His<< grandfather>> built the house in 1921.
+Example 3: Prices rose by four<< percent>> over the year.",
+    "[1, 0, 1, 0]",
+);
+
+fn classifier_user(explanation: &str, examples: &str) -> String {
+    format!("Feature description: {explanation}\n\nExcerpts:\n{examples}")
+}
+
+/// A scorer's conversation: the explanation and excerpts numbered from 0, already
+/// highlighted for fuzzing.
+pub fn classifier_messages(
+    task: ClassifierTask,
+    explanation: &str,
+    excerpts: &[String],
+) -> Vec<Message> {
+    let (system, (shot_explanation, shot_examples, shot_answer)) = match task {
+        ClassifierTask::Detection => (DETECTION_SYSTEM, DETECTION_SHOT),
+        ClassifierTask::Fuzzing => (FUZZING_SYSTEM, FUZZING_SHOT),
+    };
+    let numbered: Vec<String> = excerpts
+        .iter()
+        .enumerate()
+        .map(|(i, text)| format!("Example {i}: {text}"))
+        .collect();
+    vec![
+        Message::system(system),
+        Message::user(classifier_user(shot_explanation, shot_examples)),
+        Message::assistant(shot_answer),
+        Message::user(classifier_user(explanation, &numbered.join("\n"))),
+    ]
+}
+
+/// The 0/1 answers in a scorer's reply: the first `[...]` holding exactly `expected`
+/// entries, each 0, 1, true or false. `None` otherwise.
+pub fn parse_predictions(answer: &str, expected: usize) -> Option<Vec<bool>> {
+    let mut rest = answer;
+    while let Some(open) = rest.find('[') {
+        let after = &rest[open + 1..];
+        let close = after.find(']')?;
+        let parsed: Option<Vec<bool>> = after[..close]
+            .split(',')
+            .map(|item| match item.trim().trim_matches(['"', '\'']) {
+                "1" | "true" | "True" => Some(true),
+                "0" | "false" | "False" => Some(false),
+                _ => None,
+            })
+            .collect();
+        if let Some(values) = parsed.filter(|v| v.len() == expected) {
+            return Some(values);
+        }
+        rest = &after[close + 1..];
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(tokens: &[&str], activations: &[f32]) -> ShownExample {
+        let max = 10.0;
+        ShownExample {
+            tokens: tokens.iter().map(|t| t.to_string()).collect(),
+            activations: activations.to_vec(),
+            normalized: activations
+                .iter()
+                .map(|a| (10.0 * a / max as f32).ceil() as u8)
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn runs_above_threshold_are_wrapped_once() {
+        let e = example(
+            &["The", " big", " red", " dog", " ran"],
+            &[0.0, 5.0, 4.0, 1.0, 9.0],
+        );
+        // Threshold 0.3 * 9 = 2.7: " big red" is one run, " ran" another, " dog" is below.
+        let marked = active_tokens(&e.activations);
+        assert_eq!(highlight(&e.tokens, &marked), "The<< big red>> dog<< ran>>");
+        assert_eq!(
+            activation_line(&e, &marked),
+            "Activations: (\" big\" : 5), (\" red\" : 4), (\" ran\" : 9)"
+        );
+    }
+
+    #[test]
+    fn explainer_prompt_golden() {
+        let examples = [
+            example(&["I", " like", " cats"], &[0.0, 0.0, 10.0]),
+            example(&["Two", " cats", " slept"], &[0.0, 6.0, 0.0]),
+        ];
+        let messages = explainer_messages(&examples, true);
+        assert_eq!(messages.len(), 6);
+        assert_eq!(
+            messages[5].content,
+            "Example 1: I like<< cats>>\nActivations: (\" cats\" : 10)\n\
+             Example 2: Two<< cats>> slept\nActivations: (\" cats\" : 6)"
+        );
+        let without = explainer_messages(&examples, false);
+        assert!(!without.iter().any(|m| m.content.contains("Activations: (")));
+        assert!(messages[0]
+            .content
+            .ends_with("followed by the description."));
+    }
+
+    #[test]
+    fn the_last_marker_wins() {
+        assert_eq!(
+            parse_explanation("Thinking... I will write [EXPLANATION]: later.\n[EXPLANATION]:  Cat words.\nThanks"),
+            Some("Cat words.".to_string())
+        );
+        assert_eq!(parse_explanation("No marker here"), None);
+        assert_eq!(parse_explanation("[EXPLANATION]:   \n"), None);
+    }
+
+    #[test]
+    fn classifier_prompt_golden_and_answers() {
+        let messages = classifier_messages(
+            ClassifierTask::Detection,
+            "Cats.",
+            &["a cat".to_string(), "a car".to_string()],
+        );
+        assert_eq!(
+            messages[3].content,
+            "Feature description: Cats.\n\nExcerpts:\nExample 0: a cat\nExample 1: a car"
+        );
+        assert_eq!(
+            parse_predictions("[1, 0, 1]", 3),
+            Some(vec![true, false, true])
+        );
+        assert_eq!(
+            parse_predictions("Sure: [true,false]", 2),
+            Some(vec![true, false])
+        );
+        // A bracket with the wrong count is passed over for a later one.
+        assert_eq!(
+            parse_predictions("for [3] excerpts: [0, 1, 1]", 3),
+            Some(vec![false, true, true])
+        );
+        assert_eq!(parse_predictions("[1, 0]", 3), None);
+        assert_eq!(parse_predictions("[1, 2, 0]", 3), None);
+        assert_eq!(parse_predictions("1, 0, 1", 3), None);
+    }
+}

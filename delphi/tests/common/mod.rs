@@ -1,0 +1,233 @@
+//! A loopback OpenAI-compatible chat-completions server for tests: answers like a model
+//! would (explanations, 0/1 lists), deterministically from the prompt, and injects faults
+//! on chosen requests.
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// What the server does with one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// Answer normally.
+    None,
+    /// Reply with this HTTP status (and a JSON error body).
+    Status(u16),
+    /// Reply 429 with `Retry-After: seconds`.
+    RateLimited(u32),
+    /// Wait this long before answering normally (to trip the client's timeout).
+    Delay(Duration),
+    /// Announce a longer body than is sent, then close the connection.
+    Truncated,
+    /// Reply 200 with a body that is not JSON.
+    NotJson,
+    /// Answer an explainer prompt without the [EXPLANATION]: line.
+    NoMarker,
+}
+
+/// The state shared with the server task.
+#[derive(Default)]
+pub struct ServerState {
+    /// Faults for the next requests, in arrival order (then normal answers).
+    pub faults: VecDeque<Fault>,
+    /// Every request body received.
+    pub requests: Vec<Value>,
+    /// Added to every answer (the "model latency").
+    pub latency: Duration,
+}
+
+/// A running test server.
+pub struct TestServer {
+    /// `http://127.0.0.1:PORT/v1`.
+    pub url: String,
+    /// Faults and the request log.
+    pub state: Arc<Mutex<ServerState>>,
+}
+
+impl TestServer {
+    /// Starts a server on a free loopback port on the current tokio runtime.
+    pub async fn start() -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        let state = Arc::new(Mutex::new(ServerState::default()));
+        let shared = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((socket, _)) = listener.accept().await else {
+                    return;
+                };
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let _ = serve(socket, state).await;
+                });
+            }
+        });
+        TestServer { url, state }
+    }
+
+    /// Queues faults for the next requests.
+    pub fn inject(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.state.lock().unwrap().faults.extend(faults);
+    }
+
+    /// Requests received so far.
+    pub fn requests(&self) -> Vec<Value> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    /// How many received requests were explainer prompts.
+    pub fn explainer_requests(&self) -> usize {
+        self.requests().iter().filter(|r| is_explainer(r)).count()
+    }
+}
+
+fn is_explainer(request: &Value) -> bool {
+    request["messages"][0]["content"]
+        .as_str()
+        .unwrap_or("")
+        .contains("[EXPLANATION]:")
+}
+
+async fn serve(
+    mut socket: tokio::net::TcpStream,
+    state: Arc<Mutex<ServerState>>,
+) -> std::io::Result<()> {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let header_end = loop {
+        let n = socket.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buffer[..header_end]).to_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    while buffer.len() < header_end + length {
+        let n = socket.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+    let request: Value =
+        serde_json::from_slice(&buffer[header_end..header_end + length]).unwrap_or(Value::Null);
+    let (fault, latency) = {
+        let mut state = state.lock().unwrap();
+        state.requests.push(request.clone());
+        (
+            state.faults.pop_front().unwrap_or(Fault::None),
+            state.latency,
+        )
+    };
+    tokio::time::sleep(latency).await;
+    let reply = |status: &str, extra: &str, body: &str| {
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n{body}",
+            body.len()
+        )
+    };
+    let text = match fault {
+        Fault::Status(code) => reply(
+            &format!("{code} Error"),
+            "",
+            "{\"error\":{\"message\":\"injected\"}}",
+        ),
+        Fault::RateLimited(seconds) => reply(
+            "429 Too Many Requests",
+            &format!("retry-after: {seconds}\r\n"),
+            "{\"error\":\"slow down\"}",
+        ),
+        Fault::Truncated => {
+            let body = answer_body(&request, false);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len() + 100
+            );
+            socket.write_all(head.as_bytes()).await?;
+            socket.write_all(&body.as_bytes()[..body.len() / 2]).await?;
+            return socket.shutdown().await;
+        }
+        Fault::NotJson => reply("200 OK", "", "<html>gateway hiccup</html>"),
+        Fault::Delay(wait) => {
+            tokio::time::sleep(wait).await;
+            reply("200 OK", "", &answer_body(&request, false))
+        }
+        Fault::NoMarker => reply("200 OK", "", &answer_body(&request, true)),
+        Fault::None => reply("200 OK", "", &answer_body(&request, false)),
+    };
+    socket.write_all(text.as_bytes()).await?;
+    socket.shutdown().await
+}
+
+/// A deterministic "model": the explainer names the first marked token of its last prompt;
+/// scorers answer 1 for excerpts that contain that word (detection) or whose marks hold it
+/// (fuzzing), judged from the explanation text.
+fn answer_body(request: &Value, no_marker: bool) -> String {
+    let messages = request["messages"].as_array().cloned().unwrap_or_default();
+    let last = messages
+        .last()
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or("")
+        .to_string();
+    let content = if is_explainer(request) {
+        let word = last
+            .split("<<")
+            .nth(1)
+            .and_then(|s| s.split(">>").next())
+            .unwrap_or("?")
+            .trim()
+            .to_string();
+        if no_marker {
+            format!("The examples mention {word}.")
+        } else {
+            format!("Looking at the marks.\n[EXPLANATION]: the token \"{word}\"")
+        }
+    } else {
+        let word = last.split('"').nth(1).unwrap_or("?").to_string();
+        let answers: Vec<&str> = last
+            .lines()
+            .filter(|l| l.starts_with("Example "))
+            .map(|l| {
+                let marked: String = l
+                    .split("<<")
+                    .skip(1)
+                    .filter_map(|s| s.split(">>").next())
+                    .collect();
+                let hit = if l.contains("<<") {
+                    marked.contains(&word)
+                } else {
+                    l.contains(&word)
+                };
+                if hit {
+                    "1"
+                } else {
+                    "0"
+                }
+            })
+            .collect();
+        format!("[{}]", answers.join(", "))
+    };
+    json!({
+        "id": "test",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}
+    })
+    .to_string()
+}

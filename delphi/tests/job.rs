@@ -1,0 +1,467 @@
+//! End-to-end tests of the latent cache and of batch jobs against a loopback
+//! OpenAI-compatible server with injected faults.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use candle_core::Tensor;
+use common::{Fault, TestServer};
+use delphi::examples::ExampleConfig;
+use delphi::explain::ExplainConfig;
+use delphi::job::{run_job, summarize, JobConfig, JobModels, RunOptions, Shard};
+use delphi::latents::{write_latent_cache, CacheTarget, Firing, LatentCache, WriteOptions};
+use delphi::llm::openai::{OpenAiClient, OpenAiConfig};
+use delphi::score::{ScoreConfig, Scorer};
+use hooks::data::DataSpec;
+use hooks::{HookPoint, Hooks, LoadOptions, Model};
+use sae::{Sae, SaeConfig};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+const SEQ_LEN: usize = 64;
+
+fn tiny_model(dir: &Path) -> Model {
+    let config = serde_json::json!({
+        "model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 64, "rotary_pct": 0.5,
+        "vocab_size": 50304, "eos_token_id": 0
+    });
+    hooks::synthetic::write_synthetic_model(
+        dir,
+        &config,
+        Some(&repo().join("data/gpt-neox-20b-tokenizer.json")),
+    )
+    .unwrap();
+    Model::from_folder(dir, &LoadOptions::default()).unwrap()
+}
+
+fn tiny_sae() -> Sae {
+    Sae::new(SaeConfig::new(32, 16, 4), 5, &candle_core::Device::Cpu).unwrap()
+}
+
+/// Caches `sequences` sequences of WikiText at layers.1 into `dir`.
+fn write_cache(model: &Model, sae: &Sae, dir: &Path, sequences: u64, per_shard: usize) -> u64 {
+    let chunks = DataSpec::new(vec![repo().join("data/wikitext-2-raw-test.txt")], SEQ_LEN)
+        .chunks(model.tokenizer().ok())
+        .unwrap();
+    let targets = [CacheTarget {
+        name: "layers.1".into(),
+        point: HookPoint::Layer(1),
+        sae,
+    }];
+    let options = WriteOptions {
+        batch_size: 4,
+        sequences_per_shard: per_shard,
+        max_sequences: Some(sequences),
+        progress: false,
+    };
+    write_latent_cache(model, chunks, &targets, dir, &options).unwrap()
+}
+
+#[test]
+fn latent_cache_holds_what_the_sae_computes_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("model"));
+    let sae = tiny_sae();
+    let dir = tmp.path().join("cache");
+    assert_eq!(write_cache(&model, &sae, &dir, 12, 8), 12);
+    let cache = LatentCache::open(&dir).unwrap();
+    assert_eq!(
+        (cache.tokens().sequences(), cache.tokens().seq_len()),
+        (12, SEQ_LEN)
+    );
+    assert_eq!(cache.hookpoints()["layers.1"], Some(16));
+
+    // Direct computation: the same chunks through the model and the SAE.
+    let chunks: Vec<Vec<u32>> =
+        DataSpec::new(vec![repo().join("data/wikitext-2-raw-test.txt")], SEQ_LEN)
+            .chunks(model.tokenizer().ok())
+            .unwrap()
+            .next_chunks(12)
+            .unwrap();
+    assert_eq!(cache.tokens().window(0, SEQ_LEN), &chunks[0][..]);
+    let ids = Tensor::new(chunks.clone(), model.device()).unwrap();
+    let mut hooks = Hooks::capture_only([HookPoint::Layer(1)]);
+    let x = model.forward(&ids, &mut hooks).unwrap().captures[&HookPoint::Layer(1)]
+        .reshape((12 * SEQ_LEN, 32))
+        .unwrap();
+    let (acts, indices) = sae.encode(&x).unwrap();
+    let (acts, indices) = (
+        acts.to_vec2::<f32>().unwrap(),
+        indices.to_vec2::<u32>().unwrap(),
+    );
+    let mut expected: BTreeMap<u32, Vec<Firing>> = BTreeMap::new();
+    for (row, (a, i)) in acts.iter().zip(&indices).enumerate() {
+        for (&value, &latent) in a.iter().zip(i) {
+            if value > 0.0 && latent < 10 {
+                let value = half::f16::from_f32(value).to_f32();
+                expected.entry(latent).or_default().push(Firing {
+                    seq: (row / SEQ_LEN) as u32,
+                    pos: (row % SEQ_LEN) as u32,
+                    value,
+                });
+            }
+        }
+    }
+    let mut got = cache.firings("layers.1", 0..10).unwrap();
+    for firings in expected.values_mut() {
+        firings.sort_by_key(|f| (f.seq, f.pos));
+    }
+    assert!(!expected.is_empty());
+    // The cache stores f16; compare with the direct values rounded the same way, allowing
+    // the last bit for batch-dependent summation order.
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
+    for (latent, want) in &expected {
+        let have = got.remove(latent).unwrap();
+        assert_eq!(have.len(), want.len(), "latent {latent}");
+        for (h, w) in have.iter().zip(want) {
+            assert_eq!((h.seq, h.pos), (w.seq, w.pos));
+            assert!(
+                (h.value - w.value).abs() <= 2e-3 * w.value.abs().max(1.0),
+                "{h:?} vs {w:?}"
+            );
+        }
+    }
+    let message = cache.firings("layers.9", 0..1).unwrap_err().to_string();
+    assert!(
+        message.contains("layers.9") && message.contains("layers.1"),
+        "{message}"
+    );
+
+    // Resume: drop the last shard and mark the cache unfinished; a re-run writes only it,
+    // giving the same bytes.
+    let last = dir.join("shards/8_12.safetensors");
+    let original = std::fs::read(&last).unwrap();
+    std::fs::remove_file(&last).unwrap();
+    let config = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"complete\": true", "\"complete\": false");
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let first = std::fs::metadata(dir.join("shards/0_8.safetensors"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert!(LatentCache::open(&dir)
+        .unwrap_err()
+        .to_string()
+        .contains("incomplete"));
+    assert_eq!(write_cache(&model, &sae, &dir, 12, 8), 12);
+    assert_eq!(std::fs::read(&last).unwrap(), original);
+    assert_eq!(
+        std::fs::metadata(dir.join("shards/0_8.safetensors"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        first
+    );
+}
+
+#[test]
+fn reads_delphis_cache_layout() {
+    // delphi's layout: latents/<hookpoint>/<start>_<end>.safetensors (end inclusive), u16
+    // locations with the latent relative to start, f16 activations, int64 tokens per file.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("layers.5");
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokens: Vec<i64> = (0..2 * 8).collect();
+    let write = |start: u32, end: u32, entries: &[(u16, u16, u16, f32)]| {
+        let locations: Vec<u8> = entries
+            .iter()
+            .flat_map(|e| [e.0, e.1, e.2])
+            .flat_map(u16::to_le_bytes)
+            .collect();
+        let acts: Vec<u8> = entries
+            .iter()
+            .flat_map(|e| half::f16::from_f32(e.3).to_le_bytes())
+            .collect();
+        let token_bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        let views = vec![
+            (
+                "locations",
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::U16,
+                    vec![entries.len(), 3],
+                    &locations,
+                )
+                .unwrap(),
+            ),
+            (
+                "activations",
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F16,
+                    vec![entries.len()],
+                    &acts,
+                )
+                .unwrap(),
+            ),
+            (
+                "tokens",
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::I64,
+                    vec![2, 8],
+                    &token_bytes,
+                )
+                .unwrap(),
+            ),
+        ];
+        let bytes = safetensors::serialize(views, None).unwrap();
+        std::fs::write(dir.join(format!("{start}_{end}.safetensors")), bytes).unwrap();
+    };
+    write(0, 9, &[(0, 3, 2, 1.5), (1, 7, 9, 0.25)]);
+    write(10, 19, &[(1, 0, 0, 2.0), (0, 1, 2, 3.0)]);
+    let cache = LatentCache::open(tmp.path()).unwrap();
+    assert_eq!(cache.hookpoints()["layers.5"], Some(20));
+    assert_eq!(
+        (cache.tokens().sequences(), cache.tokens().seq_len()),
+        (2, 8)
+    );
+    let firings = cache.firings("layers.5", 2..13).unwrap();
+    assert_eq!(
+        firings[&2],
+        vec![Firing {
+            seq: 0,
+            pos: 3,
+            value: 1.5
+        }]
+    );
+    assert_eq!(
+        firings[&9],
+        vec![Firing {
+            seq: 1,
+            pos: 7,
+            value: 0.25
+        }]
+    );
+    assert_eq!(
+        firings[&10],
+        vec![Firing {
+            seq: 1,
+            pos: 0,
+            value: 2.0
+        }]
+    );
+    assert_eq!(
+        firings[&12],
+        vec![Firing {
+            seq: 0,
+            pos: 1,
+            value: 3.0
+        }]
+    );
+    assert_eq!(firings.len(), 4);
+}
+
+fn job_config() -> JobConfig {
+    JobConfig {
+        hookpoints: vec!["layers.1".into()],
+        latents: 0..8,
+        scorers: vec![Scorer::Detection, Scorer::Fuzzing],
+        examples: ExampleConfig {
+            example_ctx_len: 16,
+            min_examples: 10,
+            n_train: 10,
+            n_test: 10,
+            n_quantiles: 5,
+            n_non_activating: 10,
+            ..ExampleConfig::default()
+        },
+        explain: ExplainConfig::default(),
+        score: ScoreConfig::default(),
+    }
+}
+
+fn client(server: &TestServer) -> OpenAiClient {
+    let mut config = OpenAiConfig::new(&server.url, "test-model");
+    config.timeout = Duration::from_millis(800);
+    config.max_retries = 3;
+    config.initial_backoff = Duration::from_millis(10);
+    config.max_backoff = Duration::from_millis(50);
+    config.concurrency = 4;
+    OpenAiClient::new(config).unwrap()
+}
+
+/// All result files under `dir`, relative path -> bytes.
+fn results(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for sub in ["explanations", "scores/detection", "scores/fuzz"] {
+        let Ok(entries) = std::fs::read_dir(dir.join(sub)) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            out.insert(
+                format!("{sub}/{}", path.file_name().unwrap().to_string_lossy()),
+                std::fs::read(&path).unwrap(),
+            );
+        }
+    }
+    out
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    cache: LatentCache,
+    tokenizer: hooks::Tokenizer,
+    root: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("model"));
+    let dir = tmp.path().join("cache");
+    write_cache(&model, &tiny_sae(), &dir, 16, 8);
+    let tokenizer = model.tokenizer().unwrap().clone();
+    let root = tmp.path().to_path_buf();
+    Fixture {
+        cache: LatentCache::open(&dir).unwrap(),
+        tokenizer,
+        root,
+        _tmp: tmp,
+    }
+}
+
+async fn run(
+    f: &Fixture,
+    server: &TestServer,
+    output: &Path,
+    shard: Shard,
+) -> delphi::job::RunReport {
+    let llm = client(server);
+    let models = JobModels {
+        explainer: &llm,
+        scorer: &llm,
+        embedder: None,
+    };
+    let options = RunOptions {
+        output: output.to_path_buf(),
+        shard,
+        concurrency: 3,
+        progress: false,
+    };
+    run_job(&f.cache, &f.tokenizer, &models, &job_config(), &options)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_lose_nothing_and_a_rerun_completes_exactly_the_missing_latents() {
+    let f = fixture();
+    let server = TestServer::start().await;
+    let clean = f.root.join("clean");
+    let report = run(&f, &server, &clean, Shard::ALL).await;
+    assert!(
+        report.errors.is_empty() && report.explanation_failures == 0,
+        "{report:?}"
+    );
+    let explained = report.complete as usize;
+    assert!(
+        explained >= 4,
+        "too few latents fire often enough: {report:?}"
+    );
+    assert_eq!(report.complete + report.skipped, 8);
+    let reference = results(&clean);
+    assert_eq!(reference.len(), explained * 3);
+    let clean_requests = server.requests().len();
+
+    // Same job with faults: transient ones are retried (500, 429 + Retry-After, timeout,
+    // truncated and non-JSON bodies); one answer lacks the explanation marker, and one
+    // request fails for good (400).
+    let server = TestServer::start().await;
+    server.inject([
+        Fault::Status(500),
+        Fault::RateLimited(1),
+        Fault::Delay(Duration::from_secs(3)),
+        Fault::Truncated,
+        Fault::NotJson,
+        Fault::NoMarker,
+        Fault::Status(400),
+    ]);
+    let faulty = f.root.join("faulty");
+    let report = run(&f, &server, &faulty, Shard::ALL).await;
+    assert_eq!(report.explanation_failures, 1, "{report:?}");
+    assert_eq!(report.errors.len(), 1, "{report:?}");
+    assert!(report.errors[0].contains("400"), "{:?}", report.errors);
+    let partial = results(&faulty);
+    // Whatever was written is identical to the clean run's file.
+    for (name, bytes) in &partial {
+        assert_eq!(Some(bytes), reference.get(name), "{name}");
+    }
+    assert!(partial.len() < reference.len());
+
+    // A re-run against a healthy server completes exactly the missing latents.
+    let explanations_before = partial
+        .keys()
+        .filter(|k| k.starts_with("explanations/"))
+        .count();
+    let server = TestServer::start().await;
+    let report = run(&f, &server, &faulty, Shard::ALL).await;
+    assert!(
+        report.errors.is_empty() && report.explanation_failures == 0,
+        "{report:?}"
+    );
+    assert_eq!(server.explainer_requests(), explained - explanations_before);
+    assert!(server.requests().len() < clean_requests);
+    assert_eq!(results(&faulty), reference);
+
+    // Nothing left: a third run sends no request at all.
+    let server = TestServer::start().await;
+    run(&f, &server, &faulty, Shard::ALL).await;
+    assert_eq!(server.requests().len(), 0);
+
+    let summary = summarize(&faulty, &job_config()).unwrap();
+    assert_eq!(summary.explained as usize, explained);
+    assert_eq!(summary.scorers["detection"].latents as usize, explained);
+    assert_eq!(summary.scorers["fuzz"].pooled.unwrap().failed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_merge_into_one_machines_output() {
+    let f = fixture();
+    let server = TestServer::start().await;
+    let whole = f.root.join("whole");
+    run(&f, &server, &whole, Shard::ALL).await;
+    let split = f.root.join("split");
+    for index in 0..3 {
+        run(&f, &server, &split, Shard { index, count: 3 }).await;
+    }
+    assert_eq!(results(&split), results(&whole));
+    assert!(!results(&whole).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_settings_are_refused_for_an_existing_output() {
+    let f = fixture();
+    let server = TestServer::start().await;
+    let out = f.root.join("out");
+    run(&f, &server, &out, Shard::ALL).await;
+    let llm = client(&server);
+    let models = JobModels {
+        explainer: &llm,
+        scorer: &llm,
+        embedder: None,
+    };
+    let mut config = job_config();
+    config.examples.n_train = 20;
+    let options = RunOptions {
+        output: out.clone(),
+        shard: Shard::ALL,
+        concurrency: 1,
+        progress: false,
+    };
+    let message = run_job(&f.cache, &f.tokenizer, &models, &config, &options)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("run_config.json") && message.contains("examples"),
+        "{message}"
+    );
+}

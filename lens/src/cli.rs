@@ -1,4 +1,5 @@
-//! The `lens` command line: `lens train` and `lens eval`. [`run`] takes argv so the cargo
+//! The `lens` command line: `lens train`, `lens eval`, `lens sweep` (lenses across training
+//! checkpoints) and `lens plot` (prediction trajectories, sweep figures). [`run`] takes argv so the cargo
 //! binary and the Python console script share one implementation.
 
 use std::ffi::OsString;
@@ -10,7 +11,10 @@ use hooks::activations::ReadOrder;
 use hooks::cli::ModelArgs;
 
 use crate::eval::evaluate;
+use crate::plot::{plot_trajectory, TrajectoryView};
+use crate::sweep::{parse_checkpoints, plot_sweep, run_sweep, SweepLens, SweepOptions};
 use crate::train::{checkpoint_dir, train, LossKind, OptimizerKind, TrainOptions};
+use crate::trajectory::{PredictionTrajectory, Statistic};
 use crate::{LensData, TunedLens};
 
 /// Train and evaluate tuned lenses and the logit lens.
@@ -30,6 +34,139 @@ enum Command {
     /// Evaluate the logit lens (and a tuned lens) per layer: cross-entropy, entropy, KL to the
     /// model's output and top-1 agreement, in nats and bits per byte.
     Eval(EvalArgs),
+    /// Across training checkpoints: for each revision, load the model, train (or load) a
+    /// tuned lens, evaluate it and the logit lens on the same tokens, record a prompt's
+    /// prediction trajectory; then draw the figures. Finished checkpoints are reused when
+    /// the command is run again; each model is released before the next one loads.
+    Sweep(SweepArgs),
+    /// Draw figures: a prediction trajectory of a text, or the figures of a finished sweep.
+    #[command(subcommand)]
+    Plot(PlotCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum PlotCommand {
+    /// The prediction trajectory of a text: rows are layers (embedding at the bottom, the
+    /// model's output on top), columns are tokens, each cell shows the lens's top-1 token
+    /// coloured by a statistic. Also exports the numbers as JSON / CSV.
+    Trajectory(TrajectoryArgs),
+    /// Redraw the figures of a sweep folder (`lens sweep --output`).
+    Sweep(PlotSweepArgs),
+}
+
+#[derive(Args, Debug)]
+struct TrajectoryArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The text to trace.
+    #[arg(long, conflicts_with = "text_file")]
+    text: Option<String>,
+    /// A file whose whole content is the text.
+    #[arg(long)]
+    text_file: Option<PathBuf>,
+    /// `logit` or a tuned lens folder.
+    #[arg(long, default_value = "logit")]
+    lens: String,
+    /// Show the difference `--lens` minus this lens (`logit` or a folder).
+    #[arg(long)]
+    minus: Option<String>,
+    /// Colour statistics (comma separated): entropy, ce, kl, max_prob, rank, or all.
+    #[arg(long, default_value = "entropy")]
+    statistic: String,
+    /// Figure file (.png or .svg); with several statistics `-{statistic}` is added to the name.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Also write an SVG next to a PNG (or a PNG next to an SVG).
+    #[arg(long)]
+    both_formats: bool,
+    /// Write the trajectory (of --lens) as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the trajectory (of --lens) as CSV here.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Tokens kept per cell in the JSON.
+    #[arg(long, default_value_t = 5)]
+    top_k: usize,
+}
+
+#[derive(Args, Debug)]
+struct PlotSweepArgs {
+    /// The sweep's output folder.
+    dir: PathBuf,
+    /// Where the figures go (default: DIR/figures).
+    #[arg(long)]
+    figures: Option<PathBuf>,
+    /// Statistics (comma separated): entropy, ce, kl, max_prob, rank, or all.
+    #[arg(long, default_value = "ce,kl,entropy")]
+    statistic: String,
+    /// Most checkpoints shown side by side in trajectory figures.
+    #[arg(long, default_value_t = 6)]
+    max_panels: usize,
+}
+
+#[derive(Args, Debug)]
+struct SweepArgs {
+    /// Model: hub id or Pythia short name (checkpoints are hub revisions), or a local folder
+    /// holding one sub-folder per revision (MODEL/step1000/config.json ...).
+    #[arg(long, short)]
+    model: String,
+    /// Revisions: a comma-separated list (step1000,step8000,step143000), `pythia` (all 154
+    /// Pythia steps) or `pythia:A-B` (Pythia's log-spaced steps from A to B).
+    #[arg(long)]
+    checkpoints: String,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute dtype: float32, bfloat16 or float16.
+    #[arg(long, default_value = "float32")]
+    dtype: String,
+    /// Use this tokenizer.json instead of each checkpoint's own.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Output folder.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// `logit` (logit lens only), `tuned` (train a tuned lens per checkpoint on
+    /// --train-data), or a folder pattern with `{revision}` to load trained lenses.
+    #[arg(long, default_value = "tuned")]
+    lens: String,
+    /// Evaluation data (the same tokens at every checkpoint).
+    #[arg(long, num_args = 1.., required = true)]
+    data: Vec<PathBuf>,
+    /// Format of the data files (text, text-file, jsonl, parquet, npy, bin).
+    #[arg(long)]
+    format: Option<String>,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 2048)]
+    seq_len: usize,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Tokens to evaluate.
+    #[arg(long, default_value_t = 1 << 16)]
+    tokens: u64,
+    /// Lens training data (for --lens tuned; keep it apart from --data).
+    #[arg(long, num_args = 1..)]
+    train_data: Vec<PathBuf>,
+    /// Lens training steps per checkpoint.
+    #[arg(long, default_value_t = 250)]
+    train_steps: u64,
+    /// Lens training tokens per step.
+    #[arg(long, default_value_t = 1 << 18)]
+    tokens_per_step: usize,
+    /// A prompt whose prediction trajectory is recorded at every checkpoint.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Statistics to draw (comma separated): entropy, ce, kl, max_prob, rank, or all.
+    #[arg(long, default_value = "ce,kl,entropy")]
+    statistic: String,
+    /// Most checkpoints shown side by side in trajectory figures.
+    #[arg(long, default_value_t = 6)]
+    max_panels: usize,
+    /// Tokens decoded at once.
+    #[arg(long, default_value_t = 256)]
+    chunk_tokens: usize,
 }
 
 #[derive(Args, Debug)]
@@ -129,6 +266,19 @@ where
     match cli.command {
         Command::Train(args) => train_command(args),
         Command::Eval(args) => eval_command(args),
+        Command::Sweep(args) => sweep_command(args),
+        Command::Plot(PlotCommand::Trajectory(args)) => trajectory_command(args),
+        Command::Plot(PlotCommand::Sweep(args)) => {
+            let figures = args.figures.unwrap_or_else(|| args.dir.join("figures"));
+            let written = plot_sweep(
+                &args.dir,
+                &figures,
+                &parse_statistics(&args.statistic)?,
+                args.max_panels,
+            )?;
+            println!("{} figures written to {}", written.len(), figures.display());
+            Ok(())
+        }
     }
 }
 
@@ -249,5 +399,171 @@ fn eval_command(args: EvalArgs) -> Result<()> {
         hooks::atomic::write_json(path, &report)?;
         println!("report written to {}", path.display());
     }
+    Ok(())
+}
+
+/// `entropy,ce` -> statistics; `all` -> every one.
+fn parse_statistics(list: &str) -> Result<Vec<Statistic>> {
+    if list.trim() == "all" {
+        return Ok(Statistic::ALL.to_vec());
+    }
+    let stats = list
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(Statistic::parse)
+        .collect::<crate::Result<Vec<_>>>()?;
+    anyhow::ensure!(!stats.is_empty(), "no statistic given");
+    Ok(stats)
+}
+
+/// `logit` -> none, else a tuned lens folder checked against the model.
+fn lens_arg(name: &str, model: &hooks::Model) -> Result<Option<TunedLens>> {
+    if name == "logit" {
+        return Ok(None);
+    }
+    let lens = TunedLens::load(std::path::Path::new(name), model.device()).with_context(|| {
+        format!("loading the lens '{name}' (expected 'logit' or a lens folder)")
+    })?;
+    lens.check_model(model)?;
+    Ok(Some(lens))
+}
+
+/// `out.png` -> `out-{key}.png` when several figures share one name.
+fn with_suffix(path: &std::path::Path, key: &str) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = path
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    path.with_file_name(format!("{stem}-{key}{ext}"))
+}
+
+fn trajectory_command(args: TrajectoryArgs) -> Result<()> {
+    let text = match (&args.text, &args.text_file) {
+        (Some(t), None) => t.clone(),
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
+        _ => anyhow::bail!("give --text or --text-file"),
+    };
+    let statistics = parse_statistics(&args.statistic)?;
+    let model = args.model.load()?;
+    let ids = model.tokenizer()?.encode(&text)?;
+    anyhow::ensure!(!ids.is_empty(), "the text has no tokens");
+    let lens = lens_arg(&args.lens, &model)?;
+    let trajectory = PredictionTrajectory::compute(&model, lens.as_ref(), &ids, args.top_k)?;
+    let other = match &args.minus {
+        Some(name) => {
+            let lens = lens_arg(name, &model)?;
+            Some(PredictionTrajectory::compute(
+                &model,
+                lens.as_ref(),
+                &ids,
+                args.top_k,
+            )?)
+        }
+        None => None,
+    };
+    let view = match &other {
+        Some(o) => TrajectoryView::Difference(&trajectory, o),
+        None => TrajectoryView::Single(&trajectory),
+    };
+    for &statistic in &statistics {
+        let path = if statistics.len() > 1 {
+            with_suffix(&args.output, statistic.key())
+        } else {
+            args.output.clone()
+        };
+        plot_trajectory(&path, view, statistic)?;
+        println!("{}", path.display());
+        if args.both_formats {
+            let other = match path.extension().and_then(|e| e.to_str()) {
+                Some("svg") => path.with_extension("png"),
+                _ => path.with_extension("svg"),
+            };
+            plot_trajectory(&other, view, statistic)?;
+            println!("{}", other.display());
+        }
+    }
+    if let Some(path) = &args.json {
+        trajectory.write_json(path)?;
+        println!("{}", path.display());
+    }
+    if let Some(path) = &args.csv {
+        trajectory.write_csv(path)?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+fn sweep_command(args: SweepArgs) -> Result<()> {
+    let statistics = parse_statistics(&args.statistic)?;
+    let eval_data = LensData {
+        data: args.data.clone(),
+        activations: None,
+        format: args.format.clone(),
+        text_field: "text".into(),
+        seq_len: args.seq_len,
+        batch_size: args.batch_size,
+    };
+    let lens = match args.lens.as_str() {
+        "logit" => SweepLens::Logit,
+        "tuned" => {
+            anyhow::ensure!(
+                !args.train_data.is_empty(),
+                "--lens tuned trains a lens per checkpoint and needs --train-data"
+            );
+            SweepLens::Train {
+                data: LensData {
+                    data: args.train_data.clone(),
+                    ..eval_data.clone()
+                },
+                options: TrainOptions {
+                    steps: args.train_steps,
+                    tokens_per_step: args.tokens_per_step,
+                    seq_len: args.seq_len,
+                    chunk_tokens: args.chunk_tokens,
+                    ..TrainOptions::default()
+                },
+            }
+        }
+        pattern => {
+            anyhow::ensure!(
+                pattern.contains("{revision}"),
+                "--lens '{pattern}' is not logit, tuned, or a folder pattern with {{revision}}"
+            );
+            SweepLens::Load(pattern.to_string())
+        }
+    };
+    let options = SweepOptions {
+        model: args.model.clone(),
+        checkpoints: parse_checkpoints(&args.checkpoints)?,
+        load: hooks::LoadOptions {
+            revision: None,
+            device: hooks::parse_device(&args.device)?,
+            dtype: hooks::parse_dtype(&args.dtype)?,
+        },
+        tokenizer: args.tokenizer.clone(),
+        output: args.output.clone(),
+        lens,
+        eval_data,
+        eval_tokens: args.tokens,
+        chunk_tokens: args.chunk_tokens,
+        prompt: args.prompt.clone(),
+        top_k: 5,
+    };
+    let summary = run_sweep(&options, true)?;
+    println!(
+        "{} checkpoints of {} evaluated -> {}",
+        summary.results.len(),
+        summary.name,
+        args.output.join("sweep.json").display()
+    );
+    let figures = args.output.join("figures");
+    let written = plot_sweep(&args.output, &figures, &statistics, args.max_panels)?;
+    println!("{} figures written to {}", written.len(), figures.display());
     Ok(())
 }

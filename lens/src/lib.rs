@@ -10,8 +10,11 @@ pub mod cli;
 pub mod eval;
 mod kernels;
 pub mod loss;
+pub mod plot;
 mod source;
+pub mod sweep;
 pub mod train;
+pub mod trajectory;
 mod tuned_lens;
 
 pub use source::LensData;

@@ -1,0 +1,609 @@
+//! Lenses across training checkpoints: visit each revision of a model (Pythia's log-spaced
+//! schedule or a list), get a lens for it (train, load, or the logit lens alone), evaluate
+//! every checkpoint on the same tokens and record one prompt's prediction trajectory, then
+//! draw the figures. Each finished checkpoint leaves `OUT/<revision>/result.json`, so an
+//! interrupted sweep resumes with the next checkpoint; a lens being trained resumes from its
+//! own training checkpoint.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use hooks::activations::{ActivationSource, ReadOrder};
+use hooks::{LoadOptions, Model};
+use indicatif::{MultiProgress, ProgressBar};
+use serde::{Deserialize, Serialize};
+
+use crate::eval::{evaluate, EvalReport, LayerMetrics};
+use crate::plot::{self, CheckpointGrid};
+use crate::train::{checkpoint_dir, train, TrainOptions};
+use crate::trajectory::{PredictionTrajectory, Statistic};
+use crate::{Error, LensData, Result, TunedLens};
+
+/// Pythia's checkpoint steps (154 of them): 0, 1, 2, 4, ..., 512, then every 1000 up to
+/// 143000; only those up to `max` when given.
+pub fn pythia_steps(max: Option<u64>) -> Vec<u64> {
+    let mut steps = vec![0];
+    steps.extend((0..10).map(|i| 1u64 << i));
+    steps.extend((1..=143).map(|k| k * 1000));
+    steps.retain(|s| max.is_none_or(|m| *s <= m));
+    steps
+}
+
+/// Parses a checkpoint list: revisions separated by commas (`step1000,step8000,main`), or
+/// `pythia` (all of Pythia's 154 steps), or `pythia:A-B` (Pythia's steps from A to B).
+pub fn parse_checkpoints(spec: &str) -> Result<Vec<String>> {
+    let spec = spec.trim();
+    let range = match spec {
+        "pythia" => Some((0, u64::MAX)),
+        s => s
+            .strip_prefix("pythia:")
+            .map(|r| -> Result<(u64, u64)> {
+                let bad = || {
+                    Error::Lens(format!(
+                        "checkpoint range '{spec}' is not pythia:A-B (e.g. pythia:0-1000)"
+                    ))
+                };
+                let (a, b) = r.split_once('-').ok_or_else(bad)?;
+                let number = |x: &str| {
+                    x.trim()
+                        .trim_start_matches("step")
+                        .parse::<u64>()
+                        .map_err(|_| bad())
+                };
+                let (a, b) = (number(a)?, number(b)?);
+                if a > b {
+                    return Err(bad());
+                }
+                Ok((a, b))
+            })
+            .transpose()?,
+    };
+    let revisions: Vec<String> = match range {
+        Some((a, b)) => pythia_steps(Some(b))
+            .into_iter()
+            .filter(|s| *s >= a)
+            .map(|s| format!("step{s}"))
+            .collect(),
+        None => spec
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+    };
+    if revisions.is_empty() {
+        return Err(Error::Lens(format!("no checkpoints in '{spec}'")));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = revisions.iter().find(|r| !seen.insert(*r)) {
+        return Err(Error::Lens(format!(
+            "checkpoint '{dup}' is listed twice in '{spec}'"
+        )));
+    }
+    Ok(revisions)
+}
+
+/// How the sweep gets a lens at each checkpoint (the logit lens is always evaluated too).
+#[derive(Debug, Clone)]
+pub enum SweepLens {
+    /// Only the logit lens.
+    Logit,
+    /// Train a tuned lens per checkpoint on `data` with `options` (resumable per checkpoint).
+    Train {
+        /// Training data (keep it apart from the evaluation tokens).
+        data: LensData,
+        /// Training recipe.
+        options: TrainOptions,
+    },
+    /// Load a tuned lens per checkpoint from this folder pattern, `{revision}` replaced.
+    Load(String),
+}
+
+/// Everything an across-checkpoint sweep needs.
+#[derive(Debug, Clone)]
+pub struct SweepOptions {
+    /// Model: hub id / short name (checkpoints are hub revisions) or a local folder with one
+    /// sub-folder per revision (`MODEL/step1000/config.json`, the hub layout), or a single
+    /// model folder / GGUF file with one checkpoint.
+    pub model: String,
+    /// Revisions in training order.
+    pub checkpoints: Vec<String>,
+    /// Device and dtype.
+    pub load: LoadOptions,
+    /// A tokenizer.json to use instead of each checkpoint's own.
+    pub tokenizer: Option<PathBuf>,
+    /// Output folder: one sub-folder per checkpoint, `sweep.json` and the figures.
+    pub output: PathBuf,
+    /// Which lens to evaluate beside the logit lens.
+    pub lens: SweepLens,
+    /// Evaluation data: the same tokens at every checkpoint.
+    pub eval_data: LensData,
+    /// Tokens to evaluate.
+    pub eval_tokens: u64,
+    /// Tokens decoded at once.
+    pub chunk_tokens: usize,
+    /// A prompt whose prediction trajectory is recorded at every checkpoint.
+    pub prompt: Option<String>,
+    /// Tokens kept per trajectory cell.
+    pub top_k: usize,
+}
+
+/// What the sweep recorded at one checkpoint (`OUT/<revision>/result.json`, written last, so
+/// its presence marks the checkpoint done).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointResult {
+    /// The revision.
+    pub revision: String,
+    /// Where the model came from.
+    pub origin: String,
+    /// Per-layer evaluation of the logit lens (and the tuned lens).
+    pub eval: EvalReport,
+    /// Seconds this checkpoint took.
+    pub seconds: f64,
+}
+
+/// `sweep.json`: the sweep's settings and every checkpoint's result, in training order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SweepSummary {
+    /// The model as given.
+    pub model: String,
+    /// Short model name for titles.
+    pub name: String,
+    /// `logit` or `tuned`.
+    pub lens: String,
+    /// Results in checkpoint order.
+    pub results: Vec<CheckpointResult>,
+    /// The prompt whose trajectories were recorded, if any.
+    pub prompt: Option<String>,
+}
+
+/// The folder of one checkpoint's files.
+pub fn checkpoint_folder(output: &Path, revision: &str) -> PathBuf {
+    output.join(sanitize(revision))
+}
+
+fn sanitize(revision: &str) -> String {
+    revision
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The file of a recorded trajectory: `OUT/<revision>/trajectory-{logit,tuned}.json`.
+pub fn trajectory_file(output: &Path, revision: &str, tuned: bool) -> PathBuf {
+    checkpoint_folder(output, revision).join(if tuned {
+        "trajectory-tuned.json"
+    } else {
+        "trajectory-logit.json"
+    })
+}
+
+/// A short name for titles: the last path component, without `.gguf`.
+pub fn short_name(model: &str) -> String {
+    let name = Path::new(model)
+        .file_name()
+        .map_or(model.to_string(), |n| n.to_string_lossy().into_owned());
+    name.trim_end_matches(".gguf").to_string()
+}
+
+/// Loads checkpoint `revision` of `model`: `model/revision` when that is a model folder,
+/// else `model` at hub revision `revision` (a lone folder or GGUF file ignores it).
+pub fn load_checkpoint(
+    model: &str,
+    revision: &str,
+    load: &LoadOptions,
+    tokenizer: Option<&Path>,
+) -> Result<Model> {
+    let local = Path::new(model).join(revision);
+    let mut loaded = if local.join("config.json").is_file() {
+        Model::from_folder(&local, load)?
+    } else {
+        let is_local = Path::new(model).exists();
+        let options = LoadOptions {
+            revision: (!is_local).then(|| revision.to_string()),
+            ..load.clone()
+        };
+        Model::load(model, &options)?
+    };
+    if let Some(path) = tokenizer {
+        loaded.set_tokenizer(hooks::Tokenizer::from_file(
+            path,
+            loaded.config().eos_token_id(),
+        )?);
+    }
+    Ok(loaded)
+}
+
+/// Counts the tokens a source yields on a progress bar.
+struct Counted<'a, 'm> {
+    inner: Box<dyn ActivationSource + Send + 'm>,
+    bar: &'a ProgressBar,
+}
+
+impl ActivationSource for Counted<'_, '_> {
+    fn hook_points(&self) -> &[hooks::HookPoint] {
+        self.inner.hook_points()
+    }
+
+    fn next_batch(&mut self) -> hooks::Result<Option<hooks::activations::ActivationBatch>> {
+        let batch = self.inner.next_batch()?;
+        if let Some(b) = &batch {
+            self.bar.inc(b.len() as u64);
+        }
+        Ok(batch)
+    }
+
+    fn skip_tokens(&mut self, tokens: u64) -> hooks::Result<u64> {
+        self.inner.skip_tokens(tokens)
+    }
+}
+
+/// Runs the sweep: for each checkpoint not yet done, loads the model, gets its lens (trains,
+/// loads, or only the logit lens), evaluates on the same tokens, records the prompt's
+/// trajectories, writes `result.json`, and releases the model before the next checkpoint.
+/// Finished checkpoints are read back, not recomputed. Writes and returns `sweep.json`.
+/// `progress` draws bars (per checkpoint, per training step, per evaluated token) on a
+/// terminal.
+pub fn run_sweep(options: &SweepOptions, progress: bool) -> Result<SweepSummary> {
+    if options.checkpoints.is_empty() {
+        return Err(Error::Lens("no checkpoints to sweep".into()));
+    }
+    if options.eval_tokens < options.eval_data.seq_len as u64 {
+        return Err(Error::Lens(format!(
+            "evaluation tokens {} is less than one sequence of {}",
+            options.eval_tokens, options.eval_data.seq_len
+        )));
+    }
+    std::fs::create_dir_all(&options.output).map_err(|e| hooks::Error::io(&options.output, e))?;
+    let multi = MultiProgress::new();
+    if !progress || !std::io::stderr().is_terminal() {
+        multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let outer = multi.add(hooks::progress::bar(
+        progress,
+        Some(options.checkpoints.len() as u64),
+        "checkpoints",
+    ));
+    let mut results = Vec::with_capacity(options.checkpoints.len());
+    for revision in &options.checkpoints {
+        outer.set_message(revision.clone());
+        let done = checkpoint_folder(&options.output, revision).join("result.json");
+        let result = if done.is_file() {
+            let _ = multi.println(format!(
+                "{revision}: already done, reusing {}",
+                done.display()
+            ));
+            read_json::<CheckpointResult>(&done)?
+        } else {
+            let result = sweep_checkpoint(options, revision, &multi, progress)?;
+            let _ = multi.println(format!(
+                "{revision}: done in {:.0} s (output CE {:.3} nats)",
+                result.seconds,
+                result.eval.logit_lens.last().map_or(f64::NAN, |m| m.ce)
+            ));
+            result
+        };
+        results.push(result);
+        outer.inc(1);
+    }
+    outer.finish_and_clear();
+    let summary = SweepSummary {
+        model: options.model.clone(),
+        name: short_name(&options.model),
+        lens: match options.lens {
+            SweepLens::Logit => "logit",
+            _ => "tuned",
+        }
+        .into(),
+        results,
+        prompt: options.prompt.clone(),
+    };
+    hooks::atomic::write_json(&options.output.join("sweep.json"), &summary)?;
+    Ok(summary)
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| hooks::Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Lens(format!("{}: {e}", path.display())))
+}
+
+/// Reads `sweep.json` from a sweep's output folder.
+pub fn read_summary(output: &Path) -> Result<SweepSummary> {
+    read_json(&output.join("sweep.json"))
+}
+
+fn sweep_checkpoint(
+    options: &SweepOptions,
+    revision: &str,
+    multi: &MultiProgress,
+    progress: bool,
+) -> Result<CheckpointResult> {
+    let start = std::time::Instant::now();
+    let folder = checkpoint_folder(&options.output, revision);
+    std::fs::create_dir_all(&folder).map_err(|e| hooks::Error::io(&folder, e))?;
+    // The model lives in this scope only: it is dropped before the next checkpoint loads.
+    let model = load_checkpoint(
+        &options.model,
+        revision,
+        &options.load,
+        options.tokenizer.as_deref(),
+    )?;
+    let lens = match &options.lens {
+        SweepLens::Logit => None,
+        SweepLens::Load(pattern) => {
+            let dir = PathBuf::from(pattern.replace("{revision}", revision));
+            let lens = TunedLens::load(&dir, model.device())?;
+            lens.check_model(&model)?;
+            Some(lens)
+        }
+        SweepLens::Train {
+            data,
+            options: train_options,
+        } => Some(train_for_checkpoint(
+            &model,
+            &folder.join("lens"),
+            data,
+            train_options,
+            multi,
+            progress,
+        )?),
+    };
+    let bar = multi.add(hooks::progress::bar(
+        progress,
+        Some(options.eval_tokens),
+        "eval tokens",
+    ));
+    let source =
+        options
+            .eval_data
+            .open(&model, ReadOrder::Sequential, Some(options.eval_tokens))?;
+    let mut counted = Counted {
+        inner: source,
+        bar: &bar,
+    };
+    let mut eval = evaluate(
+        lens.as_ref(),
+        &model.unembedding(),
+        model.config().num_layers(),
+        &mut counted,
+        options.eval_data.seq_len,
+        options.eval_tokens,
+        options.chunk_tokens,
+    )?;
+    drop(counted);
+    bar.finish_and_clear();
+    multi.remove(&bar);
+    eval.nats_to_bits_per_byte = options
+        .eval_data
+        .nats_to_bits_per_byte(&model, eval.tokens)?;
+    hooks::atomic::write_json(&folder.join("eval.json"), &eval)?;
+    if let Some(prompt) = &options.prompt {
+        let ids = model.tokenizer()?.encode(prompt)?;
+        for tuned in [false, true] {
+            let lens = if tuned {
+                match &lens {
+                    Some(l) => Some(l),
+                    None => continue,
+                }
+            } else {
+                None
+            };
+            let mut t = PredictionTrajectory::compute(&model, lens, &ids, options.top_k)?;
+            t.model = short_name(&options.model);
+            t.revision = Some(revision.to_string());
+            t.write_json(&trajectory_file(&options.output, revision, tuned))?;
+        }
+    }
+    let result = CheckpointResult {
+        revision: revision.to_string(),
+        origin: model.origin().to_string(),
+        eval,
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    drop(model);
+    hooks::atomic::write_json(&folder.join("result.json"), &result)?;
+    Ok(result)
+}
+
+/// Trains (or resumes, or reuses) the tuned lens of one checkpoint in `dir`.
+fn train_for_checkpoint(
+    model: &Model,
+    dir: &Path,
+    data: &LensData,
+    options: &TrainOptions,
+    multi: &MultiProgress,
+    progress: bool,
+) -> Result<TunedLens> {
+    if dir.join("params.safetensors").is_file() {
+        let lens = TunedLens::load(dir, model.device())?;
+        lens.check_model(model)?;
+        return Ok(lens);
+    }
+    let ckpt = checkpoint_dir(dir);
+    std::fs::create_dir_all(&ckpt).map_err(|e| hooks::Error::io(&ckpt, e))?;
+    let needed = options.steps * options.tokens_per_step as u64;
+    let mut source = data.open(model, ReadOrder::Sequential, Some(needed))?;
+    let mut lens = TunedLens::for_model(model)?;
+    let bar = multi.add(hooks::progress::bar(
+        progress,
+        Some(options.steps),
+        "lens steps",
+    ));
+    let history = train(
+        &mut lens,
+        &model.unembedding(),
+        source.as_mut(),
+        options,
+        Some(&ckpt),
+        |r| {
+            bar.set_position(r.step);
+            let mean = r.loss.iter().sum::<f64>() / r.loss.len() as f64;
+            bar.set_message(format!("mean KL {mean:.3}"));
+            Ok(())
+        },
+    )?;
+    bar.finish_and_clear();
+    multi.remove(&bar);
+    lens.save(dir)?;
+    hooks::atomic::write_json(&ckpt.join("history.json"), &history)?;
+    Ok(lens)
+}
+
+/// The per-layer values of a statistic across checkpoints, for the heatmap and curves
+/// (`tuned`: the tuned lens's rows, else the logit lens's).
+pub fn checkpoint_grid(
+    summary: &SweepSummary,
+    statistic: Statistic,
+    tuned: bool,
+) -> Result<CheckpointGrid> {
+    let pick = |m: &LayerMetrics| -> Result<f64> {
+        Ok(match statistic {
+            Statistic::Entropy => m.entropy,
+            Statistic::CrossEntropy => m.ce,
+            Statistic::ForwardKl => m.kl,
+            other => {
+                return Err(Error::Lens(format!(
+                    "the evaluation has no '{}' per layer (use ce, kl or entropy)",
+                    other.key()
+                )))
+            }
+        })
+    };
+    let rows_of = |r: &CheckpointResult| -> Result<Vec<LayerMetrics>> {
+        if tuned {
+            r.eval.tuned_lens.clone().ok_or_else(|| {
+                Error::Lens(format!(
+                    "checkpoint {} has no tuned-lens evaluation",
+                    r.revision
+                ))
+            })
+        } else {
+            Ok(r.eval.logit_lens.clone())
+        }
+    };
+    let first = summary
+        .results
+        .first()
+        .ok_or_else(|| Error::Lens("the sweep has no results".into()))?;
+    let layers: Vec<String> = rows_of(first)?.iter().map(|m| m.layer.clone()).collect();
+    let mut values = vec![Vec::with_capacity(summary.results.len()); layers.len()];
+    for r in &summary.results {
+        let rows = rows_of(r)?;
+        if rows.len() != layers.len() {
+            return Err(Error::Lens(format!(
+                "checkpoint {} has {} layers, the first has {}",
+                r.revision,
+                rows.len(),
+                layers.len()
+            )));
+        }
+        for (l, m) in rows.iter().enumerate() {
+            values[l].push(Some(pick(m)?));
+        }
+    }
+    let tokens = first.eval.tokens;
+    Ok(CheckpointGrid {
+        title: format!(
+            "{}: {} per layer across training ({}, {tokens} held-out tokens)",
+            summary.name,
+            statistic_short(statistic),
+            if tuned { "tuned lens" } else { "logit lens" }
+        ),
+        checkpoints: summary.results.iter().map(|r| r.revision.clone()).collect(),
+        layers,
+        values,
+        label: format!("mean {}", statistic.label()),
+    })
+}
+
+fn statistic_short(statistic: Statistic) -> &'static str {
+    match statistic {
+        Statistic::Entropy => "entropy",
+        Statistic::CrossEntropy => "cross-entropy",
+        Statistic::ForwardKl => "KL to the output",
+        Statistic::MaxProbability => "top-1 probability",
+        Statistic::Rank => "target rank",
+    }
+}
+
+/// The figures of a finished sweep, PNG and SVG, into `figures` (created): for each lens and
+/// statistic a layer x checkpoint heatmap and per-layer curves, and, when a prompt was
+/// recorded, its trajectories side by side (for each statistic in `statistics`; at most
+/// `max_panels` checkpoints, evenly spaced, always including the first and last). Returns
+/// the files written.
+pub fn plot_sweep(
+    output: &Path,
+    figures: &Path,
+    statistics: &[Statistic],
+    max_panels: usize,
+) -> Result<Vec<PathBuf>> {
+    let summary = read_summary(output)?;
+    std::fs::create_dir_all(figures).map_err(|e| hooks::Error::io(figures, e))?;
+    let mut written = Vec::new();
+    let lenses: &[bool] = if summary.lens == "tuned" {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    for &tuned in lenses {
+        let lens_key = if tuned { "tuned" } else { "logit" };
+        for &statistic in statistics {
+            if let Ok(grid) = checkpoint_grid(&summary, statistic, tuned) {
+                for ext in ["png", "svg"] {
+                    let heat =
+                        figures.join(format!("heatmap-{lens_key}-{}.{ext}", statistic.key()));
+                    plot::plot_checkpoint_heatmap(&heat, &grid, statistic)?;
+                    let curves =
+                        figures.join(format!("curves-{lens_key}-{}.{ext}", statistic.key()));
+                    plot::plot_layer_curves(&curves, &grid)?;
+                    written.extend([heat, curves]);
+                }
+            }
+            if summary.prompt.is_none() {
+                continue;
+            }
+            let picked = spaced(summary.results.len(), max_panels.max(1));
+            let trajectories = picked
+                .iter()
+                .map(|&i| {
+                    let rev = &summary.results[i].revision;
+                    Ok((
+                        rev.clone(),
+                        PredictionTrajectory::read_json(&trajectory_file(output, rev, tuned))?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let title = format!(
+                "{}: prediction trajectory across training ({}), colour: {}",
+                summary.name,
+                if tuned { "tuned lens" } else { "logit lens" },
+                statistic.label()
+            );
+            for ext in ["png", "svg"] {
+                let path =
+                    figures.join(format!("trajectories-{lens_key}-{}.{ext}", statistic.key()));
+                plot::plot_trajectories(&path, &title, &trajectories, statistic)?;
+                written.push(path);
+            }
+        }
+    }
+    Ok(written)
+}
+
+/// Up to `k` indices of `0..n`, evenly spaced, first and last included.
+fn spaced(n: usize, k: usize) -> Vec<usize> {
+    if n <= k {
+        return (0..n).collect();
+    }
+    let mut picked: Vec<usize> = (0..k)
+        .map(|i| ((i as f64) * (n - 1) as f64 / (k - 1).max(1) as f64).round() as usize)
+        .collect();
+    picked.dedup();
+    picked
+}

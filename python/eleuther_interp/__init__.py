@@ -27,6 +27,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 from ._native import (
     ActivationCache,
     CacheBatches,
+    LatentCache,
+    LatentExamples,
+    Llm,
     LogitLens,
     Model,
     Sae,
@@ -35,17 +38,23 @@ from ._native import (
     __version__,
     cache_activations,
     evaluate_lens,
+    explain,
     fetch_smollm2,
     run_cli as _run_cli,
+    run_delphi_cli as _run_delphi_cli,
     run_lens_cli as _run_lens_cli,
     run_sae_cli as _run_sae_cli,
     write_synthetic_model as _write_synthetic_model,
+    score,
     write_synthetic_weights,
 )
 
 __all__ = [
     "ActivationCache",
     "CacheBatches",
+    "LatentCache",
+    "LatentExamples",
+    "Llm",
     "LogitLens",
     "Model",
     "Sae",
@@ -53,12 +62,15 @@ __all__ = [
     "TunedLens",
     "__version__",
     "cache_activations",
+    "delphi_main",
     "evaluate_lens",
+    "explain",
     "fetch_smollm2",
     "hooks_main",
     "lens_main",
     "make_synthetic_model",
     "sae_main",
+    "score",
     "write_synthetic_weights",
 ]
 
@@ -138,3 +150,16 @@ def make_synthetic_model(
     folder = os.fspath(folder)
     _write_synthetic_model(folder, json.dumps(dict(config)), None if tokenizer is None else os.fspath(tokenizer))
     return folder
+
+
+def delphi_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the ``delphi`` command line (``delphi cache``, ``delphi run``, ``delphi summary``)
+    in this process and returns its exit status.
+
+    ``argv`` is the argument list without the program name (default ``sys.argv[1:]``).
+    An error prints ``error: <message>`` on stderr and returns 1. This is the entry point of
+    the ``delphi`` console script; jobs resume when re-run, so an interrupted one loses
+    nothing already written.
+    """
+    return _run_main("delphi", _run_delphi_cli, argv)
+

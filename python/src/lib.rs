@@ -13,6 +13,7 @@
 
 pub mod cache;
 pub mod convert;
+pub mod explainers;
 pub mod errors;
 pub mod lenses;
 pub mod model;
@@ -96,6 +97,12 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(lenses::run_lens_cli, m)?)?;
     m.add_class::<saes::PySae>()?;
     m.add_function(wrap_pyfunction!(saes::run_sae_cli, m)?)?;
+    m.add_class::<explainers::PyLatentCache>()?;
+    m.add_class::<explainers::PyLatentExamples>()?;
+    m.add_class::<explainers::PyLlm>()?;
+    m.add_function(wrap_pyfunction!(explainers::explain, m)?)?;
+    m.add_function(wrap_pyfunction!(explainers::score, m)?)?;
+    m.add_function(wrap_pyfunction!(explainers::run_delphi_cli, m)?)?;
     m.add_function(wrap_pyfunction!(run_cli, m)?)?;
     m.add_function(wrap_pyfunction!(write_synthetic_weights, m)?)?;
     m.add_function(wrap_pyfunction!(fetch_smollm2, m)?)?;

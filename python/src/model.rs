@@ -27,6 +27,11 @@ pub struct PyTokenizer {
 }
 
 impl PyTokenizer {
+    /// The Rust tokenizer (for the other bindings).
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.inner
+    }
+
     /// The pad id: the tokenizer's padding id, else its end-of-text id, else 0.
     fn pad(&self) -> u32 {
         self.inner

@@ -1,0 +1,464 @@
+//! The delphi crate from Python: open a latent cache (ours or delphi's), build a latent's
+//! examples, explain them with a language model (OpenAI-compatible server or local GGUF),
+//! score an explanation, and the `delphi` command line for whole jobs.
+//!
+//! Requests run on a small tokio runtime with the GIL released.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use numpy::IntoPyArray;
+use pyo3::exceptions::{PyFileNotFoundError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use delphi::embedding::SentenceEmbedder;
+use delphi::examples::{build_examples, latent_seed, ExampleConfig, LatentExamples, TrainSampling};
+use delphi::latents::LatentCache;
+use delphi::llm::local::LocalLlm;
+use delphi::llm::openai::{OpenAiClient, OpenAiConfig};
+use delphi::llm::Llm;
+use delphi::prompts::{ClassifierTask, ShownExample};
+use delphi::score::{
+    classifier_summary, classify, embed_score, embedding_auc, Sample, ScoreConfig,
+};
+
+use crate::convert::json_to_py;
+use crate::errors::to_py_err;
+use crate::model::PyTokenizer;
+use crate::saes::sae_err;
+
+/// The Python exception for a delphi error (same message as the command line prints).
+fn delphi_err(error: delphi::Error) -> PyErr {
+    match error {
+        delphi::Error::Hooks(e) => to_py_err(e),
+        delphi::Error::Sae(e) => sae_err(e),
+        delphi::Error::Candle(e) => to_py_err(hooks::Error::from(e)),
+        delphi::Error::Io { ref source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            PyFileNotFoundError::new_err(error.to_string())
+        }
+        e @ (delphi::Error::File { .. } | delphi::Error::Invalid(_)) => {
+            PyValueError::new_err(e.to_string())
+        }
+        e => PyRuntimeError::new_err(e.to_string()),
+    }
+}
+
+trait IntoPyDelphi<T> {
+    fn into_py_delphi(self) -> PyResult<T>;
+}
+
+impl<T> IntoPyDelphi<T> for delphi::Result<T> {
+    fn into_py_delphi(self) -> PyResult<T> {
+        self.map_err(delphi_err)
+    }
+}
+
+fn runtime() -> PyResult<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot start the async runtime: {e}")))
+}
+
+/// Where SAE latents fire over a dataset: a cache written by ``delphi cache`` or delphi's
+/// own ``latents/`` folder (``<hookpoint>/<start>_<end>.safetensors``).
+#[pyclass(name = "LatentCache", module = "eleuther_interp", frozen)]
+pub struct PyLatentCache {
+    inner: Arc<LatentCache>,
+}
+
+#[pymethods]
+impl PyLatentCache {
+    /// Opens the cache in ``path``.
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let cache = py.detach(|| LatentCache::open(&path)).into_py_delphi()?;
+        Ok(Self {
+            inner: Arc::new(cache),
+        })
+    }
+
+    /// Hook point name -> number of latents (``None`` when the files do not say).
+    #[getter]
+    fn hookpoints<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        for (name, latents) in self.inner.hookpoints() {
+            dict.set_item(name, *latents)?;
+        }
+        Ok(dict)
+    }
+
+    /// The cached token ids, ``[sequences, seq_len]`` int64.
+    #[getter]
+    fn tokens<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let table = self.inner.tokens();
+        let (n, len) = (table.sequences(), table.seq_len());
+        let ids: Vec<i64> = (0..n as u64)
+            .flat_map(|s| table.window(s, len).iter().map(|&t| t as i64))
+            .collect();
+        crate::convert::int64_array(py, ids, &[n, len])
+    }
+
+    /// Where ``latent`` of ``hookpoint`` fires: ``(sequence, position, value)`` numpy arrays
+    /// (int64, int64, float32).
+    fn firings<'py>(
+        &self,
+        py: Python<'py>,
+        hookpoint: &str,
+        latent: u32,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let mut map = py
+            .detach(|| self.inner.firings(hookpoint, latent..latent + 1))
+            .into_py_delphi()?;
+        let firings = map.remove(&latent).unwrap_or_default();
+        let seq: Vec<i64> = firings.iter().map(|f| f.seq as i64).collect();
+        let pos: Vec<i64> = firings.iter().map(|f| f.pos as i64).collect();
+        let values: Vec<f32> = firings.iter().map(|f| f.value).collect();
+        Ok((
+            seq.into_pyarray(py),
+            pos.into_pyarray(py),
+            values.into_pyarray(py),
+        )
+            .into_pyobject(py)?
+            .into_any())
+    }
+
+    /// The examples of one latent, or ``None`` when it fires in fewer than ``min_examples``
+    /// windows. Defaults are delphi's, except that the explainer's examples (``train``) and
+    /// the held-out activating examples (``test``) never overlap. ``train_sampling`` is
+    /// ``"quantiles"``, ``"top"`` or ``"random"``.
+    #[pyo3(signature = (hookpoint, latent, *, example_ctx_len = 32, min_examples = 200, n_train = 40,
+        n_test = 50, n_quantiles = 10, n_non_activating = 50, train_sampling = "quantiles", seed = 22))]
+    #[allow(clippy::too_many_arguments)]
+    fn examples(
+        &self,
+        py: Python<'_>,
+        hookpoint: &str,
+        latent: u32,
+        example_ctx_len: usize,
+        min_examples: usize,
+        n_train: usize,
+        n_test: usize,
+        n_quantiles: usize,
+        n_non_activating: usize,
+        train_sampling: &str,
+        seed: u64,
+    ) -> PyResult<Option<PyLatentExamples>> {
+        let train_sampling = match train_sampling {
+            "quantiles" => TrainSampling::Quantiles,
+            "top" => TrainSampling::Top,
+            "random" => TrainSampling::Random,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "train_sampling '{other}' must be 'quantiles', 'top' or 'random'"
+                )))
+            }
+        };
+        let config = ExampleConfig {
+            example_ctx_len,
+            min_examples,
+            n_train,
+            n_test,
+            n_quantiles,
+            n_non_activating,
+            train_sampling,
+            seed,
+        };
+        let built = py
+            .detach(|| -> delphi::Result<_> {
+                let firings = self
+                    .inner
+                    .firings(hookpoint, latent..latent + 1)?
+                    .remove(&latent)
+                    .unwrap_or_default();
+                build_examples(
+                    &firings,
+                    self.inner.tokens(),
+                    &config,
+                    latent_seed(seed, hookpoint, latent),
+                )
+            })
+            .into_py_delphi()?;
+        Ok(built.ok().map(|examples| PyLatentExamples {
+            examples,
+            seed: latent_seed(seed, hookpoint, latent),
+        }))
+    }
+}
+
+/// A latent's examples: ``train`` (shown to the explainer), ``test`` (held-out activating
+/// examples), ``non_activating``; each a list of dicts with ``window``, ``tokens`` (int64
+/// array), ``activations`` (float32 array) and ``quantile`` (0 = strongest, ``None`` when
+/// silent).
+#[pyclass(name = "LatentExamples", module = "eleuther_interp", frozen)]
+pub struct PyLatentExamples {
+    examples: LatentExamples,
+    seed: u64,
+}
+
+impl PyLatentExamples {
+    fn list<'py>(
+        py: Python<'py>,
+        examples: &[delphi::examples::Example],
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let list = pyo3::types::PyList::empty(py);
+        for e in examples {
+            let dict = PyDict::new(py);
+            dict.set_item("window", e.window)?;
+            let tokens: Vec<i64> = e.tokens.iter().map(|&t| t as i64).collect();
+            dict.set_item("tokens", tokens.into_pyarray(py))?;
+            dict.set_item("activations", e.activations.clone().into_pyarray(py))?;
+            dict.set_item("quantile", e.quantile)?;
+            list.append(dict)?;
+        }
+        Ok(list.into_any())
+    }
+}
+
+#[pymethods]
+impl PyLatentExamples {
+    /// Examples shown to the explainer.
+    #[getter]
+    fn train<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Self::list(py, &self.examples.train)
+    }
+
+    /// Held-out activating examples for scoring.
+    #[getter]
+    fn test<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Self::list(py, &self.examples.test)
+    }
+
+    /// Windows where the latent never fires.
+    #[getter]
+    fn non_activating<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Self::list(py, &self.examples.non_activating)
+    }
+
+    /// The latent's largest activation in the cache.
+    #[getter]
+    fn max_activation(&self) -> f32 {
+        self.examples.max_activation
+    }
+
+    /// Windows in which the latent fires.
+    #[getter]
+    fn activating_windows(&self) -> usize {
+        self.examples.activating_windows
+    }
+}
+
+/// A language model that explains and scores: ``Llm.openai(url, model)`` for any
+/// OpenAI-compatible chat-completions server, ``Llm.local(path=None)`` for a GGUF model run in
+/// process (default: SmolLM2-135M-Instruct fetched from PyPI).
+#[pyclass(name = "Llm", module = "eleuther_interp", frozen)]
+pub struct PyLlm {
+    inner: Arc<dyn Llm>,
+}
+
+#[pymethods]
+impl PyLlm {
+    /// A client of the server at ``url`` (its API root, e.g. ``http://localhost:8000/v1``).
+    /// The API key is read from the environment variable ``api_key_env`` (never stored).
+    #[staticmethod]
+    #[pyo3(signature = (url, model = "default", *, api_key_env = None, concurrency = 16, timeout = 120.0, retries = 8))]
+    fn openai(
+        url: &str,
+        model: &str,
+        api_key_env: Option<String>,
+        concurrency: usize,
+        timeout: f64,
+        retries: u32,
+    ) -> PyResult<Self> {
+        let mut config = OpenAiConfig::new(url, model);
+        config.api_key_env = api_key_env;
+        config.concurrency = concurrency;
+        config.timeout = Duration::from_secs_f64(timeout);
+        config.max_retries = retries;
+        Ok(Self {
+            inner: Arc::new(OpenAiClient::new(config).into_py_delphi()?),
+        })
+    }
+
+    /// A GGUF chat model (Llama architecture) run in this process on the CPU.
+    #[staticmethod]
+    #[pyo3(signature = (path = None))]
+    fn local(py: Python<'_>, path: Option<PathBuf>) -> PyResult<Self> {
+        let llm = py
+            .detach(|| -> delphi::Result<LocalLlm> {
+                let path = match path {
+                    Some(path) => path,
+                    None => hooks::fetch::smollm2_gguf()?,
+                };
+                LocalLlm::load(&path)
+            })
+            .into_py_delphi()?;
+        Ok(Self {
+            inner: Arc::new(llm),
+        })
+    }
+
+    /// The model's name (model and URL, or the GGUF file).
+    #[getter]
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+}
+
+fn token_texts(tokenizer: &hooks::Tokenizer, tokens: &[u32]) -> delphi::Result<Vec<String>> {
+    tokens
+        .iter()
+        .map(|&t| Ok(tokenizer.token_text(t)?))
+        .collect()
+}
+
+/// Asks ``llm`` to explain a latent from ``examples.train``; returns a dict with
+/// ``explanation`` (``None`` when the answer has no ``[EXPLANATION]:`` line), ``answer`` and
+/// ``usage``.
+#[pyfunction]
+#[pyo3(signature = (llm, examples, tokenizer, *, show_activations = true, max_tokens = 300))]
+pub fn explain<'py>(
+    py: Python<'py>,
+    llm: &PyLlm,
+    examples: &PyLatentExamples,
+    tokenizer: &PyTokenizer,
+    show_activations: bool,
+    max_tokens: u32,
+) -> PyResult<Bound<'py, PyAny>> {
+    let config = delphi::explain::ExplainConfig {
+        show_activations,
+        max_tokens,
+        ..Default::default()
+    };
+    let rt = runtime()?;
+    let result = py
+        .detach(|| -> delphi::Result<_> {
+            let max = examples.examples.max_activation;
+            let shown: Vec<ShownExample> = examples
+                .examples
+                .train
+                .iter()
+                .map(|e| {
+                    Ok(ShownExample {
+                        tokens: token_texts(tokenizer.tokenizer(), &e.tokens)?,
+                        activations: e.activations.clone(),
+                        normalized: e.normalized(max),
+                    })
+                })
+                .collect::<delphi::Result<_>>()?;
+            rt.block_on(delphi::explain::explain(
+                llm.inner.as_ref(),
+                &shown,
+                &config,
+            ))
+        })
+        .into_py_delphi()?;
+    json_to_py(
+        py,
+        &serde_json::to_value(result).map_err(|e| PyRuntimeError::new_err(e.to_string()))?,
+    )
+}
+
+static MINILM: OnceLock<SentenceEmbedder> = OnceLock::new();
+
+/// Scores ``explanation`` on the latent's held-out examples (``examples.test`` and
+/// ``examples.non_activating``) with ``scorer``: ``"detection"`` or ``"fuzzing"`` (asks
+/// ``llm``) or ``"embedding"`` (MiniLM in process; ``llm`` may be ``None``). Returns a dict
+/// with the metrics (``balanced_accuracy``, ``precision``, ``recall``, ``f1``, ``auc``,
+/// ``failed``) and ``samples`` (per excerpt, delphi's record shape).
+#[pyfunction]
+#[pyo3(signature = (llm, scorer, explanation, examples, tokenizer, *, examples_per_prompt = 5, logprobs = false))]
+#[allow(clippy::too_many_arguments)]
+pub fn score<'py>(
+    py: Python<'py>,
+    llm: Option<&PyLlm>,
+    scorer: &str,
+    explanation: &str,
+    examples: &PyLatentExamples,
+    tokenizer: &PyTokenizer,
+    examples_per_prompt: usize,
+    logprobs: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let task = match scorer {
+        "detection" => Some(ClassifierTask::Detection),
+        "fuzzing" | "fuzz" => Some(ClassifierTask::Fuzzing),
+        "embedding" => None,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "scorer '{other}' must be 'detection', 'fuzzing' or 'embedding'"
+            )))
+        }
+    };
+    let config = ScoreConfig {
+        examples_per_prompt,
+        logprobs,
+        ..ScoreConfig::default()
+    };
+    let rt = runtime()?;
+    let llm = llm.map(|l| l.inner.clone());
+    let value = py
+        .detach(|| -> delphi::Result<serde_json::Value> {
+            let ex = &examples.examples;
+            let samples: Vec<Sample> = ex
+                .test
+                .iter()
+                .map(|e| (e, true))
+                .chain(ex.non_activating.iter().map(|e| (e, false)))
+                .map(|(e, activating)| {
+                    Ok(Sample {
+                        tokens: token_texts(tokenizer.tokenizer(), &e.tokens)?,
+                        activations: e.activations.clone(),
+                        activating,
+                        distance: e.quantile.map_or(-1, |q| q as i64),
+                    })
+                })
+                .collect::<delphi::Result<_>>()?;
+            let Some(task) = task else {
+                let embedder = match MINILM.get() {
+                    Some(e) => e,
+                    None => {
+                        let loaded = SentenceEmbedder::minilm()?;
+                        MINILM.get_or_init(|| loaded)
+                    }
+                };
+                let scored = embed_score(embedder, explanation, &samples)?;
+                return Ok(serde_json::json!({ "auc": embedding_auc(&scored), "samples": scored }));
+            };
+            let llm = llm.ok_or_else(|| {
+                delphi::Error::Invalid(format!("the {scorer} scorer needs an llm"))
+            })?;
+            let result = rt.block_on(classify(
+                llm.as_ref(),
+                task,
+                explanation,
+                samples,
+                &config,
+                examples.seed,
+            ))?;
+            let (summary, auc) = classifier_summary(&result.samples);
+            Ok(serde_json::json!({
+                "balanced_accuracy": summary.balanced_accuracy,
+                "precision": summary.precision,
+                "recall": summary.recall,
+                "f1": summary.f1,
+                "auc": auc,
+                "failed": summary.confusion.failed,
+                "failed_prompts": result.failed_prompts,
+                "usage": result.usage,
+                "samples": result.samples,
+            }))
+        })
+        .into_py_delphi()?;
+    json_to_py(py, &value)
+}
+
+/// Runs the ``delphi`` command line (``delphi cache``, ``delphi run``, ``delphi summary``)
+/// in this process; ``argv`` starts with the program name.
+#[pyfunction]
+pub fn run_delphi_cli(py: Python<'_>, argv: Vec<String>) -> PyResult<()> {
+    py.detach(move || delphi::cli::run(argv).map_err(|e| format!("{e:#}")))
+        .map_err(PyRuntimeError::new_err)
+}

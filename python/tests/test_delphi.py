@@ -1,0 +1,144 @@
+"""The delphi stages from Python: cache latents of a tiny model's SAE, build examples,
+explain and score against a loopback OpenAI-compatible server, and a whole `delphi run`."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+import eleuther_interp as ei
+
+from conftest import WIKITEXT
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Explains with the first marked token; labels excerpts 1 when they contain it."""
+
+    requests: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append(body)
+        last = body["messages"][-1]["content"]
+        if "[EXPLANATION]:" in body["messages"][0]["content"]:
+            marked = re.findall(r"<<(.*?)>>", last)
+            content = f"[EXPLANATION]: the token \"{marked[0].strip() if marked else '?'}\""
+        else:
+            word = last.split('"')[1]
+            lines = [l for l in last.splitlines() if l.startswith("Example ")]
+            content = "[" + ", ".join("1" if word in l else "0" for l in lines) + "]"
+        payload = json.dumps(
+            {
+                "choices": [{"message": {"role": "assistant", "content": content}}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 3},
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def latents(tiny_dir, tmp_path_factory):
+    """An SAE trained briefly on the tiny model and its latent cache."""
+    root = tmp_path_factory.mktemp("delphi")
+    saes = root / "saes"
+    common = ["--model", str(tiny_dir), "--data", str(WIKITEXT)]
+    status = ei.sae_main(
+        ["train", *common, "--seq-len", "64", "--forward-batch", "4", "--hookpoints", "layers.1",
+         "--output", str(saes), "--batch-size", "256", "--steps", "2", "--k", "4",
+         "--num-latents", "16", "--lr-warmup-steps", "1"]
+    )
+    assert status == 0
+    cache = root / "cache"
+    status = ei.delphi_main(
+        ["cache", *common, "--sae", str(saes), "--hookpoints", "layers.1", "--seq-len", "64",
+         "--max-tokens", "1024", "--sequences-per-shard", "6", "--output", str(cache)]
+    )
+    assert status == 0
+    return root, saes, cache
+
+
+def test_cache_firings_and_examples(latents):
+    _, _, path = latents
+    cache = ei.LatentCache(path)
+    assert cache.hookpoints == {"layers.1": 16}
+    assert cache.tokens.shape == (16, 64) and cache.tokens.dtype == np.int64
+    counts = [len(cache.firings("layers.1", i)[0]) for i in range(16)]
+    # At most k = 4 of the 16 latents fire on each token (fewer where ReLU gives 0).
+    assert 0.9 * 4 * 16 * 64 < sum(counts) <= 4 * 16 * 64
+    busiest = int(np.argmax(counts))
+    seq, pos, values = cache.firings("layers.1", busiest)
+    assert seq.dtype == np.int64 and values.dtype == np.float32 and (values > 0).all()
+    ex = cache.examples("layers.1", busiest, example_ctx_len=16, min_examples=8, n_train=8,
+                        n_test=8, n_quantiles=4, n_non_activating=0)
+    assert ex is not None and len(ex.train) == 8 and len(ex.test) == 8
+    assert not {e["window"] for e in ex.train} & {e["window"] for e in ex.test}
+    assert ex.train[0]["tokens"].shape == (16,) and ex.max_activation == pytest.approx(values.max(), rel=1e-3)
+    assert cache.examples("layers.1", busiest, min_examples=10_000) is None
+    with pytest.raises(ValueError, match="train_sampling"):
+        cache.examples("layers.1", 0, train_sampling="best")
+    with pytest.raises(ValueError, match="no hook point 'layers.0'"):
+        cache.firings("layers.0", 0)
+    with pytest.raises(FileNotFoundError):
+        ei.LatentCache(path / "missing")
+
+
+def test_explain_and_score_through_a_server(latents, server, tiny_model):
+    _, _, path = latents
+    cache = ei.LatentCache(path)
+    counts = [len(cache.firings("layers.1", i)[0]) for i in range(16)]
+    latent = int(np.argsort(counts)[len(counts) // 2])
+    ex = cache.examples("layers.1", latent, example_ctx_len=16, min_examples=4, n_train=4,
+                        n_test=4, n_quantiles=2, n_non_activating=4)
+    assert ex is not None
+    llm = ei.Llm.openai(server, "test-model")
+    assert "test-model" in llm.name
+    out = ei.explain(llm, ex, tiny_model.tokenizer)
+    assert out["explanation"].startswith("the token") and out["usage"]["prompt_tokens"] == 7
+    result = ei.score(llm, "detection", out["explanation"], ex, tiny_model.tokenizer, examples_per_prompt=3)
+    assert len(result["samples"]) == len(ex.test) + len(ex.non_activating)
+    assert result["failed"] == 0 and 0.0 <= result["balanced_accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="scorer 'vibes'"):
+        ei.score(llm, "vibes", "x", ex, tiny_model.tokenizer)
+    with pytest.raises(RuntimeError, match="127.0.0.1:9"):
+        ei.explain(ei.Llm.openai("http://127.0.0.1:9/v1", retries=0), ex, tiny_model.tokenizer)
+
+
+def test_delphi_run_resumes(latents, server, tiny_dir, capfd):
+    root, saes, cache = latents
+    out = root / "results"
+    args = ["run", "--model", str(tiny_dir), "--sae", str(saes), "--hookpoints", "layers.1",
+            "--latent-cache", str(cache), "--latents", "0..16", "--explainer", server,
+            "--scorers", "detection,fuzzing", "--output", str(out), "--example-ctx-len", "16",
+            "--min-examples", "4", "--n-train", "4", "--n-test", "4", "--n-quantiles", "2",
+            "--n-non-activating", "4"]
+    assert ei.delphi_main(args) == 0
+    text, _ = capfd.readouterr()
+    assert "balanced acc." in text
+    explained = sorted(p.name for p in (out / "explanations").iterdir())
+    assert explained and all(re.fullmatch(r"layers\.1_latent\d+\.txt", n) for n in explained)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["explained"] == len(explained) and summary["scorers"]["fuzz"]["latents"] == len(explained)
+    before = len(_Handler.requests)
+    assert ei.delphi_main(args) == 0
+    assert len(_Handler.requests) == before, "a finished job sends no requests"

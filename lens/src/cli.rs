@@ -49,7 +49,7 @@ enum PlotCommand {
     /// The prediction trajectory of a text: rows are layers (embedding at the bottom, the
     /// model's output on top), columns are tokens, each cell shows the lens's top-1 token
     /// coloured by a statistic. Also exports the numbers as JSON / CSV.
-    Trajectory(TrajectoryArgs),
+    Trajectory(Box<TrajectoryArgs>),
     /// Redraw the figures of a sweep folder (`lens sweep --output`).
     Sweep(PlotSweepArgs),
 }
@@ -267,7 +267,7 @@ where
         Command::Train(args) => train_command(args),
         Command::Eval(args) => eval_command(args),
         Command::Sweep(args) => sweep_command(args),
-        Command::Plot(PlotCommand::Trajectory(args)) => trajectory_command(args),
+        Command::Plot(PlotCommand::Trajectory(args)) => trajectory_command(*args),
         Command::Plot(PlotCommand::Sweep(args)) => {
             let figures = args.figures.unwrap_or_else(|| args.dir.join("figures"));
             let written = plot_sweep(

@@ -487,7 +487,7 @@ fn draw_panels<DB: DrawingBackend>(
 }
 
 /// Renders with the backend the extension of `path` asks for (`.png` or `.svg`), writing to
-/// a temporary file first so the target is replaced atomically.
+/// a temporary file first so the target is replaced atomically; evaluates to the size.
 macro_rules! render {
     ($path:expr, $size:expr, |$root:ident| $draw:expr) => {{
         let path: &Path = $path;
@@ -516,10 +516,10 @@ macro_rules! render {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
                 let tmp = path.with_file_name(format!(".{name}.tmp-{}.png", std::process::id()));
-                let drawn = (|| {
+                let drawn = {
                     let $root = BitMapBackend::new(&tmp, $size).into_drawing_area();
                     $draw.map_err(|e| fail(e.to_string()))
-                })();
+                };
                 if let Err(e) = drawn.and_then(|()| {
                     std::fs::rename(&tmp, path).map_err(|e| Error::from(hooks::Error::io(path, e)))
                 }) {
@@ -534,7 +534,7 @@ macro_rules! render {
                 )))
             }
         }
-        Ok(())
+        Ok($size)
     }};
 }
 
@@ -622,8 +622,13 @@ fn panel_size(tokens: usize, rows: usize) -> (u32, u32) {
     (width.max(640), height.max(420))
 }
 
-/// Writes the trajectory figure for `statistic` to `path` (`.png` or `.svg`).
-pub fn plot_trajectory(path: &Path, view: TrajectoryView, statistic: Statistic) -> Result<()> {
+/// Writes the trajectory figure for `statistic` to `path` (`.png` or `.svg`); returns its
+/// size in pixels (92 per token plus margins).
+pub fn plot_trajectory(
+    path: &Path,
+    view: TrajectoryView,
+    statistic: Statistic,
+) -> Result<(u32, u32)> {
     let values = view.values(statistic)?;
     let diverging = matches!(view, TrajectoryView::Difference(..));
     let scale = ColourScale::fit(values.iter().flatten(), statistic, diverging);
@@ -640,13 +645,13 @@ pub fn plot_trajectory(path: &Path, view: TrajectoryView, statistic: Statistic) 
 }
 
 /// Writes trajectories of one prompt (one per checkpoint, same tokens) side by side with a
-/// shared colour scale.
+/// shared colour scale; returns the size in pixels.
 pub fn plot_trajectories(
     path: &Path,
     title: &str,
     trajectories: &[(String, PredictionTrajectory)],
     statistic: Statistic,
-) -> Result<()> {
+) -> Result<(u32, u32)> {
     let Some((_, first)) = trajectories.first() else {
         return Err(Error::Lens("no trajectories to plot".into()));
     };
@@ -692,12 +697,13 @@ pub struct CheckpointGrid {
     pub label: String,
 }
 
-/// Writes a layer x checkpoint heatmap of `grid` (the value written in each cell).
+/// Writes a layer x checkpoint heatmap of `grid` (the value written in each cell); returns
+/// the size in pixels.
 pub fn plot_checkpoint_heatmap(
     path: &Path,
     grid: &CheckpointGrid,
     statistic: Statistic,
-) -> Result<()> {
+) -> Result<(u32, u32)> {
     let mut scale = ColourScale::fit(grid.values.iter().flatten(), statistic, false);
     scale.label = grid.label.clone();
     let panel = Heatmap {
@@ -741,8 +747,8 @@ fn format_cell(v: f64) -> String {
 }
 
 /// Writes per-layer curves of `grid`: the statistic against layer, one line per checkpoint
-/// (coloured from early = dark to late = light).
-pub fn plot_layer_curves(path: &Path, grid: &CheckpointGrid) -> Result<()> {
+/// (coloured from early = dark to late = light); returns the size in pixels.
+pub fn plot_layer_curves(path: &Path, grid: &CheckpointGrid) -> Result<(u32, u32)> {
     let values: Vec<f64> = grid
         .values
         .iter()

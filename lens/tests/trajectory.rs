@@ -1,0 +1,473 @@
+//! Prediction trajectories against statistics computed directly from the logits, the figure
+//! files (valid PNG / SVG of the size reported), and the across-checkpoint sweep over two
+//! tiny local checkpoints (files produced, finished checkpoints skipped on a re-run).
+
+use std::path::{Path, PathBuf};
+
+use hooks::candle_core::{DType, Device, Tensor};
+use hooks::{Hooks, LoadOptions, Model};
+use lens::plot::{
+    plot_checkpoint_heatmap, plot_layer_curves, plot_trajectories, plot_trajectory, TrajectoryView,
+};
+use lens::sweep::{
+    checkpoint_grid, parse_checkpoints, plot_sweep, pythia_steps, run_sweep, SweepLens,
+    SweepOptions,
+};
+use lens::train::TrainOptions;
+use lens::trajectory::{PredictionTrajectory, Statistic};
+use lens::{lens_input, LensData, TunedLens};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn tokenizer() -> PathBuf {
+    repo().join("data/gpt-neox-20b-tokenizer.json")
+}
+
+fn wikitext() -> PathBuf {
+    repo().join("data/wikitext-2-raw-test.txt")
+}
+
+/// A tiny GPT-NeoX with synthetic weights and the real Pythia tokenizer in `dir`.
+fn tiny_model(dir: &Path, layers: usize) -> Model {
+    let config = serde_json::json!({
+        "model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "intermediate_size": 64, "rotary_pct": 0.5,
+        "vocab_size": 50304, "eos_token_id": 0,
+    });
+    hooks::synthetic::write_synthetic_model(dir, &config, Some(&tokenizer())).unwrap();
+    Model::from_folder(dir, &LoadOptions::default()).unwrap()
+}
+
+/// A tuned lens with non-zero translators (so it differs from the logit lens).
+fn random_lens(model: &Model) -> TunedLens {
+    let mut lens = TunedLens::for_model(model).unwrap();
+    let params = lens
+        .parameters()
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let values = hooks::synthetic::synthetic_values(&format!("lens.{i}"), p.dims());
+            (Tensor::from_vec(values, p.dims(), &Device::Cpu).unwrap() * 0.3).unwrap()
+        })
+        .collect();
+    lens.set_parameters(params).unwrap();
+    lens
+}
+
+/// Log-softmax of each row, in f64.
+fn log_softmax_rows(logits: &Tensor) -> Vec<Vec<f64>> {
+    let rows: Vec<Vec<f64>> = logits.to_dtype(DType::F64).unwrap().to_vec2().unwrap();
+    rows.into_iter()
+        .map(|row| {
+            let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let log_sum = row.iter().map(|x| (x - max).exp()).sum::<f64>().ln() + max;
+            row.iter().map(|x| x - log_sum).collect()
+        })
+        .collect()
+}
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol * (1.0 + b.abs())
+}
+
+#[test]
+fn statistics_equal_direct_computation_from_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), 3);
+    let ids = model
+        .tokenizer()
+        .unwrap()
+        .encode("The tower is 324 metres tall, about the same height as")
+        .unwrap();
+    let t = ids.len();
+    let tuned = random_lens(&model);
+    // Direct: one forward with captures, lens logits by hand, statistics in f64 loops.
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
+    let points: Vec<_> = (0..3).map(lens_input).collect();
+    let out = model
+        .forward(&input, &mut Hooks::new().capture(points.iter().copied()))
+        .unwrap();
+    let final_log_p = log_softmax_rows(&out.logits.unwrap().squeeze(0).unwrap());
+    let unembedding = model.unembedding();
+    for lens in [None, Some(&tuned)] {
+        let trajectory = PredictionTrajectory::compute(&model, lens, &ids, 3).unwrap();
+        assert_eq!(trajectory.layers, ["0", "1", "2", "output"]);
+        assert_eq!(trajectory.tokens.len(), t);
+        assert_eq!(trajectory.tokens[1], "␣tower");
+        for (layer, point) in points
+            .iter()
+            .enumerate()
+            .map(|(l, p)| (l, Some(p)))
+            .chain([(3, None)])
+        {
+            let log_q = match point {
+                None => final_log_p.clone(),
+                Some(p) => {
+                    let h = out.captures[p].squeeze(0).unwrap();
+                    let h = match lens {
+                        None => h,
+                        Some(lens) => {
+                            let (w, b) = lens.translator(layer);
+                            (&h + h.matmul(&w.t().unwrap()).unwrap().broadcast_add(b).unwrap())
+                                .unwrap()
+                        }
+                    };
+                    log_softmax_rows(&unembedding.forward(&h).unwrap())
+                }
+            };
+            for pos in 0..t {
+                let (q, p) = (&log_q[pos], &final_log_p[pos]);
+                let entropy: f64 = -q.iter().map(|x| x.exp() * x).sum::<f64>();
+                let kl: f64 = p.iter().zip(q).map(|(a, b)| a.exp() * (a - b)).sum();
+                let best = (0..q.len()).max_by(|&a, &b| q[a].total_cmp(&q[b])).unwrap();
+                let cell = &trajectory.cells[layer][pos];
+                let what = format!("{} layer {layer} position {pos}", trajectory.lens);
+                assert!(
+                    close(cell.entropy, entropy, 1e-4),
+                    "{what}: entropy {} vs {entropy}",
+                    cell.entropy
+                );
+                assert!(
+                    close(cell.forward_kl, kl, 1e-3) || (cell.forward_kl - kl).abs() < 1e-4,
+                    "{what}: kl {} vs {kl}",
+                    cell.forward_kl
+                );
+                assert_eq!(cell.top_ids[0], best as u32, "{what}");
+                assert!(close(cell.max_probability, q[best].exp(), 1e-4), "{what}");
+                assert!(cell.top_probs.windows(2).all(|w| w[0] >= w[1]), "{what}");
+                if pos + 1 < t {
+                    let target = ids[pos + 1] as usize;
+                    // f32 vs f64 rounding may reorder near-ties: bound the rank.
+                    let above = |margin: f64| {
+                        1 + q.iter().filter(|&&x| x > q[target] + margin).count() as u64
+                    };
+                    let rank = cell.target_rank.unwrap();
+                    assert!(
+                        above(1e-5) <= rank && rank <= above(-1e-5),
+                        "{what}: rank {rank}"
+                    );
+                    assert!(
+                        above(-1e-5) - above(1e-5) <= 20,
+                        "{what}: the bound is too loose to test"
+                    );
+                    assert!(
+                        close(cell.cross_entropy.unwrap(), -q[target], 1e-4),
+                        "{what}"
+                    );
+                } else {
+                    assert_eq!(
+                        (cell.target_rank, cell.cross_entropy),
+                        (None, None),
+                        "{what}"
+                    );
+                }
+            }
+        }
+        // The output row is the model itself: no KL to itself.
+        assert!(trajectory.cells[3]
+            .iter()
+            .all(|c| c.forward_kl.abs() < 1e-5));
+    }
+    // Difference of two lenses, cell by cell; exports round-trip.
+    let logit = PredictionTrajectory::compute(&model, None, &ids, 3).unwrap();
+    let tuned_t = PredictionTrajectory::compute(&model, Some(&tuned), &ids, 3).unwrap();
+    let diff = tuned_t.difference(&logit, Statistic::Entropy).unwrap();
+    assert!(
+        (diff[1][2].unwrap() - (tuned_t.cells[1][2].entropy - logit.cells[1][2].entropy)).abs()
+            < 1e-12
+    );
+    assert_eq!(diff[3][0], Some(0.0));
+    let out_dir = tempfile::tempdir().unwrap();
+    let json = out_dir.path().join("t.json");
+    tuned_t.write_json(&json).unwrap();
+    assert_eq!(PredictionTrajectory::read_json(&json).unwrap(), tuned_t);
+    let csv = tuned_t.to_csv();
+    assert_eq!(csv.lines().count(), 1 + 4 * t);
+    assert!(
+        csv.lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("0,0,\"The\",\"␣tower\","),
+        "{csv}"
+    );
+    let other = PredictionTrajectory::compute(&model, None, &ids[..3], 3).unwrap();
+    assert!(logit.difference(&other, Statistic::Entropy).is_err());
+}
+
+/// Width and height from a PNG's IHDR chunk.
+fn png_size(path: &Path) -> (u32, u32) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(
+        &bytes[..8],
+        b"\x89PNG\r\n\x1a\n",
+        "{} is not a PNG",
+        path.display()
+    );
+    assert_eq!(&bytes[12..16], b"IHDR");
+    let be = |b: &[u8]| u32::from_be_bytes(b.try_into().unwrap());
+    (be(&bytes[16..20]), be(&bytes[20..24]))
+}
+
+/// Width and height attributes of an SVG's root element.
+fn svg_size(path: &Path) -> (u32, u32) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let start = text
+        .find("<svg")
+        .unwrap_or_else(|| panic!("{} is not an SVG", path.display()));
+    let tag = &text[start..start + text[start..].find('>').unwrap()];
+    let attr = |name: &str| -> u32 {
+        let at = tag.find(&format!(" {name}=\"")).unwrap() + name.len() + 3;
+        tag[at..at + tag[at..].find('"').unwrap()].parse().unwrap()
+    };
+    assert!(text.trim_end().ends_with("</svg>"));
+    (attr("width"), attr("height"))
+}
+
+#[test]
+fn figures_are_valid_png_and_svg_of_the_reported_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("m"), 2);
+    let ids = model
+        .tokenizer()
+        .unwrap()
+        .encode("In 1998 the band released")
+        .unwrap();
+    let logit = PredictionTrajectory::compute(&model, None, &ids, 2).unwrap();
+    let tuned = PredictionTrajectory::compute(&model, Some(&random_lens(&model)), &ids, 2).unwrap();
+    let out = dir.path().join("figures");
+    for ext in ["png", "svg"] {
+        let size_of = |p: &Path| {
+            if ext == "png" {
+                png_size(p)
+            } else {
+                svg_size(p)
+            }
+        };
+        for statistic in Statistic::ALL {
+            let path = out.join(format!("t-{}.{ext}", statistic.key()));
+            let size = plot_trajectory(&path, TrajectoryView::Single(&tuned), statistic).unwrap();
+            assert_eq!(size_of(&path), size);
+            assert!(
+                size.0 >= 92 * ids.len() as u32 && size.1 >= 3 * 30,
+                "{size:?}"
+            );
+        }
+        let path = out.join(format!("diff.{ext}"));
+        let size = plot_trajectory(
+            &path,
+            TrajectoryView::Difference(&tuned, &logit),
+            Statistic::ForwardKl,
+        )
+        .unwrap();
+        assert_eq!(size_of(&path), size);
+        let path = out.join(format!("side.{ext}"));
+        let panels = vec![
+            ("a".to_string(), logit.clone()),
+            ("b".to_string(), tuned.clone()),
+        ];
+        let single = plot_trajectory(
+            &out.join(format!("one.{ext}")),
+            TrajectoryView::Single(&logit),
+            Statistic::Rank,
+        )
+        .unwrap();
+        let size = plot_trajectories(&path, "two panels", &panels, Statistic::Rank).unwrap();
+        assert_eq!(size_of(&path), size);
+        assert!(
+            size.0 > single.0 + 500,
+            "two panels {size:?} vs one {single:?}"
+        );
+    }
+    // No stray temporary files, and unknown formats are refused by name.
+    assert!(std::fs::read_dir(&out).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with('.')));
+    let err = plot_trajectory(
+        &out.join("t.jpg"),
+        TrajectoryView::Single(&logit),
+        Statistic::Entropy,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("t.jpg") && err.contains(".png or .svg"),
+        "{err}"
+    );
+    let short = PredictionTrajectory::compute(&model, None, &ids[..2], 2).unwrap();
+    let err = plot_trajectories(
+        &out.join("x.png"),
+        "t",
+        &[("a".into(), logit), ("b".into(), short)],
+        Statistic::Entropy,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("'b'"), "{err}");
+}
+
+#[test]
+fn checkpoint_lists() {
+    let steps = pythia_steps(None);
+    assert_eq!(steps.len(), 154);
+    assert_eq!(
+        &steps[..12],
+        &[0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000]
+    );
+    assert_eq!(*steps.last().unwrap(), 143_000);
+    assert_eq!(
+        parse_checkpoints("pythia:256-2000").unwrap(),
+        ["step256", "step512", "step1000", "step2000"]
+    );
+    assert_eq!(
+        parse_checkpoints("step1000, step8000,main").unwrap(),
+        ["step1000", "step8000", "main"]
+    );
+    for bad in ["pythia:9-1", "pythia:x", "a,a", " , "] {
+        assert!(parse_checkpoints(bad).is_err(), "{bad}");
+    }
+}
+
+fn sweep_options(series: &Path, output: &Path) -> SweepOptions {
+    let data = LensData {
+        data: vec![wikitext()],
+        activations: None,
+        format: None,
+        text_field: "text".into(),
+        seq_len: 32,
+        batch_size: 2,
+    };
+    SweepOptions {
+        model: series.display().to_string(),
+        checkpoints: vec!["step0".into(), "step1".into()],
+        load: LoadOptions::default(),
+        tokenizer: None,
+        output: output.to_path_buf(),
+        lens: SweepLens::Train {
+            data: data.clone(),
+            options: TrainOptions {
+                steps: 2,
+                tokens_per_step: 64,
+                seq_len: 32,
+                chunk_tokens: 64,
+                ..TrainOptions::default()
+            },
+        },
+        eval_data: data,
+        eval_tokens: 128,
+        chunk_tokens: 64,
+        prompt: Some("The river flows into the".into()),
+        top_k: 3,
+    }
+}
+
+#[test]
+fn sweep_over_two_local_checkpoints_writes_files_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let series = dir.path().join("series");
+    tiny_model(&series.join("step0"), 2);
+    // A second checkpoint with other weights: one layer's MLP output bias shifted.
+    tiny_model(&series.join("step1"), 2);
+    let weights = series.join("step1/model.safetensors");
+    let mut tensors = hooks::candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    let name = "gpt_neox.layers.1.mlp.dense_4h_to_h.bias";
+    tensors.insert(name.into(), (&tensors[name] + 0.5).unwrap());
+    hooks::candle_core::safetensors::save(&tensors, &weights).unwrap();
+
+    let output = dir.path().join("sweep");
+    let options = sweep_options(&series, &output);
+    let summary = run_sweep(&options, false).unwrap();
+    assert_eq!(summary.results.len(), 2);
+    assert_eq!(summary.name, "series");
+    for rev in ["step0", "step1"] {
+        let folder = output.join(rev);
+        for file in [
+            "result.json",
+            "eval.json",
+            "trajectory-logit.json",
+            "trajectory-tuned.json",
+            "lens/params.safetensors",
+            "lens/config.json",
+        ] {
+            assert!(folder.join(file).is_file(), "{rev}/{file} missing");
+        }
+        let t = PredictionTrajectory::read_json(&folder.join("trajectory-tuned.json")).unwrap();
+        assert_eq!(
+            (t.revision.as_deref(), t.lens.as_str()),
+            (Some(rev), "tuned lens")
+        );
+    }
+    let r = &summary.results;
+    assert_eq!(r[0].eval.tokens, 128);
+    assert_ne!(
+        r[0].eval.logit_lens[2].ce, r[1].eval.logit_lens[2].ce,
+        "the checkpoints differ"
+    );
+    assert_eq!(
+        r[0].eval.logit_lens[0].ce, r[1].eval.logit_lens[0].ce,
+        "layer 0 (embedding) is the same"
+    );
+    let grid = checkpoint_grid(&summary, Statistic::ForwardKl, true).unwrap();
+    assert_eq!((grid.layers.len(), grid.checkpoints.len()), (3, 2));
+    assert_eq!(
+        grid.values[1][1],
+        Some(r[1].eval.tuned_lens.as_ref().unwrap()[1].kl)
+    );
+    assert!(checkpoint_grid(&summary, Statistic::Rank, false).is_err());
+
+    let figures = output.join("figures");
+    let written = plot_sweep(
+        &output,
+        &figures,
+        &[Statistic::CrossEntropy, Statistic::ForwardKl],
+        6,
+    )
+    .unwrap();
+    // (heatmap + curves + trajectories) x (logit, tuned) x 2 statistics x (png, svg)
+    assert_eq!(written.len(), 24);
+    for path in &written {
+        let size = if path.extension().unwrap() == "png" {
+            png_size(path)
+        } else {
+            svg_size(path)
+        };
+        assert!(
+            size.0 >= 600 && size.1 >= 400,
+            "{}: {size:?}",
+            path.display()
+        );
+    }
+    let heat =
+        plot_checkpoint_heatmap(&dir.path().join("h.png"), &grid, Statistic::ForwardKl).unwrap();
+    assert_eq!(png_size(&dir.path().join("h.png")), heat);
+    let curves = plot_layer_curves(&dir.path().join("c.svg"), &grid).unwrap();
+    assert_eq!(svg_size(&dir.path().join("c.svg")), curves);
+
+    // Resume: step0 is done, so it is not loaded again (its weights are gone now); step1's
+    // result is removed, so step1 is evaluated again (its lens is reused, not retrained).
+    std::fs::remove_file(series.join("step0/model.safetensors")).unwrap();
+    let step0_result = std::fs::read(output.join("step0/result.json")).unwrap();
+    std::fs::remove_file(output.join("step1/result.json")).unwrap();
+    let lens_file = output.join("step1/lens/params.safetensors");
+    let lens_time = std::fs::metadata(&lens_file).unwrap().modified().unwrap();
+    let again = run_sweep(&options, false).unwrap();
+    assert_eq!(
+        std::fs::read(output.join("step0/result.json")).unwrap(),
+        step0_result
+    );
+    assert_eq!(
+        std::fs::metadata(&lens_file).unwrap().modified().unwrap(),
+        lens_time
+    );
+    assert_eq!(
+        again.results[1].eval.tuned_lens,
+        summary.results[1].eval.tuned_lens
+    );
+    // Without the resume, the missing weights of step0 are an error naming the folder.
+    std::fs::remove_file(output.join("step0/result.json")).unwrap();
+    let err = run_sweep(&options, false).unwrap_err().to_string();
+    assert!(err.contains("step0"), "{err}");
+}

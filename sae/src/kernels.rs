@@ -1,13 +1,18 @@
-//! TopK selection and sparse decoding. candle has neither a `topk` nor an embedding-bag, so
-//! the CPU path (f32) runs hand-written kernels with rows in parallel: a partial selection
-//! (`select_nth_unstable_by`, O(latents) per row) and a decode that reads only the `k`
-//! chosen decoder rows per token. Other devices and dtypes fall back to generic tensor ops:
-//! a full `arg_sort` per row (slow; on CUDA candle's bitonic sort fails for rows wider than
-//! about 8k latents) and a gather of `[tokens, k, d]` decoder rows.
+//! TopK selection, the encoder and sparse decoding. candle has neither a `topk` nor an
+//! embedding-bag, so the CPU path (f32) runs hand-written kernels with rows in parallel:
+//! the encoder multiplies one block of tokens at a time into a per-thread buffer and selects
+//! each row's top `k` from it right away (the `[N, latents]` pre-activations never exist as
+//! a whole), the selection is a single pass with a threshold that rises as candidates come
+//! in, and the decode reads only the `k` chosen decoder rows per token. Other devices and
+//! dtypes fall back to generic tensor ops: a full `arg_sort` per row (slow; on CUDA candle's
+//! bitonic sort fails for rows wider than about 8k latents) and a gather of `[tokens, k, d]`
+//! decoder rows.
 //!
 //! Order and ties: latents come out by decreasing activation, equal activations by
 //! increasing latent index (deterministic). The generic fallback does not promise an order
 //! among ties.
+
+use std::cell::RefCell;
 
 use candle_core::{DType, Device, Tensor};
 use hooks::cpu::with_f32_slices;
@@ -37,16 +42,250 @@ pub(crate) fn decode(
     }
 }
 
-/// Indices `0..n` of `row` with the `k` largest values first, in order (value descending,
-/// then index ascending); `order` is scratch space.
-fn select_top(row: &[f32], k: usize, order: &mut Vec<u32>) {
-    order.clear();
-    order.extend(0..row.len() as u32);
-    let cmp = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
-    if k < order.len() {
-        order.select_nth_unstable_by(k - 1, cmp);
+/// Latents chosen per token: activations `[N, k]` (largest first) and indices `[N, k]` u32.
+#[derive(Debug, Clone)]
+pub(crate) struct Selection {
+    pub acts: Tensor,
+    pub indices: Tensor,
+}
+
+/// What [`encode_select`] picks from each row of `ReLU(xc W_encᵀ + b_enc)`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Picks<'a> {
+    /// The `k` most active latents.
+    pub k: usize,
+    /// The `k_aux` most active among the latents marked dead (AuxK), if any.
+    pub dead: Option<(&'a [bool], usize)>,
+}
+
+/// Encodes `xc: [N, d]` (the encoder's input, `b_dec` already subtracted where it applies)
+/// and selects per row what `picks` asks for: `(top k, top k_aux among the dead)`.
+pub(crate) fn encode_select(
+    xc: &Tensor,
+    w_enc: &Tensor,
+    b_enc: &Tensor,
+    picks: Picks,
+) -> Result<(Selection, Option<Selection>)> {
+    match encode_select_cpu(xc, w_enc, b_enc, picks)? {
+        Some(out) => Ok(out),
+        None => encode_select_generic(xc, w_enc, b_enc, picks),
     }
-    order[..k].sort_unstable_by(cmp);
+}
+
+/// The pre-activations `ReLU(xc W_encᵀ + b_enc)` with generic tensor ops.
+pub(crate) fn pre_activations(xc: &Tensor, w_enc: &Tensor, b_enc: &Tensor) -> Result<Tensor> {
+    Ok(xc.matmul(&w_enc.t()?)?.broadcast_add(b_enc)?.relu()?)
+}
+
+fn encode_select_generic(
+    xc: &Tensor,
+    w_enc: &Tensor,
+    b_enc: &Tensor,
+    picks: Picks,
+) -> Result<(Selection, Option<Selection>)> {
+    let pre = pre_activations(xc, w_enc, b_enc)?;
+    let (acts, indices) = topk(&pre, picks.k)?;
+    let aux = match picks.dead {
+        Some((dead, k_aux)) => {
+            let mask: Vec<u8> = dead.iter().map(|&d| u8::from(d)).collect();
+            let mask = Tensor::from_vec(mask, dead.len(), pre.device())?
+                .broadcast_as(pre.shape())?
+                .contiguous()?;
+            let excluded = Tensor::full(f32::NEG_INFINITY, pre.shape(), pre.device())?
+                .to_dtype(pre.dtype())?;
+            let (acts, indices) = topk(&mask.where_cond(&pre, &excluded)?, k_aux)?;
+            Some(Selection { acts, indices })
+        }
+        None => None,
+    };
+    Ok((Selection { acts, indices }, aux))
+}
+
+/// An integer with the order of `f32::total_cmp`.
+#[inline]
+fn order_key(v: f32) -> i32 {
+    let bits = v.to_bits() as i32;
+    bits ^ (((bits >> 31) as u32) >> 1) as i32
+}
+
+/// The `k` largest of a stream of `(key, index)` pairs seen in increasing index order, in
+/// one pass: candidates collect in a buffer; when it is full it is cut back to its best `k`
+/// and the `k`-th key becomes the bar a later entry must clear (strictly: a later entry has
+/// a larger index, so it loses a tie).
+struct TopSelector {
+    k: usize,
+    capacity: usize,
+    buffer: Vec<(i32, u32)>,
+    bar: i64,
+}
+
+impl TopSelector {
+    fn new(k: usize) -> Self {
+        let capacity = 2 * k + 64;
+        TopSelector {
+            k,
+            capacity,
+            buffer: Vec::with_capacity(capacity),
+            bar: i64::MIN,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.buffer.clear();
+        self.bar = i64::MIN;
+    }
+
+    #[inline]
+    fn offer(&mut self, key: i32, index: u32) {
+        if key as i64 > self.bar {
+            self.buffer.push((key, index));
+            if self.buffer.len() == self.capacity {
+                self.cut();
+                self.bar = self.buffer[self.k - 1].0 as i64;
+            }
+        }
+    }
+
+    fn cut(&mut self) {
+        if self.buffer.len() > self.k {
+            self.buffer
+                .select_nth_unstable_by(self.k - 1, by_key_then_index);
+            self.buffer.truncate(self.k);
+        }
+    }
+
+    /// The best `k` (fewer if fewer were offered), best first.
+    fn finish(&mut self) -> &[(i32, u32)] {
+        self.cut();
+        self.buffer.sort_unstable_by(by_key_then_index);
+        &self.buffer
+    }
+}
+
+fn by_key_then_index(a: &(i32, u32), b: &(i32, u32)) -> std::cmp::Ordering {
+    b.0.cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+thread_local! {
+    /// Per-thread pre-activations of one block of tokens, kept between calls so that each
+    /// step does not fault in fresh pages.
+    static PRE_BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Tokens per encoder block: a block's pre-activations take about 16 MiB (so the weight
+/// matrix is streamed once per block, a few times per step), at least 16 tokens.
+fn encoder_block(latents: usize) -> usize {
+    ((4 << 20) / latents.max(1)).clamp(16, 1024)
+}
+
+/// One block's picks: activations and indices of the top `k`, then of the AuxK pick.
+type BlockPicks = (Vec<f32>, Vec<u32>, Vec<f32>, Vec<u32>);
+
+fn encode_select_cpu(
+    xc: &Tensor,
+    w_enc: &Tensor,
+    b_enc: &Tensor,
+    picks: Picks,
+) -> Result<Option<(Selection, Option<Selection>)>> {
+    let (rows, d) = xc.dims2()?;
+    let n = w_enc.dim(0)?;
+    let k = picks.k;
+    let k_aux = picks.dead.map_or(0, |(_, k)| k);
+    let block = encoder_block(n);
+    let out = with_f32_slices(&[xc, w_enc, b_enc], |s| {
+        let (xc, w_enc, b_enc) = (s[0], s[1], s[2]);
+        let blocks: Vec<BlockPicks> = xc
+            .par_chunks(block * d)
+            .map(|x| {
+                let m = x.len() / d;
+                let mut top = TopSelector::new(k);
+                let mut aux = TopSelector::new(k_aux.max(1));
+                let mut out = (
+                    Vec::with_capacity(m * k),
+                    Vec::with_capacity(m * k),
+                    Vec::with_capacity(m * k_aux),
+                    Vec::with_capacity(m * k_aux),
+                );
+                PRE_BLOCK.with(|pre| {
+                    let mut pre = pre.borrow_mut();
+                    pre.resize(m * n, 0.0);
+                    // SAFETY: `pre` holds m x n floats, `x` m x d and `w_enc` n x d, all
+                    // contiguous row-major; the strides below stay inside them.
+                    unsafe {
+                        gemm::gemm(
+                            m,
+                            n,
+                            d,
+                            pre.as_mut_ptr(),
+                            1,
+                            n as isize,
+                            false,
+                            x.as_ptr(),
+                            1,
+                            d as isize,
+                            w_enc.as_ptr(),
+                            d as isize,
+                            1,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                    for row in pre.chunks_mut(n) {
+                        top.reset();
+                        for (j, (v, b)) in row.iter_mut().zip(b_enc).enumerate() {
+                            *v = (*v + b).max(0.0);
+                            top.offer(order_key(*v), j as u32);
+                        }
+                        for &(_, j) in top.finish() {
+                            out.0.push(row[j as usize]);
+                            out.1.push(j);
+                        }
+                        if let Some((dead, _)) = picks.dead {
+                            aux.reset();
+                            for (j, (v, _)) in row.iter().zip(dead).enumerate().filter(|x| *x.1 .1)
+                            {
+                                aux.offer(order_key(*v), j as u32);
+                            }
+                            for &(_, j) in aux.finish() {
+                                out.2.push(row[j as usize]);
+                                out.3.push(j);
+                            }
+                        }
+                    }
+                });
+                out
+            })
+            .collect();
+        Ok(blocks)
+    })?;
+    let Some(blocks) = out else {
+        return Ok(None);
+    };
+    let cpu = &Device::Cpu;
+    let (mut acts, mut indices) = (Vec::with_capacity(rows * k), Vec::with_capacity(rows * k));
+    let (mut aux_acts, mut aux_indices) = (Vec::new(), Vec::new());
+    for (a, i, aa, ai) in blocks {
+        acts.extend(a);
+        indices.extend(i);
+        aux_acts.extend(aa);
+        aux_indices.extend(ai);
+    }
+    let main = Selection {
+        acts: Tensor::from_vec(acts, (rows, k), cpu)?,
+        indices: Tensor::from_vec(indices, (rows, k), cpu)?,
+    };
+    let aux = match picks.dead {
+        Some((_, k_aux)) => Some(Selection {
+            acts: Tensor::from_vec(aux_acts, (rows, k_aux), cpu)?,
+            indices: Tensor::from_vec(aux_indices, (rows, k_aux), cpu)?,
+        }),
+        None => None,
+    };
+    Ok(Some((main, aux)))
 }
 
 fn topk_cpu(pre: &Tensor, k: usize) -> Result<Option<(Tensor, Tensor)>> {
@@ -59,10 +298,15 @@ fn topk_cpu(pre: &Tensor, k: usize) -> Result<Option<(Tensor, Tensor)>> {
             .zip(indices.par_chunks_mut(k))
             .zip(s[0].par_chunks(n))
             .for_each_init(
-                || Vec::with_capacity(n),
-                |order, ((values, indices), row)| {
-                    select_top(row, k, order);
-                    for ((v, i), &j) in values.iter_mut().zip(indices.iter_mut()).zip(&order[..k]) {
+                || TopSelector::new(k),
+                |top, ((values, indices), row)| {
+                    top.reset();
+                    for (j, &v) in row.iter().enumerate() {
+                        top.offer(order_key(v), j as u32);
+                    }
+                    for ((v, i), &(_, j)) in
+                        values.iter_mut().zip(indices.iter_mut()).zip(top.finish())
+                    {
                         *v = row[j as usize];
                         *i = j;
                     }
@@ -77,6 +321,50 @@ fn topk_cpu(pre: &Tensor, k: usize) -> Result<Option<(Tensor, Tensor)>> {
         Tensor::from_vec(values, (rows, k), &Device::Cpu)?,
         Tensor::from_vec(indices, (rows, k), &Device::Cpu)?,
     )))
+}
+
+/// Each row of `w: [n, d]` divided by its norm plus float32 epsilon (sparsify's
+/// `set_decoder_norm_to_unit_norm`), in one parallel pass on the CPU in f32.
+pub(crate) fn unit_rows(w: &Tensor) -> Result<Tensor> {
+    let (n, d) = w.dims2()?;
+    let out = with_f32_slices(&[w], |s| {
+        let mut out = s[0].to_vec();
+        out.par_chunks_mut(d).for_each(|row| {
+            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt() + f32::EPSILON;
+            row.iter_mut().for_each(|v| *v /= norm);
+        });
+        Ok(out)
+    })?;
+    Ok(match out {
+        Some(out) => Tensor::from_vec(out, (n, d), &Device::Cpu)?,
+        None => {
+            let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?;
+            w.broadcast_div(&(norm + f32::EPSILON as f64)?)?
+        }
+    })
+}
+
+/// Each row of `grad: [n, d]` minus its component along the same row of the unit-norm
+/// `w_dec` (sparsify's `remove_gradient_parallel_to_decoder_directions`).
+pub(crate) fn remove_parallel(grad: &Tensor, w_dec: &Tensor) -> Result<Tensor> {
+    let (n, d) = grad.dims2()?;
+    let out = with_f32_slices(&[grad, w_dec], |s| {
+        let mut out = s[0].to_vec();
+        out.par_chunks_mut(d)
+            .zip(s[1].par_chunks(d))
+            .for_each(|(g, w)| {
+                let dot: f32 = g.iter().zip(w).map(|(a, b)| a * b).sum();
+                g.iter_mut().zip(w).for_each(|(g, w)| *g -= dot * w);
+            });
+        Ok(out)
+    })?;
+    Ok(match out {
+        Some(out) => Tensor::from_vec(out, (n, d), &Device::Cpu)?,
+        None => {
+            let parallel = (grad * w_dec)?.sum_keepdim(1)?;
+            (grad - w_dec.broadcast_mul(&parallel)?)?
+        }
+    })
 }
 
 /// The sort-based TopK for any device and dtype.
@@ -142,10 +430,11 @@ pub(crate) fn decode_generic(
         .broadcast_add(b_dec)?)
 }
 
-/// What the FVU gradient needs from a forward pass over `x: [N, d]` (all in one dtype,
-/// indices u32): `xc` is the encoder's input (`x − b_dec`), `scale` is `2 / total variance`.
+/// What the gradient of a squared error needs from a forward pass (all in one dtype,
+/// indices u32): `target` `[N, d]` and `x_hat` the prediction, `xc` the encoder's input,
+/// `scale` the factor of `Σ‖x̂ − target‖²` divided by 2 (for the FVU: `2 / total variance`).
 pub(crate) struct Backward<'a> {
-    pub x: &'a Tensor,
+    pub target: &'a Tensor,
     pub xc: &'a Tensor,
     pub acts: &'a Tensor,
     pub indices: &'a Tensor,
@@ -153,32 +442,120 @@ pub(crate) struct Backward<'a> {
     pub w_enc: &'a Tensor,
     pub w_dec: &'a Tensor,
     pub scale: f64,
+    /// `x̂` includes `+ b_dec` (not AuxK's decode of the residual).
+    pub decoder_bias: bool,
+    /// The encoder's input is `x − b_dec` (an autoencoder, not a transcoder).
+    pub encoder_bias: bool,
 }
 
-/// Gradients of `Σ‖x − x̂‖² · scale / 2` with respect to `[W_enc, b_enc, W_dec, b_dec]`,
-/// the selection held fixed. Only the `k` selected latents of each token get encoder and
-/// decoder gradient; a selected latent whose activation is 0 (ReLU cut it) passes none to
-/// the encoder.
-pub(crate) fn backward(b: &Backward) -> Result<Vec<Tensor>> {
-    match backward_cpu(b)? {
-        Some(grads) => Ok(grads),
-        None => backward_generic(b),
+/// Gradients `[W_enc, b_enc, W_dec, b_dec]` summed over the terms and chunks of one step.
+/// On the CPU in f32 they add up in place in host buffers, allocated once per step.
+pub(crate) enum GradSum {
+    /// Nothing added yet.
+    Empty,
+    /// Host buffers with the `[n, d]` shape of the weights.
+    Host {
+        grads: [Vec<f32>; 4],
+        n: usize,
+        d: usize,
+    },
+    /// Tensors (other devices and dtypes).
+    Tensors(Vec<Tensor>),
+}
+
+impl GradSum {
+    fn add_tensors(&mut self, grads: Vec<Tensor>) -> Result<()> {
+        *self = match std::mem::replace(self, GradSum::Empty) {
+            GradSum::Empty => GradSum::Tensors(grads),
+            GradSum::Tensors(sum) => GradSum::Tensors(
+                sum.iter()
+                    .zip(&grads)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<_>>()?,
+            ),
+            host @ GradSum::Host { .. } => {
+                let mut sum = host.into_tensors()?;
+                for (s, g) in sum.iter_mut().zip(&grads) {
+                    *s = (&*s + g)?;
+                }
+                GradSum::Tensors(sum)
+            }
+        };
+        Ok(())
+    }
+
+    /// The host buffers, allocated (zeroed) on first use; `None` once tensors were added.
+    fn host(&mut self, n: usize, d: usize) -> Option<&mut [Vec<f32>; 4]> {
+        if let GradSum::Empty = self {
+            *self = GradSum::Host {
+                grads: [
+                    vec![0f32; n * d],
+                    vec![0f32; n],
+                    vec![0f32; n * d],
+                    vec![0f32; d],
+                ],
+                n,
+                d,
+            };
+        }
+        match self {
+            GradSum::Host { grads, .. } => Some(grads),
+            _ => None,
+        }
+    }
+
+    /// The sums as tensors (an error when nothing was added).
+    pub(crate) fn into_tensors(self) -> Result<Vec<Tensor>> {
+        match self {
+            GradSum::Empty => Err(crate::Error::Training("no gradient was computed".into())),
+            GradSum::Tensors(t) => Ok(t),
+            GradSum::Host { grads, n, d } => {
+                let [w_enc, b_enc, w_dec, b_dec] = grads;
+                let cpu = &Device::Cpu;
+                Ok(vec![
+                    Tensor::from_vec(w_enc, (n, d), cpu)?,
+                    Tensor::from_vec(b_enc, n, cpu)?,
+                    Tensor::from_vec(w_dec, (n, d), cpu)?,
+                    Tensor::from_vec(b_dec, d, cpu)?,
+                ])
+            }
+        }
     }
 }
 
-fn backward_cpu(b: &Backward) -> Result<Option<Vec<Tensor>>> {
-    if !matches!(b.indices.device(), Device::Cpu) || b.indices.dtype() != DType::U32 {
-        return Ok(None);
+/// Adds the gradients of `Σ‖x̂ − target‖² · scale / 2` with respect to `[W_enc, b_enc,
+/// W_dec, b_dec]` to `sum`, the selection held fixed. Only the `k` selected latents of each
+/// token get encoder and decoder gradient; a selected latent whose activation is 0 (ReLU
+/// cut it) passes none to the encoder.
+pub(crate) fn backward(b: &Backward, sum: &mut GradSum) -> Result<()> {
+    if backward_cpu(b, sum)? {
+        return Ok(());
+    }
+    sum.add_tensors(backward_generic(b)?)
+}
+
+fn backward_cpu(b: &Backward, sum: &mut GradSum) -> Result<bool> {
+    if !matches!(b.indices.device(), Device::Cpu)
+        || b.indices.dtype() != DType::U32
+        || b.w_dec.dtype() != DType::F32
+        || matches!(sum, GradSum::Tensors(_))
+    {
+        return Ok(false);
     }
     let (rows, k) = b.acts.dims2()?;
     let (n, d) = b.w_dec.dims2()?;
+    let Some(out) = sum.host(n, d) else {
+        return Ok(false);
+    };
     let idx: Vec<u32> = b.indices.flatten_all()?.to_vec1()?;
     let scale = b.scale as f32;
-    let slices = [b.x, b.xc, b.acts, b.x_hat, b.w_enc, b.w_dec];
-    let out = with_f32_slices(&slices, |s| {
-        let (x, xc, acts, x_hat, w_enc, w_dec) = (s[0], s[1], s[2], s[3], s[4], s[5]);
+    let (decoder_bias, encoder_bias) = (b.decoder_bias, b.encoder_bias);
+    let slices = [b.target, b.xc, b.acts, b.x_hat, b.w_enc, b.w_dec];
+    let done = with_f32_slices(&slices, |s| {
+        let (y, xc, acts, x_hat, w_enc, w_dec) = (s[0], s[1], s[2], s[3], s[4], s[5]);
         // Per token: g = dL/dx̂, ga = dL/d(selected pre-activation), and the token's share
-        // of the b_dec gradient, g − Σ_j ga_j W_enc[i_j] (b_dec enters x̂ and x − b_dec).
+        // of the b_dec gradient: g where x̂ has + b_dec, − Σ_j ga_j W_enc[i_j] where the
+        // encoder input has − b_dec.
         let mut g = vec![0f32; rows * d];
         let mut ga = vec![0f32; rows * k];
         let mut r = vec![0f32; rows * d];
@@ -187,11 +564,13 @@ fn backward_cpu(b: &Backward) -> Result<Option<Vec<Tensor>>> {
             .zip(r.par_chunks_mut(d))
             .enumerate()
             .for_each(|(t, ((g, ga), r))| {
-                let (xt, ht) = (&x[t * d..(t + 1) * d], &x_hat[t * d..(t + 1) * d]);
-                for ((g, &xv), &hv) in g.iter_mut().zip(xt).zip(ht) {
-                    *g = scale * (hv - xv);
+                let (yt, ht) = (&y[t * d..(t + 1) * d], &x_hat[t * d..(t + 1) * d]);
+                for ((g, &yv), &hv) in g.iter_mut().zip(yt).zip(ht) {
+                    *g = scale * (hv - yv);
                 }
-                r.copy_from_slice(g);
+                if decoder_bias {
+                    r.copy_from_slice(g);
+                }
                 for j in 0..k {
                     if acts[t * k + j] <= 0.0 {
                         continue;
@@ -200,8 +579,10 @@ fn backward_cpu(b: &Backward) -> Result<Option<Vec<Tensor>>> {
                     let wd = &w_dec[i * d..(i + 1) * d];
                     let dot: f32 = g.iter().zip(wd).map(|(a, b)| a * b).sum();
                     ga[j] = dot;
-                    for (rv, &we) in r.iter_mut().zip(&w_enc[i * d..(i + 1) * d]) {
-                        *rv -= dot * we;
+                    if encoder_bias {
+                        for (rv, &we) in r.iter_mut().zip(&w_enc[i * d..(i + 1) * d]) {
+                            *rv -= dot * we;
+                        }
                     }
                 }
             });
@@ -220,9 +601,7 @@ fn backward_cpu(b: &Backward) -> Result<Option<Vec<Tensor>>> {
             entries[cursor[i as usize]] = p as u32;
             cursor[i as usize] += 1;
         }
-        let mut g_w_enc = vec![0f32; n * d];
-        let mut g_b_enc = vec![0f32; n];
-        let mut g_w_dec = vec![0f32; n * d];
+        let [g_w_enc, g_b_enc, g_w_dec, g_b_dec] = out;
         g_w_enc
             .par_chunks_mut(d)
             .zip(g_b_enc.par_iter_mut())
@@ -245,18 +624,14 @@ fn backward_cpu(b: &Backward) -> Result<Option<Vec<Tensor>>> {
                     }
                 }
             });
-        Ok((g_w_enc, g_b_enc, g_w_dec, r))
+        for row in r.chunks(d) {
+            for (o, v) in g_b_dec.iter_mut().zip(row) {
+                *o += v;
+            }
+        }
+        Ok(())
     })?;
-    let Some((g_w_enc, g_b_enc, g_w_dec, r)) = out else {
-        return Ok(None);
-    };
-    let cpu = &Device::Cpu;
-    Ok(Some(vec![
-        Tensor::from_vec(g_w_enc, (n, d), cpu)?,
-        Tensor::from_vec(g_b_enc, n, cpu)?,
-        Tensor::from_vec(g_w_dec, (n, d), cpu)?,
-        Tensor::from_vec(r, (rows, d), cpu)?.sum(0)?,
-    ]))
+    Ok(done.is_some())
 }
 
 /// The same gradients with generic tensor ops (any device and dtype; materialises
@@ -266,7 +641,7 @@ pub(crate) fn backward_generic(b: &Backward) -> Result<Vec<Tensor>> {
     let (n, d) = b.w_dec.dims2()?;
     let dtype = b.w_dec.dtype();
     let flat = b.indices.flatten_all()?;
-    let g = ((b.x_hat - b.x)? * b.scale)?;
+    let g = ((b.x_hat - b.target)? * b.scale)?;
     let selected =
         |w: &Tensor| -> Result<Tensor> { Ok(w.index_select(&flat, 0)?.reshape((rows, k, d))?) };
     let live = b.acts.gt(0.0)?.to_dtype(dtype)?;
@@ -282,10 +657,16 @@ pub(crate) fn backward_generic(b: &Backward) -> Result<Vec<Tensor>> {
     let g_w_enc = zeros.index_add(&flat, &per_slot(&ga, b.xc)?, 0)?;
     let g_b_enc =
         Tensor::zeros(n, dtype, b.w_dec.device())?.index_add(&flat, &ga.flatten_all()?, 0)?;
-    let through_encoder = selected(b.w_enc)?
-        .broadcast_mul(&ga.unsqueeze(2)?)?
-        .sum(1)?;
-    let g_b_dec = (g - through_encoder)?.sum(0)?;
+    let mut g_b_dec = Tensor::zeros(d, dtype, b.w_dec.device())?;
+    if b.decoder_bias {
+        g_b_dec = (g_b_dec + g.sum(0)?)?;
+    }
+    if b.encoder_bias {
+        let through_encoder = selected(b.w_enc)?
+            .broadcast_mul(&ga.unsqueeze(2)?)?
+            .sum(1)?;
+        g_b_dec = (g_b_dec - through_encoder.sum(0)?)?;
+    }
     Ok(vec![g_w_enc, g_b_enc, g_w_dec, g_b_dec])
 }
 
@@ -331,6 +712,42 @@ mod tests {
         let (v2, i2) = topk_generic(&pre, 11).unwrap();
         assert_eq!(i1.to_vec2::<u32>().unwrap(), i2.to_vec2::<u32>().unwrap());
         assert_eq!(max_abs_diff(&v1, &v2), 0.0);
+    }
+
+    #[test]
+    fn cpu_encoder_matches_the_generic_path() {
+        // Several blocks of tokens (the block is 4096 tokens at 1024 latents: use many
+        // latents to get small blocks), and the AuxK pick among dead latents.
+        let (rows, n, d, k) = (90, 100_000, 8, 7);
+        let xc = uniform(&[rows, d], 0.0, 1.0, 5);
+        let w_enc = uniform(&[n, d], 0.0, 0.3, 6);
+        let b_enc = uniform(&[n], -0.2, 0.3, 7);
+        assert!(encoder_block(n) < rows);
+        let dead: Vec<bool> = (0..n).map(|i| i % 7 == 3).collect();
+        let picks = Picks {
+            k,
+            dead: Some((&dead, 5)),
+        };
+        let (top, aux) = encode_select(&xc, &w_enc, &b_enc, picks).unwrap();
+        let (top_ref, aux_ref) = encode_select_generic(&xc, &w_enc, &b_enc, picks).unwrap();
+        let aux = aux.unwrap();
+        let aux_ref = aux_ref.unwrap();
+        assert_eq!(
+            top.indices.to_vec2::<u32>().unwrap(),
+            top_ref.indices.to_vec2::<u32>().unwrap()
+        );
+        assert!(max_abs_diff(&top.acts, &top_ref.acts) < 1e-5);
+        let aux_indices = aux.indices.to_vec2::<u32>().unwrap();
+        assert_eq!(aux_indices, aux_ref.indices.to_vec2::<u32>().unwrap());
+        assert!(aux_indices.iter().flatten().all(|&i| dead[i as usize]));
+        assert!(max_abs_diff(&aux.acts, &aux_ref.acts) < 1e-5);
+        // ReLU: a row with every pre-activation negative selects zeros, lowest indices first.
+        let negative = (xc.narrow(0, 0, 1).unwrap() * 0.0).unwrap();
+        let b_neg = (b_enc.abs().unwrap() * -1.0).unwrap();
+        let (top, _) =
+            encode_select(&negative, &w_enc, &b_neg, Picks { k: 3, dead: None }).unwrap();
+        assert_eq!(top.indices.to_vec2::<u32>().unwrap(), vec![vec![0, 1, 2]]);
+        assert_eq!(top.acts.to_vec2::<f32>().unwrap(), vec![vec![0.0; 3]]);
     }
 
     #[test]

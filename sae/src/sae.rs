@@ -298,8 +298,7 @@ impl Sae {
     /// Divides every decoder row by its norm plus float32 epsilon (sparsify's
     /// `set_decoder_norm_to_unit_norm`).
     pub fn set_decoder_norm_to_unit_norm(&mut self) -> Result<()> {
-        let norm = self.w_dec.sqr()?.sum_keepdim(1)?.sqrt()?;
-        self.w_dec = self.w_dec.broadcast_div(&(norm + f32::EPSILON as f64)?)?;
+        self.w_dec = kernels::unit_rows(&self.w_dec)?;
         Ok(())
     }
 
@@ -316,23 +315,32 @@ impl Sae {
         }
     }
 
-    /// Pre-activations of every latent, `ReLU(W_enc (x − b_dec) + b_enc)`: `[N, n]`.
-    pub fn pre_activations(&self, x: &Tensor) -> Result<Tensor> {
+    /// The encoder's input: `x − b_dec`, or `x` itself for a transcoder.
+    pub(crate) fn encoder_input(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.input(x, "input")?;
-        let x = if self.config.transcode {
+        Ok(if self.config.transcode {
             x
         } else {
             x.broadcast_sub(&self.b_dec)?
-        };
-        Ok(x.matmul(&self.w_enc.t()?)?
-            .broadcast_add(&self.b_enc)?
-            .relu()?)
+        })
+    }
+
+    /// Pre-activations of every latent, `ReLU(W_enc (x − b_dec) + b_enc)`: `[N, n]`.
+    pub fn pre_activations(&self, x: &Tensor) -> Result<Tensor> {
+        kernels::pre_activations(&self.encoder_input(x)?, &self.w_enc, &self.b_enc)
     }
 
     /// The `k` most active latents of each token of `x: [N, d]`: `(top_acts [N, k],
-    /// top_indices [N, k] u32)`, largest first, ties by lower index.
+    /// top_indices [N, k] u32)`, largest first, ties by lower index. On the CPU in f32 the
+    /// `[N, n]` pre-activations are never held whole (see `kernels`).
     pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        kernels::topk(&self.pre_activations(x)?, self.config.k)
+        let picks = kernels::Picks {
+            k: self.config.k,
+            dead: None,
+        };
+        let (top, _) =
+            kernels::encode_select(&self.encoder_input(x)?, &self.w_enc, &self.b_enc, picks)?;
+        Ok((top.acts, top.indices))
     }
 
     /// `Σ_j top_acts[:, j] · W_dec[top_indices[:, j]] + b_dec`: `[N, d]` (without the skip

@@ -29,7 +29,7 @@ use hooks::optim::{linear_schedule, Optimizer, Rule};
 use hooks::HookPoint;
 use serde::{Deserialize, Serialize};
 
-use crate::kernels::{backward, Backward};
+use crate::kernels::{backward, encode_select, Backward, GradSum, Picks, Selection};
 use crate::sae::total_variance as batch_variance;
 use crate::{Error, Result, Sae, SaeConfig};
 
@@ -133,6 +133,20 @@ pub fn fvu_and_grads(
     total_variance: Option<f64>,
     auxk: Option<&AuxK>,
 ) -> Result<FvuGrads> {
+    let mut sum = GradSum::Empty;
+    let mut out = accumulate(sae, x, total_variance, auxk, &mut sum)?;
+    out.grads = sum.into_tensors()?;
+    Ok(out)
+}
+
+/// [`fvu_and_grads`] with the gradients added to `sum` (the returned `grads` is empty).
+fn accumulate(
+    sae: &Sae,
+    x: &Tensor,
+    total_variance: Option<f64>,
+    auxk: Option<&AuxK>,
+    sum: &mut GradSum,
+) -> Result<FvuGrads> {
     check_trainable(sae.config())?;
     let x = sae.input(x, "training input")?;
     let tv = match total_variance {
@@ -144,61 +158,65 @@ pub fn fvu_and_grads(
             "the batch has no variance (total variance {tv}); the FVU is undefined"
         )));
     }
-    let pre = sae.pre_activations(&x)?;
-    let (top_acts, top_indices) = crate::kernels::topk(&pre, sae.k())?;
+    let xc = sae.encoder_input(&x)?;
+    let k = sae.k();
+    let multi = sae.config().multi_topk;
+    let aux_size = match auxk {
+        Some(auxk) => auxk_size(sae, auxk.dead)?,
+        None => None,
+    };
+    let picks = Picks {
+        k: if multi { 4 * k } else { k },
+        dead: auxk.zip(aux_size).map(|(a, (k_aux, _))| (a.dead, k_aux)),
+    };
+    let (wide, aux_selection) = encode_select(&xc, sae.w_enc(), sae.b_enc(), picks)?;
+    let (top_acts, top_indices) = if multi {
+        (
+            wide.acts.narrow(1, 0, k)?.contiguous()?,
+            wide.indices.narrow(1, 0, k)?.contiguous()?,
+        )
+    } else {
+        (wide.acts.clone(), wide.indices.clone())
+    };
+    let encoder_bias = !sae.config().transcode;
     let x_hat = sae.decode(&top_acts, &top_indices)?;
     let residual = (&x - &x_hat)?;
     let l2 = sum_squares(&residual)?;
-    let xc = x.broadcast_sub(sae.b_dec())?;
-    let mut grads = backward(&Backward {
-        x: &x,
+    let term = |acts, indices, x_hat, scale| Backward {
+        target: &x,
         xc: &xc,
-        acts: &top_acts,
-        indices: &top_indices,
-        x_hat: &x_hat,
+        acts,
+        indices,
+        x_hat,
         w_enc: sae.w_enc(),
         w_dec: sae.w_dec(),
-        scale: 2.0 / tv,
-    })?;
+        scale,
+        decoder_bias: true,
+        encoder_bias,
+    };
+    backward(&term(&top_acts, &top_indices, &x_hat, 2.0 / tv), sum)?;
     let mut multi_topk = None;
-    if sae.config().multi_topk {
-        let (acts, indices) = crate::kernels::topk(&pre, 4 * sae.k())?;
-        let x_hat = sae.decode(&acts, &indices)?;
-        let extra = backward(&Backward {
-            x: &x,
-            xc: &xc,
-            acts: &acts,
-            indices: &indices,
-            x_hat: &x_hat,
-            w_enc: sae.w_enc(),
-            w_dec: sae.w_dec(),
-            scale: 2.0 / (8.0 * tv),
-        })?;
-        grads = add_all(&grads, &extra)?;
-        multi_topk = Some((sum_squares(&(&x - &x_hat)?)? / tv, indices));
+    if multi {
+        let x_hat = sae.decode(&wide.acts, &wide.indices)?;
+        backward(
+            &term(&wide.acts, &wide.indices, &x_hat, 2.0 / (8.0 * tv)),
+            sum,
+        )?;
+        multi_topk = Some((sum_squares(&(&x - &x_hat)?)? / tv, wide.indices));
     }
     let mut auxk_loss = 0.0;
-    if let Some(auxk) = auxk {
-        if let Some((loss, aux)) = auxk_and_grads(sae, &xc, &pre, &residual, auxk, tv)? {
-            auxk_loss = loss;
-            grads = add_all(&grads, &aux)?;
-        }
+    if let (Some(auxk), Some(selection), Some((_, scale))) = (auxk, &aux_selection, aux_size) {
+        auxk_loss =
+            scale * auxk_and_grads(sae, &xc, &residual, selection, scale * auxk.alpha, tv, sum)?;
     }
     Ok(FvuGrads {
         fvu: l2 / tv,
-        grads,
+        grads: Vec::new(),
         top_acts,
         top_indices,
         auxk_loss,
         multi_topk,
     })
-}
-
-fn add_all(a: &[Tensor], b: &[Tensor]) -> Result<Vec<Tensor>> {
-    Ok(a.iter()
-        .zip(b)
-        .map(|(a, b)| a + b)
-        .collect::<candle_core::Result<_>>()?)
 }
 
 /// Refuses SAEs this trainer cannot train.
@@ -225,61 +243,62 @@ fn sum_squares(t: &Tensor) -> Result<f64> {
         .to_scalar::<f64>()?)
 }
 
-/// The unweighted AuxK loss and the gradient of `alpha` times it (see [`fvu_and_grads`]);
-/// `None` without dead latents.
-fn auxk_and_grads(
-    sae: &Sae,
-    xc: &Tensor,
-    pre: &Tensor,
-    residual: &Tensor,
-    auxk: &AuxK,
-    tv: f64,
-) -> Result<Option<(f64, Vec<Tensor>)>> {
+/// AuxK's selection size and scale for this dead-latent mask: `(k_aux, s)` with
+/// `k_aux = min(d/2, #dead)` and `s = min(#dead / (d/2), 1)`; `None` without dead latents.
+fn auxk_size(sae: &Sae, dead: &[bool]) -> Result<Option<(usize, f64)>> {
     let n = sae.num_latents();
-    if auxk.dead.len() != n {
+    if dead.len() != n {
         return Err(Error::Training(format!(
             "the dead-latent mask has {} entries for {n} latents",
-            auxk.dead.len()
+            dead.len()
         )));
     }
-    let num_dead = auxk.dead.iter().filter(|&&d| d).count();
+    let num_dead = dead.iter().filter(|&&d| d).count();
     if num_dead == 0 {
         return Ok(None);
     }
     let half = (sae.d_in() / 2).max(1);
-    let scale = (num_dead as f64 / half as f64).min(1.0);
-    let mask: Vec<u8> = auxk.dead.iter().map(|&d| u8::from(d)).collect();
-    let mask = Tensor::from_vec(mask, n, pre.device())?
-        .broadcast_as(pre.shape())?
-        .contiguous()?;
-    let excluded =
-        Tensor::full(f32::NEG_INFINITY, pre.shape(), pre.device())?.to_dtype(pre.dtype())?;
-    let (acts, indices) =
-        crate::kernels::topk(&mask.where_cond(pre, &excluded)?, half.min(num_dead))?;
+    Ok(Some((
+        half.min(num_dead),
+        (num_dead as f64 / half as f64).min(1.0),
+    )))
+}
+
+/// `Σ‖ê − e‖² / TV` for the AuxK `selection` (ê decodes it without `b_dec`, `e` is the
+/// main residual, held constant); adds the gradient of `weight` times it to `sum`.
+fn auxk_and_grads(
+    sae: &Sae,
+    xc: &Tensor,
+    residual: &Tensor,
+    selection: &Selection,
+    weight: f64,
+    tv: f64,
+    sum: &mut GradSum,
+) -> Result<f64> {
     let zero = sae.b_dec().zeros_like()?;
-    let e_hat = crate::kernels::decode(&acts, &indices, sae.w_dec(), &zero)?;
-    let diff = (&e_hat - residual)?;
-    let weight = 2.0 * auxk.alpha * scale / tv;
-    let mut grads = backward(&Backward {
-        x: residual,
-        xc,
-        acts: &acts,
-        indices: &indices,
-        x_hat: &e_hat,
-        w_enc: sae.w_enc(),
-        w_dec: sae.w_dec(),
-        scale: weight,
-    })?;
-    // ê has no b_dec term: only the path through the encoder input remains.
-    grads[3] = (&grads[3] - (diff.sum(0)? * weight)?)?;
-    Ok(Some((scale * sum_squares(&diff)? / tv, grads)))
+    let e_hat = crate::kernels::decode(&selection.acts, &selection.indices, sae.w_dec(), &zero)?;
+    backward(
+        &Backward {
+            target: residual,
+            xc,
+            acts: &selection.acts,
+            indices: &selection.indices,
+            x_hat: &e_hat,
+            w_enc: sae.w_enc(),
+            w_dec: sae.w_dec(),
+            scale: 2.0 * weight / tv,
+            decoder_bias: false,
+            encoder_bias: !sae.config().transcode,
+        },
+        sum,
+    )?;
+    Ok(sum_squares(&(&e_hat - residual)?)? / tv)
 }
 
 /// Removes from each row of `grad` its component along the same (unit-norm) row of
 /// `w_dec` (sparsify's `remove_gradient_parallel_to_decoder_directions`).
 pub fn remove_parallel_component(grad: &Tensor, w_dec: &Tensor) -> Result<Tensor> {
-    let parallel = (grad * w_dec)?.sum_keepdim(1)?;
-    Ok((grad - w_dec.broadcast_mul(&parallel)?)?)
+    crate::kernels::remove_parallel(grad, w_dec)
 }
 
 /// What one optimiser step did.
@@ -389,7 +408,9 @@ impl Trainer {
             params[3] = x.mean(0)?;
             sae.set_parameters(params)?;
         }
-        if sae.config().normalize_decoder {
+        // The decoder is normalised after every step; the first step starts from whatever
+        // the SAE holds.
+        if sae.config().normalize_decoder && self.steps_done == 0 {
             sae.set_decoder_norm_to_unit_norm()?;
         }
         let dead: Vec<bool> = self
@@ -478,16 +499,12 @@ fn batch_grads(sae: &Sae, x: &Tensor, chunk_tokens: usize, auxk: Option<&AuxK>) 
         fired: Vec::new(),
         active: 0.0,
     };
+    let mut sum = GradSum::Empty;
     for start in (0..n).step_by(chunk_tokens) {
         let chunk = x.narrow(0, start, chunk_tokens.min(n - start))?;
-        let out = fvu_and_grads(sae, &chunk, Some(tv), auxk)?;
+        let out = accumulate(sae, &chunk, Some(tv), auxk, &mut sum)?;
         batch.fvu += out.fvu;
         batch.auxk_loss += out.auxk_loss;
-        batch.grads = if batch.grads.is_empty() {
-            out.grads
-        } else {
-            add_all(&batch.grads, &out.grads)?
-        };
         let fired = match &out.multi_topk {
             Some((fvu, indices)) => {
                 batch.multi_topk_fvu += fvu;
@@ -503,6 +520,7 @@ fn batch_grads(sae: &Sae, x: &Tensor, chunk_tokens: usize, auxk: Option<&AuxK>) 
             .sum_all()?
             .to_scalar::<f64>()?;
     }
+    batch.grads = sum.into_tensors()?;
     Ok(batch)
 }
 
@@ -904,10 +922,24 @@ mod tests {
             };
             let aux = |sae: &Sae| {
                 let xc = x.broadcast_sub(sae.b_dec()).unwrap();
-                let pre = sae.pre_activations(&x).unwrap();
-                auxk_and_grads(sae, &xc, &pre, &residual, &auxk, tv)
-                    .unwrap()
-                    .unwrap()
+                let (k_aux, scale) = auxk_size(sae, &dead).unwrap().unwrap();
+                let picks = Picks {
+                    k: 1,
+                    dead: Some((&dead, k_aux)),
+                };
+                let (_, selection) = encode_select(&xc, sae.w_enc(), sae.b_enc(), picks).unwrap();
+                let mut sum = GradSum::Empty;
+                let loss = auxk_and_grads(
+                    sae,
+                    &xc,
+                    &residual,
+                    &selection.unwrap(),
+                    0.5 * scale,
+                    tv,
+                    &mut sum,
+                )
+                .unwrap();
+                (scale * loss, sum.into_tensors().unwrap())
             };
             let (loss, grads) = aux(&sae);
             assert!(loss > 0.0);
@@ -993,7 +1025,7 @@ mod tests {
         let x_hat = sae.decode(&fast.top_acts, &fast.top_indices).unwrap();
         let tv = batch_variance(&x).unwrap();
         let generic = crate::kernels::backward_generic(&Backward {
-            x: &x,
+            target: &x,
             xc: &xc,
             acts: &fast.top_acts,
             indices: &fast.top_indices,
@@ -1001,10 +1033,48 @@ mod tests {
             w_enc: sae.w_enc(),
             w_dec: sae.w_dec(),
             scale: 2.0 / tv,
+            decoder_bias: true,
+            encoder_bias: true,
         })
         .unwrap();
         for (a, b) in fast.grads.iter().zip(&generic) {
             let diff: f32 = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(diff < 1e-5, "{diff}");
+        }
+    }
+
+    /// The CPU kernels (f32, gradients summed in host buffers) against the generic path
+    /// (f64) with every term on: Multi-TopK and AuxK.
+    #[test]
+    fn cpu_kernels_match_generic_with_auxk_and_multi_topk() {
+        let mut config = SaeConfig::new(6, 16, 3);
+        config.multi_topk = true;
+        let (sae, x) = case_with(config, DType::F32);
+        let dead: Vec<bool> = (0..16).map(|i| i % 3 == 1).collect();
+        let auxk = AuxK {
+            dead: &dead,
+            alpha: 0.25,
+        };
+        let fast = fvu_and_grads(&sae, &x, None, Some(&auxk)).unwrap();
+        let slow = fvu_and_grads(
+            &sae.to_dtype(DType::F64).unwrap(),
+            &x.to_dtype(DType::F64).unwrap(),
+            None,
+            Some(&auxk),
+        )
+        .unwrap();
+        assert!(fast.auxk_loss > 0.0);
+        assert!((fast.auxk_loss - slow.auxk_loss).abs() < 1e-5);
+        assert!((fast.multi_topk.unwrap().0 - slow.multi_topk.unwrap().0).abs() < 1e-5);
+        for (a, b) in fast.grads.iter().zip(&slow.grads) {
+            let diff: f64 = (a.to_dtype(DType::F64).unwrap() - b)
                 .unwrap()
                 .abs()
                 .unwrap()

@@ -285,6 +285,53 @@ class LogitLens:
     def model(self) -> Model:
         """The model it decodes with."""
 
+@final
+class PredictionTrajectory:
+    """What a lens predicts at every layer (rows: ``"0"`` = embedding .. ``"output"``) and
+    token position (columns) of one text; statistics as float32 ``[layers, positions]``."""
+
+    @staticmethod
+    def from_lens_and_model(
+        lens: Union[TunedLens, LogitLens, None],
+        model: Union[Model, _Path],
+        input_ids: Union[str, npt.ArrayLike],
+        top_k: int = 5,
+    ) -> "PredictionTrajectory":
+        """Runs ``model`` once over ``input_ids`` (ids or text) and decodes every layer."""
+    @staticmethod
+    def load(path: _Path) -> "PredictionTrajectory":
+        """Reads a trajectory JSON file."""
+    def save_json(self, path: _Path) -> None: ...
+    def save_csv(self, path: _Path) -> None: ...
+    def to_csv(self) -> str: ...
+    def entropy(self) -> _F32: ...
+    def cross_entropy(self) -> _F32: ...
+    def forward_kl(self) -> _F32: ...
+    def max_probability(self) -> _F32: ...
+    def rank(self) -> _F32: ...
+    def statistic(self, name: str, minus: Optional["PredictionTrajectory"] = None) -> _F32:
+        """``entropy``, ``ce``, ``kl``, ``max_prob`` or ``rank``; with ``minus``, the difference."""
+    def plot(
+        self, path: _Path, statistic: str = "entropy", minus: Optional["PredictionTrajectory"] = None
+    ) -> tuple[int, int]:
+        """Draws the figure (``.png`` / ``.svg``); returns ``(width, height)`` in pixels."""
+    @property
+    def layers(self) -> list[str]: ...
+    @property
+    def tokens(self) -> list[str]: ...
+    @property
+    def input_ids(self) -> list[int]: ...
+    @property
+    def top1(self) -> list[list[str]]: ...
+    @property
+    def top1_ids(self) -> list[list[int]]: ...
+    @property
+    def lens(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def revision(self) -> Optional[str]: ...
+
 def evaluate_lens(
     model: Union[Model, _Path],
     lens: Optional[TunedLens] = None,

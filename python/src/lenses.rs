@@ -1,5 +1,6 @@
 //! The lens crate from Python: `TunedLens` (load / save / export, apply, train),
-//! `LogitLens` and `evaluate_lens`, named as in tuned-lens so code ports with few edits.
+//! `LogitLens`, `evaluate_lens` and `PredictionTrajectory` (per-layer predictions of a text,
+//! its statistics and figure), named as in tuned-lens so code ports with few edits.
 //!
 //! Hidden states cross as float32 numpy arrays `[..., d_model]`. The tuned lens's
 //! translators run in float32; decoding (final norm + unembedding) runs in the model's own
@@ -14,7 +15,9 @@ use hooks::activations::{ActivationBatch, ActivationSource, ReadOrder};
 use hooks::candle_core::{Device, Tensor};
 use hooks::{HookPoint, Model};
 use lens::eval::{evaluate, EvalReport};
+use lens::plot::{plot_trajectory, TrajectoryView};
 use lens::train::{checkpoint_dir, train, LossKind, OptimizerKind, StepRecord, TrainOptions};
+use lens::trajectory::{PredictionTrajectory, Statistic};
 use lens::{LensData, TunedLens};
 use pyo3::exceptions::{
     PyFileNotFoundError, PyImportError, PyRuntimeError, PyTypeError, PyValueError,
@@ -727,4 +730,261 @@ pub fn evaluate_lens<'py>(
 pub fn run_lens_cli(py: Python<'_>, argv: Vec<String>) -> PyResult<()> {
     py.detach(move || lens::cli::run(argv).map_err(|e| format!("{e:#}")))
         .map_err(PyRuntimeError::new_err)
+}
+
+/// A prediction trajectory (tuned-lens's ``PredictionTrajectory``): what a lens predicts at
+/// every layer (rows, ``layers``: ``"0"`` = the embedding, ..., ``"output"`` = the model
+/// itself) and every token position of one text (columns), kept as statistics per cell.
+///
+/// Build one with :meth:`from_lens_and_model` (the logit lens when ``lens`` is None or a
+/// :class:`LogitLens`, else a :class:`TunedLens`) or :meth:`load` (a JSON file written by
+/// :meth:`save_json` or ``lens plot trajectory --json``). The statistic methods return
+/// float32 arrays ``[layers, positions]`` in nats (``max_probability``: a probability;
+/// ``rank``: 1 = top), NaN where undefined (the next-token statistics at the last
+/// position). :meth:`plot` draws the figure as PNG or SVG.
+#[pyclass(name = "PredictionTrajectory", module = "eleuther_interp", frozen)]
+pub struct PyPredictionTrajectory {
+    inner: PredictionTrajectory,
+}
+
+impl PyPredictionTrajectory {
+    fn array<'py>(&self, py: Python<'py>, statistic: Statistic) -> PyResult<Bound<'py, PyAny>> {
+        values_array(py, &self.inner.values(statistic))
+    }
+}
+
+/// `[rows][cols]` of optional values as a float32 array with NaN for `None`.
+fn values_array<'py>(py: Python<'py>, values: &[Vec<Option<f64>>]) -> PyResult<Bound<'py, PyAny>> {
+    let rows = values.len();
+    let cols = values.first().map_or(0, Vec::len);
+    let data = values
+        .iter()
+        .flatten()
+        .map(|v| v.map_or(f32::NAN, |x| x as f32))
+        .collect();
+    Ok(HostArray {
+        data,
+        dims: vec![rows, cols],
+    }
+    .into_numpy(py)?
+    .into_any())
+}
+
+fn statistic_arg(name: &str) -> PyResult<Statistic> {
+    Statistic::parse(name).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+#[pymethods]
+impl PyPredictionTrajectory {
+    /// Runs ``model`` over ``input_ids`` (a 1-D list / array of token ids, or a string,
+    /// tokenized with the model's tokenizer) once and decodes every layer with ``lens``
+    /// (None or a :class:`LogitLens`: the logit lens; a :class:`TunedLens`), keeping the
+    /// ``top_k`` most likely tokens per cell. ``ValueError`` for a lens that does not fit.
+    #[staticmethod]
+    #[pyo3(signature = (lens, model, input_ids, top_k = 5))]
+    fn from_lens_and_model(
+        py: Python<'_>,
+        lens: Option<&Bound<'_, PyAny>>,
+        model: &Bound<'_, PyAny>,
+        input_ids: &Bound<'_, PyAny>,
+        top_k: usize,
+    ) -> PyResult<Self> {
+        let holder = model_arg(py, model)?;
+        let py_model = holder.get();
+        let model = py_model.inner();
+        let tuned = match lens {
+            None => None,
+            Some(l) if l.is_none() || l.cast::<PyLogitLens>().is_ok() => None,
+            Some(l) => match l.cast::<PyTunedLens>() {
+                Ok(t) => Some(t.clone()),
+                Err(_) => {
+                    return Err(PyTypeError::new_err(
+                        "lens must be None, a LogitLens or a TunedLens",
+                    ))
+                }
+            },
+        };
+        if let Some(t) = &tuned {
+            t.get().check_fits(py_model)?;
+        }
+        let ids: Vec<u32> = if let Ok(text) = input_ids.extract::<String>() {
+            model
+                .tokenizer()
+                .into_py_result()?
+                .encode(&text)
+                .into_py_result()?
+        } else {
+            let ids = crate::convert::token_ids(input_ids)?;
+            if !ids.one_dim {
+                return Err(PyValueError::new_err(
+                    "input_ids must be one sequence (1-D); a trajectory covers one text",
+                ));
+            }
+            let ids = model.prepare_ids(&ids.tensor).into_py_result()?;
+            ids.flatten_all()
+                .and_then(|t| t.to_vec1::<u32>())
+                .map_err(|e| to_py_err(hooks::Error::from(e)))?
+        };
+        let lens_ref = tuned.as_ref().map(|t| &t.get().inner);
+        let inner = py
+            .detach(|| PredictionTrajectory::compute(model, lens_ref, &ids, top_k))
+            .into_py_lens()?;
+        Ok(PyPredictionTrajectory { inner })
+    }
+
+    /// Reads a trajectory from a JSON file (``save_json`` / ``lens plot trajectory --json``).
+    #[staticmethod]
+    fn load(path: PathBuf) -> PyResult<Self> {
+        Ok(PyPredictionTrajectory {
+            inner: PredictionTrajectory::read_json(&path).into_py_lens()?,
+        })
+    }
+
+    /// Writes the trajectory as JSON (every cell's statistics and top tokens).
+    fn save_json(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        py.detach(|| self.inner.write_json(&path)).into_py_lens()
+    }
+
+    /// Writes the trajectory as CSV, one row per cell.
+    fn save_csv(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        py.detach(|| self.inner.write_csv(&path)).into_py_lens()
+    }
+
+    /// The CSV text (see :meth:`save_csv`).
+    fn to_csv(&self) -> String {
+        self.inner.to_csv()
+    }
+
+    /// Entropy of each cell's distribution (nats), ``[layers, positions]``.
+    fn entropy<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.array(py, Statistic::Entropy)
+    }
+
+    /// Cross-entropy against the next input token (nats); NaN at the last position.
+    fn cross_entropy<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.array(py, Statistic::CrossEntropy)
+    }
+
+    /// KL(model output || lens) (nats); 0 on the output row.
+    fn forward_kl<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.array(py, Statistic::ForwardKl)
+    }
+
+    /// Probability of each cell's top token.
+    fn max_probability<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.array(py, Statistic::MaxProbability)
+    }
+
+    /// Rank of the next input token (1 = top); NaN at the last position.
+    fn rank<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.array(py, Statistic::Rank)
+    }
+
+    /// A statistic by name (``entropy``, ``ce``, ``kl``, ``max_prob``, ``rank``), or with
+    /// ``minus`` (another trajectory of the same tokens) the difference ``self - minus``.
+    #[pyo3(signature = (name, minus = None))]
+    fn statistic<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        minus: Option<PyRef<'py, PyPredictionTrajectory>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let statistic = statistic_arg(name)?;
+        match minus {
+            None => self.array(py, statistic),
+            Some(other) => values_array(
+                py,
+                &self
+                    .inner
+                    .difference(&other.inner, statistic)
+                    .into_py_lens()?,
+            ),
+        }
+    }
+
+    /// Draws the trajectory coloured by ``statistic`` to ``path`` (``.png`` or ``.svg``),
+    /// each cell labelled with its top-1 token; with ``minus``, the difference ``self -
+    /// minus`` on a diverging scale. Returns the figure's ``(width, height)`` in pixels.
+    #[pyo3(signature = (path, statistic = "entropy", minus = None))]
+    fn plot(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        statistic: &str,
+        minus: Option<PyRef<'_, PyPredictionTrajectory>>,
+    ) -> PyResult<(u32, u32)> {
+        let statistic = statistic_arg(statistic)?;
+        let view = match &minus {
+            None => TrajectoryView::Single(&self.inner),
+            Some(other) => TrajectoryView::Difference(&self.inner, &other.inner),
+        };
+        py.detach(|| plot_trajectory(&path, view, statistic))
+            .into_py_lens()
+    }
+
+    /// Row labels, bottom to top: ``"0"`` .. ``"L-1"`` (the residual entering that layer),
+    /// ``"output"``.
+    #[getter]
+    fn layers(&self) -> Vec<String> {
+        self.inner.layers.clone()
+    }
+
+    /// The input tokens as shown (a leading space as ``␣``, newlines as ``\n``).
+    #[getter]
+    fn tokens(&self) -> Vec<String> {
+        self.inner.tokens.clone()
+    }
+
+    /// The input token ids.
+    #[getter]
+    fn input_ids(&self) -> Vec<u32> {
+        self.inner.input_ids.clone()
+    }
+
+    /// Each cell's top-1 token, ``[layers][positions]``.
+    #[getter]
+    fn top1(&self) -> Vec<Vec<String>> {
+        self.inner
+            .cells
+            .iter()
+            .map(|row| row.iter().map(|c| c.top_token().to_string()).collect())
+            .collect()
+    }
+
+    /// Each cell's top-1 token id, ``[layers][positions]``.
+    #[getter]
+    fn top1_ids(&self) -> Vec<Vec<u32>> {
+        self.inner
+            .cells
+            .iter()
+            .map(|row| row.iter().map(|c| c.top_ids[0]).collect())
+            .collect()
+    }
+
+    /// ``"logit lens"`` or ``"tuned lens"``.
+    #[getter]
+    fn lens(&self) -> String {
+        self.inner.lens.clone()
+    }
+
+    /// The model it was computed on.
+    #[getter]
+    fn model(&self) -> String {
+        self.inner.model.clone()
+    }
+
+    /// The model's revision, if any.
+    #[getter]
+    fn revision(&self) -> Option<String> {
+        self.inner.revision.clone()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "PredictionTrajectory({}, {} layers x {} tokens)",
+            self.inner.description(),
+            self.inner.layers.len(),
+            self.inner.tokens.len()
+        )
+    }
 }

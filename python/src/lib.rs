@@ -93,6 +93,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cache::cache_activations, m)?)?;
     m.add_class::<lenses::PyTunedLens>()?;
     m.add_class::<lenses::PyLogitLens>()?;
+    m.add_class::<lenses::PyPredictionTrajectory>()?;
     m.add_function(wrap_pyfunction!(lenses::evaluate_lens, m)?)?;
     m.add_function(wrap_pyfunction!(lenses::run_lens_cli, m)?)?;
     m.add_class::<saes::PySae>()?;

@@ -282,11 +282,14 @@ pub fn run_sweep(options: &SweepOptions, progress: bool) -> Result<SweepSummary>
             read_json::<CheckpointResult>(&done)?
         } else {
             let result = sweep_checkpoint(options, revision, &multi, progress)?;
-            let _ = multi.println(format!(
-                "{revision}: done in {:.0} s (output CE {:.3} nats)",
-                result.seconds,
-                result.eval.logit_lens.last().map_or(f64::NAN, |m| m.ce)
-            ));
+            note(
+                &multi,
+                format!(
+                    "{revision}: done in {:.0} s (output CE {:.3} nats)",
+                    result.seconds,
+                    result.eval.logit_lens.last().map_or(f64::NAN, |m| m.ce)
+                ),
+            );
             result
         };
         results.push(result);
@@ -306,6 +309,15 @@ pub fn run_sweep(options: &SweepOptions, progress: bool) -> Result<SweepSummary>
     };
     hooks::atomic::write_json(&options.output.join("sweep.json"), &summary)?;
     Ok(summary)
+}
+
+/// A progress line: above the bars on a terminal, else a log line.
+fn note(multi: &MultiProgress, message: String) {
+    if multi.is_hidden() {
+        tracing::info!("{message}");
+    } else {
+        let _ = multi.println(message);
+    }
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {

@@ -183,6 +183,11 @@ struct TrainArgs {
     /// Train with the Multi-TopK loss.
     #[arg(long)]
     multi_topk: bool,
+    /// Train transcoders (sparsify's --transcode): each hook point must be an MLP output
+    /// (layers.N.mlp), predicted from the MLP's input (layers.N.mlp.input); with
+    /// --activations the cache needs both (the default hook points are its cached MLPs).
+    #[arg(long)]
+    transcode: bool,
     /// Seed of the SAE initialisation and of the cache shuffle.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -279,7 +284,16 @@ fn train_command(args: TrainArgs) -> Result<()> {
                 bail!("give --data (with --model) or --activations, not both");
             }
             let cache = ActivationCache::open(dir)?;
-            let chosen = cache_points(&cache, args.hookpoints.as_deref())?;
+            let mut chosen = cache_points(&cache, args.hookpoints.as_deref())?;
+            if args.transcode && args.hookpoints.is_none() {
+                chosen.retain(|(p, _)| matches!(p, HookPoint::Mlp(_)));
+                if chosen.is_empty() {
+                    bail!(
+                        "--transcode: the activation cache has no MLP hook point (layers.N.mlp); it has {}",
+                        cache.manifest().settings.hook_points.join(", ")
+                    );
+                }
+            }
             let settings = &cache.manifest().settings;
             let widths = chosen
                 .iter()
@@ -305,6 +319,27 @@ fn train_command(args: TrainArgs) -> Result<()> {
     };
     let names: Vec<String> = names;
     let widths: Vec<usize> = widths;
+    // Each transcoder's input point (checked here, so a bad point fails before any work).
+    let mut streamed = points.clone();
+    if args.transcode {
+        for &point in &points {
+            let input = crate::train::transcoder_input(point)?;
+            if let Some(cache) = &cache {
+                if !cache.hook_points().contains(&input) {
+                    bail!(
+                        "--transcode: the activation cache has no '{}' (the input of '{}'); cache both with `hooks cache --hookpoints {},{}`",
+                        input,
+                        point,
+                        input,
+                        point
+                    );
+                }
+            }
+            if !streamed.contains(&input) {
+                streamed.push(input);
+            }
+        }
+    }
     if args.batch_size == 0 {
         bail!("--batch-size must be positive");
     }
@@ -337,6 +372,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
             let mut config = SaeConfig::new(d, args.num_latents.unwrap_or(0), args.k);
             config.expansion_factor = args.expansion_factor;
             config.multi_topk = args.multi_topk;
+            config.transcode = args.transcode;
             Ok(Sae::new(config, args.seed.wrapping_add(i as u64), &device)?)
         })
         .collect::<Result<Vec<_>>>()?;
@@ -349,7 +385,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
                 buffer_tokens: args.shuffle_buffer,
             },
         )?),
-        (None, Some(model)) => Box::new(args.data.stream(model, points.clone(), Some(needed))?),
+        (None, Some(model)) => Box::new(args.data.stream(model, streamed, Some(needed))?),
         (None, None) => unreachable!(),
     };
     let checkpoints: Vec<PathBuf> = names
@@ -560,13 +596,25 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
             found
         }
     };
-    let saes = points
+    let saes: Vec<Sae> = points
         .iter()
         .map(|p| {
             let dir = sae_dir(&args.sae, &model, *p);
             Sae::load(&dir, model.device()).with_context(|| format!("loading {}", dir.display()))
         })
         .collect::<Result<Vec<_>>>()?;
+    // A transcoder's input point (the MLP input of its `layers.N.mlp`).
+    let inputs: Vec<Option<HookPoint>> = saes
+        .iter()
+        .zip(&points)
+        .map(|(sae, &point)| -> Result<Option<HookPoint>> {
+            Ok(if sae.config().transcode {
+                Some(crate::train::transcoder_input(point)?)
+            } else {
+                None
+            })
+        })
+        .collect::<Result<_>>()?;
     let chunks = args.data.spec().chunks(model.tokenizer().ok())?;
     let mut chunks = chunks;
     let max_chunks = args.tokens.div_ceil(args.data.seq_len.max(1) as u64);
@@ -589,18 +637,26 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
         done_chunks += batch.len() as u64;
         let (b, s) = (batch.len(), batch[0].len());
         let ids = Tensor::from_vec(batch.concat(), (b, s), model.device())?;
-        let mut hooks = Hooks::new().capture(points.iter().copied());
+        let mut hooks = Hooks::new().capture(points.iter().chain(inputs.iter().flatten()).copied());
         let out = model.forward(&ids, &mut hooks)?;
         let logits = out.logits.context("the model returned no logits")?;
         let (ce, count) = ce_sum(&logits, &ids)?;
         ce_clean += ce;
         ce_count += count;
         tokens += (b * s) as u64;
-        for ((point, sae), sums) in points.iter().zip(&saes).zip(sums.iter_mut()) {
-            let x = out.captures[point].to_dtype(DType::F32)?;
-            let d = x.dim(2)?;
-            let flat = x.reshape((b * s, d))?;
-            let fwd = sae.forward(&flat)?;
+        for (((point, sae), sums), input) in
+            points.iter().zip(&saes).zip(sums.iter_mut()).zip(&inputs)
+        {
+            let rows = |p: &HookPoint| -> Result<Tensor> {
+                let x = out.captures[p].to_dtype(DType::F32)?;
+                let d = x.dim(2)?;
+                Ok(x.reshape((b * s, d))?)
+            };
+            let flat = rows(point)?;
+            let fwd = match input {
+                Some(input) => sae.forward_target(&rows(input)?, &flat)?,
+                None => sae.forward(&flat)?,
+            };
             sums.l2 += (&flat - &fwd.x_hat)?
                 .sqr()?
                 .sum_all()?
@@ -623,12 +679,22 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
                     sums.fired[*i as usize] = true;
                 }
             }
-            // The SAE's reconstruction in place of the activations.
-            let mut hooks = Hooks::new().replace(*point, |x: &Tensor| {
+            // The SAE's reconstruction (a transcoder's prediction from the module's input,
+            // seen earlier in the same pass) in place of the activations.
+            let seen: std::cell::RefCell<Option<Tensor>> = Default::default();
+            let mut hooks = Hooks::new();
+            if let Some(input) = input {
+                hooks = hooks.replace(*input, |x: &Tensor| {
+                    *seen.borrow_mut() = Some(x.clone());
+                    Ok(None)
+                });
+            }
+            let mut hooks = hooks.replace(*point, |x: &Tensor| {
                 let dims = x.dims().to_vec();
-                let flat = x.reshape((dims[0] * dims[1], dims[2]))?;
+                let flat = |t: &Tensor| t.reshape((dims[0] * dims[1], dims[2]));
+                let source = seen.borrow().clone().unwrap_or_else(|| x.clone());
                 let recon = sae
-                    .forward(&flat)
+                    .forward_target(&flat(&source)?, &flat(x)?)
                     .map_err(|e| hooks::Error::InvalidArgument(format!("SAE: {e}")))?;
                 Ok(Some(recon.x_hat.reshape(dims)?))
             });

@@ -19,7 +19,9 @@
 //! Optional terms, both as in sparsify and off by default: AuxK (`auxk_alpha`) and
 //! Multi-TopK (the SAE config's `multi_topk`); see [`fvu_and_grads`].
 //!
-//! Not implemented yet: transcoders and skip connections (refused with a clear error).
+//! Transcoders (sparsify's `--transcode`) train the same way on (module input, module
+//! output) pairs: see [`Trainer::step_to`] and [`train_many`]. Not implemented yet: skip
+//! connections (refused with a clear error).
 
 use std::path::{Path, PathBuf};
 
@@ -133,22 +135,45 @@ pub fn fvu_and_grads(
     total_variance: Option<f64>,
     auxk: Option<&AuxK>,
 ) -> Result<FvuGrads> {
+    fvu_and_grads_to(sae, x, x, total_variance, auxk)
+}
+
+/// [`fvu_and_grads`] for a prediction of `target: [N, d]` from `input: [N, d]` (a
+/// transcoder: a module's output from its input). The FVU, its total variance and the AuxK
+/// residual are the target's; a transcoder's encoder sees `input` itself (no `− b_dec`), so
+/// `b_dec` gets gradient only as the output bias.
+pub fn fvu_and_grads_to(
+    sae: &Sae,
+    input: &Tensor,
+    target: &Tensor,
+    total_variance: Option<f64>,
+    auxk: Option<&AuxK>,
+) -> Result<FvuGrads> {
     let mut sum = GradSum::Empty;
-    let mut out = accumulate(sae, x, total_variance, auxk, &mut sum)?;
+    let mut out = accumulate(sae, input, target, total_variance, auxk, &mut sum)?;
     out.grads = sum.into_tensors()?;
     Ok(out)
 }
 
-/// [`fvu_and_grads`] with the gradients added to `sum` (the returned `grads` is empty).
+/// [`fvu_and_grads_to`] with the gradients added to `sum` (the returned `grads` is empty).
 fn accumulate(
     sae: &Sae,
-    x: &Tensor,
+    input: &Tensor,
+    target: &Tensor,
     total_variance: Option<f64>,
     auxk: Option<&AuxK>,
     sum: &mut GradSum,
 ) -> Result<FvuGrads> {
     check_trainable(sae.config())?;
-    let x = sae.input(x, "training input")?;
+    let input = sae.input(input, "training input")?;
+    let x = sae.input(target, "training target")?;
+    if x.dim(0)? != input.dim(0)? {
+        return Err(Error::Training(format!(
+            "the training target has {} rows, the input {}",
+            x.dim(0)?,
+            input.dim(0)?
+        )));
+    }
     let tv = match total_variance {
         Some(tv) => tv,
         None => batch_variance(&x)?,
@@ -158,7 +183,7 @@ fn accumulate(
             "the batch has no variance (total variance {tv}); the FVU is undefined"
         )));
     }
-    let xc = sae.encoder_input(&x)?;
+    let xc = sae.encoder_input(&input)?;
     let k = sae.k();
     let multi = sae.config().multi_topk;
     let aux_size = match auxk {
@@ -221,9 +246,9 @@ fn accumulate(
 
 /// Refuses SAEs this trainer cannot train.
 fn check_trainable(config: &SaeConfig) -> Result<()> {
-    if config.transcode || config.skip_connection {
+    if config.skip_connection {
         return Err(Error::Training(
-            "training transcoders and skip connections is not implemented yet".into(),
+            "training skip connections is not implemented yet".into(),
         ));
     }
     if config.multi_topk && 4 * config.k > config.latents() {
@@ -394,6 +419,19 @@ impl Trainer {
     /// One optimiser step on the batch `x: [N, d]` (on the first step, `b_dec` is set to
     /// the batch mean first).
     pub fn step(&mut self, sae: &mut Sae, x: &Tensor) -> Result<StepRecord> {
+        self.step_to(sae, x, x)
+    }
+
+    /// One optimiser step of a transcoder predicting `target` from `input` (both `[N, d]`).
+    /// On the first step, as sparsify does, `b_dec` becomes the target's mean and the
+    /// encoder bias `−mean(input) W_encᵀ` (pre-activations centred); a transcoder's decoder
+    /// is not kept at unit norm.
+    pub fn step_to(
+        &mut self,
+        sae: &mut Sae,
+        input: &Tensor,
+        target: &Tensor,
+    ) -> Result<StepRecord> {
         let step = self.steps_done + 1;
         if sae.num_latents() != self.tokens_since_fired.len() {
             return Err(Error::Training(format!(
@@ -402,15 +440,25 @@ impl Trainer {
                 sae.num_latents()
             )));
         }
-        let x = sae.input(x, "training batch")?;
+        let input = sae.input(input, "training batch")?;
+        let x = sae.input(target, "training target")?;
+        let transcode = sae.config().transcode;
+        let unit_decoder = sae.config().normalize_decoder && !transcode;
         if self.steps_done == 0 {
             let mut params = sae.parameters();
             params[3] = x.mean(0)?;
+            if transcode {
+                params[1] = input
+                    .mean_keepdim(0)?
+                    .matmul(&sae.w_enc().t()?)?
+                    .squeeze(0)?
+                    .neg()?;
+            }
             sae.set_parameters(params)?;
         }
         // The decoder is normalised after every step; the first step starts from whatever
         // the SAE holds.
-        if sae.config().normalize_decoder && self.steps_done == 0 {
+        if unit_decoder && self.steps_done == 0 {
             sae.set_decoder_norm_to_unit_norm()?;
         }
         let dead: Vec<bool> = self
@@ -431,6 +479,7 @@ impl Trainer {
             active,
         } = batch_grads(
             sae,
+            &input,
             &x,
             self.options.chunk_tokens,
             (auxk.alpha > 0.0).then_some(&auxk),
@@ -440,7 +489,7 @@ impl Trainer {
                 "non-finite FVU at step {step} (activations or SAE diverged)"
             )));
         }
-        if sae.config().normalize_decoder {
+        if unit_decoder {
             grads[2] = remove_parallel_component(&grads[2], sae.w_dec())?;
         }
         let lr = self.options.peak_lr(sae.num_latents())
@@ -452,7 +501,7 @@ impl Trainer {
         let mut params = sae.parameters();
         self.optimizer.step(&mut params, &grads, lr)?;
         sae.set_parameters(params)?;
-        if sae.config().normalize_decoder {
+        if unit_decoder {
             sae.set_decoder_norm_to_unit_norm()?;
         }
 
@@ -488,7 +537,13 @@ struct Batch {
     active: f64,
 }
 
-fn batch_grads(sae: &Sae, x: &Tensor, chunk_tokens: usize, auxk: Option<&AuxK>) -> Result<Batch> {
+fn batch_grads(
+    sae: &Sae,
+    input: &Tensor,
+    x: &Tensor,
+    chunk_tokens: usize,
+    auxk: Option<&AuxK>,
+) -> Result<Batch> {
     let tv = batch_variance(x)?;
     let n = x.dim(0)?;
     let mut batch = Batch {
@@ -501,8 +556,9 @@ fn batch_grads(sae: &Sae, x: &Tensor, chunk_tokens: usize, auxk: Option<&AuxK>) 
     };
     let mut sum = GradSum::Empty;
     for start in (0..n).step_by(chunk_tokens) {
-        let chunk = x.narrow(0, start, chunk_tokens.min(n - start))?;
-        let out = accumulate(sae, &chunk, Some(tv), auxk, &mut sum)?;
+        let len = chunk_tokens.min(n - start);
+        let (chunk_in, chunk) = (input.narrow(0, start, len)?, x.narrow(0, start, len)?);
+        let out = accumulate(sae, &chunk_in, &chunk, Some(tv), auxk, &mut sum)?;
         batch.fvu += out.fvu;
         batch.auxk_loss += out.auxk_loss;
         let fired = match &out.multi_topk {
@@ -591,6 +647,17 @@ struct State {
     history: Vec<StepRecord>,
 }
 
+/// The hook point a transcoder trained at `target` reads its input from: the MLP's input
+/// for `layers.N.mlp` (the only module whose input the hook runtime exposes).
+pub fn transcoder_input(target: HookPoint) -> Result<HookPoint> {
+    match target {
+        HookPoint::Mlp(i) => Ok(HookPoint::MlpInput(i)),
+        other => Err(Error::Training(format!(
+            "a transcoder maps a module's input to its output: give an MLP hook point (layers.N.mlp), not '{other}'"
+        ))),
+    }
+}
+
 /// Where [`train`] keeps its checkpoint inside a checkpoint folder.
 pub fn checkpoint_path(dir: &Path) -> PathBuf {
     dir.join("checkpoint.safetensors")
@@ -623,7 +690,9 @@ pub fn train(
 }
 
 /// Trains one SAE per hook point in a single pass over `source`: `saes[i]` on the
-/// activations at `points[i]`, every SAE seeing the same tokens at each step (the model runs
+/// activations at `points[i]` (a transcoder, `transcode` in its config, predicts the
+/// activations at `points[i] = layers.N.mlp` from those at `layers.N.mlp.input`, which the
+/// source must have too), every SAE seeing the same tokens at each step (the model runs
 /// once for all of them). Otherwise as [`train`]; `checkpoint_dirs` has one folder per SAE,
 /// and a resumed run needs every SAE's checkpoint at the same step. `on_step` gets the SAE's
 /// index and its record. Returns each SAE's history.
@@ -651,21 +720,43 @@ pub fn train_many(
             )));
         }
     }
-    for point in points {
+    // A transcoder at `layers.N.mlp` reads its input at `layers.N.mlp.input`.
+    let inputs = saes
+        .iter()
+        .zip(points)
+        .map(|(sae, &point)| {
+            if sae.config().transcode {
+                transcoder_input(point)
+            } else {
+                Ok(point)
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut needed: Vec<HookPoint> = Vec::new();
+    for point in points.iter().chain(&inputs) {
         if !source.hook_points().contains(point) {
             return Err(Error::Training(format!(
                 "the activation source has no hook point '{point}'"
             )));
         }
+        if !needed.contains(point) {
+            needed.push(*point);
+        }
     }
+    let slot = |p: &HookPoint| needed.iter().position(|n| n == p).unwrap_or(0);
+    let slots: Vec<(usize, usize)> = inputs
+        .iter()
+        .zip(points)
+        .map(|(i, t)| (slot(i), slot(t)))
+        .collect();
     let mut trainers = saes
         .iter()
         .map(|sae| Trainer::new(sae, options.clone()))
         .collect::<Result<Vec<_>>>()?;
     let mut rows = Rows {
         source,
-        points: points.to_vec(),
-        pending: vec![Vec::new(); points.len()],
+        points: needed.clone(),
+        pending: vec![Vec::new(); needed.len()],
         have: 0,
         consumed: 0,
     };
@@ -728,14 +819,18 @@ pub fn train_many(
                 )))
             }
         };
-        for (i, ((sae, trainer), x)) in saes.iter_mut().zip(&mut trainers).zip(&xs).enumerate() {
-            let record = trainer.step(sae, x).map_err(|e| match e {
-                Error::Training(m) if points.len() > 1 => {
-                    Error::Training(format!("hook point '{}': {m}{}", points[i], keep()))
-                }
-                Error::Training(m) => Error::Training(format!("{m}{}", keep())),
-                other => other,
-            })?;
+        for (i, ((sae, trainer), &(input, target))) in
+            saes.iter_mut().zip(&mut trainers).zip(&slots).enumerate()
+        {
+            let record = trainer
+                .step_to(sae, &xs[input], &xs[target])
+                .map_err(|e| match e {
+                    Error::Training(m) if points.len() > 1 => {
+                        Error::Training(format!("hook point '{}': {m}{}", points[i], keep()))
+                    }
+                    Error::Training(m) => Error::Training(format!("{m}{}", keep())),
+                    other => other,
+                })?;
             on_step(i, &record);
             histories[i].push(record);
         }
@@ -900,6 +995,67 @@ mod tests {
             }
         }
         assert!(selected.len() < 16);
+    }
+
+    /// A transcoder: the encoder sees the input itself, the FVU is the target's, and
+    /// `b_dec` is only the output bias. In f64 (generic path) and f32 (CPU kernels), with
+    /// AuxK and Multi-TopK on.
+    #[test]
+    fn transcoder_gradient_matches_finite_differences() {
+        let mut config = SaeConfig::new(6, 16, 3);
+        config.transcode = true;
+        config.multi_topk = true;
+        let (sae, x) = case_with(config, DType::F64);
+        let y = (x.sin().unwrap() * 2.0).unwrap();
+        let dead: Vec<bool> = (0..16).map(|i| i % 4 == 0).collect();
+        let auxk = AuxK {
+            dead: &dead,
+            alpha: 0.5,
+        };
+        let base = fvu_and_grads_to(&sae, &x, &y, None, Some(&auxk)).unwrap();
+        let indices = base.top_indices.to_vec2::<u32>().unwrap();
+        // AuxK's residual target is held constant: take it from the base point.
+        let x_hat = sae.decode(&base.top_acts, &base.top_indices).unwrap();
+        let residual = (&y - &x_hat).unwrap();
+        let tv = batch_variance(&y).unwrap();
+        let checked = assert_matches_finite_differences(&sae, &base.grads, |moved| {
+            let out = fvu_and_grads_to(moved, &x, &y, None, None).unwrap();
+            assert_eq!(out.top_indices.to_vec2::<u32>().unwrap(), indices);
+            let (k_aux, scale) = auxk_size(moved, &dead).unwrap().unwrap();
+            let picks = Picks {
+                k: 1,
+                dead: Some((&dead, k_aux)),
+            };
+            let (_, selection) = encode_select(&x, moved.w_enc(), moved.b_enc(), picks).unwrap();
+            let selection = selection.unwrap();
+            let zero = moved.b_dec().zeros_like().unwrap();
+            let e_hat =
+                crate::kernels::decode(&selection.acts, &selection.indices, moved.w_dec(), &zero)
+                    .unwrap();
+            let aux = scale * sum_squares(&(e_hat - &residual).unwrap()).unwrap() / tv;
+            out.fvu + out.multi_topk.unwrap().0 / 8.0 + 0.5 * aux
+        });
+        assert_eq!(checked, 16 * 6 + 16 + 16 * 6 + 6);
+        // The CPU kernels in f32 agree.
+        let fast = fvu_and_grads_to(
+            &sae.to_dtype(DType::F32).unwrap(),
+            &x.to_dtype(DType::F32).unwrap(),
+            &y.to_dtype(DType::F32).unwrap(),
+            None,
+            Some(&auxk),
+        )
+        .unwrap();
+        for (a, b) in fast.grads.iter().zip(&base.grads) {
+            let diff: f64 = (a.to_dtype(DType::F64).unwrap() - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(diff < 1e-5, "{diff}");
+        }
     }
 
     #[test]
@@ -1089,8 +1245,8 @@ mod tests {
     #[test]
     fn chunks_add_up_to_the_whole_batch() {
         let (sae, x) = case(DType::F64);
-        let whole = batch_grads(&sae, &x, 5, None).unwrap();
-        let chunked = batch_grads(&sae, &x, 2, None).unwrap();
+        let whole = batch_grads(&sae, &x, &x, 5, None).unwrap();
+        let chunked = batch_grads(&sae, &x, &x, 2, None).unwrap();
         assert!((whole.fvu - chunked.fvu).abs() < 1e-12);
         assert_eq!(whole.fired, chunked.fired);
         assert_eq!(whole.active, chunked.active);
@@ -1180,8 +1336,20 @@ mod tests {
         assert!(message.contains("4k = 12"), "{message}");
         let mut config = SaeConfig::new(6, 10, 2);
         config.transcode = true;
+        let sae = Sae::new(config.clone(), 0, &Device::Cpu).unwrap();
+        assert!(Trainer::new(&sae, options.clone()).is_ok());
+        config.skip_connection = true;
         let sae = Sae::new(config, 0, &Device::Cpu).unwrap();
-        assert!(Trainer::new(&sae, options.clone()).is_err());
+        let message = Trainer::new(&sae, options.clone()).unwrap_err().to_string();
+        assert!(message.contains("skip connections"), "{message}");
+        let message = transcoder_input(HookPoint::Attention(2))
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("layers.N.mlp"), "{message}");
+        assert_eq!(
+            transcoder_input(HookPoint::Mlp(2)).unwrap(),
+            HookPoint::MlpInput(2)
+        );
         let sae = Sae::new(SaeConfig::new(6, 10, 3), 0, &Device::Cpu).unwrap();
         let zero_steps = TrainOptions {
             steps: 0,

@@ -1,6 +1,6 @@
-//! Parity with PyPI eai-sparsify 1.3.3 (tests/fixtures/sae/{tiny,skip_transcoder}, written
+//! Parity with PyPI eai-sparsify 1.3.3 (tests/fixtures/sae/{tiny,skip_transcoder,transcoder}, written
 //! by sparsify's own `save_to_disk`): loading, encode, decode, FVU and its gradient, AuxK,
-//! Multi-TopK; our files round-trip; bad files fail with messages that name the file,
+//! Multi-TopK, transcoder training steps; our files round-trip; bad files fail with messages that name the file,
 //! tensor and shape.
 
 use std::collections::HashMap;
@@ -281,4 +281,56 @@ fn bad_files_are_refused_with_clear_messages() {
     )
     .unwrap();
     assert!(err(dir.path()).contains("groupmax"));
+}
+
+/// Three steps of sparsify's transcoder recipe (tests/fixtures/sae/transcoder): the
+/// first-step bias init (encoder bias `−mean(x) W_encᵀ`, `b_dec = mean(y)`), no decoder
+/// normalisation, Adam with a 1-step warm-up; same FVU at every step and same parameters
+/// after the last one.
+#[test]
+fn transcoder_training_matches_sparsify() {
+    use sae::train::{TrainOptions, Trainer};
+    let mut sae = Sae::load(&fixture("transcoder"), &Device::Cpu).unwrap();
+    assert!(sae.config().transcode);
+    let e = expected("transcoder");
+    let fvus: Vec<f32> = e["fvu"].to_vec1().unwrap();
+    let lr = e["lr"].to_vec1::<f32>().unwrap()[0] as f64;
+    let options = TrainOptions {
+        steps: fvus.len() as u64,
+        tokens_per_step: e["x.0"].dim(0).unwrap(),
+        chunk_tokens: 1 << 12,
+        lr: Some(lr),
+        warmup_steps: 1,
+        checkpoint_every: 0,
+        ..TrainOptions::default()
+    };
+    let mut trainer = Trainer::new(&sae, options).unwrap();
+    for (i, fvu) in fvus.iter().enumerate() {
+        let record = trainer
+            .step_to(&mut sae, &e[&format!("x.{i}")], &e[&format!("y.{i}")])
+            .unwrap();
+        assert!(
+            (record.fvu - *fvu as f64).abs() < 1e-5,
+            "step {i}: {} vs sparsify {fvu}",
+            record.fvu
+        );
+    }
+    let names = ["encoder.weight", "encoder.bias", "W_dec", "b_dec"];
+    for (name, ours) in names.iter().zip(sae.parameters()) {
+        let theirs = &e[&format!("final.{name}")];
+        let err = relative_error(&ours, theirs);
+        assert!(err < 1e-4, "{name}: relative error {err}");
+    }
+    // The decoder was trained away from zero without being normalised.
+    let norms: Vec<f32> = sae
+        .w_dec()
+        .sqr()
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(norms.iter().any(|n| (n - 1.0).abs() > 0.1));
 }

@@ -105,7 +105,9 @@ pub struct PySae {
 #[pymethods]
 impl PySae {
     /// Loads an SAE folder (``cfg.json`` + ``sae.safetensors``, sparsify's layout; for a
-    /// ``sae train`` output pick the hook point's subfolder, e.g. ``saes/layers.3``).
+    /// ``sae train`` output pick the hook point's subfolder, e.g. ``saes/layers.3``), or a
+    /// SAELens one (``cfg.json`` + ``sae_weights.safetensors``: topk, standard ReLU or
+    /// jumprelu; a ReLU / JumpReLU SAE's codes are padded to the batch's most active row).
     /// ``device`` is where the parameters live (``"cpu"``, ``"cuda:0"``).
     #[staticmethod]
     #[pyo3(signature = (path, device = "cpu"))]

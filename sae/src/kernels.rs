@@ -101,6 +101,53 @@ fn encode_select_generic(
     Ok((Selection { acts, indices }, aux))
 }
 
+/// Codes of a ReLU (`threshold` None) or JumpReLU SAE: the latents whose pre-activation
+/// `xc W_encᵀ + b_enc` is positive (and above its threshold), as `(acts [N, m], indices
+/// [N, m] u32)` by decreasing activation, `m` the largest count of any row (at least 1),
+/// shorter rows padded with zero activations at index 0.
+pub(crate) fn encode_threshold(
+    xc: &Tensor,
+    w_enc: &Tensor,
+    b_enc: &Tensor,
+    threshold: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let pre = xc.matmul(&w_enc.t()?)?.broadcast_add(b_enc)?;
+    let mut acts = pre.relu()?;
+    if let Some(threshold) = threshold {
+        let above = pre.broadcast_gt(threshold)?.to_dtype(acts.dtype())?;
+        acts = (acts * above)?;
+    }
+    let dtype = acts.dtype();
+    let rows: Vec<Vec<f32>> = acts.to_dtype(DType::F32)?.to_vec2()?;
+    let codes: Vec<Vec<(f32, u32)>> = rows
+        .iter()
+        .map(|row| {
+            let mut nonzero: Vec<(f32, u32)> = row
+                .iter()
+                .enumerate()
+                .filter(|(_, &v)| v > 0.0)
+                .map(|(j, &v)| (v, j as u32))
+                .collect();
+            nonzero.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            nonzero
+        })
+        .collect();
+    let width = codes.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut values = vec![0f32; rows.len() * width];
+    let mut indices = vec![0u32; rows.len() * width];
+    for (r, code) in codes.iter().enumerate() {
+        for (j, &(v, i)) in code.iter().enumerate() {
+            values[r * width + j] = v;
+            indices[r * width + j] = i;
+        }
+    }
+    let device = xc.device();
+    Ok((
+        Tensor::from_vec(values, (rows.len(), width), device)?.to_dtype(dtype)?,
+        Tensor::from_vec(indices, (rows.len(), width), device)?,
+    ))
+}
+
 /// An integer with the order of `f32::total_cmp`.
 #[inline]
 fn order_key(v: f32) -> i32 {

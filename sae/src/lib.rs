@@ -8,6 +8,9 @@
 //! an activation cache; [`train::train_many`] trains one SAE per hook point in one pass) ->
 //! [`cli`] (the `sae train` / `sae eval` command line, also behind Python's `sae` script).
 //!
+//! [`Sae::load`] also reads SAELens SAEs (`sae_weights.safetensors`: TopK, ReLU or
+//! JumpReLU, see [`Sae::load_sae_lens`]) for inference and evaluation.
+//!
 //! candle has no TopK: the CPU path uses the kernels in `kernels` (rows in parallel,
 //! partial selection, sparse decode of the `k` chosen decoder rows); other devices and
 //! dtypes fall back to generic tensor ops (sort-based TopK, which is slow and, on CUDA,
@@ -18,7 +21,7 @@ mod kernels;
 mod sae;
 pub mod train;
 
-pub use sae::{fvu, ForwardOutput, Sae, SaeConfig};
+pub use sae::{fvu, Activation, ForwardOutput, Sae, SaeConfig};
 
 /// Errors of SAE files, inference and training.
 #[derive(Debug, thiserror::Error)]

@@ -132,7 +132,19 @@ pub struct ForwardOutput {
     pub fvu: f64,
 }
 
-/// A TopK sparse autoencoder (or transcoder) with sparsify's parameters.
+/// How latents are chosen from the pre-activations `W_enc (x − b_dec) + b_enc`.
+#[derive(Debug, Clone)]
+pub enum Activation {
+    /// The `k` largest, ReLU'd (sparsify; SAELens `topk`).
+    TopK,
+    /// Every positive one (SAELens `standard`, ReLU).
+    Relu,
+    /// Every one above its latent's threshold `[n]` (SAELens `jumprelu`).
+    JumpRelu(Tensor),
+}
+
+/// A sparse autoencoder (or transcoder) with sparsify's parameters: TopK as sparsify trains
+/// them, or a ReLU / JumpReLU one loaded from SAELens for inference.
 #[derive(Debug, Clone)]
 pub struct Sae {
     config: SaeConfig,
@@ -141,11 +153,17 @@ pub struct Sae {
     w_dec: Tensor,
     b_dec: Tensor,
     w_skip: Option<Tensor>,
+    activation: Activation,
+    /// The encoder's input is `x − b_dec` (sparsify: all but transcoders; SAELens:
+    /// `apply_b_dec_to_input`).
+    subtract_b_dec: bool,
 }
 
 /// Tensor names in `sae.safetensors`, in the order of [`Sae::parameters`].
 const NAMES: [&str; 4] = ["encoder.weight", "encoder.bias", "W_dec", "b_dec"];
 const SKIP: &str = "W_skip";
+/// SAELens's weights file.
+const SAE_LENS_WEIGHTS: &str = "sae_weights.safetensors";
 
 impl Sae {
     /// A freshly initialised SAE, as sparsify does it: encoder weight from PyTorch's
@@ -174,6 +192,8 @@ impl Sae {
         let mut sae = Sae {
             b_enc: Tensor::zeros(n, DType::F32, device)?,
             b_dec: Tensor::zeros(d, DType::F32, device)?,
+            activation: Activation::TopK,
+            subtract_b_dec: !config.transcode,
             config,
             w_enc,
             w_dec,
@@ -234,6 +254,17 @@ impl Sae {
         &self.b_dec
     }
 
+    /// How latents are chosen (TopK unless loaded from a SAELens ReLU / JumpReLU SAE).
+    pub fn activation(&self) -> &Activation {
+        &self.activation
+    }
+
+    /// Whether the encoder's input is `x − b_dec` (sparsify: every autoencoder; SAELens:
+    /// `apply_b_dec_to_input`).
+    pub fn subtracts_b_dec(&self) -> bool {
+        self.subtract_b_dec
+    }
+
     /// Skip-connection weight `[d, d]`, if the config has one.
     pub fn w_skip(&self) -> Option<&Tensor> {
         self.w_skip.as_ref()
@@ -283,6 +314,11 @@ impl Sae {
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         Ok(Sae {
             config: self.config.clone(),
+            activation: match &self.activation {
+                Activation::JumpRelu(t) => Activation::JumpRelu(t.to_dtype(dtype)?),
+                other => other.clone(),
+            },
+            subtract_b_dec: self.subtract_b_dec,
             w_enc: self.w_enc.to_dtype(dtype)?,
             b_enc: self.b_enc.to_dtype(dtype)?,
             w_dec: self.w_dec.to_dtype(dtype)?,
@@ -318,10 +354,10 @@ impl Sae {
     /// The encoder's input: `x − b_dec`, or `x` itself for a transcoder.
     pub(crate) fn encoder_input(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.input(x, "input")?;
-        Ok(if self.config.transcode {
-            x
-        } else {
+        Ok(if self.subtract_b_dec {
             x.broadcast_sub(&self.b_dec)?
+        } else {
+            x
         })
     }
 
@@ -333,7 +369,24 @@ impl Sae {
     /// The `k` most active latents of each token of `x: [N, d]`: `(top_acts [N, k],
     /// top_indices [N, k] u32)`, largest first, ties by lower index. On the CPU in f32 the
     /// `[N, n]` pre-activations are never held whole (see `kernels`).
+    ///
+    /// A ReLU or JumpReLU SAE (from SAELens) has no fixed `k`: its codes are `[N, m]` with `m`
+    /// the most active latents of any row in the batch, rows with fewer padded with zero
+    /// activations (which decode to nothing).
     pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let threshold = match &self.activation {
+            Activation::TopK => None,
+            Activation::Relu => Some(None),
+            Activation::JumpRelu(t) => Some(Some(t)),
+        };
+        if let Some(threshold) = threshold {
+            return kernels::encode_threshold(
+                &self.encoder_input(x)?,
+                &self.w_enc,
+                &self.b_enc,
+                threshold,
+            );
+        }
         let picks = kernels::Picks {
             k: self.config.k,
             dead: None,
@@ -391,6 +444,15 @@ impl Sae {
     /// Writes `cfg.json` and `sae.safetensors` into `dir` (created if needed), atomically,
     /// in sparsify's layout.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        if !matches!(self.activation, Activation::TopK)
+            || self.subtract_b_dec == self.config.transcode
+        {
+            return Err(Error::Sae(format!(
+                "a {} SAE{} has no sparsify file format (only TopK SAEs that subtract b_dec, and transcoders, do)",
+                self.config.activation,
+                if self.subtract_b_dec { "" } else { " without apply_b_dec_to_input" }
+            )));
+        }
         std::fs::create_dir_all(dir).map_err(|e| hooks::Error::io(dir, e))?;
         let mut tensors: Vec<(String, Vec<Tensor>)> = NAMES
             .iter()
@@ -405,9 +467,13 @@ impl Sae {
         Ok(())
     }
 
-    /// Reads an SAE saved by sparsify's `save_to_disk` (or [`Sae::save`]) from `dir`;
-    /// parameters become float32 on `device`.
+    /// Reads an SAE saved by sparsify's `save_to_disk` (or [`Sae::save`]) from `dir`, or a
+    /// SAELens one (`sae_weights.safetensors`, see [`Sae::load_sae_lens`]) when the folder
+    /// has that file and no `sae.safetensors`; parameters become float32 on `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        if !dir.join("sae.safetensors").exists() && dir.join(SAE_LENS_WEIGHTS).is_file() {
+            return Self::load_sae_lens(dir, device);
+        }
         let cfg_path = dir.join("cfg.json");
         let text =
             std::fs::read_to_string(&cfg_path).map_err(|e| hooks::Error::io(&cfg_path, e))?;
@@ -450,6 +516,108 @@ impl Sae {
             w_dec: get(NAMES[2], &[n, d])?,
             b_dec: get(NAMES[3], &[d])?,
             w_skip,
+            activation: Activation::TopK,
+            subtract_b_dec: !config.transcode,
+            config,
+        })
+    }
+
+    /// Reads a SAELens SAE folder: `cfg.json` (v6: `architecture` `standard` / `topk` /
+    /// `jumprelu` with a top-level `k`; before 6.0: `activation_fn_str` `relu` / `topk` with
+    /// `activation_fn_kwargs.k`), `d_in`, `d_sae`, `apply_b_dec_to_input` (default true) and
+    /// `normalize_activations` (only `none`), and `sae_weights.safetensors` with `W_enc
+    /// [d_in, d_sae]` (stored here transposed, as sparsify's `encoder.weight`), `b_enc`,
+    /// `W_dec [d_sae, d_in]`, `b_dec` and, for JumpReLU, `threshold [d_sae]`. For inference
+    /// (encode, decode, `sae eval`); such an SAE cannot be trained or saved in sparsify's
+    /// format unless it is a TopK SAE that subtracts `b_dec`.
+    pub fn load_sae_lens(dir: &Path, device: &Device) -> Result<Self> {
+        let cfg_path = dir.join("cfg.json");
+        let bad = |m: String| Error::Sae(format!("{}: {m}", cfg_path.display()));
+        let text =
+            std::fs::read_to_string(&cfg_path).map_err(|e| hooks::Error::io(&cfg_path, e))?;
+        let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let size = |field: &str| -> Result<usize> {
+            cfg[field]
+                .as_u64()
+                .filter(|&v| v > 0)
+                .map(|v| v as usize)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "'{field}' must be a positive integer, got {}",
+                        cfg[field]
+                    ))
+                })
+        };
+        let (d, n) = (size("d_in")?, size("d_sae")?);
+        let architecture = match (
+            cfg["architecture"].as_str(),
+            cfg["activation_fn_str"].as_str(),
+        ) {
+            (Some(a), _) => a.to_string(),
+            (None, Some("relu")) | (None, None) => "standard".into(),
+            (None, Some(f)) => f.to_string(),
+        };
+        match cfg["normalize_activations"].as_str() {
+            None | Some("none") => {}
+            Some(other) => {
+                return Err(bad(format!(
+                    "normalize_activations '{other}' is not supported (only 'none')"
+                )))
+            }
+        }
+        let subtract_b_dec = cfg["apply_b_dec_to_input"].as_bool().unwrap_or(true);
+        let path = dir.join(SAE_LENS_WEIGHTS);
+        let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&path, device)
+            .map_err(|e| Error::Sae(format!("{}: {e}", path.display())))?;
+        let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = tensors.get(name).ok_or_else(|| {
+                Error::Sae(format!(
+                    "{}: missing tensor '{name}' (expected shape {shape:?})",
+                    path.display()
+                ))
+            })?;
+            if t.dims() != shape {
+                return Err(Error::Sae(format!(
+                    "{}: tensor '{name}' has shape {:?}, but cfg.json (d_in {d}, d_sae {n}) needs {shape:?}",
+                    path.display(),
+                    t.dims()
+                )));
+            }
+            Ok(t.to_dtype(DType::F32)?)
+        };
+        let (activation, k) = match architecture.as_str() {
+            "topk" => {
+                let k = cfg["k"]
+                    .as_u64()
+                    .or_else(|| cfg["activation_fn_kwargs"]["k"].as_u64())
+                    .ok_or_else(|| bad("a topk SAE needs 'k'".into()))?;
+                (Activation::TopK, k as usize)
+            }
+            "standard" => (Activation::Relu, n),
+            "jumprelu" => (Activation::JumpRelu(get("threshold", &[n])?), n),
+            other => {
+                return Err(bad(format!(
+                    "SAELens architecture '{other}' is not supported (standard, topk, jumprelu)"
+                )))
+            }
+        };
+        let mut config = SaeConfig::new(d, n, k);
+        config.activation = match activation {
+            Activation::TopK => "topk".into(),
+            Activation::Relu => "relu".into(),
+            Activation::JumpRelu(_) => "jumprelu".into(),
+        };
+        if k == 0 || k > n {
+            return Err(bad(format!("k = {k} must be between 1 and d_sae ({n})")));
+        }
+        Ok(Sae {
+            w_enc: get("W_enc", &[d, n])?.t()?.contiguous()?,
+            b_enc: get("b_enc", &[n])?,
+            w_dec: get("W_dec", &[n, d])?,
+            b_dec: get("b_dec", &[d])?,
+            w_skip: None,
+            activation,
+            subtract_b_dec,
             config,
         })
     }

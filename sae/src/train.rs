@@ -164,7 +164,7 @@ fn accumulate(
     auxk: Option<&AuxK>,
     sum: &mut GradSum,
 ) -> Result<FvuGrads> {
-    check_trainable(sae.config())?;
+    check_trainable(sae)?;
     let input = sae.input(input, "training input")?;
     let x = sae.input(target, "training target")?;
     if x.dim(0)? != input.dim(0)? {
@@ -245,7 +245,21 @@ fn accumulate(
 }
 
 /// Refuses SAEs this trainer cannot train.
-fn check_trainable(config: &SaeConfig) -> Result<()> {
+fn check_trainable(sae: &Sae) -> Result<()> {
+    let config = sae.config();
+    if !matches!(sae.activation(), crate::Activation::TopK)
+        || sae.subtracts_b_dec() == config.transcode
+    {
+        return Err(Error::Training(format!(
+            "only TopK SAEs as sparsify makes them can be trained (this one is '{}'{})",
+            config.activation,
+            if sae.subtracts_b_dec() {
+                ""
+            } else {
+                " without apply_b_dec_to_input"
+            }
+        )));
+    }
     if config.skip_connection {
         return Err(Error::Training(
             "training skip connections is not implemented yet".into(),
@@ -357,7 +371,7 @@ pub struct Trainer {
 impl Trainer {
     /// A trainer for `sae` (checks the options and that the SAE is a TopK autoencoder).
     pub fn new(sae: &Sae, options: TrainOptions) -> Result<Self> {
-        check_trainable(sae.config())?;
+        check_trainable(sae)?;
         if options.steps == 0 || options.tokens_per_step == 0 || options.chunk_tokens == 0 {
             return Err(Error::Training(
                 "steps, tokens per step and chunk size must be positive".into(),

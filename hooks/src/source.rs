@@ -256,17 +256,9 @@ fn from_hub(repo_id: &str, revision: &str) -> Result<ModelFiles> {
         return Err(not_cached(None));
     }
 
-    let token = std::env::var("HF_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-        .or_else(|| cache.token());
-    let api = ApiBuilder::from_env()
-        .with_token(token)
-        .with_progress(std::io::stderr().is_terminal())
-        .with_retries(2)
-        .build()
-        .map_err(|e| not_cached(Some(e.to_string())))?;
-    let remote = api.repo(repo);
+    let remote = hub_api(&cache)
+        .map_err(|e| not_cached(Some(e.to_string())))?
+        .repo(repo);
     let listing = remote.info().map_err(|e| not_cached(Some(e.to_string())))?;
     let available: Vec<String> = listing.siblings.into_iter().map(|s| s.rfilename).collect();
     let mut download_error = None;
@@ -294,6 +286,67 @@ fn from_hub(repo_id: &str, revision: &str) -> Result<ModelFiles> {
             ),
         )),
     }
+}
+
+/// The hub client: `HF_TOKEN` (else the cached token), progress bars on a terminal.
+fn hub_api(
+    cache: &Cache,
+) -> std::result::Result<hf_hub::api::sync::Api, hf_hub::api::sync::ApiError> {
+    let token = std::env::var("HF_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .or_else(|| cache.token());
+    ApiBuilder::from_env()
+        .with_token(token)
+        .with_progress(std::io::stderr().is_terminal())
+        .with_retries(2)
+        .build()
+}
+
+/// Files of any hub model repository by their paths inside it (e.g. the
+/// `<hookpoint>/cfg.json` of a repo of SAEs), in the order asked: from the shared cache
+/// when all are there (no network), else downloaded into it unless `HF_HUB_OFFLINE` is set
+/// ([`Error::NotCached`] names the repo, revision and cache folder).
+pub fn hub_repo_files(repo_id: &str, revision: &str, names: &[String]) -> Result<Vec<PathBuf>> {
+    let cache = Cache::from_env();
+    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
+    let not_cached = |reason: Option<String>| Error::NotCached {
+        model: repo_id.into(),
+        revision: revision.into(),
+        cache_dir: cache.path().clone(),
+        reason,
+    };
+    let cached = cache.repo(repo.clone());
+    if let Some(paths) = names
+        .iter()
+        .map(|n| cached.get(n))
+        .collect::<Option<Vec<_>>>()
+    {
+        return Ok(paths);
+    }
+    if hub_offline() {
+        let missing: Vec<&str> = names
+            .iter()
+            .filter(|n| cached.get(n).is_none())
+            .map(String::as_str)
+            .collect();
+        return Err(not_cached(Some(format!(
+            "not cached: {}",
+            missing.join(", ")
+        ))));
+    }
+    let remote = hub_api(&cache)
+        .map_err(|e| not_cached(Some(e.to_string())))?
+        .repo(repo);
+    names
+        .iter()
+        .map(|name| {
+            tracing::info!("fetching {name} from {repo_id}@{revision}");
+            remote
+                .get(name)
+                .map_err(|e| not_cached(Some(format!("{name}: {e}"))))
+        })
+        .collect()
 }
 
 /// Assembles hub files through `fetch`; `None` when config or weights are unavailable.

@@ -205,9 +205,13 @@ struct EvalArgs {
     model: ModelOpts,
     #[command(flatten)]
     data: DataOpts,
-    /// Folder of SAEs as `sae train` writes it (OUTPUT/<hookpoint>/cfg.json ...).
+    /// Folder of SAEs as `sae train` writes it (OUTPUT/<hookpoint>/cfg.json ...), or a
+    /// hub repository of sparsify SAEs (EleutherAI/sae-pythia-70m-32k; needs --hookpoints).
     #[arg(long)]
     sae: PathBuf,
+    /// Hub revision of a --sae repository.
+    #[arg(long, default_value = "main")]
+    sae_revision: String,
     /// Hook points to evaluate (default: every SAE in the folder).
     #[arg(long)]
     hookpoints: Option<String>,
@@ -573,6 +577,19 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
         .model
         .load()?
         .context("give --model: evaluation runs the model")?;
+    let mut args = args;
+    let repo_id = args.sae.to_string_lossy().to_string();
+    if !args.sae.exists() && repo_id.split('/').count() == 2 {
+        let list = args.hookpoints.as_deref().with_context(|| {
+            format!("--sae {repo_id} is a hub repository: name the SAEs to fetch with --hookpoints")
+        })?;
+        let names: Vec<String> = model
+            .hook_points_from_list(list)?
+            .into_iter()
+            .map(|p| model.hook_name(p))
+            .collect();
+        args.sae = crate::fetch_from_hub(&repo_id, &args.sae_revision, &names)?;
+    }
     let points = match &args.hookpoints {
         Some(list) => model.hook_points_from_list(list)?,
         None => {

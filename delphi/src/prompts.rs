@@ -138,13 +138,15 @@ pub fn explainer_messages(examples: &[ShownExample], show_activations: bool) -> 
 }
 
 /// The explanation in an explainer's answer: the text after the *last* `[EXPLANATION]:`
-/// marker, up to the end of that line (a marker quoted earlier, e.g. in reasoning, is not
-/// taken). `None` when there is no marker or nothing after it.
+/// marker that has any, up to the end of that line (a marker quoted earlier, e.g. in
+/// reasoning, is not taken; a trailing empty marker, as a small model's cut-off answer may
+/// end, is passed over). `None` when no marker has text after it.
 pub fn parse_explanation(answer: &str) -> Option<String> {
-    let start = answer.rfind(EXPLANATION_MARKER)? + EXPLANATION_MARKER.len();
-    let rest = answer[start..].trim_start();
-    let line = rest.lines().next().unwrap_or("").trim();
-    (!line.is_empty()).then(|| line.to_string())
+    answer.rmatch_indices(EXPLANATION_MARKER).find_map(|(at, marker)| {
+        let rest = answer[at + marker.len()..].trim_start();
+        let line = rest.lines().next().unwrap_or("").trim();
+        (!line.is_empty() && !line.starts_with(EXPLANATION_MARKER)).then(|| line.to_string())
+    })
 }
 
 /// Which test a scorer's prompt asks for.
@@ -298,6 +300,11 @@ mod tests {
             Some("Cat words.".to_string())
         );
         assert_eq!(parse_explanation("No marker here"), None);
+        assert_eq!(
+            parse_explanation("[EXPLANATION]: Dates.\n[EXPLANATION]:"),
+            Some("Dates.".to_string())
+        );
+        assert_eq!(parse_explanation("[EXPLANATION]:\n  Dates.\n"), Some("Dates.".to_string()));
         assert_eq!(parse_explanation("[EXPLANATION]:   \n"), None);
     }
 

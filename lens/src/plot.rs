@@ -162,7 +162,7 @@ fn interpolate(stops: &[(f64, f64, f64)], t: f64) -> RGBColor {
     RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
-/// A tick label: integers plainly, else up to 3 significant digits.
+/// A tick label: integers plainly, else up to 3 significant digits without trailing zeros.
 fn format_tick(v: f64) -> String {
     if v == 0.0 {
         return "0".into();
@@ -171,7 +171,12 @@ fn format_tick(v: f64) -> String {
         return format!("{}", v.round() as i64);
     }
     let digits = (2 - v.abs().log10().floor() as i32).clamp(0, 6) as usize;
-    format!("{v:.digits$}")
+    let text = format!("{v:.digits$}");
+    if text.contains('.') {
+        text.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        text
+    }
 }
 
 /// Black or white, whichever reads better on `background`.
@@ -245,10 +250,14 @@ fn draw_heatmap<DB: DrawingBackend>(
     let black = &BLACK;
     // Title.
     let title_height = 56;
+    let mut title_size = TITLE_SIZE;
+    while text_width(area, &heatmap.title, title_size) as i32 > w - 20 && title_size > 14.0 {
+        title_size -= 1.0;
+    }
     area.draw(&Text::new(
         heatmap.title.clone(),
         (w / 2, 14),
-        font(TITLE_SIZE)
+        font(title_size)
             .color(black)
             .pos(Pos::new(HPos::Center, VPos::Top)),
     ))?;
@@ -407,10 +416,15 @@ fn draw_colour_bar<DB: DrawingBackend>(
         .map(|t| text_width(area, &format_tick(*t), TICK_SIZE))
         .max()
         .unwrap_or(0) as i32;
+    let mut label_size = AXIS_TITLE_SIZE;
+    while text_width(area, &scale.label, label_size) as i32 > bottom - top + 40 && label_size > 12.0
+    {
+        label_size -= 1.0;
+    }
     area.draw(&Text::new(
         scale.label.clone(),
         (x1 + 10 + widest + 14, (top + bottom) / 2),
-        font(AXIS_TITLE_SIZE)
+        font(label_size)
             .transform(FontTransform::Rotate270)
             .color(&BLACK)
             .pos(Pos::new(HPos::Center, VPos::Top)),
@@ -450,12 +464,13 @@ fn plot_span<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, heatmap: &Heatma
     (56, 56 + cell_h * rows)
 }
 
-/// Heatmap panels side by side sharing one colour scale, with a figure title above them and
-/// the colour bar on the right.
+/// Heatmap panels in a grid of `cols` columns (row by row) sharing one colour scale, with a
+/// figure title above them and the colour bar on the right.
 fn draw_panels<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     title: Option<&str>,
     panels: &[Heatmap],
+    cols: usize,
     scale: &ColourScale,
 ) -> DrawResult<DB> {
     root.fill(&WHITE)?;
@@ -475,12 +490,17 @@ fn draw_panels<DB: DrawingBackend>(
         None => root.clone(),
     };
     let (plots, bar) = body.split_horizontally(w.saturating_sub(BAR_WIDTH));
-    let areas = plots.split_evenly((1, panels.len().max(1)));
+    let cols = cols.clamp(1, panels.len().max(1));
+    let rows = panels.len().div_ceil(cols).max(1);
+    let areas = plots.split_evenly((rows, cols));
     for (area, panel) in areas.iter().zip(panels) {
         draw_heatmap(area, panel, scale)?;
     }
-    if let (Some(area), Some(panel)) = (areas.first(), panels.first()) {
-        let (top, bottom) = plot_span(area, panel);
+    if let (Some(first), Some(last)) = (areas.first(), areas.get(panels.len().saturating_sub(1))) {
+        let origin = body.get_base_pixel().1;
+        let top = plot_span(first, &panels[0]).0 + first.get_base_pixel().1 - origin;
+        let bottom =
+            plot_span(last, &panels[panels.len() - 1]).1 + last.get_base_pixel().1 - origin;
         draw_colour_bar(&bar, scale, top, bottom)?;
     }
     root.present()
@@ -640,12 +660,13 @@ pub fn plot_trajectory(
         &root,
         None,
         std::slice::from_ref(&panel),
+        1,
         &scale
     ))
 }
 
-/// Writes trajectories of one prompt (one per checkpoint, same tokens) side by side with a
-/// shared colour scale; returns the size in pixels.
+/// Writes trajectories of one prompt (one per checkpoint, same tokens) side by side (in rows
+/// of as many as fit in about 2400 pixels) with a shared colour scale; returns the size in pixels.
 pub fn plot_trajectories(
     path: &Path,
     title: &str,
@@ -673,11 +694,15 @@ pub fn plot_trajectories(
         false,
     );
     let (w, h) = panel_size(first.tokens.len(), first.layers.len());
-    let size = (w * panels.len() as u32 + BAR_WIDTH, h + 60);
+    // As many columns as fit in about 2400 pixels; one panel per row for long prompts.
+    let cols = ((2400 / w) as usize).clamp(1, panels.len());
+    let rows = panels.len().div_ceil(cols) as u32;
+    let size = (w * cols as u32 + BAR_WIDTH, h * rows + 60);
     render!(path, size, |root| draw_panels(
         &root,
         Some(title),
         &panels,
+        cols,
         &scale
     ))
 }
@@ -732,6 +757,7 @@ pub fn plot_checkpoint_heatmap(
         &root,
         None,
         std::slice::from_ref(&panel),
+        1,
         &scale
     ))
 }
@@ -777,7 +803,12 @@ fn draw_curves<DB: DrawingBackend>(
     lo: f64,
     hi: f64,
 ) -> DrawResult<DB> {
-    let layers = layer_labels(&grid.layers);
+    // "0 (embed)" only where there is room for it beside the next tick.
+    let layers = if grid.layers.len() <= 16 {
+        layer_labels(&grid.layers)
+    } else {
+        grid.layers.clone()
+    };
     let n = grid.checkpoints.len();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(root)
@@ -798,10 +829,11 @@ fn draw_curves<DB: DrawingBackend>(
             layers.get(i as usize).cloned().unwrap_or_default()
         })
         .y_label_formatter(&|y| format_tick(*y))
-        .x_desc("layer (input of that block; last = model output)")
+        .x_desc("layer (the residual entering that block; 0 = embedding, last = model output)")
         .y_desc(grid.label.as_str())
         .axis_desc_style(font(AXIS_TITLE_SIZE))
         .label_style(font(TICK_SIZE))
+        .light_line_style(WHITE)
         .draw()
         .map_err(plain)?;
     for (c, name) in grid.checkpoints.iter().enumerate() {
@@ -830,13 +862,44 @@ fn draw_curves<DB: DrawingBackend>(
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(emptiest_corner(grid, lo, hi))
         .label_font(font(TICK_SIZE))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
         .map_err(plain)?;
     root.present()
+}
+
+/// The legend corner with the fewest data points near it (left or right 40%, lower or
+/// upper half).
+fn emptiest_corner(grid: &CheckpointGrid, lo: f64, hi: f64) -> SeriesLabelPosition {
+    let last = grid.layers.len().saturating_sub(1).max(1) as f64;
+    let points: Vec<(f64, f64)> = grid
+        .values
+        .iter()
+        .enumerate()
+        .flat_map(|(l, row)| {
+            row.iter()
+                .flatten()
+                .map(move |v| (l as f64 / last, (v - lo) / (hi - lo)))
+        })
+        .collect();
+    let count = |right: bool, upper: bool| {
+        points
+            .iter()
+            .filter(|&&(x, y)| (if right { x >= 0.6 } else { x <= 0.4 }) && (upper == (y >= 0.5)))
+            .count()
+    };
+    [
+        (count(true, true), SeriesLabelPosition::UpperRight),
+        (count(false, false), SeriesLabelPosition::LowerLeft),
+        (count(true, false), SeriesLabelPosition::LowerRight),
+        (count(false, true), SeriesLabelPosition::UpperLeft),
+    ]
+    .into_iter()
+    .min_by_key(|(n, _)| *n)
+    .map_or(SeriesLabelPosition::UpperRight, |(_, p)| p)
 }
 
 /// Chart errors carry the backend's error type already; this is the identity that lets `?`
@@ -865,7 +928,8 @@ mod tests {
         assert!(r.log);
         assert_eq!(r.ticks(), vec![1.0, 10.0, 100.0, 1000.0]);
         assert!((r.position(10f64.powf(3000f64.log10() / 2.0)) - 0.5).abs() < 1e-9);
-        assert_eq!(format_tick(0.25), "0.250");
+        assert_eq!(format_tick(0.25), "0.25");
+        assert_eq!(format_tick(0.8), "0.8");
         assert_eq!(format_tick(12.0), "12");
         assert_eq!(shorten("abcdefghij", 5), "abcd…");
     }

@@ -522,9 +522,13 @@ pub fn checkpoint_grid(
     let tokens = first.eval.tokens;
     Ok(CheckpointGrid {
         title: format!(
-            "{}: {} per layer across training ({}, {tokens} held-out tokens)",
+            "{}: {} per layer {} ({}, {tokens} evaluation tokens)",
             summary.name,
             statistic_short(statistic),
+            match summary.results.as_slice() {
+                [only] => format!("at {}", only.revision),
+                _ => "across training".to_string(),
+            },
             if tuned { "tuned lens" } else { "logit lens" }
         ),
         checkpoints: summary.results.iter().map(|r| r.revision.clone()).collect(),

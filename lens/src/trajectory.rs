@@ -300,6 +300,7 @@ impl PredictionTrajectory {
         let name = Path::new(&self.model)
             .file_name()
             .map_or(self.model.clone(), |n| n.to_string_lossy().into_owned());
+        let name = name.trim_end_matches(".gguf");
         match &self.revision {
             Some(rev) if !name.contains(rev.as_str()) => format!("{name} @ {rev}, {}", self.lens),
             _ => format!("{name}, {}", self.lens),

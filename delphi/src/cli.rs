@@ -297,35 +297,56 @@ fn parse_scorers(text: &str) -> Result<Vec<Scorer>> {
     Ok(scorers)
 }
 
-/// The explainer named by `--explainer`.
-fn explainer(args: &RunArgs) -> Result<(Box<dyn Llm>, Option<OpenAiClient>)> {
-    let spec = args.explainer.as_str();
-    if spec == "local" || spec.starts_with("local:") {
-        let path = match spec.strip_prefix("local:") {
-            Some(path) => PathBuf::from(path),
-            None => hooks::fetch::smollm2_gguf()?,
+/// The explainer (and scorer) model named by `--explainer`.
+enum Explainer {
+    Http(Box<OpenAiClient>),
+    Local(LocalLlm),
+}
+
+impl Explainer {
+    fn from_args(args: &RunArgs) -> Result<Self> {
+        let spec = args.explainer.as_str();
+        if spec == "local" || spec.starts_with("local:") {
+            let path = match spec.strip_prefix("local:") {
+                Some(path) => PathBuf::from(path),
+                None => hooks::fetch::smollm2_gguf()?,
+            };
+            return Ok(Self::Local(LocalLlm::load(&path)?));
+        }
+        if !(spec.starts_with("http://") || spec.starts_with("https://")) {
+            bail!("--explainer '{spec}' is neither an http(s):// URL nor local / local:PATH.gguf");
+        }
+        let mut config = OpenAiConfig::new(spec, &args.explainer_model);
+        config.api_key_env = args.api_key_env.clone();
+        config.concurrency = args.max_requests;
+        config.timeout = Duration::from_secs(args.timeout);
+        config.max_retries = args.retries;
+        if let Some(prices) = &args.prices {
+            let (prompt, completion) = prices
+                .split_once(',')
+                .context("--prices takes PROMPT,COMPLETION dollars per million tokens")?;
+            config.price_per_million = Some((prompt.trim().parse()?, completion.trim().parse()?));
+        }
+        Ok(Self::Http(Box::new(OpenAiClient::new(config)?)))
+    }
+
+    fn llm(&self) -> &dyn Llm {
+        match self {
+            Self::Http(client) => client.as_ref(),
+            Self::Local(model) => model,
+        }
+    }
+
+    /// Retries and the cost estimate of an HTTP client, for the final report.
+    fn http_report(&self) -> Option<String> {
+        let Self::Http(client) = self else {
+            return None;
         };
-        return Ok((Box::new(LocalLlm::load(&path)?), None));
+        let cost = client
+            .cost()
+            .map_or(String::new(), |c| format!(", estimated cost ${c:.4}"));
+        Some(format!("{} retried requests{cost}", client.retries()))
     }
-    if !(spec.starts_with("http://") || spec.starts_with("https://")) {
-        bail!("--explainer '{spec}' is neither an http(s):// URL nor local / local:PATH.gguf");
-    }
-    let mut config = OpenAiConfig::new(spec, &args.explainer_model);
-    config.api_key_env = args.api_key_env.clone();
-    config.concurrency = args.max_requests;
-    config.timeout = Duration::from_secs(args.timeout);
-    config.max_retries = args.retries;
-    if let Some(prices) = &args.prices {
-        let (prompt, completion) = prices
-            .split_once(',')
-            .context("--prices takes PROMPT,COMPLETION dollars per million tokens")?;
-        config.price_per_million = Some((prompt.trim().parse()?, completion.trim().parse()?));
-    }
-    // One client serves as explainer and scorer so their requests share one limit.
-    Ok((
-        Box::new(OpenAiClient::new(config.clone())?),
-        Some(OpenAiClient::new(config)?),
-    ))
 }
 
 fn run_command(args: RunArgs) -> Result<()> {
@@ -383,15 +404,16 @@ fn run_command(args: RunArgs) -> Result<()> {
     };
     let cache = LatentCache::open(&cache_dir)?;
     let tokenizer = model.tokenizer()?;
-    let (llm, _) = explainer(&args)?;
+    let explainer = Explainer::from_args(&args)?;
+    let llm = explainer.llm();
     let embedder = if scorers.contains(&Scorer::Embedding) {
         Some(SentenceEmbedder::minilm()?)
     } else {
         None
     };
     let models = JobModels {
-        explainer: llm.as_ref(),
-        scorer: llm.as_ref(),
+        explainer: llm,
+        scorer: llm,
         embedder: embedder.as_ref(),
     };
     let options = RunOptions {
@@ -419,6 +441,9 @@ fn run_command(args: RunArgs) -> Result<()> {
         report.usage.prompt_tokens,
         report.usage.completion_tokens
     );
+    if let Some(http) = explainer.http_report() {
+        println!("{http}");
+    }
     print!("{}", summary_table(&summarize(&args.output, &config)?));
     if !report.errors.is_empty() || report.explanation_failures > 0 {
         for error in report.errors.iter().take(10) {

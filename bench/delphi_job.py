@@ -23,12 +23,14 @@ The peer is delphi's own `LatentCache` (its `InMemoryCache` keeps every nonzero 
 the end) driven with the same model in transformers and the same SAE loaded by eai-sparsify,
 then `save_splits` as its CLI does; measured at a smaller token count and compared with its
 layout's arithmetic (its dense [batch x ctx x latents] buffers make it far too slow on
-2 CPU cores for 1e7 tokens: ~550 tokens/s here).
+2 CPU cores for 1e7 tokens: ~400 tokens/s here). Our run at 1e7 tokens would take ~30-40
+min on 2 busy cores, so the default token counts stop at 1e6 and 1e7 is extrapolated
+linearly (the script prints the probe's estimate first).
 
 Setup once: `bash bench/delphi_setup.sh` (makes /work/venv-delphi). Then:
 
     /work/venv-delphi/bin/python bench/delphi_job.py [--part job|cache|all] [--latents 200]
-        [--concurrency 8,32] [--latency-ms 100] [--cache-tokens 262144,1000000]
+        [--concurrency 8,32] [--repeats 3] [--latency-ms 100] [--cache-tokens 262144,1000000]
         [--peer-cache-tokens 65536,262144]
 """
 import argparse
@@ -72,10 +74,11 @@ def run(cmd, **kw):
 
 
 def timed(cmd, **kw):
-    """Runs a command under /usr/bin/time; returns (result, peak RSS MiB, wall seconds)."""
-    result = run(["/usr/bin/time", "-f", "BENCH_TIME %M %e"] + list(cmd), **kw)
-    m = re.findall(r"BENCH_TIME (\d+) ([\d.]+)", result.stderr)[-1]
-    return result, int(m[0]) / 1024, float(m[1])
+    """Runs a command under /usr/bin/time; returns (result, peak RSS MiB, wall seconds, CPU
+    seconds (user + system))."""
+    result = run(["/usr/bin/time", "-f", "BENCH_TIME %M %e %U %S"] + list(cmd), **kw)
+    m = re.findall(r"BENCH_TIME (\d+) ([\d.]+) ([\d.]+) ([\d.]+)", result.stderr)[-1]
+    return result, int(m[0]) / 1024, float(m[1]), float(m[2]) + float(m[3])
 
 
 def build():
@@ -123,7 +126,7 @@ def train_sae(model, latents, steps, out):
 def our_cache(model, sae, data, tokens, out, extra=()):
     """`delphi cache`; returns (peak RSS MiB, wall s)."""
     shutil.rmtree(out, ignore_errors=True)
-    _, rss, wall = timed([REPO / "target/release/delphi", "cache", "--model", model, "--sae", sae, "--hookpoints",
+    _, rss, wall, _ = timed([REPO / "target/release/delphi", "cache", "--model", model, "--sae", sae, "--hookpoints",
                           HOOKPOINT, "--data", data, "--seq-len", SEQ_LEN, "--max-tokens", tokens, "--output", out,
                           *extra])
     return rss, wall
@@ -206,7 +209,7 @@ def ours_job(server, model, sae, latents_dir, n_latents, concurrency, out):
     shutil.rmtree(out, ignore_errors=True)
     server.call("/reset", "POST")
     e = EXAMPLES
-    result, rss, wall = timed([
+    result, rss, wall, cpu = timed([
         REPO / "target/release/delphi", "run", "--model", model, "--sae", sae, "--hookpoints", HOOKPOINT,
         "--latent-cache", latents_dir, "--latents", f"0..{n_latents}", "--explainer", server.url,
         "--scorers", "detection,fuzzing", "--output", out, "--concurrency", concurrency,
@@ -219,19 +222,21 @@ def ours_job(server, model, sae, latents_dir, n_latents, concurrency, out):
     in_shard, rate = int(m.group(1)), float(m.group(3))
     job_s = in_shard / rate * 60
     expl, det, fuzz = count_outputs(out, f"{HOOKPOINT}_latent*.txt", f"{HOOKPOINT}_latent*.txt")
-    return dict(tool="eleuther-interp", job_s=job_s, wall_s=wall, rss_mib=rss, explained=expl,
+    # The whole process's CPU time: start-up (model and cache loading) is a few tens of ms here.
+    return dict(tool="eleuther-interp", job_s=job_s, wall_s=wall, cpu_s=cpu, job_cpu_s=cpu, rss_mib=rss, explained=expl,
                 scored=min(det, fuzz), stats=stats)
 
 
 def theirs_job(server, latents_dir, n_latents, concurrency, out):
     shutil.rmtree(out, ignore_errors=True)
     server.call("/reset", "POST")
-    result, rss, wall = timed([sys.executable, __file__, "--peer-job", "--url", server.url, "--latents-dir",
+    result, rss, wall, cpu = timed([sys.executable, __file__, "--peer-job", "--url", server.url, "--latents-dir",
                                latents_dir, "--latents", n_latents, "--concurrency", concurrency, "--out", out])
     peer = json.loads(result.stdout.strip().splitlines()[-1])
     stats = server.call("/stats")
     expl, det, fuzz = count_outputs(out, "*.txt", "*.txt")
-    return dict(tool=f"eai-delphi {peer['version']}", job_s=peer["seconds"], wall_s=wall, rss_mib=rss,
+    return dict(tool=f"eai-delphi {peer['version']}", job_s=peer["seconds"], wall_s=wall, cpu_s=cpu,
+                job_cpu_s=peer["job_cpu_s"], rss_mib=rss,
                 explained=expl, scored=min(det, fuzz), stats=stats)
 
 
@@ -303,10 +308,19 @@ def peer_job(args):
                                        postprocess=partial(scorer_postprocess, score_dir=out / "scores" / name)))
     pipeline = Pipeline(dataset, Pipe(process_wrapper(DefaultExplainer(client, threshold=0.3, verbose=False),
                                                       postprocess=explainer_postprocess)), Pipe(*scorers))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     asyncio.run(pipeline.run(args.concurrency))
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "version": importlib.metadata.version("eai-delphi")}))
+    print(json.dumps({"seconds": seconds, "job_cpu_s": cpu_seconds() - cpu_start,
+                      "version": importlib.metadata.version("eai-delphi")}))
+
+
+def cpu_seconds():
+    """CPU time of this process so far, all threads, user + system."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def import_sparsify():
@@ -380,22 +394,34 @@ def part_job(args):
     rows = []
     try:
         for c in args.concurrency:
-            for job in (lambda: ours_job(server, model, sae, latents_dir, args.latents, c, BENCH / "out-ours"),
-                        lambda: theirs_job(server, latents_dir, args.latents, c, BENCH / "out-theirs")):
-                r = job()
-                r["concurrency"] = c
-                r["floor_s"] = r["stats"]["requests"] / (2 * c) * latency
-                r["per_min"] = r["scored"] / r["job_s"] * 60
-                rows.append(r)
-                s = r["stats"]
-                print(f"C={c:3d} (<= {2 * c} requests in flight) {r['tool']:18s}: {r['per_min']:7.1f} latents/min "
-                      f"({r['explained']} explained, {r['scored']} scored by both; job {r['job_s']:.1f} s, whole "
-                      f"process {r['wall_s']:.1f} s); {s['requests']} requests ({s['explainer']} explainer), "
-                      f"floor {r['floor_s']:.1f} s -> job/floor {r['job_s'] / r['floor_s']:.2f}; mean in flight "
-                      f"{s['mean_in_flight']:.1f}, peak {s['peak_in_flight']}; peak RSS {r['rss_mib']:.0f} MiB",
-                      flush=True)
-            ours, theirs = rows[-2], rows[-1]
-            print(f"C={c:3d} ratio ours/theirs (latents/min): {ours['per_min'] / theirs['per_min']:.2f}", flush=True)
+            runs = {"ours": [], "theirs": []}
+            for rep in range(args.repeats):  # interleaved, so both see the same machine load
+                for side, job in (("ours", lambda: ours_job(server, model, sae, latents_dir, args.latents, c,
+                                                            BENCH / "out-ours")),
+                                  ("theirs", lambda: theirs_job(server, latents_dir, args.latents, c,
+                                                                BENCH / "out-theirs"))):
+                    r = job()
+                    r["concurrency"], r["repeat"] = c, rep
+                    r["floor_s"] = r["stats"]["requests"] / (2 * c) * latency
+                    r["per_min"] = r["scored"] / r["job_s"] * 60
+                    runs[side].append(r)
+                    rows.append(r)
+                    s = r["stats"]
+                    print(f"C={c:3d} (<= {2 * c} requests in flight) {r['tool']:18s}: {r['per_min']:7.1f} latents/min "
+                          f"({r['explained']} explained, {r['scored']} scored by both; job {r['job_s']:.1f} s, whole "
+                          f"process {r['wall_s']:.1f} s; CPU {r['job_cpu_s']:.1f} s in the job, {r['cpu_s']:.1f} s in "
+                          f"all); {s['requests']} requests "
+                          f"({s['explainer']} explainer), floor {r['floor_s']:.1f} s -> job/floor "
+                          f"{r['job_s'] / r['floor_s']:.2f}; mean in flight {s['mean_in_flight']:.1f}, peak "
+                          f"{s['peak_in_flight']}; peak RSS {r['rss_mib']:.0f} MiB", flush=True)
+            med = {side: sorted(rs, key=lambda r: r["job_s"])[len(rs) // 2] for side, rs in runs.items()}
+            for side in ("ours", "theirs"):
+                r = med[side]
+                print(f"C={c:3d} median of {args.repeats} {r['tool']:18s}: {r['per_min']:7.1f} latents/min, job/floor "
+                      f"{r['job_s'] / r['floor_s']:.2f}, CPU {r['job_cpu_s'] / r['scored']:.3f} s per latent, mean in "
+                      f"flight {r['stats']['mean_in_flight']:.1f}, peak RSS {r['rss_mib']:.0f} MiB", flush=True)
+            print(f"C={c:3d} ratio ours/theirs (latents/min, medians): "
+                  f"{med['ours']['per_min'] / med['theirs']['per_min']:.2f}", flush=True)
     finally:
         server.close()
     (BENCH / "job-results.json").write_text(json.dumps(rows, indent=1))
@@ -427,7 +453,7 @@ def part_cache(args):
     for tokens in args.peer_cache_tokens:
         out = BENCH / f"delphi-cache-32k-{tokens}"
         shutil.rmtree(out, ignore_errors=True)
-        result, rss, wall = timed([sys.executable, __file__, "--peer-cache", "--model", model, "--sae", sae,
+        result, rss, wall, _ = timed([sys.executable, __file__, "--peer-cache", "--model", model, "--sae", sae,
                                    "--data", data, "--tokens", tokens, "--out", out])
         peer = json.loads(result.stdout.strip().splitlines()[-1])
         disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
@@ -457,6 +483,7 @@ def main():
     p.add_argument("--latents", type=int, default=200, help="latents 0..N explained and scored")
     p.add_argument("--concurrency", default="8,32", help="latents in flight (comma separated list)")
     p.add_argument("--latency-ms", type=float, default=100.0)
+    p.add_argument("--repeats", type=int, default=3, help="runs per tool and concurrency (medians reported)")
     p.add_argument("--job-tokens", type=int, default=262144, help="tokens in the job's latent cache")
     p.add_argument("--cache-tokens", default="262144,1000000", help="token counts of our 32k-latent cache runs")
     p.add_argument("--peer-cache-tokens", default="65536,262144", help="token counts of delphi's cache runs")

@@ -131,7 +131,7 @@ impl LocalLlm {
         Self::load_with(path, LocalOptions::default())
     }
 
-    /// [`LocalLlm::load`] with a sampling seed and prefix-cache size.
+    /// [`LocalLlm::load`] with a sampling seed, prefix-cache size and weight format.
     pub fn load_with(path: &Path, options: LocalOptions) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let mut reader = BufReader::new(file);
@@ -179,16 +179,21 @@ impl LocalLlm {
         };
         let width = number("llama.embedding_length")?;
         let heads = number("llama.attention.head_count")?;
-        let rope_dims = number("llama.rope.dimension_count")?;
-        if let (Some(width), Some(heads), Some(rope_dims)) = (width, heads, rope_dims) {
-            if heads == 0 || rope_dims * heads != width {
-                return Err(Error::file(
-                    path,
-                    format!(
-                        "llama.rope.dimension_count {rope_dims} is not the head dimension \
-                         ({width} / {heads} heads): partial rotary is not supported"
-                    ),
-                ));
+        // candle's quantized Llama takes the head dimension to be width / heads and rotates
+        // all of it.
+        if let (Some(width), Some(heads)) = (width, heads) {
+            for key in ["llama.rope.dimension_count", "llama.attention.key_length"] {
+                if let Some(dims) = number(key)? {
+                    if heads == 0 || dims * heads != width {
+                        return Err(Error::file(
+                            path,
+                            format!(
+                                "{key} {dims} is not the width / heads ({width} / {heads}): \
+                                 not supported"
+                            ),
+                        ));
+                    }
+                }
             }
         }
         let context_len = number("llama.context_length")?
@@ -767,6 +772,28 @@ mod tests {
         let err = LocalLlm::load(&gpt2).unwrap_err().to_string();
         assert!(
             err.contains("gpt2.gguf") && err.contains("'gpt2' is not supported (only llama)"),
+            "{err}"
+        );
+
+        let partial = dir.path().join("partial.gguf");
+        let mut file = File::create(&partial).unwrap();
+        let arch = Value::String("llama".into());
+        let (width, heads, rope) = (Value::U32(64), Value::U32(4), Value::U32(8));
+        candle_core::quantized::gguf_file::write(
+            &mut file,
+            &[
+                ("general.architecture", &arch),
+                ("llama.embedding_length", &width),
+                ("llama.attention.head_count", &heads),
+                ("llama.rope.dimension_count", &rope),
+            ],
+            &[],
+        )
+        .unwrap();
+        drop(file);
+        let err = LocalLlm::load(&partial).unwrap_err().to_string();
+        assert!(
+            err.contains("partial.gguf") && err.contains("llama.rope.dimension_count 8"),
             "{err}"
         );
     }

@@ -50,9 +50,10 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct SaeArgs {
-    /// Folder of SAEs in sparsify's layout (<hookpoint>/cfg.json + sae.safetensors).
+    /// Folder of SAEs in sparsify's layout (<hookpoint>/cfg.json + sae.safetensors); needed
+    /// to cache latents (not when `delphi run` reads an existing --latent-cache).
     #[arg(long)]
-    sae: PathBuf,
+    sae: Option<PathBuf>,
     /// Hook points to use, comma separated (their SAE folders' names, e.g. layers.6,layers.6.mlp).
     #[arg(long)]
     hookpoints: String,
@@ -200,7 +201,11 @@ fn load_saes(model: &Model, args: &SaeArgs) -> Result<Vec<(String, HookPoint, Sa
         .map(str::trim)
         .filter(|n| !n.is_empty())
     {
-        let dir = args.sae.join(name);
+        let root = args
+            .sae
+            .as_ref()
+            .context("give --sae: caching latents runs the SAEs")?;
+        let dir = root.join(name);
         let sae = Sae::load(&dir, model.device())
             .with_context(|| format!("loading the SAE in {}", dir.display()))?;
         let point = model.hook_point(name)?;
@@ -430,14 +435,14 @@ fn run_command(args: RunArgs) -> Result<()> {
     let minutes = started.elapsed().as_secs_f64() / 60.0;
     println!(
         "{}: {} latents in this shard, {} complete, {} skipped (too rare), {} without a parsable explanation, {} failed; \
-         {:.1} latents/min; {} prompt + {} completion tokens",
+         {:.1} completed latents/min; {} prompt + {} completion tokens",
         llm.name(),
         report.latents,
         report.complete,
         report.skipped,
         report.explanation_failures,
         report.errors.len(),
-        report.latents as f64 / minutes.max(1e-9),
+        report.complete as f64 / minutes.max(1e-9),
         report.usage.prompt_tokens,
         report.usage.completion_tokens
     );

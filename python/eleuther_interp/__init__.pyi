@@ -375,8 +375,9 @@ class Sae:
         """``(top_acts float32 [N, k], top_indices int64 [N, k])`` of ``x`` ``[N, d_in]``, largest first."""
     def decode(self, top_acts: npt.ArrayLike, top_indices: npt.ArrayLike) -> _F32:
         """``[N, d_in]`` float32 reconstruction from ``[N, k]`` activations and indices."""
-    def forward(self, x: npt.ArrayLike) -> dict[str, Any]:
-        """``{"x_hat": [N, d_in], "top_acts": [N, k], "top_indices": [N, k], "fvu": float}``."""
+    def forward(self, x: npt.ArrayLike, y: Optional[npt.ArrayLike] = None) -> dict[str, Any]:
+        """``{"x_hat": [N, d_in], "top_acts": [N, k], "top_indices": [N, k], "fvu": float}``;
+        the FVU is measured against ``y`` (a transcoder's target; default ``x``)."""
 
 def sae_main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the ``sae`` command line (``sae train``, ``sae eval``); returns its exit status."""

@@ -195,13 +195,26 @@ impl PySae {
 
     /// Encodes and decodes ``x`` (``[N, d_in]``): a dict with ``x_hat`` (``[N, d_in]``, with
     /// the skip connection if any), ``top_acts``, ``top_indices`` and ``fvu`` (the fraction
-    /// of variance unexplained over the batch, as sparsify computes it).
-    fn forward<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+    /// of variance unexplained over the batch, as sparsify computes it) of ``x_hat`` against
+    /// ``y`` (``[N, d_in]``; default ``x``). A transcoder's target is the module's output:
+    /// ``forward(mlp_input, mlp_output)``, as sparsify's ``forward(x, y)``.
+    #[pyo3(signature = (x, y = None))]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        y: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
         let x = rows_arg(x, self.inner.d_in(), "x")?;
+        let y = y.map(|y| rows_arg(y, self.inner.d_in(), "y")).transpose()?;
         let out = py
             .detach(|| -> Result<_, sae::Error> {
-                let x = x.to_device(self.inner.w_enc().device())?;
-                self.inner.forward(&x)
+                let device = self.inner.w_enc().device();
+                let x = x.to_device(device)?;
+                match &y {
+                    Some(y) => self.inner.forward_target(&x, &y.to_device(device)?),
+                    None => self.inner.forward(&x),
+                }
             })
             .into_py_sae()?;
         let dict = PyDict::new(py);

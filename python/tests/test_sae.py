@@ -1,4 +1,5 @@
-"""`ei.Sae` against eai-sparsify 1.3.3's own outputs (tests/fixtures/sae/tiny), file round
+"""`ei.Sae` against eai-sparsify 1.3.3's own outputs (tests/fixtures/sae/tiny, a skip
+transcoder), SAELens files against SAELens's maths (tests/fixtures/sae_lens), file round
 trips, argument errors, and the `sae` console script (train + eval on a tiny model)."""
 
 from __future__ import annotations
@@ -99,6 +100,56 @@ def test_errors(sae, tmp_path):
     (bad / "sae.safetensors").write_bytes((TINY / "sae.safetensors").read_bytes())
     with pytest.raises(ValueError, match="encoder.weight"):
         ei.Sae.load(bad)
+
+
+def test_transcoder_forward_matches_sparsify():
+    """sparsify's skip transcoder: `forward(x, y)` predicts y from x (no b_dec subtraction,
+    W_skip added) and measures the FVU against y."""
+    folder = FIXTURES / "sae" / "skip_transcoder"
+    e = read_safetensors(folder / "expected.safetensors")
+    sae = ei.Sae.load(folder)
+    assert sae.cfg["transcode"] is True and sae.cfg["skip_connection"] is True
+    out = sae.forward(e["x"], e["y"])
+    np.testing.assert_array_equal(out["top_indices"], e["top_indices"].astype(np.int64))
+    assert max_rel_err(out["top_acts"], e["top_acts"]) < 1e-5
+    assert max_rel_err(out["x_hat"], e["sae_out"]) < 1e-5
+    fvu = float(e["fvu"][0])
+    assert abs(out["fvu"] - fvu) < 1e-5 * fvu
+    # decode has no skip connection, like sparsify's.
+    assert max_rel_err(sae.decode(out["top_acts"], out["top_indices"]), e["decoded"]) < 1e-5
+    # Without y the FVU is against x itself (sparsify's default y = x).
+    x = e["x"].astype(np.float64)
+    direct = ((x - e["sae_out"]) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert abs(sae.forward(e["x"])["fvu"] - direct) < 1e-4 * direct
+    with pytest.raises(ValueError, match=r"y must have shape \[N, 48\]"):
+        sae.forward(e["x"], e["y"][:, :40])
+    with pytest.raises(ValueError, match="target has 5 rows, input 20"):
+        sae.forward(e["x"], e["y"][:5])
+
+
+@pytest.mark.parametrize("case,k", [("topk", 5), ("standard", 64), ("jumprelu", 64)])
+def test_sae_lens_files_match_sae_lens_maths(case, k, tmp_path):
+    """SAELens folders (sae_weights.safetensors) load through `ei.Sae.load`; their codes,
+    scattered to dense activations, and reconstructions equal SAELens's maths (numpy)."""
+    folder = FIXTURES / "sae_lens" / case
+    e = read_safetensors(folder / "expected.safetensors")
+    sae = ei.Sae.load(folder)
+    assert (sae.d_in, sae.num_latents, sae.k) == (16, 64, k)
+    assert sae.cfg["activation"] == {"standard": "relu"}.get(case, case)
+    acts, indices = sae.encode(e["x"])
+    dense = np.zeros((len(acts), 64))
+    np.add.at(dense, (np.arange(len(acts))[:, None], indices), acts)
+    assert float(np.abs(dense - e["acts"]).max()) < 1e-5
+    assert max_rel_err(sae.decode(acts, indices), e["x_hat"]) < 1e-5
+    assert max_rel_err(sae.forward(e["x"])["x_hat"], e["x_hat"]) < 1e-5
+    if case == "topk":
+        # A TopK SAELens SAE that subtracts b_dec is a sparsify SAE: it saves and reloads.
+        sae.save(tmp_path / "as-sparsify")
+        again = ei.Sae.load(tmp_path / "as-sparsify")
+        np.testing.assert_array_equal(again.forward(e["x"])["x_hat"], sae.forward(e["x"])["x_hat"])
+    else:
+        with pytest.raises(ValueError, match="no sparsify file format"):
+            sae.save(tmp_path / "refused")
 
 
 def run_sae(*args: str) -> subprocess.CompletedProcess:

@@ -142,11 +142,13 @@ pub fn explainer_messages(examples: &[ShownExample], show_activations: bool) -> 
 /// reasoning, is not taken; a trailing empty marker, as a small model's cut-off answer may
 /// end, is passed over). `None` when no marker has text after it.
 pub fn parse_explanation(answer: &str) -> Option<String> {
-    answer.rmatch_indices(EXPLANATION_MARKER).find_map(|(at, marker)| {
-        let rest = answer[at + marker.len()..].trim_start();
-        let line = rest.lines().next().unwrap_or("").trim();
-        (!line.is_empty() && !line.starts_with(EXPLANATION_MARKER)).then(|| line.to_string())
-    })
+    answer
+        .rmatch_indices(EXPLANATION_MARKER)
+        .find_map(|(at, marker)| {
+            let rest = answer[at + marker.len()..].trim_start();
+            let line = rest.lines().next().unwrap_or("").trim();
+            (!line.is_empty() && !line.starts_with(EXPLANATION_MARKER)).then(|| line.to_string())
+        })
 }
 
 /// Which test a scorer's prompt asks for.
@@ -178,8 +180,9 @@ const DETECTION_SHOT: (&str, &str, &str) = (
     "Example 0: My sister and I drove to the coast last summer.
 Example 1: The engine needs a new filter before winter.
 Example 2: His grandfather built the house in 1921.
-Example 3: Prices rose by four percent over the year.",
-    "[1, 0, 1, 0]",
+Example 3: Prices rose by four percent over the year.
+Example 4: We stayed with her aunt for a week.",
+    "[1, 0, 1, 0, 1]",
 );
 
 const FUZZING_SHOT: (&str, &str, &str) = (
@@ -187,8 +190,9 @@ const FUZZING_SHOT: (&str, &str, &str) = (
     "Example 0: My<< sister>> and I drove to the coast last summer.
 Example 1: The<< engine>> needs a new filter before winter.
 Example 2: His<< grandfather>> built the house in 1921.
-Example 3: Prices rose by four<< percent>> over the year.",
-    "[1, 0, 1, 0]",
+Example 3: Prices rose by four<< percent>> over the year.
+Example 4: We<< stayed>> with her aunt for a week.",
+    "[1, 0, 1, 0, 0]",
 );
 
 fn classifier_user(explanation: &str, examples: &str) -> String {
@@ -304,7 +308,10 @@ mod tests {
             parse_explanation("[EXPLANATION]: Dates.\n[EXPLANATION]:"),
             Some("Dates.".to_string())
         );
-        assert_eq!(parse_explanation("[EXPLANATION]:\n  Dates.\n"), Some("Dates.".to_string()));
+        assert_eq!(
+            parse_explanation("[EXPLANATION]:\n  Dates.\n"),
+            Some("Dates.".to_string())
+        );
         assert_eq!(parse_explanation("[EXPLANATION]:   \n"), None);
     }
 

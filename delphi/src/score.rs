@@ -280,6 +280,11 @@ pub async fn classify(
         let predictions = parse_predictions(&response.text, range.len());
         if predictions.is_none() {
             failed_prompts += 1;
+            let shown: String = response.text.chars().take(200).collect();
+            tracing::warn!(
+                "unreadable scorer answer ({} excerpts asked): {shown:?}",
+                range.len()
+            );
         }
         let probabilities = response
             .logprobs

@@ -139,7 +139,10 @@ def read_our_cache(cache):
     for path in sorted(glob.glob(str(cache / "shards" / "*.safetensors")), key=lambda p: int(Path(p).stem.split("_")[0])):
         data = load_file(path)
         tokens.append(data["tokens"])
-        locations.append(data[f"{HOOKPOINT}.locations"])
+        # Sequences are counted from the shard's first (its file name's start).
+        loc = data[f"{HOOKPOINT}.locations"].astype(np.int64)
+        loc[:, 0] += int(Path(path).stem.split("_")[0])
+        locations.append(loc)
         values.append(data[f"{HOOKPOINT}.activations"])
     return np.concatenate(tokens), np.concatenate(locations), np.concatenate(values)
 

@@ -3,7 +3,9 @@
 //! Our layout (`write_latent_cache`) is a folder with `config.json` and shards
 //! `shards/<first>_<end>.safetensors`, each covering sequences `first..end` (end exclusive)
 //! and holding `tokens` `[n, seq_len]` (u32) plus, per hook point, `<hookpoint>.locations`
-//! `[N, 3]` (u32: sequence, position, latent) and `<hookpoint>.activations` `[N]` (f16).
+//! `[N, 3]` (sequence counted from the shard's first, position, latent: u16 when all fit, as
+//! with up to 65536 latents, else u32) and `<hookpoint>.activations` `[N]` (f16): 8 bytes per
+//! activation, like delphi's files.
 //! Memory is bounded by one shard; shards are written atomically, so an interrupted run
 //! resumes after the last complete shard.
 //!
@@ -15,7 +17,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
@@ -90,7 +92,7 @@ pub struct CacheConfig {
 }
 
 /// The `format` field of our cache's `config.json`.
-pub const CACHE_FORMAT: &str = "eleuther-interp latent cache v1";
+pub const CACHE_FORMAT: &str = "eleuther-interp latent cache v2";
 
 /// One SAE to run at a hook point while caching.
 pub struct CacheTarget<'a> {
@@ -197,7 +199,8 @@ pub fn write_latent_cache(
             let base = shard.sequences as usize * seq_len;
             for (row, (acts, indices)) in acts.iter().zip(&indices).enumerate() {
                 let token = base + row;
-                let (seq, pos) = (shard.first + (token / seq_len) as u64, token % seq_len);
+                // The sequence is stored relative to the shard's first one.
+                let (seq, pos) = (token / seq_len, token % seq_len);
                 for (&a, &latent) in acts.iter().zip(indices) {
                     if a > 0.0 {
                         shard.locations[slot].extend([seq as u32, pos as u32, latent]);
@@ -250,26 +253,59 @@ impl ShardBuffer {
     }
 
     fn write(&self, dir: &Path, targets: &[CacheTarget<'_>], seq_len: usize) -> Result<()> {
-        let cpu = Device::Cpu;
-        let n = self.sequences as usize;
-        let mut tensors = vec![(
+        fn view(
+            dtype: Dtype,
+            shape: Vec<usize>,
+            bytes: &[u8],
+        ) -> Result<safetensors::tensor::TensorView<'_>> {
+            safetensors::tensor::TensorView::new(dtype, shape, bytes)
+                .map_err(|e| Error::Invalid(format!("shard tensor: {e}")))
+        }
+        let tokens: Vec<u8> = self.tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        let mut buffers = Vec::with_capacity(targets.len());
+        for slot in 0..targets.len() {
+            let locations = &self.locations[slot];
+            let (dtype, bytes): (Dtype, Vec<u8>) =
+                if locations.iter().all(|&v| v <= u16::MAX as u32) {
+                    (
+                        Dtype::U16,
+                        locations
+                            .iter()
+                            .flat_map(|&v| (v as u16).to_le_bytes())
+                            .collect(),
+                    )
+                } else {
+                    (
+                        Dtype::U32,
+                        locations.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    )
+                };
+            let values: Vec<u8> = self.values[slot]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            buffers.push((dtype, bytes, values));
+        }
+        let mut views = vec![(
             "tokens".to_string(),
-            vec![Tensor::from_slice(&self.tokens, (n, seq_len), &cpu)?],
+            view(Dtype::U32, vec![self.sequences as usize, seq_len], &tokens)?,
         )];
-        for (slot, target) in targets.iter().enumerate() {
+        for ((target, (dtype, locations, values)), slot) in targets.iter().zip(&buffers).zip(0..) {
             let count = self.values[slot].len();
-            tensors.push((
+            views.push((
                 format!("{}.locations", target.name),
-                vec![Tensor::from_slice(&self.locations[slot], (count, 3), &cpu)?],
+                view(*dtype, vec![count, 3], locations)?,
             ));
-            tensors.push((
+            views.push((
                 format!("{}.activations", target.name),
-                vec![Tensor::from_slice(&self.values[slot], count, &cpu)?],
+                view(Dtype::F16, vec![count], values)?,
             ));
         }
+        let bytes = safetensors::serialize(views, None)
+            .map_err(|e| Error::Invalid(format!("cannot serialise a shard: {e}")))?;
         let end = self.first + self.sequences;
         let path = dir.join(format!("{}_{end}.safetensors", self.first));
-        hooks::atomic::write_safetensors(&path, &tensors)?;
+        hooks::atomic::write(&path, &bytes)?;
         Ok(())
     }
 }
@@ -329,9 +365,8 @@ fn shard_ranges(dir: &Path) -> Result<Vec<Range<u64>>> {
 /// Which layout a cache folder has.
 #[derive(Debug, Clone, PartialEq)]
 enum Layout {
-    Ours {
-        shards: Vec<PathBuf>,
-    },
+    /// Shards with the index of their first sequence.
+    Ours { shards: Vec<(u32, PathBuf)> },
     Delphi {
         files: BTreeMap<String, Vec<(u32, u32, PathBuf)>>,
     },
@@ -370,12 +405,12 @@ impl LatentCache {
         }
         let shards_dir = dir.join("shards");
         shard_ranges(&shards_dir)?;
-        let shards: Vec<PathBuf> = numbered_files(&shards_dir)?
+        let shards: Vec<(u32, PathBuf)> = numbered_files(&shards_dir)?
             .into_iter()
-            .map(|f| f.2)
+            .map(|(first, _, path)| (first as u32, path))
             .collect();
         let mut tokens = Vec::new();
-        for path in &shards {
+        for (_, path) in &shards {
             let bytes = read_file(path)?;
             let st = parse(path, &bytes)?;
             tokens.extend(read_u32s(path, &st, "tokens")?);
@@ -474,38 +509,42 @@ impl LatentCache {
             )));
         }
         let mut out: BTreeMap<u32, Vec<Firing>> = BTreeMap::new();
-        let mut keep =
-            |path: &Path, locations: Vec<u32>, values: Vec<f32>, offset: u32| -> Result<()> {
-                if locations.len() != values.len() * 3 {
-                    return Err(Error::file(
-                        path,
-                        format!(
-                            "{} locations for {} activations",
-                            locations.len() / 3,
-                            values.len()
-                        ),
-                    ));
+        let mut keep = |path: &Path,
+                        locations: Vec<u32>,
+                        values: Vec<f32>,
+                        first_seq: u32,
+                        first_latent: u32|
+         -> Result<()> {
+            if locations.len() != values.len() * 3 {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "{} locations for {} activations",
+                        locations.len() / 3,
+                        values.len()
+                    ),
+                ));
+            }
+            for (loc, value) in locations.chunks_exact(3).zip(values) {
+                let latent = loc[2] + first_latent;
+                if latents.contains(&latent) {
+                    out.entry(latent).or_default().push(Firing {
+                        seq: loc[0] + first_seq,
+                        pos: loc[1],
+                        value,
+                    });
                 }
-                for (loc, value) in locations.chunks_exact(3).zip(values) {
-                    let latent = loc[2] + offset;
-                    if latents.contains(&latent) {
-                        out.entry(latent).or_default().push(Firing {
-                            seq: loc[0],
-                            pos: loc[1],
-                            value,
-                        });
-                    }
-                }
-                Ok(())
-            };
+            }
+            Ok(())
+        };
         match &self.layout {
             Layout::Ours { shards } => {
-                for path in shards {
+                for (first, path) in shards {
                     let bytes = read_file(path)?;
                     let st = parse(path, &bytes)?;
                     let locations = read_u32s(path, &st, &format!("{hookpoint}.locations"))?;
                     let values = read_f32s(path, &st, &format!("{hookpoint}.activations"))?;
-                    keep(path, locations, values, 0)?;
+                    keep(path, locations, values, *first, 0)?;
                 }
             }
             Layout::Delphi { files } => {
@@ -517,7 +556,7 @@ impl LatentCache {
                     let st = parse(path, &bytes)?;
                     let locations = read_u32s(path, &st, "locations")?;
                     let values = read_f32s(path, &st, "activations")?;
-                    keep(path, locations, values, *start)?;
+                    keep(path, locations, values, 0, *start)?;
                 }
             }
         }

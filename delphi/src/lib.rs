@@ -63,11 +63,17 @@ pub enum Error {
 impl Error {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<std::path::PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io {
+            path: path.into(),
+            source,
+        }
     }
     /// A malformed file.
     pub fn file(path: impl Into<std::path::PathBuf>, message: impl Into<String>) -> Self {
-        Self::File { path: path.into(), message: message.into() }
+        Self::File {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 

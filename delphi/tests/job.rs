@@ -133,8 +133,14 @@ fn latent_cache_holds_what_the_sae_computes_and_resumes() {
     // 8 bytes per activation: u16 locations (sequence within the shard) and f16 values.
     let bytes = std::fs::read(dir.join("shards/8_12.safetensors")).unwrap();
     let shard = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    assert_eq!(shard.tensor("layers.1.locations").unwrap().dtype(), safetensors::Dtype::U16);
-    assert_eq!(shard.tensor("layers.1.activations").unwrap().dtype(), safetensors::Dtype::F16);
+    assert_eq!(
+        shard.tensor("layers.1.locations").unwrap().dtype(),
+        safetensors::Dtype::U16
+    );
+    assert_eq!(
+        shard.tensor("layers.1.activations").unwrap().dtype(),
+        safetensors::Dtype::F16
+    );
     let message = cache.firings("layers.9", 0..1).unwrap_err().to_string();
     assert!(
         message.contains("layers.9") && message.contains("layers.1"),

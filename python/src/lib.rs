@@ -13,8 +13,8 @@
 
 pub mod cache;
 pub mod convert;
-pub mod explainers;
 pub mod errors;
+pub mod explainers;
 pub mod lenses;
 pub mod model;
 pub mod saes;

@@ -37,9 +37,15 @@ fn hub_sae_repos_resolve_from_the_cache_and_fail_clearly_offline() {
     let err = fetch_from_hub("EleutherAI/sae-test", "main", &missing)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("EleutherAI/sae-test") && err.contains("main"), "{err}");
+    assert!(
+        err.contains("EleutherAI/sae-test") && err.contains("main"),
+        "{err}"
+    );
     assert!(err.contains("layers.5/cfg.json"), "{err}");
-    assert!(err.contains(&home.path().join("hub").display().to_string()), "{err}");
+    assert!(
+        err.contains(&home.path().join("hub").display().to_string()),
+        "{err}"
+    );
     let err = fetch_from_hub("EleutherAI/sae-test", "v2", &wanted)
         .unwrap_err()
         .to_string();

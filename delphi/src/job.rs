@@ -191,16 +191,27 @@ fn token_texts(tokenizer: &Tokenizer, tokens: &[u32]) -> Result<Vec<String>> {
         .collect()
 }
 
-fn shown(tokenizer: &Tokenizer, example: &Example, max: f32) -> Result<ShownExample> {
-    Ok(ShownExample {
-        tokens: token_texts(tokenizer, &example.tokens)?,
-        activations: example.activations.clone(),
-        normalized: example.normalized(max),
-    })
+/// The explainer's view of a latent's `train` examples: token texts, activations and their
+/// 0-10 normalisation against the latent's maximum.
+pub fn explainer_examples(
+    tokenizer: &Tokenizer,
+    examples: &LatentExamples,
+) -> Result<Vec<ShownExample>> {
+    examples
+        .train
+        .iter()
+        .map(|example: &Example| {
+            Ok(ShownExample {
+                tokens: token_texts(tokenizer, &example.tokens)?,
+                activations: example.activations.clone(),
+                normalized: example.normalized(examples.max_activation),
+            })
+        })
+        .collect()
 }
 
 /// The scoring samples of a latent: its held-out activating examples and silent windows.
-fn scoring_samples(tokenizer: &Tokenizer, examples: &LatentExamples) -> Result<Vec<Sample>> {
+pub fn scoring_samples(tokenizer: &Tokenizer, examples: &LatentExamples) -> Result<Vec<Sample>> {
     let activating = examples.test.iter().map(|e| (e, true));
     let silent = examples.non_activating.iter().map(|e| (e, false));
     activating
@@ -261,11 +272,7 @@ async fn process_latent(
     let explanation: String = if path.is_file() {
         read_json_file(&path)?
     } else {
-        let shown_examples: Vec<ShownExample> = examples
-            .train
-            .iter()
-            .map(|e| shown(tokenizer, e, examples.max_activation))
-            .collect::<Result<_>>()?;
+        let shown_examples = explainer_examples(tokenizer, &examples)?;
         let answer = explain(models.explainer, &shown_examples, &config.explain).await?;
         counters.spend(answer.usage);
         match answer.explanation {
@@ -334,7 +341,7 @@ pub async fn run_job(
     check_run_config(&options.output, config)?;
     let mut work = Vec::new();
     for hookpoint in &config.hookpoints {
-        let firings = cache.firings(hookpoint, config.latents.clone())?;
+        let mut firings = cache.firings(hookpoint, config.latents.clone())?;
         for latent in config
             .latents
             .clone()
@@ -343,7 +350,7 @@ pub async fn run_job(
             work.push((
                 hookpoint.as_str(),
                 latent,
-                firings.get(&latent).cloned().unwrap_or_default(),
+                firings.remove(&latent).unwrap_or_default(),
             ));
         }
     }

@@ -15,14 +15,13 @@ use pyo3::types::PyDict;
 
 use delphi::embedding::SentenceEmbedder;
 use delphi::examples::{build_examples, latent_seed, ExampleConfig, LatentExamples, TrainSampling};
+use delphi::job::{explainer_examples, scoring_samples};
 use delphi::latents::LatentCache;
 use delphi::llm::local::LocalLlm;
 use delphi::llm::openai::{OpenAiClient, OpenAiConfig};
 use delphi::llm::Llm;
-use delphi::prompts::{ClassifierTask, ShownExample};
-use delphi::score::{
-    classifier_summary, classify, embed_score, embedding_auc, Sample, ScoreConfig,
-};
+use delphi::prompts::ClassifierTask;
+use delphi::score::{classifier_summary, classify, embed_score, embedding_auc, ScoreConfig};
 
 use crate::convert::json_to_py;
 use crate::errors::to_py_err;
@@ -308,13 +307,6 @@ impl PyLlm {
     }
 }
 
-fn token_texts(tokenizer: &hooks::Tokenizer, tokens: &[u32]) -> delphi::Result<Vec<String>> {
-    tokens
-        .iter()
-        .map(|&t| Ok(tokenizer.token_text(t)?))
-        .collect()
-}
-
 /// Asks ``llm`` to explain a latent from ``examples.train``; returns a dict with
 /// ``explanation`` (``None`` when the answer has no ``[EXPLANATION]:`` line), ``answer`` and
 /// ``usage``.
@@ -336,19 +328,7 @@ pub fn explain<'py>(
     let rt = runtime()?;
     let result = py
         .detach(|| -> delphi::Result<_> {
-            let max = examples.examples.max_activation;
-            let shown: Vec<ShownExample> = examples
-                .examples
-                .train
-                .iter()
-                .map(|e| {
-                    Ok(ShownExample {
-                        tokens: token_texts(tokenizer.tokenizer(), &e.tokens)?,
-                        activations: e.activations.clone(),
-                        normalized: e.normalized(max),
-                    })
-                })
-                .collect::<delphi::Result<_>>()?;
+            let shown = explainer_examples(tokenizer.tokenizer(), &examples.examples)?;
             rt.block_on(delphi::explain::explain(
                 llm.inner.as_ref(),
                 &shown,
@@ -401,21 +381,7 @@ pub fn score<'py>(
     let llm = llm.map(|l| l.inner.clone());
     let value = py
         .detach(|| -> delphi::Result<serde_json::Value> {
-            let ex = &examples.examples;
-            let samples: Vec<Sample> = ex
-                .test
-                .iter()
-                .map(|e| (e, true))
-                .chain(ex.non_activating.iter().map(|e| (e, false)))
-                .map(|(e, activating)| {
-                    Ok(Sample {
-                        tokens: token_texts(tokenizer.tokenizer(), &e.tokens)?,
-                        activations: e.activations.clone(),
-                        activating,
-                        distance: e.quantile.map_or(-1, |q| q as i64),
-                    })
-                })
-                .collect::<delphi::Result<_>>()?;
+            let samples = scoring_samples(tokenizer.tokenizer(), &examples.examples)?;
             let Some(task) = task else {
                 let embedder = match MINILM.get() {
                     Some(e) => e,

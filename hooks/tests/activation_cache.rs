@@ -286,3 +286,125 @@ fn a_stop_request_writes_what_was_computed_and_the_job_resumes() {
     let fresh = write_cache(&model, &spec, &tmp.path().join("fresh"), 1 << 30).unwrap();
     assert_eq!(resumed.manifest.tokens, fresh.manifest.tokens);
 }
+
+/// Row `i` of a full read is at position `i % SEQ_LEN`: the rows of a full read whose
+/// position is at least `skip`.
+fn without_first_positions(all: &ActivationBatch, skip: usize) -> ActivationBatch {
+    let keep: Vec<u32> = (0..all.len() as u32)
+        .filter(|i| *i as usize % SEQ_LEN >= skip)
+        .collect();
+    all.select(&keep).unwrap()
+}
+
+#[test]
+fn readers_and_the_model_stream_skip_the_first_positions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let spec = DataSpec::new(vec![wikitext(tmp.path(), 30)], SEQ_LEN);
+    let out = tmp.path().join("cache");
+    write_cache(&model, &spec, &out, 10_000).unwrap();
+    let cache = ActivationCache::open(&out).unwrap();
+    assert!(cache.manifest().shards.len() > 1);
+    let all = read_all(&cache, ReadOrder::Sequential);
+    let read_skipping = |order: ReadOrder, skip: usize| {
+        let mut reader = cache.reader(50, order).unwrap();
+        reader.skip_first_positions(skip).unwrap();
+        let mut batches = Vec::new();
+        while let Some(batch) = reader.next_batch().unwrap() {
+            batches.push(batch);
+        }
+        ActivationBatch::concat(&batches).unwrap()
+    };
+    for skip in [1, 3] {
+        // Sequential: exactly the rows at positions >= skip, in order.
+        let expected = without_first_positions(&all, skip);
+        assert_eq!(expected.len(), all.len() / SEQ_LEN * (SEQ_LEN - skip));
+        let got = read_skipping(ReadOrder::Sequential, skip);
+        assert_eq!(got.tokens, expected.tokens);
+        for point in POINTS {
+            assert_eq!(
+                rows(&got.activations[&point]),
+                rows(&expected.activations[&point])
+            );
+        }
+        // Shuffled: the same rows in another order.
+        let shuffled = read_skipping(
+            ReadOrder::Shuffled {
+                seed: 3,
+                buffer_tokens: 100,
+            },
+            skip,
+        );
+        let key = |batch: &ActivationBatch| {
+            let mut r: Vec<Vec<u32>> = rows(&batch.activations[&POINTS[0]])
+                .into_iter()
+                .map(|row| row.iter().map(|v| v.to_bits()).collect())
+                .collect();
+            r.sort();
+            r
+        };
+        assert_ne!(shuffled.tokens, expected.tokens);
+        assert_eq!(key(&shuffled), key(&expected));
+    }
+    // Skipping nothing changes nothing.
+    let order = ReadOrder::Shuffled {
+        seed: 3,
+        buffer_tokens: 100,
+    };
+    let plain = read_all(&cache, order);
+    let zero = read_skipping(order, 0);
+    assert_eq!(zero.tokens, plain.tokens);
+    assert_eq!(
+        rows(&zero.activations[&POINTS[1]]),
+        rows(&plain.activations[&POINTS[1]])
+    );
+    // Refusals: nothing left, or too late.
+    let mut reader = cache.reader(50, ReadOrder::Sequential).unwrap();
+    let err = reader
+        .skip_first_positions(SEQ_LEN)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("first 16 positions of 16-token"), "{err}");
+    reader.next_batch().unwrap();
+    let err = reader.skip_first_positions(1).unwrap_err().to_string();
+    assert!(err.contains("before reading"), "{err}");
+
+    // The model stream: the same rows as the cache, and skip_tokens counts kept rows.
+    let stream = |skip: usize| {
+        let chunks = spec.chunks(Some(model.tokenizer().unwrap())).unwrap();
+        let mut source =
+            ModelActivations::new(&model, chunks, POINTS.to_vec(), 3, DType::F32, None).unwrap();
+        source.skip_first_positions(skip).unwrap();
+        source
+    };
+    let mut source = stream(2);
+    let mut batches = Vec::new();
+    while let Some(batch) = source.next_batch().unwrap() {
+        assert_eq!(batch.len(), 3 * (SEQ_LEN - 2));
+        batches.push(batch);
+    }
+    let streamed = ActivationBatch::concat(&batches).unwrap();
+    let expected = without_first_positions(&all, 2);
+    assert_eq!(streamed.tokens, expected.tokens);
+    assert_eq!(
+        rows(&streamed.activations[&POINTS[0]]),
+        rows(&expected.activations[&POINTS[0]])
+    );
+    let mut source = stream(2);
+    assert_eq!(
+        source.skip_tokens(2 * (SEQ_LEN as u64 - 2) + 5).unwrap(),
+        28
+    );
+    let next = source.next_batch().unwrap().unwrap();
+    assert_eq!(next.tokens[..], expected.tokens[28..28 + 3 * (SEQ_LEN - 2)]);
+    // A stream that skips positions cannot be cached (readers need whole sequences).
+    let err = ActivationCache::write(
+        &mut stream(1),
+        &spec,
+        &tmp.path().join("c2"),
+        &CacheOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("whole sequences"), "{err}");
+}

@@ -17,7 +17,10 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use super::{ActivationBatch, ActivationSource, ModelActivations};
+use super::{
+    check_positions_to_skip, rows_after_first_positions, ActivationBatch, ActivationSource,
+    ModelActivations,
+};
 use crate::data::DataSpec;
 use crate::{atomic, dtype_name, parse_dtype, Error, HookPoint, Result};
 
@@ -152,6 +155,12 @@ impl ActivationCache {
         mut after_batch: impl FnMut(u64) -> Result<()>,
     ) -> Result<CacheSummary> {
         let started = Instant::now();
+        if source.skip_positions != 0 {
+            // Readers find each row's position from whole sequences.
+            return Err(Error::InvalidArgument(
+                "an activation cache stores whole sequences: cache without skipping positions (readers can skip them)".into(),
+            ));
+        }
         let model = source.model();
         let dtype = source.dtype;
         let settings = CacheSettings {
@@ -457,10 +466,14 @@ impl ActivationCache {
             batch_tokens,
             buffer_tokens,
             rng,
+            skip_positions: 0,
         })
     }
 
-    fn load_shard(&self, index: usize) -> Result<ActivationBatch> {
+    /// Shard `index`, without the rows at the first `skip_positions` positions of each of
+    /// its sequences (shards hold whole `seq_len`-token sequences, so row `i` is at
+    /// position `i % seq_len`).
+    fn load_shard(&self, index: usize, skip_positions: usize) -> Result<ActivationBatch> {
         let info = &self.manifest.shards[index];
         let path = self.dir.join(&info.file);
         let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| {
@@ -507,10 +520,28 @@ impl ActivationCache {
             }
             activations.insert(*point, tensor);
         }
-        Ok(ActivationBatch {
+        let batch = ActivationBatch {
             tokens,
             activations,
-        })
+        };
+        if skip_positions == 0 {
+            return Ok(batch);
+        }
+        let seq_len = self.manifest.settings.data.seq_len;
+        if !batch.len().is_multiple_of(seq_len) {
+            return Err(cache_error(
+                &path,
+                format!(
+                    "shard has {} rows, not whole sequences of {seq_len} tokens, so row positions are unknown",
+                    batch.len()
+                ),
+            ));
+        }
+        batch.select(&rows_after_first_positions(
+            batch.len(),
+            seq_len,
+            skip_positions,
+        ))
     }
 }
 
@@ -524,6 +555,8 @@ pub struct CacheReader {
     batch_tokens: usize,
     buffer_tokens: usize,
     rng: Option<rand::rngs::StdRng>,
+    /// Positions at the start of each sequence whose rows are left out.
+    skip_positions: usize,
 }
 
 impl CacheReader {
@@ -541,7 +574,7 @@ impl CacheReader {
             let Some(index) = self.shard_order.pop() else {
                 break;
             };
-            let shard = self.cache.load_shard(index)?;
+            let shard = self.cache.load_shard(index, self.skip_positions)?;
             rows += shard.len();
             parts.push(shard);
             loaded = true;
@@ -567,6 +600,17 @@ impl CacheReader {
 impl ActivationSource for CacheReader {
     fn hook_points(&self) -> &[HookPoint] {
         &self.cache.points
+    }
+
+    fn skip_first_positions(&mut self, positions: usize) -> Result<()> {
+        if self.pool.is_some() || self.shard_order.len() < self.cache.manifest.shards.len() {
+            return Err(Error::InvalidArgument(
+                "skip the first positions before reading the cache".into(),
+            ));
+        }
+        check_positions_to_skip(positions, self.cache.manifest.settings.data.seq_len)?;
+        self.skip_positions = positions;
+        Ok(())
     }
 
     fn next_batch(&mut self) -> Result<Option<ActivationBatch>> {

@@ -92,6 +92,39 @@ pub trait ActivationSource {
         let _ = tokens;
         Ok(0)
     }
+
+    /// Leaves out the rows of the first `positions` positions of every sequence (0, the
+    /// default, keeps every row). Call it before reading the first batch; row counts
+    /// ([`ActivationSource::skip_tokens`]) then count the rows kept. Used to keep a model's
+    /// position-0 "massive activations" out of SAE training. Sources that do not know each
+    /// row's position in its sequence refuse any value but 0.
+    fn skip_first_positions(&mut self, positions: usize) -> Result<()> {
+        if positions == 0 {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "this activation source does not know each row's position in its sequence, so it cannot skip the first {positions} positions"
+            )))
+        }
+    }
+}
+
+/// The rows to keep of `rows` rows that are whole sequences of `seq_len` tokens, one after
+/// another, when the first `skip` positions of each sequence are left out.
+pub(crate) fn rows_after_first_positions(rows: usize, seq_len: usize, skip: usize) -> Vec<u32> {
+    (0..rows as u32)
+        .filter(|&row| row as usize % seq_len >= skip)
+        .collect()
+}
+
+/// Checks that skipping the first `skip` positions of `seq_len`-token sequences leaves rows.
+fn check_positions_to_skip(skip: usize, seq_len: usize) -> Result<()> {
+    if skip >= seq_len {
+        return Err(Error::InvalidArgument(format!(
+            "cannot skip the first {skip} positions of {seq_len}-token sequences: no row would be left"
+        )));
+    }
+    Ok(())
 }
 
 /// Runs a model over a chunked dataset and yields the activations at chosen hook points,
@@ -103,6 +136,8 @@ pub struct ModelActivations<'m> {
     chunks_per_batch: usize,
     dtype: DType,
     chunks_left: Option<u64>,
+    /// Positions at the start of each sequence whose rows are left out.
+    skip_positions: usize,
 }
 
 impl<'m> ModelActivations<'m> {
@@ -129,6 +164,7 @@ impl<'m> ModelActivations<'m> {
             chunks_per_batch,
             dtype,
             chunks_left: max_chunks,
+            skip_positions: 0,
         })
     }
 
@@ -158,8 +194,14 @@ impl ActivationSource for ModelActivations<'_> {
     }
 
     fn skip_tokens(&mut self, tokens: u64) -> Result<u64> {
-        let seq_len = self.chunks.seq_len() as u64;
-        Ok(self.skip_chunks(tokens / seq_len)? * seq_len)
+        let rows_per_chunk = (self.chunks.seq_len() - self.skip_positions) as u64;
+        Ok(self.skip_chunks(tokens / rows_per_chunk)? * rows_per_chunk)
+    }
+
+    fn skip_first_positions(&mut self, positions: usize) -> Result<()> {
+        check_positions_to_skip(positions, self.chunks.seq_len())?;
+        self.skip_positions = positions;
+        Ok(())
     }
 
     fn next_batch(&mut self) -> Result<Option<ActivationBatch>> {
@@ -189,9 +231,14 @@ impl ActivationSource for ModelActivations<'_> {
                 tensor.reshape((batch * seq, width))?.to_dtype(self.dtype)?,
             );
         }
-        Ok(Some(ActivationBatch {
+        let batch = ActivationBatch {
             tokens,
             activations,
-        }))
+        };
+        if self.skip_positions == 0 {
+            return Ok(Some(batch));
+        }
+        let keep = rows_after_first_positions(batch.len(), seq, self.skip_positions);
+        Ok(Some(batch.select(&keep)?))
     }
 }

@@ -16,15 +16,15 @@ use crate::convert::{float_array, int64_array, json_to_py, HostArray};
 use crate::errors::{to_py_err, IntoPyResult};
 
 /// The Python exception for an SAE error: bad files, configs and arguments -> ValueError (a
-/// missing file: FileNotFoundError); training that cannot go on -> RuntimeError; runtime
-/// errors as everywhere else (see `errors`).
+/// missing file: FileNotFoundError); training that cannot go on and CUDA kernel failures ->
+/// RuntimeError; runtime errors as everywhere else (see `errors`).
 pub fn sae_err(error: sae::Error) -> PyErr {
     match error {
         sae::Error::Hooks(e) => to_py_err(e),
         sae::Error::Candle(e) => to_py_err(hooks::Error::from(e)),
         sae::Error::Sae(m) if m.ends_with("no such file") => PyFileNotFoundError::new_err(m),
         sae::Error::Sae(m) => PyValueError::new_err(m),
-        sae::Error::Training(m) => PyRuntimeError::new_err(m),
+        sae::Error::Training(m) | sae::Error::Cuda(m) => PyRuntimeError::new_err(m),
     }
 }
 

@@ -6,7 +6,8 @@
 //! in, and the decode reads only the `k` chosen decoder rows per token. Other devices and
 //! dtypes fall back to generic tensor ops: a full `arg_sort` per row (slow; on CUDA candle's
 //! bitonic sort fails for rows wider than about 8k latents) and a gather of `[tokens, k, d]`
-//! decoder rows.
+//! decoder rows. On CUDA devices (the `cuda` feature) the kernels of [`crate::cuda`] come
+//! first.
 //!
 //! Order and ties: latents come out by decreasing activation, equal activations by
 //! increasing latent index (deterministic). The generic fallback does not promise an order
@@ -23,6 +24,10 @@ use crate::Result;
 /// The `k` largest entries of each row of `pre: [N, n]`: `(values [N, k], indices [N, k]
 /// u32)`, by decreasing value.
 pub(crate) fn topk(pre: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if let Some(out) = crate::cuda::topk(pre, k, None, false)? {
+        return Ok(out);
+    }
     match topk_cpu(pre, k)? {
         Some(out) => Ok(out),
         None => topk_generic(pre, k),
@@ -36,6 +41,10 @@ pub(crate) fn decode(
     w_dec: &Tensor,
     b_dec: &Tensor,
 ) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(out) = crate::cuda::combine_rows(acts, indices, w_dec, Some(b_dec))? {
+        return Ok(out);
+    }
     match decode_cpu(acts, indices, w_dec, b_dec)? {
         Some(out) => Ok(out),
         None => decode_generic(acts, indices, w_dec, b_dec),
@@ -66,6 +75,10 @@ pub(crate) fn encode_select(
     b_enc: &Tensor,
     picks: Picks,
 ) -> Result<(Selection, Option<Selection>)> {
+    #[cfg(feature = "cuda")]
+    if let Some(out) = crate::cuda::encode_select(xc, w_enc, b_enc, picks)? {
+        return Ok(out);
+    }
     match encode_select_cpu(xc, w_enc, b_enc, picks)? {
         Some(out) => Ok(out),
         None => encode_select_generic(xc, w_enc, b_enc, picks),
@@ -575,6 +588,10 @@ impl GradSum {
 /// token get encoder and decoder gradient; a selected latent whose activation is 0 (ReLU
 /// cut it) passes none to the encoder.
 pub(crate) fn backward(b: &Backward, sum: &mut GradSum) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Some(grads) = crate::cuda::backward(b)? {
+        return sum.add_tensors(grads);
+    }
     if backward_cpu(b, sum)? {
         return Ok(());
     }

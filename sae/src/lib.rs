@@ -12,11 +12,13 @@
 //! JumpReLU, see [`Sae::load_sae_lens`]) for inference and evaluation.
 //!
 //! candle has no TopK: the CPU path uses the kernels in `kernels` (rows in parallel,
-//! partial selection, sparse decode of the `k` chosen decoder rows); other devices and
-//! dtypes fall back to generic tensor ops (sort-based TopK, which is slow and, on CUDA,
-//! limited to rows of about 8k latents by candle's bitonic sort).
+//! partial selection, sparse decode of the `k` chosen decoder rows); on a CUDA device (the
+//! `cuda` feature) our own kernels in [`cuda`] do the same; other devices and dtypes fall
+//! back to generic tensor ops (sort-based TopK, which is slow and, on CUDA, limited to rows
+//! of about 8k latents by candle's bitonic sort).
 
 pub mod cli;
+pub mod cuda;
 mod kernels;
 mod sae;
 pub mod train;
@@ -38,6 +40,9 @@ pub enum Error {
     /// Training stopped (bad options, data ran out, non-finite loss).
     #[error("{0}")]
     Training(String),
+    /// The CUDA kernels could not be compiled or launched.
+    #[error("{0}")]
+    Cuda(String),
 }
 
 /// Result alias for this crate.

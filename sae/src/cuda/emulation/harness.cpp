@@ -1,0 +1,139 @@
+// Runs one kernel of ../kernels.cu on the CPU (see cuda_emulation.h) for the Rust tests in
+// ../tests.rs, which write the inputs and compare the outputs with the CPU implementations.
+//   harness DIR topk DTYPE ROWS N K RELU MASKED      pre[, mask] -> values, indices
+//   harness DIR combine DTYPE TOKENS K D N HAS_BIAS  coef, indices, rows[, bias] -> out
+//   harness DIR dots TOKENS K D N                     g, indices, rows, gate -> out
+//   harness DIR scatter_rows TOKENS K D N             coef, indices, vectors -> out
+//   harness DIR scatter_scalars COUNT N               coef, indices -> out
+// Files are raw little-endian arrays: f32, bf16 (u16), u32 indices, u8 mask.
+#include "cuda_emulation.h"
+
+#include "../kernels.cu"
+
+#include <fstream>
+#include <stdexcept>
+#include <string>
+
+template <typename T>
+static std::vector<T> read(const std::string& dir, const char* name, size_t count) {
+    std::vector<T> data(count);
+    std::ifstream file(dir + "/" + name, std::ios::binary);
+    file.read(reinterpret_cast<char*>(data.data()), count * sizeof(T));
+    if (!file || file.gcount() != (std::streamsize)(count * sizeof(T))) {
+        throw std::runtime_error(std::string("cannot read ") + std::to_string(count * sizeof(T)) + " bytes from " + name);
+    }
+    return data;
+}
+
+template <typename T>
+static void write(const std::string& dir, const char* name, const std::vector<T>& data) {
+    std::ofstream file(dir + "/" + name, std::ios::binary);
+    file.write(reinterpret_cast<const char*>(data.data()), data.size() * sizeof(T));
+}
+
+template <typename T>
+static void run_topk(const std::string& dir, int rows, int n, int k, int relu, int masked,
+                     void (*kernel)(const T*, const unsigned char*, int, int, int, T*, u32*)) {
+    auto pre = read<T>(dir, "pre.bin", (size_t)rows * n);
+    std::vector<unsigned char> mask;
+    if (masked) {
+        mask = read<unsigned char>(dir, "mask.bin", n);
+    }
+    std::vector<T> values((size_t)rows * k);
+    std::vector<u32> indices((size_t)rows * k);
+    emulate_launch(dim3{(unsigned)rows, 1, 1}, TOPK_THREADS, [&] {
+        kernel(pre.data(), masked ? mask.data() : nullptr, n, k, relu, values.data(),
+               indices.data());
+    });
+    write(dir, "values.bin", values);
+    write(dir, "indices.bin", indices);
+}
+
+template <typename T>
+static void run_combine(const std::string& dir, int tokens, int k, int d, int n, int has_bias,
+                        void (*kernel)(const T*, const u32*, const T*, const T*, int, int, T*)) {
+    auto coef = read<T>(dir, "coef.bin", (size_t)tokens * k);
+    auto indices = read<u32>(dir, "indices.bin", (size_t)tokens * k);
+    auto rows = read<T>(dir, "rows.bin", (size_t)n * d);
+    std::vector<T> bias;
+    if (has_bias) {
+        bias = read<T>(dir, "bias.bin", d);
+    }
+    std::vector<T> out((size_t)tokens * d);
+    unsigned column_blocks = (d + SPARSE_THREADS - 1) / SPARSE_THREADS;
+    emulate_launch(dim3{(unsigned)tokens, column_blocks, 1}, SPARSE_THREADS, [&] {
+        kernel(coef.data(), indices.data(), rows.data(), has_bias ? bias.data() : nullptr, k, d,
+               out.data());
+    });
+    write(dir, "out.bin", out);
+}
+
+int main(int argc, char** argv) {
+    try {
+        if (argc < 3) {
+            throw std::runtime_error("usage: harness DIR KERNEL ARGS...");
+        }
+        const std::string dir = argv[1];
+        const std::string kernel = argv[2];
+        auto arg = [&](int i) {
+            if (i >= argc) {
+                throw std::runtime_error("missing argument " + std::to_string(i));
+            }
+            return std::stoi(argv[i]);
+        };
+        if (kernel == "topk") {
+            const std::string dtype = argv[3];
+            if (dtype == "f32") {
+                run_topk<float>(dir, arg(4), arg(5), arg(6), arg(7), arg(8), topk_f32);
+            } else {
+                run_topk<bf16_bits>(dir, arg(4), arg(5), arg(6), arg(7), arg(8), topk_bf16);
+            }
+        } else if (kernel == "combine") {
+            const std::string dtype = argv[3];
+            if (dtype == "f32") {
+                run_combine<float>(dir, arg(4), arg(5), arg(6), arg(7), arg(8), combine_rows_f32);
+            } else {
+                run_combine<bf16_bits>(dir, arg(4), arg(5), arg(6), arg(7), arg(8),
+                                       combine_rows_bf16);
+            }
+        } else if (kernel == "dots") {
+            int tokens = arg(3), k = arg(4), d = arg(5), n = arg(6);
+            auto g = read<float>(dir, "g.bin", (size_t)tokens * d);
+            auto indices = read<u32>(dir, "indices.bin", (size_t)tokens * k);
+            auto rows = read<float>(dir, "rows.bin", (size_t)n * d);
+            auto gate = read<float>(dir, "gate.bin", (size_t)tokens * k);
+            std::vector<float> out((size_t)tokens * k);
+            emulate_launch(dim3{(unsigned)tokens, 1, 1}, SPARSE_THREADS, [&] {
+                gated_row_dots_f32(g.data(), indices.data(), rows.data(), gate.data(), k, d,
+                                   out.data());
+            });
+            write(dir, "out.bin", out);
+        } else if (kernel == "scatter_rows") {
+            int tokens = arg(3), k = arg(4), d = arg(5), n = arg(6);
+            auto coef = read<float>(dir, "coef.bin", (size_t)tokens * k);
+            auto indices = read<u32>(dir, "indices.bin", (size_t)tokens * k);
+            auto vectors = read<float>(dir, "vectors.bin", (size_t)tokens * d);
+            std::vector<float> out((size_t)n * d);
+            emulate_launch(dim3{(unsigned)(tokens * k), 1, 1}, SPARSE_THREADS, [&] {
+                scatter_rows_f32(coef.data(), indices.data(), vectors.data(), k, d, out.data());
+            });
+            write(dir, "out.bin", out);
+        } else if (kernel == "scatter_scalars") {
+            int count = arg(3), n = arg(4);
+            auto coef = read<float>(dir, "coef.bin", count);
+            auto indices = read<u32>(dir, "indices.bin", count);
+            std::vector<float> out(n);
+            unsigned blocks = (count + SPARSE_THREADS - 1) / SPARSE_THREADS;
+            emulate_launch(dim3{blocks, 1, 1}, SPARSE_THREADS, [&] {
+                scatter_scalars_f32(coef.data(), indices.data(), count, out.data());
+            });
+            write(dir, "out.bin", out);
+        } else {
+            throw std::runtime_error("unknown kernel " + kernel);
+        }
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "harness: %s\n", e.what());
+        return 2;
+    }
+    return 0;
+}

@@ -1,0 +1,334 @@
+// The SAE's CUDA kernels: row-wise TopK for rows of any width, and the sparse products of
+// the decoder and of the backward pass (only the k selected rows per token are touched).
+// Compiled at run time by NVRTC. Plain CUDA C++ with block-wide __syncthreads only (no warp
+// intrinsics, no headers), so the CPU test suite can also compile this file with a C++
+// compiler and a small emulation header and run it against the Rust CPU references.
+//
+// Element types: `float` and bf16 stored as `unsigned short` (converted by hand, so NVRTC
+// needs no include path). Arithmetic and accumulation are always in f32. Index tensors are
+// u32, offsets 64-bit (rows x width may exceed 2^31).
+
+typedef unsigned int u32;
+typedef unsigned short bf16_bits;
+typedef unsigned long long u64;
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(bf16_bits v) { return __uint_as_float(((u32)v) << 16); }
+__device__ __forceinline__ void from_f32(float v, float* out) { *out = v; }
+__device__ __forceinline__ void from_f32(float v, bf16_bits* out) {
+    u32 bits = __float_as_uint(v);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) {
+        *out = (bf16_bits)((bits >> 16) | 0x40u); // NaN stays NaN
+    } else {
+        bits += 0x7fffu + ((bits >> 16) & 1u); // round to nearest, ties to even
+        *out = (bf16_bits)(bits >> 16);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// TopK. One block of TOPK_THREADS threads per row. The k-th largest key is found by a radix
+// select over the 32-bit order-preserving keys (three passes of 11, 11 and 10 bits, each a
+// histogram in shared memory); one more pass collects the keys above it and, in increasing
+// index order, as many keys equal to it as are still needed; a bitonic sort in shared memory
+// puts the k picks in order: by decreasing value, ties by increasing index, exactly the
+// order of the CPU selection.
+
+#define TOPK_THREADS 256
+#define TOPK_MAX_K 4096
+#define RADIX_BINS 2048
+
+// An unsigned key with the order of IEEE total order on floats.
+__device__ __forceinline__ u32 order_key(float v) {
+    u32 bits = __float_as_uint(v);
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+template <typename T>
+__device__ __forceinline__ u32 key_at(const T* row, const unsigned char* allowed, long long j,
+                                      int relu) {
+    if (allowed != 0 && allowed[j] == 0) {
+        return 0u; // below every real key: an excluded latent is never preferred
+    }
+    float v = to_f32(row[j]);
+    if (relu) {
+        v = v > 0.0f ? v : 0.0f;
+    }
+    return order_key(v);
+}
+
+template <typename T>
+__device__ void topk_row(const T* pre, const unsigned char* allowed, int n, int k, int relu,
+                         T* out_values, u32* out_indices) {
+    __shared__ u32 hist[RADIX_BINS];
+    __shared__ u32 scan[TOPK_THREADS];
+    __shared__ u64 picks[TOPK_MAX_K];
+    __shared__ u32 s_prefix;
+    __shared__ u32 s_need;
+    __shared__ u32 s_above;
+
+    const int tid = threadIdx.x;
+    const long long row_index = blockIdx.x;
+    const T* row = pre + row_index * (long long)n;
+    if (tid == 0) {
+        s_prefix = 0u;
+        s_need = (u32)k;
+        s_above = 0u;
+    }
+    __syncthreads();
+
+    // Radix select: after the passes, s_prefix is the k-th largest key, s_above the number of
+    // keys above it and s_need how many keys equal to it complete the k.
+    const int shifts[3] = {21, 10, 0};
+    const int widths[3] = {11, 11, 10};
+    for (int pass = 0; pass < 3; ++pass) {
+        const int shift = shifts[pass];
+        const u32 bins = 1u << widths[pass];
+        const u32 known = (pass == 0) ? 0u : (0xffffffffu << (shift + widths[pass]));
+        for (u32 b = tid; b < bins; b += TOPK_THREADS) {
+            hist[b] = 0u;
+        }
+        __syncthreads();
+        const u32 prefix = s_prefix;
+        for (long long j = tid; j < n; j += TOPK_THREADS) {
+            const u32 key = key_at(row, allowed, j, relu);
+            if ((key & known) == prefix) {
+                atomicAdd(&hist[(key >> shift) & (bins - 1u)], 1u);
+            }
+        }
+        __syncthreads();
+        // Each thread sums a run of bins; a suffix scan over the runs (from the top bin down)
+        // tells the one thread whose run holds the k-th key.
+        const u32 per_thread = bins / TOPK_THREADS;
+        const u32 first = bins - (tid + 1) * per_thread; // thread 0 holds the top bins
+        u32 run = 0u;
+        for (u32 b = 0; b < per_thread; ++b) {
+            run += hist[first + b];
+        }
+        scan[tid] = run;
+        __syncthreads();
+        for (int offset = 1; offset < TOPK_THREADS; offset <<= 1) {
+            const u32 add = tid >= offset ? scan[tid - offset] : 0u;
+            __syncthreads();
+            scan[tid] += add;
+            __syncthreads();
+        }
+        const u32 need = s_need;
+        const u32 before = scan[tid] - run; // keys in the bins above this thread's run
+        __syncthreads();
+        if (before < need && scan[tid] >= need) {
+            u32 seen = before;
+            for (int b = (int)per_thread - 1; b >= 0; --b) {
+                const u32 count = hist[first + b];
+                if (seen + count >= need) {
+                    s_prefix = prefix | ((first + (u32)b) << shift);
+                    s_above += seen;
+                    s_need = need - seen;
+                    break;
+                }
+                seen += count;
+            }
+        }
+        __syncthreads();
+    }
+    const u32 threshold = s_prefix;
+    const u32 above = s_above;
+    const u32 ties = s_need;
+
+    // Collect, tile by tile in index order: a block-wide scan of (above, equal) flags packed
+    // in one word gives each pick its slot.
+    u32 taken_above = 0u;
+    u32 taken_ties = 0u;
+    for (long long base = 0; base < n; base += TOPK_THREADS) {
+        const long long j = base + tid;
+        u32 flags = 0u;
+        u32 key = 0u;
+        if (j < n) {
+            key = key_at(row, allowed, j, relu);
+            flags = key > threshold ? 1u : (key == threshold ? 0x10000u : 0u);
+        }
+        scan[tid] = flags;
+        __syncthreads();
+        for (int offset = 1; offset < TOPK_THREADS; offset <<= 1) {
+            const u32 add = tid >= offset ? scan[tid - offset] : 0u;
+            __syncthreads();
+            scan[tid] += add;
+            __syncthreads();
+        }
+        const u32 exclusive = scan[tid] - flags;
+        const u32 total = scan[TOPK_THREADS - 1];
+        if (flags == 1u) {
+            const u32 slot = taken_above + (exclusive & 0xffffu);
+            picks[slot] = ((u64)key << 32) | (u64)(0xffffffffu - (u32)j);
+        } else if (flags == 0x10000u) {
+            const u32 rank = taken_ties + (exclusive >> 16);
+            if (rank < ties) {
+                picks[above + rank] = ((u64)threshold << 32) | (u64)(0xffffffffu - (u32)j);
+            }
+        }
+        taken_above += total & 0xffffu;
+        taken_ties += total >> 16;
+        __syncthreads();
+    }
+
+    // Bitonic sort of the k picks (padded with zeros, which sort last), largest first.
+    u32 padded = 1u;
+    while (padded < (u32)k) {
+        padded <<= 1;
+    }
+    for (u32 i = k + tid; i < padded; i += TOPK_THREADS) {
+        picks[i] = 0ull;
+    }
+    __syncthreads();
+    for (u32 size = 2; size <= padded; size <<= 1) {
+        for (u32 stride = size >> 1; stride > 0; stride >>= 1) {
+            for (u32 i = tid; i < padded; i += TOPK_THREADS) {
+                const u32 partner = i ^ stride;
+                if (partner > i) {
+                    const u64 a = picks[i];
+                    const u64 b = picks[partner];
+                    const bool descending = (i & size) == 0;
+                    if (descending ? (a < b) : (a > b)) {
+                        picks[i] = b;
+                        picks[partner] = a;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    for (int i = tid; i < k; i += TOPK_THREADS) {
+        const u32 index = 0xffffffffu - (u32)(picks[i] & 0xffffffffull);
+        float v = to_f32(row[index]);
+        if (relu) {
+            v = v > 0.0f ? v : 0.0f;
+        }
+        from_f32(v, &out_values[row_index * k + i]);
+        out_indices[row_index * k + i] = index;
+    }
+}
+
+// `pre: [rows, n]` -> the `k` largest of each row (after ReLU when `relu` is 1), among the
+// latents with `allowed[j] != 0` when `allowed` is not null. Grid: rows blocks of
+// TOPK_THREADS. Needs 1 <= k <= min(n, TOPK_MAX_K) and k allowed latents per row.
+extern "C" __global__ void topk_f32(const float* pre, const unsigned char* allowed, int n, int k,
+                                    int relu, float* out_values, u32* out_indices) {
+    topk_row(pre, allowed, n, k, relu, out_values, out_indices);
+}
+
+extern "C" __global__ void topk_bf16(const bf16_bits* pre, const unsigned char* allowed, int n,
+                                     int k, int relu, bf16_bits* out_values, u32* out_indices) {
+    topk_row(pre, allowed, n, k, relu, out_values, out_indices);
+}
+
+// ---------------------------------------------------------------------------------------
+// Sparse products. `coef: [N, k]` and `indices: [N, k]` name, for each token, k rows of a
+// `[n, d]` matrix (the decoder, or the encoder in the backward pass).
+
+#define SPARSE_THREADS 256
+
+// out[t] = bias + sum_j coef[t, j] * rows[indices[t, j]]: the decoder (rows = W_dec, bias =
+// b_dec), or the gradient reaching the encoder input (rows = W_enc, no bias). Grid:
+// (N, ceil(d / SPARSE_THREADS)); each thread owns one column of one token.
+template <typename T>
+__device__ void combine_rows(const T* coef, const u32* indices, const T* rows, const T* bias,
+                             int k, int d, T* out) {
+    __shared__ float s_coef[SPARSE_THREADS];
+    __shared__ u32 s_index[SPARSE_THREADS];
+    const long long t = blockIdx.x;
+    const int c = blockIdx.y * SPARSE_THREADS + threadIdx.x;
+    float acc = (bias != 0 && c < d) ? to_f32(bias[c]) : 0.0f;
+    for (int j0 = 0; j0 < k; j0 += SPARSE_THREADS) {
+        const int j = j0 + threadIdx.x;
+        if (j < k) {
+            s_coef[threadIdx.x] = to_f32(coef[t * k + j]);
+            s_index[threadIdx.x] = indices[t * k + j];
+        }
+        __syncthreads();
+        const int m = (k - j0) < SPARSE_THREADS ? (k - j0) : SPARSE_THREADS;
+        if (c < d) {
+            for (int q = 0; q < m; ++q) {
+                acc += s_coef[q] * to_f32(rows[(long long)s_index[q] * d + c]);
+            }
+        }
+        __syncthreads();
+    }
+    if (c < d) {
+        from_f32(acc, &out[t * d + c]);
+    }
+}
+
+extern "C" __global__ void combine_rows_f32(const float* coef, const u32* indices,
+                                            const float* rows, const float* bias, int k, int d,
+                                            float* out) {
+    combine_rows(coef, indices, rows, bias, k, d, out);
+}
+
+extern "C" __global__ void combine_rows_bf16(const bf16_bits* coef, const u32* indices,
+                                             const bf16_bits* rows, const bf16_bits* bias, int k,
+                                             int d, bf16_bits* out) {
+    combine_rows(coef, indices, rows, bias, k, d, out);
+}
+
+#define DOT_LANES 8
+#define DOT_SLOTS (SPARSE_THREADS / DOT_LANES)
+
+// out[t, j] = <g[t], rows[indices[t, j]]> where gate[t, j] > 0, else 0: the gradient of the
+// selected pre-activations (rows = W_dec, gate = the activations, so ReLU-cut picks pass
+// none). Grid: N blocks of SPARSE_THREADS; groups of DOT_LANES threads share one dot.
+extern "C" __global__ void gated_row_dots_f32(const float* g, const u32* indices,
+                                              const float* rows, const float* gate, int k, int d,
+                                              float* out) {
+    __shared__ float partial[SPARSE_THREADS];
+    const long long t = blockIdx.x;
+    const int slot = threadIdx.x / DOT_LANES;
+    const int lane = threadIdx.x % DOT_LANES;
+    for (int j0 = 0; j0 < k; j0 += DOT_SLOTS) {
+        const int j = j0 + slot;
+        float sum = 0.0f;
+        if (j < k && gate[t * k + j] > 0.0f) {
+            const float* row = rows + (long long)indices[t * k + j] * d;
+            const float* gt = g + t * d;
+            for (int c = lane; c < d; c += DOT_LANES) {
+                sum += gt[c] * row[c];
+            }
+        }
+        partial[threadIdx.x] = sum;
+        __syncthreads();
+        if (lane == 0 && j < k) {
+            float total = 0.0f;
+            for (int q = 0; q < DOT_LANES; ++q) {
+                total += partial[threadIdx.x + q];
+            }
+            out[t * k + j] = total;
+        }
+        __syncthreads();
+    }
+}
+
+// out[indices[t, j]] += coef[t, j] * vectors[t] for every (t, j) with coef != 0: the decoder
+// gradient (coef = activations, vectors = dL/dx_hat) and the encoder gradient (coef = the
+// pre-activation gradient, vectors = the encoder input). Grid: N * k blocks of
+// SPARSE_THREADS; `out: [n, d]` must start zeroed or hold a sum to add to.
+extern "C" __global__ void scatter_rows_f32(const float* coef, const u32* indices,
+                                            const float* vectors, int k, int d, float* out) {
+    const long long p = blockIdx.x;
+    const float a = coef[p];
+    if (a == 0.0f) {
+        return;
+    }
+    const long long t = p / k;
+    float* target = out + (long long)indices[p] * d;
+    for (int c = threadIdx.x; c < d; c += SPARSE_THREADS) {
+        atomicAdd(&target[c], a * vectors[t * d + c]);
+    }
+}
+
+// out[indices[p]] += coef[p] for p < count: the encoder-bias gradient. Grid:
+// ceil(count / SPARSE_THREADS) blocks of SPARSE_THREADS.
+extern "C" __global__ void scatter_scalars_f32(const float* coef, const u32* indices,
+                                               long long count, float* out) {
+    const long long p = (long long)blockIdx.x * SPARSE_THREADS + threadIdx.x;
+    if (p < count && coef[p] != 0.0f) {
+        atomicAdd(&out[indices[p]], coef[p]);
+    }
+}

@@ -1,0 +1,461 @@
+//! Launching the kernels of `kernels.cu` on candle's CUDA tensors. Each function returns
+//! `None` when its inputs are not on a CUDA device in a dtype the kernels take (f32, and
+//! bf16 for the forward kernels), so the callers in `kernels.rs` fall back to their other
+//! paths.
+
+use std::sync::OnceLock;
+
+use candle_core::backprop::BackpropOp;
+use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaFunc, CudaStorage};
+use candle_core::{DType, Device, Layout, Shape, Storage, Tensor};
+use half::bf16;
+
+use super::{backward_with, compile_ptx, encode_select_with, Kernels, TOPK_MAX_K};
+use crate::kernels::{Backward, Picks, Selection};
+use crate::{Error, Result};
+
+/// Threads per block of the TopK and of the sparse kernels (TOPK_THREADS and
+/// SPARSE_THREADS in kernels.cu).
+const THREADS: u32 = 256;
+/// Threads sharing one dot product in `gated_row_dots_f32` (DOT_LANES).
+const DOT_LANES: u32 = 8;
+
+/// The PTX of the kernels, compiled once per process for the first device's architecture.
+fn ptx(device: &CudaDevice) -> Result<&'static str> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    PTX.get_or_init(|| {
+        compile_ptx(virtual_arch(device))
+            .map(|p| p.to_src())
+            .map_err(|e| e.to_string())
+    })
+    .as_deref()
+    .map_err(|e| Error::Cuda(e.clone()))
+}
+
+/// `compute_XY` for the device's compute capability when NVRTC 13 knows it; otherwise
+/// NVRTC's default (the driver JIT-compiles that PTX for newer devices).
+fn virtual_arch(device: &CudaDevice) -> Option<&'static str> {
+    let stream = device.cuda_stream();
+    let context = stream.context();
+    let major = context
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .ok()?;
+    let minor = context
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+        .ok()?;
+    Some(match (major, minor) {
+        (7, 5) => "compute_75",
+        (8, 0) => "compute_80",
+        (8, 6) => "compute_86",
+        (8, 9) => "compute_89",
+        (9, 0) => "compute_90",
+        (10, 0) => "compute_100",
+        (12, 0) => "compute_120",
+        _ => return None,
+    })
+}
+
+fn function(device: &CudaDevice, name: &str) -> Result<CudaFunc> {
+    Ok(device.get_or_load_custom_func(name, "eleuther_sae_kernels", ptx(device)?)?)
+}
+
+fn cuda_error(e: impl std::fmt::Display) -> Error {
+    Error::Cuda(format!("CUDA kernel launch failed: {e}"))
+}
+
+/// The CUDA device of `t`, if it is on one.
+fn cuda_device(t: &Tensor) -> Option<CudaDevice> {
+    match t.device() {
+        Device::Cuda(device) => Some(device.clone()),
+        _ => None,
+    }
+}
+
+/// The elements of a contiguous tensor's CUDA storage (see [`Tensor::storage_and_layout`]).
+fn view<'s, T: CudaDType>(storage: &'s Storage, layout: &Layout) -> Result<CudaView<'s, T>> {
+    let Storage::Cuda(cuda) = storage else {
+        return Err(Error::Cuda("expected a tensor on a CUDA device".into()));
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Cuda("expected a contiguous tensor".into()))?;
+    Ok(cuda.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+fn alloc<T: DeviceRepr + ValidAsZeroBits>(device: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
+    device
+        .cuda_stream()
+        .alloc_zeros::<T>(len)
+        .map_err(cuda_error)
+}
+
+fn wrap<T: CudaDType>(slice: CudaSlice<T>, device: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
+    let storage = CudaStorage::wrap_cuda_slice(slice, device.clone());
+    Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
+}
+
+/// A size as the kernels' `int`.
+fn int(value: usize, what: &str) -> Result<i32> {
+    i32::try_from(value)
+        .map_err(|_| Error::Cuda(format!("{what} {value} is too large for the CUDA kernels")))
+}
+
+fn config(blocks: (usize, usize), threads: u32) -> Result<LaunchConfig> {
+    let grid = |v: usize| {
+        u32::try_from(v)
+            .map_err(|_| Error::Cuda(format!("{v} blocks are too many for one kernel launch")))
+    };
+    Ok(LaunchConfig {
+        grid_dim: (grid(blocks.0)?, grid(blocks.1)?, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+fn launch(builder: &mut LaunchArgs, config: LaunchConfig) -> Result<()> {
+    // SAFETY: every caller pushes the arguments of the named kernel in kernels.cu, in order,
+    // with buffers of the sizes its comment states, and sizes the grid as it states.
+    unsafe { builder.launch(config) }
+        .map(|_| ())
+        .map_err(cuda_error)
+}
+
+/// The `k` largest entries of each row of `pre: [N, n]` (of `ReLU(pre)` when `relu`), among
+/// the latents with a nonzero `allowed: [n]` u8 mask when given: `(values [N, k], indices
+/// [N, k] u32)` by decreasing value, ties by increasing index.
+pub(crate) fn topk(
+    pre: &Tensor,
+    k: usize,
+    allowed: Option<&Tensor>,
+    relu: bool,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let Some(device) = cuda_device(pre) else {
+        return Ok(None);
+    };
+    let (rows, n) = pre.dims2()?;
+    if k == 0 || k > n || k > TOPK_MAX_K || rows == 0 {
+        return Ok(None);
+    }
+    match pre.dtype() {
+        DType::F32 => topk_typed::<f32>(&device, pre, k, allowed, relu, "topk_f32").map(Some),
+        DType::BF16 => topk_typed::<bf16>(&device, pre, k, allowed, relu, "topk_bf16").map(Some),
+        _ => Ok(None),
+    }
+}
+
+fn topk_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
+    device: &CudaDevice,
+    pre: &Tensor,
+    k: usize,
+    allowed: Option<&Tensor>,
+    relu: bool,
+    name: &str,
+) -> Result<(Tensor, Tensor)> {
+    let (rows, n) = pre.dims2()?;
+    let func = function(device, name)?;
+    let mut values = alloc::<T>(device, rows * k)?;
+    let mut indices = alloc::<u32>(device, rows * k)?;
+    let (n_arg, k_arg, relu_arg) = (int(n, "width")?, int(k, "k")?, i32::from(relu));
+    let pre = pre.contiguous()?;
+    let (pre_storage, pre_layout) = pre.storage_and_layout();
+    let pre_view = view::<T>(&pre_storage, pre_layout)?;
+    let mask = allowed
+        .map(|m| m.to_dtype(DType::U8)?.contiguous())
+        .transpose()?;
+    let mask_guard = mask.as_ref().map(|m| m.storage_and_layout());
+    let mask_view = match &mask_guard {
+        Some((storage, layout)) => Some(view::<u8>(storage, layout)?),
+        None => None,
+    };
+    let mut builder = func.builder();
+    builder.arg(&pre_view);
+    match &mask_view {
+        Some(mask) => builder.arg(mask),
+        None => builder.arg(&0u64),
+    };
+    builder
+        .arg(&n_arg)
+        .arg(&k_arg)
+        .arg(&relu_arg)
+        .arg(&mut values)
+        .arg(&mut indices);
+    launch(&mut builder, config((rows, 1), THREADS)?)?;
+    Ok((
+        wrap(values, device, (rows, k)),
+        wrap(indices, device, (rows, k)),
+    ))
+}
+
+/// `bias + Σ_j coef[t, j] · rows[indices[t, j]]` for every token `t`: `[N, d]` (the sparse
+/// decode with `rows = W_dec`, `bias = b_dec`). All of one float dtype, indices u32.
+pub(crate) fn combine_rows(
+    coef: &Tensor,
+    indices: &Tensor,
+    rows: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let Some(device) = cuda_device(rows) else {
+        return Ok(None);
+    };
+    let dtype = rows.dtype();
+    if indices.dtype() != DType::U32
+        || coef.dtype() != dtype
+        || bias.is_some_and(|b| b.dtype() != dtype)
+    {
+        return Ok(None);
+    }
+    match dtype {
+        DType::F32 => combine_typed::<f32>(&device, coef, indices, rows, bias, "combine_rows_f32"),
+        DType::BF16 => {
+            combine_typed::<bf16>(&device, coef, indices, rows, bias, "combine_rows_bf16")
+        }
+        _ => return Ok(None),
+    }
+    .map(Some)
+}
+
+fn combine_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
+    device: &CudaDevice,
+    coef: &Tensor,
+    indices: &Tensor,
+    rows: &Tensor,
+    bias: Option<&Tensor>,
+    name: &str,
+) -> Result<Tensor> {
+    let (tokens, k) = coef.dims2()?;
+    let d = rows.dim(1)?;
+    let func = function(device, name)?;
+    let mut out = alloc::<T>(device, tokens * d)?;
+    let (k_arg, d_arg) = (int(k, "k")?, int(d, "width")?);
+    let (coef, indices, rows) = (
+        coef.contiguous()?,
+        indices.contiguous()?,
+        rows.contiguous()?,
+    );
+    let bias = bias.map(Tensor::contiguous).transpose()?;
+    let (coef_s, coef_l) = coef.storage_and_layout();
+    let (idx_s, idx_l) = indices.storage_and_layout();
+    let (rows_s, rows_l) = rows.storage_and_layout();
+    let bias_guard = bias.as_ref().map(|b| b.storage_and_layout());
+    let bias_view = match &bias_guard {
+        Some((storage, layout)) => Some(view::<T>(storage, layout)?),
+        None => None,
+    };
+    let (coef_v, idx_v, rows_v) = (
+        view::<T>(&coef_s, coef_l)?,
+        view::<u32>(&idx_s, idx_l)?,
+        view::<T>(&rows_s, rows_l)?,
+    );
+    let mut builder = func.builder();
+    builder.arg(&coef_v).arg(&idx_v).arg(&rows_v);
+    match &bias_view {
+        Some(bias) => builder.arg(bias),
+        None => builder.arg(&0u64),
+    };
+    builder.arg(&k_arg).arg(&d_arg).arg(&mut out);
+    let column_blocks = d.div_ceil(THREADS as usize);
+    launch(&mut builder, config((tokens, column_blocks), THREADS)?)?;
+    Ok(wrap(out, device, (tokens, d)))
+}
+
+/// Encodes `xc: [N, d]` on a CUDA device (cuBLAS for the dense product, our TopK for the
+/// selections), as `kernels::encode_select` does on the CPU.
+pub(crate) fn encode_select(
+    xc: &Tensor,
+    w_enc: &Tensor,
+    b_enc: &Tensor,
+    picks: Picks,
+) -> Result<Option<(Selection, Option<Selection>)>> {
+    let Some(device) = cuda_device(xc) else {
+        return Ok(None);
+    };
+    let k_max = picks.dead.map_or(picks.k, |(_, k_aux)| k_aux.max(picks.k));
+    if !matches!(xc.dtype(), DType::F32 | DType::BF16) || k_max > TOPK_MAX_K {
+        return Ok(None);
+    }
+    encode_select_with(&Launcher(device), xc, w_enc, b_enc, picks).map(Some)
+}
+
+/// The gradients `[W_enc, b_enc, W_dec, b_dec]` of `kernels::backward` on a CUDA device in
+/// f32 (scatter-adds with atomics: the summation order, so the last bits, vary by run).
+pub(crate) fn backward(b: &Backward) -> Result<Option<Vec<Tensor>>> {
+    let Some(device) = cuda_device(b.w_dec) else {
+        return Ok(None);
+    };
+    let f32_inputs = [b.target, b.xc, b.acts, b.x_hat, b.w_enc, b.w_dec];
+    if b.indices.dtype() != DType::U32 || f32_inputs.iter().any(|t| t.dtype() != DType::F32) {
+        return Ok(None);
+    }
+    backward_with(&Launcher(device), b).map(Some)
+}
+
+/// The kernels launched on one CUDA device.
+struct Launcher(CudaDevice);
+
+impl Kernels for Launcher {
+    fn topk(
+        &self,
+        pre: &Tensor,
+        k: usize,
+        allowed: Option<&Tensor>,
+        relu: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        topk(pre, k, allowed, relu)?.ok_or_else(|| unsupported("topk", pre))
+    }
+
+    fn combine_rows(
+        &self,
+        coef: &Tensor,
+        indices: &Tensor,
+        rows: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        combine_rows(coef, indices, rows, bias)?.ok_or_else(|| unsupported("combine_rows", rows))
+    }
+
+    fn gated_row_dots(
+        &self,
+        g: &Tensor,
+        indices: &Tensor,
+        rows: &Tensor,
+        gate: &Tensor,
+    ) -> Result<Tensor> {
+        gated_row_dots(&self.0, g, indices, rows, gate)
+    }
+
+    fn scatter_rows(
+        &self,
+        coef: &Tensor,
+        indices: &Tensor,
+        vectors: &Tensor,
+        n: usize,
+    ) -> Result<Tensor> {
+        scatter_rows(&self.0, coef, indices, vectors, n)
+    }
+
+    fn scatter_scalars(&self, coef: &Tensor, indices: &Tensor, n: usize) -> Result<Tensor> {
+        scatter_scalars(&self.0, coef, indices, n)
+    }
+}
+
+fn unsupported(kernel: &str, t: &Tensor) -> Error {
+    Error::Cuda(format!(
+        "the {kernel} kernel cannot take a {:?} tensor of shape {:?} on {:?}",
+        t.dtype(),
+        t.dims(),
+        t.device().location()
+    ))
+}
+
+/// `out[t, j] = <g[t], rows[indices[t, j]]>` where `gate[t, j] > 0`, else 0: `[N, k]` f32.
+fn gated_row_dots(
+    device: &CudaDevice,
+    g: &Tensor,
+    indices: &Tensor,
+    rows: &Tensor,
+    gate: &Tensor,
+) -> Result<Tensor> {
+    let (tokens, k) = gate.dims2()?;
+    let d = rows.dim(1)?;
+    let func = function(device, "gated_row_dots_f32")?;
+    let mut out = alloc::<f32>(device, tokens * k)?;
+    let (k_arg, d_arg) = (int(k, "k")?, int(d, "width")?);
+    let (g, indices, rows, gate) = (
+        g.contiguous()?,
+        indices.contiguous()?,
+        rows.contiguous()?,
+        gate.contiguous()?,
+    );
+    let (g_s, g_l) = g.storage_and_layout();
+    let (idx_s, idx_l) = indices.storage_and_layout();
+    let (rows_s, rows_l) = rows.storage_and_layout();
+    let (gate_s, gate_l) = gate.storage_and_layout();
+    let (g_v, idx_v, rows_v, gate_v) = (
+        view::<f32>(&g_s, g_l)?,
+        view::<u32>(&idx_s, idx_l)?,
+        view::<f32>(&rows_s, rows_l)?,
+        view::<f32>(&gate_s, gate_l)?,
+    );
+    let mut builder = func.builder();
+    builder
+        .arg(&g_v)
+        .arg(&idx_v)
+        .arg(&rows_v)
+        .arg(&gate_v)
+        .arg(&k_arg)
+        .arg(&d_arg)
+        .arg(&mut out);
+    debug_assert_eq!(THREADS % DOT_LANES, 0);
+    launch(&mut builder, config((tokens, 1), THREADS)?)?;
+    Ok(wrap(out, device, (tokens, k)))
+}
+
+/// `out[indices[t, j]] += coef[t, j] · vectors[t]` into a zeroed `[n, d]` f32 tensor.
+fn scatter_rows(
+    device: &CudaDevice,
+    coef: &Tensor,
+    indices: &Tensor,
+    vectors: &Tensor,
+    n: usize,
+) -> Result<Tensor> {
+    let (tokens, k) = coef.dims2()?;
+    let d = vectors.dim(1)?;
+    let func = function(device, "scatter_rows_f32")?;
+    let mut out = alloc::<f32>(device, n * d)?;
+    let (k_arg, d_arg) = (int(k, "k")?, int(d, "width")?);
+    let (coef, indices, vectors) = (
+        coef.contiguous()?,
+        indices.contiguous()?,
+        vectors.contiguous()?,
+    );
+    let (coef_s, coef_l) = coef.storage_and_layout();
+    let (idx_s, idx_l) = indices.storage_and_layout();
+    let (vec_s, vec_l) = vectors.storage_and_layout();
+    let (coef_v, idx_v, vec_v) = (
+        view::<f32>(&coef_s, coef_l)?,
+        view::<u32>(&idx_s, idx_l)?,
+        view::<f32>(&vec_s, vec_l)?,
+    );
+    let mut builder = func.builder();
+    builder
+        .arg(&coef_v)
+        .arg(&idx_v)
+        .arg(&vec_v)
+        .arg(&k_arg)
+        .arg(&d_arg)
+        .arg(&mut out);
+    launch(&mut builder, config((tokens * k, 1), THREADS)?)?;
+    Ok(wrap(out, device, (n, d)))
+}
+
+/// `out[indices[p]] += coef[p]` over all `N · k` picks into a zeroed `[n]` f32 tensor.
+fn scatter_scalars(
+    device: &CudaDevice,
+    coef: &Tensor,
+    indices: &Tensor,
+    n: usize,
+) -> Result<Tensor> {
+    let count = coef.elem_count();
+    let func = function(device, "scatter_scalars_f32")?;
+    let mut out = alloc::<f32>(device, n)?;
+    let count_arg = count as i64;
+    let (coef, indices) = (coef.contiguous()?, indices.contiguous()?);
+    let (coef_s, coef_l) = coef.storage_and_layout();
+    let (idx_s, idx_l) = indices.storage_and_layout();
+    let (coef_v, idx_v) = (view::<f32>(&coef_s, coef_l)?, view::<u32>(&idx_s, idx_l)?);
+    let mut builder = func.builder();
+    builder
+        .arg(&coef_v)
+        .arg(&idx_v)
+        .arg(&count_arg)
+        .arg(&mut out);
+    launch(
+        &mut builder,
+        config((count.div_ceil(THREADS as usize), 1), THREADS)?,
+    )?;
+    Ok(wrap(out, device, n))
+}

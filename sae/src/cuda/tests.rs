@@ -1,0 +1,522 @@
+//! The kernels checked without a GPU: NVRTC compiles the source, and the same source, built
+//! by the C++ compiler with `emulation/cuda_emulation.h`, runs on the CPU against the Rust
+//! CPU implementations (TopK order and ties, decode, encoder selection, gradients).
+//!
+//! Without NVRTC (`libnvrtc.so.13` on the library path) or a C++20 compiler (`c++`, or
+//! `$CXX`) the tests print SKIP and pass, unless `EI_REQUIRE_KERNEL_CHECKS` is set, as
+//! `scripts/test-all` (CI) does after installing NVRTC from PyPI: there they fail instead.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+use half::bf16;
+
+use super::*;
+use crate::kernels::{self, GradSum};
+use crate::uniform;
+
+const HEADER: &str = include_str!("emulation/cuda_emulation.h");
+const HARNESS: &str = include_str!("emulation/harness.cpp");
+
+/// Every kernel the launcher calls.
+const ENTRY_POINTS: [&str; 7] = [
+    "topk_f32",
+    "topk_bf16",
+    "combine_rows_f32",
+    "combine_rows_bf16",
+    "gated_row_dots_f32",
+    "scatter_rows_f32",
+    "scatter_scalars_f32",
+];
+
+fn required() -> bool {
+    std::env::var_os("EI_REQUIRE_KERNEL_CHECKS").is_some()
+}
+
+/// Reports a missing tool: SKIP (the test passes) or, when required, a failure.
+fn missing(what: &str) {
+    assert!(
+        !required(),
+        "{what} (EI_REQUIRE_KERNEL_CHECKS is set, so this fails)"
+    );
+    eprintln!("SKIP CUDA kernel check: {what}");
+}
+
+fn nvrtc_present() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        true
+    }
+    #[cfg(not(feature = "cuda"))]
+    // SAFETY: only tries to open the library by its usual names.
+    unsafe {
+        cudarc::nvrtc::sys::is_culib_present()
+    }
+}
+
+#[test]
+fn nvrtc_compiles_every_kernel() {
+    if !nvrtc_present() {
+        missing("NVRTC (libnvrtc.so.13) not found on the library path");
+        return;
+    }
+    for arch in [None, Some("compute_80"), Some("compute_90")] {
+        let ptx = compile_ptx(arch).unwrap().to_src();
+        for name in ENTRY_POINTS {
+            assert!(
+                ptx.contains(&format!(".entry {name}(")),
+                "no entry point {name} in the PTX for {arch:?}"
+            );
+        }
+    }
+}
+
+/// The emulation harness, built once per version of the sources next to the test binary.
+fn harness() -> Option<&'static Path> {
+    static HARNESS_PATH: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    let built = HARNESS_PATH.get_or_init(|| {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (KERNELS_SOURCE, HEADER, HARNESS).hash(&mut hasher);
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let dir = exe.parent().ok_or("the test binary has no folder")?;
+        let path = dir.join(format!("sae-kernel-emulation-{:016x}", hasher.finish()));
+        if path.exists() {
+            return Ok(path);
+        }
+        let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cuda/emulation/harness.cpp");
+        let partial = path.with_extension(format!("partial{}", std::process::id()));
+        let output = Command::new(&compiler)
+            .args(["-std=c++20", "-O2", "-o"])
+            .arg(&partial)
+            .arg(&source)
+            .output()
+            .map_err(|e| format!("cannot run the C++ compiler '{compiler}': {e}"))?;
+        if !output.status.success() {
+            // A compiler that runs but rejects the source is a real failure, not a SKIP.
+            panic!(
+                "{compiler} could not build the kernel emulation:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::fs::rename(&partial, &path).map_err(|e| e.to_string())?;
+        Ok(path)
+    });
+    match built {
+        Ok(path) => Some(path),
+        Err(e) => {
+            missing(e);
+            None
+        }
+    }
+}
+
+/// The kernels run on the CPU by the emulation harness, on CPU tensors.
+struct Emulated {
+    harness: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Emulated {
+    fn new() -> Option<Self> {
+        Some(Emulated {
+            harness: harness()?.to_path_buf(),
+            dir: tempfile::tempdir().unwrap(),
+        })
+    }
+
+    fn put(&self, name: &str, t: &Tensor) {
+        let t = t.flatten_all().unwrap();
+        let bytes: Vec<u8> = match t.dtype() {
+            DType::F32 => t
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            DType::BF16 => t
+                .to_vec1::<bf16>()
+                .unwrap()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            DType::U32 => t
+                .to_vec1::<u32>()
+                .unwrap()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            DType::U8 => t.to_vec1::<u8>().unwrap(),
+            other => panic!("no emulation input of dtype {other:?}"),
+        };
+        std::fs::write(self.dir.path().join(name), bytes).unwrap();
+    }
+
+    fn get(&self, name: &str, dtype: DType, shape: &[usize]) -> Tensor {
+        let bytes = std::fs::read(self.dir.path().join(name)).unwrap();
+        let cpu = &Device::Cpu;
+        match dtype {
+            DType::F32 => {
+                let v: Vec<f32> = bytes
+                    .chunks(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect();
+                Tensor::from_vec(v, shape, cpu).unwrap()
+            }
+            DType::BF16 => {
+                let v: Vec<bf16> = bytes
+                    .chunks(2)
+                    .map(|b| bf16::from_le_bytes(b.try_into().unwrap()))
+                    .collect();
+                Tensor::from_vec(v, shape, cpu).unwrap()
+            }
+            DType::U32 => {
+                let v: Vec<u32> = bytes
+                    .chunks(4)
+                    .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+                    .collect();
+                Tensor::from_vec(v, shape, cpu).unwrap()
+            }
+            other => panic!("no emulation output of dtype {other:?}"),
+        }
+    }
+
+    fn run(&self, args: &[String]) {
+        let output = Command::new(&self.harness)
+            .arg(self.dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "emulated kernel {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+fn dtype_name(dtype: DType) -> String {
+    match dtype {
+        DType::F32 => "f32".into(),
+        DType::BF16 => "bf16".into(),
+        other => panic!("the kernels take no {other:?}"),
+    }
+}
+
+impl Kernels for Emulated {
+    fn topk(
+        &self,
+        pre: &Tensor,
+        k: usize,
+        allowed: Option<&Tensor>,
+        relu: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let (rows, n) = pre.dims2()?;
+        self.put("pre.bin", pre);
+        if let Some(mask) = allowed {
+            self.put("mask.bin", mask);
+        }
+        let dims = [
+            rows,
+            n,
+            k,
+            usize::from(relu),
+            usize::from(allowed.is_some()),
+        ];
+        let mut args = vec!["topk".into(), dtype_name(pre.dtype())];
+        args.extend(dims.iter().map(usize::to_string));
+        self.run(&args);
+        Ok((
+            self.get("values.bin", pre.dtype(), &[rows, k]),
+            self.get("indices.bin", DType::U32, &[rows, k]),
+        ))
+    }
+
+    fn combine_rows(
+        &self,
+        coef: &Tensor,
+        indices: &Tensor,
+        rows: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (tokens, k) = coef.dims2()?;
+        let (n, d) = rows.dims2()?;
+        self.put("coef.bin", coef);
+        self.put("indices.bin", indices);
+        self.put("rows.bin", rows);
+        if let Some(bias) = bias {
+            self.put("bias.bin", bias);
+        }
+        let dims = [tokens, k, d, n, usize::from(bias.is_some())];
+        let mut args = vec!["combine".into(), dtype_name(rows.dtype())];
+        args.extend(dims.iter().map(usize::to_string));
+        self.run(&args);
+        Ok(self.get("out.bin", rows.dtype(), &[tokens, d]))
+    }
+
+    fn gated_row_dots(
+        &self,
+        g: &Tensor,
+        indices: &Tensor,
+        rows: &Tensor,
+        gate: &Tensor,
+    ) -> Result<Tensor> {
+        let (tokens, k) = gate.dims2()?;
+        let (n, d) = rows.dims2()?;
+        for (name, t) in [
+            ("g.bin", g),
+            ("indices.bin", indices),
+            ("rows.bin", rows),
+            ("gate.bin", gate),
+        ] {
+            self.put(name, t);
+        }
+        let mut args = vec!["dots".to_string()];
+        args.extend([tokens, k, d, n].iter().map(usize::to_string));
+        self.run(&args);
+        Ok(self.get("out.bin", DType::F32, &[tokens, k]))
+    }
+
+    fn scatter_rows(
+        &self,
+        coef: &Tensor,
+        indices: &Tensor,
+        vectors: &Tensor,
+        n: usize,
+    ) -> Result<Tensor> {
+        let (tokens, k) = coef.dims2()?;
+        let d = vectors.dim(1)?;
+        for (name, t) in [
+            ("coef.bin", coef),
+            ("indices.bin", indices),
+            ("vectors.bin", vectors),
+        ] {
+            self.put(name, t);
+        }
+        let mut args = vec!["scatter_rows".to_string()];
+        args.extend([tokens, k, d, n].iter().map(usize::to_string));
+        self.run(&args);
+        Ok(self.get("out.bin", DType::F32, &[n, d]))
+    }
+
+    fn scatter_scalars(&self, coef: &Tensor, indices: &Tensor, n: usize) -> Result<Tensor> {
+        self.put("coef.bin", coef);
+        self.put("indices.bin", indices);
+        let args = vec![
+            "scatter_scalars".to_string(),
+            coef.elem_count().to_string(),
+            n.to_string(),
+        ];
+        self.run(&args);
+        Ok(self.get("out.bin", DType::F32, &[n]))
+    }
+}
+
+/// Random values rounded to quarters (many exact ties, among them +0), never -0.
+fn with_ties(shape: &[usize], seed: u64) -> Tensor {
+    let t = uniform(shape, 0.0, 2.0, seed);
+    (((t * 4.0).unwrap().round().unwrap() / 4.0).unwrap() + 0.0).unwrap()
+}
+
+fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1e-6);
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    diff.to_scalar::<f32>().unwrap() / scale
+}
+
+#[test]
+fn emulated_topk_matches_the_cpu_selection_with_ties_relu_and_masks() {
+    let Some(emulated) = Emulated::new() else {
+        return;
+    };
+    // (rows, width, k, relu, masked): widths not multiples of the 256-thread tile, k above
+    // the tile, k equal to the width, many ties.
+    let cases = [
+        (5, 1000, 7, false, false),
+        (4, 3001, 64, true, false),
+        (3, 5000, 300, true, true),
+        (2, 257, 257, false, false),
+        (3, 20_000, 1, false, false),
+    ];
+    for (case, &(rows, n, k, relu, masked)) in cases.iter().enumerate() {
+        let pre = with_ties(&[rows, n], 10 + case as u64);
+        let mask: Vec<u8> = (0..n).map(|j| u8::from(j % 5 != 2)).collect();
+        let mask = Tensor::from_vec(mask, n, &Device::Cpu).unwrap();
+        let mut reference_input = if relu {
+            pre.relu().unwrap()
+        } else {
+            pre.clone()
+        };
+        if masked {
+            let excluded = Tensor::full(f32::NEG_INFINITY, (rows, n), &Device::Cpu).unwrap();
+            let keep = mask.broadcast_as((rows, n)).unwrap();
+            reference_input = keep.where_cond(&reference_input, &excluded).unwrap();
+        }
+        let (values, indices) = kernels::topk(&reference_input, k).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let input = pre.to_dtype(dtype).unwrap(); // quarters in [-2, 2] are exact in bf16
+            let allowed = masked.then_some(&mask);
+            let (got_values, got_indices) = emulated.topk(&input, k, allowed, relu).unwrap();
+            assert_eq!(
+                got_indices.to_vec2::<u32>().unwrap(),
+                indices.to_vec2::<u32>().unwrap(),
+                "case {case} {dtype:?}: indices"
+            );
+            assert_eq!(
+                got_values
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap(),
+                values.to_vec2::<f32>().unwrap(),
+                "case {case} {dtype:?}: values"
+            );
+        }
+    }
+}
+
+#[test]
+fn emulated_decode_matches_the_cpu_decode() {
+    let Some(emulated) = Emulated::new() else {
+        return;
+    };
+    // d = 300 spans two column blocks; k = 300 two coefficient tiles.
+    for (case, &(tokens, n, d, k)) in [(9, 700, 300, 33), (4, 900, 40, 300)].iter().enumerate() {
+        let seed = 20 + 4 * case as u64;
+        let pre = uniform(&[tokens, n], 0.0, 1.0, seed);
+        let (acts, indices) = kernels::topk(&pre, k).unwrap();
+        let w_dec = uniform(&[n, d], 0.0, 1.0, seed + 1);
+        let b_dec = uniform(&[d], 0.0, 1.0, seed + 2);
+        let reference = kernels::decode(&acts, &indices, &w_dec, &b_dec).unwrap();
+        let got = emulated
+            .combine_rows(&acts, &indices, &w_dec, Some(&b_dec))
+            .unwrap();
+        assert!(max_rel_diff(&got, &reference) < 1e-6, "case {case} f32");
+        let zero = b_dec.zeros_like().unwrap();
+        let unbiased = kernels::decode(&acts, &indices, &w_dec, &zero).unwrap();
+        let got = emulated
+            .combine_rows(&acts, &indices, &w_dec, None)
+            .unwrap();
+        assert!(
+            max_rel_diff(&got, &unbiased) < 1e-6,
+            "case {case} without bias"
+        );
+        // bf16 storage, f32 accumulation: the reference on the same rounded inputs.
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let rounded = |t: &Tensor| bf(t).to_dtype(DType::F32).unwrap();
+        let reference = kernels::decode(
+            &rounded(&acts),
+            &indices,
+            &rounded(&w_dec),
+            &rounded(&b_dec),
+        )
+        .unwrap();
+        let got = emulated
+            .combine_rows(&bf(&acts), &indices, &bf(&w_dec), Some(&bf(&b_dec)))
+            .unwrap();
+        assert!(max_rel_diff(&got, &reference) < 4e-3, "case {case} bf16");
+    }
+}
+
+/// A small SAE problem: encoder input, weights, and a dead-latent mask.
+struct Problem {
+    xc: Tensor,
+    target: Tensor,
+    w_enc: Tensor,
+    b_enc: Tensor,
+    w_dec: Tensor,
+    b_dec: Tensor,
+    dead: Vec<bool>,
+}
+
+fn problem(tokens: usize, n: usize, d: usize, seed: u64) -> Problem {
+    Problem {
+        xc: uniform(&[tokens, d], 0.0, 1.0, seed),
+        target: uniform(&[tokens, d], 0.0, 1.0, seed + 1),
+        w_enc: uniform(&[n, d], 0.0, 0.5, seed + 2),
+        b_enc: uniform(&[n], -0.1, 0.3, seed + 3),
+        w_dec: uniform(&[n, d], 0.0, 0.5, seed + 4),
+        b_dec: uniform(&[d], 0.0, 0.2, seed + 5),
+        dead: (0..n).map(|i| i % 3 == 1).collect(),
+    }
+}
+
+#[test]
+fn emulated_encoder_selection_matches_the_cpu_encoder() {
+    let Some(emulated) = Emulated::new() else {
+        return;
+    };
+    let p = problem(11, 600, 40, 40);
+    let picks = Picks {
+        k: 9,
+        dead: Some((&p.dead, 20)),
+    };
+    let (top, aux) = encode_select_with(&emulated, &p.xc, &p.w_enc, &p.b_enc, picks).unwrap();
+    let (top_ref, aux_ref) = kernels::encode_select(&p.xc, &p.w_enc, &p.b_enc, picks).unwrap();
+    let (aux, aux_ref) = (aux.unwrap(), aux_ref.unwrap());
+    for (got, want, what) in [(&top, &top_ref, "top k"), (&aux, &aux_ref, "AuxK pick")] {
+        assert_eq!(
+            got.indices.to_vec2::<u32>().unwrap(),
+            want.indices.to_vec2::<u32>().unwrap(),
+            "{what}: indices"
+        );
+        assert!(
+            max_rel_diff(&got.acts, &want.acts) < 1e-5,
+            "{what}: activations"
+        );
+    }
+}
+
+#[test]
+fn emulated_gradients_match_the_cpu_backward() {
+    let Some(emulated) = Emulated::new() else {
+        return;
+    };
+    let p = problem(13, 500, 36, 60);
+    let (top, _) =
+        kernels::encode_select(&p.xc, &p.w_enc, &p.b_enc, Picks { k: 7, dead: None }).unwrap();
+    let x_hat = kernels::decode(&top.acts, &top.indices, &p.w_dec, &p.b_dec).unwrap();
+    // Both biases (an autoencoder), neither (AuxK's decode of the residual), decoder only (a
+    // transcoder).
+    for (decoder_bias, encoder_bias) in [(true, true), (false, true), (true, false)] {
+        let b = kernels::Backward {
+            target: &p.target,
+            xc: &p.xc,
+            acts: &top.acts,
+            indices: &top.indices,
+            x_hat: &x_hat,
+            w_enc: &p.w_enc,
+            w_dec: &p.w_dec,
+            scale: 0.37,
+            decoder_bias,
+            encoder_bias,
+        };
+        let mut sum = GradSum::Empty;
+        kernels::backward(&b, &mut sum).unwrap();
+        let reference = sum.into_tensors().unwrap();
+        let got = backward_with(&emulated, &b).unwrap();
+        for (name, (g, r)) in ["W_enc", "b_enc", "W_dec", "b_dec"]
+            .iter()
+            .zip(got.iter().zip(&reference))
+        {
+            assert_eq!(g.dims(), r.dims(), "{name}");
+            let diff = max_rel_diff(g, r);
+            assert!(
+                diff < 1e-5,
+                "{name} (decoder bias {decoder_bias}, encoder bias {encoder_bias}): {diff}"
+            );
+        }
+    }
+}

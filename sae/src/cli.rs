@@ -105,12 +105,15 @@ impl DataOpts {
         }
     }
 
-    /// Streams `points` of `model` over the data, at most `max_tokens` (whole sequences).
+    /// Streams `points` of `model` over the data, leaving out the rows of the first
+    /// `skip_positions` positions of each sequence, until at least `max_rows` rows (whole
+    /// sequences).
     fn stream<'m>(
         &self,
         model: &'m Model,
         points: Vec<HookPoint>,
-        max_tokens: Option<u64>,
+        max_rows: Option<u64>,
+        skip_positions: usize,
     ) -> Result<ModelActivations<'m>> {
         if self.data.is_empty() {
             bail!("give --data files to run the model over (or --activations for training)");
@@ -118,17 +121,31 @@ impl DataOpts {
         if self.seq_len == 0 || self.forward_batch == 0 {
             bail!("--seq-len and --forward-batch must be positive");
         }
+        check_skip(skip_positions, self.seq_len)?;
         let chunks = self.spec().chunks(model.tokenizer().ok())?;
-        let max_chunks = max_tokens.map(|t| t.div_ceil(self.seq_len as u64));
-        Ok(ModelActivations::new(
+        let rows_per_chunk = (self.seq_len - skip_positions) as u64;
+        let max_chunks = max_rows.map(|t| t.div_ceil(rows_per_chunk));
+        let mut source = ModelActivations::new(
             model,
             chunks,
             points,
             self.forward_batch,
             DType::F32,
             max_chunks,
-        )?)
+        )?;
+        source.skip_first_positions(skip_positions)?;
+        Ok(source)
     }
+}
+
+/// Refuses to skip every position of `seq_len`-token sequences.
+fn check_skip(skip_positions: usize, seq_len: usize) -> Result<()> {
+    if skip_positions >= seq_len {
+        bail!(
+            "--skip-first-positions {skip_positions} leaves nothing of {seq_len}-token sequences"
+        );
+    }
+    Ok(())
 }
 
 #[derive(Args, Debug)]
@@ -188,6 +205,11 @@ struct TrainArgs {
     /// --activations the cache needs both (the default hook points are its cached MLPs).
     #[arg(long)]
     transcode: bool,
+    /// Leave out the first N positions of every sequence (streamed or cached): e.g. 1 keeps
+    /// SmolLM2's position-0 "massive activations" out of training. Recorded in the
+    /// checkpoint; 0 is sparsify's recipe.
+    #[arg(long, default_value_t = 0)]
+    skip_first_positions: usize,
     /// Seed of the SAE initialisation and of the cache shuffle.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -218,6 +240,11 @@ struct EvalArgs {
     /// Tokens to evaluate (whole sequences).
     #[arg(long, default_value_t = 1 << 16)]
     tokens: u64,
+    /// Leave the first N positions of every sequence out of the SAE metrics and out of the
+    /// splice (the model keeps its own activations there, in the SAE and zero-ablated runs
+    /// alike); for SAEs trained with `sae train --skip-first-positions N`.
+    #[arg(long, default_value_t = 0)]
+    skip_first_positions: usize,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -347,10 +374,16 @@ fn train_command(args: TrainArgs) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be positive");
     }
+    let skip = args.skip_first_positions;
     let steps = match (args.steps, args.max_tokens, &cache) {
         (Some(steps), _, _) => steps,
         (None, Some(tokens), _) => tokens / args.batch_size as u64,
-        (None, None, Some(cache)) => cache.manifest().tokens / args.batch_size as u64,
+        (None, None, Some(cache)) => {
+            let manifest = cache.manifest();
+            let seq_len = manifest.settings.data.seq_len;
+            check_skip(skip, seq_len)?;
+            manifest.chunks * (seq_len - skip) as u64 / args.batch_size as u64
+        }
         (None, None, None) => bail!("give --steps or --max-tokens"),
     };
     if steps == 0 {
@@ -368,6 +401,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
         dead_feature_threshold: args.dead_feature_threshold,
         auxk_alpha: args.auxk_alpha,
         checkpoint_every: args.checkpoint_every,
+        skip_first_positions: skip,
     };
     let mut saes = widths
         .iter()
@@ -389,7 +423,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
                 buffer_tokens: args.shuffle_buffer,
             },
         )?),
-        (None, Some(model)) => Box::new(args.data.stream(model, streamed, Some(needed))?),
+        (None, Some(model)) => Box::new(args.data.stream(model, streamed, Some(needed), skip)?),
         (None, None) => unreachable!(),
     };
     let checkpoints: Vec<PathBuf> = names
@@ -439,11 +473,15 @@ fn train_command(args: TrainArgs) -> Result<()> {
         hooks::atomic::write_json(&ckpt.join("history.json"), history)?;
     }
     println!(
-        "trained {} SAE(s) ({} latents, k {}) for {steps} steps of {} tokens -> {}",
+        "trained {} SAE(s) ({} latents, k {}) for {steps} steps of {} tokens{} -> {}",
         saes.len(),
         saes[0].num_latents(),
         args.k,
         args.batch_size,
+        match skip {
+            0 => String::new(),
+            n => format!(" (the first {n} positions of each sequence left out)"),
+        },
         args.output.display()
     );
     if new_steps > 0 {
@@ -494,8 +532,12 @@ pub struct SaeEval {
 /// The result of `sae eval`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalReport {
-    /// Tokens evaluated.
+    /// Tokens run through the model (the language-model losses cover all of them).
     pub tokens: u64,
+    /// Positions at the start of each sequence left out of the SAE metrics and the splice
+    /// (`--skip-first-positions`).
+    #[serde(default)]
+    pub skip_first_positions: usize,
     /// The model's own next-token cross-entropy (nats).
     pub ce_clean: f64,
     /// One row per SAE.
@@ -505,8 +547,12 @@ pub struct EvalReport {
 impl EvalReport {
     /// A readable table.
     pub fn table(&self) -> String {
+        let skipped = match self.skip_first_positions {
+            0 => String::new(),
+            n => format!(" (SAE metrics and splice from position {n} on)"),
+        };
         let mut out = format!(
-            "{} tokens; clean CE {:.4} nats\n{:>24} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
+            "{} tokens{skipped}; clean CE {:.4} nats\n{:>24} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
             self.tokens,
             self.ce_clean,
             "hook point",
@@ -632,6 +678,8 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
             })
         })
         .collect::<Result<_>>()?;
+    let skip = args.skip_first_positions;
+    check_skip(skip, args.data.seq_len)?;
     let chunks = args.data.spec().chunks(model.tokenizer().ok())?;
     let mut chunks = chunks;
     let max_chunks = args.tokens.div_ceil(args.data.seq_len.max(1) as u64);
@@ -644,6 +692,8 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
         })
         .collect();
     let (mut ce_clean, mut ce_count, mut tokens, mut done_chunks) = (0.0, 0usize, 0u64, 0u64);
+    // Rows the SAE metrics cover (positions from `skip` on).
+    let mut rows_evaluated = 0u64;
     let bar = hooks::progress::bar(true, Some(args.tokens), "tokens");
     while done_chunks < max_chunks {
         let want = (max_chunks - done_chunks).min(args.data.forward_batch.max(1) as u64);
@@ -661,13 +711,15 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
         ce_clean += ce;
         ce_count += count;
         tokens += (b * s) as u64;
+        let kept = s - skip;
+        rows_evaluated += (b * kept) as u64;
         for (((point, sae), sums), input) in
             points.iter().zip(&saes).zip(sums.iter_mut()).zip(&inputs)
         {
             let rows = |p: &HookPoint| -> Result<Tensor> {
                 let x = out.captures[p].to_dtype(DType::F32)?;
                 let d = x.dim(2)?;
-                Ok(x.reshape((b * s, d))?)
+                Ok(x.narrow(1, skip, kept)?.reshape((b * kept, d))?)
             };
             let flat = rows(point)?;
             let fwd = match input {
@@ -706,18 +758,34 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
                     Ok(None)
                 });
             }
+            // Positions before `skip` keep the model's own activations.
+            let with_first_positions = |x: &Tensor, rest: Tensor| -> hooks::Result<Tensor> {
+                if skip == 0 {
+                    Ok(rest)
+                } else {
+                    let rest = rest.to_dtype(x.dtype())?;
+                    Ok(Tensor::cat(&[&x.narrow(1, 0, skip)?, &rest], 1)?)
+                }
+            };
             let mut hooks = hooks.replace(*point, |x: &Tensor| {
-                let dims = x.dims().to_vec();
-                let flat = |t: &Tensor| t.reshape((dims[0] * dims[1], dims[2]));
+                let (n, len, d) = x.dims3()?;
+                let flat = |t: &Tensor| {
+                    t.narrow(1, skip, len - skip)?
+                        .reshape((n * (len - skip), d))
+                };
                 let source = seen.borrow().clone().unwrap_or_else(|| x.clone());
                 let recon = sae
                     .forward_target(&flat(&source)?, &flat(x)?)
                     .map_err(|e| hooks::Error::InvalidArgument(format!("SAE: {e}")))?;
-                Ok(Some(recon.x_hat.reshape(dims)?))
+                let recon = recon.x_hat.reshape((n, len - skip, d))?;
+                Ok(Some(with_first_positions(x, recon)?))
             });
             let logits = model.forward(&ids, &mut hooks)?.logits.unwrap();
             sums.ce_sae += ce_sum(&logits, &ids)?.0;
-            let mut hooks = Hooks::new().replace(*point, |x: &Tensor| Ok(Some(x.zeros_like()?)));
+            let mut hooks = Hooks::new().replace(*point, |x: &Tensor| {
+                let zeros = x.narrow(1, skip, x.dim(1)? - skip)?.zeros_like()?;
+                Ok(Some(with_first_positions(x, zeros)?))
+            });
             let logits = model.forward(&ids, &mut hooks)?.logits.unwrap();
             sums.ce_zero += ce_sum(&logits, &ids)?.0;
         }
@@ -727,7 +795,7 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
     if tokens == 0 || ce_count == 0 {
         bail!("no tokens to evaluate");
     }
-    let n = tokens as f64;
+    let n = rows_evaluated as f64;
     let cc = ce_count as f64;
     let ce_clean = ce_clean / cc;
     let rows = points
@@ -752,6 +820,7 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
         .collect();
     let report = EvalReport {
         tokens,
+        skip_first_positions: skip,
         ce_clean,
         saes: rows,
     };

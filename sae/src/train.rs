@@ -19,6 +19,9 @@
 //! Optional terms, both as in sparsify and off by default: AuxK (`auxk_alpha`) and
 //! Multi-TopK (the SAE config's `multi_topk`); see [`fvu_and_grads`].
 //!
+//! A batch with a NaN or infinite activation stops training with an error naming its row
+//! and column (nothing is skipped, and the SAE is left as it was before that step).
+//!
 //! Transcoders (sparsify's `--transcode`) train the same way on (module input, module
 //! output) pairs: see [`Trainer::step_to`] and [`train_many`]. Not implemented yet: skip
 //! connections (refused with a clear error).
@@ -56,6 +59,12 @@ pub struct TrainOptions {
     /// Save a checkpoint every this many steps (0: only at the end), when [`train`] is
     /// given a checkpoint folder.
     pub checkpoint_every: u64,
+    /// [`train`] and [`train_many`] leave out the rows at the first this many positions of
+    /// every sequence (0: none, sparsify's recipe). Models such as SmolLM2 put "massive
+    /// activations" at position 0 that would otherwise dominate the FVU (see
+    /// `docs/sae-smollm2.md`). Absent from older checkpoints, which mean 0.
+    #[serde(default)]
+    pub skip_first_positions: usize,
 }
 
 impl Default for TrainOptions {
@@ -69,6 +78,7 @@ impl Default for TrainOptions {
             dead_feature_threshold: 10_000_000,
             auxk_alpha: 0.0,
             checkpoint_every: 1000,
+            skip_first_positions: 0,
         }
     }
 }
@@ -456,6 +466,8 @@ impl Trainer {
         }
         let input = sae.input(input, "training batch")?;
         let x = sae.input(target, "training target")?;
+        check_finite(&input, "training batch")?;
+        check_finite(&x, "training target")?;
         let transcode = sae.config().transcode;
         let unit_decoder = sae.config().normalize_decoder && !transcode;
         if self.steps_done == 0 {
@@ -536,6 +548,32 @@ impl Trainer {
             dead_fraction: self.dead_fraction(),
             lr,
         })
+    }
+}
+
+/// Refuses rows `x: [N, d]` holding a NaN or an infinity, naming the first one. Training
+/// stops rather than skipping such rows: they mean a broken model run or cache, and
+/// skipping would silently change the tokens counted. Checked before the step changes
+/// anything, so the SAE and the trainer stay as they were.
+fn check_finite(x: &Tensor, what: &str) -> Result<()> {
+    let column_sums: Vec<f64> = x.sum(0)?.to_dtype(DType::F64)?.to_vec1()?;
+    let Some(column) = column_sums.iter().position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    let values: Vec<f64> = x
+        .narrow(1, column, 1)?
+        .squeeze(1)?
+        .to_dtype(DType::F64)?
+        .to_vec1()?;
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(row) => Err(Error::Sae(format!(
+            "the {what} has a non-finite value ({}) at row {row}, column {column}; training stops (clean the activations)",
+            values[row]
+        ))),
+        None => Err(Error::Sae(format!(
+            "the {what}'s column {column} sums to {} (values too large for the dtype)",
+            column_sums[column]
+        ))),
     }
 }
 
@@ -678,7 +716,9 @@ pub fn checkpoint_path(dir: &Path) -> PathBuf {
 }
 
 /// Trains `sae` on the activations at `point` from `source` for `options.steps` steps of
-/// exactly `options.tokens_per_step` tokens (batches are split and joined as needed);
+/// exactly `options.tokens_per_step` tokens (batches are split and joined as needed;
+/// with `options.skip_first_positions`, the source is first told to leave out the rows at
+/// the first positions of each sequence, so the tokens counted are the rows kept);
 /// `on_step` sees each step's record. With `checkpoint_dir`, resumes from the checkpoint
 /// there (SAE, Adam state, dead-latent counters, history; the source is advanced past the
 /// tokens already used) and writes one every `checkpoint_every` steps and at the end.
@@ -767,6 +807,7 @@ pub fn train_many(
         .iter()
         .map(|sae| Trainer::new(sae, options.clone()))
         .collect::<Result<Vec<_>>>()?;
+    source.skip_first_positions(options.skip_first_positions)?;
     let mut rows = Rows {
         source,
         points: needed.clone(),
@@ -843,6 +884,11 @@ pub fn train_many(
                         Error::Training(format!("hook point '{}': {m}{}", points[i], keep()))
                     }
                     Error::Training(m) => Error::Training(format!("{m}{}", keep())),
+                    Error::Sae(m) => Error::Sae(format!(
+                        "hook point '{}', step {step}: {m}{}",
+                        points[i],
+                        keep()
+                    )),
                     other => other,
                 })?;
             on_step(i, &record);
@@ -899,6 +945,16 @@ fn load_checkpoint(path: &Path, sae: &mut Sae, trainer: &mut Trainer) -> Result<
     let bad = |m: String| Error::Training(format!("checkpoint {}: {m}", path.display()));
     let device = sae.w_enc().device().clone();
     let (state, tensors): (State, _) = hooks::checkpoint::load(path, &device)?;
+    let skip = (
+        state.options.skip_first_positions,
+        trainer.options.skip_first_positions,
+    );
+    if skip.0 != skip.1 {
+        return Err(bad(format!(
+            "was trained skipping the first {} positions of each sequence, this run skips {}; use another folder or delete the checkpoint",
+            skip.0, skip.1
+        )));
+    }
     if state.options != trainer.options || state.config != *sae.config() {
         return Err(bad(format!(
             "was made with other training options or another SAE config ({:?}, {:?}); use another folder or delete the checkpoint",
@@ -1307,6 +1363,7 @@ mod tests {
             dead_feature_threshold: 4,
             auxk_alpha: 0.0,
             checkpoint_every: 0,
+            skip_first_positions: 0,
         };
         let mut trainer = Trainer::new(&sae, options.clone()).unwrap();
         let first = trainer.step(&mut sae, &x).unwrap();
@@ -1370,5 +1427,29 @@ mod tests {
             ..options
         };
         assert!(Trainer::new(&sae, zero_steps).is_err());
+    }
+
+    #[test]
+    fn non_finite_batches_are_refused_before_anything_changes() {
+        let (mut sae, x) = case(DType::F32);
+        let before = sae.parameters();
+        let mut trainer = Trainer::new(&sae, TrainOptions::default()).unwrap();
+        let mut values: Vec<Vec<f32>> = x.to_vec2().unwrap();
+        for (bad, shown) in [(f32::NAN, "NaN"), (f32::INFINITY, "inf")] {
+            values[2][4] = bad;
+            let poisoned = Tensor::new(values.clone(), &Device::Cpu).unwrap();
+            let message = trainer.step(&mut sae, &poisoned).unwrap_err().to_string();
+            assert!(
+                message.contains(&format!("non-finite value ({shown}) at row 2, column 4")),
+                "{message}"
+            );
+            assert_eq!(trainer.steps_done(), 0);
+            for (a, b) in sae.parameters().iter().zip(&before) {
+                let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+                let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(a, b);
+            }
+        }
+        assert!(trainer.step(&mut sae, &x).is_ok());
     }
 }

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use hooks::data::DataSpec;
 use sae::Sae;
 
@@ -362,5 +362,194 @@ fn transcoder_train_and_eval() {
     assert!(
         message.contains("layers.N.mlp") && message.contains("layers.1"),
         "{message}"
+    );
+}
+
+/// `--skip-first-positions`: `sae train --activations` leaves out position 0 of each cached
+/// sequence (fewer rows, so fewer default steps), the checkpoint refuses a re-run without
+/// the flag, and `sae eval` measures the FVU on positions >= 1 only and splices the SAE
+/// there only (both checked against direct computations on captured activations).
+#[test]
+fn skip_first_positions_in_train_and_eval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = model_folder(tmp.path());
+    let text = repo().join("data/wikitext-2-raw-test.txt");
+    let cache = tmp.path().join("cache");
+    hooks::cli::run([
+        "hooks",
+        "cache",
+        "--model",
+        s(&model_dir),
+        "--hookpoints",
+        "layers.1",
+        "--data",
+        s(&text),
+        "--seq-len",
+        "64",
+        "--max-tokens",
+        "1024",
+        "--output",
+        s(&cache),
+    ])
+    .unwrap();
+    let out = tmp.path().join("saes");
+    let mut args = vec![
+        "train",
+        "--activations",
+        s(&cache),
+        "--output",
+        s(&out),
+        "--batch-size",
+        "252",
+        "--num-latents",
+        "48",
+        "--k",
+        "3",
+        "--lr",
+        "1e-2",
+        "--lr-warmup-steps",
+        "1",
+    ];
+    let skipping = [args.clone(), vec!["--skip-first-positions", "1"]].concat();
+    sae_cli(&skipping).unwrap();
+    // 16 sequences of 63 rows kept = 1008 rows = 4 steps of 252 (without skipping: 1024
+    // rows, still 4 steps; with 2 skipped, 992 rows: 3 steps).
+    let history: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(out.join("checkpoints/layers.1/history.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(history.len(), 4);
+    args.extend(["--skip-first-positions", "2"]);
+    let message = format!("{:#}", sae_cli(&args).unwrap_err());
+    assert!(
+        message.contains("skipping the first 1 positions") && message.contains("skips 2"),
+        "{message}"
+    );
+    let two = tmp.path().join("two");
+    args[4] = s(&two);
+    sae_cli(&args).unwrap();
+    let history: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(two.join("checkpoints/layers.1/history.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(history.len(), 3);
+    let mut all = args.clone();
+    *all.last_mut().unwrap() = "64";
+    let message = format!("{:#}", sae_cli(&all).unwrap_err());
+    assert!(message.contains("leaves nothing of 64-token"), "{message}");
+
+    // Evaluation from position 1 on.
+    let json = tmp.path().join("eval.json");
+    sae_cli(&[
+        "eval",
+        "--model",
+        s(&model_dir),
+        "--sae",
+        s(&out),
+        "--data",
+        s(&text),
+        "--seq-len",
+        "64",
+        "--forward-batch",
+        "4",
+        "--tokens",
+        "256",
+        "--skip-first-positions",
+        "1",
+        "--json",
+        s(&json),
+    ])
+    .unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["tokens"], 256);
+    assert_eq!(report["skip_first_positions"], 1);
+    let row = &report["saes"][0];
+    let sae = Sae::load(&out.join("layers.1"), &Device::Cpu).unwrap();
+    let model = hooks::cli::ModelArgs {
+        model: s(&model_dir).into(),
+        revision: None,
+        device: "cpu".into(),
+        dtype: "float32".into(),
+        tokenizer: None,
+    }
+    .load()
+    .unwrap();
+    let ids: Vec<u32> = DataSpec::new(vec![text.clone()], 64)
+        .chunks(model.tokenizer().ok())
+        .unwrap()
+        .next_chunks(4)
+        .unwrap()
+        .concat();
+    let ids = Tensor::from_vec(ids, (4, 64), &Device::Cpu).unwrap();
+    let point = hooks::HookPoint::Layer(1);
+    let captured = model
+        .forward(&ids, &mut hooks::Hooks::capture_only([point]))
+        .unwrap()
+        .captures[&point]
+        .clone();
+    let later = captured
+        .narrow(1, 1, 63)
+        .unwrap()
+        .reshape((252, 32))
+        .unwrap();
+    let direct = sae.forward(&later).unwrap();
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-4 * b.abs();
+    let f = |k: &str| row[k].as_f64().unwrap();
+    assert!(
+        close(f("fvu"), direct.fvu),
+        "{} vs {}",
+        f("fvu"),
+        direct.fvu
+    );
+    let active: f32 = direct
+        .top_acts
+        .gt(0.0)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(close(f("l0"), active as f64 / 252.0));
+    // CE with position 0 left as the model made it and positions >= 1 reconstructed, or
+    // zeroed, by hand.
+    let ce_with = |rest: Tensor| -> f64 {
+        let patched = Tensor::cat(
+            &[
+                &captured.narrow(1, 0, 1).unwrap(),
+                &rest.reshape((4, 63, 32)).unwrap(),
+            ],
+            1,
+        )
+        .unwrap();
+        let mut hooks = hooks::Hooks::new().replace(point, |_: &Tensor| Ok(Some(patched.clone())));
+        let logits = model.forward(&ids, &mut hooks).unwrap().logits.unwrap();
+        let logits: Vec<Vec<Vec<f32>>> = logits.to_vec3().unwrap();
+        let ids: Vec<Vec<u32>> = ids.to_vec2().unwrap();
+        let mut total = 0.0f64;
+        for (seq, tokens) in logits.iter().zip(&ids) {
+            for t in 0..63 {
+                let row = &seq[t];
+                let max = row.iter().fold(f32::MIN, |m, &v| m.max(v)) as f64;
+                let lse = max
+                    + row
+                        .iter()
+                        .map(|&v| (v as f64 - max).exp())
+                        .sum::<f64>()
+                        .ln();
+                total += lse - row[tokens[t + 1] as usize] as f64;
+            }
+        }
+        total / (4.0 * 63.0)
+    };
+    let ce_sae = ce_with(direct.x_hat.clone());
+    let ce_zero = ce_with(later.zeros_like().unwrap());
+    assert!(close(f("ce_sae"), ce_sae), "{} vs {ce_sae}", f("ce_sae"));
+    assert!(
+        close(f("ce_zero"), ce_zero),
+        "{} vs {ce_zero}",
+        f("ce_zero")
     );
 }

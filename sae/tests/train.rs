@@ -96,6 +96,7 @@ fn options() -> TrainOptions {
         dead_feature_threshold: 256 * 50,
         auxk_alpha: 0.0,
         checkpoint_every: 0,
+        skip_first_positions: 0,
     }
 }
 
@@ -382,6 +383,7 @@ fn trains_on_model_activations_over_text() {
         dead_feature_threshold: 512 * 20,
         auxk_alpha: 0.0,
         checkpoint_every: 0,
+        skip_first_positions: 0,
     };
     let history = train(&mut sae, &mut source, POINT, &options, None, |_| {}).unwrap();
     let first = history[0].fvu;
@@ -391,4 +393,141 @@ fn trains_on_model_activations_over_text() {
         history[79].l0, history[79].dead_fraction
     );
     assert!(last < 0.6 * first, "FVU {first} -> {last}");
+}
+
+/// Hands on a source's batches and keeps a copy of every row it hands out.
+struct Recording<S> {
+    inner: S,
+    rows: Vec<Vec<f32>>,
+}
+
+impl<S: ActivationSource> ActivationSource for Recording<S> {
+    fn hook_points(&self) -> &[HookPoint] {
+        self.inner.hook_points()
+    }
+
+    fn next_batch(&mut self) -> hooks::Result<Option<ActivationBatch>> {
+        let batch = self.inner.next_batch()?;
+        if let Some(batch) = &batch {
+            self.rows
+                .extend(batch.activations[&POINT].to_vec2::<f32>()?);
+        }
+        Ok(batch)
+    }
+
+    fn skip_first_positions(&mut self, positions: usize) -> hooks::Result<()> {
+        self.inner.skip_first_positions(positions)
+    }
+}
+
+/// `skip_first_positions`: the rows at the first positions of each sequence never reach
+/// the trainer (checked against a direct forward pass), the first step's `b_dec` is the
+/// mean of the rows kept, a checkpoint refuses a run that skips otherwise, and the default
+/// (0) trains on exactly the rows a plain step-by-step loop sees.
+#[test]
+fn skipping_the_first_positions_keeps_their_rows_from_the_trainer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let seq_len = 32;
+    let spec = DataSpec::new(vec![repo().join("data/wikitext-2-raw-test.txt")], seq_len);
+    let stream = || {
+        let chunks = spec.chunks(Some(model.tokenizer().unwrap())).unwrap();
+        ModelActivations::new(&model, chunks, vec![POINT], 4, DType::F32, Some(12)).unwrap()
+    };
+    // The 12 sequences' activations by a direct forward pass: [12, seq_len, 32].
+    let chunks = spec
+        .chunks(Some(model.tokenizer().unwrap()))
+        .unwrap()
+        .next_chunks(12)
+        .unwrap();
+    let ids = Tensor::new(chunks, &Device::Cpu).unwrap();
+    let direct = model
+        .forward(&ids, &mut hooks::Hooks::capture_only([POINT]))
+        .unwrap()
+        .captures[&POINT]
+        .clone();
+    let rows_of = |t: Tensor| -> Vec<Vec<f32>> {
+        let (b, s, d) = t.dims3().unwrap();
+        t.reshape((b * s, d)).unwrap().to_vec2().unwrap()
+    };
+    let position_0 = rows_of(direct.narrow(1, 0, 1).unwrap());
+    let later = rows_of(direct.narrow(1, 1, seq_len - 1).unwrap());
+
+    let options = TrainOptions {
+        steps: 3,
+        tokens_per_step: 100,
+        chunk_tokens: 64,
+        warmup_steps: 1,
+        checkpoint_every: 0,
+        skip_first_positions: 1,
+        ..options()
+    };
+    let fresh = || Sae::new(SaeConfig::new(32, 64, 4), 0, &Device::Cpu).unwrap();
+    let mut source = Recording {
+        inner: stream(),
+        rows: Vec::new(),
+    };
+    let mut sae = fresh();
+    let dir = tempfile::tempdir().unwrap();
+    train(
+        &mut sae,
+        &mut source,
+        POINT,
+        &options,
+        Some(dir.path()),
+        |_| {},
+    )
+    .unwrap();
+    // 300 rows were needed: 4 sequences of 31 rows per batch, 3 batches.
+    assert_eq!(source.rows.len(), 3 * 4 * (seq_len - 1));
+    assert!(source.rows.iter().all(|row| !position_0.contains(row)));
+    assert_eq!(source.rows[..], later[..source.rows.len()]);
+    // What the trainer saw: a one-step run is a step by hand on the first 100 rows kept.
+    let one_step = TrainOptions {
+        steps: 1,
+        ..options.clone()
+    };
+    let mut replay = fresh();
+    train(&mut replay, &mut stream(), POINT, &one_step, None, |_| {}).unwrap();
+    let mut by_hand = fresh();
+    let mut trainer = sae::train::Trainer::new(&by_hand, one_step).unwrap();
+    let first = Tensor::from_vec(later[..100].concat(), (100, 32), &Device::Cpu).unwrap();
+    trainer.step(&mut by_hand, &first).unwrap();
+    assert_eq!(flat(&replay), flat(&by_hand));
+
+    // The checkpoint refuses a run that skips another number of positions.
+    let message = train(
+        &mut fresh(),
+        &mut stream(),
+        POINT,
+        &TrainOptions {
+            skip_first_positions: 0,
+            ..options.clone()
+        },
+        Some(dir.path()),
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        message.contains("skipping the first 1 positions") && message.contains("skips 0"),
+        "{message}"
+    );
+
+    // The default skips nothing: the same SAE as stepping by hand over the raw rows.
+    let plain = TrainOptions {
+        skip_first_positions: 0,
+        ..options.clone()
+    };
+    let mut trained = fresh();
+    train(&mut trained, &mut stream(), POINT, &plain, None, |_| {}).unwrap();
+    let all = rows_of(direct);
+    let mut by_hand = fresh();
+    let mut trainer = sae::train::Trainer::new(&by_hand, plain).unwrap();
+    for step in 0..3 {
+        let batch: Vec<f32> = all[step * 100..(step + 1) * 100].concat();
+        let batch = Tensor::from_vec(batch, (100, 32), &Device::Cpu).unwrap();
+        trainer.step(&mut by_hand, &batch).unwrap();
+    }
+    assert_eq!(flat(&trained), flat(&by_hand));
 }

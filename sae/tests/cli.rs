@@ -438,6 +438,37 @@ fn skip_first_positions_in_train_and_eval() {
     let message = format!("{:#}", sae_cli(&all).unwrap_err());
     assert!(message.contains("leaves nothing of 64-token"), "{message}");
 
+    // Streaming from the model: half of each 64-token sequence skipped, so 2 steps of 256
+    // rows need 16 sequences (the stream is sized in rows kept, not tokens).
+    let streamed = tmp.path().join("streamed");
+    sae_cli(&[
+        "train",
+        "--model",
+        s(&model_dir),
+        "--hookpoints",
+        "layers.1",
+        "--data",
+        s(&text),
+        "--seq-len",
+        "64",
+        "--forward-batch",
+        "4",
+        "--output",
+        s(&streamed),
+        "--batch-size",
+        "256",
+        "--steps",
+        "2",
+        "--num-latents",
+        "48",
+        "--k",
+        "3",
+        "--skip-first-positions",
+        "32",
+    ])
+    .unwrap();
+    assert!(streamed.join("layers.1/sae.safetensors").is_file());
+
     // Evaluation from position 1 on.
     let json = tmp.path().join("eval.json");
     sae_cli(&[

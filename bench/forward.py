@@ -8,6 +8,12 @@ Each implementation runs in its own child process so peak RSS is measured separa
 Needs a Python with torch + transformers + safetensors (not needed by CI).
 
     python bench/forward.py [--shape pythia-160m] [--batch 4] [--seq 512] [--threads 2] [--dtype float32]
+
+On a GPU (`--device cuda`; both sides synchronise before each timer stops) it also prints the
+model FLOP utilisation, MFU = (2 N + 2 L T d) tokens/s / peak, with N the parameters outside
+the embedding, L layers, T the sequence length, d the width (Kaplan et al. 2020), against
+`--peak-tflops` (default 989: H100/H200 SXM dense bf16). `--prebuilt DIR` takes our binaries
+(`forward_bench`) from DIR instead of building them (bench/gpu.sh carries them to the GPU).
 """
 import argparse
 import json
@@ -24,6 +30,7 @@ SHAPES = {
     "pythia-70m": (6, 512, 8),
     "pythia-160m": (12, 768, 12),
     "pythia-410m": (24, 1024, 16),
+    "pythia-1b": (16, 2048, 8),
 }
 
 
@@ -44,31 +51,42 @@ def token_ids(batch, seq, vocab):
     return [[((b * seq + i) * 2654435761 + 12345) % min(vocab, 50000) for i in range(seq)] for b in range(batch)]
 
 
+def forward_flops_per_token(config, seq):
+    """Kaplan et al.'s 2 N + 2 L T d, N the non-embedding parameters (the unembedding counted)."""
+    d, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+    per_layer = 4 * d * d + 2 * d * config["intermediate_size"]
+    return 2 * (layers * per_layer + d * vocab) + 2 * layers * seq * d
+
+
 def run_peer(args):
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     path = Path(args.model_dir)
     if path.suffix == ".gguf":  # transformers dequantises the GGUF to dtype
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    model = model.eval()
-    ids = torch.tensor(token_ids(args.batch, args.seq, model.config.vocab_size))
+    model = model.eval().to(args.device)
+    ids = torch.tensor(token_ids(args.batch, args.seq, model.config.vocab_size), device=args.device)
     times = []
     with torch.inference_mode():
         for _ in range(args.iters + 1):
             start = time.perf_counter()
             out = model(ids, output_hidden_states=True)
+            if cuda:
+                torch.cuda.synchronize()
             assert len(out.hidden_states) == model.config.num_hidden_layers + 1
             times.append(time.perf_counter() - start)
     times = sorted(times[1:])
     median = times[len(times) // 2]
     print(json.dumps({"impl": f"transformers {__import__('transformers').__version__} / torch {torch.__version__}",
                       "median_s": median, "tokens_per_s": args.batch * args.seq / median,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "device_mem_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else 0}))
 
 
 def child(cmd, env):
@@ -90,6 +108,9 @@ def main():
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's peak, for the MFU (GPU only)")
+    p.add_argument("--prebuilt", help="a folder with our forward_bench binary (skips cargo build)")
     p.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -97,9 +118,12 @@ def main():
         return run_peer(args)
 
     model_dir = REPO / "target" / "bench" / f"{args.shape}-synthetic"
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "eleuther-hooks", "--example", "forward_bench",
-                    "--bin", "hooks"], cwd=REPO, check=True)
-    ours = REPO / "target" / "release" / "examples" / "forward_bench"
+    if args.prebuilt:
+        ours = Path(args.prebuilt) / "forward_bench"
+    else:
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "eleuther-hooks", "--example", "forward_bench",
+                        "--bin", "hooks"], cwd=REPO, check=True)
+        ours = REPO / "target" / "release" / "examples" / "forward_bench"
     if args.shape == "smollm2":
         fetched = subprocess.run([str(REPO / "target/release/hooks"), "fetch", "smollm2"], check=True,
                                  capture_output=True, text=True)
@@ -110,16 +134,23 @@ def main():
         subprocess.run([str(ours), str(model_dir), "--synthesize", str(model_dir / "bench-config.json")], check=True)
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
-    common = ["--batch", str(args.batch), "--seq", str(args.seq), "--iters", str(args.iters), "--dtype", args.dtype]
+    common = ["--batch", str(args.batch), "--seq", str(args.seq), "--iters", str(args.iters), "--dtype", args.dtype,
+              "--device", args.device]
     # Each child reports its own peak RSS (VmHWM / ru_maxrss of itself).
     ours_result = child([str(ours), str(model_dir)] + common, env)
     peer_result = child([sys.executable, __file__, "--peer", "--model-dir", str(model_dir),
                          "--threads", str(args.threads)] + common, env)
     weights = "real GGUF weights, dequantised" if args.shape == "smollm2" else "synthetic weights"
+    where = args.device if args.device != "cpu" else f"{args.threads} threads"
     print(f"forward {args.shape} ({weights}), batch {args.batch} x {args.seq}, {args.dtype}, "
-          f"{args.threads} threads, capturing every layers.{{i}}")
-    print(f"  eleuther-interp : {ours_result['tokens_per_s']:9.1f} tokens/s  (median {ours_result['median_s']:.3f} s)  peak RSS {ours_result['peak_rss_mib']:.0f} MiB")
-    print(f"  {peer_result['impl']}: {peer_result['tokens_per_s']:9.1f} tokens/s  (median {peer_result['median_s']:.3f} s)  peak RSS {peer_result['peak_rss_mib']:.0f} MiB")
+          f"{where}, capturing every layers.{{i}}")
+    for name, r in [("eleuther-interp", ours_result), (peer_result["impl"], peer_result)]:
+        line = f"  {name}: {r['tokens_per_s']:9.1f} tokens/s  (median {r['median_s']:.3f} s)  peak RSS {r['peak_rss_mib']:.0f} MiB"
+        if args.device != "cpu" and args.shape != "smollm2":
+            mfu = forward_flops_per_token(config_for(args.shape), args.seq) * r["tokens_per_s"] / (args.peak_tflops * 1e12)
+            memory = r.get("device_mem_used_mib") or r.get("device_mem_peak_mib") or 0
+            line += f"  MFU {100 * mfu:.1f}%  device memory {memory:.0f} MiB"
+        print(line)
     print(f"  ratio ours/theirs (throughput): {ours_result['tokens_per_s'] / peer_result['tokens_per_s']:.2f}")
 
 

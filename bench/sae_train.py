@@ -15,6 +15,13 @@ Run with the reference venv (torch + eai-sparsify):
 
     /work/venv-ref/bin/python bench/sae_train.py [--shape pythia-160m] [--latents 24576] [--k 32]
         [--steps 5] [--batch 4096] [--threads 2]
+
+`--device cuda` trains both on the GPU (sparsify with its Triton kernels; both synchronise
+before the clock stops) and prints each side's share of the FLOP floor: per token, the dense
+encoder product 2 d n (its backward touches only the k selected columns) plus about 10 d k
+for the sparse decode and the sparse gradients, at `--peak-tflops` (default 989: H100/H200
+dense bf16; our SAE trains in f32, so also compare with the f32 peak). `--prebuilt DIR` takes our binaries (sae, hooks,
+forward_bench) from DIR instead of building them (bench/gpu.sh carries them to the GPU).
 """
 import argparse
 import json
@@ -33,12 +40,13 @@ sys.path.insert(0, str(REPO / "bench"))
 from forward import SHAPES, config_for  # noqa: E402
 
 
-def import_sparsify():
+def import_sparsify(device="cpu"):
     import importlib.metadata
     import importlib.util
     import types
 
-    os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
+    if device == "cpu":
+        os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
     if "sparsify" not in sys.modules:
         spec = importlib.util.find_spec("sparsify")
         if spec is None:
@@ -62,12 +70,12 @@ def load_cache(cache: Path, point: str) -> np.ndarray:
 def peer(args):
     import torch
 
-    SparseCoder, SparseCoderConfig, version = import_sparsify()
+    SparseCoder, SparseCoderConfig, version = import_sparsify(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     acts = load_cache(Path(args.cache), "layers.0")
     d = acts.shape[1]
-    sae = SparseCoder(d, SparseCoderConfig(num_latents=args.latents, k=args.k))
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=args.latents, k=args.k), device=args.device)
     lr = 2e-4 / (args.latents / 2**14) ** 0.5
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     warmup = args.warmup
@@ -81,7 +89,7 @@ def peer(args):
     fvus = []
     start = time.perf_counter()
     for step in range(args.steps):
-        x = torch.from_numpy(acts[step * args.batch:(step + 1) * args.batch])
+        x = torch.from_numpy(acts[step * args.batch:(step + 1) * args.batch]).to(args.device)
         if step == 0:
             sae.b_dec.data = x.mean(0)
         sae.set_decoder_norm_to_unit_norm()
@@ -93,6 +101,8 @@ def peer(args):
         sched.step()
         sae.set_decoder_norm_to_unit_norm()
         fvus.append(out.fvu.item())
+    if args.device != "cpu":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     print(json.dumps({"impl": f"eai-sparsify {version} (torch {torch.__version__})", "seconds": seconds,
                       "tokens_per_s": args.steps * args.batch / seconds, "fvu_last_step": fvus[-1],
@@ -109,34 +119,42 @@ def main():
     p.add_argument("--warmup", type=int, default=1000, help="lr warm-up steps (sparsify: 1000)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's peak, for the floor (GPU only)")
+    p.add_argument("--prebuilt", help="a folder with our sae, hooks and forward_bench binaries (skips cargo build)")
     p.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.peer:
         return peer(args)
 
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "eleuther-sae", "--bin", "sae",
-                    "-p", "eleuther-hooks", "--bin", "hooks", "--example", "forward_bench"], cwd=REPO, check=True)
+    if args.prebuilt:
+        binaries = Path(args.prebuilt)
+    else:
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "eleuther-sae", "--bin", "sae",
+                        "-p", "eleuther-hooks", "--bin", "hooks", "--example", "forward_bench"], cwd=REPO, check=True)
+        binaries = REPO / "target" / "release"
+    forward_bench = binaries / "forward_bench" if args.prebuilt else binaries / "examples" / "forward_bench"
     bench = REPO / "target" / "bench"
     model_path = bench / f"{args.shape}-synthetic"
     if not (model_path / "model.safetensors").exists():
         model_path.mkdir(parents=True, exist_ok=True)
         (model_path / "bench-config.json").write_text(json.dumps(config_for(args.shape)))
-        subprocess.run([str(REPO / "target/release/examples/forward_bench"), str(model_path), "--synthesize",
+        subprocess.run([str(forward_bench), str(model_path), "--synthesize",
                         str(model_path / "bench-config.json")], check=True)
     (model_path / "tokenizer.json").write_bytes((REPO / "data/gpt-neox-20b-tokenizer.json").read_bytes())
 
     needed = args.steps * args.batch
     cache = bench / f"sae-acts-{args.shape}-{needed}"
     if not (cache / "manifest.json").exists():
-        subprocess.run([str(REPO / "target/release/hooks"), "cache", "--model", str(model_path), "--hookpoints",
-                        "layers.0", "--data", str(REPO / "data/wikitext-2-raw-test.txt"), "--seq-len", "256",
+        subprocess.run([str(binaries / "hooks"), "cache", "--model", str(model_path), "--hookpoints",
+                        "layers.0", "--data", str(REPO / "data/wikitext-2-raw-test.txt"), "--seq-len", "256", "--device", args.device,
                         "--max-tokens", str(needed), "--output", str(cache), "--overwrite"], check=True,
                        capture_output=True)
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     out = bench / f"sae-{args.shape}"
-    cmd = [str(REPO / "target/release/sae"), "train", "--activations", str(cache), "--output", str(out),
+    cmd = [str(binaries / "sae"), "train", "--activations", str(cache), "--output", str(out), "--device", args.device,
            "--batch-size", str(args.batch), "--steps", str(args.steps), "--k", str(args.k),
            "--num-latents", str(args.latents), "--lr-warmup-steps", str(args.warmup),
            "--checkpoint-every", "0", "--chunk-tokens", str(args.batch), "--seed", str(args.seed)]
@@ -151,7 +169,8 @@ def main():
 
     theirs = subprocess.run([sys.executable, __file__, "--peer", "--cache", str(cache), "--steps", str(args.steps),
                              "--batch", str(args.batch), "--latents", str(args.latents), "--k", str(args.k),
-                             "--warmup", str(args.warmup), "--threads", str(args.threads), "--seed", str(args.seed)],
+                             "--warmup", str(args.warmup), "--threads", str(args.threads), "--seed", str(args.seed),
+                             "--device", args.device],
                             env=env, capture_output=True, text=True)
     if theirs.returncode != 0:
         sys.exit(theirs.stderr)
@@ -164,6 +183,11 @@ def main():
     print(f"  {t['impl']}: {t['tokens_per_s']:8.1f} tokens/s  ({t['seconds']:.1f} s, loop only)  "
           f"peak RSS {t['peak_rss_mib']:.0f} MiB  FVU last step {t['fvu_last_step']:.4f}")
     print(f"  ratio ours/theirs (throughput): {ours_tps / t['tokens_per_s']:.2f}")
+    if args.device != "cpu":
+        flops = 2 * d * args.latents + 10 * d * args.k  # dense encoder forward + the sparse products
+        for name, tps in [("eleuther-interp", ours_tps), ("eai-sparsify", t["tokens_per_s"])]:
+            print(f"  {name}: {flops * tps / 1e12:.1f} TFLOP/s = {100 * flops * tps / (args.peak_tflops * 1e12):.1f}% "
+                  f"of {args.peak_tflops:.0f} TFLOP/s (floor: {flops / 1e6:.1f} MFLOP per token)")
 
 
 if __name__ == "__main__":

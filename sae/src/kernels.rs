@@ -779,6 +779,19 @@ mod tests {
     }
 
     #[test]
+    fn public_topk_refuses_bad_shapes_and_k() {
+        let x = uniform(&[3, 10], 0.0, 1.0, 1);
+        for (k, needle) in [(0, "got 0"), (11, "row width 10, got 11")] {
+            let err = crate::topk(&x, k).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+        let err = crate::topk(&x.flatten_all().unwrap(), 2).unwrap_err().to_string();
+        assert!(err.contains("2-D tensor, got shape [30]"), "{err}");
+        let (_, indices) = crate::topk(&x, 10).unwrap();
+        assert_eq!(indices.dims(), &[3, 10]);
+    }
+
+    #[test]
     fn cpu_encoder_matches_the_generic_path() {
         // Several blocks of tokens (the block is 4096 tokens at 1024 latents: use many
         // latents to get small blocks), and the AuxK pick among dead latents.

@@ -48,6 +48,25 @@ pub enum Error {
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// The `k` largest entries of each row of `x: [N, n]`: `(values [N, k], indices [N, k] u32)`
+/// by decreasing value, equal values by increasing index. candle has no TopK: this runs our
+/// kernels on the CPU (f32) and on CUDA devices (f32 and bf16, rows of any width), and a
+/// sort elsewhere.
+pub fn topk(
+    x: &candle_core::Tensor,
+    k: usize,
+) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+    let (_, n) = x
+        .dims2()
+        .map_err(|_| Error::Sae(format!("topk needs a 2-D tensor, got shape {:?}", x.dims())))?;
+    if k == 0 || k > n {
+        return Err(Error::Sae(format!(
+            "topk: k must be between 1 and the row width {n}, got {k}"
+        )));
+    }
+    kernels::topk(x, k)
+}
+
 /// Seeded test data (candle's own `randn` on the CPU cannot be seeded).
 #[cfg(test)]
 pub(crate) fn uniform(

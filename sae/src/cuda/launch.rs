@@ -5,12 +5,12 @@
 
 use std::sync::OnceLock;
 
-use candle_core::backprop::BackpropOp;
 use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
-use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaFunc, CudaStorage};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+use candle_core::op::BackpropOp;
 use candle_core::{DType, Device, Layout, Shape, Storage, Tensor};
 use half::bf16;
 
@@ -59,9 +59,8 @@ fn virtual_arch(device: &CudaDevice) -> Option<&'static str> {
     })
 }
 
-fn function(device: &CudaDevice, name: &str) -> Result<CudaFunc> {
-    Ok(device.get_or_load_custom_func(name, "eleuther_sae_kernels", ptx(device)?)?)
-}
+/// The module name of our kernels in candle's per-device cache.
+const MODULE: &str = "eleuther_sae_kernels";
 
 fn cuda_error(e: impl std::fmt::Display) -> Error {
     Error::Cuda(format!("CUDA kernel launch failed: {e}"))
@@ -156,7 +155,7 @@ fn topk_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     name: &str,
 ) -> Result<(Tensor, Tensor)> {
     let (rows, n) = pre.dims2()?;
-    let func = function(device, name)?;
+    let func = device.get_or_load_custom_func(name, MODULE, ptx(device)?)?;
     let mut values = alloc::<T>(device, rows * k)?;
     let mut indices = alloc::<u32>(device, rows * k)?;
     let (n_arg, k_arg, relu_arg) = (int(n, "width")?, int(k, "k")?, i32::from(relu));
@@ -228,7 +227,7 @@ fn combine_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
 ) -> Result<Tensor> {
     let (tokens, k) = coef.dims2()?;
     let d = rows.dim(1)?;
-    let func = function(device, name)?;
+    let func = device.get_or_load_custom_func(name, MODULE, ptx(device)?)?;
     let mut out = alloc::<T>(device, tokens * d)?;
     let (k_arg, d_arg) = (int(k, "k")?, int(d, "width")?);
     let (coef, indices, rows) = (
@@ -307,16 +306,6 @@ impl Kernels for Launcher {
         topk(pre, k, allowed, relu)?.ok_or_else(|| unsupported("topk", pre))
     }
 
-    fn combine_rows(
-        &self,
-        coef: &Tensor,
-        indices: &Tensor,
-        rows: &Tensor,
-        bias: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        combine_rows(coef, indices, rows, bias)?.ok_or_else(|| unsupported("combine_rows", rows))
-    }
-
     fn gated_row_dots(
         &self,
         g: &Tensor,
@@ -361,7 +350,7 @@ fn gated_row_dots(
 ) -> Result<Tensor> {
     let (tokens, k) = gate.dims2()?;
     let d = rows.dim(1)?;
-    let func = function(device, "gated_row_dots_f32")?;
+    let func = device.get_or_load_custom_func("gated_row_dots_f32", MODULE, ptx(device)?)?;
     let mut out = alloc::<f32>(device, tokens * k)?;
     let (k_arg, d_arg) = (int(k, "k")?, int(d, "width")?);
     let (g, indices, rows, gate) = (
@@ -404,7 +393,7 @@ fn scatter_rows(
 ) -> Result<Tensor> {
     let (tokens, k) = coef.dims2()?;
     let d = vectors.dim(1)?;
-    let func = function(device, "scatter_rows_f32")?;
+    let func = device.get_or_load_custom_func("scatter_rows_f32", MODULE, ptx(device)?)?;
     let mut out = alloc::<f32>(device, n * d)?;
     let (k_arg, d_arg) = (int(k, "k")?, int(d, "width")?);
     let (coef, indices, vectors) = (
@@ -440,7 +429,7 @@ fn scatter_scalars(
     n: usize,
 ) -> Result<Tensor> {
     let count = coef.elem_count();
-    let func = function(device, "scatter_scalars_f32")?;
+    let func = device.get_or_load_custom_func("scatter_scalars_f32", MODULE, ptx(device)?)?;
     let mut out = alloc::<f32>(device, n)?;
     let count_arg = count as i64;
     let (coef, indices) = (coef.contiguous()?, indices.contiguous()?);

@@ -40,7 +40,8 @@ pub fn compile_ptx(arch: Option<&'static str>) -> Result<cudarc::nvrtc::Ptx> {
 
 /// The kernels as tensor operations: launched on a CUDA device, or (in the tests) run on
 /// the CPU under emulation. Shapes: `pre [N, n]`, `coef`/`indices`/`gate [N, k]` (indices
-/// u32), `rows [n, d]`, `g`/`vectors [N, d]`.
+/// u32), `rows [n, d]`, `g`/`vectors [N, d]`. (The sparse decode, `combine_rows_*`, needs
+/// no composition: `kernels::decode` launches it directly.)
 #[cfg(any(test, feature = "cuda"))]
 pub(crate) trait Kernels {
     /// The `k` largest of each row (of `ReLU(pre)` when `relu`) among the `allowed` latents:
@@ -52,14 +53,6 @@ pub(crate) trait Kernels {
         allowed: Option<&Tensor>,
         relu: bool,
     ) -> Result<(Tensor, Tensor)>;
-    /// `bias + Σ_j coef[t, j] · rows[indices[t, j]]`: `[N, d]`.
-    fn combine_rows(
-        &self,
-        coef: &Tensor,
-        indices: &Tensor,
-        rows: &Tensor,
-        bias: Option<&Tensor>,
-    ) -> Result<Tensor>;
     /// `<g[t], rows[indices[t, j]]>` where `gate[t, j] > 0`, else 0: `[N, k]` f32.
     fn gated_row_dots(
         &self,

@@ -198,6 +198,31 @@ impl Emulated {
     }
 }
 
+impl Emulated {
+    /// `combine_rows_*`: the sparse decode.
+    fn combine_rows(
+        &self,
+        coef: &Tensor,
+        indices: &Tensor,
+        rows: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (tokens, k) = coef.dims2()?;
+        let (n, d) = rows.dims2()?;
+        self.put("coef.bin", coef);
+        self.put("indices.bin", indices);
+        self.put("rows.bin", rows);
+        if let Some(bias) = bias {
+            self.put("bias.bin", bias);
+        }
+        let dims = [tokens, k, d, n, usize::from(bias.is_some())];
+        let mut args = vec!["combine".into(), dtype_name(rows.dtype())];
+        args.extend(dims.iter().map(usize::to_string));
+        self.run(&args);
+        Ok(self.get("out.bin", rows.dtype(), &[tokens, d]))
+    }
+}
+
 fn dtype_name(dtype: DType) -> String {
     match dtype {
         DType::F32 => "f32".into(),
@@ -233,28 +258,6 @@ impl Kernels for Emulated {
             self.get("values.bin", pre.dtype(), &[rows, k]),
             self.get("indices.bin", DType::U32, &[rows, k]),
         ))
-    }
-
-    fn combine_rows(
-        &self,
-        coef: &Tensor,
-        indices: &Tensor,
-        rows: &Tensor,
-        bias: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let (tokens, k) = coef.dims2()?;
-        let (n, d) = rows.dims2()?;
-        self.put("coef.bin", coef);
-        self.put("indices.bin", indices);
-        self.put("rows.bin", rows);
-        if let Some(bias) = bias {
-            self.put("bias.bin", bias);
-        }
-        let dims = [tokens, k, d, n, usize::from(bias.is_some())];
-        let mut args = vec!["combine".into(), dtype_name(rows.dtype())];
-        args.extend(dims.iter().map(usize::to_string));
-        self.run(&args);
-        Ok(self.get("out.bin", rows.dtype(), &[tokens, d]))
     }
 
     fn gated_row_dots(

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The GPU check in two halves: build here, run on a machine with a CUDA GPU.
+#
+#   bench/gpu.sh build   here: CUDA 13.0 toolkit from PyPI (scripts/cuda-toolkit), release
+#                        build with --features cuda of the GPU test suite (tests/gpu.rs) and of
+#                        the binaries the benchmarks run, stripped and packed into
+#                        target/gpu-carry/ with the wheels of the benchmark's Python peer
+#                        (eai-sparsify, which the GPU machine lacks).
+#   bench/gpu.sh run     there, from the repository root with target/gpu-carry carried along:
+#                        the GPU tests, then the GPU benchmarks side by side with PyTorch
+#                        (bench/forward.py: transformers; bench/sae_train.py: eai-sparsify).
+#                        Logs go to $OUT (the device tool's folder) or target/gpu-out.
+#
+# Needs on the GPU machine: a python3 with torch + transformers whose nvidia/cu13 libraries
+# (cuBLAS, cuRAND, the CUDA runtime, NVRTC) our binaries load at start-up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CARRY=target/gpu-carry
+
+build() {
+    [ -f target/cuda-toolkit/env.sh ] || scripts/cuda-toolkit target/cuda-toolkit
+    # shellcheck disable=SC1091
+    source target/cuda-toolkit/env.sh
+    cargo build --release --features cuda -p eleuther-hooks --bin hooks --example forward_bench
+    cargo build --release --features cuda -p eleuther-sae --bin sae
+    cargo build --release --features cuda -p eleuther-lens --bin lens
+    local tests
+    tests=$(cargo test --release --features cuda --test gpu --no-run --message-format=json |
+        python3 -c 'import json, sys
+runs = [m["executable"] for m in map(json.loads, sys.stdin)
+        if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu"]
+print(runs[-1])')
+    rm -rf "$CARRY"
+    mkdir -p "$CARRY/bin" "$CARRY/wheels"
+    cp target/release/hooks target/release/sae target/release/lens target/release/examples/forward_bench "$CARRY/bin/"
+    cp "$tests" "$CARRY/bin/gpu-tests"
+    strip "$CARRY"/bin/*
+    tar -C "$CARRY" -cJf "$CARRY/bin.tar.xz" bin
+    rm -rf "$CARRY/bin"
+    python3 -m pip download -q --no-deps --only-binary=:all: -d "$CARRY/wheels" \
+        eai-sparsify==1.3.3 simple-parsing==0.1.9 docstring-parser==0.18.0 natsort==8.4.0
+    du -sh "$CARRY"
+    echo "carry $CARRY to the GPU machine and run: bench/gpu.sh run"
+}
+
+run() {
+    local out=${OUT:-target/gpu-out}
+    mkdir -p "$out" target/gpu-run
+    local cu13
+    cu13=$(python3 -c 'import nvidia, os; print(os.path.join(os.path.dirname(nvidia.__path__[0]), "nvidia", "cu13", "lib"))')
+    export LD_LIBRARY_PATH="$cu13:${LD_LIBRARY_PATH:-}"
+    tar -C target/gpu-run -xJf "$CARRY/bin.tar.xz"
+    local bin=$PWD/target/gpu-run/bin
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ei-site "$CARRY"/wheels/*.whl
+    export PYTHONPATH=/tmp/ei-site PYTHONUNBUFFERED=1
+    nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || true
+    local status=0
+    echo "== GPU tests"
+    EI_REPO=$PWD "$bin/gpu-tests" --ignored --test-threads 1 2>&1 | tee "$out/gpu-tests.log" || status=1
+    echo "== GPU benchmarks"
+    {
+        for shape in pythia-160m pythia-410m pythia-1b; do
+            python3 bench/forward.py --device cuda --prebuilt "$bin" --shape "$shape" --dtype bfloat16 \
+                --batch 8 --seq 2048 --iters 5 || status=1
+        done
+        python3 bench/sae_train.py --device cuda --prebuilt "$bin" --shape pythia-160m --latents 32768 \
+            --k 32 --batch 8192 --steps 20 --warmup 10 || status=1
+        python3 bench/sae_train.py --device cuda --prebuilt "$bin" --shape pythia-1b --latents 65536 \
+            --k 32 --batch 8192 --steps 10 --warmup 5 || status=1
+    } 2>&1 | tee "$out/gpu-bench.log"
+    return $status
+}
+
+case "${1:-}" in
+build) build ;;
+run) run ;;
+*)
+    echo "usage: bench/gpu.sh build|run" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,379 @@
+//! The GPU test suite, for a machine with a CUDA GPU and a build with the `cuda` feature:
+//!
+//! ```sh
+//! cargo test --release --features cuda --test gpu -- --ignored
+//! ```
+//!
+//! (`bench/gpu.sh build` compiles it here; `bench/gpu.sh run` runs it on the lent GPU
+//! machine together with the GPU benchmarks.) Every test is `#[ignore]`d so that a CUDA build
+//! without a GPU still passes `cargo test`. What they check: the forward pass on the GPU
+//! against transformers' golden values at every hook point (f32) and in bf16; our TopK
+//! kernel against the CPU TopK on rows of 16k-131k latents, with ties; the sparse decode;
+//! and short SAE and tuned-lens trainings on the GPU against the same runs on the CPU.
+#![cfg(feature = "cuda")]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use hooks::candle_core::{DType, Device, Tensor};
+use hooks::{HookPoint, Hooks, LoadOptions, Model};
+
+/// The repository (fixtures, data): `$EI_REPO` where the binary runs away from its build
+/// folder (bench/gpu.sh on the GPU machine), else the folder it was built in.
+fn repo() -> PathBuf {
+    std::env::var_os("EI_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf())
+}
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("these tests need a CUDA GPU (device 0)")
+}
+
+/// `max |a - b| / max |b|` over all elements, in f32.
+fn relative_error(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let b = b
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    diff.to_scalar::<f32>().unwrap() / scale.max(1e-12)
+}
+
+const FORWARD_CASES: [&str; 7] = [
+    "gpt_neox/pythia_style",
+    "gpt_neox/sequential_full_rotary",
+    "gpt_neox/six_heads_odd",
+    "gpt_neox/pythia_70m_shape",
+    "llama/gqa_head_dim",
+    "llama/gqa_tied",
+    "llama/mha_untied",
+];
+
+fn fixture(case: &str) -> (Model, HashMap<String, Tensor>, PathBuf) {
+    let dir = repo().join("tests/fixtures").join(case);
+    let expected =
+        hooks::candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
+            .unwrap();
+    let options = LoadOptions {
+        device: gpu(),
+        ..LoadOptions::default()
+    };
+    (Model::from_folder(&dir, &options).unwrap(), expected, dir)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_forward_matches_transformers_at_every_hook_point() {
+    for case in FORWARD_CASES {
+        let (model, expected, _) = fixture(case);
+        let ids = expected["input_ids"].to_device(&gpu()).unwrap();
+        let mut hooks = Hooks::new().capture(model.hook_points());
+        let out = model.forward(&ids, &mut hooks).unwrap();
+        let mut checked = 0;
+        for point in model.hook_points() {
+            let name = model.hook_name(point);
+            let key = if point == HookPoint::Logits {
+                "logits".to_string()
+            } else {
+                name.clone()
+            };
+            let Some(want) = expected.get(&key) else {
+                continue;
+            };
+            let mut got = out.captures[&point].clone();
+            if point == HookPoint::Logits {
+                // Fixtures may keep only the last positions of the logits.
+                let (keep, seq) = (want.dim(1).unwrap(), got.dim(1).unwrap());
+                got = got.narrow(1, seq - keep, keep).unwrap();
+            }
+            let err = relative_error(&got, want);
+            assert!(err < 2e-4, "{case} {name}: relative error {err}");
+            checked += 1;
+        }
+        assert!(checked > 3, "{case}: only {checked} hook points compared");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_forward_in_bf16_stays_close_to_transformers_and_the_cpu() {
+    for case in FORWARD_CASES {
+        let (_, expected, dir) = fixture(case);
+        let mut logits = Vec::new();
+        for device in [gpu(), Device::Cpu] {
+            let options = LoadOptions {
+                device: device.clone(),
+                dtype: DType::BF16,
+                ..LoadOptions::default()
+            };
+            let model = Model::from_folder(&dir, &options).unwrap();
+            let ids = expected["input_ids"].to_device(&device).unwrap();
+            let out = model.logits(&ids).unwrap();
+            assert_eq!(out.dtype(), DType::BF16);
+            logits.push(out);
+        }
+        let want = &expected["logits"];
+        let keep = want.dim(1).unwrap();
+        let seq = logits[0].dim(1).unwrap();
+        let gpu_logits = logits[0].narrow(1, seq - keep, keep).unwrap();
+        let err = relative_error(&gpu_logits, want);
+        assert!(err < 5e-2, "{case}: bf16 GPU vs transformers f32: {err}");
+        let err = relative_error(&logits[0], &logits[1]);
+        assert!(err < 5e-2, "{case}: bf16 GPU vs bf16 CPU: {err}");
+    }
+}
+
+/// Seeded values rounded to quarters: many exact ties across a row.
+fn rows_with_ties(rows: usize, n: usize, seed: u64) -> Tensor {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let values: Vec<f32> = (0..rows * n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let unit = (state >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+            (unit * 64.0).floor() / 4.0 - 8.0
+        })
+        .collect();
+    Tensor::from_vec(values, (rows, n), &Device::Cpu).unwrap()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_topk_matches_the_cpu_on_wide_rows_with_ties() {
+    // Widths around candle's 8k sort limit and up to 131k latents; k up to the kernel's 4096.
+    let cases = [
+        (37, 16_385, 32),
+        (19, 65_543, 128),
+        (5, 131_072, 32),
+        (3, 131_072, 4096),
+        (64, 8_191, 1),
+    ];
+    for (case, &(rows, n, k)) in cases.iter().enumerate() {
+        let x = rows_with_ties(rows, n, case as u64);
+        let (values, indices) = sae::topk(&x, k).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            // Quarters in [-8, 8) are exact in bf16, so both dtypes have the same answer.
+            let on_gpu = x.to_dtype(dtype).unwrap().to_device(&gpu()).unwrap();
+            let (got_values, got_indices) = sae::topk(&on_gpu, k).unwrap();
+            assert!(got_indices.device().is_cuda());
+            assert_eq!(
+                got_indices
+                    .to_device(&Device::Cpu)
+                    .unwrap()
+                    .to_vec2::<u32>()
+                    .unwrap(),
+                indices.to_vec2::<u32>().unwrap(),
+                "rows {rows} width {n} k {k} {dtype:?}: indices"
+            );
+            assert_eq!(
+                relative_error(&got_values, &values),
+                0.0,
+                "rows {rows} width {n} k {k} {dtype:?}: values"
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_sparse_decode_matches_the_cpu() {
+    for (d, n, k) in [(768, 24_576, 32), (300, 5_000, 129), (2048, 65_536, 32)] {
+        let config = sae::SaeConfig::new(d, n, k);
+        let on_cpu = sae::Sae::new(config, 3, &Device::Cpu).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        on_cpu.save(tmp.path()).unwrap();
+        let on_gpu = sae::Sae::load(tmp.path(), &gpu()).unwrap();
+        let x = (rows_with_ties(50, d, 9) * 0.1).unwrap();
+        let (acts, indices) = on_cpu.encode(&x).unwrap();
+        let want = on_cpu.decode(&acts, &indices).unwrap();
+        let got = on_gpu
+            .decode(
+                &acts.to_device(&gpu()).unwrap(),
+                &indices.to_device(&gpu()).unwrap(),
+            )
+            .unwrap();
+        let err = relative_error(&got, &want);
+        assert!(err < 1e-5, "d {d} n {n} k {k}: decode relative error {err}");
+        // The whole forward pass: selections may differ only where pre-activations tie
+        // within rounding, so compare the reconstruction.
+        let x_gpu = x.to_device(&gpu()).unwrap();
+        let fvu_gpu = on_gpu.forward(&x_gpu).unwrap().fvu;
+        let fvu_cpu = on_cpu.forward(&x).unwrap().fvu;
+        assert!(
+            (fvu_gpu - fvu_cpu).abs() < 1e-4 * fvu_cpu.abs().max(1.0),
+            "d {d} n {n} k {k}: FVU {fvu_gpu} on the GPU, {fvu_cpu} on the CPU"
+        );
+    }
+}
+
+/// A tiny GPT-NeoX folder with synthetic weights and the real Pythia tokenizer.
+fn model_folder(dir: &Path) -> PathBuf {
+    let model = dir.join("model");
+    let config = serde_json::json!({
+        "model_type": "gpt_neox", "hidden_size": 64, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "intermediate_size": 256, "vocab_size": 50304, "eos_token_id": 0
+    });
+    hooks::synthetic::write_synthetic_model(
+        &model,
+        &config,
+        Some(&repo().join("data/gpt-neox-20b-tokenizer.json")),
+    )
+    .unwrap();
+    model
+}
+
+/// Every `history.json` under `dir`, parsed.
+fn histories(dir: &Path) -> Vec<serde_json::Value> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.file_name().is_some_and(|n| n == "history.json") {
+                found.push(serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap());
+            }
+        }
+    }
+    found
+}
+
+/// The per-step values of `field` (a number, or the mean of a list) in a history.
+fn series(history: &serde_json::Value, field: &str) -> Vec<f64> {
+    history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|step| match &step[field] {
+            serde_json::Value::Array(values) => {
+                values.iter().map(|v| v.as_f64().unwrap()).sum::<f64>() / values.len() as f64
+            }
+            v => v.as_f64().unwrap(),
+        })
+        .collect()
+}
+
+fn assert_close_series(gpu: &[f64], cpu: &[f64], tolerance: f64, what: &str) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: step counts");
+    for (step, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        assert!(
+            (g - c).abs() <= tolerance * c.abs().max(1e-3),
+            "{what} step {}: {g} on the GPU, {c} on the CPU",
+            step + 1
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_sae_training_follows_the_cpu_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_folder(tmp.path());
+    let data = repo().join("data/wikitext-2-raw-test.txt");
+    let mut fvu = Vec::new();
+    for device in ["cuda", "cpu"] {
+        let out = tmp.path().join(device);
+        let args = [
+            "sae",
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--hookpoints",
+            "layers.1",
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--device",
+            device,
+            "--seq-len",
+            "64",
+            "--forward-batch",
+            "8",
+            "--batch-size",
+            "512",
+            "--steps",
+            "8",
+            "--k",
+            "8",
+            "--num-latents",
+            "2048",
+            "--lr",
+            "3e-3",
+            "--lr-warmup-steps",
+            "2",
+            "--auxk-alpha",
+            "0.03125",
+        ];
+        sae::cli::run(args.iter().copied()).unwrap();
+        let found = histories(&out);
+        assert_eq!(found.len(), 1, "{device}: one history");
+        fvu.push(series(&found[0], "fvu"));
+    }
+    assert!(
+        fvu[0].last() < fvu[0].first(),
+        "FVU falls on the GPU: {:?}",
+        fvu[0]
+    );
+    assert_close_series(&fvu[0], &fvu[1], 2e-3, "SAE FVU");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_lens_training_follows_the_cpu_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_folder(tmp.path());
+    let data = repo().join("data/wikitext-2-raw-test.txt");
+    let mut loss = Vec::new();
+    for device in ["cuda", "cpu"] {
+        let out = tmp.path().join(device);
+        let args = [
+            "lens",
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--device",
+            device,
+            "--steps",
+            "5",
+            "--tokens-per-step",
+            "512",
+            "--seq-len",
+            "64",
+            "--batch-size",
+            "4",
+        ];
+        lens::cli::run(args.iter().copied()).unwrap();
+        let found = histories(&out);
+        assert_eq!(found.len(), 1, "{device}: one history");
+        loss.push(series(&found[0], "loss"));
+    }
+    assert!(
+        loss[0].last() < loss[0].first(),
+        "lens loss falls on the GPU: {:?}",
+        loss[0]
+    );
+    assert_close_series(&loss[0], &loss[1], 2e-3, "tuned-lens mean loss");
+}

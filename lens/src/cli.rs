@@ -15,7 +15,7 @@ use crate::plot::{plot_trajectory, TrajectoryView};
 use crate::sweep::{parse_checkpoints, plot_sweep, run_sweep, SweepLens, SweepOptions};
 use crate::train::{checkpoint_dir, train, LossKind, OptimizerKind, TrainOptions};
 use crate::trajectory::{PredictionTrajectory, Statistic};
-use crate::{LensData, TunedLens};
+use crate::{DecodeDtype, LensData, TunedLens};
 
 /// Train and evaluate tuned lenses and the logit lens.
 #[derive(Parser, Debug)]
@@ -233,6 +233,11 @@ struct TrainArgs {
     /// Checkpoint every N steps.
     #[arg(long, default_value_t = 25)]
     checkpoint_every: u64,
+    /// Precision of the lens logits and of the gradient back through them: bf16 (bf16
+    /// inputs, f32 sums, as tuned-lens's autocast; CPU only), f32, or auto (bf16 on a CPU
+    /// with AVX-512 BF16, f32 elsewhere). Lens parameters and optimiser state are f32.
+    #[arg(long, default_value = "auto")]
+    decode_dtype: String,
 }
 
 #[derive(Args, Debug)]
@@ -317,6 +322,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
         seq_len: args.source.seq_len,
         chunk_tokens: args.chunk_tokens,
         checkpoint_every: args.checkpoint_every,
+        decode_dtype: DecodeDtype::parse(&args.decode_dtype)?,
     };
     // Shuffled rows would break the sequences next-token targets need.
     let order = match options.loss {

@@ -19,25 +19,46 @@ pub(crate) fn loss_and_logit_grad(
     let Some(mut grad) = with_f32_slices(&[logits], |s| Ok(s[0].to_vec()))? else {
         return Ok(None);
     };
+    let rows = rayon::iter::repeat_n((), n);
+    let Some((loss, counted)) = loss_and_grad_in_place(&mut grad, vocab, target, rows, |_, _| {})?
+    else {
+        return Ok(None);
+    };
+    Ok(Some((
+        loss,
+        counted,
+        Tensor::from_vec(grad, (n, vocab), &Device::Cpu)?,
+    )))
+}
+
+/// Replaces each row of `logits` (`[n, vocab]`, row-major) by the gradient of its loss
+/// (`softmax - target`) and returns `(loss sum, rows counted)`. Each finished gradient row is
+/// handed to `finish` with the matching item of `outputs` (`n` of them), while it is still
+/// in cache. `None` when the target is not f32 on the CPU.
+pub(crate) fn loss_and_grad_in_place<O: Send>(
+    logits: &mut [f32],
+    vocab: usize,
+    target: &Target,
+    outputs: impl IndexedParallelIterator<Item = O>,
+    finish: impl Fn(&[f32], O) + Sync + Send,
+) -> Result<Option<(f64, usize)>> {
     let per_row: Option<Vec<(f64, bool)>> = match target {
         Target::Distribution { p, p_log_p, .. } => with_f32_slices(&[p], |p| {
-            Ok(grad
+            Ok(logits
                 .par_chunks_mut(vocab)
                 .zip(p[0].par_chunks(vocab))
                 .zip(p_log_p.par_iter())
-                .map(|((z, p), &plogp)| {
-                    let max = z.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-                    let (mut sum, mut pz) = (0f64, 0f64);
-                    for (zj, pj) in z.iter_mut().zip(p) {
-                        pz += *pj as f64 * *zj as f64;
-                        *zj = (*zj - max).exp();
-                        sum += *zj as f64;
-                    }
+                .zip(outputs)
+                .map(|(((z, p), &plogp), out)| {
+                    let max = max_f32(z);
+                    let pz = dot_f64(p, z);
+                    let sum = exp_shifted_in_place(z, max);
                     let lse = max as f64 + sum.ln();
                     let inv = (1.0 / sum) as f32;
                     for (zj, pj) in z.iter_mut().zip(p) {
                         *zj = *zj * inv - pj;
                     }
+                    finish(z, out);
                     // KL = Σ p log p − Σ p (z − lse) = Σ p log p − Σ p z + lse.
                     (plogp - pz + lse, true)
                 })
@@ -46,45 +67,192 @@ pub(crate) fn loss_and_logit_grad(
         Target::NextTokens(next) => {
             let next: Vec<u32> = next.to_vec1()?;
             Some(
-                grad.par_chunks_mut(vocab)
+                logits
+                    .par_chunks_mut(vocab)
                     .zip(next.par_iter())
-                    .map(|(z, &t)| {
+                    .zip(outputs)
+                    .map(|((z, &t), out)| {
                         if t == u32::MAX {
                             z.iter_mut().for_each(|x| *x = 0.0);
+                            finish(z, out);
                             return (0.0, false);
                         }
-                        let max = z.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                        let max = max_f32(z);
                         let zt = z[t as usize] as f64;
-                        let mut sum = 0f64;
-                        for zj in z.iter_mut() {
-                            *zj = (*zj - max).exp();
-                            sum += *zj as f64;
-                        }
+                        let sum = exp_shifted_in_place(z, max);
                         let inv = (1.0 / sum) as f32;
                         z.iter_mut().for_each(|x| *x *= inv);
                         z[t as usize] -= 1.0;
+                        finish(z, out);
                         (max as f64 + sum.ln() - zt, true)
                     })
                     .collect(),
             )
         }
     };
-    let Some(per_row) = per_row else {
+    Ok(per_row.map(|per_row| {
+        (
+            per_row.iter().map(|(l, _)| l).sum(),
+            per_row.iter().filter(|(_, c)| *c).count(),
+        )
+    }))
+}
+
+/// The model's final distribution for a KL target from its logits `[n, vocab]`:
+/// `(log p, p, Σ p log p per row)`, rows in parallel; `None` unless f32 on the CPU.
+pub(crate) fn distribution_of_logits(
+    logits: &Tensor,
+) -> Result<Option<(Tensor, Tensor, Vec<f64>)>> {
+    let (n, vocab) = logits.dims2()?;
+    let Some(mut log_p) = with_f32_slices(&[logits], |s| Ok(s[0].to_vec()))? else {
         return Ok(None);
     };
-    let loss = per_row.iter().map(|(l, _)| l).sum();
-    let counted = per_row.iter().filter(|(_, c)| *c).count();
+    let mut p = vec![0f32; n * vocab];
+    let p_log_p: Vec<f64> = log_p
+        .par_chunks_mut(vocab)
+        .zip(p.par_chunks_mut(vocab))
+        .map(|(z, p)| {
+            let max = max_f32(z);
+            p.copy_from_slice(z);
+            let lse = (max as f64 + exp_shifted_in_place(p, max).ln()) as f32;
+            z.iter_mut().for_each(|x| *x -= lse);
+            for (pj, &lj) in p.iter_mut().zip(z.iter()) {
+                *pj = exp(lj);
+            }
+            dot_f64(p, z)
+        })
+        .collect();
+    let device = Device::Cpu;
     Ok(Some((
-        loss,
-        counted,
-        Tensor::from_vec(grad, (n, vocab), &Device::Cpu)?,
+        Tensor::from_vec(log_p, (n, vocab), &device)?,
+        Tensor::from_vec(p, (n, vocab), &device)?,
+        p_log_p,
     )))
+}
+
+/// Lanes of the fixed-order partial sums below (lets the compiler use vector registers
+/// while every run adds in the same order).
+const LANES: usize = 16;
+
+/// The largest element (NaN ignored), `-inf` for an empty row.
+fn max_f32(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = a.max(x);
+        }
+    }
+    acc.iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |a, &x| a.max(x))
+}
+
+/// `Σ a b` accumulated in f64.
+fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+    let mut acc = [0f64; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let rest: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&x, &y)| x as f64 * y as f64)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x as f64 * y as f64;
+        }
+    }
+    acc.iter().sum::<f64>() + rest
+}
+
+/// Replaces each `x` by `exp(x - shift)` and returns their sum (in f64).
+fn exp_shifted_in_place(xs: &mut [f32], shift: f32) -> f64 {
+    for x in xs.iter_mut() {
+        *x = exp(*x - shift);
+    }
+    let mut acc = [0f64; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest: f64 = chunks.remainder().iter().map(|&x| x as f64).sum();
+    for c in chunks {
+        for (s, &x) in acc.iter_mut().zip(c) {
+            *s += x as f64;
+        }
+    }
+    acc.iter().sum::<f64>() + rest
+}
+
+/// `e^x` in f32 to about 2 ulp, in branch-free arithmetic the compiler vectorises (libm's
+/// `expf` is a call per element): `x = n ln 2 + r` with `|r| <= ln 2 / 2`, a degree-6
+/// polynomial for `e^r`, then `2^n` built in the exponent bits. Arguments are clamped to
+/// [-87.3, 88]: below -87.3
+/// `e^x` leaves the normal range, and they give `e^-87.3`, about 1e-38.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 x 2^23: adding it rounds to an integer
+    let x = x.clamp(-87.3, 88.0);
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    // ln 2 split in two so that n x the first part is exact.
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let poly = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5;
+    let e_r = poly * r * r + r + 1.0;
+    let bits = (shifted.to_bits() as i32 - ROUND.to_bits() as i32 + 127) << 23;
+    e_r * f32::from_bits(bits as u32)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::loss::{log_softmax, loss_and_logit_grad as generic};
+
+    #[test]
+    fn exp_is_accurate_and_underflows_gently() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+            let want = (x as f64).exp();
+            worst = worst.max(((exp(x) as f64 - want) / want).abs());
+        }
+        assert!(worst < 3.0 * f32::EPSILON as f64, "relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        let tiny = exp(-1000.0);
+        assert!(tiny > 0.0 && tiny < 1e-37, "{tiny}");
+    }
+
+    #[test]
+    fn target_matches_the_tensor_path() {
+        let logits = Tensor::randn(0f32, 3.0, (5, 1003), &Device::Cpu).unwrap();
+        let (log_p, p, p_log_p) = distribution_of_logits(&logits).unwrap().unwrap();
+        let want = Target::distribution(log_softmax(&logits).unwrap()).unwrap();
+        let Target::Distribution {
+            log_p: l2,
+            p: p2,
+            p_log_p: e2,
+        } = want
+        else {
+            unreachable!()
+        };
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        assert!(diff(&log_p, &l2) < 1e-5, "log p");
+        assert!(diff(&p, &p2) < 1e-6, "p");
+        for (a, b) in p_log_p.iter().zip(&e2) {
+            assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
 
     #[test]
     fn fused_pass_matches_the_tensor_path() {

@@ -6,7 +6,9 @@
 //! gradient) -> [`train`] (optimiser loop over an activation source, checkpoints) ->
 //! [`eval`] (per-layer metrics) -> [`cli`] (`lens train`, `lens eval`).
 
+mod bf16;
 pub mod cli;
+mod decode;
 pub mod eval;
 mod kernels;
 pub mod loss;
@@ -17,6 +19,7 @@ pub mod train;
 pub mod trajectory;
 mod tuned_lens;
 
+pub use decode::DecodeDtype;
 pub use source::LensData;
 pub use tuned_lens::{lens_input, unembedding_hash, LensConfig, TunedLens, UNEMBED_HASH_PREFIX};
 

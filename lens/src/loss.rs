@@ -24,6 +24,14 @@ pub enum Target {
 }
 
 impl Target {
+    /// A KL target from the model's final logits `[n, vocab]` (one fused pass on the CPU).
+    pub fn from_logits(logits: &Tensor) -> Result<Self> {
+        Ok(match crate::kernels::distribution_of_logits(logits)? {
+            Some((log_p, p, p_log_p)) => Target::Distribution { log_p, p, p_log_p },
+            None => Target::distribution(log_softmax(logits)?)?,
+        })
+    }
+
     /// A KL target from the model's final log-probabilities `[n, vocab]`.
     pub fn distribution(log_p: Tensor) -> Result<Self> {
         let p = log_p.exp()?;
@@ -102,21 +110,45 @@ pub fn loss_and_grads(
     unembedding: &Unembedding,
     target: &Target,
 ) -> Result<LossAndGrads> {
+    loss_and_grads_through(h, weight, bias, &unembedding.norm, |normed| {
+        decode_f32(normed, &unembedding.weight, target)
+    })
+}
+
+/// [`loss_and_grads`] with the vocabulary-sized part given by `decode`, which maps the
+/// normed rows to `(loss sum, rows counted, d loss / d normed)`.
+pub(crate) fn loss_and_grads_through(
+    h: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    norm: &FinalNorm,
+    decode: impl FnOnce(&Tensor) -> Result<(f64, usize, Tensor)>,
+) -> Result<LossAndGrads> {
     let translated = translate(h, weight, bias)?;
-    let (normed, xhat, rstd) = norm_forward(&unembedding.norm, &translated)?;
-    let logits = normed.matmul(&unembedding.weight.t()?)?;
-    let (loss, tokens, d_logits) = match crate::kernels::loss_and_logit_grad(&logits, target)? {
-        Some(fast) => fast,
-        None => loss_and_logit_grad(&logits, target)?,
-    };
-    let d_normed = d_logits.matmul(&unembedding.weight)?;
-    let d_translated = norm_backward(&unembedding.norm, &d_normed, &xhat, &rstd)?;
+    let (normed, xhat, rstd) = norm_forward(norm, &translated)?;
+    let (loss, tokens, d_normed) = decode(&normed)?;
+    let d_translated = norm_backward(norm, &d_normed, &xhat, &rstd)?;
     Ok(LossAndGrads {
         loss,
         tokens,
         weight: d_translated.t()?.matmul(h)?,
         bias: d_translated.sum(0)?,
     })
+}
+
+/// The decoding step of [`loss_and_grads`] in the tensors' dtype: logits through the
+/// unembedding `[vocab, d]`, the loss, and the gradient back to the normed rows.
+pub(crate) fn decode_f32(
+    normed: &Tensor,
+    unembedding: &Tensor,
+    target: &Target,
+) -> Result<(f64, usize, Tensor)> {
+    let logits = normed.matmul(&unembedding.t()?)?;
+    let (loss, tokens, d_logits) = match crate::kernels::loss_and_logit_grad(&logits, target)? {
+        Some(fast) => fast,
+        None => loss_and_logit_grad(&logits, target)?,
+    };
+    Ok((loss, tokens, d_logits.matmul(unembedding)?))
 }
 
 /// The summed loss over rows of `logits: [n, vocab]`, the number of rows that count, and

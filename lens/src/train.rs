@@ -14,8 +14,9 @@ use hooks::optim::{clip_grad_norm, linear_schedule, Optimizer, Rule};
 use hooks::{HookPoint, Unembedding};
 use serde::{Deserialize, Serialize};
 
-use crate::loss::{log_softmax, loss_and_grads, Target};
-use crate::{lens_input, Error, Result, TunedLens};
+use crate::decode::Decoder;
+use crate::loss::Target;
+use crate::{lens_input, DecodeDtype, Error, Result, TunedLens};
 
 /// The training objective.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +64,10 @@ pub struct TrainOptions {
     pub chunk_tokens: usize,
     /// Save a checkpoint every this many steps (0: only at the end).
     pub checkpoint_every: u64,
+    /// Precision of the two vocabulary-sized products per layer (lens logits and the
+    /// gradient back through them); the rest of training is f32 whatever this is.
+    #[serde(default)]
+    pub decode_dtype: DecodeDtype,
 }
 
 impl Default for TrainOptions {
@@ -79,6 +84,7 @@ impl Default for TrainOptions {
             seq_len: 2048,
             chunk_tokens: 256,
             checkpoint_every: 25,
+            decode_dtype: DecodeDtype::Auto,
         }
     }
 }
@@ -237,6 +243,8 @@ pub fn train(
         )));
     }
     let unembedding = unembedding.to_dtype(DType::F32)?;
+    let mut decoder = Decoder::new(&unembedding, options.decode_dtype, options.chunk_tokens)?;
+    tracing::info!("decoding lenses in {}", decoder.dtype_name());
     let mut optimizer = Optimizer::new(options.rule(), options.weight_decay);
     let mut history = Vec::new();
     let mut rows = Rows {
@@ -289,9 +297,7 @@ pub fn train(
                     .to_dtype(DType::F32)?)
             };
             let target = match options.loss {
-                LossKind::Kl => Target::distribution(log_softmax(
-                    &unembedding.forward(&rows_of(final_point)?)?,
-                )?)?,
+                LossKind::Kl => Target::from_logits(&unembedding.forward(&rows_of(final_point)?)?)?,
                 LossKind::Ce => Target::NextTokens(
                     Tensor::new(&next_tokens[start..start + len], &candle_core::Device::Cpu)?
                         .to_device(unembedding.weight.device())?,
@@ -299,7 +305,7 @@ pub fn train(
             };
             for layer in 0..layers {
                 let (w, b) = lens.translator(layer);
-                let g = loss_and_grads(&rows_of(lens_input(layer))?, w, b, &unembedding, &target)?;
+                let g = decoder.loss_and_grads(&rows_of(lens_input(layer))?, w, b, &target)?;
                 if !g.loss.is_finite() {
                     return Err(Error::Training(format!(
                         "non-finite loss at step {step}, layer {layer} (activations or lens diverged){}",

@@ -1,0 +1,445 @@
+//! A bfloat16 matrix product for decoding through the frozen unembedding on the CPU.
+//!
+//! Lens training spends most of its time in two vocabulary-sized products per layer: the lens
+//! logits `normed · W_Uᵀ` and the gradient back through them `dlogits · W_U`. tuned-lens runs
+//! them under bfloat16 autocast (bf16 inputs, f32 accumulation); on CPUs with AVX-512 BF16
+//! (`vdpbf16ps`, two bf16 products summed into each f32 lane) that is twice the f32 FMA rate.
+//! This module does the same: the frozen right-hand matrix is packed once into bf16 pairs
+//! along the reduction axis ([`PackedB`]), the left-hand rows are rounded to bf16 per call,
+//! and [`gemm`] accumulates in f32. CPUs without AVX-512 BF16 get a portable kernel over the
+//! same packed data (same rounding of the inputs, slower). Every output element is summed by
+//! one thread in a fixed order, so results do not depend on the thread count.
+
+use rayon::prelude::*;
+
+/// f32 lanes per vector register.
+const LANES: usize = 16;
+/// Vector registers per row of an output tile.
+const VECTORS: usize = 4;
+/// Output columns per packed panel (one tile's width).
+const PANEL: usize = LANES * VECTORS;
+/// Rows per output tile.
+const ROWS: usize = 6;
+/// Pairs of the reduction axis per cache block.
+const BLOCK_PAIRS: usize = 256;
+
+/// Rounds `x` to the nearest bfloat16 (ties to even), as bits; NaN stays NaN.
+#[inline]
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+/// The f32 value of bfloat16 bits.
+#[inline]
+fn bf16_value(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// Rounds `src` to bf16 into `dst` (the same length).
+pub(crate) fn round_to_bf16(src: &[f32], dst: &mut [u16]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = bf16_bits(s);
+    }
+}
+
+/// A frozen `[k, n]` matrix in bf16, packed for [`gemm`]: panels of [`PANEL`] columns, each
+/// holding, for every pair of rows `(2p, 2p + 1)`, the two values of each column side by side
+/// (the operand layout of `vdpbf16ps`). Rows and columns are zero-padded to whole pairs and
+/// panels.
+pub(crate) struct PackedB {
+    k: usize,
+    n: usize,
+    pairs: usize,
+    data: Vec<u32>,
+}
+
+impl PackedB {
+    /// Packs the `[k, n]` matrix whose element `(row, col)` is `at(row, col)`.
+    pub(crate) fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+        let pairs = k.div_ceil(2);
+        let panels = n.div_ceil(PANEL);
+        let mut data = vec![0u32; panels * pairs * PANEL];
+        let value = |row: usize, col: usize| {
+            if row < k && col < n {
+                bf16_bits(at(row, col)) as u32
+            } else {
+                0
+            }
+        };
+        data.par_chunks_mut(pairs * PANEL)
+            .enumerate()
+            .for_each(|(panel, out)| {
+                for (pair, lanes) in out.chunks_exact_mut(PANEL).enumerate() {
+                    for (lane, slot) in lanes.iter_mut().enumerate() {
+                        let col = panel * PANEL + lane;
+                        *slot = value(2 * pair, col) | (value(2 * pair + 1, col) << 16);
+                    }
+                }
+            });
+        PackedB { k, n, pairs, data }
+    }
+
+    /// Rows of the matrix (the reduction length).
+    pub(crate) fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Columns of the matrix (the output width).
+    pub(crate) fn n(&self) -> usize {
+        self.n
+    }
+
+    /// The row stride (in bf16 values) a left-hand matrix needs: `k` rounded up to a pair.
+    pub(crate) fn lhs_stride(&self) -> usize {
+        2 * self.pairs
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+/// Which inner kernel [`gemm`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// AVX-512 BF16 (`vdpbf16ps`).
+    Avx512Bf16,
+    /// Plain Rust over the same packed data: bf16 inputs, f32 products and sums.
+    Portable,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs.
+    pub(crate) fn detect() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+        {
+            return Kernel::Avx512Bf16;
+        }
+        Kernel::Portable
+    }
+}
+
+/// The output pointer shared by the tasks of one [`gemm`]; each writes a disjoint set of
+/// elements.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint (row, column) tiles of the output, which outlives them.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The element `offset` places after the start.
+    ///
+    /// # Safety
+    /// `offset` must lie inside the output.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        self.0.add(offset)
+    }
+}
+
+/// `c[m, n] = a[m, k] · b` with `a` in bf16 bits, row `i` at `a[i * lda..]` (`lda` at least
+/// [`PackedB::lhs_stride`], the pad column of an odd `k` zero) and `c` row `i` at
+/// `c[i * ldc..i * ldc + n]`. Work is split over column panels and row blocks with rayon.
+pub(crate) fn gemm(
+    kernel: Kernel,
+    a: &[u16],
+    lda: usize,
+    m: usize,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    let n = b.n;
+    assert!(lda >= b.lhs_stride() && ldc >= n, "gemm strides");
+    assert!(
+        m == 0 || (a.len() >= (m - 1) * lda + b.lhs_stride() && c.len() >= (m - 1) * ldc + n),
+        "gemm operand sizes"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if b.pairs == 0 {
+        for row in c.chunks_mut(ldc).take(m) {
+            row[..n].fill(0.0);
+        }
+        return;
+    }
+    let panels = n.div_ceil(PANEL);
+    let tiles = m.div_ceil(ROWS);
+    let threads = rayon::current_num_threads().max(1);
+    // Columns first (each task then reads only its share of the packed matrix), rows too
+    // when there are fewer panels than threads.
+    let column_groups = panels.min(4 * threads);
+    let row_groups = (threads.div_ceil(column_groups)).min(tiles);
+    let out = Out(c.as_mut_ptr());
+    (0..column_groups * row_groups)
+        .into_par_iter()
+        .for_each(|task| {
+            let (cg, rg) = (task / row_groups, task % row_groups);
+            let panel_range = cg * panels / column_groups..(cg + 1) * panels / column_groups;
+            let tile_range = rg * tiles / row_groups..(rg + 1) * tiles / row_groups;
+            for p0 in (0..b.pairs).step_by(BLOCK_PAIRS) {
+                let pairs = BLOCK_PAIRS.min(b.pairs - p0);
+                for panel in panel_range.clone() {
+                    let col0 = panel * PANEL;
+                    let width = PANEL.min(n - col0);
+                    let packed = &b.data[(panel * b.pairs + p0) * PANEL..][..pairs * PANEL];
+                    for tile in tile_range.clone() {
+                        let row0 = tile * ROWS;
+                        let rows = ROWS.min(m - row0);
+                        let lhs = &a[row0 * lda + 2 * p0..];
+                        // SAFETY: the tile (rows row0.., columns col0..col0 + width) lies
+                        // inside `c` (checked above) and belongs to this task alone.
+                        unsafe {
+                            let dst = out.at(row0 * ldc + col0);
+                            tile_kernel(
+                                kernel,
+                                rows,
+                                lhs,
+                                lda,
+                                packed,
+                                pairs,
+                                dst,
+                                ldc,
+                                width,
+                                p0 > 0,
+                            );
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// One output tile of `rows` (≤ [`ROWS`]) x `width` (≤ [`PANEL`]) over `pairs` pairs of the
+/// reduction axis; adds to the tile when `accumulate`, else overwrites it.
+///
+/// # Safety
+/// `rows` rows of `width` floats at `dst`, `dst + ldc`, ... must be valid for writes and
+/// not accessed by anyone else during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_kernel(
+    kernel: Kernel,
+    rows: usize,
+    lhs: &[u16],
+    lda: usize,
+    packed: &[u32],
+    pairs: usize,
+    dst: *mut f32,
+    ldc: usize,
+    width: usize,
+    accumulate: bool,
+) {
+    assert!((1..=ROWS).contains(&rows) && (1..=PANEL).contains(&width));
+    assert!(lhs.len() >= (rows - 1) * lda + 2 * pairs && packed.len() >= pairs * PANEL);
+    macro_rules! dispatch {
+        ($f:ident) => {
+            match rows {
+                1 => $f::<1>(lhs, lda, packed, pairs, dst, ldc, width, accumulate),
+                2 => $f::<2>(lhs, lda, packed, pairs, dst, ldc, width, accumulate),
+                3 => $f::<3>(lhs, lda, packed, pairs, dst, ldc, width, accumulate),
+                4 => $f::<4>(lhs, lda, packed, pairs, dst, ldc, width, accumulate),
+                5 => $f::<5>(lhs, lda, packed, pairs, dst, ldc, width, accumulate),
+                _ => $f::<6>(lhs, lda, packed, pairs, dst, ldc, width, accumulate),
+            }
+        };
+    }
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Kernel::Avx512Bf16` is only chosen when the CPU has the features; the
+        // slices were bounds-checked above and the tile is the caller's to write.
+        Kernel::Avx512Bf16 => unsafe { dispatch!(tile_avx512) },
+        // SAFETY: as above, without the CPU features.
+        _ => unsafe { dispatch!(tile_portable) },
+    }
+}
+
+/// [`tile_kernel`] in plain Rust.
+///
+/// # Safety
+/// As [`tile_kernel`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_portable<const R: usize>(
+    lhs: &[u16],
+    lda: usize,
+    packed: &[u32],
+    pairs: usize,
+    dst: *mut f32,
+    ldc: usize,
+    width: usize,
+    accumulate: bool,
+) {
+    let mut acc = [[0f32; PANEL]; R];
+    for (pair, lanes) in packed.chunks_exact(PANEL).take(pairs).enumerate() {
+        for (r, acc_row) in acc.iter_mut().enumerate() {
+            let a0 = bf16_value(lhs[r * lda + 2 * pair]);
+            let a1 = bf16_value(lhs[r * lda + 2 * pair + 1]);
+            for (sum, &b) in acc_row.iter_mut().zip(lanes) {
+                *sum += a0 * bf16_value(b as u16);
+                *sum += a1 * bf16_value((b >> 16) as u16);
+            }
+        }
+    }
+    for (r, acc_row) in acc.iter().enumerate() {
+        // SAFETY: the caller guarantees the tile lies inside the output and is ours.
+        let out = std::slice::from_raw_parts_mut(dst.add(r * ldc), width);
+        for (o, &s) in out.iter_mut().zip(acc_row) {
+            *o = if accumulate { *o + s } else { s };
+        }
+    }
+}
+
+/// [`tile_kernel`] with `vdpbf16ps`: `R` x 4 accumulator registers, one broadcast pair of
+/// the left-hand row and four packed vectors per step.
+///
+/// # Safety
+/// The CPU must have AVX-512F and AVX-512 BF16; `lhs`, `packed` and the output tile must be
+/// in bounds as [`tile_kernel`] checks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_avx512<const R: usize>(
+    lhs: &[u16],
+    lda: usize,
+    packed: &[u32],
+    pairs: usize,
+    dst: *mut f32,
+    ldc: usize,
+    width: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); VECTORS]; R];
+    let a = lhs.as_ptr();
+    let mut b = packed.as_ptr();
+    for pair in 0..pairs {
+        let mut bv = [_mm512_setzero_ps(); VECTORS];
+        for (v, slot) in bv.iter_mut().enumerate() {
+            *slot = _mm512_castsi512_ps(_mm512_loadu_si512(b.add(v * LANES).cast()));
+        }
+        for (r, acc_row) in acc.iter_mut().enumerate() {
+            let pair_bits = a.add(r * lda + 2 * pair).cast::<u32>().read_unaligned();
+            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair_bits as i32));
+            for (sum, &bvec) in acc_row.iter_mut().zip(&bv) {
+                *sum = _mm512_dpbf16_ps(*sum, av, std::mem::transmute::<__m512, __m512bh>(bvec));
+            }
+        }
+        b = b.add(PANEL);
+    }
+    for (r, acc_row) in acc.iter().enumerate() {
+        for (v, &sum) in acc_row.iter().enumerate() {
+            let col = v * LANES;
+            if col >= width {
+                break;
+            }
+            let live = (width - col).min(LANES);
+            let mask: __mmask16 = if live == LANES {
+                0xffff
+            } else {
+                (1u16 << live) - 1
+            };
+            let ptr = dst.add(r * ldc + col);
+            let value = if accumulate {
+                _mm512_add_ps(_mm512_maskz_loadu_ps(mask, ptr), sum)
+            } else {
+                sum
+            };
+            _mm512_mask_storeu_ps(ptr, mask, value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// `a · b` in f64 from the bf16-rounded inputs (the product the kernels approximate)
+    /// and `|a| · |b|` (which bounds the rounding error of a sum).
+    fn reference(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> (Vec<f64>, Vec<f64>) {
+        let round = |x: f32| bf16_value(bf16_bits(x)) as f64;
+        let (mut c, mut abs) = (vec![0f64; m * n], vec![0f64; m * n]);
+        for i in 0..m {
+            for p in 0..k {
+                let x = round(a[i * k + p]);
+                for j in 0..n {
+                    let term = x * round(b[p * n + j]);
+                    c[i * n + j] += term;
+                    abs[i * n + j] += term.abs();
+                }
+            }
+        }
+        (c, abs)
+    }
+
+    fn kernels() -> Vec<Kernel> {
+        let mut kernels = vec![Kernel::Portable];
+        if Kernel::detect() == Kernel::Avx512Bf16 {
+            kernels.push(Kernel::Avx512Bf16);
+        }
+        kernels
+    }
+
+    /// Sizes that are not multiples of the tile, the panel or the cache block, an odd
+    /// reduction length, a padded output stride; every kernel this CPU has, against f64.
+    #[test]
+    fn gemm_matches_f64_on_awkward_sizes() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (7, 13, 70),
+            (13, 2 * BLOCK_PAIRS + 3, 129),
+            (6, 64, 64),
+            (25, 517, 200),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let packed = PackedB::pack(k, n, |row, col| b[row * n + col]);
+            let lda = packed.lhs_stride() + 2;
+            let mut a16 = vec![0u16; m * lda];
+            for i in 0..m {
+                round_to_bf16(&a[i * k..(i + 1) * k], &mut a16[i * lda..i * lda + k]);
+            }
+            let (want, abs) = reference(&a, &b, m, k, n);
+            let ldc = n + 5;
+            for kernel in kernels() {
+                let mut c = vec![f32::NAN; m * ldc];
+                gemm(kernel, &a16, lda, m, &packed, &mut c, ldc);
+                for i in 0..m {
+                    for j in 0..n {
+                        let (got, want) = (c[i * ldc + j] as f64, want[i * n + j]);
+                        // Products of bf16 values are exact in f32; summing k of them in
+                        // f32 errs by at most k x eps x Σ|terms|.
+                        let tol = k as f64 * f32::EPSILON as f64 * abs[i * n + j];
+                        assert!(
+                            (got - want).abs() <= tol,
+                            "{kernel:?} {m}x{k}x{n} at ({i}, {j}): {got} vs {want}"
+                        );
+                    }
+                    // The padding between rows is left alone.
+                    assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|x| x.is_nan()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(bf16_bits(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1.0).
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 (odd) and 1 + 2^-6: rounds up.
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(bf16_bits(-2.5), 0xc020);
+        assert_eq!(bf16_bits(f32::INFINITY), 0x7f80);
+        assert!(bf16_value(bf16_bits(f32::NAN)).is_nan());
+        assert_eq!(bf16_bits(f32::MAX), 0x7f80, "overflow rounds to infinity");
+    }
+}

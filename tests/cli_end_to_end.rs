@@ -3,24 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
+mod common;
+use common::repo;
 
-/// A tiny GPT-NeoX folder with synthetic weights and the real Pythia tokenizer.
+/// The tiny model of these tests.
 fn model_folder(dir: &Path) -> PathBuf {
-    let model = dir.join("model");
-    let config = serde_json::json!({
-        "model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 3,
-        "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 50304, "eos_token_id": 0
-    });
-    hooks::synthetic::write_synthetic_model(
-        &model,
-        &config,
-        Some(&repo().join("data/gpt-neox-20b-tokenizer.json")),
-    )
-    .unwrap();
-    model
+    common::model_folder(dir, 32, 64)
 }
 
 fn run(args: &[&str]) -> anyhow::Result<()> {

@@ -18,13 +18,8 @@ use std::path::{Path, PathBuf};
 use hooks::candle_core::{DType, Device, Tensor};
 use hooks::{HookPoint, Hooks, LoadOptions, Model};
 
-/// The repository (fixtures, data): `$EI_REPO` where the binary runs away from its build
-/// folder (bench/gpu.sh on the GPU machine), else the folder it was built in.
-fn repo() -> PathBuf {
-    std::env::var_os("EI_REPO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf())
-}
+mod common;
+use common::repo;
 
 fn gpu() -> Device {
     Device::new_cuda(0).expect("these tests need a CUDA GPU (device 0)")
@@ -223,22 +218,6 @@ fn gpu_sparse_decode_matches_the_cpu() {
     }
 }
 
-/// A tiny GPT-NeoX folder with synthetic weights and the real Pythia tokenizer.
-fn model_folder(dir: &Path) -> PathBuf {
-    let model = dir.join("model");
-    let config = serde_json::json!({
-        "model_type": "gpt_neox", "hidden_size": 64, "num_hidden_layers": 3,
-        "num_attention_heads": 4, "intermediate_size": 256, "vocab_size": 50304, "eos_token_id": 0
-    });
-    hooks::synthetic::write_synthetic_model(
-        &model,
-        &config,
-        Some(&repo().join("data/gpt-neox-20b-tokenizer.json")),
-    )
-    .unwrap();
-    model
-}
-
 /// Every `history.json` under `dir`, parsed.
 fn histories(dir: &Path) -> Vec<serde_json::Value> {
     let mut found = Vec::new();
@@ -271,12 +250,41 @@ fn series(history: &serde_json::Value, field: &str) -> Vec<f64> {
         .collect()
 }
 
-fn assert_close_series(gpu: &[f64], cpu: &[f64], tolerance: f64, what: &str) {
-    assert_eq!(gpu.len(), cpu.len(), "{what}: step counts");
+/// Runs a training command (`run` with `options` plus the model, data, output and device)
+/// on the GPU, then on the CPU, over a small synthetic model and WikiText-2; checks that
+/// `field` falls on the GPU and follows the CPU run within `tolerance` (relative) at every step.
+fn check_gpu_training_follows_the_cpu(
+    run: impl Fn(Vec<String>) -> anyhow::Result<()>,
+    options: &str,
+    field: &str,
+    tolerance: f64,
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::model_folder(tmp.path(), 64, 256);
+    let data = repo().join("data/wikitext-2-raw-test.txt");
+    let mut runs = Vec::new();
+    for device in ["cuda", "cpu"] {
+        let out = tmp.path().join(device);
+        let mut command: Vec<String> = options.split_whitespace().map(String::from).collect();
+        for (flag, path) in [("--model", &model), ("--data", &data), ("--output", &out)] {
+            command.extend([flag.to_string(), path.to_string_lossy().into_owned()]);
+        }
+        command.extend(["--device".to_string(), device.to_string()]);
+        run(command).unwrap();
+        let found = histories(&out);
+        assert_eq!(found.len(), 1, "{device}: one history.json");
+        runs.push(series(&found[0], field));
+    }
+    let (gpu, cpu) = (&runs[0], &runs[1]);
+    assert!(
+        gpu.last() < gpu.first(),
+        "{field} falls on the GPU: {gpu:?}"
+    );
+    assert_eq!(gpu.len(), cpu.len(), "{field}: step counts");
     for (step, (g, c)) in gpu.iter().zip(cpu).enumerate() {
         assert!(
             (g - c).abs() <= tolerance * c.abs().max(1e-3),
-            "{what} step {}: {g} on the GPU, {c} on the CPU",
+            "{field} step {}: {g} on the GPU, {c} on the CPU",
             step + 1
         );
     }
@@ -285,95 +293,15 @@ fn assert_close_series(gpu: &[f64], cpu: &[f64], tolerance: f64, what: &str) {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_sae_training_follows_the_cpu_run() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = model_folder(tmp.path());
-    let data = repo().join("data/wikitext-2-raw-test.txt");
-    let mut fvu = Vec::new();
-    for device in ["cuda", "cpu"] {
-        let out = tmp.path().join(device);
-        let args = [
-            "sae",
-            "train",
-            "--model",
-            model.to_str().unwrap(),
-            "--hookpoints",
-            "layers.1",
-            "--data",
-            data.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--device",
-            device,
-            "--seq-len",
-            "64",
-            "--forward-batch",
-            "8",
-            "--batch-size",
-            "512",
-            "--steps",
-            "8",
-            "--k",
-            "8",
-            "--num-latents",
-            "2048",
-            "--lr",
-            "3e-3",
-            "--lr-warmup-steps",
-            "2",
-            "--auxk-alpha",
-            "0.03125",
-        ];
-        sae::cli::run(args.iter().copied()).unwrap();
-        let found = histories(&out);
-        assert_eq!(found.len(), 1, "{device}: one history");
-        fvu.push(series(&found[0], "fvu"));
-    }
-    assert!(
-        fvu[0].last() < fvu[0].first(),
-        "FVU falls on the GPU: {:?}",
-        fvu[0]
-    );
-    assert_close_series(&fvu[0], &fvu[1], 2e-3, "SAE FVU");
+    let options = "sae train --hookpoints layers.1 --seq-len 64 --forward-batch 8 \
+                   --batch-size 512 --steps 8 --k 8 --num-latents 2048 --lr 3e-3 \
+                   --lr-warmup-steps 2";
+    check_gpu_training_follows_the_cpu(sae::cli::run, options, "fvu", 2e-3);
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_lens_training_follows_the_cpu_run() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = model_folder(tmp.path());
-    let data = repo().join("data/wikitext-2-raw-test.txt");
-    let mut loss = Vec::new();
-    for device in ["cuda", "cpu"] {
-        let out = tmp.path().join(device);
-        let args = [
-            "lens",
-            "train",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--device",
-            device,
-            "--steps",
-            "5",
-            "--tokens-per-step",
-            "512",
-            "--seq-len",
-            "64",
-            "--batch-size",
-            "4",
-        ];
-        lens::cli::run(args.iter().copied()).unwrap();
-        let found = histories(&out);
-        assert_eq!(found.len(), 1, "{device}: one history");
-        loss.push(series(&found[0], "loss"));
-    }
-    assert!(
-        loss[0].last() < loss[0].first(),
-        "lens loss falls on the GPU: {:?}",
-        loss[0]
-    );
-    assert_close_series(&loss[0], &loss[1], 2e-3, "tuned-lens mean loss");
+    let options = "lens train --steps 5 --tokens-per-step 512 --seq-len 64 --batch-size 4";
+    check_gpu_training_follows_the_cpu(lens::cli::run, options, "loss", 2e-3);
 }

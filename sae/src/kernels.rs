@@ -785,7 +785,9 @@ mod tests {
             let err = crate::topk(&x, k).unwrap_err().to_string();
             assert!(err.contains(needle), "{err}");
         }
-        let err = crate::topk(&x.flatten_all().unwrap(), 2).unwrap_err().to_string();
+        let err = crate::topk(&x.flatten_all().unwrap(), 2)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("2-D tensor, got shape [30]"), "{err}");
         let (_, indices) = crate::topk(&x, 10).unwrap();
         assert_eq!(indices.dims(), &[3, 10]);

@@ -43,6 +43,17 @@ __device__ __forceinline__ u32 order_key(float v) {
     return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
+// Inclusive prefix sums of scan[0..TOPK_THREADS) in place (Hillis-Steele); every thread of
+// the block calls it after writing its own entry.
+__device__ __forceinline__ void block_inclusive_scan(u32* scan, int tid) {
+    for (int offset = 1; offset < TOPK_THREADS; offset <<= 1) {
+        const u32 add = tid >= offset ? scan[tid - offset] : 0u;
+        __syncthreads();
+        scan[tid] += add;
+        __syncthreads();
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ u32 key_at(const T* row, const unsigned char* allowed, long long j,
                                       int relu) {
@@ -106,12 +117,7 @@ __device__ void topk_row(const T* pre, const unsigned char* allowed, int n, int 
         }
         scan[tid] = run;
         __syncthreads();
-        for (int offset = 1; offset < TOPK_THREADS; offset <<= 1) {
-            const u32 add = tid >= offset ? scan[tid - offset] : 0u;
-            __syncthreads();
-            scan[tid] += add;
-            __syncthreads();
-        }
+        block_inclusive_scan(scan, tid);
         const u32 need = s_need;
         const u32 before = scan[tid] - run; // keys in the bins above this thread's run
         __syncthreads();
@@ -148,12 +154,7 @@ __device__ void topk_row(const T* pre, const unsigned char* allowed, int n, int 
         }
         scan[tid] = flags;
         __syncthreads();
-        for (int offset = 1; offset < TOPK_THREADS; offset <<= 1) {
-            const u32 add = tid >= offset ? scan[tid - offset] : 0u;
-            __syncthreads();
-            scan[tid] += add;
-            __syncthreads();
-        }
+        block_inclusive_scan(scan, tid);
         const u32 exclusive = scan[tid] - flags;
         const u32 total = scan[TOPK_THREADS - 1];
         if (flags == 1u) {

@@ -10,6 +10,7 @@ the hub. Both read the same token chunks: the text is tokenized by our `hooks` d
 pipeline (EOS-joined, packed) and written to an .npy file that both sides consume.
 
     python bench/lens_train.py [--shape pythia-160m|smollm2] [--steps 3] [--tokens-per-step 512] [--seq 256]
+                               [--decode-dtype auto|bf16|f32]
 """
 import argparse
 import importlib.metadata
@@ -86,6 +87,8 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--peer-precision", default="bf16", choices=["bf16", "f32"],
                    help="tuned-lens trains under bfloat16 autocast by default")
+    p.add_argument("--decode-dtype", default="auto", choices=["auto", "bf16", "f32"],
+                   help="our `lens train --decode-dtype` (auto: bf16 on a CPU with AVX-512 BF16)")
     p.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-path", help=argparse.SUPPRESS)
     p.add_argument("--tokens", help=argparse.SUPPRESS)
@@ -125,7 +128,8 @@ def main():
     out = bench / f"lens-{args.shape}"
     cmd = [str(REPO / "target/release/lens"), "train", "--model", model_path, "--data", str(npy),
            "--seq-len", str(args.seq), "--batch-size", str(args.batch), "--tokens-per-step", str(args.tokens_per_step),
-           "--steps", str(args.steps), "--checkpoint-every", "0", "--output", str(out)]
+           "--steps", str(args.steps), "--checkpoint-every", "0", "--output", str(out),
+           "--decode-dtype", args.decode_dtype]
     subprocess.run(["rm", "-rf", str(out)], check=True)
     start = time.perf_counter()
     ours = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, env=env, capture_output=True, text=True)
@@ -133,6 +137,7 @@ def main():
     if ours.returncode != 0:
         sys.exit(ours.stderr)
     ours_peak = int(ours.stderr.strip().splitlines()[-1]) / 1024
+    decoded = "bf16" if "decoding lenses in bf16" in ours.stderr else "f32"
     history = json.loads((out / "training" / "history.json").read_text())
     ours_loss = sum(history[-1]["loss"]) / len(history[-1]["loss"])
 
@@ -147,7 +152,7 @@ def main():
     ours_tps = needed / ours_s
     print(f"tuned-lens training, {args.shape}, {args.steps} steps x {args.tokens_per_step} tokens (seq {args.seq}), "
           f"{args.threads} threads")
-    print(f"  eleuther-interp (f32): {ours_tps:8.1f} tokens/s  ({ours_s:.1f} s incl. model load)  "
+    print(f"  eleuther-interp ({decoded} decoding): {ours_tps:8.1f} tokens/s  ({ours_s:.1f} s incl. model load)  "
           f"peak RSS {ours_peak:.0f} MiB  mean KL last step {ours_loss:.4f}")
     print(f"  {t['impl']}: {t['tokens_per_s']:8.1f} tokens/s  ({t['seconds']:.1f} s, loop only)  "
           f"peak RSS {t['peak_rss_mib']:.0f} MiB  mean KL last step {t['mean_loss_last_step']:.4f}")

@@ -263,9 +263,11 @@ class TunedLens:
         text_field: str = "text",
         progress: bool = False,
         callback: Optional[Callable[[dict[str, Any]], Any]] = None,
+        decode_dtype: str = "auto",
     ) -> "TunedLens":
         """Trains a lens with the reference recipe over ``data`` or a cache of
-        ``activations``; resumable with ``output``; ``callback(step_record)`` per step."""
+        ``activations``; resumable with ``output``; ``callback(step_record)`` per step;
+        ``decode_dtype`` ("auto", "bf16", "f32") is the precision of the lens logits."""
 
 @final
 class LogitLens:

@@ -18,7 +18,7 @@ use lens::eval::{evaluate, EvalReport};
 use lens::plot::{plot_trajectory, TrajectoryView};
 use lens::train::{checkpoint_dir, train, LossKind, OptimizerKind, StepRecord, TrainOptions};
 use lens::trajectory::{PredictionTrajectory, Statistic};
-use lens::{LensData, TunedLens};
+use lens::{DecodeDtype, LensData, TunedLens};
 use pyo3::exceptions::{
     PyFileNotFoundError, PyImportError, PyRuntimeError, PyTypeError, PyValueError,
 };
@@ -338,7 +338,10 @@ impl PyTunedLens {
     /// ``layers.{i}`` (rows shuffled with ``seed``; read in order for ``loss="ce"``, whose
     /// next-token targets need whole sequences). ``optimizer`` is ``"sgd"`` or
     /// ``"adam"``; ``loss`` is ``"kl"`` or ``"ce"`` (next token); ``chunk_tokens`` tokens
-    /// are decoded at once (memory is about 5 x that x vocab floats).
+    /// are decoded at once (memory is about 5 x that x vocab floats). ``decode_dtype`` is the
+    /// precision of the lens logits and of the gradient back through them: ``"bf16"`` (bf16
+    /// inputs, f32 sums, as tuned-lens's autocast; CPU only), ``"f32"``, or ``"auto"`` (bf16
+    /// on a CPU with AVX-512 BF16, f32 elsewhere); translators and optimiser state are f32.
     ///
     /// With ``output``, the lens is saved there at the end (as by ``lens train --output``)
     /// and a checkpoint is kept in ``output/training`` every ``checkpoint_every`` steps:
@@ -355,7 +358,7 @@ impl PyTunedLens {
         tokens_per_step = 262144, lr = 1.0, optimizer = "sgd", loss = "kl", seq_len = 2048,
         batch_size = 1, chunk_tokens = 256, seed = 42, checkpoint_every = 25, momentum = 0.9,
         weight_decay = 1e-3, clip = 1.0, format = None, text_field = "text", progress = false,
-        callback = None
+        callback = None, decode_dtype = "auto"
     ))]
     #[allow(clippy::too_many_arguments)]
     fn train<'py>(
@@ -381,6 +384,7 @@ impl PyTunedLens {
         text_field: &str,
         progress: bool,
         callback: Option<&Bound<'py, PyAny>>,
+        decode_dtype: &str,
     ) -> PyResult<Self> {
         let holder = model_arg(py, model)?;
         let model = holder.get().inner();
@@ -412,6 +416,8 @@ impl PyTunedLens {
             seq_len,
             chunk_tokens,
             checkpoint_every,
+            decode_dtype: DecodeDtype::parse(decode_dtype)
+                .map_err(|e| PyValueError::new_err(e.to_string()))?,
         };
         if steps == 0 || tokens_per_step == 0 || chunk_tokens == 0 || batch_size == 0 {
             return Err(PyValueError::new_err(

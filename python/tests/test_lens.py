@@ -206,10 +206,21 @@ def test_bad_arguments(reference_lens, golden_model, tiny_model, expected, tmp_p
         ei.TunedLens.load(tmp_path / "empty")
     with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
         ei.TunedLens.train(golden_model, data=[WIKITEXT], optimizer="lbfgs")
+    with pytest.raises(ValueError, match="unknown decode dtype 'f16'"):
+        ei.TunedLens.train(golden_model, data=[WIKITEXT], decode_dtype="f16")
     with pytest.raises(TypeError, match="data .* or activations"):
         ei.TunedLens.train(golden_model)
     with pytest.raises(TypeError, match="data .* or activations"):
         ei.evaluate_lens(golden_model)
+
+
+def test_bf16_decoding_tracks_f32(train_model):
+    """bf16 lens decoding (tuned-lens's autocast precision) against f32 on the same data."""
+    short = {**TRAIN, "steps": 2}
+    f32 = ei.TunedLens.train(train_model, decode_dtype="f32", **short).history
+    bf16 = ei.TunedLens.train(train_model, decode_dtype="bf16", **short).history
+    for a, b in zip(f32, bf16):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=2e-3, atol=1e-5)
 
 
 def test_training_lowers_the_loss_and_saves(trained, train_model, tmp_path):

@@ -380,6 +380,76 @@ class Sae:
     def forward(self, x: npt.ArrayLike, y: Optional[npt.ArrayLike] = None) -> dict[str, Any]:
         """``{"x_hat": [N, d_in], "top_acts": [N, k], "top_indices": [N, k], "fvu": float}``;
         the FVU is measured against ``y`` (a transcoder's target; default ``x``)."""
+    @staticmethod
+    def train(
+        x: npt.ArrayLike,
+        y: Optional[npt.ArrayLike] = None,
+        *,
+        batch_size: int = 65536,
+        steps: Optional[int] = None,
+        k: int = 32,
+        num_latents: Optional[int] = None,
+        expansion_factor: int = 32,
+        multi_topk: bool = False,
+        transcode: bool = False,
+        seed: int = 42,
+        lr: Optional[float] = None,
+        warmup_steps: int = 1000,
+        auxk_alpha: float = 0.0,
+        dead_feature_threshold: int = 10_000_000,
+        chunk_tokens: int = 4096,
+        device: str = "cpu",
+        callback: Optional[Callable[[dict[str, Any]], Any]] = None,
+    ) -> "Sae":
+        """A new SAE trained with ``sae train``'s recipe on the rows of ``x`` ``[N, d_in]`` in
+        order (a transcoder learns ``y`` from ``x``), ``batch_size`` rows per step; the same
+        rows and seed give the same SAE as ``sae train``. Bad input raises ``ValueError``."""
+
+@final
+class SaeTrainer:
+    """The ``sae train`` trainer one batch at a time: ``sae`` is an :class:`Sae` to train
+    further or the input width ``d_in`` of a new one (``k``, ``num_latents`` /
+    ``expansion_factor``, ``multi_topk``, ``transcode`` and ``seed`` describe a new SAE only;
+    defaults 32, d_in x 32, False, False, 42). ``steps`` sets the learning-rate schedule."""
+
+    def __init__(
+        self,
+        sae: Union[Sae, int],
+        *,
+        steps: int,
+        k: Optional[int] = None,
+        num_latents: Optional[int] = None,
+        expansion_factor: Optional[int] = None,
+        multi_topk: Optional[bool] = None,
+        transcode: Optional[bool] = None,
+        seed: Optional[int] = None,
+        lr: Optional[float] = None,
+        warmup_steps: int = 1000,
+        auxk_alpha: float = 0.0,
+        dead_feature_threshold: int = 10_000_000,
+        chunk_tokens: int = 4096,
+        device: str = "cpu",
+    ) -> None: ...
+    def step(self, x: npt.ArrayLike, y: Optional[npt.ArrayLike] = None) -> dict[str, Any]:
+        """One optimiser step on ``x`` ``[N, d_in]`` (a transcoder's target ``y``): ``{"step",
+        "fvu", "auxk_loss", "multi_topk_fvu", "l0", "dead_fraction", "lr"}``."""
+    def fit(
+        self,
+        x: npt.ArrayLike,
+        y: Optional[npt.ArrayLike] = None,
+        *,
+        batch_size: int,
+        steps: Optional[int] = None,
+        callback: Optional[Callable[[dict[str, Any]], Any]] = None,
+    ) -> list[dict[str, Any]]:
+        """Steps over the rows of ``x`` in order, ``batch_size`` per step; returns the records."""
+    @property
+    def sae(self) -> Sae:
+        """A copy of the SAE as trained so far."""
+    @property
+    def steps_done(self) -> int: ...
+    @property
+    def dead_fraction(self) -> float: ...
 
 def sae_main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the ``sae`` command line (``sae train``, ``sae eval``); returns its exit status."""

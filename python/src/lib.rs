@@ -97,6 +97,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(lenses::evaluate_lens, m)?)?;
     m.add_function(wrap_pyfunction!(lenses::run_lens_cli, m)?)?;
     m.add_class::<saes::PySae>()?;
+    m.add_class::<saes::PySaeTrainer>()?;
     m.add_function(wrap_pyfunction!(saes::run_sae_cli, m)?)?;
     m.add_class::<explainers::PyLatentCache>()?;
     m.add_class::<explainers::PyLatentExamples>()?;

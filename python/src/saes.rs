@@ -1,5 +1,6 @@
 //! The sae crate from Python: `Sae` (load / save sparsify's `cfg.json` + `sae.safetensors`
-//! folders, encode, decode, forward) and the `sae` command line.
+//! folders, encode, decode, forward, train on arrays), `SaeTrainer` (the `sae train` trainer
+//! one batch at a time) and the `sae` command line.
 //!
 //! Activations cross as float32 numpy arrays `[N, d_in]`, latent indices as int64. The work
 //! runs with the GIL released.
@@ -225,6 +226,76 @@ impl PySae {
         Ok(dict)
     }
 
+    /// Trains a new SAE with sparsify's recipe (the ``sae train`` trainer, same seed -> same
+    /// SAE) on the rows of ``x`` (``[N, d_in]``, used in order; a transcoder also takes its
+    /// targets ``y``), ``batch_size`` rows per step, for ``steps`` steps (default: as many
+    /// whole batches as ``x`` holds), and returns it. The other arguments are those of
+    /// :class:`SaeTrainer`; ``callback(record)`` sees each step's record. Bad arguments
+    /// (wrong shapes, NaN, ``k`` larger than the number of latents) raise ``ValueError``.
+    #[staticmethod]
+    #[pyo3(signature = (x, y = None, *, batch_size = 65536, steps = None, k = 32,
+        num_latents = None, expansion_factor = 32, multi_topk = false, transcode = false,
+        seed = 42, lr = None, warmup_steps = 1000, auxk_alpha = 0.0,
+        dead_feature_threshold = 10_000_000, chunk_tokens = 4096, device = "cpu",
+        callback = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn train<'py>(
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        y: Option<&Bound<'py, PyAny>>,
+        batch_size: usize,
+        steps: Option<u64>,
+        k: usize,
+        num_latents: Option<usize>,
+        expansion_factor: usize,
+        multi_topk: bool,
+        transcode: bool,
+        seed: u64,
+        lr: Option<f64>,
+        warmup_steps: u64,
+        auxk_alpha: f64,
+        dead_feature_threshold: u64,
+        chunk_tokens: usize,
+        device: &str,
+        callback: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Self> {
+        let x = py.import("numpy")?.call_method1("asarray", (x,))?;
+        let shape: Vec<usize> = x.getattr("shape")?.extract()?;
+        let [rows, d_in] = shape[..] else {
+            return Err(PyValueError::new_err(format!(
+                "x must have shape [N, d_in], got shape {shape:?}"
+            )));
+        };
+        if batch_size == 0 {
+            return Err(PyValueError::new_err("batch_size must be positive"));
+        }
+        let steps = steps.unwrap_or((rows / batch_size) as u64);
+        if steps == 0 {
+            return Err(PyValueError::new_err(format!(
+                "x has {rows} rows: not enough for one step of {batch_size} rows"
+            )));
+        }
+        let new_sae = NewSae {
+            k: Some(k),
+            num_latents,
+            expansion_factor: Some(expansion_factor),
+            multi_topk: Some(multi_topk),
+            transcode: Some(transcode),
+            seed: Some(seed),
+        };
+        let mut trainer = PySaeTrainer::create(
+            new_sae.build(d_in, device)?,
+            steps,
+            lr,
+            warmup_steps,
+            auxk_alpha,
+            dead_feature_threshold,
+            chunk_tokens,
+        )?;
+        trainer.run_steps(py, &x, y, batch_size, Some(steps), callback)?;
+        Ok(PySae { inner: trainer.sae })
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Sae(d_in={}, num_latents={}, k={})",
@@ -241,4 +312,305 @@ impl PySae {
 pub fn run_sae_cli(py: Python<'_>, argv: Vec<String>) -> PyResult<()> {
     py.detach(move || sae::cli::run(argv).map_err(|e| format!("{e:#}")))
         .map_err(PyRuntimeError::new_err)
+}
+
+/// What a new SAE looks like (`SaeTrainer(d_in, ...)`, `Sae.train`); `None` leaves
+/// sparsify's default (k 32, expansion factor 32, seed 42).
+struct NewSae {
+    k: Option<usize>,
+    num_latents: Option<usize>,
+    expansion_factor: Option<usize>,
+    multi_topk: Option<bool>,
+    transcode: Option<bool>,
+    seed: Option<u64>,
+}
+
+impl NewSae {
+    fn given(&self) -> bool {
+        self.k.is_some()
+            || self.num_latents.is_some()
+            || self.expansion_factor.is_some()
+            || self.multi_topk.is_some()
+            || self.transcode.is_some()
+            || self.seed.is_some()
+    }
+
+    /// A freshly initialised SAE for `d_in`-wide activations on `device` (as `sae train`
+    /// makes it).
+    fn build(&self, d_in: usize, device: &str) -> PyResult<sae::Sae> {
+        let device = hooks::parse_device(device).into_py_result()?;
+        let mut config =
+            sae::SaeConfig::new(d_in, self.num_latents.unwrap_or(0), self.k.unwrap_or(32));
+        config.expansion_factor = self.expansion_factor.unwrap_or(config.expansion_factor);
+        config.multi_topk = self.multi_topk.unwrap_or(false);
+        config.transcode = self.transcode.unwrap_or(false);
+        sae::Sae::new(config, self.seed.unwrap_or(42), &device).into_py_sae()
+    }
+}
+
+/// A step's record as a dict.
+fn record_dict<'py>(py: Python<'py>, r: &sae::train::StepRecord) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    dict.set_item("step", r.step)?;
+    dict.set_item("fvu", r.fvu)?;
+    dict.set_item("auxk_loss", r.auxk_loss)?;
+    dict.set_item("multi_topk_fvu", r.multi_topk_fvu)?;
+    dict.set_item("l0", r.l0)?;
+    dict.set_item("dead_fraction", r.dead_fraction)?;
+    dict.set_item("lr", r.lr)?;
+    Ok(dict)
+}
+
+/// Trains a TopK SAE with sparsify's recipe (the ``sae train`` trainer) on activations you
+/// pass as numpy arrays, one batch per :meth:`step`.
+///
+/// ``sae`` is an :class:`Sae` to train further, or the input width ``d_in`` of a new one,
+/// initialised as ``sae train`` does from ``k`` (32), ``num_latents`` (default ``d_in x
+/// expansion_factor``, 32), ``multi_topk``, ``transcode`` and ``seed`` (42); those describe
+/// a new SAE only. ``steps`` is the planned number of steps (the learning rate warms up over
+/// ``warmup_steps`` and decays linearly to 0 at ``steps``). ``lr`` defaults to ``2e-4 /
+/// sqrt(num_latents / 2**14)``; ``auxk_alpha`` weighs the AuxK loss (0: off);
+/// ``dead_feature_threshold`` is the number of tokens after which an unselected latent counts
+/// as dead; ``chunk_tokens`` bounds memory (tokens encoded at once); ``device`` is where a
+/// new SAE lives (an existing one stays where it is). Bad arguments and
+/// batches (wrong width, NaN or infinity) raise ``ValueError``; training that cannot go on
+/// raises ``RuntimeError``.
+#[pyclass(name = "SaeTrainer", module = "eleuther_interp")]
+pub struct PySaeTrainer {
+    sae: sae::Sae,
+    trainer: sae::train::Trainer,
+}
+
+impl PySaeTrainer {
+    /// A trainer for `sae` with these options (refused options raise `ValueError`).
+    fn create(
+        sae: sae::Sae,
+        steps: u64,
+        lr: Option<f64>,
+        warmup_steps: u64,
+        auxk_alpha: f64,
+        dead_feature_threshold: u64,
+        chunk_tokens: usize,
+    ) -> PyResult<Self> {
+        let options = sae::train::TrainOptions {
+            steps,
+            // Read only by `train_many`, which gathers batches of this size; `step` takes
+            // whatever batch it is given.
+            tokens_per_step: chunk_tokens,
+            chunk_tokens,
+            lr,
+            warmup_steps,
+            dead_feature_threshold,
+            auxk_alpha,
+            checkpoint_every: 0,
+            skip_first_positions: 0,
+        };
+        let trainer = sae::train::Trainer::new(&sae, options).map_err(|e| match e {
+            // Options refused before any training: bad arguments.
+            sae::Error::Training(m) => PyValueError::new_err(m),
+            other => sae_err(other),
+        })?;
+        Ok(PySaeTrainer { sae, trainer })
+    }
+
+    /// The target of a batch: `y` for a transcoder, `x` itself otherwise.
+    fn target(&self, x: &Tensor, y: Option<Tensor>) -> PyResult<Tensor> {
+        match (self.sae.config().transcode, y) {
+            (true, Some(y)) => Ok(y),
+            (true, None) => Err(PyValueError::new_err(
+                "a transcoder learns y from x: give the module's output as y",
+            )),
+            (false, Some(_)) => Err(PyValueError::new_err(
+                "y is only for transcoders (transcode=True); an SAE reconstructs x",
+            )),
+            (false, None) => Ok(x.clone()),
+        }
+    }
+
+    /// Steps over `x` (and `y`) in order, `batch_size` rows per step, calling `callback`
+    /// with each record; returns the records.
+    fn run_steps<'py>(
+        &mut self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        y: Option<&Bound<'py, PyAny>>,
+        batch_size: usize,
+        steps: Option<u64>,
+        callback: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let d = self.sae.d_in();
+        let x = rows_arg(x, d, "x")?;
+        let y = y.map(|y| rows_arg(y, d, "y")).transpose()?;
+        let target = self.target(&x, y)?;
+        if target.dim(0).into_py_result()? != x.dim(0).into_py_result()? {
+            return Err(PyValueError::new_err(format!(
+                "x and y must have the same number of rows, got {} and {}",
+                x.dim(0).into_py_result()?,
+                target.dim(0).into_py_result()?
+            )));
+        }
+        if batch_size == 0 {
+            return Err(PyValueError::new_err("batch_size must be positive"));
+        }
+        let rows = x.dim(0).into_py_result()?;
+        let steps = steps.unwrap_or((rows / batch_size) as u64);
+        let needed = steps as usize * batch_size;
+        if steps == 0 || needed > rows {
+            return Err(PyValueError::new_err(format!(
+                "x has {rows} rows: not enough for {} of {batch_size} rows",
+                if steps == 0 {
+                    "one step".to_string()
+                } else {
+                    format!("{steps} steps")
+                }
+            )));
+        }
+        let mut records = Vec::with_capacity(steps as usize);
+        for i in 0..steps as usize {
+            let (start, sae, trainer) = (i * batch_size, &mut self.sae, &mut self.trainer);
+            let record = py
+                .detach(|| -> Result<_, sae::Error> {
+                    let input = x.narrow(0, start, batch_size)?;
+                    let target = target.narrow(0, start, batch_size)?;
+                    trainer.step_to(sae, &input, &target)
+                })
+                .into_py_sae()?;
+            let dict = record_dict(py, &record)?;
+            if let Some(callback) = callback {
+                callback.call1((dict.clone(),))?;
+            }
+            records.push(dict);
+            py.check_signals()?;
+        }
+        Ok(records)
+    }
+}
+
+#[pymethods]
+impl PySaeTrainer {
+    #[new]
+    #[pyo3(signature = (sae, *, steps, k = None, num_latents = None, expansion_factor = None,
+        multi_topk = None, transcode = None, seed = None, lr = None, warmup_steps = 1000,
+        auxk_alpha = 0.0, dead_feature_threshold = 10_000_000, chunk_tokens = 4096,
+        device = "cpu"))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        sae: &Bound<'_, PyAny>,
+        steps: u64,
+        k: Option<usize>,
+        num_latents: Option<usize>,
+        expansion_factor: Option<usize>,
+        multi_topk: Option<bool>,
+        transcode: Option<bool>,
+        seed: Option<u64>,
+        lr: Option<f64>,
+        warmup_steps: u64,
+        auxk_alpha: f64,
+        dead_feature_threshold: u64,
+        chunk_tokens: usize,
+        device: &str,
+    ) -> PyResult<Self> {
+        let new_sae = NewSae {
+            k,
+            num_latents,
+            expansion_factor,
+            multi_topk,
+            transcode,
+            seed,
+        };
+        let sae = if let Ok(existing) = sae.cast::<PySae>() {
+            if new_sae.given() {
+                return Err(PyValueError::new_err(
+                    "k, num_latents, expansion_factor, multi_topk, transcode and seed describe a new SAE: give them with d_in, not with an existing Sae",
+                ));
+            }
+            existing.get().inner.clone()
+        } else {
+            let d_in: usize = sae.extract().map_err(|_| {
+                PyValueError::new_err(
+                    "SaeTrainer needs an Sae to train or the input width d_in (an int) of a new one",
+                )
+            })?;
+            new_sae.build(d_in, device)?
+        };
+        Self::create(
+            sae,
+            steps,
+            lr,
+            warmup_steps,
+            auxk_alpha,
+            dead_feature_threshold,
+            chunk_tokens,
+        )
+    }
+
+    /// One optimiser step on the batch ``x`` (``[N, d_in]``; a transcoder also takes its
+    /// target ``y``, ``[N, d_in]``): a dict with ``step``, ``fvu`` (of the batch, before the
+    /// update), ``auxk_loss``, ``multi_topk_fvu``, ``l0``, ``dead_fraction`` and ``lr``. On the
+    /// first step ``b_dec`` becomes the batch mean, as in sparsify.
+    #[pyo3(signature = (x, y = None))]
+    fn step<'py>(
+        &mut self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        y: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let d = self.sae.d_in();
+        let x = rows_arg(x, d, "x")?;
+        let y = y.map(|y| rows_arg(y, d, "y")).transpose()?;
+        let target = self.target(&x, y)?;
+        let (sae, trainer) = (&mut self.sae, &mut self.trainer);
+        let record = py
+            .detach(|| trainer.step_to(sae, &x, &target))
+            .into_py_sae()?;
+        record_dict(py, &record)
+    }
+
+    /// Steps over the rows of ``x`` (and ``y``) in order, ``batch_size`` rows per step, for
+    /// ``steps`` steps (default: as many whole batches as ``x`` holds); ``callback(record)``
+    /// is called after each. Returns the records (see :meth:`step`). Ctrl-C stops between
+    /// steps.
+    #[pyo3(signature = (x, y = None, *, batch_size, steps = None, callback = None))]
+    fn fit<'py>(
+        &mut self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        y: Option<&Bound<'py, PyAny>>,
+        batch_size: usize,
+        steps: Option<u64>,
+        callback: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.run_steps(py, x, y, batch_size, steps, callback)
+    }
+
+    /// A copy of the SAE as trained so far.
+    #[getter]
+    fn sae(&self) -> PySae {
+        PySae {
+            inner: self.sae.clone(),
+        }
+    }
+
+    /// Steps taken so far.
+    #[getter]
+    fn steps_done(&self) -> u64 {
+        self.trainer.steps_done()
+    }
+
+    /// Fraction of latents not selected for more than ``dead_feature_threshold`` tokens.
+    #[getter]
+    fn dead_fraction(&self) -> f64 {
+        self.trainer.dead_fraction()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "SaeTrainer(d_in={}, num_latents={}, k={}, steps_done={}/{})",
+            self.sae.d_in(),
+            self.sae.num_latents(),
+            self.sae.k(),
+            self.trainer.steps_done(),
+            self.trainer.options().steps
+        )
+    }
 }

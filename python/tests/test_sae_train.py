@@ -1,0 +1,139 @@
+"""Training SAEs from Python: `ei.Sae.train` gives exactly the SAE and per-step FVUs of
+`sae train` on the same rows and seed; `ei.SaeTrainer` lowers the FVU on planted sparse
+data, continues an existing SAE and trains transcoders; bad input raises ValueError with
+the Rust message."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import eleuther_interp as ei
+
+from conftest import WIKITEXT, read_safetensors
+
+
+def planted(rows: int, seed: int, d: int = 16, atoms: int = 32, active: int = 3) -> np.ndarray:
+    """Rows that are a mean plus `active` random unit atoms of a fixed dictionary (seed 0)
+    with coefficients in [1, 3), plus a little noise."""
+    dictionary = np.random.default_rng(0).normal(size=(atoms, d))
+    dictionary /= np.linalg.norm(dictionary, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, atoms, size=(rows, active))
+    coefs = rng.uniform(1.0, 3.0, size=(rows, active, 1))
+    x = 0.5 + (coefs * dictionary[picks]).sum(1) + 0.01 * rng.normal(size=(rows, d))
+    return x.astype(np.float32)
+
+
+def test_python_training_equals_sae_train(tiny_dir, tmp_path):
+    cache = tmp_path / "cache"
+    ei.cache_activations(tiny_dir, ["layers.1"], WIKITEXT, cache, seq_len=64, max_tokens=1024)
+    out = tmp_path / "cli"
+    status = ei.sae_main(
+        ["train", "--activations", str(cache), "--hookpoints", "layers.1", "--output", str(out),
+         "--batch-size", "256", "--num-latents", "256", "--k", "4", "--lr", "0.01",
+         "--lr-warmup-steps", "1", "--seed", "7", "--shuffle-buffer", "1024", "--multi-topk",
+         "--auxk-alpha", "0.03125", "--dead-feature-threshold", "0"]
+    )
+    assert status == 0
+    # The rows in the order `sae train` reads them: the same reader, seed and buffer.
+    rows = np.concatenate(
+        [b["layers.1"] for b in ei.ActivationCache(cache).batches(256, shuffle=True, seed=7, buffer_tokens=1024)]
+    )
+    assert rows.shape == (1024, 32)
+    records = []
+    sae = ei.Sae.train(
+        rows, batch_size=256, k=4, num_latents=256, lr=0.01, warmup_steps=1, seed=7, multi_topk=True,
+        auxk_alpha=1 / 32, dead_feature_threshold=0, callback=records.append,
+    )
+    assert isinstance(sae, ei.Sae) and sae.cfg["multi_topk"] is True
+    history = json.loads((out / "checkpoints" / "layers.1" / "history.json").read_text())
+    assert len(records) == len(history) == 4
+    for ours, theirs in zip(records, history):
+        assert ours == theirs
+    assert any(r["auxk_loss"] > 0 for r in records), "some latents died, so AuxK ran"
+    sae.save(tmp_path / "py")
+    cli = read_safetensors(out / "layers.1" / "sae.safetensors")
+    py = read_safetensors(tmp_path / "py" / "sae.safetensors")
+    assert sorted(cli) == sorted(py)
+    for name in cli:
+        np.testing.assert_array_equal(py[name], cli[name], err_msg=name)
+    assert json.loads((tmp_path / "py" / "cfg.json").read_text()) == json.loads(
+        (out / "layers.1" / "cfg.json").read_text()
+    )
+
+
+def test_trainer_lowers_the_fvu_and_continues_an_sae():
+    x = planted(150 * 128, seed=1)
+    trainer = ei.SaeTrainer(16, steps=150, k=4, num_latents=64, lr=1e-2, warmup_steps=10, seed=0)
+    assert repr(trainer) == "SaeTrainer(d_in=16, num_latents=64, k=4, steps_done=0/150)"
+    records = [trainer.step(x[i * 128:(i + 1) * 128]) for i in range(150)]
+    assert set(records[0]) == {"step", "fvu", "auxk_loss", "multi_topk_fvu", "l0", "dead_fraction", "lr"}
+    assert [r["step"] for r in records] == list(range(1, 151))
+    assert records[0]["lr"] == 0.0 and all(r["l0"] <= 4 for r in records)
+    first, last = records[0]["fvu"], np.mean([r["fvu"] for r in records[-10:]])
+    assert last < 0.4 * first, (first, last)
+    assert trainer.steps_done == 150 and 0.0 <= trainer.dead_fraction <= 1.0
+    sae = trainer.sae
+    assert (sae.d_in, sae.num_latents, sae.k) == (16, 64, 4)
+    heldout = planted(2048, seed=2)
+    assert sae.forward(heldout)["fvu"] < 0.4 * first
+    # The same rows through fit: the same SAE.
+    again = ei.SaeTrainer(16, steps=150, k=4, num_latents=64, lr=1e-2, warmup_steps=10, seed=0)
+    fitted = again.fit(x, batch_size=128)
+    assert fitted == records
+    np.testing.assert_array_equal(again.sae.forward(heldout)["x_hat"], sae.forward(heldout)["x_hat"])
+    # Training an existing SAE further (its shape comes from it).
+    more = ei.SaeTrainer(sae, steps=20, lr=1e-3, warmup_steps=1)
+    more.fit(planted(20 * 128, seed=3), batch_size=128)
+    assert more.steps_done == 20
+    with pytest.raises(ValueError, match="describe a new SAE"):
+        ei.SaeTrainer(sae, steps=20, k=8)
+
+
+def test_transcoder_takes_its_target():
+    x = planted(512, seed=4)
+    y = np.tanh(x[:, ::-1]).copy()
+    trainer = ei.SaeTrainer(16, steps=4, k=4, num_latents=64, transcode=True, warmup_steps=1, lr=1e-2)
+    with pytest.raises(ValueError, match="transcoder learns y from x"):
+        trainer.step(x[:128])
+    first = trainer.step(x[:128], y[:128])
+    # Zero decoder at init: the first prediction is the target's mean, FVU 1.
+    assert abs(first["fvu"] - 1.0) < 1e-5
+    records = trainer.fit(x[128:], y[128:], batch_size=128)
+    assert [r["step"] for r in records] == [2, 3, 4]
+    assert trainer.sae.cfg["transcode"] is True
+    plain = ei.SaeTrainer(16, steps=4, k=4, num_latents=64)
+    with pytest.raises(ValueError, match="y is only for transcoders"):
+        plain.step(x[:128], y[:128])
+
+
+def test_bad_input_raises_value_error_with_the_message():
+    x = planted(256, seed=5)
+    trainer = ei.SaeTrainer(16, steps=10, k=4, num_latents=64)
+    with pytest.raises(ValueError, match=r"x must have shape \[N, 16\], got shape \[256, 15\]"):
+        trainer.step(x[:, :15])
+    poisoned = x.copy()
+    poisoned[3, 2] = np.nan
+    with pytest.raises(ValueError, match=r"non-finite value \(NaN\) at row 3, column 2"):
+        trainer.step(poisoned)
+    assert trainer.steps_done == 0, "a refused batch changes nothing"
+    trainer.step(x)
+    with pytest.raises(ValueError, match=r"k = 100 must be between 1 and the number of latents \(64\)"):
+        ei.SaeTrainer(16, steps=10, k=100, num_latents=64)
+    with pytest.raises(ValueError, match=r"k = 100 must be between 1 and the number of latents \(64\)"):
+        ei.Sae.train(x, batch_size=128, k=100, num_latents=64)
+    with pytest.raises(ValueError, match="learning rate must be positive"):
+        ei.SaeTrainer(16, steps=10, lr=-1.0)
+    with pytest.raises(ValueError, match="steps, tokens per step and chunk size must be positive"):
+        ei.SaeTrainer(16, steps=0)
+    with pytest.raises(ValueError, match="x has 256 rows: not enough for one step of 512 rows"):
+        ei.Sae.train(x, batch_size=512)
+    with pytest.raises(ValueError, match="x has 256 rows: not enough for 3 steps of 128 rows"):
+        ei.SaeTrainer(16, steps=3, k=4, num_latents=64).fit(x, batch_size=128, steps=3)
+    with pytest.raises(ValueError, match=r"x must have shape \[N, d_in\]"):
+        ei.Sae.train(x[0], batch_size=16)
+    with pytest.raises(ValueError, match="an int"):
+        ei.SaeTrainer("layers.3", steps=3)

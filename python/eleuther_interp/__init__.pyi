@@ -163,9 +163,11 @@ class ActivationCache:
         shuffle: bool = False,
         seed: int = 0,
         buffer_tokens: Optional[int] = None,
+        skip_first_positions: int = 0,
     ) -> CacheBatches:
         """Batches of ``batch_tokens`` rows: each hook point's float32 ``[n, width]`` array
-        plus ``"tokens"`` (int64 ``[n]``)."""
+        plus ``"tokens"`` (int64 ``[n]``); ``skip_first_positions=N`` leaves out the rows at
+        the first ``N`` positions of every sequence."""
 
 def cache_activations(
     model: Union[Model, _Path],

@@ -309,8 +309,11 @@ impl PyActivationCache {
     ///
     /// In dataset order by default; ``shuffle=True`` reads shards in a random order and
     /// shuffles rows within a buffer of ``buffer_tokens`` rows (default 65536; it bounds
-    /// memory), reproducibly for a given ``seed``.
-    #[pyo3(signature = (batch_tokens, *, shuffle = false, seed = 0, buffer_tokens = None))]
+    /// memory), reproducibly for a given ``seed``. ``skip_first_positions=N`` leaves out the
+    /// rows at the first ``N`` positions of every sequence (as ``sae train
+    /// --skip-first-positions``).
+    #[pyo3(signature = (batch_tokens, *, shuffle = false, seed = 0, buffer_tokens = None,
+        skip_first_positions = 0))]
     fn batches(
         &self,
         py: Python<'_>,
@@ -318,6 +321,7 @@ impl PyActivationCache {
         shuffle: bool,
         seed: u64,
         buffer_tokens: Option<usize>,
+        skip_first_positions: usize,
     ) -> PyResult<CacheBatches> {
         let order = if shuffle {
             ReadOrder::Shuffled {
@@ -328,7 +332,11 @@ impl PyActivationCache {
             ReadOrder::Sequential
         };
         let reader = py
-            .detach(|| self.inner.reader(batch_tokens, order))
+            .detach(|| -> hooks::Result<_> {
+                let mut reader = self.inner.reader(batch_tokens, order)?;
+                reader.skip_first_positions(skip_first_positions)?;
+                Ok(reader)
+            })
             .into_py_result()?;
         let names = self
             .inner

@@ -27,7 +27,8 @@ def planted(rows: int, seed: int, d: int = 16, atoms: int = 32, active: int = 3)
     return x.astype(np.float32)
 
 
-def test_python_training_equals_sae_train(tiny_dir, tmp_path):
+@pytest.mark.parametrize("skip", [0, 1])
+def test_python_training_equals_sae_train(tiny_dir, tmp_path, skip):
     cache = tmp_path / "cache"
     ei.cache_activations(tiny_dir, ["layers.1"], WIKITEXT, cache, seq_len=64, max_tokens=1024)
     out = tmp_path / "cli"
@@ -35,14 +36,15 @@ def test_python_training_equals_sae_train(tiny_dir, tmp_path):
         ["train", "--activations", str(cache), "--hookpoints", "layers.1", "--output", str(out),
          "--batch-size", "256", "--num-latents", "256", "--k", "4", "--lr", "0.01",
          "--lr-warmup-steps", "1", "--seed", "7", "--shuffle-buffer", "1024", "--multi-topk",
-         "--auxk-alpha", "0.03125", "--dead-feature-threshold", "0"]
+         "--auxk-alpha", "0.03125", "--dead-feature-threshold", "0", "--skip-first-positions", str(skip)]
     )
     assert status == 0
-    # The rows in the order `sae train` reads them: the same reader, seed and buffer.
-    rows = np.concatenate(
-        [b["layers.1"] for b in ei.ActivationCache(cache).batches(256, shuffle=True, seed=7, buffer_tokens=1024)]
+    # The rows in the order `sae train` reads them: the same reader, seed, buffer and skip.
+    batches = ei.ActivationCache(cache).batches(
+        256, shuffle=True, seed=7, buffer_tokens=1024, skip_first_positions=skip
     )
-    assert rows.shape == (1024, 32)
+    rows = np.concatenate([b["layers.1"] for b in batches])
+    assert rows.shape == (16 * (64 - skip), 32)
     records = []
     sae = ei.Sae.train(
         rows, batch_size=256, k=4, num_latents=256, lr=0.01, warmup_steps=1, seed=7, multi_topk=True,
@@ -50,10 +52,11 @@ def test_python_training_equals_sae_train(tiny_dir, tmp_path):
     )
     assert isinstance(sae, ei.Sae) and sae.cfg["multi_topk"] is True
     history = json.loads((out / "checkpoints" / "layers.1" / "history.json").read_text())
-    assert len(records) == len(history) == 4
+    assert len(records) == len(history) == (4 if skip == 0 else 3)
     for ours, theirs in zip(records, history):
         assert ours == theirs
-    assert any(r["auxk_loss"] > 0 for r in records), "some latents died, so AuxK ran"
+    if skip == 0:
+        assert any(r["auxk_loss"] > 0 for r in records), "some latents died, so AuxK ran"
     sae.save(tmp_path / "py")
     cli = read_safetensors(out / "layers.1" / "sae.safetensors")
     py = read_safetensors(tmp_path / "py" / "sae.safetensors")

@@ -2,8 +2,9 @@
 # The GPU check in two halves: build here, run on a machine with a CUDA GPU.
 #
 #   bench/gpu.sh build   here: CUDA 13.0 toolkit from PyPI (scripts/cuda-toolkit), release
-#                        build with --features cuda of the GPU test suite (tests/gpu.rs) and of
-#                        the binaries the benchmarks run, stripped and packed into
+#                        build with --features cuda (into target/cuda, as scripts/cuda-build) of
+#                        the GPU test suites and of the binaries the benchmarks run, stripped
+#                        and packed into
 #                        target/gpu-carry/ with the wheels of the benchmark's Python peer
 #                        (eai-sparsify, which the GPU machine lacks).
 #   bench/gpu.sh run     there, from the repository root with target/gpu-carry carried along:
@@ -16,24 +17,31 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARRY=target/gpu-carry
+BUILD=${CARGO_TARGET_DIR:-target}/cuda
+
+# The path of the test executable that `cargo test --release --features cuda ARGS` builds.
+test_binary() {
+    cargo test --release --features cuda --target-dir "$BUILD" "$@" --no-run --message-format=json |
+        python3 -c 'import json, sys
+runs = [m["executable"] for m in map(json.loads, sys.stdin)
+        if m.get("reason") == "compiler-artifact" and m.get("executable")]
+print(runs[-1])'
+}
 
 build() {
     [ -f target/cuda-toolkit/env.sh ] || scripts/cuda-toolkit target/cuda-toolkit
     # shellcheck disable=SC1091
     source target/cuda-toolkit/env.sh
-    cargo build --release --features cuda -p eleuther-hooks --bin hooks --example forward_bench
-    cargo build --release --features cuda -p eleuther-sae --bin sae
-    cargo build --release --features cuda -p eleuther-lens --bin lens
-    local tests
-    tests=$(cargo test --release --features cuda --test gpu --no-run --message-format=json |
-        python3 -c 'import json, sys
-runs = [m["executable"] for m in map(json.loads, sys.stdin)
-        if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu"]
-print(runs[-1])')
+    local cargo_build=(cargo build --release --features cuda --target-dir "$BUILD")
+    "${cargo_build[@]}" -p eleuther-hooks --bin hooks --example forward_bench
+    "${cargo_build[@]}" -p eleuther-sae --bin sae
+    "${cargo_build[@]}" -p eleuther-lens --bin lens
     rm -rf "$CARRY"
     mkdir -p "$CARRY/bin" "$CARRY/wheels"
-    cp target/release/hooks target/release/sae target/release/lens target/release/examples/forward_bench "$CARRY/bin/"
-    cp "$tests" "$CARRY/bin/gpu-tests"
+    cp "$BUILD"/release/{hooks,sae,lens} "$BUILD/release/examples/forward_bench" "$CARRY/bin/"
+    # The end-to-end GPU suite (tests/gpu.rs) and the SAE crate's unit tests (its kernel checks).
+    cp "$(test_binary --test gpu)" "$CARRY/bin/gpu-tests"
+    cp "$(test_binary -p eleuther-sae --lib)" "$CARRY/bin/sae-unit-tests"
     strip "$CARRY"/bin/*
     tar -C "$CARRY" -cJf "$CARRY/bin.tar.xz" bin
     rm -rf "$CARRY/bin"
@@ -56,18 +64,25 @@ run() {
     nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || true
     local status=0
     echo "== GPU tests"
-    EI_REPO=$PWD "$bin/gpu-tests" --ignored --test-threads 1 2>&1 | tee "$out/gpu-tests.log" || status=1
+    (
+        rc=0
+        "$bin/sae-unit-tests" --ignored gpu_ || rc=1
+        EI_REPO=$PWD "$bin/gpu-tests" --ignored --test-threads 1 || rc=1
+        exit $rc
+    ) 2>&1 | tee "$out/gpu-tests.log" || status=1
     echo "== GPU benchmarks"
-    {
+    (
+        rc=0
         for shape in pythia-160m pythia-410m pythia-1b; do
             python3 bench/forward.py --device cuda --prebuilt "$bin" --shape "$shape" --dtype bfloat16 \
-                --batch 8 --seq 2048 --iters 5 || status=1
+                --batch 8 --seq 2048 --iters 5 || rc=1
         done
         python3 bench/sae_train.py --device cuda --prebuilt "$bin" --shape pythia-160m --latents 32768 \
-            --k 32 --batch 8192 --steps 20 --warmup 10 || status=1
+            --k 32 --batch 8192 --steps 20 --warmup 10 || rc=1
         python3 bench/sae_train.py --device cuda --prebuilt "$bin" --shape pythia-1b --latents 65536 \
-            --k 32 --batch 8192 --steps 10 --warmup 5 || status=1
-    } 2>&1 | tee "$out/gpu-bench.log"
+            --k 32 --batch 8192 --steps 10 --warmup 5 || rc=1
+        exit $rc
+    ) 2>&1 | tee "$out/gpu-bench.log" || status=1
     return $status
 }
 

@@ -293,7 +293,7 @@ pub(crate) fn backward(b: &Backward) -> Result<Option<Vec<Tensor>>> {
 }
 
 /// The kernels launched on one CUDA device.
-struct Launcher(CudaDevice);
+pub(crate) struct Launcher(pub(crate) CudaDevice);
 
 impl Kernels for Launcher {
     fn topk(

@@ -9,7 +9,7 @@
 //! CUDA device go through these kernels.
 
 #[cfg(feature = "cuda")]
-mod launch;
+pub(crate) mod launch;
 
 #[cfg(feature = "cuda")]
 pub(crate) use launch::{backward, combine_rows, encode_select, topk};

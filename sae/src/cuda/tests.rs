@@ -523,3 +523,120 @@ fn emulated_gradients_match_the_cpu_backward() {
         }
     }
 }
+
+/// Inputs whose encoder products are exact in f32 (multiples of 1/4 times multiples of 1/8,
+/// summed over few terms), so the CPU and the GPU see identical pre-activations, ties
+/// included, and must select identically.
+#[cfg(feature = "cuda")]
+fn exact_problem(tokens: usize, n: usize, d: usize, seed: u64) -> Problem {
+    let quarters = |shape: &[usize], seed: u64, step: f64| {
+        (uniform(shape, 0.0, 2.0, seed) / step)
+            .unwrap()
+            .round()
+            .unwrap()
+            .affine(step, 0.0)
+            .unwrap()
+    };
+    let mut p = problem(tokens, n, d, seed);
+    p.xc = quarters(&[tokens, d], seed, 0.25);
+    p.w_enc = quarters(&[n, d], seed + 2, 0.125);
+    p.b_enc = quarters(&[n], seed + 3, 0.5);
+    p
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --release --features cuda -p eleuther-sae --lib -- --ignored gpu_"]
+fn gpu_kernels_match_the_cpu_implementations() {
+    let device = candle_core::Device::new_cuda(0).expect("a CUDA GPU (device 0)");
+    let Device::Cuda(cuda) = &device else {
+        unreachable!()
+    };
+    let launcher = launch::Launcher(cuda.clone());
+    let gpu = |t: &Tensor| t.to_device(&device).unwrap();
+    let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+    // Wide rows (past candle's ~8k sort limit), an AuxK pick of 1000 among the dead.
+    for (tokens, n, d, k) in [(33, 20_011, 24, 32), (7, 131_072, 16, 128)] {
+        let p = exact_problem(tokens, n, d, 80 + n as u64);
+        let picks = Picks {
+            k,
+            dead: Some((&p.dead, 1000)),
+        };
+        let (top, aux) = encode_select_with(
+            &launcher,
+            &gpu(&p.xc),
+            &gpu(&p.w_enc),
+            &gpu(&p.b_enc),
+            picks,
+        )
+        .unwrap();
+        let (top_ref, aux_ref) = kernels::encode_select(&p.xc, &p.w_enc, &p.b_enc, picks).unwrap();
+        for (got, want, what) in [
+            (&top, &top_ref, "top k"),
+            (&aux.unwrap(), &aux_ref.unwrap(), "AuxK pick"),
+        ] {
+            assert_eq!(
+                cpu(&got.indices).to_vec2::<u32>().unwrap(),
+                want.indices.to_vec2::<u32>().unwrap(),
+                "width {n}, {what}: indices"
+            );
+            assert_eq!(
+                max_rel_diff(&cpu(&got.acts), &want.acts),
+                0.0,
+                "width {n}, {what}"
+            );
+        }
+        // The backward pass, all three bias settings, against the CPU kernels.
+        let x_hat = kernels::decode(&top_ref.acts, &top_ref.indices, &p.w_dec, &p.b_dec).unwrap();
+        for (decoder_bias, encoder_bias) in [(true, true), (false, true), (true, false)] {
+            let on_cpu = kernels::Backward {
+                target: &p.target,
+                xc: &p.xc,
+                acts: &top_ref.acts,
+                indices: &top_ref.indices,
+                x_hat: &x_hat,
+                w_enc: &p.w_enc,
+                w_dec: &p.w_dec,
+                scale: 0.37,
+                decoder_bias,
+                encoder_bias,
+            };
+            let moved: Vec<Tensor> = [
+                on_cpu.target,
+                on_cpu.xc,
+                on_cpu.acts,
+                on_cpu.indices,
+                on_cpu.x_hat,
+                on_cpu.w_enc,
+                on_cpu.w_dec,
+            ]
+            .into_iter()
+            .map(&gpu)
+            .collect();
+            let on_gpu = kernels::Backward {
+                target: &moved[0],
+                xc: &moved[1],
+                acts: &moved[2],
+                indices: &moved[3],
+                x_hat: &moved[4],
+                w_enc: &moved[5],
+                w_dec: &moved[6],
+                ..on_cpu
+            };
+            let mut sum = GradSum::Empty;
+            kernels::backward(&on_cpu, &mut sum).unwrap();
+            let want = sum.into_tensors().unwrap();
+            let got = backward_with(&launcher, &on_gpu).unwrap();
+            for (name, (g, w)) in ["W_enc", "b_enc", "W_dec", "b_dec"]
+                .iter()
+                .zip(got.iter().zip(&want))
+            {
+                let diff = max_rel_diff(&cpu(g), w);
+                assert!(
+                    diff < 1e-5,
+                    "width {n} {name} ({decoder_bias}, {encoder_bias}): {diff}"
+                );
+            }
+        }
+    }
+}

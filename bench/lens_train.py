@@ -49,6 +49,7 @@ def peer(args):
     micro = args.batch
     autocast = {"bf16": torch.bfloat16, "f32": None}[args.peer_precision]
     losses = []
+    cpu_start = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     row = 0
     for step in range(args.steps):
@@ -71,7 +72,9 @@ def peer(args):
         sched.step()
         losses.append(sum(step_losses) / len(step_losses))
     seconds = time.perf_counter() - start
-    print(json.dumps({"impl": f"tuned-lens {importlib.metadata.version('tuned-lens')} ({args.peer_precision} autocast)",
+    cpu_end = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu_end.ru_utime - cpu_start.ru_utime) + (cpu_end.ru_stime - cpu_start.ru_stime)
+    print(json.dumps({"cpu_seconds": cpu, "impl": f"tuned-lens {importlib.metadata.version('tuned-lens')} ({args.peer_precision} autocast)",
                       "seconds": seconds, "tokens_per_s": args.steps * args.tokens_per_step / seconds,
                       "mean_loss_last_step": losses[-1],
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -132,11 +135,12 @@ def main():
            "--decode-dtype", args.decode_dtype]
     subprocess.run(["rm", "-rf", str(out)], check=True)
     start = time.perf_counter()
-    ours = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, env=env, capture_output=True, text=True)
+    ours = subprocess.run(["/usr/bin/time", "-f", "%M %U %S"] + cmd, env=env, capture_output=True, text=True)
     ours_s = time.perf_counter() - start
     if ours.returncode != 0:
         sys.exit(ours.stderr)
-    ours_peak = int(ours.stderr.strip().splitlines()[-1]) / 1024
+    peak_kib, user_s, sys_s = ours.stderr.strip().splitlines()[-1].split()
+    ours_peak, ours_cpu = int(peak_kib) / 1024, float(user_s) + float(sys_s)
     decoded = "bf16" if "decoding lenses in bf16" in ours.stderr else "f32"
     history = json.loads((out / "training" / "history.json").read_text())
     ours_loss = sum(history[-1]["loss"]) / len(history[-1]["loss"])
@@ -153,10 +157,11 @@ def main():
     print(f"tuned-lens training, {args.shape}, {args.steps} steps x {args.tokens_per_step} tokens (seq {args.seq}), "
           f"{args.threads} threads")
     print(f"  eleuther-interp ({decoded} decoding): {ours_tps:8.1f} tokens/s  ({ours_s:.1f} s incl. model load)  "
-          f"peak RSS {ours_peak:.0f} MiB  mean KL last step {ours_loss:.4f}")
-    print(f"  {t['impl']}: {t['tokens_per_s']:8.1f} tokens/s  ({t['seconds']:.1f} s, loop only)  "
+          f"CPU {ours_cpu:.1f} s  peak RSS {ours_peak:.0f} MiB  mean KL last step {ours_loss:.4f}")
+    print(f"  {t['impl']}: {t['tokens_per_s']:8.1f} tokens/s  ({t['seconds']:.1f} s, loop only)  CPU {t['cpu_seconds']:.1f} s  "
           f"peak RSS {t['peak_rss_mib']:.0f} MiB  mean KL last step {t['mean_loss_last_step']:.4f}")
-    print(f"  ratio ours/theirs (throughput): {ours_tps / t['tokens_per_s']:.2f}")
+    print(f"  ratio ours/theirs (throughput): {ours_tps / t['tokens_per_s']:.2f}; "
+          f"CPU seconds theirs/ours: {t['cpu_seconds'] / ours_cpu:.2f} (a shared machine inflates both)")
 
 
 if __name__ == "__main__":

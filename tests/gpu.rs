@@ -27,25 +27,7 @@ fn gpu() -> Device {
 
 /// `max |a - b| / max |b|` over all elements, in f32.
 fn relative_error(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let b = b
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-    diff.to_scalar::<f32>().unwrap() / scale.max(1e-12)
+    hooks::compare::relative_error(a, b).unwrap()
 }
 
 const FORWARD_CASES: [&str; 7] = [

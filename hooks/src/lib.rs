@@ -11,6 +11,7 @@ pub mod activations;
 pub mod atomic;
 pub mod checkpoint;
 pub mod cli;
+pub mod compare;
 pub mod config;
 pub mod cpu;
 pub mod data;

@@ -237,16 +237,7 @@ mod tests {
         else {
             unreachable!()
         };
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let diff = |a: &Tensor, b: &Tensor| hooks::compare::max_abs_diff(a, b).unwrap();
         assert!(diff(&log_p, &l2) < 1e-5, "log p");
         assert!(diff(&p, &p2) < 1e-6, "p");
         for (a, b) in p_log_p.iter().zip(&e2) {

@@ -60,16 +60,7 @@ fn memory_source(model: &Model, ids: &Tensor) -> MemorySource {
 }
 
 fn relative_error(a: &Tensor, b: &Tensor) -> f32 {
-    let diff: f32 = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let scale: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-    diff / scale
+    hooks::compare::relative_error(a, b).unwrap()
 }
 
 #[test]

@@ -740,14 +740,7 @@ mod tests {
     use crate::uniform;
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+        hooks::compare::max_abs_diff(a, b).unwrap()
     }
 
     #[test]

@@ -141,14 +141,7 @@ mod tests {
     use crate::model::layers::{causal_attention_generic, causal_mask};
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+        crate::compare::max_abs_diff(a, b).unwrap()
     }
 
     #[test]

@@ -325,18 +325,7 @@ fn with_ties(shape: &[usize], seed: u64) -> Tensor {
 }
 
 fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1e-6);
-    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-    diff.to_scalar::<f32>().unwrap() / scale
+    hooks::compare::relative_error(a, b).unwrap()
 }
 
 #[test]

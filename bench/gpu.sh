@@ -19,29 +19,34 @@ cd "$(dirname "$0")/.."
 CARRY=target/gpu-carry
 BUILD=${CARGO_TARGET_DIR:-target}/cuda
 
-# The path of the test executable that `cargo test --release --features cuda ARGS` builds.
+# The test executable of target $2 of kind $3 in the CUDA build: `gpu test` (tests/gpu.rs) or
+# `sae lib` (the SAE crate's unit tests, with its kernel checks). $1 is cargo's JSON artifacts.
 test_binary() {
-    cargo test --release --features cuda --target-dir "$BUILD" "$@" --no-run --message-format=json |
-        python3 -c 'import json, sys
-runs = [m["executable"] for m in map(json.loads, sys.stdin)
-        if m.get("reason") == "compiler-artifact" and m.get("executable")]
-print(runs[-1])'
+    python3 -c 'import json, sys
+name, kind = sys.argv[1:3]
+for line in sys.stdin:
+    m = json.loads(line)
+    if (m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]
+            and m["target"]["name"] == name and kind in m["target"]["kind"]):
+        print(m["executable"])
+        break
+else:
+    sys.exit(f"no test executable for {kind} target {name} in the build")' "$2" "$3" <<<"$1"
 }
 
 build() {
-    [ -f target/cuda-toolkit/env.sh ] || scripts/cuda-toolkit target/cuda-toolkit
+    # The same build as CI's (scripts/cuda-build), then its artifact list (a no-op rebuild).
+    scripts/cuda-build
     # shellcheck disable=SC1091
     source target/cuda-toolkit/env.sh
-    local cargo_build=(cargo build --release --features cuda --target-dir "$BUILD")
-    "${cargo_build[@]}" -p eleuther-hooks --bin hooks --example forward_bench
-    "${cargo_build[@]}" -p eleuther-sae --bin sae
-    "${cargo_build[@]}" -p eleuther-lens --bin lens
+    local artifacts
+    artifacts=$(cargo build --release --workspace --all-targets --features cuda --target-dir "$BUILD" \
+        --message-format=json)
     rm -rf "$CARRY"
     mkdir -p "$CARRY/bin" "$CARRY/wheels"
     cp "$BUILD"/release/{hooks,sae,lens} "$BUILD/release/examples/forward_bench" "$CARRY/bin/"
-    # The end-to-end GPU suite (tests/gpu.rs) and the SAE crate's unit tests (its kernel checks).
-    cp "$(test_binary --test gpu)" "$CARRY/bin/gpu-tests"
-    cp "$(test_binary -p eleuther-sae --lib)" "$CARRY/bin/sae-unit-tests"
+    cp "$(test_binary "$artifacts" gpu test)" "$CARRY/bin/gpu-tests"
+    cp "$(test_binary "$artifacts" sae lib)" "$CARRY/bin/sae-unit-tests"
     strip "$CARRY"/bin/*
     tar -C "$CARRY" -cJf "$CARRY/bin.tar.xz" bin
     rm -rf "$CARRY/bin"

@@ -48,7 +48,9 @@ build() {
     cp "$(test_binary "$artifacts" gpu test)" "$CARRY/bin/gpu-tests"
     cp "$(test_binary "$artifacts" sae lib)" "$CARRY/bin/sae-unit-tests"
     strip "$CARRY"/bin/*
-    tar -C "$CARRY" -cJf "$CARRY/bin.tar.xz" bin
+    # The binaries share most of their bytes (candle's kernels): a dictionary larger than the
+    # whole tar lets xz store them once (13.6 MB instead of 49 MB; ~3 minutes).
+    tar -C "$CARRY" -cf - bin | xz -T1 --lzma2=preset=6,dict=384MiB >"$CARRY/bin.tar.xz"
     rm -rf "$CARRY/bin"
     python3 -m pip download -q --no-deps --only-binary=:all: -d "$CARRY/wheels" \
         eai-sparsify==1.3.3 simple-parsing==0.1.9 docstring-parser==0.18.0 natsort==8.4.0

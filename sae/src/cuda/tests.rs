@@ -479,11 +479,35 @@ fn emulated_gradients_match_the_cpu_backward() {
     let p = problem(13, 500, 36, 60);
     let (top, _) =
         kernels::encode_select(&p.xc, &p.w_enc, &p.b_enc, Picks { k: 7, dead: None }).unwrap();
+    check_backward(&emulated, &p, &top, &Device::Cpu, "emulated");
+}
+
+/// `backward_with(sparse)` on `device` gives the CPU path's gradients (relative 1e-5) in the
+/// three bias settings: both biases (an autoencoder), neither (AuxK's decode of the residual)
+/// and the decoder's only (a transcoder).
+fn check_backward(
+    sparse: &impl Kernels,
+    p: &Problem,
+    top: &Selection,
+    device: &Device,
+    what: &str,
+) {
     let x_hat = kernels::decode(&top.acts, &top.indices, &p.w_dec, &p.b_dec).unwrap();
-    // Both biases (an autoencoder), neither (AuxK's decode of the residual), decoder only (a
-    // transcoder).
+    let inputs = [
+        &p.target,
+        &p.xc,
+        &top.acts,
+        &top.indices,
+        &x_hat,
+        &p.w_enc,
+        &p.w_dec,
+    ];
+    let moved: Vec<Tensor> = inputs
+        .into_iter()
+        .map(|t| t.to_device(device).unwrap())
+        .collect();
     for (decoder_bias, encoder_bias) in [(true, true), (false, true), (true, false)] {
-        let b = kernels::Backward {
+        let on_cpu = kernels::Backward {
             target: &p.target,
             xc: &p.xc,
             acts: &top.acts,
@@ -495,19 +519,27 @@ fn emulated_gradients_match_the_cpu_backward() {
             decoder_bias,
             encoder_bias,
         };
+        let on_device = kernels::Backward {
+            target: &moved[0],
+            xc: &moved[1],
+            acts: &moved[2],
+            indices: &moved[3],
+            x_hat: &moved[4],
+            w_enc: &moved[5],
+            w_dec: &moved[6],
+            ..on_cpu
+        };
         let mut sum = GradSum::Empty;
-        kernels::backward(&b, &mut sum).unwrap();
-        let reference = sum.into_tensors().unwrap();
-        let got = backward_with(&emulated, &b).unwrap();
-        for (name, (g, r)) in ["W_enc", "b_enc", "W_dec", "b_dec"]
-            .iter()
-            .zip(got.iter().zip(&reference))
-        {
-            assert_eq!(g.dims(), r.dims(), "{name}");
-            let diff = max_rel_diff(g, r);
+        kernels::backward(&on_cpu, &mut sum).unwrap();
+        let want = sum.into_tensors().unwrap();
+        let got = backward_with(sparse, &on_device).unwrap();
+        let names = ["W_enc", "b_enc", "W_dec", "b_dec"];
+        for (name, (g, w)) in names.iter().zip(got.iter().zip(&want)) {
+            assert_eq!(g.dims(), w.dims(), "{what} {name}");
+            let diff = max_rel_diff(g, w);
             assert!(
                 diff < 1e-5,
-                "{name} (decoder bias {decoder_bias}, encoder bias {encoder_bias}): {diff}"
+                "{what} {name} (decoder bias {decoder_bias}, encoder bias {encoder_bias}): {diff}"
             );
         }
     }
@@ -575,57 +607,6 @@ fn gpu_kernels_match_the_cpu_implementations() {
                 "width {n}, {what}"
             );
         }
-        // The backward pass, all three bias settings, against the CPU kernels.
-        let x_hat = kernels::decode(&top_ref.acts, &top_ref.indices, &p.w_dec, &p.b_dec).unwrap();
-        for (decoder_bias, encoder_bias) in [(true, true), (false, true), (true, false)] {
-            let on_cpu = kernels::Backward {
-                target: &p.target,
-                xc: &p.xc,
-                acts: &top_ref.acts,
-                indices: &top_ref.indices,
-                x_hat: &x_hat,
-                w_enc: &p.w_enc,
-                w_dec: &p.w_dec,
-                scale: 0.37,
-                decoder_bias,
-                encoder_bias,
-            };
-            let moved: Vec<Tensor> = [
-                on_cpu.target,
-                on_cpu.xc,
-                on_cpu.acts,
-                on_cpu.indices,
-                on_cpu.x_hat,
-                on_cpu.w_enc,
-                on_cpu.w_dec,
-            ]
-            .into_iter()
-            .map(&gpu)
-            .collect();
-            let on_gpu = kernels::Backward {
-                target: &moved[0],
-                xc: &moved[1],
-                acts: &moved[2],
-                indices: &moved[3],
-                x_hat: &moved[4],
-                w_enc: &moved[5],
-                w_dec: &moved[6],
-                ..on_cpu
-            };
-            let mut sum = GradSum::Empty;
-            kernels::backward(&on_cpu, &mut sum).unwrap();
-            let want = sum.into_tensors().unwrap();
-            let got = backward_with(&launcher, &on_gpu).unwrap();
-            for (name, (g, w)) in ["W_enc", "b_enc", "W_dec", "b_dec"]
-                .iter()
-                .zip(got.iter().zip(&want))
-            {
-                let diff = max_rel_diff(&cpu(g), w);
-                assert!(
-                    diff < 1e-5,
-                    "width {n} {name} ({decoder_bias}, {encoder_bias}): {diff}"
-                );
-            }
-        }
+        check_backward(&launcher, &p, &top_ref, &device, &format!("width {n}"));
     }
 }

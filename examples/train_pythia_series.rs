@@ -393,8 +393,8 @@ fn check_against_runtime(dir: &Path, gpt: &Gpt, params: &[Tensor], ids: &[u32]) 
     let ids = Tensor::new(vec![ids.to_vec()], &Device::Cpu)?;
     let expected = model.logits(&ids)?;
     let actual = gpt.logits(params, &ids)?;
-    let err = (actual - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
-    let scale = expected.abs()?.max_all()?.to_scalar::<f32>()?;
+    let err = hooks::compare::max_abs_diff(&actual, &expected)?;
+    let scale = expected.abs()?.max_all()?.to_scalar::<f32>()? as f64;
     if err > 1e-3 * scale.max(1.0) {
         bail!("the training forward differs from hooks::Model by {err} (logit scale {scale})");
     }
@@ -624,16 +624,8 @@ mod tests {
             .unwrap();
             let expected = model.logits(&ids).unwrap();
             let actual = Gpt::new(&config).logits(&params, &ids).unwrap();
-            let err = (actual - expected)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap();
-            assert!(
-                err.to_scalar::<f32>().unwrap() < 1e-4,
-                "parallel={parallel}: {err}"
-            );
+            let err = hooks::compare::max_abs_diff(&actual, &expected).unwrap();
+            assert!(err < 1e-4, "parallel={parallel}: {err}");
         }
     }
 

@@ -26,7 +26,7 @@ fn gpu() -> Device {
 }
 
 /// `max |a - b| / max |b|` over all elements, in f32.
-fn relative_error(a: &Tensor, b: &Tensor) -> f32 {
+fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
     hooks::compare::relative_error(a, b).unwrap()
 }
 

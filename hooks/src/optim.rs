@@ -402,14 +402,7 @@ mod tests {
                     .unwrap();
                 let g = g.to_dtype(candle_core::DType::F64).unwrap();
                 opt_slow.step(&mut slow, &[g], 0.01).unwrap();
-                let diff: f64 = (fast[0].to_dtype(candle_core::DType::F64).unwrap() - &slow[0])
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap();
+                let diff = crate::compare::max_abs_diff(&fast[0], &slow[0]).unwrap();
                 assert!(diff < 1e-5, "amsgrad {amsgrad} step {step}: {diff}");
                 slow[0] = fast[0].to_dtype(candle_core::DType::F64).unwrap();
             }

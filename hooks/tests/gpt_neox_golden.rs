@@ -33,7 +33,7 @@ fn load(dir: &Path, dtype: DType) -> Model {
 fn check_all_hook_points(
     model: &Model,
     expected: &HashMap<String, Tensor>,
-    tolerance: f32,
+    tolerance: f64,
     logits_key: &str,
 ) {
     let ids = &expected["input_ids"];

@@ -44,7 +44,7 @@ fn tiny_llamas_match_transformers_at_every_hook_point() {
         let exp = expected(case);
         let mut hooks = Hooks::new().capture(model.hook_points());
         let out = model.forward(&exp["input_ids"], &mut hooks).unwrap();
-        let mut worst = (0f32, String::new());
+        let mut worst = (0f64, String::new());
         for point in model.hook_points() {
             let name = model.hook_name(point);
             let err = relative_error(&out.captures[&point], &exp[&name]);

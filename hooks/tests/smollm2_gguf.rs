@@ -28,7 +28,7 @@ fn load_safetensors(path: &Path) -> HashMap<String, Tensor> {
 
 /// The worst, over positions, of max |a - b| / max |b| within one position of `[1, seq, width]`:
 /// stricter than [`relative_error`] where a few positions have massive activations.
-fn per_position_error(actual: &Tensor, expected: &Tensor) -> f32 {
+fn per_position_error(actual: &Tensor, expected: &Tensor) -> f64 {
     let seq = expected.dim(1).unwrap();
     (0..seq)
         .map(|t| {
@@ -37,7 +37,7 @@ fn per_position_error(actual: &Tensor, expected: &Tensor) -> f32 {
                 &expected.narrow(1, t, 1).unwrap(),
             )
         })
-        .fold(0f32, f32::max)
+        .fold(0f64, f64::max)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ fn tiny_gguf_llamas_match_transformers_at_every_hook_point() {
         );
         let mut hooks = Hooks::new().capture(model.hook_points());
         let out = model.forward(&exp["input_ids"], &mut hooks).unwrap();
-        let mut worst = 0f32;
+        let mut worst = 0f64;
         for point in model.hook_points() {
             let name = model.hook_name(point);
             let err = relative_error(&out.captures[&point], &exp[&name]);
@@ -410,7 +410,7 @@ fn smollm2_matches_transformers_at_every_layer_and_the_logits() {
     let Some(model) = smollm2() else { return };
     let exp = load_safetensors(&smollm2_fixture("expected.safetensors"));
     let cols = exp["logits_cols"].to_dtype(DType::U32).unwrap();
-    let mut worst: HashMap<String, f32> = HashMap::new();
+    let mut worst: HashMap<String, f64> = HashMap::new();
     for j in 0..3 {
         let ids = &exp[&format!("s{j}.input_ids")];
         let mut hooks = Hooks::new().capture(model.hook_points());

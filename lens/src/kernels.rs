@@ -259,14 +259,7 @@ mod tests {
             let (l2, c2, g2) = generic(&logits, &target).unwrap();
             assert_eq!(c1, c2);
             assert!((l1 - l2).abs() < 1e-4 * (1.0 + l2.abs()), "{l1} vs {l2}");
-            let diff: f32 = (g1 - g2)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff = hooks::compare::max_abs_diff(&g1, &g2).unwrap();
             assert!(diff < 1e-6, "{diff}");
         }
     }

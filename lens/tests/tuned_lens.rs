@@ -59,7 +59,7 @@ fn memory_source(model: &Model, ids: &Tensor) -> MemorySource {
     }
 }
 
-fn relative_error(a: &Tensor, b: &Tensor) -> f32 {
+fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
     hooks::compare::relative_error(a, b).unwrap()
 }
 

@@ -739,7 +739,7 @@ mod tests {
     use super::*;
     use crate::uniform;
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         hooks::compare::max_abs_diff(a, b).unwrap()
     }
 

@@ -737,14 +737,7 @@ mod tests {
             out64.top_indices.to_vec2::<u32>().unwrap(),
             out.top_indices.to_vec2::<u32>().unwrap()
         );
-        let diff: f64 = (out64.x_hat - out.x_hat.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = hooks::compare::max_abs_diff(&out64.x_hat, &out.x_hat).unwrap();
         assert!(diff < 1e-5, "{diff}");
         assert!(sae.forward(&x.narrow(1, 0, 11).unwrap()).is_err());
     }

@@ -1116,14 +1116,7 @@ mod tests {
         )
         .unwrap();
         for (a, b) in fast.grads.iter().zip(&base.grads) {
-            let diff: f64 = (a.to_dtype(DType::F64).unwrap() - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff = hooks::compare::max_abs_diff(a, b).unwrap();
             assert!(diff < 1e-5, "{diff}");
         }
     }
@@ -1185,14 +1178,7 @@ mod tests {
             let combined = fvu_and_grads(&sae, &x, None, Some(&auxk)).unwrap();
             assert!((combined.auxk_loss - loss).abs() < 1e-15);
             for ((c, b), a) in combined.grads.iter().zip(&base.grads).zip(&grads) {
-                let diff: f64 = ((c - b).unwrap() - a)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap();
+                let diff = hooks::compare::max_abs_diff(&(c - b).unwrap(), a).unwrap();
                 assert!(diff < 1e-12, "{diff}");
             }
         }
@@ -1236,14 +1222,7 @@ mod tests {
         .unwrap();
         assert!((fast.fvu - slow.fvu).abs() < 1e-5);
         for (a, b) in fast.grads.iter().zip(&slow.grads) {
-            let diff: f64 = (a.to_dtype(DType::F64).unwrap() - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff = hooks::compare::max_abs_diff(a, b).unwrap();
             assert!(diff < 1e-5, "{diff}");
         }
         // And the generic path in f32 too.
@@ -1264,14 +1243,7 @@ mod tests {
         })
         .unwrap();
         for (a, b) in fast.grads.iter().zip(&generic) {
-            let diff: f32 = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff = hooks::compare::max_abs_diff(a, b).unwrap();
             assert!(diff < 1e-5, "{diff}");
         }
     }
@@ -1300,14 +1272,7 @@ mod tests {
         assert!((fast.auxk_loss - slow.auxk_loss).abs() < 1e-5);
         assert!((fast.multi_topk.unwrap().0 - slow.multi_topk.unwrap().0).abs() < 1e-5);
         for (a, b) in fast.grads.iter().zip(&slow.grads) {
-            let diff: f64 = (a.to_dtype(DType::F64).unwrap() - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff = hooks::compare::max_abs_diff(a, b).unwrap();
             assert!(diff < 1e-5, "{diff}");
         }
     }
@@ -1321,14 +1286,7 @@ mod tests {
         assert_eq!(whole.fired, chunked.fired);
         assert_eq!(whole.active, chunked.active);
         for (a, b) in whole.grads.iter().zip(&chunked.grads) {
-            let diff: f64 = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff = hooks::compare::max_abs_diff(a, b).unwrap();
             assert!(diff < 1e-12, "{diff}");
         }
         let direct = fvu_and_grads(&sae, &x, None, None).unwrap();
@@ -1368,14 +1326,7 @@ mod tests {
         let mut trainer = Trainer::new(&sae, options.clone()).unwrap();
         let first = trainer.step(&mut sae, &x).unwrap();
         assert_eq!((first.step, first.lr), (1, 0.0));
-        let diff: f32 = (sae.b_dec() - x.mean(0).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = hooks::compare::max_abs_diff(sae.b_dec(), &x.mean(0).unwrap()).unwrap();
         assert!(diff < 1e-6);
         // lr 0 left the encoder as it was: the same selection as the step's.
         let (_, indices) = sae.encode(&x).unwrap();

@@ -17,15 +17,8 @@ fn fixture(case: &str) -> PathBuf {
         .join(case)
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    hooks::compare::max_abs_diff(a, b).unwrap()
 }
 
 /// Sparse codes `[N, m]` scattered into dense `[N, n]` activations.

@@ -22,7 +22,7 @@ fn expected(case: &str) -> HashMap<String, Tensor> {
 }
 
 /// max |a − b| / max |b|.
-fn relative_error(a: &Tensor, b: &Tensor) -> f32 {
+fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
     hooks::compare::relative_error(a, b).unwrap()
 }
 

@@ -140,7 +140,7 @@ mod tests {
     use super::*;
     use crate::model::layers::{causal_attention_generic, causal_mask};
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         crate::compare::max_abs_diff(a, b).unwrap()
     }
 

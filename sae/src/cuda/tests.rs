@@ -324,7 +324,7 @@ fn with_ties(shape: &[usize], seed: u64) -> Tensor {
     (((t * 4.0).unwrap().round().unwrap() / 4.0).unwrap() + 0.0).unwrap()
 }
 
-fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
     hooks::compare::relative_error(a, b).unwrap()
 }
 

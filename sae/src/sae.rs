@@ -486,35 +486,18 @@ impl Sae {
         if !path.is_file() {
             return Err(Error::Sae(format!("{}: no such file", path.display())));
         }
-        let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&path, device)
-            .map_err(|e| Error::Sae(format!("{}: {e}", path.display())))?;
         let (d, n) = (config.d_in, config.latents());
-        let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let t = tensors.get(name).ok_or_else(|| {
-                Error::Sae(format!(
-                    "{}: missing tensor '{name}' (expected shape {shape:?})",
-                    path.display()
-                ))
-            })?;
-            if t.dims() != shape {
-                return Err(Error::Sae(format!(
-                    "{}: tensor '{name}' has shape {:?}, but cfg.json (d_in {d}, {n} latents) needs {shape:?}",
-                    path.display(),
-                    t.dims()
-                )));
-            }
-            Ok(t.to_dtype(DType::F32)?)
-        };
+        let file = WeightFile::open(path, device, format!("cfg.json (d_in {d}, {n} latents)"))?;
         let w_skip = if config.skip_connection {
-            Some(get(SKIP, &[d, d])?)
+            Some(file.get(SKIP, &[d, d])?)
         } else {
             None
         };
         Ok(Sae {
-            w_enc: get(NAMES[0], &[n, d])?,
-            b_enc: get(NAMES[1], &[n])?,
-            w_dec: get(NAMES[2], &[n, d])?,
-            b_dec: get(NAMES[3], &[d])?,
+            w_enc: file.get(NAMES[0], &[n, d])?,
+            b_enc: file.get(NAMES[1], &[n])?,
+            w_dec: file.get(NAMES[2], &[n, d])?,
+            b_dec: file.get(NAMES[3], &[d])?,
             w_skip,
             activation: Activation::TopK,
             subtract_b_dec: !config.transcode,
@@ -567,24 +550,7 @@ impl Sae {
         }
         let subtract_b_dec = cfg["apply_b_dec_to_input"].as_bool().unwrap_or(true);
         let path = dir.join(SAE_LENS_WEIGHTS);
-        let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&path, device)
-            .map_err(|e| Error::Sae(format!("{}: {e}", path.display())))?;
-        let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let t = tensors.get(name).ok_or_else(|| {
-                Error::Sae(format!(
-                    "{}: missing tensor '{name}' (expected shape {shape:?})",
-                    path.display()
-                ))
-            })?;
-            if t.dims() != shape {
-                return Err(Error::Sae(format!(
-                    "{}: tensor '{name}' has shape {:?}, but cfg.json (d_in {d}, d_sae {n}) needs {shape:?}",
-                    path.display(),
-                    t.dims()
-                )));
-            }
-            Ok(t.to_dtype(DType::F32)?)
-        };
+        let file = WeightFile::open(path, device, format!("cfg.json (d_in {d}, d_sae {n})"))?;
         let (activation, k) = match architecture.as_str() {
             "topk" => {
                 let k = cfg["k"]
@@ -594,7 +560,7 @@ impl Sae {
                 (Activation::TopK, k as usize)
             }
             "standard" => (Activation::Relu, n),
-            "jumprelu" => (Activation::JumpRelu(get("threshold", &[n])?), n),
+            "jumprelu" => (Activation::JumpRelu(file.get("threshold", &[n])?), n),
             other => {
                 return Err(bad(format!(
                     "SAELens architecture '{other}' is not supported (standard, topk, jumprelu)"
@@ -611,15 +577,54 @@ impl Sae {
             return Err(bad(format!("k = {k} must be between 1 and d_sae ({n})")));
         }
         Ok(Sae {
-            w_enc: get("W_enc", &[d, n])?.t()?.contiguous()?,
-            b_enc: get("b_enc", &[n])?,
-            w_dec: get("W_dec", &[n, d])?,
-            b_dec: get("b_dec", &[d])?,
+            w_enc: file.get("W_enc", &[d, n])?.t()?.contiguous()?,
+            b_enc: file.get("b_enc", &[n])?,
+            w_dec: file.get("W_dec", &[n, d])?,
+            b_dec: file.get("b_dec", &[d])?,
             w_skip: None,
             activation,
             subtract_b_dec,
             config,
         })
+    }
+}
+
+/// The tensors of one safetensors file of SAE weights, taken by name with the shape they must
+/// have, as float32; errors name the file, the tensor and what fixes the shape
+/// (`shapes_from`, e.g. the cfg.json sizes).
+struct WeightFile {
+    path: PathBuf,
+    tensors: HashMap<String, Tensor>,
+    shapes_from: String,
+}
+
+impl WeightFile {
+    fn open(path: PathBuf, device: &Device, shapes_from: String) -> Result<Self> {
+        let tensors = candle_core::safetensors::load(&path, device)
+            .map_err(|e| Error::Sae(format!("{}: {e}", path.display())))?;
+        Ok(WeightFile {
+            path,
+            tensors,
+            shapes_from,
+        })
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| {
+            Error::Sae(format!(
+                "{}: missing tensor '{name}' (expected shape {shape:?})",
+                self.path.display()
+            ))
+        })?;
+        if t.dims() != shape {
+            return Err(Error::Sae(format!(
+                "{}: tensor '{name}' has shape {:?}, but {} needs {shape:?}",
+                self.path.display(),
+                t.dims(),
+                self.shapes_from
+            )));
+        }
+        Ok(t.to_dtype(DType::F32)?)
     }
 }
 

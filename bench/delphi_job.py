@@ -327,18 +327,13 @@ def cpu_seconds():
 
 
 def import_sparsify():
-    """eai-sparsify's SparseCoder without its package __init__ (which needs `datasets`)."""
-    import importlib.util
-    import types
+    """eai-sparsify's SparseCoder without its package __init__ (which needs `datasets`), also
+    as `sparsify.SparseCoder`, where delphi looks for it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import sae_train
 
-    os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
-    spec = importlib.util.find_spec("sparsify")
-    pkg = types.ModuleType("sparsify")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules["sparsify"] = pkg
-    from sparsify.config import SparseCoderConfig
-    from sparsify.sparse_coder import SparseCoder
-
+    SparseCoder, SparseCoderConfig, _ = sae_train.import_sparsify("cpu")
+    pkg = sys.modules["sparsify"]
     pkg.SparseCoder, pkg.SparseCoderConfig = SparseCoder, SparseCoderConfig
     return SparseCoder
 

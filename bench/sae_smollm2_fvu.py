@@ -48,16 +48,16 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+import sae_train  # noqa: E402  (the shared sparsify import)
 
 
 def import_sparsify():
     """sparsify's trainer with its optional imports stood in: `datasets` (type hints only),
     `schedulefree` (signum optimiser only; we use adam), `wandb` (records the logged metrics)."""
     import importlib.machinery
-    import importlib.metadata
     import importlib.util
 
-    os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
     for name, attrs in {"datasets": ["Dataset", "DatasetDict"], "schedulefree": ["ScheduleFreeWrapper"]}.items():
         if importlib.util.find_spec(name) is None:
             module = types.ModuleType(name)
@@ -65,15 +65,8 @@ def import_sparsify():
             for attr in attrs:
                 setattr(module, attr, type(attr, (), {}))
             sys.modules[name] = module
-    if "sparsify" not in sys.modules:
-        spec = importlib.util.find_spec("sparsify")
-        if spec is None:
-            raise SystemExit("eai-sparsify is not installed in this Python (use /work/venv-ref/bin/python)")
-        pkg = types.ModuleType("sparsify")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        sys.modules["sparsify"] = pkg
-    from sparsify.config import SparseCoderConfig, TrainConfig
-    from sparsify.sparse_coder import SparseCoder
+    SparseCoder, SparseCoderConfig, version = sae_train.import_sparsify("cpu")
+    from sparsify.config import TrainConfig
     from sparsify.trainer import Trainer
 
     # Imported by Trainer.fit() when logging; installed after the imports above, whose
@@ -85,15 +78,7 @@ def import_sparsify():
         wandb.init = lambda **kwargs: None
         wandb.log = lambda info, step: wandb.logged.append((step, dict(info)))
         sys.modules["wandb"] = wandb
-    return SparseCoder, SparseCoderConfig, TrainConfig, Trainer, wandb, importlib.metadata.version("eai-sparsify")
-
-
-def read_shards(cache: Path, point: str) -> np.ndarray:
-    """Every row of the cache at `point`, in dataset order, straight from the shard files."""
-    from safetensors.numpy import load_file
-
-    manifest = json.loads((cache / "manifest.json").read_text())
-    return np.concatenate([load_file(str(cache / s["file"]))[point] for s in manifest["shards"]])
+    return SparseCoder, SparseCoderConfig, TrainConfig, Trainer, wandb, version
 
 
 def shuffled_rows(cache: Path, point: str, batch: int, seed: int, buffer: int, steps: int) -> np.ndarray:
@@ -323,7 +308,7 @@ def main():
     print(f"{args.point} of {manifest['settings']['model']}: {steps} steps x {args.batch} tokens, "
           f"{args.latents} latents, k {args.k}, lr {args.lr:.4g}, warm-up {args.warmup}, seed {args.seed}", flush=True)
     rows = shuffled_rows(args.cache, args.point, args.batch, args.seed, args.shuffle_buffer, steps)
-    shards = read_shards(args.cache, args.point)
+    shards = sae_train.load_cache(args.cache, args.point)
     if len(shards) == len(rows):
         fed_is_cache = bool(np.array_equal(row_set(shards), row_set(rows)))
         print(f"check: the fed rows are a permutation of the cache's {len(shards)} rows: {fed_is_cache}")
@@ -367,7 +352,7 @@ def main():
     results["checks"] = {"fed_rows_are_the_cache": fed_is_cache, "b_dec_vs_first_batch_mean_rel": b_dec_gap,
                          "step1_fvu_ours_vs_sparsify_same_init": list(step1)}
 
-    heldout = read_shards(args.heldout, args.point)
+    heldout = sae_train.load_cache(args.heldout, args.point)
     seq_len = json.loads((args.heldout / "manifest.json").read_text())["settings"]["data"]["seq_len"]
     results["heldout_tokens"] = len(heldout)
     for key in [k for k in results if k.startswith(("ours", "sparsify_"))]:

@@ -61,6 +61,7 @@ def import_sparsify(device="cpu"):
 
 
 def load_cache(cache: Path, point: str) -> np.ndarray:
+    """Every row of the cache at `point`, in dataset order, straight from the shard files."""
     from safetensors.numpy import load_file
 
     manifest = json.loads((cache / "manifest.json").read_text())

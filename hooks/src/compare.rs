@@ -16,8 +16,9 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
 /// (`b`'s scale taken as at least 1e-12, so an all-zero reference gives a large error, not
 /// NaN).
 pub fn relative_error(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let scale = f64_on_cpu(b)?.abs()?.max_all()?.to_scalar::<f64>()?;
-    Ok(max_abs_diff(a, b)? / scale.max(1e-12))
+    let b = f64_on_cpu(b)?;
+    let scale = b.abs()?.max_all()?.to_scalar::<f64>()?;
+    Ok(max_abs_diff(a, &b)? / scale.max(1e-12))
 }
 
 fn f64_on_cpu(t: &Tensor) -> candle_core::Result<Tensor> {

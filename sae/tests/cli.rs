@@ -45,6 +45,38 @@ fn flat(sae: &Sae) -> Vec<f32> {
         .collect()
 }
 
+/// `hooks cache` of `hookpoints` over the first 1024 tokens of WikiText-2 (sequences of 64)
+/// into `dir/cache`.
+fn cache_of_text(dir: &Path, model: &Path, hookpoints: &str) -> PathBuf {
+    let cache = dir.join("cache");
+    let text = repo().join("data/wikitext-2-raw-test.txt");
+    let args = [
+        "hooks",
+        "cache",
+        "--model",
+        s(model),
+        "--hookpoints",
+        hookpoints,
+        "--data",
+    ];
+    let rest = [
+        "--seq-len",
+        "64",
+        "--max-tokens",
+        "1024",
+        "--output",
+        s(&cache),
+    ];
+    hooks::cli::run(args.into_iter().chain([s(&text)]).chain(rest)).unwrap();
+    cache
+}
+
+/// The per-step records `sae train` wrote for hook point `point` under `out`.
+fn read_history(out: &Path, point: &str) -> Vec<serde_json::Value> {
+    let path = out.join("checkpoints").join(point).join("history.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 /// The first lines of the wikitext test set that make between 14 and 20 sequences of 64
 /// tokens: enough for 3 steps of 256 tokens, not for 5.
 fn truncated_text(dir: &Path, model: &Path) -> PathBuf {
@@ -127,10 +159,7 @@ fn train_resume_and_eval_on_a_tiny_model() {
         assert_eq!(cfg["expansion_factor"], 2);
     }
     assert_ne!(flat(&trained[0]), flat(&trained[1]));
-    let history: Vec<serde_json::Value> = serde_json::from_str(
-        &std::fs::read_to_string(out.join("checkpoints/layers.1.mlp/history.json")).unwrap(),
-    )
-    .unwrap();
+    let history = read_history(&out, "layers.1.mlp");
     assert_eq!(history.len(), 6);
 
     // Re-running a finished run changes nothing.
@@ -200,25 +229,7 @@ fn train_resume_and_eval_on_a_tiny_model() {
 fn train_from_an_activation_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let model = model_folder(tmp.path());
-    let text = repo().join("data/wikitext-2-raw-test.txt");
-    let cache = tmp.path().join("cache");
-    hooks::cli::run([
-        "hooks",
-        "cache",
-        "--model",
-        s(&model),
-        "--hookpoints",
-        "layers.0,layers.1",
-        "--data",
-        s(&text),
-        "--seq-len",
-        "64",
-        "--max-tokens",
-        "1024",
-        "--output",
-        s(&cache),
-    ])
-    .unwrap();
+    let cache = cache_of_text(tmp.path(), &model, "layers.0,layers.1");
     let out = tmp.path().join("saes");
     let args = [
         "train",
@@ -246,10 +257,7 @@ fn train_from_an_activation_cache() {
     assert!(sae.config().multi_topk);
     assert!(!out.join("layers.0").exists());
     // The whole cache: 1024 tokens = 4 steps.
-    let history: Vec<serde_json::Value> = serde_json::from_str(
-        &std::fs::read_to_string(out.join("checkpoints/layers.1/history.json")).unwrap(),
-    )
-    .unwrap();
+    let history = read_history(&out, "layers.1");
     assert_eq!(history.len(), 4);
     // A hook point the cache lacks is refused by name.
     let mut bad = args.to_vec();
@@ -300,10 +308,7 @@ fn transcoder_train_and_eval() {
     sae_cli(&args).unwrap();
     let tc = Sae::load(&out.join("layers.1.mlp"), &Device::Cpu).unwrap();
     assert!(tc.config().transcode);
-    let history: Vec<serde_json::Value> = serde_json::from_str(
-        &std::fs::read_to_string(out.join("checkpoints/layers.1.mlp/history.json")).unwrap(),
-    )
-    .unwrap();
+    let history = read_history(&out, "layers.1.mlp");
     assert_eq!(history.len(), 4);
     // Zero decoder at init: the first prediction is b_dec = the target mean, FVU 1.
     assert!((history[0]["fvu"].as_f64().unwrap() - 1.0).abs() < 1e-5);
@@ -374,24 +379,7 @@ fn skip_first_positions_in_train_and_eval() {
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = model_folder(tmp.path());
     let text = repo().join("data/wikitext-2-raw-test.txt");
-    let cache = tmp.path().join("cache");
-    hooks::cli::run([
-        "hooks",
-        "cache",
-        "--model",
-        s(&model_dir),
-        "--hookpoints",
-        "layers.1",
-        "--data",
-        s(&text),
-        "--seq-len",
-        "64",
-        "--max-tokens",
-        "1024",
-        "--output",
-        s(&cache),
-    ])
-    .unwrap();
+    let cache = cache_of_text(tmp.path(), &model_dir, "layers.1");
     let out = tmp.path().join("saes");
     let mut args = vec![
         "train",
@@ -414,10 +402,7 @@ fn skip_first_positions_in_train_and_eval() {
     sae_cli(&skipping).unwrap();
     // 16 sequences of 63 rows kept = 1008 rows = 4 steps of 252 (without skipping: 1024
     // rows, still 4 steps; with 2 skipped, 992 rows: 3 steps).
-    let history: Vec<serde_json::Value> = serde_json::from_str(
-        &std::fs::read_to_string(out.join("checkpoints/layers.1/history.json")).unwrap(),
-    )
-    .unwrap();
+    let history = read_history(&out, "layers.1");
     assert_eq!(history.len(), 4);
     args.extend(["--skip-first-positions", "2"]);
     let message = format!("{:#}", sae_cli(&args).unwrap_err());
@@ -428,10 +413,7 @@ fn skip_first_positions_in_train_and_eval() {
     let two = tmp.path().join("two");
     args[4] = s(&two);
     sae_cli(&args).unwrap();
-    let history: Vec<serde_json::Value> = serde_json::from_str(
-        &std::fs::read_to_string(two.join("checkpoints/layers.1/history.json")).unwrap(),
-    )
-    .unwrap();
+    let history = read_history(&two, "layers.1");
     assert_eq!(history.len(), 3);
     let mut all = args.clone();
     *all.last_mut().unwrap() = "64";

@@ -165,6 +165,17 @@ pub fn write_synthetic_model(
     Ok(parsed)
 }
 
+/// The `config.json` of the tiny GPT-NeoX model the tests and examples run: `layers` layers
+/// of width 32, 4 heads, MLP width 64, rotary embeddings on half of each head, and Pythia's
+/// vocabulary (50,304), so the real Pythia tokenizer fits it.
+pub fn tiny_gpt_neox_config(layers: usize) -> serde_json::Value {
+    serde_json::json!({
+        "model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "intermediate_size": 64, "rotary_pct": 0.5,
+        "vocab_size": 50304, "eos_token_id": 0
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

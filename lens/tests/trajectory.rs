@@ -31,11 +31,7 @@ fn wikitext() -> PathBuf {
 
 /// A tiny GPT-NeoX with synthetic weights and the real Pythia tokenizer in `dir`.
 fn tiny_model(dir: &Path, layers: usize) -> Model {
-    let config = serde_json::json!({
-        "model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": layers,
-        "num_attention_heads": 4, "intermediate_size": 64, "rotary_pct": 0.5,
-        "vocab_size": 50304, "eos_token_id": 0,
-    });
+    let config = hooks::synthetic::tiny_gpt_neox_config(layers);
     hooks::synthetic::write_synthetic_model(dir, &config, Some(&tokenizer())).unwrap();
     Model::from_folder(dir, &LoadOptions::default()).unwrap()
 }

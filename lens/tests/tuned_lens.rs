@@ -137,11 +137,7 @@ fn reference_lens_file_gives_the_reference_outputs_and_metrics() {
 
 /// A tiny GPT-NeoX with synthetic weights and the real Pythia tokenizer.
 fn tiny_model(dir: &Path) -> Model {
-    let config = serde_json::json!({
-        "model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 3,
-        "num_attention_heads": 4, "intermediate_size": 64, "rotary_pct": 0.5,
-        "vocab_size": 50304, "eos_token_id": 0
-    });
+    let config = hooks::synthetic::tiny_gpt_neox_config(3);
     hooks::synthetic::write_synthetic_model(
         dir,
         &config,

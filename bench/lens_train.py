@@ -11,6 +11,13 @@ pipeline (EOS-joined, packed) and written to an .npy file that both sides consum
 
     python bench/lens_train.py [--shape pythia-160m|smollm2] [--steps 3] [--tokens-per-step 512] [--seq 256]
                                [--decode-dtype auto|bf16|f32]
+
+`--device cuda` trains both on the GPU (tuned-lens under CUDA bfloat16 autocast; both
+synchronise before the clock stops) and prints each side's share of the FLOP floor: per
+token, the model's forward (2 N + 2 L T d, as bench/forward.py) plus, for each of the L
+lenses, the translator and its weight gradient (4 d^2) and the two vocabulary-sized
+products (4 d V), at `--peak-tflops` (default 989: H100/H200 dense bf16). `--prebuilt DIR`
+takes our binaries (lens, hooks, forward_bench) from DIR instead of building them.
 """
 import argparse
 import importlib.metadata
@@ -26,7 +33,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from forward import SHAPES, config_for  # noqa: E402
+from forward import SHAPES, bench_model, config_for, forward_flops_per_token, our_binaries  # noqa: E402
 
 
 def peer(args):
@@ -40,8 +47,9 @@ def peer(args):
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.eval().requires_grad_(False)
-    lens = TunedLens.from_model(model).float()
+    cuda = args.device.startswith("cuda")
+    model = model.eval().requires_grad_(False).to(args.device)
+    lens = TunedLens.from_model(model).float().to(args.device)
     opt = torch.optim.SGD(lens.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (args.steps - s) / args.steps))
     tokens = np.load(args.tokens).astype(np.int64)
@@ -55,13 +63,13 @@ def peer(args):
     for step in range(args.steps):
         step_losses = []
         for _ in range(per_step // micro):
-            ids = torch.from_numpy(tokens[row:row + micro])
+            ids = torch.from_numpy(tokens[row:row + micro]).to(args.device)
             row += micro
             with torch.no_grad():
                 out = model(ids, output_hidden_states=True)
             labels = out.logits.float().log_softmax(-1)
             for i, h in enumerate(out.hidden_states[:-1]):
-                with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+                with torch.autocast("cuda" if cuda else "cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
                     logits = lens(h, idx=i)
                     loss = torch.sum(labels.exp() * (labels - logits.log_softmax(-1)), dim=-1).mean()
                     step_losses.append(loss.item())
@@ -71,13 +79,23 @@ def peer(args):
         opt.zero_grad(set_to_none=False)
         sched.step()
         losses.append(sum(step_losses) / len(step_losses))
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     cpu_end = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (cpu_end.ru_utime - cpu_start.ru_utime) + (cpu_end.ru_stime - cpu_start.ru_stime)
     print(json.dumps({"cpu_seconds": cpu, "impl": f"tuned-lens {importlib.metadata.version('tuned-lens')} ({args.peer_precision} autocast)",
                       "seconds": seconds, "tokens_per_s": args.steps * args.tokens_per_step / seconds,
                       "mean_loss_last_step": losses[-1],
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "device_mem_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else 0}))
+
+
+def lens_training_flops_per_token(config, seq):
+    """The model's forward plus, per lens, 4 d^2 (translator, its weight gradient) and 4 d V
+    (the lens logits and the gradient back through the unembedding)."""
+    d, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+    return forward_flops_per_token(config, seq) + layers * (4 * d * d + 4 * d * vocab)
 
 
 def main():
@@ -92,6 +110,10 @@ def main():
                    help="tuned-lens trains under bfloat16 autocast by default")
     p.add_argument("--decode-dtype", default="auto", choices=["auto", "bf16", "f32"],
                    help="our `lens train --decode-dtype` (auto: bf16 on a CPU with AVX-512 BF16)")
+    p.add_argument("--chunk-tokens", type=int, default=256, help="our `lens train --chunk-tokens`")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's peak, for the floor (GPU only)")
+    p.add_argument("--prebuilt", help="a folder with our lens, hooks and forward_bench binaries (skips cargo build)")
     p.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-path", help=argparse.SUPPRESS)
     p.add_argument("--tokens", help=argparse.SUPPRESS)
@@ -99,27 +121,15 @@ def main():
     if args.peer:
         return peer(args)
 
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "eleuther-lens", "--bin", "lens",
-                    "-p", "eleuther-hooks", "--bin", "hooks", "--example", "forward_bench"], cwd=REPO, check=True)
+    binaries = our_binaries(args.prebuilt, "lens")
     bench = REPO / "target" / "bench"
-    if args.shape == "smollm2":
-        model_path = subprocess.run([str(REPO / "target/release/hooks"), "fetch", "smollm2"], check=True,
-                                    capture_output=True, text=True).stdout.strip()
-    else:
-        model_path = bench / f"{args.shape}-synthetic"
-        if not (model_path / "model.safetensors").exists():
-            model_path.mkdir(parents=True, exist_ok=True)
-            (model_path / "bench-config.json").write_text(json.dumps(config_for(args.shape)))
-            subprocess.run([str(REPO / "target/release/examples/forward_bench"), str(model_path), "--synthesize",
-                            str(model_path / "bench-config.json")], check=True)
-        (model_path / "tokenizer.json").write_bytes((REPO / "data/gpt-neox-20b-tokenizer.json").read_bytes())
-        model_path = str(model_path)
+    model_path = str(bench_model(args.shape, binaries))
 
     # The same chunks for both: tokenize once with our pipeline into an activation-free .npy.
     needed = args.steps * args.tokens_per_step
     npy = bench / f"lens-tokens-{args.shape}-{args.seq}.npy"
     cache = bench / f"lens-tokens-{args.shape}-{args.seq}"
-    subprocess.run([str(REPO / "target/release/hooks"), "cache", "--model", model_path, "--hookpoints", "embed",
+    subprocess.run([str(binaries["hooks"]), "cache", "--model", model_path, "--hookpoints", "embed",
                     "--data", str(REPO / "data/wikitext-2-raw-test.txt"), "--seq-len", str(args.seq),
                     "--max-tokens", str(needed), "--output", str(cache), "--overwrite"], check=True,
                    capture_output=True)
@@ -129,10 +139,11 @@ def main():
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     out = bench / f"lens-{args.shape}"
-    cmd = [str(REPO / "target/release/lens"), "train", "--model", model_path, "--data", str(npy),
+    cmd = [str(binaries["lens"]), "train", "--model", model_path, "--data", str(npy),
            "--seq-len", str(args.seq), "--batch-size", str(args.batch), "--tokens-per-step", str(args.tokens_per_step),
            "--steps", str(args.steps), "--checkpoint-every", "0", "--output", str(out),
-           "--decode-dtype", args.decode_dtype]
+           "--decode-dtype", args.decode_dtype, "--device", args.device,
+           "--chunk-tokens", str(args.chunk_tokens)]
     subprocess.run(["rm", "-rf", str(out)], check=True)
     start = time.perf_counter()
     ours = subprocess.run(["/usr/bin/time", "-f", "%M %U %S"] + cmd, env=env, capture_output=True, text=True)
@@ -148,20 +159,26 @@ def main():
     theirs = subprocess.run([sys.executable, __file__, "--peer", "--model-path", model_path, "--tokens", str(npy),
                              "--steps", str(args.steps), "--tokens-per-step", str(args.tokens_per_step),
                              "--seq", str(args.seq), "--batch", str(args.batch), "--threads", str(args.threads),
-                             "--peer-precision", args.peer_precision],
+                             "--peer-precision", args.peer_precision, "--device", args.device],
                             env=env, capture_output=True, text=True)
     if theirs.returncode != 0:
         sys.exit(theirs.stderr)
     t = json.loads(theirs.stdout.strip().splitlines()[-1])
     ours_tps = needed / ours_s
     print(f"tuned-lens training, {args.shape}, {args.steps} steps x {args.tokens_per_step} tokens (seq {args.seq}), "
-          f"{args.threads} threads")
+          f"{args.device if args.device != 'cpu' else f'{args.threads} threads'}")
     print(f"  eleuther-interp ({decoded} decoding): {ours_tps:8.1f} tokens/s  ({ours_s:.1f} s incl. model load)  "
           f"CPU {ours_cpu:.1f} s  peak RSS {ours_peak:.0f} MiB  mean KL last step {ours_loss:.4f}")
     print(f"  {t['impl']}: {t['tokens_per_s']:8.1f} tokens/s  ({t['seconds']:.1f} s, loop only)  CPU {t['cpu_seconds']:.1f} s  "
           f"peak RSS {t['peak_rss_mib']:.0f} MiB  mean KL last step {t['mean_loss_last_step']:.4f}")
     print(f"  ratio ours/theirs (throughput): {ours_tps / t['tokens_per_s']:.2f}; "
           f"CPU seconds theirs/ours: {t['cpu_seconds'] / ours_cpu:.2f} (a shared machine inflates both)")
+    if args.device != "cpu" and args.shape != "smollm2":
+        flops = lens_training_flops_per_token(config_for(args.shape), args.seq)
+        print(f"  tuned-lens peak device memory {t['device_mem_peak_mib']:.0f} MiB")
+        for name, tps in [("eleuther-interp", ours_tps), ("tuned-lens", t["tokens_per_s"])]:
+            print(f"  {name}: {flops * tps / 1e12:.1f} TFLOP/s = {100 * flops * tps / (args.peak_tflops * 1e12):.1f}% "
+                  f"of {args.peak_tflops:.0f} TFLOP/s (floor: {flops / 1e9:.2f} GFLOP per token)")
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def main():
         print(json.dumps(result), flush=True)
         results.append(result)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"\n| run | held-out FVU, ordinary rows | positions >= 1 | all positions | L0 | never fire on held-out (%) "
+    print("\n| run | held-out FVU, ordinary rows | positions >= 1 | all positions | L0 | never fire on held-out (%) "
           "| dead at end of training (%) | training FVU, last 10 steps | seconds |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:

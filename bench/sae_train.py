@@ -37,7 +37,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from forward import SHAPES, config_for  # noqa: E402
+from forward import SHAPES, bench_model, config_for, our_binaries  # noqa: E402
 
 
 def import_sparsify(device="cpu"):
@@ -129,33 +129,21 @@ def main():
     if args.peer:
         return peer(args)
 
-    if args.prebuilt:
-        binaries = Path(args.prebuilt)
-    else:
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "eleuther-sae", "--bin", "sae",
-                        "-p", "eleuther-hooks", "--bin", "hooks", "--example", "forward_bench"], cwd=REPO, check=True)
-        binaries = REPO / "target" / "release"
-    forward_bench = binaries / "forward_bench" if args.prebuilt else binaries / "examples" / "forward_bench"
+    binaries = our_binaries(args.prebuilt, "sae")
     bench = REPO / "target" / "bench"
-    model_path = bench / f"{args.shape}-synthetic"
-    if not (model_path / "model.safetensors").exists():
-        model_path.mkdir(parents=True, exist_ok=True)
-        (model_path / "bench-config.json").write_text(json.dumps(config_for(args.shape)))
-        subprocess.run([str(forward_bench), str(model_path), "--synthesize",
-                        str(model_path / "bench-config.json")], check=True)
-    (model_path / "tokenizer.json").write_bytes((REPO / "data/gpt-neox-20b-tokenizer.json").read_bytes())
+    model_path = bench_model(args.shape, binaries)
 
     needed = args.steps * args.batch
     cache = bench / f"sae-acts-{args.shape}-{needed}"
     if not (cache / "manifest.json").exists():
-        subprocess.run([str(binaries / "hooks"), "cache", "--model", str(model_path), "--hookpoints",
+        subprocess.run([str(binaries["hooks"]), "cache", "--model", str(model_path), "--hookpoints",
                         "layers.0", "--data", str(REPO / "data/wikitext-2-raw-test.txt"), "--seq-len", "256", "--device", args.device,
                         "--max-tokens", str(needed), "--output", str(cache), "--overwrite"], check=True,
                        capture_output=True)
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     out = bench / f"sae-{args.shape}"
-    cmd = [str(binaries / "sae"), "train", "--activations", str(cache), "--output", str(out), "--device", args.device,
+    cmd = [str(binaries["sae"]), "train", "--activations", str(cache), "--output", str(out), "--device", args.device,
            "--batch-size", str(args.batch), "--steps", str(args.steps), "--k", str(args.k),
            "--num-latents", str(args.latents), "--lr-warmup-steps", str(args.warmup),
            "--checkpoint-every", "0", "--chunk-tokens", str(args.batch), "--seed", str(args.seed)]

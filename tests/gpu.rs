@@ -281,9 +281,17 @@ fn gpu_sae_training_follows_the_cpu_run() {
     check_gpu_training_follows_the_cpu(sae::cli::run, options, "fvu", 2e-3);
 }
 
+/// In f32, and in bf16 (the default on a GPU: candle's bf16 matmul there, the packed kernel
+/// on the CPU; both bf16 inputs with f32 sums, and the GPU also rounds the logits to bf16, as
+/// autocast does).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_lens_training_follows_the_cpu_run() {
-    let options = "lens train --steps 5 --tokens-per-step 512 --seq-len 64 --batch-size 4";
-    check_gpu_training_follows_the_cpu(lens::cli::run, options, "loss", 2e-3);
+    for (dtype, tolerance) in [("f32", 2e-3), ("bf16", 5e-3)] {
+        let options = format!(
+            "lens train --steps 5 --tokens-per-step 512 --seq-len 64 --batch-size 4 \
+             --decode-dtype {dtype}"
+        );
+        check_gpu_training_follows_the_cpu(lens::cli::run, &options, "loss", tolerance);
+    }
 }

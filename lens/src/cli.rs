@@ -234,8 +234,8 @@ struct TrainArgs {
     #[arg(long, default_value_t = 25)]
     checkpoint_every: u64,
     /// Precision of the lens logits and of the gradient back through them: bf16 (bf16
-    /// inputs, f32 sums, as tuned-lens's autocast; CPU only), f32, or auto (bf16 on a CPU
-    /// with AVX-512 BF16, f32 elsewhere). Lens parameters and optimiser state are f32.
+    /// inputs, f32 sums, as tuned-lens's autocast), f32, or auto (bf16 on a CUDA GPU and on a
+    /// CPU with AVX-512 BF16, f32 elsewhere). Lens parameters and optimiser state are f32.
     #[arg(long, default_value = "auto")]
     decode_dtype: String,
 }

@@ -1,8 +1,9 @@
 //! How lens training decodes through the frozen unembedding: the two vocabulary-sized
 //! products per layer (lens logits `normed · W_Uᵀ` and the gradient back `dlogits · W_U`)
-//! in f32 through candle, or in bfloat16 through the packed kernel of [`crate::bf16`], as
-//! tuned-lens does under bfloat16 autocast. Everything else (translators, norms, softmax,
-//! the loss, gradients, optimiser state) stays f32 either way.
+//! in f32 through candle, or in bfloat16 as tuned-lens does under bfloat16 autocast: on the
+//! CPU through the packed kernel of [`crate::bf16`], on a GPU through candle's bf16 matmul.
+//! Everything else (translators, norms, softmax, the loss, gradients, optimiser state) stays
+//! f32 either way.
 
 use candle_core::{DType, Device, Tensor};
 use hooks::cpu::with_f32_slices;
@@ -11,18 +12,19 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::bf16::{gemm, round_to_bf16, Kernel, PackedB};
-use crate::loss::{decode_f32, loss_and_grads_through, LossAndGrads, Target};
+use crate::loss::{decode_candle, loss_and_grads_through, LossAndGrads, Target};
 use crate::{Error, Result};
 
 /// Precision of the vocabulary-sized products in lens training.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DecodeDtype {
-    /// bf16 on a CPU with AVX-512 BF16 (about twice as fast there), f32 elsewhere.
+    /// bf16 where it is the faster choice: on a CUDA GPU, and on a CPU with AVX-512 BF16
+    /// (about twice as fast there); f32 elsewhere.
     #[default]
     Auto,
-    /// bf16 inputs with f32 accumulation (tuned-lens's bfloat16 autocast); CPU only. On a
-    /// CPU without AVX-512 BF16 a portable kernel computes the same, more slowly than f32.
+    /// bf16 inputs with f32 accumulation (tuned-lens's bfloat16 autocast). On a CPU without
+    /// AVX-512 BF16 a portable kernel computes the same, more slowly than f32.
     Bf16,
     /// f32 throughout.
     F32,
@@ -41,31 +43,27 @@ impl DecodeDtype {
         }
     }
 
-    /// The bf16 kernel to use on `device`, or `None` for f32.
-    fn kernel(self, device: &Device) -> Result<Option<Kernel>> {
-        let cpu = matches!(device, Device::Cpu);
-        Ok(match self {
-            DecodeDtype::F32 => None,
+    /// Whether to decode in bf16 on `device`.
+    fn is_bf16_on(self, device: &Device) -> bool {
+        match self {
+            DecodeDtype::F32 => false,
+            DecodeDtype::Bf16 => true,
             DecodeDtype::Auto => {
-                Some(Kernel::detect()).filter(|k| cpu && *k == Kernel::Avx512Bf16)
+                device.is_cuda() || (device.is_cpu() && Kernel::detect() == Kernel::Avx512Bf16)
             }
-            DecodeDtype::Bf16 if cpu => Some(Kernel::detect()),
-            DecodeDtype::Bf16 => {
-                return Err(Error::Training(format!(
-                    "bf16 decoding is implemented for the CPU only; use decode dtype f32 (or auto) on {device:?}"
-                )))
-            }
-        })
+        }
     }
 }
 
 /// Decodes lens inputs for training and returns the loss and the translator's gradients;
-/// holds the packed unembedding and the reused vocabulary-sized buffers of the bf16 path.
+/// holds the unembedding in the decoding precision (and, on the CPU in bf16, the packed
+/// copy and the reused vocabulary-sized buffers).
 pub(crate) enum Decoder<'u> {
-    /// f32 through candle.
-    F32(&'u Unembedding),
-    /// bf16 through the packed kernel.
-    Bf16(&'u Unembedding, Box<Bf16Products>),
+    /// Through candle's matmul, with the unembedding weight in the decoding dtype (the
+    /// model's f32 tensor, or a bf16 copy on a GPU).
+    Candle(&'u Unembedding, Tensor),
+    /// bf16 on the CPU, through the packed kernel.
+    Packed(&'u Unembedding, Box<Bf16Products>),
 }
 
 impl<'u> Decoder<'u> {
@@ -75,20 +73,24 @@ impl<'u> Decoder<'u> {
         dtype: DecodeDtype,
         rows: usize,
     ) -> Result<Self> {
-        Ok(match dtype.kernel(unembedding.weight.device())? {
-            None => Decoder::F32(unembedding),
-            Some(kernel) => {
-                if kernel == Kernel::Portable {
-                    tracing::warn!(
-                        "this CPU lacks AVX-512 BF16: bf16 decoding runs a portable kernel, slower than f32"
-                    );
-                }
-                Decoder::Bf16(
-                    unembedding,
-                    Box::new(Bf16Products::new(unembedding, kernel, rows)?),
-                )
-            }
-        })
+        let device = unembedding.weight.device();
+        if !dtype.is_bf16_on(device) {
+            return Ok(Decoder::Candle(unembedding, unembedding.weight.clone()));
+        }
+        if !device.is_cpu() {
+            let weight = unembedding.weight.to_dtype(DType::BF16)?;
+            return Ok(Decoder::Candle(unembedding, weight));
+        }
+        let kernel = Kernel::detect();
+        if kernel == Kernel::Portable {
+            tracing::warn!(
+                "this CPU lacks AVX-512 BF16: bf16 decoding runs a portable kernel, slower than f32"
+            );
+        }
+        Ok(Decoder::Packed(
+            unembedding,
+            Box::new(Bf16Products::new(unembedding, kernel, rows)?),
+        ))
     }
 
     /// The summed loss of translator `(weight, bias)` on `h: [n, d]` and its gradients.
@@ -100,10 +102,12 @@ impl<'u> Decoder<'u> {
         target: &Target,
     ) -> Result<LossAndGrads> {
         match self {
-            Decoder::F32(u) => loss_and_grads_through(h, weight, bias, &u.norm, |normed| {
-                decode_f32(normed, &u.weight, target)
-            }),
-            Decoder::Bf16(u, products) => {
+            Decoder::Candle(u, unembedding) => {
+                loss_and_grads_through(h, weight, bias, &u.norm, |normed| {
+                    decode_candle(normed, unembedding, target)
+                })
+            }
+            Decoder::Packed(u, products) => {
                 loss_and_grads_through(h, weight, bias, &u.norm, |normed| {
                     products.decode(normed, target)
                 })
@@ -114,8 +118,9 @@ impl<'u> Decoder<'u> {
     /// `"bf16"` or `"f32"`, for logs and reports.
     pub(crate) fn dtype_name(&self) -> &'static str {
         match self {
-            Decoder::F32(_) => "f32",
-            Decoder::Bf16(..) => "bf16",
+            Decoder::Candle(_, weight) if weight.dtype() == DType::BF16 => "bf16",
+            Decoder::Candle(..) => "f32",
+            Decoder::Packed(..) => "bf16",
         }
     }
 }
@@ -237,5 +242,62 @@ impl Bf16Products {
             counted,
             Tensor::from_slice(normed_grad, (n, d), &Device::Cpu)?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hooks::compare::relative_error;
+    use hooks::FinalNorm;
+
+    /// The GPU's bf16 path (candle's bf16 matmul, run here on the CPU) against the CPU's
+    /// packed kernel, on random rows of awkward sizes: the same bf16 products, so the loss and
+    /// the translator gradients agree up to the bf16 rounding of the logits that candle's
+    /// matmul returns (as autocast does; the packed kernel keeps them f32). Seen: loss 1.4e-4
+    /// and gradients 1.0e-2 apart (relative), against 1.1e-4 and 1.2e-2 from f32 decoding; a
+    /// wrong transpose or dtype would be off by O(1).
+    #[test]
+    fn candle_bf16_decoding_matches_the_packed_kernel() {
+        let (n, d, vocab) = (37, 48, 1003);
+        let randn =
+            |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, &Device::Cpu).unwrap();
+        let unembedding = Unembedding {
+            norm: FinalNorm::Layer {
+                weight: (randn(&[d], 0.1) + 1.0).unwrap(),
+                bias: randn(&[d], 0.1),
+                eps: 1e-5,
+            },
+            weight: randn(&[vocab, d], 0.3),
+        };
+        let target = Target::from_logits(&randn(&[n, vocab], 2.0)).unwrap();
+        let (h, weight, bias) = (randn(&[n, d], 1.0), randn(&[d, d], 0.05), randn(&[d], 0.05));
+        let run =
+            |mut decoder: Decoder| decoder.loss_and_grads(&h, &weight, &bias, &target).unwrap();
+        let bf16_weight = unembedding.weight.to_dtype(DType::BF16).unwrap();
+        let candle = run(Decoder::Candle(&unembedding, bf16_weight));
+        let products = Bf16Products::new(&unembedding, Kernel::detect(), n).unwrap();
+        let packed = run(Decoder::Packed(&unembedding, Box::new(products)));
+        let f32 = run(Decoder::Candle(&unembedding, unembedding.weight.clone()));
+        let report = |a: &LossAndGrads, b: &LossAndGrads| {
+            (
+                (a.loss - b.loss).abs() / b.loss,
+                relative_error(&a.weight, &b.weight).unwrap(),
+                relative_error(&a.bias, &b.bias).unwrap(),
+            )
+        };
+        let (loss, weight_grad, bias_grad) = report(&candle, &packed);
+        eprintln!(
+            "candle bf16 vs packed: loss {loss:.2e}, grads {weight_grad:.2e} {bias_grad:.2e}"
+        );
+        eprintln!("candle bf16 vs f32: {:?}", report(&candle, &f32));
+        eprintln!("packed vs f32: {:?}", report(&packed, &f32));
+        assert!(candle.tokens == n && packed.tokens == n);
+        assert!(loss < 1e-3, "loss differs by {loss:.2e}");
+        assert!(
+            weight_grad < 3e-2 && bias_grad < 3e-2,
+            "gradients differ by {weight_grad:.2e}, {bias_grad:.2e}"
+        );
+        assert!(report(&candle, &f32).1 > 0.0, "the candle path ran in bf16");
     }
 }

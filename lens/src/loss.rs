@@ -111,7 +111,7 @@ pub fn loss_and_grads(
     target: &Target,
 ) -> Result<LossAndGrads> {
     loss_and_grads_through(h, weight, bias, &unembedding.norm, |normed| {
-        decode_f32(normed, &unembedding.weight, target)
+        decode_candle(normed, &unembedding.weight, target)
     })
 }
 
@@ -136,19 +136,26 @@ pub(crate) fn loss_and_grads_through(
     })
 }
 
-/// The decoding step of [`loss_and_grads`] in the tensors' dtype: logits through the
-/// unembedding `[vocab, d]`, the loss, and the gradient back to the normed rows.
-pub(crate) fn decode_f32(
+/// The decoding step of [`loss_and_grads`]: logits through the unembedding `[vocab, d]`, the
+/// loss, and the gradient back to the normed rows. Both products run in the unembedding's
+/// dtype (a bf16 unembedding rounds the normed rows and the logit gradient to bf16 first, as
+/// autocast does); the loss and the returned gradient are in the normed rows' dtype.
+pub(crate) fn decode_candle(
     normed: &Tensor,
     unembedding: &Tensor,
     target: &Target,
 ) -> Result<(f64, usize, Tensor)> {
-    let logits = normed.matmul(&unembedding.t()?)?;
+    let (dtype, product_dtype) = (normed.dtype(), unembedding.dtype());
+    let logits = normed
+        .to_dtype(product_dtype)?
+        .matmul(&unembedding.t()?)?
+        .to_dtype(dtype)?;
     let (loss, tokens, d_logits) = match crate::kernels::loss_and_logit_grad(&logits, target)? {
         Some(fast) => fast,
         None => loss_and_logit_grad(&logits, target)?,
     };
-    Ok((loss, tokens, d_logits.matmul(unembedding)?))
+    let d_normed = d_logits.to_dtype(product_dtype)?.matmul(unembedding)?;
+    Ok((loss, tokens, d_normed.to_dtype(dtype)?))
 }
 
 /// The summed loss over rows of `logits: [n, vocab]`, the number of rows that count, and

@@ -340,8 +340,9 @@ impl PyTunedLens {
     /// ``"adam"``; ``loss`` is ``"kl"`` or ``"ce"`` (next token); ``chunk_tokens`` tokens
     /// are decoded at once (memory is about 5 x that x vocab floats). ``decode_dtype`` is the
     /// precision of the lens logits and of the gradient back through them: ``"bf16"`` (bf16
-    /// inputs, f32 sums, as tuned-lens's autocast; CPU only), ``"f32"``, or ``"auto"`` (bf16
-    /// on a CPU with AVX-512 BF16, f32 elsewhere); translators and optimiser state are f32.
+    /// inputs, f32 sums, as tuned-lens's autocast), ``"f32"``, or ``"auto"`` (bf16 on a CUDA
+    /// GPU and on a CPU with AVX-512 BF16, f32 elsewhere); translators and optimiser state
+    /// are f32.
     ///
     /// With ``output``, the lens is saved there at the end (as by ``lens train --output``)
     /// and a checkpoint is kept in ``output/training`` every ``checkpoint_every`` steps:

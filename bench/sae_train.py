@@ -16,11 +16,12 @@ Run with the reference venv (torch + eai-sparsify):
     /work/venv-ref/bin/python bench/sae_train.py [--shape pythia-160m] [--latents 24576] [--k 32]
         [--steps 5] [--batch 4096] [--threads 2]
 
-`--device cuda` trains both on the GPU (sparsify with its Triton kernels; both synchronise
-before the clock stops) and prints each side's share of the FLOP floor: per token, the dense
-encoder product 2 d n (its backward touches only the k selected columns) plus about 10 d k
-for the sparse decode and the sparse gradients, at `--peak-tflops` (default 989: H100/H200
-dense bf16; our SAE trains in f32, so also compare with the f32 peak). `--prebuilt DIR` takes our binaries (sae, hooks,
+`--device cuda` trains both on the GPU (sparsify with its Triton kernels under its bf16
+autocast; ours with the encoder product in bf16 unless `--encoder-dtype f32`; both
+synchronise before the clock stops) and prints each side's share of the FLOP floor: per
+token, the dense encoder product 2 d n (its backward touches only the k selected columns)
+plus about 10 d k for the sparse decode and the sparse gradients, at `--peak-tflops`
+(default 989: H100/H200 dense bf16). `--prebuilt DIR` takes our binaries (sae, hooks,
 forward_bench) from DIR instead of building them (bench/gpu.sh carries them to the GPU).
 """
 import argparse
@@ -120,6 +121,8 @@ def main():
     p.add_argument("--warmup", type=int, default=1000, help="lr warm-up steps (sparsify: 1000)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--encoder-dtype", default="auto", choices=["auto", "bf16", "f32"],
+                   help="our `sae train --encoder-dtype` (auto: bf16 on a GPU, as sparsify's autocast)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's peak, for the floor (GPU only)")
     p.add_argument("--prebuilt", help="a folder with our sae, hooks and forward_bench binaries (skips cargo build)")
@@ -146,7 +149,8 @@ def main():
     cmd = [str(binaries["sae"]), "train", "--activations", str(cache), "--output", str(out), "--device", args.device,
            "--batch-size", str(args.batch), "--steps", str(args.steps), "--k", str(args.k),
            "--num-latents", str(args.latents), "--lr-warmup-steps", str(args.warmup),
-           "--checkpoint-every", "0", "--chunk-tokens", str(args.batch), "--seed", str(args.seed)]
+           "--checkpoint-every", "0", "--chunk-tokens", str(args.batch), "--seed", str(args.seed),
+           "--encoder-dtype", args.encoder_dtype]
     subprocess.run(["rm", "-rf", str(out)], check=True)
     ours = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, env=env, capture_output=True, text=True)
     if ours.returncode != 0:
@@ -167,7 +171,8 @@ def main():
     d = config_for(args.shape)["hidden_size"]
     print(f"TopK SAE training, d {d}, {args.latents} latents, k {args.k}, {args.steps} steps x {args.batch} tokens, "
           f"{args.threads} threads")
-    print(f"  eleuther-interp (f32): {ours_tps:8.1f} tokens/s  ({ours_s:.1f} s, training loop incl. cache reads)  "
+    encoder = {"auto": "bf16" if args.device != "cpu" else "f32"}.get(args.encoder_dtype, args.encoder_dtype)
+    print(f"  eleuther-interp ({encoder} encoder product): {ours_tps:8.1f} tokens/s  ({ours_s:.1f} s, training loop incl. cache reads)  "
           f"peak RSS {ours_peak:.0f} MiB  FVU last step {history[-1]['fvu']:.4f}")
     print(f"  {t['impl']}: {t['tokens_per_s']:8.1f} tokens/s  ({t['seconds']:.1f} s, loop only)  "
           f"peak RSS {t['peak_rss_mib']:.0f} MiB  FVU last step {t['fvu_last_step']:.4f}")

@@ -401,6 +401,7 @@ class Sae:
         dead_feature_threshold: int = 10_000_000,
         chunk_tokens: int = 4096,
         device: str = "cpu",
+        encoder_dtype: str = "auto",
         callback: Optional[Callable[[dict[str, Any]], Any]] = None,
     ) -> "Sae":
         """A new SAE trained with ``sae train``'s recipe on the rows of ``x`` ``[N, d_in]`` in
@@ -412,7 +413,9 @@ class SaeTrainer:
     """The ``sae train`` trainer one batch at a time: ``sae`` is an :class:`Sae` to train
     further or the input width ``d_in`` of a new one (``k``, ``num_latents`` /
     ``expansion_factor``, ``multi_topk``, ``transcode`` and ``seed`` describe a new SAE only;
-    defaults 32, d_in x 32, False, False, 42). ``steps`` sets the learning-rate schedule."""
+    defaults 32, d_in x 32, False, False, 42). ``steps`` sets the learning-rate schedule;
+    ``encoder_dtype`` ("auto": bf16 on a CUDA GPU, f32 on the CPU; "bf16"; "f32") is the
+    precision of the encoder's dense product."""
 
     def __init__(
         self,
@@ -431,6 +434,7 @@ class SaeTrainer:
         dead_feature_threshold: int = 10_000_000,
         chunk_tokens: int = 4096,
         device: str = "cpu",
+        encoder_dtype: str = "auto",
     ) -> None: ...
     def step(self, x: npt.ArrayLike, y: Optional[npt.ArrayLike] = None) -> dict[str, Any]:
         """One optimiser step on ``x`` ``[N, d_in]`` (a transcoder's target ``y``): ``{"step",

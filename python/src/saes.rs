@@ -237,7 +237,7 @@ impl PySae {
         num_latents = None, expansion_factor = 32, multi_topk = false, transcode = false,
         seed = 42, lr = None, warmup_steps = 1000, auxk_alpha = 0.0,
         dead_feature_threshold = 10_000_000, chunk_tokens = 4096, device = "cpu",
-        callback = None))]
+        encoder_dtype = "auto", callback = None))]
     #[allow(clippy::too_many_arguments)]
     fn train<'py>(
         py: Python<'py>,
@@ -257,6 +257,7 @@ impl PySae {
         dead_feature_threshold: u64,
         chunk_tokens: usize,
         device: &str,
+        encoder_dtype: &str,
         callback: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Self> {
         let x = py.import("numpy")?.call_method1("asarray", (x,))?;
@@ -291,6 +292,7 @@ impl PySae {
             auxk_alpha,
             dead_feature_threshold,
             chunk_tokens,
+            encoder_dtype,
         )?;
         trainer.run_steps(py, &x, y, batch_size, Some(steps), callback)?;
         Ok(PySae { inner: trainer.sae })
@@ -372,7 +374,9 @@ fn record_dict<'py>(py: Python<'py>, r: &sae::train::StepRecord) -> PyResult<Bou
 /// sqrt(num_latents / 2**14)``; ``auxk_alpha`` weighs the AuxK loss (0: off);
 /// ``dead_feature_threshold`` is the number of tokens after which an unselected latent counts
 /// as dead; ``chunk_tokens`` bounds memory (tokens encoded at once); ``device`` is where a
-/// new SAE lives (an existing one stays where it is). Bad arguments and
+/// new SAE lives (an existing one stays where it is); ``encoder_dtype`` is the precision of
+/// the encoder's dense product, ``"bf16"`` (bf16 inputs, f32 sums, as sparsify's autocast on
+/// a GPU), ``"f32"``, or ``"auto"`` (bf16 on a CUDA GPU, f32 on the CPU). Bad arguments and
 /// batches (wrong width, NaN or infinity) raise ``ValueError``; training that cannot go on
 /// raises ``RuntimeError``.
 #[pyclass(name = "SaeTrainer", module = "eleuther_interp")]
@@ -383,6 +387,7 @@ pub struct PySaeTrainer {
 
 impl PySaeTrainer {
     /// A trainer for `sae` with these options (refused options raise `ValueError`).
+    #[allow(clippy::too_many_arguments)]
     fn create(
         sae: sae::Sae,
         steps: u64,
@@ -391,6 +396,7 @@ impl PySaeTrainer {
         auxk_alpha: f64,
         dead_feature_threshold: u64,
         chunk_tokens: usize,
+        encoder_dtype: &str,
     ) -> PyResult<Self> {
         let options = sae::train::TrainOptions {
             steps,
@@ -404,6 +410,8 @@ impl PySaeTrainer {
             auxk_alpha,
             checkpoint_every: 0,
             skip_first_positions: 0,
+            encoder_dtype: sae::train::EncoderDtype::parse(encoder_dtype)
+                .map_err(|e| PyValueError::new_err(e.to_string()))?,
         };
         let trainer = sae::train::Trainer::new(&sae, options).map_err(|e| match e {
             // Options refused before any training: bad arguments.
@@ -492,7 +500,7 @@ impl PySaeTrainer {
     #[pyo3(signature = (sae, *, steps, k = None, num_latents = None, expansion_factor = None,
         multi_topk = None, transcode = None, seed = None, lr = None, warmup_steps = 1000,
         auxk_alpha = 0.0, dead_feature_threshold = 10_000_000, chunk_tokens = 4096,
-        device = "cpu"))]
+        device = "cpu", encoder_dtype = "auto"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         sae: &Bound<'_, PyAny>,
@@ -509,6 +517,7 @@ impl PySaeTrainer {
         dead_feature_threshold: u64,
         chunk_tokens: usize,
         device: &str,
+        encoder_dtype: &str,
     ) -> PyResult<Self> {
         let new_sae = NewSae {
             k,
@@ -541,6 +550,7 @@ impl PySaeTrainer {
             auxk_alpha,
             dead_feature_threshold,
             chunk_tokens,
+            encoder_dtype,
         )
     }
 

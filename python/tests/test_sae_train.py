@@ -96,6 +96,19 @@ def test_trainer_lowers_the_fvu_and_continues_an_sae():
         ei.SaeTrainer(sae, steps=20, k=8)
 
 
+def test_bf16_encoder_product_trains_as_well_as_f32():
+    """`encoder_dtype="bf16"` (the default on a GPU) rounds the encoder product to bf16: a
+    different SAE, with about the same FVU as f32 (the CPU's default under "auto")."""
+    x = planted(60 * 128, seed=6)
+    runs = {dtype: ei.Sae.train(x, batch_size=128, k=4, num_latents=64, lr=1e-2, warmup_steps=5, seed=0,
+                                encoder_dtype=dtype) for dtype in ["auto", "f32", "bf16"]}
+    heldout = planted(2048, seed=7)
+    out = {dtype: sae.forward(heldout) for dtype, sae in runs.items()}
+    np.testing.assert_array_equal(out["auto"]["x_hat"], out["f32"]["x_hat"])
+    assert not np.array_equal(out["bf16"]["x_hat"], out["f32"]["x_hat"])
+    assert abs(out["bf16"]["fvu"] - out["f32"]["fvu"]) < 0.05 * out["f32"]["fvu"], (out["bf16"]["fvu"], out["f32"]["fvu"])
+
+
 def test_transcoder_takes_its_target():
     x = planted(512, seed=4)
     y = np.tanh(x[:, ::-1]).copy()
@@ -130,6 +143,8 @@ def test_bad_input_raises_value_error_with_the_message():
         ei.Sae.train(x, batch_size=128, k=100, num_latents=64)
     with pytest.raises(ValueError, match="learning rate must be positive"):
         ei.SaeTrainer(16, steps=10, lr=-1.0)
+    with pytest.raises(ValueError, match="unknown encoder dtype 'f16' \\(expected auto, bf16 or f32\\)"):
+        ei.SaeTrainer(16, steps=10, encoder_dtype="f16")
     with pytest.raises(ValueError, match="steps, tokens per step and chunk size must be positive"):
         ei.SaeTrainer(16, steps=0)
     with pytest.raises(ValueError, match="x has 256 rows: not enough for one step of 512 rows"):

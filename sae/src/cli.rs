@@ -17,7 +17,7 @@ use hooks::data::DataSpec;
 use hooks::{HookPoint, Hooks, Model};
 use serde::{Deserialize, Serialize};
 
-use crate::train::{train_many, StepRecord, TrainOptions};
+use crate::train::{train_many, EncoderDtype, StepRecord, TrainOptions};
 use crate::{Sae, SaeConfig};
 
 /// Train and evaluate TopK sparse autoencoders (sparsify-compatible files).
@@ -210,6 +210,11 @@ struct TrainArgs {
     /// checkpoint; 0 is sparsify's recipe.
     #[arg(long, default_value_t = 0)]
     skip_first_positions: usize,
+    /// Precision of the encoder's dense product: bf16 (bf16 inputs, f32 sums, as sparsify's
+    /// autocast on a GPU), f32, or auto (bf16 on a CUDA GPU, f32 on the CPU). Parameters,
+    /// gradients and optimiser state are f32 either way.
+    #[arg(long, default_value = "auto")]
+    encoder_dtype: String,
     /// Seed of the SAE initialisation and of the cache shuffle.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -402,6 +407,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
         auxk_alpha: args.auxk_alpha,
         checkpoint_every: args.checkpoint_every,
         skip_first_positions: skip,
+        encoder_dtype: EncoderDtype::parse(&args.encoder_dtype)?,
     };
     let mut saes = widths
         .iter()

@@ -28,7 +28,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use hooks::activations::ActivationSource;
 use hooks::optim::{linear_schedule, Optimizer, Rule};
 use hooks::HookPoint;
@@ -65,6 +65,49 @@ pub struct TrainOptions {
     /// `docs/sae-smollm2.md`). Absent from older checkpoints, which mean 0.
     #[serde(default)]
     pub skip_first_positions: usize,
+    /// Precision of the encoder's dense product, the FLOP-heavy step of training. Absent
+    /// from older checkpoints, which mean `Auto`.
+    #[serde(default)]
+    pub encoder_dtype: EncoderDtype,
+}
+
+/// Precision of the encoder's dense product `(x − b_dec) W_encᵀ` in training (`2 d n` FLOP
+/// per token, nearly all of a step's); parameters, gradients and optimiser state stay f32.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncoderDtype {
+    /// bf16 on a CUDA GPU (tensor cores; sparsify's bf16 autocast does the same there), f32
+    /// elsewhere.
+    #[default]
+    Auto,
+    /// bf16 inputs with f32 sums, the pre-activations rounded to bf16 (on the CPU through
+    /// candle's generic product: correct, and slower than f32).
+    Bf16,
+    /// The SAE's own dtype (f32) throughout.
+    F32,
+}
+
+impl EncoderDtype {
+    /// Parses `auto`, `bf16` or `f32`.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "auto" => Ok(EncoderDtype::Auto),
+            "bf16" => Ok(EncoderDtype::Bf16),
+            "f32" => Ok(EncoderDtype::F32),
+            other => Err(Error::Training(format!(
+                "unknown encoder dtype '{other}' (expected auto, bf16 or f32)"
+            ))),
+        }
+    }
+
+    /// The dtype of the product for an SAE in `dtype` on `device`: bf16, or the SAE's own.
+    pub fn product_dtype(self, dtype: DType, device: &Device) -> DType {
+        match self {
+            EncoderDtype::Auto if device.is_cuda() => DType::BF16,
+            EncoderDtype::Bf16 => DType::BF16,
+            EncoderDtype::Auto | EncoderDtype::F32 => dtype,
+        }
+    }
 }
 
 impl Default for TrainOptions {
@@ -79,6 +122,7 @@ impl Default for TrainOptions {
             auxk_alpha: 0.0,
             checkpoint_every: 1000,
             skip_first_positions: 0,
+            encoder_dtype: EncoderDtype::Auto,
         }
     }
 }
@@ -160,18 +204,21 @@ pub fn fvu_and_grads_to(
     auxk: Option<&AuxK>,
 ) -> Result<FvuGrads> {
     let mut sum = GradSum::Empty;
-    let mut out = accumulate(sae, input, target, total_variance, auxk, &mut sum)?;
+    let product = sae.w_enc().dtype();
+    let mut out = accumulate(sae, input, target, total_variance, auxk, product, &mut sum)?;
     out.grads = sum.into_tensors()?;
     Ok(out)
 }
 
-/// [`fvu_and_grads_to`] with the gradients added to `sum` (the returned `grads` is empty).
+/// [`fvu_and_grads_to`] with the gradients added to `sum` (the returned `grads` is empty),
+/// the encoder's dense product in `product`.
 fn accumulate(
     sae: &Sae,
     input: &Tensor,
     target: &Tensor,
     total_variance: Option<f64>,
     auxk: Option<&AuxK>,
+    product: DType,
     sum: &mut GradSum,
 ) -> Result<FvuGrads> {
     check_trainable(sae)?;
@@ -204,7 +251,7 @@ fn accumulate(
         k: if multi { 4 * k } else { k },
         dead: auxk.zip(aux_size).map(|(a, (k_aux, _))| (a.dead, k_aux)),
     };
-    let (wide, aux_selection) = encode_select(&xc, sae.w_enc(), sae.b_enc(), picks)?;
+    let (wide, aux_selection) = encode_select(&xc, sae.w_enc(), sae.b_enc(), picks, product)?;
     let (top_acts, top_indices) = if multi {
         (
             wide.acts.narrow(1, 0, k)?.contiguous()?,
@@ -509,6 +556,9 @@ impl Trainer {
             &x,
             self.options.chunk_tokens,
             (auxk.alpha > 0.0).then_some(&auxk),
+            self.options
+                .encoder_dtype
+                .product_dtype(x.dtype(), x.device()),
         )?;
         if !fvu.is_finite() {
             return Err(Error::Training(format!(
@@ -595,6 +645,7 @@ fn batch_grads(
     x: &Tensor,
     chunk_tokens: usize,
     auxk: Option<&AuxK>,
+    product: DType,
 ) -> Result<Batch> {
     let tv = batch_variance(x)?;
     let n = x.dim(0)?;
@@ -610,7 +661,7 @@ fn batch_grads(
     for start in (0..n).step_by(chunk_tokens) {
         let len = chunk_tokens.min(n - start);
         let (chunk_in, chunk) = (input.narrow(0, start, len)?, x.narrow(0, start, len)?);
-        let out = accumulate(sae, &chunk_in, &chunk, Some(tv), auxk, &mut sum)?;
+        let out = accumulate(sae, &chunk_in, &chunk, Some(tv), auxk, product, &mut sum)?;
         batch.fvu += out.fvu;
         batch.auxk_loss += out.auxk_loss;
         let fired = match &out.multi_topk {
@@ -1096,7 +1147,8 @@ mod tests {
                 k: 1,
                 dead: Some((&dead, k_aux)),
             };
-            let (_, selection) = encode_select(&x, moved.w_enc(), moved.b_enc(), picks).unwrap();
+            let (_, selection) =
+                encode_select(&x, moved.w_enc(), moved.b_enc(), picks, x.dtype()).unwrap();
             let selection = selection.unwrap();
             let zero = moved.b_dec().zeros_like().unwrap();
             let e_hat =
@@ -1146,7 +1198,8 @@ mod tests {
                     k: 1,
                     dead: Some((&dead, k_aux)),
                 };
-                let (_, selection) = encode_select(&xc, sae.w_enc(), sae.b_enc(), picks).unwrap();
+                let (_, selection) =
+                    encode_select(&xc, sae.w_enc(), sae.b_enc(), picks, xc.dtype()).unwrap();
                 let mut sum = GradSum::Empty;
                 let loss = auxk_and_grads(
                     sae,
@@ -1280,8 +1333,8 @@ mod tests {
     #[test]
     fn chunks_add_up_to_the_whole_batch() {
         let (sae, x) = case(DType::F64);
-        let whole = batch_grads(&sae, &x, &x, 5, None).unwrap();
-        let chunked = batch_grads(&sae, &x, &x, 2, None).unwrap();
+        let whole = batch_grads(&sae, &x, &x, 5, None, x.dtype()).unwrap();
+        let chunked = batch_grads(&sae, &x, &x, 2, None, x.dtype()).unwrap();
         assert!((whole.fvu - chunked.fvu).abs() < 1e-12);
         assert_eq!(whole.fired, chunked.fired);
         assert_eq!(whole.active, chunked.active);
@@ -1322,6 +1375,7 @@ mod tests {
             auxk_alpha: 0.0,
             checkpoint_every: 0,
             skip_first_positions: 0,
+            encoder_dtype: EncoderDtype::F32,
         };
         let mut trainer = Trainer::new(&sae, options.clone()).unwrap();
         let first = trainer.step(&mut sae, &x).unwrap();

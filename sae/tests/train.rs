@@ -9,7 +9,7 @@ use hooks::activations::{ActivationBatch, ActivationSource, ModelActivations};
 use hooks::data::DataSpec;
 use hooks::{HookPoint, LoadOptions, Model};
 use rand::{Rng, SeedableRng};
-use sae::train::{train, train_many, StepRecord, TrainOptions};
+use sae::train::{train, train_many, EncoderDtype, StepRecord, TrainOptions};
 use sae::{Sae, SaeConfig};
 
 const D: usize = 32;
@@ -97,6 +97,7 @@ fn options() -> TrainOptions {
         auxk_alpha: 0.0,
         checkpoint_every: 0,
         skip_first_positions: 0,
+        encoder_dtype: EncoderDtype::F32,
     }
 }
 
@@ -366,29 +367,40 @@ fn trains_on_model_activations_over_text() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
     let spec = DataSpec::new(vec![repo().join("data/wikitext-2-raw-test.txt")], 64);
-    let chunks = spec.chunks(Some(model.tokenizer().unwrap())).unwrap();
-    let mut source =
-        ModelActivations::new(&model, chunks, vec![POINT], 8, DType::F32, None).unwrap();
-    let mut sae = Sae::new(SaeConfig::new(32, 128, 8), 0, &Device::Cpu).unwrap();
-    let options = TrainOptions {
-        steps: 80,
-        tokens_per_step: 512,
-        chunk_tokens: 512,
-        lr: Some(1e-2),
-        warmup_steps: 8,
-        dead_feature_threshold: 512 * 20,
-        auxk_alpha: 0.0,
-        checkpoint_every: 0,
-        skip_first_positions: 0,
+    let run = |encoder_dtype| {
+        let chunks = spec.chunks(Some(model.tokenizer().unwrap())).unwrap();
+        let mut source =
+            ModelActivations::new(&model, chunks, vec![POINT], 8, DType::F32, None).unwrap();
+        let mut sae = Sae::new(SaeConfig::new(32, 128, 8), 0, &Device::Cpu).unwrap();
+        let options = TrainOptions {
+            steps: 80,
+            tokens_per_step: 512,
+            chunk_tokens: 512,
+            lr: Some(1e-2),
+            warmup_steps: 8,
+            dead_feature_threshold: 512 * 20,
+            auxk_alpha: 0.0,
+            checkpoint_every: 0,
+            skip_first_positions: 0,
+            encoder_dtype,
+        };
+        let history = train(&mut sae, &mut source, POINT, &options, None, |_| {}).unwrap();
+        let first = history[0].fvu;
+        let last: f64 = history[75..].iter().map(|r| r.fvu).sum::<f64>() / 5.0;
+        eprintln!(
+            "{encoder_dtype:?}: FVU {first:.4} -> {last:.4}, L0 {:.2}, dead {:.3}",
+            history[79].l0, history[79].dead_fraction
+        );
+        assert!(last < 0.6 * first, "FVU {first} -> {last}");
+        last
     };
-    let history = train(&mut sae, &mut source, POINT, &options, None, |_| {}).unwrap();
-    let first = history[0].fvu;
-    let last: f64 = history[75..].iter().map(|r| r.fvu).sum::<f64>() / 5.0;
-    eprintln!(
-        "FVU {first:.4} -> {last:.4}, L0 {:.2}, dead {:.3}",
-        history[79].l0, history[79].dead_fraction
+    // The encoder product in bf16 (the default on a GPU) learns as well as in f32 (seen:
+    // last FVU 0.2199 in bf16, 0.2204 in f32).
+    let (f32, bf16) = (run(EncoderDtype::F32), run(EncoderDtype::Bf16));
+    assert!(
+        (bf16 - f32).abs() < 0.05 * f32,
+        "last FVU {bf16} (bf16) vs {f32} (f32)"
     );
-    assert!(last < 0.6 * first, "FVU {first} -> {last}");
 }
 
 /// Hands on a source's batches and keeps a copy of every row it hands out.

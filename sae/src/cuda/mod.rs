@@ -15,7 +15,7 @@ pub(crate) mod launch;
 pub(crate) use launch::{backward, combine_rows, encode_select, topk};
 
 #[cfg(any(test, feature = "cuda"))]
-use crate::kernels::{Backward, Picks, Selection};
+use crate::kernels::{encoder_pre, Backward, Picks, Selection};
 use crate::{Error, Result};
 #[cfg(any(test, feature = "cuda"))]
 use candle_core::{DType, Tensor};
@@ -82,14 +82,20 @@ pub(crate) fn encode_select_with(
     w_enc: &Tensor,
     b_enc: &Tensor,
     picks: Picks,
+    product: DType,
 ) -> Result<(Selection, Option<Selection>)> {
-    let pre = xc.matmul(&w_enc.t()?)?.broadcast_add(b_enc)?;
-    let (acts, indices) = kernels.topk(&pre, picks.k, None, true)?;
+    // The TopK reads the pre-activations in `product` (bf16: half the bytes) and the
+    // selected activations come back in `xc`'s dtype.
+    let pre = encoder_pre(xc, w_enc, b_enc, product)?;
+    let in_dtype = |(acts, indices): (Tensor, Tensor)| -> Result<(Tensor, Tensor)> {
+        Ok((acts.to_dtype(xc.dtype())?, indices))
+    };
+    let (acts, indices) = in_dtype(kernels.topk(&pre, picks.k, None, true)?)?;
     let aux = match picks.dead {
         Some((dead, k_aux)) => {
             let mask: Vec<u8> = dead.iter().map(|&d| u8::from(d)).collect();
             let mask = Tensor::from_vec(mask, dead.len(), xc.device())?;
-            let (acts, indices) = kernels.topk(&pre, k_aux, Some(&mask), true)?;
+            let (acts, indices) = in_dtype(kernels.topk(&pre, k_aux, Some(&mask), true)?)?;
             Some(Selection { acts, indices })
         }
         None => None,

@@ -445,6 +445,8 @@ fn problem(tokens: usize, n: usize, d: usize, seed: u64) -> Problem {
     }
 }
 
+/// With the dense product in f32 and in bf16 (whose rounded pre-activations tie often: the
+/// kernel must break ties by the lower index, as the CPU does).
 #[test]
 fn emulated_encoder_selection_matches_the_cpu_encoder() {
     let Some(emulated) = Emulated::new() else {
@@ -455,19 +457,23 @@ fn emulated_encoder_selection_matches_the_cpu_encoder() {
         k: 9,
         dead: Some((&p.dead, 20)),
     };
-    let (top, aux) = encode_select_with(&emulated, &p.xc, &p.w_enc, &p.b_enc, picks).unwrap();
-    let (top_ref, aux_ref) = kernels::encode_select(&p.xc, &p.w_enc, &p.b_enc, picks).unwrap();
-    let (aux, aux_ref) = (aux.unwrap(), aux_ref.unwrap());
-    for (got, want, what) in [(&top, &top_ref, "top k"), (&aux, &aux_ref, "AuxK pick")] {
-        assert_eq!(
-            got.indices.to_vec2::<u32>().unwrap(),
-            want.indices.to_vec2::<u32>().unwrap(),
-            "{what}: indices"
-        );
-        assert!(
-            max_rel_diff(&got.acts, &want.acts) < 1e-5,
-            "{what}: activations"
-        );
+    for product in [DType::F32, DType::BF16] {
+        let (top, aux) =
+            encode_select_with(&emulated, &p.xc, &p.w_enc, &p.b_enc, picks, product).unwrap();
+        let (top_ref, aux_ref) =
+            kernels::encode_select(&p.xc, &p.w_enc, &p.b_enc, picks, product).unwrap();
+        let (aux, aux_ref) = (aux.unwrap(), aux_ref.unwrap());
+        for (got, want, what) in [(&top, &top_ref, "top k"), (&aux, &aux_ref, "AuxK pick")] {
+            assert_eq!(
+                got.indices.to_vec2::<u32>().unwrap(),
+                want.indices.to_vec2::<u32>().unwrap(),
+                "{what} ({product:?}): indices"
+            );
+            assert!(
+                max_rel_diff(&got.acts, &want.acts) < 1e-5,
+                "{what} ({product:?}): activations"
+            );
+        }
     }
 }
 
@@ -477,8 +483,14 @@ fn emulated_gradients_match_the_cpu_backward() {
         return;
     };
     let p = problem(13, 500, 36, 60);
-    let (top, _) =
-        kernels::encode_select(&p.xc, &p.w_enc, &p.b_enc, Picks { k: 7, dead: None }).unwrap();
+    let (top, _) = kernels::encode_select(
+        &p.xc,
+        &p.w_enc,
+        &p.b_enc,
+        Picks { k: 7, dead: None },
+        DType::F32,
+    )
+    .unwrap();
     check_backward(&emulated, &p, &top, &Device::Cpu, "emulated");
 }
 
@@ -589,9 +601,11 @@ fn gpu_kernels_match_the_cpu_implementations() {
             &gpu(&p.w_enc),
             &gpu(&p.b_enc),
             picks,
+            DType::F32,
         )
         .unwrap();
-        let (top_ref, aux_ref) = kernels::encode_select(&p.xc, &p.w_enc, &p.b_enc, picks).unwrap();
+        let (top_ref, aux_ref) =
+            kernels::encode_select(&p.xc, &p.w_enc, &p.b_enc, picks, DType::F32).unwrap();
         for (got, want, what) in [
             (&top, &top_ref, "top k"),
             (&aux.unwrap(), &aux_ref.unwrap(), "AuxK pick"),

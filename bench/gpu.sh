@@ -7,8 +7,9 @@
 #                        and packed into
 #                        target/gpu-carry/ with the wheels of the benchmark's Python peer
 #                        (eai-sparsify, which the GPU machine lacks).
-#   bench/gpu.sh run     there, from the repository root with target/gpu-carry carried along:
-#                        the GPU tests, then the GPU benchmarks side by side with PyTorch
+#   bench/gpu.sh run [tests|bench]
+#                        there, from the repository root with target/gpu-carry carried along:
+#                        the GPU tests, then (or only one of) the GPU benchmarks side by side with PyTorch
 #                        (bench/forward.py: transformers; bench/sae_train.py: eai-sparsify;
 #                        bench/lens_train.py: tuned-lens).
 #                        Logs go to $OUT (the device tool's folder) or target/gpu-out.
@@ -60,6 +61,7 @@ build() {
 }
 
 run() {
+    local part=${1:-all}
     local out=${OUT:-target/gpu-out}
     mkdir -p "$out" target/gpu-run
     local cu13
@@ -71,13 +73,16 @@ run() {
     export PYTHONPATH=/tmp/ei-site PYTHONUNBUFFERED=1
     nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || true
     local status=0
-    echo "== GPU tests"
-    (
-        rc=0
-        "$bin/sae-unit-tests" --ignored gpu_ || rc=1
-        EI_REPO=$PWD "$bin/gpu-tests" --ignored --test-threads 1 || rc=1
-        exit $rc
-    ) 2>&1 | tee "$out/gpu-tests.log" || status=1
+    if [ "$part" != bench ]; then
+        echo "== GPU tests"
+        (
+            rc=0
+            "$bin/sae-unit-tests" --ignored gpu_ || rc=1
+            EI_REPO=$PWD "$bin/gpu-tests" --ignored --test-threads 1 || rc=1
+            exit $rc
+        ) 2>&1 | tee "$out/gpu-tests.log" || status=1
+    fi
+    [ "$part" = tests ] && return $status
     echo "== GPU benchmarks"
     (
         rc=0
@@ -98,9 +103,17 @@ run() {
 
 case "${1:-}" in
 build) build ;;
-run) run ;;
+run)
+    case "${2:-all}" in
+    all | tests | bench) run "${2:-all}" ;;
+    *)
+        echo "usage: bench/gpu.sh run [tests|bench]" >&2
+        exit 2
+        ;;
+    esac
+    ;;
 *)
-    echo "usage: bench/gpu.sh build|run" >&2
+    echo "usage: bench/gpu.sh build|run [tests|bench]" >&2
     exit 2
     ;;
 esac

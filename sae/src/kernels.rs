@@ -69,7 +69,7 @@ pub(crate) struct Picks<'a> {
 
 /// Encodes `xc: [N, d]` (the encoder's input, `b_dec` already subtracted where it applies)
 /// and selects per row what `picks` asks for: `(top k, top k_aux among the dead)`.
-/// The dense product runs in `product` (see [`encoder_product`]).
+/// The dense product runs in `product` (see [`encoder_pre`]).
 pub(crate) fn encode_select(
     xc: &Tensor,
     w_enc: &Tensor,

@@ -227,10 +227,12 @@ pub(crate) fn causal_attention_generic(
     };
     let dtype = q.dtype();
     let scale = 1.0 / (d as f64).sqrt();
-    let product = || {
-        q.to_dtype(DType::F32)?
-            .matmul(&k.to_dtype(DType::F32)?.t()?)
-    };
+    // A power-of-two scale (head sizes 64, 256, ...) goes on `q` instead of the `[t, t]`
+    // scores: bit-identical scores, one pass fewer over them.
+    let scale_q = scale.log2().fract() == 0.0;
+    let q = q.to_dtype(DType::F32)?;
+    let q = if scale_q { q.affine(scale, 0.0)? } else { q };
+    let product = || q.matmul(&k.to_dtype(DType::F32)?.t()?);
     // bf16 and f16 values are exact in TF32 (10 mantissa bits), so on a GPU their scores may
     // use TF32 tensor cores with f32 sums: the f32 result, ~8x faster (flash attention also
     // multiplies the half-precision values with f32 sums).
@@ -239,7 +241,12 @@ pub(crate) fn causal_attention_generic(
     } else {
         product()?
     };
-    let scores = scores.affine(scale, 0.0)?.broadcast_add(mask)?;
+    let scores = if scale_q {
+        scores
+    } else {
+        scores.affine(scale, 0.0)?
+    };
+    let scores = scores.broadcast_add(mask)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
     let out = probs.matmul(&v.contiguous()?)?;
     Ok(out.transpose(1, 2)?.reshape((b, t, heads * d))?)
@@ -263,4 +270,41 @@ fn repeat_kv(x: &Tensor, repeat: usize) -> Result<Tensor> {
     Ok(x.unsqueeze(2)?
         .expand((b, kv, repeat, t, d))?
         .reshape((b, kv * repeat, t, d))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Scaling `q` by a power of two gives the scores, and so the output, of scaling the
+    /// scores afterwards, bit for bit (head size 64: scale 1/8); other head sizes keep the
+    /// scale on the scores.
+    #[test]
+    fn power_of_two_scale_on_q_changes_no_bit() {
+        for d in [64, 48] {
+            let (b, heads, t) = (2, 3, 17);
+            let randn = || Tensor::randn(0f32, 1.0, (b, heads, t, d), &Device::Cpu).unwrap();
+            let (q, k, v) = (randn(), randn(), randn());
+            let mask = causal_mask(t, &Device::Cpu).unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale)
+                .unwrap()
+                .broadcast_add(&mask)
+                .unwrap();
+            let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+            let reference = probs
+                .matmul(&v)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, t, heads * d))
+                .unwrap();
+            let out = causal_attention_generic(&q, &k, &v, &mask).unwrap();
+            let (out, reference): (Vec<f32>, Vec<f32>) = (
+                out.flatten_all().unwrap().to_vec1().unwrap(),
+                reference.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert!(out == reference, "head size {d}: the outputs differ");
+        }
+    }
 }

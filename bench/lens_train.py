@@ -72,13 +72,13 @@ def peer(args):
                 with torch.autocast("cuda" if cuda else "cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
                     logits = lens(h, idx=i)
                     loss = torch.sum(labels.exp() * (labels - logits.log_softmax(-1)), dim=-1).mean()
-                    step_losses.append(loss.item())
+                    step_losses.append(loss.detach())  # no .item() here: it would stall a GPU
                 (loss / (per_step // micro)).backward()
         torch.nn.utils.clip_grad_norm_(lens.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=False)
         sched.step()
-        losses.append(sum(step_losses) / len(step_losses))
+        losses.append(torch.stack(step_losses).mean())
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -86,7 +86,7 @@ def peer(args):
     cpu = (cpu_end.ru_utime - cpu_start.ru_utime) + (cpu_end.ru_stime - cpu_start.ru_stime)
     print(json.dumps({"cpu_seconds": cpu, "impl": f"tuned-lens {importlib.metadata.version('tuned-lens')} ({args.peer_precision} autocast)",
                       "seconds": seconds, "tokens_per_s": args.steps * args.tokens_per_step / seconds,
-                      "mean_loss_last_step": losses[-1],
+                      "mean_loss_last_step": losses[-1].item(),
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "device_mem_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else 0}))
 

@@ -294,7 +294,7 @@ impl PySae {
             chunk_tokens,
             encoder_dtype,
         )?;
-        trainer.run_steps(py, &x, y, batch_size, Some(steps), callback)?;
+        trainer.fit(py, &x, y, batch_size, Some(steps), callback)?;
         Ok(PySae { inner: trainer.sae })
     }
 
@@ -434,64 +434,6 @@ impl PySaeTrainer {
             (false, None) => Ok(x.clone()),
         }
     }
-
-    /// Steps over `x` (and `y`) in order, `batch_size` rows per step, calling `callback`
-    /// with each record; returns the records.
-    fn run_steps<'py>(
-        &mut self,
-        py: Python<'py>,
-        x: &Bound<'py, PyAny>,
-        y: Option<&Bound<'py, PyAny>>,
-        batch_size: usize,
-        steps: Option<u64>,
-        callback: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        let d = self.sae.d_in();
-        let x = rows_arg(x, d, "x")?;
-        let y = y.map(|y| rows_arg(y, d, "y")).transpose()?;
-        let target = self.target(&x, y)?;
-        if target.dim(0).into_py_result()? != x.dim(0).into_py_result()? {
-            return Err(PyValueError::new_err(format!(
-                "x and y must have the same number of rows, got {} and {}",
-                x.dim(0).into_py_result()?,
-                target.dim(0).into_py_result()?
-            )));
-        }
-        if batch_size == 0 {
-            return Err(PyValueError::new_err("batch_size must be positive"));
-        }
-        let rows = x.dim(0).into_py_result()?;
-        let steps = steps.unwrap_or((rows / batch_size) as u64);
-        let needed = steps as usize * batch_size;
-        if steps == 0 || needed > rows {
-            return Err(PyValueError::new_err(format!(
-                "x has {rows} rows: not enough for {} of {batch_size} rows",
-                if steps == 0 {
-                    "one step".to_string()
-                } else {
-                    format!("{steps} steps")
-                }
-            )));
-        }
-        let mut records = Vec::with_capacity(steps as usize);
-        for i in 0..steps as usize {
-            let (start, sae, trainer) = (i * batch_size, &mut self.sae, &mut self.trainer);
-            let record = py
-                .detach(|| -> Result<_, sae::Error> {
-                    let input = x.narrow(0, start, batch_size)?;
-                    let target = target.narrow(0, start, batch_size)?;
-                    trainer.step_to(sae, &input, &target)
-                })
-                .into_py_sae()?;
-            let dict = record_dict(py, &record)?;
-            if let Some(callback) = callback {
-                callback.call1((dict.clone(),))?;
-            }
-            records.push(dict);
-            py.check_signals()?;
-        }
-        Ok(records)
-    }
 }
 
 #[pymethods]
@@ -590,7 +532,51 @@ impl PySaeTrainer {
         steps: Option<u64>,
         callback: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        self.run_steps(py, x, y, batch_size, steps, callback)
+        let d = self.sae.d_in();
+        let x = rows_arg(x, d, "x")?;
+        let y = y.map(|y| rows_arg(y, d, "y")).transpose()?;
+        let target = self.target(&x, y)?;
+        if target.dim(0).into_py_result()? != x.dim(0).into_py_result()? {
+            return Err(PyValueError::new_err(format!(
+                "x and y must have the same number of rows, got {} and {}",
+                x.dim(0).into_py_result()?,
+                target.dim(0).into_py_result()?
+            )));
+        }
+        if batch_size == 0 {
+            return Err(PyValueError::new_err("batch_size must be positive"));
+        }
+        let rows = x.dim(0).into_py_result()?;
+        let steps = steps.unwrap_or((rows / batch_size) as u64);
+        let needed = steps as usize * batch_size;
+        if steps == 0 || needed > rows {
+            return Err(PyValueError::new_err(format!(
+                "x has {rows} rows: not enough for {} of {batch_size} rows",
+                if steps == 0 {
+                    "one step".to_string()
+                } else {
+                    format!("{steps} steps")
+                }
+            )));
+        }
+        let mut records = Vec::with_capacity(steps as usize);
+        for i in 0..steps as usize {
+            let (start, sae, trainer) = (i * batch_size, &mut self.sae, &mut self.trainer);
+            let record = py
+                .detach(|| -> Result<_, sae::Error> {
+                    let input = x.narrow(0, start, batch_size)?;
+                    let target = target.narrow(0, start, batch_size)?;
+                    trainer.step_to(sae, &input, &target)
+                })
+                .into_py_sae()?;
+            let dict = record_dict(py, &record)?;
+            if let Some(callback) = callback {
+                callback.call1((dict.clone(),))?;
+            }
+            records.push(dict);
+            py.check_signals()?;
+        }
+        Ok(records)
     }
 
     /// A copy of the SAE as trained so far.

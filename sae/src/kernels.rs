@@ -69,45 +69,40 @@ pub(crate) struct Picks<'a> {
 
 /// Encodes `xc: [N, d]` (the encoder's input, `b_dec` already subtracted where it applies)
 /// and selects per row what `picks` asks for: `(top k, top k_aux among the dead)`.
-/// The dense product runs in `product` (see [`encoder_pre`]).
+/// The dense product runs in `w_enc`'s dtype (see [`encoder_pre`]): a bf16 copy of the
+/// encoder weight makes it a bf16 product.
 pub(crate) fn encode_select(
     xc: &Tensor,
     w_enc: &Tensor,
     b_enc: &Tensor,
     picks: Picks,
-    product: DType,
 ) -> Result<(Selection, Option<Selection>)> {
     #[cfg(feature = "cuda")]
-    if let Some(out) = crate::cuda::encode_select(xc, w_enc, b_enc, picks, product)? {
+    if let Some(out) = crate::cuda::encode_select(xc, w_enc, b_enc, picks)? {
         return Ok(out);
     }
-    if product == xc.dtype() {
+    if w_enc.dtype() == xc.dtype() {
         if let Some(out) = encode_select_cpu(xc, w_enc, b_enc, picks)? {
             return Ok(out);
         }
     }
-    encode_select_generic(xc, w_enc, b_enc, picks, product)
+    encode_select_generic(xc, w_enc, b_enc, picks)
 }
 
-/// `xc W_encᵀ + b_enc` in `product`, every input cast to it (bf16: the product's f32 sums
-/// rounded to bf16, as under sparsify's bf16 autocast; the pre-activations stay bf16, half
-/// the bytes for the TopK to read).
-pub(crate) fn encoder_pre(
-    xc: &Tensor,
-    w_enc: &Tensor,
-    b_enc: &Tensor,
-    product: DType,
-) -> Result<Tensor> {
-    let (w_enc, b_enc) = (w_enc.to_dtype(product)?, b_enc.to_dtype(product)?);
+/// `xc W_encᵀ + b_enc` in `w_enc`'s dtype, `xc` and `b_enc` cast to it (bf16: the product's
+/// f32 sums rounded to bf16, as under sparsify's bf16 autocast; the pre-activations stay
+/// bf16, half the bytes for the TopK to read).
+pub(crate) fn encoder_pre(xc: &Tensor, w_enc: &Tensor, b_enc: &Tensor) -> Result<Tensor> {
+    let product = w_enc.dtype();
     Ok(xc
         .to_dtype(product)?
         .matmul(&w_enc.t()?)?
-        .broadcast_add(&b_enc)?)
+        .broadcast_add(&b_enc.to_dtype(product)?)?)
 }
 
-/// The pre-activations `ReLU(xc W_encᵀ + b_enc)` with generic tensor ops, in `xc`'s dtype.
+/// The pre-activations `ReLU(xc W_encᵀ + b_enc)` with generic tensor ops.
 pub(crate) fn pre_activations(xc: &Tensor, w_enc: &Tensor, b_enc: &Tensor) -> Result<Tensor> {
-    Ok(encoder_pre(xc, w_enc, b_enc, xc.dtype())?.relu()?)
+    Ok(encoder_pre(xc, w_enc, b_enc)?.relu()?)
 }
 
 fn encode_select_generic(
@@ -115,11 +110,10 @@ fn encode_select_generic(
     w_enc: &Tensor,
     b_enc: &Tensor,
     picks: Picks,
-    product: DType,
 ) -> Result<(Selection, Option<Selection>)> {
     // Ranked in f32 (exact for bf16 values) by the CPU's TopK, which breaks ties by the
     // lower index as the GPU's does; the selected activations come back in `xc`'s dtype.
-    let pre = encoder_pre(xc, w_enc, b_enc, product)?
+    let pre = encoder_pre(xc, w_enc, b_enc)?
         .relu()?
         .to_dtype(xc.dtype())?;
     let (acts, indices) = topk(&pre, picks.k)?;
@@ -825,9 +819,8 @@ mod tests {
             k,
             dead: Some((&dead, 5)),
         };
-        let (top, aux) = encode_select(&xc, &w_enc, &b_enc, picks, DType::F32).unwrap();
-        let (top_ref, aux_ref) =
-            encode_select_generic(&xc, &w_enc, &b_enc, picks, DType::F32).unwrap();
+        let (top, aux) = encode_select(&xc, &w_enc, &b_enc, picks).unwrap();
+        let (top_ref, aux_ref) = encode_select_generic(&xc, &w_enc, &b_enc, picks).unwrap();
         let aux = aux.unwrap();
         let aux_ref = aux_ref.unwrap();
         assert_eq!(
@@ -842,14 +835,8 @@ mod tests {
         // ReLU: a row with every pre-activation negative selects zeros, lowest indices first.
         let negative = (xc.narrow(0, 0, 1).unwrap() * 0.0).unwrap();
         let b_neg = (b_enc.abs().unwrap() * -1.0).unwrap();
-        let (top, _) = encode_select(
-            &negative,
-            &w_enc,
-            &b_neg,
-            Picks { k: 3, dead: None },
-            DType::F32,
-        )
-        .unwrap();
+        let (top, _) =
+            encode_select(&negative, &w_enc, &b_neg, Picks { k: 3, dead: None }).unwrap();
         assert_eq!(top.indices.to_vec2::<u32>().unwrap(), vec![vec![0, 1, 2]]);
         assert_eq!(top.acts.to_vec2::<f32>().unwrap(), vec![vec![0.0; 3]]);
     }

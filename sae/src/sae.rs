@@ -391,8 +391,8 @@ impl Sae {
             k: self.config.k,
             dead: None,
         };
-        let xc = self.encoder_input(x)?;
-        let (top, _) = kernels::encode_select(&xc, &self.w_enc, &self.b_enc, picks, xc.dtype())?;
+        let (top, _) =
+            kernels::encode_select(&self.encoder_input(x)?, &self.w_enc, &self.b_enc, picks)?;
         Ok((top.acts, top.indices))
     }
 

@@ -204,21 +204,29 @@ pub fn fvu_and_grads_to(
     auxk: Option<&AuxK>,
 ) -> Result<FvuGrads> {
     let mut sum = GradSum::Empty;
-    let product = sae.w_enc().dtype();
-    let mut out = accumulate(sae, input, target, total_variance, auxk, product, &mut sum)?;
+    let mut out = accumulate(
+        sae,
+        input,
+        target,
+        total_variance,
+        auxk,
+        sae.w_enc(),
+        &mut sum,
+    )?;
     out.grads = sum.into_tensors()?;
     Ok(out)
 }
 
 /// [`fvu_and_grads_to`] with the gradients added to `sum` (the returned `grads` is empty),
-/// the encoder's dense product in `product`.
+/// the encoder's dense product with `encoder_weight`: the SAE's `W_enc`, or a copy of it in
+/// the product's dtype.
 fn accumulate(
     sae: &Sae,
     input: &Tensor,
     target: &Tensor,
     total_variance: Option<f64>,
     auxk: Option<&AuxK>,
-    product: DType,
+    encoder_weight: &Tensor,
     sum: &mut GradSum,
 ) -> Result<FvuGrads> {
     check_trainable(sae)?;
@@ -251,7 +259,7 @@ fn accumulate(
         k: if multi { 4 * k } else { k },
         dead: auxk.zip(aux_size).map(|(a, (k_aux, _))| (a.dead, k_aux)),
     };
-    let (wide, aux_selection) = encode_select(&xc, sae.w_enc(), sae.b_enc(), picks, product)?;
+    let (wide, aux_selection) = encode_select(&xc, encoder_weight, sae.b_enc(), picks)?;
     let (top_acts, top_indices) = if multi {
         (
             wide.acts.narrow(1, 0, k)?.contiguous()?,
@@ -658,10 +666,20 @@ fn batch_grads(
         active: 0.0,
     };
     let mut sum = GradSum::Empty;
+    // Cast once per step, not once per chunk.
+    let encoder_weight = sae.w_enc().to_dtype(product)?;
     for start in (0..n).step_by(chunk_tokens) {
         let len = chunk_tokens.min(n - start);
         let (chunk_in, chunk) = (input.narrow(0, start, len)?, x.narrow(0, start, len)?);
-        let out = accumulate(sae, &chunk_in, &chunk, Some(tv), auxk, product, &mut sum)?;
+        let out = accumulate(
+            sae,
+            &chunk_in,
+            &chunk,
+            Some(tv),
+            auxk,
+            &encoder_weight,
+            &mut sum,
+        )?;
         batch.fvu += out.fvu;
         batch.auxk_loss += out.auxk_loss;
         let fired = match &out.multi_topk {
@@ -1147,8 +1165,7 @@ mod tests {
                 k: 1,
                 dead: Some((&dead, k_aux)),
             };
-            let (_, selection) =
-                encode_select(&x, moved.w_enc(), moved.b_enc(), picks, x.dtype()).unwrap();
+            let (_, selection) = encode_select(&x, moved.w_enc(), moved.b_enc(), picks).unwrap();
             let selection = selection.unwrap();
             let zero = moved.b_dec().zeros_like().unwrap();
             let e_hat =
@@ -1198,8 +1215,7 @@ mod tests {
                     k: 1,
                     dead: Some((&dead, k_aux)),
                 };
-                let (_, selection) =
-                    encode_select(&xc, sae.w_enc(), sae.b_enc(), picks, xc.dtype()).unwrap();
+                let (_, selection) = encode_select(&xc, sae.w_enc(), sae.b_enc(), picks).unwrap();
                 let mut sum = GradSum::Empty;
                 let loss = auxk_and_grads(
                     sae,

@@ -268,7 +268,6 @@ pub(crate) fn encode_select(
     w_enc: &Tensor,
     b_enc: &Tensor,
     picks: Picks,
-    product: DType,
 ) -> Result<Option<(Selection, Option<Selection>)>> {
     let Some(device) = cuda_device(xc) else {
         return Ok(None);
@@ -277,7 +276,7 @@ pub(crate) fn encode_select(
     if !matches!(xc.dtype(), DType::F32 | DType::BF16) || k_max > TOPK_MAX_K {
         return Ok(None);
     }
-    encode_select_with(&Launcher(device), xc, w_enc, b_enc, picks, product).map(Some)
+    encode_select_with(&Launcher(device), xc, w_enc, b_enc, picks).map(Some)
 }
 
 /// The gradients `[W_enc, b_enc, W_dec, b_dec]` of `kernels::backward` on a CUDA device in

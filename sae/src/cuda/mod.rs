@@ -82,11 +82,10 @@ pub(crate) fn encode_select_with(
     w_enc: &Tensor,
     b_enc: &Tensor,
     picks: Picks,
-    product: DType,
 ) -> Result<(Selection, Option<Selection>)> {
-    // The TopK reads the pre-activations in `product` (bf16: half the bytes) and the
+    // The TopK reads the pre-activations in `w_enc`'s dtype (bf16: half the bytes) and the
     // selected activations come back in `xc`'s dtype.
-    let pre = encoder_pre(xc, w_enc, b_enc, product)?;
+    let pre = encoder_pre(xc, w_enc, b_enc)?;
     let in_dtype = |(acts, indices): (Tensor, Tensor)| -> Result<(Tensor, Tensor)> {
         Ok((acts.to_dtype(xc.dtype())?, indices))
     };

@@ -458,10 +458,9 @@ fn emulated_encoder_selection_matches_the_cpu_encoder() {
         dead: Some((&p.dead, 20)),
     };
     for product in [DType::F32, DType::BF16] {
-        let (top, aux) =
-            encode_select_with(&emulated, &p.xc, &p.w_enc, &p.b_enc, picks, product).unwrap();
-        let (top_ref, aux_ref) =
-            kernels::encode_select(&p.xc, &p.w_enc, &p.b_enc, picks, product).unwrap();
+        let w_enc = p.w_enc.to_dtype(product).unwrap();
+        let (top, aux) = encode_select_with(&emulated, &p.xc, &w_enc, &p.b_enc, picks).unwrap();
+        let (top_ref, aux_ref) = kernels::encode_select(&p.xc, &w_enc, &p.b_enc, picks).unwrap();
         let (aux, aux_ref) = (aux.unwrap(), aux_ref.unwrap());
         for (got, want, what) in [(&top, &top_ref, "top k"), (&aux, &aux_ref, "AuxK pick")] {
             assert_eq!(
@@ -483,14 +482,8 @@ fn emulated_gradients_match_the_cpu_backward() {
         return;
     };
     let p = problem(13, 500, 36, 60);
-    let (top, _) = kernels::encode_select(
-        &p.xc,
-        &p.w_enc,
-        &p.b_enc,
-        Picks { k: 7, dead: None },
-        DType::F32,
-    )
-    .unwrap();
+    let (top, _) =
+        kernels::encode_select(&p.xc, &p.w_enc, &p.b_enc, Picks { k: 7, dead: None }).unwrap();
     check_backward(&emulated, &p, &top, &Device::Cpu, "emulated");
 }
 
@@ -601,11 +594,9 @@ fn gpu_kernels_match_the_cpu_implementations() {
             &gpu(&p.w_enc),
             &gpu(&p.b_enc),
             picks,
-            DType::F32,
         )
         .unwrap();
-        let (top_ref, aux_ref) =
-            kernels::encode_select(&p.xc, &p.w_enc, &p.b_enc, picks, DType::F32).unwrap();
+        let (top_ref, aux_ref) = kernels::encode_select(&p.xc, &p.w_enc, &p.b_enc, picks).unwrap();
         for (got, want, what) in [
             (&top, &top_ref, "top k"),
             (&aux.unwrap(), &aux_ref.unwrap(), "AuxK pick"),

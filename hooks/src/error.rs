@@ -132,6 +132,10 @@ pub enum Error {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+
+    /// Our CUDA kernels could not be compiled or launched.
+    #[error("{0}")]
+    Cuda(String),
 }
 
 impl Error {

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod compare;
 pub mod config;
 pub mod cpu;
+pub mod cuda_kernels;
 pub mod data;
 mod error;
 pub mod fetch;

@@ -4,26 +4,9 @@
 // intrinsics, no headers), so the CPU test suite can also compile this file with a C++
 // compiler and a small emulation header and run it against the Rust CPU references.
 //
-// Element types: `float` and bf16 stored as `unsigned short` (converted by hand, so NVRTC
-// needs no include path). Arithmetic and accumulation are always in f32. Index tensors are
-// u32, offsets 64-bit (rows x width may exceed 2^31).
-
-typedef unsigned int u32;
-typedef unsigned short bf16_bits;
-typedef unsigned long long u64;
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(bf16_bits v) { return __uint_as_float(((u32)v) << 16); }
-__device__ __forceinline__ void from_f32(float v, float* out) { *out = v; }
-__device__ __forceinline__ void from_f32(float v, bf16_bits* out) {
-    u32 bits = __float_as_uint(v);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) {
-        *out = (bf16_bits)((bits >> 16) | 0x40u); // NaN stays NaN
-    } else {
-        bits += 0x7fffu + ((bits >> 16) & 1u); // round to nearest, ties to even
-        *out = (bf16_bits)(bits >> 16);
-    }
-}
+// Element types (hooks/src/cuda_kernels/element_types.cuh, compiled ahead of this file):
+// `float` and bf16 as `bf16_bits`. Arithmetic and accumulation are always in f32. Index
+// tensors are u32, offsets 64-bit (rows x width may exceed 2^31).
 
 // ---------------------------------------------------------------------------------------
 // TopK. One block of TOPK_THREADS threads per row. The k-th largest key is found by a radix

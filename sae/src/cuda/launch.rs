@@ -3,18 +3,15 @@
 //! bf16 for the forward kernels), so the callers in `kernels.rs` fall back to their other
 //! paths.
 
-use std::sync::OnceLock;
-
-use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
-use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
-use candle_core::op::BackpropOp;
-use candle_core::{DType, Device, Layout, Shape, Storage, Tensor};
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::{DType, Tensor};
 use half::bf16;
+use hooks::cuda_kernels::launch::{alloc, config, cuda_device, function, int, view, wrap};
 
-use super::{backward_with, compile_ptx, encode_select_with, Kernels, TOPK_MAX_K};
+use super::{backward_with, encode_select_with, Kernels, KERNELS, TOPK_MAX_K};
 use crate::kernels::{Backward, Picks, Selection};
 use crate::{Error, Result};
 
@@ -24,103 +21,10 @@ const THREADS: u32 = 256;
 /// Threads sharing one dot product in `gated_row_dots_f32` (DOT_LANES).
 const DOT_LANES: u32 = 8;
 
-/// The PTX of the kernels, compiled once per process for the first device's architecture.
-fn ptx(device: &CudaDevice) -> Result<&'static str> {
-    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
-        compile_ptx(virtual_arch(device))
-            .map(|p| p.to_src())
-            .map_err(|e| e.to_string())
-    })
-    .as_deref()
-    .map_err(|e| Error::Cuda(e.clone()))
-}
-
-/// `compute_XY` for the device's compute capability when NVRTC 13 knows it; otherwise
-/// NVRTC's default (the driver JIT-compiles that PTX for newer devices).
-fn virtual_arch(device: &CudaDevice) -> Option<&'static str> {
-    let stream = device.cuda_stream();
-    let context = stream.context();
-    let major = context
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
-        .ok()?;
-    let minor = context
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
-        .ok()?;
-    Some(match (major, minor) {
-        (7, 5) => "compute_75",
-        (8, 0) => "compute_80",
-        (8, 6) => "compute_86",
-        (8, 9) => "compute_89",
-        (9, 0) => "compute_90",
-        (10, 0) => "compute_100",
-        (12, 0) => "compute_120",
-        _ => return None,
-    })
-}
-
-/// The module name of our kernels in candle's per-device cache.
-const MODULE: &str = "eleuther_sae_kernels";
-
-fn cuda_error(e: impl std::fmt::Display) -> Error {
-    Error::Cuda(format!("CUDA kernel launch failed: {e}"))
-}
-
-/// The CUDA device of `t`, if it is on one.
-fn cuda_device(t: &Tensor) -> Option<CudaDevice> {
-    match t.device() {
-        Device::Cuda(device) => Some(device.clone()),
-        _ => None,
-    }
-}
-
-/// The elements of a contiguous tensor's CUDA storage (see [`Tensor::storage_and_layout`]).
-fn view<'s, T: CudaDType>(storage: &'s Storage, layout: &Layout) -> Result<CudaView<'s, T>> {
-    let Storage::Cuda(cuda) = storage else {
-        return Err(Error::Cuda("expected a tensor on a CUDA device".into()));
-    };
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::Cuda("expected a contiguous tensor".into()))?;
-    Ok(cuda.as_cuda_slice::<T>()?.slice(start..end))
-}
-
-fn alloc<T: DeviceRepr + ValidAsZeroBits>(device: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
-    device
-        .cuda_stream()
-        .alloc_zeros::<T>(len)
-        .map_err(cuda_error)
-}
-
-fn wrap<T: CudaDType>(slice: CudaSlice<T>, device: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
-    let storage = CudaStorage::wrap_cuda_slice(slice, device.clone());
-    Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
-}
-
-/// A size as the kernels' `int`.
-fn int(value: usize, what: &str) -> Result<i32> {
-    i32::try_from(value)
-        .map_err(|_| Error::Cuda(format!("{what} {value} is too large for the CUDA kernels")))
-}
-
-fn config(blocks: (usize, usize), threads: u32) -> Result<LaunchConfig> {
-    let grid = |v: usize| {
-        u32::try_from(v)
-            .map_err(|_| Error::Cuda(format!("{v} blocks are too many for one kernel launch")))
-    };
-    Ok(LaunchConfig {
-        grid_dim: (grid(blocks.0)?, grid(blocks.1)?, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    })
-}
-
 fn launch(builder: &mut LaunchArgs, config: LaunchConfig) -> Result<()> {
     // SAFETY: every caller pushes the arguments of the named kernel in kernels.cu, in order,
     // with buffers of the sizes its comment states, and sizes the grid as it states.
-    unsafe { builder.launch(config) }
-        .map(|_| ())
-        .map_err(cuda_error)
+    Ok(unsafe { hooks::cuda_kernels::launch::launch(builder, config) }?)
 }
 
 /// The `k` largest entries of each row of `pre: [N, n]` (of `ReLU(pre)` when `relu`), among
@@ -155,7 +59,7 @@ fn topk_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     name: &str,
 ) -> Result<(Tensor, Tensor)> {
     let (rows, n) = pre.dims2()?;
-    let func = device.get_or_load_custom_func(name, MODULE, ptx(device)?)?;
+    let func = function(&KERNELS, device, name)?;
     let mut values = alloc::<T>(device, rows * k)?;
     let mut indices = alloc::<u32>(device, rows * k)?;
     let (n_arg, k_arg, relu_arg) = (int(n, "width")?, int(k, "k")?, i32::from(relu));
@@ -227,7 +131,7 @@ fn combine_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
 ) -> Result<Tensor> {
     let (tokens, k) = coef.dims2()?;
     let d = rows.dim(1)?;
-    let func = device.get_or_load_custom_func(name, MODULE, ptx(device)?)?;
+    let func = function(&KERNELS, device, name)?;
     let mut out = alloc::<T>(device, tokens * d)?;
     let (k_arg, d_arg) = (int(k, "k")?, int(d, "width")?);
     let (coef, indices, rows) = (
@@ -350,7 +254,7 @@ fn gated_row_dots(
 ) -> Result<Tensor> {
     let (tokens, k) = gate.dims2()?;
     let d = rows.dim(1)?;
-    let func = device.get_or_load_custom_func("gated_row_dots_f32", MODULE, ptx(device)?)?;
+    let func = function(&KERNELS, device, "gated_row_dots_f32")?;
     let mut out = alloc::<f32>(device, tokens * k)?;
     let (k_arg, d_arg) = (int(k, "k")?, int(d, "width")?);
     let (g, indices, rows, gate) = (
@@ -393,7 +297,7 @@ fn scatter_rows(
 ) -> Result<Tensor> {
     let (tokens, k) = coef.dims2()?;
     let d = vectors.dim(1)?;
-    let func = device.get_or_load_custom_func("scatter_rows_f32", MODULE, ptx(device)?)?;
+    let func = function(&KERNELS, device, "scatter_rows_f32")?;
     let mut out = alloc::<f32>(device, n * d)?;
     let (k_arg, d_arg) = (int(k, "k")?, int(d, "width")?);
     let (coef, indices, vectors) = (
@@ -429,7 +333,7 @@ fn scatter_scalars(
     n: usize,
 ) -> Result<Tensor> {
     let count = coef.elem_count();
-    let func = device.get_or_load_custom_func("scatter_scalars_f32", MODULE, ptx(device)?)?;
+    let func = function(&KERNELS, device, "scatter_scalars_f32")?;
     let mut out = alloc::<f32>(device, n)?;
     let count_arg = count as i64;
     let (coef, indices) = (coef.contiguous()?, indices.contiguous()?);

@@ -2,11 +2,11 @@
 //! TopK, and its CUDA sort fails on rows wider than about 8k latents), the sparse decode and
 //! the sparse products of the backward pass, which touch only the `k` selected rows per token.
 //!
-//! The source is compiled at run time by NVRTC. NVRTC needs no GPU, so the CPU test suite
-//! compiles it too ([`compile_ptx`]), and also runs it on the CPU through a small emulation
-//! header (`emulation/`) against the Rust CPU implementations: a syntax, type or logic error
-//! fails the ordinary test run. With the `cuda` feature, the SAE's tensor operations on a
-//! CUDA device go through these kernels.
+//! The source is compiled at run time by NVRTC ([`hooks::cuda_kernels`]). The CPU test
+//! suite compiles it too, and runs it on the CPU under emulation (`emulation/harness.cpp`)
+//! against the Rust CPU implementations: a syntax, type or logic error fails the ordinary
+//! test run. With the `cuda` feature, the SAE's tensor operations on a CUDA device go
+//! through these kernels.
 
 #[cfg(feature = "cuda")]
 pub(crate) mod launch;
@@ -16,27 +16,20 @@ pub(crate) use launch::{backward, combine_rows, encode_select, topk};
 
 #[cfg(any(test, feature = "cuda"))]
 use crate::kernels::{encoder_pre, Backward, Picks, Selection};
-use crate::{Error, Result};
+#[cfg(any(test, feature = "cuda"))]
+use crate::Result;
 #[cfg(any(test, feature = "cuda"))]
 use candle_core::{DType, Tensor};
+use hooks::cuda_kernels::KernelSource;
 
-/// The CUDA C++ source of the kernels.
-pub const KERNELS_SOURCE: &str = include_str!("kernels.cu");
+/// The kernels' CUDA C++ source, compiled by NVRTC at run time.
+pub const KERNELS: KernelSource = KernelSource {
+    module: "eleuther_sae_kernels",
+    source: include_str!("kernels.cu"),
+};
 
 /// The largest `k` the TopK kernel selects per row (its picks sort in shared memory).
 pub const TOPK_MAX_K: usize = 4096;
-
-/// Compiles [`KERNELS_SOURCE`] to PTX with NVRTC for a virtual architecture such as
-/// `"compute_90"` (or NVRTC's default when `None`). Needs the NVRTC library, not a GPU.
-pub fn compile_ptx(arch: Option<&'static str>) -> Result<cudarc::nvrtc::Ptx> {
-    let options = cudarc::nvrtc::CompileOptions {
-        arch,
-        name: Some("eleuther_sae_kernels.cu".into()),
-        ..Default::default()
-    };
-    cudarc::nvrtc::compile_ptx_with_opts(KERNELS_SOURCE, options)
-        .map_err(|e| Error::Cuda(format!("NVRTC could not compile the SAE kernels: {e}")))
-}
 
 /// The kernels as tensor operations: launched on a CUDA device, or (in the tests) run on
 /// the CPU under emulation. Shapes: `pre [N, n]`, `coef`/`indices`/`gate [N, k]` (indices

@@ -1,25 +1,19 @@
 //! The kernels checked without a GPU: NVRTC compiles the source, and the same source, built
-//! by the C++ compiler with `emulation/cuda_emulation.h`, runs on the CPU against the Rust
+//! by the C++ compiler with `hooks::cuda_kernels::emulation`, runs on the CPU against the Rust
 //! CPU implementations (TopK order and ties, decode, encoder selection, gradients).
 //!
 //! Without NVRTC (`libnvrtc.so.13` on the library path) or a C++20 compiler (`c++`, or
 //! `$CXX`) the tests print SKIP and pass, unless `EI_REQUIRE_KERNEL_CHECKS` is set, as
 //! `scripts/test-all` (CI) does after installing NVRTC from PyPI: there they fail instead.
 
-use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use half::bf16;
+use hooks::cuda_kernels::emulation::{self, dtype_name};
 
 use super::*;
 use crate::kernels::{self, GradSum};
 use crate::uniform;
-
-const HEADER: &str = include_str!("emulation/cuda_emulation.h");
-const HARNESS: &str = include_str!("emulation/harness.cpp");
 
 /// Every kernel the launcher calls.
 const ENTRY_POINTS: [&str; 7] = [
@@ -32,169 +26,31 @@ const ENTRY_POINTS: [&str; 7] = [
     "scatter_scalars_f32",
 ];
 
-fn required() -> bool {
-    std::env::var_os("EI_REQUIRE_KERNEL_CHECKS").is_some()
-}
-
-/// Reports a missing tool: SKIP (the test passes) or, when required, a failure.
-fn missing(what: &str) {
-    assert!(
-        !required(),
-        "{what} (EI_REQUIRE_KERNEL_CHECKS is set, so this fails)"
-    );
-    eprintln!("SKIP CUDA kernel check: {what}");
-}
-
-fn nvrtc_present() -> bool {
-    #[cfg(feature = "cuda")]
-    {
-        true
-    }
-    #[cfg(not(feature = "cuda"))]
-    // SAFETY: only tries to open the library by its usual names.
-    unsafe {
-        cudarc::nvrtc::sys::is_culib_present()
-    }
-}
-
 #[test]
 fn nvrtc_compiles_every_kernel() {
-    if !nvrtc_present() {
-        missing("NVRTC (libnvrtc.so.13) not found on the library path");
-        return;
-    }
-    for arch in [None, Some("compute_80"), Some("compute_90")] {
-        let ptx = compile_ptx(arch).unwrap().to_src();
-        for name in ENTRY_POINTS {
-            assert!(
-                ptx.contains(&format!(".entry {name}(")),
-                "no entry point {name} in the PTX for {arch:?}"
-            );
-        }
-    }
-}
-
-/// The emulation harness, built once per version of the sources next to the test binary.
-fn harness() -> Option<&'static Path> {
-    static HARNESS_PATH: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    let built = HARNESS_PATH.get_or_init(|| {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (KERNELS_SOURCE, HEADER, HARNESS).hash(&mut hasher);
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let dir = exe.parent().ok_or("the test binary has no folder")?;
-        let path = dir.join(format!("sae-kernel-emulation-{:016x}", hasher.finish()));
-        if path.exists() {
-            return Ok(path);
-        }
-        let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cuda/emulation/harness.cpp");
-        let partial = path.with_extension(format!("partial{}", std::process::id()));
-        let output = Command::new(&compiler)
-            .args(["-std=c++20", "-O2", "-o"])
-            .arg(&partial)
-            .arg(&source)
-            .output()
-            .map_err(|e| format!("cannot run the C++ compiler '{compiler}': {e}"))?;
-        if !output.status.success() {
-            // A compiler that runs but rejects the source is a real failure, not a SKIP.
-            panic!(
-                "{compiler} could not build the kernel emulation:\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        std::fs::rename(&partial, &path).map_err(|e| e.to_string())?;
-        Ok(path)
-    });
-    match built {
-        Ok(path) => Some(path),
-        Err(e) => {
-            missing(e);
-            None
-        }
-    }
+    hooks::cuda_kernels::check_compiles(&KERNELS, &ENTRY_POINTS);
 }
 
 /// The kernels run on the CPU by the emulation harness, on CPU tensors.
-struct Emulated {
-    harness: PathBuf,
-    dir: tempfile::TempDir,
-}
+struct Emulated(emulation::Emulated);
 
 impl Emulated {
+    /// The harness, built once per version of the sources next to the test binary; `None`
+    /// (SKIP) without a C++ compiler.
     fn new() -> Option<Self> {
-        Some(Emulated {
-            harness: harness()?.to_path_buf(),
-            dir: tempfile::tempdir().unwrap(),
-        })
+        let harness = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cuda/emulation/harness.cpp");
+        let exe = std::env::current_exe().unwrap();
+        let sources = [KERNELS.source, include_str!("emulation/harness.cpp")];
+        let built =
+            emulation::build_harness("sae-kernel-emulation", &harness, &sources, exe.parent()?)?;
+        Some(Emulated(emulation::Emulated::new(built)))
     }
+}
 
-    fn put(&self, name: &str, t: &Tensor) {
-        let t = t.flatten_all().unwrap();
-        let bytes: Vec<u8> = match t.dtype() {
-            DType::F32 => t
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            DType::BF16 => t
-                .to_vec1::<bf16>()
-                .unwrap()
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            DType::U32 => t
-                .to_vec1::<u32>()
-                .unwrap()
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            DType::U8 => t.to_vec1::<u8>().unwrap(),
-            other => panic!("no emulation input of dtype {other:?}"),
-        };
-        std::fs::write(self.dir.path().join(name), bytes).unwrap();
-    }
-
-    fn get(&self, name: &str, dtype: DType, shape: &[usize]) -> Tensor {
-        let bytes = std::fs::read(self.dir.path().join(name)).unwrap();
-        let cpu = &Device::Cpu;
-        match dtype {
-            DType::F32 => {
-                let v: Vec<f32> = bytes
-                    .chunks(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                    .collect();
-                Tensor::from_vec(v, shape, cpu).unwrap()
-            }
-            DType::BF16 => {
-                let v: Vec<bf16> = bytes
-                    .chunks(2)
-                    .map(|b| bf16::from_le_bytes(b.try_into().unwrap()))
-                    .collect();
-                Tensor::from_vec(v, shape, cpu).unwrap()
-            }
-            DType::U32 => {
-                let v: Vec<u32> = bytes
-                    .chunks(4)
-                    .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-                    .collect();
-                Tensor::from_vec(v, shape, cpu).unwrap()
-            }
-            other => panic!("no emulation output of dtype {other:?}"),
-        }
-    }
-
-    fn run(&self, args: &[String]) {
-        let output = Command::new(&self.harness)
-            .arg(self.dir.path())
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "emulated kernel {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+impl std::ops::Deref for Emulated {
+    type Target = emulation::Emulated;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 
@@ -220,14 +76,6 @@ impl Emulated {
         args.extend(dims.iter().map(usize::to_string));
         self.run(&args);
         Ok(self.get("out.bin", rows.dtype(), &[tokens, d]))
-    }
-}
-
-fn dtype_name(dtype: DType) -> String {
-    match dtype {
-        DType::F32 => "f32".into(),
-        DType::BF16 => "bf16".into(),
-        other => panic!("the kernels take no {other:?}"),
     }
 }
 

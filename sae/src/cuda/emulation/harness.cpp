@@ -5,31 +5,13 @@
 //   harness DIR dots TOKENS K D N                     g, indices, rows, gate -> out
 //   harness DIR scatter_rows TOKENS K D N             coef, indices, vectors -> out
 //   harness DIR scatter_scalars COUNT N               coef, indices -> out
-// Files are raw little-endian arrays: f32, bf16 (u16), u32 indices, u8 mask.
-#include "cuda_emulation.h"
+// Files are raw little-endian arrays: f32, bf16 (u16), u32 indices, u8 mask. Built with
+// -I hooks/src/cuda_kernels.
+#include "emulation/cuda_emulation.h"
+#include "emulation/harness_io.h"
 
+#include "element_types.cuh"
 #include "../kernels.cu"
-
-#include <fstream>
-#include <stdexcept>
-#include <string>
-
-template <typename T>
-static std::vector<T> read(const std::string& dir, const char* name, size_t count) {
-    std::vector<T> data(count);
-    std::ifstream file(dir + "/" + name, std::ios::binary);
-    file.read(reinterpret_cast<char*>(data.data()), count * sizeof(T));
-    if (!file || file.gcount() != (std::streamsize)(count * sizeof(T))) {
-        throw std::runtime_error(std::string("cannot read ") + std::to_string(count * sizeof(T)) + " bytes from " + name);
-    }
-    return data;
-}
-
-template <typename T>
-static void write(const std::string& dir, const char* name, const std::vector<T>& data) {
-    std::ofstream file(dir + "/" + name, std::ios::binary);
-    file.write(reinterpret_cast<const char*>(data.data()), data.size() * sizeof(T));
-}
 
 template <typename T>
 static void run_topk(const std::string& dir, int rows, int n, int k, int relu, int masked,
@@ -75,12 +57,7 @@ int main(int argc, char** argv) {
         }
         const std::string dir = argv[1];
         const std::string kernel = argv[2];
-        auto arg = [&](int i) {
-            if (i >= argc) {
-                throw std::runtime_error("missing argument " + std::to_string(i));
-            }
-            return std::stoi(argv[i]);
-        };
+        auto arg = [&](int i) { return int_arg(argc, argv, i); };
         if (kernel == "topk") {
             const std::string dtype = argv[3];
             if (dtype == "f32") {

@@ -1,12 +1,14 @@
-// Runs CUDA kernels written with block-wide __syncthreads only (as kernels.cu is) on the CPU,
-// for the CPU test suite. The blocks of a grid run one after another; the threads of a block
-// are fibers (ucontext) on one OS thread, each running until its next __syncthreads, so a
+// Runs CUDA kernels written with block-wide __syncthreads only (as our kernel sources are)
+// on the CPU, for the CPU test suite. The blocks of a grid run one after another; the threads
+// of a block are fibers (ucontext) on one OS thread, each running until its next __syncthreads, so a
 // round over all fibers is one barrier. A kernel's `__shared__` variables become function
 // statics, shared by all threads of the running block as on a GPU. Threads that disagree on
 // the number of barriers are reported as an error.
 #pragma once
 
 #include <ucontext.h>
+
+#include <math.h>
 
 #include <cstdio>
 #include <cstdlib>

@@ -1,0 +1,156 @@
+//! Launching a [`KernelSource`]'s entry points on candle's CUDA tensors: the module is
+//! compiled once per process for the device's architecture and loaded through candle's
+//! per-device cache; inputs are read in place from contiguous tensors, outputs are fresh
+//! device buffers wrapped as tensors.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchArgs, LaunchConfig,
+    ValidAsZeroBits,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+use candle_core::op::BackpropOp;
+use candle_core::{Device, Layout, Shape, Storage, Tensor};
+
+use super::KernelSource;
+use crate::{Error, Result};
+
+/// The PTX of `source`, compiled once per process (for the first device's architecture).
+fn ptx(source: &KernelSource, device: &CudaDevice) -> Result<&'static str> {
+    type Compiled = std::result::Result<&'static str, String>;
+    static PTX: Mutex<Option<HashMap<&'static str, Compiled>>> = Mutex::new(None);
+    let mut cache = PTX.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let compiled = cache
+        .get_or_insert_with(HashMap::new)
+        .entry(source.module)
+        .or_insert_with(|| {
+            source
+                .compile_ptx(virtual_arch(device))
+                .map(|p| &*Box::leak(p.to_src().into_boxed_str()))
+                .map_err(|e| e.to_string())
+        });
+    compiled.clone().map_err(Error::Cuda)
+}
+
+/// `compute_XY` for the device's compute capability when NVRTC 13 knows it; otherwise
+/// NVRTC's default (the driver JIT-compiles that PTX for newer devices).
+fn virtual_arch(device: &CudaDevice) -> Option<&'static str> {
+    let stream = device.cuda_stream();
+    let context = stream.context();
+    let major = context
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .ok()?;
+    let minor = context
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+        .ok()?;
+    Some(match (major, minor) {
+        (7, 5) => "compute_75",
+        (8, 0) => "compute_80",
+        (8, 6) => "compute_86",
+        (8, 9) => "compute_89",
+        (9, 0) => "compute_90",
+        (10, 0) => "compute_100",
+        (12, 0) => "compute_120",
+        _ => return None,
+    })
+}
+
+/// One kernel loaded on a device, with the device's stream to launch it on.
+pub struct Kernel {
+    function: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+impl Kernel {
+    /// A launch on the device's stream, to push the kernel's arguments onto.
+    pub fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.function)
+    }
+}
+
+/// The kernel `name` of `source` on `device`.
+pub fn function(source: &KernelSource, device: &CudaDevice, name: &str) -> Result<Kernel> {
+    let loaded = device.get_or_load_custom_func(name, source.module, ptx(source, device)?)?;
+    Ok(Kernel {
+        function: loaded.into_cuda_function(),
+        stream: device.cuda_stream(),
+    })
+}
+
+fn cuda_error(e: impl std::fmt::Display) -> Error {
+    Error::Cuda(format!("CUDA kernel launch failed: {e}"))
+}
+
+/// The CUDA device of `t`, if it is on one.
+pub fn cuda_device(t: &Tensor) -> Option<CudaDevice> {
+    match t.device() {
+        Device::Cuda(device) => Some(device.clone()),
+        _ => None,
+    }
+}
+
+/// The elements of a contiguous tensor's CUDA storage (see [`Tensor::storage_and_layout`]).
+pub fn view<'s, T: CudaDType>(storage: &'s Storage, layout: &Layout) -> Result<CudaView<'s, T>> {
+    let Storage::Cuda(cuda) = storage else {
+        return Err(Error::Cuda("expected a tensor on a CUDA device".into()));
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Cuda("expected a contiguous tensor".into()))?;
+    Ok(cuda.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+/// A zeroed device buffer of `len` elements.
+pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(
+    device: &CudaDevice,
+    len: usize,
+) -> Result<CudaSlice<T>> {
+    device
+        .cuda_stream()
+        .alloc_zeros::<T>(len)
+        .map_err(cuda_error)
+}
+
+/// A device buffer as a tensor of `shape` (no gradient tracking).
+pub fn wrap<T: CudaDType>(
+    slice: CudaSlice<T>,
+    device: &CudaDevice,
+    shape: impl Into<Shape>,
+) -> Tensor {
+    let storage = CudaStorage::wrap_cuda_slice(slice, device.clone());
+    Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
+}
+
+/// A size as the kernels' `int`; `what` names it in the error.
+pub fn int(value: usize, what: &str) -> Result<i32> {
+    i32::try_from(value)
+        .map_err(|_| Error::Cuda(format!("{what} {value} is too large for the CUDA kernels")))
+}
+
+/// A grid of `blocks.0 × blocks.1` blocks of `threads` threads.
+pub fn config(blocks: (usize, usize), threads: u32) -> Result<LaunchConfig> {
+    let grid = |v: usize| {
+        u32::try_from(v)
+            .map_err(|_| Error::Cuda(format!("{v} blocks are too many for one kernel launch")))
+    };
+    Ok(LaunchConfig {
+        grid_dim: (grid(blocks.0)?, grid(blocks.1)?, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// Launches a kernel whose arguments `builder` holds.
+///
+/// # Safety
+/// The arguments must be those of the kernel, in order, with buffers of the sizes the
+/// kernel reads and writes for the grid of `config`.
+pub unsafe fn launch(builder: &mut LaunchArgs, config: LaunchConfig) -> Result<()> {
+    // SAFETY: as the caller promises.
+    unsafe { builder.launch(config) }
+        .map(|_| ())
+        .map_err(cuda_error)
+}

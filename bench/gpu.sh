@@ -21,8 +21,8 @@ cd "$(dirname "$0")/.."
 CARRY=target/gpu-carry
 BUILD=${CARGO_TARGET_DIR:-target}/cuda
 
-# The test executable of target $2 of kind $3 in the CUDA build: `gpu test` (tests/gpu.rs) or
-# `sae lib` (the SAE crate's unit tests, with its kernel checks). $1 is cargo's JSON artifacts.
+# The test executable of target $2 of kind $3 in the CUDA build: `gpu test` (tests/gpu.rs),
+# `sae lib` or `lens lib` (a crate's unit tests, with its kernel checks). $1 is cargo's JSON artifacts.
 test_binary() {
     python3 -c 'import json, sys
 name, kind = sys.argv[1:3]
@@ -49,6 +49,7 @@ build() {
     cp "$BUILD"/release/{hooks,sae,lens} "$BUILD/release/examples/forward_bench" "$CARRY/bin/"
     cp "$(test_binary "$artifacts" gpu test)" "$CARRY/bin/gpu-tests"
     cp "$(test_binary "$artifacts" sae lib)" "$CARRY/bin/sae-unit-tests"
+    cp "$(test_binary "$artifacts" lens lib)" "$CARRY/bin/lens-unit-tests"
     strip "$CARRY"/bin/*
     # The binaries share most of their bytes (candle's kernels): a dictionary larger than the
     # whole tar lets xz store them once (13.6 MB instead of 49 MB; ~3 minutes).
@@ -78,6 +79,7 @@ run() {
         (
             rc=0
             "$bin/sae-unit-tests" --ignored gpu_ || rc=1
+            "$bin/lens-unit-tests" --ignored gpu_ || rc=1
             EI_REPO=$PWD "$bin/gpu-tests" --ignored --test-threads 1 || rc=1
             exit $rc
         ) 2>&1 | tee "$out/gpu-tests.log" || status=1

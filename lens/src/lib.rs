@@ -8,6 +8,7 @@
 
 mod bf16;
 pub mod cli;
+pub mod cuda;
 mod decode;
 pub mod eval;
 mod kernels;

@@ -146,13 +146,18 @@ pub(crate) fn decode_candle(
     target: &Target,
 ) -> Result<(f64, usize, Tensor)> {
     let (dtype, product_dtype) = (normed.dtype(), unembedding.dtype());
-    let logits = normed
-        .to_dtype(product_dtype)?
-        .matmul(&unembedding.t()?)?
-        .to_dtype(dtype)?;
-    let (loss, tokens, d_logits) = match crate::kernels::loss_and_logit_grad(&logits, target)? {
-        Some(fast) => fast,
-        None => loss_and_logit_grad(&logits, target)?,
+    let logits = normed.to_dtype(product_dtype)?.matmul(&unembedding.t()?)?;
+    // On a GPU the fused kernel reads the logits and writes their gradient in the product
+    // dtype; elsewhere the loss runs on the logits in the normed rows' dtype.
+    let (loss, tokens, d_logits) = match crate::cuda::loss_and_logit_grad(&logits, target)? {
+        Some(fused) => fused,
+        None => {
+            let logits = logits.to_dtype(dtype)?;
+            match crate::kernels::loss_and_logit_grad(&logits, target)? {
+                Some(fast) => fast,
+                None => loss_and_logit_grad(&logits, target)?,
+            }
+        }
     };
     let d_normed = d_logits.to_dtype(product_dtype)?.matmul(unembedding)?;
     Ok((loss, tokens, d_normed.to_dtype(dtype)?))

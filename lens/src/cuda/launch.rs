@@ -1,0 +1,85 @@
+//! Launching the fused loss kernels of `kernels.cu` on candle's CUDA tensors.
+
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg, ValidAsZeroBits};
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::{DType, Tensor};
+use half::bf16;
+use hooks::cuda_kernels::launch::{alloc, config, cuda_device, function, int, view, wrap};
+
+use super::{loss_and_logit_grad_with, LossKernels, KERNELS};
+use crate::loss::Target;
+use crate::Result;
+
+/// Threads per block (LOSS_THREADS in kernels.cu).
+const THREADS: u32 = 256;
+
+/// [`super::loss_and_logit_grad`] on a CUDA device.
+pub(super) fn loss_and_logit_grad(
+    logits: &Tensor,
+    target: &Target,
+) -> Result<Option<(f64, usize, Tensor)>> {
+    let Some(device) = cuda_device(logits) else {
+        return Ok(None);
+    };
+    if !matches!(logits.dtype(), DType::F32 | DType::BF16) || logits.dim(0)? == 0 {
+        return Ok(None);
+    }
+    loss_and_logit_grad_with(&Launcher(device), logits, target).map(Some)
+}
+
+/// The kernels launched on one CUDA device.
+pub(super) struct Launcher(pub(super) CudaDevice);
+
+impl LossKernels for Launcher {
+    fn kl(&self, logits: &Tensor, log_p: &Tensor) -> Result<(Tensor, Tensor)> {
+        match logits.dtype() {
+            DType::BF16 => row_loss::<bf16, f32>(&self.0, "lens_kl_bf16", logits, log_p),
+            _ => row_loss::<f32, f32>(&self.0, "lens_kl_f32", logits, log_p),
+        }
+    }
+
+    fn ce(&self, logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+        match logits.dtype() {
+            DType::BF16 => row_loss::<bf16, u32>(&self.0, "lens_ce_bf16", logits, targets),
+            _ => row_loss::<f32, u32>(&self.0, "lens_ce_f32", logits, targets),
+        }
+    }
+}
+
+/// Launches `name(logits, target, vocab, loss, grad)`: one block per row of `logits`
+/// (elements `T`), whose target is `target` (elements `U`: log-probabilities or ids).
+fn row_loss<T, U>(
+    device: &CudaDevice,
+    name: &str,
+    logits: &Tensor,
+    target: &Tensor,
+) -> Result<(Tensor, Tensor)>
+where
+    T: CudaDType + DeviceRepr + ValidAsZeroBits,
+    U: CudaDType + DeviceRepr,
+{
+    let (rows, vocab) = logits.dims2()?;
+    let kernel = function(&KERNELS, device, name)?;
+    let mut loss = alloc::<f32>(device, rows)?;
+    let mut grad = alloc::<T>(device, rows * vocab)?;
+    let vocab_arg = int(vocab, "vocabulary size")?;
+    let (logits, target) = (logits.contiguous()?, target.contiguous()?);
+    let (logits_s, logits_l) = logits.storage_and_layout();
+    let (target_s, target_l) = target.storage_and_layout();
+    let (logits_v, target_v) = (
+        view::<T>(&logits_s, logits_l)?,
+        view::<U>(&target_s, target_l)?,
+    );
+    let mut builder = kernel.builder();
+    builder
+        .arg(&logits_v)
+        .arg(&target_v)
+        .arg(&vocab_arg)
+        .arg(&mut loss)
+        .arg(&mut grad);
+    // SAFETY: the arguments of `name` in kernels.cu, in order: `rows × vocab` logits, a
+    // target of `rows × vocab` log-probabilities or `rows` ids, `rows` losses and a
+    // `rows × vocab` gradient; one block of THREADS threads per row.
+    unsafe { hooks::cuda_kernels::launch::launch(&mut builder, config((rows, 1), THREADS)?) }?;
+    Ok((wrap(loss, device, rows), wrap(grad, device, (rows, vocab))))
+}

@@ -22,7 +22,7 @@ CARRY=target/gpu-carry
 BUILD=${CARGO_TARGET_DIR:-target}/cuda
 
 # The test executable of target $2 of kind $3 in the CUDA build: `gpu test` (tests/gpu.rs),
-# `sae lib` or `lens lib` (a crate's unit tests, with its kernel checks). $1 is cargo's JSON artifacts.
+# `hooks lib`, `sae lib` or `lens lib` (a crate's unit tests, with its kernel checks). $1 is cargo's JSON artifacts.
 test_binary() {
     python3 -c 'import json, sys
 name, kind = sys.argv[1:3]
@@ -50,6 +50,7 @@ build() {
     cp "$(test_binary "$artifacts" gpu test)" "$CARRY/bin/gpu-tests"
     cp "$(test_binary "$artifacts" sae lib)" "$CARRY/bin/sae-unit-tests"
     cp "$(test_binary "$artifacts" lens lib)" "$CARRY/bin/lens-unit-tests"
+    cp "$(test_binary "$artifacts" hooks lib)" "$CARRY/bin/hooks-unit-tests"
     strip "$CARRY"/bin/*
     # The binaries share most of their bytes (candle's kernels): a dictionary larger than the
     # whole tar lets xz store them once (13.6 MB instead of 49 MB; ~3 minutes).
@@ -80,6 +81,7 @@ run() {
             rc=0
             "$bin/sae-unit-tests" --ignored gpu_ || rc=1
             "$bin/lens-unit-tests" --ignored gpu_ || rc=1
+            "$bin/hooks-unit-tests" --ignored gpu_ || rc=1
             EI_REPO=$PWD "$bin/gpu-tests" --ignored --test-threads 1 || rc=1
             exit $rc
         ) 2>&1 | tee "$out/gpu-tests.log" || status=1

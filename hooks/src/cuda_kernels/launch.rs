@@ -35,9 +35,8 @@ fn ptx(source: &KernelSource, device: &CudaDevice) -> Result<&'static str> {
     compiled.clone().map_err(Error::Cuda)
 }
 
-/// `compute_XY` for the device's compute capability when NVRTC 13 knows it; otherwise
-/// NVRTC's default (the driver JIT-compiles that PTX for newer devices).
-fn virtual_arch(device: &CudaDevice) -> Option<&'static str> {
+/// The device's compute capability `(major, minor)`, e.g. `(9, 0)` for an H100.
+pub fn compute_capability(device: &CudaDevice) -> Option<(i32, i32)> {
     let stream = device.cuda_stream();
     let context = stream.context();
     let major = context
@@ -46,7 +45,13 @@ fn virtual_arch(device: &CudaDevice) -> Option<&'static str> {
     let minor = context
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
         .ok()?;
-    Some(match (major, minor) {
+    Some((major, minor))
+}
+
+/// `compute_XY` for the device's compute capability when NVRTC 13 knows it; otherwise
+/// NVRTC's default (the driver JIT-compiles that PTX for newer devices).
+fn virtual_arch(device: &CudaDevice) -> Option<&'static str> {
+    Some(match compute_capability(device)? {
         (7, 5) => "compute_75",
         (8, 0) => "compute_80",
         (8, 6) => "compute_86",

@@ -204,6 +204,10 @@ pub(crate) fn causal_attention(
     v: &Tensor,
     mask: &Tensor,
 ) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(out) = super::flash_attention::causal_attention(q, k, v)? {
+        return Ok(out);
+    }
     if let Some(out) = super::cpu_kernels::causal_attention(q, k, v)? {
         return Ok(out);
     }

@@ -3,6 +3,7 @@
 
 mod cpu_kernels;
 mod decoder;
+mod flash_attention;
 mod gpt_neox;
 pub(crate) mod layers;
 mod llama;

@@ -1,10 +1,15 @@
-// Runs CUDA kernels written with block-wide __syncthreads only (as our kernel sources are)
-// on the CPU, for the CPU test suite. The blocks of a grid run one after another; the threads
-// of a block are fibers (ucontext) on one OS thread, each running until its next __syncthreads, so a
+// Runs our CUDA kernels (block-wide __syncthreads, plus the warp-level primitives below) on
+// the CPU, for the CPU test suite. The blocks of a grid run one after another; the threads of
+// a block are fibers (ucontext) on one OS thread, each running until its next barrier, so a
 // round over all fibers is one barrier. A kernel's `__shared__` variables become function
 // statics, shared by all threads of the running block as on a GPU. Threads that disagree on
 // the number of barriers are reported as an error.
+//
+// Warp-level primitives (`lane_xor`, `mma_bf16_16816`) exchange values through per-thread
+// slots between two block-wide barriers, so every thread of the block must call them alike.
 #pragma once
+
+#define EI_CUDA_EMULATION 1
 
 #include <ucontext.h>
 
@@ -61,6 +66,71 @@ inline unsigned __float_as_uint(float f) {
     unsigned u;
     std::memcpy(&u, &f, sizeof u);
     return u;
+}
+
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+
+namespace emulation {
+inline float lane_slots[1024];
+inline unsigned mma_a_slots[1024][4];
+inline unsigned mma_b_slots[1024][2];
+
+inline float bf16_value(unsigned bits) {
+    const unsigned widened = (bits & 0xffffu) << 16;
+    float f;
+    std::memcpy(&f, &widened, sizeof f);
+    return f;
+}
+}  // namespace emulation
+
+// The value `v` of lane (lane ^ mask) of the calling thread's warp (`__shfl_xor_sync`).
+inline float lane_xor(float v, int mask) {
+    using namespace emulation;
+    lane_slots[threadIdx.x] = v;
+    __syncthreads();
+    const float other = lane_slots[threadIdx.x ^ (unsigned)mask];
+    __syncthreads();
+    return other;
+}
+
+// PTX `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32` for the calling thread's warp:
+// c += A B, with A (16 x 16), B (16 x 8) and C (16 x 8) spread over the lanes as PTX's
+// "matrix fragments for mma.m16n8k16 with floating point type" says (groupID = lane / 4,
+// threadID_in_group = lane % 4; lower-indexed element in the low half of a register).
+inline void mma_bf16_16816(float* c, const unsigned* a, const unsigned* b) {
+    using namespace emulation;
+    const unsigned tid = threadIdx.x, base = tid & ~31u;
+    std::memcpy(mma_a_slots[tid], a, sizeof mma_a_slots[tid]);
+    std::memcpy(mma_b_slots[tid], b, sizeof mma_b_slots[tid]);
+    __syncthreads();
+    float A[16][16], B[16][8];
+    for (unsigned lane = 0; lane < 32; ++lane) {
+        const unsigned g = lane / 4, t = lane % 4;
+        const unsigned* ra = mma_a_slots[base + lane];
+        const unsigned* rb = mma_b_slots[base + lane];
+        const unsigned rows[4] = {g, g + 8, g, g + 8};
+        const unsigned cols[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
+        for (int r = 0; r < 4; ++r) {
+            A[rows[r]][cols[r]] = bf16_value(ra[r]);
+            A[rows[r]][cols[r] + 1] = bf16_value(ra[r] >> 16);
+        }
+        for (int r = 0; r < 2; ++r) {
+            B[2 * t + 8 * r][g] = bf16_value(rb[r]);
+            B[2 * t + 8 * r + 1][g] = bf16_value(rb[r] >> 16);
+        }
+    }
+    const unsigned lane = tid % 32, g = lane / 4, t = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+        const unsigned row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+        float sum = c[i];
+        for (int k = 0; k < 16; ++k) {
+            sum += A[row][k] * B[k][col];
+        }
+        c[i] = sum;
+    }
+    __syncthreads();
 }
 
 template <typename T>

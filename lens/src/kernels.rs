@@ -64,6 +64,8 @@ pub(crate) fn loss_and_grad_in_place<O: Send>(
                 })
                 .collect())
         })?,
+        // Made on a GPU only, where this CPU pass does not run.
+        Target::LogProbabilities(_) => None,
         Target::NextTokens(next) => {
             let next: Vec<u32> = next.to_vec1()?;
             Some(

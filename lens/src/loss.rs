@@ -19,13 +19,20 @@ pub enum Target {
         /// `Σ_v p log p` per row (the constant part of the KL).
         p_log_p: Vec<f64>,
     },
+    /// The model's final distribution as log-probabilities `[n, vocab]` only: on a GPU,
+    /// where the fused loss kernel needs nothing else.
+    LogProbabilities(Tensor),
     /// Next-token ids `[n]` (u32); rows whose target is `u32::MAX` are ignored.
     NextTokens(Tensor),
 }
 
 impl Target {
-    /// A KL target from the model's final logits `[n, vocab]` (one fused pass on the CPU).
+    /// A KL target from the model's final logits `[n, vocab]` (one fused pass on the CPU, a
+    /// fused kernel on a GPU).
     pub fn from_logits(logits: &Tensor) -> Result<Self> {
+        if let Some(log_p) = crate::cuda::log_softmax(logits)? {
+            return Ok(Target::LogProbabilities(log_p));
+        }
         Ok(match crate::kernels::distribution_of_logits(logits)? {
             Some((log_p, p, p_log_p)) => Target::Distribution { log_p, p, p_log_p },
             None => Target::distribution(log_softmax(logits)?)?,
@@ -171,11 +178,13 @@ pub(crate) fn loss_and_logit_grad(
 ) -> Result<(f64, usize, Tensor)> {
     let log_q = log_softmax(logits)?;
     let q = log_q.exp()?;
+    let kl = |log_p: &Tensor, p: &Tensor| -> Result<(f64, usize, Tensor)> {
+        let kl = (p * (log_p - &log_q)?)?.sum_all()?;
+        Ok((scalar(&kl)?, logits.dim(0)?, (&q - p)?))
+    };
     Ok(match target {
-        Target::Distribution { log_p, p, .. } => {
-            let kl = (p * (log_p - &log_q)?)?.sum_all()?;
-            (scalar(&kl)?, logits.dim(0)?, (q - p)?)
-        }
+        Target::Distribution { log_p, p, .. } => kl(log_p, p)?,
+        Target::LogProbabilities(log_p) => kl(log_p, &log_p.exp()?)?,
         Target::NextTokens(next) => {
             let ids: Vec<u32> = next.to_vec1()?;
             let vocab = logits.dim(1)?;

@@ -297,7 +297,9 @@ pub fn train(
                     .to_dtype(DType::F32)?)
             };
             let target = match options.loss {
-                LossKind::Kl => Target::from_logits(&unembedding.forward(&rows_of(final_point)?)?)?,
+                LossKind::Kl => {
+                    Target::from_logits(&decoder.final_logits(&rows_of(final_point)?)?)?
+                }
                 LossKind::Ce => Target::NextTokens(
                     Tensor::new(&next_tokens[start..start + len], &candle_core::Device::Cpu)?
                         .to_device(unembedding.weight.device())?,

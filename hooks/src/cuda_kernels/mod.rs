@@ -42,6 +42,19 @@ impl KernelSource {
     }
 }
 
+/// Runs `f` with cuBLAS allowed to compute f32 products on TF32 tensor cores (f32 inputs
+/// rounded to 10 mantissa bits, f32 sums; about 8x the plain f32 rate). candle keeps this as
+/// a process-wide switch: it is restored afterwards, and an f32 product run by another
+/// thread meanwhile may also use TF32. No effect off CUDA devices.
+pub fn with_tf32_products<T>(f: impl FnOnce() -> T) -> T {
+    use candle_core::cuda::{gemm_reduced_precision_f32, set_gemm_reduced_precision_f32};
+    let before = gemm_reduced_precision_f32();
+    set_gemm_reduced_precision_f32(true);
+    let out = f();
+    set_gemm_reduced_precision_f32(before);
+    out
+}
+
 /// Whether NVRTC can be loaded (always, with the `cuda` feature, which links it).
 pub fn nvrtc_present() -> bool {
     #[cfg(feature = "cuda")]

@@ -241,7 +241,7 @@ pub(crate) fn causal_attention_generic(
     // use TF32 tensor cores with f32 sums: the f32 result, ~8x faster (flash attention also
     // multiplies the half-precision values with f32 sums).
     let scores = if q.device().is_cuda() && matches!(dtype, DType::BF16 | DType::F16) {
-        with_tf32_products(product)?
+        crate::cuda_kernels::with_tf32_products(product)?
     } else {
         product()?
     };
@@ -254,18 +254,6 @@ pub(crate) fn causal_attention_generic(
     let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
     let out = probs.matmul(&v.contiguous()?)?;
     Ok(out.transpose(1, 2)?.reshape((b, t, heads * d))?)
-}
-
-/// Runs `f` with cuBLAS allowed to compute f32 products on TF32 tensor cores. candle keeps
-/// this as a process-wide switch: it is restored afterwards, and an f32 product run by
-/// another thread meanwhile may also use TF32.
-fn with_tf32_products<T>(f: impl FnOnce() -> candle_core::Result<T>) -> candle_core::Result<T> {
-    use candle_core::cuda::{gemm_reduced_precision_f32, set_gemm_reduced_precision_f32};
-    let before = gemm_reduced_precision_f32();
-    set_gemm_reduced_precision_f32(true);
-    let out = f();
-    set_gemm_reduced_precision_f32(before);
-    out
 }
 
 /// `[b, kv, t, d]` -> `[b, kv * repeat, t, d]`, each kv head repeated `repeat` times in place.

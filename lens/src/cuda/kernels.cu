@@ -1,7 +1,8 @@
 // The lens loss on a GPU, fused: per row of lens logits, the log-sum-exp, the row's loss and
 // the logit gradient `softmax - target` in two passes over the row, instead of the dozen
 // passes of the generic tensor path (max, subtract, exp, sum, log, subtract, exp, products,
-// sums, differences, each reading and writing the whole [tokens, vocab] block).
+// sums, differences, each reading and writing the whole [tokens, vocab] block). The KL
+// target's log-probabilities, made once per chunk of tokens, take two passes too.
 //
 // One block of LOSS_THREADS threads per row. Pass one reads the row once, keeping a running
 // maximum and a sum of exponentials rescaled to it (the "online" softmax), plus the target
@@ -138,8 +139,39 @@ __device__ void ce_row(const T* logits, const u32* targets, int vocab, float* lo
     }
 }
 
+// The model's final distribution as a KL target: log_p = logits − log-sum-exp per row, in
+// f32, from one read for the log-sum-exp and one to write.
+template <typename T>
+__device__ void log_softmax_row(const T* logits, int vocab, float* log_p) {
+    __shared__ float row_max[LOSS_THREADS];
+    __shared__ float row_sum[LOSS_THREADS];
+    const int tid = threadIdx.x;
+    const u64 offset = (u64)blockIdx.x * (u64)vocab;
+    const T* z = logits + offset;
+    float m = negative_infinity(), s = 0.0f;
+    for (int j = tid; j < vocab; j += LOSS_THREADS) {
+        online_add(to_f32(z[j]), &m, &s);
+    }
+    row_max[tid] = m;
+    row_sum[tid] = s;
+    const float lse = block_log_sum_exp(row_max, row_sum, 0, 0, tid);
+    float* out = log_p + offset;
+    for (int j = tid; j < vocab; j += LOSS_THREADS) {
+        out[j] = to_f32(z[j]) - lse;
+    }
+}
+
 // Grids: one block per row, LOSS_THREADS threads. `loss` has one f32 per row; `grad` has
-// the shape and dtype of `logits`.
+// the shape and dtype of `logits`; `log_p` is f32 of the shape of `logits`.
+extern "C" __global__ void lens_log_softmax_f32(const float* logits, int vocab, float* log_p) {
+    log_softmax_row(logits, vocab, log_p);
+}
+
+extern "C" __global__ void lens_log_softmax_bf16(const bf16_bits* logits, int vocab,
+                                                 float* log_p) {
+    log_softmax_row(logits, vocab, log_p);
+}
+
 extern "C" __global__ void lens_kl_f32(const float* logits, const float* log_p, int vocab,
                                        float* loss, float* grad) {
     kl_row(logits, log_p, vocab, loss, grad);

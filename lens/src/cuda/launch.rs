@@ -27,10 +27,28 @@ pub(super) fn loss_and_logit_grad(
     loss_and_logit_grad_with(&Launcher(device), logits, target).map(Some)
 }
 
+/// [`super::log_softmax`] on a CUDA device.
+pub(super) fn log_softmax(logits: &Tensor) -> Result<Option<Tensor>> {
+    let Some(device) = cuda_device(logits) else {
+        return Ok(None);
+    };
+    if !matches!(logits.dtype(), DType::F32 | DType::BF16) || logits.dim(0)? == 0 {
+        return Ok(None);
+    }
+    Launcher(device).log_softmax(logits).map(Some)
+}
+
 /// The kernels launched on one CUDA device.
 pub(super) struct Launcher(pub(super) CudaDevice);
 
 impl LossKernels for Launcher {
+    fn log_softmax(&self, logits: &Tensor) -> Result<Tensor> {
+        match logits.dtype() {
+            DType::BF16 => log_softmax_typed::<bf16>(&self.0, "lens_log_softmax_bf16", logits),
+            _ => log_softmax_typed::<f32>(&self.0, "lens_log_softmax_f32", logits),
+        }
+    }
+
     fn kl(&self, logits: &Tensor, log_p: &Tensor) -> Result<(Tensor, Tensor)> {
         match logits.dtype() {
             DType::BF16 => row_loss::<bf16, f32>(&self.0, "lens_kl_bf16", logits, log_p),
@@ -82,4 +100,25 @@ where
     // `rows × vocab` gradient; one block of THREADS threads per row.
     unsafe { hooks::cuda_kernels::launch::launch(&mut builder, config((rows, 1), THREADS)?) }?;
     Ok((wrap(loss, device, rows), wrap(grad, device, (rows, vocab))))
+}
+
+/// Launches `name(logits, vocab, log_p)`: one block per row of `logits` (elements `T`).
+fn log_softmax_typed<T: CudaDType + DeviceRepr>(
+    device: &CudaDevice,
+    name: &str,
+    logits: &Tensor,
+) -> Result<Tensor> {
+    let (rows, vocab) = logits.dims2()?;
+    let kernel = function(&KERNELS, device, name)?;
+    let mut log_p = alloc::<f32>(device, rows * vocab)?;
+    let vocab_arg = int(vocab, "vocabulary size")?;
+    let logits = logits.contiguous()?;
+    let (logits_s, logits_l) = logits.storage_and_layout();
+    let logits_v = view::<T>(&logits_s, logits_l)?;
+    let mut builder = kernel.builder();
+    builder.arg(&logits_v).arg(&vocab_arg).arg(&mut log_p);
+    // SAFETY: the arguments of `name` in kernels.cu, in order: `rows × vocab` logits and a
+    // `rows × vocab` f32 output; one block of THREADS threads per row.
+    unsafe { hooks::cuda_kernels::launch::launch(&mut builder, config((rows, 1), THREADS)?) }?;
+    Ok(wrap(log_p, device, (rows, vocab)))
 }

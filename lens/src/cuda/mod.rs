@@ -45,11 +45,27 @@ pub(crate) fn loss_and_logit_grad(
     }
 }
 
+/// `log_softmax(logits)` in f32 for `logits: [n, vocab]` (f32 or bf16) on a CUDA device (the
+/// KL target); `None` off CUDA devices and for other dtypes.
+pub(crate) fn log_softmax(logits: &Tensor) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        launch::log_softmax(logits)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = logits;
+        Ok(None)
+    }
+}
+
 #[cfg(any(test, feature = "cuda"))]
-/// The two kernels as tensor operations, launched on a CUDA device or (in the tests) run on
-/// the CPU under emulation. Each returns `(loss per row [n] f32, gradient)` with the gradient
-/// of the logits' shape and dtype.
+/// The kernels as tensor operations, launched on a CUDA device or (in the tests) run on the
+/// CPU under emulation. The losses return `(loss per row [n] f32, gradient)` with the
+/// gradient of the logits' shape and dtype.
 pub(crate) trait LossKernels {
+    /// `log_softmax(logits)` in f32, `[n, vocab]`.
+    fn log_softmax(&self, logits: &Tensor) -> Result<Tensor>;
     /// Forward KL from the target's `log_p: [n, vocab]` (f32).
     fn kl(&self, logits: &Tensor, log_p: &Tensor) -> Result<(Tensor, Tensor)>;
     /// Next-token cross-entropy with `targets: [n]` u32, `u32::MAX` for ignored rows.
@@ -66,7 +82,7 @@ pub(crate) fn loss_and_logit_grad_with(
 ) -> Result<(f64, usize, Tensor)> {
     let (n, vocab) = logits.dims2()?;
     let (losses, grad, counted) = match target {
-        Target::Distribution { log_p, .. } => {
+        Target::Distribution { log_p, .. } | Target::LogProbabilities(log_p) => {
             let (losses, grad) = kernels.kl(logits, &log_p.to_dtype(DType::F32)?)?;
             (losses, grad, n)
         }

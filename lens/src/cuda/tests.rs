@@ -16,7 +16,14 @@ use crate::loss::{log_softmax, loss_and_logit_grad as generic};
 fn nvrtc_compiles_every_kernel() {
     hooks::cuda_kernels::check_compiles(
         &KERNELS,
-        &["lens_kl_f32", "lens_kl_bf16", "lens_ce_f32", "lens_ce_bf16"],
+        &[
+            "lens_kl_f32",
+            "lens_kl_bf16",
+            "lens_ce_f32",
+            "lens_ce_bf16",
+            "lens_log_softmax_f32",
+            "lens_log_softmax_bf16",
+        ],
     );
 }
 
@@ -52,6 +59,19 @@ impl Emulated {
 }
 
 impl LossKernels for Emulated {
+    fn log_softmax(&self, logits: &Tensor) -> Result<Tensor> {
+        let (rows, vocab) = logits.dims2()?;
+        self.0.put("logits.bin", logits);
+        let dtype = dtype_name(logits.dtype());
+        self.0.run(&[
+            "log_softmax".into(),
+            dtype,
+            rows.to_string(),
+            vocab.to_string(),
+        ]);
+        Ok(self.0.get("log_p.bin", DType::F32, &[rows, vocab]))
+    }
+
     fn kl(&self, logits: &Tensor, log_p: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok(self.row_loss("kl", logits, log_p))
     }
@@ -108,14 +128,36 @@ fn check_against_generic(kernels: &impl LossKernels, device: &Device, vocabs: &[
         let rows = 4;
         let big = logits(1, vocab, 80.0, seed + 1);
         let z = Tensor::cat(&[&logits(rows - 1, vocab, 6.0, seed), &big], 0).unwrap();
-        let log_p = log_softmax(&logits(rows, vocab, 4.0, seed + 2)).unwrap();
+        let final_logits = logits(rows, vocab, 4.0, seed + 2);
+        let log_p = log_softmax(&final_logits).unwrap();
+        // The KL target's log-softmax kernel, from f32 and from bf16 logits.
+        for dtype in [DType::F32, DType::BF16] {
+            let final_logits = final_logits.to_dtype(dtype).unwrap();
+            let got = kernels.log_softmax(&on(&final_logits)).unwrap();
+            let want = log_softmax(&final_logits.to_dtype(DType::F32).unwrap()).unwrap();
+            let what = format!("vocab {vocab} log_softmax {dtype:?}");
+            assert_close(
+                &got.to_device(&Device::Cpu).unwrap(),
+                &want,
+                1e-6,
+                1e-5,
+                &what,
+            );
+        }
         let ids = [0, u32::MAX, (vocab - 1) as u32, (vocab / 2) as u32];
         let next = Tensor::new(&ids, &Device::Cpu).unwrap();
+        let from_kernel = kernels.log_softmax(&on(&final_logits)).unwrap();
+        // (reference target, target for the kernels, name)
         let targets = [
             (
                 Target::distribution(log_p.clone()).unwrap(),
                 Target::distribution(on(&log_p)).unwrap(),
                 "kl",
+            ),
+            (
+                Target::distribution(log_p.clone()).unwrap(),
+                Target::LogProbabilities(from_kernel),
+                "kl from the log_softmax kernel",
             ),
             (
                 Target::NextTokens(next.clone()),
@@ -199,6 +241,10 @@ fn emulated_kl_ignores_impossible_target_tokens() {
 struct NotReached;
 
 impl LossKernels for NotReached {
+    fn log_softmax(&self, _: &Tensor) -> Result<Tensor> {
+        unreachable!("the log_softmax kernel ran")
+    }
+
     fn kl(&self, _: &Tensor, _: &Tensor) -> Result<(Tensor, Tensor)> {
         unreachable!("the kl kernel ran")
     }

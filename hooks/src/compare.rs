@@ -21,6 +21,31 @@ pub fn relative_error(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok(max_abs_diff(a, &b)? / scale.max(1e-12))
 }
 
+/// The first element (flat index, `a`'s value, `b`'s value) where `|a − b|` exceeds
+/// `relative · |b| + absolute`, or `None` when every element is within it: an element-wise
+/// tolerance, for outputs whose small entries matter as much as their large ones.
+pub fn first_outside(
+    a: &Tensor,
+    b: &Tensor,
+    relative: f64,
+    absolute: f64,
+) -> Result<Option<(usize, f64, f64)>> {
+    let a: Vec<f64> = f64_on_cpu(a)?.flatten_all()?.to_vec1()?;
+    let b: Vec<f64> = f64_on_cpu(b)?.flatten_all()?.to_vec1()?;
+    if a.len() != b.len() {
+        return Err(crate::Error::InvalidArgument(format!(
+            "cannot compare {} elements with {}",
+            a.len(),
+            b.len()
+        )));
+    }
+    Ok(a.iter()
+        .zip(&b)
+        .enumerate()
+        .find(|(_, (x, y))| (*x - *y).abs() > relative * y.abs() + absolute)
+        .map(|(i, (&x, &y))| (i, x, y)))
+}
+
 fn f64_on_cpu(t: &Tensor) -> candle_core::Result<Tensor> {
     t.to_device(&Device::Cpu)?.to_dtype(DType::F64)
 }
@@ -37,6 +62,18 @@ mod tests {
         assert_eq!(relative_error(&a, &b).unwrap(), 2.0 / 3.0);
         let a16 = a.to_dtype(DType::BF16).unwrap();
         assert_eq!(max_abs_diff(&a16, &b).unwrap(), 2.0);
+        assert_eq!(
+            first_outside(&a, &b, 0.0, 0.5).unwrap(),
+            Some((3, 4.0, 2.0))
+        );
+        assert_eq!(first_outside(&a, &b, 1.0, 0.5).unwrap(), None);
+        assert!(first_outside(
+            &a,
+            &b.flatten_all().unwrap().narrow(0, 0, 3).unwrap(),
+            0.0,
+            0.0
+        )
+        .is_err());
         // In f64: a difference far below f32's resolution at 1.0 is still seen.
         let c = Tensor::new(&[1.0f64, 2.0], &Device::Cpu).unwrap();
         let d = (&c + 1e-13).unwrap();

@@ -16,6 +16,8 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
 
+use super::KernelSource;
+
 /// The include path of a harness: `element_types.cuh`, `emulation/cuda_emulation.h` and
 /// `emulation/harness_io.h`.
 pub const INCLUDE_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/cuda_kernels");
@@ -43,7 +45,7 @@ pub fn missing(what: &str) {
 /// after `name` and a hash of `sources` (the kernel source and the harness text) and of the
 /// emulation headers, so a changed source is rebuilt and an unchanged one is reused. `None`
 /// (after reporting SKIP) without a C++ compiler; panics when the compiler rejects the code.
-pub fn build_harness(
+fn build_harness(
     name: &str,
     harness_cpp: &Path,
     sources: &[&str],
@@ -93,12 +95,22 @@ pub struct Emulated {
 }
 
 impl Emulated {
-    /// Runs `harness` (from [`build_harness`]) in a fresh scratch folder.
-    pub fn new(harness: PathBuf) -> Self {
-        Emulated {
+    /// The harness `harness_cpp` (whose text is `harness_text`) of `kernels`, built once per
+    /// version of the sources next to the running test binary, with a fresh scratch folder;
+    /// `None` (after reporting SKIP) without a C++ compiler.
+    pub fn build(
+        name: &str,
+        kernels: &KernelSource,
+        harness_cpp: &Path,
+        harness_text: &str,
+    ) -> Option<Self> {
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let sources = [kernels.source, harness_text];
+        let harness = build_harness(name, harness_cpp, &sources, exe.parent()?)?;
+        Some(Emulated {
             harness,
             dir: tempfile::tempdir().expect("cannot create a scratch folder"),
-        }
+        })
     }
 
     /// Writes `t` as the raw little-endian input file `name` (f32, bf16, u32 or u8).

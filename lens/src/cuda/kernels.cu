@@ -65,6 +65,22 @@ __device__ __forceinline__ float block_log_sum_exp(float* row_max, float* row_su
     return lse;
 }
 
+// The log-sum-exp of one row of `vocab` logits `z`, from one read; every thread of the block
+// gets it.
+template <typename T>
+__device__ float row_log_sum_exp(const T* z, int vocab) {
+    __shared__ float row_max[LOSS_THREADS];
+    __shared__ float row_sum[LOSS_THREADS];
+    const int tid = threadIdx.x;
+    float m = negative_infinity(), s = 0.0f;
+    for (int j = tid; j < vocab; j += LOSS_THREADS) {
+        online_add(to_f32(z[j]), &m, &s);
+    }
+    row_max[tid] = m;
+    row_sum[tid] = s;
+    return block_log_sum_exp(row_max, row_sum, 0, 0, tid);
+}
+
 // Forward KL(p ‖ q) against the model's final distribution, given as `log_p [rows, vocab]`
 // (f32): loss[row] = Σ p (log p − log q) and grad = q − p, with q = softmax(logits).
 template <typename T>
@@ -107,8 +123,6 @@ __device__ void kl_row(const T* logits, const float* log_p, int vocab, float* lo
 // every other target is below `vocab`.
 template <typename T>
 __device__ void ce_row(const T* logits, const u32* targets, int vocab, float* loss, T* grad) {
-    __shared__ float row_max[LOSS_THREADS];
-    __shared__ float row_sum[LOSS_THREADS];
     const int tid = threadIdx.x;
     const u64 offset = (u64)blockIdx.x * (u64)vocab;
     const T* z = logits + offset;
@@ -123,13 +137,7 @@ __device__ void ce_row(const T* logits, const u32* targets, int vocab, float* lo
         }
         return;
     }
-    float m = negative_infinity(), s = 0.0f;
-    for (int j = tid; j < vocab; j += LOSS_THREADS) {
-        online_add(to_f32(z[j]), &m, &s);
-    }
-    row_max[tid] = m;
-    row_sum[tid] = s;
-    const float lse = block_log_sum_exp(row_max, row_sum, 0, 0, tid);
+    const float lse = row_log_sum_exp(z, vocab);
     if (tid == 0) {
         loss[blockIdx.x] = lse - to_f32(z[target]);
     }
@@ -143,20 +151,11 @@ __device__ void ce_row(const T* logits, const u32* targets, int vocab, float* lo
 // f32, from one read for the log-sum-exp and one to write.
 template <typename T>
 __device__ void log_softmax_row(const T* logits, int vocab, float* log_p) {
-    __shared__ float row_max[LOSS_THREADS];
-    __shared__ float row_sum[LOSS_THREADS];
-    const int tid = threadIdx.x;
     const u64 offset = (u64)blockIdx.x * (u64)vocab;
     const T* z = logits + offset;
-    float m = negative_infinity(), s = 0.0f;
-    for (int j = tid; j < vocab; j += LOSS_THREADS) {
-        online_add(to_f32(z[j]), &m, &s);
-    }
-    row_max[tid] = m;
-    row_sum[tid] = s;
-    const float lse = block_log_sum_exp(row_max, row_sum, 0, 0, tid);
+    const float lse = row_log_sum_exp(z, vocab);
     float* out = log_p + offset;
-    for (int j = tid; j < vocab; j += LOSS_THREADS) {
+    for (int j = threadIdx.x; j < vocab; j += LOSS_THREADS) {
         out[j] = to_f32(z[j]) - lse;
     }
 }

@@ -33,11 +33,8 @@ struct Emulated(emulation::Emulated);
 impl Emulated {
     fn new() -> Option<Self> {
         let harness = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cuda/emulation/harness.cpp");
-        let exe = std::env::current_exe().unwrap();
-        let sources = [KERNELS.source, include_str!("emulation/harness.cpp")];
-        let built =
-            emulation::build_harness("lens-kernel-emulation", &harness, &sources, exe.parent()?)?;
-        Some(Emulated(emulation::Emulated::new(built)))
+        let text = include_str!("emulation/harness.cpp");
+        emulation::Emulated::build("lens-kernel-emulation", &KERNELS, &harness, text).map(Emulated)
     }
 
     fn row_loss(&self, loss: &str, logits: &Tensor, target: &Tensor) -> (Tensor, Tensor) {
@@ -91,21 +88,9 @@ fn logits(rows: usize, vocab: usize, scale: f32, seed: u64) -> Tensor {
 }
 
 /// Every element of `got` within `relative · |want| + absolute` of `want`.
-fn assert_close(got: &Tensor, want: &Tensor, relative: f32, absolute: f32, what: &str) {
-    let got: Vec<f32> = got
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert!(
-            (g - w).abs() <= relative * w.abs() + absolute,
-            "{what}: element {i} is {g}, expected {w}"
-        );
+fn assert_close(got: &Tensor, want: &Tensor, relative: f64, absolute: f64, what: &str) {
+    if let Some((i, g, w)) = hooks::compare::first_outside(got, want, relative, absolute).unwrap() {
+        panic!("{what}: element {i} is {g}, expected {w}");
     }
 }
 

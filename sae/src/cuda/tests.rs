@@ -39,11 +39,8 @@ impl Emulated {
     /// (SKIP) without a C++ compiler.
     fn new() -> Option<Self> {
         let harness = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cuda/emulation/harness.cpp");
-        let exe = std::env::current_exe().unwrap();
-        let sources = [KERNELS.source, include_str!("emulation/harness.cpp")];
-        let built =
-            emulation::build_harness("sae-kernel-emulation", &harness, &sources, exe.parent()?)?;
-        Some(Emulated(emulation::Emulated::new(built)))
+        let text = include_str!("emulation/harness.cpp");
+        emulation::Emulated::build("sae-kernel-emulation", &KERNELS, &harness, text).map(Emulated)
     }
 }
 

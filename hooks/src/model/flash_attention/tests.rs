@@ -29,15 +29,9 @@ impl Emulated {
     fn new() -> Option<Self> {
         let harness = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("src/model/flash_attention/emulation/harness.cpp");
-        let exe = std::env::current_exe().unwrap();
-        let sources = [KERNELS.source, include_str!("emulation/harness.cpp")];
-        let built = emulation::build_harness(
-            "attention-kernel-emulation",
-            &harness,
-            &sources,
-            exe.parent()?,
-        )?;
-        Some(Emulated(emulation::Emulated::new(built)))
+        let text = include_str!("emulation/harness.cpp");
+        emulation::Emulated::build("attention-kernel-emulation", &KERNELS, &harness, text)
+            .map(Emulated)
     }
 
     /// `[b, t, heads * d]` bf16 from bf16 `q: [b, heads, t, d]`, `k`/`v: [b, kv_heads, t, d]`.
@@ -80,20 +74,8 @@ fn reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
 /// Every element within bf16 rounding (a few parts in a thousand of the output's scale) of
 /// the f32 reference.
 fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
-    let got: Vec<f32> = got
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert!(
-            (g - w).abs() <= 1e-2 * w.abs() + 4e-3,
-            "{what}: element {i} is {g}, expected {w}"
-        );
+    if let Some((i, g, w)) = crate::compare::first_outside(got, want, 1e-2, 4e-3).unwrap() {
+        panic!("{what}: element {i} is {g}, expected {w}");
     }
 }
 

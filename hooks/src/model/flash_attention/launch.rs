@@ -12,6 +12,8 @@ use crate::Result;
 
 /// Threads per block (ATTENTION_THREADS in attention.cu).
 const THREADS: u32 = 128;
+/// The most blocks a grid may have along y (one per batch row and head).
+const MAX_GRID_Y: usize = 65_535;
 
 /// Causal attention of bf16 `q: [b, heads, t, d]`, `k`/`v: [b, kv_heads, t, d]` on a CUDA
 /// GPU of compute capability 8.0 or newer: `[b, t, heads * d]` (bf16), as
@@ -26,6 +28,7 @@ pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Opt
         && t > 0
         && kv_heads > 0
         && heads % kv_heads == 0
+        && b * heads <= MAX_GRID_Y
         && compute_capability(&device).is_some_and(|cc| cc >= (8, 0))
         && std::env::var("EI_FLASH_ATTENTION").map_or(true, |v| v != "0");
     let Some(name) = entry_point(d).filter(|_| applies) else {

@@ -25,7 +25,7 @@ use crate::Result;
 /// u32)`, by decreasing value.
 pub(crate) fn topk(pre: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
-    if let Some(out) = crate::cuda::topk(pre, k, None, false)? {
+    if let Some(out) = crate::cuda::topk(pre, None, k, None, false)? {
         return Ok(out);
     }
     match topk_cpu(pre, k)? {
@@ -93,11 +93,12 @@ pub(crate) fn encode_select(
 /// f32 sums rounded to bf16, as under sparsify's bf16 autocast; the pre-activations stay
 /// bf16, half the bytes for the TopK to read).
 pub(crate) fn encoder_pre(xc: &Tensor, w_enc: &Tensor, b_enc: &Tensor) -> Result<Tensor> {
-    let product = w_enc.dtype();
-    Ok(xc
-        .to_dtype(product)?
-        .matmul(&w_enc.t()?)?
-        .broadcast_add(&b_enc.to_dtype(product)?)?)
+    Ok(encoder_product(xc, w_enc)?.broadcast_add(&b_enc.to_dtype(w_enc.dtype())?)?)
+}
+
+/// `xc W_encᵀ` in `w_enc`'s dtype: [`encoder_pre`] before the bias.
+pub(crate) fn encoder_product(xc: &Tensor, w_enc: &Tensor) -> Result<Tensor> {
+    Ok(xc.to_dtype(w_enc.dtype())?.matmul(&w_enc.t()?)?)
 }
 
 /// The pre-activations `ReLU(xc W_encᵀ + b_enc)` with generic tensor ops.

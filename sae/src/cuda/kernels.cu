@@ -37,22 +37,40 @@ __device__ __forceinline__ void block_inclusive_scan(u32* scan, int tid) {
     }
 }
 
+// `v` rounded to the precision of T, as a sum computed in T would be.
+__device__ __forceinline__ float round_as(float v, const float*) { return v; }
+__device__ __forceinline__ float round_as(float v, const bf16_bits*) {
+    bf16_bits b;
+    from_f32(v, &b);
+    return to_f32(b);
+}
+
+// Entry j of a row: row[j] + bias[j] summed in T's precision (when `bias` is not null), then
+// ReLU'd when `relu`.
 template <typename T>
-__device__ __forceinline__ u32 key_at(const T* row, const unsigned char* allowed, long long j,
-                                      int relu) {
-    if (allowed != 0 && allowed[j] == 0) {
-        return 0u; // below every real key: an excluded latent is never preferred
-    }
+__device__ __forceinline__ float value_at(const T* row, const T* bias, long long j, int relu) {
     float v = to_f32(row[j]);
+    if (bias != 0) {
+        v = round_as(v + to_f32(bias[j]), row);
+    }
     if (relu) {
         v = v > 0.0f ? v : 0.0f;
     }
-    return order_key(v);
+    return v;
 }
 
 template <typename T>
-__device__ void topk_row(const T* pre, const unsigned char* allowed, int n, int k, int relu,
-                         T* out_values, u32* out_indices) {
+__device__ __forceinline__ u32 key_at(const T* row, const T* bias, const unsigned char* allowed,
+                                      long long j, int relu) {
+    if (allowed != 0 && allowed[j] == 0) {
+        return 0u; // below every real key: an excluded latent is never preferred
+    }
+    return order_key(value_at(row, bias, j, relu));
+}
+
+template <typename T>
+__device__ void topk_row(const T* pre, const T* bias, const unsigned char* allowed, int n, int k,
+                         int relu, T* out_values, u32* out_indices) {
     __shared__ u32 hist[RADIX_BINS];
     __shared__ u32 scan[TOPK_THREADS];
     __shared__ u64 picks[TOPK_MAX_K];
@@ -84,7 +102,7 @@ __device__ void topk_row(const T* pre, const unsigned char* allowed, int n, int 
         __syncthreads();
         const u32 prefix = s_prefix;
         for (long long j = tid; j < n; j += TOPK_THREADS) {
-            const u32 key = key_at(row, allowed, j, relu);
+            const u32 key = key_at(row, bias, allowed, j, relu);
             if ((key & known) == prefix) {
                 atomicAdd(&hist[(key >> shift) & (bins - 1u)], 1u);
             }
@@ -132,7 +150,7 @@ __device__ void topk_row(const T* pre, const unsigned char* allowed, int n, int 
         u32 flags = 0u;
         u32 key = 0u;
         if (j < n) {
-            key = key_at(row, allowed, j, relu);
+            key = key_at(row, bias, allowed, j, relu);
             flags = key > threshold ? 1u : (key == threshold ? 0x10000u : 0u);
         }
         scan[tid] = flags;
@@ -182,26 +200,26 @@ __device__ void topk_row(const T* pre, const unsigned char* allowed, int n, int 
     }
     for (int i = tid; i < k; i += TOPK_THREADS) {
         const u32 index = 0xffffffffu - (u32)(picks[i] & 0xffffffffull);
-        float v = to_f32(row[index]);
-        if (relu) {
-            v = v > 0.0f ? v : 0.0f;
-        }
-        from_f32(v, &out_values[row_index * k + i]);
+        from_f32(value_at(row, bias, index, relu), &out_values[row_index * k + i]);
         out_indices[row_index * k + i] = index;
     }
 }
 
-// `pre: [rows, n]` -> the `k` largest of each row (after ReLU when `relu` is 1), among the
-// latents with `allowed[j] != 0` when `allowed` is not null. Grid: rows blocks of
-// TOPK_THREADS. Needs 1 <= k <= min(n, TOPK_MAX_K) and k allowed latents per row.
-extern "C" __global__ void topk_f32(const float* pre, const unsigned char* allowed, int n, int k,
-                                    int relu, float* out_values, u32* out_indices) {
-    topk_row(pre, allowed, n, k, relu, out_values, out_indices);
+// `pre: [rows, n]` (+ `bias: [n]` when not null, the sum in the element type) -> the `k`
+// largest of each row (after ReLU when `relu` is 1), among the latents with `allowed[j] != 0`
+// when `allowed` is not null. Folding the encoder bias in here saves a pass that would write
+// and reread the whole pre-activation block. Grid: rows blocks of TOPK_THREADS. Needs
+// 1 <= k <= min(n, TOPK_MAX_K) and k allowed latents per row.
+extern "C" __global__ void topk_f32(const float* pre, const float* bias,
+                                    const unsigned char* allowed, int n, int k, int relu,
+                                    float* out_values, u32* out_indices) {
+    topk_row(pre, bias, allowed, n, k, relu, out_values, out_indices);
 }
 
-extern "C" __global__ void topk_bf16(const bf16_bits* pre, const unsigned char* allowed, int n,
-                                     int k, int relu, bf16_bits* out_values, u32* out_indices) {
-    topk_row(pre, allowed, n, k, relu, out_values, out_indices);
+extern "C" __global__ void topk_bf16(const bf16_bits* pre, const bf16_bits* bias,
+                                     const unsigned char* allowed, int n, int k, int relu,
+                                     bf16_bits* out_values, u32* out_indices) {
+    topk_row(pre, bias, allowed, n, k, relu, out_values, out_indices);
 }
 
 // ---------------------------------------------------------------------------------------

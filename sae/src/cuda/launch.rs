@@ -27,11 +27,13 @@ fn launch(builder: &mut LaunchArgs, config: LaunchConfig) -> Result<()> {
     Ok(unsafe { hooks::cuda_kernels::launch::launch(builder, config) }?)
 }
 
-/// The `k` largest entries of each row of `pre: [N, n]` (of `ReLU(pre)` when `relu`), among
-/// the latents with a nonzero `allowed: [n]` u8 mask when given: `(values [N, k], indices
-/// [N, k] u32)` by decreasing value, ties by increasing index.
+/// The `k` largest entries of each row of `pre: [N, n]` plus `bias: [n]` (added in `pre`'s
+/// dtype; of the ReLU when `relu`), among the latents with a nonzero `allowed: [n]` u8 mask
+/// when given: `(values [N, k], indices [N, k] u32)` by decreasing value, ties by increasing
+/// index.
 pub(crate) fn topk(
     pre: &Tensor,
+    bias: Option<&Tensor>,
     k: usize,
     allowed: Option<&Tensor>,
     relu: bool,
@@ -43,21 +45,44 @@ pub(crate) fn topk(
     if k == 0 || k > n || k > TOPK_MAX_K || rows == 0 {
         return Ok(None);
     }
+    if bias.is_some_and(|b| b.dtype() != pre.dtype()) {
+        return Ok(None);
+    }
+    let selection = Selecting {
+        pre,
+        bias,
+        k,
+        allowed,
+        relu,
+    };
     match pre.dtype() {
-        DType::F32 => topk_typed::<f32>(&device, pre, k, allowed, relu, "topk_f32").map(Some),
-        DType::BF16 => topk_typed::<bf16>(&device, pre, k, allowed, relu, "topk_bf16").map(Some),
+        DType::F32 => topk_typed::<f32>(&device, &selection, "topk_f32").map(Some),
+        DType::BF16 => topk_typed::<bf16>(&device, &selection, "topk_bf16").map(Some),
         _ => Ok(None),
     }
 }
 
+/// The arguments of one TopK launch (see [`topk`]).
+struct Selecting<'a> {
+    pre: &'a Tensor,
+    bias: Option<&'a Tensor>,
+    k: usize,
+    allowed: Option<&'a Tensor>,
+    relu: bool,
+}
+
 fn topk_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     device: &CudaDevice,
-    pre: &Tensor,
-    k: usize,
-    allowed: Option<&Tensor>,
-    relu: bool,
+    selecting: &Selecting,
     name: &str,
 ) -> Result<(Tensor, Tensor)> {
+    let Selecting {
+        pre,
+        bias,
+        k,
+        allowed,
+        relu,
+    } = *selecting;
     let (rows, n) = pre.dims2()?;
     let func = function(&KERNELS, device, name)?;
     let mut values = alloc::<T>(device, rows * k)?;
@@ -66,6 +91,12 @@ fn topk_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     let pre = pre.contiguous()?;
     let (pre_storage, pre_layout) = pre.storage_and_layout();
     let pre_view = view::<T>(&pre_storage, pre_layout)?;
+    let bias = bias.map(Tensor::contiguous).transpose()?;
+    let bias_guard = bias.as_ref().map(|b| b.storage_and_layout());
+    let bias_view = match &bias_guard {
+        Some((storage, layout)) => Some(view::<T>(storage, layout)?),
+        None => None,
+    };
     let mask = allowed
         .map(|m| m.to_dtype(DType::U8)?.contiguous())
         .transpose()?;
@@ -76,6 +107,10 @@ fn topk_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     };
     let mut builder = func.builder();
     builder.arg(&pre_view);
+    match &bias_view {
+        Some(bias) => builder.arg(bias),
+        None => builder.arg(&0u64),
+    };
     match &mask_view {
         Some(mask) => builder.arg(mask),
         None => builder.arg(&0u64),
@@ -203,11 +238,12 @@ impl Kernels for Launcher {
     fn topk(
         &self,
         pre: &Tensor,
+        bias: Option<&Tensor>,
         k: usize,
         allowed: Option<&Tensor>,
         relu: bool,
     ) -> Result<(Tensor, Tensor)> {
-        topk(pre, k, allowed, relu)?.ok_or_else(|| unsupported("topk", pre))
+        topk(pre, bias, k, allowed, relu)?.ok_or_else(|| unsupported("topk", pre))
     }
 
     fn gated_row_dots(

@@ -15,7 +15,7 @@ pub(crate) mod launch;
 pub(crate) use launch::{backward, combine_rows, encode_select, topk};
 
 #[cfg(any(test, feature = "cuda"))]
-use crate::kernels::{encoder_pre, Backward, Picks, Selection};
+use crate::kernels::{encoder_product, Backward, Picks, Selection};
 #[cfg(any(test, feature = "cuda"))]
 use crate::Result;
 #[cfg(any(test, feature = "cuda"))]
@@ -37,11 +37,13 @@ pub const TOPK_MAX_K: usize = 4096;
 /// no composition: `kernels::decode` launches it directly.)
 #[cfg(any(test, feature = "cuda"))]
 pub(crate) trait Kernels {
-    /// The `k` largest of each row (of `ReLU(pre)` when `relu`) among the `allowed` latents:
-    /// `(values [N, k], indices [N, k])`, by decreasing value, ties by increasing index.
+    /// The `k` largest of each row of `pre + bias` (`bias: [n]` of `pre`'s dtype, added in
+    /// that dtype; of its ReLU when `relu`) among the `allowed` latents: `(values [N, k],
+    /// indices [N, k])`, by decreasing value, ties by increasing index.
     fn topk(
         &self,
         pre: &Tensor,
+        bias: Option<&Tensor>,
         k: usize,
         allowed: Option<&Tensor>,
         relu: bool,
@@ -76,18 +78,21 @@ pub(crate) fn encode_select_with(
     b_enc: &Tensor,
     picks: Picks,
 ) -> Result<(Selection, Option<Selection>)> {
-    // The TopK reads the pre-activations in `w_enc`'s dtype (bf16: half the bytes) and the
-    // selected activations come back in `xc`'s dtype.
-    let pre = encoder_pre(xc, w_enc, b_enc)?;
+    // The TopK reads the product in `w_enc`'s dtype (bf16: half the bytes) and adds the bias
+    // itself, as `encoder_pre` would (saving a pass over the product); the selected
+    // activations come back in `xc`'s dtype.
+    let pre = encoder_product(xc, w_enc)?;
+    let bias = b_enc.to_dtype(w_enc.dtype())?;
     let in_dtype = |(acts, indices): (Tensor, Tensor)| -> Result<(Tensor, Tensor)> {
         Ok((acts.to_dtype(xc.dtype())?, indices))
     };
-    let (acts, indices) = in_dtype(kernels.topk(&pre, picks.k, None, true)?)?;
+    let (acts, indices) = in_dtype(kernels.topk(&pre, Some(&bias), picks.k, None, true)?)?;
     let aux = match picks.dead {
         Some((dead, k_aux)) => {
             let mask: Vec<u8> = dead.iter().map(|&d| u8::from(d)).collect();
             let mask = Tensor::from_vec(mask, dead.len(), xc.device())?;
-            let (acts, indices) = in_dtype(kernels.topk(&pre, k_aux, Some(&mask), true)?)?;
+            let (acts, indices) =
+                in_dtype(kernels.topk(&pre, Some(&bias), k_aux, Some(&mask), true)?)?;
             Some(Selection { acts, indices })
         }
         None => None,

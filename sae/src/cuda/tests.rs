@@ -80,6 +80,7 @@ impl Kernels for Emulated {
     fn topk(
         &self,
         pre: &Tensor,
+        bias: Option<&Tensor>,
         k: usize,
         allowed: Option<&Tensor>,
         relu: bool,
@@ -89,12 +90,16 @@ impl Kernels for Emulated {
         if let Some(mask) = allowed {
             self.put("mask.bin", mask);
         }
+        if let Some(bias) = bias {
+            self.put("bias.bin", bias);
+        }
         let dims = [
             rows,
             n,
             k,
             usize::from(relu),
             usize::from(allowed.is_some()),
+            usize::from(bias.is_some()),
         ];
         let mut args = vec!["topk".into(), dtype_name(pre.dtype())];
         args.extend(dims.iter().map(usize::to_string));
@@ -205,7 +210,7 @@ fn emulated_topk_matches_the_cpu_selection_with_ties_relu_and_masks() {
         for dtype in [DType::F32, DType::BF16] {
             let input = pre.to_dtype(dtype).unwrap(); // quarters in [-2, 2] are exact in bf16
             let allowed = masked.then_some(&mask);
-            let (got_values, got_indices) = emulated.topk(&input, k, allowed, relu).unwrap();
+            let (got_values, got_indices) = emulated.topk(&input, None, k, allowed, relu).unwrap();
             assert_eq!(
                 got_indices.to_vec2::<u32>().unwrap(),
                 indices.to_vec2::<u32>().unwrap(),

@@ -1,6 +1,6 @@
 // Runs one kernel of ../kernels.cu on the CPU (see cuda_emulation.h) for the Rust tests in
 // ../tests.rs, which write the inputs and compare the outputs with the CPU implementations.
-//   harness DIR topk DTYPE ROWS N K RELU MASKED      pre[, mask] -> values, indices
+//   harness DIR topk DTYPE ROWS N K RELU MASKED BIASED  pre[, mask][, bias] -> values, indices
 //   harness DIR combine DTYPE TOKENS K D N HAS_BIAS  coef, indices, rows[, bias] -> out
 //   harness DIR dots TOKENS K D N                     g, indices, rows, gate -> out
 //   harness DIR scatter_rows TOKENS K D N             coef, indices, vectors -> out
@@ -15,17 +15,23 @@
 
 template <typename T>
 static void run_topk(const std::string& dir, int rows, int n, int k, int relu, int masked,
-                     void (*kernel)(const T*, const unsigned char*, int, int, int, T*, u32*)) {
+                     int biased,
+                     void (*kernel)(const T*, const T*, const unsigned char*, int, int, int, T*,
+                                    u32*)) {
     auto pre = read<T>(dir, "pre.bin", (size_t)rows * n);
     std::vector<unsigned char> mask;
     if (masked) {
         mask = read<unsigned char>(dir, "mask.bin", n);
     }
+    std::vector<T> bias;
+    if (biased) {
+        bias = read<T>(dir, "bias.bin", n);
+    }
     std::vector<T> values((size_t)rows * k);
     std::vector<u32> indices((size_t)rows * k);
     emulate_launch(dim3{(unsigned)rows, 1, 1}, TOPK_THREADS, [&] {
-        kernel(pre.data(), masked ? mask.data() : nullptr, n, k, relu, values.data(),
-               indices.data());
+        kernel(pre.data(), biased ? bias.data() : nullptr, masked ? mask.data() : nullptr, n, k,
+               relu, values.data(), indices.data());
     });
     write(dir, "values.bin", values);
     write(dir, "indices.bin", indices);
@@ -61,9 +67,10 @@ int main(int argc, char** argv) {
         if (kernel == "topk") {
             const std::string dtype = argv[3];
             if (dtype == "f32") {
-                run_topk<float>(dir, arg(4), arg(5), arg(6), arg(7), arg(8), topk_f32);
+                run_topk<float>(dir, arg(4), arg(5), arg(6), arg(7), arg(8), arg(9), topk_f32);
             } else {
-                run_topk<bf16_bits>(dir, arg(4), arg(5), arg(6), arg(7), arg(8), topk_bf16);
+                run_topk<bf16_bits>(dir, arg(4), arg(5), arg(6), arg(7), arg(8), arg(9),
+                                    topk_bf16);
             }
         } else if (kernel == "combine") {
             const std::string dtype = argv[3];

@@ -5,8 +5,9 @@
 // statics, shared by all threads of the running block as on a GPU. Threads that disagree on
 // the number of barriers are reported as an error.
 //
-// Warp-level primitives (`lane_xor`, `mma_bf16_16816`) exchange values through per-thread
-// slots between two block-wide barriers, so every thread of the block must call them alike.
+// Warp-level primitives (`lane_xor`, `mma_bf16_16816`, `ldmatrix_x4[_trans]`) exchange
+// values through per-thread slots between two block-wide barriers, so every thread of the
+// block must call them alike.
 #pragma once
 
 #define EI_CUDA_EMULATION 1
@@ -76,6 +77,7 @@ namespace emulation {
 inline float lane_slots[1024];
 inline unsigned mma_a_slots[1024][4];
 inline unsigned mma_b_slots[1024][2];
+inline const unsigned short* row_slots[1024];
 
 inline float bf16_value(unsigned bits) {
     const unsigned widened = (bits & 0xffffu) << 16;
@@ -131,6 +133,38 @@ inline void mma_bf16_16816(float* c, const unsigned* a, const unsigned* b) {
         c[i] = sum;
     }
     __syncthreads();
+}
+
+// PTX `ldmatrix.sync.aligned.m8n8.x4[.trans].b16` for the calling thread's warp: lanes 8 i
+// to 8 i + 7 give the rows of 8x8 matrix i; register i of lane l gets row l / 4, columns
+// 2 (l % 4) and 2 (l % 4) + 1 (transposed: rows 2 (l % 4) and 2 (l % 4) + 1 of column l / 4),
+// the lower-indexed element in the low half.
+inline void emulated_ldmatrix_x4(unsigned* r, const unsigned short* row, bool transposed) {
+    using namespace emulation;
+    const unsigned tid = threadIdx.x, base = tid & ~31u, lane = tid % 32;
+    row_slots[tid] = row;
+    __syncthreads();
+    for (unsigned i = 0; i < 4; ++i) {
+        const unsigned short* const* rows = &row_slots[base + 8 * i];
+        unsigned low, high;
+        if (transposed) {
+            low = rows[2 * (lane % 4)][lane / 4];
+            high = rows[2 * (lane % 4) + 1][lane / 4];
+        } else {
+            low = rows[lane / 4][2 * (lane % 4)];
+            high = rows[lane / 4][2 * (lane % 4) + 1];
+        }
+        r[i] = low | (high << 16);
+    }
+    __syncthreads();
+}
+
+inline void ldmatrix_x4(unsigned* r, const unsigned short* row) {
+    emulated_ldmatrix_x4(r, row, false);
+}
+
+inline void ldmatrix_x4_trans(unsigned* r, const unsigned short* row) {
+    emulated_ldmatrix_x4(r, row, true);
 }
 
 template <typename T>

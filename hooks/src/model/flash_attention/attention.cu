@@ -11,14 +11,15 @@
 // scores S = Q Kᵀ, rescales its running maximum, sum and output, turns exp2(S - max) into
 // bf16 operands in registers (the accumulator layout of one product is the operand layout of
 // the next) and adds P V to its output. Queries, then keys, then values pass through shared
-// memory, rows padded by 8 elements so the operand loads of a warp hit distinct banks.
+// memory, rows padded by 8 elements so the ldmatrix row reads of a warp hit distinct banks.
 //
 // Loops over the per-thread arrays are unrolled so the arrays live in registers.
 //
-// Plain CUDA C++ with __syncthreads and two warp-level primitives (mma and a lane shuffle),
-// each called by every thread of the block alike, so the CPU test suite runs this file under
-// emulation (hooks/src/cuda_kernels/emulation) against the generic attention. Element types
-// come from hooks/src/cuda_kernels/element_types.cuh, compiled ahead of it.
+// Plain CUDA C++ with __syncthreads and three warp-level primitives (mma, ldmatrix and a
+// lane shuffle), each called by every thread of the block alike, so the CPU test suite runs
+// this file under emulation (hooks/src/cuda_kernels/emulation) against the generic
+// attention. Element types come from hooks/src/cuda_kernels/element_types.cuh, compiled
+// ahead of it.
 
 #define ATTENTION_WARPS 4
 #define ATTENTION_THREADS (ATTENTION_WARPS * 32)
@@ -39,6 +40,23 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, const u32* a, const u32
 __device__ __forceinline__ float lane_xor(float v, int mask) {
     return __shfl_xor_sync(0xffffffffu, v, mask);
 }
+
+// Four 8x8 bf16 matrices from shared memory, one register each: lanes 8 i to 8 i + 7 give
+// the addresses of matrix i's rows (16-byte aligned); lane l receives row l / 4, columns
+// 2 (l % 4) and 2 (l % 4) + 1, the layout of the mma operands.
+__device__ __forceinline__ void ldmatrix_x4(u32* r, const bf16_bits* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "l"(row));
+}
+
+// As ldmatrix_x4, each matrix transposed: lane l receives rows 2 (l % 4) and 2 (l % 4) + 1
+// of column l / 4.
+__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const bf16_bits* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "l"(row));
+}
 #endif
 
 // Two bf16 values (the first in the low half) as one operand register.
@@ -48,8 +66,6 @@ __device__ __forceinline__ u32 pack_bf16(float low, float high) {
     from_f32(high, &h);
     return (u32)l | ((u32)h << 16);
 }
-
-__device__ __forceinline__ u32 load_pair(const bf16_bits* p) { return *(const u32*)p; }
 
 __device__ __forceinline__ float negative_infinity() { return __uint_as_float(0xff800000u); }
 
@@ -116,16 +132,23 @@ __device__ void attention_block(const bf16_bits* q, const bf16_bits* k, const bf
         for (int n = 0; n < COLS / 8; ++n) {
             s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
         }
+        // Operands through ldmatrix, four 8x8 matrices a lane-quarter each: this lane
+        // addresses row `lane % 8` of matrix `lane / 8`.
+        const int quarter = lane / 8, quarter_row = lane % 8;
         #pragma unroll
         for (int kk = 0; kk < D; kk += 16) {
-            const bf16_bits* qa = q_tile + (r0 + group) * stride + kk + 2 * member;
-            const u32 a[4] = {load_pair(qa), load_pair(qa + 8 * stride), load_pair(qa + 8),
-                              load_pair(qa + 8 * stride + 8)};
+            // Q rows r0 + [0, 8) and + [8, 16), at columns kk and kk + 8: the A operand.
+            u32 a[4];
+            const int q_row = r0 + quarter_row + 8 * (quarter % 2);
+            ldmatrix_x4(a, q_tile + q_row * stride + kk + 8 * (quarter / 2));
             #pragma unroll
-            for (int n = 0; n < COLS / 8; ++n) {
-                const bf16_bits* kb = kv_tile + (n * 8 + group) * stride + kk + 2 * member;
-                const u32 b[2] = {load_pair(kb), load_pair(kb + 8)};
+            for (int n = 0; n < COLS / 8; n += 2) {
+                // Keys of blocks n and n + 1, at columns kk and kk + 8: two B operands.
+                u32 b[4];
+                const int key = (n + quarter / 2) * 8 + quarter_row;
+                ldmatrix_x4(b, kv_tile + key * stride + kk + 8 * (quarter % 2));
                 mma_bf16_16816(s[n], a, b);
+                mma_bf16_16816(s[n + 1], a, b + 2);
             }
         }
 
@@ -193,13 +216,15 @@ __device__ void attention_block(const bf16_bits* q, const bf16_bits* k, const bf
         __syncthreads();
         #pragma unroll
         for (int j = 0; j < COLS / 16; ++j) {
-            const bf16_bits* vb = kv_tile + (j * 16 + 2 * member) * stride + group;
             #pragma unroll
-            for (int n = 0; n < D / 8; ++n) {
-                const bf16_bits* col = vb + n * 8;
-                const u32 b[2] = {(u32)col[0] | ((u32)col[stride] << 16),
-                                  (u32)col[8 * stride] | ((u32)col[9 * stride] << 16)};
+            for (int n = 0; n < D / 8; n += 2) {
+                // Keys 16 j + [0, 8) and + [8, 16) of output columns n and n + 1, transposed:
+                // two B operands.
+                u32 b[4];
+                const int key = j * 16 + quarter_row + 8 * (quarter % 2);
+                ldmatrix_x4_trans(b, kv_tile + key * stride + (n + quarter / 2) * 8);
                 mma_bf16_16816(o[n], p[j], b);
+                mma_bf16_16816(o[n + 1], p[j], b + 2);
             }
         }
     }

@@ -48,19 +48,25 @@ pub fn compute_capability(device: &CudaDevice) -> Option<(i32, i32)> {
     Some((major, minor))
 }
 
-/// `compute_XY` for the device's compute capability when NVRTC 13 knows it; otherwise
-/// NVRTC's default (the driver JIT-compiles that PTX for newer devices).
+/// The newest virtual architecture NVRTC 13 compiles for that the device runs: its own, or
+/// for a device newer than this list the closest older one (the driver JIT-compiles PTX for
+/// newer devices). `None` (NVRTC's default) only for devices older than all of them. Never
+/// the default on a newer device: the default is too old for the tensor-core instructions.
 fn virtual_arch(device: &CudaDevice) -> Option<&'static str> {
-    Some(match compute_capability(device)? {
-        (7, 5) => "compute_75",
-        (8, 0) => "compute_80",
-        (8, 6) => "compute_86",
-        (8, 9) => "compute_89",
-        (9, 0) => "compute_90",
-        (10, 0) => "compute_100",
-        (12, 0) => "compute_120",
-        _ => return None,
-    })
+    const KNOWN: [((i32, i32), &str); 7] = [
+        ((12, 0), "compute_120"),
+        ((10, 0), "compute_100"),
+        ((9, 0), "compute_90"),
+        ((8, 9), "compute_89"),
+        ((8, 6), "compute_86"),
+        ((8, 0), "compute_80"),
+        ((7, 5), "compute_75"),
+    ];
+    let capability = compute_capability(device)?;
+    KNOWN
+        .iter()
+        .find(|(known, _)| *known <= capability)
+        .map(|(_, arch)| *arch)
 }
 
 /// One kernel loaded on a device, with the device's stream to launch it on.

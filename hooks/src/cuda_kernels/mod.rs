@@ -1,13 +1,15 @@
 //! What our own CUDA kernels share (the SAE's TopK and sparse products, the lens's fused
 //! loss): compiling a kernel source with NVRTC at run time, launching its entry points on
 //! candle's CUDA tensors ([`launch`], with the `cuda` feature), and running the same source
-//! on the CPU under emulation in the tests ([`emulation`]).
+//! on the CPU under emulation in the tests (`emulation`, with the `kernel-emulation`
+//! feature that the kernel crates' dev-dependencies turn on).
 //!
 //! NVRTC needs no GPU, so the CPU test suite compiles every kernel source, and the emulation
 //! runs it against the Rust CPU implementations: a syntax, type or logic error in a kernel
 //! fails the ordinary test run. Kernel sources are plain CUDA C++ with block-wide
 //! `__syncthreads` only (no warp intrinsics, no includes), which is what the emulation runs.
 
+#[cfg(any(test, feature = "kernel-emulation"))]
 pub mod emulation;
 #[cfg(feature = "cuda")]
 pub mod launch;
@@ -68,6 +70,7 @@ pub fn nvrtc_present() -> bool {
     }
 }
 
+#[cfg(any(test, feature = "kernel-emulation"))]
 /// Checks that NVRTC compiles `source` for its default target, compute_80 and compute_90,
 /// and that every name in `entry_points` is a kernel of the PTX. For the kernel crates'
 /// tests; reports SKIP (see [`emulation::missing`]) when NVRTC is absent.

@@ -18,17 +18,20 @@ use candle_core::{Device, Layout, Shape, Storage, Tensor};
 use super::KernelSource;
 use crate::{Error, Result};
 
-/// The PTX of `source`, compiled once per process (for the first device's architecture).
+/// The PTX of `source` for `device`'s virtual architecture, compiled once per process and
+/// architecture (a machine may mix GPU generations).
 fn ptx(source: &KernelSource, device: &CudaDevice) -> Result<&'static str> {
+    type Key = (&'static str, Option<&'static str>);
     type Compiled = std::result::Result<&'static str, String>;
-    static PTX: Mutex<Option<HashMap<&'static str, Compiled>>> = Mutex::new(None);
+    static PTX: Mutex<Option<HashMap<Key, Compiled>>> = Mutex::new(None);
+    let arch = virtual_arch(device);
     let mut cache = PTX.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let compiled = cache
         .get_or_insert_with(HashMap::new)
-        .entry(source.module)
+        .entry((source.module, arch))
         .or_insert_with(|| {
             source
-                .compile_ptx(virtual_arch(device))
+                .compile_ptx(arch)
                 .map(|p| &*Box::leak(p.to_src().into_boxed_str()))
                 .map_err(|e| e.to_string())
         });
@@ -123,6 +126,15 @@ pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(
         .cuda_stream()
         .alloc_zeros::<T>(len)
         .map_err(cuda_error)
+}
+
+/// A device buffer of `len` elements left uninitialised, for a kernel that writes all of them.
+///
+/// # Safety
+/// Every element must be written by a kernel before anything reads it.
+pub unsafe fn alloc_uninit<T: DeviceRepr>(device: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: as the caller promises.
+    unsafe { device.cuda_stream().alloc::<T>(len) }.map_err(cuda_error)
 }
 
 /// A device buffer as a tensor of `shape` (no gradient tracking).

@@ -4,11 +4,11 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg, Valid
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{DType, Tensor};
 use half::bf16;
-use hooks::cuda_kernels::launch::{alloc, config, cuda_device, function, int, view, wrap};
+use hooks::cuda_kernels::launch::{alloc_uninit, config, cuda_device, function, int, view, wrap};
 
 use super::{loss_and_logit_grad_with, LossKernels, KERNELS};
 use crate::loss::Target;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Threads per block (LOSS_THREADS in kernels.cu).
 const THREADS: u32 = 256;
@@ -77,9 +77,26 @@ where
     U: CudaDType + DeviceRepr,
 {
     let (rows, vocab) = logits.dims2()?;
+    // log-probabilities of the logits' shape, or one id per row.
+    let expected: &[usize] = if target.dtype() == DType::U32 {
+        &[rows]
+    } else {
+        &[rows, vocab]
+    };
+    if target.dims() != expected {
+        return Err(Error::Training(format!(
+            "{name}: the target has shape {:?}, expected {expected:?} for logits [{rows}, {vocab}]",
+            target.dims()
+        )));
+    }
     let kernel = function(&KERNELS, device, name)?;
-    let mut loss = alloc::<f32>(device, rows)?;
-    let mut grad = alloc::<T>(device, rows * vocab)?;
+    // SAFETY: the kernel writes every row's loss and every gradient element.
+    let (mut loss, mut grad) = unsafe {
+        (
+            alloc_uninit::<f32>(device, rows)?,
+            alloc_uninit::<T>(device, rows * vocab)?,
+        )
+    };
     let vocab_arg = int(vocab, "vocabulary size")?;
     let (logits, target) = (logits.contiguous()?, target.contiguous()?);
     let (logits_s, logits_l) = logits.storage_and_layout();
@@ -110,7 +127,8 @@ fn log_softmax_typed<T: CudaDType + DeviceRepr>(
 ) -> Result<Tensor> {
     let (rows, vocab) = logits.dims2()?;
     let kernel = function(&KERNELS, device, name)?;
-    let mut log_p = alloc::<f32>(device, rows * vocab)?;
+    // SAFETY: the kernel writes every element.
+    let mut log_p = unsafe { alloc_uninit::<f32>(device, rows * vocab) }?;
     let vocab_arg = int(vocab, "vocabulary size")?;
     let logits = logits.contiguous()?;
     let (logits_s, logits_l) = logits.storage_and_layout();

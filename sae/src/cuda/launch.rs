@@ -48,6 +48,14 @@ pub(crate) fn topk(
     if bias.is_some_and(|b| b.dtype() != pre.dtype()) {
         return Ok(None);
     }
+    for (what, vector) in [("bias", bias), ("allowed-latent mask", allowed)] {
+        if let Some(vector) = vector.filter(|v| v.dims() != [n]) {
+            return Err(Error::Cuda(format!(
+                "topk: the {what} has shape {:?}, expected [{n}] for rows of {n} latents",
+                vector.dims()
+            )));
+        }
+    }
     let selection = Selecting {
         pre,
         bias,

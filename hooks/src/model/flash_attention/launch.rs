@@ -6,7 +6,7 @@ use half::bf16;
 
 use super::{entry_point, scale_log2, KERNELS, ROWS_PER_BLOCK};
 use crate::cuda_kernels::launch::{
-    alloc, compute_capability, config, cuda_device, function, int, launch, view, wrap,
+    alloc_uninit, compute_capability, config, cuda_device, function, int, launch, view, wrap,
 };
 use crate::Result;
 
@@ -24,7 +24,10 @@ pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Opt
     };
     let (b, heads, t, d) = q.dims4()?;
     let kv_heads = k.dim(1)?;
+    let kv_shape = [b, kv_heads, t, d];
     let applies = [q, k, v].iter().all(|x| x.dtype() == DType::BF16)
+        && k.dims() == kv_shape
+        && v.dims() == kv_shape
         && t > 0
         && kv_heads > 0
         && heads % kv_heads == 0
@@ -34,15 +37,25 @@ pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Opt
     let Some(name) = entry_point(d).filter(|_| applies) else {
         return Ok(None);
     };
+    // The kernel reads rows in aligned 16-byte pieces: start offsets must be multiples of 8.
+    let aligned = |x: &Tensor| -> Result<Tensor> {
+        let x = x.contiguous()?;
+        if x.layout().start_offset() % 8 == 0 {
+            Ok(x)
+        } else {
+            Ok(x.copy()?)
+        }
+    };
+    let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
     let kernel = function(&KERNELS, &device, name)?;
-    let mut out = alloc::<bf16>(&device, b * t * heads * d)?;
+    // SAFETY: the kernel writes every output element (all t rows of every head, all d).
+    let mut out = unsafe { alloc_uninit::<bf16>(&device, b * t * heads * d) }?;
     let (t_arg, heads_arg, kv_arg) = (
         int(t, "sequence length")?,
         int(heads, "head count")?,
         int(kv_heads, "key/value head count")?,
     );
     let scale = scale_log2(d);
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let (q_s, q_l) = q.storage_and_layout();
     let (k_s, k_l) = k.storage_and_layout();
     let (v_s, v_l) = v.storage_and_layout();

@@ -18,24 +18,23 @@ pub(super) fn loss_and_logit_grad(
     logits: &Tensor,
     target: &Target,
 ) -> Result<Option<(f64, usize, Tensor)>> {
-    let Some(device) = cuda_device(logits) else {
-        return Ok(None);
-    };
-    if !matches!(logits.dtype(), DType::F32 | DType::BF16) || logits.dim(0)? == 0 {
-        return Ok(None);
-    }
-    loss_and_logit_grad_with(&Launcher(device), logits, target).map(Some)
+    launcher_for(logits)?
+        .map(|launcher| loss_and_logit_grad_with(&launcher, logits, target))
+        .transpose()
 }
 
 /// [`super::log_softmax`] on a CUDA device.
 pub(super) fn log_softmax(logits: &Tensor) -> Result<Option<Tensor>> {
-    let Some(device) = cuda_device(logits) else {
-        return Ok(None);
-    };
-    if !matches!(logits.dtype(), DType::F32 | DType::BF16) || logits.dim(0)? == 0 {
-        return Ok(None);
-    }
-    Launcher(device).log_softmax(logits).map(Some)
+    launcher_for(logits)?
+        .map(|launcher| launcher.log_softmax(logits))
+        .transpose()
+}
+
+/// The kernels on the device of `logits`, when they take them: non-empty f32 or bf16 rows
+/// on a CUDA device.
+fn launcher_for(logits: &Tensor) -> Result<Option<Launcher>> {
+    let takes = matches!(logits.dtype(), DType::F32 | DType::BF16) && logits.dim(0)? > 0;
+    Ok(cuda_device(logits).filter(|_| takes).map(Launcher))
 }
 
 /// The kernels launched on one CUDA device.

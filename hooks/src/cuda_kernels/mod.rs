@@ -1,13 +1,14 @@
-//! What our own CUDA kernels share (the SAE's TopK and sparse products, the lens's fused
-//! loss): compiling a kernel source with NVRTC at run time, launching its entry points on
+//! What our own CUDA kernels share (the fused attention of the forward pass, the SAE's TopK
+//! and sparse products, the lens's fused loss): compiling a kernel source with NVRTC at run time, launching its entry points on
 //! candle's CUDA tensors ([`launch`], with the `cuda` feature), and running the same source
 //! on the CPU under emulation in the tests (`emulation`, with the `kernel-emulation`
 //! feature that the kernel crates' dev-dependencies turn on).
 //!
 //! NVRTC needs no GPU, so the CPU test suite compiles every kernel source, and the emulation
 //! runs it against the Rust CPU implementations: a syntax, type or logic error in a kernel
-//! fails the ordinary test run. Kernel sources are plain CUDA C++ with block-wide
-//! `__syncthreads` only (no warp intrinsics, no includes), which is what the emulation runs.
+//! fails the ordinary test run. Kernel sources are plain CUDA C++ without includes, using
+//! block-wide `__syncthreads` and only the warp-level primitives the emulation provides (a
+//! lane shuffle, bf16 `mma.sync`, `ldmatrix`), called by every thread of a block alike.
 
 #[cfg(any(test, feature = "kernel-emulation"))]
 pub mod emulation;

@@ -406,6 +406,10 @@ fn topk_cpu(pre: &Tensor, k: usize) -> Result<Option<(Tensor, Tensor)>> {
 /// Each row of `w: [n, d]` divided by its norm plus float32 epsilon (sparsify's
 /// `set_decoder_norm_to_unit_norm`), in one parallel pass on the CPU in f32.
 pub(crate) fn unit_rows(w: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(out) = crate::cuda::unit_rows(w)? {
+        return Ok(out);
+    }
     let (n, d) = w.dims2()?;
     let out = with_f32_slices(&[w], |s| {
         let mut out = s[0].to_vec();
@@ -427,6 +431,10 @@ pub(crate) fn unit_rows(w: &Tensor) -> Result<Tensor> {
 /// Each row of `grad: [n, d]` minus its component along the same row of the unit-norm
 /// `w_dec` (sparsify's `remove_gradient_parallel_to_decoder_directions`).
 pub(crate) fn remove_parallel(grad: &Tensor, w_dec: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(out) = crate::cuda::remove_parallel(grad, w_dec)? {
+        return Ok(out);
+    }
     let (n, d) = grad.dims2()?;
     let out = with_f32_slices(&[grad, w_dec], |s| {
         let mut out = s[0].to_vec();
@@ -584,6 +592,15 @@ impl GradSum {
         }
     }
 
+    /// The sums as tensors, leaving nothing added (`None` when nothing was).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn take(&mut self) -> Result<Option<Vec<Tensor>>> {
+        match std::mem::replace(self, GradSum::Empty) {
+            GradSum::Empty => Ok(None),
+            sums => sums.into_tensors().map(Some),
+        }
+    }
+
     /// The sums as tensors (an error when nothing was added).
     pub(crate) fn into_tensors(self) -> Result<Vec<Tensor>> {
         match self {
@@ -609,8 +626,8 @@ impl GradSum {
 /// cut it) passes none to the encoder.
 pub(crate) fn backward(b: &Backward, sum: &mut GradSum) -> Result<()> {
     #[cfg(feature = "cuda")]
-    if let Some(grads) = crate::cuda::backward(b)? {
-        return sum.add_tensors(grads);
+    if crate::cuda::backward(b, sum)? {
+        return Ok(());
     }
     if backward_cpu(b, sum)? {
         return Ok(());

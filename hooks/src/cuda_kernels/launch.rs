@@ -1,19 +1,19 @@
 //! Launching a [`KernelSource`]'s entry points on candle's CUDA tensors: the module is
 //! compiled once per process for the device's architecture and loaded through candle's
 //! per-device cache; inputs are read in place from contiguous tensors, outputs are fresh
-//! device buffers wrapped as tensors.
+//! device buffers wrapped as tensors, or a tensor written in place (running sums).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchArgs, LaunchConfig,
-    ValidAsZeroBits,
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchArgs,
+    LaunchConfig, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::op::BackpropOp;
-use candle_core::{Device, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Shape, Storage, Tensor};
 
 use super::KernelSource;
 use crate::{Error, Result};
@@ -115,6 +115,54 @@ pub fn view<'s, T: CudaDType>(storage: &'s Storage, layout: &Layout) -> Result<C
         .contiguous_offsets()
         .ok_or_else(|| Error::Cuda("expected a contiguous tensor".into()))?;
     Ok(cuda.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+/// Runs `write` (a kernel launch) on the elements of the contiguous CUDA tensor `t` in
+/// place, with candle holding `t`'s storage locked for writing meanwhile: a kernel that adds
+/// into a running sum, instead of a fresh buffer and a pass to add it. `t` must own its
+/// storage (no other tensor may share it, e.g. one fresh from `Tensor::zeros`), and
+/// `write` must not read `t` through another handle.
+pub fn write_in_place<T: CudaDType, E: std::fmt::Display>(
+    t: &Tensor,
+    write: impl FnOnce(&mut CudaViewMut<'_, T>) -> std::result::Result<(), E>,
+) -> Result<()> {
+    /// The write as a candle in-place op; the closure runs once.
+    struct InPlace<T, F> {
+        write: std::cell::Cell<Option<F>>,
+        dtype: std::marker::PhantomData<T>,
+    }
+    impl<T, E, F> InplaceOp1 for InPlace<T, F>
+    where
+        T: CudaDType,
+        E: std::fmt::Display,
+        F: FnOnce(&mut CudaViewMut<'_, T>) -> std::result::Result<(), E>,
+    {
+        fn name(&self) -> &'static str {
+            "write_in_place"
+        }
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
+            candle_core::bail!("write_in_place: expected a tensor on a CUDA device")
+        }
+        fn cuda_fwd(&self, storage: &mut CudaStorage, layout: &Layout) -> candle_core::Result<()> {
+            let Some((start, end)) = layout.contiguous_offsets() else {
+                candle_core::bail!("write_in_place: expected a contiguous tensor")
+            };
+            let write = self.write.take().ok_or_else(|| {
+                candle_core::Error::Msg("write_in_place: the write ran twice".into())
+            })?;
+            let mut elements = storage.as_cuda_slice_mut::<T>()?.slice_mut(start..end);
+            write(&mut elements).map_err(|e| candle_core::Error::Msg(e.to_string()))
+        }
+    }
+    if cuda_device(t).is_none() {
+        return Err(Error::Cuda("expected a tensor on a CUDA device".into()));
+    }
+    let op = InPlace {
+        write: std::cell::Cell::new(Some(write)),
+        dtype: std::marker::PhantomData,
+    };
+    t.inplace_op1(&op)?;
+    Ok(())
 }
 
 /// A zeroed device buffer of `len` elements.

@@ -9,14 +9,16 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{DType, Tensor};
 use half::bf16;
-use hooks::cuda_kernels::launch::{alloc, config, cuda_device, function, int, view, wrap};
+use hooks::cuda_kernels::launch::{
+    alloc, alloc_uninit, config, cuda_device, function, int, view, wrap, write_in_place,
+};
 
 use super::{backward_with, encode_select_with, Kernels, KERNELS, TOPK_MAX_K};
-use crate::kernels::{Backward, Picks, Selection};
+use crate::kernels::{Backward, GradSum, Picks, Selection};
 use crate::{Error, Result};
 
-/// Threads per block of the TopK and of the sparse kernels (TOPK_THREADS and
-/// SPARSE_THREADS in kernels.cu).
+/// Threads per block of the TopK, the sparse and the row kernels (TOPK_THREADS,
+/// SPARSE_THREADS and ROW_THREADS in kernels.cu).
 const THREADS: u32 = 256;
 /// Threads sharing one dot product in `gated_row_dots_f32` (DOT_LANES).
 const DOT_LANES: u32 = 8;
@@ -226,17 +228,19 @@ pub(crate) fn encode_select(
     encode_select_with(&Launcher(device), xc, w_enc, b_enc, picks).map(Some)
 }
 
-/// The gradients `[W_enc, b_enc, W_dec, b_dec]` of `kernels::backward` on a CUDA device in
-/// f32 (scatter-adds with atomics: the summation order, so the last bits, vary by run).
-pub(crate) fn backward(b: &Backward) -> Result<Option<Vec<Tensor>>> {
+/// Adds the gradients `[W_enc, b_enc, W_dec, b_dec]` of `kernels::backward` to `sum` on a
+/// CUDA device in f32, the large ones in place (scatter-adds with atomics: the summation
+/// order, so the last bits, vary by run). `false` when the inputs are not CUDA f32 tensors.
+pub(crate) fn backward(b: &Backward, sum: &mut GradSum) -> Result<bool> {
     let Some(device) = cuda_device(b.w_dec) else {
-        return Ok(None);
+        return Ok(false);
     };
     let f32_inputs = [b.target, b.xc, b.acts, b.x_hat, b.w_enc, b.w_dec];
     if b.indices.dtype() != DType::U32 || f32_inputs.iter().any(|t| t.dtype() != DType::F32) {
-        return Ok(None);
+        return Ok(false);
     }
-    backward_with(&Launcher(device), b).map(Some)
+    *sum = GradSum::Tensors(backward_with(&Launcher(device), b, sum.take()?)?);
+    Ok(true)
 }
 
 /// The kernels launched on one CUDA device.
@@ -269,13 +273,15 @@ impl Kernels for Launcher {
         coef: &Tensor,
         indices: &Tensor,
         vectors: &Tensor,
-        n: usize,
+        sum: Tensor,
     ) -> Result<Tensor> {
-        scatter_rows(&self.0, coef, indices, vectors, n)
+        scatter_rows(&self.0, coef, indices, vectors, &sum)?;
+        Ok(sum)
     }
 
-    fn scatter_scalars(&self, coef: &Tensor, indices: &Tensor, n: usize) -> Result<Tensor> {
-        scatter_scalars(&self.0, coef, indices, n)
+    fn scatter_scalars(&self, coef: &Tensor, indices: &Tensor, sum: Tensor) -> Result<Tensor> {
+        scatter_scalars(&self.0, coef, indices, &sum)?;
+        Ok(sum)
     }
 }
 
@@ -331,18 +337,18 @@ fn gated_row_dots(
     Ok(wrap(out, device, (tokens, k)))
 }
 
-/// `out[indices[t, j]] += coef[t, j] · vectors[t]` into a zeroed `[n, d]` f32 tensor.
+/// `sum[indices[t, j]] += coef[t, j] · vectors[t]`, in place in the `[n, d]` f32 `sum`.
 fn scatter_rows(
     device: &CudaDevice,
     coef: &Tensor,
     indices: &Tensor,
     vectors: &Tensor,
-    n: usize,
-) -> Result<Tensor> {
+    sum: &Tensor,
+) -> Result<()> {
     let (tokens, k) = coef.dims2()?;
     let d = vectors.dim(1)?;
+    check_sum(sum, &[sum.dim(0)?, d], "scatter_rows")?;
     let func = function(&KERNELS, device, "scatter_rows_f32")?;
-    let mut out = alloc::<f32>(device, n * d)?;
     let (k_arg, d_arg) = (int(k, "k")?, int(d, "width")?);
     let (coef, indices, vectors) = (
         coef.contiguous()?,
@@ -357,42 +363,108 @@ fn scatter_rows(
         view::<u32>(&idx_s, idx_l)?,
         view::<f32>(&vec_s, vec_l)?,
     );
-    let mut builder = func.builder();
-    builder
-        .arg(&coef_v)
-        .arg(&idx_v)
-        .arg(&vec_v)
-        .arg(&k_arg)
-        .arg(&d_arg)
-        .arg(&mut out);
-    launch(&mut builder, config((tokens * k, 1), THREADS)?)?;
-    Ok(wrap(out, device, (n, d)))
+    write_in_place::<f32, Error>(sum, |out| {
+        let mut builder = func.builder();
+        builder
+            .arg(&coef_v)
+            .arg(&idx_v)
+            .arg(&vec_v)
+            .arg(&k_arg)
+            .arg(&d_arg)
+            .arg(out);
+        launch(&mut builder, config((tokens * k, 1), THREADS)?)
+    })
+    .map_err(Error::from)
 }
 
-/// `out[indices[p]] += coef[p]` over all `N · k` picks into a zeroed `[n]` f32 tensor.
+/// `sum[indices[p]] += coef[p]` over all `N · k` picks, in place in the `[n]` f32 `sum`.
 fn scatter_scalars(
     device: &CudaDevice,
     coef: &Tensor,
     indices: &Tensor,
-    n: usize,
-) -> Result<Tensor> {
+    sum: &Tensor,
+) -> Result<()> {
     let count = coef.elem_count();
+    check_sum(sum, &[sum.dim(0)?], "scatter_scalars")?;
     let func = function(&KERNELS, device, "scatter_scalars_f32")?;
-    let mut out = alloc::<f32>(device, n)?;
     let count_arg = count as i64;
     let (coef, indices) = (coef.contiguous()?, indices.contiguous()?);
     let (coef_s, coef_l) = coef.storage_and_layout();
     let (idx_s, idx_l) = indices.storage_and_layout();
     let (coef_v, idx_v) = (view::<f32>(&coef_s, coef_l)?, view::<u32>(&idx_s, idx_l)?);
+    write_in_place::<f32, Error>(sum, |out| {
+        let mut builder = func.builder();
+        builder.arg(&coef_v).arg(&idx_v).arg(&count_arg).arg(out);
+        launch(
+            &mut builder,
+            config((count.div_ceil(THREADS as usize), 1), THREADS)?,
+        )
+    })
+    .map_err(Error::from)
+}
+
+/// A running sum a scatter kernel adds into: contiguous f32 of `shape`, else an error
+/// naming the kernel.
+fn check_sum(sum: &Tensor, shape: &[usize], kernel: &str) -> Result<()> {
+    if sum.dtype() != DType::F32 || sum.dims() != shape || !sum.is_contiguous() {
+        return Err(Error::Cuda(format!(
+            "{kernel}: the running sum is a {:?} tensor of shape {:?}, expected contiguous f32 {shape:?}",
+            sum.dtype(),
+            sum.dims()
+        )));
+    }
+    Ok(())
+}
+
+/// Each row of the `[n, d]` f32 `w` scaled to unit norm (`kernels::unit_rows`), or `None`
+/// unless `w` is an f32 CUDA tensor.
+pub(crate) fn unit_rows(w: &Tensor) -> Result<Option<Tensor>> {
+    row_pass("unit_rows_f32", &[w])
+}
+
+/// Each row of `grad` minus its component along the same row of the unit-norm `w_dec`
+/// (`kernels::remove_parallel`), or `None` unless both are f32 CUDA tensors.
+pub(crate) fn remove_parallel(grad: &Tensor, w_dec: &Tensor) -> Result<Option<Tensor>> {
+    row_pass("remove_parallel_f32", &[grad, w_dec])
+}
+
+/// Runs the row kernel `name` (one block per row) on `inputs`, all `[n, d]`: a fresh
+/// `[n, d]` tensor.
+fn row_pass(name: &str, inputs: &[&Tensor]) -> Result<Option<Tensor>> {
+    let Some(device) = cuda_device(inputs[0]) else {
+        return Ok(None);
+    };
+    if inputs
+        .iter()
+        .any(|t| t.dtype() != DType::F32 || !t.device().same_device(inputs[0].device()))
+    {
+        return Ok(None);
+    }
+    let (n, d) = inputs[0].dims2()?;
+    if let Some(other) = inputs.iter().find(|t| t.dims() != [n, d]) {
+        return Err(Error::Cuda(format!(
+            "{name}: inputs of shapes [{n}, {d}] and {:?}",
+            other.dims()
+        )));
+    }
+    let func = function(&KERNELS, &device, name)?;
+    let d_arg = int(d, "width")?;
+    let contiguous = inputs
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = contiguous.iter().map(|t| t.storage_and_layout()).collect();
+    let views = guards
+        .iter()
+        .map(|(storage, layout)| view::<f32>(storage, layout))
+        .collect::<hooks::Result<Vec<_>>>()?;
+    // SAFETY: one block per row writes every element of its row.
+    let mut out = unsafe { alloc_uninit::<f32>(&device, n * d) }?;
     let mut builder = func.builder();
-    builder
-        .arg(&coef_v)
-        .arg(&idx_v)
-        .arg(&count_arg)
-        .arg(&mut out);
-    launch(
-        &mut builder,
-        config((count.div_ceil(THREADS as usize), 1), THREADS)?,
-    )?;
-    Ok(wrap(out, device, n))
+    for input in &views {
+        builder.arg(input);
+    }
+    builder.arg(&d_arg).arg(&mut out);
+    launch(&mut builder, config((n, 1), THREADS)?)?;
+    Ok(Some(wrap(out, &device, (n, d))))
 }

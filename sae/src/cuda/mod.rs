@@ -12,7 +12,7 @@
 pub(crate) mod launch;
 
 #[cfg(feature = "cuda")]
-pub(crate) use launch::{backward, combine_rows, encode_select, topk};
+pub(crate) use launch::{backward, combine_rows, encode_select, remove_parallel, topk, unit_rows};
 
 #[cfg(any(test, feature = "cuda"))]
 use crate::kernels::{encoder_product, Backward, Picks, Selection};
@@ -56,16 +56,18 @@ pub(crate) trait Kernels {
         rows: &Tensor,
         gate: &Tensor,
     ) -> Result<Tensor>;
-    /// `Σ coef[t, j] · vectors[t]` into row `indices[t, j]` of a zero `[n, d]` f32 tensor.
+    /// `sum` (`[n, d]` f32) with `coef[t, j] · vectors[t]` added to its row `indices[t, j]`
+    /// for every pick: a step's gradient sums grow in place over its chunks, instead of each
+    /// chunk's gradient being a fresh `[n, d]` tensor added on afterwards.
     fn scatter_rows(
         &self,
         coef: &Tensor,
         indices: &Tensor,
         vectors: &Tensor,
-        n: usize,
+        sum: Tensor,
     ) -> Result<Tensor>;
-    /// `Σ coef[t, j]` into entry `indices[t, j]` of a zero `[n]` f32 tensor.
-    fn scatter_scalars(&self, coef: &Tensor, indices: &Tensor, n: usize) -> Result<Tensor>;
+    /// `sum` (`[n]` f32) with `coef[t, j]` added to its entry `indices[t, j]`.
+    fn scatter_scalars(&self, coef: &Tensor, indices: &Tensor, sum: Tensor) -> Result<Tensor>;
 }
 
 /// `kernels::encode_select` with `kernels`: the dense pre-activations, then TopK with the
@@ -100,26 +102,45 @@ pub(crate) fn encode_select_with(
     Ok((Selection { acts, indices }, aux))
 }
 
-/// The gradients `[W_enc, b_enc, W_dec, b_dec]` of `kernels::backward` (f32) from the sparse
-/// kernels: only the `k` selected rows per token are read or written.
+/// `sum` (the gradients `[W_enc, b_enc, W_dec, b_dec]` so far, f32, or `None` for zeros)
+/// plus those of `kernels::backward`, from the sparse kernels: only the `k` selected rows
+/// per token are read or written.
 #[cfg(any(test, feature = "cuda"))]
-pub(crate) fn backward_with(kernels: &impl Kernels, b: &Backward) -> Result<Vec<Tensor>> {
+pub(crate) fn backward_with(
+    kernels: &impl Kernels,
+    b: &Backward,
+    sum: Option<Vec<Tensor>>,
+) -> Result<Vec<Tensor>> {
     let (n, d) = b.w_dec.dims2()?;
+    let device = b.w_dec.device();
+    let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, device);
+    let [w_enc_sum, b_enc_sum, w_dec_sum, b_dec_sum]: [Tensor; 4] = match sum {
+        Some(sum) => sum.try_into().map_err(|sum: Vec<Tensor>| {
+            crate::Error::Training(format!("expected 4 gradient sums, got {}", sum.len()))
+        })?,
+        None => [zeros(&[n, d])?, zeros(&[n])?, zeros(&[n, d])?, zeros(&[d])?],
+    };
     let g = ((b.x_hat - b.target)? * b.scale)?.contiguous()?;
     let ga = kernels.gated_row_dots(&g, b.indices, b.w_dec, b.acts)?;
-    let g_w_dec = kernels.scatter_rows(b.acts, b.indices, &g, n)?;
-    let g_w_enc = kernels.scatter_rows(&ga, b.indices, b.xc, n)?;
-    let g_b_enc = kernels.scatter_scalars(&ga, b.indices, n)?;
-    let mut g_b_dec = Tensor::zeros(d, DType::F32, b.w_dec.device())?;
+    let w_dec_sum = kernels.scatter_rows(b.acts, b.indices, &g, w_dec_sum)?;
+    let w_enc_sum = kernels.scatter_rows(&ga, b.indices, b.xc, w_enc_sum)?;
+    // This chunk's alone: the decoder bias's gradient needs it.
+    let g_b_enc = kernels.scatter_scalars(&ga, b.indices, zeros(&[n])?)?;
+    let mut b_dec_sum = b_dec_sum;
     if b.decoder_bias {
-        g_b_dec = (g_b_dec + g.sum(0)?)?;
+        b_dec_sum = (b_dec_sum + g.sum(0)?)?;
     }
     if b.encoder_bias {
         // Σ_t Σ_j ga[t, j] W_enc[i_tj] = (the b_enc gradient) · W_enc.
         let through_encoder = g_b_enc.unsqueeze(0)?.matmul(b.w_enc)?.squeeze(0)?;
-        g_b_dec = (g_b_dec - through_encoder)?;
+        b_dec_sum = (b_dec_sum - through_encoder)?;
     }
-    Ok(vec![g_w_enc, g_b_enc, g_w_dec, g_b_dec])
+    Ok(vec![
+        w_enc_sum,
+        (b_enc_sum + g_b_enc)?,
+        w_dec_sum,
+        b_dec_sum,
+    ])
 }
 
 #[cfg(test)]

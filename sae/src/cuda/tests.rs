@@ -16,7 +16,7 @@ use crate::kernels::{self, GradSum};
 use crate::uniform;
 
 /// Every kernel the launcher calls.
-const ENTRY_POINTS: [&str; 7] = [
+const ENTRY_POINTS: [&str; 9] = [
     "topk_f32",
     "topk_bf16",
     "combine_rows_f32",
@@ -24,6 +24,8 @@ const ENTRY_POINTS: [&str; 7] = [
     "gated_row_dots_f32",
     "scatter_rows_f32",
     "scatter_scalars_f32",
+    "unit_rows_f32",
+    "remove_parallel_f32",
 ];
 
 #[test]
@@ -73,6 +75,21 @@ impl Emulated {
         args.extend(dims.iter().map(usize::to_string));
         self.run(&args);
         Ok(self.get("out.bin", rows.dtype(), &[tokens, d]))
+    }
+
+    /// `unit_rows_f32` (`w` alone) or `remove_parallel_f32` (`g` given): `[n, d]`.
+    fn row_pass(&self, w: &Tensor, g: Option<&Tensor>) -> Tensor {
+        let (n, d) = w.dims2().unwrap();
+        self.put("w.bin", w);
+        let kernel = match g {
+            Some(g) => {
+                self.put("g.bin", g);
+                "remove_parallel"
+            }
+            None => "unit_rows",
+        };
+        self.run(&[kernel.to_string(), n.to_string(), d.to_string()]);
+        self.get("out.bin", DType::F32, &[n, d])
     }
 }
 
@@ -138,14 +155,15 @@ impl Kernels for Emulated {
         coef: &Tensor,
         indices: &Tensor,
         vectors: &Tensor,
-        n: usize,
+        sum: Tensor,
     ) -> Result<Tensor> {
         let (tokens, k) = coef.dims2()?;
-        let d = vectors.dim(1)?;
+        let (n, d) = sum.dims2()?;
         for (name, t) in [
             ("coef.bin", coef),
             ("indices.bin", indices),
             ("vectors.bin", vectors),
+            ("out.bin", &sum),
         ] {
             self.put(name, t);
         }
@@ -155,9 +173,11 @@ impl Kernels for Emulated {
         Ok(self.get("out.bin", DType::F32, &[n, d]))
     }
 
-    fn scatter_scalars(&self, coef: &Tensor, indices: &Tensor, n: usize) -> Result<Tensor> {
+    fn scatter_scalars(&self, coef: &Tensor, indices: &Tensor, sum: Tensor) -> Result<Tensor> {
+        let n = sum.dim(0)?;
         self.put("coef.bin", coef);
         self.put("indices.bin", indices);
+        self.put("out.bin", &sum);
         let args = vec![
             "scatter_scalars".to_string(),
             coef.elem_count().to_string(),
@@ -226,6 +246,25 @@ fn emulated_topk_matches_the_cpu_selection_with_ties_relu_and_masks() {
                 "case {case} {dtype:?}: values"
             );
         }
+    }
+}
+
+#[test]
+fn emulated_decoder_norm_kernels_match_the_cpu() {
+    let Some(emulated) = Emulated::new() else {
+        return;
+    };
+    // d = 300 spans two strides of the 256-thread block, d = 40 leaves most threads idle.
+    for (n, d) in [(7, 300), (5, 40)] {
+        let w = uniform(&[n, d], -0.3, 0.5, n as u64);
+        let unit = emulated.row_pass(&w, None);
+        let diff = max_rel_diff(&unit, &kernels::unit_rows(&w).unwrap());
+        assert!(diff < 1e-6, "unit rows, d {d}: {diff}");
+        let g = uniform(&[n, d], -1.0, 1.0, 3 + n as u64);
+        let projected = emulated.row_pass(&unit, Some(&g));
+        let want = kernels::remove_parallel(&g, &unit).unwrap();
+        let diff = max_rel_diff(&projected, &want);
+        assert!(diff < 1e-5, "gradient projection, d {d}: {diff}");
     }
 }
 
@@ -339,7 +378,8 @@ fn emulated_gradients_match_the_cpu_backward() {
 
 /// `backward_with(sparse)` on `device` gives the CPU path's gradients (relative 1e-5) in the
 /// three bias settings: both biases (an autoencoder), neither (AuxK's decode of the residual)
-/// and the decoder's only (a transcoder).
+/// and the decoder's only (a transcoder); and the three added into one running sum (as a
+/// step's chunks and AuxK terms are) give the CPU's sum of the three.
 fn check_backward(
     sparse: &impl Kernels,
     p: &Problem,
@@ -361,6 +401,15 @@ fn check_backward(
         .into_iter()
         .map(|t| t.to_device(device).unwrap())
         .collect();
+    let compare = |got: &[Tensor], want: &[Tensor], setting: &str| {
+        let names = ["W_enc", "b_enc", "W_dec", "b_dec"];
+        for (name, (g, w)) in names.iter().zip(got.iter().zip(want)) {
+            assert_eq!(g.dims(), w.dims(), "{what} {name}");
+            let diff = max_rel_diff(g, w);
+            assert!(diff < 1e-5, "{what} {name} ({setting}): {diff}");
+        }
+    };
+    let (mut running_want, mut running_got) = (GradSum::Empty, None);
     for (decoder_bias, encoder_bias) in [(true, true), (false, true), (true, false)] {
         let on_cpu = kernels::Backward {
             target: &p.target,
@@ -386,18 +435,17 @@ fn check_backward(
         };
         let mut sum = GradSum::Empty;
         kernels::backward(&on_cpu, &mut sum).unwrap();
-        let want = sum.into_tensors().unwrap();
-        let got = backward_with(sparse, &on_device).unwrap();
-        let names = ["W_enc", "b_enc", "W_dec", "b_dec"];
-        for (name, (g, w)) in names.iter().zip(got.iter().zip(&want)) {
-            assert_eq!(g.dims(), w.dims(), "{what} {name}");
-            let diff = max_rel_diff(g, w);
-            assert!(
-                diff < 1e-5,
-                "{what} {name} (decoder bias {decoder_bias}, encoder bias {encoder_bias}): {diff}"
-            );
-        }
+        let got = backward_with(sparse, &on_device, None).unwrap();
+        let setting = format!("decoder bias {decoder_bias}, encoder bias {encoder_bias}");
+        compare(&got, &sum.into_tensors().unwrap(), &setting);
+        kernels::backward(&on_cpu, &mut running_want).unwrap();
+        running_got = Some(backward_with(sparse, &on_device, running_got).unwrap());
     }
+    compare(
+        &running_got.unwrap(),
+        &running_want.into_tensors().unwrap(),
+        "the three settings summed in place",
+    );
 }
 
 /// Inputs whose encoder products are exact in f32 (multiples of 1/4 times multiples of 1/8,
@@ -464,4 +512,14 @@ fn gpu_kernels_match_the_cpu_implementations() {
         }
         check_backward(&launcher, &p, &top_ref, &device, &format!("width {n}"));
     }
+    // The decoder-norm passes at a real width (one 256-thread block per row of 2048).
+    let w = uniform(&[300, 2048], 0.0, 0.5, 90);
+    let g = uniform(&[300, 2048], 0.0, 1.0, 91);
+    let unit = kernels::unit_rows(&w).unwrap();
+    let diff = max_rel_diff(&cpu(&kernels::unit_rows(&gpu(&w)).unwrap()), &unit);
+    assert!(diff < 1e-6, "unit rows: {diff}");
+    let want = kernels::remove_parallel(&g, &unit).unwrap();
+    let got = kernels::remove_parallel(&gpu(&g), &gpu(&unit)).unwrap();
+    let diff = max_rel_diff(&cpu(&got), &want);
+    assert!(diff < 1e-5, "gradient projection: {diff}");
 }

@@ -69,6 +69,14 @@ inline unsigned __float_as_uint(float f) {
     return u;
 }
 
+// IEEE round-to-nearest arithmetic that CUDA never contracts into a fused multiply-add
+// (the host compiler does not contract these calls either).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return sqrtf(a); }
+
 struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };

@@ -3,8 +3,11 @@
 //   harness DIR topk DTYPE ROWS N K RELU MASKED BIASED  pre[, mask][, bias] -> values, indices
 //   harness DIR combine DTYPE TOKENS K D N HAS_BIAS  coef, indices, rows[, bias] -> out
 //   harness DIR dots TOKENS K D N                     g, indices, rows, gate -> out
-//   harness DIR scatter_rows TOKENS K D N             coef, indices, vectors -> out
-//   harness DIR scatter_scalars COUNT N               coef, indices -> out
+//   harness DIR scatter_rows TOKENS K D N             coef, indices, vectors, out -> out
+//   harness DIR scatter_scalars COUNT N               coef, indices, out -> out
+//   harness DIR unit_rows N D                         w -> out
+//   harness DIR remove_parallel N D                   g, w -> out
+// (the scatters add into the sum that out.bin holds).
 // Files are raw little-endian arrays: f32, bf16 (u16), u32 indices, u8 mask. Built with
 // -I hooks/src/cuda_kernels.
 #include "emulation/cuda_emulation.h"
@@ -97,7 +100,7 @@ int main(int argc, char** argv) {
             auto coef = read<float>(dir, "coef.bin", (size_t)tokens * k);
             auto indices = read<u32>(dir, "indices.bin", (size_t)tokens * k);
             auto vectors = read<float>(dir, "vectors.bin", (size_t)tokens * d);
-            std::vector<float> out((size_t)n * d);
+            auto out = read<float>(dir, "out.bin", (size_t)n * d);
             emulate_launch(dim3{(unsigned)(tokens * k), 1, 1}, SPARSE_THREADS, [&] {
                 scatter_rows_f32(coef.data(), indices.data(), vectors.data(), k, d, out.data());
             });
@@ -106,10 +109,25 @@ int main(int argc, char** argv) {
             int count = arg(3), n = arg(4);
             auto coef = read<float>(dir, "coef.bin", count);
             auto indices = read<u32>(dir, "indices.bin", count);
-            std::vector<float> out(n);
+            auto out = read<float>(dir, "out.bin", n);
             unsigned blocks = (count + SPARSE_THREADS - 1) / SPARSE_THREADS;
             emulate_launch(dim3{blocks, 1, 1}, SPARSE_THREADS, [&] {
                 scatter_scalars_f32(coef.data(), indices.data(), count, out.data());
+            });
+            write(dir, "out.bin", out);
+        } else if (kernel == "unit_rows" || kernel == "remove_parallel") {
+            int n = arg(3), d = arg(4);
+            auto w = read<float>(dir, "w.bin", (size_t)n * d);
+            std::vector<float> g, out((size_t)n * d);
+            if (kernel == "remove_parallel") {
+                g = read<float>(dir, "g.bin", (size_t)n * d);
+            }
+            emulate_launch(dim3{(unsigned)n, 1, 1}, ROW_THREADS, [&] {
+                if (kernel == "unit_rows") {
+                    unit_rows_f32(w.data(), d, out.data());
+                } else {
+                    remove_parallel_f32(g.data(), w.data(), d, out.data());
+                }
             });
             write(dir, "out.bin", out);
         } else {

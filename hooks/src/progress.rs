@@ -26,3 +26,59 @@ pub fn bar(enabled: bool, total: Option<u64>, unit: &str) -> ProgressBar {
     }
     bar
 }
+
+/// The steady-state rate of a training run: its steps after the first, which pays the
+/// one-time costs (CUDA kernels compiled, cuBLAS set up, caches filled) that would swamp a
+/// short benchmark run on a GPU. The clock starts when the first step is reported done and
+/// stops at [`StepClock::summary`], which the caller reaches after synchronising the device.
+#[derive(Debug, Default)]
+pub struct StepClock {
+    first_done: Option<std::time::Instant>,
+    steps_after_first: u64,
+}
+
+impl StepClock {
+    /// A clock that has seen no step.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counts one finished step.
+    pub fn step_done(&mut self) {
+        match self.first_done {
+            None => self.first_done = Some(std::time::Instant::now()),
+            Some(_) => self.steps_after_first += 1,
+        }
+    }
+
+    /// `after the first step: N steps in S s (T tokens/s)`, or `None` before a second step.
+    pub fn summary(&self, tokens_per_step: u64) -> Option<String> {
+        let start = self.first_done.filter(|_| self.steps_after_first > 0)?;
+        let seconds = start.elapsed().as_secs_f64().max(1e-9);
+        Some(format!(
+            "after the first step: {} steps in {seconds:.2} s ({:.0} tokens/s)",
+            self.steps_after_first,
+            (self.steps_after_first * tokens_per_step) as f64 / seconds
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_clock_reports_only_the_steps_after_the_first() {
+        let mut clock = StepClock::new();
+        assert_eq!(clock.summary(10), None);
+        clock.step_done();
+        assert_eq!(clock.summary(10), None, "one step has no steady state");
+        clock.step_done();
+        clock.step_done();
+        let line = clock.summary(10).unwrap();
+        assert!(
+            line.starts_with("after the first step: 2 steps in "),
+            "{line}"
+        );
+    }
+}

@@ -338,6 +338,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
     let ckpt = checkpoint_dir(&args.output);
     std::fs::create_dir_all(&ckpt).with_context(|| format!("creating {}", ckpt.display()))?;
     let bar = hooks::progress::bar(true, Some(options.steps), "steps");
+    let mut clock = hooks::progress::StepClock::new();
     let history = train(
         &mut lens,
         &model.unembedding(),
@@ -346,6 +347,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
         Some(&ckpt),
         |r| {
             bar.set_position(r.step);
+            clock.step_done();
             let mean = r.loss.iter().sum::<f64>() / r.loss.len() as f64;
             bar.set_message(format!("mean loss {mean:.4}"));
             if r.step == 1 || r.step % 10 == 0 {
@@ -361,6 +363,8 @@ fn train_command(args: TrainArgs) -> Result<()> {
     )
     .with_context(|| format!("training a tuned lens for {}", model.origin()))?;
     bar.finish_and_clear();
+    model.device().synchronize()?;
+    let steady = clock.summary(options.tokens_per_step as u64);
     lens.save(&args.output)?;
     hooks::atomic::write_json(&ckpt.join("history.json"), &history)?;
     let (first, last) = (&history[0], &history[history.len() - 1]);
@@ -370,6 +374,9 @@ fn train_command(args: TrainArgs) -> Result<()> {
         history.len(),
         args.output.display()
     );
+    if let Some(steady) = steady {
+        println!("{steady}");
+    }
     println!("loss per layer (nats), step 1 -> step {}:", last.step);
     for (layer, (a, b)) in first.loss.iter().zip(&last.loss).enumerate() {
         println!("  layer {layer:>3}: {a:.4} -> {b:.4}");

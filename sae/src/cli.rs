@@ -438,6 +438,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
         .collect();
     let bar = hooks::progress::bar(true, Some(steps), "steps");
     let started = std::time::Instant::now();
+    let mut clock = hooks::progress::StepClock::new();
     let mut new_steps = 0u64;
     let last = points.len() - 1;
     let histories = train_many(
@@ -452,6 +453,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
             }
             if i == last {
                 bar.set_position(r.step);
+                clock.step_done();
             }
             bar.set_message(format!("{} FVU {:.4}", names[i], r.fvu));
             if r.step == 1 || r.step % 100 == 0 || r.step == steps {
@@ -469,7 +471,9 @@ fn train_command(args: TrainArgs) -> Result<()> {
     )
     .with_context(|| format!("training SAEs into {}", args.output.display()))?;
     bar.finish_and_clear();
+    device.synchronize()?;
     let seconds = started.elapsed().as_secs_f64();
+    let steady = clock.summary(args.batch_size as u64);
     for ((sae, name), (history, ckpt)) in saes
         .iter()
         .zip(&names)
@@ -495,6 +499,9 @@ fn train_command(args: TrainArgs) -> Result<()> {
             "this run: {new_steps} steps in {seconds:.1} s ({:.0} tokens/s)",
             (new_steps * args.batch_size as u64) as f64 / seconds.max(1e-9)
         );
+        if let Some(steady) = steady {
+            println!("{steady}");
+        }
     } else {
         println!("already trained: nothing to do (delete the output folder to start again)");
     }

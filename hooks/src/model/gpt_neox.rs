@@ -5,6 +5,8 @@ use candle_core::{Tensor, D};
 
 use super::decoder::{self, AttentionInputs, Decoder};
 use super::layers::{causal_attention, gelu_erf, LayerNorm, Linear, Loader, Rotary};
+#[cfg(feature = "cuda")]
+use super::neox_kernels;
 use crate::config::GptNeoxConfig;
 use crate::hooks::Tap;
 use crate::{HookPoint, Result, Unembedding};
@@ -20,7 +22,6 @@ pub(crate) struct Block {
     mlp_in: Linear,
     mlp_out: Linear,
     num_heads: usize,
-    head_dim: usize,
     parallel_residual: bool,
 }
 
@@ -58,7 +59,6 @@ pub(crate) fn load(cfg: &GptNeoxConfig, w: &Loader) -> Result<GptNeox> {
                     true,
                 )?,
                 num_heads: cfg.num_heads,
-                head_dim: cfg.head_dim(),
                 parallel_residual: cfg.parallel_residual,
             })
         })
@@ -109,27 +109,73 @@ impl decoder::Block for Block {
 
 impl Block {
     fn attention(&self, x: &Tensor, inputs: &AttentionInputs) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let hd = self.head_dim;
-        // The fused projection's rows are ordered (head, {q, k, v}, head_dim).
-        let qkv = self
-            .query_key_value
-            .forward(x)?
-            .reshape((b, t, self.num_heads, 3 * hd))?;
-        let split = |part: usize| -> Result<Tensor> {
-            Ok(qkv
-                .narrow(D::Minus1, part * hd, hd)?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = inputs.rotary.apply(&split(0)?, &inputs.cos, &inputs.sin)?;
-        let k = inputs.rotary.apply(&split(1)?, &inputs.cos, &inputs.sin)?;
-        let v = split(2)?;
+        let (q, k, v) = self.queries_keys_values(x, inputs)?;
         self.dense
             .forward(&causal_attention(&q, &k, &v, &inputs.mask)?)
     }
 
+    /// The attention inputs `(q, k, v)`, each `[b, heads, t, head_dim]`, the rotary
+    /// embedding applied to q and k: one fused kernel for bf16 on a GPU.
+    fn queries_keys_values(
+        &self,
+        x: &Tensor,
+        inputs: &AttentionInputs,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let projection = &self.query_key_value;
+        let tables = (&inputs.cos, &inputs.sin);
+        #[cfg(feature = "cuda")]
+        if neox_kernels::enabled_for(x) {
+            let product = projection.product(x)?;
+            let (heads, rot) = (self.num_heads, inputs.rotary.dims());
+            if let Some(qkv) =
+                neox_kernels::qkv_rotary(&product, projection.bias(), heads, rot, tables)?
+            {
+                return Ok(qkv);
+            }
+            let qkv = projection.add_bias(product)?;
+            return split_heads(&qkv, self.num_heads, inputs.rotary, tables);
+        }
+        split_heads(
+            &projection.forward(x)?,
+            self.num_heads,
+            inputs.rotary,
+            tables,
+        )
+    }
+
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if neox_kernels::enabled_for(x) {
+            let product = self.mlp_in.product(x)?;
+            let hidden = match neox_kernels::bias_gelu(&product, self.mlp_in.bias())? {
+                Some(hidden) => hidden,
+                None => gelu_erf(&self.mlp_in.add_bias(product)?)?,
+            };
+            return self.mlp_out.forward(&hidden);
+        }
         self.mlp_out.forward(&gelu_erf(&self.mlp_in.forward(x)?)?)
     }
+}
+
+/// The attention inputs `(q, k, v)`, each `[b, heads, t, head_dim]`, from the fused
+/// projection `qkv: [b, t, heads * 3 * head_dim]` (bias added; its rows are ordered (head,
+/// {q, k, v}, head_dim)), with the rotary embedding applied to q and k.
+pub(crate) fn split_heads(
+    qkv: &Tensor,
+    heads: usize,
+    rotary: &Rotary,
+    (cos, sin): (&Tensor, &Tensor),
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, t, width) = qkv.dims3()?;
+    let hd = width / (3 * heads);
+    let qkv = qkv.reshape((b, t, heads, 3 * hd))?;
+    let split = |part: usize| -> Result<Tensor> {
+        Ok(qkv
+            .narrow(D::Minus1, part * hd, hd)?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    let q = rotary.apply(&split(0)?, cos, sin)?;
+    let k = rotary.apply(&split(1)?, cos, sin)?;
+    Ok((q, k, split(2)?))
 }

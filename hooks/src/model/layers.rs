@@ -2,7 +2,6 @@
 //! linear/norm layers (LayerNorm, RMSNorm) built from a weight store.
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::Module;
 
 use crate::weights::WeightStore;
 use crate::Result;
@@ -60,16 +59,36 @@ pub(crate) struct Linear(candle_nn::Linear);
 impl Linear {
     /// Applies the layer to `[..., in]`, as one matrix product over all leading dimensions.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.add_bias(self.product(x)?)
+    }
+
+    /// `x W^T` without the bias, for a fused kernel that adds it ([`Linear::add_bias`] when
+    /// none applies).
+    pub fn product(&self, x: &Tensor) -> Result<Tensor> {
+        let weight = self.0.weight().t()?;
         let dims = x.dims();
         if dims.len() <= 2 {
-            return Ok(self.0.forward(x)?);
+            return Ok(x.matmul(&weight)?);
         }
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let flat = x.reshape((rows, dims[dims.len() - 1]))?;
-        let out = self.0.forward(&flat)?;
+        let out = x.reshape((rows, dims[dims.len() - 1]))?.matmul(&weight)?;
         let mut shape = dims.to_vec();
         *shape.last_mut().unwrap() = out.dim(1)?;
         Ok(out.reshape(shape)?)
+    }
+
+    /// The bias, if the layer has one.
+    #[cfg(feature = "cuda")]
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.0.bias()
+    }
+
+    /// `product + b`.
+    pub fn add_bias(&self, product: Tensor) -> Result<Tensor> {
+        Ok(match self.0.bias() {
+            Some(bias) => product.broadcast_add(bias)?,
+            None => product,
+        })
     }
 }
 
@@ -156,6 +175,12 @@ impl Rotary {
             .map(|i| 1.0 / (base as f32).powf((2 * i) as f32 / dims as f32))
             .collect();
         Rotary { dims, inv_freq }
+    }
+
+    /// The rotated dimensions of each head.
+    #[cfg(feature = "cuda")]
+    pub fn dims(&self) -> usize {
+        self.dims
     }
 
     /// `cos` and `sin` tables of shape `[seq, dims/2]` for positions `0..seq`.

@@ -7,6 +7,8 @@ mod flash_attention;
 mod gpt_neox;
 pub(crate) mod layers;
 mod llama;
+#[cfg(any(test, feature = "cuda"))]
+mod neox_kernels;
 
 use std::path::Path;
 

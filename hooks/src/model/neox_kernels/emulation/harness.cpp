@@ -1,0 +1,63 @@
+// Runs the kernels of ../kernels.cu on the CPU (hooks/src/cuda_kernels/emulation) for the
+// Rust tests in ../tests.rs, which compare them with the generic steps.
+//   harness DIR bias_gelu ROWS COLS HAS_BIAS BLOCKS           x[, bias] -> out
+//   harness DIR qkv_rotary B T HEADS HD ROT HAS_BIAS           qkv[, bias], cos, sin -> q, k, v
+// Files are raw little-endian bf16 arrays. Built with -I hooks/src/cuda_kernels.
+#include "emulation/cuda_emulation.h"
+#include "emulation/harness_io.h"
+
+#include "element_types.cuh"
+#include "../kernels.cu"
+
+int main(int argc, char** argv) {
+    try {
+        if (argc < 3) {
+            throw std::runtime_error("usage: harness DIR KERNEL ARGS...");
+        }
+        const std::string dir = argv[1];
+        const std::string kernel = argv[2];
+        auto arg = [&](int i) { return int_arg(argc, argv, i); };
+        if (kernel == "bias_gelu") {
+            const int rows = arg(3), cols = arg(4), has_bias = arg(5);
+            const unsigned blocks = arg(6);
+            const long long count = (long long)rows * cols;
+            auto x = read<bf16_bits>(dir, "x.bin", count);
+            std::vector<bf16_bits> bias;
+            if (has_bias) {
+                bias = read<bf16_bits>(dir, "bias.bin", cols);
+            }
+            std::vector<bf16_bits> out(count);
+            emulate_launch(dim3{blocks, 1, 1}, NEOX_THREADS, [&] {
+                bias_gelu_bf16(x.data(), has_bias ? bias.data() : nullptr, cols, count,
+                               out.data());
+            });
+            write(dir, "out.bin", out);
+        } else if (kernel == "qkv_rotary") {
+            const int b = arg(3), t = arg(4), heads = arg(5), hd = arg(6), rot = arg(7);
+            const int has_bias = arg(8);
+            const size_t width = (size_t)heads * 3 * hd;
+            auto qkv = read<bf16_bits>(dir, "qkv.bin", (size_t)b * t * width);
+            std::vector<bf16_bits> bias;
+            if (has_bias) {
+                bias = read<bf16_bits>(dir, "bias.bin", width);
+            }
+            auto cos = read<bf16_bits>(dir, "cos.bin", (size_t)t * (rot / 2));
+            auto sin = read<bf16_bits>(dir, "sin.bin", (size_t)t * (rot / 2));
+            const size_t count = (size_t)b * heads * t * hd;
+            std::vector<bf16_bits> q(count), k(count), v(count);
+            emulate_launch(dim3{(unsigned)(b * t * heads), 1, 1}, NEOX_THREADS, [&] {
+                qkv_rotary_bf16(qkv.data(), has_bias ? bias.data() : nullptr, cos.data(),
+                                sin.data(), t, heads, hd, rot, q.data(), k.data(), v.data());
+            });
+            write(dir, "q.bin", q);
+            write(dir, "k.bin", k);
+            write(dir, "v.bin", v);
+        } else {
+            throw std::runtime_error("unknown kernel " + kernel);
+        }
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "harness: %s\n", e.what());
+        return 2;
+    }
+    return 0;
+}

@@ -1,0 +1,165 @@
+//! The fused GPT-NeoX kernels checked without a GPU: NVRTC compiles them, and the same
+//! source, built by the C++ compiler with `crate::cuda_kernels::emulation`, runs on the CPU
+//! against the generic steps (in f32 on the same bf16 inputs). Without NVRTC or a C++20
+//! compiler these print SKIP and pass, unless `EI_REQUIRE_KERNEL_CHECKS` is set (as in CI).
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::cuda_kernels::emulation;
+use crate::model::gpt_neox::split_heads;
+use crate::model::layers::{gelu_erf, Rotary};
+
+#[test]
+fn nvrtc_compiles_every_kernel() {
+    crate::cuda_kernels::check_compiles(&KERNELS, &["bias_gelu_bf16", "qkv_rotary_bf16"]);
+}
+
+fn emulated() -> Option<emulation::Emulated> {
+    let harness =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("src/model/neox_kernels/emulation/harness.cpp");
+    let text = include_str!("emulation/harness.cpp");
+    emulation::Emulated::build("neox-kernel-emulation", &KERNELS, &harness, text)
+}
+
+/// Seeded bf16 values in ±`scale`.
+fn bf16_values(shape: &[usize], scale: f32, seed: u64) -> Tensor {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let count = shape.iter().product();
+    let values: Vec<f32> = (0..count)
+        .map(|_| rng.random_range(-scale..scale))
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap()
+}
+
+fn f32(x: &Tensor) -> Tensor {
+    x.to_dtype(DType::F32).unwrap()
+}
+
+/// Every element within bf16 rounding of the f32 reference.
+fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    if let Some((i, g, w)) = crate::compare::first_outside(got, want, 8e-3, 1e-3).unwrap() {
+        panic!("{what}: element {i} is {g}, expected {w}");
+    }
+}
+
+#[test]
+fn emulated_bias_gelu_matches_the_generic_steps() {
+    let Some(emulated) = emulated() else {
+        return;
+    };
+    // 300 columns: rows straddle the 128-thread blocks; 3 blocks: each thread strides.
+    for (rows, cols, biased, blocks) in [(7, 300, true, 3), (4, 50, false, 1)] {
+        let x = bf16_values(&[rows, cols], 4.0, cols as u64);
+        let bias = bf16_values(&[cols], 1.0, 1 + cols as u64);
+        emulated.put("x.bin", &x);
+        emulated.put("bias.bin", &bias);
+        let sizes = [rows, cols, usize::from(biased), blocks];
+        let mut args = vec!["bias_gelu".to_string()];
+        args.extend(sizes.iter().map(usize::to_string));
+        emulated.run(&args);
+        let got = emulated.get("out.bin", DType::BF16, &[rows, cols]);
+        let input = if biased {
+            f32(&x).broadcast_add(&f32(&bias)).unwrap()
+        } else {
+            f32(&x)
+        };
+        let want = gelu_erf(&input).unwrap();
+        assert_close(&f32(&got), &want, &format!("{rows}x{cols}, bias {biased}"));
+    }
+}
+
+#[test]
+fn emulated_qkv_rotary_matches_the_generic_split_and_rotary() {
+    let Some(emulated) = emulated() else {
+        return;
+    };
+    // (b, t, heads, hd, rot): Pythia-70m's partial rotary (16 of 64), pythia-1b's head size
+    // (64 of 256, two column passes per 128-thread block), full rotary, none.
+    for (b, t, heads, hd, rot, biased) in [
+        (2, 5, 3, 64, 16, true),
+        (1, 3, 2, 256, 64, true),
+        (1, 4, 2, 32, 32, false),
+        (1, 2, 1, 64, 0, true),
+    ] {
+        let width = heads * 3 * hd;
+        let seed = (hd + rot) as u64;
+        let qkv = bf16_values(&[b, t, width], 2.0, seed);
+        let bias = bf16_values(&[width], 0.5, seed + 1);
+        let rotary = Rotary::new(rot, 10_000.0);
+        let (cos, sin) = rotary.tables(t, DType::BF16, &Device::Cpu).unwrap();
+        for (name, x) in [
+            ("qkv.bin", &qkv),
+            ("bias.bin", &bias),
+            ("cos.bin", &cos),
+            ("sin.bin", &sin),
+        ] {
+            emulated.put(name, x);
+        }
+        let sizes = [b, t, heads, hd, rot, usize::from(biased)];
+        let mut args = vec!["qkv_rotary".to_string()];
+        args.extend(sizes.iter().map(usize::to_string));
+        emulated.run(&args);
+        let input = if biased {
+            f32(&qkv).broadcast_add(&f32(&bias)).unwrap()
+        } else {
+            f32(&qkv)
+        };
+        let (q, k, v) = split_heads(&input, heads, &rotary, (&f32(&cos), &f32(&sin))).unwrap();
+        for (name, want) in [("q", q), ("k", k), ("v", v)] {
+            let got = emulated.get(&format!("{name}.bin"), DType::BF16, &[b, heads, t, hd]);
+            assert_close(
+                &f32(&got),
+                &want,
+                &format!("{name}, head size {hd}, rotary {rot}"),
+            );
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --release --features cuda -p eleuther-hooks --lib -- --ignored gpu_"]
+fn gpu_fused_steps_match_the_generic_steps() {
+    let device = Device::new_cuda(0).expect("a CUDA GPU (device 0)");
+    let gpu = |x: &Tensor| x.to_device(&device).unwrap();
+    let cpu = |x: &Tensor| f32(&x.to_device(&Device::Cpu).unwrap());
+    // Pythia-1b's MLP width and attention shape (8 heads of 256, 64 rotary dimensions).
+    let x = bf16_values(&[300, 8192], 4.0, 1);
+    let bias = bf16_values(&[8192], 1.0, 2);
+    let got = bias_gelu(&gpu(&x), Some(&gpu(&bias)))
+        .unwrap()
+        .expect("the kernel applies to bf16 on a GPU");
+    let want = gelu_erf(&f32(&x).broadcast_add(&f32(&bias)).unwrap()).unwrap();
+    assert_close(&cpu(&got), &want, "bias and GELU");
+    let (heads, hd, rot, t) = (8, 256, 64, 300);
+    let qkv = bf16_values(&[2, t, heads * 3 * hd], 2.0, 3);
+    let bias = bf16_values(&[heads * 3 * hd], 0.5, 4);
+    let rotary = Rotary::new(rot, 10_000.0);
+    let (cos, sin) = rotary.tables(t, DType::BF16, &Device::Cpu).unwrap();
+    let got = qkv_rotary(
+        &gpu(&qkv),
+        Some(&gpu(&bias)),
+        heads,
+        rot,
+        (&gpu(&cos), &gpu(&sin)),
+    )
+    .unwrap()
+    .expect("the kernel applies to bf16 on a GPU");
+    let input = f32(&qkv).broadcast_add(&f32(&bias)).unwrap();
+    let want = split_heads(&input, heads, &rotary, (&f32(&cos), &f32(&sin))).unwrap();
+    for (name, (g, w)) in
+        ["q", "k", "v"]
+            .iter()
+            .zip([(got.0, want.0), (got.1, want.1), (got.2, want.2)])
+    {
+        assert_close(&cpu(&g), &w, name);
+    }
+}

@@ -94,8 +94,8 @@ run() {
             python3 bench/forward.py --device cuda --prebuilt "$bin" --shape "$shape" --dtype bfloat16 \
                 --batch 8 --seq 2048 --iters 5 || rc=1
         done
-        echo "== pythia-1b without the fused attention kernel (EI_FLASH_ATTENTION=0)"
-        EI_FLASH_ATTENTION=0 python3 bench/forward.py --device cuda --prebuilt "$bin" --shape pythia-1b \
+        echo "== pythia-1b without our fused forward kernels (EI_FLASH_ATTENTION=0 EI_FUSED_ELEMENTWISE=0)"
+        EI_FLASH_ATTENTION=0 EI_FUSED_ELEMENTWISE=0 python3 bench/forward.py --device cuda --prebuilt "$bin" --shape pythia-1b \
             --dtype bfloat16 --batch 8 --seq 2048 --iters 5 || rc=1
         python3 bench/sae_train.py --device cuda --prebuilt "$bin" --shape pythia-160m --latents 32768 \
             --k 32 --batch 8192 --steps 20 --warmup 10 || rc=1

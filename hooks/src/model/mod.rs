@@ -23,6 +23,21 @@ use crate::{Error, HookPoint, Result, Tokenizer};
 
 use layers::Loader;
 
+/// Seeded bf16 values in ±`scale`, for the fused kernels' tests.
+#[cfg(test)]
+pub(crate) fn seeded_bf16(shape: &[usize], scale: f32, seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let count = shape.iter().product();
+    let values: Vec<f32> = (0..count)
+        .map(|_| rng.random_range(-scale..scale))
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap()
+}
+
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {

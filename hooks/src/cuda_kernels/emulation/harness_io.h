@@ -2,6 +2,7 @@
 // outputs are raw little-endian arrays in the folder named by the harness's first argument.
 #pragma once
 
+#include <cstdio>
 #include <fstream>
 #include <stdexcept>
 #include <string>
@@ -33,4 +34,20 @@ static int int_arg(int argc, char** argv, int i) {
         throw std::runtime_error("missing argument " + std::to_string(i));
     }
     return std::stoi(argv[i]);
+}
+
+// The harness's `main` for `harness DIR KERNEL ARGS...`: runs `body(dir, kernel)` and turns
+// an exception into a message on stderr and exit status 2.
+template <typename Body>
+static int run_harness(int argc, char** argv, Body body) {
+    try {
+        if (argc < 3) {
+            throw std::runtime_error("usage: harness DIR KERNEL ARGS...");
+        }
+        body(std::string(argv[1]), std::string(argv[2]));
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "harness: %s\n", e.what());
+        return 2;
+    }
+    return 0;
 }

@@ -7,7 +7,6 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use rand::{Rng, SeedableRng};
 
 use super::*;
 use crate::cuda_kernels::emulation;
@@ -52,15 +51,7 @@ impl Emulated {
 
 /// Seeded bf16 values in ±`scale`, `[b, heads, t, d]`.
 fn bf16_input(shape: (usize, usize, usize, usize), scale: f32, seed: u64) -> Tensor {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let count = shape.0 * shape.1 * shape.2 * shape.3;
-    let values: Vec<f32> = (0..count)
-        .map(|_| rng.random_range(-scale..scale))
-        .collect();
-    Tensor::from_vec(values, shape, &Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::BF16)
-        .unwrap()
+    crate::model::seeded_bf16(&[shape.0, shape.1, shape.2, shape.3], scale, seed)
 }
 
 /// The generic attention in f32 on the same bf16 inputs: `[b, t, heads * d]`.

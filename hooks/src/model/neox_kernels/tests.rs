@@ -6,12 +6,12 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use rand::{Rng, SeedableRng};
 
 use super::*;
 use crate::cuda_kernels::emulation;
 use crate::model::gpt_neox::split_heads;
 use crate::model::layers::{gelu_erf, Rotary};
+use crate::model::seeded_bf16;
 
 #[test]
 fn nvrtc_compiles_every_kernel() {
@@ -23,19 +23,6 @@ fn emulated() -> Option<emulation::Emulated> {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("src/model/neox_kernels/emulation/harness.cpp");
     let text = include_str!("emulation/harness.cpp");
     emulation::Emulated::build("neox-kernel-emulation", &KERNELS, &harness, text)
-}
-
-/// Seeded bf16 values in ±`scale`.
-fn bf16_values(shape: &[usize], scale: f32, seed: u64) -> Tensor {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let count = shape.iter().product();
-    let values: Vec<f32> = (0..count)
-        .map(|_| rng.random_range(-scale..scale))
-        .collect();
-    Tensor::from_vec(values, shape, &Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::BF16)
-        .unwrap()
 }
 
 fn f32(x: &Tensor) -> Tensor {
@@ -57,8 +44,8 @@ fn emulated_bias_gelu_matches_the_generic_steps() {
     };
     // 300 columns: rows straddle the 128-thread blocks; 3 blocks: each thread strides.
     for (rows, cols, biased, blocks) in [(7, 300, true, 3), (4, 50, false, 1)] {
-        let x = bf16_values(&[rows, cols], 4.0, cols as u64);
-        let bias = bf16_values(&[cols], 1.0, 1 + cols as u64);
+        let x = seeded_bf16(&[rows, cols], 4.0, cols as u64);
+        let bias = seeded_bf16(&[cols], 1.0, 1 + cols as u64);
         emulated.put("x.bin", &x);
         emulated.put("bias.bin", &bias);
         let sizes = [rows, cols, usize::from(biased), blocks];
@@ -91,8 +78,8 @@ fn emulated_qkv_rotary_matches_the_generic_split_and_rotary() {
     ] {
         let width = heads * 3 * hd;
         let seed = (hd + rot) as u64;
-        let qkv = bf16_values(&[b, t, width], 2.0, seed);
-        let bias = bf16_values(&[width], 0.5, seed + 1);
+        let qkv = seeded_bf16(&[b, t, width], 2.0, seed);
+        let bias = seeded_bf16(&[width], 0.5, seed + 1);
         let rotary = Rotary::new(rot, 10_000.0);
         let (cos, sin) = rotary.tables(t, DType::BF16, &Device::Cpu).unwrap();
         for (name, x) in [
@@ -132,16 +119,16 @@ fn gpu_fused_steps_match_the_generic_steps() {
     let gpu = |x: &Tensor| x.to_device(&device).unwrap();
     let cpu = |x: &Tensor| f32(&x.to_device(&Device::Cpu).unwrap());
     // Pythia-1b's MLP width and attention shape (8 heads of 256, 64 rotary dimensions).
-    let x = bf16_values(&[300, 8192], 4.0, 1);
-    let bias = bf16_values(&[8192], 1.0, 2);
+    let x = seeded_bf16(&[300, 8192], 4.0, 1);
+    let bias = seeded_bf16(&[8192], 1.0, 2);
     let got = bias_gelu(&gpu(&x), Some(&gpu(&bias)))
         .unwrap()
         .expect("the kernel applies to bf16 on a GPU");
     let want = gelu_erf(&f32(&x).broadcast_add(&f32(&bias)).unwrap()).unwrap();
     assert_close(&cpu(&got), &want, "bias and GELU");
     let (heads, hd, rot, t) = (8, 256, 64, 300);
-    let qkv = bf16_values(&[2, t, heads * 3 * hd], 2.0, 3);
-    let bias = bf16_values(&[heads * 3 * hd], 0.5, 4);
+    let qkv = seeded_bf16(&[2, t, heads * 3 * hd], 2.0, 3);
+    let bias = seeded_bf16(&[heads * 3 * hd], 0.5, 4);
     let rotary = Rotary::new(rot, 10_000.0);
     let (cos, sin) = rotary.tables(t, DType::BF16, &Device::Cpu).unwrap();
     let got = qkv_rotary(

@@ -10,13 +10,12 @@
 #include "../adam.cu"
 
 int main(int argc, char** argv) {
-    try {
-        if (argc < 11 || std::string(argv[2]) != "adam") {
+    return run_harness(argc, argv, [&](const std::string& dir, const std::string& kernel) {
+        if (argc < 11 || kernel != "adam") {
             throw std::runtime_error(
                 "usage: harness DIR adam COUNT AMSGRAD BLOCKS BETA1 BETA2 EPS SQRT_BIAS2 "
                 "STEP_SIZE");
         }
-        const std::string dir = argv[1];
         const int count = int_arg(argc, argv, 3), amsgrad = int_arg(argc, argv, 4);
         const unsigned blocks = int_arg(argc, argv, 5);
         float scalars[5];
@@ -44,9 +43,5 @@ int main(int argc, char** argv) {
         if (amsgrad) {
             write(dir, "v_max_out.bin", v_max_out);
         }
-    } catch (const std::exception& e) {
-        std::fprintf(stderr, "harness: %s\n", e.what());
-        return 2;
-    }
-    return 0;
+    });
 }

@@ -39,11 +39,12 @@ static void run_log_softmax(const std::string& dir, int rows, int vocab,
 }
 
 int main(int argc, char** argv) {
-    try {
+    return run_harness(argc, argv, [&](const std::string& dir, const std::string& kernel) {
         if (argc < 6) {
             throw std::runtime_error("usage: harness DIR kl|ce|log_softmax f32|bf16 ROWS VOCAB");
         }
-        const std::string dir = argv[1], loss = argv[2], dtype = argv[3];
+        const std::string& loss = kernel;
+        const std::string dtype = argv[3];
         const int rows = int_arg(argc, argv, 4), vocab = int_arg(argc, argv, 5);
         const size_t all = (size_t)rows * vocab;
         if (loss == "kl" && dtype == "f32") {
@@ -61,9 +62,5 @@ int main(int argc, char** argv) {
         } else {
             throw std::runtime_error("unknown kernel " + loss + " " + dtype);
         }
-    } catch (const std::exception& e) {
-        std::fprintf(stderr, "harness: %s\n", e.what());
-        return 2;
-    }
-    return 0;
+    });
 }

@@ -60,12 +60,7 @@ static void run_combine(const std::string& dir, int tokens, int k, int d, int n,
 }
 
 int main(int argc, char** argv) {
-    try {
-        if (argc < 3) {
-            throw std::runtime_error("usage: harness DIR KERNEL ARGS...");
-        }
-        const std::string dir = argv[1];
-        const std::string kernel = argv[2];
+    return run_harness(argc, argv, [&](const std::string& dir, const std::string& kernel) {
         auto arg = [&](int i) { return int_arg(argc, argv, i); };
         if (kernel == "topk") {
             const std::string dtype = argv[3];
@@ -133,9 +128,5 @@ int main(int argc, char** argv) {
         } else {
             throw std::runtime_error("unknown kernel " + kernel);
         }
-    } catch (const std::exception& e) {
-        std::fprintf(stderr, "harness: %s\n", e.what());
-        return 2;
-    }
-    return 0;
+    });
 }

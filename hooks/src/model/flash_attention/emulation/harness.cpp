@@ -10,12 +10,11 @@
 #include "../attention.cu"
 
 int main(int argc, char** argv) {
-    try {
-        if (argc < 9 || std::string(argv[2]) != "attention") {
+    return run_harness(argc, argv, [&](const std::string& dir, const std::string& kernel) {
+        if (argc < 9 || kernel != "attention") {
             throw std::runtime_error(
                 "usage: harness DIR attention D BATCH HEADS KV_HEADS T SCALE_LOG2");
         }
-        const std::string dir = argv[1];
         const int d = int_arg(argc, argv, 3), batch = int_arg(argc, argv, 4);
         const int heads = int_arg(argc, argv, 5), kv_heads = int_arg(argc, argv, 6);
         const int t = int_arg(argc, argv, 7);
@@ -24,21 +23,17 @@ int main(int argc, char** argv) {
         auto k = read<bf16_bits>(dir, "k.bin", (size_t)batch * kv_heads * t * d);
         auto v = read<bf16_bits>(dir, "v.bin", (size_t)batch * kv_heads * t * d);
         std::vector<bf16_bits> out((size_t)batch * t * heads * d);
-        auto kernel = d == 64    ? causal_attention_bf16_d64
-                      : d == 128 ? causal_attention_bf16_d128
-                      : d == 256 ? causal_attention_bf16_d256
-                                 : nullptr;
-        if (kernel == nullptr) {
+        auto attention = d == 64    ? causal_attention_bf16_d64
+                         : d == 128 ? causal_attention_bf16_d128
+                         : d == 256 ? causal_attention_bf16_d256
+                                    : nullptr;
+        if (attention == nullptr) {
             throw std::runtime_error("no kernel for head size " + std::to_string(d));
         }
         const unsigned row_blocks = (t + ATTENTION_ROWS - 1) / ATTENTION_ROWS;
         emulate_launch(dim3{row_blocks, (unsigned)(batch * heads), 1}, ATTENTION_THREADS, [&] {
-            kernel(q.data(), k.data(), v.data(), out.data(), t, heads, kv_heads, scale_log2);
+            attention(q.data(), k.data(), v.data(), out.data(), t, heads, kv_heads, scale_log2);
         });
         write(dir, "out.bin", out);
-    } catch (const std::exception& e) {
-        std::fprintf(stderr, "harness: %s\n", e.what());
-        return 2;
-    }
-    return 0;
+    });
 }

@@ -10,15 +10,20 @@
 
 // ---------------------------------------------------------------------------------------
 // TopK. One block of TOPK_THREADS threads per row. The k-th largest key is found by a radix
-// select over the 32-bit order-preserving keys (three passes of 11, 11 and 10 bits, each a
-// histogram in shared memory); one more pass collects the keys above it and, in increasing
-// index order, as many keys equal to it as are still needed; a bitonic sort in shared memory
-// puts the k picks in order: by decreasing value, ties by increasing index, exactly the
-// order of the CPU selection.
+// select over the 32-bit order-preserving keys (passes of 11, 11 and 10 bits, each a
+// histogram in shared memory). Usually the first pass already narrows the k-th key to a bin
+// of at most TOPK_CANDIDATES keys: then one more pass over the row gathers the keys of the
+// bins above it (all picked) and those of its bin (the candidates), and the candidates are
+// ranked in shared memory, so the row is read twice. Otherwise the other two radix passes
+// run, and a last pass collects the keys above the k-th and, in increasing index order, as
+// many keys equal to it as are still needed. A bitonic sort in shared memory puts the k
+// picks in order: by decreasing value, ties by increasing index, exactly the order of the
+// CPU selection.
 
 #define TOPK_THREADS 256
 #define TOPK_MAX_K 4096
 #define RADIX_BINS 2048
+#define TOPK_CANDIDATES 1024
 
 // An unsigned key with the order of IEEE total order on floats.
 __device__ __forceinline__ u32 order_key(float v) {
@@ -35,6 +40,43 @@ __device__ __forceinline__ void block_inclusive_scan(u32* scan, int tid) {
         scan[tid] += add;
         __syncthreads();
     }
+}
+
+// Sorts a[0..count) in shared memory, largest first (a bitonic sort over the next power of
+// two, padded with zeros, which sort last; `a` must have room for it). Every thread of the
+// block calls it.
+__device__ void block_sort_descending(u64* a, u32 count, int tid) {
+    u32 padded = 1u;
+    while (padded < count) {
+        padded <<= 1;
+    }
+    for (u32 i = count + tid; i < padded; i += TOPK_THREADS) {
+        a[i] = 0ull;
+    }
+    __syncthreads();
+    for (u32 size = 2; size <= padded; size <<= 1) {
+        for (u32 stride = size >> 1; stride > 0; stride >>= 1) {
+            for (u32 i = tid; i < padded; i += TOPK_THREADS) {
+                const u32 partner = i ^ stride;
+                if (partner > i) {
+                    const u64 x = a[i];
+                    const u64 y = a[partner];
+                    const bool descending = (i & size) == 0;
+                    if (descending ? (x < y) : (x > y)) {
+                        a[i] = y;
+                        a[partner] = x;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+// A pick as one sortable word: the key, then the index inverted, so that among equal keys
+// the lower index sorts first in a descending sort.
+__device__ __forceinline__ u64 pick_word(u32 key, long long j) {
+    return ((u64)key << 32) | (u64)(0xffffffffu - (u32)j);
 }
 
 // `v` rounded to the precision of T, as a sum computed in T would be.
@@ -68,15 +110,87 @@ __device__ __forceinline__ u32 key_at(const T* row, const T* bias, const unsigne
     return order_key(value_at(row, bias, j, relu));
 }
 
+// After the first radix pass, with the k-th key in the bin of top bits `bin_prefix`: every
+// key of a bin above it into picks[0..), every key of its bin into candidates[0..), in any
+// order (their words sort them); the counts end in *above_count and *candidate_count.
+template <typename T>
+__device__ void gather_picks(const T* row, const T* bias, const unsigned char* allowed, int n,
+                             int relu, u32 bin_prefix, u64* candidates, u64* picks, int tid,
+                             u32* above_count, u32* candidate_count) {
+    const u32 top_bits = 0xffffffffu << 21; // the first pass's 11 bits
+    if (tid == 0) {
+        *above_count = 0u;
+        *candidate_count = 0u;
+    }
+    __syncthreads();
+    for (long long j = tid; j < n; j += TOPK_THREADS) {
+        const u32 key = key_at(row, bias, allowed, j, relu);
+        const u32 bin = key & top_bits;
+        if (bin > bin_prefix) {
+            picks[atomicAdd(above_count, 1u)] = pick_word(key, j);
+        } else if (bin == bin_prefix) {
+            candidates[atomicAdd(candidate_count, 1u)] = pick_word(key, j);
+        }
+    }
+    __syncthreads();
+}
+
+// After all three radix passes, with the k-th key `threshold` exactly, `above` keys above it
+// and `ties` of its equals still needed: collects them into picks[0..k), tile by tile in
+// index order (a block-wide scan of (above, equal) flags packed in one word gives each pick
+// its slot), so the ties taken are those of the lowest indices.
+template <typename T>
+__device__ void collect_picks(const T* row, const T* bias, const unsigned char* allowed, int n,
+                              int relu, u32 threshold, u32 above, u32 ties, u32* scan,
+                              u64* picks, int tid) {
+    u32 taken_above = 0u;
+    u32 taken_ties = 0u;
+    for (long long base = 0; base < n; base += TOPK_THREADS) {
+        const long long j = base + tid;
+        u32 flags = 0u;
+        u32 key = 0u;
+        if (j < n) {
+            key = key_at(row, bias, allowed, j, relu);
+            flags = key > threshold ? 1u : (key == threshold ? 0x10000u : 0u);
+        }
+        scan[tid] = flags;
+        __syncthreads();
+        block_inclusive_scan(scan, tid);
+        const u32 exclusive = scan[tid] - flags;
+        const u32 total = scan[TOPK_THREADS - 1];
+        if (flags == 1u) {
+            picks[taken_above + (exclusive & 0xffffu)] = pick_word(key, j);
+        } else if (flags == 0x10000u) {
+            const u32 rank = taken_ties + (exclusive >> 16);
+            if (rank < ties) {
+                picks[above + rank] = pick_word(threshold, j);
+            }
+        }
+        taken_above += total & 0xffffu;
+        taken_ties += total >> 16;
+        __syncthreads();
+    }
+}
+
 template <typename T>
 __device__ void topk_row(const T* pre, const T* bias, const unsigned char* allowed, int n, int k,
                          int relu, T* out_values, u32* out_indices) {
-    __shared__ u32 hist[RADIX_BINS];
+    // The histogram, then (when the first pass narrows the k-th key to a small bin) that
+    // bin's keys.
+    union Scratch {
+        u32 hist[RADIX_BINS];
+        u64 candidates[TOPK_CANDIDATES];
+    };
+    __shared__ Scratch scratch;
     __shared__ u32 scan[TOPK_THREADS];
     __shared__ u64 picks[TOPK_MAX_K];
     __shared__ u32 s_prefix;
     __shared__ u32 s_need;
     __shared__ u32 s_above;
+    __shared__ u32 s_bin_count;
+    __shared__ u32 s_gathered_above;
+    __shared__ u32 s_gathered_candidates;
+    u32* hist = scratch.hist;
 
     const int tid = threadIdx.x;
     const long long row_index = blockIdx.x;
@@ -90,6 +204,7 @@ __device__ void topk_row(const T* pre, const T* bias, const unsigned char* allow
 
     // Radix select: after the passes, s_prefix is the k-th largest key, s_above the number of
     // keys above it and s_need how many keys equal to it complete the k.
+    bool small_bin = false;
     const int shifts[3] = {21, 10, 0};
     const int widths[3] = {11, 11, 10};
     for (int pass = 0; pass < 3; ++pass) {
@@ -130,74 +245,31 @@ __device__ void topk_row(const T* pre, const T* bias, const unsigned char* allow
                     s_prefix = prefix | ((first + (u32)b) << shift);
                     s_above += seen;
                     s_need = need - seen;
+                    s_bin_count = count;
                     break;
                 }
                 seen += count;
             }
         }
         __syncthreads();
-    }
-    const u32 threshold = s_prefix;
-    const u32 above = s_above;
-    const u32 ties = s_need;
-
-    // Collect, tile by tile in index order: a block-wide scan of (above, equal) flags packed
-    // in one word gives each pick its slot.
-    u32 taken_above = 0u;
-    u32 taken_ties = 0u;
-    for (long long base = 0; base < n; base += TOPK_THREADS) {
-        const long long j = base + tid;
-        u32 flags = 0u;
-        u32 key = 0u;
-        if (j < n) {
-            key = key_at(row, bias, allowed, j, relu);
-            flags = key > threshold ? 1u : (key == threshold ? 0x10000u : 0u);
+        if (pass == 0 && s_bin_count <= TOPK_CANDIDATES) {
+            small_bin = true; // the k-th key's bin is small: gather it instead (below)
+            break;
         }
-        scan[tid] = flags;
+    }
+    if (small_bin) {
+        gather_picks(row, bias, allowed, n, relu, s_prefix, scratch.candidates, picks, tid,
+                     &s_gathered_above, &s_gathered_candidates);
+        // The bin's keys ranked as the final order ranks them; the first s_need complete k.
+        block_sort_descending(scratch.candidates, s_gathered_candidates, tid);
+        for (u32 i = tid; i < s_need; i += TOPK_THREADS) {
+            picks[s_above + i] = scratch.candidates[i];
+        }
         __syncthreads();
-        block_inclusive_scan(scan, tid);
-        const u32 exclusive = scan[tid] - flags;
-        const u32 total = scan[TOPK_THREADS - 1];
-        if (flags == 1u) {
-            const u32 slot = taken_above + (exclusive & 0xffffu);
-            picks[slot] = ((u64)key << 32) | (u64)(0xffffffffu - (u32)j);
-        } else if (flags == 0x10000u) {
-            const u32 rank = taken_ties + (exclusive >> 16);
-            if (rank < ties) {
-                picks[above + rank] = ((u64)threshold << 32) | (u64)(0xffffffffu - (u32)j);
-            }
-        }
-        taken_above += total & 0xffffu;
-        taken_ties += total >> 16;
-        __syncthreads();
+    } else {
+        collect_picks(row, bias, allowed, n, relu, s_prefix, s_above, s_need, scan, picks, tid);
     }
-
-    // Bitonic sort of the k picks (padded with zeros, which sort last), largest first.
-    u32 padded = 1u;
-    while (padded < (u32)k) {
-        padded <<= 1;
-    }
-    for (u32 i = k + tid; i < padded; i += TOPK_THREADS) {
-        picks[i] = 0ull;
-    }
-    __syncthreads();
-    for (u32 size = 2; size <= padded; size <<= 1) {
-        for (u32 stride = size >> 1; stride > 0; stride >>= 1) {
-            for (u32 i = tid; i < padded; i += TOPK_THREADS) {
-                const u32 partner = i ^ stride;
-                if (partner > i) {
-                    const u64 a = picks[i];
-                    const u64 b = picks[partner];
-                    const bool descending = (i & size) == 0;
-                    if (descending ? (a < b) : (a > b)) {
-                        picks[i] = b;
-                        picks[partner] = a;
-                    }
-                }
-            }
-            __syncthreads();
-        }
-    }
+    block_sort_descending(picks, (u32)k, tid);
     for (int i = tid; i < k; i += TOPK_THREADS) {
         const u32 index = 0xffffffffu - (u32)(picks[i] & 0xffffffffull);
         from_f32(value_at(row, bias, index, relu), &out_values[row_index * k + i]);

@@ -205,15 +205,29 @@ fn emulated_topk_matches_the_cpu_selection_with_ties_relu_and_masks() {
     };
     // (rows, width, k, relu, masked): widths not multiples of the 256-thread tile, k above
     // the tile, k equal to the width, many ties.
+    // The k-th key's first-pass bin (a quarter octave) holds at most 1024 keys (gathered in
+    // one more pass) in the first six cases, more in the last two (all three radix passes):
+    // 2.0 is 1/32 of the tie-heavy rows (values in [1.875, 2) round to it).
     let cases = [
         (5, 1000, 7, false, false),
         (4, 3001, 64, true, false),
         (3, 5000, 300, true, true),
         (2, 257, 257, false, false),
+        (3, 4000, 50, false, false), // values at bf16 precision: fewer ties
         (3, 20_000, 1, false, false),
+        (2, 40_000, 100, true, false),
+        (2, 50_000, 40, true, true),
     ];
     for (case, &(rows, n, k, relu, masked)) in cases.iter().enumerate() {
-        let pre = with_ties(&[rows, n], 10 + case as u64);
+        let seed = 10 + case as u64;
+        let pre = match case {
+            // Rounded to bf16, so that both dtypes see the same values.
+            4 => uniform(&[rows, n], 0.0, 2.0, seed)
+                .to_dtype(DType::BF16)
+                .and_then(|x| x.to_dtype(DType::F32))
+                .unwrap(),
+            _ => with_ties(&[rows, n], seed),
+        };
         let mask: Vec<u8> = (0..n).map(|j| u8::from(j % 5 != 2)).collect();
         let mask = Tensor::from_vec(mask, n, &Device::Cpu).unwrap();
         let mut reference_input = if relu {

@@ -384,10 +384,19 @@ fn emulated_gradients_match_the_cpu_backward() {
     let Some(emulated) = Emulated::new() else {
         return;
     };
-    let p = problem(13, 500, 36, 60);
-    let (top, _) =
-        kernels::encode_select(&p.xc, &p.w_enc, &p.b_enc, Picks { k: 7, dead: None }).unwrap();
-    check_backward(&emulated, &p, &top, &Device::Cpu, "emulated");
+    // Widths: whole float4s (36; 1100, past one 1024-column sweep of the block) and not (37).
+    for (tokens, n, d) in [(13, 500, 36), (5, 200, 1100), (6, 300, 37)] {
+        let p = problem(tokens, n, d, 60);
+        let picks = Picks { k: 7, dead: None };
+        let (top, _) = kernels::encode_select(&p.xc, &p.w_enc, &p.b_enc, picks).unwrap();
+        check_backward(
+            &emulated,
+            &p,
+            &top,
+            &Device::Cpu,
+            &format!("emulated, d {d}"),
+        );
+    }
 }
 
 /// `backward_with(sparse)` on `device` gives the CPU path's gradients (relative 1e-5) in the

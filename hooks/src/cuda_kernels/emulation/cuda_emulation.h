@@ -81,6 +81,10 @@ struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
 
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+
 namespace emulation {
 inline float lane_slots[1024];
 inline unsigned mma_a_slots[1024][4];

@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 
-use super::layers::{causal_mask, Rotary};
+use super::layers::{CausalMask, Rotary};
 use crate::hooks::Tap;
 use crate::{HookPoint, Result, Unembedding};
 
@@ -12,7 +12,7 @@ pub(crate) struct AttentionInputs<'a> {
     pub rotary: &'a Rotary,
     pub cos: Tensor,
     pub sin: Tensor,
-    pub mask: Tensor,
+    pub mask: CausalMask,
 }
 
 /// One transformer block of an architecture; it visits its own hook points.
@@ -53,7 +53,7 @@ impl<B: Block> Decoder<B> {
             rotary: &self.rotary,
             cos,
             sin,
-            mask: causal_mask(seq, h.device())?,
+            mask: CausalMask::new(seq, h.device()),
         };
         for (index, block) in self.blocks.iter().enumerate() {
             h = block.forward(index, &h, &inputs, tap)?;

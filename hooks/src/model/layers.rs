@@ -221,13 +221,42 @@ pub(crate) fn causal_mask(seq: usize, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(mask, (seq, seq), device)?)
 }
 
+/// The additive causal mask of one forward pass, built on first use: the fused attention
+/// kernels need none, and building it (`seq²` floats on the host, then a copy to the
+/// device) would stall a GPU forward for milliseconds before its first layer.
+pub(crate) struct CausalMask {
+    seq: usize,
+    device: Device,
+    mask: std::cell::OnceCell<Tensor>,
+}
+
+impl CausalMask {
+    /// The mask for sequences of `seq` tokens on `device`, not built yet.
+    pub fn new(seq: usize, device: &Device) -> Self {
+        CausalMask {
+            seq,
+            device: device.clone(),
+            mask: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// The `[seq, seq]` mask of [`causal_mask`].
+    pub fn get(&self) -> Result<&Tensor> {
+        if let Some(mask) = self.mask.get() {
+            return Ok(mask);
+        }
+        let mask = causal_mask(self.seq, &self.device)?;
+        Ok(self.mask.get_or_init(|| mask))
+    }
+}
+
 /// Causal softmax attention. `q: [b, heads, t, d]`, `k`/`v`: `[b, kv_heads, t, d]` where
 /// `kv_heads` divides `heads`; returns `[b, t, heads * d]`. Scores and softmax in f32.
 pub(crate) fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: &Tensor,
+    mask: &CausalMask,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if let Some(out) = super::flash_attention::causal_attention(q, k, v)? {
@@ -236,7 +265,7 @@ pub(crate) fn causal_attention(
     if let Some(out) = super::cpu_kernels::causal_attention(q, k, v)? {
         return Ok(out);
     }
-    causal_attention_generic(q, k, v, mask)
+    causal_attention_generic(q, k, v, mask.get()?)
 }
 
 /// [`causal_attention`] with candle's generic ops (any device and dtype).

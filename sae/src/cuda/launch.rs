@@ -20,6 +20,8 @@ use crate::{Error, Result};
 /// Threads per block of the TopK, the sparse and the row kernels (TOPK_THREADS,
 /// SPARSE_THREADS and ROW_THREADS in kernels.cu).
 const THREADS: u32 = 256;
+/// Threads of the one block that scans the pick counts (SCAN_THREADS in kernels.cu).
+const SCAN_THREADS: u32 = 256;
 /// Threads sharing one dot product in `gated_row_dots_f32` (DOT_LANES).
 const DOT_LANES: u32 = 8;
 
@@ -268,15 +270,15 @@ impl Kernels for Launcher {
         gated_row_dots(&self.0, g, indices, rows, gate)
     }
 
-    fn scatter_rows(
+    fn add_rows(
         &self,
-        coef: &Tensor,
         indices: &Tensor,
-        vectors: &Tensor,
-        sum: Tensor,
-    ) -> Result<Tensor> {
-        scatter_rows(&self.0, coef, indices, vectors, &sum)?;
-        Ok(sum)
+        coefs: [&Tensor; 2],
+        vectors: [&Tensor; 2],
+        sums: [Tensor; 2],
+    ) -> Result<[Tensor; 2]> {
+        add_rows(&self.0, indices, coefs, vectors, &sums)?;
+        Ok(sums)
     }
 
     fn scatter_scalars(&self, coef: &Tensor, indices: &Tensor, sum: Tensor) -> Result<Tensor> {
@@ -337,42 +339,94 @@ fn gated_row_dots(
     Ok(wrap(out, device, (tokens, k)))
 }
 
-/// `sum[indices[t, j]] += coef[t, j] · vectors[t]`, in place in the `[n, d]` f32 `sum`.
-fn scatter_rows(
+/// `sums[m][indices[t, j]] += coefs[m][t, j] · vectors[m][t]` for m = 0, 1, in place in the
+/// `[n, d]` f32 sums: the picks sorted by latent (count, scan, place), then one block per
+/// latent adds its picks to both rows.
+fn add_rows(
     device: &CudaDevice,
-    coef: &Tensor,
     indices: &Tensor,
-    vectors: &Tensor,
-    sum: &Tensor,
+    coefs: [&Tensor; 2],
+    vectors: [&Tensor; 2],
+    sums: &[Tensor; 2],
 ) -> Result<()> {
-    let (tokens, k) = coef.dims2()?;
-    let d = vectors.dim(1)?;
-    check_sum(sum, &[sum.dim(0)?, d], "scatter_rows")?;
-    let func = function(&KERNELS, device, "scatter_rows_f32")?;
-    let (k_arg, d_arg) = (int(k, "k")?, int(d, "width")?);
-    let (coef, indices, vectors) = (
-        coef.contiguous()?,
-        indices.contiguous()?,
-        vectors.contiguous()?,
-    );
-    let (coef_s, coef_l) = coef.storage_and_layout();
+    let (tokens, k) = indices.dims2()?;
+    let (n, d) = sums[0].dims2()?;
+    for sum in sums {
+        check_sum(sum, &[n, d], "add_rows_by_latent")?;
+    }
+    for (what, t, shape) in [
+        ("coefficients", coefs[0], [tokens, k]),
+        ("coefficients", coefs[1], [tokens, k]),
+        ("vectors", vectors[0], [tokens, d]),
+        ("vectors", vectors[1], [tokens, d]),
+    ] {
+        if t.dims() != shape || t.dtype() != DType::F32 {
+            return Err(Error::Cuda(format!(
+                "add_rows_by_latent: the {what} are a {:?} tensor of shape {:?}, expected f32 {shape:?}",
+                t.dtype(),
+                t.dims()
+            )));
+        }
+    }
+    let count = tokens * k;
+    let count_arg = count as i64;
+    let (n_arg, k_arg, d_arg) = (int(n, "latent count")?, int(k, "k")?, int(d, "width")?);
+    let pick_blocks = config((count.div_ceil(THREADS as usize), 1), THREADS)?;
+    let indices = indices.contiguous()?;
     let (idx_s, idx_l) = indices.storage_and_layout();
-    let (vec_s, vec_l) = vectors.storage_and_layout();
-    let (coef_v, idx_v, vec_v) = (
-        view::<f32>(&coef_s, coef_l)?,
-        view::<u32>(&idx_s, idx_l)?,
-        view::<f32>(&vec_s, vec_l)?,
-    );
-    write_in_place::<f32, Error>(sum, |out| {
-        let mut builder = func.builder();
-        builder
-            .arg(&coef_v)
-            .arg(&idx_v)
-            .arg(&vec_v)
-            .arg(&k_arg)
-            .arg(&d_arg)
-            .arg(out);
-        launch(&mut builder, config((tokens * k, 1), THREADS)?)
+    let idx_v = view::<u32>(&idx_s, idx_l)?;
+    // The counting sort by latent.
+    let mut counts = alloc::<u32>(device, n)?;
+    let func = function(&KERNELS, device, "count_picks")?;
+    let mut builder = func.builder();
+    builder.arg(&idx_v).arg(&count_arg).arg(&mut counts);
+    launch(&mut builder, pick_blocks)?;
+    // SAFETY: scan_counts writes all n + 1 offsets.
+    let mut offsets = unsafe { alloc_uninit::<u32>(device, n + 1) }?;
+    let func = function(&KERNELS, device, "scan_counts")?;
+    let mut builder = func.builder();
+    builder.arg(&counts).arg(&n_arg).arg(&mut offsets);
+    launch(&mut builder, config((1, 1), SCAN_THREADS)?)?;
+    let mut cursor = alloc::<u32>(device, n)?;
+    // SAFETY: place_picks writes every one of the `count` slots (the offsets partition them).
+    let mut order = unsafe { alloc_uninit::<u32>(device, count) }?;
+    let func = function(&KERNELS, device, "place_picks")?;
+    let mut builder = func.builder();
+    builder
+        .arg(&idx_v)
+        .arg(&count_arg)
+        .arg(&offsets)
+        .arg(&mut cursor)
+        .arg(&mut order);
+    launch(&mut builder, pick_blocks)?;
+    // The rows, in place.
+    let inputs = [coefs[0], vectors[0], coefs[1], vectors[1]]
+        .map(Tensor::contiguous)
+        .into_iter()
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = inputs.iter().map(|t| t.storage_and_layout()).collect();
+    let views = guards
+        .iter()
+        .map(|(storage, layout)| view::<f32>(storage, layout))
+        .collect::<hooks::Result<Vec<_>>>()?;
+    let func = function(&KERNELS, device, "add_rows_by_latent")?;
+    write_in_place::<f32, Error>(&sums[0], |sum_a| {
+        write_in_place::<f32, Error>(&sums[1], |sum_b| {
+            let mut builder = func.builder();
+            builder
+                .arg(&offsets)
+                .arg(&order)
+                .arg(&k_arg)
+                .arg(&d_arg)
+                .arg(&views[0])
+                .arg(&views[1])
+                .arg(sum_a)
+                .arg(&views[2])
+                .arg(&views[3])
+                .arg(sum_b);
+            launch(&mut builder, config((n, 1), THREADS)?)
+        })
+        .map_err(Error::from)
     })
     .map_err(Error::from)
 }

@@ -56,16 +56,16 @@ pub(crate) trait Kernels {
         rows: &Tensor,
         gate: &Tensor,
     ) -> Result<Tensor>;
-    /// `sum` (`[n, d]` f32) with `coef[t, j] · vectors[t]` added to its row `indices[t, j]`
-    /// for every pick: a step's gradient sums grow in place over its chunks, instead of each
-    /// chunk's gradient being a fresh `[n, d]` tensor added on afterwards.
-    fn scatter_rows(
+    /// `sums` (two `[n, d]` f32 tensors) with `coefs[m][t, j] · vectors[m][t]` added to
+    /// row `indices[t, j]` of `sums[m]` for every pick: a step's W_dec and W_enc gradient
+    /// sums grow in place over its chunks, each touched row read and written once per chunk.
+    fn add_rows(
         &self,
-        coef: &Tensor,
         indices: &Tensor,
-        vectors: &Tensor,
-        sum: Tensor,
-    ) -> Result<Tensor>;
+        coefs: [&Tensor; 2],
+        vectors: [&Tensor; 2],
+        sums: [Tensor; 2],
+    ) -> Result<[Tensor; 2]>;
     /// `sum` (`[n]` f32) with `coef[t, j]` added to its entry `indices[t, j]`.
     fn scatter_scalars(&self, coef: &Tensor, indices: &Tensor, sum: Tensor) -> Result<Tensor>;
 }
@@ -122,8 +122,8 @@ pub(crate) fn backward_with(
     };
     let g = ((b.x_hat - b.target)? * b.scale)?.contiguous()?;
     let ga = kernels.gated_row_dots(&g, b.indices, b.w_dec, b.acts)?;
-    let w_dec_sum = kernels.scatter_rows(b.acts, b.indices, &g, w_dec_sum)?;
-    let w_enc_sum = kernels.scatter_rows(&ga, b.indices, b.xc, w_enc_sum)?;
+    let [w_dec_sum, w_enc_sum] =
+        kernels.add_rows(b.indices, [b.acts, &ga], [&g, b.xc], [w_dec_sum, w_enc_sum])?;
     // This chunk's alone: the decoder bias's gradient needs it.
     let g_b_enc = kernels.scatter_scalars(&ga, b.indices, zeros(&[n])?)?;
     let mut b_dec_sum = b_dec_sum;

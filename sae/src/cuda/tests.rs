@@ -16,13 +16,16 @@ use crate::kernels::{self, GradSum};
 use crate::uniform;
 
 /// Every kernel the launcher calls.
-const ENTRY_POINTS: [&str; 9] = [
+const ENTRY_POINTS: [&str; 12] = [
     "topk_f32",
     "topk_bf16",
     "combine_rows_f32",
     "combine_rows_bf16",
     "gated_row_dots_f32",
-    "scatter_rows_f32",
+    "count_picks",
+    "scan_counts",
+    "place_picks",
+    "add_rows_by_latent",
     "scatter_scalars_f32",
     "unit_rows_f32",
     "remove_parallel_f32",
@@ -150,27 +153,25 @@ impl Kernels for Emulated {
         Ok(self.get("out.bin", DType::F32, &[tokens, k]))
     }
 
-    fn scatter_rows(
+    fn add_rows(
         &self,
-        coef: &Tensor,
         indices: &Tensor,
-        vectors: &Tensor,
-        sum: Tensor,
-    ) -> Result<Tensor> {
-        let (tokens, k) = coef.dims2()?;
-        let (n, d) = sum.dims2()?;
-        for (name, t) in [
-            ("coef.bin", coef),
-            ("indices.bin", indices),
-            ("vectors.bin", vectors),
-            ("out.bin", &sum),
-        ] {
-            self.put(name, t);
+        coefs: [&Tensor; 2],
+        vectors: [&Tensor; 2],
+        sums: [Tensor; 2],
+    ) -> Result<[Tensor; 2]> {
+        let (tokens, k) = indices.dims2()?;
+        let (n, d) = sums[0].dims2()?;
+        self.put("indices.bin", indices);
+        for (m, name) in ["a", "b"].iter().enumerate() {
+            self.put(&format!("coef_{name}.bin"), coefs[m]);
+            self.put(&format!("vectors_{name}.bin"), vectors[m]);
+            self.put(&format!("out_{name}.bin"), &sums[m]);
         }
-        let mut args = vec!["scatter_rows".to_string()];
+        let mut args = vec!["add_rows".to_string()];
         args.extend([tokens, k, d, n].iter().map(usize::to_string));
         self.run(&args);
-        Ok(self.get("out.bin", DType::F32, &[n, d]))
+        Ok(["a", "b"].map(|name| self.get(&format!("out_{name}.bin"), DType::F32, &[n, d])))
     }
 
     fn scatter_scalars(&self, coef: &Tensor, indices: &Tensor, sum: Tensor) -> Result<Tensor> {
@@ -384,8 +385,9 @@ fn emulated_gradients_match_the_cpu_backward() {
     let Some(emulated) = Emulated::new() else {
         return;
     };
-    // Widths: whole float4s (36; 1100, past one 1024-column sweep of the block) and not (37).
-    for (tokens, n, d) in [(13, 500, 36), (5, 200, 1100), (6, 300, 37)] {
+    // Widths of one and of five 256-column sweeps of a block; a case where each latent has
+    // some 400 picks (more than one 256-pick tile of the row sums).
+    for (tokens, n, d) in [(13, 500, 36), (5, 200, 1100), (600, 10, 40)] {
         let p = problem(tokens, n, d, 60);
         let picks = Picks { k: 7, dead: None };
         let (top, _) = kernels::encode_select(&p.xc, &p.w_enc, &p.b_enc, picks).unwrap();

@@ -3,11 +3,12 @@
 //   harness DIR topk DTYPE ROWS N K RELU MASKED BIASED  pre[, mask][, bias] -> values, indices
 //   harness DIR combine DTYPE TOKENS K D N HAS_BIAS  coef, indices, rows[, bias] -> out
 //   harness DIR dots TOKENS K D N                     g, indices, rows, gate -> out
-//   harness DIR scatter_rows TOKENS K D N             coef, indices, vectors, out -> out
+//   harness DIR add_rows TOKENS K D N                 indices, coef_a, vectors_a, out_a,
+//                                                     coef_b, vectors_b, out_b -> out_a, out_b
 //   harness DIR scatter_scalars COUNT N               coef, indices, out -> out
 //   harness DIR unit_rows N D                         w -> out
 //   harness DIR remove_parallel N D                   g, w -> out
-// (the scatters add into the sum that out.bin holds).
+// (add_rows and scatter_scalars add into the sums that out*.bin hold).
 // Files are raw little-endian arrays: f32, bf16 (u16), u32 indices, u8 mask. Built with
 // -I hooks/src/cuda_kernels.
 #include "emulation/cuda_emulation.h"
@@ -90,16 +91,33 @@ int main(int argc, char** argv) {
                                    out.data());
             });
             write(dir, "out.bin", out);
-        } else if (kernel == "scatter_rows") {
+        } else if (kernel == "add_rows") {
+            // The launcher's sequence: count, scan, place, then the row sums.
             int tokens = arg(3), k = arg(4), d = arg(5), n = arg(6);
-            auto coef = read<float>(dir, "coef.bin", (size_t)tokens * k);
-            auto indices = read<u32>(dir, "indices.bin", (size_t)tokens * k);
-            auto vectors = read<float>(dir, "vectors.bin", (size_t)tokens * d);
-            auto out = read<float>(dir, "out.bin", (size_t)n * d);
-            emulate_launch(dim3{(unsigned)(tokens * k), 1, 1}, SPARSE_THREADS, [&] {
-                scatter_rows_f32(coef.data(), indices.data(), vectors.data(), k, d, out.data());
+            const long long count = (long long)tokens * k;
+            auto indices = read<u32>(dir, "indices.bin", count);
+            auto coef_a = read<float>(dir, "coef_a.bin", count);
+            auto coef_b = read<float>(dir, "coef_b.bin", count);
+            auto vectors_a = read<float>(dir, "vectors_a.bin", (size_t)tokens * d);
+            auto vectors_b = read<float>(dir, "vectors_b.bin", (size_t)tokens * d);
+            auto out_a = read<float>(dir, "out_a.bin", (size_t)n * d);
+            auto out_b = read<float>(dir, "out_b.bin", (size_t)n * d);
+            std::vector<u32> counts(n), offsets(n + 1), cursor(n), order(count);
+            const unsigned blocks = (unsigned)((count + SPARSE_THREADS - 1) / SPARSE_THREADS);
+            emulate_launch(dim3{blocks, 1, 1}, SPARSE_THREADS,
+                           [&] { count_picks(indices.data(), count, counts.data()); });
+            emulate_launch(dim3{1, 1, 1}, SCAN_THREADS,
+                           [&] { scan_counts(counts.data(), n, offsets.data()); });
+            emulate_launch(dim3{blocks, 1, 1}, SPARSE_THREADS, [&] {
+                place_picks(indices.data(), count, offsets.data(), cursor.data(), order.data());
             });
-            write(dir, "out.bin", out);
+            emulate_launch(dim3{(unsigned)n, 1, 1}, SPARSE_THREADS, [&] {
+                add_rows_by_latent(offsets.data(), order.data(), k, d, coef_a.data(),
+                                   vectors_a.data(), out_a.data(), coef_b.data(),
+                                   vectors_b.data(), out_b.data());
+            });
+            write(dir, "out_a.bin", out_a);
+            write(dir, "out_b.bin", out_b);
         } else if (kernel == "scatter_scalars") {
             int count = arg(3), n = arg(4);
             auto coef = read<float>(dir, "coef.bin", count);

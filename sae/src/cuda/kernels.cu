@@ -343,42 +343,6 @@ extern "C" __global__ void combine_rows_bf16(const bf16_bits* coef, const u32* i
     combine_rows(coef, indices, rows, bias, k, d, out);
 }
 
-#define DOT_LANES 8
-#define DOT_SLOTS (SPARSE_THREADS / DOT_LANES)
-
-// out[t, j] = <g[t], rows[indices[t, j]]> where gate[t, j] > 0, else 0: the gradient of the
-// selected pre-activations (rows = W_dec, gate = the activations, so ReLU-cut picks pass
-// none). Grid: N blocks of SPARSE_THREADS; groups of DOT_LANES threads share one dot.
-extern "C" __global__ void gated_row_dots_f32(const float* g, const u32* indices,
-                                              const float* rows, const float* gate, int k, int d,
-                                              float* out) {
-    __shared__ float partial[SPARSE_THREADS];
-    const long long t = blockIdx.x;
-    const int slot = threadIdx.x / DOT_LANES;
-    const int lane = threadIdx.x % DOT_LANES;
-    for (int j0 = 0; j0 < k; j0 += DOT_SLOTS) {
-        const int j = j0 + slot;
-        float sum = 0.0f;
-        if (j < k && gate[t * k + j] > 0.0f) {
-            const float* row = rows + (long long)indices[t * k + j] * d;
-            const float* gt = g + t * d;
-            for (int c = lane; c < d; c += DOT_LANES) {
-                sum += gt[c] * row[c];
-            }
-        }
-        partial[threadIdx.x] = sum;
-        __syncthreads();
-        if (lane == 0 && j < k) {
-            float total = 0.0f;
-            for (int q = 0; q < DOT_LANES; ++q) {
-                total += partial[threadIdx.x + q];
-            }
-            out[t * k + j] = total;
-        }
-        __syncthreads();
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // The weight gradients, row by row. A chunk's N * k picks name rows of the two `[n, d]`
 // gradient sums (W_dec's: coef = activations, vectors = dL/dx_hat; W_enc's: coef = the
@@ -387,6 +351,8 @@ extern "C" __global__ void gated_row_dots_f32(const float* g, const u32* indices
 // instead the picks are sorted by latent (a counting sort: count_picks, scan_counts,
 // place_picks) and add_rows_by_latent reads each touched row once, adds all its picks, and
 // writes it once: k N / n times less traffic on the sums (4 at N = 8192, k = 32, n = 65536).
+// The same order serves the pre-activation gradient (gated_dots_by_latent), which then reads
+// each decoder row once.
 
 #define SCAN_THREADS 256
 
@@ -486,6 +452,50 @@ extern "C" __global__ void add_rows_by_latent(const u32* offsets, const u32* ord
             sum_a[row + c] = acc_a;
             sum_b[row + c] = acc_b;
         }
+    }
+}
+
+#define DOT_LANES 8
+#define DOT_SLOTS (SPARSE_THREADS / DOT_LANES)
+
+// out[p] = <g[p / k], rows[i]> for every pick p of every latent i (grouped as place_picks
+// leaves them) where gate[p] > 0, else 0: the gradient of the selected pre-activations
+// (rows = W_dec, gate = the activations, so ReLU-cut picks pass none). Each decoder row is
+// read from memory once per chunk, not once per pick. Grid: n blocks of SPARSE_THREADS, one
+// per latent; groups of DOT_LANES threads share one dot.
+extern "C" __global__ void gated_dots_by_latent(const u32* offsets, const u32* order, int k,
+                                                int d, const float* g, const float* rows,
+                                                const float* gate, float* out) {
+    __shared__ float partial[SPARSE_THREADS];
+    const long long latent = blockIdx.x;
+    const u32 begin = offsets[latent];
+    const u32 end = offsets[latent + 1];
+    const int slot = threadIdx.x / DOT_LANES;
+    const int lane = threadIdx.x % DOT_LANES;
+    const float* row = rows + latent * d;
+    for (u32 e0 = begin; e0 < end; e0 += DOT_SLOTS) {
+        const u32 e = e0 + slot;
+        u32 p = 0u;
+        float sum = 0.0f;
+        if (e < end) {
+            p = order[e];
+            if (gate[p] > 0.0f) {
+                const float* gt = g + (long long)(p / (u32)k) * d;
+                for (int c = lane; c < d; c += DOT_LANES) {
+                    sum += gt[c] * row[c];
+                }
+            }
+        }
+        partial[threadIdx.x] = sum;
+        __syncthreads();
+        if (lane == 0 && e < end) {
+            float total = 0.0f;
+            for (int q = 0; q < DOT_LANES; ++q) {
+                total += partial[threadIdx.x + q];
+            }
+            out[p] = total;
+        }
+        __syncthreads();
     }
 }
 

@@ -13,7 +13,7 @@ use hooks::cuda_kernels::launch::{
     alloc, alloc_uninit, config, cuda_device, function, int, view, wrap, write_in_place,
 };
 
-use super::{backward_with, encode_select_with, Kernels, KERNELS, TOPK_MAX_K};
+use super::{backward_with, encode_select_with, Kernels, PicksByLatent, KERNELS, TOPK_MAX_K};
 use crate::kernels::{Backward, GradSum, Picks, Selection};
 use crate::{Error, Result};
 
@@ -260,24 +260,28 @@ impl Kernels for Launcher {
         topk(pre, bias, k, allowed, relu)?.ok_or_else(|| unsupported("topk", pre))
     }
 
+    fn sort_by_latent(&self, indices: &Tensor, n: usize) -> Result<PicksByLatent> {
+        sort_by_latent(&self.0, indices, n)
+    }
+
     fn gated_row_dots(
         &self,
+        picks: &PicksByLatent,
         g: &Tensor,
-        indices: &Tensor,
         rows: &Tensor,
         gate: &Tensor,
     ) -> Result<Tensor> {
-        gated_row_dots(&self.0, g, indices, rows, gate)
+        gated_row_dots(&self.0, picks, g, rows, gate)
     }
 
     fn add_rows(
         &self,
-        indices: &Tensor,
+        picks: &PicksByLatent,
         coefs: [&Tensor; 2],
         vectors: [&Tensor; 2],
         sums: [Tensor; 2],
     ) -> Result<[Tensor; 2]> {
-        add_rows(&self.0, indices, coefs, vectors, &sums)?;
+        add_rows(&self.0, picks, coefs, vectors, &sums)?;
         Ok(sums)
     }
 
@@ -296,86 +300,15 @@ fn unsupported(kernel: &str, t: &Tensor) -> Error {
     ))
 }
 
-/// `out[t, j] = <g[t], rows[indices[t, j]]>` where `gate[t, j] > 0`, else 0: `[N, k]` f32.
-fn gated_row_dots(
-    device: &CudaDevice,
-    g: &Tensor,
-    indices: &Tensor,
-    rows: &Tensor,
-    gate: &Tensor,
-) -> Result<Tensor> {
-    let (tokens, k) = gate.dims2()?;
-    let d = rows.dim(1)?;
-    let func = function(&KERNELS, device, "gated_row_dots_f32")?;
-    let mut out = alloc::<f32>(device, tokens * k)?;
-    let (k_arg, d_arg) = (int(k, "k")?, int(d, "width")?);
-    let (g, indices, rows, gate) = (
-        g.contiguous()?,
-        indices.contiguous()?,
-        rows.contiguous()?,
-        gate.contiguous()?,
-    );
-    let (g_s, g_l) = g.storage_and_layout();
-    let (idx_s, idx_l) = indices.storage_and_layout();
-    let (rows_s, rows_l) = rows.storage_and_layout();
-    let (gate_s, gate_l) = gate.storage_and_layout();
-    let (g_v, idx_v, rows_v, gate_v) = (
-        view::<f32>(&g_s, g_l)?,
-        view::<u32>(&idx_s, idx_l)?,
-        view::<f32>(&rows_s, rows_l)?,
-        view::<f32>(&gate_s, gate_l)?,
-    );
-    let mut builder = func.builder();
-    builder
-        .arg(&g_v)
-        .arg(&idx_v)
-        .arg(&rows_v)
-        .arg(&gate_v)
-        .arg(&k_arg)
-        .arg(&d_arg)
-        .arg(&mut out);
-    debug_assert_eq!(THREADS % DOT_LANES, 0);
-    launch(&mut builder, config((tokens, 1), THREADS)?)?;
-    Ok(wrap(out, device, (tokens, k)))
-}
-
-/// `sums[m][indices[t, j]] += coefs[m][t, j] · vectors[m][t]` for m = 0, 1, in place in the
-/// `[n, d]` f32 sums: the picks sorted by latent (count, scan, place), then one block per
-/// latent adds its picks to both rows.
-fn add_rows(
-    device: &CudaDevice,
-    indices: &Tensor,
-    coefs: [&Tensor; 2],
-    vectors: [&Tensor; 2],
-    sums: &[Tensor; 2],
-) -> Result<()> {
+/// The picks of `indices: [N, k]` grouped by latent (count, scan, place).
+fn sort_by_latent(device: &CudaDevice, indices: &Tensor, n: usize) -> Result<PicksByLatent> {
     let (tokens, k) = indices.dims2()?;
-    let (n, d) = sums[0].dims2()?;
-    for sum in sums {
-        check_sum(sum, &[n, d], "add_rows_by_latent")?;
-    }
-    for (what, t, shape) in [
-        ("coefficients", coefs[0], [tokens, k]),
-        ("coefficients", coefs[1], [tokens, k]),
-        ("vectors", vectors[0], [tokens, d]),
-        ("vectors", vectors[1], [tokens, d]),
-    ] {
-        if t.dims() != shape || t.dtype() != DType::F32 {
-            return Err(Error::Cuda(format!(
-                "add_rows_by_latent: the {what} are a {:?} tensor of shape {:?}, expected f32 {shape:?}",
-                t.dtype(),
-                t.dims()
-            )));
-        }
-    }
     let count = tokens * k;
     let count_arg = count as i64;
-    let (n_arg, k_arg, d_arg) = (int(n, "latent count")?, int(k, "k")?, int(d, "width")?);
     let pick_blocks = config((count.div_ceil(THREADS as usize), 1), THREADS)?;
     let indices = indices.contiguous()?;
     let (idx_s, idx_l) = indices.storage_and_layout();
     let idx_v = view::<u32>(&idx_s, idx_l)?;
-    // The counting sort by latent.
     let mut counts = alloc::<u32>(device, n)?;
     let func = function(&KERNELS, device, "count_picks")?;
     let mut builder = func.builder();
@@ -384,6 +317,7 @@ fn add_rows(
     // SAFETY: scan_counts writes all n + 1 offsets.
     let mut offsets = unsafe { alloc_uninit::<u32>(device, n + 1) }?;
     let func = function(&KERNELS, device, "scan_counts")?;
+    let n_arg = int(n, "latent count")?;
     let mut builder = func.builder();
     builder.arg(&counts).arg(&n_arg).arg(&mut offsets);
     launch(&mut builder, config((1, 1), SCAN_THREADS)?)?;
@@ -399,6 +333,96 @@ fn add_rows(
         .arg(&mut cursor)
         .arg(&mut order);
     launch(&mut builder, pick_blocks)?;
+    Ok(PicksByLatent {
+        offsets: wrap(offsets, device, n + 1),
+        order: wrap(order, device, count),
+        shape: (tokens, k),
+    })
+}
+
+/// Checks that `t` is an f32 tensor of `shape`, naming `what` of `kernel` otherwise.
+fn check_f32(t: &Tensor, shape: &[usize], what: &str, kernel: &str) -> Result<()> {
+    if t.dims() != shape || t.dtype() != DType::F32 {
+        return Err(Error::Cuda(format!(
+            "{kernel}: the {what} are a {:?} tensor of shape {:?}, expected f32 {shape:?}",
+            t.dtype(),
+            t.dims()
+        )));
+    }
+    Ok(())
+}
+
+/// `out[t, j] = <g[t], rows[indices[t, j]]>` where `gate[t, j] > 0`, else 0: `[N, k]` f32,
+/// one block per latent.
+fn gated_row_dots(
+    device: &CudaDevice,
+    picks: &PicksByLatent,
+    g: &Tensor,
+    rows: &Tensor,
+    gate: &Tensor,
+) -> Result<Tensor> {
+    let (tokens, k) = picks.shape;
+    let (n, d) = rows.dims2()?;
+    let kernel = "gated_dots_by_latent";
+    check_f32(g, &[tokens, d], "input gradients", kernel)?;
+    check_f32(rows, &[n, d], "rows", kernel)?;
+    check_f32(gate, &[tokens, k], "gates", kernel)?;
+    let func = function(&KERNELS, device, kernel)?;
+    // SAFETY: every pick belongs to one latent, whose block writes its entry.
+    let mut out = unsafe { alloc_uninit::<f32>(device, tokens * k) }?;
+    let (k_arg, d_arg) = (int(k, "k")?, int(d, "width")?);
+    let (g, rows, gate) = (g.contiguous()?, rows.contiguous()?, gate.contiguous()?);
+    let (off_s, off_l) = picks.offsets.storage_and_layout();
+    let (ord_s, ord_l) = picks.order.storage_and_layout();
+    let (g_s, g_l) = g.storage_and_layout();
+    let (rows_s, rows_l) = rows.storage_and_layout();
+    let (gate_s, gate_l) = gate.storage_and_layout();
+    let mut builder = func.builder();
+    let (off_v, ord_v) = (view::<u32>(&off_s, off_l)?, view::<u32>(&ord_s, ord_l)?);
+    let (g_v, rows_v, gate_v) = (
+        view::<f32>(&g_s, g_l)?,
+        view::<f32>(&rows_s, rows_l)?,
+        view::<f32>(&gate_s, gate_l)?,
+    );
+    builder
+        .arg(&off_v)
+        .arg(&ord_v)
+        .arg(&k_arg)
+        .arg(&d_arg)
+        .arg(&g_v)
+        .arg(&rows_v)
+        .arg(&gate_v)
+        .arg(&mut out);
+    debug_assert_eq!(THREADS % DOT_LANES, 0);
+    launch(&mut builder, config((n, 1), THREADS)?)?;
+    Ok(wrap(out, device, (tokens, k)))
+}
+
+/// `sums[m][indices[t, j]] += coefs[m][t, j] · vectors[m][t]` for m = 0, 1, in place in the
+/// `[n, d]` f32 sums: one block per latent adds its picks to both rows.
+fn add_rows(
+    device: &CudaDevice,
+    picks: &PicksByLatent,
+    coefs: [&Tensor; 2],
+    vectors: [&Tensor; 2],
+    sums: &[Tensor; 2],
+) -> Result<()> {
+    let (tokens, k) = picks.shape;
+    let (n, d) = sums[0].dims2()?;
+    let kernel = "add_rows_by_latent";
+    for sum in sums {
+        check_sum(sum, &[n, d], kernel)?;
+    }
+    for coef in coefs {
+        check_f32(coef, &[tokens, k], "coefficients", kernel)?;
+    }
+    for vector in vectors {
+        check_f32(vector, &[tokens, d], "vectors", kernel)?;
+    }
+    let (k_arg, d_arg) = (int(k, "k")?, int(d, "width")?);
+    let (off_s, off_l) = picks.offsets.storage_and_layout();
+    let (ord_s, ord_l) = picks.order.storage_and_layout();
+    let (offsets, order) = (view::<u32>(&off_s, off_l)?, view::<u32>(&ord_s, ord_l)?);
     // The rows, in place.
     let inputs = [coefs[0], vectors[0], coefs[1], vectors[1]]
         .map(Tensor::contiguous)
@@ -409,7 +433,7 @@ fn add_rows(
         .iter()
         .map(|(storage, layout)| view::<f32>(storage, layout))
         .collect::<hooks::Result<Vec<_>>>()?;
-    let func = function(&KERNELS, device, "add_rows_by_latent")?;
+    let func = function(&KERNELS, device, kernel)?;
     write_in_place::<f32, Error>(&sums[0], |sum_a| {
         write_in_place::<f32, Error>(&sums[1], |sum_b| {
             let mut builder = func.builder();

@@ -48,11 +48,13 @@ pub(crate) trait Kernels {
         allowed: Option<&Tensor>,
         relu: bool,
     ) -> Result<(Tensor, Tensor)>;
+    /// The picks of `indices: [N, k]` grouped by latent, for the kernels below.
+    fn sort_by_latent(&self, indices: &Tensor, n: usize) -> Result<PicksByLatent>;
     /// `<g[t], rows[indices[t, j]]>` where `gate[t, j] > 0`, else 0: `[N, k]` f32.
     fn gated_row_dots(
         &self,
+        picks: &PicksByLatent,
         g: &Tensor,
-        indices: &Tensor,
         rows: &Tensor,
         gate: &Tensor,
     ) -> Result<Tensor>;
@@ -61,13 +63,24 @@ pub(crate) trait Kernels {
     /// sums grow in place over its chunks, each touched row read and written once per chunk.
     fn add_rows(
         &self,
-        indices: &Tensor,
+        picks: &PicksByLatent,
         coefs: [&Tensor; 2],
         vectors: [&Tensor; 2],
         sums: [Tensor; 2],
     ) -> Result<[Tensor; 2]>;
     /// `sum` (`[n]` f32) with `coef[t, j]` added to its entry `indices[t, j]`.
     fn scatter_scalars(&self, coef: &Tensor, indices: &Tensor, sum: Tensor) -> Result<Tensor>;
+}
+
+/// A chunk's picks `indices: [N, k]` grouped by latent (a counting sort): latent `i`'s are
+/// `order[offsets[i]..offsets[i + 1]]`, each the flat index `t k + j` of a pick (u32
+/// tensors, `offsets: [n + 1]`, `order: [N k]`), in no particular order within a latent.
+#[cfg(any(test, feature = "cuda"))]
+pub(crate) struct PicksByLatent {
+    pub offsets: Tensor,
+    pub order: Tensor,
+    /// Tokens `N` and picks per token `k`.
+    pub shape: (usize, usize),
 }
 
 /// `kernels::encode_select` with `kernels`: the dense pre-activations, then TopK with the
@@ -121,9 +134,10 @@ pub(crate) fn backward_with(
         None => [zeros(&[n, d])?, zeros(&[n])?, zeros(&[n, d])?, zeros(&[d])?],
     };
     let g = ((b.x_hat - b.target)? * b.scale)?.contiguous()?;
-    let ga = kernels.gated_row_dots(&g, b.indices, b.w_dec, b.acts)?;
+    let picks = kernels.sort_by_latent(b.indices, n)?;
+    let ga = kernels.gated_row_dots(&picks, &g, b.w_dec, b.acts)?;
     let [w_dec_sum, w_enc_sum] =
-        kernels.add_rows(b.indices, [b.acts, &ga], [&g, b.xc], [w_dec_sum, w_enc_sum])?;
+        kernels.add_rows(&picks, [b.acts, &ga], [&g, b.xc], [w_dec_sum, w_enc_sum])?;
     // This chunk's alone: the decoder bias's gradient needs it.
     let g_b_enc = kernels.scatter_scalars(&ga, b.indices, zeros(&[n])?)?;
     let mut b_dec_sum = b_dec_sum;

@@ -21,7 +21,7 @@ const ENTRY_POINTS: [&str; 12] = [
     "topk_bf16",
     "combine_rows_f32",
     "combine_rows_bf16",
-    "gated_row_dots_f32",
+    "gated_dots_by_latent",
     "count_picks",
     "scan_counts",
     "place_picks",
@@ -94,6 +94,12 @@ impl Emulated {
         self.run(&[kernel.to_string(), n.to_string(), d.to_string()]);
         self.get("out.bin", DType::F32, &[n, d])
     }
+
+    /// Writes the picks' grouping for the kernels that read it.
+    fn put_picks(&self, picks: &PicksByLatent) {
+        self.put("offsets.bin", &picks.offsets);
+        self.put("order.bin", &picks.order);
+    }
 }
 
 impl Kernels for Emulated {
@@ -130,21 +136,28 @@ impl Kernels for Emulated {
         ))
     }
 
+    fn sort_by_latent(&self, indices: &Tensor, n: usize) -> Result<PicksByLatent> {
+        let (tokens, k) = indices.dims2()?;
+        self.put("indices.bin", indices);
+        self.run(&["sort".to_string(), (tokens * k).to_string(), n.to_string()]);
+        Ok(PicksByLatent {
+            offsets: self.get("offsets.bin", DType::U32, &[n + 1]),
+            order: self.get("order.bin", DType::U32, &[tokens * k]),
+            shape: (tokens, k),
+        })
+    }
+
     fn gated_row_dots(
         &self,
+        picks: &PicksByLatent,
         g: &Tensor,
-        indices: &Tensor,
         rows: &Tensor,
         gate: &Tensor,
     ) -> Result<Tensor> {
-        let (tokens, k) = gate.dims2()?;
+        let (tokens, k) = picks.shape;
         let (n, d) = rows.dims2()?;
-        for (name, t) in [
-            ("g.bin", g),
-            ("indices.bin", indices),
-            ("rows.bin", rows),
-            ("gate.bin", gate),
-        ] {
+        self.put_picks(picks);
+        for (name, t) in [("g.bin", g), ("rows.bin", rows), ("gate.bin", gate)] {
             self.put(name, t);
         }
         let mut args = vec!["dots".to_string()];
@@ -155,14 +168,14 @@ impl Kernels for Emulated {
 
     fn add_rows(
         &self,
-        indices: &Tensor,
+        picks: &PicksByLatent,
         coefs: [&Tensor; 2],
         vectors: [&Tensor; 2],
         sums: [Tensor; 2],
     ) -> Result<[Tensor; 2]> {
-        let (tokens, k) = indices.dims2()?;
+        let (tokens, k) = picks.shape;
         let (n, d) = sums[0].dims2()?;
-        self.put("indices.bin", indices);
+        self.put_picks(picks);
         for (m, name) in ["a", "b"].iter().enumerate() {
             self.put(&format!("coef_{name}.bin"), coefs[m]);
             self.put(&format!("vectors_{name}.bin"), vectors[m]);

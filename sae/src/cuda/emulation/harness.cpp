@@ -2,9 +2,11 @@
 // ../tests.rs, which write the inputs and compare the outputs with the CPU implementations.
 //   harness DIR topk DTYPE ROWS N K RELU MASKED BIASED  pre[, mask][, bias] -> values, indices
 //   harness DIR combine DTYPE TOKENS K D N HAS_BIAS  coef, indices, rows[, bias] -> out
-//   harness DIR dots TOKENS K D N                     g, indices, rows, gate -> out
-//   harness DIR add_rows TOKENS K D N                 indices, coef_a, vectors_a, out_a,
-//                                                     coef_b, vectors_b, out_b -> out_a, out_b
+//   harness DIR sort COUNT N                          indices -> offsets, order
+//   harness DIR dots TOKENS K D N                     offsets, order, g, rows, gate -> out
+//   harness DIR add_rows TOKENS K D N                 offsets, order, coef_a, vectors_a,
+//                                                     out_a, coef_b, vectors_b, out_b
+//                                                     -> out_a, out_b
 //   harness DIR scatter_scalars COUNT N               coef, indices, out -> out
 //   harness DIR unit_rows N D                         w -> out
 //   harness DIR remove_parallel N D                   g, w -> out
@@ -79,29 +81,11 @@ int main(int argc, char** argv) {
                 run_combine<bf16_bits>(dir, arg(4), arg(5), arg(6), arg(7), arg(8),
                                        combine_rows_bf16);
             }
-        } else if (kernel == "dots") {
-            int tokens = arg(3), k = arg(4), d = arg(5), n = arg(6);
-            auto g = read<float>(dir, "g.bin", (size_t)tokens * d);
-            auto indices = read<u32>(dir, "indices.bin", (size_t)tokens * k);
-            auto rows = read<float>(dir, "rows.bin", (size_t)n * d);
-            auto gate = read<float>(dir, "gate.bin", (size_t)tokens * k);
-            std::vector<float> out((size_t)tokens * k);
-            emulate_launch(dim3{(unsigned)tokens, 1, 1}, SPARSE_THREADS, [&] {
-                gated_row_dots_f32(g.data(), indices.data(), rows.data(), gate.data(), k, d,
-                                   out.data());
-            });
-            write(dir, "out.bin", out);
-        } else if (kernel == "add_rows") {
-            // The launcher's sequence: count, scan, place, then the row sums.
-            int tokens = arg(3), k = arg(4), d = arg(5), n = arg(6);
-            const long long count = (long long)tokens * k;
+        } else if (kernel == "sort") {
+            // The launcher's sequence: count, scan, place.
+            const long long count = arg(3);
+            const int n = arg(4);
             auto indices = read<u32>(dir, "indices.bin", count);
-            auto coef_a = read<float>(dir, "coef_a.bin", count);
-            auto coef_b = read<float>(dir, "coef_b.bin", count);
-            auto vectors_a = read<float>(dir, "vectors_a.bin", (size_t)tokens * d);
-            auto vectors_b = read<float>(dir, "vectors_b.bin", (size_t)tokens * d);
-            auto out_a = read<float>(dir, "out_a.bin", (size_t)n * d);
-            auto out_b = read<float>(dir, "out_b.bin", (size_t)n * d);
             std::vector<u32> counts(n), offsets(n + 1), cursor(n), order(count);
             const unsigned blocks = (unsigned)((count + SPARSE_THREADS - 1) / SPARSE_THREADS);
             emulate_launch(dim3{blocks, 1, 1}, SPARSE_THREADS,
@@ -111,6 +95,32 @@ int main(int argc, char** argv) {
             emulate_launch(dim3{blocks, 1, 1}, SPARSE_THREADS, [&] {
                 place_picks(indices.data(), count, offsets.data(), cursor.data(), order.data());
             });
+            write(dir, "offsets.bin", offsets);
+            write(dir, "order.bin", order);
+        } else if (kernel == "dots") {
+            int tokens = arg(3), k = arg(4), d = arg(5), n = arg(6);
+            auto offsets = read<u32>(dir, "offsets.bin", n + 1);
+            auto order = read<u32>(dir, "order.bin", (size_t)tokens * k);
+            auto g = read<float>(dir, "g.bin", (size_t)tokens * d);
+            auto rows = read<float>(dir, "rows.bin", (size_t)n * d);
+            auto gate = read<float>(dir, "gate.bin", (size_t)tokens * k);
+            std::vector<float> out((size_t)tokens * k);
+            emulate_launch(dim3{(unsigned)n, 1, 1}, SPARSE_THREADS, [&] {
+                gated_dots_by_latent(offsets.data(), order.data(), k, d, g.data(), rows.data(),
+                                     gate.data(), out.data());
+            });
+            write(dir, "out.bin", out);
+        } else if (kernel == "add_rows") {
+            int tokens = arg(3), k = arg(4), d = arg(5), n = arg(6);
+            const size_t count = (size_t)tokens * k;
+            auto offsets = read<u32>(dir, "offsets.bin", n + 1);
+            auto order = read<u32>(dir, "order.bin", count);
+            auto coef_a = read<float>(dir, "coef_a.bin", count);
+            auto coef_b = read<float>(dir, "coef_b.bin", count);
+            auto vectors_a = read<float>(dir, "vectors_a.bin", (size_t)tokens * d);
+            auto vectors_b = read<float>(dir, "vectors_b.bin", (size_t)tokens * d);
+            auto out_a = read<float>(dir, "out_a.bin", (size_t)n * d);
+            auto out_b = read<float>(dir, "out_b.bin", (size_t)n * d);
             emulate_launch(dim3{(unsigned)n, 1, 1}, SPARSE_THREADS, [&] {
                 add_rows_by_latent(offsets.data(), order.data(), k, d, coef_a.data(),
                                    vectors_a.data(), out_a.data(), coef_b.data(),

@@ -99,9 +99,9 @@ run() {
             --dtype bfloat16 --batch 8 --seq 2048 --iters 5 || rc=1
         python3 bench/sae_train.py --device cuda --prebuilt "$bin" --shape pythia-160m --latents 32768 \
             --k 32 --batch 8192 --steps 20 --warmup 10 || rc=1
-        # sparsify's default step: 32 sequences of 2048 tokens (ours in chunks of 8192 tokens).
+        # sparsify's default step: 32 sequences of 2048 tokens (ours in chunks of 16384 tokens).
         python3 bench/sae_train.py --device cuda --prebuilt "$bin" --shape pythia-1b --latents 65536 \
-            --k 32 --batch 65536 --chunk-tokens 8192 --steps 3 --warmup 1 || rc=1
+            --k 32 --batch 65536 --chunk-tokens 16384 --steps 3 --warmup 1 || rc=1
         python3 bench/lens_train.py --device cuda --prebuilt "$bin" --shape pythia-160m --seq 2048 --batch 8 \
             --tokens-per-step 16384 --steps 4 --chunk-tokens 4096 || rc=1
         exit $rc

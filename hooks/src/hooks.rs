@@ -134,6 +134,13 @@ impl<'h, 'a> Tap<'h, 'a> {
         Ok(x)
     }
 
+    /// True when a hook captures or replaces `point`: a fused kernel may skip making the
+    /// tensor of a point that is not touched.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn touches(&self, point: HookPoint) -> bool {
+        self.hooks.replacements.contains_key(&point) || self.hooks.captures.contains(&point)
+    }
+
     /// True when nothing after `point` is needed, so the pass can stop.
     pub(crate) fn done_after(&self, point: HookPoint) -> bool {
         self.stop.is_some_and(|stop| stop <= point)

@@ -88,7 +88,18 @@ impl decoder::Block for Block {
         inputs: &AttentionInputs,
         tap: &mut Tap,
     ) -> Result<Tensor> {
-        let attention = self.attention(&self.input_norm.forward(h)?, inputs)?;
+        let normed = self.input_norm.forward(h)?;
+        #[cfg(feature = "cuda")]
+        if self.parallel_residual
+            && neox_kernels::enabled_for(h)
+            && !tap.touches(HookPoint::Attention(i))
+            && !tap.touches(HookPoint::Mlp(i))
+        {
+            return self.fused_parallel_forward(i, h, &normed, inputs, tap);
+        }
+        let attention = self
+            .dense
+            .forward(&self.attention_heads(&normed, inputs)?)?;
         let attention = tap.visit(HookPoint::Attention(i), attention)?;
         if self.parallel_residual {
             let mlp_input =
@@ -108,10 +119,35 @@ impl decoder::Block for Block {
 }
 
 impl Block {
-    fn attention(&self, x: &Tensor, inputs: &AttentionInputs) -> Result<Tensor> {
+    /// The heads' attention output `[b, t, d]`, before the output projection.
+    fn attention_heads(&self, x: &Tensor, inputs: &AttentionInputs) -> Result<Tensor> {
         let (q, k, v) = self.queries_keys_values(x, inputs)?;
-        self.dense
-            .forward(&causal_attention(&q, &k, &v, &inputs.mask)?)
+        causal_attention(&q, &k, &v, &inputs.mask)
+    }
+
+    /// A parallel-residual block on a GPU in bf16 when no hook looks at its attention or MLP
+    /// output: the two output products' biases and the residual adds in one kernel.
+    #[cfg(feature = "cuda")]
+    fn fused_parallel_forward(
+        &self,
+        i: usize,
+        h: &Tensor,
+        normed: &Tensor,
+        inputs: &AttentionInputs,
+        tap: &mut Tap,
+    ) -> Result<Tensor> {
+        let attention = self.dense.product(&self.attention_heads(normed, inputs)?)?;
+        let mlp_input = tap.visit(HookPoint::MlpInput(i), self.post_attention_norm.forward(h)?)?;
+        let mlp = self.mlp_out.product(&self.mlp_hidden(&mlp_input)?)?;
+        let out = match neox_kernels::parallel_residual(
+            h,
+            (&attention, self.dense.bias()),
+            (&mlp, self.mlp_out.bias()),
+        )? {
+            Some(out) => out,
+            None => ((self.mlp_out.add_bias(mlp)? + self.dense.add_bias(attention)?)? + h)?,
+        };
+        tap.visit(HookPoint::Layer(i), out)
     }
 
     /// The attention inputs `(q, k, v)`, each `[b, heads, t, head_dim]`, the rotary
@@ -144,16 +180,21 @@ impl Block {
     }
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
+        self.mlp_out.forward(&self.mlp_hidden(x)?)
+    }
+
+    /// The MLP's hidden activations `gelu(x W_in^T + b_in)`: one fused kernel for the bias
+    /// and GELU in bf16 on a GPU.
+    fn mlp_hidden(&self, x: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if neox_kernels::enabled_for(x) {
             let product = self.mlp_in.product(x)?;
-            let hidden = match neox_kernels::bias_gelu(&product, self.mlp_in.bias())? {
-                Some(hidden) => hidden,
-                None => gelu_erf(&self.mlp_in.add_bias(product)?)?,
+            return match neox_kernels::bias_gelu(&product, self.mlp_in.bias())? {
+                Some(hidden) => Ok(hidden),
+                None => gelu_erf(&self.mlp_in.add_bias(product)?),
             };
-            return self.mlp_out.forward(&hidden);
         }
-        self.mlp_out.forward(&gelu_erf(&self.mlp_in.forward(x)?)?)
+        gelu_erf(&self.mlp_in.forward(x)?)
     }
 }
 

@@ -57,3 +57,21 @@ extern "C" __global__ void qkv_rotary_bf16(const bf16_bits* qkv, const bf16_bits
         }
     }
 }
+
+// out = ((m + m_bias) + (a + a_bias)) + h for `[rows, cols]` activations: a parallel-residual
+// block's output from the residual `h` and the attention's and MLP's output products `a`
+// and `m` (their biases, `[cols]` or null, not yet added): the two bias passes and the two
+// residual adds of the unfused block in one. Grid-stride loop over `count = rows * cols`.
+extern "C" __global__ void parallel_residual_bf16(const bf16_bits* h, const bf16_bits* a,
+                                                  const bf16_bits* a_bias, const bf16_bits* m,
+                                                  const bf16_bits* m_bias, int cols,
+                                                  long long count, bf16_bits* out) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += stride) {
+        const long long c = i % cols;
+        const float attention = to_f32(a[i]) + bias_at(a_bias, c);
+        const float mlp = to_f32(m[i]) + bias_at(m_bias, c);
+        from_f32((mlp + attention) + to_f32(h[i]), &out[i]);
+    }
+}

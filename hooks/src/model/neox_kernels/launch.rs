@@ -137,3 +137,65 @@ pub(crate) fn qkv_rotary(
         wrap(v, &device, shape),
     )))
 }
+
+/// `h + (a + a_bias) + (m + m_bias)` for bf16 `h`, `a`, `m: [.., cols]` and biases `[cols]`
+/// on a CUDA GPU (a parallel-residual block's output), or `None` when the kernel does not
+/// apply.
+pub(crate) fn parallel_residual(
+    h: &Tensor,
+    (a, a_bias): (&Tensor, Option<&Tensor>),
+    (m, m_bias): (&Tensor, Option<&Tensor>),
+) -> Result<Option<Tensor>> {
+    let Some(device) = cuda_device(h).filter(|_| enabled_for(h)) else {
+        return Ok(None);
+    };
+    let cols = h.dim(D::Minus1)?;
+    let bias_fits =
+        |b: Option<&Tensor>| b.is_none_or(|b| b.dtype() == DType::BF16 && b.dims() == [cols]);
+    let fits = [a, m]
+        .iter()
+        .all(|x| x.dtype() == DType::BF16 && x.dims() == h.dims())
+        && bias_fits(a_bias)
+        && bias_fits(m_bias);
+    if !fits {
+        return Ok(None);
+    }
+    let count = h.elem_count();
+    let (h, a, m) = (h.contiguous()?, a.contiguous()?, m.contiguous()?);
+    let a_bias = a_bias.map(Tensor::contiguous).transpose()?;
+    let m_bias = m_bias.map(Tensor::contiguous).transpose()?;
+    let kernel = function(&KERNELS, &device, "parallel_residual_bf16")?;
+    // SAFETY: the grid-stride loop writes every one of the `count` elements.
+    let mut out = unsafe { alloc_uninit::<bf16>(&device, count) }?;
+    let guards = [&h, &a, &m].map(|x| x.storage_and_layout());
+    let views = guards
+        .iter()
+        .map(|(storage, layout)| view::<bf16>(storage, layout))
+        .collect::<Result<Vec<_>>>()?;
+    let bias_guards = [&a_bias, &m_bias].map(|b| b.as_ref().map(|b| b.storage_and_layout()));
+    let bias_views = bias_guards
+        .iter()
+        .map(|guard| match guard {
+            Some((storage, layout)) => view::<bf16>(storage, layout).map(Some),
+            None => Ok(None),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (cols_arg, count_arg) = (int(cols, "width")?, count as i64);
+    let mut builder = kernel.builder();
+    builder.arg(&views[0]).arg(&views[1]);
+    match &bias_views[0] {
+        Some(b) => builder.arg(b),
+        None => builder.arg(&0u64),
+    };
+    builder.arg(&views[2]);
+    match &bias_views[1] {
+        Some(b) => builder.arg(b),
+        None => builder.arg(&0u64),
+    };
+    builder.arg(&cols_arg).arg(&count_arg).arg(&mut out);
+    let blocks = count.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS);
+    // SAFETY: parallel_residual_bf16's arguments in order; h, a, m and out hold `count`
+    // elements, each bias `cols` (or is null).
+    unsafe { launch(&mut builder, config((blocks, 1), THREADS)?) }?;
+    Ok(Some(wrap(out, &device, h.shape().clone())))
+}

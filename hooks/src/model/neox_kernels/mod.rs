@@ -1,8 +1,9 @@
 //! Fused element-wise steps of bf16 GPT-NeoX blocks on CUDA GPUs (`kernels.cu`): the MLP's
-//! bias and GELU in one pass, and the query/key/value bias, head split and rotary
-//! embedding in one. Each replaces several of candle's passes over activations of
-//! `[tokens, 3 d]` or `[tokens, 4 d]`: about 1.3 GiB of memory traffic per layer of a
-//! pythia-1b forward at batch 8 x 2048. Used unless `EI_FUSED_ELEMENTWISE=0`.
+//! bias and GELU in one pass, the query/key/value bias, head split and rotary embedding in
+//! one, and a parallel-residual block's output biases and residual adds in one (when no
+//! hook looks at the attention or MLP output). Each replaces several of candle's passes
+//! over the block's activations: about 1.6 GiB of memory traffic per layer of a pythia-1b
+//! forward at batch 8 x 2048. Used unless `EI_FUSED_ELEMENTWISE=0`.
 //!
 //! Compiled at run time by NVRTC ([`crate::cuda_kernels`]); the CPU test suite compiles the
 //! source too and runs it under emulation against the generic steps.
@@ -11,7 +12,7 @@
 mod launch;
 
 #[cfg(feature = "cuda")]
-pub(crate) use launch::{bias_gelu, enabled_for, qkv_rotary};
+pub(crate) use launch::{bias_gelu, enabled_for, parallel_residual, qkv_rotary};
 
 #[cfg(any(test, feature = "cuda"))]
 use crate::cuda_kernels::KernelSource;

@@ -15,7 +15,12 @@ use crate::model::seeded_bf16;
 
 #[test]
 fn nvrtc_compiles_every_kernel() {
-    crate::cuda_kernels::check_compiles(&KERNELS, &["bias_gelu_bf16", "qkv_rotary_bf16"]);
+    let names = [
+        "bias_gelu_bf16",
+        "qkv_rotary_bf16",
+        "parallel_residual_bf16",
+    ];
+    crate::cuda_kernels::check_compiles(&KERNELS, &names);
 }
 
 fn emulated() -> Option<emulation::Emulated> {
@@ -59,6 +64,37 @@ fn emulated_bias_gelu_matches_the_generic_steps() {
             f32(&x)
         };
         let want = gelu_erf(&input).unwrap();
+        assert_close(&f32(&got), &want, &format!("{rows}x{cols}, bias {biased}"));
+    }
+}
+
+#[test]
+fn emulated_parallel_residual_matches_the_generic_adds() {
+    let Some(emulated) = emulated() else {
+        return;
+    };
+    for (rows, cols, biased, blocks) in [(6, 300, true, 4), (3, 70, false, 1)] {
+        let seed = 10 * cols as u64;
+        let [h, a, m] = [0, 1, 2].map(|i| seeded_bf16(&[rows, cols], 3.0, seed + i));
+        let [a_bias, m_bias] = [3, 4].map(|i| seeded_bf16(&[cols], 1.0, seed + i));
+        for (name, x) in [("h.bin", &h), ("a.bin", &a), ("m.bin", &m)] {
+            emulated.put(name, x);
+        }
+        emulated.put("a_bias.bin", &a_bias);
+        emulated.put("m_bias.bin", &m_bias);
+        let sizes = [rows, cols, usize::from(biased), blocks];
+        let mut args = vec!["parallel_residual".to_string()];
+        args.extend(sizes.iter().map(usize::to_string));
+        emulated.run(&args);
+        let got = emulated.get("out.bin", DType::BF16, &[rows, cols]);
+        let with_bias = |x: &Tensor, bias: &Tensor| {
+            if biased {
+                f32(x).broadcast_add(&f32(bias)).unwrap()
+            } else {
+                f32(x)
+            }
+        };
+        let want = ((with_bias(&m, &m_bias) + with_bias(&a, &a_bias)).unwrap() + f32(&h)).unwrap();
         assert_close(&f32(&got), &want, &format!("{rows}x{cols}, bias {biased}"));
     }
 }
@@ -149,4 +185,16 @@ fn gpu_fused_steps_match_the_generic_steps() {
     {
         assert_close(&cpu(&g), &w, name);
     }
+    let [h, a, m] = [5, 6, 7].map(|seed| seeded_bf16(&[2, t, 2048], 3.0, seed));
+    let [a_bias, m_bias] = [8, 9].map(|seed| seeded_bf16(&[2048], 1.0, seed));
+    let got = parallel_residual(
+        &gpu(&h),
+        (&gpu(&a), Some(&gpu(&a_bias))),
+        (&gpu(&m), Some(&gpu(&m_bias))),
+    )
+    .unwrap()
+    .expect("the kernel applies to bf16 on a GPU");
+    let biased = |x: &Tensor, b: &Tensor| f32(x).broadcast_add(&f32(b)).unwrap();
+    let want = ((biased(&m, &m_bias) + biased(&a, &a_bias)).unwrap() + f32(&h)).unwrap();
+    assert_close(&cpu(&got), &want, "parallel residual");
 }

@@ -2,6 +2,7 @@
 // Rust tests in ../tests.rs, which compare them with the generic steps.
 //   harness DIR bias_gelu ROWS COLS HAS_BIAS BLOCKS           x[, bias] -> out
 //   harness DIR qkv_rotary B T HEADS HD ROT HAS_BIAS           qkv[, bias], cos, sin -> q, k, v
+//   harness DIR parallel_residual ROWS COLS HAS_BIAS BLOCKS    h, a, m[, a_bias, m_bias] -> out
 // Files are raw little-endian bf16 arrays. Built with -I hooks/src/cuda_kernels.
 #include "emulation/cuda_emulation.h"
 #include "emulation/harness_io.h"
@@ -47,6 +48,25 @@ int main(int argc, char** argv) {
             write(dir, "q.bin", q);
             write(dir, "k.bin", k);
             write(dir, "v.bin", v);
+        } else if (kernel == "parallel_residual") {
+            const int rows = arg(3), cols = arg(4), has_bias = arg(5);
+            const unsigned blocks = arg(6);
+            const long long count = (long long)rows * cols;
+            auto h = read<bf16_bits>(dir, "h.bin", count);
+            auto a = read<bf16_bits>(dir, "a.bin", count);
+            auto m = read<bf16_bits>(dir, "m.bin", count);
+            std::vector<bf16_bits> a_bias, m_bias;
+            if (has_bias) {
+                a_bias = read<bf16_bits>(dir, "a_bias.bin", cols);
+                m_bias = read<bf16_bits>(dir, "m_bias.bin", cols);
+            }
+            std::vector<bf16_bits> out(count);
+            emulate_launch(dim3{blocks, 1, 1}, NEOX_THREADS, [&] {
+                parallel_residual_bf16(h.data(), a.data(), has_bias ? a_bias.data() : nullptr,
+                                       m.data(), has_bias ? m_bias.data() : nullptr, cols, count,
+                                       out.data());
+            });
+            write(dir, "out.bin", out);
         } else {
             throw std::runtime_error("unknown kernel " + kernel);
         }

@@ -101,6 +101,18 @@ fn gpu_forward_in_bf16_stays_close_to_transformers_and_the_cpu() {
             let ids = expected["input_ids"].to_device(&device).unwrap();
             let out = model.logits(&ids).unwrap();
             assert_eq!(out.dtype(), DType::BF16);
+            if device.is_cuda() {
+                // Capturing every hook point keeps each block's attention and MLP outputs
+                // apart: the path without the fused residual kernel must agree.
+                let mut hooks = Hooks::new().capture(model.hook_points());
+                let unfused =
+                    &model.forward(&ids, &mut hooks).unwrap().captures[&HookPoint::Logits];
+                let err = relative_error(unfused, &out);
+                assert!(
+                    err < 2e-2,
+                    "{case}: bf16 GPU with and without captures: {err}"
+                );
+            }
             logits.push(out);
         }
         let want = &expected["logits"];

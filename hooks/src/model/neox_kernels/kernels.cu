@@ -63,7 +63,7 @@ extern "C" __global__ void qkv_rotary_bf16(const bf16_bits* qkv, const bf16_bits
 // and `m` (their biases, `[cols]` or null, not yet added): the two bias passes and the two
 // residual adds of the unfused block in one. Grid-stride loop over `count = rows * cols`.
 extern "C" __global__ void parallel_residual_bf16(const bf16_bits* h, const bf16_bits* a,
-                                                  const bf16_bits* a_bias, const bf16_bits* m,
+                                                  const bf16_bits* m, const bf16_bits* a_bias,
                                                   const bf16_bits* m_bias, int cols,
                                                   long long count, bf16_bits* out) {
     const long long stride = (long long)gridDim.x * blockDim.x;

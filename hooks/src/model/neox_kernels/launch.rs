@@ -26,38 +26,77 @@ pub(crate) fn enabled_for(x: &Tensor) -> bool {
 /// `gelu_erf(x + bias)` for bf16 `x: [.., cols]` and `bias: [cols]` on a CUDA GPU, or
 /// `None` when the kernel does not apply.
 pub(crate) fn bias_gelu(x: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
-    let Some(device) = cuda_device(x).filter(|_| enabled_for(x)) else {
+    elementwise("bias_gelu_bf16", &[x], &[bias])
+}
+
+/// Runs the grid-stride element-wise kernel `name`, whose arguments are the bf16 `inputs`
+/// (all of one shape `[.., cols]`), then the `[cols]` `biases` (null when absent), `cols`,
+/// the element count and the output (of the inputs' shape); `None` when the inputs are not
+/// bf16 CUDA tensors of one shape with fitting biases.
+fn elementwise(
+    name: &str,
+    inputs: &[&Tensor],
+    biases: &[Option<&Tensor>],
+) -> Result<Option<Tensor>> {
+    let first = inputs[0];
+    let Some(device) = cuda_device(first).filter(|_| enabled_for(first)) else {
         return Ok(None);
     };
-    let cols = x.dim(D::Minus1)?;
-    if bias.is_some_and(|b| b.dtype() != DType::BF16 || b.dims() != [cols]) {
+    let cols = first.dim(D::Minus1)?;
+    let fits = inputs
+        .iter()
+        .all(|x| x.dtype() == DType::BF16 && x.dims() == first.dims())
+        && biases
+            .iter()
+            .all(|b| b.is_none_or(|b| b.dtype() == DType::BF16 && b.dims() == [cols]));
+    if !fits {
         return Ok(None);
     }
-    let count = x.elem_count();
-    let (x, bias) = (x.contiguous()?, bias.map(Tensor::contiguous).transpose()?);
-    let kernel = function(&KERNELS, &device, "bias_gelu_bf16")?;
+    let count = first.elem_count();
+    let inputs = inputs
+        .iter()
+        .map(|x| x.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let biases = biases
+        .iter()
+        .map(|b| b.map(Tensor::contiguous).transpose())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let kernel = function(&KERNELS, &device, name)?;
     // SAFETY: the grid-stride loop writes every one of the `count` elements.
     let mut out = unsafe { alloc_uninit::<bf16>(&device, count) }?;
-    let (x_s, x_l) = x.storage_and_layout();
-    let x_v = view::<bf16>(&x_s, x_l)?;
-    let bias_guard = bias.as_ref().map(|b| b.storage_and_layout());
-    let bias_v = match &bias_guard {
-        Some((storage, layout)) => Some(view::<bf16>(storage, layout)?),
-        None => None,
-    };
+    let guards: Vec<_> = inputs.iter().map(|x| x.storage_and_layout()).collect();
+    let views = guards
+        .iter()
+        .map(|(storage, layout)| view::<bf16>(storage, layout))
+        .collect::<Result<Vec<_>>>()?;
+    let bias_guards: Vec<_> = biases
+        .iter()
+        .map(|b| b.as_ref().map(|b| b.storage_and_layout()))
+        .collect();
+    let bias_views = bias_guards
+        .iter()
+        .map(|guard| match guard {
+            Some((storage, layout)) => view::<bf16>(storage, layout).map(Some),
+            None => Ok(None),
+        })
+        .collect::<Result<Vec<_>>>()?;
     let (cols_arg, count_arg) = (int(cols, "width")?, count as i64);
     let mut builder = kernel.builder();
-    builder.arg(&x_v);
-    match &bias_v {
-        Some(b) => builder.arg(b),
-        None => builder.arg(&0u64),
-    };
+    for input in &views {
+        builder.arg(input);
+    }
+    for bias in &bias_views {
+        match bias {
+            Some(b) => builder.arg(b),
+            None => builder.arg(&0u64),
+        };
+    }
     builder.arg(&cols_arg).arg(&count_arg).arg(&mut out);
     let blocks = count.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS);
-    // SAFETY: bias_gelu_bf16's arguments in order; x and out hold `count` elements, the bias
-    // `cols` (or is null).
+    // SAFETY: the kernel's arguments in the order stated above; inputs and output hold
+    // `count` elements, each bias `cols` (or is null).
     unsafe { launch(&mut builder, config((blocks, 1), THREADS)?) }?;
-    Ok(Some(wrap(out, &device, x.shape().clone())))
+    Ok(Some(wrap(out, &device, first.shape().clone())))
 }
 
 /// The attention inputs `(q, k, v)`, each `[b, heads, t, hd]`, from the bf16 fused product
@@ -146,56 +185,5 @@ pub(crate) fn parallel_residual(
     (a, a_bias): (&Tensor, Option<&Tensor>),
     (m, m_bias): (&Tensor, Option<&Tensor>),
 ) -> Result<Option<Tensor>> {
-    let Some(device) = cuda_device(h).filter(|_| enabled_for(h)) else {
-        return Ok(None);
-    };
-    let cols = h.dim(D::Minus1)?;
-    let bias_fits =
-        |b: Option<&Tensor>| b.is_none_or(|b| b.dtype() == DType::BF16 && b.dims() == [cols]);
-    let fits = [a, m]
-        .iter()
-        .all(|x| x.dtype() == DType::BF16 && x.dims() == h.dims())
-        && bias_fits(a_bias)
-        && bias_fits(m_bias);
-    if !fits {
-        return Ok(None);
-    }
-    let count = h.elem_count();
-    let (h, a, m) = (h.contiguous()?, a.contiguous()?, m.contiguous()?);
-    let a_bias = a_bias.map(Tensor::contiguous).transpose()?;
-    let m_bias = m_bias.map(Tensor::contiguous).transpose()?;
-    let kernel = function(&KERNELS, &device, "parallel_residual_bf16")?;
-    // SAFETY: the grid-stride loop writes every one of the `count` elements.
-    let mut out = unsafe { alloc_uninit::<bf16>(&device, count) }?;
-    let guards = [&h, &a, &m].map(|x| x.storage_and_layout());
-    let views = guards
-        .iter()
-        .map(|(storage, layout)| view::<bf16>(storage, layout))
-        .collect::<Result<Vec<_>>>()?;
-    let bias_guards = [&a_bias, &m_bias].map(|b| b.as_ref().map(|b| b.storage_and_layout()));
-    let bias_views = bias_guards
-        .iter()
-        .map(|guard| match guard {
-            Some((storage, layout)) => view::<bf16>(storage, layout).map(Some),
-            None => Ok(None),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let (cols_arg, count_arg) = (int(cols, "width")?, count as i64);
-    let mut builder = kernel.builder();
-    builder.arg(&views[0]).arg(&views[1]);
-    match &bias_views[0] {
-        Some(b) => builder.arg(b),
-        None => builder.arg(&0u64),
-    };
-    builder.arg(&views[2]);
-    match &bias_views[1] {
-        Some(b) => builder.arg(b),
-        None => builder.arg(&0u64),
-    };
-    builder.arg(&cols_arg).arg(&count_arg).arg(&mut out);
-    let blocks = count.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS);
-    // SAFETY: parallel_residual_bf16's arguments in order; h, a, m and out hold `count`
-    // elements, each bias `cols` (or is null).
-    unsafe { launch(&mut builder, config((blocks, 1), THREADS)?) }?;
-    Ok(Some(wrap(out, &device, h.shape().clone())))
+    elementwise("parallel_residual_bf16", &[h, a, m], &[a_bias, m_bias])
 }

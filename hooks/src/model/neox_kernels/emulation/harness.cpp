@@ -62,8 +62,9 @@ int main(int argc, char** argv) {
             }
             std::vector<bf16_bits> out(count);
             emulate_launch(dim3{blocks, 1, 1}, NEOX_THREADS, [&] {
-                parallel_residual_bf16(h.data(), a.data(), has_bias ? a_bias.data() : nullptr,
-                                       m.data(), has_bias ? m_bias.data() : nullptr, cols, count,
+                parallel_residual_bf16(h.data(), a.data(), m.data(),
+                                       has_bias ? a_bias.data() : nullptr,
+                                       has_bias ? m_bias.data() : nullptr, cols, count,
                                        out.data());
             });
             write(dir, "out.bin", out);

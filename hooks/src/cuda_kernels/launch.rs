@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchArgs,
-    LaunchConfig, ValidAsZeroBits,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::op::BackpropOp;
@@ -115,6 +115,28 @@ pub fn view<'s, T: CudaDType>(storage: &'s Storage, layout: &Layout) -> Result<C
         .contiguous_offsets()
         .ok_or_else(|| Error::Cuda("expected a contiguous tensor".into()))?;
     Ok(cuda.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+/// [`view`] of an optional input's storage guard (from [`Tensor::storage_and_layout`]),
+/// for a kernel argument that may be null ([`arg_or_null`]).
+pub fn optional_view<'s, T: CudaDType>(
+    guard: &'s Option<(impl std::ops::Deref<Target = Storage>, &Layout)>,
+) -> Result<Option<CudaView<'s, T>>> {
+    guard
+        .as_ref()
+        .map(|(storage, layout)| view::<T>(storage, layout))
+        .transpose()
+}
+
+/// Pushes an optional input onto a launch: its elements, or a null pointer when absent.
+pub fn arg_or_null<'a, 'c: 'a, T>(
+    builder: &mut LaunchArgs<'a>,
+    input: Option<&'a CudaView<'c, T>>,
+) {
+    match input {
+        Some(input) => builder.arg(input),
+        None => builder.arg(&0u64),
+    };
 }
 
 /// Runs `write` (a kernel launch) on the elements of the contiguous CUDA tensor `t` in

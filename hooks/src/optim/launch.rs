@@ -4,7 +4,9 @@ use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{DType, Tensor};
 
 use super::{AdamScalars, ADAM_KERNEL};
-use crate::cuda_kernels::launch::{alloc_uninit, config, cuda_device, function, view, wrap};
+use crate::cuda_kernels::launch::{
+    alloc_uninit, arg_or_null, config, cuda_device, function, view, wrap,
+};
 use crate::Result;
 
 /// Threads per block (ADAM_THREADS in adam.cu).
@@ -53,10 +55,7 @@ pub(super) fn adam_cuda(
     for input in &inputs[..4] {
         builder.arg(input);
     }
-    match inputs.get(4) {
-        Some(v_max) => builder.arg(v_max),
-        None => builder.arg(&0u64),
-    };
+    arg_or_null(&mut builder, inputs.get(4));
     builder
         .arg(&count_arg)
         .arg(&b1)

@@ -4,13 +4,14 @@
 //! paths.
 
 use candle_core::cuda_backend::cudarc::driver::{
-    DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{DType, Tensor};
 use half::bf16;
 use hooks::cuda_kernels::launch::{
-    alloc, alloc_uninit, config, cuda_device, function, int, view, wrap, write_in_place,
+    alloc, alloc_uninit, arg_or_null, config, cuda_device, function, int, optional_view, view,
+    wrap, write_in_place,
 };
 
 use super::{backward_with, encode_select_with, Kernels, PicksByLatent, KERNELS, TOPK_MAX_K};
@@ -83,7 +84,7 @@ struct Selecting<'a> {
     relu: bool,
 }
 
-fn topk_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
+fn topk_typed<T: CudaDType + DeviceRepr>(
     device: &CudaDevice,
     selecting: &Selecting,
     name: &str,
@@ -97,36 +98,29 @@ fn topk_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     } = *selecting;
     let (rows, n) = pre.dims2()?;
     let func = function(&KERNELS, device, name)?;
-    let mut values = alloc::<T>(device, rows * k)?;
-    let mut indices = alloc::<u32>(device, rows * k)?;
+    // SAFETY: the kernel writes all k picks of every row.
+    let (mut values, mut indices) = unsafe {
+        (
+            alloc_uninit::<T>(device, rows * k)?,
+            alloc_uninit::<u32>(device, rows * k)?,
+        )
+    };
     let (n_arg, k_arg, relu_arg) = (int(n, "width")?, int(k, "k")?, i32::from(relu));
     let pre = pre.contiguous()?;
     let (pre_storage, pre_layout) = pre.storage_and_layout();
     let pre_view = view::<T>(&pre_storage, pre_layout)?;
     let bias = bias.map(Tensor::contiguous).transpose()?;
     let bias_guard = bias.as_ref().map(|b| b.storage_and_layout());
-    let bias_view = match &bias_guard {
-        Some((storage, layout)) => Some(view::<T>(storage, layout)?),
-        None => None,
-    };
+    let bias_view = optional_view::<T>(&bias_guard)?;
     let mask = allowed
         .map(|m| m.to_dtype(DType::U8)?.contiguous())
         .transpose()?;
     let mask_guard = mask.as_ref().map(|m| m.storage_and_layout());
-    let mask_view = match &mask_guard {
-        Some((storage, layout)) => Some(view::<u8>(storage, layout)?),
-        None => None,
-    };
+    let mask_view = optional_view::<u8>(&mask_guard)?;
     let mut builder = func.builder();
     builder.arg(&pre_view);
-    match &bias_view {
-        Some(bias) => builder.arg(bias),
-        None => builder.arg(&0u64),
-    };
-    match &mask_view {
-        Some(mask) => builder.arg(mask),
-        None => builder.arg(&0u64),
-    };
+    arg_or_null(&mut builder, bias_view.as_ref());
+    arg_or_null(&mut builder, mask_view.as_ref());
     builder
         .arg(&n_arg)
         .arg(&k_arg)
@@ -168,7 +162,7 @@ pub(crate) fn combine_rows(
     .map(Some)
 }
 
-fn combine_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
+fn combine_typed<T: CudaDType + DeviceRepr>(
     device: &CudaDevice,
     coef: &Tensor,
     indices: &Tensor,
@@ -179,7 +173,8 @@ fn combine_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     let (tokens, k) = coef.dims2()?;
     let d = rows.dim(1)?;
     let func = function(&KERNELS, device, name)?;
-    let mut out = alloc::<T>(device, tokens * d)?;
+    // SAFETY: one thread per (token, column) writes every element.
+    let mut out = unsafe { alloc_uninit::<T>(device, tokens * d) }?;
     let (k_arg, d_arg) = (int(k, "k")?, int(d, "width")?);
     let (coef, indices, rows) = (
         coef.contiguous()?,
@@ -191,10 +186,7 @@ fn combine_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     let (idx_s, idx_l) = indices.storage_and_layout();
     let (rows_s, rows_l) = rows.storage_and_layout();
     let bias_guard = bias.as_ref().map(|b| b.storage_and_layout());
-    let bias_view = match &bias_guard {
-        Some((storage, layout)) => Some(view::<T>(storage, layout)?),
-        None => None,
-    };
+    let bias_view = optional_view::<T>(&bias_guard)?;
     let (coef_v, idx_v, rows_v) = (
         view::<T>(&coef_s, coef_l)?,
         view::<u32>(&idx_s, idx_l)?,
@@ -202,10 +194,7 @@ fn combine_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     );
     let mut builder = func.builder();
     builder.arg(&coef_v).arg(&idx_v).arg(&rows_v);
-    match &bias_view {
-        Some(bias) => builder.arg(bias),
-        None => builder.arg(&0u64),
-    };
+    arg_or_null(&mut builder, bias_view.as_ref());
     builder.arg(&k_arg).arg(&d_arg).arg(&mut out);
     let column_blocks = d.div_ceil(THREADS as usize);
     launch(&mut builder, config((tokens, column_blocks), THREADS)?)?;
@@ -231,8 +220,9 @@ pub(crate) fn encode_select(
 }
 
 /// Adds the gradients `[W_enc, b_enc, W_dec, b_dec]` of `kernels::backward` to `sum` on a
-/// CUDA device in f32, the large ones in place (scatter-adds with atomics: the summation
-/// order, so the last bits, vary by run). `false` when the inputs are not CUDA f32 tensors.
+/// CUDA device in f32, the large ones in place (a latent's picks are summed in the order the
+/// counting sort's atomics leave them, so the last bits vary by run). `false` when the
+/// inputs are not CUDA f32 tensors.
 pub(crate) fn backward(b: &Backward, sum: &mut GradSum) -> Result<bool> {
     let Some(device) = cuda_device(b.w_dec) else {
         return Ok(false);

@@ -6,7 +6,8 @@ use half::bf16;
 
 use super::KERNELS;
 use crate::cuda_kernels::launch::{
-    alloc_uninit, config, cuda_device, function, int, launch, view, wrap,
+    alloc_uninit, arg_or_null, config, cuda_device, function, int, launch, optional_view, view,
+    wrap,
 };
 use crate::Result;
 
@@ -75,10 +76,7 @@ fn elementwise(
         .collect();
     let bias_views = bias_guards
         .iter()
-        .map(|guard| match guard {
-            Some((storage, layout)) => view::<bf16>(storage, layout).map(Some),
-            None => Ok(None),
-        })
+        .map(optional_view::<bf16>)
         .collect::<Result<Vec<_>>>()?;
     let (cols_arg, count_arg) = (int(cols, "width")?, count as i64);
     let mut builder = kernel.builder();
@@ -86,10 +84,7 @@ fn elementwise(
         builder.arg(input);
     }
     for bias in &bias_views {
-        match bias {
-            Some(b) => builder.arg(b),
-            None => builder.arg(&0u64),
-        };
+        arg_or_null(&mut builder, bias.as_ref());
     }
     builder.arg(&cols_arg).arg(&count_arg).arg(&mut out);
     let blocks = count.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS);
@@ -141,10 +136,7 @@ pub(crate) fn qkv_rotary(
     let (qkv_s, qkv_l) = qkv.storage_and_layout();
     let qkv_v = view::<bf16>(&qkv_s, qkv_l)?;
     let bias_guard = bias.as_ref().map(|b| b.storage_and_layout());
-    let bias_v = match &bias_guard {
-        Some((storage, layout)) => Some(view::<bf16>(storage, layout)?),
-        None => None,
-    };
+    let bias_v = optional_view::<bf16>(&bias_guard)?;
     let (cos_s, cos_l) = cos.storage_and_layout();
     let (sin_s, sin_l) = sin.storage_and_layout();
     let (cos_v, sin_v) = (view::<bf16>(&cos_s, cos_l)?, view::<bf16>(&sin_s, sin_l)?);
@@ -156,10 +148,7 @@ pub(crate) fn qkv_rotary(
     ];
     let mut builder = kernel.builder();
     builder.arg(&qkv_v);
-    match &bias_v {
-        Some(x) => builder.arg(x),
-        None => builder.arg(&0u64),
-    };
+    arg_or_null(&mut builder, bias_v.as_ref());
     builder.arg(&cos_v).arg(&sin_v);
     for size in &sizes {
         builder.arg(size);

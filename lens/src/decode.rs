@@ -272,6 +272,11 @@ mod tests {
     use hooks::compare::relative_error;
     use hooks::FinalNorm;
 
+    /// Normal random values of standard deviation `std`, `shape`.
+    fn randn(shape: &[usize], std: f32) -> Tensor {
+        Tensor::randn(0f32, std, shape, &Device::Cpu).unwrap()
+    }
+
     /// The GPU's bf16 path (candle's bf16 matmul, run here on the CPU) against the CPU's
     /// packed kernel, on random rows of awkward sizes: the same bf16 products, so the loss and
     /// the translator gradients agree up to the bf16 rounding of the logits that candle's
@@ -281,8 +286,6 @@ mod tests {
     #[test]
     fn candle_bf16_decoding_matches_the_packed_kernel() {
         let (n, d, vocab) = (37, 48, 1003);
-        let randn =
-            |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, &Device::Cpu).unwrap();
         let unembedding = Unembedding {
             norm: FinalNorm::Layer {
                 weight: (randn(&[d], 0.1) + 1.0).unwrap(),
@@ -341,8 +344,6 @@ mod tests {
     #[test]
     fn tf32_final_logits_move_the_kl_target_little() {
         let (n, d, vocab) = (64, 48, 1003);
-        let randn =
-            |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, &Device::Cpu).unwrap();
         let unembedding = Unembedding {
             norm: FinalNorm::Rms {
                 weight: (randn(&[d], 0.1) + 1.0).unwrap(),

@@ -1,8 +1,9 @@
-//! What our own CUDA kernels share (the fused attention of the forward pass, the SAE's TopK
-//! and sparse products, the lens's fused loss): compiling a kernel source with NVRTC at run time, launching its entry points on
-//! candle's CUDA tensors ([`launch`], with the `cuda` feature), and running the same source
-//! on the CPU under emulation in the tests (`emulation`, with the `kernel-emulation`
-//! feature that the kernel crates' dev-dependencies turn on).
+//! What our own CUDA kernels share (the forward pass's fused attention and element-wise
+//! steps, Adam, the SAE's TopK and sparse products, the lens's fused loss): compiling a
+//! kernel source with NVRTC at run time, launching its entry points on candle's CUDA
+//! tensors ([`launch`], with the `cuda` feature), and running the same source on the CPU
+//! under emulation in the tests (`emulation`, with the `kernel-emulation` feature that the
+//! kernel crates' dev-dependencies turn on).
 //!
 //! NVRTC needs no GPU, so the CPU test suite compiles every kernel source, and the emulation
 //! runs it against the Rust CPU implementations: a syntax, type or logic error in a kernel

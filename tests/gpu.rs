@@ -285,14 +285,23 @@ fn check_gpu_training_follows_the_cpu(
 }
 
 /// With the encoder product in f32, and in bf16 (the default on a GPU: cuBLAS there,
-/// candle's generic bf16 product on the CPU; near-ties may select other latents). Four
-/// chunks a step, so the GPU's gradient sums grow in place over chunks.
+/// candle's generic bf16 product on the CPU; near-ties may select other latents); and a skip
+/// transcoder of the MLP in f32. Four chunks a step, so the GPU's gradient sums grow in
+/// place over chunks.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_sae_training_follows_the_cpu_run() {
-    for (dtype, tolerance) in [("f32", 2e-3), ("bf16", 1e-2)] {
+    for (what, dtype, tolerance) in [
+        ("--hookpoints layers.1", "f32", 2e-3),
+        ("--hookpoints layers.1", "bf16", 1e-2),
+        (
+            "--hookpoints layers.1.mlp --transcode --skip-connection",
+            "f32",
+            2e-3,
+        ),
+    ] {
         let options = format!(
-            "sae train --hookpoints layers.1 --seq-len 64 --forward-batch 8 \
+            "sae train {what} --seq-len 64 --forward-batch 8 \
              --batch-size 512 --chunk-tokens 128 --steps 8 --k 8 --num-latents 2048 --lr 3e-3 \
              --lr-warmup-steps 2 --encoder-dtype {dtype}"
         );

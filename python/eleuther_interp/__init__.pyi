@@ -394,6 +394,7 @@ class Sae:
         expansion_factor: int = 32,
         multi_topk: bool = False,
         transcode: bool = False,
+        skip_connection: bool = False,
         seed: int = 42,
         lr: Optional[float] = None,
         warmup_steps: int = 1000,
@@ -412,8 +413,8 @@ class Sae:
 class SaeTrainer:
     """The ``sae train`` trainer one batch at a time: ``sae`` is an :class:`Sae` to train
     further or the input width ``d_in`` of a new one (``k``, ``num_latents`` /
-    ``expansion_factor``, ``multi_topk``, ``transcode`` and ``seed`` describe a new SAE only;
-    defaults 32, d_in x 32, False, False, 42). ``steps`` sets the learning-rate schedule;
+    ``expansion_factor``, ``multi_topk``, ``transcode``, ``skip_connection`` and ``seed``
+    describe a new SAE only; defaults 32, d_in x 32, False, False, False, 42). ``steps`` sets the learning-rate schedule;
     ``encoder_dtype`` ("auto": bf16 on a CUDA GPU, f32 on the CPU; "bf16"; "f32") is the
     precision of the encoder's dense product."""
 
@@ -427,6 +428,7 @@ class SaeTrainer:
         expansion_factor: Optional[int] = None,
         multi_topk: Optional[bool] = None,
         transcode: Optional[bool] = None,
+        skip_connection: Optional[bool] = None,
         seed: Optional[int] = None,
         lr: Optional[float] = None,
         warmup_steps: int = 1000,

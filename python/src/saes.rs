@@ -235,7 +235,7 @@ impl PySae {
     #[staticmethod]
     #[pyo3(signature = (x, y = None, *, batch_size = 65536, steps = None, k = 32,
         num_latents = None, expansion_factor = 32, multi_topk = false, transcode = false,
-        seed = 42, lr = None, warmup_steps = 1000, auxk_alpha = 0.0,
+        skip_connection = false, seed = 42, lr = None, warmup_steps = 1000, auxk_alpha = 0.0,
         dead_feature_threshold = 10_000_000, chunk_tokens = 4096, device = "cpu",
         encoder_dtype = "auto", callback = None))]
     #[allow(clippy::too_many_arguments)]
@@ -250,6 +250,7 @@ impl PySae {
         expansion_factor: usize,
         multi_topk: bool,
         transcode: bool,
+        skip_connection: bool,
         seed: u64,
         lr: Option<f64>,
         warmup_steps: u64,
@@ -282,6 +283,7 @@ impl PySae {
             expansion_factor: Some(expansion_factor),
             multi_topk: Some(multi_topk),
             transcode: Some(transcode),
+            skip_connection: Some(skip_connection),
             seed: Some(seed),
         };
         let mut trainer = PySaeTrainer::create(
@@ -324,6 +326,7 @@ struct NewSae {
     expansion_factor: Option<usize>,
     multi_topk: Option<bool>,
     transcode: Option<bool>,
+    skip_connection: Option<bool>,
     seed: Option<u64>,
 }
 
@@ -334,6 +337,7 @@ impl NewSae {
             || self.expansion_factor.is_some()
             || self.multi_topk.is_some()
             || self.transcode.is_some()
+            || self.skip_connection.is_some()
             || self.seed.is_some()
     }
 
@@ -346,6 +350,7 @@ impl NewSae {
         config.expansion_factor = self.expansion_factor.unwrap_or(config.expansion_factor);
         config.multi_topk = self.multi_topk.unwrap_or(false);
         config.transcode = self.transcode.unwrap_or(false);
+        config.skip_connection = self.skip_connection.unwrap_or(false);
         sae::Sae::new(config, self.seed.unwrap_or(42), &device).into_py_sae()
     }
 }
@@ -368,7 +373,8 @@ fn record_dict<'py>(py: Python<'py>, r: &sae::train::StepRecord) -> PyResult<Bou
 ///
 /// ``sae`` is an :class:`Sae` to train further, or the input width ``d_in`` of a new one,
 /// initialised as ``sae train`` does from ``k`` (32), ``num_latents`` (default ``d_in x
-/// expansion_factor``, 32), ``multi_topk``, ``transcode`` and ``seed`` (42); those describe
+/// expansion_factor``, 32), ``multi_topk``, ``transcode``, ``skip_connection`` (a linear
+/// ``W_skip`` from input to output, trained with the rest) and ``seed`` (42); those describe
 /// a new SAE only. ``steps`` is the planned number of steps (the learning rate warms up over
 /// ``warmup_steps`` and decays linearly to 0 at ``steps``). ``lr`` defaults to ``2e-4 /
 /// sqrt(num_latents / 2**14)``; ``auxk_alpha`` weighs the AuxK loss (0: off);
@@ -440,7 +446,8 @@ impl PySaeTrainer {
 impl PySaeTrainer {
     #[new]
     #[pyo3(signature = (sae, *, steps, k = None, num_latents = None, expansion_factor = None,
-        multi_topk = None, transcode = None, seed = None, lr = None, warmup_steps = 1000,
+        multi_topk = None, transcode = None, skip_connection = None, seed = None, lr = None,
+        warmup_steps = 1000,
         auxk_alpha = 0.0, dead_feature_threshold = 10_000_000, chunk_tokens = 4096,
         device = "cpu", encoder_dtype = "auto"))]
     #[allow(clippy::too_many_arguments)]
@@ -452,6 +459,7 @@ impl PySaeTrainer {
         expansion_factor: Option<usize>,
         multi_topk: Option<bool>,
         transcode: Option<bool>,
+        skip_connection: Option<bool>,
         seed: Option<u64>,
         lr: Option<f64>,
         warmup_steps: u64,
@@ -467,12 +475,13 @@ impl PySaeTrainer {
             expansion_factor,
             multi_topk,
             transcode,
+            skip_connection,
             seed,
         };
         let sae = if let Ok(existing) = sae.cast::<PySae>() {
             if new_sae.given() {
                 return Err(PyValueError::new_err(
-                    "k, num_latents, expansion_factor, multi_topk, transcode and seed describe a new SAE: give them with d_in, not with an existing Sae",
+                    "k, num_latents, expansion_factor, multi_topk, transcode, skip_connection and seed describe a new SAE: give them with d_in, not with an existing Sae",
                 ));
             }
             existing.get().inner.clone()

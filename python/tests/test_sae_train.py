@@ -126,6 +126,26 @@ def test_transcoder_takes_its_target():
         plain.step(x[:128], y[:128])
 
 
+def test_skip_transcoder_learns_a_linear_map_through_w_skip(tmp_path):
+    """`skip_connection=True` trains `W_skip` with the rest: on a target that is mostly a
+    linear map of the input, the skip transcoder explains far more of it than a plain one,
+    and its file carries the trained `W_skip [d, d]`."""
+    x = planted(40 * 128, seed=8)
+    a = np.random.default_rng(9).normal(size=(16, 16)).astype(np.float32) / 4.0
+    y = (x @ a + 0.1 * np.tanh(x[:, ::-1])).astype(np.float32)
+    common = dict(batch_size=128, k=4, num_latents=64, transcode=True, lr=1e-2, warmup_steps=5, seed=0)
+    skip = ei.Sae.train(x, y, skip_connection=True, **common)
+    plain = ei.Sae.train(x, y, **common)
+    assert skip.cfg["skip_connection"] is True and plain.cfg["skip_connection"] is False
+    heldout = planted(1024, seed=10)
+    target = (heldout @ a + 0.1 * np.tanh(heldout[:, ::-1])).astype(np.float32)
+    fvu_skip, fvu_plain = skip.forward(heldout, target)["fvu"], plain.forward(heldout, target)["fvu"]
+    assert fvu_skip < 0.5 * fvu_plain, (fvu_skip, fvu_plain)
+    skip.save(tmp_path / "skip")
+    w_skip = read_safetensors(tmp_path / "skip" / "sae.safetensors")["W_skip"]
+    assert w_skip.shape == (16, 16) and np.abs(w_skip).max() > 0.05
+
+
 def test_bad_input_raises_value_error_with_the_message():
     x = planted(256, seed=5)
     trainer = ei.SaeTrainer(16, steps=10, k=4, num_latents=64)

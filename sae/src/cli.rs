@@ -205,6 +205,10 @@ struct TrainArgs {
     /// --activations the cache needs both (the default hook points are its cached MLPs).
     #[arg(long)]
     transcode: bool,
+    /// Add a linear skip connection W_skip [d, d] to the output (sparsify's
+    /// --skip_connection; with --transcode, a skip transcoder), trained with the rest.
+    #[arg(long)]
+    skip_connection: bool,
     /// Leave out the first N positions of every sequence (streamed or cached): e.g. 1 keeps
     /// SmolLM2's position-0 "massive activations" out of training. Recorded in the
     /// checkpoint; 0 is sparsify's recipe.
@@ -417,6 +421,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
             config.expansion_factor = args.expansion_factor;
             config.multi_topk = args.multi_topk;
             config.transcode = args.transcode;
+            config.skip_connection = args.skip_connection;
             Ok(Sae::new(config, args.seed.wrapping_add(i as u64), &device)?)
         })
         .collect::<Result<Vec<_>>>()?;

@@ -538,8 +538,10 @@ pub(crate) struct Backward<'a> {
 
 /// Gradients `[W_enc, b_enc, W_dec, b_dec]` summed over the terms and chunks of one step.
 /// On the CPU in f32 they add up in place in host buffers, allocated once per step.
+#[derive(Default)]
 pub(crate) enum GradSum {
     /// Nothing added yet.
+    #[default]
     Empty,
     /// Host buffers with the `[n, d]` shape of the weights.
     Host {

@@ -159,9 +159,9 @@ pub struct Sae {
     subtract_b_dec: bool,
 }
 
-/// Tensor names in `sae.safetensors`, in the order of [`Sae::parameters`].
-const NAMES: [&str; 4] = ["encoder.weight", "encoder.bias", "W_dec", "b_dec"];
-const SKIP: &str = "W_skip";
+/// Tensor names in `sae.safetensors`, in the order of [`Sae::parameters`] (`W_skip` last,
+/// when the SAE has one).
+const NAMES: [&str; 5] = ["encoder.weight", "encoder.bias", "W_dec", "b_dec", "W_skip"];
 /// SAELens's weights file.
 const SAE_LENS_WEIGHTS: &str = "sae_weights.safetensors";
 
@@ -270,14 +270,22 @@ impl Sae {
         self.w_skip.as_ref()
     }
 
-    /// The trainable parameters `[W_enc, b_enc, W_dec, b_dec]` (not `W_skip`).
+    /// The trainable parameters `[W_enc, b_enc, W_dec, b_dec]`, then `W_skip` when the SAE
+    /// has a skip connection.
     pub fn parameters(&self) -> Vec<Tensor> {
-        vec![
+        let mut params = vec![
             self.w_enc.clone(),
             self.b_enc.clone(),
             self.w_dec.clone(),
             self.b_dec.clone(),
-        ]
+        ];
+        params.extend(self.w_skip.clone());
+        params
+    }
+
+    /// The names of [`Sae::parameters`] in sparsify's `sae.safetensors`.
+    pub fn parameter_names(&self) -> &'static [&'static str] {
+        &NAMES[..4 + usize::from(self.w_skip.is_some())]
     }
 
     /// Replaces the parameters (same order, shapes and dtype as [`Sae::parameters`]).
@@ -290,7 +298,7 @@ impl Sae {
                 params.len()
             )));
         }
-        for ((name, old), new) in NAMES.iter().zip(&current).zip(&params) {
+        for ((name, old), new) in self.parameter_names().iter().zip(&current).zip(&params) {
             if old.dims() != new.dims() || old.dtype() != new.dtype() {
                 return Err(Error::Sae(format!(
                     "parameter '{name}' must be {:?} {:?}, got {:?} {:?}",
@@ -306,6 +314,7 @@ impl Sae {
         self.b_enc = it.next().unwrap();
         self.w_dec = it.next().unwrap();
         self.b_dec = it.next().unwrap();
+        self.w_skip = it.next();
         Ok(())
     }
 
@@ -454,14 +463,12 @@ impl Sae {
             )));
         }
         std::fs::create_dir_all(dir).map_err(|e| hooks::Error::io(dir, e))?;
-        let mut tensors: Vec<(String, Vec<Tensor>)> = NAMES
+        let tensors: Vec<(String, Vec<Tensor>)> = self
+            .parameter_names()
             .iter()
             .zip(self.parameters())
             .map(|(name, t)| Ok((name.to_string(), vec![t.to_dtype(DType::F32)?])))
             .collect::<Result<_>>()?;
-        if let Some(w) = &self.w_skip {
-            tensors.push((SKIP.into(), vec![w.to_dtype(DType::F32)?]));
-        }
         hooks::atomic::write_safetensors(&dir.join("sae.safetensors"), &tensors)?;
         hooks::atomic::write_json(&dir.join("cfg.json"), &self.config)?;
         Ok(())
@@ -489,7 +496,7 @@ impl Sae {
         let (d, n) = (config.d_in, config.latents());
         let file = WeightFile::open(path, device, format!("cfg.json (d_in {d}, {n} latents)"))?;
         let w_skip = if config.skip_connection {
-            Some(file.get(SKIP, &[d, d])?)
+            Some(file.get(NAMES[4], &[d, d])?)
         } else {
             None
         };

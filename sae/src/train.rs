@@ -23,8 +23,9 @@
 //! and column (nothing is skipped, and the SAE is left as it was before that step).
 //!
 //! Transcoders (sparsify's `--transcode`) train the same way on (module input, module
-//! output) pairs: see [`Trainer::step_to`] and [`train_many`]. Not implemented yet: skip
-//! connections (refused with a clear error).
+//! output) pairs: see [`Trainer::step_to`] and [`train_many`]. A skip connection
+//! (`skip_connection`, sparsify's skip transcoders) is trained with the rest: Adam at the
+//! same learning rate, as sparsify does.
 
 use std::path::{Path, PathBuf};
 
@@ -167,7 +168,9 @@ pub struct AuxK<'a> {
 /// `g = 2 (x̂ − x) / TV` and `ga_j = g · W_dec[i_j]` (0 where `a_j = 0`):
 /// `∂W_dec[i_j] += a_j g`, `∂W_enc[i_j] += ga_j (x − b_dec)`, `∂b_enc[i_j] += ga_j`,
 /// `∂b_dec = Σ_tokens (g − Σ_j ga_j W_enc[i_j])`. CPU f32 uses a fused kernel (tokens,
-/// then latents, in parallel); other devices and dtypes use generic tensor ops.
+/// then latents, in parallel); other devices and dtypes use generic tensor ops. With a skip
+/// connection, `x̂` also has `+ W_skip x` (`x` the raw input) and `∂W_skip = Σ_tokens g xᵀ`;
+/// the gradients come out as [`Sae::parameters`] lists them.
 ///
 /// `total_variance` is `TV`; `None` computes it from `x`. Pass the whole batch's value when
 /// `x` is one chunk of it: the chunks' FVUs and gradients then add up to the batch's
@@ -175,7 +178,8 @@ pub struct AuxK<'a> {
 ///
 /// With `multi_topk` in the config, the objective also has Gao et al.'s Multi-TopK term
 /// `FVU_4k / 8`, the FVU of decoding the `4k` most active latents (sparsify's weighting);
-/// its gradient reaches the encoder too (sparsify 1.3.3 drops that part, as for AuxK).
+/// its gradient reaches the encoder too (sparsify 1.3.3 drops that part, as for AuxK), and
+/// its reconstruction includes the skip connection (sparsify 1.3.3's leaves it out).
 ///
 /// With `auxk`, the gradient is that of `FVU + alpha · AuxK`: `AuxK = s Σ‖ê − e‖² / TV`
 /// where `e = x − x̂` is held constant, `ê` decodes (without `b_dec`) the
@@ -203,31 +207,81 @@ pub fn fvu_and_grads_to(
     total_variance: Option<f64>,
     auxk: Option<&AuxK>,
 ) -> Result<FvuGrads> {
-    let mut sum = GradSum::Empty;
+    let mut sums = GradSums::default();
+    let weights = ProductWeights::new(sae, sae.w_enc().dtype())?;
     let mut out = accumulate(
         sae,
         input,
         target,
         total_variance,
         auxk,
-        sae.w_enc(),
-        &mut sum,
+        &weights,
+        &mut sums,
     )?;
-    out.grads = sum.into_tensors()?;
+    out.grads = sums.into_tensors()?;
     Ok(out)
 }
 
-/// [`fvu_and_grads_to`] with the gradients added to `sum` (the returned `grads` is empty),
-/// the encoder's dense product with `encoder_weight`: the SAE's `W_enc`, or a copy of it in
-/// the product's dtype.
+/// The weights of the dense products (encoder, skip connection) in the products' dtype:
+/// the SAE's own, or copies made once per step.
+struct ProductWeights {
+    encoder: Tensor,
+    skip: Option<Tensor>,
+}
+
+impl ProductWeights {
+    fn new(sae: &Sae, dtype: DType) -> Result<Self> {
+        Ok(ProductWeights {
+            encoder: sae.w_enc().to_dtype(dtype)?,
+            skip: sae.w_skip().map(|w| w.to_dtype(dtype)).transpose()?,
+        })
+    }
+}
+
+/// Gradients summed over the terms and chunks of one step: the SAE's four weights, and the
+/// skip connection's (a dense `[d, d]` product per term).
+#[derive(Default)]
+struct GradSums {
+    weights: GradSum,
+    skip: Option<Tensor>,
+}
+
+impl GradSums {
+    /// Adds `∂W_skip = scale (x̂ − y)ᵀ input` for one term, the product in `input`'s dtype.
+    fn add_skip(
+        &mut self,
+        x_hat: &Tensor,
+        target: &Tensor,
+        input: &Tensor,
+        scale: f64,
+    ) -> Result<()> {
+        let g = ((x_hat - target)? * scale)?.to_dtype(input.dtype())?;
+        let grad = g.t()?.matmul(input)?.to_dtype(x_hat.dtype())?;
+        self.skip = Some(match self.skip.take() {
+            Some(sum) => (sum + grad)?,
+            None => grad,
+        });
+        Ok(())
+    }
+
+    /// The sums in the order of [`Sae::parameters`].
+    fn into_tensors(self) -> Result<Vec<Tensor>> {
+        let mut grads = self.weights.into_tensors()?;
+        grads.extend(self.skip);
+        Ok(grads)
+    }
+}
+
+/// [`fvu_and_grads_to`] with the gradients added to `sums` (the returned `grads` is empty),
+/// the dense products with `weights`.
 fn accumulate(
     sae: &Sae,
     input: &Tensor,
     target: &Tensor,
     total_variance: Option<f64>,
     auxk: Option<&AuxK>,
-    encoder_weight: &Tensor,
-    sum: &mut GradSum,
+    weights: &ProductWeights,
+    sums: &mut GradSums,
 ) -> Result<FvuGrads> {
     check_trainable(sae)?;
     let input = sae.input(input, "training input")?;
@@ -259,7 +313,7 @@ fn accumulate(
         k: if multi { 4 * k } else { k },
         dead: auxk.zip(aux_size).map(|(a, (k_aux, _))| (a.dead, k_aux)),
     };
-    let (wide, aux_selection) = encode_select(&xc, encoder_weight, sae.b_enc(), picks)?;
+    let (wide, aux_selection) = encode_select(&xc, &weights.encoder, sae.b_enc(), picks)?;
     let (top_acts, top_indices) = if multi {
         (
             wide.acts.narrow(1, 0, k)?.contiguous()?,
@@ -269,7 +323,30 @@ fn accumulate(
         (wide.acts.clone(), wide.indices.clone())
     };
     let encoder_bias = !sae.config().transcode;
-    let x_hat = sae.decode(&top_acts, &top_indices)?;
+    // The skip connection's share of every reconstruction, and the input it is a product of.
+    let skip = match &weights.skip {
+        Some(w_skip) => {
+            let input = input.to_dtype(w_skip.dtype())?;
+            let out = input.matmul(&w_skip.t()?)?.to_dtype(x.dtype())?;
+            Some((input, out))
+        }
+        None => None,
+    };
+    let reconstruct = |acts: &Tensor, indices: &Tensor| -> Result<Tensor> {
+        let decoded = sae.decode(acts, indices)?;
+        Ok(match &skip {
+            Some((_, out)) => (decoded + out)?,
+            None => decoded,
+        })
+    };
+    let term_backward = |b: &Backward, sums: &mut GradSums| -> Result<()> {
+        backward(b, &mut sums.weights)?;
+        if let Some((input, _)) = &skip {
+            sums.add_skip(b.x_hat, b.target, input, b.scale)?;
+        }
+        Ok(())
+    };
+    let x_hat = reconstruct(&top_acts, &top_indices)?;
     let residual = (&x - &x_hat)?;
     let l2 = sum_squares(&residual)?;
     let term = |acts, indices, x_hat, scale| Backward {
@@ -284,20 +361,28 @@ fn accumulate(
         decoder_bias: true,
         encoder_bias,
     };
-    backward(&term(&top_acts, &top_indices, &x_hat, 2.0 / tv), sum)?;
+    term_backward(&term(&top_acts, &top_indices, &x_hat, 2.0 / tv), sums)?;
     let mut multi_topk = None;
     if multi {
-        let x_hat = sae.decode(&wide.acts, &wide.indices)?;
-        backward(
+        let x_hat = reconstruct(&wide.acts, &wide.indices)?;
+        term_backward(
             &term(&wide.acts, &wide.indices, &x_hat, 2.0 / (8.0 * tv)),
-            sum,
+            sums,
         )?;
         multi_topk = Some((sum_squares(&(&x - &x_hat)?)? / tv, wide.indices));
     }
     let mut auxk_loss = 0.0;
     if let (Some(auxk), Some(selection), Some((_, scale))) = (auxk, &aux_selection, aux_size) {
-        auxk_loss =
-            scale * auxk_and_grads(sae, &xc, &residual, selection, scale * auxk.alpha, tv, sum)?;
+        auxk_loss = scale
+            * auxk_and_grads(
+                sae,
+                &xc,
+                &residual,
+                selection,
+                scale * auxk.alpha,
+                tv,
+                &mut sums.weights,
+            )?;
     }
     Ok(FvuGrads {
         fvu: l2 / tv,
@@ -324,11 +409,6 @@ fn check_trainable(sae: &Sae) -> Result<()> {
                 " without apply_b_dec_to_input"
             }
         )));
-    }
-    if config.skip_connection {
-        return Err(Error::Training(
-            "training skip connections is not implemented yet".into(),
-        ));
     }
     if config.multi_topk && 4 * config.k > config.latents() {
         return Err(Error::Training(format!(
@@ -665,21 +745,13 @@ fn batch_grads(
         fired: Vec::new(),
         active: 0.0,
     };
-    let mut sum = GradSum::Empty;
+    let mut sums = GradSums::default();
     // Cast once per step, not once per chunk.
-    let encoder_weight = sae.w_enc().to_dtype(product)?;
+    let weights = ProductWeights::new(sae, product)?;
     for start in (0..n).step_by(chunk_tokens) {
         let len = chunk_tokens.min(n - start);
         let (chunk_in, chunk) = (input.narrow(0, start, len)?, x.narrow(0, start, len)?);
-        let out = accumulate(
-            sae,
-            &chunk_in,
-            &chunk,
-            Some(tv),
-            auxk,
-            &encoder_weight,
-            &mut sum,
-        )?;
+        let out = accumulate(sae, &chunk_in, &chunk, Some(tv), auxk, &weights, &mut sums)?;
         batch.fvu += out.fvu;
         batch.auxk_loss += out.auxk_loss;
         let fired = match &out.multi_topk {
@@ -697,7 +769,7 @@ fn batch_grads(
             .sum_all()?
             .to_scalar::<f64>()?;
     }
-    batch.grads = sum.into_tensors()?;
+    batch.grads = sums.into_tensors()?;
     Ok(batch)
 }
 
@@ -973,7 +1045,14 @@ pub fn train_many(
     Ok(histories)
 }
 
-const PARAMS: [&str; 4] = ["sae.w_enc", "sae.b_enc", "sae.w_dec", "sae.b_dec"];
+/// Checkpoint names of [`Sae::parameters`] (`sae.w_skip` only with a skip connection).
+const PARAMS: [&str; 5] = [
+    "sae.w_enc",
+    "sae.b_enc",
+    "sae.w_dec",
+    "sae.b_dec",
+    "sae.w_skip",
+];
 
 fn save_checkpoint(
     path: &Path,
@@ -1036,10 +1115,14 @@ fn load_checkpoint(path: &Path, sae: &mut Sae, trainer: &mut Trainer) -> Result<
             .cloned()
             .ok_or_else(|| bad(format!("missing tensor '{name}'")))
     };
-    let params = PARAMS.iter().map(|n| get(n)).collect::<Result<Vec<_>>>()?;
+    let count = sae.parameters().len();
+    let params = PARAMS[..count]
+        .iter()
+        .map(|n| get(n))
+        .collect::<Result<Vec<_>>>()?;
     sae.set_parameters(params).map_err(|e| bad(e.to_string()))?;
     let steps = state.history.len() as u64;
-    trainer.optimizer.restore(steps, &tensors, PARAMS.len())?;
+    trainer.optimizer.restore(steps, &tensors, count)?;
     let fired: Vec<i64> = get("tokens_since_fired")?.to_vec1()?;
     if fired.len() != sae.num_latents() {
         return Err(bad(format!(
@@ -1065,12 +1148,16 @@ mod tests {
         case_with(SaeConfig::new(6, 16, 3), dtype)
     }
 
+    /// [`case`] for another config of that size (a skip connection gets a nonzero `W_skip`).
     fn case_with(config: SaeConfig, dtype: DType) -> (Sae, Tensor) {
         let mut sae = Sae::new(config, 5, &Device::Cpu).unwrap();
         let mut params = sae.parameters();
         params[1] = uniform(&[16], 0.0, 0.3, 1);
         params[2] = (&params[2] + uniform(&[16, 6], 0.0, 0.5, 2)).unwrap();
         params[3] = uniform(&[6], 0.0, 0.5, 3);
+        if let Some(w_skip) = params.get_mut(4) {
+            *w_skip = uniform(&[6, 6], 0.0, 0.4, 6);
+        }
         sae.set_parameters(params).unwrap();
         let x = uniform(&[5, 6], 0.4, 1.7, 4);
         (sae.to_dtype(dtype).unwrap(), x.to_dtype(dtype).unwrap())
@@ -1122,9 +1209,21 @@ mod tests {
             let out = fvu_and_grads(moved, &x, None, None).unwrap();
             // The loss is smooth only while the selection stays put.
             assert_eq!(out.top_indices.to_vec2::<u32>().unwrap(), indices);
+            assert!((out.fvu - moved.forward(&x).unwrap().fvu).abs() < 1e-12);
             out.fvu
         });
         assert_eq!(checked, 16 * 6 + 16 + 16 * 6 + 6);
+        // With a skip connection `W_skip` gets its gradient too (the FVU is the forward's).
+        let mut config = SaeConfig::new(6, 16, 3);
+        config.skip_connection = true;
+        let (skip, x) = case_with(config, DType::F64);
+        let base = fvu_and_grads(&skip, &x, None, None).unwrap();
+        let checked = assert_matches_finite_differences(&skip, &base.grads, |moved| {
+            let out = fvu_and_grads(moved, &x, None, None).unwrap();
+            assert!((out.fvu - moved.forward(&x).unwrap().fvu).abs() < 1e-12);
+            out.fvu
+        });
+        assert_eq!(checked, 16 * 6 + 16 + 16 * 6 + 6 + 6 * 6);
         // Latents never selected get no gradient at all.
         let selected: std::collections::BTreeSet<u32> = indices.iter().flatten().copied().collect();
         let g_w_dec: Vec<Vec<f64>> = base.grads[2].to_vec2().unwrap();
@@ -1136,14 +1235,16 @@ mod tests {
         assert!(selected.len() < 16);
     }
 
-    /// A transcoder: the encoder sees the input itself, the FVU is the target's, and
-    /// `b_dec` is only the output bias. In f64 (generic path) and f32 (CPU kernels), with
-    /// AuxK and Multi-TopK on.
+    /// A skip transcoder: the encoder sees the input itself, the FVU is the target's,
+    /// `b_dec` is only the output bias and `W_skip` maps the input to the output. In f64
+    /// (generic path) and f32 (CPU kernels), with AuxK and Multi-TopK on (both
+    /// reconstructions include the skip connection).
     #[test]
     fn transcoder_gradient_matches_finite_differences() {
         let mut config = SaeConfig::new(6, 16, 3);
         config.transcode = true;
         config.multi_topk = true;
+        config.skip_connection = true;
         let (sae, x) = case_with(config, DType::F64);
         let y = (x.sin().unwrap() * 2.0).unwrap();
         let dead: Vec<bool> = (0..16).map(|i| i % 4 == 0).collect();
@@ -1154,7 +1255,7 @@ mod tests {
         let base = fvu_and_grads_to(&sae, &x, &y, None, Some(&auxk)).unwrap();
         let indices = base.top_indices.to_vec2::<u32>().unwrap();
         // AuxK's residual target is held constant: take it from the base point.
-        let x_hat = sae.decode(&base.top_acts, &base.top_indices).unwrap();
+        let x_hat = sae.forward_target(&x, &y).unwrap().x_hat;
         let residual = (&y - &x_hat).unwrap();
         let tv = batch_variance(&y).unwrap();
         let checked = assert_matches_finite_differences(&sae, &base.grads, |moved| {
@@ -1174,7 +1275,7 @@ mod tests {
             let aux = scale * sum_squares(&(e_hat - &residual).unwrap()).unwrap() / tv;
             out.fvu + out.multi_topk.unwrap().0 / 8.0 + 0.5 * aux
         });
-        assert_eq!(checked, 16 * 6 + 16 + 16 * 6 + 6);
+        assert_eq!(checked, 16 * 6 + 16 + 16 * 6 + 6 + 6 * 6);
         // The CPU kernels in f32 agree.
         let fast = fvu_and_grads_to(
             &sae.to_dtype(DType::F32).unwrap(),
@@ -1428,12 +1529,8 @@ mod tests {
         assert!(message.contains("4k = 12"), "{message}");
         let mut config = SaeConfig::new(6, 10, 2);
         config.transcode = true;
-        let sae = Sae::new(config.clone(), 0, &Device::Cpu).unwrap();
-        assert!(Trainer::new(&sae, options.clone()).is_ok());
-        config.skip_connection = true;
         let sae = Sae::new(config, 0, &Device::Cpu).unwrap();
-        let message = Trainer::new(&sae, options.clone()).unwrap_err().to_string();
-        assert!(message.contains("skip connections"), "{message}");
+        assert!(Trainer::new(&sae, options.clone()).is_ok());
         let message = transcoder_input(HookPoint::Attention(2))
             .unwrap_err()
             .to_string();

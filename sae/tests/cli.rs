@@ -262,8 +262,9 @@ fn train_from_an_activation_cache() {
     assert!(message.contains("layers.0.mlp"), "{message}");
 }
 
-/// `sae train --transcode`: an MLP transcoder (input `layers.1.mlp.input`, target
-/// `layers.1.mlp`) streamed from the model, saved with `transcode: true`; `sae eval`
+/// `sae train --transcode --skip-connection`: an MLP skip transcoder (input
+/// `layers.1.mlp.input`, target `layers.1.mlp`) streamed from the model, saved with
+/// `transcode: true` and a trained `W_skip`; `sae eval`
 /// measures its FVU against the MLP output from the MLP input (checked against a direct
 /// computation on captures of both points) and splices its prediction in; a non-MLP hook
 /// point is refused by name.
@@ -283,7 +284,13 @@ fn transcoder_train_and_eval() {
         "--forward-batch",
         "4",
     ];
-    let mut args = vec!["train", "--transcode", "--hookpoints", "layers.1.mlp"];
+    let mut args = vec![
+        "train",
+        "--transcode",
+        "--skip-connection",
+        "--hookpoints",
+        "layers.1.mlp",
+    ];
     args.extend(common);
     args.extend([
         "--output",
@@ -303,7 +310,10 @@ fn transcoder_train_and_eval() {
     ]);
     sae_cli(&args).unwrap();
     let tc = Sae::load(&out.join("layers.1.mlp"), &Device::Cpu).unwrap();
-    assert!(tc.config().transcode);
+    assert!(tc.config().transcode && tc.config().skip_connection);
+    // W_skip starts at zero; steps 2 to 4 (step 1 has lr 0) moved it.
+    let w_skip = tc.w_skip().unwrap().abs().unwrap().max_all().unwrap();
+    assert!(w_skip.to_scalar::<f32>().unwrap() > 1e-3);
     let history = read_history(&out, "layers.1.mlp");
     assert_eq!(history.len(), 4);
     // Zero decoder at init: the first prediction is b_dec = the target mean, FVU 1.

@@ -1,13 +1,13 @@
-//! Parity with PyPI eai-sparsify 1.3.3 (tests/fixtures/sae/{tiny,skip_transcoder,transcoder}, written
-//! by sparsify's own `save_to_disk`): loading, encode, decode, FVU and its gradient, AuxK,
-//! Multi-TopK, transcoder training steps; our files round-trip; bad files fail with messages that name the file,
-//! tensor and shape.
+//! Parity with PyPI eai-sparsify 1.3.3 (tests/fixtures/sae/{tiny,skip_transcoder,transcoder,
+//! skip_transcoder_training}, written by sparsify's own `save_to_disk`): loading, encode,
+//! decode, FVU and its gradient, AuxK, Multi-TopK, (skip) transcoder training steps; our
+//! files round-trip; bad files fail with messages that name the file, tensor and shape.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use sae::train::{fvu_and_grads, remove_parallel_component, AuxK};
+use sae::train::{fvu_and_grads, fvu_and_grads_to, remove_parallel_component, AuxK};
 use sae::{Sae, SaeConfig};
 
 fn fixture(case: &str) -> PathBuf {
@@ -89,7 +89,16 @@ fn sparsify_skip_transcoder_gives_sparsify_outputs() {
     let fvu = e["fvu"].to_vec1::<f32>().unwrap()[0] as f64;
     assert!((out.fvu - fvu).abs() < 1e-5 * fvu, "{} vs {fvu}", out.fvu);
 
-    // Round trip keeps W_skip; training such an SAE is refused for now.
+    // The FVU's gradient, W_skip's included, is sparsify's autograd.
+    let out = fvu_and_grads_to(&sae, x, y, None, None).unwrap();
+    assert!((out.fvu - fvu).abs() < 1e-5 * fvu);
+    assert_eq!(out.grads.len(), 5);
+    for (grad, name) in out.grads.iter().zip(sae.parameter_names()) {
+        let error = relative_error(grad, &e[&format!("grad.{name}")]);
+        assert!(error < 1e-5, "{name}: {error}");
+    }
+
+    // Round trip keeps W_skip.
     let tmp = tempfile::tempdir().unwrap();
     sae.save(tmp.path()).unwrap();
     let again = Sae::load(tmp.path(), &Device::Cpu).unwrap();
@@ -97,10 +106,6 @@ fn sparsify_skip_transcoder_gives_sparsify_outputs() {
         relative_error(again.w_skip().unwrap(), sae.w_skip().unwrap()),
         0.0
     );
-    assert!(fvu_and_grads(&sae, x, None, None)
-        .unwrap_err()
-        .to_string()
-        .contains("not implemented"));
 }
 
 #[test]
@@ -280,10 +285,34 @@ fn bad_files_are_refused_with_clear_messages() {
 /// after the last one.
 #[test]
 fn transcoder_training_matches_sparsify() {
+    assert_training_matches_sparsify("transcoder");
+}
+
+/// The same for a skip transcoder (tests/fixtures/sae/skip_transcoder_training): `W_skip`
+/// starts at zero and is trained with the rest.
+#[test]
+fn skip_transcoder_training_matches_sparsify() {
+    let trained = assert_training_matches_sparsify("skip_transcoder_training");
+    let w_skip = trained.w_skip().unwrap();
+    assert!(
+        w_skip
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 1e-3
+    );
+}
+
+/// Trains the fixture `case`'s transcoder as its `expected.safetensors` says sparsify did,
+/// checks every step's FVU and the final parameters, and returns the trained transcoder.
+fn assert_training_matches_sparsify(case: &str) -> Sae {
     use sae::train::{TrainOptions, Trainer};
-    let mut sae = Sae::load(&fixture("transcoder"), &Device::Cpu).unwrap();
+    let mut sae = Sae::load(&fixture(case), &Device::Cpu).unwrap();
     assert!(sae.config().transcode);
-    let e = expected("transcoder");
+    let e = expected(case);
     let fvus: Vec<f32> = e["fvu"].to_vec1().unwrap();
     let lr = e["lr"].to_vec1::<f32>().unwrap()[0] as f64;
     let options = TrainOptions {
@@ -306,7 +335,11 @@ fn transcoder_training_matches_sparsify() {
             record.fvu
         );
     }
-    let names = ["encoder.weight", "encoder.bias", "W_dec", "b_dec"];
+    let names = sae.parameter_names();
+    assert_eq!(
+        e.keys().filter(|k| k.starts_with("final.")).count(),
+        names.len()
+    );
     for (name, ours) in names.iter().zip(sae.parameters()) {
         let theirs = &e[&format!("final.{name}")];
         let err = relative_error(&ours, theirs);
@@ -324,4 +357,5 @@ fn transcoder_training_matches_sparsify() {
         .to_vec1()
         .unwrap();
     assert!(norms.iter().any(|n| (n - 1.0).abs() > 0.1));
+    sae
 }

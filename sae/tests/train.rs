@@ -229,14 +229,25 @@ fn flat(sae: &Sae) -> Vec<f32> {
         .collect()
 }
 
+/// With and without a skip connection (whose weight and Adam state are checkpointed too).
 #[test]
 fn an_interrupted_run_resumes_exactly() {
+    for skip_connection in [false, true] {
+        resumes_exactly(skip_connection);
+    }
+}
+
+fn resumes_exactly(skip_connection: bool) {
     let options = TrainOptions {
         steps: 12,
         checkpoint_every: 4,
         ..options()
     };
-    let fresh = || Sae::new(SaeConfig::new(D, 96, 4), 3, &Device::Cpu).unwrap();
+    let fresh = || {
+        let mut config = SaeConfig::new(D, 96, 4);
+        config.skip_connection = skip_connection;
+        Sae::new(config, 3, &Device::Cpu).unwrap()
+    };
     let mut straight = fresh();
     let full = train(
         &mut straight,

@@ -32,12 +32,13 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: std::path::PathBuf,
-        /// What went wrong.
-        source: std::io::Error,
+        /// What went wrong (in the message already, so not a `source()`: `{:#}` chains
+        /// would print it twice).
+        cause: std::io::Error,
     },
     /// A file whose content is not what it should be (the message names the field or tensor).
     #[error("{path}: {message}")]
@@ -62,10 +63,10 @@ pub enum Error {
 
 impl Error {
     /// An I/O error on `path`.
-    pub fn io(path: impl Into<std::path::PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<std::path::PathBuf>, cause: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
     /// A malformed file.

@@ -412,11 +412,12 @@ class Sae:
 @final
 class SaeTrainer:
     """The ``sae train`` trainer one batch at a time: ``sae`` is an :class:`Sae` to train
-    further or the input width ``d_in`` of a new one (``k``, ``num_latents`` /
-    ``expansion_factor``, ``multi_topk``, ``transcode``, ``skip_connection`` and ``seed``
-    describe a new SAE only; defaults 32, d_in x 32, False, False, False, 42). ``steps`` sets the learning-rate schedule;
-    ``encoder_dtype`` ("auto": bf16 on a CUDA GPU, f32 on the CPU; "bf16"; "f32") is the
-    precision of the encoder's dense product."""
+    further (its biases are kept, as with sparsify's ``--finetune``) or the input width
+    ``d_in`` of a new one (``k``, ``num_latents`` / ``expansion_factor``, ``multi_topk``,
+    ``transcode``, ``skip_connection`` and ``seed`` describe a new SAE only; defaults 32,
+    d_in x 32, False, False, False, 42; its first step sets ``b_dec`` to the batch mean).
+    ``steps`` sets the learning-rate schedule; ``encoder_dtype`` ("auto": bf16 on a CUDA GPU,
+    f32 on the CPU; "bf16"; "f32") is the precision of the encoder's dense product."""
 
     def __init__(
         self,

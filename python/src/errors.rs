@@ -32,7 +32,7 @@ pub fn error_kind(error: &Error) -> ErrorKind {
         | Error::Config { .. }
         | Error::BadWeight { .. } => ErrorKind::Value,
         Error::ModelNotFound { .. } | Error::NotCached { .. } => ErrorKind::NotFound,
-        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+        Error::Io { cause, .. } if cause.kind() == std::io::ErrorKind::NotFound => {
             ErrorKind::NotFound
         }
         Error::Data { message, .. } | Error::Cache { message, .. }

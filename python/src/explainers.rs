@@ -34,7 +34,7 @@ fn delphi_err(error: delphi::Error) -> PyErr {
         delphi::Error::Hooks(e) => to_py_err(e),
         delphi::Error::Sae(e) => sae_err(e),
         delphi::Error::Candle(e) => to_py_err(hooks::Error::from(e)),
-        delphi::Error::Io { ref source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+        delphi::Error::Io { ref cause, .. } if cause.kind() == std::io::ErrorKind::NotFound => {
             PyFileNotFoundError::new_err(error.to_string())
         }
         e @ (delphi::Error::File { .. } | delphi::Error::Invalid(_)) => {

@@ -288,6 +288,7 @@ impl PySae {
         };
         let mut trainer = PySaeTrainer::create(
             new_sae.build(d_in, device)?,
+            false,
             steps,
             lr,
             warmup_steps,
@@ -392,10 +393,12 @@ pub struct PySaeTrainer {
 }
 
 impl PySaeTrainer {
-    /// A trainer for `sae` with these options (refused options raise `ValueError`).
+    /// A trainer for `sae` with these options (refused options raise `ValueError`);
+    /// `finetune` when it is already trained (its biases are kept).
     #[allow(clippy::too_many_arguments)]
     fn create(
         sae: sae::Sae,
+        finetune: bool,
         steps: u64,
         lr: Option<f64>,
         warmup_steps: u64,
@@ -418,6 +421,7 @@ impl PySaeTrainer {
             skip_first_positions: 0,
             encoder_dtype: sae::train::EncoderDtype::parse(encoder_dtype)
                 .map_err(|e| PyValueError::new_err(e.to_string()))?,
+            finetune,
         };
         let trainer = sae::train::Trainer::new(&sae, options).map_err(|e| match e {
             // Options refused before any training: bad arguments.
@@ -478,23 +482,24 @@ impl PySaeTrainer {
             skip_connection,
             seed,
         };
-        let sae = if let Ok(existing) = sae.cast::<PySae>() {
+        let (sae, finetune) = if let Ok(existing) = sae.cast::<PySae>() {
             if new_sae.given() {
                 return Err(PyValueError::new_err(
                     "k, num_latents, expansion_factor, multi_topk, transcode, skip_connection and seed describe a new SAE: give them with d_in, not with an existing Sae",
                 ));
             }
-            existing.get().inner.clone()
+            (existing.get().inner.clone(), true)
         } else {
             let d_in: usize = sae.extract().map_err(|_| {
                 PyValueError::new_err(
                     "SaeTrainer needs an Sae to train or the input width d_in (an int) of a new one",
                 )
             })?;
-            new_sae.build(d_in, device)?
+            (new_sae.build(d_in, device)?, false)
         };
         Self::create(
             sae,
+            finetune,
             steps,
             lr,
             warmup_steps,
@@ -508,7 +513,8 @@ impl PySaeTrainer {
     /// One optimiser step on the batch ``x`` (``[N, d_in]``; a transcoder also takes its
     /// target ``y``, ``[N, d_in]``): a dict with ``step``, ``fvu`` (of the batch, before the
     /// update), ``auxk_loss``, ``multi_topk_fvu``, ``l0``, ``dead_fraction`` and ``lr``. On the
-    /// first step ``b_dec`` becomes the batch mean, as in sparsify.
+    /// first step of a new SAE ``b_dec`` becomes the batch mean, as in sparsify (an existing
+    /// :class:`Sae` keeps its biases, as with sparsify's ``--finetune``).
     #[pyo3(signature = (x, y = None))]
     fn step<'py>(
         &mut self,

@@ -92,6 +92,11 @@ def test_trainer_lowers_the_fvu_and_continues_an_sae():
     more = ei.SaeTrainer(sae, steps=20, lr=1e-3, warmup_steps=1)
     more.fit(planted(20 * 128, seed=3), batch_size=128)
     assert more.steps_done == 20
+    # An existing SAE keeps its biases: a first step at lr 0 leaves it as it was (a new
+    # SAE's first step sets b_dec to the batch mean).
+    kept = ei.SaeTrainer(sae, steps=5, warmup_steps=2)
+    assert kept.step(planted(128, seed=4))["lr"] == 0.0
+    np.testing.assert_allclose(kept.sae.forward(heldout)["x_hat"], sae.forward(heldout)["x_hat"], atol=1e-5)
     with pytest.raises(ValueError, match="describe a new SAE"):
         ei.SaeTrainer(sae, steps=20, k=8)
 

@@ -9,7 +9,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use clap::{Args, Parser, Subcommand};
 use hooks::activations::{ActivationCache, ActivationSource, ModelActivations, ReadOrder};
 use hooks::cli::ModelArgs;
@@ -209,6 +209,11 @@ struct TrainArgs {
     /// --skip_connection; with --transcode, a skip transcoder), trained with the rest.
     #[arg(long)]
     skip_connection: bool,
+    /// Train further the SAEs in this folder (DIR/<hookpoint>/, sparsify's layout, as `sae
+    /// train` and sparsify write it; sparsify's --finetune): their shape and options come
+    /// from their cfg.json, and the first step keeps their biases.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["k", "expansion_factor", "num_latents", "multi_topk", "skip_connection"])]
+    finetune: Option<PathBuf>,
     /// Leave out the first N positions of every sequence (streamed or cached): e.g. 1 keeps
     /// SmolLM2's position-0 "massive activations" out of training. Recorded in the
     /// checkpoint; 0 is sparsify's recipe.
@@ -302,6 +307,32 @@ fn cache_points(cache: &ActivationCache, list: Option<&str>) -> Result<Vec<(Hook
         bail!("no hook points given");
     }
     Ok(out)
+}
+
+/// The SAE in `dir` to train further on `width`-wide activations (`--finetune`), checked
+/// against the run: its width, and whether it is a transcoder as `--transcode` says.
+fn pretrained(dir: &Path, width: usize, transcode: bool, device: &Device) -> Result<Sae> {
+    let sae = Sae::load(dir, device).with_context(|| format!("--finetune: {}", dir.display()))?;
+    if sae.d_in() != width {
+        bail!(
+            "--finetune: the SAE in {} reads {}-wide activations; this hook point's are {width} wide",
+            dir.display(),
+            sae.d_in()
+        );
+    }
+    if sae.config().transcode != transcode {
+        bail!(
+            "--finetune: the SAE in {} is {}; {} --transcode",
+            dir.display(),
+            if transcode {
+                "an autoencoder, not a transcoder"
+            } else {
+                "a transcoder"
+            },
+            if transcode { "leave out" } else { "add" }
+        );
+    }
+    Ok(sae)
 }
 
 /// Width of each hook point's activations, from a one-token forward pass.
@@ -412,17 +443,22 @@ fn train_command(args: TrainArgs) -> Result<()> {
         checkpoint_every: args.checkpoint_every,
         skip_first_positions: skip,
         encoder_dtype: EncoderDtype::parse(&args.encoder_dtype)?,
+        finetune: args.finetune.is_some(),
     };
     let mut saes = widths
         .iter()
+        .zip(&names)
         .enumerate()
-        .map(|(i, &d)| {
-            let mut config = SaeConfig::new(d, args.num_latents.unwrap_or(0), args.k);
-            config.expansion_factor = args.expansion_factor;
-            config.multi_topk = args.multi_topk;
-            config.transcode = args.transcode;
-            config.skip_connection = args.skip_connection;
-            Ok(Sae::new(config, args.seed.wrapping_add(i as u64), &device)?)
+        .map(|(i, (&d, name))| match &args.finetune {
+            Some(dir) => pretrained(&dir.join(name), d, args.transcode, &device),
+            None => {
+                let mut config = SaeConfig::new(d, args.num_latents.unwrap_or(0), args.k);
+                config.expansion_factor = args.expansion_factor;
+                config.multi_topk = args.multi_topk;
+                config.transcode = args.transcode;
+                config.skip_connection = args.skip_connection;
+                Ok(Sae::new(config, args.seed.wrapping_add(i as u64), &device)?)
+            }
         })
         .collect::<Result<Vec<_>>>()?;
     let needed = steps * args.batch_size as u64;

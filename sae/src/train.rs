@@ -70,6 +70,11 @@ pub struct TrainOptions {
     /// from older checkpoints, which mean `Auto`.
     #[serde(default)]
     pub encoder_dtype: EncoderDtype,
+    /// The SAEs are already trained (sparsify's `--finetune`): the first step keeps their
+    /// biases instead of setting `b_dec` (and a transcoder's encoder bias) from the batch.
+    /// Absent from older checkpoints, which mean `false`.
+    #[serde(default)]
+    pub finetune: bool,
 }
 
 /// Precision of the encoder's dense product `(x − b_dec) W_encᵀ` in training (`2 d n` FLOP
@@ -124,6 +129,7 @@ impl Default for TrainOptions {
             checkpoint_every: 1000,
             skip_first_positions: 0,
             encoder_dtype: EncoderDtype::Auto,
+            finetune: false,
         }
     }
 }
@@ -575,16 +581,16 @@ impl Trainer {
         dead as f64 / self.tokens_since_fired.len() as f64
     }
 
-    /// One optimiser step on the batch `x: [N, d]` (on the first step, `b_dec` is set to
-    /// the batch mean first).
+    /// One optimiser step on the batch `x: [N, d]` (on the first step, unless the options
+    /// say `finetune`, `b_dec` is set to the batch mean first).
     pub fn step(&mut self, sae: &mut Sae, x: &Tensor) -> Result<StepRecord> {
         self.step_to(sae, x, x)
     }
 
     /// One optimiser step of a transcoder predicting `target` from `input` (both `[N, d]`).
     /// On the first step, as sparsify does, `b_dec` becomes the target's mean and the
-    /// encoder bias `−mean(input) W_encᵀ` (pre-activations centred); a transcoder's decoder
-    /// is not kept at unit norm.
+    /// encoder bias `−mean(input) W_encᵀ` (pre-activations centred), unless the options say
+    /// `finetune`; a transcoder's decoder is not kept at unit norm.
     pub fn step_to(
         &mut self,
         sae: &mut Sae,
@@ -605,7 +611,7 @@ impl Trainer {
         check_finite(&x, "training target")?;
         let transcode = sae.config().transcode;
         let unit_decoder = sae.config().normalize_decoder && !transcode;
-        if self.steps_done == 0 {
+        if self.steps_done == 0 && !self.options.finetune {
             let mut params = sae.parameters();
             params[3] = x.mean(0)?;
             if transcode {
@@ -1493,6 +1499,7 @@ mod tests {
             checkpoint_every: 0,
             skip_first_positions: 0,
             encoder_dtype: EncoderDtype::F32,
+            finetune: false,
         };
         let mut trainer = Trainer::new(&sae, options.clone()).unwrap();
         let first = trainer.step(&mut sae, &x).unwrap();
@@ -1515,6 +1522,42 @@ mod tests {
         let second = trainer.step(&mut sae, &x).unwrap();
         assert!((second.lr - 0.5 * options.peak_lr(16)).abs() < 1e-15);
         assert_eq!(trainer.steps_done(), 2);
+    }
+
+    /// `finetune`: the first step (lr 0 in the warm-up) leaves an already trained SAE (unit
+    /// decoder rows) or transcoder as it was, where a fresh run sets its biases from the batch.
+    #[test]
+    fn finetuning_keeps_the_biases_on_the_first_step() {
+        for transcode in [false, true] {
+            let mut config = SaeConfig::new(6, 16, 3);
+            config.transcode = transcode;
+            let (mut sae, x) = case_with(config, DType::F32);
+            if !transcode {
+                sae.set_decoder_norm_to_unit_norm().unwrap();
+            }
+            let y = (x.sin().unwrap() * 2.0).unwrap();
+            let target = if transcode { &y } else { &x };
+            let first_step = |finetune: bool| {
+                let options = TrainOptions {
+                    warmup_steps: 2,
+                    finetune,
+                    ..TrainOptions::default()
+                };
+                let mut trained = sae.clone();
+                let mut trainer = Trainer::new(&trained, options).unwrap();
+                let record = trainer.step_to(&mut trained, &x, target).unwrap();
+                assert_eq!(record.lr, 0.0);
+                trained
+            };
+            let kept = first_step(true);
+            for (a, b) in kept.parameters().iter().zip(sae.parameters()) {
+                assert!(hooks::compare::max_abs_diff(a, &b).unwrap() < 1e-6);
+            }
+            let fresh = first_step(false);
+            let mean = target.mean(0).unwrap();
+            assert!(hooks::compare::max_abs_diff(fresh.b_dec(), &mean).unwrap() < 1e-6);
+            assert!(hooks::compare::max_abs_diff(sae.b_dec(), &mean).unwrap() > 0.1);
+        }
     }
 
     #[test]

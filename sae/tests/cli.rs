@@ -572,3 +572,102 @@ fn skip_first_positions_in_train_and_eval() {
         f("ce_zero")
     );
 }
+
+/// `sae train --finetune DIR`: the SAEs in DIR (as `sae train` wrote them) are trained
+/// further with their own shape and options; their biases are kept, so a first step at lr 0
+/// (the warm-up's) leaves them as they were, where a fresh run would reset `b_dec`. A DIR
+/// without the hook point, and a transcoder run on an autoencoder, are refused with the path.
+#[test]
+fn finetune_trains_saes_further() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = model_folder(tmp.path());
+    let points = "layers.1,layers.1.mlp.input,layers.1.mlp";
+    let cache = cache_of_text(tmp.path(), &model_dir, points);
+    let train = |output: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--activations",
+            s(&cache),
+            "--output",
+            s(output),
+            "--batch-size",
+            "256",
+            "--lr",
+            "1e-2",
+            "--lr-warmup-steps",
+            "1",
+        ];
+        args.extend(extra);
+        sae_cli(&args)
+    };
+    let both = "layers.1,layers.1.mlp";
+    let shape = ["--num-latents", "48", "--k", "3"];
+    let first = tmp.path().join("first");
+    let args = [&["--hookpoints", both, "--steps", "3"][..], &shape].concat();
+    train(&first, &args).unwrap();
+    let trained = Sae::load(&first.join("layers.1"), &Device::Cpu).unwrap();
+    let diff = |a: &Sae, b: &Sae| {
+        flat(a)
+            .iter()
+            .zip(flat(b))
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+
+    let again = tmp.path().join("again");
+    let finetune = |steps| {
+        [
+            "--hookpoints",
+            both,
+            "--finetune",
+            s(&first),
+            "--steps",
+            steps,
+        ]
+    };
+    train(&again, &finetune("1")).unwrap();
+    let kept = Sae::load(&again.join("layers.1"), &Device::Cpu).unwrap();
+    assert_eq!((kept.num_latents(), kept.k()), (48, 3));
+    assert!(diff(&kept, &trained) < 1e-6, "{}", diff(&kept, &trained));
+    // A fresh run's first step sets b_dec to the batch mean instead.
+    let fresh = tmp.path().join("fresh");
+    let args = [&["--hookpoints", both, "--steps", "1"][..], &shape].concat();
+    train(&fresh, &args).unwrap();
+    let reset = Sae::load(&fresh.join("layers.1"), &Device::Cpu).unwrap();
+    let b_dec_moved = (reset.b_dec() - trained.b_dec()).unwrap().abs().unwrap();
+    assert!(b_dec_moved.max_all().unwrap().to_scalar::<f32>().unwrap() > 1e-3);
+    // Steps after the first train it further.
+    let more = tmp.path().join("more");
+    train(&more, &finetune("3")).unwrap();
+    let further = Sae::load(&more.join("layers.1"), &Device::Cpu).unwrap();
+    assert!(diff(&further, &trained) > 1e-4);
+
+    let elsewhere = s(&more.join("checkpoints")).to_string();
+    let args = [
+        "--hookpoints",
+        both,
+        "--finetune",
+        &elsewhere,
+        "--steps",
+        "1",
+    ];
+    let message = format!("{:#}", train(&more, &args).unwrap_err());
+    assert!(
+        message.contains("--finetune") && message.contains("checkpoints/layers.1"),
+        "{message}"
+    );
+    let args = [
+        "--hookpoints",
+        "layers.1.mlp",
+        "--transcode",
+        "--finetune",
+        s(&first),
+        "--steps",
+        "1",
+    ];
+    let message = format!("{:#}", train(&more, &args).unwrap_err());
+    assert!(
+        message.contains("first/layers.1.mlp") && message.contains("not a transcoder"),
+        "{message}"
+    );
+}

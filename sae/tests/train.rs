@@ -98,6 +98,7 @@ fn options() -> TrainOptions {
         checkpoint_every: 0,
         skip_first_positions: 0,
         encoder_dtype: EncoderDtype::F32,
+        finetune: false,
     }
 }
 
@@ -394,6 +395,7 @@ fn trains_on_model_activations_over_text() {
             checkpoint_every: 0,
             skip_first_positions: 0,
             encoder_dtype,
+            finetune: false,
         };
         let history = train(&mut sae, &mut source, POINT, &options, None, |_| {}).unwrap();
         let first = history[0].fvu;

@@ -1,6 +1,7 @@
 //! Per-layer evaluation of the logit lens and a tuned lens, as tuned-lens's `eval` reports
 //! it: next-token cross-entropy, entropy of the lens distribution, KL(final ‖ lens), and
 //! top-1 agreement with the model's final prediction; the last row is the model's output.
+//! Beyond tuned-lens: each lens's prediction depth (see [`prediction_depth`]).
 
 use candle_core::{DType, Tensor, D};
 use hooks::activations::ActivationSource;
@@ -36,6 +37,62 @@ pub struct EvalReport {
     pub logit_lens: Vec<LayerMetrics>,
     /// The tuned lens, per layer plus the output row, when one was given.
     pub tuned_lens: Option<Vec<LayerMetrics>>,
+    /// The logit lens's prediction depths (absent from reports written before they were
+    /// measured).
+    #[serde(default)]
+    pub logit_lens_depth: Option<PredictionDepth>,
+    /// The tuned lens's prediction depths, when one was given.
+    #[serde(default)]
+    pub tuned_lens_depth: Option<PredictionDepth>,
+}
+
+/// How early a lens settles on the model's prediction: per token, its [`prediction_depth`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PredictionDepth {
+    /// Mean depth over the tokens, in layers (0 ..= L).
+    pub mean: f64,
+    /// `counts[l]`: tokens of depth `l`, for `l` in `0 ..= L` (`L`: only the model's output
+    /// has its top-1 token).
+    pub counts: Vec<u64>,
+}
+
+/// The prediction depth of one token: the first layer from which the lens's top-1 token is
+/// the model's at every later layer, given `agrees[l]` (does layer `l`'s top-1 equal the
+/// model's?) for `l` in `0 .. L`; `L` when even the last layer's differs. (Tuned-lens issue
+/// #72; the notion is Baldock et al.'s "prediction depth", with lens layers as probes.)
+pub fn prediction_depth(agrees: &[bool]) -> usize {
+    agrees.iter().rposition(|&a| !a).map_or(0, |last| last + 1)
+}
+
+impl PredictionDepth {
+    fn new(layers: usize) -> Self {
+        PredictionDepth {
+            mean: 0.0,
+            counts: vec![0; layers + 1],
+        }
+    }
+
+    /// Counts the tokens of one chunk: `agreement[l][t]` is 1 where layer `l`'s top-1 at
+    /// token `t` is the model's.
+    fn add(&mut self, agreement: &[Vec<u8>]) {
+        let tokens = agreement.first().map_or(0, Vec::len);
+        for t in 0..tokens {
+            let agrees: Vec<bool> = agreement.iter().map(|layer| layer[t] != 0).collect();
+            self.counts[prediction_depth(&agrees)] += 1;
+        }
+    }
+
+    fn finish(mut self) -> Self {
+        let tokens: u64 = self.counts.iter().sum();
+        let total: u64 = self
+            .counts
+            .iter()
+            .enumerate()
+            .map(|(l, &c)| l as u64 * c)
+            .sum();
+        self.mean = total as f64 / tokens.max(1) as f64;
+        self
+    }
 }
 
 #[derive(Default, Clone)]
@@ -55,12 +112,12 @@ impl Sums {
         log_p: &Tensor,
         final_top: &Tensor,
         next: &[u32],
-    ) -> Result<()> {
+    ) -> Result<Vec<u8>> {
         let q = log_q.exp()?;
         self.entropy += scalar(&(&q * log_q)?.sum_all()?.neg()?)?;
         self.kl += scalar(&(log_p.exp()? * (log_p - log_q)?)?.sum_all()?)?;
-        let top = log_q.argmax(D::Minus1)?;
-        self.top1 += scalar(&top.eq(final_top)?.to_dtype(DType::F32)?.sum_all()?)?;
+        let agreement: Vec<u8> = log_q.argmax(D::Minus1)?.eq(final_top)?.to_vec1()?;
+        self.top1 += agreement.iter().map(|&a| f64::from(a)).sum::<f64>();
         self.count += next.len();
         let rows: Vec<Vec<f32>> = log_q.to_vec2()?;
         for (row, &t) in rows.iter().zip(next) {
@@ -69,7 +126,7 @@ impl Sums {
                 self.ce_count += 1;
             }
         }
-        Ok(())
+        Ok(agreement)
     }
 
     fn finish(&self, layer: String) -> LayerMetrics {
@@ -89,7 +146,8 @@ fn scalar(t: &Tensor) -> Result<f64> {
 }
 
 /// Evaluates the logit lens (and `lens`, if given) over up to `max_tokens` rows of `source`,
-/// whose rows are consecutive sequences of `seq_len` tokens.
+/// whose rows are consecutive sequences of `seq_len` tokens: per-layer metrics and
+/// prediction depths.
 pub fn evaluate(
     lens: Option<&TunedLens>,
     unembedding: &Unembedding,
@@ -103,6 +161,10 @@ pub fn evaluate(
     let final_point = HookPoint::Layer(num_layers - 1);
     let mut logit = vec![Sums::default(); num_layers + 1];
     let mut tuned = vec![Sums::default(); num_layers + 1];
+    let (mut logit_depth, mut tuned_depth) = (
+        PredictionDepth::new(num_layers),
+        PredictionDepth::new(num_layers),
+    );
     let mut tokens = 0u64;
     while tokens < max_tokens {
         let Some(batch) = source.next_batch()? else {
@@ -129,21 +191,24 @@ pub fn evaluate(
             let log_p = log_softmax(&unembedding.forward(&rows(final_point)?)?)?;
             let final_top = log_p.argmax(D::Minus1)?;
             let next = &next[start..start + len];
+            let (mut logit_agreement, mut tuned_agreement) = (Vec::new(), Vec::new());
             for layer in 0..num_layers {
                 let h = rows(lens_input(layer))?;
-                logit[layer].add(
+                logit_agreement.push(logit[layer].add(
                     &log_softmax(&unembedding.forward(&h)?)?,
                     &log_p,
                     &final_top,
                     next,
-                )?;
+                )?);
                 if let Some(lens) = lens {
                     let log_q = log_softmax(&lens.forward(&h, layer, &unembedding)?)?;
-                    tuned[layer].add(&log_q, &log_p, &final_top, next)?;
+                    tuned_agreement.push(tuned[layer].add(&log_q, &log_p, &final_top, next)?);
                 }
             }
             logit[num_layers].add(&log_p, &log_p, &final_top, next)?;
             tuned[num_layers].add(&log_p, &log_p, &final_top, next)?;
+            logit_depth.add(&logit_agreement);
+            tuned_depth.add(&tuned_agreement);
         }
         tokens += n as u64;
     }
@@ -172,6 +237,8 @@ pub fn evaluate(
                 .map(|(i, s)| s.finish(label(i)))
                 .collect()
         }),
+        logit_lens_depth: Some(logit_depth.finish()),
+        tuned_lens_depth: lens.map(|_| tuned_depth.finish()),
     })
 }
 
@@ -209,6 +276,34 @@ impl EvalReport {
             }
             out.push('\n');
         }
+        let depth = |d: &Option<PredictionDepth>| d.as_ref().map(|d| format!("{:.2}", d.mean));
+        if let Some(logit) = depth(&self.logit_lens_depth) {
+            out += &format!(
+                "prediction depth (mean first layer from which the top-1 token stays the model's): logit lens {logit}{}\n",
+                depth(&self.tuned_lens_depth)
+                    .map(|t| format!(", tuned lens {t}"))
+                    .unwrap_or_default()
+            );
+        }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prediction_depth_is_the_first_layer_of_the_final_agreeing_run() {
+        assert_eq!(prediction_depth(&[true, true, true]), 0);
+        assert_eq!(prediction_depth(&[false, true, true]), 1);
+        assert_eq!(prediction_depth(&[true, false, true]), 2);
+        assert_eq!(prediction_depth(&[true, true, false]), 3);
+        assert_eq!(prediction_depth(&[]), 0);
+        let mut depth = PredictionDepth::new(3);
+        depth.add(&[vec![1, 0, 1], vec![1, 1, 0], vec![1, 1, 1]]);
+        let depth = depth.finish();
+        assert_eq!(depth.counts, vec![1, 1, 1, 0]);
+        assert!((depth.mean - 1.0).abs() < 1e-12);
     }
 }

@@ -13,7 +13,7 @@ use hooks::{LoadOptions, Model};
 use indicatif::{MultiProgress, ProgressBar};
 use serde::{Deserialize, Serialize};
 
-use crate::eval::{evaluate, EvalReport, LayerMetrics};
+use crate::eval::{evaluate, EvalReport, LayerMetrics, PredictionDepth};
 use crate::plot::{self, CheckpointGrid};
 use crate::train::{checkpoint_dir, train, TrainOptions};
 use crate::trajectory::{PredictionTrajectory, Statistic};
@@ -538,6 +538,69 @@ pub fn checkpoint_grid(
     })
 }
 
+/// The distribution of prediction depths at each checkpoint of a sweep: rows are depths
+/// (`0 .. L-1`, then `output`: only the model's own output has its top-1 token), values the
+/// share of evaluation tokens of that depth; each checkpoint's name carries its mean depth.
+pub fn depth_grid(summary: &SweepSummary, tuned: bool) -> Result<CheckpointGrid> {
+    let lens_name = if tuned { "tuned lens" } else { "logit lens" };
+    let depth_of = |r: &CheckpointResult| -> Result<PredictionDepth> {
+        let depth = if tuned {
+            &r.eval.tuned_lens_depth
+        } else {
+            &r.eval.logit_lens_depth
+        };
+        depth.clone().ok_or_else(|| {
+            Error::Lens(format!(
+                "checkpoint {} has no {lens_name} prediction depths (evaluated before they were measured)",
+                r.revision
+            ))
+        })
+    };
+    let first = summary
+        .results
+        .first()
+        .ok_or_else(|| Error::Lens("the sweep has no results".into()))?;
+    let layers: Vec<String> = first
+        .eval
+        .logit_lens
+        .iter()
+        .map(|m| m.layer.clone())
+        .collect();
+    let mut values = vec![Vec::with_capacity(summary.results.len()); layers.len()];
+    let mut checkpoints = Vec::with_capacity(summary.results.len());
+    for r in &summary.results {
+        let depth = depth_of(r)?;
+        if depth.counts.len() != layers.len() {
+            return Err(Error::Lens(format!(
+                "checkpoint {} has {} depths, the first has {}",
+                r.revision,
+                depth.counts.len(),
+                layers.len()
+            )));
+        }
+        let tokens = depth.counts.iter().sum::<u64>().max(1) as f64;
+        for (row, &count) in values.iter_mut().zip(&depth.counts) {
+            row.push(Some(count as f64 / tokens));
+        }
+        checkpoints.push(format!("{} (mean {:.2})", r.revision, depth.mean));
+    }
+    Ok(CheckpointGrid {
+        title: format!(
+            "{}: prediction depth {} ({lens_name}, {} evaluation tokens)",
+            summary.name,
+            match summary.results.as_slice() {
+                [only] => format!("at {}", only.revision),
+                _ => "across training".to_string(),
+            },
+            first.eval.tokens
+        ),
+        checkpoints,
+        layers,
+        values,
+        label: "share of tokens whose top-1 stays the model's from this layer on".into(),
+    })
+}
+
 fn statistic_short(statistic: Statistic) -> &'static str {
     match statistic {
         Statistic::Entropy => "entropy",
@@ -551,7 +614,8 @@ fn statistic_short(statistic: Statistic) -> &'static str {
 /// The figures of a finished sweep, PNG and SVG, into `figures` (created): for each lens and
 /// statistic a layer x checkpoint heatmap and per-layer curves, and, when a prompt was
 /// recorded, its trajectories side by side (for each statistic in `statistics`; at most
-/// `max_panels` checkpoints, evenly spaced, always including the first and last). Returns
+/// `max_panels` checkpoints, evenly spaced, always including the first and last); for each
+/// lens, the distribution of prediction depths at each checkpoint (when measured). Returns
 /// the files written.
 pub fn plot_sweep(
     output: &Path,
@@ -569,6 +633,13 @@ pub fn plot_sweep(
     };
     for &tuned in lenses {
         let lens_key = if tuned { "tuned" } else { "logit" };
+        if let Ok(grid) = depth_grid(&summary, tuned) {
+            for ext in ["png", "svg"] {
+                let path = figures.join(format!("depth-{lens_key}.{ext}"));
+                plot::plot_layer_curves(&path, &grid)?;
+                written.push(path);
+            }
+        }
         for &statistic in statistics {
             if let Ok(grid) = checkpoint_grid(&summary, statistic, tuned) {
                 for ext in ["png", "svg"] {

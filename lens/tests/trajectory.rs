@@ -10,7 +10,7 @@ use lens::plot::{
     plot_checkpoint_heatmap, plot_layer_curves, plot_trajectories, plot_trajectory, TrajectoryView,
 };
 use lens::sweep::{
-    checkpoint_grid, parse_checkpoints, plot_sweep, pythia_steps, run_sweep, SweepLens,
+    checkpoint_grid, depth_grid, parse_checkpoints, plot_sweep, pythia_steps, run_sweep, SweepLens,
     SweepOptions,
 };
 use lens::train::TrainOptions;
@@ -413,6 +413,15 @@ fn sweep_over_two_local_checkpoints_writes_files_and_resumes() {
         Some(r[1].eval.tuned_lens.as_ref().unwrap()[1].kl)
     );
     assert!(checkpoint_grid(&summary, Statistic::Rank, false).is_err());
+    let depths = depth_grid(&summary, true).unwrap();
+    assert_eq!((depths.layers.len(), depths.checkpoints.len()), (3, 2));
+    let tuned_depth = r[1].eval.tuned_lens_depth.as_ref().unwrap();
+    assert_eq!(tuned_depth.counts.iter().sum::<u64>(), 128);
+    assert_eq!(
+        depths.values[2][1],
+        Some(tuned_depth.counts[2] as f64 / 128.0)
+    );
+    assert!(depths.checkpoints[1].starts_with("step1 (mean "));
 
     let figures = output.join("figures");
     let written = plot_sweep(
@@ -422,8 +431,9 @@ fn sweep_over_two_local_checkpoints_writes_files_and_resumes() {
         6,
     )
     .unwrap();
-    // (heatmap + curves + trajectories) x (logit, tuned) x 2 statistics x (png, svg)
-    assert_eq!(written.len(), 24);
+    // ((heatmap + curves + trajectories) x 2 statistics + prediction depths) x (logit,
+    // tuned) x (png, svg)
+    assert_eq!(written.len(), 28);
     for path in &written {
         let size = if path.extension().unwrap() == "png" {
             png_size(path)

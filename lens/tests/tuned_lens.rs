@@ -133,6 +133,21 @@ fn reference_lens_file_gives_the_reference_outputs_and_metrics() {
     }
     assert_eq!(tuned[2].layer, "output");
     assert!((tuned[2].kl).abs() < 1e-9 && tuned[2].top1_agreement == 1.0);
+    // Prediction depths: the histogram of the fixture's per-token depths (0 ..= 2).
+    for (depth, key) in [
+        (&report.tuned_lens_depth, "tuned_depth"),
+        (&report.logit_lens_depth, "logit_depth"),
+    ] {
+        let per_token: Vec<i64> = expected[key].flatten_all().unwrap().to_vec1().unwrap();
+        let mut counts = vec![0u64; 3];
+        for d in &per_token {
+            counts[*d as usize] += 1;
+        }
+        let depth = depth.as_ref().unwrap();
+        assert_eq!(depth.counts, counts, "{key}");
+        let mean = per_token.iter().sum::<i64>() as f64 / 22.0;
+        assert!((depth.mean - mean).abs() < 1e-12, "{key}");
+    }
 }
 
 /// A tiny GPT-NeoX with synthetic weights and the real Pythia tokenizer.

@@ -660,8 +660,11 @@ impl PyLogitLens {
 /// byte of the text: tokens read / text bytes / ln 2; None for a cache); ``logit_lens`` and
 /// ``tuned_lens`` (None without a lens): lists with one dict per layer (``layer``: ``"0"``
 /// .. ``"L-1"``, the input of that layer) plus a last ``"output"`` row (the model itself);
-/// and ``table``, the text ``lens eval`` prints. ``ValueError`` if the lens does not fit
-/// the model. Ctrl-C stops between batches.
+/// ``logit_lens_depth`` and ``tuned_lens_depth`` (None without a lens): the prediction
+/// depths, ``{"mean", "counts"}`` with ``counts[l]`` the tokens whose lens top-1 is the
+/// model's from layer ``l`` on (``counts[L]``: only at the output); and ``table``, the text
+/// ``lens eval`` prints. ``ValueError`` if the lens does not fit the model. Ctrl-C stops
+/// between batches.
 #[pyfunction]
 #[pyo3(signature = (
     model, lens = None, data = None, *, activations = None, tokens = 262144, seq_len = 2048,

@@ -114,8 +114,16 @@ def test_evaluate_lens_matches_tuned_lens_metrics(reference_lens, golden_model, 
             assert ours == pytest.approx(m[key], rel=1e-4, abs=1e-4), (i, key)
     assert tuned[2]["kl"] == pytest.approx(0, abs=1e-9) and tuned[2]["top1_agreement"] == 1.0
     assert "tuned lens" in report["table"] and "output" in report["table"]
+    # Prediction depths: the histograms of the fixture's per-token depths.
+    for lens_name in ["tuned", "logit"]:
+        per_token = expected[f"{lens_name}_depth"].ravel()
+        depth = report[f"{lens_name}_lens_depth"]
+        assert depth["counts"] == np.bincount(per_token, minlength=3).tolist(), lens_name
+        assert depth["mean"] == pytest.approx(per_token.mean(), abs=1e-12)
+    assert "prediction depth" in report["table"]
     only_logit = ei.evaluate_lens(golden_model, data=[ids], tokens=22, seq_len=11)
     assert only_logit["tuned_lens"] is None and only_logit["logit_lens"][0]["kl"] == pytest.approx(logit[0]["kl"])
+    assert only_logit["tuned_lens_depth"] is None and only_logit["logit_lens_depth"] == report["logit_lens_depth"]
 
 
 def test_untrained_lens_is_the_logit_lens_and_the_logit_lens_is_the_model(golden_model, expected):

@@ -422,6 +422,7 @@ impl PySaeTrainer {
             encoder_dtype: sae::train::EncoderDtype::parse(encoder_dtype)
                 .map_err(|e| PyValueError::new_err(e.to_string()))?,
             finetune,
+            exclude_tokens: Vec::new(),
         };
         let trainer = sae::train::Trainer::new(&sae, options).map_err(|e| match e {
             // Options refused before any training: bad arguments.

@@ -219,6 +219,11 @@ struct TrainArgs {
     /// checkpoint; 0 is sparsify's recipe.
     #[arg(long, default_value_t = 0)]
     skip_first_positions: usize,
+    /// Leave out the rows of these token ids, comma separated (sparsify's --exclude_tokens:
+    /// e.g. a BOS or end-of-text token whose activations are outliers). Recorded in the
+    /// checkpoint; the tokens counted (--max-tokens, --batch-size) are the rows kept.
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    exclude_tokens: Vec<u32>,
     /// Precision of the encoder's dense product: bf16 (bf16 inputs, f32 sums, as sparsify's
     /// autocast on a GPU), f32, or auto (bf16 on a CUDA GPU, f32 on the CPU). Parameters,
     /// gradients and optimiser state are f32 either way.
@@ -418,6 +423,9 @@ fn train_command(args: TrainArgs) -> Result<()> {
     let steps = match (args.steps, args.max_tokens, &cache) {
         (Some(steps), _, _) => steps,
         (None, Some(tokens), _) => tokens / args.batch_size as u64,
+        (None, None, Some(_)) if !args.exclude_tokens.is_empty() => {
+            bail!("with --exclude-tokens, give --steps or --max-tokens (how many rows the cache keeps is not known before reading it)")
+        }
         (None, None, Some(cache)) => {
             let manifest = cache.manifest();
             let seq_len = manifest.settings.data.seq_len;
@@ -444,6 +452,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
         skip_first_positions: skip,
         encoder_dtype: EncoderDtype::parse(&args.encoder_dtype)?,
         finetune: args.finetune.is_some(),
+        exclude_tokens: args.exclude_tokens.clone(),
     };
     let mut saes = widths
         .iter()
@@ -470,7 +479,11 @@ fn train_command(args: TrainArgs) -> Result<()> {
                 buffer_tokens: args.shuffle_buffer,
             },
         )?),
-        (None, Some(model)) => Box::new(args.data.stream(model, streamed, Some(needed), skip)?),
+        (None, Some(model)) => {
+            // With excluded tokens, how many chunks give `needed` rows is not known ahead.
+            let rows = args.exclude_tokens.is_empty().then_some(needed);
+            Box::new(args.data.stream(model, streamed, rows, skip)?)
+        }
         (None, None) => unreachable!(),
     };
     let checkpoints: Vec<PathBuf> = names

@@ -75,6 +75,11 @@ pub struct TrainOptions {
     /// Absent from older checkpoints, which mean `false`.
     #[serde(default)]
     pub finetune: bool,
+    /// [`train`] and [`train_many`] leave out the rows of these token ids (sparsify's
+    /// `exclude_tokens`, e.g. a BOS token whose activations are outliers); the tokens counted
+    /// are the rows kept. Absent from older checkpoints, which mean none.
+    #[serde(default)]
+    pub exclude_tokens: Vec<u32>,
 }
 
 /// Precision of the encoder's dense product `(x − b_dec) W_encᵀ` in training (`2 d n` FLOP
@@ -130,6 +135,7 @@ impl Default for TrainOptions {
             skip_first_positions: 0,
             encoder_dtype: EncoderDtype::Auto,
             finetune: false,
+            exclude_tokens: Vec::new(),
         }
     }
 }
@@ -780,10 +786,13 @@ fn batch_grads(
 }
 
 /// Rows of some hook points taken from a source in exact counts (the same rows for every
-/// point), carrying the rest of a batch over to the next call.
+/// point, without those of excluded tokens), carrying the rest of a batch over to the next
+/// call.
 struct Rows<'s> {
     source: &'s mut dyn ActivationSource,
     points: Vec<HookPoint>,
+    /// Token ids whose rows are left out.
+    exclude: &'s [u32],
     /// Per point, rows read but not yet taken.
     pending: Vec<Vec<Tensor>>,
     have: usize,
@@ -797,13 +806,25 @@ impl Rows<'_> {
             let Some(batch) = self.source.next_batch()? else {
                 return Ok(Err(self.have));
             };
+            let kept: Vec<u32> = (0..batch.len() as u32)
+                .filter(|&i| !self.exclude.contains(&batch.tokens[i as usize]))
+                .collect();
+            let kept = (kept.len() < batch.len())
+                .then(|| Tensor::new(kept.as_slice(), &candle_core::Device::Cpu))
+                .transpose()?;
+            let mut count = batch.len();
             for (point, pending) in self.points.iter().zip(self.pending.iter_mut()) {
                 let rows = batch.activations.get(point).ok_or_else(|| {
                     Error::Training(format!("a batch lacks hook point '{point}'"))
                 })?;
-                pending.push(rows.clone());
+                let rows = match &kept {
+                    Some(kept) => rows.index_select(&kept.to_device(rows.device())?, 0)?,
+                    None => rows.clone(),
+                };
+                count = rows.dim(0)?;
+                pending.push(rows);
             }
-            self.have += batch.len();
+            self.have += count;
         }
         let mut taken = Vec::with_capacity(self.points.len());
         for pending in self.pending.iter_mut() {
@@ -820,9 +841,14 @@ impl Rows<'_> {
         Ok(Ok(taken))
     }
 
-    /// Skips `n` rows (cheaply where the source can), to resume.
+    /// Skips `n` rows (cheaply where the source can, unless rows are excluded: then the
+    /// source's rows are not the rows counted), to resume.
     fn skip(&mut self, n: u64) -> Result<()> {
-        let mut rest = n - self.source.skip_tokens(n)?;
+        let mut rest = if self.exclude.is_empty() {
+            n - self.source.skip_tokens(n)?
+        } else {
+            n
+        };
         while rest > 0 {
             let chunk = rest.min(1 << 16) as usize;
             if self.take(chunk)?.is_err() {
@@ -958,6 +984,7 @@ pub fn train_many(
     let mut rows = Rows {
         source,
         points: needed.clone(),
+        exclude: &options.exclude_tokens,
         pending: vec![Vec::new(); needed.len()],
         have: 0,
         consumed: 0,
@@ -1500,6 +1527,7 @@ mod tests {
             skip_first_positions: 0,
             encoder_dtype: EncoderDtype::F32,
             finetune: false,
+            exclude_tokens: Vec::new(),
         };
         let mut trainer = Trainer::new(&sae, options.clone()).unwrap();
         let first = trainer.step(&mut sae, &x).unwrap();

@@ -671,3 +671,39 @@ fn finetune_trains_saes_further() {
         "{message}"
     );
 }
+
+/// `sae train --exclude-tokens`: recorded in the checkpoint (a re-run excluding other
+/// tokens is refused), and a cache's step count must then be given.
+#[test]
+fn exclude_tokens_is_recorded_and_needs_a_step_count_on_a_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = model_folder(tmp.path());
+    let cache = cache_of_text(tmp.path(), &model_dir, "layers.1");
+    let out = tmp.path().join("saes");
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--activations",
+            s(&cache),
+            "--output",
+            s(&out),
+            "--batch-size",
+            "256",
+            "--num-latents",
+            "48",
+            "--k",
+            "3",
+        ];
+        args.extend(extra);
+        sae_cli(&args).map_err(|e| format!("{e:#}"))
+    };
+    let message = train(&["--exclude-tokens", "0,13"]).unwrap_err();
+    assert!(
+        message.contains("give --steps or --max-tokens"),
+        "{message}"
+    );
+    train(&["--exclude-tokens", "0,13", "--steps", "2"]).unwrap();
+    assert_eq!(read_history(&out, "layers.1").len(), 2);
+    let message = train(&["--exclude-tokens", "0", "--steps", "2"]).unwrap_err();
+    assert!(message.contains("other training options"), "{message}");
+}

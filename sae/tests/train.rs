@@ -99,6 +99,7 @@ fn options() -> TrainOptions {
         skip_first_positions: 0,
         encoder_dtype: EncoderDtype::F32,
         finetune: false,
+        exclude_tokens: Vec::new(),
     }
 }
 
@@ -261,36 +262,21 @@ fn resumes_exactly(skip_connection: bool) {
     .unwrap();
 
     // 1800 tokens: the data runs out during step 8, after the checkpoint of step 4.
-    let dir = tempfile::tempdir().unwrap();
-    let mut sae = fresh();
-    let message = train(
-        &mut sae,
+    let run = interrupt_and_resume(
+        &fresh,
         &mut Planted::new(5, 18),
-        POINT,
-        &options,
-        Some(dir.path()),
-        |_| {},
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        message.contains("step 8") && message.contains("last checkpoint"),
-        "{message}"
-    );
-    let mut sae = fresh();
-    let mut resumed_steps = Vec::new();
-    let history = train(
-        &mut sae,
         &mut Planted::new(5, 40),
-        POINT,
         &options,
-        Some(dir.path()),
-        |r| resumed_steps.push(r.step),
-    )
-    .unwrap();
-    assert_eq!(resumed_steps, (5..=12).collect::<Vec<u64>>());
-    assert_eq!(history, full);
-    assert_eq!(flat(&sae), flat(&straight));
+    );
+    assert!(
+        run.message.contains("step 8") && run.message.contains("last checkpoint"),
+        "{}",
+        run.message
+    );
+    assert_eq!(run.resumed_steps, (5..=12).collect::<Vec<u64>>());
+    assert_eq!(run.history, full);
+    assert_eq!(flat(&run.sae), flat(&straight));
+    let dir = run.dir;
 
     // A finished run's checkpoint with other options is refused.
     let other = TrainOptions {
@@ -396,6 +382,7 @@ fn trains_on_model_activations_over_text() {
             skip_first_positions: 0,
             encoder_dtype,
             finetune: false,
+            exclude_tokens: Vec::new(),
         };
         let history = train(&mut sae, &mut source, POINT, &options, None, |_| {}).unwrap();
         let first = history[0].fvu;
@@ -551,4 +538,128 @@ fn skipping_the_first_positions_keeps_their_rows_from_the_trainer() {
         trainer.step(&mut by_hand, &batch).unwrap();
     }
     assert_eq!(flat(&trained), flat(&by_hand));
+}
+
+/// `exclude_tokens`: the rows of the excluded token ids never reach the trainer (three steps
+/// are three steps by hand over the rows kept, from a direct forward pass), and a run
+/// interrupted by the data running out resumes exactly, reading past the excluded rows again.
+#[test]
+fn excluded_tokens_never_reach_the_trainer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let seq_len = 32;
+    let spec = DataSpec::new(vec![repo().join("data/wikitext-2-raw-test.txt")], seq_len);
+    let stream = |sequences: u64| {
+        let chunks = spec.chunks(Some(model.tokenizer().unwrap())).unwrap();
+        ModelActivations::new(&model, chunks, vec![POINT], 4, DType::F32, Some(sequences)).unwrap()
+    };
+    let ids: Vec<u32> = spec
+        .chunks(Some(model.tokenizer().unwrap()))
+        .unwrap()
+        .next_chunks(16)
+        .unwrap()
+        .concat();
+    // The two most frequent tokens of the 16 sequences.
+    let mut counts = std::collections::BTreeMap::new();
+    for &id in &ids {
+        *counts.entry(id).or_insert(0usize) += 1;
+    }
+    let mut by_count: Vec<(usize, u32)> = counts.iter().map(|(&id, &c)| (c, id)).collect();
+    by_count.sort_unstable_by(|a, b| b.cmp(a));
+    let excluded = vec![by_count[0].1, by_count[1].1];
+    let ids_tensor = Tensor::from_vec(ids.clone(), (16, seq_len), &Device::Cpu).unwrap();
+    let direct = model
+        .forward(&ids_tensor, &mut hooks::Hooks::capture_only([POINT]))
+        .unwrap()
+        .captures[&POINT]
+        .reshape((16 * seq_len, D))
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let kept: Vec<Vec<f32>> = direct
+        .into_iter()
+        .zip(&ids)
+        .filter(|(_, id)| !excluded.contains(id))
+        .map(|(row, _)| row)
+        .collect();
+    assert!(
+        kept.len() >= 300 && kept.len() < 16 * seq_len - 40,
+        "{}",
+        kept.len()
+    );
+
+    let options = TrainOptions {
+        steps: 3,
+        tokens_per_step: 100,
+        chunk_tokens: 64,
+        warmup_steps: 1,
+        checkpoint_every: 1,
+        exclude_tokens: excluded.clone(),
+        ..options()
+    };
+    let fresh = || Sae::new(SaeConfig::new(D, 64, 4), 0, &Device::Cpu).unwrap();
+    let mut trained = fresh();
+    train(&mut trained, &mut stream(16), POINT, &options, None, |_| {}).unwrap();
+    let mut by_hand = fresh();
+    let mut trainer = sae::train::Trainer::new(&by_hand, options.clone()).unwrap();
+    for step in 0..3 {
+        let batch: Vec<f32> = kept[step * 100..(step + 1) * 100].concat();
+        let batch = Tensor::from_vec(batch, (100, D), &Device::Cpu).unwrap();
+        trainer.step(&mut by_hand, &batch).unwrap();
+    }
+    assert_eq!(flat(&trained), flat(&by_hand));
+
+    // 8 sequences keep fewer than 300 rows: the data runs out during step 3, after the
+    // checkpoint of step 2; the resumed run skips the 200 rows kept so far and ends as the
+    // straight run did.
+    let run = interrupt_and_resume(&fresh, &mut stream(8), &mut stream(16), &options);
+    assert!(run.message.contains("step 3"), "{}", run.message);
+    assert_eq!(run.resumed_steps, vec![3]);
+    assert_eq!(flat(&run.sae), flat(&trained));
+}
+
+/// What [`interrupt_and_resume`] saw.
+struct Resumed {
+    /// The interrupted run's error.
+    message: String,
+    /// The steps the resumed run took, its SAE and its history (resumed steps included).
+    resumed_steps: Vec<u64>,
+    sae: Sae,
+    history: Vec<StepRecord>,
+    /// The checkpoint folder.
+    dir: tempfile::TempDir,
+}
+
+/// Trains a `fresh()` SAE on `short` with a checkpoint folder until the data runs out, then
+/// another `fresh()` one on `full` from that folder.
+fn interrupt_and_resume(
+    fresh: &dyn Fn() -> Sae,
+    short: &mut dyn ActivationSource,
+    full: &mut dyn ActivationSource,
+    options: &TrainOptions,
+) -> Resumed {
+    let dir = tempfile::tempdir().unwrap();
+    let message = train(
+        &mut fresh(),
+        short,
+        POINT,
+        options,
+        Some(dir.path()),
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    let mut sae = fresh();
+    let mut resumed_steps = Vec::new();
+    let history = train(&mut sae, full, POINT, options, Some(dir.path()), |r| {
+        resumed_steps.push(r.step)
+    })
+    .unwrap();
+    Resumed {
+        message,
+        resumed_steps,
+        sae,
+        history,
+        dir,
+    }
 }

@@ -110,7 +110,8 @@ struct RunArgs {
     /// Environment variable holding the server's API key (never logged or written).
     #[arg(long)]
     api_key_env: Option<String>,
-    /// Scorers, comma separated: detection, fuzzing, embedding.
+    /// Scorers, comma separated: detection, fuzzing, embedding, intruder (explanation-free:
+    /// find the silent excerpt among activating ones).
     #[arg(long, default_value = "detection,fuzzing")]
     scorers: String,
     /// Output folder (explanations/, scores/<scorer>/, summary.json).
@@ -293,7 +294,10 @@ fn parse_scorers(text: &str) -> Result<Vec<Scorer>> {
             "detection" => Scorer::Detection,
             "fuzzing" | "fuzz" => Scorer::Fuzzing,
             "embedding" => Scorer::Embedding,
-            other => bail!("unknown scorer '{other}' (known: detection, fuzzing, embedding)"),
+            "intruder" => Scorer::Intruder,
+            other => {
+                bail!("unknown scorer '{other}' (known: detection, fuzzing, embedding, intruder)")
+            }
         };
         if !scorers.contains(&scorer) {
             scorers.push(scorer);

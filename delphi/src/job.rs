@@ -27,8 +27,8 @@ use crate::llm::{Llm, Usage};
 use crate::metrics::{median, Confusion};
 use crate::prompts::{ClassifierTask, ShownExample};
 use crate::score::{
-    classifier_summary, classify, embed_score, embedding_auc, ClassifiedSample, EmbeddedSample,
-    Sample, ScoreConfig, Scorer,
+    classifier_summary, classify, embed_score, embedding_auc, intrude, intruder_accuracy,
+    ClassifiedSample, EmbeddedSample, IntruderResult, Sample, ScoreConfig, Scorer,
 };
 use crate::{Error, Result};
 
@@ -307,6 +307,13 @@ async fn process_latent(
                 write_json_file(&path, &scored)?;
                 continue;
             }
+            Scorer::Intruder => {
+                let score =
+                    intrude(models.scorer, &samples, &config.score, seed ^ scorer as u64).await?;
+                counters.spend(score.usage);
+                write_json_file(&path, &score.results)?;
+                continue;
+            }
         };
         let score = classify(
             models.scorer,
@@ -433,6 +440,12 @@ pub struct ScorerSummary {
     pub median_auc: Option<f64>,
     /// Counts pooled over all latents' excerpts (delphi's aggregate), with failed parses.
     pub pooled: Option<Confusion>,
+    /// Median over latents of the share of prompts whose intruder was found (intruder).
+    #[serde(default)]
+    pub median_accuracy: Option<f64>,
+    /// Prompts whose answer could not be read (intruder).
+    #[serde(default)]
+    pub failed_prompts: Option<u64>,
 }
 
 /// The summary of a job's output folder.
@@ -452,6 +465,7 @@ pub fn summarize(output: &Path, config: &JobConfig) -> Result<JobSummary> {
     for &scorer in &config.scorers {
         let (mut accuracies, mut f1s, mut aucs) = (Vec::new(), Vec::new(), Vec::new());
         let mut pooled: Option<Confusion> = None;
+        let (mut found_shares, mut failed_prompts) = (Vec::new(), None);
         let mut latents = 0;
         for hookpoint in &config.hookpoints {
             for latent in config.latents.clone() {
@@ -463,6 +477,13 @@ pub fn summarize(output: &Path, config: &JobConfig) -> Result<JobSummary> {
                 if scorer == Scorer::Embedding {
                     let samples: Vec<EmbeddedSample> = read_json_file(&path)?;
                     aucs.extend(embedding_auc(&samples));
+                    continue;
+                }
+                if scorer == Scorer::Intruder {
+                    let results: Vec<IntruderResult> = read_json_file(&path)?;
+                    found_shares.extend(intruder_accuracy(&results));
+                    *failed_prompts.get_or_insert(0) +=
+                        results.iter().filter(|r| r.prediction.is_none()).count() as u64;
                     continue;
                 }
                 let samples: Vec<ClassifiedSample> = read_json_file(&path)?;
@@ -483,6 +504,8 @@ pub fn summarize(output: &Path, config: &JobConfig) -> Result<JobSummary> {
                 median_f1: median(&f1s),
                 median_auc: median(&aucs),
                 pooled,
+                median_accuracy: median(&found_shares),
+                failed_prompts,
             },
         );
     }
@@ -500,21 +523,37 @@ pub fn summarize(output: &Path, config: &JobConfig) -> Result<JobSummary> {
 pub fn summary_table(summary: &JobSummary) -> String {
     let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
     let mut out = format!(
-        "{} latents explained\n{:<10} {:>8} {:>14} {:>10} {:>10} {:>14}\n",
-        summary.explained, "scorer", "latents", "balanced acc.", "F1", "AUC", "failed parses"
+        "{} latents explained\n{:<10} {:>8} {:>14} {:>10} {:>10} {:>10} {:>14}\n",
+        summary.explained,
+        "scorer",
+        "latents",
+        "balanced acc.",
+        "F1",
+        "AUC",
+        "accuracy",
+        "failed parses"
     );
     for (name, s) in &summary.scorers {
+        let failed = s
+            .pooled
+            .map(|p| p.failed)
+            .or(s.failed_prompts)
+            .map_or("-".to_string(), |f| f.to_string());
         out.push_str(&format!(
-            "{:<10} {:>8} {:>14} {:>10} {:>10} {:>14}\n",
+            "{:<10} {:>8} {:>14} {:>10} {:>10} {:>10} {:>14}\n",
             name,
             s.latents,
             cell(s.median_balanced_accuracy),
             cell(s.median_f1),
             cell(s.median_auc),
-            s.pooled.map_or("-".to_string(), |p| p.failed.to_string())
+            cell(s.median_accuracy),
+            failed
         ));
     }
-    out.push_str("(medians over latents; failed parses are excerpts without a usable answer)\n");
+    out.push_str(
+        "(medians over latents; accuracy: intruder prompts whose intruder was found; failed \
+         parses: excerpts, or intruder prompts, without a usable answer)\n",
+    );
     out
 }
 

@@ -3,8 +3,9 @@
 //! The formats follow delphi's conventions so that scores are comparable: activating tokens
 //! are wrapped in `<<` `>>` (runs of tokens above 0.3 of the example's maximum), an
 //! `Activations:` line lists `("token" : n)` with n in 0-10, the explainer ends its answer
-//! with a line starting `[EXPLANATION]:`, and the scorers answer with a list of 0/1, one per
-//! numbered example. The wording and the few-shot examples are our own.
+//! with a line starting `[EXPLANATION]:`, the scorers answer with a list of 0/1, one per
+//! numbered example, and the intruder scorer with `[RESPONSE]:` and the intruder's number.
+//! The wording and the few-shot examples are our own.
 
 use crate::llm::Message;
 
@@ -223,6 +224,67 @@ pub fn classifier_messages(
     ]
 }
 
+/// The marker the intruder scorer's answer gives the intruder's number after.
+pub const RESPONSE_MARKER: &str = "[RESPONSE]:";
+
+const INTRUDER_SYSTEM: &str = "\
+You look for the odd one out. You get a numbered list of text excerpts; in most of them some \
+tokens are wrapped in << and >>. All excerpts but one share something: a topic, a word, a \
+spelling, a grammatical role, usually visible in the marked tokens. Exactly one excerpt, the \
+intruder, does not belong with the others. Keep your reasoning short, then end with a line \
+[RESPONSE]: followed by the number of the intruder and nothing else.";
+
+/// Few-shot turns: the excerpts, then the answer.
+const INTRUDER_SHOTS: [(&str, &str); 2] = [
+    (
+        "Example 0: We ordered<< pasta>> and a salad for the table.
+Example 1: She baked fresh<< bread>> every Sunday morning.
+Example 2: The<< committee>> will vote on the budget in May.
+Example 3: He spread<< butter>> on the warm toast.",
+        "Three excerpts mark a food; example 2 marks a group of people. [RESPONSE]: 2",
+    ),
+    (
+        "Example 0: The river rose<< quickly>> after the storm.
+Example 1: She answered the letter<< politely>> but firmly.
+Example 2: They walked<< slowly>> along the old wall.
+Example 3: The<< train>> left at nine.
+Example 4: He closed the door<< quietly>> behind him.",
+        "All marks but one are adverbs ending in -ly; example 3 marks a noun. [RESPONSE]: 3",
+    ),
+];
+
+/// The intruder scorer's conversation: excerpts numbered from 0, marked, one of them the
+/// intruder.
+pub fn intruder_messages(excerpts: &[String]) -> Vec<Message> {
+    let numbered = |texts: &[String]| -> String {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, text)| format!("Example {i}: {text}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mut messages = vec![Message::system(INTRUDER_SYSTEM)];
+    for (shown, answer) in INTRUDER_SHOTS {
+        messages.push(Message::user(format!("Excerpts:\n{shown}")));
+        messages.push(Message::assistant(answer));
+    }
+    messages.push(Message::user(format!("Excerpts:\n{}", numbered(excerpts))));
+    messages
+}
+
+/// The intruder's number in an intruder scorer's reply: the integer right after the first
+/// `[RESPONSE]:`, if it is below `shown`. `None` otherwise.
+pub fn parse_intruder(answer: &str, shown: usize) -> Option<usize> {
+    let (_, after) = answer.split_once(RESPONSE_MARKER)?;
+    let digits: String = after
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok().filter(|&n| n < shown)
+}
+
 /// The 0/1 answers in a scorer's reply: the first `[...]` holding exactly `expected`
 /// entries, each 0, 1, true or false. `None` otherwise.
 pub fn parse_predictions(answer: &str, expected: usize) -> Option<Vec<bool>> {
@@ -249,6 +311,24 @@ pub fn parse_predictions(answer: &str, expected: usize) -> Option<Vec<bool>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn intruder_prompt_numbers_the_excerpts_and_the_answer_is_read_after_the_marker() {
+        let excerpts = vec!["a<< b>>".to_string(), "c d".to_string()];
+        let messages = intruder_messages(&excerpts);
+        assert_eq!(messages.len(), 6);
+        let last = &messages.last().unwrap().content;
+        assert_eq!(last, "Excerpts:\nExample 0: a<< b>>\nExample 1: c d");
+        // The few-shot answers parse to their intruders.
+        for (shots, expected) in INTRUDER_SHOTS.iter().zip([2, 3]) {
+            let shown = shots.0.lines().count();
+            assert_eq!(parse_intruder(shots.1, shown), Some(expected));
+        }
+        assert_eq!(parse_intruder("odd one: [RESPONSE]:  1\n", 2), Some(1));
+        assert_eq!(parse_intruder("[RESPONSE]: 2", 2), None);
+        assert_eq!(parse_intruder("[RESPONSE]: two", 2), None);
+        assert_eq!(parse_intruder("Example 1 is the odd one", 2), None);
+    }
 
     fn example(tokens: &[&str], activations: &[f32]) -> ShownExample {
         let max = 10.0;

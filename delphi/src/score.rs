@@ -8,18 +8,24 @@
 //!   as many random marks as an activating excerpt has on average.
 //! - **Embedding**: no LLM; the cosine similarity between the explanation's and each
 //!   excerpt's sentence embeddings, summarised by the ROC AUC.
+//! - **Intruder**: no explanation; the LLM sees marked activating excerpts of one quantile
+//!   and one silent excerpt with random marks, and must name the odd one out (Paulo and
+//!   Belrose 2025): how recognisable the latent itself is.
 //!
 //! Per-example records follow delphi's shapes so its analysis scripts read our files.
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use std::collections::BTreeMap;
+
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::embedding::{cosine, SentenceEmbedder};
 use crate::llm::{ChatRequest, Llm, TokenLogprobs, Usage};
 use crate::metrics::{roc_auc, ClassificationSummary, Confusion};
 use crate::prompts::{
-    active_tokens, classifier_messages, highlight, parse_predictions, ClassifierTask,
+    active_tokens, classifier_messages, highlight, intruder_messages, parse_intruder,
+    parse_predictions, ClassifierTask, RESPONSE_MARKER,
 };
 use crate::Result;
 
@@ -45,6 +51,8 @@ pub enum Scorer {
     Fuzzing,
     /// Sentence-embedding similarity of explanation and excerpt (no LLM).
     Embedding,
+    /// Find the silent excerpt among marked activating ones (no explanation).
+    Intruder,
 }
 
 impl Scorer {
@@ -54,6 +62,7 @@ impl Scorer {
             Scorer::Detection => "detection",
             Scorer::Fuzzing => "fuzz",
             Scorer::Embedding => "embedding",
+            Scorer::Intruder => "intruder",
         }
     }
 }
@@ -168,6 +177,156 @@ pub fn embedding_auc(samples: &[EmbeddedSample]) -> Option<f64> {
     roc_auc(&labels, &scores)
 }
 
+/// One intruder prompt, in the shape of delphi's `IntruderSentence`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IntruderSentence {
+    /// The excerpts as shown (marked), the intruder among them.
+    pub examples: Vec<String>,
+    /// Where the intruder is among them.
+    pub intruder_index: usize,
+    /// The quantile the activating excerpts come from (0 = strongest).
+    pub chosen_quantile: i64,
+    /// Per excerpt, the latent's activation per token.
+    pub activations: Vec<Vec<f32>>,
+    /// Per excerpt, the text of each token.
+    pub tokens: Vec<Vec<String>>,
+    /// The intruder's distance (-1: a silent excerpt).
+    pub intruder_distance: i64,
+}
+
+/// One intruder prompt's outcome, in the shape of delphi's `IntruderResult`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IntruderResult {
+    /// What the LLM wrote before `[RESPONSE]:` (its reasoning).
+    pub interpretation: String,
+    /// The prompt's excerpts.
+    pub sample: IntruderSentence,
+    /// The excerpt the LLM named; `None` when its answer could not be read.
+    pub prediction: Option<usize>,
+    /// Where the intruder was.
+    pub correct_index: usize,
+    /// Whether it was found; `None` when the answer could not be read.
+    pub correct: Option<bool>,
+}
+
+/// Outcome of the intruder scorer on one latent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IntruderScore {
+    /// Per prompt.
+    pub results: Vec<IntruderResult>,
+    /// Prompts whose answer could not be read.
+    pub failed_prompts: usize,
+    /// Tokens spent.
+    pub usage: Usage,
+}
+
+/// Share of a latent's intruder prompts whose intruder was found (an unreadable answer
+/// counts as not found, as in delphi); `None` without prompts.
+pub fn intruder_accuracy(results: &[IntruderResult]) -> Option<f64> {
+    (!results.is_empty()).then(|| {
+        let found = results.iter().filter(|r| r.correct == Some(true)).count();
+        found as f64 / results.len() as f64
+    })
+}
+
+/// `count` random tokens of `tokens` marked (all of them when there are fewer).
+fn random_marks(tokens: usize, count: usize, rng: &mut rand::rngs::StdRng) -> Vec<bool> {
+    let mut marked = vec![false; tokens];
+    for i in rand::seq::index::sample(rng, tokens, count.min(tokens)) {
+        marked[i] = true;
+    }
+    marked
+}
+
+/// Runs the intruder scorer on `samples`: one prompt per silent excerpt (the intruder),
+/// shown among up to [`ScoreConfig::examples_per_prompt`]` - 1` activating excerpts of one
+/// quantile (quantiles taken in turn, excerpts drawn with `seed`) at a random position.
+/// Activating excerpts carry their true marks, the intruder as many random marks as they
+/// have on average (at least one). As for [`classify`], an LLM error fails the scorer and an
+/// unreadable answer is counted. No prompt without both kinds of excerpt.
+pub async fn intrude(
+    llm: &dyn Llm,
+    samples: &[Sample],
+    config: &ScoreConfig,
+    seed: u64,
+) -> Result<IntruderScore> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut quantiles: BTreeMap<i64, Vec<&Sample>> = BTreeMap::new();
+    for sample in samples.iter().filter(|s| s.activating) {
+        quantiles.entry(sample.distance).or_default().push(sample);
+    }
+    let silent = samples.iter().filter(|s| !s.activating);
+    let per_prompt = config.examples_per_prompt.saturating_sub(1).max(1);
+    let mut prompts = Vec::new();
+    for (intruder, (&quantile, group)) in silent.zip(quantiles.iter().cycle()) {
+        let chosen: Vec<&Sample> = group
+            .choose_multiple(&mut rng, per_prompt.min(group.len()))
+            .copied()
+            .collect();
+        let marks: Vec<Vec<bool>> = chosen
+            .iter()
+            .map(|s| active_tokens(&s.activations))
+            .collect();
+        let marked: usize = marks.iter().flatten().filter(|&&m| m).count();
+        let n_marks = marked.div_ceil(chosen.len()).max(1);
+        let intruder_marks = random_marks(intruder.tokens.len(), n_marks, &mut rng);
+        let at = rng.random_range(0..=chosen.len());
+        let mut shown: Vec<(&Sample, Vec<bool>)> = chosen.into_iter().zip(marks).collect();
+        shown.insert(at, (intruder, intruder_marks));
+        prompts.push(IntruderSentence {
+            examples: shown.iter().map(|(s, m)| highlight(&s.tokens, m)).collect(),
+            intruder_index: at,
+            chosen_quantile: quantile,
+            activations: shown.iter().map(|(s, _)| s.activations.clone()).collect(),
+            tokens: shown.iter().map(|(s, _)| s.tokens.clone()).collect(),
+            intruder_distance: intruder.distance,
+        });
+    }
+    let requests = prompts.iter().map(|prompt| {
+        llm.chat(ChatRequest {
+            messages: intruder_messages(&prompt.examples),
+            max_tokens: config.max_tokens,
+            temperature: config.temperature,
+            top_logprobs: None,
+        })
+    });
+    let responses = futures::future::try_join_all(requests).await?;
+    let mut usage = Usage::default();
+    let mut failed_prompts = 0;
+    let results = prompts
+        .into_iter()
+        .zip(responses)
+        .map(|(sample, response)| {
+            usage.add(response.usage);
+            let prediction = parse_intruder(&response.text, sample.examples.len());
+            if prediction.is_none() {
+                failed_prompts += 1;
+                let shown: String = response.text.chars().take(200).collect();
+                tracing::warn!("unreadable intruder answer: {shown:?}");
+            }
+            let interpretation = response
+                .text
+                .split(RESPONSE_MARKER)
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            IntruderResult {
+                interpretation,
+                correct_index: sample.intruder_index,
+                correct: prediction.map(|p| p == sample.intruder_index),
+                prediction,
+                sample,
+            }
+        })
+        .collect();
+    Ok(IntruderScore {
+        results,
+        failed_prompts,
+        usage,
+    })
+}
+
 /// Marks for every sample: the true active tokens of activating samples; for fuzzing, random
 /// tokens of silent ones, as many as activating samples have on average (at least one).
 fn marks(
@@ -197,11 +356,7 @@ fn marks(
             Some(if sample.activating {
                 active
             } else {
-                let mut marked = vec![false; sample.tokens.len()];
-                for i in rand::seq::index::sample(rng, marked.len(), n_marks.min(marked.len())) {
-                    marked[i] = true;
-                }
-                marked
+                random_marks(sample.tokens.len(), n_marks, rng)
             })
         })
         .collect()
@@ -483,6 +638,152 @@ mod tests {
         let (summary, _) = classifier_summary(&score.samples);
         assert_eq!(summary.confusion.failed, 12);
         assert_eq!(summary.balanced_accuracy, None);
+    }
+
+    /// Names the excerpt without "cat" as the intruder, or always `fixed` when given;
+    /// rambles without an answer when the prompt holds "dog" and `ramble` is set.
+    struct OddOneOut {
+        fixed: Option<usize>,
+        ramble: bool,
+    }
+
+    impl Llm for OddOneOut {
+        fn chat(&self, request: ChatRequest) -> BoxFuture<'_, Result<ChatResponse>> {
+            Box::pin(async move {
+                let prompt = &request.messages.last().unwrap().content;
+                let odd = prompt
+                    .lines()
+                    .filter(|l| l.starts_with("Example "))
+                    .position(|l| !l.contains("cat"))
+                    .unwrap();
+                let text = match (self.fixed, self.ramble) {
+                    (_, true) => "They all look alike to me.".to_string(),
+                    (Some(n), _) => format!("[RESPONSE]: {n}"),
+                    (None, _) => format!("No cat there. [RESPONSE]: {odd}"),
+                };
+                Ok(ChatResponse {
+                    text,
+                    logprobs: None,
+                    usage: Usage {
+                        prompt_tokens: 10,
+                        completion_tokens: 5,
+                    },
+                })
+            })
+        }
+        fn name(&self) -> String {
+            "odd one out".into()
+        }
+    }
+
+    /// Two quantiles of activating cat excerpts (3 and 2 of them) and 6 silent dog excerpts.
+    fn quantiled_samples() -> Vec<Sample> {
+        let cat = |distance| Sample {
+            distance,
+            ..sample(&["a", " cat", " sat"], &[0.0, 5.0, 0.0])
+        };
+        let dog = sample(&["a", " dog", " sat"], &[0.0, 0.0, 0.0]);
+        let mut s = vec![cat(0), cat(0), cat(0), cat(1), cat(1)];
+        s.extend(std::iter::repeat_n(dog, 6));
+        s
+    }
+
+    #[test]
+    fn intruder_prompts_hide_one_silent_excerpt_among_marked_activating_ones() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let samples = quantiled_samples();
+        assert_eq!(samples.iter().filter(|s| !s.activating).count(), 6);
+        let judge = OddOneOut {
+            fixed: None,
+            ramble: false,
+        };
+        let config = ScoreConfig::default();
+        let score = rt.block_on(intrude(&judge, &samples, &config, 7)).unwrap();
+        // One prompt per silent excerpt, quantiles in turn.
+        assert_eq!(score.results.len(), 6);
+        let quantiles: Vec<i64> = score
+            .results
+            .iter()
+            .map(|r| r.sample.chosen_quantile)
+            .collect();
+        assert_eq!(quantiles, vec![0, 1, 0, 1, 0, 1]);
+        for r in &score.results {
+            let sample = &r.sample;
+            // Quantile 0 has 3 excerpts, quantile 1 has 2 (fewer than the 4 allowed).
+            assert_eq!(sample.examples.len(), 4 - sample.chosen_quantile as usize);
+            for (i, text) in sample.examples.iter().enumerate() {
+                assert_eq!(text.matches("<<").count(), 1, "{text}");
+                if i == sample.intruder_index {
+                    assert!(text.contains("dog") && sample.intruder_distance == -1);
+                } else {
+                    assert_eq!(text, "a<< cat>> sat");
+                }
+            }
+            assert_eq!(
+                (r.prediction, r.correct),
+                (Some(r.correct_index), Some(true))
+            );
+            assert_eq!(r.interpretation, "No cat there.");
+        }
+        assert_eq!(intruder_accuracy(&score.results), Some(1.0));
+        assert_eq!(
+            (score.failed_prompts, score.usage.completion_tokens),
+            (0, 30)
+        );
+        // The same seed gives the same prompts; the intruder's place varies.
+        let again = rt.block_on(intrude(&judge, &samples, &config, 7)).unwrap();
+        assert_eq!(again, score);
+        let places: std::collections::BTreeSet<usize> =
+            score.results.iter().map(|r| r.correct_index).collect();
+        assert!(places.len() > 1, "{places:?}");
+
+        // A judge that always names excerpt 0 is right where the intruder was put first;
+        // unreadable answers count as misses.
+        let first = rt
+            .block_on(intrude(
+                &OddOneOut {
+                    fixed: Some(0),
+                    ramble: false,
+                },
+                &samples,
+                &config,
+                7,
+            ))
+            .unwrap();
+        let at_zero = score
+            .results
+            .iter()
+            .filter(|r| r.correct_index == 0)
+            .count();
+        assert_eq!(
+            intruder_accuracy(&first.results),
+            Some(at_zero as f64 / 6.0)
+        );
+        let lost = rt
+            .block_on(intrude(
+                &OddOneOut {
+                    fixed: None,
+                    ramble: true,
+                },
+                &samples,
+                &config,
+                7,
+            ))
+            .unwrap();
+        assert_eq!(lost.failed_prompts, 6);
+        assert!(lost
+            .results
+            .iter()
+            .all(|r| r.prediction.is_none() && r.correct.is_none()));
+        assert_eq!(intruder_accuracy(&lost.results), Some(0.0));
+        // Without silent excerpts there is nothing to ask.
+        let only_active: Vec<Sample> = samples.into_iter().filter(|s| s.activating).collect();
+        let none = rt
+            .block_on(intrude(&judge, &only_active, &config, 7))
+            .unwrap();
+        assert!(none.results.is_empty() && intruder_accuracy(&none.results).is_none());
     }
 
     #[test]

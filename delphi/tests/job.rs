@@ -270,7 +270,7 @@ fn job_config() -> JobConfig {
     JobConfig {
         hookpoints: vec!["layers.1".into()],
         latents: 0..8,
-        scorers: vec![Scorer::Detection, Scorer::Fuzzing],
+        scorers: vec![Scorer::Detection, Scorer::Fuzzing, Scorer::Intruder],
         examples: ExampleConfig {
             example_ctx_len: 16,
             min_examples: 10,
@@ -427,6 +427,11 @@ async fn faults_lose_nothing_and_a_rerun_completes_exactly_the_missing_latents()
     assert_eq!(summary.explained as usize, explained);
     assert_eq!(summary.scorers["detection"].latents as usize, explained);
     assert_eq!(summary.scorers["fuzz"].pooled.unwrap().failed, 0);
+    let intruder = &summary.scorers["intruder"];
+    assert_eq!(intruder.latents as usize, explained);
+    assert_eq!(intruder.failed_prompts, Some(0));
+    let accuracy = intruder.median_accuracy.unwrap();
+    assert!((0.0..=1.0).contains(&accuracy), "{accuracy}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -556,7 +556,9 @@ def score(
     logprobs: bool = False,
 ) -> dict[str, Any]:
     """Scores an explanation on ``examples.test`` + ``examples.non_activating`` with
-    ``"detection"``, ``"fuzzing"`` or ``"embedding"``: metrics plus per-excerpt ``samples``."""
+    ``"detection"``, ``"fuzzing"`` or ``"embedding"``: metrics plus per-excerpt ``samples``;
+    or the latent itself with ``"intruder"`` (``explanation`` unused): ``accuracy`` of finding
+    each silent excerpt among marked activating ones, plus per-prompt ``results``."""
 
 def delphi_main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the ``delphi`` command line (``cache``, ``run``, ``summary``); returns its exit status."""

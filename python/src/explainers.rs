@@ -21,7 +21,10 @@ use delphi::llm::local::LocalLlm;
 use delphi::llm::openai::{OpenAiClient, OpenAiConfig};
 use delphi::llm::Llm;
 use delphi::prompts::ClassifierTask;
-use delphi::score::{classifier_summary, classify, embed_score, embedding_auc, ScoreConfig};
+use delphi::score::{
+    classifier_summary, classify, embed_score, embedding_auc, intrude, intruder_accuracy,
+    ScoreConfig, Scorer,
+};
 
 use crate::convert::json_to_py;
 use crate::errors::to_py_err;
@@ -348,7 +351,10 @@ static MINILM: OnceLock<SentenceEmbedder> = OnceLock::new();
 /// ``examples.non_activating``) with ``scorer``: ``"detection"`` or ``"fuzzing"`` (asks
 /// ``llm``) or ``"embedding"`` (MiniLM in process; ``llm`` may be ``None``). Returns a dict
 /// with the metrics (``balanced_accuracy``, ``precision``, ``recall``, ``f1``, ``auc``,
-/// ``failed``) and ``samples`` (per excerpt, delphi's record shape).
+/// ``failed``) and ``samples`` (per excerpt, delphi's record shape). ``"intruder"`` asks
+/// ``llm`` to find each silent excerpt among marked activating ones and ignores
+/// ``explanation``: a dict with ``accuracy`` (share of intruders found), ``failed_prompts``
+/// and ``results`` (per prompt, delphi's ``IntruderResult`` shape).
 #[pyfunction]
 #[pyo3(signature = (llm, scorer, explanation, examples, tokenizer, *, examples_per_prompt = 5, logprobs = false))]
 #[allow(clippy::too_many_arguments)]
@@ -362,13 +368,14 @@ pub fn score<'py>(
     examples_per_prompt: usize,
     logprobs: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let task = match scorer {
-        "detection" => Some(ClassifierTask::Detection),
-        "fuzzing" | "fuzz" => Some(ClassifierTask::Fuzzing),
-        "embedding" => None,
+    let kind = match scorer {
+        "detection" => Scorer::Detection,
+        "fuzzing" | "fuzz" => Scorer::Fuzzing,
+        "embedding" => Scorer::Embedding,
+        "intruder" => Scorer::Intruder,
         other => {
             return Err(PyValueError::new_err(format!(
-                "scorer '{other}' must be 'detection', 'fuzzing' or 'embedding'"
+                "scorer '{other}' must be 'detection', 'fuzzing', 'embedding' or 'intruder'"
             )))
         }
     };
@@ -382,7 +389,7 @@ pub fn score<'py>(
     let value = py
         .detach(|| -> delphi::Result<serde_json::Value> {
             let samples = scoring_samples(tokenizer.tokenizer(), &examples.examples)?;
-            let Some(task) = task else {
+            if kind == Scorer::Embedding {
                 let embedder = match MINILM.get() {
                     Some(e) => e,
                     None => {
@@ -392,10 +399,24 @@ pub fn score<'py>(
                 };
                 let scored = embed_score(embedder, explanation, &samples)?;
                 return Ok(serde_json::json!({ "auc": embedding_auc(&scored), "samples": scored }));
-            };
+            }
             let llm = llm.ok_or_else(|| {
                 delphi::Error::Invalid(format!("the {scorer} scorer needs an llm"))
             })?;
+            let task = match kind {
+                Scorer::Detection => ClassifierTask::Detection,
+                Scorer::Fuzzing => ClassifierTask::Fuzzing,
+                _ => {
+                    let result =
+                        rt.block_on(intrude(llm.as_ref(), &samples, &config, examples.seed))?;
+                    return Ok(serde_json::json!({
+                        "accuracy": intruder_accuracy(&result.results),
+                        "failed_prompts": result.failed_prompts,
+                        "usage": result.usage,
+                        "results": result.results,
+                    }));
+                }
+            };
             let result = rt.block_on(classify(
                 llm.as_ref(),
                 task,

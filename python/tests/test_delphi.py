@@ -17,7 +17,8 @@ from conftest import WIKITEXT
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """Explains with the first marked token; labels excerpts 1 when they contain it."""
+    """Explains with the first marked token; labels excerpts 1 when they contain it; names
+    the last excerpt as the intruder."""
 
     requests: list[dict] = []
 
@@ -25,12 +26,14 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).requests.append(body)
         last = body["messages"][-1]["content"]
+        lines = [l for l in last.splitlines() if l.startswith("Example ")]
         if "[EXPLANATION]:" in body["messages"][0]["content"]:
             marked = re.findall(r"<<(.*?)>>", last)
             content = f"[EXPLANATION]: the token \"{marked[0].strip() if marked else '?'}\""
+        elif "[RESPONSE]:" in body["messages"][0]["content"]:
+            content = f"The last one. [RESPONSE]: {len(lines) - 1}"
         else:
             word = last.split('"')[1]
-            lines = [l for l in last.splitlines() if l.startswith("Example ")]
             content = "[" + ", ".join("1" if word in l else "0" for l in lines) + "]"
         payload = json.dumps(
             {
@@ -118,6 +121,14 @@ def test_explain_and_score_through_a_server(latents, server, tiny_model):
     result = ei.score(llm, "detection", out["explanation"], ex, tiny_model.tokenizer, examples_per_prompt=3)
     assert len(result["samples"]) == len(ex.test) + len(ex.non_activating)
     assert result["failed"] == 0 and 0.0 <= result["balanced_accuracy"] <= 1.0
+    # The intruder scorer: one prompt per silent excerpt, found where it was put last.
+    intruder = ei.score(llm, "intruder", "", ex, tiny_model.tokenizer, examples_per_prompt=3)
+    results = intruder["results"]
+    assert len(results) == len(ex.non_activating) and intruder["failed_prompts"] == 0
+    last = [r["correct_index"] == len(r["sample"]["examples"]) - 1 for r in results]
+    assert all(r["prediction"] == len(r["sample"]["examples"]) - 1 for r in results)
+    assert intruder["accuracy"] == pytest.approx(sum(last) / len(results))
+    assert all(r["sample"]["intruder_distance"] == -1 for r in results)
     with pytest.raises(ValueError, match="scorer 'vibes'"):
         ei.score(llm, "vibes", "x", ex, tiny_model.tokenizer)
     with pytest.raises(RuntimeError, match="127.0.0.1:9"):

@@ -177,7 +177,8 @@ async fn serve(
 
 /// A deterministic "model": the explainer names the first marked token of its last prompt;
 /// scorers answer 1 for excerpts that contain that word (detection) or whose marks hold it
-/// (fuzzing), judged from the explanation text.
+/// (fuzzing), judged from the explanation text; the intruder scorer names the first excerpt
+/// whose marked text is not the most common one.
 fn answer_body(request: &Value, no_marker: bool) -> String {
     let messages = request["messages"].as_array().cloned().unwrap_or_default();
     let last = messages
@@ -185,7 +186,30 @@ fn answer_body(request: &Value, no_marker: bool) -> String {
         .and_then(|m| m["content"].as_str())
         .unwrap_or("")
         .to_string();
-    let content = if is_explainer(request) {
+    let system = messages
+        .first()
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or("");
+    let marked = |line: &str| -> String {
+        line.split("<<")
+            .skip(1)
+            .filter_map(|s| s.split(">>").next())
+            .collect()
+    };
+    let content = if system.contains("[RESPONSE]:") {
+        let marks: Vec<String> = last
+            .lines()
+            .filter(|l| l.starts_with("Example "))
+            .map(marked)
+            .collect();
+        let common = marks
+            .iter()
+            .max_by_key(|m| marks.iter().filter(|o| o == m).count())
+            .cloned()
+            .unwrap_or_default();
+        let odd = marks.iter().position(|m| *m != common).unwrap_or(0);
+        format!("This one differs. [RESPONSE]: {odd}")
+    } else if is_explainer(request) {
         let word = last
             .split("<<")
             .nth(1)
@@ -204,13 +228,8 @@ fn answer_body(request: &Value, no_marker: bool) -> String {
             .lines()
             .filter(|l| l.starts_with("Example "))
             .map(|l| {
-                let marked: String = l
-                    .split("<<")
-                    .skip(1)
-                    .filter_map(|s| s.split(">>").next())
-                    .collect();
                 let hit = if l.contains("<<") {
-                    marked.contains(&word)
+                    marked(l).contains(&word)
                 } else {
                     l.contains(&word)
                 };

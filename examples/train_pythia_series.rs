@@ -148,7 +148,7 @@ fn main() -> Result<()> {
                     .with_context(|| format!("{}: no tensor {n}", state_path.display()))
             })
             .collect::<Result<Vec<_>>>()?;
-        optimizer.restore(state.step, &tensors, params.len())?;
+        optimizer.restore(state.step, &tensors, "state", params.len())?;
         tracing::info!("resuming from step {}", state.step);
         (params, state)
     } else {
@@ -334,7 +334,7 @@ fn named(
         .zip(params)
         .map(|((n, _), t)| (n.clone(), t.clone()))
         .collect();
-    out.extend(opt.state_tensors());
+    out.extend(opt.state_tensors("state"));
     out
 }
 

@@ -1,8 +1,9 @@
 //! Optimisers with saveable state, gradient clipping and learning-rate schedules, for the
 //! trainers that compute their gradients by hand (lens, SAE). candle-nn's optimisers cannot
-//! save their state and its SGD has no momentum; these follow PyTorch's update rules exactly.
+//! save their state and its SGD has no momentum; these follow PyTorch's update rules exactly
+//! (and sparsify's Muon).
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::cuda_kernels::KernelSource;
 use crate::{Error, Result};
@@ -42,16 +43,28 @@ pub enum Rule {
         /// Keep the running maximum of the second moment.
         amsgrad: bool,
     },
+    /// Muon, as sparsify has it (`sparsify/muon.py`, after Keller Jordan's): momentum, then
+    /// the update orthogonalised by quintic Newton-Schulz iterations in bf16, scaled by
+    /// `0.2 √max(rows, cols)`; for matrices only. Its weight decay is decoupled: the
+    /// parameter shrinks by `lr × weight_decay` before each update.
+    Muon {
+        /// Momentum factor.
+        momentum: f64,
+        /// Nesterov momentum.
+        nesterov: bool,
+        /// Newton-Schulz iterations.
+        ns_steps: usize,
+    },
 }
 
 /// An optimiser over a fixed list of parameter tensors. Weight decay is coupled (added to
-/// the gradient), as in PyTorch's SGD and Adam.
+/// the gradient), as in PyTorch's SGD and Adam, except for Muon (decoupled).
 #[derive(Debug, Clone)]
 pub struct Optimizer {
     rule: Rule,
     weight_decay: f64,
     step: u64,
-    /// Per parameter: SGD `[momentum]`; Adam `[m, v]` or `[m, v, v_max]`.
+    /// Per parameter: SGD and Muon `[momentum]`; Adam `[m, v]` or `[m, v, v_max]`.
     state: Vec<Vec<Tensor>>,
 }
 
@@ -84,6 +97,36 @@ impl Optimizer {
         self.step += 1;
         let t = self.step as i32;
         for (i, (param, grad)) in params.iter_mut().zip(grads).enumerate() {
+            if let Rule::Muon {
+                momentum,
+                nesterov,
+                ns_steps,
+            } = self.rule
+            {
+                if self.weight_decay != 0.0 {
+                    *param = (&*param * (1.0 - lr * self.weight_decay))?;
+                }
+                if first {
+                    self.state.push(vec![grad.zeros_like()?]);
+                }
+                let buf = ((&self.state[i][0] * momentum)? + (grad * (1.0 - momentum))?)?;
+                let direction = if nesterov {
+                    ((grad * (1.0 - momentum))? + (&buf * momentum)?)?
+                } else {
+                    buf.clone()
+                };
+                self.state[i][0] = buf;
+                let (rows, cols) = param.dims2().map_err(|_| {
+                    Error::InvalidArgument(format!(
+                        "Muon updates matrices only, not a tensor of shape {:?}",
+                        param.dims()
+                    ))
+                })?;
+                let update = newton_schulz(&direction, ns_steps)?.to_dtype(param.dtype())?;
+                let scale = 0.2 * (rows.max(cols) as f64).sqrt();
+                *param = (&*param - (update * (lr * scale))?)?;
+                continue;
+            }
             let grad = if self.weight_decay != 0.0 {
                 (grad + (&*param * self.weight_decay)?)?
             } else {
@@ -155,13 +198,14 @@ impl Optimizer {
                     let update = (&s[0] / denom)?;
                     *param = (&*param - (update * (lr / bias1))?)?;
                 }
+                Rule::Muon { .. } => unreachable!("Muon is handled above"),
             }
         }
         Ok(())
     }
 
-    /// The state as named tensors (`state.{param}.{slot}`) plus the step count, for checkpoints.
-    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+    /// The state as named tensors (`{prefix}.{param}.{slot}`), for checkpoints.
+    pub fn state_tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
         self.state
             .iter()
             .enumerate()
@@ -169,21 +213,24 @@ impl Optimizer {
                 slots
                     .iter()
                     .enumerate()
-                    .map(move |(j, t)| (format!("state.{i}.{j}"), t.clone()))
+                    .map(move |(j, t)| (format!("{prefix}.{i}.{j}"), t.clone()))
             })
             .collect()
     }
 
-    /// Restores state saved by [`Optimizer::state_tensors`] after `steps` steps.
+    /// Restores state saved by [`Optimizer::state_tensors`] with `prefix` after `steps`
+    /// steps, for `params` parameters.
     pub fn restore(
         &mut self,
         steps: u64,
         tensors: &std::collections::HashMap<String, Tensor>,
+        prefix: &str,
         params: usize,
     ) -> Result<()> {
         let slots = match self.rule {
             Rule::Sgd { momentum, .. } => usize::from(momentum != 0.0),
             Rule::Adam { amsgrad, .. } => 2 + usize::from(amsgrad),
+            Rule::Muon { .. } => 1,
         };
         self.step = steps;
         self.state.clear();
@@ -193,7 +240,7 @@ impl Optimizer {
         for i in 0..params {
             let mut s = Vec::with_capacity(slots);
             for j in 0..slots {
-                let name = format!("state.{i}.{j}");
+                let name = format!("{prefix}.{i}.{j}");
                 let t = tensors.get(&name).ok_or_else(|| {
                     Error::InvalidArgument(format!("checkpoint has no optimiser state '{name}'"))
                 })?;
@@ -203,6 +250,40 @@ impl Optimizer {
         }
         Ok(())
     }
+}
+
+/// Muon's orthogonalisation of the matrix `g` (sparsify's `quintic_newtonschulz`): in bf16,
+/// `X = g / (‖g‖_F + 1e-7)` (transposed when taller than wide), then `steps` times
+/// `A = X Xᵀ; X = a X + (b A + (c A) A) X` with `(a, b, c) = (3.4445, −4.7750, 2.0315)`; every
+/// operation rounds to bf16 as PyTorch's does. The result approximates `U S' Vᵀ` with `S'`
+/// near 1, for `g = U S Vᵀ`.
+pub fn newton_schulz(g: &Tensor, steps: usize) -> Result<Tensor> {
+    let (a, b, c) = (3.4445, -4.7750, 2.0315);
+    let (rows, cols) = g.dims2()?;
+    let tall = rows > cols;
+    let mut x = g.to_dtype(DType::BF16)?;
+    if tall {
+        x = x.t()?.contiguous()?;
+    }
+    let norm = x
+        .to_dtype(DType::F32)?
+        .sqr()?
+        .sum_all()?
+        .sqrt()?
+        .to_dtype(DType::BF16)?;
+    let norm = (norm + 1e-7)?;
+    x = x.broadcast_div(&norm)?;
+    // A bf16 tensor times a scalar, in f32 then rounded (candle would round the scalar).
+    let times = |t: &Tensor, k: f64| -> Result<Tensor> {
+        Ok((t.to_dtype(DType::F32)? * k)?.to_dtype(DType::BF16)?)
+    };
+    for _ in 0..steps {
+        let gram = x.matmul(&x.t()?)?;
+        // `b * A + c * A @ A` in Python is `b A + (c A) A`: the product of the rounded `c A`.
+        let poly = (times(&gram, b)? + times(&gram, c)?.matmul(&gram)?)?;
+        x = (times(&x, a)? + poly.matmul(&x)?)?;
+    }
+    Ok(if tall { x.t()?.contiguous()? } else { x })
 }
 
 /// The numbers of one Adam update.
@@ -392,9 +473,9 @@ mod tests {
             assert!((scalar(&p[0]) - value).abs() < 1e-12);
         }
         let saved: std::collections::HashMap<String, Tensor> =
-            opt.state_tensors().into_iter().collect();
+            opt.state_tensors("state").into_iter().collect();
         let mut restored = Optimizer::new(rule, 0.0);
-        restored.restore(opt.steps(), &saved, 1).unwrap();
+        restored.restore(opt.steps(), &saved, "state", 1).unwrap();
         let (mut a, mut b) = (p.clone(), p.clone());
         let g = p[0].clone();
         opt.step(&mut a, std::slice::from_ref(&g), 0.1).unwrap();
@@ -435,7 +516,10 @@ mod tests {
                 assert!(diff < 1e-5, "amsgrad {amsgrad} step {step}: {diff}");
                 slow[0] = fast[0].to_dtype(candle_core::DType::F64).unwrap();
             }
-            assert_eq!(opt_fast.state_tensors().len(), 2 + usize::from(amsgrad));
+            assert_eq!(
+                opt_fast.state_tensors("state").len(),
+                2 + usize::from(amsgrad)
+            );
         }
     }
 

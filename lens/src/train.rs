@@ -380,7 +380,7 @@ fn save_checkpoint(
         .enumerate()
         .map(|(i, t)| (format!("lens.{i}"), t))
         .collect();
-    tensors.extend(optimizer.state_tensors());
+    tensors.extend(optimizer.state_tensors("state"));
     let state = State {
         options: options.clone(),
         tokens_consumed,
@@ -413,7 +413,12 @@ fn load_checkpoint(
         })
         .collect::<Result<Vec<_>>>()?;
     lens.set_parameters(params)?;
-    optimizer.restore(state.history.len() as u64, &tensors, 2 * lens.num_layers())?;
+    optimizer.restore(
+        state.history.len() as u64,
+        &tensors,
+        "state",
+        2 * lens.num_layers(),
+    )?;
     Ok(state)
 }
 

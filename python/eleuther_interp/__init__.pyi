@@ -403,6 +403,7 @@ class Sae:
         chunk_tokens: int = 4096,
         device: str = "cpu",
         encoder_dtype: str = "auto",
+        optimizer: str = "adam",
         callback: Optional[Callable[[dict[str, Any]], Any]] = None,
     ) -> "Sae":
         """A new SAE trained with ``sae train``'s recipe on the rows of ``x`` ``[N, d_in]`` in
@@ -417,7 +418,8 @@ class SaeTrainer:
     ``transcode``, ``skip_connection`` and ``seed`` describe a new SAE only; defaults 32,
     d_in x 32, False, False, False, 42; its first step sets ``b_dec`` to the batch mean).
     ``steps`` sets the learning-rate schedule; ``encoder_dtype`` ("auto": bf16 on a CUDA GPU,
-    f32 on the CPU; "bf16"; "f32") is the precision of the encoder's dense product."""
+    f32 on the CPU; "bf16"; "f32") is the precision of the encoder's dense product;
+    ``optimizer`` is "adam" or "muon" (sparsify's Muon recipe; default lr 2e-3)."""
 
     def __init__(
         self,
@@ -438,6 +440,7 @@ class SaeTrainer:
         chunk_tokens: int = 4096,
         device: str = "cpu",
         encoder_dtype: str = "auto",
+        optimizer: str = "adam",
     ) -> None: ...
     def step(self, x: npt.ArrayLike, y: Optional[npt.ArrayLike] = None) -> dict[str, Any]:
         """One optimiser step on ``x`` ``[N, d_in]`` (a transcoder's target ``y``): ``{"step",

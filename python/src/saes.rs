@@ -237,7 +237,7 @@ impl PySae {
         num_latents = None, expansion_factor = 32, multi_topk = false, transcode = false,
         skip_connection = false, seed = 42, lr = None, warmup_steps = 1000, auxk_alpha = 0.0,
         dead_feature_threshold = 10_000_000, chunk_tokens = 4096, device = "cpu",
-        encoder_dtype = "auto", callback = None))]
+        encoder_dtype = "auto", optimizer = "adam", callback = None))]
     #[allow(clippy::too_many_arguments)]
     fn train<'py>(
         py: Python<'py>,
@@ -259,6 +259,7 @@ impl PySae {
         chunk_tokens: usize,
         device: &str,
         encoder_dtype: &str,
+        optimizer: &str,
         callback: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Self> {
         let x = py.import("numpy")?.call_method1("asarray", (x,))?;
@@ -296,6 +297,7 @@ impl PySae {
             dead_feature_threshold,
             chunk_tokens,
             encoder_dtype,
+            optimizer,
         )?;
         trainer.fit(py, &x, y, batch_size, Some(steps), callback)?;
         Ok(PySae { inner: trainer.sae })
@@ -377,8 +379,10 @@ fn record_dict<'py>(py: Python<'py>, r: &sae::train::StepRecord) -> PyResult<Bou
 /// expansion_factor``, 32), ``multi_topk``, ``transcode``, ``skip_connection`` (a linear
 /// ``W_skip`` from input to output, trained with the rest) and ``seed`` (42); those describe
 /// a new SAE only. ``steps`` is the planned number of steps (the learning rate warms up over
-/// ``warmup_steps`` and decays linearly to 0 at ``steps``). ``lr`` defaults to ``2e-4 /
-/// sqrt(num_latents / 2**14)``; ``auxk_alpha`` weighs the AuxK loss (0: off);
+/// ``warmup_steps`` and decays linearly to 0 at ``steps``). ``optimizer`` is ``"adam"`` or
+/// ``"muon"`` (sparsify's Muon recipe: Muon on the weight matrices without warm-up, Adam on
+/// the biases). ``lr`` defaults to ``2e-4 / sqrt(num_latents / 2**14)`` (Adam) or ``2e-3``
+/// (Muon); ``auxk_alpha`` weighs the AuxK loss (0: off);
 /// ``dead_feature_threshold`` is the number of tokens after which an unselected latent counts
 /// as dead; ``chunk_tokens`` bounds memory (tokens encoded at once); ``device`` is where a
 /// new SAE lives (an existing one stays where it is); ``encoder_dtype`` is the precision of
@@ -406,7 +410,9 @@ impl PySaeTrainer {
         dead_feature_threshold: u64,
         chunk_tokens: usize,
         encoder_dtype: &str,
+        optimizer: &str,
     ) -> PyResult<Self> {
+        let bad = |e: sae::Error| PyValueError::new_err(e.to_string());
         let options = sae::train::TrainOptions {
             steps,
             // Read only by `train_many`, which gathers batches of this size; `step` takes
@@ -419,10 +425,10 @@ impl PySaeTrainer {
             auxk_alpha,
             checkpoint_every: 0,
             skip_first_positions: 0,
-            encoder_dtype: sae::train::EncoderDtype::parse(encoder_dtype)
-                .map_err(|e| PyValueError::new_err(e.to_string()))?,
+            encoder_dtype: sae::train::EncoderDtype::parse(encoder_dtype).map_err(bad)?,
             finetune,
             exclude_tokens: Vec::new(),
+            optimizer: sae::train::SaeOptimizer::parse(optimizer).map_err(bad)?,
         };
         let trainer = sae::train::Trainer::new(&sae, options).map_err(|e| match e {
             // Options refused before any training: bad arguments.
@@ -454,7 +460,7 @@ impl PySaeTrainer {
         multi_topk = None, transcode = None, skip_connection = None, seed = None, lr = None,
         warmup_steps = 1000,
         auxk_alpha = 0.0, dead_feature_threshold = 10_000_000, chunk_tokens = 4096,
-        device = "cpu", encoder_dtype = "auto"))]
+        device = "cpu", encoder_dtype = "auto", optimizer = "adam"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         sae: &Bound<'_, PyAny>,
@@ -473,6 +479,7 @@ impl PySaeTrainer {
         chunk_tokens: usize,
         device: &str,
         encoder_dtype: &str,
+        optimizer: &str,
     ) -> PyResult<Self> {
         let new_sae = NewSae {
             k,
@@ -508,6 +515,7 @@ impl PySaeTrainer {
             dead_feature_threshold,
             chunk_tokens,
             encoder_dtype,
+            optimizer,
         )
     }
 

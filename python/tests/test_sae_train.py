@@ -151,6 +151,20 @@ def test_skip_transcoder_learns_a_linear_map_through_w_skip(tmp_path):
     assert w_skip.shape == (16, 16) and np.abs(w_skip).max() > 0.05
 
 
+def test_muon_lowers_the_fvu_on_planted_data():
+    """sparsify's Muon recipe (`optimizer="muon"`) trains too; at this toy size it wants a
+    larger rate than its default 2e-3 (seen: final FVU 0.10 at lr 3e-2, 0.15 with Adam at
+    1e-2, from 0.50)."""
+    x = planted(150 * 128, seed=11)
+    trainer = ei.SaeTrainer(16, steps=150, k=4, num_latents=64, warmup_steps=10, seed=0,
+                            optimizer="muon", lr=3e-2)
+    records = trainer.fit(x, batch_size=128)
+    first, last = records[0]["fvu"], np.mean([r["fvu"] for r in records[-10:]])
+    assert last < 0.3 * first, (first, last)
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        ei.SaeTrainer(16, steps=1, optimizer="sgd")
+
+
 def test_bad_input_raises_value_error_with_the_message():
     x = planted(256, seed=5)
     trainer = ei.SaeTrainer(16, steps=10, k=4, num_latents=64)

@@ -17,7 +17,7 @@ use hooks::data::DataSpec;
 use hooks::{HookPoint, Hooks, Model};
 use serde::{Deserialize, Serialize};
 
-use crate::train::{train_many, EncoderDtype, StepRecord, TrainOptions};
+use crate::train::{train_many, EncoderDtype, SaeOptimizer, StepRecord, TrainOptions};
 use crate::{Sae, SaeConfig};
 
 /// Train and evaluate TopK sparse autoencoders (sparsify-compatible files).
@@ -33,11 +33,11 @@ enum Command {
     /// Train one TopK SAE per hook point in a single pass over the activations (streamed from
     /// the model, or read shuffled from a cache); writes OUTPUT/<hookpoint>/cfg.json +
     /// sae.safetensors. Re-running the same command resumes from OUTPUT/checkpoints.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Evaluate SAEs on a model: FVU, L0, dead latents, explained variance, and the
     /// language-model loss with each SAE spliced into the forward pass (CE loss recovered
     /// against zero-ablation).
-    Eval(EvalArgs),
+    Eval(Box<EvalArgs>),
 }
 
 /// The model (optional for training on a cache).
@@ -179,9 +179,14 @@ struct TrainArgs {
     /// Tokens encoded at once within a step (memory: this x num_latents floats).
     #[arg(long, default_value_t = 4096)]
     chunk_tokens: usize,
-    /// Peak learning rate (default: 2e-4 / sqrt(num_latents / 2^14), as sparsify).
+    /// Peak learning rate (default, as sparsify: 2e-4 / sqrt(num_latents / 2^14) with Adam,
+    /// 2e-3 with Muon).
     #[arg(long)]
     lr: Option<f64>,
+    /// Optimiser: adam (sparsify's default), or muon (sparsify's recipe: Muon on the weight
+    /// matrices with linear decay and no warm-up, weight decay 0.1; Adam on the biases).
+    #[arg(long, default_value = "adam")]
+    optimizer: String,
     /// Linear learning-rate warm-up steps.
     #[arg(long, default_value_t = 1000)]
     lr_warmup_steps: u64,
@@ -278,8 +283,8 @@ where
     let cli = Cli::parse_from(args);
     hooks::cli::init_logging();
     match cli.command {
-        Command::Train(args) => train_command(args),
-        Command::Eval(args) => eval_command(args).map(|_| ()),
+        Command::Train(args) => train_command(*args),
+        Command::Eval(args) => eval_command(*args).map(|_| ()),
     }
 }
 
@@ -453,6 +458,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
         encoder_dtype: EncoderDtype::parse(&args.encoder_dtype)?,
         finetune: args.finetune.is_some(),
         exclude_tokens: args.exclude_tokens.clone(),
+        optimizer: SaeOptimizer::parse(&args.optimizer)?,
     };
     let mut saes = widths
         .iter()

@@ -49,7 +49,8 @@ pub struct TrainOptions {
     /// Tokens encoded at once within a step (bounds memory: the dense pre-activations
     /// take `chunk_tokens × num_latents` floats); gradients are summed over the chunks.
     pub chunk_tokens: usize,
-    /// Peak learning rate; `None` means `2e-4 / √(num_latents / 2^14)`.
+    /// Peak learning rate; `None` means `2e-4 / √(num_latents / 2^14)` with Adam, `2e-3`
+    /// with Muon (sparsify's defaults).
     pub lr: Option<f64>,
     /// Linear warm-up steps.
     pub warmup_steps: u64,
@@ -80,6 +81,36 @@ pub struct TrainOptions {
     /// are the rows kept. Absent from older checkpoints, which mean none.
     #[serde(default)]
     pub exclude_tokens: Vec<u32>,
+    /// The optimiser (sparsify's `--optimizer adam` or `muon`). Absent from older
+    /// checkpoints, which mean Adam.
+    #[serde(default)]
+    pub optimizer: SaeOptimizer,
+}
+
+/// How the SAE's parameters are updated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SaeOptimizer {
+    /// Adam on every parameter, with the warm-up (sparsify's default).
+    #[default]
+    Adam,
+    /// sparsify's Muon recipe: Muon (momentum 0.95, Nesterov, decoupled weight decay 0.1, 5
+    /// Newton-Schulz steps) on the weight matrices with linear decay and no warm-up, Adam on
+    /// the biases with the warm-up; both at the same peak learning rate.
+    Muon,
+}
+
+impl SaeOptimizer {
+    /// Parses `adam` or `muon`.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "adam" => Ok(SaeOptimizer::Adam),
+            "muon" => Ok(SaeOptimizer::Muon),
+            other => Err(Error::Training(format!(
+                "unknown optimizer '{other}' (expected adam or muon)"
+            ))),
+        }
+    }
 }
 
 /// Precision of the encoder's dense product `(x − b_dec) W_encᵀ` in training (`2 d n` FLOP
@@ -136,6 +167,7 @@ impl Default for TrainOptions {
             encoder_dtype: EncoderDtype::Auto,
             finetune: false,
             exclude_tokens: Vec::new(),
+            optimizer: SaeOptimizer::Adam,
         }
     }
 }
@@ -143,8 +175,11 @@ impl Default for TrainOptions {
 impl TrainOptions {
     /// The peak learning rate for an SAE with `num_latents` latents.
     pub fn peak_lr(&self, num_latents: usize) -> f64 {
-        self.lr
-            .unwrap_or_else(|| 2e-4 / (num_latents as f64 / (1u64 << 14) as f64).sqrt())
+        self.lr.unwrap_or_else(|| match self.optimizer {
+            SaeOptimizer::Adam => 2e-4 / (num_latents as f64 / (1u64 << 14) as f64).sqrt(),
+            // sparsify: Muon's rate does not depend on the number of latents.
+            SaeOptimizer::Muon => 2e-3,
+        })
     }
 }
 
@@ -512,7 +547,7 @@ pub struct StepRecord {
     pub l0: f64,
     /// Fraction of latents not selected for more than the dead-feature threshold.
     pub dead_fraction: f64,
-    /// Learning rate used.
+    /// Learning rate used (with Muon, the biases' Adam rate; the matrices' has no warm-up).
     pub lr: f64,
 }
 
@@ -520,7 +555,9 @@ pub struct StepRecord {
 #[derive(Debug, Clone)]
 pub struct Trainer {
     options: TrainOptions,
+    /// Adam over every parameter, or over the biases when `muon` updates the matrices.
     optimizer: Optimizer,
+    muon: Option<Optimizer>,
     tokens_since_fired: Vec<u64>,
     steps_done: u64,
 }
@@ -546,8 +583,19 @@ impl Trainer {
                 "the learning rate must be positive, got {lr}"
             )));
         }
+        let muon = (options.optimizer == SaeOptimizer::Muon).then(|| {
+            Optimizer::new(
+                Rule::Muon {
+                    momentum: 0.95,
+                    nesterov: true,
+                    ns_steps: 5,
+                },
+                0.1,
+            )
+        });
         Ok(Trainer {
             options,
+            muon,
             optimizer: Optimizer::new(
                 Rule::Adam {
                     beta1: 0.9,
@@ -675,7 +723,28 @@ impl Trainer {
                 self.options.steps,
             );
         let mut params = sae.parameters();
-        self.optimizer.step(&mut params, &grads, lr)?;
+        match &mut self.muon {
+            None => self.optimizer.step(&mut params, &grads, lr)?,
+            Some(muon) => {
+                let peak = self.options.peak_lr(sae.num_latents());
+                let matrix_lr = peak * linear_schedule(self.steps_done, 0, self.options.steps);
+                let (matrices, vectors) = matrices_and_vectors(&params);
+                let mut pick =
+                    |indices: &[usize], optimizer: &mut Optimizer, lr: f64| -> Result<()> {
+                        let mut some: Vec<Tensor> =
+                            indices.iter().map(|&i| params[i].clone()).collect();
+                        let some_grads: Vec<Tensor> =
+                            indices.iter().map(|&i| grads[i].clone()).collect();
+                        optimizer.step(&mut some, &some_grads, lr)?;
+                        for (&i, t) in indices.iter().zip(some) {
+                            params[i] = t;
+                        }
+                        Ok(())
+                    };
+                pick(&matrices, muon, matrix_lr)?;
+                pick(&vectors, &mut self.optimizer, lr)?;
+            }
+        }
         sae.set_parameters(params)?;
         if unit_decoder {
             sae.set_decoder_norm_to_unit_norm()?;
@@ -699,6 +768,11 @@ impl Trainer {
             lr,
         })
     }
+}
+
+/// The indices of the weight matrices and of the biases among `params`.
+fn matrices_and_vectors(params: &[Tensor]) -> (Vec<usize>, Vec<usize>) {
+    (0..params.len()).partition(|&i| params[i].rank() == 2)
 }
 
 /// Refuses rows `x: [N, d]` holding a NaN or an infinity, naming the first one. Training
@@ -1102,7 +1176,10 @@ fn save_checkpoint(
         .zip(sae.parameters())
         .map(|(name, t)| (name.to_string(), t))
         .collect();
-    tensors.extend(trainer.optimizer.state_tensors());
+    tensors.extend(trainer.optimizer.state_tensors("state"));
+    if let Some(muon) = &trainer.muon {
+        tensors.extend(muon.state_tensors("muon_state"));
+    }
     let fired: Vec<i64> = trainer
         .tokens_since_fired
         .iter()
@@ -1155,7 +1232,16 @@ fn load_checkpoint(path: &Path, sae: &mut Sae, trainer: &mut Trainer) -> Result<
         .collect::<Result<Vec<_>>>()?;
     sae.set_parameters(params).map_err(|e| bad(e.to_string()))?;
     let steps = state.history.len() as u64;
-    trainer.optimizer.restore(steps, &tensors, count)?;
+    match &mut trainer.muon {
+        None => trainer.optimizer.restore(steps, &tensors, "state", count)?,
+        Some(muon) => {
+            let (matrices, vectors) = matrices_and_vectors(&sae.parameters());
+            muon.restore(steps, &tensors, "muon_state", matrices.len())?;
+            trainer
+                .optimizer
+                .restore(steps, &tensors, "state", vectors.len())?;
+        }
+    }
     let fired: Vec<i64> = get("tokens_since_fired")?.to_vec1()?;
     if fired.len() != sae.num_latents() {
         return Err(bad(format!(
@@ -1528,6 +1614,7 @@ mod tests {
             encoder_dtype: EncoderDtype::F32,
             finetune: false,
             exclude_tokens: Vec::new(),
+            optimizer: SaeOptimizer::Adam,
         };
         let mut trainer = Trainer::new(&sae, options.clone()).unwrap();
         let first = trainer.step(&mut sae, &x).unwrap();

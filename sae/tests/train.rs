@@ -9,7 +9,7 @@ use hooks::activations::{ActivationBatch, ActivationSource, ModelActivations};
 use hooks::data::DataSpec;
 use hooks::{HookPoint, LoadOptions, Model};
 use rand::{Rng, SeedableRng};
-use sae::train::{train, train_many, EncoderDtype, StepRecord, TrainOptions};
+use sae::train::{train, train_many, EncoderDtype, SaeOptimizer, StepRecord, TrainOptions};
 use sae::{Sae, SaeConfig};
 
 const D: usize = 32;
@@ -100,6 +100,7 @@ fn options() -> TrainOptions {
         encoder_dtype: EncoderDtype::F32,
         finetune: false,
         exclude_tokens: Vec::new(),
+        optimizer: SaeOptimizer::Adam,
     }
 }
 
@@ -231,18 +232,24 @@ fn flat(sae: &Sae) -> Vec<f32> {
         .collect()
 }
 
-/// With and without a skip connection (whose weight and Adam state are checkpointed too).
+/// With and without a skip connection (whose weight and Adam state are checkpointed too),
+/// and with Muon (its momentum checkpointed beside Adam's state of the biases).
 #[test]
 fn an_interrupted_run_resumes_exactly() {
-    for skip_connection in [false, true] {
-        resumes_exactly(skip_connection);
+    for (skip_connection, optimizer) in [
+        (false, SaeOptimizer::Adam),
+        (true, SaeOptimizer::Adam),
+        (true, SaeOptimizer::Muon),
+    ] {
+        resumes_exactly(skip_connection, optimizer);
     }
 }
 
-fn resumes_exactly(skip_connection: bool) {
+fn resumes_exactly(skip_connection: bool, optimizer: SaeOptimizer) {
     let options = TrainOptions {
         steps: 12,
         checkpoint_every: 4,
+        optimizer,
         ..options()
     };
     let fresh = || {
@@ -383,6 +390,7 @@ fn trains_on_model_activations_over_text() {
             encoder_dtype,
             finetune: false,
             exclude_tokens: Vec::new(),
+            optimizer: SaeOptimizer::Adam,
         };
         let history = train(&mut sae, &mut source, POINT, &options, None, |_| {}).unwrap();
         let first = history[0].fvu;

@@ -250,7 +250,9 @@ enum Outcome {
     NoExplanation,
 }
 
-/// Explains and scores one latent, skipping the files already on disk.
+/// Explains and scores one latent, skipping the files already on disk. The intruder scorer
+/// needs no explanation: it runs even when the explanation fails, and a job with no other
+/// scorer asks for none.
 #[allow(clippy::too_many_arguments)]
 async fn process_latent(
     hookpoint: &str,
@@ -268,26 +270,25 @@ async fn process_latent(
         Ok(examples) => examples,
         Err(_) => return Ok(Outcome::Skipped),
     };
+    let needs_explanation = config.scorers.iter().any(|&s| s != Scorer::Intruder);
     let path = explanation_path(output, hookpoint, latent);
-    let explanation: String = if path.is_file() {
-        read_json_file(&path)?
+    let explanation: Option<String> = if !needs_explanation {
+        None
+    } else if path.is_file() {
+        Some(read_json_file(&path)?)
     } else {
         let shown_examples = explainer_examples(tokenizer, &examples)?;
         let answer = explain(models.explainer, &shown_examples, &config.explain).await?;
         counters.spend(answer.usage);
-        match answer.explanation {
-            Some(text) => {
-                write_json_file(&path, &text)?;
-                text
-            }
-            None => {
-                tracing::warn!(
-                    "{hookpoint} latent {latent}: no [EXPLANATION]: line in the answer: {:?}",
-                    answer.answer
-                );
-                return Ok(Outcome::NoExplanation);
-            }
+        if let Some(text) = &answer.explanation {
+            write_json_file(&path, text)?;
+        } else {
+            tracing::warn!(
+                "{hookpoint} latent {latent}: no [EXPLANATION]: line in the answer: {:?}",
+                answer.answer
+            );
         }
+        answer.explanation
     };
     let samples = scoring_samples(tokenizer, &examples)?;
     for &scorer in &config.scorers {
@@ -295,6 +296,11 @@ async fn process_latent(
         if path.is_file() {
             continue;
         }
+        let explanation = match (scorer, &explanation) {
+            (Scorer::Intruder, _) => "",
+            (_, Some(text)) => text.as_str(),
+            (_, None) => continue,
+        };
         let task = match scorer {
             Scorer::Detection => ClassifierTask::Detection,
             Scorer::Fuzzing => ClassifierTask::Fuzzing,
@@ -303,7 +309,7 @@ async fn process_latent(
                     Error::Invalid("the embedding scorer needs a sentence embedder".into())
                 })?;
                 let scored =
-                    tokio::task::block_in_place(|| embed_score(embedder, &explanation, &samples))?;
+                    tokio::task::block_in_place(|| embed_score(embedder, explanation, &samples))?;
                 write_json_file(&path, &scored)?;
                 continue;
             }
@@ -318,7 +324,7 @@ async fn process_latent(
         let score = classify(
             models.scorer,
             task,
-            &explanation,
+            explanation,
             samples.clone(),
             &config.score,
             seed ^ scorer as u64,
@@ -327,7 +333,11 @@ async fn process_latent(
         counters.spend(score.usage);
         write_json_file(&path, &score.samples)?;
     }
-    Ok(Outcome::Complete)
+    Ok(if needs_explanation && explanation.is_none() {
+        Outcome::NoExplanation
+    } else {
+        Outcome::Complete
+    })
 }
 
 /// Runs this shard of a job: every latent of `config.latents` at every hook point that
@@ -340,6 +350,12 @@ pub async fn run_job(
     config: &JobConfig,
     options: &RunOptions,
 ) -> Result<RunReport> {
+    if config.scorers.contains(&Scorer::Intruder) && config.score.examples_per_prompt < 3 {
+        return Err(Error::Invalid(format!(
+            "the intruder scorer needs at least 3 excerpts per prompt, got {}",
+            config.score.examples_per_prompt
+        )));
+    }
     if config.scorers.contains(&Scorer::Embedding) && models.embedder.is_none() {
         return Err(Error::Invalid(
             "the embedding scorer needs a sentence embedder".into(),

@@ -205,8 +205,8 @@ pub struct IntruderResult {
     pub prediction: Option<usize>,
     /// Where the intruder was.
     pub correct_index: usize,
-    /// Whether it was found; `None` when the answer could not be read.
-    pub correct: Option<bool>,
+    /// Whether it was found (false when the answer could not be read, as in delphi).
+    pub correct: bool,
 }
 
 /// Outcome of the intruder scorer on one latent.
@@ -224,7 +224,7 @@ pub struct IntruderScore {
 /// counts as not found, as in delphi); `None` without prompts.
 pub fn intruder_accuracy(results: &[IntruderResult]) -> Option<f64> {
     (!results.is_empty()).then(|| {
-        let found = results.iter().filter(|r| r.correct == Some(true)).count();
+        let found = results.iter().filter(|r| r.correct).count();
         found as f64 / results.len() as f64
     })
 }
@@ -242,21 +242,29 @@ fn random_marks(tokens: usize, count: usize, rng: &mut rand::rngs::StdRng) -> Ve
 /// shown among up to [`ScoreConfig::examples_per_prompt`]` - 1` activating excerpts of one
 /// quantile (quantiles taken in turn, excerpts drawn with `seed`) at a random position.
 /// Activating excerpts carry their true marks, the intruder as many random marks as they
-/// have on average (at least one). As for [`classify`], an LLM error fails the scorer and an
-/// unreadable answer is counted. No prompt without both kinds of excerpt.
+/// have on average, rounded up (delphi: the rounded-down mean count of tokens with any
+/// activation, even those too weak to be marked). As for [`classify`], an LLM error fails
+/// the scorer and an unreadable answer is counted. No prompt without both kinds of excerpt;
+/// fewer than 3 excerpts per prompt is refused (there would be no odd one out).
 pub async fn intrude(
     llm: &dyn Llm,
     samples: &[Sample],
     config: &ScoreConfig,
     seed: u64,
 ) -> Result<IntruderScore> {
+    if config.examples_per_prompt < 3 {
+        return Err(crate::Error::Invalid(format!(
+            "the intruder scorer needs at least 3 excerpts per prompt, got {}",
+            config.examples_per_prompt
+        )));
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut quantiles: BTreeMap<i64, Vec<&Sample>> = BTreeMap::new();
     for sample in samples.iter().filter(|s| s.activating) {
         quantiles.entry(sample.distance).or_default().push(sample);
     }
     let silent = samples.iter().filter(|s| !s.activating);
-    let per_prompt = config.examples_per_prompt.saturating_sub(1).max(1);
+    let per_prompt = config.examples_per_prompt - 1;
     let mut prompts = Vec::new();
     for (intruder, (&quantile, group)) in silent.zip(quantiles.iter().cycle()) {
         let chosen: Vec<&Sample> = group
@@ -314,7 +322,7 @@ pub async fn intrude(
             IntruderResult {
                 interpretation,
                 correct_index: sample.intruder_index,
-                correct: prediction.map(|p| p == sample.intruder_index),
+                correct: prediction == Some(sample.intruder_index),
                 prediction,
                 sample,
             }
@@ -721,10 +729,7 @@ mod tests {
                     assert_eq!(text, "a<< cat>> sat");
                 }
             }
-            assert_eq!(
-                (r.prediction, r.correct),
-                (Some(r.correct_index), Some(true))
-            );
+            assert_eq!((r.prediction, r.correct), (Some(r.correct_index), true));
             assert_eq!(r.interpretation, "No cat there.");
         }
         assert_eq!(intruder_accuracy(&score.results), Some(1.0));
@@ -776,8 +781,14 @@ mod tests {
         assert!(lost
             .results
             .iter()
-            .all(|r| r.prediction.is_none() && r.correct.is_none()));
+            .all(|r| r.prediction.is_none() && !r.correct));
         assert_eq!(intruder_accuracy(&lost.results), Some(0.0));
+        let two = ScoreConfig {
+            examples_per_prompt: 2,
+            ..ScoreConfig::default()
+        };
+        let refused = rt.block_on(intrude(&judge, &samples, &two, 7)).unwrap_err();
+        assert!(refused.to_string().contains("at least 3"), "{refused}");
         // Without silent excerpts there is nothing to ask.
         let only_active: Vec<Sample> = samples.into_iter().filter(|s| s.activating).collect();
         let none = rt

@@ -298,7 +298,12 @@ fn client(server: &TestServer) -> OpenAiClient {
 /// All result files under `dir`, relative path -> bytes.
 fn results(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
-    for sub in ["explanations", "scores/detection", "scores/fuzz"] {
+    for sub in [
+        "explanations",
+        "scores/detection",
+        "scores/fuzz",
+        "scores/intruder",
+    ] {
         let Ok(entries) = std::fs::read_dir(dir.join(sub)) else {
             continue;
         };
@@ -341,6 +346,16 @@ async fn run(
     output: &Path,
     shard: Shard,
 ) -> delphi::job::RunReport {
+    run_with(f, server, output, shard, &job_config()).await
+}
+
+async fn run_with(
+    f: &Fixture,
+    server: &TestServer,
+    output: &Path,
+    shard: Shard,
+    config: &JobConfig,
+) -> delphi::job::RunReport {
     let llm = client(server);
     let models = JobModels {
         explainer: &llm,
@@ -353,9 +368,48 @@ async fn run(
         concurrency: 3,
         progress: false,
     };
-    run_job(&f.cache, &f.tokenizer, &models, &job_config(), &options)
+    run_job(&f.cache, &f.tokenizer, &models, config, &options)
         .await
         .unwrap()
+}
+
+/// The intruder scorer alone asks for no explanation; its records hold the server's
+/// answers, and the summary's accuracy is theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_intruder_scorer_needs_no_explanation() {
+    let f = fixture();
+    let server = TestServer::start().await;
+    let out = f.root.join("intruder");
+    let config = JobConfig {
+        scorers: vec![Scorer::Intruder],
+        ..job_config()
+    };
+    let report = run_with(&f, &server, &out, Shard::ALL, &config).await;
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(server.explainer_requests(), 0);
+    let files = results(&out);
+    assert_eq!(files.len(), report.complete as usize);
+    assert!(files.keys().all(|k| k.starts_with("scores/intruder/")));
+    let mut shares = Vec::new();
+    for bytes in files.values() {
+        let results: Vec<delphi::score::IntruderResult> = serde_json::from_slice(bytes).unwrap();
+        // One prompt per silent excerpt (up to 10; the tiny cache may hold fewer, or none
+        // for a latent that fires almost everywhere); every answer read, in range, scored.
+        assert!(results.len() <= 10, "{}", results.len());
+        for r in &results {
+            let shown = r.sample.examples.len();
+            let p = r.prediction.unwrap();
+            assert!(p < shown && r.correct_index < shown);
+            assert_eq!(r.correct, p == r.correct_index);
+        }
+        shares.extend(delphi::score::intruder_accuracy(&results));
+    }
+    let summary = summarize(&out, &config).unwrap();
+    assert_eq!(summary.explained, 0);
+    let intruder = &summary.scorers["intruder"];
+    assert_eq!(intruder.failed_prompts, Some(0));
+    assert!(!shares.is_empty());
+    assert_eq!(intruder.median_accuracy, delphi::metrics::median(&shares));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -375,7 +429,7 @@ async fn faults_lose_nothing_and_a_rerun_completes_exactly_the_missing_latents()
     );
     assert_eq!(report.complete + report.skipped, 8);
     let reference = results(&clean);
-    assert_eq!(reference.len(), explained * 3);
+    assert_eq!(reference.len(), explained * 4);
     let clean_requests = server.requests().len();
 
     // Same job with faults: transient ones are retried (500, 429 + Retry-After, timeout,
@@ -388,8 +442,11 @@ async fn faults_lose_nothing_and_a_rerun_completes_exactly_the_missing_latents()
         Fault::Delay(Duration::from_secs(3)),
         Fault::Truncated,
         Fault::NotJson,
-        Fault::NoMarker,
+        // The permanent failure first: the marker fault then waits for the next explainer
+        // request, so it always falls on another latent (which still gets its intruder
+        // score, needing no explanation).
         Fault::Status(400),
+        Fault::NoMarker,
     ]);
     let faulty = f.root.join("faulty");
     let report = run(&f, &server, &faulty, Shard::ALL).await;
@@ -430,8 +487,6 @@ async fn faults_lose_nothing_and_a_rerun_completes_exactly_the_missing_latents()
     let intruder = &summary.scorers["intruder"];
     assert_eq!(intruder.latents as usize, explained);
     assert_eq!(intruder.failed_prompts, Some(0));
-    let accuracy = intruder.median_accuracy.unwrap();
-    assert!((0.0..=1.0).contains(&accuracy), "{accuracy}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

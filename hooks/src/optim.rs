@@ -93,6 +93,13 @@ impl Optimizer {
                 grads.len()
             )));
         }
+        if let (Rule::Muon { .. }, Some(other)) = (self.rule, params.iter().find(|p| p.rank() != 2))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "Muon updates matrices only, not a tensor of shape {:?}",
+                other.dims()
+            )));
+        }
         let first = self.state.is_empty();
         self.step += 1;
         let t = self.step as i32;
@@ -103,6 +110,7 @@ impl Optimizer {
                 ns_steps,
             } = self.rule
             {
+                let (rows, cols) = param.dims2()?;
                 if self.weight_decay != 0.0 {
                     *param = (&*param * (1.0 - lr * self.weight_decay))?;
                 }
@@ -116,12 +124,6 @@ impl Optimizer {
                     buf.clone()
                 };
                 self.state[i][0] = buf;
-                let (rows, cols) = param.dims2().map_err(|_| {
-                    Error::InvalidArgument(format!(
-                        "Muon updates matrices only, not a tensor of shape {:?}",
-                        param.dims()
-                    ))
-                })?;
                 let update = newton_schulz(&direction, ns_steps)?.to_dtype(param.dtype())?;
                 let scale = 0.2 * (rows.max(cols) as f64).sqrt();
                 *param = (&*param - (update * (lr * scale))?)?;
@@ -426,6 +428,32 @@ mod tests {
 
     fn scalar(t: &Tensor) -> f64 {
         t.to_vec1::<f64>().unwrap()[0]
+    }
+
+    /// Muon refuses anything but matrices before it changes anything; a zero gradient leaves
+    /// only the decoupled weight decay (its orthogonalisation of zero is zero).
+    #[test]
+    fn muon_takes_matrices_and_decays_them() {
+        let rule = Rule::Muon {
+            momentum: 0.95,
+            nesterov: true,
+            ns_steps: 5,
+        };
+        let mut opt = Optimizer::new(rule, 0.1);
+        let matrix = Tensor::ones((3, 4), DType::F32, &Device::Cpu).unwrap();
+        let vector = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+        let mut params = vec![matrix.clone(), vector.clone()];
+        let grads = [matrix.zeros_like().unwrap(), vector.zeros_like().unwrap()];
+        let message = opt.step(&mut params, &grads, 0.5).unwrap_err().to_string();
+        assert!(
+            message.contains("matrices only") && message.contains("[4]"),
+            "{message}"
+        );
+        assert_eq!((opt.steps(), opt.state_tensors("s").len()), (0, 0));
+        let mut params = vec![matrix];
+        opt.step(&mut params, &grads[..1], 0.5).unwrap();
+        let values: Vec<f32> = params[0].flatten_all().unwrap().to_vec1().unwrap();
+        assert!(values.iter().all(|&v| v == 0.95), "{values:?}");
     }
 
     /// Reference values from hand-unrolled PyTorch update rules on p=1, g=p (loss p²/2).

@@ -368,6 +368,9 @@ fn record_dict<'py>(py: Python<'py>, r: &sae::train::StepRecord) -> PyResult<Bou
     dict.set_item("l0", r.l0)?;
     dict.set_item("dead_fraction", r.dead_fraction)?;
     dict.set_item("lr", r.lr)?;
+    if let Some(matrix_lr) = r.matrix_lr {
+        dict.set_item("matrix_lr", matrix_lr)?;
+    }
     Ok(dict)
 }
 

@@ -185,8 +185,8 @@ struct TrainArgs {
     lr: Option<f64>,
     /// Optimiser: adam (sparsify's default), or muon (sparsify's recipe: Muon on the weight
     /// matrices with linear decay and no warm-up, weight decay 0.1; Adam on the biases).
-    #[arg(long, default_value = "adam")]
-    optimizer: String,
+    #[arg(long, value_enum, default_value_t = SaeOptimizer::Adam)]
+    optimizer: SaeOptimizer,
     /// Linear learning-rate warm-up steps.
     #[arg(long, default_value_t = 1000)]
     lr_warmup_steps: u64,
@@ -211,7 +211,8 @@ struct TrainArgs {
     #[arg(long)]
     transcode: bool,
     /// Add a linear skip connection W_skip [d, d] to the output (sparsify's
-    /// --skip_connection; with --transcode, a skip transcoder), trained with the rest.
+    /// --skip_connection; with --transcode, a skip transcoder), trained with the rest. With
+    /// --multi-topk the 4k reconstruction includes it too (sparsify 1.3.3's leaves it out).
     #[arg(long)]
     skip_connection: bool,
     /// Train further the SAEs in this folder (DIR/<hookpoint>/, sparsify's layout, as `sae
@@ -457,8 +458,14 @@ fn train_command(args: TrainArgs) -> Result<()> {
         skip_first_positions: skip,
         encoder_dtype: EncoderDtype::parse(&args.encoder_dtype)?,
         finetune: args.finetune.is_some(),
-        exclude_tokens: args.exclude_tokens.clone(),
-        optimizer: SaeOptimizer::parse(&args.optimizer)?,
+        exclude_tokens: {
+            // One order for the checkpoint's record: `13,0` resumes a run of `0,13`.
+            let mut ids = args.exclude_tokens.clone();
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        },
+        optimizer: args.optimizer,
     };
     let mut saes = widths
         .iter()
@@ -518,13 +525,16 @@ fn train_command(args: TrainArgs) -> Result<()> {
             bar.set_message(format!("{} FVU {:.4}", names[i], r.fvu));
             if r.step == 1 || r.step % 100 == 0 || r.step == steps {
                 tracing::info!(
-                    "step {} {}: FVU {:.4} L0 {:.1} dead {:.2}% lr {:.2e}",
+                    "step {} {}: FVU {:.4} L0 {:.1} dead {:.2}% lr {:.2e}{}",
                     r.step,
                     names[i],
                     r.fvu,
                     r.l0,
                     100.0 * r.dead_fraction,
-                    r.lr
+                    r.lr,
+                    r.matrix_lr
+                        .map(|m| format!(" (matrices {m:.2e})"))
+                        .unwrap_or_default()
                 );
             }
         },
@@ -546,7 +556,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
         "trained {} SAE(s) ({} latents, k {}) for {steps} steps of {} tokens{} -> {}",
         saes.len(),
         saes[0].num_latents(),
-        args.k,
+        saes[0].k(),
         args.batch_size,
         match skip {
             0 => String::new(),

@@ -24,8 +24,10 @@
 //!
 //! Transcoders (sparsify's `--transcode`) train the same way on (module input, module
 //! output) pairs: see [`Trainer::step_to`] and [`train_many`]. A skip connection
-//! (`skip_connection`, sparsify's skip transcoders) is trained with the rest: Adam at the
-//! same learning rate, as sparsify does.
+//! (`skip_connection`, sparsify's skip transcoders) is trained with the rest, by the same
+//! optimiser as the other weight matrices, as sparsify does.
+//!
+//! Optimisers: Adam (the default) or sparsify's Muon recipe, see [`SaeOptimizer`].
 
 use std::path::{Path, PathBuf};
 
@@ -88,7 +90,7 @@ pub struct TrainOptions {
 }
 
 /// How the SAE's parameters are updated.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum SaeOptimizer {
     /// Adam on every parameter, with the warm-up (sparsify's default).
@@ -547,8 +549,11 @@ pub struct StepRecord {
     pub l0: f64,
     /// Fraction of latents not selected for more than the dead-feature threshold.
     pub dead_fraction: f64,
-    /// Learning rate used (with Muon, the biases' Adam rate; the matrices' has no warm-up).
+    /// Learning rate used (with Muon, the biases' Adam rate, with the warm-up).
     pub lr: f64,
+    /// With Muon, the weight matrices' rate (no warm-up); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matrix_lr: Option<f64>,
 }
 
 /// Optimiser, schedule and dead-latent state for training one SAE, one batch at a time.
@@ -723,11 +728,13 @@ impl Trainer {
                 self.options.steps,
             );
         let mut params = sae.parameters();
-        match &mut self.muon {
-            None => self.optimizer.step(&mut params, &grads, lr)?,
-            Some(muon) => {
-                let peak = self.options.peak_lr(sae.num_latents());
-                let matrix_lr = peak * linear_schedule(self.steps_done, 0, self.options.steps);
+        let peak = self.options.peak_lr(sae.num_latents());
+        let matrix_lr = self
+            .muon
+            .is_some()
+            .then(|| peak * linear_schedule(self.steps_done, 0, self.options.steps));
+        match (&mut self.muon, matrix_lr) {
+            (Some(muon), Some(matrix_lr)) => {
                 let (matrices, vectors) = matrices_and_vectors(&params);
                 let mut pick =
                     |indices: &[usize], optimizer: &mut Optimizer, lr: f64| -> Result<()> {
@@ -744,6 +751,7 @@ impl Trainer {
                 pick(&matrices, muon, matrix_lr)?;
                 pick(&vectors, &mut self.optimizer, lr)?;
             }
+            _ => self.optimizer.step(&mut params, &grads, lr)?,
         }
         sae.set_parameters(params)?;
         if unit_decoder {
@@ -766,6 +774,7 @@ impl Trainer {
             l0: active / tokens.max(1) as f64,
             dead_fraction: self.dead_fraction(),
             lr,
+            matrix_lr,
         })
     }
 }
@@ -883,6 +892,9 @@ impl Rows<'_> {
             let kept: Vec<u32> = (0..batch.len() as u32)
                 .filter(|&i| !self.exclude.contains(&batch.tokens[i as usize]))
                 .collect();
+            if kept.is_empty() {
+                continue;
+            }
             let kept = (kept.len() < batch.len())
                 .then(|| Tensor::new(kept.as_slice(), &candle_core::Device::Cpu))
                 .transpose()?;

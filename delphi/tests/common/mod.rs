@@ -27,7 +27,8 @@ pub enum Fault {
     Truncated,
     /// Reply 200 with a body that is not JSON.
     NotJson,
-    /// Answer an explainer prompt without the [EXPLANATION]: line.
+    /// Answer the next explainer prompt without the [EXPLANATION]: line (waits at the head
+    /// of the queue for one, so scorer requests arriving first do not use it up).
     NoMarker,
 }
 
@@ -130,10 +131,11 @@ async fn serve(
     let (fault, latency) = {
         let mut state = state.lock().unwrap();
         state.requests.push(request.clone());
-        (
-            state.faults.pop_front().unwrap_or(Fault::None),
-            state.latency,
-        )
+        let fault = match state.faults.front() {
+            Some(Fault::NoMarker) if !is_explainer(&request) => Fault::None,
+            _ => state.faults.pop_front().unwrap_or(Fault::None),
+        };
+        (fault, state.latency)
     };
     tokio::time::sleep(latency).await;
     let reply = |status: &str, extra: &str, body: &str| {

@@ -24,6 +24,11 @@ plus about 10 d k for the sparse decode and the sparse gradients, at `--peak-tfl
 (default 989: H100/H200 dense bf16). `--prebuilt DIR` takes our binaries (sae, hooks,
 forward_bench) from DIR instead of building them (bench/gpu.sh carries them to the GPU).
 
+`--optimizer muon` runs sparsify's Muon recipe on both sides instead (trainer.py's `muon`
+branch: `sparsify.muon.Muon` on the weight matrices with a linear schedule and no warm-up,
+Adam on the biases with the warm-up, both at 2e-3), where each step also pays two bf16
+Newton-Schulz orthogonalisations of `[n, d]` matrices (5 iterations of 4 d^2 n FLOP each).
+
 Both sides are timed over the steps after the first (`--steps` at least 2): the first pays
 one-time costs (CUDA kernels compiled by NVRTC or Triton, cuBLAS set up) that would swamp a
 short run on a GPU; ours reports that rate as `after the first step: ...`.
@@ -82,16 +87,25 @@ def peer(args):
     acts = load_cache(Path(args.cache), "layers.0")
     d = acts.shape[1]
     sae = SparseCoder(d, SparseCoderConfig(num_latents=args.latents, k=args.k), device=args.device)
-    lr = 2e-4 / (args.latents / 2**14) ** 0.5
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    warmup = args.warmup
 
-    def schedule(step):  # transformers' get_linear_schedule_with_warmup
-        if step < warmup:
-            return step / max(1, warmup)
-        return max(0.0, (args.steps - step) / max(1, args.steps - warmup))
+    def schedule(warmup):  # transformers' get_linear_schedule_with_warmup
+        def factor(step):
+            if step < warmup:
+                return step / max(1, warmup)
+            return max(0.0, (args.steps - step) / max(1, args.steps - warmup))
+        return factor
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    if args.optimizer == "muon":  # trainer.py's muon branch
+        from sparsify.muon import Muon
+
+        matrices = [p for p in sae.parameters() if p.ndim >= 2]
+        vectors = [p for p in sae.parameters() if p.ndim < 2]
+        opts = [Muon(matrices, lr=2e-3, ddp=False), torch.optim.Adam(vectors, lr=2e-3)]
+        scheds = [torch.optim.lr_scheduler.LambdaLR(opts[0], schedule(0)),
+                  torch.optim.lr_scheduler.LambdaLR(opts[1], schedule(args.warmup))]
+    else:
+        opts = [torch.optim.Adam(sae.parameters(), lr=2e-4 / (args.latents / 2**14) ** 0.5)]
+        scheds = [torch.optim.lr_scheduler.LambdaLR(opts[0], schedule(args.warmup))]
     fvus = []
     for step in range(args.steps):
         x = torch.from_numpy(acts[step * args.batch:(step + 1) * args.batch]).to(args.device)
@@ -101,9 +115,11 @@ def peer(args):
         out = sae(x)
         out.fvu.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        opt.zero_grad()
-        sched.step()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        for sched in scheds:
+            sched.step()
         sae.set_decoder_norm_to_unit_norm()
         fvus.append(out.fvu.item())
         if step == 0:  # as ours: the clock starts once the first step (Triton's compiles) is done
@@ -132,6 +148,7 @@ def main():
     p.add_argument("--encoder-dtype", default="auto", choices=["auto", "bf16", "f32"],
                    help="our `sae train --encoder-dtype` (auto: bf16 on a GPU, as sparsify's autocast)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "muon"], help="both sides' optimiser recipe")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's peak, for the floor (GPU only)")
     p.add_argument("--prebuilt", help="a folder with our sae, hooks and forward_bench binaries (skips cargo build)")
     p.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
@@ -160,7 +177,7 @@ def main():
            "--batch-size", str(args.batch), "--steps", str(args.steps), "--k", str(args.k),
            "--num-latents", str(args.latents), "--lr-warmup-steps", str(args.warmup),
            "--checkpoint-every", "0", "--chunk-tokens", str(args.chunk_tokens or args.batch), "--seed", str(args.seed),
-           "--encoder-dtype", args.encoder_dtype]
+           "--encoder-dtype", args.encoder_dtype, "--optimizer", args.optimizer]
     subprocess.run(["rm", "-rf", str(out)], check=True)
     ours = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, env=env, capture_output=True, text=True)
     if ours.returncode != 0:
@@ -173,14 +190,14 @@ def main():
     theirs = subprocess.run([sys.executable, __file__, "--peer", "--cache", str(cache), "--steps", str(args.steps),
                              "--batch", str(args.batch), "--latents", str(args.latents), "--k", str(args.k),
                              "--warmup", str(args.warmup), "--threads", str(args.threads), "--seed", str(args.seed),
-                             "--device", args.device],
+                             "--device", args.device, "--optimizer", args.optimizer],
                             env=env, capture_output=True, text=True)
     if theirs.returncode != 0:
         sys.exit(theirs.stderr)
     t = json.loads(theirs.stdout.strip().splitlines()[-1])
     d = config_for(args.shape)["hidden_size"]
-    print(f"TopK SAE training, d {d}, {args.latents} latents, k {args.k}, {args.steps} steps x {args.batch} tokens, "
-          f"{args.threads} threads")
+    print(f"TopK SAE training ({args.optimizer}), d {d}, {args.latents} latents, k {args.k}, "
+          f"{args.steps} steps x {args.batch} tokens, {args.threads} threads")
     encoder = {"auto": "bf16" if args.device != "cpu" else "f32"}.get(args.encoder_dtype, args.encoder_dtype)
     print(f"  eleuther-interp ({encoder} encoder product): {ours_tps:8.1f} tokens/s  ({ours_s:.1f} s, steps after the first, incl. cache reads)  "
           f"peak RSS {ours_peak:.0f} MiB  FVU last step {history[-1]['fvu']:.4f}")

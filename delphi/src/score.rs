@@ -310,7 +310,10 @@ pub async fn intrude(
             if prediction.is_none() {
                 failed_prompts += 1;
                 let shown: String = response.text.chars().take(200).collect();
-                tracing::warn!("unreadable intruder answer: {shown:?}");
+                tracing::warn!(
+                    "intruder answer without {RESPONSE_MARKER} and a number below {}: {shown:?}",
+                    sample.examples.len()
+                );
             }
             let interpretation = response
                 .text

@@ -1,7 +1,10 @@
 //! Borrowing tensor data on the CPU, for hand-written kernels that are faster than a chain
-//! of generic tensor ops (attention, GELU, the lens loss).
+//! of generic tensor ops (attention, GELU, the lens loss), and a bfloat16 matrix product
+//! ([`bf16`]) for the lens's unembedding products and Muon's orthogonalisation.
 
 use candle_core::{DType, Device, Storage, Tensor};
+
+pub mod bf16;
 
 use crate::Result;
 

@@ -11,9 +11,9 @@ use hooks::Unembedding;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::bf16::{gemm, round_to_bf16, Kernel, PackedB};
 use crate::loss::{decode_candle, loss_and_grads_through, LossAndGrads, Target};
 use crate::{Error, Result};
+use hooks::cpu::bf16::{gemm, round_to_bf16, Kernel, PackedB};
 
 /// Precision of the vocabulary-sized products in lens training.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,7 +6,6 @@
 //! gradient) -> [`train`] (optimiser loop over an activation source, checkpoints) ->
 //! [`eval`] (per-layer metrics) -> [`cli`] (`lens train`, `lens eval`).
 
-mod bf16;
 pub mod cli;
 pub mod cuda;
 mod decode;

@@ -1,4 +1,5 @@
-//! A bfloat16 matrix product for decoding through the frozen unembedding on the CPU.
+//! A bfloat16 matrix product on the CPU (bf16 inputs, f32 sums), first written for decoding
+//! through the frozen unembedding, also used by Muon's Newton-Schulz iterations.
 //!
 //! Lens training spends most of its time in two vocabulary-sized products per layer: the lens
 //! logits `normed · W_Uᵀ` and the gradient back through them `dlogits · W_U`. tuned-lens runs
@@ -25,7 +26,7 @@ const BLOCK_PAIRS: usize = 256;
 
 /// Rounds `x` to the nearest bfloat16 (ties to even), as bits; NaN stays NaN.
 #[inline]
-pub(crate) fn bf16_bits(x: f32) -> u16 {
+pub fn bf16_bits(x: f32) -> u16 {
     let bits = x.to_bits();
     if x.is_nan() {
         return ((bits >> 16) | 0x40) as u16;
@@ -35,12 +36,12 @@ pub(crate) fn bf16_bits(x: f32) -> u16 {
 
 /// The f32 value of bfloat16 bits.
 #[inline]
-fn bf16_value(bits: u16) -> f32 {
+pub fn bf16_value(bits: u16) -> f32 {
     f32::from_bits((bits as u32) << 16)
 }
 
 /// Rounds `src` to bf16 into `dst` (the same length).
-pub(crate) fn round_to_bf16(src: &[f32], dst: &mut [u16]) {
+pub fn round_to_bf16(src: &[f32], dst: &mut [u16]) {
     for (d, &s) in dst.iter_mut().zip(src) {
         *d = bf16_bits(s);
     }
@@ -50,7 +51,7 @@ pub(crate) fn round_to_bf16(src: &[f32], dst: &mut [u16]) {
 /// holding, for every pair of rows `(2p, 2p + 1)`, the two values of each column side by side
 /// (the operand layout of `vdpbf16ps`). Rows and columns are zero-padded to whole pairs and
 /// panels.
-pub(crate) struct PackedB {
+pub struct PackedB {
     k: usize,
     n: usize,
     pairs: usize,
@@ -59,7 +60,7 @@ pub(crate) struct PackedB {
 
 impl PackedB {
     /// Packs the `[k, n]` matrix whose element `(row, col)` is `at(row, col)`.
-    pub(crate) fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+    pub fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
         let pairs = k.div_ceil(2);
         let panels = n.div_ceil(PANEL);
         let mut data = vec![0u32; panels * pairs * PANEL];
@@ -84,29 +85,29 @@ impl PackedB {
     }
 
     /// Rows of the matrix (the reduction length).
-    pub(crate) fn k(&self) -> usize {
+    pub fn k(&self) -> usize {
         self.k
     }
 
     /// Columns of the matrix (the output width).
-    pub(crate) fn n(&self) -> usize {
+    pub fn n(&self) -> usize {
         self.n
     }
 
     /// The row stride (in bf16 values) a left-hand matrix needs: `k` rounded up to a pair.
-    pub(crate) fn lhs_stride(&self) -> usize {
+    pub fn lhs_stride(&self) -> usize {
         2 * self.pairs
     }
 
     /// Bytes held.
-    pub(crate) fn bytes(&self) -> usize {
+    pub fn bytes(&self) -> usize {
         self.data.len() * 4
     }
 }
 
 /// Which inner kernel [`gemm`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kernel {
+pub enum Kernel {
     /// AVX-512 BF16 (`vdpbf16ps`).
     Avx512Bf16,
     /// Plain Rust over the same packed data: bf16 inputs, f32 products and sums.
@@ -115,7 +116,7 @@ pub(crate) enum Kernel {
 
 impl Kernel {
     /// The fastest kernel this CPU runs.
-    pub(crate) fn detect() -> Kernel {
+    pub fn detect() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bf16")
@@ -147,7 +148,7 @@ impl Out {
 /// `c[m, n] = a[m, k] · b` with `a` in bf16 bits, row `i` at `a[i * lda..]` (`lda` at least
 /// [`PackedB::lhs_stride`], the pad column of an odd `k` zero) and `c` row `i` at
 /// `c[i * ldc..i * ldc + n]`. Work is split over column panels and row blocks with rayon.
-pub(crate) fn gemm(
+pub fn gemm(
     kernel: Kernel,
     a: &[u16],
     lda: usize,

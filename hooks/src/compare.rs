@@ -21,6 +21,19 @@ pub fn relative_error(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok(max_abs_diff(a, &b)? / scale.max(1e-12))
 }
 
+/// `mean |a − b| / mean |b|`: the typical error of `a` relative to the reference `b`, for
+/// results where a few entries may legitimately stray (bf16 iterations that amplify
+/// last-bit differences); `b`'s scale taken as at least 1e-12.
+pub fn mean_relative_difference(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let b = f64_on_cpu(b)?;
+    let diff = (f64_on_cpu(a)? - &b)?
+        .abs()?
+        .mean_all()?
+        .to_scalar::<f64>()?;
+    let scale = b.abs()?.mean_all()?.to_scalar::<f64>()?;
+    Ok(diff / scale.max(1e-12))
+}
+
 /// The first element (flat index, `a`'s value, `b`'s value) where `|a − b|` exceeds
 /// `relative · |b| + absolute`, or `None` when every element is within it: an element-wise
 /// tolerance, for outputs whose small entries matter as much as their large ones.

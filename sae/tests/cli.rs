@@ -67,6 +67,13 @@ fn cache_of_text(dir: &Path, model: &Path, hookpoints: &str) -> PathBuf {
     cache
 }
 
+/// `sae train --activations cache --output output` with `extra` arguments.
+fn train_on_cache(cache: &Path, output: &Path, extra: &[&str]) -> anyhow::Result<()> {
+    let mut args = vec!["train", "--activations", s(cache), "--output", s(output)];
+    args.extend(extra);
+    sae_cli(&args)
+}
+
 /// The per-step records `sae train` wrote for hook point `point` under `out`.
 fn read_history(out: &Path, point: &str) -> Vec<serde_json::Value> {
     let path = out.join("checkpoints").join(point).join("history.json");
@@ -584,12 +591,7 @@ fn finetune_trains_saes_further() {
     let points = "layers.1,layers.1.mlp.input,layers.1.mlp";
     let cache = cache_of_text(tmp.path(), &model_dir, points);
     let train = |output: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "train",
-            "--activations",
-            s(&cache),
-            "--output",
-            s(output),
+        let common = [
             "--batch-size",
             "256",
             "--lr",
@@ -597,8 +599,7 @@ fn finetune_trains_saes_further() {
             "--lr-warmup-steps",
             "1",
         ];
-        args.extend(extra);
-        sae_cli(&args)
+        train_on_cache(&cache, output, &[&common[..], extra].concat())
     };
     let both = "layers.1,layers.1.mlp";
     let shape = ["--num-latents", "48", "--k", "3"];
@@ -681,21 +682,8 @@ fn exclude_tokens_is_recorded_and_needs_a_step_count_on_a_cache() {
     let cache = cache_of_text(tmp.path(), &model_dir, "layers.1");
     let out = tmp.path().join("saes");
     let train = |extra: &[&str]| {
-        let mut args = vec![
-            "train",
-            "--activations",
-            s(&cache),
-            "--output",
-            s(&out),
-            "--batch-size",
-            "256",
-            "--num-latents",
-            "48",
-            "--k",
-            "3",
-        ];
-        args.extend(extra);
-        sae_cli(&args).map_err(|e| format!("{e:#}"))
+        let common = ["--batch-size", "256", "--num-latents", "48", "--k", "3"];
+        train_on_cache(&cache, &out, &[&common[..], extra].concat()).map_err(|e| format!("{e:#}"))
     };
     let message = train(&["--exclude-tokens", "0,13"]).unwrap_err();
     assert!(

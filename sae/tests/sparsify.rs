@@ -304,15 +304,7 @@ fn muon_training_matches_sparsify() {
         // 0.4% apart on average (2% at most) for the tall one. Evaluating `c A A` as
         // `c (A A)` instead of `(c A) A` is 3.7% apart on average.
         let theirs = &e[&format!("ns.{shape}.output")];
-        let mean_abs = |t: &Tensor| {
-            t.abs()
-                .unwrap()
-                .mean_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        let mean_err = mean_abs(&(&ours - theirs).unwrap()) / mean_abs(theirs);
+        let mean_err = hooks::compare::mean_relative_difference(&ours, theirs).unwrap();
         assert!(
             mean_err < 1e-2,
             "{shape}: mean relative difference {mean_err}"

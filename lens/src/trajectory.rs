@@ -262,6 +262,25 @@ impl PredictionTrajectory {
         })
     }
 
+    /// Per position, the lens's prediction depth ([`crate::eval::prediction_depth`]): the
+    /// first layer from which its top-1 token is the model's at every later layer, the
+    /// number of layers where even the last one's differs (always so with `top_k` 0).
+    pub fn prediction_depths(&self) -> Vec<usize> {
+        let Some((output, layers)) = self.cells.split_last() else {
+            return Vec::new();
+        };
+        (0..self.input_ids.len())
+            .map(|t| {
+                let model_top = output[t].top_ids.first();
+                let agrees: Vec<bool> = layers
+                    .iter()
+                    .map(|row| model_top.is_some() && row[t].top_ids.first() == model_top)
+                    .collect();
+                crate::eval::prediction_depth(&agrees)
+            })
+            .collect()
+    }
+
     /// `values[layer][position]` of a statistic (`None` where it is undefined: the target
     /// statistics at the last position).
     pub fn values(&self, statistic: Statistic) -> Vec<Vec<Option<f64>>> {

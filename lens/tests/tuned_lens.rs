@@ -148,6 +148,23 @@ fn reference_lens_file_gives_the_reference_outputs_and_metrics() {
         let mean = per_token.iter().sum::<i64>() as f64 / 22.0;
         assert!((depth.mean - mean).abs() < 1e-12, "{key}");
     }
+    // The same per token from a prediction trajectory of each sequence.
+    let ids: Vec<Vec<i64>> = ids.to_vec2().unwrap();
+    for (row, sequence) in ids.iter().enumerate() {
+        let sequence: Vec<u32> = sequence.iter().map(|&t| t as u32).collect();
+        for (tuned, key) in [(Some(&lens), "tuned_depth"), (None, "logit_depth")] {
+            let trajectory =
+                lens::trajectory::PredictionTrajectory::compute(&model, tuned, &sequence, 1)
+                    .unwrap();
+            let want: Vec<Vec<i64>> = expected[key].to_vec2().unwrap();
+            let got: Vec<i64> = trajectory
+                .prediction_depths()
+                .into_iter()
+                .map(|d| d as i64)
+                .collect();
+            assert_eq!(got, want[row], "{key} row {row}");
+        }
+    }
 }
 
 /// A tiny GPT-NeoX with synthetic weights and the real Pythia tokenizer.

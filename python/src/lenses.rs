@@ -890,6 +890,19 @@ impl PyPredictionTrajectory {
         self.array(py, Statistic::Rank)
     }
 
+    /// Per position, the prediction depth (int64 ``[positions]``): the first layer from
+    /// which the lens's top-1 token is the model's at every later layer (the number of
+    /// layers where even the last one's differs).
+    fn prediction_depth<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        let depths: Vec<i64> = self
+            .inner
+            .prediction_depths()
+            .into_iter()
+            .map(|d| d as i64)
+            .collect();
+        numpy::PyArray1::from_vec(py, depths).into_any()
+    }
+
     /// A statistic by name (``entropy``, ``ce``, ``kl``, ``max_prob``, ``rank``), or with
     /// ``minus`` (another trajectory of the same tokens) the difference ``self - minus``.
     #[pyo3(signature = (name, minus = None))]

@@ -124,6 +124,12 @@ def test_evaluate_lens_matches_tuned_lens_metrics(reference_lens, golden_model, 
     only_logit = ei.evaluate_lens(golden_model, data=[ids], tokens=22, seq_len=11)
     assert only_logit["tuned_lens"] is None and only_logit["logit_lens"][0]["kl"] == pytest.approx(logit[0]["kl"])
     assert only_logit["tuned_lens_depth"] is None and only_logit["logit_lens_depth"] == report["logit_lens_depth"]
+    # Per token, from each sequence's prediction trajectory.
+    for row, sequence in enumerate(expected["input_ids"]):
+        for lens, key in [(reference_lens, "tuned_depth"), (None, "logit_depth")]:
+            trajectory = ei.PredictionTrajectory.from_lens_and_model(lens, golden_model, sequence, top_k=1)
+            depth = trajectory.prediction_depth()
+            assert depth.dtype == np.int64 and depth.tolist() == expected[key][row].tolist(), (key, row)
 
 
 def test_untrained_lens_is_the_logit_lens_and_the_logit_lens_is_the_model(golden_model, expected):

@@ -406,6 +406,7 @@ class Sae:
         device: str = "cpu",
         encoder_dtype: str = "auto",
         optimizer: str = "adam",
+        k_decay_steps: int = 0,
         callback: Optional[Callable[[dict[str, Any]], Any]] = None,
     ) -> "Sae":
         """A new SAE trained with ``sae train``'s recipe on the rows of ``x`` ``[N, d_in]`` in
@@ -421,7 +422,8 @@ class SaeTrainer:
     d_in x 32, False, False, False, 42; its first step sets ``b_dec`` to the batch mean).
     ``steps`` sets the learning-rate schedule; ``encoder_dtype`` ("auto": bf16 on a CUDA GPU,
     f32 on the CPU; "bf16"; "f32") is the precision of the encoder's dense product;
-    ``optimizer`` is "adam" or "muon" (sparsify's Muon recipe; default lr 2e-3)."""
+    ``optimizer`` is "adam" or "muon" (sparsify's Muon recipe; default lr 2e-3);
+    ``k_decay_steps`` decays k from min(num_latents, 10 d_in) over that many steps."""
 
     def __init__(
         self,
@@ -443,6 +445,7 @@ class SaeTrainer:
         device: str = "cpu",
         encoder_dtype: str = "auto",
         optimizer: str = "adam",
+        k_decay_steps: int = 0,
     ) -> None: ...
     def step(self, x: npt.ArrayLike, y: Optional[npt.ArrayLike] = None) -> dict[str, Any]:
         """One optimiser step on ``x`` ``[N, d_in]`` (a transcoder's target ``y``): ``{"step",

@@ -237,7 +237,7 @@ impl PySae {
         num_latents = None, expansion_factor = 32, multi_topk = false, transcode = false,
         skip_connection = false, seed = 42, lr = None, warmup_steps = 1000, auxk_alpha = 0.0,
         dead_feature_threshold = 10_000_000, chunk_tokens = 4096, device = "cpu",
-        encoder_dtype = "auto", optimizer = "adam", callback = None))]
+        encoder_dtype = "auto", optimizer = "adam", k_decay_steps = 0, callback = None))]
     #[allow(clippy::too_many_arguments)]
     fn train<'py>(
         py: Python<'py>,
@@ -260,6 +260,7 @@ impl PySae {
         device: &str,
         encoder_dtype: &str,
         optimizer: &str,
+        k_decay_steps: u64,
         callback: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Self> {
         let x = py.import("numpy")?.call_method1("asarray", (x,))?;
@@ -298,6 +299,7 @@ impl PySae {
             chunk_tokens,
             encoder_dtype,
             optimizer,
+            k_decay_steps,
         )?;
         trainer.fit(py, &x, y, batch_size, Some(steps), callback)?;
         Ok(PySae { inner: trainer.sae })
@@ -371,6 +373,9 @@ fn record_dict<'py>(py: Python<'py>, r: &sae::train::StepRecord) -> PyResult<Bou
     if let Some(matrix_lr) = r.matrix_lr {
         dict.set_item("matrix_lr", matrix_lr)?;
     }
+    if let Some(k) = r.k {
+        dict.set_item("k", k)?;
+    }
     Ok(dict)
 }
 
@@ -384,7 +389,9 @@ fn record_dict<'py>(py: Python<'py>, r: &sae::train::StepRecord) -> PyResult<Bou
 /// a new SAE only. ``steps`` is the planned number of steps (the learning rate warms up over
 /// ``warmup_steps`` and decays linearly to 0 at ``steps``). ``optimizer`` is ``"adam"`` or
 /// ``"muon"`` (sparsify's Muon recipe: Muon on the weight matrices without warm-up, Adam on
-/// the biases). ``lr`` defaults to ``2e-4 / sqrt(num_latents / 2**14)`` (Adam) or ``2e-3``
+/// the biases); ``k_decay_steps`` decays the number of active latents from
+/// ``min(num_latents, 10 d_in)`` to ``k`` over that many steps (0: off; records then carry
+/// ``k``). ``lr`` defaults to ``2e-4 / sqrt(num_latents / 2**14)`` (Adam) or ``2e-3``
 /// (Muon); ``auxk_alpha`` weighs the AuxK loss (0: off);
 /// ``dead_feature_threshold`` is the number of tokens after which an unselected latent counts
 /// as dead; ``chunk_tokens`` bounds memory (tokens encoded at once); ``device`` is where a
@@ -414,6 +421,7 @@ impl PySaeTrainer {
         chunk_tokens: usize,
         encoder_dtype: &str,
         optimizer: &str,
+        k_decay_steps: u64,
     ) -> PyResult<Self> {
         let bad = |e: sae::Error| PyValueError::new_err(e.to_string());
         let options = sae::train::TrainOptions {
@@ -432,6 +440,7 @@ impl PySaeTrainer {
             finetune,
             exclude_tokens: Vec::new(),
             optimizer: sae::train::SaeOptimizer::parse(optimizer).map_err(bad)?,
+            k_decay_steps,
         };
         let trainer = sae::train::Trainer::new(&sae, options).map_err(|e| match e {
             // Options refused before any training: bad arguments.
@@ -463,7 +472,7 @@ impl PySaeTrainer {
         multi_topk = None, transcode = None, skip_connection = None, seed = None, lr = None,
         warmup_steps = 1000,
         auxk_alpha = 0.0, dead_feature_threshold = 10_000_000, chunk_tokens = 4096,
-        device = "cpu", encoder_dtype = "auto", optimizer = "adam"))]
+        device = "cpu", encoder_dtype = "auto", optimizer = "adam", k_decay_steps = 0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         sae: &Bound<'_, PyAny>,
@@ -483,6 +492,7 @@ impl PySaeTrainer {
         device: &str,
         encoder_dtype: &str,
         optimizer: &str,
+        k_decay_steps: u64,
     ) -> PyResult<Self> {
         let new_sae = NewSae {
             k,
@@ -519,6 +529,7 @@ impl PySaeTrainer {
             chunk_tokens,
             encoder_dtype,
             optimizer,
+            k_decay_steps,
         )
     }
 

@@ -165,6 +165,15 @@ def test_muon_lowers_the_fvu_on_planted_data():
         ei.SaeTrainer(16, steps=1, optimizer="sgd")
 
 
+def test_k_decay_is_recorded_per_step():
+    """`k_decay_steps`: k falls linearly from min(num_latents, 10 d_in) = 64 to k = 4."""
+    x = planted(6 * 128, seed=12)
+    trainer = ei.SaeTrainer(16, steps=6, k=4, num_latents=64, k_decay_steps=4, lr=1e-2, warmup_steps=1)
+    records = trainer.fit(x, batch_size=128)
+    assert [r["k"] for r in records] == [64, 49, 34, 19, 4, 4]
+    assert all(r["l0"] <= r["k"] for r in records) and trainer.sae.k == 4
+
+
 def test_bad_input_raises_value_error_with_the_message():
     x = planted(256, seed=5)
     trainer = ei.SaeTrainer(16, steps=10, k=4, num_latents=64)

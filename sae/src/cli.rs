@@ -183,6 +183,11 @@ struct TrainArgs {
     /// 2e-3 with Muon).
     #[arg(long)]
     lr: Option<f64>,
+    /// Decay the number of active latents linearly from min(num_latents, 10 x d_in) to --k
+    /// over this many steps (sparsify's experimental --k_decay_steps; 0: off). Recorded in
+    /// the checkpoint.
+    #[arg(long, default_value_t = 0)]
+    k_decay_steps: u64,
     /// Optimiser: adam (sparsify's default), or muon (sparsify's recipe: Muon on the weight
     /// matrices with linear decay and no warm-up, weight decay 0.1; Adam on the biases).
     #[arg(long, value_enum, default_value_t = SaeOptimizer::Adam)]
@@ -466,6 +471,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
             ids
         },
         optimizer: args.optimizer,
+        k_decay_steps: args.k_decay_steps,
     };
     let mut saes = widths
         .iter()
@@ -535,6 +541,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
                     r.matrix_lr
                         .map(|m| format!(" (matrices {m:.2e})"))
                         .unwrap_or_default()
+                        + &r.k.map(|k| format!(" k {k}")).unwrap_or_default()
                 );
             }
         },

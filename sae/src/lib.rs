@@ -45,6 +45,9 @@ pub enum Error {
     Cuda(String),
 }
 
+/// The largest number of active latents the GPU's TopK kernel selects per token.
+pub const GPU_MAX_K: usize = 4096;
+
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 

@@ -87,6 +87,11 @@ pub struct TrainOptions {
     /// checkpoints, which mean Adam.
     #[serde(default)]
     pub optimizer: SaeOptimizer,
+    /// Steps over which the number of active latents decays linearly from `min(n, 10 d)`
+    /// to the SAE's `k` (sparsify's experimental `k_decay_steps`, meant to keep latents
+    /// alive early on); 0: `k` throughout. Absent from older checkpoints, which mean 0.
+    #[serde(default)]
+    pub k_decay_steps: u64,
 }
 
 /// How the SAE's parameters are updated.
@@ -170,6 +175,7 @@ impl Default for TrainOptions {
             finetune: false,
             exclude_tokens: Vec::new(),
             optimizer: SaeOptimizer::Adam,
+            k_decay_steps: 0,
         }
     }
 }
@@ -554,6 +560,9 @@ pub struct StepRecord {
     /// With Muon, the weight matrices' rate (no warm-up); absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub matrix_lr: Option<f64>,
+    /// With a k decay, the step's number of active latents; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k: Option<usize>,
 }
 
 /// Optimiser, schedule and dead-latent state for training one SAE, one batch at a time.
@@ -563,6 +572,8 @@ pub struct Trainer {
     /// Adam over every parameter, or over the biases when `muon` updates the matrices.
     optimizer: Optimizer,
     muon: Option<Optimizer>,
+    /// The SAE's own `k`, where a k decay ends.
+    final_k: usize,
     tokens_since_fired: Vec<u64>,
     steps_done: u64,
 }
@@ -588,6 +599,21 @@ impl Trainer {
                 "the learning rate must be positive, got {lr}"
             )));
         }
+        if options.k_decay_steps > 0 {
+            let initial = initial_k(sae);
+            if sae.config().multi_topk && 4 * initial > sae.num_latents() {
+                return Err(Error::Training(format!(
+                    "Multi-TopK with a k decay needs 4 x {initial} latents at the start (k from min(n, 10 d) = {initial}), but the SAE has {}",
+                    sae.num_latents()
+                )));
+            }
+            if sae.w_enc().device().is_cuda() && initial > crate::GPU_MAX_K {
+                return Err(Error::Training(format!(
+                    "a k decay starts at min(n, 10 d) = {initial} active latents, more than the {} the GPU's TopK kernel selects; train on the CPU or without --k-decay-steps",
+                    crate::GPU_MAX_K
+                )));
+            }
+        }
         let muon = (options.optimizer == SaeOptimizer::Muon).then(|| {
             Optimizer::new(
                 Rule::Muon {
@@ -601,6 +627,7 @@ impl Trainer {
         Ok(Trainer {
             options,
             muon,
+            final_k: sae.k(),
             optimizer: Optimizer::new(
                 Rule::Adam {
                     beta1: 0.9,
@@ -618,6 +645,20 @@ impl Trainer {
     /// The options.
     pub fn options(&self) -> &TrainOptions {
         &self.options
+    }
+
+    /// The number of active latents for the step after `steps_done` steps: with a k decay
+    /// over `K` steps, `round(k₀ (1 − s/K) + k s/K)` (ties to even, as Python's `round`)
+    /// from `k₀ = min(n, 10 d)`, then `k`. (sparsify lags this by one step: its first two
+    /// steps both use `k₀`.)
+    pub fn k_at(&self, sae: &Sae, steps_done: u64) -> usize {
+        let decay = self.options.k_decay_steps;
+        if steps_done >= decay {
+            return self.final_k;
+        }
+        let progress = steps_done as f64 / decay as f64;
+        let k = initial_k(sae) as f64 * (1.0 - progress) + self.final_k as f64 * progress;
+        k.round_ties_even() as usize
     }
 
     /// Steps taken so far.
@@ -668,6 +709,10 @@ impl Trainer {
         let x = sae.input(target, "training target")?;
         check_finite(&input, "training batch")?;
         check_finite(&x, "training target")?;
+        let decaying = self.options.k_decay_steps > 0;
+        if decaying {
+            sae.set_k(self.k_at(sae, self.steps_done))?;
+        }
         let transcode = sae.config().transcode;
         let unit_decoder = sae.config().normalize_decoder && !transcode;
         if self.steps_done == 0 && !self.options.finetune {
@@ -775,8 +820,14 @@ impl Trainer {
             dead_fraction: self.dead_fraction(),
             lr,
             matrix_lr,
+            k: decaying.then(|| sae.k()),
         })
     }
+}
+
+/// Where a k decay starts: `min(n, 10 d)` active latents (sparsify's).
+fn initial_k(sae: &Sae) -> usize {
+    sae.num_latents().min(10 * sae.d_in())
 }
 
 /// The indices of the weight matrices and of the biases among `params`.
@@ -1202,9 +1253,12 @@ fn save_checkpoint(
         "tokens_since_fired".into(),
         Tensor::from_vec(fired, count, &candle_core::Device::Cpu)?,
     ));
+    // The config as the run started it: a k decay changes the SAE's `k` on the way.
+    let mut config = sae.config().clone();
+    config.k = trainer.final_k;
     let state = State {
         options: trainer.options.clone(),
-        config: sae.config().clone(),
+        config,
         tokens_consumed,
         history: history.to_vec(),
     };
@@ -1627,6 +1681,7 @@ mod tests {
             finetune: false,
             exclude_tokens: Vec::new(),
             optimizer: SaeOptimizer::Adam,
+            k_decay_steps: 0,
         };
         let mut trainer = Trainer::new(&sae, options.clone()).unwrap();
         let first = trainer.step(&mut sae, &x).unwrap();
@@ -1649,6 +1704,44 @@ mod tests {
         let second = trainer.step(&mut sae, &x).unwrap();
         assert!((second.lr - 0.5 * options.peak_lr(16)).abs() < 1e-15);
         assert_eq!(trainer.steps_done(), 2);
+    }
+
+    /// A k decay over 4 steps from min(n, 10 d) = 60 to k = 3, as sparsify's
+    /// `get_current_k` computes it (Python's round: 31.5 -> 32), one step earlier; every
+    /// step's record carries its k and selects that many latents; the SAE ends at k = 3.
+    #[test]
+    fn k_decays_linearly_to_the_configured_k() {
+        let mut sae = Sae::new(SaeConfig::new(6, 64, 3), 5, &Device::Cpu).unwrap();
+        let (_, x) = case(DType::F32);
+        let options = TrainOptions {
+            steps: 6,
+            warmup_steps: 1,
+            k_decay_steps: 4,
+            ..TrainOptions::default()
+        };
+        let mut trainer = Trainer::new(&sae, options).unwrap();
+        let schedule: Vec<usize> = (0..6).map(|s| trainer.k_at(&sae, s)).collect();
+        assert_eq!(schedule, vec![60, 46, 32, 17, 3, 3]);
+        for want in schedule {
+            let record = trainer.step(&mut sae, &x).unwrap();
+            assert_eq!(record.k, Some(want));
+            assert!(record.l0 <= want as f64 && record.l0 > 0.0);
+        }
+        assert_eq!(sae.k(), 3);
+        let plain = Trainer::new(&sae, TrainOptions::default()).unwrap();
+        let mut again = sae.clone();
+        let mut plain = plain;
+        assert_eq!(plain.step(&mut again, &x).unwrap().k, None);
+        // Multi-TopK needs 4 x 60 latents at the start.
+        let mut config = SaeConfig::new(6, 64, 3);
+        config.multi_topk = true;
+        let multi = Sae::new(config, 0, &Device::Cpu).unwrap();
+        let decaying = TrainOptions {
+            k_decay_steps: 4,
+            ..TrainOptions::default()
+        };
+        let message = Trainer::new(&multi, decaying).unwrap_err().to_string();
+        assert!(message.contains("4 x 60"), "{message}");
     }
 
     /// `finetune`: the first step (lr 0 in the warm-up) leaves an already trained SAE (unit

@@ -101,6 +101,7 @@ fn options() -> TrainOptions {
         finetune: false,
         exclude_tokens: Vec::new(),
         optimizer: SaeOptimizer::Adam,
+        k_decay_steps: 0,
     }
 }
 
@@ -233,23 +234,26 @@ fn flat(sae: &Sae) -> Vec<f32> {
 }
 
 /// With and without a skip connection (whose weight and Adam state are checkpointed too),
-/// and with Muon (its momentum checkpointed beside Adam's state of the biases).
+/// with Muon (its momentum checkpointed beside Adam's state of the biases), and stopped in
+/// the middle of a k decay (the checkpoint records the run's final k, not the current one).
 #[test]
 fn an_interrupted_run_resumes_exactly() {
-    for (skip_connection, optimizer) in [
-        (false, SaeOptimizer::Adam),
-        (true, SaeOptimizer::Adam),
-        (true, SaeOptimizer::Muon),
+    for (skip_connection, optimizer, k_decay_steps) in [
+        (false, SaeOptimizer::Adam, 0),
+        (true, SaeOptimizer::Adam, 0),
+        (true, SaeOptimizer::Muon, 0),
+        (false, SaeOptimizer::Adam, 6),
     ] {
-        resumes_exactly(skip_connection, optimizer);
+        resumes_exactly(skip_connection, optimizer, k_decay_steps);
     }
 }
 
-fn resumes_exactly(skip_connection: bool, optimizer: SaeOptimizer) {
+fn resumes_exactly(skip_connection: bool, optimizer: SaeOptimizer, k_decay_steps: u64) {
     let options = TrainOptions {
         steps: 12,
         checkpoint_every: 4,
         optimizer,
+        k_decay_steps,
         ..options()
     };
     let fresh = || {
@@ -391,6 +395,7 @@ fn trains_on_model_activations_over_text() {
             finetune: false,
             exclude_tokens: Vec::new(),
             optimizer: SaeOptimizer::Adam,
+            k_decay_steps: 0,
         };
         let history = train(&mut sae, &mut source, POINT, &options, None, |_| {}).unwrap();
         let first = history[0].fvu;

@@ -29,7 +29,7 @@ pub const KERNELS: KernelSource = KernelSource {
 };
 
 /// The largest `k` the TopK kernel selects per row (its picks sort in shared memory).
-pub const TOPK_MAX_K: usize = 4096;
+pub const TOPK_MAX_K: usize = crate::GPU_MAX_K;
 
 /// The kernels as tensor operations: launched on a CUDA device, or (in the tests) run on
 /// the CPU under emulation. Shapes: `pre [N, n]`, `coef`/`indices`/`gate [N, k]` (indices

@@ -275,6 +275,11 @@ struct EvalArgs {
     /// alike); for SAEs trained with `sae train --skip-first-positions N`.
     #[arg(long, default_value_t = 0)]
     skip_first_positions: usize,
+    /// Leave the rows of these token ids, comma separated, out of the SAE metrics and out of
+    /// the splice, as --skip-first-positions does for positions; for SAEs trained with
+    /// `sae train --exclude-tokens`.
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    exclude_tokens: Vec<u32>,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -628,6 +633,10 @@ pub struct EvalReport {
     /// (`--skip-first-positions`).
     #[serde(default)]
     pub skip_first_positions: usize,
+    /// Token ids whose rows are left out of the SAE metrics and the splice
+    /// (`--exclude-tokens`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_tokens: Vec<u32>,
     /// The model's own next-token cross-entropy (nats).
     pub ce_clean: f64,
     /// One row per SAE.
@@ -637,10 +646,13 @@ pub struct EvalReport {
 impl EvalReport {
     /// A readable table.
     pub fn table(&self) -> String {
-        let skipped = match self.skip_first_positions {
+        let mut skipped = match self.skip_first_positions {
             0 => String::new(),
             n => format!(" (SAE metrics and splice from position {n} on)"),
         };
+        if !self.exclude_tokens.is_empty() {
+            skipped += &format!(" (tokens {:?} left out)", self.exclude_tokens);
+        }
         let mut out = format!(
             "{} tokens{skipped}; clean CE {:.4} nats\n{:>24} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
             self.tokens,
@@ -782,8 +794,9 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
         })
         .collect();
     let (mut ce_clean, mut ce_count, mut tokens, mut done_chunks) = (0.0, 0usize, 0u64, 0u64);
-    // Rows the SAE metrics cover (positions from `skip` on).
+    // Rows the SAE metrics cover (positions from `skip` on, tokens not excluded).
     let mut rows_evaluated = 0u64;
+    let exclude = &args.exclude_tokens;
     let bar = hooks::progress::bar(true, Some(args.tokens), "tokens");
     while done_chunks < max_chunks {
         let want = (max_chunks - done_chunks).min(args.data.forward_batch.max(1) as u64);
@@ -801,41 +814,60 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
         ce_clean += ce;
         ce_count += count;
         tokens += (b * s) as u64;
-        let kept = s - skip;
-        rows_evaluated += (b * kept) as u64;
+        // Which rows the SAE covers: `keep` (row indices) and `mask` ([b, s, 1], 1 there).
+        let row_kept: Vec<u8> = batch
+            .iter()
+            .flat_map(|sequence| {
+                sequence
+                    .iter()
+                    .enumerate()
+                    .map(|(pos, id)| u8::from(pos >= skip && !exclude.contains(id)))
+            })
+            .collect();
+        let keep: Vec<u32> = (0..b * s)
+            .filter(|&r| row_kept[r] == 1)
+            .map(|r| r as u32)
+            .collect();
+        rows_evaluated += keep.len() as u64;
+        let keep = Tensor::new(keep.as_slice(), model.device())?;
+        let mask = Tensor::from_vec(row_kept, (b, s, 1), model.device())?;
         for (((point, sae), sums), input) in
             points.iter().zip(&saes).zip(sums.iter_mut()).zip(&inputs)
         {
-            let rows = |p: &HookPoint| -> Result<Tensor> {
-                let x = out.captures[p].to_dtype(DType::F32)?;
-                let d = x.dim(2)?;
-                Ok(x.narrow(1, skip, kept)?.reshape((b * kept, d))?)
-            };
-            let flat = rows(point)?;
-            let fwd = match input {
-                Some(input) => sae.forward_target(&rows(input)?, &flat)?,
-                None => sae.forward(&flat)?,
-            };
-            sums.l2 += (&flat - &fwd.x_hat)?
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
-            let col: Vec<f32> = flat.sum(0)?.to_vec1()?;
-            for (acc, v) in sums.sum.iter_mut().zip(col) {
-                *acc += v as f64;
-            }
-            sums.sum_sq += flat
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
-            let acts: Vec<f32> = fwd.top_acts.flatten_all()?.to_vec1()?;
-            let indices: Vec<u32> = fwd.top_indices.flatten_all()?.to_vec1()?;
-            for (a, i) in acts.iter().zip(&indices) {
-                if *a > 0.0 {
-                    sums.active += 1.0;
-                    sums.fired[*i as usize] = true;
+            // The metrics (the splice below runs even when every row is left out: the
+            // model's losses cover every token).
+            if keep.dim(0)? > 0 {
+                let rows = |p: &HookPoint| -> Result<Tensor> {
+                    let x = out.captures[p].to_dtype(DType::F32)?;
+                    let d = x.dim(2)?;
+                    Ok(x.reshape((b * s, d))?.index_select(&keep, 0)?)
+                };
+                let flat = rows(point)?;
+                let fwd = match input {
+                    Some(input) => sae.forward_target(&rows(input)?, &flat)?,
+                    None => sae.forward(&flat)?,
+                };
+                sums.l2 += (&flat - &fwd.x_hat)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
+                let col: Vec<f32> = flat.sum(0)?.to_vec1()?;
+                for (acc, v) in sums.sum.iter_mut().zip(col) {
+                    *acc += v as f64;
+                }
+                sums.sum_sq += flat
+                    .to_dtype(DType::F64)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_scalar::<f64>()?;
+                let acts: Vec<f32> = fwd.top_acts.flatten_all()?.to_vec1()?;
+                let indices: Vec<u32> = fwd.top_indices.flatten_all()?.to_vec1()?;
+                for (a, i) in acts.iter().zip(&indices) {
+                    if *a > 0.0 {
+                        sums.active += 1.0;
+                        sums.fired[*i as usize] = true;
+                    }
                 }
             }
             // The SAE's reconstruction (a transcoder's prediction from the module's input,
@@ -848,33 +880,24 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
                     Ok(None)
                 });
             }
-            // Positions before `skip` keep the model's own activations.
-            let with_first_positions = |x: &Tensor, rest: Tensor| -> hooks::Result<Tensor> {
-                if skip == 0 {
-                    Ok(rest)
-                } else {
-                    let rest = rest.to_dtype(x.dtype())?;
-                    Ok(Tensor::cat(&[&x.narrow(1, 0, skip)?, &rest], 1)?)
-                }
+            // Rows the SAE does not cover keep the model's own activations.
+            let only_kept = |x: &Tensor, replacement: Tensor| -> hooks::Result<Tensor> {
+                let replacement = replacement.to_dtype(x.dtype())?;
+                Ok(mask.broadcast_as(x.shape())?.where_cond(&replacement, x)?)
             };
             let mut hooks = hooks.replace(*point, |x: &Tensor| {
                 let (n, len, d) = x.dims3()?;
-                let flat = |t: &Tensor| {
-                    t.narrow(1, skip, len - skip)?
-                        .reshape((n * (len - skip), d))
-                };
+                let flat = |t: &Tensor| t.reshape((n * len, d));
                 let source = seen.borrow().clone().unwrap_or_else(|| x.clone());
                 let recon = sae
                     .forward_target(&flat(&source)?, &flat(x)?)
                     .map_err(|e| hooks::Error::InvalidArgument(format!("SAE: {e}")))?;
-                let recon = recon.x_hat.reshape((n, len - skip, d))?;
-                Ok(Some(with_first_positions(x, recon)?))
+                Ok(Some(only_kept(x, recon.x_hat.reshape((n, len, d))?)?))
             });
             let logits = model.forward(&ids, &mut hooks)?.logits.unwrap();
             sums.ce_sae += ce_sum(&logits, &ids)?.0;
             let mut hooks = Hooks::new().replace(*point, |x: &Tensor| {
-                let zeros = x.narrow(1, skip, x.dim(1)? - skip)?.zeros_like()?;
-                Ok(Some(with_first_positions(x, zeros)?))
+                Ok(Some(only_kept(x, x.zeros_like()?)?))
             });
             let logits = model.forward(&ids, &mut hooks)?.logits.unwrap();
             sums.ce_zero += ce_sum(&logits, &ids)?.0;
@@ -911,6 +934,7 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
     let report = EvalReport {
         tokens,
         skip_first_positions: skip,
+        exclude_tokens: args.exclude_tokens.clone(),
         ce_clean,
         saes: rows,
     };

@@ -464,30 +464,33 @@ fn skip_first_positions_in_train_and_eval() {
     .unwrap();
     assert!(streamed.join("layers.1/sae.safetensors").is_file());
 
-    // Evaluation from position 1 on.
-    let json = tmp.path().join("eval.json");
-    sae_cli(&[
-        "eval",
-        "--model",
-        s(&model_dir),
-        "--sae",
-        s(&out),
-        "--data",
-        s(&text),
-        "--seq-len",
-        "64",
-        "--forward-batch",
-        "4",
-        "--tokens",
-        "256",
-        "--skip-first-positions",
-        "1",
-        "--json",
-        s(&json),
-    ])
-    .unwrap();
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // Evaluation from position 1 on: `evaluate(extra)` runs `sae eval` and returns its report.
+    let evaluate = |extra: &[&str]| -> serde_json::Value {
+        let json = tmp.path().join("eval.json");
+        let mut args = vec![
+            "eval",
+            "--model",
+            s(&model_dir),
+            "--sae",
+            s(&out),
+            "--data",
+            s(&text),
+            "--seq-len",
+            "64",
+            "--forward-batch",
+            "4",
+            "--tokens",
+            "256",
+            "--skip-first-positions",
+            "1",
+            "--json",
+            s(&json),
+        ];
+        args.extend(extra);
+        sae_cli(&args).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+    };
+    let report = evaluate(&[]);
     assert_eq!(report["tokens"], 256);
     assert_eq!(report["skip_first_positions"], 1);
     let row = &report["saes"][0];
@@ -541,15 +544,7 @@ fn skip_first_positions_in_train_and_eval() {
     assert!(close(f("l0"), active as f64 / 252.0));
     // CE with position 0 left as the model made it and positions >= 1 reconstructed, or
     // zeroed, by hand.
-    let ce_with = |rest: Tensor| -> f64 {
-        let patched = Tensor::cat(
-            &[
-                &captured.narrow(1, 0, 1).unwrap(),
-                &rest.reshape((4, 63, 32)).unwrap(),
-            ],
-            1,
-        )
-        .unwrap();
+    let ce_of = |patched: Tensor| -> f64 {
         let mut hooks = hooks::Hooks::new().replace(point, |_: &Tensor| Ok(Some(patched.clone())));
         let logits = model.forward(&ids, &mut hooks).unwrap().logits.unwrap();
         let logits: Vec<Vec<Vec<f32>>> = logits.to_vec3().unwrap();
@@ -570,9 +565,62 @@ fn skip_first_positions_in_train_and_eval() {
         }
         total / (4.0 * 63.0)
     };
+    let ce_with = |rest: Tensor| -> f64 {
+        let first = captured.narrow(1, 0, 1).unwrap();
+        ce_of(Tensor::cat(&[&first, &rest.reshape((4, 63, 32)).unwrap()], 1).unwrap())
+    };
     let ce_sae = ce_with(direct.x_hat.clone());
     let ce_zero = ce_with(later.zeros_like().unwrap());
     assert!(close(f("ce_sae"), ce_sae), "{} vs {ce_sae}", f("ce_sae"));
+    assert!(
+        close(f("ce_zero"), ce_zero),
+        "{} vs {ce_zero}",
+        f("ce_zero")
+    );
+
+    // With --exclude-tokens as well: the rows of the most frequent token are left out of
+    // the metrics and keep the model's activations in the splice.
+    let flat_ids: Vec<u32> = ids.flatten_all().unwrap().to_vec1().unwrap();
+    let frequent = (0..flat_ids.len())
+        .map(|i| flat_ids[i])
+        .max_by_key(|id| flat_ids.iter().filter(|x| *x == id).count())
+        .unwrap();
+    let kept: Vec<u32> = (0..256u32)
+        .filter(|&r| r % 64 != 0 && flat_ids[r as usize] != frequent)
+        .collect();
+    assert!(kept.len() < 252, "{}", kept.len());
+    let report = evaluate(&["--exclude-tokens", &frequent.to_string()]);
+    assert_eq!(report["exclude_tokens"], serde_json::json!([frequent]));
+    let row = &report["saes"][0];
+    let f = |k: &str| row[k].as_f64().unwrap();
+    let all_rows = captured.reshape((256, 32)).unwrap();
+    let index = Tensor::new(kept.as_slice(), &Device::Cpu).unwrap();
+    let direct = sae
+        .forward(&all_rows.index_select(&index, 0).unwrap())
+        .unwrap();
+    assert!(
+        close(f("fvu"), direct.fvu),
+        "{} vs {}",
+        f("fvu"),
+        direct.fvu
+    );
+    let mask: Vec<u8> = (0..256u32).map(|r| u8::from(kept.contains(&r))).collect();
+    let mask = Tensor::from_vec(mask, (4, 64, 1), &Device::Cpu)
+        .unwrap()
+        .broadcast_as((4, 64, 32))
+        .unwrap();
+    let recon = sae
+        .forward(&all_rows)
+        .unwrap()
+        .x_hat
+        .reshape((4, 64, 32))
+        .unwrap();
+    let ce_sae = ce_of(mask.where_cond(&recon, &captured).unwrap());
+    assert!(close(f("ce_sae"), ce_sae), "{} vs {ce_sae}", f("ce_sae"));
+    let ce_zero = ce_of(
+        mask.where_cond(&captured.zeros_like().unwrap(), &captured)
+            .unwrap(),
+    );
     assert!(
         close(f("ce_zero"), ce_zero),
         "{} vs {ce_zero}",

@@ -117,6 +117,24 @@ pub fn view<'s, T: CudaDType>(storage: &'s Storage, layout: &Layout) -> Result<C
     Ok(cuda.as_cuda_slice::<T>()?.slice(start..end))
 }
 
+/// Runs `f` on [`view`]s of `tensors`, made contiguous first: the storage guards the views
+/// borrow live for the call (the CUDA counterpart of [`crate::cpu::with_f32_slices`]).
+pub fn with_views<T: CudaDType, R, E: From<Error> + From<candle_core::Error>>(
+    tensors: &[&Tensor],
+    f: impl FnOnce(&[CudaView<'_, T>]) -> std::result::Result<R, E>,
+) -> std::result::Result<R, E> {
+    let contiguous = tensors
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = contiguous.iter().map(|t| t.storage_and_layout()).collect();
+    let views = guards
+        .iter()
+        .map(|(storage, layout)| view::<T>(storage, layout))
+        .collect::<Result<Vec<_>>>()?;
+    f(&views)
+}
+
 /// [`view`] of an optional input's storage guard (from [`Tensor::storage_and_layout`]),
 /// for a kernel argument that may be null ([`arg_or_null`]).
 pub fn optional_view<'s, T: CudaDType>(

@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 use half::bf16;
 use hooks::cuda_kernels::launch::{
     alloc, alloc_uninit, arg_or_null, config, cuda_device, function, int, optional_view, view,
-    wrap, write_in_place,
+    with_views, wrap, write_in_place,
 };
 
 use super::{backward_with, encode_select_with, Kernels, PicksByLatent, KERNELS, TOPK_MAX_K};
@@ -413,36 +413,30 @@ fn add_rows(
     let (off_s, off_l) = picks.offsets.storage_and_layout();
     let (ord_s, ord_l) = picks.order.storage_and_layout();
     let (offsets, order) = (view::<u32>(&off_s, off_l)?, view::<u32>(&ord_s, ord_l)?);
-    // The rows, in place.
-    let inputs = [coefs[0], vectors[0], coefs[1], vectors[1]]
-        .map(Tensor::contiguous)
-        .into_iter()
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let guards: Vec<_> = inputs.iter().map(|t| t.storage_and_layout()).collect();
-    let views = guards
-        .iter()
-        .map(|(storage, layout)| view::<f32>(storage, layout))
-        .collect::<hooks::Result<Vec<_>>>()?;
     let func = function(&KERNELS, device, kernel)?;
-    write_in_place::<f32, Error>(&sums[0], |sum_a| {
-        write_in_place::<f32, Error>(&sums[1], |sum_b| {
-            let mut builder = func.builder();
-            builder
-                .arg(&offsets)
-                .arg(&order)
-                .arg(&k_arg)
-                .arg(&d_arg)
-                .arg(&views[0])
-                .arg(&views[1])
-                .arg(sum_a)
-                .arg(&views[2])
-                .arg(&views[3])
-                .arg(sum_b);
-            launch(&mut builder, config((n, 1), THREADS)?)
+    let inputs = [coefs[0], vectors[0], coefs[1], vectors[1]];
+    with_views::<f32, _, Error>(&inputs, |views| {
+        // The rows, in place.
+        write_in_place::<f32, Error>(&sums[0], |sum_a| {
+            write_in_place::<f32, Error>(&sums[1], |sum_b| {
+                let mut builder = func.builder();
+                builder
+                    .arg(&offsets)
+                    .arg(&order)
+                    .arg(&k_arg)
+                    .arg(&d_arg)
+                    .arg(&views[0])
+                    .arg(&views[1])
+                    .arg(sum_a)
+                    .arg(&views[2])
+                    .arg(&views[3])
+                    .arg(sum_b);
+                launch(&mut builder, config((n, 1), THREADS)?)
+            })
+            .map_err(Error::from)
         })
         .map_err(Error::from)
     })
-    .map_err(Error::from)
 }
 
 /// `sum[indices[p]] += coef[p]` over all `N · k` picks, in place in the `[n]` f32 `sum`.
@@ -517,22 +511,15 @@ fn row_pass(name: &str, inputs: &[&Tensor]) -> Result<Option<Tensor>> {
     }
     let func = function(&KERNELS, &device, name)?;
     let d_arg = int(d, "width")?;
-    let contiguous = inputs
-        .iter()
-        .map(|t| t.contiguous())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let guards: Vec<_> = contiguous.iter().map(|t| t.storage_and_layout()).collect();
-    let views = guards
-        .iter()
-        .map(|(storage, layout)| view::<f32>(storage, layout))
-        .collect::<hooks::Result<Vec<_>>>()?;
-    // SAFETY: one block per row writes every element of its row.
-    let mut out = unsafe { alloc_uninit::<f32>(&device, n * d) }?;
-    let mut builder = func.builder();
-    for input in &views {
-        builder.arg(input);
-    }
-    builder.arg(&d_arg).arg(&mut out);
-    launch(&mut builder, config((n, 1), THREADS)?)?;
-    Ok(Some(wrap(out, &device, (n, d))))
+    with_views::<f32, _, Error>(inputs, |views| {
+        // SAFETY: one block per row writes every element of its row.
+        let mut out = unsafe { alloc_uninit::<f32>(&device, n * d) }?;
+        let mut builder = func.builder();
+        for input in views {
+            builder.arg(input);
+        }
+        builder.arg(&d_arg).arg(&mut out);
+        launch(&mut builder, config((n, 1), THREADS)?)?;
+        Ok(Some(wrap(out, &device, (n, d))))
+    })
 }

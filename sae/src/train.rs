@@ -766,14 +766,14 @@ impl Trainer {
         if unit_decoder {
             grads[2] = remove_parallel_component(&grads[2], sae.w_dec())?;
         }
-        let lr = self.options.peak_lr(sae.num_latents())
+        let peak = self.options.peak_lr(sae.num_latents());
+        let lr = peak
             * linear_schedule(
                 self.steps_done,
                 self.options.warmup_steps,
                 self.options.steps,
             );
         let mut params = sae.parameters();
-        let peak = self.options.peak_lr(sae.num_latents());
         let matrix_lr = self
             .muon
             .is_some()

@@ -394,43 +394,37 @@ fn skip_first_positions_in_train_and_eval() {
     let text = repo().join("data/wikitext-2-raw-test.txt");
     let cache = cache_of_text(tmp.path(), &model_dir, "layers.1");
     let out = tmp.path().join("saes");
-    let mut args = vec![
-        "train",
-        "--activations",
-        s(&cache),
-        "--output",
-        s(&out),
-        "--batch-size",
-        "252",
-        "--num-latents",
-        "48",
-        "--k",
-        "3",
-        "--lr",
-        "1e-2",
-        "--lr-warmup-steps",
-        "1",
-    ];
-    let skipping = [args.clone(), vec!["--skip-first-positions", "1"]].concat();
-    sae_cli(&skipping).unwrap();
+    let train = |output: &Path, skip: &str| {
+        let common = [
+            "--batch-size",
+            "252",
+            "--num-latents",
+            "48",
+            "--k",
+            "3",
+            "--lr",
+            "1e-2",
+            "--lr-warmup-steps",
+            "1",
+            "--skip-first-positions",
+        ];
+        train_on_cache(&cache, output, &[&common[..], &[skip]].concat())
+    };
+    train(&out, "1").unwrap();
     // 16 sequences of 63 rows kept = 1008 rows = 4 steps of 252 (without skipping: 1024
     // rows, still 4 steps; with 2 skipped, 992 rows: 3 steps).
     let history = read_history(&out, "layers.1");
     assert_eq!(history.len(), 4);
-    args.extend(["--skip-first-positions", "2"]);
-    let message = format!("{:#}", sae_cli(&args).unwrap_err());
+    let message = format!("{:#}", train(&out, "2").unwrap_err());
     assert!(
         message.contains("skipping the first 1 positions") && message.contains("skips 2"),
         "{message}"
     );
     let two = tmp.path().join("two");
-    args[4] = s(&two);
-    sae_cli(&args).unwrap();
+    train(&two, "2").unwrap();
     let history = read_history(&two, "layers.1");
     assert_eq!(history.len(), 3);
-    let mut all = args.clone();
-    *all.last_mut().unwrap() = "64";
-    let message = format!("{:#}", sae_cli(&all).unwrap_err());
+    let message = format!("{:#}", train(&two, "64").unwrap_err());
     assert!(message.contains("leaves nothing of 64-token"), "{message}");
 
     // Streaming from the model: half of each 64-token sequence skipped, so 2 steps of 256

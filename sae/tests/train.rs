@@ -510,10 +510,7 @@ fn skipping_the_first_positions_keeps_their_rows_from_the_trainer() {
     };
     let mut replay = fresh();
     train(&mut replay, &mut stream(), POINT, &one_step, None, |_| {}).unwrap();
-    let mut by_hand = fresh();
-    let mut trainer = sae::train::Trainer::new(&by_hand, one_step).unwrap();
-    let first = Tensor::from_vec(later[..100].concat(), (100, 32), &Device::Cpu).unwrap();
-    trainer.step(&mut by_hand, &first).unwrap();
+    let by_hand = stepped_by_hand(fresh(), one_step, &later);
     assert_eq!(flat(&replay), flat(&by_hand));
 
     // The checkpoint refuses a run that skips another number of positions.
@@ -542,15 +539,21 @@ fn skipping_the_first_positions_keeps_their_rows_from_the_trainer() {
     };
     let mut trained = fresh();
     train(&mut trained, &mut stream(), POINT, &plain, None, |_| {}).unwrap();
-    let all = rows_of(direct);
-    let mut by_hand = fresh();
-    let mut trainer = sae::train::Trainer::new(&by_hand, plain).unwrap();
-    for step in 0..3 {
-        let batch: Vec<f32> = all[step * 100..(step + 1) * 100].concat();
-        let batch = Tensor::from_vec(batch, (100, 32), &Device::Cpu).unwrap();
-        trainer.step(&mut by_hand, &batch).unwrap();
-    }
+    let by_hand = stepped_by_hand(fresh(), plain, &rows_of(direct));
     assert_eq!(flat(&trained), flat(&by_hand));
+}
+
+/// `sae` after `options.steps` steps taken by hand (`Trainer::step`) over consecutive
+/// batches of `options.tokens_per_step` of `rows`.
+fn stepped_by_hand(mut sae: Sae, options: TrainOptions, rows: &[Vec<f32>]) -> Sae {
+    let (steps, batch) = (options.steps as usize, options.tokens_per_step);
+    let mut trainer = sae::train::Trainer::new(&sae, options).unwrap();
+    for step in 0..steps {
+        let rows = rows[step * batch..(step + 1) * batch].concat();
+        let rows = Tensor::from_vec(rows, (batch, D), &Device::Cpu).unwrap();
+        trainer.step(&mut sae, &rows).unwrap();
+    }
+    sae
 }
 
 /// `exclude_tokens`: the rows of the excluded token ids never reach the trainer (three steps
@@ -613,13 +616,7 @@ fn excluded_tokens_never_reach_the_trainer() {
     let fresh = || Sae::new(SaeConfig::new(D, 64, 4), 0, &Device::Cpu).unwrap();
     let mut trained = fresh();
     train(&mut trained, &mut stream(16), POINT, &options, None, |_| {}).unwrap();
-    let mut by_hand = fresh();
-    let mut trainer = sae::train::Trainer::new(&by_hand, options.clone()).unwrap();
-    for step in 0..3 {
-        let batch: Vec<f32> = kept[step * 100..(step + 1) * 100].concat();
-        let batch = Tensor::from_vec(batch, (100, D), &Device::Cpu).unwrap();
-        trainer.step(&mut by_hand, &batch).unwrap();
-    }
+    let by_hand = stepped_by_hand(fresh(), options.clone(), &kept);
     assert_eq!(flat(&trained), flat(&by_hand));
 
     // 8 sequences keep fewer than 300 rows: the data runs out during step 3, after the

@@ -27,8 +27,9 @@ use crate::llm::{Llm, Usage};
 use crate::metrics::{median, Confusion};
 use crate::prompts::{ClassifierTask, ShownExample};
 use crate::score::{
-    classifier_summary, classify, embed_score, embedding_auc, intrude, intruder_accuracy,
-    ClassifiedSample, EmbeddedSample, IntruderResult, Sample, ScoreConfig, Scorer,
+    check_intruder_config, classifier_summary, classify, embed_score, embedding_auc, intrude,
+    intruder_accuracy, ClassifiedSample, EmbeddedSample, IntruderResult, Sample, ScoreConfig,
+    Scorer,
 };
 use crate::{Error, Result};
 
@@ -350,11 +351,8 @@ pub async fn run_job(
     config: &JobConfig,
     options: &RunOptions,
 ) -> Result<RunReport> {
-    if config.scorers.contains(&Scorer::Intruder) && config.score.examples_per_prompt < 3 {
-        return Err(Error::Invalid(format!(
-            "the intruder scorer needs at least 3 excerpts per prompt, got {}",
-            config.score.examples_per_prompt
-        )));
+    if config.scorers.contains(&Scorer::Intruder) {
+        check_intruder_config(&config.score)?;
     }
     if config.scorers.contains(&Scorer::Embedding) && models.embedder.is_none() {
         return Err(Error::Invalid(

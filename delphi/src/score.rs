@@ -238,6 +238,18 @@ fn random_marks(tokens: usize, count: usize, rng: &mut rand::rngs::StdRng) -> Ve
     marked
 }
 
+/// Refuses settings the intruder scorer cannot use: fewer than 3 excerpts per prompt
+/// leaves no odd one out.
+pub fn check_intruder_config(config: &ScoreConfig) -> Result<()> {
+    if config.examples_per_prompt < 3 {
+        return Err(crate::Error::Invalid(format!(
+            "the intruder scorer needs at least 3 excerpts per prompt, got {}",
+            config.examples_per_prompt
+        )));
+    }
+    Ok(())
+}
+
 /// Runs the intruder scorer on `samples`: one prompt per silent excerpt (the intruder),
 /// shown among up to [`ScoreConfig::examples_per_prompt`]` - 1` activating excerpts of one
 /// quantile (quantiles taken in turn, excerpts drawn with `seed`) at a random position.
@@ -252,12 +264,7 @@ pub async fn intrude(
     config: &ScoreConfig,
     seed: u64,
 ) -> Result<IntruderScore> {
-    if config.examples_per_prompt < 3 {
-        return Err(crate::Error::Invalid(format!(
-            "the intruder scorer needs at least 3 excerpts per prompt, got {}",
-            config.examples_per_prompt
-        )));
-    }
+    check_intruder_config(config)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut quantiles: BTreeMap<i64, Vec<&Sample>> = BTreeMap::new();
     for sample in samples.iter().filter(|s| s.activating) {

@@ -943,23 +943,25 @@ impl Rows<'_> {
             let kept: Vec<u32> = (0..batch.len() as u32)
                 .filter(|&i| !self.exclude.contains(&batch.tokens[i as usize]))
                 .collect();
-            if kept.is_empty() {
+            let count = kept.len();
+            if count == 0 {
                 continue;
             }
-            let kept = (kept.len() < batch.len())
-                .then(|| Tensor::new(kept.as_slice(), &candle_core::Device::Cpu))
-                .transpose()?;
-            let mut count = batch.len();
+            // The rows kept, as an index on the batch's device (when some are left out).
+            let index = match batch.activations.values().next() {
+                Some(rows) if count < batch.len() => {
+                    Some(Tensor::new(kept.as_slice(), rows.device())?)
+                }
+                _ => None,
+            };
             for (point, pending) in self.points.iter().zip(self.pending.iter_mut()) {
                 let rows = batch.activations.get(point).ok_or_else(|| {
                     Error::Training(format!("a batch lacks hook point '{point}'"))
                 })?;
-                let rows = match &kept {
-                    Some(kept) => rows.index_select(&kept.to_device(rows.device())?, 0)?,
+                pending.push(match &index {
+                    Some(index) => rows.index_select(index, 0)?,
                     None => rows.clone(),
-                };
-                count = rows.dim(0)?;
-                pending.push(rows);
+                });
             }
             self.have += count;
         }

@@ -2,11 +2,13 @@
 //! of generic tensor ops (attention, GELU, the lens loss), and a bfloat16 matrix product
 //! ([`bf16`]) for the lens's unembedding products and Muon's orthogonalisation.
 
-use candle_core::{DType, Device, Storage, Tensor};
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, InplaceOp2, Layout, Storage, Tensor};
 
 pub mod bf16;
 
-use crate::Result;
+use crate::{Error, Result};
 
 /// Runs `f` on the contiguous f32 data of each tensor when all are f32 on the CPU (making
 /// them contiguous first if needed); returns `None` otherwise, so callers can fall back to
@@ -37,4 +39,167 @@ pub fn with_f32_slices<R>(
         slices.push(&cpu.as_slice::<f32>()?[start..end]);
     }
     f(&slices).map(Some)
+}
+
+/// Runs `f` on the f32 data of `write`, mutably and in place, and of `read`, when every tensor
+/// is a float32 CPU tensor and the written ones are contiguous; `None` otherwise, so callers
+/// can fall back to ops that make new tensors. In place means that every tensor sharing
+/// storage with a written one sees the change: this is for buffers their owner never hands
+/// out (optimiser state, gradient sums, a tensor just made). A read or written tensor that
+/// shares storage with a written one is an error (its lock would be taken twice).
+pub fn with_f32_slices_mut<R>(
+    write: &[&Tensor],
+    read: &[&Tensor],
+    f: impl FnOnce(&mut [&mut [f32]], &[&[f32]]) -> Result<R>,
+) -> Result<Option<R>> {
+    let usable = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32;
+    if !write.iter().chain(read).all(|t| usable(t)) || !write.iter().all(|t| t.is_contiguous()) {
+        return Ok(None);
+    }
+    for (i, w) in write.iter().enumerate() {
+        for other in write[i + 1..].iter().chain(read) {
+            w.inplace_op2(other, &AliasProbe).map_err(|_| {
+                Error::InvalidArgument(
+                    "a tensor to be written in place shares its storage with another operand"
+                        .into(),
+                )
+            })?;
+        }
+    }
+    let mut f = Some(f);
+    let mut innermost = |spans: &[(*mut f32, usize)]| -> Result<Option<R>> {
+        // SAFETY: each span is the data of a written tensor whose storage an enclosing
+        // `Locked` frame holds locked for writing until this returns; the storages are
+        // distinct from each other and from the read tensors (probed above), so the
+        // slices alias nothing.
+        let mut slices: Vec<&mut [f32]> = spans
+            .iter()
+            .map(|&(ptr, len)| unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+            .collect();
+        let f = f.take().expect("the innermost frame runs once");
+        with_f32_slices(read, |r| f(&mut slices, r))
+    };
+    lock_for_writing(write, &mut Vec::with_capacity(write.len()), &mut innermost)
+}
+
+/// An in-place op that does nothing: candle refuses it when its operand shares the
+/// destination's storage, which is the check [`with_f32_slices_mut`] needs.
+struct AliasProbe;
+
+impl InplaceOp2 for AliasProbe {
+    fn name(&self) -> &'static str {
+        "alias-probe"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<()> {
+        Ok(())
+    }
+}
+
+type Innermost<'a, R> = dyn FnMut(&[(*mut f32, usize)]) -> Result<R> + 'a;
+
+/// Locks `write[0]` for writing, records its data span, recurses on the rest, and runs
+/// `innermost` with every span once all are locked.
+fn lock_for_writing<R>(
+    write: &[&Tensor],
+    spans: &mut Vec<(*mut f32, usize)>,
+    innermost: &mut Innermost<'_, R>,
+) -> Result<R> {
+    let Some((first, rest)) = write.split_first() else {
+        return innermost(spans);
+    };
+    let frame = Locked {
+        rest,
+        spans: RefCell::new(spans),
+        innermost: RefCell::new(innermost),
+        out: RefCell::new(None),
+    };
+    first.inplace_op1(&frame)?;
+    frame.out.into_inner().unwrap_or_else(|| {
+        Err(Error::InvalidArgument(
+            "a tensor could not be written".into(),
+        ))
+    })
+}
+
+/// One frame of [`lock_for_writing`], run by candle with the storage locked.
+struct Locked<'a, 'b, R> {
+    rest: &'a [&'a Tensor],
+    spans: RefCell<&'a mut Vec<(*mut f32, usize)>>,
+    innermost: RefCell<&'a mut Innermost<'b, R>>,
+    out: RefCell<Option<Result<R>>>,
+}
+
+impl<R> InplaceOp1 for Locked<'_, '_, R> {
+    fn name(&self) -> &'static str {
+        "with-f32-slices-mut"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("not a contiguous float32 tensor");
+        };
+        let data = &mut data[start..end];
+        let mut spans = self.spans.borrow_mut();
+        spans.push((data.as_mut_ptr(), data.len()));
+        let out = lock_for_writing(self.rest, &mut spans, *self.innermost.borrow_mut());
+        spans.pop();
+        *self.out.borrow_mut() = Some(out);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_in_place_and_refuses_shared_storage() {
+        let cpu = &Device::Cpu;
+        let a = Tensor::new(&[1f32, 2., 3.], cpu).unwrap();
+        let b = Tensor::new(&[10f32, 20., 30.], cpu).unwrap();
+        let c = Tensor::new(&[0.5f32, 0.5, 0.5], cpu).unwrap();
+        let alias = a.clone();
+        let sum = with_f32_slices_mut(&[&a, &b], &[&c], |w, r| {
+            let [a, b] = w else { unreachable!() };
+            for ((a, b), c) in a.iter_mut().zip(b.iter_mut()).zip(r[0]) {
+                *a += c;
+                *b *= c;
+            }
+            Ok(a.iter().sum::<f32>())
+        })
+        .unwrap();
+        assert_eq!(sum, Some(7.5));
+        assert_eq!(alias.to_vec1::<f32>().unwrap(), [1.5, 2.5, 3.5]);
+        assert_eq!(b.to_vec1::<f32>().unwrap(), [5., 10., 15.]);
+
+        let refused = |write: &[&Tensor], read: &[&Tensor]| {
+            let out = with_f32_slices_mut(write, read, |_, _| Ok(()));
+            assert!(
+                matches!(&out, Err(Error::InvalidArgument(m)) if m.contains("shares its storage")),
+                "{out:?}"
+            );
+        };
+        refused(&[&a], &[&alias]);
+        refused(&[&a, &alias], &[]);
+        refused(&[&b], &[&c, &b.narrow(0, 1, 1).unwrap()]);
+
+        let strided = Tensor::zeros((2, 2), DType::F32, cpu).unwrap().t().unwrap();
+        let f64s = Tensor::zeros(2, DType::F64, cpu).unwrap();
+        for (write, read) in [(&strided, &c), (&a, &f64s)] {
+            let out = with_f32_slices_mut(&[write], &[read], |_, _| Ok(())).unwrap();
+            assert!(out.is_none(), "falls back");
+        }
+        let err = with_f32_slices_mut(&[&a], &[], |_, _| -> Result<()> {
+            Err(Error::InvalidArgument("inner".into()))
+        });
+        assert!(matches!(err, Err(Error::InvalidArgument(m)) if m == "inner"));
+    }
 }

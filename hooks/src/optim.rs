@@ -59,7 +59,7 @@ pub enum Rule {
 
 /// An optimiser over a fixed list of parameter tensors. Weight decay is coupled (added to
 /// the gradient), as in PyTorch's SGD and Adam, except for Muon (decoupled).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Optimizer {
     rule: Rule,
     weight_decay: f64,
@@ -84,7 +84,8 @@ impl Optimizer {
         self.step
     }
 
-    /// Updates `params` in place from `grads` with learning rate `lr`.
+    /// Updates `params` from `grads` with learning rate `lr`: each becomes a new tensor
+    /// (clones of the old ones held elsewhere keep their values).
     pub fn step(&mut self, params: &mut [Tensor], grads: &[Tensor], lr: f64) -> Result<()> {
         if params.len() != grads.len() {
             return Err(Error::InvalidArgument(format!(
@@ -165,11 +166,11 @@ impl Optimizer {
                     amsgrad,
                 } => {
                     if first {
-                        let zeros = grad.zeros_like()?;
-                        let mut s = vec![zeros.clone(), zeros.clone()];
-                        if amsgrad {
-                            s.push(zeros);
-                        }
+                        // Distinct buffers: the fused path updates them in place.
+                        let slots = if amsgrad { 3 } else { 2 };
+                        let s = (0..slots)
+                            .map(|_| grad.zeros_like())
+                            .collect::<candle_core::Result<_>>()?;
                         self.state.push(s);
                     }
                     let s = &mut self.state[i];
@@ -181,9 +182,8 @@ impl Optimizer {
                         bias2: 1.0 - beta2.powi(t),
                         lr,
                     };
-                    if let Some((new_param, new_state)) = adam_fused(param, &grad, s, scalars)? {
+                    if let Some(new_param) = adam_fused(param, &grad, s, scalars)? {
                         *param = new_param;
-                        *s = new_state;
                         continue;
                     }
                     s[0] = ((&s[0] * beta1)? + (&grad * (1.0 - beta1))?)?;
@@ -206,7 +206,9 @@ impl Optimizer {
         Ok(())
     }
 
-    /// The state as named tensors (`{prefix}.{param}.{slot}`), for checkpoints.
+    /// The state as named tensors (`{prefix}.{param}.{slot}`), for checkpoints. They share
+    /// the optimiser's buffers, which later float32 CPU steps update in place: save them
+    /// before the next step.
     pub fn state_tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
         self.state
             .iter()
@@ -397,90 +399,74 @@ struct AdamScalars {
 fn adam_fused(
     param: &Tensor,
     grad: &Tensor,
-    state: &[Tensor],
+    state: &mut [Tensor],
     c: AdamScalars,
-) -> Result<Option<(Tensor, Vec<Tensor>)>> {
+) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
-    if let Some(done) = launch::adam_cuda(param, grad, state, c)? {
-        return Ok(Some(done));
+    if let Some((new_param, new_state)) = launch::adam_cuda(param, grad, state, c)? {
+        state.clone_from_slice(&new_state);
+        return Ok(Some(new_param));
     }
     adam_cpu(param, grad, state, c)
 }
 
 /// One Adam update in a single parallel pass when the parameter, its gradient and its state
-/// (`[m, v]` or `[m, v, v_max]`) are float32 on the CPU: the new parameter and state, the
-/// same arithmetic as the tensor-op path below (which allocates a fresh buffer
-/// per op; on the SAE's 19M-float matrices that dominated the step). `None` otherwise.
+/// (`[m, v]` or `[m, v, v_max]`) are float32 on the CPU: the state is updated in place (the
+/// optimiser owns it; fresh buffers each step cost a page fault per 4 KiB, which on the
+/// SAE's 19M-float matrices was a good part of the step) and the new parameter returned,
+/// the same arithmetic as the tensor-op path below. `None` otherwise.
 fn adam_cpu(
     param: &Tensor,
     grad: &Tensor,
     state: &[Tensor],
     c: AdamScalars,
-) -> Result<Option<(Tensor, Vec<Tensor>)>> {
+) -> Result<Option<Tensor>> {
     use rayon::prelude::*;
-    let amsgrad = state.len() == 3;
-    let mut inputs = vec![param, grad];
-    inputs.extend(state.iter());
-    let out = crate::cpu::with_f32_slices(&inputs, |s| {
-        let count = s[0].len();
-        let mut p = vec![0f32; count];
-        let mut m = vec![0f32; count];
-        let mut v = vec![0f32; count];
-        let mut v_max = if amsgrad {
-            vec![0f32; count]
-        } else {
-            Vec::new()
-        };
-        let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
-        let (sqrt_bias2, step) = (c.bias2.sqrt() as f32, (c.lr / c.bias1) as f32);
-        const CHUNK: usize = 1 << 14;
-        p.par_chunks_mut(CHUNK)
-            .zip(m.par_chunks_mut(CHUNK))
-            .zip(v.par_chunks_mut(CHUNK))
-            .enumerate()
-            .for_each(|(chunk, ((p, m), v))| {
-                let at = chunk * CHUNK;
-                let range = at..at + p.len();
-                let (p0, g, m0, v0) = (
-                    &s[0][range.clone()],
-                    &s[1][range.clone()],
-                    &s[2][range.clone()],
-                    &s[3][range.clone()],
-                );
-                for i in 0..p.len() {
-                    m[i] = m0[i] * b1 + g[i] * (1.0 - b1);
-                    v[i] = v0[i] * b2 + g[i] * g[i] * (1.0 - b2);
+    let state: Vec<&Tensor> = state.iter().collect();
+    let p =
+        crate::cpu::with_f32_slices_mut(&state, &[param, grad], |s, r| {
+            let (p0, g) = (r[0], r[1]);
+            let mut p = vec![0f32; p0.len()];
+            let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
+            let (sqrt_bias2, step) = (c.bias2.sqrt() as f32, (c.lr / c.bias1) as f32);
+            const CHUNK: usize = 1 << 14;
+            let (m, rest) = s.split_first_mut().expect("Adam has state");
+            let (v, v_max) = rest.split_first_mut().expect("Adam has state");
+            let v_max = v_max.first_mut().map(|v| &mut **v);
+            let chunks = p
+                .par_chunks_mut(CHUNK)
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .enumerate();
+            let moments = |at: usize, m: &mut [f32], v: &mut [f32]| {
+                for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(&g[at..]) {
+                    *m = *m * b1 + g * (1.0 - b1);
+                    *v = *v * b2 + g * g * (1.0 - b2);
                 }
-                if !amsgrad {
-                    for i in 0..p.len() {
-                        p[i] = p0[i] - m[i] / (v[i].sqrt() / sqrt_bias2 + eps) * step;
+            };
+            match v_max {
+                None => chunks.for_each(|(chunk, ((p, m), v))| {
+                    let at = chunk * CHUNK;
+                    moments(at, m, v);
+                    for (i, (p, &p0)) in p.iter_mut().zip(&p0[at..]).enumerate() {
+                        *p = p0 - m[i] / (v[i].sqrt() / sqrt_bias2 + eps) * step;
                     }
-                }
-            });
-        if amsgrad {
-            p.par_iter_mut()
-                .zip(v_max.par_iter_mut())
-                .enumerate()
-                .for_each(|(i, (p, v_max))| {
-                    *v_max = s[4][i].max(v[i]);
-                    *p = s[0][i] - m[i] / (v_max.sqrt() / sqrt_bias2 + eps) * step;
-                });
-        }
-        Ok((p, m, v, v_max))
-    })?;
-    let Some((p, m, v, v_max)) = out else {
-        return Ok(None);
-    };
-    let shape = param.shape();
-    let cpu = &candle_core::Device::Cpu;
-    let mut new_state = vec![
-        Tensor::from_vec(m, shape, cpu)?,
-        Tensor::from_vec(v, shape, cpu)?,
-    ];
-    if amsgrad {
-        new_state.push(Tensor::from_vec(v_max, shape, cpu)?);
-    }
-    Ok(Some((Tensor::from_vec(p, shape, cpu)?, new_state)))
+                }),
+                Some(v_max) => chunks.zip(v_max.par_chunks_mut(CHUNK)).for_each(
+                    |((chunk, ((p, m), v)), v_max)| {
+                        let at = chunk * CHUNK;
+                        moments(at, m, v);
+                        for (i, (p, &p0)) in p.iter_mut().zip(&p0[at..]).enumerate() {
+                            v_max[i] = v_max[i].max(v[i]);
+                            *p = p0 - m[i] / (v_max[i].sqrt() / sqrt_bias2 + eps) * step;
+                        }
+                    },
+                ),
+            }
+            Ok(p)
+        })?;
+    p.map(|p| Ok(Tensor::from_vec(p, param.shape(), param.device())?))
+        .transpose()
 }
 
 /// Scales `grads` so their global L2 norm is at most `max_norm` (PyTorch
@@ -653,9 +639,13 @@ mod tests {
             for step in 0..4 {
                 // Gradient: the parameter times a step-dependent factor (moves v_max around).
                 let g = (&fast[0] * (1.0 - 0.6 * step as f64)).unwrap();
+                let (kept, kept_values) = (fast[0].clone(), fast[0].flatten_all().unwrap());
+                let kept_values = kept_values.to_vec1::<f32>().unwrap();
                 opt_fast
                     .step(&mut fast, std::slice::from_ref(&g), 0.01)
                     .unwrap();
+                let kept = kept.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(kept, kept_values, "the step made a new parameter tensor");
                 let g = g.to_dtype(candle_core::DType::F64).unwrap();
                 opt_slow.step(&mut slow, &[g], 0.01).unwrap();
                 let diff = crate::compare::max_abs_diff(&fast[0], &slow[0]).unwrap();

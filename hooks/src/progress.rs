@@ -29,11 +29,14 @@ pub fn bar(enabled: bool, total: Option<u64>, unit: &str) -> ProgressBar {
 
 /// The steady-state rate of a training run: its steps after the first, which pays the
 /// one-time costs (CUDA kernels compiled, cuBLAS set up, caches filled) that would swamp a
-/// short benchmark run on a GPU. The clock starts when the first step is reported done and
-/// stops at [`StepClock::summary`], which the caller reaches after synchronising the device.
+/// short benchmark run on a GPU. The clock runs from the report of the first step to that of
+/// the last, so what comes after the loop (the final checkpoint and files) is not counted;
+/// both ends fall at the same point of a step (its loss read back to the host), so on a GPU
+/// the window spans whole steps even though the device runs ahead of the host.
 #[derive(Debug, Default)]
 pub struct StepClock {
     first_done: Option<std::time::Instant>,
+    last_done: Option<std::time::Instant>,
     steps_after_first: u64,
 }
 
@@ -45,16 +48,20 @@ impl StepClock {
 
     /// Counts one finished step.
     pub fn step_done(&mut self) {
+        let now = std::time::Instant::now();
         match self.first_done {
-            None => self.first_done = Some(std::time::Instant::now()),
-            Some(_) => self.steps_after_first += 1,
+            None => self.first_done = Some(now),
+            Some(_) => {
+                self.steps_after_first += 1;
+                self.last_done = Some(now);
+            }
         }
     }
 
     /// `after the first step: N steps in S s (T tokens/s)`, or `None` before a second step.
     pub fn summary(&self, tokens_per_step: u64) -> Option<String> {
-        let start = self.first_done.filter(|_| self.steps_after_first > 0)?;
-        let seconds = start.elapsed().as_secs_f64().max(1e-9);
+        let (start, end) = self.first_done.zip(self.last_done)?;
+        let seconds = (end - start).as_secs_f64().max(1e-9);
         Some(format!(
             "after the first step: {} steps in {seconds:.2} s ({:.0} tokens/s)",
             self.steps_after_first,
@@ -79,6 +86,12 @@ mod tests {
         assert!(
             line.starts_with("after the first step: 2 steps in "),
             "{line}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(
+            clock.summary(10).unwrap(),
+            line,
+            "the clock stops at the last step, not when asked"
         );
     }
 }

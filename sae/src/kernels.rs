@@ -16,10 +16,12 @@
 use std::cell::RefCell;
 
 use candle_core::{DType, Device, Tensor};
-use hooks::cpu::with_f32_slices;
+use hooks::cpu::{with_f32_slices, with_f32_slices_mut};
 use rayon::prelude::*;
 
 use crate::Result;
+
+mod fused;
 
 /// The `k` largest entries of each row of `pre: [N, n]`: `(values [N, k], indices [N, k]
 /// u32)`, by decreasing value.
@@ -188,6 +190,12 @@ fn order_key(v: f32) -> i32 {
     bits ^ (((bits >> 31) as u32) >> 1) as i32
 }
 
+/// The float whose [`order_key`] is `key`.
+#[inline]
+fn key_value(key: i32) -> f32 {
+    f32::from_bits((key ^ (((key >> 31) as u32) >> 1) as i32) as u32)
+}
+
 /// The `k` largest of a stream of `(key, index)` pairs seen in increasing index order, in
 /// one pass: candidates collect in a buffer; when it is full it is cut back to its best `k`
 /// and the `k`-th key becomes the bar a later entry must clear (strictly: a later entry has
@@ -226,6 +234,11 @@ impl TopSelector {
         }
     }
 
+    /// The value a later entry must exceed (by [`order_key`]), `−∞` while any is taken.
+    fn threshold(&self) -> f32 {
+        i32::try_from(self.bar).map_or(f32::NEG_INFINITY, key_value)
+    }
+
     fn cut(&mut self) {
         if self.buffer.len() > self.k {
             self.buffer
@@ -246,6 +259,70 @@ fn by_key_then_index(a: &(i32, u32), b: &(i32, u32)) -> std::cmp::Ordering {
     b.0.cmp(&a.0).then(a.1.cmp(&b.1))
 }
 
+/// One row's selections in progress, latents offered in increasing index order: its top
+/// `k` and, for AuxK, its top `k_aux` among the dead latents.
+struct RowPicks {
+    top: TopSelector,
+    aux: Option<TopSelector>,
+}
+
+impl RowPicks {
+    fn new(picks: Picks) -> Self {
+        RowPicks {
+            top: TopSelector::new(picks.k),
+            aux: picks
+                .dead
+                .filter(|&(_, k_aux)| k_aux > 0)
+                .map(|(_, k_aux)| TopSelector::new(k_aux)),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.top.reset();
+        if let Some(aux) = &mut self.aux {
+            aux.reset();
+        }
+    }
+
+    /// Offers latent `j0 + l` with value `values[l]` for each bit `l` set in `lanes`, to
+    /// the AuxK pick too where it is set in `dead`.
+    fn offer_lanes(&mut self, values: &[f32], j0: u32, lanes: u32, dead: Option<u32>) {
+        let above = |t: f32| {
+            values
+                .iter()
+                .enumerate()
+                .fold(0u32, |mask, (l, &v)| mask | (u32::from(v > t) << l))
+        };
+        let offer = |selector: &mut TopSelector, mut mask: u32| {
+            while mask != 0 {
+                let l = mask.trailing_zeros();
+                selector.offer(order_key(values[l as usize]), j0 + l);
+                mask &= mask - 1;
+            }
+        };
+        let mask = above(self.top.threshold()) & lanes;
+        offer(&mut self.top, mask);
+        if let (Some(aux), Some(dead)) = (&mut self.aux, dead) {
+            let mask = above(aux.threshold()) & dead;
+            offer(aux, mask);
+        }
+    }
+
+    /// Appends the picks, best first, to `out`.
+    fn emit(&mut self, out: &mut BlockPicks) {
+        for &(key, j) in self.top.finish() {
+            out.0.push(key_value(key));
+            out.1.push(j);
+        }
+        if let Some(aux) = &mut self.aux {
+            for &(key, j) in aux.finish() {
+                out.2.push(key_value(key));
+                out.3.push(j);
+            }
+        }
+    }
+}
+
 thread_local! {
     /// Per-thread pre-activations of one block of tokens, kept between calls so that each
     /// step does not fault in fresh pages.
@@ -261,6 +338,83 @@ fn encoder_block(latents: usize) -> usize {
 /// One block's picks: activations and indices of the top `k`, then of the AuxK pick.
 type BlockPicks = (Vec<f32>, Vec<u32>, Vec<f32>, Vec<u32>);
 
+/// Latents per word of [`lane_bits`].
+const LANES: usize = 32;
+
+/// `flags` as bits: bit `j % 32` of word `j / 32` is `flags[j]`.
+fn lane_bits(flags: &[bool]) -> Vec<u32> {
+    flags
+        .chunks(LANES)
+        .map(|c| {
+            c.iter()
+                .rev()
+                .fold(0u32, |bits, &f| (bits << 1) | u32::from(f))
+        })
+        .collect()
+}
+
+/// The lanes of word `w` of [`lane_bits`] that hold one of `n` latents.
+fn live_lanes(w: usize, n: usize) -> u32 {
+    u32::MAX >> (LANES - (n - w * LANES).min(LANES))
+}
+
+/// The selections of one block of rows `x: [m, d]` through `gemm` into a per-thread
+/// buffer of pre-activations; `dead` the AuxK candidates as [`lane_bits`].
+fn encode_select_block(
+    x: &[f32],
+    w_enc: &[f32],
+    b_enc: &[f32],
+    d: usize,
+    picks: Picks,
+    dead: Option<&[u32]>,
+) -> BlockPicks {
+    let (m, n) = (x.len() / d, b_enc.len());
+    let mut row_picks = RowPicks::new(picks);
+    let mut out = BlockPicks::default();
+    PRE_BLOCK.with(|pre| {
+        let mut pre = pre.borrow_mut();
+        pre.resize(m * n, 0.0);
+        // SAFETY: `pre` holds m x n floats, `x` m x d and `w_enc` n x d, all
+        // contiguous row-major; the strides below stay inside them.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                d,
+                pre.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                d as isize,
+                w_enc.as_ptr(),
+                d as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for row in pre.chunks_mut(n) {
+            row_picks.reset();
+            for (v, b) in row.iter_mut().zip(b_enc) {
+                *v = (*v + b).max(0.0);
+            }
+            for (w, values) in row.chunks(LANES).enumerate() {
+                let lanes = live_lanes(w, n);
+                let dead = dead.map(|bits| bits[w]);
+                row_picks.offer_lanes(values, (w * LANES) as u32, lanes, dead);
+            }
+            row_picks.emit(&mut out);
+        }
+    });
+    out
+}
+
 fn encode_select_cpu(
     xc: &Tensor,
     w_enc: &Tensor,
@@ -270,77 +424,17 @@ fn encode_select_cpu(
     let (rows, d) = xc.dims2()?;
     let n = w_enc.dim(0)?;
     let k = picks.k;
-    let k_aux = picks.dead.map_or(0, |(_, k)| k);
-    let block = encoder_block(n);
+    let dead = picks.dead.map(|(dead, _)| lane_bits(dead));
+    let dead = dead.as_deref();
     let out = with_f32_slices(&[xc, w_enc, b_enc], |s| {
         let (xc, w_enc, b_enc) = (s[0], s[1], s[2]);
-        let blocks: Vec<BlockPicks> = xc
-            .par_chunks(block * d)
-            .map(|x| {
-                let m = x.len() / d;
-                let mut top = TopSelector::new(k);
-                let mut aux = TopSelector::new(k_aux.max(1));
-                let mut out = (
-                    Vec::with_capacity(m * k),
-                    Vec::with_capacity(m * k),
-                    Vec::with_capacity(m * k_aux),
-                    Vec::with_capacity(m * k_aux),
-                );
-                PRE_BLOCK.with(|pre| {
-                    let mut pre = pre.borrow_mut();
-                    pre.resize(m * n, 0.0);
-                    // SAFETY: `pre` holds m x n floats, `x` m x d and `w_enc` n x d, all
-                    // contiguous row-major; the strides below stay inside them.
-                    unsafe {
-                        gemm::gemm(
-                            m,
-                            n,
-                            d,
-                            pre.as_mut_ptr(),
-                            1,
-                            n as isize,
-                            false,
-                            x.as_ptr(),
-                            1,
-                            d as isize,
-                            w_enc.as_ptr(),
-                            d as isize,
-                            1,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
-                    for row in pre.chunks_mut(n) {
-                        top.reset();
-                        for (j, (v, b)) in row.iter_mut().zip(b_enc).enumerate() {
-                            *v = (*v + b).max(0.0);
-                            top.offer(order_key(*v), j as u32);
-                        }
-                        for &(_, j) in top.finish() {
-                            out.0.push(row[j as usize]);
-                            out.1.push(j);
-                        }
-                        if let Some((dead, _)) = picks.dead {
-                            aux.reset();
-                            for (j, (v, _)) in row.iter().zip(dead).enumerate().filter(|x| *x.1 .1)
-                            {
-                                aux.offer(order_key(*v), j as u32);
-                            }
-                            for &(_, j) in aux.finish() {
-                                out.2.push(row[j as usize]);
-                                out.3.push(j);
-                            }
-                        }
-                    }
-                });
-                out
-            })
-            .collect();
-        Ok(blocks)
+        if fused::usable(rows) {
+            return Ok(fused::encode_select(xc, w_enc, b_enc, d, picks, dead));
+        }
+        Ok(xc
+            .par_chunks(encoder_block(n) * d)
+            .map(|x| encode_select_block(x, w_enc, b_enc, d, picks, dead))
+            .collect())
     })?;
     let Some(blocks) = out else {
         return Ok(None);
@@ -404,55 +498,75 @@ fn topk_cpu(pre: &Tensor, k: usize) -> Result<Option<(Tensor, Tensor)>> {
 }
 
 /// Each row of `w: [n, d]` divided by its norm plus float32 epsilon (sparsify's
-/// `set_decoder_norm_to_unit_norm`), in one parallel pass on the CPU in f32.
+/// `set_decoder_norm_to_unit_norm`): a new tensor.
 pub(crate) fn unit_rows(w: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if let Some(out) = crate::cuda::unit_rows(w)? {
         return Ok(out);
     }
-    let (n, d) = w.dims2()?;
-    let out = with_f32_slices(&[w], |s| {
-        let mut out = s[0].to_vec();
-        out.par_chunks_mut(d).for_each(|row| {
+    if let Some(out) = on_a_cpu_copy(w, unit_rows_in_place)? {
+        return Ok(out);
+    }
+    let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?;
+    Ok(w.broadcast_div(&(norm + f32::EPSILON as f64)?)?)
+}
+
+/// [`unit_rows`] written into `w` itself, in one parallel pass, when it is a contiguous f32
+/// CPU tensor (`false` otherwise): only for a tensor nobody else holds.
+pub(crate) fn unit_rows_in_place(w: &Tensor) -> Result<bool> {
+    let d = w.dims2()?.1;
+    let done = with_f32_slices_mut(&[w], &[], |w, _| {
+        w[0].par_chunks_mut(d).for_each(|row| {
             let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt() + f32::EPSILON;
             row.iter_mut().for_each(|v| *v /= norm);
         });
-        Ok(out)
+        Ok(())
     })?;
-    Ok(match out {
-        Some(out) => Tensor::from_vec(out, (n, d), &Device::Cpu)?,
-        None => {
-            let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?;
-            w.broadcast_div(&(norm + f32::EPSILON as f64)?)?
-        }
-    })
+    Ok(done.is_some())
 }
 
 /// Each row of `grad: [n, d]` minus its component along the same row of the unit-norm
-/// `w_dec` (sparsify's `remove_gradient_parallel_to_decoder_directions`).
+/// `w_dec` (sparsify's `remove_gradient_parallel_to_decoder_directions`): a new tensor.
 pub(crate) fn remove_parallel(grad: &Tensor, w_dec: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if let Some(out) = crate::cuda::remove_parallel(grad, w_dec)? {
         return Ok(out);
     }
-    let (n, d) = grad.dims2()?;
-    let out = with_f32_slices(&[grad, w_dec], |s| {
-        let mut out = s[0].to_vec();
-        out.par_chunks_mut(d)
-            .zip(s[1].par_chunks(d))
+    if let Some(out) = on_a_cpu_copy(grad, |g| remove_parallel_in_place(g, w_dec))? {
+        return Ok(out);
+    }
+    let parallel = (grad * w_dec)?.sum_keepdim(1)?;
+    Ok((grad - w_dec.broadcast_mul(&parallel)?)?)
+}
+
+/// [`remove_parallel`] written into `grad` itself, in one parallel pass, when both are f32
+/// CPU tensors and `grad` is contiguous (`false` otherwise): only for a gradient buffer the
+/// caller owns.
+pub(crate) fn remove_parallel_in_place(grad: &Tensor, w_dec: &Tensor) -> Result<bool> {
+    let d = grad.dims2()?.1;
+    let done = with_f32_slices_mut(&[grad], &[w_dec], |g, w| {
+        g[0].par_chunks_mut(d)
+            .zip(w[0].par_chunks(d))
             .for_each(|(g, w)| {
                 let dot: f32 = g.iter().zip(w).map(|(a, b)| a * b).sum();
                 g.iter_mut().zip(w).for_each(|(g, w)| *g -= dot * w);
             });
-        Ok(out)
+        Ok(())
     })?;
-    Ok(match out {
-        Some(out) => Tensor::from_vec(out, (n, d), &Device::Cpu)?,
-        None => {
-            let parallel = (grad * w_dec)?.sum_keepdim(1)?;
-            (grad - w_dec.broadcast_mul(&parallel)?)?
-        }
-    })
+    Ok(done.is_some())
+}
+
+/// A copy of the f32 CPU tensor `t` with `in_place` applied to it, or `None` (another device
+/// or dtype, or `in_place` declined).
+fn on_a_cpu_copy(
+    t: &Tensor,
+    in_place: impl FnOnce(&Tensor) -> Result<bool>,
+) -> Result<Option<Tensor>> {
+    if !matches!(t.device(), Device::Cpu) || t.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let out = t.contiguous()?.copy()?;
+    Ok(in_place(&out)?.then_some(out))
 }
 
 /// The sort-based TopK for any device and dtype.
@@ -537,20 +651,25 @@ pub(crate) struct Backward<'a> {
 }
 
 /// Gradients `[W_enc, b_enc, W_dec, b_dec]` summed over the terms and chunks of one step.
-/// On the CPU in f32 they add up in place in host buffers, allocated once per step.
+/// On the CPU in f32 they add up in place in host tensors, which a trainer keeps from step
+/// to step ([`GradSum::reset`]): fresh `[n, d]` buffers each step would cost a page fault
+/// per 4 KiB.
 #[derive(Default)]
 pub(crate) enum GradSum {
     /// Nothing added yet.
     #[default]
     Empty,
-    /// Host buffers with the `[n, d]` shape of the weights.
-    Host {
-        grads: [Vec<f32>; 4],
-        n: usize,
-        d: usize,
-    },
+    /// Host buffers.
+    Host(HostSums),
     /// Tensors (other devices and dtypes).
     Tensors(Vec<Tensor>),
+}
+
+/// Contiguous f32 CPU tensors with the shapes of the weights, owned by their [`GradSum`],
+/// and the per-token buffers of [`backward_cpu`].
+pub(crate) struct HostSums {
+    grads: [Tensor; 4],
+    scratch: [Vec<f32>; 3],
 }
 
 impl GradSum {
@@ -563,8 +682,8 @@ impl GradSum {
                     .map(|(a, b)| a + b)
                     .collect::<candle_core::Result<_>>()?,
             ),
-            host @ GradSum::Host { .. } => {
-                let mut sum = host.into_tensors()?;
+            host @ GradSum::Host(_) => {
+                let mut sum = host.tensors()?;
                 for (s, g) in sum.iter_mut().zip(&grads) {
                     *s = (&*s + g)?;
                 }
@@ -574,23 +693,46 @@ impl GradSum {
         Ok(())
     }
 
-    /// The host buffers, allocated (zeroed) on first use; `None` once tensors were added.
-    fn host(&mut self, n: usize, d: usize) -> Option<&mut [Vec<f32>; 4]> {
+    /// The host tensors (zeroed when new) and scratch buffers; `None` once other tensors
+    /// were added.
+    fn host(&mut self, n: usize, d: usize) -> Result<Option<&mut HostSums>> {
         if let GradSum::Empty = self {
-            *self = GradSum::Host {
-                grads: [
-                    vec![0f32; n * d],
-                    vec![0f32; n],
-                    vec![0f32; n * d],
-                    vec![0f32; d],
-                ],
-                n,
-                d,
-            };
+            let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu);
+            *self = GradSum::Host(HostSums {
+                grads: [zeros(&[n, d])?, zeros(&[n])?, zeros(&[n, d])?, zeros(&[d])?],
+                scratch: Default::default(),
+            });
         }
-        match self {
-            GradSum::Host { grads, .. } => Some(grads),
+        Ok(match self {
+            GradSum::Host(host) => Some(host),
             _ => None,
+        })
+    }
+
+    /// Back to nothing added, keeping host buffers (zeroed in place) for the next step.
+    pub(crate) fn reset(&mut self) -> Result<()> {
+        if let GradSum::Host(host) = self {
+            let grads: Vec<&Tensor> = host.grads.iter().collect();
+            let zeroed = with_f32_slices_mut(&grads, &[], |w, _| {
+                w.iter_mut()
+                    .for_each(|g| g.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0)));
+                Ok(())
+            })?;
+            if zeroed.is_some() {
+                return Ok(());
+            }
+        }
+        *self = GradSum::Empty;
+        Ok(())
+    }
+
+    /// The sums so far as tensors (an error when nothing was added). Host sums share the
+    /// buffers, which the next [`GradSum::reset`] zeroes.
+    pub(crate) fn tensors(&self) -> Result<Vec<Tensor>> {
+        match self {
+            GradSum::Empty => Err(crate::Error::Training("no gradient was computed".into())),
+            GradSum::Tensors(t) => Ok(t.clone()),
+            GradSum::Host(host) => Ok(host.grads.to_vec()),
         }
     }
 
@@ -599,25 +741,7 @@ impl GradSum {
     pub(crate) fn take(&mut self) -> Result<Option<Vec<Tensor>>> {
         match std::mem::replace(self, GradSum::Empty) {
             GradSum::Empty => Ok(None),
-            sums => sums.into_tensors().map(Some),
-        }
-    }
-
-    /// The sums as tensors (an error when nothing was added).
-    pub(crate) fn into_tensors(self) -> Result<Vec<Tensor>> {
-        match self {
-            GradSum::Empty => Err(crate::Error::Training("no gradient was computed".into())),
-            GradSum::Tensors(t) => Ok(t),
-            GradSum::Host { grads, n, d } => {
-                let [w_enc, b_enc, w_dec, b_dec] = grads;
-                let cpu = &Device::Cpu;
-                Ok(vec![
-                    Tensor::from_vec(w_enc, (n, d), cpu)?,
-                    Tensor::from_vec(b_enc, n, cpu)?,
-                    Tensor::from_vec(w_dec, (n, d), cpu)?,
-                    Tensor::from_vec(b_dec, d, cpu)?,
-                ])
-            }
+            sums => sums.tensors().map(Some),
         }
     }
 }
@@ -647,21 +771,28 @@ fn backward_cpu(b: &Backward, sum: &mut GradSum) -> Result<bool> {
     }
     let (rows, k) = b.acts.dims2()?;
     let (n, d) = b.w_dec.dims2()?;
-    let Some(out) = sum.host(n, d) else {
+    let Some(host) = sum.host(n, d)? else {
         return Ok(false);
     };
     let idx: Vec<u32> = b.indices.flatten_all()?.to_vec1()?;
     let scale = b.scale as f32;
     let (decoder_bias, encoder_bias) = (b.decoder_bias, b.encoder_bias);
-    let slices = [b.target, b.xc, b.acts, b.x_hat, b.w_enc, b.w_dec];
-    let done = with_f32_slices(&slices, |s| {
+    let sums: Vec<&Tensor> = host.grads.iter().collect();
+    let reads = [b.target, b.xc, b.acts, b.x_hat, b.w_enc, b.w_dec];
+    let done = with_f32_slices_mut(&sums, &reads, |out, s| {
         let (y, xc, acts, x_hat, w_enc, w_dec) = (s[0], s[1], s[2], s[3], s[4], s[5]);
         // Per token: g = dL/dx̂, ga = dL/d(selected pre-activation), and the token's share
         // of the b_dec gradient: g where x̂ has + b_dec, − Σ_j ga_j W_enc[i_j] where the
         // encoder input has − b_dec.
-        let mut g = vec![0f32; rows * d];
-        let mut ga = vec![0f32; rows * k];
-        let mut r = vec![0f32; rows * d];
+        let [g, ga, r] = &mut host.scratch;
+        for (buffer, len) in [
+            (&mut *g, rows * d),
+            (&mut *ga, rows * k),
+            (&mut *r, rows * d),
+        ] {
+            buffer.clear();
+            buffer.resize(len, 0.0);
+        }
         g.par_chunks_mut(d)
             .zip(ga.par_chunks_mut(k))
             .zip(r.par_chunks_mut(d))
@@ -704,7 +835,9 @@ fn backward_cpu(b: &Backward, sum: &mut GradSum) -> Result<bool> {
             entries[cursor[i as usize]] = p as u32;
             cursor[i as usize] += 1;
         }
-        let [g_w_enc, g_b_enc, g_w_dec, g_b_dec] = out;
+        let [g_w_enc, g_b_enc, g_w_dec, g_b_dec] = out else {
+            unreachable!("four sums")
+        };
         g_w_enc
             .par_chunks_mut(d)
             .zip(g_b_enc.par_iter_mut())
@@ -859,6 +992,58 @@ mod tests {
             encode_select(&negative, &w_enc, &b_neg, Picks { k: 3, dead: None }).unwrap();
         assert_eq!(top.indices.to_vec2::<u32>().unwrap(), vec![vec![0, 1, 2]]);
         assert_eq!(top.acts.to_vec2::<f32>().unwrap(), vec![vec![0.0; 3]]);
+    }
+
+    /// The fused AVX-512 encoder and the blockwise `gemm` one pick the same latents, ties
+    /// by index included: inputs in quarters and eighths make every sum exact in both
+    /// summation orders. Awkward sizes: a partial last block and tile of rows, a partial
+    /// last panel of latents, AuxK over dead latents.
+    #[test]
+    fn fused_and_blockwise_encoders_pick_alike() {
+        if !fused::usable(usize::MAX) {
+            eprintln!("no AVX-512F on this CPU: the fused encoder is not used here");
+            return;
+        }
+        // Uniform in center ± half_width, rounded to multiples of `step`.
+        let steps = |shape: &[usize], center: f32, half_width: f32, step: f32, seed: u64| {
+            let u = uniform(shape, center / step, half_width / step, seed);
+            (u.round().unwrap() * step as f64).unwrap()
+        };
+        let (rows, n, d) = (203, 1007, 40);
+        let xc = steps(&[rows, d], 0.0, 2.0, 0.25, 1);
+        let w_enc = steps(&[n, d], 0.0, 1.0, 0.125, 2);
+        let b_enc = steps(&[n], -1.0, 2.0, 0.5, 3);
+        let dead: Vec<bool> = (0..n).map(|j| j % 5 == 2 || j > 1000).collect();
+        let dead_bits = lane_bits(&dead);
+        let (x, w, b) = (
+            xc.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            w_enc.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b_enc.to_vec1::<f32>().unwrap(),
+        );
+        for (k, k_aux) in [(7, 5), (40, 0), (1007, 3)] {
+            let picks = Picks {
+                k,
+                dead: Some((&dead, k_aux)),
+            };
+            let joined = |blocks: Vec<BlockPicks>| {
+                blocks
+                    .into_iter()
+                    .reduce(|mut a, b| {
+                        a.0.extend(b.0);
+                        a.1.extend(b.1);
+                        a.2.extend(b.2);
+                        a.3.extend(b.3);
+                        a
+                    })
+                    .unwrap()
+            };
+            let fused = joined(fused::encode_select(&x, &w, &b, d, picks, Some(&dead_bits)));
+            let blockwise = encode_select_block(&x, &w, &b, d, picks, Some(&dead_bits));
+            assert_eq!(fused.1.len(), rows * k);
+            assert_eq!(fused.3.len(), rows * k_aux);
+            assert_eq!(fused, blockwise, "k {k}, k_aux {k_aux}");
+            assert!(fused.3.iter().all(|&j| dead[j as usize]));
+        }
     }
 
     #[test]

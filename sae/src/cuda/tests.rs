@@ -475,13 +475,13 @@ fn check_backward(
         kernels::backward(&on_cpu, &mut sum).unwrap();
         let got = backward_with(sparse, &on_device, None).unwrap();
         let setting = format!("decoder bias {decoder_bias}, encoder bias {encoder_bias}");
-        compare(&got, &sum.into_tensors().unwrap(), &setting);
+        compare(&got, &sum.tensors().unwrap(), &setting);
         kernels::backward(&on_cpu, &mut running_want).unwrap();
         running_got = Some(backward_with(sparse, &on_device, running_got).unwrap());
     }
     compare(
         &running_got.unwrap(),
-        &running_want.into_tensors().unwrap(),
+        &running_want.tensors().unwrap(),
         "the three settings summed in place",
     );
 }

@@ -666,10 +666,10 @@ pub(crate) enum GradSum {
 }
 
 /// Contiguous f32 CPU tensors with the shapes of the weights, owned by their [`GradSum`],
-/// and the per-token buffers of [`backward_cpu`].
+/// and the scratch buffers of [`backward_cpu`].
 pub(crate) struct HostSums {
     grads: [Tensor; 4],
-    scratch: [Vec<f32>; 3],
+    scratch: [Vec<f32>; 2],
 }
 
 impl GradSum {
@@ -781,47 +781,18 @@ fn backward_cpu(b: &Backward, sum: &mut GradSum) -> Result<bool> {
     let reads = [b.target, b.xc, b.acts, b.x_hat, b.w_enc, b.w_dec];
     let done = with_f32_slices_mut(&sums, &reads, |out, s| {
         let (y, xc, acts, x_hat, w_enc, w_dec) = (s[0], s[1], s[2], s[3], s[4], s[5]);
-        // Per token: g = dL/dx̂, ga = dL/d(selected pre-activation), and the token's share
-        // of the b_dec gradient: g where x̂ has + b_dec, − Σ_j ga_j W_enc[i_j] where the
-        // encoder input has − b_dec.
-        let [g, ga, r] = &mut host.scratch;
-        for (buffer, len) in [
-            (&mut *g, rows * d),
-            (&mut *ga, rows * k),
-            (&mut *r, rows * d),
-        ] {
-            buffer.clear();
-            buffer.resize(len, 0.0);
-        }
-        g.par_chunks_mut(d)
-            .zip(ga.par_chunks_mut(k))
-            .zip(r.par_chunks_mut(d))
-            .enumerate()
-            .for_each(|(t, ((g, ga), r))| {
-                let (yt, ht) = (&y[t * d..(t + 1) * d], &x_hat[t * d..(t + 1) * d]);
-                for ((g, &yv), &hv) in g.iter_mut().zip(yt).zip(ht) {
-                    *g = scale * (hv - yv);
-                }
-                if decoder_bias {
-                    r.copy_from_slice(g);
-                }
-                for j in 0..k {
-                    if acts[t * k + j] <= 0.0 {
-                        continue;
-                    }
-                    let i = idx[t * k + j] as usize;
-                    let wd = &w_dec[i * d..(i + 1) * d];
-                    let dot: f32 = g.iter().zip(wd).map(|(a, b)| a * b).sum();
-                    ga[j] = dot;
-                    if encoder_bias {
-                        for (rv, &we) in r.iter_mut().zip(&w_enc[i * d..(i + 1) * d]) {
-                            *rv -= dot * we;
-                        }
-                    }
-                }
-            });
+        // Per token: g = dL/dx̂.
+        let [g, latent_ga] = &mut host.scratch;
+        g.clear();
+        g.resize(rows * d, 0.0);
+        g.par_chunks_mut(d).enumerate().for_each(|(t, g)| {
+            let (yt, ht) = (&y[t * d..(t + 1) * d], &x_hat[t * d..(t + 1) * d]);
+            for ((g, &yv), &hv) in g.iter_mut().zip(yt).zip(ht) {
+                *g = scale * (hv - yv);
+            }
+        });
         // Group the (token, slot) pairs by latent (counting sort, in token order), then
-        // accumulate each latent's rows without contention.
+        // accumulate each latent's rows without contention, reading its decoder row once.
         let mut offsets = vec![0usize; n + 1];
         for &i in &idx {
             offsets[i as usize + 1] += 1;
@@ -838,31 +809,68 @@ fn backward_cpu(b: &Backward, sum: &mut GradSum) -> Result<bool> {
         let [g_w_enc, g_b_enc, g_w_dec, g_b_dec] = out else {
             unreachable!("four sums")
         };
+        // Per latent: the sum of its ga = dL/d(selected pre-activation) in this call.
+        latent_ga.clear();
+        latent_ga.resize(n, 0.0);
         g_w_enc
             .par_chunks_mut(d)
             .zip(g_b_enc.par_iter_mut())
             .zip(g_w_dec.par_chunks_mut(d))
+            .zip(latent_ga.par_iter_mut())
             .enumerate()
-            .for_each(|(i, ((gwe, gbe), gwd))| {
+            .for_each(|(i, (((gwe, gbe), gwd), ga_sum))| {
+                let wd = &w_dec[i * d..(i + 1) * d];
                 for &p in &entries[offsets[i]..offsets[i + 1]] {
                     let p = p as usize;
                     let t = p / k;
-                    let a = acts[p];
-                    for (o, &gv) in gwd.iter_mut().zip(&g[t * d..(t + 1) * d]) {
+                    let (a, gt) = (acts[p], &g[t * d..(t + 1) * d]);
+                    for (o, &gv) in gwd.iter_mut().zip(gt) {
                         *o += a * gv;
                     }
-                    let gat = ga[p];
-                    if gat != 0.0 {
+                    if a <= 0.0 {
+                        continue;
+                    }
+                    let ga: f32 = gt.iter().zip(wd).map(|(a, b)| a * b).sum();
+                    if ga != 0.0 {
                         for (o, &xv) in gwe.iter_mut().zip(&xc[t * d..(t + 1) * d]) {
-                            *o += gat * xv;
+                            *o += ga * xv;
                         }
-                        *gbe += gat;
+                        *gbe += ga;
+                        *ga_sum += ga;
                     }
                 }
             });
-        for row in r.chunks(d) {
-            for (o, v) in g_b_dec.iter_mut().zip(row) {
-                *o += v;
+        // b_dec: Σ_t g_t where x̂ has + b_dec, − Σ_i (Σ ga of latent i) W_enc[i] where the
+        // encoder input has − b_dec; the latter in fixed chunks of latents, summed in order,
+        // so the result does not depend on the thread count.
+        if decoder_bias {
+            for row in g.chunks(d) {
+                for (o, v) in g_b_dec.iter_mut().zip(row) {
+                    *o += v;
+                }
+            }
+        }
+        if encoder_bias {
+            const LATENTS: usize = 1024;
+            let partials: Vec<Vec<f32>> = latent_ga
+                .par_chunks(LATENTS)
+                .zip(w_enc.par_chunks(LATENTS * d))
+                .map(|(ga, w)| {
+                    let mut partial = vec![0f32; d];
+                    for (&ga, row) in ga.iter().zip(w.chunks(d)) {
+                        if ga != 0.0 {
+                            for (o, &we) in partial.iter_mut().zip(row) {
+                                *o += ga * we;
+                            }
+                        }
+                    }
+                    partial
+                })
+                .collect();
+            for partial in partials {
+                for (o, v) in g_b_dec.iter_mut().zip(partial) {
+                    *o -= v;
+                }
             }
         }
         Ok(())

@@ -12,6 +12,7 @@ use crate::{Error, Result};
 mod kernel_tests;
 #[cfg(feature = "cuda")]
 mod launch;
+mod muon;
 
 /// The fused Adam update for CUDA devices (`optim/adam.cu`), compiled by NVRTC at run time:
 /// one pass over a parameter, its gradient and its moments, where candle's tensor
@@ -66,6 +67,8 @@ pub struct Optimizer {
     step: u64,
     /// Per parameter: SGD and Muon `[momentum]`; Adam `[m, v]` or `[m, v, v_max]`.
     state: Vec<Vec<Tensor>>,
+    /// Muon's buffers on the CPU.
+    workspace: muon::Workspace,
 }
 
 impl Optimizer {
@@ -76,6 +79,7 @@ impl Optimizer {
             weight_decay,
             step: 0,
             state: Vec::new(),
+            workspace: muon::Workspace::default(),
         }
     }
 
@@ -112,22 +116,22 @@ impl Optimizer {
             } = self.rule
             {
                 let (rows, cols) = param.dims2()?;
-                if self.weight_decay != 0.0 {
-                    *param = (&*param * (1.0 - lr * self.weight_decay))?;
-                }
                 if first {
                     self.state.push(vec![grad.zeros_like()?]);
                 }
-                let buf = ((&self.state[i][0] * momentum)? + (grad * (1.0 - momentum))?)?;
-                let direction = if nesterov {
-                    ((grad * (1.0 - momentum))? + (&buf * momentum)?)?
-                } else {
-                    buf.clone()
+                let c = muon::MuonScalars {
+                    momentum,
+                    nesterov,
+                    ns_steps,
+                    lr,
+                    weight_decay: self.weight_decay,
+                    scale: 0.2 * (rows.max(cols) as f64).sqrt(),
                 };
-                self.state[i][0] = buf;
-                let update = newton_schulz(&direction, ns_steps)?.to_dtype(param.dtype())?;
-                let scale = 0.2 * (rows.max(cols) as f64).sqrt();
-                *param = (&*param - (update * (lr * scale))?)?;
+                let buffer = &mut self.state[i][0];
+                *param = match muon::step_cpu(&mut self.workspace, param, grad, buffer, &c)? {
+                    Some(new) => new,
+                    None => muon::step_tensor_ops(param, grad, buffer, &c)?,
+                };
                 continue;
             }
             let grad = if self.weight_decay != 0.0 {
@@ -276,79 +280,14 @@ pub fn newton_schulz(g: &Tensor, steps: usize) -> Result<Tensor> {
 
 /// [`newton_schulz`] over bf16 bits on the CPU.
 fn newton_schulz_cpu(g: &Tensor, steps: usize) -> Result<Tensor> {
-    use crate::cpu::bf16::{bf16_bits as bits, bf16_value as value, gemm, Kernel, PackedB};
     use rayon::prelude::*;
-    let (a, b, c) = NS_COEFFICIENTS;
-    let (a, b, c) = (a as f32, b as f32, c as f32);
     let (rows, cols) = g.dims2()?;
-    let tall = rows > cols;
-    // X is [r, k] with r <= k.
-    let (r, k) = if tall { (cols, rows) } else { (rows, cols) };
     let values: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let mut x: Vec<u16> = (0..r * k)
-        .into_par_iter()
-        .map(|at| {
-            let (i, j) = (at / k, at % k);
-            bits(if tall {
-                values[j * cols + i]
-            } else {
-                values[at]
-            })
-        })
-        .collect();
-    let square_sum: f64 = x.par_iter().map(|&v| (value(v) as f64).powi(2)).sum();
-    let norm = value(bits(square_sum.sqrt() as f32));
-    let denominator = value(bits(norm + 1e-7));
-    x.par_iter_mut()
-        .for_each(|v| *v = bits(value(*v) / denominator));
-    let kernel = Kernel::detect();
-    // `lhs [m, inner] · rhs` (the rhs `[inner, n]` given by element) rounded to bf16.
-    let product = |lhs: &[u16],
-                   m: usize,
-                   inner: usize,
-                   n: usize,
-                   rhs: &(dyn Fn(usize, usize) -> f32 + Sync)| {
-        let packed = PackedB::pack(inner, n, rhs);
-        let lda = packed.lhs_stride();
-        let padded;
-        let lhs = if lda == inner {
-            lhs
-        } else {
-            padded = (0..m * lda)
-                .map(|at| {
-                    if at % lda < inner {
-                        lhs[at / lda * inner + at % lda]
-                    } else {
-                        0
-                    }
-                })
-                .collect::<Vec<u16>>();
-            &padded[..]
-        };
-        let mut out = vec![0f32; m * n];
-        gemm(kernel, lhs, lda, m, &packed, &mut out, n);
-        out.into_par_iter().map(bits).collect::<Vec<u16>>()
-    };
-    for _ in 0..steps {
-        let gram = product(&x, r, k, r, &|kk, j| value(x[j * k + kk]));
-        let scaled: Vec<u16> = gram.par_iter().map(|&v| bits(value(v) * c)).collect();
-        let gram2 = product(&scaled, r, r, r, &|kk, j| value(gram[kk * r + j]));
-        let poly: Vec<u16> = gram
-            .par_iter()
-            .zip(&gram2)
-            .map(|(&g1, &g2)| bits(value(bits(value(g1) * b)) + value(g2)))
-            .collect();
-        let moved = product(&poly, r, r, k, &|kk, j| value(x[kk * k + j]));
-        x.par_iter_mut()
-            .zip(&moved)
-            .for_each(|(v, &m)| *v = bits(value(bits(value(*v) * a)) + value(m)));
-    }
+    let mut workspace = muon::Workspace::default();
+    workspace.newton_schulz(&values, rows, cols, steps);
     let out: Vec<f32> = (0..rows * cols)
         .into_par_iter()
-        .map(|at| {
-            let (i, j) = (at / cols, at % cols);
-            value(if tall { x[j * k + i] } else { x[at] })
-        })
+        .map(|at| workspace.result(at / cols, at % cols))
         .collect();
     Ok(Tensor::from_vec(out, (rows, cols), g.device())?.to_dtype(DType::BF16)?)
 }

@@ -51,6 +51,7 @@ pub fn round_to_bf16(src: &[f32], dst: &mut [u16]) {
 /// holding, for every pair of rows `(2p, 2p + 1)`, the two values of each column side by side
 /// (the operand layout of `vdpbf16ps`). Rows and columns are zero-padded to whole pairs and
 /// panels.
+#[derive(Default)]
 pub struct PackedB {
     k: usize,
     n: usize,
@@ -61,9 +62,20 @@ pub struct PackedB {
 impl PackedB {
     /// Packs the `[k, n]` matrix whose element `(row, col)` is `at(row, col)`.
     pub fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+        let mut packed = PackedB::default();
+        packed.repack(k, n, at);
+        packed
+    }
+
+    /// [`PackedB::pack`] into this one's storage (no fresh pages when the size is the same).
+    pub fn repack(&mut self, k: usize, n: usize, at: impl Fn(usize, usize) -> f32 + Sync) {
         let pairs = k.div_ceil(2);
         let panels = n.div_ceil(PANEL);
-        let mut data = vec![0u32; panels * pairs * PANEL];
+        self.data.resize(panels * pairs * PANEL, 0);
+        (self.k, self.n, self.pairs) = (k, n, pairs);
+        if self.data.is_empty() {
+            return;
+        }
         let value = |row: usize, col: usize| {
             if row < k && col < n {
                 bf16_bits(at(row, col)) as u32
@@ -71,7 +83,8 @@ impl PackedB {
                 0
             }
         };
-        data.par_chunks_mut(pairs * PANEL)
+        self.data
+            .par_chunks_mut(pairs * PANEL)
             .enumerate()
             .for_each(|(panel, out)| {
                 for (pair, lanes) in out.chunks_exact_mut(PANEL).enumerate() {
@@ -81,7 +94,6 @@ impl PackedB {
                     }
                 }
             });
-        PackedB { k, n, pairs, data }
     }
 
     /// Rows of the matrix (the reduction length).

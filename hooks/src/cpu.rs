@@ -41,6 +41,23 @@ pub fn with_f32_slices<R>(
     f(&slices).map(Some)
 }
 
+/// The base of an output that parallel tasks write at disjoint places.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut<T>(pub(crate) *mut T);
+// SAFETY: tasks write disjoint elements of the output, which outlives them.
+unsafe impl<T: Send> Send for SharedOut<T> {}
+unsafe impl<T: Send> Sync for SharedOut<T> {}
+
+impl<T> SharedOut<T> {
+    /// The element `offset` places after the base.
+    ///
+    /// # Safety
+    /// `offset` must lie inside the output.
+    pub(crate) unsafe fn at(self, offset: usize) -> *mut T {
+        self.0.add(offset)
+    }
+}
+
 /// Runs `f` on the f32 data of `write`, mutably and in place, and of `read`, when every tensor
 /// is a float32 CPU tensor and the written ones are contiguous; `None` otherwise, so callers
 /// can fall back to ops that make new tensors. In place means that every tensor sharing

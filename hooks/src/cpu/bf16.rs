@@ -13,6 +13,8 @@
 
 use rayon::prelude::*;
 
+use super::SharedOut;
+
 /// f32 lanes per vector register.
 const LANES: usize = 16;
 /// Vector registers per row of an output tile.
@@ -139,24 +141,6 @@ impl Kernel {
     }
 }
 
-/// The output pointer shared by the tasks of one [`gemm`]; each writes a disjoint set of
-/// elements.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: tasks write disjoint (row, column) tiles of the output, which outlives them.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// The element `offset` places after the start.
-    ///
-    /// # Safety
-    /// `offset` must lie inside the output.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
-        self.0.add(offset)
-    }
-}
-
 /// `c[m, n] = a[m, k] · b` with `a` in bf16 bits, row `i` at `a[i * lda..]` (`lda` at least
 /// [`PackedB::lhs_stride`], the pad column of an odd `k` zero) and `c` row `i` at
 /// `c[i * ldc..i * ldc + n]`. Work is split over column panels and row blocks with rayon.
@@ -191,7 +175,7 @@ pub fn gemm(
     // when there are fewer panels than threads.
     let column_groups = panels.min(4 * threads);
     let row_groups = (threads.div_ceil(column_groups)).min(tiles);
-    let out = Out(c.as_mut_ptr());
+    let out = SharedOut(c.as_mut_ptr());
     (0..column_groups * row_groups)
         .into_par_iter()
         .for_each(|task| {

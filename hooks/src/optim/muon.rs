@@ -9,6 +9,7 @@ use candle_core::Tensor;
 
 use super::NS_COEFFICIENTS;
 use crate::cpu::bf16::{bf16_bits as bits, bf16_value as value, gemm, Kernel, PackedB};
+use crate::cpu::SharedOut;
 use crate::Result;
 
 /// Rows of a matrix handled together when it is read or written transposed, so the lines
@@ -234,23 +235,6 @@ impl Workspace {
                 .zip(&self.product)
                 .for_each(|(v, &m)| *v = bits(value(bits(value(*v) * a)) + value(bits(m))));
         }
-    }
-}
-
-/// The base of an output that parallel tasks write at disjoint places.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut u16);
-// SAFETY: tasks write disjoint elements of the output, which outlives them.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The element `offset` places after the base.
-    ///
-    /// # Safety
-    /// `offset` must lie inside the output.
-    unsafe fn at(self, offset: usize) -> *mut u16 {
-        self.0.add(offset)
     }
 }
 

@@ -8,7 +8,7 @@
 //! memory, and a latent costs the selection one vector compare per 16 unless it beats the
 //! bar. Each pre-activation is one FMA chain over the input dimensions in order.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, TryLockError};
 
 use rayon::prelude::*;
 
@@ -25,7 +25,8 @@ const BLOCK_ROWS: usize = 16 * ROWS;
 /// would cost more than it saves.
 const MIN_ROWS: usize = 4 * ROWS;
 
-/// The packed encoder, kept between calls so that repacking reuses its pages.
+/// The packed encoder, kept between calls so that repacking reuses its pages (it keeps the
+/// size of the largest encoder seen).
 static PACKED: Mutex<Vec<f32>> = Mutex::new(Vec::new());
 
 /// Whether this CPU runs the fused kernel and `rows` tokens are worth it.
@@ -56,10 +57,14 @@ pub(super) fn encode_select(
     let panels = n.div_ceil(PANEL);
     let mut bias = b_enc.to_vec();
     bias.resize(panels * PANEL, 0.0);
-    let mut guard = PACKED
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let packed = &mut *guard;
+    // An encoder running at the same time packs into a buffer of its own.
+    let mut guard = match PACKED.try_lock() {
+        Ok(guard) => Some(guard),
+        Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    };
+    let mut own = Vec::new();
+    let packed = guard.as_deref_mut().unwrap_or(&mut own);
     pack(w_enc, n, d, packed);
     let packed = &*packed;
     xc.par_chunks(BLOCK_ROWS * d)

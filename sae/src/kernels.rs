@@ -1,9 +1,10 @@
 //! TopK selection, the encoder and sparse decoding. candle has neither a `topk` nor an
 //! embedding-bag, so the CPU path (f32) runs hand-written kernels with rows in parallel:
-//! the encoder multiplies one block of tokens at a time into a per-thread buffer and selects
-//! each row's top `k` from it right away (the `[N, latents]` pre-activations never exist as
-//! a whole), the selection is a single pass with a threshold that rises as candidates come
-//! in, and the decode reads only the `k` chosen decoder rows per token. Other devices and
+//! the encoder selects each row's top `k` as its pre-activations come out of the product
+//! (the `[N, latents]` pre-activations never exist as a whole), tile by tile in registers
+//! on CPUs with AVX-512F ([`fused`]), else one block of tokens at a time through `gemm`;
+//! the selection is a single pass with a threshold that rises as candidates come in, and
+//! the decode reads only the `k` chosen decoder rows per token. Other devices and
 //! dtypes fall back to generic tensor ops: a full `arg_sort` per row (slow; on CUDA candle's
 //! bitonic sort fails for rows wider than about 8k latents) and a gather of `[tokens, k, d]`
 //! decoder rows. On CUDA devices (the `cuda` feature) the kernels of [`crate::cuda`] come

@@ -5,8 +5,8 @@
 //! dimension-major, a block of tokens into groups of [`ROWS`] rows, and each `ROWS x PANEL`
 //! tile of pre-activations is summed in 24 vector registers, biased, cut at zero and
 //! filtered right away against each row's selection bar: the pre-activations never reach
-//! memory, and a latent costs the selection one vector compare per 16 unless it beats the
-//! bar. Each pre-activation is one FMA chain over the input dimensions in order.
+//! memory, and a latent costs the selection one comparison unless it beats the bar. Each
+//! pre-activation is one FMA chain over the input dimensions in order.
 
 use std::sync::{Mutex, TryLockError};
 

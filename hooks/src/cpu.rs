@@ -10,6 +10,11 @@ pub mod bf16;
 
 use crate::{Error, Result};
 
+/// Whether `t` is a float32 tensor on the CPU, the kind the hand-written kernels read.
+pub fn is_cpu_f32(t: &Tensor) -> bool {
+    matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
+}
+
 /// Runs `f` on the contiguous f32 data of each tensor when all are f32 on the CPU (making
 /// them contiguous first if needed); returns `None` otherwise, so callers can fall back to
 /// generic tensor ops.
@@ -17,10 +22,7 @@ pub fn with_f32_slices<R>(
     tensors: &[&Tensor],
     f: impl FnOnce(&[&[f32]]) -> Result<R>,
 ) -> Result<Option<R>> {
-    if tensors
-        .iter()
-        .any(|t| !matches!(t.device(), Device::Cpu) || t.dtype() != DType::F32)
-    {
+    if !tensors.iter().all(|t| is_cpu_f32(t)) {
         return Ok(None);
     }
     let contiguous: Vec<Tensor> = tensors
@@ -69,8 +71,8 @@ pub fn with_f32_slices_mut<R>(
     read: &[&Tensor],
     f: impl FnOnce(&mut [&mut [f32]], &[&[f32]]) -> Result<R>,
 ) -> Result<Option<R>> {
-    let usable = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32;
-    if !write.iter().chain(read).all(|t| usable(t)) || !write.iter().all(|t| t.is_contiguous()) {
+    if !write.iter().chain(read).all(|t| is_cpu_f32(t)) || !write.iter().all(|t| t.is_contiguous())
+    {
         return Ok(None);
     }
     for (i, w) in write.iter().enumerate() {

@@ -17,7 +17,7 @@
 use std::cell::RefCell;
 
 use candle_core::{DType, Device, Tensor};
-use hooks::cpu::{with_f32_slices, with_f32_slices_mut};
+use hooks::cpu::{is_cpu_f32, with_f32_slices, with_f32_slices_mut};
 use rayon::prelude::*;
 
 use crate::Result;
@@ -339,6 +339,18 @@ fn encoder_block(latents: usize) -> usize {
 /// One block's picks: activations and indices of the top `k`, then of the AuxK pick.
 type BlockPicks = (Vec<f32>, Vec<u32>, Vec<f32>, Vec<u32>);
 
+/// The picks of consecutive blocks as those of all their rows, in order.
+fn joined(blocks: Vec<BlockPicks>) -> BlockPicks {
+    let mut all = BlockPicks::default();
+    for (acts, indices, aux_acts, aux_indices) in blocks {
+        all.0.extend(acts);
+        all.1.extend(indices);
+        all.2.extend(aux_acts);
+        all.3.extend(aux_indices);
+    }
+    all
+}
+
 /// Latents per word of [`lane_bits`].
 const LANES: usize = 32;
 
@@ -441,14 +453,7 @@ fn encode_select_cpu(
         return Ok(None);
     };
     let cpu = &Device::Cpu;
-    let (mut acts, mut indices) = (Vec::with_capacity(rows * k), Vec::with_capacity(rows * k));
-    let (mut aux_acts, mut aux_indices) = (Vec::new(), Vec::new());
-    for (a, i, aa, ai) in blocks {
-        acts.extend(a);
-        indices.extend(i);
-        aux_acts.extend(aa);
-        aux_indices.extend(ai);
-    }
+    let (acts, indices, aux_acts, aux_indices) = joined(blocks);
     let main = Selection {
         acts: Tensor::from_vec(acts, (rows, k), cpu)?,
         indices: Tensor::from_vec(indices, (rows, k), cpu)?,
@@ -563,7 +568,7 @@ fn on_a_cpu_copy(
     t: &Tensor,
     in_place: impl FnOnce(&Tensor) -> Result<bool>,
 ) -> Result<Option<Tensor>> {
-    if !matches!(t.device(), Device::Cpu) || t.dtype() != DType::F32 {
+    if !is_cpu_f32(t) {
         return Ok(None);
     }
     let out = t.contiguous()?.copy()?;
@@ -1033,18 +1038,6 @@ mod tests {
             let picks = Picks {
                 k,
                 dead: Some((&dead, k_aux)),
-            };
-            let joined = |blocks: Vec<BlockPicks>| {
-                blocks
-                    .into_iter()
-                    .reduce(|mut a, b| {
-                        a.0.extend(b.0);
-                        a.1.extend(b.1);
-                        a.2.extend(b.2);
-                        a.3.extend(b.3);
-                        a
-                    })
-                    .unwrap()
             };
             let fused = joined(fused::encode_select(&x, &w, &b, d, picks, Some(&dead_bits)));
             let blockwise = encode_select_block(&x, &w, &b, d, picks, Some(&dead_bits));

@@ -59,11 +59,14 @@ pub enum Rule {
 }
 
 /// An optimiser over a fixed list of parameter tensors. Weight decay is coupled (added to
-/// the gradient), as in PyTorch's SGD and Adam, except for Muon (decoupled).
+/// the gradient), as in PyTorch's SGD and Adam, unless
+/// [`Optimizer::with_decoupled_weight_decay`] (PyTorch's AdamW); Muon's is always decoupled.
 #[derive(Debug)]
 pub struct Optimizer {
     rule: Rule,
     weight_decay: f64,
+    /// The parameter shrinks by `lr × weight_decay` before the update instead.
+    decoupled: bool,
     step: u64,
     /// Per parameter: SGD and Muon `[momentum]`; Adam `[m, v]` or `[m, v, v_max]`.
     state: Vec<Vec<Tensor>>,
@@ -77,10 +80,18 @@ impl Optimizer {
         Optimizer {
             rule,
             weight_decay,
+            decoupled: false,
             step: 0,
             state: Vec::new(),
             workspace: muon::Workspace::default(),
         }
+    }
+
+    /// The same optimiser with decoupled weight decay: each step first multiplies the
+    /// parameter by `1 − lr × weight_decay` (PyTorch's AdamW; Adam with it is AdamW).
+    pub fn with_decoupled_weight_decay(mut self) -> Self {
+        self.decoupled = true;
+        self
     }
 
     /// Steps taken so far.
@@ -134,10 +145,13 @@ impl Optimizer {
                 };
                 continue;
             }
-            let grad = if self.weight_decay != 0.0 {
-                (grad + (&*param * self.weight_decay)?)?
-            } else {
+            let grad = if self.weight_decay == 0.0 {
                 grad.clone()
+            } else if self.decoupled {
+                *param = (&*param * (1.0 - lr * self.weight_decay))?;
+                grad.clone()
+            } else {
+                (grad + (&*param * self.weight_decay)?)?
             };
             match self.rule {
                 Rule::Sgd { momentum, nesterov } => {
@@ -258,6 +272,113 @@ impl Optimizer {
         }
         Ok(())
     }
+}
+
+/// A trainer's optimisers: one over every parameter, or Muon over the weight matrices and
+/// another optimiser over the rest (the biases), as the Muon recipes of sparsify and
+/// tuned-lens (its PR #141) pair them. Checkpoint names: `state.*` for the optimiser of the
+/// rest (of every parameter, without Muon) and `muon_state.*` for Muon's.
+#[derive(Debug)]
+pub struct Optimizers {
+    rest: Optimizer,
+    muon: Option<Optimizer>,
+}
+
+impl Optimizers {
+    /// `optimizer` over every parameter.
+    pub fn single(optimizer: Optimizer) -> Self {
+        Optimizers {
+            rest: optimizer,
+            muon: None,
+        }
+    }
+
+    /// `muon` (a [`Rule::Muon`] optimiser) over the matrices, `rest` over the others.
+    pub fn muon_and(muon: Optimizer, rest: Optimizer) -> Result<Self> {
+        if !matches!(muon.rule, Rule::Muon { .. }) {
+            return Err(Error::InvalidArgument(format!(
+                "the matrices' optimiser must be Muon, not {:?}",
+                muon.rule
+            )));
+        }
+        Ok(Optimizers {
+            rest,
+            muon: Some(muon),
+        })
+    }
+
+    /// Whether Muon updates the matrices.
+    pub fn has_muon(&self) -> bool {
+        self.muon.is_some()
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.rest.steps()
+    }
+
+    /// One step: with Muon, the matrices at `matrix_lr` and the rest at `lr`; without,
+    /// every parameter at `lr`. Each updated parameter becomes a new tensor.
+    pub fn step(
+        &mut self,
+        params: &mut [Tensor],
+        grads: &[Tensor],
+        lr: f64,
+        matrix_lr: f64,
+    ) -> Result<()> {
+        let Some(muon) = &mut self.muon else {
+            return self.rest.step(params, grads, lr);
+        };
+        if params.len() != grads.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} parameters but {} gradients",
+                params.len(),
+                grads.len()
+            )));
+        }
+        let (matrices, rest) = matrices_and_rest(params);
+        for (indices, optimizer, lr) in [(matrices, muon, matrix_lr), (rest, &mut self.rest, lr)] {
+            let mut some: Vec<Tensor> = indices.iter().map(|&i| params[i].clone()).collect();
+            let some_grads: Vec<Tensor> = indices.iter().map(|&i| grads[i].clone()).collect();
+            optimizer.step(&mut some, &some_grads, lr)?;
+            for (&i, t) in indices.iter().zip(some) {
+                params[i] = t;
+            }
+        }
+        Ok(())
+    }
+
+    /// The state as named tensors, for checkpoints (see [`Optimizer::state_tensors`]).
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut tensors = self.rest.state_tensors("state");
+        if let Some(muon) = &self.muon {
+            tensors.extend(muon.state_tensors("muon_state"));
+        }
+        tensors
+    }
+
+    /// Restores state saved by [`Optimizers::state_tensors`] after `steps` steps over
+    /// `params` (whose shapes say which are matrices).
+    pub fn restore(
+        &mut self,
+        steps: u64,
+        tensors: &std::collections::HashMap<String, Tensor>,
+        params: &[Tensor],
+    ) -> Result<()> {
+        match &mut self.muon {
+            None => self.rest.restore(steps, tensors, "state", params.len()),
+            Some(muon) => {
+                let (matrices, rest) = matrices_and_rest(params);
+                muon.restore(steps, tensors, "muon_state", matrices.len())?;
+                self.rest.restore(steps, tensors, "state", rest.len())
+            }
+        }
+    }
+}
+
+/// The indices of the matrices and of the other tensors among `params`.
+fn matrices_and_rest(params: &[Tensor]) -> (Vec<usize>, Vec<usize>) {
+    (0..params.len()).partition(|&i| params[i].rank() == 2)
 }
 
 /// Newton-Schulz coefficients `(a, b, c)` of sparsify's quintic iteration.
@@ -555,6 +676,37 @@ mod tests {
             a[0].to_vec1::<f64>().unwrap(),
             b[0].to_vec1::<f64>().unwrap()
         );
+    }
+
+    /// PyTorch's AdamW, hand-unrolled: the parameter shrinks by `lr × weight_decay` first and
+    /// the gradient is left alone; and [`Optimizers::muon_and`] takes only a Muon optimiser
+    /// for the matrices.
+    #[test]
+    fn decoupled_adam_follows_pytorch_adamw() {
+        let rule = Rule::Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            amsgrad: false,
+        };
+        let mut p = vec![Tensor::new(&[1.0f64, -2.0], &Device::Cpu).unwrap()];
+        let mut opt = Optimizer::new(rule, 0.5).with_decoupled_weight_decay();
+        let (mut m, mut v, mut value) = (0.0f64, 0.0f64, 1.0f64);
+        for t in 1..=4 {
+            let g = (&p[0] * 3.0).unwrap();
+            opt.step(&mut p, &[g], 0.1).unwrap();
+            let g = 3.0 * value;
+            value *= 1.0 - 0.1 * 0.5;
+            m = 0.9 * m + 0.1 * g;
+            v = 0.999 * v + 0.001 * g * g;
+            let denom = v.sqrt() / (1.0 - 0.999f64.powi(t)).sqrt() + 1e-8;
+            value -= 0.1 / (1.0 - 0.9f64.powi(t)) * m / denom;
+            assert!((scalar(&p[0]) - value).abs() < 1e-12, "step {t}");
+        }
+        let err = Optimizers::muon_and(Optimizer::new(rule, 0.0), Optimizer::new(rule, 0.0))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be Muon"), "{err}");
     }
 
     /// The float32 CPU pass gives what the tensor-op path gives (run in f64 here).

@@ -206,18 +206,20 @@ struct TrainArgs {
     /// Tokens per step (gradient accumulation when larger than a batch).
     #[arg(long, default_value_t = 1 << 18)]
     tokens_per_step: usize,
-    /// Learning rate in the reference's convention (SGD: step = lr x (1 - momentum); Adam: 1e-3 x lr).
+    /// Learning rate in the reference's convention (SGD: step = lr x (1 - momentum); Adam: 1e-3 x lr; Muon: 0.01 x lr).
     #[arg(long, default_value_t = 1.0)]
     lr: f64,
-    /// Optimiser: sgd (Nesterov) or adam (AMSGrad).
+    /// Optimiser: sgd (Nesterov), adam (AMSGrad), or muon (Muon on the matrices, AdamW on
+    /// the biases: tuned-lens's PR #141).
     #[arg(long, default_value = "sgd")]
     optimizer: String,
-    /// SGD momentum.
+    /// Momentum: SGD's and Muon's, and Adam's first beta.
     #[arg(long, default_value_t = 0.9)]
     momentum: f64,
-    /// Weight decay (coupled, toward the identity translator).
-    #[arg(long, default_value_t = 1e-3)]
-    weight_decay: f64,
+    /// Weight decay, toward the identity translator: coupled (sgd, adam) or decoupled
+    /// (muon). Default 1e-3, or 1e-2 with muon.
+    #[arg(long)]
+    weight_decay: Option<f64>,
     /// Global gradient-norm clip.
     #[arg(long, default_value_t = 1.0)]
     clip: f64,
@@ -301,18 +303,17 @@ impl Source {
 }
 
 fn train_command(args: TrainArgs) -> Result<()> {
+    let optimizer = OptimizerKind::parse(&args.optimizer)?;
     let model = args.model.load()?;
     let options = TrainOptions {
         steps: args.steps,
         tokens_per_step: args.tokens_per_step,
         lr: args.lr,
-        optimizer: match args.optimizer.as_str() {
-            "sgd" => OptimizerKind::Sgd,
-            "adam" => OptimizerKind::Adam,
-            other => anyhow::bail!("unknown optimizer '{other}' (expected sgd or adam)"),
-        },
+        optimizer,
         momentum: args.momentum,
-        weight_decay: args.weight_decay,
+        weight_decay: args
+            .weight_decay
+            .unwrap_or(optimizer.default_weight_decay()),
         clip: args.clip,
         loss: match args.loss.as_str() {
             "kl" => LossKind::Kl,

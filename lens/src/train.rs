@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 use hooks::activations::{ActivationBatch, ActivationSource};
-use hooks::optim::{clip_grad_norm, linear_schedule, Optimizer, Rule};
+use hooks::optim::{clip_grad_norm, linear_schedule, Optimizer, Optimizers, Rule};
 use hooks::{HookPoint, Unembedding};
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +36,32 @@ pub enum OptimizerKind {
     Sgd,
     /// Adam with AMSGrad, lr `1e-3 × lr`, warm-up min(1000, 0.2 × steps).
     Adam,
+    /// Muon on the translators' matrices and AdamW on their biases, both at lr `0.01 × lr`,
+    /// decoupled weight decay, no warm-up (tuned-lens's PR #141, not merged upstream).
+    Muon,
+}
+
+impl OptimizerKind {
+    /// Parses `sgd`, `adam` or `muon`.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "sgd" => Ok(OptimizerKind::Sgd),
+            "adam" => Ok(OptimizerKind::Adam),
+            "muon" => Ok(OptimizerKind::Muon),
+            other => Err(Error::Training(format!(
+                "unknown optimizer '{other}' (expected sgd, adam or muon)"
+            ))),
+        }
+    }
+
+    /// The weight decay of the optimiser's recipe: 1e-3 (tuned-lens), 1e-2 with Muon (its
+    /// PR #141).
+    pub fn default_weight_decay(self) -> f64 {
+        match self {
+            OptimizerKind::Sgd | OptimizerKind::Adam => 1e-3,
+            OptimizerKind::Muon => 1e-2,
+        }
+    }
 }
 
 /// Training options; the defaults are the reference recipe.
@@ -46,13 +72,13 @@ pub struct TrainOptions {
     /// Tokens per optimiser step (gradients are accumulated over micro-batches).
     pub tokens_per_step: usize,
     /// Learning rate in the reference's convention (SGD: the step is `lr × (1 − momentum)`;
-    /// Adam: `1e-3 × lr`).
+    /// Adam: `1e-3 × lr`; Muon: `0.01 × lr`).
     pub lr: f64,
     /// Optimiser.
     pub optimizer: OptimizerKind,
-    /// SGD momentum.
+    /// Momentum: SGD's, Muon's, and Adam's (and AdamW's) first beta, as in tuned-lens.
     pub momentum: f64,
-    /// Coupled weight decay.
+    /// Weight decay: coupled with SGD and Adam, decoupled with Muon and its AdamW.
     pub weight_decay: f64,
     /// Global gradient-norm clip.
     pub clip: f64,
@@ -90,31 +116,50 @@ impl Default for TrainOptions {
 }
 
 impl TrainOptions {
-    fn rule(&self) -> Rule {
-        match self.optimizer {
-            OptimizerKind::Sgd => Rule::Sgd {
-                momentum: self.momentum,
-                nesterov: true,
-            },
-            OptimizerKind::Adam => Rule::Adam {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                amsgrad: true,
-            },
-        }
+    /// The optimisers of the recipe (PyTorch's rules: SGD, Adam with AMSGrad; with Muon,
+    /// AdamW on the biases).
+    fn optimizers(&self) -> Result<Optimizers> {
+        let adam = |beta1, amsgrad| Rule::Adam {
+            beta1,
+            beta2: 0.999,
+            eps: 1e-8,
+            amsgrad,
+        };
+        Ok(match self.optimizer {
+            OptimizerKind::Sgd => {
+                let sgd = Rule::Sgd {
+                    momentum: self.momentum,
+                    nesterov: true,
+                };
+                Optimizers::single(Optimizer::new(sgd, self.weight_decay))
+            }
+            OptimizerKind::Adam => {
+                Optimizers::single(Optimizer::new(adam(self.momentum, true), self.weight_decay))
+            }
+            OptimizerKind::Muon => {
+                let muon = Rule::Muon {
+                    momentum: self.momentum,
+                    nesterov: true,
+                    ns_steps: 5,
+                };
+                let adamw = Optimizer::new(adam(self.momentum, false), self.weight_decay)
+                    .with_decoupled_weight_decay();
+                Optimizers::muon_and(Optimizer::new(muon, self.weight_decay), adamw)?
+            }
+        })
     }
 
     fn base_lr(&self) -> f64 {
         match self.optimizer {
             OptimizerKind::Sgd => self.lr * (1.0 - self.momentum),
             OptimizerKind::Adam => 1e-3 * self.lr,
+            OptimizerKind::Muon => 1e-2 * self.lr,
         }
     }
 
     fn warmup(&self) -> u64 {
         match self.optimizer {
-            OptimizerKind::Sgd => 0,
+            OptimizerKind::Sgd | OptimizerKind::Muon => 0,
             OptimizerKind::Adam => 1000.min(self.steps / 5),
         }
     }
@@ -245,7 +290,7 @@ pub fn train(
     let unembedding = unembedding.to_dtype(DType::F32)?;
     let mut decoder = Decoder::new(&unembedding, options.decode_dtype, options.chunk_tokens)?;
     tracing::info!("decoding lenses in {}", decoder.dtype_name());
-    let mut optimizer = Optimizer::new(options.rule(), options.weight_decay);
+    let mut optimizer = options.optimizers()?;
     let mut history = Vec::new();
     let mut rows = Rows {
         source,
@@ -327,7 +372,7 @@ pub fn train(
         let grad_norm = clip_grad_norm(&mut grads, options.clip)?;
         let lr = options.base_lr() * linear_schedule(step - 1, options.warmup(), options.steps);
         let mut params = lens.parameters();
-        optimizer.step(&mut params, &grads, lr)?;
+        optimizer.step(&mut params, &grads, lr, lr)?;
         lens.set_parameters(params)?;
         let record = StepRecord {
             step,
@@ -369,7 +414,7 @@ fn next_token_targets(tokens: &[u32], seq_len: usize) -> Vec<u32> {
 fn save_checkpoint(
     path: &Path,
     lens: &TunedLens,
-    optimizer: &Optimizer,
+    optimizer: &Optimizers,
     options: &TrainOptions,
     tokens_consumed: u64,
     history: &[StepRecord],
@@ -380,7 +425,7 @@ fn save_checkpoint(
         .enumerate()
         .map(|(i, t)| (format!("lens.{i}"), t))
         .collect();
-    tensors.extend(optimizer.state_tensors("state"));
+    tensors.extend(optimizer.state_tensors());
     let state = State {
         options: options.clone(),
         tokens_consumed,
@@ -392,7 +437,7 @@ fn save_checkpoint(
 fn load_checkpoint(
     path: &Path,
     lens: &mut TunedLens,
-    optimizer: &mut Optimizer,
+    optimizer: &mut Optimizers,
     options: &TrainOptions,
 ) -> Result<State> {
     let bad = |m: String| Error::Training(format!("checkpoint {}: {m}", path.display()));
@@ -413,12 +458,7 @@ fn load_checkpoint(
         })
         .collect::<Result<Vec<_>>>()?;
     lens.set_parameters(params)?;
-    optimizer.restore(
-        state.history.len() as u64,
-        &tensors,
-        "state",
-        2 * lens.num_layers(),
-    )?;
+    optimizer.restore(state.history.len() as u64, &tensors, &lens.parameters())?;
     Ok(state)
 }
 

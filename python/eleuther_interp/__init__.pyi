@@ -259,7 +259,7 @@ class TunedLens:
         seed: int = 42,
         checkpoint_every: int = 25,
         momentum: float = 0.9,
-        weight_decay: float = 1e-3,
+        weight_decay: Optional[float] = None,
         clip: float = 1.0,
         format: Optional[str] = None,
         text_field: str = "text",
@@ -269,7 +269,9 @@ class TunedLens:
     ) -> "TunedLens":
         """Trains a lens with the reference recipe over ``data`` or a cache of
         ``activations``; resumable with ``output``; ``callback(step_record)`` per step;
-        ``decode_dtype`` ("auto", "bf16", "f32") is the precision of the lens logits."""
+        ``decode_dtype`` ("auto", "bf16", "f32") is the precision of the lens logits;
+        ``optimizer`` is "sgd", "adam" or "muon" (``weight_decay`` defaults to 1e-3, or 1e-2
+        with Muon)."""
 
 @final
 class LogitLens:

@@ -336,8 +336,10 @@ impl PyTunedLens {
     /// :func:`cache_activations`: packed into sequences of ``seq_len`` tokens, ``batch_size``
     /// per forward pass) or from ``activations``, a cache folder with ``embed`` and every
     /// ``layers.{i}`` (rows shuffled with ``seed``; read in order for ``loss="ce"``, whose
-    /// next-token targets need whole sequences). ``optimizer`` is ``"sgd"`` or
-    /// ``"adam"``; ``loss`` is ``"kl"`` or ``"ce"`` (next token); ``chunk_tokens`` tokens
+    /// next-token targets need whole sequences). ``optimizer`` is ``"sgd"``,
+    /// ``"adam"`` (AMSGrad) or ``"muon"`` (Muon on the translators' matrices and AdamW on
+    /// their biases at ``0.01 x lr``, tuned-lens's PR #141); ``weight_decay`` defaults to
+    /// 1e-3 (coupled), or 1e-2 (decoupled) with Muon; ``loss`` is ``"kl"`` or ``"ce"`` (next token); ``chunk_tokens`` tokens
     /// are decoded at once (memory is about 5 x that x vocab floats). ``decode_dtype`` is the
     /// precision of the lens logits and of the gradient back through them: ``"bf16"`` (bf16
     /// inputs, f32 sums, as tuned-lens's autocast), ``"f32"``, or ``"auto"`` (bf16 on a CUDA
@@ -358,7 +360,7 @@ impl PyTunedLens {
         model, data = None, *, activations = None, output = None, steps = 250,
         tokens_per_step = 262144, lr = 1.0, optimizer = "sgd", loss = "kl", seq_len = 2048,
         batch_size = 1, chunk_tokens = 256, seed = 42, checkpoint_every = 25, momentum = 0.9,
-        weight_decay = 1e-3, clip = 1.0, format = None, text_field = "text", progress = false,
+        weight_decay = None, clip = 1.0, format = None, text_field = "text", progress = false,
         callback = None, decode_dtype = "auto"
     ))]
     #[allow(clippy::too_many_arguments)]
@@ -379,7 +381,7 @@ impl PyTunedLens {
         seed: u64,
         checkpoint_every: u64,
         momentum: f64,
-        weight_decay: f64,
+        weight_decay: Option<f64>,
         clip: f64,
         format: Option<String>,
         text_field: &str,
@@ -389,21 +391,15 @@ impl PyTunedLens {
     ) -> PyResult<Self> {
         let holder = model_arg(py, model)?;
         let model = holder.get().inner();
+        let optimizer =
+            OptimizerKind::parse(optimizer).map_err(|e| PyValueError::new_err(e.to_string()))?;
         let options = TrainOptions {
             steps,
             tokens_per_step,
             lr,
-            optimizer: match optimizer {
-                "sgd" => OptimizerKind::Sgd,
-                "adam" => OptimizerKind::Adam,
-                other => {
-                    return Err(PyValueError::new_err(format!(
-                        "unknown optimizer '{other}' (expected 'sgd' or 'adam')"
-                    )))
-                }
-            },
+            optimizer,
             momentum,
-            weight_decay,
+            weight_decay: weight_decay.unwrap_or(optimizer.default_weight_decay()),
             clip,
             loss: match loss {
                 "kl" => LossKind::Kl,

@@ -294,6 +294,11 @@ def test_training_from_an_activation_cache(train_model, tmp_path):
                               chunk_tokens=256, optimizer="adam", loss="ce")
     assert len(lens.history) == 1 and lens.num_layers == 3
     assert any(v.any() for v in lens.state_dict().values())
+    # tuned-lens's PR #141 recipe: Muon and AdamW at 0.01 x lr, linear decay, no warm-up.
+    muon = ei.TunedLens.train(train_model, activations=cache, steps=2, tokens_per_step=256, seq_len=SEQ,
+                              chunk_tokens=256, optimizer="muon", lr=2.0)
+    assert [r["lr"] for r in muon.history] == pytest.approx([0.02, 0.01])
+    assert all(v.any() for v in muon.state_dict().values())
     report = ei.evaluate_lens(train_model, lens, activations=cache, tokens=128, seq_len=SEQ)
     assert report["tokens"] == 128 and report["nats_to_bits_per_byte"] is None
     partial = tmp_path / "partial"

@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use hooks::activations::ActivationSource;
-use hooks::optim::{linear_schedule, Optimizer, Rule};
+use hooks::optim::{linear_schedule, Optimizer, Optimizers, Rule};
 use hooks::HookPoint;
 use serde::{Deserialize, Serialize};
 
@@ -582,9 +582,8 @@ pub struct StepRecord {
 #[derive(Debug)]
 pub struct Trainer {
     options: TrainOptions,
-    /// Adam over every parameter, or over the biases when `muon` updates the matrices.
-    optimizer: Optimizer,
-    muon: Option<Optimizer>,
+    /// Adam over every parameter, or over the biases while Muon updates the matrices.
+    optimizers: Optimizers,
     /// The SAE's own `k`, where a k decay ends.
     final_k: usize,
     tokens_since_fired: Vec<u64>,
@@ -629,29 +628,30 @@ impl Trainer {
                 )));
             }
         }
-        let muon = (options.optimizer == SaeOptimizer::Muon).then(|| {
-            Optimizer::new(
-                Rule::Muon {
+        let adam = Optimizer::new(
+            Rule::Adam {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                amsgrad: false,
+            },
+            0.0,
+        );
+        let optimizers = match options.optimizer {
+            SaeOptimizer::Adam => Optimizers::single(adam),
+            SaeOptimizer::Muon => {
+                let muon = Rule::Muon {
                     momentum: 0.95,
                     nesterov: true,
                     ns_steps: 5,
-                },
-                0.1,
-            )
-        });
+                };
+                Optimizers::muon_and(Optimizer::new(muon, 0.1), adam)?
+            }
+        };
         Ok(Trainer {
             options,
-            muon,
+            optimizers,
             final_k: sae.k(),
-            optimizer: Optimizer::new(
-                Rule::Adam {
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    amsgrad: false,
-                },
-                0.0,
-            ),
             tokens_since_fired: vec![0; sae.num_latents()],
             steps_done: 0,
             grad_sums: GradSums::default(),
@@ -792,30 +792,9 @@ impl Trainer {
                 self.options.steps,
             );
         let mut params = sae.parameters();
-        let matrix_lr = self
-            .muon
-            .is_some()
-            .then(|| peak * linear_schedule(self.steps_done, 0, self.options.steps));
-        match (&mut self.muon, matrix_lr) {
-            (Some(muon), Some(matrix_lr)) => {
-                let (matrices, vectors) = matrices_and_vectors(&params);
-                let mut pick =
-                    |indices: &[usize], optimizer: &mut Optimizer, lr: f64| -> Result<()> {
-                        let mut some: Vec<Tensor> =
-                            indices.iter().map(|&i| params[i].clone()).collect();
-                        let some_grads: Vec<Tensor> =
-                            indices.iter().map(|&i| grads[i].clone()).collect();
-                        optimizer.step(&mut some, &some_grads, lr)?;
-                        for (&i, t) in indices.iter().zip(some) {
-                            params[i] = t;
-                        }
-                        Ok(())
-                    };
-                pick(&matrices, muon, matrix_lr)?;
-                pick(&vectors, &mut self.optimizer, lr)?;
-            }
-            _ => self.optimizer.step(&mut params, &grads, lr)?,
-        }
+        // Muon's matrices: no warm-up.
+        let matrix_lr = peak * linear_schedule(self.steps_done, 0, self.options.steps);
+        self.optimizers.step(&mut params, &grads, lr, matrix_lr)?;
         // The optimiser made new parameter tensors: the decoder can be normalised in place.
         let normalised = unit_decoder && crate::kernels::unit_rows_in_place(&params[2])?;
         sae.set_parameters(params)?;
@@ -839,7 +818,7 @@ impl Trainer {
             l0: active / tokens.max(1) as f64,
             dead_fraction: self.dead_fraction(),
             lr,
-            matrix_lr,
+            matrix_lr: self.optimizers.has_muon().then_some(matrix_lr),
             k: decaying.then(|| sae.k()),
         })
     }
@@ -848,11 +827,6 @@ impl Trainer {
 /// Where a k decay starts: `min(n, 10 d)` active latents (sparsify's).
 fn initial_k(sae: &Sae) -> usize {
     sae.num_latents().min(10 * sae.d_in())
-}
-
-/// The indices of the weight matrices and of the biases among `params`.
-fn matrices_and_vectors(params: &[Tensor]) -> (Vec<usize>, Vec<usize>) {
-    (0..params.len()).partition(|&i| params[i].rank() == 2)
 }
 
 /// Refuses rows `x: [N, d]` holding a NaN or an infinity, naming the first one. Training
@@ -1264,10 +1238,7 @@ fn save_checkpoint(
         .zip(sae.parameters())
         .map(|(name, t)| (name.to_string(), t))
         .collect();
-    tensors.extend(trainer.optimizer.state_tensors("state"));
-    if let Some(muon) = &trainer.muon {
-        tensors.extend(muon.state_tensors("muon_state"));
-    }
+    tensors.extend(trainer.optimizers.state_tensors());
     let fired: Vec<i64> = trainer
         .tokens_since_fired
         .iter()
@@ -1323,16 +1294,9 @@ fn load_checkpoint(path: &Path, sae: &mut Sae, trainer: &mut Trainer) -> Result<
         .collect::<Result<Vec<_>>>()?;
     sae.set_parameters(params).map_err(|e| bad(e.to_string()))?;
     let steps = state.history.len() as u64;
-    match &mut trainer.muon {
-        None => trainer.optimizer.restore(steps, &tensors, "state", count)?,
-        Some(muon) => {
-            let (matrices, vectors) = matrices_and_vectors(&sae.parameters());
-            muon.restore(steps, &tensors, "muon_state", matrices.len())?;
-            trainer
-                .optimizer
-                .restore(steps, &tensors, "state", vectors.len())?;
-        }
-    }
+    trainer
+        .optimizers
+        .restore(steps, &tensors, &sae.parameters())?;
     let fired: Vec<i64> = get("tokens_since_fired")?.to_vec1()?;
     if fired.len() != sae.num_latents() {
         return Err(bad(format!(

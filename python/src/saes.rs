@@ -288,7 +288,7 @@ impl PySae {
             skip_connection: Some(skip_connection),
             seed: Some(seed),
         };
-        let mut trainer = PySaeTrainer::create(
+        let trainer = PySaeTrainer::create(
             new_sae.build(d_in, device)?,
             false,
             steps,
@@ -301,8 +301,10 @@ impl PySae {
             optimizer,
             k_decay_steps,
         )?;
-        trainer.fit(py, &x, y, batch_size, Some(steps), callback)?;
-        Ok(PySae { inner: trainer.sae })
+        let trainer = Bound::new(py, trainer)?;
+        PySaeTrainer::fit(&trainer, py, &x, y, batch_size, Some(steps), callback)?;
+        let sae = trainer.borrow().sae.clone();
+        Ok(PySae { inner: sae })
     }
 
     fn __repr__(&self) -> String {
@@ -562,7 +564,7 @@ impl PySaeTrainer {
     /// steps.
     #[pyo3(signature = (x, y = None, *, batch_size, steps = None, callback = None))]
     fn fit<'py>(
-        &mut self,
+        slf: &Bound<'py, Self>,
         py: Python<'py>,
         x: &Bound<'py, PyAny>,
         y: Option<&Bound<'py, PyAny>>,
@@ -570,10 +572,10 @@ impl PySaeTrainer {
         steps: Option<u64>,
         callback: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        let d = self.sae.d_in();
+        let d = slf.borrow().sae.d_in();
         let x = rows_arg(x, d, "x")?;
         let y = y.map(|y| rows_arg(y, d, "y")).transpose()?;
-        let target = self.target(&x, y)?;
+        let target = slf.borrow().target(&x, y)?;
         if target.dim(0).into_py_result()? != x.dim(0).into_py_result()? {
             return Err(PyValueError::new_err(format!(
                 "x and y must have the same number of rows, got {} and {}",
@@ -586,8 +588,10 @@ impl PySaeTrainer {
         }
         let rows = x.dim(0).into_py_result()?;
         let steps = steps.unwrap_or((rows / batch_size) as u64);
-        let needed = steps as usize * batch_size;
-        if steps == 0 || needed > rows {
+        let fits = (steps as usize)
+            .checked_mul(batch_size)
+            .is_some_and(|needed| needed <= rows);
+        if steps == 0 || !fits {
             return Err(PyValueError::new_err(format!(
                 "x has {rows} rows: not enough for {} of {batch_size} rows",
                 if steps == 0 {
@@ -599,14 +603,19 @@ impl PySaeTrainer {
         }
         let mut records = Vec::with_capacity(steps as usize);
         for i in 0..steps as usize {
-            let (start, sae, trainer) = (i * batch_size, &mut self.sae, &mut self.trainer);
-            let record = py
-                .detach(|| -> Result<_, sae::Error> {
+            let start = i * batch_size;
+            // Borrowed for the step only: the callback may use the trainer (save its SAE...).
+            let record = {
+                let mut this = slf.borrow_mut();
+                let this = &mut *this;
+                let (sae, trainer) = (&mut this.sae, &mut this.trainer);
+                py.detach(|| -> Result<_, sae::Error> {
                     let input = x.narrow(0, start, batch_size)?;
                     let target = target.narrow(0, start, batch_size)?;
                     trainer.step_to(sae, &input, &target)
                 })
-                .into_py_sae()?;
+                .into_py_sae()?
+            };
             let dict = record_dict(py, &record)?;
             if let Some(callback) = callback {
                 callback.call1((dict.clone(),))?;

@@ -203,3 +203,30 @@ def test_bad_input_raises_value_error_with_the_message():
         ei.Sae.train(x[0], batch_size=16)
     with pytest.raises(ValueError, match="an int"):
         ei.SaeTrainer("layers.3", steps=3)
+    with pytest.raises(ValueError, match="the training batch has no rows"):
+        trainer.step(x[:0])
+    with pytest.raises(ValueError, match=r"the batch has no variance"):
+        trainer.step(np.ones_like(x))
+    assert trainer.steps_done == 1
+    with pytest.raises(ValueError, match=r"non-finite value \(NaN\) at row 3, column 2"):
+        trainer.sae.encode(poisoned)
+    with pytest.raises(ValueError, match="too many latents"):
+        ei.SaeTrainer(16, steps=3, expansion_factor=2**60)
+    with pytest.raises(ValueError, match="cannot allocate a 2147483648 x 2147483648 encoder"):
+        ei.SaeTrainer(2**31, steps=3, num_latents=2**31)
+
+
+def test_fit_callback_can_use_the_trainer(tmp_path):
+    x = planted(3 * 128, seed=6)
+    trainer = ei.SaeTrainer(16, steps=3, k=4, num_latents=64)
+    seen = []
+
+    def checkpoint(record):
+        seen.append(trainer.steps_done)
+        trainer.sae.save(tmp_path / f"step{record['step']}")
+
+    trainer.fit(x, batch_size=128, callback=checkpoint)
+    assert seen == [1, 2, 3]
+    saved = ei.Sae.load(tmp_path / "step3")
+    for a, b in zip(saved.encode(x), trainer.sae.encode(x)):
+        np.testing.assert_array_equal(a, b)

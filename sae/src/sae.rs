@@ -84,12 +84,13 @@ impl SaeConfig {
         }
     }
 
-    /// The number of latents (`num_latents`, or `d_in × expansion_factor` when that is 0).
+    /// The number of latents (`num_latents`, or `d_in × expansion_factor` when that is 0;
+    /// `usize::MAX` when that product overflows, which [`SaeConfig::validate`] refuses).
     pub fn latents(&self) -> usize {
         if self.num_latents > 0 {
             self.num_latents
         } else {
-            self.d_in * self.expansion_factor
+            self.d_in.saturating_mul(self.expansion_factor)
         }
     }
 
@@ -106,6 +107,17 @@ impl SaeConfig {
                 "d_in ({}) and the number of latents ({}) must be positive",
                 self.d_in,
                 self.latents()
+            )));
+        }
+        // Latent indices are u32 (as in sparsify's files and the TopK kernels).
+        if self.latents() > u32::MAX as usize {
+            return Err(Error::Sae(format!(
+                "too many latents: {} (num_latents {}, d_in {} x expansion_factor {}); at most {}",
+                self.latents(),
+                self.num_latents,
+                self.d_in,
+                self.expansion_factor,
+                u32::MAX
             )));
         }
         if self.k == 0 || self.k > self.latents() {
@@ -175,9 +187,17 @@ impl Sae {
         let (d, n) = (config.d_in, config.latents());
         let bound = 1.0 / (d as f32).sqrt();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let w: Vec<f32> = (0..n * d)
-            .map(|_| rng.random_range(-bound..bound))
-            .collect();
+        // Refused with an error rather than an abort when memory cannot hold the matrix.
+        let mut w: Vec<f32> = Vec::new();
+        n.checked_mul(d)
+            .and_then(|len| w.try_reserve_exact(len).ok())
+            .ok_or_else(|| {
+                Error::Sae(format!(
+                    "cannot allocate a {n} x {d} encoder ({} GiB in f32)",
+                    (n as f64 * d as f64 * 4.0 / (1u64 << 30) as f64).ceil()
+                ))
+            })?;
+        w.extend((0..n * d).map(|_| rng.random_range(-bound..bound)));
         let w_enc = Tensor::from_vec(w, (n, d), device)?;
         let w_dec = if config.transcode {
             w_enc.zeros_like()?
@@ -372,17 +392,20 @@ impl Sae {
 
     /// Pre-activations of every latent, `ReLU(W_enc (x − b_dec) + b_enc)`: `[N, n]`.
     pub fn pre_activations(&self, x: &Tensor) -> Result<Tensor> {
+        check_finite(&self.input(x, "input")?, "input")?;
         kernels::pre_activations(&self.encoder_input(x)?, &self.w_enc, &self.b_enc)
     }
 
     /// The `k` most active latents of each token of `x: [N, d]`: `(top_acts [N, k],
     /// top_indices [N, k] u32)`, largest first, ties by lower index. On the CPU in f32 the
-    /// `[N, n]` pre-activations are never held whole (see `kernels`).
+    /// `[N, n]` pre-activations are never held whole (see `kernels`). Rows holding a NaN
+    /// or an infinity are refused, naming the first.
     ///
     /// A ReLU or JumpReLU SAE (from SAELens) has no fixed `k`: its codes are `[N, m]` with `m`
     /// the most active latents of any row in the batch, rows with fewer padded with zero
     /// activations (which decode to nothing).
     pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        check_finite(&self.input(x, "input")?, "input")?;
         let threshold = match &self.activation {
             Activation::TopK => None,
             Activation::Relu => Some(None),
@@ -680,6 +703,32 @@ pub(crate) fn total_variance(y: &Tensor) -> Result<f64> {
         .to_scalar::<f64>()?)
 }
 
+/// Refuses rows `x: [N, d]` holding a NaN or an infinity, naming the first one. Training
+/// stops rather than skipping such rows (they mean a broken model run or cache, and skipping
+/// would silently change the tokens counted), and encoding refuses them rather than return
+/// codes that look like silence.
+pub(crate) fn check_finite(x: &Tensor, what: &str) -> Result<()> {
+    let column_sums: Vec<f64> = x.sum(0)?.to_dtype(DType::F64)?.to_vec1()?;
+    let Some(column) = column_sums.iter().position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    let values: Vec<f64> = x
+        .narrow(1, column, 1)?
+        .squeeze(1)?
+        .to_dtype(DType::F64)?
+        .to_vec1()?;
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(row) => Err(Error::Sae(format!(
+            "the {what} has a non-finite value ({}) at row {row}, column {column}; clean the activations",
+            values[row]
+        ))),
+        None => Err(Error::Sae(format!(
+            "the {what}'s column {column} sums to {} (values too large for the dtype)",
+            column_sums[column]
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -703,6 +752,21 @@ mod tests {
         assert!(bad.validate().unwrap_err().to_string().contains("groupmax"));
         assert!(SaeConfig::new(8, 64, 65).validate().is_err());
         assert!(serde_json::from_str::<SaeConfig>(r#"{"k": 4}"#).is_err());
+        // Sizes past what indices or memory can hold are errors, not panics or aborts.
+        let huge = SaeConfig {
+            num_latents: 0,
+            expansion_factor: 1 << 60,
+            ..SaeConfig::new(16, 0, 4)
+        };
+        let err = huge.validate().unwrap_err().to_string();
+        assert!(err.contains("too many latents"), "{err}");
+        let err = Sae::new(SaeConfig::new(1 << 31, 1 << 31, 4), 0, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot allocate a 2147483648 x 2147483648"),
+            "{err}"
+        );
     }
 
     #[test]

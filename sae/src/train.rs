@@ -38,6 +38,7 @@ use hooks::HookPoint;
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::{backward, encode_select, Backward, GradSum, Picks, Selection};
+use crate::sae::check_finite;
 use crate::sae::total_variance as batch_variance;
 use crate::{Error, Result, Sae, SaeConfig};
 
@@ -366,7 +367,7 @@ fn accumulate(
         None => batch_variance(&x)?,
     };
     if tv.is_nan() || tv <= 0.0 {
-        return Err(Error::Training(format!(
+        return Err(Error::Sae(format!(
             "the batch has no variance (total variance {tv}); the FVU is undefined"
         )));
     }
@@ -723,6 +724,10 @@ impl Trainer {
         }
         let input = sae.input(input, "training batch")?;
         let x = sae.input(target, "training target")?;
+        if input.dim(0)? == 0 {
+            // An empty step would still advance the schedule and the step count.
+            return Err(Error::Sae("the training batch has no rows".into()));
+        }
         check_finite(&input, "training batch")?;
         check_finite(&x, "training target")?;
         let decaying = self.options.k_decay_steps > 0;
@@ -827,32 +832,6 @@ impl Trainer {
 /// Where a k decay starts: `min(n, 10 d)` active latents (sparsify's).
 fn initial_k(sae: &Sae) -> usize {
     sae.num_latents().min(10 * sae.d_in())
-}
-
-/// Refuses rows `x: [N, d]` holding a NaN or an infinity, naming the first one. Training
-/// stops rather than skipping such rows: they mean a broken model run or cache, and
-/// skipping would silently change the tokens counted. Checked before the step changes
-/// anything, so the SAE and the trainer stay as they were.
-fn check_finite(x: &Tensor, what: &str) -> Result<()> {
-    let column_sums: Vec<f64> = x.sum(0)?.to_dtype(DType::F64)?.to_vec1()?;
-    let Some(column) = column_sums.iter().position(|v| !v.is_finite()) else {
-        return Ok(());
-    };
-    let values: Vec<f64> = x
-        .narrow(1, column, 1)?
-        .squeeze(1)?
-        .to_dtype(DType::F64)?
-        .to_vec1()?;
-    match values.iter().position(|v| !v.is_finite()) {
-        Some(row) => Err(Error::Sae(format!(
-            "the {what} has a non-finite value ({}) at row {row}, column {column}; training stops (clean the activations)",
-            values[row]
-        ))),
-        None => Err(Error::Sae(format!(
-            "the {what}'s column {column} sums to {} (values too large for the dtype)",
-            column_sums[column]
-        ))),
-    }
 }
 
 /// A whole step's FVU and gradients, summed over chunks.
@@ -1808,7 +1787,7 @@ mod tests {
     }
 
     #[test]
-    fn non_finite_batches_are_refused_before_anything_changes() {
+    fn non_finite_and_empty_batches_are_refused_before_anything_changes() {
         let (mut sae, x) = case(DType::F32);
         let before = sae.parameters();
         let mut trainer = Trainer::new(&sae, TrainOptions::default()).unwrap();
@@ -1828,6 +1807,22 @@ mod tests {
                 assert_eq!(a, b);
             }
         }
+        let empty = x.narrow(0, 0, 0).unwrap();
+        let message = trainer.step(&mut sae, &empty).unwrap_err().to_string();
+        assert!(message.contains("has no rows"), "{message}");
+        assert_eq!(trainer.steps_done(), 0);
+        // Encoding refuses the same rows rather than return codes that look like silence.
+        let message = sae.encode(&poisoned_row(&x)).unwrap_err().to_string();
+        assert!(
+            message.contains("non-finite value (NaN) at row 2, column 4"),
+            "{message}"
+        );
         assert!(trainer.step(&mut sae, &x).is_ok());
+    }
+
+    fn poisoned_row(x: &Tensor) -> Tensor {
+        let mut values: Vec<Vec<f32>> = x.to_vec2().unwrap();
+        values[2][4] = f32::NAN;
+        Tensor::new(values, &Device::Cpu).unwrap()
     }
 }

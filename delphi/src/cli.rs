@@ -159,6 +159,18 @@ struct RunArgs {
     /// Excerpts per scorer prompt.
     #[arg(long, default_value_t = 5)]
     examples_per_prompt: usize,
+    /// Upper bound on the explainer's answer, in tokens; an answer cut off there is not
+    /// taken (retried next run).
+    #[arg(long, default_value_t = 300)]
+    explainer_max_tokens: u32,
+    /// Upper bound on each scorer answer, in tokens (a list of n excerpts takes about 2n;
+    /// raise it for many excerpts per prompt or a reasoning model).
+    #[arg(long, default_value_t = 50)]
+    scorer_max_tokens: u32,
+    /// Write a scorer's results even when some answers could not be read (null
+    /// predictions, counted as failed parses); by default they are left for the next run.
+    #[arg(long)]
+    keep_unreadable: bool,
     /// Ask the scorer for log-probabilities (gives an AUC; the server must support it).
     #[arg(long)]
     logprobs: bool,
@@ -383,14 +395,22 @@ fn run_command(args: RunArgs) -> Result<()> {
         },
         explain: ExplainConfig {
             show_activations: !args.no_activations,
+            max_tokens: args.explainer_max_tokens,
             ..ExplainConfig::default()
         },
         score: ScoreConfig {
             examples_per_prompt: args.examples_per_prompt,
+            max_tokens: args.scorer_max_tokens,
             logprobs: args.logprobs,
             ..ScoreConfig::default()
         },
     };
+    // Settings that need no cache are checked before anything is loaded or cached.
+    config.examples.validate()?;
+    config.score.validate()?;
+    if args.latent_cache.is_none() {
+        config.examples.check_seq_len(args.seq_len)?;
+    }
     let model = args.model.load()?;
     let cache_dir = match &args.latent_cache {
         Some(dir) => dir.clone(),
@@ -430,6 +450,7 @@ fn run_command(args: RunArgs) -> Result<()> {
         shard,
         concurrency: args.concurrency,
         progress: true,
+        keep_unreadable: args.keep_unreadable,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -438,13 +459,16 @@ fn run_command(args: RunArgs) -> Result<()> {
     let report = runtime.block_on(run_job(&cache, tokenizer, &models, &config, &options))?;
     let minutes = started.elapsed().as_secs_f64() / 60.0;
     println!(
-        "{}: {} latents in this shard, {} complete, {} skipped (too rare), {} without a parsable explanation, {} failed; \
+        "{}: {} latents in this shard, {} complete, {} skipped (too rare), {} skipped (test set short of --n-test \
+         after the explainer's examples), {} without a parsable explanation, {} with unreadable scorer answers, {} failed; \
          {:.1} completed latents/min; {} prompt + {} completion tokens",
         llm.name(),
         report.latents,
         report.complete,
         report.skipped,
+        report.short_test_sets,
         report.explanation_failures,
+        report.unreadable_scores,
         report.errors.len(),
         report.complete as f64 / minutes.max(1e-9),
         report.usage.prompt_tokens,
@@ -454,13 +478,19 @@ fn run_command(args: RunArgs) -> Result<()> {
         println!("{http}");
     }
     print!("{}", summary_table(&summarize(&args.output, &config)?));
-    if !report.errors.is_empty() || report.explanation_failures > 0 {
+    let unfinished =
+        report.errors.len() as u64 + report.explanation_failures + report.unreadable_scores;
+    if unfinished > 0 {
         for error in report.errors.iter().take(10) {
             eprintln!("failed: {error}");
         }
         bail!(
-            "{} latents are unfinished; run the same command again to retry exactly those",
-            report.errors.len() as u64 + report.explanation_failures
+            "{unfinished} latents are unfinished; run the same command again to retry exactly those{}",
+            if report.unreadable_scores > 0 {
+                " (or add --keep-unreadable to record unreadable scorer answers as failed parses)"
+            } else {
+                ""
+            }
         );
     }
     Ok(())

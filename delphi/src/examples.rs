@@ -64,6 +64,62 @@ impl Default for ExampleConfig {
     }
 }
 
+impl ExampleConfig {
+    /// Refuses settings that cannot give every quantile an example: `n_quantiles` of at
+    /// least 1, and `n_train` (with quantile sampling) and `n_test` (always drawn per
+    /// quantile) of at least `n_quantiles`, else a quantile's share, `n / n_quantiles`,
+    /// would be 0 and the explainer would get no example at all. `example_ctx_len` must
+    /// be positive; [`ExampleConfig::check_seq_len`] checks it against a cache.
+    pub fn validate(&self) -> Result<()> {
+        if self.n_quantiles == 0 {
+            return Err(Error::Invalid(
+                "n_quantiles (--n-quantiles) must be at least 1".into(),
+            ));
+        }
+        if self.example_ctx_len == 0 {
+            return Err(Error::Invalid(
+                "example_ctx_len (--example-ctx-len) must be at least 1".into(),
+            ));
+        }
+        let below = |name: &str, flag: &str, value: usize| {
+            Error::Invalid(format!(
+                "{name} {value} (--{flag}) is below n_quantiles {} (--n-quantiles): examples are \
+                 drawn n / n_quantiles per quantile, which would be 0",
+                self.n_quantiles
+            ))
+        };
+        if self.train_sampling == TrainSampling::Quantiles && self.n_train < self.n_quantiles {
+            return Err(below("n_train", "n-train", self.n_train));
+        }
+        if self.n_train == 0 {
+            return Err(Error::Invalid(
+                "n_train (--n-train) must be at least 1: the explainer needs examples".into(),
+            ));
+        }
+        if self.n_test < self.n_quantiles {
+            return Err(below("n_test", "n-test", self.n_test));
+        }
+        Ok(())
+    }
+
+    /// Refuses an `example_ctx_len` that does not divide a cache's sequence length.
+    pub fn check_seq_len(&self, seq_len: usize) -> Result<()> {
+        let width = self.example_ctx_len;
+        if width == 0 || !seq_len.is_multiple_of(width) {
+            return Err(Error::Invalid(format!(
+                "example_ctx_len {width} (--example-ctx-len) must divide the cache's sequence length {seq_len}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Activating test examples a scored latent gets: `n_test / n_quantiles` from each
+    /// quantile (`n_test` rounded down to a multiple of `n_quantiles`).
+    pub fn test_count(&self) -> usize {
+        self.n_test / self.n_quantiles.max(1) * self.n_quantiles
+    }
+}
+
 /// One window of tokens with the latent's activation at each token.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Example {
@@ -124,6 +180,15 @@ pub enum Skip {
         /// The minimum.
         needed: usize,
     },
+    /// After the explainer's examples were taken, fewer activating windows are left for
+    /// scoring than [`ExampleConfig::test_count`] asks for: its scores would rest on fewer
+    /// (or no) activating excerpts than the other latents', so it is not scored at all.
+    TooFewTestExamples {
+        /// Activating test examples that could be drawn.
+        found: usize,
+        /// The number asked for.
+        needed: usize,
+    },
 }
 
 impl std::fmt::Display for Skip {
@@ -135,6 +200,10 @@ impl std::fmt::Display for Skip {
                     "fires in {found} windows, fewer than the {needed} required"
                 )
             }
+            Skip::TooFewTestExamples { found, needed } => write!(
+                f,
+                "only {found} of the {needed} activating test examples are left after the explainer's"
+            ),
         }
     }
 }
@@ -160,16 +229,9 @@ pub fn build_examples(
     config: &ExampleConfig,
     seed: u64,
 ) -> Result<std::result::Result<LatentExamples, Skip>> {
+    config.validate()?;
+    config.check_seq_len(tokens.seq_len())?;
     let width = config.example_ctx_len;
-    if width == 0 || !tokens.seq_len().is_multiple_of(width) {
-        return Err(Error::Invalid(format!(
-            "example_ctx_len {width} must divide the cache's sequence length {}",
-            tokens.seq_len()
-        )));
-    }
-    if config.n_quantiles == 0 {
-        return Err(Error::Invalid("n_quantiles must be at least 1".into()));
-    }
     let per_seq = tokens.seq_len() / width;
     let total_windows = (tokens.sequences() * per_seq) as u64;
 
@@ -220,13 +282,15 @@ pub fn build_examples(
     });
     let max_activation = ranked[0].max_activation();
     let n = ranked.len();
-    let quantile_of = |rank: usize| rank * config.n_quantiles / n;
-    for (rank, example) in ranked.iter_mut().enumerate() {
-        example.quantile = Some(quantile_of(rank));
-    }
     let bounds: Vec<(usize, usize)> = (0..config.n_quantiles)
         .map(|q| (q * n / config.n_quantiles, (q + 1) * n / config.n_quantiles))
         .collect();
+    // An example's label is the bucket it is drawn from.
+    for (q, &(start, end)) in bounds.iter().enumerate() {
+        for example in &mut ranked[start..end] {
+            example.quantile = Some(q);
+        }
+    }
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut taken = vec![false; n];
@@ -251,6 +315,12 @@ pub fn build_examples(
         &taken,
         config.n_test / config.n_quantiles,
     );
+    if test_ranks.len() < config.test_count() {
+        return Ok(Err(Skip::TooFewTestExamples {
+            found: test_ranks.len(),
+            needed: config.test_count(),
+        }));
+    }
     let pick = |ranks: &[usize]| -> Vec<Example> {
         let mut ranks = ranks.to_vec();
         ranks.sort_unstable();
@@ -405,6 +475,108 @@ mod tests {
             message.contains("30") && message.contains("64"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn settings_that_leave_a_quantile_without_examples_are_refused() {
+        let (firings, tokens) = fixture(30);
+        for (bad, flag) in [
+            (
+                ExampleConfig {
+                    n_train: 4,
+                    ..config()
+                },
+                "--n-train",
+            ),
+            (
+                ExampleConfig {
+                    n_test: 0,
+                    ..config()
+                },
+                "--n-test",
+            ),
+            (
+                ExampleConfig {
+                    n_quantiles: 0,
+                    ..config()
+                },
+                "--n-quantiles",
+            ),
+            (
+                ExampleConfig {
+                    n_train: 0,
+                    train_sampling: TrainSampling::Top,
+                    ..config()
+                },
+                "--n-train",
+            ),
+        ] {
+            let message = bad.validate().unwrap_err().to_string();
+            assert!(message.contains(flag), "{message}");
+            let built = build_examples(&firings, &tokens, &bad, 0).unwrap_err();
+            assert_eq!(built.to_string(), message);
+        }
+        // Top sampling draws n_train overall, so fewer than n_quantiles is fine there.
+        let top = ExampleConfig {
+            n_train: 3,
+            train_sampling: TrainSampling::Top,
+            ..config()
+        };
+        assert!(top.validate().is_ok());
+    }
+
+    #[test]
+    fn a_latent_whose_test_set_comes_up_short_is_skipped() {
+        // 21 windows, 20 of them for the explainer: 1 is left of the 20 test examples asked.
+        let (firings, tokens) = fixture(21);
+        let config = ExampleConfig {
+            n_train: 20,
+            n_test: 20,
+            ..config()
+        };
+        assert_eq!(
+            build_examples(&firings, &tokens, &config, 3)
+                .unwrap()
+                .unwrap_err(),
+            Skip::TooFewTestExamples {
+                found: 1,
+                needed: 20
+            }
+        );
+        // With enough windows the test set is complete.
+        let (firings, tokens) = fixture(40);
+        let ex = build_examples(&firings, &tokens, &config, 3)
+            .unwrap()
+            .unwrap();
+        assert_eq!((ex.train.len(), ex.test.len()), (20, 20));
+    }
+
+    #[test]
+    fn quantile_labels_are_the_buckets_examples_are_drawn_from() {
+        // 33 windows in 5 quantiles: buckets of 6 or 7 ranks, so rank * 5 / 33 would
+        // disagree with the bucket bounds at their edges.
+        let n = 33;
+        let (firings, tokens) = fixture(n);
+        let config = ExampleConfig {
+            n_train: 10,
+            n_test: 15,
+            ..config()
+        };
+        let bounds: Vec<(u64, u64)> = (0..5).map(|q| (q * n / 5, (q + 1) * n / 5)).collect();
+        for seed in 0..20 {
+            let ex = build_examples(&firings, &tokens, &config, seed)
+                .unwrap()
+                .unwrap();
+            for e in ex.train.iter().chain(&ex.test) {
+                // Strength 1 + window: the strongest window (rank 0) is the last one.
+                let rank = n - 1 - e.window;
+                let bucket = bounds.iter().position(|&(a, b)| a <= rank && rank < b);
+                assert_eq!(e.quantile, bucket, "rank {rank}");
+            }
+            for q in 0..5 {
+                assert_eq!(ex.test.iter().filter(|e| e.quantile == Some(q)).count(), 3);
+            }
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::llm::{ChatRequest, Llm, Usage};
 use crate::prompts::{explainer_messages, parse_explanation, ShownExample};
-use crate::Result;
+use crate::{Error, Result};
 
 /// Settings of the explainer call.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,20 +30,29 @@ impl Default for ExplainConfig {
 /// What the explainer answered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Explanation {
-    /// The parsed explanation; `None` when the answer had no `[EXPLANATION]:` line.
+    /// The parsed explanation; `None` when the answer had no `[EXPLANATION]:` line or was
+    /// cut off at `max_tokens` (a cut answer's last line may be half a sentence).
     pub explanation: Option<String>,
     /// The raw answer.
     pub answer: String,
+    /// Whether the answer stopped at `max_tokens` (the server's `finish_reason: "length"`).
+    pub truncated: bool,
     /// Tokens spent.
     pub usage: Usage,
 }
 
-/// Explains a latent from its examples.
+/// Explains a latent from its examples (at least one: an empty prompt is refused, since
+/// any answer to it would be made up).
 pub async fn explain(
     llm: &dyn Llm,
     examples: &[ShownExample],
     config: &ExplainConfig,
 ) -> Result<Explanation> {
+    if examples.is_empty() {
+        return Err(Error::Invalid(
+            "no examples to explain: the explainer would get an empty prompt".into(),
+        ));
+    }
     let request = ChatRequest {
         messages: explainer_messages(examples, config.show_activations),
         max_tokens: config.max_tokens,
@@ -52,8 +61,72 @@ pub async fn explain(
     };
     let response = llm.chat(request).await?;
     Ok(Explanation {
-        explanation: parse_explanation(&response.text),
+        explanation: (!response.truncated)
+            .then(|| parse_explanation(&response.text))
+            .flatten(),
+        truncated: response.truncated,
         answer: response.text,
         usage: response.usage,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::{BoxFuture, ChatResponse};
+
+    /// Answers with a fixed text, marked as cut off at max_tokens or not.
+    struct Fixed {
+        text: &'static str,
+        truncated: bool,
+    }
+
+    impl Llm for Fixed {
+        fn chat(&self, _: ChatRequest) -> BoxFuture<'_, Result<ChatResponse>> {
+            Box::pin(async move {
+                Ok(ChatResponse {
+                    text: self.text.into(),
+                    logprobs: None,
+                    usage: Usage::default(),
+                    truncated: self.truncated,
+                })
+            })
+        }
+        fn name(&self) -> String {
+            "fixed".into()
+        }
+    }
+
+    fn explain_with(llm: &Fixed, examples: &[ShownExample]) -> Result<Explanation> {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(explain(llm, examples, &ExplainConfig::default()))
+    }
+
+    #[test]
+    fn no_examples_no_prompt_and_a_cut_answer_is_no_explanation() {
+        let whole = Fixed {
+            text: "[EXPLANATION]: The token \"Malaysia\" and other country names.",
+            truncated: false,
+        };
+        let error = explain_with(&whole, &[]).unwrap_err().to_string();
+        assert!(error.contains("no examples"), "{error}");
+        let example = ShownExample {
+            tokens: vec!["a".into(), " cat".into()],
+            activations: vec![0.0, 1.0],
+            normalized: vec![0, 10],
+        };
+        let answer = explain_with(&whole, std::slice::from_ref(&example)).unwrap();
+        assert_eq!(
+            answer.explanation.as_deref(),
+            Some("The token \"Malaysia\" and other country names.")
+        );
+        let cut = Fixed {
+            text: "[EXPLANATION]: The token \"Malaysia\"",
+            truncated: true,
+        };
+        let answer = explain_with(&cut, &[example]).unwrap();
+        assert!(answer.truncated && answer.explanation.is_none());
+    }
 }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use hooks::Tokenizer;
 
 use crate::embedding::SentenceEmbedder;
-use crate::examples::{build_examples, latent_seed, Example, ExampleConfig, LatentExamples};
+use crate::examples::{build_examples, latent_seed, Example, ExampleConfig, LatentExamples, Skip};
 use crate::explain::{explain, ExplainConfig};
 use crate::latents::{LatentCache, TokenTable};
 use crate::llm::{Llm, Usage};
@@ -87,6 +87,35 @@ pub struct JobConfig {
     pub score: ScoreConfig,
 }
 
+impl JobConfig {
+    /// Refuses settings that cannot work with `cache`, before anything is written: example
+    /// and scorer settings ([`ExampleConfig::validate`], the window width against the
+    /// cache's sequence length, [`ScoreConfig::validate`], the intruder's 3 excerpts per
+    /// prompt), hook points the cache lacks and latents past a hook point's width.
+    pub fn validate(&self, cache: &LatentCache) -> Result<()> {
+        self.examples.validate()?;
+        self.examples.check_seq_len(cache.tokens().seq_len())?;
+        self.score.validate()?;
+        if self.scorers.contains(&Scorer::Intruder) {
+            check_intruder_config(&self.score)?;
+        }
+        if self.explain.max_tokens == 0 {
+            return Err(Error::Invalid(
+                "the explainer's max_tokens (--explainer-max-tokens) must be at least 1".into(),
+            ));
+        }
+        if self.hookpoints.is_empty() || self.scorers.is_empty() || self.latents.is_empty() {
+            return Err(Error::Invalid(
+                "a job needs at least one hook point, one latent and one scorer".into(),
+            ));
+        }
+        for hookpoint in &self.hookpoints {
+            cache.check_latents(hookpoint, self.latents.clone())?;
+        }
+        Ok(())
+    }
+}
+
 /// How a job runs (does not change its results).
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -98,6 +127,10 @@ pub struct RunOptions {
     pub concurrency: usize,
     /// Show a progress bar.
     pub progress: bool,
+    /// Write a scorer's results even when some of its answers could not be read (their
+    /// predictions are null, counted as failed parses), instead of leaving them for the next
+    /// run to retry: for a model that cannot keep to the answer format.
+    pub keep_unreadable: bool,
 }
 
 /// The models a job talks to.
@@ -119,8 +152,17 @@ pub struct RunReport {
     pub complete: u64,
     /// Latents skipped because they fire too rarely.
     pub skipped: u64,
-    /// Explanations that could not be parsed (not written; retried next run).
+    /// Latents skipped because, after the explainer's examples, fewer activating windows
+    /// were left than the test set asks for ([`crate::examples::Skip::TooFewTestExamples`]).
+    #[serde(default)]
+    pub short_test_sets: u64,
+    /// Explanations that could not be parsed, or were cut off at the explainer's
+    /// `max_tokens` (not written; retried next run).
     pub explanation_failures: u64,
+    /// Latents with a scorer whose answers could not all be read (not written unless
+    /// [`RunOptions::keep_unreadable`]; retried next run).
+    #[serde(default)]
+    pub unreadable_scores: u64,
     /// Latents where a request or file write failed (retried next run), with the reason.
     pub errors: Vec<String>,
     /// Tokens spent in this run.
@@ -233,7 +275,9 @@ pub fn scoring_samples(tokenizer: &Tokenizer, examples: &LatentExamples) -> Resu
 struct Counters {
     complete: AtomicU64,
     skipped: AtomicU64,
+    short_test_sets: AtomicU64,
     explanation_failures: AtomicU64,
+    unreadable_scores: AtomicU64,
     errors: Mutex<Vec<String>>,
     usage: Mutex<Usage>,
 }
@@ -247,8 +291,10 @@ impl Counters {
 /// Outcome of one latent.
 enum Outcome {
     Complete,
-    Skipped,
+    Skipped(Skip),
     NoExplanation,
+    /// A scorer's answers could not all be read; its results were not written.
+    Unreadable,
 }
 
 /// Explains and scores one latent, skipping the files already on disk. The intruder scorer
@@ -263,13 +309,14 @@ async fn process_latent(
     tokenizer: &Tokenizer,
     models: &JobModels<'_>,
     config: &JobConfig,
-    output: &Path,
+    options: &RunOptions,
     counters: &Counters,
 ) -> Result<Outcome> {
+    let output = options.output.as_path();
     let seed = latent_seed(config.examples.seed, hookpoint, latent);
     let examples = match build_examples(firings, tokens, &config.examples, seed)? {
         Ok(examples) => examples,
-        Err(_) => return Ok(Outcome::Skipped),
+        Err(skip) => return Ok(Outcome::Skipped(skip)),
     };
     let needs_explanation = config.scorers.iter().any(|&s| s != Scorer::Intruder);
     let path = explanation_path(output, hookpoint, latent);
@@ -283,6 +330,13 @@ async fn process_latent(
         counters.spend(answer.usage);
         if let Some(text) = &answer.explanation {
             write_json_file(&path, text)?;
+        } else if answer.truncated {
+            tracing::warn!(
+                "{hookpoint} latent {latent}: the explanation was cut off at {} tokens \
+                 (raise --explainer-max-tokens): {:?}",
+                config.explain.max_tokens,
+                answer.answer
+            );
         } else {
             tracing::warn!(
                 "{hookpoint} latent {latent}: no [EXPLANATION]: line in the answer: {:?}",
@@ -292,6 +346,20 @@ async fn process_latent(
         answer.explanation
     };
     let samples = scoring_samples(tokenizer, &examples)?;
+    let mut unreadable = false;
+    // Results with unreadable answers are left for the next run unless asked to keep them.
+    let mut keep = |failed_prompts: usize, scorer: Scorer| {
+        if failed_prompts == 0 || options.keep_unreadable {
+            return true;
+        }
+        tracing::warn!(
+            "{hookpoint} latent {latent}: {failed_prompts} {} answers could not be read; \
+             not written, the next run asks again",
+            scorer.dir_name()
+        );
+        unreadable = true;
+        false
+    };
     for &scorer in &config.scorers {
         let path = score_path(output, scorer, hookpoint, latent);
         if path.is_file() {
@@ -318,7 +386,9 @@ async fn process_latent(
                 let score =
                     intrude(models.scorer, &samples, &config.score, seed ^ scorer as u64).await?;
                 counters.spend(score.usage);
-                write_json_file(&path, &score.results)?;
+                if keep(score.failed_prompts, scorer) {
+                    write_json_file(&path, &score.results)?;
+                }
                 continue;
             }
         };
@@ -332,10 +402,14 @@ async fn process_latent(
         )
         .await?;
         counters.spend(score.usage);
-        write_json_file(&path, &score.samples)?;
+        if keep(score.failed_prompts, scorer) {
+            write_json_file(&path, &score.samples)?;
+        }
     }
     Ok(if needs_explanation && explanation.is_none() {
         Outcome::NoExplanation
+    } else if unreadable {
+        Outcome::Unreadable
     } else {
         Outcome::Complete
     })
@@ -343,7 +417,9 @@ async fn process_latent(
 
 /// Runs this shard of a job: every latent of `config.latents` at every hook point that
 /// belongs to `options.shard`. Latents whose requests fail are reported, not fatal; their
-/// files are simply missing, so the next run retries them.
+/// files are simply missing, so the next run retries them. So are a scorer's results when
+/// some of its answers could not be read (unless [`RunOptions::keep_unreadable`]). Settings
+/// are checked ([`JobConfig::validate`]) before anything is written.
 pub async fn run_job(
     cache: &LatentCache,
     tokenizer: &Tokenizer,
@@ -351,9 +427,7 @@ pub async fn run_job(
     config: &JobConfig,
     options: &RunOptions,
 ) -> Result<RunReport> {
-    if config.scorers.contains(&Scorer::Intruder) {
-        check_intruder_config(&config.score)?;
-    }
+    config.validate(cache)?;
     if config.scorers.contains(&Scorer::Embedding) && models.embedder.is_none() {
         return Err(Error::Invalid(
             "the embedding scorer needs a sentence embedder".into(),
@@ -391,22 +465,21 @@ pub async fn run_job(
                     tokenizer,
                     models,
                     config,
-                    &options.output,
+                    options,
                     counters,
                 )
                 .await;
+                let count = |counter: &AtomicU64| {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                };
                 match outcome {
-                    Ok(Outcome::Complete) => {
-                        counters.complete.fetch_add(1, Ordering::Relaxed);
+                    Ok(Outcome::Complete) => count(&counters.complete),
+                    Ok(Outcome::Skipped(Skip::TooFewWindows { .. })) => count(&counters.skipped),
+                    Ok(Outcome::Skipped(Skip::TooFewTestExamples { .. })) => {
+                        count(&counters.short_test_sets)
                     }
-                    Ok(Outcome::Skipped) => {
-                        counters.skipped.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(Outcome::NoExplanation) => {
-                        counters
-                            .explanation_failures
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
+                    Ok(Outcome::NoExplanation) => count(&counters.explanation_failures),
+                    Ok(Outcome::Unreadable) => count(&counters.unreadable_scores),
                     Err(error) => {
                         tracing::warn!("{hookpoint} latent {latent}: {error}");
                         counters
@@ -418,7 +491,8 @@ pub async fn run_job(
                 }
                 let usage = *counters.usage.lock().expect("usage lock");
                 let failures = counters.errors.lock().expect("errors lock").len() as u64
-                    + counters.explanation_failures.load(Ordering::Relaxed);
+                    + counters.explanation_failures.load(Ordering::Relaxed)
+                    + counters.unreadable_scores.load(Ordering::Relaxed);
                 bar.set_message(format!(
                     "{failures} failed, {} tokens",
                     usage.prompt_tokens + usage.completion_tokens
@@ -435,7 +509,9 @@ pub async fn run_job(
         latents: total,
         complete: counters.complete.into_inner(),
         skipped: counters.skipped.into_inner(),
+        short_test_sets: counters.short_test_sets.into_inner(),
         explanation_failures: counters.explanation_failures.into_inner(),
+        unreadable_scores: counters.unreadable_scores.into_inner(),
         errors,
         usage: counters.usage.into_inner().expect("usage lock"),
     })

@@ -490,14 +490,11 @@ impl LatentCache {
         &self.hookpoints
     }
 
-    /// Where each latent in `latents` of `hookpoint` fires, by latent (latents that never
-    /// fire are absent), in cache order.
-    pub fn firings(
-        &self,
-        hookpoint: &str,
-        latents: Range<u32>,
-    ) -> Result<BTreeMap<u32, Vec<Firing>>> {
-        if !self.hookpoints.contains_key(hookpoint) {
+    /// Refuses a hook point the cache lacks, and latents at or past its number of latents
+    /// when the cache knows it (a latent index past the SAE's width is a mistake, not a
+    /// latent that never fires).
+    pub fn check_latents(&self, hookpoint: &str, latents: Range<u32>) -> Result<()> {
+        let Some(width) = self.hookpoints.get(hookpoint) else {
             return Err(Error::Invalid(format!(
                 "the cache in {} has no hook point '{hookpoint}' (it has: {})",
                 self.dir.display(),
@@ -507,7 +504,44 @@ impl LatentCache {
                     .collect::<Vec<_>>()
                     .join(", ")
             )));
+        };
+        match width {
+            Some(width) if latents.end > *width => Err(Error::Invalid(format!(
+                "latents {}..{} reach past the end: {hookpoint} has {width} latents",
+                latents.start, latents.end
+            ))),
+            _ => Ok(()),
         }
+    }
+
+    /// Where `latent` of `hookpoint` fires, in cache order; an error for a latent past the
+    /// hook point's width ([`LatentCache::check_latents`]).
+    pub fn latent_firings(&self, hookpoint: &str, latent: u32) -> Result<Vec<Firing>> {
+        self.check_latents(hookpoint, 0..0)?;
+        if let Some(Some(width)) = self.hookpoints.get(hookpoint) {
+            if latent >= *width {
+                return Err(Error::Invalid(format!(
+                    "latent {latent} is out of range ({hookpoint} has {width} latents)"
+                )));
+            }
+        }
+        let end = latent.checked_add(1).ok_or_else(|| {
+            Error::Invalid(format!("latent {latent} is out of range for {hookpoint}"))
+        })?;
+        Ok(self
+            .firings(hookpoint, latent..end)?
+            .remove(&latent)
+            .unwrap_or_default())
+    }
+
+    /// Where each latent in `latents` of `hookpoint` fires, by latent (latents that never
+    /// fire are absent), in cache order. Refuses what [`LatentCache::check_latents`] refuses.
+    pub fn firings(
+        &self,
+        hookpoint: &str,
+        latents: Range<u32>,
+    ) -> Result<BTreeMap<u32, Vec<Firing>>> {
+        self.check_latents(hookpoint, latents.clone())?;
         let mut out: BTreeMap<u32, Vec<Firing>> = BTreeMap::new();
         let mut keep = |path: &Path,
                         locations: Vec<u32>,

@@ -273,25 +273,34 @@ pub fn intruder_messages(excerpts: &[String]) -> Vec<Message> {
     messages
 }
 
-/// The intruder's number in an intruder scorer's reply: the integer right after the first
-/// `[RESPONSE]:`, if it is below `shown`. `None` otherwise.
+/// The intruder's number in an intruder scorer's reply: the integer right after the *last*
+/// `[RESPONSE]:` followed by one (a guess quoted in earlier reasoning is not taken), if it
+/// is below `shown`. `None` otherwise.
 pub fn parse_intruder(answer: &str, shown: usize) -> Option<usize> {
-    let (_, after) = answer.split_once(RESPONSE_MARKER)?;
-    let digits: String = after
-        .trim_start()
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().ok().filter(|&n| n < shown)
+    answer
+        .rmatch_indices(RESPONSE_MARKER)
+        .find_map(|(at, marker)| {
+            let digits: String = answer[at + marker.len()..]
+                .trim_start()
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            (!digits.is_empty()).then_some(digits)
+        })
+        .and_then(|digits| digits.parse().ok())
+        .filter(|&n| n < shown)
 }
 
-/// The 0/1 answers in a scorer's reply: the first `[...]` holding exactly `expected`
-/// entries, each 0, 1, true or false. `None` otherwise.
+/// The 0/1 answers in a scorer's reply: the *last* `[...]` holding exactly `expected`
+/// entries, each 0, 1, true or false (a draft list in earlier reasoning is not taken, as
+/// for [`parse_explanation`]). `None` otherwise.
 pub fn parse_predictions(answer: &str, expected: usize) -> Option<Vec<bool>> {
-    let mut rest = answer;
-    while let Some(open) = rest.find('[') {
-        let after = &rest[open + 1..];
-        let close = after.find(']')?;
+    let mut found = None;
+    for (open, _) in answer.match_indices('[') {
+        let after = &answer[open + 1..];
+        let Some(close) = after.find(']') else {
+            break;
+        };
         let parsed: Option<Vec<bool>> = after[..close]
             .split(',')
             .map(|item| match item.trim().trim_matches(['"', '\'']) {
@@ -301,11 +310,10 @@ pub fn parse_predictions(answer: &str, expected: usize) -> Option<Vec<bool>> {
             })
             .collect();
         if let Some(values) = parsed.filter(|v| v.len() == expected) {
-            return Some(values);
+            found = Some(values);
         }
-        rest = &after[close + 1..];
     }
-    None
+    found
 }
 
 #[cfg(test)]
@@ -328,6 +336,19 @@ mod tests {
         assert_eq!(parse_intruder("[RESPONSE]: 2", 2), None);
         assert_eq!(parse_intruder("[RESPONSE]: two", 2), None);
         assert_eq!(parse_intruder("Example 1 is the odd one", 2), None);
+        // The last answer counts, not a guess in the reasoning before it.
+        assert_eq!(
+            parse_intruder("<think>[RESPONSE]: 0 maybe?</think>\n[RESPONSE]: 3", 4),
+            Some(3)
+        );
+        assert_eq!(
+            parse_intruder(
+                "I would write [RESPONSE]: then the number. [RESPONSE]: 1",
+                4
+            ),
+            Some(1)
+        );
+        assert_eq!(parse_intruder("[RESPONSE]: 1 ... [RESPONSE]: 9", 4), None);
     }
 
     fn example(tokens: &[&str], activations: &[f32]) -> ShownExample {
@@ -422,5 +443,21 @@ mod tests {
         assert_eq!(parse_predictions("[1, 0]", 3), None);
         assert_eq!(parse_predictions("[1, 2, 0]", 3), None);
         assert_eq!(parse_predictions("1, 0, 1", 3), None);
+        // A reasoning draft before the answer is not taken: the last well-formed list is.
+        assert_eq!(
+            parse_predictions(
+                "<think>First guess: [1, 1, 1]. Let me check again.</think>\n[1, 0, 0]",
+                3
+            ),
+            Some(vec![true, false, false])
+        );
+        assert_eq!(
+            parse_predictions("[0, 1, 1] because example [2] is about cats", 3),
+            Some(vec![false, true, true])
+        );
+        assert_eq!(
+            parse_predictions("[1, 0, 1] then an unclosed [", 3),
+            Some(vec![true, false, true])
+        );
     }
 }

@@ -105,6 +105,24 @@ impl Default for ScoreConfig {
     }
 }
 
+impl ScoreConfig {
+    /// Refuses settings no prompt can be made with: fewer than 1 excerpt per prompt, or
+    /// answers of 0 tokens.
+    pub fn validate(&self) -> Result<()> {
+        if self.examples_per_prompt == 0 {
+            return Err(crate::Error::Invalid(
+                "examples_per_prompt (--examples-per-prompt) must be at least 1".into(),
+            ));
+        }
+        if self.max_tokens == 0 {
+            return Err(crate::Error::Invalid(
+                "the scorer's max_tokens (--scorer-max-tokens) must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One scored excerpt, in the shape of delphi's `ClassifierOutput`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassifiedSample {
@@ -241,6 +259,7 @@ fn random_marks(tokens: usize, count: usize, rng: &mut rand::rngs::StdRng) -> Ve
 /// Refuses settings the intruder scorer cannot use: fewer than 3 excerpts per prompt
 /// leaves no odd one out.
 pub fn check_intruder_config(config: &ScoreConfig) -> Result<()> {
+    config.validate()?;
     if config.examples_per_prompt < 3 {
         return Err(crate::Error::Invalid(format!(
             "the intruder scorer needs at least 3 excerpts per prompt, got {}",
@@ -322,11 +341,11 @@ pub async fn intrude(
                     sample.examples.len()
                 );
             }
+            // The reasoning: everything before the last marker.
             let interpretation = response
                 .text
-                .split(RESPONSE_MARKER)
-                .next()
-                .unwrap_or_default()
+                .rsplit_once(RESPONSE_MARKER)
+                .map_or(response.text.as_str(), |(before, _)| before)
                 .trim()
                 .to_string();
             IntruderResult {
@@ -430,7 +449,8 @@ pub async fn classify(
             None => s.tokens.concat(),
         })
         .collect();
-    let per_prompt = config.examples_per_prompt.max(1);
+    config.validate()?;
+    let per_prompt = config.examples_per_prompt;
     let batches: Vec<std::ops::Range<usize>> = (0..samples.len())
         .step_by(per_prompt)
         .map(|start| start..(start + per_prompt).min(samples.len()))
@@ -541,6 +561,7 @@ mod tests {
                 Ok(ChatResponse {
                     text,
                     logprobs: None,
+                    truncated: false,
                     usage: Usage {
                         prompt_tokens: 10,
                         completion_tokens: 3,
@@ -682,6 +703,7 @@ mod tests {
                 Ok(ChatResponse {
                     text,
                     logprobs: None,
+                    truncated: false,
                     usage: Usage {
                         prompt_tokens: 10,
                         completion_tokens: 5,

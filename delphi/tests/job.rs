@@ -356,6 +356,19 @@ async fn run_with(
     shard: Shard,
     config: &JobConfig,
 ) -> delphi::job::RunReport {
+    try_run(f, server, output, shard, config, false)
+        .await
+        .unwrap()
+}
+
+async fn try_run(
+    f: &Fixture,
+    server: &TestServer,
+    output: &Path,
+    shard: Shard,
+    config: &JobConfig,
+    keep_unreadable: bool,
+) -> delphi::Result<delphi::job::RunReport> {
     let llm = client(server);
     let models = JobModels {
         explainer: &llm,
@@ -367,10 +380,107 @@ async fn run_with(
         shard,
         concurrency: 3,
         progress: false,
+        keep_unreadable,
     };
-    run_job(&f.cache, &f.tokenizer, &models, config, &options)
+    run_job(&f.cache, &f.tokenizer, &models, config, &options).await
+}
+
+/// An explanation cut off at max_tokens and a scorer answer without a 0/1 list are not
+/// kept: the latents are reported unfinished and a rerun completes them exactly as a clean
+/// run would. `keep_unreadable` writes the unreadable answers as null predictions instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_off_explanations_and_unreadable_scores_are_retried() {
+    let f = fixture();
+    let server = TestServer::start().await;
+    let clean = f.root.join("clean");
+    let report = run(&f, &server, &clean, Shard::ALL).await;
+    assert!(
+        report.errors.is_empty() && report.complete >= 4,
+        "{report:?}"
+    );
+    let reference = results(&clean);
+
+    let server = TestServer::start().await;
+    server.inject([Fault::CutOff, Fault::Prose]);
+    let out = f.root.join("faulty");
+    let report = run(&f, &server, &out, Shard::ALL).await;
+    assert_eq!(
+        (report.explanation_failures, report.unreadable_scores),
+        (1, 1),
+        "{report:?}"
+    );
+    assert!(report.errors.is_empty(), "{report:?}");
+    let partial = results(&out);
+    for (name, bytes) in &partial {
+        assert_eq!(Some(bytes), reference.get(name), "{name}");
+    }
+    // One explanation and its two scores, and one detection or fuzzing score, are missing.
+    assert_eq!(partial.len() + 4, reference.len());
+    let server = TestServer::start().await;
+    let report = run(&f, &server, &out, Shard::ALL).await;
+    assert_eq!(
+        (report.explanation_failures, report.unreadable_scores),
+        (0, 0)
+    );
+    assert_eq!(results(&out), reference);
+
+    let server = TestServer::start().await;
+    server.inject([Fault::Prose]);
+    let kept = f.root.join("kept");
+    let report = try_run(&f, &server, &kept, Shard::ALL, &job_config(), true)
         .await
-        .unwrap()
+        .unwrap();
+    assert_eq!(report.unreadable_scores, 0, "{report:?}");
+    let files = results(&kept);
+    assert_eq!(files.len(), reference.len());
+    let differing: Vec<&String> = files
+        .keys()
+        .filter(|name| files[*name] != reference[*name])
+        .collect();
+    assert_eq!(differing.len(), 1, "{differing:?}");
+    let records: Vec<delphi::score::ClassifiedSample> =
+        serde_json::from_slice(&files[differing[0]]).unwrap();
+    let nulls = records.iter().filter(|r| r.prediction.is_none()).count();
+    assert!(nulls > 0 && nulls <= ScoreConfig::default().examples_per_prompt);
+}
+
+/// Settings that cannot work are refused before run_config.json is written, so the folder
+/// can still be used with good ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_settings_are_refused_before_anything_is_written() {
+    let f = fixture();
+    let server = TestServer::start().await;
+    let out = f.root.join("out");
+    let mut cases: Vec<(JobConfig, &str)> = Vec::new();
+    let mut c = job_config();
+    c.examples.example_ctx_len = 24;
+    cases.push((c, "example_ctx_len 24"));
+    let mut c = job_config();
+    c.examples.n_train = 4;
+    cases.push((c, "--n-train"));
+    let mut c = job_config();
+    c.examples.n_quantiles = 0;
+    cases.push((c, "--n-quantiles"));
+    let mut c = job_config();
+    c.score.examples_per_prompt = 0;
+    cases.push((c, "--examples-per-prompt"));
+    let mut c = job_config();
+    c.latents = 10..20;
+    cases.push((c, "layers.1 has 16 latents"));
+    for (config, expected) in cases {
+        let message = try_run(&f, &server, &out, Shard::ALL, &config, false)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains(expected), "{message}");
+        assert!(!out.exists(), "{message}");
+    }
+    assert!(server.requests().is_empty());
+    let report = run(&f, &server, &out, Shard::ALL).await;
+    assert!(
+        report.errors.is_empty() && report.complete > 0,
+        "{report:?}"
+    );
 }
 
 /// The intruder scorer alone asks for no explanation; its records hold the server's
@@ -522,6 +632,7 @@ async fn changed_settings_are_refused_for_an_existing_output() {
         shard: Shard::ALL,
         concurrency: 1,
         progress: false,
+        keep_unreadable: false,
     };
     let message = run_job(&f.cache, &f.tokenizer, &models, &config, &options)
         .await

@@ -334,6 +334,7 @@ impl Shared {
                 text: String::new(),
                 logprobs: request.top_logprobs.map(|_| Vec::new()),
                 usage,
+                truncated: true,
             });
         }
         let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
@@ -344,6 +345,7 @@ impl Shared {
         let mut generated = Vec::new();
         let mut logprobs = request.top_logprobs.map(|_| Vec::new());
         let mut position = ids.len();
+        let mut truncated = false;
         loop {
             let scores: Vec<f32> = logits.to_vec1()?;
             let token = if request.temperature == 0.0 {
@@ -369,6 +371,7 @@ impl Shared {
             }
             generated.push(token);
             if generated.len() >= request.max_tokens as usize || position >= self.context_len {
+                truncated = true;
                 break;
             }
             let input = Tensor::new(&[token], &Device::Cpu)?.unsqueeze(0)?;
@@ -379,6 +382,7 @@ impl Shared {
             text: self.tokenizer.decode(&generated)?,
             logprobs,
             usage,
+            truncated,
         })
     }
 

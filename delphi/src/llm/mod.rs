@@ -109,6 +109,9 @@ pub struct ChatResponse {
     pub logprobs: Option<Vec<TokenLogprobs>>,
     /// Tokens spent.
     pub usage: Usage,
+    /// Whether generation stopped at [`ChatRequest::max_tokens`] (or a full context) rather
+    /// than at the end of the answer: OpenAI's `finish_reason: "length"`.
+    pub truncated: bool,
 }
 
 /// A future that can be sent between threads, as returned by [`Llm::chat`].

@@ -284,7 +284,8 @@ fn snippet(text: &str) -> String {
 }
 
 /// Reads a chat-completions body: the first choice's text, its log-probabilities when
-/// present, and the token usage.
+/// present, whether it was cut at `max_tokens` (`finish_reason: "length"`), and the token
+/// usage.
 fn parse_response(text: &str) -> std::result::Result<ChatResponse, String> {
     let value: Value = serde_json::from_str(text)
         .map_err(|e| format!("the response is not JSON ({e}): {}", snippet(text)))?;
@@ -310,8 +311,10 @@ fn parse_response(text: &str) -> std::result::Result<ChatResponse, String> {
             .and_then(Value::as_u64)
             .unwrap_or(0)
     };
+    let truncated = choice.get("finish_reason").and_then(Value::as_str) == Some("length");
     Ok(ChatResponse {
         text: content.to_string(),
+        truncated,
         logprobs,
         usage: Usage {
             prompt_tokens: count("prompt_tokens"),
@@ -365,6 +368,11 @@ mod tests {
             "usage":{"prompt_tokens":12,"completion_tokens":5}}"#;
         let response = parse_response(body).unwrap();
         assert_eq!(response.text, "[1,0]");
+        assert!(!response.truncated);
+        let cut = r#"{"choices":[{"message":{"content":"The tok"},"finish_reason":"length"}]}"#;
+        assert!(parse_response(cut).unwrap().truncated);
+        let done = r#"{"choices":[{"message":{"content":"Done."},"finish_reason":"stop"}]}"#;
+        assert!(!parse_response(done).unwrap().truncated);
         assert_eq!(
             response.usage,
             Usage {

@@ -30,6 +30,12 @@ pub enum Fault {
     /// Answer the next explainer prompt without the [EXPLANATION]: line (waits at the head
     /// of the queue for one, so scorer requests arriving first do not use it up).
     NoMarker,
+    /// Answer the next explainer prompt with its first half and `finish_reason: "length"`
+    /// (an answer cut at `max_tokens`; waits for an explainer prompt like `NoMarker`).
+    CutOff,
+    /// Answer the next detection or fuzzing prompt in prose, without a 0/1 list (waits at
+    /// the head of the queue for one).
+    Prose,
 }
 
 /// The state shared with the server task.
@@ -95,6 +101,11 @@ fn is_explainer(request: &Value) -> bool {
         .contains("[EXPLANATION]:")
 }
 
+fn is_classifier(request: &Value) -> bool {
+    let system = request["messages"][0]["content"].as_str().unwrap_or("");
+    !is_explainer(request) && !system.contains("[RESPONSE]:")
+}
+
 async fn serve(
     mut socket: tokio::net::TcpStream,
     state: Arc<Mutex<ServerState>>,
@@ -132,7 +143,8 @@ async fn serve(
         let mut state = state.lock().unwrap();
         state.requests.push(request.clone());
         let fault = match state.faults.front() {
-            Some(Fault::NoMarker) if !is_explainer(&request) => Fault::None,
+            Some(Fault::NoMarker | Fault::CutOff) if !is_explainer(&request) => Fault::None,
+            Some(Fault::Prose) if !is_classifier(&request) => Fault::None,
             _ => state.faults.pop_front().unwrap_or(Fault::None),
         };
         (fault, state.latency)
@@ -171,6 +183,22 @@ async fn serve(
             reply("200 OK", "", &answer_body(&request, false))
         }
         Fault::NoMarker => reply("200 OK", "", &answer_body(&request, true)),
+        Fault::CutOff => {
+            let mut body: Value = serde_json::from_str(&answer_body(&request, false)).unwrap();
+            let content = body["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let half: String = content.chars().take(content.chars().count() - 4).collect();
+            body["choices"][0]["message"]["content"] = json!(half);
+            body["choices"][0]["finish_reason"] = json!("length");
+            reply("200 OK", "", &body.to_string())
+        }
+        Fault::Prose => {
+            let mut body: Value = serde_json::from_str(&answer_body(&request, false)).unwrap();
+            body["choices"][0]["message"]["content"] = json!("They all look about the same.");
+            reply("200 OK", "", &body.to_string())
+        }
         Fault::None => reply("200 OK", "", &answer_body(&request, false)),
     };
     socket.write_all(text.as_bytes()).await?;

@@ -444,6 +444,41 @@ async fn cut_off_explanations_and_unreadable_scores_are_retried() {
     assert!(nulls > 0 && nulls <= ScoreConfig::default().examples_per_prompt);
 }
 
+/// A rate-limited request waits at most its timeout, whatever Retry-After says, and frees
+/// its request slot while waiting: with one slot, the other request is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_retry_after_neither_stalls_a_request_nor_holds_its_slot() {
+    use delphi::llm::{ChatRequest, Llm, Message};
+    let server = TestServer::start().await;
+    server.inject([Fault::RateLimited(600)]);
+    let mut config = OpenAiConfig::new(&server.url, "test-model");
+    config.timeout = Duration::from_millis(800);
+    config.concurrency = 1;
+    let llm = OpenAiClient::new(config).unwrap();
+    let ask = |text: &str| {
+        llm.chat(ChatRequest {
+            messages: vec![Message::user(text)],
+            max_tokens: 5,
+            temperature: 0.0,
+            top_logprobs: None,
+        })
+    };
+    // A guard against a hang, not a measurement: without the cap this waits 600 s.
+    let (a, b) = tokio::time::timeout(Duration::from_secs(120), async {
+        futures::join!(ask("first"), ask("second"))
+    })
+    .await
+    .expect("a Retry-After of 600 s stalled the requests");
+    assert!(a.is_ok() && b.is_ok());
+    let order: Vec<String> = server
+        .requests()
+        .iter()
+        .map(|r| r["messages"][0]["content"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(order.len(), 3);
+    assert!(order[0] == order[2] && order[0] != order[1], "{order:?}");
+}
+
 /// Settings that cannot work are refused before run_config.json is written, so the folder
 /// can still be used with good ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

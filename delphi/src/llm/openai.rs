@@ -30,7 +30,8 @@ pub struct OpenAiConfig {
     pub max_retries: u32,
     /// Wait before the first retry; doubles each retry up to [`Self::max_backoff`].
     pub initial_backoff: Duration,
-    /// Longest wait between retries (a server's `Retry-After` may ask for longer, up to 10 min).
+    /// Longest wait between retries of our own backoff. A server's `Retry-After` is honoured
+    /// up to [`Self::timeout`] (a longer one would stall a request far past its time limit).
     pub max_backoff: Duration,
     /// Prices in dollars per million prompt and completion tokens, for the cost estimate.
     pub price_per_million: Option<(f64, f64)>,
@@ -202,16 +203,30 @@ impl OpenAiClient {
         Duration::from_secs_f64(capped * jitter)
     }
 
+    /// How long to wait before retry number `retry`: the server's `Retry-After` capped at
+    /// the request timeout, else our backoff.
+    fn retry_wait(&self, retry: u32, retry_after: Option<Duration>) -> Duration {
+        match retry_after {
+            Some(after) => after.min(self.config.timeout),
+            None => self.backoff(retry),
+        }
+    }
+
+    /// Sends a request, retrying transient failures. A request slot is held only while an
+    /// attempt is in flight, not while waiting to retry, so one rate-limited request does
+    /// not hold up the others.
     async fn chat_with_retries(&self, request: ChatRequest) -> Result<ChatResponse> {
         let body = self.body(&request);
-        let _permit = self
-            .in_flight
-            .acquire()
-            .await
-            .expect("semaphore is never closed");
         let mut retry = 0;
         loop {
-            match self.attempt(&body).await {
+            let permit = self
+                .in_flight
+                .acquire()
+                .await
+                .expect("semaphore is never closed");
+            let outcome = self.attempt(&body).await;
+            drop(permit);
+            match outcome {
                 Ok(response) => {
                     self.usage.lock().expect("usage lock").add(response.usage);
                     return Ok(response);
@@ -224,9 +239,7 @@ impl OpenAiClient {
                             self.config.max_retries
                         )));
                     }
-                    let wait = after
-                        .map(|a| a.min(Duration::from_secs(600)))
-                        .unwrap_or_else(|| self.backoff(retry));
+                    let wait = self.retry_wait(retry, after);
                     tracing::warn!(
                         "{}: {message}; retrying in {:.1} s",
                         self.endpoint,
@@ -396,6 +409,19 @@ mod tests {
         assert!(parse_response("{\"choices\":[{\"message\":{}}]}")
             .unwrap_err()
             .contains("content is missing"));
+    }
+
+    #[test]
+    fn retry_after_is_capped_at_the_request_timeout() {
+        let mut config = OpenAiConfig::new("http://127.0.0.1:9/v1", "m");
+        config.timeout = Duration::from_secs(5);
+        let client = OpenAiClient::new(config).unwrap();
+        let wait = |after: u64| client.retry_wait(0, Some(Duration::from_secs(after)));
+        assert_eq!(wait(600), Duration::from_secs(5));
+        assert_eq!(wait(2), Duration::from_secs(2));
+        // Without Retry-After: the first backoff, 1 s with +-20 % jitter.
+        let backoff = client.retry_wait(0, None).as_secs_f64();
+        assert!((0.8..=1.2).contains(&backoff), "{backoff}");
     }
 
     #[test]

@@ -41,9 +41,53 @@ pub fn load<S: DeserializeOwned>(
     Ok((state, tensors))
 }
 
+/// The fields in which `saved` (a checkpoint's settings) and `now` (this run's) differ, as
+/// `name: saved -> now` (nested fields dotted), for an error that says what to change. Both
+/// must serialise to JSON objects; anything else is compared whole.
+pub fn differences<S: Serialize>(saved: &S, now: &S) -> String {
+    fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                for key in keys {
+                    let null = serde_json::Value::Null;
+                    let name = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    walk(
+                        &name,
+                        a.get(key).unwrap_or(&null),
+                        b.get(key).unwrap_or(&null),
+                        out,
+                    );
+                }
+            }
+            (a, b) if a != b => out.push(format!("{prefix}: {a} -> {b}")),
+            _ => {}
+        }
+    }
+    let value = |s: &S| serde_json::to_value(s).unwrap_or(serde_json::Value::Null);
+    let mut out = Vec::new();
+    walk("", &value(saved), &value(now), &mut out);
+    out.join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn differences_name_the_fields() {
+        let saved = serde_json::json!({"steps": 250, "lr": 1.0, "inner": {"k": 4, "on": true}});
+        let now = serde_json::json!({"steps": 12, "lr": 1.0, "inner": {"k": 4, "on": false}});
+        assert_eq!(
+            differences(&saved, &now),
+            "inner.on: true -> false, steps: 250 -> 12"
+        );
+        assert_eq!(differences(&saved, &saved), "");
+    }
 
     #[test]
     fn round_trip_and_errors() {

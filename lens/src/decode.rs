@@ -37,7 +37,7 @@ impl DecodeDtype {
             "auto" => Ok(DecodeDtype::Auto),
             "bf16" => Ok(DecodeDtype::Bf16),
             "f32" => Ok(DecodeDtype::F32),
-            other => Err(Error::Training(format!(
+            other => Err(Error::Options(format!(
                 "unknown decode dtype '{other}' (expected auto, bf16 or f32)"
             ))),
         }

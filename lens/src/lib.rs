@@ -35,9 +35,12 @@ pub enum Error {
     /// A lens file or a lens that does not fit the model.
     #[error("{0}")]
     Lens(String),
-    /// Training stopped (data ran out, non-finite loss, bad options).
+    /// Training stopped (data ran out, non-finite loss, a checkpoint from another run).
     #[error("{0}")]
     Training(String),
+    /// Training options that cannot work, named with their values.
+    #[error("{0}")]
+    Options(String),
 }
 
 /// Result alias for this crate.

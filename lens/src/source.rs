@@ -77,6 +77,29 @@ impl LensData {
                     names.join(", ")
                 )));
             }
+            let settings = &cache.manifest().settings;
+            let width = model.config().hidden_size();
+            if let Some((name, w)) = settings
+                .hook_points
+                .iter()
+                .zip(&settings.widths)
+                .find(|(n, &w)| names.contains(n) && w != width)
+            {
+                return Err(Error::Lens(format!(
+                    "activation cache {} holds {name} with width {w} (made with model {}), but this model's width is {width}",
+                    dir.display(),
+                    settings.model
+                )));
+            }
+            // Next-token targets and per-sequence statistics follow the cache's sequences.
+            if settings.data.seq_len != self.seq_len {
+                return Err(Error::Lens(format!(
+                    "activation cache {} holds sequences of {} tokens, not {}: pass that sequence length",
+                    dir.display(),
+                    settings.data.seq_len,
+                    self.seq_len
+                )));
+            }
             return Ok(Box::new(
                 cache.reader(self.seq_len * self.batch_size, order)?,
             ));

@@ -48,7 +48,7 @@ impl OptimizerKind {
             "sgd" => Ok(OptimizerKind::Sgd),
             "adam" => Ok(OptimizerKind::Adam),
             "muon" => Ok(OptimizerKind::Muon),
-            other => Err(Error::Training(format!(
+            other => Err(Error::Options(format!(
                 "unknown optimizer '{other}' (expected sgd, adam or muon)"
             ))),
         }
@@ -164,10 +164,47 @@ impl TrainOptions {
         }
     }
 
-    fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Training(m));
+    /// Refuses options that cannot train a lens (a negative rate would climb the loss, a
+    /// momentum of 1 or more never forgets, a zero clip zeroes every gradient), naming them.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Options(m));
         if self.steps == 0 || self.tokens_per_step == 0 || self.chunk_tokens == 0 {
             return bad("steps, tokens per step and chunk size must be positive".into());
+        }
+        if self
+            .steps
+            .checked_mul(self.tokens_per_step as u64)
+            .is_none()
+        {
+            return bad(format!(
+                "{} steps x {} tokens per step is more tokens than can be counted",
+                self.steps, self.tokens_per_step
+            ));
+        }
+        let finite = |v: f64| v.is_finite();
+        if !(finite(self.lr) && self.lr > 0.0) {
+            return bad(format!(
+                "the learning rate must be positive, got {}",
+                self.lr
+            ));
+        }
+        if !(finite(self.momentum) && (0.0..1.0).contains(&self.momentum)) {
+            return bad(format!(
+                "the momentum must be in [0, 1), got {}",
+                self.momentum
+            ));
+        }
+        if !(finite(self.weight_decay) && self.weight_decay >= 0.0) {
+            return bad(format!(
+                "the weight decay must be zero or positive, got {}",
+                self.weight_decay
+            ));
+        }
+        if self.clip.is_nan() || self.clip <= 0.0 {
+            return bad(format!(
+                "the gradient-norm clip must be positive (inf: no clipping), got {}",
+                self.clip
+            ));
         }
         if self.loss == LossKind::Ce && !self.tokens_per_step.is_multiple_of(self.seq_len) {
             return bad(format!(
@@ -445,8 +482,8 @@ fn load_checkpoint(
     let (state, tensors): (State, _) = hooks::checkpoint::load(path, &device)?;
     if state.options != *options {
         return Err(bad(format!(
-            "was made with other training options ({:?}); use another output folder or delete the checkpoint",
-            state.options
+            "was made with other training options ({}); use another output folder or delete the checkpoint",
+            hooks::checkpoint::differences(&state.options, options)
         )));
     }
     let params = (0..2 * lens.num_layers())
@@ -465,4 +502,70 @@ fn load_checkpoint(
 /// Where `lens train` keeps its checkpoint inside an output folder.
 pub fn checkpoint_dir(output: &Path) -> PathBuf {
     output.join("training")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_that_cannot_train_are_refused_by_name() {
+        let ok = TrainOptions::default();
+        ok.validate().unwrap();
+        for (options, says) in [
+            (
+                TrainOptions {
+                    lr: -1.0,
+                    ..ok.clone()
+                },
+                "learning rate must be positive, got -1",
+            ),
+            (
+                TrainOptions {
+                    lr: f64::NAN,
+                    ..ok.clone()
+                },
+                "learning rate must be positive, got NaN",
+            ),
+            (
+                TrainOptions {
+                    momentum: 1.0,
+                    ..ok.clone()
+                },
+                "momentum must be in [0, 1), got 1",
+            ),
+            (
+                TrainOptions {
+                    weight_decay: -1e-3,
+                    ..ok.clone()
+                },
+                "weight decay must be zero or positive",
+            ),
+            (
+                TrainOptions {
+                    clip: 0.0,
+                    ..ok.clone()
+                },
+                "clip must be positive",
+            ),
+            (
+                TrainOptions {
+                    steps: u64::MAX,
+                    ..ok.clone()
+                },
+                "more tokens than can be counted",
+            ),
+        ] {
+            let err = options.validate().unwrap_err();
+            assert!(
+                matches!(err, Error::Options(_)) && err.to_string().contains(says),
+                "{err}"
+            );
+        }
+        let no_clip = TrainOptions {
+            clip: f64::INFINITY,
+            ..ok
+        };
+        no_clip.validate().unwrap();
+    }
 }

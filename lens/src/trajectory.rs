@@ -334,12 +334,54 @@ impl PredictionTrajectory {
     /// Reads a trajectory written by [`PredictionTrajectory::write_json`].
     pub fn read_json(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| hooks::Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| {
+        let bad = |m: String| {
             Error::Lens(format!(
-                "{}: not a prediction trajectory: {e}",
+                "{}: not a prediction trajectory: {m}",
                 path.display()
             ))
-        })
+        };
+        let trajectory: Self = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        trajectory.check_shape().map_err(bad)?;
+        Ok(trajectory)
+    }
+
+    /// Whether the tables agree in size: one row of cells per layer label, one cell per
+    /// token, one token per input id, and every cell with its top tokens (a file edited by
+    /// hand or written by something else could break any of these).
+    fn check_shape(&self) -> std::result::Result<(), String> {
+        let positions = self.input_ids.len();
+        if positions == 0 || self.tokens.len() != positions {
+            return Err(format!(
+                "{} input ids and {} tokens (they must be equal and not zero)",
+                positions,
+                self.tokens.len()
+            ));
+        }
+        if self.cells.len() != self.layers.len() || self.layers.is_empty() {
+            return Err(format!(
+                "{} rows of cells for {} layers",
+                self.cells.len(),
+                self.layers.len()
+            ));
+        }
+        for (layer, row) in self.layers.iter().zip(&self.cells) {
+            if row.len() != positions {
+                return Err(format!(
+                    "row {layer} has {} cells for {positions} tokens",
+                    row.len()
+                ));
+            }
+            if let Some(pos) = row.iter().position(|c| {
+                c.top_ids.is_empty()
+                    || c.top_ids.len() != c.top_tokens.len()
+                    || c.top_ids.len() != c.top_probs.len()
+            }) {
+                return Err(format!(
+                    "the cell of row {layer} at position {pos} has no top tokens, or its top ids, tokens and probabilities differ in number"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The trajectory as CSV, one line per cell: `layer, position, token, next_token, top1,

@@ -179,6 +179,27 @@ fn statistics_equal_direct_computation_from_logits() {
     let json = out_dir.path().join("t.json");
     tuned_t.write_json(&json).unwrap();
     assert_eq!(PredictionTrajectory::read_json(&json).unwrap(), tuned_t);
+    // Files whose tables disagree in size are refused on reading, not later by a panic.
+    let mut short_row = tuned_t.clone();
+    short_row.cells[1].pop();
+    let mut no_tops = tuned_t.clone();
+    no_tops.cells[0][1].top_ids.clear();
+    let mut no_tokens = tuned_t.clone();
+    no_tokens.tokens.clear();
+    for (broken, says) in [
+        (short_row, "row 1 has"),
+        (no_tops, "at position 1 has no top tokens"),
+        (no_tokens, "input ids and 0 tokens"),
+    ] {
+        broken.write_json(&json).unwrap();
+        let err = PredictionTrajectory::read_json(&json)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not a prediction trajectory") && err.contains(says),
+            "{err}"
+        );
+    }
     let csv = tuned_t.to_csv();
     assert_eq!(csv.lines().count(), 1 + 4 * t);
     assert!(

@@ -293,6 +293,25 @@ fn muon_recipe_matches_tuned_lens_pr_141() {
     let mut resumed = start.clone();
     assert_eq!(run(&mut resumed, &|_| Ok(())).unwrap(), history);
     assert!(flat(&resumed) == flat(&lens));
+    // The checkpoint names what differs in a run with other options.
+    let other = TrainOptions {
+        lr: 2.0,
+        ..options.clone()
+    };
+    let err = train(
+        &mut start.clone(),
+        &unembedding,
+        &mut source(),
+        &other,
+        Some(ckpt.path()),
+        |_| Ok(()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("other training options (lr: 1.0 -> 2.0)"),
+        "{err}"
+    );
 }
 
 /// A tiny GPT-NeoX with synthetic weights and the real Pythia tokenizer.

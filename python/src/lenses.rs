@@ -40,7 +40,7 @@ pub fn lens_err(error: lens::Error) -> PyErr {
         lens::Error::Lens(m) if m.ends_with("no params.safetensors or params.pt") => {
             PyFileNotFoundError::new_err(m)
         }
-        lens::Error::Lens(m) => PyValueError::new_err(m),
+        lens::Error::Lens(m) | lens::Error::Options(m) => PyValueError::new_err(m),
         lens::Error::Training(m) => PyRuntimeError::new_err(m),
     }
 }
@@ -421,7 +421,8 @@ impl PyTunedLens {
                 "steps, tokens_per_step, chunk_tokens and batch_size must be positive",
             ));
         }
-        let needed = steps * tokens_per_step as u64;
+        // validate() refuses a product this large with a clear message later.
+        let needed = steps.saturating_mul(tokens_per_step as u64);
         let source_args =
             SourceArgs::new(data, activations, format, text_field, seq_len, batch_size)?;
         // Shuffled rows break sequences, and next-token targets need them whole.

@@ -286,7 +286,7 @@ def test_interrupted_training_resumes_exactly_and_the_cli_agrees(trained, train_
         np.testing.assert_array_equal(resumed.state_dict()[key], value, err_msg=key)
 
 
-def test_training_from_an_activation_cache(train_model, tmp_path):
+def test_training_from_an_activation_cache(train_model, golden_model, tmp_path):
     cache = tmp_path / "acts"
     ei.cache_activations(train_model, ["embed", "layers.*"], data=[WIKITEXT], output=cache,
                          seq_len=SEQ, batch_size=4, max_tokens=512)
@@ -307,6 +307,13 @@ def test_training_from_an_activation_cache(train_model, tmp_path):
         ei.TunedLens.train(train_model, activations=partial, steps=1, tokens_per_step=64, seq_len=SEQ)
     with pytest.raises(RuntimeError, match="the data ran out during step 1: 512 tokens were available"):
         ei.TunedLens.train(train_model, activations=cache, steps=1, tokens_per_step=1024, seq_len=SEQ)
+    # The cache's sequence length and width are checked against the arguments and the model.
+    with pytest.raises(ValueError, match=f"holds sequences of {SEQ} tokens, not {2 * SEQ}"):
+        ei.evaluate_lens(train_model, lens, activations=cache, tokens=128, seq_len=2 * SEQ)
+    with pytest.raises(ValueError, match="holds embed with width 32 .* but this model's width is 64"):
+        ei.TunedLens.train(golden_model, activations=cache, steps=1, tokens_per_step=64, seq_len=SEQ)
+    with pytest.raises(ValueError, match="learning rate must be positive, got -1"):
+        ei.TunedLens.train(train_model, activations=cache, steps=1, tokens_per_step=64, seq_len=SEQ, lr=-1.0)
 
 
 def test_lens_console_script(golden_model, tmp_path):

@@ -1255,9 +1255,12 @@ fn load_checkpoint(path: &Path, sae: &mut Sae, trainer: &mut Trainer) -> Result<
         )));
     }
     if state.options != trainer.options || state.config != *sae.config() {
+        let changed = hooks::checkpoint::differences(
+            &serde_json::json!({"options": state.options, "config": state.config}),
+            &serde_json::json!({"options": trainer.options, "config": sae.config()}),
+        );
         return Err(bad(format!(
-            "was made with other training options or another SAE config ({:?}, {:?}); use another folder or delete the checkpoint",
-            state.options, state.config
+            "was made with other training options or another SAE config ({changed}); use another folder or delete the checkpoint"
         )));
     }
     let get = |name: &str| {

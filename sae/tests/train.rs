@@ -304,7 +304,10 @@ fn resumes_exactly(skip_connection: bool, optimizer: SaeOptimizer, k_decay_steps
     )
     .unwrap_err()
     .to_string();
-    assert!(message.contains("other training options"), "{message}");
+    assert!(
+        message.contains("other training options") && message.contains("options.lr: 0.01 -> 0.02"),
+        "{message}"
+    );
 }
 
 #[test]

@@ -17,7 +17,10 @@ use sae::Sae;
 use crate::embedding::SentenceEmbedder;
 use crate::examples::{ExampleConfig, TrainSampling};
 use crate::explain::ExplainConfig;
-use crate::job::{run_job, summarize, summary_table, JobConfig, JobModels, RunOptions, Shard};
+use crate::job::{
+    check_settings, read_run_config, run_job, summarize, summary_table, JobConfig, JobModels,
+    RunOptions, Shard,
+};
 use crate::latents::{write_latent_cache, CacheTarget, LatentCache, WriteOptions};
 use crate::llm::local::LocalLlm;
 use crate::llm::openai::{OpenAiClient, OpenAiConfig};
@@ -194,10 +197,9 @@ where
         Command::Cache(args) => cache(*args),
         Command::Run(args) => run_command(*args),
         Command::Summary { output } => {
-            let config: JobConfig = serde_json::from_str(
-                &std::fs::read_to_string(output.join("run_config.json"))
-                    .with_context(|| format!("{} holds no run_config.json", output.display()))?,
-            )?;
+            let config = read_run_config(&output).with_context(|| {
+                format!("{} holds no readable run_config.json", output.display())
+            })?;
             print!("{}", summary_table(&summarize(&output, &config)?));
             Ok(())
         }
@@ -404,6 +406,12 @@ fn run_command(args: RunArgs) -> Result<()> {
             logprobs: args.logprobs,
             ..ScoreConfig::default()
         },
+        data: args.latent_cache.is_none().then(|| {
+            format!(
+                "data {:?}, seq_len {}, max_tokens {}",
+                args.data, args.seq_len, args.max_tokens
+            )
+        }),
     };
     // Settings that need no cache are checked before anything is loaded or cached.
     config.examples.validate()?;
@@ -411,6 +419,8 @@ fn run_command(args: RunArgs) -> Result<()> {
     if args.latent_cache.is_none() {
         config.examples.check_seq_len(args.seq_len)?;
     }
+    // Before a cache in the output folder is extended: results made with other settings.
+    check_settings(&args.output, &config)?;
     let model = args.model.load()?;
     let cache_dir = match &args.latent_cache {
         Some(dir) => dir.clone(),
@@ -477,7 +487,9 @@ fn run_command(args: RunArgs) -> Result<()> {
     if let Some(http) = explainer.http_report() {
         println!("{http}");
     }
-    print!("{}", summary_table(&summarize(&args.output, &config)?));
+    // The whole job's record: this run may have covered only part of it.
+    let recorded = read_run_config(&args.output)?;
+    print!("{}", summary_table(&summarize(&args.output, &recorded)?));
     let unfinished =
         report.errors.len() as u64 + report.explanation_failures + report.unreadable_scores;
     if unfinished > 0 {

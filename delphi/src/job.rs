@@ -22,7 +22,7 @@ use hooks::Tokenizer;
 use crate::embedding::SentenceEmbedder;
 use crate::examples::{build_examples, latent_seed, Example, ExampleConfig, LatentExamples, Skip};
 use crate::explain::{explain, ExplainConfig};
-use crate::latents::{LatentCache, TokenTable};
+use crate::latents::{CacheIdentity, LatentCache, TokenTable};
 use crate::llm::{Llm, Usage};
 use crate::metrics::{median, Confusion};
 use crate::prompts::{ClassifierTask, ShownExample};
@@ -85,6 +85,93 @@ pub struct JobConfig {
     pub explain: ExplainConfig,
     /// Scorer settings.
     pub score: ScoreConfig,
+    /// How the job cached its own latents (`delphi run --data`: data files, sequence length,
+    /// token limit); `None` when it reads a given cache. A rerun with other data settings is
+    /// refused before the cache is touched.
+    #[serde(default)]
+    pub data: Option<String>,
+}
+
+/// What a job's results were made from besides its settings, recorded in `run_config.json`
+/// by [`run_job`]; a rerun from another cache, tokenizer or LLM is refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sources {
+    /// The latent cache (its data, model, SAEs and size).
+    pub latent_cache: CacheIdentity,
+    /// Fingerprint of the tokenizer that turns token ids into the text shown to the LLM.
+    pub tokenizer: String,
+    /// The explainer model ([`Llm::model_id`]).
+    pub explainer: String,
+    /// The scorer model.
+    pub scorer: String,
+    /// Where the explainer was reached ([`Llm::name`], without credentials); recorded for
+    /// reference only, not compared, since a server may move.
+    pub explainer_endpoint: String,
+}
+
+impl Sources {
+    /// The sources of a job over `cache` shown through `tokenizer` to `models`.
+    pub fn of(cache: &LatentCache, tokenizer: &Tokenizer, models: &JobModels<'_>) -> Self {
+        let mut vocab: Vec<(u32, String)> = tokenizer
+            .inner()
+            .get_vocab(true)
+            .into_iter()
+            .map(|(text, id)| (id, text))
+            .collect();
+        vocab.sort_unstable();
+        let tokenizer = vocab
+            .iter()
+            .fold(crate::digest::Fnv::default(), |h, (id, text)| {
+                h.u32s(&[*id]).bytes(text.as_bytes())
+            })
+            .hex();
+        Self {
+            latent_cache: cache.identity(),
+            tokenizer,
+            explainer: models.explainer.model_id(),
+            scorer: models.scorer.model_id(),
+            explainer_endpoint: models.explainer.name(),
+        }
+    }
+
+    /// The first recorded source that differs from `other`, as (what, recorded, now).
+    fn difference(&self, other: &Sources) -> Option<(&'static str, String, String)> {
+        let cache = |c: &CacheIdentity| {
+            format!(
+                "{} sequences of {} tokens, model {}, tokens {}, SAEs {:?}",
+                c.sequences,
+                c.seq_len,
+                c.model.as_deref().unwrap_or("not recorded"),
+                c.tokens,
+                c.saes
+            )
+        };
+        if self.latent_cache != other.latent_cache {
+            return Some((
+                "latent cache",
+                cache(&self.latent_cache),
+                cache(&other.latent_cache),
+            ));
+        }
+        [
+            ("tokenizer", &self.tokenizer, &other.tokenizer),
+            ("explainer model", &self.explainer, &other.explainer),
+            ("scorer model", &self.scorer, &other.scorer),
+        ]
+        .into_iter()
+        .find(|(_, a, b)| a != b)
+        .map(|(what, a, b)| (what, a.clone(), b.clone()))
+    }
+}
+
+/// What `run_config.json` holds: the settings, and what the results were made from
+/// (absent in folders of earlier versions).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RunRecord {
+    #[serde(flatten)]
+    config: JobConfig,
+    #[serde(default)]
+    sources: Option<Sources>,
 }
 
 impl JobConfig {
@@ -201,29 +288,90 @@ fn read_json_file<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
         .map_err(|e| Error::file(path, format!("unreadable result file: {e}")))
 }
 
-/// Writes `run_config.json`, refusing an output folder that holds results of other settings
-/// (mixing them would make the scores incomparable).
-fn check_run_config(output: &Path, config: &JobConfig) -> Result<()> {
+/// The settings recorded in `output/run_config.json` (all runs of the job so far).
+pub fn read_run_config(output: &Path) -> Result<JobConfig> {
+    let record: RunRecord = read_json_file(&output.join("run_config.json"))?;
+    Ok(record.config)
+}
+
+/// Refuses an output folder holding results of other settings (mixing them would make the
+/// scores incomparable); reads `run_config.json`, writes nothing. Returns what is recorded.
+fn check_settings_in(output: &Path, config: &JobConfig) -> Result<Option<RunRecord>> {
     let path = output.join("run_config.json");
-    if path.is_file() {
-        let existing: JobConfig = read_json_file(&path)?;
-        let differs =
-            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
-        for (field, differ) in [
-            ("examples", differs(&existing.examples, &config.examples)),
-            ("explain", differs(&existing.explain, &config.explain)),
-            ("score", differs(&existing.score, &config.score)),
-        ] {
-            if differ {
-                return Err(Error::file(
-                    &path,
-                    format!("the results there were made with other '{field}' settings; use a new output folder"),
-                ));
-            }
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let existing: RunRecord = read_json_file(&path)?;
+    let differs =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let recorded = &existing.config;
+    for (field, differ) in [
+        ("examples", differs(&recorded.examples, &config.examples)),
+        ("explain", differs(&recorded.explain, &config.explain)),
+        ("score", differs(&recorded.score, &config.score)),
+        ("data", differs(&recorded.data, &config.data)),
+    ] {
+        if differ {
+            return Err(Error::file(
+                &path,
+                format!("the results there were made with other '{field}' settings; use a new output folder"),
+            ));
         }
     }
+    Ok(Some(existing))
+}
+
+/// [`check_settings_in`] for callers that must check before preparing a job's inputs (the
+/// command line checks before it extends a latent cache).
+pub fn check_settings(output: &Path, config: &JobConfig) -> Result<()> {
+    check_settings_in(output, config).map(|_| ())
+}
+
+/// Writes `run_config.json`, refusing an output folder that holds results of other settings
+/// or made from other sources. A rerun of part of the job (fewer latents, hook points or
+/// scorers) keeps the record of the whole: hook points and scorers are merged, latents
+/// become the smallest range covering both.
+fn check_run_config(output: &Path, config: &JobConfig, sources: &Sources) -> Result<()> {
+    let path = output.join("run_config.json");
+    let mut merged = config.clone();
+    if let Some(existing) = check_settings_in(output, config)? {
+        if let Some((what, recorded, now)) = existing
+            .sources
+            .as_ref()
+            .and_then(|recorded| recorded.difference(sources))
+        {
+            return Err(Error::file(
+                &path,
+                format!(
+                    "the results there were made from another {what} ({recorded}; now {now}); \
+                     use a new output folder"
+                ),
+            ));
+        }
+        let old = existing.config;
+        merged.hookpoints = old.hookpoints.clone();
+        for hookpoint in &config.hookpoints {
+            if !merged.hookpoints.contains(hookpoint) {
+                merged.hookpoints.push(hookpoint.clone());
+            }
+        }
+        merged.scorers = old.scorers.clone();
+        for scorer in &config.scorers {
+            if !merged.scorers.contains(scorer) {
+                merged.scorers.push(*scorer);
+            }
+        }
+        merged.latents =
+            old.latents.start.min(config.latents.start)..old.latents.end.max(config.latents.end);
+    }
     std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
-    write_json_file(&path, config)
+    write_json_file(
+        &path,
+        &RunRecord {
+            config: merged,
+            sources: Some(sources.clone()),
+        },
+    )
 }
 
 /// Text of each token of an example.
@@ -433,7 +581,11 @@ pub async fn run_job(
             "the embedding scorer needs a sentence embedder".into(),
         ));
     }
-    check_run_config(&options.output, config)?;
+    check_run_config(
+        &options.output,
+        config,
+        &Sources::of(cache, tokenizer, models),
+    )?;
     let mut work = Vec::new();
     for hookpoint in &config.hookpoints {
         let mut firings = cache.firings(hookpoint, config.latents.clone())?;

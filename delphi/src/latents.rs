@@ -89,10 +89,60 @@ pub struct CacheConfig {
     pub sequences_per_shard: usize,
     /// Set once every requested sequence is in a shard.
     pub complete: bool,
+    /// Hook point name -> fingerprint of its SAE (configuration and parameters), so that
+    /// resuming with another SAE is refused. Empty in caches of earlier versions.
+    #[serde(default)]
+    pub saes: BTreeMap<String, String>,
+}
+
+/// A fingerprint of an SAE: its configuration and every parameter's f32 values.
+pub fn sae_digest(sae: &Sae) -> Result<String> {
+    let config = serde_json::to_string(sae.config())
+        .map_err(|e| Error::Invalid(format!("cannot serialise an SAE config: {e}")))?;
+    let mut hash = crate::digest::Fnv::default().bytes(config.as_bytes());
+    for parameter in sae.parameters() {
+        let values = parameter
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let bits: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
+        hash = hash.u32s(
+            &parameter
+                .dims()
+                .iter()
+                .map(|&d| d as u32)
+                .collect::<Vec<_>>(),
+        );
+        hash = hash.u32s(&bits);
+    }
+    Ok(hash.hex())
+}
+
+/// What a latent cache was made from, as recorded in a job's `run_config.json`: results
+/// made from another cache are refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheIdentity {
+    /// [`CACHE_FORMAT`], or `delphi` for delphi's layout.
+    pub format: String,
+    /// The model that produced the activations, when the cache records it.
+    pub model: Option<String>,
+    /// Hook point name -> number of latents (when known).
+    pub hookpoints: BTreeMap<String, Option<u32>>,
+    /// Hook point name -> SAE fingerprint, when the cache records it.
+    pub saes: BTreeMap<String, String>,
+    /// Cached sequences.
+    pub sequences: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Fingerprint of every cached token id (the data).
+    pub tokens: String,
 }
 
 /// The `format` field of our cache's `config.json`.
 pub const CACHE_FORMAT: &str = "eleuther-interp latent cache v2";
+
+/// What every version of our cache's `format` starts with.
+const CACHE_FORMAT_FAMILY: &str = "eleuther-interp latent cache";
 
 /// One SAE to run at a hook point while caching.
 pub struct CacheTarget<'a> {
@@ -145,14 +195,27 @@ pub fn write_latent_cache(
             .collect(),
         sequences_per_shard: options.sequences_per_shard,
         complete: false,
+        saes: targets
+            .iter()
+            .map(|t| Ok((t.name.clone(), sae_digest(t.sae)?)))
+            .collect::<Result<_>>()?,
     };
     let shards_dir = dir.join("shards");
     std::fs::create_dir_all(&shards_dir).map_err(|e| Error::io(&shards_dir, e))?;
     let config_path = dir.join("config.json");
     if config_path.is_file() {
         let existing = read_config(&config_path)?;
+        if !existing.saes.is_empty() && existing.saes != config.saes {
+            return Err(Error::file(
+                &config_path,
+                "holds a cache made with other SAEs (their weights or settings differ); \
+                 use another output folder or delete this one",
+            ));
+        }
+        // A cache of an earlier version records no SAE fingerprints: it is taken as is.
         let same = CacheConfig {
             complete: false,
+            saes: config.saes.clone(),
             ..existing.clone()
         } == config;
         if !same {
@@ -166,26 +229,21 @@ pub fn write_latent_cache(
             ));
         }
     }
-    hooks::atomic::write_json(&config_path, &config)?;
-
     let done = shard_ranges(&shards_dir)?.last().map_or(0, |r| r.end);
+    let mut chunks = chunks;
+    check_cached_data(&shards_dir, &mut chunks)?;
+    // Only now, with the data checked, is the cache marked as being written.
+    hooks::atomic::write_json(&config_path, &config)?;
     let points: Vec<HookPoint> = targets.iter().map(|t| t.point).collect();
-    // The limit counts from the start of the data: skipping the cached sequences uses it up.
+    // The limit counts from the start of the data: the cached sequences use it up.
     let mut source = ModelActivations::new(
         model,
         chunks,
         points,
         options.batch_size,
         DType::F32,
-        options.max_sequences,
+        options.max_sequences.map(|m| m.saturating_sub(done)),
     )?;
-    let skipped = source.skip_chunks(done)?;
-    if skipped < done {
-        return Err(Error::Invalid(format!(
-            "the cache in {} already holds {done} sequences but the data has only {skipped}",
-            dir.display()
-        )));
-    }
     let bar = hooks::progress::bar(options.progress, options.max_sequences, "sequences");
     bar.set_position(done);
     let mut shard = ShardBuffer::new(targets.len(), done);
@@ -230,6 +288,35 @@ pub fn write_latent_cache(
         },
     )?;
     Ok(total)
+}
+
+/// Reads the data's first chunks, as many as the shards in `shards_dir` hold, and refuses
+/// data that does not begin with the cached tokens (resuming from other data would append
+/// sequences of another dataset).
+fn check_cached_data(shards_dir: &Path, chunks: &mut hooks::data::ChunkStream) -> Result<()> {
+    let mut seen = 0;
+    for (first, end, path) in numbered_files(shards_dir)? {
+        let bytes = read_file(&path)?;
+        let cached = read_u32s(&path, &parse(&path, &bytes)?, "tokens")?;
+        let data = chunks.next_chunks((end - first) as usize)?;
+        seen += data.len() as u64;
+        if (data.len() as u64) < end - first {
+            return Err(Error::Invalid(format!(
+                "the cache in {} already holds {end} sequences but the data has only {seen}",
+                shards_dir.parent().unwrap_or(shards_dir).display()
+            )));
+        }
+        if data.concat() != cached {
+            return Err(Error::file(
+                &path,
+                format!(
+                    "the cached sequences {first}..{end} differ from the data's: the cache was \
+                     made from other data (or another tokenizer or --seq-len); use another output folder"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The entries of one shard being filled.
@@ -312,15 +399,32 @@ impl ShardBuffer {
 
 fn read_config(path: &Path) -> Result<CacheConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let config: CacheConfig = serde_json::from_str(&text)
-        .map_err(|e| Error::file(path, format!("not a latent cache config: {e}")))?;
-    if config.format != CACHE_FORMAT {
+    let not_ours =
+        |e: serde_json::Error| Error::file(path, format!("not a latent cache config: {e}"));
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(not_ours)?;
+    let format = value.get("format").and_then(|f| f.as_str()).unwrap_or("");
+    if format != CACHE_FORMAT {
         return Err(Error::file(
             path,
-            format!("format is '{}', expected '{CACHE_FORMAT}'", config.format),
+            format!(
+                "latent cache format '{format}' is no longer read (this version reads \
+                 '{CACHE_FORMAT}'); re-run `delphi cache` to rebuild it"
+            ),
         ));
     }
-    Ok(config)
+    serde_json::from_value(value).map_err(not_ours)
+}
+
+/// Whether `config.json` in a cache folder is one of ours, of any format version (delphi's
+/// own caches have none).
+fn is_our_config(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("format")?.as_str().map(str::to_string))
+        .is_some_and(|format| format.starts_with(CACHE_FORMAT_FAMILY))
 }
 
 /// `<a>_<b>.safetensors` file names in `dir` as ranges, sorted.
@@ -379,17 +483,16 @@ pub struct LatentCache {
     layout: Layout,
     tokens: TokenTable,
     hookpoints: BTreeMap<String, Option<u32>>,
+    /// The model and SAE fingerprints, when the cache records them (ours).
+    model: Option<String>,
+    saes: BTreeMap<String, String>,
 }
 
 impl LatentCache {
     /// Opens a cache written by [`write_latent_cache`] or by delphi (its `latents/` folder).
     pub fn open(dir: &Path) -> Result<Self> {
         let config_path = dir.join("config.json");
-        let ours = config_path.is_file()
-            && std::fs::read_to_string(&config_path)
-                .map(|t| t.contains(CACHE_FORMAT))
-                .unwrap_or(false);
-        if ours {
+        if is_our_config(&config_path) {
             Self::open_ours(dir, read_config(&config_path)?)
         } else {
             Self::open_delphi(dir)
@@ -424,6 +527,8 @@ impl LatentCache {
                 .into_iter()
                 .map(|(k, v)| (k, Some(v)))
                 .collect(),
+            model: Some(config.model),
+            saes: config.saes,
         })
     }
 
@@ -477,7 +582,28 @@ impl LatentCache {
             layout: Layout::Delphi { files },
             tokens,
             hookpoints,
+            model: None,
+            saes: BTreeMap::new(),
         })
+    }
+
+    /// What the cache was made from (for `run_config.json`): format, model and SAE
+    /// fingerprints when recorded, hook points, size and a fingerprint of its tokens.
+    pub fn identity(&self) -> CacheIdentity {
+        CacheIdentity {
+            format: match self.layout {
+                Layout::Ours { .. } => CACHE_FORMAT.to_string(),
+                Layout::Delphi { .. } => "delphi".to_string(),
+            },
+            model: self.model.clone(),
+            hookpoints: self.hookpoints.clone(),
+            saes: self.saes.clone(),
+            sequences: self.tokens.sequences(),
+            seq_len: self.tokens.seq_len(),
+            tokens: crate::digest::Fnv::default()
+                .u32s(&self.tokens.tokens)
+                .hex(),
+        }
     }
 
     /// The cached tokens.

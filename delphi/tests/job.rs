@@ -171,6 +171,78 @@ fn latent_cache_holds_what_the_sae_computes_and_resumes() {
     );
 }
 
+/// Resuming a cache with other data or another SAE is refused before anything is appended.
+#[test]
+fn a_cache_is_not_resumed_from_other_data_or_another_sae() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("model"));
+    let sae = tiny_sae();
+    let dir = tmp.path().join("cache");
+    assert_eq!(write_cache(&model, &sae, &dir, 8, 4), 8);
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    assert!(
+        config.contains("\"saes\"") && config.contains("fnv1a64:"),
+        "{config}"
+    );
+    let shards = || std::fs::read_dir(dir.join("shards")).unwrap().count();
+    let write = |data: &Path, sae: &Sae| {
+        let chunks = DataSpec::new(vec![data.to_path_buf()], SEQ_LEN)
+            .chunks(model.tokenizer().ok())
+            .unwrap();
+        let targets = [CacheTarget {
+            name: "layers.1".into(),
+            point: HookPoint::Layer(1),
+            sae,
+        }];
+        let options = WriteOptions {
+            batch_size: 4,
+            sequences_per_shard: 4,
+            max_sequences: Some(12),
+            progress: false,
+        };
+        write_latent_cache(&model, chunks, &targets, &dir, &options)
+    };
+    let other_text = tmp.path().join("other.txt");
+    std::fs::write(
+        &other_text,
+        "Quite another text, about rivers and hills. ".repeat(400),
+    )
+    .unwrap();
+    let message = write(&other_text, &sae).unwrap_err().to_string();
+    assert!(message.contains("other data"), "{message}");
+    // The same shape of SAE with other weights.
+    let other_sae = Sae::new(SaeConfig::new(32, 16, 4), 6, &candle_core::Device::Cpu).unwrap();
+    let wikitext = repo().join("data/wikitext-2-raw-test.txt");
+    let message = write(&wikitext, &other_sae).unwrap_err().to_string();
+    assert!(message.contains("other SAEs"), "{message}");
+    assert_eq!(shards(), 2, "nothing was appended");
+    assert!(
+        LatentCache::open(&dir).is_ok(),
+        "a refused resume leaves the cache usable"
+    );
+    // The same data and SAE resume.
+    assert_eq!(write(&wikitext, &sae).unwrap(), 12);
+    assert_eq!(shards(), 3);
+}
+
+/// A cache of an earlier format is named as such, not misread as delphi's layout.
+#[test]
+fn an_older_cache_format_asks_for_a_new_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("shards")).unwrap();
+    std::fs::write(
+        tmp.path().join("config.json"),
+        r#"{"format": "eleuther-interp latent cache v1", "model": "m", "seq_len": 8,
+            "hookpoints": {"layers.1": 16}, "sequences_per_shard": 4, "complete": true}"#,
+    )
+    .unwrap();
+    let message = LatentCache::open(tmp.path()).unwrap_err().to_string();
+    assert!(
+        message.contains("v1") && message.contains("delphi cache"),
+        "{message}"
+    );
+}
+
 #[test]
 fn reads_delphis_cache_layout() {
     // delphi's layout: latents/<hookpoint>/<start>_<end>.safetensors (end inclusive), u16
@@ -282,6 +354,7 @@ fn job_config() -> JobConfig {
         },
         explain: ExplainConfig::default(),
         score: ScoreConfig::default(),
+        data: None,
     }
 }
 
@@ -383,6 +456,79 @@ async fn try_run(
         keep_unreadable,
     };
     run_job(&f.cache, &f.tokenizer, &models, config, &options).await
+}
+
+/// A rerun from another LLM or another cache is refused; a rerun of part of the job keeps
+/// the whole job's record (hook points, latents, scorers) in run_config.json.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reruns_from_other_sources_are_refused_and_partial_reruns_keep_the_record() {
+    let f = fixture();
+    let server = TestServer::start().await;
+    let out = f.root.join("out");
+    run(&f, &server, &out, Shard::ALL).await;
+    let record = std::fs::read_to_string(out.join("run_config.json")).unwrap();
+    assert!(
+        record.contains("\"explainer\":\"test-model\"") && record.contains("fnv1a64:"),
+        "{record}"
+    );
+
+    // Another explainer model behind the same kind of server.
+    let mut config = OpenAiConfig::new(&server.url, "other-model");
+    config.max_retries = 0;
+    let other = OpenAiClient::new(config).unwrap();
+    let options = RunOptions {
+        output: out.clone(),
+        shard: Shard::ALL,
+        concurrency: 1,
+        progress: false,
+        keep_unreadable: false,
+    };
+    let models = JobModels {
+        explainer: &other,
+        scorer: &other,
+        embedder: None,
+    };
+    let message = run_job(&f.cache, &f.tokenizer, &models, &job_config(), &options)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("explainer model") && message.contains("other-model"),
+        "{message}"
+    );
+
+    // A bigger cache of the same model, SAE and data.
+    let model = tiny_model(&f.root.join("model2"));
+    let bigger = f.root.join("cache2");
+    write_cache(&model, &tiny_sae(), &bigger, 24, 8);
+    let bigger = LatentCache::open(&bigger).unwrap();
+    let llm = client(&server);
+    let models = JobModels {
+        explainer: &llm,
+        scorer: &llm,
+        embedder: None,
+    };
+    let message = run_job(&bigger, &f.tokenizer, &models, &job_config(), &options)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("latent cache") && message.contains("24 sequences"),
+        "{message}"
+    );
+
+    // A narrower rerun on a new server (another port: servers may move) is accepted and
+    // leaves the whole job recorded.
+    let server = TestServer::start().await;
+    let narrow = JobConfig {
+        latents: 2..4,
+        scorers: vec![Scorer::Detection],
+        ..job_config()
+    };
+    let report = run_with(&f, &server, &out, Shard::ALL, &narrow).await;
+    assert!(report.errors.is_empty(), "{report:?}");
+    let recorded = delphi::job::read_run_config(&out).unwrap();
+    assert_eq!(recorded, job_config());
 }
 
 /// An explanation cut off at max_tokens and a scorer answer without a 0/1 list are not

@@ -341,7 +341,8 @@ impl Shared {
         let (mut model, mut logits) = self.prefill(&mut engine, &ids)?;
         drop(engine);
 
-        let mut rng = StdRng::seed_from_u64(self.seed ^ fnv1a(&ids));
+        let mut rng =
+            StdRng::seed_from_u64(self.seed ^ crate::digest::Fnv::default().u32s(&ids).finish());
         let mut generated = Vec::new();
         let mut logprobs = request.top_logprobs.map(|_| Vec::new());
         let mut position = ids.len();
@@ -460,15 +461,6 @@ fn advance(model: &mut ModelWeights, ids: &[u32], start: usize) -> Result<Tensor
     }
     let logits = logits.ok_or_else(|| Error::Invalid("no tokens to process".into()))?;
     Ok(logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?)
-}
-
-/// Hash of a token sequence (FNV-1a over the ids' little-endian bytes), to seed sampling.
-fn fnv1a(ids: &[u32]) -> u64 {
-    ids.iter()
-        .flat_map(|id| id.to_le_bytes())
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-        })
 }
 
 /// The index of the largest score (the first one on ties, as torch's argmax on CPU).

@@ -124,4 +124,9 @@ pub trait Llm: Send + Sync {
     fn chat(&self, request: ChatRequest) -> BoxFuture<'_, Result<ChatResponse>>;
     /// A short name for logs and result files (model name, URL or GGUF file name).
     fn name(&self) -> String;
+    /// What decides the answers, recorded in `run_config.json` so that a rerun with another
+    /// model is refused: the model name without where it is served (a server may move).
+    fn model_id(&self) -> String {
+        self.name()
+    }
 }

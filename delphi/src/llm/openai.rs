@@ -54,6 +54,23 @@ impl OpenAiConfig {
         }
     }
 
+    /// The URL requests go to, as shown in logs, errors and `run_config.json`: without
+    /// credentials (`user:password@`) or a query string (which may carry a key).
+    fn shown_endpoint(&self) -> String {
+        let endpoint = self.endpoint();
+        let endpoint = endpoint.split(['?', '#']).next().unwrap_or_default();
+        match endpoint.split_once("://") {
+            Some((scheme, rest)) => {
+                let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+                let host = authority
+                    .rsplit_once('@')
+                    .map_or(authority, |(_, host)| host);
+                format!("{scheme}://{host}{path}")
+            }
+            None => endpoint.to_string(),
+        }
+    }
+
     /// The URL requests go to.
     fn endpoint(&self) -> String {
         let url = self.url.trim_end_matches('/');
@@ -69,6 +86,8 @@ impl OpenAiConfig {
 pub struct OpenAiClient {
     config: OpenAiConfig,
     endpoint: String,
+    /// `endpoint` without credentials, for messages.
+    shown: String,
     api_key: Option<String>,
     http: reqwest::Client,
     in_flight: Semaphore,
@@ -80,7 +99,7 @@ impl std::fmt::Debug for OpenAiClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The key itself is never printed.
         f.debug_struct("OpenAiClient")
-            .field("endpoint", &self.endpoint)
+            .field("endpoint", &self.shown)
             .field("model", &self.config.model)
             .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
             .finish()
@@ -120,6 +139,7 @@ impl OpenAiClient {
             .map_err(|e| Error::Invalid(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self {
             endpoint: config.endpoint(),
+            shown: config.shown_endpoint(),
             in_flight: Semaphore::new(config.concurrency),
             config,
             api_key,
@@ -242,7 +262,7 @@ impl OpenAiClient {
                     let wait = self.retry_wait(retry, after);
                     tracing::warn!(
                         "{}: {message}; retrying in {:.1} s",
-                        self.endpoint,
+                        self.shown,
                         wait.as_secs_f64()
                     );
                     *self.retries.lock().expect("retries lock") += 1;
@@ -255,7 +275,7 @@ impl OpenAiClient {
 
     fn error(&self, message: String) -> Error {
         Error::Llm {
-            backend: self.endpoint.clone(),
+            backend: self.shown.clone(),
             message,
         }
     }
@@ -267,7 +287,11 @@ impl Llm for OpenAiClient {
     }
 
     fn name(&self) -> String {
-        format!("{} at {}", self.config.model, self.endpoint)
+        format!("{} at {}", self.config.model, self.shown)
+    }
+
+    fn model_id(&self) -> String {
+        self.config.model.clone()
     }
 }
 
@@ -371,6 +395,24 @@ mod tests {
             OpenAiConfig::new("http://h:1/v1/chat/completions", "m").endpoint(),
             "http://h:1/v1/chat/completions"
         );
+    }
+
+    #[test]
+    fn credentials_in_the_url_are_not_shown() {
+        let config = OpenAiConfig::new("https://me:s3cret@h:1/v1/chat/completions?key=abc123", "m");
+        assert_eq!(config.shown_endpoint(), "https://h:1/v1/chat/completions");
+        let client = OpenAiClient::new(config).unwrap();
+        for shown in [
+            client.name(),
+            format!("{client:?}"),
+            client.error("x".into()).to_string(),
+        ] {
+            assert!(
+                !shown.contains("s3cret") && !shown.contains("abc123"),
+                "{shown}"
+            );
+        }
+        assert_eq!(client.model_id(), "m");
     }
 
     #[test]

@@ -486,7 +486,8 @@ class LatentCache:
     def tokens(self) -> _I64:
         """The cached token ids, ``[sequences, seq_len]``."""
     def firings(self, hookpoint: str, latent: int) -> tuple[_I64, _I64, _F32]:
-        """``(sequence, position, value)`` of every activation of ``latent``."""
+        """``(sequence, position, value)`` of every activation of ``latent``; a latent past
+        the hook point's width raises ``ValueError``."""
     def examples(
         self,
         hookpoint: str,
@@ -502,7 +503,9 @@ class LatentCache:
         seed: int = 22,
     ) -> Optional["LatentExamples"]:
         """The latent's examples (delphi's defaults; train and test never overlap), or
-        ``None`` when it fires in fewer than ``min_examples`` windows."""
+        ``None`` when it fires in fewer than ``min_examples`` windows or too few are left
+        after ``train`` for a full ``test`` set. ``n_train`` (quantile sampling) or
+        ``n_test`` below ``n_quantiles`` raises ``ValueError``."""
 
 @final
 class LatentExamples:
@@ -538,7 +541,8 @@ class Llm:
         retries: int = 8,
     ) -> "Llm":
         """A client of an OpenAI-compatible chat-completions server (API root, e.g.
-        ``http://localhost:8000/v1``); the key is read from ``api_key_env``."""
+        ``http://localhost:8000/v1``); the key is read from ``api_key_env``. ``timeout``
+        (seconds) must be positive and finite (``ValueError``)."""
     @staticmethod
     def local(path: Optional[_Path] = None) -> "Llm":
         """A GGUF chat model run in process (default: SmolLM2-135M-Instruct from PyPI)."""
@@ -553,7 +557,9 @@ def explain(
     show_activations: bool = True,
     max_tokens: int = 300,
 ) -> dict[str, Any]:
-    """``{"explanation": str | None, "answer": str, "usage": {...}}`` for ``examples.train``."""
+    """``{"explanation": str | None, "answer": str, "truncated": bool, "usage": {...}}`` for
+    ``examples.train``; ``explanation`` is ``None`` when the answer has no ``[EXPLANATION]:``
+    line or was cut off at ``max_tokens``."""
 
 def score(
     llm: Optional[Llm],

@@ -105,17 +105,16 @@ impl PyLatentCache {
     }
 
     /// Where ``latent`` of ``hookpoint`` fires: ``(sequence, position, value)`` numpy arrays
-    /// (int64, int64, float32).
+    /// (int64, int64, float32). A latent past the hook point's width is a ``ValueError``.
     fn firings<'py>(
         &self,
         py: Python<'py>,
         hookpoint: &str,
         latent: u32,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let mut map = py
-            .detach(|| self.inner.firings(hookpoint, latent..latent + 1))
+        let firings = py
+            .detach(|| self.inner.latent_firings(hookpoint, latent))
             .into_py_delphi()?;
-        let firings = map.remove(&latent).unwrap_or_default();
         let seq: Vec<i64> = firings.iter().map(|f| f.seq as i64).collect();
         let pos: Vec<i64> = firings.iter().map(|f| f.pos as i64).collect();
         let values: Vec<f32> = firings.iter().map(|f| f.value).collect();
@@ -129,9 +128,11 @@ impl PyLatentCache {
     }
 
     /// The examples of one latent, or ``None`` when it fires in fewer than ``min_examples``
-    /// windows. Defaults are delphi's, except that the explainer's examples (``train``) and
-    /// the held-out activating examples (``test``) never overlap. ``train_sampling`` is
-    /// ``"quantiles"``, ``"top"`` or ``"random"``.
+    /// windows or too few are left after ``train`` for a full ``test`` set. Defaults are
+    /// delphi's, except that the explainer's examples (``train``) and the held-out
+    /// activating examples (``test``) never overlap. ``train_sampling`` is ``"quantiles"``,
+    /// ``"top"`` or ``"random"``. ``n_train`` (quantile sampling) and ``n_test`` below
+    /// ``n_quantiles``, or a latent past the hook point's width, are a ``ValueError``.
     #[pyo3(signature = (hookpoint, latent, *, example_ctx_len = 32, min_examples = 200, n_train = 40,
         n_test = 50, n_quantiles = 10, n_non_activating = 50, train_sampling = "quantiles", seed = 22))]
     #[allow(clippy::too_many_arguments)]
@@ -171,11 +172,7 @@ impl PyLatentCache {
         };
         let built = py
             .detach(|| -> delphi::Result<_> {
-                let firings = self
-                    .inner
-                    .firings(hookpoint, latent..latent + 1)?
-                    .remove(&latent)
-                    .unwrap_or_default();
+                let firings = self.inner.latent_firings(hookpoint, latent)?;
                 build_examples(
                     &firings,
                     self.inner.tokens(),
@@ -265,6 +262,7 @@ pub struct PyLlm {
 impl PyLlm {
     /// A client of the server at ``url`` (its API root, e.g. ``http://localhost:8000/v1``).
     /// The API key is read from the environment variable ``api_key_env`` (never stored).
+    /// ``timeout`` (seconds per request) must be a positive finite number.
     #[staticmethod]
     #[pyo3(signature = (url, model = "default", *, api_key_env = None, concurrency = 16, timeout = 120.0, retries = 8))]
     fn openai(
@@ -278,7 +276,14 @@ impl PyLlm {
         let mut config = OpenAiConfig::new(url, model);
         config.api_key_env = api_key_env;
         config.concurrency = concurrency;
-        config.timeout = Duration::from_secs_f64(timeout);
+        config.timeout = Duration::try_from_secs_f64(timeout)
+            .ok()
+            .filter(|t| !t.is_zero())
+            .ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "timeout must be a positive finite number of seconds, got {timeout}"
+                ))
+            })?;
         config.max_retries = retries;
         Ok(Self {
             inner: Arc::new(OpenAiClient::new(config).into_py_delphi()?),
@@ -311,8 +316,8 @@ impl PyLlm {
 }
 
 /// Asks ``llm`` to explain a latent from ``examples.train``; returns a dict with
-/// ``explanation`` (``None`` when the answer has no ``[EXPLANATION]:`` line), ``answer`` and
-/// ``usage``.
+/// ``explanation`` (``None`` when the answer has no ``[EXPLANATION]:`` line or was cut off
+/// at ``max_tokens``), ``answer``, ``truncated`` and ``usage``.
 #[pyfunction]
 #[pyo3(signature = (llm, examples, tokenizer, *, show_activations = true, max_tokens = 300))]
 pub fn explain<'py>(

@@ -153,3 +153,48 @@ def test_delphi_run_resumes(latents, server, tiny_dir, capfd):
     before = len(_Handler.requests)
     assert ei.delphi_main(args) == 0
     assert len(_Handler.requests) == before, "a finished job sends no requests"
+
+
+def test_bad_arguments_are_value_errors(latents):
+    """Audit findings: a non-positive or non-finite timeout, a latent past the hook point's
+    width (or 2**32 - 1, which overflowed) and settings that leave a quantile without
+    examples are ValueErrors, not panics or silent empty results."""
+    _, _, path = latents
+    for timeout in (-1.0, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="timeout must be a positive finite number"):
+            ei.Llm.openai("http://127.0.0.1:9/v1", timeout=timeout)
+    cache = ei.LatentCache(path)
+    for latent in (16, 5000, 2**32 - 1):
+        with pytest.raises(ValueError, match=f"latent {latent} is out of range \\(layers.1 has 16 latents\\)"):
+            cache.firings("layers.1", latent)
+        with pytest.raises(ValueError, match=f"latent {latent} is out of range"):
+            cache.examples("layers.1", latent, min_examples=1)
+    with pytest.raises(ValueError, match="--n-train"):
+        cache.examples("layers.1", 0, min_examples=1, n_train=3, n_quantiles=4, n_test=8)
+
+
+def test_an_older_cache_format_asks_for_a_new_cache(tmp_path):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps({
+        "format": "eleuther-interp latent cache v1", "model": "m", "seq_len": 8,
+        "hookpoints": {"layers.15": 2048}, "sequences_per_shard": 4, "complete": True}))
+    with pytest.raises(ValueError, match="v1' is no longer read.*delphi cache"):
+        ei.LatentCache(tmp_path)
+
+
+def test_delphi_run_refuses_to_extend_the_cache_of_existing_results(latents, server, tiny_dir, capfd):
+    root, saes, _ = latents
+    out = root / "from-data"
+    args = ["run", "--model", str(tiny_dir), "--sae", str(saes), "--hookpoints", "layers.1",
+            "--data", str(WIKITEXT), "--seq-len", "64", "--max-tokens", "512", "--latents", "0..4",
+            "--explainer", server, "--scorers", "detection", "--output", str(out),
+            "--example-ctx-len", "16", "--min-examples", "4", "--n-train", "4", "--n-test", "4",
+            "--n-quantiles", "2", "--n-non-activating", "4"]
+    assert ei.delphi_main(args) == 0
+    cached = ei.LatentCache(out / "latents").tokens.shape
+    assert cached == (8, 64)
+    bigger = [a if a != "512" else "1024" for a in args]
+    capfd.readouterr()
+    assert ei.delphi_main(bigger) == 1
+    assert "other 'data' settings" in capfd.readouterr().err
+    assert ei.LatentCache(out / "latents").tokens.shape == cached

@@ -172,6 +172,18 @@ fn interrupted_job_resumes_to_the_same_cache() {
     assert!(err.contains("incomplete"), "{err}");
     let shards_before = std::fs::read_dir(out.join("shards")).unwrap().count();
     assert!(shards_before > 0);
+    // A resume does not trust a progress file whose shards are gone.
+    let first = out.join("shards/shard-000000.safetensors");
+    let kept = std::fs::read(&first).unwrap();
+    std::fs::remove_file(&first).unwrap();
+    let err = write_cache(&model, &spec, &out, 5_000)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("lists shard shards/shard-000000.safetensors but it is missing"),
+        "{err}"
+    );
+    std::fs::write(&first, kept).unwrap();
 
     std::fs::write(&jsonl, &good_jsonl).unwrap();
     let resumed = write_cache(&model, &spec, &out, 5_000).unwrap();
@@ -180,6 +192,11 @@ fn interrupted_job_resumes_to_the_same_cache() {
     let fresh = write_cache(&model, &spec, &fresh_dir, 5_000).unwrap();
     assert_eq!(resumed.manifest.tokens, fresh.manifest.tokens);
     assert_eq!(resumed.manifest.chunks, fresh.manifest.chunks);
+    // Text bytes do not depend on how the job was split into shards or runs.
+    let one_shard = write_cache(&model, &spec, &tmp.path().join("one"), 1 << 30).unwrap();
+    assert!(fresh.manifest.shards.len() > 2 && one_shard.manifest.shards.len() == 1);
+    assert_eq!(fresh.manifest.text_bytes, one_shard.manifest.text_bytes);
+    assert_eq!(resumed.manifest.text_bytes, one_shard.manifest.text_bytes);
     let a = read_all(&ActivationCache::open(&out).unwrap(), ReadOrder::Sequential);
     let b = read_all(
         &ActivationCache::open(&fresh_dir).unwrap(),
@@ -233,6 +250,14 @@ fn damaged_caches_and_empty_data_are_clear_errors() {
         err.contains("shard shards/shard-000001.safetensors is missing"),
         "{err}"
     );
+    // A manifest whose widths do not match its hook points.
+    let manifest = out.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["settings"]["widths"].as_array_mut().unwrap().pop();
+    std::fs::write(&manifest, json.to_string()).unwrap();
+    let err = ActivationCache::open(&out).unwrap_err().to_string();
+    assert!(err.contains("hook points but"), "{err}");
 
     let empty = tmp.path().join("empty.txt");
     std::fs::write(&empty, "just a few words\n").unwrap();

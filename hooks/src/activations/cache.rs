@@ -220,6 +220,19 @@ impl ActivationCache {
                     "holds an unfinished cache made with other settings (model, hook points, dtype or data differ); choose another folder or pass --overwrite",
                 ));
             }
+            if let Some(shard) = progress
+                .shards
+                .iter()
+                .find(|s| !dir.join(&s.file).is_file())
+            {
+                return Err(cache_error(
+                    dir,
+                    format!(
+                        "progress.json lists shard {} but it is missing; pass --overwrite to start again",
+                        shard.file
+                    ),
+                ));
+            }
             progress
         } else {
             Progress {
@@ -243,7 +256,8 @@ impl ActivationCache {
                 progress.shards.len()
             );
         }
-        let skipped_bytes = source.chunks().text_bytes();
+        // Text bytes: those of the resumed shards, plus what this run reads past them.
+        let (resumed_bytes, skipped_bytes) = (progress.text_bytes, source.chunks().text_bytes());
 
         let seq_len = data.seq_len as u64;
         let bar = crate::progress::bar(
@@ -301,7 +315,7 @@ impl ActivationCache {
             pending.push(batch);
             let stop = after_batch(resumed_chunks * seq_len + new_tokens).err();
             if pending_bytes >= options.max_shard_bytes || stop.is_some() {
-                let text_bytes = progress.text_bytes + source.chunks().text_bytes() - skipped_bytes;
+                let text_bytes = resumed_bytes + source.chunks().text_bytes() - skipped_bytes;
                 flush(&mut pending, &mut progress, text_bytes)?;
                 pending_bytes = 0;
             }
@@ -310,7 +324,7 @@ impl ActivationCache {
                 return Err(error);
             }
         }
-        let text_bytes = progress.text_bytes + source.chunks().text_bytes() - skipped_bytes;
+        let text_bytes = resumed_bytes + source.chunks().text_bytes() - skipped_bytes;
         flush(&mut pending, &mut progress, text_bytes)?;
         bar.finish_and_clear();
 
@@ -406,6 +420,17 @@ impl ActivationCache {
             return Err(cache_error(dir, message));
         }
         let manifest = read_manifest(dir)?;
+        let settings = &manifest.settings;
+        if settings.widths.len() != settings.hook_points.len() {
+            return Err(cache_error(
+                dir,
+                format!(
+                    "manifest lists {} hook points but {} widths",
+                    settings.hook_points.len(),
+                    settings.widths.len()
+                ),
+            ));
+        }
         let points = manifest
             .settings
             .hook_points

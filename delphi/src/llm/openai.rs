@@ -122,6 +122,11 @@ impl OpenAiClient {
         if config.concurrency == 0 {
             return Err(Error::Invalid("concurrency must be at least 1".into()));
         }
+        if config.timeout.is_zero() {
+            return Err(Error::Invalid(
+                "the request timeout (--timeout) must be positive".into(),
+            ));
+        }
         let api_key = match &config.api_key_env {
             None => None,
             Some(var) => match std::env::var(var) {
@@ -461,6 +466,10 @@ mod tests {
         let wait = |after: u64| client.retry_wait(0, Some(Duration::from_secs(after)));
         assert_eq!(wait(600), Duration::from_secs(5));
         assert_eq!(wait(2), Duration::from_secs(2));
+        let mut zero = OpenAiConfig::new("http://127.0.0.1:9/v1", "m");
+        zero.timeout = Duration::ZERO;
+        let message = OpenAiClient::new(zero).unwrap_err().to_string();
+        assert!(message.contains("--timeout"), "{message}");
         // Without Retry-After: the first backoff, 1 s with +-20 % jitter.
         let backoff = client.retry_wait(0, None).as_secs_f64();
         assert!((0.8..=1.2).contains(&backoff), "{backoff}");

@@ -7,6 +7,12 @@
 //! Output layout (delphi's): `explanations/<hookpoint>_latent<i>.txt` (a JSON string),
 //! `scores/<scorer>/<hookpoint>_latent<i>.txt` (a JSON list of per-excerpt records),
 //! `run_config.json`, and `summary.json` (written by [`summarize`]).
+//!
+//! What counts as done: an explanation that parsed and was not cut off at `max_tokens`, and
+//! a scorer's results whose answers could all be read (unless
+//! [`RunOptions::keep_unreadable`]); anything else is left for the next run.
+//! `run_config.json` holds the settings and the [`Sources`] the results were made from; a
+//! rerun with other settings or from other sources is refused.
 
 use std::collections::BTreeMap;
 use std::ops::Range;

@@ -327,8 +327,9 @@ fn check_settings_in(output: &Path, config: &JobConfig) -> Result<Option<RunReco
     Ok(Some(existing))
 }
 
-/// [`check_settings_in`] for callers that must check before preparing a job's inputs (the
-/// command line checks before it extends a latent cache).
+/// Refuses an output folder holding results of other settings, writing nothing: for
+/// callers that must check before preparing a job's inputs (the command line checks before
+/// it extends a latent cache).
 pub fn check_settings(output: &Path, config: &JobConfig) -> Result<()> {
     check_settings_in(output, config).map(|_| ())
 }

@@ -41,6 +41,33 @@ pub fn load<S: DeserializeOwned>(
     Ok((state, tensors))
 }
 
+/// Refuses to train into a folder that already holds `artefact` (a trained SAE's `cfg.json`,
+/// a lens's `config.json`) when no checkpoint at `checkpoint` accounts for it: it is the
+/// result of another run, which this one would silently replace.
+pub fn check_output_free(artefact: &Path, checkpoint: &Path) -> Result<()> {
+    if artefact.exists() && !checkpoint.exists() {
+        return Err(Error::InvalidArgument(format!(
+            "{} already exists but {} does not: the folder holds the result of another run; choose another output folder or delete it",
+            artefact.display(),
+            checkpoint.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses to resume a checkpoint of a run that read `saved` (an
+/// [`crate::activations::ActivationSource::describe`]) in a run that reads `now`: the two
+/// would mix, say, two models' activations. Empty descriptions (unknown, or a checkpoint from
+/// before they were recorded) are not checked.
+pub fn check_source(saved: &str, now: &str) -> std::result::Result<(), String> {
+    if saved.is_empty() || now.is_empty() || saved == now {
+        return Ok(());
+    }
+    Err(format!(
+        "was trained on {saved}, but this run reads {now}; use another output folder or delete the checkpoint"
+    ))
+}
+
 /// The fields in which `saved` (a checkpoint's settings) and `now` (this run's) differ, as
 /// `name: saved -> now` (nested fields dotted), for an error that says what to change. Both
 /// must serialise to JSON objects; anything else is compared whole.

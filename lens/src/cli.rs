@@ -337,6 +337,10 @@ fn train_command(args: TrainArgs) -> Result<()> {
     let mut source = args.source.lens_data().open(&model, order, Some(needed))?;
     let mut lens = TunedLens::for_model(&model)?;
     let ckpt = checkpoint_dir(&args.output);
+    hooks::checkpoint::check_output_free(
+        &args.output.join("config.json"),
+        &ckpt.join("checkpoint.safetensors"),
+    )?;
     std::fs::create_dir_all(&ckpt).with_context(|| format!("creating {}", ckpt.display()))?;
     let bar = hooks::progress::bar(true, Some(options.steps), "steps");
     let mut clock = hooks::progress::StepClock::new();

@@ -242,6 +242,10 @@ impl ActivationSource for Counted<'_, '_> {
     fn skip_tokens(&mut self, tokens: u64) -> hooks::Result<u64> {
         self.inner.skip_tokens(tokens)
     }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
 }
 
 /// Runs the sweep: for each checkpoint not yet done, loads the model, gets its lens (trains,

@@ -235,6 +235,9 @@ struct State {
     options: TrainOptions,
     tokens_consumed: u64,
     history: Vec<StepRecord>,
+    /// What the run read ([`ActivationSource::describe`]); absent from older checkpoints.
+    #[serde(default)]
+    source: String,
 }
 
 /// The hook points a training source must provide: every lens input and the final residual.
@@ -336,7 +339,7 @@ pub fn train(
     };
     let checkpoint = checkpoint_dir.map(|d| d.join("checkpoint.safetensors"));
     if let Some(path) = checkpoint.as_ref().filter(|p| p.is_file()) {
-        let state = load_checkpoint(path, lens, &mut optimizer, options)?;
+        let state = load_checkpoint(path, lens, &mut optimizer, options, &rows.source.describe())?;
         tracing::info!(
             "resuming after step {} ({} tokens)",
             state.history.len(),
@@ -425,7 +428,7 @@ pub fn train(
         history.push(record);
         let due = options.checkpoint_every > 0 && step.is_multiple_of(options.checkpoint_every);
         if let (Some(path), true) = (&checkpoint, due || step == options.steps || stop.is_some()) {
-            save_checkpoint(path, lens, &optimizer, options, rows.consumed, &history)?;
+            save_checkpoint(path, lens, &optimizer, options, &rows, &history)?;
         }
         if let Some(error) = stop {
             return Err(error);
@@ -453,7 +456,7 @@ fn save_checkpoint(
     lens: &TunedLens,
     optimizer: &Optimizers,
     options: &TrainOptions,
-    tokens_consumed: u64,
+    rows: &Rows,
     history: &[StepRecord],
 ) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = lens
@@ -465,8 +468,9 @@ fn save_checkpoint(
     tensors.extend(optimizer.state_tensors());
     let state = State {
         options: options.clone(),
-        tokens_consumed,
+        tokens_consumed: rows.consumed,
         history: history.to_vec(),
+        source: rows.source.describe(),
     };
     Ok(hooks::checkpoint::save(path, tensors, &state)?)
 }
@@ -476,6 +480,7 @@ fn load_checkpoint(
     lens: &mut TunedLens,
     optimizer: &mut Optimizers,
     options: &TrainOptions,
+    source: &str,
 ) -> Result<State> {
     let bad = |m: String| Error::Training(format!("checkpoint {}: {m}", path.display()));
     let device = lens.parameters()[0].device().clone();
@@ -486,6 +491,7 @@ fn load_checkpoint(
             hooks::checkpoint::differences(&state.options, options)
         )));
     }
+    hooks::checkpoint::check_source(&state.source, source).map_err(bad)?;
     let params = (0..2 * lens.num_layers())
         .map(|i| {
             tensors

@@ -489,6 +489,25 @@ fn training_beats_the_logit_lens_and_is_deterministic_and_resumable() {
     assert_eq!(first_step, Some(7));
     assert!(flat(&resumed) == flat(&lens));
 
+    // A checkpoint is not resumed over another model's activations.
+    let other_dir = tmp.path().join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let other = tiny_model(&other_dir);
+    let err = train(
+        &mut untrained.clone(),
+        &other.unembedding(),
+        &mut stream(&other, None),
+        &options(),
+        Some(&ckpt),
+        |_| Ok(()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("was trained on model") && err.contains("but this run reads model"),
+        "{err}"
+    );
+
     // Save and load.
     let out = tmp.path().join("lens");
     lens.save(&out).unwrap();

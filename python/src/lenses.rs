@@ -441,7 +441,11 @@ impl PyTunedLens {
                 let mut source = source_args.0.open(model, order, Some(needed))?;
                 let mut lens = TunedLens::for_model(model)?;
                 let ckpt = output.as_deref().map(checkpoint_dir);
-                if let Some(dir) = &ckpt {
+                if let (Some(dir), Some(output)) = (&ckpt, &output) {
+                    hooks::checkpoint::check_output_free(
+                        &output.join("config.json"),
+                        &dir.join("checkpoint.safetensors"),
+                    )?;
                     std::fs::create_dir_all(dir).map_err(|e| hooks::Error::io(dir, e))?;
                 }
                 let bar = hooks::progress::bar(progress, Some(steps), "steps");
@@ -562,6 +566,10 @@ impl ActivationSource for Interruptible<'_, '_> {
 
     fn skip_tokens(&mut self, tokens: u64) -> hooks::Result<u64> {
         self.inner.skip_tokens(tokens)
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
     }
 }
 

@@ -514,6 +514,10 @@ fn train_command(args: TrainArgs) -> Result<()> {
         .iter()
         .map(|n| args.output.join("checkpoints").join(n))
         .collect();
+    for (name, dir) in names.iter().zip(&checkpoints) {
+        let trained = args.output.join(name).join("cfg.json");
+        hooks::checkpoint::check_output_free(&trained, &crate::train::checkpoint_path(dir))?;
+    }
     let bar = hooks::progress::bar(true, Some(steps), "steps");
     let started = std::time::Instant::now();
     let mut clock = hooks::progress::StepClock::new();

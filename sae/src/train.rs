@@ -985,6 +985,9 @@ struct State {
     config: SaeConfig,
     tokens_consumed: u64,
     history: Vec<StepRecord>,
+    /// What the run read ([`ActivationSource::describe`]); absent from older checkpoints.
+    #[serde(default)]
+    source: String,
 }
 
 /// The hook point a transcoder trained at `target` reads its input from: the MLP's input
@@ -1123,7 +1126,8 @@ pub fn train_many(
         if found > 0 {
             let mut consumed = None;
             for (i, path) in paths.iter().enumerate() {
-                let state = load_checkpoint(path, &mut saes[i], &mut trainers[i])?;
+                let source = rows.source.describe();
+                let state = load_checkpoint(path, &mut saes[i], &mut trainers[i], &source)?;
                 if consumed.is_some_and(|c| c != state.tokens_consumed) {
                     return Err(Error::Training(format!(
                         "checkpoint {} is at another step than the others; cannot resume the SAEs together",
@@ -1186,7 +1190,7 @@ pub fn train_many(
         let due = options.checkpoint_every > 0 && step.is_multiple_of(options.checkpoint_every);
         if let (Some(paths), true) = (&checkpoints, due || step == options.steps) {
             for (i, path) in paths.iter().enumerate() {
-                save_checkpoint(path, &saes[i], &trainers[i], rows.consumed, &histories[i])?;
+                save_checkpoint(path, &saes[i], &trainers[i], &rows, &histories[i])?;
             }
         }
     }
@@ -1206,7 +1210,7 @@ fn save_checkpoint(
     path: &Path,
     sae: &Sae,
     trainer: &Trainer,
-    tokens_consumed: u64,
+    rows: &Rows,
     history: &[StepRecord],
 ) -> Result<()> {
     if let Some(dir) = path.parent() {
@@ -1234,16 +1238,23 @@ fn save_checkpoint(
     let state = State {
         options: trainer.options.clone(),
         config,
-        tokens_consumed,
+        tokens_consumed: rows.consumed,
         history: history.to_vec(),
+        source: rows.source.describe(),
     };
     Ok(hooks::checkpoint::save(path, tensors, &state)?)
 }
 
-fn load_checkpoint(path: &Path, sae: &mut Sae, trainer: &mut Trainer) -> Result<State> {
+fn load_checkpoint(
+    path: &Path,
+    sae: &mut Sae,
+    trainer: &mut Trainer,
+    source: &str,
+) -> Result<State> {
     let bad = |m: String| Error::Training(format!("checkpoint {}: {m}", path.display()));
-    let device = sae.w_enc().device().clone();
-    let (state, tensors): (State, _) = hooks::checkpoint::load(path, &device)?;
+    let (state, tensors): (State, _) =
+        hooks::checkpoint::load(path, &sae.w_enc().device().clone())?;
+    hooks::checkpoint::check_source(&state.source, source).map_err(bad)?;
     let skip = (
         state.options.skip_first_positions,
         trainer.options.skip_first_positions,

@@ -169,14 +169,28 @@ fn train_resume_and_eval_on_a_tiny_model() {
     call(train_args(&out, &text)).unwrap();
     let again = Sae::load(&out.join(points[1]), &Device::Cpu).unwrap();
     assert_eq!(flat(&again), flat(&trained[1]));
+    // Trained SAEs that no checkpoint accounts for are not overwritten.
+    let bare = tmp.path().join("bare");
+    std::fs::create_dir_all(bare.join(points[1])).unwrap();
+    std::fs::copy(
+        out.join(points[1]).join("cfg.json"),
+        bare.join(points[1]).join("cfg.json"),
+    )
+    .unwrap();
+    let message = format!("{:#}", call(train_args(&bare, &text)).unwrap_err());
+    assert!(message.contains("holds the result of another run"), "{message}");
 
     // Interrupted (the data runs out after the checkpoint of step 3), then resumed.
+    // The same data file, first cut short, then whole (a checkpoint refuses other data).
     let short = truncated_text(tmp.path(), &model);
     let out2 = tmp.path().join("run2");
     let message = format!("{:#}", call(train_args(&out2, &short)).unwrap_err());
     assert!(message.contains("ran out during step"), "{message}");
     assert!(!out2.join(points[0]).join("sae.safetensors").exists());
-    call(train_args(&out2, &text)).unwrap();
+    let message = format!("{:#}", call(train_args(&out2, &text)).unwrap_err());
+    assert!(message.contains("but this run reads model"), "{message}");
+    std::fs::copy(&text, &short).unwrap();
+    call(train_args(&out2, &short)).unwrap();
     for (p, sae) in points.iter().zip(&trained) {
         let resumed = Sae::load(&out2.join(p), &Device::Cpu).unwrap();
         assert_eq!(flat(&resumed), flat(sae), "{p}");

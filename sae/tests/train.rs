@@ -25,6 +25,7 @@ struct Planted {
     mean: Vec<f32>,
     batches_left: usize,
     points: Vec<HookPoint>,
+    seed: u64,
 }
 
 impl Planted {
@@ -48,6 +49,7 @@ impl Planted {
             mean,
             batches_left: batches,
             points: vec![POINT],
+            seed,
         }
     }
 }
@@ -55,6 +57,10 @@ impl Planted {
 impl ActivationSource for Planted {
     fn hook_points(&self) -> &[HookPoint] {
         &self.points
+    }
+
+    fn describe(&self) -> String {
+        format!("planted data with seed {}", self.seed)
     }
 
     fn next_batch(&mut self) -> hooks::Result<Option<ActivationBatch>> {
@@ -308,6 +314,23 @@ fn resumes_exactly(skip_connection: bool, optimizer: SaeOptimizer, k_decay_steps
         message.contains("other training options") && message.contains("options.lr: 0.01 -> 0.02"),
         "{message}"
     );
+    // So is one that read other data.
+    let message = train(
+        &mut fresh(),
+        &mut Planted::new(6, 40),
+        POINT,
+        &options,
+        Some(dir.path()),
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        message.contains(
+            "was trained on planted data with seed 5, but this run reads planted data with seed 6"
+        ),
+        "{message}"
+    );
 }
 
 #[test]
@@ -441,6 +464,10 @@ impl<S: ActivationSource> ActivationSource for Recording<S> {
 
     fn skip_first_positions(&mut self, positions: usize) -> hooks::Result<()> {
         self.inner.skip_first_positions(positions)
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
     }
 }
 

@@ -492,6 +492,7 @@ impl ActivationCache {
             buffer_tokens,
             rng,
             skip_positions: 0,
+            order,
         })
     }
 
@@ -582,6 +583,7 @@ pub struct CacheReader {
     rng: Option<rand::rngs::StdRng>,
     /// Positions at the start of each sequence whose rows are left out.
     skip_positions: usize,
+    order: ReadOrder,
 }
 
 impl CacheReader {
@@ -625,6 +627,18 @@ impl CacheReader {
 impl ActivationSource for CacheReader {
     fn hook_points(&self) -> &[HookPoint] {
         &self.cache.points
+    }
+
+    fn describe(&self) -> String {
+        let order = match self.order {
+            ReadOrder::Sequential => "in order".to_string(),
+            ReadOrder::Shuffled { seed, .. } => format!("shuffled with seed {seed}"),
+        };
+        format!(
+            "activation cache {} (model {}) read {order}",
+            self.cache.dir.display(),
+            self.cache.manifest.settings.model
+        )
     }
 
     fn skip_first_positions(&mut self, positions: usize) -> Result<()> {

@@ -107,6 +107,13 @@ pub trait ActivationSource {
             )))
         }
     }
+
+    /// What the source reads (model and data, or cache and order), stored in training
+    /// checkpoints so that a resumed run reading something else is refused rather than
+    /// mixing two runs. Empty (the default) when unknown: nothing is checked then.
+    fn describe(&self) -> String {
+        String::new()
+    }
 }
 
 /// The rows to keep of `rows` rows that are whole sequences of `seq_len` tokens, one after
@@ -191,6 +198,21 @@ impl<'m> ModelActivations<'m> {
 impl ActivationSource for ModelActivations<'_> {
     fn hook_points(&self) -> &[HookPoint] {
         &self.points
+    }
+
+    fn describe(&self) -> String {
+        let spec = self.chunks.spec();
+        let paths: Vec<String> = spec.paths.iter().map(|p| p.display().to_string()).collect();
+        format!(
+            "model {}{} over {} in sequences of {} tokens",
+            self.model.origin(),
+            self.model
+                .revision()
+                .map(|r| format!("@{r}"))
+                .unwrap_or_default(),
+            paths.join(", "),
+            spec.seq_len
+        )
     }
 
     fn skip_tokens(&mut self, tokens: u64) -> Result<u64> {

@@ -182,6 +182,11 @@ impl ChunkStream {
         self.spec.seq_len
     }
 
+    /// What the stream reads.
+    pub fn spec(&self) -> &DataSpec {
+        &self.spec
+    }
+
     /// Bytes of text consumed so far (for bits-per-byte); 0 for pre-tokenized data.
     pub fn text_bytes(&self) -> u64 {
         self.text_bytes

@@ -105,6 +105,7 @@ impl ModelConfig {
     pub fn from_json(json: &Value, path: &Path) -> Result<Self> {
         let fields = Fields { json, path };
         let model_type = fields.model_type()?;
+        fields.check_supported_variant(&model_type)?;
         let config = match model_type.as_str() {
             "gpt_neox" => ModelConfig::GptNeox(GptNeoxConfig {
                 hidden_size: fields.usize("hidden_size")?,
@@ -283,6 +284,35 @@ impl Fields<'_> {
         }
     }
 
+    /// Refuses the variants of an architecture this runtime does not implement, which it
+    /// would otherwise run as the plain architecture with wrong results: another MLP
+    /// activation than the architecture's own, and scaled rotary embeddings (Llama 3.1's
+    /// `llama3`, `linear`, `dynamic`, `yarn`...).
+    fn check_supported_variant(&self, model_type: &str) -> Result<()> {
+        let activation = if model_type == "gpt_neox" {
+            "gelu"
+        } else {
+            "silu"
+        };
+        if let Some(act) = self.get("hidden_act") {
+            if act.as_str() != Some(activation) {
+                return Err(self.error(format!(
+                    "hidden_act {act} is not supported for {model_type} (this runtime implements \"{activation}\")"
+                )));
+            }
+        }
+        let scaling = self.get("rope_scaling").or_else(|| {
+            self.get("rope_parameters.rope_type")
+                .filter(|t| t.as_str() != Some("default"))
+        });
+        if let Some(scaling) = scaling {
+            return Err(self.error(format!(
+                "scaled rotary embeddings ({scaling}) are not supported; this runtime implements the default rotary embedding only"
+            )));
+        }
+        Ok(())
+    }
+
     /// Looks up a dotted path such as `rope_parameters.rope_theta`.
     fn get(&self, key: &str) -> Option<&Value> {
         key.split('.')
@@ -393,6 +423,33 @@ mod tests {
         assert_eq!((c.head_dim(), c.rotary_dims()), (64, 16));
         assert_eq!(c.eos_token_id, Some(0));
         assert!(c.parallel_residual && c.attention_bias);
+    }
+
+    /// Variants that would run as the plain architecture with wrong results are refused.
+    #[test]
+    fn unsupported_activations_and_rope_scaling_are_refused() {
+        let mut gelu_fast = pythia_70m();
+        gelu_fast["hidden_act"] = json!("gelu_fast");
+        let err = parse(gelu_fast).unwrap_err().to_string();
+        assert!(
+            err.contains("hidden_act \"gelu_fast\" is not supported for gpt_neox"),
+            "{err}"
+        );
+        let mut llama3 = pythia_70m();
+        llama3["model_type"] = json!("llama");
+        llama3["hidden_act"] = json!("silu");
+        llama3["rope_scaling"] = json!({"rope_type": "llama3", "factor": 32.0});
+        let err = parse(llama3.clone()).unwrap_err().to_string();
+        assert!(
+            err.contains("scaled rotary embeddings") && err.contains("llama3"),
+            "{err}"
+        );
+        llama3.as_object_mut().unwrap().remove("rope_scaling");
+        llama3["rope_parameters"] = json!({"rope_type": "yarn", "rope_theta": 1e4});
+        let err = parse(llama3.clone()).unwrap_err().to_string();
+        assert!(err.contains("\"yarn\""), "{err}");
+        llama3["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 1e4});
+        parse(llama3).unwrap();
     }
 
     #[test]

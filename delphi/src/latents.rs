@@ -280,6 +280,12 @@ pub fn write_latent_cache(
     }
     bar.finish_and_clear();
     let total = shard.first + shard.sequences;
+    if total == 0 {
+        // A complete cache of nothing would have every latent skipped as too rare.
+        return Err(Error::Invalid(format!(
+            "the data yields no complete sequence of {seq_len} tokens; give more data or a shorter --seq-len"
+        )));
+    }
     hooks::atomic::write_json(
         &config_path,
         &CacheConfig {

@@ -223,6 +223,29 @@ fn a_cache_is_not_resumed_from_other_data_or_another_sae() {
     // The same data and SAE resume.
     assert_eq!(write(&wikitext, &sae).unwrap(), 12);
     assert_eq!(shards(), 3);
+    // Data without one whole sequence makes no cache (every latent would be "too rare").
+    let few = tmp.path().join("few.txt");
+    std::fs::write(&few, "Just a few words.\n").unwrap();
+    let chunks = DataSpec::new(vec![few], SEQ_LEN)
+        .chunks(model.tokenizer().ok())
+        .unwrap();
+    let targets = [CacheTarget {
+        name: "layers.1".into(),
+        point: HookPoint::Layer(1),
+        sae: &sae,
+    }];
+    let options = WriteOptions {
+        batch_size: 4,
+        sequences_per_shard: 4,
+        max_sequences: None,
+        progress: false,
+    };
+    let empty = tmp.path().join("empty-cache");
+    let message = write_latent_cache(&model, chunks, &targets, &empty, &options)
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("no complete sequence"), "{message}");
+    assert!(LatentCache::open(&empty).is_err());
 }
 
 /// A cache of an earlier format is named as such, not misread as delphi's layout.

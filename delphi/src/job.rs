@@ -435,7 +435,14 @@ struct Counters {
     unreadable_scores: AtomicU64,
     errors: Mutex<Vec<String>>,
     usage: Mutex<Usage>,
+    /// Latents in a row whose LLM requests failed for good, since the last that got
+    /// answers: when they reach [`GIVE_UP_AFTER`] x the concurrency, the job stops starting
+    /// latents (an unreachable server would otherwise cost every latent its retries).
+    llm_failures_in_a_row: AtomicU64,
 }
+
+/// See [`Counters::llm_failures_in_a_row`].
+const GIVE_UP_AFTER: u64 = 2;
 
 impl Counters {
     fn spend(&self, usage: Usage) {
@@ -611,11 +618,20 @@ pub async fn run_job(
     let counters = Counters::default();
     let bar = hooks::progress::bar(options.progress, Some(work.len() as u64), "latents");
     let total = work.len() as u64;
+    let give_up = GIVE_UP_AFTER * options.concurrency.max(1) as u64;
     let results = futures::stream::iter(work.iter())
         .map(|(hookpoint, latent, firings)| {
             let counters = &counters;
             let bar = &bar;
             async move {
+                let in_a_row = counters.llm_failures_in_a_row.load(Ordering::Relaxed);
+                if in_a_row >= give_up {
+                    counters.errors.lock().expect("errors lock").push(format!(
+                        "{hookpoint} latent {latent}: not tried: the LLM failed for {in_a_row} latents in a row"
+                    ));
+                    bar.inc(1);
+                    return;
+                }
                 let outcome = process_latent(
                     hookpoint,
                     *latent,
@@ -631,6 +647,13 @@ pub async fn run_job(
                 let count = |counter: &AtomicU64| {
                     counter.fetch_add(1, Ordering::Relaxed);
                 };
+                match &outcome {
+                    Err(Error::Llm { .. }) => count(&counters.llm_failures_in_a_row),
+                    Ok(Outcome::Complete | Outcome::NoExplanation | Outcome::Unreadable) => {
+                        counters.llm_failures_in_a_row.store(0, Ordering::Relaxed)
+                    }
+                    _ => {}
+                }
                 match outcome {
                     Ok(Outcome::Complete) => count(&counters.complete),
                     Ok(Outcome::Skipped(Skip::TooFewWindows { .. })) => count(&counters.skipped),

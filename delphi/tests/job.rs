@@ -481,6 +481,47 @@ async fn try_run(
     run_job(&f.cache, &f.tokenizer, &models, config, &options).await
 }
 
+/// With the server down, the job stops starting latents once the LLM has failed for two
+/// latents in a row per concurrent slot (each would otherwise spend its own retries); the
+/// latents not tried are errors, so the run fails and a rerun takes them up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_llm_stops_the_job_early() {
+    let f = fixture();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = OpenAiConfig::new(&format!("http://127.0.0.1:{port}/v1"), "test-model");
+    config.timeout = Duration::from_millis(500);
+    config.max_retries = 0;
+    let llm = OpenAiClient::new(config).unwrap();
+    let models = JobModels {
+        explainer: &llm,
+        scorer: &llm,
+        embedder: None,
+    };
+    let options = RunOptions {
+        output: f.root.join("down"),
+        shard: Shard::ALL,
+        concurrency: 1,
+        progress: false,
+        keep_unreadable: false,
+    };
+    let report = run_job(&f.cache, &f.tokenizer, &models, &job_config(), &options)
+        .await
+        .unwrap();
+    let (not_tried, failed): (Vec<&String>, Vec<&String>) =
+        report.errors.iter().partition(|e| e.contains("not tried"));
+    assert_eq!(failed.len(), 2, "{report:?}");
+    assert!(!not_tried.is_empty(), "{report:?}");
+    assert!(
+        not_tried[0].contains("the LLM failed for 2 latents in a row"),
+        "{report:?}"
+    );
+    assert_eq!(report.complete, 0);
+}
+
 /// A rerun from another LLM or another cache is refused; a rerun of part of the job keeps
 /// the whole job's record (hook points, latents, scorers) in run_config.json.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

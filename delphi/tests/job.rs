@@ -492,7 +492,7 @@ async fn an_unreachable_llm_stops_the_job_early() {
         .local_addr()
         .unwrap()
         .port();
-    let mut config = OpenAiConfig::new(&format!("http://127.0.0.1:{port}/v1"), "test-model");
+    let mut config = OpenAiConfig::new(format!("http://127.0.0.1:{port}/v1"), "test-model");
     config.timeout = Duration::from_millis(500);
     config.max_retries = 0;
     let llm = OpenAiClient::new(config).unwrap();

@@ -140,6 +140,33 @@ pub struct CheckpointResult {
     pub eval: EvalReport,
     /// Seconds this checkpoint took.
     pub seconds: f64,
+    /// The sweep settings that made it ([`sweep_settings`]; null in older files): a re-run
+    /// with other settings does not reuse it.
+    #[serde(default)]
+    pub settings: serde_json::Value,
+}
+
+/// The settings that shape a checkpoint's result: evaluation data and budget, prompt, and
+/// how the tuned lens is made.
+fn sweep_settings(options: &SweepOptions) -> serde_json::Value {
+    let data = |d: &LensData| {
+        serde_json::json!({
+            "paths": d.data, "activations": d.activations, "format": d.format,
+            "text_field": d.text_field, "seq_len": d.seq_len,
+        })
+    };
+    let lens = match &options.lens {
+        SweepLens::Logit => serde_json::json!("logit"),
+        SweepLens::Train { data: d, options } => {
+            serde_json::json!({"train": data(d), "options": options})
+        }
+        SweepLens::Load(pattern) => serde_json::json!({ "load": pattern }),
+    };
+    serde_json::json!({
+        "model": options.model, "tokenizer": options.tokenizer, "eval_data": data(&options.eval_data),
+        "eval_tokens": options.eval_tokens, "chunk_tokens": options.chunk_tokens,
+        "prompt": options.prompt, "top_k": options.top_k, "lens": lens,
+    })
 }
 
 /// `sweep.json`: the sweep's settings and every checkpoint's result, in training order.
@@ -193,7 +220,8 @@ pub fn short_name(model: &str) -> String {
 }
 
 /// Loads checkpoint `revision` of `model`: `model/revision` when that is a model folder,
-/// else `model` at hub revision `revision` (a lone folder or GGUF file ignores it).
+/// else `model` at hub revision `revision` (a lone folder or GGUF file ignores it; a folder
+/// of checkpoint folders without this one is an error, not the folder itself).
 pub fn load_checkpoint(
     model: &str,
     revision: &str,
@@ -201,8 +229,20 @@ pub fn load_checkpoint(
     tokenizer: Option<&Path>,
 ) -> Result<Model> {
     let local = Path::new(model).join(revision);
+    let has_checkpoints = || {
+        std::fs::read_dir(model).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.path().join("config.json").is_file())
+        })
+    };
     let mut loaded = if local.join("config.json").is_file() {
         Model::from_folder(&local, load)?
+    } else if Path::new(model).is_dir() && has_checkpoints() {
+        return Err(Error::Lens(format!(
+            "{model} holds checkpoint folders but not {}",
+            local.display()
+        )));
     } else {
         let is_local = Path::new(model).exists();
         let options = LoadOptions {
@@ -279,11 +319,20 @@ pub fn run_sweep(options: &SweepOptions, progress: bool) -> Result<SweepSummary>
         outer.set_message(revision.clone());
         let done = checkpoint_folder(&options.output, revision).join("result.json");
         let result = if done.is_file() {
-            let _ = multi.println(format!(
-                "{revision}: already done, reusing {}",
-                done.display()
-            ));
-            read_json::<CheckpointResult>(&done)?
+            let result = read_json::<CheckpointResult>(&done)?;
+            let now = sweep_settings(options);
+            if !result.settings.is_null() && result.settings != now {
+                return Err(Error::Lens(format!(
+                    "{} was made with other settings ({}); use another output folder or delete it",
+                    done.display(),
+                    hooks::checkpoint::differences(&result.settings, &now)
+                )));
+            }
+            note(
+                &multi,
+                format!("{revision}: already done, reusing {}", done.display()),
+            );
+            result
         } else {
             let result = sweep_checkpoint(options, revision, &multi, progress)?;
             note(
@@ -421,6 +470,7 @@ fn sweep_checkpoint(
         origin: model.origin().to_string(),
         eval,
         seconds: start.elapsed().as_secs_f64(),
+        settings: sweep_settings(options),
     };
     drop(model);
     hooks::atomic::write_json(&folder.join("result.json"), &result)?;

@@ -493,6 +493,24 @@ fn sweep_over_two_local_checkpoints_writes_files_and_resumes() {
         again.results[1].eval.tuned_lens,
         summary.results[1].eval.tuned_lens
     );
+    // A finished checkpoint is not reused for a sweep with other settings.
+    let other = SweepOptions {
+        eval_tokens: 64,
+        ..options.clone()
+    };
+    let err = run_sweep(&other, false).unwrap_err().to_string();
+    assert!(
+        err.contains("made with other settings (eval_tokens: 128 -> 64)"),
+        "{err}"
+    );
+    // A checkpoint missing from a folder of checkpoint folders is not the folder itself.
+    let missing = SweepOptions {
+        checkpoints: vec!["step7".into()],
+        output: dir.path().join("sweep-missing"),
+        ..options.clone()
+    };
+    let err = run_sweep(&missing, false).unwrap_err().to_string();
+    assert!(err.contains("holds checkpoint folders but not"), "{err}");
     // Without the resume, the missing weights of step0 are an error naming the folder.
     std::fs::remove_file(output.join("step0/result.json")).unwrap();
     let err = run_sweep(&options, false).unwrap_err().to_string();

@@ -361,7 +361,7 @@ pub fn train(
                     rows.consumed + available as u64,
                     options.steps,
                     options.tokens_per_step,
-                    checkpoint_dir.map(|d| format!("; the last checkpoint in {} is kept", d.display())).unwrap_or_default()
+                    kept(checkpoint_dir, "last")
                 )));
             }
         };
@@ -396,7 +396,7 @@ pub fn train(
                 if !g.loss.is_finite() {
                     return Err(Error::Training(format!(
                         "non-finite loss at step {step}, layer {layer} (activations or lens diverged){}",
-                        checkpoint_dir.map(|d| format!("; the last good checkpoint in {} is kept", d.display())).unwrap_or_default()
+                        kept(checkpoint_dir, "last good")
                     )));
                 }
                 loss_sums[layer] += g.loss;
@@ -435,6 +435,14 @@ pub fn train(
         }
     }
     Ok(history)
+}
+
+/// `; the {which} checkpoint in DIR is kept` for an error message, when there is one.
+fn kept(checkpoint_dir: Option<&Path>, which: &str) -> String {
+    checkpoint_dir
+        .filter(|d| d.join("checkpoint.safetensors").is_file())
+        .map(|d| format!("; the {which} checkpoint in {} is kept", d.display()))
+        .unwrap_or_default()
 }
 
 /// Next-token ids for rows laid out as consecutive sequences of `seq_len`; the last position

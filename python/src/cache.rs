@@ -76,6 +76,10 @@ fn python_spelling(error: Error) -> Error {
             path,
             message: message.replace("pass --overwrite", "pass overwrite=True"),
         },
+        Error::Data { path, message } => Error::Data {
+            path,
+            message: message.replace("use --text-field", "use text_field="),
+        },
         other => other,
     }
 }
@@ -170,7 +174,7 @@ pub fn cache_activations<'py>(
         seq_len,
     };
     let options = CacheOptions {
-        max_shard_bytes: shard_mib.max(1) << 20,
+        max_shard_bytes: shard_mib.clamp(1, usize::MAX >> 20) << 20,
         overwrite,
         progress,
     };

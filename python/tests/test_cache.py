@@ -231,6 +231,10 @@ def test_errors(tiny_model, sample, tmp_path):
         ei.ActivationCache(tmp_path / "empty")
     with pytest.raises(ValueError, match="positive"):
         ei.cache_activations(tiny_model, POINTS, data=[sample], output=tmp_path / "z", seq_len=0)
+    records = tmp_path / "records.jsonl"
+    records.write_text('{"body": "a document without the default field"}\n')
+    with pytest.raises(Exception, match="no field 'text' \\(use text_field= to pick another\\)"):
+        ei.cache_activations(tiny_model, POINTS, data=[records], output=tmp_path / "j", seq_len=SEQ_LEN)
 
 
 def test_ctrl_c_stops_and_keeps_what_was_computed(tiny_model, tmp_path):

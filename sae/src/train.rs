@@ -1146,6 +1146,7 @@ pub fn train_many(
     }
     let keep = || {
         checkpoint_dirs
+            .filter(|d| d.iter().all(|d| checkpoint_path(d).is_file()))
             .map(|d| {
                 let names: Vec<String> = d.iter().map(|d| d.display().to_string()).collect();
                 format!("; the last checkpoint in {} is kept", names.join(", "))

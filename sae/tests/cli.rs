@@ -178,7 +178,10 @@ fn train_resume_and_eval_on_a_tiny_model() {
     )
     .unwrap();
     let message = format!("{:#}", call(train_args(&bare, &text)).unwrap_err());
-    assert!(message.contains("holds the result of another run"), "{message}");
+    assert!(
+        message.contains("holds the result of another run"),
+        "{message}"
+    );
 
     // Interrupted (the data runs out after the checkpoint of step 3), then resumed.
     // The same data file, first cut short, then whole (a checkpoint refuses other data).

@@ -493,10 +493,15 @@ fn load_checkpoint(
     let bad = |m: String| Error::Training(format!("checkpoint {}: {m}", path.display()));
     let device = lens.parameters()[0].device().clone();
     let (state, tensors): (State, _) = hooks::checkpoint::load(path, &device)?;
-    if state.options != *options {
+    // How often checkpoints are written does not change the result: it may differ.
+    let saved = TrainOptions {
+        checkpoint_every: options.checkpoint_every,
+        ..state.options.clone()
+    };
+    if saved != *options {
         return Err(bad(format!(
             "was made with other training options ({}); use another output folder or delete the checkpoint",
-            hooks::checkpoint::differences(&state.options, options)
+            hooks::checkpoint::differences(&saved, options)
         )));
     }
     hooks::checkpoint::check_source(&state.source, source).map_err(bad)?;

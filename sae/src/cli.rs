@@ -731,7 +731,12 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
         .context("give --model: evaluation runs the model")?;
     let mut args = args;
     let repo_id = args.sae.to_string_lossy().to_string();
-    if !args.sae.exists() && repo_id.split('/').count() == 2 {
+    // `owner/name`, not a mistyped local path such as `/data/saes` or `./saes`.
+    let hub_like = {
+        let parts: Vec<&str> = repo_id.split('/').collect();
+        parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && !p.starts_with('.'))
+    };
+    if !args.sae.exists() && hub_like {
         let list = args.hookpoints.as_deref().with_context(|| {
             format!("--sae {repo_id} is a hub repository: name the SAEs to fetch with --hookpoints")
         })?;
@@ -772,6 +777,17 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
             Sae::load(&dir, model.device()).with_context(|| format!("loading {}", dir.display()))
         })
         .collect::<Result<Vec<_>>>()?;
+    for ((sae, point), width) in saes.iter().zip(&points).zip(model_widths(&model, &points)?) {
+        if sae.d_in() != width {
+            bail!(
+                "the SAE for {} in {} reads {}-wide activations, but this model's {} are {width} wide",
+                model.hook_name(*point),
+                sae_dir(&args.sae, &model, *point).display(),
+                sae.d_in(),
+                model.hook_name(*point)
+            );
+        }
+    }
     // A transcoder's input point (the MLP input of its `layers.N.mlp`).
     let inputs: Vec<Option<HookPoint>> = saes
         .iter()

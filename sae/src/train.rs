@@ -1266,9 +1266,14 @@ fn load_checkpoint(
             skip.0, skip.1
         )));
     }
-    if state.options != trainer.options || state.config != *sae.config() {
+    // How often checkpoints are written does not change the result: it may differ.
+    let saved = TrainOptions {
+        checkpoint_every: trainer.options.checkpoint_every,
+        ..state.options.clone()
+    };
+    if saved != trainer.options || state.config != *sae.config() {
         let changed = hooks::checkpoint::differences(
-            &serde_json::json!({"options": state.options, "config": state.config}),
+            &serde_json::json!({"options": saved, "config": state.config}),
             &serde_json::json!({"options": trainer.options, "config": sae.config()}),
         );
         return Err(bad(format!(

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use hooks::data::DataSpec;
-use sae::Sae;
+use sae::{Sae, SaeConfig};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -227,6 +227,36 @@ fn train_resume_and_eval_on_a_tiny_model() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["tokens"], 256);
+    // An SAE of another width, and a mistyped local path, get messages that say so.
+    let narrow = tmp.path().join("narrow");
+    Sae::new(SaeConfig::new(16, 32, 4), 0, &Device::Cpu)
+        .unwrap()
+        .save(&narrow.join("layers.0"))
+        .unwrap();
+    let eval_with = |sae: &Path| {
+        let args = [
+            "eval",
+            "--model",
+            s(&model),
+            "--sae",
+            s(sae),
+            "--data",
+            s(&text),
+        ];
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        args.extend(["--seq-len", "64", "--tokens", "64"].map(String::from));
+        format!("{:#}", call(args).unwrap_err())
+    };
+    let message = eval_with(&narrow);
+    assert!(
+        message.contains("reads 16-wide activations, but this model's layers.0 are 32 wide"),
+        "{message}"
+    );
+    let message = eval_with(&tmp.path().join("no-such-saes"));
+    assert!(
+        !message.contains("hub repository") && message.contains("no-such-saes"),
+        "{message}"
+    );
     let rows = report["saes"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["hookpoint"], "layers.0");

@@ -314,7 +314,22 @@ fn resumes_exactly(skip_connection: bool, optimizer: SaeOptimizer, k_decay_steps
         message.contains("other training options") && message.contains("options.lr: 0.01 -> 0.02"),
         "{message}"
     );
-    // So is one that read other data.
+    // Another checkpoint interval is not another run.
+    let relaxed = TrainOptions {
+        checkpoint_every: options.checkpoint_every + 1,
+        ..options.clone()
+    };
+    let history = train(
+        &mut fresh(),
+        &mut Planted::new(5, 40),
+        POINT,
+        &relaxed,
+        Some(dir.path()),
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(history, full);
+    // A run that read other data is refused.
     let message = train(
         &mut fresh(),
         &mut Planted::new(6, 40),

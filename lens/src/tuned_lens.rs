@@ -198,6 +198,12 @@ impl TunedLens {
 
     /// Reads a lens from `dir`: ours (`params.safetensors`) or the reference format (`params.pt`).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        if dir.is_file() {
+            return Err(Error::Lens(format!(
+                "{} is a file: give the lens's folder (config.json and params.safetensors or params.pt)",
+                dir.display()
+            )));
+        }
         let config_path = dir.join("config.json");
         let text =
             std::fs::read_to_string(&config_path).map_err(|e| hooks::Error::io(&config_path, e))?;

@@ -82,6 +82,8 @@ __all__ = [
 def _run_main(program: str, run: Callable[[list[str]], None], argv: Optional[Sequence[str]]) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    if isinstance(argv, (str, bytes)):
+        raise TypeError(f"argv must be a list of arguments, not a string: {argv!r}")
     try:
         run([program, *[os.fspath(a) for a in argv]])
     except RuntimeError as error:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import eleuther_interp as ei
 
 from conftest import PYTHIA_STYLE
@@ -61,3 +63,5 @@ def test_hooks_main_in_process(capfd):
     assert ei.hooks_main(["inspect", "/no/such/cache"]) == 1
     _, err = capfd.readouterr()
     assert err.startswith("error: ") and "no such folder" in err
+    with pytest.raises(TypeError, match="argv must be a list of arguments, not a string"):
+        ei.hooks_main("info")

@@ -186,6 +186,10 @@ def test_export_reference(reference_lens, golden_model, tmp_path, monkeypatch):
 
 def test_bad_arguments(reference_lens, golden_model, tiny_model, expected, tmp_path):
     h = expected["hidden.0"]
+    config = tmp_path / "config.json"
+    config.write_text("{}")
+    with pytest.raises(ValueError, match="config.json is a file: give the lens's folder"):
+        ei.TunedLens.load(config)
     with pytest.raises(ValueError, match="layer 2 is out of range: the lens has 2 translators"):
         reference_lens.forward(h, 2, golden_model)
     with pytest.raises(ValueError, match="layer -1 is out of range"):

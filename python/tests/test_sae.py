@@ -78,6 +78,8 @@ def test_save_round_trip(sae, expected, tmp_path):
 def test_errors(sae, tmp_path):
     with pytest.raises(FileNotFoundError):
         ei.Sae.load(tmp_path / "nothing-here")
+    with pytest.raises(ValueError, match="cfg.json is a file: give the SAE's folder"):
+        ei.Sae.load(TINY / "cfg.json")
     with pytest.raises(ValueError, match=r"\[N, 48\]"):
         sae.encode(np.zeros((3, 47), np.float32))
     with pytest.raises(ValueError, match=r"\[N, 48\]"):

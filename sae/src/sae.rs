@@ -501,6 +501,12 @@ impl Sae {
     /// SAELens one (`sae_weights.safetensors`, see [`Sae::load_sae_lens`]) when the folder
     /// has that file and no `sae.safetensors`; parameters become float32 on `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        if dir.is_file() {
+            return Err(Error::Sae(format!(
+                "{} is a file: give the SAE's folder (cfg.json and sae.safetensors)",
+                dir.display()
+            )));
+        }
         if !dir.join("sae.safetensors").exists() && dir.join(SAE_LENS_WEIGHTS).is_file() {
             return Self::load_sae_lens(dir, device);
         }

@@ -69,6 +69,8 @@ pub struct LlamaConfig {
     pub vocab_size: usize,
     /// Rotary base frequency.
     pub rope_theta: f64,
+    /// Llama 3.1's rotary frequency scaling, when the config asks for it.
+    pub rope_scaling: Option<Llama3RopeScaling>,
     /// RMSNorm epsilon.
     pub rms_norm_eps: f64,
     /// Whether the q/k/v/o projections have biases.
@@ -79,6 +81,21 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     /// End-of-text token id, used to separate documents.
     pub eos_token_id: Option<u32>,
+}
+
+/// Llama 3.1's scaling of the rotary frequencies (`rope_type: "llama3"`): frequencies whose
+/// wavelength exceeds `original_max_position_embeddings / low_freq_factor` are divided by
+/// `factor`, those below `... / high_freq_factor` kept, and those between blended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3RopeScaling {
+    /// Divisor of the low frequencies.
+    pub factor: f64,
+    /// Wavelengths above `original_max_position_embeddings / low_freq_factor` are scaled.
+    pub low_freq_factor: f64,
+    /// Wavelengths below `original_max_position_embeddings / high_freq_factor` are kept.
+    pub high_freq_factor: f64,
+    /// The context length the model was first trained with.
+    pub original_max_position_embeddings: f64,
 }
 
 /// A model's architecture and its hyper-parameters.
@@ -148,6 +165,7 @@ impl ModelConfig {
                     vocab_size: fields.usize("vocab_size")?,
                     rope_theta: fields
                         .first_f64(&["rope_theta", "rope_parameters.rope_theta"], 10000.0)?,
+                    rope_scaling: fields.llama3_rope_scaling()?,
                     rms_norm_eps: fields.first_f64(&["rms_norm_eps"], 1e-6)?,
                     attention_bias: fields.bool_or("attention_bias", false)?,
                     mlp_bias: fields.bool_or("mlp_bias", false)?,
@@ -289,10 +307,10 @@ impl Fields<'_> {
     /// activation than the architecture's own, and scaled rotary embeddings (Llama 3.1's
     /// `llama3`, `linear`, `dynamic`, `yarn`...).
     fn check_supported_variant(&self, model_type: &str) -> Result<()> {
-        let activation = if model_type == "gpt_neox" {
-            "gelu"
+        let (activation, scalings) = if model_type == "gpt_neox" {
+            ("gelu", &[][..])
         } else {
-            "silu"
+            ("silu", &["llama3"][..])
         };
         if let Some(act) = self.get("hidden_act") {
             if act.as_str() != Some(activation) {
@@ -301,16 +319,62 @@ impl Fields<'_> {
                 )));
             }
         }
-        let scaling = self.get("rope_scaling").or_else(|| {
-            self.get("rope_parameters.rope_type")
-                .filter(|t| t.as_str() != Some("default"))
-        });
-        if let Some(scaling) = scaling {
-            return Err(self.error(format!(
-                "scaled rotary embeddings ({scaling}) are not supported; this runtime implements the default rotary embedding only"
-            )));
+        if let Some((_, kind)) = self.rope_scaling() {
+            if !scalings.contains(&kind) {
+                return Err(self.error(format!(
+                    "scaled rotary embeddings of type \"{kind}\" are not supported for {model_type} (supported: default{})",
+                    scalings.iter().map(|s| format!(", {s}")).collect::<String>()
+                )));
+            }
         }
         Ok(())
+    }
+
+    /// The rotary scaling object (`rope_scaling`, or transformers 5's `rope_parameters`)
+    /// and its type, unless absent or `default`.
+    fn rope_scaling(&self) -> Option<(&Value, &str)> {
+        ["rope_scaling", "rope_parameters"]
+            .into_iter()
+            .filter_map(|key| self.get(key))
+            .find_map(|v| {
+                let kind = v
+                    .get("rope_type")
+                    .or_else(|| v.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
+                (kind != "default").then_some((v, kind))
+            })
+    }
+
+    /// Llama 3.1's scaling, when [`Fields::rope_scaling`] is of type `llama3`.
+    fn llama3_rope_scaling(&self) -> Result<Option<Llama3RopeScaling>> {
+        let Some((v, "llama3")) = self.rope_scaling() else {
+            return Ok(None);
+        };
+        let number = |key: &str| {
+            v.get(key)
+                .and_then(Value::as_f64)
+                .filter(|x| *x > 0.0)
+                .ok_or_else(|| {
+                    self.error(format!(
+                        "llama3 rotary scaling needs a positive number '{key}', got {}",
+                        v.get(key).unwrap_or(&Value::Null)
+                    ))
+                })
+        };
+        let scaling = Llama3RopeScaling {
+            factor: number("factor")?,
+            low_freq_factor: number("low_freq_factor")?,
+            high_freq_factor: number("high_freq_factor")?,
+            original_max_position_embeddings: number("original_max_position_embeddings")?,
+        };
+        if scaling.high_freq_factor <= scaling.low_freq_factor {
+            return Err(self.error(format!(
+                "llama3 rotary scaling needs high_freq_factor ({}) above low_freq_factor ({})",
+                scaling.high_freq_factor, scaling.low_freq_factor
+            )));
+        }
+        Ok(Some(scaling))
     }
 
     /// Looks up a dotted path such as `rope_parameters.rope_theta`.
@@ -435,19 +499,40 @@ mod tests {
             err.contains("hidden_act \"gelu_fast\" is not supported for gpt_neox"),
             "{err}"
         );
+        let mut neox_scaled = pythia_70m();
+        neox_scaled["rope_scaling"] = json!({"type": "linear", "factor": 2.0});
+        let err = parse(neox_scaled).unwrap_err().to_string();
+        assert!(
+            err.contains("type \"linear\" are not supported for gpt_neox"),
+            "{err}"
+        );
+        // Llama 3.1's scaling is read (Llama-3.2-1B's config.json spelling); others are not.
         let mut llama3 = pythia_70m();
         llama3["model_type"] = json!("llama");
         llama3["hidden_act"] = json!("silu");
+        llama3["rope_scaling"] = json!({"rope_type": "llama3", "factor": 32.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192});
+        let ModelConfig::Llama(c) = parse(llama3.clone()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            c.rope_scaling.unwrap().original_max_position_embeddings,
+            8192.0
+        );
         llama3["rope_scaling"] = json!({"rope_type": "llama3", "factor": 32.0});
         let err = parse(llama3.clone()).unwrap_err().to_string();
         assert!(
-            err.contains("scaled rotary embeddings") && err.contains("llama3"),
+            err.contains("needs a positive number 'low_freq_factor'"),
             "{err}"
         );
         llama3.as_object_mut().unwrap().remove("rope_scaling");
         llama3["rope_parameters"] = json!({"rope_type": "yarn", "rope_theta": 1e4});
         let err = parse(llama3.clone()).unwrap_err().to_string();
-        assert!(err.contains("\"yarn\""), "{err}");
+        assert!(
+            err.contains("\"yarn\" are not supported for llama (supported: default, llama3)"),
+            "{err}"
+        );
         llama3["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 1e4});
         parse(llama3).unwrap();
     }

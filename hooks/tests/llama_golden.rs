@@ -11,7 +11,8 @@ use hooks::{HookPoint, Hooks, LoadOptions, Model};
 mod common;
 use common::relative_error;
 
-const CASES: [&str; 3] = ["gqa_tied", "mha_untied", "gqa_head_dim"];
+/// The last one has Llama 3.1's scaled rotary embedding.
+const CASES: [&str; 4] = ["gqa_tied", "mha_untied", "gqa_head_dim", "llama3_rope"];
 
 fn fixture_dir(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

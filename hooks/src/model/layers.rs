@@ -177,6 +177,29 @@ impl Rotary {
         Rotary { dims, inv_freq }
     }
 
+    /// The rotary embedding with Llama 3.1's frequency scaling (transformers'
+    /// `_compute_llama3_parameters`, in f32 as there).
+    pub fn llama3(dims: usize, base: f64, scaling: &crate::config::Llama3RopeScaling) -> Self {
+        let mut rotary = Rotary::new(dims, base);
+        let old_context = scaling.original_max_position_embeddings as f32;
+        let (low, high) = (
+            scaling.low_freq_factor as f32,
+            scaling.high_freq_factor as f32,
+        );
+        let factor = scaling.factor as f32;
+        let (low_freq_wavelen, high_freq_wavelen) = (old_context / low, old_context / high);
+        for f in rotary.inv_freq.iter_mut() {
+            let wavelen = 2.0 * std::f32::consts::PI / *f;
+            if wavelen > low_freq_wavelen {
+                *f /= factor;
+            } else if wavelen >= high_freq_wavelen {
+                let smooth = (old_context / wavelen - low) / (high - low);
+                *f = (1.0 - smooth) * *f / factor + smooth * *f;
+            }
+        }
+        rotary
+    }
+
     /// The rotated dimensions of each head.
     #[cfg(feature = "cuda")]
     pub fn dims(&self) -> usize {

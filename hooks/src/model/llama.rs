@@ -90,7 +90,10 @@ pub(crate) fn load(cfg: &LlamaConfig, w: &Loader) -> Result<Llama> {
             norm: final_norm.to_final_norm(),
             weight: unembed,
         },
-        rotary: Rotary::new(hd, cfg.rope_theta),
+        rotary: match &cfg.rope_scaling {
+            Some(scaling) => Rotary::llama3(hd, cfg.rope_theta, scaling),
+            None => Rotary::new(hd, cfg.rope_theta),
+        },
     })
 }
 

@@ -61,8 +61,26 @@ impl Tokenizer {
 
     /// Text of token ids (special tokens kept).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.decode_with(ids, false)
+    }
+
+    /// Text of token ids, special tokens left out when `skip_special` (ids outside the
+    /// vocabulary are an error, naming the first).
+    pub fn decode_with(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        // The tokenizers crate drops unknown ids silently.
+        if let Some((at, id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| self.inner.id_to_token(id).is_none())
+        {
+            return Err(Error::TokenOutOfRange {
+                token: i64::from(*id),
+                position: at,
+                vocab_size: self.vocab_size(),
+            });
+        }
         self.inner
-            .decode(ids, false)
+            .decode(ids, skip_special)
             .map_err(|e| Error::Tokenizer(format!("cannot decode ids: {e}")))
     }
 

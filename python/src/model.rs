@@ -115,12 +115,7 @@ impl PyTokenizer {
         let texts = py
             .detach(|| {
                 rows.iter()
-                    .map(|row| {
-                        self.inner
-                            .inner()
-                            .decode(row, skip_special_tokens)
-                            .map_err(|e| Error::Tokenizer(format!("cannot decode ids: {e}")))
-                    })
+                    .map(|row| self.inner.decode_with(row, skip_special_tokens))
                     .collect::<hooks::Result<Vec<String>>>()
             })
             .into_py_result()?;

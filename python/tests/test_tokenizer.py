@@ -43,6 +43,8 @@ def test_tokenizer_properties(tiny_model):
         ei.Tokenizer.from_file("/no/such/tokenizer.json")
     with pytest.raises(ValueError, match="out of range"):
         tok.decode([-1])
+    with pytest.raises(ValueError, match="token id 1000000 at position 1 is out of range for a vocabulary of"):
+        tok.decode([0, 10**6])
 
 
 def test_batch_tokenize_pads_right(tiny_model):

@@ -129,9 +129,13 @@ impl DataSpec {
             }
             let format = self.format_of(path)?;
             if !format.is_pretokenized() && tokenizer.and_then(Tokenizer::eos_id).is_none() {
+                let why = match tokenizer {
+                    None => "the model has no tokenizer (no tokenizer.json beside its config; pass --tokenizer, or give pre-tokenized .npy / .bin data)",
+                    Some(_) => "the model's tokenizer has no end-of-text token to separate documents",
+                };
                 return Err(Error::Data {
                     path: path.clone(),
-                    message: "text data needs a tokenizer with an end-of-text token".into(),
+                    message: format!("text data needs a tokenizer, but {why}"),
                 });
             }
             sources.push_back((path.clone(), format));

@@ -928,6 +928,11 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
     if tokens == 0 || ce_count == 0 {
         bail!("no tokens to evaluate");
     }
+    if rows_evaluated == 0 {
+        bail!(
+            "every one of the {tokens} tokens was left out (--skip-first-positions {skip}, --exclude-tokens {exclude:?}): no rows for the SAE metrics"
+        );
+    }
     let n = rows_evaluated as f64;
     let cc = ce_count as f64;
     let ce_clean = ce_clean / cc;

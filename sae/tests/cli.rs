@@ -252,6 +252,33 @@ fn train_resume_and_eval_on_a_tiny_model() {
         message.contains("reads 16-wide activations, but this model's layers.0 are 32 wide"),
         "{message}"
     );
+    // Every token left out: an error, not NaN metrics.
+    let same = tmp.path().join("same.txt");
+    std::fs::write(&same, "the the the the\n".repeat(200)).unwrap();
+    let tokenizer = hooks::Tokenizer::from_file(&model.join("tokenizer.json"), Some(0)).unwrap();
+    let mut ids = tokenizer.encode("the the the the").unwrap();
+    ids.push(0);
+    ids.sort();
+    ids.dedup();
+    let exclude = ids
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let args = [
+        "eval",
+        "--model",
+        s(&model),
+        "--sae",
+        s(&out),
+        "--data",
+        s(&same),
+    ];
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    args.extend(["--seq-len", "64", "--tokens", "64", "--exclude-tokens"].map(String::from));
+    args.push(exclude);
+    let message = format!("{:#}", call(args).unwrap_err());
+    assert!(message.contains("tokens was left out"), "{message}");
     let message = eval_with(&tmp.path().join("no-such-saes"));
     assert!(
         !message.contains("hub repository") && message.contains("no-such-saes"),

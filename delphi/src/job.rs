@@ -315,7 +315,11 @@ fn check_settings_in(output: &Path, config: &JobConfig) -> Result<Option<RunReco
         ("examples", differs(&recorded.examples, &config.examples)),
         ("explain", differs(&recorded.explain, &config.explain)),
         ("score", differs(&recorded.score, &config.score)),
-        ("data", differs(&recorded.data, &config.data)),
+        // Folders from before the data settings were recorded have none: not compared.
+        (
+            "data",
+            recorded.data.is_some() && differs(&recorded.data, &config.data),
+        ),
     ] {
         if differ {
             return Err(Error::file(

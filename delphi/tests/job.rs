@@ -481,6 +481,30 @@ async fn try_run(
     run_job(&f.cache, &f.tokenizer, &models, config, &options).await
 }
 
+/// An output folder from before the data settings were recorded (no `data` in its
+/// run_config.json) takes a rerun that has them; once recorded, other ones are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_settings_are_compared_once_recorded() {
+    let f = fixture();
+    let server = TestServer::start().await;
+    let out = f.root.join("older");
+    run(&f, &server, &out, Shard::ALL).await;
+    let with_data = JobConfig {
+        data: Some("data.txt, seq_len 16".into()),
+        ..job_config()
+    };
+    delphi::job::check_settings(&out, &with_data).unwrap();
+    run_with(&f, &server, &out, Shard::ALL, &with_data).await;
+    let other = JobConfig {
+        data: Some("other.txt, seq_len 16".into()),
+        ..job_config()
+    };
+    let err = delphi::job::check_settings(&out, &other)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("other 'data' settings"), "{err}");
+}
+
 /// With the server down, the job stops starting latents once the LLM has failed for two
 /// latents in a row per concurrent slot (each would otherwise spend its own retries); the
 /// latents not tried are errors, so the run fails and a rerun takes them up.

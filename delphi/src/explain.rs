@@ -30,8 +30,9 @@ impl Default for ExplainConfig {
 /// What the explainer answered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Explanation {
-    /// The parsed explanation; `None` when the answer had no `[EXPLANATION]:` line or was
-    /// cut off at `max_tokens` (a cut answer's last line may be half a sentence).
+    /// The parsed explanation; `None` when the answer had no `[EXPLANATION]:` line, or when
+    /// it was cut off at `max_tokens` before that line ended (a cut answer's last line may be
+    /// half a sentence; a whole explanation line followed by cut chatter is kept).
     pub explanation: Option<String>,
     /// The raw answer.
     pub answer: String,
@@ -61,9 +62,12 @@ pub async fn explain(
     };
     let response = llm.chat(request).await?;
     Ok(Explanation {
-        explanation: (!response.truncated)
-            .then(|| parse_explanation(&response.text))
-            .flatten(),
+        explanation: if response.truncated {
+            // Only whole lines: the last one stopped where the tokens ran out.
+            parse_explanation(&response.text[..response.text.rfind('\n').unwrap_or(0)])
+        } else {
+            parse_explanation(&response.text)
+        },
         truncated: response.truncated,
         answer: response.text,
         usage: response.usage,
@@ -126,7 +130,14 @@ mod tests {
             text: "[EXPLANATION]: The token \"Malaysia\"",
             truncated: true,
         };
-        let answer = explain_with(&cut, &[example]).unwrap();
+        let answer = explain_with(&cut, std::slice::from_ref(&example)).unwrap();
         assert!(answer.truncated && answer.explanation.is_none());
+        // A whole explanation line, then chatter cut off, is an explanation.
+        let chatter = Fixed {
+            text: "[EXPLANATION]: Country names.\nI hope this helps, and in fact",
+            truncated: true,
+        };
+        let answer = explain_with(&chatter, &[example]).unwrap();
+        assert_eq!(answer.explanation.as_deref(), Some("Country names."));
     }
 }

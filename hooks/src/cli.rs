@@ -153,6 +153,26 @@ struct CacheArgs {
     overwrite: bool,
 }
 
+/// The `main` of the project's commands: runs `run` on the process's arguments and turns
+/// an error into `error: ...` (with its causes) on stderr and exit status 1. A closed output
+/// pipe (`hooks inspect DIR | head`) ends the process quietly, as it does other Unix tools,
+/// instead of a panic in `println!`.
+pub fn main(run: impl FnOnce(std::env::ArgsOs) -> Result<()>) -> std::process::ExitCode {
+    #[cfg(unix)]
+    // SAFETY: called first thing in a command's `main`, before any other thread exists;
+    // restores the default action Rust's runtime replaced with "ignore".
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    match run(std::env::args_os()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Parses argv (program name first) and runs the command.
 pub fn run<I, T>(args: I) -> Result<()>
 where
@@ -211,7 +231,7 @@ fn cache(args: CacheArgs) -> Result<()> {
         args.data.max_chunks()?,
     )?;
     let options = CacheOptions {
-        max_shard_bytes: args.shard_mib.max(1) << 20,
+        max_shard_bytes: args.shard_mib.clamp(1, usize::MAX >> 20) << 20,
         overwrite: args.overwrite,
         progress: true,
     };

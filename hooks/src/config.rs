@@ -122,7 +122,6 @@ impl ModelConfig {
     pub fn from_json(json: &Value, path: &Path) -> Result<Self> {
         let fields = Fields { json, path };
         let model_type = fields.model_type()?;
-        fields.check_supported_variant(&model_type)?;
         let config = match model_type.as_str() {
             "gpt_neox" => ModelConfig::GptNeox(GptNeoxConfig {
                 hidden_size: fields.usize("hidden_size")?,
@@ -179,6 +178,7 @@ impl ModelConfig {
                 )))
             }
         };
+        fields.check_supported_variant(&model_type)?;
         config.validate(path)?;
         Ok(config)
     }
@@ -366,7 +366,19 @@ impl Fields<'_> {
             factor: number("factor")?,
             low_freq_factor: number("low_freq_factor")?,
             high_freq_factor: number("high_freq_factor")?,
-            original_max_position_embeddings: number("original_max_position_embeddings")?,
+            // transformers falls back on the model's own context length.
+            original_max_position_embeddings: match v.get("original_max_position_embeddings") {
+                Some(_) => number("original_max_position_embeddings")?,
+                None => self
+                    .get("max_position_embeddings")
+                    .and_then(Value::as_f64)
+                    .filter(|x| *x > 0.0)
+                    .ok_or_else(|| {
+                        self.error(
+                            "llama3 rotary scaling needs 'original_max_position_embeddings' (or 'max_position_embeddings')".into(),
+                        )
+                    })?,
+            },
         };
         if scaling.high_freq_factor <= scaling.low_freq_factor {
             return Err(self.error(format!(
@@ -525,6 +537,17 @@ mod tests {
         assert!(
             err.contains("needs a positive number 'low_freq_factor'"),
             "{err}"
+        );
+        // Without original_max_position_embeddings, the model's own length (transformers).
+        llama3["rope_scaling"] = json!({"rope_type": "llama3", "factor": 32.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0});
+        llama3["max_position_embeddings"] = json!(2048);
+        let ModelConfig::Llama(c) = parse(llama3.clone()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            c.rope_scaling.unwrap().original_max_position_embeddings,
+            2048.0
         );
         llama3.as_object_mut().unwrap().remove("rope_scaling");
         llama3["rope_parameters"] = json!({"rope_type": "yarn", "rope_theta": 1e4});

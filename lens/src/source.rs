@@ -91,8 +91,9 @@ impl LensData {
                     settings.model
                 )));
             }
-            // Next-token targets and per-sequence statistics follow the cache's sequences.
-            if settings.data.seq_len != self.seq_len {
+            // Read in order, rows are whole sequences: next-token targets and per-sequence
+            // statistics follow the cache's length (shuffled rows, for the KL, do not).
+            if order == ReadOrder::Sequential && settings.data.seq_len != self.seq_len {
                 return Err(Error::Lens(format!(
                     "activation cache {} holds sequences of {} tokens, not {}: pass that sequence length",
                     dir.display(),

@@ -147,7 +147,7 @@ pub struct CheckpointResult {
 }
 
 /// The settings that shape a checkpoint's result: evaluation data and budget, prompt, and
-/// how the tuned lens is made.
+/// how the tuned lens is made (not how many tokens are decoded at once).
 fn sweep_settings(options: &SweepOptions) -> serde_json::Value {
     let data = |d: &LensData| {
         serde_json::json!({
@@ -164,7 +164,7 @@ fn sweep_settings(options: &SweepOptions) -> serde_json::Value {
     };
     serde_json::json!({
         "model": options.model, "tokenizer": options.tokenizer, "eval_data": data(&options.eval_data),
-        "eval_tokens": options.eval_tokens, "chunk_tokens": options.chunk_tokens,
+        "eval_tokens": options.eval_tokens,
         "prompt": options.prompt, "top_k": options.top_k, "lens": lens,
     })
 }
@@ -220,8 +220,8 @@ pub fn short_name(model: &str) -> String {
 }
 
 /// Loads checkpoint `revision` of `model`: `model/revision` when that is a model folder,
-/// else `model` at hub revision `revision` (a lone folder or GGUF file ignores it; a folder
-/// of checkpoint folders without this one is an error, not the folder itself).
+/// else `model` at hub revision `revision` (a lone model folder or GGUF file ignores it; a
+/// folder holding only checkpoint folders, none of them this one, is an error).
 pub fn load_checkpoint(
     model: &str,
     revision: &str,
@@ -238,7 +238,10 @@ pub fn load_checkpoint(
     };
     let mut loaded = if local.join("config.json").is_file() {
         Model::from_folder(&local, load)?
-    } else if Path::new(model).is_dir() && has_checkpoints() {
+    } else if Path::new(model).is_dir()
+        && !Path::new(model).join("config.json").is_file()
+        && has_checkpoints()
+    {
         return Err(Error::Lens(format!(
             "{model} holds checkpoint folders but not {}",
             local.display()

@@ -168,9 +168,9 @@ fn reference_lens_file_gives_the_reference_outputs_and_metrics() {
 }
 
 /// Tuned-lens's Muon recipe (its PR #141; tests/fixtures/tuned_lens/muon_training): three
-/// steps from the pythia_style translators, each on its own batch, against PyTorch's run with
-/// the PR's optimisers (Muon on the matrices, AdamW on the biases, decoupled weight decay,
-/// here 1.0 so that it shows). Same per-layer KL and gradient norm at every step; the same
+/// steps from the pythia_style translators, each on its own batch, against PyTorch's run of
+/// the PR's recipe (sparsify's Muon class, the same code as the PR's, on the matrices, AdamW
+/// on the biases, decoupled weight decay, here 1.0 so that it shows). Same per-layer KL and gradient norm at every step; the same
 /// translators after the last, within the bf16 Newton-Schulz iterations' rounding. Coupled
 /// weight decay in either group fails at the second step's KL.
 #[test]

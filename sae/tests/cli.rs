@@ -184,16 +184,12 @@ fn train_resume_and_eval_on_a_tiny_model() {
     );
 
     // Interrupted (the data runs out after the checkpoint of step 3), then resumed.
-    // The same data file, first cut short, then whole (a checkpoint refuses other data).
     let short = truncated_text(tmp.path(), &model);
     let out2 = tmp.path().join("run2");
     let message = format!("{:#}", call(train_args(&out2, &short)).unwrap_err());
     assert!(message.contains("ran out during step"), "{message}");
     assert!(!out2.join(points[0]).join("sae.safetensors").exists());
-    let message = format!("{:#}", call(train_args(&out2, &text)).unwrap_err());
-    assert!(message.contains("but this run reads model"), "{message}");
-    std::fs::copy(&text, &short).unwrap();
-    call(train_args(&out2, &short)).unwrap();
+    call(train_args(&out2, &text)).unwrap();
     for (p, sae) in points.iter().zip(&trained) {
         let resumed = Sae::load(&out2.join(p), &Device::Cpu).unwrap();
         assert_eq!(flat(&resumed), flat(sae), "{p}");

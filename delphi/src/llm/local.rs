@@ -360,14 +360,19 @@ impl Shared {
             }
             if let (Some(list), Some(k)) = (logprobs.as_mut(), request.top_logprobs) {
                 let lp = log_softmax(&scores);
-                let text = |id: u32| self.tokenizer.token_text(id);
+                // A model's rows past its tokenizer's vocabulary (padding) have no text.
+                let text = |id: u32| {
+                    self.tokenizer
+                        .token_text(id)
+                        .unwrap_or_else(|_| format!("<{id}>"))
+                };
                 list.push(TokenLogprobs {
-                    token: text(token)?,
+                    token: text(token),
                     logprob: lp[token as usize],
                     top: top_k(&lp, k as usize)
                         .into_iter()
-                        .map(|id| Ok((text(id)?, lp[id as usize])))
-                        .collect::<Result<_>>()?,
+                        .map(|id| (text(id), lp[id as usize]))
+                        .collect(),
                 });
             }
             generated.push(token);
@@ -380,7 +385,14 @@ impl Shared {
             position += 1;
         }
         Ok(ChatResponse {
-            text: self.tokenizer.decode(&generated)?,
+            // Sampled padding rows (past the tokenizer's vocabulary) have no text.
+            text: self.tokenizer.decode(
+                &generated
+                    .iter()
+                    .copied()
+                    .filter(|&id| (id as usize) < self.tokenizer.vocab_size())
+                    .collect::<Vec<_>>(),
+            )?,
             logprobs,
             usage,
             truncated,

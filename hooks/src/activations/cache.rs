@@ -629,15 +629,25 @@ impl ActivationSource for CacheReader {
         &self.cache.points
     }
 
+    /// What the cache holds (model, data, token count), not where it lies, and the order.
     fn describe(&self) -> String {
         let order = match self.order {
             ReadOrder::Sequential => "in order".to_string(),
             ReadOrder::Shuffled { seed, .. } => format!("shuffled with seed {seed}"),
         };
+        let m = &self.cache.manifest;
+        let data: Vec<String> = m
+            .settings
+            .data
+            .paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
         format!(
-            "activation cache {} (model {}) read {order}",
-            self.cache.dir.display(),
-            self.cache.manifest.settings.model
+            "an activation cache of model {} over {} ({} tokens) read {order}",
+            m.settings.model,
+            data.join(", "),
+            m.tokens
         )
     }
 

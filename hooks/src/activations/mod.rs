@@ -200,18 +200,15 @@ impl ActivationSource for ModelActivations<'_> {
         &self.points
     }
 
+    /// The model (a local one by its full path, a hub one with its revision) and the
+    /// sequence length; not the data files, which a resumed run may extend or move.
     fn describe(&self) -> String {
-        let spec = self.chunks.spec();
-        let paths: Vec<String> = spec.paths.iter().map(|p| p.display().to_string()).collect();
+        let origin = self.model.origin();
+        let origin = std::fs::canonicalize(origin)
+            .map_or_else(|_| origin.to_string(), |p| p.display().to_string());
         format!(
-            "model {}{} over {} in sequences of {} tokens",
-            self.model.origin(),
-            self.model
-                .revision()
-                .map(|r| format!("@{r}"))
-                .unwrap_or_default(),
-            paths.join(", "),
-            spec.seq_len
+            "model {origin} in sequences of {} tokens",
+            self.chunks.seq_len()
         )
     }
 

@@ -1,11 +1,5 @@
 //! The `lens` command: see `lens --help`.
 
 fn main() -> std::process::ExitCode {
-    match lens::cli::run(std::env::args_os()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    hooks::cli::main(lens::cli::run)
 }

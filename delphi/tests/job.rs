@@ -42,7 +42,20 @@ fn tiny_sae() -> Sae {
 
 /// Caches `sequences` sequences of WikiText at layers.1 into `dir`.
 fn write_cache(model: &Model, sae: &Sae, dir: &Path, sequences: u64, per_shard: usize) -> u64 {
-    let chunks = DataSpec::new(vec![repo().join("data/wikitext-2-raw-test.txt")], SEQ_LEN)
+    let wikitext = repo().join("data/wikitext-2-raw-test.txt");
+    try_write_cache(model, sae, &wikitext, dir, Some(sequences), per_shard).unwrap()
+}
+
+/// Caches up to `sequences` sequences of `data` at layers.1 into `dir`.
+fn try_write_cache(
+    model: &Model,
+    sae: &Sae,
+    data: &Path,
+    dir: &Path,
+    sequences: Option<u64>,
+    per_shard: usize,
+) -> delphi::Result<u64> {
+    let chunks = DataSpec::new(vec![data.to_path_buf()], SEQ_LEN)
         .chunks(model.tokenizer().ok())
         .unwrap();
     let targets = [CacheTarget {
@@ -53,10 +66,10 @@ fn write_cache(model: &Model, sae: &Sae, dir: &Path, sequences: u64, per_shard: 
     let options = WriteOptions {
         batch_size: 4,
         sequences_per_shard: per_shard,
-        max_sequences: Some(sequences),
+        max_sequences: sequences,
         progress: false,
     };
-    write_latent_cache(model, chunks, &targets, dir, &options).unwrap()
+    write_latent_cache(model, chunks, &targets, dir, &options)
 }
 
 #[test]
@@ -185,23 +198,7 @@ fn a_cache_is_not_resumed_from_other_data_or_another_sae() {
         "{config}"
     );
     let shards = || std::fs::read_dir(dir.join("shards")).unwrap().count();
-    let write = |data: &Path, sae: &Sae| {
-        let chunks = DataSpec::new(vec![data.to_path_buf()], SEQ_LEN)
-            .chunks(model.tokenizer().ok())
-            .unwrap();
-        let targets = [CacheTarget {
-            name: "layers.1".into(),
-            point: HookPoint::Layer(1),
-            sae,
-        }];
-        let options = WriteOptions {
-            batch_size: 4,
-            sequences_per_shard: 4,
-            max_sequences: Some(12),
-            progress: false,
-        };
-        write_latent_cache(&model, chunks, &targets, &dir, &options)
-    };
+    let write = |data: &Path, sae: &Sae| try_write_cache(&model, sae, data, &dir, Some(12), 4);
     let other_text = tmp.path().join("other.txt");
     std::fs::write(
         &other_text,
@@ -226,22 +223,8 @@ fn a_cache_is_not_resumed_from_other_data_or_another_sae() {
     // Data without one whole sequence makes no cache (every latent would be "too rare").
     let few = tmp.path().join("few.txt");
     std::fs::write(&few, "Just a few words.\n").unwrap();
-    let chunks = DataSpec::new(vec![few], SEQ_LEN)
-        .chunks(model.tokenizer().ok())
-        .unwrap();
-    let targets = [CacheTarget {
-        name: "layers.1".into(),
-        point: HookPoint::Layer(1),
-        sae: &sae,
-    }];
-    let options = WriteOptions {
-        batch_size: 4,
-        sequences_per_shard: 4,
-        max_sequences: None,
-        progress: false,
-    };
     let empty = tmp.path().join("empty-cache");
-    let message = write_latent_cache(&model, chunks, &targets, &empty, &options)
+    let message = try_write_cache(&model, &sae, &few, &empty, None, 4)
         .unwrap_err()
         .to_string();
     assert!(message.contains("no complete sequence"), "{message}");

@@ -388,7 +388,10 @@ class Sae:
     @property
     def k(self) -> int: ...
     def encode(self, x: npt.ArrayLike) -> tuple[_F32, _I64]:
-        """``(top_acts float32 [N, k], top_indices int64 [N, k])`` of ``x`` ``[N, d_in]``, largest first."""
+        """``(top_acts float32 [N, k], top_indices int64 [N, k])`` of ``x`` ``[N, d_in]``, largest first.
+        Rows with a NaN or an infinity raise ``ValueError``. A ReLU or JumpReLU SAE (loaded from
+        SAELens) has no fixed ``k``: its width is the most active latents of any row in the batch,
+        other rows padded with zero activations (which decode to nothing)."""
     def decode(self, top_acts: npt.ArrayLike, top_indices: npt.ArrayLike) -> _F32:
         """``[N, d_in]`` float32 reconstruction from ``[N, k]`` activations and indices."""
     def forward(self, x: npt.ArrayLike, y: Optional[npt.ArrayLike] = None) -> dict[str, Any]:

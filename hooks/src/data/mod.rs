@@ -317,6 +317,8 @@ impl ChunkStream {
             },
             DataFormat::TextFile => {
                 let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                // Universal newlines, as Python reads text (lines() already drops "\r\n").
+                let text = text.replace("\r\n", "\n").replace('\r', "\n");
                 Source::Documents {
                     docs: Box::new(std::iter::once(Ok(text))),
                     path,
@@ -483,6 +485,26 @@ mod tests {
             tok.encode("Hello world\n\n  \nThe cat sat on the mat.\nA third line here\n")
                 .unwrap()[..whole.len() * 4 - 1]
         );
+    }
+
+    /// Windows line ends read as Unix ones (Python's universal newlines, as the reference
+    /// tools read text): the same tokens, one document per line or per file.
+    #[test]
+    fn crlf_text_reads_as_lf() {
+        let tok = tokenizer();
+        let dir = tempfile::tempdir().unwrap();
+        let text = "Hello world\nThe cat sat on the mat.\nA third line here\n".repeat(3);
+        let (lf, crlf) = (dir.path().join("lf.txt"), dir.path().join("crlf.txt"));
+        std::fs::write(&lf, &text).unwrap();
+        std::fs::write(&crlf, text.replace('\n', "\r\n")).unwrap();
+        for format in [None, Some("text-file")] {
+            let chunks = |path: &Path| {
+                let mut spec = DataSpec::new(vec![path.to_path_buf()], 4);
+                spec.format = format.map(String::from);
+                collect(&spec, &tok)
+            };
+            assert_eq!(chunks(&crlf), chunks(&lf), "{format:?}");
+        }
     }
 
     #[test]

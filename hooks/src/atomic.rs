@@ -37,6 +37,30 @@ pub fn write_with(
     })
 }
 
+/// Checks, before a long job, that the file it writes at the end can be written there: its
+/// folder exists and it is not itself a folder (otherwise the job's work would be lost to
+/// a late error).
+pub fn check_target(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "{} is a folder; give a file name",
+            path.display()
+        )));
+    }
+    let folder = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !folder.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "cannot write {}: the folder {} does not exist",
+            path.display(),
+            folder.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Writes bytes to a file atomically.
 pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     write_with(path, |w| w.write_all(bytes))
@@ -180,6 +204,15 @@ mod tests {
             "[1,2]"
         );
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // What a long job checks before it starts.
+        check_target(&path).unwrap();
+        check_target(Path::new("report.json")).unwrap();
+        let err = check_target(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("is a folder"), "{err}");
+        let err = check_target(&dir.path().join("missing/a.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing does not exist"), "{err}");
     }
 
     #[test]

@@ -390,6 +390,9 @@ fn train_command(args: TrainArgs) -> Result<()> {
 }
 
 fn eval_command(args: EvalArgs) -> Result<()> {
+    if let Some(path) = &args.json {
+        hooks::atomic::check_target(path)?;
+    }
     let model = args.model.load()?;
     let lens = match &args.lens {
         Some(dir) => {

@@ -725,6 +725,9 @@ struct Sums {
 }
 
 fn eval_command(args: EvalArgs) -> Result<EvalReport> {
+    if let Some(path) = &args.json {
+        hooks::atomic::check_target(path)?;
+    }
     let model = args
         .model
         .load()?

@@ -222,14 +222,25 @@ pub fn evaluate(
             i.to_string()
         }
     };
+    let logit_lens: Vec<LayerMetrics> = logit
+        .iter()
+        .enumerate()
+        .map(|(i, s)| s.finish(label(i)))
+        .collect();
+    // NaN logits would still give an agreement of 1 and a depth of 0: refuse them.
+    if let Some(row) = logit_lens
+        .iter()
+        .find(|m| !(m.kl.is_finite() && m.entropy.is_finite()))
+    {
+        return Err(Error::Lens(format!(
+            "the model's outputs are not finite (logit lens at layer {}: KL {}, entropy {}); check its config and weights",
+            row.layer, row.kl, row.entropy
+        )));
+    }
     Ok(EvalReport {
         tokens,
         nats_to_bits_per_byte: None,
-        logit_lens: logit
-            .iter()
-            .enumerate()
-            .map(|(i, s)| s.finish(label(i)))
-            .collect(),
+        logit_lens,
         tuned_lens: lens.map(|_| {
             tuned
                 .iter()

@@ -516,3 +516,29 @@ fn sweep_over_two_local_checkpoints_writes_files_and_resumes() {
     let err = run_sweep(&options, false).unwrap_err().to_string();
     assert!(err.contains("step0"), "{err}");
 }
+
+/// A model whose outputs are NaN (a negative layer-norm epsilon) is an evaluation error, not
+/// a report of perfect top-1 agreement.
+#[test]
+fn evaluating_a_model_with_non_finite_outputs_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = hooks::synthetic::tiny_gpt_neox_config(2);
+    config["layer_norm_eps"] = serde_json::json!(-1.0);
+    hooks::synthetic::write_synthetic_model(dir.path(), &config, Some(&tokenizer())).unwrap();
+    let model = Model::from_folder(dir.path(), &LoadOptions::default()).unwrap();
+    let data = LensData {
+        data: vec![repo().join("data/wikitext-2-raw-test.txt")],
+        activations: None,
+        format: None,
+        text_field: "text".into(),
+        seq_len: 32,
+        batch_size: 2,
+    };
+    let mut source = data
+        .open(&model, hooks::activations::ReadOrder::Sequential, Some(64))
+        .unwrap();
+    let err = lens::eval::evaluate(None, &model.unembedding(), 2, source.as_mut(), 32, 64, 64)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("outputs are not finite"), "{err}");
+}

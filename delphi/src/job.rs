@@ -439,7 +439,8 @@ struct Counters {
     unreadable_scores: AtomicU64,
     errors: Mutex<Vec<String>>,
     usage: Mutex<Usage>,
-    /// Latents in a row whose LLM requests failed for good, since the last that got
+    /// Latents in a row whose LLM requests kept failing until the retries ran out
+    /// ([`Error::Unreachable`]), since the last that got
     /// answers: when they reach [`GIVE_UP_AFTER`] x the concurrency, the job stops starting
     /// latents (an unreachable server would otherwise cost every latent its retries).
     llm_failures_in_a_row: AtomicU64,
@@ -652,7 +653,9 @@ pub async fn run_job(
                     counter.fetch_add(1, Ordering::Relaxed);
                 };
                 match &outcome {
-                    Err(Error::Llm { .. }) => count(&counters.llm_failures_in_a_row),
+                    // Only a backend that keeps failing: a refused request (say, too long)
+                    // says nothing about the next latent's.
+                    Err(Error::Unreachable { .. }) => count(&counters.llm_failures_in_a_row),
                     Ok(Outcome::Complete | Outcome::NoExplanation | Outcome::Unreadable) => {
                         counters.llm_failures_in_a_row.store(0, Ordering::Relaxed)
                     }

@@ -49,12 +49,22 @@ pub enum Error {
         /// What is wrong with it.
         message: String,
     },
-    /// A request to a language model failed for good (after any retries).
+    /// A request to a language model failed for good (refused, or answered in a way no
+    /// retry would change).
     #[error("{backend}: {message}")]
     Llm {
         /// The backend (URL or model file).
         backend: String,
         /// What went wrong.
+        message: String,
+    },
+    /// A language model kept failing transiently (down, overloaded, timing out) until the
+    /// retries ran out.
+    #[error("{backend}: {message}")]
+    Unreachable {
+        /// The backend (URL).
+        backend: String,
+        /// The last failure.
         message: String,
     },
     /// Bad options or arguments.

@@ -527,6 +527,28 @@ async fn an_unreachable_llm_stops_the_job_early() {
         "{report:?}"
     );
     assert_eq!(report.complete, 0);
+
+    // Refused requests (HTTP 400) are not a server that is down: every latent is tried.
+    let server = TestServer::start().await;
+    server.inject((0..64).map(|_| Fault::Status(400)));
+    let llm = client(&server);
+    let models = JobModels {
+        explainer: &llm,
+        scorer: &llm,
+        embedder: None,
+    };
+    let options = RunOptions {
+        output: f.root.join("refused"),
+        ..options
+    };
+    let report = run_job(&f.cache, &f.tokenizer, &models, &job_config(), &options)
+        .await
+        .unwrap();
+    assert!(!report.errors.is_empty(), "{report:?}");
+    assert!(
+        report.errors.iter().all(|e| !e.contains("not tried")),
+        "{report:?}"
+    );
 }
 
 /// A rerun from another LLM or another cache is refused; a rerun of part of the job keeps

@@ -259,10 +259,13 @@ impl OpenAiClient {
                 Err(Failure::Final(message)) => return Err(self.error(message)),
                 Err(Failure::Transient(message, after)) => {
                     if retry >= self.config.max_retries {
-                        return Err(self.error(format!(
-                            "{message} (gave up after {} retries)",
-                            self.config.max_retries
-                        )));
+                        return Err(Error::Unreachable {
+                            backend: self.shown.clone(),
+                            message: format!(
+                                "{message} (gave up after {} retries)",
+                                self.config.max_retries
+                            ),
+                        });
                     }
                     let wait = self.retry_wait(retry, after);
                     tracing::warn!(

@@ -407,9 +407,15 @@ fn run_command(args: RunArgs) -> Result<()> {
             ..ScoreConfig::default()
         },
         data: args.latent_cache.is_none().then(|| {
+            // Full paths: the same files named from another folder are the same data.
+            let data: Vec<PathBuf> = args
+                .data
+                .iter()
+                .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+                .collect();
             format!(
-                "data {:?}, seq_len {}, max_tokens {}",
-                args.data, args.seq_len, args.max_tokens
+                "data {data:?}, seq_len {}, max_tokens {}",
+                args.seq_len, args.max_tokens
             )
         }),
     };

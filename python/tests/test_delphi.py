@@ -4,6 +4,7 @@ explain and score against a loopback OpenAI-compatible server, and a whole `delp
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -198,3 +199,13 @@ def test_delphi_run_refuses_to_extend_the_cache_of_existing_results(latents, ser
     assert ei.delphi_main(bigger) == 1
     assert "other 'data' settings" in capfd.readouterr().err
     assert ei.LatentCache(out / "latents").tokens.shape == cached
+    # The same file named from another folder is the same data.
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    relative = [os.path.relpath(WIKITEXT, elsewhere) if a == str(WIKITEXT) else a for a in args]
+    previous = os.getcwd()
+    os.chdir(elsewhere)
+    try:
+        assert ei.delphi_main(relative) == 0, capfd.readouterr().err
+    finally:
+        os.chdir(previous)

@@ -229,7 +229,8 @@ fn train_resume_and_eval_on_a_tiny_model() {
         .unwrap()
         .save(&narrow.join("layers.0"))
         .unwrap();
-    let eval_with = |sae: &Path| {
+    // A failing `sae eval` of `sae` on `data`, with `extra` arguments: its message.
+    let eval_error = |sae: &Path, data: &Path, extra: &[&str]| {
         let args = [
             "eval",
             "--model",
@@ -237,13 +238,14 @@ fn train_resume_and_eval_on_a_tiny_model() {
             "--sae",
             s(sae),
             "--data",
-            s(&text),
+            s(data),
         ];
         let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         args.extend(["--seq-len", "64", "--tokens", "64"].map(String::from));
+        args.extend(extra.iter().map(|a| a.to_string()));
         format!("{:#}", call(args).unwrap_err())
     };
-    let message = eval_with(&narrow);
+    let message = eval_error(&narrow, &text, &[]);
     assert!(
         message.contains("reads 16-wide activations, but this model's layers.0 are 32 wide"),
         "{message}"
@@ -261,21 +263,9 @@ fn train_resume_and_eval_on_a_tiny_model() {
         .map(|i| i.to_string())
         .collect::<Vec<_>>()
         .join(",");
-    let args = [
-        "eval",
-        "--model",
-        s(&model),
-        "--sae",
-        s(&out),
-        "--data",
-        s(&same),
-    ];
-    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    args.extend(["--seq-len", "64", "--tokens", "64", "--exclude-tokens"].map(String::from));
-    args.push(exclude);
-    let message = format!("{:#}", call(args).unwrap_err());
+    let message = eval_error(&out, &same, &["--exclude-tokens", &exclude]);
     assert!(message.contains("tokens was left out"), "{message}");
-    let message = eval_with(&tmp.path().join("no-such-saes"));
+    let message = eval_error(&tmp.path().join("no-such-saes"), &text, &[]);
     assert!(
         !message.contains("hub repository") && message.contains("no-such-saes"),
         "{message}"

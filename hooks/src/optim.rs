@@ -312,11 +312,6 @@ impl Optimizers {
         self.muon.is_some()
     }
 
-    /// Steps taken so far.
-    pub fn steps(&self) -> u64 {
-        self.rest.steps()
-    }
-
     /// One step: with Muon, the matrices at `matrix_lr` and the rest at `lr`; without,
     /// every parameter at `lr`. Each updated parameter becomes a new tensor.
     pub fn step(

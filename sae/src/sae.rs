@@ -390,10 +390,17 @@ impl Sae {
         })
     }
 
+    /// [`Sae::encoder_input`] of `x`, converted once and refused when it holds a NaN or an
+    /// infinity: the entry of the public encoders (training checks its batches itself).
+    fn checked_encoder_input(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.input(x, "input")?;
+        check_finite(&x, "input")?;
+        self.encoder_input(&x)
+    }
+
     /// Pre-activations of every latent, `ReLU(W_enc (x − b_dec) + b_enc)`: `[N, n]`.
     pub fn pre_activations(&self, x: &Tensor) -> Result<Tensor> {
-        check_finite(&self.input(x, "input")?, "input")?;
-        kernels::pre_activations(&self.encoder_input(x)?, &self.w_enc, &self.b_enc)
+        kernels::pre_activations(&self.checked_encoder_input(x)?, &self.w_enc, &self.b_enc)
     }
 
     /// The `k` most active latents of each token of `x: [N, d]`: `(top_acts [N, k],
@@ -405,26 +412,20 @@ impl Sae {
     /// the most active latents of any row in the batch, rows with fewer padded with zero
     /// activations (which decode to nothing).
     pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        check_finite(&self.input(x, "input")?, "input")?;
+        let xc = self.checked_encoder_input(x)?;
         let threshold = match &self.activation {
             Activation::TopK => None,
             Activation::Relu => Some(None),
             Activation::JumpRelu(t) => Some(Some(t)),
         };
         if let Some(threshold) = threshold {
-            return kernels::encode_threshold(
-                &self.encoder_input(x)?,
-                &self.w_enc,
-                &self.b_enc,
-                threshold,
-            );
+            return kernels::encode_threshold(&xc, &self.w_enc, &self.b_enc, threshold);
         }
         let picks = kernels::Picks {
             k: self.config.k,
             dead: None,
         };
-        let (top, _) =
-            kernels::encode_select(&self.encoder_input(x)?, &self.w_enc, &self.b_enc, picks)?;
+        let (top, _) = kernels::encode_select(&xc, &self.w_enc, &self.b_enc, picks)?;
         Ok((top.acts, top.indices))
     }
 

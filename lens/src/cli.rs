@@ -13,7 +13,7 @@ use hooks::cli::ModelArgs;
 use crate::eval::evaluate;
 use crate::plot::{plot_trajectory, TrajectoryView};
 use crate::sweep::{parse_checkpoints, plot_sweep, run_sweep, SweepLens, SweepOptions};
-use crate::train::{checkpoint_dir, train, LossKind, OptimizerKind, TrainOptions};
+use crate::train::{prepare_output, train, LossKind, OptimizerKind, TrainOptions};
 use crate::trajectory::{PredictionTrajectory, Statistic};
 use crate::{DecodeDtype, LensData, TunedLens};
 
@@ -333,15 +333,11 @@ fn train_command(args: TrainArgs) -> Result<()> {
         },
         LossKind::Ce => ReadOrder::Sequential,
     };
-    let needed = options.steps * options.tokens_per_step as u64;
+    options.validate()?;
+    let needed = options.total_tokens();
     let mut source = args.source.lens_data().open(&model, order, Some(needed))?;
     let mut lens = TunedLens::for_model(&model)?;
-    let ckpt = checkpoint_dir(&args.output);
-    hooks::checkpoint::check_output_free(
-        &args.output.join("config.json"),
-        &ckpt.join("checkpoint.safetensors"),
-    )?;
-    std::fs::create_dir_all(&ckpt).with_context(|| format!("creating {}", ckpt.display()))?;
+    let ckpt = prepare_output(&args.output)?;
     let bar = hooks::progress::bar(true, Some(options.steps), "steps");
     let mut clock = hooks::progress::StepClock::new();
     let history = train(

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::eval::{evaluate, EvalReport, LayerMetrics, PredictionDepth};
 use crate::plot::{self, CheckpointGrid};
-use crate::train::{checkpoint_dir, train, TrainOptions};
+use crate::train::{prepare_output, train, TrainOptions};
 use crate::trajectory::{PredictionTrajectory, Statistic};
 use crate::{Error, LensData, Result, TunedLens};
 
@@ -494,9 +494,8 @@ fn train_for_checkpoint(
         lens.check_model(model)?;
         return Ok(lens);
     }
-    let ckpt = checkpoint_dir(dir);
-    std::fs::create_dir_all(&ckpt).map_err(|e| hooks::Error::io(&ckpt, e))?;
-    let needed = options.steps * options.tokens_per_step as u64;
+    let ckpt = prepare_output(dir)?;
+    let needed = options.total_tokens();
     let mut source = data.open(model, ReadOrder::Sequential, Some(needed))?;
     let mut lens = TunedLens::for_model(model)?;
     let bar = multi.add(hooks::progress::bar(

@@ -149,6 +149,12 @@ impl TrainOptions {
         })
     }
 
+    /// The tokens a whole run reads (saturating: [`TrainOptions::validate`] refuses more
+    /// than a `u64` counts).
+    pub fn total_tokens(&self) -> u64 {
+        self.steps.saturating_mul(self.tokens_per_step as u64)
+    }
+
     fn base_lr(&self) -> f64 {
         match self.optimizer {
             OptimizerKind::Sgd => self.lr * (1.0 - self.momentum),
@@ -181,20 +187,19 @@ impl TrainOptions {
                 self.steps, self.tokens_per_step
             ));
         }
-        let finite = |v: f64| v.is_finite();
-        if !(finite(self.lr) && self.lr > 0.0) {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad(format!(
                 "the learning rate must be positive, got {}",
                 self.lr
             ));
         }
-        if !(finite(self.momentum) && (0.0..1.0).contains(&self.momentum)) {
+        if !(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum)) {
             return bad(format!(
                 "the momentum must be in [0, 1), got {}",
                 self.momentum
             ));
         }
-        if !(finite(self.weight_decay) && self.weight_decay >= 0.0) {
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return bad(format!(
                 "the weight decay must be zero or positive, got {}",
                 self.weight_decay
@@ -337,7 +342,7 @@ pub fn train(
         pending: None,
         consumed: 0,
     };
-    let checkpoint = checkpoint_dir.map(|d| d.join("checkpoint.safetensors"));
+    let checkpoint = checkpoint_dir.map(checkpoint_file);
     if let Some(path) = checkpoint.as_ref().filter(|p| p.is_file()) {
         let state = load_checkpoint(path, lens, &mut optimizer, options, &rows.source.describe())?;
         tracing::info!(
@@ -355,7 +360,7 @@ pub fn train(
         let batch = match rows.take(options.tokens_per_step)? {
             Ok(batch) => batch,
             Err(available) => {
-                let needed = options.steps * options.tokens_per_step as u64;
+                let needed = options.total_tokens();
                 return Err(Error::Training(format!(
                     "the data ran out during step {step}: {} tokens were available, {} steps x {} tokens per step need {needed}{}",
                     rows.consumed + available as u64,
@@ -440,7 +445,7 @@ pub fn train(
 /// `; the {which} checkpoint in DIR is kept` for an error message, when there is one.
 fn kept(checkpoint_dir: Option<&Path>, which: &str) -> String {
     checkpoint_dir
-        .filter(|d| d.join("checkpoint.safetensors").is_file())
+        .filter(|d| checkpoint_file(d).is_file())
         .map(|d| format!("; the {which} checkpoint in {} is kept", d.display()))
         .unwrap_or_default()
 }
@@ -521,6 +526,21 @@ fn load_checkpoint(
 /// Where `lens train` keeps its checkpoint inside an output folder.
 pub fn checkpoint_dir(output: &Path) -> PathBuf {
     output.join("training")
+}
+
+/// The checkpoint file [`train`] keeps in its checkpoint folder.
+fn checkpoint_file(dir: &Path) -> PathBuf {
+    dir.join("checkpoint.safetensors")
+}
+
+/// Makes `output`'s checkpoint folder ([`checkpoint_dir`]) and returns it, refusing an
+/// output that holds a lens no checkpoint accounts for (another run's, which training would
+/// silently replace).
+pub fn prepare_output(output: &Path) -> Result<PathBuf> {
+    let dir = checkpoint_dir(output);
+    hooks::checkpoint::check_output_free(&output.join("config.json"), &checkpoint_file(&dir))?;
+    std::fs::create_dir_all(&dir).map_err(|e| hooks::Error::io(&dir, e))?;
+    Ok(dir)
 }
 
 #[cfg(test)]

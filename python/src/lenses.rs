@@ -16,7 +16,7 @@ use hooks::candle_core::{Device, Tensor};
 use hooks::{HookPoint, Model};
 use lens::eval::{evaluate, EvalReport};
 use lens::plot::{plot_trajectory, TrajectoryView};
-use lens::train::{checkpoint_dir, train, LossKind, OptimizerKind, StepRecord, TrainOptions};
+use lens::train::{prepare_output, train, LossKind, OptimizerKind, StepRecord, TrainOptions};
 use lens::trajectory::{PredictionTrajectory, Statistic};
 use lens::{DecodeDtype, LensData, TunedLens};
 use pyo3::exceptions::{
@@ -421,8 +421,7 @@ impl PyTunedLens {
                 "steps, tokens_per_step, chunk_tokens and batch_size must be positive",
             ));
         }
-        // validate() refuses a product this large with a clear message later.
-        let needed = steps.saturating_mul(tokens_per_step as u64);
+        let needed = options.total_tokens();
         let source_args =
             SourceArgs::new(data, activations, format, text_field, seq_len, batch_size)?;
         // Shuffled rows break sequences, and next-token targets need them whole.
@@ -440,14 +439,7 @@ impl PyTunedLens {
             let result = (|| -> lens::Result<(TunedLens, Vec<StepRecord>)> {
                 let mut source = source_args.0.open(model, order, Some(needed))?;
                 let mut lens = TunedLens::for_model(model)?;
-                let ckpt = output.as_deref().map(checkpoint_dir);
-                if let (Some(dir), Some(output)) = (&ckpt, &output) {
-                    hooks::checkpoint::check_output_free(
-                        &output.join("config.json"),
-                        &dir.join("checkpoint.safetensors"),
-                    )?;
-                    std::fs::create_dir_all(dir).map_err(|e| hooks::Error::io(dir, e))?;
-                }
+                let ckpt = output.as_deref().map(prepare_output).transpose()?;
                 let bar = hooks::progress::bar(progress, Some(steps), "steps");
                 let history = train(
                     &mut lens,

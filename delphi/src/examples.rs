@@ -211,15 +211,11 @@ impl std::fmt::Display for Skip {
 /// A seed for one latent, so that its examples do not depend on which other latents are in
 /// the same job or shard.
 pub fn latent_seed(seed: u64, hookpoint: &str, latent: u32) -> u64 {
-    // FNV-1a over the hook point, then mixed with the seed and latent (splitmix64 finaliser).
-    let mut h: u64 = 0xcbf29ce484222325;
-    for byte in hookpoint.bytes() {
-        h = (h ^ byte as u64).wrapping_mul(0x100000001b3);
-    }
-    let mut z = h ^ seed.wrapping_mul(0x9e3779b97f4a7c15) ^ ((latent as u64) << 1);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-    z ^ (z >> 31)
+    // FNV-1a over the hook point, then mixed with the seed and latent.
+    let h = hooks::digest::Fnv::default()
+        .bytes(hookpoint.as_bytes())
+        .finish();
+    hooks::digest::mix64(h ^ seed.wrapping_mul(0x9e3779b97f4a7c15) ^ ((latent as u64) << 1))
 }
 
 /// Builds the examples of one latent from where it fired.

@@ -127,7 +127,7 @@ impl Sources {
         vocab.sort_unstable();
         let tokenizer = vocab
             .iter()
-            .fold(crate::digest::Fnv::default(), |h, (id, text)| {
+            .fold(hooks::digest::Fnv::default(), |h, (id, text)| {
                 h.u32s(&[*id]).bytes(text.as_bytes())
             })
             .hex();

@@ -99,7 +99,7 @@ pub struct CacheConfig {
 pub fn sae_digest(sae: &Sae) -> Result<String> {
     let config = serde_json::to_string(sae.config())
         .map_err(|e| Error::Invalid(format!("cannot serialise an SAE config: {e}")))?;
-    let mut hash = crate::digest::Fnv::default().bytes(config.as_bytes());
+    let mut hash = hooks::digest::Fnv::default().bytes(config.as_bytes());
     for parameter in sae.parameters() {
         let values = parameter
             .to_dtype(DType::F32)?
@@ -606,7 +606,7 @@ impl LatentCache {
             saes: self.saes.clone(),
             sequences: self.tokens.sequences(),
             seq_len: self.tokens.seq_len(),
-            tokens: crate::digest::Fnv::default()
+            tokens: hooks::digest::Fnv::default()
                 .u32s(&self.tokens.tokens)
                 .hex(),
         }

@@ -9,7 +9,6 @@
 //! batch runs) -> [`cli`] (`delphi cache`, `delphi run`).
 
 pub mod cli;
-pub mod digest;
 pub mod embedding;
 pub mod examples;
 pub mod explain;

@@ -16,6 +16,7 @@ pub mod config;
 pub mod cpu;
 pub mod cuda_kernels;
 pub mod data;
+pub mod digest;
 mod error;
 pub mod fetch;
 mod gguf;

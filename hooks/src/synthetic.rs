@@ -9,18 +9,11 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 
 use crate::config::ModelConfig;
+use crate::digest::{mix64, Fnv};
 use crate::{Error, Result};
 
 fn fnv1a64(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    Fnv::default().bytes(name.as_bytes()).finish()
 }
 
 /// The `(center, scale)` of a checkpoint tensor: values are `center + scale * u`, `u` in [-1, 1).
@@ -49,7 +42,7 @@ pub fn synthetic_values(name: &str, shape: &[usize]) -> Vec<f32> {
 
 /// Element `k` of the tensor whose name hashes to `seed`.
 fn element(seed: u64, k: u64, center: f32, scale: f32) -> f32 {
-    let z = mix(seed.wrapping_add((k + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    let z = mix64(seed.wrapping_add((k + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
     let u = (z >> 40) as f32 / 16_777_216.0 * 2.0 - 1.0;
     // Two roundings, as in the Python generator: no fused multiply-add.
     let scaled = scale * u;

@@ -271,17 +271,12 @@ pub fn unembedding_hash(unembedding: &Unembedding) -> Result<String> {
     let take = n.min(4096);
     let mut values: Vec<f32> = w.narrow(0, 0, take)?.to_vec1()?;
     values.extend(w.narrow(0, n - take, take)?.to_vec1::<f32>()?);
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for &b in bytes {
-            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
+    let mut h = hooks::digest::Fnv::default();
     for dim in unembedding.weight.dims() {
-        eat(&(*dim as u64).to_le_bytes());
+        h = h.bytes(&(*dim as u64).to_le_bytes());
     }
     for v in values {
-        eat(&((v.to_bits() + 0x8000) >> 16).to_le_bytes());
+        h = h.bytes(&((v.to_bits() + 0x8000) >> 16).to_le_bytes());
     }
-    Ok(format!("{UNEMBED_HASH_PREFIX}{h:016x}"))
+    Ok(format!("{UNEMBED_HASH_PREFIX}{:016x}", h.finish()))
 }

@@ -342,7 +342,7 @@ impl Shared {
         drop(engine);
 
         let mut rng =
-            StdRng::seed_from_u64(self.seed ^ crate::digest::Fnv::default().u32s(&ids).finish());
+            StdRng::seed_from_u64(self.seed ^ hooks::digest::Fnv::default().u32s(&ids).finish());
         let mut generated = Vec::new();
         let mut logprobs = request.top_logprobs.map(|_| Vec::new());
         let mut position = ids.len();

@@ -1,7 +1,7 @@
-//! A small streaming FNV-1a (64-bit) hash: fingerprints of caches, SAEs and tokenizers
-//! recorded in `config.json` and `run_config.json`, so that results made from other inputs
-//! are refused rather than mixed, and the seed of local sampling. Not cryptographic: it
-//! catches mistakes, not tampering.
+//! A small streaming FNV-1a (64-bit) hash and the splitmix64 finaliser: fingerprints (of
+//! unembeddings in lens files, of delphi's caches, SAEs and tokenizers, so that results made
+//! from other inputs are refused rather than mixed) and deterministic seeds (synthetic
+//! weights, per-latent sampling). Not cryptographic: it catches mistakes, not tampering.
 
 /// FNV-1a over a stream of bytes.
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +36,13 @@ impl Fnv {
     pub fn hex(self) -> String {
         format!("fnv1a64:{:016x}", self.0)
     }
+}
+
+/// The splitmix64 finaliser: spreads every input bit over the whole word (for seeds).
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]

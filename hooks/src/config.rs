@@ -36,6 +36,8 @@ pub struct GptNeoxConfig {
     pub tie_word_embeddings: bool,
     /// End-of-text token id, used to separate documents.
     pub eos_token_id: Option<u32>,
+    /// The longest context the model was trained on, if the config says.
+    pub max_position_embeddings: Option<usize>,
 }
 
 impl GptNeoxConfig {
@@ -81,6 +83,8 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     /// End-of-text token id, used to separate documents.
     pub eos_token_id: Option<u32>,
+    /// The longest context the model was trained on, if the config says.
+    pub max_position_embeddings: Option<usize>,
 }
 
 /// Llama 3.1's scaling of the rotary frequencies (`rope_type: "llama3"`): frequencies whose
@@ -150,6 +154,7 @@ impl ModelConfig {
                 attention_bias: fields.bool_or("attention_bias", true)?,
                 tie_word_embeddings: fields.bool_or("tie_word_embeddings", false)?,
                 eos_token_id: fields.token_id("eos_token_id")?,
+                max_position_embeddings: fields.optional_usize("max_position_embeddings")?,
             }),
             "llama" | "mistral" => {
                 let hidden_size = fields.usize("hidden_size")?;
@@ -170,6 +175,7 @@ impl ModelConfig {
                     mlp_bias: fields.bool_or("mlp_bias", false)?,
                     tie_word_embeddings: fields.bool_or("tie_word_embeddings", false)?,
                     eos_token_id: fields.token_id("eos_token_id")?,
+                    max_position_embeddings: fields.optional_usize("max_position_embeddings")?,
                 })
             }
             other => {
@@ -215,6 +221,15 @@ impl ModelConfig {
         }
     }
 
+    /// The longest context the model was trained on, if the config says: longer sequences
+    /// run, but the model never saw their later positions.
+    pub fn max_position_embeddings(&self) -> Option<usize> {
+        match self {
+            ModelConfig::GptNeox(c) => c.max_position_embeddings,
+            ModelConfig::Llama(c) => c.max_position_embeddings,
+        }
+    }
+
     /// Width of the tensor at a hook point.
     pub fn width(&self, point: crate::HookPoint) -> usize {
         match point {
@@ -249,6 +264,26 @@ impl ModelConfig {
             if value == 0 {
                 return Err(bad(format!("{name} must be positive, got 0")));
             }
+        }
+        let (eps_name, eps, base_name, base) = match self {
+            ModelConfig::GptNeox(c) => (
+                "layer_norm_eps",
+                c.layer_norm_eps,
+                "rotary_emb_base",
+                c.rotary_base,
+            ),
+            ModelConfig::Llama(c) => ("rms_norm_eps", c.rms_norm_eps, "rope_theta", c.rope_theta),
+        };
+        // A negative epsilon makes every norm NaN; a base <= 0 makes every rotary angle NaN.
+        if !(eps.is_finite() && eps >= 0.0) {
+            return Err(bad(format!(
+                "{eps_name} must be a finite number >= 0, got {eps}"
+            )));
+        }
+        if !(base.is_finite() && base > 0.0) {
+            return Err(bad(format!(
+                "{base_name} must be a finite number > 0, got {base}"
+            )));
         }
         match self {
             ModelConfig::GptNeox(c) => {
@@ -427,9 +462,13 @@ impl Fields<'_> {
     }
 
     fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        Ok(self.optional_usize(key)?.unwrap_or(default))
+    }
+
+    fn optional_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
-            None => Ok(default),
-            Some(_) => self.usize(key),
+            None => Ok(None),
+            Some(_) => self.usize(key).map(Some),
         }
     }
 
@@ -498,7 +537,14 @@ mod tests {
         assert_eq!((c.hidden_size, c.num_layers, c.num_heads), (512, 6, 8));
         assert_eq!((c.head_dim(), c.rotary_dims()), (64, 16));
         assert_eq!(c.eos_token_id, Some(0));
+        assert_eq!(c.max_position_embeddings, None);
         assert!(c.parallel_residual && c.attention_bias);
+        let mut with_length = pythia_70m();
+        with_length["max_position_embeddings"] = json!(2048);
+        assert_eq!(
+            parse(with_length).unwrap().max_position_embeddings(),
+            Some(2048)
+        );
     }
 
     /// Variants that would run as the plain architecture with wrong results are refused.
@@ -598,6 +644,25 @@ mod tests {
             err.contains("'hidden_size' must be a non-negative integer"),
             "{err}"
         );
+
+        // Values that would make every activation NaN.
+        for (key, value, expected) in [
+            (
+                "layer_norm_eps",
+                json!(-1.0),
+                "layer_norm_eps must be a finite number >= 0, got -1",
+            ),
+            (
+                "rotary_emb_base",
+                json!(0),
+                "rotary_emb_base must be a finite number > 0, got 0",
+            ),
+        ] {
+            let mut j = pythia_70m();
+            j[key] = value;
+            let err = parse(j).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+        }
 
         let err = parse(json!({"model_type": "bert"}))
             .unwrap_err()

@@ -259,6 +259,7 @@ fn llama_config(meta: &Metadata) -> Result<LlamaConfig> {
         "mlp_bias": has("blk.0.ffn_up.bias"),
         "tie_word_embeddings": !has("output.weight"),
         "eos_token_id": meta.usize_opt("tokenizer.ggml.eos_token_id")?,
+        "max_position_embeddings": meta.usize_opt("llama.context_length")?,
     });
     match ModelConfig::from_json(&json, meta.path)? {
         ModelConfig::Llama(config) => Ok(config),

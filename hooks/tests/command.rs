@@ -1,7 +1,74 @@
 //! The `hooks` binary as a process.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+/// `hooks cache` arguments for 64 WikiText tokens of a two-layer synthetic model written
+/// under `dir` (with `max_position_embeddings` in its config when given).
+fn cache_args(
+    dir: &Path,
+    max_positions: Option<usize>,
+    seq_len: usize,
+    cache: &Path,
+) -> Vec<String> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let model = dir.join("model");
+    let mut config = hooks::synthetic::tiny_gpt_neox_config(2);
+    if let Some(max) = max_positions {
+        config["max_position_embeddings"] = max.into();
+    }
+    let tokenizer = repo.join("data/gpt-neox-20b-tokenizer.json");
+    hooks::synthetic::write_synthetic_model(&model, &config, Some(&tokenizer)).unwrap();
+    let data: PathBuf = repo.join("data/wikitext-2-raw-test.txt");
+    let mut args: Vec<String> = [
+        "hooks",
+        "cache",
+        "--hookpoints",
+        "layers.0",
+        "--max-tokens",
+        "64",
+    ]
+    .map(String::from)
+    .into();
+    args.extend(["--seq-len".into(), seq_len.to_string()]);
+    for (flag, path) in [
+        ("--model", &model),
+        ("--data", &data),
+        ("--output", &cache.to_path_buf()),
+    ] {
+        args.extend([flag.to_string(), path.display().to_string()]);
+    }
+    args
+}
+
+/// Sequences longer than the model's trained context run, with one warning that says so.
+#[test]
+fn sequences_past_the_trained_context_are_warned_about_once() {
+    let stderr_of = |max_positions, seq_len| {
+        let tmp = tempfile::tempdir().unwrap();
+        let args = cache_args(
+            tmp.path(),
+            Some(max_positions),
+            seq_len,
+            &tmp.path().join("cache"),
+        );
+        let out = Command::new(env!("CARGO_BIN_EXE_hooks"))
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    let past = stderr_of(16, 32);
+    assert_eq!(past.matches("longer than").count(), 1, "{past}");
+    assert!(
+        past.contains("sequences of 32 tokens") && past.contains("max_position_embeddings 16"),
+        "{past}"
+    );
+    let within = stderr_of(32, 32);
+    assert!(!within.contains("longer than"), "{within}");
+}
 
 /// A reader that stops early (`hooks inspect DIR | head -1`) ends the command quietly, by
 /// SIGPIPE as other Unix tools, not with a panic in `println!`.
@@ -10,27 +77,8 @@ use std::process::{Command, Stdio};
 fn a_closed_output_pipe_ends_the_command_quietly() {
     use std::os::unix::process::ExitStatusExt;
     let tmp = tempfile::tempdir().unwrap();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let model = tmp.path().join("model");
-    let config = hooks::synthetic::tiny_gpt_neox_config(2);
-    let tokenizer = repo.join("data/gpt-neox-20b-tokenizer.json");
-    hooks::synthetic::write_synthetic_model(&model, &config, Some(&tokenizer)).unwrap();
     let cache = tmp.path().join("cache");
-    let data = repo.join("data/wikitext-2-raw-test.txt");
-    let args = [
-        "hooks",
-        "cache",
-        "--hookpoints",
-        "layers.0",
-        "--seq-len",
-        "32",
-    ];
-    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    for (flag, path) in [("--model", &model), ("--data", &data), ("--output", &cache)] {
-        args.extend([flag.to_string(), path.display().to_string()]);
-    }
-    args.extend(["--max-tokens", "64"].map(String::from));
-    hooks::cli::run(args).unwrap();
+    hooks::cli::run(cache_args(tmp.path(), None, 32, &cache)).unwrap();
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_hooks"))
         .arg("inspect")

@@ -123,6 +123,8 @@ pub struct Model {
     dtype: DType,
     origin: String,
     revision: Option<String>,
+    /// Whether a sequence past the trained context length was already warned about.
+    warned_past_context: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Model {
@@ -207,6 +209,7 @@ impl Model {
             dtype: options.dtype,
             origin,
             revision,
+            warned_past_context: Default::default(),
         })
     }
 
@@ -336,6 +339,7 @@ impl Model {
                 "token ids are empty (sequence length 0)".into(),
             ));
         }
+        self.warn_past_context(ids.dim(1)?);
         let flat: Vec<i64> = ids.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
         let vocab_size = self.config.vocab_size();
         if let Some((position, &token)) = flat
@@ -350,6 +354,21 @@ impl Model {
             });
         }
         Ok(ids.to_dtype(DType::U32)?.to_device(&self.device)?)
+    }
+
+    /// Warns, once per model, that sequences are longer than the model was trained on: they
+    /// run, but activations at the later positions are out of distribution.
+    fn warn_past_context(&self, seq_len: usize) {
+        use std::sync::atomic::Ordering;
+        if let Some(max) = self.config.max_position_embeddings() {
+            if seq_len > max && !self.warned_past_context.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "sequences of {seq_len} tokens are longer than {} was trained on \
+                     (max_position_embeddings {max}): activations past position {max} are out of distribution",
+                    self.origin
+                );
+            }
+        }
     }
 
     /// Runs token ids (`[seq]` or `[batch, seq]`) with the given captures and replacements.

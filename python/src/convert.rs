@@ -64,6 +64,29 @@ fn as_numpy<'py>(obj: &Bound<'py, PyAny>, dtype: Option<&str>) -> PyResult<Bound
     }
 }
 
+/// An integer numpy array as contiguous int64. uint64 values past int64's range are refused
+/// with `out_of_range(value)` naming their true value (a plain cast would make them negative).
+pub fn checked_int64<'py>(
+    array: &Bound<'py, PyAny>,
+    out_of_range: impl Fn(u64) -> String,
+) -> PyResult<Bound<'py, PyAny>> {
+    let dtype = array.getattr("dtype")?;
+    let unsigned_64 = dtype.getattr("kind")?.extract::<String>()? == "u"
+        && dtype.getattr("itemsize")?.extract::<usize>()? == 8;
+    if unsigned_64 && array.getattr("size")?.extract::<usize>()? > 0 {
+        let max: u64 = array.call_method0("max")?.extract()?;
+        if max > i64::MAX as u64 {
+            return Err(PyValueError::new_err(out_of_range(max)));
+        }
+    }
+    as_numpy(array, Some("int64"))
+}
+
+/// [`checked_int64`] for token ids.
+pub fn checked_token_ids<'py>(array: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    checked_int64(array, |id| format!("token id {id} is out of range"))
+}
+
 /// Reads token ids from any integer numpy array, list or nested list of ints.
 pub fn token_ids(obj: &Bound<'_, PyAny>) -> PyResult<TokenIds> {
     let array = as_numpy(obj, None)?;
@@ -89,7 +112,7 @@ pub fn token_ids(obj: &Bound<'_, PyAny>) -> PyResult<TokenIds> {
             array.getattr("shape")?.repr()?
         )));
     }
-    let array = as_numpy(&array, Some("int64"))?;
+    let array = checked_token_ids(&array)?;
     let array: PyReadonlyArrayDyn<'_, i64> = array.extract()?;
     let dims = array.shape().to_vec();
     let data: Vec<i64> = match array.as_slice() {

@@ -67,10 +67,11 @@ fn id_rows(obj: &Bound<'_, PyAny>) -> PyResult<(Vec<Vec<u32>>, bool)> {
             })
             .collect()
     };
+    let array = crate::convert::checked_token_ids(&array)?;
     let list = array.call_method0("tolist")?;
     match ndim {
-        0 => Ok((vec![to_u32(vec![list.extract()?])?], false)),
-        1 => Ok((vec![to_u32(list.extract()?)?], false)),
+        // ascontiguousarray makes a 0-d array 1-d.
+        0 | 1 => Ok((vec![to_u32(list.extract()?)?], false)),
         2 => {
             let rows: Vec<Vec<i64>> = list.extract()?;
             Ok((rows.into_iter().map(to_u32).collect::<PyResult<_>>()?, true))

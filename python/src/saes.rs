@@ -62,15 +62,16 @@ fn indices_arg(obj: &Bound<'_, PyAny>, num_latents: usize) -> PyResult<(Vec<u32>
             array.getattr("dtype")?.str()?
         )));
     }
-    let array = np.call_method1("ascontiguousarray", (array, "int64"))?;
+    let out_of_range = |i: &dyn std::fmt::Display| {
+        format!("latent index {i} is out of range: the SAE has {num_latents} latents")
+    };
+    let array = crate::convert::checked_int64(&array, |i| out_of_range(&i))?;
     let array: PyReadonlyArrayDyn<'_, i64> = array.extract()?;
     let dims = array.shape().to_vec();
     let mut out = Vec::with_capacity(array.len());
     for &i in array.as_array().iter() {
         if i < 0 || i as usize >= num_latents {
-            return Err(PyValueError::new_err(format!(
-                "latent index {i} is out of range: the SAE has {num_latents} latents"
-            )));
+            return Err(PyValueError::new_err(out_of_range(&i)));
         }
         out.push(i as u32);
     }

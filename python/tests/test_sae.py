@@ -89,6 +89,8 @@ def test_errors(sae, tmp_path):
         sae.decode(acts, np.full((2, 8), 192))
     with pytest.raises(ValueError, match="out of range"):
         sae.decode(acts, np.full((2, 8), -1))
+    with pytest.raises(ValueError, match="latent index 18446744073709551615 is out of range: the SAE has 192"):
+        sae.decode(acts, np.full((2, 8), 2**64 - 1, np.uint64))
     with pytest.raises(ValueError, match="integers"):
         sae.decode(acts, np.zeros((2, 8), np.float32))
     with pytest.raises(ValueError, match="same shape|shape"):

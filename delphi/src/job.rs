@@ -308,25 +308,22 @@ fn check_settings_in(output: &Path, config: &JobConfig) -> Result<Option<RunReco
         return Ok(None);
     }
     let existing: RunRecord = read_json_file(&path)?;
-    let differs =
-        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
-    let recorded = &existing.config;
-    for (field, differ) in [
-        ("examples", differs(&recorded.examples, &config.examples)),
-        ("explain", differs(&recorded.explain, &config.explain)),
-        ("score", differs(&recorded.score, &config.score)),
-        // Folders from before the data settings were recorded have none: not compared.
-        (
-            "data",
-            recorded.data.is_some() && differs(&recorded.data, &config.data),
-        ),
-    ] {
-        if differ {
-            return Err(Error::file(
-                &path,
-                format!("the results there were made with other '{field}' settings; use a new output folder"),
-            ));
+    // Folders from before the data settings were recorded have none: not compared.
+    let compare_data = existing.config.data.is_some();
+    let settings = |c: &JobConfig| {
+        let mut v =
+            serde_json::json!({"examples": c.examples, "explain": c.explain, "score": c.score});
+        if compare_data {
+            v["data"] = serde_json::json!(c.data);
         }
+        v
+    };
+    let changed = hooks::checkpoint::differences(&settings(&existing.config), &settings(config));
+    if !changed.is_empty() {
+        return Err(Error::file(
+            &path,
+            format!("the results there were made with other settings ({changed}); use a new output folder"),
+        ));
     }
     Ok(Some(existing))
 }

@@ -485,7 +485,17 @@ async fn data_settings_are_compared_once_recorded() {
     let err = delphi::job::check_settings(&out, &other)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("other 'data' settings"), "{err}");
+    assert!(
+        err.contains(r#"other settings (data: "data.txt, seq_len 16" -> "other.txt, seq_len 16")"#),
+        "{err}"
+    );
+    // A setting is named by its field.
+    let mut more_per_prompt = with_data.clone();
+    more_per_prompt.score.examples_per_prompt += 1;
+    let err = delphi::job::check_settings(&out, &more_per_prompt)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("(score.examples_per_prompt: "), "{err}");
 }
 
 /// With the server down, the job stops starting latents once the LLM has failed for two

@@ -197,7 +197,7 @@ def test_delphi_run_refuses_to_extend_the_cache_of_existing_results(latents, ser
     bigger = [a if a != "512" else "1024" for a in args]
     capfd.readouterr()
     assert ei.delphi_main(bigger) == 1
-    assert "other 'data' settings" in capfd.readouterr().err
+    assert "other settings (data: " in capfd.readouterr().err
     assert ei.LatentCache(out / "latents").tokens.shape == cached
     # The same file named from another folder is the same data.
     elsewhere = root / "elsewhere"

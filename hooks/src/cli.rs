@@ -201,15 +201,38 @@ where
 
 /// Logs to stderr at `info` (override with `RUST_LOG`); safe to call more than once.
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    init_logging_at("info");
+}
+
+/// Logs to stderr at `default_level` (`warn`, `info`...) unless `RUST_LOG` says otherwise. A
+/// later call sets the level again: the Python package logs warnings from import, and a
+/// command run from Python (`hooks_main`) raises that to `info` as on the command line.
+pub fn init_logging_at(default_level: &str) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{reload, EnvFilter, Registry};
+    static FILTER: std::sync::OnceLock<reload::Handle<EnvFilter, Registry>> =
+        std::sync::OnceLock::new();
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    if let Some(handle) = FILTER.get() {
+        let _ = handle.reload(filter);
+        return;
+    }
+    let (filter, handle) = reload::Layer::new(filter);
+    let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
-        .without_time()
-        .try_init();
+        .without_time();
+    if tracing_subscriber::registry()
+        .with(filter)
+        .with(stderr)
+        .try_init()
+        .is_ok()
+    {
+        let _ = FILTER.set(handle);
+    }
 }
 
 fn cache(args: CacheArgs) -> Result<()> {

@@ -84,6 +84,9 @@ fn fetch_smollm2(py: Python<'_>) -> PyResult<String> {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // Warnings of the Rust core (a GGUF tokenizer read with a fallback, sequences past the
+    // model's context...) go to stderr, as on the command line; RUST_LOG=info shows progress.
+    hooks::cli::init_logging_at("warn");
     // Whether this is a debug build (`maturin develop` without --release): slow Rust code.
     m.add("DEBUG_BUILD", cfg!(debug_assertions))?;
     m.add_class::<model::PyModel>()?;

@@ -10,7 +10,7 @@ import pytest
 
 import eleuther_interp as ei
 
-from conftest import PYTHIA_STYLE, max_rel_err
+from conftest import PYTHIA_STYLE, TINY_CONFIG, max_rel_err
 
 TOL = 1e-4
 
@@ -314,3 +314,18 @@ def test_docstrings():
         assert getattr(ei.Model, name).__doc__, name
     assert ei.cache_activations.__doc__ and ei.ActivationCache.__doc__
     assert ei.Tokenizer.decode.__doc__
+
+
+def test_rust_warnings_reach_stderr(tmp_path, capfd):
+    """The core's warnings are logged from import on, as on the command line: here, one
+    for sequences past the model's trained context (max_position_embeddings)."""
+    ei.make_synthetic_model(tmp_path, {**TINY_CONFIG, "max_position_embeddings": 8})
+    model = ei.Model.from_pretrained(tmp_path)
+    capfd.readouterr()
+    model.forward(np.arange(8))
+    assert "longer than" not in capfd.readouterr().err
+    model.forward(np.arange(12))
+    model.forward(np.arange(12))
+    err = capfd.readouterr().err
+    assert err.count("sequences of 12 tokens are longer than") == 1, err
+    assert "max_position_embeddings 8" in err

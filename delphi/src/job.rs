@@ -602,6 +602,13 @@ pub async fn run_job(
         config,
         &Sources::of(cache, tokenizer, models),
     )?;
+    // Files a killed run was writing: hidden, but delphi's own analysis scripts read them.
+    let scores = options.output.join("scores");
+    for folder in std::iter::once(options.output.join("explanations"))
+        .chain(config.scorers.iter().map(|s| scores.join(s.dir_name())))
+    {
+        hooks::atomic::remove_abandoned_temp_files(&folder)?;
+    }
     let mut work = Vec::new();
     for hookpoint in &config.hookpoints {
         let mut firings = cache.firings(hookpoint, config.latents.clone())?;

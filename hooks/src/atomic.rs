@@ -9,12 +9,62 @@ use candle_core::{DType, Tensor};
 
 use crate::{Error, Result};
 
+const TEMP_MARK: &str = ".tmp-";
+
 fn temp_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    path.with_file_name(format!(".{name}{TEMP_MARK}{}", std::process::id()))
+}
+
+/// Deletes the temporary files that writers killed mid-write left in `folder` (a file being
+/// written when a job was killed: an activation shard, a checkpoint), which would otherwise
+/// take their space for good. Only files named as [`write_with`] names them, by a process
+/// that is no longer running, are deleted. Returns the bytes freed; a missing folder frees 0.
+pub fn remove_abandoned_temp_files(folder: &Path) -> Result<u64> {
+    let entries = match std::fs::read_dir(folder) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io(folder, e)),
+    };
+    let mut freed = 0;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(folder, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let writer = name
+            .strip_prefix('.')
+            .and_then(|rest| rest.rsplit_once(TEMP_MARK))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok());
+        if let Some(pid) = writer {
+            if pid != std::process::id() && !process_is_running(pid) {
+                let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                std::fs::remove_file(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+                freed += size;
+            }
+        }
+    }
+    Ok(freed)
+}
+
+/// Whether a process with this id exists (or may exist: assumed so where it can't be told).
+fn process_is_running(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return true;
+        };
+        // Signal 0 checks existence only; EPERM means it exists under another user.
+        // SAFETY: kill with signal 0 sends nothing.
+        let status = unsafe { libc::kill(pid, 0) };
+        status == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
 }
 
 /// Writes a file atomically through `write`, which receives a buffered writer.
@@ -188,8 +238,44 @@ fn with_bytes(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The id of a process that has ended: a writer that was killed.
+    #[cfg(unix)]
+    pub(crate) fn ended_process_id() -> u32 {
+        let mut ended = std::process::Command::new("true").spawn().unwrap();
+        ended.wait().unwrap();
+        ended.id()
+    }
+
+    /// Only temporary files of writers that are gone are deleted.
+    #[cfg(unix)]
+    #[test]
+    fn removes_the_temp_files_of_killed_writers_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let abandoned = format!(".shard-00003.safetensors.tmp-{}", ended_process_id());
+        let kept = [
+            format!(".a.json.tmp-{}", std::process::id()), // this process: being written
+            ".b.json.tmp-1".to_string(),                   // a running process (init)
+            "c.json.tmp-999999".to_string(),               // not named as write_with names
+            ".d.json.tmp-x".to_string(),
+            "shard-00002.safetensors".to_string(),
+        ];
+        std::fs::write(dir.path().join(&abandoned), vec![0u8; 1000]).unwrap();
+        for name in &kept {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        assert_eq!(remove_abandoned_temp_files(dir.path()).unwrap(), 1000);
+        assert!(!dir.path().join(&abandoned).exists());
+        for name in &kept {
+            assert!(dir.path().join(name).exists(), "{name}");
+        }
+        assert_eq!(
+            remove_abandoned_temp_files(&dir.path().join("none")).unwrap(),
+            0
+        );
+    }
 
     #[test]
     fn replaces_and_leaves_no_temp_files() {

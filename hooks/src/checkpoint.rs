@@ -16,6 +16,10 @@ fn bad(path: &Path, message: impl std::fmt::Display) -> Error {
 
 /// Writes `tensors` and `state` to `path` atomically.
 pub fn save<S: Serialize>(path: &Path, tensors: Vec<(String, Tensor)>, state: &S) -> Result<()> {
+    // A checkpoint that a killed run was writing (optimiser state included, it can be GBs).
+    if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        atomic::remove_abandoned_temp_files(folder)?;
+    }
     let json = serde_json::to_string(state).map_err(|e| bad(path, e))?;
     let metadata = BTreeMap::from([("state".to_string(), json)]);
     let tensors: Vec<(String, Vec<Tensor>)> =
@@ -120,8 +124,18 @@ mod tests {
     fn round_trip_and_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.safetensors");
+        // What a killed run left while writing its checkpoint goes with the next save.
+        #[cfg(unix)]
+        let abandoned = dir.path().join(format!(
+            ".c.safetensors.tmp-{}",
+            crate::atomic::tests::ended_process_id()
+        ));
+        #[cfg(unix)]
+        std::fs::write(&abandoned, b"half a checkpoint").unwrap();
         let t = Tensor::new(&[1f32, 2.5], &Device::Cpu).unwrap();
         save(&path, vec![("w".into(), t)], &vec![0.1f64, 7.0]).unwrap();
+        #[cfg(unix)]
+        assert!(!abandoned.exists());
         let (state, tensors): (Vec<f64>, _) = load(&path, &Device::Cpu).unwrap();
         assert_eq!(state, vec![0.1, 7.0]);
         assert_eq!(tensors["w"].to_vec1::<f32>().unwrap(), vec![1.0, 2.5]);

@@ -185,9 +185,24 @@ fn interrupted_job_resumes_to_the_same_cache() {
     );
     std::fs::write(&first, kept).unwrap();
 
+    // The shard a killed run was writing (its process is gone) is deleted on resume.
+    #[cfg(unix)]
+    let abandoned = {
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        gone.wait().unwrap();
+        let path = out.join(format!(
+            "shards/.shard-000009.safetensors.tmp-{}",
+            gone.id()
+        ));
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        path
+    };
+
     std::fs::write(&jsonl, &good_jsonl).unwrap();
     let resumed = write_cache(&model, &spec, &out, 5_000).unwrap();
     assert!(resumed.resumed_chunks > 0);
+    #[cfg(unix)]
+    assert!(!abandoned.exists());
     let fresh_dir = tmp.path().join("fresh");
     let fresh = write_cache(&model, &spec, &fresh_dir, 5_000).unwrap();
     assert_eq!(resumed.manifest.tokens, fresh.manifest.tokens);

@@ -381,6 +381,15 @@ fn sweep_options(series: &Path, output: &Path) -> SweepOptions {
     }
 }
 
+/// Replaces one weight of the model in `folder` by `edit` of it.
+fn edit_weight(folder: &Path, name: &str, edit: impl FnOnce(&Tensor) -> Tensor) {
+    let weights = folder.join("model.safetensors");
+    let mut tensors = hooks::candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    let edited = edit(&tensors[name]);
+    tensors.insert(name.into(), edited);
+    hooks::candle_core::safetensors::save(&tensors, &weights).unwrap();
+}
+
 #[test]
 fn sweep_over_two_local_checkpoints_writes_files_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
@@ -388,11 +397,11 @@ fn sweep_over_two_local_checkpoints_writes_files_and_resumes() {
     tiny_model(&series.join("step0"), 2);
     // A second checkpoint with other weights: one layer's MLP output bias shifted.
     tiny_model(&series.join("step1"), 2);
-    let weights = series.join("step1/model.safetensors");
-    let mut tensors = hooks::candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
-    let name = "gpt_neox.layers.1.mlp.dense_4h_to_h.bias";
-    tensors.insert(name.into(), (&tensors[name] + 0.5).unwrap());
-    hooks::candle_core::safetensors::save(&tensors, &weights).unwrap();
+    edit_weight(
+        &series.join("step1"),
+        "gpt_neox.layers.1.mlp.dense_4h_to_h.bias",
+        |b| (b + 0.5).unwrap(),
+    );
 
     let output = dir.path().join("sweep");
     let options = sweep_options(&series, &output);
@@ -517,14 +526,16 @@ fn sweep_over_two_local_checkpoints_writes_files_and_resumes() {
     assert!(err.contains("step0"), "{err}");
 }
 
-/// A model whose outputs are NaN (a negative layer-norm epsilon) is an evaluation error, not
-/// a report of perfect top-1 agreement.
+/// A model whose outputs are NaN (a NaN final-norm weight) is an evaluation error, not a
+/// report of perfect top-1 agreement.
 #[test]
 fn evaluating_a_model_with_non_finite_outputs_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = hooks::synthetic::tiny_gpt_neox_config(2);
-    config["layer_norm_eps"] = serde_json::json!(-1.0);
+    let config = hooks::synthetic::tiny_gpt_neox_config(2);
     hooks::synthetic::write_synthetic_model(dir.path(), &config, Some(&tokenizer())).unwrap();
+    edit_weight(dir.path(), "gpt_neox.final_layer_norm.weight", |w| {
+        Tensor::full(f32::NAN, w.shape(), &Device::Cpu).unwrap()
+    });
     let model = Model::from_folder(dir.path(), &LoadOptions::default()).unwrap();
     let data = LensData {
         data: vec![repo().join("data/wikitext-2-raw-test.txt")],

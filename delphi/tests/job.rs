@@ -857,13 +857,12 @@ async fn faults_lose_nothing_and_a_rerun_completes_exactly_the_missing_latents()
     // Files a killed run was writing (hidden; delphi's analysis scripts would read them)
     // go with the re-run, which compares the folders whole below.
     #[cfg(unix)]
-    {
-        let mut ended = std::process::Command::new("true").spawn().unwrap();
-        ended.wait().unwrap();
-        for folder in ["explanations", "scores/fuzz"] {
-            let name = format!(".layers.1_latent9.txt.tmp-{}", ended.id());
-            std::fs::write(faulty.join(folder).join(name), b"half").unwrap();
-        }
+    for folder in ["explanations", "scores/fuzz"] {
+        let path = faulty.join(folder).join(".layers.1_latent9.txt.tmp-4321");
+        std::fs::write(&path, b"half").unwrap();
+        let two_minutes_ago = std::time::SystemTime::now() - Duration::from_secs(120);
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(two_minutes_ago).unwrap();
     }
 
     // A re-run against a healthy server completes exactly the missing latents.

@@ -19,51 +19,63 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}{TEMP_MARK}{}", std::process::id()))
 }
 
-/// Deletes the temporary files that writers killed mid-write left in `folder` (a file being
-/// written when a job was killed: an activation shard, a checkpoint), which would otherwise
-/// take their space for good. Only files named as [`write_with`] names them, by a process
-/// that is no longer running, are deleted. Returns the bytes freed; a missing folder frees 0.
-pub fn remove_abandoned_temp_files(folder: &Path) -> Result<u64> {
-    let entries = match std::fs::read_dir(folder) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(Error::io(folder, e)),
+/// A temporary file left for this long with no write to it and no lock on it is abandoned:
+/// its writer is gone (a live writer holds a lock from just after creating it; this covers
+/// the moment between, and clocks of machines sharing a folder that differ a little).
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Deletes the temporary files that writers killed mid-write left in `folder` (an activation
+/// shard, a checkpoint being written when a job was killed), which would otherwise keep their
+/// space for good. Deletes only regular files named as [`write_with`] names them that no
+/// writer holds locked (on this machine or another sharing the folder) and that were not
+/// written to for 10 seconds. Best effort: what cannot be checked or deleted is left. Returns
+/// the bytes freed.
+pub fn remove_abandoned_temp_files(folder: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return 0;
     };
     let mut freed = 0;
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io(folder, e))?;
+    for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let writer = name
+        let ours = name
             .strip_prefix('.')
             .and_then(|rest| rest.rsplit_once(TEMP_MARK))
-            .and_then(|(_, pid)| pid.parse::<u32>().ok());
-        if let Some(pid) = writer {
-            if pid != std::process::id() && !process_is_running(pid) {
-                let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                std::fs::remove_file(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
-                freed += size;
-            }
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+        let Ok(metadata) = entry.metadata() else {
+            continue;
+        };
+        let idle = metadata
+            .modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|idle| idle >= ABANDONED_AFTER);
+        if !(ours && metadata.is_file() && idle) {
+            continue;
+        }
+        let Ok(file) = std::fs::File::open(entry.path()) else {
+            continue;
+        };
+        // Deleted while locked, so that no writer can start on it in between.
+        if try_lock(&file) && std::fs::remove_file(entry.path()).is_ok() {
+            freed += metadata.len();
         }
     }
-    Ok(freed)
+    freed
 }
 
-/// Whether a process with this id exists (or may exist: assumed so where it can't be told).
-fn process_is_running(pid: u32) -> bool {
+/// Takes an exclusive advisory lock on `file` (held until it is closed), without waiting;
+/// false when another open file holds it or locks are not supported.
+fn try_lock(file: &std::fs::File) -> bool {
     #[cfg(unix)]
     {
-        let Ok(pid) = libc::pid_t::try_from(pid) else {
-            return true;
-        };
-        // Signal 0 checks existence only; EPERM means it exists under another user.
-        // SAFETY: kill with signal 0 sends nothing.
-        let status = unsafe { libc::kill(pid, 0) };
-        status == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on an open descriptor that `file` owns for the whole call.
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
     }
     #[cfg(not(unix))]
     {
-        let _ = pid;
-        true
+        let _ = file;
+        false
     }
 }
 
@@ -75,6 +87,9 @@ pub fn write_with(
     let tmp = temp_path(path);
     let result = (|| {
         let file = std::fs::File::create(&tmp)?;
+        // Marks the file as being written for remove_abandoned_temp_files (a writer on another
+        // machine sharing the folder included); released when the file is closed.
+        try_lock(&file);
         let mut writer = std::io::BufWriter::new(file);
         write(&mut writer)?;
         let file = writer.into_inner().map_err(|e| e.into_error())?;
@@ -241,40 +256,61 @@ fn with_bytes(
 pub(crate) mod tests {
     use super::*;
 
-    /// The id of a process that has ended: a writer that was killed.
-    #[cfg(unix)]
-    pub(crate) fn ended_process_id() -> u32 {
-        let mut ended = std::process::Command::new("true").spawn().unwrap();
-        ended.wait().unwrap();
-        ended.id()
+    /// Writes `bytes` to `path` as a file last written two minutes ago: what a killed writer
+    /// left.
+    pub(crate) fn write_stale(path: &Path, bytes: &[u8]) {
+        std::fs::write(path, bytes).unwrap();
+        let two_minutes_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(120);
+        let file = std::fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(two_minutes_ago).unwrap();
     }
 
-    /// Only temporary files of writers that are gone are deleted.
+    /// Only temporary files that no writer holds and that were not written to for a while
+    /// are deleted.
     #[cfg(unix)]
     #[test]
-    fn removes_the_temp_files_of_killed_writers_only() {
+    fn removes_only_abandoned_temp_files() {
         let dir = tempfile::tempdir().unwrap();
-        let abandoned = format!(".shard-00003.safetensors.tmp-{}", ended_process_id());
-        let kept = [
-            format!(".a.json.tmp-{}", std::process::id()), // this process: being written
-            ".b.json.tmp-1".to_string(),                   // a running process (init)
-            "c.json.tmp-999999".to_string(),               // not named as write_with names
-            ".d.json.tmp-x".to_string(),
-            "shard-00002.safetensors".to_string(),
-        ];
-        std::fs::write(dir.path().join(&abandoned), vec![0u8; 1000]).unwrap();
-        for name in &kept {
-            std::fs::write(dir.path().join(name), b"x").unwrap();
+        let at = |name: &str| dir.path().join(name);
+        let abandoned = at(".shard-00003.safetensors.tmp-123");
+        write_stale(&abandoned, &[0u8; 1000]);
+        // Being written: a live writer (here or on another machine) holds its lock.
+        write_stale(&at(".a.json.tmp-456"), b"x");
+        let writer = std::fs::File::open(at(".a.json.tmp-456")).unwrap();
+        assert!(try_lock(&writer));
+        // Just created: its writer may not hold the lock yet.
+        std::fs::write(at(".b.json.tmp-789"), b"x").unwrap();
+        // Not named as write_with names its files.
+        for name in [
+            "c.json.tmp-999",
+            ".d.json.tmp-x",
+            ".e.json.tmp-",
+            "shard-00002.safetensors",
+        ] {
+            write_stale(&at(name), b"x");
         }
-        assert_eq!(remove_abandoned_temp_files(dir.path()).unwrap(), 1000);
-        assert!(!dir.path().join(&abandoned).exists());
-        for name in &kept {
-            assert!(dir.path().join(name).exists(), "{name}");
-        }
-        assert_eq!(
-            remove_abandoned_temp_files(&dir.path().join("none")).unwrap(),
-            0
-        );
+        std::fs::create_dir(at(".f.tmp-5")).unwrap();
+        assert_eq!(remove_abandoned_temp_files(dir.path()), 1000);
+        assert!(!abandoned.exists());
+        let left = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(left, 7);
+        drop(writer);
+        assert_eq!(remove_abandoned_temp_files(dir.path()), 1);
+        assert_eq!(remove_abandoned_temp_files(&at("none")), 0);
+    }
+
+    /// A file being written holds the lock that protects it from the clean-up.
+    #[cfg(unix)]
+    #[test]
+    fn a_file_being_written_is_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.json");
+        write_with(&path, |_| {
+            let file = std::fs::File::open(temp_path(&path))?;
+            assert!(!try_lock(&file));
+            Ok(())
+        })
+        .unwrap();
     }
 
     #[test]

@@ -59,6 +59,14 @@ fn write_cache(
     ActivationCache::write(&mut source, spec, out, &options)
 }
 
+/// A file as a killed writer leaves it: last written two minutes ago, unlocked.
+fn write_stale(path: &Path) {
+    std::fs::write(path, [0u8; 4096]).unwrap();
+    let file = std::fs::File::options().write(true).open(path).unwrap();
+    file.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(120))
+        .unwrap();
+}
+
 fn read_all(cache: &ActivationCache, order: ReadOrder) -> ActivationBatch {
     let mut reader = cache.reader(50, order).unwrap();
     let mut batches = Vec::new();
@@ -185,18 +193,10 @@ fn interrupted_job_resumes_to_the_same_cache() {
     );
     std::fs::write(&first, kept).unwrap();
 
-    // The shard a killed run was writing (its process is gone) is deleted on resume.
-    #[cfg(unix)]
-    let abandoned = {
-        let mut gone = std::process::Command::new("true").spawn().unwrap();
-        gone.wait().unwrap();
-        let path = out.join(format!(
-            "shards/.shard-000009.safetensors.tmp-{}",
-            gone.id()
-        ));
-        std::fs::write(&path, vec![0u8; 4096]).unwrap();
-        path
-    };
+    // The shard a killed run was writing is deleted on resume (on Unix, where the lock
+    // that marks a file being written exists).
+    let abandoned = out.join("shards/.shard-000009.safetensors.tmp-4321");
+    write_stale(&abandoned);
 
     std::fs::write(&jsonl, &good_jsonl).unwrap();
     let resumed = write_cache(&model, &spec, &out, 5_000).unwrap();

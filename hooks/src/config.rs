@@ -154,7 +154,7 @@ impl ModelConfig {
                 attention_bias: fields.bool_or("attention_bias", true)?,
                 tie_word_embeddings: fields.bool_or("tie_word_embeddings", false)?,
                 eos_token_id: fields.token_id("eos_token_id")?,
-                max_position_embeddings: fields.optional_usize("max_position_embeddings")?,
+                max_position_embeddings: fields.context_length(),
             }),
             "llama" | "mistral" => {
                 let hidden_size = fields.usize("hidden_size")?;
@@ -175,7 +175,7 @@ impl ModelConfig {
                     mlp_bias: fields.bool_or("mlp_bias", false)?,
                     tie_word_embeddings: fields.bool_or("tie_word_embeddings", false)?,
                     eos_token_id: fields.token_id("eos_token_id")?,
-                    max_position_embeddings: fields.optional_usize("max_position_embeddings")?,
+                    max_position_embeddings: fields.context_length(),
                 })
             }
             other => {
@@ -269,7 +269,7 @@ impl ModelConfig {
             ModelConfig::GptNeox(c) => (
                 "layer_norm_eps",
                 c.layer_norm_eps,
-                "rotary_emb_base",
+                "the rotary base (rotary_emb_base or rope_theta)",
                 c.rotary_base,
             ),
             ModelConfig::Llama(c) => ("rms_norm_eps", c.rms_norm_eps, "rope_theta", c.rope_theta),
@@ -462,14 +462,19 @@ impl Fields<'_> {
     }
 
     fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
-        Ok(self.optional_usize(key)?.unwrap_or(default))
+        match self.get(key) {
+            None => Ok(default),
+            Some(_) => self.usize(key),
+        }
     }
 
-    fn optional_usize(&self, key: &str) -> Result<Option<usize>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(_) => self.usize(key).map(Some),
-        }
+    /// `max_position_embeddings`, which only feeds a warning: a value that is not a positive
+    /// integer is ignored rather than refused.
+    fn context_length(&self) -> Option<usize> {
+        self.get("max_position_embeddings")
+            .and_then(Value::as_u64)
+            .filter(|&n| n > 0)
+            .map(|n| n as usize)
     }
 
     fn first_f64(&self, keys: &[&str], default: f64) -> Result<f64> {
@@ -542,9 +547,14 @@ mod tests {
         let mut with_length = pythia_70m();
         with_length["max_position_embeddings"] = json!(2048);
         assert_eq!(
-            parse(with_length).unwrap().max_position_embeddings(),
+            parse(with_length.clone())
+                .unwrap()
+                .max_position_embeddings(),
             Some(2048)
         );
+        // It only feeds a warning: an odd value is ignored, not refused.
+        with_length["max_position_embeddings"] = json!("2k");
+        assert_eq!(parse(with_length).unwrap().max_position_embeddings(), None);
     }
 
     /// Variants that would run as the plain architecture with wrong results are refused.
@@ -655,7 +665,7 @@ mod tests {
             (
                 "rotary_emb_base",
                 json!(0),
-                "rotary_emb_base must be a finite number > 0, got 0",
+                "(rotary_emb_base or rope_theta) must be a finite number > 0, got 0",
             ),
         ] {
             let mut j = pythia_70m();

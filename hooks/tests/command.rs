@@ -54,6 +54,7 @@ fn sequences_past_the_trained_context_are_warned_about_once() {
         );
         let out = Command::new(env!("CARGO_BIN_EXE_hooks"))
             .args(&args[1..])
+            .env_remove("RUST_LOG")
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();

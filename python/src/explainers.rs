@@ -451,6 +451,5 @@ pub fn score<'py>(
 /// in this process; ``argv`` starts with the program name.
 #[pyfunction]
 pub fn run_delphi_cli(py: Python<'_>, argv: Vec<String>) -> PyResult<()> {
-    py.detach(move || delphi::cli::run(argv).map_err(|e| format!("{e:#}")))
-        .map_err(PyRuntimeError::new_err)
+    crate::run_command(py, argv, delphi::cli::run)
 }

@@ -735,8 +735,7 @@ pub fn evaluate_lens<'py>(
 /// see :func:`eleuther_interp.lens_main`.
 #[pyfunction]
 pub fn run_lens_cli(py: Python<'_>, argv: Vec<String>) -> PyResult<()> {
-    py.detach(move || lens::cli::run(argv).map_err(|e| format!("{e:#}")))
-        .map_err(PyRuntimeError::new_err)
+    crate::run_command(py, argv, lens::cli::run)
 }
 
 /// A prediction trajectory (tuned-lens's ``PredictionTrajectory``): what a lens predicts at

@@ -34,9 +34,24 @@ use crate::errors::IntoPyResult;
 /// use :func:`eleuther_interp.hooks_main` for the console-script behaviour.
 #[pyfunction]
 fn run_cli(py: Python<'_>, argv: Vec<String>) -> PyResult<()> {
-    py.detach(move || hooks::cli::run(argv).map_err(|e| format!("{e:#}")))
-        .map_err(PyRuntimeError::new_err)
+    run_command(py, argv, hooks::cli::run)
 }
+
+/// Runs one of the command lines in this process, without the GIL; its `info` logging goes
+/// back to the package's `warn` level afterwards. A failure is a `RuntimeError` with the
+/// error chain.
+pub(crate) fn run_command<E: std::fmt::Display>(
+    py: Python<'_>,
+    argv: Vec<String>,
+    run: impl FnOnce(Vec<String>) -> Result<(), E> + Send,
+) -> PyResult<()> {
+    let result = py.detach(move || run(argv).map_err(|e| format!("{e:#}")));
+    hooks::cli::init_logging_at(PACKAGE_LOG_LEVEL);
+    result.map_err(PyRuntimeError::new_err)
+}
+
+/// What the package logs to stderr unless `RUST_LOG` says otherwise.
+const PACKAGE_LOG_LEVEL: &str = "warn";
 
 /// Writes ``model.safetensors`` with deterministic synthetic float32 weights for the
 /// architecture described by ``config_json`` (a Hugging Face ``config.json``) into
@@ -86,7 +101,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     // Warnings of the Rust core (a GGUF tokenizer read with a fallback, sequences past the
     // model's context...) go to stderr, as on the command line; RUST_LOG=info shows progress.
-    hooks::cli::init_logging_at("warn");
+    hooks::cli::init_logging_at(PACKAGE_LOG_LEVEL);
     // Whether this is a debug build (`maturin develop` without --release): slow Rust code.
     m.add("DEBUG_BUILD", cfg!(debug_assertions))?;
     m.add_class::<model::PyModel>()?;

@@ -322,8 +322,7 @@ impl PySae {
 /// see :func:`eleuther_interp.sae_main`.
 #[pyfunction]
 pub fn run_sae_cli(py: Python<'_>, argv: Vec<String>) -> PyResult<()> {
-    py.detach(move || sae::cli::run(argv).map_err(|e| format!("{e:#}")))
-        .map_err(PyRuntimeError::new_err)
+    crate::run_command(py, argv, sae::cli::run)
 }
 
 /// What a new SAE looks like (`SaeTrainer(d_in, ...)`, `Sae.train`); `None` leaves

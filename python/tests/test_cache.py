@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -256,3 +257,28 @@ def test_ctrl_c_stops_and_keeps_what_was_computed(tiny_model, tmp_path):
     assert (out / "progress.json").exists() and not (out / "manifest.json").exists()
     progress = json.loads((out / "progress.json").read_text())
     assert progress["chunks"] > 0 and len(progress["shards"]) == 1
+
+
+def plant_stale_shard(cache: Path) -> Path:
+    """A shard file as a killed writer leaves it: hidden temporary name, idle two minutes."""
+    (cache / "shards").mkdir(parents=True)
+    stale = cache / "shards" / ".shard-000000.safetensors.tmp-4321"
+    stale.write_bytes(b"\0" * 4096)
+    two_minutes_ago = time.time() - 120
+    os.utime(stale, (two_minutes_ago, two_minutes_ago))
+    return stale
+
+
+def test_a_command_run_from_python_leaves_the_package_log_level(tiny_model, tiny_dir, sample, tmp_path, capfd):
+    """A command logs at `info` as on the command line; afterwards the package is back at
+    `warn`. Seen through the `info` line of the clean-up of a killed run's shard."""
+    stale = plant_stale_shard(tmp_path / "cli")
+    capfd.readouterr()
+    assert ei.hooks_main(["cache", "--model", str(tiny_dir), "--data", str(sample), "--hookpoints", "layers.0",
+                          "--seq-len", "16", "--max-tokens", "64", "--output", str(tmp_path / "cli")]) == 0
+    assert "removed 4096 bytes" in capfd.readouterr().err
+    assert not stale.exists()
+    stale = plant_stale_shard(tmp_path / "python")
+    write(tiny_model, sample, tmp_path / "python", max_tokens=64)
+    assert "removed 4096 bytes" not in capfd.readouterr().err
+    assert not stale.exists()

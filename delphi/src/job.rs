@@ -607,7 +607,7 @@ pub async fn run_job(
     for folder in std::iter::once(options.output.join("explanations"))
         .chain(config.scorers.iter().map(|s| scores.join(s.dir_name())))
     {
-        hooks::atomic::remove_abandoned_temp_files(&folder);
+        hooks::atomic::remove_abandoned_temp_files(&folder, |name| name.ends_with(".txt"));
     }
     let mut work = Vec::new();
     for hookpoint in &config.hookpoints {

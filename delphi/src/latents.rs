@@ -202,7 +202,7 @@ pub fn write_latent_cache(
     };
     let shards_dir = dir.join("shards");
     std::fs::create_dir_all(&shards_dir).map_err(|e| Error::io(&shards_dir, e))?;
-    hooks::atomic::remove_abandoned_temp_files(&shards_dir);
+    hooks::atomic::remove_abandoned_temp_files(&shards_dir, |name| name.ends_with(".safetensors"));
     let config_path = dir.join("config.json");
     if config_path.is_file() {
         let existing = read_config(&config_path)?;

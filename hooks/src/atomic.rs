@@ -28,9 +28,10 @@ const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 /// shard, a checkpoint being written when a job was killed), which would otherwise keep their
 /// space for good. Deletes only regular files named as [`write_with`] names them that no
 /// writer holds locked (on this machine or another sharing the folder) and that were not
-/// written to for 10 seconds. Best effort: what cannot be checked or deleted is left. Returns
-/// the bytes freed.
-pub fn remove_abandoned_temp_files(folder: &Path) -> u64 {
+/// written to for 10 seconds, and only those for the files `writes` says the caller writes
+/// there (by name). Best effort: what cannot be checked or deleted is left. Returns the bytes
+/// freed.
+pub fn remove_abandoned_temp_files(folder: &Path, writes: impl Fn(&str) -> bool) -> u64 {
     let Ok(entries) = std::fs::read_dir(folder) else {
         return 0;
     };
@@ -40,7 +41,9 @@ pub fn remove_abandoned_temp_files(folder: &Path) -> u64 {
         let ours = name
             .strip_prefix('.')
             .and_then(|rest| rest.rsplit_once(TEMP_MARK))
-            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+            .is_some_and(|(target, pid)| {
+                !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && writes(target)
+            });
         let Ok(metadata) = entry.metadata() else {
             continue;
         };
@@ -290,13 +293,18 @@ pub(crate) mod tests {
             write_stale(&at(name), b"x");
         }
         std::fs::create_dir(at(".f.tmp-5")).unwrap();
-        assert_eq!(remove_abandoned_temp_files(dir.path()), 1000);
+        let any = |_: &str| true;
+        assert_eq!(
+            remove_abandoned_temp_files(dir.path(), |n| n == "b.json"),
+            0
+        );
+        assert_eq!(remove_abandoned_temp_files(dir.path(), any), 1000);
         assert!(!abandoned.exists());
         let left = std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(left, 7);
         drop(writer);
-        assert_eq!(remove_abandoned_temp_files(dir.path()), 1);
-        assert_eq!(remove_abandoned_temp_files(&at("none")), 0);
+        assert_eq!(remove_abandoned_temp_files(dir.path(), any), 1);
+        assert_eq!(remove_abandoned_temp_files(&at("none"), any), 0);
     }
 
     /// A file being written holds the lock that protects it from the clean-up.

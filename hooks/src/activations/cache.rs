@@ -193,8 +193,10 @@ impl ActivationCache {
             let _ = std::fs::remove_dir_all(dir.join("shards"));
         }
         // The shard (and progress.json) a killed run was writing.
-        let freed = crate::atomic::remove_abandoned_temp_files(dir)
-            + crate::atomic::remove_abandoned_temp_files(&dir.join("shards"));
+        let freed = crate::atomic::remove_abandoned_temp_files(dir, |name| name == "progress.json")
+            + crate::atomic::remove_abandoned_temp_files(&dir.join("shards"), |name| {
+                name.starts_with("shard-") && name.ends_with(".safetensors")
+            });
         if freed > 0 {
             tracing::info!("removed {freed} bytes of files a killed run left half-written");
         }

@@ -310,15 +310,26 @@ fn check_settings_in(output: &Path, config: &JobConfig) -> Result<Option<RunReco
     let existing: RunRecord = read_json_file(&path)?;
     // Folders from before the data settings were recorded have none: not compared.
     let compare_data = existing.config.data.is_some();
-    let settings = |c: &JobConfig| {
-        let mut v =
-            serde_json::json!({"examples": c.examples, "explain": c.explain, "score": c.score});
-        if compare_data {
-            v["data"] = serde_json::json!(c.data);
+    #[derive(Serialize)]
+    struct Settings<'a> {
+        examples: &'a ExampleConfig,
+        explain: &'a ExplainConfig,
+        score: &'a ScoreConfig,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data: Option<&'a Option<String>>,
+    }
+    fn settings(c: &JobConfig, compare_data: bool) -> Settings<'_> {
+        Settings {
+            examples: &c.examples,
+            explain: &c.explain,
+            score: &c.score,
+            data: compare_data.then_some(&c.data),
         }
-        v
-    };
-    let changed = hooks::checkpoint::differences(&settings(&existing.config), &settings(config));
+    }
+    let changed = hooks::checkpoint::differences(
+        &settings(&existing.config, compare_data),
+        &settings(config, compare_data),
+    );
     if !changed.is_empty() {
         return Err(Error::file(
             &path,

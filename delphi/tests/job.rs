@@ -496,6 +496,12 @@ async fn data_settings_are_compared_once_recorded() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("(score.examples_per_prompt: "), "{err}");
+    let mut warmer = with_data.clone();
+    warmer.score.temperature = 0.7;
+    let err = delphi::job::check_settings(&out, &warmer)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("score.temperature: 0.0 -> 0.7)"), "{err}");
 }
 
 /// With the server down, the job stops starting latents once the LLM has failed for two

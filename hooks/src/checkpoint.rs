@@ -104,7 +104,13 @@ pub fn differences<S: Serialize>(saved: &S, now: &S) -> String {
             _ => {}
         }
     }
-    let value = |s: &S| serde_json::to_value(s).unwrap_or(serde_json::Value::Null);
+    // Through text, so that an f32 shows as written (0.7), not widened (0.699999988079071).
+    let value = |s: &S| {
+        serde_json::to_string(s)
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or(serde_json::Value::Null)
+    };
     let mut out = Vec::new();
     walk("", &value(saved), &value(now), &mut out);
     out.join(", ")
@@ -123,6 +129,7 @@ mod tests {
             "inner.on: true -> false, steps: 250 -> 12"
         );
         assert_eq!(differences(&saved, &saved), "");
+        assert_eq!(differences(&[0.7f32], &[0.25f32]), ": [0.7] -> [0.25]");
     }
 
     #[test]

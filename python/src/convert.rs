@@ -64,19 +64,23 @@ fn as_numpy<'py>(obj: &Bound<'py, PyAny>, dtype: Option<&str>) -> PyResult<Bound
     }
 }
 
-/// An integer numpy array as contiguous int64. uint64 values past int64's range are refused
-/// with `out_of_range(value)` naming their true value (a plain cast would make them negative).
+/// An integer numpy array as contiguous int64. The first uint64 value past int64's range is
+/// refused with `out_of_range(value, flat position)` naming its true value (a plain cast would
+/// make it negative).
 pub fn checked_int64<'py>(
     array: &Bound<'py, PyAny>,
-    out_of_range: impl Fn(u64) -> String,
+    out_of_range: impl Fn(u64, usize) -> String,
 ) -> PyResult<Bound<'py, PyAny>> {
     let dtype = array.getattr("dtype")?;
     let unsigned_64 = dtype.getattr("kind")?.extract::<String>()? == "u"
         && dtype.getattr("itemsize")?.extract::<usize>()? == 8;
     if unsigned_64 && array.getattr("size")?.extract::<usize>()? > 0 {
-        let max: u64 = array.call_method0("max")?.extract()?;
-        if max > i64::MAX as u64 {
-            return Err(PyValueError::new_err(out_of_range(max)));
+        let flat = array.call_method1("reshape", (-1,))?;
+        let past = flat.call_method1("__gt__", (i64::MAX,))?;
+        let position: usize = past.call_method0("argmax")?.extract()?;
+        if past.get_item(position)?.extract::<bool>()? {
+            let value: u64 = flat.get_item(position)?.extract()?;
+            return Err(PyValueError::new_err(out_of_range(value, position)));
         }
     }
     as_numpy(array, Some("int64"))
@@ -84,7 +88,9 @@ pub fn checked_int64<'py>(
 
 /// [`checked_int64`] for token ids.
 pub fn checked_token_ids<'py>(array: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-    checked_int64(array, |id| format!("token id {id} is out of range"))
+    checked_int64(array, |id, position| {
+        format!("token id {id} at position {position} is out of range")
+    })
 }
 
 /// Reads token ids from any integer numpy array, list or nested list of ints.

@@ -65,7 +65,7 @@ fn indices_arg(obj: &Bound<'_, PyAny>, num_latents: usize) -> PyResult<(Vec<u32>
     let out_of_range = |i: &dyn std::fmt::Display| {
         format!("latent index {i} is out of range: the SAE has {num_latents} latents")
     };
-    let array = crate::convert::checked_int64(&array, |i| out_of_range(&i))?;
+    let array = crate::convert::checked_int64(&array, |i, _| out_of_range(&i))?;
     let array: PyReadonlyArrayDyn<'_, i64> = array.extract()?;
     let dims = array.shape().to_vec();
     let mut out = Vec::with_capacity(array.len());

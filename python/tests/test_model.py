@@ -241,7 +241,7 @@ def test_bad_ids(golden_model):
     with pytest.raises(ValueError, match="out of range"):
         golden_model.forward(np.array([[1, -1]]))
     # uint64 ids past int64's range are named by their value, not the wrapped negative one.
-    with pytest.raises(ValueError, match="token id 9223372036854775813 is out of range"):
+    with pytest.raises(ValueError, match="token id 9223372036854775813 at position 1 is out of range"):
         golden_model.forward(np.array([1, 2**63 + 5], np.uint64))
     with pytest.raises(TypeError, match="integers"):
         golden_model.forward(np.array([1.0, 2.0]))

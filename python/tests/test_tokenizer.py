@@ -43,8 +43,8 @@ def test_tokenizer_properties(tiny_model):
         ei.Tokenizer.from_file("/no/such/tokenizer.json")
     with pytest.raises(ValueError, match="out of range"):
         tok.decode([-1])
-    with pytest.raises(ValueError, match="token id 18446744073709551615 is out of range"):
-        tok.decode(np.array([2**64 - 1], np.uint64))
+    with pytest.raises(ValueError, match="token id 18446744073709551615 at position 2 is out of range"):
+        tok.decode(np.array([0, 1, 2**64 - 1, 2**63], np.uint64))
     assert tok.decode(np.array(0)) == "<|endoftext|>"
     with pytest.raises(ValueError, match="token id 1000000 at position 1 is out of range for a vocabulary of"):
         tok.decode([0, 10**6])

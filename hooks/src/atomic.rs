@@ -44,6 +44,10 @@ pub fn remove_abandoned_temp_files(folder: &Path, writes: impl Fn(&str) -> bool)
             .is_some_and(|(target, pid)| {
                 !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && writes(target)
             });
+        // Checked first: a results folder may hold thousands of other files, not stat'ed.
+        if !ours {
+            continue;
+        }
         let Ok(metadata) = entry.metadata() else {
             continue;
         };
@@ -52,7 +56,7 @@ pub fn remove_abandoned_temp_files(folder: &Path, writes: impl Fn(&str) -> bool)
             .ok()
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|idle| idle >= ABANDONED_AFTER);
-        if !(ours && metadata.is_file() && idle) {
+        if !(metadata.is_file() && idle) {
             continue;
         }
         let Ok(file) = std::fs::File::open(entry.path()) else {
@@ -115,10 +119,7 @@ pub fn check_target(path: &Path) -> Result<()> {
             path.display()
         )));
     }
-    let folder = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let folder = folder_of(path);
     if !folder.is_dir() {
         return Err(Error::InvalidArgument(format!(
             "cannot write {}: the folder {} does not exist",
@@ -127,6 +128,13 @@ pub fn check_target(path: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The folder a file is in: `.` for a bare file name.
+pub fn folder_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 /// Writes bytes to a file atomically.

@@ -17,12 +17,8 @@ fn bad(path: &Path, message: impl std::fmt::Display) -> Error {
 /// Writes `tensors` and `state` to `path` atomically.
 pub fn save<S: Serialize>(path: &Path, tensors: Vec<(String, Tensor)>, state: &S) -> Result<()> {
     // A checkpoint that a killed run was writing (optimiser state included, it can be GBs).
-    if let (Some(folder), Some(name)) = (path.parent(), path.file_name()) {
-        let folder = if folder.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            folder
-        };
+    if let Some(name) = path.file_name() {
+        let folder = atomic::folder_of(path);
         atomic::remove_abandoned_temp_files(folder, |n| std::ffi::OsStr::new(n) == name);
     }
     let json = serde_json::to_string(state).map_err(|e| bad(path, e))?;

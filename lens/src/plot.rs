@@ -518,9 +518,8 @@ macro_rules! render {
             .map(str::to_ascii_lowercase)
             .unwrap_or_default();
         let fail = |e: String| Error::Lens(format!("drawing {}: {e}", path.display()));
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| hooks::Error::io(parent, e))?;
-        }
+        let folder = hooks::atomic::folder_of(path);
+        std::fs::create_dir_all(folder).map_err(|e| hooks::Error::io(folder, e))?;
         match ext.as_str() {
             "svg" => {
                 let mut svg = String::new();

@@ -136,7 +136,8 @@ class Model:
         hooks: Optional[Mapping[str, _Hook]] = None,
     ) -> tuple[Optional[_F32], dict[str, _F32]]:
         """``(logits, activations)``; keys are the names as given (patterns expand to
-        canonical names); ``stop_early=True`` returns ``(None, activations)``."""
+        canonical names); ``stop_early=True`` returns ``(None, activations)``, stopping after
+        the last capture or hook (every hook is called)."""
     def run_with_hooks(self, ids: _Ids, hooks: Mapping[str, _Hook]) -> _F32:
         """The logits with hook points replaced by what the hooks return."""
 
@@ -436,7 +437,8 @@ class SaeTrainer:
     ``steps`` sets the learning-rate schedule; ``encoder_dtype`` ("auto": bf16 on a CUDA GPU,
     f32 on the CPU; "bf16"; "f32") is the precision of the encoder's dense product;
     ``optimizer`` is "adam" or "muon" (sparsify's Muon recipe; default lr 2e-3);
-    ``k_decay_steps`` decays k from min(num_latents, 10 d_in) over that many steps."""
+    ``k_decay_steps`` decays k from min(num_latents, 10 d_in) over that many steps. Threads
+    may share one trainer: a call waits while another thread's step runs."""
 
     def __init__(
         self,

@@ -717,7 +717,8 @@ impl PyModel {
     /// ``stop_early=True`` stops the pass after the last requested hook point and returns
     /// ``(None, activations)`` (no logits are computed unless ``"logits"`` is requested).
     /// ``hooks`` (as in :meth:`run_with_hooks`) edits the pass; captures see the edited
-    /// tensors.
+    /// tensors. Every hook is called, even one placed after the last capture (the pass goes
+    /// on to it), so a hook that only records what it sees still records.
     #[pyo3(signature = (ids, hookpoints = None, *, stop_early = false, hooks = None))]
     fn run_with_cache<'py>(
         &self,

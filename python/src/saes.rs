@@ -6,6 +6,7 @@
 //! runs with the GIL released.
 
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use hooks::candle_core::{DType, Device, Tensor};
 use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
@@ -302,10 +303,9 @@ impl PySae {
             optimizer,
             k_decay_steps,
         )?;
-        let trainer = Bound::new(py, trainer)?;
-        PySaeTrainer::fit(&trainer, py, &x, y, batch_size, Some(steps), callback)?;
-        let sae = trainer.borrow().sae.clone();
-        Ok(PySae { inner: sae })
+        trainer.fit(py, &x, y, batch_size, Some(steps), callback)?;
+        let inner = trainer.sae(py)?.inner;
+        Ok(PySae { inner })
     }
 
     fn __repr__(&self) -> String {
@@ -402,8 +402,20 @@ fn record_dict<'py>(py: Python<'py>, r: &sae::train::StepRecord) -> PyResult<Bou
 /// a GPU), ``"f32"``, or ``"auto"`` (bf16 on a CUDA GPU, f32 on the CPU). Bad arguments and
 /// batches (wrong width, NaN or infinity) raise ``ValueError``; training that cannot go on
 /// raises ``RuntimeError``.
-#[pyclass(name = "SaeTrainer", module = "eleuther_interp")]
+///
+/// One trainer may be shared between threads: a call waits (GIL released) while another
+/// thread's step runs, so a monitoring thread can read ``steps_done`` or ``sae`` mid-training.
+#[pyclass(name = "SaeTrainer", module = "eleuther_interp", frozen)]
 pub struct PySaeTrainer {
+    /// The input width, fixed for the trainer's life (checked without waiting for a step).
+    d_in: usize,
+    /// Whether the SAE is a transcoder (learns `y` from `x`), fixed too.
+    transcode: bool,
+    state: Mutex<Training>,
+}
+
+/// The SAE being trained and its trainer, changed together by each step.
+struct Training {
     sae: sae::Sae,
     trainer: sae::train::Trainer,
 }
@@ -449,12 +461,31 @@ impl PySaeTrainer {
             sae::Error::Training(m) => PyValueError::new_err(m),
             other => sae_err(other),
         })?;
-        Ok(PySaeTrainer { sae, trainer })
+        Ok(PySaeTrainer {
+            d_in: sae.d_in(),
+            transcode: sae.config().transcode,
+            state: Mutex::new(Training { sae, trainer }),
+        })
+    }
+
+    /// Runs `f` on the training state once no other thread holds it, with the GIL released
+    /// while waiting and running (the thread holding the state may need the GIL to finish).
+    fn with_state<R: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Training) -> R + Send,
+    ) -> PyResult<R> {
+        py.detach(|| match self.state.lock() {
+            Ok(mut state) => Ok(f(&mut state)),
+            Err(_) => Err(PyRuntimeError::new_err(
+                "this SaeTrainer stopped in the middle of a step (a panic in another thread); its state is unreliable: make a new one",
+            )),
+        })
     }
 
     /// The target of a batch: `y` for a transcoder, `x` itself otherwise.
     fn target(&self, x: &Tensor, y: Option<Tensor>) -> PyResult<Tensor> {
-        match (self.sae.config().transcode, y) {
+        match (self.transcode, y) {
             (true, Some(y)) => Ok(y),
             (true, None) => Err(PyValueError::new_err(
                 "a transcoder learns y from x: give the module's output as y",
@@ -542,18 +573,18 @@ impl PySaeTrainer {
     /// :class:`Sae` keeps its biases, as with sparsify's ``--finetune``).
     #[pyo3(signature = (x, y = None))]
     fn step<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         x: &Bound<'py, PyAny>,
         y: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let d = self.sae.d_in();
-        let x = rows_arg(x, d, "x")?;
-        let y = y.map(|y| rows_arg(y, d, "y")).transpose()?;
+        let x = rows_arg(x, self.d_in, "x")?;
+        let y = y.map(|y| rows_arg(y, self.d_in, "y")).transpose()?;
         let target = self.target(&x, y)?;
-        let (sae, trainer) = (&mut self.sae, &mut self.trainer);
-        let record = py
-            .detach(|| trainer.step_to(sae, &x, &target))
+        let record = self
+            .with_state(py, |state| {
+                state.trainer.step_to(&mut state.sae, &x, &target)
+            })?
             .into_py_sae()?;
         record_dict(py, &record)
     }
@@ -564,7 +595,7 @@ impl PySaeTrainer {
     /// steps.
     #[pyo3(signature = (x, y = None, *, batch_size, steps = None, callback = None))]
     fn fit<'py>(
-        slf: &Bound<'py, Self>,
+        &self,
         py: Python<'py>,
         x: &Bound<'py, PyAny>,
         y: Option<&Bound<'py, PyAny>>,
@@ -572,10 +603,9 @@ impl PySaeTrainer {
         steps: Option<u64>,
         callback: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        let d = slf.borrow().sae.d_in();
-        let x = rows_arg(x, d, "x")?;
-        let y = y.map(|y| rows_arg(y, d, "y")).transpose()?;
-        let target = slf.borrow().target(&x, y)?;
+        let x = rows_arg(x, self.d_in, "x")?;
+        let y = y.map(|y| rows_arg(y, self.d_in, "y")).transpose()?;
+        let target = self.target(&x, y)?;
         if target.dim(0).into_py_result()? != x.dim(0).into_py_result()? {
             return Err(PyValueError::new_err(format!(
                 "x and y must have the same number of rows, got {} and {}",
@@ -604,18 +634,14 @@ impl PySaeTrainer {
         let mut records = Vec::with_capacity(steps as usize);
         for i in 0..steps as usize {
             let start = i * batch_size;
-            // Borrowed for the step only: the callback may use the trainer (save its SAE...).
-            let record = {
-                let mut this = slf.borrow_mut();
-                let this = &mut *this;
-                let (sae, trainer) = (&mut this.sae, &mut this.trainer);
-                py.detach(|| -> Result<_, sae::Error> {
+            // Held for the step only: the callback may use the trainer (save its SAE...).
+            let record = self
+                .with_state(py, |state| -> Result<_, sae::Error> {
                     let input = x.narrow(0, start, batch_size)?;
                     let target = target.narrow(0, start, batch_size)?;
-                    trainer.step_to(sae, &input, &target)
-                })
-                .into_py_sae()?
-            };
+                    state.trainer.step_to(&mut state.sae, &input, &target)
+                })?
+                .into_py_sae()?;
             let dict = record_dict(py, &record)?;
             if let Some(callback) = callback {
                 callback.call1((dict.clone(),))?;
@@ -628,32 +654,34 @@ impl PySaeTrainer {
 
     /// A copy of the SAE as trained so far.
     #[getter]
-    fn sae(&self) -> PySae {
-        PySae {
-            inner: self.sae.clone(),
-        }
+    fn sae(&self, py: Python<'_>) -> PyResult<PySae> {
+        self.with_state(py, |state| PySae {
+            inner: state.sae.clone(),
+        })
     }
 
     /// Steps taken so far.
     #[getter]
-    fn steps_done(&self) -> u64 {
-        self.trainer.steps_done()
+    fn steps_done(&self, py: Python<'_>) -> PyResult<u64> {
+        self.with_state(py, |state| state.trainer.steps_done())
     }
 
     /// Fraction of latents not selected for more than ``dead_feature_threshold`` tokens.
     #[getter]
-    fn dead_fraction(&self) -> f64 {
-        self.trainer.dead_fraction()
+    fn dead_fraction(&self, py: Python<'_>) -> PyResult<f64> {
+        self.with_state(py, |state| state.trainer.dead_fraction())
     }
 
-    fn __repr__(&self) -> String {
-        format!(
-            "SaeTrainer(d_in={}, num_latents={}, k={}, steps_done={}/{})",
-            self.sae.d_in(),
-            self.sae.num_latents(),
-            self.sae.k(),
-            self.trainer.steps_done(),
-            self.trainer.options().steps
-        )
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        self.with_state(py, |state| {
+            format!(
+                "SaeTrainer(d_in={}, num_latents={}, k={}, steps_done={}/{})",
+                state.sae.d_in(),
+                state.sae.num_latents(),
+                state.sae.k(),
+                state.trainer.steps_done(),
+                state.trainer.options().steps
+            )
+        })
     }
 }

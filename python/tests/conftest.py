@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -16,6 +17,10 @@ FIXTURES = REPO / "tests" / "fixtures"
 PYTHIA_STYLE = FIXTURES / "gpt_neox" / "pythia_style"
 TOKENIZER_JSON = REPO / "data" / "gpt-neox-20b-tokenizer.json"
 WIKITEXT = REPO / "data" / "wikitext-2-raw-test.txt"
+
+# For tests that assert what the package logs by default (warnings from import, info during
+# a command): RUST_LOG sets another level for the whole process.
+DEFAULT_LOG_LEVEL = pytest.mark.skipif("RUST_LOG" in os.environ, reason="RUST_LOG overrides the log levels it checks")
 
 _DTYPES = {
     "F32": np.float32,

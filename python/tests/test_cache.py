@@ -16,7 +16,7 @@ import pytest
 
 import eleuther_interp as ei
 
-from conftest import WIKITEXT, wikitext_lines
+from conftest import DEFAULT_LOG_LEVEL, WIKITEXT, wikitext_lines
 
 SEQ_LEN = 16
 BATCH = 3
@@ -269,6 +269,7 @@ def plant_stale_shard(cache: Path) -> Path:
     return stale
 
 
+@DEFAULT_LOG_LEVEL
 def test_a_command_run_from_python_leaves_the_package_log_level(tiny_model, tiny_dir, sample, tmp_path, capfd):
     """A command logs at `info` as on the command line; afterwards the package is back at
     `warn`. Seen through the `info` line of the clean-up of a killed run's shard."""

@@ -10,7 +10,7 @@ import pytest
 
 import eleuther_interp as ei
 
-from conftest import PYTHIA_STYLE, TINY_CONFIG, max_rel_err
+from conftest import DEFAULT_LOG_LEVEL, PYTHIA_STYLE, TINY_CONFIG, max_rel_err
 
 TOL = 1e-4
 
@@ -132,6 +132,10 @@ def test_stop_early(golden_model, golden):
     _, full = golden_model.run_with_cache(ids, ["layers.0", "layers.0.mlp"])
     for name in ["layers.0", "layers.0.mlp"]:
         np.testing.assert_array_equal(acts[name], full[name])
+    # A hook after the last capture is still called (the pass goes on to it).
+    seen = []
+    golden_model.run_with_cache(ids, ["layers.0"], stop_early=True, hooks={"layers.1": lambda x: seen.append(x.shape)})
+    assert seen == [full["layers.0"].shape]
     with pytest.raises(ValueError, match="at least one hook point"):
         golden_model.run_with_cache(ids, [], stop_early=True)
 
@@ -316,6 +320,7 @@ def test_docstrings():
     assert ei.Tokenizer.decode.__doc__
 
 
+@DEFAULT_LOG_LEVEL
 def test_rust_warnings_reach_stderr(tmp_path, capfd):
     """The core's warnings are logged from import on, as on the command line: here, one
     for sequences past the model's trained context (max_position_embeddings)."""

@@ -6,6 +6,7 @@ the Rust message."""
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -99,6 +100,42 @@ def test_trainer_lowers_the_fvu_and_continues_an_sae():
     np.testing.assert_allclose(kept.sae.forward(heldout)["x_hat"], sae.forward(heldout)["x_hat"], atol=1e-5)
     with pytest.raises(ValueError, match="describe a new SAE"):
         ei.SaeTrainer(sae, steps=20, k=8)
+
+
+def test_one_trainer_shared_between_threads():
+    """Steps from two threads and reads from a third wait for each other (pyo3 raised
+    "Already borrowed" when a call came in during another thread's step)."""
+    x = planted(40 * 128, seed=8)
+    trainer = ei.SaeTrainer(16, steps=40, k=4, num_latents=64, lr=1e-2, warmup_steps=5, seed=0)
+    errors, seen = [], []
+    start = threading.Barrier(3)
+
+    def steps(offset):
+        start.wait()
+        try:
+            for i in range(offset, 40, 2):
+                trainer.step(x[i * 128:(i + 1) * 128])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def reads():
+        start.wait()
+        try:
+            while trainer.steps_done < 40 and not errors:
+                seen.append(trainer.steps_done)
+                assert trainer.sae.num_latents == 64 and "SaeTrainer(" in repr(trainer)
+                assert 0.0 <= trainer.dead_fraction <= 1.0
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=steps, args=(o,)) for o in (0, 1)] + [threading.Thread(target=reads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert trainer.steps_done == 40
+    assert seen == sorted(seen), seen
 
 
 def test_bf16_encoder_product_trains_as_well_as_f32():

@@ -230,32 +230,44 @@ impl TunedLens {
                 dir.display()
             )));
         };
-        let d = config.d_model;
-        let mut lens = Self::zeros(config, device)?;
-        for layer in 0..lens.num_layers() {
-            for (name, shape, slot) in [
-                (format!("{layer}.weight"), vec![d, d], 0),
-                (format!("{layer}.bias"), vec![d], 1),
-            ] {
-                let t = tensors.get(&name).ok_or_else(|| {
-                    Error::Lens(format!("{}: missing tensor '{name}'", dir.display()))
-                })?;
-                if t.dims() != shape.as_slice() {
-                    return Err(Error::Lens(format!(
-                        "{}: tensor '{name}' has shape {:?}, config.json says {shape:?}",
-                        dir.display(),
-                        t.dims()
-                    )));
-                }
-                let t = t.to_dtype(DType::F32)?.to_device(device)?;
-                if slot == 0 {
-                    lens.weights[layer] = t;
-                } else {
-                    lens.biases[layer] = t;
-                }
-            }
+        // Checked against the file before anything is allocated: config.json's sizes alone
+        // could ask for any amount of memory.
+        let in_file = tensors
+            .keys()
+            .filter_map(|name| name.strip_suffix(".weight")?.parse::<usize>().ok())
+            .max()
+            .map_or(0, |last| last + 1);
+        if in_file != config.num_hidden_layers {
+            return Err(Error::Lens(format!(
+                "{}: config.json says num_hidden_layers {}, the parameters hold {in_file} translators",
+                dir.display(),
+                config.num_hidden_layers
+            )));
         }
-        Ok(lens)
+        let d = config.d_model;
+        let get = |name: String, shape: &[usize]| -> Result<Tensor> {
+            let t = tensors.get(&name).ok_or_else(|| {
+                Error::Lens(format!("{}: missing tensor '{name}'", dir.display()))
+            })?;
+            if t.dims() != shape {
+                return Err(Error::Lens(format!(
+                    "{}: tensor '{name}' has shape {:?}, config.json says {shape:?}",
+                    dir.display(),
+                    t.dims()
+                )));
+            }
+            Ok(t.to_dtype(DType::F32)?.to_device(device)?)
+        };
+        let (mut weights, mut biases) = (Vec::new(), Vec::new());
+        for layer in 0..in_file {
+            weights.push(get(format!("{layer}.weight"), &[d, d])?);
+            biases.push(get(format!("{layer}.bias"), &[d])?);
+        }
+        Ok(TunedLens {
+            config,
+            weights,
+            biases,
+        })
     }
 }
 

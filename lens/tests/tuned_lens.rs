@@ -611,6 +611,40 @@ fn lens_that_does_not_fit_the_model_is_refused() {
     assert!(err.contains("no params.safetensors or params.pt"), "{err}");
 }
 
+/// config.json's sizes are checked against the parameters before anything is allocated: a
+/// corrupt num_hidden_layers (2^63 - 1) aborted on a failed allocation.
+#[test]
+fn lens_config_that_disagrees_with_its_parameters_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let dir = tmp.path().join("lens");
+    TunedLens::for_model(&model).unwrap().save(&dir).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let with = |field: &str, value: serde_json::Value| {
+        let mut config = config.clone();
+        config[field] = value;
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        TunedLens::load(&dir, &Device::Cpu).unwrap_err().to_string()
+    };
+    let err = with("num_hidden_layers", serde_json::json!(i64::MAX));
+    assert!(
+        err.contains("num_hidden_layers 9223372036854775807, the parameters hold 3 translators"),
+        "{err}"
+    );
+    let err = with("num_hidden_layers", serde_json::json!(2));
+    assert!(err.contains("the parameters hold 3 translators"), "{err}");
+    let err = with("d_model", serde_json::json!(1u64 << 40));
+    assert!(
+        err.contains(
+            "tensor '0.weight' has shape [32, 32], config.json says [1099511627776, 1099511627776]"
+        ),
+        "{err}"
+    );
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    assert_eq!(TunedLens::load(&dir, &Device::Cpu).unwrap().num_layers(), 3);
+}
+
 #[test]
 fn non_finite_activations_stop_training_with_step_and_layer() {
     let model = Model::from_folder(

@@ -2,8 +2,8 @@
 # Regenerates the figures of docs/lens-trajectories.md (CPU only, offline after the first
 # SmolLM2 download): trains a small Pythia-architecture series on WikiText-2 with Pythia's
 # checkpoint schedule, sweeps tuned and logit lenses across its checkpoints, and draws the
-# prediction trajectories of SmolLM2-135M. Everything goes under runs/ (not in git); every
-# step resumes where it stopped when run again.
+# prediction trajectories of SmolLM2-135M. Everything goes under runs/ (not in git), then the
+# page's figures are copied into docs/images/; every step resumes where it stopped when run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,3 +31,24 @@ target/release/lens sweep -m "$GGUF" --checkpoints main --lens logit \
     --data runs/pythia-tiny/heldout.txt --seq-len 128 --batch-size 2 --tokens 512 \
     --prompt "The capital of France is Paris. The capital of Germany is" \
     --statistic ce,kl,entropy -o runs/sweep-smollm2
+
+# 4. Two lenses on one checkpoint: the sweep's tuned lens at step1000 minus the logit lens.
+target/release/lens plot trajectory -m runs/pythia-tiny --revision step1000 \
+    --lens runs/sweep-pythia-tiny/step1000/lens --minus logit --statistic kl \
+    --text "The album was released in the United States in 1998 , and the band" \
+    -o runs/pythia-tiny-figs/tuned-minus-logit.png
+
+# 5. The figures the page shows, copied under the names it uses (the trajectories with three
+#    checkpoints side by side, to fit the page).
+target/release/lens plot sweep runs/sweep-pythia-tiny --figures runs/sweep-pythia-tiny/figures-3 \
+    --statistic rank --max-panels 3
+cp runs/sweep-pythia-tiny/figures-3/trajectories-tuned-rank.png \
+    docs/images/lens-pythia-tiny-trajectories-tuned-rank.png
+for figure in curves-logit-ce curves-tuned-kl heatmap-logit-kl heatmap-tuned-kl; do
+    cp "runs/sweep-pythia-tiny/figures/$figure.png" "docs/images/lens-pythia-tiny-$figure.png"
+done
+cp runs/pythia-tiny-figs/tuned-minus-logit.png docs/images/lens-pythia-tiny-tuned-minus-logit-kl.png
+cp runs/sweep-smollm2/figures/curves-logit-kl.png docs/images/lens-smollm2-curves-logit-kl.png
+for statistic in entropy rank; do
+    cp "runs/smollm2-figs/trajectory-$statistic.png" "docs/images/lens-smollm2-trajectory-$statistic.png"
+done

@@ -191,7 +191,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let cli = Cli::parse_from(args);
+    let cli: Cli = hooks::cli::parse(args)?;
     hooks::cli::init_logging();
     match cli.command {
         Command::Cache(args) => cache(*args),

@@ -49,7 +49,8 @@ pub struct ModelArgs {
     /// a local folder (config.json + weights + tokenizer.json) or a .gguf file.
     #[arg(long, short)]
     pub model: String,
-    /// Hub revision: branch, tag or commit (Pythia checkpoints: step0 ... step143000).
+    /// Revision: hub branch, tag or commit (Pythia checkpoints: step0 ... step143000); for a
+    /// local folder, its sub-folder of that name (MODEL/step1000/config.json, the hub layout).
     #[arg(long)]
     pub revision: Option<String>,
     /// Device: cpu, cuda or cuda:N (cuda needs a build with --features cuda).
@@ -164,13 +165,59 @@ pub fn main(run: impl FnOnce(std::env::ArgsOs) -> Result<()>) -> std::process::E
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    match run(std::env::args_os()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    match exit_status(run(std::env::args_os())) {
+        Ok(status) => std::process::ExitCode::from(status as u8),
         Err(error) => {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// A command's result as its caller reports it: the exit status when it ran (0) or was not
+/// run ([`NotRun`], printed here: 0 for help and version, 2 for argument errors), or the
+/// error that stopped it.
+pub fn exit_status(result: Result<()>) -> Result<i32> {
+    match result {
+        Ok(()) => Ok(0),
+        Err(error) => match error.downcast_ref::<NotRun>() {
+            Some(not_run) => Ok(not_run.report()),
+            None => Err(error),
+        },
+    }
+}
+
+/// A command line that was not run: clap's help, version or argument error. Returned instead
+/// of ending the process inside the parser, so that a command run from Python (`hooks_main`)
+/// gives back its status rather than closing the interpreter.
+#[derive(Debug)]
+pub struct NotRun(clap::Error);
+
+impl NotRun {
+    /// Prints the help, version or argument error where a command line does (help and
+    /// version on stdout, errors on stderr) and returns the exit status (0 or 2).
+    pub fn report(&self) -> i32 {
+        let _ = self.0.print();
+        self.0.exit_code()
+    }
+}
+
+impl std::fmt::Display for NotRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0.render())
+    }
+}
+
+impl std::error::Error for NotRun {}
+
+/// Parses a command line (program name first); help, version and argument errors come back
+/// as [`NotRun`].
+pub fn parse<C: Parser, I, T>(args: I) -> Result<C>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    C::try_parse_from(args).map_err(|e| NotRun(e).into())
 }
 
 /// Parses argv (program name first) and runs the command.
@@ -179,7 +226,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let cli = Cli::parse_from(args);
+    let cli: Cli = parse(args)?;
     init_logging();
     match cli.command {
         Command::Cache(args) => cache(args),

@@ -36,19 +36,40 @@ pub enum ModelSpec {
 
 impl ModelSpec {
     /// Interprets a user's model name: an existing folder or `.gguf` file, a Pythia short name
-    /// (`pythia-70m`, `pythia-1b-deduped`), or a hub id (`EleutherAI/gpt-neox-20b`).
+    /// (`pythia-70m`, `pythia-1b-deduped`), or a hub id (`EleutherAI/gpt-neox-20b`). A local
+    /// folder's revisions are its sub-folders, as on the hub (`MODEL/step1000/config.json`);
+    /// a revision a local model does not have is an error, not ignored.
     pub fn parse(name: &str, revision: Option<&str>) -> Result<Self> {
         let path = Path::new(name);
         if path.is_dir() {
-            return Ok(ModelSpec::Folder(path.to_path_buf()));
+            let Some(revision) = revision else {
+                return Ok(ModelSpec::Folder(path.to_path_buf()));
+            };
+            let checkpoint = path.join(revision);
+            if checkpoint.join("config.json").is_file() {
+                return Ok(ModelSpec::Folder(checkpoint));
+            }
+            return Err(not_found(
+                name,
+                &format!(
+                    "revision '{revision}': a local folder's revisions are its sub-folders (the hub layout), and {} is not a model folder",
+                    checkpoint.display()
+                ),
+            ));
         }
         let looks_like_path =
             name.starts_with('.') || name.starts_with('/') || name.starts_with('~');
         if name.ends_with(".gguf") {
-            if path.is_file() {
-                return Ok(ModelSpec::Gguf(path.to_path_buf()));
+            if !path.is_file() {
+                return Err(not_found(name, "no such GGUF file"));
             }
-            return Err(not_found(name, "no such GGUF file"));
+            if let Some(revision) = revision {
+                return Err(not_found(
+                    name,
+                    &format!("revision '{revision}': a .gguf file has no revisions"),
+                ));
+            }
+            return Ok(ModelSpec::Gguf(path.to_path_buf()));
         }
         if looks_like_path || path.is_file() {
             return Err(not_found(
@@ -412,6 +433,42 @@ mod tests {
         assert!(ModelSpec::parse("./no/such/folder", None).is_err());
         assert!(ModelSpec::parse("missing.gguf", None).is_err());
         assert!(ModelSpec::parse("a/b/c", None).is_err());
+    }
+
+    #[test]
+    fn local_revisions_are_sub_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_str().unwrap();
+        std::fs::create_dir(dir.path().join("step8")).unwrap();
+        std::fs::write(dir.path().join("step8/config.json"), "{}").unwrap();
+        std::fs::write(dir.path().join("model.gguf"), "GGUF").unwrap();
+        assert_eq!(
+            ModelSpec::parse(root, None).unwrap(),
+            ModelSpec::Folder(dir.path().into())
+        );
+        assert_eq!(
+            ModelSpec::parse(root, Some("step8")).unwrap(),
+            ModelSpec::Folder(dir.path().join("step8"))
+        );
+        // A revision the folder does not have was ignored: the base folder was loaded.
+        let err = ModelSpec::parse(root, Some("step16"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("revision 'step16': a local folder's revisions are its sub-folders")
+                && err.contains("step16 is not a model folder"),
+            "{err}"
+        );
+        let gguf = dir.path().join("model.gguf");
+        let gguf = gguf.to_str().unwrap();
+        assert_eq!(
+            ModelSpec::parse(gguf, None).unwrap(),
+            ModelSpec::Gguf(gguf.into())
+        );
+        let err = ModelSpec::parse(gguf, Some("main"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a .gguf file has no revisions"), "{err}");
     }
 
     #[test]

@@ -79,27 +79,29 @@ __all__ = [
 ]
 
 
-def _run_main(program: str, run: Callable[[list[str]], None], argv: Optional[Sequence[str]]) -> int:
+def _run_main(program: str, run: Callable[[list[str]], int], argv: Optional[Sequence[str]]) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if isinstance(argv, (str, bytes)):
         raise TypeError(f"argv must be a list of arguments, not a string: {argv!r}")
+    # The command writes to the process's stdout itself: what Python buffered goes first.
+    sys.stdout.flush()
     try:
-        run([program, *[os.fspath(a) for a in argv]])
+        return run([program, *[os.fspath(a) for a in argv]])
     except RuntimeError as error:
         sys.stdout.flush()
         print(f"error: {error}", file=sys.stderr)
         return 1
-    return 0
 
 
 def hooks_main(argv: Optional[Sequence[str]] = None) -> int:
-    """Runs the ``hooks`` command line (``hooks cache``, ``hooks info``, ``hooks inspect``)
-    in this process and returns its exit status.
+    """Runs the ``hooks`` command line (``hooks cache``, ``hooks info``, ``hooks inspect``,
+    ``hooks fetch``) in this process and returns its exit status.
 
     ``argv`` is the argument list without the program name (default ``sys.argv[1:]``).
-    An error prints ``error: <message>`` on stderr and returns 1. ``--help``, ``--version``
-    and invalid arguments end the process, as a command line does (status 0 or 2).
+    An error prints ``error: <message>`` on stderr and returns 1. ``--help`` and
+    ``--version`` print and return 0, invalid arguments print the usage error and return 2,
+    as a command line exits (the interpreter goes on).
 
     This is the entry point of the ``hooks`` console script. Called from Python, the work
     runs with the GIL released and cannot be interrupted with Ctrl-C until it returns; use
@@ -109,12 +111,13 @@ def hooks_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def lens_main(argv: Optional[Sequence[str]] = None) -> int:
-    """Runs the ``lens`` command line (``lens train``, ``lens eval``) in this process and
-    returns its exit status.
+    """Runs the ``lens`` command line (``lens train``, ``lens eval``, ``lens sweep``, ``lens
+    plot``) in this process and returns its exit status.
 
     ``argv`` is the argument list without the program name (default ``sys.argv[1:]``).
-    An error prints ``error: <message>`` on stderr and returns 1. ``--help``, ``--version``
-    and invalid arguments end the process, as a command line does (status 0 or 2).
+    An error prints ``error: <message>`` on stderr and returns 1. ``--help`` and
+    ``--version`` print and return 0, invalid arguments print the usage error and return 2,
+    as a command line exits (the interpreter goes on).
 
     This is the entry point of the ``lens`` console script. Called from Python, the work
     runs with the GIL released and cannot be interrupted with Ctrl-C until it returns; use
@@ -128,8 +131,9 @@ def sae_main(argv: Optional[Sequence[str]] = None) -> int:
     returns its exit status.
 
     ``argv`` is the argument list without the program name (default ``sys.argv[1:]``).
-    An error prints ``error: <message>`` on stderr and returns 1. ``--help``, ``--version``
-    and invalid arguments end the process, as a command line does (status 0 or 2).
+    An error prints ``error: <message>`` on stderr and returns 1. ``--help`` and
+    ``--version`` print and return 0, invalid arguments print the usage error and return 2,
+    as a command line exits (the interpreter goes on).
 
     This is the entry point of the ``sae`` console script. Called from Python, the work runs
     with the GIL released and cannot be interrupted with Ctrl-C until it returns (``sae
@@ -163,8 +167,9 @@ def delphi_main(argv: Optional[Sequence[str]] = None) -> int:
     in this process and returns its exit status.
 
     ``argv`` is the argument list without the program name (default ``sys.argv[1:]``).
-    An error prints ``error: <message>`` on stderr and returns 1. This is the entry point of
-    the ``delphi`` console script; jobs resume when re-run, so an interrupted one loses
+    An error prints ``error: <message>`` on stderr and returns 1; ``--help`` and ``--version``
+    return 0, invalid arguments 2, as for :func:`hooks_main`. This is the entry point of the
+    ``delphi`` console script; jobs resume when re-run, so an interrupted one loses
     nothing already written.
     """
     return _run_main("delphi", _run_delphi_cli, argv)

@@ -450,6 +450,6 @@ pub fn score<'py>(
 /// Runs the ``delphi`` command line (``delphi cache``, ``delphi run``, ``delphi summary``)
 /// in this process; ``argv`` starts with the program name.
 #[pyfunction]
-pub fn run_delphi_cli(py: Python<'_>, argv: Vec<String>) -> PyResult<()> {
+pub fn run_delphi_cli(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     crate::run_command(py, argv, delphi::cli::run)
 }

@@ -734,7 +734,7 @@ pub fn evaluate_lens<'py>(
 /// Runs the ``lens`` command line in this process (``argv`` with the program name first);
 /// see :func:`eleuther_interp.lens_main`.
 #[pyfunction]
-pub fn run_lens_cli(py: Python<'_>, argv: Vec<String>) -> PyResult<()> {
+pub fn run_lens_cli(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     crate::run_command(py, argv, lens::cli::run)
 }
 

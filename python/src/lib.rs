@@ -29,23 +29,25 @@ use crate::errors::IntoPyResult;
 /// Runs the ``hooks`` command line in this process.
 ///
 /// ``argv`` is the full argument vector, program name first (``["hooks", "info", "-m",
-/// "pythia-70m"]``). Raises ``RuntimeError`` with the error chain when the command fails.
-/// ``--help`` / ``--version`` and argument errors end the process (as a command line does);
-/// use :func:`eleuther_interp.hooks_main` for the console-script behaviour.
+/// "pythia-70m"]``). Returns the exit status: 0, or for ``--help`` / ``--version`` and
+/// argument errors what a command line exits with (0 or 2) after printing them. Raises
+/// ``RuntimeError`` with the error chain when the command fails; use
+/// :func:`eleuther_interp.hooks_main` for the console-script behaviour.
 #[pyfunction]
-fn run_cli(py: Python<'_>, argv: Vec<String>) -> PyResult<()> {
+fn run_cli(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     run_command(py, argv, hooks::cli::run)
 }
 
-/// Runs one of the command lines in this process, without the GIL; its `info` logging goes
-/// back to the package's `warn` level afterwards. A failure is a `RuntimeError` with the
-/// error chain.
-pub(crate) fn run_command<E: std::fmt::Display>(
+/// Runs one of the command lines in this process, without the GIL, and returns its exit
+/// status (see `hooks::cli::exit_status`); its `info` logging goes back to the package's
+/// `warn` level afterwards. A failure is a `RuntimeError` with the error chain.
+pub(crate) fn run_command(
     py: Python<'_>,
     argv: Vec<String>,
-    run: impl FnOnce(Vec<String>) -> Result<(), E> + Send,
-) -> PyResult<()> {
-    let result = py.detach(move || run(argv).map_err(|e| format!("{e:#}")));
+    run: impl FnOnce(Vec<String>) -> anyhow::Result<()> + Send,
+) -> PyResult<i32> {
+    let result =
+        py.detach(move || hooks::cli::exit_status(run(argv)).map_err(|e| format!("{e:#}")));
     hooks::cli::init_logging_at(PACKAGE_LOG_LEVEL);
     result.map_err(PyRuntimeError::new_err)
 }

@@ -321,7 +321,7 @@ impl PySae {
 /// Runs the ``sae`` command line in this process (``argv`` with the program name first);
 /// see :func:`eleuther_interp.sae_main`.
 #[pyfunction]
-pub fn run_sae_cli(py: Python<'_>, argv: Vec<String>) -> PyResult<()> {
+pub fn run_sae_cli(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     crate::run_command(py, argv, sae::cli::run)
 }
 

@@ -65,3 +65,18 @@ def test_hooks_main_in_process(capfd):
     assert err.startswith("error: ") and "no such folder" in err
     with pytest.raises(TypeError, match="argv must be a list of arguments, not a string"):
         ei.hooks_main("info")
+
+
+@pytest.mark.parametrize("main, command", [(ei.hooks_main, "inspect"), (ei.lens_main, "sweep"),
+                                           (ei.sae_main, "train"), (ei.delphi_main, "summary")])
+def test_help_and_argument_errors_return_in_process(main, command, capfd):
+    """`--help`, `--version` and bad arguments give the command line's status back instead
+    of ending the interpreter (clap exited the process: a Jupyter kernel died)."""
+    assert main(["--help"]) == 0
+    out, _ = capfd.readouterr()
+    assert command in out
+    assert main(["--version"]) == 0
+    assert ei.__version__ in capfd.readouterr().out
+    assert main([command, "--bogus"]) == 2
+    err = capfd.readouterr().err
+    assert "--bogus" in err and "Usage:" in err

@@ -46,7 +46,7 @@ struct ModelOpts {
     /// Model: Pythia short name, hub id, a local folder or a .gguf file.
     #[arg(long, short)]
     model: Option<String>,
-    /// Hub revision: branch, tag or commit.
+    /// Revision: hub branch, tag or commit; for a local folder, its sub-folder of that name.
     #[arg(long)]
     revision: Option<String>,
     /// Device: cpu, cuda or cuda:N.
@@ -158,7 +158,7 @@ struct TrainArgs {
     #[arg(long)]
     activations: Option<PathBuf>,
     /// Hook points, comma separated (layers.3,layers.5.mlp; '*' matches any layer); with
-    /// --activations the default is every cached point.
+    /// --finetune the default is every SAE in its folder, with --activations every cached point.
     #[arg(long)]
     hookpoints: Option<String>,
     /// Output folder: OUTPUT/<hookpoint>/{cfg.json,sae.safetensors}.
@@ -291,7 +291,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let cli = Cli::parse_from(args);
+    let cli: Cli = hooks::cli::parse(args)?;
     hooks::cli::init_logging();
     match cli.command {
         Command::Train(args) => train_command(*args),
@@ -356,6 +356,30 @@ fn pretrained(dir: &Path, width: usize, transcode: bool, device: &Device) -> Res
     Ok(sae)
 }
 
+/// The hook point names of the SAEs in `dir` (its sub-folders holding a cfg.json), at least one.
+fn sae_folder_names(dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.join("cfg.json").is_file() {
+            names.push(
+                path.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+    }
+    if names.is_empty() {
+        bail!(
+            "{} holds no SAE folders (<hookpoint>/cfg.json)",
+            dir.display()
+        );
+    }
+    names.sort();
+    Ok(names)
+}
+
 /// Width of each hook point's activations, from a one-token forward pass.
 fn model_widths(model: &Model, points: &[HookPoint]) -> Result<Vec<usize>> {
     let ids = Tensor::new(&[[0u32]], model.device())?;
@@ -364,7 +388,11 @@ fn model_widths(model: &Model, points: &[HookPoint]) -> Result<Vec<usize>> {
     points.iter().map(|p| Ok(out.captures[p].dim(2)?)).collect()
 }
 
-fn train_command(args: TrainArgs) -> Result<()> {
+fn train_command(mut args: TrainArgs) -> Result<()> {
+    if let (None, Some(dir)) = (&args.hookpoints, &args.finetune) {
+        // The SAEs to train further name their hook points.
+        args.hookpoints = Some(sae_folder_names(dir)?.join(","));
+    }
     let model = args.model.load()?;
     let device = match &model {
         Some(model) => model.device().clone(),
@@ -753,23 +781,11 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
     let points = match &args.hookpoints {
         Some(list) => model.hook_points_from_list(list)?,
         None => {
-            let mut found = Vec::new();
-            let entries = std::fs::read_dir(&args.sae)
-                .with_context(|| format!("reading {}", args.sae.display()))?;
-            for entry in entries {
-                let path = entry?.path();
-                if path.join("cfg.json").is_file() {
-                    let name = path.file_name().unwrap_or_default().to_string_lossy();
-                    found.push(model.hook_point(&name)?);
-                }
-            }
+            let mut found = sae_folder_names(&args.sae)?
+                .iter()
+                .map(|name| model.hook_point(name))
+                .collect::<hooks::Result<Vec<_>>>()?;
             found.sort();
-            if found.is_empty() {
-                bail!(
-                    "{} holds no SAE folders (<hookpoint>/cfg.json)",
-                    args.sae.display()
-                );
-            }
             found
         }
     };

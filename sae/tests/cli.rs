@@ -732,6 +732,22 @@ fn finetune_trains_saes_further() {
     let kept = Sae::load(&again.join("layers.1"), &Device::Cpu).unwrap();
     assert_eq!((kept.num_latents(), kept.k()), (48, 3));
     assert!(diff(&kept, &trained) < 1e-6, "{}", diff(&kept, &trained));
+    // Without --hookpoints: the SAEs in the folder (not every cached point), the same run.
+    let named_by_folder = tmp.path().join("named-by-folder");
+    train(&named_by_folder, &["--finetune", s(&first), "--steps", "1"]).unwrap();
+    for point in ["layers.1", "layers.1.mlp"] {
+        let a = Sae::load(&named_by_folder.join(point), &Device::Cpu).unwrap();
+        let b = Sae::load(&again.join(point), &Device::Cpu).unwrap();
+        assert_eq!(flat(&a), flat(&b), "{point}");
+    }
+    assert!(!named_by_folder.join("layers.1.mlp.input").exists());
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let message = format!(
+        "{:#}",
+        train(&named_by_folder, &["--finetune", s(&empty), "--steps", "1"]).unwrap_err()
+    );
+    assert!(message.contains("holds no SAE folders"), "{message}");
     // A fresh run's first step sets b_dec to the batch mean instead.
     let fresh = tmp.path().join("fresh");
     let args = [&["--hookpoints", both, "--steps", "1"][..], &shape].concat();

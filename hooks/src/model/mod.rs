@@ -41,7 +41,8 @@ pub(crate) fn seeded_bf16(shape: &[usize], scale: f32, seed: u64) -> Tensor {
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Hub revision (branch, tag or commit), e.g. `step1000`; `main` when `None`.
+    /// Hub revision (branch, tag or commit), e.g. `step1000`; `main` when `None`. For a
+    /// local folder: the sub-folder of that name (the hub layout).
     pub revision: Option<String>,
     /// Where the forward pass runs.
     pub device: Device,

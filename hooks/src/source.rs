@@ -45,6 +45,16 @@ impl ModelSpec {
             let Some(revision) = revision else {
                 return Ok(ModelSpec::Folder(path.to_path_buf()));
             };
+            let plain_name = matches!(
+                Path::new(revision).components().collect::<Vec<_>>()[..],
+                [std::path::Component::Normal(_)]
+            );
+            if !plain_name {
+                return Err(not_found(
+                    name,
+                    &format!("revision '{revision}': a local folder's revisions are its sub-folders, named without '/' or '..'"),
+                ));
+            }
             let checkpoint = path.join(revision);
             if checkpoint.join("config.json").is_file() {
                 return Ok(ModelSpec::Folder(checkpoint));
@@ -459,6 +469,15 @@ mod tests {
                 && err.contains("step16 is not a model folder"),
             "{err}"
         );
+        for outside in ["..", "../step8", "step8/../step8", "/", "."] {
+            let err = ModelSpec::parse(root, Some(outside))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("named without '/' or '..'"),
+                "{outside}: {err}"
+            );
+        }
         let gguf = dir.path().join("model.gguf");
         let gguf = gguf.to_str().unwrap();
         assert_eq!(

@@ -99,3 +99,35 @@ fn a_closed_output_pipe_ends_the_command_quietly() {
         out.status
     );
 }
+
+/// Help, version and argument errors: printed where a command line prints them, with its
+/// exit status (0, 0, 2), and `hooks::cli::run` returns them instead of ending the process.
+#[test]
+fn help_version_and_argument_errors_have_their_exit_status() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_hooks"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let help = run(&["--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("inspect"));
+    let version = run(&["--version"]);
+    assert_eq!(version.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("hooks "));
+    let bad = run(&["cache", "--bogus"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("--bogus") && stderr.contains("Usage:"),
+        "{stderr}"
+    );
+    assert!(bad.stdout.is_empty());
+
+    let error = hooks::cli::run(["hooks", "cache", "--bogus"]).unwrap_err();
+    assert!(
+        error.downcast_ref::<hooks::cli::NotRun>().is_some(),
+        "{error:#}"
+    );
+}

@@ -232,11 +232,14 @@ impl TunedLens {
         };
         // Checked against the file before anything is allocated: config.json's sizes alone
         // could ask for any amount of memory.
+        // Translators 0..n: a gap shows up below as a missing tensor.
         let in_file = tensors
             .keys()
-            .filter_map(|name| name.strip_suffix(".weight")?.parse::<usize>().ok())
-            .max()
-            .map_or(0, |last| last + 1);
+            .filter(|name| {
+                name.strip_suffix(".weight")
+                    .is_some_and(|i| i.parse::<usize>().is_ok())
+            })
+            .count();
         if in_file != config.num_hidden_layers {
             return Err(Error::Lens(format!(
                 "{}: config.json says num_hidden_layers {}, the parameters hold {in_file} translators",

@@ -643,6 +643,14 @@ fn lens_config_that_disagrees_with_its_parameters_is_refused() {
     );
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     assert_eq!(TunedLens::load(&dir, &Device::Cpu).unwrap().num_layers(), 3);
+    // A translator numbered usize::MAX (its successor overflowed).
+    let params = dir.join("params.safetensors");
+    let mut tensors = hooks::candle_core::safetensors::load(&params, &Device::Cpu).unwrap();
+    let extra = tensors["0.weight"].clone();
+    tensors.insert(format!("{}.weight", usize::MAX), extra);
+    hooks::candle_core::safetensors::save(&tensors, &params).unwrap();
+    let err = TunedLens::load(&dir, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("the parameters hold 4 translators"), "{err}");
 }
 
 #[test]

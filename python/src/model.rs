@@ -529,9 +529,10 @@ impl PyModel {
     /// Hugging Face cache; ``HF_HUB_OFFLINE=1`` never touches the network), a local folder
     /// (``config.json`` + safetensors weights + usually ``tokenizer.json``) or a ``.gguf``
     /// file. ``revision`` picks a hub branch, tag or commit (Pythia checkpoints:
-    /// ``"step1000"``), or a local folder's sub-folder (``MODEL/step1000/``, the hub layout). ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (CUDA needs a
-    /// build with the ``cuda`` feature). ``dtype`` is the compute dtype: ``"float32"``
-    /// (default), ``"bfloat16"`` or ``"float16"`` (or a numpy dtype). ``tokenizer`` is a
+    /// ``"step1000"``), or a local folder's sub-folder (``MODEL/step1000/``, the hub
+    /// layout). ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (CUDA needs a build with
+    /// the ``cuda`` feature). ``dtype`` is the compute dtype: ``"float32"`` (default),
+    /// ``"bfloat16"`` or ``"float16"`` (or a numpy dtype). ``tokenizer`` is a
     /// ``tokenizer.json`` to use instead of the model's own.
     ///
     /// Raises ``FileNotFoundError`` for a model that cannot be found, ``ValueError`` for a

@@ -478,7 +478,7 @@ impl PySaeTrainer {
         py.detach(|| match self.state.lock() {
             Ok(mut state) => Ok(f(&mut state)),
             Err(_) => Err(PyRuntimeError::new_err(
-                "this SaeTrainer stopped in the middle of a step (a panic in another thread); its state is unreliable: make a new one",
+                "a step of this SaeTrainer panicked and may have left it half-updated: make a new one",
             )),
         })
     }

@@ -228,7 +228,9 @@ pub fn load_checkpoint(
     load: &LoadOptions,
     tokenizer: Option<&Path>,
 ) -> Result<Model> {
-    let local = Path::new(model).join(revision);
+    let path = Path::new(model);
+    let local = path.join(revision);
+    let has_checkpoint = local.join("config.json").is_file();
     let has_checkpoints = || {
         std::fs::read_dir(model).is_ok_and(|entries| {
             entries
@@ -236,24 +238,21 @@ pub fn load_checkpoint(
                 .any(|e| e.path().join("config.json").is_file())
         })
     };
-    let mut loaded = if local.join("config.json").is_file() {
-        Model::from_folder(&local, load)?
-    } else if Path::new(model).is_dir()
-        && !Path::new(model).join("config.json").is_file()
-        && has_checkpoints()
+    if !has_checkpoint && path.is_dir() && !path.join("config.json").is_file() && has_checkpoints()
     {
         return Err(Error::Lens(format!(
             "{model} holds checkpoint folders but not {}",
             local.display()
         )));
-    } else {
-        let is_local = Path::new(model).exists();
-        let options = LoadOptions {
-            revision: (!is_local).then(|| revision.to_string()),
-            ..load.clone()
-        };
-        Model::load(model, &options)?
+    }
+    // A lone local model is every checkpoint; a checkpoint folder is found by `Model::load`,
+    // as a local revision always is.
+    let lone = path.exists() && !has_checkpoint;
+    let options = LoadOptions {
+        revision: (!lone).then(|| revision.to_string()),
+        ..load.clone()
     };
+    let mut loaded = Model::load(model, &options)?;
     if let Some(path) = tokenizer {
         loaded.set_tokenizer(hooks::Tokenizer::from_file(
             path,

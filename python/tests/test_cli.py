@@ -71,7 +71,7 @@ def test_hooks_main_in_process(capfd):
                                            (ei.sae_main, "train"), (ei.delphi_main, "summary")])
 def test_help_and_argument_errors_return_in_process(main, command, capfd):
     """`--help`, `--version` and bad arguments give the command line's status back instead
-    of ending the interpreter (clap exited the process: a Jupyter kernel died)."""
+    of ending the interpreter (clap exited the process, which would end a Jupyter kernel)."""
     assert main(["--help"]) == 0
     out, _ = capfd.readouterr()
     assert command in out

@@ -58,31 +58,49 @@ fn gpu_forward_matches_transformers_at_every_hook_point() {
     for case in FORWARD_CASES {
         let (model, expected, _) = fixture(case);
         let ids = expected["input_ids"].to_device(&gpu()).unwrap();
-        let mut hooks = Hooks::new().capture(model.hook_points());
-        let out = model.forward(&ids, &mut hooks).unwrap();
-        let mut checked = 0;
-        for point in model.hook_points() {
-            let name = model.hook_name(point);
-            let key = if point == HookPoint::Logits {
-                "logits".to_string()
-            } else {
-                name.clone()
-            };
-            let Some(want) = expected.get(&key) else {
-                continue;
-            };
-            let mut got = out.captures[&point].clone();
-            if point == HookPoint::Logits {
-                // Fixtures may keep only the last positions of the logits.
-                let (keep, seq) = (want.dim(1).unwrap(), got.dim(1).unwrap());
-                got = got.narrow(1, seq - keep, keep).unwrap();
-            }
-            let err = relative_error(&got, want);
-            assert!(err < 2e-4, "{case} {name}: relative error {err}");
-            checked += 1;
+        // Capturing the attention patterns runs attention unfused; without them the
+        // attention kernels run.
+        let all = model.hook_points();
+        let per_token = all.iter().copied().filter(|p| p.is_per_token()).collect();
+        for points in [all, per_token] {
+            check_hook_points(case, &model, &ids, points, &expected);
         }
-        assert!(checked > 3, "{case}: only {checked} hook points compared");
     }
+}
+
+/// Compares the captures of `points` with a fixture's values, wherever it has them.
+fn check_hook_points(
+    case: &str,
+    model: &Model,
+    ids: &Tensor,
+    points: Vec<HookPoint>,
+    expected: &HashMap<String, Tensor>,
+) {
+    let out = model
+        .forward(ids, &mut Hooks::new().capture(points.clone()))
+        .unwrap();
+    let mut checked = 0;
+    for point in points {
+        let name = model.hook_name(point);
+        let key = if point == HookPoint::Logits {
+            "logits".to_string()
+        } else {
+            name.clone()
+        };
+        let Some(want) = expected.get(&key) else {
+            continue;
+        };
+        let mut got = out.captures[&point].clone();
+        if point == HookPoint::Logits {
+            // Fixtures may keep only the last positions of the logits.
+            let (keep, seq) = (want.dim(1).unwrap(), got.dim(1).unwrap());
+            got = got.narrow(1, seq - keep, keep).unwrap();
+        }
+        let err = relative_error(&got, want);
+        assert!(err < 2e-4, "{case} {name}: relative error {err}");
+        checked += 1;
+    }
+    assert!(checked > 3, "{case}: only {checked} hook points compared");
 }
 
 #[test]

@@ -205,6 +205,15 @@ impl ModelConfig {
         }
     }
 
+    /// Dimensions per attention head: the width of one head's slice of the heads' outputs
+    /// (hook point `layers.{i}.attention.dense.input`).
+    pub fn head_dim(&self) -> usize {
+        match self {
+            ModelConfig::GptNeox(c) => c.head_dim(),
+            ModelConfig::Llama(c) => c.head_dim,
+        }
+    }
+
     /// Rows of the unembedding (may exceed the tokenizer's vocabulary: padding columns).
     pub fn vocab_size(&self) -> usize {
         match self {
@@ -230,12 +239,21 @@ impl ModelConfig {
         }
     }
 
-    /// Width of the tensor at a hook point.
-    pub fn width(&self, point: crate::HookPoint) -> usize {
-        match point {
-            crate::HookPoint::Logits => self.vocab_size(),
+    /// Width of the rows at a hook point; an error for an attention pattern, which has no
+    /// rows per token (so it cannot be cached, streamed or given to an SAE).
+    pub fn width(&self, point: crate::HookPoint) -> Result<usize> {
+        Ok(match (point, self) {
+            (crate::HookPoint::AttentionPattern(_), _) => {
+                return Err(Error::InvalidArgument(format!(
+                    "hook point '{point}' is an attention pattern, [batch, heads, seq, seq], not one row \
+                     per token: caches, activation streams and SAEs take per-token hook points \
+                     (capture patterns in a forward pass instead)"
+                )))
+            }
+            (crate::HookPoint::Logits, _) => self.vocab_size(),
+            (crate::HookPoint::AttentionHeads(_), ModelConfig::Llama(c)) => c.num_heads * c.head_dim,
             _ => self.hidden_size(),
-        }
+        })
     }
 
     /// The `model_type` string of this architecture.

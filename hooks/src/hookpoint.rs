@@ -6,11 +6,21 @@
 
 use std::fmt;
 
-/// One place in the forward pass. Every tensor at a hook point has shape `[batch, seq, width]`.
+/// One place in the forward pass. The tensor at a hook point has shape `[batch, seq, width]`
+/// (one row per token), except an attention pattern's `[batch, heads, seq, seq]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HookPoint {
     /// Token embeddings: the input to layer 0.
     Embed,
+    /// The attention weights of layer `i`, `[batch, heads, query, key]`: each query's
+    /// softmax over the keys up to its own position (TransformerLens's `hook_pattern`).
+    /// Replacing it re-weights the values. It exists only when a hook asks for it, since
+    /// the fused attention kernels never form it.
+    AttentionPattern(usize),
+    /// The attention heads' outputs of layer `i`, concatenated head by head: the input of
+    /// the attention's output projection, `heads * head_dim` wide (TransformerLens's
+    /// `hook_z`, on which attention SAEs are trained).
+    AttentionHeads(usize),
     /// Output of the attention module of layer `i`, before it is added to the residual.
     Attention(usize),
     /// Input of the MLP of layer `i` (the output of its pre-MLP norm); a transcoder's input.
@@ -41,6 +51,14 @@ impl AttentionName {
             AttentionName::SelfAttn => "self_attn",
         }
     }
+
+    /// The attention's output projection: `dense` (GPT-NeoX) or `o_proj` (Llama).
+    fn output_projection(self) -> &'static str {
+        match self {
+            AttentionName::Attention => "dense",
+            AttentionName::SelfAttn => "o_proj",
+        }
+    }
 }
 
 impl HookPoint {
@@ -48,19 +66,29 @@ impl HookPoint {
     pub fn order_key(self) -> (usize, u8) {
         match self {
             HookPoint::Embed => (0, 0),
-            HookPoint::Attention(i) => (i + 1, 0),
-            HookPoint::MlpInput(i) => (i + 1, 1),
-            HookPoint::Mlp(i) => (i + 1, 2),
-            HookPoint::Layer(i) => (i + 1, 3),
+            HookPoint::AttentionPattern(i) => (i + 1, 0),
+            HookPoint::AttentionHeads(i) => (i + 1, 1),
+            HookPoint::Attention(i) => (i + 1, 2),
+            HookPoint::MlpInput(i) => (i + 1, 3),
+            HookPoint::Mlp(i) => (i + 1, 4),
+            HookPoint::Layer(i) => (i + 1, 5),
             HookPoint::FinalNorm => (usize::MAX, 0),
             HookPoint::Logits => (usize::MAX, 1),
         }
     }
 
+    /// Whether the tensor here holds one row per token (`[batch, seq, width]`), as activation
+    /// caches, streams and SAEs need: every hook point but an attention pattern.
+    pub fn is_per_token(self) -> bool {
+        !matches!(self, HookPoint::AttentionPattern(_))
+    }
+
     /// The layer this hook point belongs to, if any.
     pub fn layer(self) -> Option<usize> {
         match self {
-            HookPoint::Attention(i)
+            HookPoint::AttentionPattern(i)
+            | HookPoint::AttentionHeads(i)
+            | HookPoint::Attention(i)
             | HookPoint::MlpInput(i)
             | HookPoint::Mlp(i)
             | HookPoint::Layer(i) => Some(i),
@@ -73,6 +101,8 @@ impl HookPoint {
         let mut points = vec![HookPoint::Embed];
         for i in 0..num_layers {
             points.extend([
+                HookPoint::AttentionPattern(i),
+                HookPoint::AttentionHeads(i),
                 HookPoint::Attention(i),
                 HookPoint::MlpInput(i),
                 HookPoint::Mlp(i),
@@ -87,6 +117,12 @@ impl HookPoint {
     pub fn name(self, attention: AttentionName) -> String {
         match self {
             HookPoint::Embed => "embed".into(),
+            HookPoint::AttentionPattern(i) => format!("layers.{i}.{}.pattern", attention.as_str()),
+            HookPoint::AttentionHeads(i) => format!(
+                "layers.{i}.{}.{}.input",
+                attention.as_str(),
+                attention.output_projection()
+            ),
             HookPoint::Attention(i) => format!("layers.{i}.{}", attention.as_str()),
             HookPoint::MlpInput(i) => format!("layers.{i}.mlp.input"),
             HookPoint::Mlp(i) => format!("layers.{i}.mlp"),
@@ -100,8 +136,10 @@ impl HookPoint {
     ///
     /// Aliases: `embed_in`, `embed_tokens`, `hook_embed`; `blocks.{i}.hook_resid_pre`
     /// (the residual before block i), `blocks.{i}.hook_resid_post`, `blocks.{i}.hook_attn_out`,
-    /// `blocks.{i}.hook_mlp_out`; `layers.{i}.attention` / `.self_attn` / `.attn`;
-    /// `final_layer_norm`, `norm`; `lm_head`, `embed_out`, `unembed`.
+    /// `blocks.{i}.hook_mlp_out`, `blocks.{i}.attn.hook_z`, `blocks.{i}.attn.hook_pattern`;
+    /// `layers.{i}.attention` / `.self_attn` / `.attn`, and after any of them `.pattern` or
+    /// either output projection's input (`layers.{i}.attn.o_proj.input`); `final_layer_norm`,
+    /// `norm`; `lm_head`, `embed_out`, `unembed`.
     pub fn parse(name: &str) -> Option<HookPoint> {
         let name = name.trim();
         match name {
@@ -121,6 +159,15 @@ impl HookPoint {
             ("layers", Some("attention" | "self_attn" | "attn")) => Some(HookPoint::Attention(i)),
             ("layers", Some("mlp")) => Some(HookPoint::Mlp(i)),
             ("layers", Some("mlp.input")) => Some(HookPoint::MlpInput(i)),
+            ("layers", Some("attention.pattern" | "self_attn.pattern" | "attn.pattern")) => {
+                Some(HookPoint::AttentionPattern(i))
+            }
+            ("layers", Some(suffix)) => {
+                let (attention, projection) = suffix.strip_suffix(".input")?.split_once('.')?;
+                let known = matches!(attention, "attention" | "self_attn" | "attn")
+                    && matches!(projection, "dense" | "o_proj");
+                known.then_some(HookPoint::AttentionHeads(i))
+            }
             ("blocks", Some("hook_resid_post")) => Some(HookPoint::Layer(i)),
             ("blocks", Some("hook_resid_pre")) => Some(match i {
                 0 => HookPoint::Embed,
@@ -128,6 +175,8 @@ impl HookPoint {
             }),
             ("blocks", Some("hook_attn_out")) => Some(HookPoint::Attention(i)),
             ("blocks", Some("hook_mlp_out")) => Some(HookPoint::Mlp(i)),
+            ("blocks", Some("attn.hook_z")) => Some(HookPoint::AttentionHeads(i)),
+            ("blocks", Some("attn.hook_pattern")) => Some(HookPoint::AttentionPattern(i)),
             _ => None,
         }
     }
@@ -183,6 +232,20 @@ mod tests {
                 assert_eq!(HookPoint::parse(&point.name(attention)), Some(point));
             }
         }
+        let names = |point: HookPoint| {
+            [AttentionName::Attention, AttentionName::SelfAttn].map(|a| point.name(a))
+        };
+        assert_eq!(
+            names(HookPoint::AttentionHeads(2)),
+            [
+                "layers.2.attention.dense.input",
+                "layers.2.self_attn.o_proj.input"
+            ]
+        );
+        assert_eq!(
+            names(HookPoint::AttentionPattern(2)),
+            ["layers.2.attention.pattern", "layers.2.self_attn.pattern"]
+        );
     }
 
     #[test]
@@ -207,6 +270,14 @@ mod tests {
             HookPoint::parse("blocks.2.hook_mlp_out"),
             Some(HookPoint::Mlp(2))
         );
+        assert_eq!(
+            HookPoint::parse("blocks.2.attn.hook_z"),
+            Some(HookPoint::AttentionHeads(2))
+        );
+        assert_eq!(
+            HookPoint::parse("blocks.3.attn.hook_pattern"),
+            Some(HookPoint::AttentionPattern(3))
+        );
         assert_eq!(HookPoint::parse("embed_in"), Some(HookPoint::Embed));
         assert_eq!(
             HookPoint::parse("final_layer_norm"),
@@ -221,6 +292,12 @@ mod tests {
             "layers",
             "layers.x",
             "layers.1.foo",
+            "layers.1.attention.dense",
+            "layers.1.mlp.dense.input",
+            "layers.1.attention.query_key_value.input",
+            "layers.1.attention.dense.input.input",
+            "layers.1.mlp.pattern",
+            "layers.1.pattern",
             "blocks.1",
             "layers.-1",
             "mlp",
@@ -248,12 +325,16 @@ mod tests {
             HookPoint::Attention(1),
             HookPoint::FinalNorm,
         ];
+        points.push(HookPoint::AttentionHeads(1));
+        points.push(HookPoint::AttentionPattern(1));
         points.sort();
         assert_eq!(
             points,
             vec![
                 HookPoint::Embed,
                 HookPoint::Layer(0),
+                HookPoint::AttentionPattern(1),
+                HookPoint::AttentionHeads(1),
                 HookPoint::Attention(1),
                 HookPoint::Mlp(1),
                 HookPoint::FinalNorm,

@@ -98,7 +98,8 @@ impl<'a> Hooks<'a> {
 pub struct ForwardOutput {
     /// `[batch, seq, vocab]` logits, absent when the pass stopped early.
     pub logits: Option<Tensor>,
-    /// The captured tensors, each `[batch, seq, width]`.
+    /// The captured tensors, each `[batch, seq, width]` (attention patterns
+    /// `[batch, heads, seq, seq]`).
     pub captures: BTreeMap<HookPoint, Tensor>,
 }
 
@@ -136,7 +137,6 @@ impl<'h, 'a> Tap<'h, 'a> {
 
     /// True when a hook captures or replaces `point`: a fused kernel may skip making the
     /// tensor of a point that is not touched.
-    #[cfg(feature = "cuda")]
     pub(crate) fn touches(&self, point: HookPoint) -> bool {
         self.hooks.replacements.contains_key(&point) || self.hooks.captures.contains(&point)
     }

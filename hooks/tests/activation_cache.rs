@@ -123,6 +123,29 @@ fn cache_round_trip_equals_direct_forward() {
 }
 
 #[test]
+fn a_local_revision_is_recorded_as_a_hub_revision_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let series = tmp.path().join("series");
+    tiny_model(&series.join("step8"));
+    let options = LoadOptions {
+        revision: Some("step8".into()),
+        ..LoadOptions::default()
+    };
+    let model = Model::load(series.to_str().unwrap(), &options).unwrap();
+    assert_eq!(model.revision(), Some("step8"));
+    let spec = DataSpec::new(vec![wikitext(tmp.path(), 10)], SEQ_LEN);
+    let summary = write_cache(&model, &spec, &tmp.path().join("cache"), 1 << 20).unwrap();
+    assert_eq!(summary.manifest.settings.revision.as_deref(), Some("step8"));
+    assert!(summary.manifest.settings.model.ends_with("step8"));
+    // Without a revision, a folder has none.
+    let plain = Model::load(
+        series.join("step8").to_str().unwrap(),
+        &LoadOptions::default(),
+    );
+    assert_eq!(plain.unwrap().revision(), None);
+}
+
+#[test]
 fn shuffled_reading_is_a_deterministic_permutation() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());

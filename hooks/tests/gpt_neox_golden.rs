@@ -118,29 +118,73 @@ fn zero_ablation_matches_transformers() {
     }
 }
 
+/// Switching one head off through the heads' outputs (the output projection's input), as
+/// transformers does with a pre-hook on `dense`.
+#[test]
+fn head_ablation_matches_transformers() {
+    for case in TINY_CASES {
+        let dir = fixture_dir(case);
+        let model = load(&dir, DType::F32);
+        let exp = expected(&dir);
+        let head_dim = model.config().head_dim();
+        let key = "ablate.layers.0.attention.dense.input.head1.logits";
+        let mut hooks = Hooks::new().replace(HookPoint::AttentionHeads(0), |x| {
+            Ok(Some(common::zero_head(x, 1, head_dim)?))
+        });
+        let logits = model
+            .forward(&exp["input_ids"], &mut hooks)
+            .unwrap()
+            .logits
+            .unwrap();
+        let err = relative_error(&logits, &exp[key]);
+        println!("{case} {key}: relative error {err:.2e}");
+        assert!(err < 1e-4, "{case} {key}: {err}");
+        assert!(
+            relative_error(&logits, &exp["logits"]) > 1e-3,
+            "{case}: switching the head off changed nothing"
+        );
+    }
+}
+
+/// Layer 0's attention weights replaced by a uniform causal pattern, as transformers does
+/// with a registered attention function; capturing the pattern alone leaves the logits as
+/// they are (it switches layer 0 from the fused attention kernel to the explicit one).
+#[test]
+fn attention_pattern_edit_matches_transformers() {
+    for case in TINY_CASES {
+        let dir = fixture_dir(case);
+        let model = load(&dir, DType::F32);
+        let exp = expected(&dir);
+        let logits = |hooks: &mut Hooks| {
+            model
+                .forward(&exp["input_ids"], hooks)
+                .unwrap()
+                .logits
+                .unwrap()
+        };
+        let key = "edit.layers.0.attention.pattern.uniform.logits";
+        let edited = logits(
+            &mut Hooks::new().replace(HookPoint::AttentionPattern(0), |p| {
+                Ok(Some(common::uniform_causal_pattern(p)?))
+            }),
+        );
+        let err = relative_error(&edited, &exp[key]);
+        println!("{case} {key}: relative error {err:.2e}");
+        assert!(err < 1e-4, "{case} {key}: {err}");
+        assert!(
+            relative_error(&edited, &exp["logits"]) > 1e-3,
+            "{case}: no change"
+        );
+        let captured = logits(&mut Hooks::new().capture([HookPoint::AttentionPattern(0)]));
+        assert!(relative_error(&captured, &exp["logits"]) < 1e-5, "{case}");
+    }
+}
+
 #[test]
 fn replacing_a_hook_with_its_own_value_is_bit_identical() {
     let dir = fixture_dir("pythia_style");
     let model = load(&dir, DType::F32);
-    let ids = &expected(&dir)["input_ids"];
-    let all = model.hook_points();
-    let reference = model
-        .forward(ids, &mut Hooks::new().capture(all.clone()))
-        .unwrap();
-    let reference_logits: Vec<f32> = reference
-        .logits
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    for point in all {
-        let value = reference.captures[&point].clone();
-        let mut hooks = Hooks::new().replace_with(point, value);
-        let logits = model.forward(ids, &mut hooks).unwrap().logits.unwrap();
-        let logits: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
-        assert!(logits == reference_logits, "{}", model.hook_name(point));
-    }
+    common::assert_self_replacement_changes_no_bit(&model, &expected(&dir)["input_ids"]);
 }
 
 #[test]

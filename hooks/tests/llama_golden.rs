@@ -118,25 +118,60 @@ fn zero_ablation_matches_transformers() {
     }
 }
 
+/// Switching one head off through the heads' outputs (the output projection's input), as
+/// transformers does with a pre-hook on `o_proj`.
+#[test]
+fn head_ablation_matches_transformers() {
+    for case in CASES {
+        let model = load(case, DType::F32);
+        let exp = expected(case);
+        let head_dim = model.config().head_dim();
+        let key = "ablate.layers.0.self_attn.o_proj.input.head1.logits";
+        let mut hooks = Hooks::new().replace(HookPoint::AttentionHeads(0), |x| {
+            Ok(Some(common::zero_head(x, 1, head_dim)?))
+        });
+        let logits = logits_with(&model, &exp["input_ids"], &mut hooks);
+        let err = relative_error(&logits, &exp[key]);
+        println!("{case} {key}: relative error {err:.2e}");
+        assert!(err < 1e-4, "{case} {key}: {err}");
+        assert!(
+            relative_error(&logits, &exp["logits"]) > 1e-3,
+            "{case}: switching the head off changed nothing"
+        );
+    }
+}
+
+/// Layer 0's attention weights replaced by a uniform causal pattern, as transformers does
+/// with a registered attention function; capturing the pattern alone leaves the logits as
+/// they are (it switches layer 0 from the fused attention kernel to the explicit one).
+#[test]
+fn attention_pattern_edit_matches_transformers() {
+    for case in CASES {
+        let model = load(case, DType::F32);
+        let exp = expected(case);
+        let logits = |hooks: &mut Hooks| logits_with(&model, &exp["input_ids"], hooks);
+        let key = "edit.layers.0.self_attn.pattern.uniform.logits";
+        let edited = logits(
+            &mut Hooks::new().replace(HookPoint::AttentionPattern(0), |p| {
+                Ok(Some(common::uniform_causal_pattern(p)?))
+            }),
+        );
+        let err = relative_error(&edited, &exp[key]);
+        println!("{case} {key}: relative error {err:.2e}");
+        assert!(err < 1e-4, "{case} {key}: {err}");
+        assert!(
+            relative_error(&edited, &exp["logits"]) > 1e-3,
+            "{case}: no change"
+        );
+        let captured = logits(&mut Hooks::new().capture([HookPoint::AttentionPattern(0)]));
+        assert!(relative_error(&captured, &exp["logits"]) < 1e-5, "{case}");
+    }
+}
+
 #[test]
 fn replacing_a_hook_with_its_own_value_is_bit_identical() {
     let model = load("gqa_head_dim", DType::F32);
-    let ids = &expected("gqa_head_dim")["input_ids"];
-    let all = model.hook_points();
-    let reference = model
-        .forward(ids, &mut Hooks::new().capture(all.clone()))
-        .unwrap();
-    let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
-    let reference_logits = flat(reference.logits.as_ref().unwrap());
-    for point in all {
-        let mut hooks = Hooks::new().replace_with(point, reference.captures[&point].clone());
-        let logits = logits_with(&model, ids, &mut hooks);
-        assert!(
-            flat(&logits) == reference_logits,
-            "{}",
-            model.hook_name(point)
-        );
-    }
+    common::assert_self_replacement_changes_no_bit(&model, &expected("gqa_head_dim")["input_ids"]);
 }
 
 #[test]

@@ -185,10 +185,9 @@ pub fn cache_activations<'py>(
     // writer's rule (a shard is written once its pending batches reach `max_shard_bytes`).
     let (prior_chunks, prior_shards) = prior_progress(&output, overwrite);
     let prior_tokens = prior_chunks * seq_len as u64;
-    let row_bytes: usize = points
-        .iter()
-        .map(|p| model.config().width(*p) * store_dtype.size_in_bytes())
-        .sum();
+    let widths = points.iter().map(|p| model.config().width(*p));
+    let row_bytes =
+        widths.sum::<hooks::Result<usize>>().into_py_result()? * store_dtype.size_in_bytes();
     let started = std::time::Instant::now();
 
     let (result, stopped) = py.detach(|| {

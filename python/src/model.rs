@@ -178,7 +178,8 @@ impl PyTokenizer {
 /// Load with :meth:`Model.from_pretrained`. Token ids go in as integer numpy arrays (or
 /// lists): ``[seq]`` or ``[batch, seq]``. Everything that comes out is a float32 numpy
 /// array (a bfloat16 / float16 model's outputs are widened to float32), ``[seq, width]``
-/// for 1-D input and ``[batch, seq, width]`` for 2-D input. Hook point names are listed
+/// for 1-D input and ``[batch, seq, width]`` for 2-D input (attention patterns:
+/// ``[heads, seq, seq]`` and ``[batch, heads, seq, seq]``). Hook point names are listed
 /// by :attr:`Model.hookpoints`; TransformerLens names (``blocks.3.hook_resid_post``) and
 /// Hugging Face module names (``embed_in``, ``final_layer_norm``) work as aliases.
 ///
@@ -552,8 +553,10 @@ impl PyModel {
     }
 
     /// Every hook point's canonical name, in forward order: ``embed``, then per layer
-    /// ``layers.{i}.attention`` (``self_attn`` for Llama), ``layers.{i}.mlp.input``,
-    /// ``layers.{i}.mlp``, ``layers.{i}``, then ``final_norm``, ``logits``.
+    /// ``layers.{i}.attention.pattern`` (``self_attn`` for Llama),
+    /// ``layers.{i}.attention.dense.input`` (the heads' outputs; ``self_attn.o_proj.input``),
+    /// ``layers.{i}.attention``, ``layers.{i}.mlp.input``, ``layers.{i}.mlp``,
+    /// ``layers.{i}``, then ``final_norm``, ``logits``.
     #[getter]
     fn hookpoints(&self) -> Vec<String> {
         self.inner
@@ -711,7 +714,8 @@ impl PyModel {
     /// ``[batch, seq, width]`` for 2-D ids; ``width`` is the vocabulary for ``logits``).
     ///
     /// ``hookpoints`` is a name or list of names; ``None`` (default) captures every hook
-    /// point. Keys are the names as given: ``run_with_cache(ids, ["blocks.0.hook_resid_post"])``
+    /// point, attention patterns included (``[batch, heads, seq, seq]`` each: name the points
+    /// you need on long sequences). Keys are the names as given: ``run_with_cache(ids, ["blocks.0.hook_resid_post"])``
     /// returns the key ``"blocks.0.hook_resid_post"``; a pattern with ``*`` (``"layers.*"``)
     /// expands to canonical names (``"layers.0"``, ``"layers.1"``, ...).
     ///

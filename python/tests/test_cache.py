@@ -219,6 +219,10 @@ def test_errors(tiny_model, sample, tmp_path):
         ei.cache_activations(tiny_model, POINTS, data=[tmp_path / "missing.txt"], output=tmp_path / "x")
     with pytest.raises(ValueError, match="unknown hook point"):
         ei.cache_activations(tiny_model, ["layers.9"], data=[sample], output=tmp_path / "x")
+    with pytest.raises(ValueError, match="'layers.0.attention.pattern' is an attention pattern"):
+        ei.cache_activations(tiny_model, ["blocks.0.attn.hook_pattern"], data=[sample],
+                             output=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="less than one sequence"):
         ei.cache_activations(tiny_model, POINTS, data=[sample], output=tmp_path / "x", max_tokens=10)
     short = tmp_path / "short.txt"

@@ -18,10 +18,14 @@ TOL = 1e-4
 def test_hookpoints_in_forward_order(golden_model):
     assert golden_model.hookpoints == [
         "embed",
+        "layers.0.attention.pattern",
+        "layers.0.attention.dense.input",
         "layers.0.attention",
         "layers.0.mlp.input",
         "layers.0.mlp",
         "layers.0",
+        "layers.1.attention.pattern",
+        "layers.1.attention.dense.input",
         "layers.1.attention",
         "layers.1.mlp.input",
         "layers.1.mlp",
@@ -81,16 +85,43 @@ def test_forward_is_deterministic(golden_model, golden):
 
 def test_run_with_cache_matches_golden(golden_model, golden):
     ids = golden["input_ids"]
-    names = [k for k in golden if k != "input_ids" and not k.startswith("ablate.")]
-    assert "layers.1.mlp.input" in names and "embed" in names
+    names = [k for k in golden if k != "input_ids" and not k.startswith(("ablate.", "edit."))]
+    assert "layers.1.mlp.input" in names and "layers.1.attention.pattern" in names
     logits, acts = golden_model.run_with_cache(ids, hookpoints=names)
     assert set(acts) == set(names)
     for name in names:
         assert acts[name].dtype == np.float32
         assert max_rel_err(acts[name], golden[name]) < TOL, name
     np.testing.assert_array_equal(logits, acts["logits"])
-    # Captures do not change the logits.
+    # Captures do not change the logits; a captured pattern only makes its layer's attention
+    # run unfused, which may change the last bits.
+    assert max_rel_err(logits, golden_model.forward(ids)) < 1e-6
+    per_token = [n for n in names if not n.endswith(".pattern")]
+    logits, _ = golden_model.run_with_cache(ids, hookpoints=per_token)
     np.testing.assert_array_equal(logits, golden_model.forward(ids))
+
+
+def test_attention_patterns(golden_model, golden):
+    ids = golden["input_ids"]
+    _, acts = golden_model.run_with_cache(ids[1], ["blocks.0.attn.hook_pattern", "layers.0.attention.dense.input"])
+    pattern = acts["blocks.0.attn.hook_pattern"]
+    assert pattern.shape == (4, 11, 11)  # [heads, query, key] for 1-D ids
+    np.testing.assert_allclose(pattern.sum(-1), 1.0, rtol=1e-5)
+    assert np.all(np.triu(pattern, 1) == 0)
+    assert acts["layers.0.attention.dense.input"].shape == (11, 64)
+    # Replacing a pattern re-weights the values: each position attending equally to itself
+    # and every earlier one, as transformers with that attention function.
+    seq = ids.shape[1]
+    uniform = np.tril(np.ones((seq, seq))) / np.arange(1, seq + 1)[:, None]
+    edited = golden_model.run_with_hooks(ids, {"layers.0.attention.pattern": lambda p: np.broadcast_to(uniform, p.shape)})
+    assert max_rel_err(edited, golden["edit.layers.0.attention.pattern.uniform.logits"]) < TOL
+    # Switching head 1 off through the heads' outputs.
+    def head1_off(z):
+        z[..., 16:32] = 0
+        return z
+
+    ablated = golden_model.run_with_hooks(ids, {"blocks.0.attn.hook_z": head1_off})
+    assert max_rel_err(ablated, golden["ablate.layers.0.attention.dense.input.head1.logits"]) < TOL
 
 
 def test_run_with_cache_default_is_every_hookpoint(golden_model, golden):

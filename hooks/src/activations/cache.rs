@@ -172,7 +172,7 @@ impl ActivationCache {
                 .points
                 .iter()
                 .map(|p| model.config().width(*p))
-                .collect(),
+                .collect::<Result<_>>()?,
             compute_dtype: dtype_name(model.dtype()).to_string(),
             dtype: dtype_name(dtype).to_string(),
             data: data.clone(),

@@ -164,6 +164,9 @@ impl<'m> ModelActivations<'m> {
         if points.is_empty() {
             return Err(Error::InvalidArgument("no hook points requested".into()));
         }
+        for point in &points {
+            model.config().width(*point)?; // every point has rows per token
+        }
         Ok(ModelActivations {
             model,
             chunks,

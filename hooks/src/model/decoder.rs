@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 
-use super::layers::{CausalMask, Rotary};
+use super::layers::{attention_pattern, causal_attention, weighted_values, CausalMask, Rotary};
 use crate::hooks::Tap;
 use crate::{HookPoint, Result, Unembedding};
 
@@ -13,6 +13,25 @@ pub(crate) struct AttentionInputs<'a> {
     pub cos: Tensor,
     pub sin: Tensor,
     pub mask: CausalMask,
+}
+
+/// The heads' outputs `[b, t, heads * d]` of block `i`'s causal attention over `q`, `k`,
+/// `v` (`[b, heads or kv_heads, t, d]`), visiting its attention pattern and heads' outputs.
+/// The pattern is formed only when a hook asks for it: otherwise a fused kernel runs.
+pub(crate) fn attend(
+    i: usize,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    inputs: &AttentionInputs,
+    tap: &mut Tap,
+) -> Result<Tensor> {
+    let pattern_point = HookPoint::AttentionPattern(i);
+    let heads = if tap.touches(pattern_point) {
+        let pattern = attention_pattern(q, k, inputs.mask.get()?)?;
+        weighted_values(&tap.visit(pattern_point, pattern)?, v)?
+    } else {
+        causal_attention(q, k, v, &inputs.mask)?
+    };
+    tap.visit(HookPoint::AttentionHeads(i), heads)
 }
 
 /// One transformer block of an architecture; it visits its own hook points.

@@ -4,7 +4,7 @@
 use candle_core::{Tensor, D};
 
 use super::decoder::{self, AttentionInputs, Decoder};
-use super::layers::{causal_attention, gelu_erf, LayerNorm, Linear, Loader, Rotary};
+use super::layers::{gelu_erf, LayerNorm, Linear, Loader, Rotary};
 #[cfg(feature = "cuda")]
 use super::neox_kernels;
 use crate::config::GptNeoxConfig;
@@ -97,10 +97,8 @@ impl decoder::Block for Block {
         {
             return self.fused_parallel_forward(i, h, &normed, inputs, tap);
         }
-        let attention = self
-            .dense
-            .forward(&self.attention_heads(&normed, inputs)?)?;
-        let attention = tap.visit(HookPoint::Attention(i), attention)?;
+        let heads = self.attention_heads(i, &normed, inputs, tap)?;
+        let attention = tap.visit(HookPoint::Attention(i), self.dense.forward(&heads)?)?;
         if self.parallel_residual {
             let mlp_input =
                 tap.visit(HookPoint::MlpInput(i), self.post_attention_norm.forward(h)?)?;
@@ -119,10 +117,17 @@ impl decoder::Block for Block {
 }
 
 impl Block {
-    /// The heads' attention output `[b, t, d]`, before the output projection.
-    fn attention_heads(&self, x: &Tensor, inputs: &AttentionInputs) -> Result<Tensor> {
+    /// The heads' attention output `[b, t, d]`, before the output projection (hook points:
+    /// the pattern and the heads' outputs).
+    fn attention_heads(
+        &self,
+        i: usize,
+        x: &Tensor,
+        inputs: &AttentionInputs,
+        tap: &mut Tap,
+    ) -> Result<Tensor> {
         let (q, k, v) = self.queries_keys_values(x, inputs)?;
-        causal_attention(&q, &k, &v, &inputs.mask)
+        decoder::attend(i, (&q, &k, &v), inputs, tap)
     }
 
     /// A parallel-residual block on a GPU in bf16 when no hook looks at its attention or MLP
@@ -136,7 +141,9 @@ impl Block {
         inputs: &AttentionInputs,
         tap: &mut Tap,
     ) -> Result<Tensor> {
-        let attention = self.dense.product(&self.attention_heads(normed, inputs)?)?;
+        let attention = self
+            .dense
+            .product(&self.attention_heads(i, normed, inputs, tap)?)?;
         let mlp_input = tap.visit(HookPoint::MlpInput(i), self.post_attention_norm.forward(h)?)?;
         let mlp = self.mlp_out.product(&self.mlp_hidden(&mlp_input)?)?;
         let out = match neox_kernels::parallel_residual(

@@ -298,14 +298,14 @@ pub(crate) fn causal_attention_generic(
     v: &Tensor,
     mask: &Tensor,
 ) -> Result<Tensor> {
-    let (b, heads, t, d) = q.dims4()?;
-    let kv_heads = k.dim(1)?;
-    let (k, v) = if kv_heads == heads {
-        (k.clone(), v.clone())
-    } else {
-        let repeat = heads / kv_heads;
-        (repeat_kv(k, repeat)?, repeat_kv(v, repeat)?)
-    };
+    weighted_values(&attention_pattern(q, k, mask)?, v)
+}
+
+/// The attention weights `[b, heads, t, t]` in `q`'s dtype: the causal softmax of the
+/// scaled scores, computed in f32. `q: [b, heads, t, d]`, `k: [b, kv_heads, t, d]`.
+pub(crate) fn attention_pattern(q: &Tensor, k: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (_, heads, _, d) = q.dims4()?;
+    let k = repeat_kv(k, heads / k.dim(1)?)?;
     let dtype = q.dtype();
     let scale = 1.0 / (d as f64).sqrt();
     // A power-of-two scale (head sizes 64, 256, ...) goes on `q` instead of the `[t, t]`
@@ -328,13 +328,24 @@ pub(crate) fn causal_attention_generic(
         scores.affine(scale, 0.0)?
     };
     let scores = scores.broadcast_add(mask)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-    let out = probs.matmul(&v.contiguous()?)?;
+    Ok(candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?)
+}
+
+/// The heads' outputs `[b, t, heads * d]`: attention weights `pattern: [b, heads, t, t]`
+/// applied to the values `v: [b, kv_heads, t, d]`.
+pub(crate) fn weighted_values(pattern: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, heads, t, _) = pattern.dims4()?;
+    let d = v.dim(3)?;
+    let v = repeat_kv(v, heads / v.dim(1)?)?;
+    let out = pattern.matmul(&v.contiguous()?)?;
     Ok(out.transpose(1, 2)?.reshape((b, t, heads * d))?)
 }
 
 /// `[b, kv, t, d]` -> `[b, kv * repeat, t, d]`, each kv head repeated `repeat` times in place.
 fn repeat_kv(x: &Tensor, repeat: usize) -> Result<Tensor> {
+    if repeat == 1 {
+        return Ok(x.clone());
+    }
     let (b, kv, t, d) = x.dims4()?;
     Ok(x.unsqueeze(2)?
         .expand((b, kv, repeat, t, d))?

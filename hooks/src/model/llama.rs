@@ -6,7 +6,7 @@
 use candle_core::Tensor;
 
 use super::decoder::{self, AttentionInputs, Decoder};
-use super::layers::{causal_attention, Linear, Loader, RmsNorm, Rotary};
+use super::layers::{Linear, Loader, RmsNorm, Rotary};
 use crate::config::LlamaConfig;
 use crate::hooks::Tap;
 use crate::{HookPoint, Result, Unembedding};
@@ -106,7 +106,7 @@ impl decoder::Block for Block {
         inputs: &AttentionInputs,
         tap: &mut Tap,
     ) -> Result<Tensor> {
-        let attention = self.attention(&self.input_norm.forward(h)?, inputs)?;
+        let attention = self.attention(i, &self.input_norm.forward(h)?, inputs, tap)?;
         let attention = tap.visit(HookPoint::Attention(i), attention)?;
         let mid = (h + attention)?;
         let mlp_input = tap.visit(
@@ -119,7 +119,15 @@ impl decoder::Block for Block {
 }
 
 impl Block {
-    fn attention(&self, x: &Tensor, inputs: &AttentionInputs) -> Result<Tensor> {
+    /// The attention's output, visiting the pattern and the heads' outputs (the output
+    /// projection's input).
+    fn attention(
+        &self,
+        i: usize,
+        x: &Tensor,
+        inputs: &AttentionInputs,
+        tap: &mut Tap,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
             Ok(proj
@@ -137,7 +145,7 @@ impl Block {
             .apply(&heads(&self.k_proj, self.num_kv_heads)?, cos, sin)?;
         let v = heads(&self.v_proj, self.num_kv_heads)?;
         self.o_proj
-            .forward(&causal_attention(&q, &k, &v, &inputs.mask)?)
+            .forward(&decoder::attend(i, (&q, &k, &v), inputs, tap)?)
     }
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {

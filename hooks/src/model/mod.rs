@@ -142,7 +142,11 @@ impl Model {
     /// Loads a model by short name (`pythia-70m`), hub id, folder or `.gguf` path.
     pub fn load(name: &str, options: &LoadOptions) -> Result<Self> {
         let spec = ModelSpec::parse(name, options.revision.as_deref())?;
-        let files = ModelFiles::resolve(&spec)?;
+        let mut files = ModelFiles::resolve(&spec)?;
+        if let ModelSpec::Folder(_) = spec {
+            // A local revision is the sub-folder `parse` chose: record it as the hub's is.
+            files.revision.clone_from(&options.revision);
+        }
         Self::from_files(&files, options)
     }
 
@@ -240,7 +244,7 @@ impl Model {
         &self.origin
     }
 
-    /// The hub revision, when loaded from the hub.
+    /// The revision loaded: the hub's, or a local folder's sub-folder given as `--revision`.
     pub fn revision(&self) -> Option<&str> {
         self.revision.as_deref()
     }
@@ -287,8 +291,10 @@ impl Model {
         let attn = self.attention_name();
         format!(
             "embed, layers.{{0..{last}}}, {}, layers.{{0..{last}}}.mlp, layers.{{0..{last}}}.mlp.input, final_norm, logits \
-             (TransformerLens aliases blocks.{{i}}.hook_resid_pre/hook_resid_post/hook_attn_out/hook_mlp_out also work)",
-            HookPoint::Attention(0).name(attn).replace(".0.", &format!(".{{0..{last}}}.")),
+             (TransformerLens aliases blocks.{{i}}.hook_resid_pre/hook_resid_post/hook_attn_out/hook_mlp_out/attn.hook_z/attn.hook_pattern also work)",
+            [HookPoint::Attention(0), HookPoint::AttentionPattern(0), HookPoint::AttentionHeads(0)]
+                .map(|p| p.name(attn).replace(".0.", &format!(".{{0..{last}}}.")))
+                .join(", "),
         )
     }
 

@@ -375,9 +375,20 @@ fn info(args: ModelArgs) -> Result<()> {
         )?,
         Err(_) => writeln!(out, "tokenizer: none")?,
     }
-    writeln!(out, "hook points (forward order):")?;
-    for point in model.hook_points() {
-        writeln!(out, "  {}", model.hook_name(point))?;
+    writeln!(out, "hook points (forward order) and their shapes:")?;
+    let names: Vec<String> = model
+        .hook_points()
+        .into_iter()
+        .map(|p| model.hook_name(p))
+        .collect();
+    let pad = names.iter().map(String::len).max().unwrap_or(0);
+    for (point, name) in model.hook_points().into_iter().zip(&names) {
+        let shape = if point.is_per_token() {
+            format!("[batch, seq, {}]", config.width(point)?)
+        } else {
+            format!("[batch, {}, seq, seq]", config.num_heads())
+        };
+        writeln!(out, "  {name:pad$}  {shape}")?;
     }
     emit(&out)
 }

@@ -197,6 +197,14 @@ impl ModelConfig {
         }
     }
 
+    /// Number of attention (query) heads.
+    pub fn num_heads(&self) -> usize {
+        match self {
+            ModelConfig::GptNeox(c) => c.num_heads,
+            ModelConfig::Llama(c) => c.num_heads,
+        }
+    }
+
     /// Residual stream width.
     pub fn hidden_size(&self) -> usize {
         match self {
@@ -239,15 +247,24 @@ impl ModelConfig {
         }
     }
 
+    /// How this architecture spells its attention module in hook point names.
+    pub fn attention_name(&self) -> crate::hookpoint::AttentionName {
+        match self {
+            ModelConfig::GptNeox(_) => crate::hookpoint::AttentionName::Attention,
+            ModelConfig::Llama(_) => crate::hookpoint::AttentionName::SelfAttn,
+        }
+    }
+
     /// Width of the rows at a hook point; an error for an attention pattern, which has no
     /// rows per token (so it cannot be cached, streamed or given to an SAE).
     pub fn width(&self, point: crate::HookPoint) -> Result<usize> {
         Ok(match (point, self) {
             (crate::HookPoint::AttentionPattern(_), _) => {
                 return Err(Error::InvalidArgument(format!(
-                    "hook point '{point}' is an attention pattern, [batch, heads, seq, seq], not one row \
+                    "hook point '{}' is an attention pattern, [batch, heads, seq, seq], not one row \
                      per token: caches, activation streams and SAEs take per-token hook points \
-                     (capture patterns in a forward pass instead)"
+                     (capture patterns in a forward pass instead)",
+                    point.name(self.attention_name())
                 )))
             }
             (crate::HookPoint::Logits, _) => self.vocab_size(),

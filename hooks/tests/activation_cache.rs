@@ -145,6 +145,52 @@ fn a_local_revision_is_recorded_as_a_hub_revision_is() {
     assert_eq!(plain.unwrap().revision(), None);
 }
 
+/// A Llama whose heads are wider than its residual stream over their count (12 x 4 = 48,
+/// hidden 32): the heads' outputs are cached at their own width, and an attention pattern,
+/// which has no row per token, is refused before anything is written.
+#[test]
+fn attention_heads_are_cached_at_their_own_width_and_patterns_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = serde_json::json!({
+        "model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 12,
+        "intermediate_size": 64, "vocab_size": 50304, "eos_token_id": 0
+    });
+    let dir = tmp.path().join("llama");
+    let tokenizer = repo().join("data/gpt-neox-20b-tokenizer.json");
+    hooks::synthetic::write_synthetic_model(&dir, &config, Some(&tokenizer)).unwrap();
+    let model = Model::from_folder(&dir, &LoadOptions::default()).unwrap();
+    let heads = model.hook_point("blocks.1.attn.hook_z").unwrap();
+    assert_eq!(model.hook_name(heads), "layers.1.self_attn.o_proj.input");
+    let spec = DataSpec::new(vec![wikitext(tmp.path(), 10)], SEQ_LEN);
+    let chunks = spec.chunks(Some(model.tokenizer().unwrap())).unwrap();
+    let points = vec![HookPoint::Layer(0), heads];
+    let mut source = ModelActivations::new(&model, chunks, points, 2, DType::F32, None).unwrap();
+    let out = tmp.path().join("cache");
+    let options = CacheOptions {
+        max_shard_bytes: 1 << 20,
+        overwrite: false,
+        progress: false,
+    };
+    let summary = ActivationCache::write(&mut source, &spec, &out, &options).unwrap();
+    assert_eq!(summary.manifest.settings.widths, vec![32, 48]);
+    let all = read_all(&ActivationCache::open(&out).unwrap(), ReadOrder::Sequential);
+    assert_eq!(all.activations[&heads].dims(), &[all.len(), 48]);
+
+    let pattern = model.hook_point("layers.0.self_attn.pattern").unwrap();
+    let chunks = spec.chunks(Some(model.tokenizer().unwrap())).unwrap();
+    let err = ModelActivations::new(&model, chunks, vec![pattern], 2, DType::F32, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains(
+            "'layers.0.self_attn.pattern' is an attention pattern, [batch, heads, seq, seq]"
+        ),
+        "{err}"
+    );
+}
+
 #[test]
 fn shuffled_reading_is_a_deterministic_permutation() {
     let tmp = tempfile::tempdir().unwrap();

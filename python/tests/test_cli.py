@@ -36,6 +36,9 @@ def test_info_lists_hookpoints():
     result = run("info", "--model", str(PYTHIA_STYLE))
     assert result.returncode == 0, result.stderr
     assert "layers.1.mlp.input" in result.stdout
+    assert "  layers.1.attention.pattern      [batch, 4, seq, seq]\n" in result.stdout
+    assert "  layers.1.attention.dense.input  [batch, seq, 64]\n" in result.stdout
+    assert "  logits                          [batch, seq, 128]\n" in result.stdout
     assert "architecture: gpt_neox" in result.stdout
 
 

@@ -260,10 +260,7 @@ impl Model {
     }
 
     fn attention_name(&self) -> AttentionName {
-        match self.config {
-            ModelConfig::GptNeox(_) => AttentionName::Attention,
-            ModelConfig::Llama(_) => AttentionName::SelfAttn,
-        }
+        self.config.attention_name()
     }
 
     /// Every hook point, in forward order.

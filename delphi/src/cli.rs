@@ -232,6 +232,15 @@ fn load_saes(model: &Model, args: &SaeArgs) -> Result<Vec<(String, HookPoint, Sa
             ),
             (false, point) => point,
         };
+        let width = model.config().width(point)?;
+        if sae.d_in() != width {
+            bail!(
+                "the SAE in {} reads {}-wide activations, but this model's {} are {width} wide",
+                dir.display(),
+                sae.d_in(),
+                model.hook_name(point)
+            );
+        }
         saes.push((name.to_string(), point, sae));
     }
     if saes.is_empty() {

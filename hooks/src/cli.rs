@@ -133,8 +133,10 @@ struct CacheArgs {
     #[command(flatten)]
     data: DataArgs,
     /// Hook points, comma separated: embed, layers.3, layers.3.attention (or .self_attn),
+    /// layers.3.attention.dense.input (the heads' outputs; .self_attn.o_proj.input),
     /// layers.3.mlp, layers.3.mlp.input, final_norm, logits; TransformerLens names
     /// (blocks.3.hook_resid_post, ...) work too, and '*' matches any layer (layers.*).
+    /// Attention patterns have no row per token and cannot be cached.
     #[arg(long, required = true)]
     hookpoints: String,
     /// Output folder.

@@ -258,17 +258,17 @@ impl ModelConfig {
     /// Width of the rows at a hook point; an error for an attention pattern, which has no
     /// rows per token (so it cannot be cached, streamed or given to an SAE).
     pub fn width(&self, point: crate::HookPoint) -> Result<usize> {
-        Ok(match (point, self) {
-            (crate::HookPoint::AttentionPattern(_), _) => {
+        Ok(match point {
+            crate::HookPoint::AttentionPattern(_) => {
                 return Err(Error::InvalidArgument(format!(
-                    "hook point '{}' is an attention pattern, [batch, heads, seq, seq], not one row \
+                "hook point '{}' is an attention pattern, [batch, heads, seq, seq], not one row \
                      per token: caches, activation streams and SAEs take per-token hook points \
                      (capture patterns in a forward pass instead)",
-                    point.name(self.attention_name())
-                )))
+                point.name(self.attention_name())
+            )))
             }
-            (crate::HookPoint::Logits, _) => self.vocab_size(),
-            (crate::HookPoint::AttentionHeads(_), ModelConfig::Llama(c)) => c.num_heads * c.head_dim,
+            crate::HookPoint::Logits => self.vocab_size(),
+            crate::HookPoint::AttentionHeads(_) => self.num_heads() * self.head_dim(),
             _ => self.hidden_size(),
         })
     }

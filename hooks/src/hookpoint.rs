@@ -137,9 +137,10 @@ impl HookPoint {
     /// Aliases: `embed_in`, `embed_tokens`, `hook_embed`; `blocks.{i}.hook_resid_pre`
     /// (the residual before block i), `blocks.{i}.hook_resid_post`, `blocks.{i}.hook_attn_out`,
     /// `blocks.{i}.hook_mlp_out`, `blocks.{i}.attn.hook_z`, `blocks.{i}.attn.hook_pattern`;
-    /// `layers.{i}.attention` / `.self_attn` / `.attn`, and after any of them `.pattern` or
-    /// either output projection's input (`layers.{i}.attn.o_proj.input`); `final_layer_norm`,
-    /// `norm`; `lm_head`, `embed_out`, `unembed`.
+    /// `layers.{i}.attention` / `.self_attn` / `.attn`, each also with `.pattern`; the output
+    /// projection (`layers.{i}.attention.dense`, `layers.{i}.self_attn.o_proj`, `attn` with
+    /// either) as the attention's output, and with `.input` as the heads' outputs;
+    /// `final_layer_norm`, `norm`; `lm_head`, `embed_out`, `unembed`.
     pub fn parse(name: &str) -> Option<HookPoint> {
         let name = name.trim();
         match name {
@@ -157,17 +158,25 @@ impl HookPoint {
         match (prefix, suffix) {
             ("layers", None) => Some(HookPoint::Layer(i)),
             ("layers", Some("attention" | "self_attn" | "attn")) => Some(HookPoint::Attention(i)),
+            // The output projection's output is the attention's output.
+            (
+                "layers",
+                Some("attention.dense" | "self_attn.o_proj" | "attn.dense" | "attn.o_proj"),
+            ) => Some(HookPoint::Attention(i)),
             ("layers", Some("mlp")) => Some(HookPoint::Mlp(i)),
             ("layers", Some("mlp.input")) => Some(HookPoint::MlpInput(i)),
             ("layers", Some("attention.pattern" | "self_attn.pattern" | "attn.pattern")) => {
                 Some(HookPoint::AttentionPattern(i))
             }
-            ("layers", Some(suffix)) => {
-                let (attention, projection) = suffix.strip_suffix(".input")?.split_once('.')?;
-                let known = matches!(attention, "attention" | "self_attn" | "attn")
-                    && matches!(projection, "dense" | "o_proj");
-                known.then_some(HookPoint::AttentionHeads(i))
-            }
+            (
+                "layers",
+                Some(
+                    "attention.dense.input"
+                    | "self_attn.o_proj.input"
+                    | "attn.dense.input"
+                    | "attn.o_proj.input",
+                ),
+            ) => Some(HookPoint::AttentionHeads(i)),
             ("blocks", Some("hook_resid_post")) => Some(HookPoint::Layer(i)),
             ("blocks", Some("hook_resid_pre")) => Some(match i {
                 0 => HookPoint::Embed,
@@ -292,7 +301,8 @@ mod tests {
             "layers",
             "layers.x",
             "layers.1.foo",
-            "layers.1.attention.dense",
+            "layers.1.self_attn.dense.input",
+            "layers.1.attention.o_proj",
             "layers.1.mlp.dense.input",
             "layers.1.attention.query_key_value.input",
             "layers.1.attention.dense.input.input",

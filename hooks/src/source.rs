@@ -141,7 +141,7 @@ pub struct ModelFiles {
     pub weights: WeightFiles,
     /// A short description for manifests and messages, e.g. `EleutherAI/pythia-70m@step1000`.
     pub origin: String,
-    /// Hub revision, when from the hub.
+    /// Hub revision, when from the hub ([`crate::Model::load`] records a local one).
     pub revision: Option<String>,
 }
 

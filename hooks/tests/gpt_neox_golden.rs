@@ -29,17 +29,30 @@ fn load(dir: &Path, dtype: DType) -> Model {
     Model::from_folder(dir, &options).unwrap()
 }
 
-/// Captures every hook point and compares it with the fixture, returning the worst error.
+/// Captures every hook point and compares it with the fixture (with and without the
+/// attention patterns, which switch the attention kernels off).
 fn check_all_hook_points(
     model: &Model,
     expected: &HashMap<String, Tensor>,
     tolerance: f64,
     logits_key: &str,
 ) {
+    for points in common::all_then_per_token_points(model) {
+        check_hook_points(model, expected, tolerance, logits_key, points);
+    }
+}
+
+fn check_hook_points(
+    model: &Model,
+    expected: &HashMap<String, Tensor>,
+    tolerance: f64,
+    logits_key: &str,
+    points: Vec<HookPoint>,
+) {
     let ids = &expected["input_ids"];
-    let mut hooks = Hooks::new().capture(model.hook_points());
+    let mut hooks = Hooks::new().capture(points.clone());
     let out = model.forward(ids, &mut hooks).unwrap();
-    for point in model.hook_points() {
+    for point in points {
         let name = model.hook_name(point);
         let actual = &out.captures[&point];
         let (key, actual) = if point == HookPoint::Logits {
@@ -211,6 +224,14 @@ fn stopping_early_gives_the_same_captures_without_logits() {
         .to_vec1()
         .unwrap();
     assert!(a == b);
+    // Stopping at a pattern (and so at the end of its layer) gives it as a full pass does.
+    let exp = expected(&dir);
+    let key = "layers.1.attention.pattern";
+    let mut hooks = Hooks::capture_only([HookPoint::AttentionPattern(1)]);
+    let early = model.forward(ids, &mut hooks).unwrap();
+    assert!(early.logits.is_none());
+    let pattern = &early.captures[&HookPoint::AttentionPattern(1)];
+    assert!(relative_error(pattern, &exp[key]) < 1e-5);
 }
 
 #[test]

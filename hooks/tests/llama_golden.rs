@@ -43,15 +43,17 @@ fn tiny_llamas_match_transformers_at_every_hook_point() {
         let model = load(case, DType::F32);
         assert!(matches!(model.config(), ModelConfig::Llama(_)));
         let exp = expected(case);
-        let mut hooks = Hooks::new().capture(model.hook_points());
-        let out = model.forward(&exp["input_ids"], &mut hooks).unwrap();
         let mut worst = (0f64, String::new());
-        for point in model.hook_points() {
-            let name = model.hook_name(point);
-            let err = relative_error(&out.captures[&point], &exp[&name]);
-            assert!(err < 1e-4, "{case} {name}: relative error {err}");
-            if err >= worst.0 {
-                worst = (err, name);
+        for points in common::all_then_per_token_points(&model) {
+            let mut hooks = Hooks::new().capture(points.clone());
+            let out = model.forward(&exp["input_ids"], &mut hooks).unwrap();
+            for point in points {
+                let name = model.hook_name(point);
+                let err = relative_error(&out.captures[&point], &exp[&name]);
+                assert!(err < 1e-4, "{case} {name}: relative error {err}");
+                if err >= worst.0 {
+                    worst = (err, name);
+                }
             }
         }
         println!(
@@ -76,8 +78,31 @@ fn hook_names_use_self_attn() {
         model.hook_point("blocks.0.hook_mlp_out").unwrap(),
         HookPoint::Mlp(0)
     );
+    for (name, point) in [
+        ("layers.1.attn.pattern", HookPoint::AttentionPattern(1)),
+        ("layers.1.attn.o_proj.input", HookPoint::AttentionHeads(1)),
+        ("blocks.1.attn.hook_z", HookPoint::AttentionHeads(1)),
+        ("layers.1.self_attn.o_proj", HookPoint::Attention(1)),
+    ] {
+        assert_eq!(model.hook_point(name).unwrap(), point, "{name}");
+    }
+    assert!(model.hook_point("layers.1.self_attn.dense.input").is_err());
+    // `*` names match patterns only when they end in `.pattern`.
+    let from_list = |names: &str| model.hook_points_from_list(names).unwrap();
+    assert_eq!(
+        from_list("layers.*.*.*"),
+        [HookPoint::MlpInput(0), HookPoint::MlpInput(1)]
+    );
+    assert_eq!(
+        from_list("layers.*.*.pattern"),
+        [
+            HookPoint::AttentionPattern(0),
+            HookPoint::AttentionPattern(1)
+        ]
+    );
     let err = model.hook_point("layers.2").unwrap_err().to_string();
     assert!(err.contains("layers.{0..1}.self_attn"), "{err}");
+    assert!(err.contains("layers.{0..1}.self_attn.pattern"), "{err}");
 }
 
 #[test]

@@ -178,14 +178,16 @@ fn tiny_gguf_llamas_match_transformers_at_every_hook_point() {
                 .join(case)
                 .join("expected.safetensors"),
         );
-        let mut hooks = Hooks::new().capture(model.hook_points());
-        let out = model.forward(&exp["input_ids"], &mut hooks).unwrap();
         let mut worst = 0f64;
-        for point in model.hook_points() {
-            let name = model.hook_name(point);
-            let err = relative_error(&out.captures[&point], &exp[&name]);
-            assert!(err < 1e-4, "{case} {name}: relative error {err}");
-            worst = worst.max(err);
+        for points in common::all_then_per_token_points(&model) {
+            let mut hooks = Hooks::new().capture(points.clone());
+            let out = model.forward(&exp["input_ids"], &mut hooks).unwrap();
+            for point in points {
+                let name = model.hook_name(point);
+                let err = relative_error(&out.captures[&point], &exp[&name]);
+                assert!(err < 1e-4, "{case} {name}: relative error {err}");
+                worst = worst.max(err);
+            }
         }
         println!("tiny GGUF {case}: worst relative error {worst:.2e}");
         // One head switched off through the heads' outputs, as transformers' pre-hook does.
@@ -430,7 +432,8 @@ fn smollm2_matches_transformers_at_every_layer_and_the_logits() {
     let mut worst: HashMap<String, f64> = HashMap::new();
     for j in 0..3 {
         let ids = &exp[&format!("s{j}.input_ids")];
-        let mut hooks = Hooks::new().capture(model.hook_points());
+        let [_, per_token] = common::all_then_per_token_points(model);
+        let mut hooks = Hooks::new().capture(per_token);
         let out = model.forward(ids, &mut hooks).unwrap();
         let logits = out.logits.unwrap();
         let seq = logits.dim(1).unwrap();

@@ -80,7 +80,8 @@ class Tokenizer:
 class Model:
     """A language model (Pythia / GPT-NeoX or Llama family) running on candle, with every
     hook point readable and replaceable. Outputs are float32 numpy arrays: ``[seq, width]``
-    for 1-D ids, ``[batch, seq, width]`` for 2-D ids. The forward pass takes no attention
+    for 1-D ids, ``[batch, seq, width]`` for 2-D ids (attention patterns: ``[heads, seq, seq]``
+    and ``[batch, heads, seq, seq]``). The forward pass takes no attention
     mask: with right padding, outputs at padding positions are garbage and must be ignored."""
 
     @staticmethod
@@ -109,7 +110,7 @@ class Model:
         """Where the model came from (hub id at revision, folder or file)."""
     @property
     def revision(self) -> Optional[str]:
-        """The hub revision, or None."""
+        """The revision loaded (hub, or a local folder's sub-folder), or None."""
     @property
     def dtype(self) -> str:
         """The compute dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``."""
@@ -135,9 +136,10 @@ class Model:
         stop_early: bool = False,
         hooks: Optional[Mapping[str, _Hook]] = None,
     ) -> tuple[Optional[_F32], dict[str, _F32]]:
-        """``(logits, activations)``; keys are the names as given (patterns expand to
-        canonical names); ``stop_early=True`` returns ``(None, activations)``, stopping after
-        the last capture or hook (every hook is called)."""
+        """``(logits, activations)``; keys are the names as given (``*`` names expand to
+        canonical names); ``None`` captures every hook point but the attention patterns;
+        ``stop_early=True`` returns ``(None, activations)``, stopping after the last capture
+        or hook (every hook is called)."""
     def run_with_hooks(self, ids: _Ids, hooks: Mapping[str, _Hook]) -> _F32:
         """The logits with hook points replaced by what the hooks return."""
 

@@ -383,7 +383,10 @@ impl PyModel {
                 } else {
                     let array = float_array(&value)?;
                     let mut dims = array.dims.clone();
-                    if one_dim && dims.len() == 2 {
+                    // Given for 1-D ids without the batch axis: [seq, width] or a pattern's
+                    // [heads, seq, seq].
+                    let unbatched_rank = if point.is_per_token() { 2 } else { 3 };
+                    if one_dim && dims.len() == unbatched_rank {
                         dims.insert(0, 1);
                     }
                     let tensor =
@@ -609,7 +612,8 @@ impl PyModel {
         self.inner.origin()
     }
 
-    /// The hub revision, or None when not loaded from the hub.
+    /// The revision loaded: the hub's, or a local folder's sub-folder given as ``revision``;
+    /// None otherwise.
     #[getter]
     fn revision(&self) -> Option<&str> {
         self.inner.revision()
@@ -714,8 +718,9 @@ impl PyModel {
     /// ``[batch, seq, width]`` for 2-D ids; ``width`` is the vocabulary for ``logits``).
     ///
     /// ``hookpoints`` is a name or list of names; ``None`` (default) captures every hook
-    /// point, attention patterns included (``[batch, heads, seq, seq]`` each: name the points
-    /// you need on long sequences). Keys are the names as given: ``run_with_cache(ids, ["blocks.0.hook_resid_post"])``
+    /// point except the attention patterns, which must be named (``[heads, seq, seq]`` for
+    /// 1-D ids, ``[batch, heads, seq, seq]`` for 2-D ids, per layer; a layer whose pattern
+    /// is captured runs its attention unfused). Keys are the names as given: ``run_with_cache(ids, ["blocks.0.hook_resid_post"])``
     /// returns the key ``"blocks.0.hook_resid_post"``; a pattern with ``*`` (``"layers.*"``)
     /// expands to canonical names (``"layers.0"``, ``"layers.1"``, ...).
     ///
@@ -739,6 +744,7 @@ impl PyModel {
                 .inner
                 .hook_points()
                 .into_iter()
+                .filter(|p| p.is_per_token())
                 .map(|p| (self.inner.hook_name(p), p))
                 .collect(),
         };
@@ -750,7 +756,8 @@ impl PyModel {
     /// ``hooks`` maps hook point names (aliases and ``*`` patterns work) to:
     ///
     /// - a callable ``f(x) -> array | None``: ``x`` is the float32 numpy array at that point
-    ///   (``[seq, width]`` for 1-D ids, ``[batch, seq, width]`` for 2-D ids); return the
+    ///   (``[seq, width]`` for 1-D ids, ``[batch, seq, width]`` for 2-D ids; an attention
+    ///   pattern is ``[heads, seq, seq]`` / ``[batch, heads, seq, seq]``); return the
     ///   replacement (same shape, any float dtype) or ``None`` to leave the tensor as it is.
     ///   ``x`` is a copy: editing it in place has no effect unless it is returned. An
     ///   exception raised by the callable aborts the pass and propagates;

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -105,6 +106,23 @@ def test_cache_firings_and_examples(latents):
         cache.firings("layers.0", 0)
     with pytest.raises(FileNotFoundError):
         ei.LatentCache(path / "missing")
+
+
+def test_cache_refuses_saes_that_do_not_fit_their_hook_point(latents, tiny_dir, tmp_path, capfd):
+    """An SAE folder named after an attention pattern, or after a point of another width,
+    is refused before the cache folder is made."""
+    _, saes, _ = latents
+    common = ["--model", str(tiny_dir), "--data", str(WIKITEXT), "--seq-len", "64"]
+    for name, message in [
+        ("layers.0.attention.pattern", "'layers.0.attention.pattern' is an attention pattern"),
+        ("logits", "reads 32-wide activations, but this model's logits are 50304 wide"),
+    ]:
+        shutil.copytree(saes / "layers.1", tmp_path / "saes" / name)
+        out = tmp_path / f"cache-{name}"
+        status = ei.delphi_main(["cache", *common, "--sae", str(tmp_path / "saes"),
+                                 "--hookpoints", name, "--output", str(out)])
+        assert status == 1 and message in capfd.readouterr().err
+        assert not out.exists()
 
 
 def test_explain_and_score_through_a_server(latents, server, tiny_model):

@@ -115,6 +115,13 @@ def test_attention_patterns(golden_model, golden):
     uniform = np.tril(np.ones((seq, seq))) / np.arange(1, seq + 1)[:, None]
     edited = golden_model.run_with_hooks(ids, {"layers.0.attention.pattern": lambda p: np.broadcast_to(uniform, p.shape)})
     assert max_rel_err(edited, golden["edit.layers.0.attention.pattern.uniform.logits"]) < TOL
+    # A fixed array for 1-D ids has no batch axis, as what a callable gets.
+    one = golden_model.run_with_hooks(ids[0], {"blocks.0.attn.hook_pattern": np.broadcast_to(uniform, (4, seq, seq))})
+    assert max_rel_err(one, golden["edit.layers.0.attention.pattern.uniform.logits"][0]) < TOL
+    # `*` names match patterns only when they end in ".pattern".
+    assert golden_model.resolve_hookpoints("layers.*.*.*") == ["layers.0.mlp.input", "layers.1.mlp.input"]
+    assert golden_model.resolve_hookpoints("layers.*.*.pattern") == [
+        "layers.0.attention.pattern", "layers.1.attention.pattern"]
     # Switching head 1 off through the heads' outputs.
     def head1_off(z):
         z[..., 16:32] = 0
@@ -124,10 +131,11 @@ def test_attention_patterns(golden_model, golden):
     assert max_rel_err(ablated, golden["ablate.layers.0.attention.dense.input.head1.logits"]) < TOL
 
 
-def test_run_with_cache_default_is_every_hookpoint(golden_model, golden):
+def test_run_with_cache_default_is_every_hookpoint_but_the_patterns(golden_model, golden):
     ids = golden["input_ids"][1]
     logits, acts = golden_model.run_with_cache(ids)
-    assert list(acts) == golden_model.hookpoints
+    assert list(acts) == [n for n in golden_model.hookpoints if not n.endswith(".pattern")]
+    np.testing.assert_array_equal(logits, golden_model.forward(ids))
     assert acts["layers.0"].shape == (11, 64)
     assert acts["logits"] is logits
 

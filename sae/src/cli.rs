@@ -380,12 +380,13 @@ fn sae_folder_names(dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Width of each hook point's activations, from a one-token forward pass.
+/// Width of each hook point's activations; an attention pattern, which has no row per
+/// token, is refused.
 fn model_widths(model: &Model, points: &[HookPoint]) -> Result<Vec<usize>> {
-    let ids = Tensor::new(&[[0u32]], model.device())?;
-    let mut hooks = Hooks::capture_only(points.iter().copied());
-    let out = model.forward(&ids, &mut hooks)?;
-    points.iter().map(|p| Ok(out.captures[p].dim(2)?)).collect()
+    points
+        .iter()
+        .map(|p| Ok(model.config().width(*p)?))
+        .collect()
 }
 
 fn train_command(mut args: TrainArgs) -> Result<()> {

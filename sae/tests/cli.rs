@@ -265,6 +265,22 @@ fn train_resume_and_eval_on_a_tiny_model() {
         .join(",");
     let message = eval_error(&out, &same, &["--exclude-tokens", &exclude]);
     assert!(message.contains("tokens was left out"), "{message}");
+    // An SAE folder named after an attention pattern: patterns have no row per token.
+    std::fs::rename(
+        narrow.join("layers.0"),
+        narrow.join("layers.0.attention.pattern"),
+    )
+    .unwrap();
+    let message = eval_error(&narrow, &text, &[]);
+    assert!(
+        message.contains("'layers.0.attention.pattern' is an attention pattern"),
+        "{message}"
+    );
+    let mut args = train_args(&tmp.path().join("pattern-saes"), &text);
+    let at = args.iter().position(|a| a == "--hookpoints").unwrap() + 1;
+    args[at] = "layers.*.attention.pattern".into();
+    let message = format!("{:#}", call(args).unwrap_err());
+    assert!(message.contains("is an attention pattern"), "{message}");
     let message = eval_error(&tmp.path().join("no-such-saes"), &text, &[]);
     assert!(
         !message.contains("hub repository") && message.contains("no-such-saes"),

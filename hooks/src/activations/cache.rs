@@ -32,7 +32,7 @@ const VERSION: u32 = 1;
 pub struct CacheSettings {
     /// Model origin (hub id at revision, folder or file).
     pub model: String,
-    /// Hub revision, if any.
+    /// The revision: the hub's, or a local folder's sub-folder; none if not given.
     pub revision: Option<String>,
     /// `gpt_neox` or `llama`.
     pub architecture: String,

@@ -337,7 +337,8 @@ pub(crate) fn weighted_values(pattern: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (b, heads, t, _) = pattern.dims4()?;
     let d = v.dim(3)?;
     let v = repeat_kv(v, heads / v.dim(1)?)?;
-    let out = pattern.matmul(&v.contiguous()?)?;
+    // A replaced pattern may be a strided view (a broadcast, say).
+    let out = pattern.contiguous()?.matmul(&v.contiguous()?)?;
     Ok(out.transpose(1, 2)?.reshape((b, t, heads * d))?)
 }
 

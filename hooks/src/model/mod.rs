@@ -15,7 +15,6 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
-use crate::hookpoint::AttentionName;
 use crate::hooks::{ForwardOutput, Hooks, Tap};
 use crate::source::{ModelFiles, ModelSpec};
 use crate::weights::{WeightFiles, WeightStore};
@@ -259,10 +258,6 @@ impl Model {
         self.dtype
     }
 
-    fn attention_name(&self) -> AttentionName {
-        self.config.attention_name()
-    }
-
     /// Every hook point, in forward order.
     pub fn hook_points(&self) -> Vec<HookPoint> {
         HookPoint::all(self.config.num_layers())
@@ -270,7 +265,7 @@ impl Model {
 
     /// The canonical name of a hook point for this architecture.
     pub fn hook_name(&self, point: HookPoint) -> String {
-        point.name(self.attention_name())
+        point.name(self.config.attention_name())
     }
 
     /// Parses a hook point name (canonical or alias) and checks it exists in this model.
@@ -285,7 +280,7 @@ impl Model {
 
     fn valid_hook_summary(&self) -> String {
         let last = self.config.num_layers() - 1;
-        let attn = self.attention_name();
+        let attn = self.config.attention_name();
         format!(
             "embed, layers.{{0..{last}}}, {}, layers.{{0..{last}}}.mlp, layers.{{0..{last}}}.mlp.input, final_norm, logits \
              (TransformerLens aliases blocks.{{i}}.hook_resid_pre/hook_resid_post/hook_attn_out/hook_mlp_out/attn.hook_z/attn.hook_pattern also work)",
@@ -296,14 +291,19 @@ impl Model {
     }
 
     /// Parses a comma-separated list of hook point names; `*` in a name matches any text
-    /// within one dot-separated part (`layers.*` is every layer's residual output).
+    /// within one dot-separated part (`layers.*` is every layer's residual output). A `*`
+    /// name matches attention patterns only when it ends in `.pattern`
+    /// (`layers.*.attention.pattern`), so the names that select activations to cache or
+    /// train on (`layers.*.*.*`: the MLP inputs) keep selecting only per-token points.
     pub fn hook_points_from_list(&self, names: &str) -> Result<Vec<HookPoint>> {
         let mut points = Vec::new();
         for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             if name.contains('*') {
+                let patterns_named = name.ends_with(".pattern");
                 let matched: Vec<HookPoint> = self
                     .hook_points()
                     .into_iter()
+                    .filter(|p| p.is_per_token() || patterns_named)
                     .filter(|p| crate::hookpoint::glob_match(name, &self.hook_name(*p)))
                     .collect();
                 if matched.is_empty() {
@@ -376,7 +376,8 @@ impl Model {
     }
 
     /// Runs token ids (`[seq]` or `[batch, seq]`) with the given captures and replacements.
-    /// Captured tensors and logits are always `[batch, seq, width]`.
+    /// Captured tensors and logits are `[batch, seq, width]` (attention patterns
+    /// `[batch, heads, seq, seq]`), with a batch axis even for `[seq]` ids.
     pub fn forward(&self, ids: &Tensor, hooks: &mut Hooks) -> Result<ForwardOutput> {
         let ids = self.prepare_ids(ids)?;
         for point in hooks.points().collect::<Vec<_>>() {

@@ -58,3 +58,11 @@ pub fn assert_self_replacement_changes_no_bit(model: &hooks::Model, ids: &Tensor
         }
     }
 }
+
+/// Every hook point, then every per-token one: a capture of the attention patterns runs
+/// attention unfused, so only the second set runs the default attention kernels.
+pub fn all_then_per_token_points(model: &hooks::Model) -> [Vec<hooks::HookPoint>; 2] {
+    let all = model.hook_points();
+    let per_token = all.iter().copied().filter(|p| p.is_per_token()).collect();
+    [all, per_token]
+}

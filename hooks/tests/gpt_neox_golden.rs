@@ -29,48 +29,6 @@ fn load(dir: &Path, dtype: DType) -> Model {
     Model::from_folder(dir, &options).unwrap()
 }
 
-/// Captures every hook point and compares it with the fixture (with and without the
-/// attention patterns, which switch the attention kernels off).
-fn check_all_hook_points(
-    model: &Model,
-    expected: &HashMap<String, Tensor>,
-    tolerance: f64,
-    logits_key: &str,
-) {
-    for points in common::all_then_per_token_points(model) {
-        check_hook_points(model, expected, tolerance, logits_key, points);
-    }
-}
-
-fn check_hook_points(
-    model: &Model,
-    expected: &HashMap<String, Tensor>,
-    tolerance: f64,
-    logits_key: &str,
-    points: Vec<HookPoint>,
-) {
-    let ids = &expected["input_ids"];
-    let mut hooks = Hooks::new().capture(points.clone());
-    let out = model.forward(ids, &mut hooks).unwrap();
-    for point in points {
-        let name = model.hook_name(point);
-        let actual = &out.captures[&point];
-        let (key, actual) = if point == HookPoint::Logits {
-            (
-                logits_key.to_string(),
-                last_positions(actual, &expected[logits_key]),
-            )
-        } else {
-            (name.clone(), actual.clone())
-        };
-        let err = relative_error(&actual, &expected[&key]);
-        assert!(
-            err < tolerance,
-            "{name}: relative error {err} >= {tolerance}"
-        );
-    }
-}
-
 /// The trailing positions of `[b, t, v]` logits that a fixture keeps (all, or the last few).
 fn last_positions(logits: &Tensor, expected: &Tensor) -> Tensor {
     let keep = expected.dim(1).unwrap();
@@ -85,7 +43,7 @@ fn tiny_models_match_transformers_at_every_hook_point() {
     for case in TINY_CASES {
         let dir = fixture_dir(case);
         let model = load(&dir, DType::F32);
-        check_all_hook_points(&model, &expected(&dir), 1e-4, "logits");
+        common::assert_hook_points_match(&model, &expected(&dir), 1e-4, "logits");
     }
 }
 
@@ -106,90 +64,10 @@ fn tiny_models_in_bf16_and_f16_stay_close() {
 }
 
 #[test]
-fn zero_ablation_matches_transformers() {
+fn edits_match_transformers() {
     for case in TINY_CASES {
         let dir = fixture_dir(case);
-        let model = load(&dir, DType::F32);
-        let exp = expected(&dir);
-        for (point, key) in [
-            (HookPoint::Mlp(1), "ablate.layers.1.mlp.logits"),
-            (HookPoint::Attention(0), "ablate.layers.0.attention.logits"),
-        ] {
-            let mut hooks = Hooks::new().replace(point, |x| Ok(Some(x.zeros_like()?)));
-            let logits = model
-                .forward(&exp["input_ids"], &mut hooks)
-                .unwrap()
-                .logits
-                .unwrap();
-            let err = relative_error(&logits, &exp[key]);
-            assert!(err < 1e-4, "{case} {key}: {err}");
-            assert!(
-                relative_error(&logits, &exp["logits"]) > 1e-3,
-                "{case}: ablation changed nothing"
-            );
-        }
-    }
-}
-
-/// Switching one head off through the heads' outputs (the output projection's input), as
-/// transformers does with a pre-hook on `dense`.
-#[test]
-fn head_ablation_matches_transformers() {
-    for case in TINY_CASES {
-        let dir = fixture_dir(case);
-        let model = load(&dir, DType::F32);
-        let exp = expected(&dir);
-        let head_dim = model.config().head_dim();
-        let key = "ablate.layers.0.attention.dense.input.head1.logits";
-        let mut hooks = Hooks::new().replace(HookPoint::AttentionHeads(0), |x| {
-            Ok(Some(common::zero_head(x, 1, head_dim)?))
-        });
-        let logits = model
-            .forward(&exp["input_ids"], &mut hooks)
-            .unwrap()
-            .logits
-            .unwrap();
-        let err = relative_error(&logits, &exp[key]);
-        println!("{case} {key}: relative error {err:.2e}");
-        assert!(err < 1e-4, "{case} {key}: {err}");
-        assert!(
-            relative_error(&logits, &exp["logits"]) > 1e-3,
-            "{case}: switching the head off changed nothing"
-        );
-    }
-}
-
-/// Layer 0's attention weights replaced by a uniform causal pattern, as transformers does
-/// with a registered attention function; capturing the pattern alone leaves the logits as
-/// they are (it switches layer 0 from the fused attention kernel to the explicit one).
-#[test]
-fn attention_pattern_edit_matches_transformers() {
-    for case in TINY_CASES {
-        let dir = fixture_dir(case);
-        let model = load(&dir, DType::F32);
-        let exp = expected(&dir);
-        let logits = |hooks: &mut Hooks| {
-            model
-                .forward(&exp["input_ids"], hooks)
-                .unwrap()
-                .logits
-                .unwrap()
-        };
-        let key = "edit.layers.0.attention.pattern.uniform.logits";
-        let edited = logits(
-            &mut Hooks::new().replace(HookPoint::AttentionPattern(0), |p| {
-                Ok(Some(common::uniform_causal_pattern(p)?))
-            }),
-        );
-        let err = relative_error(&edited, &exp[key]);
-        println!("{case} {key}: relative error {err:.2e}");
-        assert!(err < 1e-4, "{case} {key}: {err}");
-        assert!(
-            relative_error(&edited, &exp["logits"]) > 1e-3,
-            "{case}: no change"
-        );
-        let captured = logits(&mut Hooks::new().capture([HookPoint::AttentionPattern(0)]));
-        assert!(relative_error(&captured, &exp["logits"]) < 1e-5, "{case}");
+        common::assert_edits_match(&load(&dir, DType::F32), &expected(&dir));
     }
 }
 
@@ -265,7 +143,7 @@ fn pythia_70m_shape_with_generated_weights_matches_transformers() {
     hooks::synthetic::write_synthetic_weights(&config, dir.path()).unwrap();
     let model = load(dir.path(), DType::F32);
     let exp = expected(&fixture);
-    check_all_hook_points(&model, &exp, 1e-4, "logits.last4");
+    common::assert_hook_points_match(&model, &exp, 1e-4, "logits.last4");
     let mut hooks = Hooks::new().replace(HookPoint::Mlp(1), |x| Ok(Some(x.zeros_like()?)));
     let logits = model
         .forward(&exp["input_ids"], &mut hooks)
@@ -389,7 +267,7 @@ fn unembedding_of_the_last_layer_reproduces_the_logits() {
 fn pytorch_pickle_checkpoint_with_legacy_buffers_loads() {
     // pytorch_model.bin written by transformers (tests/fixtures/make_pickle_checkpoint.py).
     let model = load(&fixture_dir("pythia_style_pickle"), DType::F32);
-    check_all_hook_points(
+    common::assert_hook_points_match(
         &model,
         &expected(&fixture_dir("pythia_style")),
         1e-4,
@@ -425,5 +303,5 @@ fn sharded_safetensors_with_an_index_load() {
     )
     .unwrap();
     let model = load(dir.path(), DType::F32);
-    check_all_hook_points(&model, &expected(&src), 1e-4, "logits");
+    common::assert_hook_points_match(&model, &expected(&src), 1e-4, "logits");
 }

@@ -33,33 +33,13 @@ fn load(case: &str, dtype: DType) -> Model {
     Model::from_folder(&fixture_dir(case), &options).unwrap()
 }
 
-fn logits_with(model: &Model, ids: &Tensor, hooks: &mut Hooks) -> Tensor {
-    model.forward(ids, hooks).unwrap().logits.unwrap()
-}
-
 #[test]
 fn tiny_llamas_match_transformers_at_every_hook_point() {
     for case in CASES {
         let model = load(case, DType::F32);
         assert!(matches!(model.config(), ModelConfig::Llama(_)));
-        let exp = expected(case);
-        let mut worst = (0f64, String::new());
-        for points in common::all_then_per_token_points(&model) {
-            let mut hooks = Hooks::new().capture(points.clone());
-            let out = model.forward(&exp["input_ids"], &mut hooks).unwrap();
-            for point in points {
-                let name = model.hook_name(point);
-                let err = relative_error(&out.captures[&point], &exp[&name]);
-                assert!(err < 1e-4, "{case} {name}: relative error {err}");
-                if err >= worst.0 {
-                    worst = (err, name);
-                }
-            }
-        }
-        println!(
-            "{case}: worst relative error {:.2e} at {}",
-            worst.0, worst.1
-        );
+        let (err, name) = common::assert_hook_points_match(&model, &expected(case), 1e-4, "logits");
+        println!("{case}: worst relative error {err:.2e} at {name}");
     }
 }
 
@@ -122,74 +102,9 @@ fn tiny_llamas_in_bf16_and_f16_stay_close() {
 }
 
 #[test]
-fn zero_ablation_matches_transformers() {
+fn edits_match_transformers() {
     for case in CASES {
-        let model = load(case, DType::F32);
-        let exp = expected(case);
-        for (point, key) in [
-            (HookPoint::Mlp(1), "ablate.layers.1.mlp.logits"),
-            (HookPoint::Attention(0), "ablate.layers.0.self_attn.logits"),
-        ] {
-            let mut hooks = Hooks::new().replace(point, |x| Ok(Some(x.zeros_like()?)));
-            let logits = logits_with(&model, &exp["input_ids"], &mut hooks);
-            let err = relative_error(&logits, &exp[key]);
-            println!("{case} {key}: relative error {err:.2e}");
-            assert!(err < 1e-4, "{case} {key}: {err}");
-            assert!(
-                relative_error(&logits, &exp["logits"]) > 1e-3,
-                "{case}: ablation changed nothing"
-            );
-        }
-    }
-}
-
-/// Switching one head off through the heads' outputs (the output projection's input), as
-/// transformers does with a pre-hook on `o_proj`.
-#[test]
-fn head_ablation_matches_transformers() {
-    for case in CASES {
-        let model = load(case, DType::F32);
-        let exp = expected(case);
-        let head_dim = model.config().head_dim();
-        let key = "ablate.layers.0.self_attn.o_proj.input.head1.logits";
-        let mut hooks = Hooks::new().replace(HookPoint::AttentionHeads(0), |x| {
-            Ok(Some(common::zero_head(x, 1, head_dim)?))
-        });
-        let logits = logits_with(&model, &exp["input_ids"], &mut hooks);
-        let err = relative_error(&logits, &exp[key]);
-        println!("{case} {key}: relative error {err:.2e}");
-        assert!(err < 1e-4, "{case} {key}: {err}");
-        assert!(
-            relative_error(&logits, &exp["logits"]) > 1e-3,
-            "{case}: switching the head off changed nothing"
-        );
-    }
-}
-
-/// Layer 0's attention weights replaced by a uniform causal pattern, as transformers does
-/// with a registered attention function; capturing the pattern alone leaves the logits as
-/// they are (it switches layer 0 from the fused attention kernel to the explicit one).
-#[test]
-fn attention_pattern_edit_matches_transformers() {
-    for case in CASES {
-        let model = load(case, DType::F32);
-        let exp = expected(case);
-        let logits = |hooks: &mut Hooks| logits_with(&model, &exp["input_ids"], hooks);
-        let key = "edit.layers.0.self_attn.pattern.uniform.logits";
-        let edited = logits(
-            &mut Hooks::new().replace(HookPoint::AttentionPattern(0), |p| {
-                Ok(Some(common::uniform_causal_pattern(p)?))
-            }),
-        );
-        let err = relative_error(&edited, &exp[key]);
-        println!("{case} {key}: relative error {err:.2e}");
-        assert!(err < 1e-4, "{case} {key}: {err}");
-        assert!(
-            relative_error(&edited, &exp["logits"]) > 1e-3,
-            "{case}: no change"
-        );
-        let captured = logits(&mut Hooks::new().capture([HookPoint::AttentionPattern(0)]));
-        assert!(relative_error(&captured, &exp["logits"]) < 1e-5, "{case}");
+        common::assert_edits_match(&load(case, DType::F32), &expected(case));
     }
 }
 

@@ -178,34 +178,9 @@ fn tiny_gguf_llamas_match_transformers_at_every_hook_point() {
                 .join(case)
                 .join("expected.safetensors"),
         );
-        let mut worst = 0f64;
-        for points in common::all_then_per_token_points(&model) {
-            let mut hooks = Hooks::new().capture(points.clone());
-            let out = model.forward(&exp["input_ids"], &mut hooks).unwrap();
-            for point in points {
-                let name = model.hook_name(point);
-                let err = relative_error(&out.captures[&point], &exp[&name]);
-                assert!(err < 1e-4, "{case} {name}: relative error {err}");
-                worst = worst.max(err);
-            }
-        }
+        let (worst, _) = common::assert_hook_points_match(&model, &exp, 1e-4, "logits");
         println!("tiny GGUF {case}: worst relative error {worst:.2e}");
-        // One head switched off through the heads' outputs, as transformers' pre-hook does.
-        let head_dim = model.config().head_dim();
-        let mut hooks = Hooks::new().replace(HookPoint::AttentionHeads(0), |x| {
-            Ok(Some(common::zero_head(x, 1, head_dim)?))
-        });
-        let logits = model.forward(&exp["input_ids"], &mut hooks).unwrap().logits;
-        let key = "ablate.layers.0.self_attn.o_proj.input.head1.logits";
-        let err = relative_error(&logits.unwrap(), &exp[key]);
-        assert!(err < 1e-4, "{case} {key}: relative error {err}");
-        let mut hooks = Hooks::new().replace(HookPoint::AttentionPattern(0), |p| {
-            Ok(Some(common::uniform_causal_pattern(p)?))
-        });
-        let logits = model.forward(&exp["input_ids"], &mut hooks).unwrap().logits;
-        let key = "edit.layers.0.self_attn.pattern.uniform.logits";
-        let err = relative_error(&logits.unwrap(), &exp[key]);
-        assert!(err < 1e-4, "{case} {key}: relative error {err}");
+        common::assert_edits_match(&model, &exp);
         common::assert_self_replacement_changes_no_bit(&model, &exp["input_ids"]);
         let err = model.tokenizer().unwrap_err().to_string();
         assert!(err.contains("no usable tokenizer"), "{err}");

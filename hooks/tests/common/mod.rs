@@ -1,6 +1,9 @@
 //! Helpers shared by the golden tests.
 
+use std::collections::HashMap;
+
 use hooks::candle_core::Tensor;
+use hooks::{HookPoint, Hooks, Model};
 
 /// max |a - b| / max |b|: the error relative to the tensor's scale.
 pub fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
@@ -9,7 +12,7 @@ pub fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
 
 /// `x: [batch, seq, heads * head_dim]` with head `head`'s slice set to zero: that head
 /// switched off when `x` is the heads' outputs.
-pub fn zero_head(x: &Tensor, head: usize, head_dim: usize) -> hooks::Result<Tensor> {
+fn zero_head(x: &Tensor, head: usize, head_dim: usize) -> hooks::Result<Tensor> {
     let width = x.dim(2)?;
     let keep: Vec<f32> = (0..width)
         .map(|j| if j / head_dim == head { 0.0 } else { 1.0 })
@@ -20,7 +23,7 @@ pub fn zero_head(x: &Tensor, head: usize, head_dim: usize) -> hooks::Result<Tens
 
 /// Attention weights `[batch, heads, seq, seq]` in which each position attends equally to
 /// itself and every earlier one (as the fixture generator's `uniform_causal_pattern`).
-pub fn uniform_causal_pattern(like: &Tensor) -> hooks::Result<Tensor> {
+fn uniform_causal_pattern(like: &Tensor) -> hooks::Result<Tensor> {
     let (batch, heads, seq, _) = like.dims4()?;
     let rows: Vec<f32> = (0..seq)
         .flat_map(|i| (0..seq).map(move |j| if j <= i { 1.0 / (i + 1) as f32 } else { 0.0 }))
@@ -34,8 +37,7 @@ pub fn uniform_causal_pattern(like: &Tensor) -> hooks::Result<Tensor> {
 /// Replacing each hook point's tensor with its own value leaves the logits bit-identical.
 /// A captured or replaced pattern runs its layer's attention unfused, so the patterns are
 /// replaced in passes that capture every pattern, as their reference pass does.
-pub fn assert_self_replacement_changes_no_bit(model: &hooks::Model, ids: &Tensor) {
-    use hooks::Hooks;
+pub fn assert_self_replacement_changes_no_bit(model: &Model, ids: &Tensor) {
     let all = model.hook_points();
     let (per_token, patterns): (Vec<_>, Vec<_>) = all.iter().partition(|p| p.is_per_token());
     let flat =
@@ -61,8 +63,97 @@ pub fn assert_self_replacement_changes_no_bit(model: &hooks::Model, ids: &Tensor
 
 /// Every hook point, then every per-token one: a capture of the attention patterns runs
 /// attention unfused, so only the second set runs the default attention kernels.
-pub fn all_then_per_token_points(model: &hooks::Model) -> [Vec<hooks::HookPoint>; 2] {
+pub fn all_then_per_token_points(model: &Model) -> [Vec<HookPoint>; 2] {
     let all = model.hook_points();
     let per_token = all.iter().copied().filter(|p| p.is_per_token()).collect();
     [all, per_token]
+}
+
+/// Compares every hook point's capture with the fixture's value of the same name (the
+/// logits with `logits_key`, whose trailing positions it may hold), with and without the
+/// attention patterns; returns the worst relative error and its hook point.
+pub fn assert_hook_points_match(
+    model: &Model,
+    expected: &HashMap<String, Tensor>,
+    tolerance: f64,
+    logits_key: &str,
+) -> (f64, String) {
+    let mut worst = (0f64, String::new());
+    for points in all_then_per_token_points(model) {
+        let mut hooks = Hooks::new().capture(points.clone());
+        let out = model.forward(&expected["input_ids"], &mut hooks).unwrap();
+        for point in points {
+            let name = model.hook_name(point);
+            let actual = &out.captures[&point];
+            let (want, actual) = if point == HookPoint::Logits {
+                let want = &expected[logits_key];
+                let (keep, seq) = (want.dim(1).unwrap(), actual.dim(1).unwrap());
+                (want, actual.narrow(1, seq - keep, keep).unwrap())
+            } else {
+                (&expected[&name], actual.clone())
+            };
+            let err = relative_error(&actual, want);
+            assert!(
+                err < tolerance,
+                "{name}: relative error {err} >= {tolerance}"
+            );
+            if err >= worst.0 {
+                worst = (err, name);
+            }
+        }
+    }
+    worst
+}
+
+/// The edits the fixtures hold the logits of, made as transformers made them: zeroing the
+/// MLP of layer 1 and the attention of layer 0, switching head 1 of layer 0 off through
+/// the heads' outputs (a pre-hook on the output projection), and replacing layer 0's
+/// attention weights with a uniform causal pattern (a registered attention function).
+/// Each must match within 1e-4 and change the logits; capturing a pattern must not.
+pub fn assert_edits_match(model: &Model, expected: &HashMap<String, Tensor>) {
+    let ids = &expected["input_ids"];
+    let logits = |hooks: &mut Hooks| model.forward(ids, hooks).unwrap().logits.unwrap();
+    let head_dim = model.config().head_dim();
+    let name = |point| model.hook_name(point);
+    let edits: [(
+        String,
+        HookPoint,
+        fn(&Tensor, usize) -> hooks::Result<Tensor>,
+    ); 4] = [
+        (
+            format!("ablate.{}.logits", name(HookPoint::Mlp(1))),
+            HookPoint::Mlp(1),
+            |x, _| Ok(x.zeros_like()?),
+        ),
+        (
+            format!("ablate.{}.logits", name(HookPoint::Attention(0))),
+            HookPoint::Attention(0),
+            |x, _| Ok(x.zeros_like()?),
+        ),
+        (
+            format!("ablate.{}.head1.logits", name(HookPoint::AttentionHeads(0))),
+            HookPoint::AttentionHeads(0),
+            |x, head_dim| zero_head(x, 1, head_dim),
+        ),
+        (
+            format!(
+                "edit.{}.uniform.logits",
+                name(HookPoint::AttentionPattern(0))
+            ),
+            HookPoint::AttentionPattern(0),
+            |p, _| uniform_causal_pattern(p),
+        ),
+    ];
+    for (key, point, edit) in edits {
+        let edited = logits(&mut Hooks::new().replace(point, |x| Ok(Some(edit(x, head_dim)?))));
+        let err = relative_error(&edited, &expected[&key]);
+        println!("{key}: relative error {err:.2e}");
+        assert!(err < 1e-4, "{key}: relative error {err}");
+        assert!(
+            relative_error(&edited, &expected["logits"]) > 1e-3,
+            "{key}: no change"
+        );
+    }
+    let captured = logits(&mut Hooks::new().capture([HookPoint::AttentionPattern(0)]));
+    assert!(relative_error(&captured, &expected["logits"]) < 1e-5);
 }

@@ -105,6 +105,9 @@ pub fn assert_hook_points_match(
     worst
 }
 
+/// A replacement of the tensor at a hook point, given the head width.
+type Edit = fn(&Tensor, usize) -> hooks::Result<Tensor>;
+
 /// The edits the fixtures hold the logits of, made as transformers made them: zeroing the
 /// MLP of layer 1 and the attention of layer 0, switching head 1 of layer 0 off through
 /// the heads' outputs (a pre-hook on the output projection), and replacing layer 0's
@@ -115,11 +118,7 @@ pub fn assert_edits_match(model: &Model, expected: &HashMap<String, Tensor>) {
     let logits = |hooks: &mut Hooks| model.forward(ids, hooks).unwrap().logits.unwrap();
     let head_dim = model.config().head_dim();
     let name = |point| model.hook_name(point);
-    let edits: [(
-        String,
-        HookPoint,
-        fn(&Tensor, usize) -> hooks::Result<Tensor>,
-    ); 4] = [
+    let edits: [(String, HookPoint, Edit); 4] = [
         (
             format!("ablate.{}.logits", name(HookPoint::Mlp(1))),
             HookPoint::Mlp(1),

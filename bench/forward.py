@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Forward-pass throughput: eleuther-interp (candle) vs Hugging Face transformers (PyTorch),
 side by side in one run, on the same synthetic Pythia-shaped model and the same token ids,
-capturing every `layers.{i}` (transformers: output_hidden_states=True).
+capturing every `layers.{i}` (transformers: output_hidden_states=True); with `--patterns`
+every attention pattern too (transformers: output_attentions=True, eager attention, the only
+kind that returns them).
 `--shape smollm2` runs the real SmolLM2-135M-Instruct GGUF (dequantised by both sides).
 
 Each implementation runs in its own child process so peak RSS is measured separately.
@@ -97,20 +99,22 @@ def run_peer(args):
     cuda = args.device.startswith("cuda")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     path = Path(args.model_dir)
+    extra = {"attn_implementation": "eager"} if args.patterns else {}
     if path.suffix == ".gguf":  # transformers dequantises the GGUF to dtype
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **extra)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
     model = model.eval().to(args.device)
     ids = torch.tensor(token_ids(args.batch, args.seq, model.config.vocab_size), device=args.device)
     times = []
     with torch.inference_mode():
         for _ in range(args.iters + 1):
             start = time.perf_counter()
-            out = model(ids, output_hidden_states=True)
+            out = model(ids, output_hidden_states=True, output_attentions=args.patterns)
             if cuda:
                 torch.cuda.synchronize()
             assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+            assert not args.patterns or len(out.attentions) == model.config.num_hidden_layers
             times.append(time.perf_counter() - start)
     times = sorted(times[1:])
     median = times[len(times) // 2]
@@ -142,6 +146,7 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's peak, for the MFU (GPU only)")
     p.add_argument("--prebuilt", help="a folder with our forward_bench binary (skips cargo build)")
+    p.add_argument("--patterns", action="store_true", help="also capture every attention pattern")
     p.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -154,7 +159,7 @@ def main():
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     common = ["--batch", str(args.batch), "--seq", str(args.seq), "--iters", str(args.iters), "--dtype", args.dtype,
-              "--device", args.device]
+              "--device", args.device] + (["--patterns"] if args.patterns else [])
     # Each child reports its own peak RSS (VmHWM / ru_maxrss of itself).
     ours_result = child([str(ours), str(model_dir)] + common, env)
     peer_result = child([sys.executable, __file__, "--peer", "--model-dir", str(model_dir),
@@ -162,7 +167,7 @@ def main():
     weights = "real GGUF weights, dequantised" if args.shape == "smollm2" else "synthetic weights"
     where = args.device if args.device != "cpu" else f"{args.threads} threads"
     print(f"forward {args.shape} ({weights}), batch {args.batch} x {args.seq}, {args.dtype}, "
-          f"{where}, capturing every layers.{{i}}")
+          f"{where}, capturing every layers.{{i}}" + (" and every attention pattern" if args.patterns else ""))
     for name, r in [("eleuther-interp", ours_result), (peer_result["impl"], peer_result)]:
         line = f"  {name}: {r['tokens_per_s']:9.1f} tokens/s  (median {r['median_s']:.3f} s)  peak RSS {r['peak_rss_mib']:.0f} MiB"
         if args.device != "cpu" and args.shape != "smollm2":

@@ -54,8 +54,13 @@ fn main() -> Result<()> {
         .map(|i| ((i * 2654435761 + 12345) % vocab.min(50000)) as u32)
         .collect();
     let ids = Tensor::from_vec(ids, (batch, seq), &device)?;
+    // Every layer's output; with --patterns every attention pattern too.
+    let patterns = args.iter().any(|a| a == "--patterns");
     let layers: Vec<HookPoint> = (0..model.config().num_layers())
-        .map(HookPoint::Layer)
+        .flat_map(|i| {
+            let pattern = patterns.then_some(HookPoint::AttentionPattern(i));
+            pattern.into_iter().chain([HookPoint::Layer(i)])
+        })
         .collect();
     let mut times = Vec::new();
     for _ in 0..iters + 1 {

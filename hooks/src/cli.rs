@@ -378,13 +378,10 @@ fn info(args: ModelArgs) -> Result<()> {
         Err(_) => writeln!(out, "tokenizer: none")?,
     }
     writeln!(out, "hook points (forward order) and their shapes:")?;
-    let names: Vec<String> = model
-        .hook_points()
-        .into_iter()
-        .map(|p| model.hook_name(p))
-        .collect();
+    let points = model.hook_points();
+    let names: Vec<String> = points.iter().map(|p| model.hook_name(*p)).collect();
     let pad = names.iter().map(String::len).max().unwrap_or(0);
-    for (point, name) in model.hook_points().into_iter().zip(&names) {
+    for (point, name) in points.into_iter().zip(&names) {
         let shape = if point.is_per_token() {
             format!("[batch, seq, {}]", config.width(point)?)
         } else {

@@ -76,6 +76,10 @@ fn replacing_a_hook_with_its_own_value_is_bit_identical() {
     let dir = fixture_dir("pythia_style");
     let model = load(&dir, DType::F32);
     common::assert_self_replacement_changes_no_bit(&model, &expected(&dir)["input_ids"]);
+    // Sequences of several attention blocks (the kernel's 64 query rows each).
+    let ids: Vec<u32> = (0..2 * 300).map(|i| (i * 37 + 11) % 128).collect();
+    let ids = Tensor::from_vec(ids, (2, 300), &Device::Cpu).unwrap();
+    common::assert_self_replacement_changes_no_bit(&model, &ids);
 }
 
 #[test]

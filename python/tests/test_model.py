@@ -93,11 +93,8 @@ def test_run_with_cache_matches_golden(golden_model, golden):
         assert acts[name].dtype == np.float32
         assert max_rel_err(acts[name], golden[name]) < TOL, name
     np.testing.assert_array_equal(logits, acts["logits"])
-    # Captures do not change the logits; a captured pattern only makes its layer's attention
-    # run unfused, which may change the last bits.
-    assert max_rel_err(logits, golden_model.forward(ids)) < 1e-6
-    per_token = [n for n in names if not n.endswith(".pattern")]
-    logits, _ = golden_model.run_with_cache(ids, hookpoints=per_token)
+    # Captures change no bit of the logits, the attention patterns' included: on the CPU the
+    # attention kernel writes out the weights it uses.
     np.testing.assert_array_equal(logits, golden_model.forward(ids))
 
 

@@ -1,33 +1,42 @@
 //! CPU fast paths for the two forward-pass steps where candle's generic ops leave most of
 //! the machine idle: causal attention (blocked, skipping the masked half, one head per
-//! thread) and the erf GELU (parallel). Each returns `None` when it does not apply (not f32,
-//! not on the CPU), and the caller then uses the generic candle path.
+//! thread; it can also write out its attention weights, and re-weigh the values by a
+//! replaced pattern) and the erf GELU (parallel). Each returns `None` when it does not apply
+//! (not f32, not on the CPU), and the caller then uses the generic candle path.
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::with_f32_slices;
+use crate::cpu::{with_f32_slices, SharedOut};
 use crate::Result;
 
 /// Query rows processed together: the score block (`BLOCK x seq`) stays in cache.
 const BLOCK: usize = 64;
 
-/// A raw pointer that threads may share because each writes a disjoint region.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// Taking `self` makes closures capture the whole (Send) wrapper, not the bare pointer.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Causal softmax attention in f32. `q: [b, heads, t, d]`, `k`/`v`: `[b, kv_heads, t, d]`;
 /// returns `[b, t, heads * d]`. Scores are scaled by `1/sqrt(d)`.
 pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
+    Ok(blocked_attention(q, k, v, false)?.map(|(out, _)| out))
+}
+
+/// [`causal_attention`] that also returns the attention weights it used, `[b, heads, t, t]`
+/// with zeros above the diagonal: its output is the one [`causal_attention`] gives, bit for
+/// bit, so capturing a pattern changes nothing downstream.
+pub(crate) fn causal_attention_with_pattern(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<Option<(Tensor, Tensor)>> {
+    Ok(blocked_attention(q, k, v, true)?
+        .map(|(out, pattern)| (out, pattern.expect("kept on request"))))
+}
+
+fn blocked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    keep_pattern: bool,
+) -> Result<Option<(Tensor, Option<Tensor>)>> {
     let (b, heads, t, d) = q.dims4()?;
     let kv_heads = k.dim(1)?;
     let group = heads / kv_heads;
@@ -35,12 +44,12 @@ pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Opt
     with_f32_slices(&[q, k, v], |s| {
         let (q, k, v) = (s[0], s[1], s[2]);
         let mut out = vec![0f32; b * t * heads * d];
-        let out_ptr = SharedMut(out.as_mut_ptr());
+        let mut pattern = vec![0f32; if keep_pattern { b * heads * t * t } else { 0 }];
+        let out_base = SharedOut(out.as_mut_ptr());
+        let pattern_base = SharedOut(pattern.as_mut_ptr());
         (0..b * heads).into_par_iter().for_each(|bh| {
-            let out_base = out_ptr.get();
-            let (bi, hi) = (bh / heads, bh % heads);
-            let kv = bi * kv_heads + hi / group;
-            let qh = &q[(bi * heads + hi) * t * d..][..t * d];
+            let kv = bh / heads * kv_heads + bh % heads / group;
+            let qh = &q[bh * t * d..][..t * d];
             let kh = &k[kv * t * d..][..t * d];
             let vh = &v[kv * t * d..][..t * d];
             let mut scores = vec![0f32; BLOCK * t];
@@ -85,36 +94,109 @@ pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Opt
                     let inv = 1.0 / sum;
                     row[..visible].iter_mut().for_each(|x| *x *= inv);
                     row[visible..].iter_mut().for_each(|x| *x = 0.0);
+                    if keep_pattern {
+                        // SAFETY: row r0 + i of head bh, written by this task only.
+                        unsafe {
+                            let dst = pattern_base.at((bh * t + r0 + i) * t);
+                            std::ptr::copy_nonoverlapping(row.as_ptr(), dst, n);
+                        }
+                    }
                 }
-                // out[b, r0..r1, hi, :] = scores @ v[0..r1]; rows of out are heads*d apart.
+                // SAFETY: rows r0..r1 of head bh, written by this task only.
                 unsafe {
-                    let dst = out_base.add((bi * t + r0) * heads * d + hi * d);
-                    gemm::gemm(
+                    weigh_values(
+                        &scores[..m * n],
                         m,
-                        d,
                         n,
-                        dst,
-                        1,
-                        (heads * d) as isize,
-                        false,
-                        scores.as_ptr(),
-                        1,
-                        n as isize,
-                        vh.as_ptr(),
-                        1,
-                        d as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
+                        vh,
+                        out_base,
+                        (bh, r0),
+                        (heads, t, d),
+                    )
+                };
+            }
+        });
+        let out = Tensor::from_vec(out, (b, t, heads * d), &Device::Cpu)?;
+        let pattern = keep_pattern
+            .then(|| Tensor::from_vec(pattern, (b, heads, t, t), &Device::Cpu))
+            .transpose()?;
+        Ok((out, pattern))
+    })
+}
+
+/// `pattern @ v` for every head, `pattern: [b, heads, t, t]` (any weights, a replaced pattern
+/// say), `v: [b, kv_heads, t, d]`; returns `[b, t, heads * d]`. Rows are taken in the blocks
+/// of [`causal_attention`], over the visible keys only where the weights past them are zero,
+/// so the kernel's own pattern gives its output bit for bit.
+pub(crate) fn weighted_values(pattern: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
+    let (b, heads, t, _) = pattern.dims4()?;
+    let (kv_heads, d) = (v.dim(1)?, v.dim(3)?);
+    let group = heads / kv_heads;
+    with_f32_slices(&[pattern, v], |s| {
+        let (p, v) = (s[0], s[1]);
+        let mut out = vec![0f32; b * t * heads * d];
+        let out_base = SharedOut(out.as_mut_ptr());
+        (0..b * heads).into_par_iter().for_each(|bh| {
+            let kv = bh / heads * kv_heads + bh % heads / group;
+            let vh = &v[kv * t * d..][..t * d];
+            let mut block = vec![0f32; BLOCK * t];
+            for r0 in (0..t).step_by(BLOCK) {
+                let r1 = (r0 + BLOCK).min(t);
+                let m = r1 - r0;
+                let rows = &p[(bh * t + r0) * t..][..m * t];
+                let causal = rows
+                    .chunks(t)
+                    .all(|row| row[r1..].iter().all(|&x| x == 0.0));
+                let n = if causal { r1 } else { t };
+                for (i, row) in rows.chunks(t).enumerate() {
+                    block[i * n..(i + 1) * n].copy_from_slice(&row[..n]);
                 }
+                // SAFETY: rows r0..r1 of head bh, written by this task only.
+                unsafe {
+                    weigh_values(&block[..m * n], m, n, vh, out_base, (bh, r0), (heads, t, d))
+                };
             }
         });
         Ok(Tensor::from_vec(out, (b, t, heads * d), &Device::Cpu)?)
     })
+}
+
+/// `out[batch, r0..r0 + m, head, :] = weights[m, n] @ v[0..n]` for head `bh` of `[b * heads]`,
+/// into the `[b, t, heads * d]` output (its rows are `heads * d` apart).
+///
+/// # Safety
+/// Those output rows must lie inside `out` and be written by no other task meanwhile.
+unsafe fn weigh_values(
+    weights: &[f32],
+    m: usize,
+    n: usize,
+    v: &[f32],
+    out: SharedOut<f32>,
+    (bh, r0): (usize, usize),
+    (heads, t, d): (usize, usize, usize),
+) {
+    let dst = out.at((bh / heads * t + r0) * heads * d + bh % heads * d);
+    gemm::gemm(
+        m,
+        d,
+        n,
+        dst,
+        1,
+        (heads * d) as isize,
+        false,
+        weights.as_ptr(),
+        1,
+        n as isize,
+        v.as_ptr(),
+        1,
+        d as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
 }
 
 /// `x * (1 + erf(x / sqrt 2)) / 2` elementwise, with candle's own erf, in parallel.
@@ -138,7 +220,7 @@ pub(crate) fn gelu_erf(x: &Tensor) -> Result<Option<Tensor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::layers::{causal_attention_generic, causal_mask};
+    use crate::model::layers::{attention_pattern, causal_attention_generic, causal_mask};
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         crate::compare::max_abs_diff(a, b).unwrap()
@@ -147,7 +229,7 @@ mod tests {
     #[test]
     fn blocked_attention_matches_generic_path() {
         // Several blocks with a ragged last one, grouped-query heads, odd head size.
-        for (t, heads, kv_heads, d) in [(150, 6, 2, 20), (64, 4, 4, 8), (1, 2, 1, 4)] {
+        for (t, heads, kv_heads, d) in [(150, 6, 2, 20), (64, 4, 4, 8), (1, 2, 1, 4), (700, 2, 1, 64)] {
             let q = Tensor::randn(0f32, 1., (2, heads, t, d), &Device::Cpu).unwrap();
             let k = Tensor::randn(0f32, 1., (2, kv_heads, t, d), &Device::Cpu).unwrap();
             let v = Tensor::randn(0f32, 1., (2, kv_heads, t, d), &Device::Cpu).unwrap();
@@ -158,9 +240,48 @@ mod tests {
                 max_abs_diff(&fast, &reference) < 1e-5,
                 "t={t} heads={heads}"
             );
+
+            // The kept pattern is the generic one, and keeping it changes no bit of the
+            // output; the output re-made from it is bit-identical too.
+            let (out, pattern) = causal_attention_with_pattern(&q, &k, &v).unwrap().unwrap();
+            let generic_pattern = attention_pattern(&q, &k, &mask).unwrap();
+            assert!(max_abs_diff(&pattern, &generic_pattern) < 1e-6, "t={t}");
+            assert_eq!(max_abs_diff(&out, &fast), 0.0, "t={t}");
+            let remade = weighted_values(&pattern, &v).unwrap().unwrap();
+            assert_eq!(max_abs_diff(&remade, &fast), 0.0, "t={t}");
         }
         let bf16 = Tensor::zeros((1, 1, 2, 2), candle_core::DType::BF16, &Device::Cpu).unwrap();
         assert!(causal_attention(&bf16, &bf16, &bf16).unwrap().is_none());
+        assert!(causal_attention_with_pattern(&bf16, &bf16, &bf16)
+            .unwrap()
+            .is_none());
+        assert!(weighted_values(&bf16, &bf16).unwrap().is_none());
+    }
+
+    #[test]
+    fn weighted_values_match_generic_product_for_any_pattern() {
+        // Weights above the diagonal in some rows only (an edited pattern), a strided view,
+        // grouped-query heads.
+        let (b, heads, kv_heads, t, d) = (2, 4, 2, 150, 12);
+        let pattern = Tensor::rand(0f32, 1., (b, heads, t, t), &Device::Cpu).unwrap();
+        let causal = pattern
+            .broadcast_mul(&causal_mask(t, &Device::Cpu).unwrap().exp().unwrap())
+            .unwrap();
+        let v = Tensor::randn(0f32, 1., (b, kv_heads, t, d), &Device::Cpu).unwrap();
+        let some_rows_full = Tensor::cat(
+            &[
+                causal.narrow(2, 0, 100).unwrap(),
+                pattern.narrow(2, 100, 50).unwrap(),
+            ],
+            2,
+        )
+        .unwrap();
+        let strided = pattern.transpose(2, 3).unwrap();
+        for weights in [causal, some_rows_full, pattern, strided] {
+            let fast = weighted_values(&weights, &v).unwrap().unwrap();
+            let reference = crate::model::layers::weighted_values_generic(&weights, &v).unwrap();
+            assert!(max_abs_diff(&fast, &reference) < 1e-4);
+        }
     }
 
     #[test]

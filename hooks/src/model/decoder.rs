@@ -3,7 +3,9 @@
 
 use candle_core::Tensor;
 
-use super::layers::{attention_pattern, causal_attention, weighted_values, CausalMask, Rotary};
+use super::layers::{
+    causal_attention, causal_attention_with_pattern, weighted_values, CausalMask, Rotary,
+};
 use crate::hooks::Tap;
 use crate::{HookPoint, Result, Unembedding};
 
@@ -17,7 +19,7 @@ pub(crate) struct AttentionInputs<'a> {
 
 /// The heads' outputs `[b, t, heads * d]` of block `i`'s causal attention over `q`, `k`,
 /// `v` (`[b, heads or kv_heads, t, d]`), visiting its attention pattern and heads' outputs.
-/// The pattern is formed only when a hook asks for it: otherwise a fused kernel runs.
+/// The pattern is formed only when a hook asks for it; a replaced pattern re-weighs the values.
 pub(crate) fn attend(
     i: usize,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
@@ -26,8 +28,13 @@ pub(crate) fn attend(
 ) -> Result<Tensor> {
     let pattern_point = HookPoint::AttentionPattern(i);
     let heads = if tap.touches(pattern_point) {
-        let pattern = attention_pattern(q, k, inputs.mask.get()?)?;
-        weighted_values(&tap.visit(pattern_point, pattern)?, v)?
+        let (heads, pattern) = causal_attention_with_pattern(q, k, v, &inputs.mask)?;
+        let seen = tap.visit(pattern_point, pattern.clone())?;
+        if seen.id() == pattern.id() {
+            heads
+        } else {
+            weighted_values(&seen, v)?
+        }
     } else {
         causal_attention(q, k, v, &inputs.mask)?
     };

@@ -291,6 +291,21 @@ pub(crate) fn causal_attention(
     causal_attention_generic(q, k, v, mask.get()?)
 }
 
+/// [`causal_attention`] and the attention weights `[b, heads, t, t]` it used, for a hook on
+/// the pattern. [`weighted_values`] of that pattern gives the same output bit for bit.
+pub(crate) fn causal_attention_with_pattern(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &CausalMask,
+) -> Result<(Tensor, Tensor)> {
+    if let Some(both) = super::cpu_kernels::causal_attention_with_pattern(q, k, v)? {
+        return Ok(both);
+    }
+    let pattern = attention_pattern(q, k, mask.get()?)?;
+    Ok((weighted_values_generic(&pattern, v)?, pattern))
+}
+
 /// [`causal_attention`] with candle's generic ops (any device and dtype).
 pub(crate) fn causal_attention_generic(
     q: &Tensor,
@@ -298,7 +313,7 @@ pub(crate) fn causal_attention_generic(
     v: &Tensor,
     mask: &Tensor,
 ) -> Result<Tensor> {
-    weighted_values(&attention_pattern(q, k, mask)?, v)
+    weighted_values_generic(&attention_pattern(q, k, mask)?, v)
 }
 
 /// The attention weights `[b, heads, t, t]` in `q`'s dtype: the causal softmax of the
@@ -334,6 +349,14 @@ pub(crate) fn attention_pattern(q: &Tensor, k: &Tensor, mask: &Tensor) -> Result
 /// The heads' outputs `[b, t, heads * d]`: attention weights `pattern: [b, heads, t, t]`
 /// applied to the values `v: [b, kv_heads, t, d]`.
 pub(crate) fn weighted_values(pattern: &Tensor, v: &Tensor) -> Result<Tensor> {
+    if let Some(out) = super::cpu_kernels::weighted_values(pattern, v)? {
+        return Ok(out);
+    }
+    weighted_values_generic(pattern, v)
+}
+
+/// [`weighted_values`] with candle's generic ops.
+pub(crate) fn weighted_values_generic(pattern: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (b, heads, t, _) = pattern.dims4()?;
     let d = v.dim(3)?;
     let v = repeat_kv(v, heads / v.dim(1)?)?;

@@ -34,35 +34,38 @@ fn uniform_causal_pattern(like: &Tensor) -> hooks::Result<Tensor> {
         .to_dtype(like.dtype())?)
 }
 
-/// Replacing each hook point's tensor with its own value leaves the logits bit-identical.
-/// A captured or replaced pattern runs its layer's attention unfused, so the patterns are
-/// replaced in passes that capture every pattern, as their reference pass does.
+/// Replacing each hook point's tensor with its own value leaves the logits bit-identical, and
+/// so does capturing every hook point: on the CPU the attention kernel that writes out a
+/// pattern gives the output of the one that does not, and re-weighs the values by a replaced
+/// pattern in the same order.
 pub fn assert_self_replacement_changes_no_bit(model: &Model, ids: &Tensor) {
-    let all = model.hook_points();
-    let (per_token, patterns): (Vec<_>, Vec<_>) = all.iter().partition(|p| p.is_per_token());
     let flat =
         |t: Option<Tensor>| -> Vec<f32> { t.unwrap().flatten_all().unwrap().to_vec1().unwrap() };
-    for (points, captured) in [(per_token, vec![]), (patterns.clone(), patterns)] {
-        let reference = model
-            .forward(ids, &mut Hooks::new().capture(points.clone()))
-            .unwrap();
-        let reference_logits = flat(reference.logits.clone());
-        for point in points {
-            let mut hooks = Hooks::new()
-                .capture(captured.clone())
-                .replace_with(point, reference.captures[&point].clone());
-            let logits = model.forward(ids, &mut hooks).unwrap().logits;
-            assert!(
-                flat(logits) == reference_logits,
-                "{}",
-                model.hook_name(point)
-            );
-        }
+    let [all, per_token] = all_then_per_token_points(model);
+    let reference = model
+        .forward(ids, &mut Hooks::new().capture(all.clone()))
+        .unwrap();
+    let reference_logits = flat(reference.logits.clone());
+    let plain = model
+        .forward(ids, &mut Hooks::new().capture(per_token))
+        .unwrap();
+    assert!(
+        flat(plain.logits) == reference_logits,
+        "capturing the patterns changed the logits"
+    );
+    for point in all {
+        let mut hooks = Hooks::new().replace_with(point, reference.captures[&point].clone());
+        let logits = model.forward(ids, &mut hooks).unwrap().logits;
+        assert!(
+            flat(logits) == reference_logits,
+            "{}",
+            model.hook_name(point)
+        );
     }
 }
 
-/// Every hook point, then every per-token one: a capture of the attention patterns runs
-/// attention unfused, so only the second set runs the default attention kernels.
+/// Every hook point, then every per-token one: a capture of the attention patterns runs the
+/// attention kernel that writes them out, so only the second set runs the default one.
 pub fn all_then_per_token_points(model: &Model) -> [Vec<HookPoint>; 2] {
     let all = model.hook_points();
     let per_token = all.iter().copied().filter(|p| p.is_per_token()).collect();

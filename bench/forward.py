@@ -10,6 +10,7 @@ Each implementation runs in its own child process so peak RSS is measured separa
 Needs a Python with torch + transformers + safetensors (not needed by CI).
 
     python bench/forward.py [--shape pythia-160m] [--batch 4] [--seq 512] [--threads 2] [--dtype float32]
+                            [--patterns] [--rounds 1]
 
 On a GPU (`--device cuda`; both sides synchronise before each timer stops) it also prints the
 model FLOP utilisation, MFU = (2 N + 2 L T d) tokens/s / peak, with N the parameters outside
@@ -147,6 +148,8 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's peak, for the MFU (GPU only)")
     p.add_argument("--prebuilt", help="a folder with our forward_bench binary (skips cargo build)")
     p.add_argument("--patterns", action="store_true", help="also capture every attention pattern")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run ours and theirs in turn this many times and report the medians (noisy machines)")
     p.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -160,10 +163,15 @@ def main():
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     common = ["--batch", str(args.batch), "--seq", str(args.seq), "--iters", str(args.iters), "--dtype", args.dtype,
               "--device", args.device] + (["--patterns"] if args.patterns else [])
-    # Each child reports its own peak RSS (VmHWM / ru_maxrss of itself).
-    ours_result = child([str(ours), str(model_dir)] + common, env)
-    peer_result = child([sys.executable, __file__, "--peer", "--model-dir", str(model_dir),
-                         "--threads", str(args.threads)] + common, env)
+    # Each child reports its own peak RSS (VmHWM / ru_maxrss of itself). Rounds alternate the
+    # two, so that a machine whose load drifts slows both alike.
+    rounds = [(child([str(ours), str(model_dir)] + common, env),
+               child([sys.executable, __file__, "--peer", "--model-dir", str(model_dir),
+                      "--threads", str(args.threads)] + common, env))
+              for _ in range(args.rounds)]
+    ratios = sorted(o["tokens_per_s"] / t["tokens_per_s"] for o, t in rounds)
+    ours_result, peer_result = (sorted((r[side] for r in rounds), key=lambda r: r["tokens_per_s"])[len(rounds) // 2]
+                                for side in (0, 1))
     weights = "real GGUF weights, dequantised" if args.shape == "smollm2" else "synthetic weights"
     where = args.device if args.device != "cpu" else f"{args.threads} threads"
     print(f"forward {args.shape} ({weights}), batch {args.batch} x {args.seq}, {args.dtype}, "
@@ -175,7 +183,11 @@ def main():
             memory = r.get("device_mem_used_mib") or r.get("device_mem_peak_mib") or 0
             line += f"  MFU {100 * mfu:.1f}%  device memory {memory:.0f} MiB"
         print(line)
-    print(f"  ratio ours/theirs (throughput): {ours_result['tokens_per_s'] / peer_result['tokens_per_s']:.2f}")
+    if len(rounds) == 1:
+        print(f"  ratio ours/theirs (throughput): {ratios[0]:.2f}")
+    else:
+        print(f"  ratio ours/theirs (throughput): {ratios[len(ratios) // 2]:.2f}, the median of {len(rounds)} "
+              f"alternating rounds ({', '.join(f'{r:.2f}' for r in ratios)}); throughputs above are medians too")
 
 
 if __name__ == "__main__":

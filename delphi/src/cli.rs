@@ -223,24 +223,9 @@ fn load_saes(model: &Model, args: &SaeArgs) -> Result<Vec<(String, HookPoint, Sa
         let dir = root.join(name);
         let sae = Sae::load(&dir, model.device())
             .with_context(|| format!("loading the SAE in {}", dir.display()))?;
-        let point = model.hook_point(name)?;
-        let point = match (sae.config().transcode, point) {
-            (true, HookPoint::Mlp(layer)) => HookPoint::MlpInput(layer),
-            (true, other) => bail!(
-                "{}: a transcoder must sit at an MLP (layers.N.mlp), not {other}",
-                dir.display()
-            ),
-            (false, point) => point,
-        };
-        let width = model.config().width(point)?;
-        if sae.d_in() != width {
-            bail!(
-                "the SAE in {} reads {}-wide activations, but this model's {} are {width} wide",
-                dir.display(),
-                sae.d_in(),
-                model.hook_name(point)
-            );
-        }
+        let point = sae
+            .input_point(model, model.hook_point(name)?)
+            .with_context(|| format!("the SAE in {}", dir.display()))?;
         saes.push((name.to_string(), point, sae));
     }
     if saes.is_empty() {

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::Tensor;
 
+use crate::hookpoint::AttentionName;
 use crate::{Error, HookPoint, Result};
 
 /// A replacement: given the tensor at a hook point, returns the tensor that flows on,
@@ -108,15 +109,18 @@ pub(crate) struct Tap<'h, 'a> {
     hooks: &'h mut Hooks<'a>,
     stop: Option<HookPoint>,
     captured: BTreeMap<HookPoint, Tensor>,
+    /// The model's spelling of hook point names, for errors.
+    spelling: AttentionName,
 }
 
 impl<'h, 'a> Tap<'h, 'a> {
-    pub(crate) fn new(hooks: &'h mut Hooks<'a>) -> Self {
+    pub(crate) fn new(hooks: &'h mut Hooks<'a>, spelling: AttentionName) -> Self {
         let stop = hooks.stop_point();
         Tap {
             hooks,
             stop,
             captured: BTreeMap::new(),
+            spelling,
         }
     }
 
@@ -124,7 +128,7 @@ impl<'h, 'a> Tap<'h, 'a> {
     pub(crate) fn visit(&mut self, point: HookPoint, x: Tensor) -> Result<Tensor> {
         let x = match self.hooks.replacements.get_mut(&point) {
             Some(replace) => match replace(&x)? {
-                Some(new) => conform(point, &x, new)?,
+                Some(new) => conform(&point.name(self.spelling), &x, new)?,
                 None => x,
             },
             None => x,
@@ -155,7 +159,7 @@ impl<'h, 'a> Tap<'h, 'a> {
 }
 
 /// Checks a replacement's shape and brings it to the original's dtype and device.
-fn conform(point: HookPoint, original: &Tensor, new: Tensor) -> Result<Tensor> {
+fn conform(point: &str, original: &Tensor, new: Tensor) -> Result<Tensor> {
     if new.dims() != original.dims() {
         return Err(Error::InvalidArgument(format!(
             "replacement at hook point '{point}' has shape {:?}, expected {:?}",

@@ -115,6 +115,21 @@ fn replacing_a_hook_with_its_own_value_is_bit_identical() {
 }
 
 #[test]
+fn a_misshapen_replacement_is_named_in_the_llama_spelling() {
+    let model = load("gqa_head_dim", DType::F32);
+    let wrong = Tensor::zeros((1, 1, 3), DType::F32, &Device::Cpu).unwrap();
+    let mut hooks = Hooks::new().replace_with(HookPoint::AttentionHeads(0), wrong);
+    let ids = Tensor::new(&[[1u32, 2]], &Device::Cpu).unwrap();
+    let err = model.forward(&ids, &mut hooks).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "replacement at hook point 'layers.0.self_attn.o_proj.input' has shape [1, 1, 3]"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
 fn stopping_early_gives_the_same_captures_without_logits() {
     let model = load("mha_untied", DType::F32);
     let ids = &expected("mha_untied")["input_ids"];

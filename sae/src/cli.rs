@@ -797,27 +797,19 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
             Sae::load(&dir, model.device()).with_context(|| format!("loading {}", dir.display()))
         })
         .collect::<Result<Vec<_>>>()?;
-    for ((sae, point), width) in saes.iter().zip(&points).zip(model_widths(&model, &points)?) {
-        if sae.d_in() != width {
-            bail!(
-                "the SAE for {} in {} reads {}-wide activations, but this model's {} are {width} wide",
-                model.hook_name(*point),
-                sae_dir(&args.sae, &model, *point).display(),
-                sae.d_in(),
-                model.hook_name(*point)
-            );
-        }
-    }
-    // A transcoder's input point (the MLP input of its `layers.N.mlp`).
+    // Each SAE's input point, checked against the model; a transcoder's differs from its own.
     let inputs: Vec<Option<HookPoint>> = saes
         .iter()
         .zip(&points)
         .map(|(sae, &point)| -> Result<Option<HookPoint>> {
-            Ok(if sae.config().transcode {
-                Some(crate::train::transcoder_input(point)?)
-            } else {
-                None
-            })
+            let input = sae.input_point(&model, point).with_context(|| {
+                format!(
+                    "the SAE for {} in {}",
+                    model.hook_name(point),
+                    sae_dir(&args.sae, &model, point).display()
+                )
+            })?;
+            Ok((input != point).then_some(input))
         })
         .collect::<Result<_>>()?;
     let skip = args.skip_first_positions;

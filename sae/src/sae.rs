@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use hooks::HookPoint;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -233,6 +234,33 @@ impl Sae {
     /// Input width `d`.
     pub fn d_in(&self) -> usize {
         self.config.d_in
+    }
+
+    /// The hook point this SAE encodes when it sits at `point` of `model`: `point` itself, or
+    /// for a transcoder at `layers.N.mlp` that MLP's input. An error, naming the hook point
+    /// in the model's spelling, when a transcoder sits elsewhere or when the model's
+    /// activations there are not `d_in` wide (an SAE trained on another model).
+    pub fn input_point(&self, model: &hooks::Model, point: HookPoint) -> Result<HookPoint> {
+        let input = match (self.config.transcode, point) {
+            (true, HookPoint::Mlp(layer)) => HookPoint::MlpInput(layer),
+            (true, other) => {
+                return Err(Error::Sae(format!(
+                    "a transcoder maps an MLP's input to its output, so it must sit at an MLP \
+                     (layers.N.mlp), not at {}",
+                    model.hook_name(other)
+                )))
+            }
+            (false, point) => point,
+        };
+        let width = model.config().width(input)?;
+        if self.d_in() != width {
+            return Err(Error::Sae(format!(
+                "the SAE reads {}-wide activations, but this model's {} are {width} wide",
+                self.d_in(),
+                model.hook_name(input)
+            )));
+        }
+        Ok(input)
     }
 
     /// Number of latents `n`.
@@ -740,6 +768,54 @@ pub(crate) fn check_finite(x: &Tensor, what: &str) -> Result<()> {
 mod tests {
     use super::*;
     use crate::uniform;
+
+    #[test]
+    fn input_point_is_checked_against_the_model() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let load = |dir: &str| {
+            hooks::Model::from_folder(&fixtures.join(dir), &hooks::LoadOptions::default()).unwrap()
+        };
+        let sae = |d_in: usize, transcode: bool| {
+            let config = SaeConfig {
+                transcode,
+                ..SaeConfig::new(d_in, 64, 4)
+            };
+            Sae::new(config, 0, &Device::Cpu).unwrap()
+        };
+        let neox = load("gpt_neox/pythia_style"); // hidden 64
+        let err = |sae: Sae, model: &hooks::Model, point| {
+            sae.input_point(model, point).unwrap_err().to_string()
+        };
+        assert_eq!(
+            sae(64, false)
+                .input_point(&neox, HookPoint::Layer(0))
+                .unwrap(),
+            HookPoint::Layer(0)
+        );
+        assert_eq!(
+            sae(64, true).input_point(&neox, HookPoint::Mlp(1)).unwrap(),
+            HookPoint::MlpInput(1)
+        );
+        let message = err(sae(32, false), &neox, HookPoint::Layer(0));
+        assert!(
+            message.contains("reads 32-wide activations, but this model's layers.0 are 64 wide"),
+            "{message}"
+        );
+        let message = err(sae(64, false), &neox, HookPoint::AttentionPattern(0));
+        assert!(message.contains("attention pattern"), "{message}");
+        // Names in the model's own spelling.
+        let llama = load("llama/gqa_head_dim");
+        let message = err(sae(64, true), &llama, HookPoint::Attention(1));
+        assert!(
+            message.contains("must sit at an MLP (layers.N.mlp), not at layers.1.self_attn"),
+            "{message}"
+        );
+        let message = err(sae(32, false), &llama, HookPoint::AttentionHeads(0));
+        assert!(
+            message.contains("this model's layers.0.self_attn.o_proj.input are 64 wide"),
+            "{message}"
+        );
+    }
 
     #[test]
     fn config_defaults_and_unknown_fields() {

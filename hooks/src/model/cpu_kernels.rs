@@ -229,7 +229,12 @@ mod tests {
     #[test]
     fn blocked_attention_matches_generic_path() {
         // Several blocks with a ragged last one, grouped-query heads, odd head size.
-        for (t, heads, kv_heads, d) in [(150, 6, 2, 20), (64, 4, 4, 8), (1, 2, 1, 4), (700, 2, 1, 64)] {
+        for (t, heads, kv_heads, d) in [
+            (150, 6, 2, 20),
+            (64, 4, 4, 8),
+            (1, 2, 1, 4),
+            (700, 2, 1, 64),
+        ] {
             let q = Tensor::randn(0f32, 1., (2, heads, t, d), &Device::Cpu).unwrap();
             let k = Tensor::randn(0f32, 1., (2, kv_heads, t, d), &Device::Cpu).unwrap();
             let v = Tensor::randn(0f32, 1., (2, kv_heads, t, d), &Device::Cpu).unwrap();

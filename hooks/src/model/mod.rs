@@ -388,7 +388,7 @@ impl Model {
                 });
             }
         }
-        let mut tap = Tap::new(hooks);
+        let mut tap = Tap::new(hooks, self.config.attention_name());
         let logits = match &self.network {
             Network::GptNeox(net) => net.forward(&ids, &mut tap)?,
             Network::Llama(net) => net.forward(&ids, &mut tap)?,

@@ -1,7 +1,8 @@
-//! CPU fast paths for the two forward-pass steps where candle's generic ops leave most of
-//! the machine idle: causal attention (blocked, skipping the masked half, one head per
-//! thread; it can also write out its attention weights, and re-weigh the values by a
-//! replaced pattern) and the erf GELU (parallel). Each returns `None` when it does not apply
+//! CPU fast paths for the forward-pass steps where candle's generic ops leave most of the
+//! machine idle or take extra passes: a linear layer whose product accumulates onto its bias,
+//! causal attention (blocked, skipping the masked half, one head per thread; it can also write
+//! out its attention weights, and re-weigh the values by a replaced pattern) and the erf GELU
+//! (parallel). Each returns `None` when it does not apply
 //! (not f32, not on the CPU), and the caller then uses the generic candle path.
 
 use candle_core::{Device, Tensor};
@@ -199,6 +200,53 @@ unsafe fn weigh_values(
     );
 }
 
+/// `x W^T + b` in f32: `x: [rows, in]`, `w: [out, in]`, `b: [out]`. The product accumulates
+/// onto rows that start as the bias, so the sum takes no second pass over a second buffer.
+pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let (rows, inner) = x.dims2()?;
+    let outer = w.dim(0)?;
+    let operands: Vec<&Tensor> = [x, w].into_iter().chain(b).collect();
+    with_f32_slices(&operands, |s| {
+        let (x, w) = (s[0], s[1]);
+        // Fresh zeroed pages, first touched by the threads that fill in the bias.
+        let mut out = vec![0f32; rows * outer];
+        if let Some(bias) = s.get(2) {
+            out.par_chunks_mut(outer)
+                .for_each(|row| row.copy_from_slice(bias));
+        }
+        let threads = rayon::current_num_threads();
+        // SAFETY: the pointers and strides describe `out`, `x` and `w` as given above.
+        unsafe {
+            gemm::gemm(
+                rows,
+                outer,
+                inner,
+                out.as_mut_ptr(),
+                1,
+                outer as isize,
+                b.is_some(),
+                x.as_ptr(),
+                1,
+                inner as isize,
+                w.as_ptr(),
+                inner as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                if threads > 1 {
+                    gemm::Parallelism::Rayon(threads)
+                } else {
+                    gemm::Parallelism::None
+                },
+            );
+        }
+        Ok(Tensor::from_vec(out, (rows, outer), &Device::Cpu)?)
+    })
+}
+
 /// `x * (1 + erf(x / sqrt 2)) / 2` elementwise, with candle's own erf, in parallel.
 pub(crate) fn gelu_erf(x: &Tensor) -> Result<Option<Tensor>> {
     with_f32_slices(&[x], |s| {
@@ -287,6 +335,33 @@ mod tests {
             let reference = crate::model::layers::weighted_values_generic(&weights, &v).unwrap();
             assert!(max_abs_diff(&fast, &reference) < 1e-4);
         }
+    }
+
+    #[test]
+    fn linear_matches_product_plus_bias() {
+        // One row, a ragged width, a transposed (strided) input; with and without a bias.
+        for (rows, inner, outer) in [(1, 7, 5), (130, 48, 97), (64, 256, 300)] {
+            let x = Tensor::randn(0f32, 1., (inner, rows), &Device::Cpu)
+                .unwrap()
+                .t()
+                .unwrap();
+            let w = Tensor::randn(0f32, 1., (outer, inner), &Device::Cpu).unwrap();
+            let b = Tensor::randn(0f32, 1., outer, &Device::Cpu).unwrap();
+            let product = x.matmul(&w.t().unwrap()).unwrap();
+            let plain = linear(&x, &w, None).unwrap().unwrap();
+            assert!(
+                max_abs_diff(&plain, &product) < 1e-4,
+                "{rows} x {inner} x {outer}"
+            );
+            let biased = linear(&x, &w, Some(&b)).unwrap().unwrap();
+            let reference = product.broadcast_add(&b).unwrap();
+            assert!(
+                max_abs_diff(&biased, &reference) < 1e-4,
+                "{rows} x {inner} x {outer}"
+            );
+        }
+        let bf16 = Tensor::zeros((2, 2), candle_core::DType::BF16, &Device::Cpu).unwrap();
+        assert!(linear(&bf16, &bf16, None).unwrap().is_none());
     }
 
     #[test]

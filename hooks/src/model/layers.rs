@@ -59,7 +59,17 @@ pub(crate) struct Linear(candle_nn::Linear);
 impl Linear {
     /// Applies the layer to `[..., in]`, as one matrix product over all leading dimensions.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.add_bias(self.product(x)?)
+        let dims = x.dims();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let flat = x.reshape((rows, dims[dims.len() - 1]))?;
+        match super::cpu_kernels::linear(&flat, self.0.weight(), self.0.bias())? {
+            Some(out) => {
+                let mut shape = dims.to_vec();
+                *shape.last_mut().unwrap() = out.dim(1)?;
+                Ok(out.reshape(shape)?)
+            }
+            None => self.add_bias(self.product(x)?),
+        }
     }
 
     /// `x W^T` without the bias, for a fused kernel that adds it ([`Linear::add_bias`] when

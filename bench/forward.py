@@ -153,6 +153,8 @@ def main():
     p.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if args.peer:
         return run_peer(args)
 

@@ -14,8 +14,9 @@ pub enum HookPoint {
     Embed,
     /// The attention weights of layer `i`, `[batch, heads, query, key]`: each query's
     /// softmax over the keys up to its own position (TransformerLens's `hook_pattern`).
-    /// Replacing it re-weights the values. It exists only when a hook asks for it, since
-    /// the fused attention kernels never form it.
+    /// Replacing it re-weights the values. It is kept only when a hook asks for it: the
+    /// CPU kernel then writes it out, and the GPU's bf16 flash attention, which never forms
+    /// it, gives way to the unfused path.
     AttentionPattern(usize),
     /// The attention heads' outputs of layer `i`, concatenated head by head: the input of
     /// the attention's output projection, `heads * head_dim` wide (TransformerLens's

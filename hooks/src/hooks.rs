@@ -128,7 +128,7 @@ impl<'h, 'a> Tap<'h, 'a> {
     pub(crate) fn visit(&mut self, point: HookPoint, x: Tensor) -> Result<Tensor> {
         let x = match self.hooks.replacements.get_mut(&point) {
             Some(replace) => match replace(&x)? {
-                Some(new) => conform(&point.name(self.spelling), &x, new)?,
+                Some(new) => conform((point, self.spelling), &x, new)?,
                 None => x,
             },
             None => x,
@@ -145,6 +145,11 @@ impl<'h, 'a> Tap<'h, 'a> {
         self.hooks.replacements.contains_key(&point) || self.hooks.captures.contains(&point)
     }
 
+    /// True when a hook replaces `point` (its tensor may change, even in place).
+    pub(crate) fn replaces(&self, point: HookPoint) -> bool {
+        self.hooks.replacements.contains_key(&point)
+    }
+
     /// True when nothing after `point` is needed, so the pass can stop.
     pub(crate) fn done_after(&self, point: HookPoint) -> bool {
         self.stop.is_some_and(|stop| stop <= point)
@@ -159,10 +164,15 @@ impl<'h, 'a> Tap<'h, 'a> {
 }
 
 /// Checks a replacement's shape and brings it to the original's dtype and device.
-fn conform(point: &str, original: &Tensor, new: Tensor) -> Result<Tensor> {
+fn conform(
+    (point, spelling): (HookPoint, AttentionName),
+    original: &Tensor,
+    new: Tensor,
+) -> Result<Tensor> {
     if new.dims() != original.dims() {
         return Err(Error::InvalidArgument(format!(
-            "replacement at hook point '{point}' has shape {:?}, expected {:?}",
+            "replacement at hook point '{}' has shape {:?}, expected {:?}",
+            point.name(spelling),
             new.dims(),
             original.dims()
         )));

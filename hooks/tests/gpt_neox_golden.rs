@@ -80,6 +80,14 @@ fn replacing_a_hook_with_its_own_value_is_bit_identical() {
     let ids: Vec<u32> = (0..2 * 300).map(|i| (i * 37 + 11) % 128).collect();
     let ids = Tensor::from_vec(ids, (2, 300), &Device::Cpu).unwrap();
     common::assert_self_replacement_changes_no_bit(&model, &ids);
+    // A replacement that leaves the pattern as it is changes nothing either.
+    let plain = model.logits(&ids).unwrap().flatten_all().unwrap();
+    let mut hooks = Hooks::new().replace(HookPoint::AttentionPattern(1), |_| Ok(None));
+    let logits = model.forward(&ids, &mut hooks).unwrap().logits.unwrap();
+    assert_eq!(
+        plain.to_vec1::<f32>().unwrap(),
+        logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
 }
 
 #[test]

@@ -719,8 +719,8 @@ impl PyModel {
     ///
     /// ``hookpoints`` is a name or list of names; ``None`` (default) captures every hook
     /// point except the attention patterns, which must be named (``[heads, seq, seq]`` for
-    /// 1-D ids, ``[batch, heads, seq, seq]`` for 2-D ids, per layer; on a GPU or in half
-    /// precision a layer whose pattern is captured runs its attention unfused). Keys are the
+    /// 1-D ids, ``[batch, heads, seq, seq]`` for 2-D ids, per layer; on a GPU in bfloat16 a
+    /// layer whose pattern is captured runs its attention unfused). Keys are the
     /// names as given: ``run_with_cache(ids, ["blocks.0.hook_resid_post"])``
     /// returns the key ``"blocks.0.hook_resid_post"``; a pattern with ``*`` (``"layers.*"``)
     /// expands to canonical names (``"layers.0"``, ``"layers.1"``, ...).

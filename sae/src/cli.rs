@@ -443,8 +443,8 @@ fn train_command(mut args: TrainArgs) -> Result<()> {
     // Each transcoder's input point (checked here, so a bad point fails before any work).
     let mut streamed = points.clone();
     if args.transcode {
-        for &point in &points {
-            let input = crate::train::transcoder_input(point)?;
+        for (&point, name) in points.iter().zip(&names) {
+            let input = crate::train::transcoder_input(point, name)?;
             if let Some(cache) = &cache {
                 if !cache.hook_points().contains(&input) {
                     bail!(

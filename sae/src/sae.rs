@@ -241,16 +241,10 @@ impl Sae {
     /// in the model's spelling, when a transcoder sits elsewhere or when the model's
     /// activations there are not `d_in` wide (an SAE trained on another model).
     pub fn input_point(&self, model: &hooks::Model, point: HookPoint) -> Result<HookPoint> {
-        let input = match (self.config.transcode, point) {
-            (true, HookPoint::Mlp(layer)) => HookPoint::MlpInput(layer),
-            (true, other) => {
-                return Err(Error::Sae(format!(
-                    "a transcoder maps an MLP's input to its output, so it must sit at an MLP \
-                     (layers.N.mlp), not at {}",
-                    model.hook_name(other)
-                )))
-            }
-            (false, point) => point,
+        let input = if self.config.transcode {
+            crate::train::transcoder_input(point, &model.hook_name(point))?
+        } else {
+            point
         };
         let width = model.config().width(input)?;
         if self.d_in() != width {
@@ -807,7 +801,7 @@ mod tests {
         let llama = load("llama/gqa_head_dim");
         let message = err(sae(64, true), &llama, HookPoint::Attention(1));
         assert!(
-            message.contains("must sit at an MLP (layers.N.mlp), not at layers.1.self_attn"),
+            message.contains("must sit at an MLP (layers.N.mlp), not at 'layers.1.self_attn'"),
             "{message}"
         );
         let message = err(sae(32, false), &llama, HookPoint::AttentionHeads(0));

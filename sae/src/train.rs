@@ -990,13 +990,15 @@ struct State {
     source: String,
 }
 
-/// The hook point a transcoder trained at `target` reads its input from: the MLP's input
-/// for `layers.N.mlp` (the only module whose input the hook runtime exposes).
-pub fn transcoder_input(target: HookPoint) -> Result<HookPoint> {
+/// The hook point a transcoder at `target` reads its input from: the MLP's input for
+/// `layers.N.mlp` (the only module whose input the hook runtime exposes). The error names
+/// `target` as `name` (the model's spelling of it).
+pub fn transcoder_input(target: HookPoint, name: &str) -> Result<HookPoint> {
     match target {
         HookPoint::Mlp(i) => Ok(HookPoint::MlpInput(i)),
-        other => Err(Error::Training(format!(
-            "a transcoder maps a module's input to its output: give an MLP hook point (layers.N.mlp), not '{other}'"
+        _ => Err(Error::Sae(format!(
+            "a transcoder maps an MLP's input to its output, so it must sit at an MLP \
+             (layers.N.mlp), not at '{name}'"
         ))),
     }
 }
@@ -1071,7 +1073,7 @@ pub fn train_many(
         .zip(points)
         .map(|(sae, &point)| {
             if sae.config().transcode {
-                transcoder_input(point)
+                transcoder_input(point, &point.to_string())
             } else {
                 Ok(point)
             }
@@ -1790,12 +1792,15 @@ mod tests {
         config.transcode = true;
         let sae = Sae::new(config, 0, &Device::Cpu).unwrap();
         assert!(Trainer::new(&sae, options.clone()).is_ok());
-        let message = transcoder_input(HookPoint::Attention(2))
+        let message = transcoder_input(HookPoint::Attention(2), "layers.2.self_attn")
             .unwrap_err()
             .to_string();
-        assert!(message.contains("layers.N.mlp"), "{message}");
+        assert!(
+            message.contains("(layers.N.mlp), not at 'layers.2.self_attn'"),
+            "{message}"
+        );
         assert_eq!(
-            transcoder_input(HookPoint::Mlp(2)).unwrap(),
+            transcoder_input(HookPoint::Mlp(2), "layers.2.mlp").unwrap(),
             HookPoint::MlpInput(2)
         );
         let sae = Sae::new(SaeConfig::new(6, 10, 3), 0, &Device::Cpu).unwrap();

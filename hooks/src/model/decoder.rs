@@ -29,11 +29,15 @@ pub(crate) fn attend(
     let pattern_point = HookPoint::AttentionPattern(i);
     let heads = if tap.touches(pattern_point) {
         let (heads, pattern) = causal_attention_with_pattern(q, k, v, &inputs.mask)?;
-        let seen = tap.visit(pattern_point, pattern.clone())?;
-        if seen.id() == pattern.id() {
-            heads
+        if tap.replaces(pattern_point) {
+            // The replacement may return a new pattern or edit this one in place; either
+            // way the values are weighed again, by what flows on (the kernel's own pattern
+            // gives its output bit for bit). The kernel's is dropped if replaced.
+            drop(heads);
+            weighted_values(&tap.visit(pattern_point, pattern)?, v)?
         } else {
-            weighted_values(&seen, v)?
+            tap.visit(pattern_point, pattern)?;
+            heads
         }
     } else {
         causal_attention(q, k, v, &inputs.mask)?

@@ -59,32 +59,24 @@ pub(crate) struct Linear(candle_nn::Linear);
 impl Linear {
     /// Applies the layer to `[..., in]`, as one matrix product over all leading dimensions.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let flat = x.reshape((rows, dims[dims.len() - 1]))?;
-        match super::cpu_kernels::linear(&flat, self.0.weight(), self.0.bias())? {
-            Some(out) => {
-                let mut shape = dims.to_vec();
-                *shape.last_mut().unwrap() = out.dim(1)?;
-                Ok(out.reshape(shape)?)
+        if crate::cpu::is_cpu_f32(x) && x.rank() >= 2 {
+            let (weight, bias) = (self.0.weight(), self.0.bias());
+            if let Some(out) = over_rows(x, |rows| super::cpu_kernels::linear(rows, weight, bias))?
+            {
+                return Ok(out);
             }
-            None => self.add_bias(self.product(x)?),
         }
+        self.add_bias(self.product(x)?)
     }
 
     /// `x W^T` without the bias, for a fused kernel that adds it ([`Linear::add_bias`] when
     /// none applies).
     pub fn product(&self, x: &Tensor) -> Result<Tensor> {
         let weight = self.0.weight().t()?;
-        let dims = x.dims();
-        if dims.len() <= 2 {
+        if x.rank() <= 2 {
             return Ok(x.matmul(&weight)?);
         }
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let out = x.reshape((rows, dims[dims.len() - 1]))?.matmul(&weight)?;
-        let mut shape = dims.to_vec();
-        *shape.last_mut().unwrap() = out.dim(1)?;
-        Ok(out.reshape(shape)?)
+        Ok(over_rows(x, |rows| Ok(Some(rows.matmul(&weight)?)))?.expect("always made"))
     }
 
     /// The bias, if the layer has one.
@@ -100,6 +92,22 @@ impl Linear {
             None => product,
         })
     }
+}
+
+/// `f` applied to `x: [..., in]` seen as the rows `[n, in]`, its `[n, out]` result given back
+/// the leading dimensions of `x` (`None` when `f` gives none). `x` has rank 2 or more.
+fn over_rows(
+    x: &Tensor,
+    f: impl FnOnce(&Tensor) -> Result<Option<Tensor>>,
+) -> Result<Option<Tensor>> {
+    let dims = x.dims();
+    let (leading, inner) = dims.split_at(dims.len() - 1);
+    let Some(out) = f(&x.reshape((leading.iter().product::<usize>(), inner[0]))?)? else {
+        return Ok(None);
+    };
+    let mut shape = dims.to_vec();
+    *shape.last_mut().unwrap() = out.dim(1)?;
+    Ok(Some(out.reshape(shape)?))
 }
 
 /// The exact (erf) GELU, on a parallel CPU path for f32.
@@ -301,8 +309,9 @@ pub(crate) fn causal_attention(
     causal_attention_generic(q, k, v, mask.get()?)
 }
 
-/// [`causal_attention`] and the attention weights `[b, heads, t, t]` it used, for a hook on
-/// the pattern. [`weighted_values`] of that pattern gives the same output bit for bit.
+/// The attention output and weights `[b, heads, t, t]`, for a hook on the pattern: on the
+/// CPU in f32 the kernel's (its output is [`causal_attention`]'s), elsewhere the generic
+/// path's. Either way, [`weighted_values`] of that pattern gives the same output bit for bit.
 pub(crate) fn causal_attention_with_pattern(
     q: &Tensor,
     k: &Tensor,

@@ -43,6 +43,55 @@ pub fn with_f32_slices<R>(
     f(&slices).map(Some)
 }
 
+/// `out[m, n] = x[m, d] @ w[n, d]^T` over row-major f32 slices (`out +=` with `accumulate`):
+/// activations times a weight stored `[out, in]`, with `gemm` on all of rayon's threads when
+/// `parallel`, else on this one. The lengths must agree (`x` and `w` whole rows of `d`).
+pub fn product_with_transposed(
+    out: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    d: usize,
+    accumulate: bool,
+    parallel: bool,
+) {
+    assert!(
+        d > 0 && x.len().is_multiple_of(d) && w.len().is_multiple_of(d),
+        "rows of {d} floats"
+    );
+    let (m, n) = (x.len() / d, w.len() / d);
+    assert_eq!(out.len(), m * n, "the output holds {m} x {n} floats");
+    let threads = rayon::current_num_threads();
+    // SAFETY: `out` holds m x n floats, `x` m x d and `w` n x d (checked above), all
+    // contiguous row-major; the strides below stay inside them.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            d,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            x.as_ptr(),
+            1,
+            d as isize,
+            w.as_ptr(),
+            d as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            if parallel && threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            },
+        );
+    }
+}
+
 /// The base of an output that parallel tasks write at disjoint places.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedOut<T>(pub(crate) *mut T);

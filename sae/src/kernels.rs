@@ -17,7 +17,7 @@
 use std::cell::RefCell;
 
 use candle_core::{DType, Device, Tensor};
-use hooks::cpu::{is_cpu_f32, with_f32_slices, with_f32_slices_mut};
+use hooks::cpu::{is_cpu_f32, product_with_transposed, with_f32_slices, with_f32_slices_mut};
 use rayon::prelude::*;
 
 use crate::Result;
@@ -387,31 +387,7 @@ fn encode_select_block(
     PRE_BLOCK.with(|pre| {
         let mut pre = pre.borrow_mut();
         pre.resize(m * n, 0.0);
-        // SAFETY: `pre` holds m x n floats, `x` m x d and `w_enc` n x d, all
-        // contiguous row-major; the strides below stay inside them.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                d,
-                pre.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                d as isize,
-                w_enc.as_ptr(),
-                d as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        product_with_transposed(&mut pre, x, w_enc, d, false, false);
         for row in pre.chunks_mut(n) {
             row_picks.reset();
             for (v, b) in row.iter_mut().zip(b_enc) {

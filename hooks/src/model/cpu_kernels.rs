@@ -2,13 +2,13 @@
 //! machine idle or take extra passes: a linear layer whose product accumulates onto its bias,
 //! causal attention (blocked, skipping the masked half, one head per thread; it can also write
 //! out its attention weights, and re-weigh the values by a replaced pattern) and the erf GELU
-//! (parallel). Each returns `None` when it does not apply
-//! (not f32, not on the CPU), and the caller then uses the generic candle path.
+//! (parallel). Each returns `None` when it does not apply (not f32, not on the CPU), and the
+//! caller then uses the generic candle path.
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{with_f32_slices, SharedOut};
+use crate::cpu::{product_with_transposed, with_f32_slices, SharedOut};
 use crate::Result;
 
 /// Query rows processed together: the score block (`BLOCK x seq`) stays in cache.
@@ -217,34 +217,8 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Optio
             out.par_chunks_mut(outer)
                 .for_each(|row| row.copy_from_slice(bias));
         }
-        let threads = rayon::current_num_threads();
-        // SAFETY: the pointers and strides describe `out`, `x` and `w` as given above.
-        unsafe {
-            gemm::gemm(
-                rows,
-                outer,
-                inner,
-                out.as_mut_ptr(),
-                1,
-                outer as isize,
-                b.is_some(),
-                x.as_ptr(),
-                1,
-                inner as isize,
-                w.as_ptr(),
-                inner as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                if threads > 1 {
-                    gemm::Parallelism::Rayon(threads)
-                } else {
-                    gemm::Parallelism::None
-                },
-            );
+        if inner > 0 {
+            product_with_transposed(&mut out, x, w, inner, b.is_some(), true);
         }
         Ok(Tensor::from_vec(out, (rows, outer), &Device::Cpu)?)
     })
@@ -266,9 +240,9 @@ pub(crate) fn gelu_erf(x: &Tensor) -> Result<Option<Tensor>> {
     })
 }
 
-/// erf(x) within 1.5e-7 plus f32 rounding: Abramowitz and Stegun's formula 7.1.26 (as PyTorch's CPU GELU has it),
-/// in plain arithmetic that the compiler vectorises, where libm's `erff` is a call per element
-/// (it took a tenth of a Pythia forward pass).
+/// erf(x) within 1.5e-7 plus f32 rounding: Abramowitz and Stegun's formula 7.1.26 (as
+/// PyTorch's CPU GELU has it), in plain arithmetic that the compiler vectorises, where libm's
+/// `erff` is a call per element (it took a tenth of a Pythia forward pass).
 #[inline(always)]
 fn erf(x: f32) -> f32 {
     let a = x.abs();
@@ -279,9 +253,9 @@ fn erf(x: f32) -> f32 {
     (1.0 - poly * exp_of_negative(a * a)).copysign(x)
 }
 
-/// `e^-z` for `z >= 0` within 2 ulp (NaN gives `e^-87`; [`erf`] is NaN for it anyway): `2^n e^r` with `|r| <= ln 2 / 2`, `e^r` by
-/// its Taylor series to degree 7, `2^n` from the exponent bits. Below `e^-87` it gives `e^-87`,
-/// which [`erf`] cannot tell from zero.
+/// `e^-z` for `z >= 0` within 2 ulp, as `2^n e^r` with `|r| <= ln 2 / 2`: `e^r` by its Taylor
+/// series to degree 7, `2^n` from the exponent bits. Below `e^-87` (and for NaN) it gives
+/// `e^-87`, which [`erf`] cannot tell from zero (and [`erf`] of NaN is NaN anyway).
 #[inline(always)]
 fn exp_of_negative(z: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer

@@ -92,6 +92,26 @@ pub fn product_with_transposed(
     }
 }
 
+/// Runs `work` compiled for AVX-512 where this CPU has it, for element-wise loops: they then
+/// take 16 floats per instruction where the crate's baseline x86-64 target takes 4. `work` must
+/// be a closure marked `#[inline(always)]`, so that its body is compiled into the AVX-512
+/// function. Elsewhere, `work()`.
+#[inline(always)]
+pub(crate) fn with_wide_vectors<R>(work: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: this CPU has AVX-512F, checked just above.
+        return unsafe { avx512(work) };
+    }
+    work()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn avx512<R>(work: impl FnOnce() -> R) -> R {
+    work()
+}
+
 /// The base of an output that parallel tasks write at disjoint places.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedOut<T>(pub(crate) *mut T);

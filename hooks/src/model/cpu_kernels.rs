@@ -8,7 +8,7 @@
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{product_with_transposed, with_f32_slices, SharedOut};
+use crate::cpu::{product_with_transposed, with_f32_slices, with_wide_vectors, SharedOut};
 use crate::Result;
 
 /// Query rows processed together: the score block (`BLOCK x seq`) stays in cache.
@@ -81,28 +81,24 @@ fn blocked_attention(
                         gemm::Parallelism::None,
                     );
                 }
-                for i in 0..m {
-                    let row = &mut scores[i * n..(i + 1) * n];
-                    let visible = r0 + i + 1;
-                    let max = row[..visible]
-                        .iter()
-                        .fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-                    let mut sum = 0f32;
-                    for x in &mut row[..visible] {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                    let inv = 1.0 / sum;
-                    row[..visible].iter_mut().for_each(|x| *x *= inv);
-                    row[visible..].iter_mut().for_each(|x| *x = 0.0);
-                    if keep_pattern {
-                        // SAFETY: row r0 + i of head bh, written by this task only.
-                        unsafe {
-                            let dst = pattern_base.at((bh * t + r0 + i) * t);
-                            std::ptr::copy_nonoverlapping(row.as_ptr(), dst, n);
+                with_wide_vectors(
+                    #[inline(always)]
+                    || {
+                        for i in 0..m {
+                            let row = &mut scores[i * n..(i + 1) * n];
+                            let visible = r0 + i + 1;
+                            softmax_in_place(&mut row[..visible]);
+                            row[visible..].iter_mut().for_each(|x| *x = 0.0);
+                            if keep_pattern {
+                                // SAFETY: row r0 + i of head bh, written by this task only.
+                                unsafe {
+                                    let dst = pattern_base.at((bh * t + r0 + i) * t);
+                                    std::ptr::copy_nonoverlapping(row.as_ptr(), dst, n);
+                                }
+                            }
                         }
-                    }
-                }
+                    },
+                );
                 // SAFETY: rows r0..r1 of head bh, written by this task only.
                 unsafe {
                     weigh_values(
@@ -232,9 +228,14 @@ pub(crate) fn gelu_erf(x: &Tensor) -> Result<Option<Tensor>> {
         out.par_chunks_mut(1 << 14)
             .zip(s[0].par_chunks(1 << 14))
             .for_each(|(o, i)| {
-                for (o, &v) in o.iter_mut().zip(i) {
-                    *o = (erf(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v;
-                }
+                with_wide_vectors(
+                    #[inline(always)]
+                    || {
+                        for (o, &v) in o.iter_mut().zip(i) {
+                            *o = (erf(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v;
+                        }
+                    },
+                )
             });
         Ok(Tensor::from_vec(out, x.shape(), &Device::Cpu)?)
     })
@@ -253,14 +254,46 @@ fn erf(x: f32) -> f32 {
     (1.0 - poly * exp_of_negative(a * a)).copysign(x)
 }
 
+/// The softmax of `row`, in place. The maximum, the exponentials and their sum are taken in
+/// independent lanes that the compiler vectorises (a single running sum or maximum cannot be
+/// reordered, and libm's `expf` is a call per element). A NaN in the row makes every weight NaN.
+#[inline(always)]
+fn softmax_in_place(row: &mut [f32]) {
+    const LANES: usize = 16;
+    let larger = |a: f32, x: f32| if x > a { x } else { a }; // ignores NaN, like f32::max
+    let mut maxima = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (m, &x) in maxima.iter_mut().zip(chunk) {
+            *m = larger(*m, x);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&maxima)
+        .fold(f32::NEG_INFINITY, |a, &x| larger(a, x));
+    row.iter_mut().for_each(|x| *x = exp_of_negative(max - *x));
+    let mut sums = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (s, &x) in sums.iter_mut().zip(chunk) {
+            *s += x;
+        }
+    }
+    let inv = 1.0 / (sums.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>());
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
 /// `e^-z` for `z >= 0` within 2 ulp, as `2^n e^r` with `|r| <= ln 2 / 2`: `e^r` by its Taylor
-/// series to degree 7, `2^n` from the exponent bits. Below `e^-87` (and for NaN) it gives
-/// `e^-87`, which [`erf`] cannot tell from zero (and [`erf`] of NaN is NaN anyway).
+/// series to degree 7, `2^n` from the exponent bits. Below `e^-87` it gives `e^-87`, which
+/// neither [`erf`] nor a softmax weight can tell from zero; NaN stays NaN.
 #[inline(always)]
 fn exp_of_negative(z: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer
-    let y = (-z).max(-87.0);
-    let n = (y * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let y = if z > 87.0 { -87.0 } else { -z }; // a comparison, so that NaN passes through
+    let shifted = y * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
     // ln 2 in two parts, so that n * LN2_HIGH is exact.
     let r = y - n * 0.693_145_75 - n * 1.428_606_8e-6;
     let series = 1.0
@@ -268,7 +301,10 @@ fn exp_of_negative(z: f32) -> f32 {
             + r * (0.5
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    series * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    // n is in the low bits of `shifted` (integer arithmetic, where `n as i32` would be a
+    // saturating conversion that does not vectorise).
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    series * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 #[cfg(test)]
@@ -341,6 +377,35 @@ mod tests {
             let reference = crate::model::layers::weighted_values_generic(&weights, &v).unwrap();
             assert!(max_abs_diff(&fast, &reference) < 1e-4);
         }
+    }
+
+    #[test]
+    fn softmax_matches_f64_and_propagates_nan() {
+        // Lengths around the lane width; scores spread wide enough that some underflow.
+        for len in [1, 15, 16, 17, 33, 300] {
+            for spread in [1f32, 30.0, 200.0] {
+                let scores: Vec<f32> = (0..len)
+                    .map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * spread)
+                    .collect();
+                let mut row = scores.clone();
+                softmax_in_place(&mut row);
+                // Exact from the f32 differences the kernel exponentiates.
+                let max = scores.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                let weight = |x: f32| (-((max - x) as f64)).exp();
+                let sum: f64 = scores.iter().map(|&x| weight(x)).sum();
+                for (&x, &y) in scores.iter().zip(&row) {
+                    let exact = weight(x) / sum;
+                    assert!(
+                        (y as f64 - exact).abs() < 1e-6 * exact.max(1e-30) + 1e-37,
+                        "len {len} spread {spread}: {y} vs {exact}"
+                    );
+                }
+            }
+        }
+        let mut row = vec![0.5f32; 20];
+        row[17] = f32::NAN;
+        softmax_in_place(&mut row);
+        assert!(row.iter().all(|x| x.is_nan()));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use super::layers::HeadColumns;
 use crate::cpu::{product_with_transposed, with_f32_slices, with_wide_vectors, SharedOut};
 use crate::Result;
 
@@ -197,6 +198,63 @@ unsafe fn weigh_values(
         false,
         gemm::Parallelism::None,
     );
+}
+
+/// The heads `[b, heads, t, head_dim]` of `x: [b, t, width]` at `columns`, the first
+/// `rotary_dims` of each rotated by the tables `cos`, `sin` (`[t or more, rotary_dims / 2]`)
+/// with the arithmetic of candle's `rope`, so the result is its result bit for bit.
+pub(crate) fn heads(
+    x: &Tensor,
+    columns: HeadColumns,
+    rotary_dims: usize,
+    (cos, sin): (&Tensor, &Tensor),
+) -> Result<Option<Tensor>> {
+    let (b, t, width) = x.dims3()?;
+    let HeadColumns {
+        heads,
+        head_dim: d,
+        spacing,
+        offset,
+    } = columns;
+    let half = rotary_dims / 2;
+    let tables_fit = |table: &Tensor| {
+        table
+            .dims2()
+            .is_ok_and(|(rows, cols)| rows >= t && cols == half)
+    };
+    let fits = width == heads * spacing
+        && offset + d <= spacing
+        && rotary_dims <= d
+        && rotary_dims % 2 == 0
+        && (rotary_dims == 0 || (tables_fit(cos) && tables_fit(sin)));
+    if !fits || t == 0 || d == 0 {
+        return Ok(None); // the generic path reports what does not fit
+    }
+    let operands: Vec<&Tensor> = if rotary_dims == 0 {
+        vec![x]
+    } else {
+        vec![x, cos, sin]
+    };
+    with_f32_slices(&operands, |s| {
+        let (x, cos, sin) = (s[0], s.get(1), s.get(2));
+        let mut out = vec![0f32; b * heads * t * d];
+        out.par_chunks_mut(t * d).enumerate().for_each(|(bh, out)| {
+            let (batch, head) = (bh / heads, bh % heads);
+            for (pos, dst) in out.chunks_exact_mut(d).enumerate() {
+                let src = &x[(batch * t + pos) * width + head * spacing + offset..][..d];
+                if let (Some(cos), Some(sin)) = (cos, sin) {
+                    let (cos, sin) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
+                    for i in 0..half {
+                        let (x1, x2) = (src[i], src[i + half]);
+                        dst[i] = x1 * cos[i] - x2 * sin[i];
+                        dst[i + half] = x1 * sin[i] + x2 * cos[i];
+                    }
+                }
+                dst[rotary_dims..].copy_from_slice(&src[rotary_dims..]);
+            }
+        });
+        Ok(Tensor::from_vec(out, (b, heads, t, d), &Device::Cpu)?)
+    })
 }
 
 /// `x W^T + b` in f32: `x: [rows, in]`, `w: [out, in]`, `b: [out]`. The product accumulates
@@ -406,6 +464,54 @@ mod tests {
         row[17] = f32::NAN;
         softmax_in_place(&mut row);
         assert!(row.iter().all(|x| x.is_nan()));
+    }
+
+    #[test]
+    fn heads_are_the_generic_ones_bit_for_bit() {
+        // GPT-NeoX's interleaved q/k/v with a partial rotation, Llama's full rotation, values
+        // (no rotation), and tables longer than the sequence.
+        use crate::model::layers::Rotary;
+        let (b, t, heads, d) = (2, 37, 3, 20);
+        let x = Tensor::randn(0f32, 1., (b, t, heads * 3 * d), &Device::Cpu).unwrap();
+        for (rotary_dims, spacing, offset, rotate) in [
+            (6, 3 * d, 0, true),
+            (6, 3 * d, d, true),
+            (6, 3 * d, 2 * d, false),
+            (d, d, 0, true),
+            (d, 3 * d, d, true),
+        ] {
+            let rotary = Rotary::new(rotary_dims, 10_000.0);
+            let tables = rotary.tables(t + 5, candle_core::DType::F32, &Device::Cpu);
+            let (cos, sin) = tables.unwrap();
+            let x = x.narrow(2, 0, heads * spacing).unwrap();
+            let columns = HeadColumns {
+                heads,
+                head_dim: d,
+                spacing,
+                offset,
+            };
+            let fast = rotary.heads(&x, columns, rotate, (&cos, &sin)).unwrap();
+            let reference = rotary
+                .heads_generic(&x, columns, rotate, (&cos, &sin))
+                .unwrap();
+            assert_eq!(fast.dims(), &[b, heads, t, d]);
+            assert_eq!(
+                max_abs_diff(&fast, &reference),
+                0.0,
+                "{rotary_dims} dims at {offset} of {spacing}"
+            );
+        }
+        let bf16 = Tensor::zeros((1, 2, 4), candle_core::DType::BF16, &Device::Cpu).unwrap();
+        let columns = HeadColumns {
+            heads: 1,
+            head_dim: 4,
+            spacing: 4,
+            offset: 0,
+        };
+        let no_tables = Tensor::zeros((2, 0), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(super::heads(&bf16, columns, 0, (&no_tables, &no_tables))
+            .unwrap()
+            .is_none());
     }
 
     #[test]

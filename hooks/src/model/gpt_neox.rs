@@ -4,7 +4,7 @@
 use candle_core::{Tensor, D};
 
 use super::decoder::{self, AttentionInputs, Decoder};
-use super::layers::{gelu_erf, LayerNorm, Linear, Loader, Rotary};
+use super::layers::{gelu_erf, HeadColumns, LayerNorm, Linear, Loader, Rotary};
 #[cfg(feature = "cuda")]
 use super::neox_kernels;
 use crate::config::GptNeoxConfig;
@@ -212,18 +212,17 @@ pub(crate) fn split_heads(
     qkv: &Tensor,
     heads: usize,
     rotary: &Rotary,
-    (cos, sin): (&Tensor, &Tensor),
+    tables: (&Tensor, &Tensor),
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (b, t, width) = qkv.dims3()?;
-    let hd = width / (3 * heads);
-    let qkv = qkv.reshape((b, t, heads, 3 * hd))?;
-    let split = |part: usize| -> Result<Tensor> {
-        Ok(qkv
-            .narrow(D::Minus1, part * hd, hd)?
-            .transpose(1, 2)?
-            .contiguous()?)
+    let head_dim = qkv.dim(D::Minus1)? / (3 * heads);
+    let part = |index: usize, rotate: bool| {
+        let columns = HeadColumns {
+            heads,
+            head_dim,
+            spacing: 3 * head_dim,
+            offset: index * head_dim,
+        };
+        rotary.heads(qkv, columns, rotate, tables)
     };
-    let q = rotary.apply(&split(0)?, cos, sin)?;
-    let k = rotary.apply(&split(1)?, cos, sin)?;
-    Ok((q, k, split(2)?))
+    Ok((part(0, true)?, part(1, true)?, part(2, false)?))
 }

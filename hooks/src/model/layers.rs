@@ -180,6 +180,17 @@ pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> 
         .broadcast_mul(weight)?)
 }
 
+/// Where the heads of a projection lie in the last dimension of its output: head `h` is the
+/// `head_dim` columns from `h * spacing + offset` (GPT-NeoX interleaves each head's q, k and
+/// v, so its spacing is `3 * head_dim`; Llama's separate projections have `head_dim`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct HeadColumns {
+    pub heads: usize,
+    pub head_dim: usize,
+    pub spacing: usize,
+    pub offset: usize,
+}
+
 /// Rotary position embedding (non-interleaved, "NeoX" style: the rotated half-pairs are
 /// `x[..r/2]` and `x[r/2..r]`), applied to the first `dims` dimensions of each head.
 pub(crate) struct Rotary {
@@ -238,8 +249,47 @@ impl Rotary {
         ))
     }
 
+    /// The heads `[b, heads, t, head_dim]` of a projection's output `x: [b, t, width]` at
+    /// `columns`, rotated when `rotate` (queries and keys; values are not). For f32 on a CPU
+    /// this is one pass over `x`, where the generic path copies the heads out, rotates a copy
+    /// of their first `dims` and joins the rest back on.
+    pub fn heads(
+        &self,
+        x: &Tensor,
+        columns: HeadColumns,
+        rotate: bool,
+        (cos, sin): (&Tensor, &Tensor),
+    ) -> Result<Tensor> {
+        let rotated = if rotate { self.dims } else { 0 };
+        match super::cpu_kernels::heads(x, columns, rotated, (cos, sin))? {
+            Some(heads) => Ok(heads),
+            None => self.heads_generic(x, columns, rotate, (cos, sin)),
+        }
+    }
+
+    /// [`Rotary::heads`] in generic tensor ops.
+    pub fn heads_generic(
+        &self,
+        x: &Tensor,
+        columns: HeadColumns,
+        rotate: bool,
+        (cos, sin): (&Tensor, &Tensor),
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let heads = x
+            .reshape((b, t, columns.heads, columns.spacing))?
+            .narrow(D::Minus1, columns.offset, columns.head_dim)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        if rotate {
+            self.apply(&heads, cos, sin)
+        } else {
+            Ok(heads)
+        }
+    }
+
     /// Rotates the first `dims` dimensions of `x: [batch, heads, seq, head_dim]`.
-    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         if self.dims == 0 {
             return Ok(x.clone());
         }

@@ -6,7 +6,7 @@
 use candle_core::Tensor;
 
 use super::decoder::{self, AttentionInputs, Decoder};
-use super::layers::{Linear, Loader, RmsNorm, Rotary};
+use super::layers::{HeadColumns, Linear, Loader, RmsNorm, Rotary};
 use crate::config::LlamaConfig;
 use crate::hooks::Tap;
 use crate::{HookPoint, Result, Unembedding};
@@ -128,22 +128,21 @@ impl Block {
         inputs: &AttentionInputs,
         tap: &mut Tap,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
-            Ok(proj
-                .forward(x)?
-                .reshape((b, t, n, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
+        let heads = |proj: &Linear, heads: usize, rotate: bool| {
+            let columns = HeadColumns {
+                heads,
+                head_dim: self.head_dim,
+                spacing: self.head_dim,
+                offset: 0,
+            };
+            let tables = (&inputs.cos, &inputs.sin);
+            inputs
+                .rotary
+                .heads(&proj.forward(x)?, columns, rotate, tables)
         };
-        let (cos, sin) = (&inputs.cos, &inputs.sin);
-        let q = inputs
-            .rotary
-            .apply(&heads(&self.q_proj, self.num_heads)?, cos, sin)?;
-        let k = inputs
-            .rotary
-            .apply(&heads(&self.k_proj, self.num_kv_heads)?, cos, sin)?;
-        let v = heads(&self.v_proj, self.num_kv_heads)?;
+        let q = heads(&self.q_proj, self.num_heads, true)?;
+        let k = heads(&self.k_proj, self.num_kv_heads, true)?;
+        let v = heads(&self.v_proj, self.num_kv_heads, false)?;
         self.o_proj
             .forward(&decoder::attend(i, (&q, &k, &v), inputs, tap)?)
     }

@@ -225,7 +225,7 @@ pub(crate) fn heads(
     let fits = width == heads * spacing
         && offset + d <= spacing
         && rotary_dims <= d
-        && rotary_dims % 2 == 0
+        && rotary_dims.is_multiple_of(2)
         && (rotary_dims == 0 || (tables_fit(cos) && tables_fit(sin)));
     if !fits || t == 0 || d == 0 {
         return Ok(None); // the generic path reports what does not fit

@@ -73,6 +73,20 @@ pub fn check_source(saved: &str, now: &str) -> std::result::Result<(), String> {
     ))
 }
 
+/// Refuses to resume a job whose data fingerprint (of the tokens it had read, as
+/// [`crate::data::ChunkStream::fingerprint_after`] gives it) is not this run's over the same
+/// stretch: the data files changed, or others were given. The error says so, for the caller
+/// to prefix with the job's file and suffix with what to do. Unknown fingerprints (a job from
+/// before they were recorded, a source that cannot tell) are not checked.
+pub fn check_data(saved: Option<&str>, now: Option<&str>) -> std::result::Result<(), String> {
+    match (saved, now) {
+        (Some(saved), Some(now)) if saved != now => Err(format!(
+            "was made from other data: the tokens it read have fingerprint {saved}, the same stretch of this run's data {now} (the data files changed, or others were given)"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The fields in which `saved` (a checkpoint's settings) and `now` (this run's) differ, as
 /// `name: saved -> now` (nested fields dotted), for an error that says what to change. Both
 /// must serialise to JSON objects; anything else is compared whole.

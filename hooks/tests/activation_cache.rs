@@ -386,6 +386,15 @@ fn a_stop_request_writes_what_was_computed_and_the_job_resumes() {
         1,
         "the two batches were saved"
     );
+    // The data file changed under the job (one word early on): refused, and nothing lost.
+    let data = &spec.paths[0];
+    let original = std::fs::read_to_string(data).unwrap();
+    std::fs::write(data, original.replacen(" the ", " a ", 1)).unwrap();
+    let err = write_cache(&model, &spec, &out, 1 << 30)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("made from other data"), "{err}");
+    std::fs::write(data, original).unwrap();
     let resumed = write_cache(&model, &spec, &out, 1 << 30).unwrap();
     assert_eq!(resumed.resumed_chunks, 6);
     let fresh = write_cache(&model, &spec, &tmp.path().join("fresh"), 1 << 30).unwrap();

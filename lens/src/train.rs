@@ -243,6 +243,9 @@ struct State {
     /// What the run read ([`ActivationSource::describe`]); absent from older checkpoints.
     #[serde(default)]
     source: String,
+    /// The data behind the tokens consumed ([`ActivationSource::data_fingerprint`]).
+    #[serde(default)]
+    data_fingerprint: Option<String>,
 }
 
 /// The hook points a training source must provide: every lens input and the final residual.
@@ -351,6 +354,12 @@ pub fn train(
             state.tokens_consumed
         );
         rows.skip(state.tokens_consumed)?;
+        let now = rows.source.data_fingerprint(state.tokens_consumed);
+        hooks::checkpoint::check_data(state.data_fingerprint.as_deref(), now.as_deref())
+            .map_err(|m| Error::Training(format!(
+                "checkpoint {}: {m}; use the original data, another output folder, or delete the checkpoint",
+                path.display()
+            )))?;
         history = state.history;
     }
 
@@ -484,6 +493,7 @@ fn save_checkpoint(
         tokens_consumed: rows.consumed,
         history: history.to_vec(),
         source: rows.source.describe(),
+        data_fingerprint: rows.source.data_fingerprint(rows.consumed),
     };
     Ok(hooks::checkpoint::save(path, tensors, &state)?)
 }
@@ -495,7 +505,12 @@ fn load_checkpoint(
     options: &TrainOptions,
     source: &str,
 ) -> Result<State> {
-    let bad = |m: String| Error::Training(format!("checkpoint {}: {m}", path.display()));
+    let bad = |m: String| {
+        Error::Training(format!(
+                "checkpoint {}: {m}; use the original data, another output folder, or delete the checkpoint",
+                path.display()
+            ))
+    };
     let device = lens.parameters()[0].device().clone();
     let (state, tensors): (State, _) = hooks::checkpoint::load(path, &device)?;
     // How often checkpoints are written does not change the result: it may differ.

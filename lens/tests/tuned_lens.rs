@@ -489,6 +489,42 @@ fn training_beats_the_logit_lens_and_is_deterministic_and_resumable() {
     assert_eq!(first_step, Some(7));
     assert!(flat(&resumed) == flat(&lens));
 
+    // Nor over other data: the same text with one word changed early on.
+    let text = std::fs::read_to_string(repo().join("data/wikitext-2-raw-test.txt")).unwrap();
+    let other_text = tmp.path().join("other.txt");
+    std::fs::write(&other_text, text.replacen(" the ", " a ", 1)).unwrap();
+    let spec = DataSpec::new(vec![other_text], SEQ);
+    let chunks = spec.chunks(Some(model.tokenizer().unwrap())).unwrap();
+    let points = required_hook_points(model.config().num_layers());
+    let mut other_data =
+        ModelActivations::new(&model, chunks, points, 4, DType::F32, None).unwrap();
+    let ckpt_at_5 = tmp.path().join("ckpt-other-data");
+    std::fs::create_dir_all(&ckpt_at_5).unwrap();
+    let stop_at_5 = |r: &lens::train::StepRecord| match r.step {
+        5 => Err(lens::Error::Training("stop requested".into())),
+        _ => Ok(()),
+    };
+    let five_steps = train(
+        &mut untrained.clone(),
+        &u,
+        &mut stream(&model, None),
+        &options(),
+        Some(&ckpt_at_5),
+        stop_at_5,
+    );
+    assert_eq!(five_steps.unwrap_err().to_string(), "stop requested");
+    let err = train(
+        &mut untrained.clone(),
+        &u,
+        &mut other_data,
+        &options(),
+        Some(&ckpt_at_5),
+        |_| Ok(()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("was made from other data"), "{err}");
+
     // A checkpoint is not resumed over another model's activations.
     let other_dir = tmp.path().join("other");
     std::fs::create_dir_all(&other_dir).unwrap();

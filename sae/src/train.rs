@@ -988,6 +988,9 @@ struct State {
     /// What the run read ([`ActivationSource::describe`]); absent from older checkpoints.
     #[serde(default)]
     source: String,
+    /// The data behind the tokens consumed ([`ActivationSource::data_fingerprint`]).
+    #[serde(default)]
+    data_fingerprint: Option<String>,
 }
 
 /// The hook point a transcoder at `target` reads its input from: the MLP's input for
@@ -1127,6 +1130,7 @@ pub fn train_many(
         }
         if found > 0 {
             let mut consumed = None;
+            let mut fingerprints = Vec::new();
             for (i, path) in paths.iter().enumerate() {
                 let source = rows.source.describe();
                 let state = load_checkpoint(path, &mut saes[i], &mut trainers[i], &source)?;
@@ -1138,10 +1142,21 @@ pub fn train_many(
                 }
                 consumed = Some(state.tokens_consumed);
                 histories[i] = state.history;
+                fingerprints.push((path, state.data_fingerprint));
             }
             // A finished run reads nothing more.
             if trainers[0].steps_done() < options.steps {
-                rows.skip(consumed.unwrap_or(0))?;
+                let consumed = consumed.unwrap_or(0);
+                rows.skip(consumed)?;
+                let now = rows.source.data_fingerprint(consumed);
+                for (path, saved) in fingerprints {
+                    hooks::checkpoint::check_data(saved.as_deref(), now.as_deref()).map_err(
+                        |m| Error::Training(format!(
+                "checkpoint {}: {m}; use the original data, another output folder, or delete the checkpoint",
+                path.display()
+            )),
+                    )?;
+                }
             }
             rows.consumed = consumed.unwrap_or(0);
         }
@@ -1244,6 +1259,7 @@ fn save_checkpoint(
         tokens_consumed: rows.consumed,
         history: history.to_vec(),
         source: rows.source.describe(),
+        data_fingerprint: rows.source.data_fingerprint(rows.consumed),
     };
     Ok(hooks::checkpoint::save(path, tensors, &state)?)
 }
@@ -1254,7 +1270,12 @@ fn load_checkpoint(
     trainer: &mut Trainer,
     source: &str,
 ) -> Result<State> {
-    let bad = |m: String| Error::Training(format!("checkpoint {}: {m}", path.display()));
+    let bad = |m: String| {
+        Error::Training(format!(
+                "checkpoint {}: {m}; use the original data, another output folder, or delete the checkpoint",
+                path.display()
+            ))
+    };
     let (state, tensors): (State, _) =
         hooks::checkpoint::load(path, &sae.w_enc().device().clone())?;
     hooks::checkpoint::check_source(&state.source, source).map_err(bad)?;

@@ -189,6 +189,12 @@ fn train_resume_and_eval_on_a_tiny_model() {
     let message = format!("{:#}", call(train_args(&out2, &short)).unwrap_err());
     assert!(message.contains("ran out during step"), "{message}");
     assert!(!out2.join(points[0]).join("sae.safetensors").exists());
+    // Resuming over changed data (one word early on) is refused.
+    let changed = tmp.path().join("changed.txt");
+    let original = std::fs::read_to_string(&text).unwrap();
+    std::fs::write(&changed, original.replacen(" the ", " a ", 1)).unwrap();
+    let message = format!("{:#}", call(train_args(&out2, &changed)).unwrap_err());
+    assert!(message.contains("was made from other data"), "{message}");
     call(train_args(&out2, &text)).unwrap();
     for (p, sae) in points.iter().zip(&trained) {
         let resumed = Sae::load(&out2.join(p), &Device::Cpu).unwrap();

@@ -84,6 +84,10 @@ struct Progress {
     shards: Vec<ShardInfo>,
     chunks: u64,
     text_bytes: u64,
+    /// The data behind the shards done ([`crate::data::ChunkStream::fingerprint_after`]);
+    /// absent from caches begun before it was recorded.
+    #[serde(default)]
+    data_fingerprint: Option<String>,
 }
 
 /// Options for writing a cache.
@@ -248,6 +252,7 @@ impl ActivationCache {
                 shards: Vec::new(),
                 chunks: 0,
                 text_bytes: 0,
+                data_fingerprint: None,
             }
         };
         let resumed_chunks = progress.chunks;
@@ -259,6 +264,12 @@ impl ActivationCache {
                     format!("progress.json records {resumed_chunks} chunks done but the dataset now has only {skipped}"),
                 ));
             }
+            let now = source.chunks().fingerprint_after(resumed_chunks);
+            crate::checkpoint::check_data(progress.data_fingerprint.as_deref(), now.as_deref())
+                .map_err(|m| {
+                    let advice = "use the original data, another folder, or pass --overwrite";
+                    cache_error(dir, format!("holds an unfinished cache that {m}; {advice}"))
+                })?;
             tracing::info!(
                 "resuming after {resumed_chunks} chunks in {} shards",
                 progress.shards.len()
@@ -279,9 +290,11 @@ impl ActivationCache {
         let mut pending_bytes = 0usize;
         let mut new_tokens = 0u64;
         let mut bytes_written = 0u64;
+        // `data_read`: the fingerprint of every chunk read so far (no batch is read ahead).
         let mut flush = |pending: &mut Vec<ActivationBatch>,
                          progress: &mut Progress,
-                         text_bytes: u64|
+                         text_bytes: u64,
+                         data_read: Option<String>|
          -> Result<()> {
             if pending.is_empty() {
                 return Ok(());
@@ -309,6 +322,7 @@ impl ActivationCache {
             bytes_written += shard_bytes as u64;
             progress.chunks += rows as u64 / seq_len;
             progress.text_bytes = text_bytes;
+            progress.data_fingerprint = data_read;
             progress.shards.push(ShardInfo {
                 file,
                 tokens: rows as u64,
@@ -324,7 +338,8 @@ impl ActivationCache {
             let stop = after_batch(resumed_chunks * seq_len + new_tokens).err();
             if pending_bytes >= options.max_shard_bytes || stop.is_some() {
                 let text_bytes = resumed_bytes + source.chunks().text_bytes() - skipped_bytes;
-                flush(&mut pending, &mut progress, text_bytes)?;
+                let data_read = source.chunks().fingerprint();
+                flush(&mut pending, &mut progress, text_bytes, data_read)?;
                 pending_bytes = 0;
             }
             if let Some(error) = stop {
@@ -333,7 +348,8 @@ impl ActivationCache {
             }
         }
         let text_bytes = resumed_bytes + source.chunks().text_bytes() - skipped_bytes;
-        flush(&mut pending, &mut progress, text_bytes)?;
+        let data_read = source.chunks().fingerprint();
+        flush(&mut pending, &mut progress, text_bytes, data_read)?;
         bar.finish_and_clear();
 
         if progress.chunks == 0 {

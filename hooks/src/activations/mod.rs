@@ -114,6 +114,15 @@ pub trait ActivationSource {
     fn describe(&self) -> String {
         String::new()
     }
+
+    /// A fingerprint of the data behind the first `rows` rows produced, where the source can
+    /// tell (the token ids of the whole chunks they came from), stored in training
+    /// checkpoints and compared on resume, so that a run whose data changed is refused rather
+    /// than mixing two datasets. `None` (the default) when unknown: nothing is checked then.
+    fn data_fingerprint(&self, rows: u64) -> Option<String> {
+        let _ = rows;
+        None
+    }
 }
 
 /// The rows to keep of `rows` rows that are whole sequences of `seq_len` tokens, one after
@@ -187,6 +196,11 @@ impl<'m> ModelActivations<'m> {
         Ok(skipped)
     }
 
+    /// Rows each chunk gives: its positions less those skipped.
+    fn rows_per_chunk(&self) -> u64 {
+        (self.chunks.seq_len() - self.skip_positions) as u64
+    }
+
     /// The dataset stream (for token and byte counts).
     pub fn chunks(&self) -> &ChunkStream {
         &self.chunks
@@ -216,8 +230,14 @@ impl ActivationSource for ModelActivations<'_> {
     }
 
     fn skip_tokens(&mut self, tokens: u64) -> Result<u64> {
-        let rows_per_chunk = (self.chunks.seq_len() - self.skip_positions) as u64;
+        let rows_per_chunk = self.rows_per_chunk();
         Ok(self.skip_chunks(tokens / rows_per_chunk)? * rows_per_chunk)
+    }
+
+    /// The fingerprint of the whole chunks the first `rows` rows span, which a resumed run
+    /// has read again once it has skipped them.
+    fn data_fingerprint(&self, rows: u64) -> Option<String> {
+        self.chunks.fingerprint_after(rows / self.rows_per_chunk())
     }
 
     fn skip_first_positions(&mut self, positions: usize) -> Result<()> {

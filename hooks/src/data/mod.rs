@@ -149,6 +149,7 @@ impl DataSpec {
             tokens_read: 0,
             text_bytes: 0,
             chunks_emitted: 0,
+            fingerprints: VecDeque::new(),
         })
     }
 }
@@ -168,6 +169,14 @@ enum Source {
 /// Documents tokenized per refill; bounds memory and lets the tokenizer use threads.
 const DOCUMENTS_PER_BATCH: usize = 256;
 
+/// How many of the latest chunk boundaries [`ChunkStream::fingerprint_after`] can tell: more
+/// than any trainer reads ahead of the rows it has used.
+const FINGERPRINTS_KEPT: usize = 1 << 16;
+
+/// FNV-1a's 64-bit offset basis and prime, over token ids.
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
 /// An iterator of `seq_len`-token chunks over a dataset.
 pub struct ChunkStream {
     spec: DataSpec,
@@ -178,6 +187,8 @@ pub struct ChunkStream {
     tokens_read: u64,
     text_bytes: u64,
     chunks_emitted: u64,
+    /// The fingerprint of the tokens of all chunks so far, after each of the latest chunks.
+    fingerprints: VecDeque<u64>,
 }
 
 impl ChunkStream {
@@ -204,6 +215,30 @@ impl ChunkStream {
     /// Chunks returned so far.
     pub fn chunks_emitted(&self) -> u64 {
         self.chunks_emitted
+    }
+
+    /// A fingerprint (64-bit FNV-1a) of the token ids of the first `chunks` chunks, which a
+    /// resumed job compares with the one it saved, to refuse data that changed under it;
+    /// `None` when the stream has not reached that chunk or has moved too far past it.
+    pub fn fingerprint_after(&self, chunks: u64) -> Option<String> {
+        let fingerprint = if chunks == 0 {
+            FNV_OFFSET
+        } else {
+            let back = self.chunks_emitted.checked_sub(chunks)?;
+            let kept = self.fingerprints.len() as u64;
+            *self
+                .fingerprints
+                .get(kept.checked_sub(back + 1)? as usize)?
+        };
+        Some(format!(
+            "{fingerprint:016x} (FNV-1a of the first {chunks} chunks of {} tokens)",
+            self.spec.seq_len
+        ))
+    }
+
+    /// [`ChunkStream::fingerprint_after`] every chunk returned so far.
+    pub fn fingerprint(&self) -> Option<String> {
+        self.fingerprint_after(self.chunks_emitted)
     }
 
     /// Skips `n` chunks (to resume a job where it stopped).
@@ -240,6 +275,14 @@ impl ChunkStream {
         }
         let rest = self.buffer.split_off(seq_len);
         let chunk = std::mem::replace(&mut self.buffer, rest);
+        let before = self.fingerprints.back().copied().unwrap_or(FNV_OFFSET);
+        let after = chunk
+            .iter()
+            .fold(before, |h, &id| (h ^ id as u64).wrapping_mul(FNV_PRIME));
+        if self.fingerprints.len() == FINGERPRINTS_KEPT {
+            self.fingerprints.pop_front();
+        }
+        self.fingerprints.push_back(after);
         self.chunks_emitted += 1;
         Ok(Some(chunk))
     }
@@ -485,6 +528,41 @@ mod tests {
             tok.encode("Hello world\n\n  \nThe cat sat on the mat.\nA third line here\n")
                 .unwrap()[..whole.len() * 4 - 1]
         );
+    }
+
+    #[test]
+    fn fingerprints_tell_the_data_apart_at_any_recent_chunk() {
+        let tok = tokenizer();
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.txt"), dir.path().join("b.txt"));
+        std::fs::write(
+            &a,
+            "The cat sat on the mat.\nA dog ran in the park today.\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &b,
+            "The cat sat on the mat.\nA dog ran in the yard today.\n",
+        )
+        .unwrap();
+        let stream = |path: &Path, chunks: u64| {
+            let mut stream = DataSpec::new(vec![path.into()], 4)
+                .chunks(Some(&tok))
+                .unwrap();
+            stream.skip_chunks(chunks).unwrap();
+            stream
+        };
+        let (first, second) = (stream(&a, 4), stream(&b, 4));
+        // Equal over the shared beginning, different once the texts differ; the same value
+        // whether asked right after a chunk or later on.
+        assert_eq!(first.fingerprint_after(0), second.fingerprint_after(0));
+        assert_eq!(first.fingerprint_after(1), second.fingerprint_after(1));
+        assert_ne!(first.fingerprint_after(4), second.fingerprint_after(4));
+        assert_eq!(
+            first.fingerprint_after(2),
+            stream(&a, 2).fingerprint_after(2)
+        );
+        assert_eq!(first.fingerprint_after(5), None, "not reached yet");
     }
 
     /// Windows line ends read as Unix ones (Python's universal newlines, as the reference

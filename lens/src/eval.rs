@@ -157,6 +157,11 @@ pub fn evaluate(
     max_tokens: u64,
     chunk_tokens: usize,
 ) -> Result<EvalReport> {
+    if chunk_tokens == 0 || seq_len == 0 {
+        return Err(Error::Options(format!(
+            "the chunk size (--chunk-tokens) and sequence length must be positive, got {chunk_tokens} and {seq_len}"
+        )));
+    }
     let unembedding = unembedding.to_dtype(DType::F32)?;
     let final_point = HookPoint::Layer(num_layers - 1);
     let mut logit = vec![Sums::default(); num_layers + 1];

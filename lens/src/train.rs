@@ -338,6 +338,7 @@ pub fn train(
     let unembedding = unembedding.to_dtype(DType::F32)?;
     let mut decoder = Decoder::new(&unembedding, options.decode_dtype, options.chunk_tokens)?;
     tracing::info!("decoding lenses in {}", decoder.dtype_name());
+    hooks::activations::check_rows_suffice(source, options.steps, options.tokens_per_step)?;
     let mut optimizer = options.optimizers()?;
     let mut history = Vec::new();
     let mut rows = Rows {
@@ -513,9 +514,11 @@ fn load_checkpoint(
     };
     let device = lens.parameters()[0].device().clone();
     let (state, tensors): (State, _) = hooks::checkpoint::load(path, &device)?;
-    // How often checkpoints are written does not change the result: it may differ.
+    // How often checkpoints are written, and the tokens taken at once (a memory bound: only
+    // the order in which a step's sums are taken changes), may differ.
     let saved = TrainOptions {
         checkpoint_every: options.checkpoint_every,
+        chunk_tokens: options.chunk_tokens,
         ..state.options.clone()
     };
     if saved != *options {

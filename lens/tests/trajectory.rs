@@ -548,8 +548,16 @@ fn evaluating_a_model_with_non_finite_outputs_is_an_error() {
     let mut source = data
         .open(&model, hooks::activations::ReadOrder::Sequential, Some(64))
         .unwrap();
-    let err = lens::eval::evaluate(None, &model.unembedding(), 2, source.as_mut(), 32, 64, 64)
-        .unwrap_err()
-        .to_string();
+    let evaluate = |source: &mut dyn hooks::activations::ActivationSource, chunk_tokens| {
+        lens::eval::evaluate(None, &model.unembedding(), 2, source, 32, 64, chunk_tokens)
+            .unwrap_err()
+            .to_string()
+    };
+    let err = evaluate(source.as_mut(), 0);
+    assert!(
+        err.contains("(--chunk-tokens) and sequence length must be positive, got 0"),
+        "{err}"
+    );
+    let err = evaluate(source.as_mut(), 64);
     assert!(err.contains("outputs are not finite"), "{err}");
 }

@@ -546,6 +546,8 @@ fn train_command(mut args: TrainArgs) -> Result<()> {
     for (name, dir) in names.iter().zip(&checkpoints) {
         let trained = args.output.join(name).join("cfg.json");
         hooks::checkpoint::check_output_free(&trained, &crate::train::checkpoint_path(dir))?;
+        // Made now, so that an output that cannot be written fails before the first step.
+        std::fs::create_dir_all(dir).map_err(|e| hooks::Error::io(dir, e))?;
     }
     let bar = hooks::progress::bar(true, Some(steps), "steps");
     let started = std::time::Instant::now();

@@ -1104,6 +1104,7 @@ pub fn train_many(
         .map(|sae| Trainer::new(sae, options.clone()))
         .collect::<Result<Vec<_>>>()?;
     source.skip_first_positions(options.skip_first_positions)?;
+    hooks::activations::check_rows_suffice(source, options.steps, options.tokens_per_step)?;
     let mut rows = Rows {
         source,
         points: needed.clone(),
@@ -1289,9 +1290,11 @@ fn load_checkpoint(
             skip.0, skip.1
         )));
     }
-    // How often checkpoints are written does not change the result: it may differ.
+    // How often checkpoints are written, and the tokens taken at once (a memory bound: only
+    // the order in which a step's sums are taken changes), may differ.
     let saved = TrainOptions {
         checkpoint_every: trainer.options.checkpoint_every,
+        chunk_tokens: trainer.options.chunk_tokens,
         ..state.options.clone()
     };
     if saved != trainer.options || state.config != *sae.config() {

@@ -195,10 +195,19 @@ fn train_resume_and_eval_on_a_tiny_model() {
     std::fs::write(&changed, original.replacen(" the ", " a ", 1)).unwrap();
     let message = format!("{:#}", call(train_args(&out2, &changed)).unwrap_err());
     assert!(message.contains("was made from other data"), "{message}");
-    call(train_args(&out2, &text)).unwrap();
+    // Resumed with the tokens encoded at once lowered (a memory bound, which only reorders
+    // the sums of a step): the same SAEs up to rounding. Exact resumes: tests/train.rs.
+    let mut smaller_chunks = train_args(&out2, &text);
+    smaller_chunks.extend(["--chunk-tokens".to_string(), "64".to_string()]);
+    call(smaller_chunks).unwrap();
     for (p, sae) in points.iter().zip(&trained) {
-        let resumed = Sae::load(&out2.join(p), &Device::Cpu).unwrap();
-        assert_eq!(flat(&resumed), flat(sae), "{p}");
+        let resumed = flat(&Sae::load(&out2.join(p), &Device::Cpu).unwrap());
+        let worst = resumed
+            .iter()
+            .zip(flat(sae))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "{p}: {worst}");
     }
 
     // Evaluation with the SAEs spliced in.
@@ -349,6 +358,23 @@ fn train_from_an_activation_cache() {
     bad[4] = "layers.0.mlp";
     let message = format!("{:#}", sae_cli(&bad).unwrap_err());
     assert!(message.contains("layers.0.mlp"), "{message}");
+    // More steps than the cache holds are refused before the first step.
+    let more = tmp.path().join("more");
+    let mut five_steps = args.to_vec();
+    five_steps[6] = s(&more);
+    five_steps.extend(["--steps", "5"]);
+    let message = format!("{:#}", sae_cli(&five_steps).unwrap_err());
+    assert!(
+        message.contains("the data holds 1024 tokens, but 5 steps x 256 tokens per step need 1280"),
+        "{message}"
+    );
+    // An output that cannot be a folder fails before training too.
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "not a folder").unwrap();
+    let mut into_file = args.to_vec();
+    into_file[6] = s(&file);
+    let message = format!("{:#}", sae_cli(&into_file).unwrap_err());
+    assert!(message.contains("a-file/checkpoints/layers.1"), "{message}");
 }
 
 /// `sae train --transcode --skip-connection`: an MLP skip transcoder (input

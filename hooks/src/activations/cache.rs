@@ -686,6 +686,13 @@ impl ActivationSource for CacheReader {
         Ok(())
     }
 
+    /// The cache's tokens, less the positions skipped in each sequence.
+    fn rows_in_all(&self) -> Option<u64> {
+        let seq_len = self.cache.manifest.settings.data.seq_len;
+        let kept = seq_len.checked_sub(self.skip_positions)? as u64;
+        Some(self.cache.manifest.chunks * kept)
+    }
+
     fn next_batch(&mut self) -> Result<Option<ActivationBatch>> {
         let low_water = if self.rng.is_some() {
             self.buffer_tokens / 2

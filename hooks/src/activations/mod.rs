@@ -115,6 +115,13 @@ pub trait ActivationSource {
         String::new()
     }
 
+    /// How many rows the source gives in all, from its start, where it knows beforehand (a
+    /// finished cache), so that a trainer can refuse a run the data cannot finish before its
+    /// first step. `None` (the default) when unknown.
+    fn rows_in_all(&self) -> Option<u64> {
+        None
+    }
+
     /// A fingerprint of the data behind the first `rows` rows produced, where the source can
     /// tell (the token ids of the whole chunks they came from), stored in training
     /// checkpoints and compared on resume, so that a run whose data changed is refused rather
@@ -122,6 +129,23 @@ pub trait ActivationSource {
     fn data_fingerprint(&self, rows: u64) -> Option<String> {
         let _ = rows;
         None
+    }
+}
+
+/// Refuses a training run of `steps` x `rows_per_step` rows before its first step when
+/// `source` knows it has fewer ([`ActivationSource::rows_in_all`]), rather than stopping
+/// when the data runs out with the work of the steps before thrown away.
+pub fn check_rows_suffice(
+    source: &dyn ActivationSource,
+    steps: u64,
+    rows_per_step: usize,
+) -> Result<()> {
+    let needed = steps.saturating_mul(rows_per_step as u64);
+    match source.rows_in_all() {
+        Some(available) if available < needed => Err(Error::InvalidArgument(format!(
+            "the data holds {available} tokens, but {steps} steps x {rows_per_step} tokens per step need {needed}: lower the steps or the tokens per step, or provide more data"
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -136,8 +136,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 8)]
     retries: u32,
     /// Dollars per million prompt and completion tokens, e.g. 0.15,0.60, for the cost estimate.
-    #[arg(long)]
-    prices: Option<String>,
+    #[arg(long, value_parser = parse_prices)]
+    prices: Option<(f64, f64)>,
     /// Tokens per example window.
     #[arg(long, default_value_t = 32)]
     example_ctx_len: usize,
@@ -281,11 +281,27 @@ fn cache(args: CacheArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--prices PROMPT,COMPLETION`: two non-negative numbers.
+fn parse_prices(text: &str) -> std::result::Result<(f64, f64), String> {
+    let number = |part: &str| part.trim().parse::<f64>().ok().filter(|p| *p >= 0.0);
+    text.split_once(',')
+        .and_then(|(prompt, completion)| Some((number(prompt)?, number(completion)?)))
+        .ok_or_else(|| {
+            "expected PROMPT,COMPLETION: two dollar amounts per million tokens, e.g. 0.15,0.60"
+                .to_string()
+        })
+}
+
 fn parse_latents(text: &str) -> Result<Range<u32>> {
+    let index = |part: &str| {
+        part.trim().parse::<u32>().with_context(|| {
+            format!("--latents '{text}': expected a latent index N or a range A..B")
+        })
+    };
     let range = match text.split_once("..") {
-        Some((a, b)) => a.trim().parse::<u32>()?..b.trim().parse::<u32>()?,
+        Some((a, b)) => index(a)?..index(b)?,
         None => {
-            let one: u32 = text.trim().parse()?;
+            let one = index(text)?;
             one..one + 1
         }
     };
@@ -338,12 +354,7 @@ impl Explainer {
         config.concurrency = args.max_requests;
         config.timeout = Duration::from_secs(args.timeout);
         config.max_retries = args.retries;
-        if let Some(prices) = &args.prices {
-            let (prompt, completion) = prices
-                .split_once(',')
-                .context("--prices takes PROMPT,COMPLETION dollars per million tokens")?;
-            config.price_per_million = Some((prompt.trim().parse()?, completion.trim().parse()?));
-        }
+        config.price_per_million = args.prices;
         Ok(Self::Http(Box::new(OpenAiClient::new(config)?)))
     }
 
@@ -506,4 +517,26 @@ fn run_command(args: RunArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latents_and_prices_are_parsed_or_refused_by_flag() {
+        assert_eq!(parse_latents("3..7").unwrap(), 3..7);
+        assert_eq!(parse_latents(" 5 ").unwrap(), 5..6);
+        let err = format!("{:#}", parse_latents("abc").unwrap_err());
+        assert!(
+            err.contains("--latents 'abc': expected a latent index N or a range A..B"),
+            "{err}"
+        );
+        assert!(parse_latents("4..4").is_err(), "empty");
+        assert_eq!(parse_prices("0.15, 0.6").unwrap(), (0.15, 0.6));
+        for bad in ["1", "1,abc", "1,2,3", "-1,2"] {
+            let err = parse_prices(bad).unwrap_err();
+            assert!(err.contains("expected PROMPT,COMPLETION"), "{bad}: {err}");
+        }
+    }
 }

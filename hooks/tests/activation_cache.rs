@@ -302,7 +302,10 @@ fn interrupted_job_resumes_to_the_same_cache() {
     let err = write_cache(&model, &other, &out, 5_000)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("other settings"), "{err}");
+    assert!(
+        err.contains("other settings (data.seq_len: 16 -> 32)"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -395,6 +398,15 @@ fn a_stop_request_writes_what_was_computed_and_the_job_resumes() {
         .to_string();
     assert!(err.contains("made from other data"), "{err}");
     std::fs::write(data, original).unwrap();
+    // Other settings are refused by name.
+    let other = DataSpec::new(spec.paths.clone(), SEQ_LEN * 2);
+    let err = write_cache(&model, &other, &out, 1 << 30)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unfinished cache made with other settings (data.seq_len: 16 -> 32)"),
+        "{err}"
+    );
     let resumed = write_cache(&model, &spec, &out, 1 << 30).unwrap();
     assert_eq!(resumed.resumed_chunks, 6);
     let fresh = write_cache(&model, &spec, &tmp.path().join("fresh"), 1 << 30).unwrap();

@@ -369,10 +369,12 @@ impl PyModel {
             let key: String = key
                 .extract()
                 .map_err(|_| PyTypeError::new_err("hook point names must be str"))?;
+            // Names are checked even for hooks switched off (None), so a typo is not silent.
+            let points = self.resolve(std::slice::from_ref(&key))?;
             if value.is_none() {
                 continue;
             }
-            for (name, point) in self.resolve(std::slice::from_ref(&key))? {
+            for (name, point) in points {
                 if let Some(other) = named.insert(point, name.clone()) {
                     return Err(PyValueError::new_err(format!(
                         "hooks '{other}' and '{name}' name the same hook point"

@@ -309,7 +309,8 @@ def test_training_from_an_activation_cache(train_model, golden_model, tmp_path):
     ei.cache_activations(train_model, ["layers.0"], data=[WIKITEXT], output=partial, seq_len=SEQ, max_tokens=128)
     with pytest.raises(ValueError, match="lacks hook point 'embed'"):
         ei.TunedLens.train(train_model, activations=partial, steps=1, tokens_per_step=64, seq_len=SEQ)
-    with pytest.raises(RuntimeError, match="the data ran out during step 1: 512 tokens were available"):
+    # Refused before the first step: the cache's size is known.
+    with pytest.raises(ValueError, match="the data holds 512 tokens, but 1 steps x 1024 tokens per step need 1024"):
         ei.TunedLens.train(train_model, activations=cache, steps=1, tokens_per_step=1024, seq_len=SEQ)
     # The cache's sequence length and width are checked against the arguments and the model.
     with pytest.raises(ValueError, match=f"holds sequences of {SEQ} tokens, not {2 * SEQ}"):

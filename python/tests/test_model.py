@@ -271,6 +271,9 @@ def test_unknown_hookpoint_is_value_error(golden_model, golden):
     assert "layers.{0..1}" in message and "final_norm" in message
     with pytest.raises(ValueError, match="unknown hook point 'resid'"):
         golden_model.run_with_hooks(ids, {"resid": zero})
+    # A hook switched off (None) is still named right.
+    with pytest.raises(ValueError, match="unknown hook point 'layers.x'"):
+        golden_model.run_with_hooks(ids, {"layers.x": None})
     with pytest.raises(ValueError, match="unknown hook point"):
         golden_model.resolve_hookpoints("layers.*.nothing")
 

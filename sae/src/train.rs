@@ -1105,6 +1105,13 @@ pub fn train_many(
         .collect::<Result<Vec<_>>>()?;
     source.skip_first_positions(options.skip_first_positions)?;
     hooks::activations::check_rows_suffice(source, options.steps, options.tokens_per_step)?;
+    if options.warmup_steps >= options.steps {
+        tracing::warn!(
+            "the run ends inside its {}-step learning-rate warm-up ({} steps): the learning rate never reaches its peak; give fewer warm-up steps (--lr-warmup-steps)",
+            options.warmup_steps,
+            options.steps
+        );
+    }
     let mut rows = Rows {
         source,
         points: needed.clone(),

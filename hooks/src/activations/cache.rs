@@ -207,9 +207,10 @@ impl ActivationCache {
         if manifest_path.exists() {
             let existing = read_manifest(dir)?;
             if existing.settings != settings {
+                let changed = crate::checkpoint::differences(&existing.settings, &settings);
                 return Err(cache_error(
                     dir,
-                    "already holds a complete cache made with other settings; choose another folder or pass --overwrite",
+                    format!("already holds a complete cache made with other settings ({changed}); choose another folder or pass --overwrite"),
                 ));
             }
             return Ok(CacheSummary {
@@ -227,9 +228,10 @@ impl ActivationCache {
         let mut progress = if progress_path.exists() {
             let progress: Progress = read_json(&progress_path)?;
             if progress.settings != settings {
+                let changed = crate::checkpoint::differences(&progress.settings, &settings);
                 return Err(cache_error(
                     dir,
-                    "holds an unfinished cache made with other settings (model, hook points, dtype or data differ); choose another folder or pass --overwrite",
+                    format!("holds an unfinished cache made with other settings ({changed}); choose another folder or pass --overwrite"),
                 ));
             }
             if let Some(shard) = progress

@@ -91,9 +91,15 @@ struct RunArgs {
     /// cached from --data into OUTPUT/latents first (resumable).
     #[arg(long)]
     latent_cache: Option<PathBuf>,
-    /// Dataset to cache latents from (when no --latent-cache).
+    /// Dataset to cache latents from (when no --latent-cache), as `delphi cache --data`.
     #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,
+    /// Format of every --data file, overriding the extension (as `delphi cache --format`).
+    #[arg(long)]
+    format: Option<String>,
+    /// JSON field / parquet column of --data holding the text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
     /// Tokens per cached sequence.
     #[arg(long, default_value_t = 256)]
     seq_len: usize,
@@ -418,9 +424,16 @@ fn run_command(args: RunArgs) -> Result<()> {
                 .iter()
                 .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
                 .collect();
+            // Format and text field only when given, so that earlier records still match.
+            let format = args.format.as_ref().map(|f| format!(", format {f}"));
+            let field =
+                (args.text_field != "text").then(|| format!(", text field {}", args.text_field));
             format!(
-                "data {data:?}, seq_len {}, max_tokens {}",
-                args.seq_len, args.max_tokens
+                "data {data:?}, seq_len {}, max_tokens {}{}{}",
+                args.seq_len,
+                args.max_tokens,
+                format.unwrap_or_default(),
+                field.unwrap_or_default()
             )
         }),
     };
@@ -443,8 +456,8 @@ fn run_command(args: RunArgs) -> Result<()> {
             let saes = load_saes(&model, &args.saes)?;
             let data = DataArgs {
                 data: args.data.clone(),
-                format: None,
-                text_field: "text".into(),
+                format: args.format.clone(),
+                text_field: args.text_field.clone(),
                 seq_len: args.seq_len,
                 max_tokens: Some(args.max_tokens),
             };

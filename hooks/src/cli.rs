@@ -148,10 +148,12 @@ struct CacheArgs {
     /// Dtype of the stored activations (default: the compute dtype).
     #[arg(long)]
     store_dtype: Option<String>,
-    /// Largest shard size in MiB.
+    /// Shard size in MiB: a shard is written once its activations reach this, in whole
+    /// forward batches, so it may pass it by up to one batch (0 counts as 1).
     #[arg(long, default_value_t = 256)]
     shard_mib: usize,
-    /// Delete what is in the output folder and start again instead of resuming.
+    /// Delete the cache's own files in the output folder (manifest, progress, shards) and
+    /// start again instead of resuming; other files there are left alone.
     #[arg(long)]
     overwrite: bool,
 }

@@ -100,7 +100,8 @@ fn python_spelling(error: Error) -> Error {
 /// ``dtype`` is the stored dtype (default: the model's compute dtype).
 ///
 /// The folder holds ``shards/shard-NNNNNN.safetensors`` (``tokens`` and one ``[n, width]``
-/// tensor per hook point, at most ``shard_mib`` MiB each) and ``manifest.json``, written
+/// tensor per hook point, each written once its activations reach ``shard_mib`` MiB, in
+/// whole forward batches, so it may pass that by up to one batch) and ``manifest.json``, written
 /// last. The writer is the one of the ``hooks cache`` command (same files, byte for byte),
 /// and the job is resumable either way: re-running with the same settings resumes an
 /// interrupted job (Ctrl-C or an exception from ``callback`` first writes what was

@@ -216,6 +216,9 @@ def test_delphi_run_refuses_to_extend_the_cache_of_existing_results(latents, ser
     capfd.readouterr()
     assert ei.delphi_main(bigger) == 1
     assert "other settings (data: " in capfd.readouterr().err
+    # The data flags of `delphi cache` are taken, and recorded.
+    assert ei.delphi_main(args + ["--text-field", "body", "--format", "jsonl"]) == 1
+    assert "max_tokens 512, format jsonl, text field body" in capfd.readouterr().err
     assert ei.LatentCache(out / "latents").tokens.shape == cached
     # The same file named from another folder is the same data.
     elsewhere = root / "elsewhere"

@@ -93,7 +93,8 @@ struct Progress {
 /// Options for writing a cache.
 #[derive(Debug, Clone)]
 pub struct CacheOptions {
-    /// Upper bound on one shard's activation bytes.
+    /// A shard is written once its activation bytes reach this: whole forward batches, so it
+    /// may pass it by up to one batch.
     pub max_shard_bytes: usize,
     /// Start again instead of resuming, deleting what is there.
     pub overwrite: bool,

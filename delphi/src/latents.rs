@@ -206,26 +206,22 @@ pub fn write_latent_cache(
     let config_path = dir.join("config.json");
     if config_path.is_file() {
         let existing = read_config(&config_path)?;
-        if !existing.saes.is_empty() && existing.saes != config.saes {
-            return Err(Error::file(
-                &config_path,
-                "holds a cache made with other SAEs (their weights or settings differ); \
-                 use another output folder or delete this one",
-            ));
-        }
         // A cache of an earlier version records no SAE fingerprints: it is taken as is.
-        let same = CacheConfig {
+        let comparable = CacheConfig {
             complete: false,
-            saes: config.saes.clone(),
-            ..existing.clone()
-        } == config;
-        if !same {
+            saes: match existing.saes.is_empty() {
+                true => config.saes.clone(),
+                false => existing.saes.clone(),
+            },
+            ..existing
+        };
+        if comparable != config {
+            let changed = hooks::checkpoint::differences(&comparable, &config);
             return Err(Error::file(
                 &config_path,
                 format!(
-                    "holds a cache of another run (model {}, seq_len {}, hook points {:?}, {} sequences per shard); \
-                     use another output folder or delete this one",
-                    existing.model, existing.seq_len, existing.hookpoints.keys(), existing.sequences_per_shard
+                    "holds a cache made with other settings or SAEs ({changed}; an SAE is named by a digest of its weights and settings); \
+                     use another output folder or delete this one"
                 ),
             ));
         }

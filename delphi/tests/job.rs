@@ -211,7 +211,10 @@ fn a_cache_is_not_resumed_from_other_data_or_another_sae() {
     let other_sae = Sae::new(SaeConfig::new(32, 16, 4), 6, &candle_core::Device::Cpu).unwrap();
     let wikitext = repo().join("data/wikitext-2-raw-test.txt");
     let message = write(&wikitext, &other_sae).unwrap_err().to_string();
-    assert!(message.contains("other SAEs"), "{message}");
+    assert!(
+        message.contains("other settings or SAEs (saes.layers.1: \"fnv1a64:"),
+        "{message}"
+    );
     assert_eq!(shards(), 2, "nothing was appended");
     assert!(
         LatentCache::open(&dir).is_ok(),

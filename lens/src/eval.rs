@@ -267,11 +267,22 @@ impl EvalReport {
             "nats"
         };
         let f = self.nats_to_bits_per_byte.unwrap_or(1.0);
+        // The tuned lens's columns only when there is one.
+        let lenses: &[&str] = match self.tuned_lens {
+            Some(_) => &["logit lens", "tuned lens"],
+            None => &["logit lens"],
+        };
+        let columns = format!("{:>8} {:>8} {:>8} {:>6}", "CE", "entropy", "KL", "top1");
         let mut out = format!(
-            "{} tokens; CE, entropy and KL in {unit}\n{:>7} | {:>8} {:>8} {:>8} {:>6} | {:>8} {:>8} {:>8} {:>6}\n",
-            self.tokens, "layer", "CE", "entropy", "KL", "top1", "CE", "entropy", "KL", "top1"
+            "{} tokens; CE, entropy and KL in {unit}\n{:>7}",
+            self.tokens, "layer"
         );
-        out += &format!("{:>7} | {:^33} | {:^33}\n", "", "logit lens", "tuned lens");
+        lenses.iter().for_each(|_| out += &format!(" | {columns}"));
+        out += &format!("\n{:>7}", "");
+        lenses
+            .iter()
+            .for_each(|name| out += &format!(" | {name:^33}"));
+        out.push('\n');
         for (i, l) in self.logit_lens.iter().enumerate() {
             out += &format!(
                 "{:>7} | {:>8.4} {:>8.4} {:>8.4} {:>6.3}",
@@ -308,6 +319,41 @@ impl EvalReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_has_tuned_lens_columns_only_with_a_tuned_lens() {
+        let row = LayerMetrics {
+            layer: "0".into(),
+            ce: 1.5,
+            entropy: 2.0,
+            kl: 0.25,
+            top1_agreement: 0.5,
+        };
+        let mut report = EvalReport {
+            tokens: 64,
+            nats_to_bits_per_byte: None,
+            logit_lens: vec![row.clone()],
+            tuned_lens: None,
+            logit_lens_depth: None,
+            tuned_lens_depth: None,
+        };
+        let lines = |report: &EvalReport| -> Vec<String> {
+            report
+                .table()
+                .lines()
+                .map(|l| l.trim_end().to_string())
+                .collect()
+        };
+        let logit_only = lines(&report);
+        assert_eq!(logit_only[1], "  layer |       CE  entropy       KL   top1");
+        assert_eq!(logit_only[2].trim(), "|            logit lens");
+        assert_eq!(logit_only[3], "      0 |   1.5000   2.0000   0.2500  0.500");
+        report.tuned_lens = Some(vec![row]);
+        let both = lines(&report);
+        assert!(both[1].ends_with("top1 |       CE  entropy       KL   top1"));
+        assert!(both[2].contains("logit lens") && both[2].contains("tuned lens"));
+        assert!(both[3].ends_with("0.500 |   1.5000   2.0000   0.2500  0.500"));
+    }
 
     #[test]
     fn prediction_depth_is_the_first_layer_of_the_final_agreeing_run() {

@@ -78,7 +78,8 @@ impl ModelOpts {
 
 #[derive(Args, Debug)]
 struct DataOpts {
-    /// Text/token data to run the model over (see --format); training can read --activations instead.
+    /// Text/token data to run the model over (see --format); `sae train` can read
+    /// --activations instead.
     #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,
     /// Format of the data files (text, text-file, jsonl, parquet, npy, bin).

@@ -343,6 +343,17 @@ fn cache(args: CacheArgs) -> Result<()> {
             summary.resumed_chunks
         );
     }
+    if args
+        .data
+        .max_chunks()?
+        .is_some_and(|limit| m.chunks < limit)
+    {
+        println!(
+            "the data ran out after {} tokens, before --max-tokens {}",
+            m.tokens,
+            args.data.max_tokens.unwrap_or_default()
+        );
+    }
     let seconds = summary.seconds.max(1e-9);
     println!(
         "this run: {} tokens in {:.1} s ({:.0} tokens/s), {:.3} GB written ({:.3} GB/s)",

@@ -87,6 +87,21 @@ pub fn check_data(saved: Option<&str>, now: Option<&str>) -> std::result::Result
     }
 }
 
+/// [`check_data`] for the training checkpoint at `path`: the message names it and says what
+/// to do.
+pub fn check_checkpoint_data(
+    path: &Path,
+    saved: Option<&str>,
+    now: Option<&str>,
+) -> std::result::Result<(), String> {
+    check_data(saved, now).map_err(|m| {
+        format!(
+            "checkpoint {}: {m}; use the original data, another output folder, or delete the checkpoint",
+            path.display()
+        )
+    })
+}
+
 /// The fields in which `saved` (a checkpoint's settings) and `now` (this run's) differ, as
 /// `name: saved -> now` (nested fields dotted), for an error that says what to change. Both
 /// must serialise to JSON objects; anything else is compared whole.

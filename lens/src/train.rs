@@ -335,10 +335,10 @@ pub fn train(
             layers - 1
         )));
     }
+    hooks::activations::check_rows_suffice(source, options.steps, options.tokens_per_step)?;
     let unembedding = unembedding.to_dtype(DType::F32)?;
     let mut decoder = Decoder::new(&unembedding, options.decode_dtype, options.chunk_tokens)?;
     tracing::info!("decoding lenses in {}", decoder.dtype_name());
-    hooks::activations::check_rows_suffice(source, options.steps, options.tokens_per_step)?;
     let mut optimizer = options.optimizers()?;
     let mut history = Vec::new();
     let mut rows = Rows {
@@ -356,11 +356,12 @@ pub fn train(
         );
         rows.skip(state.tokens_consumed)?;
         let now = rows.source.data_fingerprint(state.tokens_consumed);
-        hooks::checkpoint::check_data(state.data_fingerprint.as_deref(), now.as_deref())
-            .map_err(|m| Error::Training(format!(
-                "checkpoint {}: {m}; use the original data, another output folder, or delete the checkpoint",
-                path.display()
-            )))?;
+        hooks::checkpoint::check_checkpoint_data(
+            path,
+            state.data_fingerprint.as_deref(),
+            now.as_deref(),
+        )
+        .map_err(Error::Training)?;
         history = state.history;
     }
 
@@ -506,12 +507,7 @@ fn load_checkpoint(
     options: &TrainOptions,
     source: &str,
 ) -> Result<State> {
-    let bad = |m: String| {
-        Error::Training(format!(
-                "checkpoint {}: {m}; use the original data, another output folder, or delete the checkpoint",
-                path.display()
-            ))
-    };
+    let bad = |m: String| Error::Training(format!("checkpoint {}: {m}", path.display()));
     let device = lens.parameters()[0].device().clone();
     let (state, tensors): (State, _) = hooks::checkpoint::load(path, &device)?;
     // How often checkpoints are written, and the tokens taken at once (a memory bound: only

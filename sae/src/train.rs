@@ -1158,12 +1158,12 @@ pub fn train_many(
                 rows.skip(consumed)?;
                 let now = rows.source.data_fingerprint(consumed);
                 for (path, saved) in fingerprints {
-                    hooks::checkpoint::check_data(saved.as_deref(), now.as_deref()).map_err(
-                        |m| Error::Training(format!(
-                "checkpoint {}: {m}; use the original data, another output folder, or delete the checkpoint",
-                path.display()
-            )),
-                    )?;
+                    hooks::checkpoint::check_checkpoint_data(
+                        path,
+                        saved.as_deref(),
+                        now.as_deref(),
+                    )
+                    .map_err(Error::Training)?;
                 }
             }
             rows.consumed = consumed.unwrap_or(0);
@@ -1278,12 +1278,7 @@ fn load_checkpoint(
     trainer: &mut Trainer,
     source: &str,
 ) -> Result<State> {
-    let bad = |m: String| {
-        Error::Training(format!(
-                "checkpoint {}: {m}; use the original data, another output folder, or delete the checkpoint",
-                path.display()
-            ))
-    };
+    let bad = |m: String| Error::Training(format!("checkpoint {}: {m}", path.display()));
     let (state, tensors): (State, _) =
         hooks::checkpoint::load(path, &sae.w_enc().device().clone())?;
     hooks::checkpoint::check_source(&state.source, source).map_err(bad)?;

@@ -54,6 +54,26 @@ pub struct TokenIds {
     pub one_dim: bool,
 }
 
+impl TokenIds {
+    /// The shape the ids were given in: `[seq]` or `[batch, seq]`.
+    pub fn user_dims(&self) -> Vec<usize> {
+        let dims = self.tensor.dims();
+        dims[usize::from(self.one_dim)..].to_vec()
+    }
+
+    /// Tokens per sequence.
+    pub fn seq_len(&self) -> usize {
+        self.tensor.dims()[1]
+    }
+
+    /// `[batch, ..per_sequence]`: the shape of a tensor with `per_sequence` per sequence.
+    pub fn batched(&self, per_sequence: &[usize]) -> Vec<usize> {
+        std::iter::once(self.tensor.dims()[0])
+            .chain(per_sequence.iter().copied())
+            .collect()
+    }
+}
+
 /// `numpy.asarray(obj)` followed by `numpy.ascontiguousarray(..., dtype)`.
 fn as_numpy<'py>(obj: &Bound<'py, PyAny>, dtype: Option<&str>) -> PyResult<Bound<'py, PyAny>> {
     let np = obj.py().import("numpy")?;

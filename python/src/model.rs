@@ -13,7 +13,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use serde_json::json;
 
-use crate::convert::{float_array, int64_array, json_to_py, token_ids, HostArray};
+use crate::convert::{float_array, int64_array, json_to_py, token_ids, HostArray, TokenIds};
 use crate::errors::IntoPyResult;
 
 /// A tokenizer (Hugging Face ``tokenizers``), as loaded with a model.
@@ -349,11 +349,28 @@ impl PyModel {
         Ok(resolved)
     }
 
+    /// The shape a fixed replacement at `point` must have, as the user sees it: without
+    /// the batch axis for 1-D ids.
+    fn replacement_shape(&self, point: HookPoint, ids: &TokenIds) -> PyResult<Vec<usize>> {
+        let seq = ids.seq_len();
+        let config = self.inner.config();
+        let per_sequence = if point.is_per_token() {
+            vec![seq, config.width(point).into_py_result()?]
+        } else {
+            vec![config.num_heads(), seq, seq]
+        };
+        Ok(if ids.one_dim {
+            per_sequence
+        } else {
+            ids.batched(&per_sequence)
+        })
+    }
+
     /// Reads the `hooks` argument of `run_with_hooks` / `run_with_cache`.
     fn actions(
         &self,
         hooks: Option<&Bound<'_, PyAny>>,
-        one_dim: bool,
+        ids: &TokenIds,
     ) -> PyResult<Vec<(HookPoint, String, Action)>> {
         let Some(hooks) = hooks.filter(|h| !h.is_none()) else {
             return Ok(Vec::new());
@@ -383,17 +400,31 @@ impl PyModel {
                 let action = if value.is_callable() {
                     Action::Call(value.clone().unbind())
                 } else {
-                    let array = float_array(&value)?;
-                    let mut dims = array.dims.clone();
-                    // Given for 1-D ids without the batch axis: [seq, width] or a pattern's
-                    // [heads, seq, seq].
-                    let unbatched_rank = if point.is_per_token() { 2 } else { 3 };
-                    if one_dim && dims.len() == unbatched_rank {
-                        dims.insert(0, 1);
+                    let np = value.py().import("numpy")?;
+                    if np.call_method1("ndim", (&value,))?.extract::<usize>()? == 0 {
+                        return Err(PyTypeError::new_err(format!(
+                            "the hook at '{name}' must be a callable, an array or None, not {}",
+                            value.get_type().name()?
+                        )));
                     }
-                    let tensor =
-                        Tensor::from_vec(array.data, dims, &hooks::candle_core::Device::Cpu)
-                            .into_py_result()?;
+                    let array = float_array(&value)?;
+                    let expected = self.replacement_shape(point, ids)?;
+                    if array.dims != expected {
+                        return Err(PyValueError::new_err(format!(
+                            "the replacement array at '{name}' has shape {:?}; expected {:?} for \
+                             token ids of shape {:?}",
+                            array.dims,
+                            expected,
+                            ids.user_dims()
+                        )));
+                    }
+                    let dims = if ids.one_dim {
+                        ids.batched(&expected)
+                    } else {
+                        expected
+                    };
+                    let tensor = Tensor::from_vec(array.data, dims, &hooks::candle_core::Device::Cpu)
+                    .into_py_result()?;
                     Action::Fixed(tensor)
                 };
                 actions.push((point, name, action));
@@ -413,7 +444,7 @@ impl PyModel {
         stop_early: bool,
     ) -> PyResult<(Option<Bound<'py, PyAny>>, Bound<'py, PyDict>)> {
         let ids = token_ids(ids)?;
-        let actions = self.actions(hooks, ids.one_dim)?;
+        let actions = self.actions(hooks, &ids)?;
         if stop_early && captures.is_empty() {
             return Err(PyValueError::new_err(
                 "stop_early=True needs at least one hook point to capture",

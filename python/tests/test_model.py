@@ -252,8 +252,15 @@ def test_hook_errors(golden_model, golden):
         golden_model.run_with_hooks(ids, {"layers.0.mlp": boom})
     with pytest.raises(ValueError, match="shape"):
         golden_model.run_with_hooks(ids, {"layers.0.mlp": lambda x: x[:, :3]})
-    with pytest.raises(ValueError, match="shape"):
+    # A misshapen fixed array is named in the user's shapes, without an internal batch axis.
+    with pytest.raises(ValueError, match=r"at 'layers.0.mlp' has shape \[3, 4\]; expected \[2, 11, 64\] for token ids of shape \[2, 11\]"):
         golden_model.run_with_hooks(ids, {"layers.0.mlp": np.zeros((3, 4))})
+    with pytest.raises(ValueError, match=r"has shape \[3, 3\]; expected \[11, 64\] for token ids of shape \[11\]"):
+        golden_model.run_with_hooks(ids[0], {"layers.0.mlp": np.zeros((3, 3))})
+    with pytest.raises(ValueError, match=r"expected \[4, 11, 11\]"):
+        golden_model.run_with_hooks(ids[0], {"layers.0.attention.pattern": np.zeros((11, 11))})
+    with pytest.raises(TypeError, match="must be a callable, an array or None, not int"):
+        golden_model.run_with_hooks(ids, {"layers.0.mlp": 5})
     with pytest.raises(ValueError, match="same hook point"):
         golden_model.run_with_hooks(ids, {"layers.0": zero, "blocks.0.hook_resid_post": zero})
     with pytest.raises(TypeError):

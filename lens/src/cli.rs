@@ -143,7 +143,7 @@ struct SweepArgs {
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 1)]
     batch_size: usize,
-    /// Tokens to evaluate.
+    /// Tokens to evaluate, rounded up to whole sequences of --seq-len.
     #[arg(long, default_value_t = 1 << 16)]
     tokens: u64,
     /// Lens training data (for --lens tuned; keep it apart from --data).
@@ -251,7 +251,7 @@ struct EvalArgs {
     /// A tuned lens folder (ours or tuned-lens's params.pt); without it only the logit lens.
     #[arg(long)]
     lens: Option<PathBuf>,
-    /// Tokens to evaluate.
+    /// Tokens to evaluate, rounded up to whole sequences of --seq-len.
     #[arg(long, default_value_t = 1 << 18)]
     tokens: u64,
     /// Also write the report as JSON to this file.

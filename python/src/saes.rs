@@ -352,6 +352,11 @@ impl NewSae {
     /// makes it).
     fn build(&self, d_in: usize, device: &str) -> PyResult<sae::Sae> {
         let device = hooks::parse_device(device).into_py_result()?;
+        if self.num_latents == Some(0) {
+            return Err(PyValueError::new_err(
+                "num_latents must be positive; leave it out (None) to get d_in x expansion_factor",
+            ));
+        }
         let mut config =
             sae::SaeConfig::new(d_in, self.num_latents.unwrap_or(0), self.k.unwrap_or(32));
         config.expansion_factor = self.expansion_factor.unwrap_or(config.expansion_factor);

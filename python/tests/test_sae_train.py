@@ -230,6 +230,9 @@ def test_bad_input_raises_value_error_with_the_message():
         ei.Sae.train(x, batch_size=128, k=100, num_latents=64)
     with pytest.raises(ValueError, match="learning rate must be positive"):
         ei.SaeTrainer(16, steps=10, lr=-1.0)
+    # 0 is not "the default": that is None.
+    with pytest.raises(ValueError, match=r"num_latents must be positive; leave it out \(None\)"):
+        ei.SaeTrainer(16, steps=10, num_latents=0)
     with pytest.raises(ValueError, match="unknown encoder dtype 'f16' \\(expected auto, bf16 or f32\\)"):
         ei.SaeTrainer(16, steps=10, encoder_dtype="f16")
     with pytest.raises(ValueError, match="steps, tokens per step and chunk size must be positive"):

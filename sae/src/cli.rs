@@ -140,6 +140,15 @@ impl DataOpts {
 }
 
 /// Refuses to skip every position of `seq_len`-token sequences.
+/// `--num-latents`: a positive count (0 is not a stand-in for the default).
+fn parse_num_latents(text: &str) -> std::result::Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (leave the flag out for d_in x --expansion-factor)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn check_skip(skip_positions: usize, seq_len: usize) -> Result<()> {
     if skip_positions >= seq_len {
         bail!(
@@ -172,7 +181,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 32)]
     expansion_factor: usize,
     /// Number of latents (default: d_in x expansion factor).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_num_latents)]
     num_latents: Option<usize>,
     /// Tokens per optimiser step (sparsify: 32 sequences x 2048 tokens).
     #[arg(long, default_value_t = 32 * 2048)]
@@ -268,7 +277,7 @@ struct EvalArgs {
     /// Hook points to evaluate (default: every SAE in the folder).
     #[arg(long)]
     hookpoints: Option<String>,
-    /// Tokens to evaluate (whole sequences).
+    /// Tokens to evaluate, rounded up to whole sequences of --seq-len.
     #[arg(long, default_value_t = 1 << 16)]
     tokens: u64,
     /// Leave the first N positions of every sequence out of the SAE metrics and out of the

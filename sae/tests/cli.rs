@@ -857,6 +857,14 @@ fn exclude_tokens_is_recorded_and_needs_a_step_count_on_a_cache() {
         "{message}"
     );
     train(&["--exclude-tokens", "0,13", "--steps", "2"]).unwrap();
+    // --num-latents 0 is refused by name, not read as "use the expansion factor".
+    let message = train_on_cache(&cache, &out, &["--num-latents", "0"])
+        .map_err(|e| format!("{e:#}"))
+        .unwrap_err();
+    assert!(
+        message.contains("'0' for '--num-latents <NUM_LATENTS>': must be at least 1"),
+        "{message}"
+    );
     assert_eq!(read_history(&out, "layers.1").len(), 2);
     let message = train(&["--exclude-tokens", "0", "--steps", "2"]).unwrap_err();
     assert!(message.contains("other training options"), "{message}");

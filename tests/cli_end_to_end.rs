@@ -1,5 +1,6 @@
 //! The `hooks` command line end to end, in-process: a model folder and real text in, an
-//! activation cache out; re-running is a no-op; errors are clear.
+//! activation cache out; re-running is a no-op; errors are clear; `lens eval` reads the
+//! cache.
 
 use std::path::{Path, PathBuf};
 
@@ -66,6 +67,56 @@ fn cache_command_writes_a_complete_cache_of_real_text() {
     );
     run(&["inspect", out.to_str().unwrap()]).unwrap();
     run(&["info", "--model", model.to_str().unwrap()]).unwrap();
+}
+
+#[test]
+fn lens_eval_reads_a_cache_in_the_sequences_it_was_made_with() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_folder(tmp.path());
+    let cache = tmp.path().join("cache");
+    let text = repo().join("data/wikitext-2-raw-test.txt");
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let cache_args = [
+        "cache",
+        "--model",
+        &path(&model),
+        "--hookpoints",
+        "embed,layers.*",
+    ];
+    let data_args = [
+        "--data",
+        &path(&text),
+        "--seq-len",
+        "64",
+        "--max-tokens",
+        "256",
+    ];
+    run(&[&cache_args[..], &data_args, &["--output", &path(&cache)]].concat()).unwrap();
+    let report = tmp.path().join("report.json");
+    let eval = |extra: &[&str]| {
+        let args = [
+            "eval",
+            "--model",
+            &path(&model),
+            "--activations",
+            &path(&cache),
+        ];
+        let rest = ["--tokens", "128", "--json", &path(&report)];
+        lens::cli::run(
+            std::iter::once("lens").chain([&args[..], &rest, extra].concat().iter().copied()),
+        )
+        .map_err(|e| format!("{e:#}"))
+    };
+    // No --seq-len: the cache's 64, not the 2048 default for text.
+    eval(&[]).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(json["tokens"], 128);
+    let message = eval(&["--seq-len", "32"]).unwrap_err();
+    assert!(
+        message.contains("holds sequences of 64 tokens, not 32"),
+        "{message}"
+    );
 }
 
 #[test]

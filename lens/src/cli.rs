@@ -183,9 +183,9 @@ struct Source {
     /// JSON field / parquet column with the text.
     #[arg(long, default_value = "text")]
     text_field: String,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = 2048)]
-    seq_len: usize,
+    /// Tokens per sequence (default: an activation cache's own, else 2048).
+    #[arg(long)]
+    seq_len: Option<usize>,
     /// Sequences per forward pass of the model.
     #[arg(long, default_value_t = 1)]
     batch_size: usize,
@@ -290,21 +290,28 @@ where
 }
 
 impl Source {
-    fn lens_data(&self) -> LensData {
-        LensData {
+    /// The data, with the sequence length an activation cache was made with unless one is
+    /// given.
+    fn lens_data(&self) -> Result<LensData> {
+        let seq_len = match self.seq_len {
+            Some(seq_len) => seq_len,
+            None => crate::default_seq_len(self.activations.as_deref())?,
+        };
+        Ok(LensData {
             data: self.data.clone(),
             activations: self.activations.clone(),
             format: self.format.clone(),
             text_field: self.text_field.clone(),
-            seq_len: self.seq_len,
+            seq_len,
             batch_size: self.batch_size,
-        }
+        })
     }
 }
 
 fn train_command(args: TrainArgs) -> Result<()> {
     let optimizer = OptimizerKind::parse(&args.optimizer)?;
     let model = args.model.load()?;
+    let data = args.source.lens_data()?;
     let options = TrainOptions {
         steps: args.steps,
         tokens_per_step: args.tokens_per_step,
@@ -320,7 +327,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
             "ce" => LossKind::Ce,
             other => anyhow::bail!("unknown loss '{other}' (expected kl or ce)"),
         },
-        seq_len: args.source.seq_len,
+        seq_len: data.seq_len,
         chunk_tokens: args.chunk_tokens,
         checkpoint_every: args.checkpoint_every,
         decode_dtype: DecodeDtype::parse(&args.decode_dtype)?,
@@ -335,7 +342,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
     };
     options.validate()?;
     let needed = options.total_tokens();
-    let mut source = args.source.lens_data().open(&model, order, Some(needed))?;
+    let mut source = data.open(&model, order, Some(needed))?;
     let mut lens = TunedLens::for_model(&model)?;
     let ckpt = prepare_output(&args.output)?;
     let bar = hooks::progress::bar(true, Some(options.steps), "steps");
@@ -398,7 +405,7 @@ fn eval_command(args: EvalArgs) -> Result<()> {
         }
         None => None,
     };
-    let data = args.source.lens_data();
+    let data = args.source.lens_data()?;
     let mut source = data.open(&model, ReadOrder::Sequential, Some(args.tokens))?;
     let layers = model.config().num_layers();
     let mut report = evaluate(
@@ -406,7 +413,7 @@ fn eval_command(args: EvalArgs) -> Result<()> {
         &model.unembedding(),
         layers,
         source.as_mut(),
-        args.source.seq_len,
+        data.seq_len,
         args.tokens,
         args.chunk_tokens,
     )?;

@@ -20,7 +20,7 @@ pub mod trajectory;
 mod tuned_lens;
 
 pub use decode::DecodeDtype;
-pub use source::LensData;
+pub use source::{default_seq_len, LensData};
 pub use tuned_lens::{lens_input, unembedding_hash, LensConfig, TunedLens, UNEMBED_HASH_PREFIX};
 
 /// Errors of lens training, evaluation and files.

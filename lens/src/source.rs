@@ -1,7 +1,7 @@
 //! Where a lens's activations come from: the model run over a dataset (streaming, no disk)
 //! or an activation cache made by `hooks cache`. Shared by the `lens` command and Python.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use hooks::activations::{ActivationCache, ActivationSource, ModelActivations, ReadOrder};
 use hooks::data::DataSpec;
@@ -25,6 +25,15 @@ pub struct LensData {
     pub seq_len: usize,
     /// Sequences per forward pass.
     pub batch_size: usize,
+}
+
+/// Tokens per sequence when none is given: an activation cache's own (its rows were made
+/// in sequences of that length), else 2048, as tuned-lens.
+pub fn default_seq_len(activations: Option<&Path>) -> Result<usize> {
+    Ok(match activations {
+        Some(dir) => ActivationCache::open(dir)?.manifest().settings.data.seq_len,
+        None => 2048,
+    })
 }
 
 impl LensData {

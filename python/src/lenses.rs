@@ -333,9 +333,9 @@ impl PyTunedLens {
     /// ``steps`` of ``tokens_per_step`` tokens) and returns it, with :attr:`history`.
     ///
     /// The activations come from ``data`` (a path or list of paths, read as by
-    /// :func:`cache_activations`: packed into sequences of ``seq_len`` tokens, ``batch_size``
-    /// per forward pass) or from ``activations``, a cache folder with ``embed`` and every
-    /// ``layers.{i}`` (rows shuffled with ``seed``; read in order for ``loss="ce"``, whose
+    /// :func:`cache_activations`: packed into sequences of ``seq_len`` tokens, 2048 by
+    /// default, ``batch_size`` per forward pass) or from ``activations``, a cache folder with
+    /// ``embed`` and every ``layers.{i}`` (``seq_len`` defaults to the cache's; rows shuffled with ``seed``; read in order for ``loss="ce"``, whose
     /// next-token targets need whole sequences). ``optimizer`` is ``"sgd"``,
     /// ``"adam"`` (AMSGrad) or ``"muon"`` (Muon on the translators' matrices and AdamW on
     /// their biases at ``0.01 x lr``, tuned-lens's PR #141); ``weight_decay`` defaults to
@@ -358,7 +358,7 @@ impl PyTunedLens {
     #[staticmethod]
     #[pyo3(signature = (
         model, data = None, *, activations = None, output = None, steps = 250,
-        tokens_per_step = 262144, lr = 1.0, optimizer = "sgd", loss = "kl", seq_len = 2048,
+        tokens_per_step = 262144, lr = 1.0, optimizer = "sgd", loss = "kl", seq_len = None,
         batch_size = 1, chunk_tokens = 256, seed = 42, checkpoint_every = 25, momentum = 0.9,
         weight_decay = None, clip = 1.0, format = None, text_field = "text", progress = false,
         callback = None, decode_dtype = "auto"
@@ -375,7 +375,7 @@ impl PyTunedLens {
         lr: f64,
         optimizer: &str,
         loss: &str,
-        seq_len: usize,
+        seq_len: Option<usize>,
         batch_size: usize,
         chunk_tokens: usize,
         seed: u64,
@@ -393,6 +393,8 @@ impl PyTunedLens {
         let model = holder.get().inner();
         let optimizer =
             OptimizerKind::parse(optimizer).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let source_args =
+            SourceArgs::new(data, activations, format, text_field, seq_len, batch_size)?;
         let options = TrainOptions {
             steps,
             tokens_per_step,
@@ -410,7 +412,7 @@ impl PyTunedLens {
                     )))
                 }
             },
-            seq_len,
+            seq_len: source_args.0.seq_len,
             chunk_tokens,
             checkpoint_every,
             decode_dtype: DecodeDtype::parse(decode_dtype)
@@ -422,8 +424,6 @@ impl PyTunedLens {
             ));
         }
         let needed = options.total_tokens();
-        let source_args =
-            SourceArgs::new(data, activations, format, text_field, seq_len, batch_size)?;
         // Shuffled rows break sequences, and next-token targets need them whole.
         let order = match options.loss {
             LossKind::Kl => ReadOrder::Shuffled {
@@ -500,7 +500,7 @@ impl SourceArgs {
         activations: Option<PathBuf>,
         format: Option<String>,
         text_field: &str,
-        seq_len: usize,
+        seq_len: Option<usize>,
         batch_size: usize,
     ) -> PyResult<Self> {
         let data = match data {
@@ -520,6 +520,10 @@ impl SourceArgs {
             }
             _ => {}
         }
+        let seq_len = match seq_len {
+            Some(seq_len) => seq_len,
+            None => lens::default_seq_len(activations.as_deref()).into_py_lens()?,
+        };
         if seq_len == 0 || batch_size == 0 {
             return Err(PyValueError::new_err(
                 "seq_len and batch_size must be positive",
@@ -651,8 +655,8 @@ impl PyLogitLens {
 /// ``top1_agreement`` with the model's top token, averaged over ``tokens`` tokens, in nats.
 ///
 /// The activations come from ``data`` (paths, packed into ``seq_len``-token sequences,
-/// ``batch_size`` per forward pass) or ``activations`` (a cache folder with ``embed`` and
-/// every ``layers.{i}``, read in order). Returns the report as a dict (the JSON of ``lens
+/// 2048 by default, ``batch_size`` per forward pass) or ``activations`` (a cache folder with
+/// ``embed`` and every ``layers.{i}``, read in order, in the cache's sequences). Returns the report as a dict (the JSON of ``lens
 /// eval --json``): ``tokens``; ``nats_to_bits_per_byte`` (multiply nats by it for bits per
 /// byte of the text: tokens read / text bytes / ln 2; None for a cache); ``logit_lens`` and
 /// ``tuned_lens`` (None without a lens): lists with one dict per layer (``layer``: ``"0"``
@@ -664,7 +668,7 @@ impl PyLogitLens {
 /// between batches.
 #[pyfunction]
 #[pyo3(signature = (
-    model, lens = None, data = None, *, activations = None, tokens = 262144, seq_len = 2048,
+    model, lens = None, data = None, *, activations = None, tokens = 262144, seq_len = None,
     batch_size = 1, chunk_tokens = 256, format = None, text_field = "text"
 ))]
 #[allow(clippy::too_many_arguments)]
@@ -675,7 +679,7 @@ pub fn evaluate_lens<'py>(
     data: Option<&Bound<'py, PyAny>>,
     activations: Option<PathBuf>,
     tokens: u64,
-    seq_len: usize,
+    seq_len: Option<usize>,
     batch_size: usize,
     chunk_tokens: usize,
     format: Option<String>,
@@ -688,6 +692,7 @@ pub fn evaluate_lens<'py>(
         lens.check_fits(py_model)?;
     }
     let source_args = SourceArgs::new(data, activations, format, text_field, seq_len, batch_size)?;
+    let seq_len = source_args.0.seq_len;
     if tokens < seq_len as u64 {
         return Err(PyValueError::new_err(format!(
             "tokens {tokens} is less than one sequence of seq_len {seq_len}"

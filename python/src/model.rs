@@ -423,8 +423,9 @@ impl PyModel {
                     } else {
                         expected
                     };
-                    let tensor = Tensor::from_vec(array.data, dims, &hooks::candle_core::Device::Cpu)
-                    .into_py_result()?;
+                    let tensor =
+                        Tensor::from_vec(array.data, dims, &hooks::candle_core::Device::Cpu)
+                            .into_py_result()?;
                     Action::Fixed(tensor)
                 };
                 actions.push((point, name, action));

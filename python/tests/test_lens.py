@@ -305,6 +305,8 @@ def test_training_from_an_activation_cache(train_model, golden_model, tmp_path):
     assert all(v.any() for v in muon.state_dict().values())
     report = ei.evaluate_lens(train_model, lens, activations=cache, tokens=128, seq_len=SEQ)
     assert report["tokens"] == 128 and report["nats_to_bits_per_byte"] is None
+    # Without seq_len, a cache is read in the sequences it was made with (2048 would not fit).
+    assert ei.evaluate_lens(train_model, lens, activations=cache, tokens=128) == report
     partial = tmp_path / "partial"
     ei.cache_activations(train_model, ["layers.0"], data=[WIKITEXT], output=partial, seq_len=SEQ, max_tokens=128)
     with pytest.raises(ValueError, match="lacks hook point 'embed'"):

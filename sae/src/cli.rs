@@ -143,7 +143,9 @@ impl DataOpts {
 /// `--num-latents`: a positive count (0 is not a stand-in for the default).
 fn parse_num_latents(text: &str) -> std::result::Result<usize, String> {
     match text.parse::<usize>() {
-        Ok(0) => Err("must be at least 1 (leave the flag out for d_in x --expansion-factor)".into()),
+        Ok(0) => {
+            Err("must be at least 1 (leave the flag out for d_in x --expansion-factor)".into())
+        }
         Ok(n) => Ok(n),
         Err(e) => Err(e.to_string()),
     }

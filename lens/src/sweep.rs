@@ -219,32 +219,41 @@ pub fn short_name(model: &str) -> String {
     name.trim_end_matches(".gguf").to_string()
 }
 
+/// Checks, before any checkpoint runs, that a local `model` folder serves every revision:
+/// it is a model folder itself (every checkpoint is that model) or holds
+/// `model/<revision>/config.json` for each. Hub ids and GGUF files pass.
+pub fn check_local_checkpoints(model: &str, revisions: &[String]) -> Result<()> {
+    let path = Path::new(model);
+    if !path.is_dir() || path.join("config.json").is_file() {
+        return Ok(());
+    }
+    let missing: Vec<String> = revisions
+        .iter()
+        .filter(|r| !path.join(r).join("config.json").is_file())
+        .map(|r| path.join(r).display().to_string())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Lens(format!(
+        "{model} is neither a model folder (no config.json) nor a folder holding every \
+         checkpoint: missing {} (each needs a config.json)",
+        missing.join(", ")
+    )))
+}
+
 /// Loads checkpoint `revision` of `model`: `model/revision` when that is a model folder,
 /// else `model` at hub revision `revision` (a lone model folder or GGUF file ignores it; a
-/// folder holding only checkpoint folders, none of them this one, is an error).
+/// local folder without this checkpoint is an error, see [`check_local_checkpoints`]).
 pub fn load_checkpoint(
     model: &str,
     revision: &str,
     load: &LoadOptions,
     tokenizer: Option<&Path>,
 ) -> Result<Model> {
+    check_local_checkpoints(model, std::slice::from_ref(&revision.to_string()))?;
     let path = Path::new(model);
-    let local = path.join(revision);
-    let has_checkpoint = local.join("config.json").is_file();
-    let has_checkpoints = || {
-        std::fs::read_dir(model).is_ok_and(|entries| {
-            entries
-                .flatten()
-                .any(|e| e.path().join("config.json").is_file())
-        })
-    };
-    if !has_checkpoint && path.is_dir() && !path.join("config.json").is_file() && has_checkpoints()
-    {
-        return Err(Error::Lens(format!(
-            "{model} holds checkpoint folders but not {}",
-            local.display()
-        )));
-    }
+    let has_checkpoint = path.join(revision).join("config.json").is_file();
     // A lone local model is every checkpoint; a checkpoint folder is found by `Model::load`,
     // as a local revision always is.
     let lone = path.exists() && !has_checkpoint;
@@ -300,6 +309,7 @@ pub fn run_sweep(options: &SweepOptions, progress: bool) -> Result<SweepSummary>
     if options.checkpoints.is_empty() {
         return Err(Error::Lens("no checkpoints to sweep".into()));
     }
+    check_local_checkpoints(&options.model, &options.checkpoints)?;
     if options.eval_tokens < options.eval_data.seq_len as u64 {
         return Err(Error::Lens(format!(
             "evaluation tokens {} is less than one sequence of {}",

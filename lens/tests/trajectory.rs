@@ -512,14 +512,22 @@ fn sweep_over_two_local_checkpoints_writes_files_and_resumes() {
         err.contains("made with other settings (eval_tokens: 128 -> 64)"),
         "{err}"
     );
-    // A checkpoint missing from a folder of checkpoint folders is not the folder itself.
+    // A checkpoint missing from a folder of checkpoint folders is not the folder itself,
+    // and it is named before any checkpoint runs, wherever it is in the list.
+    let missing_output = dir.path().join("sweep-missing");
     let missing = SweepOptions {
-        checkpoints: vec!["step7".into()],
-        output: dir.path().join("sweep-missing"),
+        checkpoints: vec!["step0".into(), "step7".into(), "step9".into()],
+        output: missing_output.clone(),
         ..options.clone()
     };
     let err = run_sweep(&missing, false).unwrap_err().to_string();
-    assert!(err.contains("holds checkpoint folders but not"), "{err}");
+    assert!(
+        err.contains("nor a folder holding every checkpoint: missing ")
+            && err.contains("step7, ")
+            && err.ends_with("step9 (each needs a config.json)"),
+        "{err}"
+    );
+    assert!(!missing_output.exists(), "nothing ran");
     // Without the resume, the missing weights of step0 are an error naming the folder.
     std::fs::remove_file(output.join("step0/result.json")).unwrap();
     let err = run_sweep(&options, false).unwrap_err().to_string();

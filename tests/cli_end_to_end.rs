@@ -159,4 +159,12 @@ fn cache_command_errors_name_what_is_wrong() {
     args[2] = tmp.path().join("no-model").display().to_string();
     let err = format!("{:#}", run_owned(args).unwrap_err());
     assert!(err.contains("no-model"), "{err}");
+    // Data that yields no tokens fails without leaving an empty cache folder behind.
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let mut args = base("layers.0");
+    args[6] = empty.display().to_string();
+    let err = format!("{:#}", run_owned(args).unwrap_err());
+    assert!(err.contains("empty.txt"), "{err}");
+    assert!(!out.exists(), "{} was left behind", out.display());
 }

@@ -152,7 +152,28 @@ impl ActivationCache {
     /// and earlier ones) after every batch. An error from it stops the job: what was computed
     /// is first written as a shard, so running the job again resumes there (used for Ctrl-C
     /// and progress reporting from Python).
+    ///
+    /// A run that fails before its first shard leaves no empty folders behind.
     pub fn write_with(
+        source: &mut ModelActivations,
+        data: &DataSpec,
+        dir: &Path,
+        options: &CacheOptions,
+        after_batch: impl FnMut(u64) -> Result<()>,
+    ) -> Result<CacheSummary> {
+        let new_dir = !dir.exists();
+        let result = Self::write_shards(source, data, dir, options, after_batch);
+        if result.is_err() {
+            // `remove_dir` removes only empty folders: nothing written is lost.
+            if std::fs::remove_dir(dir.join("shards")).is_ok() && new_dir {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+        result
+    }
+
+    /// The body of [`ActivationCache::write_with`].
+    fn write_shards(
         source: &mut ModelActivations,
         data: &DataSpec,
         dir: &Path,

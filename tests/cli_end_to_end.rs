@@ -67,6 +67,32 @@ fn cache_command_writes_a_complete_cache_of_real_text() {
     );
     run(&["inspect", out.to_str().unwrap()]).unwrap();
     run(&["info", "--model", model.to_str().unwrap()]).unwrap();
+
+    // `inspect` checks the manifest's arithmetic and every shard's header.
+    let inspect = || {
+        format!(
+            "{:#}",
+            run(&["inspect", out.to_str().unwrap()]).unwrap_err()
+        )
+    };
+    let manifest_text = std::fs::read_to_string(out.join("manifest.json")).unwrap();
+    let edited = manifest_text.replacen("\"tokens\": 960,", "\"tokens\": 99999,", 1);
+    assert_ne!(edited, manifest_text);
+    std::fs::write(out.join("manifest.json"), edited).unwrap();
+    let message = inspect();
+    assert!(
+        message.contains("manifest disagrees with itself: tokens 99999, its shards' tokens sum to 960, and 15 sequences of 64 make 960"),
+        "{message}"
+    );
+    std::fs::write(out.join("manifest.json"), &manifest_text).unwrap();
+    let shard = out.join(&manifest.shards[0].file);
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() - 4]).unwrap();
+    let message = inspect();
+    assert!(
+        message.contains("shard-000000.safetensors: unreadable shard"),
+        "{message}"
+    );
 }
 
 #[test]

@@ -28,7 +28,8 @@ enum Command {
     Cache(CacheArgs),
     /// Show a model's configuration and its hook points.
     Info(ModelArgs),
-    /// Summarise an activation cache folder.
+    /// Summarise an activation cache folder and check that its shards' headers agree with
+    /// its manifest.
     Inspect {
         /// The cache folder.
         dir: PathBuf,
@@ -416,6 +417,7 @@ fn emit(text: &str) -> Result<()> {
 
 fn inspect(dir: PathBuf) -> Result<()> {
     let cache = ActivationCache::open(&dir)?;
+    cache.check_shards()?;
     let m = cache.manifest();
     let s = &m.settings;
     println!("cache: {}", dir.display());
@@ -429,6 +431,7 @@ fn inspect(dir: PathBuf) -> Result<()> {
         s.data.seq_len,
         m.shards.len()
     );
+    println!("shards: every header read and consistent with the manifest");
     println!(
         "data: {}",
         s.data

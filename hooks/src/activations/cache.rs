@@ -129,6 +129,26 @@ pub struct CacheSummary {
     pub already_complete: bool,
 }
 
+/// Checks that a shard's tensor `name`, of `found` shape and dtype, is `[rows, width]` in
+/// `dtype`, as `expected` says.
+fn check_tensor(
+    path: &Path,
+    name: &str,
+    found: (&[usize], candle_core::DType),
+    expected: (usize, usize, candle_core::DType),
+) -> Result<()> {
+    let ((dims, found_dtype), (rows, width, dtype)) = (found, expected);
+    if dims != [rows, width] || found_dtype != dtype {
+        return Err(cache_error(
+            path,
+            format!(
+                "tensor '{name}' is {found_dtype:?} {dims:?}, expected [{rows}, {width}] {dtype:?}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn cache_error(path: &Path, message: impl Into<String>) -> Error {
     Error::Cache {
         path: path.into(),
@@ -492,6 +512,20 @@ impl ActivationCache {
         if manifest.shards.is_empty() {
             return Err(cache_error(dir, "manifest lists no shards"));
         }
+        parse_dtype(&settings.dtype)
+            .map_err(|e| cache_error(dir, format!("manifest dtype: {e}")))?;
+        let shard_tokens: u64 = manifest.shards.iter().map(|s| s.tokens).sum();
+        let sequence_tokens = manifest.chunks * settings.data.seq_len as u64;
+        if shard_tokens != manifest.tokens || sequence_tokens != manifest.tokens {
+            return Err(cache_error(
+                dir,
+                format!(
+                    "manifest disagrees with itself: tokens {}, its shards' tokens sum to \
+                     {shard_tokens}, and {} sequences of {} make {sequence_tokens}",
+                    manifest.tokens, manifest.chunks, settings.data.seq_len
+                ),
+            ));
+        }
         for shard in &manifest.shards {
             if !dir.join(&shard.file).is_file() {
                 return Err(cache_error(dir, format!("shard {} is missing", shard.file)));
@@ -512,6 +546,60 @@ impl ActivationCache {
     /// The cached hook points.
     pub fn hook_points(&self) -> &[HookPoint] {
         &self.points
+    }
+
+    /// Reads every shard's header (not its data) and checks that it covers the file and
+    /// holds the tensors, shapes and dtype the manifest describes: a truncated or foreign
+    /// shard is found now rather than when a trainer reaches it.
+    pub fn check_shards(&self) -> Result<()> {
+        let dtype = parse_dtype(&self.manifest.settings.dtype)?;
+        for info in &self.manifest.shards {
+            let path = self.dir.join(&info.file);
+            let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            // SAFETY: the map is read here only, while this function holds the file; a
+            // cache is not written while it is inspected.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+            let tensors = safetensors::SafeTensors::deserialize(&map)
+                .map_err(|e| cache_error(&path, format!("unreadable shard: {e}")))?;
+            let shape_of = |name: &str| {
+                let view = tensors
+                    .tensor(name)
+                    .map_err(|_| cache_error(&path, format!("shard has no tensor '{name}'")))?;
+                let dtype = candle_core::DType::try_from(view.dtype())
+                    .map_err(|e| cache_error(&path, format!("tensor '{name}': {e}")))?;
+                Ok::<_, Error>((view.shape().to_vec(), dtype))
+            };
+            let (token_shape, _) = shape_of("tokens")?;
+            if token_shape != [info.tokens as usize] {
+                return Err(cache_error(
+                    &path,
+                    format!(
+                        "shard has {token_shape:?} tokens, the manifest says {}",
+                        info.tokens
+                    ),
+                ));
+            }
+            for (name, width) in self.named_widths() {
+                let (dims, found) = shape_of(name)?;
+                check_tensor(
+                    &path,
+                    name,
+                    (&dims, found),
+                    (info.tokens as usize, width, dtype),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Each cached hook point's name in the shards and its width.
+    fn named_widths(&self) -> impl Iterator<Item = (&str, usize)> {
+        let settings = &self.manifest.settings;
+        settings
+            .hook_points
+            .iter()
+            .map(String::as_str)
+            .zip(settings.widths.iter().copied())
     }
 
     /// A reader yielding batches of `batch_tokens` rows (the last may be smaller).
@@ -581,17 +669,12 @@ impl ActivationCache {
             let tensor = tensors
                 .remove(name)
                 .ok_or_else(|| cache_error(&path, format!("shard has no tensor '{name}'")))?;
-            if tensor.dims() != [tokens.len(), *width] || tensor.dtype() != dtype {
-                return Err(cache_error(
-                    &path,
-                    format!(
-                        "tensor '{name}' is {:?} {:?}, expected [{}, {width}] {dtype:?}",
-                        tensor.dtype(),
-                        tensor.dims(),
-                        tokens.len()
-                    ),
-                ));
-            }
+            check_tensor(
+                &path,
+                name,
+                (tensor.dims(), tensor.dtype()),
+                (tokens.len(), *width, dtype),
+            )?;
             activations.insert(*point, tensor);
         }
         let batch = ActivationBatch {

@@ -193,4 +193,26 @@ fn cache_command_errors_name_what_is_wrong() {
     let err = format!("{:#}", run_owned(args).unwrap_err());
     assert!(err.contains("empty.txt"), "{err}");
     assert!(!out.exists(), "{} was left behind", out.display());
+    // An id past the model's vocabulary is named by file and sequence, not by its place in
+    // one forward batch (here the second, of sequences 2 and 3).
+    let ids = tmp.path().join("ids.bin");
+    let mut tokens = vec![7u16; 40];
+    tokens[2 * 8 + 3] = 60000;
+    std::fs::write(
+        &ids,
+        tokens
+            .iter()
+            .flat_map(|t| t.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let mut args = base("layers.0");
+    args[6] = ids.display().to_string();
+    args[8] = "8".into();
+    args.extend(["--batch-size".into(), "2".into()]);
+    let err = format!("{:#}", run_owned(args).unwrap_err());
+    assert!(
+        err.contains("ids.bin: token id 60000 in sequence 2 (position 3) is out of range for the model's vocabulary of 50304"),
+        "{err}"
+    );
 }

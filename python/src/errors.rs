@@ -5,9 +5,10 @@
 //! | --- | --- |
 //! | `UnknownHookPoint`, `TokenOutOfRange`, `InvalidArgument`, `Config`, `BadWeight` | `ValueError` |
 //! | `ModelNotFound`, `NotCached`, `Io` (not found), missing data / cache / tokenizer files | `FileNotFoundError` |
+//! | `Io` (already exists: a file where a folder is written) | `FileExistsError` |
 //! | everything else | `RuntimeError` |
 
-use pyo3::exceptions::{PyFileNotFoundError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyFileExistsError, PyFileNotFoundError, PyRuntimeError, PyValueError};
 use pyo3::PyErr;
 
 use hooks::Error;
@@ -19,6 +20,8 @@ pub enum ErrorKind {
     Value,
     /// `FileNotFoundError`: a model, file or folder that does not exist.
     NotFound,
+    /// `FileExistsError`: a file in the way of one to be written.
+    Exists,
     /// `RuntimeError`: anything else.
     Runtime,
 }
@@ -34,6 +37,9 @@ pub fn error_kind(error: &Error) -> ErrorKind {
         Error::ModelNotFound { .. } | Error::NotCached { .. } => ErrorKind::NotFound,
         Error::Io { cause, .. } if cause.kind() == std::io::ErrorKind::NotFound => {
             ErrorKind::NotFound
+        }
+        Error::Io { cause, .. } if cause.kind() == std::io::ErrorKind::AlreadyExists => {
+            ErrorKind::Exists
         }
         Error::Data { message, .. } | Error::Cache { message, .. }
             if message == "file not found" || message == "no such folder" =>
@@ -51,6 +57,7 @@ pub fn to_py_err(error: Error) -> PyErr {
     match error_kind(&error) {
         ErrorKind::Value => PyValueError::new_err(message),
         ErrorKind::NotFound => PyFileNotFoundError::new_err(message),
+        ErrorKind::Exists => PyFileExistsError::new_err(message),
         ErrorKind::Runtime => PyRuntimeError::new_err(message),
     }
 }
@@ -93,6 +100,11 @@ mod tests {
             std::io::Error::from(std::io::ErrorKind::PermissionDenied),
         );
         assert_eq!(error_kind(&denied), ErrorKind::Runtime);
+        let exists = Error::io(
+            "/x",
+            std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+        );
+        assert_eq!(error_kind(&exists), ErrorKind::Exists);
         let data = Error::Data {
             path: "/x.txt".into(),
             message: "file not found".into(),

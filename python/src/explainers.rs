@@ -70,6 +70,20 @@ fn runtime() -> PyResult<tokio::runtime::Runtime> {
 #[pyclass(name = "LatentCache", module = "eleuther_interp", frozen)]
 pub struct PyLatentCache {
     inner: Arc<LatentCache>,
+    /// The folder it was opened from (for the repr).
+    path: PathBuf,
+}
+
+/// A latent index from Python: a negative one is a `ValueError`, as one past the width is.
+fn latent_index(latent: i64) -> PyResult<u32> {
+    u32::try_from(latent).map_err(|_| {
+        let why = if latent < 0 {
+            "latents are numbered from 0"
+        } else {
+            "too large"
+        };
+        PyValueError::new_err(format!("latent {latent} is out of range: {why}"))
+    })
 }
 
 #[pymethods]
@@ -80,7 +94,28 @@ impl PyLatentCache {
         let cache = py.detach(|| LatentCache::open(&path)).into_py_delphi()?;
         Ok(Self {
             inner: Arc::new(cache),
+            path,
         })
+    }
+
+    fn __repr__(&self) -> String {
+        let tokens = self.inner.tokens();
+        let hookpoints: Vec<String> = self
+            .inner
+            .hookpoints()
+            .iter()
+            .map(|(name, latents)| match latents {
+                Some(n) => format!("'{name}': {n}"),
+                None => format!("'{name}': None"),
+            })
+            .collect();
+        format!(
+            "LatentCache(path='{}', hookpoints={{{}}}, sequences={}, seq_len={})",
+            self.path.display(),
+            hookpoints.join(", "),
+            tokens.sequences(),
+            tokens.seq_len()
+        )
     }
 
     /// Hook point name -> number of latents (``None`` when the files do not say).
@@ -110,8 +145,9 @@ impl PyLatentCache {
         &self,
         py: Python<'py>,
         hookpoint: &str,
-        latent: u32,
+        latent: i64,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let latent = latent_index(latent)?;
         let firings = py
             .detach(|| self.inner.latent_firings(hookpoint, latent))
             .into_py_delphi()?;
@@ -140,7 +176,7 @@ impl PyLatentCache {
         &self,
         py: Python<'_>,
         hookpoint: &str,
-        latent: u32,
+        latent: i64,
         example_ctx_len: usize,
         min_examples: usize,
         n_train: usize,
@@ -150,6 +186,7 @@ impl PyLatentCache {
         train_sampling: &str,
         seed: u64,
     ) -> PyResult<Option<PyLatentExamples>> {
+        let latent = latent_index(latent)?;
         let train_sampling = match train_sampling {
             "quantiles" => TrainSampling::Quantiles,
             "top" => TrainSampling::Top,
@@ -312,6 +349,10 @@ impl PyLlm {
     #[getter]
     fn name(&self) -> String {
         self.inner.name()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Llm(name='{}')", self.inner.name())
     }
 }
 

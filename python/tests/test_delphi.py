@@ -106,6 +106,7 @@ def test_cache_firings_and_examples(latents):
         cache.firings("layers.0", 0)
     with pytest.raises(FileNotFoundError):
         ei.LatentCache(path / "missing")
+    assert repr(cache) == f"LatentCache(path='{path}', hookpoints={{'layers.1': 16}}, sequences=16, seq_len=64)"
 
 
 def test_cache_refuses_saes_that_do_not_fit_their_hook_point(latents, tiny_dir, tmp_path, capfd):
@@ -188,8 +189,17 @@ def test_bad_arguments_are_value_errors(latents):
             cache.firings("layers.1", latent)
         with pytest.raises(ValueError, match=f"latent {latent} is out of range"):
             cache.examples("layers.1", latent, min_examples=1)
+    for latent in (-1, 2**32):
+        with pytest.raises(ValueError, match=f"latent {latent} is out of range: "):
+            cache.examples("layers.1", latent, min_examples=1)
+        with pytest.raises(ValueError, match=f"latent {latent} is out of range: "):
+            cache.firings("layers.1", latent)
     with pytest.raises(ValueError, match="--n-train"):
         cache.examples("layers.1", 0, min_examples=1, n_train=3, n_quantiles=4, n_test=8)
+    # The server URL is checked as the CLI checks --explainer.
+    with pytest.raises(ValueError, match="the server URL 'ftp://x' must start with http:// or https://"):
+        ei.Llm.openai("ftp://x", "m")
+    assert repr(ei.Llm.openai("http://127.0.0.1:9/v1", "m")) == "Llm(name='m at http://127.0.0.1:9/v1/chat/completions')"
 
 
 def test_an_older_cache_format_asks_for_a_new_cache(tmp_path):

@@ -80,6 +80,14 @@ def test_errors(sae, tmp_path):
         ei.Sae.load(tmp_path / "nothing-here")
     with pytest.raises(ValueError, match="cfg.json is a file: give the SAE's folder"):
         ei.Sae.load(TINY / "cfg.json")
+    # A folder of SAE folders (what `sae train` writes) names its SAEs.
+    sae.save(tmp_path / "run" / "layers.3")
+    sae.save(tmp_path / "run" / "layers.5")
+    with pytest.raises(ValueError, match="run holds a folder per SAE, not one SAE: pick one of layers.3, layers.5"):
+        ei.Sae.load(tmp_path / "run")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(FileExistsError, match="a-file"):
+        sae.save(tmp_path / "a-file")
     with pytest.raises(ValueError, match=r"\[N, 48\]"):
         sae.encode(np.zeros((3, 47), np.float32))
     with pytest.raises(ValueError, match=r"\[N, 48\]"):

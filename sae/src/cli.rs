@@ -370,25 +370,14 @@ fn pretrained(dir: &Path, width: usize, transcode: bool, device: &Device) -> Res
 
 /// The hook point names of the SAEs in `dir` (its sub-folders holding a cfg.json), at least one.
 fn sae_folder_names(dir: &Path) -> Result<Vec<String>> {
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let path = entry?.path();
-        if path.join("cfg.json").is_file() {
-            names.push(
-                path.file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned(),
-            );
-        }
-    }
+    std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let names = crate::sae_folders(dir);
     if names.is_empty() {
         bail!(
             "{} holds no SAE folders (<hookpoint>/cfg.json)",
             dir.display()
         );
     }
-    names.sort();
     Ok(names)
 }
 

@@ -23,7 +23,7 @@ mod kernels;
 mod sae;
 pub mod train;
 
-pub use sae::{fetch_from_hub, fvu, Activation, ForwardOutput, Sae, SaeConfig};
+pub use sae::{fetch_from_hub, fvu, sae_folders, Activation, ForwardOutput, Sae, SaeConfig};
 
 /// Errors of SAE files, inference and training.
 #[derive(Debug, thiserror::Error)]

@@ -534,6 +534,16 @@ impl Sae {
             return Self::load_sae_lens(dir, device);
         }
         let cfg_path = dir.join("cfg.json");
+        if !cfg_path.exists() {
+            let inner = sae_folders(dir);
+            if !inner.is_empty() {
+                return Err(Error::Sae(format!(
+                    "{} holds a folder per SAE, not one SAE: pick one of {}",
+                    dir.display(),
+                    inner.join(", ")
+                )));
+            }
+        }
         let text =
             std::fs::read_to_string(&cfg_path).map_err(|e| hooks::Error::io(&cfg_path, e))?;
         let config: SaeConfig = serde_json::from_str(&text)
@@ -756,6 +766,22 @@ pub(crate) fn check_finite(x: &Tensor, what: &str) -> Result<()> {
             column_sums[column]
         ))),
     }
+}
+
+/// The sub-folders of `dir` that hold an SAE (`<name>/cfg.json`), sorted: the layout of
+/// sparsify's and `sae train`'s output, one folder per hook point. Empty when there are
+/// none or `dir` cannot be read.
+pub fn sae_folders(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.path().join("cfg.json").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
 }
 
 #[cfg(test)]

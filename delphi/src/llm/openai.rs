@@ -119,6 +119,12 @@ impl OpenAiClient {
     /// A client for `config`; reads the API key from `config.api_key_env` when set (an unset
     /// or empty variable is an error, so a job does not run unauthenticated by mistake).
     pub fn new(config: OpenAiConfig) -> Result<Self> {
+        if !(config.url.starts_with("http://") || config.url.starts_with("https://")) {
+            return Err(Error::Invalid(format!(
+                "the server URL '{}' must start with http:// or https://",
+                config.url
+            )));
+        }
         if config.concurrency == 0 {
             return Err(Error::Invalid("concurrency must be at least 1".into()));
         }

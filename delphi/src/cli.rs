@@ -493,7 +493,7 @@ fn run_command(args: RunArgs) -> Result<()> {
     let report = runtime.block_on(run_job(&cache, tokenizer, &models, &config, &options))?;
     let minutes = started.elapsed().as_secs_f64() / 60.0;
     println!(
-        "{}: {} latents in this shard, {} complete, {} skipped (too rare), {} skipped (test set short of --n-test \
+        "explainer {}: {} latents in this shard, {} complete, {} skipped (too rare), {} skipped (test set short of --n-test \
          after the explainer's examples), {} without a parsable explanation, {} with unreadable scorer answers, {} failed; \
          {:.1} completed latents/min; {} prompt + {} completion tokens",
         llm.name(),
@@ -520,21 +520,69 @@ fn run_command(args: RunArgs) -> Result<()> {
         for error in report.errors.iter().take(10) {
             eprintln!("failed: {error}");
         }
-        bail!(
-            "{unfinished} latents are unfinished; run the same command again to retry exactly those{}",
-            if report.unreadable_scores > 0 {
-                " (or add --keep-unreadable to record unreadable scorer answers as failed parses)"
-            } else {
-                ""
-            }
-        );
+        bail!(unfinished_message(
+            unfinished,
+            report.explanation_failures,
+            report.unreadable_scores,
+            args.explainer_max_tokens
+        ));
     }
     Ok(())
+}
+
+/// The error that ends a run leaving latents unfinished, with what would change the
+/// outcome: a retry alone does not when the explainer answers the same way again.
+fn unfinished_message(
+    unfinished: u64,
+    explanation_failures: u64,
+    unreadable_scores: u64,
+    explainer_max_tokens: u32,
+) -> String {
+    let mut message = format!(
+        "{unfinished} latents are unfinished; run the same command again to retry exactly those"
+    );
+    if explanation_failures > 0 {
+        message += &format!(
+            ". {explanation_failures} explainer answers had no [EXPLANATION]: line or were cut off \
+             at --explainer-max-tokens {explainer_max_tokens}; a deterministic explainer (the \
+             local one answers at temperature 0) gives the same answer again, so raise \
+             --explainer-max-tokens or use a stronger explainer"
+        );
+    }
+    if unreadable_scores > 0 {
+        message += &format!(
+            ". {unreadable_scores} latents had unreadable scorer answers: add --keep-unreadable \
+             to record them as failed parses"
+        );
+    }
+    message
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unfinished_latents_come_with_what_would_change_the_outcome() {
+        let plain = unfinished_message(2, 0, 0, 300);
+        assert_eq!(
+            plain,
+            "2 latents are unfinished; run the same command again to retry exactly those"
+        );
+        let explained = unfinished_message(1, 1, 0, 300);
+        assert!(
+            explained.starts_with(&plain.replace('2', "1"))
+                && explained.contains("cut off at --explainer-max-tokens 300")
+                && explained.ends_with("raise --explainer-max-tokens or use a stronger explainer"),
+            "{explained}"
+        );
+        let scored = unfinished_message(3, 0, 3, 300);
+        assert!(
+            scored.ends_with("3 latents had unreadable scorer answers: add --keep-unreadable to record them as failed parses")
+                && !scored.contains("explainer-max-tokens"),
+            "{scored}"
+        );
+    }
 
     #[test]
     fn latents_and_prices_are_parsed_or_refused_by_flag() {

@@ -63,6 +63,8 @@ struct SaeArgs {
 }
 
 #[derive(Args, Debug)]
+// delphi's cache_ctx_len, as `delphi run --data` uses, rather than the 2048 of training.
+#[command(mut_arg("seq_len", |arg| arg.default_value("256")))]
 struct CacheArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -561,6 +563,24 @@ fn unfinished_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_and_run_pack_data_into_sequences_of_the_same_default_length() {
+        let common = ["--model", "m", "--sae", "s", "--hookpoints", "layers.1"];
+        let parse = |command: &str, extra: &[&str]| {
+            let args = ["delphi", command, "--data", "d.txt", "--output", "o"];
+            Cli::try_parse_from([&args[..], &common, extra].concat())
+                .unwrap()
+                .command
+        };
+        let Command::Cache(cache) = parse("cache", &[]) else {
+            panic!("not cache")
+        };
+        let Command::Run(run) = parse("run", &["--latents", "0..1"]) else {
+            panic!("not run")
+        };
+        assert_eq!((cache.data.seq_len, run.seq_len), (256, 256));
+    }
 
     #[test]
     fn unfinished_latents_come_with_what_would_change_the_outcome() {

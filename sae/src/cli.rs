@@ -465,6 +465,17 @@ fn train_command(mut args: TrainArgs) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be positive");
     }
+    let seq_len = cache
+        .as_ref()
+        .map_or(args.data.seq_len, |c| c.manifest().settings.data.seq_len);
+    if args.batch_size < seq_len {
+        // sparsify's --batch_size counts sequences; a value typed in that sense lands here.
+        tracing::warn!(
+            "--batch-size counts tokens per step (sparsify's counts sequences): {} tokens is less \
+             than one sequence of {seq_len}",
+            args.batch_size
+        );
+    }
     let skip = args.skip_first_positions;
     let steps = match (args.steps, args.max_tokens, &cache) {
         (Some(steps), _, _) => steps,

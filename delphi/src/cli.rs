@@ -125,7 +125,8 @@ struct RunArgs {
     /// find the silent excerpt among activating ones).
     #[arg(long, default_value = "detection,fuzzing")]
     scorers: String,
-    /// Output folder (explanations/, scores/<scorer>/, summary.json).
+    /// Output folder (explanations/, scores/{detection,fuzz,embedding,intruder}/,
+    /// summary.json).
     #[arg(long, short)]
     output: PathBuf,
     /// This process's share of the job, i/n: latents with index % n == i.

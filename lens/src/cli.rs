@@ -112,7 +112,8 @@ struct SweepArgs {
     #[arg(long, short)]
     model: String,
     /// Revisions: a comma-separated list (step1000,step8000,step143000), `pythia` (all 154
-    /// Pythia steps) or `pythia:A-B` (Pythia's log-spaced steps from A to B).
+    /// Pythia steps) or `pythia:A-B` (Pythia's checkpoint steps from A to B: 0, 1, 2, 4, ...,
+    /// 512, then every 1000).
     #[arg(long)]
     checkpoints: String,
     /// Device: cpu, cuda or cuda:N.

@@ -15,7 +15,9 @@ autoencoders in EleutherAI sparsify's format.
 
 Arrays cross as numpy: token ids in (any integer dtype, or lists), float32 out.
 Errors: ``ValueError`` for bad arguments (unknown hook point, token id out of range, bad
-config), ``FileNotFoundError`` for missing models and files, ``RuntimeError`` otherwise.
+config), ``TypeError`` for an argument of the wrong kind, ``FileNotFoundError`` for missing
+models and files, ``FileExistsError`` for a file where a folder is to be written,
+``RuntimeError`` otherwise.
 """
 
 from __future__ import annotations

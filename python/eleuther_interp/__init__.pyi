@@ -427,7 +427,8 @@ class Sae:
     ) -> "Sae":
         """A new SAE trained with ``sae train``'s recipe on the rows of ``x`` ``[N, d_in]`` in
         order (a transcoder learns ``y`` from ``x``), ``batch_size`` rows per step; the same
-        rows and seed give the same SAE as ``sae train``. Bad input raises ``ValueError``."""
+        rows and seed give the same SAE as ``sae train`` (which seeds its i-th hook point's SAE
+        with ``seed + i``). Bad input raises ``ValueError``."""
 
 @final
 class SaeTrainer:
@@ -586,10 +587,12 @@ def score(
     examples_per_prompt: int = 5,
     logprobs: bool = False,
 ) -> dict[str, Any]:
-    """Scores an explanation on ``examples.test`` + ``examples.non_activating`` with
-    ``"detection"``, ``"fuzzing"`` or ``"embedding"``: metrics plus per-excerpt ``samples``;
-    or the latent itself with ``"intruder"`` (``explanation`` unused): ``accuracy`` of finding
-    each silent excerpt among marked activating ones, plus per-prompt ``results``."""
+    """Scores an explanation on ``examples.test`` + ``examples.non_activating``:
+    ``"detection"`` / ``"fuzzing"`` give ``balanced_accuracy``, ``precision``, ``recall``,
+    ``f1``, ``auc``, ``failed``, ``failed_prompts``, ``usage`` and per-excerpt ``samples``;
+    ``"embedding"`` gives ``auc`` and ``samples``; ``"intruder"`` scores the latent itself
+    (``explanation`` unused): ``accuracy`` of finding each silent excerpt among marked
+    activating ones, ``failed_prompts``, ``usage`` and per-prompt ``results``."""
 
 def delphi_main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the ``delphi`` command line (``cache``, ``run``, ``summary``); returns its exit status."""

@@ -394,13 +394,14 @@ pub fn explain<'py>(
 static MINILM: OnceLock<SentenceEmbedder> = OnceLock::new();
 
 /// Scores ``explanation`` on the latent's held-out examples (``examples.test`` and
-/// ``examples.non_activating``) with ``scorer``: ``"detection"`` or ``"fuzzing"`` (asks
-/// ``llm``) or ``"embedding"`` (MiniLM in process; ``llm`` may be ``None``). Returns a dict
-/// with the metrics (``balanced_accuracy``, ``precision``, ``recall``, ``f1``, ``auc``,
-/// ``failed``) and ``samples`` (per excerpt, delphi's record shape). ``"intruder"`` asks
-/// ``llm`` to find each silent excerpt among marked activating ones and ignores
-/// ``explanation``: a dict with ``accuracy`` (share of intruders found), ``failed_prompts``
-/// and ``results`` (per prompt, delphi's ``IntruderResult`` shape).
+/// ``examples.non_activating``) with ``scorer``. ``"detection"`` or ``"fuzzing"`` (asks
+/// ``llm``) return a dict with the metrics (``balanced_accuracy``, ``precision``,
+/// ``recall``, ``f1``, ``auc``, ``failed``), ``failed_prompts``, ``usage`` and ``samples``
+/// (per excerpt, delphi's record shape); ``"embedding"`` (MiniLM in process; ``llm`` may be
+/// ``None``) returns ``auc`` and ``samples``. ``"intruder"`` asks ``llm`` to find each silent
+/// excerpt among marked activating ones and ignores ``explanation``: a dict with
+/// ``accuracy`` (share of intruders found), ``failed_prompts``, ``usage`` and ``results``
+/// (per prompt, delphi's ``IntruderResult`` shape).
 #[pyfunction]
 #[pyo3(signature = (llm, scorer, explanation, examples, tokenizer, *, examples_per_prompt = 5, logprobs = false))]
 #[allow(clippy::too_many_arguments)]

@@ -229,7 +229,7 @@ impl PySae {
     }
 
     /// Trains a new SAE with sparsify's recipe (the ``sae train`` trainer, same seed -> same
-    /// SAE) on the rows of ``x`` (``[N, d_in]``, used in order; a transcoder also takes its
+    /// SAE; ``sae train --seed S`` seeds its i-th hook point's SAE with ``S + i``) on the rows of ``x`` (``[N, d_in]``, used in order; a transcoder also takes its
     /// targets ``y``), ``batch_size`` rows per step, for ``steps`` steps (default: as many
     /// whole batches as ``x`` holds), and returns it. The other arguments are those of
     /// :class:`SaeTrainer`; ``callback(record)`` sees each step's record. Bad arguments

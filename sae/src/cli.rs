@@ -252,7 +252,8 @@ struct TrainArgs {
     /// gradients and optimiser state are f32 either way.
     #[arg(long, default_value = "auto")]
     encoder_dtype: String,
-    /// Seed of the SAE initialisation and of the cache shuffle.
+    /// Seed of the cache shuffle and of the SAE initialisation (the i-th hook point's SAE is
+    /// initialised with seed + i).
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Rows held in memory to shuffle a cache.

@@ -235,10 +235,15 @@ pub fn check_local_checkpoints(model: &str, revisions: &[String]) -> Result<()> 
     if missing.is_empty() {
         return Ok(());
     }
+    const SHOWN: usize = 5;
+    let more = match missing.len().saturating_sub(SHOWN) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
     Err(Error::Lens(format!(
         "{model} is neither a model folder (no config.json) nor a folder holding every \
-         checkpoint: missing {} (each needs a config.json)",
-        missing.join(", ")
+         checkpoint: missing {}{more} (each needs a config.json)",
+        missing[..missing.len().min(SHOWN)].join(", ")
     )))
 }
 
@@ -309,7 +314,14 @@ pub fn run_sweep(options: &SweepOptions, progress: bool) -> Result<SweepSummary>
     if options.checkpoints.is_empty() {
         return Err(Error::Lens("no checkpoints to sweep".into()));
     }
-    check_local_checkpoints(&options.model, &options.checkpoints)?;
+    // A finished checkpoint is read back, not loaded: its folder may be gone.
+    let to_load: Vec<String> = options
+        .checkpoints
+        .iter()
+        .filter(|r| !checkpoint_folder(&options.output, r).join("result.json").is_file())
+        .cloned()
+        .collect();
+    check_local_checkpoints(&options.model, &to_load)?;
     if options.eval_tokens < options.eval_data.seq_len as u64 {
         return Err(Error::Lens(format!(
             "evaluation tokens {} is less than one sequence of {}",

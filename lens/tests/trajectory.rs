@@ -482,9 +482,12 @@ fn sweep_over_two_local_checkpoints_writes_files_and_resumes() {
     let curves = plot_layer_curves(&dir.path().join("c.svg"), &grid).unwrap();
     assert_eq!(svg_size(&dir.path().join("c.svg")), curves);
 
-    // Resume: step0 is done, so it is not loaded again (its weights are gone now); step1's
-    // result is removed, so step1 is evaluated again (its lens is reused, not retrained).
-    std::fs::remove_file(series.join("step0/model.safetensors")).unwrap();
+    // Resume: step0 is done, so it is not loaded again (its folder is gone now, as a user
+    // short of disk may delete what is done); step1's result is removed, so step1 is
+    // evaluated again (its lens is reused, not retrained).
+    let step0_folder = series.join("step0");
+    let step0_backup = dir.path().join("step0-backup");
+    std::fs::rename(&step0_folder, &step0_backup).unwrap();
     let step0_result = std::fs::read(output.join("step0/result.json")).unwrap();
     std::fs::remove_file(output.join("step1/result.json")).unwrap();
     let lens_file = output.join("step1/lens/params.safetensors");
@@ -502,6 +505,7 @@ fn sweep_over_two_local_checkpoints_writes_files_and_resumes() {
         again.results[1].eval.tuned_lens,
         summary.results[1].eval.tuned_lens
     );
+    std::fs::rename(&step0_backup, &step0_folder).unwrap();
     // A finished checkpoint is not reused for a sweep with other settings.
     let other = SweepOptions {
         eval_tokens: 64,
@@ -529,6 +533,7 @@ fn sweep_over_two_local_checkpoints_writes_files_and_resumes() {
     );
     assert!(!missing_output.exists(), "nothing ran");
     // Without the resume, the missing weights of step0 are an error naming the folder.
+    std::fs::remove_file(step0_folder.join("model.safetensors")).unwrap();
     std::fs::remove_file(output.join("step0/result.json")).unwrap();
     let err = run_sweep(&options, false).unwrap_err().to_string();
     assert!(err.contains("step0"), "{err}");

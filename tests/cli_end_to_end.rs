@@ -194,10 +194,10 @@ fn cache_command_errors_name_what_is_wrong() {
     assert!(err.contains("empty.txt"), "{err}");
     assert!(!out.exists(), "{} was left behind", out.display());
     // An id past the model's vocabulary is named by file and sequence, not by its place in
-    // one forward batch (here the second, of sequences 2 and 3).
+    // one forward batch (here the second row of the second, of sequences 2 and 3).
     let ids = tmp.path().join("ids.bin");
-    let mut tokens = vec![7u16; 40];
-    tokens[2 * 8 + 3] = 60000;
+    let mut tokens = vec![7u16; 48];
+    tokens[3 * 8 + 5] = 60000;
     std::fs::write(
         &ids,
         tokens
@@ -212,7 +212,7 @@ fn cache_command_errors_name_what_is_wrong() {
     args.extend(["--batch-size".into(), "2".into()]);
     let err = format!("{:#}", run_owned(args).unwrap_err());
     assert!(
-        err.contains("ids.bin: token id 60000 in sequence 2 (position 3) is out of range for the model's vocabulary of 50304"),
+        err.contains("ids.bin: token id 60000 at position 5 of sequence 3 (the data packed into 8-token sequences, counted from 0) is out of range for the model's vocabulary of 50304"),
         "{err}"
     );
 }

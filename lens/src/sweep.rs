@@ -318,7 +318,11 @@ pub fn run_sweep(options: &SweepOptions, progress: bool) -> Result<SweepSummary>
     let to_load: Vec<String> = options
         .checkpoints
         .iter()
-        .filter(|r| !checkpoint_folder(&options.output, r).join("result.json").is_file())
+        .filter(|r| {
+            !checkpoint_folder(&options.output, r)
+                .join("result.json")
+                .is_file()
+        })
         .cloned()
         .collect();
     check_local_checkpoints(&options.model, &to_load)?;

@@ -855,7 +855,9 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
         let (b, s) = (batch.len(), batch[0].len());
         let ids = Tensor::from_vec(batch.concat(), (b, s), model.device())?;
         let mut hooks = Hooks::new().capture(points.iter().chain(inputs.iter().flatten()).copied());
-        let out = model.forward(&ids, &mut hooks)?;
+        let out = model
+            .forward(&ids, &mut hooks)
+            .map_err(|e| chunks.locate_token_error(e, b))?;
         let logits = out.logits.context("the model returned no logits")?;
         let (ce, count) = ce_sum(&logits, &ids)?;
         ce_clean += ce;

@@ -280,6 +280,23 @@ fn train_resume_and_eval_on_a_tiny_model() {
         .join(",");
     let message = eval_error(&out, &same, &["--exclude-tokens", &exclude]);
     assert!(message.contains("tokens was left out"), "{message}");
+    // A token id past the model's vocabulary is named with its file and place in the data.
+    let ids = tmp.path().join("ids.bin");
+    let mut tokens = vec![7u16; 128];
+    tokens[9] = 60000;
+    std::fs::write(
+        &ids,
+        tokens
+            .iter()
+            .flat_map(|t| t.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let message = eval_error(&out, &ids, &[]);
+    assert!(
+        message.contains("ids.bin: token id 60000 at position 9 of sequence 0 (the data packed"),
+        "{message}"
+    );
     // An SAE folder named after an attention pattern: patterns have no row per token.
     std::fs::rename(
         narrow.join("layers.0"),

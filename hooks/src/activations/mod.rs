@@ -181,35 +181,6 @@ pub struct ModelActivations<'m> {
 }
 
 impl<'m> ModelActivations<'m> {
-    /// An out-of-range token id in the last `batch` chunks read, named by data file and
-    /// sequence (its position in the forward pass's input means nothing to the user).
-    fn locate_in_data(&self, error: Error, batch: usize) -> Error {
-        let Error::TokenOutOfRange {
-            token,
-            position,
-            vocab_size,
-        } = error
-        else {
-            return error;
-        };
-        let seq_len = self.chunks.seq_len();
-        let first = self.chunks.chunks_emitted() - batch as u64;
-        let files: Vec<String> = self
-            .chunks
-            .spec()
-            .paths
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
-        Error::InvalidArgument(format!(
-            "{}: token id {token} in sequence {} (position {}) is out of range for the model's \
-             vocabulary of {vocab_size}: the tokenizer or token file was made for another model",
-            files.join(", "),
-            first + (position / seq_len) as u64,
-            position % seq_len
-        ))
-    }
-
     /// Streams `points` over `chunks`, `chunks_per_batch` sequences per forward pass, with
     /// activations converted to `dtype`; at most `max_chunks` chunks when given.
     pub fn new(
@@ -319,7 +290,7 @@ impl ActivationSource for ModelActivations<'_> {
         let out = self
             .model
             .forward(&ids, &mut hooks)
-            .map_err(|e| self.locate_in_data(e, batch))?;
+            .map_err(|e| self.chunks.locate_token_error(e, batch))?;
         let mut activations = BTreeMap::new();
         for point in &self.points {
             let tensor = &out.captures[point];

@@ -217,6 +217,41 @@ impl ChunkStream {
         self.chunks_emitted
     }
 
+    /// `error` from a forward pass over the last `batch` chunks returned, with an
+    /// out-of-range token id located in the data: its packed sequence (counted from 0 over
+    /// the whole dataset) and position there, rather than its place in one forward batch.
+    /// Other errors pass through.
+    pub fn locate_token_error(&self, error: Error, batch: usize) -> Error {
+        let Error::TokenOutOfRange {
+            token,
+            position,
+            vocab_size,
+        } = error
+        else {
+            return error;
+        };
+        let seq_len = self.spec.seq_len.max(1);
+        let sequence =
+            self.chunks_emitted.saturating_sub(batch as u64) + (position / seq_len) as u64;
+        let paths = &self.spec.paths;
+        let data = match paths.as_slice() {
+            [one] => one.display().to_string(),
+            _ => format!(
+                "the data ({} files, from {})",
+                paths.len(),
+                paths
+                    .first()
+                    .map_or(String::new(), |p| p.display().to_string())
+            ),
+        };
+        Error::InvalidArgument(format!(
+            "{data}: token id {token} at position {} of sequence {sequence} (the data packed \
+             into {seq_len}-token sequences, counted from 0) is out of range for the model's \
+             vocabulary of {vocab_size}: the tokenizer or token file was made for another model",
+            position % seq_len
+        ))
+    }
+
     /// A fingerprint (64-bit FNV-1a) of the token ids of the first `chunks` chunks, which a
     /// resumed job compares with the one it saved, to refuse data that changed under it;
     /// `None` when the stream has not reached that chunk or has moved too far past it.

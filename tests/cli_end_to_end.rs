@@ -84,6 +84,22 @@ fn cache_command_writes_a_complete_cache_of_real_text() {
         message.contains("manifest disagrees with itself: tokens 99999, its shards' tokens sum to 960, and 15 sequences of 64 make 960"),
         "{message}"
     );
+    // A shard that does not hold what the manifest says: found by `inspect` from its header,
+    // and by a reader when it loads it.
+    let narrower =
+        manifest_text.replacen("\"widths\": [\n      32,", "\"widths\": [\n      31,", 1);
+    assert_ne!(narrower, manifest_text);
+    std::fs::write(out.join("manifest.json"), narrower).unwrap();
+    let expected = "tensor 'layers.0' is F32 [960, 32], expected [960, 31] F32";
+    let message = inspect();
+    assert!(message.contains(expected), "{message}");
+    let cache = hooks::activations::ActivationCache::open(&out).unwrap();
+    let mut reader = cache
+        .reader(64, hooks::activations::ReadOrder::Sequential)
+        .unwrap();
+    use hooks::activations::ActivationSource;
+    let message = format!("{:#}", reader.next_batch().unwrap_err());
+    assert!(message.contains(expected), "{message}");
     std::fs::write(out.join("manifest.json"), &manifest_text).unwrap();
     let shard = out.join(&manifest.shards[0].file);
     let bytes = std::fs::read(&shard).unwrap();

@@ -139,7 +139,6 @@ impl DataOpts {
     }
 }
 
-/// Refuses to skip every position of `seq_len`-token sequences.
 /// `--num-latents`: a positive count (0 is not a stand-in for the default).
 fn parse_num_latents(text: &str) -> std::result::Result<usize, String> {
     match text.parse::<usize>() {
@@ -151,6 +150,7 @@ fn parse_num_latents(text: &str) -> std::result::Result<usize, String> {
     }
 }
 
+/// Refuses to skip every position of `seq_len`-token sequences.
 fn check_skip(skip_positions: usize, seq_len: usize) -> Result<()> {
     if skip_positions >= seq_len {
         bail!(

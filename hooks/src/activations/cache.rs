@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -129,26 +129,6 @@ pub struct CacheSummary {
     pub already_complete: bool,
 }
 
-/// Checks that a shard's tensor `name`, of `found` shape and dtype, is `[rows, width]` in
-/// `dtype`, as `expected` says.
-fn check_tensor(
-    path: &Path,
-    name: &str,
-    found: (&[usize], candle_core::DType),
-    expected: (usize, usize, candle_core::DType),
-) -> Result<()> {
-    let ((dims, found_dtype), (rows, width, dtype)) = (found, expected);
-    if dims != [rows, width] || found_dtype != dtype {
-        return Err(cache_error(
-            path,
-            format!(
-                "tensor '{name}' is {found_dtype:?} {dims:?}, expected [{rows}, {width}] {dtype:?}"
-            ),
-        ));
-    }
-    Ok(())
-}
-
 fn cache_error(path: &Path, message: impl Into<String>) -> Error {
     Error::Cache {
         path: path.into(),
@@ -173,7 +153,8 @@ impl ActivationCache {
     /// is first written as a shard, so running the job again resumes there (used for Ctrl-C
     /// and progress reporting from Python).
     ///
-    /// A run that fails before its first shard leaves no empty folders behind.
+    /// A run that fails before its first shard removes the cache folder it created (and its
+    /// `shards/`), when they are still empty.
     pub fn write_with(
         source: &mut ModelActivations,
         data: &DataSpec,
@@ -514,15 +495,24 @@ impl ActivationCache {
         }
         parse_dtype(&settings.dtype)
             .map_err(|e| cache_error(dir, format!("manifest dtype: {e}")))?;
-        let shard_tokens: u64 = manifest.shards.iter().map(|s| s.tokens).sum();
-        let sequence_tokens = manifest.chunks * settings.data.seq_len as u64;
-        if shard_tokens != manifest.tokens || sequence_tokens != manifest.tokens {
+        // Checked: the numbers come from a file a user may have edited.
+        let shard_tokens = manifest
+            .shards
+            .iter()
+            .try_fold(0u64, |sum, s| sum.checked_add(s.tokens));
+        let sequence_tokens = manifest.chunks.checked_mul(settings.data.seq_len as u64);
+        if shard_tokens != Some(manifest.tokens) || sequence_tokens != Some(manifest.tokens) {
+            let shown = |n: Option<u64>| n.map_or("more than 2^64".into(), |n| n.to_string());
             return Err(cache_error(
                 dir,
                 format!(
-                    "manifest disagrees with itself: tokens {}, its shards' tokens sum to \
-                     {shard_tokens}, and {} sequences of {} make {sequence_tokens}",
-                    manifest.tokens, manifest.chunks, settings.data.seq_len
+                    "manifest disagrees with itself: tokens {}, its shards' tokens sum to {}, \
+                     and {} sequences of {} make {}",
+                    manifest.tokens,
+                    shown(shard_tokens),
+                    manifest.chunks,
+                    settings.data.seq_len,
+                    shown(sequence_tokens)
                 ),
             ));
         }
@@ -549,10 +539,9 @@ impl ActivationCache {
     }
 
     /// Reads every shard's header (not its data) and checks that it covers the file and
-    /// holds the tensors, shapes and dtype the manifest describes: a truncated or foreign
+    /// holds the tensors, shapes and dtypes the manifest describes: a truncated or foreign
     /// shard is found now rather than when a trainer reaches it.
     pub fn check_shards(&self) -> Result<()> {
-        let dtype = parse_dtype(&self.manifest.settings.dtype)?;
         for info in &self.manifest.shards {
             let path = self.dir.join(&info.file);
             let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
@@ -561,45 +550,52 @@ impl ActivationCache {
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
             let tensors = safetensors::SafeTensors::deserialize(&map)
                 .map_err(|e| cache_error(&path, format!("unreadable shard: {e}")))?;
-            let shape_of = |name: &str| {
-                let view = tensors
-                    .tensor(name)
-                    .map_err(|_| cache_error(&path, format!("shard has no tensor '{name}'")))?;
-                let dtype = candle_core::DType::try_from(view.dtype())
-                    .map_err(|e| cache_error(&path, format!("tensor '{name}': {e}")))?;
-                Ok::<_, Error>((view.shape().to_vec(), dtype))
-            };
-            let (token_shape, _) = shape_of("tokens")?;
-            if token_shape != [info.tokens as usize] {
-                return Err(cache_error(
-                    &path,
-                    format!(
-                        "shard has {token_shape:?} tokens, the manifest says {}",
-                        info.tokens
-                    ),
-                ));
-            }
-            for (name, width) in self.named_widths() {
-                let (dims, found) = shape_of(name)?;
-                check_tensor(
-                    &path,
-                    name,
-                    (&dims, found),
-                    (info.tokens as usize, width, dtype),
-                )?;
-            }
+            self.check_layout(&path, info.tokens, |name| {
+                let view = tensors.tensor(name).ok()?;
+                Some((view.shape().to_vec(), DType::try_from(view.dtype()).ok()))
+            })?;
         }
         Ok(())
     }
 
-    /// Each cached hook point's name in the shards and its width.
-    fn named_widths(&self) -> impl Iterator<Item = (&str, usize)> {
+    /// Checks a shard's tensors, found through `tensor(name) -> (shape, dtype)` (`None`: a
+    /// dtype candle does not read): `tokens` as `[rows]` u32, with the manifest's `rows`, and
+    /// each hook point as `[rows, width]` in the cache's dtype.
+    fn check_layout(
+        &self,
+        path: &Path,
+        rows: u64,
+        tensor: impl Fn(&str) -> Option<(Vec<usize>, Option<DType>)>,
+    ) -> Result<()> {
         let settings = &self.manifest.settings;
-        settings
-            .hook_points
-            .iter()
-            .map(String::as_str)
-            .zip(settings.widths.iter().copied())
+        let dtype = parse_dtype(&settings.dtype)?;
+        let expected = std::iter::once(("tokens", None, DType::U32)).chain(
+            settings
+                .hook_points
+                .iter()
+                .zip(&settings.widths)
+                .map(|(name, &width)| (name.as_str(), Some(width), dtype)),
+        );
+        for (name, width, dtype) in expected {
+            let (dims, found) = tensor(name)
+                .ok_or_else(|| cache_error(path, format!("shard has no tensor '{name}'")))?;
+            let shape: Vec<usize> = std::iter::once(rows as usize).chain(width).collect();
+            if dims != shape || found != Some(dtype) {
+                let found = found.map_or("an unreadable dtype".into(), |d| format!("{d:?}"));
+                let rows_note = if dims.first() != shape.first() {
+                    format!(" (the manifest says {rows} rows)")
+                } else {
+                    String::new()
+                };
+                return Err(cache_error(
+                    path,
+                    format!(
+                        "tensor '{name}' is {found} {dims:?}, expected {shape:?} {dtype:?}{rows_note}"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// A reader yielding batches of `batch_tokens` rows (the last may be smaller).
@@ -644,39 +640,18 @@ impl ActivationCache {
                 format!("unreadable shard: {}", crate::weights::root_cause(&e)),
             )
         })?;
-        let tokens = tensors
-            .remove("tokens")
-            .ok_or_else(|| cache_error(&path, "shard has no 'tokens' tensor"))?;
-        let tokens: Vec<u32> = tokens.to_vec1()?;
-        if tokens.len() as u64 != info.tokens {
-            return Err(cache_error(
-                &path,
-                format!(
-                    "shard has {} tokens, the manifest says {}",
-                    tokens.len(),
-                    info.tokens
-                ),
-            ));
-        }
-        let dtype = parse_dtype(&self.manifest.settings.dtype)?;
-        let mut activations = BTreeMap::new();
-        for ((point, name), width) in self
+        self.check_layout(&path, info.tokens, |name| {
+            tensors
+                .get(name)
+                .map(|t| (t.dims().to_vec(), Some(t.dtype())))
+        })?;
+        let tokens: Vec<u32> = tensors.remove("tokens").expect("checked").to_vec1()?;
+        let activations = self
             .points
             .iter()
             .zip(&self.manifest.settings.hook_points)
-            .zip(&self.manifest.settings.widths)
-        {
-            let tensor = tensors
-                .remove(name)
-                .ok_or_else(|| cache_error(&path, format!("shard has no tensor '{name}'")))?;
-            check_tensor(
-                &path,
-                name,
-                (tensor.dims(), tensor.dtype()),
-                (tokens.len(), *width, dtype),
-            )?;
-            activations.insert(*point, tensor);
-        }
+            .map(|(point, name)| (*point, tensors.remove(name).expect("checked")))
+            .collect();
         let batch = ActivationBatch {
             tokens,
             activations,

@@ -74,16 +74,32 @@ pub struct PyLatentCache {
     path: PathBuf,
 }
 
-/// A latent index from Python: a negative one is a `ValueError`, as one past the width is.
-fn latent_index(latent: i64) -> PyResult<u32> {
-    u32::try_from(latent).map_err(|_| {
-        let why = if latent < 0 {
-            "latents are numbered from 0"
-        } else {
-            "too large"
-        };
-        PyValueError::new_err(format!("latent {latent} is out of range: {why}"))
-    })
+/// A latent index from Python (any int): a negative or huge one is a `ValueError`, as one
+/// past the width is.
+fn latent_index(latent: &Bound<'_, PyAny>) -> PyResult<u32> {
+    // `operator.index` takes Python and numpy integers alike.
+    let latent = latent
+        .py()
+        .import("operator")?
+        .call_method1("index", (latent,))
+        .map_err(|_| {
+            let kind = latent.get_type().name().map(|n| n.to_string());
+            pyo3::exceptions::PyTypeError::new_err(format!(
+                "a latent index must be an integer, not {}",
+                kind.unwrap_or_default()
+            ))
+        })?;
+    if let Ok(index) = latent.extract::<u32>() {
+        return Ok(index);
+    }
+    let why = if latent.lt(0)? {
+        "latents are numbered from 0"
+    } else {
+        "too large"
+    };
+    Err(PyValueError::new_err(format!(
+        "latent {latent} is out of range: {why}"
+    )))
 }
 
 #[pymethods]
@@ -145,7 +161,7 @@ impl PyLatentCache {
         &self,
         py: Python<'py>,
         hookpoint: &str,
-        latent: i64,
+        latent: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let latent = latent_index(latent)?;
         let firings = py
@@ -176,7 +192,7 @@ impl PyLatentCache {
         &self,
         py: Python<'_>,
         hookpoint: &str,
-        latent: i64,
+        latent: &Bound<'_, PyAny>,
         example_ctx_len: usize,
         min_examples: usize,
         n_train: usize,

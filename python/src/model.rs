@@ -403,16 +403,22 @@ impl PyModel {
                     let np = value.py().import("numpy")?;
                     if np.call_method1("ndim", (&value,))?.extract::<usize>()? == 0 {
                         return Err(PyTypeError::new_err(format!(
-                            "the hook at '{name}' must be a callable, an array or None, not {}",
+                            "the hook at '{name}' must be a callable, an array or None, not a \
+                             scalar ({})",
                             value.get_type().name()?
                         )));
                     }
                     let array = float_array(&value)?;
                     let expected = self.replacement_shape(point, ids)?;
                     if array.dims != expected {
+                        let unbatched = if ids.one_dim {
+                            " (1-D ids: no batch axis)"
+                        } else {
+                            ""
+                        };
                         return Err(PyValueError::new_err(format!(
-                            "the replacement array at '{name}' has shape {:?}; expected {:?} for \
-                             token ids of shape {:?}",
+                            "the replacement array at '{name}' has shape {:?}; expected {:?}{unbatched} \
+                             for token ids of shape {:?}",
                             array.dims,
                             expected,
                             ids.user_dims()

@@ -189,7 +189,10 @@ def test_bad_arguments_are_value_errors(latents):
             cache.firings("layers.1", latent)
         with pytest.raises(ValueError, match=f"latent {latent} is out of range"):
             cache.examples("layers.1", latent, min_examples=1)
-    for latent in (-1, 2**32):
+    assert len(cache.firings("layers.1", np.int64(3))[0]) == len(cache.firings("layers.1", 3)[0])
+    with pytest.raises(TypeError, match="a latent index must be an integer, not float"):
+        cache.firings("layers.1", 3.0)
+    for latent in (-1, 2**32, 2**70, -(2**70), np.int64(-1)):
         with pytest.raises(ValueError, match=f"latent {latent} is out of range: "):
             cache.examples("layers.1", latent, min_examples=1)
         with pytest.raises(ValueError, match=f"latent {latent} is out of range: "):

@@ -10,7 +10,7 @@ import pytest
 
 import eleuther_interp as ei
 
-from conftest import DEFAULT_LOG_LEVEL, PYTHIA_STYLE, TINY_CONFIG, max_rel_err
+from conftest import DEFAULT_LOG_LEVEL, FIXTURES, PYTHIA_STYLE, TINY_CONFIG, max_rel_err
 
 TOL = 1e-4
 
@@ -126,6 +126,21 @@ def test_attention_patterns(golden_model, golden):
 
     ablated = golden_model.run_with_hooks(ids, {"blocks.0.attn.hook_z": head1_off})
     assert max_rel_err(ablated, golden["ablate.layers.0.attention.dense.input.head1.logits"]) < TOL
+
+
+def test_grouped_query_attention_patterns_have_the_query_heads():
+    """A Llama model with 4 query heads sharing 2 key/value heads: its pattern, and a fixed
+    replacement of it, are [query heads, seq, seq]; putting back what was captured changes
+    nothing."""
+    model = ei.Model.from_pretrained(FIXTURES / "llama" / "gqa_tied")
+    ids = np.arange(3, 10)
+    _, acts = model.run_with_cache(ids, ["layers.0.self_attn.pattern"])
+    pattern = acts["layers.0.self_attn.pattern"]
+    assert pattern.shape == (4, 7, 7)
+    same = model.run_with_hooks(ids, {"layers.0.self_attn.pattern": pattern})
+    assert max_rel_err(same, model.forward(ids)) < 1e-5
+    with pytest.raises(ValueError, match=r"expected \[4, 7, 7\]"):
+        model.run_with_hooks(ids, {"layers.0.self_attn.pattern": pattern[:2]})
 
 
 def test_run_with_cache_default_is_every_hookpoint_but_the_patterns(golden_model, golden):
@@ -255,12 +270,16 @@ def test_hook_errors(golden_model, golden):
     # A misshapen fixed array is named in the user's shapes, without an internal batch axis.
     with pytest.raises(ValueError, match=r"at 'layers.0.mlp' has shape \[3, 4\]; expected \[2, 11, 64\] for token ids of shape \[2, 11\]"):
         golden_model.run_with_hooks(ids, {"layers.0.mlp": np.zeros((3, 4))})
-    with pytest.raises(ValueError, match=r"has shape \[3, 3\]; expected \[11, 64\] for token ids of shape \[11\]"):
+    with pytest.raises(ValueError, match=r"has shape \[3, 3\]; expected \[11, 64\] \(1-D ids: no batch axis\) for token ids of shape \[11\]"):
         golden_model.run_with_hooks(ids[0], {"layers.0.mlp": np.zeros((3, 3))})
+    with pytest.raises(ValueError, match=r"has shape \[1, 11, 64\]; expected \[11, 64\] \(1-D ids"):
+        golden_model.run_with_hooks(ids[0], {"layers.0.mlp": np.zeros((1, 11, 64))})
     with pytest.raises(ValueError, match=r"expected \[4, 11, 11\]"):
         golden_model.run_with_hooks(ids[0], {"layers.0.attention.pattern": np.zeros((11, 11))})
-    with pytest.raises(TypeError, match="must be a callable, an array or None, not int"):
+    with pytest.raises(TypeError, match=r"must be a callable, an array or None, not a scalar \(int\)"):
         golden_model.run_with_hooks(ids, {"layers.0.mlp": 5})
+    with pytest.raises(TypeError, match=r"not a scalar \(ndarray\)"):
+        golden_model.run_with_hooks(ids, {"layers.0.mlp": np.array(5.0)})
     with pytest.raises(ValueError, match="same hook point"):
         golden_model.run_with_hooks(ids, {"layers.0": zero, "blocks.0.hook_resid_post": zero})
     with pytest.raises(TypeError):

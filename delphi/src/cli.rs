@@ -230,6 +230,19 @@ fn load_saes(model: &Model, args: &SaeArgs) -> Result<Vec<(String, HookPoint, Sa
             .as_ref()
             .context("give --sae: caching latents runs the SAEs")?;
         let dir = root.join(name);
+        if !dir.exists() {
+            let found = sae::sae_folders(root);
+            bail!(
+                "--sae {} has no SAE for '{name}' (no folder {}); it holds SAEs for: {}",
+                root.display(),
+                dir.display(),
+                if found.is_empty() {
+                    "none".to_string()
+                } else {
+                    found.join(", ")
+                }
+            );
+        }
         let sae = Sae::load(&dir, model.device())
             .with_context(|| format!("loading the SAE in {}", dir.display()))?;
         let point = sae
@@ -355,7 +368,7 @@ impl Explainer {
             };
             return Ok(Self::Local(LocalLlm::load(&path)?));
         }
-        if !(spec.starts_with("http://") || spec.starts_with("https://")) {
+        if !crate::llm::openai::is_http_url(spec) {
             bail!("--explainer '{spec}' is neither an http(s):// URL nor local / local:PATH.gguf");
         }
         let mut config = OpenAiConfig::new(spec, &args.explainer_model);
@@ -541,14 +554,13 @@ fn unfinished_message(
     unreadable_scores: u64,
     explainer_max_tokens: u32,
 ) -> String {
-    let mut message = format!(
-        "{unfinished} latents are unfinished; run the same command again to retry exactly those"
-    );
+    let mut message =
+        format!("{unfinished} latents are unfinished; the same command retries exactly those");
     if explanation_failures > 0 {
         message += &format!(
             ". {explanation_failures} explainer answers had no [EXPLANATION]: line or were cut off \
-             at --explainer-max-tokens {explainer_max_tokens}; a deterministic explainer (the \
-             local one answers at temperature 0) gives the same answer again, so raise \
+             at --explainer-max-tokens {explainer_max_tokens}: a deterministic explainer (the \
+             local one answers at temperature 0) would give them again, so first raise \
              --explainer-max-tokens or use a stronger explainer"
         );
     }
@@ -588,13 +600,14 @@ mod tests {
         let plain = unfinished_message(2, 0, 0, 300);
         assert_eq!(
             plain,
-            "2 latents are unfinished; run the same command again to retry exactly those"
+            "2 latents are unfinished; the same command retries exactly those"
         );
         let explained = unfinished_message(1, 1, 0, 300);
         assert!(
             explained.starts_with(&plain.replace('2', "1"))
                 && explained.contains("cut off at --explainer-max-tokens 300")
-                && explained.ends_with("raise --explainer-max-tokens or use a stronger explainer"),
+                && explained
+                    .ends_with("first raise --explainer-max-tokens or use a stronger explainer"),
             "{explained}"
         );
         let scored = unfinished_message(3, 0, 3, 300);

@@ -124,6 +124,11 @@ def test_cache_refuses_saes_that_do_not_fit_their_hook_point(latents, tiny_dir, 
                                  "--hookpoints", name, "--output", str(out)])
         assert status == 1 and message in capfd.readouterr().err
         assert not out.exists()
+    # A hook point without an SAE folder names the SAEs there are.
+    status = ei.delphi_main(["cache", *common, "--sae", str(saes), "--hookpoints", "layers.2",
+                             "--output", str(tmp_path / "cache-none")])
+    err = capfd.readouterr().err
+    assert status == 1 and "has no SAE for 'layers.2'" in err and "it holds SAEs for: layers.1" in err
 
 
 def test_explain_and_score_through_a_server(latents, server, tiny_model):

@@ -115,11 +115,18 @@ enum Failure {
     Final(String),
 }
 
+/// Whether `url` starts with `http://` or `https://`, in any case (what the client can
+/// reach).
+pub fn is_http_url(url: &str) -> bool {
+    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    matches!(scheme.as_deref(), Some("http" | "https"))
+}
+
 impl OpenAiClient {
     /// A client for `config`; reads the API key from `config.api_key_env` when set (an unset
     /// or empty variable is an error, so a job does not run unauthenticated by mistake).
     pub fn new(config: OpenAiConfig) -> Result<Self> {
-        if !(config.url.starts_with("http://") || config.url.starts_with("https://")) {
+        if !is_http_url(&config.url) {
             return Err(Error::Invalid(format!(
                 "the server URL '{}' must start with http:// or https://",
                 config.url
@@ -482,6 +489,28 @@ mod tests {
         // Without Retry-After: the first backoff, 1 s with +-20 % jitter.
         let backoff = client.retry_wait(0, None).as_secs_f64();
         assert!((0.8..=1.2).contains(&backoff), "{backoff}");
+    }
+
+    #[test]
+    fn only_http_urls_of_any_case_are_servers() {
+        for url in [
+            "http://h:8000/v1",
+            "https://h/v1",
+            "HTTP://h/v1",
+            "Https://h",
+        ] {
+            assert!(is_http_url(url), "{url}");
+        }
+        for url in ["ftp://h", "h:8000/v1", "local", "httpx://h", ""] {
+            assert!(!is_http_url(url), "{url}");
+        }
+        let message = OpenAiClient::new(OpenAiConfig::new("ftp://x", "m"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("'ftp://x' must start with http:// or https://"),
+            "{message}"
+        );
     }
 
     #[test]

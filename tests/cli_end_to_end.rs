@@ -212,7 +212,7 @@ fn cache_command_errors_name_what_is_wrong() {
     // An id past the model's vocabulary is named by file and sequence, not by its place in
     // one forward batch (here the second row of the second, of sequences 2 and 3).
     let ids = tmp.path().join("ids.bin");
-    let mut tokens = vec![7u16; 48];
+    let mut tokens = [7u16; 48];
     tokens[3 * 8 + 5] = 60000;
     std::fs::write(
         &ids,

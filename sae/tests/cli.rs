@@ -282,7 +282,7 @@ fn train_resume_and_eval_on_a_tiny_model() {
     assert!(message.contains("tokens was left out"), "{message}");
     // A token id past the model's vocabulary is named with its file and place in the data.
     let ids = tmp.path().join("ids.bin");
-    let mut tokens = vec![7u16; 128];
+    let mut tokens = [7u16; 128];
     tokens[9] = 60000;
     std::fs::write(
         &ids,

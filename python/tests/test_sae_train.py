@@ -13,7 +13,7 @@ import pytest
 
 import eleuther_interp as ei
 
-from conftest import WIKITEXT, read_safetensors
+from conftest import DEFAULT_LOG_LEVEL, WIKITEXT, read_safetensors
 
 
 def planted(rows: int, seed: int, d: int = 16, atoms: int = 32, active: int = 3) -> np.ndarray:
@@ -100,6 +100,24 @@ def test_trainer_lowers_the_fvu_and_continues_an_sae():
     np.testing.assert_allclose(kept.sae.forward(heldout)["x_hat"], sae.forward(heldout)["x_hat"], atol=1e-5)
     with pytest.raises(ValueError, match="describe a new SAE"):
         ei.SaeTrainer(sae, steps=20, k=8)
+
+
+@DEFAULT_LOG_LEVEL
+def test_sae_train_warns_of_a_sparsify_batch_size_and_of_ending_in_the_warm_up(tiny_dir, tmp_path, capfd):
+    """`--batch-size` counts tokens here and sequences in sparsify, and a run shorter than
+    the learning-rate warm-up never trains at full rate: both are said."""
+    cache = tmp_path / "cache"
+    ei.cache_activations(tiny_dir, ["layers.1"], WIKITEXT, cache, seq_len=64, max_tokens=256)
+    capfd.readouterr()
+    status = ei.sae_main(
+        ["train", "--activations", str(cache), "--output", str(tmp_path / "out"), "--batch-size", "32",
+         "--steps", "2", "--num-latents", "64", "--k", "4"]
+    )
+    assert status == 0
+    err = capfd.readouterr().err
+    assert ("--batch-size counts tokens per step (sparsify's counts sequences): "
+            "32 tokens is less than one sequence of 64") in err
+    assert "the run ends inside its 1000-step learning-rate warm-up (2 steps)" in err
 
 
 def test_one_trainer_shared_between_threads():

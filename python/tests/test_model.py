@@ -10,7 +10,7 @@ import pytest
 
 import eleuther_interp as ei
 
-from conftest import DEFAULT_LOG_LEVEL, FIXTURES, PYTHIA_STYLE, TINY_CONFIG, max_rel_err
+from conftest import DEFAULT_LOG_LEVEL, FIXTURES, PYTHIA_STYLE, TINY_CONFIG, TOKENIZER_JSON, max_rel_err
 
 TOL = 1e-4
 
@@ -399,3 +399,8 @@ def test_rust_warnings_reach_stderr(tmp_path, capfd):
     err = capfd.readouterr().err
     assert err.count("sequences of 12 tokens are longer than") == 1, err
     assert "max_position_embeddings 8" in err
+    # A tokenizer with more tokens than the model's vocabulary is named at load time.
+    ei.make_synthetic_model(tmp_path / "small", {**TINY_CONFIG, "vocab_size": 128})
+    ei.Model.from_pretrained(tmp_path / "small", tokenizer=TOKENIZER_JSON)
+    err = capfd.readouterr().err
+    assert "more than the model's vocabulary of 128: ids past it will be refused" in err, err

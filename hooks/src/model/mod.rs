@@ -235,6 +235,15 @@ impl Model {
 
     /// Replaces the tokenizer (e.g. with one from another file).
     pub fn set_tokenizer(&mut self, tokenizer: Tokenizer) {
+        let (tokens, vocab) = (tokenizer.vocab_size(), self.config.vocab_size());
+        if tokens > vocab {
+            // Not refused: text that avoids the extra ids still runs, and the first one met
+            // is an error that names it.
+            tracing::warn!(
+                "the tokenizer has {tokens} tokens, more than the model's vocabulary of {vocab}: \
+                 ids past it will be refused; is it this model's tokenizer?"
+            );
+        }
         self.tokenizer = Some(tokenizer);
     }
 

@@ -112,6 +112,60 @@ fn cache_command_writes_a_complete_cache_of_real_text() {
 }
 
 #[test]
+fn a_cache_rebuilt_from_other_text_has_another_fingerprint() {
+    use hooks::activations::{ActivationCache, ActivationSource, ReadOrder};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_folder(tmp.path());
+    let text = std::fs::read_to_string(repo().join("data/wikitext-2-raw-test.txt")).unwrap();
+    let (data, cache) = (tmp.path().join("data.txt"), tmp.path().join("cache"));
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    // The cache rebuilt in place, same settings, from what is now in data.txt; the
+    // fingerprint training checkpoints record for it, read shuffled after `rows` rows.
+    let rebuild_with = |contents: &str, rows: u64| {
+        std::fs::write(&data, contents).unwrap();
+        let args = [
+            "cache",
+            "--model",
+            &path(&model),
+            "--hookpoints",
+            "layers.1",
+        ];
+        let rest = [
+            "--data",
+            &path(&data),
+            "--seq-len",
+            "64",
+            "--max-tokens",
+            "512",
+        ];
+        run(&[
+            &args[..],
+            &rest,
+            &["--output", &path(&cache), "--overwrite"],
+        ]
+        .concat())
+        .unwrap();
+        let order = ReadOrder::Shuffled {
+            seed: 1,
+            buffer_tokens: 256,
+        };
+        let reader = ActivationCache::open(&cache)
+            .unwrap()
+            .reader(64, order)
+            .unwrap();
+        reader.data_fingerprint(rows).unwrap()
+    };
+    let first = rebuild_with(&text, 0);
+    assert!(
+        first.ends_with("(FNV-1a of the 512 tokens of the activation cache)"),
+        "{first}"
+    );
+    // The same text gives the same fingerprint, whatever rows were read.
+    assert_eq!(rebuild_with(&text, 128), first);
+    assert_ne!(rebuild_with(&text[text.len() / 2..], 0), first);
+}
+
+#[test]
 fn lens_eval_reads_a_cache_in_the_sequences_it_was_made_with() {
     let tmp = tempfile::tempdir().unwrap();
     let model = model_folder(tmp.path());

@@ -1127,7 +1127,8 @@ pub fn train_many(
         let found = paths.iter().filter(|p| p.is_file()).count();
         if found > 0 && found < paths.len() {
             return Err(Error::Training(format!(
-                "only {found} of {} checkpoints exist ({}); cannot resume the SAEs together",
+                "only {found} of {} checkpoints exist ({}); cannot resume the SAEs together: \
+                 delete the checkpoints folder to start again",
                 paths.len(),
                 paths
                     .iter()
@@ -1144,7 +1145,9 @@ pub fn train_many(
                 let state = load_checkpoint(path, &mut saes[i], &mut trainers[i], &source)?;
                 if consumed.is_some_and(|c| c != state.tokens_consumed) {
                     return Err(Error::Training(format!(
-                        "checkpoint {} is at another step than the others; cannot resume the SAEs together",
+                        "checkpoint {} is at another step than the others (a run killed while \
+                         writing them); cannot resume the SAEs together: delete the checkpoints \
+                         folder to start again",
                         path.display()
                     )));
                 }

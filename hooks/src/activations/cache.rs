@@ -543,19 +543,51 @@ impl ActivationCache {
     /// shard is found now rather than when a trainer reaches it.
     pub fn check_shards(&self) -> Result<()> {
         for info in &self.manifest.shards {
-            let path = self.dir.join(&info.file);
-            let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-            // SAFETY: the map is read here only, while this function holds the file; a
-            // cache is not written while it is inspected.
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-            let tensors = safetensors::SafeTensors::deserialize(&map)
-                .map_err(|e| cache_error(&path, format!("unreadable shard: {e}")))?;
-            self.check_layout(&path, info.tokens, |name| {
-                let view = tensors.tensor(name).ok()?;
-                Some((view.shape().to_vec(), DType::try_from(view.dtype()).ok()))
-            })?;
+            self.with_checked_shard(info, |_| ())?;
         }
         Ok(())
+    }
+
+    /// Runs `f` on the header of shard `info` (its data mapped, not read) once the header
+    /// is checked against the manifest.
+    fn with_checked_shard<T>(
+        &self,
+        info: &ShardInfo,
+        f: impl FnOnce(&safetensors::SafeTensors<'_>) -> T,
+    ) -> Result<T> {
+        let path = self.dir.join(&info.file);
+        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // SAFETY: the map lives only inside this call; a cache's shards are not rewritten
+        // while it is read (a rebuild writes new files and renames them over).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let tensors = safetensors::SafeTensors::deserialize(&map)
+            .map_err(|e| cache_error(&path, format!("unreadable shard: {e}")))?;
+        self.check_layout(&path, info.tokens, |name| {
+            let view = tensors.tensor(name).ok()?;
+            Some((view.shape().to_vec(), DType::try_from(view.dtype()).ok()))
+        })?;
+        Ok(f(&tensors))
+    }
+
+    /// A fingerprint (64-bit FNV-1a) of every token id the cache holds, in order: the text
+    /// its activations were computed from. Training checkpoints record it, so that a run
+    /// resumed over a cache rebuilt from other data is refused. Reads only the shards'
+    /// token tensors.
+    pub fn tokens_fingerprint(&self) -> Result<String> {
+        let mut hash = crate::data::FNV_OFFSET;
+        for info in &self.manifest.shards {
+            self.with_checked_shard(info, |tensors| {
+                let tokens = tensors.tensor("tokens").expect("checked");
+                for id in tokens.data().chunks_exact(4) {
+                    let id = u32::from_le_bytes([id[0], id[1], id[2], id[3]]);
+                    hash = (hash ^ u64::from(id)).wrapping_mul(crate::data::FNV_PRIME);
+                }
+            })?;
+        }
+        Ok(format!(
+            "{hash:016x} (FNV-1a of the {} tokens of the activation cache)",
+            self.manifest.tokens
+        ))
     }
 
     /// Checks a shard's tensors, found through `tensor(name) -> (shape, dtype)` (`None`: a
@@ -625,6 +657,7 @@ impl ActivationCache {
             rng,
             skip_positions: 0,
             order,
+            fingerprint: std::sync::OnceLock::new(),
         })
     }
 
@@ -690,6 +723,8 @@ pub struct CacheReader {
     /// Positions at the start of each sequence whose rows are left out.
     skip_positions: usize,
     order: ReadOrder,
+    /// [`ActivationCache::tokens_fingerprint`], read on first use (`None`: unreadable).
+    fingerprint: std::sync::OnceLock<Option<String>>,
 }
 
 impl CacheReader {
@@ -766,6 +801,15 @@ impl ActivationSource for CacheReader {
         check_positions_to_skip(positions, self.cache.manifest.settings.data.seq_len)?;
         self.skip_positions = positions;
         Ok(())
+    }
+
+    /// The whole cache's tokens, whatever rows were read: a shuffled reader's rows are no
+    /// prefix of the data, and a resumed run reads the same cache.
+    fn data_fingerprint(&self, rows: u64) -> Option<String> {
+        let _ = rows;
+        self.fingerprint
+            .get_or_init(|| self.cache.tokens_fingerprint().ok())
+            .clone()
     }
 
     /// The cache's tokens, less the positions skipped in each sequence.

@@ -174,8 +174,8 @@ const DOCUMENTS_PER_BATCH: usize = 256;
 const FINGERPRINTS_KEPT: usize = 1 << 16;
 
 /// FNV-1a's 64-bit offset basis and prime, over token ids.
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+pub(crate) const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 /// An iterator of `seq_len`-token chunks over a dataset.
 pub struct ChunkStream {

@@ -91,6 +91,47 @@ pub fn write_with(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<()> {
+    stage_with(path, write)?.commit()
+}
+
+/// A file written in full to its temporary name, synced, not yet in place: files that must
+/// change together (the checkpoints of SAEs trained side by side) are all staged, the slow
+/// part, then all committed, renames that take microseconds, so a kill leaves them apart
+/// only in that short window. Dropped uncommitted, the temporary file is deleted.
+pub struct Staged {
+    path: PathBuf,
+    /// The temporary file and its handle, which holds the lock that tells
+    /// [`remove_abandoned_temp_files`] it is live; `None` once committed.
+    tmp: Option<(PathBuf, std::fs::File)>,
+}
+
+impl Staged {
+    /// Moves the file into place.
+    pub fn commit(mut self) -> Result<()> {
+        let (tmp, file) = self.tmp.take().expect("committed once");
+        let result = std::fs::rename(&tmp, &self.path);
+        drop(file);
+        result.map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(&self.path, e)
+        })
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some((tmp, _)) = &self.tmp {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// Writes `path`'s new contents through `write` to a temporary file in its folder and
+/// syncs it, without putting it in place: see [`Staged`].
+pub fn stage_with(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<Staged> {
     let tmp = temp_path(path);
     let result = (|| {
         let file = std::fs::File::create(&tmp)?;
@@ -101,12 +142,18 @@ pub fn write_with(
         write(&mut writer)?;
         let file = writer.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
-        std::fs::rename(&tmp, path)
+        Ok(file)
     })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+    match result {
+        Ok(file) => Ok(Staged {
+            path: path.to_path_buf(),
+            tmp: Some((tmp, file)),
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(Error::io(path, e))
+        }
+    }
 }
 
 /// Checks, before a long job, that the file it writes at the end can be written there: its
@@ -163,6 +210,15 @@ pub fn write_safetensors_with_metadata(
     tensors: &[(String, Vec<Tensor>)],
     metadata: &std::collections::BTreeMap<String, String>,
 ) -> Result<()> {
+    stage_safetensors_with_metadata(path, tensors, metadata)?.commit()
+}
+
+/// [`write_safetensors_with_metadata`], staged: see [`Staged`].
+pub fn stage_safetensors_with_metadata(
+    path: &Path,
+    tensors: &[(String, Vec<Tensor>)],
+    metadata: &std::collections::BTreeMap<String, String>,
+) -> Result<Staged> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         header.insert("__metadata__".into(), serde_json::json!(metadata));
@@ -196,7 +252,7 @@ pub fn write_safetensors_with_metadata(
     while header.len() % 8 != 0 {
         header.push(b' ');
     }
-    write_with(path, |w| {
+    stage_with(path, |w| {
         w.write_all(&(header.len() as u64).to_le_bytes())?;
         w.write_all(&header)?;
         for (_, parts) in tensors {
@@ -405,5 +461,30 @@ pub(crate) mod tests {
         assert!(err.to_string().contains("a.txt") && err.to_string().contains("disk full"));
         assert_eq!(std::fs::read(&path).unwrap(), b"old");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn staged_files_change_only_when_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.txt"), dir.path().join("b.txt"));
+        write(&a, b"old a").unwrap();
+        write(&b, b"old b").unwrap();
+        let files = || std::fs::read_dir(dir.path()).unwrap().count();
+        // Written in full, both still old; then both new.
+        let staged_a = stage_with(&a, |w| w.write_all(b"new a")).unwrap();
+        let staged_b = stage_with(&b, |w| w.write_all(b"new b")).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), b"old a");
+        assert_eq!(std::fs::read(&b).unwrap(), b"old b");
+        assert_eq!(files(), 4, "two temporary files");
+        staged_a.commit().unwrap();
+        staged_b.commit().unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), b"new a");
+        assert_eq!(std::fs::read(&b).unwrap(), b"new b");
+        assert_eq!(files(), 2);
+        // Dropped without a commit (an error staging the others): nothing changes, no
+        // temporary file stays.
+        drop(stage_with(&a, |w| w.write_all(b"newer a")).unwrap());
+        assert_eq!(std::fs::read(&a).unwrap(), b"new a");
+        assert_eq!(files(), 2);
     }
 }

@@ -16,6 +16,16 @@ fn bad(path: &Path, message: impl std::fmt::Display) -> Error {
 
 /// Writes `tensors` and `state` to `path` atomically.
 pub fn save<S: Serialize>(path: &Path, tensors: Vec<(String, Tensor)>, state: &S) -> Result<()> {
+    stage(path, tensors, state)?.commit()
+}
+
+/// [`save`], staged: written in full but not yet in place (see [`atomic::Staged`]), for
+/// checkpoints that must change together.
+pub fn stage<S: Serialize>(
+    path: &Path,
+    tensors: Vec<(String, Tensor)>,
+    state: &S,
+) -> Result<atomic::Staged> {
     // A checkpoint that a killed run was writing (optimiser state included, it can be GBs).
     if let Some(name) = path.file_name() {
         let folder = atomic::folder_of(path);
@@ -25,7 +35,7 @@ pub fn save<S: Serialize>(path: &Path, tensors: Vec<(String, Tensor)>, state: &S
     let metadata = BTreeMap::from([("state".to_string(), json)]);
     let tensors: Vec<(String, Vec<Tensor>)> =
         tensors.into_iter().map(|(n, t)| (n, vec![t])).collect();
-    atomic::write_safetensors_with_metadata(path, &tensors, &metadata)
+    atomic::stage_safetensors_with_metadata(path, &tensors, &metadata)
 }
 
 /// Reads a checkpoint written by [`save`]: its state and its tensors (on `device`).

@@ -1218,8 +1218,17 @@ pub fn train_many(
         }
         let due = options.checkpoint_every > 0 && step.is_multiple_of(options.checkpoint_every);
         if let (Some(paths), true) = (&checkpoints, due || step == options.steps) {
-            for (i, path) in paths.iter().enumerate() {
-                save_checkpoint(path, &saes[i], &trainers[i], &rows, &histories[i])?;
+            // All written in full first, then all put in place: a kill leaves them at
+            // different steps only in the moment of the renames.
+            let staged = paths
+                .iter()
+                .enumerate()
+                .map(|(i, path)| {
+                    stage_checkpoint(path, &saes[i], &trainers[i], &rows, &histories[i])
+                })
+                .collect::<Result<Vec<_>>>()?;
+            for file in staged {
+                file.commit()?;
             }
         }
     }
@@ -1235,13 +1244,14 @@ const PARAMS: [&str; 5] = [
     "sae.w_skip",
 ];
 
-fn save_checkpoint(
+/// Writes the checkpoint of one SAE in full, not yet in place (see `hooks::atomic::Staged`).
+fn stage_checkpoint(
     path: &Path,
     sae: &Sae,
     trainer: &Trainer,
     rows: &Rows,
     history: &[StepRecord],
-) -> Result<()> {
+) -> Result<hooks::atomic::Staged> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| hooks::Error::io(dir, e))?;
     }
@@ -1272,7 +1282,7 @@ fn save_checkpoint(
         source: rows.source.describe(),
         data_fingerprint: rows.source.data_fingerprint(rows.consumed),
     };
-    Ok(hooks::checkpoint::save(path, tensors, &state)?)
+    Ok(hooks::checkpoint::stage(path, tensors, &state)?)
 }
 
 fn load_checkpoint(

@@ -578,10 +578,11 @@ impl ActivationCache {
         for info in &self.manifest.shards {
             self.with_checked_shard(info, |tensors| {
                 let tokens = tensors.tensor("tokens").expect("checked");
-                for id in tokens.data().chunks_exact(4) {
-                    let id = u32::from_le_bytes([id[0], id[1], id[2], id[3]]);
-                    hash = (hash ^ u64::from(id)).wrapping_mul(crate::data::FNV_PRIME);
-                }
+                let ids = tokens.data().chunks_exact(4);
+                hash = crate::data::fnv1a_ids(
+                    hash,
+                    ids.map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                );
             })?;
         }
         Ok(format!(

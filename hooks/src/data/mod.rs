@@ -175,7 +175,14 @@ const FINGERPRINTS_KEPT: usize = 1 << 16;
 
 /// FNV-1a's 64-bit offset basis and prime, over token ids.
 pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-pub(crate) const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// 64-bit FNV-1a of token ids, continued from `hash`: the fingerprint of data that chunk
+/// streams and activation caches give training checkpoints.
+pub(crate) fn fnv1a_ids(hash: u64, ids: impl IntoIterator<Item = u32>) -> u64 {
+    ids.into_iter()
+        .fold(hash, |h, id| (h ^ u64::from(id)).wrapping_mul(FNV_PRIME))
+}
 
 /// An iterator of `seq_len`-token chunks over a dataset.
 pub struct ChunkStream {
@@ -311,9 +318,7 @@ impl ChunkStream {
         let rest = self.buffer.split_off(seq_len);
         let chunk = std::mem::replace(&mut self.buffer, rest);
         let before = self.fingerprints.back().copied().unwrap_or(FNV_OFFSET);
-        let after = chunk
-            .iter()
-            .fold(before, |h, &id| (h ^ id as u64).wrapping_mul(FNV_PRIME));
+        let after = fnv1a_ids(before, chunk.iter().copied());
         if self.fingerprints.len() == FINGERPRINTS_KEPT {
             self.fingerprints.pop_front();
         }

@@ -300,7 +300,14 @@ fn check_cached_data(shards_dir: &Path, chunks: &mut hooks::data::ChunkStream) -
     let mut seen = 0;
     for (first, end, path) in numbered_files(shards_dir)? {
         let bytes = read_file(&path)?;
-        let cached = read_u32s(&path, &parse(&path, &bytes)?, "tokens")?;
+        let cached = parse(&path, &bytes)
+            .and_then(|st| read_u32s(&path, &st, "tokens"))
+            .map_err(|e| {
+                Error::Invalid(format!(
+                    "{e}; a damaged shard cannot be resumed from: delete it and the shards after \
+                     it and run `delphi cache` again to recompute them"
+                ))
+            })?;
         let data = chunks.next_chunks((end - first) as usize)?;
         seen += data.len() as u64;
         if (data.len() as u64) < end - first {
@@ -460,7 +467,11 @@ fn shard_ranges(dir: &Path) -> Result<Vec<Range<u64>>> {
         if first != expected || end <= first {
             return Err(Error::file(
                 &path,
-                format!("shard covers sequences {first}..{end} but the previous shards end at {expected}"),
+                format!(
+                    "shard covers sequences {first}..{end} but the previous shards end at {expected}: \
+                     a shard is missing; delete the shards from sequence {expected} on and run \
+                     `delphi cache` again to recompute them"
+                ),
             ));
         }
         expected = end;

@@ -161,10 +161,7 @@ fn latent_cache_holds_what_the_sae_computes_and_resumes() {
     let last = dir.join("shards/8_12.safetensors");
     let original = std::fs::read(&last).unwrap();
     std::fs::remove_file(&last).unwrap();
-    let config = std::fs::read_to_string(dir.join("config.json"))
-        .unwrap()
-        .replace("\"complete\": true", "\"complete\": false");
-    std::fs::write(dir.join("config.json"), config).unwrap();
+    std::fs::write(dir.join("config.json"), config_unfinished(&dir)).unwrap();
     let first = std::fs::metadata(dir.join("shards/0_8.safetensors"))
         .unwrap()
         .modified()
@@ -182,6 +179,39 @@ fn latent_cache_holds_what_the_sae_computes_and_resumes() {
             .unwrap(),
         first
     );
+
+    // A damaged or missing shard is refused with what to do about it.
+    std::fs::write(dir.join("config.json"), config_unfinished(&dir)).unwrap();
+    let wikitext = repo().join("data/wikitext-2-raw-test.txt");
+    let resume = || {
+        try_write_cache(&model, &sae, &wikitext, &dir, Some(12), 8)
+            .unwrap_err()
+            .to_string()
+    };
+    let head = dir.join("shards/0_8.safetensors");
+    let kept = std::fs::read(&head).unwrap();
+    std::fs::write(&head, &kept[..kept.len() / 2]).unwrap();
+    let message = resume();
+    assert!(
+        message.contains("0_8.safetensors")
+            && message.contains("delete it and the shards after it"),
+        "{message}"
+    );
+    std::fs::write(&head, &kept).unwrap();
+    std::fs::rename(&last, dir.join("shards/9_12.safetensors")).unwrap();
+    let message = resume();
+    assert!(
+        message.contains("9_12.safetensors")
+            && message.contains("delete the shards from sequence 8 on"),
+        "{message}"
+    );
+}
+
+/// The cache's config.json marked unfinished, as a killed `delphi cache` leaves it.
+fn config_unfinished(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"complete\": true", "\"complete\": false")
 }
 
 /// Resuming a cache with other data or another SAE is refused before anything is appended.

@@ -1,6 +1,6 @@
 //! Atomic file writes: write to a temporary file in the same folder, flush it to disk,
-//! then rename over the target, so a reader never sees a half-written file and a crash
-//! leaves the previous version intact.
+//! then rename over the target and sync the folder, so a reader never sees a half-written
+//! file and a crash leaves the previous version intact.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -21,15 +21,16 @@ fn temp_path(path: &Path) -> PathBuf {
 
 /// A temporary file left for this long with no write to it and no lock on it is abandoned:
 /// its writer is gone (a live writer holds a lock from just after creating it; this covers
-/// the moment between, and clocks of machines sharing a folder that differ a little).
+/// the moment between, and clocks of machines sharing a folder that differ a little). One
+/// whose writer's process is known to be gone is abandoned at once.
 const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Deletes the temporary files that writers killed mid-write left in `folder` (an activation
 /// shard, a checkpoint being written when a job was killed), which would otherwise keep their
 /// space for good. Deletes only regular files named as [`write_with`] names them that no
 /// writer holds locked (on this machine or another sharing the folder) and that were not
-/// written to for 10 seconds, and only those for the files `writes` says the caller writes
-/// there (by name). Best effort: what cannot be checked or deleted is left. Returns the bytes
+/// written to for 10 seconds or whose writing process is gone, and only those for the files
+/// `writes` says the caller writes there (by name). Best effort: what cannot be checked or deleted is left. Returns the bytes
 /// freed.
 pub fn remove_abandoned_temp_files(folder: &Path, writes: impl Fn(&str) -> bool) -> u64 {
     let Ok(entries) = std::fs::read_dir(folder) else {
@@ -56,7 +57,11 @@ pub fn remove_abandoned_temp_files(folder: &Path, writes: impl Fn(&str) -> bool)
             .ok()
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|idle| idle >= ABANDONED_AFTER);
-        if !(metadata.is_file() && idle) {
+        let writer_gone = name
+            .rsplit_once(TEMP_MARK)
+            .and_then(|(_, pid)| pid.parse().ok())
+            .is_some_and(process_is_gone);
+        if !(metadata.is_file() && (idle || writer_gone)) {
             continue;
         }
         let Ok(file) = std::fs::File::open(entry.path()) else {
@@ -68,6 +73,15 @@ pub fn remove_abandoned_temp_files(folder: &Path, writes: impl Fn(&str) -> bool)
         }
     }
     freed
+}
+
+/// Whether no process `pid` runs on this machine (Linux, where `/proc` lists them): then a
+/// temporary file it named is abandoned whatever its age, so a job resumed right after a
+/// kill does not finish with the killed writer's file left inside its output. False where
+/// it cannot be told.
+fn process_is_gone(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    cfg!(target_os = "linux") && proc.join("self").exists() && !proc.join(pid.to_string()).exists()
 }
 
 /// Takes an exclusive advisory lock on `file` (held until it is closed), without waiting;
@@ -114,8 +128,30 @@ impl Staged {
         result.map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             Error::io(&self.path, e)
-        })
+        })?;
+        sync_folder_of(&self.path);
+        Ok(())
     }
+}
+
+/// Makes the rename that put `path` in place durable, so that after a power cut files
+/// renamed one after the other (a shard, then the progress file that lists it) are not
+/// found with only the later one in place. Best effort: some file systems cannot sync a
+/// folder, and the file itself is already synced.
+fn sync_folder_of(path: &Path) {
+    #[cfg(unix)]
+    if let Some(folder) = path.parent() {
+        let folder = if folder.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            folder
+        };
+        if let Ok(handle) = std::fs::File::open(folder) {
+            let _ = handle.sync_all();
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
 }
 
 impl Drop for Staged {
@@ -345,8 +381,14 @@ pub(crate) mod tests {
         write_stale(&at(".a.json.tmp-456"), b"x");
         let writer = std::fs::File::open(at(".a.json.tmp-456")).unwrap();
         assert!(try_lock(&writer));
-        // Just created: its writer may not hold the lock yet.
-        std::fs::write(at(".b.json.tmp-789"), b"x").unwrap();
+        // Just created by a live process: its writer may not hold the lock yet.
+        let live = at(&format!(".b.json.tmp-{}", std::process::id()));
+        std::fs::write(&live, b"x").unwrap();
+        // Just created by a process that has ended (a job killed moments ago).
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = at(&format!(".g.json.tmp-{}", child.id()));
+        child.wait().unwrap();
+        std::fs::write(&dead, b"xy").unwrap();
         // Not named as write_with names its files.
         for name in [
             "c.json.tmp-999",
@@ -362,8 +404,12 @@ pub(crate) mod tests {
             remove_abandoned_temp_files(dir.path(), |n| n == "b.json"),
             0
         );
-        assert_eq!(remove_abandoned_temp_files(dir.path(), any), 1000);
-        assert!(!abandoned.exists());
+        let gone = if cfg!(target_os = "linux") { 2 } else { 0 };
+        assert_eq!(remove_abandoned_temp_files(dir.path(), any), 1000 + gone);
+        assert!(!abandoned.exists() && live.exists());
+        if gone == 0 {
+            std::fs::remove_file(&dead).unwrap();
+        }
         let left = std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(left, 7);
         drop(writer);

@@ -257,7 +257,19 @@ fn interrupted_job_resumes_to_the_same_cache() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("lists shard shards/shard-000000.safetensors but it is missing"),
+        err.contains("lists shard shards/shard-000000.safetensors but it cannot be resumed from")
+            && err.contains("shard-000000.safetensors: missing"),
+        "{err}"
+    );
+    // Nor one whose shard was cut short (a power cut after the rename, before the data
+    // reached the disk), which would otherwise end up in the manifest.
+    std::fs::write(&first, &kept[..kept.len() - 4]).unwrap();
+    let err = write_cache(&model, &spec, &out, 5_000)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("lists shard shards/shard-000000.safetensors but it cannot be resumed from")
+            && err.contains("unreadable shard"),
         "{err}"
     );
     std::fs::write(&first, kept).unwrap();

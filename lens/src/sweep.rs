@@ -347,7 +347,12 @@ pub fn run_sweep(options: &SweepOptions, progress: bool) -> Result<SweepSummary>
         outer.set_message(revision.clone());
         let done = checkpoint_folder(&options.output, revision).join("result.json");
         let result = if done.is_file() {
-            let result = read_json::<CheckpointResult>(&done)?;
+            let result = read_json::<CheckpointResult>(&done).map_err(|e| {
+                Error::Lens(format!(
+                    "{e}; delete {} to compute that checkpoint again",
+                    checkpoint_folder(&options.output, revision).display()
+                ))
+            })?;
             let now = sweep_settings(options);
             if !result.settings.is_null() && result.settings != now {
                 return Err(Error::Lens(format!(

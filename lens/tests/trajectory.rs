@@ -516,6 +516,20 @@ fn sweep_over_two_local_checkpoints_writes_files_and_resumes() {
         err.contains("made with other settings (eval_tokens: 128 -> 64)"),
         "{err}"
     );
+    // A damaged result says how to redo its checkpoint.
+    let result_file = output.join("step0/result.json");
+    let result_bytes = std::fs::read(&result_file).unwrap();
+    std::fs::write(&result_file, &result_bytes[..result_bytes.len() / 2]).unwrap();
+    let err = run_sweep(&options, false).unwrap_err().to_string();
+    assert!(
+        err.contains("step0/result.json: EOF while parsing")
+            && err.ends_with(&format!(
+                "delete {} to compute that checkpoint again",
+                output.join("step0").display()
+            )),
+        "{err}"
+    );
+    std::fs::write(&result_file, &result_bytes).unwrap();
     // A checkpoint missing from a folder of checkpoint folders is not the folder itself,
     // and it is named before any checkpoint runs, wherever it is in the list.
     let missing_output = dir.path().join("sweep-missing");

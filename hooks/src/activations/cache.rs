@@ -257,18 +257,23 @@ impl ActivationCache {
                     format!("holds an unfinished cache made with other settings ({changed}); choose another folder or pass --overwrite"),
                 ));
             }
-            if let Some(shard) = progress
-                .shards
-                .iter()
-                .find(|s| !dir.join(&s.file).is_file())
-            {
-                return Err(cache_error(
-                    dir,
-                    format!(
-                        "progress.json lists shard {} but it is missing; pass --overwrite to start again",
-                        shard.file
-                    ),
-                ));
+            // A shard torn by a power cut (renamed before its data reached the disk) or
+            // damaged by hand must not end up in a manifest.
+            for shard in &progress.shards {
+                let problem = if dir.join(&shard.file).is_file() {
+                    with_checked_shard(dir, &settings, shard, |_| ()).err()
+                } else {
+                    Some(cache_error(&dir.join(&shard.file), "missing"))
+                };
+                if let Some(problem) = problem {
+                    return Err(cache_error(
+                        dir,
+                        format!(
+                            "progress.json lists shard {} but it cannot be resumed from ({problem}); pass --overwrite to start again",
+                            shard.file
+                        ),
+                    ));
+                }
             }
             progress
         } else {
@@ -429,6 +434,67 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
     Ok(manifest)
 }
 
+/// Runs `f` on the header of shard `info` of the cache in `dir` (its data mapped, not read)
+/// once the header is checked against `settings`: see [`check_layout`].
+fn with_checked_shard<T>(
+    dir: &Path,
+    settings: &CacheSettings,
+    info: &ShardInfo,
+    f: impl FnOnce(&safetensors::SafeTensors<'_>) -> T,
+) -> Result<T> {
+    let path = dir.join(&info.file);
+    let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+    // SAFETY: the map lives only inside this call; a cache's shards are not rewritten
+    // while it is read (a rebuild writes new files and renames them over).
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+    let tensors = safetensors::SafeTensors::deserialize(&map)
+        .map_err(|e| cache_error(&path, format!("unreadable shard: {e}")))?;
+    check_layout(settings, &path, info.tokens, |name| {
+        let view = tensors.tensor(name).ok()?;
+        Some((view.shape().to_vec(), DType::try_from(view.dtype()).ok()))
+    })?;
+    Ok(f(&tensors))
+}
+
+/// Checks a shard's tensors, found through `tensor(name) -> (shape, dtype)` (`None`: a
+/// dtype candle does not read): `tokens` as `[rows]` u32, with the manifest's `rows`, and
+/// each hook point as `[rows, width]` in the cache's dtype.
+fn check_layout(
+    settings: &CacheSettings,
+    path: &Path,
+    rows: u64,
+    tensor: impl Fn(&str) -> Option<(Vec<usize>, Option<DType>)>,
+) -> Result<()> {
+    let dtype = parse_dtype(&settings.dtype)?;
+    let expected = std::iter::once(("tokens", None, DType::U32)).chain(
+        settings
+            .hook_points
+            .iter()
+            .zip(&settings.widths)
+            .map(|(name, &width)| (name.as_str(), Some(width), dtype)),
+    );
+    for (name, width, dtype) in expected {
+        let (dims, found) = tensor(name)
+            .ok_or_else(|| cache_error(path, format!("shard has no tensor '{name}'")))?;
+        let shape: Vec<usize> = std::iter::once(rows as usize).chain(width).collect();
+        if dims != shape || found != Some(dtype) {
+            let found = found.map_or("an unreadable dtype".into(), |d| format!("{d:?}"));
+            let rows_note = if dims.first() != shape.first() {
+                format!(" (the manifest says {rows} rows)")
+            } else {
+                String::new()
+            };
+            return Err(cache_error(
+                path,
+                format!(
+                    "tensor '{name}' is {found} {dims:?}, expected {shape:?} {dtype:?}{rows_note}"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A complete activation cache on disk.
 #[derive(Debug, Clone)]
 pub struct ActivationCache {
@@ -548,25 +614,13 @@ impl ActivationCache {
         Ok(())
     }
 
-    /// Runs `f` on the header of shard `info` (its data mapped, not read) once the header
-    /// is checked against the manifest.
+    /// Runs `f` on the header of shard `info` once it is checked against the manifest.
     fn with_checked_shard<T>(
         &self,
         info: &ShardInfo,
         f: impl FnOnce(&safetensors::SafeTensors<'_>) -> T,
     ) -> Result<T> {
-        let path = self.dir.join(&info.file);
-        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-        // SAFETY: the map lives only inside this call; a cache's shards are not rewritten
-        // while it is read (a rebuild writes new files and renames them over).
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        let tensors = safetensors::SafeTensors::deserialize(&map)
-            .map_err(|e| cache_error(&path, format!("unreadable shard: {e}")))?;
-        self.check_layout(&path, info.tokens, |name| {
-            let view = tensors.tensor(name).ok()?;
-            Some((view.shape().to_vec(), DType::try_from(view.dtype()).ok()))
-        })?;
-        Ok(f(&tensors))
+        with_checked_shard(&self.dir, &self.manifest.settings, info, f)
     }
 
     /// A fingerprint (64-bit FNV-1a) of every token id the cache holds, in order: the text
@@ -589,46 +643,6 @@ impl ActivationCache {
             "{hash:016x} (FNV-1a of the {} tokens of the activation cache)",
             self.manifest.tokens
         ))
-    }
-
-    /// Checks a shard's tensors, found through `tensor(name) -> (shape, dtype)` (`None`: a
-    /// dtype candle does not read): `tokens` as `[rows]` u32, with the manifest's `rows`, and
-    /// each hook point as `[rows, width]` in the cache's dtype.
-    fn check_layout(
-        &self,
-        path: &Path,
-        rows: u64,
-        tensor: impl Fn(&str) -> Option<(Vec<usize>, Option<DType>)>,
-    ) -> Result<()> {
-        let settings = &self.manifest.settings;
-        let dtype = parse_dtype(&settings.dtype)?;
-        let expected = std::iter::once(("tokens", None, DType::U32)).chain(
-            settings
-                .hook_points
-                .iter()
-                .zip(&settings.widths)
-                .map(|(name, &width)| (name.as_str(), Some(width), dtype)),
-        );
-        for (name, width, dtype) in expected {
-            let (dims, found) = tensor(name)
-                .ok_or_else(|| cache_error(path, format!("shard has no tensor '{name}'")))?;
-            let shape: Vec<usize> = std::iter::once(rows as usize).chain(width).collect();
-            if dims != shape || found != Some(dtype) {
-                let found = found.map_or("an unreadable dtype".into(), |d| format!("{d:?}"));
-                let rows_note = if dims.first() != shape.first() {
-                    format!(" (the manifest says {rows} rows)")
-                } else {
-                    String::new()
-                };
-                return Err(cache_error(
-                    path,
-                    format!(
-                        "tensor '{name}' is {found} {dims:?}, expected {shape:?} {dtype:?}{rows_note}"
-                    ),
-                ));
-            }
-        }
-        Ok(())
     }
 
     /// A reader yielding batches of `batch_tokens` rows (the last may be smaller).
@@ -674,7 +688,7 @@ impl ActivationCache {
                 format!("unreadable shard: {}", crate::weights::root_cause(&e)),
             )
         })?;
-        self.check_layout(&path, info.tokens, |name| {
+        check_layout(&self.manifest.settings, &path, info.tokens, |name| {
             tensors
                 .get(name)
                 .map(|t| (t.dims().to_vec(), Some(t.dtype())))

@@ -135,17 +135,13 @@ def main():
     bench = REPO / "target" / "bench"
     model_path = str(bench_model(args.shape, binaries))
 
-    # The same chunks for both: tokenize once with our pipeline into an activation-free .npy.
+    # The same chunks for both: tokenized once by our pipeline (`hooks tokenize`) into an .npy.
     needed = args.steps * args.tokens_per_step
     npy = bench / f"lens-tokens-{args.shape}-{args.seq}.npy"
-    cache = bench / f"lens-tokens-{args.shape}-{args.seq}"
-    subprocess.run([str(binaries["hooks"]), "cache", "--model", model_path, "--hookpoints", "embed",
+    subprocess.run([str(binaries["hooks"]), "tokenize", "--model", model_path,
                     "--data", str(REPO / "data/wikitext-2-raw-test.txt"), "--seq-len", str(args.seq),
-                    "--max-tokens", str(needed), "--output", str(cache), "--overwrite"], check=True,
+                    "--max-tokens", str(needed), "--output", str(npy), "--overwrite"], check=True,
                    capture_output=True)
-    from safetensors.numpy import load_file
-    ids = np.concatenate([load_file(str(f))["tokens"] for f in sorted((cache / "shards").glob("*.safetensors"))])
-    np.save(npy, ids.reshape(-1, args.seq).astype(np.int64))
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     out = bench / f"lens-{args.shape}"

@@ -111,6 +111,58 @@ fn cache_command_writes_a_complete_cache_of_real_text() {
     );
 }
 
+/// `hooks tokenize` writes the sequences every command cuts from text: a cache of its
+/// `.npy` holds the tokens of a cache of the text. Its output is not replaced unasked.
+#[test]
+fn tokenize_command_writes_the_sequences_commands_read() {
+    use hooks::activations::ActivationCache;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_folder(tmp.path());
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let text = path(&repo().join("data/wikitext-2-raw-test.txt"));
+    let tokens = tmp.path().join("tokens.npy");
+    let tokenize = ["tokenize", "--model", &path(&model), "--data", &text];
+    let limits = ["--seq-len", "64", "--max-tokens", "1000"];
+    run(&[&tokenize[..], &limits, &["-o", &path(&tokens)]].concat()).unwrap();
+    let array = hooks::data::TokenArray::open_npy(&tokens).unwrap();
+    assert_eq!((array.len(), array.row_len), (15 * 64, Some(64)));
+
+    let cache_of = |data: &str, name: &str| {
+        let out = tmp.path().join(name);
+        let args = [
+            "cache",
+            "--model",
+            &path(&model),
+            "--hookpoints",
+            "layers.1",
+        ];
+        run(&[&args[..], &["--data", data], &limits, &["-o", &path(&out)]].concat()).unwrap();
+        ActivationCache::open(&out)
+            .unwrap()
+            .tokens_fingerprint()
+            .unwrap()
+    };
+    assert_eq!(
+        cache_of(&text, "from-text"),
+        cache_of(&path(&tokens), "from-npy")
+    );
+
+    let tokens_path = path(&tokens);
+    let again = [&tokenize[..], &["-o", &tokens_path]].concat();
+    let message = run(&again).unwrap_err().to_string();
+    assert!(
+        message.ends_with("tokens.npy exists; pass --overwrite to replace it"),
+        "{message}"
+    );
+    run(&[&again[..], &["--overwrite"]].concat()).unwrap();
+    let whole = hooks::data::TokenArray::open_npy(&tokens).unwrap();
+    assert_eq!(
+        (whole.len(), whole.row_len),
+        (140 * 2048, Some(2048)),
+        "all of the WikiText-2 test split, in sequences of the default 2048"
+    );
+}
+
 #[test]
 fn a_cache_rebuilt_from_other_text_has_another_fingerprint() {
     use hooks::activations::{ActivationCache, ActivationSource, ReadOrder};

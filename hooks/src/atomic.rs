@@ -100,10 +100,11 @@ fn try_lock(file: &std::fs::File) -> bool {
     }
 }
 
-/// Writes a file atomically through `write`, which receives a buffered writer.
+/// Writes a file atomically through `write`, which receives a buffered writer to the
+/// temporary file (seekable, for formats whose header is known only at the end).
 pub fn write_with(
     path: &Path,
-    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
 ) -> Result<()> {
     stage_with(path, write)?.commit()
 }
@@ -166,7 +167,7 @@ impl Drop for Staged {
 /// syncs it, without putting it in place: see [`Staged`].
 pub fn stage_with(
     path: &Path,
-    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
 ) -> Result<Staged> {
     let tmp = temp_path(path);
     let result = (|| {

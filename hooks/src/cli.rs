@@ -26,6 +26,11 @@ enum Command {
     /// (sharded safetensors + manifest.json). Re-running the same command resumes an
     /// interrupted job; a finished cache is left as it is.
     Cache(CacheArgs),
+    /// Tokenize a dataset once into a [sequences, seq-len] .npy token array (uint16, or
+    /// uint32 for vocabularies over 65,536 tokens), packed as every command packs text
+    /// (documents each preceded by EOS, cut into --seq-len sequences); give it as --data to
+    /// any command to skip tokenizing again.
+    Tokenize(TokenizeArgs),
     /// Show a model's configuration and its hook points.
     Info(ModelArgs),
     /// Summarise an activation cache folder and check that its shards' headers agree with
@@ -98,7 +103,8 @@ pub struct DataArgs {
     /// Tokens per sequence: documents are joined with EOS and packed into chunks of this length.
     #[arg(long, default_value_t = 2048)]
     pub seq_len: usize,
-    /// Stop after this many tokens (rounded down to whole sequences).
+    /// Stop after this many tokens (rounded down to whole sequences); all of the data when
+    /// left out.
     #[arg(long)]
     pub max_tokens: Option<u64>,
 }
@@ -155,6 +161,30 @@ struct CacheArgs {
     shard_mib: usize,
     /// Delete the cache's own files in the output folder (manifest, progress, shards) and
     /// start again instead of resuming; other files there are left alone.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(Args, Debug)]
+struct TokenizeArgs {
+    /// Model whose tokenizer to use, named as --model elsewhere (short name, hub id, folder or
+    /// .gguf file): only its tokenizer.json and config.json are read or downloaded, not its
+    /// weights.
+    #[arg(long, short, required_unless_present = "tokenizer")]
+    model: Option<String>,
+    /// Revision of --model: hub branch, tag or commit, or a local folder's sub-folder.
+    #[arg(long, requires = "model")]
+    revision: Option<String>,
+    /// A tokenizer.json to use instead of the model's (its EOS is the model config's
+    /// eos_token_id when --model is given, else a token spelled <|endoftext|>, </s>, ...).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Output .npy file.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Replace the output file if it exists.
     #[arg(long)]
     overwrite: bool,
 }
@@ -235,6 +265,7 @@ where
     init_logging();
     match cli.command {
         Command::Cache(args) => cache(args),
+        Command::Tokenize(args) => tokenize(args),
         Command::Info(args) => info(args),
         Command::Inspect { dir } => inspect(dir),
         Command::Fetch { name } => match name.as_str() {
@@ -364,6 +395,59 @@ fn cache(args: CacheArgs) -> Result<()> {
         summary.bytes_written as f64 / 1e9,
         summary.bytes_written as f64 / 1e9 / seconds
     );
+    Ok(())
+}
+
+fn tokenize(args: TokenizeArgs) -> Result<()> {
+    if args.output.exists() && !args.overwrite {
+        anyhow::bail!(
+            "{} exists; pass --overwrite to replace it",
+            args.output.display()
+        );
+    }
+    crate::atomic::check_target(&args.output)?;
+    let max_chunks = args.data.max_chunks()?;
+    let tokenizer = match (&args.model, &args.tokenizer) {
+        (Some(model), replacement) => {
+            Tokenizer::for_model(model, args.revision.as_deref(), replacement.as_deref())?
+        }
+        (None, Some(path)) => Tokenizer::from_file(path, None)?,
+        (None, None) => anyhow::bail!("give --model or --tokenizer"),
+    };
+    // Ids run to the largest in the vocabulary, which may have gaps.
+    let id_bound = tokenizer
+        .inner()
+        .get_vocab(true)
+        .into_values()
+        .max()
+        .map_or(0, |id| id as usize + 1)
+        .max(tokenizer.vocab_size());
+    let spec = args.data.spec();
+    let mut chunks = spec.chunks(Some(&tokenizer))?;
+    let seq_len = spec.seq_len as u64;
+    let bar = crate::progress::bar(true, max_chunks.map(|c| c * seq_len), "tokens");
+    let started = std::time::Instant::now();
+    let summary = crate::data::write_npy(&args.output, &mut chunks, max_chunks, id_bound, |n| {
+        bar.set_position(n * seq_len)
+    })
+    .with_context(|| format!("tokenizing into {}", args.output.display()))?;
+    bar.finish_and_clear();
+    let tokens = summary.sequences * seq_len;
+    let seconds = started.elapsed().as_secs_f64().max(1e-9);
+    println!(
+        "wrote {tokens} tokens ({} sequences of {}, {}) to {} in {seconds:.1} s ({:.0} tokens/s)",
+        summary.sequences,
+        summary.seq_len,
+        summary.dtype,
+        args.output.display(),
+        tokens as f64 / seconds
+    );
+    if max_chunks.is_some_and(|limit| summary.sequences < limit) {
+        println!(
+            "the data ran out before --max-tokens {}",
+            args.data.max_tokens.unwrap_or_default()
+        );
+    }
     Ok(())
 }
 

@@ -40,12 +40,7 @@ pub(crate) struct GgufModel {
 
 /// Reads a Llama-architecture GGUF file; weights are dequantized and converted to `dtype`.
 pub(crate) fn read(path: &Path, dtype: DType) -> Result<GgufModel> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut reader = BufReader::new(file);
-    let content = Content::read(&mut reader).map_err(|e| Error::WeightFile {
-        path: path.into(),
-        message: header_error(&e),
-    })?;
+    let (content, mut reader) = read_header(path)?;
     let meta = Metadata {
         content: &content,
         path,
@@ -96,6 +91,24 @@ pub(crate) fn read(path: &Path, dtype: DType) -> Result<GgufModel> {
         store: WeightStore::from_tensors(tensors, path.display().to_string()),
         tokenizer,
     })
+}
+
+/// The tokenizer a GGUF file's metadata describes, read without its tensors: see
+/// [`gguf_tokenizer`].
+pub(crate) fn read_tokenizer(path: &Path) -> Result<Option<Tokenizer>> {
+    gguf_tokenizer(&read_header(path)?.0, path)
+}
+
+/// The metadata and tensor index of a GGUF file (not the tensors' data), and the open file
+/// to read the tensors from.
+fn read_header(path: &Path) -> Result<(Content, BufReader<File>)> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut reader = BufReader::new(file);
+    let content = Content::read(&mut reader).map_err(|e| Error::WeightFile {
+        path: path.into(),
+        message: header_error(&e),
+    })?;
+    Ok((content, reader))
 }
 
 /// The tokenizer described by the `tokenizer.ggml.*` metadata of a GGUF file already read

@@ -38,6 +38,54 @@ impl Tokenizer {
         Ok(Self::new(inner, eos_id))
     }
 
+    /// The tokenizer of a model named as [`crate::Model::load`] takes it (short name, hub id
+    /// at `revision`, folder, `.gguf` file), without its weights: the `tokenizer.json` of a
+    /// folder or hub repository, with the EOS id of its `config.json` (downloaded alone when
+    /// not cached), or the tokenizer a GGUF file's metadata describes. `replacement`, a
+    /// `tokenizer.json`, is used instead of the model's own, with the model's EOS id.
+    pub fn for_model(
+        name: &str,
+        revision: Option<&str>,
+        replacement: Option<&Path>,
+    ) -> Result<Self> {
+        use crate::source::ModelSpec;
+        let from_files = |config: &Path, own: &Path| {
+            let eos_id = crate::config::ModelConfig::from_file(config)?.eos_token_id();
+            Self::from_file(replacement.unwrap_or(own), eos_id)
+        };
+        match ModelSpec::parse(name, revision)? {
+            ModelSpec::Folder(dir) => {
+                let own = dir.join("tokenizer.json");
+                if replacement.is_none() && !own.is_file() {
+                    return Err(Error::Tokenizer(format!(
+                        "{}: missing (the model folder has no tokenizer; give a tokenizer.json separately)",
+                        own.display()
+                    )));
+                }
+                from_files(&dir.join("config.json"), &own)
+            }
+            ModelSpec::Hub { repo_id, revision } => {
+                let mut names = vec!["config.json".to_string()];
+                if replacement.is_none() {
+                    names.push("tokenizer.json".to_string());
+                }
+                let paths = crate::source::hub_repo_files(&repo_id, &revision, &names)?;
+                from_files(&paths[0], paths.last().expect("config.json at least"))
+            }
+            ModelSpec::Gguf(path) => {
+                let own = crate::gguf::read_tokenizer(&path)?;
+                match (own, replacement) {
+                    (own, Some(file)) => Self::from_file(file, own.and_then(|t| t.eos_id)),
+                    (Some(own), None) => Ok(own),
+                    (None, None) => Err(Error::Tokenizer(format!(
+                        "{}: has no tokenizer this crate can rebuild (needs tokenizer.ggml.model = gpt2); give a tokenizer.json separately",
+                        path.display()
+                    ))),
+                }
+            }
+        }
+    }
+
     /// Wraps a tokenizer built elsewhere (e.g. from GGUF metadata).
     pub fn new(inner: tokenizers::Tokenizer, eos_id: Option<u32>) -> Self {
         let eos_id = eos_id.or_else(|| EOS_TOKENS.iter().find_map(|t| inner.token_to_id(t)));

@@ -299,10 +299,22 @@ fn gguf_tokenizer_metadata_builds_a_byte_level_bpe() {
     assert_eq!(tok.encode_with("ab", true).unwrap(), [257, 256]);
     assert_eq!(tok.encode("<s>a<think>").unwrap(), [257, a, 258]);
     assert_eq!(tok.decode(&[256, space, a, 257]).unwrap(), "ab a<s>");
+    // The same tokenizer read alone from the file (`hooks tokenize`), without the weights.
+    let file = dir.path().join("model.gguf");
+    let alone = hooks::Tokenizer::for_model(file.to_str().unwrap(), None, None).unwrap();
+    assert_eq!(alone.encode("ab a<s>").unwrap(), [256, space, a, 257]);
+    assert_eq!(alone.eos_id(), tok.eos_id());
 
     gguf.set("tokenizer.ggml.model", Value::String("llama".into()));
     let model = gguf.load(dir.path()).unwrap();
     assert!(model.tokenizer().is_err());
+    let message = hooks::Tokenizer::for_model(file.to_str().unwrap(), None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("model.gguf: has no tokenizer this crate can rebuild"),
+        "{message}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

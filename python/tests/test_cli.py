@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import eleuther_interp as ei
 
-from conftest import PYTHIA_STYLE
+from conftest import PYTHIA_STYLE, WIKITEXT, wikitext_lines
 
 HOOKS = Path(sys.executable).parent / ("hooks.exe" if os.name == "nt" else "hooks")
 
@@ -26,7 +27,7 @@ def test_help_exits_zero():
     assert HOOKS.exists(), f"console script not installed at {HOOKS}"
     result = run("--help")
     assert result.returncode == 0, result.stderr
-    for command in ["cache", "info", "inspect"]:
+    for command in ["cache", "tokenize", "info", "inspect"]:
         assert command in result.stdout
     version = run("--version")
     assert version.returncode == 0 and ei.__version__ in version.stdout
@@ -83,3 +84,19 @@ def test_help_and_argument_errors_return_in_process(main, command, capfd):
     assert main([command, "--bogus"]) == 2
     err = capfd.readouterr().err
     assert "--bogus" in err and "Usage:" in err
+
+
+def test_tokenize_writes_what_numpy_loads(tiny_dir, tiny_model, tmp_path, capfd):
+    """`hooks tokenize`: an .npy of [sequences, seq_len] uint16 that numpy reads, holding the
+    documents each preceded by EOS, encoded as the model's tokenizer encodes them."""
+    out = tmp_path / "tokens.npy"
+    assert ei.hooks_main(["tokenize", "--model", str(tiny_dir), "--data", str(WIKITEXT), "--seq-len", "128",
+                          "--max-tokens", "1000", "--output", str(out)]) == 0
+    assert "wrote 896 tokens (7 sequences of 128, uint16)" in capfd.readouterr().out
+    tokens = np.load(out)
+    assert tokens.shape == (7, 128) and tokens.dtype == np.uint16
+    tokenizer = tiny_model.tokenizer
+    expected = []
+    for line in wikitext_lines(40):
+        expected += [tokenizer.eos_id, *tokenizer.encode(line)]
+    assert tokens.ravel().tolist() == expected[:896]

@@ -14,7 +14,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-pub use npy::TokenArray;
+pub use npy::{write_npy, TokenArray, TokenFileSummary};
 
 use crate::{Error, Result, Tokenizer};
 

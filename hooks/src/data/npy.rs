@@ -1,11 +1,14 @@
-//! Memory-mapped pre-tokenized token arrays: NumPy `.npy` (1-D or 2-D integer arrays) and raw
-//! little-endian `uint16` `.bin` files as Pythia's own training data ships.
+//! Pre-tokenized token arrays: NumPy `.npy` (1-D or 2-D integer arrays) and raw
+//! little-endian `uint16` `.bin` files as Pythia's own training data ships, read memory-mapped;
+//! and the `[sequences, seq_len]` `.npy` files `hooks tokenize` writes.
 
 use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
+use super::ChunkStream;
 use crate::{Error, Result};
 
 /// Integer element types a token array may have.
@@ -35,7 +38,8 @@ pub struct TokenArray {
     offset: usize,
     element: Element,
     len: usize,
-    /// Row length for 2-D arrays (each row already one chunk), `None` for 1-D.
+    /// Row length of a 2-D array (its rows are read one after another, as one stream of
+    /// tokens), `None` for 1-D.
     pub row_len: Option<usize>,
 }
 
@@ -207,20 +211,128 @@ fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     Some(rest)
 }
 
+/// The bytes before the data of a version 1.0 `.npy` file holding a C-ordered array of
+/// `descr` (e.g. `<u2`) and `shape` (NumPy's spelling, e.g. `(2, 3)` or `(4,)`), padded with
+/// spaces to a multiple of 64 bytes and to at least `min_len`.
+fn npy_header(descr: &str, shape: &str, min_len: usize) -> Vec<u8> {
+    let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    const PREFIX: usize = 10; // magic, version, header length
+    while (PREFIX + dict.len() + 1) % 64 != 0 || PREFIX + dict.len() + 1 < min_len {
+        dict.push(' ');
+    }
+    dict.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((dict.len() as u16).to_le_bytes());
+    out.extend(dict.as_bytes());
+    out
+}
+
+/// What [`write_npy`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenFileSummary {
+    /// Rows: sequences of `seq_len` tokens.
+    pub sequences: u64,
+    /// Tokens per row.
+    pub seq_len: usize,
+    /// The NumPy dtype of the ids: `uint16`, or `uint32` for vocabularies over 65,536 tokens.
+    pub dtype: &'static str,
+}
+
+/// Room for the header of any `[rows, seq_len]` shape, so that the one written first (rows
+/// unknown) is overwritten in place at the end.
+const WRITTEN_HEADER_LEN: usize = 128;
+
+/// Writes the next chunks of `chunks` (up to `max_chunks`, else all) to `path` as a 2-D
+/// `.npy` array `[sequences, seq_len]`, atomically, streaming: what [`TokenArray::open_npy`]
+/// and `numpy.load` read back, and every command's `--data` takes without tokenizing again.
+/// Ids are `uint16` when the vocabulary (`vocab_size` ids) fits, else `uint32`.
+/// `after_chunk` is told the number of sequences written so far (progress).
+pub fn write_npy(
+    path: &Path,
+    chunks: &mut ChunkStream,
+    max_chunks: Option<u64>,
+    vocab_size: usize,
+    mut after_chunk: impl FnMut(u64),
+) -> Result<TokenFileSummary> {
+    let seq_len = chunks.seq_len();
+    let element = if vocab_size <= 1 << 16 {
+        Element::U16
+    } else {
+        Element::U32
+    };
+    let (descr, dtype) = match element {
+        Element::U16 => ("<u2", "uint16"),
+        _ => ("<u4", "uint32"),
+    };
+    let header = |rows: u64| npy_header(descr, &format!("({rows}, {seq_len})"), WRITTEN_HEADER_LEN);
+    let data = chunks.spec().paths.first().cloned().unwrap_or_default();
+    let mut sequences = 0u64;
+    // An error of the data or the tokenizer, kept while the writer is told only to stop.
+    let mut failure = None;
+    let written = crate::atomic::write_with(path, |w| {
+        w.write_all(&header(0))?;
+        let mut bytes = Vec::with_capacity(seq_len * element.size());
+        while max_chunks.is_none_or(|max| sequences < max) {
+            let chunk = match chunks.next_chunk() {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(e) => return Err(std::io::Error::other(failure.insert(e).to_string())),
+            };
+            bytes.clear();
+            for (position, &id) in chunk.iter().enumerate() {
+                match element {
+                    Element::U16 => match u16::try_from(id) {
+                        Ok(id) => bytes.extend(id.to_le_bytes()),
+                        Err(_) => {
+                            let e = data_error(
+                                &data,
+                                format!(
+                                    "token id {id} at position {position} of sequence {sequences} \
+                                     does not fit the uint16 of {} (for a vocabulary of {vocab_size})",
+                                    path.display()
+                                ),
+                            );
+                            return Err(std::io::Error::other(failure.insert(e).to_string()));
+                        }
+                    },
+                    _ => bytes.extend(id.to_le_bytes()),
+                }
+            }
+            w.write_all(&bytes)?;
+            sequences += 1;
+            after_chunk(sequences);
+        }
+        if sequences == 0 {
+            let e = data_error(
+                &data,
+                format!(
+                    "the data yields no complete sequence of {seq_len} tokens ({} tokens in all); \
+                     nothing written",
+                    chunks.tokens_read()
+                ),
+            );
+            return Err(std::io::Error::other(failure.insert(e).to_string()));
+        }
+        w.seek(SeekFrom::Start(0))?;
+        w.write_all(&header(sequences))
+    });
+    match (failure, written) {
+        (Some(e), _) => Err(e),
+        (None, Err(e)) => Err(e),
+        (None, Ok(())) => Ok(TokenFileSummary {
+            sequences,
+            seq_len,
+            dtype,
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
-        let mut header =
-            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-        while (10 + header.len() + 1) % 64 != 0 {
-            header.push(' ');
-        }
-        header.push('\n');
-        let mut out = b"\x93NUMPY\x01\x00".to_vec();
-        out.extend((header.len() as u16).to_le_bytes());
-        out.extend(header.as_bytes());
+        let mut out = npy_header(descr, shape, 0);
         out.extend(data);
         out
     }
@@ -254,6 +366,78 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("token -1 at index 1"), "{err}");
+    }
+
+    /// `hooks tokenize`'s writer: the chunks of the data as `[sequences, seq_len]`, read back
+    /// whole by the reader; the dtype follows the vocabulary; bad data leaves no file.
+    #[test]
+    fn writes_chunks_as_a_2d_array() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<u32> = vec![5, 0, 65535, 7, 1, 2, 3, 4, 9, 8, 6];
+        let input = dir.path().join("in.npy");
+        let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(&input, npy("<u4", "(11,)", &bytes)).unwrap();
+        let chunks = |seq_len| {
+            crate::data::DataSpec::new(vec![input.clone()], seq_len)
+                .chunks(None)
+                .unwrap()
+        };
+        let out = dir.path().join("out.npy");
+        let mut seen = Vec::new();
+        let summary = write_npy(&out, &mut chunks(3), None, 65536, |n| seen.push(n)).unwrap();
+        assert_eq!(
+            summary,
+            TokenFileSummary {
+                sequences: 3,
+                seq_len: 3,
+                dtype: "uint16"
+            }
+        );
+        assert_eq!(seen, [1, 2, 3]);
+        let file = std::fs::read(&out).unwrap();
+        assert_eq!(file.len(), WRITTEN_HEADER_LEN + 9 * 2);
+        assert_eq!(
+            &file[..WRITTEN_HEADER_LEN],
+            npy_header("<u2", "(3, 3)", 128)
+        );
+        let back = TokenArray::open_npy(&out).unwrap();
+        assert_eq!((back.len(), back.row_len), (9, Some(3)));
+        assert_eq!(back.read(0, 9).unwrap(), ids[..9]);
+
+        // At most `max_chunks`; uint32 past 65,536 ids.
+        let summary = write_npy(&out, &mut chunks(2), Some(4), 65537, |_| ()).unwrap();
+        assert_eq!((summary.sequences, summary.dtype), (4, "uint32"));
+        assert_eq!(
+            TokenArray::open_npy(&out).unwrap().read(0, 99).unwrap(),
+            ids[..8]
+        );
+
+        // An id that does not fit uint16, and data too short for one sequence: errors that
+        // name the data, and no file.
+        let out = dir.path().join("none.npy");
+        let wide: Vec<u8> = [1u32, 2, 3, 4, 70000, 5]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        std::fs::write(&input, npy("<u4", "(6,)", &wide)).unwrap();
+        let message = write_npy(&out, &mut chunks(2), None, 1000, |_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("in.npy")
+                && message
+                    .contains("token id 70000 at position 0 of sequence 2 does not fit the uint16"),
+            "{message}"
+        );
+        let message = write_npy(&out, &mut chunks(12), None, 65536, |_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("in.npy")
+                && message.contains("no complete sequence of 12 tokens (6 tokens in all)"),
+            "{message}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 
     #[test]

@@ -217,7 +217,7 @@ fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
 fn npy_header(descr: &str, shape: &str, min_len: usize) -> Vec<u8> {
     let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
     const PREFIX: usize = 10; // magic, version, header length
-    while (PREFIX + dict.len() + 1) % 64 != 0 || PREFIX + dict.len() + 1 < min_len {
+    while !(PREFIX + dict.len() + 1).is_multiple_of(64) || PREFIX + dict.len() + 1 < min_len {
         dict.push(' ');
     }
     dict.push('\n');

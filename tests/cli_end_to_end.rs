@@ -265,6 +265,31 @@ fn lens_eval_reads_a_cache_in_the_sequences_it_was_made_with() {
         message.contains("holds sequences of 64 tokens, not 32"),
         "{message}"
     );
+
+    // A model of the same shape but a vocabulary of 128: the cache's token ids, its
+    // next-token targets, do not fit its logits (this panicked, indexing past them).
+    let small = tmp.path().join("small-vocab");
+    let config = serde_json::json!({
+        "model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 128, "eos_token_id": 0
+    });
+    hooks::synthetic::write_synthetic_model(&small, &config, None).unwrap();
+    let args = [
+        "eval",
+        "--model",
+        &path(&small),
+        "--activations",
+        &path(&cache),
+    ];
+    let message = lens::cli::run(std::iter::once("lens").chain(args))
+        .map(|_| String::new())
+        .unwrap_or_else(|e| format!("{e:#}"));
+    assert!(
+        message.contains("shard-000000.safetensors: token id ")
+            && message.contains("(sequence 0 of the cache, position ")
+            && message.contains("is out of range for the model's vocabulary of 128"),
+        "{message}"
+    );
 }
 
 #[test]

@@ -87,6 +87,30 @@ impl LensData {
                 )));
             }
             let settings = &cache.manifest().settings;
+            if settings.architecture != model.config().model_type() {
+                return Err(Error::Lens(format!(
+                    "activation cache {} was made with model {} ({}), not a {} model like {}",
+                    dir.display(),
+                    settings.model,
+                    settings.architecture,
+                    model.config().model_type(),
+                    model.origin()
+                )));
+            }
+            let same_place = |a: &str, b: &str| {
+                a == b
+                    || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)),
+                        (Ok(a), Ok(b)) if a == b)
+            };
+            if !same_place(&settings.model, model.origin()) {
+                tracing::warn!(
+                    "activation cache {} was made with model {}, not {}: a lens must be trained \
+                     and evaluated on its own model's activations",
+                    dir.display(),
+                    settings.model,
+                    model.origin()
+                );
+            }
             let width = model.config().hidden_size();
             if let Some((name, w)) = settings
                 .hook_points
@@ -110,8 +134,10 @@ impl LensData {
                     self.seq_len
                 )));
             }
+            // The tokens are next-token targets, rows of the model's logits.
+            let reader = cache.reader(self.seq_len * self.batch_size, order)?;
             return Ok(Box::new(
-                cache.reader(self.seq_len * self.batch_size, order)?,
+                reader.check_tokens_below(model.config().vocab_size()),
             ));
         }
         let chunks = self.spec().chunks(model.tokenizer().ok())?;

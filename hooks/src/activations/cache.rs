@@ -673,13 +673,20 @@ impl ActivationCache {
             skip_positions: 0,
             order,
             fingerprint: std::sync::OnceLock::new(),
+            vocab_size: None,
         })
     }
 
     /// Shard `index`, without the rows at the first `skip_positions` positions of each of
     /// its sequences (shards hold whole `seq_len`-token sequences, so row `i` is at
     /// position `i % seq_len`).
-    fn load_shard(&self, index: usize, skip_positions: usize) -> Result<ActivationBatch> {
+    /// With `vocab_size`, a token id past it is an error that locates it.
+    fn load_shard(
+        &self,
+        index: usize,
+        skip_positions: usize,
+        vocab_size: Option<usize>,
+    ) -> Result<ActivationBatch> {
         let info = &self.manifest.shards[index];
         let path = self.dir.join(&info.file);
         let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| {
@@ -694,6 +701,25 @@ impl ActivationCache {
                 .map(|t| (t.dims().to_vec(), Some(t.dtype())))
         })?;
         let tokens: Vec<u32> = tensors.remove("tokens").expect("checked").to_vec1()?;
+        if let Some((row, id)) = vocab_size
+            .and_then(|vocab| (tokens.iter().enumerate()).find(|(_, &id)| id as usize >= vocab))
+        {
+            let seq_len = self.manifest.settings.data.seq_len.max(1);
+            let rows_before: u64 = self.manifest.shards[..index].iter().map(|s| s.tokens).sum();
+            let settings = &self.manifest.settings;
+            return Err(cache_error(
+                &path,
+                format!(
+                    "token id {id} (sequence {} of the cache, position {}) is out of range for \
+                     the model's vocabulary of {}: the cache was made with model '{}' ({})",
+                    (rows_before + row as u64) / seq_len as u64,
+                    row % seq_len,
+                    vocab_size.unwrap_or_default(),
+                    settings.model,
+                    settings.architecture
+                ),
+            ));
+        }
         let activations = self
             .points
             .iter()
@@ -740,9 +766,19 @@ pub struct CacheReader {
     order: ReadOrder,
     /// [`ActivationCache::tokens_fingerprint`], read on first use (`None`: unreadable).
     fingerprint: std::sync::OnceLock<Option<String>>,
+    /// Token ids must be below this (see [`CacheReader::check_tokens_below`]).
+    vocab_size: Option<usize>,
 }
 
 impl CacheReader {
+    /// Checks every token id read against the vocabulary of the model that will use them
+    /// (as next-token targets, say): a cache of another model's data is refused, naming the
+    /// shard and where in it, instead of indexing past the model's logits.
+    pub fn check_tokens_below(mut self, vocab_size: usize) -> Self {
+        self.vocab_size = Some(vocab_size);
+        self
+    }
+
     fn pool_len(&self) -> usize {
         self.pool.as_ref().map_or(0, ActivationBatch::len)
     }
@@ -757,7 +793,9 @@ impl CacheReader {
             let Some(index) = self.shard_order.pop() else {
                 break;
             };
-            let shard = self.cache.load_shard(index, self.skip_positions)?;
+            let shard = self
+                .cache
+                .load_shard(index, self.skip_positions, self.vocab_size)?;
             rows += shard.len();
             parts.push(shard);
             loaded = true;

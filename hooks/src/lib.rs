@@ -22,6 +22,7 @@ pub mod fetch;
 mod gguf;
 mod hookpoint;
 mod hooks;
+pub mod memory;
 mod model;
 pub mod optim;
 pub mod progress;

@@ -337,7 +337,22 @@ pub fn train(
     }
     hooks::activations::check_rows_suffice(source, options.steps, options.tokens_per_step)?;
     let unembedding = unembedding.to_dtype(DType::F32)?;
-    let mut decoder = Decoder::new(&unembedding, options.decode_dtype, options.chunk_tokens)?;
+    // No chunk is larger than a step: a large --chunk-tokens must not size the
+    // vocabulary-wide buffers beyond what a step can fill.
+    let chunk_tokens = options.chunk_tokens.min(options.tokens_per_step);
+    let vocab = unembedding.weight.dim(0)?;
+    hooks::memory::check_fits(
+        &format!(
+            "--chunk-tokens {} ({chunk_tokens} tokens decoded at once, over a vocabulary of {vocab})",
+            options.chunk_tokens
+        ),
+        // Logits, their gradient and a rounded copy, in 4 bytes each.
+        (chunk_tokens as u64)
+            .checked_mul(vocab as u64)
+            .and_then(|n| n.checked_mul(3 * 4)),
+        "lower --chunk-tokens (default 256)",
+    )?;
+    let mut decoder = Decoder::new(&unembedding, options.decode_dtype, chunk_tokens)?;
     tracing::info!("decoding lenses in {}", decoder.dtype_name());
     let mut optimizer = options.optimizers()?;
     let mut history = Vec::new();
@@ -390,8 +405,8 @@ pub fn train(
         let mut loss_sums = vec![0f64; layers];
         let mut counts = vec![0usize; layers];
         let n = batch.len();
-        for start in (0..n).step_by(options.chunk_tokens) {
-            let len = options.chunk_tokens.min(n - start);
+        for start in (0..n).step_by(chunk_tokens) {
+            let len = chunk_tokens.min(n - start);
             let rows_of = |p: HookPoint| -> Result<Tensor> {
                 Ok(batch.activations[&p]
                     .narrow(0, start, len)?

@@ -353,6 +353,38 @@ fn flat(lens: &TunedLens) -> Vec<f32> {
         .collect()
 }
 
+/// A --chunk-tokens whose vocabulary-wide buffers no machine holds is refused before they
+/// are allocated (the allocator aborted the process).
+#[test]
+fn chunk_too_large_for_memory_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let mut lens = TunedLens::for_model(&model).unwrap();
+    let huge = TrainOptions {
+        tokens_per_step: 1 << 30,
+        chunk_tokens: usize::MAX,
+        ..options()
+    };
+    let message = train(
+        &mut lens,
+        &model.unembedding(),
+        &mut stream(&model, None),
+        &huge,
+        None,
+        |_| Ok(()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        message.contains(&format!(
+            "--chunk-tokens {} ({} tokens decoded at once, over a vocabulary of 50304) needs ",
+            usize::MAX,
+            1 << 30
+        )) && message.ends_with(": lower --chunk-tokens (default 256)"),
+        "{message}"
+    );
+}
+
 #[test]
 fn training_beats_the_logit_lens_and_is_deterministic_and_resumable() {
     let tmp = tempfile::tempdir().unwrap();

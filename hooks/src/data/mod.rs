@@ -297,7 +297,7 @@ impl ChunkStream {
 
     /// Up to `n` chunks; fewer only at the end of the data.
     pub fn next_chunks(&mut self, n: usize) -> Result<Vec<Vec<u32>>> {
-        let mut chunks = Vec::with_capacity(n);
+        let mut chunks = Vec::with_capacity(n.min(1024));
         while chunks.len() < n {
             match self.next_chunk()? {
                 Some(chunk) => chunks.push(chunk),
@@ -732,11 +732,15 @@ mod tests {
         let path = dir.path().join("t.bin");
         let tokens: Vec<u8> = (0u16..10).flat_map(|v| v.to_le_bytes()).collect();
         std::fs::write(&path, tokens).unwrap();
-        let mut stream = DataSpec::new(vec![path], 4).chunks(None).unwrap();
+        let mut stream = DataSpec::new(vec![path.clone()], 4).chunks(None).unwrap();
         assert_eq!(
             stream.next_chunks(5).unwrap(),
             vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]
         );
+        // A batch size far past the data (a flag typed with extra digits) takes what there
+        // is, without sizing anything by it.
+        let mut stream = DataSpec::new(vec![path], 4).chunks(None).unwrap();
+        assert_eq!(stream.next_chunks(usize::MAX).unwrap().len(), 2);
 
         let empty = dir.path().join("e.txt");
         std::fs::write(&empty, "\n\n").unwrap();

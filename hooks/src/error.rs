@@ -148,3 +148,47 @@ impl Error {
         }
     }
 }
+
+/// Runs `work` (a third-party parser given a damaged file) and turns a panic in it into
+/// `Err` with the panic's message, without the panic being printed: a bad input file is an
+/// error, never a crash. Other threads' panics are printed as before.
+pub(crate) fn without_panicking<T>(work: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    use std::cell::Cell;
+    use std::sync::Once;
+    thread_local! {
+        static QUIET: Cell<bool> = const { Cell::new(false) };
+    }
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    QUIET.with(|quiet| quiet.set(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+    QUIET.with(|quiet| quiet.set(false));
+    result.map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_panic_becomes_its_message() {
+        assert_eq!(super::without_panicking(|| 7), Ok(7));
+        let divisor = std::hint::black_box(0u64);
+        assert_eq!(
+            super::without_panicking(|| 1 / divisor),
+            Err("attempt to divide by zero".to_string())
+        );
+        assert!(std::panic::catch_unwind(|| ()).is_ok());
+    }
+}

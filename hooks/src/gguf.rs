@@ -40,7 +40,7 @@ pub(crate) struct GgufModel {
 
 /// Reads a Llama-architecture GGUF file; weights are dequantized and converted to `dtype`.
 pub(crate) fn read(path: &Path, dtype: DType) -> Result<GgufModel> {
-    let (content, mut reader) = read_header(path)?;
+    let (content, mut reader) = gguf_header(path)?;
     let meta = Metadata {
         content: &content,
         path,
@@ -96,18 +96,111 @@ pub(crate) fn read(path: &Path, dtype: DType) -> Result<GgufModel> {
 /// The tokenizer a GGUF file's metadata describes, read without its tensors: see
 /// [`gguf_tokenizer`].
 pub(crate) fn read_tokenizer(path: &Path) -> Result<Option<Tokenizer>> {
-    gguf_tokenizer(&read_header(path)?.0, path)
+    gguf_tokenizer(&gguf_header(path)?.0, path)
 }
 
 /// The metadata and tensor index of a GGUF file (not the tensors' data), and the open file
-/// to read the tensors from.
-fn read_header(path: &Path) -> Result<(Content, BufReader<File>)> {
+/// to read the tensors from, for every reader of GGUF files in the workspace.
+/// Checked as far as the header allows: the alignment, and that every tensor's bytes (from
+/// its type and shape) start aligned, lie in the file and overlap no other's, so that a
+/// damaged file is an error rather than garbage weights.
+pub fn gguf_header(path: &Path) -> Result<(Content, BufReader<File>)> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut reader = BufReader::new(file);
-    let content = Content::read(&mut reader).map_err(|e| Error::WeightFile {
+    let bad = |message: String| Error::WeightFile {
         path: path.into(),
-        message: header_error(&e),
-    })?;
+        message: format!("not a readable GGUF file: {message}"),
+    };
+    // candle's reader panics on some damaged headers (an alignment of 0 divides by zero).
+    let content = crate::error::without_panicking(|| Content::read(&mut reader))
+        .map_err(|panic| bad(format!("its header is damaged ({panic})")))?
+        .map_err(|e| Error::WeightFile {
+            path: path.into(),
+            message: header_error(&e),
+        })?;
+    // The integer types candle's reader takes the alignment from (it ignores others).
+    let alignment = match content.metadata.get("general.alignment") {
+        None => 32,
+        Some(
+            value @ (Value::U8(_)
+            | Value::U16(_)
+            | Value::U32(_)
+            | Value::I8(_)
+            | Value::I16(_)
+            | Value::I32(_)),
+        ) => integer(value)
+            .filter(|a| *a > 0 && a % 8 == 0)
+            .ok_or_else(|| {
+                bad(format!(
+                    "general.alignment {value:?} is not a positive multiple of 8"
+                ))
+            })? as u64,
+        Some(other) => {
+            return Err(bad(format!(
+                "general.alignment {other:?} is not a 32-bit integer"
+            )))
+        }
+    };
+    let mut spans = Vec::with_capacity(content.tensor_infos.len());
+    for (name, info) in &content.tensor_infos {
+        let (block, block_bytes) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
+        let elements = info.shape.elem_count();
+        let bytes = (elements % block == 0)
+            .then(|| (elements / block).checked_mul(block_bytes))
+            .flatten()
+            .map(|b| b as u64);
+        let start = content.tensor_data_offset.checked_add(info.offset);
+        let (Some(bytes), Some(start)) = (bytes, start) else {
+            return Err(bad(format!(
+                "tensor '{name}' ({:?} {:?} at offset {}) has no valid size or place",
+                info.ggml_dtype,
+                info.shape.dims(),
+                info.offset
+            )));
+        };
+        if info.offset % alignment != 0 {
+            return Err(bad(format!(
+                "tensor '{name}' starts at offset {}, not a multiple of the alignment {alignment}",
+                info.offset
+            )));
+        }
+        spans.push((start, start.saturating_add(bytes), name));
+    }
+    spans.sort();
+    // Overlaps first: a tensor moved onto another also leaves a gap where it was.
+    let pairs = || {
+        spans
+            .windows(2)
+            .map(|pair| (pair[0].1, pair[0].2, pair[1].0, pair[1].2))
+    };
+    if let Some((_, first, _, second)) = pairs().find(|&(end, _, start, _)| end > start) {
+        return Err(bad(format!(
+            "tensors '{first}' and '{second}' overlap in the file (their types, shapes and offsets disagree)"
+        )));
+    }
+    // Writers pad each tensor to the alignment and no more (gguf-py, llama.cpp).
+    if let Some((end, first, start, second)) =
+        pairs().find(|&(end, _, start, _)| start - end >= alignment)
+    {
+        return Err(bad(format!(
+            "{} unused bytes lie between tensors '{first}' and '{second}': a tensor's type or shape disagrees with its data",
+            start - end
+        )));
+    }
+    if let Some(&(_, end, name)) = spans.last() {
+        if end > file_len {
+            return Err(bad(format!(
+                "tensor '{name}' ends at byte {end}, past the end of the file ({file_len} bytes): the file is truncated"
+            )));
+        }
+        if file_len - end >= alignment {
+            return Err(bad(format!(
+                "{} unused bytes follow the last tensor, '{name}': a tensor's type or shape disagrees with its data",
+                file_len - end
+            )));
+        }
+    }
     Ok((content, reader))
 }
 
@@ -520,17 +613,20 @@ impl Metadata<'_> {
             })
     }
 
+    /// A finite number (a NaN or infinity would become `null` in the config built from it,
+    /// and then its default).
     fn f64(&self, key: &str) -> Result<f64> {
         let value = self.required(key)?;
-        match value {
-            Value::F32(x) => Ok(*x as f64),
-            Value::F64(x) => Ok(*x),
-            other => integer(other).map(|n| n as f64).ok_or_else(|| {
-                self.error(format!(
-                    "GGUF metadata '{key}' must be a number, got {other:?}"
-                ))
-            }),
-        }
+        let number = match value {
+            Value::F32(x) => Some(*x as f64),
+            Value::F64(x) => Some(*x),
+            other => integer(other).map(|n| n as f64),
+        };
+        number.filter(|x| x.is_finite()).ok_or_else(|| {
+            self.error(format!(
+                "GGUF metadata '{key}' must be a finite number, got {value:?}"
+            ))
+        })
     }
 
     fn f64_opt(&self, key: &str) -> Result<Option<f64>> {

@@ -33,7 +33,7 @@ mod unembed;
 pub mod weights;
 
 pub use error::{Error, Result};
-pub use gguf::gguf_tokenizer;
+pub use gguf::{gguf_header, gguf_tokenizer};
 pub use hookpoint::{AttentionName, HookPoint};
 pub use hooks::{ForwardOutput, Hooks, ReplaceFn};
 pub use model::{dtype_name, parse_device, parse_dtype, LoadOptions, Model};

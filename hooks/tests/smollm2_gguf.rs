@@ -259,6 +259,90 @@ fn bad_gguf_files_are_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("not a readable GGUF file"), "{err}");
+
+    // Damaged layouts and values that used to load as garbage or defaults (or panic).
+    let load_err = |gguf: &TinyGguf, edit: &dyn Fn(&mut Vec<u8>)| {
+        gguf.write(&path);
+        let mut bytes = std::fs::read(&path).unwrap();
+        edit(&mut bytes);
+        std::fs::write(&path, &bytes).unwrap();
+        Model::load(path.to_str().unwrap(), &LoadOptions::default())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let plain = TinyGguf::from_fixture("gqa_tied");
+    let cases: [(&str, Value, &str); 3] = [
+        (
+            "general.alignment",
+            Value::U32(0),
+            "its header is damaged (attempt to divide by zero)",
+        ),
+        (
+            "general.alignment",
+            Value::U32(3),
+            "general.alignment U32(3) is not a positive multiple of 8",
+        ),
+        (
+            "llama.rope.freq_base",
+            Value::F32(f32::NAN),
+            "'llama.rope.freq_base' must be a finite number, got F32(NaN)",
+        ),
+    ];
+    for (key, value, expected) in cases {
+        let mut gguf = TinyGguf::from_fixture("gqa_tied");
+        gguf.set(key, value);
+        let err = load_err(&gguf, &|_| ());
+        assert!(
+            err.contains("model.gguf") && err.contains(expected),
+            "{err}"
+        );
+    }
+    // The type and offset of a tensor's header entry: after its name, dimension count and
+    // dimensions.
+    let entry = |bytes: &[u8], name: &str| {
+        let key = [&(name.len() as u64).to_le_bytes()[..], name.as_bytes()].concat();
+        let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+        let dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        at + 4 + 8 * dims
+    };
+    let offset_of = |bytes: &[u8], name: &str| {
+        let at = entry(bytes, name) + 4;
+        u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap())
+    };
+    let set_offset = |bytes: &mut Vec<u8>, name: &str, offset: u64| {
+        let at = entry(bytes, name) + 4;
+        bytes[at..at + 8].copy_from_slice(&offset.to_le_bytes());
+    };
+    let norm = "blk.0.attn_norm.weight";
+    let err = load_err(&plain, &|b| set_offset(b, norm, offset_of(b, norm) + 4));
+    assert!(
+        err.contains(&format!("tensor '{norm}' starts at offset"))
+            && err.contains("not a multiple of the alignment 32"),
+        "{err}"
+    );
+    let err = load_err(&plain, &|b| {
+        set_offset(b, norm, offset_of(b, "token_embd.weight"))
+    });
+    assert!(err.contains("overlap in the file"), "{err}");
+    // F32 retyped F16: the same shape in half the bytes, the rest left unused (in the middle
+    // of the data, and at its end).
+    let err = load_err(&plain, &|b| {
+        let at = entry(b, "blk.0.attn_k.weight");
+        b[at..at + 4].copy_from_slice(&1u32.to_le_bytes());
+    });
+    assert!(
+        err.contains("unused bytes lie between tensors 'blk.0.attn_k.weight' and"),
+        "{err}"
+    );
+    let err = load_err(&plain, &|b| {
+        let at = entry(b, "token_embd.weight");
+        b[at..at + 4].copy_from_slice(&1u32.to_le_bytes());
+    });
+    assert!(
+        err.contains("unused bytes follow the last tensor, 'token_embd.weight'"),
+        "{err}"
+    );
 }
 
 #[test]

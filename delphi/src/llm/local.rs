@@ -133,10 +133,7 @@ impl LocalLlm {
 
     /// [`LocalLlm::load`] with a sampling seed, prefix-cache size and weight format.
     pub fn load_with(path: &Path, options: LocalOptions) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader)
-            .map_err(|e| Error::file(path, format!("not a readable GGUF file: {e}")))?;
+        let (content, mut reader) = hooks::gguf_header(path)?;
         let string = |key: &str| match content.metadata.get(key) {
             Some(Value::String(s)) => Ok(s.clone()),
             Some(other) => Err(Error::file(

@@ -244,6 +244,8 @@ pub fn write_latent_cache(
     let bar = hooks::progress::bar(options.progress, options.max_sequences, "sequences");
     bar.set_position(done);
     let mut shard = ShardBuffer::new(targets.len(), done);
+    // Activations past f16's range, per target.
+    let mut saturated = vec![0u64; targets.len()];
     while let Some(batch) = source.next_batch()? {
         let sequences = batch.tokens.len() / seq_len;
         for (slot, target) in targets.iter().enumerate() {
@@ -257,9 +259,22 @@ pub fn write_latent_cache(
                 // The sequence is stored relative to the shard's first one.
                 let (seq, pos) = (token / seq_len, token % seq_len);
                 for (&a, &latent) in acts.iter().zip(indices) {
+                    if a.is_nan() {
+                        return Err(Error::Invalid(format!(
+                            "{}: the SAE gave latent {latent} a NaN activation at sequence {} \
+                             position {pos}: check the model's activations and the SAE's weights",
+                            target.name,
+                            shard.first + seq as u64
+                        )));
+                    }
                     if a > 0.0 {
+                        // f16 holds up to 65504; larger values are kept at that, and counted.
+                        let stored = half::f16::from_f32(a.min(F16_LARGEST));
+                        if a > F16_LARGEST {
+                            saturated[slot] += 1;
+                        }
                         shard.locations[slot].extend([seq as u32, pos as u32, latent]);
-                        shard.values[slot].push(half::f16::from_f32(a));
+                        shard.values[slot].push(stored);
                     }
                 }
             }
@@ -276,6 +291,14 @@ pub fn write_latent_cache(
         shard.write(&shards_dir, targets, seq_len)?;
     }
     bar.finish_and_clear();
+    for (target, &count) in targets.iter().zip(&saturated).filter(|(_, &c)| c > 0) {
+        tracing::warn!(
+            "{}: {count} activations were above {F16_LARGEST}, the largest float16 the cache \
+             stores, and are kept as {F16_LARGEST} (the order among them is lost); is the SAE \
+             meant for these activations?",
+            target.name
+        );
+    }
     let total = shard.first + shard.sequences;
     if total == 0 {
         // A complete cache of nothing would have every latent skipped as too rare.
@@ -328,6 +351,9 @@ fn check_cached_data(shards_dir: &Path, chunks: &mut hooks::data::ChunkStream) -
     }
     Ok(())
 }
+
+/// The largest finite f16, where larger activations are kept.
+const F16_LARGEST: f32 = 65504.0;
 
 /// The entries of one shard being filled.
 struct ShardBuffer {
@@ -794,11 +820,12 @@ fn read_u32s(path: &Path, st: &SafeTensors<'_>, name: &str) -> Result<Vec<u32>> 
     }
 }
 
-/// A float tensor (f16, bf16 or f32) as f32.
+/// A float tensor (f16, bf16 or f32) of activations as f32, every value finite (an
+/// infinity or NaN would make scores that cannot be written as JSON).
 fn read_f32s(path: &Path, st: &SafeTensors<'_>, name: &str) -> Result<Vec<f32>> {
     let view = tensor(path, st, name)?;
     let data = view.data();
-    match view.dtype() {
+    let values: Vec<f32> = match view.dtype() {
         Dtype::F16 => Ok(data
             .chunks_exact(2)
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
@@ -815,5 +842,16 @@ fn read_f32s(path: &Path, st: &SafeTensors<'_>, name: &str) -> Result<Vec<f32>> 
             path,
             format!("'{name}' has dtype {other:?}, expected a float type"),
         )),
+    }?;
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(at) => Err(Error::file(
+            path,
+            format!(
+                "'{name}' holds {} at index {at}: the shard is damaged; delete it and the shards \
+                 after it and run `delphi cache` again to recompute them",
+                values[at]
+            ),
+        )),
+        None => Ok(values),
     }
 }

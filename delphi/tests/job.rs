@@ -207,6 +207,45 @@ fn latent_cache_holds_what_the_sae_computes_and_resumes() {
     );
 }
 
+/// Activations past float16's range are stored at its largest value, not as infinity
+/// (which made score files that could not be read back); an infinity in a damaged shard is
+/// refused on reading, naming the shard.
+#[test]
+fn activations_past_float16_are_kept_at_its_largest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("model"));
+    let mut sae = tiny_sae();
+    let mut params = sae.parameters();
+    params[0] = (&params[0] * 1e7).unwrap(); // the encoder weight
+    sae.set_parameters(params).unwrap();
+    let dir = tmp.path().join("cache");
+    assert_eq!(write_cache(&model, &sae, &dir, 4, 8), 4);
+    let cache = LatentCache::open(&dir).unwrap();
+    let firings = cache.firings("layers.1", 0..16).unwrap();
+    let values: Vec<f32> = firings.values().flatten().map(|f| f.value).collect();
+    assert!(!values.is_empty() && values.iter().all(|v| v.is_finite()));
+    assert!(values.contains(&65504.0), "{values:?}");
+
+    // The same shard with an infinity written into it.
+    let shard = dir.join("shards/0_4.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    let max = half::f16::MAX.to_le_bytes();
+    let at = bytes.windows(2).rposition(|w| w == max).unwrap();
+    let mut damaged = bytes.clone();
+    damaged[at..at + 2].copy_from_slice(&half::f16::INFINITY.to_le_bytes());
+    std::fs::write(&shard, damaged).unwrap();
+    let message = LatentCache::open(&dir)
+        .unwrap()
+        .firings("layers.1", 0..16)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("0_4.safetensors")
+            && message.contains("'layers.1.activations' holds inf at index"),
+        "{message}"
+    );
+}
+
 /// The cache's config.json marked unfinished, as a killed `delphi cache` leaves it.
 fn config_unfinished(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("config.json"))

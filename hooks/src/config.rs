@@ -85,6 +85,9 @@ pub struct LlamaConfig {
     pub eos_token_id: Option<u32>,
     /// The longest context the model was trained on, if the config says.
     pub max_position_embeddings: Option<usize>,
+    /// Mistral's sliding attention window: each position attends to at most this many
+    /// (itself included). Not implemented: longer sequences are refused.
+    pub sliding_window: Option<usize>,
 }
 
 /// Llama 3.1's scaling of the rotary frequencies (`rope_type: "llama3"`): frequencies whose
@@ -176,6 +179,14 @@ impl ModelConfig {
                     tie_word_embeddings: fields.bool_or("tie_word_embeddings", false)?,
                     eos_token_id: fields.token_id("eos_token_id")?,
                     max_position_embeddings: fields.context_length(),
+                    sliding_window: match fields.usize_or("sliding_window", usize::MAX)? {
+                        0 => {
+                            return Err(fields
+                                .error("field 'sliding_window' must be positive, got 0".into()))
+                        }
+                        usize::MAX => None,
+                        window => Some(window),
+                    },
                 })
             }
             other => {

@@ -169,3 +169,56 @@ fn a_config_that_disagrees_with_the_weights_names_the_tensor() {
         "{err}"
     );
 }
+
+/// Mistral's sliding window is not implemented: a sequence longer than the window, which
+/// would silently get full attention, is refused; one that fits runs as plain Llama does.
+#[test]
+fn sequences_past_a_sliding_window_are_refused() {
+    let src = fixture_dir("gqa_tied");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        src.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["model_type"] = "mistral".into();
+    let mut with_window = |window: serde_json::Value| {
+        config["sliding_window"] = window;
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        Model::from_folder(dir.path(), &LoadOptions::default())
+    };
+    let plain = load("gqa_tied", DType::F32);
+    let ids = Tensor::new(&[[1u32, 2, 3, 4, 5]], &Device::Cpu).unwrap();
+    let logits = |model: &Model, ids: &Tensor| {
+        let out = model.forward(ids, &mut Hooks::new()).unwrap();
+        out.logits
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let mistral = with_window(4.into()).unwrap();
+    let message = mistral
+        .forward(&ids, &mut Hooks::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("sliding window of 4 tokens") && message.ends_with("use at most 4"),
+        "{message}"
+    );
+    let fits = ids.narrow(1, 0, 4).unwrap();
+    assert_eq!(logits(&mistral, &fits), logits(&plain, &fits));
+    // null (Mistral v0.2 on) is no window; 0 is refused.
+    assert_eq!(
+        logits(&with_window(serde_json::Value::Null).unwrap(), &ids),
+        logits(&plain, &ids)
+    );
+    let message = with_window(0.into()).unwrap_err().to_string();
+    assert!(
+        message.contains("field 'sliding_window' must be positive, got 0"),
+        "{message}"
+    );
+}

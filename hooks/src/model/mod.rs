@@ -353,6 +353,21 @@ impl Model {
             ));
         }
         self.warn_past_context(ids.dim(1)?);
+        if let ModelConfig::Llama(crate::config::LlamaConfig {
+            sliding_window: Some(window),
+            ..
+        }) = &self.config
+        {
+            if ids.dim(1)? > *window {
+                return Err(Error::InvalidArgument(format!(
+                    "model '{}' attends within a sliding window of {window} tokens, which this \
+                     runtime does not implement: sequences of {} tokens would run with full \
+                     attention; use at most {window}",
+                    self.origin,
+                    ids.dim(1)?
+                )));
+            }
+        }
         let flat: Vec<i64> = ids.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
         let vocab_size = self.config.vocab_size();
         if let Some((position, &token)) = flat

@@ -311,6 +311,11 @@ impl ModelConfig {
                 return Err(bad(format!("{name} must be positive, got 0")));
             }
         }
+        if let Some(eos) = self.eos_token_id().filter(|&id| id as usize >= vocab) {
+            return Err(bad(format!(
+                "eos_token_id {eos} is not below vocab_size {vocab}"
+            )));
+        }
         let (eps_name, eps, base_name, base) = match self {
             ModelConfig::GptNeox(c) => (
                 "layer_norm_eps",
@@ -578,6 +583,17 @@ mod tests {
             "rotary_emb_base": 10000, "layer_norm_eps": 1e-5, "use_parallel_residual": true,
             "tie_word_embeddings": false, "vocab_size": 50304, "bos_token_id": 0, "eos_token_id": 0
         })
+    }
+
+    #[test]
+    fn an_eos_id_past_the_vocabulary_is_refused() {
+        let mut config = pythia_70m();
+        config["eos_token_id"] = json!(50304);
+        let message = parse(config).unwrap_err().to_string();
+        assert!(
+            message.contains("eos_token_id 50304 is not below vocab_size 50304"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -310,12 +310,31 @@ fn unpermute_rows(t: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
 fn llama_config(meta: &Metadata) -> Result<LlamaConfig> {
     let hidden = meta.usize("llama.embedding_length")?;
     let heads = meta.usize("llama.attention.head_count")?;
+    if heads == 0 {
+        return Err(meta.error("llama.attention.head_count must be positive, got 0".into()));
+    }
+    let tensor_dims = |name: &str| {
+        meta.content
+            .tensor_infos
+            .get(name)
+            .map(|info| info.shape.dims().to_vec())
+    };
+    let vocab_size = match tensor_dims("token_embd.weight").as_deref() {
+        Some(&[vocab, width]) if width == hidden => vocab,
+        Some(other) => {
+            return Err(meta.error(format!(
+                "tensor 'token_embd.weight' has shape {other:?}, expected [vocab, {hidden}]"
+            )))
+        }
+        None => return Err(meta.error("tensor 'token_embd.weight' is missing".into())),
+    };
+
     let kv_heads = meta
         .usize_opt("llama.attention.head_count_kv")?
         .unwrap_or(heads);
     let head_dim = match meta.usize_opt("llama.attention.key_length")? {
         Some(d) => d,
-        None => hidden / heads.max(1),
+        None => hidden / heads,
     };
     for key in ["llama.attention.value_length", "llama.rope.dimension_count"] {
         if let Some(d) = meta.usize_opt(key)? {
@@ -334,21 +353,6 @@ fn llama_config(meta: &Metadata) -> Result<LlamaConfig> {
             )));
         }
     }
-    let tensor_dims = |name: &str| {
-        meta.content
-            .tensor_infos
-            .get(name)
-            .map(|info| info.shape.dims().to_vec())
-    };
-    let vocab_size = match tensor_dims("token_embd.weight").as_deref() {
-        Some(&[vocab, width]) if width == hidden => vocab,
-        Some(other) => {
-            return Err(meta.error(format!(
-                "tensor 'token_embd.weight' has shape {other:?}, expected [vocab, {hidden}]"
-            )))
-        }
-        None => return Err(meta.error("tensor 'token_embd.weight' is missing".into())),
-    };
     let has = |name: &str| meta.content.tensor_infos.contains_key(name);
     let json = json!({
         "model_type": "llama",

@@ -55,6 +55,8 @@ enum Source {
 pub struct WeightStore {
     source: Source,
     description: String,
+    /// The names [`WeightStore::get`] was asked for, to find the tensors a model left unused.
+    used: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl WeightStore {
@@ -110,6 +112,7 @@ impl WeightStore {
         Ok(WeightStore {
             source,
             description: files.describe(),
+            used: Default::default(),
         })
     }
 
@@ -118,6 +121,7 @@ impl WeightStore {
         WeightStore {
             source: Source::Memory(tensors),
             description: description.into(),
+            used: Default::default(),
         }
     }
 
@@ -130,6 +134,29 @@ impl WeightStore {
         }
     }
 
+    /// Where the tensors come from, for messages.
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// The tensors no [`WeightStore::get`] has asked for, sorted: once a model is built,
+    /// what its config left out of it.
+    pub fn unused(&self) -> Vec<String> {
+        let names: Vec<String> = match &self.source {
+            Source::Safetensors(st) => st.tensors().into_iter().map(|(n, _)| n).collect(),
+            Source::Pickle(files) => files
+                .iter()
+                .flat_map(|f| f.tensor_infos().keys().cloned())
+                .collect(),
+            Source::Memory(map) => map.keys().cloned().collect(),
+        };
+        let used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        let mut unused: Vec<String> = names.into_iter().filter(|n| !used.contains(n)).collect();
+        unused.sort();
+        unused.dedup();
+        unused
+    }
+
     /// Loads tensor `name`, checks its shape and that it holds floats, and converts it to
     /// `dtype` on `device`.
     pub fn get(
@@ -139,6 +166,10 @@ impl WeightStore {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
+        self.used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string());
         let tensor = self.load_raw(name)?;
         if !matches!(
             tensor.dtype(),
@@ -253,6 +284,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("'nope' is missing"), "{err}");
+        // Asked for, even when refused, is used.
+        assert!(store.unused().is_empty());
+        let store = WeightStore::open(&WeightFiles::Safetensors(vec![dir
+            .path()
+            .join("model.safetensors")]))
+        .unwrap();
+        store.get("w", &[2, 3], DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(store.unused(), ["ids"]);
     }
 
     #[test]

@@ -222,3 +222,31 @@ fn sequences_past_a_sliding_window_are_refused() {
         "{message}"
     );
 }
+
+/// A config.json with fewer layers than its weights (copied from a smaller model) is
+/// refused rather than run as a truncated model.
+#[test]
+fn weights_of_layers_past_the_config_are_refused() {
+    let src = fixture_dir("gqa_tied");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        src.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let layers = config["num_hidden_layers"].as_u64().unwrap();
+    config["num_hidden_layers"] = (layers - 1).into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let message = Model::from_folder(dir.path(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains(&format!(
+            "hold layers the config does not, e.g. 'model.layers.{}.",
+            layers - 1
+        )) && message.contains(&format!("num_hidden_layers is {}", layers - 1)),
+        "{message}"
+    );
+}

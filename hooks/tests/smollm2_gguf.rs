@@ -272,7 +272,17 @@ fn bad_gguf_files_are_clear_errors() {
             .unwrap_or_default()
     };
     let plain = TinyGguf::from_fixture("gqa_tied");
-    let cases: [(&str, Value, &str); 3] = [
+    let cases: [(&str, Value, &str); 5] = [
+        (
+            "llama.attention.head_count",
+            Value::U32(0),
+            "llama.attention.head_count must be positive, got 0",
+        ),
+        (
+            "llama.embedding_length",
+            Value::U32(48),
+            "tensor 'token_embd.weight' has shape",
+        ),
         (
             "general.alignment",
             Value::U32(0),

@@ -137,6 +137,54 @@ impl std::fmt::Debug for Model {
     }
 }
 
+/// Buffers that checkpoints of older transformers versions saved beside the weights: the
+/// causal mask and the rotary frequencies, which the model computes itself.
+const SAVED_BUFFERS: [&str; 3] = [
+    ".attention.bias",
+    ".attention.masked_bias",
+    ".rotary_emb.inv_freq",
+];
+
+/// Refuses weights of layers past the config's `layers` (a config.json of a smaller model
+/// beside these weights, which would otherwise run truncated) and warns of other tensors the
+/// model did not use.
+fn check_unused_weights(store: &WeightStore, layers: usize, origin: &str) -> Result<()> {
+    let unused: Vec<String> = store
+        .unused()
+        .into_iter()
+        .filter(|name| !SAVED_BUFFERS.iter().any(|b| name.ends_with(b)))
+        .collect();
+    let layer_of = |name: &str| {
+        let (_, rest) = name.split_once("layers.")?;
+        rest.split('.').next()?.parse::<usize>().ok()
+    };
+    if let Some(name) = unused
+        .iter()
+        .find(|n| layer_of(n).is_some_and(|i| i >= layers))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "model '{origin}': the weights ({}) hold layers the config does not, e.g. '{name}', \
+             while its num_hidden_layers is {layers}: is the config.json from another model?",
+            store.description()
+        )));
+    }
+    if !unused.is_empty() {
+        let shown: Vec<&str> = unused.iter().take(5).map(String::as_str).collect();
+        tracing::warn!(
+            "{}: {} tensors in the weights are not used by this model: {}{}",
+            origin,
+            unused.len(),
+            shown.join(", "),
+            if unused.len() > shown.len() {
+                ", ..."
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
 impl Model {
     /// Loads a model by short name (`pythia-70m`), hub id, folder or `.gguf` path.
     pub fn load(name: &str, options: &LoadOptions) -> Result<Self> {
@@ -205,6 +253,7 @@ impl Model {
             ModelConfig::GptNeox(c) => Network::GptNeox(gpt_neox::load(c, &loader)?),
             ModelConfig::Llama(c) => Network::Llama(llama::load(c, &loader)?),
         };
+        check_unused_weights(store, config.num_layers(), &origin)?;
         Ok(Model {
             network,
             config,

@@ -273,6 +273,20 @@ fn interrupted_job_resumes_to_the_same_cache() {
         "{err}"
     );
     std::fs::write(&first, kept).unwrap();
+    // Nor one whose count of chunks done disagrees with its shards (a hand repair).
+    let progress_file = out.join("progress.json");
+    let progress = std::fs::read_to_string(&progress_file).unwrap();
+    let mut edited: serde_json::Value = serde_json::from_str(&progress).unwrap();
+    edited["shards"].as_array_mut().unwrap().pop();
+    std::fs::write(&progress_file, edited.to_string()).unwrap();
+    let err = write_cache(&model, &spec, &out, 5_000)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("progress.json: records") && err.contains("but its shards hold"),
+        "{err}"
+    );
+    std::fs::write(&progress_file, progress).unwrap();
 
     // The shard a killed run was writing is deleted on resume (on Unix, where the lock
     // that marks a file being written exists).

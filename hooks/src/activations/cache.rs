@@ -257,6 +257,17 @@ impl ActivationCache {
                     format!("holds an unfinished cache made with other settings ({changed}); choose another folder or pass --overwrite"),
                 ));
             }
+            let listed: u64 = progress.shards.iter().map(|s| s.tokens).sum();
+            if progress.chunks.checked_mul(settings.data.seq_len as u64) != Some(listed) {
+                return Err(cache_error(
+                    &progress_path,
+                    format!(
+                        "records {} chunks of {} tokens done, but its shards hold {listed} tokens; \
+                         pass --overwrite to start again",
+                        progress.chunks, settings.data.seq_len
+                    ),
+                ));
+            }
             // A shard torn by a power cut (renamed before its data reached the disk) or
             // damaged by hand must not end up in a manifest.
             for shard in &progress.shards {

@@ -217,6 +217,47 @@ where
 
 /// The SAEs named by `--hookpoints`, with the hook point each reads its input from (the MLP
 /// input for a transcoder).
+/// Refuses a `--sae` whose SAEs are not those an existing latent cache was made with (its
+/// latents would be explained as another SAE's), and warns when `--model` is not the
+/// cache's (only its tokenizer is used).
+fn check_cache_made_with(
+    cache: &LatentCache,
+    dir: &std::path::Path,
+    model: &Model,
+    saes: &SaeArgs,
+) -> Result<()> {
+    let identity = cache.identity();
+    if saes.sae.is_some() {
+        for (name, _, sae) in load_saes(model, saes)? {
+            let Some(recorded) = identity.saes.get(&name) else {
+                continue;
+            };
+            let given = crate::latents::sae_digest(&sae)?;
+            if &given != recorded {
+                bail!(
+                    "--sae {}: the SAE for '{name}' (fingerprint {given}) is not the one the \
+                     latent cache {} was made with ({recorded}); give that SAE, or leave --sae out",
+                    saes.sae
+                        .as_ref()
+                        .map_or(String::new(), |p| p.display().to_string()),
+                    dir.display()
+                );
+            }
+        }
+    }
+    if let Some(made_with) = &identity.model {
+        if !hooks::source::same_origin(made_with, model.origin()) {
+            tracing::warn!(
+                "the latent cache {} was made with model {made_with}, not {}: its tokens are \
+                 decoded with this model's tokenizer",
+                dir.display(),
+                model.origin()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn load_saes(model: &Model, args: &SaeArgs) -> Result<Vec<(String, HookPoint, Sae)>> {
     let mut saes = Vec::new();
     for name in args
@@ -482,6 +523,9 @@ fn run_command(args: RunArgs) -> Result<()> {
         }
     };
     let cache = LatentCache::open(&cache_dir)?;
+    if let Some(dir) = &args.latent_cache {
+        check_cache_made_with(&cache, dir, &model, &args.saes)?;
+    }
     let tokenizer = model.tokenizer()?;
     let explainer = Explainer::from_args(&args)?;
     let llm = explainer.llm();

@@ -255,6 +255,17 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
     Ok(shards)
 }
 
+/// Whether two model origins (as [`crate::Model::origin`] gives them, and files made from a
+/// model record them) name the same model: the same text, or paths to the same file or
+/// folder.
+pub fn same_origin(a: &str, b: &str) -> bool {
+    a == b
+        || matches!(
+            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+            (Ok(a), Ok(b)) if a == b
+        )
+}
+
 /// True when `HF_HUB_OFFLINE` asks for no network access.
 pub fn hub_offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")

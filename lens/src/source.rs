@@ -97,12 +97,7 @@ impl LensData {
                     model.origin()
                 )));
             }
-            let same_place = |a: &str, b: &str| {
-                a == b
-                    || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)),
-                        (Ok(a), Ok(b)) if a == b)
-            };
-            if !same_place(&settings.model, model.origin()) {
+            if !hooks::source::same_origin(&settings.model, model.origin()) {
                 tracing::warn!(
                     "activation cache {} was made with model {}, not {}: a lens must be trained \
                      and evaluated on its own model's activations",

@@ -178,6 +178,16 @@ def test_delphi_run_resumes(latents, server, tiny_dir, capfd):
     before = len(_Handler.requests)
     assert ei.delphi_main(args) == 0
     assert len(_Handler.requests) == before, "a finished job sends no requests"
+    # Another SAE than the cache's is refused, not silently replaced by the cache's latents.
+    other = root / "other-saes"
+    shutil.copytree(saes, other)
+    weights = other / "layers.1" / "sae.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4:] = np.float32(0.5).tobytes()
+    weights.write_bytes(bytes(data))
+    assert ei.delphi_main([str(other) if a == str(saes) else a for a in args]) == 1
+    err = capfd.readouterr().err
+    assert "the SAE for 'layers.1'" in err and f"is not the one the latent cache {cache} was made with" in err
 
 
 def test_bad_arguments_are_value_errors(latents):

@@ -230,6 +230,27 @@ impl WeightStore {
 }
 
 /// The innermost message of a candle error, without its backtrace decoration.
+/// Why `t` cannot be a trained parameter (an SAE's or a lens's), if it cannot: a dtype other
+/// than a float's (integer bytes read as weights give garbage), or a NaN or infinity, with
+/// where the first one is. The parameter as f32 otherwise.
+pub fn float_parameter(t: &Tensor) -> std::result::Result<Tensor, String> {
+    if !matches!(
+        t.dtype(),
+        DType::F16 | DType::BF16 | DType::F32 | DType::F64
+    ) {
+        return Err(format!("is {:?}, expected a float type", t.dtype()));
+    }
+    let t = t.to_dtype(DType::F32).map_err(|e| root_cause(&e))?;
+    let values = t
+        .flatten_all()
+        .and_then(|v| v.to_vec1::<f32>())
+        .map_err(|e| root_cause(&e))?;
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(at) => Err(format!("holds {} at flat index {at}", values[at])),
+        None => Ok(t),
+    }
+}
+
 pub(crate) fn root_cause(e: &candle_core::Error) -> String {
     match e {
         candle_core::Error::WithPath { inner, .. } => root_cause(inner),

@@ -259,7 +259,10 @@ impl TunedLens {
                     t.dims()
                 )));
             }
-            Ok(t.to_dtype(DType::F32)?.to_device(device)?)
+            let t = hooks::weights::float_parameter(t).map_err(|problem| {
+                Error::Lens(format!("{}: tensor '{name}' {problem}", dir.display()))
+            })?;
+            Ok(t.to_device(device)?)
         };
         let (mut weights, mut biases) = (Vec::new(), Vec::new());
         for layer in 0..in_file {

@@ -719,6 +719,24 @@ fn lens_config_that_disagrees_with_its_parameters_is_refused() {
     hooks::candle_core::safetensors::save(&tensors, &params).unwrap();
     let err = TunedLens::load(&dir, &Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("the parameters hold 4 translators"), "{err}");
+    // Integer parameters (read as floats they were garbage) and a NaN are refused by name.
+    tensors.remove(&format!("{}.weight", usize::MAX));
+    let good = tensors["1.bias"].clone();
+    for (bad, expected) in [
+        (
+            good.to_dtype(DType::I64).unwrap(),
+            "tensor '1.bias' is I64, expected a float type",
+        ),
+        (
+            good.affine(0.0, f64::NAN).unwrap(),
+            "tensor '1.bias' holds NaN at flat index 0",
+        ),
+    ] {
+        tensors.insert("1.bias".into(), bad);
+        hooks::candle_core::safetensors::save(&tensors, &params).unwrap();
+        let err = TunedLens::load(&dir, &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains(expected), "{err}");
+    }
 }
 
 #[test]

@@ -693,7 +693,12 @@ impl WeightFile {
                 self.shapes_from
             )));
         }
-        Ok(t.to_dtype(DType::F32)?)
+        hooks::weights::float_parameter(t).map_err(|problem| {
+            Error::Sae(format!(
+                "{}: tensor '{name}' {problem}",
+                self.path.display()
+            ))
+        })
     }
 }
 

@@ -267,6 +267,30 @@ fn bad_files_are_refused_with_clear_messages() {
         message.contains("missing tensor 'b_dec'") && message.contains("sae.safetensors"),
         "{message}"
     );
+    // Integer bytes and a NaN in a parameter are refused by name (they were read as weights).
+    for (b_dec, expected) in [
+        (
+            params[3].to_dtype(DType::U32).unwrap(),
+            "tensor 'b_dec' is U32, expected a float type",
+        ),
+        (
+            params[3].affine(0.0, f64::NAN).unwrap(),
+            "tensor 'b_dec' holds NaN at flat index 0",
+        ),
+    ] {
+        hooks::atomic::write_safetensors(
+            &dir.path().join("sae.safetensors"),
+            &[
+                ("encoder.weight".into(), vec![params[0].clone()]),
+                ("encoder.bias".into(), vec![params[1].clone()]),
+                ("W_dec".into(), vec![params[2].clone()]),
+                ("b_dec".into(), vec![b_dec]),
+            ],
+        )
+        .unwrap();
+        let message = err(dir.path());
+        assert!(message.contains(expected), "{message}");
+    }
 
     // A config without d_in, and an unsupported activation.
     std::fs::write(dir.path().join("cfg.json"), r#"{"k": 8}"#).unwrap();

@@ -133,14 +133,14 @@ struct RunArgs {
     #[arg(long, default_value = "0/1")]
     shard: String,
     /// Latents processed at once.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
     concurrency: usize,
     /// HTTP requests in flight at once.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least_one)]
     max_requests: usize,
-    /// Per-request HTTP timeout in seconds.
-    #[arg(long, default_value_t = 120)]
-    timeout: u64,
+    /// Per-request HTTP timeout in seconds (fractions allowed; at most a day).
+    #[arg(long, default_value_t = 120.0, value_parser = parse_timeout)]
+    timeout: f64,
     /// Retries of a failed request.
     #[arg(long, default_value_t = 8)]
     retries: u32,
@@ -345,6 +345,27 @@ fn cache(args: CacheArgs) -> Result<()> {
 }
 
 /// `--prices PROMPT,COMPLETION`: two non-negative numbers.
+fn at_least_one(text: &str) -> std::result::Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("expected a whole number: {e}")),
+    }
+}
+
+/// Seconds, positive and finite, at most a day: a server that never answers must still
+/// fail the run.
+fn parse_timeout(text: &str) -> std::result::Result<f64, String> {
+    const DAY: f64 = 86_400.0;
+    match text.parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= DAY => Ok(s),
+        Ok(_) => Err(format!(
+            "must be more than 0 and at most {DAY} seconds (a day)"
+        )),
+        Err(e) => Err(format!("expected a number of seconds: {e}")),
+    }
+}
+
 fn parse_prices(text: &str) -> std::result::Result<(f64, f64), String> {
     let number = |part: &str| part.trim().parse::<f64>().ok().filter(|p| *p >= 0.0);
     text.split_once(',')
@@ -415,7 +436,7 @@ impl Explainer {
         let mut config = OpenAiConfig::new(spec, &args.explainer_model);
         config.api_key_env = args.api_key_env.clone();
         config.concurrency = args.max_requests;
-        config.timeout = Duration::from_secs(args.timeout);
+        config.timeout = Duration::from_secs_f64(args.timeout);
         config.max_retries = args.retries;
         config.price_per_million = args.prices;
         Ok(Self::Http(Box::new(OpenAiClient::new(config)?)))
@@ -677,5 +698,44 @@ mod tests {
             let err = parse_prices(bad).unwrap_err();
             assert!(err.contains("expected PROMPT,COMPLETION"), "{bad}: {err}");
         }
+    }
+
+    /// Each flag is refused under its own name; fractional timeouts are taken.
+    #[test]
+    fn request_limits_are_checked_by_flag() {
+        let run = |extra: &[&str]| {
+            let args = [
+                "delphi",
+                "run",
+                "--model",
+                "m",
+                "--hookpoints",
+                "h",
+                "--output",
+                "o",
+            ];
+            Cli::try_parse_from([&args[..], extra].concat()).map_err(|e| e.to_string())
+        };
+        for (flag, value, expected) in [
+            ("--concurrency", "0", "must be at least 1"),
+            ("--max-requests", "0", "must be at least 1"),
+            (
+                "--timeout",
+                "0",
+                "must be more than 0 and at most 86400 seconds",
+            ),
+            ("--timeout", "NaN", "must be more than 0"),
+            ("--timeout", "18446744073709551615", "at most 86400"),
+        ] {
+            let err = run(&[flag, value]).unwrap_err();
+            assert!(
+                err.contains(&format!("'{value}' for '{flag}")) && err.contains(expected),
+                "{err}"
+            );
+        }
+        let Command::Run(parsed) = run(&["--timeout", "0.5"]).unwrap().command else {
+            panic!("not run")
+        };
+        assert_eq!(parsed.timeout, 0.5);
     }
 }

@@ -290,8 +290,12 @@ fn write_json_file<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 
 fn read_json_file<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text)
-        .map_err(|e| Error::file(path, format!("unreadable result file: {e}")))
+    serde_json::from_str(&text).map_err(|e| {
+        Error::file(
+            path,
+            format!("unreadable result file: {e}; delete it and run the job again to redo it"),
+        )
+    })
 }
 
 /// The settings recorded in `output/run_config.json` (all runs of the job so far).
@@ -854,6 +858,20 @@ pub fn summary_table(summary: &JobSummary) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A damaged result says how to redo it (a rerun alone would stop at it again).
+    #[test]
+    fn an_unreadable_result_says_to_delete_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("layers.0_latent1.txt");
+        std::fs::write(&path, "").unwrap();
+        let message = read_json_file::<Vec<f32>>(&path).unwrap_err().to_string();
+        assert!(
+            message.contains("layers.0_latent1.txt: unreadable result file: EOF")
+                && message.ends_with("delete it and run the job again to redo it"),
+            "{message}"
+        );
+    }
 
     #[test]
     fn shards_partition_the_latents() {

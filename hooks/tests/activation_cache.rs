@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use hooks::activations::{
     ActivationBatch, ActivationCache, ActivationSource, CacheOptions, ModelActivations, ReadOrder,
 };
-use hooks::candle_core::{DType, Tensor};
+use hooks::candle_core::{DType, Device, Tensor};
 use hooks::data::DataSpec;
 use hooks::{HookPoint, Hooks, LoadOptions, Model};
 
@@ -342,17 +342,33 @@ fn damaged_caches_and_empty_data_are_clear_errors() {
     let out = tmp.path().join("cache");
     write_cache(&model, &spec, &out, 5_000).unwrap();
     let shard = out.join("shards/shard-000001.safetensors");
-    let bytes = std::fs::read(&shard).unwrap();
-    std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
-    let cache = ActivationCache::open(&out).unwrap();
-    let mut reader = cache.reader(10_000, ReadOrder::Sequential).unwrap();
-    let err = loop {
-        match reader.next_batch() {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("damaged shard read without error"),
-            Err(e) => break e.to_string(),
+    let read_error = |cache: &ActivationCache| {
+        let mut reader = cache.reader(10_000, ReadOrder::Sequential).unwrap();
+        loop {
+            match reader.next_batch() {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("damaged shard read without error"),
+                Err(e) => break e.to_string(),
+            }
         }
     };
+    // A NaN in a shard is named with its place in the data, not as a row of a batch.
+    let bytes = std::fs::read(&shard).unwrap();
+    let mut tensors = hooks::candle_core::safetensors::load(&shard, &Device::Cpu).unwrap();
+    let poisoned = tensors["layers.0"].slice_assign(
+        &[3..4, 2..3],
+        &Tensor::new(&[[f32::NAN]], &Device::Cpu).unwrap(),
+    );
+    tensors.insert("layers.0".into(), poisoned.unwrap());
+    hooks::candle_core::safetensors::save(&tensors, &shard).unwrap();
+    let err = read_error(&ActivationCache::open(&out).unwrap());
+    assert!(
+        err.contains("shard-000001.safetensors: 'layers.0' holds NaN in row 3 (sequence ")
+            && err.contains(", position 3)"),
+        "{err}"
+    );
+    std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
+    let err = read_error(&ActivationCache::open(&out).unwrap());
     assert!(
         err.contains("shard-000001.safetensors") && err.contains("unreadable shard"),
         "{err}"

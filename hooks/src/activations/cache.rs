@@ -712,31 +712,52 @@ impl ActivationCache {
                 .map(|t| (t.dims().to_vec(), Some(t.dtype())))
         })?;
         let tokens: Vec<u32> = tensors.remove("tokens").expect("checked").to_vec1()?;
+        // Row `row` of this shard, as a place in the cache's data.
+        let place = |row: usize| {
+            let seq_len = self.manifest.settings.data.seq_len.max(1);
+            let rows_before: u64 = self.manifest.shards[..index].iter().map(|s| s.tokens).sum();
+            format!(
+                "sequence {} of the cache, position {}",
+                (rows_before + row as u64) / seq_len as u64,
+                row % seq_len
+            )
+        };
         if let Some((row, id)) = vocab_size
             .and_then(|vocab| (tokens.iter().enumerate()).find(|(_, &id)| id as usize >= vocab))
         {
-            let seq_len = self.manifest.settings.data.seq_len.max(1);
-            let rows_before: u64 = self.manifest.shards[..index].iter().map(|s| s.tokens).sum();
             let settings = &self.manifest.settings;
             return Err(cache_error(
                 &path,
                 format!(
-                    "token id {id} (sequence {} of the cache, position {}) is out of range for \
-                     the model's vocabulary of {}: the cache was made with model '{}' ({})",
-                    (rows_before + row as u64) / seq_len as u64,
-                    row % seq_len,
+                    "token id {id} ({}) is out of range for the model's vocabulary of {}: the \
+                     cache was made with model '{}' ({})",
+                    place(row),
                     vocab_size.unwrap_or_default(),
                     settings.model,
                     settings.architecture
                 ),
             ));
         }
-        let activations = self
-            .points
-            .iter()
-            .zip(&self.manifest.settings.hook_points)
-            .map(|(point, name)| (*point, tensors.remove(name).expect("checked")))
-            .collect();
+        let mut activations = BTreeMap::new();
+        for (point, name) in self.points.iter().zip(&self.manifest.settings.hook_points) {
+            let rows = tensors.remove(name).expect("checked");
+            // A damaged shard is named here, not as a row of a shuffled batch downstream.
+            let as_f32 = rows.to_dtype(DType::F32)?;
+            if !as_f32.sum_all()?.to_scalar::<f32>()?.is_finite() {
+                let values = as_f32.to_vec2::<f32>()?;
+                if let Some((row, value)) = values
+                    .iter()
+                    .enumerate()
+                    .find_map(|(r, v)| v.iter().find(|x| !x.is_finite()).map(|x| (r, *x)))
+                {
+                    return Err(cache_error(
+                        &path,
+                        format!("'{name}' holds {value} in row {row} ({})", place(row)),
+                    ));
+                }
+            }
+            activations.insert(*point, rows);
+        }
         let batch = ActivationBatch {
             tokens,
             activations,

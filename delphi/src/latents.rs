@@ -93,6 +93,10 @@ pub struct CacheConfig {
     /// resuming with another SAE is refused. Empty in caches of earlier versions.
     #[serde(default)]
     pub saes: BTreeMap<String, String>,
+    /// Sequences in the shards, recorded once complete, so that a shard added by hand is
+    /// found. Absent while the cache is written, and in caches of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequences: Option<u64>,
 }
 
 /// A fingerprint of an SAE: its configuration and every parameter's f32 values.
@@ -199,6 +203,7 @@ pub fn write_latent_cache(
             .iter()
             .map(|t| Ok((t.name.clone(), sae_digest(t.sae)?)))
             .collect::<Result<_>>()?,
+        sequences: None,
     };
     let shards_dir = dir.join("shards");
     std::fs::create_dir_all(&shards_dir).map_err(|e| Error::io(&shards_dir, e))?;
@@ -209,6 +214,7 @@ pub fn write_latent_cache(
         // A cache of an earlier version records no SAE fingerprints: it is taken as is.
         let comparable = CacheConfig {
             complete: false,
+            sequences: None,
             saes: match existing.saes.is_empty() {
                 true => config.saes.clone(),
                 false => existing.saes.clone(),
@@ -310,6 +316,7 @@ pub fn write_latent_cache(
         &config_path,
         &CacheConfig {
             complete: true,
+            sequences: Some(total),
             ..config
         },
     )?;
@@ -532,7 +539,10 @@ impl LatentCache {
     /// Opens a cache written by [`write_latent_cache`] or by delphi (its `latents/` folder).
     pub fn open(dir: &Path) -> Result<Self> {
         let config_path = dir.join("config.json");
-        if is_our_config(&config_path) {
+        // Ours has shards/ beside its config: a damaged config is then reported as such,
+        // not taken for delphi's layout.
+        let ours_damaged = config_path.is_file() && dir.join("shards").is_dir();
+        if is_our_config(&config_path) || ours_damaged {
             Self::open_ours(dir, read_config(&config_path)?)
         } else {
             Self::open_delphi(dir)
@@ -547,7 +557,16 @@ impl LatentCache {
             ));
         }
         let shards_dir = dir.join("shards");
-        shard_ranges(&shards_dir)?;
+        let end = shard_ranges(&shards_dir)?.last().map_or(0, |r| r.end);
+        if let Some(sequences) = config.sequences.filter(|&s| s != end) {
+            return Err(Error::file(
+                &shards_dir,
+                format!(
+                    "the shards hold sequences 0..{end}, but config.json records {sequences}: \
+                     a shard was added or removed by hand"
+                ),
+            ));
+        }
         let shards: Vec<(u32, PathBuf)> = numbered_files(&shards_dir)?
             .into_iter()
             .map(|(first, _, path)| (first as u32, path))

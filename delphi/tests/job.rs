@@ -225,9 +225,18 @@ fn activations_past_float16_are_kept_at_its_largest() {
     let values: Vec<f32> = firings.values().flatten().map(|f| f.value).collect();
     assert!(!values.is_empty() && values.iter().all(|v| v.is_finite()));
     assert!(values.contains(&65504.0), "{values:?}");
+    // A shard added by hand is not read as more data.
+    let shard = dir.join("shards/0_4.safetensors");
+    let stray = dir.join("shards/4_8.safetensors");
+    std::fs::copy(&shard, &stray).unwrap();
+    let message = LatentCache::open(&dir).err().unwrap().to_string();
+    assert!(
+        message.contains("the shards hold sequences 0..8, but config.json records 4"),
+        "{message}"
+    );
+    std::fs::remove_file(&stray).unwrap();
 
     // The same shard with an infinity written into it.
-    let shard = dir.join("shards/0_4.safetensors");
     let bytes = std::fs::read(&shard).unwrap();
     let max = half::f16::MAX.to_le_bytes();
     let at = bytes.windows(2).rposition(|w| w == max).unwrap();
@@ -242,6 +251,13 @@ fn activations_past_float16_are_kept_at_its_largest() {
     assert!(
         message.contains("0_4.safetensors")
             && message.contains("'layers.1.activations' holds inf at index"),
+        "{message}"
+    );
+    // A damaged config.json is named, not taken for delphi's layout.
+    std::fs::write(dir.join("config.json"), "{nope").unwrap();
+    let message = LatentCache::open(&dir).err().unwrap().to_string();
+    assert!(
+        message.contains("config.json: not a latent cache config: key must be a string"),
         "{message}"
     );
 }

@@ -520,6 +520,20 @@ fn train_command(mut args: TrainArgs) -> Result<()> {
         optimizer: args.optimizer,
         k_decay_steps: args.k_decay_steps,
     };
+    if device.is_cpu() && args.finetune.is_none() {
+        // Encoder and decoder, their gradients and the optimizer's two moments: 8 floats
+        // per weight.
+        let weights = widths.iter().try_fold(0u64, |sum, &d| {
+            let mut config = SaeConfig::new(d, args.num_latents.unwrap_or(0), args.k);
+            config.expansion_factor = args.expansion_factor;
+            sum.checked_add((d as u64).checked_mul(config.latents() as u64)?)
+        });
+        hooks::memory::check_fits(
+            &format!("training SAEs of d_in {widths:?} with these latents"),
+            weights.and_then(|w| w.checked_mul(8 * 4)),
+            "lower --expansion-factor or --num-latents",
+        )?;
+    }
     let mut saes = widths
         .iter()
         .zip(&names)

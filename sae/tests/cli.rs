@@ -882,6 +882,20 @@ fn exclude_tokens_is_recorded_and_needs_a_step_count_on_a_cache() {
         message.contains("'0' for '--num-latents <NUM_LATENTS>': must be at least 1"),
         "{message}"
     );
+    // SAEs whose weights and optimizer state no machine holds are refused up front (this
+    // ran until the kernel killed it).
+    let message = train_on_cache(
+        &cache,
+        &tmp.path().join("huge"),
+        &["--batch-size", "256", "--expansion-factor", "1000000000000"],
+    )
+    .map_err(|e| format!("{e:#}"))
+    .unwrap_err();
+    assert!(
+        message.contains("training SAEs of d_in [32] with these latents needs ")
+            && message.ends_with(": lower --expansion-factor or --num-latents"),
+        "{message}"
+    );
     assert_eq!(read_history(&out, "layers.1").len(), 2);
     let message = train(&["--exclude-tokens", "0", "--steps", "2"]).unwrap_err();
     assert!(message.contains("other training options"), "{message}");

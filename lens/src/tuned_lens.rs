@@ -166,12 +166,19 @@ impl TunedLens {
                 self.config.d_model, self.config.num_hidden_layers, self.config.base_model_name_or_path, model.origin()
             )));
         }
-        if let Some(expected) = self
+        let ours = self
             .config
             .unembed_hash
             .as_deref()
-            .filter(|h| h.starts_with(UNEMBED_HASH_PREFIX))
-        {
+            .filter(|h| h.starts_with(UNEMBED_HASH_PREFIX));
+        if ours.is_none() {
+            // tuned-lens's own fingerprint covers numpy's printout of the matrix.
+            tracing::info!(
+                "the lens records no unembedding fingerprint of ours (trained with tuned-lens?): \
+                 only its width and layer count are checked against the model"
+            );
+        }
+        if let Some(expected) = ours {
             let actual = unembedding_hash(&model.unembedding())?;
             if actual != expected {
                 return Err(Error::Lens(format!(
@@ -207,8 +214,16 @@ impl TunedLens {
         let config_path = dir.join("config.json");
         let text =
             std::fs::read_to_string(&config_path).map_err(|e| hooks::Error::io(&config_path, e))?;
-        let config: LensConfig = serde_json::from_str(&text)
+        let mut config: LensConfig = serde_json::from_str(&text)
             .map_err(|e| Error::Lens(format!("{}: {e}", config_path.display())))?;
+        if config.lens_type != default_lens_type() {
+            return Err(Error::Lens(format!(
+                "{}: lens_type '{}' is not supported (only {})",
+                config_path.display(),
+                config.lens_type,
+                default_lens_type()
+            )));
+        }
         let tensors: HashMap<String, Tensor> = if dir.join("params.safetensors").is_file() {
             let path = dir.join("params.safetensors");
             candle_core::safetensors::load(&path, device)
@@ -267,8 +282,22 @@ impl TunedLens {
         let (mut weights, mut biases) = (Vec::new(), Vec::new());
         for layer in 0..in_file {
             weights.push(get(format!("{layer}.weight"), &[d, d])?);
-            biases.push(get(format!("{layer}.bias"), &[d])?);
+            let bias = format!("{layer}.bias");
+            biases.push(match (config.bias, tensors.contains_key(&bias)) {
+                (true, _) => get(bias, &[d])?,
+                (false, false) => Tensor::zeros(d, DType::F32, device)?,
+                (false, true) => {
+                    return Err(Error::Lens(format!(
+                        "{}: config.json says bias false, but the parameters hold '{bias}'",
+                        dir.display()
+                    )))
+                }
+            });
         }
+        // Zero biases stand for absent ones, and are saved as biases.
+        config.bias = true;
+        // Zero biases stand for absent ones, and are saved as biases.
+        config.bias = true;
         Ok(TunedLens {
             config,
             weights,

@@ -709,8 +709,41 @@ fn lens_config_that_disagrees_with_its_parameters_is_refused() {
         ),
         "{err}"
     );
+    let err = with("lens_type", serde_json::json!("xyz"));
+    assert!(
+        err.contains("lens_type 'xyz' is not supported (only linear_tuned_lens)"),
+        "{err}"
+    );
+    let err = with("bias", serde_json::json!(false));
+    assert!(
+        err.contains("says bias false, but the parameters hold '0.bias'"),
+        "{err}"
+    );
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     assert_eq!(TunedLens::load(&dir, &Device::Cpu).unwrap().num_layers(), 3);
+    // bias false without biases: zero biases.
+    let params_file = dir.join("params.safetensors");
+    let saved = std::fs::read(&params_file).unwrap();
+    let mut no_bias = hooks::candle_core::safetensors::load(&params_file, &Device::Cpu).unwrap();
+    no_bias.retain(|name, _| !name.ends_with(".bias"));
+    hooks::candle_core::safetensors::save(&no_bias, &params_file).unwrap();
+    assert!(with("bias", serde_json::json!(true)).contains("missing tensor '0.bias'"));
+    let mut unbiased = config.clone();
+    unbiased["bias"] = serde_json::json!(false);
+    std::fs::write(dir.join("config.json"), unbiased.to_string()).unwrap();
+    let lens = TunedLens::load(&dir, &Device::Cpu).unwrap();
+    let bias_sum: f32 = lens
+        .translator(2)
+        .1
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert_eq!(bias_sum, 0.0);
+    std::fs::write(&params_file, saved).unwrap();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     // A translator numbered usize::MAX (its successor overflowed).
     let params = dir.join("params.safetensors");
     let mut tensors = hooks::candle_core::safetensors::load(&params, &Device::Cpu).unwrap();

@@ -149,6 +149,15 @@ impl Error {
     }
 }
 
+/// Why `path`, which should be a file, is not one: a folder, or nothing.
+pub(crate) fn not_a_file(path: &std::path::Path) -> &'static str {
+    if path.is_dir() {
+        "is a folder, not a file"
+    } else {
+        "file not found"
+    }
+}
+
 /// Runs `work` (a third-party parser given a damaged file) and turns a panic in it into
 /// `Err` with the panic's message, without the panic being printed: a bad input file is an
 /// error, never a crash. Other threads' panics are printed as before.

@@ -29,8 +29,9 @@ impl Tokenizer {
     pub fn from_file(path: &Path, eos_id: Option<u32>) -> Result<Self> {
         if !path.is_file() {
             return Err(Error::Tokenizer(format!(
-                "{}: file not found",
-                path.display()
+                "{}: {}",
+                path.display(),
+                crate::error::not_a_file(path)
             )));
         }
         let inner = tokenizers::Tokenizer::from_file(path)

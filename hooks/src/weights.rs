@@ -66,7 +66,7 @@ impl WeightStore {
             if !path.is_file() {
                 return Err(Error::WeightFile {
                     path: path.into(),
-                    message: "file not found".into(),
+                    message: crate::error::not_a_file(path).into(),
                 });
             }
         }

@@ -379,9 +379,29 @@ fn damaged_caches_and_empty_data_are_clear_errors() {
         err.contains("shard shards/shard-000001.safetensors is missing"),
         "{err}"
     );
-    // A manifest whose widths do not match its hook points.
+    // A manifest whose shards leave the folder, or repeat.
     let manifest = out.join("manifest.json");
     let text = std::fs::read_to_string(&manifest).unwrap();
+    for (edit, expected) in [
+        (
+            "../../outside.safetensors",
+            "shard '../../outside.safetensors' is not a file inside the cache folder",
+        ),
+        (
+            "shards/shard-000000.safetensors",
+            "lists shard 'shards/shard-000000.safetensors' twice",
+        ),
+    ] {
+        let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        json["shards"][1]["file"] = edit.into();
+        std::fs::write(&manifest, json.to_string()).unwrap();
+        let err = ActivationCache::open(&out).unwrap_err().to_string();
+        assert!(
+            err.contains("manifest.json") && err.contains(expected),
+            "{err}"
+        );
+    }
+    // A manifest whose widths do not match its hook points.
     let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
     json["settings"]["widths"].as_array_mut().unwrap().pop();
     std::fs::write(&manifest, json.to_string()).unwrap();

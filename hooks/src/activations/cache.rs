@@ -257,6 +257,7 @@ impl ActivationCache {
                     format!("holds an unfinished cache made with other settings ({changed}); choose another folder or pass --overwrite"),
                 ));
             }
+            check_shard_names(&progress_path, &progress.shards)?;
             let listed: u64 = progress.shards.iter().map(|s| s.tokens).sum();
             if progress.chunks.checked_mul(settings.data.seq_len as u64) != Some(listed) {
                 return Err(cache_error(
@@ -430,9 +431,37 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).map_err(|e| cache_error(path, format!("unreadable: {e}")))
 }
 
+/// Refuses a shard listing (of `listing`, for messages) that names a file outside the
+/// cache folder (an absolute path, `..`) or the same file twice (read twice as data).
+fn check_shard_names(listing: &Path, shards: &[ShardInfo]) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for shard in shards {
+        let inside = Path::new(&shard.file)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !inside {
+            return Err(cache_error(
+                listing,
+                format!(
+                    "shard '{}' is not a file inside the cache folder",
+                    shard.file
+                ),
+            ));
+        }
+        if !seen.insert(&shard.file) {
+            return Err(cache_error(
+                listing,
+                format!("lists shard '{}' twice", shard.file),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join("manifest.json");
     let manifest: Manifest = read_json(&path)?;
+    check_shard_names(&path, &manifest.shards)?;
     if manifest.format != FORMAT || manifest.version != VERSION {
         return Err(cache_error(
             &path,

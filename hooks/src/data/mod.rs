@@ -124,7 +124,7 @@ impl DataSpec {
             if !path.is_file() {
                 return Err(Error::Data {
                     path: path.clone(),
-                    message: "file not found".into(),
+                    message: crate::error::not_a_file(path).into(),
                 });
             }
             let format = self.format_of(path)?;
@@ -441,7 +441,16 @@ fn open_lines(path: &Path) -> Result<impl Iterator<Item = (usize, Result<String>
     Ok(BufReader::new(file)
         .lines()
         .enumerate()
-        .map(move |(i, line)| (i + 1, line.map_err(|e| Error::io(&path, e)))))
+        .map(move |(i, line)| {
+            let line = line.map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidData => Error::Data {
+                    path: path.clone(),
+                    message: format!("line {}: not valid UTF-8 text", i + 1),
+                },
+                _ => Error::io(&path, e),
+            });
+            (i + 1, line)
+        }))
 }
 
 fn text_lines(path: &Path) -> Result<impl Iterator<Item = Result<String>>> {
@@ -456,6 +465,8 @@ fn jsonl_texts(path: &Path, field: String) -> Result<impl Iterator<Item = Result
     Ok(open_lines(&path)?.filter_map(move |(number, line)| {
         let line = match line {
             Ok(line) if line.trim().is_empty() => return None,
+            // A byte-order mark some editors put first is not JSON.
+            Ok(line) if number == 1 => line.trim_start_matches('\u{feff}').to_string(),
             Ok(line) => line,
             Err(e) => return Some(Err(e)),
         };
@@ -674,6 +685,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not valid JSON"), "{err}");
+        // A byte-order mark before the first line is not an error; bytes that are not UTF-8
+        // are named by line.
+        std::fs::write(&path, "\u{feff}{\"text\": \"six seven\"}\n").unwrap();
+        let first = spec.chunks(Some(&tok)).unwrap().next().unwrap().unwrap();
+        assert_eq!(first[1..], tok.encode("six seven").unwrap()[..2]);
+        std::fs::write(&path, b"{\"text\": \"a\"}\n{\"text\": \"\xff\"}\n").unwrap();
+        let err = spec
+            .chunks(Some(&tok))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("d.jsonl: line 2: not valid UTF-8 text"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -755,5 +783,13 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("missing.txt: file not found"));
+        let err = DataSpec::new(vec![dir.path().to_path_buf()], 4)
+            .chunks(Some(&tok))
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().ends_with(": is a folder, not a file"),
+            "{err}"
+        );
     }
 }

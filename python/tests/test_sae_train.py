@@ -104,20 +104,22 @@ def test_trainer_lowers_the_fvu_and_continues_an_sae():
 
 @DEFAULT_LOG_LEVEL
 def test_sae_train_warns_of_a_sparsify_batch_size_and_of_ending_in_the_warm_up(tiny_dir, tmp_path, capfd):
-    """`--batch-size` counts tokens here and sequences in sparsify, and a run shorter than
-    the learning-rate warm-up never trains at full rate: both are said."""
+    """`--batch-size` counts tokens here and sequences in sparsify, a run shorter than the
+    learning-rate warm-up never trains at full rate, and one shorter than --k-decay-steps
+    ends before k has decayed: each is said."""
     cache = tmp_path / "cache"
     ei.cache_activations(tiny_dir, ["layers.1"], WIKITEXT, cache, seq_len=64, max_tokens=256)
     capfd.readouterr()
     status = ei.sae_main(
         ["train", "--activations", str(cache), "--output", str(tmp_path / "out"), "--batch-size", "32",
-         "--steps", "2", "--num-latents", "64", "--k", "4"]
+         "--steps", "2", "--num-latents", "64", "--k", "4", "--k-decay-steps", "5"]
     )
     assert status == 0
     err = capfd.readouterr().err
     assert ("--batch-size counts tokens per step (sparsify's counts sequences): "
             "32 tokens is less than one sequence of 64") in err
     assert "the run ends inside its 1000-step learning-rate warm-up (2 steps)" in err
+    assert "--k-decay-steps 5 is more than the run's 2 steps: k will not have decayed to --k 4" in err
 
 
 def test_one_trainer_shared_between_threads():

@@ -498,6 +498,14 @@ fn train_command(mut args: TrainArgs) -> Result<()> {
             args.batch_size
         );
     }
+    if args.k_decay_steps > steps {
+        tracing::warn!(
+            "--k-decay-steps {} is more than the run's {steps} steps: k will not have decayed \
+             to --k {} when it ends",
+            args.k_decay_steps,
+            args.k
+        );
+    }
     let options = TrainOptions {
         steps,
         tokens_per_step: args.batch_size,

@@ -154,7 +154,19 @@ fn tokenize_command_writes_the_sequences_commands_read() {
         message.ends_with("tokens.npy exists; pass --overwrite to replace it"),
         "{message}"
     );
+    // What a killed run left half-written is removed.
+    let abandoned = tmp.path().join(".tokens.npy.tmp-4321");
+    std::fs::write(&abandoned, [0u8; 64]).unwrap();
+    let two_minutes_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(120);
+    std::fs::File::options()
+        .write(true)
+        .open(&abandoned)
+        .unwrap()
+        .set_modified(two_minutes_ago)
+        .unwrap();
     run(&[&again[..], &["--overwrite"]].concat()).unwrap();
+    #[cfg(unix)]
+    assert!(!abandoned.exists());
     let whole = hooks::data::TokenArray::open_npy(&tokens).unwrap();
     assert_eq!(
         (whole.len(), whole.row_len),

@@ -215,8 +215,6 @@ where
     }
 }
 
-/// The SAEs named by `--hookpoints`, with the hook point each reads its input from (the MLP
-/// input for a transcoder).
 /// Refuses a `--sae` whose SAEs are not those an existing latent cache was made with (its
 /// latents would be explained as another SAE's), and warns when `--model` is not the
 /// cache's (only its tokenizer is used).
@@ -258,6 +256,8 @@ fn check_cache_made_with(
     Ok(())
 }
 
+/// The SAEs named by `--hookpoints`, with the hook point each reads its input from (the MLP
+/// input for a transcoder).
 fn load_saes(model: &Model, args: &SaeArgs) -> Result<Vec<(String, HookPoint, Sae)>> {
     let mut saes = Vec::new();
     for name in args
@@ -344,7 +344,7 @@ fn cache(args: CacheArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--prices PROMPT,COMPLETION`: two non-negative numbers.
+/// A count flag's value: a whole number, at least 1.
 fn at_least_one(text: &str) -> std::result::Result<usize, String> {
     match text.parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
@@ -366,6 +366,7 @@ fn parse_timeout(text: &str) -> std::result::Result<f64, String> {
     }
 }
 
+/// `--prices PROMPT,COMPLETION`: two non-negative numbers.
 fn parse_prices(text: &str) -> std::result::Result<(f64, f64), String> {
     let number = |part: &str| part.trim().parse::<f64>().ok().filter(|p| *p >= 0.0);
     text.split_once(',')

@@ -866,8 +866,9 @@ fn read_f32s(path: &Path, st: &SafeTensors<'_>, name: &str) -> Result<Vec<f32>> 
         Some(at) => Err(Error::file(
             path,
             format!(
-                "'{name}' holds {} at index {at}: the shard is damaged; delete it and the shards \
-                 after it and run `delphi cache` again to recompute them",
+                "'{name}' holds {} at index {at}: the shard is damaged; recompute the cache (for \
+                 one made by `delphi cache`: delete this shard and those after it and run the \
+                 command again)",
                 values[at]
             ),
         )),

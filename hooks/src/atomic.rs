@@ -11,12 +11,56 @@ use crate::{Error, Result};
 
 const TEMP_MARK: &str = ".tmp-";
 
+/// `.<name>.tmp-<pid>-<host>`: the writer's process and machine, so that the clean-up can
+/// tell a writer that is gone from one running on another machine sharing the folder.
 fn temp_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}{TEMP_MARK}{}", std::process::id()))
+    path.with_file_name(format!(
+        ".{name}{TEMP_MARK}{}-{}",
+        std::process::id(),
+        this_host()
+    ))
+}
+
+/// This machine's host name, in the characters a file name can safely hold.
+fn this_host() -> &'static str {
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .or_else(|_| std::env::var("COMPUTERNAME"))
+            .unwrap_or_default();
+        let name: String = name
+            .trim()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        if name.is_empty() {
+            "host".into()
+        } else {
+            name
+        }
+    })
+}
+
+/// The writer a temporary file's name records after [`TEMP_MARK`]: its process id and, for
+/// files named since the host was added, its machine.
+fn writer_of(tail: &str) -> Option<(u32, Option<&str>)> {
+    let (pid, host) = match tail.split_once('-') {
+        Some((pid, host)) => (pid, Some(host)),
+        None => (tail, None),
+    };
+    let digits = !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
+    Some((pid.parse().ok().filter(|_| digits)?, host))
 }
 
 /// A temporary file left for this long with no write to it and no lock on it is abandoned:
@@ -39,16 +83,15 @@ pub fn remove_abandoned_temp_files(folder: &Path, writes: impl Fn(&str) -> bool)
     let mut freed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let ours = name
+        let writer = name
             .strip_prefix('.')
             .and_then(|rest| rest.rsplit_once(TEMP_MARK))
-            .is_some_and(|(target, pid)| {
-                !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && writes(target)
-            });
+            .filter(|(target, _)| writes(target))
+            .and_then(|(_, tail)| writer_of(tail));
         // Checked first: a results folder may hold thousands of other files, not stat'ed.
-        if !ours {
+        let Some((pid, host)) = writer else {
             continue;
-        }
+        };
         let Ok(metadata) = entry.metadata() else {
             continue;
         };
@@ -57,10 +100,8 @@ pub fn remove_abandoned_temp_files(folder: &Path, writes: impl Fn(&str) -> bool)
             .ok()
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|idle| idle >= ABANDONED_AFTER);
-        let writer_gone = name
-            .rsplit_once(TEMP_MARK)
-            .and_then(|(_, pid)| pid.parse().ok())
-            .is_some_and(process_is_gone);
+        // Only a writer of this machine can be known to be gone.
+        let writer_gone = host == Some(this_host()) && process_is_gone(pid);
         if !(metadata.is_file() && (idle || writer_gone)) {
             continue;
         }
@@ -383,13 +424,16 @@ pub(crate) mod tests {
         let writer = std::fs::File::open(at(".a.json.tmp-456")).unwrap();
         assert!(try_lock(&writer));
         // Just created by a live process: its writer may not hold the lock yet.
-        let live = at(&format!(".b.json.tmp-{}", std::process::id()));
+        let live = temp_path(&at("b.json"));
         std::fs::write(&live, b"x").unwrap();
-        // Just created by a process that has ended (a job killed moments ago).
+        // Just created by a process of this machine that has ended (a job killed moments
+        // ago), and by one of the same number on another machine sharing the folder.
         let mut child = std::process::Command::new("true").spawn().unwrap();
-        let dead = at(&format!(".g.json.tmp-{}", child.id()));
+        let dead = at(&format!(".g.json.tmp-{}-{}", child.id(), this_host()));
+        let elsewhere = at(&format!(".h.json.tmp-{}-other.machine", child.id()));
         child.wait().unwrap();
         std::fs::write(&dead, b"xy").unwrap();
+        std::fs::write(&elsewhere, b"xyz").unwrap();
         // Not named as write_with names its files.
         for name in [
             "c.json.tmp-999",
@@ -411,6 +455,8 @@ pub(crate) mod tests {
         if gone == 0 {
             std::fs::remove_file(&dead).unwrap();
         }
+        assert!(elsewhere.exists());
+        std::fs::remove_file(&elsewhere).unwrap();
         let left = std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(left, 7);
         drop(writer);

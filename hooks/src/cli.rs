@@ -406,6 +406,14 @@ fn tokenize(args: TokenizeArgs) -> Result<()> {
         );
     }
     crate::atomic::check_target(&args.output)?;
+    // What a killed run of this command left half-written (it may be gigabytes).
+    let target = args
+        .output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    crate::atomic::remove_abandoned_temp_files(crate::atomic::folder_of(&args.output), |name| {
+        Some(name) == target.as_deref()
+    });
     let max_chunks = args.data.max_chunks()?;
     let tokenizer = match (&args.model, &args.tokenizer) {
         (Some(model), replacement) => {
@@ -421,7 +429,8 @@ fn tokenize(args: TokenizeArgs) -> Result<()> {
         .into_values()
         .max()
         .map_or(0, |id| id as usize + 1)
-        .max(tokenizer.vocab_size());
+        .max(tokenizer.vocab_size())
+        .max(tokenizer.eos_id().map_or(0, |id| id as usize + 1));
     let spec = args.data.spec();
     let mut chunks = spec.chunks(Some(&tokenizer))?;
     let seq_len = spec.seq_len as u64;

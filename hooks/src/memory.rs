@@ -3,13 +3,31 @@
 
 use crate::{Error, Result};
 
-/// Bytes the kernel reports as available for new allocations (`MemAvailable` in
-/// `/proc/meminfo`); `None` where that cannot be read (not Linux).
+/// Bytes this process can still allocate, as far as Linux tells: the machine's
+/// `MemAvailable` (`/proc/meminfo`), or less when the process's control group (a container,
+/// a Slurm job) has a memory limit (cgroup v2 `memory.max` minus `memory.current`). `None`
+/// where neither can be read (not Linux): then nothing is refused.
 pub fn available_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
+    let machine = (|| {
+        let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        kib.checked_mul(1024)
+    })();
+    let group = (|| {
+        let number = |file: &str| -> Option<u64> {
+            std::fs::read_to_string(format!("/sys/fs/cgroup/{file}"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        Some(number("memory.max")?.saturating_sub(number("memory.current")?))
+    })();
+    match (machine, group) {
+        (Some(m), Some(g)) => Some(m.min(g)),
+        (m, g) => m.or(g),
+    }
 }
 
 /// Refuses `bytes` (`None`: past u64, from an overflowing product) for `what` when they are

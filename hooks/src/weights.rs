@@ -229,7 +229,6 @@ impl WeightStore {
     }
 }
 
-/// The innermost message of a candle error, without its backtrace decoration.
 /// Why `t` cannot be a trained parameter (an SAE's or a lens's), if it cannot: a dtype other
 /// than a float's (integer bytes read as weights give garbage), or a NaN or infinity, with
 /// where the first one is. The parameter as f32 otherwise.
@@ -251,6 +250,7 @@ pub fn float_parameter(t: &Tensor) -> std::result::Result<Tensor, String> {
     }
 }
 
+/// The innermost message of a candle error, without its backtrace decoration.
 pub(crate) fn root_cause(e: &candle_core::Error) -> String {
     match e {
         candle_core::Error::WithPath { inner, .. } => root_cause(inner),

@@ -367,6 +367,13 @@ fn damaged_caches_and_empty_data_are_clear_errors() {
             && err.contains(", position 3)"),
         "{err}"
     );
+    // A reader that leaves out the first 4 positions of each sequence never sees it.
+    let mut skipping = ActivationCache::open(&out)
+        .unwrap()
+        .reader(10_000, ReadOrder::Sequential)
+        .unwrap();
+    skipping.skip_first_positions(4).unwrap();
+    while skipping.next_batch().unwrap().is_some() {}
     std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
     let err = read_error(&ActivationCache::open(&out).unwrap());
     assert!(
@@ -407,6 +414,22 @@ fn damaged_caches_and_empty_data_are_clear_errors() {
     std::fs::write(&manifest, json.to_string()).unwrap();
     let err = ActivationCache::open(&out).unwrap_err().to_string();
     assert!(err.contains("hook points but"), "{err}");
+
+    // A model whose activations are NaN is refused while caching, naming the hook point.
+    let weights = tmp.path().join("model.safetensors");
+    let mut tensors = hooks::candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    let bias = "gpt_neox.layers.0.mlp.dense_4h_to_h.bias";
+    let nan = tensors[bias].affine(0.0, f64::NAN).unwrap();
+    tensors.insert(bias.into(), nan);
+    hooks::candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let broken = Model::from_folder(tmp.path(), &LoadOptions::default()).unwrap();
+    let err = write_cache(&broken, &spec, &tmp.path().join("nan"), 5_000)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("'layers.0' holds NaN in sequence 0 (stored as float32)"),
+        "{err}"
+    );
 
     let empty = tmp.path().join("empty.txt");
     std::fs::write(&empty, "just a few words\n").unwrap();

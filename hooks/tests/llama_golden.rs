@@ -246,7 +246,7 @@ fn weights_of_layers_past_the_config_are_refused() {
         message.contains(&format!(
             "hold layers the config does not, e.g. 'model.layers.{}.",
             layers - 1
-        )) && message.contains(&format!("num_hidden_layers is {}", layers - 1)),
+        )) && message.contains(&format!("while it has {} (num_hidden_layers", layers - 1)),
         "{message}"
     );
 }

@@ -296,8 +296,6 @@ impl TunedLens {
         }
         // Zero biases stand for absent ones, and are saved as biases.
         config.bias = true;
-        // Zero biases stand for absent ones, and are saved as biases.
-        config.bias = true;
         Ok(TunedLens {
             config,
             weights,

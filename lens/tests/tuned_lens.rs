@@ -357,6 +357,9 @@ fn flat(lens: &TunedLens) -> Vec<f32> {
 /// are allocated (the allocator aborted the process).
 #[test]
 fn chunk_too_large_for_memory_is_refused() {
+    if hooks::memory::available_bytes().is_none() {
+        return; // Only Linux tells what memory is left.
+    }
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
     let mut lens = TunedLens::for_model(&model).unwrap();

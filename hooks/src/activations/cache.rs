@@ -18,8 +18,8 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    check_positions_to_skip, rows_after_first_positions, ActivationBatch, ActivationSource,
-    ModelActivations,
+    check_positions_to_skip, first_non_finite, rows_after_first_positions, ActivationBatch,
+    ActivationSource, ModelActivations,
 };
 use crate::data::DataSpec;
 use crate::{atomic, dtype_name, parse_dtype, Error, HookPoint, Result};
@@ -258,14 +258,19 @@ impl ActivationCache {
                 ));
             }
             check_shard_names(&progress_path, &progress.shards)?;
-            let listed: u64 = progress.shards.iter().map(|s| s.tokens).sum();
-            if progress.chunks.checked_mul(settings.data.seq_len as u64) != Some(listed) {
+            let listed =
+                (progress.shards.iter()).try_fold(0u64, |sum, s| sum.checked_add(s.tokens));
+            if listed.is_none()
+                || progress.chunks.checked_mul(settings.data.seq_len as u64) != listed
+            {
                 return Err(cache_error(
                     &progress_path,
                     format!(
-                        "records {} chunks of {} tokens done, but its shards hold {listed} tokens; \
+                        "records {} chunks of {} tokens done, but its shards hold {} tokens; \
                          pass --overwrite to start again",
-                        progress.chunks, settings.data.seq_len
+                        progress.chunks,
+                        settings.data.seq_len,
+                        listed.map_or("more than 2^64".into(), |n| n.to_string())
                     ),
                 ));
             }
@@ -357,6 +362,24 @@ impl ActivationCache {
                     .map(|b| b.activations[point].clone())
                     .collect();
                 tensors.push((names[point].clone(), parts));
+            }
+            // A value the stored dtype cannot hold (float16 stops at 65504) or a NaN of the
+            // model is refused now, not found later by a trainer.
+            for (point, parts) in tensors.iter().skip(1) {
+                let mut rows_before = 0;
+                for part in parts {
+                    if let Some((row, value)) = first_non_finite(part, |_| true)? {
+                        return Err(Error::InvalidArgument(format!(
+                            "'{point}' holds {value} in sequence {} (stored as {}): {}",
+                            progress.chunks + ((rows_before + row) / seq_len as usize) as u64,
+                            settings.dtype,
+                            "the model gave a NaN or infinity, or its activations exceed the \
+                             stored dtype (float16 holds up to 65504; --store-dtype bfloat16 \
+                             or float32 holds more)"
+                        )));
+                    }
+                    rows_before += part.dim(0)?;
+                }
             }
             let shard_bytes: usize = pending.iter().map(ActivationBatch::activation_bytes).sum();
             pending.clear();
@@ -770,20 +793,15 @@ impl ActivationCache {
         let mut activations = BTreeMap::new();
         for (point, name) in self.points.iter().zip(&self.manifest.settings.hook_points) {
             let rows = tensors.remove(name).expect("checked");
-            // A damaged shard is named here, not as a row of a shuffled batch downstream.
-            let as_f32 = rows.to_dtype(DType::F32)?;
-            if !as_f32.sum_all()?.to_scalar::<f32>()?.is_finite() {
-                let values = as_f32.to_vec2::<f32>()?;
-                if let Some((row, value)) = values
-                    .iter()
-                    .enumerate()
-                    .find_map(|(r, v)| v.iter().find(|x| !x.is_finite()).map(|x| (r, *x)))
-                {
-                    return Err(cache_error(
-                        &path,
-                        format!("'{name}' holds {value} in row {row} ({})", place(row)),
-                    ));
-                }
+            // A damaged shard is named here, not as a row of a shuffled batch downstream
+            // (rows the reader leaves out are not checked).
+            let seq_len = self.manifest.settings.data.seq_len.max(1);
+            let kept = |row: usize| row % seq_len >= skip_positions;
+            if let Some((row, value)) = first_non_finite(&rows, kept)? {
+                return Err(cache_error(
+                    &path,
+                    format!("'{name}' holds {value} in row {row} ({})", place(row)),
+                ));
             }
             activations.insert(*point, rows);
         }

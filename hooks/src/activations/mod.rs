@@ -157,6 +157,33 @@ pub(crate) fn rows_after_first_positions(rows: usize, seq_len: usize, skip: usiz
         .collect()
 }
 
+/// The first row of `rows` (`[n, width]`) that `keep` accepts and that holds a NaN or an
+/// infinity, with that value. Checked in blocks converted to f32, so that a float16 shard is
+/// never copied whole; a block whose sum is finite holds none.
+pub(crate) fn first_non_finite(
+    rows: &Tensor,
+    keep: impl Fn(usize) -> bool,
+) -> Result<Option<(usize, f32)>> {
+    const BLOCK: usize = 4096;
+    let n = rows.dim(0)?;
+    for start in (0..n).step_by(BLOCK) {
+        let block = rows
+            .narrow(0, start, BLOCK.min(n - start))?
+            .to_dtype(DType::F32)?;
+        if block.sum_all()?.to_scalar::<f32>()?.is_finite() {
+            continue;
+        }
+        for (i, row) in block.to_vec2::<f32>()?.iter().enumerate() {
+            if let Some(&value) = row.iter().find(|x| !x.is_finite()) {
+                if keep(start + i) {
+                    return Ok(Some((start + i, value)));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Checks that skipping the first `skip` positions of `seq_len`-token sequences leaves rows.
 fn check_positions_to_skip(skip: usize, seq_len: usize) -> Result<()> {
     if skip >= seq_len {

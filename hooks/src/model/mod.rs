@@ -147,12 +147,19 @@ const SAVED_BUFFERS: [&str; 3] = [
 
 /// Refuses weights of layers past the config's `layers` (a config.json of a smaller model
 /// beside these weights, which would otherwise run truncated) and warns of other tensors the
-/// model did not use.
-fn check_unused_weights(store: &WeightStore, layers: usize, origin: &str) -> Result<()> {
+/// model did not use (but for saved buffers, and the unembedding a `tied` model shares with
+/// its embedding).
+fn check_unused_weights(
+    store: &WeightStore,
+    layers: usize,
+    tied: bool,
+    origin: &str,
+) -> Result<()> {
     let unused: Vec<String> = store
         .unused()
         .into_iter()
         .filter(|name| !SAVED_BUFFERS.iter().any(|b| name.ends_with(b)))
+        .filter(|name| !(tied && name == "lm_head.weight"))
         .collect();
     let layer_of = |name: &str| {
         let (_, rest) = name.split_once("layers.")?;
@@ -164,7 +171,8 @@ fn check_unused_weights(store: &WeightStore, layers: usize, origin: &str) -> Res
     {
         return Err(Error::InvalidArgument(format!(
             "model '{origin}': the weights ({}) hold layers the config does not, e.g. '{name}', \
-             while its num_hidden_layers is {layers}: is the config.json from another model?",
+             while it has {layers} (num_hidden_layers, or a GGUF file's llama.block_count): is \
+             the config from another model?",
             store.description()
         )));
     }
@@ -253,7 +261,11 @@ impl Model {
             ModelConfig::GptNeox(c) => Network::GptNeox(gpt_neox::load(c, &loader)?),
             ModelConfig::Llama(c) => Network::Llama(llama::load(c, &loader)?),
         };
-        check_unused_weights(store, config.num_layers(), &origin)?;
+        let tied = match &config {
+            ModelConfig::GptNeox(c) => c.tie_word_embeddings,
+            ModelConfig::Llama(c) => c.tie_word_embeddings,
+        };
+        check_unused_weights(store, config.num_layers(), tied, &origin)?;
         Ok(Model {
             network,
             config,

@@ -33,6 +33,26 @@ fn load(case: &str, dtype: DType) -> Model {
     Model::from_folder(&fixture_dir(case), &options).unwrap()
 }
 
+/// A folder holding fixture `case`'s weights, and its config.json parsed: edit it and load
+/// it with [`load_with_config`].
+fn weights_of(case: &str) -> (tempfile::TempDir, serde_json::Value) {
+    let src = fixture_dir(case);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        src.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(src.join("config.json")).unwrap();
+    (dir, serde_json::from_str(&config).unwrap())
+}
+
+/// Writes `config` beside the weights in `dir` and loads the model.
+fn load_with_config(dir: &Path, config: &serde_json::Value) -> hooks::Result<Model> {
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    Model::from_folder(dir, &LoadOptions::default())
+}
+
 #[test]
 fn tiny_llamas_match_transformers_at_every_hook_point() {
     for case in CASES {
@@ -148,20 +168,10 @@ fn stopping_early_gives_the_same_captures_without_logits() {
 
 #[test]
 fn a_config_that_disagrees_with_the_weights_names_the_tensor() {
-    let src = fixture_dir("gqa_tied");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        src.join("model.safetensors"),
-        dir.path().join("model.safetensors"),
-    )
-    .unwrap();
-    let config = std::fs::read_to_string(src.join("config.json")).unwrap();
-    std::fs::write(
-        dir.path().join("config.json"),
-        config.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 4"),
-    )
-    .unwrap();
-    let err = Model::from_folder(dir.path(), &LoadOptions::default())
+    let (dir, mut config) = weights_of("gqa_tied");
+    assert_eq!(config["num_key_value_heads"], 2);
+    config["num_key_value_heads"] = 4.into();
+    let err = load_with_config(dir.path(), &config)
         .unwrap_err()
         .to_string();
     assert!(
@@ -174,20 +184,11 @@ fn a_config_that_disagrees_with_the_weights_names_the_tensor() {
 /// would silently get full attention, is refused; one that fits runs as plain Llama does.
 #[test]
 fn sequences_past_a_sliding_window_are_refused() {
-    let src = fixture_dir("gqa_tied");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        src.join("model.safetensors"),
-        dir.path().join("model.safetensors"),
-    )
-    .unwrap();
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let (dir, mut config) = weights_of("gqa_tied");
     config["model_type"] = "mistral".into();
     let mut with_window = |window: serde_json::Value| {
         config["sliding_window"] = window;
-        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-        Model::from_folder(dir.path(), &LoadOptions::default())
+        load_with_config(dir.path(), &config)
     };
     let plain = load("gqa_tied", DType::F32);
     let ids = Tensor::new(&[[1u32, 2, 3, 4, 5]], &Device::Cpu).unwrap();
@@ -227,19 +228,10 @@ fn sequences_past_a_sliding_window_are_refused() {
 /// refused rather than run as a truncated model.
 #[test]
 fn weights_of_layers_past_the_config_are_refused() {
-    let src = fixture_dir("gqa_tied");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        src.join("model.safetensors"),
-        dir.path().join("model.safetensors"),
-    )
-    .unwrap();
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let (dir, mut config) = weights_of("gqa_tied");
     let layers = config["num_hidden_layers"].as_u64().unwrap();
     config["num_hidden_layers"] = (layers - 1).into();
-    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-    let message = Model::from_folder(dir.path(), &LoadOptions::default())
+    let message = load_with_config(dir.path(), &config)
         .unwrap_err()
         .to_string();
     assert!(

@@ -656,48 +656,27 @@ mod tests {
         assert_eq!(chunks.concat(), expected[..chunks.len() * 3]);
 
         spec.text_field = "text".into();
-        let err = spec
-            .chunks(Some(&tok))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap_err()
-            .to_string();
+        // The error of the first chunk of `contents`.
+        let first_error = |contents: &[u8]| {
+            std::fs::write(&path, contents).unwrap();
+            let first = spec.chunks(Some(&tok)).unwrap().next().unwrap();
+            first.unwrap_err().to_string()
+        };
+        let err = first_error(b"{\"body\": \"one\"}\n");
         assert!(err.contains("line 1: no field 'text'"), "{err}");
-        std::fs::write(&path, "{\"text\": 3}\n").unwrap();
-        let err = spec
-            .chunks(Some(&tok))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap_err()
-            .to_string();
+        let err = first_error(b"{\"text\": 3}\n");
         assert!(
             err.contains("d.jsonl") && err.contains("not a string"),
             "{err}"
         );
-        std::fs::write(&path, "{oops\n").unwrap();
-        let err = spec
-            .chunks(Some(&tok))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap_err()
-            .to_string();
+        let err = first_error(b"{oops\n");
         assert!(err.contains("not valid JSON"), "{err}");
         // A byte-order mark before the first line is not an error; bytes that are not UTF-8
         // are named by line.
         std::fs::write(&path, "\u{feff}{\"text\": \"six seven\"}\n").unwrap();
         let first = spec.chunks(Some(&tok)).unwrap().next().unwrap().unwrap();
         assert_eq!(first[1..], tok.encode("six seven").unwrap()[..2]);
-        std::fs::write(&path, b"{\"text\": \"a\"}\n{\"text\": \"\xff\"}\n").unwrap();
-        let err = spec
-            .chunks(Some(&tok))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap_err()
-            .to_string();
+        let err = first_error(b"{\"text\": \"a\"}\n{\"text\": \"\xff\"}\n");
         assert!(
             err.contains("d.jsonl: line 2: not valid UTF-8 text"),
             "{err}"

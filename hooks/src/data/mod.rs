@@ -127,6 +127,14 @@ impl DataSpec {
                     message: crate::error::not_a_file(path).into(),
                 });
             }
+            if path.to_str().is_none() {
+                return Err(Error::Data {
+                    path: path.clone(),
+                    message: "its name is not valid UTF-8; rename it (caches and checkpoints \
+                              record the data's paths as text)"
+                        .into(),
+                });
+            }
             let format = self.format_of(path)?;
             if !format.is_pretokenized() && tokenizer.and_then(Tokenizer::eos_id).is_none() {
                 let why = match tokenizer {
@@ -770,5 +778,22 @@ mod tests {
             err.to_string().ends_with(": is a folder, not a file"),
             "{err}"
         );
+        // A name that is not UTF-8 cannot be recorded in a cache's or checkpoint's settings.
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStrExt;
+            let odd = dir
+                .path()
+                .join(std::ffi::OsStr::from_bytes(b"bad-\xff.txt"));
+            std::fs::write(&odd, "some text\n").unwrap();
+            let err = DataSpec::new(vec![odd], 4)
+                .chunks(Some(&tok))
+                .err()
+                .unwrap();
+            assert!(
+                err.to_string().contains("its name is not valid UTF-8"),
+                "{err}"
+            );
+        }
     }
 }

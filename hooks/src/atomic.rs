@@ -116,6 +116,15 @@ pub fn remove_abandoned_temp_files(folder: &Path, writes: impl Fn(&str) -> bool)
     freed
 }
 
+/// [`remove_abandoned_temp_files`] for one file: what killed writers of `path` left beside
+/// it (a checkpoint or an output that can be gigabytes).
+pub fn remove_abandoned_temp_files_of(path: &Path) -> u64 {
+    let Some(name) = path.file_name() else {
+        return 0;
+    };
+    remove_abandoned_temp_files(folder_of(path), |n| std::ffi::OsStr::new(n) == name)
+}
+
 /// Whether no process `pid` runs on this machine (Linux, where `/proc` lists them): then a
 /// temporary file it named is abandoned whatever its age, so a job resumed right after a
 /// kill does not finish with the killed writer's file left inside its output. False where
@@ -182,15 +191,8 @@ impl Staged {
 /// folder, and the file itself is already synced.
 fn sync_folder_of(path: &Path) {
     #[cfg(unix)]
-    if let Some(folder) = path.parent() {
-        let folder = if folder.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            folder
-        };
-        if let Ok(handle) = std::fs::File::open(folder) {
-            let _ = handle.sync_all();
-        }
+    if let Ok(handle) = std::fs::File::open(folder_of(path)) {
+        let _ = handle.sync_all();
     }
     #[cfg(not(unix))]
     let _ = path;

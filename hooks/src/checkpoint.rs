@@ -27,10 +27,7 @@ pub fn stage<S: Serialize>(
     state: &S,
 ) -> Result<atomic::Staged> {
     // A checkpoint that a killed run was writing (optimiser state included, it can be GBs).
-    if let Some(name) = path.file_name() {
-        let folder = atomic::folder_of(path);
-        atomic::remove_abandoned_temp_files(folder, |n| std::ffi::OsStr::new(n) == name);
-    }
+    atomic::remove_abandoned_temp_files_of(path);
     let json = serde_json::to_string(state).map_err(|e| bad(path, e))?;
     let metadata = BTreeMap::from([("state".to_string(), json)]);
     let tensors: Vec<(String, Vec<Tensor>)> =

@@ -407,13 +407,7 @@ fn tokenize(args: TokenizeArgs) -> Result<()> {
     }
     crate::atomic::check_target(&args.output)?;
     // What a killed run of this command left half-written (it may be gigabytes).
-    let target = args
-        .output
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned());
-    crate::atomic::remove_abandoned_temp_files(crate::atomic::folder_of(&args.output), |name| {
-        Some(name) == target.as_deref()
-    });
+    crate::atomic::remove_abandoned_temp_files_of(&args.output);
     let max_chunks = args.data.max_chunks()?;
     let tokenizer = match (&args.model, &args.tokenizer) {
         (Some(model), replacement) => {

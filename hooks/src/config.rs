@@ -179,13 +179,12 @@ impl ModelConfig {
                     tie_word_embeddings: fields.bool_or("tie_word_embeddings", false)?,
                     eos_token_id: fields.token_id("eos_token_id")?,
                     max_position_embeddings: fields.context_length(),
-                    sliding_window: match fields.usize_or("sliding_window", usize::MAX)? {
-                        0 => {
+                    sliding_window: match fields.usize_opt("sliding_window")? {
+                        Some(0) => {
                             return Err(fields
                                 .error("field 'sliding_window' must be positive, got 0".into()))
                         }
-                        usize::MAX => None,
-                        window => Some(window),
+                        window => window,
                     },
                 })
             }
@@ -512,11 +511,15 @@ impl Fields<'_> {
         }
     }
 
-    fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
-            None => Ok(default),
-            Some(_) => self.usize(key),
+            None => Ok(None),
+            Some(_) => self.usize(key).map(Some),
         }
+    }
+
+    fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        Ok(self.usize_opt(key)?.unwrap_or(default))
     }
 
     /// `max_position_embeddings`, which only feeds a warning: a value that is not a positive

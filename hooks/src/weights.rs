@@ -171,10 +171,7 @@ impl WeightStore {
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_string());
         let tensor = self.load_raw(name)?;
-        if !matches!(
-            tensor.dtype(),
-            DType::F16 | DType::BF16 | DType::F32 | DType::F64
-        ) {
+        if !is_float(tensor.dtype()) {
             return Err(Error::BadWeight {
                 name: name.into(),
                 message: format!(
@@ -233,21 +230,24 @@ impl WeightStore {
 /// than a float's (integer bytes read as weights give garbage), or a NaN or infinity, with
 /// where the first one is. The parameter as f32 otherwise.
 pub fn float_parameter(t: &Tensor) -> std::result::Result<Tensor, String> {
-    if !matches!(
-        t.dtype(),
-        DType::F16 | DType::BF16 | DType::F32 | DType::F64
-    ) {
+    if !is_float(t.dtype()) {
         return Err(format!("is {:?}, expected a float type", t.dtype()));
     }
     let t = t.to_dtype(DType::F32).map_err(|e| root_cause(&e))?;
-    let values = t
+    // One value a row: the row found is the flat index.
+    let column = t
         .flatten_all()
-        .and_then(|v| v.to_vec1::<f32>())
+        .and_then(|v| v.unsqueeze(1))
         .map_err(|e| root_cause(&e))?;
-    match values.iter().position(|v| !v.is_finite()) {
-        Some(at) => Err(format!("holds {} at flat index {at}", values[at])),
+    match crate::activations::first_non_finite(&column, |_| true).map_err(|e| e.to_string())? {
+        Some((at, value)) => Err(format!("holds {value} at flat index {at}")),
         None => Ok(t),
     }
+}
+
+/// The dtypes of weights: candle's float types that hold trained values.
+fn is_float(dtype: DType) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
 }
 
 /// The innermost message of a candle error, without its backtrace decoration.

@@ -343,17 +343,15 @@ pub fn train(
     let vocab = unembedding.weight.dim(0)?;
     // On a GPU the buffers are in its memory, which the device reports when it runs out.
     if unembedding.weight.device().is_cpu() {
-        hooks::memory::check_fits(
-        &format!(
+        let what = format!(
             "--chunk-tokens {} ({chunk_tokens} tokens decoded at once, over a vocabulary of {vocab})",
             options.chunk_tokens
-        ),
+        );
         // Logits, their gradient and a rounded copy, in 4 bytes each.
-        (chunk_tokens as u64)
+        let bytes = (chunk_tokens as u64)
             .checked_mul(vocab as u64)
-            .and_then(|n| n.checked_mul(3 * 4)),
-        "lower --chunk-tokens (default 256)",
-        )?;
+            .and_then(|n| n.checked_mul(3 * 4));
+        hooks::memory::check_fits(&what, bytes, "lower --chunk-tokens (default 256)")?;
     }
     let mut decoder = Decoder::new(&unembedding, options.decode_dtype, chunk_tokens)?;
     tracing::info!("decoding lenses in {}", decoder.dtype_name());

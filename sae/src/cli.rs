@@ -528,13 +528,20 @@ fn train_command(mut args: TrainArgs) -> Result<()> {
         optimizer: args.optimizer,
         k_decay_steps: args.k_decay_steps,
     };
+    // The configuration of a new SAE reading `d`-wide activations.
+    let new_config = |d: usize| {
+        let mut config = SaeConfig::new(d, args.num_latents.unwrap_or(0), args.k);
+        config.expansion_factor = args.expansion_factor;
+        config.multi_topk = args.multi_topk;
+        config.transcode = args.transcode;
+        config.skip_connection = args.skip_connection;
+        config
+    };
     if device.is_cpu() && args.finetune.is_none() {
         // Encoder and decoder, their gradients and the optimizer's two moments: 8 floats
         // per weight.
         let weights = widths.iter().try_fold(0u64, |sum, &d| {
-            let mut config = SaeConfig::new(d, args.num_latents.unwrap_or(0), args.k);
-            config.expansion_factor = args.expansion_factor;
-            sum.checked_add((d as u64).checked_mul(config.latents() as u64)?)
+            sum.checked_add((d as u64).checked_mul(new_config(d).latents() as u64)?)
         });
         hooks::memory::check_fits(
             &format!("training SAEs of d_in {widths:?} with these latents"),
@@ -548,14 +555,11 @@ fn train_command(mut args: TrainArgs) -> Result<()> {
         .enumerate()
         .map(|(i, (&d, name))| match &args.finetune {
             Some(dir) => pretrained(&dir.join(name), d, args.transcode, &device),
-            None => {
-                let mut config = SaeConfig::new(d, args.num_latents.unwrap_or(0), args.k);
-                config.expansion_factor = args.expansion_factor;
-                config.multi_topk = args.multi_topk;
-                config.transcode = args.transcode;
-                config.skip_connection = args.skip_connection;
-                Ok(Sae::new(config, args.seed.wrapping_add(i as u64), &device)?)
-            }
+            None => Ok(Sae::new(
+                new_config(d),
+                args.seed.wrapping_add(i as u64),
+                &device,
+            )?),
         })
         .collect::<Result<Vec<_>>>()?;
     let needed = steps * args.batch_size as u64;

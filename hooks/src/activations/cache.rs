@@ -764,9 +764,9 @@ impl ActivationCache {
                 .map(|t| (t.dims().to_vec(), Some(t.dtype())))
         })?;
         let tokens: Vec<u32> = tensors.remove("tokens").expect("checked").to_vec1()?;
+        let seq_len = self.manifest.settings.data.seq_len.max(1);
         // Row `row` of this shard, as a place in the cache's data.
         let place = |row: usize| {
-            let seq_len = self.manifest.settings.data.seq_len.max(1);
             let rows_before: u64 = self.manifest.shards[..index].iter().map(|s| s.tokens).sum();
             format!(
                 "sequence {} of the cache, position {}",
@@ -795,7 +795,6 @@ impl ActivationCache {
             let rows = tensors.remove(name).expect("checked");
             // A damaged shard is named here, not as a row of a shuffled batch downstream
             // (rows the reader leaves out are not checked).
-            let seq_len = self.manifest.settings.data.seq_len.max(1);
             let kept = |row: usize| row % seq_len >= skip_positions;
             if let Some((row, value)) = first_non_finite(&rows, kept)? {
                 return Err(cache_error(
@@ -812,7 +811,6 @@ impl ActivationCache {
         if skip_positions == 0 {
             return Ok(batch);
         }
-        let seq_len = self.manifest.settings.data.seq_len;
         if !batch.len().is_multiple_of(seq_len) {
             return Err(cache_error(
                 &path,

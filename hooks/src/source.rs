@@ -301,7 +301,9 @@ fn from_hub(repo_id: &str, revision: &str) -> Result<ModelFiles> {
     let remote = hub_api(&cache)
         .map_err(|e| not_cached(Some(e.to_string())))?
         .repo(repo);
-    let listing = remote.info().map_err(|e| not_cached(Some(e.to_string())))?;
+    let listing = remote
+        .info()
+        .map_err(|e| not_cached(Some(hub_failure(&e, "repository or revision"))))?;
     let available: Vec<String> = listing.siblings.into_iter().map(|s| s.rfilename).collect();
     let mut download_error = None;
     let files = hub_files(&origin, revision, |name| {
@@ -312,7 +314,7 @@ fn from_hub(repo_id: &str, revision: &str) -> Result<ModelFiles> {
         match remote.get(name) {
             Ok(path) => Some(path),
             Err(e) => {
-                download_error.get_or_insert(format!("{name}: {e}"));
+                download_error.get_or_insert(format!("{name}: {}", hub_failure(&e, "file")));
                 None
             }
         }
@@ -327,6 +329,31 @@ fn from_hub(repo_id: &str, revision: &str) -> Result<ModelFiles> {
                 available.join(", ")
             ),
         )),
+    }
+}
+
+/// Why a hub request failed, in words that say what to do; `missing` names what a 404
+/// means was not found ("file", "repository or revision").
+fn hub_failure(error: &hf_hub::api::sync::ApiError, missing: &str) -> String {
+    let hf_hub::api::sync::ApiError::RequestError(request) = error else {
+        return error.to_string();
+    };
+    match request.as_ref() {
+        ureq::Error::StatusCode(code @ (401 | 403)) => format!(
+            "the hub refused access (HTTP {code}): the repository does not exist, or it is \
+             private or gated; check its name, and put a token that may read it in HF_TOKEN"
+        ),
+        ureq::Error::StatusCode(404) => format!("the hub has no such {missing} (HTTP 404)"),
+        ureq::Error::StatusCode(code) => format!("the hub answered HTTP {code}"),
+        ureq::Error::Io(_)
+        | ureq::Error::HostNotFound
+        | ureq::Error::ConnectionFailed
+        | ureq::Error::Timeout(_) => format!(
+            "the hub at {} could not be reached ({request}); with the files in the cache, \
+             HF_HUB_OFFLINE=1 uses them without the network",
+            std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into())
+        ),
+        other => other.to_string(),
     }
 }
 
@@ -386,7 +413,7 @@ pub fn hub_repo_files(repo_id: &str, revision: &str, names: &[String]) -> Result
             tracing::info!("fetching {name} from {repo_id}@{revision}");
             remote
                 .get(name)
-                .map_err(|e| not_cached(Some(format!("{name}: {e}"))))
+                .map_err(|e| not_cached(Some(format!("{name}: {}", hub_failure(&e, "file")))))
         })
         .collect()
 }

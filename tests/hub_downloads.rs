@@ -1,0 +1,303 @@
+//! Downloads from the Hugging Face hub through hf-hub's own client, against a small HTTP
+//! server on 127.0.0.1 (`HF_ENDPOINT`) that answers as the hub does: the repository listing
+//! at `/api/{models,spaces}/<repo>/revision/<rev>`, and files at `/<repo>/resolve/<rev>/<path>`
+//! with the range requests, `ETag`, `X-Repo-Commit` and `Content-Range` headers hf-hub reads.
+//! The files land in a fresh `HF_HOME`, laid out as the hub's cache, and a second load
+//! under `HF_HUB_OFFLINE=1` reads them there without a request.
+//!
+//! The environment is process-wide, so the tests of this binary take turns (`serial`).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+mod common;
+
+/// One revision of a hub repository: its files by path inside the repository.
+struct HubRepo {
+    /// `models` or `spaces`.
+    kind: &'static str,
+    id: String,
+    revision: String,
+    commit: String,
+    files: BTreeMap<String, Vec<u8>>,
+}
+
+impl HubRepo {
+    /// A model repository's `revision` holding the files of `folder` (not its sub-folders).
+    fn model_folder(id: &str, revision: &str, folder: &Path) -> Self {
+        let mut repo = HubRepo {
+            kind: "models",
+            id: id.into(),
+            revision: revision.into(),
+            commit: format!("{:040x}", fnv(format!("{id}@{revision}").as_bytes())),
+            files: BTreeMap::new(),
+        };
+        repo.add_folder("", folder);
+        repo
+    }
+
+    /// Adds the files of `folder` (not its sub-folders) under `prefix`.
+    fn add_folder(&mut self, prefix: &str, folder: &Path) {
+        for entry in std::fs::read_dir(folder).unwrap().flatten() {
+            if entry.path().is_file() {
+                let name = entry.file_name().into_string().unwrap();
+                self.files.insert(
+                    format!("{prefix}{name}"),
+                    std::fs::read(entry.path()).unwrap(),
+                );
+            }
+        }
+    }
+}
+
+/// The server: the repositories it holds and every request line it was sent.
+struct MockHub {
+    endpoint: String,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl MockHub {
+    fn serve(repos: Vec<HubRepo>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&requests);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                answer(stream, &repos, &seen);
+            }
+        });
+        MockHub { endpoint, requests }
+    }
+
+    /// The request lines (`GET /path`) received since the last call.
+    fn take_requests(&self) -> Vec<String> {
+        std::mem::take(&mut *self.requests.lock().unwrap())
+    }
+}
+
+/// FNV-1a, for commit hashes and ETags that differ with the content.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Answers one request and closes the connection.
+fn answer(mut stream: TcpStream, repos: &[HubRepo], seen: &Mutex<Vec<String>>) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).is_err() {
+        return;
+    }
+    let mut range = None;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("range") {
+                range = value.trim().strip_prefix("bytes=").map(str::to_string);
+            }
+        }
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    seen.lock().unwrap().push(format!("{method} {path}"));
+    let respond =
+        |stream: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]| {
+            let mut head = format!(
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+                body.len()
+            );
+            for (name, value) in headers {
+                head.push_str(&format!("{name}: {value}\r\n"));
+            }
+            head.push_str("\r\n");
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(body);
+        };
+    let not_found = |stream: &mut TcpStream, what: &str| {
+        let body = format!("{{\"error\": \"{what}\"}}");
+        respond(stream, "404 Not Found", &[], body.as_bytes());
+    };
+    if let Some(listing) = path.strip_prefix("/api/") {
+        let found = repos.iter().find(|r| {
+            listing
+                == format!(
+                    "{}/{}/revision/{}",
+                    r.kind,
+                    r.id,
+                    r.revision.replace('/', "%2F")
+                )
+        });
+        match found {
+            Some(repo) => {
+                let body = serde_json::json!({
+                    "sha": repo.commit,
+                    "siblings": repo.files.keys().map(|f| serde_json::json!({"rfilename": f})).collect::<Vec<_>>(),
+                });
+                respond(&mut stream, "200 OK", &[], body.to_string().as_bytes());
+            }
+            // As the hub answers anonymous requests: 404 for a revision a repository does
+            // not have, 401 for a repository it does not show (absent, private or gated).
+            None if repos
+                .iter()
+                .any(|r| listing.starts_with(&format!("{}/{}/", r.kind, r.id))) =>
+            {
+                not_found(&mut stream, "Revision not found")
+            }
+            None => respond(
+                &mut stream,
+                "401 Unauthorized",
+                &[],
+                b"{\"error\": \"Repository not found\"}",
+            ),
+        }
+        return;
+    }
+    let file = repos.iter().find_map(|r| {
+        let prefix = match r.kind {
+            "models" => format!("/{}/resolve/{}/", r.id, r.revision.replace('/', "%2F")),
+            kind => format!(
+                "/{kind}/{}/resolve/{}/",
+                r.id,
+                r.revision.replace('/', "%2F")
+            ),
+        };
+        let name = path.strip_prefix(&prefix)?;
+        r.files.get(name).map(|bytes| (r, bytes))
+    });
+    let Some((repo, bytes)) = file else {
+        return not_found(&mut stream, "Entry not found");
+    };
+    let size = bytes.len();
+    let (start, end) = match range.as_deref().and_then(|r| r.split_once('-')) {
+        Some((start, end)) => (
+            start.parse::<usize>().unwrap_or(0),
+            end.parse::<usize>().map_or(size - 1, |e| e.min(size - 1)),
+        ),
+        None => (0, size - 1),
+    };
+    let headers = [
+        ("ETag", format!("\"{:016x}\"", fnv(bytes))),
+        ("X-Repo-Commit", repo.commit.clone()),
+        ("Content-Range", format!("bytes {start}-{end}/{size}")),
+    ];
+    respond(
+        &mut stream,
+        "206 Partial Content",
+        &headers,
+        &bytes[start..=end],
+    );
+}
+
+/// Serialises the tests of this binary (they set process-wide environment variables).
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Points hf-hub at `hub` with an empty cache in `home`, online.
+fn use_hub(hub: &MockHub, home: &Path) {
+    std::env::set_var("HF_ENDPOINT", &hub.endpoint);
+    std::env::set_var("HF_HOME", home);
+    std::env::remove_var("HF_HUB_OFFLINE");
+    std::env::remove_var("HF_TOKEN");
+}
+
+fn logits(model: &hooks::Model) -> Vec<f32> {
+    let ids = hooks::candle_core::Tensor::new(&[[0u32, 5, 17, 300, 2]], model.device()).unwrap();
+    let out = model.forward(&ids, &mut hooks::Hooks::new()).unwrap();
+    out.logits
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn a_model_downloads_at_its_revision_and_then_loads_offline() {
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = common::model_folder(tmp.path(), 32, 64);
+    let hub = MockHub::serve(vec![HubRepo::model_folder(
+        "test-org/tiny-neox",
+        "step8",
+        &folder,
+    )]);
+    let home = tmp.path().join("hf-home");
+    use_hub(&hub, &home);
+    let options = hooks::LoadOptions {
+        revision: Some("step8".into()),
+        ..Default::default()
+    };
+
+    let downloaded = hooks::Model::load("test-org/tiny-neox", &options).unwrap();
+    let local = hooks::Model::load(folder.to_str().unwrap(), &Default::default()).unwrap();
+    assert_eq!(logits(&downloaded), logits(&local));
+    assert_eq!(downloaded.origin(), "test-org/tiny-neox@step8");
+    let requests = hub.take_requests();
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        let get = format!("GET /test-org/tiny-neox/resolve/step8/{file}");
+        assert!(requests.contains(&get), "{get} not in {requests:?}");
+    }
+    // The hub cache's layout: blobs, a snapshot named by the commit, and the revision's ref.
+    let cached = home.join("hub/models--test-org--tiny-neox");
+    let commit = std::fs::read_to_string(cached.join("refs/step8")).unwrap();
+    assert!(cached
+        .join("snapshots")
+        .join(commit.trim())
+        .join("model.safetensors")
+        .is_file());
+
+    // Offline, from the cache: the same model, and no request.
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+    let offline = hooks::Model::load("test-org/tiny-neox", &options).unwrap();
+    assert_eq!(logits(&offline), logits(&local));
+    assert_eq!(hub.take_requests(), Vec::<String>::new());
+    std::env::remove_var("HF_HUB_OFFLINE");
+
+    // A revision the repository does not have, and a repository without weights.
+    let other = hooks::LoadOptions {
+        revision: Some("step9".into()),
+        ..Default::default()
+    };
+    let err = hooks::Model::load("test-org/tiny-neox", &other)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("test-org/tiny-neox")
+            && err.contains("step9")
+            && err.contains("no such repository or revision (HTTP 404)"),
+        "{err}"
+    );
+    let err = hooks::Model::load("test-org/absent", &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("test-org/absent")
+            && err.contains("HTTP 401")
+            && err.contains("private or gated")
+            && err.contains("HF_TOKEN"),
+        "{err}"
+    );
+
+    // No server: said so, with the way to work offline.
+    std::env::set_var("HF_ENDPOINT", "http://127.0.0.1:9");
+    let err = hooks::Model::load("test-org/other", &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("http://127.0.0.1:9 could not be reached") && err.contains("HF_HUB_OFFLINE=1"),
+        "{err}"
+    );
+}

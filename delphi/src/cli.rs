@@ -53,10 +53,15 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct SaeArgs {
-    /// Folder of SAEs in sparsify's layout (<hookpoint>/cfg.json + sae.safetensors); needed
-    /// to cache latents (not when `delphi run` reads an existing --latent-cache).
+    /// Folder of SAEs in sparsify's layout (<hookpoint>/cfg.json + sae.safetensors), or a hub
+    /// repository of them (EleutherAI/sae-pythia-160m-32k: the --hookpoints folders are
+    /// fetched); needed to cache latents (not when `delphi run` reads an existing
+    /// --latent-cache).
     #[arg(long)]
     sae: Option<PathBuf>,
+    /// Hub revision of a --sae repository.
+    #[arg(long, default_value = "main")]
+    sae_revision: String,
     /// Hook points to use, comma separated (their SAE folders' names, e.g. layers.6,layers.6.mlp).
     #[arg(long)]
     hookpoints: String,
@@ -259,17 +264,23 @@ fn check_cache_made_with(
 /// The SAEs named by `--hookpoints`, with the hook point each reads its input from (the MLP
 /// input for a transcoder).
 fn load_saes(model: &Model, args: &SaeArgs) -> Result<Vec<(String, HookPoint, Sae)>> {
-    let mut saes = Vec::new();
-    for name in args
+    let names: Vec<String> = args
         .hookpoints
         .split(',')
         .map(str::trim)
         .filter(|n| !n.is_empty())
-    {
-        let root = args
-            .sae
-            .as_ref()
-            .context("give --sae: caching latents runs the SAEs")?;
+        .map(str::to_string)
+        .collect();
+    if names.is_empty() {
+        bail!("--hookpoints names no SAE");
+    }
+    let given = args
+        .sae
+        .as_ref()
+        .context("give --sae: caching latents runs the SAEs")?;
+    let root = &sae::hub::sae_root(given, &args.sae_revision, Some(&names))?;
+    let mut saes = Vec::new();
+    for name in &names {
         let dir = root.join(name);
         if !dir.exists() {
             let found = sae::sae_folders(root);
@@ -289,10 +300,7 @@ fn load_saes(model: &Model, args: &SaeArgs) -> Result<Vec<(String, HookPoint, Sa
         let point = sae
             .input_point(model, model.hook_point(name)?)
             .with_context(|| format!("the SAE in {}", dir.display()))?;
-        saes.push((name.to_string(), point, sae));
-    }
-    if saes.is_empty() {
-        bail!("--hookpoints names no SAE");
+        saes.push((name.clone(), point, sae));
     }
     Ok(saes)
 }

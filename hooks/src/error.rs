@@ -38,9 +38,10 @@ pub enum Error {
         message: String,
     },
 
-    /// A hub model is needed but not in the local cache, and downloading is off or failed.
+    /// A hub repository's files (a model's, SAEs', a lens's) are needed but not in the local
+    /// cache, and downloading is off or failed.
     #[error(
-        "model '{model}' (revision '{revision}') is not in the Hugging Face cache at {}{}",
+        "hub repository '{model}' (revision '{revision}') is not in the Hugging Face cache at {}{}",
         cache_dir.display(),
         reason.as_deref().map(|r| format!(" and could not be downloaded: {r}")).unwrap_or_else(|| " and HF_HUB_OFFLINE is set".into())
     )]

@@ -298,13 +298,10 @@ fn from_hub(repo_id: &str, revision: &str) -> Result<ModelFiles> {
         return Err(not_cached(None));
     }
 
+    let available = hub_repo_listing(repo_id, revision, "to find its weight files")?;
     let remote = hub_api(&cache)
         .map_err(|e| not_cached(Some(e.to_string())))?
         .repo(repo);
-    let listing = remote
-        .info()
-        .map_err(|e| not_cached(Some(hub_failure(&e, "repository or revision"))))?;
-    let available: Vec<String> = listing.siblings.into_iter().map(|s| s.rfilename).collect();
     let mut download_error = None;
     let files = hub_files(&origin, revision, |name| {
         if !available.iter().any(|a| a == name) {
@@ -416,6 +413,31 @@ pub fn hub_repo_files(repo_id: &str, revision: &str, names: &[String]) -> Result
                 .map_err(|e| not_cached(Some(format!("{name}: {}", hub_failure(&e, "file")))))
         })
         .collect()
+}
+
+/// The paths of every file in a hub repository at `revision` (the hub's listing; needs the
+/// network, so under `HF_HUB_OFFLINE` it is [`Error::NotCached`], naming `why`: what the
+/// listing was for).
+pub fn hub_repo_listing(repo_id: &str, revision: &str, why: &str) -> Result<Vec<String>> {
+    let cache = Cache::from_env();
+    let not_cached = |reason: String| Error::NotCached {
+        model: repo_id.into(),
+        revision: revision.into(),
+        cache_dir: cache.path().clone(),
+        reason: Some(reason),
+    };
+    if hub_offline() {
+        return Err(not_cached(format!(
+            "HF_HUB_OFFLINE is set, and listing the repository ({why}) needs the network"
+        )));
+    }
+    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
+    let listing = hub_api(&cache)
+        .map_err(|e| not_cached(e.to_string()))?
+        .repo(repo)
+        .info()
+        .map_err(|e| not_cached(hub_failure(&e, "repository or revision")))?;
+    Ok(listing.siblings.into_iter().map(|s| s.rfilename).collect())
 }
 
 /// Assembles hub files through `fetch`; `None` when config or weights are unavailable.

@@ -379,6 +379,23 @@ class Sae:
     @staticmethod
     def load(path: _Path, device: str = "cpu") -> "Sae":
         """Loads an SAE folder (sparsify's layout; for ``sae train`` output, a hook point's subfolder)."""
+    @staticmethod
+    def load_from_hub(
+        repo_id: str, hookpoint: Optional[str] = None, *, revision: str = "main", device: str = "cpu"
+    ) -> "Sae":
+        """Fetches an SAE of a hub repository in sparsify's layout (``"EleutherAI/sae-pythia-70m-32k"``,
+        ``"layers.3.mlp"``) into the shared Hugging Face cache and loads it; ``hookpoint=None``: a
+        repository of one SAE."""
+    @staticmethod
+    def load_many(
+        path: _Path,
+        hookpoints: Optional[Sequence[str]] = None,
+        *,
+        revision: str = "main",
+        device: str = "cpu",
+    ) -> dict[str, "Sae"]:
+        """Every SAE of a folder of ``<hookpoint>/`` SAE folders, or of a hub repository of them,
+        as ``{hookpoint: Sae}`` sorted by name; ``hookpoints`` picks some (only those are downloaded)."""
     def save(self, path: _Path) -> None:
         """Writes ``cfg.json`` and ``sae.safetensors`` into the folder ``path``."""
     @property

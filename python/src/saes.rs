@@ -5,6 +5,7 @@
 //! Activations cross as float32 numpy arrays `[N, d_in]`, latent indices as int64. The work
 //! runs with the GIL released.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -118,6 +119,66 @@ impl PySae {
         let device = hooks::parse_device(device).into_py_result()?;
         let inner = py.detach(|| sae::Sae::load(&path, &device)).into_py_sae()?;
         Ok(PySae { inner })
+    }
+
+    /// Fetches an SAE from a hub repository in sparsify's layout into the shared Hugging Face
+    /// cache and loads it: ``Sae.load_from_hub("EleutherAI/sae-pythia-70m-32k",
+    /// "layers.3.mlp")``; ``hookpoint=None`` takes a repository of one SAE (its files at the
+    /// top). ``HF_HOME``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` apply as for models.
+    #[staticmethod]
+    #[pyo3(signature = (repo_id, hookpoint = None, *, revision = "main", device = "cpu"))]
+    fn load_from_hub(
+        py: Python<'_>,
+        repo_id: &str,
+        hookpoint: Option<&str>,
+        revision: &str,
+        device: &str,
+    ) -> PyResult<Self> {
+        let device = hooks::parse_device(device).into_py_result()?;
+        let inner = py
+            .detach(|| {
+                let dir = sae::hub::fetch_one(repo_id, revision, hookpoint)?;
+                sae::Sae::load(&dir, &device)
+            })
+            .into_py_sae()?;
+        Ok(PySae { inner })
+    }
+
+    /// Every SAE of a folder of ``<hookpoint>/`` SAE folders (``sae train``'s or sparsify's
+    /// output) or of a hub repository of them, as ``{hookpoint: Sae}`` sorted by name;
+    /// ``hookpoints`` picks some (only those are downloaded).
+    #[staticmethod]
+    #[pyo3(signature = (path, hookpoints = None, *, revision = "main", device = "cpu"))]
+    fn load_many(
+        py: Python<'_>,
+        path: PathBuf,
+        hookpoints: Option<Vec<String>>,
+        revision: &str,
+        device: &str,
+    ) -> PyResult<BTreeMap<String, PySae>> {
+        let device = hooks::parse_device(device).into_py_result()?;
+        py.detach(|| {
+            let root = sae::hub::sae_root(&path, revision, hookpoints.as_deref())?;
+            std::fs::read_dir(&root).map_err(|e| hooks::Error::io(&root, e))?;
+            let names = match hookpoints {
+                Some(names) => names,
+                None => sae::sae_folders(&root),
+            };
+            if names.is_empty() {
+                return Err(sae::Error::Sae(format!(
+                    "{}: no SAE folders (<hookpoint>/cfg.json) in it",
+                    root.display()
+                )));
+            }
+            names
+                .into_iter()
+                .map(|name| {
+                    let inner = sae::Sae::load(&root.join(&name), &device)?;
+                    Ok((name, PySae { inner }))
+                })
+                .collect()
+        })
+        .into_py_sae()
     }
 
     /// Writes ``cfg.json`` and ``sae.safetensors`` into the folder ``path`` (created if

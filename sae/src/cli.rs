@@ -271,7 +271,8 @@ struct EvalArgs {
     #[command(flatten)]
     data: DataOpts,
     /// Folder of SAEs as `sae train` writes it (OUTPUT/<hookpoint>/cfg.json ...), or a
-    /// hub repository of sparsify SAEs (EleutherAI/sae-pythia-70m-32k; needs --hookpoints).
+    /// hub repository of sparsify SAEs (EleutherAI/sae-pythia-70m-32k; without --hookpoints,
+    /// every SAE it holds).
     #[arg(long)]
     sae: PathBuf,
     /// Hub revision of a --sae repository.
@@ -803,23 +804,17 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
         .load()?
         .context("give --model: evaluation runs the model")?;
     let mut args = args;
-    let repo_id = args.sae.to_string_lossy().to_string();
-    // `owner/name`, not a mistyped local path such as `/data/saes` or `./saes`.
-    let hub_like = {
-        let parts: Vec<&str> = repo_id.split('/').collect();
-        parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && !p.starts_with('.'))
+    let names: Option<Vec<String>> = match &args.hookpoints {
+        Some(list) => Some(
+            model
+                .hook_points_from_list(list)?
+                .into_iter()
+                .map(|p| model.hook_name(p))
+                .collect(),
+        ),
+        None => None,
     };
-    if !args.sae.exists() && hub_like {
-        let list = args.hookpoints.as_deref().with_context(|| {
-            format!("--sae {repo_id} is a hub repository: name the SAEs to fetch with --hookpoints")
-        })?;
-        let names: Vec<String> = model
-            .hook_points_from_list(list)?
-            .into_iter()
-            .map(|p| model.hook_name(p))
-            .collect();
-        args.sae = crate::fetch_from_hub(&repo_id, &args.sae_revision, &names)?;
-    }
+    args.sae = crate::hub::sae_root(&args.sae, &args.sae_revision, names.as_deref())?;
     let points = match &args.hookpoints {
         Some(list) => model.hook_points_from_list(list)?,
         None => {

@@ -19,11 +19,13 @@
 
 pub mod cli;
 pub mod cuda;
+pub mod hub;
 mod kernels;
 mod sae;
 pub mod train;
 
-pub use sae::{fetch_from_hub, fvu, sae_folders, Activation, ForwardOutput, Sae, SaeConfig};
+pub use hub::fetch_from_hub;
+pub use sae::{fvu, sae_folders, Activation, ForwardOutput, Sae, SaeConfig};
 
 /// Errors of SAE files, inference and training.
 #[derive(Debug, thiserror::Error)]

@@ -702,30 +702,6 @@ impl WeightFile {
     }
 }
 
-/// Downloads (or finds in the shared Hugging Face cache) the SAEs of a sparsify hub
-/// repository such as `EleutherAI/sae-pythia-70m-32k`, laid out as `<hookpoint>/cfg.json` +
-/// `<hookpoint>/sae.safetensors`, for the given hook points; returns the local folder that
-/// holds the `<hookpoint>` subfolders (the cached snapshot). `HF_HOME`, `HF_TOKEN` and
-/// `HF_HUB_OFFLINE` apply as for models (see `hooks::source`).
-pub fn fetch_from_hub(repo_id: &str, revision: &str, hookpoints: &[String]) -> Result<PathBuf> {
-    if hookpoints.is_empty() {
-        return Err(Error::Sae(format!(
-            "name the hook points to fetch from {repo_id} (e.g. layers.0.mlp)"
-        )));
-    }
-    let names: Vec<String> = hookpoints
-        .iter()
-        .flat_map(|h| [format!("{h}/cfg.json"), format!("{h}/sae.safetensors")])
-        .collect();
-    let paths = hooks::source::hub_repo_files(repo_id, revision, &names)?;
-    // <snapshot>/<hookpoint>/cfg.json -> <snapshot>
-    paths[0]
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .ok_or_else(|| Error::Sae(format!("unexpected cache path {}", paths[0].display())))
-}
-
 /// Fraction of variance unexplained as sparsify computes it: `Σ (y − ŷ)² / Σ (y − ȳ)²`,
 /// sums over tokens and dimensions, `ȳ` the batch mean.
 pub fn fvu(y: &Tensor, y_hat: &Tensor) -> Result<f64> {

@@ -8,7 +8,10 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use hf_hub::api::sync::ApiBuilder;
-use hf_hub::{Cache, Repo, RepoType};
+use hf_hub::{Cache, Repo};
+
+/// The kind of a hub repository (model, dataset or Space), for [`hub_files_in`].
+pub use hf_hub::RepoType;
 
 use crate::weights::WeightFiles;
 use crate::{Error, Result};
@@ -374,10 +377,22 @@ fn hub_api(
 /// when all are there (no network), else downloaded into it unless `HF_HUB_OFFLINE` is set
 /// ([`Error::NotCached`] names the repo, revision and cache folder).
 pub fn hub_repo_files(repo_id: &str, revision: &str, names: &[String]) -> Result<Vec<PathBuf>> {
+    hub_files_in(RepoType::Model, repo_id, revision, names)
+}
+
+/// [`hub_repo_files`] of a repository of any kind: a model, a dataset or a Space (such as
+/// tuned-lens's `AlignmentResearch/tuned-lens`, which holds its pretrained lenses).
+pub fn hub_files_in(
+    kind: RepoType,
+    repo_id: &str,
+    revision: &str,
+    names: &[String],
+) -> Result<Vec<PathBuf>> {
     let cache = Cache::from_env();
-    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
+    let repo = Repo::with_revision(repo_id.to_string(), kind, revision.to_string());
+    let shown = repo.url();
     let not_cached = |reason: Option<String>| Error::NotCached {
-        model: repo_id.into(),
+        model: shown.clone(),
         revision: revision.into(),
         cache_dir: cache.path().clone(),
         reason,

@@ -64,10 +64,11 @@ struct TrajectoryArgs {
     /// A file whose whole content is the text.
     #[arg(long)]
     text_file: Option<PathBuf>,
-    /// `logit` or a tuned lens folder.
+    /// `logit`, a tuned lens folder, or `pretrained` (tuned-lens's lens for the model, from
+    /// its hub collection; `pretrained:<model id>` names another).
     #[arg(long, default_value = "logit")]
     lens: String,
-    /// Show the difference `--lens` minus this lens (`logit` or a folder).
+    /// Show the difference `--lens` minus this lens (as --lens).
     #[arg(long)]
     minus: Option<String>,
     /// Colour statistics (comma separated): entropy, ce, kl, max_prob, rank, or all.
@@ -249,9 +250,11 @@ struct EvalArgs {
     model: ModelArgs,
     #[command(flatten)]
     source: Source,
-    /// A tuned lens folder (ours or tuned-lens's params.pt); without it only the logit lens.
+    /// A tuned lens folder (ours or tuned-lens's params.pt), or `pretrained` (tuned-lens's
+    /// lens for the model, from its hub collection; `pretrained:<model id>` names another);
+    /// without it only the logit lens.
     #[arg(long)]
-    lens: Option<PathBuf>,
+    lens: Option<String>,
     /// Tokens to evaluate, rounded up to whole sequences of --seq-len.
     #[arg(long, default_value_t = 1 << 18)]
     tokens: u64,
@@ -399,11 +402,7 @@ fn eval_command(args: EvalArgs) -> Result<()> {
     }
     let model = args.model.load()?;
     let lens = match &args.lens {
-        Some(dir) => {
-            let lens = TunedLens::load(dir, model.device())?;
-            lens.check_model(&model)?;
-            Some(lens)
-        }
+        Some(name) => lens_arg(name, &model)?,
         None => None,
     };
     let data = args.source.lens_data()?;
@@ -443,14 +442,9 @@ fn parse_statistics(list: &str) -> Result<Vec<Statistic>> {
 
 /// `logit` -> none, else a tuned lens folder checked against the model.
 fn lens_arg(name: &str, model: &hooks::Model) -> Result<Option<TunedLens>> {
-    if name == "logit" {
-        return Ok(None);
-    }
-    let lens = TunedLens::load(std::path::Path::new(name), model.device()).with_context(|| {
-        format!("loading the lens '{name}' (expected 'logit' or a lens folder)")
-    })?;
-    lens.check_model(model)?;
-    Ok(Some(lens))
+    crate::hub::lens_named(name, model).with_context(|| {
+        format!("loading the lens '{name}' (expected 'logit', 'pretrained' or a lens folder)")
+    })
 }
 
 /// `out.png` -> `out-{key}.png` when several figures share one name.

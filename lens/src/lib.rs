@@ -10,6 +10,7 @@ pub mod cli;
 pub mod cuda;
 mod decode;
 pub mod eval;
+pub mod hub;
 mod kernels;
 pub mod loss;
 pub mod plot;

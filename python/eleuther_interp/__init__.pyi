@@ -223,6 +223,13 @@ class TunedLens:
     def for_model(model: Union[Model, _Path]) -> "TunedLens":
         """A zero-initialised lens (equal to the logit lens) for ``model``."""
     @staticmethod
+    def from_model_and_pretrained(
+        model: Union[Model, _Path], lens_resource_id: Optional[str] = None
+    ) -> "TunedLens":
+        """tuned-lens's pretrained lens for ``model``, fetched from its hub collection (the Space
+        ``AlignmentResearch/tuned-lens``) and checked against the model; ``lens_resource_id``:
+        another model id's lens."""
+    @staticmethod
     def load(path: _Path, device: str = "cpu") -> "TunedLens":
         """Loads ours (``params.safetensors``) or tuned-lens's (``params.pt``) lens folder."""
     def save(self, path: _Path) -> None:

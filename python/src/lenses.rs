@@ -137,6 +137,29 @@ impl PyTunedLens {
         })
     }
 
+    /// tuned-lens's pretrained lens for ``model`` (a :class:`Model` or a model name), fetched
+    /// from its hub collection (the Space ``AlignmentResearch/tuned-lens``; Pythia deduped
+    /// models, GPT-2, Llama 2 and others) into the shared Hugging Face cache and checked
+    /// against the model; ``lens_resource_id`` names the lens of another model id (as
+    /// tuned-lens's own ``from_model_and_pretrained``), e.g. for a local copy of a hub model.
+    #[staticmethod]
+    #[pyo3(signature = (model, lens_resource_id = None))]
+    fn from_model_and_pretrained(
+        py: Python<'_>,
+        model: &Bound<'_, PyAny>,
+        lens_resource_id: Option<&str>,
+    ) -> PyResult<Self> {
+        let holder = model_arg(py, model)?;
+        let model = holder.get().inner();
+        let inner = py
+            .detach(|| lens::hub::load_pretrained(model, lens_resource_id))
+            .into_py_lens()?;
+        Ok(PyTunedLens {
+            inner,
+            history: Vec::new(),
+        })
+    }
+
     /// Loads a lens folder: ours (``config.json`` + ``params.safetensors``, written by
     /// :meth:`save` or ``lens train``) or tuned-lens's (``config.json`` + ``params.pt``;
     /// read without PyTorch). ``device`` is where the translators live (``"cpu"``,

@@ -16,7 +16,9 @@ import pytest
 
 import eleuther_interp as ei
 
-from conftest import WIKITEXT
+from conftest import FIXTURES, PYTHIA_STYLE, WIKITEXT
+
+TUNED_LENS = FIXTURES / "tuned_lens" / "pythia_style"
 
 # (kind, repo id, revision) -> {path in the repository: bytes}; filled by the fixtures.
 REPOS: dict[tuple[str, str, str], dict[str, bytes]] = {}
@@ -171,3 +173,46 @@ def test_delphi_and_sae_eval_take_a_hub_repository_of_saes(hub, hub_saes, tiny_d
                           "--json", str(report)])
     assert status == 0
     assert [s["hookpoint"] for s in json.loads(report.read_text())["saes"]] == ["layers.0", "layers.1"]
+
+
+@pytest.fixture(scope="module")
+def hub_lens():
+    """tuned-lens's lens of the pythia_style fixture in a Space laid out as tuned-lens's
+    (lens/<model id>/config.json + params.pt), and that model as test-org/pythia-style."""
+    space = REPOS.setdefault(("spaces", "AlignmentResearch/tuned-lens", "main"), {})
+    for name in ["config.json", "params.pt"]:
+        space[f"lens/test-org/pythia-style/{name}"] = (TUNED_LENS / name).read_bytes()
+    model = REPOS.setdefault(("models", "test-org/pythia-style", "main"), {})
+    for name in ["config.json", "model.safetensors"]:
+        model[name] = (PYTHIA_STYLE / name).read_bytes()
+
+
+def test_pretrained_lenses_come_from_tuned_lens_collection(hub, hub_lens, tmp_path):
+    model = ei.Model.from_pretrained("test-org/pythia-style")
+    lens = ei.TunedLens.from_model_and_pretrained(model)
+    expected = ei.TunedLens.load(TUNED_LENS).state_dict()
+    assert lens.state_dict().keys() == expected.keys()
+    assert all(np.array_equal(lens.state_dict()[k], expected[k]) for k in expected)
+    assert "/spaces/AlignmentResearch/tuned-lens/resolve/main/lens/test-org/pythia-style/params.pt" in hub
+
+    # A model from a folder names the lens's model id.
+    local = ei.Model.from_pretrained(PYTHIA_STYLE)
+    with pytest.raises(ValueError, match="is not from the hub"):
+        ei.TunedLens.from_model_and_pretrained(local)
+    named = ei.TunedLens.from_model_and_pretrained(local, "test-org/pythia-style")
+    assert np.array_equal(named.state_dict()["1.weight"], expected["1.weight"])
+    with pytest.raises(FileNotFoundError, match=r"lens/test-org/absent/config.json: the hub has no such file"):
+        ei.TunedLens.from_model_and_pretrained(local, "test-org/absent")
+
+    # lens eval --lens pretrained reports what the lens folder gives.
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 128, (4, 32), dtype=np.uint16))
+    reports = []
+    for source in ["pretrained", str(TUNED_LENS)]:
+        out = tmp_path / "eval.json"
+        status = ei.lens_main(["eval", "--model", "test-org/pythia-style", "--lens", source,
+                               "--data", str(ids), "--seq-len", "32", "--tokens", "128",
+                               "--json", str(out)])
+        assert status == 0
+        reports.append(json.loads(out.read_text()))
+    assert reports[0]["tuned_lens"] and reports[0] == reports[1]

@@ -211,7 +211,7 @@ fn use_hub(hub: &MockHub, home: &Path) {
 }
 
 fn logits(model: &hooks::Model) -> Vec<f32> {
-    let ids = hooks::candle_core::Tensor::new(&[[0u32, 5, 17, 300, 2]], model.device()).unwrap();
+    let ids = hooks::candle_core::Tensor::new(&[[0u32, 5, 17, 100, 2]], model.device()).unwrap();
     let out = model.forward(&ids, &mut hooks::Hooks::new()).unwrap();
     out.logits
         .unwrap()
@@ -300,4 +300,57 @@ fn a_model_downloads_at_its_revision_and_then_loads_offline() {
         err.contains("http://127.0.0.1:9 could not be reached") && err.contains("HF_HUB_OFFLINE=1"),
         "{err}"
     );
+}
+
+#[test]
+fn checkpoints_in_every_weight_layout_download_alike() {
+    let _turn = serial();
+    let fixtures = common::repo().join("tests/fixtures/gpt_neox");
+    let safetensors = fixtures.join("pythia_style");
+    // main: model.safetensors; step0: a PyTorch pickle; step1: a sharded safetensors index.
+    let mut main = HubRepo::model_folder("test-org/pythia-style", "main", &safetensors);
+    main.files.remove("expected.safetensors");
+    let pickle = HubRepo::model_folder(
+        "test-org/pythia-style",
+        "step0",
+        &fixtures.join("pythia_style_pickle"),
+    );
+    let mut sharded = HubRepo::model_folder("test-org/pythia-style", "step1", &safetensors);
+    let weights = sharded.files.remove("model.safetensors").unwrap();
+    let names: Vec<String> =
+        hooks::candle_core::safetensors::load_buffer(&weights, &hooks::candle_core::Device::Cpu)
+            .unwrap()
+            .into_keys()
+            .collect();
+    let shard = "model-00001-of-00001.safetensors";
+    let index = serde_json::json!({"weight_map": names.iter().map(|n| (n.clone(), shard)).collect::<BTreeMap<_, _>>()});
+    sharded.files.insert(shard.into(), weights);
+    sharded.files.insert(
+        "model.safetensors.index.json".into(),
+        index.to_string().into_bytes(),
+    );
+    let hub = MockHub::serve(vec![main, pickle, sharded]);
+    let tmp = tempfile::tempdir().unwrap();
+    use_hub(&hub, tmp.path());
+
+    let at = |revision: &str| {
+        let options = hooks::LoadOptions {
+            revision: Some(revision.into()),
+            ..Default::default()
+        };
+        logits(&hooks::Model::load("test-org/pythia-style", &options).unwrap())
+    };
+    let expected = at("main");
+    assert_eq!(at("step0"), expected);
+    assert_eq!(at("step1"), expected);
+    let requests = hub.take_requests();
+    for get in [
+        "GET /test-org/pythia-style/resolve/step0/pytorch_model.bin",
+        "GET /test-org/pythia-style/resolve/step1/model-00001-of-00001.safetensors",
+    ] {
+        assert!(
+            requests.iter().any(|r| r == get),
+            "{get} not in {requests:?}"
+        );
+    }
 }

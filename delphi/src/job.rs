@@ -197,6 +197,13 @@ impl JobConfig {
                 "the explainer's max_tokens (--explainer-max-tokens) must be at least 1".into(),
             ));
         }
+        if self.examples.n_non_activating == 0 {
+            return Err(Error::Invalid(
+                "--n-non-activating must be at least 1: every scorer tells activating excerpts \
+                 from silent ones"
+                    .into(),
+            ));
+        }
         if self.hookpoints.is_empty() || self.scorers.is_empty() || self.latents.is_empty() {
             return Err(Error::Invalid(
                 "a job needs at least one hook point, one latent and one scorer".into(),
@@ -298,6 +305,20 @@ fn read_json_file<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     })
 }
 
+/// A detection, fuzzing or embedding score file's records; one holding none is damaged (a
+/// scored latent has its test examples at least). An intruder file may hold none: a latent
+/// without silent excerpts gets no intruder prompt.
+fn read_score_file<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
+    let records: Vec<T> = read_json_file(path)?;
+    if records.is_empty() {
+        return Err(Error::file(
+            path,
+            "unreadable result file: no scored excerpts in it; delete it and run the job again to redo it",
+        ));
+    }
+    Ok(records)
+}
+
 /// The settings recorded in `output/run_config.json` (all runs of the job so far).
 pub fn read_run_config(output: &Path) -> Result<JobConfig> {
     let record: RunRecord = read_json_file(&output.join("run_config.json"))?;
@@ -309,6 +330,16 @@ pub fn read_run_config(output: &Path) -> Result<JobConfig> {
 fn check_settings_in(output: &Path, config: &JobConfig) -> Result<Option<RunRecord>> {
     let path = output.join("run_config.json");
     if !path.is_file() {
+        if let Some(result) = some_result_in(output) {
+            return Err(Error::file(
+                &path,
+                format!(
+                    "missing, but the folder holds results ({}): what they were made from is \
+                     unknown; restore run_config.json, or use a new output folder",
+                    result.display()
+                ),
+            ));
+        }
         return Ok(None);
     }
     let existing: RunRecord = read_json_file(&path)?;
@@ -341,6 +372,21 @@ fn check_settings_in(output: &Path, config: &JobConfig) -> Result<Option<RunReco
         ));
     }
     Ok(Some(existing))
+}
+
+/// A result file in `output` (an explanation or a score), if there is one.
+fn some_result_in(output: &Path) -> Option<PathBuf> {
+    let files_in = |dir: PathBuf| {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+    };
+    let scores = files_in(output.join("scores")).flat_map(files_in);
+    files_in(output.join("explanations"))
+        .chain(scores)
+        .find(|path| path.is_file())
 }
 
 /// Refuses an output folder holding results of other settings, writing nothing: for
@@ -773,7 +819,7 @@ pub fn summarize(output: &Path, config: &JobConfig) -> Result<JobSummary> {
                 }
                 latents += 1;
                 if scorer == Scorer::Embedding {
-                    let samples: Vec<EmbeddedSample> = read_json_file(&path)?;
+                    let samples: Vec<EmbeddedSample> = read_score_file(&path)?;
                     aucs.extend(embedding_auc(&samples));
                     continue;
                 }
@@ -784,7 +830,7 @@ pub fn summarize(output: &Path, config: &JobConfig) -> Result<JobSummary> {
                         results.iter().filter(|r| r.prediction.is_none()).count() as u64;
                     continue;
                 }
-                let samples: Vec<ClassifiedSample> = read_json_file(&path)?;
+                let samples: Vec<ClassifiedSample> = read_score_file(&path)?;
                 let (summary, auc) = classifier_summary(&samples);
                 pooled
                     .get_or_insert_with(Confusion::default)
@@ -871,6 +917,16 @@ mod tests {
                 && message.ends_with("delete it and run the job again to redo it"),
             "{message}"
         );
+        // A score file of no records is as damaged.
+        std::fs::write(&path, "[]").unwrap();
+        let message = read_score_file::<f32>(&path).unwrap_err().to_string();
+        assert!(
+            message.contains("layers.0_latent1.txt: unreadable result file: no scored excerpts")
+                && message.ends_with("delete it and run the job again to redo it"),
+            "{message}"
+        );
+        std::fs::write(&path, "[0.5]").unwrap();
+        assert_eq!(read_score_file::<f32>(&path).unwrap(), vec![0.5]);
     }
 
     #[test]

@@ -726,6 +726,19 @@ async fn reruns_from_other_sources_are_refused_and_partial_reruns_keep_the_recor
     assert!(report.errors.is_empty(), "{report:?}");
     let recorded = delphi::job::read_run_config(&out).unwrap();
     assert_eq!(recorded, job_config());
+
+    // Results without their record are not adopted by a new one.
+    std::fs::remove_file(out.join("run_config.json")).unwrap();
+    let message = try_run(&f, &server, &out, Shard::ALL, &job_config(), false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("run_config.json: missing, but the folder holds results")
+            && message.contains("restore run_config.json, or use a new output folder"),
+        "{message}"
+    );
+    assert!(!out.join("run_config.json").exists());
 }
 
 /// An explanation cut off at max_tokens and a scorer answer without a 0/1 list are not
@@ -845,6 +858,9 @@ async fn bad_settings_are_refused_before_anything_is_written() {
     let mut c = job_config();
     c.latents = 10..20;
     cases.push((c, "layers.1 has 16 latents"));
+    let mut c = job_config();
+    c.examples.n_non_activating = 0;
+    cases.push((c, "--n-non-activating must be at least 1"));
     for (config, expected) in cases {
         let message = try_run(&f, &server, &out, Shard::ALL, &config, false)
             .await

@@ -53,9 +53,11 @@ impl HubRepo {
     }
 }
 
-/// The server: the repositories it holds and every request line it was sent.
+/// The server: the repositories it holds (a test may change them) and every request line
+/// it was sent.
 struct MockHub {
     endpoint: String,
+    repos: Arc<Mutex<Vec<HubRepo>>>,
     requests: Arc<Mutex<Vec<String>>>,
 }
 
@@ -63,14 +65,19 @@ impl MockHub {
     fn serve(repos: Vec<HubRepo>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let repos = Arc::new(Mutex::new(repos));
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let seen = Arc::clone(&requests);
+        let (held, seen) = (Arc::clone(&repos), Arc::clone(&requests));
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                answer(stream, &repos, &seen);
+                answer(stream, &held.lock().unwrap(), &seen);
             }
         });
-        MockHub { endpoint, requests }
+        MockHub {
+            endpoint,
+            repos,
+            requests,
+        }
     }
 
     /// The request lines (`GET /path`) received since the last call.
@@ -93,7 +100,7 @@ fn answer(mut stream: TcpStream, repos: &[HubRepo], seen: &Mutex<Vec<String>>) {
     if reader.read_line(&mut request_line).is_err() {
         return;
     }
-    let mut range = None;
+    let (mut range, mut token) = (None, false);
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
@@ -103,6 +110,7 @@ fn answer(mut stream: TcpStream, repos: &[HubRepo], seen: &Mutex<Vec<String>>) {
             if name.eq_ignore_ascii_case("range") {
                 range = value.trim().strip_prefix("bytes=").map(str::to_string);
             }
+            token |= name.eq_ignore_ascii_case("authorization");
         }
     }
     let mut parts = request_line.split_whitespace();
@@ -143,14 +151,16 @@ fn answer(mut stream: TcpStream, repos: &[HubRepo], seen: &Mutex<Vec<String>>) {
                 });
                 respond(&mut stream, "200 OK", &[], body.to_string().as_bytes());
             }
-            // As the hub answers anonymous requests: 404 for a revision a repository does
-            // not have, 401 for a repository it does not show (absent, private or gated).
+            // As the hub answers: 404 for a revision a repository does not have; for a
+            // repository it does not show (absent, private or gated), 401 to an anonymous
+            // request and 404 to one with a token.
             None if repos
                 .iter()
                 .any(|r| listing.starts_with(&format!("{}/{}/", r.kind, r.id))) =>
             {
                 not_found(&mut stream, "Revision not found")
             }
+            None if token => not_found(&mut stream, "Repository not found"),
             None => respond(
                 &mut stream,
                 "401 Unauthorized",
@@ -179,10 +189,20 @@ fn answer(mut stream: TcpStream, repos: &[HubRepo], seen: &Mutex<Vec<String>>) {
     let (start, end) = match range.as_deref().and_then(|r| r.split_once('-')) {
         Some((start, end)) => (
             start.parse::<usize>().unwrap_or(0),
-            end.parse::<usize>().map_or(size - 1, |e| e.min(size - 1)),
+            end.parse::<usize>().unwrap_or(usize::MAX),
         ),
-        None => (0, size - 1),
+        None => (0, usize::MAX),
     };
+    if start >= size {
+        let unsatisfiable = [("Content-Range", format!("bytes */{size}"))];
+        return respond(
+            &mut stream,
+            "416 Range Not Satisfiable",
+            &unsatisfiable,
+            b"",
+        );
+    }
+    let end = end.min(size - 1);
     let headers = [
         ("ETag", format!("\"{:016x}\"", fnv(bytes))),
         ("X-Repo-Commit", repo.commit.clone()),
@@ -275,7 +295,7 @@ fn a_model_downloads_at_its_revision_and_then_loads_offline() {
     assert!(
         err.contains("test-org/tiny-neox")
             && err.contains("step9")
-            && err.contains("no such repository or revision (HTTP 404)"),
+            && err.contains("no such repository, revision or file (HTTP 404)"),
         "{err}"
     );
     let err = hooks::Model::load("test-org/absent", &Default::default())
@@ -353,4 +373,47 @@ fn checkpoints_in_every_weight_layout_download_alike() {
             "{get} not in {requests:?}"
         );
     }
+}
+
+#[test]
+fn files_fetched_together_come_from_one_commit_when_the_revision_moves() {
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let tiny = common::repo().join("tests/fixtures/sae/tiny");
+    let mut saes = HubRepo::model_folder("test-org/saes", "main", tmp.path());
+    for hookpoint in ["layers.0", "layers.1"] {
+        saes.add_folder(&format!("{hookpoint}/"), &tiny);
+    }
+    let hub = MockHub::serve(vec![saes]);
+    use_hub(&hub, &tmp.path().join("hf-home"));
+
+    let first = sae::hub::fetch_from_hub("test-org/saes", "main", &["layers.0".into()]).unwrap();
+    // main moves to a new commit; layers.0 was fetched at the old one.
+    hub.repos.lock().unwrap()[0].commit = format!("{:040x}", 7);
+    let both = ["layers.0".to_string(), "layers.1".to_string()];
+    let root = sae::hub::fetch_from_hub("test-org/saes", "main", &both).unwrap();
+    assert_ne!(root, first);
+    assert!(root.ends_with(format!("{:040x}", 7)), "{}", root.display());
+    for hookpoint in &both {
+        sae::Sae::load(&root.join(hookpoint), &hooks::candle_core::Device::Cpu).unwrap();
+    }
+
+    // With a token, the hub answers 404 for a repository it does not show.
+    std::env::set_var("HF_TOKEN", "hf_test");
+    let err = sae::hub::fetch_from_hub("test-org/absent", "main", &["layers.0".into()])
+        .unwrap_err()
+        .to_string();
+    std::env::remove_var("HF_TOKEN");
+    assert!(
+        err.contains("no such repository, revision or file (HTTP 404)"),
+        "{err}"
+    );
+    // A file the repository lacks is named with the repository and revision.
+    let err = sae::hub::fetch_from_hub("test-org/saes", "main", &["layers.7".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("hub repository 'test-org/saes' (revision 'main') has no layers.7/cfg.json"),
+        "{err}"
+    );
 }

@@ -59,9 +59,9 @@ struct SaeArgs {
     /// --latent-cache).
     #[arg(long)]
     sae: Option<PathBuf>,
-    /// Hub revision of a --sae repository.
-    #[arg(long, default_value = "main")]
-    sae_revision: String,
+    /// Hub revision of a --sae repository (default main).
+    #[arg(long)]
+    sae_revision: Option<String>,
     /// Hook points to use, comma separated (their SAE folders' names, e.g. layers.6,layers.6.mlp).
     #[arg(long)]
     hookpoints: String,
@@ -278,7 +278,7 @@ fn load_saes(model: &Model, args: &SaeArgs) -> Result<Vec<(String, HookPoint, Sa
         .sae
         .as_ref()
         .context("give --sae: caching latents runs the SAEs")?;
-    let root = &sae::hub::sae_root(given, &args.sae_revision, Some(&names))?;
+    let root = &sae::hub::sae_root(given, args.sae_revision.as_deref(), Some(&names))?;
     let mut saes = Vec::new();
     for name in &names {
         let dir = root.join(name);

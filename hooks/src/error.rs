@@ -56,6 +56,17 @@ pub enum Error {
         reason: Option<String>,
     },
 
+    /// Files asked for that a hub repository does not hold at that revision.
+    #[error("hub repository '{repo}' (revision '{revision}') has no {}", missing.join(", "))]
+    NotOnHub {
+        /// The repository as its URL names it (`owner/name`, `spaces/owner/name`).
+        repo: String,
+        /// Branch, tag or commit.
+        revision: String,
+        /// The paths it lacks.
+        missing: Vec<String>,
+    },
+
     /// A weight file is unreadable, truncated or not a weight file.
     #[error("weights {path}: {message}")]
     WeightFile {

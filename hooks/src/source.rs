@@ -7,7 +7,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use hf_hub::api::sync::ApiBuilder;
+use hf_hub::api::sync::{ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo};
 
 /// The kind of a hub repository (model, dataset or Space), for [`hub_files_in`].
@@ -94,26 +94,33 @@ impl ModelSpec {
         if let Some(repo_id) = expand_short_name(name) {
             return Ok(ModelSpec::Hub { repo_id, revision });
         }
-        let parts: Vec<&str> = name.split('/').collect();
-        let valid = |s: &str| {
-            !s.is_empty()
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        };
-        match parts.as_slice() {
-            [owner, repo] if valid(owner) && valid(repo) => Ok(ModelSpec::Hub {
+        if is_hub_id(name) {
+            Ok(ModelSpec::Hub {
                 repo_id: name.to_string(),
                 revision,
-            }),
-            [repo] if valid(repo) => Ok(ModelSpec::Hub {
-                repo_id: name.to_string(),
-                revision,
-            }),
-            _ => Err(not_found(
+            })
+        } else {
+            Err(not_found(
                 name,
                 "not a folder, a .gguf file, a Pythia short name or a hub id (owner/name)",
-            )),
+            ))
         }
+    }
+}
+
+/// Whether `name` can be a hub repository id: `owner/name` or a bare `name` (as `gpt2`), of
+/// letters, digits, `-`, `_` and `.`, not starting with `.` (a path such as `./saes`).
+pub fn is_hub_id(name: &str) -> bool {
+    let valid = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with('.')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    match name.split('/').collect::<Vec<_>>().as_slice() {
+        [owner, repo] => valid(owner) && valid(repo),
+        [repo] => valid(repo),
+        _ => false,
     }
 }
 
@@ -282,68 +289,73 @@ pub fn hub_offline() -> bool {
 }
 
 fn from_hub(repo_id: &str, revision: &str) -> Result<ModelFiles> {
-    let cache = Cache::from_env();
-    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
-    let cached = cache.repo(repo.clone());
+    let hub = HubRevision::new(RepoType::Model, repo_id, revision);
     let origin = format!("{repo_id}@{revision}");
-    let not_cached = |reason: Option<String>| Error::NotCached {
-        model: repo_id.into(),
-        revision: revision.into(),
-        cache_dir: cache.path().clone(),
-        reason,
-    };
 
     // Everything already cached: use it without touching the network.
-    if let Some(files) = hub_files(&origin, revision, |name| cached.get(name))? {
-        return Ok(files);
+    if let Some(snapshot) = hub.cached_snapshot() {
+        let cached = hub_files(&origin, revision, |name| {
+            let path = snapshot.join(name);
+            path.exists().then_some(path)
+        })?;
+        if let Some(files) = cached {
+            return Ok(files);
+        }
     }
     if hub_offline() {
-        return Err(not_cached(None));
+        return Err(hub.not_cached(None));
     }
 
-    let available = hub_repo_listing(repo_id, revision, "to find its weight files")?;
-    let remote = hub_api(&cache)
-        .map_err(|e| not_cached(Some(e.to_string())))?
-        .repo(repo);
-    let mut download_error = None;
+    let listing = hub.listing("to find its weight files")?;
+    let mut fetch_error = None;
     let files = hub_files(&origin, revision, |name| {
-        if !available.iter().any(|a| a == name) {
+        if !listing.files.iter().any(|f| f == name) {
             return None;
         }
-        tracing::info!("fetching {name} from {origin}");
-        match remote.get(name) {
-            Ok(path) => Some(path),
+        match hub.fetch(&listing, &[name.to_string()]) {
+            Ok(mut paths) => paths.pop(),
             Err(e) => {
-                download_error.get_or_insert(format!("{name}: {}", hub_failure(&e, "file")));
+                fetch_error.get_or_insert(e);
                 None
             }
         }
     })?;
-    match (files, download_error) {
+    match (files, fetch_error) {
         (Some(files), _) => Ok(files),
-        (None, Some(e)) => Err(not_cached(Some(e))),
+        (None, Some(e)) => Err(e),
         (None, None) => Err(not_found(
             repo_id,
             &format!(
                 "revision '{revision}' has no config.json and weights (files: {})",
-                available.join(", ")
+                listing.files.join(", ")
             ),
         )),
     }
 }
 
-/// Why a hub request failed, in words that say what to do; `missing` names what a 404
-/// means was not found ("file", "repository or revision").
-fn hub_failure(error: &hf_hub::api::sync::ApiError, missing: &str) -> String {
-    let hf_hub::api::sync::ApiError::RequestError(request) = error else {
-        return error.to_string();
+/// Why a hub request failed, in words that say what to do.
+fn hub_failure(error: &ApiError) -> String {
+    let request = match error {
+        ApiError::TooManyRetries(inner) => return hub_failure(inner),
+        ApiError::RequestError(request) => request,
+        other => return other.to_string(),
     };
     match request.as_ref() {
-        ureq::Error::StatusCode(code @ (401 | 403)) => format!(
-            "the hub refused access (HTTP {code}): the repository does not exist, or it is \
-             private or gated; check its name, and put a token that may read it in HF_TOKEN"
-        ),
-        ureq::Error::StatusCode(404) => format!("the hub has no such {missing} (HTTP 404)"),
+        ureq::Error::StatusCode(401) => "the hub refused access (HTTP 401): the repository \
+             does not exist, or it is private or gated; check its name, and put a token that may \
+             read it in HF_TOKEN"
+            .into(),
+        ureq::Error::StatusCode(403) => "the hub refused access (HTTP 403): the repository is \
+             gated or private; request access on its page with the account whose token is in \
+             HF_TOKEN"
+            .into(),
+        ureq::Error::StatusCode(404) => {
+            "the hub has no such repository, revision or file (HTTP 404)".into()
+        }
+        ureq::Error::StatusCode(416) => "the hub refused to resume a download (HTTP 416): \
+             delete the partial downloads (*.part) in the repository's blobs folder of the cache, \
+             and run again"
+            .into(),
         ureq::Error::StatusCode(code) => format!("the hub answered HTTP {code}"),
         ureq::Error::Io(_)
         | ureq::Error::HostNotFound
@@ -357,25 +369,142 @@ fn hub_failure(error: &hf_hub::api::sync::ApiError, missing: &str) -> String {
     }
 }
 
-/// The hub client: `HF_TOKEN` (else the cached token), progress bars on a terminal.
-fn hub_api(
-    cache: &Cache,
-) -> std::result::Result<hf_hub::api::sync::Api, hf_hub::api::sync::ApiError> {
-    let token = std::env::var("HF_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-        .or_else(|| cache.token());
-    ApiBuilder::from_env()
-        .with_token(token)
-        .with_progress(std::io::stderr().is_terminal())
-        .with_retries(2)
-        .build()
+/// What the hub lists for a repository at a revision.
+#[derive(Debug, Clone)]
+pub struct HubListing {
+    /// The commit the revision resolves to now.
+    pub commit: String,
+    /// The paths of its files.
+    pub files: Vec<String>,
+}
+
+/// One revision of a hub repository, as the shared Hugging Face cache and the hub see it.
+/// Files asked for together come from one commit: the cache's snapshot of the revision when
+/// it holds them all, else the snapshot of the commit the hub's listing names (a revision
+/// that moved since an earlier fetch does not mix the two).
+struct HubRevision {
+    repo: Repo,
+    cache: Cache,
+}
+
+impl HubRevision {
+    fn new(kind: RepoType, repo_id: &str, revision: &str) -> Self {
+        HubRevision {
+            repo: Repo::with_revision(repo_id.into(), kind, revision.into()),
+            cache: Cache::from_env(),
+        }
+    }
+
+    /// The repository as its URL names it (`owner/name`, `spaces/owner/name`).
+    fn name(&self) -> String {
+        self.repo.url()
+    }
+
+    fn not_cached(&self, reason: Option<String>) -> Error {
+        Error::NotCached {
+            model: self.name(),
+            revision: self.repo.revision().into(),
+            cache_dir: self.cache.path().clone(),
+            reason,
+        }
+    }
+
+    /// The cache's snapshot of the revision: of the commit its ref names, or of the revision
+    /// itself when that is a commit hash (as huggingface_hub caches one), if present.
+    fn cached_snapshot(&self) -> Option<PathBuf> {
+        let any_snapshot = self.cache.repo(self.repo.clone()).pointer_path("-");
+        let snapshots = any_snapshot.parent()?;
+        let revision = self.repo.revision();
+        let is_commit = revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit());
+        let commit = std::fs::read_to_string(snapshots.parent()?.join("refs").join(revision))
+            .ok()
+            .map(|commit| commit.trim().to_string())
+            .or_else(|| is_commit.then(|| revision.to_string()))?;
+        let snapshot = snapshots.join(commit);
+        snapshot.is_dir().then_some(snapshot)
+    }
+
+    /// The files at `names`, when the cache's snapshot holds them all.
+    fn cached(&self, names: &[String]) -> Option<Vec<PathBuf>> {
+        let snapshot = self.cached_snapshot()?;
+        names
+            .iter()
+            .map(|name| Some(snapshot.join(name)).filter(|path| path.exists()))
+            .collect()
+    }
+
+    fn api(&self) -> Result<hf_hub::api::sync::ApiRepo> {
+        let token = std::env::var("HF_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .or_else(|| self.cache.token());
+        let api = ApiBuilder::from_env()
+            .with_token(token)
+            .with_progress(std::io::stderr().is_terminal())
+            .with_retries(2)
+            .build()
+            .map_err(|e| self.not_cached(Some(hub_failure(&e))))?;
+        Ok(api.repo(self.repo.clone()))
+    }
+
+    /// The hub's listing of the revision; needs the network (`why` says what for).
+    fn listing(&self, why: &str) -> Result<HubListing> {
+        if hub_offline() {
+            return Err(self.not_cached(Some(format!(
+                "HF_HUB_OFFLINE is set, and listing the repository ({why}) needs the network"
+            ))));
+        }
+        let info = self
+            .api()?
+            .info()
+            .map_err(|e| self.not_cached(Some(hub_failure(&e))))?;
+        Ok(HubListing {
+            commit: info.sha,
+            files: info.siblings.into_iter().map(|s| s.rfilename).collect(),
+        })
+    }
+
+    /// `names` (all in `listing`) in the snapshot of the listing's commit, downloading those
+    /// it lacks.
+    fn fetch(&self, listing: &HubListing, names: &[String]) -> Result<Vec<PathBuf>> {
+        let snapshot = self
+            .cache
+            .repo(self.repo.clone())
+            .pointer_path(&listing.commit);
+        let remote = self.api()?;
+        names
+            .iter()
+            .map(|name| {
+                let path = snapshot.join(name);
+                if path.exists() {
+                    return Ok(path);
+                }
+                tracing::info!(
+                    "fetching {name} from {}@{}",
+                    self.name(),
+                    self.repo.revision()
+                );
+                let fetched = remote
+                    .download(name)
+                    .map_err(|e| self.not_cached(Some(format!("{name}: {}", hub_failure(&e)))))?;
+                if fetched != path {
+                    return Err(self.not_cached(Some(format!(
+                        "{name}: the revision moved from commit {} to another while its files \
+                         were fetched; run again",
+                        listing.commit
+                    ))));
+                }
+                Ok(path)
+            })
+            .collect()
+    }
 }
 
 /// Files of any hub model repository by their paths inside it (e.g. the
-/// `<hookpoint>/cfg.json` of a repo of SAEs), in the order asked: from the shared cache
-/// when all are there (no network), else downloaded into it unless `HF_HUB_OFFLINE` is set
-/// ([`Error::NotCached`] names the repo, revision and cache folder).
+/// `<hookpoint>/cfg.json` of a repo of SAEs), in the order asked, all of one commit: from the
+/// shared cache when it holds them all (no network), else downloaded into it unless
+/// `HF_HUB_OFFLINE` is set ([`Error::NotCached`] names the repo, revision and cache folder;
+/// [`Error::NotOnHub`] the files the repository lacks).
 pub fn hub_repo_files(repo_id: &str, revision: &str, names: &[String]) -> Result<Vec<PathBuf>> {
     hub_files_in(RepoType::Model, repo_id, revision, names)
 }
@@ -388,71 +517,54 @@ pub fn hub_files_in(
     revision: &str,
     names: &[String],
 ) -> Result<Vec<PathBuf>> {
-    let cache = Cache::from_env();
-    let repo = Repo::with_revision(repo_id.to_string(), kind, revision.to_string());
-    let shown = repo.url();
-    let not_cached = |reason: Option<String>| Error::NotCached {
-        model: shown.clone(),
-        revision: revision.into(),
-        cache_dir: cache.path().clone(),
-        reason,
-    };
-    let cached = cache.repo(repo.clone());
-    if let Some(paths) = names
-        .iter()
-        .map(|n| cached.get(n))
-        .collect::<Option<Vec<_>>>()
-    {
+    let hub = HubRevision::new(kind, repo_id, revision);
+    if let Some(paths) = hub.cached(names) {
         return Ok(paths);
     }
     if hub_offline() {
-        let missing: Vec<&str> = names
+        let snapshot = hub.cached_snapshot();
+        let lacking: Vec<&str> = names
             .iter()
-            .filter(|n| cached.get(n).is_none())
+            .filter(|name| !snapshot.as_ref().is_some_and(|s| s.join(name).exists()))
             .map(String::as_str)
             .collect();
-        return Err(not_cached(Some(format!(
-            "not cached: {}",
-            missing.join(", ")
+        return Err(hub.not_cached(Some(format!(
+            "HF_HUB_OFFLINE is set, and the cache lacks {}",
+            lacking.join(", ")
         ))));
     }
-    let remote = hub_api(&cache)
-        .map_err(|e| not_cached(Some(e.to_string())))?
-        .repo(repo);
-    names
+    let listing = hub.listing("to find the files asked for")?;
+    let missing: Vec<String> = names
         .iter()
-        .map(|name| {
-            tracing::info!("fetching {name} from {repo_id}@{revision}");
-            remote
-                .get(name)
-                .map_err(|e| not_cached(Some(format!("{name}: {}", hub_failure(&e, "file")))))
-        })
-        .collect()
+        .filter(|name| !listing.files.contains(name))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::NotOnHub {
+            repo: hub.name(),
+            revision: revision.into(),
+            missing,
+        });
+    }
+    hub.fetch(&listing, names)
 }
 
-/// The paths of every file in a hub repository at `revision` (the hub's listing; needs the
-/// network, so under `HF_HUB_OFFLINE` it is [`Error::NotCached`], naming `why`: what the
+/// The hub's listing of a repository at `revision`: its commit and every file's path. Needs
+/// the network: under `HF_HUB_OFFLINE` it is [`Error::NotCached`], naming `why` (what the
 /// listing was for).
-pub fn hub_repo_listing(repo_id: &str, revision: &str, why: &str) -> Result<Vec<String>> {
-    let cache = Cache::from_env();
-    let not_cached = |reason: String| Error::NotCached {
-        model: repo_id.into(),
-        revision: revision.into(),
-        cache_dir: cache.path().clone(),
-        reason: Some(reason),
-    };
-    if hub_offline() {
-        return Err(not_cached(format!(
-            "HF_HUB_OFFLINE is set, and listing the repository ({why}) needs the network"
-        )));
-    }
-    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
-    let listing = hub_api(&cache)
-        .map_err(|e| not_cached(e.to_string()))?
-        .repo(repo)
-        .info()
-        .map_err(|e| not_cached(hub_failure(&e, "repository or revision")))?;
-    Ok(listing.siblings.into_iter().map(|s| s.rfilename).collect())
+pub fn hub_listing(kind: RepoType, repo_id: &str, revision: &str, why: &str) -> Result<HubListing> {
+    HubRevision::new(kind, repo_id, revision).listing(why)
+}
+
+/// [`Error::NotCached`] for a repository's `revision`, with `reason`.
+pub fn not_cached(kind: RepoType, repo_id: &str, revision: &str, reason: String) -> Error {
+    HubRevision::new(kind, repo_id, revision).not_cached(Some(reason))
+}
+
+/// The cache's snapshot folder of a repository's `revision` (what an earlier fetch left
+/// there), if there is one.
+pub fn cached_snapshot(kind: RepoType, repo_id: &str, revision: &str) -> Option<PathBuf> {
+    HubRevision::new(kind, repo_id, revision).cached_snapshot()
 }
 
 /// Assembles hub files through `fetch`; `None` when config or weights are unavailable.

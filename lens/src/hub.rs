@@ -1,8 +1,9 @@
 //! Pretrained tuned lenses from the hub: tuned-lens's own, kept in the Hugging Face Space
 //! `AlignmentResearch/tuned-lens` as `lens/<model id>/config.json` + `params.pt` (Pythia
-//! deduped models, GPT-2, Llama 2 and others, final checkpoints only). As tuned-lens does,
-//! `TUNED_LENS_REPO_ID` and `TUNED_LENS_REPO_TYPE` (`space`, `model` or `dataset`) point
-//! elsewhere; `HF_HOME`, `HF_TOKEN`, `HF_ENDPOINT` and `HF_HUB_OFFLINE` apply as for models.
+//! deduped models, GPT-NeoX-20B, Llama 2 and others; final checkpoints only). As tuned-lens
+//! does, `TUNED_LENS_REPO_ID` and `TUNED_LENS_REPO_TYPE` (`space`, `model` or `dataset`)
+//! point elsewhere; `HF_HOME`, `HF_TOKEN`, `HF_ENDPOINT` and `HF_HUB_OFFLINE` apply as for
+//! models.
 
 use std::path::{Path, PathBuf};
 
@@ -14,67 +15,157 @@ use crate::{Error, Result, TunedLens};
 /// Where tuned-lens keeps its pretrained lenses.
 pub const PRETRAINED_LENS_REPO: &str = "AlignmentResearch/tuned-lens";
 
-/// Fetches the pretrained lens of `resource_id` (a model's hub id, e.g.
-/// `EleutherAI/pythia-160m-deduped`) into the Hugging Face cache; returns its folder.
-pub fn fetch_pretrained(resource_id: &str) -> Result<PathBuf> {
-    let repo_id =
-        std::env::var("TUNED_LENS_REPO_ID").unwrap_or_else(|_| PRETRAINED_LENS_REPO.into());
-    let kind = match std::env::var("TUNED_LENS_REPO_TYPE").as_deref() {
-        Err(_) | Ok("space") => RepoType::Space,
-        Ok("model") => RepoType::Model,
-        Ok("dataset") => RepoType::Dataset,
-        Ok(other) => {
-            return Err(Error::Lens(format!(
-                "TUNED_LENS_REPO_TYPE '{other}' is not space, model or dataset"
-            )))
-        }
-    };
-    let names = ["config.json", "params.pt"].map(|file| format!("lens/{resource_id}/{file}"));
-    let paths = hooks::source::hub_files_in(kind, &repo_id, "main", &names)?;
-    paths[0]
-        .parent()
-        .map(Path::to_path_buf)
-        .ok_or_else(|| Error::Lens(format!("unexpected cache path {}", paths[0].display())))
+/// The hub repository that holds pretrained lenses (`lens/<model id>/`).
+#[derive(Debug, Clone)]
+pub struct LensRepo {
+    /// `owner/name`.
+    pub repo_id: String,
+    /// A Space, a model or a dataset repository.
+    pub kind: RepoType,
+    /// Branch, tag or commit.
+    pub revision: String,
 }
 
-/// The pretrained lens for `model` (`resource_id`, else the model's own hub id), checked
-/// against the model.
-pub fn load_pretrained(model: &Model, resource_id: Option<&str>) -> Result<TunedLens> {
+impl LensRepo {
+    /// tuned-lens's collection, or where `TUNED_LENS_REPO_ID` / `TUNED_LENS_REPO_TYPE` point
+    /// (unset or empty: the default, as tuned-lens reads them).
+    pub fn from_env() -> Result<Self> {
+        let var = |name| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Ok(LensRepo {
+            repo_id: var("TUNED_LENS_REPO_ID").unwrap_or_else(|| PRETRAINED_LENS_REPO.into()),
+            kind: repo_kind(var("TUNED_LENS_REPO_TYPE").as_deref())?,
+            revision: "main".into(),
+        })
+    }
+}
+
+/// A repository type as tuned-lens names it (`None`: a Space).
+pub fn repo_kind(name: Option<&str>) -> Result<RepoType> {
+    match name {
+        None | Some("space") => Ok(RepoType::Space),
+        Some("model") => Ok(RepoType::Model),
+        Some("dataset") => Ok(RepoType::Dataset),
+        Some(other) => Err(Error::Lens(format!(
+            "lens repository type '{other}' (TUNED_LENS_REPO_TYPE) is not space, model or dataset"
+        ))),
+    }
+}
+
+/// The lens files of `resource_id` (a model's hub id, e.g. `EleutherAI/pythia-160m-deduped`)
+/// in `repo`, fetched into the Hugging Face cache: tuned-lens's `params.pt`, or the
+/// `params.safetensors` our own `save` writes. Returns the lens's folder.
+pub fn fetch_pretrained(resource_id: &str, repo: &LensRepo) -> Result<PathBuf> {
+    if resource_id.is_empty() {
+        return Err(Error::Lens(
+            "name the model whose pretrained lens to use (pretrained:EleutherAI/pythia-160m-deduped)"
+                .into(),
+        ));
+    }
+    let folder = format!("lens/{resource_id}");
+    let mut first_error = None;
+    for params in ["params.pt", "params.safetensors"] {
+        let names = ["config.json", params].map(|file| format!("{folder}/{file}"));
+        match hooks::source::hub_files_in(repo.kind, &repo.repo_id, &repo.revision, &names) {
+            Ok(paths) => {
+                return paths[0].parent().map(Path::to_path_buf).ok_or_else(|| {
+                    Error::Lens(format!("unexpected cache path {}", paths[0].display()))
+                })
+            }
+            Err(hooks::Error::NotOnHub { missing, .. }) if missing.contains(&names[0]) => {
+                return Err(no_such_lens(resource_id, repo));
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.expect("one error per parameter file").into())
+}
+
+/// The error for a lens the repository does not hold, with the lenses it does hold (and the
+/// deduped model's, which tuned-lens's collection has for Pythia, when there is one).
+fn no_such_lens(resource_id: &str, repo: &LensRepo) -> Error {
+    let listing = hooks::source::hub_listing(
+        repo.kind,
+        &repo.repo_id,
+        &repo.revision,
+        "to list its lenses",
+    );
+    let mut available: Vec<String> = listing
+        .map(|l| {
+            l.files
+                .iter()
+                .filter_map(|f| f.strip_prefix("lens/")?.strip_suffix("/config.json"))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    available.sort();
+    let deduped = format!("{resource_id}-deduped");
+    let hint = if available.contains(&deduped) {
+        format!("; {deduped} (the model trained on the deduplicated Pile) has one")
+    } else {
+        String::new()
+    };
+    Error::Lens(format!(
+        "{} has no pretrained lens for '{resource_id}'{hint}; it has lenses for: {}",
+        repo.repo_id,
+        if available.is_empty() {
+            "(none found)".to_string()
+        } else {
+            available.join(", ")
+        }
+    ))
+}
+
+/// The pretrained lens for `model`, checked against the model: `resource_id` is a lens
+/// folder, or the model id whose lens `repo` holds (default: the model's own hub id).
+pub fn load_pretrained(
+    model: &Model,
+    resource_id: Option<&str>,
+    repo: &LensRepo,
+) -> Result<TunedLens> {
     let resource_id = match resource_id {
         Some(id) => id,
         None => hub_id(model).ok_or_else(|| {
             Error::Lens(format!(
-                "model '{}' is not from the hub: name the pretrained lens to use by its model's \
-                 hub id (pretrained:EleutherAI/pythia-160m-deduped)",
+                "model '{}' is not from the hub: name the model id whose pretrained lens to use \
+                 (pretrained:<id> on the command line, lens_resource_id in Python)",
                 model.origin()
             ))
         })?,
     };
-    if let Some(revision) = model.revision().filter(|r| *r != "main") {
-        tracing::warn!(
-            "the pretrained lens of {resource_id} was trained on the model's final weights, \
-             and this model is at revision '{revision}'"
-        );
-    }
-    let lens = TunedLens::load(&fetch_pretrained(resource_id)?, model.device())?;
+    let local = Path::new(resource_id);
+    let folder = if local.join("config.json").is_file() {
+        local.to_path_buf()
+    } else {
+        if let Some(revision) = model.revision().filter(|r| *r != "main") {
+            tracing::warn!(
+                "the pretrained lens of {resource_id} was trained on the model's final weights, \
+                 and this model is at revision '{revision}'"
+            );
+        }
+        fetch_pretrained(resource_id, repo)?
+    };
+    let lens = TunedLens::load(&folder, model.device())?;
     lens.check_model(model)?;
     Ok(lens)
 }
 
 /// A lens named on a command line: `logit` (none: the logit lens), `pretrained` (the model's
-/// lens from tuned-lens's hub collection), `pretrained:<model id>`, or a lens folder.
+/// lens from tuned-lens's hub collection), `pretrained:<model id>`, or a lens folder (a
+/// folder named `pretrained` as `./pretrained`).
 pub fn lens_named(name: &str, model: &Model) -> Result<Option<TunedLens>> {
-    let lens = match name {
-        "logit" => return Ok(None),
-        "pretrained" => load_pretrained(model, None)?,
-        _ => match name.strip_prefix("pretrained:") {
-            Some(id) => load_pretrained(model, Some(id))?,
-            None => {
-                let lens = TunedLens::load(Path::new(name), model.device())?;
-                lens.check_model(model)?;
-                lens
-            }
-        },
+    let lens = if name == "logit" {
+        return Ok(None);
+    } else if name == "pretrained" {
+        load_pretrained(model, None, &LensRepo::from_env()?)?
+    } else if let Some(id) = name.strip_prefix("pretrained:") {
+        load_pretrained(model, Some(id), &LensRepo::from_env()?)?
+    } else {
+        let lens = TunedLens::load(Path::new(name), model.device())?;
+        lens.check_model(model)?;
+        lens
     };
     Ok(Some(lens))
 }
@@ -83,8 +174,7 @@ pub fn lens_named(name: &str, model: &Model) -> Result<Option<TunedLens>> {
 fn hub_id(model: &Model) -> Option<&str> {
     let origin = model.origin();
     let (id, _) = origin.rsplit_once('@')?;
-    let owner_and_name = id.split('/').count() == 2;
-    (owner_and_name && !Path::new(origin).exists()).then_some(id)
+    (hooks::source::is_hub_id(id) && !Path::new(origin).exists()).then_some(id)
 }
 
 #[cfg(test)]
@@ -92,16 +182,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_unknown_repository_type_is_named() {
-        // Only this test reads the variable.
-        std::env::set_var("TUNED_LENS_REPO_TYPE", "bucket");
-        let err = fetch_pretrained("EleutherAI/pythia-160m-deduped")
-            .unwrap_err()
-            .to_string();
-        std::env::remove_var("TUNED_LENS_REPO_TYPE");
+    fn repository_types_are_tuned_lens_names() {
+        assert!(matches!(repo_kind(None).unwrap(), RepoType::Space));
+        assert!(matches!(repo_kind(Some("model")).unwrap(), RepoType::Model));
+        let err = repo_kind(Some("bucket")).unwrap_err().to_string();
         assert!(
-            err.contains("TUNED_LENS_REPO_TYPE 'bucket' is not space, model or dataset"),
+            err.contains("'bucket' (TUNED_LENS_REPO_TYPE) is not space, model or dataset"),
             "{err}"
         );
+        let err = fetch_pretrained("", &LensRepo::from_env().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("name the model"), "{err}");
     }
 }

@@ -224,11 +224,17 @@ class TunedLens:
         """A zero-initialised lens (equal to the logit lens) for ``model``."""
     @staticmethod
     def from_model_and_pretrained(
-        model: Union[Model, _Path], lens_resource_id: Optional[str] = None
+        model: Union[Model, _Path],
+        lens_resource_id: Optional[str] = None,
+        *,
+        repo_id: Optional[str] = None,
+        repo_type: Optional[str] = None,
+        revision: str = "main",
     ) -> "TunedLens":
         """tuned-lens's pretrained lens for ``model``, fetched from its hub collection (the Space
-        ``AlignmentResearch/tuned-lens``) and checked against the model; ``lens_resource_id``:
-        another model id's lens."""
+        ``AlignmentResearch/tuned-lens``) and checked against the model; ``lens_resource_id``: a
+        lens folder, or another model id's lens; ``repo_id``/``repo_type``/``revision``: another
+        collection."""
     @staticmethod
     def load(path: _Path, device: str = "cpu") -> "TunedLens":
         """Loads ours (``params.safetensors``) or tuned-lens's (``params.pt``) lens folder."""
@@ -392,17 +398,19 @@ class Sae:
     ) -> "Sae":
         """Fetches an SAE of a hub repository in sparsify's layout (``"EleutherAI/sae-pythia-70m-32k"``,
         ``"layers.3.mlp"``) into the shared Hugging Face cache and loads it; ``hookpoint=None``: a
-        repository of one SAE."""
+        repository of one SAE. Unlike sparsify's, ``revision`` and ``device`` are keywords."""
     @staticmethod
     def load_many(
         path: _Path,
         hookpoints: Optional[Sequence[str]] = None,
         *,
-        revision: str = "main",
+        revision: Optional[str] = None,
         device: str = "cpu",
     ) -> dict[str, "Sae"]:
-        """Every SAE of a folder of ``<hookpoint>/`` SAE folders, or of a hub repository of them,
-        as ``{hookpoint: Sae}`` sorted by name; ``hookpoints`` picks some (only those are downloaded)."""
+        """Every SAE of a folder of ``<hookpoint>/`` SAE folders, or of a hub repository of them
+        (``owner/name`` where no such folder exists), as ``{hookpoint: Sae}`` in natural order
+        (``layers.2`` before ``layers.10``); ``hookpoints`` picks some (only those are downloaded;
+        sparsify calls them ``layers``); ``revision``: a hub repository's (default main)."""
     def save(self, path: _Path) -> None:
         """Writes ``cfg.json`` and ``sae.safetensors`` into the folder ``path``."""
     @property

@@ -4,7 +4,7 @@
 //! | `hooks::Error` | Python |
 //! | --- | --- |
 //! | `UnknownHookPoint`, `TokenOutOfRange`, `InvalidArgument`, `Config`, `BadWeight` | `ValueError` |
-//! | `ModelNotFound`, `NotCached`, `Io` (not found), missing data / cache / tokenizer files | `FileNotFoundError` |
+//! | `ModelNotFound`, `NotCached`, `NotOnHub`, `Io` (not found), missing data / cache / tokenizer files | `FileNotFoundError` |
 //! | `Io` (already exists: a file where a folder is written) | `FileExistsError` |
 //! | everything else | `RuntimeError` |
 
@@ -34,7 +34,9 @@ pub fn error_kind(error: &Error) -> ErrorKind {
         | Error::InvalidArgument(_)
         | Error::Config { .. }
         | Error::BadWeight { .. } => ErrorKind::Value,
-        Error::ModelNotFound { .. } | Error::NotCached { .. } => ErrorKind::NotFound,
+        Error::ModelNotFound { .. } | Error::NotCached { .. } | Error::NotOnHub { .. } => {
+            ErrorKind::NotFound
+        }
         Error::Io { cause, .. } if cause.kind() == std::io::ErrorKind::NotFound => {
             ErrorKind::NotFound
         }

@@ -37,7 +37,10 @@ pub fn lens_err(error: lens::Error) -> PyErr {
     match error {
         lens::Error::Hooks(e) => to_py_err(e),
         lens::Error::Candle(e) => to_py_err(hooks::Error::from(e)),
-        lens::Error::Lens(m) if m.ends_with("no params.safetensors or params.pt") => {
+        lens::Error::Lens(m)
+            if m.ends_with("no params.safetensors or params.pt")
+                || m.contains("has no pretrained lens for") =>
+        {
             PyFileNotFoundError::new_err(m)
         }
         lens::Error::Lens(m) | lens::Error::Options(m) => PyValueError::new_err(m),
@@ -139,20 +142,35 @@ impl PyTunedLens {
 
     /// tuned-lens's pretrained lens for ``model`` (a :class:`Model` or a model name), fetched
     /// from its hub collection (the Space ``AlignmentResearch/tuned-lens``; Pythia deduped
-    /// models, GPT-2, Llama 2 and others) into the shared Hugging Face cache and checked
-    /// against the model; ``lens_resource_id`` names the lens of another model id (as
-    /// tuned-lens's own ``from_model_and_pretrained``), e.g. for a local copy of a hub model.
+    /// models, GPT-NeoX-20B, Llama 2 and others) into the shared Hugging Face cache and checked
+    /// against the model. As tuned-lens's: ``lens_resource_id`` is a lens folder, or the model
+    /// id whose lens to fetch (default: the model's hub id); ``repo_id``, ``repo_type`` and
+    /// ``revision`` name another collection (else ``TUNED_LENS_REPO_ID`` /
+    /// ``TUNED_LENS_REPO_TYPE``).
     #[staticmethod]
-    #[pyo3(signature = (model, lens_resource_id = None))]
+    #[pyo3(signature = (model, lens_resource_id = None, *, repo_id = None, repo_type = None, revision = "main"))]
     fn from_model_and_pretrained(
         py: Python<'_>,
         model: &Bound<'_, PyAny>,
         lens_resource_id: Option<&str>,
+        repo_id: Option<String>,
+        repo_type: Option<&str>,
+        revision: &str,
     ) -> PyResult<Self> {
         let holder = model_arg(py, model)?;
         let model = holder.get().inner();
         let inner = py
-            .detach(|| lens::hub::load_pretrained(model, lens_resource_id))
+            .detach(|| {
+                let mut repo = lens::hub::LensRepo::from_env()?;
+                if let Some(repo_id) = repo_id {
+                    repo.repo_id = repo_id;
+                }
+                if repo_type.is_some() {
+                    repo.kind = lens::hub::repo_kind(repo_type)?;
+                }
+                repo.revision = revision.to_string();
+                lens::hub::load_pretrained(model, lens_resource_id, &repo)
+            })
             .into_py_lens()?;
         Ok(PyTunedLens {
             inner,

@@ -5,7 +5,6 @@
 //! Activations cross as float32 numpy arrays `[N, d_in]`, latent indices as int64. The work
 //! runs with the GIL released.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -124,7 +123,8 @@ impl PySae {
     /// Fetches an SAE from a hub repository in sparsify's layout into the shared Hugging Face
     /// cache and loads it: ``Sae.load_from_hub("EleutherAI/sae-pythia-70m-32k",
     /// "layers.3.mlp")``; ``hookpoint=None`` takes a repository of one SAE (its files at the
-    /// top). ``HF_HOME``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` apply as for models.
+    /// top). ``HF_HOME``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` apply as for models. Unlike
+    /// sparsify's, ``device`` and ``revision`` are keyword arguments.
     #[staticmethod]
     #[pyo3(signature = (repo_id, hookpoint = None, *, revision = "main", device = "cpu"))]
     fn load_from_hub(
@@ -145,40 +145,54 @@ impl PySae {
     }
 
     /// Every SAE of a folder of ``<hookpoint>/`` SAE folders (``sae train``'s or sparsify's
-    /// output) or of a hub repository of them, as ``{hookpoint: Sae}`` sorted by name;
-    /// ``hookpoints`` picks some (only those are downloaded).
+    /// output) or of a hub repository of them (``owner/name`` where no such folder exists),
+    /// as ``{hookpoint: Sae}`` in natural order (``layers.2`` before ``layers.10``, as
+    /// sparsify's ``load_many``); ``hookpoints`` picks some (only those are downloaded;
+    /// sparsify calls them ``layers``), ``revision`` is a hub repository's.
     #[staticmethod]
-    #[pyo3(signature = (path, hookpoints = None, *, revision = "main", device = "cpu"))]
-    fn load_many(
-        py: Python<'_>,
+    #[pyo3(signature = (path, hookpoints = None, *, revision = None, device = "cpu"))]
+    fn load_many<'py>(
+        py: Python<'py>,
         path: PathBuf,
         hookpoints: Option<Vec<String>>,
-        revision: &str,
+        revision: Option<&str>,
         device: &str,
-    ) -> PyResult<BTreeMap<String, PySae>> {
+    ) -> PyResult<Bound<'py, PyDict>> {
         let device = hooks::parse_device(device).into_py_result()?;
-        py.detach(|| {
-            let root = sae::hub::sae_root(&path, revision, hookpoints.as_deref())?;
-            std::fs::read_dir(&root).map_err(|e| hooks::Error::io(&root, e))?;
-            let names = match hookpoints {
-                Some(names) => names,
-                None => sae::sae_folders(&root),
-            };
-            if names.is_empty() {
-                return Err(sae::Error::Sae(format!(
-                    "{}: no SAE folders (<hookpoint>/cfg.json) in it",
-                    root.display()
-                )));
-            }
-            names
-                .into_iter()
-                .map(|name| {
-                    let inner = sae::Sae::load(&root.join(&name), &device)?;
-                    Ok((name, PySae { inner }))
-                })
-                .collect()
-        })
-        .into_py_sae()
+        let loaded = py
+            .detach(|| {
+                if hookpoints.as_ref().is_some_and(Vec::is_empty) {
+                    return Err(sae::Error::Sae(
+                        "hookpoints is empty: name some, or pass None for every SAE".into(),
+                    ));
+                }
+                let root = sae::hub::sae_root(&path, revision, hookpoints.as_deref())?;
+                let names = match hookpoints {
+                    Some(names) => names,
+                    None if root.is_dir() => sae::sae_folders(&root),
+                    None => {
+                        return Err(
+                            hooks::Error::io(&root, std::io::ErrorKind::NotFound.into()).into()
+                        )
+                    }
+                };
+                if names.is_empty() {
+                    return Err(sae::Error::Sae(format!(
+                        "{}: no SAE folders (<hookpoint>/cfg.json) in it",
+                        root.display()
+                    )));
+                }
+                names
+                    .into_iter()
+                    .map(|name| Ok((sae::Sae::load(&root.join(&name), &device)?, name)))
+                    .collect::<Result<Vec<_>, sae::Error>>()
+            })
+            .into_py_sae()?;
+        let dict = PyDict::new(py);
+        for (inner, name) in loaded {
+            dict.set_item(name, PySae { inner })?;
+        }
+        Ok(dict)
     }
 
     /// Writes ``cfg.json`` and ``sae.safetensors`` into the folder ``path`` (created if

@@ -137,21 +137,36 @@ def test_saes_load_from_the_hub_as_from_their_folder(hub, hub_saes, monkeypatch)
     assert all(same_sae(many[h], local[h]) for h in many)
     assert ei.Sae.load_many("test-org/saes", ["layers.0"]).keys() == {"layers.0"}
 
-    # Offline: what the cache holds loads; listing the repository needs the network.
+    # Offline: what the cache holds loads, a repository's SAEs are those in the cache.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub.clear()
     assert same_sae(ei.Sae.load_from_hub("test-org/saes", "layers.0"), local["layers.0"])
-    with pytest.raises(FileNotFoundError, match="listing the repository"):
-        ei.Sae.load_many("test-org/saes")
+    assert list(ei.Sae.load_many("test-org/saes")) == ["layers.0", "layers.1"]
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE is set, and the cache holds none"):
+        ei.Sae.load_many("test-org/other-saes")
     assert hub == []
     monkeypatch.delenv("HF_HUB_OFFLINE")
 
     with pytest.raises(FileNotFoundError, match=r"test-org/absent.*HTTP 401.*HF_TOKEN"):
         ei.Sae.load_from_hub("test-org/absent", "layers.0")
-    with pytest.raises(FileNotFoundError, match=r"layers.7/cfg.json: the hub has no such file \(HTTP 404\)"):
+    with pytest.raises(FileNotFoundError, match=r"'test-org/saes' \(revision 'main'\) has no layers.7/cfg.json"):
         ei.Sae.load_from_hub("test-org/saes", "layers.7")
+    with pytest.raises(ValueError, match=r"holds no SAE at its top: name one of its hook points \(layers.0, layers.1\)"):
+        ei.Sae.load_from_hub("test-org/saes")
     with pytest.raises(FileNotFoundError, match="no-such-folder"):
         ei.Sae.load_many(hub_saes / "no-such-folder")
+    with pytest.raises(ValueError, match="revision 'v2' applies to hub repositories"):
+        ei.Sae.load_many(hub_saes, revision="v2")
+    with pytest.raises(ValueError, match="hookpoints is empty"):
+        ei.Sae.load_many(hub_saes, [])
+
+
+def test_load_many_orders_hook_points_naturally(tmp_path):
+    rows = np.random.default_rng(0).standard_normal((256, 8)).astype(np.float32)
+    sae = ei.Sae.train(rows, batch_size=256, steps=1, k=2, num_latents=8, warmup_steps=1)
+    for hookpoint in ["layers.10", "layers.2", "layers.2.mlp", "layers.1"]:
+        sae.save(tmp_path / hookpoint)
+    assert list(ei.Sae.load_many(tmp_path)) == ["layers.1", "layers.2", "layers.2.mlp", "layers.10"]
 
 
 def test_delphi_and_sae_eval_take_a_hub_repository_of_saes(hub, hub_saes, tiny_dir, tmp_path):
@@ -176,12 +191,20 @@ def test_delphi_and_sae_eval_take_a_hub_repository_of_saes(hub, hub_saes, tiny_d
 
 
 @pytest.fixture(scope="module")
-def hub_lens():
+def hub_lens(tmp_path_factory):
     """tuned-lens's lens of the pythia_style fixture in a Space laid out as tuned-lens's
-    (lens/<model id>/config.json + params.pt), and that model as test-org/pythia-style."""
+    (lens/<model id>/config.json + params.pt), also as test-org/tiny-deduped's; a lens saved
+    by us (params.safetensors) as test-org/ours's; the same lens in a model repository
+    test-org/lenses; and the pythia_style model as test-org/pythia-style."""
     space = REPOS.setdefault(("spaces", "AlignmentResearch/tuned-lens", "main"), {})
+    elsewhere = REPOS.setdefault(("models", "test-org/lenses", "main"), {})
     for name in ["config.json", "params.pt"]:
-        space[f"lens/test-org/pythia-style/{name}"] = (TUNED_LENS / name).read_bytes()
+        for repo, model_id in [(space, "test-org/pythia-style"), (space, "test-org/tiny-deduped"),
+                               (elsewhere, "test-org/pythia-style")]:
+            repo[f"lens/{model_id}/{name}"] = (TUNED_LENS / name).read_bytes()
+    ours = tmp_path_factory.mktemp("our-lens")
+    ei.TunedLens.load(TUNED_LENS).save(ours)
+    add_folder(space, ours, "lens/test-org/ours/")
     model = REPOS.setdefault(("models", "test-org/pythia-style", "main"), {})
     for name in ["config.json", "model.safetensors"]:
         model[name] = (PYTHIA_STYLE / name).read_bytes()
@@ -199,10 +222,22 @@ def test_pretrained_lenses_come_from_tuned_lens_collection(hub, hub_lens, tmp_pa
     local = ei.Model.from_pretrained(PYTHIA_STYLE)
     with pytest.raises(ValueError, match="is not from the hub"):
         ei.TunedLens.from_model_and_pretrained(local)
-    named = ei.TunedLens.from_model_and_pretrained(local, "test-org/pythia-style")
-    assert np.array_equal(named.state_dict()["1.weight"], expected["1.weight"])
-    with pytest.raises(FileNotFoundError, match=r"lens/test-org/absent/config.json: the hub has no such file"):
-        ei.TunedLens.from_model_and_pretrained(local, "test-org/absent")
+    # Named: by model id, as a folder, from another repository, saved by us (safetensors).
+    for named in [
+        ei.TunedLens.from_model_and_pretrained(local, "test-org/pythia-style"),
+        ei.TunedLens.from_model_and_pretrained(local, str(TUNED_LENS)),
+        ei.TunedLens.from_model_and_pretrained(local, "test-org/pythia-style", repo_id="test-org/lenses",
+                                               repo_type="model"),
+        ei.TunedLens.from_model_and_pretrained(local, "test-org/ours"),
+    ]:
+        assert np.array_equal(named.state_dict()["1.weight"], expected["1.weight"])
+    # A model without a lens: the lenses there are listed, the deduped model's named.
+    with pytest.raises(FileNotFoundError, match=(
+            r"has no pretrained lens for 'test-org/tiny'; test-org/tiny-deduped \(the model trained "
+            r"on the deduplicated Pile\) has one; it has lenses for: test-org/ours, test-org/pythia-style, test-org/tiny-deduped$")):
+        ei.TunedLens.from_model_and_pretrained(local, "test-org/tiny")
+    with pytest.raises(ValueError, match="is not space, model or dataset"):
+        ei.TunedLens.from_model_and_pretrained(local, "test-org/tiny", repo_type="bucket")
 
     # lens eval --lens pretrained reports what the lens folder gives.
     ids = tmp_path / "ids.npy"

@@ -275,9 +275,9 @@ struct EvalArgs {
     /// every SAE it holds).
     #[arg(long)]
     sae: PathBuf,
-    /// Hub revision of a --sae repository.
-    #[arg(long, default_value = "main")]
-    sae_revision: String,
+    /// Hub revision of a --sae repository (default main).
+    #[arg(long)]
+    sae_revision: Option<String>,
     /// Hook points to evaluate (default: every SAE in the folder).
     #[arg(long)]
     hookpoints: Option<String>,
@@ -804,19 +804,16 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
         .load()?
         .context("give --model: evaluation runs the model")?;
     let mut args = args;
-    let names: Option<Vec<String>> = match &args.hookpoints {
-        Some(list) => Some(
-            model
-                .hook_points_from_list(list)?
-                .into_iter()
-                .map(|p| model.hook_name(p))
-                .collect(),
-        ),
+    let named = match &args.hookpoints {
+        Some(list) => Some(model.hook_points_from_list(list)?),
         None => None,
     };
-    args.sae = crate::hub::sae_root(&args.sae, &args.sae_revision, names.as_deref())?;
-    let points = match &args.hookpoints {
-        Some(list) => model.hook_points_from_list(list)?,
+    let names: Option<Vec<String>> = named
+        .as_ref()
+        .map(|points| points.iter().map(|p| model.hook_name(*p)).collect());
+    args.sae = crate::hub::sae_root(&args.sae, args.sae_revision.as_deref(), names.as_deref())?;
+    let points = match named {
+        Some(points) => points,
         None => {
             let mut found = sae_folder_names(&args.sae)?
                 .iter()

@@ -5,20 +5,16 @@
 
 use std::path::{Path, PathBuf};
 
+use hooks::source::RepoType;
+
 use crate::{Error, Result};
 
 /// The files of one SAE folder.
 const SAE_FILES: [&str; 2] = ["cfg.json", "sae.safetensors"];
 
-/// Whether `name` reads as a hub repository id (`owner/name`) rather than a local path
-/// such as `/data/saes` or `./saes`.
-pub fn is_hub_id(name: &str) -> bool {
-    let parts: Vec<&str> = name.split('/').collect();
-    parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && !p.starts_with('.'))
-}
-
 /// Downloads (or finds in the cache) the SAEs of `hookpoints` in a hub repository, and
-/// returns the local folder that holds their `<hookpoint>` sub-folders (the cached snapshot).
+/// returns the local folder that holds their `<hookpoint>` sub-folders (the cached snapshot
+/// of one commit).
 pub fn fetch_from_hub(repo_id: &str, revision: &str, hookpoints: &[String]) -> Result<PathBuf> {
     if hookpoints.is_empty() {
         return Err(Error::Sae(format!(
@@ -30,93 +26,118 @@ pub fn fetch_from_hub(repo_id: &str, revision: &str, hookpoints: &[String]) -> R
         .flat_map(|h| SAE_FILES.map(|file| format!("{h}/{file}")))
         .collect();
     let paths = hooks::source::hub_repo_files(repo_id, revision, &names)?;
-    // <snapshot>/<hookpoint>/cfg.json -> <snapshot>
-    folder_above(&paths[0], 2)
+    snapshot_of(&paths[0], &names[0])
 }
 
 /// Downloads (or finds in the cache) one SAE of a hub repository: the `hookpoint` folder's,
 /// or with `None` the SAE at the repository's top (a repository of a single SAE); returns
 /// its local folder.
 pub fn fetch_one(repo_id: &str, revision: &str, hookpoint: Option<&str>) -> Result<PathBuf> {
-    match hookpoint {
-        Some(hookpoint) => {
-            Ok(fetch_from_hub(repo_id, revision, &[hookpoint.to_string()])?.join(hookpoint))
-        }
-        None => {
-            let names = SAE_FILES.map(String::from);
-            let paths = hooks::source::hub_repo_files(repo_id, revision, &names)?;
-            folder_above(&paths[0], 1)
-        }
+    if let Some(hookpoint) = hookpoint {
+        return Ok(fetch_from_hub(repo_id, revision, &[hookpoint.to_string()])?.join(hookpoint));
+    }
+    let names = SAE_FILES.map(String::from);
+    match hooks::source::hub_repo_files(repo_id, revision, &names) {
+        Ok(paths) => snapshot_of(&paths[0], &names[0]),
+        Err(hooks::Error::NotOnHub { .. }) => Err(Error::Sae(format!(
+            "the hub repository {repo_id} (revision {revision}) holds no SAE at its top: name \
+             one of its hook points ({})",
+            hub_hookpoints(repo_id, revision)?.join(", ")
+        ))),
+        Err(e) => Err(e.into()),
     }
 }
 
-/// The hook points a hub repository holds SAEs for (its `<hookpoint>/cfg.json` folders),
-/// sorted; needs the network.
+/// The hook points a hub repository holds SAEs for (its `<hookpoint>/cfg.json` folders), in
+/// natural order. Online from the hub's listing; under `HF_HUB_OFFLINE`, those in the cache.
 pub fn hub_hookpoints(repo_id: &str, revision: &str) -> Result<Vec<String>> {
-    let files = hooks::source::hub_repo_listing(
-        repo_id,
-        revision,
-        "to find its SAEs; name them to use the cache alone",
-    )?;
-    let mut hookpoints: Vec<String> = files
-        .iter()
-        .filter_map(|f| f.strip_suffix("/cfg.json"))
-        .filter(|folder| !folder.contains('/'))
-        .map(str::to_string)
-        .collect();
-    hookpoints.sort();
+    let mut hookpoints: Vec<String> = if hooks::source::hub_offline() {
+        let snapshot = hooks::source::cached_snapshot(RepoType::Model, repo_id, revision);
+        let cached = snapshot.map(|s| crate::sae_folders(&s)).unwrap_or_default();
+        if !cached.is_empty() {
+            tracing::warn!(
+                "HF_HUB_OFFLINE is set: the SAEs of {repo_id} in the cache ({})",
+                cached.join(", ")
+            );
+        }
+        cached
+    } else {
+        let listing =
+            hooks::source::hub_listing(RepoType::Model, repo_id, revision, "to find its SAEs")?;
+        listing
+            .files
+            .iter()
+            .filter_map(|f| f.strip_suffix("/cfg.json"))
+            .filter(|folder| !folder.contains('/'))
+            .map(str::to_string)
+            .collect()
+    };
+    hookpoints.sort_by(|a, b| crate::natural_order(a, b));
+    if hookpoints.is_empty() && hooks::source::hub_offline() {
+        return Err(hooks::source::not_cached(
+            RepoType::Model,
+            repo_id,
+            revision,
+            "HF_HUB_OFFLINE is set, and the cache holds none of its SAE folders".into(),
+        )
+        .into());
+    }
     if hookpoints.is_empty() {
         return Err(Error::Sae(format!(
             "the hub repository {repo_id} (revision {revision}) holds no SAE folders \
-             (<hookpoint>/cfg.json); its files: {}",
-            files.join(", ")
+             (<hookpoint>/cfg.json)"
         )));
     }
     Ok(hookpoints)
 }
 
 /// The local folder of `<hookpoint>/` SAE folders that `source` names: the folder itself
-/// when it exists, else a hub repository (`owner/name`) at `revision` with the SAEs of
-/// `hookpoints` fetched into the cache (every SAE in it when `None`). A path that is neither
-/// is returned as it is, for the caller's reading of it to name.
-pub fn sae_root(source: &Path, revision: &str, hookpoints: Option<&[String]>) -> Result<PathBuf> {
+/// when it exists, else a hub repository (`owner/name`) at `revision` (default `main`) with
+/// the SAEs of `hookpoints` fetched into the cache (every SAE in it when `None`). A path that
+/// is neither is returned as it is, for the caller's reading of it to name. A revision
+/// given with a local folder is refused.
+pub fn sae_root(
+    source: &Path,
+    revision: Option<&str>,
+    hookpoints: Option<&[String]>,
+) -> Result<PathBuf> {
     let name = source.to_string_lossy();
-    if source.exists() || !is_hub_id(&name) {
+    let hub_like = name.contains('/') && hooks::source::is_hub_id(&name);
+    if source.exists() || !hub_like {
+        if let Some(revision) = revision {
+            return Err(Error::Sae(format!(
+                "revision '{revision}' applies to hub repositories, and {} is a local path",
+                source.display()
+            )));
+        }
         return Ok(source.to_path_buf());
     }
+    tracing::info!(
+        "no local folder {}: taking '{name}' for a hub repository",
+        std::path::absolute(source)
+            .unwrap_or_else(|_| source.to_path_buf())
+            .display()
+    );
+    let revision = revision.unwrap_or("main");
     match hookpoints {
         Some(hookpoints) => fetch_from_hub(&name, revision, hookpoints),
-        None => fetch_from_hub(&name, revision, &hub_hookpoints(&name, revision)?),
+        None => {
+            let all = hub_hookpoints(&name, revision)?;
+            tracing::info!(
+                "fetching all {} SAEs of {name} (name some to fetch fewer): {}",
+                all.len(),
+                all.join(", ")
+            );
+            fetch_from_hub(&name, revision, &all)
+        }
     }
 }
 
-/// The folder `levels` above a cached file.
-fn folder_above(file: &Path, levels: usize) -> Result<PathBuf> {
-    file.ancestors()
-        .nth(levels)
+/// The snapshot folder a file of the repository at path `name` was fetched into.
+fn snapshot_of(fetched: &Path, name: &str) -> Result<PathBuf> {
+    fetched
+        .ancestors()
+        .nth(Path::new(name).components().count())
         .map(Path::to_path_buf)
-        .ok_or_else(|| Error::Sae(format!("unexpected cache path {}", file.display())))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hub_ids_are_owner_and_name() {
-        for id in ["EleutherAI/sae-pythia-70m-32k", "a/b"] {
-            assert!(is_hub_id(id), "{id}");
-        }
-        for path in [
-            "/data/saes",
-            "./saes",
-            "saes",
-            "../x/y",
-            "a/b/c",
-            "a/",
-            ".a/b",
-        ] {
-            assert!(!is_hub_id(path), "{path}");
-        }
-    }
+        .ok_or_else(|| Error::Sae(format!("unexpected cache path {}", fetched.display())))
 }

@@ -24,8 +24,7 @@ mod kernels;
 mod sae;
 pub mod train;
 
-pub use hub::fetch_from_hub;
-pub use sae::{fvu, sae_folders, Activation, ForwardOutput, Sae, SaeConfig};
+pub use sae::{fvu, natural_order, sae_folders, Activation, ForwardOutput, Sae, SaeConfig};
 
 /// Errors of SAE files, inference and training.
 #[derive(Debug, thiserror::Error)]

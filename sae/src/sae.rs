@@ -749,9 +749,10 @@ pub(crate) fn check_finite(x: &Tensor, what: &str) -> Result<()> {
     }
 }
 
-/// The sub-folders of `dir` that hold an SAE (`<name>/cfg.json`), sorted: the layout of
-/// sparsify's and `sae train`'s output, one folder per hook point. Empty when there are
-/// none or `dir` cannot be read.
+/// The sub-folders of `dir` that hold an SAE (`<name>/cfg.json`), in natural order
+/// (`layers.2` before `layers.10`, as sparsify sorts them): the layout of sparsify's and
+/// `sae train`'s output, one folder per hook point. Empty when there are none or `dir`
+/// cannot be read.
 pub fn sae_folders(dir: &Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -761,14 +762,68 @@ pub fn sae_folders(dir: &Path) -> Vec<String> {
         .filter(|e| e.path().join("cfg.json").is_file())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    names.sort();
+    names.sort_by(|a, b| natural_order(a, b));
     names
+}
+
+/// Orders names as people read them: runs of digits by their value (`layers.2` before
+/// `layers.10`), the rest character by character.
+pub fn natural_order(a: &str, b: &str) -> std::cmp::Ordering {
+    /// The next run of digits (as a number, with its text as a tie-break) or character.
+    fn next_part(s: &mut std::iter::Peekable<std::str::Chars<'_>>) -> Option<(u128, String)> {
+        let first = *s.peek()?;
+        if !first.is_ascii_digit() {
+            s.next();
+            return Some((u128::MAX, first.to_string()));
+        }
+        let mut digits = String::new();
+        while let Some(c) = s.next_if(char::is_ascii_digit) {
+            digits.push(c);
+        }
+        Some((digits.parse().unwrap_or(u128::MAX - 1), digits))
+    }
+    let (mut a, mut b) = (a.chars().peekable(), b.chars().peekable());
+    loop {
+        match (next_part(&mut a), next_part(&mut b)) {
+            (None, None) => return std::cmp::Ordering::Equal,
+            (None, Some(_)) => return std::cmp::Ordering::Less,
+            (Some(_), None) => return std::cmp::Ordering::Greater,
+            (Some(x), Some(y)) => match x.cmp(&y) {
+                std::cmp::Ordering::Equal => {}
+                other => return other,
+            },
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::uniform;
+
+    #[test]
+    fn names_sort_naturally() {
+        let mut names = vec![
+            "layers.10",
+            "layers.2.mlp",
+            "layers.2",
+            "embed",
+            "layers.1.mlp",
+            "layers.02",
+        ];
+        names.sort_by(|a, b| natural_order(a, b));
+        assert_eq!(
+            names,
+            [
+                "embed",
+                "layers.1.mlp",
+                "layers.02",
+                "layers.2",
+                "layers.2.mlp",
+                "layers.10"
+            ]
+        );
+    }
 
     #[test]
     fn input_point_is_checked_against_the_model() {

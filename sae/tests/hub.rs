@@ -6,7 +6,8 @@
 use std::path::Path;
 
 use candle_core::Device;
-use sae::{fetch_from_hub, Sae};
+use sae::hub::fetch_from_hub;
+use sae::Sae;
 
 #[test]
 fn hub_sae_repos_resolve_from_the_cache_and_fail_clearly_offline() {

@@ -1,7 +1,8 @@
 //! Downloads from the Hugging Face hub through hf-hub's own client, against a small HTTP
 //! server on 127.0.0.1 (`HF_ENDPOINT`) that answers as the hub does: the repository listing
 //! at `/api/{models,spaces}/<repo>/revision/<rev>`, and files at `/<repo>/resolve/<rev>/<path>`
-//! with the range requests, `ETag`, `X-Repo-Commit` and `Content-Range` headers hf-hub reads.
+//! with the range requests, `ETag`, `X-Repo-Commit` and `Content-Range` headers hf-hub reads
+//! (large files through a redirect to a CDN with `X-Linked-Etag`, as the hub serves LFS files).
 //! The files land in a fresh `HF_HOME`, laid out as the hub's cache, and a second load
 //! under `HF_HUB_OFFLINE=1` reads them there without a request.
 //!
@@ -100,7 +101,7 @@ fn answer(mut stream: TcpStream, repos: &[HubRepo], seen: &Mutex<Vec<String>>) {
     if reader.read_line(&mut request_line).is_err() {
         return;
     }
-    let (mut range, mut token) = (None, false);
+    let (mut range, mut token, mut host) = (None, false, String::new());
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
@@ -111,6 +112,9 @@ fn answer(mut stream: TcpStream, repos: &[HubRepo], seen: &Mutex<Vec<String>>) {
                 range = value.trim().strip_prefix("bytes=").map(str::to_string);
             }
             token |= name.eq_ignore_ascii_case("authorization");
+            if name.eq_ignore_ascii_case("host") {
+                host = value.trim().to_string();
+            }
         }
     }
     let mut parts = request_line.split_whitespace();
@@ -170,6 +174,12 @@ fn answer(mut stream: TcpStream, repos: &[HubRepo], seen: &Mutex<Vec<String>>) {
         }
         return;
     }
+    // Large (LFS) files are served from a CDN, as the hub does: a redirect that carries
+    // their ETag and commit, then ranges from the CDN.
+    let (cdn, path) = match path.strip_prefix("/cdn") {
+        Some(rest) => (true, rest),
+        None => (false, path),
+    };
     let file = repos.iter().find_map(|r| {
         let prefix = match r.kind {
             "models" => format!("/{}/resolve/{}/", r.id, r.revision.replace('/', "%2F")),
@@ -185,6 +195,19 @@ fn answer(mut stream: TcpStream, repos: &[HubRepo], seen: &Mutex<Vec<String>>) {
     let Some((repo, bytes)) = file else {
         return not_found(&mut stream, "Entry not found");
     };
+    let etag = format!("\"{:016x}\"", fnv(bytes));
+    let large = [".safetensors", ".bin", ".pt"]
+        .iter()
+        .any(|ext| path.ends_with(ext));
+    if large && !cdn {
+        let redirect = [
+            ("Location", format!("http://{host}/cdn{path}")),
+            ("X-Linked-Etag", etag),
+            ("X-Linked-Size", bytes.len().to_string()),
+            ("X-Repo-Commit", repo.commit.clone()),
+        ];
+        return respond(&mut stream, "302 Found", &redirect, b"");
+    }
     let size = bytes.len();
     let (start, end) = match range.as_deref().and_then(|r| r.split_once('-')) {
         Some((start, end)) => (
@@ -203,11 +226,16 @@ fn answer(mut stream: TcpStream, repos: &[HubRepo], seen: &Mutex<Vec<String>>) {
         );
     }
     let end = end.min(size - 1);
-    let headers = [
-        ("ETag", format!("\"{:016x}\"", fnv(bytes))),
-        ("X-Repo-Commit", repo.commit.clone()),
-        ("Content-Range", format!("bytes {start}-{end}/{size}")),
-    ];
+    let content_range = ("Content-Range", format!("bytes {start}-{end}/{size}"));
+    let headers = if cdn {
+        vec![content_range]
+    } else {
+        vec![
+            ("ETag", etag),
+            ("X-Repo-Commit", repo.commit.clone()),
+            content_range,
+        ]
+    };
     respond(
         &mut stream,
         "206 Partial Content",
@@ -267,6 +295,8 @@ fn a_model_downloads_at_its_revision_and_then_loads_offline() {
         let get = format!("GET /test-org/tiny-neox/resolve/step8/{file}");
         assert!(requests.contains(&get), "{get} not in {requests:?}");
     }
+    let cdn = "GET /cdn/test-org/tiny-neox/resolve/step8/model.safetensors".to_string();
+    assert!(requests.contains(&cdn), "{cdn} not in {requests:?}");
     // The hub cache's layout: blobs, a snapshot named by the commit, and the revision's ref.
     let cached = home.join("hub/models--test-org--tiny-neox");
     let commit = std::fs::read_to_string(cached.join("refs/step8")).unwrap();

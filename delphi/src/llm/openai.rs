@@ -216,12 +216,7 @@ impl OpenAiClient {
         })?;
         let status = response.status();
         let retry_after = retry_after(response.headers());
-        let text = response.text().await.map_err(|e| {
-            Failure::Transient(
-                format!("reading the body failed: {}", without_url(&e)),
-                None,
-            )
-        })?;
+        let text = read_body(response).await?;
         if !status.is_success() {
             let message = format!("HTTP {status}: {}", snippet(&text));
             let code = status.as_u16();
@@ -341,6 +336,32 @@ fn snippet(text: &str) -> String {
     }
 }
 
+/// The most bytes of a reply read: a chat answer of a few hundred tokens, with their
+/// log-probabilities, is well under a megabyte; a server that ignores `max_tokens` is cut off
+/// here rather than filling memory.
+const MAX_REPLY_BYTES: usize = 16 << 20;
+
+/// A reply's body as text, up to [`MAX_REPLY_BYTES`].
+async fn read_body(mut response: reqwest::Response) -> std::result::Result<String, Failure> {
+    let failed = |e: reqwest::Error| {
+        Failure::Transient(
+            format!("reading the body failed: {}", without_url(&e)),
+            None,
+        )
+    };
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(failed)? {
+        if body.len() + chunk.len() > MAX_REPLY_BYTES {
+            return Err(Failure::Final(format!(
+                "the reply is longer than {} MiB: does the server honour max_tokens?",
+                MAX_REPLY_BYTES >> 20
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
 /// Reads a chat-completions body: the first choice's text, its log-probabilities when
 /// present, whether it was cut at `max_tokens` (`finish_reason: "length"`), and the token
 /// usage.
@@ -351,11 +372,21 @@ fn parse_response(text: &str) -> std::result::Result<ChatResponse, String> {
         .get("choices")
         .and_then(|c| c.get(0))
         .ok_or_else(|| format!("the response has no choices[0]: {}", snippet(text)))?;
-    let content = choice
-        .get("message")
-        .and_then(|m| m.get("content"))
-        .and_then(Value::as_str)
-        .ok_or_else(|| format!("choices[0].message.content is missing: {}", snippet(text)))?;
+    let content = match choice.get("message").and_then(|m| m.get("content")) {
+        Some(Value::String(content)) => content,
+        Some(other) => {
+            return Err(format!(
+                "choices[0].message.content is not a string but {other}: {}",
+                snippet(text)
+            ))
+        }
+        None => {
+            return Err(format!(
+                "choices[0].message.content is missing: {}",
+                snippet(text)
+            ))
+        }
+    };
     let logprobs = choice
         .get("logprobs")
         .and_then(|l| l.get("content"))
@@ -405,6 +436,7 @@ fn parse_token_logprobs(value: &Value) -> std::result::Result<TokenLogprobs, Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::llm::Message;
 
     #[test]
     fn endpoint_accepts_api_root_or_full_url() {
@@ -472,6 +504,43 @@ mod tests {
         assert!(parse_response("{\"choices\":[{\"message\":{}}]}")
             .unwrap_err()
             .contains("content is missing"));
+        assert!(
+            parse_response("{\"choices\":[{\"message\":{\"content\":5}}]}")
+                .unwrap_err()
+                .contains("content is not a string but 5")
+        );
+    }
+
+    /// A server that ignores max_tokens does not fill memory: the reply is cut off, and the
+    /// request fails without retries.
+    #[tokio::test]
+    async fn replies_past_the_size_limit_are_refused() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut request = vec![0u8; 65536];
+                let _ = socket.read(&mut request).await;
+                let length = MAX_REPLY_BYTES + 1024;
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {length}\r\n\r\n");
+                let _ = socket.write_all(head.as_bytes()).await;
+                let _ = socket.write_all(&vec![b' '; length]).await;
+            }
+        });
+        let client = OpenAiClient::new(OpenAiConfig::new(url, "m")).unwrap();
+        let request = ChatRequest {
+            messages: vec![Message::user("hello")],
+            max_tokens: 4,
+            temperature: 0.0,
+            top_logprobs: None,
+        };
+        let message = client.chat(request).await.unwrap_err().to_string();
+        assert!(
+            message.contains("the reply is longer than 16 MiB: does the server honour max_tokens?"),
+            "{message}"
+        );
+        assert_eq!(client.retries(), 0);
     }
 
     #[test]

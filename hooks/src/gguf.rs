@@ -400,6 +400,13 @@ fn split_regex(pre: &str) -> Option<&'static str> {
     })
 }
 
+/// `tokenizer.ggml.pre` values whose split GPT-2's regex gives: GPT-2's own, and SmolLM's
+/// (single digits, where GPT-2 groups them; its vocabulary holds no token of two digits or of
+/// a space and a digit, so the tokens come out the same).
+fn splits_as_gpt2(pre: &str) -> bool {
+    matches!(pre, "gpt-2" | "gpt2" | "default" | "smollm")
+}
+
 /// GPT-2's byte-to-character table: printable bytes map to themselves, the rest to 256 + n.
 fn bytes_to_unicode() -> [char; 256] {
     let mut table = ['\0'; 256];
@@ -474,6 +481,14 @@ fn tokenizer(meta: &Metadata, eos_id: Option<u32>) -> Result<Option<Tokenizer>> 
         Some(v) => Some(meta.value_string("tokenizer.ggml.pre", v)?),
         None => None,
     };
+    if let Some(pre) = pre.filter(|p| split_regex(p).is_none() && !splits_as_gpt2(p)) {
+        tracing::warn!(
+            "{}: tokenizer.ggml.pre '{pre}' is not one this reader knows; text is split as \
+             GPT-2 splits it (as transformers does), which may not be how this model's own \
+             tokenizer splits it",
+            meta.path.display()
+        );
+    }
     let pre_tokenizer: PreTokenizerWrapper = match pre.and_then(split_regex) {
         Some(regex) => {
             let split = Split::new(
@@ -713,6 +728,17 @@ fn integer(value: &Value) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pre-tokenizers this reader knows (by their own split or GPT-2's) are not warned of.
+    #[test]
+    fn known_pre_tokenizers() {
+        for pre in ["smollm", "gpt-2", "llama-bpe", "qwen2", "tekken"] {
+            assert!(split_regex(pre).is_some() || splits_as_gpt2(pre), "{pre}");
+        }
+        for pre in ["nonesuch", "deepseek-llm", ""] {
+            assert!(split_regex(pre).is_none() && !splits_as_gpt2(pre), "{pre}");
+        }
+    }
 
     #[test]
     fn maps_gguf_names_to_hugging_face() {

@@ -182,6 +182,14 @@ def test_delphi_and_sae_eval_take_a_hub_repository_of_saes(hub, hub_saes, tiny_d
         for a, b in zip(local.firings("layers.1", latent), fetched.firings("layers.1", latent)):
             assert np.array_equal(a, b)
 
+    # sae train --finetune trains a repository's SAE further.
+    tuned = tmp_path / "tuned"
+    status = ei.sae_main(["train", *common, "--finetune", "test-org/saes", "--hookpoints", "layers.1",
+                          "--output", str(tuned), "--batch-size", "128", "--steps", "1",
+                          "--lr-warmup-steps", "1"])
+    assert status == 0
+    assert ei.Sae.load(tuned / "layers.1").cfg == ei.Sae.load(hub_saes / "layers.1").cfg
+
     # sae eval without --hookpoints evaluates every SAE the repository lists.
     report = tmp_path / "eval.json"
     status = ei.sae_main(["eval", *common, "--sae", "test-org/saes", "--tokens", "128",

@@ -233,8 +233,9 @@ struct TrainArgs {
     #[arg(long)]
     skip_connection: bool,
     /// Train further the SAEs in this folder (DIR/<hookpoint>/, sparsify's layout, as `sae
-    /// train` and sparsify write it; sparsify's --finetune): their shape and options come
-    /// from their cfg.json, and the first step keeps their biases.
+    /// train` and sparsify write it; sparsify's --finetune), or in a hub repository of them
+    /// (EleutherAI/sae-pythia-70m-32k: those --hookpoints names are fetched): their shape and
+    /// options come from their cfg.json, and the first step keeps their biases.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["k", "expansion_factor", "num_latents", "multi_topk", "skip_connection"])]
     finetune: Option<PathBuf>,
     /// Leave out the first N positions of every sequence (streamed or cached): e.g. 1 keeps
@@ -393,6 +394,14 @@ fn model_widths(model: &Model, points: &[HookPoint]) -> Result<Vec<usize>> {
 }
 
 fn train_command(mut args: TrainArgs) -> Result<()> {
+    if let Some(dir) = &args.finetune {
+        // A hub repository of SAEs: fetch those named (every one without --hookpoints).
+        let named: Option<Vec<String>> = args
+            .hookpoints
+            .as_ref()
+            .map(|list| list.split(',').map(|h| h.trim().to_string()).collect());
+        args.finetune = Some(crate::hub::sae_root(dir, None, named.as_deref())?);
+    }
     if let (None, Some(dir)) = (&args.hookpoints, &args.finetune) {
         // The SAEs to train further name their hook points.
         args.hookpoints = Some(sae_folder_names(dir)?.join(","));

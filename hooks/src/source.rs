@@ -412,6 +412,8 @@ impl HubRevision {
     /// The cache's snapshot of the revision: of the commit its ref names, or of the revision
     /// itself when that is a commit hash (as huggingface_hub caches one), if present.
     fn cached_snapshot(&self) -> Option<PathBuf> {
+        // hf-hub names snapshot folders only by commit: the parent of any one of them is
+        // the repository's snapshots folder, and the parent of that the repository's.
         let any_snapshot = self.cache.repo(self.repo.clone()).pointer_path("-");
         let snapshots = any_snapshot.parent()?;
         let revision = self.repo.revision();

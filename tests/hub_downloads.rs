@@ -24,6 +24,9 @@ struct HubRepo {
     revision: String,
     commit: String,
     files: BTreeMap<String, Vec<u8>>,
+    /// A commit the revision moves to once its listing has been served (a push racing a
+    /// download).
+    moves_after_listing: Option<String>,
 }
 
 impl HubRepo {
@@ -35,6 +38,7 @@ impl HubRepo {
             revision: revision.into(),
             commit: format!("{:040x}", fnv(format!("{id}@{revision}").as_bytes())),
             files: BTreeMap::new(),
+            moves_after_listing: None,
         };
         repo.add_folder("", folder);
         repo
@@ -71,7 +75,7 @@ impl MockHub {
         let (held, seen) = (Arc::clone(&repos), Arc::clone(&requests));
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                answer(stream, &held.lock().unwrap(), &seen);
+                answer(stream, &mut held.lock().unwrap(), &seen);
             }
         });
         MockHub {
@@ -95,7 +99,7 @@ fn fnv(bytes: &[u8]) -> u64 {
 }
 
 /// Answers one request and closes the connection.
-fn answer(mut stream: TcpStream, repos: &[HubRepo], seen: &Mutex<Vec<String>>) {
+fn answer(mut stream: TcpStream, repos: &mut [HubRepo], seen: &Mutex<Vec<String>>) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut request_line = String::new();
     if reader.read_line(&mut request_line).is_err() {
@@ -138,7 +142,7 @@ fn answer(mut stream: TcpStream, repos: &[HubRepo], seen: &Mutex<Vec<String>>) {
         respond(stream, "404 Not Found", &[], body.as_bytes());
     };
     if let Some(listing) = path.strip_prefix("/api/") {
-        let found = repos.iter().find(|r| {
+        let found = repos.iter().position(|r| {
             listing
                 == format!(
                     "{}/{}/revision/{}",
@@ -148,12 +152,16 @@ fn answer(mut stream: TcpStream, repos: &[HubRepo], seen: &Mutex<Vec<String>>) {
                 )
         });
         match found {
-            Some(repo) => {
+            Some(at) => {
+                let repo = &mut repos[at];
                 let body = serde_json::json!({
                     "sha": repo.commit,
                     "siblings": repo.files.keys().map(|f| serde_json::json!({"rfilename": f})).collect::<Vec<_>>(),
                 });
                 respond(&mut stream, "200 OK", &[], body.to_string().as_bytes());
+                if let Some(commit) = repo.moves_after_listing.take() {
+                    repo.commit = commit;
+                }
             }
             // As the hub answers: 404 for a revision a repository does not have; for a
             // repository it does not show (absent, private or gated), 401 to an anonymous
@@ -325,7 +333,9 @@ fn a_model_downloads_at_its_revision_and_then_loads_offline() {
     assert!(
         err.contains("test-org/tiny-neox")
             && err.contains("step9")
-            && err.contains("no such repository, revision or file (HTTP 404)"),
+            && err.contains(
+                "no such repository or revision (or none that the token in use may see) (HTTP 404)"
+            ),
         "{err}"
     );
     let err = hooks::Model::load("test-org/absent", &Default::default())
@@ -411,7 +421,7 @@ fn files_fetched_together_come_from_one_commit_when_the_revision_moves() {
     let tmp = tempfile::tempdir().unwrap();
     let tiny = common::repo().join("tests/fixtures/sae/tiny");
     let mut saes = HubRepo::model_folder("test-org/saes", "main", tmp.path());
-    for hookpoint in ["layers.0", "layers.1"] {
+    for hookpoint in ["layers.0", "layers.1", "layers.2"] {
         saes.add_folder(&format!("{hookpoint}/"), &tiny);
     }
     let hub = MockHub::serve(vec![saes]);
@@ -428,6 +438,32 @@ fn files_fetched_together_come_from_one_commit_when_the_revision_moves() {
         sae::Sae::load(&root.join(hookpoint), &hooks::candle_core::Device::Cpu).unwrap();
     }
 
+    // The revision moves between the listing and the downloads: refused, and a rerun
+    // fetches the new commit whole.
+    hub.repos.lock().unwrap()[0].moves_after_listing = Some(format!("{:040x}", 8));
+    let third = ["layers.2".to_string()];
+    let err = sae::hub::fetch_from_hub("test-org/saes", "main", &third);
+    let err = err.unwrap_err().to_string();
+    assert!(
+        err.contains("layers.2/cfg.json: the revision moved from commit")
+            && err.contains("run again"),
+        "{err}"
+    );
+    let root = sae::hub::fetch_from_hub("test-org/saes", "main", &third).unwrap();
+    assert!(root.ends_with(format!("{:040x}", 8)), "{}", root.display());
+    sae::Sae::load(&root.join("layers.2"), &hooks::candle_core::Device::Cpu).unwrap();
+
+    // Names that leave the repository are refused before anything is read.
+    for name in ["../x", "/etc", ""] {
+        let err = sae::hub::fetch_from_hub("test-org/saes", "main", &[name.into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("is not a path inside a hub repository"),
+            "{name}: {err}"
+        );
+    }
+
     // With a token, the hub answers 404 for a repository it does not show.
     std::env::set_var("HF_TOKEN", "hf_test");
     let err = sae::hub::fetch_from_hub("test-org/absent", "main", &["layers.0".into()])
@@ -435,7 +471,9 @@ fn files_fetched_together_come_from_one_commit_when_the_revision_moves() {
         .to_string();
     std::env::remove_var("HF_TOKEN");
     assert!(
-        err.contains("no such repository, revision or file (HTTP 404)"),
+        err.contains(
+            "no such repository or revision (or none that the token in use may see) (HTTP 404)"
+        ),
         "{err}"
     );
     // A file the repository lacks is named with the repository and revision.

@@ -525,8 +525,7 @@ fn run_command(args: RunArgs) -> Result<()> {
         }),
     };
     // Settings that need no cache are checked before anything is loaded or cached.
-    config.examples.validate()?;
-    config.score.validate()?;
+    config.validate_settings()?;
     if args.latent_cache.is_none() {
         config.examples.check_seq_len(args.seq_len)?;
     }

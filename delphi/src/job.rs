@@ -186,8 +186,18 @@ impl JobConfig {
     /// cache's sequence length, [`ScoreConfig::validate`], the intruder's 3 excerpts per
     /// prompt), hook points the cache lacks and latents past a hook point's width.
     pub fn validate(&self, cache: &LatentCache) -> Result<()> {
-        self.examples.validate()?;
+        self.validate_settings()?;
         self.examples.check_seq_len(cache.tokens().seq_len())?;
+        for hookpoint in &self.hookpoints {
+            cache.check_latents(hookpoint, self.latents.clone())?;
+        }
+        Ok(())
+    }
+
+    /// The checks of [`JobConfig::validate`] that need no cache: for the command line to
+    /// run before it caches latents.
+    pub fn validate_settings(&self) -> Result<()> {
+        self.examples.validate()?;
         self.score.validate()?;
         if self.scorers.contains(&Scorer::Intruder) {
             check_intruder_config(&self.score)?;
@@ -208,9 +218,6 @@ impl JobConfig {
             return Err(Error::Invalid(
                 "a job needs at least one hook point, one latent and one scorer".into(),
             ));
-        }
-        for hookpoint in &self.hookpoints {
-            cache.check_latents(hookpoint, self.latents.clone())?;
         }
         Ok(())
     }

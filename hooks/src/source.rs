@@ -321,7 +321,12 @@ fn from_hub(repo_id: &str, revision: &str) -> Result<ModelFiles> {
         }
     })?;
     match (files, fetch_error) {
-        (Some(files), _) => Ok(files),
+        (Some(files), Some(e)) => {
+            // An optional file (the tokenizer) that failed: the model runs without it.
+            tracing::warn!("{e}; loading without it");
+            Ok(files)
+        }
+        (Some(files), None) => Ok(files),
         (None, Some(e)) => Err(e),
         (None, None) => Err(not_found(
             repo_id,
@@ -333,10 +338,11 @@ fn from_hub(repo_id: &str, revision: &str) -> Result<ModelFiles> {
     }
 }
 
-/// Why a hub request failed, in words that say what to do.
-fn hub_failure(error: &ApiError) -> String {
+/// Why a hub request failed, in words that say what to do; `missing` says what a 404 means
+/// is not there.
+fn hub_failure(error: &ApiError, missing: &str) -> String {
     let request = match error {
-        ApiError::TooManyRetries(inner) => return hub_failure(inner),
+        ApiError::TooManyRetries(inner) => return hub_failure(inner, missing),
         ApiError::RequestError(request) => request,
         other => return other.to_string(),
     };
@@ -349,9 +355,7 @@ fn hub_failure(error: &ApiError) -> String {
              gated or private; request access on its page with the account whose token is in \
              HF_TOKEN"
             .into(),
-        ureq::Error::StatusCode(404) => {
-            "the hub has no such repository, revision or file (HTTP 404)".into()
-        }
+        ureq::Error::StatusCode(404) => format!("the hub has no such {missing} (HTTP 404)"),
         ureq::Error::StatusCode(416) => "the hub refused to resume a download (HTTP 416): \
              delete the partial downloads (*.part) in the repository's blobs folder of the cache, \
              and run again"
@@ -445,7 +449,7 @@ impl HubRevision {
             .with_progress(std::io::stderr().is_terminal())
             .with_retries(2)
             .build()
-            .map_err(|e| self.not_cached(Some(hub_failure(&e))))?;
+            .map_err(|e| self.not_cached(Some(hub_failure(&e, "repository"))))?;
         Ok(api.repo(self.repo.clone()))
     }
 
@@ -456,10 +460,10 @@ impl HubRevision {
                 "HF_HUB_OFFLINE is set, and listing the repository ({why}) needs the network"
             ))));
         }
-        let info = self
-            .api()?
-            .info()
-            .map_err(|e| self.not_cached(Some(hub_failure(&e))))?;
+        let info = self.api()?.info().map_err(|e| {
+            let missing = "repository or revision (or none that the token in use may see)";
+            self.not_cached(Some(hub_failure(&e, missing)))
+        })?;
         Ok(HubListing {
             commit: info.sha,
             files: info.siblings.into_iter().map(|s| s.rfilename).collect(),
@@ -486,9 +490,9 @@ impl HubRevision {
                     self.name(),
                     self.repo.revision()
                 );
-                let fetched = remote
-                    .download(name)
-                    .map_err(|e| self.not_cached(Some(format!("{name}: {}", hub_failure(&e)))))?;
+                let fetched = remote.download(name).map_err(|e| {
+                    self.not_cached(Some(format!("{name}: {}", hub_failure(&e, "file"))))
+                })?;
                 if fetched != path {
                     return Err(self.not_cached(Some(format!(
                         "{name}: the revision moved from commit {} to another while its files \
@@ -520,6 +524,16 @@ pub fn hub_files_in(
     names: &[String],
 ) -> Result<Vec<PathBuf>> {
     let hub = HubRevision::new(kind, repo_id, revision);
+    if let Some(name) = names.iter().find(|name| {
+        name.is_empty()
+            || !Path::new(name)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+    }) {
+        return Err(Error::InvalidArgument(format!(
+            "'{name}' is not a path inside a hub repository (names such as layers.0/cfg.json)"
+        )));
+    }
     if let Some(paths) = hub.cached(names) {
         return Ok(paths);
     }
@@ -541,7 +555,10 @@ pub fn hub_files_in(
         .filter(|name| !listing.files.contains(name))
         .cloned()
         .collect();
-    if !missing.is_empty() {
+    // The hub may cut a long listing short: past this many files, a file it leaves out is
+    // asked for all the same.
+    const COMPLETE_LISTING_BELOW: usize = 1000;
+    if !missing.is_empty() && listing.files.len() < COMPLETE_LISTING_BELOW {
         return Err(Error::NotOnHub {
             repo: hub.name(),
             revision: revision.into(),

@@ -65,7 +65,8 @@ struct TrajectoryArgs {
     #[arg(long)]
     text_file: Option<PathBuf>,
     /// `logit`, a tuned lens folder, or `pretrained` (tuned-lens's lens for the model, from
-    /// its hub collection; `pretrained:<model id>` names another).
+    /// its hub collection; `pretrained:<model id>` names another; a folder named `pretrained`
+    /// is `./pretrained`).
     #[arg(long, default_value = "logit")]
     lens: String,
     /// Show the difference `--lens` minus this lens (as --lens).
@@ -251,8 +252,8 @@ struct EvalArgs {
     #[command(flatten)]
     source: Source,
     /// A tuned lens folder (ours or tuned-lens's params.pt), or `pretrained` (tuned-lens's
-    /// lens for the model, from its hub collection; `pretrained:<model id>` names another);
-    /// without it only the logit lens.
+    /// lens for the model, from its hub collection; `pretrained:<model id>` names another; a
+    /// folder named `pretrained` is `./pretrained`); without it only the logit lens.
     #[arg(long)]
     lens: Option<String>,
     /// Tokens to evaluate, rounded up to whole sequences of --seq-len.

@@ -27,26 +27,36 @@ pub struct LensRepo {
 }
 
 impl LensRepo {
-    /// tuned-lens's collection, or where `TUNED_LENS_REPO_ID` / `TUNED_LENS_REPO_TYPE` point
-    /// (unset or empty: the default, as tuned-lens reads them).
-    pub fn from_env() -> Result<Self> {
+    /// `repo_id` and `repo_type` (a type as tuned-lens names it: `space`, `model` or
+    /// `dataset`) where given, else `TUNED_LENS_REPO_ID` / `TUNED_LENS_REPO_TYPE` (unset or
+    /// empty: tuned-lens's collection, as tuned-lens reads them).
+    pub fn new(repo_id: Option<String>, repo_type: Option<&str>, revision: &str) -> Result<Self> {
         let var = |name| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let kind = match repo_type {
+            Some(given) => repo_kind(given, "repo_type")?,
+            None => match var("TUNED_LENS_REPO_TYPE") {
+                Some(set) => repo_kind(&set, "TUNED_LENS_REPO_TYPE")?,
+                None => RepoType::Space,
+            },
+        };
         Ok(LensRepo {
-            repo_id: var("TUNED_LENS_REPO_ID").unwrap_or_else(|| PRETRAINED_LENS_REPO.into()),
-            kind: repo_kind(var("TUNED_LENS_REPO_TYPE").as_deref())?,
-            revision: "main".into(),
+            repo_id: repo_id
+                .or_else(|| var("TUNED_LENS_REPO_ID"))
+                .unwrap_or_else(|| PRETRAINED_LENS_REPO.into()),
+            kind,
+            revision: revision.into(),
         })
     }
 }
 
-/// A repository type as tuned-lens names it (`None`: a Space).
-pub fn repo_kind(name: Option<&str>) -> Result<RepoType> {
+/// A repository type as tuned-lens names it; `source` says where the name came from.
+fn repo_kind(name: &str, source: &str) -> Result<RepoType> {
     match name {
-        None | Some("space") => Ok(RepoType::Space),
-        Some("model") => Ok(RepoType::Model),
-        Some("dataset") => Ok(RepoType::Dataset),
-        Some(other) => Err(Error::Lens(format!(
-            "lens repository type '{other}' (TUNED_LENS_REPO_TYPE) is not space, model or dataset"
+        "space" => Ok(RepoType::Space),
+        "model" => Ok(RepoType::Model),
+        "dataset" => Ok(RepoType::Dataset),
+        other => Err(Error::Lens(format!(
+            "{source} '{other}' is not space, model or dataset"
         ))),
     }
 }
@@ -136,8 +146,16 @@ pub fn load_pretrained(
         })?,
     };
     let local = Path::new(resource_id);
-    let folder = if local.join("config.json").is_file() {
+    let lens_files = ["params.pt", "params.safetensors"];
+    let folder = if local.join("config.json").is_file()
+        && lens_files.iter().any(|f| local.join(f).is_file())
+    {
         local.to_path_buf()
+    } else if !hooks::source::is_hub_id(resource_id) {
+        return Err(Error::Lens(format!(
+            "'{resource_id}' is neither a lens folder (config.json and params.pt or \
+             params.safetensors) nor a model id"
+        )));
     } else {
         if let Some(revision) = model.revision().filter(|r| *r != "main") {
             tracing::warn!(
@@ -159,9 +177,9 @@ pub fn lens_named(name: &str, model: &Model) -> Result<Option<TunedLens>> {
     let lens = if name == "logit" {
         return Ok(None);
     } else if name == "pretrained" {
-        load_pretrained(model, None, &LensRepo::from_env()?)?
+        load_pretrained(model, None, &LensRepo::new(None, None, "main")?)?
     } else if let Some(id) = name.strip_prefix("pretrained:") {
-        load_pretrained(model, Some(id), &LensRepo::from_env()?)?
+        load_pretrained(model, Some(id), &LensRepo::new(None, None, "main")?)?
     } else {
         let lens = TunedLens::load(Path::new(name), model.device())?;
         lens.check_model(model)?;
@@ -182,17 +200,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn repository_types_are_tuned_lens_names() {
-        assert!(matches!(repo_kind(None).unwrap(), RepoType::Space));
-        assert!(matches!(repo_kind(Some("model")).unwrap(), RepoType::Model));
-        let err = repo_kind(Some("bucket")).unwrap_err().to_string();
-        assert!(
-            err.contains("'bucket' (TUNED_LENS_REPO_TYPE) is not space, model or dataset"),
-            "{err}"
-        );
-        let err = fetch_pretrained("", &LensRepo::from_env().unwrap())
+    fn repositories_are_named_as_tuned_lens_names_them() {
+        let repo = LensRepo::new(Some("org/lenses".into()), Some("model"), "v1").unwrap();
+        assert_eq!(repo.repo_id, "org/lenses");
+        assert!(matches!(repo.kind, RepoType::Model));
+        assert_eq!(repo.revision, "v1");
+        let err = LensRepo::new(None, Some("bucket"), "main")
             .unwrap_err()
             .to_string();
+        assert!(
+            err.contains("repo_type 'bucket' is not space, model or dataset"),
+            "{err}"
+        );
+        let err = fetch_pretrained("", &repo).unwrap_err().to_string();
         assert!(err.contains("name the model"), "{err}");
     }
 }

@@ -161,14 +161,7 @@ impl PyTunedLens {
         let model = holder.get().inner();
         let inner = py
             .detach(|| {
-                let mut repo = lens::hub::LensRepo::from_env()?;
-                if let Some(repo_id) = repo_id {
-                    repo.repo_id = repo_id;
-                }
-                if repo_type.is_some() {
-                    repo.kind = lens::hub::repo_kind(repo_type)?;
-                }
-                repo.revision = revision.to_string();
+                let repo = lens::hub::LensRepo::new(repo_id, repo_type, revision)?;
                 lens::hub::load_pretrained(model, lens_resource_id, &repo)
             })
             .into_py_lens()?;

@@ -167,7 +167,13 @@ impl PySae {
                     ));
                 }
                 let root = sae::hub::sae_root(&path, revision, hookpoints.as_deref())?;
-                let names = match hookpoints {
+                if root.is_file() {
+                    return Err(sae::Error::Sae(format!(
+                        "{} is a file: give a folder of <hookpoint>/ SAE folders",
+                        root.display()
+                    )));
+                }
+                let mut names = match hookpoints {
                     Some(names) => names,
                     None if root.is_dir() => sae::sae_folders(&root),
                     None => {
@@ -176,6 +182,7 @@ impl PySae {
                         )
                     }
                 };
+                names.sort_by(|a, b| sae::natural_order(a, b));
                 if names.is_empty() {
                     return Err(sae::Error::Sae(format!(
                         "{}: no SAE folders (<hookpoint>/cfg.json) in it",

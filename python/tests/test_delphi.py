@@ -237,6 +237,11 @@ def test_delphi_run_refuses_to_extend_the_cache_of_existing_results(latents, ser
             "--explainer", server, "--scorers", "detection", "--output", str(out),
             "--example-ctx-len", "16", "--min-examples", "4", "--n-train", "4", "--n-test", "4",
             "--n-quantiles", "2", "--n-non-activating", "4"]
+    # Settings no job can use are refused before the latents are cached.
+    capfd.readouterr()
+    assert ei.delphi_main(args[:-1] + ["0"]) == 1
+    assert "--n-non-activating must be at least 1" in capfd.readouterr().err
+    assert not out.exists()
     assert ei.delphi_main(args) == 0
     cached = ei.LatentCache(out / "latents").tokens.shape
     assert cached == (8, 64)

@@ -149,6 +149,9 @@ def test_saes_load_from_the_hub_as_from_their_folder(hub, hub_saes, monkeypatch)
 
     with pytest.raises(FileNotFoundError, match=r"test-org/absent.*HTTP 401.*HF_TOKEN"):
         ei.Sae.load_from_hub("test-org/absent", "layers.0")
+    # A missing relative folder is tried as a repository, and the error says both.
+    with pytest.raises(FileNotFoundError, match=r"'saes/run1'.*HTTP 401.*nor is there a local folder .*saes/run1"):
+        ei.Sae.load_many("saes/run1")
     with pytest.raises(FileNotFoundError, match=r"'test-org/saes' \(revision 'main'\) has no layers.7/cfg.json"):
         ei.Sae.load_from_hub("test-org/saes", "layers.7")
     with pytest.raises(ValueError, match=r"holds no SAE at its top: name one of its hook points \(layers.0, layers.1\)"):
@@ -167,6 +170,9 @@ def test_load_many_orders_hook_points_naturally(tmp_path):
     for hookpoint in ["layers.10", "layers.2", "layers.2.mlp", "layers.1"]:
         sae.save(tmp_path / hookpoint)
     assert list(ei.Sae.load_many(tmp_path)) == ["layers.1", "layers.2", "layers.2.mlp", "layers.10"]
+    assert list(ei.Sae.load_many(tmp_path, ["layers.10", "layers.2"])) == ["layers.2", "layers.10"]
+    with pytest.raises(ValueError, match="is a file: give a folder"):
+        ei.Sae.load_many(tmp_path / "layers.1" / "cfg.json")
 
 
 def test_delphi_and_sae_eval_take_a_hub_repository_of_saes(hub, hub_saes, tiny_dir, tmp_path):
@@ -184,11 +190,17 @@ def test_delphi_and_sae_eval_take_a_hub_repository_of_saes(hub, hub_saes, tiny_d
 
     # sae train --finetune trains a repository's SAE further.
     tuned = tmp_path / "tuned"
-    status = ei.sae_main(["train", *common, "--finetune", "test-org/saes", "--hookpoints", "layers.1",
+    status = ei.sae_main(["train", *common, "--finetune", "test-org/saes", "--hookpoints", "layers.1,",
                           "--output", str(tuned), "--batch-size", "128", "--steps", "1",
                           "--lr-warmup-steps", "1"])
     assert status == 0
     assert ei.Sae.load(tuned / "layers.1").cfg == ei.Sae.load(hub_saes / "layers.1").cfg
+    # Patterns name the repository's folders as they name a local folder's.
+    status = ei.sae_main(["train", *common, "--finetune", "test-org/saes", "--hookpoints", "layers.*",
+                          "--output", str(tmp_path / "tuned-all"), "--batch-size", "128", "--steps", "1",
+                          "--lr-warmup-steps", "1"])
+    assert status == 0
+    assert list(ei.Sae.load_many(tmp_path / "tuned-all")) == ["layers.0", "layers.1"]
 
     # sae eval without --hookpoints evaluates every SAE the repository lists.
     report = tmp_path / "eval.json"
@@ -244,8 +256,11 @@ def test_pretrained_lenses_come_from_tuned_lens_collection(hub, hub_lens, tmp_pa
             r"has no pretrained lens for 'test-org/tiny'; test-org/tiny-deduped \(the model trained "
             r"on the deduplicated Pile\) has one; it has lenses for: test-org/ours, test-org/pythia-style, test-org/tiny-deduped$")):
         ei.TunedLens.from_model_and_pretrained(local, "test-org/tiny")
-    with pytest.raises(ValueError, match="is not space, model or dataset"):
+    with pytest.raises(ValueError, match="repo_type 'bucket' is not space, model or dataset"):
         ei.TunedLens.from_model_and_pretrained(local, "test-org/tiny", repo_type="bucket")
+    # A model folder is not a lens folder: its id is looked up.
+    with pytest.raises(ValueError, match="is neither a lens folder .* nor a model id"):
+        ei.TunedLens.from_model_and_pretrained(local, str(PYTHIA_STYLE))
 
     # lens eval --lens pretrained reports what the lens folder gives.
     ids = tmp_path / "ids.npy"

@@ -394,19 +394,33 @@ fn model_widths(model: &Model, points: &[HookPoint]) -> Result<Vec<usize>> {
 }
 
 fn train_command(mut args: TrainArgs) -> Result<()> {
+    let model = args.model.load()?;
     if let Some(dir) = &args.finetune {
-        // A hub repository of SAEs: fetch those named (every one without --hookpoints).
-        let named: Option<Vec<String>> = args
-            .hookpoints
-            .as_ref()
-            .map(|list| list.split(',').map(|h| h.trim().to_string()).collect());
+        // A hub repository of SAEs: fetch those named (every one without --hookpoints), by
+        // their folder names (patterns and aliases resolved through the model).
+        let named: Option<Vec<String>> = match (&args.hookpoints, &model) {
+            (Some(list), Some(model)) => Some(
+                model
+                    .hook_points_from_list(list)?
+                    .into_iter()
+                    .map(|p| model.hook_name(p))
+                    .collect(),
+            ),
+            (Some(list), None) => Some(
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|h| !h.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            ),
+            (None, _) => None,
+        };
         args.finetune = Some(crate::hub::sae_root(dir, None, named.as_deref())?);
     }
     if let (None, Some(dir)) = (&args.hookpoints, &args.finetune) {
         // The SAEs to train further name their hook points.
         args.hookpoints = Some(sae_folder_names(dir)?.join(","));
     }
-    let model = args.model.load()?;
     let device = match &model {
         Some(model) => model.device().clone(),
         None => hooks::parse_device(&args.model.device)?,

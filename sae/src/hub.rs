@@ -112,25 +112,39 @@ pub fn sae_root(
         }
         return Ok(source.to_path_buf());
     }
-    tracing::info!(
-        "no local folder {}: taking '{name}' for a hub repository",
-        std::path::absolute(source)
-            .unwrap_or_else(|_| source.to_path_buf())
-            .display()
-    );
     let revision = revision.unwrap_or("main");
-    match hookpoints {
+    let fetched = match hookpoints {
         Some(hookpoints) => fetch_from_hub(&name, revision, hookpoints),
-        None => {
-            let all = hub_hookpoints(&name, revision)?;
+        None => hub_hookpoints(&name, revision).and_then(|all| {
             tracing::info!(
                 "fetching all {} SAEs of {name} (name some to fetch fewer): {}",
                 all.len(),
                 all.join(", ")
             );
             fetch_from_hub(&name, revision, &all)
-        }
-    }
+        }),
+    };
+    // A repository that cannot be reached may have been meant as a local folder.
+    fetched.map_err(|e| match e {
+        Error::Hooks(hooks::Error::NotCached {
+            model,
+            revision,
+            cache_dir,
+            reason,
+        }) => Error::Hooks(hooks::Error::NotCached {
+            model,
+            revision,
+            cache_dir,
+            reason: Some(format!(
+                "{}; nor is there a local folder {}",
+                reason.as_deref().unwrap_or("HF_HUB_OFFLINE is set"),
+                std::path::absolute(source)
+                    .unwrap_or_else(|_| source.to_path_buf())
+                    .display()
+            )),
+        }),
+        other => other,
+    })
 }
 
 /// The snapshot folder a file of the repository at path `name` was fetched into.

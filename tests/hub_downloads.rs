@@ -431,8 +431,18 @@ fn files_fetched_together_come_from_one_commit_when_the_revision_moves() {
     // main moves to a new commit; layers.0 was fetched at the old one.
     hub.repos.lock().unwrap()[0].commit = format!("{:040x}", 7);
     let both = ["layers.0".to_string(), "layers.1".to_string()];
+    hub.take_requests();
     let root = sae::hub::fetch_from_hub("test-org/saes", "main", &both).unwrap();
     assert_ne!(root, first);
+    // layers.0's files are unchanged: linked to the blobs the cache holds, not downloaded
+    // again (one request for their metadata, where a download makes three).
+    let weights = "GET /test-org/saes/resolve/main/layers.0/sae.safetensors".to_string();
+    let requests = hub.take_requests();
+    assert_eq!(
+        requests.iter().filter(|r| **r == weights).count(),
+        1,
+        "{requests:?}"
+    );
     assert!(root.ends_with(format!("{:040x}", 7)), "{}", root.display());
     for hookpoint in &both {
         sae::Sae::load(&root.join(hookpoint), &hooks::candle_core::Device::Cpu).unwrap();

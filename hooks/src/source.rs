@@ -439,7 +439,7 @@ impl HubRevision {
             .collect()
     }
 
-    fn api(&self) -> Result<hf_hub::api::sync::ApiRepo> {
+    fn api(&self) -> Result<hf_hub::api::sync::Api> {
         let token = std::env::var("HF_TOKEN")
             .ok()
             .filter(|t| !t.is_empty())
@@ -450,7 +450,7 @@ impl HubRevision {
             .with_retries(2)
             .build()
             .map_err(|e| self.not_cached(Some(hub_failure(&e, "repository"))))?;
-        Ok(api.repo(self.repo.clone()))
+        Ok(api)
     }
 
     /// The hub's listing of the revision; needs the network (`why` says what for).
@@ -460,7 +460,7 @@ impl HubRevision {
                 "HF_HUB_OFFLINE is set, and listing the repository ({why}) needs the network"
             ))));
         }
-        let info = self.api()?.info().map_err(|e| {
+        let info = self.api()?.repo(self.repo.clone()).info().map_err(|e| {
             let missing = "repository or revision (or none that the token in use may see)";
             self.not_cached(Some(hub_failure(&e, missing)))
         })?;
@@ -470,14 +470,24 @@ impl HubRevision {
         })
     }
 
-    /// `names` (all in `listing`) in the snapshot of the listing's commit, downloading those
-    /// it lacks.
+    /// `names` (all in `listing`) in the snapshot of the listing's commit: linked to a blob
+    /// the cache already holds (a file unchanged since a fetch at another commit), else
+    /// downloaded.
     fn fetch(&self, listing: &HubListing, names: &[String]) -> Result<Vec<PathBuf>> {
-        let snapshot = self
-            .cache
-            .repo(self.repo.clone())
-            .pointer_path(&listing.commit);
-        let remote = self.api()?;
+        let cached = self.cache.repo(self.repo.clone());
+        let snapshot = cached.pointer_path(&listing.commit);
+        let api = self.api()?;
+        let remote = api.repo(self.repo.clone());
+        let failed = |name: &str, e: ApiError| {
+            self.not_cached(Some(format!("{name}: {}", hub_failure(&e, "file"))))
+        };
+        let moved = |name: &str| {
+            self.not_cached(Some(format!(
+                "{name}: the revision moved from commit {} to another while its files were \
+                 fetched; run again",
+                listing.commit
+            )))
+        };
         names
             .iter()
             .map(|name| {
@@ -485,25 +495,54 @@ impl HubRevision {
                 if path.exists() {
                     return Ok(path);
                 }
+                let metadata = api
+                    .metadata(&remote.url(name))
+                    .map_err(|e| failed(name, e))?;
+                if metadata.commit_hash() != listing.commit {
+                    return Err(moved(name));
+                }
+                let blob = cached.blob_path(metadata.etag());
+                let held =
+                    std::fs::metadata(&blob).is_ok_and(|b| b.len() == metadata.size() as u64);
+                if held {
+                    link_blob(&blob, &path, name).map_err(|e| Error::io(&path, e))?;
+                    cached
+                        .create_ref(&listing.commit)
+                        .map_err(|e| Error::io(&path, e))?;
+                    return Ok(path);
+                }
                 tracing::info!(
                     "fetching {name} from {}@{}",
                     self.name(),
                     self.repo.revision()
                 );
-                let fetched = remote.download(name).map_err(|e| {
-                    self.not_cached(Some(format!("{name}: {}", hub_failure(&e, "file"))))
-                })?;
+                let fetched = remote.download(name).map_err(|e| failed(name, e))?;
                 if fetched != path {
-                    return Err(self.not_cached(Some(format!(
-                        "{name}: the revision moved from commit {} to another while its files \
-                         were fetched; run again",
-                        listing.commit
-                    ))));
+                    return Err(moved(name));
                 }
                 Ok(path)
             })
             .collect()
     }
+}
+
+/// Points `path`, the snapshot's entry for the repository file `name`, at `blob` as hf-hub
+/// does: a relative symbolic link (a copy where there are none).
+fn link_blob(blob: &Path, path: &Path, name: &str) -> std::io::Result<()> {
+    if let Some(folder) = path.parent() {
+        std::fs::create_dir_all(folder)?;
+    }
+    // From the file's folder up through the name's folders, the commit and `snapshots/`.
+    let mut target = PathBuf::new();
+    for _ in 0..Path::new(name).components().count() + 1 {
+        target.push("..");
+    }
+    target.push("blobs");
+    target.push(blob.file_name().unwrap_or_default());
+    #[cfg(unix)]
+    return std::os::unix::fs::symlink(target, path);
+    #[cfg(not(unix))]
+    return std::fs::copy(blob, path).map(|_| ());
 }
 
 /// Files of any hub model repository by their paths inside it (e.g. the

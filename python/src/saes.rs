@@ -167,28 +167,11 @@ impl PySae {
                     ));
                 }
                 let root = sae::hub::sae_root(&path, revision, hookpoints.as_deref())?;
-                if root.is_file() {
-                    return Err(sae::Error::Sae(format!(
-                        "{} is a file: give a folder of <hookpoint>/ SAE folders",
-                        root.display()
-                    )));
-                }
                 let mut names = match hookpoints {
                     Some(names) => names,
-                    None if root.is_dir() => sae::sae_folders(&root),
-                    None => {
-                        return Err(
-                            hooks::Error::io(&root, std::io::ErrorKind::NotFound.into()).into()
-                        )
-                    }
+                    None => sae::sae_folder_names(&root)?,
                 };
                 names.sort_by(|a, b| sae::natural_order(a, b));
-                if names.is_empty() {
-                    return Err(sae::Error::Sae(format!(
-                        "{}: no SAE folders (<hookpoint>/cfg.json) in it",
-                        root.display()
-                    )));
-                }
                 names
                     .into_iter()
                     .map(|name| Ok((sae::Sae::load(&root.join(&name), &device)?, name)))

@@ -371,19 +371,6 @@ fn pretrained(dir: &Path, width: usize, transcode: bool, device: &Device) -> Res
     Ok(sae)
 }
 
-/// The hook point names of the SAEs in `dir` (its sub-folders holding a cfg.json), at least one.
-fn sae_folder_names(dir: &Path) -> Result<Vec<String>> {
-    std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
-    let names = crate::sae_folders(dir);
-    if names.is_empty() {
-        bail!(
-            "{} holds no SAE folders (<hookpoint>/cfg.json)",
-            dir.display()
-        );
-    }
-    Ok(names)
-}
-
 /// Width of each hook point's activations; an attention pattern, which has no row per
 /// token, is refused.
 fn model_widths(model: &Model, points: &[HookPoint]) -> Result<Vec<usize>> {
@@ -419,7 +406,7 @@ fn train_command(mut args: TrainArgs) -> Result<()> {
     }
     if let (None, Some(dir)) = (&args.hookpoints, &args.finetune) {
         // The SAEs to train further name their hook points.
-        args.hookpoints = Some(sae_folder_names(dir)?.join(","));
+        args.hookpoints = Some(crate::sae_folder_names(dir)?.join(","));
     }
     let device = match &model {
         Some(model) => model.device().clone(),
@@ -838,7 +825,7 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
     let points = match named {
         Some(points) => points,
         None => {
-            let mut found = sae_folder_names(&args.sae)?
+            let mut found = crate::sae_folder_names(&args.sae)?
                 .iter()
                 .map(|name| model.hook_point(name))
                 .collect::<hooks::Result<Vec<_>>>()?;

@@ -24,7 +24,9 @@ mod kernels;
 mod sae;
 pub mod train;
 
-pub use sae::{fvu, natural_order, sae_folders, Activation, ForwardOutput, Sae, SaeConfig};
+pub use sae::{
+    fvu, natural_order, sae_folder_names, sae_folders, Activation, ForwardOutput, Sae, SaeConfig,
+};
 
 /// Errors of SAE files, inference and training.
 #[derive(Debug, thiserror::Error)]

@@ -766,6 +766,26 @@ pub fn sae_folders(dir: &Path) -> Vec<String> {
     names
 }
 
+/// [`sae_folders`] of a folder that must hold some: a missing folder, a file, or a folder
+/// without SAE folders is an error that names it.
+pub fn sae_folder_names(dir: &Path) -> Result<Vec<String>> {
+    if dir.is_file() {
+        return Err(Error::Sae(format!(
+            "{} is a file: give a folder of <hookpoint>/ SAE folders",
+            dir.display()
+        )));
+    }
+    std::fs::read_dir(dir).map_err(|e| hooks::Error::io(dir, e))?;
+    let names = sae_folders(dir);
+    if names.is_empty() {
+        return Err(Error::Sae(format!(
+            "{} holds no SAE folders (<hookpoint>/cfg.json)",
+            dir.display()
+        )));
+    }
+    Ok(names)
+}
+
 /// Orders names as people read them: runs of digits by their value (`layers.2` before
 /// `layers.10`), the rest character by character.
 pub fn natural_order(a: &str, b: &str) -> std::cmp::Ordering {

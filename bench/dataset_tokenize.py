@@ -10,7 +10,7 @@ Rust library behind every fast tokenizer) encoding the documents in batches with
 same threads (`RAYON_NUM_THREADS`), run in their own process (peak RSS of each), and must
 write identical arrays.
 
-    /work/venv-ref/bin/python bench/tokenize.py [--repeat 20] [--seq-len 2048] [--threads 2]
+    /work/venv-ref/bin/python bench/dataset_tokenize.py [--repeat 20] [--seq-len 2048] [--threads 2]
         [--rounds 3]
 """
 import argparse

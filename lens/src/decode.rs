@@ -49,7 +49,7 @@ impl DecodeDtype {
             DecodeDtype::F32 => false,
             DecodeDtype::Bf16 => true,
             DecodeDtype::Auto => {
-                device.is_cuda() || (device.is_cpu() && Kernel::detect() == Kernel::Avx512Bf16)
+                device.is_cuda() || (device.is_cpu() && Kernel::detect().is_native())
             }
         }
     }

@@ -7,13 +7,17 @@
 //! (`vdpbf16ps`, two bf16 products summed into each f32 lane) that is twice the f32 FMA rate.
 //! This module does the same: the frozen right-hand matrix is packed once into bf16 pairs
 //! along the reduction axis ([`PackedB`]), the left-hand rows are rounded to bf16 per call,
-//! and [`gemm`] accumulates in f32. CPUs without AVX-512 BF16 get a portable kernel over the
-//! same packed data (same rounding of the inputs, slower). Every output element is summed by
-//! one thread in a fixed order, so results do not depend on the thread count.
+//! and [`gemm`] accumulates in f32. On CPUs with Intel AMX (Sapphire Rapids and later Xeons)
+//! the same packed data feeds the tile unit ([`amx`]). CPUs without AVX-512 BF16 get a portable
+//! kernel over the same packed data (same rounding of the inputs, slower). Every output element
+//! is summed by one thread in a fixed order, so results do not depend on the thread count.
 
 use rayon::prelude::*;
 
 use super::SharedOut;
+
+#[cfg(target_arch = "x86_64")]
+mod amx;
 
 /// f32 lanes per vector register.
 const LANES: usize = 16;
@@ -23,7 +27,7 @@ const VECTORS: usize = 4;
 const PANEL: usize = LANES * VECTORS;
 /// Rows per output tile.
 const ROWS: usize = 6;
-/// Pairs of the reduction axis per cache block.
+/// Pairs of the reduction axis per cache block (vector kernels).
 const BLOCK_PAIRS: usize = 256;
 
 /// Rounds `x` to the nearest bfloat16 (ties to even), as bits; NaN stays NaN.
@@ -122,6 +126,9 @@ impl PackedB {
 /// Which inner kernel [`gemm`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
+    /// Intel AMX tiles (`tdpbf16ps`) for whole blocks of 32 rows x 64 columns x 16 pairs,
+    /// AVX-512 BF16 for what is left at the edges.
+    Amx,
     /// AVX-512 BF16 (`vdpbf16ps`).
     Avx512Bf16,
     /// Plain Rust over the same packed data: bf16 inputs, f32 products and sums.
@@ -135,9 +142,45 @@ impl Kernel {
         if std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bf16")
         {
-            return Kernel::Avx512Bf16;
+            return if amx::available() {
+                Kernel::Amx
+            } else {
+                Kernel::Avx512Bf16
+            };
         }
         Kernel::Portable
+    }
+
+    /// Whether this kernel runs on bf16 hardware (faster than f32), not the portable one.
+    pub fn is_native(self) -> bool {
+        self != Kernel::Portable
+    }
+
+    /// Whether this CPU can run this kernel.
+    pub fn runs_here(self) -> bool {
+        match (self, Kernel::detect()) {
+            (Kernel::Portable, _) | (_, Kernel::Amx) => true,
+            (Kernel::Avx512Bf16, detected) => detected == Kernel::Avx512Bf16,
+            (Kernel::Amx, _) => false,
+        }
+    }
+
+    /// Pairs of the reduction axis per cache block: AMX, which reloads its sums from memory
+    /// at each block, gains from longer ones (measured on the lens's products).
+    fn block_pairs(self) -> usize {
+        match self {
+            Kernel::Amx => 4 * BLOCK_PAIRS,
+            _ => BLOCK_PAIRS,
+        }
+    }
+
+    /// Output rows per tile.
+    fn rows(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Amx => amx::ROWS,
+            _ => ROWS,
+        }
     }
 }
 
@@ -154,6 +197,7 @@ pub fn gemm(
     ldc: usize,
 ) {
     let n = b.n;
+    assert!(kernel.runs_here(), "{kernel:?} does not run on this CPU");
     assert!(lda >= b.lhs_stride() && ldc >= n, "gemm strides");
     assert!(
         m == 0 || (a.len() >= (m - 1) * lda + b.lhs_stride() && c.len() >= (m - 1) * ldc + n),
@@ -169,7 +213,8 @@ pub fn gemm(
         return;
     }
     let panels = n.div_ceil(PANEL);
-    let tiles = m.div_ceil(ROWS);
+    let tile_rows = kernel.rows();
+    let tiles = m.div_ceil(tile_rows);
     let threads = rayon::current_num_threads().max(1);
     // Columns first (each task then reads only its share of the packed matrix), rows too
     // when there are fewer panels than threads.
@@ -182,22 +227,24 @@ pub fn gemm(
             let (cg, rg) = (task / row_groups, task % row_groups);
             let panel_range = cg * panels / column_groups..(cg + 1) * panels / column_groups;
             let tile_range = rg * tiles / row_groups..(rg + 1) * tiles / row_groups;
-            for p0 in (0..b.pairs).step_by(BLOCK_PAIRS) {
-                let pairs = BLOCK_PAIRS.min(b.pairs - p0);
+            let tiles = ThreadTiles::new(kernel);
+            let block_pairs = kernel.block_pairs();
+            for p0 in (0..b.pairs).step_by(block_pairs) {
+                let pairs = block_pairs.min(b.pairs - p0);
                 for panel in panel_range.clone() {
                     let col0 = panel * PANEL;
                     let width = PANEL.min(n - col0);
                     let packed = &b.data[(panel * b.pairs + p0) * PANEL..][..pairs * PANEL];
                     for tile in tile_range.clone() {
-                        let row0 = tile * ROWS;
-                        let rows = ROWS.min(m - row0);
+                        let row0 = tile * tile_rows;
+                        let rows = tile_rows.min(m - row0);
                         let lhs = &a[row0 * lda + 2 * p0..];
                         // SAFETY: the tile (rows row0.., columns col0..col0 + width) lies
                         // inside `c` (checked above) and belongs to this task alone.
                         unsafe {
                             let dst = out.at(row0 * ldc + col0);
                             tile_kernel(
-                                kernel,
+                                &tiles,
                                 rows,
                                 lhs,
                                 lda,
@@ -215,14 +262,110 @@ pub fn gemm(
         });
 }
 
-/// One output tile of `rows` (≤ [`ROWS`]) x `width` (≤ [`PANEL`]) over `pairs` pairs of the
-/// reduction axis; adds to the tile when `accumulate`, else overwrites it.
+/// A [`gemm`] task's kernel, with this thread's AMX tiles configured when it uses them.
+struct ThreadTiles {
+    kernel: Kernel,
+    #[cfg(target_arch = "x86_64")]
+    amx: Option<amx::Tiles>,
+}
+
+impl ThreadTiles {
+    /// Tiles for `kernel`, which must run on this CPU ([`Kernel::runs_here`]).
+    fn new(kernel: Kernel) -> Self {
+        ThreadTiles {
+            kernel,
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `gemm` checked that the kernel runs here, so AMX is available.
+            amx: (kernel == Kernel::Amx).then(|| unsafe { amx::Tiles::configure() }),
+        }
+    }
+}
+
+/// One output tile of `rows` (≤ the kernel's rows) x `width` (≤ [`PANEL`]) over `pairs`
+/// pairs of the reduction axis; adds to the tile when `accumulate`, else overwrites it. With
+/// AMX, a whole tile's pairs in multiples of 16 go through the tiles and the rest (the
+/// remaining pairs, a narrower or shorter tile) through AVX-512 BF16.
 ///
 /// # Safety
 /// `rows` rows of `width` floats at `dst`, `dst + ldc`, ... must be valid for writes and
 /// not accessed by anyone else during the call.
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile_kernel(
+    tiles: &ThreadTiles,
+    rows: usize,
+    lhs: &[u16],
+    lda: usize,
+    packed: &[u32],
+    pairs: usize,
+    dst: *mut f32,
+    ldc: usize,
+    width: usize,
+    accumulate: bool,
+) {
+    assert!((1..=tiles.kernel.rows()).contains(&rows) && (1..=PANEL).contains(&width));
+    assert!(lhs.len() >= (rows - 1) * lda + 2 * pairs && packed.len() >= pairs * PANEL);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(amx_tiles) = &tiles.amx {
+        let whole = if rows == amx::ROWS && width == PANEL {
+            pairs - pairs % amx::PAIRS
+        } else {
+            0
+        };
+        if whole > 0 {
+            // SAFETY: 32 rows of `2 * whole` values and `whole` packed pairs were checked
+            // above; the tile is the caller's, a whole panel wide.
+            amx::block(
+                amx_tiles,
+                lhs.as_ptr(),
+                lda,
+                packed.as_ptr(),
+                whole,
+                dst,
+                ldc,
+                accumulate,
+            );
+        }
+        if whole < pairs {
+            for row0 in (0..rows).step_by(ROWS) {
+                // SAFETY: rows `row0..` of the tile, the pairs after `whole`; in bounds as
+                // checked above. AMX CPUs have AVX-512 BF16 (`Kernel::runs_here`).
+                vector_tile(
+                    Kernel::Avx512Bf16,
+                    ROWS.min(rows - row0),
+                    &lhs[row0 * lda + 2 * whole..],
+                    lda,
+                    &packed[whole * PANEL..],
+                    pairs - whole,
+                    dst.add(row0 * ldc),
+                    ldc,
+                    width,
+                    accumulate || whole > 0,
+                );
+            }
+        }
+        return;
+    }
+    vector_tile(
+        tiles.kernel,
+        rows,
+        lhs,
+        lda,
+        packed,
+        pairs,
+        dst,
+        ldc,
+        width,
+        accumulate,
+    )
+}
+
+/// [`tile_kernel`] for at most [`ROWS`] rows through vector registers: AVX-512 BF16, or the
+/// portable kernel for any other `kernel`.
+///
+/// # Safety
+/// As [`tile_kernel`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn vector_tile(
     kernel: Kernel,
     rows: usize,
     lhs: &[u16],
@@ -250,8 +393,8 @@ unsafe fn tile_kernel(
     }
     match kernel {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Kernel::Avx512Bf16` is only chosen when the CPU has the features; the
-        // slices were bounds-checked above and the tile is the caller's to write.
+        // SAFETY: `gemm` checked that the CPU has the features; the slices were
+        // bounds-checked above and the tile is the caller's to write.
         Kernel::Avx512Bf16 => unsafe { dispatch!(tile_avx512) },
         // SAFETY: as above, without the CPU features.
         _ => unsafe { dispatch!(tile_portable) },
@@ -377,11 +520,10 @@ mod tests {
     }
 
     fn kernels() -> Vec<Kernel> {
-        let mut kernels = vec![Kernel::Portable];
-        if Kernel::detect() == Kernel::Avx512Bf16 {
-            kernels.push(Kernel::Avx512Bf16);
-        }
-        kernels
+        [Kernel::Portable, Kernel::Avx512Bf16, Kernel::Amx]
+            .into_iter()
+            .filter(|kernel| kernel.runs_here())
+            .collect()
     }
 
     /// Sizes that are not multiples of the tile, the panel or the cache block, an odd
@@ -395,6 +537,11 @@ mod tests {
             (13, 2 * BLOCK_PAIRS + 3, 129),
             (6, 64, 64),
             (25, 517, 200),
+            // AMX blocks (32 rows, 64 columns, 16 pairs) with every kind of edge: rows past
+            // the last whole block, a narrower last panel, pairs past the last 16 in a cache
+            // block and in the last one.
+            (70, 2 * (Kernel::Amx.block_pairs() + 53) + 1, 200),
+            (64, 2 * Kernel::Amx.block_pairs(), 128),
         ] {
             let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-2.0..2.0)).collect();

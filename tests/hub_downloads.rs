@@ -27,6 +27,8 @@ struct HubRepo {
     /// A commit the revision moves to once its listing has been served (a push racing a
     /// download).
     moves_after_listing: Option<String>,
+    /// Listed to anyone, its files only to a token granted access (none is, here).
+    gated: bool,
 }
 
 impl HubRepo {
@@ -39,6 +41,7 @@ impl HubRepo {
             commit: format!("{:040x}", fnv(format!("{id}@{revision}").as_bytes())),
             files: BTreeMap::new(),
             moves_after_listing: None,
+            gated: false,
         };
         repo.add_folder("", folder);
         repo
@@ -203,6 +206,21 @@ fn answer(mut stream: TcpStream, repos: &mut [HubRepo], seen: &Mutex<Vec<String>
     let Some((repo, bytes)) = file else {
         return not_found(&mut stream, "Entry not found");
     };
+    // As the hub answers for a gated repository's files: 401 to an anonymous request, 403 to
+    // a token that was not granted access.
+    if repo.gated {
+        let status = if token {
+            "403 Forbidden"
+        } else {
+            "401 Unauthorized"
+        };
+        return respond(
+            &mut stream,
+            status,
+            &[],
+            b"{\"error\": \"Access restricted\"}",
+        );
+    }
     let etag = format!("\"{:016x}\"", fnv(bytes));
     let large = [".safetensors", ".bin", ".pt"]
         .iter()
@@ -492,6 +510,81 @@ fn files_fetched_together_come_from_one_commit_when_the_revision_moves() {
         .to_string();
     assert!(
         err.contains("hub repository 'test-org/saes' (revision 'main') has no layers.7/cfg.json"),
+        "{err}"
+    );
+}
+
+#[test]
+fn partial_downloads_resume_or_are_discarded_and_gated_repositories_say_so() {
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = common::model_folder(tmp.path(), 32, 64);
+    let resumed = HubRepo::model_folder("test-org/resumed", "main", &folder);
+    let mut gated = HubRepo::model_folder("test-org/gated", "main", &folder);
+    gated.gated = true;
+    // What interrupted runs leave in the cache's blobs folder, as hf-hub names it
+    // (`<etag>.part`): a weight file as long as the file but never renamed (its bytes
+    // wrong: kept, it became the cached weights), a config longer than the file (hf-hub
+    // refused it as corrupted), and the first half of the tokenizer, which comes out whole.
+    let blobs = tmp
+        .path()
+        .join("hf-home/hub/models--test-org--resumed/blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let part = |file: &str, bytes: Vec<u8>| {
+        let etag = format!("{:016x}", fnv(&resumed.files[file]));
+        std::fs::write(blobs.join(format!("{etag}.part")), bytes).unwrap();
+    };
+    let weights = resumed.files["model.safetensors"].clone();
+    part("model.safetensors", vec![0; weights.len()]);
+    part(
+        "config.json",
+        vec![b' '; resumed.files["config.json"].len() + 10],
+    );
+    let tokenizer = resumed.files["tokenizer.json"].clone();
+    part("tokenizer.json", tokenizer[..tokenizer.len() / 2].to_vec());
+    let hub = MockHub::serve(vec![resumed, gated]);
+    use_hub(&hub, &tmp.path().join("hf-home"));
+
+    let downloaded = hooks::Model::load("test-org/resumed", &Default::default()).unwrap();
+    let local = hooks::Model::load(folder.to_str().unwrap(), &Default::default()).unwrap();
+    assert_eq!(logits(&downloaded), logits(&local));
+    let cached = tmp.path().join("hf-home/hub/models--test-org--resumed");
+    let commit = std::fs::read_to_string(cached.join("refs/main")).unwrap();
+    let snapshot = cached.join("snapshots").join(commit.trim());
+    assert_eq!(
+        std::fs::read(snapshot.join("tokenizer.json")).unwrap(),
+        tokenizer
+    );
+    assert_eq!(
+        std::fs::read(snapshot.join("model.safetensors")).unwrap(),
+        weights
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&blobs)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "part"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // A gated repository: listed to anyone, its files refused, saying what to do.
+    let err = hooks::Model::load("test-org/gated", &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("test-org/gated") && err.contains("HTTP 401") && err.contains("HF_TOKEN"),
+        "{err}"
+    );
+    std::env::set_var("HF_TOKEN", "hf_not_granted");
+    let err = hooks::Model::load("test-org/gated", &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    std::env::remove_var("HF_TOKEN");
+    assert!(
+        err.contains("test-org/gated")
+            && err.contains("HTTP 403")
+            && err.contains("request access"),
         "{err}"
     );
 }

@@ -511,6 +511,7 @@ impl HubRevision {
                         .map_err(|e| Error::io(&path, e))?;
                     return Ok(path);
                 }
+                discard_stale_part(&blob, metadata.size() as u64, name)?;
                 tracing::info!(
                     "fetching {name} from {}@{}",
                     self.name(),
@@ -524,6 +525,35 @@ impl HubRevision {
             })
             .collect()
     }
+}
+
+/// Deletes hf-hub's partial download of `blob` (`<blob>.part`) when it cannot be resumed, being
+/// as long as the file (`size` bytes) or longer: a run stopped between the download and its
+/// rename, or a file replaced since. hf-hub would ask the hub for the bytes after its end
+/// (HTTP 416) or refuse it as corrupted. A part that another process is writing (it holds
+/// `<blob>.lock`) is left alone.
+fn discard_stale_part(blob: &Path, size: u64, name: &str) -> Result<()> {
+    let (mut part, mut lock) = (blob.to_path_buf(), blob.to_path_buf());
+    part.set_extension("part");
+    lock.set_extension("lock");
+    if !std::fs::metadata(&part).is_ok_and(|p| p.len() >= size) {
+        return Ok(());
+    }
+    #[cfg(unix)]
+    let _held = {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::create(&lock).map_err(|e| Error::io(&lock, e))?;
+        // SAFETY: flock on a file descriptor this function owns; released when it closes.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Ok(());
+        }
+        file
+    };
+    tracing::warn!(
+        "discarding {}, a partial download of {name} that cannot be resumed (an interrupted run)",
+        part.display()
+    );
+    std::fs::remove_file(&part).map_err(|e| Error::io(&part, e))
 }
 
 /// Points `path`, the snapshot's entry for the repository file `name`, at `blob` as hf-hub

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 mod common;
@@ -29,6 +30,8 @@ struct HubRepo {
     moves_after_listing: Option<String>,
     /// Listed to anyone, its files only to a token granted access (none is, here).
     gated: bool,
+    /// Answers the first request that resumes a download (a range past byte 0) with 503.
+    fail_first_resume: AtomicBool,
 }
 
 impl HubRepo {
@@ -42,6 +45,7 @@ impl HubRepo {
             files: BTreeMap::new(),
             moves_after_listing: None,
             gated: false,
+            fail_first_resume: AtomicBool::new(false),
         };
         repo.add_folder("", folder);
         repo
@@ -67,6 +71,8 @@ struct MockHub {
     endpoint: String,
     repos: Arc<Mutex<Vec<HubRepo>>>,
     requests: Arc<Mutex<Vec<String>>>,
+    /// `path bytes=range` of every request that asked for a range.
+    ranges: Arc<Mutex<Vec<String>>>,
 }
 
 impl MockHub {
@@ -75,16 +81,22 @@ impl MockHub {
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let repos = Arc::new(Mutex::new(repos));
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let (held, seen) = (Arc::clone(&repos), Arc::clone(&requests));
+        let ranges = Arc::new(Mutex::new(Vec::new()));
+        let (held, seen, ranged) = (
+            Arc::clone(&repos),
+            Arc::clone(&requests),
+            Arc::clone(&ranges),
+        );
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                answer(stream, &mut held.lock().unwrap(), &seen);
+                answer(stream, &mut held.lock().unwrap(), &seen, &ranged);
             }
         });
         MockHub {
             endpoint,
             repos,
             requests,
+            ranges,
         }
     }
 
@@ -102,7 +114,12 @@ fn fnv(bytes: &[u8]) -> u64 {
 }
 
 /// Answers one request and closes the connection.
-fn answer(mut stream: TcpStream, repos: &mut [HubRepo], seen: &Mutex<Vec<String>>) {
+fn answer(
+    mut stream: TcpStream,
+    repos: &mut [HubRepo],
+    seen: &Mutex<Vec<String>>,
+    ranges: &Mutex<Vec<String>>,
+) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut request_line = String::new();
     if reader.read_line(&mut request_line).is_err() {
@@ -127,6 +144,9 @@ fn answer(mut stream: TcpStream, repos: &mut [HubRepo], seen: &Mutex<Vec<String>
     let mut parts = request_line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     seen.lock().unwrap().push(format!("{method} {path}"));
+    if let Some(range) = &range {
+        ranges.lock().unwrap().push(format!("{path} bytes={range}"));
+    }
     let respond =
         |stream: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]| {
             let mut head = format!(
@@ -250,6 +270,9 @@ fn answer(mut stream: TcpStream, repos: &mut [HubRepo], seen: &Mutex<Vec<String>
             &unsatisfiable,
             b"",
         );
+    }
+    if start > 0 && repo.fail_first_resume.swap(false, Ordering::SeqCst) {
+        return respond(&mut stream, "503 Service Unavailable", &[], b"");
     }
     let end = end.min(size - 1);
     let content_range = ("Content-Range", format!("bytes {start}-{end}/{size}"));
@@ -522,10 +545,12 @@ fn partial_downloads_resume_or_are_discarded_and_gated_repositories_say_so() {
     let resumed = HubRepo::model_folder("test-org/resumed", "main", &folder);
     let mut gated = HubRepo::model_folder("test-org/gated", "main", &folder);
     gated.gated = true;
+    let flaky = HubRepo::model_folder("test-org/flaky", "main", &folder);
+    flaky.fail_first_resume.store(true, Ordering::SeqCst);
     // What interrupted runs leave in the cache's blobs folder, as hf-hub names it
     // (`<etag>.part`): a weight file as long as the file but never renamed (its bytes
     // wrong: kept, it became the cached weights), a config longer than the file (hf-hub
-    // refused it as corrupted), and the first half of the tokenizer, which comes out whole.
+    // refused it as corrupted), and the first half of the tokenizer, to be resumed.
     let blobs = tmp
         .path()
         .join("hf-home/hub/models--test-org--resumed/blobs");
@@ -542,7 +567,17 @@ fn partial_downloads_resume_or_are_discarded_and_gated_repositories_say_so() {
     );
     let tokenizer = resumed.files["tokenizer.json"].clone();
     part("tokenizer.json", tokenizer[..tokenizer.len() / 2].to_vec());
-    let hub = MockHub::serve(vec![resumed, gated]);
+    // A resumption that fails: hf-hub retries it from the first byte, appending.
+    let flaky_blobs = tmp.path().join("hf-home/hub/models--test-org--flaky/blobs");
+    std::fs::create_dir_all(&flaky_blobs).unwrap();
+    let config = flaky.files["config.json"].clone();
+    let etag = format!("{:016x}", fnv(&config));
+    std::fs::write(
+        flaky_blobs.join(format!("{etag}.part")),
+        &config[..config.len() / 2],
+    )
+    .unwrap();
+    let hub = MockHub::serve(vec![resumed, gated, flaky]);
     use_hub(&hub, &tmp.path().join("hf-home"));
 
     let downloaded = hooks::Model::load("test-org/resumed", &Default::default()).unwrap();
@@ -559,12 +594,36 @@ fn partial_downloads_resume_or_are_discarded_and_gated_repositories_say_so() {
         std::fs::read(snapshot.join("model.safetensors")).unwrap(),
         weights
     );
+    // The half-downloaded tokenizer was resumed, not fetched again.
+    let resumed_from = format!(
+        "/test-org/resumed/resolve/main/tokenizer.json bytes={}-",
+        tokenizer.len() / 2
+    );
+    let ranges = hub.ranges.lock().unwrap().clone();
+    assert!(
+        ranges.contains(&resumed_from),
+        "{resumed_from} not in {ranges:?}"
+    );
     let leftovers: Vec<_> = std::fs::read_dir(&blobs)
         .unwrap()
         .flatten()
         .filter(|e| e.path().extension().is_some_and(|x| x == "part"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // The too-long download is not kept; the next run fetches the file whole.
+    let err = hooks::Model::load("test-org/flaky", &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("config.json: the download came out")
+            && err.contains(&format!("where the hub lists {}", config.len()))
+            && err.contains("run again"),
+        "{err}"
+    );
+    let again = hooks::Model::load("test-org/flaky", &Default::default()).unwrap();
+    assert_eq!(logits(&again), logits(&local));
 
     // A gated repository: listed to anyone, its files refused, saying what to do.
     let err = hooks::Model::load("test-org/gated", &Default::default())

@@ -521,6 +521,20 @@ impl HubRevision {
                 if fetched != path {
                     return Err(moved(name));
                 }
+                // hf-hub retries a failed resumption from the first byte while appending, so
+                // a download can come out longer than the file; such a file is not kept.
+                let got = std::fs::metadata(&path)
+                    .map_err(|e| Error::io(&path, e))?
+                    .len();
+                if got != metadata.size() as u64 {
+                    let _ = std::fs::remove_file(&path);
+                    let _ = std::fs::remove_file(&blob);
+                    return Err(self.not_cached(Some(format!(
+                        "{name}: the download came out {got} bytes where the hub lists {}; it \
+                         was removed from the cache: run again",
+                        metadata.size()
+                    ))));
+                }
                 Ok(path)
             })
             .collect()
@@ -529,31 +543,39 @@ impl HubRevision {
 
 /// Deletes hf-hub's partial download of `blob` (`<blob>.part`) when it cannot be resumed, being
 /// as long as the file (`size` bytes) or longer: a run stopped between the download and its
-/// rename, or a file replaced since. hf-hub would ask the hub for the bytes after its end
-/// (HTTP 416) or refuse it as corrupted. A part that another process is writing (it holds
-/// `<blob>.lock`) is left alone.
+/// rename. hf-hub would ask the hub for the bytes after its end (HTTP 416) or refuse it as
+/// corrupted. A part that another process is writing (it holds `<blob>.lock`, as hf-hub does
+/// while downloading) is left alone; so is any part where there are no such locks (not Unix).
 fn discard_stale_part(blob: &Path, size: u64, name: &str) -> Result<()> {
     let (mut part, mut lock) = (blob.to_path_buf(), blob.to_path_buf());
     part.set_extension("part");
     lock.set_extension("lock");
-    if !std::fs::metadata(&part).is_ok_and(|p| p.len() >= size) {
+    let stale = || std::fs::metadata(&part).is_ok_and(|p| p.len() >= size);
+    if !stale() {
         return Ok(());
     }
+    #[cfg(not(unix))]
+    return Ok(());
     #[cfg(unix)]
-    let _held = {
+    {
         use std::os::fd::AsRawFd;
-        let file = std::fs::File::create(&lock).map_err(|e| Error::io(&lock, e))?;
+        let held = std::fs::File::create(&lock).map_err(|e| Error::io(&lock, e))?;
         // SAFETY: flock on a file descriptor this function owns; released when it closes.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let locked = unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        // Another process may have finished with the part between the two looks.
+        if !locked || !stale() {
             return Ok(());
         }
-        file
-    };
-    tracing::warn!(
-        "discarding {}, a partial download of {name} that cannot be resumed (an interrupted run)",
-        part.display()
-    );
-    std::fs::remove_file(&part).map_err(|e| Error::io(&part, e))
+        tracing::warn!(
+            "discarding {}, a partial download of {name} that cannot be resumed (an interrupted \
+             run)",
+            part.display()
+        );
+        match std::fs::remove_file(&part) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&part, e)),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Points `path`, the snapshot's entry for the repository file `name`, at `blob` as hf-hub

@@ -542,6 +542,10 @@ mod tests {
             // block and in the last one.
             (70, 2 * (Kernel::Amx.block_pairs() + 53) + 1, 200),
             (64, 2 * Kernel::Amx.block_pairs(), 128),
+            // Whole tiles whose only cache block ends past the last 16 pairs: the vector
+            // kernel adds the rest onto what the tiles summed.
+            (64, 201, 128),
+            (33, 75, 130),
         ] {
             let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-2.0..2.0)).collect();

@@ -30,9 +30,15 @@ pub(super) fn available() -> bool {
             return false;
         }
         // CPUID leaf 7: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE.
-        let features = std::arch::x86_64::__cpuid_count(7, 0).edx;
+        // SAFETY: CPUID leaf 7 exists on every x86-64 CPU (an `unsafe` call before Rust 1.87).
+        #[allow(unused_unsafe)]
+        let features = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
         let has_amx = features & (1 << 22) != 0 && features & (1 << 24) != 0;
-        has_amx && request_tile_data()
+        if has_amx && !request_tile_data() {
+            tracing::warn!("Linux refused this process the AMX tiles: bf16 products use AVX-512");
+            return false;
+        }
+        has_amx
     })
 }
 
@@ -121,7 +127,10 @@ pub(super) unsafe fn block(
     ldc: usize,
     accumulate: bool,
 ) {
-    debug_assert!(pairs.is_multiple_of(PAIRS));
+    assert!(
+        pairs.is_multiple_of(PAIRS),
+        "AMX blocks take whole tiles of pairs"
+    );
     let (lhs_stride, panel_stride, dst_stride) = (2 * lda, 4 * PANEL, 4 * ldc);
     for half in 0..2 {
         let col0 = half * 32;

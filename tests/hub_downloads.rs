@@ -647,3 +647,43 @@ fn partial_downloads_resume_or_are_discarded_and_gated_repositories_say_so() {
         "{err}"
     );
 }
+
+#[cfg(unix)]
+#[test]
+fn a_partial_download_another_process_holds_is_left_alone() {
+    use std::os::fd::AsRawFd;
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = common::model_folder(tmp.path(), 32, 64);
+    let repo = HubRepo::model_folder("test-org/locked", "main", &folder);
+    // A full-length part of the config, and its lock held as hf-hub holds it while it
+    // downloads (here by this test, standing for another process).
+    let blobs = tmp
+        .path()
+        .join("hf-home/hub/models--test-org--locked/blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let etag = format!("{:016x}", fnv(&repo.files["config.json"]));
+    let part = blobs.join(format!("{etag}.part"));
+    std::fs::write(&part, vec![b' '; repo.files["config.json"].len()]).unwrap();
+    let lock = std::fs::File::create(blobs.join(format!("{etag}.lock"))).unwrap();
+    // SAFETY: flock on a file this test owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let hub = MockHub::serve(vec![repo]);
+    use_hub(&hub, &tmp.path().join("hf-home"));
+
+    let err = hooks::Model::load("test-org/locked", &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("config.json: another process is downloading this file")
+            && err.contains(&format!("{etag}.lock")),
+        "{err}"
+    );
+    assert!(part.exists(), "the part another process holds was deleted");
+
+    drop(lock);
+    let local = hooks::Model::load(folder.to_str().unwrap(), &Default::default()).unwrap();
+    let downloaded = hooks::Model::load("test-org/locked", &Default::default()).unwrap();
+    assert_eq!(logits(&downloaded), logits(&local));
+}

@@ -344,6 +344,13 @@ fn hub_failure(error: &ApiError, missing: &str) -> String {
     let request = match error {
         ApiError::TooManyRetries(inner) => return hub_failure(inner, missing),
         ApiError::RequestError(request) => request,
+        ApiError::LockAcquisition(lock) => {
+            return format!(
+                "another process is downloading this file (it holds {}); run again when it \
+                 is done, or delete that lock file if no download is running",
+                lock.display()
+            )
+        }
         other => return other.to_string(),
     };
     match request.as_ref() {

@@ -242,24 +242,51 @@ pub fn gemm(
                         // SAFETY: the tile (rows row0.., columns col0..col0 + width) lies
                         // inside `c` (checked above) and belongs to this task alone.
                         unsafe {
-                            let dst = out.at(row0 * ldc + col0);
-                            tile_kernel(
-                                &tiles,
+                            let tile = Tile {
                                 rows,
                                 lhs,
                                 lda,
                                 packed,
                                 pairs,
-                                dst,
+                                dst: out.at(row0 * ldc + col0),
                                 ldc,
                                 width,
-                                p0 > 0,
-                            );
+                                accumulate: p0 > 0,
+                            };
+                            tile_kernel(&tiles, tile);
                         }
                     }
                 }
             }
         });
+}
+
+/// One output tile for the inner kernels: `rows` x `width` sums over `pairs` pairs of the
+/// reduction axis, of `lhs` (rows `lda` values apart) and `packed` (a panel's pairs), into
+/// `dst` (rows `ldc` floats apart), added to what is there when `accumulate`.
+#[derive(Clone, Copy)]
+struct Tile<'a> {
+    rows: usize,
+    lhs: &'a [u16],
+    lda: usize,
+    packed: &'a [u32],
+    pairs: usize,
+    dst: *mut f32,
+    ldc: usize,
+    width: usize,
+    accumulate: bool,
+}
+
+impl Tile<'_> {
+    /// Panics unless the tile has 1 to `max_rows` rows and 1 to [`PANEL`] columns and its
+    /// operands hold what it reads.
+    fn check(&self, max_rows: usize) {
+        assert!((1..=max_rows).contains(&self.rows) && (1..=PANEL).contains(&self.width));
+        assert!(
+            self.lhs.len() >= (self.rows - 1) * self.lda + 2 * self.pairs
+                && self.packed.len() >= self.pairs * PANEL
+        );
+    }
 }
 
 /// A [`gemm`] task's kernel, with this thread's AMX tiles configured when it uses them.
@@ -281,33 +308,19 @@ impl ThreadTiles {
     }
 }
 
-/// One output tile of `rows` (≤ the kernel's rows) x `width` (≤ [`PANEL`]) over `pairs`
-/// pairs of the reduction axis; adds to the tile when `accumulate`, else overwrites it. With
-/// AMX, a whole tile's pairs in multiples of 16 go through the tiles and the rest (the
-/// remaining pairs, a narrower or shorter tile) through AVX-512 BF16.
+/// One output tile of `rows` (≤ the kernel's rows) x `width` (≤ [`PANEL`]). With AMX, a
+/// whole tile's pairs in multiples of 16 go through the tiles and the rest (the remaining
+/// pairs, a narrower or shorter tile) through AVX-512 BF16.
 ///
 /// # Safety
 /// `rows` rows of `width` floats at `dst`, `dst + ldc`, ... must be valid for writes and
 /// not accessed by anyone else during the call.
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_kernel(
-    tiles: &ThreadTiles,
-    rows: usize,
-    lhs: &[u16],
-    lda: usize,
-    packed: &[u32],
-    pairs: usize,
-    dst: *mut f32,
-    ldc: usize,
-    width: usize,
-    accumulate: bool,
-) {
-    assert!((1..=tiles.kernel.rows()).contains(&rows) && (1..=PANEL).contains(&width));
-    assert!(lhs.len() >= (rows - 1) * lda + 2 * pairs && packed.len() >= pairs * PANEL);
+unsafe fn tile_kernel(tiles: &ThreadTiles, tile: Tile) {
+    tile.check(tiles.kernel.rows());
     #[cfg(target_arch = "x86_64")]
     if let Some(amx_tiles) = &tiles.amx {
-        let whole = if rows == amx::ROWS && width == PANEL {
-            pairs - pairs % amx::PAIRS
+        let whole = if tile.rows == amx::ROWS && tile.width == PANEL {
+            tile.pairs - tile.pairs % amx::PAIRS
         } else {
             0
         };
@@ -316,47 +329,34 @@ unsafe fn tile_kernel(
             // above; the tile is the caller's, a whole panel wide.
             amx::block(
                 amx_tiles,
-                lhs.as_ptr(),
-                lda,
-                packed.as_ptr(),
+                tile.lhs.as_ptr(),
+                tile.lda,
+                tile.packed.as_ptr(),
                 whole,
-                dst,
-                ldc,
-                accumulate,
+                tile.dst,
+                tile.ldc,
+                tile.accumulate,
             );
         }
-        if whole < pairs {
-            for row0 in (0..rows).step_by(ROWS) {
+        if whole < tile.pairs {
+            for row0 in (0..tile.rows).step_by(ROWS) {
                 // SAFETY: rows `row0..` of the tile, the pairs after `whole`; in bounds as
                 // checked above. AMX CPUs have AVX-512 BF16 (`Kernel::runs_here`).
-                vector_tile(
-                    Kernel::Avx512Bf16,
-                    ROWS.min(rows - row0),
-                    &lhs[row0 * lda + 2 * whole..],
-                    lda,
-                    &packed[whole * PANEL..],
-                    pairs - whole,
-                    dst.add(row0 * ldc),
-                    ldc,
-                    width,
-                    accumulate || whole > 0,
-                );
+                let rest = Tile {
+                    rows: ROWS.min(tile.rows - row0),
+                    lhs: &tile.lhs[row0 * tile.lda + 2 * whole..],
+                    packed: &tile.packed[whole * PANEL..],
+                    pairs: tile.pairs - whole,
+                    dst: tile.dst.add(row0 * tile.ldc),
+                    accumulate: tile.accumulate || whole > 0,
+                    ..tile
+                };
+                vector_tile(Kernel::Avx512Bf16, rest);
             }
         }
         return;
     }
-    vector_tile(
-        tiles.kernel,
-        rows,
-        lhs,
-        lda,
-        packed,
-        pairs,
-        dst,
-        ldc,
-        width,
-        accumulate,
-    )
+    vector_tile(tiles.kernel, tile)
 }
 
 /// [`tile_kernel`] for at most [`ROWS`] rows through vector registers: AVX-512 BF16, or the
@@ -364,30 +364,17 @@ unsafe fn tile_kernel(
 ///
 /// # Safety
 /// As [`tile_kernel`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn vector_tile(
-    kernel: Kernel,
-    rows: usize,
-    lhs: &[u16],
-    lda: usize,
-    packed: &[u32],
-    pairs: usize,
-    dst: *mut f32,
-    ldc: usize,
-    width: usize,
-    accumulate: bool,
-) {
-    assert!((1..=ROWS).contains(&rows) && (1..=PANEL).contains(&width));
-    assert!(lhs.len() >= (rows - 1) * lda + 2 * pairs && packed.len() >= pairs * PANEL);
+unsafe fn vector_tile(kernel: Kernel, tile: Tile) {
+    tile.check(ROWS);
     macro_rules! dispatch {
         ($f:ident) => {
-            match rows {
-                1 => $f::<1>(lhs, lda, packed, pairs, dst, ldc, width, accumulate),
-                2 => $f::<2>(lhs, lda, packed, pairs, dst, ldc, width, accumulate),
-                3 => $f::<3>(lhs, lda, packed, pairs, dst, ldc, width, accumulate),
-                4 => $f::<4>(lhs, lda, packed, pairs, dst, ldc, width, accumulate),
-                5 => $f::<5>(lhs, lda, packed, pairs, dst, ldc, width, accumulate),
-                _ => $f::<6>(lhs, lda, packed, pairs, dst, ldc, width, accumulate),
+            match tile.rows {
+                1 => $f::<1>(tile),
+                2 => $f::<2>(tile),
+                3 => $f::<3>(tile),
+                4 => $f::<4>(tile),
+                5 => $f::<5>(tile),
+                _ => $f::<6>(tile),
             }
         };
     }
@@ -401,26 +388,17 @@ unsafe fn vector_tile(
     }
 }
 
-/// [`tile_kernel`] in plain Rust.
+/// [`tile_kernel`] in plain Rust, for `R` rows.
 ///
 /// # Safety
 /// As [`tile_kernel`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_portable<const R: usize>(
-    lhs: &[u16],
-    lda: usize,
-    packed: &[u32],
-    pairs: usize,
-    dst: *mut f32,
-    ldc: usize,
-    width: usize,
-    accumulate: bool,
-) {
+unsafe fn tile_portable<const R: usize>(tile: Tile) {
     let mut acc = [[0f32; PANEL]; R];
-    for (pair, lanes) in packed.chunks_exact(PANEL).take(pairs).enumerate() {
+    let lanes_by_pair = tile.packed.chunks_exact(PANEL).take(tile.pairs);
+    for (pair, lanes) in lanes_by_pair.enumerate() {
         for (r, acc_row) in acc.iter_mut().enumerate() {
-            let a0 = bf16_value(lhs[r * lda + 2 * pair]);
-            let a1 = bf16_value(lhs[r * lda + 2 * pair + 1]);
+            let at = r * tile.lda + 2 * pair;
+            let (a0, a1) = (bf16_value(tile.lhs[at]), bf16_value(tile.lhs[at + 1]));
             for (sum, &b) in acc_row.iter_mut().zip(lanes) {
                 *sum += a0 * bf16_value(b as u16);
                 *sum += a1 * bf16_value((b >> 16) as u16);
@@ -429,9 +407,9 @@ unsafe fn tile_portable<const R: usize>(
     }
     for (r, acc_row) in acc.iter().enumerate() {
         // SAFETY: the caller guarantees the tile lies inside the output and is ours.
-        let out = std::slice::from_raw_parts_mut(dst.add(r * ldc), width);
+        let out = std::slice::from_raw_parts_mut(tile.dst.add(r * tile.ldc), tile.width);
         for (o, &s) in out.iter_mut().zip(acc_row) {
-            *o = if accumulate { *o + s } else { s };
+            *o = if tile.accumulate { *o + s } else { s };
         }
     }
 }
@@ -444,17 +422,18 @@ unsafe fn tile_portable<const R: usize>(
 /// in bounds as [`tile_kernel`] checks.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_avx512<const R: usize>(
-    lhs: &[u16],
-    lda: usize,
-    packed: &[u32],
-    pairs: usize,
-    dst: *mut f32,
-    ldc: usize,
-    width: usize,
-    accumulate: bool,
-) {
+unsafe fn tile_avx512<const R: usize>(tile: Tile) {
+    let Tile {
+        lhs,
+        lda,
+        packed,
+        pairs,
+        dst,
+        ldc,
+        width,
+        accumulate,
+        ..
+    } = tile;
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); VECTORS]; R];
     let a = lhs.as_ptr();

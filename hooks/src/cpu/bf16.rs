@@ -297,13 +297,14 @@ struct ThreadTiles {
 }
 
 impl ThreadTiles {
-    /// Tiles for `kernel`, which must run on this CPU ([`Kernel::runs_here`]).
+    /// Tiles for `kernel` (none unless it is AMX and runs on this CPU).
     fn new(kernel: Kernel) -> Self {
         ThreadTiles {
             kernel,
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `gemm` checked that the kernel runs here, so AMX is available.
-            amx: (kernel == Kernel::Amx).then(|| unsafe { amx::Tiles::configure() }),
+            // SAFETY: AMX is available where `Kernel::Amx` runs.
+            amx: (kernel == Kernel::Amx && kernel.runs_here())
+                .then(|| unsafe { amx::Tiles::configure() }),
         }
     }
 }

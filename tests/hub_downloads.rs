@@ -307,6 +307,14 @@ fn use_hub(hub: &MockHub, home: &Path) {
     std::env::remove_var("HF_TOKEN");
 }
 
+/// The message of the error loading `id` gives (panics if it loads).
+fn load_error(id: &str, options: &hooks::LoadOptions) -> String {
+    match hooks::Model::load(id, options) {
+        Ok(_) => panic!("{id} loaded, where an error was expected"),
+        Err(e) => e.to_string(),
+    }
+}
+
 fn logits(model: &hooks::Model) -> Vec<f32> {
     let ids = hooks::candle_core::Tensor::new(&[[0u32, 5, 17, 100, 2]], model.device()).unwrap();
     let out = model.forward(&ids, &mut hooks::Hooks::new()).unwrap();
@@ -367,10 +375,7 @@ fn a_model_downloads_at_its_revision_and_then_loads_offline() {
         revision: Some("step9".into()),
         ..Default::default()
     };
-    let err = hooks::Model::load("test-org/tiny-neox", &other)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_error("test-org/tiny-neox", &other);
     assert!(
         err.contains("test-org/tiny-neox")
             && err.contains("step9")
@@ -379,10 +384,7 @@ fn a_model_downloads_at_its_revision_and_then_loads_offline() {
             ),
         "{err}"
     );
-    let err = hooks::Model::load("test-org/absent", &Default::default())
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_error("test-org/absent", &Default::default());
     assert!(
         err.contains("test-org/absent")
             && err.contains("HTTP 401")
@@ -393,10 +395,7 @@ fn a_model_downloads_at_its_revision_and_then_loads_offline() {
 
     // No server: said so, with the way to work offline.
     std::env::set_var("HF_ENDPOINT", "http://127.0.0.1:9");
-    let err = hooks::Model::load("test-org/other", &Default::default())
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_error("test-org/other", &Default::default());
     assert!(
         err.contains("http://127.0.0.1:9 could not be reached") && err.contains("HF_HUB_OFFLINE=1"),
         "{err}"
@@ -612,10 +611,7 @@ fn partial_downloads_resume_or_are_discarded_and_gated_repositories_say_so() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 
     // The too-long download is not kept; the next run fetches the file whole.
-    let err = hooks::Model::load("test-org/flaky", &Default::default())
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_error("test-org/flaky", &Default::default());
     assert!(
         err.contains("config.json: the download came out")
             && err.contains(&format!("where the hub lists {}", config.len()))
@@ -626,19 +622,13 @@ fn partial_downloads_resume_or_are_discarded_and_gated_repositories_say_so() {
     assert_eq!(logits(&again), logits(&local));
 
     // A gated repository: listed to anyone, its files refused, saying what to do.
-    let err = hooks::Model::load("test-org/gated", &Default::default())
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_error("test-org/gated", &Default::default());
     assert!(
         err.contains("test-org/gated") && err.contains("HTTP 401") && err.contains("HF_TOKEN"),
         "{err}"
     );
     std::env::set_var("HF_TOKEN", "hf_not_granted");
-    let err = hooks::Model::load("test-org/gated", &Default::default())
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_error("test-org/gated", &Default::default());
     std::env::remove_var("HF_TOKEN");
     assert!(
         err.contains("test-org/gated")
@@ -671,10 +661,7 @@ fn a_partial_download_another_process_holds_is_left_alone() {
     let hub = MockHub::serve(vec![repo]);
     use_hub(&hub, &tmp.path().join("hf-home"));
 
-    let err = hooks::Model::load("test-org/locked", &Default::default())
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_error("test-org/locked", &Default::default());
     assert!(
         err.contains("config.json: another process is downloading this file")
             && err.contains(&format!("{etag}.lock")),

@@ -309,17 +309,17 @@ impl ThreadTiles {
     }
 }
 
-/// One output tile of `rows` (≤ the kernel's rows) x `width` (≤ [`PANEL`]). With AMX, a
-/// whole tile's pairs in multiples of 16 go through the tiles and the rest (the remaining
-/// pairs, a narrower or shorter tile) through AVX-512 BF16.
+/// One output tile of `rows` (≤ the kernel's rows) x `width` (≤ [`PANEL`]), bounds-checked
+/// once by the path it takes. With AMX, a whole tile's pairs in multiples of 16 go through the
+/// tiles and the rest (the remaining pairs, a narrower or shorter tile) through AVX-512 BF16.
 ///
 /// # Safety
 /// `rows` rows of `width` floats at `dst`, `dst + ldc`, ... must be valid for writes and
 /// not accessed by anyone else during the call.
 unsafe fn tile_kernel(tiles: &ThreadTiles, tile: Tile) {
-    tile.check(tiles.kernel.rows());
     #[cfg(target_arch = "x86_64")]
     if let Some(amx_tiles) = &tiles.amx {
+        tile.check(amx::ROWS);
         let whole = if tile.rows == amx::ROWS && tile.width == PANEL {
             tile.pairs - tile.pairs % amx::PAIRS
         } else {

@@ -509,8 +509,8 @@ impl HubRevision {
                     return Err(moved(name));
                 }
                 let blob = cached.blob_path(metadata.etag());
-                let held =
-                    std::fs::metadata(&blob).is_ok_and(|b| b.len() == metadata.size() as u64);
+                let size = metadata.size() as u64;
+                let held = std::fs::metadata(&blob).is_ok_and(|b| b.len() == size);
                 if held {
                     link_blob(&blob, &path, name).map_err(|e| Error::io(&path, e))?;
                     cached
@@ -518,7 +518,7 @@ impl HubRevision {
                         .map_err(|e| Error::io(&path, e))?;
                     return Ok(path);
                 }
-                discard_stale_part(&blob, metadata.size() as u64, name)?;
+                discard_stale_part(&blob, size, name)?;
                 tracing::info!(
                     "fetching {name} from {}@{}",
                     self.name(),
@@ -533,13 +533,12 @@ impl HubRevision {
                 let got = std::fs::metadata(&path)
                     .map_err(|e| Error::io(&path, e))?
                     .len();
-                if got != metadata.size() as u64 {
+                if got != size {
                     let _ = std::fs::remove_file(&path);
                     let _ = std::fs::remove_file(&blob);
                     return Err(self.not_cached(Some(format!(
-                        "{name}: the download came out {got} bytes where the hub lists {}; it \
-                         was removed from the cache: run again",
-                        metadata.size()
+                        "{name}: the download came out {got} bytes where the hub lists {size}; \
+                         it was removed from the cache: run again"
                     ))));
                 }
                 Ok(path)

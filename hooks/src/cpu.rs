@@ -5,6 +5,7 @@
 use std::cell::RefCell;
 
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, InplaceOp2, Layout, Storage, Tensor};
+use rayon::prelude::*;
 
 pub mod bf16;
 
@@ -13,6 +14,11 @@ use crate::{Error, Result};
 /// Whether `t` is a float32 tensor on the CPU, the kind the hand-written kernels read.
 pub fn is_cpu_f32(t: &Tensor) -> bool {
     matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
+}
+
+/// Whether `t` is a bfloat16 tensor on the CPU.
+pub fn is_cpu_bf16(t: &Tensor) -> bool {
+    matches!(t.device(), Device::Cpu) && t.dtype() == DType::BF16
 }
 
 /// Runs `f` on the contiguous f32 data of each tensor when all are f32 on the CPU (making
@@ -25,6 +31,104 @@ pub fn with_f32_slices<R>(
     if !tensors.iter().all(|t| is_cpu_f32(t)) {
         return Ok(None);
     }
+    with_cpu_slices(tensors, f)
+}
+
+/// [`with_f32_slices`] for bfloat16 tensors on the CPU, their data given as bf16 bits.
+pub(crate) fn with_bf16_bits<R>(
+    tensors: &[&Tensor],
+    f: impl FnOnce(&[&[u16]]) -> Result<R>,
+) -> Result<Option<R>> {
+    if !tensors.iter().all(|t| is_cpu_bf16(t)) {
+        return Ok(None);
+    }
+    with_cpu_slices(tensors, |s: &[&[half::bf16]]| {
+        use half::slice::HalfFloatSliceExt;
+        let bits: Vec<&[u16]> = s.iter().map(|s| s.reinterpret_cast()).collect();
+        f(&bits)
+    })
+}
+
+/// `t` (bfloat16 on the CPU) widened to f32, exactly and in parallel; `None` for any other
+/// tensor.
+pub(crate) fn widened_bf16(t: &Tensor) -> Result<Option<Tensor>> {
+    with_bf16_bits(&[t], |s| {
+        let mut wide = vec![0f32; s[0].len()];
+        wide.par_chunks_mut(CONVERSION_CHUNK)
+            .zip(s[0].par_chunks(CONVERSION_CHUNK))
+            .for_each(|(wide, bits)| {
+                with_wide_vectors(
+                    #[inline(always)]
+                    || {
+                        for (w, &b) in wide.iter_mut().zip(bits) {
+                            *w = bf16::bf16_value(b);
+                        }
+                    },
+                )
+            });
+        Ok(Tensor::from_vec(wide, t.shape(), &Device::Cpu)?)
+    })
+}
+
+/// A bfloat16 CPU tensor of `shape` holding `values` rounded to the nearest bf16 (ties to
+/// even), in parallel.
+pub(crate) fn bf16_tensor(values: &[f32], shape: &[usize]) -> Result<Tensor> {
+    bf16_tensor_from(
+        values.len(),
+        shape,
+        #[inline(always)]
+        |range, bits| {
+            for (b, &v) in bits.iter_mut().zip(&values[range]) {
+                *b = bf16::bf16_bits(v);
+            }
+        },
+    )
+}
+
+/// A bfloat16 CPU tensor of `len` values and `shape`, whose bits `fill(range, out)` writes
+/// for the elements in `range`, in parallel chunks. `fill` must be `#[inline(always)]`: it
+/// runs compiled for AVX-512 where the CPU has it.
+pub(crate) fn bf16_tensor_from(
+    len: usize,
+    shape: &[usize],
+    fill: impl Fn(std::ops::Range<usize>, &mut [u16]) + Sync,
+) -> Result<Tensor> {
+    use half::vec::HalfBitsVecExt;
+    // Zeroed u16s come as fresh zero pages, which bf16 zeros (not known to be zero bits)
+    // would not: they would be written once by a memset and then again here.
+    let mut bits = vec![0u16; len];
+    bits.par_chunks_mut(CONVERSION_CHUNK)
+        .enumerate()
+        .for_each(|(chunk, bits)| {
+            let start = chunk * CONVERSION_CHUNK;
+            with_wide_vectors(
+                #[inline(always)]
+                || fill(start..start + bits.len(), bits),
+            )
+        });
+    Ok(Tensor::from_vec(
+        bits.reinterpret_into::<half::bf16>(),
+        shape,
+        &Device::Cpu,
+    )?)
+}
+
+/// `t` (f32 on the CPU) rounded to bfloat16 (see [`bf16_tensor`]).
+pub(crate) fn rounded_to_bf16(t: &Tensor) -> Result<Tensor> {
+    with_f32_slices(&[t], |s| bf16_tensor(s[0], t.dims()))?.ok_or_else(|| {
+        Error::InvalidArgument(format!("expected f32 on the CPU, got {:?}", t.dtype()))
+    })
+}
+
+/// Elements per parallel task of the dtype conversions.
+const CONVERSION_CHUNK: usize = 1 << 14;
+
+/// Runs `f` on the contiguous data of each tensor, whose storage the caller has checked holds
+/// `T` on the CPU; `None` if one turns out not to.
+fn with_cpu_slices<T: candle_core::WithDType, R>(
+    tensors: &[&Tensor],
+    f: impl FnOnce(&[&[T]]) -> Result<R>,
+) -> Result<Option<R>> {
     let contiguous: Vec<Tensor> = tensors
         .iter()
         .map(|t| t.contiguous())
@@ -38,7 +142,7 @@ pub fn with_f32_slices<R>(
         let Some((start, end)) = layout.contiguous_offsets() else {
             return Ok(None);
         };
-        slices.push(&cpu.as_slice::<f32>()?[start..end]);
+        slices.push(&cpu.as_slice::<T>()?[start..end]);
     }
     f(&slices).map(Some)
 }

@@ -25,13 +25,15 @@ const LANES: usize = 16;
 const VECTORS: usize = 4;
 /// Output columns per packed panel (one tile's width).
 const PANEL: usize = LANES * VECTORS;
+/// Output columns per packed panel: where [`gemm_columns`] may start.
+pub const PANEL_WIDTH: usize = PANEL;
 /// Rows per output tile.
 const ROWS: usize = 6;
 /// Pairs of the reduction axis per cache block (vector kernels).
 const BLOCK_PAIRS: usize = 256;
 
 /// Rounds `x` to the nearest bfloat16 (ties to even), as bits; NaN stays NaN.
-#[inline]
+#[inline(always)]
 pub fn bf16_bits(x: f32) -> u16 {
     let bits = x.to_bits();
     if x.is_nan() {
@@ -41,7 +43,7 @@ pub fn bf16_bits(x: f32) -> u16 {
 }
 
 /// The f32 value of bfloat16 bits.
-#[inline]
+#[inline(always)]
 pub fn bf16_value(bits: u16) -> f32 {
     f32::from_bits((bits as u32) << 16)
 }
@@ -196,8 +198,31 @@ pub fn gemm(
     c: &mut [f32],
     ldc: usize,
 ) {
-    let n = b.n;
+    gemm_columns(kernel, a, lda, m, b, 0..b.n, c, ldc);
+}
+
+/// [`gemm`] for the output columns `columns` only, into `c` of that width (row `i` at
+/// `c[i * ldc..i * ldc + columns.len()]`): a wide product in slices whose sums fit a small
+/// buffer, reading `b` once over all of them. `columns` starts at a multiple of [`PANEL_WIDTH`].
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_columns(
+    kernel: Kernel,
+    a: &[u16],
+    lda: usize,
+    m: usize,
+    b: &PackedB,
+    columns: std::ops::Range<usize>,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    let (first, end) = (columns.start, columns.end);
     assert!(kernel.runs_here(), "{kernel:?} does not run on this CPU");
+    assert!(
+        first.is_multiple_of(PANEL) && first <= end && end <= b.n,
+        "gemm columns {first}..{end} of {}",
+        b.n
+    );
+    let n = end - first;
     assert!(lda >= b.lhs_stride() && ldc >= n, "gemm strides");
     assert!(
         m == 0 || (a.len() >= (m - 1) * lda + b.lhs_stride() && c.len() >= (m - 1) * ldc + n),
@@ -212,7 +237,8 @@ pub fn gemm(
         }
         return;
     }
-    let panels = n.div_ceil(PANEL);
+    let first_panel = first / PANEL;
+    let panels = end.div_ceil(PANEL) - first_panel;
     let tile_rows = kernel.rows();
     let tiles = m.div_ceil(tile_rows);
     let threads = rayon::current_num_threads().max(1);
@@ -225,7 +251,8 @@ pub fn gemm(
         .into_par_iter()
         .for_each(|task| {
             let (cg, rg) = (task / row_groups, task % row_groups);
-            let panel_range = cg * panels / column_groups..(cg + 1) * panels / column_groups;
+            let panel_range = first_panel + cg * panels / column_groups
+                ..first_panel + (cg + 1) * panels / column_groups;
             let tile_range = rg * tiles / row_groups..(rg + 1) * tiles / row_groups;
             let tiles = ThreadTiles::new(kernel);
             let block_pairs = kernel.block_pairs();
@@ -233,7 +260,7 @@ pub fn gemm(
                 let pairs = block_pairs.min(b.pairs - p0);
                 for panel in panel_range.clone() {
                     let col0 = panel * PANEL;
-                    let width = PANEL.min(n - col0);
+                    let width = PANEL.min(end - col0);
                     let packed = &b.data[(panel * b.pairs + p0) * PANEL..][..pairs * PANEL];
                     for tile in tile_range.clone() {
                         let row0 = tile * tile_rows;
@@ -248,7 +275,7 @@ pub fn gemm(
                                 lda,
                                 packed,
                                 pairs,
-                                dst: out.at(row0 * ldc + col0),
+                                dst: out.at(row0 * ldc + col0 - first),
                                 ldc,
                                 width,
                                 accumulate: p0 > 0,
@@ -553,6 +580,19 @@ mod tests {
                     }
                     // The padding between rows is left alone.
                     assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|x| x.is_nan()));
+                }
+                // A slice of the columns from the second panel on: the same sums, bit for bit.
+                if n > PANEL {
+                    let width = n - PANEL;
+                    let mut part = vec![f32::NAN; m * width];
+                    gemm_columns(kernel, &a16, lda, m, &packed, PANEL..n, &mut part, width);
+                    for i in 0..m {
+                        let whole = &c[i * ldc + PANEL..i * ldc + n];
+                        assert!(
+                            part[i * width..(i + 1) * width] == *whole,
+                            "{kernel:?} {m}x{k}x{n}: columns {PANEL}.. of row {i}"
+                        );
+                    }
                 }
             }
         }

@@ -2,15 +2,26 @@
 //! machine idle or take extra passes: a linear layer whose product accumulates onto its bias,
 //! causal attention (blocked, skipping the masked half, one head per thread; it can also write
 //! out its attention weights, and re-weigh the values by a replaced pattern) and the erf GELU
-//! (parallel). Each returns `None` when it does not apply (not f32, not on the CPU), and the
-//! caller then uses the generic candle path.
+//! (parallel). Each returns `None` when it does not apply (not f32 or bf16, not on the CPU),
+//! and the caller then uses the generic candle path.
+//!
+//! A bf16 model on the CPU runs the same kernels in f32, its values rounded to bf16 between
+//! steps ([`through_f32`]), as PyTorch's CPU kernels do, and its linear layers through the
+//! bf16 product ([`linear_bf16`]): candle's own bf16 CPU ops convert element by element and
+//! made a bf16 forward pass several times slower than an f32 one.
+
+use std::cell::Cell;
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::layers::HeadColumns;
-use crate::cpu::{product_with_transposed, with_f32_slices, with_wide_vectors, SharedOut};
-use crate::Result;
+use crate::cpu::bf16::{self, Kernel, PackedB};
+use crate::cpu::{
+    bf16_tensor_from, is_cpu_bf16, product_with_transposed, rounded_to_bf16, widened_bf16,
+    with_bf16_bits, with_f32_slices, with_wide_vectors, SharedOut,
+};
+use crate::{Error, Result};
 
 /// Query rows processed together: the score block (`BLOCK x seq`) stays in cache.
 const BLOCK: usize = 64;
@@ -18,7 +29,12 @@ const BLOCK: usize = 64;
 /// Causal softmax attention in f32. `q: [b, heads, t, d]`, `k`/`v`: `[b, kv_heads, t, d]`;
 /// returns `[b, t, heads * d]`. Scores are scaled by `1/sqrt(d)`.
 pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
-    Ok(blocked_attention(q, k, v, false)?.map(|(out, _)| out))
+    if let Some(out) = through_f32(&[q, k, v], |s| {
+        Ok(blocked_attention(s[0], s[1], s[2], false, true)?.map(|(out, _)| vec![out]))
+    })? {
+        return Ok(out.into_iter().next());
+    }
+    Ok(blocked_attention(q, k, v, false, false)?.map(|(out, _)| out))
 }
 
 /// [`causal_attention`] that also returns the attention weights it used, `[b, heads, t, t]`
@@ -29,15 +45,26 @@ pub(crate) fn causal_attention_with_pattern(
     k: &Tensor,
     v: &Tensor,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    Ok(blocked_attention(q, k, v, true)?
+    if let Some(both) = through_f32(&[q, k, v], |s| {
+        Ok(blocked_attention(s[0], s[1], s[2], true, true)?
+            .map(|(out, pattern)| vec![out, pattern.expect("kept on request")]))
+    })? {
+        let [out, pattern] = <[Tensor; 2]>::try_from(both).expect("two outputs");
+        return Ok(Some((out, pattern)));
+    }
+    Ok(blocked_attention(q, k, v, true, false)?
         .map(|(out, pattern)| (out, pattern.expect("kept on request"))))
 }
 
+/// Causal attention over f32 `q`, `k`, `v`, with its weights when `keep_pattern`. With
+/// `bf16_weights` the weights are rounded to bf16 before they weigh the values, as a bf16
+/// model's pattern is: re-weighing by that pattern then gives the same output.
 fn blocked_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     keep_pattern: bool,
+    bf16_weights: bool,
 ) -> Result<Option<(Tensor, Option<Tensor>)>> {
     let (b, heads, t, d) = q.dims4()?;
     let kv_heads = k.dim(1)?;
@@ -89,6 +116,11 @@ fn blocked_attention(
                             let row = &mut scores[i * n..(i + 1) * n];
                             let visible = r0 + i + 1;
                             softmax_in_place(&mut row[..visible]);
+                            if bf16_weights {
+                                for x in &mut row[..visible] {
+                                    *x = bf16::bf16_value(bf16::bf16_bits(*x));
+                                }
+                            }
                             row[visible..].iter_mut().for_each(|x| *x = 0.0);
                             if keep_pattern {
                                 // SAFETY: row r0 + i of head bh, written by this task only.
@@ -127,6 +159,11 @@ fn blocked_attention(
 /// of [`causal_attention`], over the visible keys only where the weights past them are zero,
 /// so the kernel's own pattern gives its output bit for bit.
 pub(crate) fn weighted_values(pattern: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
+    if let Some(out) = through_f32(&[pattern, v], |s| {
+        Ok(weighted_values(s[0], s[1])?.map(|out| vec![out]))
+    })? {
+        return Ok(out.into_iter().next());
+    }
     let (b, heads, t, keys) = pattern.dims4()?;
     let (vb, kv_heads, vt, d) = v.dims4()?;
     if keys != t || vt != t || vb != b || kv_heads == 0 || heads % kv_heads != 0 {
@@ -209,6 +246,11 @@ pub(crate) fn heads(
     rotary_dims: usize,
     (cos, sin): (&Tensor, &Tensor),
 ) -> Result<Option<Tensor>> {
+    if let Some(out) = through_f32(&[x, cos, sin], |s| {
+        Ok(heads(s[0], columns, rotary_dims, (s[1], s[2]))?.map(|out| vec![out]))
+    })? {
+        return Ok(out.into_iter().next());
+    }
     let (b, t, width) = x.dims3()?;
     let HeadColumns {
         heads,
@@ -278,9 +320,168 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Optio
     })
 }
 
+/// Floats of f32 sums [`linear_bf16`] holds at once per calling thread (16 MiB).
+const SUMS_BUFFER: usize = 1 << 22;
+
+thread_local! {
+    /// [`linear_bf16`]'s buffer of sums, kept between calls so that a pass does not fault in
+    /// fresh pages for every product.
+    static SUMS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// `x W^T + b` for bf16 `x: [rows, in]` on the CPU, with `W` packed as `[in, out]`
+/// ([`PackedB`]) and the bias in f32: bf16 inputs, f32 sums with the bias added, each output
+/// rounded once to bf16, as PyTorch's bf16 linear layers on a CPU. Wide outputs are made in
+/// slices of columns whose sums fit a fixed buffer; `W` is read once over them.
+pub(crate) fn linear_bf16(
+    kernel: Kernel,
+    x: &Tensor,
+    weight: &PackedB,
+    bias: Option<&[f32]>,
+) -> Result<Tensor> {
+    linear_bf16_in_slices(kernel, x, weight, bias, SUMS_BUFFER)
+}
+
+/// [`linear_bf16`] with sums of at most about `buffer` floats at once.
+fn linear_bf16_in_slices(
+    kernel: Kernel,
+    x: &Tensor,
+    weight: &PackedB,
+    bias: Option<&[f32]>,
+    buffer: usize,
+) -> Result<Tensor> {
+    let (rows, inner) = x.dims2()?;
+    let outer = weight.n();
+    if inner != weight.k() || bias.is_some_and(|b| b.len() != outer) {
+        return Err(Error::InvalidArgument(format!(
+            "a linear layer of {} inputs and {outer} outputs was given rows of {inner}",
+            weight.k()
+        )));
+    }
+    with_bf16_bits(&[x], |s| {
+        let stride = weight.lhs_stride();
+        let padded: Vec<u16>;
+        let lhs = if stride == inner {
+            s[0]
+        } else {
+            // An odd width: each row gets the zero pad value the packed pairs expect.
+            padded = s[0]
+                .chunks(inner.max(1))
+                .flat_map(|row| row.iter().copied().chain([0]))
+                .collect();
+            &padded
+        };
+        // u16 zeros come as fresh zero pages (bf16 zeros would be written by a memset).
+        let mut out = vec![0u16; rows * outer];
+        let tensor = |out: Vec<u16>| {
+            use half::vec::HalfBitsVecExt;
+            let out = out.reinterpret_into::<half::bf16>();
+            Ok(Tensor::from_vec(out, (rows, outer), &Device::Cpu)?)
+        };
+        if rows == 0 || outer == 0 {
+            return tensor(out);
+        }
+        let width = outer.min((buffer / rows / bf16::PANEL_WIDTH).max(1) * bf16::PANEL_WIDTH);
+        // Taken out of the thread's slot, not borrowed: a nested call (rayon may run another
+        // pass's product on this thread while it waits) then gets a buffer of its own.
+        let mut sums = SUMS.take();
+        sums.resize(rows * width, 0.0);
+        for first in (0..outer).step_by(width) {
+            let columns = first..(first + width).min(outer);
+            let n = columns.len();
+            bf16::gemm_columns(kernel, lhs, stride, rows, weight, columns, &mut sums, n);
+            out.par_chunks_mut(outer)
+                .zip(sums.par_chunks(n))
+                .for_each(|(out, sums)| {
+                    let out = &mut out[first..first + n];
+                    with_wide_vectors(
+                        #[inline(always)]
+                        || match bias {
+                            Some(bias) => {
+                                for ((o, &s), &b) in out.iter_mut().zip(sums).zip(&bias[first..]) {
+                                    *o = bf16::bf16_bits(s + b);
+                                }
+                            }
+                            None => {
+                                for (o, &s) in out.iter_mut().zip(sums) {
+                                    *o = bf16::bf16_bits(s);
+                                }
+                            }
+                        },
+                    )
+                });
+        }
+        SUMS.set(sums);
+        tensor(out)
+    })?
+    .ok_or_else(|| Error::InvalidArgument(format!("expected bf16 on the CPU, got {:?}", x.dtype())))
+}
+
+/// `a + b` for bf16 tensors of one shape on the CPU, summed in f32 and rounded once (as
+/// candle's generic add, which converts element by element without vector instructions).
+pub(crate) fn add_bf16(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    if a.shape() != b.shape() {
+        return Ok(None);
+    }
+    with_bf16_bits(&[a, b], |s| {
+        let (x, y) = (s[0], s[1]);
+        bf16_tensor_from(
+            x.len(),
+            a.dims(),
+            #[inline(always)]
+            |range, out| {
+                for ((o, &x), &y) in out.iter_mut().zip(&x[range.clone()]).zip(&y[range]) {
+                    *o = bf16::bf16_bits(bf16::bf16_value(x) + bf16::bf16_value(y));
+                }
+            },
+        )
+    })
+}
+
+/// Runs `kernel`, one of this module's f32 kernels, on bf16 CPU tensors: each input widened
+/// to f32 and each output rounded back to bf16. `None` unless every input is bf16 on the CPU,
+/// or when the kernel does not apply.
+pub(crate) fn through_f32(
+    inputs: &[&Tensor],
+    kernel: impl FnOnce(&[&Tensor]) -> Result<Option<Vec<Tensor>>>,
+) -> Result<Option<Vec<Tensor>>> {
+    if !inputs.iter().all(|t| is_cpu_bf16(t)) {
+        return Ok(None);
+    }
+    let wide = inputs
+        .iter()
+        .map(|t| Ok(widened_bf16(t)?.expect("bf16 on the CPU, checked above")))
+        .collect::<Result<Vec<_>>>()?;
+    let wide: Vec<&Tensor> = wide.iter().collect();
+    let Some(outputs) = kernel(&wide)? else {
+        return Ok(None);
+    };
+    outputs
+        .iter()
+        .map(rounded_to_bf16)
+        .collect::<Result<_>>()
+        .map(Some)
+}
+
 /// `x * (1 + erf(x / sqrt 2)) / 2` elementwise, in parallel, with [`erf`]: within 1.8e-7 of the
 /// exact GELU relative to `max(1, |x|)` (the test measures it over [-12, 12] and the tails).
 pub(crate) fn gelu_erf(x: &Tensor) -> Result<Option<Tensor>> {
+    if let Some(out) = with_bf16_bits(&[x], |s| {
+        bf16_tensor_from(
+            s[0].len(),
+            x.dims(),
+            #[inline(always)]
+            |range, out| {
+                for (o, &bits) in out.iter_mut().zip(&s[0][range]) {
+                    let v = bf16::bf16_value(bits);
+                    *o =
+                        bf16::bf16_bits((erf(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v);
+                }
+            },
+        )
+    })? {
+        return Ok(Some(out));
+    }
     with_f32_slices(&[x], |s| {
         let mut out = vec![0f32; s[0].len()];
         out.par_chunks_mut(1 << 14)
@@ -296,6 +497,85 @@ pub(crate) fn gelu_erf(x: &Tensor) -> Result<Option<Tensor>> {
                 )
             });
         Ok(Tensor::from_vec(out, x.shape(), &Device::Cpu)?)
+    })
+}
+
+/// `silu(gate) * up` for bf16 tensors of one shape on the CPU (a gated MLP's hidden
+/// activations), each step in f32 and rounded to bf16 as PyTorch does: the SiLU, then the
+/// product. One pass, where candle's generic bf16 ops take two, converting element by element.
+pub(crate) fn silu_mul_bf16(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+    if gate.shape() != up.shape() {
+        return Ok(None);
+    }
+    with_bf16_bits(&[gate, up], |s| {
+        let (gates, ups) = (s[0], s[1]);
+        bf16_tensor_from(
+            gates.len(),
+            gate.dims(),
+            #[inline(always)]
+            |range, out| {
+                for ((o, &g), &u) in out.iter_mut().zip(&gates[range.clone()]).zip(&ups[range]) {
+                    let g = bf16::bf16_value(g);
+                    let e = exp_of_negative(g.abs());
+                    let sigmoid = if g >= 0.0 {
+                        1.0 / (1.0 + e)
+                    } else {
+                        e / (1.0 + e)
+                    };
+                    let silu = bf16::bf16_value(bf16::bf16_bits(g * sigmoid));
+                    *o = bf16::bf16_bits(silu * bf16::bf16_value(u));
+                }
+            },
+        )
+    })
+}
+
+/// RMSNorm of the rows of bf16 `x: [..., d]` on the CPU with a bf16 `weight: [d]`, as
+/// Hugging Face computes it in bf16: `x * rsqrt(mean(x²) + eps)` in f32, rounded to bf16, then
+/// times the weight, rounded again. One pass over the rows.
+pub(crate) fn rms_norm_bf16(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    let d = weight.elem_count();
+    if x.dims().last() != Some(&d) || d == 0 {
+        return Ok(None);
+    }
+    with_bf16_bits(&[x, weight], |s| {
+        let (rows, weights) = (s[0], s[1]);
+        let mut out = vec![0u16; rows.len()];
+        out.par_chunks_mut(d)
+            .zip(rows.par_chunks(d))
+            .for_each(|(out, row)| {
+                with_wide_vectors(
+                    #[inline(always)]
+                    || {
+                        // Sums in 16 lanes, which the compiler vectorises.
+                        let mut squares = [0f32; 16];
+                        let mut chunks = row.chunks_exact(16);
+                        for chunk in &mut chunks {
+                            for (sum, &v) in squares.iter_mut().zip(chunk) {
+                                let v = bf16::bf16_value(v);
+                                *sum += v * v;
+                            }
+                        }
+                        for (sum, &v) in squares.iter_mut().zip(chunks.remainder()) {
+                            let v = bf16::bf16_value(v);
+                            *sum += v * v;
+                        }
+                        let mean = squares.iter().sum::<f32>() / d as f32;
+                        let scale = 1.0 / (mean + eps as f32).sqrt();
+                        for ((o, &v), &w) in out.iter_mut().zip(row).zip(weights) {
+                            let normed =
+                                bf16::bf16_value(bf16::bf16_bits(bf16::bf16_value(v) * scale));
+                            *o = bf16::bf16_bits(normed * bf16::bf16_value(w));
+                        }
+                    },
+                )
+            });
+        use half::vec::HalfBitsVecExt;
+        Ok(Tensor::from_vec(
+            out.reinterpret_into::<half::bf16>(),
+            x.dims(),
+            &Device::Cpu,
+        )?)
     })
 }
 
@@ -367,8 +647,10 @@ fn exp_of_negative(z: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    use candle_core::DType;
+
     use super::*;
-    use crate::model::layers::{attention_pattern, causal_attention_generic, causal_mask};
+    use crate::model::layers::{attention_pattern, causal_attention_generic, causal_mask, Linear};
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         crate::compare::max_abs_diff(a, b).unwrap()
@@ -403,12 +685,135 @@ mod tests {
             let remade = weighted_values(&pattern, &v).unwrap().unwrap();
             assert_eq!(max_abs_diff(&remade, &fast), 0.0, "t={t}");
         }
-        let bf16 = Tensor::zeros((1, 1, 2, 2), candle_core::DType::BF16, &Device::Cpu).unwrap();
-        assert!(causal_attention(&bf16, &bf16, &bf16).unwrap().is_none());
-        assert!(causal_attention_with_pattern(&bf16, &bf16, &bf16)
+        let f16 = Tensor::zeros((1, 1, 2, 2), candle_core::DType::F16, &Device::Cpu).unwrap();
+        assert!(causal_attention(&f16, &f16, &f16).unwrap().is_none());
+        assert!(causal_attention_with_pattern(&f16, &f16, &f16)
             .unwrap()
             .is_none());
-        assert!(weighted_values(&bf16, &bf16).unwrap().is_none());
+        assert!(weighted_values(&f16, &f16).unwrap().is_none());
+    }
+
+    /// bf16 values of a standard normal sample.
+    fn bf16_randn(shape: &[usize]) -> Tensor {
+        Tensor::randn(0f32, 1., shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+    }
+
+    /// Asserts that `got` (bf16) is within `ulps` bf16 units in the last place of `want`
+    /// (any float dtype), measured at `want`'s magnitude, or `floor` absolutely.
+    fn assert_bf16_close(got: &Tensor, want: &Tensor, ulps: f32, floor: f32, what: &str) {
+        assert_eq!(got.dtype(), DType::BF16, "{what}");
+        assert_eq!(got.dims(), want.dims(), "{what}");
+        let f32s = |t: &Tensor| -> Vec<f32> {
+            let t = t.to_dtype(DType::F32).unwrap();
+            t.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        for (i, (g, w)) in f32s(got).into_iter().zip(f32s(want)).enumerate() {
+            let tolerance = (ulps * w.abs() / 128.0).max(floor);
+            assert!((g - w).abs() <= tolerance, "{what} at {i}: {g} vs {w}");
+        }
+    }
+
+    /// A bf16 model's attention: the bf16 kernel (f32 inside, weights rounded to bf16) against
+    /// candle's generic bf16 ops, and the pattern it keeps re-making its output exactly.
+    #[test]
+    fn bf16_attention_matches_generic_path() {
+        for (t, heads, kv_heads, d) in [(150, 6, 2, 20), (1, 2, 1, 4), (130, 2, 1, 64)] {
+            let q = bf16_randn(&[2, heads, t, d]);
+            let (k, v) = (
+                bf16_randn(&[2, kv_heads, t, d]),
+                bf16_randn(&[2, kv_heads, t, d]),
+            );
+            let fast = causal_attention(&q, &k, &v).unwrap().unwrap();
+            let mask = causal_mask(t, &Device::Cpu).unwrap();
+            let reference = causal_attention_generic(&q, &k, &v, &mask).unwrap();
+            assert_bf16_close(&fast, &reference, 2.0, 2e-2, &format!("t={t}"));
+
+            let (out, pattern) = causal_attention_with_pattern(&q, &k, &v).unwrap().unwrap();
+            let generic_pattern = attention_pattern(&q, &k, &mask).unwrap();
+            assert_bf16_close(&pattern, &generic_pattern, 1.0, 1e-6, &format!("t={t}"));
+            assert_eq!(max_abs_diff(&out, &fast), 0.0, "t={t}");
+            let remade = weighted_values(&pattern, &v).unwrap().unwrap();
+            assert_eq!(max_abs_diff(&remade, &fast), 0.0, "t={t}");
+        }
+    }
+
+    /// bf16 linear layers against the f32 product of the same bf16 values, rounded once: at
+    /// most one unit apart (the sums' order differs). Odd and even widths, outputs made in
+    /// one slice and in several, with and without a bias.
+    #[test]
+    fn bf16_linear_matches_rounded_f32_product() {
+        for (rows, inner, outer) in [(1, 7, 5), (70, 33, 200), (64, 256, 300)] {
+            let x = bf16_randn(&[rows, inner]);
+            let w = bf16_randn(&[outer, inner]);
+            let b = bf16_randn(&[outer]);
+            let Linear::PackedBf16 { weight, bias } =
+                Linear::packed_bf16(&w, Some(b.clone())).unwrap()
+            else {
+                panic!("a bf16 CPU layer is packed");
+            };
+            let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let product = wide(&x).matmul(&wide(&w).t().unwrap()).unwrap();
+            let with_bias = product.broadcast_add(&wide(&b)).unwrap();
+            let bias = bias.as_ref().map(|(_, wide)| wide.as_slice());
+            for kernel in [Kernel::Portable, Kernel::detect()] {
+                for buffer in [SUMS_BUFFER, 2 * rows * bf16::PANEL_WIDTH] {
+                    let what = format!("{rows} x {inner} x {outer}, {kernel:?}, {buffer}");
+                    let plain = linear_bf16_in_slices(kernel, &x, &weight, None, buffer);
+                    assert_bf16_close(&plain.unwrap(), &product, 1.0, 1e-5, &what);
+                    let biased = linear_bf16_in_slices(kernel, &x, &weight, bias, buffer);
+                    assert_bf16_close(&biased.unwrap(), &with_bias, 1.0, 1e-5, &what);
+                }
+            }
+            let wrong = linear_bf16(
+                Kernel::Portable,
+                &bf16_randn(&[2, inner + 1]),
+                &weight,
+                None,
+            );
+            assert!(wrong
+                .unwrap_err()
+                .to_string()
+                .contains(&format!("rows of {}", inner + 1)));
+        }
+    }
+
+    /// The bf16 elementwise kernels and RMSNorm against the same steps in f32 with the same
+    /// roundings (candle's generic ops for the sum, which is bit for bit).
+    #[test]
+    fn bf16_elementwise_kernels_and_rms_norm_match_f32_steps() {
+        let (x, y) = (bf16_randn(&[3, 50, 37]), bf16_randn(&[3, 50, 37]));
+        let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let round = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+        let sum = add_bf16(&x, &y).unwrap().unwrap();
+        assert_eq!(max_abs_diff(&sum, &(&x + &y).unwrap()), 0.0);
+        assert!(add_bf16(&x, &y.narrow(2, 0, 36).unwrap())
+            .unwrap()
+            .is_none());
+
+        let gelu = gelu_erf(&x).unwrap().unwrap();
+        assert_bf16_close(&gelu, &wide(&x).gelu_erf().unwrap(), 1.0, 1e-6, "gelu");
+
+        let silu = round(wide(&x).silu().unwrap());
+        let gated = round((wide(&silu) * wide(&y)).unwrap());
+        let fast = silu_mul_bf16(&x, &y).unwrap().unwrap();
+        assert_bf16_close(&fast, &wide(&gated), 1.0, 1e-6, "silu(gate) * up");
+
+        let weight = bf16_randn(&[37]);
+        let eps = 1e-5;
+        let xf = wide(&x);
+        let inv_rms = (xf.sqr().unwrap().mean_keepdim(2).unwrap() + eps)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .recip()
+            .unwrap();
+        let normed = round(xf.broadcast_mul(&inv_rms).unwrap());
+        let reference = round(wide(&normed).broadcast_mul(&wide(&weight)).unwrap());
+        let fast = rms_norm_bf16(&x, &weight, eps).unwrap().unwrap();
+        assert_bf16_close(&fast, &wide(&reference), 1.0, 1e-6, "rms norm");
     }
 
     #[test]
@@ -501,7 +906,7 @@ mod tests {
                 "{rotary_dims} dims at {offset} of {spacing}"
             );
         }
-        let bf16 = Tensor::zeros((1, 2, 4), candle_core::DType::BF16, &Device::Cpu).unwrap();
+        let f16 = Tensor::zeros((1, 2, 4), candle_core::DType::F16, &Device::Cpu).unwrap();
         let columns = HeadColumns {
             heads: 1,
             head_dim: 4,
@@ -509,9 +914,37 @@ mod tests {
             offset: 0,
         };
         let no_tables = Tensor::zeros((2, 0), candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert!(super::heads(&bf16, columns, 0, (&no_tables, &no_tables))
+        assert!(super::heads(&f16, columns, 0, (&no_tables, &no_tables))
             .unwrap()
             .is_none());
+    }
+
+    /// In bf16 the heads are rotated in f32 from the bf16 values and rounded once: the
+    /// generic f32 path on the widened values, rounded, bit for bit (candle's bf16 `rope`
+    /// rounds each step instead).
+    #[test]
+    fn bf16_heads_are_the_rounded_f32_ones() {
+        use crate::model::layers::Rotary;
+        let (t, heads, d) = (37, 3, 20);
+        let x = bf16_randn(&[2, t, heads * 3 * d]);
+        let rotary = Rotary::new(6, 10_000.0);
+        let (cos, sin) = rotary.tables(t, DType::BF16, &Device::Cpu).unwrap();
+        for (offset, rotate) in [(0, true), (2 * d, false)] {
+            let columns = HeadColumns {
+                heads,
+                head_dim: d,
+                spacing: 3 * d,
+                offset,
+            };
+            let fast = rotary.heads(&x, columns, rotate, (&cos, &sin)).unwrap();
+            let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let generic = rotary
+                .heads_generic(&wide(&x), columns, rotate, (&wide(&cos), &wide(&sin)))
+                .unwrap();
+            assert_eq!(fast.dtype(), DType::BF16);
+            let rounded = generic.to_dtype(DType::BF16).unwrap();
+            assert_eq!(max_abs_diff(&fast, &rounded), 0.0, "rotate {rotate}");
+        }
     }
 
     #[test]
@@ -537,7 +970,7 @@ mod tests {
                 "{rows} x {inner} x {outer}"
             );
         }
-        let bf16 = Tensor::zeros((2, 2), candle_core::DType::BF16, &Device::Cpu).unwrap();
+        let bf16 = Tensor::zeros((2, 2), DType::BF16, &Device::Cpu).unwrap();
         assert!(linear(&bf16, &bf16, None).unwrap().is_none());
     }
 

@@ -1,11 +1,16 @@
 //! The skeleton every supported architecture shares: embed, a stack of blocks, final norm,
 //! unembedding, with the hook points between them. An architecture supplies only its block.
 
-use candle_core::Tensor;
+use std::sync::OnceLock;
 
+use candle_core::{DType, Tensor};
+
+use super::cpu_kernels::linear_bf16;
 use super::layers::{
     causal_attention, causal_attention_with_pattern, weighted_values, CausalMask, Rotary,
 };
+use crate::cpu::bf16::{Kernel, PackedB};
+use crate::cpu::is_cpu_bf16;
 use crate::hooks::Tap;
 use crate::{HookPoint, Result, Unembedding};
 
@@ -63,6 +68,9 @@ pub(crate) struct Decoder<B> {
     pub blocks: Vec<B>,
     pub unembedding: Unembedding,
     pub rotary: Rotary,
+    /// The unembedding packed for the bf16 product, made by the first bf16 pass on the CPU
+    /// that computes logits.
+    pub packed_unembedding: OnceLock<PackedB>,
 }
 
 impl<B: Block> Decoder<B> {
@@ -95,7 +103,31 @@ impl<B: Block> Decoder<B> {
         if tap.done_after(HookPoint::FinalNorm) {
             return Ok(None);
         }
-        let logits = tap.visit(HookPoint::Logits, self.unembedding.project(&normed)?)?;
+        let logits = tap.visit(HookPoint::Logits, self.logits(&normed)?)?;
         Ok(Some(logits))
+    }
+
+    /// The logits `[b, t, vocab]` of the final norm's output `[b, t, d]`; in bf16 on the CPU
+    /// through the bf16 product, as the model's linear layers.
+    fn logits(&self, normed: &Tensor) -> Result<Tensor> {
+        let weight = &self.unembedding.weight;
+        if !(is_cpu_bf16(normed) && is_cpu_bf16(weight)) {
+            return self.unembedding.project(normed);
+        }
+        let (vocab, d) = weight.dims2()?;
+        let packed = match self.packed_unembedding.get() {
+            Some(packed) => packed,
+            None => {
+                let values = weight
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let packed = PackedB::pack(d, vocab, |row, col| values[col * d + row]);
+                self.packed_unembedding.get_or_init(|| packed)
+            }
+        };
+        let (b, t, _) = normed.dims3()?;
+        let rows = normed.reshape((b * t, d))?;
+        Ok(linear_bf16(Kernel::detect(), &rows, packed, None)?.reshape((b, t, vocab))?)
     }
 }

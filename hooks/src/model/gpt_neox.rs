@@ -4,7 +4,7 @@
 use candle_core::{Tensor, D};
 
 use super::decoder::{self, AttentionInputs, Decoder};
-use super::layers::{gelu_erf, HeadColumns, LayerNorm, Linear, Loader, Rotary};
+use super::layers::{add, gelu_erf, HeadColumns, LayerNorm, Linear, Loader, Rotary};
 #[cfg(feature = "cuda")]
 use super::neox_kernels;
 use crate::config::GptNeoxConfig;
@@ -77,6 +77,8 @@ pub(crate) fn load(cfg: &GptNeoxConfig, w: &Loader) -> Result<GptNeox> {
             weight: unembed,
         },
         rotary: Rotary::new(cfg.rotary_dims(), cfg.rotary_base),
+
+        packed_unembedding: Default::default(),
     })
 }
 
@@ -103,15 +105,15 @@ impl decoder::Block for Block {
             let mlp_input =
                 tap.visit(HookPoint::MlpInput(i), self.post_attention_norm.forward(h)?)?;
             let mlp = tap.visit(HookPoint::Mlp(i), self.mlp(&mlp_input)?)?;
-            tap.visit(HookPoint::Layer(i), ((mlp + attention)? + h)?)
+            tap.visit(HookPoint::Layer(i), add(&add(&mlp, &attention)?, h)?)
         } else {
-            let mid = (attention + h)?;
+            let mid = add(&attention, h)?;
             let mlp_input = tap.visit(
                 HookPoint::MlpInput(i),
                 self.post_attention_norm.forward(&mid)?,
             )?;
             let mlp = tap.visit(HookPoint::Mlp(i), self.mlp(&mlp_input)?)?;
-            tap.visit(HookPoint::Layer(i), (mlp + mid)?)
+            tap.visit(HookPoint::Layer(i), add(&mlp, &mid)?)
         }
     }
 }

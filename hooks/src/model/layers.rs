@@ -3,6 +3,8 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
+use super::cpu_kernels::{linear_bf16, rms_norm_bf16};
+use crate::cpu::bf16::{Kernel, PackedB};
 use crate::weights::WeightStore;
 use crate::Result;
 
@@ -32,7 +34,10 @@ impl Loader<'_> {
         } else {
             None
         };
-        Ok(Linear(candle_nn::Linear::new(weight, bias)))
+        if crate::cpu::is_cpu_bf16(&weight) {
+            return Linear::packed_bf16(&weight, bias);
+        }
+        Ok(Linear::Tensors(candle_nn::Linear::new(weight, bias)))
     }
 
     /// A LayerNorm with weight and bias.
@@ -54,15 +59,46 @@ impl Loader<'_> {
 }
 
 /// `x W^T + b` over the last dimension.
-pub(crate) struct Linear(candle_nn::Linear);
+pub(crate) enum Linear {
+    /// The weight and bias as tensors, for any device and dtype.
+    Tensors(candle_nn::Linear),
+    /// A bf16 layer on the CPU: the weight packed once for the bf16 product (it is not kept
+    /// as a tensor as well), the bias also widened to f32 for the product's sums.
+    PackedBf16 {
+        weight: PackedB,
+        bias: Option<(Tensor, Vec<f32>)>,
+    },
+}
 
 impl Linear {
+    /// A bf16 CPU layer from its `[out, in]` weight and `[out]` bias.
+    pub(crate) fn packed_bf16(weight: &Tensor, bias: Option<Tensor>) -> Result<Linear> {
+        let (outer, inner) = weight.dims2()?;
+        let values = weight
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let weight = PackedB::pack(inner, outer, |row, col| values[col * inner + row]);
+        let bias = bias
+            .map(|b| Ok::<_, crate::Error>((b.to_dtype(DType::F32)?.to_vec1::<f32>()?, b)))
+            .transpose()?
+            .map(|(wide, b)| (b, wide));
+        Ok(Linear::PackedBf16 { weight, bias })
+    }
+
     /// Applies the layer to `[..., in]`, as one matrix product over all leading dimensions.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Linear::PackedBf16 { weight, bias } = self {
+            let bias = bias.as_ref().map(|(_, wide)| wide.as_slice());
+            return Ok(over_rows(x, |rows| {
+                linear_bf16(Kernel::detect(), rows, weight, bias).map(Some)
+            })?
+            .expect("always made"));
+        }
         if crate::cpu::is_cpu_f32(x) && x.rank() >= 2 {
-            let (weight, bias) = (self.0.weight(), self.0.bias());
-            if let Some(out) = over_rows(x, |rows| super::cpu_kernels::linear(rows, weight, bias))?
-            {
+            if let Some(out) = over_rows(x, |rows| {
+                super::cpu_kernels::linear(rows, self.weight()?, self.bias())
+            })? {
                 return Ok(out);
             }
         }
@@ -72,22 +108,40 @@ impl Linear {
     /// `x W^T` without the bias, for a fused kernel that adds it ([`Linear::add_bias`] when
     /// none applies).
     pub fn product(&self, x: &Tensor) -> Result<Tensor> {
-        let weight = self.0.weight().t()?;
+        if let Linear::PackedBf16 { weight, .. } = self {
+            return Ok(over_rows(x, |rows| {
+                linear_bf16(Kernel::detect(), rows, weight, None).map(Some)
+            })?
+            .expect("always made"));
+        }
+        let weight = self.weight()?.t()?;
         if x.rank() <= 2 {
             return Ok(x.matmul(&weight)?);
         }
         Ok(over_rows(x, |rows| Ok(Some(rows.matmul(&weight)?)))?.expect("always made"))
     }
 
+    /// The weight tensor, which a packed layer does not keep.
+    fn weight(&self) -> Result<&Tensor> {
+        match self {
+            Linear::Tensors(linear) => Ok(linear.weight()),
+            Linear::PackedBf16 { .. } => Err(crate::Error::InvalidArgument(
+                "a packed bf16 layer keeps no weight tensor".into(),
+            )),
+        }
+    }
+
     /// The bias, if the layer has one.
-    #[cfg(feature = "cuda")]
     pub fn bias(&self) -> Option<&Tensor> {
-        self.0.bias()
+        match self {
+            Linear::Tensors(linear) => linear.bias(),
+            Linear::PackedBf16 { bias, .. } => bias.as_ref().map(|(b, _)| b),
+        }
     }
 
     /// `product + b`.
     pub fn add_bias(&self, product: Tensor) -> Result<Tensor> {
-        Ok(match self.0.bias() {
+        Ok(match self.bias() {
             Some(bias) => product.broadcast_add(bias)?,
             None => product,
         })
@@ -108,6 +162,14 @@ fn over_rows(
     let mut shape = dims.to_vec();
     *shape.last_mut().unwrap() = out.dim(1)?;
     Ok(Some(out.reshape(shape)?))
+}
+
+/// `a + b` (one shape), on a vectorised CPU path for bf16: a residual addition.
+pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match super::cpu_kernels::add_bf16(a, b)? {
+        Some(sum) => Ok(sum),
+        None => Ok((a + b)?),
+    }
 }
 
 /// The exact (erf) GELU, on a parallel CPU path for f32.
@@ -172,6 +234,9 @@ impl RmsNorm {
 /// RMSNorm over the last dimension, computed in f32 and rounded back to the input dtype
 /// before the weight is applied (as Hugging Face does).
 pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if let Some(out) = rms_norm_bf16(x, weight, eps)? {
+        return Ok(out);
+    }
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;

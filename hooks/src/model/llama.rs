@@ -5,8 +5,9 @@
 
 use candle_core::Tensor;
 
+use super::cpu_kernels::silu_mul_bf16;
 use super::decoder::{self, AttentionInputs, Decoder};
-use super::layers::{HeadColumns, Linear, Loader, RmsNorm, Rotary};
+use super::layers::{add, HeadColumns, Linear, Loader, RmsNorm, Rotary};
 use crate::config::LlamaConfig;
 use crate::hooks::Tap;
 use crate::{HookPoint, Result, Unembedding};
@@ -94,6 +95,8 @@ pub(crate) fn load(cfg: &LlamaConfig, w: &Loader) -> Result<Llama> {
             Some(scaling) => Rotary::llama3(hd, cfg.rope_theta, scaling),
             None => Rotary::new(hd, cfg.rope_theta),
         },
+
+        packed_unembedding: Default::default(),
     })
 }
 
@@ -108,13 +111,13 @@ impl decoder::Block for Block {
     ) -> Result<Tensor> {
         let attention = self.attention(i, &self.input_norm.forward(h)?, inputs, tap)?;
         let attention = tap.visit(HookPoint::Attention(i), attention)?;
-        let mid = (h + attention)?;
+        let mid = add(h, &attention)?;
         let mlp_input = tap.visit(
             HookPoint::MlpInput(i),
             self.post_attention_norm.forward(&mid)?,
         )?;
         let mlp = tap.visit(HookPoint::Mlp(i), self.mlp(&mlp_input)?)?;
-        tap.visit(HookPoint::Layer(i), (mid + mlp)?)
+        tap.visit(HookPoint::Layer(i), add(&mid, &mlp)?)
     }
 }
 
@@ -148,7 +151,11 @@ impl Block {
     }
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = (self.gate_proj.forward(x)?.silu()? * self.up_proj.forward(x)?)?;
+        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        let gated = match silu_mul_bf16(&gate, &up)? {
+            Some(gated) => gated,
+            None => (gate.silu()? * up)?,
+        };
         self.down_proj.forward(&gated)
     }
 }

@@ -767,6 +767,10 @@ mod tests {
                     assert_bf16_close(&biased.unwrap(), &with_bias, 1.0, 1e-5, &what);
                 }
             }
+            // Without bf16 hardware: the f32 layer on the widened values, rounded once.
+            let unpacked = Linear::Tensors(candle_nn::Linear::new(w.clone(), Some(b.clone())));
+            let what = format!("{rows} x {inner} x {outer} unpacked");
+            assert_bf16_close(&unpacked.forward(&x).unwrap(), &with_bias, 1.0, 1e-5, &what);
             let wrong = linear_bf16(
                 Kernel::Portable,
                 &bf16_randn(&[2, inner + 1]),
@@ -814,6 +818,21 @@ mod tests {
         let reference = round(wide(&normed).broadcast_mul(&wide(&weight)).unwrap());
         let fast = rms_norm_bf16(&x, &weight, eps).unwrap().unwrap();
         assert_bf16_close(&fast, &wide(&reference), 1.0, 1e-6, "rms norm");
+        // Only the mean's order of summation differs, which rarely moves a rounding: nearly
+        // all are bit for bit (rounding once instead of twice would move about a quarter).
+        let equal = (fast.to_dtype(DType::F32).unwrap())
+            .eq(&wide(&reference))
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            equal > 0.99,
+            "rms norm: {equal} of the values are bit for bit"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Tensor};
 
-use super::cpu_kernels::linear_bf16;
+use super::cpu_kernels::{linear_bf16, through_f32};
 use super::layers::{
     causal_attention, causal_attention_with_pattern, weighted_values, CausalMask, Rotary,
 };
@@ -113,6 +113,13 @@ impl<B: Block> Decoder<B> {
         let weight = &self.unembedding.weight;
         if !(is_cpu_bf16(normed) && is_cpu_bf16(weight)) {
             return self.unembedding.project(normed);
+        }
+        if !Kernel::detect().is_native() {
+            // f32 products of the widened values, as the linear layers there.
+            let logits = through_f32(&[normed, weight], |s| {
+                Ok(Some(vec![s[0].broadcast_matmul(&s[1].t()?)?]))
+            })?;
+            return Ok(logits.expect("bf16 on the CPU").remove(0));
         }
         let (vocab, d) = weight.dims2()?;
         let packed = match self.packed_unembedding.get() {

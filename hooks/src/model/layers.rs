@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::cpu_kernels::{linear_bf16, rms_norm_bf16};
+use super::cpu_kernels::{linear_bf16, rms_norm_bf16, through_f32};
 use crate::cpu::bf16::{Kernel, PackedB};
 use crate::weights::WeightStore;
 use crate::Result;
@@ -34,7 +34,9 @@ impl Loader<'_> {
         } else {
             None
         };
-        if crate::cpu::is_cpu_bf16(&weight) {
+        // Without bf16 hardware the portable bf16 kernel is slower than f32 products of the
+        // widened values, which the layer then takes (see `forward`).
+        if crate::cpu::is_cpu_bf16(&weight) && Kernel::detect().is_native() {
             return Linear::packed_bf16(&weight, bias);
         }
         Ok(Linear::Tensors(candle_nn::Linear::new(weight, bias)))
@@ -95,9 +97,18 @@ impl Linear {
             })?
             .expect("always made"));
         }
-        if crate::cpu::is_cpu_f32(x) && x.rank() >= 2 {
+        if x.rank() >= 2 {
+            let weight = self.weight()?;
             if let Some(out) = over_rows(x, |rows| {
-                super::cpu_kernels::linear(rows, self.weight()?, self.bias())
+                let operands: Vec<&Tensor> =
+                    [rows, weight].into_iter().chain(self.bias()).collect();
+                // bf16: the f32 layer on the widened values, its output rounded once.
+                if let Some(out) = through_f32(&operands, |s| {
+                    Ok(super::cpu_kernels::linear(s[0], s[1], s.get(2).copied())?.map(|o| vec![o]))
+                })? {
+                    return Ok(out.into_iter().next());
+                }
+                super::cpu_kernels::linear(rows, weight, self.bias())
             })? {
                 return Ok(out);
             }

@@ -420,6 +420,18 @@ fn linear_bf16_in_slices(
 /// `a + b` for bf16 tensors of one shape on the CPU, summed in f32 and rounded once (as
 /// candle's generic add, which converts element by element without vector instructions).
 pub(crate) fn add_bf16(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    zip_bf16(
+        a,
+        b,
+        #[inline(always)]
+        |x, y| bf16::bf16_bits(x + y),
+    )
+}
+
+/// `op` on the f32 values of the elements of two bf16 tensors of one shape on the CPU, its
+/// results bf16 bits, in one parallel pass. `None` unless both are bf16 on the CPU and of one
+/// shape. `op` must be `#[inline(always)]`: it runs compiled for AVX-512 where the CPU has it.
+fn zip_bf16(a: &Tensor, b: &Tensor, op: impl Fn(f32, f32) -> u16 + Sync) -> Result<Option<Tensor>> {
     if a.shape() != b.shape() {
         return Ok(None);
     }
@@ -431,7 +443,7 @@ pub(crate) fn add_bf16(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
             #[inline(always)]
             |range, out| {
                 for ((o, &x), &y) in out.iter_mut().zip(&x[range.clone()]).zip(&y[range]) {
-                    *o = bf16::bf16_bits(bf16::bf16_value(x) + bf16::bf16_value(y));
+                    *o = op(bf16::bf16_value(x), bf16::bf16_value(y));
                 }
             },
         )
@@ -504,30 +516,21 @@ pub(crate) fn gelu_erf(x: &Tensor) -> Result<Option<Tensor>> {
 /// activations), each step in f32 and rounded to bf16 as PyTorch does: the SiLU, then the
 /// product. One pass, where candle's generic bf16 ops take two, converting element by element.
 pub(crate) fn silu_mul_bf16(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
-    if gate.shape() != up.shape() {
-        return Ok(None);
-    }
-    with_bf16_bits(&[gate, up], |s| {
-        let (gates, ups) = (s[0], s[1]);
-        bf16_tensor_from(
-            gates.len(),
-            gate.dims(),
-            #[inline(always)]
-            |range, out| {
-                for ((o, &g), &u) in out.iter_mut().zip(&gates[range.clone()]).zip(&ups[range]) {
-                    let g = bf16::bf16_value(g);
-                    let e = exp_of_negative(g.abs());
-                    let sigmoid = if g >= 0.0 {
-                        1.0 / (1.0 + e)
-                    } else {
-                        e / (1.0 + e)
-                    };
-                    let silu = bf16::bf16_value(bf16::bf16_bits(g * sigmoid));
-                    *o = bf16::bf16_bits(silu * bf16::bf16_value(u));
-                }
-            },
-        )
-    })
+    zip_bf16(
+        gate,
+        up,
+        #[inline(always)]
+        |g, u| {
+            let e = exp_of_negative(g.abs());
+            let sigmoid = if g >= 0.0 {
+                1.0 / (1.0 + e)
+            } else {
+                e / (1.0 + e)
+            };
+            let silu = bf16::bf16_value(bf16::bf16_bits(g * sigmoid));
+            bf16::bf16_bits(silu * u)
+        },
+    )
 }
 
 /// RMSNorm of the rows of bf16 `x: [..., d]` on the CPU with a bf16 `weight: [d]`, as

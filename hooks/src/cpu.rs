@@ -1,6 +1,7 @@
 //! Borrowing tensor data on the CPU, for hand-written kernels that are faster than a chain
-//! of generic tensor ops (attention, GELU, the lens loss), and a bfloat16 matrix product
-//! ([`bf16`]) for the lens's unembedding products and Muon's orthogonalisation.
+//! of generic tensor ops (attention, GELU, the lens loss), converting between bfloat16 and
+//! f32, and a bfloat16 matrix product ([`bf16`]) for the lens's unembedding products, Muon's
+//! orthogonalisation and a bf16 model's linear layers.
 
 use std::cell::RefCell;
 
@@ -93,7 +94,6 @@ pub(crate) fn bf16_tensor_from(
     shape: &[usize],
     fill: impl Fn(std::ops::Range<usize>, &mut [u16]) + Sync,
 ) -> Result<Tensor> {
-    use half::vec::HalfBitsVecExt;
     // Zeroed u16s come as fresh zero pages, which bf16 zeros (not known to be zero bits)
     // would not: they would be written once by a memset and then again here.
     let mut bits = vec![0u16; len];
@@ -106,11 +106,36 @@ pub(crate) fn bf16_tensor_from(
                 || fill(start..start + bits.len(), bits),
             )
         });
+    bf16_tensor_of_bits(bits, shape)
+}
+
+/// A bfloat16 CPU tensor of `shape` holding `bits`.
+pub(crate) fn bf16_tensor_of_bits(bits: Vec<u16>, shape: &[usize]) -> Result<Tensor> {
+    use half::vec::HalfBitsVecExt;
     Ok(Tensor::from_vec(
         bits.reinterpret_into::<half::bf16>(),
         shape,
         &Device::Cpu,
     )?)
+}
+
+/// A bf16 CPU weight `[out, in]` packed for [`bf16::gemm`] as the `[in, out]` right-hand
+/// matrix of `x W^T`, read from its bf16 bits (no f32 copy).
+pub(crate) fn packed_transposed(weight: &Tensor) -> Result<bf16::PackedB> {
+    let (outer, inner) = weight.dims2()?;
+    with_bf16_bits(&[weight], |s| {
+        let bits = s[0];
+        Ok(bf16::PackedB::pack(inner, outer, |row, col| {
+            bf16::bf16_value(bits[col * inner + row])
+        }))
+    })?
+    .ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "expected a bf16 weight on the CPU, got {:?} on {:?}",
+            weight.dtype(),
+            weight.device()
+        ))
+    })
 }
 
 /// `t` (f32 on the CPU) rounded to bfloat16 (see [`bf16_tensor`]).
@@ -123,8 +148,8 @@ pub(crate) fn rounded_to_bf16(t: &Tensor) -> Result<Tensor> {
 /// Elements per parallel task of the dtype conversions.
 const CONVERSION_CHUNK: usize = 1 << 14;
 
-/// Runs `f` on the contiguous data of each tensor, whose storage the caller has checked holds
-/// `T` on the CPU; `None` if one turns out not to.
+/// Runs `f` on the contiguous data of each tensor, whose dtype the caller has checked is `T`;
+/// `None` if one is not on the CPU.
 fn with_cpu_slices<T: candle_core::WithDType, R>(
     tensors: &[&Tensor],
     f: impl FnOnce(&[&[T]]) -> Result<R>,

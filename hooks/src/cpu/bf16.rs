@@ -581,21 +581,44 @@ mod tests {
                     // The padding between rows is left alone.
                     assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|x| x.is_nan()));
                 }
-                // A slice of the columns from the second panel on: the same sums, bit for bit.
-                if n > PANEL {
-                    let width = n - PANEL;
-                    let mut part = vec![f32::NAN; m * width];
-                    gemm_columns(kernel, &a16, lda, m, &packed, PANEL..n, &mut part, width);
+                // Slices of the columns (from the second panel on, one panel in the middle)
+                // into rows wider than the slice: the same sums, bit for bit, and the rest
+                // of each row left alone.
+                for columns in [PANEL..n, PANEL..(2 * PANEL).min(n)] {
+                    if columns.is_empty() {
+                        continue;
+                    }
+                    let (width, stride) = (columns.len(), columns.len() + 3);
+                    let mut part = vec![f32::NAN; m * stride];
+                    let what = format!("{kernel:?} {m}x{k}x{n}: columns {columns:?}");
+                    gemm_columns(
+                        kernel,
+                        &a16,
+                        lda,
+                        m,
+                        &packed,
+                        columns.clone(),
+                        &mut part,
+                        stride,
+                    );
                     for i in 0..m {
-                        let whole = &c[i * ldc + PANEL..i * ldc + n];
-                        assert!(
-                            part[i * width..(i + 1) * width] == *whole,
-                            "{kernel:?} {m}x{k}x{n}: columns {PANEL}.. of row {i}"
-                        );
+                        let whole = &c[i * ldc + columns.start..i * ldc + columns.end];
+                        let row = &part[i * stride..(i + 1) * stride];
+                        assert!(row[..width] == *whole, "{what}, row {i}");
+                        assert!(row[width..].iter().all(|x| x.is_nan()), "{what}, row {i}");
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    #[should_panic(expected = "gemm columns 10..64 of 70")]
+    fn column_slices_start_at_a_panel() {
+        let packed = PackedB::pack(4, 70, |row, col| (row + col) as f32);
+        let a = vec![0u16; 4];
+        let mut c = vec![0f32; 64];
+        gemm_columns(Kernel::Portable, &a, 4, 1, &packed, 10..64, &mut c, 54);
     }
 
     #[test]

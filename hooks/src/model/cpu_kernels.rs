@@ -5,10 +5,14 @@
 //! (parallel). Each returns `None` when it does not apply (not f32 or bf16, not on the CPU),
 //! and the caller then uses the generic candle path.
 //!
-//! A bf16 model on the CPU runs the same kernels in f32, its values rounded to bf16 between
-//! steps ([`through_f32`]), as PyTorch's CPU kernels do, and its linear layers through the
-//! bf16 product ([`linear_bf16`]): candle's own bf16 CPU ops convert element by element and
-//! made a bf16 forward pass several times slower than an f32 one.
+//! A bf16 model on the CPU computes each step in f32 from bf16 values and rounds its output to
+//! bf16, as PyTorch's CPU kernels do: attention through the f32 kernel ([`through_f32`]), the
+//! rotary heads, norms and element-wise steps in one pass each, and its linear layers through
+//! the bf16 product ([`linear_bf16`]). candle's own bf16 CPU ops convert element by element
+//! and made a bf16 forward pass several times slower than an f32 one. Where the arithmetic is
+//! not Hugging Face's step for step: attention scores and the softmax stay in f32 (the
+//! weights are rounded to bf16, as there), and the rotary embedding is computed in f32 and
+//! rounded once (PyTorch rounds each product and the sum).
 
 use std::cell::Cell;
 
@@ -18,21 +22,22 @@ use rayon::prelude::*;
 use super::layers::HeadColumns;
 use crate::cpu::bf16::{self, Kernel, PackedB};
 use crate::cpu::{
-    bf16_tensor_from, is_cpu_bf16, product_with_transposed, rounded_to_bf16, widened_bf16,
-    with_bf16_bits, with_f32_slices, with_wide_vectors, SharedOut,
+    bf16_tensor_from, bf16_tensor_of_bits, is_cpu_bf16, product_with_transposed, rounded_to_bf16,
+    widened_bf16, with_bf16_bits, with_f32_slices, with_wide_vectors, SharedOut,
 };
 use crate::{Error, Result};
 
 /// Query rows processed together: the score block (`BLOCK x seq`) stays in cache.
 const BLOCK: usize = 64;
 
-/// Causal softmax attention in f32. `q: [b, heads, t, d]`, `k`/`v`: `[b, kv_heads, t, d]`;
-/// returns `[b, t, heads * d]`. Scores are scaled by `1/sqrt(d)`.
+/// Causal softmax attention, computed in f32 for f32 or bf16 tensors (whose weights are
+/// rounded to bf16). `q: [b, heads, t, d]`, `k`/`v`: `[b, kv_heads, t, d]`; returns
+/// `[b, t, heads * d]`. Scores are scaled by `1/sqrt(d)`.
 pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
-    if let Some(out) = through_f32(&[q, k, v], |s| {
-        Ok(blocked_attention(s[0], s[1], s[2], false, true)?.map(|(out, _)| vec![out]))
+    if let Some(out) = through_f32_one(&[q, k, v], |s| {
+        Ok(blocked_attention(s[0], s[1], s[2], false, true)?.map(|(out, _)| out))
     })? {
-        return Ok(out.into_iter().next());
+        return Ok(Some(out));
     }
     Ok(blocked_attention(q, k, v, false, false)?.map(|(out, _)| out))
 }
@@ -159,10 +164,8 @@ fn blocked_attention(
 /// of [`causal_attention`], over the visible keys only where the weights past them are zero,
 /// so the kernel's own pattern gives its output bit for bit.
 pub(crate) fn weighted_values(pattern: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
-    if let Some(out) = through_f32(&[pattern, v], |s| {
-        Ok(weighted_values(s[0], s[1])?.map(|out| vec![out]))
-    })? {
-        return Ok(out.into_iter().next());
+    if let Some(out) = through_f32_one(&[pattern, v], |s| weighted_values(s[0], s[1]))? {
+        return Ok(Some(out));
     }
     let (b, heads, t, keys) = pattern.dims4()?;
     let (vb, kv_heads, vt, d) = v.dims4()?;
@@ -238,19 +241,15 @@ unsafe fn weigh_values(
 }
 
 /// The heads `[b, heads, t, head_dim]` of `x: [b, t, width]` at `columns`, the first
-/// `rotary_dims` of each rotated by the tables `cos`, `sin` (`[t or more, rotary_dims / 2]`)
-/// with the arithmetic of candle's `rope`, so the result is its result bit for bit.
+/// `rotary_dims` of each rotated by the tables `cos`, `sin` (`[t or more, rotary_dims / 2]`).
+/// In f32 with the arithmetic of candle's `rope`, so the result is its result bit for bit; in
+/// bf16 that f32 arithmetic on the bf16 values, each output rounded once.
 pub(crate) fn heads(
     x: &Tensor,
     columns: HeadColumns,
     rotary_dims: usize,
     (cos, sin): (&Tensor, &Tensor),
 ) -> Result<Option<Tensor>> {
-    if let Some(out) = through_f32(&[x, cos, sin], |s| {
-        Ok(heads(s[0], columns, rotary_dims, (s[1], s[2]))?.map(|out| vec![out]))
-    })? {
-        return Ok(out.into_iter().next());
-    }
     let (b, t, width) = x.dims3()?;
     let HeadColumns {
         heads,
@@ -277,26 +276,59 @@ pub(crate) fn heads(
     } else {
         vec![x, cos, sin]
     };
-    with_f32_slices(&operands, |s| {
-        let (x, cos, sin) = (s[0], s.get(1), s.get(2));
+    let shape = [b, heads, t, d];
+    // Where head `bh`'s row `pos` starts in `x`.
+    let source =
+        move |bh: usize, pos: usize| (bh / heads * t + pos) * width + bh % heads * spacing + offset;
+    if let Some(out) = with_f32_slices(&operands, |s| {
         let mut out = vec![0f32; b * heads * t * d];
-        out.par_chunks_mut(t * d).enumerate().for_each(|(bh, out)| {
-            let (batch, head) = (bh / heads, bh % heads);
-            for (pos, dst) in out.chunks_exact_mut(d).enumerate() {
-                let src = &x[(batch * t + pos) * width + head * spacing + offset..][..d];
-                if let (Some(cos), Some(sin)) = (cos, sin) {
-                    let (cos, sin) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
-                    for i in 0..half {
-                        let (x1, x2) = (src[i], src[i + half]);
-                        dst[i] = x1 * cos[i] - x2 * sin[i];
-                        dst[i + half] = x1 * sin[i] + x2 * cos[i];
-                    }
-                }
-                dst[rotary_dims..].copy_from_slice(&src[rotary_dims..]);
-            }
-        });
-        Ok(Tensor::from_vec(out, (b, heads, t, d), &Device::Cpu)?)
+        rotate_heads(s, &mut out, (t, d, rotary_dims), source, |x| x, |x| x);
+        Ok(Tensor::from_vec(out, &shape, &Device::Cpu)?)
+    })? {
+        return Ok(Some(out));
+    }
+    with_bf16_bits(&operands, |s| {
+        let mut out = vec![0u16; b * heads * t * d];
+        rotate_heads(
+            s,
+            &mut out,
+            (t, d, rotary_dims),
+            source,
+            bf16::bf16_value,
+            bf16::bf16_bits,
+        );
+        bf16_tensor_of_bits(out, &shape)
     })
+}
+
+/// [`heads`] over the data `s` (`x`, then `cos` and `sin` when rotating) of one element type,
+/// read as f32 by `load` and written by `store`: `out` holds the heads `[b * heads, t, d]`,
+/// row `pos` of head `bh` taken from `x` at `source(bh, pos)`.
+fn rotate_heads<T: Copy + Send + Sync>(
+    s: &[&[T]],
+    out: &mut [T],
+    (t, d, rotary_dims): (usize, usize, usize),
+    source: impl Fn(usize, usize) -> usize + Sync,
+    load: impl Fn(T) -> f32 + Sync,
+    store: impl Fn(f32) -> T + Sync,
+) {
+    let (x, cos, sin) = (s[0], s.get(1), s.get(2));
+    let half = rotary_dims / 2;
+    out.par_chunks_mut(t * d).enumerate().for_each(|(bh, out)| {
+        for (pos, dst) in out.chunks_exact_mut(d).enumerate() {
+            let src = &x[source(bh, pos)..][..d];
+            if let (Some(cos), Some(sin)) = (cos, sin) {
+                let (cos, sin) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
+                for i in 0..half {
+                    let (x1, x2) = (load(src[i]), load(src[i + half]));
+                    let (c, s) = (load(cos[i]), load(sin[i]));
+                    dst[i] = store(x1 * c - x2 * s);
+                    dst[i + half] = store(x1 * s + x2 * c);
+                }
+            }
+            dst[rotary_dims..].copy_from_slice(&src[rotary_dims..]);
+        }
+    });
 }
 
 /// `x W^T + b` in f32: `x: [rows, in]`, `w: [out, in]`, `b: [out]`. The product accumulates
@@ -320,7 +352,8 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Optio
     })
 }
 
-/// Floats of f32 sums [`linear_bf16`] holds at once per calling thread (16 MiB).
+/// Floats of f32 sums [`linear_bf16`] holds at once per calling thread (16 MiB; more when a
+/// single panel of columns over all the rows takes more).
 const SUMS_BUFFER: usize = 1 << 22;
 
 thread_local! {
@@ -373,11 +406,7 @@ fn linear_bf16_in_slices(
         };
         // u16 zeros come as fresh zero pages (bf16 zeros would be written by a memset).
         let mut out = vec![0u16; rows * outer];
-        let tensor = |out: Vec<u16>| {
-            use half::vec::HalfBitsVecExt;
-            let out = out.reinterpret_into::<half::bf16>();
-            Ok(Tensor::from_vec(out, (rows, outer), &Device::Cpu)?)
-        };
+        let tensor = |out: Vec<u16>| bf16_tensor_of_bits(out, &[rows, outer]);
         if rows == 0 || outer == 0 {
             return tensor(out);
         }
@@ -411,7 +440,9 @@ fn linear_bf16_in_slices(
                     )
                 });
         }
-        SUMS.set(sums);
+        if sums.len() <= SUMS_BUFFER {
+            SUMS.set(sums); // a larger one (very many rows) is not kept
+        }
         tensor(out)
     })?
     .ok_or_else(|| Error::InvalidArgument(format!("expected bf16 on the CPU, got {:?}", x.dtype())))
@@ -448,6 +479,15 @@ fn zip_bf16(a: &Tensor, b: &Tensor, op: impl Fn(f32, f32) -> u16 + Sync) -> Resu
             },
         )
     })
+}
+
+/// [`through_f32`] for a kernel with one output.
+pub(crate) fn through_f32_one(
+    inputs: &[&Tensor],
+    kernel: impl FnOnce(&[&Tensor]) -> Result<Option<Tensor>>,
+) -> Result<Option<Tensor>> {
+    let outputs = through_f32(inputs, |s| Ok(kernel(s)?.map(|out| vec![out])))?;
+    Ok(outputs.map(|mut out| out.remove(0)))
 }
 
 /// Runs `kernel`, one of this module's f32 kernels, on bf16 CPU tensors: each input widened
@@ -535,51 +575,100 @@ pub(crate) fn silu_mul_bf16(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>
 
 /// RMSNorm of the rows of bf16 `x: [..., d]` on the CPU with a bf16 `weight: [d]`, as
 /// Hugging Face computes it in bf16: `x * rsqrt(mean(x²) + eps)` in f32, rounded to bf16, then
-/// times the weight, rounded again. One pass over the rows.
+/// times the weight, rounded again.
 pub(crate) fn rms_norm_bf16(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>> {
-    let d = weight.elem_count();
-    if x.dims().last() != Some(&d) || d == 0 {
+    normalize_rows_bf16(
+        x,
+        &[weight],
+        #[inline(always)]
+        |row, params, out| {
+            let mean = lane_sum(row, |v| v * v) / row.len() as f32;
+            let scale = 1.0 / (mean + eps as f32).sqrt();
+            for ((o, &v), &w) in out.iter_mut().zip(row).zip(params[0]) {
+                let normed = bf16::bf16_value(bf16::bf16_bits(v * scale));
+                *o = bf16::bf16_bits(normed * bf16::bf16_value(w));
+            }
+        },
+    )
+}
+
+/// LayerNorm of the rows of bf16 `x: [..., d]` on the CPU with bf16 `weight` and `bias`
+/// (`[d]`): mean and variance (of the differences from the mean) in f32, each output rounded
+/// once, as PyTorch's bf16 `layer_norm`.
+pub(crate) fn layer_norm_bf16(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Option<Tensor>> {
+    normalize_rows_bf16(
+        x,
+        &[weight, bias],
+        #[inline(always)]
+        |row, params, out| {
+            let d = row.len() as f32;
+            let mean = lane_sum(row, |v| v) / d;
+            let variance = lane_sum(row, |v| (v - mean) * (v - mean)) / d;
+            let scale = 1.0 / (variance + eps as f32).sqrt();
+            for (((o, &v), &w), &b) in out.iter_mut().zip(row).zip(params[0]).zip(params[1]) {
+                let (w, b) = (bf16::bf16_value(w), bf16::bf16_value(b));
+                *o = bf16::bf16_bits((v - mean) * scale * w + b);
+            }
+        },
+    )
+}
+
+/// Runs `normalize(row, params, out)` on every row of bf16 `x: [..., d]` on the CPU, in
+/// parallel: `row` holds the row's values widened to f32, `params` the bits of the bf16
+/// `[d]` tensors `params`, and `out` takes the row's output bits. `None` unless all are bf16
+/// on the CPU and the rows have the parameters' length. `normalize` must be
+/// `#[inline(always)]`: it runs compiled for AVX-512 where the CPU has it.
+fn normalize_rows_bf16(
+    x: &Tensor,
+    params: &[&Tensor],
+    normalize: impl Fn(&[f32], &[&[u16]], &mut [u16]) + Sync,
+) -> Result<Option<Tensor>> {
+    let d = params[0].elem_count();
+    let fits = x.dims().last() == Some(&d) && params.iter().all(|p| p.dims() == [d]);
+    if !fits || d == 0 {
         return Ok(None);
     }
-    with_bf16_bits(&[x, weight], |s| {
-        let (rows, weights) = (s[0], s[1]);
-        let mut out = vec![0u16; rows.len()];
-        out.par_chunks_mut(d)
-            .zip(rows.par_chunks(d))
-            .for_each(|(out, row)| {
+    let operands: Vec<&Tensor> = [x].into_iter().chain(params.iter().copied()).collect();
+    with_bf16_bits(&operands, |s| {
+        let mut out = vec![0u16; s[0].len()];
+        out.par_chunks_mut(d).zip(s[0].par_chunks(d)).for_each_init(
+            || vec![0f32; d],
+            |row, (out, bits)| {
                 with_wide_vectors(
                     #[inline(always)]
                     || {
-                        // Sums in 16 lanes, which the compiler vectorises.
-                        let mut squares = [0f32; 16];
-                        let mut chunks = row.chunks_exact(16);
-                        for chunk in &mut chunks {
-                            for (sum, &v) in squares.iter_mut().zip(chunk) {
-                                let v = bf16::bf16_value(v);
-                                *sum += v * v;
-                            }
+                        for (r, &b) in row.iter_mut().zip(bits) {
+                            *r = bf16::bf16_value(b);
                         }
-                        for (sum, &v) in squares.iter_mut().zip(chunks.remainder()) {
-                            let v = bf16::bf16_value(v);
-                            *sum += v * v;
-                        }
-                        let mean = squares.iter().sum::<f32>() / d as f32;
-                        let scale = 1.0 / (mean + eps as f32).sqrt();
-                        for ((o, &v), &w) in out.iter_mut().zip(row).zip(weights) {
-                            let normed =
-                                bf16::bf16_value(bf16::bf16_bits(bf16::bf16_value(v) * scale));
-                            *o = bf16::bf16_bits(normed * bf16::bf16_value(w));
-                        }
+                        normalize(row, &s[1..], out)
                     },
                 )
-            });
-        use half::vec::HalfBitsVecExt;
-        Ok(Tensor::from_vec(
-            out.reinterpret_into::<half::bf16>(),
-            x.dims(),
-            &Device::Cpu,
-        )?)
+            },
+        );
+        bf16_tensor_of_bits(out, x.dims())
     })
+}
+
+/// The sum of `f(v)` over `values`, taken in 16 independent lanes that the compiler
+/// vectorises (a single running sum cannot be reordered).
+#[inline(always)]
+fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = values.chunks_exact(16);
+    for chunk in &mut chunks {
+        for (sum, &v) in lanes.iter_mut().zip(chunk) {
+            *sum += f(v);
+        }
+    }
+    for (sum, &v) in lanes.iter_mut().zip(chunks.remainder()) {
+        *sum += f(v);
+    }
+    lanes.iter().sum()
 }
 
 /// erf(x) within 1.5e-7 plus f32 rounding: Abramowitz and Stegun's formula 7.1.26 (as
@@ -774,6 +863,16 @@ mod tests {
             let unpacked = Linear::Tensors(candle_nn::Linear::new(w.clone(), Some(b.clone())));
             let what = format!("{rows} x {inner} x {outer} unpacked");
             assert_bf16_close(&unpacked.forward(&x).unwrap(), &with_bias, 1.0, 1e-5, &what);
+            if inner == 7 {
+                // No rows; a bias of the wrong length.
+                let none = linear_bf16(Kernel::Portable, &bf16_randn(&[0, inner]), &weight, bias);
+                assert_eq!(none.unwrap().dims(), &[0, outer]);
+                let short = linear_bf16(Kernel::Portable, &x, &weight, Some(&[0.0; 2]));
+                assert!(short
+                    .unwrap_err()
+                    .to_string()
+                    .contains("7 inputs and 5 outputs"));
+            }
             let wrong = linear_bf16(
                 Kernel::Portable,
                 &bf16_randn(&[2, inner + 1]),
@@ -836,6 +935,16 @@ mod tests {
             equal > 0.99,
             "rms norm: {equal} of the values are bit for bit"
         );
+
+        // LayerNorm: candle's f32 one on the widened values, rounded once.
+        let (weight, bias) = (bf16_randn(&[37]), bf16_randn(&[37]));
+        let reference = candle_nn::ops::layer_norm(&xf, &wide(&weight), &wide(&bias), 1e-5);
+        let fast = layer_norm_bf16(&x, &weight, &bias, 1e-5).unwrap().unwrap();
+        assert_bf16_close(&fast, &reference.unwrap(), 1.0, 1e-5, "layer norm");
+        let short = bias.narrow(0, 0, 36).unwrap();
+        assert!(layer_norm_bf16(&x, &weight, &short, 1e-5)
+            .unwrap()
+            .is_none());
     }
 
     #[test]

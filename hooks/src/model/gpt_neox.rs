@@ -77,7 +77,6 @@ pub(crate) fn load(cfg: &GptNeoxConfig, w: &Loader) -> Result<GptNeox> {
             weight: unembed,
         },
         rotary: Rotary::new(cfg.rotary_dims(), cfg.rotary_base),
-
         packed_unembedding: Default::default(),
     })
 }

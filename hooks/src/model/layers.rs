@@ -3,8 +3,9 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::cpu_kernels::{linear_bf16, rms_norm_bf16, through_f32};
+use super::cpu_kernels::{layer_norm_bf16, linear_bf16, rms_norm_bf16, through_f32_one};
 use crate::cpu::bf16::{Kernel, PackedB};
+use crate::cpu::{is_cpu_bf16, is_cpu_f32};
 use crate::weights::WeightStore;
 use crate::Result;
 
@@ -36,7 +37,7 @@ impl Loader<'_> {
         };
         // Without bf16 hardware the portable bf16 kernel is slower than f32 products of the
         // widened values, which the layer then takes (see `forward`).
-        if crate::cpu::is_cpu_bf16(&weight) && Kernel::detect().is_native() {
+        if is_cpu_bf16(&weight) && Kernel::detect().is_native() {
             return Linear::packed_bf16(&weight, bias);
         }
         Ok(Linear::Tensors(candle_nn::Linear::new(weight, bias)))
@@ -75,40 +76,39 @@ pub(crate) enum Linear {
 impl Linear {
     /// A bf16 CPU layer from its `[out, in]` weight and `[out]` bias.
     pub(crate) fn packed_bf16(weight: &Tensor, bias: Option<Tensor>) -> Result<Linear> {
-        let (outer, inner) = weight.dims2()?;
-        let values = weight
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let weight = PackedB::pack(inner, outer, |row, col| values[col * inner + row]);
-        let bias = bias
-            .map(|b| Ok::<_, crate::Error>((b.to_dtype(DType::F32)?.to_vec1::<f32>()?, b)))
-            .transpose()?
-            .map(|(wide, b)| (b, wide));
+        let weight = crate::cpu::packed_transposed(weight)?;
+        let bias = match bias {
+            Some(b) => Some((b.to_dtype(DType::F32)?.to_vec1::<f32>()?, b)),
+            None => None,
+        };
+        let bias = bias.map(|(wide, b)| (b, wide));
         Ok(Linear::PackedBf16 { weight, bias })
     }
 
     /// Applies the layer to `[..., in]`, as one matrix product over all leading dimensions.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Linear::PackedBf16 { weight, bias } = self {
-            let bias = bias.as_ref().map(|(_, wide)| wide.as_slice());
-            return Ok(over_rows(x, |rows| {
-                linear_bf16(Kernel::detect(), rows, weight, bias).map(Some)
-            })?
-            .expect("always made"));
-        }
-        if x.rank() >= 2 {
-            let weight = self.weight()?;
+        let layer = match self {
+            Linear::PackedBf16 { weight, bias } => {
+                let bias = bias.as_ref().map(|(_, wide)| wide.as_slice());
+                return Ok(over_rows(x, |rows| {
+                    linear_bf16(Kernel::detect(), rows, weight, bias).map(Some)
+                })?
+                .expect("always made"));
+            }
+            Linear::Tensors(layer) => layer,
+        };
+        if (is_cpu_f32(x) || is_cpu_bf16(x)) && x.rank() >= 2 {
+            let (weight, bias) = (layer.weight(), layer.bias());
             if let Some(out) = over_rows(x, |rows| {
-                let operands: Vec<&Tensor> =
-                    [rows, weight].into_iter().chain(self.bias()).collect();
-                // bf16: the f32 layer on the widened values, its output rounded once.
-                if let Some(out) = through_f32(&operands, |s| {
-                    Ok(super::cpu_kernels::linear(s[0], s[1], s.get(2).copied())?.map(|o| vec![o]))
+                let operands: Vec<&Tensor> = [rows, weight].into_iter().chain(bias).collect();
+                // bf16 without bf16 hardware: the f32 layer on the widened values (the
+                // weight widened for this call only), its output rounded once.
+                if let Some(out) = through_f32_one(&operands, |s| {
+                    super::cpu_kernels::linear(s[0], s[1], s.get(2).copied())
                 })? {
-                    return Ok(out.into_iter().next());
+                    return Ok(Some(out));
                 }
-                super::cpu_kernels::linear(rows, weight, self.bias())
+                super::cpu_kernels::linear(rows, weight, bias)
             })? {
                 return Ok(out);
             }
@@ -117,7 +117,8 @@ impl Linear {
     }
 
     /// `x W^T` without the bias, for a fused kernel that adds it ([`Linear::add_bias`] when
-    /// none applies).
+    /// none applies). The fused kernels are CUDA's; on a packed bf16 layer this rounds the
+    /// product to bf16 before the bias is added, which [`Linear::forward`] does not.
     pub fn product(&self, x: &Tensor) -> Result<Tensor> {
         if let Linear::PackedBf16 { weight, .. } = self {
             return Ok(over_rows(x, |rows| {
@@ -166,6 +167,11 @@ fn over_rows(
     f: impl FnOnce(&Tensor) -> Result<Option<Tensor>>,
 ) -> Result<Option<Tensor>> {
     let dims = x.dims();
+    if dims.is_empty() {
+        return Err(crate::Error::InvalidArgument(
+            "a linear layer was given a scalar, not rows of values".into(),
+        ));
+    }
     let (leading, inner) = dims.split_at(dims.len() - 1);
     let Some(out) = f(&x.reshape((leading.iter().product::<usize>(), inner[0]))?)? else {
         return Ok(None);
@@ -214,6 +220,9 @@ impl LayerNorm {
 
 /// LayerNorm over the last dimension with weight and bias.
 pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if let Some(out) = layer_norm_bf16(x, weight, bias, eps)? {
+        return Ok(out);
+    }
     Ok(candle_nn::ops::layer_norm(
         &x.contiguous()?,
         weight,
@@ -436,8 +445,8 @@ pub(crate) fn causal_attention(
 }
 
 /// The attention output and weights `[b, heads, t, t]`, for a hook on the pattern: on the
-/// CPU in f32 the kernel's (its output is [`causal_attention`]'s), elsewhere the generic
-/// path's. Either way, [`weighted_values`] of that pattern gives the same output bit for bit.
+/// CPU in f32 or bf16 the kernel's (its output is [`causal_attention`]'s), elsewhere the
+/// generic path's. Either way, [`weighted_values`] of that pattern gives the same output bit for bit.
 pub(crate) fn causal_attention_with_pattern(
     q: &Tensor,
     k: &Tensor,

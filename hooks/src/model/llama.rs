@@ -95,7 +95,6 @@ pub(crate) fn load(cfg: &LlamaConfig, w: &Loader) -> Result<Llama> {
             Some(scaling) => Rotary::llama3(hd, cfg.rope_theta, scaling),
             None => Rotary::new(hd, cfg.rope_theta),
         },
-
         packed_unembedding: Default::default(),
     })
 }

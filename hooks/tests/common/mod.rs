@@ -39,8 +39,11 @@ fn uniform_causal_pattern(like: &Tensor) -> hooks::Result<Tensor> {
 /// pattern gives the output of the one that does not, and re-weighs the values by a replaced
 /// pattern in the same order.
 pub fn assert_self_replacement_changes_no_bit(model: &Model, ids: &Tensor) {
-    let flat =
-        |t: Option<Tensor>| -> Vec<f32> { t.unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+    // Exact for every dtype a model computes in.
+    let flat = |t: Option<Tensor>| -> Vec<f32> {
+        let t = t.unwrap().to_dtype(hooks::candle_core::DType::F32).unwrap();
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    };
     let [all, per_token] = all_then_per_token_points(model);
     let reference = model
         .forward(ids, &mut Hooks::new().capture(all.clone()))

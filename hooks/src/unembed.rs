@@ -1,10 +1,18 @@
 //! The last step of a model, final norm then unembedding, as a value of its own: lenses
 //! decode every layer's residual stream with it.
 
-use candle_core::{DType, Tensor, D};
+use std::sync::{Arc, OnceLock};
 
+use candle_core::{DType, Tensor, TensorId, D};
+
+use crate::cpu::bf16::{Kernel, PackedB};
+use crate::cpu::{is_cpu_bf16, packed_transposed};
+use crate::model::cpu_kernels::{linear, linear_bf16, through_f32_one};
 use crate::model::layers::{layer_norm, rms_norm};
 use crate::Result;
+
+/// Rows of a bf16 unembedding widened to f32 at once where the CPU has no bf16 hardware.
+const VOCABULARY_SLICE: usize = 8192;
 
 /// The model's final normalisation.
 #[derive(Debug, Clone)]
@@ -34,9 +42,34 @@ pub struct Unembedding {
     pub norm: FinalNorm,
     /// The unembedding matrix, `[vocab, d]`.
     pub weight: Tensor,
+    packed: PackedUnembedding,
+}
+
+/// The unembedding packed for the bf16 product on the CPU, made by the first bf16 projection
+/// on a CPU with bf16 hardware and shared by clones (the model's and the lenses'). It is kept
+/// with the id of the tensor it was made from: a replaced `weight` is packed afresh.
+#[derive(Clone, Default)]
+struct PackedUnembedding(Arc<OnceLock<(TensorId, PackedB)>>);
+
+impl std::fmt::Debug for PackedUnembedding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let packed = self.0.get().map(|(_, packed)| packed.bytes());
+        f.debug_struct("PackedUnembedding")
+            .field("bytes", &packed)
+            .finish()
+    }
 }
 
 impl Unembedding {
+    /// The final norm `norm` and the unembedding matrix `weight` (`[vocab, d]`).
+    pub fn new(norm: FinalNorm, weight: Tensor) -> Self {
+        Unembedding {
+            norm,
+            weight,
+            packed: PackedUnembedding::default(),
+        }
+    }
+
     /// The final norm of `h: [..., d]`, exactly as the model computes it.
     pub fn normalize(&self, h: &Tensor) -> Result<Tensor> {
         match &self.norm {
@@ -50,12 +83,17 @@ impl Unembedding {
         self.project(&self.normalize(h)?)
     }
 
-    /// Logits `[..., vocab]` of already normalised vectors `[..., d]`.
+    /// Logits `[..., vocab]` of already normalised vectors `[..., d]`. In bf16 on the CPU as
+    /// a bf16 model's linear layers (see `project_bf16`).
     pub fn project(&self, normed: &Tensor) -> Result<Tensor> {
         let dims = normed.dims().to_vec();
         let d = dims[dims.len() - 1];
         let flat = normed.reshape((normed.elem_count() / d, d))?;
-        let logits = flat.matmul(&self.weight.t()?)?;
+        let logits = if is_cpu_bf16(&flat) && is_cpu_bf16(&self.weight) {
+            self.project_bf16(&flat, Kernel::detect().is_native())?
+        } else {
+            flat.matmul(&self.weight.t()?)?
+        };
         let mut shape = dims;
         *shape.last_mut().unwrap() = self.weight.dim(0)?;
         Ok(logits.reshape(shape)?)
@@ -84,9 +122,99 @@ impl Unembedding {
                 eps: *eps,
             },
         };
-        Ok(Unembedding {
-            norm,
-            weight: self.weight.to_dtype(dtype)?,
-        })
+        Ok(Unembedding::new(norm, self.weight.to_dtype(dtype)?))
+    }
+
+    /// The logits of bf16 `rows: [n, d]` on the CPU: with `bf16_hardware` through the bf16
+    /// product with the packed unembedding, else as f32 products of the widened values, a
+    /// slice of the vocabulary at a time; each logit rounded once to bf16.
+    fn project_bf16(&self, rows: &Tensor, bf16_hardware: bool) -> Result<Tensor> {
+        let weight = &self.weight;
+        if bf16_hardware {
+            let fresh;
+            let packed = match self.packed.0.get() {
+                Some((id, packed)) if *id == weight.id() => packed,
+                Some(_) => {
+                    fresh = packed_transposed(weight)?;
+                    &fresh
+                }
+                None => {
+                    let packed = packed_transposed(weight)?;
+                    &self.packed.0.get_or_init(|| (weight.id(), packed)).1
+                }
+            };
+            return linear_bf16(Kernel::detect(), rows, packed, None);
+        }
+        let vocab = weight.dim(0)?;
+        let slices = (0..vocab)
+            .step_by(VOCABULARY_SLICE)
+            .map(|first| {
+                let slice = weight.narrow(0, first, VOCABULARY_SLICE.min(vocab - first))?;
+                let product = through_f32_one(&[rows, &slice], |s| linear(s[0], s[1], None))?;
+                Ok(product.expect("bf16 on the CPU"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&slices, 1)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    /// bf16 logits on the CPU, with and without bf16 hardware (over several slices of the
+    /// vocabulary), against the f32 product of the same bf16 values rounded once: at most a
+    /// unit apart. The packed unembedding is made once, shared by clones, and not used for
+    /// a replaced weight.
+    #[test]
+    fn bf16_logits_match_the_rounded_f32_product_on_either_path() {
+        let (vocab, d, rows) = (VOCABULARY_SLICE + 100, 24, 5);
+        let bf16 = |shape: &[usize]| {
+            let t = Tensor::randn(0f32, 1., shape, &Device::Cpu).unwrap();
+            t.to_dtype(DType::BF16).unwrap()
+        };
+        let norm = FinalNorm::Rms {
+            weight: bf16(&[d]),
+            eps: 1e-5,
+        };
+        let mut unembedding = Unembedding::new(norm, bf16(&[vocab, d]));
+        let normed = bf16(&[1, rows, d]);
+        let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let native = Kernel::detect().is_native();
+        for replaced in [false, true] {
+            if replaced {
+                unembedding.weight = bf16(&[vocab, d]);
+            }
+            let weight = wide(&unembedding.weight).t().unwrap();
+            let reference = wide(&normed).broadcast_matmul(&weight).unwrap();
+            let reference: Vec<f32> = reference.flatten_all().unwrap().to_vec1().unwrap();
+            let paths = if native {
+                vec![true, false]
+            } else {
+                vec![false]
+            };
+            for bf16_hardware in paths {
+                let rows = normed.reshape((rows, d)).unwrap();
+                let logits = unembedding.project_bf16(&rows, bf16_hardware).unwrap();
+                assert_eq!(logits.dims(), &[rows.dim(0).unwrap(), vocab]);
+                assert_eq!(logits.dtype(), DType::BF16);
+                let logits: Vec<f32> = wide(&logits).flatten_all().unwrap().to_vec1().unwrap();
+                for (i, (got, want)) in logits.iter().zip(&reference).enumerate() {
+                    let tolerance = (want.abs() / 128.0).max(1e-5);
+                    let what = format!("replaced {replaced}, bf16 hardware {bf16_hardware}");
+                    assert!(
+                        (got - want).abs() <= tolerance,
+                        "{what} at {i}: {got} vs {want}"
+                    );
+                }
+            }
+            // project() takes the path of this CPU, with the same answer.
+            let projected = unembedding.project(&normed).unwrap();
+            assert_eq!(projected.dims(), &[1, rows, vocab]);
+        }
+        let clone = unembedding.clone();
+        assert_eq!(clone.packed.0.get().is_some(), native, "shared by clones");
     }
 }

@@ -255,9 +255,13 @@ fn broken_model_folders_are_clear_errors() {
 
 #[test]
 fn unembedding_of_the_last_layer_reproduces_the_logits() {
-    for case in TINY_CASES {
+    // In bf16 too, where the CPU's logits take the packed bf16 product.
+    for (case, dtype) in TINY_CASES
+        .iter()
+        .flat_map(|case| [(case, DType::F32), (case, DType::BF16)])
+    {
         let dir = fixture_dir(case);
-        let model = load(&dir, DType::F32);
+        let model = load(&dir, dtype);
         let last = HookPoint::Layer(model.config().num_layers() - 1);
         let out = model
             .forward(
@@ -266,15 +270,14 @@ fn unembedding_of_the_last_layer_reproduces_the_logits() {
             )
             .unwrap();
         let logits = model.unembedding().forward(&out.captures[&last]).unwrap();
-        let a: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = out
-            .logits
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert!(a == b, "{case}");
+        let flat = |t: &Tensor| -> Vec<f32> {
+            let t = t.to_dtype(DType::F32).unwrap();
+            t.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        assert!(
+            flat(&logits) == flat(&out.logits.unwrap()),
+            "{case} {dtype:?}"
+        );
     }
 }
 

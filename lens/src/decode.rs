@@ -286,14 +286,12 @@ mod tests {
     #[test]
     fn candle_bf16_decoding_matches_the_packed_kernel() {
         let (n, d, vocab) = (37, 48, 1003);
-        let unembedding = Unembedding {
-            norm: FinalNorm::Layer {
-                weight: (randn(&[d], 0.1) + 1.0).unwrap(),
-                bias: randn(&[d], 0.1),
-                eps: 1e-5,
-            },
-            weight: randn(&[vocab, d], 0.3),
+        let norm = FinalNorm::Layer {
+            weight: (randn(&[d], 0.1) + 1.0).unwrap(),
+            bias: randn(&[d], 0.1),
+            eps: 1e-5,
         };
+        let unembedding = Unembedding::new(norm, randn(&[vocab, d], 0.3));
         let target = Target::from_logits(&randn(&[n, vocab], 2.0)).unwrap();
         let (h, weight, bias) = (randn(&[n, d], 1.0), randn(&[d, d], 0.05), randn(&[d], 0.05));
         let run =
@@ -344,13 +342,11 @@ mod tests {
     #[test]
     fn tf32_final_logits_move_the_kl_target_little() {
         let (n, d, vocab) = (64, 48, 1003);
-        let unembedding = Unembedding {
-            norm: FinalNorm::Rms {
-                weight: (randn(&[d], 0.1) + 1.0).unwrap(),
-                eps: 1e-6,
-            },
-            weight: randn(&[vocab, d], 0.5),
+        let norm = FinalNorm::Rms {
+            weight: (randn(&[d], 0.1) + 1.0).unwrap(),
+            eps: 1e-6,
         };
+        let unembedding = Unembedding::new(norm, randn(&[vocab, d], 0.5));
         let h = randn(&[n, d], 1.0);
         let normed = unembedding.normalize(&h).unwrap();
         let logits_from = |normed: &Tensor, weight: &Tensor| {

@@ -237,7 +237,7 @@ mod tests {
                 eps: 1e-6,
             }
         };
-        Unembedding { norm, weight }
+        Unembedding::new(norm, weight)
     }
 
     /// Central finite differences in f64 on every parameter.

@@ -72,12 +72,8 @@ pub(crate) fn load(cfg: &GptNeoxConfig, w: &Loader) -> Result<GptNeox> {
     Ok(GptNeox {
         embed,
         blocks,
-        unembedding: Unembedding {
-            norm: final_norm.to_final_norm(),
-            weight: unembed,
-        },
+        unembedding: Unembedding::new(final_norm.to_final_norm(), unembed),
         rotary: Rotary::new(cfg.rotary_dims(), cfg.rotary_base),
-        packed_unembedding: Default::default(),
     })
 }
 

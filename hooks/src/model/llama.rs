@@ -87,15 +87,11 @@ pub(crate) fn load(cfg: &LlamaConfig, w: &Loader) -> Result<Llama> {
     Ok(Llama {
         embed,
         blocks,
-        unembedding: Unembedding {
-            norm: final_norm.to_final_norm(),
-            weight: unembed,
-        },
+        unembedding: Unembedding::new(final_norm.to_final_norm(), unembed),
         rotary: match &cfg.rope_scaling {
             Some(scaling) => Rotary::llama3(hd, cfg.rope_theta, scaling),
             None => Rotary::new(hd, cfg.rope_theta),
         },
-        packed_unembedding: Default::default(),
     })
 }
 

@@ -1,7 +1,7 @@
 //! One model interface for every architecture: load by name, list hook points, run a
 //! forward pass with captures and replacements.
 
-mod cpu_kernels;
+pub(crate) mod cpu_kernels;
 mod decoder;
 mod flash_attention;
 mod gpt_neox;

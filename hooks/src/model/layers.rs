@@ -78,10 +78,12 @@ impl Linear {
     pub(crate) fn packed_bf16(weight: &Tensor, bias: Option<Tensor>) -> Result<Linear> {
         let weight = crate::cpu::packed_transposed(weight)?;
         let bias = match bias {
-            Some(b) => Some((b.to_dtype(DType::F32)?.to_vec1::<f32>()?, b)),
+            Some(b) => {
+                let wide = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                Some((b, wide))
+            }
             None => None,
         };
-        let bias = bias.map(|(wide, b)| (b, wide));
         Ok(Linear::PackedBf16 { weight, bias })
     }
 

@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor, TensorId, D};
 
 use crate::cpu::bf16::{Kernel, PackedB};
 use crate::cpu::{is_cpu_bf16, packed_transposed};
-use crate::model::cpu_kernels::{linear, linear_bf16, through_f32_one};
+use crate::model::cpu_kernels::{linear, linear_bf16, through_f32};
 use crate::model::layers::{layer_norm, rms_norm};
 use crate::Result;
 
@@ -150,7 +150,7 @@ impl Unembedding {
             .step_by(VOCABULARY_SLICE)
             .map(|first| {
                 let slice = weight.narrow(0, first, VOCABULARY_SLICE.min(vocab - first))?;
-                let product = through_f32_one(&[rows, &slice], |s| linear(s[0], s[1], None))?;
+                let product = through_f32(&[rows, &slice], |s| linear(s[0], s[1], None))?;
                 Ok(product.expect("bf16 on the CPU"))
             })
             .collect::<Result<Vec<_>>>()?;

@@ -6,10 +6,11 @@
 //! and the caller then uses the generic candle path.
 //!
 //! A bf16 model on the CPU computes each step in f32 from bf16 values and rounds its output to
-//! bf16, as PyTorch's CPU kernels do: attention through the f32 kernel ([`through_f32`]), the
-//! rotary heads, norms and element-wise steps in one pass each, and its linear layers through
-//! the bf16 product ([`linear_bf16`]). candle's own bf16 CPU ops convert element by element
-//! and made a bf16 forward pass several times slower than an f32 one. Where the arithmetic is
+//! bf16, as PyTorch's CPU kernels do: attention, the rotary heads, the norms and the
+//! element-wise steps in one pass each (a replaced attention pattern through
+//! [`through_f32`]), its linear layers through the bf16 product ([`linear_bf16`]). candle's
+//! own bf16 CPU ops convert element by element and made a bf16 forward pass several times
+//! slower than an f32 one. Where the arithmetic is
 //! not Hugging Face's step for step: attention scores and the softmax stay in f32 (the
 //! weights are rounded to bf16, as there), and the rotary embedding is computed in f32 and
 //! rounded once (PyTorch rounds each product and the sum).
@@ -22,8 +23,8 @@ use rayon::prelude::*;
 use super::layers::HeadColumns;
 use crate::cpu::bf16::{self, Kernel, PackedB};
 use crate::cpu::{
-    bf16_tensor_from, bf16_tensor_of_bits, is_cpu_bf16, product_with_transposed, rounded_to_bf16,
-    widened_bf16, with_bf16_bits, with_f32_slices, with_wide_vectors, SharedOut,
+    bf16_tensor, bf16_tensor_from, bf16_tensor_of_bits, is_cpu_bf16, product_with_transposed,
+    rounded_to_bf16, widened_bf16, with_bf16_bits, with_f32_slices, with_wide_vectors, SharedOut,
 };
 use crate::{Error, Result};
 
@@ -32,14 +33,9 @@ const BLOCK: usize = 64;
 
 /// Causal softmax attention, computed in f32 for f32 or bf16 tensors (whose weights are
 /// rounded to bf16). `q: [b, heads, t, d]`, `k`/`v`: `[b, kv_heads, t, d]`; returns
-/// `[b, t, heads * d]`. Scores are scaled by `1/sqrt(d)`.
+/// `[b, t, heads * d]` in their dtype. Scores are scaled by `1/sqrt(d)`.
 pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
-    if let Some(out) = through_f32_one(&[q, k, v], |s| {
-        Ok(blocked_attention(s[0], s[1], s[2], false, true)?.map(|(out, _)| out))
-    })? {
-        return Ok(Some(out));
-    }
-    Ok(blocked_attention(q, k, v, false, false)?.map(|(out, _)| out))
+    Ok(blocked_attention(q, k, v, false)?.map(|(out, _)| out))
 }
 
 /// [`causal_attention`] that also returns the attention weights it used, `[b, heads, t, t]`
@@ -50,113 +46,184 @@ pub(crate) fn causal_attention_with_pattern(
     k: &Tensor,
     v: &Tensor,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    if let Some(both) = through_f32(&[q, k, v], |s| {
-        Ok(blocked_attention(s[0], s[1], s[2], true, true)?
-            .map(|(out, pattern)| vec![out, pattern.expect("kept on request")]))
-    })? {
-        let [out, pattern] = <[Tensor; 2]>::try_from(both).expect("two outputs");
-        return Ok(Some((out, pattern)));
-    }
-    Ok(blocked_attention(q, k, v, true, false)?
+    Ok(blocked_attention(q, k, v, true)?
         .map(|(out, pattern)| (out, pattern.expect("kept on request"))))
 }
 
-/// Causal attention over f32 `q`, `k`, `v`, with its weights when `keep_pattern`. With
-/// `bf16_weights` the weights are rounded to bf16 before they weigh the values, as a bf16
-/// model's pattern is: re-weighing by that pattern then gives the same output.
+/// One attention operand's data: f32, or bf16 bits widened to f32 a head at a time.
+#[derive(Clone, Copy)]
+enum Operand<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl Operand<'_> {
+    /// The `len` values from `start`, in f32.
+    fn values(&self, start: usize, len: usize) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            Operand::F32(data) => std::borrow::Cow::Borrowed(&data[start..][..len]),
+            Operand::Bf16(bits) => {
+                let bits = &bits[start..][..len];
+                std::borrow::Cow::Owned(bits.iter().map(|&b| bf16::bf16_value(b)).collect())
+            }
+        }
+    }
+}
+
+/// Where [`attend`] writes the heads' outputs `[b, t, heads * d]`: f32, or bf16 rounded from
+/// each head's f32 rows.
+#[derive(Clone, Copy)]
+enum Output {
+    F32(SharedOut<f32>),
+    Bf16(SharedOut<u16>),
+}
+
+/// Causal attention over f32 or bf16 `q`, `k`, `v` (all one dtype), with its weights when
+/// `keep_pattern`. In bf16 the weights are rounded to bf16 before they weigh the values, as
+/// a bf16 model's pattern is: re-weighing by that pattern then gives the same output.
 fn blocked_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     keep_pattern: bool,
-    bf16_weights: bool,
 ) -> Result<Option<(Tensor, Option<Tensor>)>> {
     let (b, heads, t, d) = q.dims4()?;
     let kv_heads = k.dim(1)?;
+    let shape = (b, heads, kv_heads, t, d);
+    let out_shape = [b, t, heads * d];
+    let pattern_tensor = |pattern: Vec<f32>, bf16: bool| -> Result<Option<Tensor>> {
+        if !keep_pattern {
+            return Ok(None);
+        }
+        let dims = [b, heads, t, t];
+        Ok(Some(if bf16 {
+            bf16_tensor(&pattern, &dims)? // already rounded: exact
+        } else {
+            Tensor::from_vec(pattern, &dims[..], &Device::Cpu)?
+        }))
+    };
+    if let Some(both) = with_f32_slices(&[q, k, v], |s| {
+        let mut out = vec![0f32; b * t * heads * d];
+        let [q, k, v] = [s[0], s[1], s[2]].map(Operand::F32);
+        let output = Output::F32(SharedOut(out.as_mut_ptr()));
+        let pattern = attend((q, k, v), shape, keep_pattern, output);
+        let out = Tensor::from_vec(out, &out_shape[..], &Device::Cpu)?;
+        Ok((out, pattern_tensor(pattern, false)?))
+    })? {
+        return Ok(Some(both));
+    }
+    with_bf16_bits(&[q, k, v], |s| {
+        let mut out = vec![0u16; b * t * heads * d];
+        let [q, k, v] = [s[0], s[1], s[2]].map(Operand::Bf16);
+        let output = Output::Bf16(SharedOut(out.as_mut_ptr()));
+        let pattern = attend((q, k, v), shape, keep_pattern, output);
+        Ok((
+            bf16_tensor_of_bits(out, &out_shape)?,
+            pattern_tensor(pattern, true)?,
+        ))
+    })
+}
+
+/// [`blocked_attention`]'s work: every head in parallel, its query rows in blocks of
+/// [`BLOCK`], into `output`; returns the weights `[b, heads, t, t]` when `keep_pattern`
+/// (else nothing). `shape` is `(b, heads, kv_heads, t, d)`.
+fn attend(
+    (q, k, v): (Operand, Operand, Operand),
+    (b, heads, kv_heads, t, d): (usize, usize, usize, usize, usize),
+    keep_pattern: bool,
+    output: Output,
+) -> Vec<f32> {
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    with_f32_slices(&[q, k, v], |s| {
-        let (q, k, v) = (s[0], s[1], s[2]);
-        let mut out = vec![0f32; b * t * heads * d];
-        let mut pattern = vec![0f32; if keep_pattern { b * heads * t * t } else { 0 }];
-        let out_base = SharedOut(out.as_mut_ptr());
-        let pattern_base = SharedOut(pattern.as_mut_ptr());
-        (0..b * heads).into_par_iter().for_each(|bh| {
-            let kv = bh / heads * kv_heads + bh % heads / group;
-            let qh = &q[bh * t * d..][..t * d];
-            let kh = &k[kv * t * d..][..t * d];
-            let vh = &v[kv * t * d..][..t * d];
-            let mut scores = vec![0f32; BLOCK * t];
-            for r0 in (0..t).step_by(BLOCK) {
-                let r1 = (r0 + BLOCK).min(t);
-                let (m, n) = (r1 - r0, r1);
-                // scores[m, n] = scale * q[r0..r1] @ k[0..r1]^T
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        n,
-                        d,
-                        scores.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        qh[r0 * d..].as_ptr(),
-                        1,
-                        d as isize,
-                        kh.as_ptr(),
-                        d as isize,
-                        1,
-                        0.0,
-                        scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-                with_wide_vectors(
-                    #[inline(always)]
-                    || {
-                        for i in 0..m {
-                            let row = &mut scores[i * n..(i + 1) * n];
-                            let visible = r0 + i + 1;
-                            softmax_in_place(&mut row[..visible]);
-                            if bf16_weights {
-                                for x in &mut row[..visible] {
-                                    *x = bf16::bf16_value(bf16::bf16_bits(*x));
-                                }
-                            }
-                            row[visible..].iter_mut().for_each(|x| *x = 0.0);
-                            if keep_pattern {
-                                // SAFETY: row r0 + i of head bh, written by this task only.
-                                unsafe {
-                                    let dst = pattern_base.at((bh * t + r0 + i) * t);
-                                    std::ptr::copy_nonoverlapping(row.as_ptr(), dst, n);
-                                }
+    let bf16_weights = matches!(output, Output::Bf16(_));
+    let mut pattern = vec![0f32; if keep_pattern { b * heads * t * t } else { 0 }];
+    let pattern_base = SharedOut(pattern.as_mut_ptr());
+    (0..b * heads).into_par_iter().for_each(|bh| {
+        let kv = bh / heads * kv_heads + bh % heads / group;
+        let qh = q.values(bh * t * d, t * d);
+        let kh = k.values(kv * t * d, t * d);
+        let vh = v.values(kv * t * d, t * d);
+        // A bf16 output's rows are summed here first, `d` apart.
+        let mut head_out = vec![0f32; if bf16_weights { t * d } else { 0 }];
+        let mut scores = vec![0f32; BLOCK * t];
+        for r0 in (0..t).step_by(BLOCK) {
+            let r1 = (r0 + BLOCK).min(t);
+            let (m, n) = (r1 - r0, r1);
+            // scores[m, n] = scale * q[r0..r1] @ k[0..r1]^T
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    d,
+                    scores.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    qh[r0 * d..].as_ptr(),
+                    1,
+                    d as isize,
+                    kh.as_ptr(),
+                    d as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            with_wide_vectors(
+                #[inline(always)]
+                || {
+                    for i in 0..m {
+                        let row = &mut scores[i * n..(i + 1) * n];
+                        let visible = r0 + i + 1;
+                        softmax_in_place(&mut row[..visible]);
+                        if bf16_weights {
+                            for x in &mut row[..visible] {
+                                *x = bf16::bf16_value(bf16::bf16_bits(*x));
                             }
                         }
-                    },
-                );
-                // SAFETY: rows r0..r1 of head bh, written by this task only.
-                unsafe {
-                    weigh_values(
-                        &scores[..m * n],
-                        m,
-                        n,
-                        vh,
-                        out_base,
-                        (bh, r0),
-                        (heads, t, d),
-                    )
+                        row[visible..].iter_mut().for_each(|x| *x = 0.0);
+                        if keep_pattern {
+                            // SAFETY: row r0 + i of head bh, written by this task only.
+                            unsafe {
+                                let dst = pattern_base.at((bh * t + r0 + i) * t);
+                                std::ptr::copy_nonoverlapping(row.as_ptr(), dst, n);
+                            }
+                        }
+                    }
+                },
+            );
+            // SAFETY: rows r0..r1 of head bh (in the output, or this task's own buffer),
+            // written by this task only.
+            unsafe {
+                let (dst, stride) = match output {
+                    Output::F32(out) => (out.at(head_row(bh, r0, heads, t, d)), heads * d),
+                    Output::Bf16(_) => (head_out.as_mut_ptr().add(r0 * d), d),
                 };
+                weigh_values(&scores[..m * n], m, n, &vh, d, dst, stride)
+            };
+        }
+        if let Output::Bf16(out) = output {
+            for (pos, row) in head_out.chunks_exact(d).enumerate() {
+                // SAFETY: row `pos` of head bh, inside the output, written by this task only.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(out.at(head_row(bh, pos, heads, t, d)), d)
+                };
+                for (o, &x) in dst.iter_mut().zip(row) {
+                    *o = bf16::bf16_bits(x);
+                }
             }
-        });
-        let out = Tensor::from_vec(out, (b, t, heads * d), &Device::Cpu)?;
-        let pattern = keep_pattern
-            .then(|| Tensor::from_vec(pattern, (b, heads, t, t), &Device::Cpu))
-            .transpose()?;
-        Ok((out, pattern))
-    })
+        }
+    });
+    pattern
+}
+
+/// Where row `pos` of head `bh` (of `[b * heads]`) starts in a `[b, t, heads * d]` output.
+fn head_row(bh: usize, pos: usize, heads: usize, t: usize, d: usize) -> usize {
+    (bh / heads * t + pos) * heads * d + bh % heads * d
 }
 
 /// `pattern @ v` for every head, `pattern: [b, heads, t, t]` (any weights, a replaced pattern
@@ -164,7 +231,7 @@ fn blocked_attention(
 /// of [`causal_attention`], over the visible keys only where the weights past them are zero,
 /// so the kernel's own pattern gives its output bit for bit.
 pub(crate) fn weighted_values(pattern: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
-    if let Some(out) = through_f32_one(&[pattern, v], |s| weighted_values(s[0], s[1]))? {
+    if let Some(out) = through_f32(&[pattern, v], |s| weighted_values(s[0], s[1]))? {
         return Ok(Some(out));
     }
     let (b, heads, t, keys) = pattern.dims4()?;
@@ -194,7 +261,8 @@ pub(crate) fn weighted_values(pattern: &Tensor, v: &Tensor) -> Result<Option<Ten
                 }
                 // SAFETY: rows r0..r1 of head bh, written by this task only.
                 unsafe {
-                    weigh_values(&block[..m * n], m, n, vh, out_base, (bh, r0), (heads, t, d))
+                    let dst = out_base.at(head_row(bh, r0, heads, t, d));
+                    weigh_values(&block[..m * n], m, n, vh, d, dst, heads * d)
                 };
             }
         });
@@ -202,28 +270,27 @@ pub(crate) fn weighted_values(pattern: &Tensor, v: &Tensor) -> Result<Option<Ten
     })
 }
 
-/// `out[batch, r0..r0 + m, head, :] = weights[m, n] @ v[0..n]` for head `bh` of `[b * heads]`,
-/// into the `[b, t, heads * d]` output (its rows are `heads * d` apart).
+/// `dst[0..m, 0..d] = weights[m, n] @ v[0..n, 0..d]`, the rows of `dst` `stride` floats apart.
 ///
 /// # Safety
-/// Those output rows must lie inside `out` and be written by no other task meanwhile.
+/// Those `m` rows of `d` floats at `dst` must be valid for writes and written by no other
+/// task meanwhile.
 unsafe fn weigh_values(
     weights: &[f32],
     m: usize,
     n: usize,
     v: &[f32],
-    out: SharedOut<f32>,
-    (bh, r0): (usize, usize),
-    (heads, t, d): (usize, usize, usize),
+    d: usize,
+    dst: *mut f32,
+    stride: usize,
 ) {
-    let dst = out.at((bh / heads * t + r0) * heads * d + bh % heads * d);
     gemm::gemm(
         m,
         d,
         n,
         dst,
         1,
-        (heads * d) as isize,
+        stride as isize,
         false,
         weights.as_ptr(),
         1,
@@ -481,22 +548,13 @@ fn zip_bf16(a: &Tensor, b: &Tensor, op: impl Fn(f32, f32) -> u16 + Sync) -> Resu
     })
 }
 
-/// [`through_f32`] for a kernel with one output.
-pub(crate) fn through_f32_one(
-    inputs: &[&Tensor],
-    kernel: impl FnOnce(&[&Tensor]) -> Result<Option<Tensor>>,
-) -> Result<Option<Tensor>> {
-    let outputs = through_f32(inputs, |s| Ok(kernel(s)?.map(|out| vec![out])))?;
-    Ok(outputs.map(|mut out| out.remove(0)))
-}
-
 /// Runs `kernel`, one of this module's f32 kernels, on bf16 CPU tensors: each input widened
-/// to f32 and each output rounded back to bf16. `None` unless every input is bf16 on the CPU,
+/// to f32 and the output rounded back to bf16. `None` unless every input is bf16 on the CPU,
 /// or when the kernel does not apply.
 pub(crate) fn through_f32(
     inputs: &[&Tensor],
-    kernel: impl FnOnce(&[&Tensor]) -> Result<Option<Vec<Tensor>>>,
-) -> Result<Option<Vec<Tensor>>> {
+    kernel: impl FnOnce(&[&Tensor]) -> Result<Option<Tensor>>,
+) -> Result<Option<Tensor>> {
     if !inputs.iter().all(|t| is_cpu_bf16(t)) {
         return Ok(None);
     }
@@ -505,14 +563,7 @@ pub(crate) fn through_f32(
         .map(|t| Ok(widened_bf16(t)?.expect("bf16 on the CPU, checked above")))
         .collect::<Result<Vec<_>>>()?;
     let wide: Vec<&Tensor> = wide.iter().collect();
-    let Some(outputs) = kernel(&wide)? else {
-        return Ok(None);
-    };
-    outputs
-        .iter()
-        .map(rounded_to_bf16)
-        .collect::<Result<_>>()
-        .map(Some)
+    kernel(&wide)?.map(|out| rounded_to_bf16(&out)).transpose()
 }
 
 /// `x * (1 + erf(x / sqrt 2)) / 2` elementwise, in parallel, with [`erf`]: within 1.8e-7 of the

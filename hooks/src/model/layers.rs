@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::cpu_kernels::{layer_norm_bf16, linear_bf16, rms_norm_bf16, through_f32_one};
+use super::cpu_kernels::{layer_norm_bf16, linear_bf16, rms_norm_bf16, through_f32};
 use crate::cpu::bf16::{Kernel, PackedB};
 use crate::cpu::{is_cpu_bf16, is_cpu_f32};
 use crate::weights::WeightStore;
@@ -105,7 +105,7 @@ impl Linear {
                 let operands: Vec<&Tensor> = [rows, weight].into_iter().chain(bias).collect();
                 // bf16 without bf16 hardware: the f32 layer on the widened values (the
                 // weight widened for this call only), its output rounded once.
-                if let Some(out) = through_f32_one(&operands, |s| {
+                if let Some(out) = through_f32(&operands, |s| {
                     super::cpu_kernels::linear(s[0], s[1], s.get(2).copied())
                 })? {
                     return Ok(Some(out));

@@ -31,6 +31,9 @@ pub const PANEL_WIDTH: usize = PANEL;
 const ROWS: usize = 6;
 /// Pairs of the reduction axis per cache block (vector kernels).
 const BLOCK_PAIRS: usize = 256;
+/// Bytes of packed panels (one cache block of each) that a task's row tiles run over in
+/// turn: half of a Sapphire Rapids core's L2.
+const PANEL_GROUP_BYTES: usize = 1 << 20;
 
 /// Rounds `x` to the nearest bfloat16 (ties to even), as bits; NaN stays NaN.
 #[inline(always)]
@@ -258,14 +261,24 @@ pub fn gemm_columns(
             let block_pairs = kernel.block_pairs();
             for p0 in (0..b.pairs).step_by(block_pairs) {
                 let pairs = block_pairs.min(b.pairs - p0);
-                for panel in panel_range.clone() {
-                    let col0 = panel * PANEL;
-                    let width = PANEL.min(end - col0);
-                    let packed = &b.data[(panel * b.pairs + p0) * PANEL..][..pairs * PANEL];
-                    for tile in tile_range.clone() {
-                        let row0 = tile * tile_rows;
-                        let rows = tile_rows.min(m - row0);
-                        let lhs = &a[row0 * lda + 2 * p0..];
+                // Panels in groups whose cache block fits in L2, each group's row tiles
+                // then run over all of it: the left-hand rows are read once per group
+                // where a panel at a time read them once per panel.
+                let group = (PANEL_GROUP_BYTES / (4 * pairs * PANEL)).max(1);
+                let panels = panel_range
+                    .clone()
+                    .step_by(group)
+                    .map(|start| start..(start + group).min(panel_range.end));
+                for (group, tile) in panels
+                    .flat_map(|group| tile_range.clone().map(move |tile| (group.clone(), tile)))
+                {
+                    let row0 = tile * tile_rows;
+                    let rows = tile_rows.min(m - row0);
+                    let lhs = &a[row0 * lda + 2 * p0..];
+                    for panel in group {
+                        let col0 = panel * PANEL;
+                        let width = PANEL.min(end - col0);
+                        let packed = &b.data[(panel * b.pairs + p0) * PANEL..][..pairs * PANEL];
                         // SAFETY: the tile (rows row0.., columns col0..col0 + width) lies
                         // inside `c` (checked above) and belongs to this task alone.
                         unsafe {

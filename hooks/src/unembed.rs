@@ -84,7 +84,7 @@ impl Unembedding {
     }
 
     /// Logits `[..., vocab]` of already normalised vectors `[..., d]`. In bf16 on the CPU as
-    /// a bf16 model's linear layers (see `project_bf16`).
+    /// a bf16 model's linear layers: bf16 products with f32 sums, each logit rounded once.
     pub fn project(&self, normed: &Tensor) -> Result<Tensor> {
         let dims = normed.dims().to_vec();
         let d = dims[dims.len() - 1];

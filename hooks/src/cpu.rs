@@ -53,22 +53,31 @@ pub(crate) fn with_bf16_bits<R>(
 /// `t` (bfloat16 on the CPU) widened to f32, exactly and in parallel; `None` for any other
 /// tensor.
 pub(crate) fn widened_bf16(t: &Tensor) -> Result<Option<Tensor>> {
-    with_bf16_bits(&[t], |s| {
-        let mut wide = vec![0f32; s[0].len()];
-        wide.par_chunks_mut(CONVERSION_CHUNK)
-            .zip(s[0].par_chunks(CONVERSION_CHUNK))
-            .for_each(|(wide, bits)| {
-                with_wide_vectors(
-                    #[inline(always)]
-                    || {
-                        for (w, &b) in wide.iter_mut().zip(bits) {
-                            *w = bf16::bf16_value(b);
-                        }
-                    },
-                )
-            });
-        Ok(Tensor::from_vec(wide, t.shape(), &Device::Cpu)?)
-    })
+    with_bf16_bits(&[t], |s| f32_tensor_map(s[0], t.shape(), bf16::bf16_value))
+}
+
+/// An f32 CPU tensor of `shape` holding `f` of each of `values`, in parallel chunks. `f`
+/// must be `#[inline(always)]` (or a function that is): it runs compiled for AVX-512 where
+/// the CPU has it.
+pub(crate) fn f32_tensor_map<T: Copy + Sync>(
+    values: &[T],
+    shape: &candle_core::Shape,
+    f: impl Fn(T) -> f32 + Sync,
+) -> Result<Tensor> {
+    let mut out = vec![0f32; values.len()];
+    out.par_chunks_mut(CONVERSION_CHUNK)
+        .zip(values.par_chunks(CONVERSION_CHUNK))
+        .for_each(|(out, values)| {
+            with_wide_vectors(
+                #[inline(always)]
+                || {
+                    for (o, &v) in out.iter_mut().zip(values) {
+                        *o = f(v);
+                    }
+                },
+            )
+        });
+    Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
 }
 
 /// A bfloat16 CPU tensor of `shape` holding `values` rounded to the nearest bf16 (ties to
@@ -145,7 +154,7 @@ pub(crate) fn rounded_to_bf16(t: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// Elements per parallel task of the dtype conversions.
+/// Elements per parallel task of the dtype conversions and element-wise maps.
 const CONVERSION_CHUNK: usize = 1 << 14;
 
 /// Runs `f` on the contiguous data of each tensor, whose dtype the caller has checked is `T`;

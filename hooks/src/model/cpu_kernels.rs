@@ -23,8 +23,9 @@ use rayon::prelude::*;
 use super::layers::HeadColumns;
 use crate::cpu::bf16::{self, Kernel, PackedB};
 use crate::cpu::{
-    bf16_tensor, bf16_tensor_from, bf16_tensor_of_bits, is_cpu_bf16, product_with_transposed,
-    rounded_to_bf16, widened_bf16, with_bf16_bits, with_f32_slices, with_wide_vectors, SharedOut,
+    bf16_tensor, bf16_tensor_from, bf16_tensor_of_bits, f32_tensor_map, is_cpu_bf16,
+    product_with_transposed, rounded_to_bf16, widened_bf16, with_bf16_bits, with_f32_slices,
+    with_wide_vectors, SharedOut,
 };
 use crate::{Error, Result};
 
@@ -586,20 +587,12 @@ pub(crate) fn gelu_erf(x: &Tensor) -> Result<Option<Tensor>> {
         return Ok(Some(out));
     }
     with_f32_slices(&[x], |s| {
-        let mut out = vec![0f32; s[0].len()];
-        out.par_chunks_mut(1 << 14)
-            .zip(s[0].par_chunks(1 << 14))
-            .for_each(|(o, i)| {
-                with_wide_vectors(
-                    #[inline(always)]
-                    || {
-                        for (o, &v) in o.iter_mut().zip(i) {
-                            *o = (erf(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v;
-                        }
-                    },
-                )
-            });
-        Ok(Tensor::from_vec(out, x.shape(), &Device::Cpu)?)
+        f32_tensor_map(
+            s[0],
+            x.shape(),
+            #[inline(always)]
+            |v| (erf(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v,
+        )
     })
 }
 

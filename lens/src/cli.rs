@@ -240,7 +240,8 @@ struct TrainArgs {
     checkpoint_every: u64,
     /// Precision of the lens logits and of the gradient back through them: bf16 (bf16
     /// inputs, f32 sums, as tuned-lens's autocast), f32, or auto (bf16 on a CUDA GPU and on a
-    /// CPU with AVX-512 BF16, f32 elsewhere). Lens parameters and optimiser state are f32.
+    /// CPU whose bf16 products outrun its f32 ones: Intel AMX, AMD's AVX-512 BF16; f32
+    /// elsewhere). Lens parameters and optimiser state are f32.
     #[arg(long, default_value = "auto")]
     decode_dtype: String,
 }

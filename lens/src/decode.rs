@@ -19,12 +19,14 @@ use hooks::cpu::bf16::{gemm, round_to_bf16, Kernel, PackedB};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DecodeDtype {
-    /// bf16 where it is the faster choice: on a CUDA GPU, and on a CPU with AVX-512 BF16
-    /// (about twice as fast there); f32 elsewhere.
+    /// bf16 where it is the faster choice: on a CUDA GPU, and on a CPU whose bf16 products
+    /// outrun its f32 ones (Intel AMX, AMD's AVX-512 BF16: about twice as fast there); f32
+    /// elsewhere.
     #[default]
     Auto,
     /// bf16 inputs with f32 accumulation (tuned-lens's bfloat16 autocast). On a CPU without
-    /// AVX-512 BF16 a portable kernel computes the same, more slowly than f32.
+    /// fast bf16 products this is slower than f32 (a portable kernel where the CPU lacks
+    /// AVX-512 BF16).
     Bf16,
     /// f32 throughout.
     F32,
@@ -49,7 +51,7 @@ impl DecodeDtype {
             DecodeDtype::F32 => false,
             DecodeDtype::Bf16 => true,
             DecodeDtype::Auto => {
-                device.is_cuda() || (device.is_cpu() && Kernel::detect().is_native())
+                device.is_cuda() || (device.is_cpu() && Kernel::detect().beats_f32())
             }
         }
     }
@@ -82,9 +84,10 @@ impl<'u> Decoder<'u> {
             return Ok(Decoder::Candle(unembedding, weight));
         }
         let kernel = Kernel::detect();
-        if kernel == Kernel::Portable {
+        if !kernel.beats_f32() {
             tracing::warn!(
-                "this CPU lacks AVX-512 BF16: bf16 decoding runs a portable kernel, slower than f32"
+                "bf16 products ({kernel:?} kernel) are slower than f32 ones on this CPU: \
+                 bf16 decoding is slower than `--decode-dtype f32` here"
             );
         }
         Ok(Decoder::Packed(

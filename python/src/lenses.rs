@@ -377,7 +377,8 @@ impl PyTunedLens {
     /// are decoded at once (memory is about 5 x that x vocab floats). ``decode_dtype`` is the
     /// precision of the lens logits and of the gradient back through them: ``"bf16"`` (bf16
     /// inputs, f32 sums, as tuned-lens's autocast), ``"f32"``, or ``"auto"`` (bf16 on a CUDA
-    /// GPU and on a CPU with AVX-512 BF16, f32 elsewhere); translators and optimiser state
+    /// GPU and on a CPU whose bf16 products outrun its f32 ones: Intel AMX, AMD's AVX-512
+    /// BF16; f32 elsewhere); translators and optimiser state
     /// are f32.
     ///
     /// With ``output``, the lens is saved there at the end (as by ``lens train --output``)

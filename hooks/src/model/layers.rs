@@ -35,9 +35,9 @@ impl Loader<'_> {
         } else {
             None
         };
-        // Without bf16 hardware the portable bf16 kernel is slower than f32 products of the
-        // widened values, which the layer then takes (see `forward`).
-        if is_cpu_bf16(&weight) && Kernel::detect().is_native() {
+        // Where bf16 products are slower than f32 ones, the layer takes f32 products of the
+        // widened values instead (see `forward`).
+        if is_cpu_bf16(&weight) && Kernel::detect().beats_f32() {
             return Linear::packed_bf16(&weight, bias);
         }
         Ok(Linear::Tensors(candle_nn::Linear::new(weight, bias)))
@@ -103,7 +103,7 @@ impl Linear {
             let (weight, bias) = (layer.weight(), layer.bias());
             if let Some(out) = over_rows(x, |rows| {
                 let operands: Vec<&Tensor> = [rows, weight].into_iter().chain(bias).collect();
-                // bf16 without bf16 hardware: the f32 layer on the widened values (the
+                // bf16 where its products are slower than f32 ones: the f32 layer on the widened values (the
                 // weight widened for this call only), its output rounded once.
                 if let Some(out) = through_f32(&operands, |s| {
                     super::cpu_kernels::linear(s[0], s[1], s.get(2).copied())

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Matrix-product throughput on the CPU: our bf16 product (`hooks::cpu::bf16::gemm`, bf16 inputs,
+f32 sums) and our f32 product, against PyTorch's `torch.nn.functional.linear` in bf16 and f32,
+side by side in one run on the same shapes (a forward pass's products by default: Pythia-160m's
+QKV, MLP up, MLP down and unembedding over 2048 tokens). Says which dtype is faster on this
+CPU for each side: where bf16 loses to f32 (Intel CPUs whose AMX is absent or hidden), a bf16
+model's layers and the lens's `--decode-dtype auto` take f32 products (`Kernel::beats_f32`).
+
+    python bench/products.py [--shapes 2048x768x2304 ...] [--threads 2] [--reps 5] [--kernel auto]
+
+Needs a Python with torch (not needed by CI).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPES = ["2048x768x2304", "2048x768x3072", "2048x3072x768", "2048x768x50304"]
+
+
+def ours(args):
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "eleuther-hooks", "--example", "products_bench"],
+                   cwd=REPO, check=True)
+    binary = REPO / "target" / "release" / "examples" / "products_bench"
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    out = subprocess.run([str(binary), *args.shapes, "--reps", str(args.reps), "--kernel", args.kernel],
+                         env=env, check=True, capture_output=True, text=True).stdout
+    return {row["shape"]: row for row in map(json.loads, out.splitlines())}
+
+
+def theirs(args):
+    import torch
+    import torch.nn.functional as F
+    torch.set_num_threads(args.threads)
+    rows = {}
+    for shape in args.shapes:
+        m, k, n = map(int, shape.split("x"))
+        flop = 2.0 * m * k * n
+        rate = {}
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(m, k).to(dtype)
+            w = torch.randn(n, k).to(dtype)
+            with torch.inference_mode():
+                F.linear(x, w)
+                best = float("inf")
+                for _ in range(args.reps):
+                    start = time.perf_counter()
+                    F.linear(x, w)
+                    best = min(best, time.perf_counter() - start)
+            rate[dtype] = flop / best / 1e9
+        rows[shape] = {"bf16_gflops": rate[torch.bfloat16], "f32_gflops": rate[torch.float32]}
+    return rows, torch.__version__
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=SHAPES, help="MxKxN: [M, K] times [K, N]")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--reps", type=int, default=5, help="timed calls per product; the best counts")
+    p.add_argument("--kernel", default="auto", choices=["auto", "amx", "avx512bf16", "portable"],
+                   help="our bf16 kernel")
+    args = p.parse_args()
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        sys.exit("torch is not installed in this Python (use the reference venv of tests/fixtures/README.md)")
+    our_rows = ours(args)
+    their_rows, version = theirs(args)
+    kernel = next(iter(our_rows.values()))
+    print(f"products on the CPU, {args.threads} threads, best of {args.reps}; our bf16 kernel {kernel['kernel']} "
+          f"(beats f32 here: {kernel['beats_f32']}); torch {version}")
+    print(f"{'shape':>16} {'ours bf16':>10} {'ours f32':>10} {'torch bf16':>11} {'torch f32':>10} "
+          f"{'ratio bf16':>11} {'ratio f32':>10}   GFLOP/s")
+    for shape in args.shapes:
+        o, t = our_rows[shape], their_rows[shape]
+        print(f"{shape:>16} {o['bf16_gflops']:10.1f} {o['f32_gflops']:10.1f} {t['bf16_gflops']:11.1f} "
+              f"{t['f32_gflops']:10.1f} {o['bf16_gflops'] / t['bf16_gflops']:11.2f} "
+              f"{o['f32_gflops'] / t['f32_gflops']:10.2f}")
+        if o["relative_checksum_gap"] > 1e-3:
+            sys.exit(f"our bf16 and f32 products disagree on {shape}: relative gap {o['relative_checksum_gap']:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -196,26 +196,58 @@ pub fn product_with_transposed(
         d > 0 && x.len().is_multiple_of(d) && w.len().is_multiple_of(d),
         "rows of {d} floats"
     );
-    let (m, n) = (x.len() / d, w.len() / d);
+    let n = w.len() / d;
+    // Element (row p, column j) of `w^T` is w[j * d + p].
+    product_f32(out, x, w, (d, n), (1, d), accumulate, parallel);
+}
+
+/// `out[m, n] = x[m, k] @ w[k, n]` over row-major f32 slices (`out +=` with `accumulate`),
+/// as [`product_with_transposed`] for a right-hand matrix stored `[k, n]`. The lengths must
+/// agree (`x` whole rows of `k`, `w` of `k` rows).
+pub fn product(out: &mut [f32], x: &[f32], w: &[f32], k: usize, accumulate: bool, parallel: bool) {
+    assert!(
+        k > 0 && x.len().is_multiple_of(k) && w.len().is_multiple_of(k),
+        "rows of {k} floats"
+    );
+    let n = w.len() / k;
+    product_f32(out, x, w, (k, n), (n, 1), accumulate, parallel);
+}
+
+/// `out[m, n] = x[m, k] @ rhs` with `x` and `out` row-major and the `[k, n]` right-hand matrix
+/// `rhs` at element strides `(row, column)`; `rhs` must hold k x n elements at those strides.
+fn product_f32(
+    out: &mut [f32],
+    x: &[f32],
+    rhs: &[f32],
+    (k, n): (usize, usize),
+    (row_stride, column_stride): (usize, usize),
+    accumulate: bool,
+    parallel: bool,
+) {
+    assert!(
+        k > 0 && x.len().is_multiple_of(k) && rhs.len() == k * n,
+        "rows of {k} floats"
+    );
+    let m = x.len() / k;
     assert_eq!(out.len(), m * n, "the output holds {m} x {n} floats");
     let threads = rayon::current_num_threads();
-    // SAFETY: `out` holds m x n floats, `x` m x d and `w` n x d (checked above), all
-    // contiguous row-major; the strides below stay inside them.
+    // SAFETY: `out` holds m x n floats and `x` m x k, contiguous row-major, and `rhs` k x n
+    // at the given strides (checked above and by the callers); the strides stay inside them.
     unsafe {
         gemm::gemm(
             m,
             n,
-            d,
+            k,
             out.as_mut_ptr(),
             1,
             n as isize,
             accumulate,
             x.as_ptr(),
             1,
-            d as isize,
-            w.as_ptr(),
-            d as isize,
-            1,
+            k as isize,
+            rhs.as_ptr(),
+            column_stride as isize,
+            row_stride as isize,
             1.0,
             1.0,
             false,

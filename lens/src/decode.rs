@@ -1,12 +1,13 @@
 //! How lens training decodes through the frozen unembedding: the two vocabulary-sized
 //! products per layer (lens logits `normed · W_Uᵀ` and the gradient back `dlogits · W_U`)
-//! in f32 through candle, or in bfloat16 as tuned-lens does under bfloat16 autocast: on the
-//! CPU through the packed kernel of [`crate::bf16`], on a GPU through candle's bf16 matmul.
+//! in f32 (on the CPU into buffers kept from chunk to chunk, elsewhere through candle), or in
+//! bfloat16 as tuned-lens does under bfloat16 autocast: on the CPU through the packed kernel
+//! of [`hooks::cpu::bf16`], on a GPU through candle's bf16 matmul.
 //! Everything else (translators, norms, softmax, the loss, gradients, optimiser state) stays
 //! f32 either way.
 
 use candle_core::{DType, Device, Tensor};
-use hooks::cpu::with_f32_slices;
+use hooks::cpu::{product, product_with_transposed, with_f32_slices};
 use hooks::Unembedding;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -58,12 +59,14 @@ impl DecodeDtype {
 }
 
 /// Decodes lens inputs for training and returns the loss and the translator's gradients;
-/// holds the unembedding in the decoding precision (and, on the CPU in bf16, the packed
-/// copy and the reused vocabulary-sized buffers).
+/// holds the unembedding in the decoding precision (and, on the CPU, the reused
+/// vocabulary-sized buffers and in bf16 the packed copy).
 pub(crate) enum Decoder<'u> {
     /// Through candle's matmul, with the unembedding weight in the decoding dtype (the
     /// model's f32 tensor, or a bf16 copy on a GPU).
     Candle(&'u Unembedding, Tensor),
+    /// f32 on the CPU, into reused buffers.
+    F32(&'u Unembedding, F32Products),
     /// bf16 on the CPU, through the packed kernel.
     Packed(&'u Unembedding, Box<Bf16Products>),
 }
@@ -77,7 +80,11 @@ impl<'u> Decoder<'u> {
     ) -> Result<Self> {
         let device = unembedding.weight.device();
         if !dtype.is_bf16_on(device) {
-            return Ok(Decoder::Candle(unembedding, unembedding.weight.clone()));
+            return Ok(if hooks::cpu::is_cpu_f32(&unembedding.weight) {
+                Decoder::F32(unembedding, F32Products::default())
+            } else {
+                Decoder::Candle(unembedding, unembedding.weight.clone())
+            });
         }
         if !device.is_cpu() {
             let weight = unembedding.weight.to_dtype(DType::BF16)?;
@@ -110,6 +117,11 @@ impl<'u> Decoder<'u> {
                     decode_candle(normed, unembedding, target)
                 })
             }
+            Decoder::F32(u, products) => {
+                loss_and_grads_through(h, weight, bias, &u.norm, |normed| {
+                    products.decode(normed, &u.weight, target)
+                })
+            }
             Decoder::Packed(u, products) => {
                 loss_and_grads_through(h, weight, bias, &u.norm, |normed| {
                     products.decode(normed, target)
@@ -135,7 +147,7 @@ impl<'u> Decoder<'u> {
 
     fn unembedding(&self) -> &Unembedding {
         match self {
-            Decoder::Candle(u, _) | Decoder::Packed(u, _) => u,
+            Decoder::Candle(u, _) | Decoder::F32(u, _) | Decoder::Packed(u, _) => u,
         }
     }
 
@@ -143,9 +155,56 @@ impl<'u> Decoder<'u> {
     pub(crate) fn dtype_name(&self) -> &'static str {
         match self {
             Decoder::Candle(_, weight) if weight.dtype() == DType::BF16 => "bf16",
-            Decoder::Candle(..) => "f32",
+            Decoder::Candle(..) | Decoder::F32(..) => "f32",
             Decoder::Packed(..) => "bf16",
         }
+    }
+}
+
+/// The buffers that f32 decoding on the CPU reuses from chunk to chunk: fresh
+/// vocabulary-sized tensors would cost a copy and page faults each time.
+#[derive(Default)]
+pub(crate) struct F32Products {
+    /// Logits, then their gradient in place, `[rows, vocab]`.
+    logits: Vec<f32>,
+    /// Gradient for the normed rows, `[rows, d]`.
+    normed_grad: Vec<f32>,
+}
+
+impl F32Products {
+    /// `(loss sum, rows counted, d loss / d normed)` for `normed: [n, d]` through
+    /// `unembedding: [vocab, d]`, both f32 on the CPU.
+    fn decode(
+        &mut self,
+        normed: &Tensor,
+        unembedding: &Tensor,
+        target: &Target,
+    ) -> Result<(f64, usize, Tensor)> {
+        let ((n, d), vocab) = (normed.dims2()?, unembedding.dim(0)?);
+        if n == 0 {
+            return Ok((0.0, 0, Tensor::zeros((0, d), DType::F32, &Device::Cpu)?));
+        }
+        self.logits.resize(self.logits.len().max(n * vocab), 0.0);
+        self.normed_grad.resize(n * d, 0.0);
+        let logits = &mut self.logits[..n * vocab];
+        let outcome = with_f32_slices(&[normed, unembedding], |s| {
+            let (normed, weight) = (s[0], s[1]);
+            product_with_transposed(logits, normed, weight, d, false, true);
+            let rows = rayon::iter::repeat_n((), n);
+            let loss =
+                crate::kernels::loss_and_grad_in_place(logits, vocab, target, rows, |_, _| {});
+            if let Ok(Some(_)) = loss {
+                product(&mut self.normed_grad, logits, weight, vocab, false, true);
+            }
+            Ok(loss)
+        })?;
+        let (loss, counted) = outcome
+            .ok_or_else(|| {
+                Error::Training("f32 decoding on the CPU needs f32 rows and unembedding".into())
+            })??
+            .ok_or_else(|| Error::Training("f32 decoding needs an f32 target on the CPU".into()))?;
+        let grad = Tensor::from_slice(&self.normed_grad, (n, d), &Device::Cpu)?;
+        Ok((loss, counted, grad))
     }
 }
 
@@ -324,6 +383,57 @@ mod tests {
             "gradients differ by {weight_grad:.2e}, {bias_grad:.2e}"
         );
         assert!(report(&candle, &f32).1 > 0.0, "the candle path ran in bf16");
+    }
+
+    /// f32 decoding on the CPU into reused buffers against candle's f32 path, for a KL and
+    /// a next-token target (with an ignored row), over chunks of falling then rising size
+    /// through one decoder: the same products, so the losses and gradients agree to f32
+    /// rounding, and an empty chunk gives nothing.
+    #[test]
+    fn reused_f32_buffers_match_candle_decoding() {
+        let (d, vocab) = (40, 1003);
+        let norm = FinalNorm::Layer {
+            weight: (randn(&[d], 0.1) + 1.0).unwrap(),
+            bias: randn(&[d], 0.1),
+            eps: 1e-5,
+        };
+        let unembedding = Unembedding::new(norm, randn(&[vocab, d], 0.3));
+        let (weight, bias) = (randn(&[d, d], 0.05), randn(&[d], 0.05));
+        let mut reused = Decoder::new(&unembedding, DecodeDtype::F32, 8).unwrap();
+        assert!(matches!(reused, Decoder::F32(..)));
+        for (n, next_tokens) in [(37, false), (5, true), (64, false), (0, false)] {
+            let h = randn(&[n, d], 1.0);
+            let target = if next_tokens {
+                let ids: Vec<u32> = (0..n as u32)
+                    .map(|i| {
+                        if i == 2 {
+                            u32::MAX
+                        } else {
+                            i * 97 % vocab as u32
+                        }
+                    })
+                    .collect();
+                Target::NextTokens(Tensor::new(ids, &Device::Cpu).unwrap())
+            } else {
+                Target::from_logits(&randn(&[n, vocab], 2.0)).unwrap()
+            };
+            let got = reused.loss_and_grads(&h, &weight, &bias, &target).unwrap();
+            let mut candle = Decoder::Candle(&unembedding, unembedding.weight.clone());
+            let want = candle.loss_and_grads(&h, &weight, &bias, &target).unwrap();
+            let counted = if next_tokens { n - 1 } else { n };
+            assert_eq!((got.tokens, want.tokens), (counted, counted));
+            if n == 0 {
+                assert_eq!(got.loss, 0.0);
+                continue;
+            }
+            let loss_gap = (got.loss - want.loss).abs() / want.loss.abs();
+            let weight_gap = relative_error(&got.weight, &want.weight).unwrap();
+            let bias_gap = relative_error(&got.bias, &want.bias).unwrap();
+            assert!(
+                loss_gap < 1e-5 && weight_gap < 1e-4 && bias_gap < 1e-4,
+                "{n} rows: loss {loss_gap:.1e}, gradients {weight_gap:.1e} {bias_gap:.1e}"
+            );
+        }
     }
 
     /// `x` with its f32 mantissa rounded to TF32's 10 bits (to nearest, ties away from

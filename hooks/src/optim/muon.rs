@@ -9,7 +9,7 @@ use candle_core::Tensor;
 
 use super::NS_COEFFICIENTS;
 use crate::cpu::bf16::{bf16_bits as bits, bf16_value as value, gemm, Kernel, PackedB};
-use crate::cpu::SharedOut;
+use crate::cpu::{product, product_with_transposed, SharedOut};
 use crate::Result;
 
 /// Rows of a matrix handled together when it is read or written transposed, so the lines
@@ -27,6 +27,10 @@ pub struct Workspace {
     transposed: PackedB,
     /// `X` packed as the right-hand side of `B X`.
     packed: PackedB,
+    /// The Gram matrix packed as the right-hand side of `(c A) A`.
+    gram: PackedB,
+    /// Both operands of a product widened to f32, where bf16 products are slower than f32.
+    wide: [Vec<f32>; 2],
     /// The f32 sums of `B X`.
     product: Vec<f32>,
     /// The `[rows, cols]` shape of the last matrix orthogonalised.
@@ -193,48 +197,120 @@ impl Workspace {
         self.x
             .par_iter_mut()
             .for_each(|v| *v = bits(value(*v) / denominator));
-        let kernel = Kernel::detect();
-        // `lhs [m, inner] · packed` into `out` ([m, n]).
-        let product = |lhs: &[u16], m: usize, packed: &PackedB, out: &mut Vec<f32>| {
-            let (inner, n, lda) = (packed.k(), packed.n(), packed.lhs_stride());
-            out.resize(m * n, 0.0);
-            if lda == inner {
-                gemm(kernel, lhs, lda, m, packed, out, n);
-            } else {
-                let padded: Vec<u16> = (0..m * lda)
-                    .map(|at| {
-                        let (row, col) = (at / lda, at % lda);
-                        if col < inner {
-                            lhs[row * inner + col]
-                        } else {
-                            0
-                        }
-                    })
-                    .collect();
-                gemm(kernel, &padded, lda, m, packed, out, n);
-            }
-        };
+        // The packed bf16 kernel where it beats f32 products on this CPU.
+        let packed_kernel = Some(Kernel::detect()).filter(|kernel| kernel.beats_f32());
         let mut small = Vec::new();
         for _ in 0..steps {
-            let x = &self.x;
-            self.transposed.repack(k, r, |kk, j| value(x[j * k + kk]));
-            product(x, r, &self.transposed, &mut small);
+            let Workspace {
+                x,
+                transposed,
+                packed,
+                gram: gram_packed,
+                wide,
+                product: x_product,
+                ..
+            } = self;
+            product_bf16(
+                packed_kernel,
+                x,
+                r,
+                x,
+                (k, r),
+                true,
+                transposed,
+                wide,
+                &mut small,
+            );
             let gram: Vec<u16> = small.par_iter().map(|&v| bits(v)).collect();
             let scaled: Vec<u16> = gram.par_iter().map(|&v| bits(value(v) * c)).collect();
-            let gram_packed = PackedB::pack(r, r, |kk, j| value(gram[kk * r + j]));
-            product(&scaled, r, &gram_packed, &mut small);
+            product_bf16(
+                packed_kernel,
+                &scaled,
+                r,
+                &gram,
+                (r, r),
+                false,
+                gram_packed,
+                wide,
+                &mut small,
+            );
             let poly: Vec<u16> = gram
                 .par_iter()
                 .zip(&small)
                 .map(|(&g1, &g2)| bits(value(bits(value(g1) * b)) + value(bits(g2))))
                 .collect();
-            self.packed.repack(r, k, |kk, j| value(x[kk * k + j]));
-            product(&poly, r, &self.packed, &mut self.product);
-            self.x
-                .par_iter_mut()
-                .zip(&self.product)
+            product_bf16(
+                packed_kernel,
+                &poly,
+                r,
+                x,
+                (r, k),
+                false,
+                packed,
+                wide,
+                x_product,
+            );
+            x.par_iter_mut()
+                .zip(&*x_product)
                 .for_each(|(v, &m)| *v = bits(value(bits(value(*v) * a)) + value(bits(m))));
         }
+    }
+}
+
+/// `out[m, n] = lhs[m, inner] · rhs` over bf16 bits with f32 sums, `rhs` stored `[inner, n]`
+/// (`[n, inner]` when `rhs_transposed`). Through `packed_kernel` when given (packing `rhs`
+/// into `packed`), else as f32 products of the values widened into `wide`: the same
+/// products, summed in another order.
+#[allow(clippy::too_many_arguments)]
+fn product_bf16(
+    packed_kernel: Option<Kernel>,
+    lhs: &[u16],
+    m: usize,
+    rhs: &[u16],
+    (inner, n): (usize, usize),
+    rhs_transposed: bool,
+    packed: &mut PackedB,
+    wide: &mut [Vec<f32>; 2],
+    out: &mut Vec<f32>,
+) {
+    out.resize(m * n, 0.0);
+    if inner == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let Some(kernel) = packed_kernel else {
+        for (bits, wide) in [lhs, rhs].into_iter().zip(wide.iter_mut()) {
+            wide.clear();
+            wide.par_extend(bits.par_iter().map(|&v| value(v)));
+        }
+        let [wide_lhs, wide_rhs] = wide;
+        if rhs_transposed {
+            product_with_transposed(out, wide_lhs, wide_rhs, inner, false, true);
+        } else {
+            product(out, wide_lhs, wide_rhs, inner, false, true);
+        }
+        return;
+    };
+    if rhs_transposed {
+        packed.repack(inner, n, |kk, j| value(rhs[j * inner + kk]));
+    } else {
+        packed.repack(inner, n, |kk, j| value(rhs[kk * n + j]));
+    }
+    let lda = packed.lhs_stride();
+    if lda == inner {
+        gemm(kernel, lhs, lda, m, packed, out, n);
+    } else {
+        let padded: Vec<u16> = (0..m * lda)
+            .map(|at| {
+                let (row, col) = (at / lda, at % lda);
+                if col < inner {
+                    lhs[row * inner + col]
+                } else {
+                    0
+                }
+            })
+            .collect();
+        gemm(kernel, &padded, lda, m, packed, out, n);
     }
 }
 
@@ -253,6 +329,59 @@ mod tests {
 
     fn values(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// Both ways of a Newton-Schulz product (each packed kernel this CPU runs, and f32
+    /// products of the widened values), plain and with a transposed right-hand side, against
+    /// f64 sums of the same bf16 values, on awkward sizes (an odd reduction length).
+    #[test]
+    fn bf16_products_match_f64_either_way() {
+        let (m, inner, n) = (13, 37, 70);
+        let bf16 = |len: usize, seed: usize| -> Vec<u16> {
+            (0..len)
+                .map(|i| bits((((i + 31 * seed) * 7919 % 1009) as f32 / 504.5 - 1.0) * 0.7))
+                .collect()
+        };
+        let (lhs, rhs) = (bf16(m * inner, 1), bf16(inner * n, 2));
+        for rhs_transposed in [false, true] {
+            let at = |kk: usize, j: usize| {
+                value(if rhs_transposed {
+                    rhs[j * inner + kk]
+                } else {
+                    rhs[kk * n + j]
+                }) as f64
+            };
+            let want: Vec<f64> = (0..m * n)
+                .map(|o| {
+                    let (i, j) = (o / n, o % n);
+                    (0..inner)
+                        .map(|kk| value(lhs[i * inner + kk]) as f64 * at(kk, j))
+                        .sum()
+                })
+                .collect();
+            for packed_kernel in [None, Some(Kernel::Portable), Some(Kernel::detect())] {
+                let (mut packed, mut wide, mut out) =
+                    (PackedB::default(), Default::default(), vec![]);
+                let shape = (inner, n);
+                product_bf16(
+                    packed_kernel,
+                    &lhs,
+                    m,
+                    &rhs,
+                    shape,
+                    rhs_transposed,
+                    &mut packed,
+                    &mut wide,
+                    &mut out,
+                );
+                for (o, (&got, &want)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{packed_kernel:?}, transposed {rhs_transposed}, at {o}: {got} vs {want}"
+                    );
+                }
+            }
+        }
     }
 
     /// Three steps of the CPU pass equal three of the tensor operations bit for bit

@@ -117,7 +117,7 @@ def main():
     p.add_argument("--peer-precision", default="bf16", choices=["bf16", "f32"],
                    help="tuned-lens trains under bfloat16 autocast by default")
     p.add_argument("--decode-dtype", default="auto", choices=["auto", "bf16", "f32"],
-                   help="our `lens train --decode-dtype` (auto: bf16 on a CPU with AVX-512 BF16)")
+                   help="our `lens train --decode-dtype` (auto: bf16 where bf16 products beat f32: AMX, AMD's AVX-512 BF16)")
     p.add_argument("--chunk-tokens", type=int, default=256, help="our `lens train --chunk-tokens`")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's peak, for the floor (GPU only)")

@@ -4,7 +4,9 @@ f32 sums) and our f32 product, against PyTorch's `torch.nn.functional.linear` in
 side by side in one run on the same shapes (a forward pass's products by default: Pythia-160m's
 QKV, MLP up, MLP down and unembedding over 2048 tokens). Says which dtype is faster on this
 CPU for each side: where bf16 loses to f32 (Intel CPUs whose AMX is absent or hidden), a bf16
-model's layers and the lens's `--decode-dtype auto` take f32 products (`Kernel::beats_f32`).
+model's layers and logits, Muon's Newton-Schulz products and the lens's `--decode-dtype auto`
+take f32 products (`Kernel::beats_f32`). Both sides take the right-hand matrix stored
+`[N, K]`, as a linear layer's weight is.
 
     python bench/products.py [--shapes 2048x768x2304 ...] [--threads 2] [--reps 5] [--kernel auto]
 

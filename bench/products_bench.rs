@@ -1,7 +1,8 @@
 //! Times our matrix products for `bench/products.py`: for each shape `MxKxN`, the bf16 product
 //! (`hooks::cpu::bf16::gemm`: bf16 inputs, f32 sums, the right-hand matrix packed once) and
-//! the f32 product of the same values (`hooks::cpu::product_with_transposed`), best of
-//! `--reps` calls each, one JSON line per shape.
+//! the f32 product of the same values (`hooks::cpu::product_with_transposed`: the right-hand
+//! matrix stored `[N, K]`, as a linear layer's weight), best of `--reps` calls each, one JSON
+//! line per shape.
 //!
 //! cargo run --release -p eleuther-hooks --example products_bench -- 2048x768x2304 ...
 //!     [--reps 5] [--kernel auto|amx|avx512bf16|portable]
@@ -88,7 +89,8 @@ fn main() -> Result<()> {
                 "threads": rayon::current_num_threads(),
                 "bf16_gflops": flop / bf16_s / 1e9,
                 "f32_gflops": flop / f32_s / 1e9,
-                "relative_checksum_gap": (checksum_bf16 - checksum_f32).abs() / checksum_f32.abs().max(1.0),
+                "relative_checksum_gap":
+                    (checksum_bf16 - checksum_f32).abs() / checksum_f32.abs().max(1.0),
             })
         );
     }

@@ -192,10 +192,7 @@ pub fn product_with_transposed(
     accumulate: bool,
     parallel: bool,
 ) {
-    assert!(
-        d > 0 && x.len().is_multiple_of(d) && w.len().is_multiple_of(d),
-        "rows of {d} floats"
-    );
+    assert!(d > 0 && w.len().is_multiple_of(d), "w: rows of {d} floats");
     let n = w.len() / d;
     // Element (row p, column j) of `w^T` is w[j * d + p].
     product_f32(out, x, w, (d, n), (1, d), accumulate, parallel);
@@ -205,16 +202,14 @@ pub fn product_with_transposed(
 /// as [`product_with_transposed`] for a right-hand matrix stored `[k, n]`. The lengths must
 /// agree (`x` whole rows of `k`, `w` of `k` rows).
 pub fn product(out: &mut [f32], x: &[f32], w: &[f32], k: usize, accumulate: bool, parallel: bool) {
-    assert!(
-        k > 0 && x.len().is_multiple_of(k) && w.len().is_multiple_of(k),
-        "rows of {k} floats"
-    );
+    assert!(k > 0 && w.len().is_multiple_of(k), "w: {k} rows");
     let n = w.len() / k;
     product_f32(out, x, w, (k, n), (n, 1), accumulate, parallel);
 }
 
 /// `out[m, n] = x[m, k] @ rhs` with `x` and `out` row-major and the `[k, n]` right-hand matrix
-/// `rhs` at element strides `(row, column)`; `rhs` must hold k x n elements at those strides.
+/// `rhs` at element strides `(row, column)`: one of `(n, 1)` and `(1, k)`, so that `rhs`
+/// holds exactly its k x n elements.
 fn product_f32(
     out: &mut [f32],
     x: &[f32],
@@ -224,15 +219,16 @@ fn product_f32(
     accumulate: bool,
     parallel: bool,
 ) {
+    assert!(k > 0 && x.len().is_multiple_of(k), "x: rows of {k} floats");
     assert!(
-        k > 0 && x.len().is_multiple_of(k) && rhs.len() == k * n,
-        "rows of {k} floats"
+        rhs.len() == k * n && [(n, 1), (1, k)].contains(&(row_stride, column_stride)),
+        "rhs: {k} x {n} floats, row-major or transposed"
     );
     let m = x.len() / k;
     assert_eq!(out.len(), m * n, "the output holds {m} x {n} floats");
     let threads = rayon::current_num_threads();
-    // SAFETY: `out` holds m x n floats and `x` m x k, contiguous row-major, and `rhs` k x n
-    // at the given strides (checked above and by the callers); the strides stay inside them.
+    // SAFETY: `out` holds m x n floats and `x` m x k, contiguous row-major, and `rhs` its
+    // k x n floats, row-major or transposed (all checked above).
     unsafe {
         gemm::gemm(
             m,
@@ -417,6 +413,46 @@ impl<R> InplaceOp1 for Locked<'_, '_, R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both f32 products against f64 sums, on non-square shapes, writing and accumulating
+    /// onto what the output holds, on all of rayon's threads and on this one.
+    #[test]
+    fn f32_products_match_f64_sums() {
+        let (m, k, n) = (7, 45, 33);
+        let fill = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i + 13 * seed) * 7919 % 1009) as f32 / 504.5 - 1.0)
+                .collect()
+        };
+        let (x, w_rows, start) = (fill(m * k, 1), fill(k * n, 2), fill(m * n, 3));
+        // The same right-hand matrix stored `[n, k]`.
+        let w_transposed: Vec<f32> = (0..n * k).map(|at| w_rows[(at % k) * n + at / k]).collect();
+        let want: Vec<f64> = (0..m * n)
+            .map(|at| {
+                let (i, j) = (at / n, at % n);
+                (0..k)
+                    .map(|p| x[i * k + p] as f64 * w_rows[p * n + j] as f64)
+                    .sum()
+            })
+            .collect();
+        for (accumulate, parallel) in [(false, true), (true, true), (true, false)] {
+            for transposed in [false, true] {
+                let mut out = start.clone();
+                if transposed {
+                    product_with_transposed(&mut out, &x, &w_transposed, k, accumulate, parallel);
+                } else {
+                    product(&mut out, &x, &w_rows, k, accumulate, parallel);
+                }
+                for (at, (&got, &want)) in out.iter().zip(&want).enumerate() {
+                    let want = want + if accumulate { start[at] as f64 } else { 0.0 };
+                    assert!(
+                        (got as f64 - want).abs() < 1e-4,
+                        "accumulate {accumulate}, transposed {transposed}, at {at}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn writes_in_place_and_refuses_shared_storage() {

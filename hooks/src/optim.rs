@@ -384,8 +384,10 @@ const NS_COEFFICIENTS: (f64, f64, f64) = (3.4445, -4.7750, 2.0315);
 /// `A = X Xᵀ; X = a X + (b A + (c A) A) X` with `(a, b, c) = (3.4445, −4.7750, 2.0315)`; every
 /// operation rounds to bf16 as PyTorch's does (products: bf16 inputs, f32 sums). The result
 /// approximates `U S' Vᵀ` with `S'` near 1, for `g = U S Vᵀ`. On the CPU the products run
-/// through [`crate::cpu::bf16::gemm`] (AVX-512 BF16 where the CPU has it) with the
-/// element-wise steps fused around them; elsewhere, candle's bf16 tensor operations.
+/// through the packed bf16 kernel of [`crate::cpu::bf16`] where it beats f32 products
+/// ([`crate::cpu::bf16::Kernel::beats_f32`]), else as f32 products of the widened bf16
+/// values, with the element-wise steps fused around them; elsewhere, candle's bf16 tensor
+/// operations.
 pub fn newton_schulz(g: &Tensor, steps: usize) -> Result<Tensor> {
     if g.device().is_cpu() {
         newton_schulz_cpu(g, steps)

@@ -47,8 +47,9 @@ pub struct Unembedding {
 }
 
 /// The unembedding packed for the bf16 product on the CPU, made by the first bf16 projection
-/// on a CPU where that product beats f32 ones, and shared by clones (the model's and the lenses'). It is kept
-/// with the id of the tensor it was made from: a replaced `weight` is packed afresh.
+/// on a CPU where that product beats f32 ones, and shared by clones (the model's and the
+/// lenses'). It is kept with the id of the tensor it was made from: a replaced `weight` is
+/// packed afresh.
 #[derive(Clone, Default)]
 struct PackedUnembedding(Arc<OnceLock<(TensorId, PackedB)>>);
 
@@ -166,9 +167,9 @@ mod tests {
     use super::*;
 
     /// bf16 logits on the CPU, through the packed product and through f32 (over several
-    /// slices of the vocabulary), against the f32 product of the same bf16 values rounded once: at most a
-    /// unit apart. The packed unembedding is made once, shared by clones, and not used for
-    /// a replaced weight.
+    /// slices of the vocabulary), against the f32 product of the same bf16 values rounded
+    /// once: at most a unit apart. The packed unembedding is made once, shared by clones,
+    /// and not used for a replaced weight.
     #[test]
     fn bf16_logits_match_the_rounded_f32_product_on_either_path() {
         let (vocab, d, rows) = (VOCABULARY_SLICE + 100, 24, 5);

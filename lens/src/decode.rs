@@ -21,8 +21,7 @@ use hooks::cpu::bf16::{gemm, round_to_bf16, Kernel, PackedB};
 #[serde(rename_all = "lowercase")]
 pub enum DecodeDtype {
     /// bf16 where it is the faster choice: on a CUDA GPU, and on a CPU whose bf16 products
-    /// outrun its f32 ones (Intel AMX, AMD's AVX-512 BF16: about twice as fast there); f32
-    /// elsewhere.
+    /// outrun its f32 ones (Intel AMX; AVX-512 BF16 on AMD); f32 elsewhere.
     #[default]
     Auto,
     /// bf16 inputs with f32 accumulation (tuned-lens's bfloat16 autocast). On a CPU without
@@ -81,7 +80,10 @@ impl<'u> Decoder<'u> {
         let device = unembedding.weight.device();
         if !dtype.is_bf16_on(device) {
             return Ok(if hooks::cpu::is_cpu_f32(&unembedding.weight) {
-                Decoder::F32(unembedding, F32Products::default())
+                let (vocab, d) = unembedding.weight.dims2()?;
+                let mut products = F32Products::default();
+                products.reserve(rows, vocab, d);
+                Decoder::F32(unembedding, products)
             } else {
                 Decoder::Candle(unembedding, unembedding.weight.clone())
             });
@@ -161,6 +163,25 @@ impl<'u> Decoder<'u> {
     }
 }
 
+/// Grows `buf` to at least `len` items (buffers kept from chunk to chunk only grow).
+fn grow<T: Clone + Default>(buf: &mut Vec<T>, len: usize) {
+    if buf.len() < len {
+        buf.resize(len, T::default());
+    }
+}
+
+/// An error unless `target` has a row for each of the chunk's `n` rows (the CPU decoders
+/// pair them row by row).
+fn check_target_rows(target: &Target, n: usize) -> Result<()> {
+    let rows = target.rows()?;
+    if rows != n {
+        return Err(Error::Training(format!(
+            "a chunk of {n} rows has a target of {rows} rows"
+        )));
+    }
+    Ok(())
+}
+
 /// The buffers that f32 decoding on the CPU reuses from chunk to chunk: fresh
 /// vocabulary-sized tensors would cost a copy and page faults each time.
 #[derive(Default)]
@@ -172,6 +193,12 @@ pub(crate) struct F32Products {
 }
 
 impl F32Products {
+    /// Grows the buffers to hold `rows` tokens.
+    fn reserve(&mut self, rows: usize, vocab: usize, d: usize) {
+        grow(&mut self.logits, rows * vocab);
+        grow(&mut self.normed_grad, rows * d);
+    }
+
     /// `(loss sum, rows counted, d loss / d normed)` for `normed: [n, d]` through
     /// `unembedding: [vocab, d]`, both f32 on the CPU.
     fn decode(
@@ -181,12 +208,15 @@ impl F32Products {
         target: &Target,
     ) -> Result<(f64, usize, Tensor)> {
         let ((n, d), vocab) = (normed.dims2()?, unembedding.dim(0)?);
+        check_target_rows(target, n)?;
         if n == 0 {
             return Ok((0.0, 0, Tensor::zeros((0, d), DType::F32, &Device::Cpu)?));
         }
-        self.logits.resize(self.logits.len().max(n * vocab), 0.0);
-        self.normed_grad.resize(n * d, 0.0);
-        let logits = &mut self.logits[..n * vocab];
+        self.reserve(n, vocab, d);
+        let (logits, normed_grad) = (
+            &mut self.logits[..n * vocab],
+            &mut self.normed_grad[..n * d],
+        );
         let outcome = with_f32_slices(&[normed, unembedding], |s| {
             let (normed, weight) = (s[0], s[1]);
             product_with_transposed(logits, normed, weight, d, false, true);
@@ -194,7 +224,7 @@ impl F32Products {
             let loss =
                 crate::kernels::loss_and_grad_in_place(logits, vocab, target, rows, |_, _| {});
             if let Ok(Some(_)) = loss {
-                product(&mut self.normed_grad, logits, weight, vocab, false, true);
+                product(normed_grad, logits, weight, vocab, false, true);
             }
             Ok(loss)
         })?;
@@ -203,7 +233,7 @@ impl F32Products {
                 Error::Training("f32 decoding on the CPU needs f32 rows and unembedding".into())
             })??
             .ok_or_else(|| Error::Training("f32 decoding needs an f32 target on the CPU".into()))?;
-        let grad = Tensor::from_slice(&self.normed_grad, (n, d), &Device::Cpu)?;
+        let grad = Tensor::from_slice(&self.normed_grad[..n * d], (n, d), &Device::Cpu)?;
         Ok((loss, counted, grad))
     }
 }
@@ -259,11 +289,6 @@ impl Bf16Products {
 
     /// Grows the buffers to hold `rows` tokens.
     fn reserve(&mut self, rows: usize) {
-        fn grow<T: Clone + Default>(buf: &mut Vec<T>, len: usize) {
-            if buf.len() < len {
-                buf.resize(len, T::default());
-            }
-        }
         let (d, vocab) = (self.to_logits.k(), self.to_logits.n());
         grow(&mut self.normed, rows * self.to_logits.lhs_stride());
         grow(&mut self.logits, rows * vocab);
@@ -274,6 +299,7 @@ impl Bf16Products {
     /// `(loss sum, rows counted, d loss / d normed)` for `normed: [n, d]` (f32).
     fn decode(&mut self, normed: &Tensor, target: &Target) -> Result<(f64, usize, Tensor)> {
         let (n, d) = normed.dims2()?;
+        check_target_rows(target, n)?;
         let vocab = self.to_logits.n();
         self.reserve(n);
         let (in_stride, grad_stride) = (self.to_logits.lhs_stride(), self.from_logits.lhs_stride());
@@ -388,7 +414,7 @@ mod tests {
     /// f32 decoding on the CPU into reused buffers against candle's f32 path, for a KL and
     /// a next-token target (with an ignored row), over chunks of falling then rising size
     /// through one decoder: the same products, so the losses and gradients agree to f32
-    /// rounding, and an empty chunk gives nothing.
+    /// rounding, and an empty chunk gives nothing. A target of the wrong length is refused.
     #[test]
     fn reused_f32_buffers_match_candle_decoding() {
         let (d, vocab) = (40, 1003);
@@ -418,6 +444,17 @@ mod tests {
                 Target::from_logits(&randn(&[n, vocab], 2.0)).unwrap()
             };
             let got = reused.loss_and_grads(&h, &weight, &bias, &target).unwrap();
+            if n == 5 {
+                // A target for another number of rows is refused by both CPU decoders.
+                let longer = randn(&[n + 1, d], 1.0);
+                let products = Bf16Products::new(&unembedding, Kernel::detect(), n).unwrap();
+                let mut packed = Decoder::Packed(&unembedding, Box::new(products));
+                for decoder in [&mut reused, &mut packed] {
+                    let refused = decoder.loss_and_grads(&longer, &weight, &bias, &target);
+                    let message = refused.err().expect("refused").to_string();
+                    assert!(message.contains("6 rows has a target of 5"), "{message}");
+                }
+            }
             let mut candle = Decoder::Candle(&unembedding, unembedding.weight.clone());
             let want = candle.loss_and_grads(&h, &weight, &bias, &target).unwrap();
             let counted = if next_tokens { n - 1 } else { n };

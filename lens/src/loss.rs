@@ -39,6 +39,15 @@ impl Target {
         })
     }
 
+    /// Rows (tokens) the target covers.
+    pub fn rows(&self) -> Result<usize> {
+        Ok(match self {
+            Target::Distribution { p, .. } => p.dim(0)?,
+            Target::LogProbabilities(log_p) => log_p.dim(0)?,
+            Target::NextTokens(next) => next.dim(0)?,
+        })
+    }
+
     /// A KL target from the model's final log-probabilities `[n, vocab]`.
     pub fn distribution(log_p: Tensor) -> Result<Self> {
         let p = log_p.exp()?;

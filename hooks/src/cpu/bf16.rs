@@ -3,14 +3,18 @@
 //!
 //! Lens training spends most of its time in two vocabulary-sized products per layer: the lens
 //! logits `normed · W_Uᵀ` and the gradient back through them `dlogits · W_U`. tuned-lens runs
-//! them under bfloat16 autocast (bf16 inputs, f32 accumulation); on CPUs with AVX-512 BF16
-//! (`vdpbf16ps`, two bf16 products summed into each f32 lane) that is twice the f32 FMA rate.
-//! This module does the same: the frozen right-hand matrix is packed once into bf16 pairs
-//! along the reduction axis ([`PackedB`]), the left-hand rows are rounded to bf16 per call,
-//! and [`gemm`] accumulates in f32. On CPUs with Intel AMX (Sapphire Rapids and later Xeons)
-//! the same packed data feeds the tile unit ([`amx`]). CPUs without AVX-512 BF16 get a portable
-//! kernel over the same packed data (same rounding of the inputs, slower). Every output element
-//! is summed by one thread in a fixed order, so results do not depend on the thread count.
+//! them under bfloat16 autocast (bf16 inputs, f32 accumulation). With AVX-512 BF16
+//! (`vdpbf16ps`, two bf16 products summed into each f32 lane) that is twice the f32 FMA rate
+//! on AMD's Zen 4 but half of it on Intel, and several times it on Intel's AMX tiles: callers
+//! take this module's product where [`Kernel::beats_f32`]. It computes as autocast does: the
+//! frozen right-hand matrix is packed once into bf16 pairs along the reduction axis
+//! ([`PackedB`]), the left-hand rows are rounded to bf16 per call, and [`gemm`] accumulates
+//! in f32. On CPUs with Intel AMX (Sapphire Rapids and later Xeons) the same packed data
+//! feeds the tile unit ([`amx`]). CPUs without AVX-512 BF16 get a portable kernel over the
+//! same packed data (same rounding of the inputs, slower). Every output element is summed by
+//! one thread in a fixed order, so results do not depend on the thread count.
+
+use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
@@ -158,10 +162,10 @@ impl Kernel {
 
     /// Whether bf16 products through this kernel outrun f32 products on this CPU, which is
     /// when a model or a lens should take them. AMX does (several times over). AVX-512 BF16
-    /// does on AMD (on a Zen 4 EPYC, lens decoding ran 1.9x faster in bf16 than in f32) but
-    /// not on Intel, where `vdpbf16ps` issues every other cycle, half the f32 FMA rate (83
-    /// against 173 GFLOP/s on one Sapphire Rapids core whose hypervisor hides AMX). The
-    /// portable kernel never does.
+    /// does on AMD (on a Zen 4 EPYC, lens decoding ran 1.9x faster in bf16 than through
+    /// candle's f32 products, before f32 decoding kept its buffers) but not on Intel, where
+    /// `vdpbf16ps` issues every other cycle, half the f32 FMA rate (83 against 173 GFLOP/s on
+    /// one Sapphire Rapids core whose hypervisor hides AMX). The portable kernel never does.
     pub fn beats_f32(self) -> bool {
         match self {
             Kernel::Amx => true,
@@ -200,19 +204,26 @@ impl Kernel {
 
 /// Whether this is an AMD (or Hygon) CPU, by the CPUID vendor string.
 fn cpu_is_amd() -> bool {
+    static AMD: OnceLock<bool> = OnceLock::new();
+    *AMD.get_or_init(|| matches!(&cpu_vendor(), b"AuthenticAMD" | b"HygonGenuine"))
+}
+
+/// The CPUID vendor string (`GenuineIntel`, `AuthenticAMD`, ...); zeros off x86-64.
+fn cpu_vendor() -> [u8; 12] {
+    let mut vendor = [0u8; 12];
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: CPUID leaf 0 exists on every x86-64 CPU (an `unsafe` call before Rust 1.87).
         #[allow(unused_unsafe)]
         let leaf = unsafe { std::arch::x86_64::__cpuid(0) };
-        let vendor: Vec<u8> = [leaf.ebx, leaf.edx, leaf.ecx]
-            .iter()
-            .flat_map(|word| word.to_le_bytes())
-            .collect();
-        vendor == b"AuthenticAMD" || vendor == b"HygonGenuine"
+        for (chunk, word) in vendor
+            .chunks_exact_mut(4)
+            .zip([leaf.ebx, leaf.edx, leaf.ecx])
+        {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    vendor
 }
 
 /// `c[m, n] = a[m, k] · b` with `a` in bf16 bits, row `i` at `a[i * lda..]` (`lda` at least
@@ -658,6 +669,20 @@ mod tests {
         let a = vec![0u16; 4];
         let mut c = vec![0f32; 64];
         gemm_columns(Kernel::Portable, &a, 4, 1, &packed, 10..64, &mut c, 54);
+    }
+
+    /// bf16 products beat f32 through AMX, never through the portable kernel, and through
+    /// AVX-512 BF16 on AMD only; the vendor is read as 12 printable characters.
+    #[test]
+    fn bf16_beats_f32_by_kernel_and_vendor() {
+        assert!(Kernel::Amx.beats_f32() && !Kernel::Portable.beats_f32());
+        assert_eq!(Kernel::Avx512Bf16.beats_f32(), cpu_is_amd());
+        #[cfg(target_arch = "x86_64")]
+        {
+            let vendor = cpu_vendor();
+            assert!(vendor.iter().all(|c| c.is_ascii_graphic()), "{vendor:?}");
+            eprintln!("vendor {}", String::from_utf8_lossy(&vendor));
+        }
     }
 
     #[test]

@@ -903,7 +903,8 @@ mod tests {
                     assert_bf16_close(&biased.unwrap(), &with_bias, 1.0, 1e-5, &what);
                 }
             }
-            // Unpacked (where bf16 products are slower than f32 ones): the f32 layer on the widened values, rounded once.
+            // Unpacked (where bf16 products are slower than f32 ones): the f32 layer on the
+            // widened values, rounded once.
             let unpacked = Linear::Tensors(candle_nn::Linear::new(w.clone(), Some(b.clone())));
             let what = format!("{rows} x {inner} x {outer} unpacked");
             assert_bf16_close(&unpacked.forward(&x).unwrap(), &with_bias, 1.0, 1e-5, &what);

@@ -103,8 +103,9 @@ impl Linear {
             let (weight, bias) = (layer.weight(), layer.bias());
             if let Some(out) = over_rows(x, |rows| {
                 let operands: Vec<&Tensor> = [rows, weight].into_iter().chain(bias).collect();
-                // bf16 where its products are slower than f32 ones: the f32 layer on the widened values (the
-                // weight widened for this call only), its output rounded once.
+                // bf16 where its products are slower than f32 ones: the f32 layer on the
+                // widened values (the weight widened for this call only), its output
+                // rounded once.
                 if let Some(out) = through_f32(&operands, |s| {
                     super::cpu_kernels::linear(s[0], s[1], s.get(2).copied())
                 })? {

@@ -29,10 +29,11 @@ pub struct Workspace {
     packed: PackedB,
     /// The Gram matrix packed as the right-hand side of `(c A) A`.
     gram: PackedB,
-    /// Both operands of a product widened to f32, where bf16 products are slower than f32.
+    /// Where bf16 products are slower than f32 ones: a product's right-hand side (`X` or the
+    /// Gram matrix) and its left-hand side, widened to f32.
     wide: [Vec<f32>; 2],
     /// The f32 sums of `B X`.
-    product: Vec<f32>,
+    sums: Vec<f32>,
     /// The `[rows, cols]` shape of the last matrix orthogonalised.
     shape: (usize, usize),
 }
@@ -163,6 +164,21 @@ impl Workspace {
     /// [`super::newton_schulz`] of the `[rows, cols]` f32 matrix `g`, read back with
     /// [`Workspace::result`].
     pub(super) fn newton_schulz(&mut self, g: &[f32], rows: usize, cols: usize, steps: usize) {
+        // The packed bf16 kernel where it beats f32 products on this CPU.
+        let packed_kernel = Some(Kernel::detect()).filter(|kernel| kernel.beats_f32());
+        self.newton_schulz_through(packed_kernel, g, rows, cols, steps);
+    }
+
+    /// [`Workspace::newton_schulz`] with its products through `packed_kernel` when given,
+    /// else as f32 products of the widened bf16 values.
+    fn newton_schulz_through(
+        &mut self,
+        packed_kernel: Option<Kernel>,
+        g: &[f32],
+        rows: usize,
+        cols: usize,
+        steps: usize,
+    ) {
         self.shape = (rows, cols);
         let (a, b, c) = NS_COEFFICIENTS;
         let (a, b, c) = (a as f32, b as f32, c as f32);
@@ -197,8 +213,6 @@ impl Workspace {
         self.x
             .par_iter_mut()
             .for_each(|v| *v = bits(value(*v) / denominator));
-        // The packed bf16 kernel where it beats f32 products on this CPU.
-        let packed_kernel = Some(Kernel::detect()).filter(|kernel| kernel.beats_f32());
         let mut small = Vec::new();
         for _ in 0..steps {
             let Workspace {
@@ -207,7 +221,7 @@ impl Workspace {
                 packed,
                 gram: gram_packed,
                 wide,
-                product: x_product,
+                sums,
                 ..
             } = self;
             product_bf16(
@@ -248,10 +262,10 @@ impl Workspace {
                 false,
                 packed,
                 wide,
-                x_product,
+                sums,
             );
             x.par_iter_mut()
-                .zip(&*x_product)
+                .zip(&*sums)
                 .for_each(|(v, &m)| *v = bits(value(bits(value(*v) * a)) + value(bits(m))));
         }
     }
@@ -259,8 +273,8 @@ impl Workspace {
 
 /// `out[m, n] = lhs[m, inner] · rhs` over bf16 bits with f32 sums, `rhs` stored `[inner, n]`
 /// (`[n, inner]` when `rhs_transposed`). Through `packed_kernel` when given (packing `rhs`
-/// into `packed`), else as f32 products of the values widened into `wide`: the same
-/// products, summed in another order.
+/// into `packed`), else as f32 products of the values widened into `wide` (right-hand side
+/// first; `X Xᵀ` widens `X` once): the same products, summed in another order.
 #[allow(clippy::too_many_arguments)]
 fn product_bf16(
     packed_kernel: Option<Kernel>,
@@ -273,17 +287,25 @@ fn product_bf16(
     wide: &mut [Vec<f32>; 2],
     out: &mut Vec<f32>,
 ) {
+    debug_assert!(lhs.len() == m * inner && rhs.len() == inner * n);
     out.resize(m * n, 0.0);
     if inner == 0 {
         out.fill(0.0);
         return;
     }
     let Some(kernel) = packed_kernel else {
-        for (bits, wide) in [lhs, rhs].into_iter().zip(wide.iter_mut()) {
+        let widen = |bits: &[u16], wide: &mut Vec<f32>| {
             wide.clear();
             wide.par_extend(bits.par_iter().map(|&v| value(v)));
-        }
-        let [wide_lhs, wide_rhs] = wide;
+        };
+        let [wide_rhs, wide_lhs] = wide;
+        widen(rhs, wide_rhs);
+        let wide_lhs = if std::ptr::eq(lhs, rhs) {
+            &*wide_rhs
+        } else {
+            widen(lhs, wide_lhs);
+            &*wide_lhs
+        };
         if rhs_transposed {
             product_with_transposed(out, wide_lhs, wide_rhs, inner, false, true);
         } else {
@@ -333,10 +355,11 @@ mod tests {
 
     /// Both ways of a Newton-Schulz product (each packed kernel this CPU runs, and f32
     /// products of the widened values), plain and with a transposed right-hand side, against
-    /// f64 sums of the same bf16 values, on awkward sizes (an odd reduction length).
+    /// f64 sums of the same bf16 values, on awkward sizes (an odd reduction length; 45 rows:
+    /// one AMX block and an edge).
     #[test]
     fn bf16_products_match_f64_either_way() {
-        let (m, inner, n) = (13, 37, 70);
+        let (m, inner, n) = (45, 37, 70);
         let bf16 = |len: usize, seed: usize| -> Vec<u16> {
             (0..len)
                 .map(|i| bits((((i + 31 * seed) * 7919 % 1009) as f32 / 504.5 - 1.0) * 0.7))
@@ -374,12 +397,39 @@ mod tests {
                     &mut wide,
                     &mut out,
                 );
+                assert_eq!(out.len(), want.len());
                 for (o, (&got, &want)) in out.iter().zip(&want).enumerate() {
                     assert!(
                         (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
                         "{packed_kernel:?}, transposed {rhs_transposed}, at {o}: {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Newton-Schulz with its products through each packed kernel this CPU runs and as f32
+    /// products, wide and tall: the same result but for the order of f32 sums, which five
+    /// steps of bf16 rounding could amplify (seen: none, the results are equal here).
+    #[test]
+    fn newton_schulz_agrees_through_packed_and_f32_products() {
+        for (rows, cols) in [(45, 100), (100, 45)] {
+            let g = values(&matrix(rows, cols, 3));
+            let run = |packed_kernel: Option<Kernel>| {
+                let mut workspace = Workspace::default();
+                workspace.newton_schulz_through(packed_kernel, &g, rows, cols, 5);
+                let out: Vec<f32> = (0..rows * cols)
+                    .map(|at| workspace.result(at / cols, at % cols))
+                    .collect();
+                Tensor::from_vec(out, (rows, cols), &Device::Cpu).unwrap()
+            };
+            let f32_products = run(None);
+            for kernel in [Kernel::Portable, Kernel::detect()] {
+                let packed = run(Some(kernel));
+                let gap = crate::compare::mean_relative_difference(&packed, &f32_products);
+                let gap = gap.unwrap();
+                eprintln!("[{rows}, {cols}] {kernel:?}: {gap:.1e}");
+                assert!(gap < 1e-2, "[{rows}, {cols}] {kernel:?}: {gap:.1e}");
             }
         }
     }

@@ -5,8 +5,9 @@
 //! The packed right-hand matrix of [`super::PackedB`] is already in the layout AMX reads (bf16
 //! pairs of the reduction axis side by side per column), so a tile of 16 pairs x 16 columns is
 //! a strided load from a panel. Linux hands the tile registers to a process only on request
-//! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), asked once; `EI_AMX=0` in the environment keeps to
-//! AVX-512 BF16.
+//! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), asked once. `EI_AMX=0` in the environment turns the
+//! tiles off: the bf16 kernel is then AVX-512 BF16, which on Intel loses to f32 products, so
+//! only an explicit bf16 request (`lens train --decode-dtype bf16`) still takes it.
 
 use std::arch::asm;
 use std::marker::PhantomData;
@@ -35,7 +36,7 @@ pub(super) fn available() -> bool {
         let features = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
         let has_amx = features & (1 << 22) != 0 && features & (1 << 24) != 0;
         if has_amx && !request_tile_data() {
-            tracing::warn!("Linux refused this process the AMX tiles: bf16 products use AVX-512");
+            tracing::warn!("Linux refused this process the AMX tiles: no AMX bf16 products");
             return false;
         }
         has_amx

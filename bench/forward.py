@@ -92,20 +92,29 @@ def forward_flops_per_token(config, seq):
     return 2 * (layers * per_layer + d * vocab) + 2 * layers * seq * d
 
 
-def run_peer(args):
+def peer_model(model_path, device, dtype=None, **extra):
+    """The transformers model at `model_path` (a folder, or a .gguf that transformers
+    dequantises to `dtype`, default float32), frozen, in eval mode on `device`."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
+    path = Path(model_path)
+    if path.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **extra)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def run_peer(args):
+    import torch
 
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    path = Path(args.model_dir)
     extra = {"attn_implementation": "eager"} if args.patterns else {}
-    if path.suffix == ".gguf":  # transformers dequantises the GGUF to dtype
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **extra)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
-    model = model.eval().to(args.device)
+    model = peer_model(args.model_dir, args.device, dtype, **extra)
     ids = torch.tensor(token_ids(args.batch, args.seq, model.config.vocab_size), device=args.device)
     times = []
     with torch.inference_mode():

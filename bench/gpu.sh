@@ -11,7 +11,7 @@
 #                        there, from the repository root with target/gpu-carry carried along:
 #                        the GPU tests, then (or only one of) the GPU benchmarks side by side with PyTorch
 #                        (bench/forward.py: transformers; bench/sae_train.py: eai-sparsify;
-#                        bench/lens_train.py: tuned-lens).
+#                        bench/lens_train.py and bench/lens_eval.py: tuned-lens).
 #                        Logs go to $OUT (the device tool's folder) or target/gpu-out.
 #
 # Needs on the GPU machine: a python3 with torch + transformers whose nvidia/cu13 libraries
@@ -104,6 +104,8 @@ run() {
             --k 32 --batch 65536 --chunk-tokens 16384 --steps 3 --warmup 1 || rc=1
         python3 bench/lens_train.py --device cuda --prebuilt "$bin" --shape pythia-160m --seq 2048 --batch 8 \
             --tokens-per-step 16384 --steps 4 --chunk-tokens 4096 || rc=1
+        python3 bench/lens_eval.py --device cuda --prebuilt "$bin" --shape pythia-160m --seq 2048 --batch 4 \
+            --tokens 16384 --chunk-tokens 4096 || rc=1
         exit $rc
     ) 2>&1 | tee "$out/gpu-bench.log" || status=1
     return $status

@@ -38,22 +38,17 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from forward import SHAPES, bench_model, config_for, forward_flops_per_token, our_binaries  # noqa: E402
+from forward import (SHAPES, bench_model, child, config_for, forward_flops_per_token,  # noqa: E402
+                     our_binaries, peer_model)
 
 
 def peer(args):
     import torch
-    from transformers import AutoModelForCausalLM
     from tuned_lens.nn.lenses import TunedLens
 
     torch.set_num_threads(args.threads)
-    path = Path(args.model_path)
-    if path.suffix == ".gguf":
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     cuda = args.device.startswith("cuda")
-    model = model.eval().requires_grad_(False).to(args.device)
+    model = peer_model(args.model_path, args.device)
     lens = TunedLens.from_model(model).float().to(args.device)
     opt = torch.optim.SGD(lens.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (args.steps - s) / args.steps))
@@ -118,7 +113,7 @@ def main():
                    help="tuned-lens trains under bfloat16 autocast by default")
     p.add_argument("--decode-dtype", default="auto", choices=["auto", "bf16", "f32"],
                    help="our `lens train --decode-dtype` (auto: bf16 where bf16 products beat f32: AMX, AMD's AVX-512 BF16)")
-    p.add_argument("--chunk-tokens", type=int, default=256, help="our `lens train --chunk-tokens`")
+    p.add_argument("--chunk-tokens", type=int, default=512, help="our `lens train --chunk-tokens`")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's peak, for the floor (GPU only)")
     p.add_argument("--prebuilt", help="a folder with our lens, hooks and forward_bench binaries (skips cargo build)")
@@ -162,14 +157,10 @@ def main():
     history = json.loads((out / "training" / "history.json").read_text())
     ours_loss = sum(history[-1]["loss"]) / len(history[-1]["loss"])
 
-    theirs = subprocess.run([sys.executable, __file__, "--peer", "--model-path", model_path, "--tokens", str(npy),
-                             "--steps", str(args.steps), "--tokens-per-step", str(args.tokens_per_step),
-                             "--seq", str(args.seq), "--batch", str(args.batch), "--threads", str(args.threads),
-                             "--peer-precision", args.peer_precision, "--device", args.device],
-                            env=env, capture_output=True, text=True)
-    if theirs.returncode != 0:
-        sys.exit(theirs.stderr)
-    t = json.loads(theirs.stdout.strip().splitlines()[-1])
+    t = child([sys.executable, __file__, "--peer", "--model-path", model_path, "--tokens", str(npy),
+               "--steps", str(args.steps), "--tokens-per-step", str(args.tokens_per_step),
+               "--seq", str(args.seq), "--batch", str(args.batch), "--threads", str(args.threads),
+               "--peer-precision", args.peer_precision, "--device", args.device], env)
     print(f"tuned-lens training, {args.shape}, {args.steps} steps x {args.tokens_per_step} tokens (seq {args.seq}), "
           f"{args.device if args.device != 'cpu' else f'{args.threads} threads'}")
     print(f"  eleuther-interp ({decoded} decoding): {ours_tps:8.1f} tokens/s  ({ours_s:.1f} s, steps after the first)  "

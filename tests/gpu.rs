@@ -9,7 +9,8 @@
 //! without a GPU still passes `cargo test`. What they check: the forward pass on the GPU
 //! against transformers' golden values at every hook point (f32) and in bf16; our TopK
 //! kernel against the CPU TopK on rows of 16k-131k latents, with ties; the sparse decode;
-//! and short SAE and tuned-lens trainings on the GPU against the same runs on the CPU.
+//! short SAE and tuned-lens trainings on the GPU against the same runs on the CPU; and a lens
+//! evaluation on the GPU against the CPU's.
 #![cfg(feature = "cuda")]
 
 use std::collections::HashMap;
@@ -339,5 +340,60 @@ fn gpu_lens_training_follows_the_cpu_run() {
              --decode-dtype {dtype}"
         );
         check_gpu_training_follows_the_cpu(lens::cli::run, &options, "loss", tolerance);
+    }
+}
+
+/// `lens eval` of a tuned lens on the GPU (tensor ops) against the CPU (fused passes over a
+/// reused logits buffer): the same per-layer metrics up to f32 rounding and the order of sums.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_lens_eval_matches_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::model_folder(tmp.path(), 64, 256);
+    let data = repo().join("data/wikitext-2-raw-test.txt");
+    let lens_dir = tmp.path().join("lens");
+    let run = |command: String| {
+        let mut args: Vec<String> = command.split_whitespace().map(String::from).collect();
+        for (flag, path) in [("--model", &model), ("--data", &data)] {
+            args.extend([flag.to_string(), path.to_string_lossy().into_owned()]);
+        }
+        lens::cli::run(args).unwrap();
+    };
+    run(format!(
+        "lens train --steps 3 --tokens-per-step 256 --seq-len 64 --device cpu --output {}",
+        lens_dir.display()
+    ));
+    let mut reports = Vec::new();
+    for device in ["cuda", "cpu"] {
+        let json = tmp.path().join(format!("eval-{device}.json"));
+        run(format!(
+            "lens eval --tokens 512 --seq-len 64 --batch-size 4 --chunk-tokens 96 --device {device} --lens {} --json {}",
+            lens_dir.display(),
+            json.display()
+        ));
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        reports.push(report);
+    }
+    let (gpu, cpu) = (&reports[0], &reports[1]);
+    for lens in ["logit_lens", "tuned_lens"] {
+        let rows = |r: &serde_json::Value| r[lens].as_array().unwrap().clone();
+        assert_eq!(rows(gpu).len(), 4, "{lens}: three layers and the output");
+        for (g, c) in rows(gpu).iter().zip(rows(cpu).iter()) {
+            let layer = &c["layer"];
+            for field in ["ce", "entropy", "kl"] {
+                let (g, c) = (g[field].as_f64().unwrap(), c[field].as_f64().unwrap());
+                assert!(
+                    (g - c).abs() <= 1e-4 * c.abs().max(1.0),
+                    "{lens} layer {layer}: {field} {g} on the GPU, {c} on the CPU"
+                );
+            }
+            let field = "top1_agreement";
+            let (g, c) = (g[field].as_f64().unwrap(), c[field].as_f64().unwrap());
+            assert!(
+                (g - c).abs() <= 0.01,
+                "{lens} layer {layer}: top-1 agreement {g} on the GPU, {c} on the CPU"
+            );
+        }
     }
 }

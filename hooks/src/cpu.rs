@@ -263,7 +263,7 @@ fn product_f32(
 /// be a closure marked `#[inline(always)]`, so that its body is compiled into the AVX-512
 /// function. Elsewhere, `work()`.
 #[inline(always)]
-pub(crate) fn with_wide_vectors<R>(work: impl FnOnce() -> R) -> R {
+pub fn with_wide_vectors<R>(work: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: this CPU has AVX-512F, checked just above.

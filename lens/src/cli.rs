@@ -168,7 +168,7 @@ struct SweepArgs {
     #[arg(long, default_value_t = 6)]
     max_panels: usize,
     /// Tokens decoded at once.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 512)]
     chunk_tokens: usize,
 }
 
@@ -233,7 +233,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Tokens decoded at once (memory is about 5 x this x vocab floats).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 512)]
     chunk_tokens: usize,
     /// Checkpoint every N steps.
     #[arg(long, default_value_t = 25)]
@@ -264,7 +264,7 @@ struct EvalArgs {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Tokens decoded at once.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 512)]
     chunk_tokens: usize,
 }
 
@@ -410,6 +410,7 @@ fn eval_command(args: EvalArgs) -> Result<()> {
     let data = args.source.lens_data()?;
     let mut source = data.open(&model, ReadOrder::Sequential, Some(args.tokens))?;
     let layers = model.config().num_layers();
+    let start = std::time::Instant::now();
     let mut report = evaluate(
         lens.as_ref(),
         &model.unembedding(),
@@ -419,6 +420,12 @@ fn eval_command(args: EvalArgs) -> Result<()> {
         args.tokens,
         args.chunk_tokens,
     )?;
+    let seconds = start.elapsed().as_secs_f64();
+    tracing::info!(
+        "evaluated {} tokens in {seconds:.2} s ({:.1} tokens/s, the model's forward passes included)",
+        report.tokens,
+        report.tokens as f64 / seconds
+    );
     report.nats_to_bits_per_byte = data.nats_to_bits_per_byte(&model, report.tokens)?;
     print!("{}", report.table());
     if let Some(path) = &args.json {

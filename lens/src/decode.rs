@@ -164,7 +164,7 @@ impl<'u> Decoder<'u> {
 }
 
 /// Grows `buf` to at least `len` items (buffers kept from chunk to chunk only grow).
-fn grow<T: Clone + Default>(buf: &mut Vec<T>, len: usize) {
+pub(crate) fn grow<T: Clone + Default>(buf: &mut Vec<T>, len: usize) {
     if buf.len() < len {
         buf.resize(len, T::default());
     }

@@ -1,14 +1,19 @@
 //! Per-layer evaluation of the logit lens and a tuned lens, as tuned-lens's `eval` reports
 //! it: next-token cross-entropy, entropy of the lens distribution, KL(final ‖ lens), and
 //! top-1 agreement with the model's final prediction; the last row is the model's output.
-//! Beyond tuned-lens: each lens's prediction depth (see [`prediction_depth`]).
+//! Beyond tuned-lens: each lens's prediction depth (see [`prediction_depth`]). In f32 on the
+//! CPU each lens's logits go into one buffer kept for the whole run and every metric comes
+//! from one fused pass per row; elsewhere they are tensor ops.
 
 use candle_core::{DType, Tensor, D};
 use hooks::activations::ActivationSource;
+use hooks::cpu::{is_cpu_f32, product_with_transposed, with_f32_slices};
 use hooks::{HookPoint, Unembedding};
 use serde::{Deserialize, Serialize};
 
-use crate::loss::log_softmax;
+use crate::decode::grow;
+use crate::kernels::{score_rows, RowScores};
+use crate::loss::{log_softmax, Target};
 use crate::{lens_input, Error, Result, TunedLens};
 
 /// Mean metrics of one row (a layer, or the model output), in nats.
@@ -106,27 +111,25 @@ struct Sums {
 }
 
 impl Sums {
-    fn add(
-        &mut self,
-        log_q: &Tensor,
-        log_p: &Tensor,
-        final_top: &Tensor,
-        next: &[u32],
-    ) -> Result<Vec<u8>> {
-        let q = log_q.exp()?;
-        self.entropy += scalar(&(&q * log_q)?.sum_all()?.neg()?)?;
-        self.kl += scalar(&(log_p.exp()? * (log_p - log_q)?)?.sum_all()?)?;
-        let agreement: Vec<u8> = log_q.argmax(D::Minus1)?.eq(final_top)?.to_vec1()?;
-        self.top1 += agreement.iter().map(|&a| f64::from(a)).sum::<f64>();
-        self.count += next.len();
-        let rows: Vec<Vec<f32>> = log_q.to_vec2()?;
-        for (row, &t) in rows.iter().zip(next) {
-            if t != u32::MAX {
-                self.ce -= row[t as usize] as f64;
+    /// Adds one chunk's rows; returns, per row, 1 where the lens's top-1 token is the
+    /// model's (`final_top`).
+    fn add(&mut self, rows: &[RowScores], final_top: &[u32]) -> Vec<u8> {
+        for row in rows {
+            self.entropy += row.entropy;
+            self.kl += row.kl;
+            if let Some(ce) = row.ce {
+                self.ce += ce;
                 self.ce_count += 1;
             }
         }
-        Ok(agreement)
+        self.count += rows.len();
+        let agreement: Vec<u8> = rows
+            .iter()
+            .zip(final_top)
+            .map(|(row, &top)| u8::from(row.top == top))
+            .collect();
+        self.top1 += agreement.iter().map(|&a| f64::from(a)).sum::<f64>();
+        agreement
     }
 
     fn finish(&self, layer: String) -> LayerMetrics {
@@ -141,8 +144,120 @@ impl Sums {
     }
 }
 
-fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+/// One chunk's model output, against which each lens's rows are scored.
+struct ChunkTarget<'a> {
+    /// The next token of each row (`u32::MAX`: none).
+    next: &'a [u32],
+    /// The model's top-1 token of each row.
+    top: Vec<u32>,
+    /// The model's final distribution.
+    distribution: Distribution,
+}
+
+/// The model's final distribution over one chunk, as its scoring path needs it.
+enum Distribution {
+    /// f32 on the CPU: `p` and `Σ p log p` per row, for the fused pass ([`score_rows`]).
+    Fused { p: Tensor, p_log_p: Vec<f64> },
+    /// Elsewhere: `log p` and `p`, for tensor ops.
+    Tensors { log_p: Tensor, p: Tensor },
+}
+
+impl<'a> ChunkTarget<'a> {
+    /// The target of the model's final logits `[n, vocab]` (fused scoring when `fused`), and
+    /// the scores of the model's own output rows (KL 0, agreement 1).
+    fn new(final_logits: &Tensor, next: &'a [u32], fused: bool) -> Result<(Self, Vec<RowScores>)> {
+        let (distribution, output) = if fused {
+            let Target::Distribution { p, p_log_p, .. } = Target::from_logits(final_logits)? else {
+                return Err(Error::Lens(
+                    "fused scoring needs f32 logits on the CPU".into(),
+                ));
+            };
+            let (_, vocab) = final_logits.dims2()?;
+            let output = with_f32_slices(&[final_logits, &p], |s| {
+                Ok(score_rows(s[0], vocab, s[1], &p_log_p, next))
+            })?
+            .ok_or_else(|| Error::Lens("fused scoring needs f32 logits on the CPU".into()))?;
+            (Distribution::Fused { p, p_log_p }, output)
+        } else {
+            let log_p = log_softmax(final_logits)?;
+            let p = log_p.exp()?;
+            let output = tensor_scores(&log_p, &log_p, &p, next)?;
+            (Distribution::Tensors { log_p, p }, output)
+        };
+        let top = output.iter().map(|row| row.top).collect();
+        // Against itself the model's KL is 0 (the fused pass leaves rounding noise).
+        let output = output
+            .into_iter()
+            .map(|row| RowScores { kl: 0.0, ..row })
+            .collect();
+        Ok((
+            ChunkTarget {
+                next,
+                top,
+                distribution,
+            },
+            output,
+        ))
+    }
+
+    /// The scores of the lens rows `normed: [n, d]` (already through the final norm),
+    /// projected through `unembedding`. On the fused path the logits go into `buffer`, kept
+    /// from call to call: a fresh vocabulary-sized tensor each time costs page faults.
+    fn score(
+        &self,
+        normed: &Tensor,
+        unembedding: &Unembedding,
+        buffer: &mut Vec<f32>,
+    ) -> Result<Vec<RowScores>> {
+        match &self.distribution {
+            Distribution::Fused { p, p_log_p } => {
+                let (n, d) = normed.dims2()?;
+                let vocab = unembedding.vocab_size()?;
+                grow(buffer, n * vocab);
+                let logits = &mut buffer[..n * vocab];
+                let scores = with_f32_slices(&[normed, &unembedding.weight, p], |s| {
+                    product_with_transposed(logits, s[0], s[1], d, false, true);
+                    Ok(score_rows(logits, vocab, s[2], p_log_p, self.next))
+                })?;
+                scores.ok_or_else(|| Error::Lens("fused scoring needs f32 rows on the CPU".into()))
+            }
+            Distribution::Tensors { log_p, p } => {
+                let log_q = log_softmax(&unembedding.project(normed)?)?;
+                tensor_scores(&log_q, log_p, p, self.next)
+            }
+        }
+    }
+}
+
+/// [`RowScores`] of the lens log-probabilities `log_q` against the model's `log_p` and `p`
+/// (all `[n, vocab]`) by tensor ops: the path off the CPU, and the reference for the fused
+/// one.
+fn tensor_scores(
+    log_q: &Tensor,
+    log_p: &Tensor,
+    p: &Tensor,
+    next: &[u32],
+) -> Result<Vec<RowScores>> {
+    let per_row =
+        |t: Tensor| -> Result<Vec<f64>> { Ok(t.sum(D::Minus1)?.to_dtype(DType::F64)?.to_vec1()?) };
+    let entropy = per_row((log_q.exp()? * log_q)?.neg()?)?;
+    let kl = per_row((p * (log_p - log_q)?)?)?;
+    let top: Vec<u32> = log_q.argmax(D::Minus1)?.to_vec1()?;
+    // The log-probability of each next token (of token 0 where there is none).
+    let ids: Vec<u32> = next
+        .iter()
+        .map(|&t| if t == u32::MAX { 0 } else { t })
+        .collect();
+    let ids = Tensor::from_vec(ids, (next.len(), 1), log_q.device())?;
+    let picked: Vec<f32> = log_q.gather(&ids, D::Minus1)?.flatten_all()?.to_vec1()?;
+    Ok((0..next.len())
+        .map(|i| RowScores {
+            kl: kl[i],
+            entropy: entropy[i],
+            ce: (next[i] != u32::MAX).then(|| -picked[i] as f64),
+            top: top[i],
+        })
+        .collect())
 }
 
 /// Evaluates the logit lens (and `lens`, if given) over up to `max_tokens` rows of `source`,
@@ -163,6 +278,9 @@ pub fn evaluate(
         )));
     }
     let unembedding = unembedding.to_dtype(DType::F32)?;
+    // f32 on the CPU: fused scoring passes over one reused logits buffer.
+    let fused = is_cpu_f32(&unembedding.weight);
+    let mut buffer = Vec::new();
     let final_point = HookPoint::Layer(num_layers - 1);
     let mut logit = vec![Sums::default(); num_layers + 1];
     let mut tuned = vec![Sums::default(); num_layers + 1];
@@ -193,25 +311,23 @@ pub fn evaluate(
                 })?;
                 Ok(t.narrow(0, start, len)?.to_dtype(DType::F32)?)
             };
-            let log_p = log_softmax(&unembedding.forward(&rows(final_point)?)?)?;
-            let final_top = log_p.argmax(D::Minus1)?;
             let next = &next[start..start + len];
+            let final_logits = unembedding.forward(&rows(final_point)?)?;
+            let (target, output) = ChunkTarget::new(&final_logits, next, fused)?;
             let (mut logit_agreement, mut tuned_agreement) = (Vec::new(), Vec::new());
             for layer in 0..num_layers {
                 let h = rows(lens_input(layer))?;
-                logit_agreement.push(logit[layer].add(
-                    &log_softmax(&unembedding.forward(&h)?)?,
-                    &log_p,
-                    &final_top,
-                    next,
-                )?);
+                let scores =
+                    target.score(&unembedding.normalize(&h)?, &unembedding, &mut buffer)?;
+                logit_agreement.push(logit[layer].add(&scores, &target.top));
                 if let Some(lens) = lens {
-                    let log_q = log_softmax(&lens.forward(&h, layer, &unembedding)?)?;
-                    tuned_agreement.push(tuned[layer].add(&log_q, &log_p, &final_top, next)?);
+                    let translated = unembedding.normalize(&lens.transform(&h, layer)?)?;
+                    let scores = target.score(&translated, &unembedding, &mut buffer)?;
+                    tuned_agreement.push(tuned[layer].add(&scores, &target.top));
                 }
             }
-            logit[num_layers].add(&log_p, &log_p, &final_top, next)?;
-            tuned[num_layers].add(&log_p, &log_p, &final_top, next)?;
+            logit[num_layers].add(&output, &target.top);
+            tuned[num_layers].add(&output, &target.top);
             logit_depth.add(&logit_agreement);
             tuned_depth.add(&tuned_agreement);
         }
@@ -318,7 +434,63 @@ impl EvalReport {
 
 #[cfg(test)]
 mod tests {
+    use candle_core::Device;
+    use hooks::FinalNorm;
+
     use super::*;
+
+    /// The fused CPU scoring against tensor ops, on random logits of an awkward vocabulary,
+    /// rows with and without a next token, through one reused buffer that first holds a
+    /// larger chunk: the same scores up to f32 rounding, so a wrong transpose, row or
+    /// formula would show. The model's own rows score KL 0 either way.
+    #[test]
+    fn fused_scores_match_tensor_ops() {
+        let (n, d, vocab) = (9, 24, 1003);
+        let randn =
+            |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, &Device::Cpu).unwrap();
+        let norm = FinalNorm::Rms {
+            weight: Tensor::ones(d, DType::F32, &Device::Cpu).unwrap(),
+            eps: 1e-6,
+        };
+        let unembedding = Unembedding::new(norm, randn(&[vocab, d], 0.5));
+        let final_logits = randn(&[n, vocab], 2.0);
+        let next = [3, u32::MAX, 1002, 0, 17, 17, u32::MAX, 5, 999];
+        let (fused, fused_output) = ChunkTarget::new(&final_logits, &next, true).unwrap();
+        let (tensors, tensor_output) = ChunkTarget::new(&final_logits, &next, false).unwrap();
+        assert_eq!(fused.top, tensors.top);
+        let mut buffer = vec![f32::NAN; 2 * n * vocab];
+        let normed = randn(&[n, d], 1.0);
+        let fused_scores = fused.score(&normed, &unembedding, &mut buffer).unwrap();
+        let tensor_scores = tensors.score(&normed, &unembedding, &mut buffer).unwrap();
+        for (a, b) in [
+            (&fused_output, &tensor_output),
+            (&fused_scores, &tensor_scores),
+        ] {
+            assert_eq!(a.len(), n);
+            for (x, y) in a.iter().zip(b.iter()) {
+                let close = |u: f64, v: f64| (u - v).abs() < 1e-4 * (1.0 + v.abs());
+                assert!(
+                    close(x.kl, y.kl) && close(x.entropy, y.entropy),
+                    "{x:?} vs {y:?}"
+                );
+                match (x.ce, y.ce) {
+                    (Some(u), Some(v)) => assert!(close(u, v), "{x:?} vs {y:?}"),
+                    (None, None) => {}
+                    _ => panic!("{x:?} vs {y:?}"),
+                }
+                assert_eq!(x.top, y.top);
+            }
+        }
+        assert!(fused_output.iter().all(|row| row.kl == 0.0));
+        assert!(tensor_output.iter().all(|row| row.kl == 0.0));
+        assert!(fused_scores
+            .iter()
+            .all(|row| row.kl > 0.1 && row.entropy > 0.1));
+        assert_eq!(
+            fused_scores.iter().filter(|row| row.ce.is_none()).count(),
+            2
+        );
+    }
 
     #[test]
     fn table_has_tuned_lens_columns_only_with_a_tuned_lens() {

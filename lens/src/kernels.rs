@@ -1,10 +1,12 @@
-//! A fused CPU pass for the lens loss: per row of logits, log-sum-exp, the loss and the
-//! logit gradient `softmax - target` in three sweeps over memory, rows in parallel. The
-//! generic tensor path ([`crate::loss`]) makes about fifteen sweeps on one thread and
-//! dominates training time on the CPU. Returns `None` when it does not apply.
+//! Fused CPU passes over rows of logits, rows in parallel and each row's loops compiled for
+//! AVX-512 where the CPU has it: for training, log-sum-exp, the loss and the logit gradient
+//! `softmax - target` in three sweeps over memory (the generic tensor path, [`crate::loss`],
+//! makes about fifteen sweeps on one thread and dominated training time on the CPU); for
+//! evaluation, every metric of a lens row in a few read-only sweeps while the row is in cache
+//! ([`score_rows`]). Returns `None` when it does not apply.
 
 use candle_core::{Device, Tensor};
-use hooks::cpu::with_f32_slices;
+use hooks::cpu::{with_f32_slices, with_wide_vectors};
 use rayon::prelude::*;
 
 use crate::loss::Target;
@@ -50,17 +52,22 @@ pub(crate) fn loss_and_grad_in_place<O: Send>(
                 .zip(p_log_p.par_iter())
                 .zip(outputs)
                 .map(|(((z, p), &plogp), out)| {
-                    let max = max_f32(z);
-                    let pz = dot_f64(p, z);
-                    let sum = exp_shifted_in_place(z, max);
-                    let lse = max as f64 + sum.ln();
-                    let inv = (1.0 / sum) as f32;
-                    for (zj, pj) in z.iter_mut().zip(p) {
-                        *zj = *zj * inv - pj;
-                    }
-                    finish(z, out);
-                    // KL = Σ p log p − Σ p (z − lse) = Σ p log p − Σ p z + lse.
-                    (plogp - pz + lse, true)
+                    with_wide_vectors(
+                        #[inline(always)]
+                        || {
+                            let max = max_f32(z);
+                            let pz = dot_f64(p, z);
+                            let sum = exp_shifted_in_place(z, max);
+                            let lse = max as f64 + sum.ln();
+                            let inv = (1.0 / sum) as f32;
+                            for (zj, pj) in z.iter_mut().zip(p) {
+                                *zj = *zj * inv - pj;
+                            }
+                            finish(z, out);
+                            // KL = Σ p log p − Σ p (z − lse) = Σ p log p − Σ p z + lse.
+                            (plogp - pz + lse, true)
+                        },
+                    )
                 })
                 .collect())
         })?,
@@ -74,19 +81,24 @@ pub(crate) fn loss_and_grad_in_place<O: Send>(
                     .zip(next.par_iter())
                     .zip(outputs)
                     .map(|((z, &t), out)| {
-                        if t == u32::MAX {
-                            z.iter_mut().for_each(|x| *x = 0.0);
-                            finish(z, out);
-                            return (0.0, false);
-                        }
-                        let max = max_f32(z);
-                        let zt = z[t as usize] as f64;
-                        let sum = exp_shifted_in_place(z, max);
-                        let inv = (1.0 / sum) as f32;
-                        z.iter_mut().for_each(|x| *x *= inv);
-                        z[t as usize] -= 1.0;
-                        finish(z, out);
-                        (max as f64 + sum.ln() - zt, true)
+                        with_wide_vectors(
+                            #[inline(always)]
+                            || {
+                                if t == u32::MAX {
+                                    z.iter_mut().for_each(|x| *x = 0.0);
+                                    finish(z, out);
+                                    return (0.0, false);
+                                }
+                                let max = max_f32(z);
+                                let zt = z[t as usize] as f64;
+                                let sum = exp_shifted_in_place(z, max);
+                                let inv = (1.0 / sum) as f32;
+                                z.iter_mut().for_each(|x| *x *= inv);
+                                z[t as usize] -= 1.0;
+                                finish(z, out);
+                                (max as f64 + sum.ln() - zt, true)
+                            },
+                        )
                     })
                     .collect(),
             )
@@ -114,14 +126,19 @@ pub(crate) fn distribution_of_logits(
         .par_chunks_mut(vocab)
         .zip(p.par_chunks_mut(vocab))
         .map(|(z, p)| {
-            let max = max_f32(z);
-            p.copy_from_slice(z);
-            let lse = (max as f64 + exp_shifted_in_place(p, max).ln()) as f32;
-            z.iter_mut().for_each(|x| *x -= lse);
-            for (pj, &lj) in p.iter_mut().zip(z.iter()) {
-                *pj = exp(lj);
-            }
-            dot_f64(p, z)
+            with_wide_vectors(
+                #[inline(always)]
+                || {
+                    let max = max_f32(z);
+                    p.copy_from_slice(z);
+                    let lse = (max as f64 + exp_shifted_in_place(p, max).ln()) as f32;
+                    z.iter_mut().for_each(|x| *x -= lse);
+                    for (pj, &lj) in p.iter_mut().zip(z.iter()) {
+                        *pj = exp(lj);
+                    }
+                    dot_f64(p, z)
+                },
+            )
         })
         .collect();
     let device = Device::Cpu;
@@ -132,11 +149,64 @@ pub(crate) fn distribution_of_logits(
     )))
 }
 
+/// How one row of lens logits scores: against the model's final distribution `p` and the
+/// next token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct RowScores {
+    /// KL(p ‖ lens).
+    pub kl: f64,
+    /// Entropy of the lens distribution.
+    pub entropy: f64,
+    /// Cross-entropy of the next token, `None` where the row has none.
+    pub ce: Option<f64>,
+    /// The lens's top-1 token (the first of equal largest logits).
+    pub top: u32,
+}
+
+/// Scores each row of `logits: [n, vocab]` against the row of `p` (the model's final
+/// probabilities, `Σ p log p` in `p_log_p`) and the next token in `next` (`u32::MAX`: none),
+/// rows in parallel; the logits are only read, a row at a time while it is in cache.
+pub(crate) fn score_rows(
+    logits: &[f32],
+    vocab: usize,
+    p: &[f32],
+    p_log_p: &[f64],
+    next: &[u32],
+) -> Vec<RowScores> {
+    logits
+        .par_chunks(vocab)
+        .zip(p.par_chunks(vocab))
+        .zip(p_log_p.par_iter())
+        .zip(next.par_iter())
+        .map(|(((z, p), &plogp), &t)| {
+            with_wide_vectors(
+                #[inline(always)]
+                || {
+                    let max = max_f32(z);
+                    let top = z.iter().position(|&x| x == max).unwrap_or(0) as u32;
+                    let (sum, shifted_sum) = exp_sums(z, max);
+                    // log q = z - lse with lse = max + ln Σ e^(z - max).
+                    let lse = max as f64 + sum.ln();
+                    RowScores {
+                        // KL = Σ p log p − Σ p z + lse (Σ p = 1), as the training loss.
+                        kl: plogp - dot_f64(p, z) + lse,
+                        // H = −Σ q log q = ln Σ e^(z − max) − Σ q (z − max).
+                        entropy: sum.ln() - shifted_sum / sum,
+                        ce: z.get(t as usize).map(|&zt| lse - zt as f64),
+                        top,
+                    }
+                },
+            )
+        })
+        .collect()
+}
+
 /// Lanes of the fixed-order partial sums below (lets the compiler use vector registers
 /// while every run adds in the same order).
 const LANES: usize = 16;
 
 /// The largest element (NaN ignored), `-inf` for an empty row.
+#[inline(always)]
 fn max_f32(xs: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = xs.chunks_exact(LANES);
@@ -152,6 +222,7 @@ fn max_f32(xs: &[f32]) -> f32 {
 }
 
 /// `Σ a b` accumulated in f64.
+#[inline(always)]
 fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
     let mut acc = [0f64; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -170,6 +241,7 @@ fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Replaces each `x` by `exp(x - shift)` and returns their sum (in f64).
+#[inline(always)]
 fn exp_shifted_in_place(xs: &mut [f32], shift: f32) -> f64 {
     for x in xs.iter_mut() {
         *x = exp(*x - shift);
@@ -183,6 +255,29 @@ fn exp_shifted_in_place(xs: &mut [f32], shift: f32) -> f64 {
         }
     }
     acc.iter().sum::<f64>() + rest
+}
+
+/// `(Σ e^(x − shift), Σ e^(x − shift) (x − shift))` over `xs`, in f64.
+#[inline(always)]
+fn exp_sums(xs: &[f32], shift: f32) -> (f64, f64) {
+    let (mut sums, mut weighted) = ([0f64; LANES], [0f64; LANES]);
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for ((s, w), &x) in sums.iter_mut().zip(weighted.iter_mut()).zip(c) {
+            let shifted = x - shift;
+            let e = exp(shifted);
+            *s += e as f64;
+            *w += (e * shifted) as f64;
+        }
+    }
+    rest.iter().fold(
+        (sums.iter().sum::<f64>(), weighted.iter().sum::<f64>()),
+        |(s, w), &x| {
+            let e = exp(x - shift);
+            (s + e as f64, w + (e * (x - shift)) as f64)
+        },
+    )
 }
 
 /// `e^x` in f32 to about 2 ulp, in branch-free arithmetic the compiler vectorises (libm's

@@ -108,7 +108,7 @@ impl Default for TrainOptions {
             clip: 1.0,
             loss: LossKind::Kl,
             seq_len: 2048,
-            chunk_tokens: 256,
+            chunk_tokens: 512,
             checkpoint_every: 25,
             decode_dtype: DecodeDtype::Auto,
         }
@@ -351,7 +351,7 @@ pub fn train(
         let bytes = (chunk_tokens as u64)
             .checked_mul(vocab as u64)
             .and_then(|n| n.checked_mul(3 * 4));
-        hooks::memory::check_fits(&what, bytes, "lower --chunk-tokens (default 256)")?;
+        hooks::memory::check_fits(&what, bytes, "lower --chunk-tokens (default 512)")?;
     }
     let mut decoder = Decoder::new(&unembedding, options.decode_dtype, chunk_tokens)?;
     tracing::info!("decoding lenses in {}", decoder.dtype_name());

@@ -383,7 +383,7 @@ fn chunk_too_large_for_memory_is_refused() {
             "--chunk-tokens {} ({} tokens decoded at once, over a vocabulary of 50304) needs ",
             usize::MAX,
             1 << 30
-        )) && message.ends_with(": lower --chunk-tokens (default 256)"),
+        )) && message.ends_with(": lower --chunk-tokens (default 512)"),
         "{message}"
     );
 }

@@ -279,7 +279,7 @@ class TunedLens:
         loss: str = "kl",
         seq_len: Optional[int] = None,
         batch_size: int = 1,
-        chunk_tokens: int = 256,
+        chunk_tokens: int = 512,
         seed: int = 42,
         checkpoint_every: int = 25,
         momentum: float = 0.9,
@@ -373,7 +373,7 @@ def evaluate_lens(
     tokens: int = 262144,
     seq_len: Optional[int] = None,
     batch_size: int = 1,
-    chunk_tokens: int = 256,
+    chunk_tokens: int = 512,
     format: Optional[str] = None,
     text_field: str = "text",
 ) -> dict[str, Any]:

@@ -394,7 +394,7 @@ impl PyTunedLens {
     #[pyo3(signature = (
         model, data = None, *, activations = None, output = None, steps = 250,
         tokens_per_step = 262144, lr = 1.0, optimizer = "sgd", loss = "kl", seq_len = None,
-        batch_size = 1, chunk_tokens = 256, seed = 42, checkpoint_every = 25, momentum = 0.9,
+        batch_size = 1, chunk_tokens = 512, seed = 42, checkpoint_every = 25, momentum = 0.9,
         weight_decay = None, clip = 1.0, format = None, text_field = "text", progress = false,
         callback = None, decode_dtype = "auto"
     ))]
@@ -704,7 +704,7 @@ impl PyLogitLens {
 #[pyfunction]
 #[pyo3(signature = (
     model, lens = None, data = None, *, activations = None, tokens = 262144, seq_len = None,
-    batch_size = 1, chunk_tokens = 256, format = None, text_field = "text"
+    batch_size = 1, chunk_tokens = 512, format = None, text_field = "text"
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_lens<'py>(

@@ -105,7 +105,7 @@ run() {
         python3 bench/lens_train.py --device cuda --prebuilt "$bin" --shape pythia-160m --seq 2048 --batch 8 \
             --tokens-per-step 16384 --steps 4 --chunk-tokens 4096 || rc=1
         python3 bench/lens_eval.py --device cuda --prebuilt "$bin" --shape pythia-160m --seq 2048 --batch 4 \
-            --tokens 16384 --chunk-tokens 4096 || rc=1
+            --tokens 131072 --chunk-tokens 4096 || rc=1
         exit $rc
     ) 2>&1 | tee "$out/gpu-bench.log" || status=1
     return $status

@@ -16,8 +16,9 @@ loading excluded.
     python bench/lens_eval.py [--shape pythia-160m|smollm2] [--tokens 2048] [--seq 256] [--threads 2]
                               [--chunk-tokens 512] [--device cpu|cuda] [--prebuilt DIR]
 
-On a GPU tuned-lens evaluates under bfloat16 autocast (eval_loop.py's `th.autocast("cuda")`)
-while ours stays f32 there.
+On a GPU tuned-lens evaluates under float16 autocast (eval_loop.py's `th.autocast("cuda")`,
+whose default dtype that is) while ours stays f32 there; both timings include the first
+batch's start-up costs (kernels compiled, cuBLAS set up), so give --tokens enough batches.
 """
 import argparse
 import importlib.metadata
@@ -125,6 +126,8 @@ def main():
     if ours.returncode != 0:
         sys.exit(ours.stderr)
     m = re.search(r"evaluated (\d+) tokens in ([\d.]+) s \(([\d.]+) tokens/s", ours.stderr)
+    if m is None:
+        sys.exit(f"`lens eval` printed no throughput line:\n{ours.stderr}")
     ours_s, ours_tps = float(m.group(2)), float(m.group(3))
     ours_peak = int(ours.stderr.strip().splitlines()[-1]) / 1024
     mine = json.loads(report.read_text())

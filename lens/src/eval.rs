@@ -1,9 +1,9 @@
 //! Per-layer evaluation of the logit lens and a tuned lens, as tuned-lens's `eval` reports
-//! it: next-token cross-entropy, entropy of the lens distribution, KL(final ‖ lens), and
-//! top-1 agreement with the model's final prediction; the last row is the model's output.
-//! Beyond tuned-lens: each lens's prediction depth (see [`prediction_depth`]). In f32 on the
-//! CPU each lens's logits go into one buffer kept for the whole run and every metric comes
-//! from one fused pass per row; elsewhere they are tensor ops.
+//! it: next-token cross-entropy, entropy of the lens distribution and KL(final ‖ lens); the
+//! last row is the model's output. Beyond tuned-lens: top-1 agreement with the model's final
+//! prediction and each lens's prediction depth (see [`prediction_depth`]). In f32 on the CPU
+//! each lens's logits go into one buffer kept for the whole run and every metric of a row
+//! comes from a few fused sweeps over it; elsewhere they are tensor ops.
 
 use candle_core::{DType, Tensor, D};
 use hooks::activations::ActivationSource;
@@ -280,6 +280,7 @@ pub fn evaluate(
     let unembedding = unembedding.to_dtype(DType::F32)?;
     // f32 on the CPU: fused scoring passes over one reused logits buffer.
     let fused = is_cpu_f32(&unembedding.weight);
+    let vocab = unembedding.vocab_size()?;
     let mut buffer = Vec::new();
     let final_point = HookPoint::Layer(num_layers - 1);
     let mut logit = vec![Sums::default(); num_layers + 1];
@@ -303,6 +304,16 @@ pub fn evaluate(
                 }
             })
             .collect();
+        if let Some(at) = next
+            .iter()
+            .position(|&t| t != u32::MAX && t as usize >= vocab)
+        {
+            return Err(Error::Lens(format!(
+                "token id {} (row {} of a batch) is outside the model's vocabulary of {vocab}",
+                next[at],
+                at + 1
+            )));
+        }
         for start in (0..n).step_by(chunk_tokens.max(1)) {
             let len = chunk_tokens.min(n - start);
             let rows = |p: HookPoint| -> Result<Tensor> {

@@ -3,7 +3,7 @@
 //! `softmax - target` in three sweeps over memory (the generic tensor path, [`crate::loss`],
 //! makes about fifteen sweeps on one thread and dominated training time on the CPU); for
 //! evaluation, every metric of a lens row in a few read-only sweeps while the row is in cache
-//! ([`score_rows`]). Returns `None` when it does not apply.
+//! ([`score_rows`]). The training passes return `None` when they do not apply.
 
 use candle_core::{Device, Tensor};
 use hooks::cpu::{with_f32_slices, with_wide_vectors};

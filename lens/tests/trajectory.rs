@@ -554,7 +554,7 @@ fn sweep_over_two_local_checkpoints_writes_files_and_resumes() {
 }
 
 /// A model whose outputs are NaN (a NaN final-norm weight) is an evaluation error, not a
-/// report of perfect top-1 agreement.
+/// report of perfect top-1 agreement; so are next tokens outside the unembedding's vocabulary.
 #[test]
 fn evaluating_a_model_with_non_finite_outputs_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -587,4 +587,17 @@ fn evaluating_a_model_with_non_finite_outputs_is_an_error() {
     );
     let err = evaluate(source.as_mut(), 64);
     assert!(err.contains("outputs are not finite"), "{err}");
+    // An unembedding narrower than the data's token ids is an error naming the first one.
+    let full = model.unembedding();
+    let narrow = hooks::Unembedding::new(full.norm.clone(), full.weight.narrow(0, 0, 100).unwrap());
+    let mut source = data
+        .open(&model, hooks::activations::ReadOrder::Sequential, Some(64))
+        .unwrap();
+    let err = lens::eval::evaluate(None, &narrow, 2, source.as_mut(), 32, 64, 64)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("token id ") && err.ends_with("is outside the model's vocabulary of 100"),
+        "{err}"
+    );
 }

@@ -80,6 +80,16 @@ def bench_model(shape, binaries):
     return model_dir
 
 
+def wikitext_tokens(binaries, model_path, npy, seq, tokens):
+    """Writes at least `tokens` tokens of WikiText-2 in sequences of `seq` to `npy`, tokenized by
+    our pipeline (`hooks tokenize`, EOS-joined and packed) for the model at `model_path`, so
+    that both sides of a benchmark read the same chunks."""
+    subprocess.run([str(binaries["hooks"]), "tokenize", "--model", str(model_path),
+                    "--data", str(REPO / "data/wikitext-2-raw-test.txt"), "--seq-len", str(seq),
+                    "--max-tokens", str(tokens), "--output", str(npy), "--overwrite"],
+                   check=True, capture_output=True)
+
+
 def token_ids(batch, seq, vocab):
     # Same formula as bench/forward_bench.rs.
     return [[((b * seq + i) * 2654435761 + 12345) % min(vocab, 50000) for i in range(seq)] for b in range(batch)]

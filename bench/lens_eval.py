@@ -35,7 +35,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from forward import SHAPES, bench_model, child, our_binaries, peer_model  # noqa: E402
+from forward import SHAPES, bench_model, child, our_binaries, peer_model, wikitext_tokens  # noqa: E402
 
 
 def peer(args):
@@ -106,10 +106,7 @@ def main():
     bench = REPO / "target" / "bench"
     model_path = str(bench_model(args.shape, binaries))
     npy = bench / f"lens-eval-tokens-{args.shape}-{args.seq}.npy"
-    subprocess.run([str(binaries["hooks"]), "tokenize", "--model", model_path,
-                    "--data", str(REPO / "data/wikitext-2-raw-test.txt"), "--seq-len", str(args.seq),
-                    "--max-tokens", str(max(args.tokens, 2 * args.seq)), "--output", str(npy), "--overwrite"],
-                   check=True, capture_output=True)
+    wikitext_tokens(binaries, model_path, npy, args.seq, max(args.tokens, 2 * args.seq))
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     lens_dir = bench / f"lens-eval-{args.shape}"
     subprocess.run(["rm", "-rf", str(lens_dir)], check=True)

@@ -39,7 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 from forward import (SHAPES, bench_model, child, config_for, forward_flops_per_token,  # noqa: E402
-                     our_binaries, peer_model)
+                     our_binaries, peer_model, wikitext_tokens)
 
 
 def peer(args):
@@ -133,10 +133,7 @@ def main():
     # The same chunks for both: tokenized once by our pipeline (`hooks tokenize`) into an .npy.
     needed = args.steps * args.tokens_per_step
     npy = bench / f"lens-tokens-{args.shape}-{args.seq}.npy"
-    subprocess.run([str(binaries["hooks"]), "tokenize", "--model", model_path,
-                    "--data", str(REPO / "data/wikitext-2-raw-test.txt"), "--seq-len", str(args.seq),
-                    "--max-tokens", str(needed), "--output", str(npy), "--overwrite"], check=True,
-                   capture_output=True)
+    wikitext_tokens(binaries, model_path, npy, args.seq, needed)
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     out = bench / f"lens-{args.shape}"

@@ -12,8 +12,8 @@ use hooks::{HookPoint, Unembedding};
 use serde::{Deserialize, Serialize};
 
 use crate::decode::grow;
-use crate::kernels::{score_rows, RowScores};
-use crate::loss::{log_softmax, Target};
+use crate::kernels::{distribution_of_logits, score_rows, RowScores};
+use crate::loss::log_softmax;
 use crate::{lens_input, Error, Result, TunedLens};
 
 /// Mean metrics of one row (a layer, or the model output), in nats.
@@ -167,16 +167,12 @@ impl<'a> ChunkTarget<'a> {
     /// the scores of the model's own output rows (KL 0, agreement 1).
     fn new(final_logits: &Tensor, next: &'a [u32], fused: bool) -> Result<(Self, Vec<RowScores>)> {
         let (distribution, output) = if fused {
-            let Target::Distribution { p, p_log_p, .. } = Target::from_logits(final_logits)? else {
-                return Err(Error::Lens(
-                    "fused scoring needs f32 logits on the CPU".into(),
-                ));
-            };
+            let (_, p, p_log_p) = distribution_of_logits(final_logits)?.ok_or_else(not_cpu_f32)?;
             let (_, vocab) = final_logits.dims2()?;
             let output = with_f32_slices(&[final_logits, &p], |s| {
                 Ok(score_rows(s[0], vocab, s[1], &p_log_p, next))
             })?
-            .ok_or_else(|| Error::Lens("fused scoring needs f32 logits on the CPU".into()))?;
+            .ok_or_else(not_cpu_f32)?;
             (Distribution::Fused { p, p_log_p }, output)
         } else {
             let log_p = log_softmax(final_logits)?;
@@ -219,7 +215,7 @@ impl<'a> ChunkTarget<'a> {
                     product_with_transposed(logits, s[0], s[1], d, false, true);
                     Ok(score_rows(logits, vocab, s[2], p_log_p, self.next))
                 })?;
-                scores.ok_or_else(|| Error::Lens("fused scoring needs f32 rows on the CPU".into()))
+                scores.ok_or_else(not_cpu_f32)
             }
             Distribution::Tensors { log_p, p } => {
                 let log_q = log_softmax(&unembedding.project(normed)?)?;
@@ -227,6 +223,11 @@ impl<'a> ChunkTarget<'a> {
             }
         }
     }
+}
+
+/// The error of the fused path given tensors that are not f32 on the CPU.
+fn not_cpu_f32() -> Error {
+    Error::Lens("fused scoring needs f32 logits and rows on the CPU".into())
 }
 
 /// [`RowScores`] of the lens log-probabilities `log_q` against the model's `log_p` and `p`

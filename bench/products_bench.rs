@@ -1,8 +1,9 @@
 //! Times our matrix products for `bench/products.py`: for each shape `MxKxN`, the bf16 product
-//! (`hooks::cpu::bf16::gemm`: bf16 inputs, f32 sums, the right-hand matrix packed once) and
-//! the f32 product of the same values (`hooks::cpu::product_with_transposed`: the right-hand
-//! matrix stored `[N, K]`, as a linear layer's weight), best of `--reps` calls each, one JSON
-//! line per shape.
+//! (`hooks::cpu::bf16::gemm`: bf16 inputs, f32 sums, the right-hand matrix packed once), the
+//! f32 product of the same values through the `gemm` crate (`hooks::cpu::product_with_transposed`:
+//! the right-hand matrix stored `[N, K]`, as a linear layer's weight) and through our packed
+//! f32 product (`hooks::cpu::packed::gemm`, the weight packed once, as an f32 model's layers
+//! on a CPU with AVX-512), best of `--reps` calls each, one JSON line per shape.
 //!
 //! cargo run --release -p eleuther-hooks --example products_bench -- 2048x768x2304 ...
 //!     [--reps 5] [--kernel auto|amx|avx512bf16|portable]
@@ -11,6 +12,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use hooks::cpu::bf16::{self, Kernel, PackedB};
+use hooks::cpu::packed::{self, F32Kernel, Packed, F32};
 use hooks::cpu::product_with_transposed;
 
 /// Seconds of the fastest of `reps` calls of `call` (after one untimed call).
@@ -79,6 +81,12 @@ fn main() -> Result<()> {
             product_with_transposed(&mut c, &a, &w, k, false, true)
         });
         let checksum_f32: f64 = c.iter().map(|&v| v as f64).sum();
+        let f32_kernel = F32Kernel::detect();
+        let packed_f32 = Packed::<F32>::pack(k, n, |row, col| w[col * k + row]);
+        let packed_f32_s = best_of(reps, || {
+            packed::gemm(f32_kernel, &a, k, m, &packed_f32, &mut c, n)
+        });
+        let checksum_packed: f64 = c.iter().map(|&v| v as f64).sum();
         let flop = 2.0 * (m * k * n) as f64;
         println!(
             "{}",
@@ -89,6 +97,10 @@ fn main() -> Result<()> {
                 "threads": rayon::current_num_threads(),
                 "bf16_gflops": flop / bf16_s / 1e9,
                 "f32_gflops": flop / f32_s / 1e9,
+                "packed_f32_kernel": format!("{f32_kernel:?}"),
+                "packed_f32_gflops": flop / packed_f32_s / 1e9,
+                "packed_f32_relative_checksum_gap":
+                    (checksum_packed - checksum_f32).abs() / checksum_f32.abs().max(1.0),
                 "relative_checksum_gap":
                     (checksum_bf16 - checksum_f32).abs() / checksum_f32.abs().max(1.0),
             })

@@ -9,6 +9,7 @@ use candle_core::{CpuStorage, DType, Device, InplaceOp1, InplaceOp2, Layout, Sto
 use rayon::prelude::*;
 
 pub mod bf16;
+pub mod packed;
 
 use crate::{Error, Result};
 
@@ -64,20 +65,46 @@ pub(crate) fn f32_tensor_map<T: Copy + Sync>(
     shape: &candle_core::Shape,
     f: impl Fn(T) -> f32 + Sync,
 ) -> Result<Tensor> {
-    let mut out = vec![0f32; values.len()];
+    f32_tensor_from(
+        values.len(),
+        shape.dims(),
+        #[inline(always)]
+        |range, out| {
+            for (o, &v) in out.iter_mut().zip(&values[range]) {
+                *o = f(v);
+            }
+        },
+    )
+}
+
+/// An f32 CPU tensor of `shape` whose `len` elements `fill(range, out)` writes, a parallel
+/// chunk at a time. `fill` must be `#[inline(always)]`: it runs compiled for AVX-512 where
+/// the CPU has it.
+pub(crate) fn f32_tensor_from(
+    len: usize,
+    shape: &[usize],
+    fill: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+) -> Result<Tensor> {
+    Ok(Tensor::from_vec(filled(len, fill), shape, &Device::Cpu)?)
+}
+
+/// `len` values that `fill(range, out)` writes, in parallel chunks compiled for AVX-512 where
+/// the CPU has it. The buffer starts as fresh zero pages (zero bits), written once by `fill`.
+fn filled<T: Copy + Default + Send>(
+    len: usize,
+    fill: impl Fn(std::ops::Range<usize>, &mut [T]) + Sync,
+) -> Vec<T> {
+    let mut out = vec![T::default(); len];
     out.par_chunks_mut(CONVERSION_CHUNK)
-        .zip(values.par_chunks(CONVERSION_CHUNK))
-        .for_each(|(out, values)| {
+        .enumerate()
+        .for_each(|(chunk, out)| {
+            let start = chunk * CONVERSION_CHUNK;
             with_wide_vectors(
                 #[inline(always)]
-                || {
-                    for (o, &v) in out.iter_mut().zip(values) {
-                        *o = f(v);
-                    }
-                },
+                || fill(start..start + out.len(), out),
             )
         });
-    Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
+    out
 }
 
 /// A bfloat16 CPU tensor of `shape` holding `values` rounded to the nearest bf16 (ties to
@@ -103,19 +130,9 @@ pub(crate) fn bf16_tensor_from(
     shape: &[usize],
     fill: impl Fn(std::ops::Range<usize>, &mut [u16]) + Sync,
 ) -> Result<Tensor> {
-    // Zeroed u16s come as fresh zero pages, which bf16 zeros (not known to be zero bits)
-    // would not: they would be written once by a memset and then again here.
-    let mut bits = vec![0u16; len];
-    bits.par_chunks_mut(CONVERSION_CHUNK)
-        .enumerate()
-        .for_each(|(chunk, bits)| {
-            let start = chunk * CONVERSION_CHUNK;
-            with_wide_vectors(
-                #[inline(always)]
-                || fill(start..start + bits.len(), bits),
-            )
-        });
-    bf16_tensor_of_bits(bits, shape)
+    // As u16 bits: zeroed u16s come as fresh zero pages, which bf16 zeros (not known to be
+    // zero bits) would not.
+    bf16_tensor_of_bits(filled(len, fill), shape)
 }
 
 /// A bfloat16 CPU tensor of `shape` holding `bits`.
@@ -141,6 +158,25 @@ pub(crate) fn packed_transposed(weight: &Tensor) -> Result<bf16::PackedB> {
     .ok_or_else(|| {
         Error::InvalidArgument(format!(
             "expected a bf16 weight on the CPU, got {:?} on {:?}",
+            weight.dtype(),
+            weight.device()
+        ))
+    })
+}
+
+/// An f32 CPU weight `[out, in]` packed for [`packed::gemm`] as the `[in, out]` right-hand
+/// matrix of `x W^T`.
+pub(crate) fn packed_transposed_f32(weight: &Tensor) -> Result<packed::Packed<packed::F32>> {
+    let (outer, inner) = weight.dims2()?;
+    with_f32_slices(&[weight], |s| {
+        let w = s[0];
+        Ok(packed::Packed::pack(inner, outer, |row, col| {
+            w[col * inner + row]
+        }))
+    })?
+    .ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "expected an f32 weight on the CPU, got {:?} on {:?}",
             weight.dtype(),
             weight.device()
         ))

@@ -5,8 +5,12 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Tensor, TensorId, D};
 
-use crate::cpu::bf16::{Kernel, PackedB};
-use crate::cpu::{is_cpu_bf16, packed_transposed};
+use crate::cpu::bf16::{Bf16, Kernel};
+use crate::cpu::packed::{self, F32Kernel, Format, Packed, F32};
+use crate::cpu::{
+    is_cpu_bf16, is_cpu_f32, packed_transposed, packed_transposed_f32, product_with_transposed,
+    with_f32_slices,
+};
 use crate::model::cpu_kernels::{linear, linear_bf16, through_f32};
 use crate::model::layers::{layer_norm, rms_norm};
 use crate::Result;
@@ -43,22 +47,55 @@ pub struct Unembedding {
     pub norm: FinalNorm,
     /// The unembedding matrix, `[vocab, d]`.
     pub weight: Tensor,
-    packed: PackedUnembedding,
+    /// For bf16 projections on a CPU where the bf16 product beats f32 ones.
+    packed_bf16: PackedUnembedding<Bf16>,
+    /// For f32 projections on a CPU with AVX-512.
+    packed_f32: PackedUnembedding<F32>,
 }
 
-/// The unembedding packed for the bf16 product on the CPU, made by the first bf16 projection
-/// on a CPU where that product beats f32 ones, and shared by clones (the model's and the
-/// lenses'). It is kept with the id of the tensor it was made from: a replaced `weight` is
-/// packed afresh.
-#[derive(Clone, Default)]
-struct PackedUnembedding(Arc<OnceLock<(TensorId, PackedB)>>);
+/// The unembedding packed for our product on the CPU, made by the first projection that takes
+/// it and shared by clones (the model's and the lenses'). It is kept with the id of the tensor
+/// it was made from: a replaced `weight` is packed afresh.
+struct PackedUnembedding<F: Format>(Arc<OnceLock<(TensorId, Packed<F>)>>);
 
-impl std::fmt::Debug for PackedUnembedding {
+impl<F: Format> Clone for PackedUnembedding<F> {
+    fn clone(&self) -> Self {
+        PackedUnembedding(self.0.clone())
+    }
+}
+
+impl<F: Format> Default for PackedUnembedding<F> {
+    fn default() -> Self {
+        PackedUnembedding(Arc::default())
+    }
+}
+
+impl<F: Format> std::fmt::Debug for PackedUnembedding<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let packed = self.0.get().map(|(_, packed)| packed.bytes());
         f.debug_struct("PackedUnembedding")
             .field("bytes", &packed)
             .finish()
+    }
+}
+
+impl<F: Format> PackedUnembedding<F> {
+    /// `use_packed` of `weight` packed by `pack`: the kept copy when it was made from
+    /// `weight`, else one made now (kept if none was).
+    fn with<R>(
+        &self,
+        weight: &Tensor,
+        pack: impl Fn(&Tensor) -> Result<Packed<F>>,
+        use_packed: impl FnOnce(&Packed<F>) -> Result<R>,
+    ) -> Result<R> {
+        match self.0.get() {
+            Some((id, packed)) if *id == weight.id() => use_packed(packed),
+            Some(_) => use_packed(&pack(weight)?),
+            None => {
+                let packed = pack(weight)?;
+                use_packed(&self.0.get_or_init(|| (weight.id(), packed)).1)
+            }
+        }
     }
 }
 
@@ -68,7 +105,8 @@ impl Unembedding {
         Unembedding {
             norm,
             weight,
-            packed: PackedUnembedding::default(),
+            packed_bf16: PackedUnembedding::default(),
+            packed_f32: PackedUnembedding::default(),
         }
     }
 
@@ -93,12 +131,57 @@ impl Unembedding {
         let flat = normed.reshape((normed.elem_count() / d, d))?;
         let logits = if is_cpu_bf16(&flat) && is_cpu_bf16(&self.weight) {
             self.project_bf16(&flat, Kernel::detect().beats_f32())?
+        } else if is_cpu_f32(&flat) && is_cpu_f32(&self.weight) {
+            let (rows, vocab) = (flat.dim(0)?, self.weight.dim(0)?);
+            let mut logits = vec![0f32; rows * vocab];
+            with_f32_slices(&[&flat], |s| self.logits_f32_into(s[0], &mut logits))?;
+            Tensor::from_vec(logits, (rows, vocab), &candle_core::Device::Cpu)?
         } else {
             flat.matmul(&self.weight.t()?)?
         };
         let mut shape = dims;
         *shape.last_mut().unwrap() = self.weight.dim(0)?;
         Ok(logits.reshape(shape)?)
+    }
+
+    /// The logits of f32 rows `normed` (`[n, d]`, already through the final norm) into
+    /// `logits` (`[n, vocab]`), for an f32 unembedding on the CPU: on a CPU with AVX-512
+    /// through our f32 product with the unembedding packed once (shared by clones), which the
+    /// `gemm` crate's product would repack on every call, else through that product.
+    pub fn logits_f32_into(&self, normed: &[f32], logits: &mut [f32]) -> Result<()> {
+        let (vocab, d) = self.weight.dims2()?;
+        let rows = normed.len() / d.max(1);
+        if normed.len() != rows * d || logits.len() != rows * vocab {
+            return Err(crate::Error::InvalidArgument(format!(
+                "logits of {} values into {} through an unembedding of {vocab} x {d}",
+                normed.len(),
+                logits.len()
+            )));
+        }
+        if d == 0 {
+            logits.fill(0.0);
+            return Ok(());
+        }
+        let kernel = F32Kernel::detect();
+        if kernel.beats_gemm() && is_cpu_f32(&self.weight) {
+            return self
+                .packed_f32
+                .with(&self.weight, packed_transposed_f32, |w| {
+                    packed::gemm(kernel, normed, d, rows, w, logits, vocab);
+                    Ok(())
+                });
+        }
+        with_f32_slices(&[&self.weight], |s| {
+            product_with_transposed(logits, normed, s[0], d, false, true);
+            Ok(())
+        })?
+        .ok_or_else(|| {
+            crate::Error::InvalidArgument(format!(
+                "f32 logits need an f32 unembedding on the CPU, not {:?} on {:?}",
+                self.weight.dtype(),
+                self.weight.device()
+            ))
+        })
     }
 
     /// Residual width.
@@ -133,19 +216,9 @@ impl Unembedding {
     fn project_bf16(&self, rows: &Tensor, through_packed: bool) -> Result<Tensor> {
         let weight = &self.weight;
         if through_packed {
-            let fresh;
-            let packed = match self.packed.0.get() {
-                Some((id, packed)) if *id == weight.id() => packed,
-                Some(_) => {
-                    fresh = packed_transposed(weight)?;
-                    &fresh
-                }
-                None => {
-                    let packed = packed_transposed(weight)?;
-                    &self.packed.0.get_or_init(|| (weight.id(), packed)).1
-                }
-            };
-            return linear_bf16(Kernel::detect(), rows, packed, None);
+            return self.packed_bf16.with(weight, packed_transposed, |packed| {
+                linear_bf16(Kernel::detect(), rows, packed, None)
+            });
         }
         let vocab = weight.dim(0)?;
         let slices = (0..vocab)
@@ -211,6 +284,50 @@ mod tests {
             assert_eq!(projected.dims(), &[1, rows, vocab]);
         }
         let clone = unembedding.clone();
-        assert!(clone.packed.0.get().is_some(), "shared by clones");
+        assert!(clone.packed_bf16.0.get().is_some(), "shared by clones");
+    }
+
+    /// f32 logits on the CPU against candle's product; on a CPU with AVX-512 through the
+    /// unembedding packed once, shared by clones, and not used for a replaced weight.
+    /// Buffers of the wrong size are refused.
+    #[test]
+    fn f32_logits_match_candle_and_the_packed_copy_is_shared() {
+        let (vocab, d, rows) = (200, 40, 7);
+        let randn = |shape: &[usize]| Tensor::randn(0f32, 1., shape, &Device::Cpu).unwrap();
+        let norm = FinalNorm::Rms {
+            weight: randn(&[d]),
+            eps: 1e-5,
+        };
+        let mut unembedding = Unembedding::new(norm, randn(&[vocab, d]));
+        let normed = randn(&[1, rows, d]);
+        for replaced in [false, true] {
+            if replaced {
+                unembedding.weight = randn(&[vocab, d]);
+            }
+            let weight = unembedding.weight.t().unwrap();
+            let reference = normed.broadcast_matmul(&weight).unwrap();
+            let projected = unembedding.project(&normed).unwrap();
+            assert_eq!(projected.dims(), &[1, rows, vocab]);
+            let gap = crate::compare::max_abs_diff(&projected, &reference).unwrap();
+            assert!(gap < 1e-4, "replaced {replaced}: {gap}");
+        }
+        let packed = unembedding.packed_f32.0.get().map(|(id, _)| *id);
+        if F32Kernel::detect().beats_gemm() {
+            let clone = unembedding.clone();
+            assert!(clone.packed_f32.0.get().is_some(), "shared by clones");
+            assert_ne!(
+                packed,
+                Some(unembedding.weight.id()),
+                "made from the first weight"
+            );
+        } else {
+            assert!(packed.is_none(), "packed only for our AVX-512 product");
+        }
+        let flat: Vec<f32> = normed.flatten_all().unwrap().to_vec1().unwrap();
+        let mut short = vec![0f32; rows * vocab - 1];
+        let refused = unembedding.logits_f32_into(&flat, &mut short).unwrap_err();
+        assert!(refused
+            .to_string()
+            .contains(&format!("through an unembedding of {vocab} x {d}")));
     }
 }

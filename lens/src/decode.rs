@@ -7,7 +7,7 @@
 //! f32 either way.
 
 use candle_core::{DType, Device, Tensor};
-use hooks::cpu::{product, product_with_transposed, with_f32_slices};
+use hooks::cpu::{product, with_f32_slices};
 use hooks::Unembedding;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -121,7 +121,7 @@ impl<'u> Decoder<'u> {
             }
             Decoder::F32(u, products) => {
                 loss_and_grads_through(h, weight, bias, &u.norm, |normed| {
-                    products.decode(normed, &u.weight, target)
+                    products.decode(normed, u, target)
                 })
             }
             Decoder::Packed(u, products) => {
@@ -200,14 +200,14 @@ impl F32Products {
     }
 
     /// `(loss sum, rows counted, d loss / d normed)` for `normed: [n, d]` through
-    /// `unembedding: [vocab, d]`, both f32 on the CPU.
+    /// `unembedding` (`[vocab, d]`), both f32 on the CPU.
     fn decode(
         &mut self,
         normed: &Tensor,
-        unembedding: &Tensor,
+        unembedding: &Unembedding,
         target: &Target,
     ) -> Result<(f64, usize, Tensor)> {
-        let ((n, d), vocab) = (normed.dims2()?, unembedding.dim(0)?);
+        let ((n, d), vocab) = (normed.dims2()?, unembedding.vocab_size()?);
         check_target_rows(target, n)?;
         if n == 0 {
             return Ok((0.0, 0, Tensor::zeros((0, d), DType::F32, &Device::Cpu)?));
@@ -217,9 +217,9 @@ impl F32Products {
             &mut self.logits[..n * vocab],
             &mut self.normed_grad[..n * d],
         );
-        let outcome = with_f32_slices(&[normed, unembedding], |s| {
+        let outcome = with_f32_slices(&[normed, &unembedding.weight], |s| {
             let (normed, weight) = (s[0], s[1]);
-            product_with_transposed(logits, normed, weight, d, false, true);
+            unembedding.logits_f32_into(normed, logits)?;
             let rows = rayon::iter::repeat_n((), n);
             let loss =
                 crate::kernels::loss_and_grad_in_place(logits, vocab, target, rows, |_, _| {});

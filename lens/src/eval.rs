@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Tensor, D};
 use hooks::activations::ActivationSource;
-use hooks::cpu::{is_cpu_f32, product_with_transposed, with_f32_slices};
+use hooks::cpu::{is_cpu_f32, with_f32_slices};
 use hooks::{HookPoint, Unembedding};
 use serde::{Deserialize, Serialize};
 
@@ -207,13 +207,13 @@ impl<'a> ChunkTarget<'a> {
     ) -> Result<Vec<RowScores>> {
         match &self.distribution {
             Distribution::Fused { p, p_log_p } => {
-                let (n, d) = normed.dims2()?;
+                let n = normed.dim(0)?;
                 let vocab = unembedding.vocab_size()?;
                 grow(buffer, n * vocab);
                 let logits = &mut buffer[..n * vocab];
-                let scores = with_f32_slices(&[normed, &unembedding.weight, p], |s| {
-                    product_with_transposed(logits, s[0], s[1], d, false, true);
-                    Ok(score_rows(logits, vocab, s[2], p_log_p, self.next))
+                let scores = with_f32_slices(&[normed, p], |s| {
+                    unembedding.logits_f32_into(s[0], logits)?;
+                    Ok(score_rows(logits, vocab, s[1], p_log_p, self.next))
                 })?;
                 scores.ok_or_else(not_cpu_f32)
             }

@@ -11,33 +11,19 @@
 //! ([`PackedB`]), the left-hand rows are rounded to bf16 per call, and [`gemm`] accumulates
 //! in f32. On CPUs with Intel AMX (Sapphire Rapids and later Xeons) the same packed data
 //! feeds the tile unit ([`amx`]). CPUs without AVX-512 BF16 get a portable kernel over the
-//! same packed data (same rounding of the inputs, slower). Every output element is summed by
-//! one thread in a fixed order, so results do not depend on the thread count.
+//! same packed data (same rounding of the inputs, slower). The blocking and threading are
+//! [`super::packed`]'s, shared with the f32 product.
 
 use std::sync::OnceLock;
 
-use rayon::prelude::*;
-
-use super::SharedOut;
+use super::packed::{by_rows, tile_portable, Format, Packed, Tile, LANES, PANEL, ROWS, VECTORS};
+pub use super::packed::{gemm, gemm_columns, PANEL_WIDTH};
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
 
-/// f32 lanes per vector register.
-const LANES: usize = 16;
-/// Vector registers per row of an output tile.
-const VECTORS: usize = 4;
-/// Output columns per packed panel (one tile's width).
-const PANEL: usize = LANES * VECTORS;
-/// Output columns per packed panel: where [`gemm_columns`] may start.
-pub const PANEL_WIDTH: usize = PANEL;
-/// Rows per output tile.
-const ROWS: usize = 6;
 /// Pairs of the reduction axis per cache block (vector kernels).
 const BLOCK_PAIRS: usize = 256;
-/// Bytes of packed panels (one cache block of each) that a task's row tiles run over in
-/// turn: half of a Sapphire Rapids core's L2.
-const PANEL_GROUP_BYTES: usize = 1 << 20;
 
 /// Rounds `x` to the nearest bfloat16 (ties to even), as bits; NaN stays NaN.
 #[inline(always)]
@@ -62,73 +48,52 @@ pub fn round_to_bf16(src: &[f32], dst: &mut [u16]) {
     }
 }
 
-/// A frozen `[k, n]` matrix in bf16, packed for [`gemm`]: panels of [`PANEL`] columns, each
-/// holding, for every pair of rows `(2p, 2p + 1)`, the two values of each column side by side
-/// (the operand layout of `vdpbf16ps`). Rows and columns are zero-padded to whole pairs and
-/// panels.
-#[derive(Default)]
-pub struct PackedB {
-    k: usize,
-    n: usize,
-    pairs: usize,
-    data: Vec<u32>,
-}
+/// A frozen `[k, n]` matrix in bf16, packed for [`gemm`]: each step of a panel holds, for a
+/// pair of rows `(2p, 2p + 1)`, the two values of each column side by side (the operand
+/// layout of `vdpbf16ps` and AMX).
+pub type PackedB = Packed<Bf16>;
 
-impl PackedB {
-    /// Packs the `[k, n]` matrix whose element `(row, col)` is `at(row, col)`.
-    pub fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
-        let mut packed = PackedB::default();
-        packed.repack(k, n, at);
-        packed
+/// bf16 values in pairs of rows of the reduction axis, multiplied by bf16 left-hand rows
+/// (their bits) into f32 sums.
+pub struct Bf16;
+
+impl Format for Bf16 {
+    type Lhs = u16;
+    type Kernel = Kernel;
+    type Thread = ThreadTiles;
+    const STEP: usize = 2;
+
+    fn pack(at: impl Fn(usize) -> f32) -> u32 {
+        bf16_bits(at(0)) as u32 | ((bf16_bits(at(1)) as u32) << 16)
     }
 
-    /// [`PackedB::pack`] into this one's storage (no fresh pages when the size is the same).
-    pub fn repack(&mut self, k: usize, n: usize, at: impl Fn(usize, usize) -> f32 + Sync) {
-        let pairs = k.div_ceil(2);
-        let panels = n.div_ceil(PANEL);
-        self.data.resize(panels * pairs * PANEL, 0);
-        (self.k, self.n, self.pairs) = (k, n, pairs);
-        if self.data.is_empty() {
-            return;
-        }
-        let value = |row: usize, col: usize| {
-            if row < k && col < n {
-                bf16_bits(at(row, col)) as u32
-            } else {
-                0
-            }
-        };
-        self.data
-            .par_chunks_mut(pairs * PANEL)
-            .enumerate()
-            .for_each(|(panel, out)| {
-                for (pair, lanes) in out.chunks_exact_mut(PANEL).enumerate() {
-                    for (lane, slot) in lanes.iter_mut().enumerate() {
-                        let col = panel * PANEL + lane;
-                        *slot = value(2 * pair, col) | (value(2 * pair + 1, col) << 16);
-                    }
-                }
-            });
+    fn runs_here(kernel: Kernel) -> bool {
+        kernel.runs_here()
     }
 
-    /// Rows of the matrix (the reduction length).
-    pub fn k(&self) -> usize {
-        self.k
+    fn tile_rows(kernel: Kernel) -> usize {
+        kernel.rows()
     }
 
-    /// Columns of the matrix (the output width).
-    pub fn n(&self) -> usize {
-        self.n
+    fn block_steps(kernel: Kernel) -> usize {
+        kernel.block_pairs()
     }
 
-    /// The row stride (in bf16 values) a left-hand matrix needs: `k` rounded up to a pair.
-    pub fn lhs_stride(&self) -> usize {
-        2 * self.pairs
+    fn thread(kernel: Kernel) -> ThreadTiles {
+        ThreadTiles::new(kernel)
     }
 
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.data.len() * 4
+    unsafe fn tile(thread: &ThreadTiles, tile: Tile<Bf16>) {
+        // SAFETY: the caller's contract is this function's.
+        unsafe { tile_kernel(thread, tile) }
+    }
+
+    fn lhs_value(bits: u16) -> f32 {
+        bf16_value(bits)
+    }
+
+    fn packed_value(packed: u32, i: usize) -> f32 {
+        bf16_value((packed >> (16 * i)) as u16)
     }
 }
 
@@ -226,148 +191,8 @@ fn cpu_vendor() -> [u8; 12] {
     vendor
 }
 
-/// `c[m, n] = a[m, k] · b` with `a` in bf16 bits, row `i` at `a[i * lda..]` (`lda` at least
-/// [`PackedB::lhs_stride`], the pad column of an odd `k` zero) and `c` row `i` at
-/// `c[i * ldc..i * ldc + n]`. Work is split over column panels and row blocks with rayon.
-pub fn gemm(
-    kernel: Kernel,
-    a: &[u16],
-    lda: usize,
-    m: usize,
-    b: &PackedB,
-    c: &mut [f32],
-    ldc: usize,
-) {
-    gemm_columns(kernel, a, lda, m, b, 0..b.n, c, ldc);
-}
-
-/// [`gemm`] for the output columns `columns` only, into `c` of that width (row `i` at
-/// `c[i * ldc..i * ldc + columns.len()]`): a wide product in slices whose sums fit a small
-/// buffer, reading `b` once over all of them. `columns` starts at a multiple of [`PANEL_WIDTH`].
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_columns(
-    kernel: Kernel,
-    a: &[u16],
-    lda: usize,
-    m: usize,
-    b: &PackedB,
-    columns: std::ops::Range<usize>,
-    c: &mut [f32],
-    ldc: usize,
-) {
-    let (first, end) = (columns.start, columns.end);
-    assert!(kernel.runs_here(), "{kernel:?} does not run on this CPU");
-    assert!(
-        first.is_multiple_of(PANEL) && first <= end && end <= b.n,
-        "gemm columns {first}..{end} of {}",
-        b.n
-    );
-    let n = end - first;
-    assert!(lda >= b.lhs_stride() && ldc >= n, "gemm strides");
-    assert!(
-        m == 0 || (a.len() >= (m - 1) * lda + b.lhs_stride() && c.len() >= (m - 1) * ldc + n),
-        "gemm operand sizes"
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if b.pairs == 0 {
-        for row in c.chunks_mut(ldc).take(m) {
-            row[..n].fill(0.0);
-        }
-        return;
-    }
-    let first_panel = first / PANEL;
-    let panels = end.div_ceil(PANEL) - first_panel;
-    let tile_rows = kernel.rows();
-    let tiles = m.div_ceil(tile_rows);
-    let threads = rayon::current_num_threads().max(1);
-    // Columns first (each task then reads only its share of the packed matrix), rows too
-    // when there are fewer panels than threads.
-    let column_groups = panels.min(4 * threads);
-    let row_groups = (threads.div_ceil(column_groups)).min(tiles);
-    let out = SharedOut(c.as_mut_ptr());
-    (0..column_groups * row_groups)
-        .into_par_iter()
-        .for_each(|task| {
-            let (cg, rg) = (task / row_groups, task % row_groups);
-            let panel_range = first_panel + cg * panels / column_groups
-                ..first_panel + (cg + 1) * panels / column_groups;
-            let tile_range = rg * tiles / row_groups..(rg + 1) * tiles / row_groups;
-            let tiles = ThreadTiles::new(kernel);
-            let block_pairs = kernel.block_pairs();
-            for p0 in (0..b.pairs).step_by(block_pairs) {
-                let pairs = block_pairs.min(b.pairs - p0);
-                // Panels in groups whose cache block fits in L2, each group's row tiles
-                // then run over all of it: the left-hand rows are read once per group
-                // where a panel at a time read them once per panel.
-                let group = (PANEL_GROUP_BYTES / (4 * pairs * PANEL)).max(1);
-                let panels = panel_range
-                    .clone()
-                    .step_by(group)
-                    .map(|start| start..(start + group).min(panel_range.end));
-                for (group, tile) in panels
-                    .flat_map(|group| tile_range.clone().map(move |tile| (group.clone(), tile)))
-                {
-                    let row0 = tile * tile_rows;
-                    let rows = tile_rows.min(m - row0);
-                    let lhs = &a[row0 * lda + 2 * p0..];
-                    for panel in group {
-                        let col0 = panel * PANEL;
-                        let width = PANEL.min(end - col0);
-                        let packed = &b.data[(panel * b.pairs + p0) * PANEL..][..pairs * PANEL];
-                        // SAFETY: the tile (rows row0.., columns col0..col0 + width) lies
-                        // inside `c` (checked above) and belongs to this task alone.
-                        unsafe {
-                            let tile = Tile {
-                                rows,
-                                lhs,
-                                lda,
-                                packed,
-                                pairs,
-                                dst: out.at(row0 * ldc + col0 - first),
-                                ldc,
-                                width,
-                                accumulate: p0 > 0,
-                            };
-                            tile_kernel(&tiles, tile);
-                        }
-                    }
-                }
-            }
-        });
-}
-
-/// One output tile for the inner kernels: `rows` x `width` sums over `pairs` pairs of the
-/// reduction axis, of `lhs` (rows `lda` values apart) and `packed` (a panel's pairs), into
-/// `dst` (rows `ldc` floats apart), added to what is there when `accumulate`.
-#[derive(Clone, Copy)]
-struct Tile<'a> {
-    rows: usize,
-    lhs: &'a [u16],
-    lda: usize,
-    packed: &'a [u32],
-    pairs: usize,
-    dst: *mut f32,
-    ldc: usize,
-    width: usize,
-    accumulate: bool,
-}
-
-impl Tile<'_> {
-    /// Panics unless the tile has 1 to `max_rows` rows and 1 to [`PANEL`] columns and its
-    /// operands hold what it reads.
-    fn check(&self, max_rows: usize) {
-        assert!((1..=max_rows).contains(&self.rows) && (1..=PANEL).contains(&self.width));
-        assert!(
-            self.lhs.len() >= (self.rows - 1) * self.lda + 2 * self.pairs
-                && self.packed.len() >= self.pairs * PANEL
-        );
-    }
-}
-
 /// A [`gemm`] task's kernel, with this thread's AMX tiles configured when it uses them.
-struct ThreadTiles {
+pub struct ThreadTiles {
     kernel: Kernel,
     #[cfg(target_arch = "x86_64")]
     amx: Option<amx::Tiles>,
@@ -393,12 +218,12 @@ impl ThreadTiles {
 /// # Safety
 /// `rows` rows of `width` floats at `dst`, `dst + ldc`, ... must be valid for writes and
 /// not accessed by anyone else during the call.
-unsafe fn tile_kernel(tiles: &ThreadTiles, tile: Tile) {
+unsafe fn tile_kernel(tiles: &ThreadTiles, tile: Tile<Bf16>) {
     #[cfg(target_arch = "x86_64")]
     if let Some(amx_tiles) = &tiles.amx {
         tile.check(amx::ROWS);
         let whole = if tile.rows == amx::ROWS && tile.width == PANEL {
-            tile.pairs - tile.pairs % amx::PAIRS
+            tile.steps - tile.steps % amx::PAIRS
         } else {
             0
         };
@@ -416,7 +241,7 @@ unsafe fn tile_kernel(tiles: &ThreadTiles, tile: Tile) {
                 tile.accumulate,
             );
         }
-        if whole < tile.pairs {
+        if whole < tile.steps {
             for row0 in (0..tile.rows).step_by(ROWS) {
                 // SAFETY: rows `row0..` of the tile, the pairs after `whole`; in bounds as
                 // checked above. AMX CPUs have AVX-512 BF16 (`Kernel::runs_here`).
@@ -424,7 +249,7 @@ unsafe fn tile_kernel(tiles: &ThreadTiles, tile: Tile) {
                     rows: ROWS.min(tile.rows - row0),
                     lhs: &tile.lhs[row0 * tile.lda + 2 * whole..],
                     packed: &tile.packed[whole * PANEL..],
-                    pairs: tile.pairs - whole,
+                    steps: tile.steps - whole,
                     dst: tile.dst.add(row0 * tile.ldc),
                     accumulate: tile.accumulate || whole > 0,
                     ..tile
@@ -442,54 +267,24 @@ unsafe fn tile_kernel(tiles: &ThreadTiles, tile: Tile) {
 ///
 /// # Safety
 /// As [`tile_kernel`].
-unsafe fn vector_tile(kernel: Kernel, tile: Tile) {
+unsafe fn vector_tile(kernel: Kernel, tile: Tile<Bf16>) {
     tile.check(ROWS);
-    macro_rules! dispatch {
-        ($f:ident) => {
-            match tile.rows {
-                1 => $f::<1>(tile),
-                2 => $f::<2>(tile),
-                3 => $f::<3>(tile),
-                4 => $f::<4>(tile),
-                5 => $f::<5>(tile),
-                _ => $f::<6>(tile),
-            }
-        };
-    }
     match kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `gemm` checked that the CPU has the features; the slices were
         // bounds-checked above and the tile is the caller's to write.
-        Kernel::Avx512Bf16 => unsafe { dispatch!(tile_avx512) },
+        Kernel::Avx512Bf16 => unsafe { by_rows!(tile_avx512, tile) },
         // SAFETY: as above, without the CPU features.
-        _ => unsafe { dispatch!(tile_portable) },
+        _ => unsafe { by_rows!(tile_bf16_portable, tile) },
     }
 }
 
-/// [`tile_kernel`] in plain Rust, for `R` rows.
+/// [`tile_portable`] for [`Bf16`].
 ///
 /// # Safety
 /// As [`tile_kernel`].
-unsafe fn tile_portable<const R: usize>(tile: Tile) {
-    let mut acc = [[0f32; PANEL]; R];
-    let lanes_by_pair = tile.packed.chunks_exact(PANEL).take(tile.pairs);
-    for (pair, lanes) in lanes_by_pair.enumerate() {
-        for (r, acc_row) in acc.iter_mut().enumerate() {
-            let at = r * tile.lda + 2 * pair;
-            let (a0, a1) = (bf16_value(tile.lhs[at]), bf16_value(tile.lhs[at + 1]));
-            for (sum, &b) in acc_row.iter_mut().zip(lanes) {
-                *sum += a0 * bf16_value(b as u16);
-                *sum += a1 * bf16_value((b >> 16) as u16);
-            }
-        }
-    }
-    for (r, acc_row) in acc.iter().enumerate() {
-        // SAFETY: the caller guarantees the tile lies inside the output and is ours.
-        let out = std::slice::from_raw_parts_mut(tile.dst.add(r * tile.ldc), tile.width);
-        for (o, &s) in out.iter_mut().zip(acc_row) {
-            *o = if tile.accumulate { *o + s } else { s };
-        }
-    }
+unsafe fn tile_bf16_portable<const R: usize>(tile: Tile<Bf16>) {
+    tile_portable::<Bf16, R>(tile)
 }
 
 /// [`tile_kernel`] with `vdpbf16ps`: `R` x 4 accumulator registers, one broadcast pair of
@@ -500,29 +295,21 @@ unsafe fn tile_portable<const R: usize>(tile: Tile) {
 /// in bounds as [`tile_kernel`] checks.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn tile_avx512<const R: usize>(tile: Tile) {
-    let Tile {
-        lhs,
-        lda,
-        packed,
-        pairs,
-        dst,
-        ldc,
-        width,
-        accumulate,
-        ..
-    } = tile;
+unsafe fn tile_avx512<const R: usize>(tile: Tile<Bf16>) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); VECTORS]; R];
-    let a = lhs.as_ptr();
-    let mut b = packed.as_ptr();
-    for pair in 0..pairs {
+    let a = tile.lhs.as_ptr();
+    let mut b = tile.packed.as_ptr();
+    for pair in 0..tile.steps {
         let mut bv = [_mm512_setzero_ps(); VECTORS];
         for (v, slot) in bv.iter_mut().enumerate() {
             *slot = _mm512_castsi512_ps(_mm512_loadu_si512(b.add(v * LANES).cast()));
         }
         for (r, acc_row) in acc.iter_mut().enumerate() {
-            let pair_bits = a.add(r * lda + 2 * pair).cast::<u32>().read_unaligned();
+            let pair_bits = a
+                .add(r * tile.lda + 2 * pair)
+                .cast::<u32>()
+                .read_unaligned();
             let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair_bits as i32));
             for (sum, &bvec) in acc_row.iter_mut().zip(&bv) {
                 *sum = _mm512_dpbf16_ps(*sum, av, std::mem::transmute::<__m512, __m512bh>(bvec));
@@ -530,27 +317,7 @@ unsafe fn tile_avx512<const R: usize>(tile: Tile) {
         }
         b = b.add(PANEL);
     }
-    for (r, acc_row) in acc.iter().enumerate() {
-        for (v, &sum) in acc_row.iter().enumerate() {
-            let col = v * LANES;
-            if col >= width {
-                break;
-            }
-            let live = (width - col).min(LANES);
-            let mask: __mmask16 = if live == LANES {
-                0xffff
-            } else {
-                (1u16 << live) - 1
-            };
-            let ptr = dst.add(r * ldc + col);
-            let value = if accumulate {
-                _mm512_add_ps(_mm512_maskz_loadu_ps(mask, ptr), sum)
-            } else {
-                sum
-            };
-            _mm512_mask_storeu_ps(ptr, mask, value);
-        }
-    }
+    super::packed::store_sums(&acc, tile.dst, tile.ldc, tile.width, tile.accumulate);
 }
 
 #[cfg(test)]

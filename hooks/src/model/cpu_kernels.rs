@@ -22,10 +22,11 @@ use rayon::prelude::*;
 
 use super::layers::HeadColumns;
 use crate::cpu::bf16::{self, Kernel, PackedB};
+use crate::cpu::packed::{self, F32Kernel, Packed, F32};
 use crate::cpu::{
-    bf16_tensor, bf16_tensor_from, bf16_tensor_of_bits, f32_tensor_map, is_cpu_bf16,
-    product_with_transposed, rounded_to_bf16, widened_bf16, with_bf16_bits, with_f32_slices,
-    with_wide_vectors, SharedOut,
+    bf16_tensor, bf16_tensor_from, bf16_tensor_of_bits, f32_tensor_from, f32_tensor_map,
+    is_cpu_bf16, product_with_transposed, rounded_to_bf16, widened_bf16, with_bf16_bits,
+    with_f32_slices, with_wide_vectors, SharedOut,
 };
 use crate::{Error, Result};
 
@@ -420,6 +421,49 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Optio
     })
 }
 
+/// `x W^T + b` for f32 `x: [rows, in]` on the CPU with `W` packed as `[in, out]` once at load
+/// (no per-call repacking, which dominated small batches through the `gemm` crate).
+pub(crate) fn linear_packed_f32(
+    kernel: F32Kernel,
+    x: &Tensor,
+    weight: &Packed<F32>,
+    bias: Option<&[f32]>,
+) -> Result<Tensor> {
+    let (rows, inner) = x.dims2()?;
+    let outer = weight.n();
+    check_layer_width(inner, weight.k(), outer, bias)?;
+    with_f32_slices(&[x], |s| {
+        let mut out = vec![0f32; rows * outer];
+        packed::gemm(kernel, s[0], inner, rows, weight, &mut out, outer);
+        if let Some(bias) = bias.filter(|_| outer > 0) {
+            out.par_chunks_mut(outer).for_each(|row| {
+                for (o, b) in row.iter_mut().zip(bias) {
+                    *o += b;
+                }
+            });
+        }
+        Ok(Tensor::from_vec(out, (rows, outer), &Device::Cpu)?)
+    })?
+    .ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "an f32 layer packed for the CPU was given {:?} on {:?}",
+            x.dtype(),
+            x.device()
+        ))
+    })
+}
+
+/// Refuses rows of `inner` values (or a bias not of `outer`) for a layer of `k` inputs and
+/// `outer` outputs.
+fn check_layer_width(inner: usize, k: usize, outer: usize, bias: Option<&[f32]>) -> Result<()> {
+    if inner != k || bias.is_some_and(|b| b.len() != outer) {
+        return Err(Error::InvalidArgument(format!(
+            "a linear layer of {k} inputs and {outer} outputs was given rows of {inner}"
+        )));
+    }
+    Ok(())
+}
+
 /// Floats of f32 sums [`linear_bf16`] holds at once per calling thread (16 MiB; more when a
 /// single panel of columns over all the rows takes more).
 const SUMS_BUFFER: usize = 1 << 22;
@@ -453,12 +497,7 @@ fn linear_bf16_in_slices(
 ) -> Result<Tensor> {
     let (rows, inner) = x.dims2()?;
     let outer = weight.n();
-    if inner != weight.k() || bias.is_some_and(|b| b.len() != outer) {
-        return Err(Error::InvalidArgument(format!(
-            "a linear layer of {} inputs and {outer} outputs was given rows of {inner}",
-            weight.k()
-        )));
-    }
+    check_layer_width(inner, weight.k(), outer, bias)?;
     with_bf16_bits(&[x], |s| {
         let stride = weight.lhs_stride();
         let padded: Vec<u16>;
@@ -596,25 +635,47 @@ pub(crate) fn gelu_erf(x: &Tensor) -> Result<Option<Tensor>> {
     })
 }
 
-/// `silu(gate) * up` for bf16 tensors of one shape on the CPU (a gated MLP's hidden
-/// activations), each step in f32 and rounded to bf16 as PyTorch does: the SiLU, then the
-/// product. One pass, where candle's generic bf16 ops take two, converting element by element.
-pub(crate) fn silu_mul_bf16(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
-    zip_bf16(
+/// `silu(gate) * up` for f32 or bf16 tensors of one shape on the CPU (a gated MLP's hidden
+/// activations) in one parallel pass, where candle's generic ops take two (and run in a
+/// thread pool of their own). In bf16 each step is in f32 and rounded to bf16 as PyTorch
+/// does: the SiLU, then the product. `None` for other tensors.
+pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+    if gate.shape() != up.shape() {
+        return Ok(None);
+    }
+    if let Some(gated) = zip_bf16(
         gate,
         up,
         #[inline(always)]
-        |g, u| {
-            let e = exp_of_negative(g.abs());
-            let sigmoid = if g >= 0.0 {
-                1.0 / (1.0 + e)
-            } else {
-                e / (1.0 + e)
-            };
-            let silu = bf16::bf16_value(bf16::bf16_bits(g * sigmoid));
-            bf16::bf16_bits(silu * u)
-        },
-    )
+        |g, u| bf16::bf16_bits(bf16::bf16_value(bf16::bf16_bits(silu(g))) * u),
+    )? {
+        return Ok(Some(gated));
+    }
+    with_f32_slices(&[gate, up], |s| {
+        let (g, u) = (s[0], s[1]);
+        f32_tensor_from(
+            g.len(),
+            gate.dims(),
+            #[inline(always)]
+            |range, out| {
+                for ((o, &g), &u) in out.iter_mut().zip(&g[range.clone()]).zip(&u[range]) {
+                    *o = silu(g) * u;
+                }
+            },
+        )
+    })
+}
+
+/// `x * sigmoid(x)`, with [`exp_of_negative`] of `|x|` (no overflow at either end).
+#[inline(always)]
+fn silu(x: f32) -> f32 {
+    let e = exp_of_negative(x.abs());
+    let sigmoid = if x >= 0.0 {
+        1.0 / (1.0 + e)
+    } else {
+        e / (1.0 + e)
+    };
+    x * sigmoid
 }
 
 /// RMSNorm of the rows of bf16 `x: [..., d]` on the CPU with a bf16 `weight: [d]`, as
@@ -786,6 +847,7 @@ mod tests {
     use candle_core::DType;
 
     use super::*;
+    use crate::cpu::packed::F32Kernel;
     use crate::model::layers::{attention_pattern, causal_attention_generic, causal_mask, Linear};
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -931,6 +993,63 @@ mod tests {
         }
     }
 
+    /// f32 layers packed at load, through every f32 kernel this CPU has, against candle's
+    /// product: with and without the bias, over leading dimensions, with no rows; rows of the
+    /// wrong width are refused. A loaded f32 layer is packed where the CPU has AVX-512.
+    #[test]
+    fn packed_f32_linear_matches_candle() {
+        for (rows, inner, outer) in [(1, 7, 5), (70, 300, 200), (64, 768, 130)] {
+            let randn = |shape: &[usize]| Tensor::randn(0f32, 1., shape, &Device::Cpu).unwrap();
+            let (x, w, b) = (
+                randn(&[rows, inner]),
+                randn(&[outer, inner]),
+                randn(&[outer]),
+            );
+            let layer = Linear::packed_f32(&w, Some(b.clone())).unwrap();
+            let Linear::PackedF32 { weight, bias } = &layer else {
+                panic!("an f32 layer packed for the CPU");
+            };
+            let product = x.matmul(&w.t().unwrap()).unwrap();
+            let with_bias = product.broadcast_add(&b).unwrap();
+            let tolerance = 1e-5 * (inner as f64).sqrt();
+            let bias = bias.as_ref().map(|(_, wide)| wide.as_slice());
+            for kernel in [F32Kernel::Portable, F32Kernel::detect()] {
+                let what = format!("{rows} x {inner} x {outer}, {kernel:?}");
+                let plain = linear_packed_f32(kernel, &x, weight, None).unwrap();
+                assert!(max_abs_diff(&plain, &product) < tolerance, "{what}");
+                let biased = linear_packed_f32(kernel, &x, weight, bias).unwrap();
+                assert!(max_abs_diff(&biased, &with_bias) < tolerance, "{what}");
+            }
+            let batched = x.reshape((1, rows, inner)).unwrap();
+            let forward = layer.forward(&batched).unwrap();
+            assert_eq!(forward.dims(), &[1, rows, outer]);
+            let forward = forward.reshape((rows, outer)).unwrap();
+            assert!(max_abs_diff(&forward, &with_bias) < tolerance);
+            let product_only = layer.product(&x).unwrap();
+            assert!(max_abs_diff(&product_only, &product) < tolerance);
+            let none = layer.forward(&randn(&[0, inner])).unwrap();
+            assert_eq!(none.dims(), &[0, outer]);
+            let wrong = layer
+                .forward(&randn(&[2, inner + 1]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                wrong.contains(&format!(
+                    "{inner} inputs and {outer} outputs was given rows of {}",
+                    inner + 1
+                )),
+                "{wrong}"
+            );
+        }
+        let bf16_weight = Tensor::ones((3, 2), DType::BF16, &Device::Cpu).unwrap();
+        let Err(refused) = Linear::packed_f32(&bf16_weight, None) else {
+            panic!("a bf16 weight is not packed as f32");
+        };
+        assert!(refused
+            .to_string()
+            .contains("expected an f32 weight on the CPU"));
+    }
+
     /// The bf16 elementwise kernels and RMSNorm against the same steps in f32 with the same
     /// roundings (candle's generic ops for the sum, which is bit for bit).
     #[test]
@@ -949,8 +1068,18 @@ mod tests {
 
         let silu = round(wide(&x).silu().unwrap());
         let gated = round((wide(&silu) * wide(&y)).unwrap());
-        let fast = silu_mul_bf16(&x, &y).unwrap().unwrap();
+        let fast = silu_mul(&x, &y).unwrap().unwrap();
         assert_bf16_close(&fast, &wide(&gated), 1.0, 1e-6, "silu(gate) * up");
+        // In f32, against candle's two ops, over wide values.
+        let (xf, yf) = (wide(&x), wide(&y));
+        let spread = (&xf * 8.0).unwrap();
+        let want = (spread.silu().unwrap() * &yf).unwrap();
+        let got = silu_mul(&spread, &yf).unwrap().unwrap();
+        let relative = max_abs_diff(&got, &want) / max_abs_diff(&want, &want.zeros_like().unwrap());
+        assert!(relative < 1e-6, "f32 silu(gate) * up: {relative}");
+        assert!(silu_mul(&xf, &yf.narrow(2, 0, 36).unwrap())
+            .unwrap()
+            .is_none());
 
         let weight = bf16_randn(&[37]);
         let eps = 1e-5;

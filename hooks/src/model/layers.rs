@@ -3,8 +3,11 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::cpu_kernels::{layer_norm_bf16, linear_bf16, rms_norm_bf16, through_f32};
+use super::cpu_kernels::{
+    layer_norm_bf16, linear_bf16, linear_packed_f32, rms_norm_bf16, through_f32,
+};
 use crate::cpu::bf16::{Kernel, PackedB};
+use crate::cpu::packed::{F32Kernel, Packed, F32};
 use crate::cpu::{is_cpu_bf16, is_cpu_f32};
 use crate::weights::WeightStore;
 use crate::Result;
@@ -40,6 +43,9 @@ impl Loader<'_> {
         if is_cpu_bf16(&weight) && Kernel::detect().beats_f32() {
             return Linear::packed_bf16(&weight, bias);
         }
+        if is_cpu_f32(&weight) && F32Kernel::detect().beats_gemm() {
+            return Linear::packed_f32(&weight, bias);
+        }
         Ok(Linear::Tensors(candle_nn::Linear::new(weight, bias)))
     }
 
@@ -71,33 +77,45 @@ pub(crate) enum Linear {
         weight: PackedB,
         bias: Option<(Tensor, Vec<f32>)>,
     },
+    /// An f32 layer on a CPU with AVX-512: the weight packed once for our f32 product (not
+    /// kept as a tensor as well), the bias also as values.
+    PackedF32 {
+        weight: Packed<F32>,
+        bias: Option<(Tensor, Vec<f32>)>,
+    },
+}
+
+/// A layer's bias as given and as f32 values for a packed product's sums.
+fn wide_bias(bias: Option<Tensor>) -> Result<Option<(Tensor, Vec<f32>)>> {
+    Ok(match bias {
+        Some(b) => {
+            let wide = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            Some((b, wide))
+        }
+        None => None,
+    })
 }
 
 impl Linear {
     /// A bf16 CPU layer from its `[out, in]` weight and `[out]` bias.
     pub(crate) fn packed_bf16(weight: &Tensor, bias: Option<Tensor>) -> Result<Linear> {
         let weight = crate::cpu::packed_transposed(weight)?;
-        let bias = match bias {
-            Some(b) => {
-                let wide = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                Some((b, wide))
-            }
-            None => None,
-        };
+        let bias = wide_bias(bias)?;
         Ok(Linear::PackedBf16 { weight, bias })
+    }
+
+    /// An f32 CPU layer from its `[out, in]` weight and `[out]` bias.
+    pub(crate) fn packed_f32(weight: &Tensor, bias: Option<Tensor>) -> Result<Linear> {
+        let weight = crate::cpu::packed_transposed_f32(weight)?;
+        let bias = wide_bias(bias)?;
+        Ok(Linear::PackedF32 { weight, bias })
     }
 
     /// Applies the layer to `[..., in]`, as one matrix product over all leading dimensions.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let layer = match self {
-            Linear::PackedBf16 { weight, bias } => {
-                let bias = bias.as_ref().map(|(_, wide)| wide.as_slice());
-                return Ok(over_rows(x, |rows| {
-                    linear_bf16(Kernel::detect(), rows, weight, bias).map(Some)
-                })?
-                .expect("always made"));
-            }
             Linear::Tensors(layer) => layer,
+            packed => return packed.product_with(x, true),
         };
         if (is_cpu_f32(x) || is_cpu_bf16(x)) && x.rank() >= 2 {
             let (weight, bias) = (layer.weight(), layer.bias());
@@ -123,11 +141,8 @@ impl Linear {
     /// none applies). The fused kernels are CUDA's; on a packed bf16 layer this rounds the
     /// product to bf16 before the bias is added, which [`Linear::forward`] does not.
     pub fn product(&self, x: &Tensor) -> Result<Tensor> {
-        if let Linear::PackedBf16 { weight, .. } = self {
-            return Ok(over_rows(x, |rows| {
-                linear_bf16(Kernel::detect(), rows, weight, None).map(Some)
-            })?
-            .expect("always made"));
+        if !matches!(self, Linear::Tensors(_)) {
+            return self.product_with(x, false);
         }
         let weight = self.weight()?.t()?;
         if x.rank() <= 2 {
@@ -136,12 +151,34 @@ impl Linear {
         Ok(over_rows(x, |rows| Ok(Some(rows.matmul(&weight)?)))?.expect("always made"))
     }
 
+    /// A packed layer's product of `x: [..., in]`, its bias added when `with_bias`.
+    fn product_with(&self, x: &Tensor, with_bias: bool) -> Result<Tensor> {
+        fn bias(bias: &Option<(Tensor, Vec<f32>)>, with_bias: bool) -> Option<&[f32]> {
+            bias.as_ref()
+                .filter(|_| with_bias)
+                .map(|(_, wide)| wide.as_slice())
+        }
+        let out = over_rows(x, |rows| {
+            Some(match self {
+                Linear::PackedBf16 { weight, bias: b } => {
+                    linear_bf16(Kernel::detect(), rows, weight, bias(b, with_bias))
+                }
+                Linear::PackedF32 { weight, bias: b } => {
+                    linear_packed_f32(F32Kernel::detect(), rows, weight, bias(b, with_bias))
+                }
+                Linear::Tensors(_) => unreachable!("only packed layers come here"),
+            })
+            .transpose()
+        })?;
+        Ok(out.expect("always made"))
+    }
+
     /// The weight tensor, which a packed layer does not keep.
     fn weight(&self) -> Result<&Tensor> {
         match self {
             Linear::Tensors(linear) => Ok(linear.weight()),
-            Linear::PackedBf16 { .. } => Err(crate::Error::InvalidArgument(
-                "a packed bf16 layer keeps no weight tensor".into(),
+            _ => Err(crate::Error::InvalidArgument(
+                "a packed layer keeps no weight tensor".into(),
             )),
         }
     }
@@ -150,7 +187,9 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         match self {
             Linear::Tensors(linear) => linear.bias(),
-            Linear::PackedBf16 { bias, .. } => bias.as_ref().map(|(b, _)| b),
+            Linear::PackedBf16 { bias, .. } | Linear::PackedF32 { bias, .. } => {
+                bias.as_ref().map(|(b, _)| b)
+            }
         }
     }
 

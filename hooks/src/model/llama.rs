@@ -5,7 +5,7 @@
 
 use candle_core::Tensor;
 
-use super::cpu_kernels::silu_mul_bf16;
+use super::cpu_kernels::silu_mul;
 use super::decoder::{self, AttentionInputs, Decoder};
 use super::layers::{add, HeadColumns, Linear, Loader, RmsNorm, Rotary};
 use crate::config::LlamaConfig;
@@ -147,7 +147,7 @@ impl Block {
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
         let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
-        let gated = match silu_mul_bf16(&gate, &up)? {
+        let gated = match silu_mul(&gate, &up)? {
             Some(gated) => gated,
             None => (gate.silu()? * up)?,
         };

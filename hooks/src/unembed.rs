@@ -54,8 +54,9 @@ pub struct Unembedding {
 }
 
 /// The unembedding packed for our product on the CPU, made by the first projection that takes
-/// it and shared by clones (the model's and the lenses'). It is kept with the id of the tensor
-/// it was made from: a replaced `weight` is packed afresh.
+/// it and shared by clones and same-dtype copies (the model's and the lenses'). It is kept
+/// with the id of the tensor it was made from, and never used for another: a replaced
+/// `weight` goes through another product.
 struct PackedUnembedding<F: Format>(Arc<OnceLock<(TensorId, Packed<F>)>>);
 
 impl<F: Format> Clone for PackedUnembedding<F> {
@@ -80,22 +81,23 @@ impl<F: Format> std::fmt::Debug for PackedUnembedding<F> {
 }
 
 impl<F: Format> PackedUnembedding<F> {
-    /// `use_packed` of `weight` packed by `pack`: the kept copy when it was made from
-    /// `weight`, else one made now (kept if none was).
-    fn with<R>(
+    /// The kept copy of `weight` packed by `pack`, made now if none was kept; `None` when the
+    /// kept copy was made from another tensor (a replaced `weight`, in this clone or another
+    /// that shares the copy).
+    fn of(
         &self,
         weight: &Tensor,
-        pack: impl Fn(&Tensor) -> Result<Packed<F>>,
-        use_packed: impl FnOnce(&Packed<F>) -> Result<R>,
-    ) -> Result<R> {
-        match self.0.get() {
-            Some((id, packed)) if *id == weight.id() => use_packed(packed),
-            Some(_) => use_packed(&pack(weight)?),
+        pack: impl FnOnce(&Tensor) -> Result<Packed<F>>,
+    ) -> Result<Option<&Packed<F>>> {
+        let kept = match self.0.get() {
+            Some(kept) => kept,
             None => {
                 let packed = pack(weight)?;
-                use_packed(&self.0.get_or_init(|| (weight.id(), packed)).1)
+                // Another thread may keep its copy first: the id is checked all the same.
+                self.0.get_or_init(|| (weight.id(), packed))
             }
-        }
+        };
+        Ok((kept.0 == weight.id()).then_some(&kept.1))
     }
 }
 
@@ -134,7 +136,8 @@ impl Unembedding {
         } else if is_cpu_f32(&flat) && is_cpu_f32(&self.weight) {
             let (rows, vocab) = (flat.dim(0)?, self.weight.dim(0)?);
             let mut logits = vec![0f32; rows * vocab];
-            with_f32_slices(&[&flat], |s| self.logits_f32_into(s[0], &mut logits))?;
+            with_f32_slices(&[&flat], |s| self.logits_f32_into(s[0], &mut logits))?
+                .expect("f32 on the CPU, checked above");
             Tensor::from_vec(logits, (rows, vocab), &candle_core::Device::Cpu)?
         } else {
             flat.matmul(&self.weight.t()?)?
@@ -164,12 +167,11 @@ impl Unembedding {
         }
         let kernel = F32Kernel::detect();
         if kernel.beats_gemm() && is_cpu_f32(&self.weight) {
-            return self
-                .packed_f32
-                .with(&self.weight, packed_transposed_f32, |w| {
-                    packed::gemm(kernel, normed, d, rows, w, logits, vocab);
-                    Ok(())
-                });
+            // A replaced weight (rare) takes `gemm` rather than a packing per call.
+            if let Some(w) = self.packed_f32.of(&self.weight, packed_transposed_f32)? {
+                packed::gemm(kernel, normed, d, rows, w, logits, vocab);
+                return Ok(());
+            }
         }
         with_f32_slices(&[&self.weight], |s| {
             product_with_transposed(logits, normed, s[0], d, false, true);
@@ -207,7 +209,13 @@ impl Unembedding {
                 eps: *eps,
             },
         };
-        Ok(Unembedding::new(norm, self.weight.to_dtype(dtype)?))
+        // The packed copies are shared: each is used only for the tensor it was made from,
+        // and a weight already in `dtype` stays that tensor.
+        Ok(Unembedding {
+            packed_bf16: self.packed_bf16.clone(),
+            packed_f32: self.packed_f32.clone(),
+            ..Unembedding::new(norm, self.weight.to_dtype(dtype)?)
+        })
     }
 
     /// The logits of bf16 `rows: [n, d]` on the CPU: with `through_packed` through the bf16
@@ -216,9 +224,11 @@ impl Unembedding {
     fn project_bf16(&self, rows: &Tensor, through_packed: bool) -> Result<Tensor> {
         let weight = &self.weight;
         if through_packed {
-            return self.packed_bf16.with(weight, packed_transposed, |packed| {
-                linear_bf16(Kernel::detect(), rows, packed, None)
-            });
+            let kernel = Kernel::detect();
+            return match self.packed_bf16.of(weight, packed_transposed)? {
+                Some(packed) => linear_bf16(kernel, rows, packed, None),
+                None => linear_bf16(kernel, rows, &packed_transposed(weight)?, None),
+            };
         }
         let vocab = weight.dim(0)?;
         let slices = (0..vocab)
@@ -299,6 +309,7 @@ mod tests {
             eps: 1e-5,
         };
         let mut unembedding = Unembedding::new(norm, randn(&[vocab, d]));
+        let first_weight = unembedding.weight.id();
         let normed = randn(&[1, rows, d]);
         for replaced in [false, true] {
             if replaced {
@@ -315,10 +326,12 @@ mod tests {
         if F32Kernel::detect().beats_gemm() {
             let clone = unembedding.clone();
             assert!(clone.packed_f32.0.get().is_some(), "shared by clones");
-            assert_ne!(
+            assert_eq!(packed, Some(first_weight), "made from the first weight");
+            let same = unembedding.to_dtype(DType::F32).unwrap();
+            assert_eq!(
+                same.packed_f32.0.get().map(|(id, _)| *id),
                 packed,
-                Some(unembedding.weight.id()),
-                "made from the first weight"
+                "shared by a copy in the same dtype"
             );
         } else {
             assert!(packed.is_none(), "packed only for our AVX-512 product");

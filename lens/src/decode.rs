@@ -217,9 +217,13 @@ impl F32Products {
             &mut self.logits[..n * vocab],
             &mut self.normed_grad[..n * d],
         );
-        let outcome = with_f32_slices(&[normed, &unembedding.weight], |s| {
-            let (normed, weight) = (s[0], s[1]);
-            unembedding.logits_f32_into(normed, logits)?;
+        let not_f32 =
+            || Error::Training("f32 decoding on the CPU needs f32 rows and unembedding".into());
+        // The logits in a scope of their own: `logits_f32_into` reads the weight's storage too.
+        with_f32_slices(&[normed], |s| unembedding.logits_f32_into(s[0], logits))?
+            .ok_or_else(not_f32)?;
+        let outcome = with_f32_slices(&[&unembedding.weight], |s| {
+            let weight = s[0];
             let rows = rayon::iter::repeat_n((), n);
             let loss =
                 crate::kernels::loss_and_grad_in_place(logits, vocab, target, rows, |_, _| {});
@@ -229,9 +233,7 @@ impl F32Products {
             Ok(loss)
         })?;
         let (loss, counted) = outcome
-            .ok_or_else(|| {
-                Error::Training("f32 decoding on the CPU needs f32 rows and unembedding".into())
-            })??
+            .ok_or_else(not_f32)??
             .ok_or_else(|| Error::Training("f32 decoding needs an f32 target on the CPU".into()))?;
         let grad = Tensor::from_slice(&self.normed_grad[..n * d], (n, d), &Device::Cpu)?;
         Ok((loss, counted, grad))

@@ -347,10 +347,13 @@ pub fn train(
             "--chunk-tokens {} ({chunk_tokens} tokens decoded at once, over a vocabulary of {vocab})",
             options.chunk_tokens
         );
-        // Logits, their gradient and a rounded copy, in 4 bytes each.
+        // Logits, their gradient and a rounded copy, in 4 bytes each, and the unembedding
+        // packed for the CPU products (one f32 copy, or two in bf16), if not made already.
+        let packed = (vocab as u64) * (unembedding.hidden_size()? as u64) * 4;
         let bytes = (chunk_tokens as u64)
             .checked_mul(vocab as u64)
-            .and_then(|n| n.checked_mul(3 * 4));
+            .and_then(|n| n.checked_mul(3 * 4))
+            .and_then(|n| n.checked_add(packed));
         hooks::memory::check_fits(&what, bytes, "lower --chunk-tokens (default 512)")?;
     }
     let mut decoder = Decoder::new(&unembedding, options.decode_dtype, chunk_tokens)?;

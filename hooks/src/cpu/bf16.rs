@@ -216,7 +216,7 @@ impl ThreadTiles {
 /// tiles and the rest (the remaining pairs, a narrower or shorter tile) through AVX-512 BF16.
 ///
 /// # Safety
-/// `rows` rows of `width` floats at `dst`, `dst + ldc`, ... must be valid for writes and
+/// `rows` rows of `width` floats at `dst`, `dst + ldc`, ... must be valid for reads and writes and
 /// not accessed by anyone else during the call.
 unsafe fn tile_kernel(tiles: &ThreadTiles, tile: Tile<Bf16>) {
     #[cfg(target_arch = "x86_64")]

@@ -52,7 +52,8 @@ pub trait Format: Sized + Send + Sync {
     ///
     /// # Safety
     /// `tile.rows` rows of `tile.width` floats at `tile.dst`, `tile.ldc` apart, must be valid
-    /// for writes and not accessed by anyone else during the call; the kernel must run here.
+    /// for reads and writes and not accessed by anyone else during the call; the kernel must
+    /// run here.
     unsafe fn tile(thread: &Self::Thread, tile: Tile<Self>);
     /// The value of a left-hand element (for the portable kernel).
     fn lhs_value(x: Self::Lhs) -> f32;
@@ -179,8 +180,15 @@ pub fn gemm_columns<F: Format>(
     );
     let n = end - first;
     assert!(lda >= b.lhs_stride() && ldc >= n, "gemm strides");
+    let holds = |len: usize, stride: usize, row: usize| {
+        m == 0
+            || (m - 1)
+                .checked_mul(stride)
+                .and_then(|start| start.checked_add(row))
+                .is_some_and(|needed| len >= needed)
+    };
     assert!(
-        m == 0 || (a.len() >= (m - 1) * lda + b.lhs_stride() && c.len() >= (m - 1) * ldc + n),
+        holds(a.len(), lda, b.lhs_stride()) && holds(c.len(), ldc, n),
         "gemm operand sizes"
     );
     if m == 0 || n == 0 {
@@ -393,8 +401,9 @@ impl F32Kernel {
     }
 
     /// Whether products through this kernel outrun the `gemm` crate's, which is when a layer
-    /// should be packed for it: the AVX-512 kernel does (it matches `gemm`'s microkernel and
-    /// repacks nothing), the portable one does not.
+    /// should be packed for it: the AVX-512 kernel does (it repacks nothing, and matched
+    /// `gemm`'s microkernel on Sapphire Rapids, the only AVX-512 CPU it was measured on), the
+    /// portable one does not.
     pub fn beats_gemm(self) -> bool {
         self == F32Kernel::Avx512
     }
@@ -468,8 +477,8 @@ unsafe fn tile_f32_portable<const R: usize>(tile: Tile<F32>) {
 /// prefetch never faults, so running past the panel's end is harmless).
 ///
 /// # Safety
-/// The CPU must have AVX-512F; `lhs`, `packed` and the output tile must be in bounds as
-/// [`Tile::check`] checks.
+/// The CPU must have AVX-512F; `lhs` and `packed` must hold what [`Tile::check`] checks, and
+/// the output tile be as [`Format::tile`] requires.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn tile_f32_avx512<const R: usize>(tile: Tile<F32>) {
@@ -551,6 +560,76 @@ mod tests {
                     }
                     assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|x| x.is_nan()));
                 }
+            }
+        }
+    }
+
+    /// The same sums, bit for bit, on 1 thread and on 8 (where a single panel is split by
+    /// rows between tasks), for both formats and every kernel this CPU has; a slice of the
+    /// columns is the same sums as the whole; no reduction axis gives zeros.
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        use super::super::bf16::{self, Bf16};
+        fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build();
+            pool.unwrap().install(f)
+        }
+        fn same<F: Format>(kernel: F::Kernel, a: &[F::Lhs], m: usize, b: &Packed<F>) {
+            let (n, lda) = (b.n(), b.lhs_stride());
+            let run = |threads| {
+                on_threads(threads, || {
+                    let mut c = vec![f32::NAN; m * n];
+                    gemm(kernel, a, lda, m, b, &mut c, n);
+                    c
+                })
+            };
+            let (one, eight) = (run(1), run(8));
+            let what = format!("{kernel:?} {m}x{}x{n}", b.k());
+            assert!(
+                one.iter()
+                    .zip(&eight)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{what}"
+            );
+            if n > PANEL {
+                let mut part = vec![f32::NAN; m * (n - PANEL)];
+                gemm_columns(kernel, a, lda, m, b, PANEL..n, &mut part, n - PANEL);
+                let whole = one.chunks(n).flat_map(|row| &row[PANEL..]);
+                assert!(
+                    part.iter().zip(whole).all(|(x, y)| x == y),
+                    "{what}: columns"
+                );
+            }
+        }
+        let mut rng = StdRng::seed_from_u64(5);
+        for (m, k, n) in [(64, F32_BLOCK_STEPS + 5, 64), (50, 700, 130), (3, 0, 70)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let packed = Packed::<F32>::pack(k, n, |row, col| b[row * n + col]);
+            for kernel in kernels() {
+                same(kernel, &a, m, &packed);
+            }
+            let packed = bf16::PackedB::pack(k, n, |row, col| b[row * n + col]);
+            let lda = packed.lhs_stride();
+            let mut bits = vec![0u16; m * lda];
+            for (row, out) in a.chunks(k.max(1)).zip(bits.chunks_mut(lda.max(1))) {
+                bf16::round_to_bf16(row, &mut out[..k]);
+            }
+            for kernel in [bf16::Kernel::Portable, bf16::Kernel::detect()] {
+                same::<Bf16>(kernel, &bits, m, &packed);
+            }
+            if k == 0 {
+                let mut c = vec![f32::NAN; m * n];
+                gemm(
+                    F32Kernel::Portable,
+                    &a,
+                    0,
+                    m,
+                    &Packed::<F32>::pack(0, n, |_, _| 1.0),
+                    &mut c,
+                    n,
+                );
+                assert!(c.iter().all(|&x| x == 0.0), "no reduction axis: zeros");
             }
         }
     }

@@ -456,12 +456,17 @@ pub(crate) fn linear_packed_f32(
 /// Refuses rows of `inner` values (or a bias not of `outer`) for a layer of `k` inputs and
 /// `outer` outputs.
 fn check_layer_width(inner: usize, k: usize, outer: usize, bias: Option<&[f32]>) -> Result<()> {
-    if inner != k || bias.is_some_and(|b| b.len() != outer) {
+    if inner != k {
         return Err(Error::InvalidArgument(format!(
             "a linear layer of {k} inputs and {outer} outputs was given rows of {inner}"
         )));
     }
-    Ok(())
+    match bias.map(<[f32]>::len).filter(|&len| len != outer) {
+        Some(len) => Err(Error::InvalidArgument(format!(
+            "a linear layer of {k} inputs and {outer} outputs was given a bias of {len}"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Floats of f32 sums [`linear_bf16`] holds at once per calling thread (16 MiB; more when a
@@ -978,7 +983,7 @@ mod tests {
                 assert!(short
                     .unwrap_err()
                     .to_string()
-                    .contains("7 inputs and 5 outputs"));
+                    .contains("7 inputs and 5 outputs was given a bias of 2"));
             }
             let wrong = linear_bf16(
                 Kernel::Portable,
@@ -995,7 +1000,7 @@ mod tests {
 
     /// f32 layers packed at load, through every f32 kernel this CPU has, against candle's
     /// product: with and without the bias, over leading dimensions, with no rows; rows of the
-    /// wrong width are refused. A loaded f32 layer is packed where the CPU has AVX-512.
+    /// wrong width are refused.
     #[test]
     fn packed_f32_linear_matches_candle() {
         for (rows, inner, outer) in [(1, 7, 5), (70, 300, 200), (64, 768, 130)] {

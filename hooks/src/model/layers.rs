@@ -153,7 +153,7 @@ impl Linear {
 
     /// A packed layer's product of `x: [..., in]`, its bias added when `with_bias`.
     fn product_with(&self, x: &Tensor, with_bias: bool) -> Result<Tensor> {
-        fn bias(bias: &Option<(Tensor, Vec<f32>)>, with_bias: bool) -> Option<&[f32]> {
+        fn bias_values(bias: &Option<(Tensor, Vec<f32>)>, with_bias: bool) -> Option<&[f32]> {
             bias.as_ref()
                 .filter(|_| with_bias)
                 .map(|(_, wide)| wide.as_slice())
@@ -161,10 +161,10 @@ impl Linear {
         let out = over_rows(x, |rows| {
             Some(match self {
                 Linear::PackedBf16 { weight, bias: b } => {
-                    linear_bf16(Kernel::detect(), rows, weight, bias(b, with_bias))
+                    linear_bf16(Kernel::detect(), rows, weight, bias_values(b, with_bias))
                 }
                 Linear::PackedF32 { weight, bias: b } => {
-                    linear_packed_f32(F32Kernel::detect(), rows, weight, bias(b, with_bias))
+                    linear_packed_f32(F32Kernel::detect(), rows, weight, bias_values(b, with_bias))
                 }
                 Linear::Tensors(_) => unreachable!("only packed layers come here"),
             })

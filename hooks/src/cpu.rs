@@ -145,38 +145,27 @@ pub(crate) fn bf16_tensor_of_bits(bits: Vec<u16>, shape: &[usize]) -> Result<Ten
     )?)
 }
 
-/// A bf16 CPU weight `[out, in]` packed for [`bf16::gemm`] as the `[in, out]` right-hand
-/// matrix of `x W^T`, read from its bf16 bits (no f32 copy).
-pub(crate) fn packed_transposed(weight: &Tensor) -> Result<bf16::PackedB> {
+/// A CPU weight `[out, in]` (f32 or bf16, read where it lies) packed in format `F` as the
+/// `[in, out]` right-hand matrix of `x W^T`, for [`packed::gemm`].
+pub(crate) fn packed_transposed<F: packed::Format>(weight: &Tensor) -> Result<packed::Packed<F>> {
+    use packed::Packed;
     let (outer, inner) = weight.dims2()?;
-    with_bf16_bits(&[weight], |s| {
-        let bits = s[0];
-        Ok(bf16::PackedB::pack(inner, outer, |row, col| {
-            bf16::bf16_value(bits[col * inner + row])
+    // Element (row, col) of `W^T` is weight[col * inner + row].
+    if let Some(packed) = with_bf16_bits(&[weight], |s| {
+        Ok(Packed::pack(inner, outer, |row, col| {
+            bf16::bf16_value(s[0][col * inner + row])
         }))
-    })?
-    .ok_or_else(|| {
-        Error::InvalidArgument(format!(
-            "expected a bf16 weight on the CPU, got {:?} on {:?}",
-            weight.dtype(),
-            weight.device()
-        ))
-    })
-}
-
-/// An f32 CPU weight `[out, in]` packed for [`packed::gemm`] as the `[in, out]` right-hand
-/// matrix of `x W^T`.
-pub(crate) fn packed_transposed_f32(weight: &Tensor) -> Result<packed::Packed<packed::F32>> {
-    let (outer, inner) = weight.dims2()?;
+    })? {
+        return Ok(packed);
+    }
     with_f32_slices(&[weight], |s| {
-        let w = s[0];
-        Ok(packed::Packed::pack(inner, outer, |row, col| {
-            w[col * inner + row]
+        Ok(Packed::pack(inner, outer, |row, col| {
+            s[0][col * inner + row]
         }))
     })?
     .ok_or_else(|| {
         Error::InvalidArgument(format!(
-            "expected an f32 weight on the CPU, got {:?} on {:?}",
+            "expected an f32 or bf16 weight on the CPU, got {:?} on {:?}",
             weight.dtype(),
             weight.device()
         ))

@@ -8,8 +8,7 @@ use candle_core::{DType, Tensor, TensorId, D};
 use crate::cpu::bf16::{Bf16, Kernel};
 use crate::cpu::packed::{self, F32Kernel, Format, Packed, F32};
 use crate::cpu::{
-    is_cpu_bf16, is_cpu_f32, packed_transposed, packed_transposed_f32, product_with_transposed,
-    with_f32_slices,
+    is_cpu_bf16, is_cpu_f32, packed_transposed, product_with_transposed, with_f32_slices,
 };
 use crate::model::cpu_kernels::{linear, linear_bf16, through_f32};
 use crate::model::layers::{layer_norm, rms_norm};
@@ -81,18 +80,14 @@ impl<F: Format> std::fmt::Debug for PackedUnembedding<F> {
 }
 
 impl<F: Format> PackedUnembedding<F> {
-    /// The kept copy of `weight` packed by `pack`, made now if none was kept; `None` when the
-    /// kept copy was made from another tensor (a replaced `weight`, in this clone or another
-    /// that shares the copy).
-    fn of(
-        &self,
-        weight: &Tensor,
-        pack: impl FnOnce(&Tensor) -> Result<Packed<F>>,
-    ) -> Result<Option<&Packed<F>>> {
+    /// The kept packed copy of `weight`, made now if none was kept; `None` when the kept copy
+    /// was made from another tensor (a replaced `weight`, in this clone or another that
+    /// shares the copy).
+    fn of(&self, weight: &Tensor) -> Result<Option<&Packed<F>>> {
         let kept = match self.0.get() {
             Some(kept) => kept,
             None => {
-                let packed = pack(weight)?;
+                let packed = packed_transposed(weight)?;
                 // Another thread may keep its copy first: the id is checked all the same.
                 self.0.get_or_init(|| (weight.id(), packed))
             }
@@ -168,7 +163,7 @@ impl Unembedding {
         let kernel = F32Kernel::detect();
         if kernel.beats_gemm() && is_cpu_f32(&self.weight) {
             // A replaced weight (rare) takes `gemm` rather than a packing per call.
-            if let Some(w) = self.packed_f32.of(&self.weight, packed_transposed_f32)? {
+            if let Some(w) = self.packed_f32.of(&self.weight)? {
                 packed::gemm(kernel, normed, d, rows, w, logits, vocab);
                 return Ok(());
             }
@@ -225,7 +220,7 @@ impl Unembedding {
         let weight = &self.weight;
         if through_packed {
             let kernel = Kernel::detect();
-            return match self.packed_bf16.of(weight, packed_transposed)? {
+            return match self.packed_bf16.of(weight)? {
                 Some(packed) => linear_bf16(kernel, rows, packed, None),
                 None => linear_bf16(kernel, rows, &packed_transposed(weight)?, None),
             };

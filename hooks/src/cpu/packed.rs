@@ -204,60 +204,77 @@ pub fn gemm_columns<F: Format>(
     let panels = end.div_ceil(PANEL) - first_panel;
     let tile_rows = F::tile_rows(kernel);
     let tiles = m.div_ceil(tile_rows);
-    let threads = rayon::current_num_threads().max(1);
-    // Columns first (each task then reads only its share of the packed matrix), rows too
-    // when there are fewer panels than threads.
-    let column_groups = panels.min(4 * threads);
-    let row_groups = (threads.div_ceil(column_groups)).min(tiles);
+    // The work is `panels x tiles` units, panel by panel, cut into runs of near-equal length,
+    // several per thread: a run covers whole panels (each task then reads only its share of
+    // the packed matrix) and at either end part of a panel's rows, so that an odd number of
+    // panels (9 for a width of 576, 3 for 192) still splits evenly between threads.
+    let units = panels * tiles;
+    let tasks = (4 * rayon::current_num_threads().max(1)).min(units);
     let out = SharedOut(c.as_mut_ptr());
-    (0..column_groups * row_groups)
-        .into_par_iter()
-        .for_each(|task| {
-            let (cg, rg) = (task / row_groups, task % row_groups);
-            let panel_range = first_panel + cg * panels / column_groups
-                ..first_panel + (cg + 1) * panels / column_groups;
-            let tile_range = rg * tiles / row_groups..(rg + 1) * tiles / row_groups;
-            let thread = F::thread(kernel);
-            let block_steps = F::block_steps(kernel);
-            for s0 in (0..b.steps).step_by(block_steps) {
-                let steps = block_steps.min(b.steps - s0);
-                // Panels in groups whose cache block fits in L2, each group's row tiles
-                // then run over all of it: the left-hand rows are read once per group
-                // where a panel at a time read them once per panel.
-                let group = (PANEL_GROUP_BYTES / (4 * steps * PANEL)).max(1);
-                let panels = panel_range
-                    .clone()
-                    .step_by(group)
-                    .map(|start| start..(start + group).min(panel_range.end));
-                for (group, tile) in panels
-                    .flat_map(|group| tile_range.clone().map(move |tile| (group.clone(), tile)))
-                {
-                    let row0 = tile * tile_rows;
-                    let rows = tile_rows.min(m - row0);
-                    let lhs = &a[row0 * lda + F::STEP * s0..];
-                    for panel in group {
-                        let col0 = panel * PANEL;
-                        let width = PANEL.min(end - col0);
-                        let packed = &b.data[(panel * b.steps + s0) * PANEL..][..steps * PANEL];
-                        let tile = Tile {
-                            rows,
-                            lhs,
-                            lda,
-                            packed,
-                            steps,
-                            // SAFETY: the tile (rows row0.., columns col0..col0 + width)
-                            // lies inside `c` (checked above).
-                            dst: unsafe { out.at(row0 * ldc + col0 - first) },
-                            ldc,
-                            width,
-                            accumulate: s0 > 0,
-                        };
-                        // SAFETY: the tile is this task's alone; the kernel runs here.
-                        unsafe { F::tile(&thread, tile) };
+    (0..tasks).into_par_iter().for_each(|task| {
+        let thread = F::thread(kernel);
+        let block_steps = F::block_steps(kernel);
+        let runs = task_runs(task * units / tasks..(task + 1) * units / tasks, tiles);
+        for s0 in (0..b.steps).step_by(block_steps) {
+            let steps = block_steps.min(b.steps - s0);
+            // Panels in groups whose cache block fits in L2, each group's row tiles then run
+            // over all of it: the left-hand rows are read once per group where a panel at a
+            // time read them once per panel.
+            let group = (PANEL_GROUP_BYTES / (4 * steps * PANEL)).max(1);
+            for (panel_run, tile_range) in &runs {
+                for start in panel_run.clone().step_by(group) {
+                    let group = start..(start + group).min(panel_run.end);
+                    for tile in tile_range.clone() {
+                        let row0 = tile * tile_rows;
+                        let rows = tile_rows.min(m - row0);
+                        let lhs = &a[row0 * lda + F::STEP * s0..];
+                        for panel in group.clone().map(|p| first_panel + p) {
+                            let col0 = panel * PANEL;
+                            let width = PANEL.min(end - col0);
+                            let packed = &b.data[(panel * b.steps + s0) * PANEL..][..steps * PANEL];
+                            let tile = Tile {
+                                rows,
+                                lhs,
+                                lda,
+                                packed,
+                                steps,
+                                // SAFETY: the tile (rows row0.., columns col0..col0 + width)
+                                // lies inside `c` (checked above).
+                                dst: unsafe { out.at(row0 * ldc + col0 - first) },
+                                ldc,
+                                width,
+                                accumulate: s0 > 0,
+                            };
+                            // SAFETY: the tile is this task's alone; the kernel runs here.
+                            unsafe { F::tile(&thread, tile) };
+                        }
                     }
                 }
             }
-        });
+        }
+    });
+}
+
+/// The units `units` (panel `p`'s row tile `t` is unit `p * tiles + t`) as runs of
+/// consecutive panels (counted from the first of the product) that share one range of row
+/// tiles: a partial panel at either end, whole panels between.
+fn task_runs(
+    units: std::ops::Range<usize>,
+    tiles: usize,
+) -> Vec<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+    let mut runs: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)> = Vec::new();
+    if units.is_empty() {
+        return runs;
+    }
+    for panel in units.start / tiles..units.end.div_ceil(tiles) {
+        let rows = units.start.max(panel * tiles) - panel * tiles
+            ..units.end.min((panel + 1) * tiles) - panel * tiles;
+        match runs.last_mut() {
+            Some((panels, same)) if *same == rows => panels.end = panel + 1,
+            _ => runs.push((panel..panel + 1, rows)),
+        }
+    }
+    runs
 }
 
 /// One output tile for the inner kernels: `rows` x `width` sums over `steps` steps of the
@@ -561,6 +578,36 @@ mod tests {
                     assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|x| x.is_nan()));
                 }
             }
+        }
+    }
+
+    /// Every unit of work (a panel's row tile) falls in exactly one task's runs, and only a
+    /// run at either end of a task covers part of a panel's rows.
+    #[test]
+    fn task_runs_cover_each_unit_once() {
+        for (panels, tiles, tasks) in [(9, 342, 8), (3, 11, 8), (1, 1, 1), (36, 11, 8), (2, 3, 6)] {
+            let units = panels * tiles;
+            let mut seen = vec![0; units];
+            for task in 0..tasks {
+                let runs = task_runs(task * units / tasks..(task + 1) * units / tasks, tiles);
+                for (i, (panel_run, rows)) in runs.iter().enumerate() {
+                    let inner = i > 0 && i + 1 < runs.len();
+                    assert!(
+                        !inner || *rows == (0..tiles),
+                        "{panels} x {tiles}: {runs:?}"
+                    );
+                    for unit in panel_run
+                        .clone()
+                        .flat_map(|p| rows.clone().map(move |t| p * tiles + t))
+                    {
+                        seen[unit] += 1;
+                    }
+                }
+            }
+            assert!(
+                seen.iter().all(|&n| n == 1),
+                "{panels} x {tiles} in {tasks}"
+            );
         }
     }
 

@@ -1000,11 +1000,11 @@ mod tests {
 
     /// f32 layers packed at load, through every f32 kernel this CPU has, against candle's
     /// product: with and without the bias, over leading dimensions, with no rows; rows of the
-    /// wrong width are refused.
+    /// wrong width and weights of neither f32 nor bf16 are refused.
     #[test]
     fn packed_f32_linear_matches_candle() {
+        let randn = |shape: &[usize]| Tensor::randn(0f32, 1., shape, &Device::Cpu).unwrap();
         for (rows, inner, outer) in [(1, 7, 5), (70, 300, 200), (64, 768, 130)] {
-            let randn = |shape: &[usize]| Tensor::randn(0f32, 1., shape, &Device::Cpu).unwrap();
             let (x, w, b) = (
                 randn(&[rows, inner]),
                 randn(&[outer, inner]),
@@ -1046,13 +1046,23 @@ mod tests {
                 "{wrong}"
             );
         }
-        let bf16_weight = Tensor::ones((3, 2), DType::BF16, &Device::Cpu).unwrap();
-        let Err(refused) = Linear::packed_f32(&bf16_weight, None) else {
-            panic!("a bf16 weight is not packed as f32");
+        // A bf16 weight packs as its exact f32 values; other dtypes are refused by name.
+        let weight = randn(&[5, 3]).to_dtype(DType::BF16).unwrap();
+        let x = randn(&[2, 3]);
+        let from_bf16 = Linear::packed_f32(&weight, None).unwrap();
+        let from_f32 = Linear::packed_f32(&weight.to_dtype(DType::F32).unwrap(), None).unwrap();
+        let (a, b) = (
+            from_bf16.forward(&x).unwrap(),
+            from_f32.forward(&x).unwrap(),
+        );
+        assert_eq!(max_abs_diff(&a, &b), 0.0);
+        let u32_weight = Tensor::ones((3, 2), DType::U32, &Device::Cpu).unwrap();
+        let Err(refused) = Linear::packed_f32(&u32_weight, None) else {
+            panic!("a u32 weight is not packed");
         };
         assert!(refused
             .to_string()
-            .contains("expected an f32 weight on the CPU"));
+            .contains("expected an f32 or bf16 weight on the CPU, got U32"));
     }
 
     /// The bf16 elementwise kernels and RMSNorm against the same steps in f32 with the same

@@ -106,7 +106,7 @@ impl Linear {
 
     /// An f32 CPU layer from its `[out, in]` weight and `[out]` bias.
     pub(crate) fn packed_f32(weight: &Tensor, bias: Option<Tensor>) -> Result<Linear> {
-        let weight = crate::cpu::packed_transposed_f32(weight)?;
+        let weight = crate::cpu::packed_transposed(weight)?;
         let bias = wide_bias(bias)?;
         Ok(Linear::PackedF32 { weight, bias })
     }

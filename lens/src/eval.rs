@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::decode::grow;
 use crate::kernels::{distribution_of_logits, score_rows, RowScores};
-use crate::loss::log_softmax;
+use crate::loss::{log_softmax, weighted};
 use crate::{lens_input, Error, Result, TunedLens};
 
 /// Mean metrics of one row (a layer, or the model output), in nats.
@@ -241,8 +241,8 @@ fn tensor_scores(
 ) -> Result<Vec<RowScores>> {
     let per_row =
         |t: Tensor| -> Result<Vec<f64>> { Ok(t.sum(D::Minus1)?.to_dtype(DType::F64)?.to_vec1()?) };
-    let entropy = per_row((log_q.exp()? * log_q)?.neg()?)?;
-    let kl = per_row((p * (log_p - log_q)?)?)?;
+    let entropy = per_row(weighted(&log_q.exp()?, log_q)?.neg()?)?;
+    let kl = per_row(weighted(p, &(log_p - log_q)?)?)?;
     let top: Vec<u32> = log_q.argmax(D::Minus1)?.to_vec1()?;
     // The log-probability of each next token (of token 0 where there is none).
     let ids: Vec<u32> = next
@@ -465,7 +465,22 @@ mod tests {
             eps: 1e-6,
         };
         let unembedding = Unembedding::new(norm, randn(&[vocab, d], 0.5));
-        let final_logits = randn(&[n, vocab], 2.0);
+        // Some tokens ruled out (p = 0) in one row: both count them as 0, not NaN.
+        let ruled_out = Tensor::from_vec(
+            (0..n * vocab)
+                .map(|i| {
+                    if i / vocab == 2 && i % 7 == 0 {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+            (n, vocab),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let final_logits = (randn(&[n, vocab], 2.0) + ruled_out).unwrap();
         let next = [3, u32::MAX, 1002, 0, 17, 17, u32::MAX, 5, 999];
         let (fused, fused_output) = ChunkTarget::new(&final_logits, &next, true).unwrap();
         let (tensors, tensor_output) = ChunkTarget::new(&final_logits, &next, false).unwrap();

@@ -64,8 +64,7 @@ pub(crate) fn loss_and_grad_in_place<O: Send>(
                                 *zj = *zj * inv - pj;
                             }
                             finish(z, out);
-                            // KL = Σ p log p − Σ p (z − lse) = Σ p log p − Σ p z + lse.
-                            (plogp - pz + lse, true)
+                            (kl_divergence(plogp, pz, lse), true)
                         },
                     )
                 })
@@ -188,8 +187,7 @@ pub(crate) fn score_rows(
                     // log q = z - lse with lse = max + ln Σ e^(z - max).
                     let lse = max as f64 + sum.ln();
                     RowScores {
-                        // KL = Σ p log p − Σ p z + lse (Σ p = 1), as the training loss.
-                        kl: plogp - dot_f64(p, z) + lse,
+                        kl: kl_divergence(plogp, dot_f64(p, z), lse),
                         // H = −Σ q log q = ln Σ e^(z − max) − Σ q (z − max).
                         entropy: sum.ln() - shifted_sum / sum,
                         ce: z.get(t as usize).map(|&zt| lse - zt as f64),
@@ -199,6 +197,13 @@ pub(crate) fn score_rows(
             )
         })
         .collect()
+}
+
+/// KL(p ‖ q) of one row from `Σ p log p`, `Σ p z` and the log-sum-exp of the logits `z`:
+/// `Σ p (log p − (z − lse))`, as `Σ p = 1`. The training loss and the evaluation's KL.
+#[inline(always)]
+fn kl_divergence(p_log_p: f64, p_dot_z: f64, lse: f64) -> f64 {
+    p_log_p - p_dot_z + lse
 }
 
 /// Lanes of the fixed-order partial sums below (lets the compiler use vector registers
@@ -221,20 +226,30 @@ fn max_f32(xs: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |a, &x| a.max(x))
 }
 
-/// `Σ a b` accumulated in f64.
+/// `Σ a b` accumulated in f64, where `a` holds probabilities: a term with `a = 0` counts as
+/// 0 even against an infinite `b` (`0 log 0 = 0`: a token the model or lens rules out with a
+/// logit of `-inf` adds nothing).
 #[inline(always)]
 fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+    #[inline(always)]
+    fn term(x: f32, y: f32) -> f64 {
+        if x == 0.0 {
+            0.0
+        } else {
+            x as f64 * y as f64
+        }
+    }
     let mut acc = [0f64; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let rest: f64 = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(&x, &y)| x as f64 * y as f64)
+        .map(|(&x, &y)| term(x, y))
         .sum();
     for (x, y) in ca.zip(cb) {
         for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
-            *s += x as f64 * y as f64;
+            *s += term(x, y);
         }
     }
     acc.iter().sum::<f64>() + rest
@@ -257,38 +272,46 @@ fn exp_shifted_in_place(xs: &mut [f32], shift: f32) -> f64 {
     acc.iter().sum::<f64>() + rest
 }
 
-/// `(Σ e^(x − shift), Σ e^(x − shift) (x − shift))` over `xs`, in f64.
+/// `(Σ e^(x − shift), Σ e^(x − shift) (x − shift))` over `xs`, in f64 (an `x` of `-inf`
+/// adds 0 to both).
 #[inline(always)]
 fn exp_sums(xs: &[f32], shift: f32) -> (f64, f64) {
+    #[inline(always)]
+    fn terms(x: f32, shift: f32) -> (f64, f64) {
+        let shifted = x - shift;
+        let e = exp(shifted);
+        (e as f64, if e == 0.0 { 0.0 } else { (e * shifted) as f64 })
+    }
     let (mut sums, mut weighted) = ([0f64; LANES], [0f64; LANES]);
     let chunks = xs.chunks_exact(LANES);
     let rest = chunks.remainder();
     for c in chunks {
         for ((s, w), &x) in sums.iter_mut().zip(weighted.iter_mut()).zip(c) {
-            let shifted = x - shift;
-            let e = exp(shifted);
-            *s += e as f64;
-            *w += (e * shifted) as f64;
+            let (e, ew) = terms(x, shift);
+            *s += e;
+            *w += ew;
         }
     }
     rest.iter().fold(
         (sums.iter().sum::<f64>(), weighted.iter().sum::<f64>()),
         |(s, w), &x| {
-            let e = exp(x - shift);
-            (s + e as f64, w + (e * (x - shift)) as f64)
+            let (e, ew) = terms(x, shift);
+            (s + e, w + ew)
         },
     )
 }
 
 /// `e^x` in f32 to about 2 ulp, in branch-free arithmetic the compiler vectorises (libm's
 /// `expf` is a call per element): `x = n ln 2 + r` with `|r| <= ln 2 / 2`, a degree-6
-/// polynomial for `e^r`, then `2^n` built in the exponent bits. Arguments are clamped to
-/// [-87.3, 88]: below -87.3
-/// `e^x` leaves the normal range, and they give `e^-87.3`, about 1e-38.
+/// polynomial for `e^r`, then `2^n` built in the exponent bits. Arguments above 88 give
+/// `e^88`; below -87.3, where `e^x` leaves the normal range, 0 (so `e^-inf = 0`: a token
+/// ruled out by a logit of `-inf` has probability 0).
 #[inline(always)]
 fn exp(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 x 2^23: adding it rounds to an integer
-    let x = x.clamp(-87.3, 88.0);
+    const LOWEST: f32 = -87.3;
+    let below = x < LOWEST; // a comparison, so that NaN passes through
+    let x = x.clamp(LOWEST, 88.0);
     let shifted = x * std::f32::consts::LOG2_E + ROUND;
     let n = shifted - ROUND;
     // ln 2 split in two so that n x the first part is exact.
@@ -299,7 +322,12 @@ fn exp(x: f32) -> f32 {
         + 0.5;
     let e_r = poly * r * r + r + 1.0;
     let bits = (shifted.to_bits() as i32 - ROUND.to_bits() as i32 + 127) << 23;
-    e_r * f32::from_bits(bits as u32)
+    let e = e_r * f32::from_bits(bits as u32);
+    if below {
+        0.0
+    } else {
+        e
+    }
 }
 
 #[cfg(test)]
@@ -308,7 +336,7 @@ mod tests {
     use crate::loss::{log_softmax, loss_and_logit_grad as generic};
 
     #[test]
-    fn exp_is_accurate_and_underflows_gently() {
+    fn exp_is_accurate_and_zero_below_the_normal_range() {
         let mut worst = 0f64;
         for i in 0..=200_000 {
             let x = -87.0 + 175.0 * i as f32 / 200_000.0;
@@ -317,8 +345,10 @@ mod tests {
         }
         assert!(worst < 3.0 * f32::EPSILON as f64, "relative error {worst}");
         assert_eq!(exp(0.0), 1.0);
-        let tiny = exp(-1000.0);
-        assert!(tiny > 0.0 && tiny < 1e-37, "{tiny}");
+        assert!(exp(-87.29) > 1e-38);
+        assert_eq!(exp(-87.31), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert!(exp(f32::NAN).is_nan());
     }
 
     #[test]
@@ -340,6 +370,62 @@ mod tests {
         for (a, b) in p_log_p.iter().zip(&e2) {
             assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
         }
+    }
+
+    /// Logits of `-inf` (tokens ruled out) add nothing: the model's distribution gives them
+    /// p = 0 with a finite `Σ p log p`, and a row scores and trains as the same row without
+    /// those columns.
+    #[test]
+    fn ruled_out_tokens_add_nothing() {
+        let vocab = 37;
+        let keep: Vec<u32> = (0..vocab as u32)
+            .filter(|i| ![0, 5, 36].contains(i))
+            .collect();
+        let kept = Tensor::new(keep.as_slice(), &Device::Cpu).unwrap();
+        let rule_out = |t: Tensor| {
+            let mut rows: Vec<Vec<f32>> = t.to_vec2().unwrap();
+            for row in &mut rows {
+                for (i, x) in row.iter_mut().enumerate() {
+                    if !keep.contains(&(i as u32)) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            Tensor::new(rows, &Device::Cpu).unwrap()
+        };
+        let final_logits = rule_out(Tensor::randn(0f32, 3.0, (2, vocab), &Device::Cpu).unwrap());
+        let lens_logits = rule_out(Tensor::randn(0f32, 3.0, (2, vocab), &Device::Cpu).unwrap());
+        let scored = |final_logits: &Tensor, lens_logits: &Tensor, next: &[u32]| {
+            let (log_p, p, p_log_p) = distribution_of_logits(final_logits).unwrap().unwrap();
+            let width = p.dim(1).unwrap();
+            let lens: Vec<f32> = lens_logits.flatten_all().unwrap().to_vec1().unwrap();
+            let p_flat: Vec<f32> = p.flatten_all().unwrap().to_vec1().unwrap();
+            let rows = score_rows(&lens, width, &p_flat, &p_log_p, next);
+            let target = Target::Distribution { log_p, p, p_log_p };
+            let (loss, _, _) = loss_and_logit_grad(lens_logits, &target).unwrap().unwrap();
+            (rows, target, loss)
+        };
+        let (all, target, loss_all) = scored(&final_logits, &lens_logits, &[1, 7]);
+        let Target::Distribution { p, p_log_p, .. } = &target else {
+            unreachable!()
+        };
+        let p: Vec<Vec<f32>> = p.to_vec2().unwrap();
+        assert!(p
+            .iter()
+            .all(|row| [0, 5, 36].iter().all(|&i| row[i] == 0.0)));
+        assert!(p_log_p.iter().all(|x| x.is_finite()));
+        let narrow = |t: &Tensor| t.index_select(&kept, 1).unwrap();
+        let (some, _, loss_some) = scored(&narrow(&final_logits), &narrow(&lens_logits), &[0, 5]);
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * (1.0 + b.abs());
+        for (a, b) in all.iter().zip(&some) {
+            assert!(
+                close(a.kl, b.kl) && close(a.entropy, b.entropy),
+                "{a:?} vs {b:?}"
+            );
+            assert!(close(a.ce.unwrap(), b.ce.unwrap()), "{a:?} vs {b:?}");
+            assert_eq!(a.top, keep[b.top as usize]);
+        }
+        assert!(close(loss_all, loss_some), "{loss_all} vs {loss_some}");
     }
 
     #[test]

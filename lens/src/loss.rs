@@ -51,7 +51,7 @@ impl Target {
     /// A KL target from the model's final log-probabilities `[n, vocab]`.
     pub fn distribution(log_p: Tensor) -> Result<Self> {
         let p = log_p.exp()?;
-        let p_log_p = (&p * &log_p)?
+        let p_log_p = weighted(&p, &log_p)?
             .sum(D::Minus1)?
             .to_dtype(DType::F64)?
             .to_vec1()?;
@@ -188,7 +188,7 @@ pub(crate) fn loss_and_logit_grad(
     let log_q = log_softmax(logits)?;
     let q = log_q.exp()?;
     let kl = |log_p: &Tensor, p: &Tensor| -> Result<(f64, usize, Tensor)> {
-        let kl = (p * (log_p - &log_q)?)?.sum_all()?;
+        let kl = weighted(p, &(log_p - &log_q)?)?.sum_all()?;
         Ok((scalar(&kl)?, logits.dim(0)?, (&q - p)?))
     };
     Ok(match target {
@@ -208,10 +208,20 @@ pub(crate) fn loss_and_logit_grad(
             let one_hot =
                 Tensor::from_vec(one_hot, (ids.len(), vocab), device)?.to_dtype(logits.dtype())?;
             let mask = Tensor::from_vec(mask, (ids.len(), 1), device)?.to_dtype(logits.dtype())?;
-            let ce = (&one_hot * &log_q)?.sum_all()?.neg()?;
+            let ce = weighted(&one_hot, &log_q)?.sum_all()?.neg()?;
             (scalar(&ce)?, valid, (q.broadcast_mul(&mask)? - one_hot)?)
         }
     })
+}
+
+/// `weight * x` elementwise, where a zero weight gives 0 even against an infinite `x`
+/// (`0 log 0 = 0`: a token ruled out by a logit of `-inf` adds nothing), as the fused CPU
+/// passes count it.
+pub(crate) fn weighted(weight: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let product = (weight * x)?;
+    Ok(weight
+        .ne(0.0)?
+        .where_cond(&product, &product.zeros_like()?)?)
 }
 
 /// Log-softmax over the last dimension (max-shifted, in the input dtype).

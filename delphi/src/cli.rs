@@ -67,6 +67,28 @@ struct SaeArgs {
     hookpoints: String,
 }
 
+impl SaeArgs {
+    /// The hook point names and the `--sae` source, checked before a model is loaded.
+    fn checked(&self) -> Result<(Vec<String>, &Path)> {
+        let names: Vec<String> = self
+            .hookpoints
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect();
+        if names.is_empty() {
+            bail!("--hookpoints names no SAE");
+        }
+        let given = self
+            .sae
+            .as_deref()
+            .context("give --sae: caching latents runs the SAEs")?;
+        sae::hub::check_sae_source(given).context("--sae")?;
+        Ok((names, given))
+    }
+}
+
 #[derive(Args, Debug)]
 // delphi's cache_ctx_len, as `delphi run --data` uses, rather than the 2048 of training.
 #[command(mut_arg("seq_len", |arg| arg.default_value("256")))]
@@ -264,20 +286,7 @@ fn check_cache_made_with(
 /// The SAEs named by `--hookpoints`, with the hook point each reads its input from (the MLP
 /// input for a transcoder).
 fn load_saes(model: &Model, args: &SaeArgs) -> Result<Vec<(String, HookPoint, Sae)>> {
-    let names: Vec<String> = args
-        .hookpoints
-        .split(',')
-        .map(str::trim)
-        .filter(|n| !n.is_empty())
-        .map(str::to_string)
-        .collect();
-    if names.is_empty() {
-        bail!("--hookpoints names no SAE");
-    }
-    let given = args
-        .sae
-        .as_ref()
-        .context("give --sae: caching latents runs the SAEs")?;
+    let (names, given) = args.checked()?;
     let root = &sae::hub::sae_root(given, args.sae_revision.as_deref(), Some(&names))?;
     let mut saes = Vec::new();
     for name in &names {
@@ -334,6 +343,8 @@ fn write_cache(
 }
 
 fn cache(args: CacheArgs) -> Result<()> {
+    args.saes.checked()?;
+    args.data.check()?;
     let model = args.model.load()?;
     let saes = load_saes(&model, &args.saes)?;
     let sequences = write_cache(
@@ -429,7 +440,14 @@ enum Explainer {
     Local(LocalLlm),
 }
 
-impl Explainer {
+/// `--explainer`, checked before anything is loaded: an HTTP client (cheap to make), or the
+/// file of a local model, loaded only once the latents are cached.
+enum ExplainerArg {
+    Http(Box<OpenAiClient>),
+    Local(PathBuf),
+}
+
+impl ExplainerArg {
     fn from_args(args: &RunArgs) -> Result<Self> {
         let spec = args.explainer.as_str();
         if spec == "local" || spec.starts_with("local:") {
@@ -437,7 +455,10 @@ impl Explainer {
                 Some(path) => PathBuf::from(path),
                 None => hooks::fetch::smollm2_gguf()?,
             };
-            return Ok(Self::Local(LocalLlm::load(&path)?));
+            if !path.is_file() {
+                bail!("--explainer {spec}: no such file");
+            }
+            return Ok(Self::Local(path));
         }
         if !crate::llm::openai::is_http_url(spec) {
             bail!("--explainer '{spec}' is neither an http(s):// URL nor local / local:PATH.gguf");
@@ -451,6 +472,15 @@ impl Explainer {
         Ok(Self::Http(Box::new(OpenAiClient::new(config)?)))
     }
 
+    fn load(self) -> Result<Explainer> {
+        Ok(match self {
+            Self::Http(client) => Explainer::Http(client),
+            Self::Local(path) => Explainer::Local(LocalLlm::load(&path)?),
+        })
+    }
+}
+
+impl Explainer {
     fn llm(&self) -> &dyn Llm {
         match self {
             Self::Http(client) => client.as_ref(),
@@ -531,38 +561,53 @@ fn run_command(args: RunArgs) -> Result<()> {
     }
     // Before a cache in the output folder is extended: results made with other settings.
     check_settings(&args.output, &config)?;
-    let model = args.model.load()?;
-    let cache_dir = match &args.latent_cache {
-        Some(dir) => dir.clone(),
-        None => {
-            if args.data.is_empty() {
-                bail!("give --latent-cache DIR, or --data FILE to cache latents first");
+    // The explainer, the embedder, the SAEs and the data or latent cache are checked before
+    // the model loads, so that a mistake in one of them is not found after a caching pass.
+    let data = DataArgs {
+        data: args.data.clone(),
+        format: args.format.clone(),
+        text_field: args.text_field.clone(),
+        seq_len: args.seq_len,
+        max_tokens: Some(args.max_tokens),
+    };
+    let given_cache = match &args.latent_cache {
+        Some(dir) => {
+            if args.saes.sae.is_some() {
+                args.saes.checked()?;
             }
-            let dir = args.output.join("latents");
-            let saes = load_saes(&model, &args.saes)?;
-            let data = DataArgs {
-                data: args.data.clone(),
-                format: args.format.clone(),
-                text_field: args.text_field.clone(),
-                seq_len: args.seq_len,
-                max_tokens: Some(args.max_tokens),
-            };
-            write_cache(&model, &saes, &data, &dir, 8, 256)?;
-            dir
+            Some((LatentCache::open(dir).context("--latent-cache")?, dir))
+        }
+        None if args.data.is_empty() => {
+            bail!("give --latent-cache DIR, or --data FILE to cache latents first")
+        }
+        None => {
+            args.saes.checked()?;
+            data.check()?;
+            None
         }
     };
-    let cache = LatentCache::open(&cache_dir)?;
-    if let Some(dir) = &args.latent_cache {
-        check_cache_made_with(&cache, dir, &model, &args.saes)?;
-    }
-    let tokenizer = model.tokenizer()?;
-    let explainer = Explainer::from_args(&args)?;
-    let llm = explainer.llm();
+    let explainer = ExplainerArg::from_args(&args)?;
     let embedder = if scorers.contains(&Scorer::Embedding) {
         Some(SentenceEmbedder::minilm()?)
     } else {
         None
     };
+    let model = args.model.load()?;
+    let cache = match given_cache {
+        Some((cache, dir)) => {
+            check_cache_made_with(&cache, dir, &model, &args.saes)?;
+            cache
+        }
+        None => {
+            let dir = args.output.join("latents");
+            let saes = load_saes(&model, &args.saes)?;
+            write_cache(&model, &saes, &data, &dir, 8, 256)?;
+            LatentCache::open(&dir)?
+        }
+    };
+    let explainer = explainer.load()?;
+    let llm = explainer.llm();
+    let tokenizer = model.tokenizer()?;
     let models = JobModels {
         explainer: llm,
         scorer: llm,

@@ -120,6 +120,13 @@ impl DataArgs {
         }
     }
 
+    /// Checks the data before a model is loaded (see [`DataSpec::check`]), and `--max-tokens`.
+    pub fn check(&self) -> Result<()> {
+        self.spec().check()?;
+        self.max_chunks()?;
+        Ok(())
+    }
+
     /// The sequence limit implied by `--max-tokens`.
     pub fn max_chunks(&self) -> Result<Option<u64>> {
         match self.max_tokens {
@@ -319,6 +326,7 @@ pub fn init_logging_at(default_level: &str) {
 }
 
 fn cache(args: CacheArgs) -> Result<()> {
+    args.data.check()?;
     let model = args.model.load()?;
     let points = model.hook_points_from_list(&args.hookpoints)?;
     let store_dtype = match &args.store_dtype {
@@ -472,9 +480,9 @@ fn info(args: ModelArgs) -> Result<()> {
     match model.tokenizer() {
         Ok(t) => writeln!(
             out,
-            "tokenizer: {} tokens, eos id {:?}",
+            "tokenizer: {} tokens, eos id {}",
             t.vocab_size(),
-            t.eos_id()
+            t.eos_id().map_or("none".to_string(), |id| id.to_string())
         )?,
         Err(_) => writeln!(out, "tokenizer: none")?,
     }

@@ -100,6 +100,23 @@ fn hook_names_use_self_attn() {
             HookPoint::AttentionPattern(1)
         ]
     );
+    // Other spellings take `*` in the layer index.
+    assert_eq!(
+        from_list("layers.*.attention.pattern, blocks.*.hook_resid_pre"),
+        [
+            HookPoint::Embed,
+            HookPoint::AttentionPattern(0),
+            HookPoint::Layer(0),
+            HookPoint::AttentionPattern(1)
+        ]
+    );
+    assert_eq!(
+        from_list("blocks.1*.attn.hook_z"),
+        [HookPoint::AttentionHeads(1)]
+    );
+    assert!(model
+        .hook_points_from_list("blocks.*.hook_nothing")
+        .is_err());
     let err = model.hook_point("layers.2").unwrap_err().to_string();
     assert!(err.contains("layers.{0..1}.self_attn"), "{err}");
     assert!(err.contains("layers.{0..1}.self_attn.pattern"), "{err}");

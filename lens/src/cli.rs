@@ -140,6 +140,9 @@ struct SweepArgs {
     /// Format of the data files (text, text-file, jsonl, parquet, npy, bin).
     #[arg(long)]
     format: Option<String>,
+    /// JSON field / parquet column holding the text (of --data and --train-data).
+    #[arg(long, default_value = "text")]
+    text_field: String,
     /// Tokens per sequence.
     #[arg(long, default_value_t = 2048)]
     seq_len: usize,
@@ -316,8 +319,9 @@ impl Source {
 
 fn train_command(args: TrainArgs) -> Result<()> {
     let optimizer = OptimizerKind::parse(&args.optimizer)?;
-    let model = args.model.load()?;
     let data = args.source.lens_data()?;
+    data.check()?;
+    let model = args.model.load()?;
     let options = TrainOptions {
         steps: args.steps,
         tokens_per_step: args.tokens_per_step,
@@ -402,12 +406,13 @@ fn eval_command(args: EvalArgs) -> Result<()> {
     if let Some(path) = &args.json {
         hooks::atomic::check_target(path)?;
     }
+    let data = args.source.lens_data()?;
+    data.check()?;
     let model = args.model.load()?;
     let lens = match &args.lens {
         Some(name) => lens_arg(name, &model)?,
         None => None,
     };
-    let data = args.source.lens_data()?;
     let mut source = data.open(&model, ReadOrder::Sequential, Some(args.tokens))?;
     let layers = model.config().num_layers();
     let start = std::time::Instant::now();
@@ -533,10 +538,11 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
         data: args.data.clone(),
         activations: None,
         format: args.format.clone(),
-        text_field: "text".into(),
+        text_field: args.text_field.clone(),
         seq_len: args.seq_len,
         batch_size: args.batch_size,
     };
+    eval_data.check()?;
     let lens = match args.lens.as_str() {
         "logit" => SweepLens::Logit,
         "tuned" => {
@@ -566,6 +572,9 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
             SweepLens::Load(pattern.to_string())
         }
     };
+    if let SweepLens::Train { data, .. } = &lens {
+        data.check()?;
+    }
     let options = SweepOptions {
         model: args.model.clone(),
         checkpoints: parse_checkpoints(&args.checkpoints)?,

@@ -47,21 +47,14 @@ impl LensData {
         }
     }
 
-    /// Opens the source a lens over `model` needs (every lens input and the last layer).
-    /// A cache is read in `order`; the model is run over at most `max_tokens` tokens,
-    /// rounded up to whole sequences.
-    pub fn open<'m>(
-        &self,
-        model: &'m Model,
-        order: ReadOrder,
-        max_tokens: Option<u64>,
-    ) -> Result<Box<dyn ActivationSource + Send + 'm>> {
+    /// Checks what can be checked before a model is loaded: positive sizes, data files or an
+    /// activation cache (not both), files that exist in a known format, a cache that opens.
+    pub fn check(&self) -> Result<()> {
         if self.seq_len == 0 || self.batch_size == 0 {
             return Err(Error::Lens(
                 "sequence length and batch size must be positive".into(),
             ));
         }
-        let points = required_hook_points(model.config().num_layers());
         match (&self.activations, self.data.is_empty()) {
             (Some(_), false) => {
                 return Err(Error::Lens(
@@ -71,8 +64,25 @@ impl LensData {
             (None, true) => {
                 return Err(Error::Lens("give data files or an activation cache".into()))
             }
-            _ => {}
+            (Some(dir), true) => {
+                ActivationCache::open(dir)?;
+            }
+            (None, false) => self.spec().check()?,
         }
+        Ok(())
+    }
+
+    /// Opens the source a lens over `model` needs (every lens input and the last layer).
+    /// A cache is read in `order`; the model is run over at most `max_tokens` tokens,
+    /// rounded up to whole sequences.
+    pub fn open<'m>(
+        &self,
+        model: &'m Model,
+        order: ReadOrder,
+        max_tokens: Option<u64>,
+    ) -> Result<Box<dyn ActivationSource + Send + 'm>> {
+        self.check()?;
+        let points = required_hook_points(model.config().num_layers());
         if let Some(dir) = &self.activations {
             let cache = ActivationCache::open(dir)?;
             let names: Vec<String> = points.iter().map(|p| model.hook_name(*p)).collect();

@@ -40,6 +40,11 @@ enum Command {
     Eval(Box<EvalArgs>),
 }
 
+/// Defaults of the model and data options, which training on a cache does not use.
+const DEFAULT_DTYPE: &str = "float32";
+const DEFAULT_SEQ_LEN: usize = 2048;
+const DEFAULT_FORWARD_BATCH: usize = 8;
+
 /// The model (optional for training on a cache).
 #[derive(Args, Debug)]
 struct ModelOpts {
@@ -53,7 +58,7 @@ struct ModelOpts {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Compute dtype of the model: float32, bfloat16 or float16.
-    #[arg(long, default_value = "float32")]
+    #[arg(long, default_value = DEFAULT_DTYPE)]
     dtype: String,
     /// Use this tokenizer.json instead of the model's own.
     #[arg(long)]
@@ -89,10 +94,10 @@ struct DataOpts {
     #[arg(long, default_value = "text")]
     text_field: String,
     /// Tokens per sequence.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = DEFAULT_SEQ_LEN)]
     seq_len: usize,
     /// Sequences per forward pass of the model.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = DEFAULT_FORWARD_BATCH)]
     forward_batch: usize,
 }
 
@@ -371,6 +376,41 @@ fn pretrained(dir: &Path, width: usize, transcode: bool, device: &Device) -> Res
     Ok(sae)
 }
 
+/// Warns of the model and data options that training on an activation cache does not use
+/// (the cache fixed them when it was made), where they were given other than their defaults.
+fn warn_unused_with_activations(args: &TrainArgs) {
+    let (model, data) = (&args.model, &args.data);
+    let unused: Vec<String> = [
+        (
+            model.dtype != DEFAULT_DTYPE,
+            format!("--dtype {}", model.dtype),
+        ),
+        (
+            data.seq_len != DEFAULT_SEQ_LEN,
+            format!("--seq-len {}", data.seq_len),
+        ),
+        (
+            data.forward_batch != DEFAULT_FORWARD_BATCH,
+            format!("--forward-batch {}", data.forward_batch),
+        ),
+        (data.format.is_some(), "--format".to_string()),
+        (
+            data.text_field != "text",
+            format!("--text-field {}", data.text_field),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(given, flag)| given.then_some(flag))
+    .collect();
+    if !unused.is_empty() {
+        tracing::warn!(
+            "{} not used: training reads --activations, whose sequences, dtype and data were \
+             fixed when the cache was made",
+            unused.join(", ")
+        );
+    }
+}
+
 /// Width of each hook point's activations; an attention pattern, which has no row per
 /// token, is refused.
 fn model_widths(model: &Model, points: &[HookPoint]) -> Result<Vec<usize>> {
@@ -381,6 +421,17 @@ fn model_widths(model: &Model, points: &[HookPoint]) -> Result<Vec<usize>> {
 }
 
 fn train_command(mut args: TrainArgs) -> Result<()> {
+    if let Some(dir) = &args.finetune {
+        crate::hub::check_sae_source(dir).context("--finetune")?;
+    }
+    if args.activations.is_some() {
+        if !args.data.data.is_empty() {
+            bail!("give --data (with --model) or --activations, not both");
+        }
+        warn_unused_with_activations(&args);
+    } else if !args.data.data.is_empty() {
+        args.data.spec().check()?;
+    }
     let model = args.model.load()?;
     if let Some(dir) = &args.finetune {
         // A hub repository of SAEs: fetch those named (every one without --hookpoints), by
@@ -414,9 +465,6 @@ fn train_command(mut args: TrainArgs) -> Result<()> {
     };
     let (points, names, widths, cache) = match (&args.activations, &model) {
         (Some(dir), _) => {
-            if !args.data.data.is_empty() {
-                bail!("give --data (with --model) or --activations, not both");
-            }
             let cache = ActivationCache::open(dir)?;
             let mut chosen = cache_points(&cache, args.hookpoints.as_deref())?;
             if args.transcode && args.hookpoints.is_none() {
@@ -797,7 +845,12 @@ fn ce_sum(logits: &Tensor, ids: &Tensor) -> Result<(f64, usize)> {
 #[derive(Default)]
 struct Sums {
     l2: f64,
+    /// Each column's mean over the first rows, which the variance sums are taken about:
+    /// sums about a point near the mean do not cancel when the rows hardly vary.
+    shift: Option<Tensor>,
+    /// Column sums of the rows less `shift`.
     sum: Vec<f64>,
+    /// Sum of the squares of the rows less `shift`.
     sum_sq: f64,
     active: f64,
     fired: Vec<bool>,
@@ -809,6 +862,12 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
     if let Some(path) = &args.json {
         hooks::atomic::check_target(path)?;
     }
+    anyhow::ensure!(
+        args.model.model.is_some(),
+        "give --model: evaluation runs the model"
+    );
+    crate::hub::check_sae_source(&args.sae).context("--sae")?;
+    args.data.spec().check()?;
     let model = args
         .model
         .load()?
@@ -929,15 +988,17 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
                     .sum_all()?
                     .to_dtype(DType::F64)?
                     .to_scalar::<f64>()?;
-                let col: Vec<f32> = flat.sum(0)?.to_vec1()?;
+                let wide = flat.to_dtype(DType::F64)?;
+                let shift = match &sums.shift {
+                    Some(shift) => shift.clone(),
+                    None => sums.shift.insert(wide.mean_keepdim(0)?).clone(),
+                };
+                let centred = wide.broadcast_sub(&shift)?;
+                let col: Vec<f64> = centred.sum(0)?.to_vec1()?;
                 for (acc, v) in sums.sum.iter_mut().zip(col) {
-                    *acc += v as f64;
+                    *acc += v;
                 }
-                sums.sum_sq += flat
-                    .to_dtype(DType::F64)?
-                    .sqr()?
-                    .sum_all()?
-                    .to_scalar::<f64>()?;
+                sums.sum_sq += centred.sqr()?.sum_all()?.to_scalar::<f64>()?;
                 let acts: Vec<f32> = fwd.top_acts.flatten_all()?.to_vec1()?;
                 let indices: Vec<u32> = fwd.top_indices.flatten_all()?.to_vec1()?;
                 for (a, i) in acts.iter().zip(&indices) {
@@ -998,7 +1059,16 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
         .zip(&sums)
         .map(|(point, s)| {
             let mean_sq: f64 = s.sum.iter().map(|v| v * v).sum::<f64>() / n;
-            let fvu = s.l2 / (s.sum_sq - mean_sq);
+            let total_variance = s.sum_sq - mean_sq;
+            let fvu = s.l2 / total_variance;
+            if total_variance.is_nan() || total_variance <= 0.0 {
+                tracing::warn!(
+                    "{}: the activations do not vary over the {n} rows evaluated (total \
+                     variance {total_variance:.3e}), so the FVU ({fvu}) means nothing; \
+                     evaluate on more varied data",
+                    model.hook_name(*point)
+                );
+            }
             let (ce_sae, ce_zero) = (s.ce_sae / cc, s.ce_zero / cc);
             let dead = s.fired.iter().filter(|f| !**f).count();
             SaeEval {

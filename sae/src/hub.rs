@@ -91,19 +91,37 @@ pub fn hub_hookpoints(repo_id: &str, revision: &str) -> Result<Vec<String>> {
     Ok(hookpoints)
 }
 
+/// Whether `source` names a hub repository of SAEs rather than a local folder: it does not
+/// exist here and has the form `owner/name`.
+fn is_hub_source(source: &Path) -> bool {
+    let name = source.to_string_lossy();
+    !source.exists() && name.contains('/') && hooks::source::is_hub_id(&name)
+}
+
+/// Refuses a `source` of SAEs that is neither an existing path nor a hub repository id, before
+/// anything is loaded.
+pub fn check_sae_source(source: &Path) -> Result<()> {
+    if source.exists() || is_hub_source(source) {
+        return Ok(());
+    }
+    Err(Error::Sae(format!(
+        "{}: no such folder, and not a hub repository id (owner/name)",
+        source.display()
+    )))
+}
+
 /// The local folder of `<hookpoint>/` SAE folders that `source` names: the folder itself
 /// when it exists, else a hub repository (`owner/name`) at `revision` (default `main`) with
 /// the SAEs of `hookpoints` fetched into the cache (every SAE in it when `None`). A path that
-/// is neither is returned as it is, for the caller's reading of it to name. A revision
-/// given with a local folder is refused.
+/// is neither is refused, as is a revision given with a local folder.
 pub fn sae_root(
     source: &Path,
     revision: Option<&str>,
     hookpoints: Option<&[String]>,
 ) -> Result<PathBuf> {
+    check_sae_source(source)?;
     let name = source.to_string_lossy();
-    let hub_like = name.contains('/') && hooks::source::is_hub_id(&name);
-    if source.exists() || !hub_like {
+    if !is_hub_source(source) {
         if let Some(revision) = revision {
             return Err(Error::Sae(format!(
                 "revision '{revision}' applies to hub repositories, and {} is a local path",

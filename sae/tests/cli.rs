@@ -313,9 +313,11 @@ fn train_resume_and_eval_on_a_tiny_model() {
     args[at] = "layers.*.attention.pattern".into();
     let message = format!("{:#}", call(args).unwrap_err());
     assert!(message.contains("is an attention pattern"), "{message}");
+    // A missing local folder is named as such, before the model loads, not looked up on
+    // the hub.
     let message = eval_error(&tmp.path().join("no-such-saes"), &text, &[]);
     assert!(
-        !message.contains("hub repository") && message.contains("no-such-saes"),
+        message.contains("--sae") && message.contains("no-such-saes: no such folder"),
         "{message}"
     );
     let rows = report["saes"].as_array().unwrap();

@@ -109,8 +109,9 @@ impl DataSpec {
         }
     }
 
-    /// Opens the dataset as a stream of chunks. Text formats need a tokenizer with an EOS id.
-    pub fn chunks(&self, tokenizer: Option<&Tokenizer>) -> Result<ChunkStream> {
+    /// Checks what can be checked before a model is loaded: a positive sequence length, and
+    /// files that exist, have UTF-8 names and a known format.
+    pub fn check(&self) -> Result<()> {
         if self.seq_len == 0 {
             return Err(Error::InvalidArgument(
                 "sequence length must be positive".into(),
@@ -119,7 +120,6 @@ impl DataSpec {
         if self.paths.is_empty() {
             return Err(Error::InvalidArgument("no dataset files given".into()));
         }
-        let mut sources = VecDeque::new();
         for path in &self.paths {
             if !path.is_file() {
                 return Err(Error::Data {
@@ -135,6 +135,16 @@ impl DataSpec {
                         .into(),
                 });
             }
+            self.format_of(path)?;
+        }
+        Ok(())
+    }
+
+    /// Opens the dataset as a stream of chunks. Text formats need a tokenizer with an EOS id.
+    pub fn chunks(&self, tokenizer: Option<&Tokenizer>) -> Result<ChunkStream> {
+        self.check()?;
+        let mut sources = VecDeque::new();
+        for path in &self.paths {
             let format = self.format_of(path)?;
             if !format.is_pretokenized() && tokenizer.and_then(Tokenizer::eos_id).is_none() {
                 let why = match tokenizer {

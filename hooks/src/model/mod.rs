@@ -361,10 +361,12 @@ impl Model {
     }
 
     /// Parses a comma-separated list of hook point names; `*` in a name matches any text
-    /// within one dot-separated part (`layers.*` is every layer's residual output). A `*`
-    /// name matches attention patterns only when it ends in `.pattern`
-    /// (`layers.*.attention.pattern`), so the names that select activations to cache or
-    /// train on (`layers.*.*.*`: the MLP inputs) keep selecting only per-token points.
+    /// within one dot-separated part: anywhere in this model's own names (`layers.*` is
+    /// every layer's residual output), and in the layer index of any other spelling
+    /// (`blocks.*.hook_resid_post`, `layers.*.attention.pattern` on a Llama model). A name
+    /// with `*` elsewhere matches attention patterns only when it ends in `.pattern`, so the
+    /// names that select activations to cache or train on (`layers.*.*.*`: the MLP inputs)
+    /// keep selecting only per-token points.
     pub fn hook_points_from_list(&self, names: &str) -> Result<Vec<HookPoint>> {
         let mut points = Vec::new();
         for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
@@ -375,6 +377,7 @@ impl Model {
                     .into_iter()
                     .filter(|p| p.is_per_token() || patterns_named)
                     .filter(|p| crate::hookpoint::glob_match(name, &self.hook_name(*p)))
+                    .chain(self.points_of_any_layer(name))
                     .collect();
                 if matched.is_empty() {
                     return Err(Error::UnknownHookPoint {
@@ -393,6 +396,25 @@ impl Model {
             return Err(Error::InvalidArgument("no hook points given".into()));
         }
         Ok(points)
+    }
+
+    /// The points named by `glob` in any spelling when its only `*`s are in the layer index
+    /// (`blocks.*.hook_resid_post`): the spelling with each layer's index that matches.
+    fn points_of_any_layer(&self, glob: &str) -> Vec<HookPoint> {
+        let Some((prefix, rest)) = glob.split_once('.') else {
+            return Vec::new();
+        };
+        let (index, suffix) = rest.split_once('.').unwrap_or((rest, ""));
+        if prefix.contains('*') || suffix.contains('*') {
+            return Vec::new();
+        }
+        (0..self.config.num_layers())
+            .filter(|i| crate::hookpoint::glob_match(index, &i.to_string()))
+            .filter_map(|i| {
+                let name = [prefix, &i.to_string(), suffix].join(".");
+                self.hook_point(name.trim_end_matches('.')).ok()
+            })
+            .collect()
     }
 
     /// Turns token ids (`[seq]` or `[batch, seq]`, any integer dtype) into a checked

@@ -24,9 +24,7 @@ pub fn sae_err(error: sae::Error) -> PyErr {
     match error {
         sae::Error::Hooks(e) => to_py_err(e),
         sae::Error::Candle(e) => to_py_err(hooks::Error::from(e)),
-        sae::Error::Sae(m) if m.ends_with("no such file") || m.contains(": no such folder") => {
-            PyFileNotFoundError::new_err(m)
-        }
+        sae::Error::NotFound(m) => PyFileNotFoundError::new_err(m),
         sae::Error::Sae(m) => PyValueError::new_err(m),
         sae::Error::Training(m) | sae::Error::Cuda(m) => PyRuntimeError::new_err(m),
     }

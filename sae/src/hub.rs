@@ -104,7 +104,7 @@ pub fn check_sae_source(source: &Path) -> Result<()> {
     if source.exists() || is_hub_source(source) {
         return Ok(());
     }
-    Err(Error::Sae(format!(
+    Err(Error::NotFound(format!(
         "{}: no such folder, and not a hub repository id (owner/name)",
         source.display()
     )))

@@ -40,6 +40,9 @@ pub enum Error {
     /// A bad SAE file, config or argument (the message names the file, tensor or field).
     #[error("{0}")]
     Sae(String),
+    /// An SAE file or folder that is not there (the message names it).
+    #[error("{0}")]
+    NotFound(String),
     /// Training stopped (bad options, data ran out, non-finite loss).
     #[error("{0}")]
     Training(String),

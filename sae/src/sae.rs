@@ -553,7 +553,7 @@ impl Sae {
             .map_err(|e| Error::Sae(format!("{}: {e}", cfg_path.display())))?;
         let path = dir.join("sae.safetensors");
         if !path.is_file() {
-            return Err(Error::Sae(format!("{}: no such file", path.display())));
+            return Err(Error::NotFound(format!("{}: no such file", path.display())));
         }
         let (d, n) = (config.d_in, config.latents());
         let file = WeightFile::open(path, device, format!("cfg.json (d_in {d}, {n} latents)"))?;

@@ -116,8 +116,9 @@ struct RunArgs {
     model: ModelArgs,
     #[command(flatten)]
     saes: SaeArgs,
-    /// A latent cache to read (ours or delphi's latents/ folder); without it the latents are
-    /// cached from --data into OUTPUT/latents first (resumable).
+    /// A latent cache to read (ours or delphi's latents/ folder): then only the model's
+    /// tokenizer is loaded, not its weights. Without it the latents are cached from --data
+    /// into OUTPUT/latents first (resumable).
     #[arg(long)]
     latent_cache: Option<PathBuf>,
     /// Dataset to cache latents from (when no --latent-cache), as `delphi cache --data`.
@@ -248,15 +249,17 @@ where
 fn check_cache_made_with(
     cache: &LatentCache,
     dir: &std::path::Path,
-    model: &Model,
+    model: &ModelArgs,
     saes: &SaeArgs,
 ) -> Result<()> {
     let identity = cache.identity();
     if saes.sae.is_some() {
-        for (name, _, sae) in load_saes(model, saes)? {
+        for (name, sae_dir) in sae_folders(saes)? {
             let Some(recorded) = identity.saes.get(&name) else {
                 continue;
             };
+            let sae = Sae::load(&sae_dir, &hooks::candle_core::Device::Cpu)
+                .with_context(|| format!("loading the SAE in {}", sae_dir.display()))?;
             let given = crate::latents::sae_digest(&sae)?;
             if &given != recorded {
                 bail!(
@@ -271,47 +274,59 @@ fn check_cache_made_with(
         }
     }
     if let Some(made_with) = &identity.model {
-        if !hooks::source::same_origin(made_with, model.origin()) {
+        let origin = model.origin()?;
+        if !hooks::source::same_origin(made_with, &origin) {
             tracing::warn!(
-                "the latent cache {} was made with model {made_with}, not {}: its tokens are \
-                 decoded with this model's tokenizer",
+                "the latent cache {} was made with model {made_with}, not {origin}: its tokens \
+                 are decoded with this model's tokenizer",
                 dir.display(),
-                model.origin()
             );
         }
     }
     Ok(())
 }
 
+/// The folders of the SAEs named by `--hookpoints`, with their names (downloading a hub
+/// repository's when needed).
+fn sae_folders(args: &SaeArgs) -> Result<Vec<(String, PathBuf)>> {
+    let (names, given) = args.checked()?;
+    let root = &sae::hub::sae_root(given, args.sae_revision.as_deref(), Some(&names))?;
+    names
+        .into_iter()
+        .map(|name| {
+            let dir = root.join(&name);
+            if !dir.exists() {
+                let found = sae::sae_folders(root);
+                bail!(
+                    "--sae {} has no SAE for '{name}' (no folder {}); it holds SAEs for: {}",
+                    root.display(),
+                    dir.display(),
+                    if found.is_empty() {
+                        "none".to_string()
+                    } else {
+                        found.join(", ")
+                    }
+                );
+            }
+            Ok((name, dir))
+        })
+        .collect()
+}
+
 /// The SAEs named by `--hookpoints`, with the hook point each reads its input from (the MLP
 /// input for a transcoder).
 fn load_saes(model: &Model, args: &SaeArgs) -> Result<Vec<(String, HookPoint, Sae)>> {
-    let (names, given) = args.checked()?;
-    let root = &sae::hub::sae_root(given, args.sae_revision.as_deref(), Some(&names))?;
-    let mut saes = Vec::new();
-    for name in &names {
-        let dir = root.join(name);
-        if !dir.exists() {
-            let found = sae::sae_folders(root);
-            bail!(
-                "--sae {} has no SAE for '{name}' (no folder {}); it holds SAEs for: {}",
-                root.display(),
-                dir.display(),
-                if found.is_empty() {
-                    "none".to_string()
-                } else {
-                    found.join(", ")
-                }
-            );
-        }
-        let sae = Sae::load(&dir, model.device())
-            .with_context(|| format!("loading the SAE in {}", dir.display()))?;
-        let point = sae
-            .input_point(model, model.hook_point(name)?)
-            .with_context(|| format!("the SAE in {}", dir.display()))?;
-        saes.push((name.clone(), point, sae));
-    }
-    Ok(saes)
+    sae_folders(args)?
+        .into_iter()
+        .map(|(name, dir)| {
+            let sae = Sae::load(&dir, model.device())
+                .with_context(|| format!("loading the SAE in {}", dir.display()))?;
+            let point = sae
+                .input_point(model, model.hook_point(&name)?)
+                .with_context(|| format!("the SAE in {}", dir.display()))?;
+            Ok((name, point, sae))
+        })
+        .collect()
 }
 
 fn write_cache(
@@ -592,22 +607,23 @@ fn run_command(args: RunArgs) -> Result<()> {
     } else {
         None
     };
-    let model = args.model.load()?;
-    let cache = match given_cache {
+    let (cache, tokenizer) = match given_cache {
         Some((cache, dir)) => {
-            check_cache_made_with(&cache, dir, &model, &args.saes)?;
-            cache
+            // Decoding the cache's tokens needs the tokenizer only, not the model's weights.
+            check_cache_made_with(&cache, dir, &args.model, &args.saes)?;
+            (cache, args.model.load_tokenizer()?)
         }
         None => {
+            let model = args.model.load()?;
             let dir = args.output.join("latents");
             let saes = load_saes(&model, &args.saes)?;
             write_cache(&model, &saes, &data, &dir, 8, 256)?;
-            LatentCache::open(&dir)?
+            // The model is dropped here, before a local explainer loads into its memory.
+            (LatentCache::open(&dir)?, model.tokenizer()?.clone())
         }
     };
     let explainer = explainer.load()?;
     let llm = explainer.llm();
-    let tokenizer = model.tokenizer()?;
     let models = JobModels {
         explainer: llm,
         scorer: llm,
@@ -624,7 +640,7 @@ fn run_command(args: RunArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let started = std::time::Instant::now();
-    let report = runtime.block_on(run_job(&cache, tokenizer, &models, &config, &options))?;
+    let report = runtime.block_on(run_job(&cache, &tokenizer, &models, &config, &options))?;
     let minutes = started.elapsed().as_secs_f64() / 60.0;
     println!(
         "explainer {}: {} latents in this shard, {} complete, {} skipped (too rare), {} skipped (test set short of --n-test \

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::activations::{ActivationCache, CacheOptions, ModelActivations};
 use crate::data::DataSpec;
+use crate::source::ModelSpec;
 use crate::{parse_device, parse_dtype, LoadOptions, Model, Tokenizer};
 
 /// Run Pythia / GPT-NeoX and Llama-family models, read their hook points, cache activations.
@@ -83,6 +84,21 @@ impl ModelArgs {
             model.set_tokenizer(Tokenizer::from_file(path, model.config().eos_token_id())?);
         }
         Ok(model)
+    }
+
+    /// Loads only the model's tokenizer (or `--tokenizer`), not its weights: what decoding
+    /// token ids cached earlier needs.
+    pub fn load_tokenizer(&self) -> Result<Tokenizer> {
+        Ok(Tokenizer::for_model(
+            &self.model,
+            self.revision.as_deref(),
+            self.tokenizer.as_deref(),
+        )?)
+    }
+
+    /// How [`Model::origin`] would name the model, without loading it.
+    pub fn origin(&self) -> Result<String> {
+        Ok(ModelSpec::parse(&self.model, self.revision.as_deref())?.origin())
     }
 }
 

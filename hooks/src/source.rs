@@ -38,6 +38,15 @@ pub enum ModelSpec {
 }
 
 impl ModelSpec {
+    /// How [`crate::Model::origin`] names the model this spec loads, e.g.
+    /// `EleutherAI/pythia-70m@step1000` or a folder's path.
+    pub fn origin(&self) -> String {
+        match self {
+            ModelSpec::Hub { repo_id, revision } => format!("{repo_id}@{revision}"),
+            ModelSpec::Folder(path) | ModelSpec::Gguf(path) => path.display().to_string(),
+        }
+    }
+
     /// Interprets a user's model name: an existing folder or `.gguf` file, a Pythia short name
     /// (`pythia-70m`, `pythia-1b-deduped`), or a hub id (`EleutherAI/gpt-neox-20b`). A local
     /// folder's revisions are its sub-folders, as on the hub (`MODEL/step1000/config.json`);
@@ -158,16 +167,17 @@ pub struct ModelFiles {
 impl ModelFiles {
     /// Resolves a spec, downloading from the hub when needed and allowed.
     pub fn resolve(spec: &ModelSpec) -> Result<Self> {
+        let origin = spec.origin();
         match spec {
-            ModelSpec::Folder(dir) => from_folder(dir),
+            ModelSpec::Folder(dir) => from_folder(dir, origin),
             ModelSpec::Gguf(path) => Ok(ModelFiles {
                 config: None,
                 tokenizer: None,
                 weights: WeightFiles::Gguf(path.clone()),
-                origin: path.display().to_string(),
+                origin,
                 revision: None,
             }),
-            ModelSpec::Hub { repo_id, revision } => from_hub(repo_id, revision),
+            ModelSpec::Hub { repo_id, revision } => from_hub(repo_id, revision, &origin),
         }
     }
 }
@@ -178,7 +188,7 @@ const WEIGHT_LAYOUTS: [(&str, &str, bool); 2] = [
     ("pytorch_model.bin.index.json", "pytorch_model.bin", false),
 ];
 
-fn from_folder(dir: &Path) -> Result<ModelFiles> {
+fn from_folder(dir: &Path, origin: String) -> Result<ModelFiles> {
     let config = dir.join("config.json");
     if !config.is_file() {
         return Err(Error::Config {
@@ -201,7 +211,7 @@ fn from_folder(dir: &Path) -> Result<ModelFiles> {
         config: Some(config),
         tokenizer,
         weights,
-        origin: dir.display().to_string(),
+        origin,
         revision: None,
     })
 }
@@ -288,13 +298,12 @@ pub fn hub_offline() -> bool {
         .unwrap_or(false)
 }
 
-fn from_hub(repo_id: &str, revision: &str) -> Result<ModelFiles> {
+fn from_hub(repo_id: &str, revision: &str, origin: &str) -> Result<ModelFiles> {
     let hub = HubRevision::new(RepoType::Model, repo_id, revision);
-    let origin = format!("{repo_id}@{revision}");
 
     // Everything already cached: use it without touching the network.
     if let Some(snapshot) = hub.cached_snapshot() {
-        let cached = hub_files(&origin, revision, |name| {
+        let cached = hub_files(origin, revision, |name| {
             let path = snapshot.join(name);
             path.exists().then_some(path)
         })?;
@@ -308,7 +317,7 @@ fn from_hub(repo_id: &str, revision: &str) -> Result<ModelFiles> {
 
     let listing = hub.listing("to find its weight files")?;
     let mut fetch_error = None;
-    let files = hub_files(&origin, revision, |name| {
+    let files = hub_files(origin, revision, |name| {
         if !listing.files.iter().any(|f| f == name) {
             return None;
         }
@@ -822,13 +831,15 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.path().join("model-00001-of-00002.safetensors"), "").unwrap();
-        let err = from_folder(dir.path()).unwrap_err().to_string();
+        let err = ModelFiles::resolve(&ModelSpec::Folder(dir.path().into()))
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("model-00002-of-00002.safetensors") && err.contains("missing"),
             "{err}"
         );
         std::fs::write(dir.path().join("model-00002-of-00002.safetensors"), "").unwrap();
-        let files = from_folder(dir.path()).unwrap();
+        let files = ModelFiles::resolve(&ModelSpec::Folder(dir.path().into())).unwrap();
         let WeightFiles::Safetensors(paths) = files.weights else {
             panic!()
         };

@@ -178,6 +178,13 @@ def test_delphi_run_resumes(latents, server, tiny_dir, capfd):
     before = len(_Handler.requests)
     assert ei.delphi_main(args) == 0
     assert len(_Handler.requests) == before, "a finished job sends no requests"
+    # With a latent cache, only the tokenizer is loaded: a folder without weights will do.
+    weightless = root / "tokenizer-only"
+    weightless.mkdir()
+    for name in ["config.json", "tokenizer.json"]:
+        shutil.copy(tiny_dir / name, weightless / name)
+    assert ei.delphi_main([str(weightless) if a == str(tiny_dir) else a for a in args]) == 0
+    assert len(_Handler.requests) == before
     # Another SAE than the cache's is refused, not silently replaced by the cache's latents.
     other = root / "other-saes"
     shutil.copytree(saes, other)

@@ -13,6 +13,38 @@ pub mod packed;
 
 use crate::{Error, Result};
 
+/// `e^-z` for `z >= 0` within 2 ulp, in branch-free arithmetic the compiler vectorises
+/// (libm's `expf` is a call per element), for the softmaxes, GELU and SiLU of the CPU
+/// kernels. Where `e^-z` leaves f32's normal range (`z > 87.3`) it is 0, so that a logit of
+/// `-inf` has probability 0; NaN stays NaN.
+#[inline(always)]
+pub fn exp_of_negative(z: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer
+    const LARGEST: f32 = 87.3;
+    let beyond = z > LARGEST; // a comparison, so that NaN passes through
+    let y = if beyond { -LARGEST } else { -z };
+    // `y = n ln 2 + r` with `|r| <= ln 2 / 2`.
+    let shifted = y * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    // ln 2 in two parts, so that n * LN2_HIGH is exact.
+    let r = y - n * 0.693_145_75 - n * 1.428_606_8e-6;
+    // e^r by its Taylor series to degree 7.
+    let series = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
+    // 2^n from the exponent bits; n is in the low bits of `shifted` (integer arithmetic,
+    // where `n as i32` would be a saturating conversion that does not vectorise).
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let e = series * f32::from_bits(n_bits.wrapping_add(127) << 23);
+    if beyond {
+        0.0
+    } else {
+        e
+    }
+}
+
 /// Whether `t` is a float32 tensor on the CPU, the kind the hand-written kernels read.
 pub fn is_cpu_f32(t: &Tensor) -> bool {
     matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
@@ -438,6 +470,22 @@ impl<R> InplaceOp1 for Locked<'_, '_, R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exp_of_negative_is_accurate_and_zero_below_the_normal_range() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let z = 87.3 * i as f32 / 200_000.0;
+            let want = (-z as f64).exp();
+            worst = worst.max(((exp_of_negative(z) as f64 - want) / want).abs());
+        }
+        assert!(worst < 2.0 * f32::EPSILON as f64, "relative error {worst}");
+        assert_eq!(exp_of_negative(0.0), 1.0);
+        assert!(exp_of_negative(87.29) > 1e-38);
+        assert_eq!(exp_of_negative(87.31), 0.0);
+        assert_eq!(exp_of_negative(f32::INFINITY), 0.0);
+        assert!(exp_of_negative(f32::NAN).is_nan());
+    }
 
     /// Both f32 products against f64 sums, on non-square shapes, writing and accumulating
     /// onto what the output holds, on all of rayon's threads and on this one.

@@ -6,7 +6,7 @@
 //! ([`score_rows`]). The training passes return `None` when they do not apply.
 
 use candle_core::{Device, Tensor};
-use hooks::cpu::{with_f32_slices, with_wide_vectors};
+use hooks::cpu::{exp_of_negative, with_f32_slices, with_wide_vectors};
 use rayon::prelude::*;
 
 use crate::loss::Target;
@@ -133,7 +133,7 @@ pub(crate) fn distribution_of_logits(
                     let lse = (max as f64 + exp_shifted_in_place(p, max).ln()) as f32;
                     z.iter_mut().for_each(|x| *x -= lse);
                     for (pj, &lj) in p.iter_mut().zip(z.iter()) {
-                        *pj = exp(lj);
+                        *pj = exp_of_negative(-lj);
                     }
                     dot_f64(p, z)
                 },
@@ -259,7 +259,7 @@ fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
 #[inline(always)]
 fn exp_shifted_in_place(xs: &mut [f32], shift: f32) -> f64 {
     for x in xs.iter_mut() {
-        *x = exp(*x - shift);
+        *x = exp_of_negative(shift - *x);
     }
     let mut acc = [0f64; LANES];
     let chunks = xs.chunks_exact(LANES);
@@ -279,7 +279,7 @@ fn exp_sums(xs: &[f32], shift: f32) -> (f64, f64) {
     #[inline(always)]
     fn terms(x: f32, shift: f32) -> (f64, f64) {
         let shifted = x - shift;
-        let e = exp(shifted);
+        let e = exp_of_negative(-shifted);
         (e as f64, if e == 0.0 { 0.0 } else { (e * shifted) as f64 })
     }
     let (mut sums, mut weighted) = ([0f64; LANES], [0f64; LANES]);
@@ -301,55 +301,10 @@ fn exp_sums(xs: &[f32], shift: f32) -> (f64, f64) {
     )
 }
 
-/// `e^x` in f32 to about 2 ulp, in branch-free arithmetic the compiler vectorises (libm's
-/// `expf` is a call per element): `x = n ln 2 + r` with `|r| <= ln 2 / 2`, a degree-6
-/// polynomial for `e^r`, then `2^n` built in the exponent bits. Arguments above 88 give
-/// `e^88`; below -87.3, where `e^x` leaves the normal range, 0 (so `e^-inf = 0`: a token
-/// ruled out by a logit of `-inf` has probability 0).
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const ROUND: f32 = 12_582_912.0; // 1.5 x 2^23: adding it rounds to an integer
-    const LOWEST: f32 = -87.3;
-    let below = x < LOWEST; // a comparison, so that NaN passes through
-    let x = x.clamp(LOWEST, 88.0);
-    let shifted = x * std::f32::consts::LOG2_E + ROUND;
-    let n = shifted - ROUND;
-    // ln 2 split in two so that n x the first part is exact.
-    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let poly = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 0.166_666_65)
-        * r
-        + 0.5;
-    let e_r = poly * r * r + r + 1.0;
-    let bits = (shifted.to_bits() as i32 - ROUND.to_bits() as i32 + 127) << 23;
-    let e = e_r * f32::from_bits(bits as u32);
-    if below {
-        0.0
-    } else {
-        e
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::loss::{log_softmax, loss_and_logit_grad as generic};
-
-    #[test]
-    fn exp_is_accurate_and_zero_below_the_normal_range() {
-        let mut worst = 0f64;
-        for i in 0..=200_000 {
-            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
-            let want = (x as f64).exp();
-            worst = worst.max(((exp(x) as f64 - want) / want).abs());
-        }
-        assert!(worst < 3.0 * f32::EPSILON as f64, "relative error {worst}");
-        assert_eq!(exp(0.0), 1.0);
-        assert!(exp(-87.29) > 1e-38);
-        assert_eq!(exp(-87.31), 0.0);
-        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
-        assert!(exp(f32::NAN).is_nan());
-    }
 
     #[test]
     fn target_matches_the_tensor_path() {

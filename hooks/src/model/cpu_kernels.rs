@@ -24,9 +24,9 @@ use super::layers::HeadColumns;
 use crate::cpu::bf16::{self, Kernel, PackedB};
 use crate::cpu::packed::{self, F32Kernel, Packed, F32};
 use crate::cpu::{
-    bf16_tensor, bf16_tensor_from, bf16_tensor_of_bits, f32_tensor_from, f32_tensor_map,
-    is_cpu_bf16, product_with_transposed, rounded_to_bf16, widened_bf16, with_bf16_bits,
-    with_f32_slices, with_wide_vectors, SharedOut,
+    bf16_tensor, bf16_tensor_from, bf16_tensor_of_bits, exp_of_negative, f32_tensor_from,
+    f32_tensor_map, is_cpu_bf16, product_with_transposed, rounded_to_bf16, widened_bf16,
+    with_bf16_bits, with_f32_slices, with_wide_vectors, SharedOut,
 };
 use crate::{Error, Result};
 
@@ -823,28 +823,6 @@ fn softmax_in_place(row: &mut [f32]) {
     }
     let inv = 1.0 / (sums.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>());
     row.iter_mut().for_each(|x| *x *= inv);
-}
-
-/// `e^-z` for `z >= 0` within 2 ulp, as `2^n e^r` with `|r| <= ln 2 / 2`: `e^r` by its Taylor
-/// series to degree 7, `2^n` from the exponent bits. Below `e^-87` it gives `e^-87`, which
-/// neither [`erf`] nor a softmax weight can tell from zero; NaN stays NaN.
-#[inline(always)]
-fn exp_of_negative(z: f32) -> f32 {
-    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer
-    let y = if z > 87.0 { -87.0 } else { -z }; // a comparison, so that NaN passes through
-    let shifted = y * std::f32::consts::LOG2_E + ROUND;
-    let n = shifted - ROUND;
-    // ln 2 in two parts, so that n * LN2_HIGH is exact.
-    let r = y - n * 0.693_145_75 - n * 1.428_606_8e-6;
-    let series = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    // n is in the low bits of `shifted` (integer arithmetic, where `n as i32` would be a
-    // saturating conversion that does not vectorise).
-    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
-    series * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 #[cfg(test)]

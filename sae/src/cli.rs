@@ -862,16 +862,11 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
     if let Some(path) = &args.json {
         hooks::atomic::check_target(path)?;
     }
-    anyhow::ensure!(
-        args.model.model.is_some(),
-        "give --model: evaluation runs the model"
-    );
+    const NEEDS_MODEL: &str = "give --model: evaluation runs the model";
+    anyhow::ensure!(args.model.model.is_some(), NEEDS_MODEL);
     crate::hub::check_sae_source(&args.sae).context("--sae")?;
     args.data.spec().check()?;
-    let model = args
-        .model
-        .load()?
-        .context("give --model: evaluation runs the model")?;
+    let model = args.model.load()?.context(NEEDS_MODEL)?;
     let mut args = args;
     let named = match &args.hookpoints {
         Some(list) => Some(model.hook_points_from_list(list)?),

@@ -492,6 +492,22 @@ fn a_stop_request_writes_what_was_computed_and_the_job_resumes() {
         err.contains("unfinished cache made with other settings (data.seq_len: 16 -> 32)"),
         "{err}"
     );
+    // A limit, which the settings hold in sequences, is named by its flag too.
+    let chunks = spec.chunks(Some(model.tokenizer().unwrap())).unwrap();
+    let mut limited =
+        ModelActivations::new(&model, chunks, POINTS.to_vec(), 3, DType::F32, Some(4)).unwrap();
+    let options = CacheOptions {
+        max_shard_bytes: 1 << 30,
+        overwrite: false,
+        progress: false,
+    };
+    let err = ActivationCache::write(&mut limited, &spec, &out, &options)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("(max_chunks: null -> 4; max_chunks is --max-tokens over data.seq_len)"),
+        "{err}"
+    );
     let resumed = write_cache(&model, &spec, &out, 1 << 30).unwrap();
     assert_eq!(resumed.resumed_chunks, 6);
     let fresh = write_cache(&model, &spec, &tmp.path().join("fresh"), 1 << 30).unwrap();

@@ -129,6 +129,16 @@ pub struct CacheSummary {
     pub already_complete: bool,
 }
 
+/// How a cache's settings and this run's differ (see [`crate::checkpoint::differences`]),
+/// naming the flag behind `max_chunks`, which is not one itself.
+fn settings_changes(saved: &CacheSettings, now: &CacheSettings) -> String {
+    let changed = crate::checkpoint::differences(saved, now);
+    if saved.max_chunks == now.max_chunks {
+        return changed;
+    }
+    format!("{changed}; max_chunks is --max-tokens over data.seq_len")
+}
+
 fn cache_error(path: &Path, message: impl Into<String>) -> Error {
     Error::Cache {
         path: path.into(),
@@ -230,7 +240,7 @@ impl ActivationCache {
         if manifest_path.exists() {
             let existing = read_manifest(dir)?;
             if existing.settings != settings {
-                let changed = crate::checkpoint::differences(&existing.settings, &settings);
+                let changed = settings_changes(&existing.settings, &settings);
                 return Err(cache_error(
                     dir,
                     format!("already holds a complete cache made with other settings ({changed}); choose another folder or pass --overwrite"),
@@ -251,7 +261,7 @@ impl ActivationCache {
         let mut progress = if progress_path.exists() {
             let progress: Progress = read_json(&progress_path)?;
             if progress.settings != settings {
-                let changed = crate::checkpoint::differences(&progress.settings, &settings);
+                let changed = settings_changes(&progress.settings, &settings);
                 return Err(cache_error(
                     dir,
                     format!("holds an unfinished cache made with other settings ({changed}); choose another folder or pass --overwrite"),

@@ -49,8 +49,20 @@ fn write_cache(
     out: &Path,
     shard_bytes: usize,
 ) -> hooks::Result<hooks::activations::CacheSummary> {
+    write_cache_of_at_most(model, spec, out, shard_bytes, None)
+}
+
+/// [`write_cache`] of at most `max_chunks` sequences.
+fn write_cache_of_at_most(
+    model: &Model,
+    spec: &DataSpec,
+    out: &Path,
+    shard_bytes: usize,
+    max_chunks: Option<u64>,
+) -> hooks::Result<hooks::activations::CacheSummary> {
     let chunks = spec.chunks(Some(model.tokenizer()?))?;
-    let mut source = ModelActivations::new(model, chunks, POINTS.to_vec(), 3, DType::F32, None)?;
+    let mut source =
+        ModelActivations::new(model, chunks, POINTS.to_vec(), 3, DType::F32, max_chunks)?;
     let options = CacheOptions {
         max_shard_bytes: shard_bytes,
         overwrite: false,
@@ -493,15 +505,7 @@ fn a_stop_request_writes_what_was_computed_and_the_job_resumes() {
         "{err}"
     );
     // A limit, which the settings hold in sequences, is named by its flag too.
-    let chunks = spec.chunks(Some(model.tokenizer().unwrap())).unwrap();
-    let mut limited =
-        ModelActivations::new(&model, chunks, POINTS.to_vec(), 3, DType::F32, Some(4)).unwrap();
-    let options = CacheOptions {
-        max_shard_bytes: 1 << 30,
-        overwrite: false,
-        progress: false,
-    };
-    let err = ActivationCache::write(&mut limited, &spec, &out, &options)
+    let err = write_cache_of_at_most(&model, &spec, &out, 1 << 30, Some(4))
         .unwrap_err()
         .to_string();
     assert!(

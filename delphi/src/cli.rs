@@ -133,7 +133,9 @@ struct RunArgs {
     /// Tokens per cached sequence.
     #[arg(long, default_value_t = 256)]
     seq_len: usize,
-    /// Tokens to cache.
+    /// Tokens to cache. delphi caches 10M by default (`--n_tokens`); 1M here keeps a run on a
+    /// CPU within minutes and still finds the latents that fire more than a few times per 100k
+    /// tokens; raise it for rarer latents.
     #[arg(long, default_value_t = 1_000_000)]
     max_tokens: u64,
     /// Latents to explain at each hook point: a range `0..1000` (end exclusive) or one index.

@@ -59,6 +59,7 @@ pub async fn explain(
         max_tokens: config.max_tokens,
         temperature: config.temperature,
         top_logprobs: None,
+        format: None,
     };
     let response = llm.chat(request).await?;
     Ok(Explanation {

@@ -21,7 +21,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::embedding::{cosine, SentenceEmbedder};
-use crate::llm::{ChatRequest, Llm, TokenLogprobs, Usage};
+use crate::llm::{AnswerFormat, ChatRequest, Llm, TokenLogprobs, Usage};
 use crate::metrics::{roc_auc, ClassificationSummary, Confusion};
 use crate::prompts::{
     active_tokens, classifier_messages, highlight, intruder_messages, parse_intruder,
@@ -322,6 +322,7 @@ pub async fn intrude(
             max_tokens: config.max_tokens,
             temperature: config.temperature,
             top_logprobs: None,
+            format: None,
         })
     });
     let responses = futures::future::try_join_all(requests).await?;
@@ -461,6 +462,7 @@ pub async fn classify(
             max_tokens: config.max_tokens,
             temperature: config.temperature,
             top_logprobs: config.logprobs.then_some(5),
+            format: Some(AnswerFormat::ZeroOneList { len: range.len() }),
         };
         llm.chat(request)
     });

@@ -817,6 +817,7 @@ async fn a_long_retry_after_neither_stalls_a_request_nor_holds_its_slot() {
             max_tokens: 5,
             temperature: 0.0,
             top_logprobs: None,
+            format: None,
         })
     };
     // A guard against a hang, not a measurement: without the cap this waits 600 s.

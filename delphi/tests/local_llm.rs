@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use delphi::llm::local::{LocalLlm, LocalOptions};
-use delphi::llm::{ChatRequest, Llm, Message, Role};
+use delphi::llm::{AnswerFormat, ChatRequest, Llm, Message, Role};
+use delphi::prompts::{classifier_messages, parse_predictions, ClassifierTask};
 use serde_json::Value;
 
 /// Largest |ours - transformers| allowed for a log-probability (nats), f32 weights.
@@ -82,6 +83,7 @@ fn greedy(messages: Vec<Message>, max_tokens: u32) -> ChatRequest {
         max_tokens,
         temperature: 0.0,
         top_logprobs: Some(5),
+        format: None,
     }
 }
 
@@ -248,6 +250,7 @@ fn sampling_is_seeded_and_limits_are_kept() {
         max_tokens: 24,
         temperature: 1.0,
         top_logprobs: None,
+        format: None,
     };
     let a = model.generate(&request).unwrap();
     let b = model.generate(&request).unwrap();
@@ -290,6 +293,77 @@ fn sampling_is_seeded_and_limits_are_kept() {
     let shown = answer.logprobs.as_ref().unwrap().len() as u64;
     assert_eq!(answer.usage.completion_tokens, shown + 1);
     assert!(!answer.text.contains("<|im_end|>"));
+}
+
+#[test]
+fn formatted_answers_keep_the_format_and_the_models_choices() {
+    let Some(model) = model() else { return };
+    let excerpts: Vec<String> = [
+        "Stir the flour into the melted butter and bake for twenty minutes.",
+        "The committee approved the budget after a long debate.",
+        "Slice the onions thinly and fry them until golden.",
+        "He scored twice in the second half of the match.",
+        "Season the soup with salt, pepper and a little thyme.",
+    ]
+    .map(String::from)
+    .to_vec();
+    let messages =
+        classifier_messages(ClassifierTask::Detection, "cooking instructions", &excerpts);
+    // Left to itself, the 135M model does not answer in the format the prompt asks for.
+    let free = model.generate(&greedy(messages.clone(), 50)).unwrap();
+    assert_eq!(
+        parse_predictions(&free.text, excerpts.len()),
+        None,
+        "{:?}",
+        free.text
+    );
+
+    let format = AnswerFormat::ZeroOneList {
+        len: excerpts.len(),
+    };
+    let request = ChatRequest {
+        format: Some(format),
+        ..greedy(messages, 50)
+    };
+    let held = model.generate(&request).unwrap();
+    assert!(format.is_complete(&held.text), "{:?}", held.text);
+    assert!(parse_predictions(&held.text, excerpts.len()).is_some());
+    assert!(!held.truncated);
+    // It stops when the answer is whole: no end-of-turn token is generated.
+    let steps = held.logprobs.as_ref().unwrap();
+    assert_eq!(held.usage.completion_tokens, steps.len() as u64);
+    // Greedy among the tokens the format allows: no allowed alternative the model liked
+    // better (its log-probabilities over the whole vocabulary are the ones reported).
+    let mut answer = String::new();
+    for step in steps {
+        for (alternative, logprob) in &step.top {
+            if format.admits_prefix(&format!("{answer}{alternative}")) {
+                assert!(step.logprob >= *logprob, "{answer:?}: {step:?}");
+            }
+        }
+        answer.push_str(&step.token);
+    }
+    assert_eq!(answer, held.text);
+
+    // Too few tokens for the whole list: cut off, as any answer.
+    let short = model
+        .generate(&ChatRequest {
+            max_tokens: 4,
+            ..request.clone()
+        })
+        .unwrap();
+    assert!(
+        short.truncated && format.admits_prefix(&short.text),
+        "{short:?}"
+    );
+    // Sampled answers keep the format too.
+    let sampled = model
+        .generate(&ChatRequest {
+            temperature: 1.0,
+            ..request
+        })
+        .unwrap();
+    assert!(format.is_complete(&sampled.text), "{:?}", sampled.text);
 }
 
 #[test]

@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -37,7 +37,9 @@ use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{BoxFuture, ChatRequest, ChatResponse, Llm, Message, Role, TokenLogprobs, Usage};
+use super::{
+    AnswerFormat, BoxFuture, ChatRequest, ChatResponse, Llm, Message, Role, TokenLogprobs, Usage,
+};
 use crate::{Error, Result};
 
 /// How many prompt starts keep their KV cache by default (least recently used dropped first).
@@ -80,6 +82,11 @@ impl Default for LocalOptions {
 /// Reported log-probabilities are those of the model (`log_softmax(logits)`, before any
 /// temperature). Generation stops at the end-of-turn token (`<|im_end|>`) or the file's EOS,
 /// after `max_tokens`, or when the context is full.
+///
+/// A request with an [`AnswerFormat`] is held to it: at each step only the tokens that keep
+/// the answer a start of that format are candidates (greedy or sampled among them as above;
+/// the reported log-probabilities are still the model's, over the whole vocabulary), and
+/// generation ends when the answer is whole.
 #[derive(Clone)]
 pub struct LocalLlm {
     shared: Arc<Shared>,
@@ -98,6 +105,9 @@ struct Shared {
     seed: u64,
     prefix_capacity: usize,
     engine: Mutex<Engine>,
+    /// The tokens whose text is made only of [`AnswerFormat::ALPHABET`]'s characters, with
+    /// that text: the candidates of a formatted answer (found on first use).
+    format_tokens: OnceLock<Vec<(u32, String)>>,
 }
 
 /// The model state: a clean copy, plus copies that have seen a prompt start (cloning a
@@ -244,6 +254,7 @@ impl LocalLlm {
                     fresh: model,
                     prefixes: VecDeque::new(),
                 }),
+                format_tokens: OnceLock::new(),
             }),
         })
     }
@@ -344,12 +355,33 @@ impl Shared {
         let mut logprobs = request.top_logprobs.map(|_| Vec::new());
         let mut position = ids.len();
         let mut truncated = false;
+        let mut answer = String::new();
         loop {
             let scores: Vec<f32> = logits.to_vec1()?;
-            let token = if request.temperature == 0.0 {
-                argmax(&scores)
-            } else {
-                sample(&scores, request.temperature, &mut rng)
+            let pick = |scores: &[f32], rng: &mut StdRng| {
+                if request.temperature == 0.0 {
+                    argmax(scores)
+                } else {
+                    sample(scores, request.temperature, rng)
+                }
+            };
+            let token = match request.format {
+                None => pick(&scores, &mut rng),
+                Some(format) => {
+                    let candidates = self.continuations(format, &answer)?;
+                    let candidate_scores: Vec<f32> = candidates
+                        .iter()
+                        .map(|&(id, _)| {
+                            scores
+                                .get(id as usize)
+                                .copied()
+                                .unwrap_or(f32::NEG_INFINITY)
+                        })
+                        .collect();
+                    let (id, text) = candidates[pick(&candidate_scores, &mut rng) as usize];
+                    answer.push_str(text);
+                    id
+                }
             };
             usage.completion_tokens += 1;
             if self.stop_ids.contains(&token) {
@@ -373,6 +405,12 @@ impl Shared {
                 });
             }
             generated.push(token);
+            if request
+                .format
+                .is_some_and(|format| format.is_complete(&answer))
+            {
+                break;
+            }
             if generated.len() >= request.max_tokens as usize || position >= self.context_len {
                 truncated = true;
                 break;
@@ -394,6 +432,31 @@ impl Shared {
             usage,
             truncated,
         })
+    }
+
+    /// The tokens that keep `answer` a start of `format`, with their text (never empty: an
+    /// answer that cannot go on is an error naming the format).
+    fn continuations(&self, format: AnswerFormat, answer: &str) -> Result<Vec<(u32, &str)>> {
+        let tokens = self.format_tokens.get_or_init(|| {
+            (0..self.tokenizer.vocab_size() as u32)
+                .filter_map(|id| {
+                    let text = self.tokenizer.token_text(id).ok()?;
+                    (!text.is_empty() && text.chars().all(|c| AnswerFormat::ALPHABET.contains(c)))
+                        .then_some((id, text))
+                })
+                .collect()
+        });
+        let candidates: Vec<(u32, &str)> = tokens
+            .iter()
+            .filter(|(_, text)| format.admits_prefix(&format!("{answer}{text}")))
+            .map(|(id, text)| (*id, text.as_str()))
+            .collect();
+        if candidates.is_empty() {
+            return Err(self.error(format!(
+                "no token of the vocabulary continues the answer {answer:?} as {format}"
+            )));
+        }
+        Ok(candidates)
     }
 
     /// A model state that has seen `ids` and the logits after its last token.

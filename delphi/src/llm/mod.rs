@@ -69,6 +69,74 @@ pub struct ChatRequest {
     pub temperature: f32,
     /// When set, ask for this many alternatives (with log-probabilities) per generated token.
     pub top_logprobs: Option<u8>,
+    /// When set, the shape the answer must take. The local model is held to it while it
+    /// generates; an HTTP server is not sent it (the prompt asks for the shape).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<AnswerFormat>,
+}
+
+/// The shape of an answer that a parser reads, for backends that can hold generation to it:
+/// a model too small to follow the prompt's instructions still gives a readable answer, and
+/// its choices (which 0s and 1s) are still its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnswerFormat {
+    /// `[1, 0, 1]`: `len` zeros and ones, separated by a comma and a space, in brackets (the
+    /// detection and fuzzing scorers' answer).
+    ZeroOneList {
+        /// How many zeros and ones.
+        len: usize,
+    },
+}
+
+impl AnswerFormat {
+    /// Every character any answer of this format can hold.
+    pub const ALPHABET: &'static str = "[]01, ";
+
+    /// Whether `text` is the start of (or all of) an answer of this format.
+    pub fn admits_prefix(&self, text: &str) -> bool {
+        match *self {
+            Self::ZeroOneList { len } => {
+                text.len() <= zero_one_list_len(len)
+                    && text.bytes().enumerate().all(|(i, byte)| match i {
+                        0 => byte == b'[',
+                        _ if i + 1 == zero_one_list_len(len) => byte == b']',
+                        _ => match (i - 1) % 3 {
+                            0 => byte == b'0' || byte == b'1',
+                            1 => byte == b',',
+                            _ => byte == b' ',
+                        },
+                    })
+            }
+        }
+    }
+
+    /// Whether `text` is a whole answer of this format.
+    pub fn is_complete(&self, text: &str) -> bool {
+        match *self {
+            Self::ZeroOneList { len } => {
+                text.len() == zero_one_list_len(len) && self.admits_prefix(text)
+            }
+        }
+    }
+}
+
+/// Characters of a `[d, d, ..., d]` list of `len` digits: `[`, then 3 per digit but the last
+/// (digit, comma, space), then the last digit and `]`.
+fn zero_one_list_len(len: usize) -> usize {
+    if len == 0 {
+        2
+    } else {
+        3 * len
+    }
+}
+
+impl std::fmt::Display for AnswerFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ZeroOneList { len } => write!(f, "a list of {len} zeros and ones, [1, 0, ...]"),
+        }
+    }
 }
 
 /// A generated token with its log-probability and the most likely alternatives.
@@ -128,5 +196,52 @@ pub trait Llm: Send + Sync {
     /// model is refused: the model name without where it is served (a server may move).
     fn model_id(&self) -> String {
         self.name()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_one_lists_are_recognised_character_by_character() {
+        let three = AnswerFormat::ZeroOneList { len: 3 };
+        for prefix in [
+            "",
+            "[",
+            "[1",
+            "[1,",
+            "[1, ",
+            "[1, 0",
+            "[1, 0, 1",
+            "[1, 0, 1]",
+        ] {
+            assert!(three.admits_prefix(prefix), "{prefix:?}");
+        }
+        assert!(three.is_complete("[1, 0, 1]"));
+        for bad in [
+            "1",
+            "[2",
+            "[1,0",
+            "[1 ,",
+            "[1, 0]",
+            "[1, 0, 1, ",
+            "[1, 0, 1] ",
+            "[[",
+            "]",
+        ] {
+            assert!(!three.admits_prefix(bad), "{bad:?}");
+        }
+        assert!(!three.is_complete("[1, 0, 1"));
+        let one = AnswerFormat::ZeroOneList { len: 1 };
+        assert!(one.is_complete("[0]") && !one.admits_prefix("[0,"));
+        // Every complete answer is one the classifier scorers' parser reads.
+        let answer = "[0, 1, 1, 0, 0]";
+        assert!(AnswerFormat::ZeroOneList { len: 5 }.is_complete(answer));
+        assert_eq!(
+            crate::prompts::parse_predictions(answer, 5),
+            Some(vec![false, true, true, false, false])
+        );
+        assert!(answer.chars().all(|c| AnswerFormat::ALPHABET.contains(c)));
     }
 }

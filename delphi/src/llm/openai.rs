@@ -534,6 +534,7 @@ mod tests {
             max_tokens: 4,
             temperature: 0.0,
             top_logprobs: None,
+            format: None,
         };
         let message = client.chat(request).await.unwrap_err().to_string();
         assert!(

@@ -148,7 +148,12 @@ fn main() -> Result<()> {
                     .with_context(|| format!("{}: no tensor {n}", state_path.display()))
             })
             .collect::<Result<Vec<_>>>()?;
-        optimizer.restore(state.step, &tensors, "state", params.len())?;
+        optimizer.restore(
+            state.step,
+            &tensors,
+            "state",
+            &params.iter().collect::<Vec<_>>(),
+        )?;
         tracing::info!("resuming from step {}", state.step);
         (params, state)
     } else {

@@ -117,7 +117,7 @@ pub fn gguf_header(path: &Path) -> Result<(Content, BufReader<File>)> {
         .map_err(|panic| bad(format!("its header is damaged ({panic})")))?
         .map_err(|e| Error::WeightFile {
             path: path.into(),
-            message: header_error(&e),
+            message: header_error(&e, file_len),
         })?;
     // The integer types candle's reader takes the alignment from (it ignores others).
     let alignment = match content.metadata.get("general.alignment") {
@@ -145,10 +145,14 @@ pub fn gguf_header(path: &Path) -> Result<(Content, BufReader<File>)> {
     let mut spans = Vec::with_capacity(content.tensor_infos.len());
     for (name, info) in &content.tensor_infos {
         let (block, block_bytes) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
-        let elements = info.shape.elem_count();
-        let bytes = (elements % block == 0)
-            .then(|| (elements / block).checked_mul(block_bytes))
-            .flatten()
+        let elements = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d));
+        let bytes = elements
+            .filter(|elements| elements % block == 0)
+            .and_then(|elements| (elements / block).checked_mul(block_bytes))
             .map(|b| b as u64);
         let start = content.tensor_data_offset.checked_add(info.offset);
         let (Some(bytes), Some(start)) = (bytes, start) else {
@@ -221,9 +225,11 @@ pub fn gguf_tokenizer(content: &Content, path: &Path) -> Result<Option<Tokenizer
 }
 
 /// A header error, with unknown tensor types spelled out.
-fn header_error(e: &candle_core::Error) -> String {
+fn header_error(e: &candle_core::Error, file_len: u64) -> String {
     let cause = root_cause(e);
-    if cause.contains("unknown dtype for tensor") {
+    if cause.contains("failed to fill whole buffer") {
+        format!("not a readable GGUF file: truncated, it ends ({file_len} bytes) inside its header")
+    } else if cause.contains("unknown dtype for tensor") {
         format!(
             "not a readable GGUF file: {cause} (an unsupported quantization type; supported: \
              F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)"

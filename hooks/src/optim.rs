@@ -241,13 +241,13 @@ impl Optimizer {
     }
 
     /// Restores state saved by [`Optimizer::state_tensors`] with `prefix` after `steps`
-    /// steps, for `params` parameters.
+    /// steps, for `params` (each state tensor must have its parameter's dtype and shape).
     pub fn restore(
         &mut self,
         steps: u64,
         tensors: &std::collections::HashMap<String, Tensor>,
         prefix: &str,
-        params: usize,
+        params: &[&Tensor],
     ) -> Result<()> {
         let slots = match self.rule {
             Rule::Sgd { momentum, .. } => usize::from(momentum != 0.0),
@@ -259,13 +259,23 @@ impl Optimizer {
         if steps == 0 || slots == 0 {
             return Ok(());
         }
-        for i in 0..params {
+        for (i, param) in params.iter().enumerate() {
             let mut s = Vec::with_capacity(slots);
             for j in 0..slots {
                 let name = format!("{prefix}.{i}.{j}");
                 let t = tensors.get(&name).ok_or_else(|| {
                     Error::InvalidArgument(format!("checkpoint has no optimiser state '{name}'"))
                 })?;
+                if t.dtype() != param.dtype() || t.dims() != param.dims() {
+                    return Err(Error::InvalidArgument(format!(
+                        "checkpoint optimiser state '{name}' must be {:?} {:?} (as its parameter), \
+                         got {:?} {:?}",
+                        param.dtype(),
+                        param.dims(),
+                        t.dtype(),
+                        t.dims()
+                    )));
+                }
                 s.push(t.clone());
             }
             self.state.push(s);
@@ -361,11 +371,16 @@ impl Optimizers {
         params: &[Tensor],
     ) -> Result<()> {
         match &mut self.muon {
-            None => self.rest.restore(steps, tensors, "state", params.len()),
+            None => {
+                let params: Vec<&Tensor> = params.iter().collect();
+                self.rest.restore(steps, tensors, "state", &params)
+            }
             Some(muon) => {
                 let (matrices, rest) = matrices_and_rest(params);
-                muon.restore(steps, tensors, "muon_state", matrices.len())?;
-                self.rest.restore(steps, tensors, "state", rest.len())
+                let group = |indices: Vec<usize>| indices.into_iter().map(|i| &params[i]).collect();
+                let (matrices, rest): (Vec<&Tensor>, Vec<&Tensor>) = (group(matrices), group(rest));
+                muon.restore(steps, tensors, "muon_state", &matrices)?;
+                self.rest.restore(steps, tensors, "state", &rest)
             }
         }
     }
@@ -664,7 +679,23 @@ mod tests {
         let saved: std::collections::HashMap<String, Tensor> =
             opt.state_tensors("state").into_iter().collect();
         let mut restored = Optimizer::new(rule, 0.0);
-        restored.restore(opt.steps(), &saved, "state", 1).unwrap();
+        restored
+            .restore(opt.steps(), &saved, "state", &[&p[0]])
+            .unwrap();
+        // State of another shape or dtype than its parameter is refused, by name.
+        let mut damaged = saved.clone();
+        damaged.insert(
+            "state.0.1".into(),
+            Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let err = Optimizer::new(rule, 0.0)
+            .restore(opt.steps(), &damaged, "state", &[&p[0]])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("'state.0.1' must be") && err.contains("got F32 [2]"),
+            "{err}"
+        );
         let (mut a, mut b) = (p.clone(), p.clone());
         let g = p[0].clone();
         opt.step(&mut a, std::slice::from_ref(&g), 0.1).unwrap();

@@ -175,8 +175,9 @@ impl WeightStore {
             return Err(Error::BadWeight {
                 name: name.into(),
                 message: format!(
-                    "expected a floating-point tensor, found dtype {:?}",
-                    tensor.dtype()
+                    "expected a floating-point tensor, found dtype {:?} in {}",
+                    tensor.dtype(),
+                    self.description
                 ),
             });
         }

@@ -250,10 +250,18 @@ fn bad_gguf_files_are_clear_errors() {
             .to_string();
         assert!(err.contains("model.gguf"), "{err}");
         assert!(
-            err.contains("truncated") || err.contains("not a readable GGUF file"),
+            err.contains("truncated") || err.contains("bytes, only 176 remaining"),
             "{err}"
         );
     }
+    std::fs::write(&path, &bytes[..7]).unwrap();
+    let err = Model::load(path.to_str().unwrap(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("truncated, it ends (7 bytes) inside its header"),
+        "{err}"
+    );
     std::fs::write(&path, b"not a gguf file at all").unwrap();
     let err = Model::load(path.to_str().unwrap(), &LoadOptions::default())
         .unwrap_err()
@@ -351,6 +359,16 @@ fn bad_gguf_files_are_clear_errors() {
     });
     assert!(
         err.contains("unused bytes follow the last tensor, 'token_embd.weight'"),
+        "{err}"
+    );
+    // Dimensions whose product overflows (used to panic).
+    let err = load_err(&plain, &|b| {
+        let at = entry(b, "token_embd.weight") - 16;
+        b[at..at + 16]
+            .copy_from_slice(&[(1u64 << 40).to_le_bytes(), (1u64 << 40).to_le_bytes()].concat());
+    });
+    assert!(
+        err.contains("tensor 'token_embd.weight'") && err.contains("has no valid size or place"),
         "{err}"
     );
 }

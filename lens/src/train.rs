@@ -543,6 +543,14 @@ fn load_checkpoint(
         )));
     }
     hooks::checkpoint::check_source(&state.source, source).map_err(bad)?;
+    let steps = state.history.len() as u64;
+    if state.tokens_consumed != steps * options.tokens_per_step as u64 {
+        return Err(bad(format!(
+            "records {steps} steps of {} tokens but {} tokens consumed: it is damaged; delete it \
+             to start again",
+            options.tokens_per_step, state.tokens_consumed
+        )));
+    }
     let params = (0..2 * lens.num_layers())
         .map(|i| {
             tensors
@@ -551,8 +559,11 @@ fn load_checkpoint(
                 .ok_or_else(|| bad(format!("missing lens.{i}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    lens.set_parameters(params)?;
-    optimizer.restore(state.history.len() as u64, &tensors, &lens.parameters())?;
+    lens.set_parameters(params)
+        .map_err(|e| bad(e.to_string()))?;
+    optimizer
+        .restore(state.history.len() as u64, &tensors, &lens.parameters())
+        .map_err(|e| bad(e.to_string()))?;
     Ok(state)
 }
 

@@ -115,7 +115,7 @@ impl TunedLens {
             .collect()
     }
 
-    /// Replaces all parameters (same order as [`TunedLens::parameters`]).
+    /// Replaces all parameters (same order, shapes and dtype as [`TunedLens::parameters`]).
     pub fn set_parameters(&mut self, params: Vec<Tensor>) -> Result<()> {
         if params.len() != 2 * self.num_layers() {
             return Err(Error::Lens(format!(
@@ -123,6 +123,19 @@ impl TunedLens {
                 2 * self.num_layers(),
                 params.len()
             )));
+        }
+        for (i, (old, new)) in self.parameters().iter().zip(&params).enumerate() {
+            if old.dims() != new.dims() || old.dtype() != new.dtype() {
+                return Err(Error::Lens(format!(
+                    "parameter {i} (the {} of layer {}) must be {:?} {:?}, got {:?} {:?}",
+                    if i % 2 == 0 { "weight" } else { "bias" },
+                    i / 2,
+                    old.dtype(),
+                    old.dims(),
+                    new.dtype(),
+                    new.dims()
+                )));
+            }
         }
         let mut it = params.into_iter();
         for layer in 0..self.num_layers() {
@@ -321,7 +334,34 @@ pub fn unembedding_hash(unembedding: &Unembedding) -> Result<String> {
         h = h.bytes(&(*dim as u64).to_le_bytes());
     }
     for v in values {
-        h = h.bytes(&((v.to_bits() + 0x8000) >> 16).to_le_bytes());
+        // Wrapping: a NaN's bits may overflow (only finite values' roundings matter).
+        h = h.bytes(&(v.to_bits().wrapping_add(0x8000) >> 16).to_le_bytes());
     }
     Ok(format!("{UNEMBED_HASH_PREFIX}{:016x}", h.finish()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unembedding_hash_survives_dtype_changes_and_takes_any_bits() {
+        let norm = hooks::FinalNorm::Rms {
+            weight: Tensor::ones(4, DType::F32, &Device::Cpu).unwrap(),
+            eps: 1e-6,
+        };
+        let values: Vec<f32> = (0..24).map(|i| (i as f32 - 11.5) / 7.0).collect();
+        let weight = Tensor::from_vec(values.clone(), (6, 4), &Device::Cpu).unwrap();
+        let hash = |weight: Tensor| unembedding_hash(&Unembedding::new(norm.clone(), weight));
+        let f32_hash = hash(weight.clone()).unwrap();
+        assert_eq!(
+            hash(weight.to_dtype(DType::BF16).unwrap()).unwrap(),
+            f32_hash
+        );
+        // The all-ones NaN (a 0xFF fill) used to overflow the rounding.
+        let mut damaged = values;
+        damaged[3] = f32::from_bits(u32::MAX);
+        let damaged = Tensor::from_vec(damaged, (6, 4), &Device::Cpu).unwrap();
+        assert_ne!(hash(damaged).unwrap(), f32_hash);
+    }
 }

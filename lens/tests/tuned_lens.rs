@@ -338,6 +338,51 @@ fn muon_recipe_matches_tuned_lens_pr_141() {
         err.contains("other training options (lr: 1.0 -> 2.0)"),
         "{err}"
     );
+    // A damaged checkpoint is refused by name, not trained from (a translator or an
+    // optimiser state of another shape, a token count its steps do not make).
+    let path = ckpt.path().join("checkpoint.safetensors");
+    let (state, tensors): (serde_json::Value, HashMap<String, Tensor>) =
+        hooks::checkpoint::load(&path, &Device::Cpu).unwrap();
+    let resume_err = |state: &serde_json::Value, damaged: &[(&str, Tensor)]| {
+        let mut tensors = tensors.clone();
+        for (name, tensor) in damaged {
+            assert!(
+                tensors.insert(name.to_string(), tensor.clone()).is_some(),
+                "{name}"
+            );
+        }
+        hooks::checkpoint::save(&path, tensors.into_iter().collect(), state).unwrap();
+        train(
+            &mut start.clone(),
+            &unembedding,
+            &mut source(),
+            &options,
+            Some(ckpt.path()),
+            |_| Ok(()),
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    let d = start.parameters()[0].dim(0).unwrap();
+    let wide = Tensor::zeros((d / 2, 2 * d), DType::F32, &Device::Cpu).unwrap();
+    let err = resume_err(&state, &[("lens.0", wide.clone())]);
+    assert!(
+        err.contains("checkpoint.safetensors")
+            && err.contains(&format!("the weight of layer 0) must be F32 [{d}, {d}]")),
+        "{err}"
+    );
+    let err = resume_err(&state, &[("muon_state.0.0", wide)]);
+    assert!(
+        err.contains("checkpoint.safetensors") && err.contains("'muon_state.0.0' must be F32"),
+        "{err}"
+    );
+    let mut miscounted = state.clone();
+    miscounted["tokens_consumed"] = serde_json::json!(1);
+    let err = resume_err(&miscounted, &[]);
+    assert!(
+        err.contains("checkpoint.safetensors") && err.contains("but 1 tokens consumed"),
+        "{err}"
+    );
 }
 
 /// A tiny GPT-NeoX with synthetic weights and the real Pythia tokenizer.

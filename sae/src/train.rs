@@ -1336,7 +1336,8 @@ fn load_checkpoint(
     let steps = state.history.len() as u64;
     trainer
         .optimizers
-        .restore(steps, &tensors, &sae.parameters())?;
+        .restore(steps, &tensors, &sae.parameters())
+        .map_err(|e| bad(e.to_string()))?;
     let fired: Vec<i64> = get("tokens_since_fired")?.to_vec1()?;
     if fired.len() != sae.num_latents() {
         return Err(bad(format!(

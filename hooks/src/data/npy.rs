@@ -103,7 +103,11 @@ impl TokenArray {
             .collect::<Result<_>>()?;
         let (len, row_len) = match dims.as_slice() {
             [n] => (*n, None),
-            [rows, cols] => (rows * cols, Some(*cols)),
+            [rows, cols] => (
+                rows.checked_mul(*cols)
+                    .ok_or_else(|| bad(&format!("shape {dims:?} is too large for any file")))?,
+                Some(*cols),
+            ),
             _ => {
                 return Err(bad(&format!(
                     "expected a 1-D or 2-D array, got shape {dims:?}"
@@ -141,13 +145,16 @@ impl TokenArray {
         len: usize,
         row_len: Option<usize>,
     ) -> Result<Self> {
-        let needed = offset + len * element.size();
-        if map.len() < needed {
+        let needed = len
+            .checked_mul(element.size())
+            .and_then(|bytes| bytes.checked_add(offset));
+        let Some(needed) = needed.filter(|&needed| needed <= map.len()) else {
+            let needed = needed.map_or("more than 2^64".into(), |n| n.to_string());
             return Err(data_error(
                 &path,
                 format!("truncated: header promises {len} tokens ({needed} bytes) but the file has {} bytes", map.len()),
             ));
-        }
+        };
         Ok(TokenArray {
             path,
             map,
@@ -452,5 +459,19 @@ mod tests {
         assert!(err.contains("dtype <f4"), "{err}");
         std::fs::write(&path, b"hello").unwrap();
         assert!(TokenArray::open_npy(&path).is_err());
+        // Shapes whose byte counts overflow (used to panic, or wrap and read past the end).
+        for (descr, shape, expected) in [
+            ("<u2", "(18446744073709551615,)", "(more than 2^64 bytes)"),
+            ("<u8", "(2305843009213693952,)", "(more than 2^64 bytes)"),
+            (
+                "<u2",
+                "(4611686018427387904, 4)",
+                "is too large for any file",
+            ),
+        ] {
+            std::fs::write(&path, npy(descr, shape, &[0; 8])).unwrap();
+            let err = TokenArray::open_npy(&path).err().unwrap().to_string();
+            assert!(err.contains("t.npy") && err.contains(expected), "{err}");
+        }
     }
 }

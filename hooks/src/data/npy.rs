@@ -148,13 +148,13 @@ impl TokenArray {
         let needed = len
             .checked_mul(element.size())
             .and_then(|bytes| bytes.checked_add(offset));
-        let Some(needed) = needed.filter(|&needed| needed <= map.len()) else {
+        if needed.is_none_or(|needed| needed > map.len()) {
             let needed = needed.map_or("more than 2^64".into(), |n| n.to_string());
             return Err(data_error(
                 &path,
                 format!("truncated: header promises {len} tokens ({needed} bytes) but the file has {} bytes", map.len()),
             ));
-        };
+        }
         Ok(TokenArray {
             path,
             map,

@@ -328,8 +328,23 @@ fn read_score_file<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> 
 
 /// The settings recorded in `output/run_config.json` (all runs of the job so far).
 pub fn read_run_config(output: &Path) -> Result<JobConfig> {
-    let record: RunRecord = read_json_file(&output.join("run_config.json"))?;
-    Ok(record.config)
+    Ok(read_run_record(&output.join("run_config.json"))?.config)
+}
+
+/// `run_config.json`: a damaged one is not "delete it and redo" as a result file is, since
+/// without it no result in the folder can be checked against a run.
+fn read_run_record(path: &Path) -> Result<RunRecord> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| {
+        Error::file(
+            path,
+            format!(
+                "damaged ({e}): it records what the folder's results were made from, and they \
+                 cannot be checked against this run without it; restore it from a copy, or \
+                 move explanations/ and scores/ out of the folder to redo them"
+            ),
+        )
+    })
 }
 
 /// Refuses an output folder holding results of other settings (mixing them would make the
@@ -349,7 +364,7 @@ fn check_settings_in(output: &Path, config: &JobConfig) -> Result<Option<RunReco
         }
         return Ok(None);
     }
-    let existing: RunRecord = read_json_file(&path)?;
+    let existing = read_run_record(&path)?;
     // Folders from before the data settings were recorded have none: not compared.
     let compare_data = existing.config.data.is_some();
     #[derive(Serialize)]
@@ -812,6 +827,8 @@ pub struct JobSummary {
 /// `summary.json` atomically and returns it.
 pub fn summarize(output: &Path, config: &JobConfig) -> Result<JobSummary> {
     let mut explained = 0;
+    // Every damaged result file, named at once (not one per run).
+    let mut damaged = Vec::new();
     let mut scorers = BTreeMap::new();
     for &scorer in &config.scorers {
         let (mut accuracies, mut f1s, mut aucs) = (Vec::new(), Vec::new(), Vec::new());
@@ -825,26 +842,34 @@ pub fn summarize(output: &Path, config: &JobConfig) -> Result<JobSummary> {
                     continue;
                 }
                 latents += 1;
-                if scorer == Scorer::Embedding {
-                    let samples: Vec<EmbeddedSample> = read_score_file(&path)?;
-                    aucs.extend(embedding_auc(&samples));
-                    continue;
+                let mut add = || -> Result<()> {
+                    match scorer {
+                        Scorer::Embedding => {
+                            let samples: Vec<EmbeddedSample> = read_score_file(&path)?;
+                            aucs.extend(embedding_auc(&samples));
+                        }
+                        Scorer::Intruder => {
+                            let results: Vec<IntruderResult> = read_json_file(&path)?;
+                            found_shares.extend(intruder_accuracy(&results));
+                            *failed_prompts.get_or_insert(0) +=
+                                results.iter().filter(|r| r.prediction.is_none()).count() as u64;
+                        }
+                        Scorer::Detection | Scorer::Fuzzing => {
+                            let samples: Vec<ClassifiedSample> = read_score_file(&path)?;
+                            let (summary, auc) = classifier_summary(&samples);
+                            pooled
+                                .get_or_insert_with(Confusion::default)
+                                .add(&summary.confusion);
+                            accuracies.extend(summary.balanced_accuracy);
+                            f1s.extend(summary.f1);
+                            aucs.extend(auc);
+                        }
+                    }
+                    Ok(())
+                };
+                if let Err(e) = add() {
+                    damaged.push(e.to_string());
                 }
-                if scorer == Scorer::Intruder {
-                    let results: Vec<IntruderResult> = read_json_file(&path)?;
-                    found_shares.extend(intruder_accuracy(&results));
-                    *failed_prompts.get_or_insert(0) +=
-                        results.iter().filter(|r| r.prediction.is_none()).count() as u64;
-                    continue;
-                }
-                let samples: Vec<ClassifiedSample> = read_score_file(&path)?;
-                let (summary, auc) = classifier_summary(&samples);
-                pooled
-                    .get_or_insert_with(Confusion::default)
-                    .add(&summary.confusion);
-                accuracies.extend(summary.balanced_accuracy);
-                f1s.extend(summary.f1);
-                aucs.extend(auc);
             }
         }
         scorers.insert(
@@ -864,6 +889,13 @@ pub fn summarize(output: &Path, config: &JobConfig) -> Result<JobSummary> {
         for latent in config.latents.clone() {
             explained += explanation_path(output, hookpoint, latent).is_file() as u64;
         }
+    }
+    if !damaged.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{} damaged result files:\n{}",
+            damaged.len(),
+            damaged.join("\n")
+        )));
     }
     let summary = JobSummary { explained, scorers };
     write_json_file(&output.join("summary.json"), &summary)?;
@@ -934,6 +966,40 @@ mod tests {
         );
         std::fs::write(&path, "[0.5]").unwrap();
         assert_eq!(read_score_file::<f32>(&path).unwrap(), vec![0.5]);
+    }
+
+    /// The summary names every damaged score file at once, so one rerun redoes them all.
+    #[test]
+    fn the_summary_names_every_damaged_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = JobConfig {
+            hookpoints: vec!["layers.0".into()],
+            latents: 0..4,
+            scorers: vec![Scorer::Detection, Scorer::Embedding],
+            examples: ExampleConfig::default(),
+            explain: ExplainConfig::default(),
+            score: ScoreConfig::default(),
+            data: None,
+        };
+        for (scorer, latent, text) in [
+            (Scorer::Detection, 0, "[{\"str_tok"),
+            (Scorer::Detection, 2, "[]"),
+            (Scorer::Embedding, 3, ""),
+        ] {
+            let path = score_path(dir.path(), scorer, "layers.0", latent);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        let message = summarize(dir.path(), &config).unwrap_err().to_string();
+        assert!(message.contains("3 damaged result files"), "{message}");
+        for file in [
+            "detection/layers.0_latent0.txt",
+            "detection/layers.0_latent2.txt",
+            "embedding/layers.0_latent3.txt",
+        ] {
+            assert!(message.contains(file), "{file}: {message}");
+        }
+        assert!(!dir.path().join("summary.json").exists());
     }
 
     #[test]

@@ -492,6 +492,46 @@ fn numbered_files(dir: &Path) -> Result<Vec<(u64, u64, PathBuf)>> {
     Ok(files)
 }
 
+/// delphi's split files of one hook point, `<first>_<last>.safetensors` holding latents
+/// `first..=last`, checked to tile `0..=last` without gaps or overlaps, so that no latent's
+/// firings are lost or counted twice.
+fn delphi_splits(files: Vec<(u64, u64, PathBuf)>) -> Result<Vec<(u32, u32, PathBuf)>> {
+    let mut expected = 0u64;
+    let mut splits = Vec::with_capacity(files.len());
+    for (first, last, path) in files {
+        let latent = |n: u64| u32::try_from(n).ok().filter(|&n| n < u32::MAX);
+        let (Some(first32), Some(last32)) = (latent(first), latent(last)) else {
+            return Err(Error::file(
+                &path,
+                "latent numbers past 2^32 - 1 in its name",
+            ));
+        };
+        if last < first {
+            return Err(Error::file(
+                &path,
+                format!("names latents {first} to {last}: the first is after the last"),
+            ));
+        }
+        if first != expected {
+            let problem = if first < expected {
+                format!(
+                    "overlaps the split before it (which ends at latent {})",
+                    expected - 1
+                )
+            } else {
+                format!("leaves latents {expected}..{first} in no split file (one is missing)")
+            };
+            return Err(Error::file(
+                &path,
+                format!("names latents {first} to {last}: {problem}"),
+            ));
+        }
+        expected = last + 1;
+        splits.push((first32, last32, path));
+    }
+    Ok(splits)
+}
+
 /// The sequence ranges of our shards, checked to tile `0..end` without gaps.
 fn shard_ranges(dir: &Path) -> Result<Vec<Range<u64>>> {
     let mut expected = 0;
@@ -598,10 +638,7 @@ impl LatentCache {
             if !path.is_dir() {
                 continue;
             }
-            let splits: Vec<(u32, u32, PathBuf)> = numbered_files(&path)?
-                .into_iter()
-                .map(|(a, b, p)| (a as u32, b as u32, p))
-                .collect();
+            let splits = delphi_splits(numbered_files(&path)?)?;
             if !splits.is_empty() {
                 let name = path
                     .file_name()

@@ -430,6 +430,32 @@ fn reads_delphis_cache_layout() {
         }]
     );
     assert_eq!(firings.len(), 4);
+
+    // Split files that do not tile the latents are refused by name (one used to panic,
+    // overlapping ones were merged, firings counted twice).
+    let refused = |files: &[(u32, u32)], expected: &str| {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            std::fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+        for &(start, end) in files {
+            write(start, end, &[]);
+        }
+        let err = LatentCache::open(tmp.path()).err().unwrap().to_string();
+        assert!(err.contains(expected), "{err}");
+    };
+    refused(
+        &[(0, u32::MAX)],
+        "0_4294967295.safetensors: latent numbers past 2^32 - 1",
+    );
+    refused(&[(0, 9), (5, 19)], "5_19.safetensors: names latents 5 to 19: overlaps the split before it (which ends at latent 9)");
+    refused(
+        &[(0, 9), (12, 19)],
+        "12_19.safetensors: names latents 12 to 19: leaves latents 10..12 in no split file",
+    );
+    refused(
+        &[(9, 0)],
+        "9_0.safetensors: names latents 9 to 0: the first is after the last",
+    );
 }
 
 fn job_config() -> JobConfig {
@@ -726,6 +752,25 @@ async fn reruns_from_other_sources_are_refused_and_partial_reruns_keep_the_recor
     assert!(report.errors.is_empty(), "{report:?}");
     let recorded = delphi::job::read_run_config(&out).unwrap();
     assert_eq!(recorded, job_config());
+
+    // A damaged record is not "delete it and redo" (which would leave the results without
+    // one), and is kept as it is.
+    let record = std::fs::read(out.join("run_config.json")).unwrap();
+    std::fs::write(out.join("run_config.json"), &record[..200]).unwrap();
+    let message = try_run(&f, &server, &out, Shard::ALL, &job_config(), false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("run_config.json: damaged (EOF while parsing")
+            && message.contains("restore it from a copy, or move explanations/ and scores/")
+            && !message.contains("delete it"),
+        "{message}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("run_config.json")).unwrap(),
+        &record[..200]
+    );
 
     // Results without their record are not adopted by a new one.
     std::fs::remove_file(out.join("run_config.json")).unwrap();

@@ -582,6 +582,12 @@ impl LatentCache {
         // Ours has shards/ beside its config: a damaged config is then reported as such,
         // not taken for delphi's layout.
         let ours_damaged = config_path.is_file() && dir.join("shards").is_dir();
+        if !config_path.exists() && dir.join("shards").is_dir() {
+            return Err(Error::file(
+                &config_path,
+                "missing: the folder has our latent cache's shards/ but not its config.json",
+            ));
+        }
         if is_our_config(&config_path) || ours_damaged {
             Self::open_ours(dir, read_config(&config_path)?)
         } else {
@@ -616,6 +622,16 @@ impl LatentCache {
             let bytes = read_file(path)?;
             let st = parse(path, &bytes)?;
             tokens.extend(read_u32s(path, &st, "tokens")?);
+        }
+        if end.checked_mul(config.seq_len as u64) != Some(tokens.len() as u64) {
+            return Err(Error::file(
+                dir.join("config.json"),
+                format!(
+                    "records seq_len {}, but the shards hold {} tokens for {end} sequences",
+                    config.seq_len,
+                    tokens.len()
+                ),
+            ));
         }
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -764,6 +780,7 @@ impl LatentCache {
         latents: Range<u32>,
     ) -> Result<BTreeMap<u32, Vec<Firing>>> {
         self.check_latents(hookpoint, latents.clone())?;
+        let (sequences, seq_len) = (self.tokens.sequences(), self.tokens.seq_len());
         let mut out: BTreeMap<u32, Vec<Firing>> = BTreeMap::new();
         let mut keep = |path: &Path,
                         locations: Vec<u32>,
@@ -782,10 +799,22 @@ impl LatentCache {
                 ));
             }
             for (loc, value) in locations.chunks_exact(3).zip(values) {
-                let latent = loc[2] + first_latent;
+                let seq = (loc[0].checked_add(first_seq))
+                    .filter(|&seq| (seq as usize) < sequences && (loc[1] as usize) < seq_len);
+                let (Some(seq), Some(latent)) = (seq, loc[2].checked_add(first_latent)) else {
+                    return Err(Error::file(
+                        path,
+                        format!(
+                            "holds a firing (sequence {} + {first_seq}, position {}, latent {} + \
+                             {first_latent}) outside the cache's {sequences} x {seq_len} tokens \
+                             or past latent 2^32: the file is damaged",
+                            loc[0], loc[1], loc[2]
+                        ),
+                    ));
+                };
                 if latents.contains(&latent) {
                     out.entry(latent).or_default().push(Firing {
-                        seq: loc[0] + first_seq,
+                        seq,
                         pos: loc[1],
                         value,
                     });

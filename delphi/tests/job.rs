@@ -253,11 +253,29 @@ fn activations_past_float16_are_kept_at_its_largest() {
             && message.contains("'layers.1.activations' holds inf at index"),
         "{message}"
     );
-    // A damaged config.json is named, not taken for delphi's layout.
+    std::fs::write(&shard, &bytes).unwrap();
+    // A config.json whose sequence length the shards do not hold.
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let mut edited: serde_json::Value = serde_json::from_str(&config).unwrap();
+    let seq_len = edited["seq_len"].as_u64().unwrap();
+    edited["seq_len"] = serde_json::json!(seq_len / 2);
+    std::fs::write(dir.join("config.json"), edited.to_string()).unwrap();
+    let message = LatentCache::open(&dir).err().unwrap().to_string();
+    assert!(
+        message.contains(&format!("config.json: records seq_len {}", seq_len / 2)),
+        "{message}"
+    );
+    // A damaged config.json is named, not taken for delphi's layout; nor is a missing one.
     std::fs::write(dir.join("config.json"), "{nope").unwrap();
     let message = LatentCache::open(&dir).err().unwrap().to_string();
     assert!(
         message.contains("config.json: not a latent cache config: key must be a string"),
+        "{message}"
+    );
+    std::fs::remove_file(dir.join("config.json")).unwrap();
+    let message = LatentCache::open(&dir).err().unwrap().to_string();
+    assert!(
+        message.contains("config.json: missing: the folder has our latent cache's shards/"),
         "{message}"
     );
 }
@@ -430,6 +448,18 @@ fn reads_delphis_cache_layout() {
         }]
     );
     assert_eq!(firings.len(), 4);
+
+    // A firing outside the cache's tokens is refused, naming the file.
+    write(10, 19, &[(1, 0, 0, 2.0), (5, 1, 2, 3.0)]);
+    let message = LatentCache::open(tmp.path())
+        .unwrap()
+        .firings("layers.5", 0..20)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("10_19.safetensors: holds a firing (sequence 5 + 0, position 1, latent 2 + 10) outside the cache's 2 x 8 tokens"),
+        "{message}"
+    );
 
     // Split files that do not tile the latents are refused by name (one used to panic,
     // overlapping ones were merged, firings counted twice).

@@ -298,7 +298,15 @@ fn interrupted_job_resumes_to_the_same_cache() {
         err.contains("progress.json: records") && err.contains("but its shards hold"),
         "{err}"
     );
-    std::fs::write(&progress_file, progress).unwrap();
+    std::fs::write(&progress_file, &progress).unwrap();
+    // A damaged shard after good ones (a torn write): the job goes on from those before it,
+    // and ends with the same cache as a run never stopped (checked below).
+    let listed: serde_json::Value = serde_json::from_str(&progress).unwrap();
+    let listed = listed["shards"].as_array().unwrap();
+    assert!(listed.len() >= 2, "{listed:?}");
+    let last = out.join(listed.last().unwrap()["file"].as_str().unwrap());
+    let bytes = std::fs::read(&last).unwrap();
+    std::fs::write(&last, &bytes[..bytes.len() / 2]).unwrap();
 
     // The shard a killed run was writing is deleted on resume (on Unix, where the lock
     // that marks a file being written exists).
@@ -308,6 +316,15 @@ fn interrupted_job_resumes_to_the_same_cache() {
     std::fs::write(&jsonl, &good_jsonl).unwrap();
     let resumed = write_cache(&model, &spec, &out, 5_000).unwrap();
     assert!(resumed.resumed_chunks > 0);
+    let listed_chunks: u64 = listed
+        .iter()
+        .map(|s| s["tokens"].as_u64().unwrap())
+        .sum::<u64>()
+        / SEQ_LEN as u64;
+    assert!(
+        resumed.resumed_chunks < listed_chunks,
+        "resumed from before the damaged shard"
+    );
     #[cfg(unix)]
     assert!(!abandoned.exists());
     let fresh_dir = tmp.path().join("fresh");

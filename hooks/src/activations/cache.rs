@@ -88,6 +88,34 @@ struct Progress {
     /// absent from caches begun before it was recorded.
     #[serde(default)]
     data_fingerprint: Option<String>,
+    /// `text_bytes` and `data_fingerprint` as they were after each shard, so that a resume
+    /// can go on from the shards before a damaged one; absent from older caches.
+    #[serde(default)]
+    after_shard: Vec<AfterShard>,
+}
+
+/// Where a cache job stood after writing one shard.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct AfterShard {
+    text_bytes: u64,
+    data_fingerprint: Option<String>,
+}
+
+impl Progress {
+    /// Forgets the shards from `first` on (the first damaged one), going back to where the
+    /// job stood before it, if the progress file recorded that; `None` otherwise.
+    fn cut_before(mut self, first: usize, seq_len: u64) -> Option<Progress> {
+        if first == 0 || self.after_shard.len() != self.shards.len() {
+            return None;
+        }
+        self.shards.truncate(first);
+        self.after_shard.truncate(first);
+        let before = self.after_shard.last()?;
+        self.chunks = self.shards.iter().map(|s| s.tokens).sum::<u64>() / seq_len;
+        self.text_bytes = before.text_bytes;
+        self.data_fingerprint = before.data_fingerprint.clone();
+        Some(self)
+    }
 }
 
 /// Options for writing a cache.
@@ -285,24 +313,47 @@ impl ActivationCache {
                 ));
             }
             // A shard torn by a power cut (renamed before its data reached the disk) or
-            // damaged by hand must not end up in a manifest.
-            for shard in &progress.shards {
+            // damaged by hand must not end up in a manifest: the job goes on from the shards
+            // before it.
+            let damaged = progress.shards.iter().enumerate().find_map(|(i, shard)| {
                 let problem = if dir.join(&shard.file).is_file() {
                     with_checked_shard(dir, &settings, shard, |_| ()).err()
                 } else {
                     Some(cache_error(&dir.join(&shard.file), "missing"))
                 };
-                if let Some(problem) = problem {
-                    return Err(cache_error(
-                        dir,
-                        format!(
-                            "progress.json lists shard {} but it cannot be resumed from ({problem}); pass --overwrite to start again",
-                            shard.file
-                        ),
-                    ));
+                problem.map(|problem| (i, problem))
+            });
+            match damaged {
+                None => progress,
+                Some((i, problem)) => {
+                    let file = progress.shards[i].file.clone();
+                    let later: Vec<String> = progress.shards[i..]
+                        .iter()
+                        .map(|s| s.file.clone())
+                        .collect();
+                    let Some(cut) = progress.cut_before(i, settings.data.seq_len as u64) else {
+                        return Err(cache_error(
+                            dir,
+                            format!(
+                                "progress.json lists shard {file} but it cannot be resumed from ({problem}); pass --overwrite to start again"
+                            ),
+                        ));
+                    };
+                    tracing::warn!(
+                        "shard {file} cannot be resumed from ({problem}): going on from the {i} \
+                         shards before it; it and the {} after it are computed again",
+                        later.len() - 1
+                    );
+                    for later in later {
+                        let path = dir.join(later);
+                        if path.exists() {
+                            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                        }
+                    }
+                    atomic::write_json(&progress_path, &cut)?;
+                    cut
                 }
             }
-            progress
         } else {
             Progress {
                 settings: settings.clone(),
@@ -310,6 +361,7 @@ impl ActivationCache {
                 chunks: 0,
                 text_bytes: 0,
                 data_fingerprint: None,
+                after_shard: Vec::new(),
             }
         };
         let resumed_chunks = progress.chunks;
@@ -396,6 +448,10 @@ impl ActivationCache {
             atomic::write_safetensors(&dir.join(&file), &tensors)?;
             bytes_written += shard_bytes as u64;
             progress.chunks += rows as u64 / seq_len;
+            progress.after_shard.push(AfterShard {
+                text_bytes,
+                data_fingerprint: data_read.clone(),
+            });
             progress.text_bytes = text_bytes;
             progress.data_fingerprint = data_read;
             progress.shards.push(ShardInfo {

@@ -171,6 +171,11 @@ pub struct Staged {
 }
 
 impl Staged {
+    /// Where [`Staged::commit`] puts the file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Moves the file into place.
     pub fn commit(mut self) -> Result<()> {
         let (tmp, file) = self.tmp.take().expect("committed once");

@@ -35,6 +35,72 @@ pub fn stage<S: Serialize>(
     atomic::stage_safetensors_with_metadata(path, &tensors, &metadata)
 }
 
+/// Puts staged checkpoints that must change together (see [`stage`]) in place so that a
+/// kill at any moment leaves one step that every one of them has on disk: each current file
+/// is first renamed `<name>.prev`, then the new files are moved in, then the `.prev` files
+/// are deleted. [`to_resume_together`] finds that step's files.
+pub fn commit_together(staged: Vec<atomic::Staged>) -> Result<()> {
+    for file in &staged {
+        let current = file.path();
+        if current.exists() {
+            let prev = previous(current);
+            std::fs::rename(current, &prev).map_err(|e| Error::io(&prev, e))?;
+        }
+    }
+    let paths: Vec<std::path::PathBuf> = staged.iter().map(|f| f.path().to_path_buf()).collect();
+    for file in staged {
+        file.commit()?;
+    }
+    for path in paths {
+        let prev = previous(&path);
+        if prev.exists() {
+            std::fs::remove_file(&prev).map_err(|e| Error::io(&prev, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// The files to resume checkpoints written by [`commit_together`] from, all at one step:
+/// the checkpoints themselves when each is in place, else, for a run killed while they were
+/// being replaced, each one's `.prev` where it has one (the step before). `None` when there
+/// are none (a new run); an error naming the files when some are missing.
+pub fn to_resume_together(paths: &[std::path::PathBuf]) -> Result<Option<Vec<std::path::PathBuf>>> {
+    if paths.iter().all(|p| p.is_file()) {
+        return Ok(Some(paths.to_vec()));
+    }
+    let chosen: Vec<Option<std::path::PathBuf>> = paths
+        .iter()
+        .map(|path| {
+            let prev = previous(path);
+            [prev, path.clone()].into_iter().find(|p| p.is_file())
+        })
+        .collect();
+    let found = chosen.iter().flatten().count();
+    if found == 0 {
+        return Ok(None);
+    }
+    if found < paths.len() {
+        return Err(Error::InvalidArgument(format!(
+            "only {found} of {} checkpoints exist ({}); cannot resume them together: delete \
+             the checkpoints folder to start again",
+            paths.len(),
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok(Some(chosen.into_iter().flatten().collect()))
+}
+
+/// Where [`commit_together`] keeps a checkpoint's previous file while replacing it.
+fn previous(path: &Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".prev");
+    path.with_file_name(name)
+}
+
 /// Reads a checkpoint written by [`save`]: its state and its tensors (on `device`).
 pub fn load<S: DeserializeOwned>(
     path: &Path,
@@ -151,6 +217,58 @@ pub fn differences<S: Serialize>(saved: &S, now: &S) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+
+    /// Checkpoints replaced together can be resumed together wherever a kill stops the
+    /// replacement: each disk state [`commit_together`] passes through gives files of one step.
+    #[test]
+    fn checkpoints_replaced_together_resume_at_one_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths: Vec<std::path::PathBuf> = ["a", "b"]
+            .map(|n| dir.path().join(n).join("checkpoint.safetensors"))
+            .into();
+        for path in &paths {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        }
+        assert_eq!(to_resume_together(&paths).unwrap(), None);
+        let write_step = |step: &str| {
+            let staged = paths
+                .iter()
+                .map(|p| atomic::stage_with(p, |w| w.write_all(step.as_bytes())).unwrap())
+                .collect();
+            commit_together(staged).unwrap();
+        };
+        let steps = |files: Option<Vec<std::path::PathBuf>>| -> Vec<String> {
+            files
+                .unwrap()
+                .iter()
+                .map(|p| std::fs::read_to_string(p).unwrap())
+                .collect()
+        };
+        write_step("1");
+        write_step("2");
+        assert_eq!(steps(to_resume_together(&paths).unwrap()), ["2", "2"]);
+        assert!(!previous(&paths[0]).exists() && !previous(&paths[1]).exists());
+        let (a, b) = (&paths[0], &paths[1]);
+        let put = |path: &Path, step: &str| std::fs::write(path, step).unwrap();
+        let gone = |path: &Path| std::fs::remove_file(path).unwrap();
+        // Killed while moving the current files aside: a's moved, b's not yet.
+        std::fs::rename(a, previous(a)).unwrap();
+        assert_eq!(steps(to_resume_together(&paths).unwrap()), ["2", "2"]);
+        // Killed while moving the new ones in: a's in, b's not yet.
+        put(a, "3");
+        std::fs::rename(b, previous(b)).unwrap();
+        assert_eq!(steps(to_resume_together(&paths).unwrap()), ["2", "2"]);
+        // Killed while deleting the previous ones: a's deleted, b's not yet.
+        put(b, "3");
+        gone(&previous(a));
+        assert_eq!(steps(to_resume_together(&paths).unwrap()), ["3", "3"]);
+        // One checkpoint gone altogether is refused, by name.
+        gone(&previous(b));
+        gone(b);
+        let err = to_resume_together(&paths).unwrap_err().to_string();
+        assert!(err.contains("only 1 of 2 checkpoints exist"), "{err}");
+    }
 
     #[test]
     fn differences_name_the_fields() {

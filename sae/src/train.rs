@@ -1123,54 +1123,39 @@ pub fn train_many(
     let mut histories = vec![Vec::with_capacity(options.steps as usize); saes.len()];
     let checkpoints: Option<Vec<PathBuf>> =
         checkpoint_dirs.map(|dirs| dirs.iter().map(|d| checkpoint_path(d)).collect());
-    if let Some(paths) = &checkpoints {
-        let found = paths.iter().filter(|p| p.is_file()).count();
-        if found > 0 && found < paths.len() {
-            return Err(Error::Training(format!(
-                "only {found} of {} checkpoints exist ({}); cannot resume the SAEs together: \
-                 delete the checkpoints folder to start again",
-                paths.len(),
-                paths
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
-        if found > 0 {
-            let mut consumed = None;
-            let mut fingerprints = Vec::new();
-            for (i, path) in paths.iter().enumerate() {
-                let source = rows.source.describe();
-                let state = load_checkpoint(path, &mut saes[i], &mut trainers[i], &source)?;
-                if consumed.is_some_and(|c| c != state.tokens_consumed) {
-                    return Err(Error::Training(format!(
-                        "checkpoint {} is at another step than the others (a run killed while \
-                         writing them); cannot resume the SAEs together: delete the checkpoints \
-                         folder to start again",
-                        path.display()
-                    )));
-                }
-                consumed = Some(state.tokens_consumed);
-                histories[i] = state.history;
-                fingerprints.push((path, state.data_fingerprint));
+    let resume_from = match &checkpoints {
+        Some(paths) => hooks::checkpoint::to_resume_together(paths)?,
+        None => None,
+    };
+    if let Some(paths) = &resume_from {
+        let mut consumed = None;
+        let mut fingerprints = Vec::new();
+        for (i, path) in paths.iter().enumerate() {
+            let source = rows.source.describe();
+            let state = load_checkpoint(path, &mut saes[i], &mut trainers[i], &source)?;
+            if consumed.is_some_and(|c| c != state.tokens_consumed) {
+                return Err(Error::Training(format!(
+                    "checkpoint {} is at another step than the others (a run killed while \
+                     writing them); cannot resume the SAEs together: delete the checkpoints \
+                     folder to start again",
+                    path.display()
+                )));
             }
-            // A finished run reads nothing more.
-            if trainers[0].steps_done() < options.steps {
-                let consumed = consumed.unwrap_or(0);
-                rows.skip(consumed)?;
-                let now = rows.source.data_fingerprint(consumed);
-                for (path, saved) in fingerprints {
-                    hooks::checkpoint::check_checkpoint_data(
-                        path,
-                        saved.as_deref(),
-                        now.as_deref(),
-                    )
+            consumed = Some(state.tokens_consumed);
+            histories[i] = state.history;
+            fingerprints.push((path, state.data_fingerprint));
+        }
+        // A finished run reads nothing more.
+        if trainers[0].steps_done() < options.steps {
+            let consumed = consumed.unwrap_or(0);
+            rows.skip(consumed)?;
+            let now = rows.source.data_fingerprint(consumed);
+            for (path, saved) in fingerprints {
+                hooks::checkpoint::check_checkpoint_data(path, saved.as_deref(), now.as_deref())
                     .map_err(Error::Training)?;
-                }
             }
-            rows.consumed = consumed.unwrap_or(0);
         }
+        rows.consumed = consumed.unwrap_or(0);
     }
     let keep = || {
         checkpoint_dirs
@@ -1227,9 +1212,7 @@ pub fn train_many(
                     stage_checkpoint(path, &saes[i], &trainers[i], &rows, &histories[i])
                 })
                 .collect::<Result<Vec<_>>>()?;
-            for file in staged {
-                file.commit()?;
-            }
+            hooks::checkpoint::commit_together(staged)?;
         }
     }
     Ok(histories)

@@ -702,8 +702,9 @@ fn unfinished_message(
     }
     if unreadable_scores > 0 {
         message += &format!(
-            ". {unreadable_scores} latents had unreadable scorer answers: add --keep-unreadable \
-             to record them as failed parses"
+            ". {unreadable_scores} latents had unreadable scorer answers: raise \
+             --scorer-max-tokens if they were cut off, or add --keep-unreadable to record them \
+             as failed parses"
         );
     }
     message
@@ -748,7 +749,7 @@ mod tests {
         );
         let scored = unfinished_message(3, 0, 3, 300);
         assert!(
-            scored.ends_with("3 latents had unreadable scorer answers: add --keep-unreadable to record them as failed parses")
+            scored.ends_with("3 latents had unreadable scorer answers: raise --scorer-max-tokens if they were cut off, or add --keep-unreadable to record them as failed parses")
                 && !scored.contains("explainer-max-tokens"),
             "{scored}"
         );

@@ -341,7 +341,7 @@ fn read_run_record(path: &Path) -> Result<RunRecord> {
             format!(
                 "damaged ({e}): it records what the folder's results were made from, and they \
                  cannot be checked against this run without it; restore it from a copy, or \
-                 move explanations/ and scores/ out of the folder to redo them"
+                 move it, explanations/ and scores/ out of the folder to redo them"
             ),
         )
     })
@@ -892,7 +892,7 @@ pub fn summarize(output: &Path, config: &JobConfig) -> Result<JobSummary> {
     }
     if !damaged.is_empty() {
         return Err(Error::Invalid(format!(
-            "{} damaged result files:\n{}",
+            "{} unreadable result files:\n{}",
             damaged.len(),
             damaged.join("\n")
         )));
@@ -991,7 +991,7 @@ mod tests {
             std::fs::write(path, text).unwrap();
         }
         let message = summarize(dir.path(), &config).unwrap_err().to_string();
-        assert!(message.contains("3 damaged result files"), "{message}");
+        assert!(message.contains("3 unreadable result files"), "{message}");
         for file in [
             "detection/layers.0_latent0.txt",
             "detection/layers.0_latent2.txt",

@@ -782,11 +782,13 @@ impl LatentCache {
         self.check_latents(hookpoint, latents.clone())?;
         let (sequences, seq_len) = (self.tokens.sequences(), self.tokens.seq_len());
         let mut out: BTreeMap<u32, Vec<Firing>> = BTreeMap::new();
+        // `last_latent`: the last latent the file may hold (inclusive).
         let mut keep = |path: &Path,
                         locations: Vec<u32>,
                         values: Vec<f32>,
                         first_seq: u32,
-                        first_latent: u32|
+                        first_latent: u32,
+                        last_latent: u32|
          -> Result<()> {
             if locations.len() != values.len() * 3 {
                 return Err(Error::file(
@@ -801,13 +803,14 @@ impl LatentCache {
             for (loc, value) in locations.chunks_exact(3).zip(values) {
                 let seq = (loc[0].checked_add(first_seq))
                     .filter(|&seq| (seq as usize) < sequences && (loc[1] as usize) < seq_len);
-                let (Some(seq), Some(latent)) = (seq, loc[2].checked_add(first_latent)) else {
+                let latent = (loc[2].checked_add(first_latent)).filter(|&l| l <= last_latent);
+                let (Some(seq), Some(latent)) = (seq, latent) else {
                     return Err(Error::file(
                         path,
                         format!(
                             "holds a firing (sequence {} + {first_seq}, position {}, latent {} + \
                              {first_latent}) outside the cache's {sequences} x {seq_len} tokens \
-                             or past latent 2^32: the file is damaged",
+                             or past the file's last latent, {last_latent}: the file is damaged",
                             loc[0], loc[1], loc[2]
                         ),
                     ));
@@ -829,7 +832,9 @@ impl LatentCache {
                     let st = parse(path, &bytes)?;
                     let locations = read_u32s(path, &st, &format!("{hookpoint}.locations"))?;
                     let values = read_f32s(path, &st, &format!("{hookpoint}.activations"))?;
-                    keep(path, locations, values, *first, 0)?;
+                    let width = self.hookpoints.get(hookpoint).copied().flatten();
+                    let last = width.map_or(u32::MAX, |w| w.saturating_sub(1));
+                    keep(path, locations, values, *first, 0, last)?;
                 }
             }
             Layout::Delphi { files } => {
@@ -841,7 +846,7 @@ impl LatentCache {
                     let st = parse(path, &bytes)?;
                     let locations = read_u32s(path, &st, "locations")?;
                     let values = read_f32s(path, &st, "activations")?;
-                    keep(path, locations, values, 0, *start)?;
+                    keep(path, locations, values, 0, *start, *end)?;
                 }
             }
         }

@@ -457,7 +457,21 @@ fn reads_delphis_cache_layout() {
         .unwrap_err()
         .to_string();
     assert!(
-        message.contains("10_19.safetensors: holds a firing (sequence 5 + 0, position 1, latent 2 + 10) outside the cache's 2 x 8 tokens"),
+        message.contains("10_19.safetensors: holds a firing (sequence 5 + 0, position 1, latent 2 + 10) outside the cache's 2 x 8 tokens or past the file's last latent, 19"),
+        "{message}"
+    );
+
+    // Nor one past its file's last latent (the next file's latents would count it twice).
+    write(10, 19, &[(1, 0, 0, 2.0), (0, 1, 10, 3.0)]);
+    let message = LatentCache::open(tmp.path())
+        .unwrap()
+        .firings("layers.5", 0..20)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains(
+            "10_19.safetensors: holds a firing (sequence 0 + 0, position 1, latent 10 + 10)"
+        ),
         "{message}"
     );
 
@@ -793,7 +807,7 @@ async fn reruns_from_other_sources_are_refused_and_partial_reruns_keep_the_recor
         .to_string();
     assert!(
         message.contains("run_config.json: damaged (EOF while parsing")
-            && message.contains("restore it from a copy, or move explanations/ and scores/")
+            && message.contains("restore it from a copy, or move it, explanations/ and scores/")
             && !message.contains("delete it"),
         "{message}"
     );
@@ -801,6 +815,20 @@ async fn reruns_from_other_sources_are_refused_and_partial_reruns_keep_the_recor
         std::fs::read(out.join("run_config.json")).unwrap(),
         &record[..200]
     );
+    // Following the advice: the record and the results moved aside, the job runs again.
+    let aside = tempfile::tempdir().unwrap();
+    for name in ["run_config.json", "explanations", "scores"] {
+        std::fs::rename(out.join(name), aside.path().join(name)).unwrap();
+    }
+    let report = run_with(&f, &server, &out, Shard::ALL, &narrow).await;
+    assert!(report.errors.is_empty(), "{report:?}");
+    // Restoring them (the record that covers them all) is the other way on.
+    for name in ["run_config.json", "explanations", "scores"] {
+        let _ = std::fs::remove_dir_all(out.join(name));
+        let _ = std::fs::remove_file(out.join(name));
+        std::fs::rename(aside.path().join(name), out.join(name)).unwrap();
+    }
+    std::fs::write(out.join("run_config.json"), &record).unwrap();
 
     // Results without their record are not adopted by a new one.
     std::fs::remove_file(out.join("run_config.json")).unwrap();

@@ -326,19 +326,29 @@ fn formatted_answers_keep_the_format_and_the_models_choices() {
         ..greedy(messages, 50)
     };
     let held = model.generate(&request).unwrap();
-    assert!(format.is_complete(&held.text), "{:?}", held.text);
+    // Right for all five excerpts (the 0s and 1s are the model's choice).
+    assert_eq!(held.text, "[1, 0, 1, 0, 1]");
+    assert!(format.is_complete(&held.text));
     assert!(parse_predictions(&held.text, excerpts.len()).is_some());
     assert!(!held.truncated);
     // It stops when the answer is whole: no end-of-turn token is generated.
     let steps = held.logprobs.as_ref().unwrap();
     assert_eq!(held.usage.completion_tokens, steps.len() as u64);
-    // Greedy among the tokens the format allows: no allowed alternative the model liked
-    // better (its log-probabilities over the whole vocabulary are the ones reported).
+    // Greedy among the tokens the format allows, which are the alternatives reported (with
+    // the model's log-probabilities over the whole vocabulary): none beat the one chosen, and
+    // at each digit both digits are listed, for the scorer's probability of a 1.
     let mut answer = String::new();
     for step in steps {
         for (alternative, logprob) in &step.top {
-            if format.admits_prefix(&format!("{answer}{alternative}")) {
-                assert!(step.logprob >= *logprob, "{answer:?}: {step:?}");
+            assert!(
+                format.admits_prefix(&format!("{answer}{alternative}")),
+                "{step:?}"
+            );
+            assert!(step.logprob >= *logprob, "{answer:?}: {step:?}");
+        }
+        if matches!(step.token.trim(), "0" | "1") {
+            for digit in ["0", "1"] {
+                assert!(step.top.iter().any(|(t, _)| t.trim() == digit), "{step:?}");
             }
         }
         answer.push_str(&step.token);

@@ -84,9 +84,10 @@ impl Default for LocalOptions {
 /// after `max_tokens`, or when the context is full.
 ///
 /// A request with an [`AnswerFormat`] is held to it: at each step only the tokens that keep
-/// the answer a start of that format are candidates (greedy or sampled among them as above;
-/// the reported log-probabilities are still the model's, over the whole vocabulary), and
-/// generation ends when the answer is whole.
+/// the answer a start of that format are candidates (greedy or sampled among them as above),
+/// and generation ends when the answer is whole. The reported log-probabilities are still
+/// the model's, over the whole vocabulary, but the alternatives listed are the allowed
+/// tokens.
 #[derive(Clone)]
 pub struct LocalLlm {
     shared: Arc<Shared>,
@@ -365,20 +366,22 @@ impl Shared {
                     sample(scores, request.temperature, rng)
                 }
             };
-            let token = match request.format {
-                None => pick(&scores, &mut rng),
+            // With a format: the allowed tokens, and their scores.
+            let allowed = match request.format {
+                None => None,
                 Some(format) => {
-                    let candidates = self.continuations(format, &answer)?;
+                    let candidates = self.continuations(format, &answer, scores.len())?;
                     let candidate_scores: Vec<f32> = candidates
                         .iter()
-                        .map(|&(id, _)| {
-                            scores
-                                .get(id as usize)
-                                .copied()
-                                .unwrap_or(f32::NEG_INFINITY)
-                        })
+                        .map(|&(id, _)| scores[id as usize])
                         .collect();
-                    let (id, text) = candidates[pick(&candidate_scores, &mut rng) as usize];
+                    Some((candidates, candidate_scores))
+                }
+            };
+            let token = match &allowed {
+                None => pick(&scores, &mut rng),
+                Some((candidates, candidate_scores)) => {
+                    let (id, text) = candidates[pick(candidate_scores, &mut rng) as usize];
                     answer.push_str(text);
                     id
                 }
@@ -395,10 +398,19 @@ impl Shared {
                         .token_text(id)
                         .unwrap_or_else(|_| format!("<{id}>"))
                 };
+                // With a format, the alternatives are the allowed tokens (the others could not
+                // have been chosen): how sure the model was between the allowed 0 and 1.
+                let top = match &allowed {
+                    None => top_k(&lp, k as usize),
+                    Some((candidates, candidate_scores)) => top_k(candidate_scores, k as usize)
+                        .into_iter()
+                        .map(|i| candidates[i as usize].0)
+                        .collect(),
+                };
                 list.push(TokenLogprobs {
                     token: text(token),
                     logprob: lp[token as usize],
-                    top: top_k(&lp, k as usize)
+                    top: top
                         .into_iter()
                         .map(|id| (text(id), lp[id as usize]))
                         .collect(),
@@ -434,20 +446,32 @@ impl Shared {
         })
     }
 
-    /// The tokens that keep `answer` a start of `format`, with their text (never empty: an
-    /// answer that cannot go on is an error naming the format).
-    fn continuations(&self, format: AnswerFormat, answer: &str) -> Result<Vec<(u32, &str)>> {
+    /// The tokens that keep `answer` a start of `format`, with their text, among the first
+    /// `logits` ids (those the model scores); never empty: an answer that cannot go on is an
+    /// error naming the format.
+    fn continuations(
+        &self,
+        format: AnswerFormat,
+        answer: &str,
+        logits: usize,
+    ) -> Result<Vec<(u32, &str)>> {
         let tokens = self.format_tokens.get_or_init(|| {
             (0..self.tokenizer.vocab_size() as u32)
                 .filter_map(|id| {
                     let text = self.tokenizer.token_text(id).ok()?;
-                    (!text.is_empty() && text.chars().all(|c| AnswerFormat::ALPHABET.contains(c)))
-                        .then_some((id, text))
+                    let in_alphabet = !text.is_empty()
+                        && text.chars().all(|c| AnswerFormat::ALPHABET.contains(c));
+                    // A digit is a token of its own (a leading space allowed), so that the
+                    // scorer reads each answer's probability from one token's alternatives.
+                    let digits = text.chars().filter(char::is_ascii_digit).count();
+                    let digit_alone = digits == 0 || (digits == 1 && text.trim_start().len() == 1);
+                    (in_alphabet && digit_alone).then_some((id, text))
                 })
                 .collect()
         });
         let candidates: Vec<(u32, &str)> = tokens
             .iter()
+            .filter(|(id, _)| (*id as usize) < logits)
             .filter(|(_, text)| format.admits_prefix(&format!("{answer}{text}")))
             .map(|(id, text)| (*id, text.as_str()))
             .collect();

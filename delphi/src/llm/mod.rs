@@ -82,7 +82,7 @@ pub struct ChatRequest {
 #[serde(rename_all = "snake_case")]
 pub enum AnswerFormat {
     /// `[1, 0, 1]`: `len` zeros and ones, separated by a comma and a space, in brackets (the
-    /// detection and fuzzing scorers' answer).
+    /// detection and fuzzing scorers' answer; `len` 0 admits only `[]`, which no scorer asks).
     ZeroOneList {
         /// How many zeros and ones.
         len: usize,
@@ -127,7 +127,7 @@ fn zero_one_list_len(len: usize) -> usize {
     if len == 0 {
         2
     } else {
-        3 * len
+        len.saturating_mul(3)
     }
 }
 

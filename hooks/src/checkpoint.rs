@@ -3,7 +3,7 @@
 //! that describes them can never disagree after a crash. Used by the lens and SAE trainers.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use serde::{de::DeserializeOwned, Serialize};
@@ -38,7 +38,7 @@ pub fn stage<S: Serialize>(
 /// Puts staged checkpoints that must change together (see [`stage`]) in place so that a
 /// kill at any moment leaves one step that every one of them has on disk: each current file
 /// is first renamed `<name>.prev`, then the new files are moved in, then the `.prev` files
-/// are deleted. [`to_resume_together`] finds that step's files.
+/// are deleted. [`recover_together`] puts that step's files back in place.
 pub fn commit_together(staged: Vec<atomic::Staged>) -> Result<()> {
     for file in &staged {
         let current = file.path();
@@ -47,42 +47,34 @@ pub fn commit_together(staged: Vec<atomic::Staged>) -> Result<()> {
             std::fs::rename(current, &prev).map_err(|e| Error::io(&prev, e))?;
         }
     }
-    let paths: Vec<std::path::PathBuf> = staged.iter().map(|f| f.path().to_path_buf()).collect();
+    let paths: Vec<PathBuf> = staged.iter().map(|f| f.path().to_path_buf()).collect();
     for file in staged {
         file.commit()?;
     }
-    for path in paths {
-        let prev = previous(&path);
-        if prev.exists() {
-            std::fs::remove_file(&prev).map_err(|e| Error::io(&prev, e))?;
-        }
-    }
-    Ok(())
+    remove_previous(&paths)
 }
 
-/// The files to resume checkpoints written by [`commit_together`] from, all at one step:
-/// the checkpoints themselves when each is in place, else, for a run killed while they were
-/// being replaced, each one's `.prev` where it has one (the step before). `None` when there
-/// are none (a new run); an error naming the files when some are missing.
-pub fn to_resume_together(paths: &[std::path::PathBuf]) -> Result<Option<Vec<std::path::PathBuf>>> {
+/// Checkpoints written by [`commit_together`], at one step, before a run resumes from them:
+/// `paths` when all are there (leftover `.prev` files deleted); after a kill while they
+/// were being replaced, the step before, put back in place (the newer files deleted, the
+/// `.prev` files renamed back), each stage of which a kill may cut and a rerun redo. `None`
+/// when there are none (a new run); an error naming the files when some are missing.
+pub fn recover_together(paths: &[PathBuf]) -> Result<Option<Vec<PathBuf>>> {
     if paths.iter().all(|p| p.is_file()) {
+        remove_previous(paths)?;
         return Ok(Some(paths.to_vec()));
     }
-    let chosen: Vec<Option<std::path::PathBuf>> = paths
-        .iter()
-        .map(|path| {
-            let prev = previous(path);
-            [prev, path.clone()].into_iter().find(|p| p.is_file())
-        })
-        .collect();
-    let found = chosen.iter().flatten().count();
+    let has_previous: Vec<bool> = paths.iter().map(|p| previous(p).is_file()).collect();
+    let found = (paths.iter().zip(&has_previous))
+        .filter(|(p, &prev)| prev || p.is_file())
+        .count();
     if found == 0 {
         return Ok(None);
     }
-    if found < paths.len() {
+    if found < paths.len() || !has_previous.contains(&true) {
         return Err(Error::InvalidArgument(format!(
-            "only {found} of {} checkpoints exist ({}); cannot resume them together: delete \
-             the checkpoints folder to start again",
+            "only {found} of {} checkpoints exist ({}): a run was stopped while writing its \
+             first ones, or some were deleted; delete the checkpoints folder to start again",
             paths.len(),
             paths
                 .iter()
@@ -91,11 +83,30 @@ pub fn to_resume_together(paths: &[std::path::PathBuf]) -> Result<Option<Vec<std
                 .join(", ")
         )));
     }
-    Ok(Some(chosen.into_iter().flatten().collect()))
+    for (path, &prev) in paths.iter().zip(&has_previous) {
+        if prev && path.exists() {
+            std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+        }
+    }
+    for (path, &prev) in paths.iter().zip(&has_previous) {
+        if prev {
+            std::fs::rename(previous(path), path).map_err(|e| Error::io(path, e))?;
+        }
+    }
+    Ok(Some(paths.to_vec()))
+}
+
+fn remove_previous(paths: &[PathBuf]) -> Result<()> {
+    for prev in paths.iter().map(|p| previous(p)) {
+        if prev.exists() {
+            std::fs::remove_file(&prev).map_err(|e| Error::io(&prev, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Where [`commit_together`] keeps a checkpoint's previous file while replacing it.
-fn previous(path: &Path) -> std::path::PathBuf {
+fn previous(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".prev");
     path.with_file_name(name)
@@ -219,55 +230,75 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    /// Checkpoints replaced together can be resumed together wherever a kill stops the
-    /// replacement: each disk state [`commit_together`] passes through gives files of one step.
+    /// Checkpoints replaced together are recovered at one step wherever a kill stops the
+    /// replacement, or the recovery itself.
     #[test]
-    fn checkpoints_replaced_together_resume_at_one_step() {
+    fn checkpoints_replaced_together_recover_at_one_step() {
         let dir = tempfile::tempdir().unwrap();
-        let paths: Vec<std::path::PathBuf> = ["a", "b"]
+        let paths: Vec<PathBuf> = ["a", "b"]
             .map(|n| dir.path().join(n).join("checkpoint.safetensors"))
             .into();
         for path in &paths {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         }
-        assert_eq!(to_resume_together(&paths).unwrap(), None);
-        let write_step = |step: &str| {
+        assert_eq!(recover_together(&paths).unwrap(), None);
+        let commit = |step: &str| {
             let staged = paths
                 .iter()
                 .map(|p| atomic::stage_with(p, |w| w.write_all(step.as_bytes())).unwrap())
                 .collect();
             commit_together(staged).unwrap();
         };
-        let steps = |files: Option<Vec<std::path::PathBuf>>| -> Vec<String> {
+        // The steps of the recovered files; no `.prev` file is left.
+        let recovered = || -> Vec<String> {
+            let files = recover_together(&paths).unwrap().unwrap();
+            assert!(paths.iter().all(|p| !previous(p).exists()));
             files
-                .unwrap()
                 .iter()
                 .map(|p| std::fs::read_to_string(p).unwrap())
                 .collect()
         };
-        write_step("1");
-        write_step("2");
-        assert_eq!(steps(to_resume_together(&paths).unwrap()), ["2", "2"]);
-        assert!(!previous(&paths[0]).exists() && !previous(&paths[1]).exists());
+        commit("1");
+        commit("2");
+        assert_eq!(recovered(), ["2", "2"]);
         let (a, b) = (&paths[0], &paths[1]);
-        let put = |path: &Path, step: &str| std::fs::write(path, step).unwrap();
-        let gone = |path: &Path| std::fs::remove_file(path).unwrap();
-        // Killed while moving the current files aside: a's moved, b's not yet.
-        std::fs::rename(a, previous(a)).unwrap();
-        assert_eq!(steps(to_resume_together(&paths).unwrap()), ["2", "2"]);
-        // Killed while moving the new ones in: a's in, b's not yet.
-        put(a, "3");
-        std::fs::rename(b, previous(b)).unwrap();
-        assert_eq!(steps(to_resume_together(&paths).unwrap()), ["2", "2"]);
-        // Killed while deleting the previous ones: a's deleted, b's not yet.
-        put(b, "3");
-        gone(&previous(a));
-        assert_eq!(steps(to_resume_together(&paths).unwrap()), ["3", "3"]);
-        // One checkpoint gone altogether is refused, by name.
-        gone(&previous(b));
-        gone(b);
-        let err = to_resume_together(&paths).unwrap_err().to_string();
+        // What `commit_together` does to replace step 2 by step 3, one file at a time.
+        let replace: [&dyn Fn(); 6] = [
+            &|| std::fs::rename(a, previous(a)).unwrap(),
+            &|| std::fs::rename(b, previous(b)).unwrap(),
+            &|| std::fs::write(a, "3").unwrap(),
+            &|| std::fs::write(b, "3").unwrap(),
+            &|| std::fs::remove_file(previous(a)).unwrap(),
+            &|| std::fs::remove_file(previous(b)).unwrap(),
+        ];
+        for killed_after in 0..=replace.len() {
+            commit("2");
+            replace[..killed_after].iter().for_each(|op| op());
+            let expected = if killed_after >= 4 { "3" } else { "2" };
+            assert_eq!(
+                recovered(),
+                [expected, expected],
+                "killed after {killed_after}"
+            );
+        }
+        // A kill in the recovery: after it deleted the newer file, or moved one file back.
+        commit("2");
+        replace[..3].iter().for_each(|op| op());
+        std::fs::remove_file(a).unwrap();
+        assert_eq!(recovered(), ["2", "2"]);
+        commit("2");
+        replace[..3].iter().for_each(|op| op());
+        std::fs::remove_file(a).unwrap();
+        std::fs::rename(previous(a), a).unwrap();
+        assert_eq!(recovered(), ["2", "2"]);
+        // Killed again in the next replacement after a recovery: still one step.
+        replace[..3].iter().for_each(|op| op());
+        assert_eq!(recovered(), ["2", "2"]);
+        // A checkpoint gone altogether is refused, by name, and nothing is changed.
+        std::fs::remove_file(b).unwrap();
+        let err = recover_together(&paths).unwrap_err().to_string();
         assert!(err.contains("only 1 of 2 checkpoints exist"), "{err}");
+        assert_eq!(std::fs::read_to_string(a).unwrap(), "2");
     }
 
     #[test]

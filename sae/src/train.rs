@@ -1124,7 +1124,7 @@ pub fn train_many(
     let checkpoints: Option<Vec<PathBuf>> =
         checkpoint_dirs.map(|dirs| dirs.iter().map(|d| checkpoint_path(d)).collect());
     let resume_from = match &checkpoints {
-        Some(paths) => hooks::checkpoint::to_resume_together(paths)?,
+        Some(paths) => hooks::checkpoint::recover_together(paths)?,
         None => None,
     };
     if let Some(paths) = &resume_from {
@@ -1135,8 +1135,8 @@ pub fn train_many(
             let state = load_checkpoint(path, &mut saes[i], &mut trainers[i], &source)?;
             if consumed.is_some_and(|c| c != state.tokens_consumed) {
                 return Err(Error::Training(format!(
-                    "checkpoint {} is at another step than the others (a run killed while \
-                     writing them); cannot resume the SAEs together: delete the checkpoints \
+                    "checkpoint {} is at another step than the others (copied from another \
+                     run, or damaged); cannot resume the SAEs together: delete the checkpoints \
                      folder to start again",
                     path.display()
                 )));
@@ -1203,8 +1203,8 @@ pub fn train_many(
         }
         let due = options.checkpoint_every > 0 && step.is_multiple_of(options.checkpoint_every);
         if let (Some(paths), true) = (&checkpoints, due || step == options.steps) {
-            // All written in full first, then all put in place: a kill leaves them at
-            // different steps only in the moment of the renames.
+            // All written in full first, then all put in place so that a kill leaves one
+            // step every SAE has (`.prev` files while they are replaced).
             let staged = paths
                 .iter()
                 .enumerate()

@@ -228,7 +228,10 @@ pub fn gguf_tokenizer(content: &Content, path: &Path) -> Result<Option<Tokenizer
 fn header_error(e: &candle_core::Error, file_len: u64) -> String {
     let cause = root_cause(e);
     if cause.contains("failed to fill whole buffer") {
-        format!("not a readable GGUF file: truncated, it ends ({file_len} bytes) inside its header")
+        format!(
+            "not a readable GGUF file: truncated or damaged, its header runs past the end of the \
+             file ({file_len} bytes)"
+        )
     } else if cause.contains("unknown dtype for tensor") {
         format!(
             "not a readable GGUF file: {cause} (an unsupported quantization type; supported: \

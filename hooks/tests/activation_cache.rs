@@ -261,33 +261,26 @@ fn interrupted_job_resumes_to_the_same_cache() {
     assert!(err.contains("incomplete"), "{err}");
     let shards_before = std::fs::read_dir(out.join("shards")).unwrap().count();
     assert!(shards_before > 0);
-    // A resume does not trust a progress file whose shards are gone.
+    // A resume does not trust a shard that is gone, or was cut short (a power cut after the
+    // rename, before the data reached the disk), which would otherwise end up in the
+    // manifest: with nothing before it, the job starts again, and stops at the same line.
     let first = out.join("shards/shard-000000.safetensors");
     let kept = std::fs::read(&first).unwrap();
-    std::fs::remove_file(&first).unwrap();
-    let err = write_cache(&model, &spec, &out, 5_000)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("lists shard shards/shard-000000.safetensors but it cannot be resumed from")
-            && err.contains("shard-000000.safetensors: missing"),
-        "{err}"
-    );
-    // Nor one whose shard was cut short (a power cut after the rename, before the data
-    // reached the disk), which would otherwise end up in the manifest.
-    std::fs::write(&first, &kept[..kept.len() - 4]).unwrap();
-    let err = write_cache(&model, &spec, &out, 5_000)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("lists shard shards/shard-000000.safetensors but it cannot be resumed from")
-            && err.contains("unreadable shard"),
-        "{err}"
-    );
-    std::fs::write(&first, kept).unwrap();
-    // Nor one whose count of chunks done disagrees with its shards (a hand repair).
     let progress_file = out.join("progress.json");
     let progress = std::fs::read_to_string(&progress_file).unwrap();
+    let damages: [&dyn Fn(); 2] = [&|| std::fs::remove_file(&first).unwrap(), &|| {
+        std::fs::write(&first, &kept[..kept.len() - 4]).unwrap()
+    }];
+    for damage in damages {
+        damage();
+        let err = write_cache(&model, &spec, &out, 5_000)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not valid JSON"), "{err}");
+        assert_eq!(std::fs::read(&first).unwrap(), kept, "computed again");
+        assert_eq!(std::fs::read_to_string(&progress_file).unwrap(), progress);
+    }
+    // Nor one whose count of chunks done disagrees with its shards (a hand repair).
     let mut edited: serde_json::Value = serde_json::from_str(&progress).unwrap();
     edited["shards"].as_array_mut().unwrap().pop();
     std::fs::write(&progress_file, edited.to_string()).unwrap();
@@ -298,15 +291,35 @@ fn interrupted_job_resumes_to_the_same_cache() {
         err.contains("progress.json: records") && err.contains("but its shards hold"),
         "{err}"
     );
-    std::fs::write(&progress_file, &progress).unwrap();
-    // A damaged shard after good ones (a torn write): the job goes on from those before it,
-    // and ends with the same cache as a run never stopped (checked below).
+    // A damaged shard after good ones (a torn write): the job goes on from those before it
+    // (it and those after it computed again), and ends with the same cache as a run never
+    // stopped (checked below).
     let listed: serde_json::Value = serde_json::from_str(&progress).unwrap();
     let listed = listed["shards"].as_array().unwrap();
     assert!(listed.len() >= 2, "{listed:?}");
-    let last = out.join(listed.last().unwrap()["file"].as_str().unwrap());
-    let bytes = std::fs::read(&last).unwrap();
-    std::fs::write(&last, &bytes[..bytes.len() / 2]).unwrap();
+    let damaged = out.join(listed[listed.len() / 2]["file"].as_str().unwrap());
+    let bytes = std::fs::read(&damaged).unwrap();
+    std::fs::write(&damaged, &bytes[..bytes.len() / 2]).unwrap();
+    // A progress file of an older version, which does not record where the job stood
+    // after each shard, cannot go back: it says so, and changes nothing.
+    let mut older: serde_json::Value = serde_json::from_str(&progress).unwrap();
+    older
+        .as_object_mut()
+        .unwrap()
+        .remove("after_shard")
+        .unwrap();
+    std::fs::write(&progress_file, older.to_string()).unwrap();
+    let err = write_cache(&model, &spec, &out, 5_000)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cannot be resumed from") && err.contains("written by an older version"),
+        "{err}"
+    );
+    assert!(out
+        .join(listed.last().unwrap()["file"].as_str().unwrap())
+        .exists());
+    std::fs::write(&progress_file, &progress).unwrap();
 
     // The shard a killed run was writing is deleted on resume (on Unix, where the lock
     // that marks a file being written exists).

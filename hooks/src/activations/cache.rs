@@ -103,17 +103,18 @@ struct AfterShard {
 
 impl Progress {
     /// Forgets the shards from `first` on (the first damaged one), going back to where the
-    /// job stood before it, if the progress file recorded that; `None` otherwise.
+    /// job stood before it, if the progress file recorded that (from the start, always);
+    /// `None` otherwise.
     fn cut_before(mut self, first: usize, seq_len: u64) -> Option<Progress> {
-        if first == 0 || self.after_shard.len() != self.shards.len() {
+        if first > 0 && self.after_shard.len() != self.shards.len() {
             return None;
         }
         self.shards.truncate(first);
         self.after_shard.truncate(first);
-        let before = self.after_shard.last()?;
+        let before = self.after_shard.last();
         self.chunks = self.shards.iter().map(|s| s.tokens).sum::<u64>() / seq_len;
-        self.text_bytes = before.text_bytes;
-        self.data_fingerprint = before.data_fingerprint.clone();
+        self.text_bytes = before.map_or(0, |b| b.text_bytes);
+        self.data_fingerprint = before.and_then(|b| b.data_fingerprint.clone());
         Some(self)
     }
 }
@@ -286,6 +287,8 @@ impl ActivationCache {
         std::fs::create_dir_all(dir.join("shards"))
             .map_err(|e| Error::io(dir.join("shards"), e))?;
 
+        // The shard files a resume from before a damaged shard gives up.
+        let mut cut_shards: Vec<String> = Vec::new();
         let mut progress = if progress_path.exists() {
             let progress: Progress = read_json(&progress_path)?;
             if progress.settings != settings {
@@ -325,6 +328,8 @@ impl ActivationCache {
             });
             match damaged {
                 None => progress,
+                // Not damage: a file that cannot be opened now (permissions, resources).
+                Some((_, problem @ Error::Io { .. })) => return Err(problem),
                 Some((i, problem)) => {
                     let file = progress.shards[i].file.clone();
                     let later: Vec<String> = progress.shards[i..]
@@ -335,7 +340,9 @@ impl ActivationCache {
                         return Err(cache_error(
                             dir,
                             format!(
-                                "progress.json lists shard {file} but it cannot be resumed from ({problem}); pass --overwrite to start again"
+                                "progress.json lists shard {file} but it cannot be resumed from ({problem}), \
+                                 and, written by an older version, it does not record where the job stood \
+                                 before that shard; pass --overwrite to start again"
                             ),
                         ));
                     };
@@ -344,13 +351,8 @@ impl ActivationCache {
                          shards before it; it and the {} after it are computed again",
                         later.len() - 1
                     );
-                    for later in later {
-                        let path = dir.join(later);
-                        if path.exists() {
-                            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-                        }
-                    }
-                    atomic::write_json(&progress_path, &cut)?;
+                    // Deleted once the data is known to be the same (below).
+                    cut_shards = later;
                     cut
                 }
             }
@@ -383,6 +385,15 @@ impl ActivationCache {
                 "resuming after {resumed_chunks} chunks in {} shards",
                 progress.shards.len()
             );
+        }
+        if !cut_shards.is_empty() {
+            for file in &cut_shards {
+                let path = dir.join(file);
+                if path.exists() {
+                    std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                }
+            }
+            atomic::write_json(&progress_path, &progress)?;
         }
         // Text bytes: those of the resumed shards, plus what this run reads past them.
         let (resumed_bytes, skipped_bytes) = (progress.text_bytes, source.chunks().text_bytes());

@@ -259,7 +259,7 @@ fn bad_gguf_files_are_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("truncated, it ends (7 bytes) inside its header"),
+        err.contains("truncated or damaged, its header runs past the end of the file (7 bytes)"),
         "{err}"
     );
     std::fs::write(&path, b"not a gguf file at all").unwrap();

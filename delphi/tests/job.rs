@@ -449,31 +449,30 @@ fn reads_delphis_cache_layout() {
     );
     assert_eq!(firings.len(), 4);
 
-    // A firing outside the cache's tokens is refused, naming the file.
-    write(10, 19, &[(1, 0, 0, 2.0), (5, 1, 2, 3.0)]);
-    let message = LatentCache::open(tmp.path())
-        .unwrap()
-        .firings("layers.5", 0..20)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        message.contains("10_19.safetensors: holds a firing (sequence 5 + 0, position 1, latent 2 + 10) outside the cache's 2 x 8 tokens or past the file's last latent, 19"),
-        "{message}"
-    );
-
-    // Nor one past its file's last latent (the next file's latents would count it twice).
-    write(10, 19, &[(1, 0, 0, 2.0), (0, 1, 10, 3.0)]);
-    let message = LatentCache::open(tmp.path())
-        .unwrap()
-        .firings("layers.5", 0..20)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        message.contains(
-            "10_19.safetensors: holds a firing (sequence 0 + 0, position 1, latent 10 + 10)"
+    // A firing outside the cache's tokens is refused, naming the file; so is one past its
+    // file's last latent (the next file's latents would count it twice).
+    for (damaged, expected) in [
+        (
+            (5, 1, 2, 3.0),
+            "(sequence 5 + 0, position 1, latent 2 + 10) outside the cache's 2 x 8 tokens or \
+             past the file's last latent, 19",
         ),
-        "{message}"
-    );
+        (
+            (0, 1, 10, 3.0),
+            "(sequence 0 + 0, position 1, latent 10 + 10)",
+        ),
+    ] {
+        write(10, 19, &[(1, 0, 0, 2.0), damaged]);
+        let message = LatentCache::open(tmp.path())
+            .unwrap()
+            .firings("layers.5", 0..20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains(&format!("10_19.safetensors: holds a firing {expected}")),
+            "{message}"
+        );
+    }
 
     // Split files that do not tile the latents are refused by name (one used to panic,
     // overlapping ones were merged, firings counted twice).

@@ -106,8 +106,9 @@ struct Shared {
     seed: u64,
     prefix_capacity: usize,
     engine: Mutex<Engine>,
-    /// The tokens whose text is made only of [`AnswerFormat::ALPHABET`]'s characters, with
-    /// that text: the candidates of a formatted answer (found on first use).
+    /// The tokens whose text is made only of [`AnswerFormat::ALPHABET`]'s characters, a digit
+    /// only on its own, with that text: the candidates of a formatted answer (found on first
+    /// use).
     format_tokens: OnceLock<Vec<(u32, String)>>,
 }
 

@@ -303,13 +303,18 @@ fn write_json_file<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 }
 
 fn read_json_file<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| {
-        Error::file(
-            path,
-            format!("unreadable result file: {e}; delete it and run the job again to redo it"),
-        )
+    read_json_or(path, |e| {
+        format!("unreadable result file: {e}; delete it and run the job again to redo it")
     })
+}
+
+/// A JSON file of the job folder; `damaged` says what to do about one that does not parse.
+fn read_json_or<T: for<'de> Deserialize<'de>>(
+    path: &Path,
+    damaged: impl FnOnce(serde_json::Error) -> String,
+) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::file(path, damaged(e)))
 }
 
 /// A detection, fuzzing or embedding score file's records; one holding none is damaged (a
@@ -334,15 +339,11 @@ pub fn read_run_config(output: &Path) -> Result<JobConfig> {
 /// `run_config.json`: a damaged one is not "delete it and redo" as a result file is, since
 /// without it no result in the folder can be checked against a run.
 fn read_run_record(path: &Path) -> Result<RunRecord> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| {
-        Error::file(
-            path,
-            format!(
-                "damaged ({e}): it records what the folder's results were made from, and they \
-                 cannot be checked against this run without it; restore it from a copy, or \
-                 move it, explanations/ and scores/ out of the folder to redo them"
-            ),
+    read_json_or(path, |e| {
+        format!(
+            "damaged ({e}): it records what the folder's results were made from, and they \
+             cannot be checked against this run without it; restore it from a copy, or move \
+             it, explanations/ and scores/ out of the folder to redo them"
         )
     })
 }

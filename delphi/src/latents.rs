@@ -827,13 +827,13 @@ impl LatentCache {
         };
         match &self.layout {
             Layout::Ours { shards } => {
+                let width = self.hookpoints.get(hookpoint).copied().flatten();
+                let last = width.map_or(u32::MAX, |w| w.saturating_sub(1));
                 for (first, path) in shards {
                     let bytes = read_file(path)?;
                     let st = parse(path, &bytes)?;
                     let locations = read_u32s(path, &st, &format!("{hookpoint}.locations"))?;
                     let values = read_f32s(path, &st, &format!("{hookpoint}.activations"))?;
-                    let width = self.hookpoints.get(hookpoint).copied().flatten();
-                    let last = width.map_or(u32::MAX, |w| w.saturating_sub(1));
                     keep(path, locations, values, *first, 0, last)?;
                 }
             }

@@ -54,22 +54,23 @@ pub fn commit_together(staged: Vec<atomic::Staged>) -> Result<()> {
     remove_previous(&paths)
 }
 
-/// Checkpoints written by [`commit_together`], at one step, before a run resumes from them:
-/// `paths` when all are there (leftover `.prev` files deleted); after a kill while they
-/// were being replaced, the step before, put back in place (the newer files deleted, the
-/// `.prev` files renamed back), each stage of which a kill may cut and a rerun redo. `None`
-/// when there are none (a new run); an error naming the files when some are missing.
-pub fn recover_together(paths: &[PathBuf]) -> Result<Option<Vec<PathBuf>>> {
+/// Makes checkpoints written by [`commit_together`] one step's before a run resumes from
+/// `paths`, and says whether there is anything to resume (`false`: a new run). When all are
+/// there, leftover `.prev` files are deleted; after a kill while they were being replaced,
+/// the step before is put back in place (the newer files deleted, the `.prev` files renamed
+/// back), each stage of which a kill may cut and a rerun redo. An error names the files when
+/// some are missing.
+pub fn recover_together(paths: &[PathBuf]) -> Result<bool> {
     if paths.iter().all(|p| p.is_file()) {
         remove_previous(paths)?;
-        return Ok(Some(paths.to_vec()));
+        return Ok(true);
     }
     let has_previous: Vec<bool> = paths.iter().map(|p| previous(p).is_file()).collect();
     let found = (paths.iter().zip(&has_previous))
         .filter(|(p, &prev)| prev || p.is_file())
         .count();
     if found == 0 {
-        return Ok(None);
+        return Ok(false);
     }
     if found < paths.len() || !has_previous.contains(&true) {
         return Err(Error::InvalidArgument(format!(
@@ -93,7 +94,7 @@ pub fn recover_together(paths: &[PathBuf]) -> Result<Option<Vec<PathBuf>>> {
             std::fs::rename(previous(path), path).map_err(|e| Error::io(path, e))?;
         }
     }
-    Ok(Some(paths.to_vec()))
+    Ok(true)
 }
 
 fn remove_previous(paths: &[PathBuf]) -> Result<()> {
@@ -241,7 +242,7 @@ mod tests {
         for path in &paths {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         }
-        assert_eq!(recover_together(&paths).unwrap(), None);
+        assert!(!recover_together(&paths).unwrap());
         let commit = |step: &str| {
             let staged = paths
                 .iter()
@@ -251,9 +252,9 @@ mod tests {
         };
         // The steps of the recovered files; no `.prev` file is left.
         let recovered = || -> Vec<String> {
-            let files = recover_together(&paths).unwrap().unwrap();
+            assert!(recover_together(&paths).unwrap());
             assert!(paths.iter().all(|p| !previous(p).exists()));
-            files
+            paths
                 .iter()
                 .map(|p| std::fs::read_to_string(p).unwrap())
                 .collect()

@@ -34,6 +34,21 @@ pub fn mean_relative_difference(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok(diff / scale.max(1e-12))
 }
 
+/// Why `found` cannot take the place of `expected` (another dtype or shape), as "must be F32
+/// [4, 4], got F16 [4, 4]"; `None` when it can. For tensors read from a file (a checkpoint)
+/// that replace the ones a model, lens or optimiser holds.
+pub fn layout_mismatch(expected: &Tensor, found: &Tensor) -> Option<String> {
+    (expected.dtype() != found.dtype() || expected.dims() != found.dims()).then(|| {
+        format!(
+            "must be {:?} {:?}, got {:?} {:?}",
+            expected.dtype(),
+            expected.dims(),
+            found.dtype(),
+            found.dims()
+        )
+    })
+}
+
 /// The first element (flat index, `a`'s value, `b`'s value) where `|a − b|` exceeds
 /// `relative · |b| + absolute`, or `None` when every element is within it: an element-wise
 /// tolerance, for outputs whose small entries matter as much as their large ones.

@@ -266,14 +266,9 @@ impl Optimizer {
                 let t = tensors.get(&name).ok_or_else(|| {
                     Error::InvalidArgument(format!("checkpoint has no optimiser state '{name}'"))
                 })?;
-                if t.dtype() != param.dtype() || t.dims() != param.dims() {
+                if let Some(mismatch) = crate::compare::layout_mismatch(param, t) {
                     return Err(Error::InvalidArgument(format!(
-                        "checkpoint optimiser state '{name}' must be {:?} {:?} (as its parameter), \
-                         got {:?} {:?}",
-                        param.dtype(),
-                        param.dims(),
-                        t.dtype(),
-                        t.dims()
+                        "checkpoint optimiser state '{name}' {mismatch}, as its parameter"
                     )));
                 }
                 s.push(t.clone());

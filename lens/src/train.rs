@@ -562,7 +562,7 @@ fn load_checkpoint(
     lens.set_parameters(params)
         .map_err(|e| bad(e.to_string()))?;
     optimizer
-        .restore(state.history.len() as u64, &tensors, &lens.parameters())
+        .restore(steps, &tensors, &lens.parameters())
         .map_err(|e| bad(e.to_string()))?;
     Ok(state)
 }

@@ -125,15 +125,11 @@ impl TunedLens {
             )));
         }
         for (i, (old, new)) in self.parameters().iter().zip(&params).enumerate() {
-            if old.dims() != new.dims() || old.dtype() != new.dtype() {
+            if let Some(mismatch) = hooks::compare::layout_mismatch(old, new) {
                 return Err(Error::Lens(format!(
-                    "parameter {i} (the {} of layer {}) must be {:?} {:?}, got {:?} {:?}",
+                    "parameter {i} (the {} of layer {}) {mismatch}",
                     if i % 2 == 0 { "weight" } else { "bias" },
-                    i / 2,
-                    old.dtype(),
-                    old.dims(),
-                    new.dtype(),
-                    new.dims()
+                    i / 2
                 )));
             }
         }

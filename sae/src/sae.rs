@@ -341,14 +341,8 @@ impl Sae {
             )));
         }
         for ((name, old), new) in self.parameter_names().iter().zip(&current).zip(&params) {
-            if old.dims() != new.dims() || old.dtype() != new.dtype() {
-                return Err(Error::Sae(format!(
-                    "parameter '{name}' must be {:?} {:?}, got {:?} {:?}",
-                    old.dtype(),
-                    old.dims(),
-                    new.dtype(),
-                    new.dims()
-                )));
+            if let Some(mismatch) = hooks::compare::layout_mismatch(old, new) {
+                return Err(Error::Sae(format!("parameter '{name}' {mismatch}")));
             }
         }
         let mut it = params.into_iter();

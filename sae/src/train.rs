@@ -1124,10 +1124,10 @@ pub fn train_many(
     let checkpoints: Option<Vec<PathBuf>> =
         checkpoint_dirs.map(|dirs| dirs.iter().map(|d| checkpoint_path(d)).collect());
     let resume_from = match &checkpoints {
-        Some(paths) => hooks::checkpoint::recover_together(paths)?,
-        None => None,
+        Some(paths) if hooks::checkpoint::recover_together(paths)? => Some(paths),
+        _ => None,
     };
-    if let Some(paths) = &resume_from {
+    if let Some(paths) = resume_from {
         let mut consumed = None;
         let mut fingerprints = Vec::new();
         for (i, path) in paths.iter().enumerate() {

@@ -1,6 +1,7 @@
 //! Training checkpoints: named tensors plus a serialisable training state in one safetensors
-//! file (the state as JSON in the header), written atomically, so the tensors and the state
-//! that describes them can never disagree after a crash. Used by the lens and SAE trainers.
+//! file (the state as JSON in the header, or in a tensor when long), written atomically, so the
+//! tensors and the state that describes them can never disagree after a crash. Used by the lens
+//! and SAE trainers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -29,11 +30,27 @@ pub fn stage<S: Serialize>(
     // A checkpoint that a killed run was writing (optimiser state included, it can be GBs).
     atomic::remove_abandoned_temp_files_of(path);
     let json = serde_json::to_string(state).map_err(|e| bad(path, e))?;
-    let metadata = BTreeMap::from([("state".to_string(), json)]);
-    let tensors: Vec<(String, Vec<Tensor>)> =
+    let mut tensors: Vec<(String, Vec<Tensor>)> =
         tensors.into_iter().map(|(n, t)| (n, vec![t])).collect();
+    let metadata = if json.len() <= STATE_IN_HEADER_BYTES {
+        BTreeMap::from([("state".to_string(), json)])
+    } else {
+        let bytes = json.into_bytes();
+        let len = bytes.len();
+        let state = Tensor::from_vec(bytes, len, &Device::Cpu)?;
+        tensors.push((STATE_TENSOR.to_string(), vec![state]));
+        BTreeMap::new()
+    };
     atomic::stage_safetensors_with_metadata(path, &tensors, &metadata)
 }
+
+/// The largest training state kept as JSON in the file's header. A longer one (a long
+/// run's step history) is stored as the bytes of tensor [`STATE_TENSOR`]: safetensors
+/// readers refuse headers over 100 MB.
+const STATE_IN_HEADER_BYTES: usize = 1 << 20;
+
+/// The u8 tensor holding a training state too long for the header (see [`stage`]).
+const STATE_TENSOR: &str = "__training_state_json__";
 
 /// Puts staged checkpoints that must change together (see [`stage`]) in place so that a
 /// kill at any moment leaves one step that every one of them has on disk: each current file
@@ -120,14 +137,20 @@ pub fn load<S: DeserializeOwned>(
 ) -> Result<(S, HashMap<String, Tensor>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(path, e))?;
-    let json = header
+    let in_header = header
         .metadata()
         .as_ref()
         .and_then(|m| m.get("state"))
-        .ok_or_else(|| bad(path, "no training state in the header"))?;
-    let state = serde_json::from_str(json).map_err(|e| bad(path, e))?;
-    let tensors =
+        .cloned();
+    let mut tensors =
         candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| bad(path, e))?;
+    let json = match (in_header, tensors.remove(STATE_TENSOR)) {
+        (Some(json), _) => json,
+        (None, Some(stored)) => String::from_utf8(stored.to_vec1::<u8>()?)
+            .map_err(|e| bad(path, format!("the training state is not text: {e}")))?,
+        (None, None) => return Err(bad(path, "no training state in the header")),
+    };
+    let state = serde_json::from_str(&json).map_err(|e| bad(path, e))?;
     Ok((state, tensors))
 }
 
@@ -148,9 +171,13 @@ pub fn check_output_free(artefact: &Path, checkpoint: &Path) -> Result<()> {
 /// Refuses to resume a checkpoint of a run that read `saved` (an
 /// [`crate::activations::ActivationSource::describe`]) in a run that reads `now`: the two
 /// would mix, say, two models' activations. Empty descriptions (unknown, or a checkpoint from
-/// before they were recorded) are not checked.
+/// before they were recorded) are not checked, and one recorded before a detail in
+/// parentheses was added to its end (a cache's shuffle buffer) is checked without it.
 pub fn check_source(saved: &str, now: &str) -> std::result::Result<(), String> {
-    if saved.is_empty() || now.is_empty() || saved == now {
+    let older = now
+        .strip_prefix(saved)
+        .is_some_and(|detail| detail.starts_with(" (") && detail.ends_with(')'));
+    if saved.is_empty() || now.is_empty() || saved == now || older {
         return Ok(());
     }
     Err(format!(
@@ -303,6 +330,22 @@ mod tests {
     }
 
     #[test]
+    fn sources_match_whole_or_without_a_later_detail() {
+        let now = "a cache read shuffled with seed 5 (in a buffer of 64 tokens)";
+        check_source(now, now).unwrap();
+        check_source("a cache read shuffled with seed 5", now).unwrap();
+        check_source("", now).unwrap();
+        for other in [
+            "a cache read shuffled with seed 5 (in a buffer of 32 tokens)",
+            "a cache read shuffled with seed 55 (in a buffer of 64 tokens)",
+            "a cache read shuffled with seed",
+        ] {
+            assert!(check_source(other, now).is_err(), "{other}");
+        }
+        assert!(check_source(now, "a cache read shuffled with seed 5").is_err());
+    }
+
+    #[test]
     fn differences_name_the_fields() {
         let saved = serde_json::json!({"steps": 250, "lr": 1.0, "inner": {"k": 4, "on": true}});
         let now = serde_json::json!({"steps": 12, "lr": 1.0, "inner": {"k": 4, "on": false}});
@@ -333,5 +376,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("c.safetensors"), "{err}");
+    }
+
+    /// A state too long for the header (a long run's history: safetensors readers refuse
+    /// headers over 100 MB) goes into a tensor, and comes back the same.
+    #[test]
+    fn long_states_round_trip_outside_the_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.safetensors");
+        let state: Vec<f64> = (0..200_000).map(|i| i as f64 / 3.0).collect();
+        let t = Tensor::new(&[1f32, 2.5], &Device::Cpu).unwrap();
+        save(&path, vec![("w".into(), t)], &state).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let header = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+        assert!(header < 1000, "header of {header} bytes");
+        let (loaded, tensors): (Vec<f64>, _) = load(&path, &Device::Cpu).unwrap();
+        assert_eq!(loaded, state);
+        assert_eq!(tensors.keys().collect::<Vec<_>>(), ["w"]);
     }
 }

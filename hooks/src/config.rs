@@ -136,7 +136,7 @@ impl ModelConfig {
                 num_heads: fields.usize("num_attention_heads")?,
                 intermediate_size: fields.usize("intermediate_size")?,
                 vocab_size: fields.usize("vocab_size")?,
-                rotary_pct: fields.first_f64(
+                rotary_pct: fields.agreed_f64(
                     &[
                         "rotary_pct",
                         "partial_rotary_factor",
@@ -144,7 +144,7 @@ impl ModelConfig {
                     ],
                     0.25,
                 )?,
-                rotary_base: fields.first_f64(
+                rotary_base: fields.agreed_f64(
                     &[
                         "rotary_emb_base",
                         "rope_theta",
@@ -152,7 +152,7 @@ impl ModelConfig {
                     ],
                     10000.0,
                 )?,
-                layer_norm_eps: fields.first_f64(&["layer_norm_eps"], 1e-5)?,
+                layer_norm_eps: fields.agreed_f64(&["layer_norm_eps"], 1e-5)?,
                 parallel_residual: fields.bool_or("use_parallel_residual", true)?,
                 attention_bias: fields.bool_or("attention_bias", true)?,
                 tie_word_embeddings: fields.bool_or("tie_word_embeddings", false)?,
@@ -171,9 +171,9 @@ impl ModelConfig {
                     intermediate_size: fields.usize("intermediate_size")?,
                     vocab_size: fields.usize("vocab_size")?,
                     rope_theta: fields
-                        .first_f64(&["rope_theta", "rope_parameters.rope_theta"], 10000.0)?,
+                        .agreed_f64(&["rope_theta", "rope_parameters.rope_theta"], 10000.0)?,
                     rope_scaling: fields.llama3_rope_scaling()?,
-                    rms_norm_eps: fields.first_f64(&["rms_norm_eps"], 1e-6)?,
+                    rms_norm_eps: fields.agreed_f64(&["rms_norm_eps"], 1e-6)?,
                     attention_bias: fields.bool_or("attention_bias", false)?,
                     mlp_bias: fields.bool_or("mlp_bias", false)?,
                     tie_word_embeddings: fields.bool_or("tie_word_embeddings", false)?,
@@ -531,15 +531,28 @@ impl Fields<'_> {
             .map(|n| n as usize)
     }
 
-    fn first_f64(&self, keys: &[&str], default: f64) -> Result<f64> {
+    /// The number under whichever of `keys` (spellings of one setting across transformers
+    /// versions) the config has, `default` under none; spellings that disagree are an error
+    /// naming both, since which one transformers takes depends on its version.
+    fn agreed_f64(&self, keys: &[&str], default: f64) -> Result<f64> {
+        let mut found: Option<(&str, f64)> = None;
         for key in keys {
-            if let Some(v) = self.get(key) {
-                return v
-                    .as_f64()
-                    .ok_or_else(|| self.error(format!("field '{key}' must be a number, got {v}")));
+            let Some(v) = self.get(key) else { continue };
+            let value = v
+                .as_f64()
+                .ok_or_else(|| self.error(format!("field '{key}' must be a number, got {v}")))?;
+            match found {
+                Some((first, agreed)) if agreed != value => {
+                    return Err(self.error(format!(
+                        "fields '{first}' ({agreed}) and '{key}' ({value}) disagree: transformers \
+                         versions differ in which they use; keep one"
+                    )))
+                }
+                Some(_) => {}
+                None => found = Some((key, value)),
             }
         }
-        Ok(default)
+        Ok(found.map_or(default, |(_, value)| value))
     }
 
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
@@ -695,6 +708,19 @@ mod tests {
             panic!()
         };
         assert_eq!((c.rotary_pct, c.rotary_base), (1.0, 500.0));
+        // Both spellings, agreeing: fine; disagreeing: which one wins depends on the
+        // transformers version, so neither is taken.
+        let mut both = pythia_70m();
+        both["rope_parameters"] = json!({"rope_theta": 10000, "partial_rotary_factor": 0.25});
+        parse(both.clone()).unwrap();
+        both["rope_parameters"]["partial_rotary_factor"] = json!(1.0);
+        let err = parse(both).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "'rotary_pct' (0.25) and 'rope_parameters.partial_rotary_factor' (1) disagree"
+            ),
+            "{err}"
+        );
     }
 
     #[test]

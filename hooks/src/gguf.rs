@@ -99,6 +99,24 @@ pub(crate) fn read_tokenizer(path: &Path) -> Result<Option<Tokenizer>> {
     gguf_tokenizer(&gguf_header(path)?.0, path)
 }
 
+/// The end-of-text id a GGUF file's metadata names, whatever its tokenizer, for a
+/// replacement tokenizer to separate documents with, as the model does.
+pub(crate) fn read_eos_id(path: &Path) -> Result<Option<u32>> {
+    eos_id(&Metadata {
+        content: &gguf_header(path)?.0,
+        path,
+    })
+}
+
+fn eos_id(meta: &Metadata<'_>) -> Result<Option<u32>> {
+    meta.usize_opt("tokenizer.ggml.eos_token_id")?
+        .map(|id| {
+            u32::try_from(id)
+                .map_err(|_| meta.error(format!("tokenizer.ggml.eos_token_id {id} is too large")))
+        })
+        .transpose()
+}
+
 /// The metadata and tensor index of a GGUF file (not the tensors' data), and the open file
 /// to read the tensors from, for every reader of GGUF files in the workspace.
 /// Checked as far as the header allows: the alignment, and that every tensor's bytes (from
@@ -214,14 +232,7 @@ pub fn gguf_header(path: &Path) -> Result<(Content, BufReader<File>)> {
 /// `None` (with a warning) when the file has no tokenizer or one of a type other than `gpt2`.
 pub fn gguf_tokenizer(content: &Content, path: &Path) -> Result<Option<Tokenizer>> {
     let meta = Metadata { content, path };
-    let eos_id = meta
-        .usize_opt("tokenizer.ggml.eos_token_id")?
-        .map(|id| {
-            u32::try_from(id)
-                .map_err(|_| meta.error(format!("tokenizer.ggml.eos_token_id {id} is too large")))
-        })
-        .transpose()?;
-    tokenizer(&meta, eos_id)
+    tokenizer(&meta, eos_id(&meta)?)
 }
 
 /// A header error, with unknown tensor types spelled out.

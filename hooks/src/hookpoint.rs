@@ -67,12 +67,12 @@ impl HookPoint {
     pub fn order_key(self) -> (usize, u8) {
         match self {
             HookPoint::Embed => (0, 0),
-            HookPoint::AttentionPattern(i) => (i + 1, 0),
-            HookPoint::AttentionHeads(i) => (i + 1, 1),
-            HookPoint::Attention(i) => (i + 1, 2),
-            HookPoint::MlpInput(i) => (i + 1, 3),
-            HookPoint::Mlp(i) => (i + 1, 4),
-            HookPoint::Layer(i) => (i + 1, 5),
+            HookPoint::AttentionPattern(i) => (i.saturating_add(1), 0),
+            HookPoint::AttentionHeads(i) => (i.saturating_add(1), 1),
+            HookPoint::Attention(i) => (i.saturating_add(1), 2),
+            HookPoint::MlpInput(i) => (i.saturating_add(1), 3),
+            HookPoint::Mlp(i) => (i.saturating_add(1), 4),
+            HookPoint::Layer(i) => (i.saturating_add(1), 5),
             HookPoint::FinalNorm => (usize::MAX, 0),
             HookPoint::Logits => (usize::MAX, 1),
         }
@@ -200,16 +200,36 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     pattern.len() == name.len() && pattern.iter().zip(&name).all(|(p, n)| part_match(p, n))
 }
 
+/// Whether `text` matches `pattern`, whose `*`s match any run of characters: greedily, going
+/// back only to the last `*` on a mismatch (trying every split at every `*` took time
+/// exponential in their number).
 fn part_match(pattern: &str, text: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == text,
-        Some((prefix, rest)) => {
-            let Some(text) = text.strip_prefix(prefix) else {
-                return false;
-            };
-            (0..=text.len()).any(|i| text.is_char_boundary(i) && part_match(rest, &text[i..]))
+    let (pattern, text): (Vec<char>, Vec<char>) =
+        (pattern.chars().collect(), text.chars().collect());
+    let (mut p, mut t) = (0, 0);
+    // After the last `*` seen: where the pattern goes on, and the text it has swallowed up to.
+    let mut last_star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some('*') => {
+                last_star = Some((p + 1, t));
+                p += 1;
+            }
+            Some(&c) if c == text[t] => {
+                p += 1;
+                t += 1;
+            }
+            _ => match last_star {
+                Some((after, swallowed)) => {
+                    last_star = Some((after, swallowed + 1));
+                    p = after;
+                    t = swallowed + 1;
+                }
+                None => return false,
+            },
         }
     }
+    pattern[p..].iter().all(|&c| c == '*')
 }
 
 impl PartialOrd for HookPoint {
@@ -324,6 +344,15 @@ mod tests {
         assert!(glob_match("layers.*.mlp", "layers.0.mlp"));
         assert!(glob_match("layers.1*", "layers.15"));
         assert!(!glob_match("layers.1*", "layers.2"));
+        assert!(glob_match("*ayer*", "layers"));
+        assert!(glob_match("a*b*c", "aXbYbZc"));
+        assert!(!glob_match("a*b*c", "aXbYcZ"));
+        assert!(glob_match("**", ""));
+        assert!(glob_match("é*ü", "éaü"));
+        // Many stars answer at once (trying every split took minutes).
+        let stars = format!("{}z", "*".repeat(40));
+        assert!(!glob_match(&stars, "attention_pattern_of_a_long_name"));
+        assert!(glob_match(&stars, "attention_pattern_of_a_long_namez"));
     }
 
     #[test]
@@ -338,7 +367,10 @@ mod tests {
         ];
         points.push(HookPoint::AttentionHeads(1));
         points.push(HookPoint::AttentionPattern(1));
+        // A layer past any model's sorts without overflowing.
+        points.push(HookPoint::Layer(usize::MAX));
         points.sort();
+        assert_eq!(points.pop(), Some(HookPoint::Layer(usize::MAX)));
         assert_eq!(
             points,
             vec![

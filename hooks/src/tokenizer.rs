@@ -73,17 +73,15 @@ impl Tokenizer {
                 let paths = crate::source::hub_repo_files(&repo_id, &revision, &names)?;
                 from_files(&paths[0], paths.last().expect("config.json at least"))
             }
-            ModelSpec::Gguf(path) => {
-                let own = crate::gguf::read_tokenizer(&path)?;
-                match (own, replacement) {
-                    (own, Some(file)) => Self::from_file(file, own.and_then(|t| t.eos_id)),
-                    (Some(own), None) => Ok(own),
-                    (None, None) => Err(Error::Tokenizer(format!(
+            ModelSpec::Gguf(path) => match replacement {
+                Some(file) => Self::from_file(file, crate::gguf::read_eos_id(&path)?),
+                None => crate::gguf::read_tokenizer(&path)?.ok_or_else(|| {
+                    Error::Tokenizer(format!(
                         "{}: has no tokenizer this crate can rebuild (needs tokenizer.ggml.model = gpt2); give a tokenizer.json separately",
                         path.display()
-                    ))),
-                }
-            }
+                    ))
+                }),
+            },
         }
     }
 

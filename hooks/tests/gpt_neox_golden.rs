@@ -170,6 +170,32 @@ fn pythia_70m_shape_with_generated_weights_matches_transformers() {
     assert!(err < 1e-4, "ablated logits: {err}");
 }
 
+/// A config that ties the embeddings decodes with `embed_in` even where the checkpoint also
+/// stores an `embed_out`, as transformers ties them.
+#[test]
+fn tied_embeddings_win_over_a_stored_head() {
+    let fixture = fixture_dir("pythia_style");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap())
+            .unwrap();
+    config["tie_word_embeddings"] = serde_json::json!(true);
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let tied = load(dir.path(), DType::F32);
+    let stored =
+        hooks::candle_core::safetensors::load(fixture.join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let unembedding = tied.unembedding();
+    let to_vec = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(to_vec(&unembedding.weight) == to_vec(&stored["gpt_neox.embed_in.weight"]));
+    assert!(to_vec(&unembedding.weight) != to_vec(&stored["embed_out.weight"]));
+}
+
 #[test]
 fn bad_requests_are_clear_errors() {
     let dir = fixture_dir("pythia_style");

@@ -427,6 +427,15 @@ fn gguf_tokenizer_metadata_builds_a_byte_level_bpe() {
         message.contains("model.gguf: has no tokenizer this crate can rebuild"),
         "{message}"
     );
+    // A replacement tokenizer separates documents with the file's end-of-text id, as the
+    // model does (Pythia's tokenizer has its own <|endoftext|>, id 0).
+    gguf.set("tokenizer.ggml.eos_token_id", Value::U32(258));
+    gguf.write(&file);
+    let replacement =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/gpt-neox-20b-tokenizer.json");
+    let replaced =
+        hooks::Tokenizer::for_model(file.to_str().unwrap(), None, Some(&replacement)).unwrap();
+    assert_eq!(replaced.eos_id(), Some(258));
 }
 
 // ---------------------------------------------------------------------------------------------

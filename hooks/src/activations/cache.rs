@@ -981,7 +981,11 @@ impl ActivationSource for CacheReader {
     fn describe(&self) -> String {
         let order = match self.order {
             ReadOrder::Sequential => "in order".to_string(),
-            ReadOrder::Shuffled { seed, .. } => format!("shuffled with seed {seed}"),
+            // The buffer's size decides the order as much as the seed does.
+            ReadOrder::Shuffled {
+                seed,
+                buffer_tokens,
+            } => format!("shuffled with seed {seed} (in a buffer of {buffer_tokens} tokens)"),
         };
         let m = &self.cache.manifest;
         let data: Vec<String> = m

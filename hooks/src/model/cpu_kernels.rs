@@ -716,16 +716,60 @@ pub(crate) fn layer_norm_bf16(
         &[weight, bias],
         #[inline(always)]
         |row, params, out| {
-            let d = row.len() as f32;
-            let mean = lane_sum(row, |v| v) / d;
-            let variance = lane_sum(row, |v| (v - mean) * (v - mean)) / d;
-            let scale = 1.0 / (variance + eps as f32).sqrt();
+            let (mean, scale) = mean_and_scale(row, eps as f32);
             for (((o, &v), &w), &b) in out.iter_mut().zip(row).zip(params[0]).zip(params[1]) {
                 let (w, b) = (bf16::bf16_value(w), bf16::bf16_value(b));
                 *o = bf16::bf16_bits((v - mean) * scale * w + b);
             }
         },
     )
+}
+
+/// LayerNorm of the rows of f32 `x: [..., d]` on the CPU with f32 `weight` and `bias`
+/// (`[d]`), in parallel, with the variance of the differences from the mean as PyTorch takes
+/// it: candle's kernel takes `E[x²] − mean²`, which cancels for rows far from zero (a
+/// constant row came out NaN). `None` for other tensors.
+pub(crate) fn layer_norm_f32(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Option<Tensor>> {
+    let d = weight.elem_count();
+    if x.dims().last() != Some(&d) || weight.dims() != [d] || bias.dims() != [d] || d == 0 {
+        return Ok(None);
+    }
+    with_f32_slices(&[x, weight, bias], |s| {
+        let mut out = vec![0f32; s[0].len()];
+        out.par_chunks_mut(d)
+            .zip(s[0].par_chunks(d))
+            .for_each(|(out, row)| {
+                with_wide_vectors(
+                    #[inline(always)]
+                    || {
+                        let (mean, scale) = mean_and_scale(row, eps as f32);
+                        for (((o, &v), &w), &b) in out.iter_mut().zip(row).zip(s[1]).zip(s[2]) {
+                            *o = (v - mean) * scale * w + b;
+                        }
+                    },
+                )
+            });
+        Ok(Tensor::from_vec(out, x.dims(), &Device::Cpu)?)
+    })
+}
+
+/// A row's mean and `1 / sqrt(variance + eps)`, the variance taken of the differences from
+/// the mean, as PyTorch's LayerNorm does. The corrected two-pass form: the differences from
+/// the first mean also sum to that mean's rounding error, which is taken out of both (in a
+/// row far from zero, 1/sqrt(eps) would magnify it: a constant row would not give the bias).
+#[inline(always)]
+fn mean_and_scale(row: &[f32], eps: f32) -> (f32, f32) {
+    let d = row.len() as f32;
+    let first = lane_sum(row, |v| v) / d;
+    let correction = lane_sum(row, |v| v - first) / d;
+    let squares = lane_sum(row, |v| (v - first) * (v - first)) / d;
+    let variance = (squares - correction * correction).max(0.0);
+    (first + correction, 1.0 / (variance + eps).sqrt())
 }
 
 /// Runs `normalize(row, params, out)` on every row of bf16 `x: [..., d]` on the CPU, in

@@ -63,7 +63,9 @@ pub(crate) fn load(cfg: &GptNeoxConfig, w: &Loader) -> Result<GptNeox> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let unembed = if cfg.tie_word_embeddings && !w.store.contains("embed_out.weight") {
+    // Hugging Face ties the head to the embedding whenever the config says so, even if a
+    // checkpoint also stores `embed_out.weight`.
+    let unembed = if cfg.tie_word_embeddings {
         embed.clone()
     } else {
         w.tensor("embed_out.weight", &[cfg.vocab_size, d])?

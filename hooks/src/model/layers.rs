@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use super::cpu_kernels::{
-    layer_norm_bf16, linear_bf16, linear_packed_f32, rms_norm_bf16, through_f32,
+    layer_norm_bf16, layer_norm_f32, linear_bf16, linear_packed_f32, rms_norm_bf16, through_f32,
 };
 use crate::cpu::bf16::{Kernel, PackedB};
 use crate::cpu::packed::{F32Kernel, Packed, F32};
@@ -265,12 +265,21 @@ pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -
     if let Some(out) = layer_norm_bf16(x, weight, bias, eps)? {
         return Ok(out);
     }
-    Ok(candle_nn::ops::layer_norm(
-        &x.contiguous()?,
-        weight,
-        bias,
+    if let Some(out) = layer_norm_f32(x, weight, bias, eps)? {
+        return Ok(out);
+    }
+    // candle's kernel takes the variance as `E[x²] − mean²`, which cancels for rows far from
+    // zero (a constant row gives NaN): it gets the rows centred, in f32 as PyTorch computes.
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let out = candle_nn::ops::layer_norm(
+        &centred,
+        &weight.to_dtype(DType::F32)?,
+        &bias.to_dtype(DType::F32)?,
         eps as f32,
-    )?)
+    )?;
+    Ok(out.to_dtype(dtype)?)
 }
 
 /// RMSNorm over the last dimension, as Hugging Face's `LlamaRMSNorm`: `x * rsqrt(mean(x²) + eps)`
@@ -605,6 +614,68 @@ mod tests {
                 reference.flatten_all().unwrap().to_vec1().unwrap(),
             );
             assert!(out == reference, "head size {d}: the outputs differ");
+        }
+    }
+
+    /// LayerNorm takes each row's variance from its differences from the mean, on the f32
+    /// CPU path and on the generic one (here in float16): a constant row gives the bias, up
+    /// to the rounding of its mean (it gave NaN), and f32 rows 300 away from zero match a
+    /// float64 reference (they were off by several percent).
+    #[test]
+    fn layer_norm_keeps_rows_far_from_zero() {
+        for d in [64, 512, 2048] {
+            let bias: Vec<f32> = (0..d).map(|i| (i % 7) as f32 / 8.0 - 0.375).collect();
+            let weight: Vec<f32> = (0..d).map(|i| 1.0 + (i % 5) as f32 / 16.0).collect();
+            let offset = Tensor::randn(0f32, 1.0, (3, d), &Device::Cpu).unwrap() + 300.0;
+            let mut rows: Vec<f32> = offset.unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            for c in [1.7f32, 33.3, 1000.1] {
+                rows.extend(std::iter::repeat_n(c, d));
+            }
+            let n = rows.len() / d;
+            let mut expected = Vec::new();
+            for row in rows.chunks(d) {
+                let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+                let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+                for (i, &v) in row.iter().enumerate() {
+                    let normed = (v as f64 - mean) / (var + 1e-5).sqrt();
+                    expected.push(normed * weight[i] as f64 + bias[i] as f64);
+                }
+            }
+            for dtype in [DType::F32, DType::F16] {
+                let tensor = |values: &[f32], shape: &[usize]| {
+                    Tensor::from_slice(values, shape, &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap()
+                };
+                let out = layer_norm(
+                    &tensor(&rows, &[n, d]),
+                    &tensor(&weight, &[d]),
+                    &tensor(&bias, &[d]),
+                    1e-5,
+                )
+                .unwrap();
+                let out: Vec<f32> = out
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                // float16 rounds the rows near 300 by up to 1/8: only its constant rows
+                // are compared.
+                let rows_checked = if dtype == DType::F16 { 3..n } else { 0..n };
+                for row in rows_checked {
+                    let tolerance = if row < 3 { 2e-3 } else { 1e-6 };
+                    for i in 0..d {
+                        let (o, e) = (out[row * d + i] as f64, expected[row * d + i]);
+                        assert!(
+                            (o - e).abs() <= tolerance * e.abs().max(1.0),
+                            "{dtype:?} d {d} row {row} [{i}]: {o} vs {e}"
+                        );
+                    }
+                }
+            }
         }
     }
 }

@@ -159,7 +159,7 @@ fn check_unused_weights(
         .unused()
         .into_iter()
         .filter(|name| !SAVED_BUFFERS.iter().any(|b| name.ends_with(b)))
-        .filter(|name| !(tied && name == "lm_head.weight"))
+        .filter(|name| !(tied && (name == "lm_head.weight" || name == "embed_out.weight")))
         .collect();
     let layer_of = |name: &str| {
         let (_, rest) = name.split_once("layers.")?;

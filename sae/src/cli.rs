@@ -557,10 +557,16 @@ fn train_command(mut args: TrainArgs) -> Result<()> {
             args.batch_size
         );
     }
-    if args.k_decay_steps > steps {
+    let Some(needed) = steps.checked_mul(args.batch_size as u64) else {
+        bail!(
+            "{steps} steps of --batch-size {} tokens is more tokens than can be counted",
+            args.batch_size
+        );
+    };
+    if args.k_decay_steps >= steps {
         tracing::warn!(
-            "--k-decay-steps {} is more than the run's {steps} steps: k will not have decayed \
-             to --k {} when it ends",
+            "--k-decay-steps {} is not less than the run's {steps} steps: its last step will \
+             not have decayed to --k {}",
             args.k_decay_steps,
             args.k
         );
@@ -621,7 +627,6 @@ fn train_command(mut args: TrainArgs) -> Result<()> {
             )?),
         })
         .collect::<Result<Vec<_>>>()?;
-    let needed = steps * args.batch_size as u64;
     let mut source: Box<dyn ActivationSource + '_> = match (&cache, &model) {
         (Some(cache), _) => Box::new(cache.reader(
             args.batch_size,
@@ -978,11 +983,7 @@ fn eval_command(args: EvalArgs) -> Result<EvalReport> {
                     Some(input) => sae.forward_target(&rows(input)?, &flat)?,
                     None => sae.forward(&flat)?,
                 };
-                sums.l2 += (&flat - &fwd.x_hat)?
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?;
+                sums.l2 += crate::sae::sum_of_squares(&(&flat - &fwd.x_hat)?)?;
                 let wide = flat.to_dtype(DType::F64)?;
                 let shift = match &sums.shift {
                     Some(shift) => shift.clone(),

@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use hooks::cpu::{is_cpu_f32, product_with_transposed, with_f32_slices, with_f32_slices_mut};
 use rayon::prelude::*;
 
-use crate::Result;
+use crate::{Error, Result};
 
 mod fused;
 
@@ -571,8 +571,16 @@ fn decode_cpu(
         return Ok(None);
     }
     let (rows, k) = acts.dims2()?;
-    let d = w_dec.dim(1)?;
+    let (n, d) = w_dec.dims2()?;
     let idx: Vec<u32> = indices.flatten_all()?.to_vec1()?;
+    if let Some(&i) = idx.iter().find(|&&i| i as usize >= n) {
+        return Err(Error::Sae(format!(
+            "latent index {i} is out of range: the decoder has {n} latents"
+        )));
+    }
+    if k == 0 {
+        return Ok(None);
+    }
     let out = with_f32_slices(&[acts, w_dec, b_dec], |s| {
         let (acts, w_dec, b_dec) = (s[0], s[1], s[2]);
         let mut out = vec![0f32; rows * d];

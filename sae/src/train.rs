@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::kernels::{backward, encode_select, Backward, GradSum, Picks, Selection};
 use crate::sae::check_finite;
-use crate::sae::total_variance as batch_variance;
+use crate::sae::{sum_of_squares, total_variance as batch_variance};
 use crate::{Error, Result, Sae, SaeConfig};
 
 /// Training options; the defaults are sparsify's (Adam).
@@ -417,7 +417,7 @@ fn accumulate(
     };
     let x_hat = reconstruct(&top_acts, &top_indices)?;
     let residual = (&x - &x_hat)?;
-    let l2 = sum_squares(&residual)?;
+    let l2 = sum_of_squares(&residual)?;
     let term = |acts, indices, x_hat, scale| Backward {
         target: &x,
         xc: &xc,
@@ -438,7 +438,7 @@ fn accumulate(
             &term(&wide.acts, &wide.indices, &x_hat, 2.0 / (8.0 * tv)),
             sums,
         )?;
-        multi_topk = Some((sum_squares(&(&x - &x_hat)?)? / tv, wide.indices));
+        multi_topk = Some((sum_of_squares(&(&x - &x_hat)?)? / tv, wide.indices));
     }
     let mut auxk_loss = 0.0;
     if let (Some(auxk), Some(selection), Some((_, scale))) = (auxk, &aux_selection, aux_size) {
@@ -487,13 +487,6 @@ fn check_trainable(sae: &Sae) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-fn sum_squares(t: &Tensor) -> Result<f64> {
-    Ok(t.sqr()?
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?)
 }
 
 /// AuxK's selection size and scale for this dead-latent mask: `(k_aux, s)` with
@@ -545,7 +538,7 @@ fn auxk_and_grads(
         },
         sum,
     )?;
-    Ok(sum_squares(&(&e_hat - residual)?)? / tv)
+    Ok(sum_of_squares(&(&e_hat - residual)?)? / tv)
 }
 
 /// Removes from each row of `grad` its component along the same (unit-norm) row of
@@ -1120,7 +1113,7 @@ pub fn train_many(
         have: 0,
         consumed: 0,
     };
-    let mut histories = vec![Vec::with_capacity(options.steps as usize); saes.len()];
+    let mut histories = vec![Vec::new(); saes.len()];
     let checkpoints: Option<Vec<PathBuf>> =
         checkpoint_dirs.map(|dirs| dirs.iter().map(|d| checkpoint_path(d)).collect());
     let resume_from = match &checkpoints {
@@ -1176,7 +1169,7 @@ pub fn train_many(
                     rows.consumed + available as u64,
                     options.steps,
                     options.tokens_per_step,
-                    options.steps * options.tokens_per_step as u64,
+                    options.steps as u128 * options.tokens_per_step as u128,
                     keep()
                 )))
             }
@@ -1331,6 +1324,12 @@ fn load_checkpoint(
     }
     trainer.tokens_since_fired = fired.into_iter().map(|t| t as u64).collect();
     trainer.steps_done = steps;
+    // The k of the last step taken, as a run never stopped has it (a finished run takes no
+    // step that would set it, and saves the SAE with it).
+    if trainer.options.k_decay_steps > 0 && steps > 0 {
+        sae.set_k(trainer.k_at(sae, steps - 1))
+            .map_err(|e| bad(e.to_string()))?;
+    }
     Ok(state)
 }
 
@@ -1470,7 +1469,7 @@ mod tests {
             let e_hat =
                 crate::kernels::decode(&selection.acts, &selection.indices, moved.w_dec(), &zero)
                     .unwrap();
-            let aux = scale * sum_squares(&(e_hat - &residual).unwrap()).unwrap() / tv;
+            let aux = scale * sum_of_squares(&(e_hat - &residual).unwrap()).unwrap() / tv;
             out.fvu + out.multi_topk.unwrap().0 / 8.0 + 0.5 * aux
         });
         assert_eq!(checked, 16 * 6 + 16 + 16 * 6 + 6 + 6 * 6);

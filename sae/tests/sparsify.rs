@@ -89,6 +89,23 @@ fn sparsify_skip_transcoder_gives_sparsify_outputs() {
     let fvu = e["fvu"].to_vec1::<f32>().unwrap()[0] as f64;
     assert!((out.fvu - fvu).abs() < 1e-5 * fvu, "{} vs {fvu}", out.fvu);
 
+    // A cfg.json without the skip connection its file holds is refused, as sparsify's
+    // strict load does, rather than decoding without it.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        dir.join("sae.safetensors"),
+        tmp.path().join("sae.safetensors"),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(dir.join("cfg.json")).unwrap();
+    let cfg = cfg.replace("\"skip_connection\": true", "\"skip_connection\": false");
+    std::fs::write(tmp.path().join("cfg.json"), cfg).unwrap();
+    let err = Sae::load(tmp.path(), &Device::Cpu).unwrap_err().to_string();
+    assert!(
+        err.contains("holds W_skip but cfg.json has no skip_connection"),
+        "{err}"
+    );
+
     // The FVU's gradient, W_skip's included, is sparsify's autograd.
     let out = fvu_and_grads_to(&sae, x, y, None, None).unwrap();
     assert!((out.fvu - fvu).abs() < 1e-5 * fvu);

@@ -241,7 +241,8 @@ fn flat(sae: &Sae) -> Vec<f32> {
 
 /// With and without a skip connection (whose weight and Adam state are checkpointed too),
 /// with Muon (its momentum checkpointed beside Adam's state of the biases), and stopped in
-/// the middle of a k decay (the checkpoint records the run's final k, not the current one).
+/// the middle of a k decay (the checkpoint records the run's final k, not the current one),
+/// or with a decay as long as the run.
 #[test]
 fn an_interrupted_run_resumes_exactly() {
     for (skip_connection, optimizer, k_decay_steps) in [
@@ -249,6 +250,7 @@ fn an_interrupted_run_resumes_exactly() {
         (true, SaeOptimizer::Adam, 0),
         (true, SaeOptimizer::Muon, 0),
         (false, SaeOptimizer::Adam, 6),
+        (false, SaeOptimizer::Adam, 12),
     ] {
         resumes_exactly(skip_connection, optimizer, k_decay_steps);
     }
@@ -319,8 +321,9 @@ fn resumes_exactly(skip_connection: bool, optimizer: SaeOptimizer, k_decay_steps
         checkpoint_every: options.checkpoint_every + 1,
         ..options.clone()
     };
+    let mut rerun = fresh();
     let history = train(
-        &mut fresh(),
+        &mut rerun,
         &mut Planted::new(5, 40),
         POINT,
         &relaxed,
@@ -329,6 +332,10 @@ fn resumes_exactly(skip_connection: bool, optimizer: SaeOptimizer, k_decay_steps
     )
     .unwrap();
     assert_eq!(history, full);
+    // It takes no step, and leaves the SAE with its last step's k (inside a decay that
+    // lasts the whole run, not --k).
+    assert_eq!(rerun.config().k, straight.config().k);
+    assert!(flat(&rerun) == flat(&straight));
     // A run that read other data is refused.
     let message = train(
         &mut fresh(),

@@ -32,7 +32,8 @@ enum Command {
     /// checkpoint in OUTPUT/training.
     Train(TrainArgs),
     /// Evaluate the logit lens (and a tuned lens) per layer: cross-entropy, entropy, KL to the
-    /// model's output and top-1 agreement, in nats and bits per byte.
+    /// model's output and top-1 agreement, in bits per byte where the data's
+    /// bytes per token are known, else in nats (the JSON report holds nats and the factor).
     Eval(EvalArgs),
     /// Across training checkpoints: for each revision, load the model, train (or load) a
     /// tuned lens, evaluate it and the logit lens on the same tokens, record a prompt's
@@ -88,7 +89,7 @@ struct TrajectoryArgs {
     #[arg(long)]
     csv: Option<PathBuf>,
     /// Tokens kept per cell in the JSON.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     top_k: usize,
 }
 
@@ -149,7 +150,8 @@ struct SweepArgs {
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 1)]
     batch_size: usize,
-    /// Tokens to evaluate, rounded up to whole sequences of --seq-len.
+    /// Tokens to evaluate, rounded up to whole sequences of --seq-len (to whole batches of
+    /// --batch-size sequences with --activations).
     #[arg(long, default_value_t = 1 << 16)]
     tokens: u64,
     /// Lens training data (for --lens tuned; keep it apart from --data).
@@ -260,7 +262,8 @@ struct EvalArgs {
     /// folder named `pretrained` is `./pretrained`); without it only the logit lens.
     #[arg(long)]
     lens: Option<String>,
-    /// Tokens to evaluate, rounded up to whole sequences of --seq-len.
+    /// Tokens to evaluate, rounded up to whole sequences of --seq-len (to whole batches of
+    /// --batch-size sequences with --activations).
     #[arg(long, default_value_t = 1 << 18)]
     tokens: u64,
     /// Also write the report as JSON to this file.
@@ -486,6 +489,7 @@ fn trajectory_command(args: TrajectoryArgs) -> Result<()> {
     let model = args.model.load()?;
     let ids = model.tokenizer()?.encode(&text)?;
     anyhow::ensure!(!ids.is_empty(), "the text has no tokens");
+    crate::plot::check_plottable(ids.len())?;
     let lens = lens_arg(&args.lens, &model)?;
     let trajectory = PredictionTrajectory::compute(&model, lens.as_ref(), &ids, args.top_k)?;
     let other = match &args.minus {

@@ -273,9 +273,10 @@ pub fn evaluate(
     max_tokens: u64,
     chunk_tokens: usize,
 ) -> Result<EvalReport> {
-    if chunk_tokens == 0 || seq_len == 0 {
+    if chunk_tokens == 0 || seq_len < 2 {
         return Err(Error::Options(format!(
-            "the chunk size (--chunk-tokens) and sequence length must be positive, got {chunk_tokens} and {seq_len}"
+            "the chunk size (--chunk-tokens) must be positive and the sequence length at least 2 \
+             (the cross-entropy needs a next token in the sequence), got {chunk_tokens} and {seq_len}"
         )));
     }
     let unembedding = unembedding.to_dtype(DType::F32)?;

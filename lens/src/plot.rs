@@ -633,12 +633,28 @@ fn layer_labels(layers: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// Most tokens a trajectory figure shows: 92 pixels each, a panel is already about 47,000
+/// pixels wide (a 20,000-token text would have asked for a 4 GB bitmap).
+pub const MAX_PLOTTED_TOKENS: usize = 512;
+
+/// Refuses a text of more than [`MAX_PLOTTED_TOKENS`] tokens for a trajectory figure.
+pub fn check_plottable(tokens: usize) -> Result<()> {
+    if tokens > MAX_PLOTTED_TOKENS {
+        return Err(Error::Lens(format!(
+            "a trajectory figure shows at most {MAX_PLOTTED_TOKENS} tokens, this text has \
+             {tokens}: plot a shorter text"
+        )));
+    }
+    Ok(())
+}
+
 /// Pixel size of a trajectory panel for `tokens` x `rows` cells.
-fn panel_size(tokens: usize, rows: usize) -> (u32, u32) {
+fn panel_size(tokens: usize, rows: usize) -> Result<(u32, u32)> {
+    check_plottable(tokens)?;
     let width = 260 + 92 * tokens as u32;
     let cell_h = if rows > 20 { 30 } else { 44 };
     let height = 56 + cell_h * rows as u32 + 190;
-    (width.max(640), height.max(420))
+    Ok((width.max(640), height.max(420)))
 }
 
 /// Writes the trajectory figure for `statistic` to `path` (`.png` or `.svg`); returns its
@@ -654,7 +670,7 @@ pub fn plot_trajectory(
     let t = view.first();
     let title = format!("{}: {}", view.description(), statistic.label());
     let panel = view.heatmap(statistic, title)?;
-    let (w, h) = panel_size(t.tokens.len(), t.layers.len());
+    let (w, h) = panel_size(t.tokens.len(), t.layers.len())?;
     render!(path, (w + BAR_WIDTH, h), |root| draw_panels(
         &root,
         None,
@@ -692,7 +708,7 @@ pub fn plot_trajectories(
         statistic,
         false,
     );
-    let (w, h) = panel_size(first.tokens.len(), first.layers.len());
+    let (w, h) = panel_size(first.tokens.len(), first.layers.len())?;
     // As many columns as fit in about 2400 pixels; one panel per row for long prompts.
     let cols = ((2400 / w) as usize).clamp(1, panels.len());
     let rows = panels.len().div_ceil(cols) as u32;
@@ -931,5 +947,18 @@ mod tests {
         assert_eq!(format_tick(0.8), "0.8");
         assert_eq!(format_tick(12.0), "12");
         assert_eq!(shorten("abcdefghij", 5), "abcd…");
+    }
+
+    #[test]
+    fn long_texts_are_refused_before_their_bitmap() {
+        assert_eq!(
+            panel_size(512, 4).unwrap(),
+            (260 + 92 * 512, 56 + 44 * 4 + 190)
+        );
+        let err = panel_size(20_000, 4).unwrap_err().to_string();
+        assert!(
+            err.contains("at most 512 tokens, this text has 20000"),
+            "{err}"
+        );
     }
 }

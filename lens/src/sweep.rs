@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::eval::{evaluate, EvalReport, LayerMetrics, PredictionDepth};
 use crate::plot::{self, CheckpointGrid};
-use crate::train::{prepare_output, train, TrainOptions};
+use crate::train::{checkpoint_dir, checkpoint_file, prepare_output, train, TrainOptions};
 use crate::trajectory::{PredictionTrajectory, Statistic};
 use crate::{Error, LensData, Result, TunedLens};
 
@@ -146,8 +146,9 @@ pub struct CheckpointResult {
     pub settings: serde_json::Value,
 }
 
-/// The settings that shape a checkpoint's result: evaluation data and budget, prompt, and
-/// how the tuned lens is made (not how many tokens are decoded at once).
+/// The settings that shape a checkpoint's result: dtype, evaluation data and budget, prompt,
+/// and how the tuned lens is made (not how many tokens are decoded at once, nor how often its
+/// training is checkpointed).
 fn sweep_settings(options: &SweepOptions) -> serde_json::Value {
     let data = |d: &LensData| {
         serde_json::json!({
@@ -158,7 +159,7 @@ fn sweep_settings(options: &SweepOptions) -> serde_json::Value {
     let lens = match &options.lens {
         SweepLens::Logit => serde_json::json!("logit"),
         SweepLens::Train { data: d, options } => {
-            serde_json::json!({"train": data(d), "options": options})
+            serde_json::json!({"train": data(d), "options": options.recipe()})
         }
         SweepLens::Load(pattern) => serde_json::json!({ "load": pattern }),
     };
@@ -166,7 +167,27 @@ fn sweep_settings(options: &SweepOptions) -> serde_json::Value {
         "model": options.model, "tokenizer": options.tokenizer, "eval_data": data(&options.eval_data),
         "eval_tokens": options.eval_tokens,
         "prompt": options.prompt, "top_k": options.top_k, "lens": lens,
+        "dtype": hooks::dtype_name(options.load.dtype),
     })
+}
+
+/// Whether a checkpoint's recorded `saved` settings are this run's `now` ([`sweep_settings`]),
+/// as far as they go: settings from before a field was recorded (the dtype) do not hold it,
+/// and those from before [`TrainOptions::recipe`] hold the chunk size and checkpoint
+/// interval that they now leave out.
+fn same_settings(saved: &serde_json::Value, now: &serde_json::Value) -> (bool, serde_json::Value) {
+    let mut saved = saved.clone();
+    if let Some(options) = saved.pointer_mut("/lens/options") {
+        if let Ok(recorded) = serde_json::from_value::<TrainOptions>(options.clone()) {
+            *options = serde_json::json!(recorded.recipe());
+        }
+    }
+    if let Some(fields) = saved.as_object_mut() {
+        fields
+            .entry("dtype")
+            .or_insert_with(|| now["dtype"].clone());
+    }
+    (saved == *now, saved)
 }
 
 /// `sweep.json`: the sweep's settings and every checkpoint's result, in training order.
@@ -332,6 +353,17 @@ pub fn run_sweep(options: &SweepOptions, progress: bool) -> Result<SweepSummary>
             options.eval_tokens, options.eval_data.seq_len
         )));
     }
+    // Found now, not once the first checkpoint is trained and evaluated.
+    if let SweepLens::Train { options, .. } = &options.lens {
+        options.validate()?;
+    }
+    if options
+        .prompt
+        .as_deref()
+        .is_some_and(|p| p.trim().is_empty())
+    {
+        return Err(Error::Lens("the prompt (--prompt) is empty".into()));
+    }
     std::fs::create_dir_all(&options.output).map_err(|e| hooks::Error::io(&options.output, e))?;
     let multi = MultiProgress::new();
     if !progress || !std::io::stderr().is_terminal() {
@@ -354,11 +386,12 @@ pub fn run_sweep(options: &SweepOptions, progress: bool) -> Result<SweepSummary>
                 ))
             })?;
             let now = sweep_settings(options);
-            if !result.settings.is_null() && result.settings != now {
+            let (same, saved) = same_settings(&result.settings, &now);
+            if !result.settings.is_null() && !same {
                 return Err(Error::Lens(format!(
                     "{} was made with other settings ({}); use another output folder or delete it",
                     done.display(),
-                    hooks::checkpoint::differences(&result.settings, &now)
+                    hooks::checkpoint::differences(&saved, &now)
                 )));
             }
             note(
@@ -510,7 +543,9 @@ fn sweep_checkpoint(
     Ok(result)
 }
 
-/// Trains (or resumes, or reuses) the tuned lens of one checkpoint in `dir`.
+/// Trains (or resumes) the tuned lens of one checkpoint in `dir`. A lens trained whole
+/// before goes through its training checkpoint as well, which checks it against this recipe
+/// and data and runs no step; one whose checkpoint was deleted is reused as it is.
 fn train_for_checkpoint(
     model: &Model,
     dir: &Path,
@@ -519,7 +554,9 @@ fn train_for_checkpoint(
     multi: &MultiProgress,
     progress: bool,
 ) -> Result<TunedLens> {
-    if dir.join("params.safetensors").is_file() {
+    // config.json is written after the parameters: a lens is whole once it is there.
+    let whole = dir.join("config.json").is_file();
+    if whole && !checkpoint_file(&checkpoint_dir(dir)).is_file() {
         let lens = TunedLens::load(dir, model.device())?;
         lens.check_model(model)?;
         return Ok(lens);
@@ -548,8 +585,11 @@ fn train_for_checkpoint(
     )?;
     bar.finish_and_clear();
     multi.remove(&bar);
-    lens.save(dir)?;
-    hooks::atomic::write_json(&ckpt.join("history.json"), &history)?;
+    // A whole lens is its checkpoint's last step: it stays as it is.
+    if !whole {
+        lens.save(dir)?;
+        hooks::atomic::write_json(&ckpt.join("history.json"), &history)?;
+    }
     Ok(lens)
 }
 
@@ -700,9 +740,9 @@ fn statistic_short(statistic: Statistic) -> &'static str {
 /// The figures of a finished sweep, PNG and SVG, into `figures` (created): for each lens and
 /// statistic a layer x checkpoint heatmap and per-layer curves, and, when a prompt was
 /// recorded, its trajectories side by side (for each statistic in `statistics`; at most
-/// `max_panels` checkpoints, evenly spaced, always including the first and last); for each
-/// lens, the distribution of prediction depths at each checkpoint (when measured). Returns
-/// the files written.
+/// `max_panels` checkpoints, evenly spaced, including the first and last, or the last alone
+/// when it is 1); for each lens, the distribution of prediction depths at each checkpoint
+/// (when measured). Returns the files written.
 pub fn plot_sweep(
     output: &Path,
     figures: &Path,
@@ -769,14 +809,60 @@ pub fn plot_sweep(
     Ok(written)
 }
 
-/// Up to `k` indices of `0..n`, evenly spaced, first and last included.
+/// Up to `k` indices of `0..n`, evenly spaced, first and last included (the last alone
+/// when `k` is 1: the trained model).
 fn spaced(n: usize, k: usize) -> Vec<usize> {
     if n <= k {
         return (0..n).collect();
+    }
+    if k == 1 {
+        return vec![n - 1];
     }
     let mut picked: Vec<usize> = (0..k)
         .map(|i| ((i as f64) * (n - 1) as f64 / (k - 1).max(1) as f64).round() as usize)
         .collect();
     picked.dedup();
     picked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panels_are_spaced_with_both_ends() {
+        assert_eq!(spaced(5, 3), vec![0, 2, 4]);
+        assert_eq!(spaced(5, 1), vec![4]);
+        assert_eq!(spaced(2, 6), vec![0, 1]);
+    }
+
+    /// A result recorded with another chunk size or checkpoint interval, or before the dtype
+    /// was recorded, is reused; one with another dtype or recipe is not.
+    #[test]
+    fn recorded_settings_compare_without_chunking_or_later_fields() {
+        let settings = |dtype: Option<&str>, options: TrainOptions| {
+            let mut value = serde_json::json!({"lens": {"options": options}, "top_k": 5});
+            if let Some(dtype) = dtype {
+                value["dtype"] = serde_json::json!(dtype);
+            }
+            value
+        };
+        let now = settings(Some("float32"), TrainOptions::default().recipe());
+        let chunked = TrainOptions {
+            chunk_tokens: 64,
+            checkpoint_every: 3,
+            ..TrainOptions::default()
+        };
+        assert!(same_settings(&settings(None, chunked.clone()), &now).0);
+        assert!(same_settings(&settings(Some("float32"), chunked), &now).0);
+        let (same, saved) =
+            same_settings(&settings(Some("bfloat16"), TrainOptions::default()), &now);
+        assert!(!same);
+        assert!(hooks::checkpoint::differences(&saved, &now).contains("dtype"));
+        let longer = TrainOptions {
+            steps: 7,
+            ..TrainOptions::default()
+        };
+        assert!(!same_settings(&settings(Some("float32"), longer), &now).0);
+    }
 }

@@ -170,6 +170,18 @@ impl TrainOptions {
         }
     }
 
+    /// These options without those that change no result, at their defaults: how often
+    /// checkpoints are written, and the tokens taken at once (a memory bound: only the order
+    /// in which a step's sums are taken changes). A resumed run must share the recipe.
+    pub fn recipe(&self) -> TrainOptions {
+        let defaults = TrainOptions::default();
+        TrainOptions {
+            checkpoint_every: defaults.checkpoint_every,
+            chunk_tokens: defaults.chunk_tokens,
+            ..self.clone()
+        }
+    }
+
     /// Refuses options that cannot train a lens (a negative rate would climb the loss, a
     /// momentum of 1 or more never forgets, a zero clip zeroes every gradient), naming them.
     pub fn validate(&self) -> Result<()> {
@@ -209,6 +221,13 @@ impl TrainOptions {
             return bad(format!(
                 "the gradient-norm clip must be positive (inf: no clipping), got {}",
                 self.clip
+            ));
+        }
+        if self.seq_len == 0 || (self.loss == LossKind::Ce && self.seq_len < 2) {
+            return bad(format!(
+                "the sequence length must be positive, and at least 2 for cross-entropy training \
+                 (the last token of a sequence has no next one), got {}",
+                self.seq_len
             ));
         }
         if self.loss == LossKind::Ce && !self.tokens_per_step.is_multiple_of(self.seq_len) {
@@ -531,15 +550,11 @@ fn load_checkpoint(
     let (state, tensors): (State, _) = hooks::checkpoint::load(path, &device)?;
     // How often checkpoints are written, and the tokens taken at once (a memory bound: only
     // the order in which a step's sums are taken changes), may differ.
-    let saved = TrainOptions {
-        checkpoint_every: options.checkpoint_every,
-        chunk_tokens: options.chunk_tokens,
-        ..state.options.clone()
-    };
-    if saved != *options {
+    let (saved, now) = (state.options.recipe(), options.recipe());
+    if saved != now {
         return Err(bad(format!(
             "was made with other training options ({}); use another output folder or delete the checkpoint",
-            hooks::checkpoint::differences(&saved, options)
+            hooks::checkpoint::differences(&saved, &now)
         )));
     }
     hooks::checkpoint::check_source(&state.source, source).map_err(bad)?;
@@ -573,7 +588,7 @@ pub fn checkpoint_dir(output: &Path) -> PathBuf {
 }
 
 /// The checkpoint file [`train`] keeps in its checkpoint folder.
-fn checkpoint_file(dir: &Path) -> PathBuf {
+pub(crate) fn checkpoint_file(dir: &Path) -> PathBuf {
     dir.join("checkpoint.safetensors")
 }
 
@@ -637,6 +652,22 @@ mod tests {
                     ..ok.clone()
                 },
                 "more tokens than can be counted",
+            ),
+            (
+                TrainOptions {
+                    seq_len: 0,
+                    ..ok.clone()
+                },
+                "sequence length must be positive",
+            ),
+            (
+                TrainOptions {
+                    loss: LossKind::Ce,
+                    seq_len: 1,
+                    tokens_per_step: 4,
+                    ..ok.clone()
+                },
+                "at least 2 for cross-entropy training",
             ),
         ] {
             let err = options.validate().unwrap_err();

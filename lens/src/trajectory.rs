@@ -264,7 +264,7 @@ impl PredictionTrajectory {
 
     /// Per position, the lens's prediction depth ([`crate::eval::prediction_depth`]): the
     /// first layer from which its top-1 token is the model's at every later layer, the
-    /// number of layers where even the last one's differs (always so with `top_k` 0).
+    /// number of layers where even the last one's differs.
     pub fn prediction_depths(&self) -> Vec<usize> {
         let Some((output, layers)) = self.cells.split_last() else {
             return Vec::new();

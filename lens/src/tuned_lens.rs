@@ -188,8 +188,9 @@ impl TunedLens {
             );
         }
         if let Some(expected) = ours {
-            let actual = unembedding_hash(&model.unembedding())?;
-            if actual != expected {
+            let unembedding = model.unembedding();
+            let actual = unembedding_hash(&unembedding)?;
+            if actual != expected && legacy_unembedding_hash(&unembedding)? != expected {
                 return Err(Error::Lens(format!(
                     "lens was trained with another unembedding (trained on '{}'; hash {expected}, this model's {actual})",
                     self.config.base_model_name_or_path
@@ -317,9 +318,23 @@ impl TunedLens {
 pub const UNEMBED_HASH_PREFIX: &str = "ei-fnv1a64:";
 
 /// A fingerprint of an unembedding that survives dtype changes: FNV-1a over the bf16
-/// rounding of its first and last 4096 values and its shape. (Not the reference's hash,
-/// which covers numpy's printed summary of the matrix.)
+/// rounding (to nearest even, as candle converts) of its first and last 4096 values and its
+/// shape. (Not the reference's hash, which covers numpy's printed summary of the matrix.)
 pub fn unembedding_hash(unembedding: &Unembedding) -> Result<String> {
+    fingerprint(unembedding, |v| half::bf16::from_f32(v).to_bits())
+}
+
+/// The fingerprint of lenses trained before 2026-12-02, still accepted from their files: it
+/// rounded ties away from zero, so for a model stored in float16 (Pythia) it changed with the
+/// dtype the model was loaded in. Equal to [`unembedding_hash`] wherever no value is a tie.
+fn legacy_unembedding_hash(unembedding: &Unembedding) -> Result<String> {
+    // Wrapping: a NaN's bits may overflow (only finite values' roundings matter).
+    fingerprint(unembedding, |v| {
+        (v.to_bits().wrapping_add(0x8000) >> 16) as u16
+    })
+}
+
+fn fingerprint(unembedding: &Unembedding, bf16_bits: impl Fn(f32) -> u16) -> Result<String> {
     let w = unembedding.weight.flatten_all()?.to_dtype(DType::F32)?;
     let n = w.elem_count();
     let take = n.min(4096);
@@ -330,8 +345,7 @@ pub fn unembedding_hash(unembedding: &Unembedding) -> Result<String> {
         h = h.bytes(&(*dim as u64).to_le_bytes());
     }
     for v in values {
-        // Wrapping: a NaN's bits may overflow (only finite values' roundings matter).
-        h = h.bytes(&(v.to_bits().wrapping_add(0x8000) >> 16).to_le_bytes());
+        h = h.bytes(&u32::from(bf16_bits(v)).to_le_bytes());
     }
     Ok(format!("{UNEMBED_HASH_PREFIX}{:016x}", h.finish()))
 }
@@ -346,7 +360,10 @@ mod tests {
             weight: Tensor::ones(4, DType::F32, &Device::Cpu).unwrap(),
             eps: 1e-6,
         };
-        let values: Vec<f32> = (0..24).map(|i| (i as f32 - 11.5) / 7.0).collect();
+        let mut values: Vec<f32> = (0..24).map(|i| (i as f32 - 11.5) / 7.0).collect();
+        // Halfway between two bf16 values (float16 weights have many): to the even one.
+        values[0] = 1.003_906_2; // 0x3F808000
+        values[1] = -2.007_812_5; // 0xC0008000
         let weight = Tensor::from_vec(values.clone(), (6, 4), &Device::Cpu).unwrap();
         let hash = |weight: Tensor| unembedding_hash(&Unembedding::new(norm.clone(), weight));
         let f32_hash = hash(weight.clone()).unwrap();
@@ -354,10 +371,53 @@ mod tests {
             hash(weight.to_dtype(DType::BF16).unwrap()).unwrap(),
             f32_hash
         );
+        assert_eq!(
+            hash(weight.to_dtype(DType::F16).unwrap()).unwrap(),
+            f32_hash
+        );
         // The all-ones NaN (a 0xFF fill) used to overflow the rounding.
         let mut damaged = values;
         damaged[3] = f32::from_bits(u32::MAX);
         let damaged = Tensor::from_vec(damaged, (6, 4), &Device::Cpu).unwrap();
         assert_ne!(hash(damaged).unwrap(), f32_hash);
+    }
+
+    /// Pythia's weights are float16, a model loaded in float32 and in bfloat16 has the same
+    /// fingerprint, and a lens whose file records the fingerprint of before 2026-12-02 (which
+    /// differs for such a model) still fits it.
+    #[test]
+    fn float16_weights_keep_their_fingerprint_and_old_lenses_fit() {
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gpt_neox/pythia_style");
+        let tmp = tempfile::tempdir().unwrap();
+        let tensors =
+            candle_core::safetensors::load(fixture.join("model.safetensors"), &Device::Cpu)
+                .unwrap();
+        let f16: HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(name, t)| (name, t.to_dtype(DType::F16).unwrap()))
+            .collect();
+        candle_core::safetensors::save(&f16, tmp.path().join("model.safetensors")).unwrap();
+        std::fs::copy(fixture.join("config.json"), tmp.path().join("config.json")).unwrap();
+        let load = |dtype| {
+            let options = hooks::LoadOptions {
+                dtype,
+                ..Default::default()
+            };
+            Model::from_folder(tmp.path(), &options).unwrap()
+        };
+        let model = load(DType::F32);
+        let hash = unembedding_hash(&model.unembedding()).unwrap();
+        assert_eq!(
+            unembedding_hash(&load(DType::BF16).unembedding()).unwrap(),
+            hash
+        );
+        let legacy = legacy_unembedding_hash(&model.unembedding()).unwrap();
+        assert_ne!(legacy, hash, "the fixture should hold ties");
+        let mut lens = TunedLens::for_model(&model).unwrap();
+        lens.config.unembed_hash = Some(legacy);
+        lens.check_model(&model).unwrap();
+        lens.config.unembed_hash = Some(format!("{UNEMBED_HASH_PREFIX}{:016x}", 0));
+        assert!(lens.check_model(&model).is_err());
     }
 }

@@ -506,6 +506,48 @@ fn sweep_over_two_local_checkpoints_writes_files_and_resumes() {
         summary.results[1].eval.tuned_lens
     );
     std::fs::rename(&step0_backup, &step0_folder).unwrap();
+    // Without results, the lenses are checked against the recipe through their training
+    // checkpoints: another number of steps is refused, another chunk size is not another
+    // lens.
+    for step in ["step0", "step1"] {
+        std::fs::remove_file(output.join(step).join("result.json")).unwrap();
+    }
+    let with_train = |steps, chunk_tokens| {
+        let SweepLens::Train {
+            data,
+            options: train,
+        } = &options.lens
+        else {
+            unreachable!()
+        };
+        SweepOptions {
+            lens: SweepLens::Train {
+                data: data.clone(),
+                options: TrainOptions {
+                    steps,
+                    chunk_tokens,
+                    ..train.clone()
+                },
+            },
+            ..options.clone()
+        }
+    };
+    let err = run_sweep(&with_train(3, 64), false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("step0/lens/training/checkpoint.safetensors: was made with other training options (steps: 2 -> 3)"),
+        "{err}"
+    );
+    let rechunked = run_sweep(&with_train(2, 32), false).unwrap();
+    assert_eq!(
+        rechunked.results[1].eval.tuned_lens,
+        summary.results[1].eval.tuned_lens
+    );
+    assert_eq!(
+        std::fs::metadata(&lens_file).unwrap().modified().unwrap(),
+        lens_time
+    );
     // A finished checkpoint is not reused for a sweep with other settings.
     let other = SweepOptions {
         eval_tokens: 64,
@@ -582,7 +624,7 @@ fn evaluating_a_model_with_non_finite_outputs_is_an_error() {
     };
     let err = evaluate(source.as_mut(), 0);
     assert!(
-        err.contains("(--chunk-tokens) and sequence length must be positive, got 0"),
+        err.contains("(--chunk-tokens) must be positive and the sequence length at least 2"),
         "{err}"
     );
     let err = evaluate(source.as_mut(), 64);

@@ -70,13 +70,7 @@ struct SaeArgs {
 impl SaeArgs {
     /// The hook point names and the `--sae` source, checked before a model is loaded.
     fn checked(&self) -> Result<(Vec<String>, &Path)> {
-        let names: Vec<String> = self
-            .hookpoints
-            .split(',')
-            .map(str::trim)
-            .filter(|n| !n.is_empty())
-            .map(str::to_string)
-            .collect();
+        let names = unique_hookpoints(&self.hookpoints);
         if names.is_empty() {
             bail!("--hookpoints names no SAE");
         }
@@ -183,10 +177,12 @@ struct RunArgs {
     /// Skip latents firing in fewer windows.
     #[arg(long, default_value_t = 200)]
     min_examples: usize,
-    /// Examples shown to the explainer.
+    /// Examples shown to the explainer (with quantile sampling, rounded down to a multiple of
+    /// --n-quantiles).
     #[arg(long, default_value_t = 40)]
     n_train: usize,
-    /// Activating examples held out for scoring (disjoint from the explainer's).
+    /// Activating examples held out for scoring, disjoint from the explainer's (rounded down
+    /// to a multiple of --n-quantiles).
     #[arg(long, default_value_t = 50)]
     n_test: usize,
     /// Silent examples for scoring.
@@ -219,7 +215,8 @@ struct RunArgs {
     /// Leave the activation values out of the explainer prompt.
     #[arg(long)]
     no_activations: bool,
-    /// Seed of example sampling.
+    /// Seed of every random choice: example sampling, the order of scored excerpts, and the
+    /// marks of fuzzing's and the intruder's silent excerpts.
     #[arg(long, default_value_t = 22)]
     seed: u64,
 }
@@ -413,6 +410,18 @@ fn parse_prices(text: &str) -> std::result::Result<(f64, f64), String> {
         })
 }
 
+/// The comma-separated hook points of `--hookpoints`, each once (a repeated one would run
+/// its latents twice, both writing the same files).
+fn unique_hookpoints(text: &str) -> Vec<String> {
+    let mut points: Vec<String> = Vec::new();
+    for point in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if !points.iter().any(|p| p == point) {
+            points.push(point.to_string());
+        }
+    }
+    points
+}
+
 fn parse_latents(text: &str) -> Result<Range<u32>> {
     let index = |part: &str| {
         part.trim().parse::<u32>().with_context(|| {
@@ -423,7 +432,10 @@ fn parse_latents(text: &str) -> Result<Range<u32>> {
         Some((a, b)) => index(a)?..index(b)?,
         None => {
             let one = index(text)?;
-            one..one + 1
+            let Some(end) = one.checked_add(1) else {
+                bail!("--latents {text}: latent indices stop below {}", u32::MAX);
+            };
+            one..end
         }
     };
     if range.is_empty() {
@@ -521,13 +533,7 @@ fn run_command(args: RunArgs) -> Result<()> {
     let shard = Shard::parse(&args.shard)?;
     let scorers = parse_scorers(&args.scorers)?;
     let config = JobConfig {
-        hookpoints: args
-            .saes
-            .hookpoints
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect(),
+        hookpoints: unique_hookpoints(&args.saes.hookpoints),
         latents: parse_latents(&args.latents)?,
         scorers: scorers.clone(),
         examples: ExampleConfig {
@@ -765,6 +771,12 @@ mod tests {
             "{err}"
         );
         assert!(parse_latents("4..4").is_err(), "empty");
+        let err = format!("{:#}", parse_latents("4294967295").unwrap_err());
+        assert!(err.contains("stop below 4294967295"), "{err}");
+        assert_eq!(
+            unique_hookpoints("layers.1, layers.2,layers.1,"),
+            ["layers.1", "layers.2"]
+        );
         assert_eq!(parse_prices("0.15, 0.6").unwrap(), (0.15, 0.6));
         for bad in ["1", "1,abc", "1,2,3", "-1,2"] {
             let err = parse_prices(bad).unwrap_err();

@@ -201,6 +201,15 @@ impl JobConfig {
         self.score.validate()?;
         if self.scorers.contains(&Scorer::Intruder) {
             check_intruder_config(&self.score)?;
+            let per_quantile = self.examples.n_test / self.examples.n_quantiles;
+            if per_quantile < 2 {
+                return Err(Error::Invalid(format!(
+                    "the intruder scorer shows activating excerpts of one quantile per prompt, \
+                     and n_test {} (--n-test) gives each of the {} quantiles (--n-quantiles) \
+                     {per_quantile}: it needs at least 2, else there is no odd one out",
+                    self.examples.n_test, self.examples.n_quantiles
+                )));
+            }
         }
         if self.explain.max_tokens == 0 {
             return Err(Error::Invalid(
@@ -577,6 +586,14 @@ async fn process_latent(
         let answer = explain(models.explainer, &shown_examples, &config.explain).await?;
         counters.spend(answer.usage);
         if let Some(text) = &answer.explanation {
+            // Scores of an earlier explanation (whose file was deleted to redo it) would be
+            // kept beside the new one; they go first, so a kill in between loses nothing.
+            for scorer in [Scorer::Detection, Scorer::Fuzzing, Scorer::Embedding] {
+                let stale = score_path(output, scorer, hookpoint, latent);
+                if stale.is_file() {
+                    std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
+                }
+            }
             write_json_file(&path, text)?;
         } else if answer.truncated {
             tracing::warn!(
@@ -667,7 +684,8 @@ async fn process_latent(
 /// belongs to `options.shard`. Latents whose requests fail are reported, not fatal; their
 /// files are simply missing, so the next run retries them. So are a scorer's results when
 /// some of its answers could not be read (unless [`RunOptions::keep_unreadable`]). Settings
-/// are checked ([`JobConfig::validate`]) before anything is written.
+/// are checked ([`JobConfig::validate`]) before anything is written. Runs on tokio's
+/// multi-threaded runtime (the embedding scorer computes on the thread it was given).
 pub async fn run_job(
     cache: &LatentCache,
     tokenizer: &Tokenizer,
@@ -695,7 +713,9 @@ pub async fn run_job(
     }
     let mut work = Vec::new();
     for hookpoint in &config.hookpoints {
-        let mut firings = cache.firings(hookpoint, config.latents.clone())?;
+        let mut firings = cache.firings_of(hookpoint, config.latents.clone(), |l| {
+            options.shard.contains(l)
+        })?;
         for latent in config
             .latents
             .clone()

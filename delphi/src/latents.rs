@@ -232,7 +232,7 @@ pub fn write_latent_cache(
             ));
         }
     }
-    let done = shard_ranges(&shards_dir)?.last().map_or(0, |r| r.end);
+    let done = shard_ranges(&shards_dir)?.last().map_or(0, |(r, _)| r.end);
     let mut chunks = chunks;
     check_cached_data(&shards_dir, &mut chunks)?;
     // Only now, with the data checked, is the cache marked as being written.
@@ -532,8 +532,8 @@ fn delphi_splits(files: Vec<(u64, u64, PathBuf)>) -> Result<Vec<(u32, u32, PathB
     Ok(splits)
 }
 
-/// The sequence ranges of our shards, checked to tile `0..end` without gaps.
-fn shard_ranges(dir: &Path) -> Result<Vec<Range<u64>>> {
+/// Our shards with the sequences each holds, checked to tile `0..end` without gaps.
+fn shard_ranges(dir: &Path) -> Result<Vec<(Range<u64>, PathBuf)>> {
     let mut expected = 0;
     let mut ranges = Vec::new();
     for (first, end, path) in numbered_files(dir)? {
@@ -548,7 +548,7 @@ fn shard_ranges(dir: &Path) -> Result<Vec<Range<u64>>> {
             ));
         }
         expected = end;
-        ranges.push(first..end);
+        ranges.push((first..end, path));
     }
     Ok(ranges)
 }
@@ -603,7 +603,8 @@ impl LatentCache {
             ));
         }
         let shards_dir = dir.join("shards");
-        let end = shard_ranges(&shards_dir)?.last().map_or(0, |r| r.end);
+        let ranges = shard_ranges(&shards_dir)?;
+        let end = ranges.last().map_or(0, |(r, _)| r.end);
         if let Some(sequences) = config.sequences.filter(|&s| s != end) {
             return Err(Error::file(
                 &shards_dir,
@@ -613,9 +614,9 @@ impl LatentCache {
                 ),
             ));
         }
-        let shards: Vec<(u32, PathBuf)> = numbered_files(&shards_dir)?
+        let shards: Vec<(u32, PathBuf)> = ranges
             .into_iter()
-            .map(|(first, _, path)| (first as u32, path))
+            .map(|(range, path)| (range.start as u32, path))
             .collect();
         let mut tokens = Vec::new();
         for (_, path) in &shards {
@@ -779,6 +780,17 @@ impl LatentCache {
         hookpoint: &str,
         latents: Range<u32>,
     ) -> Result<BTreeMap<u32, Vec<Firing>>> {
+        self.firings_of(hookpoint, latents, |_| true)
+    }
+
+    /// [`LatentCache::firings`] of the latents in `latents` that `wanted` keeps (a job's
+    /// shard), holding no others' in memory on the way.
+    pub fn firings_of(
+        &self,
+        hookpoint: &str,
+        latents: Range<u32>,
+        wanted: impl Fn(u32) -> bool,
+    ) -> Result<BTreeMap<u32, Vec<Firing>>> {
         self.check_latents(hookpoint, latents.clone())?;
         let (sequences, seq_len) = (self.tokens.sequences(), self.tokens.seq_len());
         let mut out: BTreeMap<u32, Vec<Firing>> = BTreeMap::new();
@@ -815,7 +827,7 @@ impl LatentCache {
                         ),
                     ));
                 };
-                if latents.contains(&latent) {
+                if latents.contains(&latent) && wanted(latent) {
                     out.entry(latent).or_default().push(Firing {
                         seq,
                         pos: loc[1],

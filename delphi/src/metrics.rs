@@ -74,14 +74,17 @@ impl Confusion {
         ratio(self.true_positives, self.positives())
     }
 
-    /// Harmonic mean of precision and recall; 0 when both are 0.
+    /// Harmonic mean of precision and recall, 2 TP / (2 TP + FP + FN); `None` without
+    /// activating examples. A scorer that never answers 1 scores 0 (as in delphi), not
+    /// `None`: its latent counts in the median.
     pub fn f1(&self) -> Option<f64> {
-        let (p, r) = (self.precision()?, self.recall()?);
-        Some(if p + r == 0.0 {
-            0.0
-        } else {
-            2.0 * p * r / (p + r)
-        })
+        if self.positives() == 0 {
+            return None;
+        }
+        ratio(
+            2 * self.true_positives,
+            2 * self.true_positives + self.false_positives + self.false_negatives,
+        )
     }
 
     /// The summary written to score files.
@@ -207,7 +210,9 @@ mod tests {
         assert_eq!(only_positives.balanced_accuracy(), None);
         assert_eq!(only_positives.precision(), None);
         assert_eq!(only_positives.recall(), Some(0.0));
-        assert_eq!(only_positives.f1(), None);
+        assert_eq!(only_positives.f1(), Some(0.0));
+        let only_negatives = Confusion::from_pairs([(false, Some(false)), (false, Some(true))]);
+        assert_eq!(only_negatives.f1(), None);
         let json = serde_json::to_string(&only_positives.summary()).unwrap();
         assert!(json.contains("\"precision\":null"), "{json}");
     }

@@ -26,8 +26,7 @@ pub struct ShownExample {
     pub normalized: Vec<u8>,
 }
 
-/// The text with runs of tokens whose activation exceeds `threshold` times `max`
-/// wrapped in `<<` `>>`.
+/// The text with each run of `marked` tokens wrapped in `<<` `>>`.
 pub fn highlight(tokens: &[String], marked: &[bool]) -> String {
     let mut out = String::new();
     let mut open = false;

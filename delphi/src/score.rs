@@ -276,7 +276,8 @@ pub fn check_intruder_config(config: &ScoreConfig) -> Result<()> {
 /// have on average, rounded up (delphi: the rounded-down mean count of tokens with any
 /// activation, even those too weak to be marked). As for [`classify`], an LLM error fails
 /// the scorer and an unreadable answer is counted. No prompt without both kinds of excerpt;
-/// fewer than 3 excerpts per prompt is refused (there would be no odd one out).
+/// fewer than 3 excerpts per prompt is refused, and a quantile with only one activating
+/// excerpt is not shown (there would be no odd one out).
 pub async fn intrude(
     llm: &dyn Llm,
     samples: &[Sample],
@@ -289,6 +290,8 @@ pub async fn intrude(
     for sample in samples.iter().filter(|s| s.activating) {
         quantiles.entry(sample.distance).or_default().push(sample);
     }
+    // With one activating excerpt there is no odd one out (and chance would be 1/2).
+    quantiles.retain(|_, group| group.len() >= 2);
     let silent = samples.iter().filter(|s| !s.activating);
     let per_prompt = config.examples_per_prompt - 1;
     let mut prompts = Vec::new();

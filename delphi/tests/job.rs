@@ -964,6 +964,9 @@ async fn bad_settings_are_refused_before_anything_is_written() {
     let mut c = job_config();
     c.examples.n_non_activating = 0;
     cases.push((c, "--n-non-activating must be at least 1"));
+    let mut c = job_config();
+    c.examples.n_test = 9;
+    cases.push((c, "quantiles (--n-quantiles) 1: it needs at least 2"));
     for (config, expected) in cases {
         let message = try_run(&f, &server, &out, Shard::ALL, &config, false)
             .await
@@ -1097,6 +1100,23 @@ async fn faults_lose_nothing_and_a_rerun_completes_exactly_the_missing_latents()
     let server = TestServer::start().await;
     run(&f, &server, &faulty, Shard::ALL).await;
     assert_eq!(server.requests().len(), 0);
+
+    // An explanation deleted to redo it takes its scores along (they scored the old text).
+    let explanation = reference
+        .keys()
+        .find(|k| k.starts_with("explanations/"))
+        .unwrap();
+    let name = explanation.trim_start_matches("explanations/");
+    std::fs::write(
+        faulty.join("scores/detection").join(name),
+        b"scored another explanation",
+    )
+    .unwrap();
+    std::fs::remove_file(faulty.join(explanation)).unwrap();
+    let server = TestServer::start().await;
+    run(&f, &server, &faulty, Shard::ALL).await;
+    assert_eq!(server.explainer_requests(), 1);
+    assert_eq!(results(&faulty), reference);
 
     let summary = summarize(&faulty, &job_config()).unwrap();
     assert_eq!(summary.explained as usize, explained);

@@ -19,10 +19,13 @@
 //! Checked against transformers in `delphi/tests/local_llm.rs` with the fixture
 //! `tests/fixtures/delphi/local_llm.json`.
 //!
-//! Requests run one at a time on tokio's blocking pool (the model sits behind a mutex; the
-//! matmuls use every core already). The KV cache of the shared start of prompts (everything
-//! before the last message: the system prompt and few-shot turns of the explainer and scorer
-//! prompts) is kept for the next requests, so only the new part is processed.
+//! Requests run on tokio's blocking pool. Their prompts are processed one at a time (the
+//! model sits behind a mutex; the matmuls use every core already); each then generates its
+//! answer on its own copy of the model state, beside the others in flight (each holds its
+//! own KV cache, so memory grows with the requests in flight, `--concurrency` latents' worth).
+//! The KV cache of the shared start of prompts (everything before the last message: the
+//! system prompt and few-shot turns of the explainer and scorer prompts) is kept for the next
+//! requests, so only the new part is processed.
 
 use std::collections::VecDeque;
 use std::fs::File;

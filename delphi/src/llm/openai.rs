@@ -373,7 +373,10 @@ fn parse_response(text: &str) -> std::result::Result<ChatResponse, String> {
         .and_then(|c| c.get(0))
         .ok_or_else(|| format!("the response has no choices[0]: {}", snippet(text)))?;
     let content = match choice.get("message").and_then(|m| m.get("content")) {
-        Some(Value::String(content)) => content,
+        Some(Value::String(content)) => content.as_str(),
+        // No text, on purpose: a refusal, or a reasoning model that spent `max_tokens`
+        // thinking. Retrying would only repeat it; the caller finds nothing to read.
+        Some(Value::Null) => "",
         Some(other) => {
             return Err(format!(
                 "choices[0].message.content is not a string but {other}: {}",
@@ -481,6 +484,13 @@ mod tests {
         assert!(parse_response(cut).unwrap().truncated);
         let done = r#"{"choices":[{"message":{"content":"Done."},"finish_reason":"stop"}]}"#;
         assert!(!parse_response(done).unwrap().truncated);
+        let thought = r#"{"choices":[{"message":{"content":null,"reasoning_content":"Hm"},
+            "finish_reason":"length"}],"usage":{"prompt_tokens":7,"completion_tokens":9}}"#;
+        let thought = parse_response(thought).unwrap();
+        assert_eq!((thought.text.as_str(), thought.truncated), ("", true));
+        assert_eq!(thought.usage.completion_tokens, 9);
+        let refused = r#"{"choices":[{"message":{"content":null,"refusal":"No."}}]}"#;
+        assert_eq!(parse_response(refused).unwrap().text, "");
         assert_eq!(
             response.usage,
             Usage {

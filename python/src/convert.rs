@@ -157,9 +157,21 @@ pub fn token_ids(obj: &Bound<'_, PyAny>) -> PyResult<TokenIds> {
 }
 
 /// Reads a float array (any float or integer numpy array or nested list) as float32 data
-/// and its shape.
-pub fn float_array(obj: &Bound<'_, PyAny>) -> PyResult<HostArray> {
-    let array = as_numpy(obj, Some("float32"))?;
+/// and its shape. Anything else (booleans, complex numbers, strings, objects) is a TypeError
+/// naming `what` (say, "the hook at 'layers.0' returned"), not a silent conversion.
+pub fn float_array(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<HostArray> {
+    let array = as_numpy(obj, None)?;
+    let dtype = array.getattr("dtype")?;
+    if !matches!(
+        dtype.getattr("kind")?.extract::<String>()?.as_str(),
+        "f" | "i" | "u"
+    ) {
+        return Err(PyTypeError::new_err(format!(
+            "{what} an array of dtype {}; expected floats (or integers)",
+            dtype.str()?
+        )));
+    }
+    let array = as_numpy(&array, Some("float32"))?;
     let array: PyReadonlyArrayDyn<'_, f32> = array.extract()?;
     let dims = array.shape().to_vec();
     let data: Vec<f32> = match array.as_slice() {

@@ -60,7 +60,7 @@ impl<T, E: Into<lens::Error>> IntoPyLensResult<T> for Result<T, E> {
 
 /// Hidden states from Python as a float32 host array whose last dimension is `d`.
 fn hidden_arg(obj: &Bound<'_, PyAny>, d: usize) -> PyResult<HostArray> {
-    let host = float_array(obj)?;
+    let host = float_array(obj, "the hidden states are")?;
     if host.dims.last() != Some(&d) {
         return Err(PyValueError::new_err(format!(
             "hidden states must have shape [..., {d}] (d_model {d}), got shape {:?}",

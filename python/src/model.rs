@@ -257,7 +257,7 @@ fn call_hook(
         if out.is_none() {
             return Ok(None);
         }
-        let out = float_array(&out)?;
+        let out = float_array(&out, &format!("the hook at '{name}' returned"))?;
         if out.dims != expected {
             return Err(PyValueError::new_err(format!(
                 "the hook at '{name}' returned an array of shape {:?}; expected {:?} (the shape it was given)",
@@ -408,7 +408,7 @@ impl PyModel {
                             value.get_type().name()?
                         )));
                     }
-                    let array = float_array(&value)?;
+                    let array = float_array(&value, &format!("the replacement at '{name}' is"))?;
                     let expected = self.replacement_shape(point, ids)?;
                     if array.dims != expected {
                         let unbatched = if ids.one_dim {

@@ -42,7 +42,7 @@ impl<T> IntoPySaeResult<T> for Result<T, sae::Error> {
 
 /// A float32 array `[N, d]` from Python as a CPU tensor.
 fn rows_arg(obj: &Bound<'_, PyAny>, d: usize, what: &str) -> PyResult<Tensor> {
-    let host = float_array(obj)?;
+    let host = float_array(obj, &format!("{what} is"))?;
     if host.dims.len() != 2 || host.dims[1] != d {
         return Err(PyValueError::new_err(format!(
             "{what} must have shape [N, {d}], got shape {:?}",
@@ -240,7 +240,7 @@ impl PySae {
         top_acts: &Bound<'py, PyAny>,
         top_indices: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let acts = float_array(top_acts)?;
+        let acts = float_array(top_acts, "top_acts is")?;
         let (indices, dims) = indices_arg(top_indices, self.inner.num_latents())?;
         if acts.dims.len() != 2 || acts.dims != dims {
             return Err(PyValueError::new_err(format!(

@@ -280,6 +280,11 @@ def test_hook_errors(golden_model, golden):
         golden_model.run_with_hooks(ids, {"layers.0.mlp": 5})
     with pytest.raises(TypeError, match=r"not a scalar \(ndarray\)"):
         golden_model.run_with_hooks(ids, {"layers.0.mlp": np.array(5.0)})
+    # A mask returned by mistake, or text, is not taken for activations.
+    with pytest.raises(TypeError, match=r"the hook at 'layers.0.mlp' returned an array of dtype bool; expected floats"):
+        golden_model.run_with_hooks(ids, {"layers.0.mlp": lambda x: x > 0})
+    with pytest.raises(TypeError, match=r"the replacement at 'layers.0.mlp' is an array of dtype <U1"):
+        golden_model.run_with_hooks(ids, {"layers.0.mlp": np.full((2, 11, 64), "2")})
     with pytest.raises(ValueError, match="same hook point"):
         golden_model.run_with_hooks(ids, {"layers.0": zero, "blocks.0.hook_resid_post": zero})
     with pytest.raises(TypeError):

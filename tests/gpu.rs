@@ -219,6 +219,14 @@ fn gpu_sparse_decode_matches_the_cpu() {
             .unwrap();
         let err = relative_error(&got, &want);
         assert!(err < 1e-5, "d {d} n {n} k {k}: decode relative error {err}");
+        // An index past the SAE's latents is refused, not read past W_dec.
+        let past = Tensor::new(&[[n as u32]], &gpu()).unwrap();
+        let one = acts.narrow(0, 0, 1).unwrap().narrow(1, 0, 1).unwrap();
+        let message = on_gpu
+            .decode(&one.to_device(&gpu()).unwrap(), &past)
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("is out of range"), "{message}");
         // The whole forward pass: selections may differ only where pre-activations tie
         // within rounding, so compare the reconstruction.
         let x_gpu = x.to_device(&gpu()).unwrap();

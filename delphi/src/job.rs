@@ -582,18 +582,18 @@ async fn process_latent(
     } else if path.is_file() {
         Some(read_json_file(&path)?)
     } else {
+        // Scores of an earlier explanation (whose file was deleted to redo it) would stay
+        // beside the new one, or beside none.
+        for scorer in [Scorer::Detection, Scorer::Fuzzing, Scorer::Embedding] {
+            let stale = score_path(output, scorer, hookpoint, latent);
+            if stale.is_file() {
+                std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
+            }
+        }
         let shown_examples = explainer_examples(tokenizer, &examples)?;
         let answer = explain(models.explainer, &shown_examples, &config.explain).await?;
         counters.spend(answer.usage);
         if let Some(text) = &answer.explanation {
-            // Scores of an earlier explanation (whose file was deleted to redo it) would be
-            // kept beside the new one; they go first, so a kill in between loses nothing.
-            for scorer in [Scorer::Detection, Scorer::Fuzzing, Scorer::Embedding] {
-                let stale = score_path(output, scorer, hookpoint, latent);
-                if stale.is_file() {
-                    std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
-                }
-            }
             write_json_file(&path, text)?;
         } else if answer.truncated {
             tracing::warn!(

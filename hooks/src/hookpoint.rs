@@ -63,18 +63,20 @@ impl AttentionName {
 }
 
 impl HookPoint {
-    /// Position in forward order: sorting by this key gives the order tensors are computed in.
-    pub fn order_key(self) -> (usize, u8) {
+    /// Position in forward order: sorting by this key gives the order tensors are computed in
+    /// (the embedding, then each layer's points, then the final norm and the logits; a layer
+    /// index past any model's still sorts as a layer).
+    pub fn order_key(self) -> (u8, usize, u8) {
         match self {
-            HookPoint::Embed => (0, 0),
-            HookPoint::AttentionPattern(i) => (i.saturating_add(1), 0),
-            HookPoint::AttentionHeads(i) => (i.saturating_add(1), 1),
-            HookPoint::Attention(i) => (i.saturating_add(1), 2),
-            HookPoint::MlpInput(i) => (i.saturating_add(1), 3),
-            HookPoint::Mlp(i) => (i.saturating_add(1), 4),
-            HookPoint::Layer(i) => (i.saturating_add(1), 5),
-            HookPoint::FinalNorm => (usize::MAX, 0),
-            HookPoint::Logits => (usize::MAX, 1),
+            HookPoint::Embed => (0, 0, 0),
+            HookPoint::AttentionPattern(i) => (1, i, 0),
+            HookPoint::AttentionHeads(i) => (1, i, 1),
+            HookPoint::Attention(i) => (1, i, 2),
+            HookPoint::MlpInput(i) => (1, i, 3),
+            HookPoint::Mlp(i) => (1, i, 4),
+            HookPoint::Layer(i) => (1, i, 5),
+            HookPoint::FinalNorm => (2, 0, 0),
+            HookPoint::Logits => (2, 0, 1),
         }
     }
 
@@ -367,10 +369,13 @@ mod tests {
         ];
         points.push(HookPoint::AttentionHeads(1));
         points.push(HookPoint::AttentionPattern(1));
-        // A layer past any model's sorts without overflowing.
-        points.push(HookPoint::Layer(usize::MAX));
+        // A layer past any model's is still a layer, neither the final norm nor the logits.
+        points.push(HookPoint::AttentionPattern(usize::MAX));
         points.sort();
-        assert_eq!(points.pop(), Some(HookPoint::Layer(usize::MAX)));
+        assert_eq!(
+            points.remove(points.len() - 3),
+            HookPoint::AttentionPattern(usize::MAX)
+        );
         assert_eq!(
             points,
             vec![

@@ -150,8 +150,7 @@ struct SweepArgs {
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 1)]
     batch_size: usize,
-    /// Tokens to evaluate, rounded up to whole sequences of --seq-len (to whole batches of
-    /// --batch-size sequences with --activations).
+    /// Tokens to evaluate, rounded up to whole sequences of --seq-len.
     #[arg(long, default_value_t = 1 << 16)]
     tokens: u64,
     /// Lens training data (for --lens tuned; keep it apart from --data).

@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::eval::{evaluate, EvalReport, LayerMetrics, PredictionDepth};
 use crate::plot::{self, CheckpointGrid};
-use crate::train::{checkpoint_dir, checkpoint_file, prepare_output, train, TrainOptions};
+use crate::train::{
+    checkpoint_dir, checkpoint_file, finished_with, prepare_output, train, TrainOptions,
+};
 use crate::trajectory::{PredictionTrajectory, Statistic};
 use crate::{Error, LensData, Result, TunedLens};
 
@@ -544,8 +546,8 @@ fn sweep_checkpoint(
 }
 
 /// Trains (or resumes) the tuned lens of one checkpoint in `dir`. A lens trained whole
-/// before goes through its training checkpoint as well, which checks it against this recipe
-/// and data and runs no step; one whose checkpoint was deleted is reused as it is.
+/// before is reused once its training checkpoint shows this recipe (or as it is, when that
+/// checkpoint was deleted).
 fn train_for_checkpoint(
     model: &Model,
     dir: &Path,
@@ -555,8 +557,9 @@ fn train_for_checkpoint(
     progress: bool,
 ) -> Result<TunedLens> {
     // config.json is written after the parameters: a lens is whole once it is there.
-    let whole = dir.join("config.json").is_file();
-    if whole && !checkpoint_file(&checkpoint_dir(dir)).is_file() {
+    let whole = dir.join("config.json").is_file() && dir.join("params.safetensors").is_file();
+    let training = checkpoint_dir(dir);
+    if whole && (!checkpoint_file(&training).is_file() || finished_with(&training, options)?) {
         let lens = TunedLens::load(dir, model.device())?;
         lens.check_model(model)?;
         return Ok(lens);
@@ -585,11 +588,8 @@ fn train_for_checkpoint(
     )?;
     bar.finish_and_clear();
     multi.remove(&bar);
-    // A whole lens is its checkpoint's last step: it stays as it is.
-    if !whole {
-        lens.save(dir)?;
-        hooks::atomic::write_json(&ckpt.join("history.json"), &history)?;
-    }
+    lens.save(dir)?;
+    hooks::atomic::write_json(&ckpt.join("history.json"), &history)?;
     Ok(lens)
 }
 
@@ -792,6 +792,12 @@ pub fn plot_sweep(
                     ))
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let tokens = trajectories.first().map_or(0, |(_, t)| t.input_ids.len());
+            if let Err(too_long) = plot::check_plottable(tokens) {
+                // The other figures are still drawn; the trajectories stay in their JSON.
+                tracing::warn!("no trajectory figures: {too_long}");
+                continue;
+            }
             let title = format!(
                 "{}: prediction trajectory across training ({}), colour: {}",
                 summary.name,

@@ -538,6 +538,29 @@ fn save_checkpoint(
     Ok(hooks::checkpoint::save(path, tensors, &state)?)
 }
 
+/// Refuses a checkpoint made with another recipe ([`TrainOptions::recipe`]: how often
+/// checkpoints are written and the tokens taken at once may differ), naming what differs.
+fn check_recipe(path: &Path, state: &State, options: &TrainOptions) -> Result<()> {
+    let (saved, now) = (state.options.recipe(), options.recipe());
+    if saved != now {
+        return Err(Error::Training(format!(
+            "checkpoint {}: was made with other training options ({}); use another output folder or delete the checkpoint",
+            path.display(),
+            hooks::checkpoint::differences(&saved, &now)
+        )));
+    }
+    Ok(())
+}
+
+/// Whether the checkpoint in `dir` (a [`checkpoint_dir`]) is of a finished run of this
+/// recipe, read without its data; an error names what differs when it is of another.
+pub(crate) fn finished_with(dir: &Path, options: &TrainOptions) -> Result<bool> {
+    let path = checkpoint_file(dir);
+    let (state, _): (State, _) = hooks::checkpoint::load(&path, &candle_core::Device::Cpu)?;
+    check_recipe(&path, &state, options)?;
+    Ok(state.history.len() as u64 == options.steps)
+}
+
 fn load_checkpoint(
     path: &Path,
     lens: &mut TunedLens,
@@ -548,15 +571,7 @@ fn load_checkpoint(
     let bad = |m: String| Error::Training(format!("checkpoint {}: {m}", path.display()));
     let device = lens.parameters()[0].device().clone();
     let (state, tensors): (State, _) = hooks::checkpoint::load(path, &device)?;
-    // How often checkpoints are written, and the tokens taken at once (a memory bound: only
-    // the order in which a step's sums are taken changes), may differ.
-    let (saved, now) = (state.options.recipe(), options.recipe());
-    if saved != now {
-        return Err(bad(format!(
-            "was made with other training options ({}); use another output folder or delete the checkpoint",
-            hooks::checkpoint::differences(&saved, &now)
-        )));
-    }
+    check_recipe(path, &state, options)?;
     hooks::checkpoint::check_source(&state.source, source).map_err(bad)?;
     let steps = state.history.len() as u64;
     if state.tokens_consumed != steps * options.tokens_per_step as u64 {

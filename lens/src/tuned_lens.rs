@@ -326,7 +326,8 @@ pub fn unembedding_hash(unembedding: &Unembedding) -> Result<String> {
 
 /// The fingerprint of lenses trained before 2026-12-02, still accepted from their files: it
 /// rounded ties away from zero, so for a model stored in float16 (Pythia) it changed with the
-/// dtype the model was loaded in. Equal to [`unembedding_hash`] wherever no value is a tie.
+/// dtype the model was loaded in, and such a lens fits only a model loaded in the dtype it
+/// was trained in (as before). Equal to [`unembedding_hash`] wherever no value is a tie.
 fn legacy_unembedding_hash(unembedding: &Unembedding) -> Result<String> {
     // Wrapping: a NaN's bits may overflow (only finite values' roundings matter).
     fingerprint(unembedding, |v| {

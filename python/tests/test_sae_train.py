@@ -119,7 +119,7 @@ def test_sae_train_warns_of_a_sparsify_batch_size_and_of_ending_in_the_warm_up(t
     assert ("--batch-size counts tokens per step (sparsify's counts sequences): "
             "32 tokens is less than one sequence of 64") in err
     assert "the run ends inside its 1000-step learning-rate warm-up (2 steps)" in err
-    assert "--k-decay-steps 5 is more than the run's 2 steps: k will not have decayed to --k 4" in err
+    assert "--k-decay-steps 5 is not less than the run's 2 steps: its last step will not have decayed to --k 4" in err
 
 
 def test_one_trainer_shared_between_threads():

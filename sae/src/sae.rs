@@ -446,8 +446,26 @@ impl Sae {
     }
 
     /// `Σ_j top_acts[:, j] · W_dec[top_indices[:, j]] + b_dec`: `[N, d]` (without the skip
-    /// connection, like sparsify's `decode`).
+    /// connection, like sparsify's `decode`). An index past the SAE's latents is an error.
     pub fn decode(&self, top_acts: &Tensor, top_indices: &Tensor) -> Result<Tensor> {
+        // The CPU decoder checks as it reads; a GPU's would read past W_dec.
+        if !top_indices.device().is_cpu() && top_indices.elem_count() > 0 {
+            let largest = top_indices
+                .to_dtype(DType::U32)?
+                .max_all()?
+                .to_scalar::<u32>()?;
+            if largest as usize >= self.num_latents() {
+                return Err(Error::Sae(format!(
+                    "latent index {largest} is out of range: the decoder has {} latents",
+                    self.num_latents()
+                )));
+            }
+        }
+        self.decode_checked(top_acts, top_indices)
+    }
+
+    /// [`Sae::decode`] of indices known to be in range (training's own selections).
+    pub(crate) fn decode_checked(&self, top_acts: &Tensor, top_indices: &Tensor) -> Result<Tensor> {
         let (rows, k) = top_acts.dims2()?;
         if top_indices.dims() != [rows, k] {
             return Err(Error::Sae(format!(
@@ -472,7 +490,7 @@ impl Sae {
     /// Encodes and decodes `x` and measures the FVU against `y` (a transcoder's target).
     pub fn forward_target(&self, x: &Tensor, y: &Tensor) -> Result<ForwardOutput> {
         let (top_acts, top_indices) = self.encode(x)?;
-        let mut x_hat = self.decode(&top_acts, &top_indices)?;
+        let mut x_hat = self.decode_checked(&top_acts, &top_indices)?;
         if let Some(w_skip) = &self.w_skip {
             x_hat = (x_hat + self.input(x, "input")?.matmul(&w_skip.t()?)?)?;
         }

@@ -982,10 +982,10 @@ impl ActivationSource for CacheReader {
         let order = match self.order {
             ReadOrder::Sequential => "in order".to_string(),
             // The buffer's size decides the order as much as the seed does.
-            ReadOrder::Shuffled {
-                seed,
-                buffer_tokens,
-            } => format!("shuffled with seed {seed} (in a buffer of {buffer_tokens} tokens)"),
+            ReadOrder::Shuffled { seed, .. } => format!(
+                "shuffled with seed {seed} (in a buffer of {} tokens)",
+                self.buffer_tokens
+            ),
         };
         let m = &self.cache.manifest;
         let data: Vec<String> = m

@@ -268,8 +268,17 @@ pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -
     if let Some(out) = layer_norm_f32(x, weight, bias, eps)? {
         return Ok(out);
     }
-    // candle's kernel takes the variance as `E[x²] − mean²`, which cancels for rows far from
-    // zero (a constant row gives NaN): it gets the rows centred, in f32 as PyTorch computes.
+    #[cfg(feature = "cuda")]
+    if let Some(out) = super::neox_kernels::layer_norm(x, weight, bias, eps)? {
+        return Ok(out);
+    }
+    layer_norm_generic(x, weight, bias, eps)
+}
+
+/// [`layer_norm`] for any device and dtype. candle's kernel takes the variance as
+/// `E[x²] − mean²`, which cancels for rows far from zero (a constant row gives NaN): it gets
+/// the rows centred, in f32 as PyTorch computes.
+fn layer_norm_generic(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
@@ -641,14 +650,21 @@ mod tests {
                     expected.push(normed * weight[i] as f64 + bias[i] as f64);
                 }
             }
-            for dtype in [DType::F32, DType::F16] {
+            // The generic path (any device's) on its own as well.
+            type Norm = fn(&Tensor, &Tensor, &Tensor, f64) -> Result<Tensor>;
+            let paths: [(DType, Norm); 3] = [
+                (DType::F32, layer_norm),
+                (DType::F32, layer_norm_generic),
+                (DType::F16, layer_norm),
+            ];
+            for (dtype, norm) in paths {
                 let tensor = |values: &[f32], shape: &[usize]| {
                     Tensor::from_slice(values, shape, &Device::Cpu)
                         .unwrap()
                         .to_dtype(dtype)
                         .unwrap()
                 };
-                let out = layer_norm(
+                let out = norm(
                     &tensor(&rows, &[n, d]),
                     &tensor(&weight, &[d]),
                     &tensor(&bias, &[d]),

@@ -176,3 +176,48 @@ pub(crate) fn parallel_residual(
 ) -> Result<Option<Tensor>> {
     elementwise("parallel_residual_bf16", &[h, a, m], &[a_bias, m_bias])
 }
+
+/// LayerNorm over the last dimension of bf16 `x: [.., cols]` with bf16 `weight` and `bias`
+/// (`[cols]`) on a CUDA GPU, the variance taken of the differences from the mean, or `None`
+/// when the kernel does not apply.
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Option<Tensor>> {
+    let Some(device) = cuda_device(x).filter(|_| enabled_for(x)) else {
+        return Ok(None);
+    };
+    let cols = x.dim(D::Minus1)?;
+    let fits = |p: &Tensor| p.dtype() == DType::BF16 && p.dims() == [cols];
+    if cols == 0 || !fits(weight) || !fits(bias) {
+        return Ok(None);
+    }
+    let rows = x.elem_count() / cols;
+    let (x, weight, bias) = (x.contiguous()?, weight.contiguous()?, bias.contiguous()?);
+    let kernel = function(&KERNELS, &device, "layer_norm_bf16")?;
+    // SAFETY: one block per row writes all of its `cols` elements.
+    let mut out = unsafe { alloc_uninit::<bf16>(&device, rows * cols) }?;
+    let (x_s, x_l) = x.storage_and_layout();
+    let (w_s, w_l) = weight.storage_and_layout();
+    let (b_s, b_l) = bias.storage_and_layout();
+    let (x_v, w_v, b_v) = (
+        view::<bf16>(&x_s, x_l)?,
+        view::<bf16>(&w_s, w_l)?,
+        view::<bf16>(&b_s, b_l)?,
+    );
+    let (cols_arg, eps_arg) = (int(cols, "width")?, eps as f32);
+    let mut builder = kernel.builder();
+    builder
+        .arg(&x_v)
+        .arg(&w_v)
+        .arg(&b_v)
+        .arg(&cols_arg)
+        .arg(&eps_arg)
+        .arg(&mut out);
+    // SAFETY: layer_norm_bf16's arguments in order, x and out of rows·cols elements, weight
+    // and bias of cols; one block of THREADS threads per row.
+    unsafe { launch(&mut builder, config((rows, 1), THREADS)?) }?;
+    Ok(Some(wrap(out, &device, x.shape().clone())))
+}

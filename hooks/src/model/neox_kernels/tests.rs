@@ -19,6 +19,7 @@ fn nvrtc_compiles_every_kernel() {
         "bias_gelu_bf16",
         "qkv_rotary_bf16",
         "parallel_residual_bf16",
+        "layer_norm_bf16",
     ];
     crate::cuda_kernels::check_compiles(&KERNELS, &names);
 }
@@ -96,6 +97,78 @@ fn emulated_parallel_residual_matches_the_generic_adds() {
         };
         let want = ((with_bias(&m, &m_bias) + with_bias(&a, &a_bias)).unwrap() + f32(&h)).unwrap();
         assert_close(&f32(&got), &want, &format!("{rows}x{cols}, bias {biased}"));
+    }
+}
+
+/// The f64 LayerNorm of bf16 rows (eps 1e-5), as f32.
+fn layer_norm_reference(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {
+    let x = x.to_dtype(DType::F64).unwrap();
+    let centred = x
+        .broadcast_sub(&x.mean_keepdim(candle_core::D::Minus1).unwrap())
+        .unwrap();
+    let variance = centred
+        .sqr()
+        .unwrap()
+        .mean_keepdim(candle_core::D::Minus1)
+        .unwrap();
+    let normed = centred
+        .broadcast_div(&(variance + 1e-5).unwrap().sqrt().unwrap())
+        .unwrap();
+    let [weight, bias] = [weight, bias].map(|p| p.to_dtype(DType::F64).unwrap());
+    f32(&normed
+        .broadcast_mul(&weight)
+        .unwrap()
+        .broadcast_add(&bias)
+        .unwrap())
+}
+
+/// Rows of bf16 values around 0, rows 300 away from zero, and constant rows (whose output
+/// is the bias: candle's one-pass variance gave NaN).
+fn layer_norm_rows(rows: usize, cols: usize) -> Tensor {
+    let spread = seeded_bf16(&[rows, cols], 2.0, cols as u64);
+    let offsets: Vec<f32> = (0..rows)
+        .map(|r| [0.0, 300.0, 3000.0 + 1111.0 * r as f32][r % 3])
+        .collect();
+    let offsets = Tensor::from_vec(offsets, (rows, 1), &Device::Cpu).unwrap();
+    let spread = f32(&spread)
+        .broadcast_mul(
+            &Tensor::from_vec(
+                (0..rows)
+                    .map(|r| if r % 3 == 2 { 0f32 } else { 1.0 })
+                    .collect(),
+                (rows, 1),
+                &Device::Cpu,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    spread
+        .broadcast_add(&offsets)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap()
+}
+
+#[test]
+fn emulated_layer_norm_matches_a_float64_reference() {
+    let Some(emulated) = emulated() else {
+        return;
+    };
+    // 300 columns: rows straddle the 128-thread blocks; 64: fewer columns than threads;
+    // 3000: sums of squares past float32's 24 bits (where a one-pass variance cancels).
+    for (rows, cols) in [(6, 300), (3, 64), (9, 3000)] {
+        let x = layer_norm_rows(rows, cols);
+        let weight = seeded_bf16(&[cols], 1.0, 7);
+        let bias = seeded_bf16(&[cols], 0.5, 8);
+        emulated.put("x.bin", &x);
+        emulated.put("weight.bin", &weight);
+        emulated.put("bias.bin", &bias);
+        let mut args = vec!["layer_norm".to_string()];
+        args.extend([rows, cols].iter().map(usize::to_string));
+        emulated.run(&args);
+        let got = emulated.get("out.bin", DType::BF16, &[rows, cols]);
+        let want = layer_norm_reference(&x, &weight, &bias);
+        assert_close(&f32(&got), &want, &format!("LayerNorm {rows}x{cols}"));
     }
 }
 
@@ -197,4 +270,15 @@ fn gpu_fused_steps_match_the_generic_steps() {
     let biased = |x: &Tensor, b: &Tensor| f32(x).broadcast_add(&f32(b)).unwrap();
     let want = ((biased(&m, &m_bias) + biased(&a, &a_bias)).unwrap() + f32(&h)).unwrap();
     assert_close(&cpu(&got), &want, "parallel residual");
+    // Pythia-1b's width, rows near and far from zero and constant ones.
+    let x = layer_norm_rows(300, 2048);
+    let (weight, bias) = (seeded_bf16(&[2048], 1.0, 10), seeded_bf16(&[2048], 0.5, 11));
+    let got = layer_norm(&gpu(&x), &gpu(&weight), &gpu(&bias), 1e-5)
+        .unwrap()
+        .expect("the kernel applies to bf16 on a GPU");
+    assert_close(
+        &cpu(&got),
+        &layer_norm_reference(&x, &weight, &bias),
+        "LayerNorm",
+    );
 }

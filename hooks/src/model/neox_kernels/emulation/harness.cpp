@@ -3,6 +3,7 @@
 //   harness DIR bias_gelu ROWS COLS HAS_BIAS BLOCKS           x[, bias] -> out
 //   harness DIR qkv_rotary B T HEADS HD ROT HAS_BIAS           qkv[, bias], cos, sin -> q, k, v
 //   harness DIR parallel_residual ROWS COLS HAS_BIAS BLOCKS    h, a, m[, a_bias, m_bias] -> out
+//   harness DIR layer_norm ROWS COLS                           x, weight, bias -> out (eps 1e-5)
 // Files are raw little-endian bf16 arrays. Built with -I hooks/src/cuda_kernels.
 #include "emulation/cuda_emulation.h"
 #include "emulation/harness_io.h"
@@ -66,6 +67,17 @@ int main(int argc, char** argv) {
                                        has_bias ? a_bias.data() : nullptr,
                                        has_bias ? m_bias.data() : nullptr, cols, count,
                                        out.data());
+            });
+            write(dir, "out.bin", out);
+        } else if (kernel == "layer_norm") {
+            const int rows = arg(3), cols = arg(4);
+            const long long count = (long long)rows * cols;
+            auto x = read<bf16_bits>(dir, "x.bin", count);
+            auto weight = read<bf16_bits>(dir, "weight.bin", cols);
+            auto bias = read<bf16_bits>(dir, "bias.bin", cols);
+            std::vector<bf16_bits> out(count);
+            emulate_launch(dim3{(unsigned)rows, 1, 1}, NEOX_THREADS, [&] {
+                layer_norm_bf16(x.data(), weight.data(), bias.data(), cols, 1e-5f, out.data());
             });
             write(dir, "out.bin", out);
         } else {

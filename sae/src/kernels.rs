@@ -561,6 +561,13 @@ pub(crate) fn topk_generic(pre: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
     Ok((values, indices))
 }
 
+/// The error for a latent index `index` past a decoder of `n` latents.
+pub(crate) fn latent_out_of_range(index: u32, n: usize) -> Error {
+    Error::Sae(format!(
+        "latent index {index} is out of range: the decoder has {n} latents"
+    ))
+}
+
 fn decode_cpu(
     acts: &Tensor,
     indices: &Tensor,
@@ -574,9 +581,7 @@ fn decode_cpu(
     let (n, d) = w_dec.dims2()?;
     let idx: Vec<u32> = indices.flatten_all()?.to_vec1()?;
     if let Some(&i) = idx.iter().find(|&&i| i as usize >= n) {
-        return Err(Error::Sae(format!(
-            "latent index {i} is out of range: the decoder has {n} latents"
-        )));
+        return Err(latent_out_of_range(i, n));
     }
     if k == 0 {
         return Ok(None);

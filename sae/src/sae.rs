@@ -455,17 +455,19 @@ impl Sae {
                 .max_all()?
                 .to_scalar::<u32>()?;
             if largest as usize >= self.num_latents() {
-                return Err(Error::Sae(format!(
-                    "latent index {largest} is out of range: the decoder has {} latents",
-                    self.num_latents()
-                )));
+                return Err(kernels::latent_out_of_range(largest, self.num_latents()));
             }
         }
-        self.decode_checked(top_acts, top_indices)
+        self.decode_unchecked(top_acts, top_indices)
     }
 
-    /// [`Sae::decode`] of indices known to be in range (training's own selections).
-    pub(crate) fn decode_checked(&self, top_acts: &Tensor, top_indices: &Tensor) -> Result<Tensor> {
+    /// [`Sae::decode`] of indices known to be in range (training's own selections; on a
+    /// GPU they go unchecked).
+    pub(crate) fn decode_unchecked(
+        &self,
+        top_acts: &Tensor,
+        top_indices: &Tensor,
+    ) -> Result<Tensor> {
         let (rows, k) = top_acts.dims2()?;
         if top_indices.dims() != [rows, k] {
             return Err(Error::Sae(format!(
@@ -490,7 +492,7 @@ impl Sae {
     /// Encodes and decodes `x` and measures the FVU against `y` (a transcoder's target).
     pub fn forward_target(&self, x: &Tensor, y: &Tensor) -> Result<ForwardOutput> {
         let (top_acts, top_indices) = self.encode(x)?;
-        let mut x_hat = self.decode_checked(&top_acts, &top_indices)?;
+        let mut x_hat = self.decode_unchecked(&top_acts, &top_indices)?;
         if let Some(w_skip) = &self.w_skip {
             x_hat = (x_hat + self.input(x, "input")?.matmul(&w_skip.t()?)?)?;
         }

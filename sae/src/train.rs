@@ -402,7 +402,7 @@ fn accumulate(
         None => None,
     };
     let reconstruct = |acts: &Tensor, indices: &Tensor| -> Result<Tensor> {
-        let decoded = sae.decode_checked(acts, indices)?;
+        let decoded = sae.decode_unchecked(acts, indices)?;
         Ok(match &skip {
             Some((_, out)) => (decoded + out)?,
             None => decoded,

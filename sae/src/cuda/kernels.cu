@@ -516,22 +516,6 @@ extern "C" __global__ void scatter_scalars_f32(const float* coef, const u32* ind
 
 #define ROW_THREADS 256
 
-// The sum of every thread's `v` over the block, returned to all threads.
-__device__ float block_sum(float v) {
-    __shared__ float partial[ROW_THREADS];
-    partial[threadIdx.x] = v;
-    __syncthreads();
-    for (int half = ROW_THREADS / 2; half > 0; half /= 2) {
-        if ((int)threadIdx.x < half) {
-            partial[threadIdx.x] += partial[threadIdx.x + half];
-        }
-        __syncthreads();
-    }
-    const float total = partial[0];
-    __syncthreads(); // the next call overwrites `partial`
-    return total;
-}
-
 // out[r] = w[r] / (|w[r]| + FLT_EPSILON): each decoder row scaled to unit norm.
 extern "C" __global__ void unit_rows_f32(const float* w, int d, float* out) {
     const long long start = (long long)blockIdx.x * d;
@@ -539,7 +523,7 @@ extern "C" __global__ void unit_rows_f32(const float* w, int d, float* out) {
     for (int c = threadIdx.x; c < d; c += ROW_THREADS) {
         squares += w[start + c] * w[start + c];
     }
-    const float norm = sqrtf(block_sum(squares)) + 1.1920929e-7f;
+    const float norm = sqrtf(block_sum<ROW_THREADS>(squares)) + 1.1920929e-7f;
     for (int c = threadIdx.x; c < d; c += ROW_THREADS) {
         out[start + c] = w[start + c] / norm;
     }
@@ -554,7 +538,7 @@ extern "C" __global__ void remove_parallel_f32(const float* g, const float* w, i
     for (int c = threadIdx.x; c < d; c += ROW_THREADS) {
         dot += g[start + c] * w[start + c];
     }
-    dot = block_sum(dot);
+    dot = block_sum<ROW_THREADS>(dot);
     for (int c = threadIdx.x; c < d; c += ROW_THREADS) {
         out[start + c] = g[start + c] - dot * w[start + c];
     }

@@ -76,22 +76,6 @@ extern "C" __global__ void parallel_residual_bf16(const bf16_bits* h, const bf16
     }
 }
 
-// The sum of every thread's `value` in the block, for each thread (`scratch`: NEOX_THREADS
-// floats of shared memory, free again on return).
-__device__ __forceinline__ float block_sum(float value, float* scratch) {
-    scratch[threadIdx.x] = value;
-    __syncthreads();
-    for (int half = NEOX_THREADS / 2; half > 0; half /= 2) {
-        if (threadIdx.x < half) {
-            scratch[threadIdx.x] += scratch[threadIdx.x + half];
-        }
-        __syncthreads();
-    }
-    const float total = scratch[0];
-    __syncthreads();
-    return total;
-}
-
 // LayerNorm of the rows of `x: [rows, cols]` with `weight` and `bias` (`[cols]`), in f32 with
 // each output rounded once: the mean, then the sums of the differences from it and of their
 // squares (the corrected two-pass variance, as the CPU kernel has it; candle's
@@ -100,14 +84,13 @@ __device__ __forceinline__ float block_sum(float value, float* scratch) {
 extern "C" __global__ void layer_norm_bf16(const bf16_bits* x, const bf16_bits* weight,
                                            const bf16_bits* bias, int cols, float eps,
                                            bf16_bits* out) {
-    __shared__ float scratch[NEOX_THREADS];
     const bf16_bits* row = x + (long long)blockIdx.x * cols;
     bf16_bits* out_row = out + (long long)blockIdx.x * cols;
     float sum = 0.0f;
     for (int c = threadIdx.x; c < cols; c += NEOX_THREADS) {
         sum += to_f32(row[c]);
     }
-    const float first = block_sum(sum, scratch) / cols;
+    const float first = block_sum<NEOX_THREADS>(sum) / cols;
     float shift = 0.0f;
     float squares = 0.0f;
     for (int c = threadIdx.x; c < cols; c += NEOX_THREADS) {
@@ -115,9 +98,9 @@ extern "C" __global__ void layer_norm_bf16(const bf16_bits* x, const bf16_bits* 
         shift += difference;
         squares += difference * difference;
     }
-    const float correction = block_sum(shift, scratch) / cols;
+    const float correction = block_sum<NEOX_THREADS>(shift) / cols;
     const float variance =
-        fmaxf(block_sum(squares, scratch) / cols - correction * correction, 0.0f);
+        fmaxf(block_sum<NEOX_THREADS>(squares) / cols - correction * correction, 0.0f);
     const float mean = first + correction;
     const float scale = 1.0f / sqrtf(variance + eps);
     for (int c = threadIdx.x; c < cols; c += NEOX_THREADS) {

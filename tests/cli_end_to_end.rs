@@ -148,6 +148,15 @@ fn tokenize_command_writes_the_sequences_commands_read() {
     );
 
     let tokens_path = path(&tokens);
+    let none = path(&tmp.path().join("none.npy"));
+    let no_length = ["--seq-len", "0", "--max-tokens", "1000", "-o", &none];
+    let message = run(&[&tokenize[..], &no_length].concat())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("sequence length must be positive"),
+        "{message}"
+    );
     let again = [&tokenize[..], &["-o", &tokens_path]].concat();
     let message = run(&again).unwrap_err().to_string();
     assert!(
@@ -224,9 +233,16 @@ fn a_cache_rebuilt_from_other_text_has_another_fingerprint() {
         first.ends_with("(FNV-1a of the 512 tokens of the activation cache)"),
         "{first}"
     );
+    // --overwrite replaces the cache's shards, not other files put in its folders.
+    let notes = cache.join("shards/notes.txt");
+    std::fs::write(&notes, "mine").unwrap();
+    let stray_shard = cache.join("shards/shard-000099.safetensors");
+    std::fs::write(&stray_shard, "").unwrap();
     // The same text gives the same fingerprint, whatever rows were read.
     assert_eq!(rebuild_with(&text, 128), first);
     assert_ne!(rebuild_with(&text[text.len() / 2..], 0), first);
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "mine");
+    assert!(!stray_shard.exists());
 }
 
 #[test]

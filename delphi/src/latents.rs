@@ -97,6 +97,10 @@ pub struct CacheConfig {
     /// found. Absent while the cache is written, and in caches of earlier versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sequences: Option<u64>,
+    /// The dtype the model computed in (`float32`, `bfloat16`...), so that resuming in
+    /// another precision is refused. Absent in caches of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
 }
 
 /// A fingerprint of an SAE: its configuration and every parameter's f32 values.
@@ -204,6 +208,7 @@ pub fn write_latent_cache(
             .map(|t| Ok((t.name.clone(), sae_digest(t.sae)?)))
             .collect::<Result<_>>()?,
         sequences: None,
+        dtype: Some(hooks::dtype_name(model.dtype()).to_string()),
     };
     let shards_dir = dir.join("shards");
     std::fs::create_dir_all(&shards_dir).map_err(|e| Error::io(&shards_dir, e))?;
@@ -211,7 +216,8 @@ pub fn write_latent_cache(
     let config_path = dir.join("config.json");
     if config_path.is_file() {
         let existing = read_config(&config_path)?;
-        // A cache of an earlier version records no SAE fingerprints: it is taken as is.
+        // A cache of an earlier version records no SAE fingerprints nor dtype: it is taken
+        // as is.
         let comparable = CacheConfig {
             complete: false,
             sequences: None,
@@ -219,6 +225,7 @@ pub fn write_latent_cache(
                 true => config.saes.clone(),
                 false => existing.saes.clone(),
             },
+            dtype: existing.dtype.clone().or_else(|| config.dtype.clone()),
             ..existing
         };
         if comparable != config {

@@ -5,8 +5,8 @@
 //! Flow: [`latents`] (sparse latent cache on disk) -> [`examples`] (context windows:
 //! explainer set, disjoint test set, non-activating set) -> [`prompts`] (message lists and
 //! answer parsing) -> [`llm`] (OpenAI-compatible HTTP or local GGUF) -> [`explain`] ->
-//! [`score`] (detection, fuzzing, embedding; [`metrics`]) -> [`job`] (resumable, shardable
-//! batch runs) -> [`cli`] (`delphi cache`, `delphi run`).
+//! [`score`] (detection, fuzzing, embedding, intruder; [`metrics`]) -> [`job`] (resumable,
+//! shardable batch runs) -> [`cli`] (`delphi cache`, `delphi run`, `delphi summary`).
 
 pub mod cli;
 pub mod embedding;

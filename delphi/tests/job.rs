@@ -318,11 +318,30 @@ fn a_cache_is_not_resumed_from_other_data_or_another_sae() {
         message.contains("other settings or SAEs (saes.layers.1: \"fnv1a64:"),
         "{message}"
     );
+    // The same model computing in another precision.
+    let bf16 = LoadOptions {
+        dtype: candle_core::DType::BF16,
+        ..LoadOptions::default()
+    };
+    let bf16_model = Model::from_folder(&tmp.path().join("model"), &bf16).unwrap();
+    let message = try_write_cache(&bf16_model, &sae, &wikitext, &dir, Some(12), 4)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains(r#"(dtype: "float32" -> "bfloat16"; "#),
+        "{message}"
+    );
     assert_eq!(shards(), 2, "nothing was appended");
     assert!(
         LatentCache::open(&dir).is_ok(),
         "a refused resume leaves the cache usable"
     );
+    // A cache of an earlier version, which records no dtype, is taken as it is.
+    let config_path = dir.join("config.json");
+    let recorded = std::fs::read_to_string(&config_path).unwrap();
+    let mut earlier: serde_json::Value = serde_json::from_str(&recorded).unwrap();
+    earlier.as_object_mut().unwrap().remove("dtype").unwrap();
+    std::fs::write(&config_path, earlier.to_string()).unwrap();
     // The same data and SAE resume.
     assert_eq!(write(&wikitext, &sae).unwrap(), 12);
     assert_eq!(shards(), 3);

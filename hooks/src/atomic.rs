@@ -194,7 +194,7 @@ impl Staged {
 /// renamed one after the other (a shard, then the progress file that lists it) are not
 /// found with only the later one in place. Best effort: some file systems cannot sync a
 /// folder, and the file itself is already synced.
-fn sync_folder_of(path: &Path) {
+pub(crate) fn sync_folder_of(path: &Path) {
     #[cfg(unix)]
     if let Ok(handle) = std::fs::File::open(folder_of(path)) {
         let _ = handle.sync_all();
@@ -239,6 +239,16 @@ pub fn stage_with(
             Err(Error::io(path, e))
         }
     }
+}
+
+/// [`stage_with`] for a writer that takes a file name (a library that saves to a path):
+/// `write` gets the temporary file's path and writes it in full.
+pub fn stage_by_path(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<Staged> {
+    let tmp = temp_path(path);
+    stage_with(path, |_| write(&tmp))
 }
 
 /// Checks, before a long job, that the file it writes at the end can be written there: its
@@ -296,6 +306,28 @@ pub fn write_safetensors_with_metadata(
     metadata: &std::collections::BTreeMap<String, String>,
 ) -> Result<()> {
     stage_safetensors_with_metadata(path, tensors, metadata)?.commit()
+}
+
+/// Writes a folder's weights (safetensors) and the config that describes them (JSON) so
+/// that a kill leaves the old pair or the new one, but for the microseconds between two
+/// renames: both are staged, then put in place, weights first. Temporary files of
+/// either that a killed earlier write left behind are removed first.
+pub fn write_weights_and_config<T: serde::Serialize>(
+    weights: &Path,
+    tensors: &[(String, Vec<Tensor>)],
+    config: &Path,
+    value: &T,
+) -> Result<()> {
+    for path in [weights, config] {
+        remove_abandoned_temp_files_of(path);
+    }
+    let text =
+        serde_json::to_string_pretty(value).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let staged_weights =
+        stage_safetensors_with_metadata(weights, tensors, &std::collections::BTreeMap::new())?;
+    let staged_config = stage_with(config, |w| w.write_all(text.as_bytes()))?;
+    staged_weights.commit()?;
+    staged_config.commit()
 }
 
 /// [`write_safetensors_with_metadata`], staged: see [`Staged`].
@@ -486,6 +518,19 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_file_written_by_name_is_staged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.pt");
+        let staged = stage_by_path(&path, |tmp| std::fs::write(tmp, "saved")).unwrap();
+        assert!(!path.exists());
+        staged.commit().unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "saved");
+        let failed = stage_by_path(&path, |_| Err(std::io::Error::other("no torch")));
+        assert!(failed.is_err_and(|e| e.to_string().contains("no torch")));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
     fn replaces_and_leaves_no_temp_files() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.json");
@@ -507,6 +552,30 @@ pub(crate) mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing does not exist"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn weights_and_config_are_written_as_a_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let (weights, config) = (dir.path().join("w.safetensors"), dir.path().join("c.json"));
+        // What a killed earlier save left half-written is removed.
+        write_stale(&dir.path().join(".w.safetensors.tmp-4321"), &[0; 64]);
+        let ones = Tensor::ones(3, DType::F32, &candle_core::Device::Cpu).unwrap();
+        write_weights_and_config(&weights, &[("w".into(), vec![ones])], &config, &[3]).unwrap();
+        let loaded = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+        assert_eq!(loaded["w"].to_vec1::<f32>().unwrap(), [1.0; 3]);
+        let text = std::fs::read_to_string(&config).unwrap();
+        assert_eq!(text.replace(char::is_whitespace, ""), "[3]");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        // A config that cannot be written leaves the weights as they were too.
+        let zeros = Tensor::zeros(3, DType::F32, &candle_core::Device::Cpu).unwrap();
+        let nowhere = dir.path().join("missing/c.json");
+        write_weights_and_config(&weights, &[("w".into(), vec![zeros])], &nowhere, &[0])
+            .unwrap_err();
+        let loaded = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+        assert_eq!(loaded["w"].to_vec1::<f32>().unwrap(), [1.0; 3]);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 
     #[test]

@@ -64,6 +64,11 @@ pub fn commit_together(staged: Vec<atomic::Staged>) -> Result<()> {
             std::fs::rename(current, &prev).map_err(|e| Error::io(&prev, e))?;
         }
     }
+    // Every `.prev` on disk before any new file is: the checkpoints may be in several
+    // folders, whose renames a file system need not keep in order.
+    for file in &staged {
+        atomic::sync_folder_of(file.path());
+    }
     let paths: Vec<PathBuf> = staged.iter().map(|f| f.path().to_path_buf()).collect();
     for file in staged {
         file.commit()?;
@@ -90,15 +95,17 @@ pub fn recover_together(paths: &[PathBuf]) -> Result<bool> {
         return Ok(false);
     }
     if found < paths.len() || !has_previous.contains(&true) {
+        let missing: Vec<String> = (paths.iter().zip(&has_previous))
+            .filter(|(p, &prev)| !prev && !p.is_file())
+            .map(|(p, _)| p.display().to_string())
+            .collect();
         return Err(Error::InvalidArgument(format!(
-            "only {found} of {} checkpoints exist ({}): a run was stopped while writing its \
-             first ones, or some were deleted; delete the checkpoints folder to start again",
+            "only {found} of {} checkpoints exist (missing: {}): this run trains others than \
+             the run that wrote them, or that run was stopped while writing its first ones, or \
+             some were deleted; train what that run trained, use another output folder, or \
+             delete the checkpoints folder to start again",
             paths.len(),
-            paths
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            missing.join(", ")
         )));
     }
     for (path, &prev) in paths.iter().zip(&has_previous) {
@@ -171,8 +178,9 @@ pub fn check_output_free(artefact: &Path, checkpoint: &Path) -> Result<()> {
 /// Refuses to resume a checkpoint of a run that read `saved` (an
 /// [`crate::activations::ActivationSource::describe`]) in a run that reads `now`: the two
 /// would mix, say, two models' activations. Empty descriptions (unknown, or a checkpoint from
-/// before they were recorded) are not checked, and one recorded before a detail in
-/// parentheses was added to its end (a cache's shuffle buffer) is checked without it.
+/// before they were recorded) are not checked, and one recorded before details in
+/// parentheses were added to its end (a cache's shuffle buffer, the dtypes) is checked
+/// without them: such a checkpoint resumes in any dtype.
 pub fn check_source(saved: &str, now: &str) -> std::result::Result<(), String> {
     let older = now
         .strip_prefix(saved)
@@ -325,7 +333,8 @@ mod tests {
         // A checkpoint gone altogether is refused, by name, and nothing is changed.
         std::fs::remove_file(b).unwrap();
         let err = recover_together(&paths).unwrap_err().to_string();
-        assert!(err.contains("only 1 of 2 checkpoints exist"), "{err}");
+        let missing = format!("only 1 of 2 checkpoints exist (missing: {}):", b.display());
+        assert!(err.contains(&missing), "{err}");
         assert_eq!(std::fs::read_to_string(a).unwrap(), "2");
     }
 
@@ -343,6 +352,17 @@ mod tests {
             assert!(check_source(other, now).is_err(), "{other}");
         }
         assert!(check_source(now, "a cache read shuffled with seed 5").is_err());
+        // The dtypes, added later still: in the same run's description, another dtype is
+        // another source; a description from before them is taken as it is.
+        let typed = format!("{now} (computed in float32, stored in float16)");
+        check_source(now, &typed).unwrap();
+        check_source("a cache read shuffled with seed 5", &typed).unwrap();
+        let bf16 = typed.replace("computed in float32", "computed in bfloat16");
+        assert!(check_source(&bf16, &typed).is_err());
+        let stream = "model m in sequences of 64 tokens";
+        check_source(stream, &format!("{stream} (computed in float32)")).unwrap();
+        let f32_stream = format!("{stream} (computed in float32)");
+        assert!(check_source(&f32_stream, &format!("{stream} (computed in bfloat16)")).is_err());
     }
 
     #[test]

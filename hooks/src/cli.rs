@@ -1,6 +1,6 @@
-//! The `hooks` command line: cache activations over a dataset, show a model's hook points,
-//! summarise a cache. [`run`] takes argv so the cargo binary and the Python console script
-//! share one implementation.
+//! The `hooks` command line: cache activations over a dataset, tokenize a dataset, show a
+//! model's hook points, summarise a cache, fetch a model. [`run`] takes argv so the cargo
+//! binary and the Python console script share one implementation.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -147,6 +147,7 @@ impl DataArgs {
     pub fn max_chunks(&self) -> Result<Option<u64>> {
         match self.max_tokens {
             None => Ok(None),
+            Some(_) if self.seq_len == 0 => anyhow::bail!("--seq-len must be positive"),
             Some(tokens) if tokens < self.seq_len as u64 => anyhow::bail!(
                 "--max-tokens {tokens} is less than one sequence of --seq-len {}",
                 self.seq_len
@@ -432,6 +433,7 @@ fn tokenize(args: TokenizeArgs) -> Result<()> {
     crate::atomic::check_target(&args.output)?;
     // What a killed run of this command left half-written (it may be gigabytes).
     crate::atomic::remove_abandoned_temp_files_of(&args.output);
+    args.data.check()?;
     let max_chunks = args.data.max_chunks()?;
     let tokenizer = match (&args.model, &args.tokenizer) {
         (Some(model), replacement) => {

@@ -272,6 +272,12 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
             shards.push(file.to_string());
         }
     }
+    if shards.is_empty() {
+        return Err(Error::WeightFile {
+            path: index.into(),
+            message: "its 'weight_map' lists no weight files".into(),
+        });
+    }
     Ok(shards)
 }
 
@@ -845,5 +851,18 @@ mod tests {
         };
         assert_eq!(paths.len(), 2);
         assert!(paths[0].ends_with("model-00001-of-00002.safetensors"));
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            r#"{"weight_map": {}}"#,
+        )
+        .unwrap();
+        let err = ModelFiles::resolve(&ModelSpec::Folder(dir.path().into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.safetensors.index.json")
+                && err.contains("'weight_map' lists no weight files"),
+            "{err}"
+        );
     }
 }

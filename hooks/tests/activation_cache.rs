@@ -132,6 +132,39 @@ fn cache_round_trip_equals_direct_forward() {
         let direct = out.captures[&point].reshape((all.len(), 32)).unwrap();
         assert_eq!(rows(&all.activations[&point]), rows(&direct), "{point}");
     }
+    // What checkpoints of trainers record of a source names the dtypes, so that a resume
+    // in another precision is refused.
+    let reader = cache.reader(64, ReadOrder::Sequential).unwrap();
+    assert!(
+        reader
+            .describe()
+            .ends_with("read in order (computed in float32, stored in float32)"),
+        "{}",
+        reader.describe()
+    );
+    let stream = |dtype| {
+        let chunks = spec.chunks(Some(model.tokenizer().unwrap())).unwrap();
+        let model = Model::from_folder(
+            tmp.path(),
+            &LoadOptions {
+                dtype,
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap();
+        ModelActivations::new(&model, chunks, POINTS.to_vec(), 3, DType::F32, None)
+            .unwrap()
+            .describe()
+    };
+    let (f32_stream, bf16_stream) = (stream(DType::F32), stream(DType::BF16));
+    assert!(
+        f32_stream.ends_with(" tokens (computed in float32)"),
+        "{f32_stream}"
+    );
+    assert!(
+        bf16_stream.ends_with(" tokens (computed in bfloat16)"),
+        "{bf16_stream}"
+    );
 }
 
 #[test]
@@ -501,8 +534,8 @@ fn a_stop_request_writes_what_was_computed_and_the_job_resumes() {
     let chunks = spec.chunks(Some(model.tokenizer().unwrap())).unwrap();
     let mut source =
         ModelActivations::new(&model, chunks, POINTS.to_vec(), 3, DType::F32, None).unwrap();
-    let err = ActivationCache::write_with(&mut source, &spec, &out, &options, |tokens| {
-        seen.push(tokens);
+    let err = ActivationCache::write_with(&mut source, &spec, &out, &options, |now| {
+        seen.push((now.tokens, now.new_tokens, now.shards));
         if seen.len() == 2 {
             return Err(hooks::Error::InvalidArgument("interrupted".into()));
         }
@@ -510,7 +543,8 @@ fn a_stop_request_writes_what_was_computed_and_the_job_resumes() {
     })
     .unwrap_err();
     assert_eq!(err.to_string(), "interrupted");
-    assert_eq!(seen, vec![3 * SEQ_LEN as u64, 6 * SEQ_LEN as u64]);
+    let (three, six) = (3 * SEQ_LEN as u64, 6 * SEQ_LEN as u64);
+    assert_eq!(seen, vec![(three, three, 0), (six, six, 0)]);
     assert_eq!(
         std::fs::read_dir(out.join("shards")).unwrap().count(),
         1,
@@ -542,8 +576,23 @@ fn a_stop_request_writes_what_was_computed_and_the_job_resumes() {
         err.contains("(max_chunks: null -> 4; max_chunks is --max-tokens over data.seq_len)"),
         "{err}"
     );
-    let resumed = write_cache(&model, &spec, &out, 1 << 30).unwrap();
+    let chunks = spec.chunks(Some(model.tokenizer().unwrap())).unwrap();
+    let mut source =
+        ModelActivations::new(&model, chunks, POINTS.to_vec(), 3, DType::F32, None).unwrap();
+    let mut seen = Vec::new();
+    let resumed = ActivationCache::write_with(&mut source, &spec, &out, &options, |now| {
+        seen.push(*now);
+        Ok(())
+    })
+    .unwrap();
     assert_eq!(resumed.resumed_chunks, 6);
+    // Counts from the first batch on include what the earlier run cached.
+    let first = hooks::activations::CacheProgress {
+        tokens: 9 * SEQ_LEN as u64,
+        new_tokens: 3 * SEQ_LEN as u64,
+        shards: 1,
+    };
+    assert_eq!(seen[0], first);
     let fresh = write_cache(&model, &spec, &tmp.path().join("fresh"), 1 << 30).unwrap();
     assert_eq!(resumed.manifest.tokens, fresh.manifest.tokens);
 }

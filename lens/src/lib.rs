@@ -4,7 +4,8 @@
 //!
 //! Flow: [`TunedLens`] (parameters, files) -> [`loss`] (objective and its hand-written
 //! gradient) -> [`train`] (optimiser loop over an activation source, checkpoints) ->
-//! [`eval`] (per-layer metrics) -> [`cli`] (`lens train`, `lens eval`).
+//! [`eval`] (per-layer metrics) -> [`cli`] (`lens train`, `lens eval`, `lens sweep`,
+//! `lens plot`).
 
 pub mod cli;
 pub mod cuda;

@@ -506,8 +506,8 @@ fn draw_panels<DB: DrawingBackend>(
     root.present()
 }
 
-/// Renders with the backend the extension of `path` asks for (`.png` or `.svg`), writing to
-/// a temporary file first so the target is replaced atomically; evaluates to the size.
+/// Renders with the backend the extension of `path` asks for (`.png` or `.svg`) in memory,
+/// then writes the file atomically; evaluates to the size.
 macro_rules! render {
     ($path:expr, $size:expr, |$root:ident| $draw:expr) => {{
         let path: &Path = $path;
@@ -530,21 +530,18 @@ macro_rules! render {
                 hooks::atomic::write(path, svg.as_bytes())?;
             }
             "png" => {
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let tmp = path.with_file_name(format!(".{name}.tmp-{}.png", std::process::id()));
-                let drawn = {
-                    let $root = BitMapBackend::new(&tmp, $size).into_drawing_area();
-                    $draw.map_err(|e| fail(e.to_string()))
-                };
-                if let Err(e) = drawn.and_then(|()| {
-                    std::fs::rename(&tmp, path).map_err(|e| Error::from(hooks::Error::io(path, e)))
-                }) {
-                    let _ = std::fs::remove_file(&tmp);
-                    return Err(e);
+                let (width, height) = $size;
+                let mut pixels = vec![0u8; width as usize * height as usize * 3];
+                {
+                    let $root = BitMapBackend::with_buffer(&mut pixels, $size).into_drawing_area();
+                    $draw.map_err(|e| fail(e.to_string()))?;
                 }
+                hooks::atomic::write_with(path, |w| {
+                    use image::ImageEncoder;
+                    image::codecs::png::PngEncoder::new(w)
+                        .write_image(&pixels, width, height, image::ColorType::Rgb8)
+                        .map_err(std::io::Error::other)
+                })?;
             }
             other => {
                 return Err(Error::Lens(format!(

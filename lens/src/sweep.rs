@@ -15,9 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::eval::{evaluate, EvalReport, LayerMetrics, PredictionDepth};
 use crate::plot::{self, CheckpointGrid};
-use crate::train::{
-    checkpoint_dir, checkpoint_file, finished_with, prepare_output, train, TrainOptions,
-};
+use crate::train::{checkpoint_dir, checkpoint_file, prepare_output, train, TrainOptions};
 use crate::trajectory::{PredictionTrajectory, Statistic};
 use crate::{Error, LensData, Result, TunedLens};
 
@@ -337,6 +335,15 @@ pub fn run_sweep(options: &SweepOptions, progress: bool) -> Result<SweepSummary>
     if options.checkpoints.is_empty() {
         return Err(Error::Lens("no checkpoints to sweep".into()));
     }
+    let mut folders = std::collections::HashMap::new();
+    for revision in &options.checkpoints {
+        if let Some(other) = folders.insert(sanitize(revision), revision) {
+            return Err(Error::Lens(format!(
+                "checkpoints '{other}' and '{revision}' would share the folder {}",
+                checkpoint_folder(&options.output, revision).display()
+            )));
+        }
+    }
     // A finished checkpoint is read back, not loaded: its folder may be gone.
     let to_load: Vec<String> = options
         .checkpoints
@@ -389,11 +396,20 @@ pub fn run_sweep(options: &SweepOptions, progress: bool) -> Result<SweepSummary>
             })?;
             let now = sweep_settings(options);
             let (same, saved) = same_settings(&result.settings, &now);
+            let folder = checkpoint_folder(&options.output, revision);
+            if result.revision != *revision {
+                return Err(Error::Lens(format!(
+                    "{} holds the results of checkpoint '{}', not '{revision}'; use another output folder",
+                    done.display(),
+                    result.revision
+                )));
+            }
             if !result.settings.is_null() && !same {
                 return Err(Error::Lens(format!(
-                    "{} was made with other settings ({}); use another output folder or delete it",
+                    "{} was made with other settings ({}); use another output folder or delete {} (the lens trained there too)",
                     done.display(),
-                    hooks::checkpoint::differences(&saved, &now)
+                    hooks::checkpoint::differences(&saved, &now),
+                    folder.display()
                 )));
             }
             note(
@@ -546,8 +562,9 @@ fn sweep_checkpoint(
 }
 
 /// Trains (or resumes) the tuned lens of one checkpoint in `dir`. A lens trained whole
-/// before is reused once its training checkpoint shows this recipe (or as it is, when that
-/// checkpoint was deleted).
+/// before goes through its training checkpoint, which checks it against this recipe, source
+/// and data (reading the data's tokens again, but running no step); one whose checkpoint was
+/// deleted is reused as it is, with a warning.
 fn train_for_checkpoint(
     model: &Model,
     dir: &Path,
@@ -558,8 +575,11 @@ fn train_for_checkpoint(
 ) -> Result<TunedLens> {
     // config.json is written after the parameters: a lens is whole once it is there.
     let whole = dir.join("config.json").is_file() && dir.join("params.safetensors").is_file();
-    let training = checkpoint_dir(dir);
-    if whole && (!checkpoint_file(&training).is_file() || finished_with(&training, options)?) {
+    if whole && !checkpoint_file(&checkpoint_dir(dir)).is_file() {
+        tracing::warn!(
+            "reusing the lens in {} as it is: its training checkpoint is gone, so its recipe and data cannot be checked",
+            dir.display()
+        );
         let lens = TunedLens::load(dir, model.device())?;
         lens.check_model(model)?;
         return Ok(lens);
@@ -573,6 +593,7 @@ fn train_for_checkpoint(
         Some(options.steps),
         "lens steps",
     ));
+    let mut stepped = false;
     let history = train(
         &mut lens,
         &model.unembedding(),
@@ -580,16 +601,31 @@ fn train_for_checkpoint(
         options,
         Some(&ckpt),
         |r| {
+            stepped = true;
             bar.set_position(r.step);
             let mean = r.loss.iter().sum::<f64>() / r.loss.len() as f64;
             bar.set_message(format!("mean KL {mean:.3}"));
             Ok(())
         },
-    )?;
+    )
+    .map_err(|e| match whole {
+        // Deleting only the checkpoint would leave the lens to be reused unchecked.
+        true => Error::Lens(format!(
+            "{e} (for this checkpoint's lens, delete {} to train it again)",
+            dir.display()
+        )),
+        false => e,
+    })?;
     bar.finish_and_clear();
     multi.remove(&bar);
-    lens.save(dir)?;
-    hooks::atomic::write_json(&ckpt.join("history.json"), &history)?;
+    // A whole lens that took no step is its checkpoint's last one: it stays as it is.
+    if !whole || stepped {
+        lens.save(dir)?;
+    }
+    let history_file = ckpt.join("history.json");
+    if !whole || stepped || !history_file.is_file() {
+        hooks::atomic::write_json(&history_file, &history)?;
+    }
     Ok(lens)
 }
 

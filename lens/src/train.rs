@@ -552,15 +552,6 @@ fn check_recipe(path: &Path, state: &State, options: &TrainOptions) -> Result<()
     Ok(())
 }
 
-/// Whether the checkpoint in `dir` (a [`checkpoint_dir`]) is of a finished run of this
-/// recipe, read without its data; an error names what differs when it is of another.
-pub(crate) fn finished_with(dir: &Path, options: &TrainOptions) -> Result<bool> {
-    let path = checkpoint_file(dir);
-    let (state, _): (State, _) = hooks::checkpoint::load(&path, &candle_core::Device::Cpu)?;
-    check_recipe(&path, &state, options)?;
-    Ok(state.history.len() as u64 == options.steps)
-}
-
 fn load_checkpoint(
     path: &Path,
     lens: &mut TunedLens,

@@ -200,7 +200,8 @@ impl TunedLens {
         Ok(())
     }
 
-    /// Writes `config.json` and `params.safetensors` into `dir` (atomically).
+    /// Writes `config.json` and `params.safetensors` into `dir` (atomically, as a pair: see
+    /// [`hooks::atomic::write_weights_and_config`]).
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| hooks::Error::io(dir, e))?;
         let mut tensors = Vec::new();
@@ -208,8 +209,12 @@ impl TunedLens {
             tensors.push((format!("{layer}.weight"), vec![self.weights[layer].clone()]));
             tensors.push((format!("{layer}.bias"), vec![self.biases[layer].clone()]));
         }
-        hooks::atomic::write_safetensors(&dir.join("params.safetensors"), &tensors)?;
-        hooks::atomic::write_json(&dir.join("config.json"), &self.config)?;
+        hooks::atomic::write_weights_and_config(
+            &dir.join("params.safetensors"),
+            &tensors,
+            &dir.join("config.json"),
+            &self.config,
+        )?;
         Ok(())
     }
 

@@ -539,6 +539,20 @@ fn sweep_over_two_local_checkpoints_writes_files_and_resumes() {
         err.contains("step0/lens/training/checkpoint.safetensors: was made with other training options (steps: 2 -> 3)"),
         "{err}"
     );
+    // ... and against their training data.
+    let other_text = dir.path().join("other.txt");
+    let text = std::fs::read_to_string(repo().join("data/wikitext-2-raw-test.txt")).unwrap();
+    std::fs::write(&other_text, &text[text.len() / 2..]).unwrap();
+    let mut other_data = with_train(2, 64);
+    if let SweepLens::Train { data, .. } = &mut other_data.lens {
+        data.data = vec![other_text];
+    }
+    let err = run_sweep(&other_data, false).unwrap_err().to_string();
+    assert!(
+        err.contains("step0/lens/training/checkpoint.safetensors: was made from other data")
+            && err.ends_with("step0/lens to train it again)"),
+        "{err}"
+    );
     let rechunked = run_sweep(&with_train(2, 32), false).unwrap();
     assert_eq!(
         rechunked.results[1].eval.tuned_lens,
@@ -547,6 +561,16 @@ fn sweep_over_two_local_checkpoints_writes_files_and_resumes() {
     assert_eq!(
         std::fs::metadata(&lens_file).unwrap().modified().unwrap(),
         lens_time
+    );
+    // Two revisions that would share a folder are refused before anything runs.
+    let colliding = SweepOptions {
+        checkpoints: vec!["refs/pr/1".into(), "refs_pr_1".into()],
+        ..options.clone()
+    };
+    let err = run_sweep(&colliding, false).unwrap_err().to_string();
+    assert!(
+        err.contains("checkpoints 'refs/pr/1' and 'refs_pr_1' would share the folder"),
+        "{err}"
     );
     // A finished checkpoint is not reused for a sweep with other settings.
     let other = SweepOptions {
@@ -558,6 +582,16 @@ fn sweep_over_two_local_checkpoints_writes_files_and_resumes() {
         err.contains("made with other settings (eval_tokens: 128 -> 64)"),
         "{err}"
     );
+    // A result of another revision is not taken for this one's.
+    let step1_result = output.join("step1/result.json");
+    let step1_bytes = std::fs::read(&step1_result).unwrap();
+    std::fs::copy(output.join("step0/result.json"), &step1_result).unwrap();
+    let err = run_sweep(&options, false).unwrap_err().to_string();
+    assert!(
+        err.contains("step1/result.json holds the results of checkpoint 'step0', not 'step1'"),
+        "{err}"
+    );
+    std::fs::write(&step1_result, step1_bytes).unwrap();
     // A damaged result says how to redo its checkpoint.
     let result_file = output.join("step0/result.json");
     let result_bytes = std::fs::read(&result_file).unwrap();

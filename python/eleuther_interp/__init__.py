@@ -97,8 +97,8 @@ def _run_main(program: str, run: Callable[[list[str]], int], argv: Optional[Sequ
 
 
 def hooks_main(argv: Optional[Sequence[str]] = None) -> int:
-    """Runs the ``hooks`` command line (``hooks cache``, ``hooks info``, ``hooks inspect``,
-    ``hooks fetch``) in this process and returns its exit status.
+    """Runs the ``hooks`` command line (``hooks cache``, ``hooks tokenize``, ``hooks info``,
+    ``hooks inspect``, ``hooks fetch``) in this process and returns its exit status.
 
     ``argv`` is the argument list without the program name (default ``sys.argv[1:]``).
     An error prints ``error: <message>`` on stderr and returns 1. ``--help`` and

@@ -10,11 +10,11 @@
 //! re-run resumes after them.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use hooks::activations::{
-    ActivationCache, ActivationSource, CacheOptions, CacheReader, CacheSummary, ModelActivations,
-    ReadOrder,
+    ActivationCache, ActivationSource, CacheOptions, CacheProgress, CacheReader, CacheSummary,
+    ModelActivations, ReadOrder,
 };
 use hooks::candle_core::Tensor;
 use hooks::data::DataSpec;
@@ -49,24 +49,6 @@ pub fn model_arg<'py>(py: Python<'py>, model: &Bound<'py, PyAny>) -> PyResult<Bo
             Bound::new(py, PyModel::load(py, name, None, "cpu", "float32", None)?)
         }
     }
-}
-
-/// What an unfinished job in `dir` has done: `(chunks, shards)` from its `progress.json`
-/// (zero when there is none, or when overwriting). Only for the callback's counts: the
-/// writer itself checks the file.
-fn prior_progress(dir: &Path, overwrite: bool) -> (u64, usize) {
-    if overwrite || dir.join("manifest.json").exists() {
-        return (0, 0);
-    }
-    let Ok(text) = std::fs::read_to_string(dir.join("progress.json")) else {
-        return (0, 0);
-    };
-    let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else {
-        return (0, 0);
-    };
-    let chunks = value["chunks"].as_u64().unwrap_or(0);
-    let shards = value["shards"].as_array().map_or(0, Vec::len);
-    (chunks, shards)
 }
 
 /// The writer's messages name the command-line flag; from Python the option is a keyword.
@@ -181,35 +163,18 @@ pub fn cache_activations<'py>(
     };
     let callback: Option<Py<PyAny>> = callback.map(|c| c.clone().unbind());
 
-    // The callback's counts. The writer reports only the tokens cached so far; the rest is
-    // derived: tokens this run (minus what an earlier run did) and shards, following the
-    // writer's rule (a shard is written once its pending batches reach `max_shard_bytes`).
-    let (prior_chunks, prior_shards) = prior_progress(&output, overwrite);
-    let prior_tokens = prior_chunks * seq_len as u64;
-    let widths = points.iter().map(|p| model.config().width(*p));
-    let row_bytes =
-        widths.sum::<hooks::Result<usize>>().into_py_result()? * store_dtype.size_in_bytes();
     let started = std::time::Instant::now();
 
     let (result, stopped) = py.detach(|| {
         let mut stopped: Option<PyErr> = None;
-        let mut shards = prior_shards;
-        let mut last_tokens = prior_tokens;
-        let mut pending_bytes = 0usize;
-        let mut after_batch = |tokens: u64| -> hooks::Result<()> {
-            pending_bytes += (tokens - last_tokens) as usize * row_bytes;
-            last_tokens = tokens;
-            if pending_bytes >= options.max_shard_bytes {
-                shards += 1;
-                pending_bytes = 0;
-            }
+        let mut after_batch = |now: &CacheProgress| -> hooks::Result<()> {
             let outcome = Python::attach(|py| -> PyResult<()> {
                 py.check_signals()?;
                 if let Some(callback) = &callback {
                     let info = PyDict::new(py);
-                    info.set_item("tokens", tokens)?;
-                    info.set_item("new_tokens", tokens - prior_tokens)?;
-                    info.set_item("shards", shards)?;
+                    info.set_item("tokens", now.tokens)?;
+                    info.set_item("new_tokens", now.new_tokens)?;
+                    info.set_item("shards", now.shards)?;
                     info.set_item("seconds", started.elapsed().as_secs_f64())?;
                     callback.bind(py).call1((info,))?;
                 }

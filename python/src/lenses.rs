@@ -223,12 +223,32 @@ impl PyTunedLens {
         for (name, array) in self.state_dict(py)?.iter() {
             state.set_item(name, torch.call_method1("from_numpy", (array,))?)?;
         }
-        torch.call_method1("save", (state, path.join("params.pt")))?;
         let json =
             serde_json::to_string(&config).map_err(|e| PyValueError::new_err(e.to_string()))?;
-        std::fs::write(path.join("config.json"), json)
-            .map_err(|e| to_py_err(hooks::Error::io(path.join("config.json"), e)))?;
-        Ok(())
+        // Both files staged, then put in place: a kill leaves the old pair or the new one.
+        let (params_path, config_path) = (path.join("params.pt"), path.join("config.json"));
+        for file in [&params_path, &config_path] {
+            hooks::atomic::remove_abandoned_temp_files_of(file);
+        }
+        let mut save_error = None;
+        let params = hooks::atomic::stage_by_path(&params_path, |tmp| {
+            torch.call_method1("save", (&state, tmp)).map_err(|e| {
+                let message = e.to_string();
+                save_error = Some(e);
+                std::io::Error::other(message)
+            })?;
+            Ok(())
+        });
+        if let Some(error) = save_error {
+            return Err(error);
+        }
+        let params = params.map_err(to_py_err)?;
+        let config = hooks::atomic::stage_with(&config_path, |w| {
+            std::io::Write::write_all(w, json.as_bytes())
+        })
+        .map_err(to_py_err)?;
+        params.commit().map_err(to_py_err)?;
+        config.commit().map_err(to_py_err)
     }
 
     /// Lens logits of ``hidden`` (float32 ``[..., d_model]``, the residual stream entering

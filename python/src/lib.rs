@@ -1,7 +1,8 @@
 //! The native part of the `eleuther_interp` Python package: bindings of the `hooks` runtime
 //! (models, hook points, tokenizers, the activation cache and the `hooks` command line) and
 //! of the `lens` crate (tuned lens and logit lens: apply, train, evaluate; the `lens`
-//! command line) and of the `sae` crate (sparsify-compatible TopK SAEs; the `sae` command
+//! command line), of the `sae` crate (sparsify-compatible TopK SAEs; the `sae` command
+//! line) and of the `delphi` crate (explaining and scoring SAE latents; the `delphi` command
 //! line).
 //!
 //! Everything user-facing is documented from Python (`help(eleuther_interp.Model)`); the

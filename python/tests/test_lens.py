@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +180,32 @@ def test_export_reference(reference_lens, golden_model, tmp_path, monkeypatch):
         loaded = ei.TunedLens.load(out)
         for key, value in ours.state_dict().items():
             np.testing.assert_array_equal(loaded.state_dict()[key], value)
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "params.pt"]
+
+    # Without PyTorch installed too: a stand-in that pickles what it is given.
+    def pickling_save(obj, f):
+        with open(f, "wb") as file:
+            pickle.dump(dict(obj), file)
+
+    def failing_save(obj, f):
+        with open(f, "wb") as file:
+            file.write(b"half")
+        raise OSError("disk full")
+
+    stand_in = types.ModuleType("torch")
+    stand_in.from_numpy, stand_in.save = np.asarray, pickling_save
+    monkeypatch.setitem(sys.modules, "torch", stand_in)
+    out = tmp_path / "stand-in"
+    reference_lens.export_reference(out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "params.pt"]
+    with open(out / "params.pt", "rb") as file:
+        assert list(pickle.load(file)) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    # torch.save failing leaves the folder as it was, and its exception is raised.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    stand_in.save = failing_save
+    with pytest.raises(OSError, match="disk full"):
+        ei.TunedLens.for_model(golden_model).export_reference(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     monkeypatch.setitem(sys.modules, "torch", None)  # as if PyTorch were not installed
     with pytest.raises(ImportError, match="needs PyTorch.*pip install torch.*save()"):
         reference_lens.export_reference(tmp_path / "no-torch")

@@ -243,6 +243,9 @@ struct TrainArgs {
     /// options come from their cfg.json, and the first step keeps their biases.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["k", "expansion_factor", "num_latents", "multi_topk", "skip_connection"])]
     finetune: Option<PathBuf>,
+    /// Hub revision of a --finetune repository (default main).
+    #[arg(long, requires = "finetune")]
+    sae_revision: Option<String>,
     /// Leave out the first N positions of every sequence (streamed or cached): e.g. 1 keeps
     /// SmolLM2's position-0 "massive activations" out of training. Recorded in the
     /// checkpoint; 0 is sparsify's recipe.
@@ -453,7 +456,11 @@ fn train_command(mut args: TrainArgs) -> Result<()> {
             ),
             (None, _) => None,
         };
-        args.finetune = Some(crate::hub::sae_root(dir, None, named.as_deref())?);
+        args.finetune = Some(crate::hub::sae_root(
+            dir,
+            args.sae_revision.as_deref(),
+            named.as_deref(),
+        )?);
     }
     if let (None, Some(dir)) = (&args.hookpoints, &args.finetune) {
         // The SAEs to train further name their hook points.
@@ -723,7 +730,10 @@ fn train_command(mut args: TrainArgs) -> Result<()> {
             println!("{steady}");
         }
     } else {
-        println!("already trained: nothing to do (delete the output folder to start again)");
+        println!(
+            "already trained with these settings: nothing to do (the data is not read again to \
+             compare it with the training data; delete the output folder to start again)"
+        );
     }
     println!(
         "{:>24} {:>8} {:>8} {:>8}",

@@ -513,8 +513,8 @@ impl Sae {
         })
     }
 
-    /// Writes `cfg.json` and `sae.safetensors` into `dir` (created if needed), atomically,
-    /// in sparsify's layout.
+    /// Writes `cfg.json` and `sae.safetensors` into `dir` (created if needed), atomically as
+    /// a pair (see [`hooks::atomic::write_weights_and_config`]), in sparsify's layout.
     pub fn save(&self, dir: &Path) -> Result<()> {
         if !matches!(self.activation, Activation::TopK)
             || self.subtract_b_dec == self.config.transcode
@@ -532,8 +532,12 @@ impl Sae {
             .zip(self.parameters())
             .map(|(name, t)| Ok((name.to_string(), vec![t.to_dtype(DType::F32)?])))
             .collect::<Result<_>>()?;
-        hooks::atomic::write_safetensors(&dir.join("sae.safetensors"), &tensors)?;
-        hooks::atomic::write_json(&dir.join("cfg.json"), &self.config)?;
+        hooks::atomic::write_weights_and_config(
+            &dir.join("sae.safetensors"),
+            &tensors,
+            &dir.join("cfg.json"),
+            &self.config,
+        )?;
         Ok(())
     }
 

@@ -1138,7 +1138,8 @@ pub fn train_many(
             histories[i] = state.history;
             fingerprints.push((path, state.data_fingerprint));
         }
-        // A finished run reads nothing more.
+        // A finished run reads nothing more: its data is not read again only to be compared
+        // (with excluded tokens, a skip runs the model over every row).
         if trainers[0].steps_done() < options.steps {
             let consumed = consumed.unwrap_or(0);
             rows.skip(consumed)?;
@@ -1314,7 +1315,16 @@ fn load_checkpoint(
         .optimizers
         .restore(steps, &tensors, &sae.parameters())
         .map_err(|e| bad(e.to_string()))?;
-    let fired: Vec<i64> = get("tokens_since_fired")?.to_vec1()?;
+    let fired: Vec<i64> = get("tokens_since_fired")?.to_vec1().map_err(|e| {
+        bad(format!(
+            "tokens_since_fired is not a list of int64 counts: {e}"
+        ))
+    })?;
+    if let Some(negative) = fired.iter().find(|t| **t < 0) {
+        return Err(bad(format!(
+            "tokens_since_fired holds the negative count {negative}: it is damaged"
+        )));
+    }
     if fired.len() != sae.num_latents() {
         return Err(bad(format!(
             "tokens_since_fired has {} entries for {} latents",

@@ -815,6 +815,19 @@ fn finetune_trains_saes_further() {
         train(&named_by_folder, &["--finetune", s(&empty), "--steps", "1"]).unwrap_err()
     );
     assert!(message.contains("holds no SAE folders"), "{message}");
+    let pinned = [
+        "--finetune",
+        s(&first),
+        "--sae-revision",
+        "v2",
+        "--steps",
+        "1",
+    ];
+    let message = format!("{:#}", train(&named_by_folder, &pinned).unwrap_err());
+    assert!(
+        message.contains("revision 'v2' applies to hub repositories"),
+        "{message}"
+    );
     // A fresh run's first step sets b_dec to the batch mean instead.
     let fresh = tmp.path().join("fresh");
     let args = [&["--hookpoints", both, "--steps", "1"][..], &shape].concat();

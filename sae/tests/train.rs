@@ -296,22 +296,27 @@ fn resumes_exactly(skip_connection: bool, optimizer: SaeOptimizer, k_decay_steps
     assert_eq!(run.history, full);
     assert_eq!(flat(&run.sae), flat(&straight));
     let dir = run.dir;
+    // The error of a run on planted data of `seed` resuming from that checkpoint.
+    let refused = |options: &TrainOptions, seed| {
+        let mut data = Planted::new(seed, 40);
+        train(
+            &mut fresh(),
+            &mut data,
+            POINT,
+            options,
+            Some(dir.path()),
+            |_| {},
+        )
+        .unwrap_err()
+        .to_string()
+    };
 
     // A finished run's checkpoint with other options is refused.
     let other = TrainOptions {
         lr: Some(2e-2),
         ..options.clone()
     };
-    let message = train(
-        &mut fresh(),
-        &mut Planted::new(5, 40),
-        POINT,
-        &other,
-        Some(dir.path()),
-        |_| {},
-    )
-    .unwrap_err()
-    .to_string();
+    let message = refused(&other, 5);
     assert!(
         message.contains("other training options") && message.contains("options.lr: 0.01 -> 0.02"),
         "{message}"
@@ -337,20 +342,24 @@ fn resumes_exactly(skip_connection: bool, optimizer: SaeOptimizer, k_decay_steps
     assert_eq!(rerun.config().k, straight.config().k);
     assert!(flat(&rerun) == flat(&straight));
     // A run that read other data is refused.
-    let message = train(
-        &mut fresh(),
-        &mut Planted::new(6, 40),
-        POINT,
-        &options,
-        Some(dir.path()),
-        |_| {},
-    )
-    .unwrap_err()
-    .to_string();
+    let message = refused(&options, 6);
     assert!(
         message.contains(
             "was trained on planted data with seed 5, but this run reads planted data with seed 6"
         ),
+        "{message}"
+    );
+    // A damaged count of tokens since a latent fired is named, not taken as a huge count.
+    let path = sae::train::checkpoint_path(dir.path());
+    let (state, mut tensors): (serde_json::Value, _) =
+        hooks::checkpoint::load(&path, &Device::Cpu).unwrap();
+    let fired = &tensors["tokens_since_fired"];
+    let damaged = Tensor::full(-1i64, fired.shape(), &Device::Cpu).unwrap();
+    tensors.insert("tokens_since_fired".into(), damaged);
+    hooks::checkpoint::save(&path, tensors.into_iter().collect(), &state).unwrap();
+    let message = refused(&options, 5);
+    assert!(
+        message.contains("tokens_since_fired holds the negative count -1: it is damaged"),
         "{message}"
     );
 }

@@ -320,11 +320,12 @@ fn without_url(error: &reqwest::Error) -> String {
     inner.to_string()
 }
 
-/// The `Retry-After` header in seconds (the HTTP-date form is treated as absent).
+/// The `Retry-After` header in seconds (the HTTP-date form, and a number of seconds no
+/// duration holds, are treated as absent).
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
     let seconds: f64 = value.trim().parse().ok()?;
-    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
+    Duration::try_from_secs_f64(seconds).ok()
 }
 
 /// The start of a body, for error messages.
@@ -566,6 +567,15 @@ mod tests {
         zero.timeout = Duration::ZERO;
         let message = OpenAiClient::new(zero).unwrap_err().to_string();
         assert!(message.contains("--timeout"), "{message}");
+        let header = |value: &str| {
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert(reqwest::header::RETRY_AFTER, value.parse().unwrap());
+            retry_after(&headers)
+        };
+        assert_eq!(header(" 2.5 "), Some(Duration::from_millis(2500)));
+        for unusable in ["1e20", "-1", "NaN", "inf", "Wed, 21 Oct 2026 07:28:00 GMT"] {
+            assert_eq!(header(unusable), None, "{unusable}");
+        }
         // Without Retry-After: the first backoff, 1 s with +-20 % jitter.
         let backoff = client.retry_wait(0, None).as_secs_f64();
         assert!((0.8..=1.2).contains(&backoff), "{backoff}");

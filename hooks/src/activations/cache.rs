@@ -125,7 +125,8 @@ pub struct CacheOptions {
     /// A shard is written once its activation bytes reach this: whole forward batches, so it
     /// may pass it by up to one batch.
     pub max_shard_bytes: usize,
-    /// Start again instead of resuming, deleting what is there.
+    /// Start again instead of resuming, deleting the cache's own files there (its manifest,
+    /// progress file and shards; other files are left alone).
     pub overwrite: bool,
     /// Show a progress bar (only drawn on a terminal).
     pub progress: bool,
@@ -158,6 +159,18 @@ pub struct CacheSummary {
     pub already_complete: bool,
 }
 
+/// Where a cache job stands after a batch (see [`ActivationCache::write_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheProgress {
+    /// Tokens cached so far, by this run and the earlier ones it resumes.
+    pub tokens: u64,
+    /// Tokens computed by this run.
+    pub new_tokens: u64,
+    /// Shards written so far, the one this batch completed included (batches since the last
+    /// are written in a later one).
+    pub shards: usize,
+}
+
 /// How a cache's settings and this run's differ (see [`crate::checkpoint::differences`]),
 /// naming the flag behind `max_chunks`, which is not one itself.
 fn settings_changes(saved: &CacheSettings, now: &CacheSettings) -> String {
@@ -187,10 +200,10 @@ impl ActivationCache {
         Self::write_with(source, data, dir, options, |_| Ok(()))
     }
 
-    /// [`ActivationCache::write`] calling `after_batch` with the tokens cached so far (this run
-    /// and earlier ones) after every batch. An error from it stops the job: what was computed
-    /// is first written as a shard, so running the job again resumes there (used for Ctrl-C
-    /// and progress reporting from Python).
+    /// [`ActivationCache::write`] calling `after_batch` with where the job stands after every
+    /// batch. An error from it stops the job: what was computed is first written as a shard,
+    /// so running the job again resumes there (used for Ctrl-C and progress reporting from
+    /// Python).
     ///
     /// A run that fails before its first shard removes the cache folder it created (and its
     /// `shards/`), when they are still empty.
@@ -199,7 +212,7 @@ impl ActivationCache {
         data: &DataSpec,
         dir: &Path,
         options: &CacheOptions,
-        after_batch: impl FnMut(u64) -> Result<()>,
+        after_batch: impl FnMut(&CacheProgress) -> Result<()>,
     ) -> Result<CacheSummary> {
         let new_dir = !dir.exists();
         let result = Self::write_shards(source, data, dir, options, after_batch);
@@ -218,7 +231,7 @@ impl ActivationCache {
         data: &DataSpec,
         dir: &Path,
         options: &CacheOptions,
-        mut after_batch: impl FnMut(u64) -> Result<()>,
+        mut after_batch: impl FnMut(&CacheProgress) -> Result<()>,
     ) -> Result<CacheSummary> {
         let started = Instant::now();
         if source.skip_positions != 0 {
@@ -252,17 +265,23 @@ impl ActivationCache {
 
         let manifest_path = dir.join("manifest.json");
         let progress_path = dir.join("progress.json");
+        let is_shard = |name: &str| name.starts_with("shard-") && name.ends_with(".safetensors");
         if options.overwrite && dir.exists() {
             for file in ["manifest.json", "progress.json"] {
                 let _ = std::fs::remove_file(dir.join(file));
             }
-            let _ = std::fs::remove_dir_all(dir.join("shards"));
+            // Only the cache's own shards: other files in the folder are left alone.
+            if let Ok(entries) = std::fs::read_dir(dir.join("shards")) {
+                for entry in entries.flatten() {
+                    if entry.file_name().to_str().is_some_and(is_shard) {
+                        let _ = std::fs::remove_file(entry.path());
+                    }
+                }
+            }
         }
         // The shard (and progress.json) a killed run was writing.
         let freed = crate::atomic::remove_abandoned_temp_files(dir, |name| name == "progress.json")
-            + crate::atomic::remove_abandoned_temp_files(&dir.join("shards"), |name| {
-                name.starts_with("shard-") && name.ends_with(".safetensors")
-            });
+            + crate::atomic::remove_abandoned_temp_files(&dir.join("shards"), is_shard);
         if freed > 0 {
             tracing::info!("removed {freed} bytes of files a killed run left half-written");
         }
@@ -477,14 +496,21 @@ impl ActivationCache {
             bar.inc(batch.len() as u64);
             pending_bytes += batch.activation_bytes();
             pending.push(batch);
-            let stop = after_batch(resumed_chunks * seq_len + new_tokens).err();
-            if pending_bytes >= options.max_shard_bytes || stop.is_some() {
+            if pending_bytes >= options.max_shard_bytes {
                 let text_bytes = resumed_bytes + source.chunks().text_bytes() - skipped_bytes;
                 let data_read = source.chunks().fingerprint();
                 flush(&mut pending, &mut progress, text_bytes, data_read)?;
                 pending_bytes = 0;
             }
-            if let Some(error) = stop {
+            let now = CacheProgress {
+                tokens: resumed_chunks * seq_len + new_tokens,
+                new_tokens,
+                shards: progress.shards.len(),
+            };
+            if let Err(error) = after_batch(&now) {
+                let text_bytes = resumed_bytes + source.chunks().text_bytes() - skipped_bytes;
+                let data_read = source.chunks().fingerprint();
+                flush(&mut pending, &mut progress, text_bytes, data_read)?;
                 bar.abandon();
                 return Err(error);
             }
@@ -977,7 +1003,8 @@ impl ActivationSource for CacheReader {
         &self.cache.points
     }
 
-    /// What the cache holds (model, data, token count), not where it lies, and the order.
+    /// What the cache holds (model, data, token count, dtypes), not where it lies, and the
+    /// order.
     fn describe(&self) -> String {
         let order = match self.order {
             ReadOrder::Sequential => "in order".to_string(),
@@ -996,10 +1023,12 @@ impl ActivationSource for CacheReader {
             .map(|p| p.display().to_string())
             .collect();
         format!(
-            "an activation cache of model {} over {} ({} tokens) read {order}",
+            "an activation cache of model {} over {} ({} tokens) read {order} (computed in {}, stored in {})",
             m.settings.model,
             data.join(", "),
-            m.tokens
+            m.tokens,
+            m.settings.compute_dtype,
+            m.settings.dtype
         )
     }
 

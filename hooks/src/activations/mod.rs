@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor};
 
 pub use cache::{
-    ActivationCache, CacheOptions, CacheReader, CacheSummary, Manifest, ReadOrder, ShardInfo,
+    ActivationCache, CacheOptions, CacheProgress, CacheReader, CacheSummary, Manifest, ReadOrder,
+    ShardInfo,
 };
 
 use crate::data::ChunkStream;
@@ -268,15 +269,17 @@ impl ActivationSource for ModelActivations<'_> {
         &self.points
     }
 
-    /// The model (a local one by its full path, a hub one with its revision) and the
-    /// sequence length; not the data files, which a resumed run may extend or move.
+    /// The model (a local one by its full path, a hub one with its revision), the sequence
+    /// length and the dtype the model computes in; not the data files, which a resumed run
+    /// may extend or move.
     fn describe(&self) -> String {
         let origin = self.model.origin();
         let origin = std::fs::canonicalize(origin)
             .map_or_else(|_| origin.to_string(), |p| p.display().to_string());
         format!(
-            "model {origin} in sequences of {} tokens",
-            self.chunks.seq_len()
+            "model {origin} in sequences of {} tokens (computed in {})",
+            self.chunks.seq_len(),
+            crate::dtype_name(self.model.dtype())
         )
     }
 

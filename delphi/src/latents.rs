@@ -212,6 +212,8 @@ pub fn write_latent_cache(
     };
     let shards_dir = dir.join("shards");
     std::fs::create_dir_all(&shards_dir).map_err(|e| Error::io(&shards_dir, e))?;
+    // Held to the end: another run into this folder is refused meanwhile.
+    let _lock = hooks::atomic::lock_folder(dir)?;
     hooks::atomic::remove_abandoned_temp_files(&shards_dir, |name| name.ends_with(".safetensors"));
     let config_path = dir.join("config.json");
     if config_path.is_file() {

@@ -150,6 +150,44 @@ fn try_lock(file: &std::fs::File) -> bool {
     }
 }
 
+/// The file [`lock_folder`] locks in a folder.
+pub const LOCK_FILE: &str = ".eleuther-interp.lock";
+
+/// A job's hold on the folder it writes (see [`lock_folder`]), released when dropped or when
+/// the process ends, however it ends.
+#[derive(Debug)]
+pub struct FolderLock {
+    _file: std::fs::File,
+}
+
+/// Refuses a second run writing into `folder` while one does (the same command started twice,
+/// say), instead of letting the two interleave their files: an advisory lock on
+/// `folder/.eleuther-interp.lock` (the folder is created if needed), held until the returned
+/// value is dropped. Where the file system has no locks, nothing is refused.
+pub fn lock_folder(folder: &Path) -> Result<FolderLock> {
+    std::fs::create_dir_all(folder).map_err(|e| Error::io(folder, e))?;
+    let path = folder.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(FolderLock { _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::InvalidArgument(format!(
+            "{} is being written by another run, which holds {}: wait for it to end or stop \
+             it, or use another folder",
+            folder.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            tracing::debug!("{} cannot be locked ({e}): not locking", path.display());
+            Ok(FolderLock { _file: file })
+        }
+    }
+}
+
 /// Writes a file atomically through `write`, which receives a buffered writer to the
 /// temporary file (seekable, for formats whose header is known only at the end).
 pub fn write_with(
@@ -515,6 +553,21 @@ pub(crate) mod tests {
             Ok(())
         })
         .unwrap();
+    }
+
+    #[test]
+    fn a_locked_folder_refuses_a_second_writer_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("run");
+        let held = lock_folder(&folder).unwrap();
+        let err = lock_folder(&folder).unwrap_err().to_string();
+        assert!(
+            err.contains("run is being written by another run, which holds")
+                && err.contains(LOCK_FILE),
+            "{err}"
+        );
+        drop(held);
+        lock_folder(&folder).unwrap();
     }
 
     #[test]

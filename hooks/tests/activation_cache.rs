@@ -550,6 +550,13 @@ fn a_stop_request_writes_what_was_computed_and_the_job_resumes() {
         1,
         "the two batches were saved"
     );
+    // A second job into the folder while one writes there is refused.
+    let held = hooks::atomic::lock_folder(&out).unwrap();
+    let err = write_cache(&model, &spec, &out, 1 << 30)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is being written by another run"), "{err}");
+    drop(held);
     // The data file changed under the job (one word early on): refused, and nothing lost.
     let data = &spec.paths[0];
     let original = std::fs::read_to_string(data).unwrap();

@@ -373,7 +373,8 @@ pub fn run_sweep(options: &SweepOptions, progress: bool) -> Result<SweepSummary>
     {
         return Err(Error::Lens("the prompt (--prompt) is empty".into()));
     }
-    std::fs::create_dir_all(&options.output).map_err(|e| hooks::Error::io(&options.output, e))?;
+    // Held to the end: another sweep into this folder is refused meanwhile.
+    let _lock = hooks::atomic::lock_folder(&options.output)?;
     let multi = MultiProgress::new();
     if !progress || !std::io::stderr().is_terminal() {
         multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());

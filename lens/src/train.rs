@@ -355,6 +355,8 @@ pub fn train(
         )));
     }
     hooks::activations::check_rows_suffice(source, options.steps, options.tokens_per_step)?;
+    // Held to the end: another run into this folder is refused meanwhile.
+    let _lock = checkpoint_dir.map(hooks::atomic::lock_folder).transpose()?;
     let unembedding = unembedding.to_dtype(DType::F32)?;
     // No chunk is larger than a step: a large --chunk-tokens must not size the
     // vocabulary-wide buffers beyond what a step can fill.

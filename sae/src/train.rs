@@ -1114,6 +1114,12 @@ pub fn train_many(
         consumed: 0,
     };
     let mut histories = vec![Vec::new(); saes.len()];
+    // Held to the end: another run into these folders is refused meanwhile.
+    let _locks = checkpoint_dirs
+        .unwrap_or_default()
+        .iter()
+        .map(|d| hooks::atomic::lock_folder(d))
+        .collect::<hooks::Result<Vec<_>>>()?;
     let checkpoints: Option<Vec<PathBuf>> =
         checkpoint_dirs.map(|dirs| dirs.iter().map(|d| checkpoint_path(d)).collect());
     let resume_from = match &checkpoints {

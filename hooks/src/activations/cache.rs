@@ -206,7 +206,8 @@ impl ActivationCache {
     /// Python).
     ///
     /// A run that fails before its first shard removes the cache folder it created (and its
-    /// `shards/`), when they are still empty.
+    /// `shards/`), when they are still empty. Another job writing to `dir` meanwhile is
+    /// refused (see [`atomic::lock_folder`]).
     pub fn write_with(
         source: &mut ModelActivations,
         data: &DataSpec,
@@ -215,10 +216,13 @@ impl ActivationCache {
         after_batch: impl FnMut(&CacheProgress) -> Result<()>,
     ) -> Result<CacheSummary> {
         let new_dir = !dir.exists();
+        let lock = atomic::lock_folder(dir)?;
         let result = Self::write_shards(source, data, dir, options, after_batch);
         if result.is_err() {
             // `remove_dir` removes only empty folders: nothing written is lost.
             if std::fs::remove_dir(dir.join("shards")).is_ok() && new_dir {
+                let _ = std::fs::remove_file(dir.join(atomic::LOCK_FILE));
+                drop(lock);
                 let _ = std::fs::remove_dir(dir);
             }
         }

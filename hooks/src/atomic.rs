@@ -324,9 +324,14 @@ pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Writes a value as pretty JSON atomically.
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    stage_json(path, value)?.commit()
+}
+
+/// [`write_json`], staged: see [`Staged`].
+pub fn stage_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<Staged> {
     let text =
         serde_json::to_string_pretty(value).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-    write(path, text.as_bytes())
+    stage_with(path, |w| w.write_all(text.as_bytes()))
 }
 
 /// Writes named tensors as a safetensors file atomically, streaming each tensor's bytes from
@@ -359,11 +364,9 @@ pub fn write_weights_and_config<T: serde::Serialize>(
     for path in [weights, config] {
         remove_abandoned_temp_files_of(path);
     }
-    let text =
-        serde_json::to_string_pretty(value).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let staged_weights =
         stage_safetensors_with_metadata(weights, tensors, &std::collections::BTreeMap::new())?;
-    let staged_config = stage_with(config, |w| w.write_all(text.as_bytes()))?;
+    let staged_config = stage_json(config, value)?;
     staged_weights.commit()?;
     staged_config.commit()
 }

@@ -387,17 +387,17 @@ pub fn run_sweep(options: &SweepOptions, progress: bool) -> Result<SweepSummary>
     let mut results = Vec::with_capacity(options.checkpoints.len());
     for revision in &options.checkpoints {
         outer.set_message(revision.clone());
-        let done = checkpoint_folder(&options.output, revision).join("result.json");
+        let folder = checkpoint_folder(&options.output, revision);
+        let done = folder.join("result.json");
         let result = if done.is_file() {
             let result = read_json::<CheckpointResult>(&done).map_err(|e| {
                 Error::Lens(format!(
                     "{e}; delete {} to compute that checkpoint again",
-                    checkpoint_folder(&options.output, revision).display()
+                    folder.display()
                 ))
             })?;
             let now = sweep_settings(options);
             let (same, saved) = same_settings(&result.settings, &now);
-            let folder = checkpoint_folder(&options.output, revision);
             if result.revision != *revision {
                 return Err(Error::Lens(format!(
                     "{} holds the results of checkpoint '{}', not '{revision}'; use another output folder",
@@ -620,11 +620,12 @@ fn train_for_checkpoint(
     bar.finish_and_clear();
     multi.remove(&bar);
     // A whole lens that took no step is its checkpoint's last one: it stays as it is.
-    if !whole || stepped {
+    let trained = !whole || stepped;
+    if trained {
         lens.save(dir)?;
     }
     let history_file = ckpt.join("history.json");
-    if !whole || stepped || !history_file.is_file() {
+    if trained || !history_file.is_file() {
         hooks::atomic::write_json(&history_file, &history)?;
     }
     Ok(lens)

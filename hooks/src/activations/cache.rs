@@ -433,15 +433,17 @@ impl ActivationCache {
         let mut pending_bytes = 0usize;
         let mut new_tokens = 0u64;
         let mut bytes_written = 0u64;
-        // `data_read`: the fingerprint of every chunk read so far (no batch is read ahead).
+        // Writes the pending batches as a shard; `read` is the data stream so far (no batch is
+        // read ahead), whose text bytes and fingerprint the shard's progress entry records.
         let mut flush = |pending: &mut Vec<ActivationBatch>,
                          progress: &mut Progress,
-                         text_bytes: u64,
-                         data_read: Option<String>|
+                         read: &crate::data::ChunkStream|
          -> Result<()> {
             if pending.is_empty() {
                 return Ok(());
             }
+            let text_bytes = resumed_bytes + read.text_bytes() - skipped_bytes;
+            let data_read = read.fingerprint();
             let rows: usize = pending.iter().map(ActivationBatch::len).sum();
             let tokens: Vec<u32> = pending
                 .iter()
@@ -501,9 +503,7 @@ impl ActivationCache {
             pending_bytes += batch.activation_bytes();
             pending.push(batch);
             if pending_bytes >= options.max_shard_bytes {
-                let text_bytes = resumed_bytes + source.chunks().text_bytes() - skipped_bytes;
-                let data_read = source.chunks().fingerprint();
-                flush(&mut pending, &mut progress, text_bytes, data_read)?;
+                flush(&mut pending, &mut progress, source.chunks())?;
                 pending_bytes = 0;
             }
             let now = CacheProgress {
@@ -512,16 +512,12 @@ impl ActivationCache {
                 shards: progress.shards.len(),
             };
             if let Err(error) = after_batch(&now) {
-                let text_bytes = resumed_bytes + source.chunks().text_bytes() - skipped_bytes;
-                let data_read = source.chunks().fingerprint();
-                flush(&mut pending, &mut progress, text_bytes, data_read)?;
+                flush(&mut pending, &mut progress, source.chunks())?;
                 bar.abandon();
                 return Err(error);
             }
         }
-        let text_bytes = resumed_bytes + source.chunks().text_bytes() - skipped_bytes;
-        let data_read = source.chunks().fingerprint();
-        flush(&mut pending, &mut progress, text_bytes, data_read)?;
+        flush(&mut pending, &mut progress, source.chunks())?;
         bar.finish_and_clear();
 
         if progress.chunks == 0 {

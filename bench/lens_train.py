@@ -141,7 +141,8 @@ def main():
            "--seq-len", str(args.seq), "--batch-size", str(args.batch), "--tokens-per-step", str(args.tokens_per_step),
            "--steps", str(args.steps), "--checkpoint-every", "0", "--output", str(out),
            "--decode-dtype", args.decode_dtype, "--device", args.device,
-           "--chunk-tokens", str(args.chunk_tokens)]
+           "--chunk-tokens", str(args.chunk_tokens),
+           "--shuffle-sequences", "1"]  # in the file's order, as the peer reads it
     subprocess.run(["rm", "-rf", str(out)], check=True)
     ours = subprocess.run(["/usr/bin/time", "-f", "%M %U %S"] + cmd, env=env, capture_output=True, text=True)
     if ours.returncode != 0:

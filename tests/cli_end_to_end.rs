@@ -288,6 +288,44 @@ fn lens_eval_reads_a_cache_in_the_sequences_it_was_made_with() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(json["tokens"], 128);
+    // The same tokens run through the model give the same metrics: the cache's rows line
+    // up with their next-token targets.
+    let from_text = tmp.path().join("from-text.json");
+    lens::cli::run([
+        "lens",
+        "eval",
+        "--model",
+        &path(&model),
+        "--data",
+        &path(&text),
+        "--seq-len",
+        "64",
+        "--tokens",
+        "128",
+        "--json",
+        &path(&from_text),
+    ])
+    .unwrap();
+    let text_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&from_text).unwrap()).unwrap();
+    let metrics = |j: &serde_json::Value| -> Vec<f64> {
+        let mut values = Vec::new();
+        for layer in j["logit_lens"].as_array().unwrap() {
+            for (_, v) in layer.as_object().unwrap() {
+                values.extend(v.as_f64());
+            }
+        }
+        values
+    };
+    let (cached, direct) = (metrics(&json), metrics(&text_json));
+    assert!(!cached.is_empty() && cached.len() == direct.len());
+    for (a, b) in cached.iter().zip(&direct) {
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+            "{cached:?} vs {direct:?}"
+        );
+    }
+    assert_eq!(json["logit_lens_depth"], text_json["logit_lens_depth"]);
     let message = eval(&["--seq-len", "32"]).unwrap_err();
     assert!(
         message.contains("holds sequences of 64 tokens, not 32"),

@@ -102,6 +102,12 @@ struct CacheArgs {
     /// Sequences per shard file (bounds the memory of caching).
     #[arg(long, default_value_t = 256)]
     sequences_per_shard: usize,
+    /// Record latents at the token each document starts with (EOS, which Pythia also uses
+    /// as BOS) too. By default no firing is recorded there, as delphi's `filter_bos` does
+    /// (delphi removes the token from the data; here the model still sees it): activations at
+    /// that token are outliers that would crowd many latents' top examples.
+    #[arg(long)]
+    keep_bos: bool,
 }
 
 #[derive(Args, Debug)]
@@ -127,6 +133,10 @@ struct RunArgs {
     /// Tokens per cached sequence.
     #[arg(long, default_value_t = 256)]
     seq_len: usize,
+    /// Record latents at the token each document starts with too (as `delphi cache
+    /// --keep-bos`).
+    #[arg(long)]
+    keep_bos: bool,
     /// Tokens to cache. delphi caches 10M by default (`--n_tokens`); 1M here keeps a run on a
     /// CPU within minutes and still finds the latents that fire more than a few times per 100k
     /// tokens; raise it for rarer latents.
@@ -198,7 +208,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 5)]
     examples_per_prompt: usize,
     /// Upper bound on the explainer's answer, in tokens; an answer cut off there is not
-    /// taken (retried next run).
+    /// taken (retried next run). delphi allows 500 (3000 over OpenRouter), for answers with
+    /// reasoning before the explanation; raise it for a model that reasons.
     #[arg(long, default_value_t = 300)]
     explainer_max_tokens: u32,
     /// Upper bound on each scorer answer, in tokens (a list of n excerpts takes about 2n;
@@ -335,6 +346,7 @@ fn write_cache(
     output: &Path,
     batch_size: usize,
     per_shard: usize,
+    keep_bos: bool,
 ) -> Result<u64> {
     let targets: Vec<CacheTarget<'_>> = saes
         .iter()
@@ -350,6 +362,10 @@ fn write_cache(
         sequences_per_shard: per_shard,
         max_sequences: data.max_chunks()?,
         progress: true,
+        excluded_token: match keep_bos {
+            true => None,
+            false => model.tokenizer().ok().and_then(|t| t.eos_id()),
+        },
     };
     Ok(write_latent_cache(
         model, chunks, &targets, output, &options,
@@ -368,6 +384,7 @@ fn cache(args: CacheArgs) -> Result<()> {
         &args.output,
         args.batch_size,
         args.sequences_per_shard,
+        args.keep_bos,
     )?;
     println!(
         "cached {sequences} sequences of {} tokens in {}",
@@ -569,11 +586,12 @@ fn run_command(args: RunArgs) -> Result<()> {
             let field =
                 (args.text_field != "text").then(|| format!(", text field {}", args.text_field));
             format!(
-                "data {data:?}, seq_len {}, max_tokens {}{}{}",
+                "data {data:?}, seq_len {}, max_tokens {}{}{}{}",
                 args.seq_len,
                 args.max_tokens,
                 format.unwrap_or_default(),
-                field.unwrap_or_default()
+                field.unwrap_or_default(),
+                if args.keep_bos { ", keep bos" } else { "" }
             )
         }),
     };
@@ -597,6 +615,9 @@ fn run_command(args: RunArgs) -> Result<()> {
         Some(dir) => {
             if args.saes.sae.is_some() {
                 args.saes.checked()?;
+            }
+            if args.keep_bos {
+                bail!("--keep-bos applies when caching from --data; the latent cache keeps what it was made with")
             }
             Some((LatentCache::open(dir).context("--latent-cache")?, dir))
         }
@@ -625,7 +646,7 @@ fn run_command(args: RunArgs) -> Result<()> {
             let model = args.model.load()?;
             let dir = args.output.join("latents");
             let saes = load_saes(&model, &args.saes)?;
-            write_cache(&model, &saes, &data, &dir, 8, 256)?;
+            write_cache(&model, &saes, &data, &dir, 8, 256, args.keep_bos)?;
             // The model is dropped here, before a local explainer loads into its memory.
             (LatentCache::open(&dir)?, model.tokenizer()?.clone())
         }

@@ -1,6 +1,5 @@
 //! Sentence embeddings in process: a sentence-transformers BERT model (all-MiniLM-L6-v2,
-//! fetched offline by [`hooks::fetch::minilm_dir`]) run with candle, for the embedding scorer
-//! and for finding similar non-activating examples.
+//! fetched offline by [`hooks::fetch::minilm_dir`]) run with candle, for the embedding scorer.
 //!
 //! It does what sentence-transformers does for that model (`modules.json`: Transformer ->
 //! Pooling -> Normalize): tokenize with the model's `tokenizer.json`, truncated to

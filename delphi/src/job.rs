@@ -74,6 +74,16 @@ impl Shard {
     pub fn contains(&self, latent: u32) -> bool {
         latent as usize % self.count == self.index
     }
+
+    /// Refuses a second run of this shard into `output` while one runs (the same command
+    /// started twice would ask the LLM twice for every latent); other shards run side by side.
+    fn lock(&self, output: &Path) -> Result<hooks::atomic::FolderLock> {
+        let name = format!(
+            ".eleuther-interp-shard-{}-of-{}.lock",
+            self.index, self.count
+        );
+        Ok(hooks::atomic::lock_folder_as(output, &name)?)
+    }
 }
 
 /// Everything that decides a job's results (saved as `run_config.json`).
@@ -699,6 +709,7 @@ pub async fn run_job(
             "the embedding scorer needs a sentence embedder".into(),
         ));
     }
+    let _lock = options.shard.lock(&options.output)?;
     check_run_config(
         &options.output,
         config,

@@ -101,6 +101,11 @@ pub struct CacheConfig {
     /// another precision is refused. Absent in caches of earlier versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<String>,
+    /// Tokens at whose positions no firing is recorded ([`WriteOptions::excluded_token`]).
+    /// Absent in caches of earlier versions, which recorded every position (and every
+    /// activation above 0, not [`FIRING_THRESHOLD`]); such a cache is extended as it was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub excluded_tokens: Option<Vec<u32>>,
 }
 
 /// A fingerprint of an SAE: its configuration and every parameter's f32 values.
@@ -144,6 +149,9 @@ pub struct CacheIdentity {
     pub seq_len: usize,
     /// Fingerprint of every cached token id (the data).
     pub tokens: String,
+    /// Tokens whose positions record no firing, when the cache records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub excluded_tokens: Option<Vec<u32>>,
 }
 
 /// The `format` field of our cache's `config.json`.
@@ -173,7 +181,13 @@ pub struct WriteOptions {
     pub max_sequences: Option<u64>,
     /// Show a progress bar.
     pub progress: bool,
+    /// A token whose positions record no firings: the document separator, where activations
+    /// are outliers that would crowd every latent's top examples (delphi's `filter_bos`).
+    pub excluded_token: Option<u32>,
 }
+
+/// Smallest activation recorded as a firing (delphi keeps `|a| > 1e-5`).
+pub const FIRING_THRESHOLD: f32 = 1e-5;
 
 /// Runs `model` over `chunks` and writes where each target SAE's latents fire to `dir`,
 /// resuming after the shards already there. Returns the number of sequences cached.
@@ -193,7 +207,8 @@ pub fn write_latent_cache(
         ));
     }
     let seq_len = chunks.seq_len();
-    let config = CacheConfig {
+    let mut excluded = options.excluded_token;
+    let mut config = CacheConfig {
         format: CACHE_FORMAT.into(),
         model: model.origin().to_string(),
         seq_len,
@@ -209,6 +224,7 @@ pub fn write_latent_cache(
             .collect::<Result<_>>()?,
         sequences: None,
         dtype: Some(hooks::dtype_name(model.dtype()).to_string()),
+        excluded_tokens: Some(options.excluded_token.into_iter().collect()),
     };
     let shards_dir = dir.join("shards");
     std::fs::create_dir_all(&shards_dir).map_err(|e| Error::io(&shards_dir, e))?;
@@ -218,6 +234,18 @@ pub fn write_latent_cache(
     let config_path = dir.join("config.json");
     if config_path.is_file() {
         let existing = read_config(&config_path)?;
+        if existing.excluded_tokens.is_none() {
+            // Made by an earlier version, which recorded every position: extended as made.
+            if excluded.is_some() {
+                tracing::warn!(
+                    "{}: a cache of an earlier version, which records latents at every token \
+                     (the separator included): it is extended as it was made",
+                    config_path.display()
+                );
+            }
+            excluded = None;
+            config.excluded_tokens = None;
+        }
         // A cache of an earlier version records no SAE fingerprints nor dtype: it is taken
         // as is.
         let comparable = CacheConfig {
@@ -235,8 +263,8 @@ pub fn write_latent_cache(
             return Err(Error::file(
                 &config_path,
                 format!(
-                    "holds a cache made with other settings or SAEs ({changed}; an SAE is named by a digest of its weights and settings); \
-                     use another output folder or delete this one"
+                    "holds a cache made with other settings or SAEs ({changed}; an SAE is named by a digest of its weights and settings, \
+                     excluded_tokens by --keep-bos); use another output folder or delete this one"
                 ),
             ));
         }
@@ -270,6 +298,7 @@ pub fn write_latent_cache(
             let indices = indices.to_vec2::<u32>()?;
             let base = shard.sequences as usize * seq_len;
             for (row, (acts, indices)) in acts.iter().zip(&indices).enumerate() {
+                let excluded_here = excluded == Some(batch.tokens[row]);
                 let token = base + row;
                 // The sequence is stored relative to the shard's first one.
                 let (seq, pos) = (token / seq_len, token % seq_len);
@@ -282,7 +311,7 @@ pub fn write_latent_cache(
                             shard.first + seq as u64
                         )));
                     }
-                    if a > 0.0 {
+                    if a > FIRING_THRESHOLD && !excluded_here {
                         // f16 holds up to 65504; larger values are kept at that, and counted.
                         let stored = half::f16::from_f32(a.min(F16_LARGEST));
                         if a > F16_LARGEST {
@@ -582,6 +611,8 @@ pub struct LatentCache {
     /// The model and SAE fingerprints, when the cache records them (ours).
     model: Option<String>,
     saes: BTreeMap<String, String>,
+    /// Tokens whose positions record no firing, when the cache records it (ours).
+    excluded_tokens: Option<Vec<u32>>,
 }
 
 impl LatentCache {
@@ -654,6 +685,7 @@ impl LatentCache {
                 .collect(),
             model: Some(config.model),
             saes: config.saes,
+            excluded_tokens: config.excluded_tokens,
         })
     }
 
@@ -706,6 +738,7 @@ impl LatentCache {
             hookpoints,
             model: None,
             saes: BTreeMap::new(),
+            excluded_tokens: None,
         })
     }
 
@@ -725,6 +758,7 @@ impl LatentCache {
             tokens: hooks::digest::Fnv::default()
                 .u32s(&self.tokens.tokens)
                 .hex(),
+            excluded_tokens: self.excluded_tokens.clone(),
         }
     }
 

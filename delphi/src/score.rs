@@ -5,7 +5,7 @@
 //!   describes.
 //! - **Fuzzing**: the LLM reads excerpts with tokens marked and says whether the marks sit on
 //!   what the explanation describes; activating excerpts carry their true marks, silent ones
-//!   as many random marks as an activating excerpt has on average.
+//!   as many random marks as an activating excerpt has active tokens on average.
 //! - **Embedding**: no LLM; the cosine similarity between the explanation's and each
 //!   excerpt's sentence embeddings, summarised by the ROC AUC.
 //! - **Intruder**: no explanation; the LLM sees marked activating excerpts of one quantile
@@ -369,7 +369,9 @@ pub async fn intrude(
 }
 
 /// Marks for every sample: the true active tokens of activating samples; for fuzzing, random
-/// tokens of silent ones, as many as activating samples have on average (at least one).
+/// tokens of silent ones, as many as activating samples have tokens with any activation on
+/// average, rounded up (at least one). That count, delphi's, includes tokens too weak to be
+/// marked, so decoys tend to carry more marks than true excerpts; kept for comparable scores.
 fn marks(
     task: ClassifierTask,
     samples: &[Sample],
@@ -384,9 +386,8 @@ fn marks(
         .collect();
     let activating: Vec<usize> = samples
         .iter()
-        .zip(&active)
-        .filter(|(s, _)| s.activating)
-        .map(|(_, a)| a.iter().filter(|&&m| m).count())
+        .filter(|s| s.activating)
+        .map(|s| s.activations.iter().filter(|&&a| a > 0.0).count())
         .collect();
     let mean = activating.iter().sum::<usize>() as f64 / activating.len().max(1) as f64;
     let n_marks = (mean.ceil() as usize).max(1);
@@ -657,6 +658,21 @@ mod tests {
                 assert_eq!(text, "a<< cat>> sat");
             }
         }
+    }
+
+    /// As in delphi, a decoy gets as many marks as true excerpts have tokens with any
+    /// activation (here 2: one marked, one below the marking threshold), not marked tokens.
+    #[test]
+    fn fuzzing_decoys_count_every_active_token() {
+        let samples = vec![
+            sample(&["a", " cat", " sat", "."], &[0.1, 5.0, 0.0, 0.0]),
+            sample(&["a", " dog", " sat", "."], &[0.0; 4]),
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let marks = marks(ClassifierTask::Fuzzing, &samples, &mut rng);
+        let count = |m: &Option<Vec<bool>>| m.as_ref().unwrap().iter().filter(|&&b| b).count();
+        assert_eq!(marks[0], Some(vec![false, true, false, false]));
+        assert_eq!(count(&marks[1]), 2);
     }
 
     #[test]

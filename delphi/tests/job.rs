@@ -43,17 +43,34 @@ fn tiny_sae() -> Sae {
 /// Caches `sequences` sequences of WikiText at layers.1 into `dir`.
 fn write_cache(model: &Model, sae: &Sae, dir: &Path, sequences: u64, per_shard: usize) -> u64 {
     let wikitext = repo().join("data/wikitext-2-raw-test.txt");
-    try_write_cache(model, sae, &wikitext, dir, Some(sequences), per_shard).unwrap()
+    try_write_cache(
+        model,
+        sae,
+        &wikitext,
+        dir,
+        &options(Some(sequences), per_shard),
+    )
+    .unwrap()
 }
 
-/// Caches up to `sequences` sequences of `data` at layers.1 into `dir`.
+/// Up to `sequences` sequences in batches of 4, `per_shard` per shard, every token recorded.
+fn options(sequences: Option<u64>, per_shard: usize) -> WriteOptions {
+    WriteOptions {
+        batch_size: 4,
+        sequences_per_shard: per_shard,
+        max_sequences: sequences,
+        progress: false,
+        excluded_token: None,
+    }
+}
+
+/// Caches `data` at layers.1 into `dir`.
 fn try_write_cache(
     model: &Model,
     sae: &Sae,
     data: &Path,
     dir: &Path,
-    sequences: Option<u64>,
-    per_shard: usize,
+    options: &WriteOptions,
 ) -> delphi::Result<u64> {
     let chunks = DataSpec::new(vec![data.to_path_buf()], SEQ_LEN)
         .chunks(model.tokenizer().ok())
@@ -63,13 +80,7 @@ fn try_write_cache(
         point: HookPoint::Layer(1),
         sae,
     }];
-    let options = WriteOptions {
-        batch_size: 4,
-        sequences_per_shard: per_shard,
-        max_sequences: sequences,
-        progress: false,
-    };
-    write_latent_cache(model, chunks, &targets, dir, &options)
+    write_latent_cache(model, chunks, &targets, dir, options)
 }
 
 #[test]
@@ -107,7 +118,7 @@ fn latent_cache_holds_what_the_sae_computes_and_resumes() {
     let mut expected: BTreeMap<u32, Vec<Firing>> = BTreeMap::new();
     for (row, (a, i)) in acts.iter().zip(&indices).enumerate() {
         for (&value, &latent) in a.iter().zip(i) {
-            if value > 0.0 && latent < 10 {
+            if value > delphi::latents::FIRING_THRESHOLD && latent < 10 {
                 let value = half::f16::from_f32(value).to_f32();
                 expected.entry(latent).or_default().push(Firing {
                     seq: (row / SEQ_LEN) as u32,
@@ -184,7 +195,7 @@ fn latent_cache_holds_what_the_sae_computes_and_resumes() {
     std::fs::write(dir.join("config.json"), config_unfinished(&dir)).unwrap();
     let wikitext = repo().join("data/wikitext-2-raw-test.txt");
     let resume = || {
-        try_write_cache(&model, &sae, &wikitext, &dir, Some(12), 8)
+        try_write_cache(&model, &sae, &wikitext, &dir, &options(Some(12), 8))
             .unwrap_err()
             .to_string()
     };
@@ -205,6 +216,74 @@ fn latent_cache_holds_what_the_sae_computes_and_resumes() {
             && message.contains("delete the shards from sequence 8 on"),
         "{message}"
     );
+}
+
+/// With the document separator excluded (delphi's `filter_bos`), the cache holds every
+/// firing of a full cache except those at that token, and records the exclusion.
+#[test]
+fn the_separator_token_records_no_firings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("model"));
+    let sae = tiny_sae();
+    let wikitext = repo().join("data/wikitext-2-raw-test.txt");
+    let eos = model.tokenizer().unwrap().eos_id().unwrap();
+    let (all, filtered) = (tmp.path().join("all"), tmp.path().join("filtered"));
+    try_write_cache(&model, &sae, &wikitext, &all, &options(Some(8), 8)).unwrap();
+    let without_eos = WriteOptions {
+        excluded_token: Some(eos),
+        ..options(Some(8), 8)
+    };
+    try_write_cache(&model, &sae, &wikitext, &filtered, &without_eos).unwrap();
+    let (all, filtered) = (
+        LatentCache::open(&all).unwrap(),
+        LatentCache::open(&filtered).unwrap(),
+    );
+    let tokens = all.tokens();
+    let token_at = |f: &Firing| tokens.window(f.seq as u64, SEQ_LEN)[f.pos as usize];
+    let full = all.firings("layers.1", 0..16).unwrap();
+    let expected: BTreeMap<u32, Vec<Firing>> = full
+        .iter()
+        .map(|(&latent, firings)| {
+            let kept = firings.iter().filter(|f| token_at(f) != eos).copied();
+            (latent, kept.collect::<Vec<_>>())
+        })
+        .filter(|(_, kept)| !kept.is_empty())
+        .collect();
+    let count = |m: &BTreeMap<u32, Vec<Firing>>| m.values().map(Vec::len).sum::<usize>();
+    assert!(
+        count(&expected) < count(&full),
+        "the data has separators that fire"
+    );
+    assert_eq!(filtered.firings("layers.1", 0..16).unwrap(), expected);
+    // Resuming it with the separator kept is refused, naming the setting.
+    let message = try_write_cache(
+        &model,
+        &sae,
+        &wikitext,
+        &tmp.path().join("filtered"),
+        &options(Some(12), 8),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        message.contains("excluded_tokens: [") && message.contains("--keep-bos"),
+        "{message}"
+    );
+    // A cache of an earlier version (no record of excluded tokens) is extended as it was
+    // made: every position recorded.
+    let old = tmp.path().join("old");
+    try_write_cache(&model, &sae, &wikitext, &old, &options(Some(4), 8)).unwrap();
+    let config = old.join("config.json");
+    let mut record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    for field in ["excluded_tokens", "sequences"] {
+        record.as_object_mut().unwrap().remove(field);
+    }
+    record["complete"] = false.into();
+    std::fs::write(&config, record.to_string()).unwrap();
+    try_write_cache(&model, &sae, &wikitext, &old, &without_eos).unwrap();
+    let old = LatentCache::open(&old).unwrap();
+    assert_eq!(old.firings("layers.1", 0..16).unwrap(), full);
 }
 
 /// Activations past float16's range are stored at its largest value, not as infinity
@@ -301,7 +380,8 @@ fn a_cache_is_not_resumed_from_other_data_or_another_sae() {
         "{config}"
     );
     let shards = || std::fs::read_dir(dir.join("shards")).unwrap().count();
-    let write = |data: &Path, sae: &Sae| try_write_cache(&model, sae, data, &dir, Some(12), 4);
+    let write =
+        |data: &Path, sae: &Sae| try_write_cache(&model, sae, data, &dir, &options(Some(12), 4));
     let other_text = tmp.path().join("other.txt");
     std::fs::write(
         &other_text,
@@ -324,7 +404,7 @@ fn a_cache_is_not_resumed_from_other_data_or_another_sae() {
         ..LoadOptions::default()
     };
     let bf16_model = Model::from_folder(&tmp.path().join("model"), &bf16).unwrap();
-    let message = try_write_cache(&bf16_model, &sae, &wikitext, &dir, Some(12), 4)
+    let message = try_write_cache(&bf16_model, &sae, &wikitext, &dir, &options(Some(12), 4))
         .unwrap_err()
         .to_string();
     assert!(
@@ -349,7 +429,7 @@ fn a_cache_is_not_resumed_from_other_data_or_another_sae() {
     let few = tmp.path().join("few.txt");
     std::fs::write(&few, "Just a few words.\n").unwrap();
     let empty = tmp.path().join("empty-cache");
-    let message = try_write_cache(&model, &sae, &few, &empty, None, 4)
+    let message = try_write_cache(&model, &sae, &few, &empty, &options(None, 4))
         .unwrap_err()
         .to_string();
     assert!(message.contains("no complete sequence"), "{message}");
@@ -1144,6 +1224,46 @@ async fn faults_lose_nothing_and_a_rerun_completes_exactly_the_missing_latents()
     let intruder = &summary.scorers["intruder"];
     assert_eq!(intruder.latents as usize, explained);
     assert_eq!(intruder.failed_prompts, Some(0));
+    // The medians, recomputed from the score files (delphi's per-sample layout) by hand.
+    for (folder, scorer) in [("detection", "detection"), ("fuzz", "fuzz")] {
+        let (mut accuracies, mut f1s) = (Vec::new(), Vec::new());
+        for entry in std::fs::read_dir(faulty.join("scores").join(folder)).unwrap() {
+            let samples: Vec<serde_json::Value> =
+                serde_json::from_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap())
+                    .unwrap();
+            let count = |activating: bool, predicted: bool| {
+                samples
+                    .iter()
+                    .filter(|s| s["activating"] == activating && s["prediction"] == predicted)
+                    .count() as f64
+            };
+            let (tp, fn_, tn, fp) = (
+                count(true, true),
+                count(true, false),
+                count(false, false),
+                count(false, true),
+            );
+            accuracies.push((tp / (tp + fn_) + tn / (tn + fp)) / 2.0);
+            f1s.push(2.0 * tp / (2.0 * tp + fp + fn_));
+        }
+        let median = |mut v: Vec<f64>| {
+            v.retain(|x| x.is_finite());
+            v.sort_by(f64::total_cmp);
+            let n = v.len();
+            assert!(n > 0, "{scorer}: no latent with a defined value");
+            (v[(n - 1) / 2] + v[n / 2]) / 2.0
+        };
+        let summary = &summary.scorers[scorer];
+        let close = |a: Option<f64>, b: f64| (a.unwrap() - b).abs() < 1e-12;
+        assert!(
+            close(summary.median_balanced_accuracy, median(accuracies.clone())),
+            "{scorer}: {summary:?} vs {accuracies:?}"
+        );
+        assert!(
+            close(summary.median_f1, median(f1s.clone())),
+            "{scorer}: {summary:?} vs {f1s:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1153,9 +1273,21 @@ async fn shards_merge_into_one_machines_output() {
     let whole = f.root.join("whole");
     run(&f, &server, &whole, Shard::ALL).await;
     let split = f.root.join("split");
-    for index in 0..3 {
-        run(&f, &server, &split, Shard { index, count: 3 }).await;
-    }
+    // Shards run side by side; a second run of a shard that is running is refused.
+    let shard = |index| Shard { index, count: 3 };
+    let running =
+        hooks::atomic::lock_folder_as(&split, ".eleuther-interp-shard-1-of-3.lock").unwrap();
+    let config = job_config();
+    let (first, twice, last) = tokio::join!(
+        run(&f, &server, &split, shard(0)),
+        try_run(&f, &server, &split, shard(1), &config, false),
+        run(&f, &server, &split, shard(2)),
+    );
+    assert!(first.complete > 0 && last.complete > 0);
+    let err = twice.unwrap_err().to_string();
+    assert!(err.contains("is being written by another run"), "{err}");
+    drop(running);
+    run(&f, &server, &split, shard(1)).await;
     assert_eq!(results(&split), results(&whole));
     assert!(!results(&whole).is_empty());
 }

@@ -165,8 +165,14 @@ pub struct FolderLock {
 /// `folder/.eleuther-interp.lock` (the folder is created if needed), held until the returned
 /// value is dropped. Where the file system has no locks, nothing is refused.
 pub fn lock_folder(folder: &Path) -> Result<FolderLock> {
+    lock_folder_as(folder, LOCK_FILE)
+}
+
+/// [`lock_folder`] with another lock file, for runs that share a folder by design but must
+/// not run twice over the same part of it (a delphi job's shards).
+pub fn lock_folder_as(folder: &Path, lock_file: &str) -> Result<FolderLock> {
     std::fs::create_dir_all(folder).map_err(|e| Error::io(folder, e))?;
-    let path = folder.join(LOCK_FILE);
+    let path = folder.join(lock_file);
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -569,8 +575,11 @@ pub(crate) mod tests {
                 && err.contains(LOCK_FILE),
             "{err}"
         );
+        let other = lock_folder_as(&folder, ".other.lock").unwrap();
         drop(held);
         lock_folder(&folder).unwrap();
+        assert!(lock_folder_as(&folder, ".other.lock").is_err());
+        drop(other);
     }
 
     #[test]

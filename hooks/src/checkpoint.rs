@@ -188,8 +188,14 @@ pub fn check_source(saved: &str, now: &str) -> std::result::Result<(), String> {
     if saved.is_empty() || now.is_empty() || saved == now || older {
         return Ok(());
     }
+    // Streamed data is shuffled since 2026-12-02: a run from before read it in data order.
+    let hint =
+        match now.contains(", shuffled with seed ") && !saved.contains(", shuffled with seed ") {
+            true => " (a run begun in data order resumes with --shuffle-sequences 1)",
+            false => "",
+        };
     Err(format!(
-        "was trained on {saved}, but this run reads {now}; use another output folder or delete the checkpoint"
+        "was trained on {saved}, but this run reads {now}{hint}; use another output folder or delete the checkpoint"
     ))
 }
 
@@ -336,6 +342,17 @@ mod tests {
         let missing = format!("only 1 of 2 checkpoints exist (missing: {}):", b.display());
         assert!(err.contains(&missing), "{err}");
         assert_eq!(std::fs::read_to_string(a).unwrap(), "2");
+    }
+
+    #[test]
+    fn a_stream_in_data_order_is_told_how_to_resume() {
+        let before = "model m in sequences of 64 tokens (computed in float32)";
+        let now = "model m in sequences of 64 tokens, shuffled with seed 42 among 1024 sequences \
+                   (computed in float32)";
+        let err = check_source(before, now).unwrap_err();
+        assert!(err.contains("resumes with --shuffle-sequences 1"), "{err}");
+        let err = check_source(now, before).unwrap_err();
+        assert!(!err.contains("--shuffle-sequences"), "{err}");
     }
 
     #[test]

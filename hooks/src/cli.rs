@@ -116,7 +116,8 @@ pub struct DataArgs {
     /// JSON field / parquet column holding the text.
     #[arg(long, default_value = "text")]
     pub text_field: String,
-    /// Tokens per sequence: documents are joined with EOS and packed into chunks of this length.
+    /// Tokens per sequence: each document is preceded by EOS and the documents are packed
+    /// into chunks of this length.
     #[arg(long, default_value_t = 2048)]
     pub seq_len: usize,
     /// Stop after this many tokens (rounded down to whole sequences); all of the data when
@@ -176,7 +177,8 @@ struct CacheArgs {
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
-    /// Dtype of the stored activations (default: the compute dtype).
+    /// Dtype of the stored activations: float32, bfloat16 or float16 (default: the compute
+    /// dtype).
     #[arg(long)]
     store_dtype: Option<String>,
     /// Shard size in MiB: a shard is written once its activations reach this, in whole

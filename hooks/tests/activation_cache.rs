@@ -725,3 +725,59 @@ fn readers_and_the_model_stream_skip_the_first_positions() {
     .to_string();
     assert!(err.contains("whole sequences"), "{err}");
 }
+
+/// Activations the stored dtype cannot hold are refused before their shard is written,
+/// naming the hook point, the sequence (counted over the data) and the dtype; stored in
+/// float32, the same activations are cached.
+#[test]
+fn values_the_stored_dtype_cannot_hold_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("model");
+    let tokenizer = tiny_model(&folder).tokenizer().unwrap().clone();
+    let spec = DataSpec::new(vec![wikitext(tmp.path(), 40)], SEQ_LEN);
+    let chunks: Vec<Vec<u32>> = spec
+        .chunks(Some(&tokenizer))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    // A token first seen in sequence 3, whose embedding is made too large for float16.
+    let first_seen = |t: u32| chunks.iter().position(|c| c.contains(&t));
+    let token = chunks[3]
+        .iter()
+        .copied()
+        .find(|&t| first_seen(t) == Some(3))
+        .unwrap();
+    let weights = folder.join("model.safetensors");
+    let mut tensors = hooks::candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    let name = "gpt_neox.embed_in.weight";
+    let mut embed: Vec<Vec<f32>> = tensors[name].to_vec2().unwrap();
+    for v in &mut embed[token as usize] {
+        *v *= 1e8;
+    }
+    tensors.insert(name.into(), Tensor::new(embed, &Device::Cpu).unwrap());
+    hooks::candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let model = Model::from_folder(&folder, &LoadOptions::default()).unwrap();
+    let cache = |dtype: DType, out: &Path| {
+        let chunks = spec.chunks(Some(&tokenizer)).unwrap();
+        let mut source =
+            ModelActivations::new(&model, chunks, vec![HookPoint::Embed], 3, dtype, None).unwrap();
+        let options = CacheOptions {
+            max_shard_bytes: 1 << 30,
+            overwrite: false,
+            progress: false,
+        };
+        ActivationCache::write(&mut source, &spec, out, &options)
+    };
+    let out = tmp.path().join("f16");
+    let message = cache(DType::F16, &out).unwrap_err().to_string();
+    assert!(
+        message.contains("'embed' holds")
+            && message.contains("in sequence 3 (stored as float16)")
+            && message.contains("float16 holds up to 65504"),
+        "{message}"
+    );
+    let shards = std::fs::read_dir(out.join("shards")).map_or(0, |d| d.count());
+    assert_eq!(shards, 0, "nothing is written");
+    let summary = cache(DType::F32, &tmp.path().join("f32")).unwrap();
+    assert_eq!(summary.manifest.chunks, chunks.len() as u64);
+}

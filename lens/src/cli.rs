@@ -110,8 +110,9 @@ struct PlotSweepArgs {
 
 #[derive(Args, Debug)]
 struct SweepArgs {
-    /// Model: hub id or Pythia short name (checkpoints are hub revisions), or a local folder
-    /// holding one sub-folder per revision (MODEL/step1000/config.json ...).
+    /// Model: hub id or Pythia short name (checkpoints are hub revisions), a local folder
+    /// holding one sub-folder per revision (MODEL/step1000/config.json ...), or a single
+    /// model folder or .gguf file (one checkpoint: give any one revision name).
     #[arg(long, short)]
     model: String,
     /// Revisions: a comma-separated list (step1000,step8000,step143000), `pythia` (all 154
@@ -162,6 +163,10 @@ struct SweepArgs {
     /// Lens training tokens per step.
     #[arg(long, default_value_t = 1 << 18)]
     tokens_per_step: usize,
+    /// Sequences of --train-data each one is drawn from at random, shuffled with seed 42 (1:
+    /// in data order, as sweeps begun before 2026-12-02 read it).
+    #[arg(long, default_value_t = hooks::data::SHUFFLED_SEQUENCES)]
+    shuffle_sequences: usize,
     /// A prompt whose prediction trajectory is recorded at every checkpoint.
     #[arg(long)]
     prompt: Option<String>,
@@ -216,8 +221,9 @@ struct TrainArgs {
     /// Learning rate in the reference's convention (SGD: step = lr x (1 - momentum); Adam: 1e-3 x lr; Muon: 0.01 x lr).
     #[arg(long, default_value_t = 1.0)]
     lr: f64,
-    /// Optimiser: sgd (Nesterov), adam (AMSGrad), or muon (Muon on the matrices, AdamW on
-    /// the biases: tuned-lens's PR #141).
+    /// Optimiser: sgd (Nesterov), adam (AMSGrad, with a linear warm-up over min(1000,
+    /// steps / 5) steps), or muon (Muon on the matrices, AdamW on the biases: tuned-lens's
+    /// PR #141).
     #[arg(long, default_value = "sgd")]
     optimizer: String,
     /// Momentum: SGD's and Muon's, and Adam's first beta.
@@ -233,13 +239,18 @@ struct TrainArgs {
     /// Objective: kl (against the model's output) or ce (next token).
     #[arg(long, default_value = "kl")]
     loss: String,
-    /// Shuffle seed when reading an activation cache.
+    /// Shuffle seed: of a cache's rows, or of the sequences streamed from --data (a cache is
+    /// read in order for --loss ce).
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Sequences of --data each one is drawn from at random, the next ones in data order (1:
+    /// read in data order, as when more data is to be added to an interrupted run).
+    #[arg(long, default_value_t = hooks::data::SHUFFLED_SEQUENCES)]
+    shuffle_sequences: usize,
     /// Tokens decoded at once (memory is about 5 x this x vocab floats).
     #[arg(long, default_value_t = 512)]
     chunk_tokens: usize,
-    /// Checkpoint every N steps.
+    /// Checkpoint every N steps (0: only at the end).
     #[arg(long, default_value_t = 25)]
     checkpoint_every: u64,
     /// Precision of the lens logits and of the gradient back through them: bf16 (bf16
@@ -262,7 +273,8 @@ struct EvalArgs {
     #[arg(long)]
     lens: Option<String>,
     /// Tokens to evaluate, rounded up to whole sequences of --seq-len (to whole batches of
-    /// --batch-size sequences with --activations).
+    /// --batch-size sequences with --activations). The default is a quick look; tuned-lens
+    /// evaluates on its whole dataset (about 16M tokens in its docs).
     #[arg(long, default_value_t = 1 << 18)]
     tokens: u64,
     /// Also write the report as JSON to this file.
@@ -315,13 +327,17 @@ impl Source {
             text_field: self.text_field.clone(),
             seq_len,
             batch_size: self.batch_size,
+            shuffle_sequences: hooks::data::SHUFFLED_SEQUENCES,
         })
     }
 }
 
 fn train_command(args: TrainArgs) -> Result<()> {
     let optimizer = OptimizerKind::parse(&args.optimizer)?;
-    let data = args.source.lens_data()?;
+    let data = LensData {
+        shuffle_sequences: args.shuffle_sequences,
+        ..args.source.lens_data()?
+    };
     data.check()?;
     let model = args.model.load()?;
     let options = TrainOptions {
@@ -344,14 +360,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
         checkpoint_every: args.checkpoint_every,
         decode_dtype: DecodeDtype::parse(&args.decode_dtype)?,
     };
-    // Shuffled rows would break the sequences next-token targets need.
-    let order = match options.loss {
-        LossKind::Kl => ReadOrder::Shuffled {
-            seed: args.seed,
-            buffer_tokens: 1 << 16,
-        },
-        LossKind::Ce => ReadOrder::Sequential,
-    };
+    let order = data.training_order(options.loss, args.seed);
     options.validate()?;
     let needed = options.total_tokens();
     let mut source = data.open(&model, order, Some(needed))?;
@@ -544,6 +553,7 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
         text_field: args.text_field.clone(),
         seq_len: args.seq_len,
         batch_size: args.batch_size,
+        shuffle_sequences: hooks::data::SHUFFLED_SEQUENCES,
     };
     eval_data.check()?;
     let lens = match args.lens.as_str() {
@@ -556,6 +566,7 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
             SweepLens::Train {
                 data: LensData {
                     data: args.train_data.clone(),
+                    shuffle_sequences: args.shuffle_sequences,
                     ..eval_data.clone()
                 },
                 options: TrainOptions {

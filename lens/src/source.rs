@@ -7,7 +7,7 @@ use hooks::activations::{ActivationCache, ActivationSource, ModelActivations, Re
 use hooks::data::DataSpec;
 use hooks::Model;
 
-use crate::train::required_hook_points;
+use crate::train::{required_hook_points, LossKind};
 use crate::{Error, Result};
 
 /// The data a lens is trained or evaluated on.
@@ -25,6 +25,10 @@ pub struct LensData {
     pub seq_len: usize,
     /// Sequences per forward pass.
     pub batch_size: usize,
+    /// Sequences of `data` a shuffled read draws from at random
+    /// ([`hooks::data::ChunkStream::shuffled`]; [`hooks::data::SHUFFLED_SEQUENCES`] by
+    /// default); 1 reads them in data order.
+    pub shuffle_sequences: usize,
 }
 
 /// Tokens per sequence when none is given: an activation cache's own (its rows were made
@@ -44,6 +48,19 @@ impl LensData {
             format: self.format.clone(),
             text_field: self.text_field.clone(),
             seq_len: self.seq_len,
+        }
+    }
+
+    /// The order a lens trains in with `loss`, shuffled with `seed`: a cache's rows shuffled
+    /// for the KL, in order for next-token targets, which need whole sequences; a model
+    /// stream's sequences shuffled for either.
+    pub fn training_order(&self, loss: LossKind, seed: u64) -> ReadOrder {
+        match (loss, &self.activations) {
+            (LossKind::Ce, Some(_)) => ReadOrder::Sequential,
+            _ => ReadOrder::Shuffled {
+                seed,
+                buffer_tokens: 1 << 16,
+            },
         }
     }
 
@@ -74,7 +91,9 @@ impl LensData {
 
     /// Opens the source a lens over `model` needs (every lens input and the last layer).
     /// A cache is read in `order`; the model is run over at most `max_tokens` tokens,
-    /// rounded up to whole sequences.
+    /// rounded up to whole sequences, which `order` shuffled takes in a random order with
+    /// its seed (from a pool of [`LensData::shuffle_sequences`], as tuned-lens shuffles its
+    /// training data).
     pub fn open<'m>(
         &self,
         model: &'m Model,
@@ -145,7 +164,12 @@ impl LensData {
                 reader.check_tokens_below(model.config().vocab_size()),
             ));
         }
-        let chunks = self.spec().chunks(model.tokenizer().ok())?;
+        let mut chunks = self.spec().chunks(model.tokenizer().ok())?;
+        if let ReadOrder::Shuffled { seed, .. } = order {
+            if self.shuffle_sequences > 1 {
+                chunks = chunks.shuffled(seed, self.shuffle_sequences);
+            }
+        }
         let max_chunks = max_tokens.map(|t| t.div_ceil(self.seq_len as u64));
         Ok(Box::new(ModelActivations::new(
             model,

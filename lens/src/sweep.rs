@@ -587,7 +587,9 @@ fn train_for_checkpoint(
     }
     let ckpt = prepare_output(dir)?;
     let needed = options.total_tokens();
-    let mut source = data.open(model, ReadOrder::Sequential, Some(needed))?;
+    // Shuffled with `lens train`'s default seed (tuned-lens's).
+    let order = data.training_order(options.loss, 42);
+    let mut source = data.open(model, order, Some(needed))?;
     let mut lens = TunedLens::for_model(model)?;
     let bar = multi.add(hooks::progress::bar(
         progress,

@@ -55,6 +55,14 @@ pub struct TunedLens {
     biases: Vec<Tensor>,
 }
 
+/// A model's hub id or path without the `@revision` a hub model's origin ends with: tuned-lens
+/// records the revision apart (`base_model_revision`).
+fn name_without_revision<'a>(origin: &'a str, revision: Option<&str>) -> &'a str {
+    revision
+        .and_then(|r| origin.strip_suffix(r)?.strip_suffix('@'))
+        .unwrap_or(origin)
+}
+
 /// The hook point whose tensor translator `layer` reads: the residual entering that layer.
 pub fn lens_input(layer: usize) -> HookPoint {
     match layer {
@@ -69,7 +77,8 @@ impl TunedLens {
         let d = model.config().hidden_size();
         let layers = model.config().num_layers();
         let config = LensConfig {
-            base_model_name_or_path: model.origin().to_string(),
+            base_model_name_or_path: name_without_revision(model.origin(), model.revision())
+                .to_string(),
             base_model_revision: model.revision().map(str::to_string),
             d_model: d,
             num_hidden_layers: layers,
@@ -359,6 +368,32 @@ fn fingerprint(unembedding: &Unembedding, bf16_bits: impl Fn(f32) -> u16) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_recorded_model_name_leaves_the_revision_apart() {
+        let cases = [
+            (
+                "EleutherAI/pythia-1b@step1000",
+                Some("step1000"),
+                "EleutherAI/pythia-1b",
+            ),
+            (
+                "EleutherAI/pythia-1b@main",
+                Some("main"),
+                "EleutherAI/pythia-1b",
+            ),
+            // A local folder's revision is a sub-folder: its path has no '@revision'.
+            (
+                "runs/model/step1000",
+                Some("step1000"),
+                "runs/model/step1000",
+            ),
+            ("runs/a@b", None, "runs/a@b"),
+        ];
+        for (origin, revision, name) in cases {
+            assert_eq!(name_without_revision(origin, revision), name, "{origin}");
+        }
+    }
 
     #[test]
     fn unembedding_hash_survives_dtype_changes_and_takes_any_bits() {

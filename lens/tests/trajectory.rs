@@ -356,6 +356,7 @@ fn sweep_options(series: &Path, output: &Path) -> SweepOptions {
         text_field: "text".into(),
         seq_len: 32,
         batch_size: 2,
+        shuffle_sequences: hooks::data::SHUFFLED_SEQUENCES,
     };
     SweepOptions {
         model: series.display().to_string(),
@@ -647,6 +648,7 @@ fn evaluating_a_model_with_non_finite_outputs_is_an_error() {
         text_field: "text".into(),
         seq_len: 32,
         batch_size: 2,
+        shuffle_sequences: hooks::data::SHUFFLED_SEQUENCES,
     };
     let mut source = data
         .open(&model, hooks::activations::ReadOrder::Sequential, Some(64))

@@ -189,7 +189,7 @@ def cache_activations(
     seq_len: int = 2048,
     batch_size: int = 8,
     max_tokens: Optional[int] = None,
-    dtype: Optional[str] = None,
+    store_dtype: Optional[str] = None,
     format: Optional[str] = None,
     text_field: str = "text",
     shard_mib: int = 256,
@@ -290,12 +290,15 @@ class TunedLens:
         progress: bool = False,
         callback: Optional[Callable[[dict[str, Any]], Any]] = None,
         decode_dtype: str = "auto",
+        shuffle_sequences: int = 1024,
     ) -> "TunedLens":
         """Trains a lens with the reference recipe over ``data`` or a cache of
         ``activations``; resumable with ``output``; ``callback(step_record)`` per step;
         ``decode_dtype`` ("auto", "bf16", "f32") is the precision of the lens logits;
         ``optimizer`` is "sgd", "adam" or "muon" (``weight_decay`` defaults to 1e-3, or 1e-2
-        with Muon)."""
+        with Muon); ``seed`` shuffles the sequences of ``data``, each drawn from the next
+        ``shuffle_sequences`` (1: data order), or the rows of ``activations`` (read in order
+        for ``loss="ce"``)."""
 
 @final
 class LogitLens:
@@ -447,7 +450,7 @@ class Sae:
         skip_connection: bool = False,
         seed: int = 42,
         lr: Optional[float] = None,
-        warmup_steps: int = 1000,
+        lr_warmup_steps: int = 1000,
         auxk_alpha: float = 0.0,
         dead_feature_threshold: int = 10_000_000,
         chunk_tokens: int = 4096,
@@ -488,7 +491,7 @@ class SaeTrainer:
         skip_connection: Optional[bool] = None,
         seed: Optional[int] = None,
         lr: Optional[float] = None,
-        warmup_steps: int = 1000,
+        lr_warmup_steps: int = 1000,
         auxk_alpha: float = 0.0,
         dead_feature_threshold: int = 10_000_000,
         chunk_tokens: int = 4096,
@@ -584,13 +587,14 @@ class Llm:
         model: str = "default",
         *,
         api_key_env: Optional[str] = None,
-        concurrency: int = 16,
+        max_requests: int = 16,
         timeout: float = 120.0,
         retries: int = 8,
     ) -> "Llm":
         """A client of an OpenAI-compatible chat-completions server (API root, e.g.
-        ``http://localhost:8000/v1``); the key is read from ``api_key_env``. ``timeout``
-        (seconds) must be positive and finite (``ValueError``)."""
+        ``http://localhost:8000/v1``); the key is read from ``api_key_env``; at most
+        ``max_requests`` requests in flight. ``timeout`` (seconds) must be positive and
+        finite (``ValueError``)."""
     @staticmethod
     def local(path: Optional[_Path] = None) -> "Llm":
         """A GGUF chat model run in process (default: SmolLM2-135M-Instruct from PyPI)."""

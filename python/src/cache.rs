@@ -79,7 +79,8 @@ fn python_spelling(error: Error) -> Error {
 /// packed into sequences of ``seq_len`` tokens (a last partial sequence is dropped);
 /// ``batch_size`` sequences run per forward pass, each pass stopping after the last hook
 /// point. ``max_tokens`` stops after that many tokens (rounded down to whole sequences).
-/// ``dtype`` is the stored dtype (default: the model's compute dtype).
+/// ``store_dtype`` is the dtype stored (the CLI's ``--store-dtype``; default: the model's
+/// compute dtype).
 ///
 /// The folder holds ``shards/shard-NNNNNN.safetensors`` (``tokens`` and one ``[n, width]``
 /// tensor per hook point, each written once its activations reach ``shard_mib`` MiB, in
@@ -101,7 +102,7 @@ fn python_spelling(error: Error) -> Error {
 #[pyfunction]
 #[pyo3(signature = (
     model, hookpoints, data, output, *, seq_len = 2048, batch_size = 8, max_tokens = None,
-    dtype = None, format = None, text_field = "text", shard_mib = 256, overwrite = false,
+    store_dtype = None, format = None, text_field = "text", shard_mib = 256, overwrite = false,
     progress = false, callback = None
 ))]
 #[allow(clippy::too_many_arguments)]
@@ -114,7 +115,7 @@ pub fn cache_activations<'py>(
     seq_len: usize,
     batch_size: usize,
     max_tokens: Option<u64>,
-    dtype: Option<String>,
+    store_dtype: Option<String>,
     format: Option<String>,
     text_field: &str,
     shard_mib: usize,
@@ -146,7 +147,7 @@ pub fn cache_activations<'py>(
         }
         Some(tokens) => Some(tokens / seq_len as u64),
     };
-    let store_dtype = match &dtype {
+    let store_dtype = match &store_dtype {
         Some(name) => hooks::parse_dtype(name).into_py_result()?,
         None => model.dtype(),
     };

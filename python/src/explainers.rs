@@ -315,20 +315,21 @@ pub struct PyLlm {
 impl PyLlm {
     /// A client of the server at ``url`` (its API root, e.g. ``http://localhost:8000/v1``).
     /// The API key is read from the environment variable ``api_key_env`` (never stored).
+    /// ``max_requests`` bounds the requests in flight (the CLI's ``--max-requests``);
     /// ``timeout`` (seconds per request) must be a positive finite number.
     #[staticmethod]
-    #[pyo3(signature = (url, model = "default", *, api_key_env = None, concurrency = 16, timeout = 120.0, retries = 8))]
+    #[pyo3(signature = (url, model = "default", *, api_key_env = None, max_requests = 16, timeout = 120.0, retries = 8))]
     fn openai(
         url: &str,
         model: &str,
         api_key_env: Option<String>,
-        concurrency: usize,
+        max_requests: usize,
         timeout: f64,
         retries: u32,
     ) -> PyResult<Self> {
         let mut config = OpenAiConfig::new(url, model);
         config.api_key_env = api_key_env;
-        config.concurrency = concurrency;
+        config.concurrency = max_requests;
         config.timeout = Duration::try_from_secs_f64(timeout)
             .ok()
             .filter(|t| !t.is_zero())

@@ -388,8 +388,10 @@ impl PyTunedLens {
     ///
     /// The activations come from ``data`` (a path or list of paths, read as by
     /// :func:`cache_activations`: packed into sequences of ``seq_len`` tokens, 2048 by
-    /// default, ``batch_size`` per forward pass) or from ``activations``, a cache folder with
-    /// ``embed`` and every ``layers.{i}`` (``seq_len`` defaults to the cache's; rows shuffled with ``seed``; read in order for ``loss="ce"``, whose
+    /// default, ``batch_size`` per forward pass; each sequence drawn at random with ``seed``
+    /// from the next ``shuffle_sequences``, 1 for data order) or from ``activations``, a
+    /// cache folder with ``embed`` and every ``layers.{i}`` (``seq_len`` defaults to the
+    /// cache's; rows shuffled with ``seed``; read in order for ``loss="ce"``, whose
     /// next-token targets need whole sequences). ``optimizer`` is ``"sgd"``,
     /// ``"adam"`` (AMSGrad) or ``"muon"`` (Muon on the translators' matrices and AdamW on
     /// their biases at ``0.01 x lr``, tuned-lens's PR #141); ``weight_decay`` defaults to
@@ -416,7 +418,7 @@ impl PyTunedLens {
         tokens_per_step = 262144, lr = 1.0, optimizer = "sgd", loss = "kl", seq_len = None,
         batch_size = 1, chunk_tokens = 512, seed = 42, checkpoint_every = 25, momentum = 0.9,
         weight_decay = None, clip = 1.0, format = None, text_field = "text", progress = false,
-        callback = None, decode_dtype = "auto"
+        callback = None, decode_dtype = "auto", shuffle_sequences = 1024
     ))]
     #[allow(clippy::too_many_arguments)]
     fn train<'py>(
@@ -443,13 +445,15 @@ impl PyTunedLens {
         progress: bool,
         callback: Option<&Bound<'py, PyAny>>,
         decode_dtype: &str,
+        shuffle_sequences: usize,
     ) -> PyResult<Self> {
         let holder = model_arg(py, model)?;
         let model = holder.get().inner();
         let optimizer =
             OptimizerKind::parse(optimizer).map_err(|e| PyValueError::new_err(e.to_string()))?;
-        let source_args =
+        let mut source_args =
             SourceArgs::new(data, activations, format, text_field, seq_len, batch_size)?;
+        source_args.0.shuffle_sequences = shuffle_sequences;
         let options = TrainOptions {
             steps,
             tokens_per_step,
@@ -479,14 +483,7 @@ impl PyTunedLens {
             ));
         }
         let needed = options.total_tokens();
-        // Shuffled rows break sequences, and next-token targets need them whole.
-        let order = match options.loss {
-            LossKind::Kl => ReadOrder::Shuffled {
-                seed,
-                buffer_tokens: 1 << 16,
-            },
-            LossKind::Ce => ReadOrder::Sequential,
-        };
+        let order = source_args.0.training_order(options.loss, seed);
         let callback: Option<Py<PyAny>> = callback.map(|c| c.clone().unbind());
 
         let (result, stopped) = py.detach(|| {
@@ -591,6 +588,7 @@ impl SourceArgs {
             text_field: text_field.to_string(),
             seq_len,
             batch_size,
+            shuffle_sequences: hooks::data::SHUFFLED_SEQUENCES,
         }))
     }
 }

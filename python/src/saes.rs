@@ -302,7 +302,7 @@ impl PySae {
     #[staticmethod]
     #[pyo3(signature = (x, y = None, *, batch_size = 65536, steps = None, k = 32,
         num_latents = None, expansion_factor = 32, multi_topk = false, transcode = false,
-        skip_connection = false, seed = 42, lr = None, warmup_steps = 1000, auxk_alpha = 0.0,
+        skip_connection = false, seed = 42, lr = None, lr_warmup_steps = 1000, auxk_alpha = 0.0,
         dead_feature_threshold = 10_000_000, chunk_tokens = 4096, device = "cpu",
         encoder_dtype = "auto", optimizer = "adam", k_decay_steps = 0, callback = None))]
     #[allow(clippy::too_many_arguments)]
@@ -320,7 +320,7 @@ impl PySae {
         skip_connection: bool,
         seed: u64,
         lr: Option<f64>,
-        warmup_steps: u64,
+        lr_warmup_steps: u64,
         auxk_alpha: f64,
         dead_feature_threshold: u64,
         chunk_tokens: usize,
@@ -360,7 +360,7 @@ impl PySae {
             false,
             steps,
             lr,
-            warmup_steps,
+            lr_warmup_steps,
             auxk_alpha,
             dead_feature_threshold,
             chunk_tokens,
@@ -459,9 +459,9 @@ fn record_dict<'py>(py: Python<'py>, r: &sae::train::StepRecord) -> PyResult<Bou
 /// expansion_factor``, 32), ``multi_topk``, ``transcode``, ``skip_connection`` (a linear
 /// ``W_skip`` from input to output, trained with the rest) and ``seed`` (42); those describe
 /// a new SAE only. ``steps`` is the planned number of steps (the learning rate warms up over
-/// ``warmup_steps`` and decays linearly to 0 at ``steps``). ``optimizer`` is ``"adam"`` or
-/// ``"muon"`` (sparsify's Muon recipe: Muon on the weight matrices without warm-up, Adam on
-/// the biases); ``k_decay_steps`` decays the number of active latents from
+/// ``lr_warmup_steps``, sparsify's name, and decays linearly to 0 at ``steps``).
+/// ``optimizer`` is ``"adam"`` or ``"muon"`` (sparsify's Muon recipe: Muon on the weight
+/// matrices without warm-up, Adam on the biases); ``k_decay_steps`` decays the number of active latents from
 /// ``min(num_latents, 10 d_in)`` to ``k`` over that many steps (0: off; records then carry
 /// ``k``). ``lr`` defaults to ``2e-4 / sqrt(num_latents / 2**14)`` (Adam) or ``2e-3``
 /// (Muon); ``auxk_alpha`` weighs the AuxK loss (0: off);
@@ -499,7 +499,7 @@ impl PySaeTrainer {
         finetune: bool,
         steps: u64,
         lr: Option<f64>,
-        warmup_steps: u64,
+        lr_warmup_steps: u64,
         auxk_alpha: f64,
         dead_feature_threshold: u64,
         chunk_tokens: usize,
@@ -515,7 +515,7 @@ impl PySaeTrainer {
             tokens_per_step: chunk_tokens,
             chunk_tokens,
             lr,
-            warmup_steps,
+            warmup_steps: lr_warmup_steps,
             dead_feature_threshold,
             auxk_alpha,
             checkpoint_every: 0,
@@ -573,7 +573,7 @@ impl PySaeTrainer {
     #[new]
     #[pyo3(signature = (sae, *, steps, k = None, num_latents = None, expansion_factor = None,
         multi_topk = None, transcode = None, skip_connection = None, seed = None, lr = None,
-        warmup_steps = 1000,
+        lr_warmup_steps = 1000,
         auxk_alpha = 0.0, dead_feature_threshold = 10_000_000, chunk_tokens = 4096,
         device = "cpu", encoder_dtype = "auto", optimizer = "adam", k_decay_steps = 0))]
     #[allow(clippy::too_many_arguments)]
@@ -588,7 +588,7 @@ impl PySaeTrainer {
         skip_connection: Option<bool>,
         seed: Option<u64>,
         lr: Option<f64>,
-        warmup_steps: u64,
+        lr_warmup_steps: u64,
         auxk_alpha: f64,
         dead_feature_threshold: u64,
         chunk_tokens: usize,
@@ -626,7 +626,7 @@ impl PySaeTrainer {
             finetune,
             steps,
             lr,
-            warmup_steps,
+            lr_warmup_steps,
             auxk_alpha,
             dead_feature_threshold,
             chunk_tokens,

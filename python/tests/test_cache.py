@@ -193,7 +193,7 @@ def test_resume_from_python_with_the_cli(tiny_model, tiny_dir, sample, cached, t
 def test_options(tiny_model, tiny_dir, sample, tmp_path):
     summary = ei.cache_activations(
         str(tiny_dir), "layers.*", data=str(sample), output=tmp_path / "small",
-        seq_len=SEQ_LEN, batch_size=4, max_tokens=100, dtype="float16",
+        seq_len=SEQ_LEN, batch_size=4, max_tokens=100, store_dtype="float16",
     )
     assert summary["tokens"] == 96 and summary["chunks"] == 6
     cache = ei.ActivationCache(tmp_path / "small")

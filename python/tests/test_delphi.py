@@ -197,6 +197,33 @@ def test_delphi_run_resumes(latents, server, tiny_dir, capfd):
     assert "the SAE for 'layers.1'" in err and f"is not the one the latent cache {cache} was made with" in err
 
 
+def test_delphi_run_flags_reach_the_requests(latents, server, tiny_dir, tmp_path):
+    """The command line's settings arrive in what is sent: token limits per role, the model
+    name, examples without activation lines, and only this shard's latents."""
+    root, saes, cache = latents
+    out = tmp_path / "flags"
+    args = ["run", "--model", str(tiny_dir), "--sae", str(saes), "--hookpoints", "layers.1",
+            "--latent-cache", str(cache), "--latents", "0..16", "--explainer", server,
+            "--explainer-model", "my-model", "--explainer-max-tokens", "123",
+            "--scorer-max-tokens", "45", "--no-activations", "--shard", "1/2",
+            "--scorers", "detection", "--output", str(out), "--example-ctx-len", "16",
+            "--min-examples", "4", "--n-train", "4", "--n-test", "4", "--n-quantiles", "2",
+            "--n-non-activating", "4"]
+    before = len(_Handler.requests)
+    assert ei.delphi_main(args) == 0
+    sent = _Handler.requests[before:]
+    explainer = [r for r in sent if "[EXPLANATION]:" in r["messages"][0]["content"]]
+    scorer = [r for r in sent if r not in explainer]
+    assert explainer and scorer
+    assert all(r["model"] == "my-model" for r in sent)
+    assert {r["max_tokens"] for r in explainer} == {123}
+    assert {r["max_tokens"] for r in scorer} == {45}
+    assert all("Activations:" not in r["messages"][-1]["content"] for r in explainer)
+    latents_done = [int(re.search(r"latent(\d+)", p.name).group(1)) for p in (out / "explanations").iterdir()]
+    assert latents_done and all(i % 2 == 1 for i in latents_done)
+    assert len(explainer) == len(latents_done)
+
+
 def test_bad_arguments_are_value_errors(latents):
     """Audit findings: a non-positive or non-finite timeout, a latent past the hook point's
     width (or 2**32 - 1, which overflowed) and settings that leave a quantile without

@@ -103,7 +103,7 @@ def hub_saes(tiny_dir, tmp_path_factory):
     saes = tmp_path_factory.mktemp("hub-saes")
     rows = np.random.default_rng(0).standard_normal((512, 32)).astype(np.float32)
     for i, hookpoint in enumerate(["layers.0", "layers.1"]):
-        ei.Sae.train(rows, batch_size=256, steps=2, k=4, num_latents=16, warmup_steps=1, seed=i).save(
+        ei.Sae.train(rows, batch_size=256, steps=2, k=4, num_latents=16, lr_warmup_steps=1, seed=i).save(
             saes / hookpoint
         )
     add_folder(REPOS.setdefault(("models", "test-org/saes", "main"), {}), saes)
@@ -166,7 +166,7 @@ def test_saes_load_from_the_hub_as_from_their_folder(hub, hub_saes, monkeypatch)
 
 def test_load_many_orders_hook_points_naturally(tmp_path):
     rows = np.random.default_rng(0).standard_normal((256, 8)).astype(np.float32)
-    sae = ei.Sae.train(rows, batch_size=256, steps=1, k=2, num_latents=8, warmup_steps=1)
+    sae = ei.Sae.train(rows, batch_size=256, steps=1, k=2, num_latents=8, lr_warmup_steps=1)
     for hookpoint in ["layers.10", "layers.2", "layers.2.mlp", "layers.1"]:
         sae.save(tmp_path / hookpoint)
     assert list(ei.Sae.load_many(tmp_path)) == ["layers.1", "layers.2", "layers.2.mlp", "layers.10"]

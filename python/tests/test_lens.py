@@ -199,7 +199,15 @@ def test_export_reference(reference_lens, golden_model, tmp_path, monkeypatch):
     reference_lens.export_reference(out)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "params.pt"]
     with open(out / "params.pt", "rb") as file:
-        assert list(pickle.load(file)) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+        saved = pickle.load(file)
+    assert list(saved) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    # In tuned-lens's orientation (PyTorch Linear, [out, in]): h + h Wᵀ + b gives what
+    # tuned-lens computed with the fixture's lens.
+    expected = read_safetensors(REFERENCE / "expected.safetensors")
+    for i in range(2):
+        h = expected[f"hidden.{i}"]
+        w, b = np.asarray(saved[f"{i}.weight"]), np.asarray(saved[f"{i}.bias"])
+        assert max_rel_err(h + h @ w.T + b, expected[f"transformed.{i}"]) < 1e-5
     # torch.save failing leaves the folder as it was, and its exception is raised.
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     stand_in.save = failing_save

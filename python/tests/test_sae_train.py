@@ -48,7 +48,7 @@ def test_python_training_equals_sae_train(tiny_dir, tmp_path, skip):
     assert rows.shape == (16 * (64 - skip), 32)
     records = []
     sae = ei.Sae.train(
-        rows, batch_size=256, k=4, num_latents=256, lr=0.01, warmup_steps=1, seed=7, multi_topk=True,
+        rows, batch_size=256, k=4, num_latents=256, lr=0.01, lr_warmup_steps=1, seed=7, multi_topk=True,
         auxk_alpha=1 / 32, dead_feature_threshold=0, callback=records.append,
     )
     assert isinstance(sae, ei.Sae) and sae.cfg["multi_topk"] is True
@@ -71,7 +71,7 @@ def test_python_training_equals_sae_train(tiny_dir, tmp_path, skip):
 
 def test_trainer_lowers_the_fvu_and_continues_an_sae():
     x = planted(150 * 128, seed=1)
-    trainer = ei.SaeTrainer(16, steps=150, k=4, num_latents=64, lr=1e-2, warmup_steps=10, seed=0)
+    trainer = ei.SaeTrainer(16, steps=150, k=4, num_latents=64, lr=1e-2, lr_warmup_steps=10, seed=0)
     assert repr(trainer) == "SaeTrainer(d_in=16, num_latents=64, k=4, steps_done=0/150)"
     records = [trainer.step(x[i * 128:(i + 1) * 128]) for i in range(150)]
     assert set(records[0]) == {"step", "fvu", "auxk_loss", "multi_topk_fvu", "l0", "dead_fraction", "lr"}
@@ -85,17 +85,17 @@ def test_trainer_lowers_the_fvu_and_continues_an_sae():
     heldout = planted(2048, seed=2)
     assert sae.forward(heldout)["fvu"] < 0.4 * first
     # The same rows through fit: the same SAE.
-    again = ei.SaeTrainer(16, steps=150, k=4, num_latents=64, lr=1e-2, warmup_steps=10, seed=0)
+    again = ei.SaeTrainer(16, steps=150, k=4, num_latents=64, lr=1e-2, lr_warmup_steps=10, seed=0)
     fitted = again.fit(x, batch_size=128)
     assert fitted == records
     np.testing.assert_array_equal(again.sae.forward(heldout)["x_hat"], sae.forward(heldout)["x_hat"])
     # Training an existing SAE further (its shape comes from it).
-    more = ei.SaeTrainer(sae, steps=20, lr=1e-3, warmup_steps=1)
+    more = ei.SaeTrainer(sae, steps=20, lr=1e-3, lr_warmup_steps=1)
     more.fit(planted(20 * 128, seed=3), batch_size=128)
     assert more.steps_done == 20
     # An existing SAE keeps its biases: a first step at lr 0 leaves it as it was (a new
     # SAE's first step sets b_dec to the batch mean).
-    kept = ei.SaeTrainer(sae, steps=5, warmup_steps=2)
+    kept = ei.SaeTrainer(sae, steps=5, lr_warmup_steps=2)
     assert kept.step(planted(128, seed=4))["lr"] == 0.0
     np.testing.assert_allclose(kept.sae.forward(heldout)["x_hat"], sae.forward(heldout)["x_hat"], atol=1e-5)
     with pytest.raises(ValueError, match="describe a new SAE"):
@@ -126,7 +126,7 @@ def test_one_trainer_shared_between_threads():
     """Steps from two threads and reads from a third wait for each other (pyo3 raised
     "Already borrowed" when a call came in during another thread's step)."""
     x = planted(40 * 128, seed=8)
-    trainer = ei.SaeTrainer(16, steps=40, k=4, num_latents=64, lr=1e-2, warmup_steps=5, seed=0)
+    trainer = ei.SaeTrainer(16, steps=40, k=4, num_latents=64, lr=1e-2, lr_warmup_steps=5, seed=0)
     errors, seen = [], []
     start = threading.Barrier(3)
 
@@ -164,7 +164,7 @@ def test_bf16_encoder_product_trains_as_well_as_f32():
     """`encoder_dtype="bf16"` (the default on a GPU) rounds the encoder product to bf16: a
     different SAE, with about the same FVU as f32 (the CPU's default under "auto")."""
     x = planted(60 * 128, seed=6)
-    runs = {dtype: ei.Sae.train(x, batch_size=128, k=4, num_latents=64, lr=1e-2, warmup_steps=5, seed=0,
+    runs = {dtype: ei.Sae.train(x, batch_size=128, k=4, num_latents=64, lr=1e-2, lr_warmup_steps=5, seed=0,
                                 encoder_dtype=dtype) for dtype in ["auto", "f32", "bf16"]}
     heldout = planted(2048, seed=7)
     out = {dtype: sae.forward(heldout) for dtype, sae in runs.items()}
@@ -176,7 +176,7 @@ def test_bf16_encoder_product_trains_as_well_as_f32():
 def test_transcoder_takes_its_target():
     x = planted(512, seed=4)
     y = np.tanh(x[:, ::-1]).copy()
-    trainer = ei.SaeTrainer(16, steps=4, k=4, num_latents=64, transcode=True, warmup_steps=1, lr=1e-2)
+    trainer = ei.SaeTrainer(16, steps=4, k=4, num_latents=64, transcode=True, lr_warmup_steps=1, lr=1e-2)
     with pytest.raises(ValueError, match="transcoder learns y from x"):
         trainer.step(x[:128])
     first = trainer.step(x[:128], y[:128])
@@ -197,7 +197,7 @@ def test_skip_transcoder_learns_a_linear_map_through_w_skip(tmp_path):
     x = planted(40 * 128, seed=8)
     a = np.random.default_rng(9).normal(size=(16, 16)).astype(np.float32) / 4.0
     y = (x @ a + 0.1 * np.tanh(x[:, ::-1])).astype(np.float32)
-    common = dict(batch_size=128, k=4, num_latents=64, transcode=True, lr=1e-2, warmup_steps=5, seed=0)
+    common = dict(batch_size=128, k=4, num_latents=64, transcode=True, lr=1e-2, lr_warmup_steps=5, seed=0)
     skip = ei.Sae.train(x, y, skip_connection=True, **common)
     plain = ei.Sae.train(x, y, **common)
     assert skip.cfg["skip_connection"] is True and plain.cfg["skip_connection"] is False
@@ -215,7 +215,7 @@ def test_muon_lowers_the_fvu_on_planted_data():
     larger rate than its default 2e-3 (seen: final FVU 0.10 at lr 3e-2, 0.15 with Adam at
     1e-2, from 0.50)."""
     x = planted(150 * 128, seed=11)
-    trainer = ei.SaeTrainer(16, steps=150, k=4, num_latents=64, warmup_steps=10, seed=0,
+    trainer = ei.SaeTrainer(16, steps=150, k=4, num_latents=64, lr_warmup_steps=10, seed=0,
                             optimizer="muon", lr=3e-2)
     records = trainer.fit(x, batch_size=128)
     first, last = records[0]["fvu"], np.mean([r["fvu"] for r in records[-10:]])
@@ -227,7 +227,7 @@ def test_muon_lowers_the_fvu_on_planted_data():
 def test_k_decay_is_recorded_per_step():
     """`k_decay_steps`: k falls linearly from min(num_latents, 10 d_in) = 64 to k = 4."""
     x = planted(6 * 128, seed=12)
-    trainer = ei.SaeTrainer(16, steps=6, k=4, num_latents=64, k_decay_steps=4, lr=1e-2, warmup_steps=1)
+    trainer = ei.SaeTrainer(16, steps=6, k=4, num_latents=64, k_decay_steps=4, lr=1e-2, lr_warmup_steps=1)
     records = trainer.fit(x, batch_size=128)
     assert [r["k"] for r in records] == [64, 49, 34, 19, 4, 4]
     assert all(r["l0"] <= r["k"] for r in records) and trainer.sae.k == 4

@@ -111,15 +111,17 @@ impl DataOpts {
         }
     }
 
-    /// Streams `points` of `model` over the data, leaving out the rows of the first
-    /// `skip_positions` positions of each sequence, until at least `max_rows` rows (whole
-    /// sequences).
+    /// Streams `points` of `model` over the data, its sequences drawn at random with `seed`
+    /// from a pool of the next `shuffle_sequences` (1: in data order; sparsify shuffles its
+    /// dataset), leaving out the rows of the first `skip_positions` positions of each
+    /// sequence, until at least `max_rows` rows (whole sequences).
     fn stream<'m>(
         &self,
         model: &'m Model,
         points: Vec<HookPoint>,
         max_rows: Option<u64>,
         skip_positions: usize,
+        (seed, shuffle_sequences): (u64, usize),
     ) -> Result<ModelActivations<'m>> {
         if self.data.is_empty() {
             bail!("give --data files to run the model over (or --activations for training)");
@@ -128,7 +130,10 @@ impl DataOpts {
             bail!("--seq-len and --forward-batch must be positive");
         }
         check_skip(skip_positions, self.seq_len)?;
-        let chunks = self.spec().chunks(model.tokenizer().ok())?;
+        let mut chunks = self.spec().chunks(model.tokenizer().ok())?;
+        if shuffle_sequences > 1 {
+            chunks = chunks.shuffled(seed, shuffle_sequences);
+        }
         let rows_per_chunk = (self.seq_len - skip_positions) as u64;
         let max_chunks = max_rows.map(|t| t.div_ceil(rows_per_chunk));
         let mut source = ModelActivations::new(
@@ -174,8 +179,9 @@ struct TrainArgs {
     /// An activation cache made by `hooks cache` (read shuffled); instead of --model/--data.
     #[arg(long)]
     activations: Option<PathBuf>,
-    /// Hook points, comma separated (layers.3,layers.5.mlp; '*' matches any layer); with
-    /// --finetune the default is every SAE in its folder, with --activations every cached point.
+    /// Hook points, comma separated (layers.3,layers.5.mlp; '*' matches any layer). The default
+    /// is sparsify's, every layer's output (layers.*); with --finetune every SAE in its folder,
+    /// with --activations every cached point.
     #[arg(long)]
     hookpoints: Option<String>,
     /// Output folder: OUTPUT/<hookpoint>/{cfg.json,sae.safetensors}.
@@ -261,13 +267,17 @@ struct TrainArgs {
     /// gradients and optimiser state are f32 either way.
     #[arg(long, default_value = "auto")]
     encoder_dtype: String,
-    /// Seed of the cache shuffle and of the SAE initialisation (the i-th hook point's SAE is
-    /// initialised with seed + i).
+    /// Seed of the shuffle (of a cache's rows, or of the sequences streamed from --data) and
+    /// of the SAE initialisation (the i-th hook point's SAE is initialised with seed + i).
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Rows held in memory to shuffle a cache.
     #[arg(long, default_value_t = 1 << 17)]
     shuffle_buffer: usize,
+    /// Sequences of --data each one is drawn from at random, the next ones in data order (1:
+    /// read in data order, as when more data is to be added to an interrupted run).
+    #[arg(long, default_value_t = hooks::data::SHUFFLED_SEQUENCES)]
+    shuffle_sequences: usize,
     /// Checkpoint every N steps (0: only at the end).
     #[arg(long, default_value_t = 1000)]
     checkpoint_every: u64,
@@ -495,10 +505,12 @@ fn train_command(mut args: TrainArgs) -> Result<()> {
             (points, names, widths, Some(cache))
         }
         (None, Some(model)) => {
-            let list = args
-                .hookpoints
-                .as_deref()
-                .context("give --hookpoints (e.g. layers.3,layers.5.mlp)")?;
+            let list = match (args.hookpoints.as_deref(), args.transcode) {
+                (Some(list), _) => list,
+                (None, true) => bail!("give --hookpoints: the MLPs to transcode (layers.3.mlp)"),
+                // sparsify's default: the residual stream after every layer.
+                (None, false) => "layers.*",
+            };
             let points = model.hook_points_from_list(list)?;
             let names = points.iter().map(|p| model.hook_name(*p)).collect();
             let widths = model_widths(model, &points)?;
@@ -645,7 +657,8 @@ fn train_command(mut args: TrainArgs) -> Result<()> {
         (None, Some(model)) => {
             // With excluded tokens, how many chunks give `needed` rows is not known ahead.
             let rows = args.exclude_tokens.is_empty().then_some(needed);
-            Box::new(args.data.stream(model, streamed, rows, skip)?)
+            let shuffle = (args.seed, args.shuffle_sequences);
+            Box::new(args.data.stream(model, streamed, rows, skip, shuffle)?)
         }
         (None, None) => unreachable!(),
     };

@@ -605,9 +605,10 @@ impl Sae {
 
     /// Reads a SAELens SAE folder: `cfg.json` (v6: `architecture` `standard` / `topk` /
     /// `jumprelu` with a top-level `k`; before 6.0: `activation_fn_str` `relu` / `topk` with
-    /// `activation_fn_kwargs.k`), `d_in`, `d_sae`, `apply_b_dec_to_input` (default true) and
-    /// `normalize_activations` (only `none`), and `sae_weights.safetensors` with `W_enc
-    /// [d_in, d_sae]` (stored here transposed, as sparsify's `encoder.weight`), `b_enc`,
+    /// `activation_fn_kwargs.k`), `d_in`, `d_sae`, `apply_b_dec_to_input` (default true),
+    /// `normalize_activations` (only `none`) and `rescale_acts_by_decoder_norm` (not true), and
+    /// `sae_weights.safetensors` with `W_enc [d_in, d_sae]` (stored here transposed, as
+    /// sparsify's `encoder.weight`), `b_enc`,
     /// `W_dec [d_sae, d_in]`, `b_dec` and, for JumpReLU, `threshold [d_sae]`. For inference
     /// (encode, decode, `sae eval`); such an SAE cannot be trained or saved in sparsify's
     /// format unless it is a TopK SAE that subtracts `b_dec`.
@@ -645,6 +646,15 @@ impl Sae {
                     "normalize_activations '{other}' is not supported (only 'none')"
                 )))
             }
+        }
+        if cfg["rescale_acts_by_decoder_norm"].as_bool() == Some(true) {
+            // SAELens folds the decoder norms into the weights when it saves for inference.
+            return Err(bad(
+                "rescale_acts_by_decoder_norm is true: a SAELens training \
+                 checkpoint, whose decoder norms are not folded into its weights; save it with \
+                 SAELens's save_inference_model and load that"
+                    .into(),
+            ));
         }
         let subtract_b_dec = cfg["apply_b_dec_to_input"].as_bool().unwrap_or(true);
         let path = dir.join(SAE_LENS_WEIGHTS);

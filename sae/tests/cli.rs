@@ -135,6 +135,10 @@ fn train_resume_and_eval_on_a_tiny_model() {
             "2",
             "--checkpoint-every",
             "3",
+            // In data order: the interrupted run below is resumed with more data, which a
+            // shuffle would draw from in another order.
+            "--shuffle-sequences",
+            "1",
         ]
         .iter()
         .map(|a| a.to_string())
@@ -555,14 +559,13 @@ fn skip_first_positions_in_train_and_eval() {
     assert!(message.contains("leaves nothing of 64-token"), "{message}");
 
     // Streaming from the model: half of each 64-token sequence skipped, so 2 steps of 256
-    // rows need 16 sequences (the stream is sized in rows kept, not tokens).
+    // rows need 16 sequences (the stream is sized in rows kept, not tokens). Without
+    // --hookpoints, sparsify's default: every layer's output.
     let streamed = tmp.path().join("streamed");
     sae_cli(&[
         "train",
         "--model",
         s(&model_dir),
-        "--hookpoints",
-        "layers.1",
         "--data",
         s(&text),
         "--seq-len",
@@ -583,7 +586,9 @@ fn skip_first_positions_in_train_and_eval() {
         "32",
     ])
     .unwrap();
-    assert!(streamed.join("layers.1/sae.safetensors").is_file());
+    for layer in ["layers.0", "layers.1"] {
+        assert!(streamed.join(layer).join("sae.safetensors").is_file());
+    }
 
     // Evaluation from position 1 on: `evaluate(extra)` runs `sae eval` and returns its report.
     let evaluate = |extra: &[&str]| -> serde_json::Value {
@@ -663,6 +668,22 @@ fn skip_first_positions_in_train_and_eval() {
         .to_scalar()
         .unwrap();
     assert!(close(f("l0"), active as f64 / 252.0));
+    // Dead: latents never among the active top-k on the evaluated rows.
+    let acts: Vec<f32> = direct.top_acts.flatten_all().unwrap().to_vec1().unwrap();
+    let indices: Vec<u32> = direct.top_indices.flatten_all().unwrap().to_vec1().unwrap();
+    let fired: std::collections::BTreeSet<u32> = indices
+        .iter()
+        .zip(&acts)
+        .filter(|(_, &a)| a > 0.0)
+        .map(|(&i, _)| i)
+        .collect();
+    let n = sae.num_latents() as f64;
+    let dead_pct = 100.0 * (n - fired.len() as f64) / n;
+    assert!(
+        (f("dead_pct") - dead_pct).abs() < 1e-9,
+        "{} vs {dead_pct}",
+        f("dead_pct")
+    );
     // CE with position 0 left as the model made it and positions >= 1 reconstructed, or
     // zeroed, by hand.
     let ce_of = |patched: Tensor| -> f64 {
@@ -692,6 +713,9 @@ fn skip_first_positions_in_train_and_eval() {
     };
     let ce_sae = ce_with(direct.x_hat.clone());
     let ce_zero = ce_with(later.zeros_like().unwrap());
+    let ce_clean = ce_of(captured.clone());
+    let clean = report["ce_clean"].as_f64().unwrap();
+    assert!(close(clean, ce_clean), "{clean} vs {ce_clean}");
     assert!(close(f("ce_sae"), ce_sae), "{} vs {ce_sae}", f("ce_sae"));
     assert!(
         close(f("ce_zero"), ce_zero),
@@ -738,6 +762,8 @@ fn skip_first_positions_in_train_and_eval() {
         .unwrap();
     let ce_sae = ce_of(mask.where_cond(&recon, &captured).unwrap());
     assert!(close(f("ce_sae"), ce_sae), "{} vs {ce_sae}", f("ce_sae"));
+    let clean = report["ce_clean"].as_f64().unwrap();
+    assert!(close(clean, ce_clean), "{clean} vs {ce_clean}");
     let ce_zero = ce_of(
         mask.where_cond(&captured.zeros_like().unwrap(), &captured)
             .unwrap(),

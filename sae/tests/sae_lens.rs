@@ -106,6 +106,13 @@ fn sae_lens_refusals_name_the_problem() {
         m.contains("normalize_activations 'layer_norm'") && m.contains("cfg.json"),
         "{m}"
     );
+    let m = err(&copy("topk", &|c| {
+        c["rescale_acts_by_decoder_norm"] = true.into()
+    }));
+    assert!(
+        m.contains("rescale_acts_by_decoder_norm") && m.contains("save_inference_model"),
+        "{m}"
+    );
     let m = err(&copy("topk", &|c| c["d_sae"] = 65.into()));
     assert!(m.contains("'W_enc'") && m.contains("[16, 65]"), "{m}");
     let m = err(&copy("topk", &|c| c["architecture"] = "gated".into()));

@@ -72,7 +72,9 @@ pub struct Manifest {
     pub tokens: u64,
     /// Number of `seq_len` chunks.
     pub chunks: u64,
-    /// Bytes of source text consumed (0 for pre-tokenized data).
+    /// Bytes of source text consumed, with the EOS token's text before each document (see
+    /// [`crate::data::ChunkStream::text_bytes`]; documents alone in caches begun before
+    /// 2026-12-02); 0 for pre-tokenized data.
     pub text_bytes: u64,
     /// The shards, in dataset order.
     pub shards: Vec<ShardInfo>,

@@ -270,14 +270,19 @@ impl ActivationSource for ModelActivations<'_> {
     }
 
     /// The model (a local one by its full path, a hub one with its revision), the sequence
-    /// length and the dtype the model computes in; not the data files, which a resumed run
-    /// may extend or move.
+    /// length, the shuffle if any and the dtype the model computes in; not the data files,
+    /// which a resumed run may extend or move.
     fn describe(&self) -> String {
         let origin = self.model.origin();
         let origin = std::fs::canonicalize(origin)
             .map_or_else(|_| origin.to_string(), |p| p.display().to_string());
+        // Nothing in data order, as descriptions were before streams could be shuffled.
+        let order = self
+            .chunks
+            .shuffling()
+            .map_or(String::new(), |s| format!(", {s}"));
         format!(
-            "model {origin} in sequences of {} tokens (computed in {})",
+            "model {origin} in sequences of {} tokens{order} (computed in {})",
             self.chunks.seq_len(),
             crate::dtype_name(self.model.dtype())
         )

@@ -168,7 +168,52 @@ impl DataSpec {
             text_bytes: 0,
             chunks_emitted: 0,
             fingerprints: VecDeque::new(),
+            shuffle: None,
         })
+    }
+}
+
+/// Sequences a shuffled stream holds to draw from by default (see [`ChunkStream::shuffled`]):
+/// 8 MiB of token ids at 2048 tokens each, read ahead of the first draw.
+pub const SHUFFLED_SEQUENCES: usize = 1024;
+
+/// The pool a shuffled stream draws its chunks from.
+struct Shuffle {
+    seed: u64,
+    size: usize,
+    rng: rand::rngs::StdRng,
+    /// Chunks in data order not yet drawn, each with its index in that order.
+    pool: Vec<(u64, Vec<u32>)>,
+    /// Chunks packed so far.
+    packed: u64,
+    /// The data-order indices of the latest chunks drawn, oldest first.
+    drawn: VecDeque<u64>,
+}
+
+impl Shuffle {
+    /// A chunk drawn at random from the pool, after topping it up from `pack`; `None` once
+    /// both are empty.
+    fn draw(
+        &mut self,
+        mut pack: impl FnMut() -> Result<Option<Vec<u32>>>,
+    ) -> Result<Option<Vec<u32>>> {
+        use rand::Rng;
+        while self.pool.len() < self.size {
+            let Some(chunk) = pack()? else { break };
+            self.pool.push((self.packed, chunk));
+            self.packed += 1;
+        }
+        if self.pool.is_empty() {
+            return Ok(None);
+        }
+        let (index, chunk) = self
+            .pool
+            .swap_remove(self.rng.random_range(0..self.pool.len()));
+        if self.drawn.len() == FINGERPRINTS_KEPT {
+            self.drawn.pop_front();
+        }
+        self.drawn.push_back(index);
+        Ok(Some(chunk))
     }
 }
 
@@ -214,9 +259,38 @@ pub struct ChunkStream {
     chunks_emitted: u64,
     /// The fingerprint of the tokens of all chunks so far, after each of the latest chunks.
     fingerprints: VecDeque<u64>,
+    shuffle: Option<Shuffle>,
 }
 
 impl ChunkStream {
+    /// This stream with its chunks in a random order (tuned-lens and sparsify shuffle their
+    /// training data): each chunk is drawn, with `seed`, from a pool of the next `sequences`
+    /// chunks in data order, so that memory stays bounded. The same seed and pool size give
+    /// the same order, which a resumed job replays. Fingerprints, skips and limits count
+    /// chunks in the order they are returned.
+    pub fn shuffled(mut self, seed: u64, sequences: usize) -> Self {
+        use rand::SeedableRng;
+        self.shuffle = Some(Shuffle {
+            seed,
+            size: sequences.max(1),
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            pool: Vec::new(),
+            packed: 0,
+            drawn: VecDeque::new(),
+        });
+        self
+    }
+
+    /// How the chunks are shuffled, for the description of a training source: "shuffled
+    /// with seed S among N sequences"; `None` in data order.
+    pub fn shuffling(&self) -> Option<String> {
+        let s = self.shuffle.as_ref()?;
+        Some(format!(
+            "shuffled with seed {} among {} sequences",
+            s.seed, s.size
+        ))
+    }
+
     /// Tokens per chunk.
     pub fn seq_len(&self) -> usize {
         self.spec.seq_len
@@ -227,7 +301,9 @@ impl ChunkStream {
         &self.spec
     }
 
-    /// Bytes of text consumed so far (for bits-per-byte); 0 for pre-tokenized data.
+    /// Bytes of text consumed so far (for bits-per-byte), counted as tuned-lens does: each
+    /// document with the EOS token's text (`<|endoftext|>`, 13 bytes) before it; 0 for
+    /// pre-tokenized data.
     pub fn text_bytes(&self) -> u64 {
         self.text_bytes
     }
@@ -256,8 +332,20 @@ impl ChunkStream {
             return error;
         };
         let seq_len = self.spec.seq_len.max(1);
-        let sequence =
+        let returned =
             self.chunks_emitted.saturating_sub(batch as u64) + (position / seq_len) as u64;
+        // Shuffled, the chunk's place in the data is what locates it there.
+        let sequence = match &self.shuffle {
+            None => returned,
+            Some(s) => {
+                let back = self.chunks_emitted.saturating_sub(returned);
+                s.drawn
+                    .len()
+                    .checked_sub(back as usize)
+                    .and_then(|i| s.drawn.get(i).copied())
+                    .unwrap_or(returned)
+            }
+        };
         let paths = &self.spec.paths;
         let data = match paths.as_slice() {
             [one] => one.display().to_string(),
@@ -327,14 +415,17 @@ impl ChunkStream {
 
     /// The next chunk, or `None` when the data is exhausted (a final partial chunk is dropped).
     pub fn next_chunk(&mut self) -> Result<Option<Vec<u32>>> {
-        let seq_len = self.spec.seq_len;
-        while self.buffer.len() < seq_len {
-            if !self.refill()? {
-                return Ok(None);
+        let next = match self.shuffle.take() {
+            None => self.next_packed(),
+            Some(mut shuffle) => {
+                let drawn = shuffle.draw(|| self.next_packed());
+                self.shuffle = Some(shuffle);
+                drawn
             }
-        }
-        let rest = self.buffer.split_off(seq_len);
-        let chunk = std::mem::replace(&mut self.buffer, rest);
+        };
+        let Some(chunk) = next? else {
+            return Ok(None);
+        };
         let before = self.fingerprints.back().copied().unwrap_or(FNV_OFFSET);
         let after = fnv1a_ids(before, chunk.iter().copied());
         if self.fingerprints.len() == FINGERPRINTS_KEPT {
@@ -343,6 +434,18 @@ impl ChunkStream {
         self.fingerprints.push_back(after);
         self.chunks_emitted += 1;
         Ok(Some(chunk))
+    }
+
+    /// The next chunk in data order.
+    fn next_packed(&mut self) -> Result<Option<Vec<u32>>> {
+        let seq_len = self.spec.seq_len;
+        while self.buffer.len() < seq_len {
+            if !self.refill()? {
+                return Ok(None);
+            }
+        }
+        let rest = self.buffer.split_off(seq_len);
+        Ok(Some(std::mem::replace(&mut self.buffer, rest)))
     }
 
     /// Adds tokens to the buffer; false when every source is exhausted.
@@ -393,7 +496,13 @@ impl ChunkStream {
         let eos = tokenizer
             .eos_id()
             .expect("checked when the stream was opened");
-        self.text_bytes += docs.iter().map(|d| d.len() as u64).sum::<u64>();
+        // As tuned-lens counts them: the text joined with the EOS token's text before each
+        // document.
+        let separator = tokenizer
+            .inner()
+            .id_to_token(eos)
+            .map_or(0, |t| t.len() as u64);
+        self.text_bytes += docs.iter().map(|d| d.len() as u64 + separator).sum::<u64>();
         let encodings = tokenizer
             .inner()
             .encode_batch(docs, false)
@@ -433,10 +542,18 @@ impl ChunkStream {
                 docs: Box::new(parquet_texts(&path, field)?),
                 path,
             },
-            DataFormat::Npy => Source::Tokens {
-                array: TokenArray::open_npy(&path)?,
-                next: 0,
-            },
+            DataFormat::Npy => {
+                let array = TokenArray::open_npy(&path)?;
+                if let Some(row_len) = array.row_len.filter(|&r| r != self.spec.seq_len) {
+                    tracing::info!(
+                        "{}: its rows of {row_len} tokens are read as one stream and cut into \
+                         sequences of {}",
+                        path.display(),
+                        self.spec.seq_len
+                    );
+                }
+                Source::Tokens { array, next: 0 }
+            }
             DataFormat::Bin => Source::Tokens {
                 array: TokenArray::open_bin(&path)?,
                 next: 0,
@@ -557,6 +674,10 @@ mod tests {
         Tokenizer::from_file(&path, Some(0)).unwrap()
     }
 
+    fn wikitext() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/wikitext-2-raw-test.txt")
+    }
+
     fn collect(spec: &DataSpec, tok: &Tokenizer) -> Vec<Vec<u32>> {
         spec.chunks(Some(tok))
             .unwrap()
@@ -583,7 +704,16 @@ mod tests {
             stream.push(0);
             stream.extend(tok.encode(doc).unwrap());
         }
-        let chunks = collect(&DataSpec::new(vec![path.clone()], 4), &tok);
+        let mut read = DataSpec::new(vec![path.clone()], 4)
+            .chunks(Some(&tok))
+            .unwrap();
+        let chunks: Vec<Vec<u32>> = read.by_ref().collect::<Result<_>>().unwrap();
+        // Bits per byte as tuned-lens counts: every token read over the text joined with
+        // "<|endoftext|>" before each document.
+        assert_eq!(read.tokens_read(), stream.len() as u64);
+        let text =
+            "Hello world".len() + "The cat sat on the mat.".len() + "A third line here".len();
+        assert_eq!(read.text_bytes(), (text + 3 * "<|endoftext|>".len()) as u64);
         assert_eq!(chunks.len(), stream.len() / 4);
         assert_eq!(chunks.concat(), stream[..chunks.len() * 4]);
         assert_eq!(chunks[0][0], 0, "first token is EOS");
@@ -597,6 +727,56 @@ mod tests {
             tok.encode("Hello world\n\n  \nThe cat sat on the mat.\nA third line here\n")
                 .unwrap()[..whole.len() * 4 - 1]
         );
+    }
+
+    #[test]
+    fn a_shuffled_stream_returns_the_same_chunks_in_a_seeded_order() {
+        let tok = tokenizer();
+        let spec = DataSpec::new(vec![wikitext()], 16);
+        let in_order: Vec<Vec<u32>> = spec
+            .chunks(Some(&tok))
+            .unwrap()
+            .take(300)
+            .map(Result::unwrap)
+            .collect();
+        let shuffled = |seed: u64, pool: usize| -> Vec<Vec<u32>> {
+            let stream = spec.chunks(Some(&tok)).unwrap().shuffled(seed, pool);
+            assert_eq!(
+                stream.shuffling().unwrap(),
+                format!("shuffled with seed {seed} among {pool} sequences")
+            );
+            stream.take(300).map(Result::unwrap).collect()
+        };
+        let a = shuffled(42, 64);
+        assert_ne!(a, in_order);
+        assert_eq!(a, shuffled(42, 64), "the seed decides the order");
+        assert_ne!(a, shuffled(43, 64));
+        // Drawn from a bounded pool: chunk i is among the first i + 64 in data order.
+        for (i, chunk) in a.iter().enumerate() {
+            let at = in_order.iter().position(|c| c == chunk);
+            assert!(
+                at.is_none_or(|at| at < i + 64),
+                "chunk {i} came from {at:?}"
+            );
+        }
+        // All of a small dataset, each chunk once.
+        let few = DataSpec::new(vec![wikitext()], 4096);
+        let mut all: Vec<Vec<u32>> = few
+            .chunks(Some(&tok))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let mut drawn: Vec<Vec<u32>> = few
+            .chunks(Some(&tok))
+            .unwrap()
+            .shuffled(1, 1 << 20)
+            .map(Result::unwrap)
+            .collect();
+        assert_ne!(drawn, all);
+        all.sort();
+        drawn.sort();
+        assert_eq!(drawn, all);
+        assert_eq!(spec.chunks(Some(&tok)).unwrap().shuffling(), None);
     }
 
     #[test]

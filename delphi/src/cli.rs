@@ -18,8 +18,8 @@ use crate::embedding::SentenceEmbedder;
 use crate::examples::{ExampleConfig, TrainSampling};
 use crate::explain::ExplainConfig;
 use crate::job::{
-    check_settings, read_run_config, run_job, summarize, summary_table, JobConfig, JobModels,
-    RunOptions, Shard,
+    check_scorer_model, check_settings, read_run_config, run_job, summarize, summary_table,
+    JobConfig, JobModels, RunOptions, Shard,
 };
 use crate::latents::{write_latent_cache, CacheTarget, LatentCache, WriteOptions};
 use crate::llm::local::LocalLlm;
@@ -156,10 +156,12 @@ struct RunArgs {
     #[arg(long)]
     api_key_env: Option<String>,
     /// Scorers, comma separated: detection, fuzzing, embedding, intruder (explanation-free:
-    /// find the silent excerpt among activating ones).
+    /// find the silent excerpt among activating ones), simulation (predict each token's
+    /// activation from the explanation; needs a local explainer, whose log-probabilities
+    /// are read).
     #[arg(long, default_value = "detection,fuzzing")]
     scorers: String,
-    /// Output folder (explanations/, scores/{detection,fuzz,embedding,intruder}/,
+    /// Output folder (explanations/, scores/{detection,fuzz,embedding,intruder,simulation}/,
     /// summary.json).
     #[arg(long, short)]
     output: PathBuf,
@@ -469,8 +471,12 @@ fn parse_scorers(text: &str) -> Result<Vec<Scorer>> {
             "fuzzing" | "fuzz" => Scorer::Fuzzing,
             "embedding" => Scorer::Embedding,
             "intruder" => Scorer::Intruder,
+            "simulation" => Scorer::Simulation,
             other => {
-                bail!("unknown scorer '{other}' (known: detection, fuzzing, embedding, intruder)")
+                bail!(
+                    "unknown scorer '{other}' (known: detection, fuzzing, embedding, intruder, \
+                     simulation)"
+                )
             }
         };
         if !scorers.contains(&scorer) {
@@ -631,6 +637,9 @@ fn run_command(args: RunArgs) -> Result<()> {
         }
     };
     let explainer = ExplainerArg::from_args(&args)?;
+    if let ExplainerArg::Http(client) = &explainer {
+        check_scorer_model(&config, client.as_ref())?;
+    }
     let embedder = if scorers.contains(&Scorer::Embedding) {
         Some(SentenceEmbedder::minilm()?)
     } else {

@@ -142,17 +142,23 @@ impl Example {
     /// Activations scaled to integers 0-10 relative to `max` (the latent's maximum): any
     /// positive activation maps to at least 1.
     pub fn normalized(&self, max: f32) -> Vec<u8> {
-        self.activations
-            .iter()
-            .map(|&a| {
-                if a <= 0.0 || max <= 0.0 {
-                    0
-                } else {
-                    (10.0 * a / max).ceil().clamp(1.0, 10.0) as u8
-                }
-            })
-            .collect()
+        normalized(&self.activations, max)
     }
+}
+
+/// `activations` scaled to integers 0-10 relative to `max` (the latent's maximum), rounded
+/// up, so any positive activation maps to at least 1 (delphi's `normalized_activations`).
+pub fn normalized(activations: &[f32], max: f32) -> Vec<u8> {
+    activations
+        .iter()
+        .map(|&a| {
+            if a <= 0.0 || max <= 0.0 {
+                0
+            } else {
+                (10.0 * a / max).ceil().clamp(1.0, 10.0) as u8
+            }
+        })
+        .collect()
 }
 
 /// The examples of one latent.

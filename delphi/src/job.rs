@@ -34,8 +34,8 @@ use crate::metrics::{median, Confusion};
 use crate::prompts::{ClassifierTask, ShownExample};
 use crate::score::{
     check_intruder_config, classifier_summary, classify, embed_score, embedding_auc, intrude,
-    intruder_accuracy, ClassifiedSample, EmbeddedSample, IntruderResult, Sample, ScoreConfig,
-    Scorer,
+    intruder_accuracy, simulate, simulation_correlation, ClassifiedSample, EmbeddedSample,
+    IntruderResult, Sample, ScoreConfig, ScoredSimulation, Scorer,
 };
 use crate::{Error, Result};
 
@@ -585,7 +585,7 @@ async fn process_latent(
         Ok(examples) => examples,
         Err(skip) => return Ok(Outcome::Skipped(skip)),
     };
-    let needs_explanation = config.scorers.iter().any(|&s| s != Scorer::Intruder);
+    let needs_explanation = config.scorers.iter().any(|s| s.uses_explanation());
     let path = explanation_path(output, hookpoint, latent);
     let explanation: Option<String> = if !needs_explanation {
         None
@@ -594,7 +594,10 @@ async fn process_latent(
     } else {
         // Scores of an earlier explanation (whose file was deleted to redo it) would stay
         // beside the new one, or beside none.
-        for scorer in [Scorer::Detection, Scorer::Fuzzing, Scorer::Embedding] {
+        for &scorer in <Scorer as clap::ValueEnum>::value_variants() {
+            if !scorer.uses_explanation() {
+                continue;
+            }
             let stale = score_path(output, scorer, hookpoint, latent);
             if stale.is_file() {
                 std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
@@ -657,6 +660,18 @@ async fn process_latent(
                 write_json_file(&path, &scored)?;
                 continue;
             }
+            Scorer::Simulation => {
+                let score = simulate(
+                    models.scorer,
+                    explanation,
+                    &samples,
+                    examples.max_activation,
+                )
+                .await?;
+                counters.spend(score.usage);
+                write_json_file(&path, &score.groups)?;
+                continue;
+            }
             Scorer::Intruder => {
                 let score =
                     intrude(models.scorer, &samples, &config.score, seed ^ scorer as u64).await?;
@@ -690,6 +705,19 @@ async fn process_latent(
     })
 }
 
+/// Refuses a scorer model that cannot do what the job's scorers need: the simulation scorer
+/// reads prompt log-probabilities ([`Llm::reads_prompts`]).
+pub fn check_scorer_model(config: &JobConfig, scorer: &dyn Llm) -> Result<()> {
+    if config.scorers.contains(&Scorer::Simulation) && !scorer.reads_prompts() {
+        return Err(Error::Invalid(format!(
+            "the simulation scorer reads the model's log-probabilities at every token of a \
+             prompt, which {} cannot give: use a local GGUF model (--explainer local)",
+            scorer.name()
+        )));
+    }
+    Ok(())
+}
+
 /// Runs this shard of a job: every latent of `config.latents` at every hook point that
 /// belongs to `options.shard`. Latents whose requests fail are reported, not fatal; their
 /// files are simply missing, so the next run retries them. So are a scorer's results when
@@ -709,6 +737,7 @@ pub async fn run_job(
             "the embedding scorer needs a sentence embedder".into(),
         ));
     }
+    check_scorer_model(config, models.scorer)?;
     let _lock = options.shard.lock(&options.output)?;
     check_run_config(
         &options.output,
@@ -844,6 +873,10 @@ pub struct ScorerSummary {
     /// Prompts whose answer could not be read (intruder).
     #[serde(default)]
     pub failed_prompts: Option<u64>,
+    /// Median over latents of the correlation of simulated and true activations over all
+    /// excerpts (simulation).
+    #[serde(default)]
+    pub median_correlation: Option<f64>,
 }
 
 /// The summary of a job's output folder.
@@ -866,6 +899,7 @@ pub fn summarize(output: &Path, config: &JobConfig) -> Result<JobSummary> {
         let (mut accuracies, mut f1s, mut aucs) = (Vec::new(), Vec::new(), Vec::new());
         let mut pooled: Option<Confusion> = None;
         let (mut found_shares, mut failed_prompts) = (Vec::new(), None);
+        let mut correlations = Vec::new();
         let mut latents = 0;
         for hookpoint in &config.hookpoints {
             for latent in config.latents.clone() {
@@ -879,6 +913,10 @@ pub fn summarize(output: &Path, config: &JobConfig) -> Result<JobSummary> {
                         Scorer::Embedding => {
                             let samples: Vec<EmbeddedSample> = read_score_file(&path)?;
                             aucs.extend(embedding_auc(&samples));
+                        }
+                        Scorer::Simulation => {
+                            let groups: Vec<ScoredSimulation> = read_score_file(&path)?;
+                            correlations.extend(simulation_correlation(&groups));
                         }
                         Scorer::Intruder => {
                             let results: Vec<IntruderResult> = read_json_file(&path)?;
@@ -914,6 +952,7 @@ pub fn summarize(output: &Path, config: &JobConfig) -> Result<JobSummary> {
                 pooled,
                 median_accuracy: median(&found_shares),
                 failed_prompts,
+                median_correlation: median(&correlations),
             },
         );
     }
@@ -938,7 +977,7 @@ pub fn summarize(output: &Path, config: &JobConfig) -> Result<JobSummary> {
 pub fn summary_table(summary: &JobSummary) -> String {
     let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
     let mut out = format!(
-        "{} latents explained\n{:<10} {:>8} {:>14} {:>10} {:>10} {:>10} {:>14}\n",
+        "{} latents explained\n{:<10} {:>8} {:>14} {:>10} {:>10} {:>10} {:>12} {:>14}\n",
         summary.explained,
         "scorer",
         "latents",
@@ -946,6 +985,7 @@ pub fn summary_table(summary: &JobSummary) -> String {
         "F1",
         "AUC",
         "accuracy",
+        "correlation",
         "failed parses"
     );
     for (name, s) in &summary.scorers {
@@ -955,18 +995,20 @@ pub fn summary_table(summary: &JobSummary) -> String {
             .or(s.failed_prompts)
             .map_or("-".to_string(), |f| f.to_string());
         out.push_str(&format!(
-            "{:<10} {:>8} {:>14} {:>10} {:>10} {:>10} {:>14}\n",
+            "{:<10} {:>8} {:>14} {:>10} {:>10} {:>10} {:>12} {:>14}\n",
             name,
             s.latents,
             cell(s.median_balanced_accuracy),
             cell(s.median_f1),
             cell(s.median_auc),
             cell(s.median_accuracy),
+            cell(s.median_correlation),
             failed
         ));
     }
     out.push_str(
-        "(medians over latents; accuracy: intruder prompts whose intruder was found; failed \
+        "(medians over latents; accuracy: intruder prompts whose intruder was found; \
+         correlation: simulated and true activations over all excerpts' tokens; failed \
          parses: excerpts, or intruder prompts, without a usable answer)\n",
     );
     out

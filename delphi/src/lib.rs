@@ -5,7 +5,7 @@
 //! Flow: [`latents`] (sparse latent cache on disk) -> [`examples`] (context windows:
 //! explainer set, disjoint test set, non-activating set) -> [`prompts`] (message lists and
 //! answer parsing) -> [`llm`] (OpenAI-compatible HTTP or local GGUF) -> [`explain`] ->
-//! [`score`] (detection, fuzzing, embedding, intruder; [`metrics`]) -> [`job`] (resumable,
+//! [`score`] (detection, fuzzing, embedding, intruder, simulation; [`metrics`]) -> [`job`] (resumable,
 //! shardable batch runs) -> [`cli`] (`delphi cache`, `delphi run`, `delphi summary`).
 
 pub mod cli;

@@ -1,5 +1,6 @@
-//! Classification metrics of a scorer's predictions: the confusion counts, balanced
-//! accuracy, precision, recall, F1, and the ROC AUC when the scorer gave probabilities.
+//! Metrics of a scorer's predictions: the confusion counts, balanced accuracy, precision,
+//! recall, F1, and the ROC AUC when the scorer gave probabilities; the Pearson correlation of
+//! simulated and true activations.
 
 use serde::{Deserialize, Serialize};
 
@@ -167,9 +168,41 @@ pub fn median(values: &[f64]) -> Option<f64> {
     })
 }
 
+/// Pearson's correlation of `x` and `y` (NaN when either is constant or they are empty, as
+/// numpy's `corrcoef`, which delphi's simulation scorer uses).
+pub fn pearson(x: &[f64], y: &[f64]) -> f64 {
+    assert_eq!(x.len(), y.len(), "pearson needs pairs");
+    let n = x.len() as f64;
+    let (mean_x, mean_y) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let (mut xy, mut xx, mut yy) = (0.0, 0.0, 0.0);
+    for (a, b) in x.iter().zip(y) {
+        let (dx, dy) = (a - mean_x, b - mean_y);
+        xy += dx * dy;
+        xx += dx * dx;
+        yy += dy * dy;
+    }
+    if xx == 0.0 || yy == 0.0 {
+        return f64::NAN;
+    }
+    xy / (xx * yy).sqrt()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pearson_matches_python_statistics() {
+        // statistics.correlation([1, 2, 3, 4], [1, 2, 5, 4]) and the second pair likewise.
+        assert!(
+            (pearson(&[1.0, 2.0, 3.0, 4.0], &[1.0, 2.0, 5.0, 4.0]) - 0.848528137423857).abs()
+                < 1e-12
+        );
+        let r = pearson(&[0.0, 0.0, 10.0, 3.0, 0.0], &[0.5, 0.2, 7.9, 4.1, 1.0]);
+        assert!((r - 0.9794843983971692).abs() < 1e-12);
+        assert!(pearson(&[1.0, 1.0], &[0.0, 3.0]).is_nan());
+        assert!(pearson(&[], &[]).is_nan());
+    }
 
     #[test]
     fn hand_computed_confusion_metrics() {

@@ -4,7 +4,9 @@
 //! are wrapped in `<<` `>>` (runs of tokens above 0.3 of the example's maximum), an
 //! `Activations:` line lists `("token" : n)` with n in 0-10, the explainer ends its answer
 //! with a line starting `[EXPLANATION]:`, the scorers answer with a list of 0/1, one per
-//! numbered example, and the intruder scorer with `[RESPONSE]:` and the intruder's number.
+//! numbered example, the intruder scorer with `[RESPONSE]:` and the intruder's number, and the
+//! simulation scorer's answer is read, not generated: `token<tab>activation` lines whose
+//! activations are hidden.
 //! The wording and the few-shot examples are our own.
 
 use crate::llm::Message;
@@ -288,6 +290,121 @@ pub fn parse_intruder(answer: &str, shown: usize) -> Option<usize> {
         })
         .and_then(|digits| digits.parse().ok())
         .filter(|&n| n < shown)
+}
+
+/// The activation levels the simulation scorer reads the model's belief over, as the tokens
+/// that would follow a token's tab: `"0"` to `"10"`.
+pub const SIMULATION_LEVELS: [&str; 11] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10"];
+
+/// What the simulation scorer's answer holds in place of an activation it does not show.
+pub const UNKNOWN_ACTIVATION: &str = "unknown";
+
+const SIMULATION_SYSTEM: &str = "\
+You predict where a latent feature of a language model is active. You get a description of \
+the feature, then a text split into tokens: one token per line, a tab, and the feature's \
+activation on that token, an integer from 0 (not active) to 10 (most active). Most tokens have \
+0; only the tokens that fit the description, in the context the description gives, have more. \
+In your answer the activations are hidden and written as unknown; what counts is the number \
+you would put in each one's place.";
+
+/// Few-shot turns: (feature description, (token, activation) pairs).
+const SIMULATION_SHOTS: [(&str, &[(&str, u8)]); 3] = [
+    (
+        "Names of days and months used as time expressions.",
+        &[
+            ("The", 0),
+            (" meeting", 0),
+            (" was", 0),
+            (" moved", 0),
+            (" to", 0),
+            (" Tuesday", 10),
+            (" because", 0),
+            (" the", 0),
+            (" hall", 0),
+            (" was", 0),
+            (" booked", 0),
+            (" in", 0),
+            (" March", 8),
+            (".", 0),
+        ],
+    ),
+    (
+        "Negation words such as \"not\", \"never\" and \"no\".",
+        &[
+            ("He", 0),
+            (" said", 0),
+            (" he", 0),
+            (" would", 1),
+            (" never", 9),
+            (" go", 0),
+            (" back", 0),
+            (",", 0),
+            (" and", 0),
+            (" he", 0),
+            (" did", 0),
+            (" not", 10),
+            (".", 0),
+        ],
+    ),
+    (
+        "Words for pets such as cats and dogs.",
+        &[
+            ("Rain", 0),
+            (" is", 0),
+            (" expected", 0),
+            (" in", 0),
+            (" the", 0),
+            (" north", 0),
+            (" by", 0),
+            (" evening", 0),
+            (".", 0),
+        ],
+    ),
+];
+
+/// A token as the simulation scorer shows it on its line: line breaks and tabs written as
+/// `\n` and `\t`, so that each token keeps one line and one tab.
+fn simulation_token(token: &str) -> String {
+    token.replace('\n', "\\n").replace('\t', "\\t")
+}
+
+fn simulation_user(explanation: &str) -> String {
+    format!("Feature description: {}", explanation.trim())
+}
+
+/// The simulation scorer's conversation up to its answer: instructions, demonstrations with
+/// their activations shown, then the explanation to simulate.
+pub fn simulation_messages(explanation: &str) -> Vec<Message> {
+    let mut messages = vec![Message::system(SIMULATION_SYSTEM)];
+    for (description, tokens) in SIMULATION_SHOTS {
+        messages.push(Message::user(simulation_user(description)));
+        let lines: Vec<String> = tokens
+            .iter()
+            .map(|(token, level)| format!("{}\t{level}", simulation_token(token)))
+            .collect();
+        messages.push(Message::assistant(lines.join("\n")));
+    }
+    messages.push(Message::user(simulation_user(explanation)));
+    messages
+}
+
+/// The simulation scorer's answer for `tokens`, in pieces that each end with a token's tab,
+/// where the model's belief about that token's activation is read; every activation is
+/// [`UNKNOWN_ACTIVATION`] (delphi's and OpenAI's all-at-once simulation), so each prediction
+/// sees the text up to its token and none of the others' values.
+pub fn simulation_answer(tokens: &[String]) -> Vec<String> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, token)| {
+            let line = format!("{}\t", simulation_token(token));
+            if i == 0 {
+                line
+            } else {
+                format!("{UNKNOWN_ACTIVATION}\n{line}")
+            }
+        })
+        .collect()
 }
 
 /// The 0/1 answers in a scorer's reply: the *last* `[...]` holding exactly `expected`

@@ -11,6 +11,10 @@
 //! - **Intruder**: no explanation; the LLM sees marked activating excerpts of one quantile
 //!   and one silent excerpt with random marks, and must name the odd one out (Paulo and
 //!   Belrose 2025): how recognisable the latent itself is.
+//! - **Simulation**: the LLM, given the explanation, predicts the latent's activation (0-10)
+//!   on every token of each excerpt; the expected value of its belief is correlated with the
+//!   true activations (OpenAI's and delphi's all-at-once simulation, read from the model's
+//!   log-probabilities).
 //!
 //! Per-example records follow delphi's shapes so its analysis scripts read our files.
 
@@ -21,11 +25,13 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::embedding::{cosine, SentenceEmbedder};
-use crate::llm::{AnswerFormat, ChatRequest, Llm, TokenLogprobs, Usage};
-use crate::metrics::{roc_auc, ClassificationSummary, Confusion};
+use crate::examples::normalized;
+use crate::llm::{AnswerFormat, ChatRequest, Llm, ReadRequest, TokenLogprobs, Usage};
+use crate::metrics::{pearson, roc_auc, ClassificationSummary, Confusion};
 use crate::prompts::{
     active_tokens, classifier_messages, highlight, intruder_messages, parse_intruder,
-    parse_predictions, ClassifierTask, RESPONSE_MARKER,
+    parse_predictions, simulation_answer, simulation_messages, ClassifierTask, RESPONSE_MARKER,
+    SIMULATION_LEVELS,
 };
 use crate::Result;
 
@@ -53,6 +59,9 @@ pub enum Scorer {
     Embedding,
     /// Find the silent excerpt among marked activating ones (no explanation).
     Intruder,
+    /// Predict each token's activation from the explanation (needs a model whose prompt
+    /// log-probabilities can be read: a local one).
+    Simulation,
 }
 
 impl Scorer {
@@ -63,7 +72,13 @@ impl Scorer {
             Scorer::Fuzzing => "fuzz",
             Scorer::Embedding => "embedding",
             Scorer::Intruder => "intruder",
+            Scorer::Simulation => "simulation",
         }
+    }
+
+    /// Whether the scorer judges an explanation (all but the intruder scorer).
+    pub fn uses_explanation(self) -> bool {
+        self != Scorer::Intruder
     }
 }
 
@@ -245,6 +260,234 @@ pub fn intruder_accuracy(results: &[IntruderResult]) -> Option<f64> {
         let found = results.iter().filter(|r| r.correct).count();
         found as f64 / results.len() as f64
     })
+}
+
+/// Pearson's correlation as delphi writes it: a number, or the string `"nan"` when it is
+/// undefined (constant activations or predictions).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Correlation(pub f64);
+
+impl Serialize for Correlation {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        if self.0.is_finite() {
+            serializer.serialize_f64(self.0)
+        } else {
+            serializer.serialize_str("nan")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Correlation {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Number(f64),
+            Text(String),
+        }
+        match Written::deserialize(deserializer)? {
+            Written::Number(value) => Ok(Self(value)),
+            Written::Text(text) if text == "nan" => Ok(Self(f64::NAN)),
+            Written::Text(text) => Err(serde::de::Error::custom(format!(
+                "a correlation is a number or \"nan\", got {text:?}"
+            ))),
+        }
+    }
+}
+
+/// One excerpt's simulated activations, in the shape of delphi's `SequenceSimulation`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SequenceSimulation {
+    /// Text of each token.
+    pub tokens: Vec<String>,
+    /// The expected value of the model's belief about each token's activation (0-10).
+    pub expected_activations: Vec<f64>,
+    /// The scale of the values: `"simulated_normalized_activations"` (0-10).
+    pub activation_scale: String,
+    /// Left empty, as delphi does.
+    pub distribution_values: Vec<Vec<u8>>,
+    /// Left empty, as delphi does.
+    pub distribution_probabilities: Vec<Vec<f64>>,
+    /// Always `null` (no calibration).
+    pub uncalibrated_simulation: Option<Box<SequenceSimulation>>,
+}
+
+/// One excerpt's simulation and its score, in the shape of delphi's
+/// `ScoredSequenceSimulation`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoredSequenceSimulation {
+    /// Quantile (activating) or -1 (silent).
+    pub distance: i64,
+    /// The simulated activations.
+    pub simulation: SequenceSimulation,
+    /// The true activations, 0-10 relative to the latent's maximum (0 for silent excerpts).
+    pub true_activations: Vec<u8>,
+    /// Correlation of simulated and true activations over this excerpt's tokens.
+    pub ev_correlation_score: Correlation,
+    /// Always 0, as in delphi.
+    pub rsquared_score: i64,
+    /// Always 0, as in delphi.
+    pub absolute_dev_explained_score: i64,
+}
+
+/// A group of simulated excerpts and its score, in the shape of delphi's `ScoredSimulation`:
+/// one group per quantile (`distance` quantile + 1) and, when there are silent excerpts, one
+/// of all excerpts (`distance` 0), last.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoredSimulation {
+    /// The group: 0 for all excerpts, q + 1 for the activating excerpts of quantile q.
+    pub distance: i64,
+    /// Its excerpts.
+    pub scored_sequence_simulations: Vec<ScoredSequenceSimulation>,
+    /// Correlation over all of the group's tokens concatenated (not a mean of excerpts').
+    pub ev_correlation_score: Correlation,
+    /// Always 0, as in delphi.
+    pub rsquared_score: i64,
+    /// Always 0, as in delphi.
+    pub absolute_dev_explained_score: i64,
+}
+
+/// Outcome of the simulation scorer on one latent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimulationScore {
+    /// The groups, as delphi writes them.
+    pub groups: Vec<ScoredSimulation>,
+    /// Tokens spent.
+    pub usage: Usage,
+}
+
+/// A latent's simulation score: the correlation over all excerpts (the `distance` 0 group),
+/// `None` without one or when it is undefined.
+pub fn simulation_correlation(groups: &[ScoredSimulation]) -> Option<f64> {
+    groups
+        .iter()
+        .find(|g| g.distance == 0)
+        .map(|g| g.ev_correlation_score.0)
+        .filter(|r| r.is_finite())
+}
+
+/// The expected activation of one token from the log-probabilities of the levels 0-10
+/// ([`SIMULATION_LEVELS`] order), normalised over the levels; `None` when no level has any
+/// probability.
+fn expected_level(logprobs: &[f32]) -> Option<f64> {
+    let weights: Vec<f64> = logprobs.iter().map(|&lp| (lp as f64).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    (total > 0.0 && total.is_finite()).then(|| {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(level, w)| level as f64 * w)
+            .sum::<f64>()
+            / total
+    })
+}
+
+/// Runs the simulation scorer: for every excerpt, the model reads the explanation and the
+/// excerpt's tokens with their activations hidden, and its expected activation per token is
+/// compared with the true one (activating excerpts' activations scaled 0-10 against
+/// `max_activation`, the latent's maximum; 0 for silent excerpts). All excerpts are read in
+/// flight together; an LLM error fails the scorer, as for [`classify`].
+pub async fn simulate(
+    llm: &dyn Llm,
+    explanation: &str,
+    samples: &[Sample],
+    max_activation: f32,
+) -> Result<SimulationScore> {
+    let candidates: Vec<String> = SIMULATION_LEVELS.iter().map(|l| l.to_string()).collect();
+    let requests = samples.iter().map(|sample| {
+        llm.read(ReadRequest {
+            messages: simulation_messages(explanation),
+            answer: simulation_answer(&sample.tokens),
+            candidates: candidates.clone(),
+        })
+    });
+    let responses = futures::future::try_join_all(requests).await?;
+    let mut usage = Usage::default();
+    let mut scored = Vec::with_capacity(samples.len());
+    for (sample, response) in samples.iter().zip(responses) {
+        usage.add(response.usage);
+        let expected = response
+            .logprobs
+            .iter()
+            .map(|levels| expected_level(levels))
+            .collect::<Option<Vec<f64>>>()
+            .filter(|e| e.len() == sample.tokens.len())
+            .ok_or_else(|| crate::Error::Llm {
+                backend: llm.name(),
+                message: format!(
+                    "no activation level 0-10 is a token the model could write (or the \
+                     answer was read at {} places for {} tokens)",
+                    response.logprobs.len(),
+                    sample.tokens.len()
+                ),
+            })?;
+        let true_activations = if sample.activating {
+            normalized(&sample.activations, max_activation)
+        } else {
+            vec![0; sample.tokens.len()]
+        };
+        scored.push(ScoredSequenceSimulation {
+            distance: sample.distance,
+            ev_correlation_score: Correlation(pearson(&levels_f64(&true_activations), &expected)),
+            simulation: SequenceSimulation {
+                tokens: sample.tokens.clone(),
+                expected_activations: expected,
+                activation_scale: "simulated_normalized_activations".into(),
+                distribution_values: Vec::new(),
+                distribution_probabilities: Vec::new(),
+                uncalibrated_simulation: None,
+            },
+            true_activations,
+            rsquared_score: 0,
+            absolute_dev_explained_score: 0,
+        });
+    }
+    // Quantile groups in the order their first excerpt comes, then all excerpts.
+    let mut quantiles: Vec<i64> = Vec::new();
+    for s in scored.iter().filter(|s| s.distance >= 0) {
+        if !quantiles.contains(&s.distance) {
+            quantiles.push(s.distance);
+        }
+    }
+    let mut groups: Vec<ScoredSimulation> = quantiles
+        .into_iter()
+        .map(|q| {
+            let members = scored.iter().filter(|s| s.distance == q).cloned().collect();
+            simulation_group(q + 1, members)
+        })
+        .collect();
+    if samples.iter().any(|s| !s.activating) {
+        groups.push(simulation_group(0, scored));
+    }
+    Ok(SimulationScore { groups, usage })
+}
+
+fn levels_f64(levels: &[u8]) -> Vec<f64> {
+    levels.iter().map(|&l| l as f64).collect()
+}
+
+/// A group scored by the correlation over its excerpts' tokens concatenated.
+fn simulation_group(distance: i64, members: Vec<ScoredSequenceSimulation>) -> ScoredSimulation {
+    let truth: Vec<f64> = members
+        .iter()
+        .flat_map(|m| levels_f64(&m.true_activations))
+        .collect();
+    let expected: Vec<f64> = members
+        .iter()
+        .flat_map(|m| m.simulation.expected_activations.iter().copied())
+        .collect();
+    ScoredSimulation {
+        distance,
+        ev_correlation_score: Correlation(pearson(&truth, &expected)),
+        scored_sequence_simulations: members,
+        rsquared_score: 0,
+        absolute_dev_explained_score: 0,
+    }
 }
 
 /// `count` random tokens of `tokens` marked (all of them when there are fewer).
@@ -538,7 +781,7 @@ pub fn embed_score(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llm::{BoxFuture, ChatResponse};
+    use crate::llm::{BoxFuture, ChatResponse, ReadResponse};
 
     /// Answers every prompt by marking excerpts that contain "cat" (detection) or whose marks
     /// are on "cat" (fuzzing); returns garbage for prompts containing "broken".
@@ -848,6 +1091,126 @@ mod tests {
             .block_on(intrude(&judge, &only_active, &config, 7))
             .unwrap();
         assert!(none.results.is_empty() && intruder_accuracy(&none.results).is_none());
+    }
+
+    /// Reads simulation prompts: a token holding "cat" is believed 8 or 10 with equal odds,
+    /// any other token 0 for sure; level 5 is not a token of this model.
+    struct CatSimulator;
+
+    impl Llm for CatSimulator {
+        fn chat(&self, _: ChatRequest) -> BoxFuture<'_, Result<ChatResponse>> {
+            unreachable!("the simulation scorer only reads")
+        }
+        fn read(&self, request: ReadRequest) -> BoxFuture<'_, Result<ReadResponse>> {
+            Box::pin(async move {
+                assert_eq!(request.candidates, SIMULATION_LEVELS);
+                let prompt = &request.messages.last().unwrap().content;
+                assert!(prompt.ends_with("cats"), "{prompt}");
+                let logprobs = request
+                    .answer
+                    .iter()
+                    .map(|piece| {
+                        let token = piece.rsplit('\n').next().unwrap();
+                        assert!(token.ends_with('\t'), "{piece:?}");
+                        let mut levels = vec![f32::NEG_INFINITY; 11];
+                        if token.contains("cat") {
+                            levels[8] = 0.5f32.ln();
+                            levels[10] = 0.5f32.ln();
+                        } else {
+                            levels[0] = 0.0;
+                        }
+                        levels
+                    })
+                    .collect();
+                Ok(ReadResponse {
+                    logprobs,
+                    usage: Usage {
+                        prompt_tokens: 100,
+                        completion_tokens: 0,
+                    },
+                })
+            })
+        }
+        fn name(&self) -> String {
+            "cat simulator".into()
+        }
+    }
+
+    #[test]
+    fn simulation_correlates_expected_and_true_activations_as_delphi() {
+        let mut samples = vec![
+            sample(&[" the", " cat", " sat"], &[0.0, 4.0, 0.0]),
+            sample(&[" a", " cat"], &[0.0, 1.0]),
+            sample(&[" dog", " cat"], &[0.0, 0.0]),
+        ];
+        samples[1].distance = 1;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let score = runtime
+            .block_on(simulate(&CatSimulator, "Mentions of cats", &samples, 4.0))
+            .unwrap();
+        assert_eq!(score.usage.prompt_tokens, 300);
+        let distances: Vec<i64> = score.groups.iter().map(|g| g.distance).collect();
+        assert_eq!(distances, [1, 2, 0]);
+        let all = &score.groups[2];
+        let sims = &all.scored_sequence_simulations;
+        // True levels: ceil(10 a / 4) for activating excerpts, 0 for the silent one.
+        assert_eq!(sims[0].true_activations, [0, 10, 0]);
+        assert_eq!(sims[1].true_activations, [0, 3]);
+        assert_eq!(sims[2].true_activations, [0, 0]);
+        assert_eq!(sims[0].simulation.expected_activations, [0.0, 9.0, 0.0]);
+        assert_eq!(sims[2].simulation.expected_activations, [0.0, 9.0]);
+        // Over all tokens concatenated (statistics.correlation in Python).
+        let r = all.ev_correlation_score.0;
+        assert!((r - 0.6159131805828746).abs() < 1e-12, "{r}");
+        assert_eq!(simulation_correlation(&score.groups), Some(r));
+        assert!((score.groups[0].ev_correlation_score.0 - 1.0).abs() < 1e-12);
+        assert_eq!(score.groups[0].scored_sequence_simulations.len(), 1);
+        // delphi's file shape; an undefined correlation is written "nan" and read back.
+        let json = serde_json::to_value(&score.groups).unwrap();
+        let silent = &json[2]["scored_sequence_simulations"][2];
+        assert_eq!(silent["ev_correlation_score"], "nan");
+        assert_eq!(silent["distance"], -1);
+        assert_eq!(
+            silent["simulation"]["activation_scale"],
+            "simulated_normalized_activations"
+        );
+        assert_eq!(silent["rsquared_score"], 0);
+        let back: Vec<ScoredSimulation> = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&back).unwrap(), json);
+        assert!(serde_json::from_str::<Correlation>("\"inf\"").is_err());
+        // Without silent excerpts there is no group of all, hence no latent score.
+        let only_active = runtime
+            .block_on(simulate(
+                &CatSimulator,
+                "Mentions of cats",
+                &samples[..2],
+                4.0,
+            ))
+            .unwrap();
+        assert!(only_active.groups.iter().all(|g| g.distance > 0));
+        assert_eq!(simulation_correlation(&only_active.groups), None);
+    }
+
+    #[test]
+    fn a_model_that_cannot_read_prompts_fails_the_simulation() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let error = runtime
+            .block_on(simulate(
+                &CatJudge,
+                "cats",
+                &[sample(&[" cat"], &[1.0])],
+                1.0,
+            ))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("cat judge: this backend cannot read"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -1066,6 +1066,9 @@ async fn bad_settings_are_refused_before_anything_is_written() {
     let mut c = job_config();
     c.examples.n_test = 9;
     cases.push((c, "quantiles (--n-quantiles) 1: it needs at least 2"));
+    let mut c = job_config();
+    c.scorers.push(Scorer::Simulation);
+    cases.push((c, "cannot give: use a local GGUF model (--explainer local)"));
     for (config, expected) in cases {
         let message = try_run(&f, &server, &out, Shard::ALL, &config, false)
             .await

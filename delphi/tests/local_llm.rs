@@ -1,8 +1,10 @@
 //! `LocalLlm` on the real SmolLM2-135M-Instruct Q4_1 GGUF (fetched once from PyPI by
 //! `hooks::fetch::smollm2_gguf`) against `tests/fixtures/delphi/local_llm.json`, made by
 //! transformers on the same file (`tests/fixtures/delphi/generate_local.py`): chat-templated
-//! prompt ids exactly, first-step log-probabilities and greedy answers; plus the prefix cache,
-//! seeded sampling, limits and the async interface. The tests print SKIP and pass when the
+//! prompt ids exactly, first-step log-probabilities and greedy answers; and against
+//! `tests/fixtures/delphi/local_read.json`: the log-probabilities read along an answer the
+//! prompt holds (the simulation scorer's); plus the prefix cache, seeded sampling, limits and
+//! the async interface. The tests print SKIP and pass when the
 //! GGUF cannot be downloaded (unless `EI_REQUIRE_DOWNLOADS` is set, as in CI: then they fail).
 //!
 //! Tolerances: by default the weights are dequantized to f32 as transformers does, and
@@ -15,8 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use delphi::llm::local::{LocalLlm, LocalOptions};
-use delphi::llm::{AnswerFormat, ChatRequest, Llm, Message, Role};
+use delphi::llm::{AnswerFormat, ChatRequest, Llm, Message, ReadRequest, Role};
 use delphi::prompts::{classifier_messages, parse_predictions, ClassifierTask};
+use delphi::score::{simulate, Sample};
 use serde_json::Value;
 
 /// Largest |ours - transformers| allowed for a log-probability (nats), f32 weights.
@@ -211,6 +214,147 @@ fn greedy_answers_match_transformers_while_the_choice_is_clear() {
             );
         }
     }
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn ids(value: &Value) -> Vec<u32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// `LocalLlm::read` (a prompt with the chat template, then answer pieces run one by one on
+/// the KV cache) against transformers running the whole sequence in one pass: the same
+/// tokens, the same log-probabilities of the levels "0".."10" after every piece; with and
+/// without the prefix cache.
+#[test]
+fn read_logprobs_match_transformers_in_one_pass() {
+    let Some(model) = model() else { return };
+    let Some(path) = gguf() else { return };
+    let uncached = LocalLlm::load_with(
+        path,
+        LocalOptions {
+            prefix_cache: 0,
+            ..LocalOptions::default()
+        },
+    )
+    .unwrap();
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/delphi/local_read.json");
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let levels = strings(&fixture["levels"]);
+    let mut worst = 0f32;
+    for conversation in fixture["conversations"].as_array().unwrap() {
+        let name = conversation["name"].as_str().unwrap();
+        let request = ReadRequest {
+            messages: messages(conversation),
+            answer: strings(&conversation["answer"]),
+            candidates: levels.clone(),
+        };
+        let prompt_ids = ids(&conversation["prompt_ids"]);
+        assert_eq!(
+            model.prompt_ids(&request.messages).unwrap(),
+            prompt_ids,
+            "{name}"
+        );
+        let mut total = prompt_ids.len();
+        for (piece, expected) in request
+            .answer
+            .iter()
+            .zip(conversation["answer_ids"].as_array().unwrap())
+        {
+            let expected = ids(expected);
+            total += expected.len();
+            assert_eq!(
+                model.tokenizer().encode(piece).unwrap(),
+                expected,
+                "{name}: {piece:?}"
+            );
+        }
+        let read = model.read_blocking(&request).unwrap();
+        assert_eq!(read.usage.prompt_tokens as usize, total, "{name}");
+        let rows = conversation["logprobs"].as_array().unwrap();
+        assert_eq!(read.logprobs.len(), rows.len(), "{name}");
+        for (i, (ours, theirs)) in read.logprobs.iter().zip(rows).enumerate() {
+            for (level, (ours, theirs)) in ours.iter().zip(theirs.as_array().unwrap()).enumerate() {
+                match theirs.as_f64() {
+                    // Not one token of the vocabulary.
+                    None => assert_eq!(*ours, f32::NEG_INFINITY, "{name} piece {i} level {level}"),
+                    Some(theirs) => {
+                        let diff = (ours - theirs as f32).abs();
+                        worst = worst.max(diff);
+                        assert!(
+                            diff <= LOGPROB_TOLERANCE,
+                            "{name} piece {i} level {level}: ours {ours} vs transformers {theirs}"
+                        );
+                    }
+                }
+            }
+        }
+        assert_eq!(uncached.read_blocking(&request).unwrap(), read, "{name}");
+    }
+    eprintln!("largest read log-probability difference: {worst:.5}");
+}
+
+/// The simulation scorer on the real model: delphi's groups, expected activations on the
+/// 0-10 scale for every token, the same through the async interface as read directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulation_runs_on_the_local_model() {
+    let Some(model) = model() else { return };
+    let tokens = |t: &[&str]| t.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+    let samples = vec![
+        Sample {
+            tokens: tokens(&[
+                "We", " met", " on", " Monday", " and", " again", " on", " Friday", ".",
+            ]),
+            activations: vec![0.0, 0.0, 0.0, 4.0, 0.0, 0.0, 0.0, 3.0, 0.0],
+            activating: true,
+            distance: 0,
+        },
+        Sample {
+            tokens: tokens(&["Prices", " rose", " by", " four", " percent", ".\n"]),
+            activations: vec![0.0; 6],
+            activating: false,
+            distance: -1,
+        },
+    ];
+    let score = simulate(model, "Days of the week.", &samples, 4.0)
+        .await
+        .unwrap();
+    let distances: Vec<i64> = score.groups.iter().map(|g| g.distance).collect();
+    assert_eq!(distances, [1, 0]);
+    let all = &score.groups[1].scored_sequence_simulations;
+    for (sim, sample) in all.iter().zip(&samples) {
+        let expected = &sim.simulation.expected_activations;
+        assert_eq!(expected.len(), sample.tokens.len());
+        assert!(
+            expected.iter().all(|e| (0.0..=10.0).contains(e)),
+            "{expected:?}"
+        );
+        eprintln!("{:?} -> {expected:.2?}", sample.tokens);
+    }
+    assert_eq!(all[0].true_activations, [0, 0, 0, 10, 0, 0, 0, 8, 0]);
+    assert!(score.usage.prompt_tokens > 0 && score.usage.completion_tokens == 0);
+    eprintln!("correlation {:?}", score.groups[1].ev_correlation_score);
+    // Reading is deterministic: the same request read directly gives the same numbers.
+    let again = simulate(model, "Days of the week.", &samples, 4.0)
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&again.groups).unwrap(),
+        serde_json::to_value(&score.groups).unwrap()
+    );
 }
 
 #[test]

@@ -628,7 +628,10 @@ def score(
     ``f1``, ``auc``, ``failed``, ``failed_prompts``, ``usage`` and per-excerpt ``samples``;
     ``"embedding"`` gives ``auc`` and ``samples``; ``"intruder"`` scores the latent itself
     (``explanation`` unused): ``accuracy`` of finding each silent excerpt among marked
-    activating ones, ``failed_prompts``, ``usage`` and per-prompt ``results``."""
+    activating ones, ``failed_prompts``, ``usage`` and per-prompt ``results``;
+    ``"simulation"`` needs a local ``llm`` (its prompt log-probabilities are read): the
+    ``correlation`` of predicted and true activations over all excerpts' tokens, ``usage``
+    and ``groups`` (delphi's ``ScoredSimulation`` records, per quantile then all)."""
 
 def delphi_main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the ``delphi`` command line (``cache``, ``run``, ``summary``); returns its exit status."""

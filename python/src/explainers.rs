@@ -22,8 +22,8 @@ use delphi::llm::openai::{OpenAiClient, OpenAiConfig};
 use delphi::llm::Llm;
 use delphi::prompts::ClassifierTask;
 use delphi::score::{
-    classifier_summary, classify, embed_score, embedding_auc, intrude, intruder_accuracy,
-    ScoreConfig, Scorer,
+    classifier_summary, classify, embed_score, embedding_auc, intrude, intruder_accuracy, simulate,
+    simulation_correlation, ScoreConfig, Scorer,
 };
 
 use crate::convert::json_to_py;
@@ -418,7 +418,10 @@ static MINILM: OnceLock<SentenceEmbedder> = OnceLock::new();
 /// ``None``) returns ``auc`` and ``samples``. ``"intruder"`` asks ``llm`` to find each silent
 /// excerpt among marked activating ones and ignores ``explanation``: a dict with
 /// ``accuracy`` (share of intruders found), ``failed_prompts``, ``usage`` and ``results``
-/// (per prompt, delphi's ``IntruderResult`` shape).
+/// (per prompt, delphi's ``IntruderResult`` shape). ``"simulation"`` has ``llm`` (a local
+/// model: its prompt log-probabilities are read) predict every token's activation from
+/// ``explanation``: a dict with ``correlation`` (over all excerpts' tokens), ``usage`` and
+/// ``groups`` (delphi's ``ScoredSimulation`` list: per quantile, then all excerpts).
 #[pyfunction]
 #[pyo3(signature = (llm, scorer, explanation, examples, tokenizer, *, examples_per_prompt = 5, logprobs = false))]
 #[allow(clippy::too_many_arguments)]
@@ -437,9 +440,11 @@ pub fn score<'py>(
         "fuzzing" | "fuzz" => Scorer::Fuzzing,
         "embedding" => Scorer::Embedding,
         "intruder" => Scorer::Intruder,
+        "simulation" => Scorer::Simulation,
         other => {
             return Err(PyValueError::new_err(format!(
-                "scorer '{other}' must be 'detection', 'fuzzing', 'embedding' or 'intruder'"
+                "scorer '{other}' must be 'detection', 'fuzzing', 'embedding', 'intruder' or \
+                 'simulation'"
             )))
         }
     };
@@ -470,6 +475,19 @@ pub fn score<'py>(
             let task = match kind {
                 Scorer::Detection => ClassifierTask::Detection,
                 Scorer::Fuzzing => ClassifierTask::Fuzzing,
+                Scorer::Simulation => {
+                    let result = rt.block_on(simulate(
+                        llm.as_ref(),
+                        explanation,
+                        &samples,
+                        examples.examples.max_activation,
+                    ))?;
+                    return Ok(serde_json::json!({
+                        "correlation": simulation_correlation(&result.groups),
+                        "usage": result.usage,
+                        "groups": result.groups,
+                    }));
+                }
                 _ => {
                     let result =
                         rt.block_on(intrude(llm.as_ref(), &samples, &config, examples.seed))?;

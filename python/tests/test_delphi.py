@@ -154,6 +154,9 @@ def test_explain_and_score_through_a_server(latents, server, tiny_model):
     assert all(r["prediction"] == len(r["sample"]["examples"]) - 1 for r in results)
     assert intruder["accuracy"] == pytest.approx(sum(last) / len(results))
     assert all(r["sample"]["intruder_distance"] == -1 for r in results)
+    # The simulation scorer reads prompt log-probabilities, which a server does not give.
+    with pytest.raises(RuntimeError, match="cannot read a prompt's log-probabilities"):
+        ei.score(llm, "simulation", out["explanation"], ex, tiny_model.tokenizer)
     with pytest.raises(ValueError, match="scorer 'vibes'"):
         ei.score(llm, "vibes", "x", ex, tiny_model.tokenizer)
     with pytest.raises(RuntimeError, match="127.0.0.1:9"):
@@ -195,6 +198,15 @@ def test_delphi_run_resumes(latents, server, tiny_dir, capfd):
     assert ei.delphi_main([str(other) if a == str(saes) else a for a in args]) == 1
     err = capfd.readouterr().err
     assert "the SAE for 'layers.1'" in err and f"is not the one the latent cache {cache} was made with" in err
+    # The simulation scorer needs a local explainer: a server is refused before anything is
+    # loaded, sent or written.
+    sim_out = root / "simulation"
+    swap = {str(out): str(sim_out), "detection,fuzzing": "detection,simulation"}
+    assert ei.delphi_main([swap.get(a, a) for a in args]) == 1
+    err = capfd.readouterr().err
+    assert "the simulation scorer reads the model's log-probabilities" in err
+    assert "use a local GGUF model (--explainer local)" in err
+    assert not sim_out.exists() and len(_Handler.requests) == before
 
 
 def test_delphi_run_flags_reach_the_requests(latents, server, tiny_dir, tmp_path):

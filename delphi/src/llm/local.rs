@@ -41,7 +41,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::{
-    AnswerFormat, BoxFuture, ChatRequest, ChatResponse, Llm, Message, Role, TokenLogprobs, Usage,
+    AnswerFormat, BoxFuture, ChatRequest, ChatResponse, Llm, Message, ReadRequest, ReadResponse,
+    Role, TokenLogprobs, Usage,
 };
 use crate::{Error, Result};
 
@@ -296,6 +297,11 @@ impl LocalLlm {
         Ok(log_softmax(&logits.to_vec1()?))
     }
 
+    /// Reads `request` on the calling thread (blocking), as [`Llm::read`].
+    pub fn read_blocking(&self, request: &ReadRequest) -> Result<ReadResponse> {
+        self.shared.read(request)
+    }
+
     /// Answers `request` on the calling thread (blocking; waits while another request runs).
     /// [`Llm::chat`] runs this on tokio's blocking pool.
     pub fn generate(&self, request: &ChatRequest) -> Result<ChatResponse> {
@@ -447,6 +453,64 @@ impl Shared {
             logprobs,
             usage,
             truncated,
+        })
+    }
+
+    /// Reads `request`'s answer: the prompt as for [`Self::generate`] (its start's KV cache
+    /// shared), then each answer piece tokenized on its own and run on this request's copy of
+    /// the model state, the next-token log-probabilities taken after each.
+    fn read(&self, request: &ReadRequest) -> Result<ReadResponse> {
+        let ids = self.prompt(&request.messages)?;
+        let pieces = request
+            .answer
+            .iter()
+            .map(|piece| match self.tokenizer.encode(piece)? {
+                ids if ids.is_empty() => Err(Error::Invalid(format!(
+                    "the answer piece {piece:?} makes no tokens"
+                ))),
+                ids => Ok(ids),
+            })
+            .collect::<Result<Vec<Vec<u32>>>>()?;
+        let total = ids.len() + pieces.iter().map(Vec::len).sum::<usize>();
+        if total > self.context_len {
+            return Err(self.error(format!(
+                "the prompt and the answer to read have {total} tokens, more than the model's \
+                 context of {}",
+                self.context_len
+            )));
+        }
+        // A candidate that is not one token can never be the next token.
+        let candidates = request
+            .candidates
+            .iter()
+            .map(|text| {
+                let ids = self.tokenizer.encode(text)?;
+                Ok((ids.len() == 1).then(|| ids[0] as usize))
+            })
+            .collect::<Result<Vec<Option<usize>>>>()?;
+        let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut model, _) = self.prefill(&mut engine, &ids)?;
+        drop(engine);
+        let mut position = ids.len();
+        let mut logprobs = Vec::with_capacity(pieces.len());
+        for piece in &pieces {
+            let logits = advance(&mut model, piece, position)?;
+            position += piece.len();
+            let all = log_softmax(&logits.to_vec1()?);
+            logprobs.push(
+                candidates
+                    .iter()
+                    .map(|id| id.and_then(|id| all.get(id).copied()))
+                    .map(|lp| lp.unwrap_or(f32::NEG_INFINITY))
+                    .collect(),
+            );
+        }
+        Ok(ReadResponse {
+            logprobs,
+            usage: Usage {
+                prompt_tokens: total as u64,
+                completion_tokens: 0,
+            },
         })
     }
 
@@ -622,22 +686,40 @@ fn sample(scores: &[f32], temperature: f32, rng: &mut StdRng) -> u32 {
     weights.iter().rposition(|&w| w > 0.0).unwrap_or(0) as u32
 }
 
-impl Llm for LocalLlm {
-    fn chat(&self, request: ChatRequest) -> BoxFuture<'_, Result<ChatResponse>> {
+impl LocalLlm {
+    /// Runs `work` on tokio's blocking pool (on this thread outside tokio).
+    fn off_the_runtime<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Shared) -> Result<T> + Send + 'static,
+    ) -> BoxFuture<'_, Result<T>> {
         let shared = Arc::clone(&self.shared);
         Box::pin(async move {
             match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => runtime
-                    .spawn_blocking(move || shared.generate(&request))
+                    .spawn_blocking(move || work(&shared))
                     .await
                     .map_err(|e| Error::Llm {
                         backend: self.shared.name.clone(),
                         message: format!("the generation task failed: {e}"),
                     })?,
                 // Not inside tokio (e.g. a plain executor): compute here.
-                Err(_) => shared.generate(&request),
+                Err(_) => work(&shared),
             }
         })
+    }
+}
+
+impl Llm for LocalLlm {
+    fn chat(&self, request: ChatRequest) -> BoxFuture<'_, Result<ChatResponse>> {
+        self.off_the_runtime(move |shared| shared.generate(&request))
+    }
+
+    fn read(&self, request: ReadRequest) -> BoxFuture<'_, Result<ReadResponse>> {
+        self.off_the_runtime(move |shared| shared.read(&request))
+    }
+
+    fn reads_prompts(&self) -> bool {
+        true
     }
 
     fn name(&self) -> String {

@@ -182,6 +182,31 @@ pub struct ChatResponse {
     pub truncated: bool,
 }
 
+/// A conversation read rather than answered: the model's next-token log-probabilities at
+/// chosen points of an answer that the prompt already holds (prompt log-probabilities, as
+/// vLLM's `prompt_logprobs`), for scorers that need the model's belief at many places of one
+/// text without generating it (the simulation scorer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReadRequest {
+    /// The conversation up to the answer (ending with the user's message).
+    pub messages: Vec<Message>,
+    /// The answer, in pieces: the model's belief about the next token is read after each
+    /// piece, with everything before it in view.
+    pub answer: Vec<String>,
+    /// The tokens (as text) whose log-probabilities are read.
+    pub candidates: Vec<String>,
+}
+
+/// What [`Llm::read`] gives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReadResponse {
+    /// Per answer piece, per candidate: its natural-log probability as the next token
+    /// (`-inf` for a candidate that is not one token of the model's vocabulary).
+    pub logprobs: Vec<Vec<f32>>,
+    /// Tokens spent (all of them prompt tokens).
+    pub usage: Usage,
+}
+
 /// A future that can be sent between threads, as returned by [`Llm::chat`].
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -190,6 +215,24 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait Llm: Send + Sync {
     /// Answers one request.
     fn chat(&self, request: ChatRequest) -> BoxFuture<'_, Result<ChatResponse>>;
+    /// Reads `request`'s answer without generating ([`ReadRequest`]). Only backends that see
+    /// the model's logits at every prompt position can ([`Llm::reads_prompts`]); the others
+    /// refuse.
+    fn read(&self, request: ReadRequest) -> BoxFuture<'_, Result<ReadResponse>> {
+        let _ = request;
+        Box::pin(async move {
+            Err(crate::Error::Llm {
+                backend: self.name(),
+                message: "this backend cannot read a prompt's log-probabilities (only a local \
+                          GGUF model can: --explainer local)"
+                    .into(),
+            })
+        })
+    }
+    /// Whether [`Llm::read`] works, checked before a job that needs it starts.
+    fn reads_prompts(&self) -> bool {
+        false
+    }
     /// A short name for logs and result files (model name, URL or GGUF file name).
     fn name(&self) -> String;
     /// What decides the answers, recorded in `run_config.json` so that a rerun with another

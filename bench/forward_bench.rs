@@ -16,6 +16,10 @@ use anyhow::{Context, Result};
 use hooks::candle_core::{Device, Tensor};
 use hooks::{HookPoint, Hooks, LoadOptions, Model};
 
+#[path = "peak_rss.rs"]
+mod peak_rss;
+use peak_rss::peak_rss_mib;
+
 fn arg(args: &[String], name: &str, default: &str) -> String {
     args.iter()
         .position(|a| a == name)
@@ -96,17 +100,4 @@ fn device_mem_used_mib(device: &Device) -> f64 {
     }
     let _ = device;
     0.0
-}
-
-/// Peak resident memory of this process (Linux `VmHWM`), 0 where unavailable.
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kib| kib.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
 }

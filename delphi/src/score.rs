@@ -390,29 +390,37 @@ fn expected_level(logprobs: &[f32]) -> Option<f64> {
 /// Runs the simulation scorer: for every excerpt, the model reads the explanation and the
 /// excerpt's tokens with their activations hidden, and its expected activation per token is
 /// compared with the true one (activating excerpts' activations scaled 0-10 against
-/// `max_activation`, the latent's maximum; 0 for silent excerpts). All excerpts are read in
-/// flight together; an LLM error fails the scorer, as for [`classify`].
+/// `max_activation`, the latent's maximum; 0 for silent excerpts). All excerpts go in one
+/// request (the backend batches them); an LLM error fails the scorer, as for [`classify`].
 pub async fn simulate(
     llm: &dyn Llm,
     explanation: &str,
     samples: &[Sample],
     max_activation: f32,
 ) -> Result<SimulationScore> {
-    let candidates: Vec<String> = SIMULATION_LEVELS.iter().map(|l| l.to_string()).collect();
-    let requests = samples.iter().map(|sample| {
-        llm.read(ReadRequest {
+    let response = llm
+        .read(ReadRequest {
             messages: simulation_messages(explanation),
-            answer: simulation_answer(&sample.tokens),
-            candidates: candidates.clone(),
+            answers: samples
+                .iter()
+                .map(|s| simulation_answer(&s.tokens))
+                .collect(),
+            candidates: SIMULATION_LEVELS.iter().map(|l| l.to_string()).collect(),
         })
-    });
-    let responses = futures::future::try_join_all(requests).await?;
-    let mut usage = Usage::default();
+        .await?;
+    if response.logprobs.len() != samples.len() {
+        return Err(crate::Error::Llm {
+            backend: llm.name(),
+            message: format!(
+                "read {} answers of {}",
+                response.logprobs.len(),
+                samples.len()
+            ),
+        });
+    }
     let mut scored = Vec::with_capacity(samples.len());
-    for (sample, response) in samples.iter().zip(responses) {
-        usage.add(response.usage);
-        let expected = response
-            .logprobs
+    for (sample, read) in samples.iter().zip(&response.logprobs) {
+        let expected = read
             .iter()
             .map(|levels| expected_level(levels))
             .collect::<Option<Vec<f64>>>()
@@ -422,7 +430,7 @@ pub async fn simulate(
                 message: format!(
                     "no activation level 0-10 is a token the model could write (or the \
                      answer was read at {} places for {} tokens)",
-                    response.logprobs.len(),
+                    read.len(),
                     sample.tokens.len()
                 ),
             })?;
@@ -464,7 +472,10 @@ pub async fn simulate(
     if samples.iter().any(|s| !s.activating) {
         groups.push(simulation_group(0, scored));
     }
-    Ok(SimulationScore { groups, usage })
+    Ok(SimulationScore {
+        groups,
+        usage: response.usage,
+    })
 }
 
 fn levels_f64(levels: &[u8]) -> Vec<f64> {
@@ -1106,28 +1117,29 @@ mod tests {
                 assert_eq!(request.candidates, SIMULATION_LEVELS);
                 let prompt = &request.messages.last().unwrap().content;
                 assert!(prompt.ends_with("cats"), "{prompt}");
-                let logprobs = request
-                    .answer
+                let read = |piece: &String| {
+                    let token = piece.rsplit('\n').next().unwrap();
+                    assert!(token.ends_with('\t'), "{piece:?}");
+                    let mut levels = vec![f32::NEG_INFINITY; 11];
+                    if token.contains("cat") {
+                        levels[8] = 0.5f32.ln();
+                        levels[10] = 0.5f32.ln();
+                    } else {
+                        levels[0] = 0.0;
+                    }
+                    levels
+                };
+                let logprobs: Vec<Vec<Vec<f32>>> = request
+                    .answers
                     .iter()
-                    .map(|piece| {
-                        let token = piece.rsplit('\n').next().unwrap();
-                        assert!(token.ends_with('\t'), "{piece:?}");
-                        let mut levels = vec![f32::NEG_INFINITY; 11];
-                        if token.contains("cat") {
-                            levels[8] = 0.5f32.ln();
-                            levels[10] = 0.5f32.ln();
-                        } else {
-                            levels[0] = 0.0;
-                        }
-                        levels
-                    })
+                    .map(|answer| answer.iter().map(read).collect())
                     .collect();
                 Ok(ReadResponse {
-                    logprobs,
                     usage: Usage {
-                        prompt_tokens: 100,
+                        prompt_tokens: 100 * logprobs.len() as u64,
                         completion_tokens: 0,
                     },
+                    logprobs,
                 })
             })
         }

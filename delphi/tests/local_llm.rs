@@ -234,22 +234,14 @@ fn ids(value: &Value) -> Vec<u32> {
         .collect()
 }
 
-/// `LocalLlm::read` (a prompt with the chat template, then answer pieces run one by one on
-/// the KV cache) against transformers running the whole sequence in one pass: the same
-/// tokens, the same log-probabilities of the levels "0".."10" after every piece; with and
-/// without the prefix cache.
+/// `LocalLlm::read` (the chat-templated prompt, then each answer piece tokenized on its own,
+/// read in batches of right-padded answers) against transformers running each sequence alone
+/// in one pass: the same tokens, the same log-probabilities of the levels "0".."10" after
+/// every piece. Answers read together (nine, more than one batch, of different lengths) give
+/// what each gives alone.
 #[test]
 fn read_logprobs_match_transformers_in_one_pass() {
     let Some(model) = model() else { return };
-    let Some(path) = gguf() else { return };
-    let uncached = LocalLlm::load_with(
-        path,
-        LocalOptions {
-            prefix_cache: 0,
-            ..LocalOptions::default()
-        },
-    )
-    .unwrap();
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/delphi/local_read.json");
     let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -257,9 +249,10 @@ fn read_logprobs_match_transformers_in_one_pass() {
     let mut worst = 0f32;
     for conversation in fixture["conversations"].as_array().unwrap() {
         let name = conversation["name"].as_str().unwrap();
+        let answer = strings(&conversation["answer"]);
         let request = ReadRequest {
             messages: messages(conversation),
-            answer: strings(&conversation["answer"]),
+            answers: vec![answer.clone()],
             candidates: levels.clone(),
         };
         let prompt_ids = ids(&conversation["prompt_ids"]);
@@ -269,8 +262,7 @@ fn read_logprobs_match_transformers_in_one_pass() {
             "{name}"
         );
         let mut total = prompt_ids.len();
-        for (piece, expected) in request
-            .answer
+        for (piece, expected) in answer
             .iter()
             .zip(conversation["answer_ids"].as_array().unwrap())
         {
@@ -285,8 +277,9 @@ fn read_logprobs_match_transformers_in_one_pass() {
         let read = model.read_blocking(&request).unwrap();
         assert_eq!(read.usage.prompt_tokens as usize, total, "{name}");
         let rows = conversation["logprobs"].as_array().unwrap();
-        assert_eq!(read.logprobs.len(), rows.len(), "{name}");
-        for (i, (ours, theirs)) in read.logprobs.iter().zip(rows).enumerate() {
+        assert_eq!(read.logprobs.len(), 1, "{name}");
+        assert_eq!(read.logprobs[0].len(), rows.len(), "{name}");
+        for (i, (ours, theirs)) in read.logprobs[0].iter().zip(rows).enumerate() {
             for (level, (ours, theirs)) in ours.iter().zip(theirs.as_array().unwrap()).enumerate() {
                 match theirs.as_f64() {
                     // Not one token of the vocabulary.
@@ -302,7 +295,28 @@ fn read_logprobs_match_transformers_in_one_pass() {
                 }
             }
         }
-        assert_eq!(uncached.read_blocking(&request).unwrap(), read, "{name}");
+        // Together: the full answer and its starts, padded to the longest in each batch.
+        let answers: Vec<Vec<String>> = (0..9)
+            .map(|k| answer[..answer.len() - k % answer.len()].to_vec())
+            .collect();
+        let together = model
+            .read_blocking(&ReadRequest {
+                answers: answers.clone(),
+                ..request.clone()
+            })
+            .unwrap();
+        assert_eq!(together.logprobs.len(), answers.len());
+        for (k, (rows, answer)) in together.logprobs.iter().zip(&answers).enumerate() {
+            assert_eq!(rows.len(), answer.len(), "{name} answer {k}");
+            for (i, (row, alone)) in rows.iter().zip(&read.logprobs[0]).enumerate() {
+                for (a, b) in row.iter().zip(alone) {
+                    assert!(
+                        a == b || (a - b).abs() <= 1e-4,
+                        "{name} answer {k} piece {i}: {a} together, {b} alone"
+                    );
+                }
+            }
+        }
     }
     eprintln!("largest read log-probability difference: {worst:.5}");
 }

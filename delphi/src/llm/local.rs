@@ -19,10 +19,16 @@
 //! Checked against transformers in `delphi/tests/local_llm.rs` with the fixture
 //! `tests/fixtures/delphi/local_llm.json`.
 //!
-//! Requests run on tokio's blocking pool. Their prompts are processed one at a time (the
-//! model sits behind a mutex; the matmuls use every core already); each then generates its
-//! answer on its own copy of the model state, beside the others in flight (each holds its
-//! own KV cache, so memory grows with the requests in flight, `--concurrency` latents' worth).
+//! Requests run on tokio's blocking pool, two per core at a time (the others wait, holding no
+//! memory). Their prompts are processed one at a time (the model sits behind a mutex; the
+//! matmuls use every core already); each then generates its answer on its own copy of the
+//! model state, beside the others computing, each with its own KV cache.
+//!
+//! [`Llm::read`] needs the log-probabilities at many positions of one pass, which candle's
+//! model does not give (it computes the last position's only): answers are read by the same
+//! file loaded into the hook runtime ([`hooks::Model`], f32, checked against transformers
+//! like this one), in batches, once per token and not once per reading point; that second
+//! copy of the weights is loaded on the first read.
 //! The KV cache of the shared start of prompts (everything before the last message: the
 //! system prompt and few-shot turns of the explainer and scorer prompts) is kept for the next
 //! requests, so only the new part is processed.
@@ -39,6 +45,7 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tokio::sync::Semaphore;
 
 use super::{
     AnswerFormat, BoxFuture, ChatRequest, ChatResponse, Llm, Message, ReadRequest, ReadResponse,
@@ -50,6 +57,17 @@ use crate::{Error, Result};
 /// Each costs `2 * layers * kv_heads * head_dim * 4` bytes per token: 46 KB for SmolLM2-135M,
 /// so about 90 MB for a 2,000-token few-shot prompt.
 pub const DEFAULT_PREFIX_CACHE: usize = 4;
+
+/// How many requests compute at once through [`Llm`]: two per core, so that every core has
+/// work while one request is between steps; more only adds KV caches (each prompt start of
+/// about 2,000 tokens is 90 MB for SmolLM2-135M).
+fn computing_slots() -> usize {
+    2 * std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Answers read in one forward pass by [`Llm::read`] (a simulation scorer's excerpts of
+/// about 500 tokens: 4,000 rows per pass).
+const READ_BATCH: usize = 8;
 
 /// Prompt tokens processed per forward pass: bounds the attention scores' memory
 /// (`heads * chunk * context * 4` bytes) for long prompts.
@@ -110,6 +128,11 @@ struct Shared {
     seed: u64,
     prefix_capacity: usize,
     engine: Mutex<Engine>,
+    /// Requests computing at once through [`Llm`]; the others wait before they hold a KV cache
+    /// of their own, so a job's memory does not grow with the requests it has in flight.
+    computing: Arc<Semaphore>,
+    /// See [`Shared::reader`].
+    reader: Mutex<Option<Arc<hooks::Model>>>,
     /// The tokens whose text is made only of [`AnswerFormat::ALPHABET`]'s characters, a digit
     /// only on its own, with that text: the candidates of a formatted answer (found on first
     /// use).
@@ -261,6 +284,8 @@ impl LocalLlm {
                     prefixes: VecDeque::new(),
                 }),
                 format_tokens: OnceLock::new(),
+                computing: Arc::new(Semaphore::new(computing_slots())),
+                reader: Mutex::new(None),
             }),
         })
     }
@@ -456,29 +481,41 @@ impl Shared {
         })
     }
 
-    /// Reads `request`'s answer: the prompt as for [`Self::generate`] (its start's KV cache
-    /// shared), then each answer piece tokenized on its own and run on this request's copy of
-    /// the model state, the next-token log-probabilities taken after each.
+    /// Reads `request`'s answers: each one's token ids (the prompt as for
+    /// [`Self::generate`], then every answer piece tokenized on its own) run through
+    /// [`Self::reader`] in batches of [`READ_BATCH`] answers, right-padded (a causal model's
+    /// earlier positions do not see the padding), and the log-probabilities taken at each
+    /// piece's last token.
     fn read(&self, request: &ReadRequest) -> Result<ReadResponse> {
-        let ids = self.prompt(&request.messages)?;
-        let pieces = request
-            .answer
+        let prompt = self.prompt(&request.messages)?;
+        // Per answer: its ids and where each piece ends.
+        let sequences = request
+            .answers
             .iter()
-            .map(|piece| match self.tokenizer.encode(piece)? {
-                ids if ids.is_empty() => Err(Error::Invalid(format!(
-                    "the answer piece {piece:?} makes no tokens"
-                ))),
-                ids => Ok(ids),
+            .map(|answer| {
+                let mut ids = prompt.clone();
+                let mut ends = Vec::with_capacity(answer.len());
+                for piece in answer {
+                    let piece_ids = self.tokenizer.encode(piece)?;
+                    if piece_ids.is_empty() {
+                        return Err(Error::Invalid(format!(
+                            "the answer piece {piece:?} makes no tokens"
+                        )));
+                    }
+                    ids.extend(piece_ids);
+                    ends.push(ids.len() - 1);
+                }
+                if ids.len() > self.context_len {
+                    return Err(self.error(format!(
+                        "the prompt and an answer to read have {} tokens, more than the \
+                         model's context of {}",
+                        ids.len(),
+                        self.context_len
+                    )));
+                }
+                Ok((ids, ends))
             })
-            .collect::<Result<Vec<Vec<u32>>>>()?;
-        let total = ids.len() + pieces.iter().map(Vec::len).sum::<usize>();
-        if total > self.context_len {
-            return Err(self.error(format!(
-                "the prompt and the answer to read have {total} tokens, more than the model's \
-                 context of {}",
-                self.context_len
-            )));
-        }
+            .collect::<Result<Vec<(Vec<u32>, Vec<usize>)>>>()?;
         // A candidate that is not one token can never be the next token.
         let candidates = request
             .candidates
@@ -488,30 +525,72 @@ impl Shared {
                 Ok((ids.len() == 1).then(|| ids[0] as usize))
             })
             .collect::<Result<Vec<Option<usize>>>>()?;
-        let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut model, _) = self.prefill(&mut engine, &ids)?;
-        drop(engine);
-        let mut position = ids.len();
-        let mut logprobs = Vec::with_capacity(pieces.len());
-        for piece in &pieces {
-            let logits = advance(&mut model, piece, position)?;
-            position += piece.len();
-            let all = log_softmax(&logits.to_vec1()?);
-            logprobs.push(
-                candidates
-                    .iter()
-                    .map(|id| id.and_then(|id| all.get(id).copied()))
-                    .map(|lp| lp.unwrap_or(f32::NEG_INFINITY))
-                    .collect(),
-            );
+        let reader = self.reader()?;
+        let unembedding = reader.unembedding();
+        let mut logprobs = Vec::with_capacity(sequences.len());
+        for batch in sequences.chunks(READ_BATCH) {
+            let width = batch.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+            let mut padded = Vec::with_capacity(batch.len() * width);
+            let mut rows = Vec::new();
+            for (i, (ids, ends)) in batch.iter().enumerate() {
+                padded.extend(ids);
+                padded.resize((i + 1) * width, 0);
+                rows.extend(ends.iter().map(|&end| (i * width + end) as u32));
+            }
+            let ids = Tensor::from_vec(padded, (batch.len(), width), &Device::Cpu)?;
+            let mut hooks = hooks::Hooks::capture_only([hooks::HookPoint::FinalNorm]);
+            let out = reader.forward(&ids, &mut hooks)?;
+            let normed = out
+                .captures
+                .get(&hooks::HookPoint::FinalNorm)
+                .ok_or_else(|| self.error("the reading pass captured no final norm"))?;
+            let d = normed.dim(2)?;
+            let at_ends = normed
+                .reshape((batch.len() * width, d))?
+                .index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?;
+            let logits: Vec<Vec<f32>> = unembedding
+                .project(&at_ends)?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec2()?;
+            let mut logits = logits.into_iter();
+            for (_, ends) in batch {
+                logprobs.push(
+                    logits
+                        .by_ref()
+                        .take(ends.len())
+                        .map(|row| {
+                            let all = log_softmax(&row);
+                            candidates
+                                .iter()
+                                .map(|id| id.and_then(|id| all.get(id).copied()))
+                                .map(|lp| lp.unwrap_or(f32::NEG_INFINITY))
+                                .collect()
+                        })
+                        .collect(),
+                );
+            }
         }
         Ok(ReadResponse {
             logprobs,
             usage: Usage {
-                prompt_tokens: total as u64,
+                prompt_tokens: sequences.iter().map(|(ids, _)| ids.len() as u64).sum(),
                 completion_tokens: 0,
             },
         })
+    }
+
+    /// The model that reads answers: the same file through the hook runtime (weights
+    /// dequantized to f32), whose pass gives the hidden state at every position (candle's
+    /// generating model gives the last one only). Loaded on the first read, then kept.
+    fn reader(&self) -> Result<Arc<hooks::Model>> {
+        let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(model) = reader.as_ref() {
+            return Ok(Arc::clone(model));
+        }
+        let path = self.path.to_string_lossy();
+        let model = Arc::new(hooks::Model::load(&path, &hooks::LoadOptions::default())?);
+        *reader = Some(Arc::clone(&model));
+        Ok(model)
     }
 
     /// The tokens that keep `answer` a start of `format`, with their text, among the first
@@ -695,13 +774,22 @@ impl LocalLlm {
         let shared = Arc::clone(&self.shared);
         Box::pin(async move {
             match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => runtime
-                    .spawn_blocking(move || work(&shared))
-                    .await
-                    .map_err(|e| Error::Llm {
-                        backend: self.shared.name.clone(),
-                        message: format!("the generation task failed: {e}"),
-                    })?,
+                Ok(runtime) => {
+                    let slot = Arc::clone(&shared.computing)
+                        .acquire_owned()
+                        .await
+                        .expect("the semaphore is never closed");
+                    runtime
+                        .spawn_blocking(move || {
+                            let _slot = slot;
+                            work(&shared)
+                        })
+                        .await
+                        .map_err(|e| Error::Llm {
+                            backend: self.shared.name.clone(),
+                            message: format!("the generation task failed: {e}"),
+                        })?
+                }
                 // Not inside tokio (e.g. a plain executor): compute here.
                 Err(_) => work(&shared),
             }

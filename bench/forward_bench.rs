@@ -16,17 +16,9 @@ use anyhow::{Context, Result};
 use hooks::candle_core::{Device, Tensor};
 use hooks::{HookPoint, Hooks, LoadOptions, Model};
 
-#[path = "peak_rss.rs"]
-mod peak_rss;
-use peak_rss::peak_rss_mib;
-
-fn arg(args: &[String], name: &str, default: &str) -> String {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_string())
-}
+#[path = "bench_args.rs"]
+mod bench_args;
+use bench_args::{arg, peak_rss_mib};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();

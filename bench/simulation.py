@@ -7,7 +7,8 @@ delphi's simulator (all-at-once, logprob mode) gets its numbers from vLLM's `pro
 one forward pass over each whole prompt, the explanation and the excerpt's `token<tab>unknown`
 lines, read at every token's tab. vLLM needs a GPU, so the peer here is that computation in
 transformers: one forward pass per excerpt (batch 1, no KV cache), the log-probabilities of the
-levels "0".."10" at each piece's last token, normalised into an expected value. Ours is
+levels (our scorer's digits "0".."9") at each piece's last token, normalised into an expected
+value and scaled to 0-10 as ours. Ours is
 `delphi::score::simulate` with `LocalLlm`: the same computation through our hook runtime, the
 excerpts in batches of 8 (right-padded), the unembedding applied only at the reading points.
 Our program (`bench/simulation_bench.rs`) cuts the excerpts from WikiText-2 and dumps
@@ -45,12 +46,13 @@ def run_peer(args):
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model = model.eval().requires_grad_(False)
     load_s = time.perf_counter() - started
-    levels = []
-    for level in range(11):
-        ids = tok(str(level), add_special_tokens=False)["input_ids"]
-        if len(ids) == 1:
-            levels.append((level, ids[0]))
     requests = json.loads(Path(args.requests).read_text())
+    levels = []
+    for level in requests[0]["levels"]:
+        ids = tok(level, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            levels.append((int(level), ids[0]))
+    top = max(int(level) for level in requests[0]["levels"])
     expected, tokens = [], 0
     started = time.perf_counter()
     with torch.inference_mode():
@@ -67,7 +69,7 @@ def run_peer(args):
             logprobs = torch.log_softmax(logits.double(), -1)
             probs = logprobs[:, [i for _, i in levels]].exp()
             values = torch.tensor([float(v) for v, _ in levels], dtype=torch.float64)
-            expected.append(((probs * values).sum(-1) / probs.sum(-1)).tolist())
+            expected.append(((probs * values).sum(-1) / probs.sum(-1) * (10 / top)).tolist())
     seconds = time.perf_counter() - started
     import transformers
     print(json.dumps({"impl": f"transformers {transformers.__version__} / torch {torch.__version__}",

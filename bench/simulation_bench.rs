@@ -3,7 +3,7 @@
 //! file, has the model simulate one explanation on every window
 //! ([`delphi::score::simulate`]: one read request, as in a job), and prints one JSON line:
 //! load and scoring times, tokens read, peak RSS and the expected activations. `--dump FILE`
-//! first writes the read requests (chat messages and answer pieces), so that the peer runs
+//! first writes the read requests (chat messages, answer pieces, levels), so that the peer runs
 //! exactly these prompts.
 //!
 //! cargo run --release -p eleuther-delphi --example simulation_bench -- GGUF TEXT_FILE
@@ -14,20 +14,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use delphi::llm::local::LocalLlm;
-use delphi::prompts::{simulation_answer, simulation_messages};
+use delphi::prompts::{simulation_answer, simulation_messages, SIMULATION_LEVELS};
 use delphi::score::{simulate, Sample};
 
-#[path = "peak_rss.rs"]
-mod peak_rss;
-use peak_rss::peak_rss_mib;
-
-fn arg(args: &[String], name: &str, default: &str) -> String {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_string())
-}
+#[path = "bench_args.rs"]
+mod bench_args;
+use bench_args::{arg, peak_rss_mib};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -78,6 +70,7 @@ fn main() -> Result<()> {
                 serde_json::json!({
                     "messages": simulation_messages(&explanation),
                     "answer": simulation_answer(&s.tokens),
+                    "levels": SIMULATION_LEVELS,
                 })
             })
             .collect();

@@ -466,19 +466,7 @@ fn parse_latents(text: &str) -> Result<Range<u32>> {
 fn parse_scorers(text: &str) -> Result<Vec<Scorer>> {
     let mut scorers = Vec::new();
     for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        let scorer = match name {
-            "detection" => Scorer::Detection,
-            "fuzzing" | "fuzz" => Scorer::Fuzzing,
-            "embedding" => Scorer::Embedding,
-            "intruder" => Scorer::Intruder,
-            "simulation" => Scorer::Simulation,
-            other => {
-                bail!(
-                    "unknown scorer '{other}' (known: detection, fuzzing, embedding, intruder, \
-                     simulation)"
-                )
-            }
-        };
+        let scorer = Scorer::parse(name)?;
         if !scorers.contains(&scorer) {
             scorers.push(scorer);
         }

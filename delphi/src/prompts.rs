@@ -293,8 +293,11 @@ pub fn parse_intruder(answer: &str, shown: usize) -> Option<usize> {
 }
 
 /// The activation levels the simulation scorer reads the model's belief over, as the tokens
-/// that would follow a token's tab: `"0"` to `"10"`.
-pub const SIMULATION_LEVELS: [&str; 11] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10"];
+/// that would follow a token's tab: the digits `"0"` to `"9"`. One digit each, so that every
+/// tokenizer has each level as one token: delphi's and OpenAI's 0-10 scale cannot be read
+/// where "10" is two tokens (SmolLM2's, Llama 2's, Mistral's tokenizers split digits). The
+/// scorer rescales the expected level to 0-10, which leaves correlations unchanged.
+pub const SIMULATION_LEVELS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
 
 /// What the simulation scorer's answer holds in place of an activation it does not show.
 pub const UNKNOWN_ACTIVATION: &str = "unknown";
@@ -302,7 +305,7 @@ pub const UNKNOWN_ACTIVATION: &str = "unknown";
 const SIMULATION_SYSTEM: &str = "\
 You predict where a latent feature of a language model is active. You get a description of \
 the feature, then a text split into tokens: one token per line, a tab, and the feature's \
-activation on that token, an integer from 0 (not active) to 10 (most active). Most tokens have \
+activation on that token, an integer from 0 (not active) to 9 (most active). Most tokens have \
 0; only the tokens that fit the description, in the context the description gives, have more. \
 In your answer the activations are hidden and written as unknown; what counts is the number \
 you would put in each one's place.";
@@ -317,14 +320,14 @@ const SIMULATION_SHOTS: [(&str, &[(&str, u8)]); 3] = [
             (" was", 0),
             (" moved", 0),
             (" to", 0),
-            (" Tuesday", 10),
+            (" Tuesday", 9),
             (" because", 0),
             (" the", 0),
             (" hall", 0),
             (" was", 0),
             (" booked", 0),
             (" in", 0),
-            (" March", 8),
+            (" March", 7),
             (".", 0),
         ],
     ),
@@ -335,14 +338,14 @@ const SIMULATION_SHOTS: [(&str, &[(&str, u8)]); 3] = [
             (" said", 0),
             (" he", 0),
             (" would", 1),
-            (" never", 9),
+            (" never", 8),
             (" go", 0),
             (" back", 0),
             (",", 0),
             (" and", 0),
             (" he", 0),
             (" did", 0),
-            (" not", 10),
+            (" not", 9),
             (".", 0),
         ],
     ),
@@ -362,10 +365,15 @@ const SIMULATION_SHOTS: [(&str, &[(&str, u8)]); 3] = [
     ),
 ];
 
-/// A token as the simulation scorer shows it on its line: line breaks and tabs written as
-/// `\n` and `\t`, so that each token keeps one line and one tab.
+/// A token as the simulation scorer shows it on its line: backslashes doubled, line breaks,
+/// carriage returns and tabs written `\n`, `\r`, `\t`, so that each token keeps one line and
+/// one tab and no two tokens look alike.
 fn simulation_token(token: &str) -> String {
-    token.replace('\n', "\\n").replace('\t', "\\t")
+    token
+        .replace('\\', "\\\\")
+        .replace('\n', "\\n")
+        .replace('\r', "\\r")
+        .replace('\t', "\\t")
 }
 
 fn simulation_user(explanation: &str) -> String {
@@ -435,6 +443,41 @@ pub fn parse_predictions(answer: &str, expected: usize) -> Option<Vec<bool>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn simulation_prompt_shows_each_token_on_its_own_line_with_its_level_hidden() {
+        let tokens: Vec<String> = ["The", " cat\n", "\ta\\n", " sat"]
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        // The model's belief is read after each tab; only the first piece has no placeholder.
+        assert_eq!(
+            simulation_answer(&tokens),
+            [
+                "The\t",
+                "unknown\n cat\\n\t",
+                "unknown\n\\ta\\\\n\t",
+                "unknown\n sat\t"
+            ]
+        );
+        assert!(simulation_answer(&[]).is_empty());
+        let messages = simulation_messages("  Mentions of cats. ");
+        assert_eq!(messages.len(), 2 + 2 * SIMULATION_SHOTS.len());
+        assert_eq!(
+            messages.last().unwrap().content,
+            "Feature description: Mentions of cats."
+        );
+        // Demonstrations: one line per token, a tab, a level the scorer reads (one digit).
+        for shot in messages[2..].iter().step_by(2) {
+            for line in shot.content.lines() {
+                let (_, level) = line.split_once('\t').unwrap();
+                assert!(SIMULATION_LEVELS.contains(&level), "{line:?}");
+            }
+        }
+        assert!(messages[0]
+            .content
+            .contains("from 0 (not active) to 9 (most active)"));
+    }
 
     #[test]
     fn intruder_prompt_numbers_the_excerpts_and_the_answer_is_read_after_the_marker() {

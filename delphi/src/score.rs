@@ -54,6 +54,7 @@ pub enum Scorer {
     /// Plain excerpts: does the explanation's concept occur?
     Detection,
     /// Marked excerpts: are the marks on the explanation's concept?
+    #[value(alias = "fuzz")]
     Fuzzing,
     /// Sentence-embedding similarity of explanation and excerpt (no LLM).
     Embedding,
@@ -74,6 +75,22 @@ impl Scorer {
             Scorer::Intruder => "intruder",
             Scorer::Simulation => "simulation",
         }
+    }
+
+    /// The scorer named `name` (`fuzz`, delphi's name, for fuzzing too); an unknown name is
+    /// an error listing the known ones.
+    pub fn parse(name: &str) -> Result<Self> {
+        <Self as clap::ValueEnum>::from_str(name, false).map_err(|_| {
+            let known: Vec<String> = <Self as clap::ValueEnum>::value_variants()
+                .iter()
+                .filter_map(clap::ValueEnum::to_possible_value)
+                .map(|v| v.get_name().to_string())
+                .collect();
+            crate::Error::Invalid(format!(
+                "unknown scorer '{name}' (known: {})",
+                known.join(", ")
+            ))
+        })
     }
 
     /// Whether the scorer judges an explanation (all but the intruder scorer).
@@ -371,12 +388,13 @@ pub fn simulation_correlation(groups: &[ScoredSimulation]) -> Option<f64> {
         .filter(|r| r.is_finite())
 }
 
-/// The expected activation of one token from the log-probabilities of the levels 0-10
-/// ([`SIMULATION_LEVELS`] order), normalised over the levels; `None` when no level has any
-/// probability.
+/// The expected activation of one token on delphi's 0-10 scale, from the log-probabilities
+/// of the levels ([`SIMULATION_LEVELS`] order): the expected level, normalised over the
+/// levels, times 10 / the top level. `None` when no level has any probability.
 fn expected_level(logprobs: &[f32]) -> Option<f64> {
     let weights: Vec<f64> = logprobs.iter().map(|&lp| (lp as f64).exp()).collect();
     let total: f64 = weights.iter().sum();
+    let top = (SIMULATION_LEVELS.len() - 1) as f64;
     (total > 0.0 && total.is_finite()).then(|| {
         weights
             .iter()
@@ -384,6 +402,7 @@ fn expected_level(logprobs: &[f32]) -> Option<f64> {
             .map(|(level, w)| level as f64 * w)
             .sum::<f64>()
             / total
+            * (10.0 / top)
     })
 }
 
@@ -398,6 +417,16 @@ pub async fn simulate(
     samples: &[Sample],
     max_activation: f32,
 ) -> Result<SimulationScore> {
+    if let Some(s) = samples
+        .iter()
+        .find(|s| s.activations.len() != s.tokens.len())
+    {
+        return Err(crate::Error::Invalid(format!(
+            "an excerpt has {} tokens but {} activations",
+            s.tokens.len(),
+            s.activations.len()
+        )));
+    }
     let response = llm
         .read(ReadRequest {
             messages: simulation_messages(explanation),
@@ -428,7 +457,7 @@ pub async fn simulate(
             .ok_or_else(|| crate::Error::Llm {
                 backend: llm.name(),
                 message: format!(
-                    "no activation level 0-10 is a token the model could write (or the \
+                    "no activation level 0-9 is a token the model could write (or the \
                      answer was read at {} places for {} tokens)",
                     read.len(),
                     sample.tokens.len()
@@ -1104,8 +1133,9 @@ mod tests {
         assert!(none.results.is_empty() && intruder_accuracy(&none.results).is_none());
     }
 
-    /// Reads simulation prompts: a token holding "cat" is believed 8 or 10 with equal odds,
-    /// any other token 0 for sure; level 5 is not a token of this model.
+    /// Reads simulation prompts: a token holding "cat" is believed 6 or 9 with equal odds
+    /// (7.5 of 9, 25/3 on delphi's 0-10 scale), any other token 0 for sure; level 5 is not a
+    /// token of this model.
     struct CatSimulator;
 
     impl Llm for CatSimulator {
@@ -1120,10 +1150,10 @@ mod tests {
                 let read = |piece: &String| {
                     let token = piece.rsplit('\n').next().unwrap();
                     assert!(token.ends_with('\t'), "{piece:?}");
-                    let mut levels = vec![f32::NEG_INFINITY; 11];
+                    let mut levels = vec![f32::NEG_INFINITY; 10];
                     if token.contains("cat") {
-                        levels[8] = 0.5f32.ln();
-                        levels[10] = 0.5f32.ln();
+                        levels[6] = 0.5f32.ln();
+                        levels[9] = 0.5f32.ln();
                     } else {
                         levels[0] = 0.0;
                     }
@@ -1171,8 +1201,13 @@ mod tests {
         assert_eq!(sims[0].true_activations, [0, 10, 0]);
         assert_eq!(sims[1].true_activations, [0, 3]);
         assert_eq!(sims[2].true_activations, [0, 0]);
-        assert_eq!(sims[0].simulation.expected_activations, [0.0, 9.0, 0.0]);
-        assert_eq!(sims[2].simulation.expected_activations, [0.0, 9.0]);
+        let cat = 7.5 * 10.0 / 9.0;
+        let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12);
+        assert!(close(
+            &sims[0].simulation.expected_activations,
+            &[0.0, cat, 0.0]
+        ));
+        assert!(close(&sims[2].simulation.expected_activations, &[0.0, cat]));
         // Over all tokens concatenated (statistics.correlation in Python).
         let r = all.ev_correlation_score.0;
         assert!((r - 0.6159131805828746).abs() < 1e-12, "{r}");
@@ -1203,6 +1238,14 @@ mod tests {
             .unwrap();
         assert!(only_active.groups.iter().all(|g| g.distance > 0));
         assert_eq!(simulation_correlation(&only_active.groups), None);
+        // Activations that do not match the tokens are refused, not scored.
+        let mut bad = samples[0].clone();
+        bad.activations.pop();
+        let error = runtime
+            .block_on(simulate(&CatSimulator, "Mentions of cats", &[bad], 4.0))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(error, "an excerpt has 3 tokens but 2 activations");
     }
 
     #[test]

@@ -14,7 +14,8 @@ use delphi::explain::ExplainConfig;
 use delphi::job::{run_job, summarize, JobConfig, JobModels, RunOptions, Shard};
 use delphi::latents::{write_latent_cache, CacheTarget, Firing, LatentCache, WriteOptions};
 use delphi::llm::openai::{OpenAiClient, OpenAiConfig};
-use delphi::score::{ScoreConfig, Scorer};
+use delphi::llm::{BoxFuture, ChatRequest, ChatResponse, Llm, ReadRequest, ReadResponse};
+use delphi::score::{simulation_correlation, ScoreConfig, ScoredSimulation, Scorer};
 use hooks::data::DataSpec;
 use hooks::{HookPoint, Hooks, LoadOptions, Model};
 use sae::{Sae, SaeConfig};
@@ -638,6 +639,7 @@ fn results(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         "scores/detection",
         "scores/fuzz",
         "scores/intruder",
+        "scores/simulation",
     ] {
         let Ok(entries) = std::fs::read_dir(dir.join(sub)) else {
             continue;
@@ -1083,6 +1085,116 @@ async fn bad_settings_are_refused_before_anything_is_written() {
         report.errors.is_empty() && report.complete > 0,
         "{report:?}"
     );
+}
+
+/// The server's client for chats, and made-up readings for the simulation scorer: after a
+/// piece whose token holds a space the belief is level 9, otherwise level 0.
+struct ReadingClient(OpenAiClient);
+
+impl Llm for ReadingClient {
+    fn chat(&self, request: ChatRequest) -> BoxFuture<'_, delphi::Result<ChatResponse>> {
+        self.0.chat(request)
+    }
+    fn read(&self, request: ReadRequest) -> BoxFuture<'_, delphi::Result<ReadResponse>> {
+        Box::pin(async move {
+            let level = |piece: &String| {
+                let token = piece.rsplit('\n').next().unwrap();
+                let mut levels = vec![f32::NEG_INFINITY; request.candidates.len()];
+                levels[if token.contains(' ') { 9 } else { 0 }] = 0.0;
+                levels
+            };
+            Ok(ReadResponse {
+                logprobs: request
+                    .answers
+                    .iter()
+                    .map(|answer| answer.iter().map(level).collect())
+                    .collect(),
+                usage: Default::default(),
+            })
+        })
+    }
+    fn reads_prompts(&self) -> bool {
+        true
+    }
+    fn name(&self) -> String {
+        self.0.name()
+    }
+    fn model_id(&self) -> String {
+        self.0.model_id()
+    }
+}
+
+/// The simulation scorer in a job: one file per explained latent in delphi's shape, and the
+/// summary's median correlation is that of the files' groups of all excerpts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulation_scorer_writes_delphis_groups_and_a_median_correlation() {
+    let f = fixture();
+    let server = TestServer::start().await;
+    let out = f.root.join("simulation");
+    let config = JobConfig {
+        scorers: vec![Scorer::Detection, Scorer::Simulation],
+        ..job_config()
+    };
+    let llm = ReadingClient(client(&server));
+    let models = JobModels {
+        explainer: &llm,
+        scorer: &llm,
+        embedder: None,
+    };
+    let options = RunOptions {
+        output: out.clone(),
+        shard: Shard::ALL,
+        concurrency: 3,
+        progress: false,
+        keep_unreadable: false,
+    };
+    let report = run_job(&f.cache, &f.tokenizer, &models, &config, &options)
+        .await
+        .unwrap();
+    assert!(
+        report.errors.is_empty() && report.complete > 0,
+        "{report:?}"
+    );
+    let files = results(&out);
+    let simulated: Vec<&Vec<u8>> = files
+        .iter()
+        .filter(|(k, _)| k.starts_with("scores/simulation/"))
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(simulated.len(), report.complete as usize);
+    let mut correlations = Vec::new();
+    for bytes in simulated {
+        let groups: Vec<ScoredSimulation> = serde_json::from_slice(bytes).unwrap();
+        // The group of all excerpts comes last, when there are silent excerpts (the tiny
+        // cache has none for a latent that fires almost everywhere).
+        let all = groups.last().unwrap();
+        let sims = &all.scored_sequence_simulations;
+        if all.distance != 0 {
+            assert!(groups.iter().all(|g| g.distance > 0));
+            continue;
+        }
+        // Up to 10 activating and 10 silent excerpts, each read at every token.
+        assert!(sims.iter().any(|s| s.distance == -1) && sims.len() <= 20);
+        for s in sims {
+            let expected = &s.simulation.expected_activations;
+            assert_eq!(expected.len(), s.simulation.tokens.len());
+            for (e, token) in expected.iter().zip(&s.simulation.tokens) {
+                assert_eq!(*e, if token.contains(' ') { 10.0 } else { 0.0 });
+            }
+        }
+        let quantile_groups = groups[..groups.len() - 1].iter().map(|g| g.distance);
+        assert!(quantile_groups.clone().all(|d| (1..=5).contains(&d)));
+        correlations.extend(simulation_correlation(&groups));
+    }
+    let summary = summarize(&out, &config).unwrap();
+    let simulation = &summary.scorers["simulation"];
+    assert_eq!(simulation.latents, report.complete);
+    assert!(!correlations.is_empty());
+    assert_eq!(
+        simulation.median_correlation,
+        delphi::metrics::median(&correlations)
+    );
+    assert!(delphi::job::summary_table(&summary).contains("correlation"));
 }
 
 /// The intruder scorer alone asks for no explanation; its records hold the server's

@@ -342,6 +342,13 @@ async fn simulation_runs_on_the_local_model() {
             activating: false,
             distance: -1,
         },
+        // An empty excerpt is read nowhere.
+        Sample {
+            tokens: Vec::new(),
+            activations: Vec::new(),
+            activating: false,
+            distance: -1,
+        },
     ];
     let score = simulate(model, "Days of the week.", &samples, 4.0)
         .await

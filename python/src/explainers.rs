@@ -435,19 +435,7 @@ pub fn score<'py>(
     examples_per_prompt: usize,
     logprobs: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let kind = match scorer {
-        "detection" => Scorer::Detection,
-        "fuzzing" | "fuzz" => Scorer::Fuzzing,
-        "embedding" => Scorer::Embedding,
-        "intruder" => Scorer::Intruder,
-        "simulation" => Scorer::Simulation,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "scorer '{other}' must be 'detection', 'fuzzing', 'embedding', 'intruder' or \
-                 'simulation'"
-            )))
-        }
-    };
+    let kind = Scorer::parse(scorer).into_py_delphi()?;
     let config = ScoreConfig {
         examples_per_prompt,
         logprobs,

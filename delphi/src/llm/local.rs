@@ -488,6 +488,13 @@ impl Shared {
     /// piece's last token.
     fn read(&self, request: &ReadRequest) -> Result<ReadResponse> {
         let prompt = self.prompt(&request.messages)?;
+        // Nothing to read: no need to load the reader.
+        if request.answers.iter().all(Vec::is_empty) {
+            return Ok(ReadResponse {
+                logprobs: vec![Vec::new(); request.answers.len()],
+                usage: Usage::default(),
+            });
+        }
         // Per answer: its ids and where each piece ends.
         let sequences = request
             .answers
@@ -536,6 +543,10 @@ impl Shared {
                 padded.extend(ids);
                 padded.resize((i + 1) * width, 0);
                 rows.extend(ends.iter().map(|&end| (i * width + end) as u32));
+            }
+            if rows.is_empty() {
+                logprobs.extend(batch.iter().map(|_| Vec::new()));
+                continue;
             }
             let ids = Tensor::from_vec(padded, (batch.len(), width), &Device::Cpu)?;
             let mut hooks = hooks::Hooks::capture_only([hooks::HookPoint::FinalNorm]);
@@ -787,7 +798,7 @@ impl LocalLlm {
                         .await
                         .map_err(|e| Error::Llm {
                             backend: self.shared.name.clone(),
-                            message: format!("the generation task failed: {e}"),
+                            message: format!("the model's task failed: {e}"),
                         })?
                 }
                 // Not inside tokio (e.g. a plain executor): compute here.

@@ -192,7 +192,9 @@ pub struct ReadRequest {
     /// The conversation up to the answers (ending with the user's message).
     pub messages: Vec<Message>,
     /// The answers, each in pieces: the model's belief about the next token is read after
-    /// each piece, with the conversation and the answer's earlier pieces in view.
+    /// each piece, with the conversation and the answer's earlier pieces in view. Each piece
+    /// is tokenized on its own (so a reading point always falls at a piece's end; a server
+    /// tokenizing the whole text may merge tokens across the boundaries).
     pub answers: Vec<Vec<String>>,
     /// The tokens (as text) whose log-probabilities are read.
     pub candidates: Vec<String>,
@@ -225,7 +227,7 @@ pub trait Llm: Send + Sync {
             Err(crate::Error::Llm {
                 backend: self.name(),
                 message: "this backend cannot read a prompt's log-probabilities (only a local \
-                          GGUF model can: --explainer local)"
+                          GGUF model can)"
                     .into(),
             })
         })

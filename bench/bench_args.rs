@@ -1,5 +1,14 @@
-//! Peak resident memory of a benchmark process, shared by the Rust benchmark programs
-//! (`#[path = "peak_rss.rs"] mod peak_rss;`).
+//! What the Rust benchmark programs share (`#[path = "bench_args.rs"] mod bench_args;`): their
+//! `--name value` options and their peak memory.
+
+/// The value after `name` in `args`, or `default`.
+pub fn arg(args: &[String], name: &str, default: &str) -> String {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
+}
 
 /// Peak resident memory of this process (Linux `VmHWM`), 0 where unavailable.
 pub fn peak_rss_mib() -> f64 {

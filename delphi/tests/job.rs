@@ -706,10 +706,21 @@ async fn try_run(
     config: &JobConfig,
     keep_unreadable: bool,
 ) -> delphi::Result<delphi::job::RunReport> {
-    let llm = client(server);
+    run_through(f, &client(server), output, shard, config, keep_unreadable).await
+}
+
+/// A job whose explainer and scorer is `llm`.
+async fn run_through(
+    f: &Fixture,
+    llm: &dyn Llm,
+    output: &Path,
+    shard: Shard,
+    config: &JobConfig,
+    keep_unreadable: bool,
+) -> delphi::Result<delphi::job::RunReport> {
     let models = JobModels {
-        explainer: &llm,
-        scorer: &llm,
+        explainer: llm,
+        scorer: llm,
         embedder: None,
     };
     let options = RunOptions {
@@ -1136,19 +1147,7 @@ async fn the_simulation_scorer_writes_delphis_groups_and_a_median_correlation() 
         ..job_config()
     };
     let llm = ReadingClient(client(&server));
-    let models = JobModels {
-        explainer: &llm,
-        scorer: &llm,
-        embedder: None,
-    };
-    let options = RunOptions {
-        output: out.clone(),
-        shard: Shard::ALL,
-        concurrency: 3,
-        progress: false,
-        keep_unreadable: false,
-    };
-    let report = run_job(&f.cache, &f.tokenizer, &models, &config, &options)
+    let report = run_through(&f, &llm, &out, Shard::ALL, &config, false)
         .await
         .unwrap();
     assert!(

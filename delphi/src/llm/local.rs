@@ -23,15 +23,15 @@
 //! memory). Their prompts are processed one at a time (the model sits behind a mutex; the
 //! matmuls use every core already); each then generates its answer on its own copy of the
 //! model state, beside the others computing, each with its own KV cache.
+//! The KV cache of the shared start of prompts (everything before the last message: the
+//! system prompt and few-shot turns of the explainer and scorer prompts) is kept for the next
+//! requests, so only the new part is processed.
 //!
 //! [`Llm::read`] needs the log-probabilities at many positions of one pass, which candle's
 //! model does not give (it computes the last position's only): answers are read by the same
 //! file loaded into the hook runtime ([`hooks::Model`], f32, checked against transformers
 //! like this one), in batches, once per token and not once per reading point; that second
 //! copy of the weights is loaded on the first read.
-//! The KV cache of the shared start of prompts (everything before the last message: the
-//! system prompt and few-shot turns of the explainer and scorer prompts) is kept for the next
-//! requests, so only the new part is processed.
 
 use std::collections::VecDeque;
 use std::fs::File;

@@ -150,6 +150,11 @@ impl<'h, 'a> Tap<'h, 'a> {
         self.hooks.replacements.contains_key(&point)
     }
 
+    /// Makes the pass go on at least through `point`, whatever the hooks need.
+    pub(crate) fn run_through(&mut self, point: HookPoint) {
+        self.stop = self.stop.map(|stop| stop.max(point));
+    }
+
     /// True when nothing after `point` is needed, so the pass can stop.
     pub(crate) fn done_after(&self, point: HookPoint) -> bool {
         self.stop.is_some_and(|stop| stop <= point)

@@ -36,7 +36,7 @@ pub use error::{Error, Result};
 pub use gguf::{gguf_header, gguf_tokenizer};
 pub use hookpoint::{AttentionName, HookPoint};
 pub use hooks::{ForwardOutput, Hooks, ReplaceFn};
-pub use model::{dtype_name, parse_device, parse_dtype, LoadOptions, Model};
+pub use model::{dtype_name, parse_device, parse_dtype, KvCache, LoadOptions, Model};
 pub use tokenizer::Tokenizer;
 pub use unembed::{FinalNorm, Unembedding};
 

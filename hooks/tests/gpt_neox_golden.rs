@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use hooks::candle_core::{DType, Device, Tensor};
 use hooks::config::ModelConfig;
-use hooks::{HookPoint, Hooks, LoadOptions, Model};
+use hooks::{HookPoint, Hooks, KvCache, LoadOptions, Model};
 
 mod common;
 use common::relative_error;
@@ -194,6 +194,52 @@ fn tied_embeddings_win_over_a_stored_head() {
     let to_vec = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(to_vec(&unembedding.weight) == to_vec(&stored["gpt_neox.embed_in.weight"]));
     assert!(to_vec(&unembedding.weight) != to_vec(&stored["embed_out.weight"]));
+}
+
+#[test]
+fn cached_passes_give_the_whole_pass() {
+    for case in TINY_CASES {
+        let dir = fixture_dir(case);
+        common::assert_cached_passes_match(&load(&dir, DType::F32), &expected(&dir)["input_ids"]);
+    }
+    // Over several of the attention kernel's 64-row blocks.
+    let ids: Vec<u32> = (0..2 * 300).map(|i| (i * 37 + 11) % 128).collect();
+    let ids = Tensor::from_vec(ids, (2, 300), &Device::Cpu).unwrap();
+    common::assert_cached_passes_match(&load(&fixture_dir("pythia_style"), DType::F32), &ids);
+}
+
+#[test]
+fn a_cache_that_does_not_fit_is_a_clear_error() {
+    let model = load(&fixture_dir("pythia_style"), DType::F32);
+    let ids = Tensor::new(&[[1u32, 2, 3], [4, 5, 6]], &Device::Cpu).unwrap();
+    let mut cache = KvCache::new();
+    model
+        .forward_cached(&ids, &mut Hooks::new(), &mut cache)
+        .unwrap();
+    let three = Tensor::new(&[[1u32], [2], [3]], &Device::Cpu).unwrap();
+    let err = model
+        .forward_cached(&three, &mut Hooks::new(), &mut cache)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("holds 2 sequences") && err.contains("batch of 3"),
+        "{err}"
+    );
+    let other = load(&fixture_dir("sequential_full_rotary"), DType::F32);
+    let err = other
+        .forward_cached(&ids.narrow(1, 0, 1).unwrap(), &mut Hooks::new(), &mut cache)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("another model"), "{err}");
+    let wrong = Tensor::zeros((2, 1, 5), DType::F32, &Device::Cpu).unwrap();
+    let mut hooks = Hooks::new().replace_with(HookPoint::Layer(1), wrong);
+    let err = model
+        .forward_cached(&ids.narrow(1, 0, 1).unwrap(), &mut hooks, &mut cache)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("'layers.1' has shape [2, 1, 5]"), "{err}");
+    assert_eq!(cache.len(), 3, "a failed pass leaves the cache as it was");
 }
 
 #[test]

@@ -146,6 +146,13 @@ fn edits_match_transformers() {
 }
 
 #[test]
+fn cached_passes_give_the_whole_pass() {
+    for case in CASES {
+        common::assert_cached_passes_match(&load(case, DType::F32), &expected(case)["input_ids"]);
+    }
+}
+
+#[test]
 fn replacing_a_hook_with_its_own_value_is_bit_identical() {
     for dtype in [DType::F32, DType::BF16] {
         let model = load("gqa_head_dim", dtype);

@@ -34,14 +34,15 @@ use crate::{Error, Result};
 const BLOCK: usize = 64;
 
 /// Causal softmax attention, computed in f32 for f32 or bf16 tensors (whose weights are
-/// rounded to bf16). `q: [b, heads, t, d]`, `k`/`v`: `[b, kv_heads, t, d]`; returns
-/// `[b, t, heads * d]` in their dtype. Scores are scaled by `1/sqrt(d)`.
+/// rounded to bf16). `q: [b, heads, t, d]`, `k`/`v`: `[b, kv_heads, keys, d]`, the queries
+/// being the last `t` of the `keys` positions; returns `[b, t, heads * d]` in their dtype.
+/// Scores are scaled by `1/sqrt(d)`.
 pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
     Ok(blocked_attention(q, k, v, false)?.map(|(out, _)| out))
 }
 
-/// [`causal_attention`] that also returns the attention weights it used, `[b, heads, t, t]`
-/// with zeros above the diagonal: its output is the one [`causal_attention`] gives, bit for
+/// [`causal_attention`] that also returns the attention weights it used,
+/// `[b, heads, t, keys]` with zeros where a query may not look: its output is the one [`causal_attention`] gives, bit for
 /// bit, so capturing a pattern changes nothing downstream.
 pub(crate) fn causal_attention_with_pattern(
     q: &Tensor,
@@ -90,14 +91,25 @@ fn blocked_attention(
     keep_pattern: bool,
 ) -> Result<Option<(Tensor, Option<Tensor>)>> {
     let (b, heads, t, d) = q.dims4()?;
-    let kv_heads = k.dim(1)?;
-    let shape = (b, heads, kv_heads, t, d);
+    let (kv_heads, keys) = (k.dim(1)?, k.dim(2)?);
+    let kv_shape = [b, kv_heads, keys, d];
+    if k.dims() != kv_shape || v.dims() != kv_shape || keys < t || heads % kv_heads.max(1) != 0 {
+        return Ok(None); // the generic path reports the mismatch
+    }
+    let shape = AttentionShape {
+        b,
+        heads,
+        kv_heads,
+        t,
+        keys,
+        d,
+    };
     let out_shape = [b, t, heads * d];
     let pattern_tensor = |pattern: Vec<f32>, bf16: bool| -> Result<Option<Tensor>> {
         if !keep_pattern {
             return Ok(None);
         }
-        let dims = [b, heads, t, t];
+        let dims = [b, heads, t, keys];
         Ok(Some(if bf16 {
             bf16_tensor(&pattern, &dims)? // already rounded: exact
         } else {
@@ -126,32 +138,60 @@ fn blocked_attention(
     })
 }
 
+/// The sizes of one attention: `t` queries, the last of `keys` positions, in `heads` heads
+/// of size `d` that share `kv_heads` key/value heads, for each of `b` sequences.
+#[derive(Clone, Copy)]
+struct AttentionShape {
+    b: usize,
+    heads: usize,
+    kv_heads: usize,
+    t: usize,
+    keys: usize,
+    d: usize,
+}
+
 /// [`blocked_attention`]'s work: every head in parallel, its query rows in blocks of
-/// [`BLOCK`], into `output`; returns the weights `[b, heads, t, t]` when `keep_pattern`
-/// (else nothing). `shape` is `(b, heads, kv_heads, t, d)`.
+/// [`BLOCK`], into `output`; returns the weights `[b, heads, t, keys]` when `keep_pattern`
+/// (else nothing).
 fn attend(
     (q, k, v): (Operand, Operand, Operand),
-    (b, heads, kv_heads, t, d): (usize, usize, usize, usize, usize),
+    shape: AttentionShape,
     keep_pattern: bool,
     output: Output,
 ) -> Vec<f32> {
+    let AttentionShape {
+        b,
+        heads,
+        kv_heads,
+        t,
+        keys,
+        d,
+    } = shape;
+    let past = keys - t;
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let bf16_weights = matches!(output, Output::Bf16(_));
-    let mut pattern = vec![0f32; if keep_pattern { b * heads * t * t } else { 0 }];
+    let mut pattern = vec![
+        0f32;
+        if keep_pattern {
+            b * heads * t * keys
+        } else {
+            0
+        }
+    ];
     let pattern_base = SharedOut(pattern.as_mut_ptr());
     (0..b * heads).into_par_iter().for_each(|bh| {
         let kv = bh / heads * kv_heads + bh % heads / group;
         let qh = q.values(bh * t * d, t * d);
-        let kh = k.values(kv * t * d, t * d);
-        let vh = v.values(kv * t * d, t * d);
+        let kh = k.values(kv * keys * d, keys * d);
+        let vh = v.values(kv * keys * d, keys * d);
         // A bf16 output's rows are summed here first, `d` apart.
         let mut head_out = vec![0f32; if bf16_weights { t * d } else { 0 }];
-        let mut scores = vec![0f32; BLOCK * t];
+        let mut scores = vec![0f32; BLOCK * keys];
         for r0 in (0..t).step_by(BLOCK) {
             let r1 = (r0 + BLOCK).min(t);
-            let (m, n) = (r1 - r0, r1);
-            // scores[m, n] = scale * q[r0..r1] @ k[0..r1]^T
+            let (m, n) = (r1 - r0, past + r1);
+            // scores[m, n] = scale * q[r0..r1] @ k[0..past + r1]^T
             unsafe {
                 gemm::gemm(
                     m,
@@ -180,7 +220,7 @@ fn attend(
                 || {
                     for i in 0..m {
                         let row = &mut scores[i * n..(i + 1) * n];
-                        let visible = r0 + i + 1;
+                        let visible = past + r0 + i + 1;
                         softmax_in_place(&mut row[..visible]);
                         if bf16_weights {
                             for x in &mut row[..visible] {
@@ -191,7 +231,7 @@ fn attend(
                         if keep_pattern {
                             // SAFETY: row r0 + i of head bh, written by this task only.
                             unsafe {
-                                let dst = pattern_base.at((bh * t + r0 + i) * t);
+                                let dst = pattern_base.at((bh * t + r0 + i) * keys);
                                 std::ptr::copy_nonoverlapping(row.as_ptr(), dst, n);
                             }
                         }
@@ -228,37 +268,37 @@ fn head_row(bh: usize, pos: usize, heads: usize, t: usize, d: usize) -> usize {
     (bh / heads * t + pos) * heads * d + bh % heads * d
 }
 
-/// `pattern @ v` for every head, `pattern: [b, heads, t, t]` (any weights, a replaced pattern
-/// say), `v: [b, kv_heads, t, d]`; returns `[b, t, heads * d]`. Rows are taken in the blocks
-/// of [`causal_attention`], over the visible keys only where the weights past them are zero,
-/// so the kernel's own pattern gives its output bit for bit.
+/// `pattern @ v` for every head, `pattern: [b, heads, t, keys]` (any weights, a replaced
+/// pattern say), `v: [b, kv_heads, keys, d]`; returns `[b, t, heads * d]`. Rows are taken in
+/// the blocks of [`causal_attention`], over the visible keys only where the weights past them
+/// are zero, so the kernel's own pattern gives its output bit for bit.
 pub(crate) fn weighted_values(pattern: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
     if let Some(out) = through_f32(&[pattern, v], |s| weighted_values(s[0], s[1]))? {
         return Ok(Some(out));
     }
     let (b, heads, t, keys) = pattern.dims4()?;
     let (vb, kv_heads, vt, d) = v.dims4()?;
-    if keys != t || vt != t || vb != b || kv_heads == 0 || heads % kv_heads != 0 {
+    if keys < t || vt != keys || vb != b || kv_heads == 0 || heads % kv_heads != 0 {
         return Ok(None); // the generic product reports the mismatch
     }
-    let group = heads / kv_heads;
+    let (group, past) = (heads / kv_heads, keys - t);
     with_f32_slices(&[pattern, v], |s| {
         let (p, v) = (s[0], s[1]);
         let mut out = vec![0f32; b * t * heads * d];
         let out_base = SharedOut(out.as_mut_ptr());
         (0..b * heads).into_par_iter().for_each(|bh| {
             let kv = bh / heads * kv_heads + bh % heads / group;
-            let vh = &v[kv * t * d..][..t * d];
-            let mut block = vec![0f32; BLOCK * t];
+            let vh = &v[kv * keys * d..][..keys * d];
+            let mut block = vec![0f32; BLOCK * keys];
             for r0 in (0..t).step_by(BLOCK) {
                 let r1 = (r0 + BLOCK).min(t);
                 let m = r1 - r0;
-                let rows = &p[(bh * t + r0) * t..][..m * t];
+                let rows = &p[(bh * t + r0) * keys..][..m * keys];
                 let causal = rows
-                    .chunks(t)
-                    .all(|row| row[r1..].iter().all(|&x| x == 0.0));
-                let n = if causal { r1 } else { t };
-                for (i, row) in rows.chunks(t).enumerate() {
+                    .chunks(keys)
+                    .all(|row| row[past + r1..].iter().all(|&x| x == 0.0));
+                let n = if causal { past + r1 } else { keys };
+                for (i, row) in rows.chunks(keys).enumerate() {
                     block[i * n..(i + 1) * n].copy_from_slice(&row[..n]);
                 }
                 // SAFETY: rows r0..r1 of head bh, written by this task only.
@@ -883,18 +923,21 @@ mod tests {
 
     #[test]
     fn blocked_attention_matches_generic_path() {
-        // Several blocks with a ragged last one, grouped-query heads, odd head size.
-        for (t, heads, kv_heads, d) in [
-            (150, 6, 2, 20),
-            (64, 4, 4, 8),
-            (1, 2, 1, 4),
-            (700, 2, 1, 64),
+        // Several blocks with a ragged last one, grouped-query heads, odd head size; queries
+        // after cached positions (`keys > t`), one new token among them.
+        for (t, keys, heads, kv_heads, d) in [
+            (150, 150, 6, 2, 20),
+            (64, 64, 4, 4, 8),
+            (1, 1, 2, 1, 4),
+            (700, 700, 2, 1, 64),
+            (70, 133, 6, 2, 20),
+            (1, 90, 4, 2, 8),
         ] {
             let q = Tensor::randn(0f32, 1., (2, heads, t, d), &Device::Cpu).unwrap();
-            let k = Tensor::randn(0f32, 1., (2, kv_heads, t, d), &Device::Cpu).unwrap();
-            let v = Tensor::randn(0f32, 1., (2, kv_heads, t, d), &Device::Cpu).unwrap();
+            let k = Tensor::randn(0f32, 1., (2, kv_heads, keys, d), &Device::Cpu).unwrap();
+            let v = Tensor::randn(0f32, 1., (2, kv_heads, keys, d), &Device::Cpu).unwrap();
             let fast = causal_attention(&q, &k, &v).unwrap().unwrap();
-            let mask = causal_mask(t, &Device::Cpu).unwrap();
+            let mask = causal_mask(t, keys, &Device::Cpu).unwrap();
             let reference = causal_attention_generic(&q, &k, &v, &mask).unwrap();
             assert!(
                 max_abs_diff(&fast, &reference) < 1e-5,
@@ -952,7 +995,7 @@ mod tests {
                 bf16_randn(&[2, kv_heads, t, d]),
             );
             let fast = causal_attention(&q, &k, &v).unwrap().unwrap();
-            let mask = causal_mask(t, &Device::Cpu).unwrap();
+            let mask = causal_mask(t, t, &Device::Cpu).unwrap();
             let reference = causal_attention_generic(&q, &k, &v, &mask).unwrap();
             assert_bf16_close(&fast, &reference, 2.0, 2e-2, &format!("t={t}"));
 
@@ -1165,7 +1208,7 @@ mod tests {
         let (b, heads, kv_heads, t, d) = (2, 4, 2, 150, 12);
         let pattern = Tensor::rand(0f32, 1., (b, heads, t, t), &Device::Cpu).unwrap();
         let causal = pattern
-            .broadcast_mul(&causal_mask(t, &Device::Cpu).unwrap().exp().unwrap())
+            .broadcast_mul(&causal_mask(t, t, &Device::Cpu).unwrap().exp().unwrap())
             .unwrap();
         let v = Tensor::randn(0f32, 1., (b, kv_heads, t, d), &Device::Cpu).unwrap();
         let some_rows_full = Tensor::cat(
@@ -1228,7 +1271,7 @@ mod tests {
             (d, 3 * d, d, true),
         ] {
             let rotary = Rotary::new(rotary_dims, 10_000.0);
-            let tables = rotary.tables(t + 5, candle_core::DType::F32, &Device::Cpu);
+            let tables = rotary.tables(0, t + 5, candle_core::DType::F32, &Device::Cpu);
             let (cos, sin) = tables.unwrap();
             let x = x.narrow(2, 0, heads * spacing).unwrap();
             let columns = HeadColumns {
@@ -1270,7 +1313,7 @@ mod tests {
         let (t, heads, d) = (37, 3, 20);
         let x = bf16_randn(&[2, t, heads * 3 * d]);
         let rotary = Rotary::new(6, 10_000.0);
-        let (cos, sin) = rotary.tables(t, DType::BF16, &Device::Cpu).unwrap();
+        let (cos, sin) = rotary.tables(0, t, DType::BF16, &Device::Cpu).unwrap();
         for (offset, rotate) in [(0, true), (2 * d, false)] {
             let columns = HeadColumns {
                 heads,

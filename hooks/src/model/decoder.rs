@@ -1,8 +1,11 @@
 //! The skeleton every supported architecture shares: embed, a stack of blocks, final norm,
 //! unembedding, with the hook points between them. An architecture supplies only its block.
 
+use std::cell::RefCell;
+
 use candle_core::Tensor;
 
+use super::kv_cache::KvCache;
 use super::layers::{
     causal_attention, causal_attention_with_pattern, weighted_values, CausalMask, Rotary,
 };
@@ -15,17 +18,28 @@ pub(crate) struct AttentionInputs<'a> {
     pub cos: Tensor,
     pub sin: Tensor,
     pub mask: CausalMask,
+    /// The keys and values of earlier positions, which this pass extends.
+    pub cache: Option<RefCell<&'a mut KvCache>>,
 }
 
 /// The heads' outputs `[b, t, heads * d]` of block `i`'s causal attention over `q`, `k`,
-/// `v` (`[b, heads or kv_heads, t, d]`), visiting its attention pattern and heads' outputs.
-/// The pattern is formed only when a hook asks for it; a replaced pattern re-weighs the values.
+/// `v` (`[b, heads or kv_heads, t, d]`) and any cached positions before them, visiting its
+/// attention pattern and heads' outputs. The pattern is formed only when a hook asks for it;
+/// a replaced pattern re-weighs the values.
 pub(crate) fn attend(
     i: usize,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     inputs: &AttentionInputs,
     tap: &mut Tap,
 ) -> Result<Tensor> {
+    let extended;
+    let (k, v) = match &inputs.cache {
+        Some(cache) => {
+            extended = cache.borrow_mut().extend(i, k, v)?;
+            (&extended.0, &extended.1)
+        }
+        None => (k, v),
+    };
     let pattern_point = HookPoint::AttentionPattern(i);
     let heads = if tap.touches(pattern_point) {
         let (heads, pattern) = causal_attention_with_pattern(q, k, v, &inputs.mask)?;
@@ -66,8 +80,14 @@ pub(crate) struct Decoder<B> {
 }
 
 impl<B: Block> Decoder<B> {
-    /// Runs `ids: [batch, seq]` (u32) through the model; `None` when the tap stopped early.
-    pub fn forward(&self, ids: &Tensor, tap: &mut Tap) -> Result<Option<Tensor>> {
+    /// Runs `ids: [batch, seq]` (u32) through the model, after the positions in `cache` when
+    /// there is one (which the pass extends); `None` when the tap stopped early.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        tap: &mut Tap,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Option<Tensor>> {
         let (batch, seq) = ids.dims2()?;
         let d = self.embed.dim(1)?;
         let embedded = self
@@ -78,12 +98,14 @@ impl<B: Block> Decoder<B> {
         if tap.done_after(HookPoint::Embed) {
             return Ok(None);
         }
-        let (cos, sin) = self.rotary.tables(seq, h.dtype(), h.device())?;
+        let past = cache.as_ref().map_or(0, |cache| cache.len());
+        let (cos, sin) = self.rotary.tables(past, seq, h.dtype(), h.device())?;
         let inputs = AttentionInputs {
             rotary: &self.rotary,
             cos,
             sin,
-            mask: CausalMask::new(seq, h.device()),
+            mask: CausalMask::new(seq, past + seq, h.device()),
+            cache: cache.map(RefCell::new),
         };
         for (index, block) in self.blocks.iter().enumerate() {
             h = block.forward(index, &h, &inputs, tap)?;

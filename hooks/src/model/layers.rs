@@ -380,11 +380,17 @@ impl Rotary {
         self.dims
     }
 
-    /// `cos` and `sin` tables of shape `[seq, dims/2]` for positions `0..seq`.
-    pub fn tables(&self, seq: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    /// `cos` and `sin` tables of shape `[seq, dims/2]` for positions `start..start + seq`.
+    pub fn tables(
+        &self,
+        start: usize,
+        seq: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.dims / 2;
         let mut angles = Vec::with_capacity(seq * half);
-        for pos in 0..seq {
+        for pos in start..start + seq {
             angles.extend(self.inv_freq.iter().map(|f| pos as f32 * f));
         }
         let angles = Tensor::from_vec(angles, (seq, half), device)?;
@@ -449,45 +455,51 @@ impl Rotary {
     }
 }
 
-/// An additive causal mask `[seq, seq]` in f32: 0 on and below the diagonal, -inf above.
-pub(crate) fn causal_mask(seq: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+/// An additive causal mask `[queries, keys]` in f32 for the last `queries` of `keys`
+/// positions (the earlier ones are cached): 0 where a query may see the key, -inf after it.
+pub(crate) fn causal_mask(queries: usize, keys: usize, device: &Device) -> Result<Tensor> {
+    let past = keys.saturating_sub(queries);
+    let mask: Vec<f32> = (0..queries)
+        .flat_map(|i| (0..keys).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
-    Ok(Tensor::from_vec(mask, (seq, seq), device)?)
+    Ok(Tensor::from_vec(mask, (queries, keys), device)?)
 }
 
 /// The additive causal mask of one forward pass, built on first use: the fused attention
 /// kernels need none, and building it (`seq²` floats on the host, then a copy to the
 /// device) would stall a GPU forward for milliseconds before its first layer.
 pub(crate) struct CausalMask {
-    seq: usize,
+    queries: usize,
+    keys: usize,
     device: Device,
     mask: std::cell::OnceCell<Tensor>,
 }
 
 impl CausalMask {
-    /// The mask for sequences of `seq` tokens on `device`, not built yet.
-    pub fn new(seq: usize, device: &Device) -> Self {
+    /// The mask for `queries` new tokens after `keys - queries` cached ones on `device`,
+    /// not built yet.
+    pub fn new(queries: usize, keys: usize, device: &Device) -> Self {
         CausalMask {
-            seq,
+            queries,
+            keys,
             device: device.clone(),
             mask: std::cell::OnceCell::new(),
         }
     }
 
-    /// The `[seq, seq]` mask of [`causal_mask`].
+    /// The `[queries, keys]` mask of [`causal_mask`].
     pub fn get(&self) -> Result<&Tensor> {
         if let Some(mask) = self.mask.get() {
             return Ok(mask);
         }
-        let mask = causal_mask(self.seq, &self.device)?;
+        let mask = causal_mask(self.queries, self.keys, &self.device)?;
         Ok(self.mask.get_or_init(|| mask))
     }
 }
 
-/// Causal softmax attention. `q: [b, heads, t, d]`, `k`/`v`: `[b, kv_heads, t, d]` where
-/// `kv_heads` divides `heads`; returns `[b, t, heads * d]`. Scores and softmax in f32.
+/// Causal softmax attention. `q: [b, heads, t, d]`, `k`/`v`: `[b, kv_heads, keys, d]` where
+/// `kv_heads` divides `heads` and the queries are the last `t` of the `keys` positions (the
+/// earlier ones cached); returns `[b, t, heads * d]`. Scores and softmax in f32.
 pub(crate) fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -504,7 +516,7 @@ pub(crate) fn causal_attention(
     causal_attention_generic(q, k, v, mask.get()?)
 }
 
-/// The attention output and weights `[b, heads, t, t]`, for a hook on the pattern: on the
+/// The attention output and weights `[b, heads, t, keys]`, for a hook on the pattern: on the
 /// CPU in f32 or bf16 the kernel's (its output is [`causal_attention`]'s), elsewhere the
 /// generic path's. Either way, [`weighted_values`] of that pattern gives the same output bit for bit.
 pub(crate) fn causal_attention_with_pattern(
@@ -530,8 +542,8 @@ pub(crate) fn causal_attention_generic(
     weighted_values_generic(&attention_pattern(q, k, mask)?, v)
 }
 
-/// The attention weights `[b, heads, t, t]` in `q`'s dtype: the causal softmax of the
-/// scaled scores, computed in f32. `q: [b, heads, t, d]`, `k: [b, kv_heads, t, d]`.
+/// The attention weights `[b, heads, t, keys]` in `q`'s dtype: the causal softmax of the
+/// scaled scores, computed in f32. `q: [b, heads, t, d]`, `k: [b, kv_heads, keys, d]`.
 pub(crate) fn attention_pattern(q: &Tensor, k: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (_, heads, _, d) = q.dims4()?;
     let k = repeat_kv(k, heads / k.dim(1)?)?;
@@ -560,8 +572,8 @@ pub(crate) fn attention_pattern(q: &Tensor, k: &Tensor, mask: &Tensor) -> Result
     Ok(candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?)
 }
 
-/// The heads' outputs `[b, t, heads * d]`: attention weights `pattern: [b, heads, t, t]`
-/// applied to the values `v: [b, kv_heads, t, d]`.
+/// The heads' outputs `[b, t, heads * d]`: attention weights `pattern: [b, heads, t, keys]`
+/// applied to the values `v: [b, kv_heads, keys, d]`.
 pub(crate) fn weighted_values(pattern: &Tensor, v: &Tensor) -> Result<Tensor> {
     if let Some(out) = super::cpu_kernels::weighted_values(pattern, v)? {
         return Ok(out);
@@ -603,7 +615,7 @@ mod tests {
             let (b, heads, t) = (2, 3, 17);
             let randn = || Tensor::randn(0f32, 1.0, (b, heads, t, d), &Device::Cpu).unwrap();
             let (q, k, v) = (randn(), randn(), randn());
-            let mask = causal_mask(t, &Device::Cpu).unwrap();
+            let mask = causal_mask(t, t, &Device::Cpu).unwrap();
             let scale = 1.0 / (d as f64).sqrt();
             let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale)
                 .unwrap()

@@ -5,6 +5,7 @@ pub(crate) mod cpu_kernels;
 mod decoder;
 mod flash_attention;
 mod gpt_neox;
+mod kv_cache;
 pub(crate) mod layers;
 mod llama;
 #[cfg(any(test, feature = "cuda"))]
@@ -20,6 +21,7 @@ use crate::source::{ModelFiles, ModelSpec};
 use crate::weights::{WeightFiles, WeightStore};
 use crate::{Error, HookPoint, Result, Tokenizer};
 
+pub use kv_cache::KvCache;
 use layers::Loader;
 
 /// Seeded bf16 values in ±`scale`, for the fused kernels' tests.
@@ -420,6 +422,11 @@ impl Model {
     /// Turns token ids (`[seq]` or `[batch, seq]`, any integer dtype) into a checked
     /// `[batch, seq]` u32 tensor on the model's device.
     pub fn prepare_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        self.prepare_ids_after(ids, 0)
+    }
+
+    /// [`Self::prepare_ids`] for tokens at positions `past..`.
+    fn prepare_ids_after(&self, ids: &Tensor, past: usize) -> Result<Tensor> {
         let ids = match ids.rank() {
             1 => ids.unsqueeze(0)?,
             2 => ids.clone(),
@@ -435,19 +442,19 @@ impl Model {
                 "token ids are empty (sequence length 0)".into(),
             ));
         }
-        self.warn_past_context(ids.dim(1)?);
+        let positions = past + ids.dim(1)?;
+        self.warn_past_context(positions);
         if let ModelConfig::Llama(crate::config::LlamaConfig {
             sliding_window: Some(window),
             ..
         }) = &self.config
         {
-            if ids.dim(1)? > *window {
+            if positions > *window {
                 return Err(Error::InvalidArgument(format!(
                     "model '{}' attends within a sliding window of {window} tokens, which this \
-                     runtime does not implement: sequences of {} tokens would run with full \
-                     attention; use at most {window}",
+                     runtime does not implement: sequences of {positions} tokens would run with \
+                     full attention; use at most {window}",
                     self.origin,
-                    ids.dim(1)?
                 )));
             }
         }
@@ -486,7 +493,53 @@ impl Model {
     /// Captured tensors and logits are `[batch, seq, width]` (attention patterns
     /// `[batch, heads, seq, seq]`), with a batch axis even for `[seq]` ids.
     pub fn forward(&self, ids: &Tensor, hooks: &mut Hooks) -> Result<ForwardOutput> {
-        let ids = self.prepare_ids(ids)?;
+        self.run(ids, hooks, None)
+    }
+
+    /// [`Self::forward`] of the tokens that follow the positions in `cache`, whose keys and
+    /// values stand in for running those positions again; the pass appends its own. `ids`
+    /// continue the sequences the cache holds, or all continue one cached sequence (a shared
+    /// prompt). Hooks see the new positions only: captures are `[batch, seq, width]`,
+    /// patterns `[batch, heads, seq, cache.len() + seq]`, and a replacement edits the new
+    /// positions alone. The pass runs through every layer, even when the hooks need less,
+    /// so the cache stays whole; a pass that fails leaves the cache as it was. A batch of
+    /// different lengths must be right-padded.
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        hooks: &mut Hooks,
+        cache: &mut KvCache,
+    ) -> Result<ForwardOutput> {
+        let layers = self.config.num_layers();
+        if !(cache.is_empty() || cache.layers() == layers) {
+            return Err(Error::InvalidArgument(format!(
+                "the KV cache holds {} layers, model '{}' has {layers}: it was made by another model",
+                cache.layers(),
+                self.origin
+            )));
+        }
+        let batch = if ids.rank() == 2 { ids.dim(0)? } else { 1 };
+        if let Some(held) = cache.batch().filter(|&held| held != 1 && held != batch) {
+            return Err(Error::InvalidArgument(format!(
+                "the KV cache holds {held} sequences, which a batch of {batch} cannot continue \
+                 (a cache of one sequence continues any batch)"
+            )));
+        }
+        let mut extended = cache.clone();
+        let out = self.run(ids, hooks, Some(&mut extended))?;
+        *cache = extended;
+        Ok(out)
+    }
+
+    /// Runs `ids` through the network after the positions of `cache`, if any.
+    fn run(
+        &self,
+        ids: &Tensor,
+        hooks: &mut Hooks,
+        cache: Option<&mut KvCache>,
+    ) -> Result<ForwardOutput> {
+        let past = cache.as_ref().map_or(0, |cache| cache.len());
+        let ids = self.prepare_ids_after(ids, past)?;
         for point in hooks.points().collect::<Vec<_>>() {
             if point.layer().is_some_and(|i| i >= self.config.num_layers()) {
                 return Err(Error::UnknownHookPoint {
@@ -496,9 +549,12 @@ impl Model {
             }
         }
         let mut tap = Tap::new(hooks, self.config.attention_name());
+        if let (Some(_), Some(last)) = (&cache, self.config.num_layers().checked_sub(1)) {
+            tap.run_through(HookPoint::Layer(last));
+        }
         let logits = match &self.network {
-            Network::GptNeox(net) => net.forward(&ids, &mut tap)?,
-            Network::Llama(net) => net.forward(&ids, &mut tap)?,
+            Network::GptNeox(net) => net.forward(&ids, &mut tap, cache)?,
+            Network::Llama(net) => net.forward(&ids, &mut tap, cache)?,
         };
         Ok(tap.finish(logits))
     }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use hooks::candle_core::Tensor;
-use hooks::{HookPoint, Hooks, Model};
+use hooks::{HookPoint, Hooks, KvCache, Model};
 
 /// max |a - b| / max |b|: the error relative to the tensor's scale.
 pub fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
@@ -161,4 +161,99 @@ pub fn assert_edits_match(model: &Model, expected: &HashMap<String, Tensor>) {
     }
     let captured = logits(&mut Hooks::new().capture([HookPoint::AttentionPattern(0)]));
     assert!(relative_error(&captured, &expected["logits"]) < 1e-5);
+}
+
+/// Running sequences in parts through a KV cache gives the logits of one pass over the whole:
+/// split in two (the first part with hooks that need no layer, which must still fill the
+/// cache), one token at a time, and one cached prompt continued by a batch. The later part's
+/// attention patterns are the whole pass's rows, and putting them back changes no bit.
+pub fn assert_cached_passes_match(model: &Model, ids: &Tensor) {
+    let ids = if ids.rank() == 1 {
+        ids.unsqueeze(0).unwrap()
+    } else {
+        ids.clone()
+    };
+    let (batch, seq) = ids.dims2().unwrap();
+    let split = (seq / 3).max(1);
+    let rest = seq - split;
+    let pattern = HookPoint::AttentionPattern(model.config().num_layers() - 1);
+    let whole = model
+        .forward(&ids, &mut Hooks::new().capture([pattern]))
+        .unwrap();
+    let logits = whole.logits.unwrap();
+    let close = |got: &Tensor, want: &Tensor, what: &str| {
+        let err = relative_error(got, want);
+        assert!(err < 1e-5, "{what}: relative error {err}");
+    };
+
+    let mut cache = KvCache::new();
+    let first = model
+        .forward_cached(
+            &ids.narrow(1, 0, split).unwrap(),
+            &mut Hooks::capture_only([HookPoint::Embed]),
+            &mut cache,
+        )
+        .unwrap();
+    assert!(first.logits.is_none());
+    assert_eq!((cache.len(), cache.batch()), (split, Some(batch)));
+    let mut before_second = cache.clone();
+    let tail = ids.narrow(1, split, rest).unwrap();
+    let second = model
+        .forward_cached(&tail, &mut Hooks::new().capture([pattern]), &mut cache)
+        .unwrap();
+    assert_eq!(cache.len(), seq);
+    let second_logits = second.logits.unwrap();
+    close(
+        &second_logits,
+        &logits.narrow(1, split, rest).unwrap(),
+        "second part",
+    );
+    let rows = &second.captures[&pattern];
+    assert_eq!(rows.dims()[2..], [rest, seq]);
+    close(
+        rows,
+        &whole.captures[&pattern].narrow(2, split, rest).unwrap(),
+        "pattern",
+    );
+    let replaced = model
+        .forward_cached(
+            &tail,
+            &mut Hooks::new().replace_with(pattern, rows.clone()),
+            &mut before_second,
+        )
+        .unwrap();
+    assert_eq!(
+        hooks::compare::max_abs_diff(&replaced.logits.unwrap(), &second_logits).unwrap(),
+        0.0,
+        "a pattern replaced by its own value"
+    );
+
+    let mut cache = KvCache::new();
+    for pos in 0..seq {
+        let token = ids.narrow(0, 0, 1).unwrap().narrow(1, pos, 1).unwrap();
+        let step = model
+            .forward_cached(&token, &mut Hooks::new(), &mut cache)
+            .unwrap();
+        let want = logits.narrow(0, 0, 1).unwrap().narrow(1, pos, 1).unwrap();
+        close(&step.logits.unwrap(), &want, &format!("token {pos}"));
+    }
+
+    let prompt = ids.narrow(0, 0, 1).unwrap().narrow(1, 0, split).unwrap();
+    let mut shared = KvCache::new();
+    model
+        .forward_cached(&prompt, &mut Hooks::new(), &mut shared)
+        .unwrap();
+    let prompts = prompt.broadcast_as((batch, split)).unwrap();
+    let joined = Tensor::cat(&[&prompts, &tail], 1).unwrap();
+    let want = model
+        .logits(&joined)
+        .unwrap()
+        .narrow(1, split, rest)
+        .unwrap();
+    let mut continued = shared.clone();
+    let got = model
+        .forward_cached(&tail, &mut Hooks::new(), &mut continued)
+        .unwrap();
+    close(&got.logits.unwrap(), &want, "a shared prompt");
+    assert_eq!((shared.batch(), continued.batch()), (Some(1), Some(batch)));
 }

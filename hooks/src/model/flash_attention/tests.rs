@@ -58,7 +58,7 @@ fn bf16_input(shape: (usize, usize, usize, usize), scale: f32, seed: u64) -> Ten
 fn reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
     let f32 = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
     let t = q.dim(2).unwrap();
-    let mask = causal_mask(t, &Device::Cpu).unwrap();
+    let mask = causal_mask(t, t, &Device::Cpu).unwrap();
     causal_attention_generic(&f32(q), &f32(k), &f32(v), &mask).unwrap()
 }
 

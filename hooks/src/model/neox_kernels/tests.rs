@@ -190,7 +190,7 @@ fn emulated_qkv_rotary_matches_the_generic_split_and_rotary() {
         let qkv = seeded_bf16(&[b, t, width], 2.0, seed);
         let bias = seeded_bf16(&[width], 0.5, seed + 1);
         let rotary = Rotary::new(rot, 10_000.0);
-        let (cos, sin) = rotary.tables(t, DType::BF16, &Device::Cpu).unwrap();
+        let (cos, sin) = rotary.tables(0, t, DType::BF16, &Device::Cpu).unwrap();
         for (name, x) in [
             ("qkv.bin", &qkv),
             ("bias.bin", &bias),
@@ -239,7 +239,7 @@ fn gpu_fused_steps_match_the_generic_steps() {
     let qkv = seeded_bf16(&[2, t, heads * 3 * hd], 2.0, 3);
     let bias = seeded_bf16(&[heads * 3 * hd], 0.5, 4);
     let rotary = Rotary::new(rot, 10_000.0);
-    let (cos, sin) = rotary.tables(t, DType::BF16, &Device::Cpu).unwrap();
+    let (cos, sin) = rotary.tables(0, t, DType::BF16, &Device::Cpu).unwrap();
     let got = qkv_rotary(
         &gpu(&qkv),
         Some(&gpu(&bias)),

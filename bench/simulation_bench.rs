@@ -83,6 +83,9 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let score = runtime.block_on(simulate(&llm, &explanation, &samples, 1.0))?;
     let seconds = started.elapsed().as_secs_f64();
+    // The usage counts the prompt once per excerpt, as an API bills it; the model ran it once.
+    let prompt_len = llm.prompt_ids(&simulation_messages(&explanation))?.len() as u64;
+    let through_model = score.usage.prompt_tokens - (excerpts as u64 - 1) * prompt_len;
     let all = score.groups.last().context("no simulation group")?;
     let expected: Vec<&Vec<f64>> = all
         .scored_sequence_simulations
@@ -98,7 +101,7 @@ fn main() -> Result<()> {
             "load_s": load_s,
             "seconds": seconds,
             "excerpts_per_s": excerpts as f64 / seconds,
-            "prompt_tokens": score.usage.prompt_tokens,
+            "prompt_tokens": through_model,
             "peak_rss_mib": peak_rss_mib(),
             "expected": expected,
         })

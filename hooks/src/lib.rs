@@ -26,6 +26,7 @@ pub mod memory;
 mod model;
 pub mod optim;
 pub mod progress;
+pub mod sampling;
 pub mod source;
 pub mod synthetic;
 mod tokenizer;
@@ -36,7 +37,9 @@ pub use error::{Error, Result};
 pub use gguf::{gguf_header, gguf_tokenizer};
 pub use hookpoint::{AttentionName, HookPoint};
 pub use hooks::{ForwardOutput, Hooks, ReplaceFn};
-pub use model::{dtype_name, parse_device, parse_dtype, KvCache, LoadOptions, Model};
+pub use model::{
+    dtype_name, parse_device, parse_dtype, GenerateOptions, KvCache, LoadOptions, Model,
+};
 pub use tokenizer::Tokenizer;
 pub use unembed::{FinalNorm, Unembedding};
 

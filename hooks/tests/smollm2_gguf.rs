@@ -622,3 +622,87 @@ fn smollm2_greedy_decoding_matches_transformers() {
     }
     assert_eq!(meta()["greedy"]["plain"]["next_token_decoded"], " Paris");
 }
+
+/// `Model::generate` (KV cache, hooks at every step) against transformers' `generate`: greedy,
+/// plain and steered by a vector added to `layers.10` at every pass
+/// (`tests/fixtures/smollm2/generation.json`; every step's two most likely tokens are over
+/// 0.1 apart there, so a mismatch is not a near tie). Also the cached passes against the
+/// whole pass on the real model, and seeded sampling.
+#[test]
+fn smollm2_generation_matches_transformers_plain_and_steered() {
+    let Some(model) = smollm2() else { return };
+    let fixture: Json =
+        serde_json::from_str(&std::fs::read_to_string(smollm2_fixture("generation.json")).unwrap())
+            .unwrap();
+    let prompt = ids_of(&fixture["input_ids"]);
+    let steps = fixture["steps"].as_u64().unwrap() as usize;
+    let options = hooks::GenerateOptions {
+        max_new_tokens: steps,
+        ..Default::default()
+    };
+    let plain = model
+        .generate(&prompt, &mut Hooks::new(), &options)
+        .unwrap();
+    assert_eq!(plain, ids_of(&fixture["plain"]["generated_ids"]));
+
+    let steering = &fixture["steering"];
+    let vector: Vec<f32> = steering["vector"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    let vector = Tensor::new(vector, &Device::Cpu).unwrap();
+    let point = model
+        .hook_point(steering["hookpoint"].as_str().unwrap())
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut steer = Hooks::new().replace(point, |x| {
+        seen.push(x.dim(1)?);
+        Ok(Some(x.broadcast_add(&vector)?))
+    });
+    let steered = model.generate(&prompt, &mut steer, &options).unwrap();
+    drop(steer);
+    assert_eq!(steered, ids_of(&fixture["steered"]["generated_ids"]));
+    assert_ne!(steered, plain);
+    assert_eq!(seen.len(), steps, "one pass per generated token");
+    assert_eq!((seen[0], seen[1]), (prompt.len(), 1));
+
+    common::assert_cached_passes_match(
+        model,
+        &Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap(),
+    );
+
+    let sampled = |seed| {
+        let options = hooks::GenerateOptions {
+            max_new_tokens: 6,
+            temperature: 1.0,
+            seed,
+            ..Default::default()
+        };
+        model
+            .generate(&prompt, &mut Hooks::new(), &options)
+            .unwrap()
+    };
+    assert_eq!(sampled(3), sampled(3));
+    let stop_at_first = hooks::GenerateOptions {
+        stop_tokens: Some(vec![plain[0]]),
+        ..options.clone()
+    };
+    let stopped = model
+        .generate(&prompt, &mut Hooks::new(), &stop_at_first)
+        .unwrap();
+    assert_eq!(stopped, plain[..1]);
+    let err = model
+        .generate(
+            &prompt,
+            &mut Hooks::new(),
+            &hooks::GenerateOptions {
+                temperature: f32::NAN,
+                ..options
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("temperature"), "{err}");
+}

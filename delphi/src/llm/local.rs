@@ -43,8 +43,9 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
+use hooks::sampling::{argmax, log_softmax, sample, top_k};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use tokio::sync::Semaphore;
 
 use super::{
@@ -481,11 +482,11 @@ impl Shared {
         })
     }
 
-    /// Reads `request`'s answers: each one's token ids (the prompt as for
-    /// [`Self::generate`], then every answer piece tokenized on its own) run through
-    /// [`Self::reader`] in batches of [`READ_BATCH`] answers, right-padded (a causal model's
-    /// earlier positions do not see the padding), and the log-probabilities taken at each
-    /// piece's last token.
+    /// Reads `request`'s answers: the prompt (as for [`Self::generate`]) is run once through
+    /// [`Self::reader`] into a KV cache, which each answer continues with its pieces (each
+    /// tokenized on its own), in batches of [`READ_BATCH`] answers, right-padded (a causal
+    /// model's earlier positions do not see the padding); the log-probabilities are taken at
+    /// each piece's last token.
     fn read(&self, request: &ReadRequest) -> Result<ReadResponse> {
         let prompt = self.prompt(&request.messages)?;
         // Nothing to read: no need to load the reader.
@@ -495,12 +496,12 @@ impl Shared {
                 usage: Usage::default(),
             });
         }
-        // Per answer: its ids and where each piece ends.
+        // Per answer: its ids after the prompt and where each piece ends among them.
         let sequences = request
             .answers
             .iter()
             .map(|answer| {
-                let mut ids = prompt.clone();
+                let mut ids = Vec::new();
                 let mut ends = Vec::with_capacity(answer.len());
                 for piece in answer {
                     let piece_ids = self.tokenizer.encode(piece)?;
@@ -512,11 +513,11 @@ impl Shared {
                     ids.extend(piece_ids);
                     ends.push(ids.len() - 1);
                 }
-                if ids.len() > self.context_len {
+                if prompt.len() + ids.len() > self.context_len {
                     return Err(self.error(format!(
                         "the prompt and an answer to read have {} tokens, more than the \
                          model's context of {}",
-                        ids.len(),
+                        prompt.len() + ids.len(),
                         self.context_len
                     )));
                 }
@@ -534,6 +535,13 @@ impl Shared {
             .collect::<Result<Vec<Option<usize>>>>()?;
         let reader = self.reader()?;
         let unembedding = reader.unembedding();
+        let last_layer = hooks::HookPoint::Layer(reader.config().num_layers().saturating_sub(1));
+        let mut prompt_cache = hooks::KvCache::new();
+        reader.forward_cached(
+            &Tensor::new(prompt.as_slice(), &Device::Cpu)?,
+            &mut hooks::Hooks::capture_only([last_layer]),
+            &mut prompt_cache,
+        )?;
         let mut logprobs = Vec::with_capacity(sequences.len());
         for batch in sequences.chunks(READ_BATCH) {
             let width = batch.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
@@ -550,7 +558,7 @@ impl Shared {
             }
             let ids = Tensor::from_vec(padded, (batch.len(), width), &Device::Cpu)?;
             let mut hooks = hooks::Hooks::capture_only([hooks::HookPoint::FinalNorm]);
-            let out = reader.forward(&ids, &mut hooks)?;
+            let out = reader.forward_cached(&ids, &mut hooks, &mut prompt_cache.clone())?;
             let normed = out
                 .captures
                 .get(&hooks::HookPoint::FinalNorm)
@@ -584,7 +592,10 @@ impl Shared {
         Ok(ReadResponse {
             logprobs,
             usage: Usage {
-                prompt_tokens: sequences.iter().map(|(ids, _)| ids.len() as u64).sum(),
+                prompt_tokens: sequences
+                    .iter()
+                    .map(|(ids, _)| (prompt.len() + ids.len()) as u64)
+                    .sum(),
                 completion_tokens: 0,
             },
         })
@@ -715,65 +726,6 @@ fn advance(model: &mut ModelWeights, ids: &[u32], start: usize) -> Result<Tensor
     }
     let logits = logits.ok_or_else(|| Error::Invalid("no tokens to process".into()))?;
     Ok(logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?)
-}
-
-/// The index of the largest score (the first one on ties, as torch's argmax on CPU).
-fn argmax(scores: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &s) in scores.iter().enumerate() {
-        if s > scores[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-/// `log_softmax` in f64 accumulation.
-fn log_softmax(scores: &[f32]) -> Vec<f32> {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = scores.iter().map(|&s| ((s - max) as f64).exp()).sum();
-    let log_sum = max as f64 + sum.ln();
-    scores
-        .iter()
-        .map(|&s| (s as f64 - log_sum) as f32)
-        .collect()
-}
-
-/// The ids of the `k` largest values, largest first (lower id first on ties).
-fn top_k(values: &[f32], k: usize) -> Vec<u32> {
-    let mut ids: Vec<u32> = (0..values.len() as u32).collect();
-    let k = k.min(ids.len());
-    if k == 0 {
-        return Vec::new();
-    }
-    let order = |a: &u32, b: &u32| {
-        values[*b as usize]
-            .total_cmp(&values[*a as usize])
-            .then(a.cmp(b))
-    };
-    ids.select_nth_unstable_by(k - 1, order);
-    ids.truncate(k);
-    ids.sort_by(order);
-    ids
-}
-
-/// A draw from `softmax(scores / temperature)`.
-fn sample(scores: &[f32], temperature: f32, rng: &mut StdRng) -> u32 {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let weights: Vec<f64> = scores
-        .iter()
-        .map(|&s| (((s - max) / temperature) as f64).exp())
-        .collect();
-    let total: f64 = weights.iter().sum();
-    let mut target = rng.random::<f64>() * total;
-    for (i, w) in weights.iter().enumerate() {
-        target -= w;
-        if target < 0.0 {
-            return i as u32;
-        }
-    }
-    // Rounding left a sliver: the last token with any weight.
-    weights.iter().rposition(|&w| w > 0.0).unwrap_or(0) as u32
 }
 
 impl LocalLlm {
@@ -980,45 +932,6 @@ mod tests {
             let err = ChatTemplate::parse(source).unwrap_err();
             assert!(err.contains("only ChatML templates"), "{err}");
         }
-    }
-
-    #[test]
-    fn log_softmax_and_top_k() {
-        let scores = [1.0f32, 3.0, 2.0, 3.0];
-        let lp = log_softmax(&scores);
-        let z: f64 = scores.iter().map(|&s| (s as f64).exp()).sum();
-        for (l, s) in lp.iter().zip(scores) {
-            assert!((*l as f64 - (s as f64 - z.ln())).abs() < 1e-6);
-        }
-        assert_eq!(top_k(&lp, 3), [1, 3, 2]);
-        assert_eq!(top_k(&lp, 10), [1, 3, 2, 0]);
-        assert!(top_k(&lp, 0).is_empty());
-        assert_eq!(argmax(&scores), 1);
-    }
-
-    #[test]
-    fn sampling_follows_the_tempered_distribution_and_is_seeded() {
-        let scores = [0.0f32, (3.0f32).ln(), f32::NEG_INFINITY];
-        let draws = |seed| {
-            let mut rng = StdRng::seed_from_u64(seed);
-            (0..4000)
-                .map(|_| sample(&scores, 1.0, &mut rng))
-                .collect::<Vec<_>>()
-        };
-        let a = draws(7);
-        assert_eq!(a, draws(7));
-        assert_ne!(a, draws(8));
-        assert!(!a.contains(&2), "a token of probability 0 was drawn");
-        let ones = a.iter().filter(|&&t| t == 1).count() as f64 / a.len() as f64;
-        // p(1) = 0.75; 4000 draws: standard error 0.007.
-        assert!((ones - 0.75).abs() < 0.03, "{ones}");
-        // At temperature 0.5 the odds square: p(1) = 9/10.
-        let mut rng = StdRng::seed_from_u64(1);
-        let cold = (0..4000)
-            .filter(|_| sample(&scores, 0.5, &mut rng) == 1)
-            .count() as f64
-            / 4000.0;
-        assert!((cold - 0.9).abs() < 0.03, "{cold}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub(crate) mod cpu_kernels;
 mod decoder;
 mod flash_attention;
+mod generate;
 mod gpt_neox;
 mod kv_cache;
 pub(crate) mod layers;
@@ -21,6 +22,7 @@ use crate::source::{ModelFiles, ModelSpec};
 use crate::weights::{WeightFiles, WeightStore};
 use crate::{Error, HookPoint, Result, Tokenizer};
 
+pub use generate::GenerateOptions;
 pub use kv_cache::KvCache;
 use layers::Loader;
 

@@ -44,3 +44,18 @@ _, acts = model.run_with_cache(ids, hookpoints=[f"layers.{i}" for i in range(0, 
 for name, act in acts.items():
     guess = int(np.argmax(lens.forward(act)[-1]))
     print(f"{name:>10}: {model.tokenizer.decode([guess])!r}")
+
+# %% [markdown]
+# ## Generating text, steered
+#
+# `generate` continues a prompt token by token on a KV cache and applies hooks at every step.
+# Adding a direction to the residual stream at layer 10 (here the embedding of " London",
+# scaled to about the stream's norm) steers what the model writes.
+
+# %%
+print("plain:  ", repr(model.generate(prompt, 12)))
+london = model.tokenizer.encode(" London")[0]
+_, embed = model.run_with_cache(np.array([london]), hookpoints=["embed"])
+direction = embed["embed"][0] / np.linalg.norm(embed["embed"][0])
+steered = model.generate(prompt, 12, hooks={"layers.10": lambda x: x + 96 * direction})
+print("steered:", repr(steered))

@@ -142,6 +142,30 @@ class Model:
         or hook (every hook is called)."""
     def run_with_hooks(self, ids: _Ids, hooks: Mapping[str, _Hook]) -> _F32:
         """The logits with hook points replaced by what the hooks return."""
+    @overload
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 32,
+        *,
+        hooks: Optional[Mapping[str, Optional[Callable[[_F32], Optional[npt.ArrayLike]]]]] = None,
+        temperature: float = 0.0,
+        seed: int = 0,
+        stop: Optional[Sequence[int]] = None,
+    ) -> str: ...
+    @overload
+    def generate(
+        self,
+        prompt: _Ids,
+        max_new_tokens: int = 32,
+        *,
+        hooks: Optional[Mapping[str, Optional[Callable[[_F32], Optional[npt.ArrayLike]]]]] = None,
+        temperature: float = 0.0,
+        seed: int = 0,
+        stop: Optional[Sequence[int]] = None,
+    ) -> npt.NDArray[np.int64]:
+        """Continues a prompt token by token (KV cache), the hooks applied at every step; returns
+        the added text (str prompt) or token ids (1-D ids)."""
 
 @final
 class CacheBatches(Iterator[dict[str, np.ndarray]]):

@@ -205,6 +205,24 @@ enum Action {
     Fixed(Tensor),
 }
 
+/// `hooks` with each action added as a replacement; a callable's exception lands in `slot`.
+fn with_actions<'a>(
+    mut hooks: Hooks<'a>,
+    actions: Vec<(HookPoint, String, Action)>,
+    one_dim: bool,
+    slot: &'a RefCell<Option<PyErr>>,
+) -> Hooks<'a> {
+    for (point, name, action) in actions {
+        hooks = match action {
+            Action::Fixed(value) => hooks.replace_with(point, value),
+            Action::Call(callable) => hooks.replace(point, move |x| {
+                call_hook(&callable, x, one_dim, &name, slot)
+            }),
+        };
+    }
+    hooks
+}
+
 /// Converts a Python `str` or sequence of `str` into names.
 fn names_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
     if let Ok(name) = obj.cast::<PyString>() {
@@ -464,22 +482,12 @@ impl PyModel {
         let (result, hook_error) = py.detach(move || {
             let slot: RefCell<Option<PyErr>> = RefCell::new(None);
             let result = (|| -> hooks::Result<HostOutput> {
-                let mut hooks = if stop_early {
+                let hooks = if stop_early {
                     Hooks::capture_only(points.iter().copied())
                 } else {
                     Hooks::new().capture(points.iter().copied())
                 };
-                for (point, name, action) in actions {
-                    hooks = match action {
-                        Action::Fixed(value) => hooks.replace_with(point, value),
-                        Action::Call(callable) => {
-                            let slot = &slot;
-                            hooks.replace(point, move |x| {
-                                call_hook(&callable, x, one_dim, &name, slot)
-                            })
-                        }
-                    };
-                }
+                let mut hooks = with_actions(hooks, actions, one_dim, &slot);
                 let out = model.forward(&tensor, &mut hooks)?;
                 drop(hooks);
                 let logits = match (&out.logits, stop_early) {
@@ -815,6 +823,117 @@ impl PyModel {
     ) -> PyResult<Bound<'py, PyAny>> {
         let (logits, _) = self.run(py, ids, &[], Some(hooks), false)?;
         logits.ok_or_else(|| PyValueError::new_err("the forward pass computed no logits"))
+    }
+
+    /// Continues a prompt token by token (a KV cache keeps the earlier positions) and
+    /// returns what was added: the decoded text for a ``str`` prompt (tokenized without
+    /// special tokens), the int64 token ids for 1-D ids.
+    ///
+    /// ``temperature=0`` (default) takes the most likely token; above 0, tokens are drawn
+    /// from ``softmax(logits / temperature)`` with ``seed``. Generation stops after
+    /// ``max_new_tokens``, after a token of ``stop`` (a list of ids, kept in the output;
+    /// ``None``: the tokenizer's end-of-text token) or at the model's context length.
+    ///
+    /// ``hooks`` maps hook point names to callables, as in :meth:`run_with_hooks`, and is
+    /// applied at every step: the first call sees the prompt's positions (``[seq, width]``),
+    /// each later one the new token's (``[1, width]``). A steering vector ``v`` at layer 10:
+    /// ``model.generate("The capital of France is", 16, hooks={"layers.10": lambda x: x + v})``.
+    /// Fixed arrays are refused (they would fit the first step only).
+    #[pyo3(signature = (prompt, max_new_tokens = 32, *, hooks = None, temperature = 0.0, seed = 0, stop = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate<'py>(
+        &self,
+        py: Python<'py>,
+        prompt: &Bound<'py, PyAny>,
+        max_new_tokens: usize,
+        hooks: Option<&Bound<'py, PyAny>>,
+        temperature: f32,
+        seed: u64,
+        stop: Option<Vec<u32>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let text = prompt.extract::<String>().ok();
+        let ids = match &text {
+            Some(text) => {
+                let tokenizer = self.tokenizer(py)?;
+                let ids = tokenizer.get().tokenizer().encode(text).into_py_result()?;
+                if ids.is_empty() {
+                    return Err(PyValueError::new_err("the prompt makes no tokens"));
+                }
+                ids
+            }
+            None => {
+                let ids = token_ids(prompt)?;
+                if !ids.one_dim {
+                    return Err(PyValueError::new_err(format!(
+                        "generate takes one prompt: a str or 1-D token ids, got ids of shape {:?}",
+                        ids.user_dims()
+                    )));
+                }
+                ids.tensor
+                    .flatten_all()
+                    .and_then(|t| t.to_dtype(hooks::candle_core::DType::U32))
+                    .and_then(|t| t.to_vec1::<u32>())
+                    .into_py_result()?
+            }
+        };
+        let actions = self.actions(
+            hooks,
+            &token_ids(&int64_array(
+                py,
+                ids.iter().map(|&id| i64::from(id)).collect(),
+                &[ids.len()],
+            )?)?,
+        )?;
+        if let Some((_, name, _)) = actions
+            .iter()
+            .find(|(_, _, a)| matches!(a, Action::Fixed(_)))
+        {
+            return Err(PyTypeError::new_err(format!(
+                "generate takes callables as hooks, not arrays: the array at '{name}' would fit \
+                 the first step only"
+            )));
+        }
+        let stop = match stop {
+            Some(stop) => Some(stop),
+            None => self
+                .tokenizer
+                .as_ref()
+                .map(|t| t.get().tokenizer().eos_id().into_iter().collect()),
+        };
+        let options = hooks::GenerateOptions {
+            max_new_tokens,
+            temperature,
+            seed,
+            stop_tokens: stop,
+        };
+        let model = &self.inner;
+        let (result, hook_error) = py.detach(|| {
+            let slot: RefCell<Option<PyErr>> = RefCell::new(None);
+            let result = {
+                let mut hooks = with_actions(Hooks::new(), actions, true, &slot);
+                model.generate(&ids, &mut hooks, &options)
+            };
+            (result, slot.into_inner())
+        });
+        if let Some(error) = hook_error {
+            return Err(error);
+        }
+        let generated = result.into_py_result()?;
+        match text {
+            Some(_) => {
+                let tokenizer = self.tokenizer(py)?;
+                let text = tokenizer
+                    .get()
+                    .tokenizer()
+                    .decode(&generated)
+                    .into_py_result()?;
+                Ok(text.into_pyobject(py)?.into_any())
+            }
+            None => {
+                let n = generated.len();
+                int64_array(py, generated.into_iter().map(i64::from).collect(), &[n])
+            }
+        }
     }
 
     fn __repr__(&self) -> String {

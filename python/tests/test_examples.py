@@ -24,3 +24,5 @@ def test_quickstart_runs_on_smollm2():
     assert out.returncode == 0, out.stderr
     assert "'The capital of France is' -> ' Paris'" in out.stdout
     assert "layers.29: shape (5, 576)" in out.stdout
+    assert "plain:   ' Paris.\\n\\nThe answer is: 201'\n" in out.stdout
+    assert "steered: ' widely regarded as the world em source of a dollar a year'\n" in out.stdout

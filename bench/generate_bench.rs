@@ -31,7 +31,8 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let model = Model::load(model_name, &LoadOptions::default())?;
     let load_s = started.elapsed().as_secs_f64();
-    let text = std::fs::read_to_string(text_file).with_context(|| format!("reading {text_file}"))?;
+    let text =
+        std::fs::read_to_string(text_file).with_context(|| format!("reading {text_file}"))?;
     let mut prompt = model.tokenizer()?.encode(&text)?;
     prompt.truncate(prompt_tokens);
     let options = GenerateOptions {
@@ -58,7 +59,9 @@ fn main() -> Result<()> {
     let mut runs = Vec::new();
     for steered in [false, true] {
         let mut hooks = if steered {
-            Hooks::new().replace(HookPoint::Layer(layer), |x| Ok(Some(x.broadcast_add(&vector)?)))
+            Hooks::new().replace(HookPoint::Layer(layer), |x| {
+                Ok(Some(x.broadcast_add(&vector)?))
+            })
         } else {
             Hooks::new()
         };

@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use delphi::llm::local::{LocalLlm, LocalOptions};
-use delphi::llm::{AnswerFormat, ChatRequest, Llm, Message, ReadRequest, Role};
+use delphi::llm::{
+    AnswerFormat, ChatRequest, ContinuationRequest, Llm, Message, ReadRequest, Role,
+};
 use delphi::prompts::{classifier_messages, parse_predictions, ClassifierTask};
 use delphi::score::{simulate, Sample};
 use serde_json::Value;
@@ -376,6 +378,74 @@ async fn simulation_runs_on_the_local_model() {
         serde_json::to_value(&again.groups).unwrap(),
         serde_json::to_value(&score.groups).unwrap()
     );
+}
+
+/// Every token's log-probability after a plain prompt (the surprisal scorer's reading) against
+/// transformers' one pass over prompt and text (`local_continuation.json`): the texts read
+/// together (batched, right-padded, after the prompt's KV cache), an empty text among them.
+#[test]
+fn continuation_logprobs_match_transformers_in_one_pass() {
+    let Some(model) = model() else { return };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/delphi/local_continuation.json");
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let prompt = fixture["prompt"].as_str().unwrap().to_string();
+    assert_eq!(
+        model.tokenizer().encode(&prompt).unwrap(),
+        ids(&fixture["prompt_ids"])
+    );
+    let records = fixture["texts"].as_array().unwrap();
+    let mut texts: Vec<String> = records
+        .iter()
+        .map(|r| r["text"].as_str().unwrap().to_string())
+        .collect();
+    texts.push(String::new());
+    let scored = model
+        .continuation_logprobs_blocking(&ContinuationRequest {
+            prompt: prompt.clone(),
+            texts: texts.clone(),
+        })
+        .unwrap();
+    assert_eq!(scored.logprobs.len(), texts.len());
+    assert!(scored.logprobs.last().unwrap().is_empty());
+    let mut worst = 0f32;
+    for (record, ours) in records.iter().zip(&scored.logprobs) {
+        let text = record["text"].as_str().unwrap();
+        assert_eq!(
+            model.tokenizer().encode(text).unwrap(),
+            ids(&record["ids"]),
+            "{text:?}"
+        );
+        let theirs = record["logprobs"].as_array().unwrap();
+        assert_eq!(ours.len(), theirs.len(), "{text:?}");
+        for (ours, theirs) in ours.iter().zip(theirs) {
+            let diff = (ours - theirs.as_f64().unwrap() as f32).abs();
+            worst = worst.max(diff);
+            assert!(diff <= LOGPROB_TOLERANCE, "{text:?}: {ours} vs {theirs}");
+        }
+    }
+    println!("largest continuation log-probability difference: {worst:.5}");
+    // One text alone gives what it gives among the others.
+    let alone = model
+        .continuation_logprobs_blocking(&ContinuationRequest {
+            prompt,
+            texts: vec![texts[1].clone()],
+        })
+        .unwrap();
+    let diff = alone.logprobs[0]
+        .iter()
+        .zip(&scored.logprobs[1])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-4, "{diff}");
+    let err = model
+        .continuation_logprobs_blocking(&ContinuationRequest {
+            prompt: String::new(),
+            texts: vec!["x".into()],
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs a prompt"), "{err}");
 }
 
 #[test]

@@ -49,8 +49,8 @@ use rand::SeedableRng;
 use tokio::sync::Semaphore;
 
 use super::{
-    AnswerFormat, BoxFuture, ChatRequest, ChatResponse, Llm, Message, ReadRequest, ReadResponse,
-    Role, TokenLogprobs, Usage,
+    AnswerFormat, BoxFuture, ChatRequest, ChatResponse, ContinuationRequest, ContinuationResponse,
+    Llm, Message, ReadRequest, ReadResponse, Role, TokenLogprobs, Usage,
 };
 use crate::{Error, Result};
 
@@ -328,6 +328,15 @@ impl LocalLlm {
         self.shared.read(request)
     }
 
+    /// Scores `request`'s texts on the calling thread (blocking), as
+    /// [`Llm::continuation_logprobs`].
+    pub fn continuation_logprobs_blocking(
+        &self,
+        request: &ContinuationRequest,
+    ) -> Result<ContinuationResponse> {
+        self.shared.continuation_logprobs(request)
+    }
+
     /// Answers `request` on the calling thread (blocking; waits while another request runs).
     /// [`Llm::chat`] runs this on tokio's blocking pool.
     pub fn generate(&self, request: &ChatRequest) -> Result<ChatResponse> {
@@ -484,18 +493,10 @@ impl Shared {
 
     /// Reads `request`'s answers: the prompt (as for [`Self::generate`]) is run once through
     /// [`Self::reader`] into a KV cache, which each answer continues with its pieces (each
-    /// tokenized on its own), in batches of [`READ_BATCH`] answers, right-padded (a causal
-    /// model's earlier positions do not see the padding); the log-probabilities are taken at
-    /// each piece's last token.
+    /// tokenized on its own), and the candidates' log-probabilities are taken at each piece's
+    /// last token ([`Self::read_after`]).
     fn read(&self, request: &ReadRequest) -> Result<ReadResponse> {
         let prompt = self.prompt(&request.messages)?;
-        // Nothing to read: no need to load the reader.
-        if request.answers.iter().all(Vec::is_empty) {
-            return Ok(ReadResponse {
-                logprobs: vec![Vec::new(); request.answers.len()],
-                usage: Usage::default(),
-            });
-        }
         // Per answer: its ids after the prompt and where each piece ends among them.
         let sequences = request
             .answers
@@ -513,14 +514,6 @@ impl Shared {
                     ids.extend(piece_ids);
                     ends.push(ids.len() - 1);
                 }
-                if prompt.len() + ids.len() > self.context_len {
-                    return Err(self.error(format!(
-                        "the prompt and an answer to read have {} tokens, more than the \
-                         model's context of {}",
-                        prompt.len() + ids.len(),
-                        self.context_len
-                    )));
-                }
                 Ok((ids, ends))
             })
             .collect::<Result<Vec<(Vec<u32>, Vec<usize>)>>>()?;
@@ -533,17 +526,106 @@ impl Shared {
                 Ok((ids.len() == 1).then(|| ids[0] as usize))
             })
             .collect::<Result<Vec<Option<usize>>>>()?;
+        let mut logprobs: Vec<Vec<Vec<f32>>> = vec![Vec::new(); sequences.len()];
+        self.read_after(&prompt, &sequences, |answer, _, row| {
+            logprobs[answer].push(
+                candidates
+                    .iter()
+                    .map(|id| id.and_then(|id| row.get(id).copied()))
+                    .map(|lp| lp.unwrap_or(f32::NEG_INFINITY))
+                    .collect(),
+            )
+        })?;
+        Ok(ReadResponse {
+            logprobs,
+            usage: Self::reading_usage(prompt.len(), &sequences),
+        })
+    }
+
+    /// The log-probability of every token of `request`'s texts, each continuing the plain
+    /// prompt (no chat template): all but the prompt's last token go into the KV cache, and
+    /// each text is read from that last token on, the log-probabilities taken at every
+    /// position for the token that follows ([`Self::read_after`]).
+    fn continuation_logprobs(&self, request: &ContinuationRequest) -> Result<ContinuationResponse> {
+        let prompt = self.tokenizer.encode(&request.prompt)?;
+        let Some((&last, cached)) = prompt.split_last() else {
+            return Err(Error::Invalid(
+                "a continuation request needs a prompt that makes tokens".into(),
+            ));
+        };
+        let texts = request
+            .texts
+            .iter()
+            .map(|text| self.tokenizer.encode(text))
+            .collect::<hooks::Result<Vec<Vec<u32>>>>()?;
+        let sequences: Vec<(Vec<u32>, Vec<usize>)> = texts
+            .iter()
+            .map(|ids| {
+                let mut read = vec![last];
+                read.extend(ids);
+                (read, (0..ids.len()).collect())
+            })
+            .collect();
+        let mut logprobs: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
+        self.read_after(cached, &sequences, |text, position, row| {
+            logprobs[text].push(row[texts[text][position] as usize])
+        })?;
+        Ok(ContinuationResponse {
+            logprobs,
+            usage: Self::reading_usage(cached.len(), &sequences),
+        })
+    }
+
+    /// What reading `sequences` after a prompt of `prompt` tokens would cost through an API:
+    /// the prompt once per sequence.
+    fn reading_usage(prompt: usize, sequences: &[(Vec<u32>, Vec<usize>)]) -> Usage {
+        Usage {
+            prompt_tokens: sequences
+                .iter()
+                .map(|(ids, _)| (prompt + ids.len()) as u64)
+                .sum(),
+            completion_tokens: 0,
+        }
+    }
+
+    /// Runs `cached` once through [`Self::reader`] into a KV cache, continues it with each of
+    /// `sequences` (token ids, and the positions among them to read), in batches of
+    /// [`READ_BATCH`], right-padded (a causal model's earlier positions do not see the
+    /// padding), and hands `read(sequence, reading point, log-probabilities of the next
+    /// token)` every reading point, in order. The unembedding is applied at those points
+    /// only. Nothing to read loads nothing.
+    fn read_after(
+        &self,
+        cached: &[u32],
+        sequences: &[(Vec<u32>, Vec<usize>)],
+        mut read: impl FnMut(usize, usize, &[f32]),
+    ) -> Result<()> {
+        if sequences.iter().all(|(_, ends)| ends.is_empty()) {
+            return Ok(());
+        }
+        if let Some((ids, _)) = sequences
+            .iter()
+            .find(|(ids, _)| cached.len() + ids.len() > self.context_len)
+        {
+            return Err(self.error(format!(
+                "the prompt and a text to read have {} tokens, more than the model's context \
+                 of {}",
+                cached.len() + ids.len(),
+                self.context_len
+            )));
+        }
         let reader = self.reader()?;
         let unembedding = reader.unembedding();
-        let last_layer = hooks::HookPoint::Layer(reader.config().num_layers().saturating_sub(1));
         let mut prompt_cache = hooks::KvCache::new();
-        reader.forward_cached(
-            &Tensor::new(prompt.as_slice(), &Device::Cpu)?,
-            &mut hooks::Hooks::capture_only([last_layer]),
-            &mut prompt_cache,
-        )?;
-        let mut logprobs = Vec::with_capacity(sequences.len());
-        for batch in sequences.chunks(READ_BATCH) {
+        if !cached.is_empty() {
+            let last = reader.config().num_layers().saturating_sub(1);
+            reader.forward_cached(
+                &Tensor::new(cached, &Device::Cpu)?,
+                &mut hooks::Hooks::capture_only([hooks::HookPoint::Layer(last)]),
+                &mut prompt_cache,
+            )?;
+        }
+        for (batch_index, batch) in sequences.chunks(READ_BATCH).enumerate() {
             let width = batch.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
             let mut padded = Vec::with_capacity(batch.len() * width);
             let mut rows = Vec::new();
@@ -553,7 +635,6 @@ impl Shared {
                 rows.extend(ends.iter().map(|&end| (i * width + end) as u32));
             }
             if rows.is_empty() {
-                logprobs.extend(batch.iter().map(|_| Vec::new()));
                 continue;
             }
             let ids = Tensor::from_vec(padded, (batch.len(), width), &Device::Cpu)?;
@@ -572,33 +653,13 @@ impl Shared {
                 .to_dtype(candle_core::DType::F32)?
                 .to_vec2()?;
             let mut logits = logits.into_iter();
-            for (_, ends) in batch {
-                logprobs.push(
-                    logits
-                        .by_ref()
-                        .take(ends.len())
-                        .map(|row| {
-                            let all = log_softmax(&row);
-                            candidates
-                                .iter()
-                                .map(|id| id.and_then(|id| all.get(id).copied()))
-                                .map(|lp| lp.unwrap_or(f32::NEG_INFINITY))
-                                .collect()
-                        })
-                        .collect(),
-                );
+            for (i, (_, ends)) in batch.iter().enumerate() {
+                for (point, row) in logits.by_ref().take(ends.len()).enumerate() {
+                    read(batch_index * READ_BATCH + i, point, &log_softmax(&row));
+                }
             }
         }
-        Ok(ReadResponse {
-            logprobs,
-            usage: Usage {
-                prompt_tokens: sequences
-                    .iter()
-                    .map(|(ids, _)| (prompt.len() + ids.len()) as u64)
-                    .sum(),
-                completion_tokens: 0,
-            },
-        })
+        Ok(())
     }
 
     /// The model that reads answers: the same file through the hook runtime (weights
@@ -767,6 +828,13 @@ impl Llm for LocalLlm {
 
     fn read(&self, request: ReadRequest) -> BoxFuture<'_, Result<ReadResponse>> {
         self.off_the_runtime(move |shared| shared.read(&request))
+    }
+
+    fn continuation_logprobs(
+        &self,
+        request: ContinuationRequest,
+    ) -> BoxFuture<'_, Result<ContinuationResponse>> {
+        self.off_the_runtime(move |shared| shared.continuation_logprobs(&request))
     }
 
     fn reads_prompts(&self) -> bool {

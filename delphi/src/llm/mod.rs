@@ -210,6 +210,27 @@ pub struct ReadResponse {
     pub usage: Usage,
 }
 
+/// Texts scored rather than answered: the log-probability of every token of several
+/// continuations of one plain-text prompt, with no chat template (a base model's view, as the
+/// surprisal scorer asks for it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContinuationRequest {
+    /// The text before each continuation.
+    pub prompt: String,
+    /// The continuations, each tokenized on its own.
+    pub texts: Vec<String>,
+}
+
+/// What [`Llm::continuation_logprobs`] gives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContinuationResponse {
+    /// Per text, per token of it: its natural-log probability after the prompt and the
+    /// text's earlier tokens.
+    pub logprobs: Vec<Vec<f32>>,
+    /// Tokens spent (all of them prompt tokens).
+    pub usage: Usage,
+}
+
 /// A future that can be sent between threads, as returned by [`Llm::chat`].
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -223,21 +244,33 @@ pub trait Llm: Send + Sync {
     /// refuse.
     fn read(&self, request: ReadRequest) -> BoxFuture<'_, Result<ReadResponse>> {
         let _ = request;
-        Box::pin(async move {
-            Err(crate::Error::Llm {
-                backend: self.name(),
-                message: "this backend cannot read a prompt's log-probabilities (only a local \
-                          GGUF model can)"
-                    .into(),
-            })
-        })
+        Box::pin(async move { Err(self.cannot_read_prompts()) })
     }
-    /// Whether [`Llm::read`] works, checked before a job that needs it starts.
+    /// Scores `request`'s texts ([`ContinuationRequest`]); like [`Llm::read`], only backends
+    /// that see the logits at every prompt position can.
+    fn continuation_logprobs(
+        &self,
+        request: ContinuationRequest,
+    ) -> BoxFuture<'_, Result<ContinuationResponse>> {
+        let _ = request;
+        Box::pin(async move { Err(self.cannot_read_prompts()) })
+    }
+    /// Whether [`Llm::read`] and [`Llm::continuation_logprobs`] work, checked before a job
+    /// that needs them starts.
     fn reads_prompts(&self) -> bool {
         false
     }
     /// A short name for logs and result files (model name, URL or GGUF file name).
     fn name(&self) -> String;
+    /// The error of a backend that cannot read prompt log-probabilities.
+    fn cannot_read_prompts(&self) -> crate::Error {
+        crate::Error::Llm {
+            backend: self.name(),
+            message: "this backend cannot read a prompt's log-probabilities (only a local GGUF \
+                      model can)"
+                .into(),
+        }
+    }
     /// What decides the answers, recorded in `run_config.json` so that a rerun with another
     /// model is refused: the model name without where it is served (a server may move).
     fn model_id(&self) -> String {

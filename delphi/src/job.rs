@@ -34,8 +34,9 @@ use crate::metrics::{median, Confusion};
 use crate::prompts::{ClassifierTask, ShownExample};
 use crate::score::{
     check_intruder_config, classifier_summary, classify, embed_score, embedding_auc, intrude,
-    intruder_accuracy, simulate, simulation_correlation, ClassifiedSample, EmbeddedSample,
-    IntruderResult, Sample, ScoreConfig, ScoredSimulation, Scorer,
+    intruder_accuracy, simulate, simulation_correlation, surprisal, surprisal_auc,
+    ClassifiedSample, EmbeddedSample, IntruderResult, Sample, ScoreConfig, ScoredSimulation,
+    Scorer, SurprisalOutput,
 };
 use crate::{Error, Result};
 
@@ -672,6 +673,12 @@ async fn process_latent(
                 write_json_file(&path, &score.groups)?;
                 continue;
             }
+            Scorer::Surprisal => {
+                let score = surprisal(models.scorer, explanation, &samples).await?;
+                counters.spend(score.usage);
+                write_json_file(&path, &score.outputs)?;
+                continue;
+            }
             Scorer::Intruder => {
                 let score =
                     intrude(models.scorer, &samples, &config.score, seed ^ scorer as u64).await?;
@@ -705,15 +712,19 @@ async fn process_latent(
     })
 }
 
-/// Refuses a scorer model that cannot do what the job's scorers need: the simulation scorer
-/// reads prompt log-probabilities ([`Llm::reads_prompts`]).
+/// Refuses a scorer model that cannot do what the job's scorers need: the simulation and
+/// surprisal scorers read prompt log-probabilities ([`Llm::reads_prompts`]).
 pub fn check_scorer_model(config: &JobConfig, scorer: &dyn Llm) -> Result<()> {
-    if config.scorers.contains(&Scorer::Simulation) && !scorer.reads_prompts() {
-        return Err(Error::Invalid(format!(
-            "the simulation scorer reads the model's log-probabilities at every token of a \
-             prompt, which {} cannot give: use a local GGUF model (--explainer local)",
-            scorer.name()
-        )));
+    let reading = [Scorer::Simulation, Scorer::Surprisal];
+    if let Some(needs) = reading.iter().find(|s| config.scorers.contains(s)) {
+        if !scorer.reads_prompts() {
+            return Err(Error::Invalid(format!(
+                "the {} scorer reads the model's log-probabilities at every token of a \
+                 prompt, which {} cannot give: use a local GGUF model (--explainer local)",
+                needs.dir_name(),
+                scorer.name()
+            )));
+        }
     }
     Ok(())
 }
@@ -917,6 +928,10 @@ pub fn summarize(output: &Path, config: &JobConfig) -> Result<JobSummary> {
                         Scorer::Simulation => {
                             let groups: Vec<ScoredSimulation> = read_score_file(&path)?;
                             correlations.extend(simulation_correlation(&groups));
+                        }
+                        Scorer::Surprisal => {
+                            let outputs: Vec<SurprisalOutput> = read_score_file(&path)?;
+                            aucs.extend(surprisal_auc(&outputs));
                         }
                         Scorer::Intruder => {
                             let results: Vec<IntruderResult> = read_json_file(&path)?;

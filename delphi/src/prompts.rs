@@ -415,6 +415,57 @@ pub fn simulation_answer(tokens: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// The surprisal scorer's few-shot demonstrations: a description, then sentences it fits.
+const SURPRISAL_SHOTS: [(&str, &[&str]); 3] = [
+    (
+        "Months of the year, mostly in dates.",
+        &[
+            "The bridge opened to traffic in March 1932, four years after work began.",
+            "Her last album came out on 14 October 2019 to mixed reviews.",
+        ],
+    ),
+    (
+        "Words about water and the sea.",
+        &[
+            "Fishing boats waited in the harbour until the tide turned.",
+            "The river floods the lower fields every spring.",
+        ],
+    ),
+    (
+        "Closing brackets in program code.",
+        &[
+            "if (count > limit) { reset(buffer); }",
+            "values = [square(x) for x in range(10)]",
+        ],
+    ),
+];
+
+/// What the surprisal scorer puts where an explanation would go for its baseline: a
+/// description that says nothing about the text.
+pub const SURPRISAL_PLACEHOLDER: &str = "Sentences on unrelated topics.";
+
+/// The surprisal scorer's plain-text prompt (for a base model, no chat template): how
+/// descriptions and sentences alternate, three demonstrations, then `description` and the
+/// line after which each excerpt's text is scored. delphi's layout (`Description:` and
+/// `Sentences:` lines), our own wording and demonstrations.
+pub fn surprisal_prompt(description: &str) -> String {
+    let mut prompt = String::from(
+        "Each description below names a pattern in text; the sentences after it show that \
+         pattern.\n\n",
+    );
+    let block = |description: &str| format!("Description:\n{}\nSentences:\n", description.trim());
+    for (shot, sentences) in SURPRISAL_SHOTS {
+        prompt.push_str(&block(shot));
+        for sentence in sentences {
+            prompt.push_str(sentence);
+            prompt.push('\n');
+        }
+        prompt.push('\n');
+    }
+    prompt.push_str(&block(description));
+    prompt
+}
+
 /// The 0/1 answers in a scorer's reply: the *last* `[...]` holding exactly `expected`
 /// entries, each 0, 1, true or false (a draft list in earlier reasoning is not taken, as
 /// for [`parse_explanation`]). `None` otherwise.
@@ -443,6 +494,21 @@ pub fn parse_predictions(answer: &str, expected: usize) -> Option<Vec<bool>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn surprisal_prompt_ends_where_the_excerpt_is_scored() {
+        let prompt = surprisal_prompt("  Mentions of cats. ");
+        assert!(prompt.ends_with("\n\nDescription:\nMentions of cats.\nSentences:\n"));
+        // The demonstrations, then the description: four blocks, each with its sentences.
+        assert_eq!(
+            prompt.matches("Description:\n").count(),
+            1 + SURPRISAL_SHOTS.len()
+        );
+        assert!(prompt.contains("Sentences:\nFishing boats"));
+        assert!(surprisal_prompt(SURPRISAL_PLACEHOLDER).ends_with(&format!(
+            "Description:\n{SURPRISAL_PLACEHOLDER}\nSentences:\n"
+        )));
+    }
 
     #[test]
     fn simulation_prompt_shows_each_token_on_its_own_line_with_its_level_hidden() {

@@ -26,12 +26,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::embedding::{cosine, SentenceEmbedder};
 use crate::examples::normalized;
-use crate::llm::{AnswerFormat, ChatRequest, Llm, ReadRequest, TokenLogprobs, Usage};
+use crate::llm::{
+    AnswerFormat, ChatRequest, ContinuationRequest, Llm, ReadRequest, TokenLogprobs, Usage,
+};
 use crate::metrics::{pearson, roc_auc, ClassificationSummary, Confusion};
 use crate::prompts::{
     active_tokens, classifier_messages, highlight, intruder_messages, parse_intruder,
-    parse_predictions, simulation_answer, simulation_messages, ClassifierTask, RESPONSE_MARKER,
-    SIMULATION_LEVELS,
+    parse_predictions, simulation_answer, simulation_messages, surprisal_prompt, ClassifierTask,
+    RESPONSE_MARKER, SIMULATION_LEVELS, SURPRISAL_PLACEHOLDER,
 };
 use crate::Result;
 
@@ -63,6 +65,9 @@ pub enum Scorer {
     /// Predict each token's activation from the explanation (needs a model whose prompt
     /// log-probabilities can be read: a local one).
     Simulation,
+    /// How much less surprising the explanation makes activating excerpts than silent ones
+    /// (needs a model whose prompt log-probabilities can be read: a local one).
+    Surprisal,
 }
 
 impl Scorer {
@@ -74,6 +79,7 @@ impl Scorer {
             Scorer::Embedding => "embedding",
             Scorer::Intruder => "intruder",
             Scorer::Simulation => "simulation",
+            Scorer::Surprisal => "surprisal",
         }
     }
 
@@ -367,6 +373,106 @@ pub struct ScoredSimulation {
     pub rsquared_score: i64,
     /// Always 0, as in delphi.
     pub absolute_dev_explained_score: i64,
+}
+
+/// One excerpt's surprisal, in the shape of delphi's `SurprisalOutput`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SurprisalOutput {
+    /// The excerpt's text (its tokens joined).
+    pub text: String,
+    /// Quantile of an activating excerpt (0 = strongest), -1 for a silent one.
+    pub distance: i64,
+    /// The surprisal (negative log-probability, nats) of each of the text's tokens (the
+    /// scorer model's tokens) after the placeholder description.
+    pub no_explanation: Vec<f64>,
+    /// The same after the explanation.
+    pub explanation: Vec<f64>,
+    /// The latent's activation per token (the subject model's tokens).
+    pub activations: Vec<f32>,
+}
+
+impl SurprisalOutput {
+    /// How much the explanation lowers the text's mean surprisal per token (nats); `None`
+    /// for a text of no tokens.
+    pub fn surprisal_decrease(&self) -> Option<f64> {
+        let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len() as f64;
+        (!self.explanation.is_empty() && self.explanation.len() == self.no_explanation.len())
+            .then(|| mean(&self.no_explanation) - mean(&self.explanation))
+    }
+
+    /// Whether the latent fires anywhere in the excerpt.
+    pub fn activating(&self) -> bool {
+        self.activations.iter().any(|&a| a > 0.0)
+    }
+}
+
+/// Outcome of the surprisal scorer on one latent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SurprisalScore {
+    /// Per excerpt, as delphi writes them.
+    pub outputs: Vec<SurprisalOutput>,
+    /// Tokens spent.
+    pub usage: Usage,
+}
+
+/// A latent's surprisal score: the ROC AUC of telling activating from silent excerpts by how
+/// much the explanation lowers their mean surprisal; `None` without both kinds.
+pub fn surprisal_auc(outputs: &[SurprisalOutput]) -> Option<f64> {
+    let (labels, scores): (Vec<bool>, Vec<f64>) = outputs
+        .iter()
+        .filter_map(|o| Some((o.activating(), o.surprisal_decrease()?)))
+        .unzip();
+    roc_auc(&labels, &scores)
+}
+
+/// Runs the surprisal scorer (delphi's, after Paulo et al. 2024): a base model reads each
+/// excerpt's text after a few-shot prompt ending with the explanation, and again after one
+/// ending with a placeholder description; an explanation that fits the latent makes the
+/// activating excerpts less surprising than the silent ones. Each prompt goes in one
+/// request with all excerpts (the backend batches them after the prompt's KV cache).
+/// Unlike delphi, every token of the text is scored (its first one too, after the prompt).
+pub async fn surprisal(
+    llm: &dyn Llm,
+    explanation: &str,
+    samples: &[Sample],
+) -> Result<SurprisalScore> {
+    let texts: Vec<String> = samples.iter().map(|s| s.tokens.concat()).collect();
+    let mut usage = Usage::default();
+    let mut surprisals = Vec::with_capacity(2);
+    for description in [SURPRISAL_PLACEHOLDER, explanation] {
+        let response = llm
+            .continuation_logprobs(ContinuationRequest {
+                prompt: surprisal_prompt(description),
+                texts: texts.clone(),
+            })
+            .await?;
+        if response.logprobs.len() != texts.len() {
+            return Err(crate::Error::Llm {
+                backend: llm.name(),
+                message: format!(
+                    "scored {} texts of {}",
+                    response.logprobs.len(),
+                    texts.len()
+                ),
+            });
+        }
+        usage.add(response.usage);
+        surprisals.push(response.logprobs);
+    }
+    let negated = |logprobs: &[f32]| logprobs.iter().map(|&lp| -(lp as f64)).collect();
+    let outputs = samples
+        .iter()
+        .zip(texts)
+        .zip(surprisals[0].iter().zip(&surprisals[1]))
+        .map(|((sample, text), (without, with))| SurprisalOutput {
+            text,
+            distance: sample.distance,
+            no_explanation: negated(without),
+            explanation: negated(with),
+            activations: sample.activations.clone(),
+        })
+        .collect();
+    Ok(SurprisalScore { outputs, usage })
 }
 
 /// Outcome of the simulation scorer on one latent.
@@ -1266,6 +1372,37 @@ mod tests {
             error.starts_with("cat judge: this backend cannot read"),
             "{error}"
         );
+        let error = runtime
+            .block_on(surprisal(&CatJudge, "cats", &[sample(&[" cat"], &[1.0])]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("cat judge: this backend cannot read"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn surprisal_auc_ranks_excerpts_by_the_fall_in_mean_surprisal() {
+        let output = |activating: bool, without: &[f64], with: &[f64]| SurprisalOutput {
+            text: String::new(),
+            distance: if activating { 0 } else { -1 },
+            no_explanation: without.to_vec(),
+            explanation: with.to_vec(),
+            activations: vec![if activating { 2.0 } else { 0.0 }],
+        };
+        let outputs = [
+            output(true, &[3.0, 5.0], &[1.0, 3.0]), // falls by 2
+            output(false, &[3.0], &[2.5]),          // falls by 0.5
+            output(true, &[1.0], &[0.0]),           // falls by 1
+            output(false, &[], &[]),                // no tokens: left out
+        ];
+        assert_eq!(outputs[0].surprisal_decrease(), Some(2.0));
+        assert_eq!(outputs[3].surprisal_decrease(), None);
+        assert_eq!(surprisal_auc(&outputs), Some(1.0));
+        assert_eq!(surprisal_auc(&outputs[..1]), None, "one class only");
+        let reversed = [output(true, &[1.0], &[1.0]), output(false, &[2.0], &[1.0])];
+        assert_eq!(surprisal_auc(&reversed), Some(0.0));
     }
 
     #[test]

@@ -14,8 +14,13 @@ use delphi::explain::ExplainConfig;
 use delphi::job::{run_job, summarize, JobConfig, JobModels, RunOptions, Shard};
 use delphi::latents::{write_latent_cache, CacheTarget, Firing, LatentCache, WriteOptions};
 use delphi::llm::openai::{OpenAiClient, OpenAiConfig};
-use delphi::llm::{BoxFuture, ChatRequest, ChatResponse, Llm, ReadRequest, ReadResponse};
-use delphi::score::{simulation_correlation, ScoreConfig, ScoredSimulation, Scorer};
+use delphi::llm::{
+    BoxFuture, ChatRequest, ChatResponse, ContinuationRequest, ContinuationResponse, Llm,
+    ReadRequest, ReadResponse,
+};
+use delphi::score::{
+    simulation_correlation, ScoreConfig, ScoredSimulation, Scorer, SurprisalOutput,
+};
 use hooks::data::DataSpec;
 use hooks::{HookPoint, Hooks, LoadOptions, Model};
 use sae::{Sae, SaeConfig};
@@ -640,6 +645,7 @@ fn results(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         "scores/fuzz",
         "scores/intruder",
         "scores/simulation",
+        "scores/surprisal",
     ] {
         let Ok(entries) = std::fs::read_dir(dir.join(sub)) else {
             continue;
@@ -1124,6 +1130,26 @@ impl Llm for ReadingClient {
             })
         })
     }
+    /// One log-probability per word: -1 after an explanation, -2 after the placeholder.
+    fn continuation_logprobs(
+        &self,
+        request: ContinuationRequest,
+    ) -> BoxFuture<'_, delphi::Result<ContinuationResponse>> {
+        Box::pin(async move {
+            let placeholder = request
+                .prompt
+                .contains(delphi::prompts::SURPRISAL_PLACEHOLDER);
+            let logprob = if placeholder { -2.0 } else { -1.0 };
+            Ok(ContinuationResponse {
+                logprobs: request
+                    .texts
+                    .iter()
+                    .map(|text| vec![logprob; text.split_whitespace().count()])
+                    .collect(),
+                usage: Default::default(),
+            })
+        })
+    }
     fn reads_prompts(&self) -> bool {
         true
     }
@@ -1194,6 +1220,60 @@ async fn the_simulation_scorer_writes_delphis_groups_and_a_median_correlation() 
         delphi::metrics::median(&correlations)
     );
     assert!(delphi::job::summary_table(&summary).contains("correlation"));
+}
+
+/// The surprisal scorer in a job: one file per explained latent in delphi's
+/// `SurprisalOutput` shape (surprisal per scorer token, after the placeholder and after the
+/// explanation; the activations per subject token), and the summary's median AUC is that of
+/// the files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_surprisal_scorer_writes_delphis_outputs_and_a_median_auc() {
+    let f = fixture();
+    let server = TestServer::start().await;
+    let out = f.root.join("surprisal");
+    let config = JobConfig {
+        scorers: vec![Scorer::Surprisal],
+        ..job_config()
+    };
+    let llm = ReadingClient(client(&server));
+    let report = run_through(&f, &llm, &out, Shard::ALL, &config, false)
+        .await
+        .unwrap();
+    assert!(
+        report.errors.is_empty() && report.complete > 0,
+        "{report:?}"
+    );
+    let files = results(&out);
+    let mut aucs = Vec::new();
+    let mut scored = 0;
+    for (name, bytes) in &files {
+        if !name.starts_with("scores/surprisal/") {
+            continue;
+        }
+        scored += 1;
+        let outputs: Vec<SurprisalOutput> = serde_json::from_slice(bytes).unwrap();
+        assert!(!outputs.is_empty() && outputs.len() <= 20);
+        for o in &outputs {
+            let words = o.text.split_whitespace().count();
+            assert_eq!(o.no_explanation, vec![2.0; words]);
+            assert_eq!(o.explanation, vec![1.0; words]);
+            assert_eq!(o.activating(), o.distance >= 0, "{o:?}");
+        }
+        aucs.extend(delphi::score::surprisal_auc(&outputs));
+    }
+    assert_eq!(scored, report.complete);
+    let summary = summarize(&out, &config).unwrap();
+    let surprisal = &summary.scorers["surprisal"];
+    assert_eq!(surprisal.latents, report.complete);
+    assert_eq!(surprisal.median_auc, delphi::metrics::median(&aucs));
+    // Every excerpt's surprisal falls by 1 nat: activating and silent ones tie.
+    assert!(aucs.iter().all(|&auc| auc == 0.5), "{aucs:?}");
+
+    // A backend that cannot read prompts is refused before the job starts.
+    let err = delphi::job::check_scorer_model(&config, &client(&server))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the surprisal scorer reads"), "{err}");
 }
 
 /// The intruder scorer alone asks for no explanation; its records hold the server's

@@ -323,6 +323,57 @@ fn read_logprobs_match_transformers_in_one_pass() {
     eprintln!("largest read log-probability difference: {worst:.5}");
 }
 
+/// The surprisal scorer on the real model: per excerpt, every scorer token's surprisal after
+/// the placeholder and after the explanation, the latter what `continuation_logprobs` gives
+/// for the explanation's prompt; an explanation that fits (days of the week) lowers the
+/// activating excerpts' surprisal more than the silent ones'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn surprisal_runs_on_the_local_model() {
+    let Some(model) = model() else { return };
+    let sample = |text: &str, activating: bool| {
+        let tokens: Vec<String> = text.split_inclusive(' ').map(str::to_string).collect();
+        Sample {
+            activations: vec![if activating { 1.0 } else { 0.0 }; tokens.len()],
+            tokens,
+            activating,
+            distance: if activating { 0 } else { -1 },
+        }
+    };
+    let samples = vec![
+        sample("We met on Monday and again on Friday.", true),
+        sample("The shop is closed on Sundays and Tuesdays.", true),
+        sample("Prices rose by four percent last year.", false),
+        sample("The river flows north into the lake.", false),
+    ];
+    let explanation = "Days of the week.";
+    let score = delphi::score::surprisal(model, explanation, &samples)
+        .await
+        .unwrap();
+    let direct = model
+        .continuation_logprobs_blocking(&ContinuationRequest {
+            prompt: delphi::prompts::surprisal_prompt(explanation),
+            texts: vec![samples[0].tokens.concat()],
+        })
+        .unwrap();
+    let expected: Vec<f64> = direct.logprobs[0].iter().map(|&lp| -(lp as f64)).collect();
+    assert_eq!(score.outputs[0].explanation, expected);
+    for (output, sample) in score.outputs.iter().zip(&samples) {
+        assert_eq!(output.text, sample.tokens.concat());
+        let tokens = model.tokenizer().encode(&output.text).unwrap().len();
+        assert_eq!(output.explanation.len(), tokens);
+        assert_eq!(output.no_explanation.len(), tokens);
+        eprintln!(
+            "{:?}: surprisal falls by {:.3} nats per token",
+            output.text,
+            output.surprisal_decrease().unwrap()
+        );
+    }
+    let auc = delphi::score::surprisal_auc(&score.outputs).unwrap();
+    eprintln!("surprisal AUC {auc}");
+    assert_eq!(auc, 1.0);
+    assert!(score.usage.prompt_tokens > 0 && score.usage.completion_tokens == 0);
+}
+
 /// The simulation scorer on the real model: delphi's groups, expected activations on the
 /// 0-10 scale for every token, the same through the async interface as read directly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

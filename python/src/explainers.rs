@@ -23,7 +23,7 @@ use delphi::llm::Llm;
 use delphi::prompts::ClassifierTask;
 use delphi::score::{
     classifier_summary, classify, embed_score, embedding_auc, intrude, intruder_accuracy, simulate,
-    simulation_correlation, ScoreConfig, Scorer,
+    simulation_correlation, surprisal, surprisal_auc, ScoreConfig, Scorer,
 };
 
 use crate::convert::json_to_py;
@@ -422,6 +422,12 @@ static MINILM: OnceLock<SentenceEmbedder> = OnceLock::new();
 /// model: its prompt log-probabilities are read) predict every token's activation from
 /// ``explanation``: a dict with ``correlation`` (over all excerpts' tokens), ``usage`` and
 /// ``groups`` (delphi's ``ScoredSimulation`` list: per quantile, then all excerpts).
+/// ``"surprisal"`` has ``llm`` (a local model, read as a base model: no chat template) score
+/// every excerpt's tokens after a few-shot prompt ending with ``explanation``, and after one
+/// ending with a placeholder: a dict with ``auc`` (activating against silent excerpts, by
+/// how much the explanation lowers their mean surprisal), ``usage`` and ``samples``
+/// (delphi's ``SurprisalOutput`` shape: ``text``, ``distance``, ``no_explanation``,
+/// ``explanation``, ``activations``; surprisals in nats per token).
 #[pyfunction]
 #[pyo3(signature = (llm, scorer, explanation, examples, tokenizer, *, examples_per_prompt = 5, logprobs = false))]
 #[allow(clippy::too_many_arguments)]
@@ -476,7 +482,16 @@ pub fn score<'py>(
                         "groups": result.groups,
                     }));
                 }
-                _ => {
+                Scorer::Surprisal => {
+                    let result = rt.block_on(surprisal(llm.as_ref(), explanation, &samples))?;
+                    return Ok(serde_json::json!({
+                        "auc": surprisal_auc(&result.outputs),
+                        "usage": result.usage,
+                        "samples": result.outputs,
+                    }));
+                }
+                // The embedding scorer returned above.
+                Scorer::Intruder | Scorer::Embedding => {
                     let result =
                         rt.block_on(intrude(llm.as_ref(), &samples, &config, examples.seed))?;
                     return Ok(serde_json::json!({

@@ -157,12 +157,13 @@ struct RunArgs {
     api_key_env: Option<String>,
     /// Scorers, comma separated: detection, fuzzing, embedding, intruder (explanation-free:
     /// find the silent excerpt among activating ones), simulation (predict each token's
-    /// activation from the explanation; needs a local explainer, whose log-probabilities
-    /// are read).
+    /// activation from the explanation) and surprisal (how much the explanation lowers the
+    /// activating excerpts' surprisal); the last two need a local explainer, whose
+    /// log-probabilities are read.
     #[arg(long, default_value = "detection,fuzzing")]
     scorers: String,
-    /// Output folder (explanations/, scores/{detection,fuzz,embedding,intruder,simulation}/,
-    /// summary.json).
+    /// Output folder (explanations/, scores/{detection,fuzz,embedding,intruder,simulation,
+    /// surprisal}/, summary.json).
     #[arg(long, short)]
     output: PathBuf,
     /// This process's share of the job, i/n: latents with index % n == i.

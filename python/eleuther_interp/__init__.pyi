@@ -655,7 +655,10 @@ def score(
     activating ones, ``failed_prompts``, ``usage`` and per-prompt ``results``;
     ``"simulation"`` needs a local ``llm`` (its prompt log-probabilities are read): the
     ``correlation`` of predicted and true activations over all excerpts' tokens, ``usage``
-    and ``groups`` (delphi's ``ScoredSimulation`` records, per quantile then all)."""
+    and ``groups`` (delphi's ``ScoredSimulation`` records, per quantile then all);
+    ``"surprisal"`` needs a local ``llm`` too: the ``auc`` of activating against silent
+    excerpts by how much ``explanation`` lowers their mean surprisal, ``usage`` and
+    ``samples`` (delphi's ``SurprisalOutput`` records, surprisals in nats per token)."""
 
 def delphi_main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the ``delphi`` command line (``cache``, ``run``, ``summary``); returns its exit status."""

@@ -154,9 +154,11 @@ def test_explain_and_score_through_a_server(latents, server, tiny_model):
     assert all(r["prediction"] == len(r["sample"]["examples"]) - 1 for r in results)
     assert intruder["accuracy"] == pytest.approx(sum(last) / len(results))
     assert all(r["sample"]["intruder_distance"] == -1 for r in results)
-    # The simulation scorer reads prompt log-probabilities, which a server does not give.
-    with pytest.raises(RuntimeError, match="cannot read a prompt's log-probabilities"):
-        ei.score(llm, "simulation", out["explanation"], ex, tiny_model.tokenizer)
+    # The simulation and surprisal scorers read prompt log-probabilities, which a server does
+    # not give.
+    for reading in ("simulation", "surprisal"):
+        with pytest.raises(RuntimeError, match="cannot read a prompt's log-probabilities"):
+            ei.score(llm, reading, out["explanation"], ex, tiny_model.tokenizer)
     with pytest.raises(ValueError, match="scorer 'vibes'"):
         ei.score(llm, "vibes", "x", ex, tiny_model.tokenizer)
     with pytest.raises(RuntimeError, match="127.0.0.1:9"):
@@ -193,6 +195,24 @@ def test_simulation_scores_with_the_local_model(latents, tiny_model):
     assert all(max(s["true_activations"]) == 0 for s in sims if s["distance"] == -1)
     corr = groups[-1]["ev_correlation_score"]
     assert result["correlation"] == (None if corr == "nan" else pytest.approx(corr))
+    assert result["usage"]["prompt_tokens"] > 0 and result["usage"]["completion_tokens"] == 0
+
+    # The surprisal scorer on the same excerpts: delphi's SurprisalOutput records.
+    result = ei.score(llm, "surprisal", "Punctuation and short function words.", ex,
+                      tiny_model.tokenizer)
+    samples = result["samples"]
+    assert len(samples) == len(ex.test) + len(ex.non_activating)
+    decreases, labels = [], []
+    for s in samples:
+        assert set(s) == {"text", "distance", "no_explanation", "explanation", "activations"}
+        assert len(s["explanation"]) == len(s["no_explanation"]) > 0
+        assert len(s["activations"]) == 16
+        assert all(x >= 0 for x in s["explanation"] + s["no_explanation"])
+        decreases.append(np.mean(s["no_explanation"]) - np.mean(s["explanation"]))
+        labels.append(max(s["activations"]) > 0)
+    pairs = [(a > b) + 0.5 * (a == b) for a, la in zip(decreases, labels) for b, lb in zip(decreases, labels)
+             if la and not lb]
+    assert result["auc"] == pytest.approx(sum(pairs) / len(pairs))
     assert result["usage"]["prompt_tokens"] > 0 and result["usage"]["completion_tokens"] == 0
 
 

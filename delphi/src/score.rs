@@ -400,7 +400,8 @@ impl SurprisalOutput {
             .then(|| mean(&self.no_explanation) - mean(&self.explanation))
     }
 
-    /// Whether the latent fires anywhere in the excerpt.
+    /// Whether the latent fires anywhere in the excerpt (read from the activations, not
+    /// `distance`: delphi's files give silent excerpts near activating ones a positive one).
     pub fn activating(&self) -> bool {
         self.activations.iter().any(|&a| a > 0.0)
     }

@@ -446,8 +446,9 @@ fn continuation_logprobs_match_transformers_in_one_pass() {
         ids(&fixture["prompt_ids"])
     );
     let records = fixture["texts"].as_array().unwrap();
-    let mut texts: Vec<String> = records
-        .iter()
+    // Three rounds of the fixture's texts: more than one batch of 8.
+    let mut texts: Vec<String> = (0..3)
+        .flat_map(|_| records.iter())
         .map(|r| r["text"].as_str().unwrap().to_string())
         .collect();
     texts.push(String::new());
@@ -460,7 +461,11 @@ fn continuation_logprobs_match_transformers_in_one_pass() {
     assert_eq!(scored.logprobs.len(), texts.len());
     assert!(scored.logprobs.last().unwrap().is_empty());
     let mut worst = 0f32;
-    for (record, ours) in records.iter().zip(&scored.logprobs) {
+    for (record, ours) in records
+        .iter()
+        .cycle()
+        .zip(&scored.logprobs[..texts.len() - 1])
+    {
         let text = record["text"].as_str().unwrap();
         assert_eq!(
             model.tokenizer().encode(text).unwrap(),
@@ -486,6 +491,25 @@ fn continuation_logprobs_match_transformers_in_one_pass() {
     let diff = alone.logprobs[0]
         .iter()
         .zip(&scored.logprobs[1])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-4, "{diff}");
+    // A prompt of one token: nothing is cached, each text read from that token on.
+    assert_eq!(model.tokenizer().encode("Hello").unwrap().len(), 1);
+    let short = |texts: Vec<String>| {
+        model
+            .continuation_logprobs_blocking(&ContinuationRequest {
+                prompt: "Hello".into(),
+                texts,
+            })
+            .unwrap()
+            .logprobs
+    };
+    let both = short(texts[..2].to_vec());
+    assert_eq!(both[0].len(), ids(&records[0]["ids"]).len());
+    assert!(both.iter().flatten().all(|lp| lp.is_finite() && *lp < 0.0));
+    let first = short(texts[..1].to_vec());
+    let diff = (first[0].iter().zip(&both[0]))
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     assert!(diff < 1e-4, "{diff}");

@@ -34,6 +34,9 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Show a model's configuration and its hook points.
     Info(ModelArgs),
+    /// Continue a prompt with the model (KV cache; greedy unless --temperature is set) and
+    /// print the added text.
+    Generate(GenerateArgs),
     /// Summarise an activation cache folder and check that its shards' headers agree with
     /// its manifest.
     Inspect {
@@ -192,6 +195,24 @@ struct CacheArgs {
 }
 
 #[derive(Args, Debug)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The text to continue (tokenized without special tokens).
+    #[arg(long, short)]
+    prompt: String,
+    /// The most tokens to add; generation also stops at the end-of-text token.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// 0 takes the most likely token; above 0, tokens are drawn from softmax(logits / T).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Seed of the draws.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args, Debug)]
 struct TokenizeArgs {
     /// Model whose tokenizer to use, named as --model elsewhere (short name, hub id, folder or
     /// .gguf file): only its tokenizer.json and config.json are read or downloaded, not its
@@ -293,6 +314,7 @@ where
         Command::Cache(args) => cache(args),
         Command::Tokenize(args) => tokenize(args),
         Command::Info(args) => info(args),
+        Command::Generate(args) => generate(args),
         Command::Inspect { dir } => inspect(dir),
         Command::Fetch { name } => match name.as_str() {
             "smollm2" => {
@@ -479,6 +501,24 @@ fn tokenize(args: TokenizeArgs) -> Result<()> {
             args.data.max_tokens.unwrap_or_default()
         );
     }
+    Ok(())
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let model = args.model.load()?;
+    let tokenizer = model.tokenizer()?;
+    let prompt = tokenizer.encode(&args.prompt)?;
+    if prompt.is_empty() {
+        anyhow::bail!("--prompt makes no tokens");
+    }
+    let options = crate::GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        seed: args.seed,
+        stop_tokens: None,
+    };
+    let generated = model.generate(&prompt, &mut crate::Hooks::new(), &options)?;
+    println!("{}", tokenizer.decode(&generated)?);
     Ok(())
 }
 

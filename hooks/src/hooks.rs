@@ -100,7 +100,7 @@ pub struct ForwardOutput {
     /// `[batch, seq, vocab]` logits, absent when the pass stopped early.
     pub logits: Option<Tensor>,
     /// The captured tensors, each `[batch, seq, width]` (attention patterns
-    /// `[batch, heads, seq, seq]`).
+    /// `[batch, heads, seq, keys]`: `keys` is `seq` plus any cached positions).
     pub captures: BTreeMap<HookPoint, Tensor>,
 }
 

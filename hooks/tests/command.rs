@@ -102,6 +102,45 @@ fn a_closed_output_pipe_ends_the_command_quietly() {
 
 /// Help, version and argument errors: printed where a command line prints them, with its
 /// exit status (0, 0, 2), and `hooks::cli::run` returns them instead of ending the process.
+/// `hooks generate` prints what transformers' greedy `generate` adds to the prompt
+/// (`tests/fixtures/smollm2/generation.json`).
+#[test]
+fn generate_prints_the_greedy_continuation() {
+    let gguf = match hooks::fetch::smollm2_gguf() {
+        Ok(path) => path,
+        Err(e) if hooks::fetch::may_skip(&e) => {
+            eprintln!("SKIP hooks generate: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/smollm2/generation.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hooks"))
+        .args(["generate", "--model", gguf.to_str().unwrap(), "--prompt"])
+        .arg(fixture["prompt"].as_str().unwrap())
+        .args(["--max-new-tokens", "16"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!(
+            "{}\n",
+            fixture["plain"]["generated_decoded"].as_str().unwrap()
+        )
+    );
+}
+
 #[test]
 fn help_version_and_argument_errors_have_their_exit_status() {
     let run = |args: &[&str]| {

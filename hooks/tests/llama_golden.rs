@@ -239,6 +239,20 @@ fn sequences_past_a_sliding_window_are_refused() {
     );
     let fits = ids.narrow(1, 0, 4).unwrap();
     assert_eq!(logits(&mistral, &fits), logits(&plain, &fits));
+    // Generation stops at the window's end instead of failing there.
+    let options = hooks::GenerateOptions {
+        max_new_tokens: 10,
+        stop_tokens: Some(Vec::new()),
+        ..Default::default()
+    };
+    let generated = mistral
+        .generate(&[1, 2], &mut Hooks::new(), &options)
+        .unwrap();
+    assert_eq!(
+        generated.len(),
+        3,
+        "positions 2 and 3 run, the token after them is kept"
+    );
     // null (Mistral v0.2 on) is no window; 0 is refused.
     assert_eq!(
         logits(&with_window(serde_json::Value::Null).unwrap(), &ids),

@@ -685,6 +685,10 @@ fn smollm2_generation_matches_transformers_plain_and_steered() {
             .unwrap()
     };
     assert_eq!(sampled(3), sampled(3));
+    assert!(
+        (4..8).any(|seed| sampled(seed) != sampled(3)),
+        "the seed changes nothing"
+    );
     let stop_at_first = hooks::GenerateOptions {
         stop_tokens: Some(vec![plain[0]]),
         ..options.clone()

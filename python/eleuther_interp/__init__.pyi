@@ -156,7 +156,7 @@ class Model:
     @overload
     def generate(
         self,
-        prompt: _Ids,
+        prompt: Union[npt.NDArray[np.integer[Any]], Sequence[int]],
         max_new_tokens: int = 32,
         *,
         hooks: Optional[Mapping[str, Optional[Callable[[_F32], Optional[npt.ArrayLike]]]]] = None,

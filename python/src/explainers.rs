@@ -490,8 +490,8 @@ pub fn score<'py>(
                         "samples": result.outputs,
                     }));
                 }
-                // The embedding scorer returned above.
-                Scorer::Intruder | Scorer::Embedding => {
+                Scorer::Embedding => unreachable!("the embedding scorer returned above"),
+                Scorer::Intruder => {
                     let result =
                         rt.block_on(intrude(llm.as_ref(), &samples, &config, examples.seed))?;
                     return Ok(serde_json::json!({

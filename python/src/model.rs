@@ -876,30 +876,23 @@ impl PyModel {
                     .into_py_result()?
             }
         };
-        let actions = self.actions(
-            hooks,
-            &token_ids(&int64_array(
-                py,
-                ids.iter().map(|&id| i64::from(id)).collect(),
-                &[ids.len()],
-            )?)?,
-        )?;
-        if let Some((_, name, _)) = actions
-            .iter()
-            .find(|(_, _, a)| matches!(a, Action::Fixed(_)))
-        {
-            return Err(PyTypeError::new_err(format!(
-                "generate takes callables as hooks, not arrays: the array at '{name}' would fit \
-                 the first step only"
-            )));
+        if let Some(dict) = hooks.and_then(|h| h.cast::<PyDict>().ok()) {
+            for (name, value) in dict.iter() {
+                if !value.is_none() && !value.is_callable() {
+                    return Err(PyTypeError::new_err(format!(
+                        "generate takes callables as hooks, not arrays: the value at {} would \
+                         fit the first step only",
+                        name.repr()?
+                    )));
+                }
+            }
         }
-        let stop = match stop {
-            Some(stop) => Some(stop),
-            None => self
-                .tokenizer
-                .as_ref()
-                .map(|t| t.get().tokenizer().eos_id().into_iter().collect()),
-        };
+        let prompt_ids = int64_array(
+            py,
+            ids.iter().map(|&id| i64::from(id)).collect(),
+            &[ids.len()],
+        )?;
+        let actions = self.actions(hooks, &token_ids(&prompt_ids)?)?;
         let options = hooks::GenerateOptions {
             max_new_tokens,
             temperature,

@@ -53,14 +53,17 @@ def test_sampling_is_seeded_and_stops_where_told(smollm2):
     prompt = np.array(GENERATION["input_ids"])
     draws = [smollm2.generate(prompt, 6, temperature=1.0, seed=5).tolist() for _ in range(2)]
     assert draws[0] == draws[1]
+    others = [smollm2.generate(prompt, 6, temperature=1.0, seed=seed).tolist() for seed in range(4)]
+    assert any(other != draws[0] for other in others), "the seed changes nothing"
     first = GENERATION["plain"]["generated_ids"][0]
     assert smollm2.generate(prompt, 10, stop=[first]).tolist() == [first]
 
 
 def test_generation_errors(smollm2):
     prompt = np.array(GENERATION["input_ids"])
-    with pytest.raises(TypeError, match="not arrays"):
-        smollm2.generate(prompt, 2, hooks={"layers.3": np.zeros((5, 576), dtype=np.float32)})
+    for shape in [(5, 576), (1, 576)]:
+        with pytest.raises(TypeError, match="not arrays"):
+            smollm2.generate(prompt, 2, hooks={"layers.3": np.zeros(shape, dtype=np.float32)})
     with pytest.raises(ValueError, match="1-D token ids"):
         smollm2.generate(prompt[None, :], 2)
     with pytest.raises(ValueError, match="temperature"):

@@ -567,8 +567,10 @@ impl Shared {
             })
             .collect();
         let mut logprobs: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
+        // A token past the model's logits (an id the tokenizer added) can never be predicted.
         self.read_after(cached, &sequences, |text, position, row| {
-            logprobs[text].push(row[texts[text][position] as usize])
+            let token = texts[text][position] as usize;
+            logprobs[text].push(row.get(token).copied().unwrap_or(f32::NEG_INFINITY))
         })?;
         Ok(ContinuationResponse {
             logprobs,
@@ -618,10 +620,10 @@ impl Shared {
         let unembedding = reader.unembedding();
         let mut prompt_cache = hooks::KvCache::new();
         if !cached.is_empty() {
-            let last = reader.config().num_layers().saturating_sub(1);
+            // A cached pass runs through every layer and needs no logits.
             reader.forward_cached(
                 &Tensor::new(cached, &Device::Cpu)?,
-                &mut hooks::Hooks::capture_only([hooks::HookPoint::Layer(last)]),
+                &mut hooks::Hooks::capture_only([hooks::HookPoint::Embed]),
                 &mut prompt_cache,
             )?;
         }

@@ -93,7 +93,8 @@ fn blocked_attention(
     let (b, heads, t, d) = q.dims4()?;
     let (kv_heads, keys) = (k.dim(1)?, k.dim(2)?);
     let kv_shape = [b, kv_heads, keys, d];
-    if k.dims() != kv_shape || v.dims() != kv_shape || keys < t || heads % kv_heads.max(1) != 0 {
+    let grouped = kv_heads > 0 && heads % kv_heads == 0;
+    if k.dims() != kv_shape || v.dims() != kv_shape || keys < t || !grouped {
         return Ok(None); // the generic path reports the mismatch
     }
     let shape = AttentionShape {

@@ -6,6 +6,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::{KvCache, Model};
+use crate::config::{LlamaConfig, ModelConfig};
 use crate::sampling::{argmax, sample};
 use crate::{Error, Hooks, Result};
 
@@ -41,7 +42,8 @@ impl Model {
     /// edits every step, seeing the prompt's positions in the first pass and one new position
     /// in each later one (`[1, seq, width]`, then `[1, 1, width]`); a fixed-shape replacement
     /// fits the first pass only. Stops after `max_new_tokens`, after a stop token, or when the
-    /// next token would lie past the model's context length.
+    /// next token would lie past the model's context length (or its sliding window, which
+    /// this runtime does not implement).
     pub fn generate(
         &self,
         prompt: &[u32],
@@ -63,13 +65,24 @@ impl Model {
             Some(tokens) => tokens.clone(),
             None => self.tokenizer.iter().filter_map(|t| t.eos_id()).collect(),
         };
-        let context = self.config.max_position_embeddings();
+        // Positions past a sliding window are refused (not implemented), so stop before one.
+        let window = match &self.config {
+            ModelConfig::Llama(LlamaConfig {
+                sliding_window: Some(window),
+                ..
+            }) => Some(*window),
+            _ => None,
+        };
+        let limit = [self.config.max_position_embeddings(), window]
+            .into_iter()
+            .flatten()
+            .min();
         let mut rng = StdRng::seed_from_u64(options.seed);
         let mut cache = KvCache::new();
         let mut input = prompt.to_vec();
         let mut generated = Vec::new();
         while generated.len() < options.max_new_tokens {
-            if context.is_some_and(|max| !generated.is_empty() && cache.len() + 1 > max) {
+            if limit.is_some_and(|max| !generated.is_empty() && cache.len() >= max) {
                 break;
             }
             let ids = Tensor::new(input.as_slice(), &self.device)?;

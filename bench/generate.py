@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_child import child
+
 REPO = Path(__file__).resolve().parent.parent
 WIKITEXT = REPO / "data" / "wikitext-2-raw-test.txt"
 LAYER, SCALE = 10, 96.0
@@ -64,13 +66,6 @@ def run_peer(args):
     print(json.dumps({"impl": f"transformers {transformers.__version__} / torch {torch.__version__}",
                       "load_s": load_s, "runs": runs,
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-
-
-def child(cmd, env):
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"command failed: {' '.join(map(str, cmd))}\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main():

@@ -46,6 +46,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_child import child
+
 REPO = Path(__file__).resolve().parent.parent
 WIKITEXT = REPO / "data" / "wikitext-2-raw-test.txt"
 
@@ -157,13 +159,6 @@ def run_peer(args):
     seconds = time.perf_counter() - started
     how = "prompt's KV cache reused" if args.prefix_cache else "whole prompt per excerpt"
     report_peer(how, len(requests), load_s, seconds, tokens, expected)
-
-
-def child(cmd, env):
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"command failed: {' '.join(map(str, cmd))}\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main():

@@ -1161,25 +1161,38 @@ impl Llm for ReadingClient {
     }
 }
 
-/// The simulation scorer in a job: one file per explained latent in delphi's shape, and the
-/// summary's median correlation is that of the files' groups of all excerpts.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_simulation_scorer_writes_delphis_groups_and_a_median_correlation() {
-    let f = fixture();
-    let server = TestServer::start().await;
-    let out = f.root.join("simulation");
+/// Runs a job with `scorers` through [`ReadingClient`] into the folder `name`, checking that
+/// it completes some latents and fails none; returns the folder, the config and the report.
+async fn run_reading_job(
+    f: &Fixture,
+    server: &TestServer,
+    name: &str,
+    scorers: Vec<Scorer>,
+) -> (PathBuf, JobConfig, delphi::job::RunReport) {
+    let out = f.root.join(name);
     let config = JobConfig {
-        scorers: vec![Scorer::Detection, Scorer::Simulation],
+        scorers,
         ..job_config()
     };
-    let llm = ReadingClient(client(&server));
-    let report = run_through(&f, &llm, &out, Shard::ALL, &config, false)
+    let llm = ReadingClient(client(server));
+    let report = run_through(f, &llm, &out, Shard::ALL, &config, false)
         .await
         .unwrap();
     assert!(
         report.errors.is_empty() && report.complete > 0,
         "{report:?}"
     );
+    (out, config, report)
+}
+
+/// The simulation scorer in a job: one file per explained latent in delphi's shape, and the
+/// summary's median correlation is that of the files' groups of all excerpts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulation_scorer_writes_delphis_groups_and_a_median_correlation() {
+    let f = fixture();
+    let server = TestServer::start().await;
+    let scorers = vec![Scorer::Detection, Scorer::Simulation];
+    let (out, config, report) = run_reading_job(&f, &server, "simulation", scorers).await;
     let files = results(&out);
     let simulated: Vec<&Vec<u8>> = files
         .iter()
@@ -1230,19 +1243,8 @@ async fn the_simulation_scorer_writes_delphis_groups_and_a_median_correlation() 
 async fn the_surprisal_scorer_writes_delphis_outputs_and_a_median_auc() {
     let f = fixture();
     let server = TestServer::start().await;
-    let out = f.root.join("surprisal");
-    let config = JobConfig {
-        scorers: vec![Scorer::Surprisal],
-        ..job_config()
-    };
-    let llm = ReadingClient(client(&server));
-    let report = run_through(&f, &llm, &out, Shard::ALL, &config, false)
-        .await
-        .unwrap();
-    assert!(
-        report.errors.is_empty() && report.complete > 0,
-        "{report:?}"
-    );
+    let scorers = vec![Scorer::Surprisal];
+    let (out, config, report) = run_reading_job(&f, &server, "surprisal", scorers).await;
     let files = results(&out);
     let mut aucs = Vec::new();
     let mut scored = 0;

@@ -27,10 +27,11 @@
 //! system prompt and few-shot turns of the explainer and scorer prompts) is kept for the next
 //! requests, so only the new part is processed.
 //!
-//! [`Llm::read`] needs the log-probabilities at many positions of one pass, which candle's
-//! model does not give (it computes the last position's only): answers are read by the same
-//! file loaded into the hook runtime ([`hooks::Model`], f32, checked against transformers
-//! like this one), in batches, once per token and not once per reading point; that second
+//! [`Llm::read`] and [`Llm::continuation_logprobs`] need the log-probabilities at many
+//! positions of one pass, which candle's model does not give (it computes the last position's
+//! only): texts are read by the same file loaded into the hook runtime ([`hooks::Model`], f32,
+//! checked against transformers like this one), the prompt once into its KV cache, then the
+//! texts in batches after it, once per token and not once per reading point; that second
 //! copy of the weights is loaded on the first read.
 
 use std::collections::VecDeque;

@@ -375,6 +375,18 @@ pub struct ScoredSimulation {
     pub absolute_dev_explained_score: i64,
 }
 
+/// Refuses a reading response that does not hold one entry per text asked about: `llm`
+/// `did` `got` of the `asked` `what` (e.g. "read 3 answers of 5").
+fn check_read_all(llm: &dyn Llm, did: &str, got: usize, asked: usize, what: &str) -> Result<()> {
+    if got == asked {
+        return Ok(());
+    }
+    Err(crate::Error::Llm {
+        backend: llm.name(),
+        message: format!("{did} {got} {what} of {asked}"),
+    })
+}
+
 /// One excerpt's surprisal, in the shape of delphi's `SurprisalOutput`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SurprisalOutput {
@@ -447,16 +459,7 @@ pub async fn surprisal(
                 texts: texts.clone(),
             })
             .await?;
-        if response.logprobs.len() != texts.len() {
-            return Err(crate::Error::Llm {
-                backend: llm.name(),
-                message: format!(
-                    "scored {} texts of {}",
-                    response.logprobs.len(),
-                    texts.len()
-                ),
-            });
-        }
+        check_read_all(llm, "scored", response.logprobs.len(), texts.len(), "texts")?;
         usage.add(response.usage);
         surprisals.push(response.logprobs);
     }
@@ -544,16 +547,13 @@ pub async fn simulate(
             candidates: SIMULATION_LEVELS.iter().map(|l| l.to_string()).collect(),
         })
         .await?;
-    if response.logprobs.len() != samples.len() {
-        return Err(crate::Error::Llm {
-            backend: llm.name(),
-            message: format!(
-                "read {} answers of {}",
-                response.logprobs.len(),
-                samples.len()
-            ),
-        });
-    }
+    check_read_all(
+        llm,
+        "read",
+        response.logprobs.len(),
+        samples.len(),
+        "answers",
+    )?;
     let mut scored = Vec::with_capacity(samples.len());
     for (sample, read) in samples.iter().zip(&response.logprobs) {
         let expected = read

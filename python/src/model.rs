@@ -384,11 +384,13 @@ impl PyModel {
         })
     }
 
-    /// Reads the `hooks` argument of `run_with_hooks` / `run_with_cache`.
+    /// Reads the `hooks` argument of `run_with_hooks` / `run_with_cache` / `generate`: `ids`
+    /// are the token ids a fixed replacement array must fit, `None` where only callables are
+    /// taken (generation, whose steps differ in shape).
     fn actions(
         &self,
         hooks: Option<&Bound<'_, PyAny>>,
-        ids: &TokenIds,
+        ids: Option<&TokenIds>,
     ) -> PyResult<Vec<(HookPoint, String, Action)>> {
         let Some(hooks) = hooks.filter(|h| !h.is_none()) else {
             return Ok(Vec::new());
@@ -418,6 +420,12 @@ impl PyModel {
                 let action = if value.is_callable() {
                     Action::Call(value.clone().unbind())
                 } else {
+                    let Some(ids) = ids else {
+                        return Err(PyTypeError::new_err(format!(
+                            "generate takes callables as hooks, not arrays: the value at \
+                             '{name}' would fit the first step only"
+                        )));
+                    };
                     let np = value.py().import("numpy")?;
                     if np.call_method1("ndim", (&value,))?.extract::<usize>()? == 0 {
                         return Err(PyTypeError::new_err(format!(
@@ -469,7 +477,7 @@ impl PyModel {
         stop_early: bool,
     ) -> PyResult<(Option<Bound<'py, PyAny>>, Bound<'py, PyDict>)> {
         let ids = token_ids(ids)?;
-        let actions = self.actions(hooks, &ids)?;
+        let actions = self.actions(hooks, Some(&ids))?;
         if stop_early && captures.is_empty() {
             return Err(PyValueError::new_err(
                 "stop_early=True needs at least one hook point to capture",
@@ -876,23 +884,7 @@ impl PyModel {
                     .into_py_result()?
             }
         };
-        if let Some(dict) = hooks.and_then(|h| h.cast::<PyDict>().ok()) {
-            for (name, value) in dict.iter() {
-                if !value.is_none() && !value.is_callable() {
-                    return Err(PyTypeError::new_err(format!(
-                        "generate takes callables as hooks, not arrays: the value at {} would \
-                         fit the first step only",
-                        name.repr()?
-                    )));
-                }
-            }
-        }
-        let prompt_ids = int64_array(
-            py,
-            ids.iter().map(|&id| i64::from(id)).collect(),
-            &[ids.len()],
-        )?;
-        let actions = self.actions(hooks, &token_ids(&prompt_ids)?)?;
+        let actions = self.actions(hooks, None)?;
         let options = hooks::GenerateOptions {
             max_new_tokens,
             temperature,

@@ -231,6 +231,16 @@ pub struct ContinuationResponse {
     pub usage: Usage,
 }
 
+/// The error of a `backend` that cannot read prompt log-probabilities.
+fn cannot_read_prompts(backend: String) -> crate::Error {
+    crate::Error::Llm {
+        backend,
+        message: "this backend cannot read a prompt's log-probabilities (only a local GGUF model \
+                  can)"
+            .into(),
+    }
+}
+
 /// A future that can be sent between threads, as returned by [`Llm::chat`].
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -244,7 +254,7 @@ pub trait Llm: Send + Sync {
     /// refuse.
     fn read(&self, request: ReadRequest) -> BoxFuture<'_, Result<ReadResponse>> {
         let _ = request;
-        Box::pin(async move { Err(self.cannot_read_prompts()) })
+        Box::pin(async move { Err(cannot_read_prompts(self.name())) })
     }
     /// Scores `request`'s texts ([`ContinuationRequest`]); like [`Llm::read`], only backends
     /// that see the logits at every prompt position can.
@@ -253,7 +263,7 @@ pub trait Llm: Send + Sync {
         request: ContinuationRequest,
     ) -> BoxFuture<'_, Result<ContinuationResponse>> {
         let _ = request;
-        Box::pin(async move { Err(self.cannot_read_prompts()) })
+        Box::pin(async move { Err(cannot_read_prompts(self.name())) })
     }
     /// Whether [`Llm::read`] and [`Llm::continuation_logprobs`] work, checked before a job
     /// that needs them starts.
@@ -262,15 +272,6 @@ pub trait Llm: Send + Sync {
     }
     /// A short name for logs and result files (model name, URL or GGUF file name).
     fn name(&self) -> String;
-    /// The error of a backend that cannot read prompt log-probabilities.
-    fn cannot_read_prompts(&self) -> crate::Error {
-        crate::Error::Llm {
-            backend: self.name(),
-            message: "this backend cannot read a prompt's log-probabilities (only a local GGUF \
-                      model can)"
-                .into(),
-        }
-    }
     /// What decides the answers, recorded in `run_config.json` so that a rerun with another
     /// model is refused: the model name without where it is served (a server may move).
     fn model_id(&self) -> String {

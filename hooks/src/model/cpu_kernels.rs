@@ -42,8 +42,8 @@ pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Opt
 }
 
 /// [`causal_attention`] that also returns the attention weights it used,
-/// `[b, heads, t, keys]` with zeros where a query may not look: its output is the one [`causal_attention`] gives, bit for
-/// bit, so capturing a pattern changes nothing downstream.
+/// `[b, heads, t, keys]` with zeros where a query may not look: its output is the one
+/// [`causal_attention`] gives, bit for bit, so capturing a pattern changes nothing downstream.
 pub(crate) fn causal_attention_with_pattern(
     q: &Tensor,
     k: &Tensor,

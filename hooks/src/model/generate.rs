@@ -6,7 +6,6 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::{KvCache, Model};
-use crate::config::{LlamaConfig, ModelConfig};
 use crate::sampling::{argmax, sample};
 use crate::{Error, Hooks, Result};
 
@@ -66,14 +65,7 @@ impl Model {
             None => self.tokenizer.iter().filter_map(|t| t.eos_id()).collect(),
         };
         // Positions past a sliding window are refused (not implemented), so stop before one.
-        let window = match &self.config {
-            ModelConfig::Llama(LlamaConfig {
-                sliding_window: Some(window),
-                ..
-            }) => Some(*window),
-            _ => None,
-        };
-        let limit = [self.config.max_position_embeddings(), window]
+        let limit = [self.config.max_position_embeddings(), self.sliding_window()]
             .into_iter()
             .flatten()
             .min();

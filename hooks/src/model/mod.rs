@@ -446,12 +446,8 @@ impl Model {
         }
         let positions = past + ids.dim(1)?;
         self.warn_past_context(positions);
-        if let ModelConfig::Llama(crate::config::LlamaConfig {
-            sliding_window: Some(window),
-            ..
-        }) = &self.config
-        {
-            if positions > *window {
+        if let Some(window) = self.sliding_window() {
+            if positions > window {
                 return Err(Error::InvalidArgument(format!(
                     "model '{}' attends within a sliding window of {window} tokens, which this \
                      runtime does not implement: sequences of {positions} tokens would run with \
@@ -474,6 +470,17 @@ impl Model {
             });
         }
         Ok(ids.to_dtype(DType::U32)?.to_device(&self.device)?)
+    }
+
+    /// The sliding window a Llama-family config (Mistral's) declares: positions past it are
+    /// refused, as this runtime attends over the whole sequence.
+    fn sliding_window(&self) -> Option<usize> {
+        match &self.config {
+            ModelConfig::Llama(crate::config::LlamaConfig { sliding_window, .. }) => {
+                *sliding_window
+            }
+            _ => None,
+        }
     }
 
     /// Warns, once per model, that sequences are longer than the model was trained on: they

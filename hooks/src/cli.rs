@@ -69,6 +69,10 @@ pub struct ModelArgs {
     /// Compute dtype: float32, bfloat16 or float16.
     #[arg(long, default_value = "float32")]
     pub dtype: String,
+    /// Keep a GGUF file's block-quantized projection weights as they are (4-8x less memory;
+    /// products with 8-bit-quantized activations, as llama.cpp). GGUF and float32 only.
+    #[arg(long)]
+    pub quantized: bool,
     /// Use this tokenizer.json instead of the model's own.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -81,6 +85,7 @@ impl ModelArgs {
             revision: self.revision.clone(),
             device: parse_device(&self.device)?,
             dtype: parse_dtype(&self.dtype)?,
+            quantized: self.quantized,
         };
         let mut model = Model::load(&self.model, &options)?;
         if let Some(path) = &self.tokenizer {

@@ -3,7 +3,8 @@
 //! metadata. This reproduces what transformers 5.24 builds with
 //! `from_pretrained(dir, gguf_file=...)` for `general.architecture = llama` (see
 //! `tests/fixtures/README.md`, section E): weights are dequantized to f32 (then converted to the
-//! compute dtype), nothing stays quantized.
+//! compute dtype), nothing stays quantized. Or, with [`crate::LoadOptions::quantized`], the
+//! blocks' projection weights stay in their quantized type (see [`read`]).
 //!
 //! Tensor types: whatever candle can dequantize (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
 //! Q2_K..Q6_K); Q4_1, Q8_0 and F32 are checked against transformers by the SmolLM2 test.
@@ -18,6 +19,7 @@ use std::io::BufReader;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use tokenizers::models::bpe::{Vocab, BPE};
@@ -38,8 +40,11 @@ pub(crate) struct GgufModel {
     pub tokenizer: Option<Tokenizer>,
 }
 
-/// Reads a Llama-architecture GGUF file; weights are dequantized and converted to `dtype`.
-pub(crate) fn read(path: &Path, dtype: DType) -> Result<GgufModel> {
+/// Reads a Llama-architecture GGUF file; weights are dequantized and converted to `dtype`,
+/// except, when `keep_quantized`, the attention and MLP projection weights stored in a
+/// block-quantized type (Q4_0, Q8_0, K-quants...), which are kept as they are (their rows in
+/// Hugging Face order) for [`crate::WeightStore::quantized`].
+pub(crate) fn read(path: &Path, dtype: DType, keep_quantized: bool) -> Result<GgufModel> {
     let (content, mut reader) = gguf_header(path)?;
     let meta = Metadata {
         content: &content,
@@ -53,6 +58,7 @@ pub(crate) fn read(path: &Path, dtype: DType) -> Result<GgufModel> {
     }
     let llama = llama_config(&meta)?;
     let mut tensors = std::collections::HashMap::new();
+    let mut quantized = std::collections::HashMap::new();
     let names: BTreeMap<_, _> = content.tensor_infos.iter().collect();
     for (name, info) in names {
         let hf = hf_name(name).ok_or_else(|| unknown_tensor(path, name))?;
@@ -72,23 +78,35 @@ pub(crate) fn read(path: &Path, dtype: DType) -> Result<GgufModel> {
                 ),
             }
         };
-        let mut tensor = content
+        let stored = content
             .tensor(&mut reader, name, &Device::Cpu)
-            .and_then(|q| q.dequantize(&Device::Cpu))
             .map_err(read_error)?;
-        if let Some(heads) = permuted_heads(name, llama.num_heads, llama.num_kv_heads) {
-            tensor =
-                unpermute_rows(&tensor, heads, llama.head_dim).map_err(|e| Error::BadWeight {
-                    name: hf.clone(),
-                    message: format!("GGUF tensor '{name}' in {}: {e}", path.display()),
-                })?;
+        let heads = permuted_heads(name, llama.num_heads, llama.num_kv_heads);
+        let bad_rows = |e: Error| Error::BadWeight {
+            name: hf.clone(),
+            message: format!("GGUF tensor '{name}' in {}: {e}", path.display()),
+        };
+        if keep_quantized && is_projection(&hf) && is_block_quantized(stored.dtype()) {
+            let stored = match heads {
+                Some(heads) => {
+                    unpermute_quantized_rows(&stored, heads, llama.head_dim).map_err(bad_rows)?
+                }
+                None => stored,
+            };
+            quantized.insert(hf, std::sync::Arc::new(stored));
+            continue;
+        }
+        let mut tensor = stored.dequantize(&Device::Cpu).map_err(read_error)?;
+        if let Some(heads) = heads {
+            tensor = unpermute_rows(&tensor, heads, llama.head_dim).map_err(bad_rows)?;
         }
         tensors.insert(hf, tensor.to_dtype(dtype)?);
     }
     let tokenizer = tokenizer(&meta, llama.eos_token_id)?;
     Ok(GgufModel {
         config: ModelConfig::Llama(llama),
-        store: WeightStore::from_tensors(tensors, path.display().to_string()),
+        store: WeightStore::from_tensors(tensors, path.display().to_string())
+            .with_quantized(quantized),
         tokenizer,
     })
 }
@@ -324,6 +342,47 @@ fn unpermute_rows(t: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
         .transpose(1, 2)?
         .contiguous()?
         .reshape(dims)?)
+}
+
+/// Whether a Hugging Face tensor name is a block's attention or MLP projection weight.
+fn is_projection(hf: &str) -> bool {
+    hf.starts_with("model.layers.")
+        && [
+            "q_proj.weight",
+            "k_proj.weight",
+            "v_proj.weight",
+            "o_proj.weight",
+            "gate_proj.weight",
+            "up_proj.weight",
+            "down_proj.weight",
+        ]
+        .iter()
+        .any(|end| hf.ends_with(end))
+}
+
+/// Whether a GGUF tensor type stores blocks of quantized values (not plain floats).
+fn is_block_quantized(dtype: GgmlDType) -> bool {
+    !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// [`unpermute_rows`] for a block-quantized `[rows, in]` tensor: each row is whole blocks of
+/// bytes, moved as they are.
+fn unpermute_quantized_rows(t: &QTensor, heads: usize, head_dim: usize) -> Result<QTensor> {
+    let rows = t.shape().dims().first().copied().unwrap_or(1);
+    let bytes = t.data()?;
+    if rows == 0 || bytes.len() % rows != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "its {} bytes are not {rows} whole rows",
+            bytes.len()
+        )));
+    }
+    let row_bytes = bytes.len() / rows;
+    let as_rows = Tensor::from_vec(bytes.into_owned(), (rows, row_bytes), &Device::Cpu)?;
+    let moved = unpermute_rows(&as_rows, heads, head_dim)?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
+    let storage = QStorage::from_data(moved.into(), &Device::Cpu, t.dtype())?;
+    Ok(QTensor::new(storage, t.shape().clone())?)
 }
 
 /// The model config from `llama.*` metadata, validated like a `config.json`.
@@ -748,6 +807,43 @@ fn integer(value: &Value) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Moving a quantized tensor's rows gives exactly the dequantized tensor's rows moved
+    /// (Q8_0 and Q4_1, the types of SmolLM2's file; 3 heads of 8 dims, 64 columns).
+    #[test]
+    fn quantized_rows_move_as_the_dequantized_rows() {
+        let (heads, head_dim, cols) = (3, 8, 64);
+        let values: Vec<f32> = (0..heads * head_dim * cols)
+            .map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 5.0)
+            .collect();
+        let dense = Tensor::from_vec(values, (heads * head_dim, cols), &Device::Cpu).unwrap();
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1] {
+            let stored = QTensor::quantize(&dense, dtype).unwrap();
+            let moved = unpermute_quantized_rows(&stored, heads, head_dim).unwrap();
+            assert_eq!(moved.dtype(), dtype);
+            let expected =
+                unpermute_rows(&stored.dequantize(&Device::Cpu).unwrap(), heads, head_dim).unwrap();
+            let actual = moved.dequantize(&Device::Cpu).unwrap();
+            let diff = (actual - &expected)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{dtype:?}");
+            // The permutation is not the identity: rows did move.
+            let before = stored.dequantize(&Device::Cpu).unwrap();
+            let change = (before - expected)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert!(change.to_scalar::<f32>().unwrap() > 0.0);
+        }
+        let ragged = QTensor::quantize(&dense, GgmlDType::Q8_0).unwrap();
+        assert!(unpermute_quantized_rows(&ragged, 5, head_dim).is_err());
+    }
 
     /// Pre-tokenizers this reader knows (by their own split or GPT-2's) are not warned of.
     #[test]

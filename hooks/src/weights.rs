@@ -1,10 +1,13 @@
 //! Reading weight tensors by name from safetensors (single or sharded), PyTorch pickles
 //! (`pytorch_model.bin`, as many Pythia training checkpoints are) or tensors already in
-//! memory (GGUF after dequantisation), with shape and dtype checks that name the tensor.
+//! memory (GGUF after dequantisation, or its block-quantized projections kept as they are),
+//! with shape and dtype checks that name the tensor.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use candle_core::quantized::QTensor;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{pickle::PthTensors, DType, Device, Tensor};
 
@@ -54,6 +57,9 @@ enum Source {
 /// Named weight tensors, loaded lazily from their files.
 pub struct WeightStore {
     source: Source,
+    /// Block-quantized tensors (a GGUF file read with [`crate::LoadOptions::quantized`]),
+    /// served by [`WeightStore::quantized`] only.
+    quantized: HashMap<String, Arc<QTensor>>,
     description: String,
     /// The names [`WeightStore::get`] was asked for, to find the tensors a model left unused.
     used: std::sync::Mutex<std::collections::BTreeSet<String>>,
@@ -111,6 +117,7 @@ impl WeightStore {
         };
         Ok(WeightStore {
             source,
+            quantized: HashMap::new(),
             description: files.describe(),
             used: Default::default(),
         })
@@ -120,18 +127,50 @@ impl WeightStore {
     pub fn from_tensors(tensors: HashMap<String, Tensor>, description: impl Into<String>) -> Self {
         WeightStore {
             source: Source::Memory(tensors),
+            quantized: HashMap::new(),
             description: description.into(),
             used: Default::default(),
         }
     }
 
+    /// Adds block-quantized tensors, which [`WeightStore::quantized`] serves (a linear layer
+    /// multiplies them as they are); [`WeightStore::get`] does not see them.
+    pub fn with_quantized(mut self, tensors: HashMap<String, Arc<QTensor>>) -> Self {
+        self.quantized.extend(tensors);
+        self
+    }
+
+    /// The block-quantized tensor `name` (`[out, in]`, shape checked), `None` when the store
+    /// holds it as a plain tensor or not at all.
+    pub fn quantized(&self, name: &str, shape: &[usize]) -> Result<Option<Arc<QTensor>>> {
+        let Some(tensor) = self.quantized.get(name) else {
+            return Ok(None);
+        };
+        self.used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string());
+        if tensor.shape().dims() != shape {
+            return Err(Error::BadWeight {
+                name: name.into(),
+                message: format!(
+                    "expected shape {shape:?}, found {:?} in {}",
+                    tensor.shape().dims(),
+                    self.description
+                ),
+            });
+        }
+        Ok(Some(Arc::clone(tensor)))
+    }
+
     /// Whether a tensor of this name exists.
     pub fn contains(&self, name: &str) -> bool {
-        match &self.source {
-            Source::Safetensors(st) => st.get(name).is_ok(),
-            Source::Pickle(files) => files.iter().any(|f| f.tensor_infos().contains_key(name)),
-            Source::Memory(map) => map.contains_key(name),
-        }
+        self.quantized.contains_key(name)
+            || match &self.source {
+                Source::Safetensors(st) => st.get(name).is_ok(),
+                Source::Pickle(files) => files.iter().any(|f| f.tensor_infos().contains_key(name)),
+                Source::Memory(map) => map.contains_key(name),
+            }
     }
 
     /// Where the tensors come from, for messages.
@@ -150,8 +189,9 @@ impl WeightStore {
                 .collect(),
             Source::Memory(map) => map.keys().cloned().collect(),
         };
+        let names = names.into_iter().chain(self.quantized.keys().cloned());
         let used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        let mut unused: Vec<String> = names.into_iter().filter(|n| !used.contains(n)).collect();
+        let mut unused: Vec<String> = names.filter(|n| !used.contains(n)).collect();
         unused.sort();
         unused.dedup();
         unused

@@ -596,6 +596,7 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
             revision: None,
             device: hooks::parse_device(&args.device)?,
             dtype: hooks::parse_dtype(&args.dtype)?,
+            ..hooks::LoadOptions::default()
         },
         tokenizer: args.tokenizer.clone(),
         output: args.output.clone(),

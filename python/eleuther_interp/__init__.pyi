@@ -91,6 +91,7 @@ class Model:
         revision: Optional[str] = None,
         device: str = "cpu",
         dtype: Union[str, np.dtype[Any], type, None] = None,
+        quantized: bool = False,
         tokenizer: Optional[_Path] = None,
     ) -> "Model":
         """Loads a model: Pythia short name, hub id, local folder or ``.gguf`` file."""

@@ -46,7 +46,10 @@ pub fn model_arg<'py>(py: Python<'py>, model: &Bound<'py, PyAny>) -> PyResult<Bo
             let name: PathBuf = model.extract().map_err(|_| {
                 pyo3::exceptions::PyTypeError::new_err("model must be a Model or a model name")
             })?;
-            Bound::new(py, PyModel::load(py, name, None, "cpu", "float32", None)?)
+            Bound::new(
+                py,
+                PyModel::load(py, name, None, "cpu", "float32", false, None)?,
+            )
         }
     }
 }

@@ -319,6 +319,7 @@ impl PyModel {
         revision: Option<String>,
         device: &str,
         dtype: &str,
+        quantized: bool,
         tokenizer: Option<PathBuf>,
     ) -> PyResult<Self> {
         let name = name.to_string_lossy().into_owned();
@@ -328,6 +329,7 @@ impl PyModel {
                     revision,
                     device: hooks::parse_device(device)?,
                     dtype: hooks::parse_dtype(dtype)?,
+                    quantized,
                 };
                 let mut model = Model::load(&name, &options)?;
                 if let Some(path) = tokenizer {
@@ -592,23 +594,26 @@ impl PyModel {
     /// ``"step1000"``), or a local folder's sub-folder (``MODEL/step1000/``, the hub
     /// layout). ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (CUDA needs a build with
     /// the ``cuda`` feature). ``dtype`` is the compute dtype: ``"float32"`` (default),
-    /// ``"bfloat16"`` or ``"float16"`` (or a numpy dtype). ``tokenizer`` is a
+    /// ``"bfloat16"`` or ``"float16"`` (or a numpy dtype). ``quantized=True`` keeps a GGUF
+    /// file's block-quantized projection weights as they are (4-8x less memory; products with
+    /// 8-bit-quantized activations, as llama.cpp; float32 only). ``tokenizer`` is a
     /// ``tokenizer.json`` to use instead of the model's own.
     ///
     /// Raises ``FileNotFoundError`` for a model that cannot be found, ``ValueError`` for a
     /// bad config or argument.
     #[staticmethod]
-    #[pyo3(signature = (name, *, revision = None, device = "cpu", dtype = None, tokenizer = None))]
+    #[pyo3(signature = (name, *, revision = None, device = "cpu", dtype = None, quantized = false, tokenizer = None))]
     fn from_pretrained(
         py: Python<'_>,
         name: PathBuf,
         revision: Option<String>,
         device: &str,
         dtype: Option<&Bound<'_, PyAny>>,
+        quantized: bool,
         tokenizer: Option<PathBuf>,
     ) -> PyResult<Self> {
         let dtype = dtype_arg(dtype)?;
-        Self::load(py, name, revision, device, &dtype, tokenizer)
+        Self::load(py, name, revision, device, &dtype, quantized, tokenizer)
     }
 
     /// Every hook point's canonical name, in forward order: ``embed``, then per layer

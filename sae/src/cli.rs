@@ -75,6 +75,7 @@ impl ModelOpts {
             revision: self.revision.clone(),
             device: self.device.clone(),
             dtype: self.dtype.clone(),
+            quantized: false,
             tokenizer: self.tokenizer.clone(),
         };
         Ok(Some(args.load()?))

@@ -480,6 +480,7 @@ fn transcoder_train_and_eval() {
         revision: None,
         device: "cpu".into(),
         dtype: "float32".into(),
+        quantized: false,
         tokenizer: None,
     }
     .load()
@@ -626,6 +627,7 @@ fn skip_first_positions_in_train_and_eval() {
         revision: None,
         device: "cpu".into(),
         dtype: "float32".into(),
+        quantized: false,
         tokenizer: None,
     }
     .load()

@@ -32,12 +32,17 @@ impl Loader<'_> {
         out_dim: usize,
         bias: bool,
     ) -> Result<Linear> {
-        let weight = self.tensor(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
         let bias = if bias {
             Some(self.tensor(&format!("{prefix}.bias"), &[out_dim])?)
         } else {
             None
         };
+        let name = format!("{prefix}.weight");
+        if let Some(weight) = self.store.quantized(&name, &[out_dim, in_dim])? {
+            let weight = candle_core::quantized::QMatMul::from_arc(weight)?;
+            return Ok(Linear::Quantized { weight, bias });
+        }
+        let weight = self.tensor(&name, &[out_dim, in_dim])?;
         // Where bf16 products are slower than f32 ones, the layer takes f32 products of the
         // widened values instead (see `forward`).
         if is_cpu_bf16(&weight) && Kernel::detect().beats_f32() {
@@ -83,6 +88,12 @@ pub(crate) enum Linear {
         weight: Packed<F32>,
         bias: Option<(Tensor, Vec<f32>)>,
     },
+    /// A block-quantized weight (GGUF, [`crate::LoadOptions::quantized`]) multiplied as it is,
+    /// with 8-bit-quantized activations (candle's kernels, as llama.cpp's).
+    Quantized {
+        weight: candle_core::quantized::QMatMul,
+        bias: Option<Tensor>,
+    },
 }
 
 /// A layer's bias as given and as f32 values for a packed product's sums.
@@ -115,6 +126,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let layer = match self {
             Linear::Tensors(layer) => layer,
+            Linear::Quantized { .. } => return self.add_bias(self.product(x)?),
             packed => return packed.product_with(x, true),
         };
         if (is_cpu_f32(x) || is_cpu_bf16(x)) && x.rank() >= 2 {
@@ -141,6 +153,9 @@ impl Linear {
     /// none applies). The fused kernels are CUDA's; on a packed bf16 layer this rounds the
     /// product to bf16 before the bias is added, which [`Linear::forward`] does not.
     pub fn product(&self, x: &Tensor) -> Result<Tensor> {
+        if let Linear::Quantized { weight, .. } = self {
+            return Ok(candle_core::Module::forward(weight, &x.contiguous()?)?);
+        }
         if !matches!(self, Linear::Tensors(_)) {
             return self.product_with(x, false);
         }
@@ -166,19 +181,21 @@ impl Linear {
                 Linear::PackedF32 { weight, bias: b } => {
                     linear_packed_f32(F32Kernel::detect(), rows, weight, bias_values(b, with_bias))
                 }
-                Linear::Tensors(_) => unreachable!("only packed layers come here"),
+                Linear::Tensors(_) | Linear::Quantized { .. } => {
+                    unreachable!("only packed layers come here")
+                }
             })
             .transpose()
         })?;
         Ok(out.expect("always made"))
     }
 
-    /// The weight tensor, which a packed layer does not keep.
+    /// The weight tensor, which a packed or quantized layer does not keep.
     fn weight(&self) -> Result<&Tensor> {
         match self {
             Linear::Tensors(linear) => Ok(linear.weight()),
             _ => Err(crate::Error::InvalidArgument(
-                "a packed layer keeps no weight tensor".into(),
+                "a packed or quantized layer keeps no weight tensor".into(),
             )),
         }
     }
@@ -190,6 +207,7 @@ impl Linear {
             Linear::PackedBf16 { bias, .. } | Linear::PackedF32 { bias, .. } => {
                 bias.as_ref().map(|(b, _)| b)
             }
+            Linear::Quantized { bias, .. } => bias.as_ref(),
         }
     }
 

@@ -689,13 +689,15 @@ fn formatted_answers_keep_the_format_and_the_models_choices() {
 #[test]
 fn refuses_prompts_longer_than_the_context_and_bad_requests() {
     let Some(model) = model() else { return };
+    // The file's llama.context_length (candle's Llama capped it at 4096).
+    assert_eq!(model.context_len(), 8192);
     let long = "word ".repeat(model.context_len() + 10);
     let err = model
         .generate(&greedy(vec![Message::user(long)], 4))
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("SmolLM2-135M-Instruct.Q4_1.gguf") && err.contains("context of 4096"),
+        err.contains("SmolLM2-135M-Instruct.Q4_1.gguf") && err.contains("context of 8192"),
         "{err}"
     );
     let err = model

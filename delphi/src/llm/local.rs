@@ -1,14 +1,15 @@
-//! A GGUF chat model run in process on the CPU, so the explain/score pipeline works with no
-//! server (tests, demos, small jobs).
+//! A GGUF chat model run in process, so the explain/score pipeline works with no server
+//! (tests, demos, small jobs).
 //!
-//! The model is candle-transformers' `quantized_llama` (Llama blocks with a KV cache). By
-//! default every tensor is dequantized to f32 when the file is loaded, which is what
-//! transformers does with a GGUF file: answers match it to float rounding (2.7e-5 nats on the
-//! fixture), and on x86 it is also the fast choice for small models, because candle 0.11 has
-//! SIMD kernels only for Q4_0, Q8_0 and the K-quants (SmolLM2's Q4_1 runs a scalar loop,
-//! 20-35x slower here). [`LocalOptions::quantized`] keeps the file's types instead (4-5x less
-//! memory, for bigger models), multiplying them with 8-bit-quantized activations as llama.cpp
-//! does; that moves log-probabilities by up to 0.16 nats on the fixture.
+//! The model is the hook runtime's ([`hooks::Model`], checked against transformers at every
+//! layer), loaded once: it generates answers and reads prompts' log-probabilities. By default
+//! every tensor is dequantized to f32 when the file is loaded, which is what transformers
+//! does with a GGUF file: answers match it to float rounding (2.7e-5 nats on the fixture).
+//! [`LocalOptions::quantized`] keeps the blocks' quantized projection weights instead (4-5x
+//! less memory, for bigger models), multiplied with 8-bit-quantized activations as llama.cpp
+//! does; that moves log-probabilities by up to 0.25 nats on the fixture. (On x86, candle 0.11
+//! has SIMD kernels only for Q4_0, Q8_0 and the K-quants: SmolLM2's Q4_1 runs a scalar loop,
+//! 20-35x slower here than f32.)
 //!
 //! The tokenizer is the one hooks rebuilds from the GGUF metadata ([`hooks::gguf_tokenizer`]),
 //! and the prompt is rendered with the ChatML template the file declares in
@@ -20,30 +21,22 @@
 //! `tests/fixtures/delphi/local_llm.json`.
 //!
 //! Requests run on tokio's blocking pool, two per core at a time (the others wait, holding no
-//! memory). Their prompts are processed one at a time (the model sits behind a mutex; the
-//! matmuls use every core already); each then generates its answer on its own copy of the
-//! model state, beside the others computing, each with its own KV cache.
-//! The KV cache of the shared start of prompts (everything before the last message: the
-//! system prompt and few-shot turns of the explainer and scorer prompts) is kept for the next
-//! requests, so only the new part is processed.
+//! memory). Their prompts are processed one at a time (the matmuls use every core already);
+//! each then generates its answer beside the others, each on its own KV cache
+//! ([`hooks::KvCache`]). The KV cache of the shared start of prompts (everything before the
+//! last message: the system prompt and few-shot turns of the explainer and scorer prompts) is
+//! kept for the next requests, so only the new part is processed.
 //!
 //! [`Llm::read`] and [`Llm::continuation_logprobs`] need the log-probabilities at many
-//! positions of one pass, which candle's model does not give (it computes the last position's
-//! only): texts are read by the same file loaded into the hook runtime ([`hooks::Model`], f32,
-//! checked against transformers like this one), the prompt once into its KV cache, then the
-//! texts in batches after it, once per token and not once per reading point; that second
-//! copy of the weights is loaded on the first read.
+//! positions: the prompt is run once into a KV cache, then the texts in batches after it, and
+//! the unembedding is applied at the reading points only.
 
 use std::collections::VecDeque;
-use std::fs::File;
-use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
-use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
+use candle_core::quantized::gguf_file::Value;
+use candle_core::{DType, Device, IndexOp, Tensor};
 use hooks::sampling::{argmax, log_softmax, sample, top_k};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -70,6 +63,9 @@ fn computing_slots() -> usize {
 /// Answers read in one forward pass by [`Llm::read`] (a simulation scorer's excerpts of
 /// about 500 tokens: 4,000 rows per pass).
 const READ_BATCH: usize = 8;
+
+/// The context assumed for a file that states none (`llama.context_length`): Llama 2's.
+pub const DEFAULT_CONTEXT: usize = 4096;
 
 /// Prompt tokens processed per forward pass: bounds the attention scores' memory
 /// (`heads * chunk * context * 4` bytes) for long prompts.
@@ -129,29 +125,23 @@ struct Shared {
     context_len: usize,
     seed: u64,
     prefix_capacity: usize,
-    engine: Mutex<Engine>,
+    model: hooks::Model,
+    /// The KV caches of prompt starts, most recently used last. Held while a prompt is
+    /// processed, so prompts are processed one at a time.
+    prefixes: Mutex<VecDeque<Prefix>>,
     /// Requests computing at once through [`Llm`]; the others wait before they hold a KV cache
     /// of their own, so a job's memory does not grow with the requests it has in flight.
     computing: Arc<Semaphore>,
-    /// See [`Shared::reader`].
-    reader: Mutex<Option<Arc<hooks::Model>>>,
     /// The tokens whose text is made only of [`AnswerFormat::ALPHABET`]'s characters, a digit
     /// only on its own, with that text: the candidates of a formatted answer (found on first
     /// use).
     format_tokens: OnceLock<Vec<(u32, String)>>,
 }
 
-/// The model state: a clean copy, plus copies that have seen a prompt start (cloning a
-/// `ModelWeights` shares the weights and the cached keys/values; nothing is copied).
-struct Engine {
-    fresh: ModelWeights,
-    /// Most recently used last.
-    prefixes: VecDeque<Prefix>,
-}
-
+/// A prompt start and its KV cache.
 struct Prefix {
     ids: Vec<u32>,
-    model: ModelWeights,
+    cache: hooks::KvCache,
 }
 
 impl std::fmt::Debug for LocalLlm {
@@ -174,7 +164,7 @@ impl LocalLlm {
 
     /// [`LocalLlm::load`] with a sampling seed, prefix-cache size and weight format.
     pub fn load_with(path: &Path, options: LocalOptions) -> Result<Self> {
-        let (content, mut reader) = hooks::gguf_header(path)?;
+        let (content, _) = hooks::gguf_header(path)?;
         let string = |key: &str| match content.metadata.get(key) {
             Some(Value::String(s)) => Ok(s.clone()),
             Some(other) => Err(Error::file(
@@ -193,50 +183,6 @@ impl LocalLlm {
                 format!("general.architecture '{architecture}' is not supported (only llama)"),
             ));
         }
-        if let Some(scaling) = content.metadata.get("llama.rope.scaling.type") {
-            if !matches!(scaling, Value::String(s) if s == "none") {
-                return Err(Error::file(
-                    path,
-                    format!("llama.rope.scaling.type {scaling:?} is not supported (only unscaled rotary)"),
-                ));
-            }
-        }
-        let number = |key: &str| {
-            content
-                .metadata
-                .get(key)
-                .map(|v| {
-                    v.to_u64().map(|n| n as usize).map_err(|_| {
-                        Error::file(
-                            path,
-                            format!("GGUF metadata '{key}' must be an integer, got {v:?}"),
-                        )
-                    })
-                })
-                .transpose()
-        };
-        let width = number("llama.embedding_length")?;
-        let heads = number("llama.attention.head_count")?;
-        // candle's quantized Llama takes the head dimension to be width / heads and rotates
-        // all of it.
-        if let (Some(width), Some(heads)) = (width, heads) {
-            for key in ["llama.rope.dimension_count", "llama.attention.key_length"] {
-                if let Some(dims) = number(key)? {
-                    if heads == 0 || dims * heads != width {
-                        return Err(Error::file(
-                            path,
-                            format!(
-                                "{key} {dims} is not the width / heads ({width} / {heads}): \
-                                 not supported"
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-        let context_len = number("llama.context_length")?
-            .unwrap_or(MAX_SEQ_LEN)
-            .min(MAX_SEQ_LEN);
         let template = ChatTemplate::parse(&string("tokenizer.chat_template")?)
             .map_err(|message| Error::file(path, format!("tokenizer.chat_template: {message}")))?;
         let tokenizer = hooks::gguf_tokenizer(&content, path)?.ok_or_else(|| {
@@ -256,16 +202,19 @@ impl LocalLlm {
         let turn_start = token_id(IM_START)?;
         let mut stop_ids = vec![token_id(IM_END)?];
         stop_ids.extend(tokenizer.eos_id().filter(|id| !stop_ids.contains(id)));
-        let cannot_load =
-            |e: candle_core::Error| Error::file(path, format!("cannot load the weights: {e}"));
-        let model = if options.quantized {
-            ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).map_err(cannot_load)?
-        } else {
-            let mut f32_file =
-                std::io::Cursor::new(dequantized(&content, &mut reader).map_err(cannot_load)?);
-            let content = Content::read(&mut f32_file).map_err(cannot_load)?;
-            ModelWeights::from_gguf(content, &mut f32_file, &Device::Cpu).map_err(cannot_load)?
+        let files = hooks::source::ModelFiles {
+            config: None,
+            tokenizer: None,
+            weights: hooks::weights::WeightFiles::Gguf(path.to_path_buf()),
+            origin: path.display().to_string(),
+            revision: None,
         };
+        let load = hooks::LoadOptions {
+            quantized: options.quantized,
+            ..hooks::LoadOptions::default()
+        };
+        let model = hooks::Model::from_files(&files, &load)?;
+        let context_len = model.context_len().unwrap_or(DEFAULT_CONTEXT);
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -281,19 +230,16 @@ impl LocalLlm {
                 context_len,
                 seed: options.seed,
                 prefix_capacity: options.prefix_cache,
-                engine: Mutex::new(Engine {
-                    fresh: model,
-                    prefixes: VecDeque::new(),
-                }),
+                model,
+                prefixes: Mutex::new(VecDeque::new()),
                 format_tokens: OnceLock::new(),
                 computing: Arc::new(Semaphore::new(computing_slots())),
-                reader: Mutex::new(None),
             }),
         })
     }
 
-    /// The most tokens a prompt plus its answer can have: the file's `llama.context_length`,
-    /// capped at candle's rotary table of [`MAX_SEQ_LEN`] positions.
+    /// The most tokens a prompt plus its answer can have: the file's `llama.context_length`
+    /// ([`DEFAULT_CONTEXT`] when it has none).
     pub fn context_len(&self) -> usize {
         self.shared.context_len
     }
@@ -319,9 +265,8 @@ impl LocalLlm {
     /// to `messages` (blocking). For scoring by comparing a few candidate tokens directly.
     pub fn next_token_logprobs(&self, messages: &[Message]) -> Result<Vec<f32>> {
         let ids = self.shared.prompt(messages)?;
-        let mut engine = self.shared.engine.lock().unwrap_or_else(|e| e.into_inner());
-        let (_, logits) = self.shared.prefill(&mut engine, &ids)?;
-        Ok(log_softmax(&logits.to_vec1()?))
+        let (_, logits) = self.shared.prefill(&ids)?;
+        Ok(log_softmax(&logits))
     }
 
     /// Reads `request` on the calling thread (blocking), as [`Llm::read`].
@@ -392,19 +337,15 @@ impl Shared {
                 truncated: true,
             });
         }
-        let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut model, mut logits) = self.prefill(&mut engine, &ids)?;
-        drop(engine);
+        let (mut cache, mut scores) = self.prefill(&ids)?;
 
         let mut rng =
             StdRng::seed_from_u64(self.seed ^ hooks::digest::Fnv::default().u32s(&ids).finish());
         let mut generated = Vec::new();
         let mut logprobs = request.top_logprobs.map(|_| Vec::new());
-        let mut position = ids.len();
         let mut truncated = false;
         let mut answer = String::new();
         loop {
-            let scores: Vec<f32> = logits.to_vec1()?;
             let pick = |scores: &[f32], rng: &mut StdRng| {
                 if request.temperature == 0.0 {
                     argmax(scores)
@@ -469,13 +410,11 @@ impl Shared {
             {
                 break;
             }
-            if generated.len() >= request.max_tokens as usize || position >= self.context_len {
+            if generated.len() >= request.max_tokens as usize || cache.len() >= self.context_len {
                 truncated = true;
                 break;
             }
-            let input = Tensor::new(&[token], &Device::Cpu)?.unsqueeze(0)?;
-            logits = model.forward(&input, position)?.squeeze(0)?;
-            position += 1;
+            scores = self.advance(&mut cache, &[token])?;
         }
         Ok(ChatResponse {
             // Sampled padding rows (past the tokenizer's vocabulary) have no text.
@@ -617,12 +556,11 @@ impl Shared {
                 self.context_len
             )));
         }
-        let reader = self.reader()?;
-        let unembedding = reader.unembedding();
+        let unembedding = self.model.unembedding();
         let mut prompt_cache = hooks::KvCache::new();
         if !cached.is_empty() {
             // A cached pass runs through every layer and needs no logits.
-            reader.forward_cached(
+            self.model.forward_cached(
                 &Tensor::new(cached, &Device::Cpu)?,
                 &mut hooks::Hooks::capture_only([hooks::HookPoint::Embed]),
                 &mut prompt_cache,
@@ -642,7 +580,9 @@ impl Shared {
             }
             let ids = Tensor::from_vec(padded, (batch.len(), width), &Device::Cpu)?;
             let mut hooks = hooks::Hooks::capture_only([hooks::HookPoint::FinalNorm]);
-            let out = reader.forward_cached(&ids, &mut hooks, &mut prompt_cache.clone())?;
+            let out = self
+                .model
+                .forward_cached(&ids, &mut hooks, &mut prompt_cache.clone())?;
             let normed = out
                 .captures
                 .get(&hooks::HookPoint::FinalNorm)
@@ -663,20 +603,6 @@ impl Shared {
             }
         }
         Ok(())
-    }
-
-    /// The model that reads answers: the same file through the hook runtime (weights
-    /// dequantized to f32), whose pass gives the hidden state at every position (candle's
-    /// generating model gives the last one only). Loaded on the first read, then kept.
-    fn reader(&self) -> Result<Arc<hooks::Model>> {
-        let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(model) = reader.as_ref() {
-            return Ok(Arc::clone(model));
-        }
-        let path = self.path.to_string_lossy();
-        let model = Arc::new(hooks::Model::load(&path, &hooks::LoadOptions::default())?);
-        *reader = Some(Arc::clone(&model));
-        Ok(model)
     }
 
     /// The tokens that keep `answer` a start of `format`, with their text, among the first
@@ -716,80 +642,63 @@ impl Shared {
         Ok(candidates)
     }
 
-    /// A model state that has seen `ids` and the logits after its last token.
+    /// A KV cache that has seen `ids` and the logits after its last token.
     ///
     /// A prompt is always run in two parts: everything before its last message, then the
-    /// rest. The first part's state is cached, and reused only by prompts with exactly that
+    /// rest. The first part's cache is kept, and reused only by prompts with exactly that
     /// first part, so each answer depends on its prompt alone, never on what ran before:
     /// float rounding depends on how tokens are chunked, and with quantized weights
     /// ([`LocalOptions::quantized`]) that flips 8-bit activation steps, which moved
     /// SmolLM2-135M's top log-probability by up to 0.25 nats (measured).
-    fn prefill(&self, engine: &mut Engine, ids: &[u32]) -> Result<(ModelWeights, Tensor)> {
+    fn prefill(&self, ids: &[u32]) -> Result<(hooks::KvCache, Vec<f32>)> {
+        let mut prefixes = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
         // The last message starts at the next-to-last `<|im_start|>` (the last one opens the
         // answer).
         let starts: Vec<usize> = (0..ids.len())
             .filter(|&i| ids[i] == self.turn_start)
             .collect();
         let split = starts.len().checked_sub(2).map_or(0, |i| starts[i]);
-        let mut model = if split == 0 {
-            engine.fresh.clone()
-        } else if let Some(i) = engine.prefixes.iter().position(|p| p.ids == ids[..split]) {
-            let prefix = engine.prefixes.remove(i).expect("index from position");
-            let model = prefix.model.clone();
-            engine.prefixes.push_back(prefix);
-            model
+        let mut cache = if split == 0 {
+            hooks::KvCache::new()
+        } else if let Some(i) = prefixes.iter().position(|p| p.ids == ids[..split]) {
+            let prefix = prefixes.remove(i).expect("index from position");
+            let cache = prefix.cache.clone();
+            prefixes.push_back(prefix);
+            cache
         } else {
-            let mut model = engine.fresh.clone();
-            advance(&mut model, &ids[..split], 0)?;
+            let mut cache = hooks::KvCache::new();
+            self.advance(&mut cache, &ids[..split])?;
             if self.prefix_capacity > 0 {
-                if engine.prefixes.len() >= self.prefix_capacity {
-                    engine.prefixes.pop_front();
+                if prefixes.len() >= self.prefix_capacity {
+                    prefixes.pop_front();
                 }
-                engine.prefixes.push_back(Prefix {
+                prefixes.push_back(Prefix {
                     ids: ids[..split].to_vec(),
-                    model: model.clone(),
+                    cache: cache.clone(),
                 });
             }
-            model
+            cache
         };
-        let logits = advance(&mut model, &ids[split..], split)?;
-        Ok((model, logits))
+        let logits = self.advance(&mut cache, &ids[split..])?;
+        Ok((cache, logits))
     }
-}
 
-/// The GGUF file with every tensor dequantized to f32, in memory (the same metadata), so
-/// that `ModelWeights` runs f32 matmuls.
-fn dequantized(content: &Content, reader: &mut BufReader<File>) -> candle_core::Result<Vec<u8>> {
-    let mut tensors = Vec::with_capacity(content.tensor_infos.len());
-    for name in content.tensor_infos.keys() {
-        let tensor = content.tensor(reader, name, &Device::Cpu)?;
-        let tensor = match tensor.dtype() {
-            GgmlDType::F32 => tensor,
-            _ => QTensor::quantize(&tensor.dequantize(&Device::Cpu)?, GgmlDType::F32)?,
-        };
-        tensors.push((name.as_str(), tensor));
+    /// Runs `ids` after `cache` (which keeps them), [`PREFILL_CHUNK`] at a time; the logits
+    /// after the last one (f32).
+    fn advance(&self, cache: &mut hooks::KvCache, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut last = None;
+        for chunk in ids.chunks(PREFILL_CHUNK) {
+            let mut hooks = hooks::Hooks::capture_only([hooks::HookPoint::FinalNorm]);
+            let out =
+                self.model
+                    .forward_cached(&Tensor::new(chunk, &Device::Cpu)?, &mut hooks, cache)?;
+            last = out.captures.get(&hooks::HookPoint::FinalNorm).cloned();
+        }
+        let normed = last.ok_or_else(|| Error::Invalid("no tokens to process".into()))?;
+        let at_last = normed.i((0, normed.dim(1)? - 1))?.unsqueeze(0)?;
+        let logits = self.model.unembedding().project(&at_last)?;
+        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?)
     }
-    let metadata: Vec<(&str, &Value)> = content
-        .metadata
-        .iter()
-        .map(|(key, value)| (key.as_str(), value))
-        .collect();
-    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(name, t)| (*name, t)).collect();
-    let mut out = std::io::Cursor::new(Vec::new());
-    candle_core::quantized::gguf_file::write(&mut out, &metadata, &tensors)?;
-    Ok(out.into_inner())
-}
-
-/// Runs `ids` (at positions `start..`) through the model in chunks; the logits after the
-/// last one (`[vocab]`, f32).
-fn advance(model: &mut ModelWeights, ids: &[u32], start: usize) -> Result<Tensor> {
-    let mut logits = None;
-    for (i, chunk) in ids.chunks(PREFILL_CHUNK).enumerate() {
-        let input = Tensor::new(chunk, &Device::Cpu)?.unsqueeze(0)?;
-        logits = Some(model.forward(&input, start + i * PREFILL_CHUNK)?);
-    }
-    let logits = logits.ok_or_else(|| Error::Invalid("no tokens to process".into()))?;
-    Ok(logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?)
 }
 
 impl LocalLlm {
@@ -1020,41 +929,28 @@ mod tests {
             "{err}"
         );
 
-        let gpt2 = dir.path().join("gpt2.gguf");
-        let mut file = File::create(&gpt2).unwrap();
-        let arch = Value::String("gpt2".into());
-        candle_core::quantized::gguf_file::write(
-            &mut file,
-            &[("general.architecture", &arch)],
-            &[],
-        )
-        .unwrap();
-        drop(file);
+        let write = |name: &str, metadata: &[(&str, &Value)]| {
+            let path = dir.path().join(name);
+            let mut file = std::fs::File::create(&path).unwrap();
+            candle_core::quantized::gguf_file::write(&mut file, metadata, &[]).unwrap();
+            path
+        };
+        let gpt2 = write(
+            "gpt2.gguf",
+            &[("general.architecture", &Value::String("gpt2".into()))],
+        );
         let err = LocalLlm::load(&gpt2).unwrap_err().to_string();
         assert!(
             err.contains("gpt2.gguf") && err.contains("'gpt2' is not supported (only llama)"),
             "{err}"
         );
 
-        let partial = dir.path().join("partial.gguf");
-        let mut file = File::create(&partial).unwrap();
-        let arch = Value::String("llama".into());
-        let (width, heads, rope) = (Value::U32(64), Value::U32(4), Value::U32(8));
-        candle_core::quantized::gguf_file::write(
-            &mut file,
-            &[
-                ("general.architecture", &arch),
-                ("llama.embedding_length", &width),
-                ("llama.attention.head_count", &heads),
-                ("llama.rope.dimension_count", &rope),
-            ],
-            &[],
-        )
-        .unwrap();
-        drop(file);
-        let err = LocalLlm::load(&partial).unwrap_err().to_string();
+        let llama = Value::String("llama".into());
+        let untemplated = write("untemplated.gguf", &[("general.architecture", &llama)]);
+        let err = LocalLlm::load(&untemplated).unwrap_err().to_string();
         assert!(
-            err.contains("partial.gguf") && err.contains("llama.rope.dimension_count 8"),
+            err.contains("untemplated.gguf")
+                && err.contains("'tokenizer.chat_template' is missing"),
             "{err}"
         );
     }

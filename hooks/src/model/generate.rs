@@ -65,10 +65,7 @@ impl Model {
             None => self.tokenizer.iter().filter_map(|t| t.eos_id()).collect(),
         };
         // Positions past a sliding window are refused (not implemented), so stop before one.
-        let limit = [self.config.max_position_embeddings(), self.sliding_window()]
-            .into_iter()
-            .flatten()
-            .min();
+        let limit = self.context_len();
         let mut rng = StdRng::seed_from_u64(options.seed);
         let mut cache = KvCache::new();
         let mut input = prompt.to_vec();

@@ -493,6 +493,16 @@ impl Model {
         Ok(ids.to_dtype(DType::U32)?.to_device(&self.device)?)
     }
 
+    /// The most positions a sequence should hold: the config's context length, or its
+    /// sliding window when shorter (positions past a window are refused); `None` when the
+    /// config states neither.
+    pub fn context_len(&self) -> Option<usize> {
+        [self.config.max_position_embeddings(), self.sliding_window()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
     /// The sliding window a Llama-family config (Mistral's) declares: positions past it are
     /// refused, as this runtime attends over the whole sequence.
     fn sliding_window(&self) -> Option<usize> {

@@ -27,8 +27,10 @@ use serde_json::Value;
 /// Largest |ours - transformers| allowed for a log-probability (nats), f32 weights.
 const LOGPROB_TOLERANCE: f32 = 1e-3;
 
-/// The same with quantized weights and 8-bit activations.
-const QUANTIZED_LOGPROB_TOLERANCE: f32 = 0.25;
+/// The same with quantized weights and 8-bit activations (measured: 0.24 on these top-5
+/// tokens; the whole next-token distribution's KL to transformers is under 0.008 nats, see
+/// hooks' `smollm2_quantized_weights_stay_close_to_transformers`).
+const QUANTIZED_LOGPROB_TOLERANCE: f32 = 0.35;
 
 /// Greedy steps are compared while the reference's top-1/top-2 gap exceeds this (the
 /// fixture's smallest gap is 0.01, so every step is compared).
@@ -158,6 +160,11 @@ fn quantized_weights_stay_close_to_transformers() {
         },
     )
     .unwrap();
+    assert!(
+        model.name().ends_with("(quantized weights)"),
+        "{}",
+        model.name()
+    );
     let mut worst = 0f32;
     // Q4_1 runs candle's scalar kernel: the two shorter prompts keep this test quick.
     for conversation in &conversations()[1..] {

@@ -621,7 +621,7 @@ class Llm:
         ``max_requests`` requests in flight. ``timeout`` (seconds) must be positive and
         finite (``ValueError``)."""
     @staticmethod
-    def local(path: Optional[_Path] = None) -> "Llm":
+    def local(path: Optional[_Path] = None, *, quantized: bool = False) -> "Llm":
         """A GGUF chat model run in process (default: SmolLM2-135M-Instruct from PyPI)."""
     @property
     def name(self) -> str: ...

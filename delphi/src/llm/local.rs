@@ -7,7 +7,8 @@
 //! does with a GGUF file: answers match it to float rounding (2.7e-5 nats on the fixture).
 //! [`LocalOptions::quantized`] keeps the blocks' quantized projection weights instead (4-5x
 //! less memory, for bigger models), multiplied with 8-bit-quantized activations as llama.cpp
-//! does; that moves log-probabilities by up to 0.25 nats on the fixture. (On x86, candle 0.11
+//! does; that moves the top log-probabilities by up to 0.24 nats on the fixture (the next-token
+//! distribution's KL to transformers stays under 0.008 nats). (On x86, candle 0.11
 //! has SIMD kernels only for Q4_0, Q8_0 and the K-quants: SmolLM2's Q4_1 runs a scalar loop,
 //! 20-35x slower here than f32.)
 //!
@@ -215,10 +216,15 @@ impl LocalLlm {
         };
         let model = hooks::Model::from_files(&files, &load)?;
         let context_len = model.context_len().unwrap_or(DEFAULT_CONTEXT);
-        let name = path
+        let file = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| path.display().to_string());
+        // Quantized weights give other answers: a job records them apart.
+        let name = match options.quantized {
+            true => format!("{file} (quantized weights)"),
+            false => file,
+        };
         Ok(Self {
             shared: Arc::new(Shared {
                 name,
@@ -649,7 +655,7 @@ impl Shared {
     /// first part, so each answer depends on its prompt alone, never on what ran before:
     /// float rounding depends on how tokens are chunked, and with quantized weights
     /// ([`LocalOptions::quantized`]) that flips 8-bit activation steps, which moved
-    /// SmolLM2-135M's top log-probability by up to 0.25 nats (measured).
+    /// SmolLM2-135M's top log-probability by up to 0.25 nats (measured on candle's Llama).
     fn prefill(&self, ids: &[u32]) -> Result<(hooks::KvCache, Vec<f32>)> {
         let mut prefixes = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
         // The last message starts at the next-to-last `<|im_start|>` (the last one opens the

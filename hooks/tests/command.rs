@@ -100,10 +100,9 @@ fn a_closed_output_pipe_ends_the_command_quietly() {
     );
 }
 
-/// Help, version and argument errors: printed where a command line prints them, with its
-/// exit status (0, 0, 2), and `hooks::cli::run` returns them instead of ending the process.
 /// `hooks generate` prints what transformers' greedy `generate` adds to the prompt
-/// (`tests/fixtures/smollm2/generation.json`).
+/// (`tests/fixtures/smollm2/generation.json`). `--quantized` runs the file's quantized
+/// weights (with float32 only).
 #[test]
 fn generate_prints_the_greedy_continuation() {
     let gguf = match hooks::fetch::smollm2_gguf() {
@@ -139,8 +138,27 @@ fn generate_prints_the_greedy_continuation() {
             fixture["plain"]["generated_decoded"].as_str().unwrap()
         )
     );
+
+    let quantized = |dtype: &str| {
+        Command::new(env!("CARGO_BIN_EXE_hooks"))
+            .args(["generate", "--model", gguf.to_str().unwrap(), "--quantized"])
+            .args(["--dtype", dtype, "--max-new-tokens", "4", "--prompt"])
+            .arg(fixture["prompt"].as_str().unwrap())
+            .output()
+            .unwrap()
+    };
+    let out = quantized("float32");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!String::from_utf8(out.stdout).unwrap().trim().is_empty());
+    let out = quantized("bfloat16");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("f32 activations, not BF16"), "{stderr}");
 }
 
+/// Help, version and argument errors: printed where a command line prints them, with its
+/// exit status (0, 0, 2), and `hooks::cli::run` returns them instead of ending the process.
 #[test]
 fn help_version_and_argument_errors_have_their_exit_status() {
     let run = |args: &[&str]| {

@@ -39,7 +39,7 @@ impl Loader<'_> {
         };
         let name = format!("{prefix}.weight");
         if let Some(weight) = self.store.quantized(&name, &[out_dim, in_dim])? {
-            let weight = candle_core::quantized::QMatMul::from_arc(weight)?;
+            let weight = super::quantized::QuantizedWeight::new(weight)?;
             return Ok(Linear::Quantized { weight, bias });
         }
         let weight = self.tensor(&name, &[out_dim, in_dim])?;
@@ -89,9 +89,9 @@ pub(crate) enum Linear {
         bias: Option<(Tensor, Vec<f32>)>,
     },
     /// A block-quantized weight (GGUF, [`crate::LoadOptions::quantized`]) multiplied as it is,
-    /// with 8-bit-quantized activations (candle's kernels, as llama.cpp's).
+    /// with 8-bit-quantized activations (candle's arithmetic, as llama.cpp's).
     Quantized {
-        weight: candle_core::quantized::QMatMul,
+        weight: super::quantized::QuantizedWeight,
         bias: Option<Tensor>,
     },
 }
@@ -154,7 +154,7 @@ impl Linear {
     /// product to bf16 before the bias is added, which [`Linear::forward`] does not.
     pub fn product(&self, x: &Tensor) -> Result<Tensor> {
         if let Linear::Quantized { weight, .. } = self {
-            return Ok(candle_core::Module::forward(weight, &x.contiguous()?)?);
+            return weight.product(x);
         }
         if !matches!(self, Linear::Tensors(_)) {
             return self.product_with(x, false);

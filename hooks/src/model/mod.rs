@@ -11,6 +11,7 @@ pub(crate) mod layers;
 mod llama;
 #[cfg(any(test, feature = "cuda"))]
 mod neox_kernels;
+mod quantized;
 
 use std::path::Path;
 

@@ -90,13 +90,13 @@ fn rows_times<T: GgmlType + Sync>(
     bytes: &[u8],
     out: usize,
 ) -> Option<Vec<f32>> {
-    if k % T::BLCK_SIZE != 0 || T::VecDotType::BLCK_SIZE != T::BLCK_SIZE {
+    if !k.is_multiple_of(T::BLCK_SIZE) || T::VecDotType::BLCK_SIZE != T::BLCK_SIZE {
         return None;
     }
     let blocks = k / T::BLCK_SIZE;
     let size = std::mem::size_of::<T>();
     if bytes.len() != out * blocks * size
-        || bytes.as_ptr() as usize % std::mem::align_of::<T>() != 0
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
     {
         return None;
     }

@@ -11,7 +11,12 @@ Each side runs in its own child process (peak RSS measured separately); model lo
 out of the rates, and each side first generates 2 tokens untimed (a warm-up). Needs a Python with torch + transformers + gguf (the reference venv of
 tests/fixtures/README.md).
 
+`--quantized` keeps the file's quantized weights on our side (transformers always dequantises
+them); `--requantize q8_0|q4_0` runs both sides on a copy of the file whose blocks' weights are
+re-quantized to that type (written once to the temporary folder by our side).
+
     python bench/generate.py [--prompt-tokens 128] [--new-tokens 128] [--threads 2]
+        [--quantized] [--requantize q8_0|q4_0]
 """
 import argparse
 import json
@@ -73,6 +78,8 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quantized", action="store_true", help="keep the quantized weights (our side)")
+    p.add_argument("--requantize", choices=["q8_0", "q4_0"], help="run a copy re-quantized to this type")
     p.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--gguf", help=argparse.SUPPRESS)
     p.add_argument("--prompt", help=argparse.SUPPRESS)
@@ -88,11 +95,14 @@ def main():
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     ours = child([str(release / "examples" / "generate_bench"), gguf, str(WIKITEXT),
                   "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-                  "--steer-layer", str(LAYER), "--steer-scale", str(SCALE)], env)
-    theirs = child([sys.executable, __file__, "--peer", "--gguf", gguf, "--prompt", json.dumps(ours["prompt"]),
+                  "--steer-layer", str(LAYER), "--steer-scale", str(SCALE)]
+                 + (["--quantized"] if args.quantized else [])
+                 + (["--requantize", args.requantize] if args.requantize else []), env)
+    theirs = child([sys.executable, __file__, "--peer", "--gguf", ours["model"], "--prompt", json.dumps(ours["prompt"]),
                     "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)], env)
 
-    print(f"greedy generation, SmolLM2-135M-Instruct (f32), prompt {len(ours['prompt'])} tokens, "
+    weights = "quantized weights kept (ours)" if args.quantized else "f32"
+    print(f"greedy generation, {Path(ours['model']).name} ({weights}), prompt {len(ours['prompt'])} tokens, "
           f"{args.new_tokens} new tokens, {args.threads} threads")
     for r in (ours, theirs):
         rates = ", ".join(f"{'steered' if run['steered'] else 'plain'} {run['tokens_per_s']:.1f} tokens/s "

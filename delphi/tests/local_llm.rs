@@ -27,9 +27,12 @@ use serde_json::Value;
 /// Largest |ours - transformers| allowed for a log-probability (nats), f32 weights.
 const LOGPROB_TOLERANCE: f32 = 1e-3;
 
-/// The same with quantized weights and 8-bit activations (measured: 0.24 on these top-5
-/// tokens; the whole next-token distribution's KL to transformers is under 0.008 nats, see
-/// hooks' `smollm2_quantized_weights_stay_close_to_transformers`).
+/// The same with quantized weights and 8-bit activations. Measured: 0.24 on these top-5
+/// tokens (0.16 when this model was candle's quantized Llama: which activations land next to
+/// an 8-bit rounding step, and flip, differs with every float detail of an implementation,
+/// and one flip moves a log-probability by a tenth of a nat). The whole next-token
+/// distribution is the steadier measure: its KL to transformers' is under 0.008 nats, tested
+/// in hooks' `smollm2_quantized_weights_stay_close_to_transformers`.
 const QUANTIZED_LOGPROB_TOLERANCE: f32 = 0.35;
 
 /// Greedy steps are compared while the reference's top-1/top-2 gap exceeds this (the

@@ -5,12 +5,12 @@
 //! layer), loaded once: it generates answers and reads prompts' log-probabilities. By default
 //! every tensor is dequantized to f32 when the file is loaded, which is what transformers
 //! does with a GGUF file: answers match it to float rounding (2.7e-5 nats on the fixture).
-//! [`LocalOptions::quantized`] keeps the blocks' quantized projection weights instead (4-5x
-//! less memory, for bigger models), multiplied with 8-bit-quantized activations as llama.cpp
+//! [`LocalOptions::quantized`] keeps the blocks' quantized projection weights instead (3.8x
+//! (Q8_0) to 7x (Q4_0) less memory for them, for bigger models), multiplied with 8-bit-quantized activations as llama.cpp
 //! does; that moves the top log-probabilities by up to 0.24 nats on the fixture (the next-token
-//! distribution's KL to transformers stays under 0.008 nats). (On x86, candle 0.11
-//! has SIMD kernels only for Q4_0, Q8_0 and the K-quants: SmolLM2's Q4_1 runs a scalar loop,
-//! 20-35x slower here than f32.)
+//! distribution's KL to transformers stays under 0.008 nats). (On x86, candle 0.11 has SIMD
+//! dot products only for Q4_0, Q8_0 and the K-quants: SmolLM2's Q4_1 runs a scalar loop,
+//! generating at a third of the f32 rate here; docs/benchmarks.md.)
 //!
 //! The tokenizer is the one hooks rebuilds from the GGUF metadata ([`hooks::gguf_tokenizer`]),
 //! and the prompt is rendered with the ChatML template the file declares in
@@ -437,8 +437,8 @@ impl Shared {
         })
     }
 
-    /// Reads `request`'s answers: the prompt (as for [`Self::generate`]) is run once through
-    /// [`Self::reader`] into a KV cache, which each answer continues with its pieces (each
+    /// Reads `request`'s answers: the prompt (as for [`Self::generate`]) is run once into a
+    /// KV cache, which each answer continues with its pieces (each
     /// tokenized on its own), and the candidates' log-probabilities are taken at each piece's
     /// last token ([`Self::read_after`]).
     fn read(&self, request: &ReadRequest) -> Result<ReadResponse> {
@@ -536,12 +536,12 @@ impl Shared {
         }
     }
 
-    /// Runs `cached` once through [`Self::reader`] into a KV cache, continues it with each of
+    /// Runs `cached` once into a KV cache, continues it with each of
     /// `sequences` (token ids, and the positions among them to read), in batches of
     /// [`READ_BATCH`], right-padded (a causal model's earlier positions do not see the
     /// padding), and hands `read(sequence, reading point, log-probabilities of the next
     /// token)` every reading point, in order. The unembedding is applied at those points
-    /// only. Nothing to read loads nothing.
+    /// only; with nothing to read, nothing runs.
     fn read_after(
         &self,
         cached: &[u32],
@@ -655,7 +655,8 @@ impl Shared {
     /// first part, so each answer depends on its prompt alone, never on what ran before:
     /// float rounding depends on how tokens are chunked, and with quantized weights
     /// ([`LocalOptions::quantized`]) that flips 8-bit activation steps, which moved
-    /// SmolLM2-135M's top log-probability by up to 0.25 nats (measured on candle's Llama).
+    /// SmolLM2-135M's top log-probability by up to 0.25 nats (measured when this model was
+    /// candle's quantized Llama).
     fn prefill(&self, ids: &[u32]) -> Result<(hooks::KvCache, Vec<f32>)> {
         let mut prefixes = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
         // The last message starts at the next-to-last `<|im_start|>` (the last one opens the

@@ -1,13 +1,14 @@
 //! Products with block-quantized weights (GGUF, [`crate::LoadOptions::quantized`]) on the CPU,
 //! split between rayon's threads like every other kernel of the runtime.
 //!
-//! candle's own quantized product hands its work to a second pool of threads that spin while
-//! they wait; beside rayon's (which the rest of the pass uses) the two pools take cores from
-//! each other: measured on 2 cores, SmolLM2 with Q8_0 weights generated 4.4 tokens/s through
-//! candle's product and 46 through this one (f32 weights: 44). The arithmetic is candle's:
-//! each row of activations is quantized to the weight type's dot-product type
-//! ([`GgmlType::VecDotType`], 8-bit as llama.cpp) and multiplied with candle's SIMD dot
-//! products, so the numbers are those of `QMatMul`.
+//! candle's own quantized product (`QMatMul`) hands its work to a second pool of threads that
+//! spin while they wait; beside rayon's (which the rest of the pass uses) the two pools take
+//! cores from each other: on 2 cores, SmolLM2 with Q8_0 weights generated 4.4 tokens/s
+//! through it, and runs at the f32 rate through this driver (docs/benchmarks.md). The
+//! arithmetic is that of candle's plain (not repacked) product: each row of activations is
+//! quantized to the weight type's dot-product type ([`GgmlType::VecDotType`], 8-bit as
+//! llama.cpp) and multiplied with candle's SIMD dot products. (candle also has repacked,
+//! tiled kernels for a few types on some CPUs; they are not used here.)
 
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
@@ -26,23 +27,26 @@ const COLUMNS_PER_TASK: usize = 16;
 /// A `[out, in]` block-quantized weight and the product `x W^T`.
 pub(crate) struct QuantizedWeight {
     tensor: std::sync::Arc<QTensor>,
-    /// candle's product, for devices and types [`QuantizedWeight::product`] does not cover.
+    /// candle's product, for inputs and types this module has no path for.
     fallback: QMatMul,
 }
 
 impl QuantizedWeight {
-    pub fn new(tensor: std::sync::Arc<QTensor>) -> Result<Self> {
-        let fallback = QMatMul::from_arc(std::sync::Arc::clone(&tensor))?;
-        Ok(Self { tensor, fallback })
+    pub fn new(tensor: std::sync::Arc<QTensor>) -> Self {
+        // Kept quantized whatever candle's environment asks (it can dequantize every layer).
+        let fallback = QMatMul::QTensor(std::sync::Arc::clone(&tensor));
+        Self { tensor, fallback }
     }
 
     /// `x W^T` for `x: [..., in]` (f32).
     pub fn product(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
-        if !x.device().is_cpu() || x.dtype() != DType::F32 || x.rank() < 2 {
+        let (out, k) = self.tensor.shape().dims2()?;
+        let fits = x.rank() >= 2 && x.dims().last() == Some(&k);
+        if !x.device().is_cpu() || x.dtype() != DType::F32 || !fits {
+            // candle's product, or its error for a misshapen input.
             return Ok(self.fallback.forward(&x)?);
         }
-        let (out, k) = self.tensor.shape().dims2()?;
         let dims = x.dims().to_vec();
         let rows = x.elem_count() / k.max(1);
         let values = x.flatten_all()?.to_vec1::<f32>()?;
@@ -100,8 +104,9 @@ fn rows_times<T: GgmlType + Sync>(
     {
         return None;
     }
-    // SAFETY: the bytes are `out * blocks` whole blocks of `T` (checked above), aligned for
-    // `T`; candle stores them as a `Vec<T>`, so every bit pattern is one it made.
+    // SAFETY: `bytes` borrows candle's CPU storage of this tensor, a `Vec<T>` for the `T` the
+    // caller matched on the tensor's type; its length and alignment are checked above, and
+    // the block types are plain data (integers and halfs), valid for any bytes.
     let weight: &[T] = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), out * blocks) };
     let activations: Vec<Vec<T::VecDotType>> = values
         .par_chunks(k)
@@ -178,7 +183,7 @@ mod tests {
             GgmlDType::Q6K,
         ] {
             let tensor = std::sync::Arc::new(QTensor::quantize(&weight, dtype).unwrap());
-            let ours = QuantizedWeight::new(std::sync::Arc::clone(&tensor)).unwrap();
+            let ours = QuantizedWeight::new(std::sync::Arc::clone(&tensor));
             let candle = QMatMul::from_arc(tensor).unwrap();
             for shape in [vec![1, k], vec![3, k], vec![1, 7, k]] {
                 let n: usize = shape.iter().product();
@@ -209,6 +214,8 @@ mod tests {
                     "{dtype:?} {shape:?}: {diff} of {scale}"
                 );
             }
+            let misshapen = Tensor::zeros((2, k + 1), DType::F32, &Device::Cpu).unwrap();
+            assert!(ours.product(&misshapen).is_err(), "{dtype:?}");
         }
     }
 }

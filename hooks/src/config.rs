@@ -73,6 +73,10 @@ pub struct LlamaConfig {
     pub rope_theta: f64,
     /// Llama 3.1's rotary frequency scaling, when the config asks for it.
     pub rope_scaling: Option<Llama3RopeScaling>,
+    /// One divisor per rotary frequency (`head_dim / 2`), the form a GGUF file gives Llama
+    /// 3.1's scaling in (its `rope_freqs.weight`, as llama.cpp applies it); used instead of
+    /// `rope_scaling`. `None` from a `config.json`.
+    pub rope_freq_factors: Option<Vec<f32>>,
     /// RMSNorm epsilon.
     pub rms_norm_eps: f64,
     /// Whether the q/k/v/o projections have biases.
@@ -173,6 +177,7 @@ impl ModelConfig {
                     rope_theta: fields
                         .agreed_f64(&["rope_theta", "rope_parameters.rope_theta"], 10000.0)?,
                     rope_scaling: fields.llama3_rope_scaling()?,
+                    rope_freq_factors: None,
                     rms_norm_eps: fields.agreed_f64(&["rms_norm_eps"], 1e-6)?,
                     attention_bias: fields.bool_or("attention_bias", false)?,
                     mlp_bias: fields.bool_or("mlp_bias", false)?,

@@ -6,6 +6,11 @@
 //! compute dtype), nothing stays quantized. Or, with [`crate::LoadOptions::quantized`], the
 //! blocks' projection weights stay in their quantized type (see [`read`]).
 //!
+//! Llama 3.1's rotary scaling: llama.cpp's converter stores it as the tensor
+//! `rope_freqs.weight` (one divisor per frequency), read into
+//! [`crate::config::LlamaConfig::rope_freq_factors`]; checked against transformers on a tiny
+//! file in `hooks/tests/smollm2_gguf.rs`.
+//!
 //! Tensor types: whatever candle can dequantize (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
 //! Q2_K..Q6_K); Q4_1, Q8_0 and F32 are checked against transformers by the SmolLM2 test.
 //!
@@ -56,11 +61,15 @@ pub(crate) fn read(path: &Path, dtype: DType, keep_quantized: bool) -> Result<Gg
             "general.architecture '{architecture}' is not supported (supported: llama)"
         )));
     }
-    let llama = llama_config(&meta)?;
+    let mut llama = llama_config(&meta)?;
     let mut tensors = std::collections::HashMap::new();
     let mut quantized = std::collections::HashMap::new();
     let names: BTreeMap<_, _> = content.tensor_infos.iter().collect();
     for (name, info) in names {
+        if name == ROPE_FREQS {
+            llama.rope_freq_factors = Some(rope_freq_factors(&content, &mut reader, &llama, path)?);
+            continue;
+        }
         let hf = hf_name(name).ok_or_else(|| unknown_tensor(path, name))?;
         let read_error = |e: candle_core::Error| {
             let cause = root_cause(&e);
@@ -272,14 +281,9 @@ fn header_error(e: &candle_core::Error, file_len: u64) -> String {
 }
 
 fn unknown_tensor(path: &Path, name: &str) -> Error {
-    let hint = if name == "rope_freqs.weight" {
-        " (Llama 3.1-style rope scaling is not supported)"
-    } else {
-        ""
-    };
     Error::WeightFile {
         path: path.into(),
-        message: format!("tensor '{name}' has no place in a Llama model{hint}"),
+        message: format!("tensor '{name}' has no place in a Llama model"),
     }
 }
 
@@ -342,6 +346,42 @@ fn unpermute_rows(t: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
         .transpose(1, 2)?
         .contiguous()?
         .reshape(dims)?)
+}
+
+/// The tensor in which llama.cpp's converter stores Llama 3.1's rotary scaling: one divisor
+/// per frequency.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// The [`ROPE_FREQS`] divisors, checked: `head_dim / 2` positive finite numbers.
+fn rope_freq_factors(
+    content: &Content,
+    reader: &mut BufReader<File>,
+    llama: &LlamaConfig,
+    path: &Path,
+) -> Result<Vec<f32>> {
+    let bad = |message: String| Error::WeightFile {
+        path: path.into(),
+        message: format!("tensor '{ROPE_FREQS}': {message}"),
+    };
+    let factors: Vec<f32> = content
+        .tensor(reader, ROPE_FREQS, &Device::Cpu)
+        .and_then(|t| t.dequantize(&Device::Cpu))
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .map_err(|e| bad(format!("cannot be read ({})", root_cause(&e))))?;
+    if factors.len() != llama.head_dim / 2 {
+        return Err(bad(format!(
+            "has {} values, expected one per rotary frequency ({})",
+            factors.len(),
+            llama.head_dim / 2
+        )));
+    }
+    if let Some(bad_value) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+        return Err(bad(format!(
+            "holds {bad_value}, expected positive divisors"
+        )));
+    }
+    Ok(factors)
 }
 
 /// Whether a Hugging Face tensor name is a block's attention or MLP projection weight.

@@ -188,6 +188,82 @@ fn tiny_gguf_llamas_match_transformers_at_every_hook_point() {
     }
 }
 
+/// llama.cpp's converter writes Llama 3.1's rotary scaling as the tensor `rope_freqs.weight`
+/// (one divisor per frequency, computed from the config's `rope_scaling`, as below) instead
+/// of metadata: the tiny `llama3_rope` fixture written that way matches transformers (which
+/// applies the scaling from its config) at every hook point; without the tensor it does not.
+/// A tensor of the wrong length or with a non-positive divisor is a clear error.
+#[test]
+fn tiny_gguf_llama3_rope_freqs_match_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = fixtures().join("llama").join("llama3_rope");
+    let config: Json =
+        serde_json::from_str(&std::fs::read_to_string(case.join("config.json")).unwrap()).unwrap();
+    let rope = &config["rope_parameters"];
+    let number = |key: &str| rope[key].as_f64().unwrap();
+    let (base, factor) = (number("rope_theta"), number("factor"));
+    let (low, high) = (number("low_freq_factor"), number("high_freq_factor"));
+    let old_context = number("original_max_position_embeddings");
+    let head_dim = config["head_dim"].as_u64().unwrap() as usize;
+    // llama.cpp's `convert_hf_to_gguf.py` (LlamaModel, rope type llama3).
+    let divisors: Vec<f32> = (0..head_dim / 2)
+        .map(|i| {
+            let wavelength =
+                2.0 * std::f64::consts::PI * base.powf(2.0 * i as f64 / head_dim as f64);
+            if wavelength < old_context / high {
+                1.0
+            } else if wavelength > old_context / low {
+                factor as f32
+            } else {
+                let smooth = (old_context / wavelength - low) / (high - low);
+                (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+            }
+        })
+        .collect();
+    // The fixture's short context puts frequencies both in the blend and past it.
+    assert!(divisors.contains(&(factor as f32)));
+    assert!(
+        divisors.iter().any(|&d| d > 1.0 && d < factor as f32),
+        "{divisors:?}"
+    );
+    let exp = load_safetensors(&case.join("expected.safetensors"));
+    let with = |divisors: Vec<f32>| {
+        let mut gguf = TinyGguf::from_fixture("llama3_rope");
+        let n = divisors.len();
+        let tensor = Tensor::from_vec(divisors, n, &Device::Cpu).unwrap();
+        gguf.tensors.push((
+            "rope_freqs.weight".into(),
+            QTensor::quantize(&tensor, GgmlDType::F32).unwrap(),
+        ));
+        gguf.load(dir.path())
+    };
+    let model = with(divisors.clone()).unwrap();
+    let (worst, _) = common::assert_hook_points_match(&model, &exp, 1e-4, "logits");
+    println!("tiny GGUF llama3_rope with rope_freqs: worst relative error {worst:.2e}");
+
+    let plain = TinyGguf::from_fixture("llama3_rope")
+        .load(dir.path())
+        .unwrap();
+    let ids = &exp["input_ids"];
+    let logits = |m: &Model| m.logits(ids).unwrap();
+    let error = relative_error(&logits(&plain), &exp["logits"]);
+    assert!(error > 1e-3, "the scaling changes nothing: {error}");
+    assert!(relative_error(&logits(&model), &exp["logits"]) < 1e-4);
+
+    let err = with(divisors[1..].to_vec()).unwrap_err();
+    assert!(
+        err.contains("rope_freqs.weight") && err.contains("expected one per rotary frequency"),
+        "{err}"
+    );
+    let mut negative = divisors;
+    negative[0] = -1.0;
+    let err = with(negative).unwrap_err();
+    assert!(
+        err.contains("holds -1, expected positive divisors"),
+        "{err}"
+    );
+}
+
 #[test]
 fn bad_gguf_files_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
@@ -225,10 +301,10 @@ fn bad_gguf_files_are_clear_errors() {
         GgmlDType::F32,
     );
     gguf.tensors
-        .push(("rope_freqs.weight".into(), extra.unwrap()));
+        .push(("rope_factors_long.weight".into(), extra.unwrap()));
     let err = gguf.load(dir.path()).unwrap_err();
     assert!(
-        err.contains("'rope_freqs.weight'") && err.contains("rope scaling"),
+        err.contains("'rope_factors_long.weight' has no place in a Llama model"),
         "{err}"
     );
 

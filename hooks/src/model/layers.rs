@@ -397,6 +397,16 @@ impl Rotary {
         rotary
     }
 
+    /// The rotary embedding with each frequency divided by its factor (`dims / 2` of them,
+    /// checked by the loader): llama.cpp's form of a scaling.
+    pub fn divided(dims: usize, base: f64, factors: &[f32]) -> Self {
+        let mut rotary = Rotary::new(dims, base);
+        for (f, factor) in rotary.inv_freq.iter_mut().zip(factors) {
+            *f /= factor;
+        }
+        rotary
+    }
+
     /// The rotated dimensions of each head.
     #[cfg(feature = "cuda")]
     pub fn dims(&self) -> usize {

@@ -88,9 +88,10 @@ pub(crate) fn load(cfg: &LlamaConfig, w: &Loader) -> Result<Llama> {
         embed,
         blocks,
         unembedding: Unembedding::new(final_norm.to_final_norm(), unembed),
-        rotary: match &cfg.rope_scaling {
-            Some(scaling) => Rotary::llama3(hd, cfg.rope_theta, scaling),
-            None => Rotary::new(hd, cfg.rope_theta),
+        rotary: match (&cfg.rope_freq_factors, &cfg.rope_scaling) {
+            (Some(factors), _) => Rotary::divided(hd, cfg.rope_theta, factors),
+            (None, Some(scaling)) => Rotary::llama3(hd, cfg.rope_theta, scaling),
+            (None, None) => Rotary::new(hd, cfg.rope_theta),
         },
     })
 }

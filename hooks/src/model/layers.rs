@@ -400,6 +400,7 @@ impl Rotary {
     /// The rotary embedding with each frequency divided by its factor (`dims / 2` of them,
     /// checked by the loader): llama.cpp's form of a scaling.
     pub fn divided(dims: usize, base: f64, factors: &[f32]) -> Self {
+        debug_assert_eq!(factors.len(), dims / 2, "one factor per frequency");
         let mut rotary = Rotary::new(dims, base);
         for (f, factor) in rotary.inv_freq.iter_mut().zip(factors) {
             *f /= factor;

@@ -53,10 +53,10 @@ pub struct LoadOptions {
     /// Compute dtype of weights and activations.
     pub dtype: DType,
     /// Keep a GGUF file's block-quantized projection weights (Q4_0, Q8_0, K-quants...) as
-    /// they are instead of dequantizing them: 3.8x (Q8_0) to 7x (Q4_0) less memory than f32 for the blocks, the
-    /// products taken with 8-bit-quantized activations as llama.cpp does (numbers move
-    /// slightly; gradients do not flow through those products). GGUF files, the CPU and f32
-    /// only.
+    /// they are instead of dequantizing them: 3.8x (Q8_0) to 7x (Q4_0, Q4_K) less memory than
+    /// f32 for the blocks, more for Q2_K and Q3_K; the products are taken with
+    /// 8-bit-quantized activations as llama.cpp does (numbers move slightly; gradients do not
+    /// flow through those products). GGUF files, the CPU and f32 only.
     pub quantized: bool,
 }
 

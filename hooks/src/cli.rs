@@ -584,7 +584,15 @@ fn inspect(dir: PathBuf) -> Result<()> {
     println!("cache: {}", dir.display());
     println!("model: {} ({})", s.model, s.architecture);
     println!("hook points: {}", s.hook_points.join(", "));
-    println!("dtype: {} (computed in {})", s.dtype, s.compute_dtype);
+    let weights = if s.quantized_weights {
+        " with quantized weights"
+    } else {
+        ""
+    };
+    println!(
+        "dtype: {} (computed in {}{weights})",
+        s.dtype, s.compute_dtype
+    );
     println!(
         "tokens: {} in {} sequences of {}, {} shards",
         m.tokens,

@@ -766,6 +766,40 @@ fn smollm2_quantized_weights_stay_close_to_transformers() {
         "the quantized model gives the f32 model's numbers"
     );
 
+    // An activation cache records the kept quantized weights: the f32 model does not resume
+    // a cache the quantized one wrote.
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "The cat sat on the mat. ".repeat(20)).unwrap();
+    let spec = hooks::data::DataSpec::new(vec![text], 16);
+    let out = dir.path().join("cache");
+    let write = |model: &Model| {
+        let chunks = spec.chunks(Some(model.tokenizer()?))?;
+        let points = vec![HookPoint::Layer(1)];
+        let mut source = hooks::activations::ModelActivations::new(
+            model,
+            chunks,
+            points,
+            2,
+            DType::F32,
+            Some(2),
+        )?;
+        let options = hooks::activations::CacheOptions {
+            max_shard_bytes: 1 << 20,
+            overwrite: false,
+            progress: false,
+        };
+        hooks::activations::ActivationCache::write(&mut source, &spec, &out, &options)
+    };
+    write(&model).unwrap();
+    let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
+    assert!(
+        manifest.contains("\"quantized_weights\": true"),
+        "{manifest}"
+    );
+    let err = write(f32_model).unwrap_err().to_string();
+    assert!(err.contains("quantized_weights: true -> false"), "{err}");
+
     let err = quantized(DType::BF16).unwrap_err().to_string();
     assert!(err.contains("f32 activations, not BF16"), "{err}");
     let folder = fixtures().join("llama/gqa_tied");

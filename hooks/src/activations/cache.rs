@@ -42,6 +42,10 @@ pub struct CacheSettings {
     pub widths: Vec<usize>,
     /// Dtype the model ran in.
     pub compute_dtype: String,
+    /// Whether the model kept block-quantized weights ([`crate::Model::quantized`]); false
+    /// when a manifest from before this field was added does not say.
+    #[serde(default)]
+    pub quantized_weights: bool,
     /// Dtype the activations are stored in.
     pub dtype: String,
     /// The dataset and chunking.
@@ -259,6 +263,7 @@ impl ActivationCache {
                 .map(|p| model.config().width(*p))
                 .collect::<Result<_>>()?,
             compute_dtype: dtype_name(model.dtype()).to_string(),
+            quantized_weights: model.quantized(),
             dtype: dtype_name(dtype).to_string(),
             data: data.clone(),
             max_chunks: source.chunks_left,
@@ -1025,11 +1030,12 @@ impl ActivationSource for CacheReader {
             .map(|p| p.display().to_string())
             .collect();
         format!(
-            "an activation cache of model {} over {} ({} tokens) read {order} (computed in {}, stored in {})",
+            "an activation cache of model {} over {} ({} tokens) read {order} (computed in {}{}, stored in {})",
             m.settings.model,
             data.join(", "),
             m.tokens,
             m.settings.compute_dtype,
+            if m.settings.quantized_weights { " with quantized weights" } else { "" },
             m.settings.dtype
         )
     }

@@ -133,6 +133,8 @@ pub struct Model {
     tokenizer: Option<Tokenizer>,
     device: Device,
     dtype: DType,
+    /// Whether block-quantized weights were kept ([`LoadOptions::quantized`]).
+    quantized: bool,
     origin: String,
     revision: Option<String>,
     /// Whether a sequence past the trained context length was already warned about.
@@ -302,6 +304,7 @@ impl Model {
             tokenizer,
             device: options.device.clone(),
             dtype: options.dtype,
+            quantized: options.quantized,
             origin,
             revision,
             warned_past_context: Default::default(),
@@ -356,6 +359,12 @@ impl Model {
     /// The compute dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Whether the model kept a GGUF file's block-quantized weights
+    /// ([`LoadOptions::quantized`]): its activations differ slightly from the f32 model's.
+    pub fn quantized(&self) -> bool {
+        self.quantized
     }
 
     /// Every hook point, in forward order.

@@ -116,6 +116,9 @@ class Model:
     def dtype(self) -> str:
         """The compute dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``."""
     @property
+    def quantized(self) -> bool:
+        """Whether the model kept a GGUF file's quantized weights."""
+    @property
     def device(self) -> str:
         """``"cpu"`` or ``"cuda:N"``."""
     @overload

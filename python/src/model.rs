@@ -686,6 +686,12 @@ impl PyModel {
         hooks::dtype_name(self.inner.dtype())
     }
 
+    /// Whether the model kept a GGUF file's quantized weights (``quantized=True``).
+    #[getter]
+    fn quantized(&self) -> bool {
+        self.inner.quantized()
+    }
+
     /// The device the model runs on: ``"cpu"`` or ``"cuda:N"``.
     #[getter]
     fn device(&self) -> String {

@@ -82,6 +82,7 @@ def test_quantized_weights_stay_close_to_float32(smollm2):
     model's; bfloat16 is refused; a local explainer names its quantized weights."""
     path = ei.fetch_smollm2()
     quantized = ei.Model.from_pretrained(path, quantized=True)
+    assert quantized.quantized and not smollm2.quantized
     prompt = np.array(GENERATION["input_ids"])
 
     def log_softmax(logits):  # of the next token: the last position's

@@ -584,15 +584,7 @@ fn inspect(dir: PathBuf) -> Result<()> {
     println!("cache: {}", dir.display());
     println!("model: {} ({})", s.model, s.architecture);
     println!("hook points: {}", s.hook_points.join(", "));
-    let weights = if s.quantized_weights {
-        " with quantized weights"
-    } else {
-        ""
-    };
-    println!(
-        "dtype: {} (computed in {}{weights})",
-        s.dtype, s.compute_dtype
-    );
+    println!("dtype: {} (computed in {})", s.dtype, s.computed_in());
     println!(
         "tokens: {} in {} sequences of {}, {} shards",
         m.tokens,

@@ -6,13 +6,13 @@
 //! every tensor is dequantized to f32 when the file is loaded, which is what transformers
 //! does with a GGUF file: answers match it to float rounding (2.7e-5 nats on the fixture).
 //! [`LocalOptions::quantized`] keeps the blocks' quantized projection weights instead (3.8x
-//! (Q8_0) to 7x (Q4_0) less memory for them, for bigger models), multiplied with 8-bit-quantized activations as llama.cpp
-//! does; that moves the top log-probabilities by up to 0.24 nats on the fixture (the next-token
+//! (Q8_0) to 7x (Q4_0) less memory for them, for bigger models), multiplied with
+//! 8-bit-quantized activations as llama.cpp does; that moves the top log-probabilities by up to 0.24 nats on the fixture (the next-token
 //! distribution's KL to transformers stays under 0.008 nats). (On x86, candle 0.11 has SIMD
 //! dot products only for Q4_0, Q8_0 and the K-quants: SmolLM2's Q4_1 runs a scalar loop,
 //! generating at a third of the f32 rate here; docs/benchmarks.md.)
 //!
-//! The tokenizer is the one hooks rebuilds from the GGUF metadata ([`hooks::gguf_tokenizer`]),
+//! The tokenizer is the one hooks rebuilds from the GGUF metadata ([`hooks::Model::tokenizer`]),
 //! and the prompt is rendered with the ChatML template the file declares in
 //! `tokenizer.chat_template`; only ChatML templates are recognised (SmolLM2's, which also
 //! inserts a default system prompt, and the plain one), anything else is refused rather than
@@ -186,23 +186,6 @@ impl LocalLlm {
         }
         let template = ChatTemplate::parse(&string("tokenizer.chat_template")?)
             .map_err(|message| Error::file(path, format!("tokenizer.chat_template: {message}")))?;
-        let tokenizer = hooks::gguf_tokenizer(&content, path)?.ok_or_else(|| {
-            Error::file(
-                path,
-                "has no tokenizer this crate can rebuild (needs tokenizer.ggml.model = gpt2)",
-            )
-        })?;
-        let token_id = |token: &str| {
-            tokenizer.inner().token_to_id(token).ok_or_else(|| {
-                Error::file(
-                    path,
-                    format!("the vocabulary has no '{token}' token (ChatML)"),
-                )
-            })
-        };
-        let turn_start = token_id(IM_START)?;
-        let mut stop_ids = vec![token_id(IM_END)?];
-        stop_ids.extend(tokenizer.eos_id().filter(|id| !stop_ids.contains(id)));
         let files = hooks::source::ModelFiles {
             config: None,
             tokenizer: None,
@@ -215,6 +198,26 @@ impl LocalLlm {
             ..hooks::LoadOptions::default()
         };
         let model = hooks::Model::from_files(&files, &load)?;
+        let tokenizer = model
+            .tokenizer()
+            .map_err(|_| {
+                Error::file(
+                    path,
+                    "has no tokenizer this crate can rebuild (needs tokenizer.ggml.model = gpt2)",
+                )
+            })?
+            .clone();
+        let token_id = |token: &str| {
+            tokenizer.inner().token_to_id(token).ok_or_else(|| {
+                Error::file(
+                    path,
+                    format!("the vocabulary has no '{token}' token (ChatML)"),
+                )
+            })
+        };
+        let turn_start = token_id(IM_START)?;
+        let mut stop_ids = vec![token_id(IM_END)?];
+        stop_ids.extend(tokenizer.eos_id().filter(|id| !stop_ids.contains(id)));
         let context_len = model.context_len().unwrap_or(DEFAULT_CONTEXT);
         let file = path
             .file_name()
@@ -565,12 +568,7 @@ impl Shared {
         let unembedding = self.model.unembedding();
         let mut prompt_cache = hooks::KvCache::new();
         if !cached.is_empty() {
-            // A cached pass runs through every layer and needs no logits.
-            self.model.forward_cached(
-                &Tensor::new(cached, &Device::Cpu)?,
-                &mut hooks::Hooks::capture_only([hooks::HookPoint::Embed]),
-                &mut prompt_cache,
-            )?;
+            self.extend(&mut prompt_cache, cached)?;
         }
         for (batch_index, batch) in sequences.chunks(READ_BATCH).enumerate() {
             let width = batch.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
@@ -674,7 +672,7 @@ impl Shared {
             cache
         } else {
             let mut cache = hooks::KvCache::new();
-            self.advance(&mut cache, &ids[..split])?;
+            self.extend(&mut cache, &ids[..split])?;
             if self.prefix_capacity > 0 {
                 if prefixes.len() >= self.prefix_capacity {
                     prefixes.pop_front();
@@ -690,9 +688,10 @@ impl Shared {
         Ok((cache, logits))
     }
 
-    /// Runs `ids` after `cache` (which keeps them), [`PREFILL_CHUNK`] at a time; the logits
-    /// after the last one (f32).
-    fn advance(&self, cache: &mut hooks::KvCache, ids: &[u32]) -> Result<Vec<f32>> {
+    /// Runs `ids` after `cache` (which keeps them), [`PREFILL_CHUNK`] at a time (a cached
+    /// pass runs through every layer); the final norm's output `[1, t, width]` at the last
+    /// chunk's `t` positions.
+    fn extend(&self, cache: &mut hooks::KvCache, ids: &[u32]) -> Result<Tensor> {
         let mut last = None;
         for chunk in ids.chunks(PREFILL_CHUNK) {
             let mut hooks = hooks::Hooks::capture_only([hooks::HookPoint::FinalNorm]);
@@ -701,7 +700,12 @@ impl Shared {
                     .forward_cached(&Tensor::new(chunk, &Device::Cpu)?, &mut hooks, cache)?;
             last = out.captures.get(&hooks::HookPoint::FinalNorm).cloned();
         }
-        let normed = last.ok_or_else(|| Error::Invalid("no tokens to process".into()))?;
+        last.ok_or_else(|| Error::Invalid("no tokens to process".into()))
+    }
+
+    /// [`Self::extend`], then the logits after the last of `ids` (f32).
+    fn advance(&self, cache: &mut hooks::KvCache, ids: &[u32]) -> Result<Vec<f32>> {
+        let normed = self.extend(cache, ids)?;
         let at_last = normed.i((0, normed.dim(1)? - 1))?.unsqueeze(0)?;
         let logits = self.model.unembedding().project(&at_last)?;
         Ok(logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?)

@@ -54,6 +54,16 @@ pub struct CacheSettings {
     pub max_chunks: Option<u64>,
 }
 
+impl CacheSettings {
+    /// How the model computed: its dtype, and whether it kept quantized weights.
+    pub fn computed_in(&self) -> String {
+        match self.quantized_weights {
+            true => format!("{} with quantized weights", self.compute_dtype),
+            false => self.compute_dtype.clone(),
+        }
+    }
+}
+
 /// One shard file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardInfo {
@@ -1030,12 +1040,11 @@ impl ActivationSource for CacheReader {
             .map(|p| p.display().to_string())
             .collect();
         format!(
-            "an activation cache of model {} over {} ({} tokens) read {order} (computed in {}{}, stored in {})",
+            "an activation cache of model {} over {} ({} tokens) read {order} (computed in {}, stored in {})",
             m.settings.model,
             data.join(", "),
             m.tokens,
-            m.settings.compute_dtype,
-            if m.settings.quantized_weights { " with quantized weights" } else { "" },
+            m.settings.computed_in(),
             m.settings.dtype
         )
     }

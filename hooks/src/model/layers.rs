@@ -33,21 +33,20 @@ impl Loader<'_> {
         bias: bool,
     ) -> Result<Linear> {
         let name = format!("{prefix}.weight");
-        let quantized = self.store.quantized(&name, &[out_dim, in_dim])?;
-        // The weight's shape is checked (and named in an error) before the bias's.
-        let weight = match quantized {
-            Some(_) => None,
-            None => Some(self.tensor(&name, &[out_dim, in_dim])?),
+        // Read after the weight, so that the weight's shape is checked (and named) first.
+        let bias = || {
+            bias.then(|| self.tensor(&format!("{prefix}.bias"), &[out_dim]))
+                .transpose()
         };
-        let bias = if bias {
-            Some(self.tensor(&format!("{prefix}.bias"), &[out_dim])?)
-        } else {
-            None
-        };
-        let Some(weight) = weight else {
-            let weight = super::quantized::QuantizedWeight::new(quantized.expect("kept quantized"));
-            return Ok(Linear::Quantized { weight, bias });
-        };
+        if let Some(weight) = self.store.quantized(&name, &[out_dim, in_dim])? {
+            let weight = super::quantized::QuantizedWeight::new(weight);
+            return Ok(Linear::Quantized {
+                weight,
+                bias: bias()?,
+            });
+        }
+        let weight = self.tensor(&name, &[out_dim, in_dim])?;
+        let bias = bias()?;
         // Where bf16 products are slower than f32 ones, the layer takes f32 products of the
         // widened values instead (see `forward`).
         if is_cpu_bf16(&weight) && Kernel::detect().beats_f32() {

@@ -104,7 +104,7 @@ fn prompt_ids_match_transformers_chat_template() {
         let name = conversation["name"].as_str().unwrap();
         let messages = messages(&conversation);
         assert_eq!(
-            model.render(&messages),
+            model.render(&messages).unwrap(),
             conversation["prompt_text"].as_str().unwrap(),
             "{name}"
         );
@@ -115,6 +115,21 @@ fn prompt_ids_match_transformers_chat_template() {
             .map(|v| v.as_u64().unwrap() as u32)
             .collect();
         assert_eq!(model.prompt_ids(&messages).unwrap(), expected, "{name}");
+        // The part whose KV cache is kept ends where the last message's turn opens: at the
+        // next-to-last <|im_start|> (the last opens the answer); a single message keeps none.
+        let turn = model
+            .tokenizer()
+            .inner()
+            .token_to_id("<|im_start|>")
+            .unwrap();
+        let turns: Vec<usize> = (0..expected.len())
+            .filter(|&i| expected[i] == turn)
+            .collect();
+        let start = match messages.len() {
+            1 => 0,
+            _ => turns[turns.len() - 2],
+        };
+        assert_eq!(model.prompt_start(&messages).unwrap(), start, "{name}");
     }
 }
 

@@ -13,10 +13,10 @@
 //! generating at a third of the f32 rate here; docs/benchmarks.md.)
 //!
 //! The tokenizer is the one hooks rebuilds from the GGUF metadata ([`hooks::Model::tokenizer`]),
-//! and the prompt is rendered with the ChatML template the file declares in
-//! `tokenizer.chat_template`; only ChatML templates are recognised (SmolLM2's, which also
-//! inserts a default system prompt, and the plain one), anything else is refused rather than
-//! guessed.
+//! and the prompt is rendered with the Jinja chat template the file declares in
+//! `tokenizer.chat_template`, as transformers' `apply_chat_template` renders it (ChatML, Llama
+//! 3's headers, `[INST]` turns, ...: any template). An answer ends at the file's EOS, end-of-turn
+//! or end-of-message token, or at any token of [`END_OF_TURN`] in the vocabulary.
 //!
 //! Checked against transformers in `delphi/tests/local_llm.rs` with the fixture
 //! `tests/fixtures/delphi/local_llm.json`.
@@ -32,7 +32,7 @@
 //! positions: the prompt is run once into a KV cache, then the texts in batches after it, and
 //! the unembedding is applied at the reading points only.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -43,9 +43,10 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tokio::sync::Semaphore;
 
+use super::chat_template::ChatTemplate;
 use super::{
     AnswerFormat, BoxFuture, ChatRequest, ChatResponse, ContinuationRequest, ContinuationResponse,
-    Llm, Message, ReadRequest, ReadResponse, Role, TokenLogprobs, Usage,
+    Llm, Message, ReadRequest, ReadResponse, TokenLogprobs, Usage,
 };
 use crate::{Error, Result};
 
@@ -95,14 +96,15 @@ impl Default for LocalOptions {
 }
 
 /// A chat model from a GGUF file (`general.architecture = llama`, a `gpt2` tokenizer and a
-/// ChatML chat template), answering [`ChatRequest`]s on the CPU.
+/// chat template), answering [`ChatRequest`]s on the CPU.
 ///
 /// Temperature 0 is greedy (argmax). Otherwise tokens are drawn from `softmax(logits / T)`
 /// with a generator seeded from [`LocalOptions::seed`] and the prompt's token ids, so the
 /// same prompt with the same seed gives the same answer whatever order requests come in.
 /// Reported log-probabilities are those of the model (`log_softmax(logits)`, before any
-/// temperature). Generation stops at the end-of-turn token (`<|im_end|>`) or the file's EOS,
-/// after `max_tokens`, or when the context is full.
+/// temperature). Generation stops at a token that ends the turn (the file's EOS, end-of-turn
+/// and end-of-message tokens, and the vocabulary's [`END_OF_TURN`] tokens), after
+/// `max_tokens`, or when the context is full.
 ///
 /// A request with an [`AnswerFormat`] is held to it: at each step only the tokens that keep
 /// the answer a start of that format are candidates (greedy or sampled among them as above),
@@ -119,8 +121,6 @@ struct Shared {
     path: PathBuf,
     tokenizer: hooks::Tokenizer,
     template: ChatTemplate,
-    /// `<|im_start|>`: each message starts with it.
-    turn_start: u32,
     /// Tokens that end the answer.
     stop_ids: Vec<u32>,
     context_len: usize,
@@ -137,6 +137,13 @@ struct Shared {
     /// only on its own, with that text: the candidates of a formatted answer (found on first
     /// use).
     format_tokens: OnceLock<Vec<(u32, String)>>,
+}
+
+/// A chat prompt's token ids, and how many of them are the conversation before its last
+/// message (whose KV cache is kept for the next prompts that start the same way).
+struct Prompt {
+    ids: Vec<u32>,
+    start: usize,
 }
 
 /// A prompt start and its KV cache.
@@ -158,7 +165,8 @@ impl std::fmt::Debug for LocalLlm {
 impl LocalLlm {
     /// Loads a GGUF chat model (e.g. [`hooks::fetch::smollm2_gguf`]'s SmolLM2-135M-Instruct).
     /// Errors name the file and what is missing or unsupported: not a GGUF file, an
-    /// architecture other than `llama`, no `gpt2` tokenizer, no ChatML chat template.
+    /// architecture other than `llama`, no `gpt2` tokenizer, no chat template or one that does
+    /// not compile.
     pub fn load(path: &Path) -> Result<Self> {
         Self::load_with(path, LocalOptions::default())
     }
@@ -184,8 +192,11 @@ impl LocalLlm {
                 format!("general.architecture '{architecture}' is not supported (only llama)"),
             ));
         }
-        let template = ChatTemplate::parse(&string("tokenizer.chat_template")?)
-            .map_err(|message| Error::file(path, format!("tokenizer.chat_template: {message}")))?;
+        let template = ChatTemplate::new(
+            &string("tokenizer.chat_template")?,
+            special_tokens(&content.metadata),
+        )
+        .map_err(|message| Error::file(path, format!("tokenizer.chat_template: {message}")))?;
         let files = hooks::source::ModelFiles {
             config: None,
             tokenizer: None,
@@ -207,17 +218,7 @@ impl LocalLlm {
                 )
             })?
             .clone();
-        let token_id = |token: &str| {
-            tokenizer.inner().token_to_id(token).ok_or_else(|| {
-                Error::file(
-                    path,
-                    format!("the vocabulary has no '{token}' token (ChatML)"),
-                )
-            })
-        };
-        let turn_start = token_id(IM_START)?;
-        let mut stop_ids = vec![token_id(IM_END)?];
-        stop_ids.extend(tokenizer.eos_id().filter(|id| !stop_ids.contains(id)));
+        let stop_ids = stop_ids(&content.metadata, &tokenizer);
         let context_len = model.context_len().unwrap_or(DEFAULT_CONTEXT);
         let file = path
             .file_name()
@@ -234,7 +235,6 @@ impl LocalLlm {
                 path: path.to_path_buf(),
                 tokenizer,
                 template,
-                turn_start,
                 stop_ids,
                 context_len,
                 seed: options.seed,
@@ -259,22 +259,30 @@ impl LocalLlm {
     }
 
     /// The prompt text the chat template makes of `messages`, ending with the opening of the
-    /// assistant's turn.
-    pub fn render(&self, messages: &[Message]) -> String {
-        self.shared.template.render(messages)
+    /// assistant's turn (`add_generation_prompt`). A template may refuse a conversation (e.g.
+    /// roles that do not alternate): its message is the error.
+    pub fn render(&self, messages: &[Message]) -> Result<String> {
+        self.shared.render(messages, true)
     }
 
     /// The prompt's token ids (the rendered text tokenized with special tokens recognised and
     /// nothing added, as transformers' `apply_chat_template` does).
     pub fn prompt_ids(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        Ok(self.shared.tokenizer.encode(&self.render(messages))?)
+        Ok(self.shared.tokenizer.encode(&self.render(messages)?)?)
+    }
+
+    /// How many of the prompt's tokens ([`Self::prompt_ids`]) are the conversation before its
+    /// last message, whose KV cache is kept for the next prompts that start the same way (0:
+    /// nothing is kept, e.g. for a single message).
+    pub fn prompt_start(&self, messages: &[Message]) -> Result<usize> {
+        Ok(self.shared.prompt(messages)?.start)
     }
 
     /// The model's log-probabilities of every vocabulary id as the first token of the answer
     /// to `messages` (blocking). For scoring by comparing a few candidate tokens directly.
     pub fn next_token_logprobs(&self, messages: &[Message]) -> Result<Vec<f32>> {
-        let ids = self.shared.prompt(messages)?;
-        let (_, logits) = self.shared.prefill(&ids)?;
+        let prompt = self.shared.prompt(messages)?;
+        let (_, logits) = self.shared.prefill(&prompt)?;
         Ok(log_softmax(&logits))
     }
 
@@ -307,14 +315,21 @@ impl Shared {
         }
     }
 
-    /// The token ids of a prompt that fits the context with room for one answer token.
-    fn prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
+    /// [`ChatTemplate::render`], its refusals as errors of this model.
+    fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.template
+            .render(messages, add_generation_prompt)
+            .map_err(|message| self.error(format!("the chat template: {message}")))
+    }
+
+    /// The prompt of `messages`, which fits the context with room for one answer token.
+    fn prompt(&self, messages: &[Message]) -> Result<Prompt> {
         if messages.is_empty() {
             return Err(Error::Invalid(
                 "a chat request needs at least one message".into(),
             ));
         }
-        let ids = self.tokenizer.encode(&self.template.render(messages))?;
+        let ids = self.tokenizer.encode(&self.render(messages, true)?)?;
         if ids.len() >= self.context_len {
             return Err(self.error(format!(
                 "the prompt has {} tokens, more than the model's context of {} leaves room for \
@@ -323,7 +338,27 @@ impl Shared {
                 self.context_len
             )));
         }
-        Ok(ids)
+        let start = self.start_len(messages, &ids)?;
+        Ok(Prompt { ids, start })
+    }
+
+    /// How many of `ids`, the prompt of `messages`, are the conversation before its last
+    /// message: its rendering (no generation prompt) when the prompt begins with it token for
+    /// token, else 0 (nothing is shared: one message, or a template that renders earlier
+    /// messages differently once more follow, or refuses the shorter conversation).
+    fn start_len(&self, messages: &[Message], ids: &[u32]) -> Result<usize> {
+        let before = &messages[..messages.len() - 1];
+        if before.is_empty() {
+            return Ok(0);
+        }
+        let Ok(text) = self.template.render(before, false) else {
+            return Ok(0);
+        };
+        let start = self.tokenizer.encode(&text)?;
+        Ok(match ids.starts_with(&start) && start.len() < ids.len() {
+            true => start.len(),
+            false => 0,
+        })
     }
 
     fn generate(&self, request: &ChatRequest) -> Result<ChatResponse> {
@@ -333,9 +368,9 @@ impl Shared {
                 request.temperature
             )));
         }
-        let ids = self.prompt(&request.messages)?;
+        let prompt = self.prompt(&request.messages)?;
         let mut usage = Usage {
-            prompt_tokens: ids.len() as u64,
+            prompt_tokens: prompt.ids.len() as u64,
             completion_tokens: 0,
         };
         if request.max_tokens == 0 {
@@ -346,10 +381,11 @@ impl Shared {
                 truncated: true,
             });
         }
-        let (mut cache, mut scores) = self.prefill(&ids)?;
+        let (mut cache, mut scores) = self.prefill(&prompt)?;
 
-        let mut rng =
-            StdRng::seed_from_u64(self.seed ^ hooks::digest::Fnv::default().u32s(&ids).finish());
+        let mut rng = StdRng::seed_from_u64(
+            self.seed ^ hooks::digest::Fnv::default().u32s(&prompt.ids).finish(),
+        );
         let mut generated = Vec::new();
         let mut logprobs = request.top_logprobs.map(|_| Vec::new());
         let mut truncated = false;
@@ -445,7 +481,7 @@ impl Shared {
     /// tokenized on its own), and the candidates' log-probabilities are taken at each piece's
     /// last token ([`Self::read_after`]).
     fn read(&self, request: &ReadRequest) -> Result<ReadResponse> {
-        let prompt = self.prompt(&request.messages)?;
+        let prompt = self.prompt(&request.messages)?.ids;
         // Per answer: its ids after the prompt and where each piece ends among them.
         let sequences = request
             .answers
@@ -646,23 +682,19 @@ impl Shared {
         Ok(candidates)
     }
 
-    /// A KV cache that has seen `ids` and the logits after its last token.
+    /// A KV cache that has seen the prompt and the logits after its last token.
     ///
-    /// A prompt is always run in two parts: everything before its last message, then the
-    /// rest. The first part's cache is kept, and reused only by prompts with exactly that
-    /// first part, so each answer depends on its prompt alone, never on what ran before:
+    /// A prompt is always run in two parts: everything before its last message
+    /// ([`Prompt::start`]), then the rest. The first part's cache is kept, and reused only by
+    /// prompts with exactly that first part, so each answer depends on its prompt alone, never
+    /// on what ran before:
     /// float rounding depends on how tokens are chunked, and with quantized weights
     /// ([`LocalOptions::quantized`]) that flips 8-bit activation steps, which moved
     /// SmolLM2-135M's top log-probability by up to 0.25 nats (measured when this model was
     /// candle's quantized Llama).
-    fn prefill(&self, ids: &[u32]) -> Result<(hooks::KvCache, Vec<f32>)> {
+    fn prefill(&self, prompt: &Prompt) -> Result<(hooks::KvCache, Vec<f32>)> {
         let mut prefixes = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
-        // The last message starts at the next-to-last `<|im_start|>` (the last one opens the
-        // answer).
-        let starts: Vec<usize> = (0..ids.len())
-            .filter(|&i| ids[i] == self.turn_start)
-            .collect();
-        let split = starts.len().checked_sub(2).map_or(0, |i| starts[i]);
+        let (ids, split) = (&prompt.ids, prompt.start);
         let mut cache = if split == 0 {
             hooks::KvCache::new()
         } else if let Some(i) = prefixes.iter().position(|p| p.ids == ids[..split]) {
@@ -769,161 +801,68 @@ impl Llm for LocalLlm {
     }
 }
 
-const IM_START: &str = "<|im_start|>";
-const IM_END: &str = "<|im_end|>";
+/// Token texts that close a turn in common chat formats (ChatML, Llama 3, Phi 3, Gemma, and the
+/// end-of-text tokens of GPT-2 and Llama 3 vocabularies): those in a model's vocabulary end its
+/// answers, as llama.cpp does, besides the tokens the file names.
+pub const END_OF_TURN: [&str; 7] = [
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+];
 
-/// A ChatML chat template, recognised from its Jinja source: each message is
-/// `<|im_start|>{role}\n{content}<|im_end|>\n`, and the prompt ends with
-/// `<|im_start|>assistant\n`. SmolLM2's variant first inserts a default system message when
-/// the conversation has none.
-#[derive(Debug, Clone, PartialEq)]
-struct ChatTemplate {
-    default_system: Option<String>,
-}
-
-/// The Jinja pieces of the recognised templates (whitespace inside `{{ }}` / `{% %}` is not
-/// significant and is removed before comparing).
-const LOOP_START: &str = "{%formessageinmessages%}";
-const DEFAULT_SYSTEM_OPEN: &str =
-    "{%ifloop.firstandmessages[0]['role']!='system'%}{{'<|im_start|>system\n";
-const DEFAULT_SYSTEM_CLOSE: &str = "<|im_end|>\n'}}{%endif%}";
-const MESSAGE_AND_END: &str = "{{'<|im_start|>'+message['role']+'\n'+message['content']+'<|im_end|>'+'\n'}}{%endfor%}{%ifadd_generation_prompt%}{{'<|im_start|>assistant\n'}}{%endif%}";
-
-impl ChatTemplate {
-    /// Recognises a ChatML template, or says why not.
-    fn parse(source: &str) -> std::result::Result<Self, String> {
-        let unsupported = || {
-            format!(
-                "only ChatML templates (<|im_start|>role\\n...<|im_end|>\\n, optionally with a \
-                 default system prompt as in SmolLM2) are supported; this one is not: {:?}",
-                truncate(source, 300)
-            )
-        };
-        let compact = compact_jinja(source);
-        let body = compact.strip_prefix(LOOP_START).ok_or_else(unsupported)?;
-        let body = body.strip_suffix(MESSAGE_AND_END).ok_or_else(unsupported)?;
-        if body.is_empty() {
-            return Ok(Self {
-                default_system: None,
-            });
-        }
-        let default = body
-            .strip_prefix(DEFAULT_SYSTEM_OPEN)
-            .and_then(|b| b.strip_suffix(DEFAULT_SYSTEM_CLOSE))
-            .ok_or_else(unsupported)?;
-        // Removed whitespace belongs to the literal here: take it from the source instead.
-        let open = "<|im_start|>system\n";
-        let start = source.find(open).ok_or_else(unsupported)? + open.len();
-        let end = start + source[start..].find(IM_END).ok_or_else(unsupported)?;
-        let literal = &source[start..end];
-        if compact_jinja(literal) != default || literal.contains(['\'', '\\', '{', '}']) {
-            return Err(unsupported());
-        }
-        Ok(Self {
-            default_system: Some(literal.to_string()),
+/// The tokens that end an answer: the file's EOS, end-of-turn and end-of-message tokens
+/// (`tokenizer.ggml.eos_token_id`, `eot_token_id`, `eom_token_id`), and the [`END_OF_TURN`]
+/// tokens of the vocabulary.
+fn stop_ids(metadata: &HashMap<String, Value>, tokenizer: &hooks::Tokenizer) -> Vec<u32> {
+    let mut ids: Vec<u32> = ["eos", "eot", "eom"]
+        .iter()
+        .filter_map(|name| {
+            let value = metadata.get(&format!("tokenizer.ggml.{name}_token_id"))?;
+            value.to_u32().ok()
         })
-    }
-
-    fn render(&self, messages: &[Message]) -> String {
-        let mut out = String::new();
-        let turn = |out: &mut String, role: &str, content: &str| {
-            out.push_str(IM_START);
-            out.push_str(role);
-            out.push('\n');
-            out.push_str(content);
-            out.push_str(IM_END);
-            out.push('\n');
-        };
-        if let (Some(default), Some(first)) = (&self.default_system, messages.first()) {
-            if first.role != Role::System {
-                turn(&mut out, "system", default);
-            }
-        }
-        for message in messages {
-            let role = match message.role {
-                Role::System => "system",
-                Role::User => "user",
-                Role::Assistant => "assistant",
-            };
-            turn(&mut out, role, &message.content);
-        }
-        out.push_str(IM_START);
-        out.push_str("assistant\n");
-        out
-    }
+        .chain(tokenizer.eos_id())
+        .chain(
+            END_OF_TURN
+                .iter()
+                .filter_map(|text| tokenizer.inner().token_to_id(text)),
+        )
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
-/// Jinja source without the insignificant spaces and tabs (inside string literals too, so
-/// only compare results of this function with each other).
-fn compact_jinja(source: &str) -> String {
-    source.chars().filter(|c| *c != ' ' && *c != '\t').collect()
-}
-
-fn truncate(text: &str, chars: usize) -> String {
-    match text.char_indices().nth(chars) {
-        Some((i, _)) => format!("{}...", &text[..i]),
-        None => text.to_string(),
-    }
+/// The special tokens' texts under the names chat templates use (`bos_token`, `eos_token`,
+/// `unk_token`, `pad_token`), for those the file names.
+fn special_tokens(metadata: &HashMap<String, Value>) -> BTreeMap<String, String> {
+    let Some(Value::Array(tokens)) = metadata.get("tokenizer.ggml.tokens") else {
+        return BTreeMap::new();
+    };
+    [
+        ("bos_token", "bos"),
+        ("eos_token", "eos"),
+        ("unk_token", "unknown"),
+        ("pad_token", "padding"),
+    ]
+    .into_iter()
+    .filter_map(|(variable, name)| {
+        let id = metadata
+            .get(&format!("tokenizer.ggml.{name}_token_id"))?
+            .to_u32()
+            .ok()?;
+        let text = tokens.get(usize::try_from(id).ok()?)?.to_string().ok()?;
+        Some((variable.to_string(), text.clone()))
+    })
+    .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const SMOLLM2_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-
-    #[test]
-    fn recognises_smollm2_chatml_template_with_default_system_prompt() {
-        let template = ChatTemplate::parse(SMOLLM2_TEMPLATE).unwrap();
-        assert_eq!(
-            template.default_system.as_deref(),
-            Some("You are a helpful AI assistant named SmolLM, trained by Hugging Face")
-        );
-        let text = template.render(&[
-            Message::user("Hi"),
-            Message::assistant("Hello!"),
-            Message::user("2+2?"),
-        ]);
-        assert_eq!(
-            text,
-            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
-             <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n\
-             <|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
-        );
-        // An explicit system message replaces the default one.
-        let text = template.render(&[Message::system("Be brief."), Message::user("Hi")]);
-        assert_eq!(
-            text,
-            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-        );
-    }
-
-    #[test]
-    fn recognises_plain_chatml_template() {
-        let plain = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-        let template = ChatTemplate::parse(plain).unwrap();
-        assert_eq!(template.default_system, None);
-        assert_eq!(
-            template.render(&[Message::user("Hi")]),
-            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-        );
-    }
-
-    #[test]
-    fn refuses_other_templates() {
-        for source in [
-            // Llama 3 style.
-            "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}{% endfor %}",
-            // ChatML without the generation prompt.
-            "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}",
-            // A default system prompt that needs Jinja escapes.
-            "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nIt\\'s me<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
-            "",
-        ] {
-            let err = ChatTemplate::parse(source).unwrap_err();
-            assert!(err.contains("only ChatML templates"), "{err}");
-        }
-    }
 
     #[test]
     fn refuses_missing_and_non_llama_files() {
@@ -963,6 +902,63 @@ mod tests {
             err.contains("untemplated.gguf")
                 && err.contains("'tokenizer.chat_template' is missing"),
             "{err}"
+        );
+
+        let template = Value::String("{% for message in messages %}{{ message.content }}".into());
+        let unclosed = write(
+            "unclosed.gguf",
+            &[
+                ("general.architecture", &llama),
+                ("tokenizer.chat_template", &template),
+            ],
+        );
+        let err = LocalLlm::load(&unclosed).unwrap_err().to_string();
+        assert!(
+            err.contains("unclosed.gguf")
+                && err.contains("tokenizer.chat_template: syntax error")
+                && err.contains("chat_template:1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn stop_and_special_tokens_come_from_the_file_and_the_vocabulary() {
+        let tokenizer = hooks::Tokenizer::from_file(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/gpt-neox-20b-tokenizer.json"),
+            Some(0),
+        )
+        .unwrap();
+        let vocab = tokenizer.inner();
+        // This file's added tokens include ChatML's <|im_end|> besides <|endoftext|> (id 0).
+        let endoftext = vocab.token_to_id("<|endoftext|>").unwrap();
+        let im_end = vocab.token_to_id("<|im_end|>").unwrap();
+        let tokens = Value::Array(
+            ["<s>", "</s>", "<eot>", "word"]
+                .map(|t| Value::String(t.into()))
+                .to_vec(),
+        );
+        let metadata: HashMap<String, Value> = [
+            ("tokenizer.ggml.tokens", tokens),
+            ("tokenizer.ggml.bos_token_id", Value::U32(0)),
+            ("tokenizer.ggml.eos_token_id", Value::U32(1)),
+            ("tokenizer.ggml.eot_token_id", Value::U32(2)),
+            ("tokenizer.ggml.padding_token_id", Value::U32(9)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        // EOS and EOT ids from the file, the tokenizer's EOS, and the vocabulary's end tokens.
+        let mut expected = vec![0, 1, 2, endoftext, im_end];
+        expected.sort_unstable();
+        expected.dedup();
+        assert_eq!(stop_ids(&metadata, &tokenizer), expected);
+        // A padding id past the vocabulary is left out, not an error.
+        assert_eq!(
+            special_tokens(&metadata),
+            BTreeMap::from([
+                ("bos_token".to_string(), "<s>".to_string()),
+                ("eos_token".to_string(), "</s>".to_string()),
+            ])
         );
     }
 }

@@ -1,0 +1,412 @@
+//! Chat templates: the Jinja source a model file declares (`tokenizer.chat_template`),
+//! rendered as transformers' `apply_chat_template` renders it, so that a local model gets
+//! its prompts in the form it was tuned on, whatever its family (ChatML, Llama 3's headers,
+//! `[INST]` turns, ...).
+//!
+//! transformers runs the template in a Jinja2 sandbox with `trim_blocks` and `lstrip_blocks`,
+//! loop controls (`break`, `continue`), `raise_exception(message)`, `strftime_now(format)`,
+//! a `tojson` that is Python's `json.dumps` (non-ASCII kept, `", "` and `": "` separators,
+//! `indent`, `sort_keys`), and `{% generation %}` blocks (which mark the assistant's part and
+//! render their body); the template sees `messages`, `add_generation_prompt` and the special
+//! tokens (`bos_token`, `eos_token`, ...). This is the same environment on minijinja, with
+//! Python's string and dict methods (`.strip()`, `.startswith()`, `.items()`, ...) from
+//! minijinja-contrib. Checked against transformers on SmolLM2's template and four written in
+//! the shapes of other families (`tests/fixtures/delphi/chat_templates.json`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use minijinja::value::{Kwargs, Serde, Value, ValueKind};
+use minijinja::{Environment, ErrorKind};
+
+use super::Message;
+
+/// The name the template is compiled under (shown in render errors with a line number).
+const NAME: &str = "chat_template";
+
+/// A compiled chat template and the special tokens it may refer to.
+pub(crate) struct ChatTemplate {
+    env: Environment<'static>,
+    special_tokens: BTreeMap<String, String>,
+}
+
+impl ChatTemplate {
+    /// Compiles `source`; `special_tokens` maps the variables `bos_token`, `eos_token`, ... to
+    /// their text. A syntax error is reported with its line.
+    pub(crate) fn new(
+        source: &str,
+        special_tokens: BTreeMap<String, String>,
+    ) -> Result<Self, String> {
+        let mut env = Environment::new();
+        env.set_syntax(
+            minijinja::syntax::SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .build()
+                .map_err(|e| e.to_string())?,
+        );
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |message: String| {
+            Err::<Value, _>(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+        });
+        env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
+        env.add_template_owned(NAME, generation_blocks_as_ifs(source))
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            env,
+            special_tokens,
+        })
+    }
+
+    /// The prompt text of `messages`; with `add_generation_prompt`, it ends with the opening
+    /// of the assistant's turn (when the template has one). A template that refuses the
+    /// conversation (`raise_exception`) or fails gives its message.
+    pub(crate) fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, String> {
+        let mut context: BTreeMap<&str, Value> = self
+            .special_tokens
+            .iter()
+            .map(|(name, text)| (name.as_str(), Value::from(text.as_str())))
+            .collect();
+        context.insert("messages", Value::from(Serde(messages)));
+        context.insert("add_generation_prompt", Value::from(add_generation_prompt));
+        let template = self.env.get_template(NAME).map_err(|e| e.to_string())?;
+        template.render(Serde(context)).map_err(|e| e.to_string())
+    }
+}
+
+/// `source` with transformers' `{% generation %}` / `{% endgeneration %}` tags (which only
+/// render their body) turned into `{% if true %}` / `{% endif %}`, whitespace controls kept.
+fn generation_blocks_as_ifs(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(open) = rest.find("{%") {
+        out.push_str(&rest[..open]);
+        let tag = &rest[open..];
+        let Some(close) = tag.find("%}") else {
+            break;
+        };
+        let inner = &tag[2..close];
+        let left = inner.strip_prefix(['-', '+']).map_or("", |_| &inner[..1]);
+        let right = inner
+            .strip_suffix(['-', '+'])
+            .map_or("", |_| &inner[inner.len() - 1..]);
+        let body = &inner[left.len()..inner.len() - right.len()];
+        match body.trim() {
+            "generation" => write!(out, "{{%{left} if true {right}%}}").expect("a String"),
+            "endgeneration" => write!(out, "{{%{left} endif {right}%}}").expect("a String"),
+            _ => out.push_str(&tag[..close + 2]),
+        }
+        rest = &tag[close + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `strftime_now(format)`: the local time, formatted with strftime's codes.
+fn strftime_now(format: String) -> Result<String, minijinja::Error> {
+    let invalid = || {
+        minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now: invalid format {format:?}"),
+        )
+    };
+    let items = chrono::format::StrftimeItems::new(&format)
+        .parse()
+        .map_err(|_| invalid())?;
+    let mut out = String::new();
+    write!(
+        out,
+        "{}",
+        chrono::Local::now().format_with_items(items.iter())
+    )
+    .map_err(|_| invalid())?;
+    Ok(out)
+}
+
+/// `tojson`: Python's `json.dumps(value, ensure_ascii=False, indent=None, separators=None,
+/// sort_keys=False)`, with those keyword arguments.
+fn tojson(value: Value, kwargs: Kwargs) -> Result<String, minijinja::Error> {
+    let indent: Option<Value> = kwargs.get("indent")?;
+    let indent = match indent {
+        None => None,
+        Some(v) if v.is_none() => None,
+        Some(v) => Some(match v.as_str() {
+            Some(text) => text.to_string(),
+            None => " ".repeat(usize::try_from(v.as_i64().unwrap_or(0)).unwrap_or(0)),
+        }),
+    };
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
+    let (item, key) = match separators.as_deref() {
+        Some([item, key]) => (item.clone(), key.clone()),
+        Some(other) => {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("tojson: separators must be two strings, got {other:?}"),
+            ))
+        }
+        // Python drops the space after the comma when indenting.
+        None if indent.is_some() => (",".into(), ": ".into()),
+        None => (", ".into(), ": ".into()),
+    };
+    let style = JsonStyle {
+        indent,
+        item,
+        key,
+        sort_keys: kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false),
+        ensure_ascii: kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false),
+    };
+    kwargs.assert_all_used()?;
+    let mut out = String::new();
+    style.write(&mut out, &value, 0)?;
+    Ok(out)
+}
+
+/// How Python's `json.dumps` lays out a value.
+struct JsonStyle {
+    indent: Option<String>,
+    item: String,
+    key: String,
+    sort_keys: bool,
+    ensure_ascii: bool,
+}
+
+impl JsonStyle {
+    fn write(&self, out: &mut String, value: &Value, depth: usize) -> Result<(), minijinja::Error> {
+        match value.kind() {
+            ValueKind::None => out.push_str("null"),
+            ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
+            ValueKind::Number if value.is_integer() => out.push_str(&value.to_string()),
+            ValueKind::Number => out.push_str(&python_float(f64::try_from(value.clone())?)),
+            ValueKind::String => self.string(out, value.as_str().unwrap_or_default()),
+            ValueKind::Seq | ValueKind::Iterable => {
+                let items: Vec<Value> = value.try_iter()?.collect();
+                self.container(out, '[', ']', depth, &items, |out, item| {
+                    self.write(out, item, depth + 1)
+                })?;
+            }
+            ValueKind::Map => {
+                let mut entries = value
+                    .try_iter()?
+                    .map(|key| {
+                        let item = value.get_item(&key)?;
+                        let name = match key.as_str() {
+                            Some(text) => text.to_string(),
+                            None => key.to_string(),
+                        };
+                        Ok((name, item))
+                    })
+                    .collect::<Result<Vec<(String, Value)>, minijinja::Error>>()?;
+                if self.sort_keys {
+                    entries.sort_by(|a, b| a.0.cmp(&b.0));
+                }
+                self.container(out, '{', '}', depth, &entries, |out, (name, item)| {
+                    self.string(out, name);
+                    out.push_str(&self.key);
+                    self.write(out, item, depth + 1)
+                })?;
+            }
+            kind => {
+                return Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("tojson: a value of kind {kind} is not JSON serializable"),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// `open items close`, one item a line when indenting.
+    fn container<T>(
+        &self,
+        out: &mut String,
+        open: char,
+        close: char,
+        depth: usize,
+        items: &[T],
+        mut write_item: impl FnMut(&mut String, &T) -> Result<(), minijinja::Error>,
+    ) -> Result<(), minijinja::Error> {
+        out.push(open);
+        if items.is_empty() {
+            out.push(close);
+            return Ok(());
+        }
+        let newline = |out: &mut String, depth: usize| {
+            if let Some(indent) = &self.indent {
+                out.push('\n');
+                out.push_str(&indent.repeat(depth));
+            }
+        };
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                out.push_str(&self.item);
+            }
+            newline(out, depth + 1);
+            write_item(out, item)?;
+        }
+        newline(out, depth);
+        out.push(close);
+        Ok(())
+    }
+
+    /// A JSON string literal as Python writes it.
+    fn string(&self, out: &mut String, text: &str) {
+        out.push('"');
+        for c in text.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                '\u{8}' => out.push_str("\\b"),
+                '\u{c}' => out.push_str("\\f"),
+                c if (c as u32) < 0x20 || (self.ensure_ascii && !c.is_ascii()) => {
+                    let mut units = [0u16; 2];
+                    for unit in c.encode_utf16(&mut units) {
+                        write!(out, "\\u{unit:04x}").expect("a String");
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+}
+
+/// A float as Python's `repr` writes it: the shortest digits that read back, positional
+/// for decimal exponents -4 to 15 (with at least one decimal), scientific otherwise
+/// (`1e+16`, `1e-05`).
+fn python_float(x: f64) -> String {
+    if x.is_nan() {
+        return "NaN".into();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 { "Infinity" } else { "-Infinity" }.into();
+    }
+    let scientific = format!("{x:e}");
+    let (mantissa, exponent) = scientific.split_once('e').expect("{:e} has an exponent");
+    let exponent: i32 = exponent.parse().expect("{:e}'s exponent is an integer");
+    if (-4..16).contains(&exponent) {
+        let text = format!("{x}");
+        if text.contains('.') {
+            text
+        } else {
+            format!("{text}.0")
+        }
+    } else {
+        let sign = if exponent < 0 { '-' } else { '+' };
+        format!("{mantissa}e{sign}{:02}", exponent.abs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> serde_json::Value {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/delphi/chat_templates.json"
+        );
+        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("JSON")
+    }
+
+    fn messages(conversation: &serde_json::Value) -> Vec<Message> {
+        serde_json::from_value(conversation["messages"].clone()).expect("messages")
+    }
+
+    #[test]
+    fn renders_like_transformers() {
+        let fixture = fixture();
+        let conversations: BTreeMap<String, Vec<Message>> = fixture["conversations"]
+            .as_array()
+            .expect("conversations")
+            .iter()
+            .map(|c| (c["name"].as_str().expect("name").to_string(), messages(c)))
+            .collect();
+        let mut checked = 0;
+        for template in fixture["templates"].as_array().expect("templates") {
+            let name = template["name"].as_str().expect("name");
+            let special_tokens =
+                serde_json::from_value(template["special_tokens"].clone()).expect("special tokens");
+            let compiled =
+                ChatTemplate::new(template["source"].as_str().expect("source"), special_tokens)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+            for render in template["renders"].as_array().expect("renders") {
+                let conversation = render["conversation"].as_str().expect("conversation");
+                let generation = render["add_generation_prompt"].as_bool().expect("flag");
+                let ours = compiled.render(&conversations[conversation], generation);
+                let case = format!("{name} / {conversation} / add_generation_prompt {generation}");
+                match (&ours, render["text"].as_str(), render["error"].as_str()) {
+                    (Ok(text), Some(expected), _) => assert_eq!(text, expected, "{case}"),
+                    (Err(error), None, Some(expected)) => {
+                        assert!(error.contains(expected), "{case}: {error}")
+                    }
+                    _ => panic!("{case}: ours {ours:?}, transformers {render}"),
+                }
+                checked += 1;
+            }
+        }
+        // 5 templates x 5 conversations x with and without the generation prompt.
+        assert_eq!(checked, 50);
+    }
+
+    #[test]
+    fn tojson_lays_out_values_as_python_json_dumps() {
+        let template = ChatTemplate::new(
+            "{{ {'b': [1, 2.5, 1e16, 0.0001, none, true], 'a': 'é\"\\n\\u0001'} | tojson }}\n\
+             {{ {'b': 1, 'a': []} | tojson(indent=2, sort_keys=true) }}\n\
+             {{ 'é😀' | tojson(ensure_ascii=true) }} {{ [1, 2] | tojson(separators=[',', ':']) }}",
+            BTreeMap::new(),
+        )
+        .unwrap();
+        // Python: json.dumps({'b': [1, 2.5, 1e16, 0.0001, None, True], 'a': 'é"\n\x01'}) ...
+        assert_eq!(
+            template.render(&[], false).unwrap(),
+            "{\"b\": [1, 2.5, 1e+16, 0.0001, null, true], \"a\": \"é\\\"\\n\\u0001\"}\n\
+             {\n  \"a\": [],\n  \"b\": 1\n}\n\
+             \"\\u00e9\\ud83d\\ude00\" [1,2]"
+        );
+        assert_eq!(python_float(1e-5), "1e-05");
+        assert_eq!(python_float(123456.0), "123456.0");
+        assert_eq!(python_float(-2.5e-7), "-2.5e-07");
+    }
+
+    #[test]
+    fn helpers_and_errors() {
+        let today = ChatTemplate::new("{{ strftime_now('%Y-%m-%d') }}", BTreeMap::new())
+            .unwrap()
+            .render(&[], false)
+            .unwrap();
+        assert_eq!(today, chrono::Local::now().format("%Y-%m-%d").to_string());
+        let bad_format = ChatTemplate::new("{{ strftime_now('%Q') }}", BTreeMap::new())
+            .unwrap()
+            .render(&[], false)
+            .unwrap_err();
+        assert!(bad_format.contains("invalid format \"%Q\""), "{bad_format}");
+        let syntax = ChatTemplate::new("{% for m in messages %}", BTreeMap::new())
+            .err()
+            .expect("an unclosed loop is an error");
+        assert!(syntax.contains("syntax error"), "{syntax}");
+        let roles = ChatTemplate::new(
+            "{% for m in messages %}{{ m.role }}{% generation -%} {{ m['content'] }} {%- endgeneration %};{% endfor %}",
+            BTreeMap::new(),
+        )
+        .unwrap()
+        .render(
+            &[
+                Message::system("s"),
+                Message::user("u"),
+                Message::assistant("a"),
+            ],
+            true,
+        )
+        .unwrap();
+        assert_eq!(roles, "systems;useru;assistanta;");
+    }
+}

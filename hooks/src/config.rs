@@ -52,7 +52,7 @@ impl GptNeoxConfig {
     }
 }
 
-/// The hyper-parameters of a Llama-family model (Llama 2/3, Mistral, SmolLM2, ...).
+/// The hyper-parameters of a Llama-family model (Llama 2/3, Mistral, SmolLM2, Qwen2, ...).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
     /// Residual stream width.
@@ -81,6 +81,9 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     /// Whether the q/k/v/o projections have biases.
     pub attention_bias: bool,
+    /// Whether the q/k/v projections have biases even where `attention_bias` is false (Qwen2:
+    /// biases on q/k/v, none on o).
+    pub qkv_bias: bool,
     /// Whether the MLP projections have biases.
     pub mlp_bias: bool,
     /// Whether the unembedding shares the embedding's weights.
@@ -92,6 +95,14 @@ pub struct LlamaConfig {
     /// Mistral's sliding attention window: each position attends to at most this many
     /// (itself included). Not implemented: longer sequences are refused.
     pub sliding_window: Option<usize>,
+}
+
+impl LlamaConfig {
+    /// Whether the attention projection `name` (`q_proj`, `k_proj`, `v_proj` or `o_proj`)
+    /// has a bias.
+    pub fn attention_projection_bias(&self, name: &str) -> bool {
+        self.attention_bias || (self.qkv_bias && name != "o_proj")
+    }
 }
 
 /// Llama 3.1's scaling of the rotary frequencies (`rope_type: "llama3"`): frequencies whose
@@ -163,7 +174,7 @@ impl ModelConfig {
                 eos_token_id: fields.token_id("eos_token_id")?,
                 max_position_embeddings: fields.context_length(),
             }),
-            "llama" | "mistral" => {
+            "llama" | "mistral" | "qwen2" => {
                 let hidden_size = fields.usize("hidden_size")?;
                 let num_heads = fields.usize("num_attention_heads")?;
                 ModelConfig::Llama(LlamaConfig {
@@ -180,6 +191,7 @@ impl ModelConfig {
                     rope_freq_factors: None,
                     rms_norm_eps: fields.agreed_f64(&["rms_norm_eps"], 1e-6)?,
                     attention_bias: fields.bool_or("attention_bias", false)?,
+                    qkv_bias: model_type == "qwen2",
                     mlp_bias: fields.bool_or("mlp_bias", false)?,
                     tie_word_embeddings: fields.bool_or("tie_word_embeddings", false)?,
                     eos_token_id: fields.token_id("eos_token_id")?,
@@ -189,13 +201,15 @@ impl ModelConfig {
                             return Err(fields
                                 .error("field 'sliding_window' must be positive, got 0".into()))
                         }
+                        // Qwen2 states a window that only applies with use_sliding_window.
+                        Some(_) if model_type == "qwen2" && !fields.qwen2_slides()? => None,
                         window => window,
                     },
                 })
             }
             other => {
                 return Err(fields.error(format!(
-                    "model_type '{other}' is not supported (supported: gpt_neox, llama, mistral)"
+                    "model_type '{other}' is not supported (supported: gpt_neox, llama, mistral, qwen2)"
                 )))
             }
         };
@@ -418,6 +432,21 @@ impl Fields<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Whether a Qwen2 config's sliding window applies to some layer: `use_sliding_window`
+    /// (default false) and, where the config lists them, a `sliding_attention` layer type
+    /// (transformers slides from layer `max_window_layers` on).
+    fn qwen2_slides(&self) -> Result<bool> {
+        if !self.bool_or("use_sliding_window", false)? {
+            return Ok(false);
+        }
+        Ok(match self.get("layer_types").and_then(Value::as_array) {
+            Some(types) => types
+                .iter()
+                .any(|t| t.as_str() == Some("sliding_attention")),
+            None => self.usize_or("max_window_layers", 0)? < self.usize("num_hidden_layers")?,
+        })
     }
 
     /// The rotary scaling object (`rope_scaling`, or transformers 5's `rope_parameters`)
@@ -787,5 +816,35 @@ mod tests {
         .unwrap();
         let ModelConfig::Llama(c) = c else { panic!() };
         assert_eq!((c.head_dim, c.num_kv_heads, c.rope_theta), (64, 3, 1e5));
+        assert!(!c.qkv_bias && !c.attention_bias);
+    }
+
+    /// Qwen2.5-0.5B-Instruct's config.json: biases on q/k/v only, and a stated window that
+    /// applies only with use_sliding_window (then from layer max_window_layers on).
+    #[test]
+    fn reads_qwen2_and_its_sliding_window_switch() {
+        let mut qwen = json!({
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+            "hidden_size": 896, "intermediate_size": 4864, "max_position_embeddings": 32768,
+            "max_window_layers": 21, "num_attention_heads": 14, "num_hidden_layers": 24,
+            "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "sliding_window": 32768, "tie_word_embeddings": true, "use_sliding_window": false,
+            "vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151645
+        });
+        let window = |json: &Value| match parse(json.clone()).unwrap() {
+            ModelConfig::Llama(c) => {
+                assert!(c.qkv_bias && !c.attention_bias && !c.mlp_bias);
+                assert_eq!((c.head_dim, c.rope_theta), (64, 1e6));
+                c.sliding_window
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(window(&qwen), None);
+        qwen["use_sliding_window"] = json!(true);
+        assert_eq!(window(&qwen), Some(32768));
+        qwen["max_window_layers"] = json!(24);
+        assert_eq!(window(&qwen), None);
+        qwen["layer_types"] = json!(["full_attention", "sliding_attention"]);
+        assert_eq!(window(&qwen), Some(32768));
     }
 }

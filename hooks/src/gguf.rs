@@ -2,7 +2,9 @@
 //! tensor dequantized and renamed to its Hugging Face name, and the tokenizer rebuilt from the
 //! metadata. This reproduces what transformers 5.24 builds with
 //! `from_pretrained(dir, gguf_file=...)` for `general.architecture = llama` (see
-//! `tests/fixtures/README.md`, section E): weights are dequantized to f32 (then converted to the
+//! `tests/fixtures/README.md`, section E) and `qwen2` (Llama's blocks with q/k/v biases; its
+//! Q/K rows are stored unpermuted, as llama.cpp runs it with rotate-half rotary embeddings;
+//! checked on the tiny fixture `tests/fixtures/llama/qwen2_bias/model.gguf`): weights are dequantized to f32 (then converted to the
 //! compute dtype), nothing stays quantized. Or, with [`crate::LoadOptions::quantized`], the
 //! blocks' projection weights stay in their quantized type (see [`read`]).
 //!
@@ -47,7 +49,7 @@ pub(crate) struct GgufModel {
     pub tokenizer: Option<Tokenizer>,
 }
 
-/// Reads a Llama-architecture GGUF file; weights are dequantized and converted to `dtype`,
+/// Reads a Llama- or Qwen2-architecture GGUF file; weights are dequantized and converted to `dtype`,
 /// except, when `keep_quantized`, the attention and MLP projection weights stored in a
 /// block-quantized type (Q4_0, Q8_0, K-quants...), which are kept as they are (their rows in
 /// Hugging Face order) for [`crate::WeightStore::quantized`].
@@ -58,12 +60,16 @@ pub(crate) fn read(path: &Path, dtype: DType, keep_quantized: bool) -> Result<Gg
         path,
     };
     let architecture = meta.string("general.architecture")?;
-    if architecture != "llama" {
+    if !GGUF_ARCHITECTURES.contains(&architecture) {
         return Err(meta.error(format!(
-            "general.architecture '{architecture}' is not supported (supported: llama)"
+            "general.architecture '{architecture}' is not supported (supported: {})",
+            GGUF_ARCHITECTURES.join(", ")
         )));
     }
-    let mut llama = llama_config(&meta)?;
+    let mut llama = llama_config(&meta, architecture)?;
+    // llama.cpp's converter permutes Q/K rows for the interleaved rotary pairs of `llama`
+    // only; `qwen2` keeps Hugging Face's order.
+    let permuted = architecture == "llama";
     let mut tensors = std::collections::HashMap::new();
     let mut quantized = std::collections::HashMap::new();
     let names: BTreeMap<_, _> = content.tensor_infos.iter().collect();
@@ -92,7 +98,9 @@ pub(crate) fn read(path: &Path, dtype: DType, keep_quantized: bool) -> Result<Gg
         let stored = content
             .tensor(&mut reader, name, &Device::Cpu)
             .map_err(read_error)?;
-        let heads = permuted_heads(name, llama.num_heads, llama.num_kv_heads);
+        let heads = permuted
+            .then(|| permuted_heads(name, llama.num_heads, llama.num_kv_heads))
+            .flatten();
         let bad_rows = |e: Error| Error::BadWeight {
             name: hf.clone(),
             message: format!("GGUF tensor '{name}' in {}: {e}", path.display()),
@@ -427,12 +435,19 @@ fn unpermute_quantized_rows(t: &QTensor, heads: usize, head_dim: usize) -> Resul
     Ok(QTensor::new(storage, t.shape().clone())?)
 }
 
-/// The model config from `llama.*` metadata, validated like a `config.json`.
-fn llama_config(meta: &Metadata) -> Result<LlamaConfig> {
-    let hidden = meta.usize("llama.embedding_length")?;
-    let heads = meta.usize("llama.attention.head_count")?;
+/// The `general.architecture` values read, all run as Llama-family models.
+pub const GGUF_ARCHITECTURES: [&str; 2] = ["llama", "qwen2"];
+
+/// The model config from the `{architecture}.*` metadata, validated like a `config.json`.
+fn llama_config(meta: &Metadata, architecture: &str) -> Result<LlamaConfig> {
+    let key = |name: &str| format!("{architecture}.{name}");
+    let hidden = meta.usize(&key("embedding_length"))?;
+    let heads = meta.usize(&key("attention.head_count"))?;
     if heads == 0 {
-        return Err(meta.error("llama.attention.head_count must be positive, got 0".into()));
+        return Err(meta.error(format!(
+            "{} must be positive, got 0",
+            key("attention.head_count")
+        )));
     }
     let tensor_dims = |name: &str| {
         meta.content
@@ -451,14 +466,14 @@ fn llama_config(meta: &Metadata) -> Result<LlamaConfig> {
     };
 
     let kv_heads = meta
-        .usize_opt("llama.attention.head_count_kv")?
+        .usize_opt(&key("attention.head_count_kv"))?
         .unwrap_or(heads);
-    let head_dim = match meta.usize_opt("llama.attention.key_length")? {
+    let head_dim = match meta.usize_opt(&key("attention.key_length"))? {
         Some(d) => d,
         None => hidden / heads,
     };
-    for key in ["llama.attention.value_length", "llama.rope.dimension_count"] {
-        if let Some(d) = meta.usize_opt(key)? {
+    for key in [key("attention.value_length"), key("rope.dimension_count")] {
+        if let Some(d) = meta.usize_opt(&key)? {
             if d != head_dim {
                 return Err(meta.error(format!(
                     "{key} = {d} differs from the head dimension {head_dim}; not supported"
@@ -466,37 +481,43 @@ fn llama_config(meta: &Metadata) -> Result<LlamaConfig> {
             }
         }
     }
-    if let Some(scaling) = meta.get("llama.rope.scaling.type") {
-        let scaling = meta.value_string("llama.rope.scaling.type", scaling)?;
+    let scaling_key = key("rope.scaling.type");
+    if let Some(scaling) = meta.get(&scaling_key) {
+        let scaling = meta.value_string(&scaling_key, scaling)?;
         if scaling != "none" {
             return Err(meta.error(format!(
-                "llama.rope.scaling.type '{scaling}' is not supported (only none, or Llama 3.1's \
+                "{scaling_key} '{scaling}' is not supported (only none, or Llama 3.1's \
                  scaling given as the tensor rope_freqs.weight)"
             )));
         }
     }
     let has = |name: &str| meta.content.tensor_infos.contains_key(name);
+    // Qwen2's q/k/v biases come with its model type; a bias on o is Llama's attention_bias.
+    let attention_bias = match architecture {
+        "qwen2" => has("blk.0.attn_output.bias"),
+        _ => has("blk.0.attn_q.bias"),
+    };
     let json = json!({
-        "model_type": "llama",
+        "model_type": architecture,
         "hidden_size": hidden,
-        "num_hidden_layers": meta.usize("llama.block_count")?,
+        "num_hidden_layers": meta.usize(&key("block_count"))?,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
-        "intermediate_size": meta.usize("llama.feed_forward_length")?,
+        "intermediate_size": meta.usize(&key("feed_forward_length"))?,
         "vocab_size": vocab_size,
-        "rope_theta": meta.f64_opt("llama.rope.freq_base")?.unwrap_or(10000.0),
-        "rms_norm_eps": meta.f64("llama.attention.layer_norm_rms_epsilon")?,
-        "attention_bias": has("blk.0.attn_q.bias"),
+        "rope_theta": meta.f64_opt(&key("rope.freq_base"))?.unwrap_or(10000.0),
+        "rms_norm_eps": meta.f64(&key("attention.layer_norm_rms_epsilon"))?,
+        "attention_bias": attention_bias,
         "mlp_bias": has("blk.0.ffn_up.bias"),
         "tie_word_embeddings": !has("output.weight"),
         "eos_token_id": meta.usize_opt("tokenizer.ggml.eos_token_id")?,
-        "max_position_embeddings": meta.usize_opt("llama.context_length")?,
+        "max_position_embeddings": meta.usize_opt(&key("context_length"))?,
     });
     match ModelConfig::from_json(&json, meta.path)? {
         ModelConfig::Llama(config) => Ok(config),
         other => Err(meta.error(format!(
-            "built a '{}' config from llama metadata",
+            "built a '{}' config from {architecture} metadata",
             other.model_type()
         ))),
     }

@@ -34,7 +34,7 @@ mod unembed;
 pub mod weights;
 
 pub use error::{Error, Result};
-pub use gguf::{gguf_header, gguf_tokenizer};
+pub use gguf::{gguf_header, gguf_tokenizer, GGUF_ARCHITECTURES};
 pub use hookpoint::{AttentionName, HookPoint};
 pub use hooks::{ForwardOutput, Hooks, ReplaceFn};
 pub use model::{

@@ -102,7 +102,7 @@ pub fn parameter_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
                     ("o_proj", d, c.num_heads * hd),
                 ] {
                     params.push((format!("{p}.self_attn.{proj}.weight"), vec![out, inp]));
-                    if c.attention_bias {
+                    if c.attention_projection_bias(proj) {
                         params.push((format!("{p}.self_attn.{proj}.bias"), vec![out]));
                     }
                 }

@@ -11,8 +11,15 @@ use hooks::{HookPoint, Hooks, LoadOptions, Model};
 mod common;
 use common::relative_error;
 
-/// The last one has Llama 3.1's scaled rotary embedding.
-const CASES: [&str; 4] = ["gqa_tied", "mha_untied", "gqa_head_dim", "llama3_rope"];
+/// `llama3_rope` has Llama 3.1's scaled rotary embedding; `qwen2_bias` is a Qwen2 model
+/// (biases on q/k/v, rotary base 1e6).
+const CASES: [&str; 5] = [
+    "gqa_tied",
+    "mha_untied",
+    "gqa_head_dim",
+    "llama3_rope",
+    "qwen2_bias",
+];
 
 fn fixture_dir(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -264,6 +264,26 @@ fn tiny_gguf_llama3_rope_freqs_match_transformers() {
     );
 }
 
+/// A Qwen2 GGUF file as llama.cpp's converter writes one (`qwen2.*` metadata, q/k/v biases,
+/// Q/K rows in Hugging Face order), made by `tests/fixtures/generate.py` with gguf-py and read
+/// back by transformers' GGUF loader into the same logits, matches transformers at every hook
+/// point.
+#[test]
+fn tiny_gguf_qwen2_matches_transformers_at_every_hook_point() {
+    let case = fixtures().join("llama").join("qwen2_bias");
+    let gguf = case.join("model.gguf");
+    let model = Model::load(gguf.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let hooks::config::ModelConfig::Llama(config) = model.config() else {
+        panic!("{:?}", model.config())
+    };
+    assert!(config.qkv_bias && !config.attention_bias);
+    assert_eq!((config.rope_theta, config.sliding_window), (1e6, None));
+    let exp = load_safetensors(&case.join("expected.safetensors"));
+    let (worst, _) = common::assert_hook_points_match(&model, &exp, 1e-4, "logits");
+    println!("tiny GGUF qwen2_bias: worst relative error {worst:.2e}");
+    common::assert_edits_match(&model, &exp);
+}
+
 #[test]
 fn bad_gguf_files_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();

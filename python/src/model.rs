@@ -569,10 +569,21 @@ impl PyModel {
                 "head_dim": c.head_dim,
                 "intermediate_size": c.intermediate_size,
                 "rope_theta": c.rope_theta,
+                "rope_scaling": c.rope_scaling.map(|s| json!({
+                    "rope_type": "llama3",
+                    "factor": s.factor,
+                    "low_freq_factor": s.low_freq_factor,
+                    "high_freq_factor": s.high_freq_factor,
+                    "original_max_position_embeddings": s.original_max_position_embeddings,
+                })),
+                "rope_freq_factors": c.rope_freq_factors,
                 "rms_norm_eps": c.rms_norm_eps,
                 "attention_bias": c.attention_bias,
+                "qkv_bias": c.qkv_bias,
                 "mlp_bias": c.mlp_bias,
                 "tie_word_embeddings": c.tie_word_embeddings,
+                "max_position_embeddings": c.max_position_embeddings,
+                "sliding_window": c.sliding_window,
             }),
         };
         if let (Some(map), serde_json::Value::Object(extra)) = (value.as_object_mut(), extra) {
@@ -648,7 +659,10 @@ impl PyModel {
     /// The architecture's hyper-parameters as a dict: ``architecture`` (``"gpt_neox"`` or
     /// ``"llama"``), ``hidden_size``, ``num_layers``, ``num_heads``, ``num_kv_heads``,
     /// ``head_dim``, ``intermediate_size``, ``vocab_size``, ``eos_token_id`` and the
-    /// architecture's own fields (rotary / norm settings).
+    /// architecture's own fields (rotary / norm settings and biases; for Llama-family models
+    /// also ``rope_scaling`` (Llama 3.1's, or None), ``rope_freq_factors`` (a GGUF file's
+    /// per-frequency divisors, or None), ``qkv_bias`` (Qwen2), ``max_position_embeddings``
+    /// and ``sliding_window``).
     #[getter]
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         json_to_py(py, &self.config_json())

@@ -128,6 +128,24 @@ def test_attention_patterns(golden_model, golden):
     assert max_rel_err(ablated, golden["ablate.layers.0.attention.dense.input.head1.logits"]) < TOL
 
 
+def test_llama_family_configs_show_biases_and_rotary_scaling():
+    qwen2 = ei.Model.from_pretrained(FIXTURES / "llama" / "qwen2_bias").config
+    assert qwen2["architecture"] == "llama"
+    assert (qwen2["qkv_bias"], qwen2["attention_bias"], qwen2["rope_theta"]) == (True, False, 1e6)
+    assert qwen2["rope_scaling"] is None and qwen2["sliding_window"] is None
+    gguf = ei.Model.from_pretrained(FIXTURES / "llama" / "qwen2_bias" / "model.gguf").config
+    assert gguf["qkv_bias"] is True and gguf["max_position_embeddings"] == 128
+    scaled = ei.Model.from_pretrained(FIXTURES / "llama" / "llama3_rope").config
+    assert scaled["rope_scaling"] == {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16.0,
+    }
+    assert scaled["rope_freq_factors"] is None and scaled["qkv_bias"] is False
+
+
 def test_grouped_query_attention_patterns_have_the_query_heads():
     """A Llama model with 4 query heads sharing 2 key/value heads: its pattern, and a fixed
     replacement of it, are [query heads, seq, seq]; putting back what was captured changes

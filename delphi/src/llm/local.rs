@@ -95,8 +95,8 @@ impl Default for LocalOptions {
     }
 }
 
-/// A chat model from a GGUF file (`general.architecture = llama`, a `gpt2` tokenizer and a
-/// chat template), answering [`ChatRequest`]s on the CPU.
+/// A chat model from a GGUF file (`general.architecture` `llama` or `qwen2`, a `gpt2`
+/// tokenizer and a chat template), answering [`ChatRequest`]s on the CPU.
 ///
 /// Temperature 0 is greedy (argmax). Otherwise tokens are drawn from `softmax(logits / T)`
 /// with a generator seeded from [`LocalOptions::seed`] and the prompt's token ids, so the
@@ -165,7 +165,7 @@ impl std::fmt::Debug for LocalLlm {
 impl LocalLlm {
     /// Loads a GGUF chat model (e.g. [`hooks::fetch::smollm2_gguf`]'s SmolLM2-135M-Instruct).
     /// Errors name the file and what is missing or unsupported: not a GGUF file, an
-    /// architecture other than `llama`, no `gpt2` tokenizer, no chat template or one that does
+    /// architecture other than `llama` or `qwen2`, no `gpt2` tokenizer, no chat template or one that does
     /// not compile.
     pub fn load(path: &Path) -> Result<Self> {
         Self::load_with(path, LocalOptions::default())
@@ -186,10 +186,13 @@ impl LocalLlm {
             )),
         };
         let architecture = string("general.architecture")?;
-        if architecture != "llama" {
+        if !hooks::GGUF_ARCHITECTURES.contains(&architecture.as_str()) {
             return Err(Error::file(
                 path,
-                format!("general.architecture '{architecture}' is not supported (only llama)"),
+                format!(
+                    "general.architecture '{architecture}' is not supported (supported: {})",
+                    hooks::GGUF_ARCHITECTURES.join(", ")
+                ),
             ));
         }
         let template = ChatTemplate::new(
@@ -891,7 +894,8 @@ mod tests {
         );
         let err = LocalLlm::load(&gpt2).unwrap_err().to_string();
         assert!(
-            err.contains("gpt2.gguf") && err.contains("'gpt2' is not supported (only llama)"),
+            err.contains("gpt2.gguf")
+                && err.contains("'gpt2' is not supported (supported: llama, qwen2)"),
             "{err}"
         );
 

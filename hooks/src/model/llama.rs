@@ -39,12 +39,8 @@ pub(crate) fn load(cfg: &LlamaConfig, w: &Loader) -> Result<Llama> {
         .map(|i| {
             let p = format!("model.layers.{i}");
             let attn = |name: &str, in_dim, out_dim| {
-                w.linear(
-                    &format!("{p}.self_attn.{name}"),
-                    in_dim,
-                    out_dim,
-                    cfg.attention_bias,
-                )
+                let bias = cfg.attention_projection_bias(name);
+                w.linear(&format!("{p}.self_attn.{name}"), in_dim, out_dim, bias)
             };
             let mlp = |name: &str, in_dim, out_dim| {
                 w.linear(&format!("{p}.mlp.{name}"), in_dim, out_dim, cfg.mlp_bias)

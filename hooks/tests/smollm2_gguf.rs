@@ -282,6 +282,48 @@ fn tiny_gguf_qwen2_matches_transformers_at_every_hook_point() {
     let (worst, _) = common::assert_hook_points_match(&model, &exp, 1e-4, "logits");
     println!("tiny GGUF qwen2_bias: worst relative error {worst:.2e}");
     common::assert_edits_match(&model, &exp);
+
+    // Its projection weights re-quantized to Q8_0 and kept quantized: the biases still apply
+    // and the rows stay in place (moving Q/K rows as for llama files gives far larger errors).
+    let mut reader = std::fs::File::open(&gguf).unwrap();
+    let content = gguf_file::Content::read(&mut reader).unwrap();
+    let mut q8 = TinyGguf {
+        metadata: content.metadata.clone().into_iter().collect(),
+        tensors: Vec::new(),
+    };
+    for name in content.tensor_infos.keys() {
+        let tensor = content
+            .tensor(&mut reader, name, &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap();
+        let projection =
+            name.starts_with("blk.") && name.ends_with(".weight") && tensor.rank() == 2;
+        let dtype = if projection {
+            GgmlDType::Q8_0
+        } else {
+            GgmlDType::F32
+        };
+        q8.tensors
+            .push((name.clone(), QTensor::quantize(&tensor, dtype).unwrap()));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q8.gguf");
+    q8.write(&path);
+    let options = LoadOptions {
+        quantized: true,
+        ..LoadOptions::default()
+    };
+    let quantized = Model::load(path.to_str().unwrap(), &options).unwrap();
+    assert!(quantized.quantized());
+    let error = relative_error(
+        &quantized.logits(&exp["input_ids"]).unwrap(),
+        &exp["logits"],
+    );
+    println!(
+        "tiny GGUF qwen2_bias, Q8_0 projections kept quantized: logits relative error {error:.2e}"
+    );
+    assert!(error < 0.02, "{error}");
 }
 
 #[test]

@@ -5,6 +5,7 @@
 use std::ffi::OsString;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -23,7 +24,7 @@ use crate::job::{
 };
 use crate::latents::{write_latent_cache, CacheTarget, LatentCache, WriteOptions};
 use crate::llm::local::{LocalLlm, LocalOptions};
-use crate::llm::openai::{OpenAiClient, OpenAiConfig};
+use crate::llm::openai::{OpenAiClient, OpenAiConfig, PromptReader};
 use crate::llm::Llm;
 use crate::score::{ScoreConfig, Scorer};
 
@@ -157,14 +158,23 @@ struct RunArgs {
     /// The `model` field sent to an HTTP server.
     #[arg(long, default_value = "default")]
     explainer_model: String,
+    /// The served model's tokenizer and chat template (hub id, folder or .gguf file): with
+    /// it, the simulation and surprisal scorers read prompt log-probabilities from a vLLM
+    /// server (prompts sent as token ids to /v1/completions with `prompt_logprobs`).
+    #[arg(long)]
+    server_tokenizer: Option<String>,
+    /// How many of the most likely tokens such a server reports at each prompt position;
+    /// a simulation level outside them reads as impossible.
+    #[arg(long, default_value_t = crate::llm::openai::DEFAULT_PROMPT_LOGPROBS)]
+    prompt_logprobs: u32,
     /// Environment variable holding the server's API key (never logged or written).
     #[arg(long)]
     api_key_env: Option<String>,
     /// Scorers, comma separated: detection, fuzzing, embedding, intruder (explanation-free:
     /// find the silent excerpt among activating ones), simulation (predict each token's
     /// activation from the explanation) and surprisal (how much the explanation lowers the
-    /// activating excerpts' surprisal); the last two need a local explainer, whose
-    /// log-probabilities are read.
+    /// activating excerpts' surprisal); the last two read prompt log-probabilities: a local
+    /// explainer's, or a vLLM server's with --server-tokenizer.
     #[arg(long, default_value = "detection,fuzzing")]
     scorers: String,
     /// Output folder (explanations/, scores/{detection,fuzz,embedding,intruder,simulation,
@@ -497,6 +507,9 @@ impl ExplainerArg {
     fn from_args(args: &RunArgs) -> Result<Self> {
         let spec = args.explainer.as_str();
         if spec == "local" || spec.starts_with("local:") {
+            if args.server_tokenizer.is_some() {
+                bail!("--server-tokenizer applies to an HTTP explainer; a local one reads its own");
+            }
             let path = match spec.strip_prefix("local:") {
                 Some(path) => PathBuf::from(path),
                 None => hooks::fetch::smollm2_gguf()?,
@@ -513,6 +526,7 @@ impl ExplainerArg {
         if args.explainer_quantized {
             bail!("--explainer-quantized applies to a local explainer, not to '{spec}'");
         }
+
         if !crate::llm::openai::is_http_url(spec) {
             bail!("--explainer '{spec}' is neither an http(s):// URL nor local / local:PATH.gguf");
         }
@@ -522,6 +536,11 @@ impl ExplainerArg {
         config.timeout = Duration::from_secs_f64(args.timeout);
         config.max_retries = args.retries;
         config.price_per_million = args.prices;
+        if let Some(model) = &args.server_tokenizer {
+            let reader = PromptReader::for_model(model, args.prompt_logprobs)
+                .with_context(|| format!("--server-tokenizer {model}"))?;
+            config.prompt_reader = Some(Arc::new(reader));
+        }
         Ok(Self::Http(Box::new(OpenAiClient::new(config)?)))
     }
 
@@ -891,5 +910,41 @@ mod tests {
                 (file.path(), quantized)
             );
         }
+
+        // The served model's tokenizer is an HTTP explainer's option; a bad one is named.
+        let explainer = |flags: &[&str]| {
+            let Command::Run(parsed) = run(flags).unwrap().command else {
+                panic!("not run")
+            };
+            ExplainerArg::from_args(&parsed).map(|_| ())
+        };
+        let tokenizer = ["--server-tokenizer", "tests/fixtures/llama/qwen2_bias"];
+        let err = explainer(&[&["--explainer", spec.as_str()][..], &tokenizer].concat())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--server-tokenizer applies to an HTTP explainer"),
+            "{err}"
+        );
+        let missing = dir_without_tokenizer();
+        let err = explainer(&[
+            "--explainer",
+            "http://localhost:8000/v1",
+            "--server-tokenizer",
+            missing.path().to_str().unwrap(),
+        ])
+        .unwrap_err();
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("--server-tokenizer") && err.contains("tokenizer.json"),
+            "{err}"
+        );
+    }
+
+    /// A model folder with a config but no tokenizer files.
+    fn dir_without_tokenizer() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        dir
     }
 }

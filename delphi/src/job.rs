@@ -720,7 +720,8 @@ pub fn check_scorer_model(config: &JobConfig, scorer: &dyn Llm) -> Result<()> {
         if !scorer.reads_prompts() {
             return Err(Error::Invalid(format!(
                 "the {} scorer reads the model's log-probabilities at every token of a \
-                 prompt, which {} cannot give: use a local GGUF model (--explainer local)",
+                 prompt, which {} cannot give: use a local GGUF model (--explainer local), or \
+                 a vLLM server with its model's tokenizer (--server-tokenizer)",
                 needs.dir_name(),
                 scorer.name()
             )));

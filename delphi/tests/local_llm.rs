@@ -4,7 +4,8 @@
 //! prompt ids exactly, first-step log-probabilities and greedy answers; and against
 //! `tests/fixtures/delphi/local_read.json`: the log-probabilities read along an answer the
 //! prompt holds (the simulation scorer's); plus the prefix cache, seeded sampling, limits and
-//! the async interface. The tests print SKIP and pass when the
+//! the async interface. Also the HTTP client's reading of the same model's prompt
+//! log-probabilities through a vLLM-like `/completions` server. The tests print SKIP and pass when the
 //! GGUF cannot be downloaded (unless `EI_REQUIRE_DOWNLOADS` is set, as in CI: then they fail).
 //!
 //! Tolerances: by default the weights are dequantized to f32 as transformers does, and
@@ -14,15 +15,19 @@
 //! nats (measured), asserted at [`QUANTIZED_LOGPROB_TOLERANCE`].
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use delphi::llm::local::{LocalLlm, LocalOptions};
+use delphi::llm::openai::{OpenAiClient, OpenAiConfig, PromptReader};
 use delphi::llm::{
     AnswerFormat, ChatRequest, ContinuationRequest, Llm, Message, ReadRequest, Role,
 };
 use delphi::prompts::{classifier_messages, parse_predictions, ClassifierTask};
 use delphi::score::{simulate, Sample};
-use serde_json::Value;
+use serde_json::{json, Value};
+
+mod common;
+use common::TestServer;
 
 /// Largest |ours - transformers| allowed for a log-probability (nats), f32 weights.
 const LOGPROB_TOLERANCE: f32 = 1e-3;
@@ -752,4 +757,222 @@ async fn concurrent_chats_queue_and_answer_like_sequential_ones() {
     }
     assert_eq!(llm.name(), "SmolLM2-135M-Instruct.Q4_1.gguf");
     assert_eq!(requests[0].messages[0].role, Role::System);
+}
+
+/// What vLLM's OpenAI server answers a `/completions` request whose `prompt` is token ids,
+/// with `prompt_logprobs: k`, computed here by the hook runtime on the same model: per
+/// position, by token id, the log-probabilities of the `k` most likely tokens and of the
+/// prompt's own token there (`null` at position 0, which nothing predicts).
+fn vllm_prompt_logprobs(model: &hooks::Model, request: &Value) -> Value {
+    use hooks::candle_core::{DType, Device, Tensor};
+    use hooks::sampling::{log_softmax, top_k};
+    let prompt = ids(&request["prompt"]);
+    let top = request["prompt_logprobs"].as_u64().unwrap() as usize;
+    let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits: Vec<Vec<f32>> = model
+        .logits(&input)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let mut positions = vec![Value::Null];
+    for (at, &own) in prompt.iter().enumerate().skip(1) {
+        let row = log_softmax(&logits[at - 1]);
+        let mut entries = serde_json::Map::new();
+        for (rank, id) in top_k(&row, top).into_iter().enumerate() {
+            let entry = json!({"logprob": row[id as usize], "rank": rank + 1, "decoded_token": ""});
+            entries.insert(id.to_string(), entry);
+        }
+        entries.entry(own.to_string()).or_insert_with(
+            || json!({"logprob": row[own as usize], "rank": null, "decoded_token": ""}),
+        );
+        positions.push(Value::Object(entries));
+    }
+    json!({
+        "id": "cmpl-test",
+        "object": "text_completion",
+        "model": request["model"],
+        "choices": [{"index": 0, "text": " ", "prompt_logprobs": positions, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": prompt.len(), "completion_tokens": 1, "total_tokens": prompt.len() + 1},
+    })
+}
+
+/// The HTTP client with the served model's tokenizer and chat template reads, through a
+/// vLLM-like server on the same SmolLM2, what the local model reads: the simulation levels
+/// after every answer piece (those among the 20 most likely tokens; the others read as
+/// impossible) and every token of continuations, within float rounding; the simulation
+/// scorer's expected activations agree. Without the tokenizer the client refuses to read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vllm_servers_prompt_logprobs_read_like_the_local_model() {
+    let (Some(path), Some(local)) = (gguf(), model()) else {
+        return;
+    };
+    let served = Arc::new(hooks::Model::load(path.to_str().unwrap(), &Default::default()).unwrap());
+    let server = TestServer::start().await;
+    server.on_completions(move |request| vllm_prompt_logprobs(&served, request));
+    let mut config = OpenAiConfig::new(&server.url, "SmolLM2-135M-Instruct");
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/delphi/local_read.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let levels = strings(&fixture["levels"]);
+    let conversation = &fixture["conversations"][0];
+    let answer = strings(&conversation["answer"]);
+    let request = ReadRequest {
+        messages: messages(conversation),
+        answers: vec![answer.clone(), answer[..2].to_vec()],
+        candidates: levels,
+    };
+
+    let blind = OpenAiClient::new(config.clone()).unwrap();
+    assert!(!blind.reads_prompts());
+    let err = blind.read(request.clone()).await.unwrap_err().to_string();
+    assert!(err.contains("--server-tokenizer"), "{err}");
+
+    let reader = PromptReader::for_model(path.to_str().unwrap(), 20).unwrap();
+    config.prompt_reader = Some(Arc::new(reader));
+    let client = OpenAiClient::new(config).unwrap();
+    assert!(client.reads_prompts());
+
+    let (mut worst, mut compared, mut unread) = (0f32, 0, 0);
+    for conversation in fixture["conversations"].as_array().unwrap() {
+        let request = ReadRequest {
+            messages: messages(conversation),
+            ..request.clone()
+        };
+        let http = client.read(request.clone()).await.unwrap();
+        let near = local.read_blocking(&request).unwrap();
+        // The prompt and pieces once per answer, plus the one token after the last piece.
+        assert_eq!(
+            http.usage.prompt_tokens,
+            near.usage.prompt_tokens + request.answers.len() as u64
+        );
+        assert_eq!(http.logprobs.len(), near.logprobs.len());
+        for (ours, theirs) in http
+            .logprobs
+            .iter()
+            .flatten()
+            .zip(near.logprobs.iter().flatten())
+        {
+            // Levels read are among the 20 most likely tokens, those unread below them.
+            let (mut lowest_read, mut highest_unread) = (f32::INFINITY, f32::NEG_INFINITY);
+            for (a, b) in ours.iter().zip(theirs) {
+                if a.is_finite() {
+                    worst = worst.max((a - b).abs());
+                    lowest_read = lowest_read.min(*b);
+                    compared += 1;
+                } else {
+                    highest_unread = highest_unread.max(*b);
+                    unread += 1;
+                }
+            }
+            assert!(highest_unread <= lowest_read, "{ours:?} vs {theirs:?}");
+        }
+    }
+    println!(
+        "read through the server: {compared} level log-probabilities within {worst:.2e}, \
+         {unread} outside the top 20"
+    );
+    assert!(worst <= 1e-3 && compared > 0, "{worst} {compared}");
+
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures/delphi/local_continuation.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let continuations = ContinuationRequest {
+        prompt: fixture["prompt"].as_str().unwrap().to_string(),
+        texts: fixture["texts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["text"].as_str().unwrap().to_string())
+            .collect(),
+    };
+    let http = client
+        .continuation_logprobs(continuations.clone())
+        .await
+        .unwrap();
+    let near = local
+        .continuation_logprobs_blocking(&continuations)
+        .unwrap();
+    assert_eq!(http.usage.prompt_tokens, near.usage.prompt_tokens);
+    let worst = http
+        .logprobs
+        .iter()
+        .flatten()
+        .zip(near.logprobs.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert_eq!(
+        http.logprobs.iter().map(Vec::len).collect::<Vec<_>>(),
+        near.logprobs.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    println!("continuations through the server: within {worst:.2e}");
+    assert!(worst <= 1e-3, "{worst}");
+
+    let tokens = |t: &[&str]| t.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+    let samples = vec![Sample {
+        tokens: tokens(&[
+            "We", " met", " on", " Monday", " and", " again", " on", " Friday", ".",
+        ]),
+        activations: vec![0.0, 0.0, 0.0, 4.0, 0.0, 0.0, 0.0, 3.0, 0.0],
+        activating: true,
+        distance: 0,
+    }];
+    let expected = |score: delphi::score::SimulationScore| {
+        score.groups[0].scored_sequence_simulations[0]
+            .simulation
+            .expected_activations
+            .clone()
+    };
+    let near = expected(
+        simulate(local, "Days of the week.", &samples, 4.0)
+            .await
+            .unwrap(),
+    );
+    // A level outside the tokens read drops out of the expected value: with this small
+    // model's spread-out beliefs, 20 tokens miss some; 200 do not.
+    let mut worst = Vec::new();
+    for top in [20, 200] {
+        let mut config = OpenAiConfig::new(&server.url, "SmolLM2-135M-Instruct");
+        config.prompt_reader = Some(Arc::new(
+            PromptReader::for_model(path.to_str().unwrap(), top).unwrap(),
+        ));
+        let client = OpenAiClient::new(config).unwrap();
+        let http = expected(
+            simulate(&client, "Days of the week.", &samples, 4.0)
+                .await
+                .unwrap(),
+        );
+        let diff = http
+            .iter()
+            .zip(&near)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f64, f64::max);
+        println!(
+            "simulation through the server, top {top}: expected activations within {diff:.3} \
+             of the local model's"
+        );
+        worst.push(diff);
+    }
+    assert!(worst[1] < 0.01, "{worst:?}");
+
+    let requests = server.requests();
+    assert!(server.paths().iter().all(|p| p == "/v1/completions"));
+    assert!(requests.iter().all(|r| r["prompt"].is_array()
+        && [20, 200].contains(&r["prompt_logprobs"].as_u64().unwrap())
+        && r["max_tokens"] == 1));
 }

@@ -618,16 +618,24 @@ class Llm:
         max_requests: int = 16,
         timeout: float = 120.0,
         retries: int = 8,
+        server_tokenizer: Optional[str] = None,
+        prompt_logprobs: int = 20,
     ) -> "Llm":
         """A client of an OpenAI-compatible chat-completions server (API root, e.g.
         ``http://localhost:8000/v1``); the key is read from ``api_key_env``; at most
         ``max_requests`` requests in flight. ``timeout`` (seconds) must be positive and
-        finite (``ValueError``)."""
+        finite (``ValueError``). With ``server_tokenizer`` (the served model's hub id,
+        folder or ``.gguf`` file) it reads prompt log-probabilities from a vLLM server
+        (``prompt_logprobs`` most likely tokens per position), for the simulation and
+        surprisal scorers."""
     @staticmethod
     def local(path: Optional[_Path] = None, *, quantized: bool = False) -> "Llm":
         """A GGUF chat model run in process (default: SmolLM2-135M-Instruct from PyPI)."""
     @property
     def name(self) -> str: ...
+    @property
+    def reads_prompts(self) -> bool:
+        """Whether it can read prompt log-probabilities (simulation and surprisal scorers)."""
 
 def explain(
     llm: Llm,

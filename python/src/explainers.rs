@@ -18,7 +18,7 @@ use delphi::examples::{build_examples, latent_seed, ExampleConfig, LatentExample
 use delphi::job::{explainer_examples, scoring_samples};
 use delphi::latents::LatentCache;
 use delphi::llm::local::{LocalLlm, LocalOptions};
-use delphi::llm::openai::{OpenAiClient, OpenAiConfig};
+use delphi::llm::openai::{OpenAiClient, OpenAiConfig, PromptReader, DEFAULT_PROMPT_LOGPROBS};
 use delphi::llm::Llm;
 use delphi::prompts::ClassifierTask;
 use delphi::score::{
@@ -317,15 +317,23 @@ impl PyLlm {
     /// The API key is read from the environment variable ``api_key_env`` (never stored).
     /// ``max_requests`` bounds the requests in flight (the CLI's ``--max-requests``);
     /// ``timeout`` (seconds per request) must be a positive finite number.
+    /// ``server_tokenizer`` names the served model's tokenizer and chat template (hub id,
+    /// folder or ``.gguf`` file): with it the simulation and surprisal scorers read prompt
+    /// log-probabilities from a vLLM server (token ids to ``/completions`` with
+    /// ``prompt_logprobs``, the ``prompt_logprobs`` most likely tokens at each position).
     #[staticmethod]
-    #[pyo3(signature = (url, model = "default", *, api_key_env = None, max_requests = 16, timeout = 120.0, retries = 8))]
+    #[pyo3(signature = (url, model = "default", *, api_key_env = None, max_requests = 16, timeout = 120.0, retries = 8, server_tokenizer = None, prompt_logprobs = DEFAULT_PROMPT_LOGPROBS))]
+    #[allow(clippy::too_many_arguments)]
     fn openai(
+        py: Python<'_>,
         url: &str,
         model: &str,
         api_key_env: Option<String>,
         max_requests: usize,
         timeout: f64,
         retries: u32,
+        server_tokenizer: Option<String>,
+        prompt_logprobs: u32,
     ) -> PyResult<Self> {
         let mut config = OpenAiConfig::new(url, model);
         config.api_key_env = api_key_env;
@@ -339,9 +347,22 @@ impl PyLlm {
                 ))
             })?;
         config.max_retries = retries;
+        if let Some(model) = server_tokenizer {
+            let reader = py
+                .detach(|| PromptReader::for_model(&model, prompt_logprobs))
+                .into_py_delphi()?;
+            config.prompt_reader = Some(Arc::new(reader));
+        }
         Ok(Self {
             inner: Arc::new(OpenAiClient::new(config).into_py_delphi()?),
         })
+    }
+
+    /// Whether this model can read prompt log-probabilities (what the simulation and
+    /// surprisal scorers need): a local model, or a server client given ``server_tokenizer``.
+    #[getter]
+    fn reads_prompts(&self) -> bool {
+        self.inner.reads_prompts()
     }
 
     /// A GGUF chat model (Llama or Qwen2 architecture; prompts rendered with the file's own Jinja chat

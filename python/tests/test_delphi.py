@@ -317,6 +317,19 @@ def test_bad_arguments_are_value_errors(latents):
     with pytest.raises(ValueError, match="the server URL 'ftp://x' must start with http:// or https://"):
         ei.Llm.openai("ftp://x", "m")
     assert repr(ei.Llm.openai("http://127.0.0.1:9/v1", "m")) == "Llm(name='m at http://127.0.0.1:9/v1/chat/completions')"
+    # Prompt reading needs the served model's tokenizer and chat template.
+    assert not ei.Llm.openai("http://127.0.0.1:9/v1", "m").reads_prompts
+    with pytest.raises(RuntimeError, match="tokenizer.json: missing"):
+        ei.Llm.openai("http://127.0.0.1:9/v1", "m", server_tokenizer=str(path))
+
+
+def test_a_server_client_with_the_models_tokenizer_reads_prompts():
+    """The SmolLM2 GGUF's tokenizer and chat template make a server client a prompt reader
+    (reading itself is checked against the local model in delphi/tests/local_llm.rs)."""
+    url = "http://127.0.0.1:9/v1"
+    assert ei.Llm.openai(url, "m", server_tokenizer=ei.fetch_smollm2()).reads_prompts
+    with pytest.raises(ValueError, match="read at least 1 token per position"):
+        ei.Llm.openai(url, "m", server_tokenizer=ei.fetch_smollm2(), prompt_logprobs=0)
 
 
 def test_an_older_cache_format_asks_for_a_new_cache(tmp_path):

@@ -13,13 +13,15 @@
 //! minijinja-contrib. Checked against transformers on SmolLM2's template and four written in
 //! the shapes of other families (`tests/fixtures/delphi/chat_templates.json`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 
+use candle_core::quantized::gguf_file;
 use minijinja::value::{Kwargs, Serde, Value, ValueKind};
 use minijinja::{Environment, ErrorKind};
 
 use super::Message;
+use crate::Error;
 
 /// The name the template is compiled under (shown in render errors with a line number).
 const NAME: &str = "chat_template";
@@ -59,6 +61,85 @@ impl ChatTemplate {
         })
     }
 
+    /// The template a GGUF file's metadata declares (`tokenizer.chat_template`), with its
+    /// special tokens ([`special_tokens`]); the error says what is missing or wrong.
+    pub(crate) fn from_gguf(metadata: &HashMap<String, gguf_file::Value>) -> Result<Self, String> {
+        let source = match metadata.get("tokenizer.chat_template") {
+            Some(gguf_file::Value::String(source)) => source,
+            Some(other) => {
+                return Err(format!(
+                    "GGUF metadata 'tokenizer.chat_template' must be a string, got {other:?}"
+                ))
+            }
+            None => return Err("GGUF metadata 'tokenizer.chat_template' is missing".into()),
+        };
+        Self::new(source, special_tokens(metadata))
+            .map_err(|message| format!("tokenizer.chat_template: {message}"))
+    }
+
+    /// The chat template of a model named as [`hooks::Model::load`] takes it: a GGUF file's
+    /// (metadata), or a folder's or hub repository's (`tokenizer_config.json`'s
+    /// `chat_template`, else `chat_template.jinja`, with the config's `bos_token` and
+    /// `eos_token`).
+    pub(crate) fn for_model(name: &str) -> crate::Result<Self> {
+        use hooks::source::ModelSpec;
+        let (config, jinja) = match ModelSpec::parse(name, None)? {
+            ModelSpec::Gguf(path) => {
+                let (content, _) = hooks::gguf_header(&path)?;
+                return Self::from_gguf(&content.metadata)
+                    .map_err(|message| Error::file(&path, message));
+            }
+            ModelSpec::Folder(dir) => (
+                dir.join("tokenizer_config.json"),
+                dir.join("chat_template.jinja"),
+            ),
+            ModelSpec::Hub { repo_id, revision } => {
+                let file = |name: &str| {
+                    hooks::source::hub_repo_files(&repo_id, &revision, &[name.to_string()])
+                        .map(|mut paths| paths.remove(0))
+                };
+                let config = file("tokenizer_config.json")?;
+                let jinja = file("chat_template.jinja").unwrap_or_default();
+                (config, jinja)
+            }
+        };
+        let text = std::fs::read_to_string(&config)
+            .map_err(|e| Error::file(&config, format!("cannot read: {e}")))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::file(&config, format!("not valid JSON: {e}")))?;
+        let source = match &json["chat_template"] {
+            serde_json::Value::String(source) => source.clone(),
+            // Older files list named templates; the one named "default" is the chat's.
+            serde_json::Value::Array(named) => named
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str())
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    Error::file(&config, "chat_template lists no template named 'default'")
+                })?,
+            _ if jinja.is_file() => std::fs::read_to_string(&jinja)
+                .map_err(|e| Error::file(&jinja, format!("cannot read: {e}")))?,
+            _ => {
+                return Err(Error::file(
+                    &config,
+                    "has no chat_template (and there is no chat_template.jinja beside it)",
+                ))
+            }
+        };
+        // A special token is its text, or an object with its text as `content`.
+        let special_tokens = ["bos_token", "eos_token", "unk_token", "pad_token"]
+            .into_iter()
+            .filter_map(|name| {
+                let value = &json[name];
+                let text = value.as_str().or_else(|| value["content"].as_str())?;
+                Some((name.to_string(), text.to_string()))
+            })
+            .collect();
+        Self::new(&source, special_tokens)
+            .map_err(|message| Error::file(&config, format!("chat_template: {message}")))
+    }
+
     /// The prompt text of `messages`; with `add_generation_prompt`, it ends with the opening
     /// of the assistant's turn (when the template has one). A template that refuses the
     /// conversation (`raise_exception`) or fails gives its message.
@@ -77,6 +158,32 @@ impl ChatTemplate {
         let template = self.env.get_template(NAME).map_err(|e| e.to_string())?;
         template.render(Serde(context)).map_err(|e| e.to_string())
     }
+}
+
+/// The special tokens' texts under the names chat templates use (`bos_token`, `eos_token`,
+/// `unk_token`, `pad_token`), for those a GGUF file names.
+pub(crate) fn special_tokens(
+    metadata: &HashMap<String, gguf_file::Value>,
+) -> BTreeMap<String, String> {
+    let Some(gguf_file::Value::Array(tokens)) = metadata.get("tokenizer.ggml.tokens") else {
+        return BTreeMap::new();
+    };
+    [
+        ("bos_token", "bos"),
+        ("eos_token", "eos"),
+        ("unk_token", "unknown"),
+        ("pad_token", "padding"),
+    ]
+    .into_iter()
+    .filter_map(|(variable, name)| {
+        let id = metadata
+            .get(&format!("tokenizer.ggml.{name}_token_id"))?
+            .to_u32()
+            .ok()?;
+        let text = tokens.get(usize::try_from(id).ok()?)?.to_string().ok()?;
+        Some((variable.to_string(), text.clone()))
+    })
+    .collect()
 }
 
 /// `source` with transformers' `{% generation %}` / `{% endgeneration %}` tags (which only
@@ -354,6 +461,56 @@ mod tests {
         }
         // 5 templates x 5 conversations x with and without the generation prompt.
         assert_eq!(checked, 50);
+    }
+
+    /// A model folder's template: `tokenizer_config.json`'s string, its list of named
+    /// templates, or `chat_template.jinja`; special tokens as text or as `{"content": ...}`.
+    #[test]
+    fn reads_a_folders_template_and_special_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        let config = dir.path().join("tokenizer_config.json");
+        let render = || {
+            ChatTemplate::for_model(dir.path().to_str().unwrap())
+                .and_then(|t| {
+                    t.render(&[Message::user("Hi")], true)
+                        .map_err(Error::Invalid)
+                })
+                .map_err(|e| e.to_string())
+        };
+        let inline =
+            "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}{{ eos_token }}";
+        let written = serde_json::json!({
+            "chat_template": inline,
+            "bos_token": "<s>",
+            "eos_token": {"content": "</s>", "lstrip": false},
+        });
+        std::fs::write(&config, written.to_string()).unwrap();
+        assert_eq!(render().unwrap(), "<s>Hi</s>");
+        let listed = serde_json::json!({"chat_template": [
+            {"name": "tool_use", "template": "tools"},
+            {"name": "default", "template": "{{ messages[0].content }}!"},
+        ]});
+        std::fs::write(&config, listed.to_string()).unwrap();
+        assert_eq!(render().unwrap(), "Hi!");
+        std::fs::write(&config, "{}").unwrap();
+        let err = render().unwrap_err();
+        assert!(
+            err.contains("tokenizer_config.json") && err.contains("has no chat_template"),
+            "{err}"
+        );
+        std::fs::write(
+            dir.path().join("chat_template.jinja"),
+            "[{{ messages[0].content }}]",
+        )
+        .unwrap();
+        assert_eq!(render().unwrap(), "[Hi]");
+        std::fs::write(&config, "{not json").unwrap();
+        let err = render().unwrap_err();
+        assert!(
+            err.contains("tokenizer_config.json") && err.contains("not valid JSON"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@
 //! positions: the prompt is run once into a KV cache, then the texts in batches after it, and
 //! the unembedding is applied at the reading points only.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -195,11 +195,8 @@ impl LocalLlm {
                 ),
             ));
         }
-        let template = ChatTemplate::new(
-            &string("tokenizer.chat_template")?,
-            special_tokens(&content.metadata),
-        )
-        .map_err(|message| Error::file(path, format!("tokenizer.chat_template: {message}")))?;
+        let template = ChatTemplate::from_gguf(&content.metadata)
+            .map_err(|message| Error::file(path, message))?;
         let files = hooks::source::ModelFiles {
             config: None,
             tokenizer: None,
@@ -839,32 +836,10 @@ fn stop_ids(metadata: &HashMap<String, Value>, tokenizer: &hooks::Tokenizer) -> 
     ids
 }
 
-/// The special tokens' texts under the names chat templates use (`bos_token`, `eos_token`,
-/// `unk_token`, `pad_token`), for those the file names.
-fn special_tokens(metadata: &HashMap<String, Value>) -> BTreeMap<String, String> {
-    let Some(Value::Array(tokens)) = metadata.get("tokenizer.ggml.tokens") else {
-        return BTreeMap::new();
-    };
-    [
-        ("bos_token", "bos"),
-        ("eos_token", "eos"),
-        ("unk_token", "unknown"),
-        ("pad_token", "padding"),
-    ]
-    .into_iter()
-    .filter_map(|(variable, name)| {
-        let id = metadata
-            .get(&format!("tokenizer.ggml.{name}_token_id"))?
-            .to_u32()
-            .ok()?;
-        let text = tokens.get(usize::try_from(id).ok()?)?.to_string().ok()?;
-        Some((variable.to_string(), text.clone()))
-    })
-    .collect()
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     #[test]
@@ -958,7 +933,7 @@ mod tests {
         assert_eq!(stop_ids(&metadata, &tokenizer), expected);
         // A padding id past the vocabulary is left out, not an error.
         assert_eq!(
-            special_tokens(&metadata),
+            crate::llm::chat_template::special_tokens(&metadata),
             BTreeMap::from([
                 ("bos_token".to_string(), "<s>".to_string()),
                 ("eos_token".to_string(), "</s>".to_string()),

@@ -2,16 +2,77 @@
 //! server, Ollama, OpenRouter, OpenAI): bounded concurrency, timeouts, retries with
 //! exponential backoff and jitter that honour `Retry-After`, per-request sampling settings,
 //! token accounting. The API key comes from an environment variable and is never logged.
+//!
+//! With a [`PromptReader`] (the served model's tokenizer and chat template) it also reads
+//! prompt log-probabilities from a vLLM server, for the simulation and surprisal scorers:
+//! prompts go to `/completions` as token ids with vLLM's `prompt_logprobs`, so every reading
+//! point is a known position.
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-use super::{BoxFuture, ChatRequest, ChatResponse, Llm, TokenLogprobs, Usage};
+use super::chat_template::ChatTemplate;
+use super::{
+    BoxFuture, ChatRequest, ChatResponse, ContinuationRequest, ContinuationResponse, Llm,
+    ReadRequest, ReadResponse, TokenLogprobs, Usage,
+};
 use crate::{Error, Result};
+
+/// How many of the most likely tokens a [`PromptReader`] asks for at each prompt position
+/// by default (`prompt_logprobs`); OpenAI's simulator read 15.
+pub const DEFAULT_PROMPT_LOGPROBS: u32 = 20;
+
+/// The served model's tokenizer and chat template, with which an [`OpenAiClient`] reads
+/// prompt log-probabilities from a vLLM server ([`Llm::read`],
+/// [`Llm::continuation_logprobs`]): prompts are rendered and tokenized here, exactly as a
+/// local model's would be, and sent as token ids to `/completions` with `prompt_logprobs`;
+/// vLLM answers with, at every position, the log-probability of the token there and of the
+/// `top` most likely ones. A candidate outside those reads as impossible (`-inf`), as in
+/// OpenAI's simulator.
+pub struct PromptReader {
+    source: String,
+    tokenizer: hooks::Tokenizer,
+    template: ChatTemplate,
+    top: u32,
+}
+
+impl std::fmt::Debug for PromptReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PromptReader")
+            .field("source", &self.source)
+            .field("top", &self.top)
+            .finish()
+    }
+}
+
+impl PromptReader {
+    /// The tokenizer and chat template of `model`, named as [`hooks::Model::load`] takes it
+    /// (hub id, folder or `.gguf` file; nothing but the tokenizer files is fetched), reading
+    /// the `top` most likely tokens at each position.
+    pub fn for_model(model: &str, top: u32) -> Result<Self> {
+        if top == 0 {
+            return Err(Error::Invalid(
+                "prompt log-probabilities: read at least 1 token per position".into(),
+            ));
+        }
+        Ok(Self {
+            source: model.to_string(),
+            tokenizer: hooks::Tokenizer::for_model(model, None, None)?,
+            template: ChatTemplate::for_model(model)?,
+            top,
+        })
+    }
+
+    /// Token ids of `text` (nothing added).
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.tokenizer.encode(text)?)
+    }
+}
 
 /// Settings of an [`OpenAiClient`].
 #[derive(Debug, Clone)]
@@ -35,6 +96,9 @@ pub struct OpenAiConfig {
     pub max_backoff: Duration,
     /// Prices in dollars per million prompt and completion tokens, for the cost estimate.
     pub price_per_million: Option<(f64, f64)>,
+    /// The served model's tokenizer and chat template, to read prompt log-probabilities
+    /// (vLLM only); without it the reading scorers refuse this client.
+    pub prompt_reader: Option<Arc<PromptReader>>,
 }
 
 impl OpenAiConfig {
@@ -51,6 +115,7 @@ impl OpenAiConfig {
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
             price_per_million: None,
+            prompt_reader: None,
         }
     }
 
@@ -73,12 +138,18 @@ impl OpenAiConfig {
 
     /// The URL requests go to.
     fn endpoint(&self) -> String {
+        format!("{}/chat/completions", self.api_root())
+    }
+
+    /// The URL prompt readings go to (`/completions` beside `/chat/completions`).
+    fn completions_endpoint(&self) -> String {
+        format!("{}/completions", self.api_root())
+    }
+
+    /// The API root: the URL without a trailing `/chat/completions`.
+    fn api_root(&self) -> &str {
         let url = self.url.trim_end_matches('/');
-        if url.ends_with("/chat/completions") {
-            url.to_string()
-        } else {
-            format!("{url}/chat/completions")
-        }
+        url.strip_suffix("/chat/completions").unwrap_or(url)
     }
 }
 
@@ -86,6 +157,7 @@ impl OpenAiConfig {
 pub struct OpenAiClient {
     config: OpenAiConfig,
     endpoint: String,
+    completions_endpoint: String,
     /// `endpoint` without credentials, for messages.
     shown: String,
     api_key: Option<String>,
@@ -157,6 +229,7 @@ impl OpenAiClient {
             .map_err(|e| Error::Invalid(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self {
             endpoint: config.endpoint(),
+            completions_endpoint: config.completions_endpoint(),
             shown: config.shown_endpoint(),
             in_flight: Semaphore::new(config.concurrency),
             config,
@@ -201,8 +274,14 @@ impl OpenAiClient {
         body
     }
 
-    async fn attempt(&self, body: &Value) -> std::result::Result<ChatResponse, Failure> {
-        let mut builder = self.http.post(&self.endpoint).json(body);
+    /// One POST of `body` to `endpoint`, its reply read by `parse`.
+    async fn attempt<T>(
+        &self,
+        endpoint: &str,
+        body: &Value,
+        parse: fn(&str) -> std::result::Result<T, String>,
+    ) -> std::result::Result<T, Failure> {
+        let mut builder = self.http.post(endpoint).json(body);
         if let Some(key) = &self.api_key {
             builder = builder.bearer_auth(key);
         }
@@ -226,7 +305,7 @@ impl OpenAiClient {
                 Failure::Final(message)
             });
         }
-        parse_response(&text).map_err(|message| Failure::Transient(message, None))
+        parse(&text).map_err(|message| Failure::Transient(message, None))
     }
 
     fn backoff(&self, retry: u32) -> Duration {
@@ -245,11 +324,16 @@ impl OpenAiClient {
         }
     }
 
-    /// Sends a request, retrying transient failures. A request slot is held only while an
-    /// attempt is in flight, not while waiting to retry, so one rate-limited request does
-    /// not hold up the others.
-    async fn chat_with_retries(&self, request: ChatRequest) -> Result<ChatResponse> {
-        let body = self.body(&request);
+    /// Sends `body` to `endpoint`, retrying transient failures; `usage` says what a reply
+    /// cost. A request slot is held only while an attempt is in flight, not while waiting to
+    /// retry, so one rate-limited request does not hold up the others.
+    async fn with_retries<T>(
+        &self,
+        endpoint: &str,
+        body: Value,
+        parse: fn(&str) -> std::result::Result<T, String>,
+        usage: fn(&T) -> Usage,
+    ) -> Result<T> {
         let mut retry = 0;
         loop {
             let permit = self
@@ -257,11 +341,11 @@ impl OpenAiClient {
                 .acquire()
                 .await
                 .expect("semaphore is never closed");
-            let outcome = self.attempt(&body).await;
+            let outcome = self.attempt(endpoint, &body, parse).await;
             drop(permit);
             match outcome {
                 Ok(response) => {
-                    self.usage.lock().expect("usage lock").add(response.usage);
+                    self.usage.lock().expect("usage lock").add(usage(&response));
                     return Ok(response);
                 }
                 Err(Failure::Final(message)) => return Err(self.error(message)),
@@ -295,11 +379,184 @@ impl OpenAiClient {
             message,
         }
     }
+
+    /// The [`PromptReader`], or the error of a client that has none.
+    fn reader(&self) -> Result<&PromptReader> {
+        self.config.prompt_reader.as_deref().ok_or_else(|| {
+            self.error(
+                "reading a prompt's log-probabilities needs the served model's tokenizer \
+                 (--server-tokenizer) and a vLLM server"
+                    .into(),
+            )
+        })
+    }
+
+    /// What vLLM reports at every position of `ids` (`prompt_logprobs`): the
+    /// log-probabilities of the token there and of the reader's most likely ones, by token
+    /// id (`None` at the first position, which nothing predicts).
+    async fn prompt_logprobs(&self, ids: Vec<u32>) -> Result<PromptLogprobs> {
+        let reader = self.reader()?;
+        let count = ids.len();
+        let body = json!({
+            "model": self.config.model,
+            "prompt": ids,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "prompt_logprobs": reader.top,
+        });
+        let read = self
+            .with_retries(
+                &self.completions_endpoint,
+                body,
+                parse_prompt_logprobs,
+                |r| r.usage,
+            )
+            .await?;
+        if read.positions.len() != count {
+            return Err(self.error(format!(
+                "prompt_logprobs has {} positions for a prompt of {count} tokens",
+                read.positions.len()
+            )));
+        }
+        Ok(read)
+    }
+
+    /// [`Llm::read`] through `prompt_logprobs`: each answer is one request, its pieces
+    /// tokenized on their own after the rendered prompt, and one more token after the last
+    /// piece so that every reading point has a position after it (where vLLM reports the
+    /// distribution of the next token).
+    async fn read_prompts(&self, request: ReadRequest) -> Result<ReadResponse> {
+        let reader = self.reader()?;
+        let text = reader
+            .template
+            .render(&request.messages, true)
+            .map_err(|message| self.error(format!("the chat template: {message}")))?;
+        let prompt = reader.encode(&text)?;
+        let candidates = request
+            .candidates
+            .iter()
+            .map(|text| {
+                let ids = reader.encode(text)?;
+                Ok((ids.len() == 1).then(|| ids[0]))
+            })
+            .collect::<Result<Vec<Option<u32>>>>()?;
+        let answers = request.answers.iter().map(|pieces| {
+            let prompt = &prompt;
+            let candidates = &candidates;
+            async move {
+                let mut ids = prompt.clone();
+                let mut ends = Vec::with_capacity(pieces.len());
+                for piece in pieces {
+                    let piece_ids = reader.encode(piece)?;
+                    if piece_ids.is_empty() {
+                        return Err(Error::Invalid(format!(
+                            "the answer piece {piece:?} makes no tokens"
+                        )));
+                    }
+                    ids.extend(piece_ids);
+                    ends.push(ids.len() - 1);
+                }
+                // Any token will do: only the distribution at its position is read.
+                ids.push(*ids.last().expect("a prompt and its pieces"));
+                let read = self.prompt_logprobs(ids).await?;
+                let rows = ends
+                    .iter()
+                    .map(|&end| {
+                        let position = read.positions[end + 1].as_ref();
+                        candidates
+                            .iter()
+                            .map(|id| {
+                                id.and_then(|id| position?.get(&id).copied())
+                                    .unwrap_or(f32::NEG_INFINITY)
+                            })
+                            .collect()
+                    })
+                    .collect::<Vec<Vec<f32>>>();
+                Ok((rows, read.usage))
+            }
+        });
+        let mut response = ReadResponse {
+            logprobs: Vec::with_capacity(request.answers.len()),
+            usage: Usage::default(),
+        };
+        for (rows, usage) in futures::future::try_join_all(answers).await? {
+            response.logprobs.push(rows);
+            response.usage.add(usage);
+        }
+        Ok(response)
+    }
+
+    /// [`Llm::continuation_logprobs`] through `prompt_logprobs`: each text is one request,
+    /// the plain prompt's ids then the text's; each text token's log-probability is the one
+    /// vLLM reports for it at its position.
+    async fn read_continuations(
+        &self,
+        request: ContinuationRequest,
+    ) -> Result<ContinuationResponse> {
+        let reader = self.reader()?;
+        let prompt = reader.encode(&request.prompt)?;
+        if prompt.is_empty() {
+            return Err(Error::Invalid(
+                "a continuation request needs a prompt that makes tokens".into(),
+            ));
+        }
+        let texts = request.texts.iter().map(|text| {
+            let prompt = &prompt;
+            async move {
+                let text_ids = reader.encode(text)?;
+                let mut ids = prompt.clone();
+                ids.extend(&text_ids);
+                let read = self.prompt_logprobs(ids).await?;
+                let logprobs = text_ids
+                    .iter()
+                    .enumerate()
+                    .map(|(j, id)| {
+                        let at = prompt.len() + j;
+                        read.positions[at]
+                            .as_ref()
+                            .and_then(|position| position.get(id).copied())
+                            .ok_or_else(|| {
+                                self.error(format!(
+                                    "prompt_logprobs has no log-probability for the prompt's \
+                                     own token {id} at position {at}"
+                                ))
+                            })
+                    })
+                    .collect::<Result<Vec<f32>>>()?;
+                Ok::<_, Error>((logprobs, read.usage))
+            }
+        });
+        let mut response = ContinuationResponse {
+            logprobs: Vec::with_capacity(request.texts.len()),
+            usage: Usage::default(),
+        };
+        for (logprobs, usage) in futures::future::try_join_all(texts).await? {
+            response.logprobs.push(logprobs);
+            response.usage.add(usage);
+        }
+        Ok(response)
+    }
 }
 
 impl Llm for OpenAiClient {
     fn chat(&self, request: ChatRequest) -> BoxFuture<'_, Result<ChatResponse>> {
-        Box::pin(self.chat_with_retries(request))
+        let body = self.body(&request);
+        Box::pin(self.with_retries(&self.endpoint, body, parse_response, |r| r.usage))
+    }
+
+    fn read(&self, request: ReadRequest) -> BoxFuture<'_, Result<ReadResponse>> {
+        Box::pin(self.read_prompts(request))
+    }
+
+    fn continuation_logprobs(
+        &self,
+        request: ContinuationRequest,
+    ) -> BoxFuture<'_, Result<ContinuationResponse>> {
+        Box::pin(self.read_continuations(request))
+    }
+
+    fn reads_prompts(&self) -> bool {
+        self.config.prompt_reader.is_some()
     }
 
     fn name(&self) -> String {
@@ -397,6 +654,69 @@ fn parse_response(text: &str) -> std::result::Result<ChatResponse, String> {
         .and_then(Value::as_array)
         .map(|tokens| tokens.iter().map(parse_token_logprobs).collect())
         .transpose()?;
+    let truncated = choice.get("finish_reason").and_then(Value::as_str) == Some("length");
+    Ok(ChatResponse {
+        text: content.to_string(),
+        truncated,
+        logprobs,
+        usage: usage_of(&value),
+    })
+}
+
+/// What vLLM's `prompt_logprobs` gives for one prompt.
+struct PromptLogprobs {
+    /// Per position, log-probabilities by token id (`None` where the server gives none).
+    positions: Vec<Option<HashMap<u32, f32>>>,
+    usage: Usage,
+}
+
+/// Reads a `/completions` body with vLLM's `choices[0].prompt_logprobs`: per position `null`
+/// or `{"<token id>": {"logprob": x, "rank": r, "decoded_token": t}, ...}` (a logprob that is
+/// not a number, e.g. `-inf` written as text, reads as `-inf`).
+fn parse_prompt_logprobs(text: &str) -> std::result::Result<PromptLogprobs, String> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| format!("the response is not JSON ({e}): {}", snippet(text)))?;
+    let positions = value
+        .get("choices")
+        .and_then(|c| c.get(0))
+        .and_then(|c| c.get("prompt_logprobs"))
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            format!(
+                "the response has no choices[0].prompt_logprobs (only vLLM's server reads \
+                 prompts): {}",
+                snippet(text)
+            )
+        })?
+        .iter()
+        .map(|position| match position {
+            Value::Null => Ok(None),
+            Value::Object(tokens) => tokens
+                .iter()
+                .map(|(id, entry)| {
+                    let id = id
+                        .parse::<u32>()
+                        .map_err(|_| format!("prompt_logprobs has a key {id:?}, not a token id"))?;
+                    let logprob = entry
+                        .get("logprob")
+                        .ok_or_else(|| format!("prompt_logprobs entry {id} has no logprob"))?;
+                    Ok((id, logprob.as_f64().map_or(f32::NEG_INFINITY, |x| x as f32)))
+                })
+                .collect::<std::result::Result<HashMap<u32, f32>, String>>()
+                .map(Some),
+            other => Err(format!(
+                "a prompt_logprobs position is {other}, not an object"
+            )),
+        })
+        .collect::<std::result::Result<Vec<_>, String>>()?;
+    Ok(PromptLogprobs {
+        positions,
+        usage: usage_of(&value),
+    })
+}
+
+/// A reply's `usage` (zeros where absent).
+fn usage_of(value: &Value) -> Usage {
     let count = |field: &str| {
         value
             .get("usage")
@@ -404,16 +724,10 @@ fn parse_response(text: &str) -> std::result::Result<ChatResponse, String> {
             .and_then(Value::as_u64)
             .unwrap_or(0)
     };
-    let truncated = choice.get("finish_reason").and_then(Value::as_str) == Some("length");
-    Ok(ChatResponse {
-        text: content.to_string(),
-        truncated,
-        logprobs,
-        usage: Usage {
-            prompt_tokens: count("prompt_tokens"),
-            completion_tokens: count("completion_tokens"),
-        },
-    })
+    Usage {
+        prompt_tokens: count("prompt_tokens"),
+        completion_tokens: count("completion_tokens"),
+    }
 }
 
 fn parse_token_logprobs(value: &Value) -> std::result::Result<TokenLogprobs, String> {

@@ -1,6 +1,7 @@
 //! A loopback OpenAI-compatible chat-completions server for tests: answers like a model
 //! would (explanations, 0/1 lists), deterministically from the prompt, and injects faults
-//! on chosen requests.
+//! on chosen requests. `/completions` requests (a `prompt` instead of `messages`) go to a
+//! handler the test sets ([`TestServer::on_completions`]).
 
 #![allow(dead_code)]
 
@@ -38,6 +39,9 @@ pub enum Fault {
     Prose,
 }
 
+/// What answers a `/completions` request body.
+pub type CompletionsHandler = Arc<dyn Fn(&Value) -> Value + Send + Sync>;
+
 /// The state shared with the server task.
 #[derive(Default)]
 pub struct ServerState {
@@ -45,6 +49,10 @@ pub struct ServerState {
     pub faults: VecDeque<Fault>,
     /// Every request body received.
     pub requests: Vec<Value>,
+    /// The path of every request received (`/v1/chat/completions`...).
+    pub paths: Vec<String>,
+    /// Answers `/completions` requests.
+    pub completions: Option<CompletionsHandler>,
     /// Added to every answer (the "model latency").
     pub latency: Duration,
 }
@@ -81,6 +89,16 @@ impl TestServer {
     /// Queues faults for the next requests.
     pub fn inject(&self, faults: impl IntoIterator<Item = Fault>) {
         self.state.lock().unwrap().faults.extend(faults);
+    }
+
+    /// Answers `/completions` requests with `handler` (from the request body).
+    pub fn on_completions(&self, handler: impl Fn(&Value) -> Value + Send + Sync + 'static) {
+        self.state.lock().unwrap().completions = Some(Arc::new(handler));
+    }
+
+    /// The paths of the requests received so far.
+    pub fn paths(&self) -> Vec<String> {
+        self.state.lock().unwrap().paths.clone()
     }
 
     /// Requests received so far.
@@ -139,15 +157,21 @@ async fn serve(
     }
     let request: Value =
         serde_json::from_slice(&buffer[header_end..header_end + length]).unwrap_or(Value::Null);
-    let (fault, latency) = {
+    let path = head
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    let (fault, latency, completions) = {
         let mut state = state.lock().unwrap();
         state.requests.push(request.clone());
+        state.paths.push(path.clone());
         let fault = match state.faults.front() {
             Some(Fault::NoMarker | Fault::CutOff) if !is_explainer(&request) => Fault::None,
             Some(Fault::Prose) if !is_classifier(&request) => Fault::None,
             _ => state.faults.pop_front().unwrap_or(Fault::None),
         };
-        (fault, state.latency)
+        (fault, state.latency, state.completions.clone())
     };
     tokio::time::sleep(latency).await;
     let reply = |status: &str, extra: &str, body: &str| {
@@ -199,7 +223,14 @@ async fn serve(
             body["choices"][0]["message"]["content"] = json!("They all look about the same.");
             reply("200 OK", "", &body.to_string())
         }
-        Fault::None => reply("200 OK", "", &answer_body(&request, false)),
+        Fault::None => match (
+            path.ends_with("/completions") && !path.ends_with("/chat/completions"),
+            completions,
+        ) {
+            (true, Some(handler)) => reply("200 OK", "", &handler(&request).to_string()),
+            (true, None) => reply("404 Not Found", "", "{\"error\":\"no /completions here\"}"),
+            (false, _) => reply("200 OK", "", &answer_body(&request, false)),
+        },
     };
     socket.write_all(text.as_bytes()).await?;
     socket.shutdown().await

@@ -163,10 +163,11 @@ struct RunArgs {
     /// server (prompts sent as token ids to /v1/completions with `prompt_logprobs`).
     #[arg(long)]
     server_tokenizer: Option<String>,
-    /// How many of the most likely tokens such a server reports at each prompt position;
-    /// a simulation level outside them reads as impossible.
-    #[arg(long, default_value_t = crate::llm::openai::DEFAULT_PROMPT_LOGPROBS)]
-    prompt_logprobs: u32,
+    /// How many of the most likely tokens such a server reports at each prompt position
+    /// (default 20, vLLM's own limit unless it runs with --max-logprobs); a simulation level
+    /// outside them reads as impossible.
+    #[arg(long)]
+    prompt_logprobs: Option<u32>,
     /// Environment variable holding the server's API key (never logged or written).
     #[arg(long)]
     api_key_env: Option<String>,
@@ -536,10 +537,15 @@ impl ExplainerArg {
         config.timeout = Duration::from_secs_f64(args.timeout);
         config.max_retries = args.retries;
         config.price_per_million = args.prices;
-        if let Some(model) = &args.server_tokenizer {
-            let reader = PromptReader::for_model(model, args.prompt_logprobs)
-                .with_context(|| format!("--server-tokenizer {model}"))?;
-            config.prompt_reader = Some(Arc::new(reader));
+        match (&args.server_tokenizer, args.prompt_logprobs) {
+            (Some(model), top) => {
+                let top = top.unwrap_or(crate::llm::openai::DEFAULT_PROMPT_LOGPROBS);
+                let reader = PromptReader::for_model(model, top)
+                    .with_context(|| format!("--server-tokenizer {model}"))?;
+                config.prompt_reader = Some(Arc::new(reader));
+            }
+            (None, Some(_)) => bail!("--prompt-logprobs needs --server-tokenizer"),
+            (None, None) => {}
         }
         Ok(Self::Http(Box::new(OpenAiClient::new(config)?)))
     }
@@ -924,6 +930,13 @@ mod tests {
             .to_string();
         assert!(
             err.contains("--server-tokenizer applies to an HTTP explainer"),
+            "{err}"
+        );
+        let err = explainer(&["--explainer", "http://h/v1", "--prompt-logprobs", "50"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--prompt-logprobs needs --server-tokenizer"),
             "{err}"
         );
         let missing = dir_without_tokenizer();

@@ -554,22 +554,43 @@ pub async fn simulate(
         samples.len(),
         "answers",
     )?;
+    // A server reports only its most likely tokens at each place: where no level is among
+    // them, the expected level is 0, as in OpenAI's simulator. Where no level is read anywhere,
+    // the model cannot write them at all.
+    let places = response.logprobs.iter().flatten().count();
+    let unread = response
+        .logprobs
+        .iter()
+        .flatten()
+        .filter(|levels| expected_level(levels).is_none())
+        .count();
+    if unread > 0 && unread == places {
+        return Err(crate::Error::Llm {
+            backend: llm.name(),
+            message: "no activation level 0-9 is a token the model could write".into(),
+        });
+    }
+    if unread > 0 {
+        tracing::debug!(
+            "simulation: {unread} of {places} places had no level among the tokens read (level 0)"
+        );
+    }
     let mut scored = Vec::with_capacity(samples.len());
     for (sample, read) in samples.iter().zip(&response.logprobs) {
-        let expected = read
+        let expected: Vec<f64> = read
             .iter()
-            .map(|levels| expected_level(levels))
-            .collect::<Option<Vec<f64>>>()
-            .filter(|e| e.len() == sample.tokens.len())
-            .ok_or_else(|| crate::Error::Llm {
+            .map(|levels| expected_level(levels).unwrap_or(0.0))
+            .collect();
+        if expected.len() != sample.tokens.len() {
+            return Err(crate::Error::Llm {
                 backend: llm.name(),
                 message: format!(
-                    "no activation level 0-9 is a token the model could write (or the \
-                     answer was read at {} places for {} tokens)",
+                    "the answer was read at {} places for {} tokens",
                     read.len(),
                     sample.tokens.len()
                 ),
-            })?;
+            });
+        }
         let true_activations = if sample.activating {
             normalized(&sample.activations, max_activation)
         } else {
@@ -1353,6 +1374,59 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(error, "an excerpt has 3 tokens but 2 activations");
+    }
+
+    /// [`CatSimulator`] that reads no level at all after the tokens holding `blind` (as a
+    /// server reporting only its most likely tokens may).
+    struct Blind(&'static str);
+
+    impl Llm for Blind {
+        fn chat(&self, _: ChatRequest) -> BoxFuture<'_, Result<ChatResponse>> {
+            unreachable!("the simulation scorer only reads")
+        }
+        fn read(&self, request: ReadRequest) -> BoxFuture<'_, Result<ReadResponse>> {
+            Box::pin(async move {
+                let answers = request.answers.clone();
+                let mut read = CatSimulator.read(request).await?;
+                for (answer, rows) in answers.iter().zip(&mut read.logprobs) {
+                    for (piece, row) in answer.iter().zip(rows) {
+                        if piece.rsplit('\n').next().unwrap().contains(self.0) {
+                            row.fill(f32::NEG_INFINITY);
+                        }
+                    }
+                }
+                Ok(read)
+            })
+        }
+        fn name(&self) -> String {
+            "blind simulator".into()
+        }
+    }
+
+    /// A place where no level was read counts as level 0 (OpenAI's simulator); no level
+    /// read anywhere is an error.
+    #[test]
+    fn places_without_a_level_read_count_as_level_0() {
+        let samples = vec![sample(&[" the", " cat", " sat"], &[0.0, 4.0, 0.0])];
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let simulate_with =
+            |llm: &dyn Llm| runtime.block_on(simulate(llm, "Mentions of cats", &samples, 4.0));
+        let expected = |score: SimulationScore| {
+            score.groups[0].scored_sequence_simulations[0]
+                .simulation
+                .expected_activations
+                .clone()
+        };
+        let cat = 7.5 * 10.0 / 9.0;
+        assert_eq!(
+            expected(simulate_with(&CatSimulator).unwrap()),
+            [0.0, cat, 0.0]
+        );
+        assert_eq!(expected(simulate_with(&Blind("cat")).unwrap()), [0.0; 3]);
+        let error = simulate_with(&Blind("")).unwrap_err().to_string();
+        assert!(error.contains("no activation level 0-9"), "{error}");
     }
 
     #[test]

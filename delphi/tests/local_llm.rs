@@ -762,7 +762,7 @@ async fn concurrent_chats_queue_and_answer_like_sequential_ones() {
 /// What vLLM's OpenAI server answers a `/completions` request whose `prompt` is token ids,
 /// with `prompt_logprobs: k`, computed here by the hook runtime on the same model: per
 /// position, by token id, the log-probabilities of the `k` most likely tokens and of the
-/// prompt's own token there (`null` at position 0, which nothing predicts).
+/// prompt's own token there, with its rank (`null` at position 0, which nothing predicts).
 fn vllm_prompt_logprobs(model: &hooks::Model, request: &Value) -> Value {
     use hooks::candle_core::{DType, Device, Tensor};
     use hooks::sampling::{log_softmax, top_k};
@@ -789,9 +789,11 @@ fn vllm_prompt_logprobs(model: &hooks::Model, request: &Value) -> Value {
             let entry = json!({"logprob": row[id as usize], "rank": rank + 1, "decoded_token": ""});
             entries.insert(id.to_string(), entry);
         }
-        entries.entry(own.to_string()).or_insert_with(
-            || json!({"logprob": row[own as usize], "rank": null, "decoded_token": ""}),
-        );
+        entries.entry(own.to_string()).or_insert_with(|| {
+            let logprob = row[own as usize];
+            let rank = 1 + row.iter().filter(|&&other| other > logprob).count();
+            json!({"logprob": logprob, "rank": rank, "decoded_token": ""})
+        });
         positions.push(Value::Object(entries));
     }
     json!({

@@ -55,6 +55,9 @@ impl GptNeoxConfig {
 /// The hyper-parameters of a Llama-family model (Llama 2/3, Mistral, SmolLM2, Qwen2, ...).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
+    /// The architecture's name in caches and reports: `llama` (Mistral's files too, as
+    /// before) or `qwen2`.
+    pub model_type: &'static str,
     /// Residual stream width.
     pub hidden_size: usize,
     /// Number of transformer blocks.
@@ -178,6 +181,7 @@ impl ModelConfig {
                 let hidden_size = fields.usize("hidden_size")?;
                 let num_heads = fields.usize("num_attention_heads")?;
                 ModelConfig::Llama(LlamaConfig {
+                    model_type: if model_type == "qwen2" { "qwen2" } else { "llama" },
                     hidden_size,
                     num_layers: fields.usize("num_hidden_layers")?,
                     num_heads,
@@ -190,7 +194,10 @@ impl ModelConfig {
                     rope_scaling: fields.llama3_rope_scaling()?,
                     rope_freq_factors: None,
                     rms_norm_eps: fields.agreed_f64(&["rms_norm_eps"], 1e-6)?,
-                    attention_bias: fields.bool_or("attention_bias", false)?,
+                    // transformers' Qwen2 has biases on q/k/v, never on o, whatever the
+                    // config says.
+                    attention_bias: model_type != "qwen2"
+                        && fields.bool_or("attention_bias", false)?,
                     qkv_bias: model_type == "qwen2",
                     mlp_bias: fields.bool_or("mlp_bias", false)?,
                     tie_word_embeddings: fields.bool_or("tie_word_embeddings", false)?,
@@ -306,7 +313,7 @@ impl ModelConfig {
     pub fn model_type(&self) -> &'static str {
         match self {
             ModelConfig::GptNeox(_) => "gpt_neox",
-            ModelConfig::Llama(_) => "llama",
+            ModelConfig::Llama(c) => c.model_type,
         }
     }
 
@@ -436,7 +443,7 @@ impl Fields<'_> {
 
     /// Whether a Qwen2 config's sliding window applies to some layer: `use_sliding_window`
     /// (default false) and, where the config lists them, a `sliding_attention` layer type
-    /// (transformers slides from layer `max_window_layers` on).
+    /// (transformers slides from layer `max_window_layers`, default 28, on).
     fn qwen2_slides(&self) -> Result<bool> {
         if !self.bool_or("use_sliding_window", false)? {
             return Ok(false);
@@ -445,7 +452,8 @@ impl Fields<'_> {
             Some(types) => types
                 .iter()
                 .any(|t| t.as_str() == Some("sliding_attention")),
-            None => self.usize_or("max_window_layers", 0)? < self.usize("num_hidden_layers")?,
+            // transformers' default max_window_layers is 28.
+            None => self.usize_or("max_window_layers", 28)? < self.usize("num_hidden_layers")?,
         })
     }
 
@@ -528,6 +536,7 @@ impl Fields<'_> {
             "GPTNeoXForCausalLM" => Ok("gpt_neox".into()),
             "LlamaForCausalLM" => Ok("llama".into()),
             "MistralForCausalLM" => Ok("mistral".into()),
+            "Qwen2ForCausalLM" => Ok("qwen2".into()),
             _ => {
                 Err(self.error("missing field 'model_type' (and no known 'architectures')".into()))
             }
@@ -834,6 +843,7 @@ mod tests {
         let window = |json: &Value| match parse(json.clone()).unwrap() {
             ModelConfig::Llama(c) => {
                 assert!(c.qkv_bias && !c.attention_bias && !c.mlp_bias);
+                assert_eq!(c.model_type, "qwen2");
                 assert_eq!((c.head_dim, c.rope_theta), (64, 1e6));
                 c.sliding_window
             }
@@ -846,5 +856,13 @@ mod tests {
         assert_eq!(window(&qwen), None);
         qwen["layer_types"] = json!(["full_attention", "sliding_attention"]);
         assert_eq!(window(&qwen), Some(32768));
+        // Without max_window_layers transformers slides from layer 28: none of 24.
+        qwen.as_object_mut().unwrap().remove("layer_types");
+        qwen.as_object_mut().unwrap().remove("max_window_layers");
+        assert_eq!(window(&qwen), None);
+        // Found by its architectures entry; its attention_bias key is ignored, as there.
+        qwen.as_object_mut().unwrap().remove("model_type");
+        qwen["attention_bias"] = json!(true);
+        assert_eq!(window(&qwen), None);
     }
 }

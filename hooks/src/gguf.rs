@@ -4,8 +4,8 @@
 //! `from_pretrained(dir, gguf_file=...)` for `general.architecture = llama` (see
 //! `tests/fixtures/README.md`, section E) and `qwen2` (Llama's blocks with q/k/v biases; its
 //! Q/K rows are stored unpermuted, as llama.cpp runs it with rotate-half rotary embeddings;
-//! checked on the tiny fixture `tests/fixtures/llama/qwen2_bias/model.gguf`): weights are dequantized to f32 (then converted to the
-//! compute dtype), nothing stays quantized. Or, with [`crate::LoadOptions::quantized`], the
+//! checked on the tiny fixture `tests/fixtures/llama/qwen2_bias/model.gguf`): weights are
+//! dequantized to f32 (then converted to the compute dtype), nothing stays quantized. Or, with [`crate::LoadOptions::quantized`], the
 //! blocks' projection weights stay in their quantized type (see [`read`]).
 //!
 //! Llama 3.1's rotary scaling: llama.cpp's converter stores it as the tensor
@@ -492,11 +492,8 @@ fn llama_config(meta: &Metadata, architecture: &str) -> Result<LlamaConfig> {
         }
     }
     let has = |name: &str| meta.content.tensor_infos.contains_key(name);
-    // Qwen2's q/k/v biases come with its model type; a bias on o is Llama's attention_bias.
-    let attention_bias = match architecture {
-        "qwen2" => has("blk.0.attn_output.bias"),
-        _ => has("blk.0.attn_q.bias"),
-    };
+    // Qwen2's q/k/v biases come with its model type (and it has none on o).
+    let attention_bias = architecture == "llama" && has("blk.0.attn_q.bias");
     let json = json!({
         "model_type": architecture,
         "hidden_size": hidden,

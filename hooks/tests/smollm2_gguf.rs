@@ -278,6 +278,7 @@ fn tiny_gguf_qwen2_matches_transformers_at_every_hook_point() {
     };
     assert!(config.qkv_bias && !config.attention_bias);
     assert_eq!((config.rope_theta, config.sliding_window), (1e6, None));
+    assert_eq!(model.config().model_type(), "qwen2");
     let exp = load_safetensors(&case.join("expected.safetensors"));
     let (worst, _) = common::assert_hook_points_match(&model, &exp, 1e-4, "logits");
     println!("tiny GGUF qwen2_bias: worst relative error {worst:.2e}");

@@ -619,15 +619,15 @@ class Llm:
         timeout: float = 120.0,
         retries: int = 8,
         server_tokenizer: Optional[str] = None,
-        prompt_logprobs: int = 20,
+        prompt_logprobs: Optional[int] = None,
     ) -> "Llm":
         """A client of an OpenAI-compatible chat-completions server (API root, e.g.
         ``http://localhost:8000/v1``); the key is read from ``api_key_env``; at most
         ``max_requests`` requests in flight. ``timeout`` (seconds) must be positive and
         finite (``ValueError``). With ``server_tokenizer`` (the served model's hub id,
         folder or ``.gguf`` file) it reads prompt log-probabilities from a vLLM server
-        (``prompt_logprobs`` most likely tokens per position), for the simulation and
-        surprisal scorers."""
+        (``prompt_logprobs`` most likely tokens per position, default 20), for the simulation
+        and surprisal scorers."""
     @staticmethod
     def local(path: Optional[_Path] = None, *, quantized: bool = False) -> "Llm":
         """A GGUF chat model run in process (default: SmolLM2-135M-Instruct from PyPI)."""

@@ -320,9 +320,10 @@ impl PyLlm {
     /// ``server_tokenizer`` names the served model's tokenizer and chat template (hub id,
     /// folder or ``.gguf`` file): with it the simulation and surprisal scorers read prompt
     /// log-probabilities from a vLLM server (token ids to ``/completions`` with
-    /// ``prompt_logprobs``, the ``prompt_logprobs`` most likely tokens at each position).
+    /// ``prompt_logprobs``, the ``prompt_logprobs`` most likely tokens at each position,
+    /// default 20).
     #[staticmethod]
-    #[pyo3(signature = (url, model = "default", *, api_key_env = None, max_requests = 16, timeout = 120.0, retries = 8, server_tokenizer = None, prompt_logprobs = DEFAULT_PROMPT_LOGPROBS))]
+    #[pyo3(signature = (url, model = "default", *, api_key_env = None, max_requests = 16, timeout = 120.0, retries = 8, server_tokenizer = None, prompt_logprobs = None))]
     #[allow(clippy::too_many_arguments)]
     fn openai(
         py: Python<'_>,
@@ -333,7 +334,7 @@ impl PyLlm {
         timeout: f64,
         retries: u32,
         server_tokenizer: Option<String>,
-        prompt_logprobs: u32,
+        prompt_logprobs: Option<u32>,
     ) -> PyResult<Self> {
         let mut config = OpenAiConfig::new(url, model);
         config.api_key_env = api_key_env;
@@ -347,11 +348,20 @@ impl PyLlm {
                 ))
             })?;
         config.max_retries = retries;
-        if let Some(model) = server_tokenizer {
-            let reader = py
-                .detach(|| PromptReader::for_model(&model, prompt_logprobs))
-                .into_py_delphi()?;
-            config.prompt_reader = Some(Arc::new(reader));
+        match (server_tokenizer, prompt_logprobs) {
+            (Some(model), top) => {
+                let top = top.unwrap_or(DEFAULT_PROMPT_LOGPROBS);
+                let reader = py
+                    .detach(|| PromptReader::for_model(&model, top))
+                    .into_py_delphi()?;
+                config.prompt_reader = Some(Arc::new(reader));
+            }
+            (None, Some(_)) => {
+                return Err(PyValueError::new_err(
+                    "prompt_logprobs needs server_tokenizer",
+                ))
+            }
+            (None, None) => {}
         }
         Ok(Self {
             inner: Arc::new(OpenAiClient::new(config).into_py_delphi()?),

@@ -330,6 +330,8 @@ def test_a_server_client_with_the_models_tokenizer_reads_prompts():
     assert ei.Llm.openai(url, "m", server_tokenizer=ei.fetch_smollm2()).reads_prompts
     with pytest.raises(ValueError, match="read at least 1 token per position"):
         ei.Llm.openai(url, "m", server_tokenizer=ei.fetch_smollm2(), prompt_logprobs=0)
+    with pytest.raises(ValueError, match="prompt_logprobs needs server_tokenizer"):
+        ei.Llm.openai(url, "m", prompt_logprobs=50)
 
 
 def test_an_older_cache_format_asks_for_a_new_cache(tmp_path):

@@ -130,7 +130,7 @@ def test_attention_patterns(golden_model, golden):
 
 def test_llama_family_configs_show_biases_and_rotary_scaling():
     qwen2 = ei.Model.from_pretrained(FIXTURES / "llama" / "qwen2_bias").config
-    assert qwen2["architecture"] == "llama"
+    assert qwen2["architecture"] == "qwen2"
     assert (qwen2["qkv_bias"], qwen2["attention_bias"], qwen2["rope_theta"]) == (True, False, 1e6)
     assert qwen2["rope_scaling"] is None and qwen2["sliding_window"] is None
     gguf = ei.Model.from_pretrained(FIXTURES / "llama" / "qwen2_bias" / "model.gguf").config

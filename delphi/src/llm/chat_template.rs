@@ -7,14 +7,18 @@
 //! loop controls (`break`, `continue`), `raise_exception(message)`, `strftime_now(format)`,
 //! a `tojson` that is Python's `json.dumps` (non-ASCII kept, `", "` and `": "` separators,
 //! `indent`, `sort_keys`), and `{% generation %}` blocks (which mark the assistant's part and
-//! render their body); the template sees `messages`, `add_generation_prompt` and the special
-//! tokens (`bos_token`, `eos_token`, ...). This is the same environment on minijinja, with
-//! Python's string and dict methods (`.strip()`, `.startswith()`, `.items()`, ...) from
-//! minijinja-contrib. Checked against transformers on SmolLM2's template and four written in
+//! render their body); the template sees `messages`, `add_generation_prompt`, `tools` and
+//! `documents` (None) and the special tokens (`bos_token`, `eos_token`, ...). This is that
+//! environment on minijinja, with Python's string and dict methods (`.strip()`,
+//! `.startswith()`, `.items()`, ...) from minijinja-contrib and Python's printing of
+//! booleans and None. Not the same: lists and dicts printed directly (`{{ [1, 'a'] }}`) are
+//! written as minijinja writes them, and a `{% generation %}` tag inside `{% raw %}` or a
+//! string literal is rewritten anyway. Checked against transformers on SmolLM2's template and four written in
 //! the shapes of other families (`tests/fixtures/delphi/chat_templates.json`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
+use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
 use minijinja::value::{Kwargs, Serde, Value, ValueKind};
@@ -53,6 +57,17 @@ impl ChatTemplate {
         });
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
+        // Python prints True, False and None where minijinja prints true, false and none.
+        env.set_formatter(|out, state, value| {
+            let python = match value.kind() {
+                ValueKind::Bool if value.is_true() => "True",
+                ValueKind::Bool => "False",
+                ValueKind::None => "None",
+                _ => return minijinja::escape_formatter(out, state, value),
+            };
+            out.write_str(python)
+                .map_err(|_| minijinja::Error::new(ErrorKind::WriteFailure, "cannot write"))
+        });
         env.add_template_owned(NAME, generation_blocks_as_ifs(source))
             .map_err(|e| e.to_string())?;
         Ok(Self {
@@ -77,69 +92,6 @@ impl ChatTemplate {
             .map_err(|message| format!("tokenizer.chat_template: {message}"))
     }
 
-    /// The chat template of a model named as [`hooks::Model::load`] takes it: a GGUF file's
-    /// (metadata), or a folder's or hub repository's (`tokenizer_config.json`'s
-    /// `chat_template`, else `chat_template.jinja`, with the config's `bos_token` and
-    /// `eos_token`).
-    pub(crate) fn for_model(name: &str) -> crate::Result<Self> {
-        use hooks::source::ModelSpec;
-        let (config, jinja) = match ModelSpec::parse(name, None)? {
-            ModelSpec::Gguf(path) => {
-                let (content, _) = hooks::gguf_header(&path)?;
-                return Self::from_gguf(&content.metadata)
-                    .map_err(|message| Error::file(&path, message));
-            }
-            ModelSpec::Folder(dir) => (
-                dir.join("tokenizer_config.json"),
-                dir.join("chat_template.jinja"),
-            ),
-            ModelSpec::Hub { repo_id, revision } => {
-                let file = |name: &str| {
-                    hooks::source::hub_repo_files(&repo_id, &revision, &[name.to_string()])
-                        .map(|mut paths| paths.remove(0))
-                };
-                let config = file("tokenizer_config.json")?;
-                let jinja = file("chat_template.jinja").unwrap_or_default();
-                (config, jinja)
-            }
-        };
-        let text = std::fs::read_to_string(&config)
-            .map_err(|e| Error::file(&config, format!("cannot read: {e}")))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::file(&config, format!("not valid JSON: {e}")))?;
-        let source = match &json["chat_template"] {
-            serde_json::Value::String(source) => source.clone(),
-            // Older files list named templates; the one named "default" is the chat's.
-            serde_json::Value::Array(named) => named
-                .iter()
-                .find(|t| t["name"] == "default")
-                .and_then(|t| t["template"].as_str())
-                .map(str::to_string)
-                .ok_or_else(|| {
-                    Error::file(&config, "chat_template lists no template named 'default'")
-                })?,
-            _ if jinja.is_file() => std::fs::read_to_string(&jinja)
-                .map_err(|e| Error::file(&jinja, format!("cannot read: {e}")))?,
-            _ => {
-                return Err(Error::file(
-                    &config,
-                    "has no chat_template (and there is no chat_template.jinja beside it)",
-                ))
-            }
-        };
-        // A special token is its text, or an object with its text as `content`.
-        let special_tokens = ["bos_token", "eos_token", "unk_token", "pad_token"]
-            .into_iter()
-            .filter_map(|name| {
-                let value = &json[name];
-                let text = value.as_str().or_else(|| value["content"].as_str())?;
-                Some((name.to_string(), text.to_string()))
-            })
-            .collect();
-        Self::new(&source, special_tokens)
-            .map_err(|message| Error::file(&config, format!("chat_template: {message}")))
-    }
-
     /// The prompt text of `messages`; with `add_generation_prompt`, it ends with the opening
     /// of the assistant's turn (when the template has one). A template that refuses the
     /// conversation (`raise_exception`) or fails gives its message.
@@ -155,9 +107,139 @@ impl ChatTemplate {
             .collect();
         context.insert("messages", Value::from(Serde(messages)));
         context.insert("add_generation_prompt", Value::from(add_generation_prompt));
+        // transformers passes these as None when there are none.
+        context.insert("tools", Value::from(()));
+        context.insert("documents", Value::from(()));
         let template = self.env.get_template(NAME).map_err(|e| e.to_string())?;
         template.render(Serde(context)).map_err(|e| e.to_string())
     }
+}
+
+/// The tokenizer and chat template of a model named as [`hooks::Model::load`] takes it,
+/// without its weights or config (so any architecture will do): a GGUF file's metadata, or a
+/// folder's or hub repository's `tokenizer.json` and template. The template is
+/// `chat_template.jinja` when there is one (transformers prefers it), else
+/// `tokenizer_config.json`'s `chat_template` (a string, or a list of named templates: the
+/// `default` one); its special tokens are the config's `bos_token`, `eos_token`, `unk_token`
+/// and `pad_token`, or `special_tokens_map.json`'s. On the hub, only the files present (and,
+/// offline, cached) are read.
+pub(crate) fn tokenizer_and_template(
+    name: &str,
+) -> crate::Result<(hooks::Tokenizer, ChatTemplate)> {
+    use hooks::source::ModelSpec;
+    let file_names = [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "special_tokens_map.json",
+    ];
+    let files: Vec<Option<PathBuf>> = match ModelSpec::parse(name, None)? {
+        ModelSpec::Gguf(path) => {
+            let (content, _) = hooks::gguf_header(&path)?;
+            let tokenizer = hooks::gguf_tokenizer(&content, &path)?.ok_or_else(|| {
+                Error::file(
+                    &path,
+                    "has no tokenizer this crate can rebuild (needs tokenizer.ggml.model = gpt2)",
+                )
+            })?;
+            let template = ChatTemplate::from_gguf(&content.metadata)
+                .map_err(|message| Error::file(&path, message))?;
+            return Ok((tokenizer, template));
+        }
+        ModelSpec::Folder(dir) => file_names
+            .iter()
+            .map(|name| Some(dir.join(name)).filter(|path| path.is_file()))
+            .collect(),
+        ModelSpec::Hub { repo_id, revision } => file_names
+            .iter()
+            .map(|name| {
+                match hooks::source::hub_repo_files(&repo_id, &revision, &[name.to_string()]) {
+                    Ok(mut paths) => Ok(Some(paths.remove(0))),
+                    Err(hooks::Error::NotOnHub { .. } | hooks::Error::NotCached { .. }) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .collect::<hooks::Result<_>>()?,
+    };
+    let [tokenizer, config, jinja, special_map] = [0, 1, 2, 3].map(|i| files[i].as_deref());
+    let tokenizer = tokenizer.ok_or_else(|| {
+        Error::Invalid(format!(
+            "{name}: has no tokenizer.json (needed to read prompts)"
+        ))
+    })?;
+    let tokenizer = hooks::Tokenizer::from_file(tokenizer, None)?;
+    let read_json = |path: &Path| -> crate::Result<serde_json::Value> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))
+    };
+    let config_json = config.map(read_json).transpose()?;
+    let source = match (jinja, config_json.as_ref().map(|c| &c["chat_template"])) {
+        (Some(jinja), _) => std::fs::read_to_string(jinja)
+            .map_err(|e| Error::file(jinja, format!("cannot read: {e}")))?,
+        (None, Some(serde_json::Value::String(source))) => source.clone(),
+        // Older files list named templates; the one named "default" is the chat's.
+        (None, Some(serde_json::Value::Array(named))) => named
+            .iter()
+            .find(|t| t["name"] == "default")
+            .and_then(|t| t["template"].as_str())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                Error::file(
+                    config.expect("read above"),
+                    "chat_template lists no template named 'default'",
+                )
+            })?,
+        _ => {
+            return Err(Error::Invalid(format!(
+                "{name}: has no chat template (neither chat_template.jinja nor a chat_template \
+                 in tokenizer_config.json)"
+            )))
+        }
+    };
+    // A special token is its text, or an object with its text as `content`.
+    let special_map_json = special_map.map(read_json).transpose()?;
+    let special_tokens = ["bos_token", "eos_token", "unk_token", "pad_token"]
+        .into_iter()
+        .filter_map(|name| {
+            let text = [&config_json, &special_map_json]
+                .into_iter()
+                .flatten()
+                .find_map(|json| {
+                    let value = &json[name];
+                    value.as_str().or_else(|| value["content"].as_str())
+                })?;
+            Some((name.to_string(), text.to_string()))
+        })
+        .collect();
+    let template = ChatTemplate::new(&source, special_tokens)
+        .map_err(|message| Error::Invalid(format!("{name}: chat template: {message}")))?;
+    Ok((tokenizer, template))
+}
+
+/// How many of `ids`, the prompt of `messages` (rendered by `template`, tokenized by
+/// `tokenizer`), are the conversation before its last message: its rendering (no generation
+/// prompt) when the prompt begins with it token for token and goes on past it, else 0
+/// (nothing is shared: one message, or a template that renders earlier messages differently
+/// once more follow, or refuses the shorter conversation).
+pub(crate) fn shared_start(
+    template: &ChatTemplate,
+    tokenizer: &hooks::Tokenizer,
+    messages: &[Message],
+    ids: &[u32],
+) -> crate::Result<usize> {
+    let before = &messages[..messages.len().saturating_sub(1)];
+    if before.is_empty() {
+        return Ok(0);
+    }
+    let Ok(text) = template.render(before, false) else {
+        return Ok(0);
+    };
+    let start = tokenizer.encode(&text)?;
+    Ok(match ids.starts_with(&start) && start.len() < ids.len() {
+        true => start.len(),
+        false => 0,
+    })
 }
 
 /// The special tokens' texts under the names chat templates use (`bos_token`, `eos_token`,
@@ -194,15 +276,18 @@ fn generation_blocks_as_ifs(source: &str) -> String {
     while let Some(open) = rest.find("{%") {
         out.push_str(&rest[..open]);
         let tag = &rest[open..];
-        let Some(close) = tag.find("%}") else {
+        let Some(close) = tag[2..].find("%}").map(|i| i + 2) else {
             break;
         };
         let inner = &tag[2..close];
-        let left = inner.strip_prefix(['-', '+']).map_or("", |_| &inner[..1]);
-        let right = inner
-            .strip_suffix(['-', '+'])
-            .map_or("", |_| &inner[inner.len() - 1..]);
-        let body = &inner[left.len()..inner.len() - right.len()];
+        let (left, inner) = match inner.strip_prefix(['-', '+']) {
+            Some(rest) => (&inner[..1], rest),
+            None => ("", inner),
+        };
+        let (body, right) = match inner.strip_suffix(['-', '+']) {
+            Some(body) => (body, &inner[body.len()..]),
+            None => (inner, ""),
+        };
         match body.trim() {
             "generation" => write!(out, "{{%{left} if true {right}%}}").expect("a String"),
             "endgeneration" => write!(out, "{{%{left} endif {right}%}}").expect("a String"),
@@ -244,7 +329,15 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<String, minijinja::Error> {
         Some(v) if v.is_none() => None,
         Some(v) => Some(match v.as_str() {
             Some(text) => text.to_string(),
-            None => " ".repeat(usize::try_from(v.as_i64().unwrap_or(0)).unwrap_or(0)),
+            None => match v.as_i64() {
+                Some(width @ 0..=MAX_INDENT) => " ".repeat(width as usize),
+                _ => {
+                    return Err(minijinja::Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!("tojson: indent must be a width from 0 to {MAX_INDENT}, got {v}"),
+                    ))
+                }
+            },
         }),
     };
     let separators: Option<Vec<String>> = kwargs.get("separators")?;
@@ -272,6 +365,9 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<String, minijinja::Error> {
     style.write(&mut out, &value, 0)?;
     Ok(out)
 }
+
+/// The widest `tojson` indent accepted (a huge one would exhaust memory).
+const MAX_INDENT: i64 = 64;
 
 /// How Python's `json.dumps` lays out a value.
 struct JsonStyle {
@@ -468,16 +564,25 @@ mod tests {
     #[test]
     fn reads_a_folders_template_and_special_tokens() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        let folder = dir.path().to_str().unwrap().to_string();
         let config = dir.path().join("tokenizer_config.json");
         let render = || {
-            ChatTemplate::for_model(dir.path().to_str().unwrap())
-                .and_then(|t| {
+            tokenizer_and_template(&folder)
+                .and_then(|(_, t)| {
                     t.render(&[Message::user("Hi")], true)
                         .map_err(Error::Invalid)
                 })
                 .map_err(|e| e.to_string())
         };
+        let err = render().unwrap_err();
+        assert!(err.contains("has no tokenizer.json"), "{err}");
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/gpt-neox-20b-tokenizer.json"),
+            dir.path().join("tokenizer.json"),
+        )
+        .unwrap();
+        let err = render().unwrap_err();
+        assert!(err.contains("has no chat template"), "{err}");
         let inline =
             "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}{{ eos_token }}";
         let written = serde_json::json!({
@@ -489,16 +594,18 @@ mod tests {
         assert_eq!(render().unwrap(), "<s>Hi</s>");
         let listed = serde_json::json!({"chat_template": [
             {"name": "tool_use", "template": "tools"},
-            {"name": "default", "template": "{{ messages[0].content }}!"},
+            {"name": "default", "template": "{{ messages[0].content }}!{{ bos_token }}"},
         ]});
         std::fs::write(&config, listed.to_string()).unwrap();
         assert_eq!(render().unwrap(), "Hi!");
-        std::fs::write(&config, "{}").unwrap();
-        let err = render().unwrap_err();
-        assert!(
-            err.contains("tokenizer_config.json") && err.contains("has no chat_template"),
-            "{err}"
-        );
+        // special_tokens_map.json fills in the special tokens the config lacks.
+        std::fs::write(
+            dir.path().join("special_tokens_map.json"),
+            r#"{"bos_token": {"content": "<|begin|>"}}"#,
+        )
+        .unwrap();
+        assert_eq!(render().unwrap(), "Hi!<|begin|>");
+        // chat_template.jinja wins over the config's template, as in transformers.
         std::fs::write(
             dir.path().join("chat_template.jinja"),
             "[{{ messages[0].content }}]",
@@ -511,6 +618,49 @@ mod tests {
             err.contains("tokenizer_config.json") && err.contains("not valid JSON"),
             "{err}"
         );
+    }
+
+    /// The shared start is the earlier messages' rendering where the prompt begins with it,
+    /// and nothing where a template renders them differently once another follows, refuses
+    /// the shorter conversation, or renders the last message as nothing.
+    #[test]
+    fn the_shared_start_is_the_earlier_messages_only_when_they_render_the_same() {
+        let tokenizer = hooks::Tokenizer::from_file(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/gpt-neox-20b-tokenizer.json"),
+            None,
+        )
+        .unwrap();
+        let messages = [
+            Message::system("Be brief."),
+            Message::user("Hi"),
+            Message::assistant("Hello."),
+            Message::user("Bye"),
+        ];
+        let start = |source: &str, messages: &[Message]| {
+            let template = ChatTemplate::new(source, BTreeMap::new()).unwrap();
+            let text = template.render(messages, true).unwrap();
+            let ids = tokenizer.encode(&text).unwrap();
+            let start = shared_start(&template, &tokenizer, messages, &ids).unwrap();
+            (start, ids)
+        };
+        let chatml = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+        let (at, ids) = start(chatml, &messages);
+        let before = ChatTemplate::new(chatml, BTreeMap::new())
+            .unwrap()
+            .render(&messages[..3], false)
+            .unwrap();
+        assert_eq!(at, tokenizer.encode(&before).unwrap().len());
+        assert!(at > 0 && at < ids.len());
+        assert_eq!(start(chatml, &messages[..1]).0, 0);
+        // The system message moved into the last user turn: earlier turns change.
+        let folded = "{% for m in messages[1:] %}{% if loop.last %}{{ messages[0].content }} {% endif %}[{{ m.role }}] {{ m.content }}\n{% endfor %}";
+        assert_eq!(start(folded, &messages).0, 0);
+        // The shorter conversation is refused (it must end with a user turn).
+        let strict = "{% if messages[-1].role != 'user' %}{{ raise_exception('end with a user turn') }}{% endif %}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}";
+        assert!(start(strict, &messages[..2]).0 == 0 && start(strict, &messages).0 == 0);
+        // The last message renders as nothing: the start would be the whole prompt.
+        let blind = "{% for m in messages %}{% if not (loop.last and add_generation_prompt) %}[{{ m.role }}] {{ m.content }}\n{% endif %}{% endfor %}";
+        assert_eq!(start(blind, &messages).0, 0);
     }
 
     #[test]
@@ -550,6 +700,19 @@ mod tests {
             .err()
             .expect("an unclosed loop is an error");
         assert!(syntax.contains("syntax error"), "{syntax}");
+        // Malformed tags are syntax errors, not panics; a huge indent is refused.
+        for source in ["{%}", "{%-%}", "{%+%}", "x {%", "{% generation %}"] {
+            let err = ChatTemplate::new(source, BTreeMap::new()).err();
+            assert!(err.is_some_and(|e| e.contains("syntax error")), "{source}");
+        }
+        let wide = ChatTemplate::new("{{ [1] | tojson(indent=1000000000000) }}", BTreeMap::new())
+            .unwrap()
+            .render(&[], false)
+            .unwrap_err();
+        assert!(
+            wide.contains("indent must be a width from 0 to 64"),
+            "{wide}"
+        );
         let roles = ChatTemplate::new(
             "{% for m in messages %}{{ m.role }}{% generation -%} {{ m['content'] }} {%- endgeneration %};{% endfor %}",
             BTreeMap::new(),

@@ -12,11 +12,12 @@
 //! dot products only for Q4_0, Q8_0 and the K-quants: SmolLM2's Q4_1 runs a scalar loop,
 //! generating at a third of the f32 rate here; docs/benchmarks.md.)
 //!
-//! The tokenizer is the one hooks rebuilds from the GGUF metadata ([`hooks::Model::tokenizer`]),
-//! and the prompt is rendered with the Jinja chat template the file declares in
+//! The tokenizer is the one hooks rebuilds from the GGUF metadata ([`hooks::Model::tokenizer`]:
+//! byte-level BPE, `tokenizer.ggml.model = gpt2`, as in Llama 3, Qwen2 and SmolLM files), and
+//! the prompt is rendered with the Jinja chat template the file declares in
 //! `tokenizer.chat_template`, as transformers' `apply_chat_template` renders it (ChatML, Llama
-//! 3's headers, `[INST]` turns, ...: any template). An answer ends at the file's EOS, end-of-turn
-//! or end-of-message token, or at any token of [`END_OF_TURN`] in the vocabulary.
+//! 3's headers, ...; `chat_template.rs` says what differs). An answer ends at the
+//! file's EOS, end-of-turn or end-of-message token, or at an added token of [`END_OF_TURN`].
 //!
 //! Checked against transformers in `delphi/tests/local_llm.rs` with the fixture
 //! `tests/fixtures/delphi/local_llm.json`.
@@ -43,7 +44,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tokio::sync::Semaphore;
 
-use super::chat_template::ChatTemplate;
+use super::chat_template::{shared_start, ChatTemplate};
 use super::{
     AnswerFormat, BoxFuture, ChatRequest, ChatResponse, ContinuationRequest, ContinuationResponse,
     Llm, Message, ReadRequest, ReadResponse, TokenLogprobs, Usage,
@@ -165,8 +166,8 @@ impl std::fmt::Debug for LocalLlm {
 impl LocalLlm {
     /// Loads a GGUF chat model (e.g. [`hooks::fetch::smollm2_gguf`]'s SmolLM2-135M-Instruct).
     /// Errors name the file and what is missing or unsupported: not a GGUF file, an
-    /// architecture other than `llama` or `qwen2`, no `gpt2` tokenizer, no chat template or one that does
-    /// not compile.
+    /// architecture other than `llama` or `qwen2`, no `gpt2` tokenizer, no chat template or
+    /// one that does not compile.
     pub fn load(path: &Path) -> Result<Self> {
         Self::load_with(path, LocalOptions::default())
     }
@@ -322,8 +323,16 @@ impl Shared {
             .map_err(|message| self.error(format!("the chat template: {message}")))
     }
 
-    /// The prompt of `messages`, which fits the context with room for one answer token.
+    /// The prompt of `messages` and its start shared with other prompts.
     fn prompt(&self, messages: &[Message]) -> Result<Prompt> {
+        let ids = self.prompt_ids(messages)?;
+        let start = shared_start(&self.template, &self.tokenizer, messages, &ids)?;
+        Ok(Prompt { ids, start })
+    }
+
+    /// The token ids of the prompt of `messages`, which fits the context with room for one
+    /// answer token.
+    fn prompt_ids(&self, messages: &[Message]) -> Result<Vec<u32>> {
         if messages.is_empty() {
             return Err(Error::Invalid(
                 "a chat request needs at least one message".into(),
@@ -338,27 +347,7 @@ impl Shared {
                 self.context_len
             )));
         }
-        let start = self.start_len(messages, &ids)?;
-        Ok(Prompt { ids, start })
-    }
-
-    /// How many of `ids`, the prompt of `messages`, are the conversation before its last
-    /// message: its rendering (no generation prompt) when the prompt begins with it token for
-    /// token, else 0 (nothing is shared: one message, or a template that renders earlier
-    /// messages differently once more follow, or refuses the shorter conversation).
-    fn start_len(&self, messages: &[Message], ids: &[u32]) -> Result<usize> {
-        let before = &messages[..messages.len() - 1];
-        if before.is_empty() {
-            return Ok(0);
-        }
-        let Ok(text) = self.template.render(before, false) else {
-            return Ok(0);
-        };
-        let start = self.tokenizer.encode(&text)?;
-        Ok(match ids.starts_with(&start) && start.len() < ids.len() {
-            true => start.len(),
-            false => 0,
-        })
+        Ok(ids)
     }
 
     fn generate(&self, request: &ChatRequest) -> Result<ChatResponse> {
@@ -481,42 +470,17 @@ impl Shared {
     /// tokenized on its own), and the candidates' log-probabilities are taken at each piece's
     /// last token ([`Self::read_after`]).
     fn read(&self, request: &ReadRequest) -> Result<ReadResponse> {
-        let prompt = self.prompt(&request.messages)?.ids;
+        let prompt = self.prompt_ids(&request.messages)?;
+        let encode = |text: &str| Ok(self.tokenizer.encode(text)?);
         // Per answer: its ids after the prompt and where each piece ends among them.
-        let sequences = request
-            .answers
-            .iter()
-            .map(|answer| {
-                let mut ids = Vec::new();
-                let mut ends = Vec::with_capacity(answer.len());
-                for piece in answer {
-                    let piece_ids = self.tokenizer.encode(piece)?;
-                    if piece_ids.is_empty() {
-                        return Err(Error::Invalid(format!(
-                            "the answer piece {piece:?} makes no tokens"
-                        )));
-                    }
-                    ids.extend(piece_ids);
-                    ends.push(ids.len() - 1);
-                }
-                Ok((ids, ends))
-            })
-            .collect::<Result<Vec<(Vec<u32>, Vec<usize>)>>>()?;
-        // A candidate that is not one token can never be the next token.
-        let candidates = request
-            .candidates
-            .iter()
-            .map(|text| {
-                let ids = self.tokenizer.encode(text)?;
-                Ok((ids.len() == 1).then(|| ids[0] as usize))
-            })
-            .collect::<Result<Vec<Option<usize>>>>()?;
+        let sequences = request.answer_ids(encode)?;
+        let candidates = request.candidate_ids(encode)?;
         let mut logprobs: Vec<Vec<Vec<f32>>> = vec![Vec::new(); sequences.len()];
         self.read_after(&prompt, &sequences, |answer, _, row| {
             logprobs[answer].push(
                 candidates
                     .iter()
-                    .map(|id| id.and_then(|id| row.get(id).copied()))
+                    .map(|id| id.and_then(|id| row.get(id as usize).copied()))
                     .map(|lp| lp.unwrap_or(f32::NEG_INFINITY))
                     .collect(),
             )
@@ -816,8 +780,10 @@ pub const END_OF_TURN: [&str; 7] = [
 
 /// The tokens that end an answer: the file's EOS, end-of-turn and end-of-message tokens
 /// (`tokenizer.ggml.eos_token_id`, `eot_token_id`, `eom_token_id`), and the [`END_OF_TURN`]
-/// tokens of the vocabulary.
+/// tokens among the vocabulary's added (control) tokens, never a plain text token spelled
+/// the same.
 fn stop_ids(metadata: &HashMap<String, Value>, tokenizer: &hooks::Tokenizer) -> Vec<u32> {
+    let added = tokenizer.inner().get_added_tokens_decoder();
     let mut ids: Vec<u32> = ["eos", "eot", "eom"]
         .iter()
         .filter_map(|name| {
@@ -826,9 +792,10 @@ fn stop_ids(metadata: &HashMap<String, Value>, tokenizer: &hooks::Tokenizer) -> 
         })
         .chain(tokenizer.eos_id())
         .chain(
-            END_OF_TURN
+            added
                 .iter()
-                .filter_map(|text| tokenizer.inner().token_to_id(text)),
+                .filter(|(_, token)| END_OF_TURN.contains(&token.content.as_str()))
+                .map(|(&id, _)| id),
         )
         .collect();
     ids.sort_unstable();
@@ -902,9 +869,10 @@ mod tests {
 
     #[test]
     fn stop_and_special_tokens_come_from_the_file_and_the_vocabulary() {
+        // The tokenizer's own EOS (a plain token here) stops answers too.
         let tokenizer = hooks::Tokenizer::from_file(
             &Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/gpt-neox-20b-tokenizer.json"),
-            Some(0),
+            Some(500),
         )
         .unwrap();
         let vocab = tokenizer.inner();
@@ -921,13 +889,15 @@ mod tests {
             ("tokenizer.ggml.bos_token_id", Value::U32(0)),
             ("tokenizer.ggml.eos_token_id", Value::U32(1)),
             ("tokenizer.ggml.eot_token_id", Value::U32(2)),
+            ("tokenizer.ggml.eom_token_id", Value::U32(3)),
             ("tokenizer.ggml.padding_token_id", Value::U32(9)),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        // EOS and EOT ids from the file, the tokenizer's EOS, and the vocabulary's end tokens.
-        let mut expected = vec![0, 1, 2, endoftext, im_end];
+        // EOS, EOT and EOM ids from the file, the tokenizer's EOS, and the vocabulary's added
+        // end tokens.
+        let mut expected = vec![1, 2, 3, 500, endoftext, im_end];
         expected.sort_unstable();
         expected.dedup();
         assert_eq!(stop_ids(&metadata, &tokenizer), expected);

@@ -201,13 +201,57 @@ pub struct ReadRequest {
     pub candidates: Vec<String>,
 }
 
+impl ReadRequest {
+    /// Per answer, its token ids (each piece tokenized on its own by `encode`) and where each
+    /// piece ends among them; a piece that makes no tokens is an error.
+    pub(crate) fn answer_ids(
+        &self,
+        encode: impl Fn(&str) -> Result<Vec<u32>>,
+    ) -> Result<Vec<(Vec<u32>, Vec<usize>)>> {
+        self.answers
+            .iter()
+            .map(|answer| {
+                let mut ids = Vec::new();
+                let mut ends = Vec::with_capacity(answer.len());
+                for piece in answer {
+                    let piece_ids = encode(piece)?;
+                    if piece_ids.is_empty() {
+                        return Err(crate::Error::Invalid(format!(
+                            "the answer piece {piece:?} makes no tokens"
+                        )));
+                    }
+                    ids.extend(piece_ids);
+                    ends.push(ids.len() - 1);
+                }
+                Ok((ids, ends))
+            })
+            .collect()
+    }
+
+    /// The id of each candidate that is one token (`None` for the others: they can never be
+    /// the next token).
+    pub(crate) fn candidate_ids(
+        &self,
+        encode: impl Fn(&str) -> Result<Vec<u32>>,
+    ) -> Result<Vec<Option<u32>>> {
+        self.candidates
+            .iter()
+            .map(|text| {
+                let ids = encode(text)?;
+                Ok((ids.len() == 1).then(|| ids[0]))
+            })
+            .collect()
+    }
+}
+
 /// What [`Llm::read`] gives.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReadResponse {
     /// Per answer, per piece, per candidate: its natural-log probability as the next token
     /// (`-inf` for a candidate that is not one token of the model's vocabulary).
     pub logprobs: Vec<Vec<Vec<f32>>>,
-    /// Tokens spent (all of them prompt tokens).
+    /// Tokens spent: prompt tokens (a server also counts the one token it generates per
+    /// request, and the one read after each answer).
     pub usage: Usage,
 }
 
@@ -228,7 +272,8 @@ pub struct ContinuationResponse {
     /// Per text, per token of it: its natural-log probability after the prompt and the
     /// text's earlier tokens.
     pub logprobs: Vec<Vec<f32>>,
-    /// Tokens spent (all of them prompt tokens).
+    /// Tokens spent: prompt tokens (a server also counts the one token it generates per
+    /// request).
     pub usage: Usage,
 }
 

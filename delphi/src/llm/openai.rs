@@ -60,10 +60,11 @@ impl PromptReader {
                 "prompt log-probabilities: read at least 1 token per position".into(),
             ));
         }
+        let (tokenizer, template) = super::chat_template::tokenizer_and_template(model)?;
         Ok(Self {
             source: model.to_string(),
-            tokenizer: hooks::Tokenizer::for_model(model, None, None)?,
-            template: ChatTemplate::for_model(model)?,
+            tokenizer,
+            template,
             top,
         })
     }
@@ -178,6 +179,19 @@ impl std::fmt::Debug for OpenAiClient {
     }
 }
 
+/// One request to the server: where it goes, what it sends, how its reply is read and what
+/// the reply cost.
+struct Call<'a, T> {
+    endpoint: &'a str,
+    body: Value,
+    parse: fn(&str) -> std::result::Result<T, Failure>,
+    usage: fn(&T) -> Usage,
+    /// The longest reply read.
+    max_bytes: usize,
+    /// The request setting that bounds the reply's length, named when it is too long.
+    bounded_by: &'static str,
+}
+
 /// How one attempt ended when it did not produce a response.
 enum Failure {
     /// Worth retrying (server error, 408/429, timeout, broken connection or body), after at
@@ -274,14 +288,9 @@ impl OpenAiClient {
         body
     }
 
-    /// One POST of `body` to `endpoint`, its reply read by `parse`.
-    async fn attempt<T>(
-        &self,
-        endpoint: &str,
-        body: &Value,
-        parse: fn(&str) -> std::result::Result<T, String>,
-    ) -> std::result::Result<T, Failure> {
-        let mut builder = self.http.post(endpoint).json(body);
+    /// One attempt at `call`.
+    async fn attempt<T>(&self, call: &Call<'_, T>) -> std::result::Result<T, Failure> {
+        let mut builder = self.http.post(call.endpoint).json(&call.body);
         if let Some(key) = &self.api_key {
             builder = builder.bearer_auth(key);
         }
@@ -295,7 +304,7 @@ impl OpenAiClient {
         })?;
         let status = response.status();
         let retry_after = retry_after(response.headers());
-        let text = read_body(response).await?;
+        let text = read_body(response, call.max_bytes, call.bounded_by).await?;
         if !status.is_success() {
             let message = format!("HTTP {status}: {}", snippet(&text));
             let code = status.as_u16();
@@ -305,7 +314,7 @@ impl OpenAiClient {
                 Failure::Final(message)
             });
         }
-        parse(&text).map_err(|message| Failure::Transient(message, None))
+        (call.parse)(&text)
     }
 
     fn backoff(&self, retry: u32) -> Duration {
@@ -324,16 +333,10 @@ impl OpenAiClient {
         }
     }
 
-    /// Sends `body` to `endpoint`, retrying transient failures; `usage` says what a reply
-    /// cost. A request slot is held only while an attempt is in flight, not while waiting to
-    /// retry, so one rate-limited request does not hold up the others.
-    async fn with_retries<T>(
-        &self,
-        endpoint: &str,
-        body: Value,
-        parse: fn(&str) -> std::result::Result<T, String>,
-        usage: fn(&T) -> Usage,
-    ) -> Result<T> {
+    /// Makes `call`, retrying transient failures. A request slot is held only while an
+    /// attempt is in flight, not while waiting to retry, so one rate-limited request does not
+    /// hold up the others.
+    async fn with_retries<T>(&self, call: Call<'_, T>) -> Result<T> {
         let mut retry = 0;
         loop {
             let permit = self
@@ -341,11 +344,14 @@ impl OpenAiClient {
                 .acquire()
                 .await
                 .expect("semaphore is never closed");
-            let outcome = self.attempt(endpoint, &body, parse).await;
+            let outcome = self.attempt(&call).await;
             drop(permit);
             match outcome {
                 Ok(response) => {
-                    self.usage.lock().expect("usage lock").add(usage(&response));
+                    self.usage
+                        .lock()
+                        .expect("usage lock")
+                        .add((call.usage)(&response));
                     return Ok(response);
                 }
                 Err(Failure::Final(message)) => return Err(self.error(message)),
@@ -405,12 +411,15 @@ impl OpenAiClient {
             "prompt_logprobs": reader.top,
         });
         let read = self
-            .with_retries(
-                &self.completions_endpoint,
+            .with_retries(Call {
+                endpoint: &self.completions_endpoint,
                 body,
-                parse_prompt_logprobs,
-                |r| r.usage,
-            )
+                parse: parse_prompt_logprobs,
+                usage: |r| r.usage,
+                // Each position lists about `top + 1` entries of some 80 bytes.
+                max_bytes: MAX_REPLY_BYTES.max(count * (reader.top as usize + 1) * 160),
+                bounded_by: "prompt_logprobs",
+            })
             .await?;
         if read.positions.len() != count {
             return Err(self.error(format!(
@@ -432,58 +441,43 @@ impl OpenAiClient {
             .render(&request.messages, true)
             .map_err(|message| self.error(format!("the chat template: {message}")))?;
         let prompt = reader.encode(&text)?;
-        let candidates = request
-            .candidates
-            .iter()
-            .map(|text| {
-                let ids = reader.encode(text)?;
-                Ok((ids.len() == 1).then(|| ids[0]))
-            })
-            .collect::<Result<Vec<Option<u32>>>>()?;
-        let answers = request.answers.iter().map(|pieces| {
-            let prompt = &prompt;
-            let candidates = &candidates;
-            async move {
-                let mut ids = prompt.clone();
-                let mut ends = Vec::with_capacity(pieces.len());
-                for piece in pieces {
-                    let piece_ids = reader.encode(piece)?;
-                    if piece_ids.is_empty() {
-                        return Err(Error::Invalid(format!(
-                            "the answer piece {piece:?} makes no tokens"
-                        )));
+        let encode = |text: &str| reader.encode(text);
+        let candidates = request.candidate_ids(encode)?;
+        let answers = request
+            .answer_ids(encode)?
+            .into_iter()
+            .map(|(answer, ends)| {
+                let (prompt, candidates) = (&prompt, &candidates);
+                async move {
+                    if ends.is_empty() {
+                        return Ok((Vec::new(), Usage::default()));
                     }
-                    ids.extend(piece_ids);
-                    ends.push(ids.len() - 1);
+                    let mut ids = prompt.clone();
+                    ids.extend(&answer);
+                    // Any token will do: only the distribution at its position is read.
+                    ids.push(answer[0]);
+                    let read = self.prompt_logprobs(ids).await?;
+                    let rows = ends
+                        .iter()
+                        .map(|&end| {
+                            let position = read.positions[prompt.len() + end + 1].as_ref();
+                            // vLLM also reports the token actually there, whatever its rank:
+                            // only the most likely tokens are read, as for every other place.
+                            let read_as = |id: u32| match position?.get(&id)? {
+                                (_, Some(rank)) if *rank > u64::from(reader.top) => None,
+                                (logprob, _) => Some(*logprob),
+                            };
+                            candidates
+                                .iter()
+                                .map(|id| id.and_then(read_as).unwrap_or(f32::NEG_INFINITY))
+                                .collect()
+                        })
+                        .collect::<Vec<Vec<f32>>>();
+                    Ok((rows, read.usage))
                 }
-                // Any token will do: only the distribution at its position is read.
-                ids.push(*ids.last().expect("a prompt and its pieces"));
-                let read = self.prompt_logprobs(ids).await?;
-                let rows = ends
-                    .iter()
-                    .map(|&end| {
-                        let position = read.positions[end + 1].as_ref();
-                        candidates
-                            .iter()
-                            .map(|id| {
-                                id.and_then(|id| position?.get(&id).copied())
-                                    .unwrap_or(f32::NEG_INFINITY)
-                            })
-                            .collect()
-                    })
-                    .collect::<Vec<Vec<f32>>>();
-                Ok((rows, read.usage))
-            }
-        });
-        let mut response = ReadResponse {
-            logprobs: Vec::with_capacity(request.answers.len()),
-            usage: Usage::default(),
-        };
-        for (rows, usage) in futures::future::try_join_all(answers).await? {
-            response.logprobs.push(rows);
-            response.usage.add(usage);
-        }
-        Ok(response)
+            });
+        let (logprobs, usage) = all_of(answers).await?;
+        Ok(ReadResponse { logprobs, usage })
     }
 
     /// [`Llm::continuation_logprobs`] through `prompt_logprobs`: each text is one request,
@@ -504,6 +498,9 @@ impl OpenAiClient {
             let prompt = &prompt;
             async move {
                 let text_ids = reader.encode(text)?;
+                if text_ids.is_empty() {
+                    return Ok((Vec::new(), Usage::default()));
+                }
                 let mut ids = prompt.clone();
                 ids.extend(&text_ids);
                 let read = self.prompt_logprobs(ids).await?;
@@ -514,7 +511,8 @@ impl OpenAiClient {
                         let at = prompt.len() + j;
                         read.positions[at]
                             .as_ref()
-                            .and_then(|position| position.get(id).copied())
+                            .and_then(|position| position.get(id))
+                            .map(|(logprob, _)| *logprob)
                             .ok_or_else(|| {
                                 self.error(format!(
                                     "prompt_logprobs has no log-probability for the prompt's \
@@ -523,25 +521,41 @@ impl OpenAiClient {
                             })
                     })
                     .collect::<Result<Vec<f32>>>()?;
-                Ok::<_, Error>((logprobs, read.usage))
+                Ok((logprobs, read.usage))
             }
         });
-        let mut response = ContinuationResponse {
-            logprobs: Vec::with_capacity(request.texts.len()),
-            usage: Usage::default(),
-        };
-        for (logprobs, usage) in futures::future::try_join_all(texts).await? {
-            response.logprobs.push(logprobs);
-            response.usage.add(usage);
-        }
-        Ok(response)
+        let (logprobs, usage) = all_of(texts).await?;
+        Ok(ContinuationResponse { logprobs, usage })
     }
+}
+
+/// The results of `requests`, run concurrently (the client's semaphore bounds the HTTP
+/// requests in flight), in order, and their total usage.
+async fn all_of<T>(
+    requests: impl IntoIterator<Item = impl std::future::Future<Output = Result<(T, Usage)>>>,
+) -> Result<(Vec<T>, Usage)> {
+    let mut usage = Usage::default();
+    let results = futures::future::try_join_all(requests)
+        .await?
+        .into_iter()
+        .map(|(result, spent)| {
+            usage.add(spent);
+            result
+        })
+        .collect();
+    Ok((results, usage))
 }
 
 impl Llm for OpenAiClient {
     fn chat(&self, request: ChatRequest) -> BoxFuture<'_, Result<ChatResponse>> {
-        let body = self.body(&request);
-        Box::pin(self.with_retries(&self.endpoint, body, parse_response, |r| r.usage))
+        Box::pin(self.with_retries(Call {
+            endpoint: &self.endpoint,
+            body: self.body(&request),
+            parse: |text| parse_response(text).map_err(|message| Failure::Transient(message, None)),
+            usage: |r| r.usage,
+            max_bytes: MAX_REPLY_BYTES,
+            bounded_by: "max_tokens",
+        }))
     }
 
     fn read(&self, request: ReadRequest) -> BoxFuture<'_, Result<ReadResponse>> {
@@ -563,8 +577,16 @@ impl Llm for OpenAiClient {
         format!("{} at {}", self.config.model, self.shown)
     }
 
+    /// The model name; reading prompts, also how many tokens are read at each place (which
+    /// moves the simulation scorer's expected levels).
     fn model_id(&self) -> String {
-        self.config.model.clone()
+        match &self.config.prompt_reader {
+            Some(reader) => format!(
+                "{} (prompt log-probabilities of the {} most likely tokens)",
+                self.config.model, reader.top
+            ),
+            None => self.config.model.clone(),
+        }
     }
 }
 
@@ -599,8 +621,13 @@ fn snippet(text: &str) -> String {
 /// here rather than filling memory.
 const MAX_REPLY_BYTES: usize = 16 << 20;
 
-/// A reply's body as text, up to [`MAX_REPLY_BYTES`].
-async fn read_body(mut response: reqwest::Response) -> std::result::Result<String, Failure> {
+/// A reply's body as text, up to `max_bytes` (else an error naming the request setting
+/// `bounded_by` that should have kept it shorter).
+async fn read_body(
+    mut response: reqwest::Response,
+    max_bytes: usize,
+    bounded_by: &str,
+) -> std::result::Result<String, Failure> {
     let failed = |e: reqwest::Error| {
         Failure::Transient(
             format!("reading the body failed: {}", without_url(&e)),
@@ -609,10 +636,10 @@ async fn read_body(mut response: reqwest::Response) -> std::result::Result<Strin
     };
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(failed)? {
-        if body.len() + chunk.len() > MAX_REPLY_BYTES {
+        if body.len() + chunk.len() > max_bytes {
             return Err(Failure::Final(format!(
-                "the reply is longer than {} MiB: does the server honour max_tokens?",
-                MAX_REPLY_BYTES >> 20
+                "the reply is longer than {} MiB: does the server honour {bounded_by}?",
+                max_bytes >> 20
             )));
         }
         body.extend_from_slice(&chunk);
@@ -663,19 +690,43 @@ fn parse_response(text: &str) -> std::result::Result<ChatResponse, String> {
     })
 }
 
+/// What vLLM reports at one prompt position: by token id, its log-probability and its rank
+/// (1 = most likely) when given.
+type PositionLogprobs = HashMap<u32, (f32, Option<u64>)>;
+
 /// What vLLM's `prompt_logprobs` gives for one prompt.
 struct PromptLogprobs {
-    /// Per position, log-probabilities by token id (`None` where the server gives none).
-    positions: Vec<Option<HashMap<u32, f32>>>,
+    /// Per position (`None` where the server gives nothing: the first position).
+    positions: Vec<Option<PositionLogprobs>>,
     usage: Usage,
 }
 
 /// Reads a `/completions` body with vLLM's `choices[0].prompt_logprobs`: per position `null`
-/// or `{"<token id>": {"logprob": x, "rank": r, "decoded_token": t}, ...}` (a logprob that is
-/// not a number, e.g. `-inf` written as text, reads as `-inf`).
-fn parse_prompt_logprobs(text: &str) -> std::result::Result<PromptLogprobs, String> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| format!("the response is not JSON ({e}): {}", snippet(text)))?;
+/// or `{"<token id>": {"logprob": x, "rank": r, "decoded_token": t}, ...}` (vLLM writes the
+/// log-probability of an impossible token as -9999). A reply that is JSON but has none is a
+/// final error: the server is not vLLM, and asking again will not change that.
+fn parse_prompt_logprobs(text: &str) -> std::result::Result<PromptLogprobs, Failure> {
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        Failure::Transient(
+            format!("the response is not JSON ({e}): {}", snippet(text)),
+            None,
+        )
+    })?;
+    let entry = |id: &String,
+                 entry: &Value|
+     -> std::result::Result<(u32, (f32, Option<u64>)), String> {
+        let id = id
+            .parse::<u32>()
+            .map_err(|_| format!("prompt_logprobs has a key {id:?}, not a token id"))?;
+        let logprob = entry
+            .get("logprob")
+            .and_then(Value::as_f64)
+            .ok_or_else(|| format!("prompt_logprobs entry {id} has no numeric logprob: {entry}"))?;
+        Ok((
+            id,
+            (logprob as f32, entry.get("rank").and_then(Value::as_u64)),
+        ))
+    };
     let positions = value
         .get("choices")
         .and_then(|c| c.get(0))
@@ -687,28 +738,24 @@ fn parse_prompt_logprobs(text: &str) -> std::result::Result<PromptLogprobs, Stri
                  prompts): {}",
                 snippet(text)
             )
-        })?
-        .iter()
-        .map(|position| match position {
-            Value::Null => Ok(None),
-            Value::Object(tokens) => tokens
-                .iter()
-                .map(|(id, entry)| {
-                    let id = id
-                        .parse::<u32>()
-                        .map_err(|_| format!("prompt_logprobs has a key {id:?}, not a token id"))?;
-                    let logprob = entry
-                        .get("logprob")
-                        .ok_or_else(|| format!("prompt_logprobs entry {id} has no logprob"))?;
-                    Ok((id, logprob.as_f64().map_or(f32::NEG_INFINITY, |x| x as f32)))
-                })
-                .collect::<std::result::Result<HashMap<u32, f32>, String>>()
-                .map(Some),
-            other => Err(format!(
-                "a prompt_logprobs position is {other}, not an object"
-            )),
         })
-        .collect::<std::result::Result<Vec<_>, String>>()?;
+        .and_then(|positions| {
+            positions
+                .iter()
+                .map(|position| match position {
+                    Value::Null => Ok(None),
+                    Value::Object(tokens) => tokens
+                        .iter()
+                        .map(|(id, value)| entry(id, value))
+                        .collect::<std::result::Result<HashMap<_, _>, String>>()
+                        .map(Some),
+                    other => Err(format!(
+                        "a prompt_logprobs position is {other}, not an object"
+                    )),
+                })
+                .collect::<std::result::Result<Vec<_>, String>>()
+        })
+        .map_err(Failure::Final)?;
     Ok(PromptLogprobs {
         positions,
         usage: usage_of(&value),
@@ -834,6 +881,43 @@ mod tests {
                 .unwrap_err()
                 .contains("content is not a string but 5")
         );
+    }
+
+    /// vLLM's prompt log-probabilities are read by token id with their ranks; a reply that is
+    /// JSON without them (not a vLLM server) or with a malformed entry is final (retrying
+    /// cannot help), one that is not JSON may be retried.
+    #[test]
+    fn reads_prompt_logprobs_and_refuses_servers_without_them() {
+        let reply = r#"{"choices": [{"index": 0, "text": " ", "prompt_logprobs": [null,
+            {"5": {"logprob": -0.5, "rank": 1, "decoded_token": "a"},
+             "9": {"logprob": -9999.0, "rank": 4000, "decoded_token": "b"}}]}],
+            "usage": {"prompt_tokens": 2, "completion_tokens": 1}}"#;
+        let read = parse_prompt_logprobs(reply).ok().unwrap();
+        assert!(read.positions[0].is_none());
+        let second = read.positions[1].as_ref().unwrap();
+        assert_eq!(second[&5], (-0.5, Some(1)));
+        assert_eq!(second[&9], (-9999.0, Some(4000)));
+        assert_eq!(
+            (read.usage.prompt_tokens, read.usage.completion_tokens),
+            (2, 1)
+        );
+        let failure = |text: &str| match parse_prompt_logprobs(text) {
+            Err(Failure::Final(message)) => format!("final: {message}"),
+            Err(Failure::Transient(message, _)) => format!("transient: {message}"),
+            Ok(_) => "read".into(),
+        };
+        let llama_cpp = r#"{"choices": [{"index": 0, "text": " "}]}"#;
+        assert!(
+            failure(llama_cpp).starts_with("final: the response has no choices[0].prompt_logprobs")
+        );
+        let text_logprob =
+            r#"{"choices": [{"prompt_logprobs": [null, {"5": {"logprob": "-inf"}}]}]}"#;
+        assert!(
+            failure(text_logprob).contains("final: prompt_logprobs entry 5 has no numeric logprob")
+        );
+        let word_key = r#"{"choices": [{"prompt_logprobs": [null, {"a": {"logprob": -1.0}}]}]}"#;
+        assert!(failure(word_key).contains("key \"a\", not a token id"));
+        assert!(failure("<html>").starts_with("transient: the response is not JSON"));
     }
 
     /// A server that ignores max_tokens does not fill memory: the reply is cut off, and the

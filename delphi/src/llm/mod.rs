@@ -281,8 +281,8 @@ pub struct ContinuationResponse {
 fn cannot_read_prompts(backend: String) -> crate::Error {
     crate::Error::Llm {
         backend,
-        message: "this backend cannot read a prompt's log-probabilities (only a local GGUF model \
-                  can)"
+        message: "this backend cannot read a prompt's log-probabilities (a local GGUF model can, \
+                  and a vLLM server given its model's tokenizer)"
             .into(),
     }
 }

@@ -120,37 +120,42 @@ impl OpenAiConfig {
         }
     }
 
-    /// The URL requests go to, as shown in logs, errors and `run_config.json`: without
-    /// credentials (`user:password@`) or a query string (which may carry a key).
-    fn shown_endpoint(&self) -> String {
-        let endpoint = self.endpoint();
-        let endpoint = endpoint.split(['?', '#']).next().unwrap_or_default();
-        match endpoint.split_once("://") {
-            Some((scheme, rest)) => {
-                let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-                let host = authority
-                    .rsplit_once('@')
-                    .map_or(authority, |(_, host)| host);
-                format!("{scheme}://{host}{path}")
-            }
-            None => endpoint.to_string(),
-        }
-    }
-
-    /// The URL requests go to.
+    /// The URL chat requests go to.
     fn endpoint(&self) -> String {
-        format!("{}/chat/completions", self.api_root())
+        self.endpoint_of("chat/completions")
     }
 
     /// The URL prompt readings go to (`/completions` beside `/chat/completions`).
     fn completions_endpoint(&self) -> String {
-        format!("{}/completions", self.api_root())
+        self.endpoint_of("completions")
     }
 
-    /// The API root: the URL without a trailing `/chat/completions`.
-    fn api_root(&self) -> &str {
-        let url = self.url.trim_end_matches('/');
-        url.strip_suffix("/chat/completions").unwrap_or(url)
+    /// The API root (the URL without a trailing `/chat/completions`) joined with `path`, the
+    /// URL's query string (e.g. Azure's `api-version`) kept at the end.
+    fn endpoint_of(&self, path: &str) -> String {
+        let (url, query) = match self.url.split_once('?') {
+            Some((url, query)) => (url, format!("?{query}")),
+            None => (self.url.as_str(), String::new()),
+        };
+        let url = url.trim_end_matches('/');
+        let root = url.strip_suffix("/chat/completions").unwrap_or(url);
+        format!("{root}/{path}{query}")
+    }
+}
+
+/// `endpoint` as shown in logs, errors and `run_config.json`: without credentials
+/// (`user:password@`) or a query string (which may carry a key).
+fn shown(endpoint: &str) -> String {
+    let endpoint = endpoint.split(['?', '#']).next().unwrap_or_default();
+    match endpoint.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host);
+            format!("{scheme}://{host}{path}")
+        }
+        None => endpoint.to_string(),
     }
 }
 
@@ -161,6 +166,8 @@ pub struct OpenAiClient {
     completions_endpoint: String,
     /// `endpoint` without credentials, for messages.
     shown: String,
+    /// `completions_endpoint` without credentials, for messages.
+    shown_completions: String,
     api_key: Option<String>,
     http: reqwest::Client,
     in_flight: Semaphore,
@@ -183,6 +190,8 @@ impl std::fmt::Debug for OpenAiClient {
 /// the reply cost.
 struct Call<'a, T> {
     endpoint: &'a str,
+    /// `endpoint` as messages show it.
+    shown: &'a str,
     body: Value,
     parse: fn(&str) -> std::result::Result<T, Failure>,
     usage: fn(&T) -> Usage,
@@ -244,7 +253,8 @@ impl OpenAiClient {
         Ok(Self {
             endpoint: config.endpoint(),
             completions_endpoint: config.completions_endpoint(),
-            shown: config.shown_endpoint(),
+            shown: shown(&config.endpoint()),
+            shown_completions: shown(&config.completions_endpoint()),
             in_flight: Semaphore::new(config.concurrency),
             config,
             api_key,
@@ -354,11 +364,16 @@ impl OpenAiClient {
                         .add((call.usage)(&response));
                     return Ok(response);
                 }
-                Err(Failure::Final(message)) => return Err(self.error(message)),
+                Err(Failure::Final(message)) => {
+                    return Err(Error::Llm {
+                        backend: call.shown.to_string(),
+                        message,
+                    })
+                }
                 Err(Failure::Transient(message, after)) => {
                     if retry >= self.config.max_retries {
                         return Err(Error::Unreachable {
-                            backend: self.shown.clone(),
+                            backend: call.shown.to_string(),
                             message: format!(
                                 "{message} (gave up after {} retries)",
                                 self.config.max_retries
@@ -368,7 +383,7 @@ impl OpenAiClient {
                     let wait = self.retry_wait(retry, after);
                     tracing::warn!(
                         "{}: {message}; retrying in {:.1} s",
-                        self.shown,
+                        call.shown,
                         wait.as_secs_f64()
                     );
                     *self.retries.lock().expect("retries lock") += 1;
@@ -382,6 +397,14 @@ impl OpenAiClient {
     fn error(&self, message: String) -> Error {
         Error::Llm {
             backend: self.shown.clone(),
+            message,
+        }
+    }
+
+    /// An error of reading prompts, named after the `/completions` endpoint.
+    fn reading_error(&self, message: String) -> Error {
+        Error::Llm {
+            backend: self.shown_completions.clone(),
             message,
         }
     }
@@ -413,6 +436,7 @@ impl OpenAiClient {
         let read = self
             .with_retries(Call {
                 endpoint: &self.completions_endpoint,
+                shown: &self.shown_completions,
                 body,
                 parse: parse_prompt_logprobs,
                 usage: |r| r.usage,
@@ -422,7 +446,7 @@ impl OpenAiClient {
             })
             .await?;
         if read.positions.len() != count {
-            return Err(self.error(format!(
+            return Err(self.reading_error(format!(
                 "prompt_logprobs has {} positions for a prompt of {count} tokens",
                 read.positions.len()
             )));
@@ -439,7 +463,7 @@ impl OpenAiClient {
         let text = reader
             .template
             .render(&request.messages, true)
-            .map_err(|message| self.error(format!("the chat template: {message}")))?;
+            .map_err(|message| self.reading_error(format!("the chat template: {message}")))?;
         let prompt = reader.encode(&text)?;
         let encode = |text: &str| reader.encode(text);
         let candidates = request.candidate_ids(encode)?;
@@ -514,7 +538,7 @@ impl OpenAiClient {
                             .and_then(|position| position.get(id))
                             .map(|(logprob, _)| *logprob)
                             .ok_or_else(|| {
-                                self.error(format!(
+                                self.reading_error(format!(
                                     "prompt_logprobs has no log-probability for the prompt's \
                                      own token {id} at position {at}"
                                 ))
@@ -550,6 +574,7 @@ impl Llm for OpenAiClient {
     fn chat(&self, request: ChatRequest) -> BoxFuture<'_, Result<ChatResponse>> {
         Box::pin(self.with_retries(Call {
             endpoint: &self.endpoint,
+            shown: &self.shown,
             body: self.body(&request),
             parse: |text| parse_response(text).map_err(|message| Failure::Transient(message, None)),
             usage: |r| r.usage,
@@ -813,12 +838,22 @@ mod tests {
             OpenAiConfig::new("http://h:1/v1/chat/completions", "m").endpoint(),
             "http://h:1/v1/chat/completions"
         );
+        // A query string (Azure's api-version) stays at the end of both endpoints.
+        let azure = OpenAiConfig::new("https://h/v1/chat/completions/?api-version=2024", "m");
+        assert_eq!(
+            azure.endpoint(),
+            "https://h/v1/chat/completions?api-version=2024"
+        );
+        assert_eq!(
+            azure.completions_endpoint(),
+            "https://h/v1/completions?api-version=2024"
+        );
     }
 
     #[test]
     fn credentials_in_the_url_are_not_shown() {
         let config = OpenAiConfig::new("https://me:s3cret@h:1/v1/chat/completions?key=abc123", "m");
-        assert_eq!(config.shown_endpoint(), "https://h:1/v1/chat/completions");
+        assert_eq!(shown(&config.endpoint()), "https://h:1/v1/chat/completions");
         let client = OpenAiClient::new(config).unwrap();
         for shown in [
             client.name(),

@@ -5,8 +5,9 @@
 //! `tests/fixtures/README.md`, section E) and `qwen2` (Llama's blocks with q/k/v biases; its
 //! Q/K rows are stored unpermuted, as llama.cpp runs it with rotate-half rotary embeddings;
 //! checked on the tiny fixture `tests/fixtures/llama/qwen2_bias/model.gguf`): weights are
-//! dequantized to f32 (then converted to the compute dtype), nothing stays quantized. Or, with [`crate::LoadOptions::quantized`], the
-//! blocks' projection weights stay in their quantized type (see [`read`]).
+//! dequantized to f32 (then converted to the compute dtype), nothing stays quantized. Or, with
+//! [`crate::LoadOptions::quantized`], the blocks' projection weights stay in their quantized
+//! type (see [`read`]).
 //!
 //! Llama 3.1's rotary scaling: llama.cpp's converter stores it as the tensor
 //! `rope_freqs.weight` (one divisor per frequency), read into

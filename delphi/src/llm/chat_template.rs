@@ -11,10 +11,12 @@
 //! `documents` (None) and the special tokens (`bos_token`, `eos_token`, ...). This is that
 //! environment on minijinja, with Python's string and dict methods (`.strip()`,
 //! `.startswith()`, `.items()`, ...) from minijinja-contrib and Python's printing of
-//! booleans and None. Not the same: lists and dicts printed directly (`{{ [1, 'a'] }}`) are
-//! written as minijinja writes them, and a `{% generation %}` tag inside `{% raw %}` or a
-//! string literal is rewritten anyway. Checked against transformers on SmolLM2's template and four written in
-//! the shapes of other families (`tests/fixtures/delphi/chat_templates.json`).
+//! booleans and None in `{{ }}`. Not the same: booleans and None joined with `~` or turned
+//! into text with `|string` (`true`, `none`), lists and dicts printed directly
+//! (`{{ [1, 'a'] }}`) as minijinja writes them, and a `{% generation %}` tag inside
+//! `{% raw %}` or a string literal, which is rewritten anyway. Checked against transformers
+//! on SmolLM2's template and four written in the shapes of other families
+//! (`tests/fixtures/delphi/chat_templates.json`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
@@ -121,8 +123,8 @@ impl ChatTemplate {
 /// `chat_template.jinja` when there is one (transformers prefers it), else
 /// `tokenizer_config.json`'s `chat_template` (a string, or a list of named templates: the
 /// `default` one); its special tokens are the config's `bos_token`, `eos_token`, `unk_token`
-/// and `pad_token`, or `special_tokens_map.json`'s. On the hub, only the files present (and,
-/// offline, cached) are read.
+/// and `pad_token`, or `special_tokens_map.json`'s. On the hub, only the files the repository
+/// has are read (offline, those its cached snapshot holds).
 pub(crate) fn tokenizer_and_template(
     name: &str,
 ) -> crate::Result<(hooks::Tokenizer, ChatTemplate)> {
@@ -150,12 +152,32 @@ pub(crate) fn tokenizer_and_template(
             .iter()
             .map(|name| Some(dir.join(name)).filter(|path| path.is_file()))
             .collect(),
+        // Offline: what the cached snapshot holds. Online: the files the repository has
+        // (only a file it lacks is absent; any other failure is an error).
+        ModelSpec::Hub { repo_id, revision } if hooks::source::hub_offline() => {
+            let kind = hooks::source::RepoType::Model;
+            let snapshot =
+                hooks::source::cached_snapshot(kind, &repo_id, &revision).ok_or_else(|| {
+                    hooks::source::not_cached(
+                        kind,
+                        &repo_id,
+                        &revision,
+                        "HF_HUB_OFFLINE is set and nothing of it is cached".into(),
+                    )
+                })?;
+            file_names
+                .iter()
+                .map(|name| Some(snapshot.join(name)).filter(|path| path.is_file()))
+                .collect()
+        }
         ModelSpec::Hub { repo_id, revision } => file_names
             .iter()
-            .map(|name| {
+            .enumerate()
+            .map(|(i, name)| {
                 match hooks::source::hub_repo_files(&repo_id, &revision, &[name.to_string()]) {
                     Ok(mut paths) => Ok(Some(paths.remove(0))),
-                    Err(hooks::Error::NotOnHub { .. } | hooks::Error::NotCached { .. }) => Ok(None),
+                    // Only tokenizer.json (the first) must be there.
+                    Err(hooks::Error::NotOnHub { .. }) if i > 0 => Ok(None),
                     Err(e) => Err(e),
                 }
             })
@@ -331,6 +353,8 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<String, minijinja::Error> {
             Some(text) => text.to_string(),
             None => match v.as_i64() {
                 Some(width @ 0..=MAX_INDENT) => " ".repeat(width as usize),
+                // Python indents by `" " * indent`: nothing for a negative width.
+                Some(width) if width < 0 => String::new(),
                 _ => {
                     return Err(minijinja::Error::new(
                         ErrorKind::InvalidOperation,

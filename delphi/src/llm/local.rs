@@ -7,8 +7,9 @@
 //! does with a GGUF file: answers match it to float rounding (2.7e-5 nats on the fixture).
 //! [`LocalOptions::quantized`] keeps the blocks' quantized projection weights instead (3.8x
 //! (Q8_0) to 7x (Q4_0) less memory for them, for bigger models), multiplied with
-//! 8-bit-quantized activations as llama.cpp does; that moves the top log-probabilities by up to 0.24 nats on the fixture (the next-token
-//! distribution's KL to transformers stays under 0.008 nats). (On x86, candle 0.11 has SIMD
+//! 8-bit-quantized activations as llama.cpp does; that moves the top log-probabilities by up
+//! to 0.24 nats on the fixture (the next-token distribution's KL to transformers stays under
+//! 0.008 nats). (On x86, candle 0.11 has SIMD
 //! dot products only for Q4_0, Q8_0 and the K-quants: SmolLM2's Q4_1 runs a scalar loop,
 //! generating at a third of the f32 rate here; docs/benchmarks.md.)
 //!
@@ -528,11 +529,12 @@ impl Shared {
     }
 
     /// What reading `sequences` after a prompt of `prompt` tokens would cost through an API:
-    /// the prompt once per sequence.
+    /// the prompt once per sequence with something to read.
     fn reading_usage(prompt: usize, sequences: &[(Vec<u32>, Vec<usize>)]) -> Usage {
         Usage {
             prompt_tokens: sequences
                 .iter()
+                .filter(|(_, ends)| !ends.is_empty())
                 .map(|(ids, _)| (prompt + ids.len()) as u64)
                 .sum(),
             completion_tokens: 0,

@@ -61,6 +61,20 @@ impl PromptReader {
             ));
         }
         let (tokenizer, template) = super::chat_template::tokenizer_and_template(model)?;
+        // Pieces of answers are tokenized on their own: a tokenizer that marks the start of
+        // every text (SentencePiece's leading space, U+2581) would add a space to each.
+        let first = tokenizer.encode("Hello")?.first().copied();
+        let marked = first
+            .and_then(|id| tokenizer.inner().id_to_token(id))
+            .is_some_and(|token| token.starts_with('\u{2581}'));
+        if marked {
+            return Err(Error::Invalid(format!(
+                "{model}: its tokenizer marks the start of every text (a SentencePiece-style \
+                 leading space), so the pieces of answers cannot be tokenized on their own; \
+                 reading prompts needs a byte-level BPE tokenizer (Llama 3, Qwen2, SmolLM, GPT-2 \
+                 families)"
+            )));
+        }
         Ok(Self {
             source: model.to_string(),
             tokenizer,
@@ -133,9 +147,11 @@ impl OpenAiConfig {
     /// The API root (the URL without a trailing `/chat/completions`) joined with `path`, the
     /// URL's query string (e.g. Azure's `api-version`) kept at the end.
     fn endpoint_of(&self, path: &str) -> String {
-        let (url, query) = match self.url.split_once('?') {
+        // A fragment is never sent.
+        let url = self.url.split('#').next().unwrap_or_default();
+        let (url, query) = match url.split_once('?') {
             Some((url, query)) => (url, format!("?{query}")),
-            None => (self.url.as_str(), String::new()),
+            None => (url, String::new()),
         };
         let url = url.trim_end_matches('/');
         let root = url.strip_suffix("/chat/completions").unwrap_or(url);
@@ -394,15 +410,8 @@ impl OpenAiClient {
         }
     }
 
-    fn error(&self, message: String) -> Error {
-        Error::Llm {
-            backend: self.shown.clone(),
-            message,
-        }
-    }
-
     /// An error of reading prompts, named after the `/completions` endpoint.
-    fn reading_error(&self, message: String) -> Error {
+    fn error(&self, message: String) -> Error {
         Error::Llm {
             backend: self.shown_completions.clone(),
             message,
@@ -446,7 +455,7 @@ impl OpenAiClient {
             })
             .await?;
         if read.positions.len() != count {
-            return Err(self.reading_error(format!(
+            return Err(self.error(format!(
                 "prompt_logprobs has {} positions for a prompt of {count} tokens",
                 read.positions.len()
             )));
@@ -460,10 +469,15 @@ impl OpenAiClient {
     /// distribution of the next token).
     async fn read_prompts(&self, request: ReadRequest) -> Result<ReadResponse> {
         let reader = self.reader()?;
+        if request.messages.is_empty() {
+            return Err(Error::Invalid(
+                "a chat request needs at least one message".into(),
+            ));
+        }
         let text = reader
             .template
             .render(&request.messages, true)
-            .map_err(|message| self.reading_error(format!("the chat template: {message}")))?;
+            .map_err(|message| self.error(format!("the chat template: {message}")))?;
         let prompt = reader.encode(&text)?;
         let encode = |text: &str| reader.encode(text);
         let candidates = request.candidate_ids(encode)?;
@@ -538,7 +552,7 @@ impl OpenAiClient {
                             .and_then(|position| position.get(id))
                             .map(|(logprob, _)| *logprob)
                             .ok_or_else(|| {
-                                self.reading_error(format!(
+                                self.error(format!(
                                     "prompt_logprobs has no log-probability for the prompt's \
                                      own token {id} at position {at}"
                                 ))
@@ -602,16 +616,8 @@ impl Llm for OpenAiClient {
         format!("{} at {}", self.config.model, self.shown)
     }
 
-    /// The model name; reading prompts, also how many tokens are read at each place (which
-    /// moves the simulation scorer's expected levels).
     fn model_id(&self) -> String {
-        match &self.config.prompt_reader {
-            Some(reader) => format!(
-                "{} (prompt log-probabilities of the {} most likely tokens)",
-                self.config.model, reader.top
-            ),
-            None => self.config.model.clone(),
-        }
+        self.config.model.clone()
     }
 }
 
@@ -848,6 +854,8 @@ mod tests {
             azure.completions_endpoint(),
             "https://h/v1/completions?api-version=2024"
         );
+        let fragment = OpenAiConfig::new("https://h/v1/chat/completions#top", "m");
+        assert_eq!(fragment.completions_endpoint(), "https://h/v1/completions");
     }
 
     #[test]
@@ -953,6 +961,28 @@ mod tests {
         let word_key = r#"{"choices": [{"prompt_logprobs": [null, {"a": {"logprob": -1.0}}]}]}"#;
         assert!(failure(word_key).contains("key \"a\", not a token id"));
         assert!(failure("<html>").starts_with("transient: the response is not JSON"));
+    }
+
+    /// A SentencePiece-style tokenizer (a leading space marks every text) is refused for
+    /// reading prompts: each answer piece would gain a space.
+    #[test]
+    fn prompt_readers_refuse_tokenizers_that_mark_every_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokenizer = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "post_processor": null, "decoder": null,
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}",
+                              "prepend_scheme": "always", "split": true},
+            "model": {"type": "WordLevel", "unk_token": "[UNK]", "vocab":
+                {"[UNK]": 0, "\u{2581}Hello": 1, "\u{2581}world": 2, "\u{2581}": 3}},
+        });
+        std::fs::write(dir.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
+        let config = json!({"chat_template": "{{ messages[0].content }}"});
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        let err = PromptReader::for_model(dir.path().to_str().unwrap(), 20)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("marks the start of every text"), "{err}");
     }
 
     /// A server that ignores max_tokens does not fill memory: the reply is cut off, and the

@@ -557,12 +557,16 @@ pub async fn simulate(
     // A server reports only its most likely tokens at each place: where no level is among
     // them, the expected level is 0, as in OpenAI's simulator. Where no level is read anywhere,
     // the model cannot write them at all.
-    let places = response.logprobs.iter().flatten().count();
-    let unread = response
+    let read: Vec<Vec<Option<f64>>> = response
         .logprobs
         .iter()
+        .map(|answer| answer.iter().map(|levels| expected_level(levels)).collect())
+        .collect();
+    let places = read.iter().flatten().count();
+    let unread = read
+        .iter()
         .flatten()
-        .filter(|levels| expected_level(levels).is_none())
+        .filter(|level| level.is_none())
         .count();
     if unread > 0 && unread == places {
         return Err(crate::Error::Llm {
@@ -576,11 +580,8 @@ pub async fn simulate(
         );
     }
     let mut scored = Vec::with_capacity(samples.len());
-    for (sample, read) in samples.iter().zip(&response.logprobs) {
-        let expected: Vec<f64> = read
-            .iter()
-            .map(|levels| expected_level(levels).unwrap_or(0.0))
-            .collect();
+    for (sample, read) in samples.iter().zip(&read) {
+        let expected: Vec<f64> = read.iter().map(|level| level.unwrap_or(0.0)).collect();
         if expected.len() != sample.tokens.len() {
             return Err(crate::Error::Llm {
                 backend: llm.name(),

@@ -266,11 +266,12 @@ impl OpenAiClient {
             .timeout(config.timeout)
             .build()
             .map_err(|e| Error::Invalid(format!("cannot build the HTTP client: {e}")))?;
+        let (endpoint, completions_endpoint) = (config.endpoint(), config.completions_endpoint());
         Ok(Self {
-            endpoint: config.endpoint(),
-            completions_endpoint: config.completions_endpoint(),
-            shown: shown(&config.endpoint()),
-            shown_completions: shown(&config.completions_endpoint()),
+            shown: shown(&endpoint),
+            shown_completions: shown(&completions_endpoint),
+            endpoint,
+            completions_endpoint,
             in_flight: Semaphore::new(config.concurrency),
             config,
             api_key,
@@ -432,8 +433,11 @@ impl OpenAiClient {
     /// What vLLM reports at every position of `ids` (`prompt_logprobs`): the
     /// log-probabilities of the token there and of the reader's most likely ones, by token
     /// id (`None` at the first position, which nothing predicts).
-    async fn prompt_logprobs(&self, ids: Vec<u32>) -> Result<PromptLogprobs> {
-        let reader = self.reader()?;
+    async fn prompt_logprobs(
+        &self,
+        reader: &PromptReader,
+        ids: Vec<u32>,
+    ) -> Result<PromptLogprobs> {
         let count = ids.len();
         let body = json!({
             "model": self.config.model,
@@ -494,7 +498,7 @@ impl OpenAiClient {
                     ids.extend(&answer);
                     // Any token will do: only the distribution at its position is read.
                     ids.push(answer[0]);
-                    let read = self.prompt_logprobs(ids).await?;
+                    let read = self.prompt_logprobs(reader, ids).await?;
                     let rows = ends
                         .iter()
                         .map(|&end| {
@@ -541,7 +545,7 @@ impl OpenAiClient {
                 }
                 let mut ids = prompt.clone();
                 ids.extend(&text_ids);
-                let read = self.prompt_logprobs(ids).await?;
+                let read = self.prompt_logprobs(reader, ids).await?;
                 let logprobs = text_ids
                     .iter()
                     .enumerate()

@@ -84,9 +84,6 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     /// Whether the q/k/v/o projections have biases.
     pub attention_bias: bool,
-    /// Whether the q/k/v projections have biases even where `attention_bias` is false (Qwen2:
-    /// biases on q/k/v, none on o).
-    pub qkv_bias: bool,
     /// Whether the MLP projections have biases.
     pub mlp_bias: bool,
     /// Whether the unembedding shares the embedding's weights.
@@ -101,10 +98,16 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// Whether the q/k/v projections have biases even where `attention_bias` is false: Qwen2's
+    /// (biases on q/k/v, none on o).
+    pub fn qkv_bias(&self) -> bool {
+        self.model_type == "qwen2"
+    }
+
     /// Whether the attention projection `name` (`q_proj`, `k_proj`, `v_proj` or `o_proj`)
     /// has a bias.
     pub fn attention_projection_bias(&self, name: &str) -> bool {
-        self.attention_bias || (self.qkv_bias && name != "o_proj")
+        self.attention_bias || (self.qkv_bias() && name != "o_proj")
     }
 }
 
@@ -198,7 +201,6 @@ impl ModelConfig {
                     // config says.
                     attention_bias: model_type != "qwen2"
                         && fields.bool_or("attention_bias", false)?,
-                    qkv_bias: model_type == "qwen2",
                     mlp_bias: fields.bool_or("mlp_bias", false)?,
                     tie_word_embeddings: fields.bool_or("tie_word_embeddings", false)?,
                     eos_token_id: fields.token_id("eos_token_id")?,
@@ -825,7 +827,7 @@ mod tests {
         .unwrap();
         let ModelConfig::Llama(c) = c else { panic!() };
         assert_eq!((c.head_dim, c.num_kv_heads, c.rope_theta), (64, 3, 1e5));
-        assert!(!c.qkv_bias && !c.attention_bias);
+        assert!(!c.qkv_bias() && !c.attention_bias);
     }
 
     /// Qwen2.5-0.5B-Instruct's config.json: biases on q/k/v only, and a stated window that
@@ -842,7 +844,7 @@ mod tests {
         });
         let window = |json: &Value| match parse(json.clone()).unwrap() {
             ModelConfig::Llama(c) => {
-                assert!(c.qkv_bias && !c.attention_bias && !c.mlp_bias);
+                assert!(c.qkv_bias() && !c.attention_bias && !c.mlp_bias);
                 assert_eq!(c.model_type, "qwen2");
                 assert_eq!((c.head_dim, c.rope_theta), (64, 1e6));
                 c.sliding_window

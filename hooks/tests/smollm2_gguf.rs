@@ -276,7 +276,7 @@ fn tiny_gguf_qwen2_matches_transformers_at_every_hook_point() {
     let hooks::config::ModelConfig::Llama(config) = model.config() else {
         panic!("{:?}", model.config())
     };
-    assert!(config.qkv_bias && !config.attention_bias);
+    assert!(config.qkv_bias() && !config.attention_bias);
     assert_eq!((config.rope_theta, config.sliding_window), (1e6, None));
     assert_eq!(model.config().model_type(), "qwen2");
     let exp = load_safetensors(&case.join("expected.safetensors"));

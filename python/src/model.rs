@@ -579,7 +579,7 @@ impl PyModel {
                 "rope_freq_factors": c.rope_freq_factors,
                 "rms_norm_eps": c.rms_norm_eps,
                 "attention_bias": c.attention_bias,
-                "qkv_bias": c.qkv_bias,
+                "qkv_bias": c.qkv_bias(),
                 "mlp_bias": c.mlp_bias,
                 "tie_word_embeddings": c.tie_word_embeddings,
                 "max_position_embeddings": c.max_position_embeddings,

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use serde_json::Value;
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{PaddingParams, PaddingStrategy, PostProcessor, Tokenizer, TruncationParams};
 
 use crate::{Error, Result};
 
@@ -105,16 +105,55 @@ impl SentenceEmbedder {
             ));
         }
 
-        let max_len = match read_optional_json(&dir.join("sentence_bert_config.json"))? {
+        // What candle's BERT would divide by zero with, or run with a padding id past the
+        // vocabulary.
+        let invalid = if config.num_attention_heads == 0
+            || !config.hidden_size.is_multiple_of(config.num_attention_heads)
+        {
+            Some(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                config.hidden_size, config.num_attention_heads
+            ))
+        } else if config.pad_token_id >= config.vocab_size {
+            Some(format!(
+                "pad_token_id {} is not below vocab_size {}",
+                config.pad_token_id, config.vocab_size
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = invalid {
+            return Err(Error::file(&config_path, message));
+        }
+        let sentence_config = dir.join("sentence_bert_config.json");
+        let max_seq_length = match read_optional_json(&sentence_config)? {
             Some(st) => st["max_seq_length"].as_u64().map(|n| n as usize),
             None => None,
-        }
-        .unwrap_or(config.max_position_embeddings)
-        .min(config.max_position_embeddings);
+        };
+        let max_len = max_seq_length
+            .unwrap_or(config.max_position_embeddings)
+            .min(config.max_position_embeddings);
 
         let tokenizer_path = dir.join("tokenizer.json");
         let mut tokenizer = Tokenizer::from_file(&tokenizer_path)
             .map_err(|e| Error::file(&tokenizer_path, format!("cannot load: {e}")))?;
+        // Room for the special tokens added around every text ([CLS] ... [SEP]), and more.
+        let special = tokenizer
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false));
+        if max_len <= special {
+            let (file, field) = match max_seq_length {
+                Some(n) if n == max_len => (&sentence_config, "max_seq_length"),
+                _ => (&config_path, "max_position_embeddings"),
+            };
+            return Err(Error::file(
+                file,
+                format!(
+                    "{field} {max_len} leaves no room for text after the {special} special \
+                     tokens added to every text"
+                ),
+            ));
+        }
         // As sentence-transformers: truncate to max_seq_length, pad to the longest in a batch
         // (the file's own truncation/padding settings are overridden).
         tokenizer
@@ -133,6 +172,21 @@ impl SentenceEmbedder {
         let bytes = std::fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
         let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, &Device::Cpu)
             .map_err(|e| Error::file(&weights_path, format!("cannot read: {e}")))?;
+        // Layers past num_hidden_layers would be left out silently.
+        let extra_layer = format!(
+            "encoder.layer.{}.output.dense.weight",
+            config.num_hidden_layers
+        );
+        if vb.contains_tensor(&extra_layer) {
+            return Err(Error::file(
+                &config_path,
+                format!(
+                    "num_hidden_layers is {}, but {} holds more layers ({extra_layer})",
+                    config.num_hidden_layers,
+                    weights_path.display()
+                ),
+            ));
+        }
         let model = BertModel::load(vb, &config)
             .map_err(|e| Error::file(&weights_path, format!("cannot load BERT weights: {e}")))?;
         Ok(Self {

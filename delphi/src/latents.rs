@@ -642,6 +642,12 @@ impl LatentCache {
                 "the cache is incomplete (its writer stopped early): re-run the caching command to finish it",
             ));
         }
+        if let Some((hookpoint, _)) = config.hookpoints.iter().find(|(_, &width)| width == 0) {
+            return Err(Error::file(
+                dir.join("config.json"),
+                format!("records 0 latents for {hookpoint}: the file is damaged"),
+            ));
+        }
         let shards_dir = dir.join("shards");
         let ranges = shard_ranges(&shards_dir)?;
         let end = ranges.last().map_or(0, |(r, _)| r.end);
@@ -789,8 +795,11 @@ impl LatentCache {
         };
         match width {
             Some(width) if latents.end > *width => Err(Error::Invalid(format!(
-                "latents {}..{} reach past the end: {hookpoint} has {width} latents",
-                latents.start, latents.end
+                "latents {}..{} reach past the end: {hookpoint} has {width} latents in the cache \
+                 in {}",
+                latents.start,
+                latents.end,
+                self.dir.display()
             ))),
             _ => Ok(()),
         }

@@ -8,6 +8,9 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
+#[path = "../../tests/common/damage.rs"]
+mod damage;
+
 use delphi::embedding::{cosine, SentenceEmbedder};
 use serde_json::Value;
 
@@ -145,4 +148,64 @@ fn the_embedding_scorer_ranks_excerpts_by_similarity_to_the_explanation() {
     // The explanation is what the excerpts are compared with: another one reverses the ranking.
     let finance = embed_score(embedder, "money and markets", &samples).unwrap();
     assert!(embedding_auc(&finance).unwrap() < 0.5);
+}
+
+/// The MiniLM folder with any one of its files damaged: loaded and run, or refused naming the
+/// folder; never a panic (candle's BERT divides by the head count, for one).
+#[test]
+fn damaged_model_folders_are_refused() {
+    if embedder().is_none() {
+        return;
+    }
+    let dir = hooks::fetch::minilm_dir().unwrap();
+    let files: Vec<String> = damage::files_in(&dir)
+        .into_iter()
+        .filter(|f| !f.ends_with("model.safetensors"))
+        .collect();
+    let read = |dir: &Path| {
+        let model = SentenceEmbedder::load(dir).map_err(|e| e.to_string())?;
+        model
+            .embed(&["A damaged file is refused."])
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    };
+    damage::damage_and_read(&dir, &files, 30, &read);
+    damage::damage_and_read(&dir, &["model.safetensors".to_string()], 12, &read);
+}
+
+/// BERT configs that cannot run or disagree with the weights: refused naming the file, where
+/// candle's BERT would divide by zero (no heads) or leave layers out without a word.
+#[test]
+fn configs_that_cannot_run_are_refused() {
+    if embedder().is_none() {
+        return;
+    }
+    let dir = hooks::fetch::minilm_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        ("num_attention_heads", 0, "config.json: hidden_size 384 is not a multiple of num_attention_heads 0"),
+        ("num_attention_heads", 7, "config.json: hidden_size 384 is not a multiple of num_attention_heads 7"),
+        ("num_hidden_layers", 5, "config.json: num_hidden_layers is 5, but"),
+        ("num_hidden_layers", 7, "tensor `encoder.layer.6.attention.self.query.weight` not found"),
+        ("pad_token_id", 30522, "config.json: pad_token_id 30522 is not below vocab_size 30522"),
+        ("max_position_embeddings", 2, "config.json: max_position_embeddings 2 leaves no room for text after the 2 special tokens"),
+        ("hidden_size", 0, "model.safetensors: cannot load BERT weights"),
+    ];
+    for (field, value, expected) in cases {
+        let copy = tmp.path().join(format!("{field}-{value}"));
+        for file in damage::files_in(&dir) {
+            let target = copy.join(&file);
+            std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+            if std::fs::hard_link(dir.join(&file), &target).is_err() {
+                std::fs::copy(dir.join(&file), &target).unwrap();
+            }
+        }
+        let config = copy.join("config.json");
+        let mut json: Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+        json[field] = value.into();
+        std::fs::remove_file(&config).unwrap();
+        std::fs::write(&config, json.to_string()).unwrap();
+        let err = SentenceEmbedder::load(&copy).unwrap_err().to_string();
+        assert!(err.contains(expected), "{field} {value}: {err}");
+    }
 }

@@ -2,6 +2,8 @@
 //! OpenAI-compatible server with injected faults.
 
 mod common;
+#[path = "../../tests/common/damage.rs"]
+mod damage;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -604,6 +606,18 @@ fn reads_delphis_cache_layout() {
         &[(9, 0)],
         "9_0.safetensors: names latents 9 to 0: the first is after the last",
     );
+
+    // A folder of no split files is refused. Then damaged split files: read, or refused
+    // naming the folder; never a panic.
+    refused(&[], "");
+    write(0, 9, &[(0, 3, 2, 1.5), (1, 7, 9, 0.25)]);
+    write(10, 19, &[(1, 0, 0, 2.0), (0, 1, 2, 3.0)]);
+    let files = damage::files_in(tmp.path());
+    damage::damage_and_read(tmp.path(), &files, 100, &|dir| {
+        let cache = LatentCache::open(dir).map_err(|e| e.to_string())?;
+        cache.firings("layers.5", 0..20).map_err(|e| e.to_string())?;
+        Ok(())
+    });
 }
 
 fn job_config() -> JobConfig {
@@ -1520,4 +1534,28 @@ async fn changed_settings_are_refused_for_an_existing_output() {
         message.contains("run_config.json") && message.contains("examples"),
         "{message}"
     );
+}
+
+/// A finished job's output with any one of its files damaged (the run's settings, an
+/// explanation, a score file): a rerun, which reads what is there to resume, and the summary
+/// refuse it naming the file, or redo it; never a panic.
+#[test]
+fn damaged_results_are_refused_or_redone() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let f = fixture();
+    let server = runtime.block_on(TestServer::start());
+    let out = f.root.join("job");
+    runtime.block_on(run(&f, &server, &out, Shard::ALL));
+    let files = damage::files_in(&out);
+    assert!(files.len() > 10, "{files:?}");
+    damage::damage_and_read(&out, &files, 6, &|dir| {
+        let config = job_config();
+        let rerun = try_run(&f, &server, dir, Shard::ALL, &config, false);
+        let report = runtime.block_on(rerun).map_err(|e| e.to_string())?;
+        if !report.errors.is_empty() {
+            return Err(report.errors.join("; "));
+        }
+        summarize(dir, &config).map_err(|e| e.to_string())?;
+        Ok(())
+    });
 }

@@ -632,7 +632,10 @@ fn parquet_texts(path: &Path, field: String) -> Result<impl Iterator<Item = Resu
         message,
     };
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let reader = SerializedFileReader::new(file)
+    // The parquet crate panics on some damaged files (out-of-range indices in their encoded
+    // pages): those panics become errors here and where rows are read below.
+    let reader = crate::error::without_panicking(|| SerializedFileReader::new(file))
+        .map_err(|panic| bad(format!("not a readable parquet file: damaged ({panic})")))?
         .map_err(|e| bad(format!("not a readable parquet file: {e}")))?;
     let schema = reader.metadata().file_metadata().schema_descr();
     let columns: Vec<String> = schema.columns().iter().map(|c| c.path().string()).collect();
@@ -643,25 +646,35 @@ fn parquet_texts(path: &Path, field: String) -> Result<impl Iterator<Item = Resu
         )));
     }
     let path = path.to_path_buf();
-    Ok(reader
-        .into_iter()
-        .enumerate()
-        .map(move |(row_number, row)| {
-            let bad = |message: String| Error::Data {
-                path: path.clone(),
-                message: format!("row {row_number}: {message}"),
-            };
-            let row = row.map_err(|e| bad(e.to_string()))?;
-            let value = row
-                .get_column_iter()
-                .find(|(name, _)| **name == field)
-                .map(|(_, value)| value.clone());
-            match value {
-                Some(Field::Str(text)) => Ok(text),
-                Some(Field::Null) => Ok(String::new()),
-                other => Err(bad(format!("column '{field}' is not a string: {other:?}"))),
-            }
-        }))
+    let mut rows = reader.into_iter();
+    let mut damaged = false;
+    let rows = std::iter::from_fn(move || {
+        if damaged {
+            return None;
+        }
+        crate::error::without_panicking(|| rows.next()).unwrap_or_else(|panic| {
+            damaged = true;
+            Some(Err(parquet::errors::ParquetError::General(format!(
+                "the file is damaged ({panic})"
+            ))))
+        })
+    });
+    Ok(rows.enumerate().map(move |(row_number, row)| {
+        let bad = |message: String| Error::Data {
+            path: path.clone(),
+            message: format!("row {row_number}: {message}"),
+        };
+        let row = row.map_err(|e| bad(e.to_string()))?;
+        let value = row
+            .get_column_iter()
+            .find(|(name, _)| **name == field)
+            .map(|(_, value)| value.clone());
+        match value {
+            Some(Field::Str(text)) => Ok(text),
+            Some(Field::Null) => Ok(String::new()),
+            other => Err(bad(format!("column '{field}' is not a string: {other:?}"))),
+        }
+    }))
 }
 
 #[cfg(test)]

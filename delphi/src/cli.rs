@@ -160,7 +160,8 @@ struct RunArgs {
     explainer_model: String,
     /// The served model's tokenizer and chat template (hub id, folder or .gguf file): with
     /// it, the simulation and surprisal scorers read prompt log-probabilities from a vLLM
-    /// server (prompts sent as token ids to /v1/completions with `prompt_logprobs`).
+    /// server (prompts sent as token ids to /v1/completions with `prompt_logprobs`). A
+    /// server whose model tokenizes otherwise is refused.
     #[arg(long)]
     server_tokenizer: Option<String>,
     /// How many of the most likely tokens such a server reports at each prompt position

@@ -108,7 +108,9 @@ impl SentenceEmbedder {
         // What candle's BERT would divide by zero with, or run with a padding id past the
         // vocabulary.
         let invalid = if config.num_attention_heads == 0
-            || !config.hidden_size.is_multiple_of(config.num_attention_heads)
+            || !config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
         {
             Some(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",

@@ -615,7 +615,9 @@ fn reads_delphis_cache_layout() {
     let files = damage::files_in(tmp.path());
     damage::damage_and_read(tmp.path(), &files, 100, &|dir| {
         let cache = LatentCache::open(dir).map_err(|e| e.to_string())?;
-        cache.firings("layers.5", 0..20).map_err(|e| e.to_string())?;
+        cache
+            .firings("layers.5", 0..20)
+            .map_err(|e| e.to_string())?;
         Ok(())
     });
 }

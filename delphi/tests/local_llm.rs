@@ -762,7 +762,8 @@ async fn concurrent_chats_queue_and_answer_like_sequential_ones() {
 /// What vLLM's OpenAI server answers a `/completions` request whose `prompt` is token ids,
 /// with `prompt_logprobs: k`, computed here by the hook runtime on the same model: per
 /// position, by token id, the log-probabilities of the `k` most likely tokens and of the
-/// prompt's own token there, with its rank (`null` at position 0, which nothing predicts).
+/// prompt's own token there, with its rank and its text decoded alone (`null` at position 0,
+/// which nothing predicts).
 fn vllm_prompt_logprobs(model: &hooks::Model, request: &Value) -> Value {
     use hooks::candle_core::{DType, Device, Tensor};
     use hooks::sampling::{log_softmax, top_k};
@@ -781,18 +782,20 @@ fn vllm_prompt_logprobs(model: &hooks::Model, request: &Value) -> Value {
         .unwrap()
         .to_vec2()
         .unwrap();
+    let text = |id: u32| model.tokenizer().unwrap().decode(&[id]).unwrap();
     let mut positions = vec![Value::Null];
     for (at, &own) in prompt.iter().enumerate().skip(1) {
         let row = log_softmax(&logits[at - 1]);
         let mut entries = serde_json::Map::new();
         for (rank, id) in top_k(&row, top).into_iter().enumerate() {
-            let entry = json!({"logprob": row[id as usize], "rank": rank + 1, "decoded_token": ""});
+            let entry =
+                json!({"logprob": row[id as usize], "rank": rank + 1, "decoded_token": text(id)});
             entries.insert(id.to_string(), entry);
         }
         entries.entry(own.to_string()).or_insert_with(|| {
             let logprob = row[own as usize];
             let rank = 1 + row.iter().filter(|&&other| other > logprob).count();
-            json!({"logprob": logprob, "rank": rank, "decoded_token": ""})
+            json!({"logprob": logprob, "rank": rank, "decoded_token": text(own)})
         });
         positions.push(Value::Object(entries));
     }
@@ -977,4 +980,52 @@ async fn a_vllm_servers_prompt_logprobs_read_like_the_local_model() {
     assert!(requests.iter().all(|r| r["prompt"].is_array()
         && [20, 200].contains(&r["prompt_logprobs"].as_u64().unwrap())
         && r["max_tokens"] == 1));
+}
+
+/// A client given another model's tokenizer (Pythia's, for a server running SmolLM2) is
+/// refused at the first reply: the server writes the prompt's tokens back as other text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_model_tokenizes_otherwise_is_refused() {
+    let Some(path) = gguf() else {
+        return;
+    };
+    let served = Arc::new(hooks::Model::load(path.to_str().unwrap(), &Default::default()).unwrap());
+    let server = TestServer::start().await;
+    server.on_completions(move |request| vllm_prompt_logprobs(&served, request));
+    let other = tempfile::tempdir().unwrap();
+    let pythia = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/gpt-neox-20b-tokenizer.json");
+    std::fs::copy(pythia, other.path().join("tokenizer.json")).unwrap();
+    let template = json!({"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"});
+    std::fs::write(
+        other.path().join("tokenizer_config.json"),
+        template.to_string(),
+    )
+    .unwrap();
+    let request = ContinuationRequest {
+        prompt: "The cat sat on the mat, and then".into(),
+        texts: vec![" the dog sat on the cat.".into()],
+    };
+    let mut config = OpenAiConfig::new(&server.url, "SmolLM2-135M-Instruct");
+    config.max_retries = 0;
+    let read_with = |tokenizer: &Path| {
+        let mut config = config.clone();
+        let reader = PromptReader::for_model(tokenizer.to_str().unwrap(), 20).unwrap();
+        config.prompt_reader = Some(Arc::new(reader));
+        OpenAiClient::new(config).unwrap()
+    };
+    read_with(path)
+        .continuation_logprobs(request.clone())
+        .await
+        .unwrap();
+    let err = read_with(other.path())
+        .continuation_logprobs(request)
+        .await
+        .unwrap_err()
+        .to_string();
+    println!("{err}");
+    assert!(
+        err.contains("the served model does not tokenize as")
+            && err.contains("prompt tokens read otherwise on the server"),
+        "{err}"
+    );
 }

@@ -87,6 +87,45 @@ impl PromptReader {
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self.tokenizer.encode(text)?)
     }
+
+    /// Refuses a server whose model tokenizes otherwise: the prompt's own tokens, as the
+    /// server writes them back (`decoded_token`: the token decoded alone in recent vLLM
+    /// versions, its vocabulary entry in older ones), must read as this tokenizer's tokens of
+    /// the same ids at most places. A different tokenizer's ids stand for other text, and its
+    /// log-probabilities would be read at the wrong tokens without a sign. Special tokens and
+    /// servers that write no text are let through.
+    fn check_served_tokens(
+        &self,
+        ids: &[u32],
+        read: &PromptLogprobs,
+    ) -> std::result::Result<(), String> {
+        let (mut checked, mut differing) = (0, Vec::new());
+        for (at, (&id, position)) in ids.iter().zip(&read.positions).enumerate() {
+            let Some(served) = position.as_ref().and_then(|p| p.get(&id)?.text.as_deref()) else {
+                continue;
+            };
+            checked += 1;
+            let piece = self.tokenizer.inner().id_to_token(id);
+            let decoded = self.tokenizer.decode(&[id]).ok();
+            if piece.as_deref() != Some(served) && decoded.as_deref() != Some(served) {
+                differing.push(format!(
+                    "token {id} at position {at} is {:?} here but {served:?} on the server",
+                    decoded.unwrap_or_default()
+                ));
+            }
+        }
+        if differing.len() * 2 > checked {
+            return Err(format!(
+                "the served model does not tokenize as {} does: {} of {checked} prompt tokens \
+                 read otherwise on the server (e.g. {}); give --server-tokenizer the served \
+                 model's own tokenizer",
+                self.source,
+                differing.len(),
+                differing[..differing.len().min(3)].join("; ")
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Settings of an [`OpenAiClient`].
@@ -441,7 +480,7 @@ impl OpenAiClient {
         let count = ids.len();
         let body = json!({
             "model": self.config.model,
-            "prompt": ids,
+            "prompt": &ids,
             "max_tokens": 1,
             "temperature": 0.0,
             "prompt_logprobs": reader.top,
@@ -464,6 +503,9 @@ impl OpenAiClient {
                 read.positions.len()
             )));
         }
+        reader
+            .check_served_tokens(&ids, &read)
+            .map_err(|message| self.error(message))?;
         Ok(read)
     }
 
@@ -505,9 +547,11 @@ impl OpenAiClient {
                             let position = read.positions[prompt.len() + end + 1].as_ref();
                             // vLLM also reports the token actually there, whatever its rank:
                             // only the most likely tokens are read, as for every other place.
-                            let read_as = |id: u32| match position?.get(&id)? {
-                                (_, Some(rank)) if *rank > u64::from(reader.top) => None,
-                                (logprob, _) => Some(*logprob),
+                            let read_as = |id: u32| {
+                                let token = position?.get(&id)?;
+                                let ranked_out =
+                                    token.rank.is_some_and(|rank| rank > u64::from(reader.top));
+                                (!ranked_out).then_some(token.logprob)
                             };
                             candidates
                                 .iter()
@@ -554,7 +598,7 @@ impl OpenAiClient {
                         read.positions[at]
                             .as_ref()
                             .and_then(|position| position.get(id))
-                            .map(|(logprob, _)| *logprob)
+                            .map(|token| token.logprob)
                             .ok_or_else(|| {
                                 self.error(format!(
                                     "prompt_logprobs has no log-probability for the prompt's \
@@ -725,9 +769,18 @@ fn parse_response(text: &str) -> std::result::Result<ChatResponse, String> {
     })
 }
 
-/// What vLLM reports at one prompt position: by token id, its log-probability and its rank
-/// (1 = most likely) when given.
-type PositionLogprobs = HashMap<u32, (f32, Option<u64>)>;
+/// What vLLM reports of one token at one prompt position.
+#[derive(Debug, Clone, PartialEq)]
+struct ServedToken {
+    logprob: f32,
+    /// 1 = most likely, when given.
+    rank: Option<u64>,
+    /// The server's text of the token (`decoded_token`), when given.
+    text: Option<String>,
+}
+
+/// What vLLM reports at one prompt position, by token id.
+type PositionLogprobs = HashMap<u32, ServedToken>;
 
 /// What vLLM's `prompt_logprobs` gives for one prompt.
 struct PromptLogprobs {
@@ -747,9 +800,7 @@ fn parse_prompt_logprobs(text: &str) -> std::result::Result<PromptLogprobs, Fail
             None,
         )
     })?;
-    let entry = |id: &String,
-                 entry: &Value|
-     -> std::result::Result<(u32, (f32, Option<u64>)), String> {
+    let entry = |id: &String, entry: &Value| -> std::result::Result<(u32, ServedToken), String> {
         let id = id
             .parse::<u32>()
             .map_err(|_| format!("prompt_logprobs has a key {id:?}, not a token id"))?;
@@ -757,10 +808,15 @@ fn parse_prompt_logprobs(text: &str) -> std::result::Result<PromptLogprobs, Fail
             .get("logprob")
             .and_then(Value::as_f64)
             .ok_or_else(|| format!("prompt_logprobs entry {id} has no numeric logprob: {entry}"))?;
-        Ok((
-            id,
-            (logprob as f32, entry.get("rank").and_then(Value::as_u64)),
-        ))
+        let served = ServedToken {
+            logprob: logprob as f32,
+            rank: entry.get("rank").and_then(Value::as_u64),
+            text: entry
+                .get("decoded_token")
+                .and_then(Value::as_str)
+                .map(String::from),
+        };
+        Ok((id, served))
     };
     let positions = value
         .get("choices")
@@ -942,8 +998,13 @@ mod tests {
         let read = parse_prompt_logprobs(reply).ok().unwrap();
         assert!(read.positions[0].is_none());
         let second = read.positions[1].as_ref().unwrap();
-        assert_eq!(second[&5], (-0.5, Some(1)));
-        assert_eq!(second[&9], (-9999.0, Some(4000)));
+        let served = |logprob, rank, text: &str| ServedToken {
+            logprob,
+            rank: Some(rank),
+            text: Some(text.into()),
+        };
+        assert_eq!(second[&5], served(-0.5, 1, "a"));
+        assert_eq!(second[&9], served(-9999.0, 4000, "b"));
         assert_eq!(
             (read.usage.prompt_tokens, read.usage.completion_tokens),
             (2, 1)
@@ -965,6 +1026,71 @@ mod tests {
         let word_key = r#"{"choices": [{"prompt_logprobs": [null, {"a": {"logprob": -1.0}}]}]}"#;
         assert!(failure(word_key).contains("key \"a\", not a token id"));
         assert!(failure("<html>").starts_with("transient: the response is not JSON"));
+    }
+
+    /// The prompt's own tokens as the server writes them back: decoded alone (recent vLLM)
+    /// or as vocabulary entries (older vLLM) pass, and so does a minority of others (special
+    /// tokens a server may write otherwise); a majority of other texts means another
+    /// tokenizer, and is refused naming the tokens.
+    #[test]
+    fn a_server_that_tokenizes_otherwise_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let pythia = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../data/gpt-neox-20b-tokenizer.json");
+        std::fs::copy(pythia, dir.path().join("tokenizer.json")).unwrap();
+        let config = json!({"chat_template": "{{ messages[0].content }}"});
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        let reader = PromptReader::for_model(dir.path().to_str().unwrap(), 20).unwrap();
+        let ids = reader.encode("The cat sat on the mat").unwrap();
+        assert_eq!(ids.len(), 6);
+        let served = |texts: &[Option<&str>]| PromptLogprobs {
+            positions: std::iter::once(None)
+                .chain(ids[1..].iter().zip(texts).map(|(&id, text)| {
+                    let token = ServedToken {
+                        logprob: -1.0,
+                        rank: Some(1),
+                        text: text.map(String::from),
+                    };
+                    Some(HashMap::from([(id, token)]))
+                }))
+                .collect(),
+            usage: Usage::default(),
+        };
+        let check = |texts: &[Option<&str>]| reader.check_served_tokens(&ids, &served(texts));
+        check(&[
+            Some(" cat"),
+            Some(" sat"),
+            Some(" on"),
+            Some(" the"),
+            Some(" mat"),
+        ])
+        .unwrap();
+        check(&[Some("\u{120}cat"), Some("\u{120}sat"), None, None, None]).unwrap();
+        check(&[
+            Some(" cat"),
+            Some("<|x|>"),
+            Some(" on"),
+            Some("<|y|>"),
+            Some(" mat"),
+        ])
+        .unwrap();
+        check(&[None; 5]).unwrap();
+        let err = check(&[
+            Some(" cat"),
+            Some(" dog"),
+            Some("x"),
+            Some("y"),
+            Some(" mat"),
+        ])
+        .unwrap_err();
+        assert!(
+            err.contains("3 of 5 prompt tokens read otherwise on the server")
+                && err.contains(&format!(
+                    "token {} at position 2 is \" sat\" here but \" dog\"",
+                    ids[2]
+                )),
+            "{err}"
+        );
     }
 
     /// A SentencePiece-style tokenizer (a leading space marks every text) is refused for

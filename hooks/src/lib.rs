@@ -9,6 +9,7 @@
 
 pub mod activations;
 pub mod atomic;
+pub mod chat_template;
 pub mod checkpoint;
 pub mod cli;
 pub mod compare;

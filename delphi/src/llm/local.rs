@@ -17,8 +17,9 @@
 //! byte-level BPE, `tokenizer.ggml.model = gpt2`, as in Llama 3, Qwen2 and SmolLM files), and
 //! the prompt is rendered with the Jinja chat template the file declares in
 //! `tokenizer.chat_template`, as transformers' `apply_chat_template` renders it (ChatML, Llama
-//! 3's headers, ...; `chat_template.rs` says what differs). An answer ends at the
-//! file's EOS, end-of-turn or end-of-message token, or at an added token of [`END_OF_TURN`].
+//! 3's headers, ...; `hooks::chat_template` says what differs). An answer ends at the
+//! file's EOS, end-of-turn or end-of-message token, or at an added token of
+//! [`hooks::chat_template::END_OF_TURN`].
 //!
 //! Checked against transformers in `delphi/tests/local_llm.rs` with the fixture
 //! `tests/fixtures/delphi/local_llm.json`.
@@ -34,7 +35,7 @@
 //! positions: the prompt is run once into a KV cache, then the texts in batches after it, and
 //! the unembedding is applied at the reading points only.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -45,12 +46,12 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tokio::sync::Semaphore;
 
-use super::chat_template::{shared_start, ChatTemplate};
 use super::{
     AnswerFormat, BoxFuture, ChatRequest, ChatResponse, ContinuationRequest, ContinuationResponse,
     Llm, Message, ReadRequest, ReadResponse, TokenLogprobs, Usage,
 };
 use crate::{Error, Result};
+use hooks::chat_template::{turn_end_ids, ChatTemplate};
 
 /// How many prompt starts keep their KV cache by default (least recently used dropped first).
 /// Each costs `2 * layers * kv_heads * head_dim * 4` bytes per token: 46 KB for SmolLM2-135M,
@@ -105,7 +106,7 @@ impl Default for LocalOptions {
 /// same prompt with the same seed gives the same answer whatever order requests come in.
 /// Reported log-probabilities are those of the model (`log_softmax(logits)`, before any
 /// temperature). Generation stops at a token that ends the turn (the file's EOS, end-of-turn
-/// and end-of-message tokens, and the vocabulary's [`END_OF_TURN`] tokens), after
+/// and end-of-message tokens, and the vocabulary's [`hooks::chat_template::END_OF_TURN`] tokens), after
 /// `max_tokens`, or when the context is full.
 ///
 /// A request with an [`AnswerFormat`] is held to it: at each step only the tokens that keep
@@ -220,7 +221,7 @@ impl LocalLlm {
                 )
             })?
             .clone();
-        let stop_ids = stop_ids(&content.metadata, &tokenizer);
+        let stop_ids = turn_end_ids(Some(&content.metadata), &tokenizer);
         let context_len = model.context_len().unwrap_or(DEFAULT_CONTEXT);
         let file = path
             .file_name()
@@ -767,42 +768,29 @@ impl Llm for LocalLlm {
     }
 }
 
-/// Token texts that close a turn in common chat formats (ChatML, Llama 3, Phi 3, Gemma, and the
-/// end-of-text tokens of GPT-2 and Llama 3 vocabularies): those in a model's vocabulary end its
-/// answers, as llama.cpp does, besides the tokens the file names.
-pub const END_OF_TURN: [&str; 7] = [
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|eom_id|>",
-    "<|end|>",
-    "<end_of_turn>",
-    "<|endoftext|>",
-    "<|end_of_text|>",
-];
-
-/// The tokens that end an answer: the file's EOS, end-of-turn and end-of-message tokens
-/// (`tokenizer.ggml.eos_token_id`, `eot_token_id`, `eom_token_id`), and the [`END_OF_TURN`]
-/// tokens among the vocabulary's added (control) tokens, never a plain text token spelled
-/// the same.
-fn stop_ids(metadata: &HashMap<String, Value>, tokenizer: &hooks::Tokenizer) -> Vec<u32> {
-    let added = tokenizer.inner().get_added_tokens_decoder();
-    let mut ids: Vec<u32> = ["eos", "eot", "eom"]
-        .iter()
-        .filter_map(|name| {
-            let value = metadata.get(&format!("tokenizer.ggml.{name}_token_id"))?;
-            value.to_u32().ok()
-        })
-        .chain(tokenizer.eos_id())
-        .chain(
-            added
-                .iter()
-                .filter(|(_, token)| END_OF_TURN.contains(&token.content.as_str()))
-                .map(|(&id, _)| id),
-        )
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
+/// How many of `ids`, the prompt of `messages` (rendered by `template`, tokenized by
+/// `tokenizer`), are the conversation before its last message: its rendering (no generation
+/// prompt) when the prompt begins with it token for token and goes on past it, else 0
+/// (nothing is shared: one message, or a template that renders earlier messages differently
+/// once more follow, or refuses the shorter conversation).
+fn shared_start(
+    template: &ChatTemplate,
+    tokenizer: &hooks::Tokenizer,
+    messages: &[Message],
+    ids: &[u32],
+) -> Result<usize> {
+    let before = &messages[..messages.len().saturating_sub(1)];
+    if before.is_empty() {
+        return Ok(0);
+    }
+    let Ok(text) = template.render(before, false) else {
+        return Ok(0);
+    };
+    let start = tokenizer.encode(&text)?;
+    Ok(match ids.starts_with(&start) && start.len() < ids.len() {
+        true => start.len(),
+        false => 0,
+    })
 }
 
 #[cfg(test)]
@@ -869,47 +857,46 @@ mod tests {
         );
     }
 
+    /// The shared start is the earlier messages' rendering where the prompt begins with it,
+    /// and nothing where a template renders them differently once another follows, refuses
+    /// the shorter conversation, or renders the last message as nothing.
     #[test]
-    fn stop_and_special_tokens_come_from_the_file_and_the_vocabulary() {
-        // The tokenizer's own EOS (a plain token here) stops answers too.
+    fn the_shared_start_is_the_earlier_messages_only_when_they_render_the_same() {
         let tokenizer = hooks::Tokenizer::from_file(
             &Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/gpt-neox-20b-tokenizer.json"),
-            Some(500),
+            None,
         )
         .unwrap();
-        let vocab = tokenizer.inner();
-        // This file's added tokens include ChatML's <|im_end|> besides <|endoftext|> (id 0).
-        let endoftext = vocab.token_to_id("<|endoftext|>").unwrap();
-        let im_end = vocab.token_to_id("<|im_end|>").unwrap();
-        let tokens = Value::Array(
-            ["<s>", "</s>", "<eot>", "word"]
-                .map(|t| Value::String(t.into()))
-                .to_vec(),
-        );
-        let metadata: HashMap<String, Value> = [
-            ("tokenizer.ggml.tokens", tokens),
-            ("tokenizer.ggml.bos_token_id", Value::U32(0)),
-            ("tokenizer.ggml.eos_token_id", Value::U32(1)),
-            ("tokenizer.ggml.eot_token_id", Value::U32(2)),
-            ("tokenizer.ggml.eom_token_id", Value::U32(3)),
-            ("tokenizer.ggml.padding_token_id", Value::U32(9)),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        // EOS, EOT and EOM ids from the file, the tokenizer's EOS, and the vocabulary's added
-        // end tokens.
-        let mut expected = vec![1, 2, 3, 500, endoftext, im_end];
-        expected.sort_unstable();
-        expected.dedup();
-        assert_eq!(stop_ids(&metadata, &tokenizer), expected);
-        // A padding id past the vocabulary is left out, not an error.
-        assert_eq!(
-            crate::llm::chat_template::special_tokens(&metadata),
-            BTreeMap::from([
-                ("bos_token".to_string(), "<s>".to_string()),
-                ("eos_token".to_string(), "</s>".to_string()),
-            ])
-        );
+        let messages = [
+            Message::system("Be brief."),
+            Message::user("Hi"),
+            Message::assistant("Hello."),
+            Message::user("Bye"),
+        ];
+        let start = |source: &str, messages: &[Message]| {
+            let template = ChatTemplate::new(source, BTreeMap::new()).unwrap();
+            let text = template.render(messages, true).unwrap();
+            let ids = tokenizer.encode(&text).unwrap();
+            let start = shared_start(&template, &tokenizer, messages, &ids).unwrap();
+            (start, ids)
+        };
+        let chatml = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+        let (at, ids) = start(chatml, &messages);
+        let before = ChatTemplate::new(chatml, BTreeMap::new())
+            .unwrap()
+            .render(&messages[..3], false)
+            .unwrap();
+        assert_eq!(at, tokenizer.encode(&before).unwrap().len());
+        assert!(at > 0 && at < ids.len());
+        assert_eq!(start(chatml, &messages[..1]).0, 0);
+        // The system message moved into the last user turn: earlier turns change.
+        let folded = "{% for m in messages[1:] %}{% if loop.last %}{{ messages[0].content }} {% endif %}[{{ m.role }}] {{ m.content }}\n{% endfor %}";
+        assert_eq!(start(folded, &messages).0, 0);
+        // The shorter conversation is refused (it must end with a user turn).
+        let strict = "{% if messages[-1].role != 'user' %}{{ raise_exception('end with a user turn') }}{% endif %}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}";
+        assert!(start(strict, &messages[..2]).0 == 0 && start(strict, &messages).0 == 0);
+        // The last message renders as nothing: the start would be the whole prompt.
+        let blind = "{% for m in messages %}{% if not (loop.last and add_generation_prompt) %}[{{ m.role }}] {{ m.content }}\n{% endif %}{% endfor %}";
+        assert_eq!(start(blind, &messages).0, 0);
     }
 }

@@ -2,7 +2,6 @@
 //! OpenAI-compatible HTTP client ([`openai::OpenAiClient`]) and by a GGUF model run in
 //! process ([`local::LocalLlm`]).
 
-mod chat_template;
 pub mod local;
 pub mod openai;
 

@@ -16,12 +16,12 @@ use rand::Rng;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-use super::chat_template::ChatTemplate;
 use super::{
     BoxFuture, ChatRequest, ChatResponse, ContinuationRequest, ContinuationResponse, Llm,
     ReadRequest, ReadResponse, TokenLogprobs, Usage,
 };
 use crate::{Error, Result};
+use hooks::chat_template::ChatTemplate;
 
 /// How many of the most likely tokens a [`PromptReader`] asks for at each prompt position
 /// by default (`prompt_logprobs`); OpenAI's simulator read 15.
@@ -60,7 +60,7 @@ impl PromptReader {
                 "prompt log-probabilities: read at least 1 token per position".into(),
             ));
         }
-        let (tokenizer, template) = super::chat_template::tokenizer_and_template(model)?;
+        let (tokenizer, template) = hooks::chat_template::tokenizer_and_template(model, None)?;
         // Pieces of answers are tokenized on their own: a tokenizer that marks the start of
         // every text (SentencePiece's leading space, U+2581) would add a space to each.
         let first = tokenizer.encode("Hello")?.first().copied();

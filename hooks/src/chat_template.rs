@@ -17,6 +17,8 @@
 //! `{% raw %}` or a string literal, which is rewritten anyway. Checked against transformers
 //! on SmolLM2's template and four written in the shapes of other families
 //! (`tests/fixtures/delphi/chat_templates.json`).
+//!
+//! Also here: the tokens that end a turn ([`turn_end_ids`]), where generation in a chat stops.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
@@ -26,14 +28,14 @@ use candle_core::quantized::gguf_file;
 use minijinja::value::{Kwargs, Serde, Value, ValueKind};
 use minijinja::{Environment, ErrorKind};
 
-use super::Message;
-use crate::Error;
+use crate::{Error, Result, Tokenizer};
 
 /// The name the template is compiled under (shown in render errors with a line number).
 const NAME: &str = "chat_template";
 
 /// A compiled chat template and the special tokens it may refer to.
-pub(crate) struct ChatTemplate {
+#[derive(Debug)]
+pub struct ChatTemplate {
     env: Environment<'static>,
     special_tokens: BTreeMap<String, String>,
 }
@@ -41,10 +43,10 @@ pub(crate) struct ChatTemplate {
 impl ChatTemplate {
     /// Compiles `source`; `special_tokens` maps the variables `bos_token`, `eos_token`, ... to
     /// their text. A syntax error is reported with its line.
-    pub(crate) fn new(
+    pub fn new(
         source: &str,
         special_tokens: BTreeMap<String, String>,
-    ) -> Result<Self, String> {
+    ) -> std::result::Result<Self, String> {
         let mut env = Environment::new();
         env.set_syntax(
             minijinja::syntax::SyntaxConfig::builder()
@@ -80,7 +82,9 @@ impl ChatTemplate {
 
     /// The template a GGUF file's metadata declares (`tokenizer.chat_template`), with its
     /// special tokens ([`special_tokens`]); the error says what is missing or wrong.
-    pub(crate) fn from_gguf(metadata: &HashMap<String, gguf_file::Value>) -> Result<Self, String> {
+    pub fn from_gguf(
+        metadata: &HashMap<String, gguf_file::Value>,
+    ) -> std::result::Result<Self, String> {
         let source = match metadata.get("tokenizer.chat_template") {
             Some(gguf_file::Value::String(source)) => source,
             Some(other) => {
@@ -94,14 +98,15 @@ impl ChatTemplate {
             .map_err(|message| format!("tokenizer.chat_template: {message}"))
     }
 
-    /// The prompt text of `messages`; with `add_generation_prompt`, it ends with the opening
-    /// of the assistant's turn (when the template has one). A template that refuses the
-    /// conversation (`raise_exception`) or fails gives its message.
-    pub(crate) fn render(
+    /// The prompt text of `messages` (each serialised as `{"role": ..., "content": ...}`);
+    /// with `add_generation_prompt`, it ends with the opening of the assistant's turn (when
+    /// the template has one). A template that refuses the conversation (`raise_exception`)
+    /// or fails gives its message.
+    pub fn render<M: serde::Serialize>(
         &self,
-        messages: &[Message],
+        messages: &[M],
         add_generation_prompt: bool,
-    ) -> Result<String, String> {
+    ) -> std::result::Result<String, String> {
         let mut context: BTreeMap<&str, Value> = self
             .special_tokens
             .iter()
@@ -117,35 +122,37 @@ impl ChatTemplate {
     }
 }
 
-/// The tokenizer and chat template of a model named as [`hooks::Model::load`] takes it,
-/// without its weights or config (so any architecture will do): a GGUF file's metadata, or a
+/// The tokenizer and chat template of a model named as [`crate::Model::load`] takes it (at
+/// `revision`), without its weights or config (so any architecture will do): a GGUF file's
+/// metadata, or a
 /// folder's or hub repository's `tokenizer.json` and template. The template is
 /// `chat_template.jinja` when there is one (transformers prefers it), else
 /// `tokenizer_config.json`'s `chat_template` (a string, or a list of named templates: the
 /// `default` one); its special tokens are the config's `bos_token`, `eos_token`, `unk_token`
 /// and `pad_token`, or `special_tokens_map.json`'s. On the hub, only the files the repository
 /// has are read (offline, those its cached snapshot holds).
-pub(crate) fn tokenizer_and_template(
+pub fn tokenizer_and_template(
     name: &str,
-) -> crate::Result<(hooks::Tokenizer, ChatTemplate)> {
-    use hooks::source::ModelSpec;
+    revision: Option<&str>,
+) -> Result<(Tokenizer, ChatTemplate)> {
+    use crate::source::ModelSpec;
     let file_names = [
         "tokenizer.json",
         "tokenizer_config.json",
         "chat_template.jinja",
         "special_tokens_map.json",
     ];
-    let files: Vec<Option<PathBuf>> = match ModelSpec::parse(name, None)? {
+    let files: Vec<Option<PathBuf>> = match ModelSpec::parse(name, revision)? {
         ModelSpec::Gguf(path) => {
-            let (content, _) = hooks::gguf_header(&path)?;
-            let tokenizer = hooks::gguf_tokenizer(&content, &path)?.ok_or_else(|| {
-                Error::file(
+            let (content, _) = crate::gguf_header(&path)?;
+            let tokenizer = crate::gguf_tokenizer(&content, &path)?.ok_or_else(|| {
+                config_error(
                     &path,
                     "has no tokenizer this crate can rebuild (needs tokenizer.ggml.model = gpt2)",
                 )
             })?;
             let template = ChatTemplate::from_gguf(&content.metadata)
-                .map_err(|message| Error::file(&path, message))?;
+                .map_err(|message| config_error(&path, message))?;
             return Ok((tokenizer, template));
         }
         ModelSpec::Folder(dir) => file_names
@@ -154,11 +161,11 @@ pub(crate) fn tokenizer_and_template(
             .collect(),
         // Offline: what the cached snapshot holds. Online: the files the repository has
         // (only a file it lacks is absent; any other failure is an error).
-        ModelSpec::Hub { repo_id, revision } if hooks::source::hub_offline() => {
-            let kind = hooks::source::RepoType::Model;
+        ModelSpec::Hub { repo_id, revision } if crate::source::hub_offline() => {
+            let kind = crate::source::RepoType::Model;
             let snapshot =
-                hooks::source::cached_snapshot(kind, &repo_id, &revision).ok_or_else(|| {
-                    hooks::source::not_cached(
+                crate::source::cached_snapshot(kind, &repo_id, &revision).ok_or_else(|| {
+                    crate::source::not_cached(
                         kind,
                         &repo_id,
                         &revision,
@@ -174,31 +181,31 @@ pub(crate) fn tokenizer_and_template(
             .iter()
             .enumerate()
             .map(|(i, name)| {
-                match hooks::source::hub_repo_files(&repo_id, &revision, &[name.to_string()]) {
+                match crate::source::hub_repo_files(&repo_id, &revision, &[name.to_string()]) {
                     Ok(mut paths) => Ok(Some(paths.remove(0))),
                     // Only tokenizer.json (the first) must be there.
-                    Err(hooks::Error::NotOnHub { .. }) if i > 0 => Ok(None),
+                    Err(Error::NotOnHub { .. }) if i > 0 => Ok(None),
                     Err(e) => Err(e),
                 }
             })
-            .collect::<hooks::Result<_>>()?,
+            .collect::<Result<_>>()?,
     };
     let [tokenizer, config, jinja, special_map] = [0, 1, 2, 3].map(|i| files[i].as_deref());
     let tokenizer = tokenizer.ok_or_else(|| {
-        Error::Invalid(format!(
+        Error::InvalidArgument(format!(
             "{name}: has no tokenizer.json (needed to read prompts)"
         ))
     })?;
-    let tokenizer = hooks::Tokenizer::from_file(tokenizer, None)?;
-    let read_json = |path: &Path| -> crate::Result<serde_json::Value> {
+    let tokenizer = Tokenizer::from_file(tokenizer, None)?;
+    let read_json = |path: &Path| -> Result<serde_json::Value> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
-        serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))
+            .map_err(|e| config_error(path, format!("cannot read: {e}")))?;
+        serde_json::from_str(&text).map_err(|e| config_error(path, format!("not valid JSON: {e}")))
     };
     let config_json = config.map(read_json).transpose()?;
     let source = match (jinja, config_json.as_ref().map(|c| &c["chat_template"])) {
         (Some(jinja), _) => std::fs::read_to_string(jinja)
-            .map_err(|e| Error::file(jinja, format!("cannot read: {e}")))?,
+            .map_err(|e| config_error(jinja, format!("cannot read: {e}")))?,
         (None, Some(serde_json::Value::String(source))) => source.clone(),
         // Older files list named templates; the one named "default" is the chat's.
         (None, Some(serde_json::Value::Array(named))) => named
@@ -207,13 +214,13 @@ pub(crate) fn tokenizer_and_template(
             .and_then(|t| t["template"].as_str())
             .map(str::to_string)
             .ok_or_else(|| {
-                Error::file(
+                config_error(
                     config.expect("read above"),
                     "chat_template lists no template named 'default'",
                 )
             })?,
         _ => {
-            return Err(Error::Invalid(format!(
+            return Err(Error::InvalidArgument(format!(
                 "{name}: has no chat template (neither chat_template.jinja nor a chat_template \
                  in tokenizer_config.json)"
             )))
@@ -235,40 +242,63 @@ pub(crate) fn tokenizer_and_template(
         })
         .collect();
     let template = ChatTemplate::new(&source, special_tokens)
-        .map_err(|message| Error::Invalid(format!("{name}: chat template: {message}")))?;
+        .map_err(|message| Error::InvalidArgument(format!("{name}: chat template: {message}")))?;
     Ok((tokenizer, template))
 }
 
-/// How many of `ids`, the prompt of `messages` (rendered by `template`, tokenized by
-/// `tokenizer`), are the conversation before its last message: its rendering (no generation
-/// prompt) when the prompt begins with it token for token and goes on past it, else 0
-/// (nothing is shared: one message, or a template that renders earlier messages differently
-/// once more follow, or refuses the shorter conversation).
-pub(crate) fn shared_start(
-    template: &ChatTemplate,
-    tokenizer: &hooks::Tokenizer,
-    messages: &[Message],
-    ids: &[u32],
-) -> crate::Result<usize> {
-    let before = &messages[..messages.len().saturating_sub(1)];
-    if before.is_empty() {
-        return Ok(0);
+/// An error in a file of a model's tokenizer or template, naming it.
+fn config_error(path: &Path, message: impl Into<String>) -> Error {
+    Error::Config {
+        path: path.into(),
+        message: message.into(),
     }
-    let Ok(text) = template.render(before, false) else {
-        return Ok(0);
-    };
-    let start = tokenizer.encode(&text)?;
-    Ok(match ids.starts_with(&start) && start.len() < ids.len() {
-        true => start.len(),
-        false => 0,
-    })
+}
+
+/// Token texts that close a turn in common chat formats (ChatML, Llama 3, Phi 3, Gemma, and the
+/// end-of-text tokens of GPT-2 and Llama 3 vocabularies): those in a model's vocabulary end its
+/// answers, as llama.cpp does, besides the tokens the model's files name.
+pub const END_OF_TURN: [&str; 7] = [
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+];
+
+/// The tokens that end a turn, where generating an answer stops: a GGUF file's EOS,
+/// end-of-turn and end-of-message tokens (`tokenizer.ggml.eos_token_id`, `eot_token_id`,
+/// `eom_token_id`) when `gguf_metadata` is given, the tokenizer's EOS, and the [`END_OF_TURN`]
+/// tokens among the vocabulary's added (control) tokens, never a plain text token spelled the
+/// same. Sorted, without repeats.
+pub fn turn_end_ids(
+    gguf_metadata: Option<&HashMap<String, gguf_file::Value>>,
+    tokenizer: &Tokenizer,
+) -> Vec<u32> {
+    let added = tokenizer.inner().get_added_tokens_decoder();
+    let mut ids: Vec<u32> = ["eos", "eot", "eom"]
+        .iter()
+        .filter_map(|name| {
+            let value = gguf_metadata?.get(&format!("tokenizer.ggml.{name}_token_id"))?;
+            value.to_u32().ok()
+        })
+        .chain(tokenizer.eos_id())
+        .chain(
+            added
+                .iter()
+                .filter(|(_, token)| END_OF_TURN.contains(&token.content.as_str()))
+                .map(|(&id, _)| id),
+        )
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// The special tokens' texts under the names chat templates use (`bos_token`, `eos_token`,
 /// `unk_token`, `pad_token`), for those a GGUF file names.
-pub(crate) fn special_tokens(
-    metadata: &HashMap<String, gguf_file::Value>,
-) -> BTreeMap<String, String> {
+pub fn special_tokens(metadata: &HashMap<String, gguf_file::Value>) -> BTreeMap<String, String> {
     let Some(gguf_file::Value::Array(tokens)) = metadata.get("tokenizer.ggml.tokens") else {
         return BTreeMap::new();
     };
@@ -322,7 +352,7 @@ fn generation_blocks_as_ifs(source: &str) -> String {
 }
 
 /// `strftime_now(format)`: the local time, formatted with strftime's codes.
-fn strftime_now(format: String) -> Result<String, minijinja::Error> {
+fn strftime_now(format: String) -> std::result::Result<String, minijinja::Error> {
     let invalid = || {
         minijinja::Error::new(
             ErrorKind::InvalidOperation,
@@ -344,7 +374,7 @@ fn strftime_now(format: String) -> Result<String, minijinja::Error> {
 
 /// `tojson`: Python's `json.dumps(value, ensure_ascii=False, indent=None, separators=None,
 /// sort_keys=False)`, with those keyword arguments.
-fn tojson(value: Value, kwargs: Kwargs) -> Result<String, minijinja::Error> {
+fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<String, minijinja::Error> {
     let indent: Option<Value> = kwargs.get("indent")?;
     let indent = match indent {
         None => None,
@@ -403,7 +433,12 @@ struct JsonStyle {
 }
 
 impl JsonStyle {
-    fn write(&self, out: &mut String, value: &Value, depth: usize) -> Result<(), minijinja::Error> {
+    fn write(
+        &self,
+        out: &mut String,
+        value: &Value,
+        depth: usize,
+    ) -> std::result::Result<(), minijinja::Error> {
         match value.kind() {
             ValueKind::None => out.push_str("null"),
             ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
@@ -427,7 +462,7 @@ impl JsonStyle {
                         };
                         Ok((name, item))
                     })
-                    .collect::<Result<Vec<(String, Value)>, minijinja::Error>>()?;
+                    .collect::<std::result::Result<Vec<(String, Value)>, minijinja::Error>>()?;
                 if self.sort_keys {
                     entries.sort_by(|a, b| a.0.cmp(&b.0));
                 }
@@ -455,8 +490,8 @@ impl JsonStyle {
         close: char,
         depth: usize,
         items: &[T],
-        mut write_item: impl FnMut(&mut String, &T) -> Result<(), minijinja::Error>,
-    ) -> Result<(), minijinja::Error> {
+        mut write_item: impl FnMut(&mut String, &T) -> std::result::Result<(), minijinja::Error>,
+    ) -> std::result::Result<(), minijinja::Error> {
         out.push(open);
         if items.is_empty() {
             out.push(close);
@@ -543,14 +578,21 @@ mod tests {
         serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("JSON")
     }
 
-    fn messages(conversation: &serde_json::Value) -> Vec<Message> {
+    fn messages(conversation: &serde_json::Value) -> Vec<serde_json::Value> {
         serde_json::from_value(conversation["messages"].clone()).expect("messages")
     }
+
+    fn message(role: &str, content: &str) -> serde_json::Value {
+        serde_json::json!({"role": role, "content": content})
+    }
+
+    /// No messages (templates that print something else).
+    const NONE: &[serde_json::Value] = &[];
 
     #[test]
     fn renders_like_transformers() {
         let fixture = fixture();
-        let conversations: BTreeMap<String, Vec<Message>> = fixture["conversations"]
+        let conversations: BTreeMap<String, Vec<serde_json::Value>> = fixture["conversations"]
             .as_array()
             .expect("conversations")
             .iter()
@@ -591,10 +633,10 @@ mod tests {
         let folder = dir.path().to_str().unwrap().to_string();
         let config = dir.path().join("tokenizer_config.json");
         let render = || {
-            tokenizer_and_template(&folder)
+            tokenizer_and_template(&folder, None)
                 .and_then(|(_, t)| {
-                    t.render(&[Message::user("Hi")], true)
-                        .map_err(Error::Invalid)
+                    t.render(&[message("user", "Hi")], true)
+                        .map_err(Error::InvalidArgument)
                 })
                 .map_err(|e| e.to_string())
         };
@@ -644,49 +686,6 @@ mod tests {
         );
     }
 
-    /// The shared start is the earlier messages' rendering where the prompt begins with it,
-    /// and nothing where a template renders them differently once another follows, refuses
-    /// the shorter conversation, or renders the last message as nothing.
-    #[test]
-    fn the_shared_start_is_the_earlier_messages_only_when_they_render_the_same() {
-        let tokenizer = hooks::Tokenizer::from_file(
-            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/gpt-neox-20b-tokenizer.json"),
-            None,
-        )
-        .unwrap();
-        let messages = [
-            Message::system("Be brief."),
-            Message::user("Hi"),
-            Message::assistant("Hello."),
-            Message::user("Bye"),
-        ];
-        let start = |source: &str, messages: &[Message]| {
-            let template = ChatTemplate::new(source, BTreeMap::new()).unwrap();
-            let text = template.render(messages, true).unwrap();
-            let ids = tokenizer.encode(&text).unwrap();
-            let start = shared_start(&template, &tokenizer, messages, &ids).unwrap();
-            (start, ids)
-        };
-        let chatml = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
-        let (at, ids) = start(chatml, &messages);
-        let before = ChatTemplate::new(chatml, BTreeMap::new())
-            .unwrap()
-            .render(&messages[..3], false)
-            .unwrap();
-        assert_eq!(at, tokenizer.encode(&before).unwrap().len());
-        assert!(at > 0 && at < ids.len());
-        assert_eq!(start(chatml, &messages[..1]).0, 0);
-        // The system message moved into the last user turn: earlier turns change.
-        let folded = "{% for m in messages[1:] %}{% if loop.last %}{{ messages[0].content }} {% endif %}[{{ m.role }}] {{ m.content }}\n{% endfor %}";
-        assert_eq!(start(folded, &messages).0, 0);
-        // The shorter conversation is refused (it must end with a user turn).
-        let strict = "{% if messages[-1].role != 'user' %}{{ raise_exception('end with a user turn') }}{% endif %}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}";
-        assert!(start(strict, &messages[..2]).0 == 0 && start(strict, &messages).0 == 0);
-        // The last message renders as nothing: the start would be the whole prompt.
-        let blind = "{% for m in messages %}{% if not (loop.last and add_generation_prompt) %}[{{ m.role }}] {{ m.content }}\n{% endif %}{% endfor %}";
-        assert_eq!(start(blind, &messages).0, 0);
-    }
-
     #[test]
     fn tojson_lays_out_values_as_python_json_dumps() {
         let template = ChatTemplate::new(
@@ -698,7 +697,7 @@ mod tests {
         .unwrap();
         // Python: json.dumps({'b': [1, 2.5, 1e16, 0.0001, None, True], 'a': 'é"\n\x01'}) ...
         assert_eq!(
-            template.render(&[], false).unwrap(),
+            template.render(NONE, false).unwrap(),
             "{\"b\": [1, 2.5, 1e+16, 0.0001, null, true], \"a\": \"é\\\"\\n\\u0001\"}\n\
              {\n  \"a\": [],\n  \"b\": 1\n}\n\
              \"\\u00e9\\ud83d\\ude00\" [1,2]"
@@ -712,17 +711,16 @@ mod tests {
     fn helpers_and_errors() {
         let today = ChatTemplate::new("{{ strftime_now('%Y-%m-%d') }}", BTreeMap::new())
             .unwrap()
-            .render(&[], false)
+            .render(NONE, false)
             .unwrap();
         assert_eq!(today, chrono::Local::now().format("%Y-%m-%d").to_string());
         let bad_format = ChatTemplate::new("{{ strftime_now('%Q') }}", BTreeMap::new())
             .unwrap()
-            .render(&[], false)
+            .render(NONE, false)
             .unwrap_err();
         assert!(bad_format.contains("invalid format \"%Q\""), "{bad_format}");
         let syntax = ChatTemplate::new("{% for m in messages %}", BTreeMap::new())
-            .err()
-            .expect("an unclosed loop is an error");
+            .expect_err("an unclosed loop is an error");
         assert!(syntax.contains("syntax error"), "{syntax}");
         // Malformed tags are syntax errors, not panics; a huge indent is refused.
         for source in ["{%}", "{%-%}", "{%+%}", "x {%", "{% generation %}"] {
@@ -731,7 +729,7 @@ mod tests {
         }
         let wide = ChatTemplate::new("{{ [1] | tojson(indent=1000000000000) }}", BTreeMap::new())
             .unwrap()
-            .render(&[], false)
+            .render(NONE, false)
             .unwrap_err();
         assert!(
             wide.contains("indent must be a width from 0 to 64"),
@@ -744,13 +742,61 @@ mod tests {
         .unwrap()
         .render(
             &[
-                Message::system("s"),
-                Message::user("u"),
-                Message::assistant("a"),
+                message("system", "s"),
+                message("user", "u"),
+                message("assistant", "a"),
             ],
             true,
         )
         .unwrap();
         assert_eq!(roles, "systems;useru;assistanta;");
+    }
+
+    #[test]
+    fn stop_and_special_tokens_come_from_the_file_and_the_vocabulary() {
+        // The tokenizer's own EOS (a plain token here) stops answers too.
+        let tokenizer = Tokenizer::from_file(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/gpt-neox-20b-tokenizer.json"),
+            Some(500),
+        )
+        .unwrap();
+        let vocab = tokenizer.inner();
+        // This file's added tokens include ChatML's <|im_end|> besides <|endoftext|> (id 0).
+        let endoftext = vocab.token_to_id("<|endoftext|>").unwrap();
+        let im_end = vocab.token_to_id("<|im_end|>").unwrap();
+        let tokens = gguf_file::Value::Array(
+            ["<s>", "</s>", "<eot>", "word"]
+                .map(|t| gguf_file::Value::String(t.into()))
+                .to_vec(),
+        );
+        let metadata: HashMap<String, gguf_file::Value> = [
+            ("tokenizer.ggml.tokens", tokens),
+            ("tokenizer.ggml.bos_token_id", gguf_file::Value::U32(0)),
+            ("tokenizer.ggml.eos_token_id", gguf_file::Value::U32(1)),
+            ("tokenizer.ggml.eot_token_id", gguf_file::Value::U32(2)),
+            ("tokenizer.ggml.eom_token_id", gguf_file::Value::U32(3)),
+            ("tokenizer.ggml.padding_token_id", gguf_file::Value::U32(9)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        // EOS, EOT and EOM ids from the file, the tokenizer's EOS, and the vocabulary's added
+        // end tokens.
+        let mut expected = vec![1, 2, 3, 500, endoftext, im_end];
+        expected.sort_unstable();
+        expected.dedup();
+        assert_eq!(turn_end_ids(Some(&metadata), &tokenizer), expected);
+        // Without a GGUF file's metadata: the tokenizer's EOS and the added end tokens.
+        let mut expected = vec![500, endoftext, im_end];
+        expected.sort_unstable();
+        assert_eq!(turn_end_ids(None, &tokenizer), expected);
+        // A padding id past the vocabulary is left out, not an error.
+        assert_eq!(
+            special_tokens(&metadata),
+            BTreeMap::from([
+                ("bos_token".to_string(), "<s>".to_string()),
+                ("eos_token".to_string(), "</s>".to_string()),
+            ])
+        );
     }
 }

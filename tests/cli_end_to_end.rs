@@ -81,7 +81,7 @@ fn cache_command_writes_a_complete_cache_of_real_text() {
     std::fs::write(out.join("manifest.json"), edited).unwrap();
     let message = inspect();
     assert!(
-        message.contains("manifest disagrees with itself: tokens 99999, its shards' tokens sum to 960, and 15 sequences of 64 make 960"),
+        message.contains("manifest.json disagrees with itself: tokens 99999, its shards' tokens sum to 960, and 15 sequences of 64 make 960"),
         "{message}"
     );
     // A shard that does not hold what the manifest says: found by `inspect` from its header,
@@ -90,7 +90,7 @@ fn cache_command_writes_a_complete_cache_of_real_text() {
         manifest_text.replacen("\"widths\": [\n      32,", "\"widths\": [\n      31,", 1);
     assert_ne!(narrower, manifest_text);
     std::fs::write(out.join("manifest.json"), narrower).unwrap();
-    let expected = "tensor 'layers.0' is F32 [960, 32], expected [960, 31] F32";
+    let expected = "tensor 'layers.0' is F32 [960, 32], but manifest.json says [960, 31] F32";
     let message = inspect();
     assert!(message.contains(expected), "{message}");
     let cache = hooks::activations::ActivationCache::open(&out).unwrap();

@@ -107,7 +107,9 @@ impl SentenceEmbedder {
 
         // What candle's BERT would divide by zero with, or run with a padding id past the
         // vocabulary.
-        let invalid = if config.num_attention_heads == 0
+        let invalid = if config.hidden_size == 0 {
+            Some("hidden_size must be positive, got 0".to_string())
+        } else if config.num_attention_heads == 0
             || !config
                 .hidden_size
                 .is_multiple_of(config.num_attention_heads)
@@ -129,7 +131,15 @@ impl SentenceEmbedder {
         }
         let sentence_config = dir.join("sentence_bert_config.json");
         let max_seq_length = match read_optional_json(&sentence_config)? {
-            Some(st) => st["max_seq_length"].as_u64().map(|n| n as usize),
+            Some(st) => match &st["max_seq_length"] {
+                Value::Null => None,
+                value => Some(value.as_u64().map(|n| n as usize).ok_or_else(|| {
+                    Error::file(
+                        &sentence_config,
+                        format!("max_seq_length must be a whole number, got {value}"),
+                    )
+                })?),
+            },
             None => None,
         };
         let max_len = max_seq_length
@@ -139,6 +149,17 @@ impl SentenceEmbedder {
         let tokenizer_path = dir.join("tokenizer.json");
         let mut tokenizer = Tokenizer::from_file(&tokenizer_path)
             .map_err(|e| Error::file(&tokenizer_path, format!("cannot load: {e}")))?;
+        let tokens = tokenizer.get_vocab_size(true);
+        if tokens > config.vocab_size {
+            return Err(Error::file(
+                &tokenizer_path,
+                format!(
+                    "has {tokens} tokens, more than the model's vocab_size {} ({})",
+                    config.vocab_size,
+                    config_path.display()
+                ),
+            ));
+        }
         // Room for the special tokens added around every text ([CLS] ... [SEP]), and more.
         let special = tokenizer
             .get_post_processor()
@@ -174,12 +195,18 @@ impl SentenceEmbedder {
         let bytes = std::fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
         let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, &Device::Cpu)
             .map_err(|e| Error::file(&weights_path, format!("cannot read: {e}")))?;
-        // Layers past num_hidden_layers would be left out silently.
-        let extra_layer = format!(
-            "encoder.layer.{}.output.dense.weight",
-            config.num_hidden_layers
-        );
-        if vb.contains_tensor(&extra_layer) {
+        // Layers past num_hidden_layers would be left out silently (candle's BERT finds its
+        // weights with or without a `bert.` or model-type prefix).
+        let extra_layer = ["", "bert."]
+            .iter()
+            .map(|prefix| {
+                format!(
+                    "{prefix}encoder.layer.{}.output.dense.weight",
+                    config.num_hidden_layers
+                )
+            })
+            .find(|name| vb.contains_tensor(name));
+        if let Some(extra_layer) = extra_layer {
             return Err(Error::file(
                 &config_path,
                 format!(

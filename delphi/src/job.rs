@@ -541,7 +541,7 @@ struct Counters {
     errors: Mutex<Vec<String>>,
     usage: Mutex<Usage>,
     /// Latents in a row whose LLM requests kept failing until the retries ran out
-    /// ([`Error::Unreachable`]), since the last that got
+    /// ([`Error::Unreachable`], [`Error::Unusable`]), since the last that got
     /// answers: when they reach [`GIVE_UP_AFTER`] x the concurrency, the job stops starting
     /// latents (an unreachable server would otherwise cost every latent its retries).
     llm_failures_in_a_row: AtomicU64,
@@ -815,7 +815,9 @@ pub async fn run_job(
                 match &outcome {
                     // Only a backend that keeps failing: a refused request (say, too long)
                     // says nothing about the next latent's.
-                    Err(Error::Unreachable { .. }) => count(&counters.llm_failures_in_a_row),
+                    Err(Error::Unreachable { .. } | Error::Unusable { .. }) => {
+                        count(&counters.llm_failures_in_a_row)
+                    }
                     Ok(Outcome::Complete | Outcome::NoExplanation | Outcome::Unreadable) => {
                         counters.llm_failures_in_a_row.store(0, Ordering::Relaxed)
                     }

@@ -66,6 +66,15 @@ pub enum Error {
         /// The last failure.
         message: String,
     },
+    /// A language model answers, but cannot serve the job as it was set up (a vLLM server
+    /// running another model than the tokenizer given): every request would fail alike.
+    #[error("{backend}: {message}")]
+    Unusable {
+        /// The backend (URL).
+        backend: String,
+        /// What does not fit.
+        message: String,
+    },
     /// Bad options or arguments.
     #[error("{0}")]
     Invalid(String),

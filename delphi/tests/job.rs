@@ -609,7 +609,7 @@ fn reads_delphis_cache_layout() {
 
     // A folder of no split files is refused. Then damaged split files: read, or refused
     // naming the folder; never a panic.
-    refused(&[], "");
+    refused(&[], "is neither our latent cache");
     write(0, 9, &[(0, 3, 2, 1.5), (1, 7, 9, 0.25)]);
     write(10, 19, &[(1, 0, 0, 2.0), (0, 1, 2, 3.0)]);
     let files = damage::files_in(tmp.path());

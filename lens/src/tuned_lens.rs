@@ -6,7 +6,7 @@
 //! (tuned-lens's `config.json` + `params.pt`, keys `{i}.weight`, `{i}.bias`) is read too.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use hooks::{HookPoint, Model, Unembedding};
@@ -248,27 +248,30 @@ impl TunedLens {
                 default_lens_type()
             )));
         }
-        let tensors: HashMap<String, Tensor> = if dir.join("params.safetensors").is_file() {
-            let path = dir.join("params.safetensors");
-            candle_core::safetensors::load(&path, device)
-                .map_err(|e| Error::Lens(format!("{}: {e}", path.display())))?
-        } else if dir.join("params.pt").is_file() {
-            let path = dir.join("params.pt");
-            candle_core::pickle::read_all(&path)
-                .map_err(|e| {
-                    Error::Lens(format!(
-                        "{}: not a readable PyTorch file: {e}",
-                        path.display()
-                    ))
-                })?
-                .into_iter()
-                .collect()
-        } else {
-            return Err(Error::Lens(format!(
-                "{}: no params.safetensors or params.pt",
-                dir.display()
-            )));
-        };
+        let (params, tensors): (PathBuf, HashMap<String, Tensor>) =
+            if dir.join("params.safetensors").is_file() {
+                let path = dir.join("params.safetensors");
+                let tensors = candle_core::safetensors::load(&path, device)
+                    .map_err(|e| Error::Lens(format!("{}: {e}", path.display())))?;
+                (path, tensors)
+            } else if dir.join("params.pt").is_file() {
+                let path = dir.join("params.pt");
+                let tensors = candle_core::pickle::read_all(&path)
+                    .map_err(|e| {
+                        Error::Lens(format!(
+                            "{}: not a readable PyTorch file: {e}",
+                            path.display()
+                        ))
+                    })?
+                    .into_iter()
+                    .collect();
+                (path, tensors)
+            } else {
+                return Err(Error::Lens(format!(
+                    "{}: no params.safetensors or params.pt",
+                    dir.display()
+                )));
+            };
         // Checked against the file before anything is allocated: config.json's sizes alone
         // could ask for any amount of memory.
         // Translators 0..n: a gap shows up below as a missing tensor.
@@ -281,25 +284,26 @@ impl TunedLens {
             .count();
         if in_file != config.num_hidden_layers {
             return Err(Error::Lens(format!(
-                "{}: config.json says num_hidden_layers {}, the parameters hold {in_file} translators",
-                dir.display(),
-                config.num_hidden_layers
+                "{} says num_hidden_layers {}, but {} holds {in_file} translators",
+                config_path.display(),
+                config.num_hidden_layers,
+                params.display()
             )));
         }
         let d = config.d_model;
         let get = |name: String, shape: &[usize]| -> Result<Tensor> {
             let t = tensors.get(&name).ok_or_else(|| {
-                Error::Lens(format!("{}: missing tensor '{name}'", dir.display()))
+                Error::Lens(format!("{}: missing tensor '{name}'", params.display()))
             })?;
             if t.dims() != shape {
                 return Err(Error::Lens(format!(
                     "{}: tensor '{name}' has shape {:?}, config.json says {shape:?}",
-                    dir.display(),
+                    params.display(),
                     t.dims()
                 )));
             }
             let t = hooks::weights::float_parameter(t).map_err(|problem| {
-                Error::Lens(format!("{}: tensor '{name}' {problem}", dir.display()))
+                Error::Lens(format!("{}: tensor '{name}' {problem}", params.display()))
             })?;
             Ok(t.to_device(device)?)
         };
@@ -312,8 +316,9 @@ impl TunedLens {
                 (false, false) => Tensor::zeros(d, DType::F32, device)?,
                 (false, true) => {
                     return Err(Error::Lens(format!(
-                        "{}: config.json says bias false, but the parameters hold '{bias}'",
-                        dir.display()
+                        "{} says bias false, but {} holds '{bias}'",
+                        config_path.display(),
+                        params.display()
                     )))
                 }
             });

@@ -1,7 +1,13 @@
 //! Damaging files on purpose, to check that readers refuse them cleanly: the same damage
 //! (cut short, bytes overwritten, length fields made huge, JSON numbers changed) for every file
-//! format, from fixed seeds so that a failure reproduces. Shared by the end-to-end tests
-//! (`tests/damaged_files.rs`) and delphi's job tests.
+//! format, from fixed seeds (the same file gets the same damage). Shared by the end-to-end
+//! tests (`tests/damaged_files.rs`) and delphi's tests.
+//!
+//! A reader that aborts the process (an allocation failure, say) cannot be caught: rerun the
+//! test with `--nocapture`, and the last line printed names the damage it was given.
+
+// Each test binary that includes this module uses part of it.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +15,11 @@ use std::path::{Path, PathBuf};
 struct Random(u64);
 
 impl Random {
+    /// A stream of its own for each seed.
+    fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -21,7 +32,8 @@ impl Random {
     }
 }
 
-/// Values written over binary length and count fields: huge, zero, just past 32 bits.
+/// Values written over binary length and count fields: huge, zero, at and near the 32-bit
+/// limits, small.
 const FIELD_VALUES: [u64; 6] = [u64::MAX, 1 << 40, 1 << 31, 0, u32::MAX as u64, 7];
 
 /// Numbers written over JSON numbers: zero, negative, huge, fractional, past 64 and 32 bits.
@@ -39,7 +51,8 @@ const JSON_NUMBERS: [&str; 8] = [
 /// Where the JSON header of a safetensors file lies.
 fn safetensors_header(bytes: &[u8]) -> Option<std::ops::Range<usize>> {
     let len = u64::from_le_bytes(bytes.get(..8)?.try_into().unwrap()) as usize;
-    (bytes.get(8) == Some(&b'{') && len < bytes.len()).then_some(8..8 + len)
+    let fits = len.checked_add(8).is_some_and(|end| end <= bytes.len());
+    (bytes.get(8) == Some(&b'{') && fits).then_some(8..8 + len)
 }
 
 /// Where the numbers of a JSON text lie: outside strings, or also inside them (a safetensors
@@ -79,7 +92,7 @@ fn damaged_versions(bytes: &[u8], count: usize, seed: u64) -> Vec<(String, Vec<u
     };
     let header = safetensors_header(bytes);
     let json = header.is_none() && (first == b'{' || first == b'[');
-    let mut random = Random(seed | 1);
+    let mut random = Random::new(seed);
     let numbers = match &header {
         None if json => json_numbers(bytes, true),
         None => Vec::new(),
@@ -110,7 +123,14 @@ fn damaged_versions(bytes: &[u8], count: usize, seed: u64) -> Vec<(String, Vec<u
                 2 | 3 => {
                     let value = FIELD_VALUES[random.below(FIELD_VALUES.len())];
                     let width = if i % kinds == 2 { 8 } else { 4 };
-                    let at = random.below(bytes.len().saturating_sub(width));
+                    // Headers and footers (where formats keep their lengths and counts) half
+                    // of the time: the first or the last 64 places.
+                    let places = bytes.len().saturating_sub(width) + 1;
+                    let at = match random.below(4) {
+                        0 => random.below(places.min(64)),
+                        1 => places - 1 - random.below(places.min(64)),
+                        _ => random.below(places),
+                    };
                     let end = (at + width).min(bytes.len());
                     damaged[at..end].copy_from_slice(&value.to_le_bytes()[..end - at]);
                     format!("{width}-byte {value} written at {at}")
@@ -137,20 +157,16 @@ fn damaged_versions(bytes: &[u8], count: usize, seed: u64) -> Vec<(String, Vec<u
         .collect()
 }
 
-/// Files this large are linked into copies, not copied (the readers only read them).
-const LINKED_BYTES: u64 = 8 << 20;
-
-/// Copies folder `from` (recursively) into `to`; large files are hard links where possible.
-fn copy_folder(from: &Path, to: &Path) {
+/// Copies folder `from` (recursively) into `to`, hard-linking the files `linked` accepts where
+/// the file system allows.
+pub fn copy_folder(from: &Path, to: &Path, linked: &dyn Fn(&Path) -> bool) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
         let target = to.join(entry.file_name());
         if entry.file_type().unwrap().is_dir() {
-            copy_folder(&entry.path(), &target);
-        } else if entry.metadata().unwrap().len() < LINKED_BYTES
-            || std::fs::hard_link(entry.path(), &target).is_err()
-        {
+            copy_folder(&entry.path(), &target, linked);
+        } else if !linked(&entry.path()) || std::fs::hard_link(entry.path(), &target).is_err() {
             std::fs::copy(entry.path(), &target).unwrap();
         }
     }
@@ -180,9 +196,31 @@ pub type Read<'a> = &'a dyn Fn(&Path) -> Result<(), String>;
 
 /// Damages `artefact` `count` times (a single file), or each of `files` in it `count` times (a
 /// folder), and reads each damaged copy with `read`, which is given the copy (the folder, or
-/// the file). Fails on a panic, and on a refusal that does not name the copy.
+/// the file). Fails on a panic, on a refusal that does not name the damaged file (its path,
+/// or the copy's folder and the file's name), and on a file none of whose damage is refused
+/// (a file the reader does not read has no place in `files`).
 pub fn damage_and_read(artefact: &Path, files: &[String], count: usize, read: Read) {
-    let scratch = tempfile::tempdir().unwrap();
+    damage_copies_and_read(artefact, files, count, false, read)
+}
+
+/// [`damage_and_read`] for a large folder that `read` only reads: the files not damaged are
+/// hard links to the originals, and the copies lie beside the folder (links cannot cross file
+/// systems).
+pub fn damage_and_read_linked(artefact: &Path, files: &[String], count: usize, read: Read) {
+    damage_copies_and_read(artefact, files, count, true, read)
+}
+
+fn damage_copies_and_read(
+    artefact: &Path,
+    files: &[String],
+    count: usize,
+    linked: bool,
+    read: Read,
+) {
+    let scratch = match linked {
+        true => tempfile::tempdir_in(artefact.parent().unwrap()).unwrap(),
+        false => tempfile::tempdir().unwrap(),
+    };
     let place_copy = |name: &str| -> PathBuf {
         let copy = scratch.path().join(name);
         if files.is_empty() {
@@ -191,7 +229,7 @@ pub fn damage_and_read(artefact: &Path, files: &[String], count: usize, read: Re
             std::fs::copy(artefact, &file).unwrap();
             file
         } else {
-            copy_folder(artefact, &copy);
+            copy_folder(artefact, &copy, &|_| linked);
             copy
         }
     };
@@ -207,6 +245,7 @@ pub fn damage_and_read(artefact: &Path, files: &[String], count: usize, read: Re
     for (t, file) in targets.into_iter().enumerate() {
         let source = file.map_or(artefact.to_path_buf(), |f| artefact.join(f));
         let bytes = std::fs::read(&source).unwrap();
+        let mut refusals = 0;
         for (n, (what, damaged)) in damaged_versions(&bytes, count, 7 + t as u64)
             .into_iter()
             .enumerate()
@@ -217,10 +256,16 @@ pub fn damage_and_read(artefact: &Path, files: &[String], count: usize, read: Re
             std::fs::remove_file(&target).unwrap();
             std::fs::write(&target, &damaged).unwrap();
             let what = format!("{} {what}", file.unwrap_or("the file"));
+            eprintln!("{}: {what}", artefact.display());
+            let named = |message: &str| {
+                let name = target.file_name().unwrap().to_str().unwrap();
+                message.contains(target.to_str().unwrap())
+                    || (message.contains(copy.to_str().unwrap()) && message.contains(name))
+            };
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read(&copy)));
             match outcome {
                 Ok(Ok(())) => read_back += 1,
-                Ok(Err(message)) if message.contains(copy.to_str().unwrap()) => refused += 1,
+                Ok(Err(message)) if named(&message) => refusals += 1,
                 Ok(Err(message)) => failures.push(format!("{what}: unnamed in: {message}")),
                 Err(payload) => {
                     let message = payload
@@ -234,6 +279,11 @@ pub fn damage_and_read(artefact: &Path, files: &[String], count: usize, read: Re
             let folder = scratch.path().join(format!("{t}-{n}"));
             std::fs::remove_dir_all(folder).unwrap();
         }
+        if refusals == 0 && count > 0 && !bytes.is_empty() {
+            let name = file.unwrap_or("the file");
+            failures.push(format!("{name}: no damage was refused: is it read at all?"));
+        }
+        refused += refusals;
     }
     eprintln!(
         "{}: {read_back} damaged copies read, {refused} refused, {} failures",
@@ -242,7 +292,7 @@ pub fn damage_and_read(artefact: &Path, files: &[String], count: usize, read: Re
     );
     assert!(
         failures.is_empty(),
-        "{} of {} damaged copies of {}:\n{}",
+        "{} failures with {} damaged copies of {}:\n{}",
         failures.len(),
         read_back + refused + failures.len(),
         artefact.display(),

@@ -39,6 +39,8 @@ pub struct PromptReader {
     tokenizer: hooks::Tokenizer,
     template: ChatTemplate,
     top: u32,
+    /// Whether a reply has shown that the server tokenizes as `tokenizer` does.
+    verified: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for PromptReader {
@@ -80,6 +82,7 @@ impl PromptReader {
             tokenizer,
             template,
             top,
+            verified: Default::default(),
         })
     }
 
@@ -90,29 +93,43 @@ impl PromptReader {
 
     /// Refuses a server whose model tokenizes otherwise: the prompt's own tokens, as the
     /// server writes them back (`decoded_token`: the token decoded alone in recent vLLM
-    /// versions, its vocabulary entry in older ones), must read as this tokenizer's tokens of
-    /// the same ids at most places. A different tokenizer's ids stand for other text, and its
-    /// log-probabilities would be read at the wrong tokens without a sign. Special tokens and
-    /// servers that write no text are let through.
+    /// versions, with transformers' clean-up of spaces before punctuation, or its vocabulary
+    /// entry in older ones), must read as this tokenizer's tokens of the same ids at most
+    /// places. A different tokenizer's ids stand for other text, and its log-probabilities
+    /// would be read at the wrong tokens without a sign. Tokens written as nothing or as
+    /// U+FFFD (parts of a character, special tokens left out) are not compared, nor is
+    /// anything on a server that writes no text; at least [`Self::CHECKED_TOKENS`] tokens
+    /// must be compared before a server is refused. Once a reply passes, later ones are not
+    /// checked.
     fn check_served_tokens(
         &self,
         ids: &[u32],
         read: &PromptLogprobs,
     ) -> std::result::Result<(), String> {
+        use std::sync::atomic::Ordering;
+        if self.verified.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let (mut checked, mut differing) = (0, Vec::new());
         for (at, (&id, position)) in ids.iter().zip(&read.positions).enumerate() {
             let Some(served) = position.as_ref().and_then(|p| p.get(&id)?.text.as_deref()) else {
                 continue;
             };
+            if served.is_empty() || served.contains('\u{fffd}') {
+                continue;
+            }
             checked += 1;
             let piece = self.tokenizer.inner().id_to_token(id);
-            let decoded = self.tokenizer.decode(&[id]).ok();
-            if piece.as_deref() != Some(served) && decoded.as_deref() != Some(served) {
+            let decoded = self.tokenizer.decode(&[id]).unwrap_or_default();
+            let readings = [piece.unwrap_or_default(), clean_up_spaces(&decoded)];
+            if decoded != served && !readings.iter().any(|r| r == served) {
                 differing.push(format!(
-                    "token {id} at position {at} is {:?} here but {served:?} on the server",
-                    decoded.unwrap_or_default()
+                    "token {id} at position {at} is {decoded:?} here but {served:?} on the server"
                 ));
             }
+        }
+        if checked < Self::CHECKED_TOKENS {
+            return Ok(());
         }
         if differing.len() * 2 > checked {
             return Err(format!(
@@ -124,8 +141,31 @@ impl PromptReader {
                 differing[..differing.len().min(3)].join("; ")
             ));
         }
+        self.verified.store(true, Ordering::Relaxed);
         Ok(())
     }
+
+    /// Tokens compared before a server may be refused (a short prompt says too little).
+    const CHECKED_TOKENS: usize = 4;
+}
+
+/// `text` with transformers' `clean_up_tokenization_spaces` applied (what a server's
+/// `decode` may do): no space before `.`, `?`, `!`, `,` and English contractions.
+fn clean_up_spaces(text: &str) -> String {
+    [
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ]
+    .iter()
+    .fold(text.to_string(), |text, (from, to)| text.replace(from, to))
 }
 
 /// Settings of an [`OpenAiClient`].
@@ -505,7 +545,10 @@ impl OpenAiClient {
         }
         reader
             .check_served_tokens(&ids, &read)
-            .map_err(|message| self.error(message))?;
+            .map_err(|message| Error::Unusable {
+                backend: self.shown_completions.clone(),
+                message,
+            })?;
         Ok(read)
     }
 
@@ -1028,10 +1071,12 @@ mod tests {
         assert!(failure("<html>").starts_with("transient: the response is not JSON"));
     }
 
-    /// The prompt's own tokens as the server writes them back: decoded alone (recent vLLM)
-    /// or as vocabulary entries (older vLLM) pass, and so does a minority of others (special
-    /// tokens a server may write otherwise); a majority of other texts means another
-    /// tokenizer, and is refused naming the tokens.
+    /// The prompt's own tokens as the server writes them back: decoded alone (recent vLLM,
+    /// spaces before punctuation cleaned up or not) or as vocabulary entries (older vLLM)
+    /// pass, and so does a minority of others (special tokens a server may write otherwise);
+    /// tokens written as nothing or U+FFFD are not compared. A majority of other texts means
+    /// another tokenizer, and is refused naming the tokens, once 4 tokens could be compared;
+    /// a reader that passed once checks no more.
     #[test]
     fn a_server_that_tokenizes_otherwise_is_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -1040,10 +1085,10 @@ mod tests {
         std::fs::copy(pythia, dir.path().join("tokenizer.json")).unwrap();
         let config = json!({"chat_template": "{{ messages[0].content }}"});
         std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
-        let reader = PromptReader::for_model(dir.path().to_str().unwrap(), 20).unwrap();
-        let ids = reader.encode("The cat sat on the mat").unwrap();
-        assert_eq!(ids.len(), 6);
-        let served = |texts: &[Option<&str>]| PromptLogprobs {
+        let reader = || PromptReader::for_model(dir.path().to_str().unwrap(), 20).unwrap();
+        let ids = reader().encode("The cat sat on the mat .").unwrap();
+        assert_eq!(ids.len(), 7);
+        let served = |texts: [Option<&str>; 6]| PromptLogprobs {
             positions: std::iter::once(None)
                 .chain(ids[1..].iter().zip(texts).map(|(&id, text)| {
                     let token = ServedToken {
@@ -1056,41 +1101,47 @@ mod tests {
                 .collect(),
             usage: Usage::default(),
         };
-        let check = |texts: &[Option<&str>]| reader.check_served_tokens(&ids, &served(texts));
-        check(&[
-            Some(" cat"),
-            Some(" sat"),
-            Some(" on"),
-            Some(" the"),
-            Some(" mat"),
-        ])
-        .unwrap();
-        check(&[Some("\u{120}cat"), Some("\u{120}sat"), None, None, None]).unwrap();
-        check(&[
-            Some(" cat"),
-            Some("<|x|>"),
-            Some(" on"),
-            Some("<|y|>"),
-            Some(" mat"),
-        ])
-        .unwrap();
-        check(&[None; 5]).unwrap();
-        let err = check(&[
-            Some(" cat"),
-            Some(" dog"),
+        let check = |texts| reader().check_served_tokens(&ids, &served(texts));
+        let [cat, sat, on, the, mat, stop] =
+            [" cat", " sat", " on", " the", " mat", " ."].map(Some);
+        check([cat, sat, on, the, mat, stop]).unwrap();
+        check([cat, sat, on, the, mat, Some(".")]).unwrap();
+        let pieces = [
+            "\u{120}cat",
+            "\u{120}sat",
+            "\u{120}on",
+            "\u{120}the",
+            "\u{120}mat",
+            "\u{120}.",
+        ];
+        check(pieces.map(Some)).unwrap();
+        check([cat, Some("<|x|>"), on, Some("<|y|>"), mat, stop]).unwrap();
+        check([None; 6]).unwrap();
+        // Not compared: nothing, U+FFFD; then too few are left to refuse.
+        let unread = [
+            Some(""),
+            Some("\u{fffd}"),
             Some("x"),
             Some("y"),
-            Some(" mat"),
-        ])
-        .unwrap_err();
+            Some("z"),
+            None,
+        ];
+        check(unread).unwrap();
+        let other = [cat, Some(" dog"), Some("x"), Some("y"), mat, Some("z")];
+        let err = check(other).unwrap_err();
         assert!(
-            err.contains("3 of 5 prompt tokens read otherwise on the server")
+            err.contains("4 of 6 prompt tokens read otherwise on the server")
                 && err.contains(&format!(
                     "token {} at position 2 is \" sat\" here but \" dog\"",
                     ids[2]
                 )),
             "{err}"
         );
+        let passed = reader();
+        passed
+            .check_served_tokens(&ids, &served([cat, sat, on, the, mat, stop]))
+            .unwrap();
+        passed.check_served_tokens(&ids, &served(other)).unwrap();
     }
 
     /// A SentencePiece-style tokenizer (a leading space marks every text) is refused for

@@ -662,15 +662,11 @@ fn check_layout(
         let shape: Vec<usize> = std::iter::once(rows as usize).chain(width).collect();
         if dims != shape || found != Some(dtype) {
             let found = found.map_or("an unreadable dtype".into(), |d| format!("{d:?}"));
-            let rows_note = if dims.first() != shape.first() {
-                format!(" (the manifest says {rows} rows)")
-            } else {
-                String::new()
-            };
             return Err(cache_error(
                 path,
                 format!(
-                    "tensor '{name}' is {found} {dims:?}, expected {shape:?} {dtype:?}{rows_note}"
+                    "tensor '{name}' is {found} {dims:?}, but manifest.json says {shape:?} \
+                     {dtype:?}"
                 ),
             ));
         }
@@ -723,7 +719,7 @@ impl ActivationCache {
             return Err(cache_error(
                 dir,
                 format!(
-                    "manifest lists {} hook points but {} widths",
+                    "manifest.json lists {} hook points but {} widths",
                     settings.hook_points.len(),
                     settings.widths.len()
                 ),
@@ -735,15 +731,18 @@ impl ActivationCache {
             .iter()
             .map(|name| {
                 HookPoint::parse(name).ok_or_else(|| {
-                    cache_error(dir, format!("manifest names unknown hook point '{name}'"))
+                    cache_error(
+                        dir,
+                        format!("manifest.json names unknown hook point '{name}'"),
+                    )
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         if manifest.shards.is_empty() {
-            return Err(cache_error(dir, "manifest lists no shards"));
+            return Err(cache_error(dir, "manifest.json lists no shards"));
         }
         parse_dtype(&settings.dtype)
-            .map_err(|e| cache_error(dir, format!("manifest dtype: {e}")))?;
+            .map_err(|e| cache_error(dir, format!("manifest.json dtype: {e}")))?;
         // Checked: the numbers come from a file a user may have edited.
         let shard_tokens = manifest
             .shards
@@ -755,7 +754,7 @@ impl ActivationCache {
             return Err(cache_error(
                 dir,
                 format!(
-                    "manifest disagrees with itself: tokens {}, its shards' tokens sum to {}, \
+                    "manifest.json disagrees with itself: tokens {}, its shards' tokens sum to {}, \
                      and {} sequences of {} make {}",
                     manifest.tokens,
                     shown(shard_tokens),

@@ -273,6 +273,14 @@ impl Model {
             files.origin.clone(),
             files.revision.clone(),
         )
+        // Either file may be the wrong one: both are named.
+        .map_err(|e| match e {
+            Error::MissingWeight { .. } | Error::BadWeight { .. } => Error::Config {
+                path: config_path.clone(),
+                message: format!("does not fit the weights: {e}"),
+            },
+            other => other,
+        })
     }
 
     /// Assembles a model from a config and weight store (used by every loader).

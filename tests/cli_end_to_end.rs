@@ -429,3 +429,28 @@ fn cache_command_errors_name_what_is_wrong() {
         "{err}"
     );
 }
+
+/// `generate --chat` needs a chat template (a base model's folder has none) and `--system`
+/// needs `--chat`; both are clear errors.
+#[test]
+fn chat_generation_names_what_is_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_folder(tmp.path());
+    let model = model.to_str().unwrap();
+    let err = run(&["generate", "--model", model, "--chat", "--prompt", "Hi"]).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("has no chat template"),
+        "{err:#}"
+    );
+    let err = run(&[
+        "generate",
+        "--model",
+        model,
+        "--system",
+        "Be brief.",
+        "--prompt",
+        "Hi",
+    ])
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("--chat"), "{err:#}");
+}

@@ -122,128 +122,155 @@ impl ChatTemplate {
     }
 }
 
-/// The tokenizer and chat template of a model named as [`crate::Model::load`] takes it (at
-/// `revision`), without its weights or config (so any architecture will do): a GGUF file's
-/// metadata, or a
-/// folder's or hub repository's `tokenizer.json` and template. The template is
-/// `chat_template.jinja` when there is one (transformers prefers it), else
-/// `tokenizer_config.json`'s `chat_template` (a string, or a list of named templates: the
-/// `default` one); its special tokens are the config's `bos_token`, `eos_token`, `unk_token`
-/// and `pad_token`, or `special_tokens_map.json`'s. On the hub, only the files the repository
-/// has are read (offline, those its cached snapshot holds).
-pub fn tokenizer_and_template(
-    name: &str,
-    revision: Option<&str>,
-) -> Result<(Tokenizer, ChatTemplate)> {
-    use crate::source::ModelSpec;
-    let file_names = [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "chat_template.jinja",
-        "special_tokens_map.json",
-    ];
-    let files: Vec<Option<PathBuf>> = match ModelSpec::parse(name, revision)? {
-        ModelSpec::Gguf(path) => {
-            let (content, _) = crate::gguf_header(&path)?;
-            let tokenizer = crate::gguf_tokenizer(&content, &path)?.ok_or_else(|| {
-                config_error(
-                    &path,
+/// What a model needs to hold a conversation: its tokenizer, its chat template and the tokens
+/// that end a turn ([`turn_end_ids`]), read from its files without its weights or config (so
+/// any architecture will do).
+#[derive(Debug)]
+pub struct ModelChat {
+    /// The tokenizer the template's text is tokenized with.
+    pub tokenizer: Tokenizer,
+    /// The chat template.
+    pub template: ChatTemplate,
+    /// The tokens where an answer ends.
+    pub turn_end_ids: Vec<u32>,
+}
+
+impl ModelChat {
+    /// The chat of a model named as [`crate::Model::load`] takes it, at `revision`
+    /// ([`ModelChat::of`]).
+    pub fn for_model(name: &str, revision: Option<&str>) -> Result<Self> {
+        Self::of(&crate::source::ModelSpec::parse(name, revision)?)
+    }
+
+    /// The chat of the model `spec` names: a GGUF file's metadata, or a folder's or hub
+    /// repository's `tokenizer.json` and template. The template is `chat_template.jinja` when
+    /// there is one (transformers prefers it), else `tokenizer_config.json`'s
+    /// `chat_template` (a string, or a list of named templates: the `default` one); its
+    /// special tokens are the config's `bos_token`, `eos_token`, `unk_token` and `pad_token`,
+    /// or `special_tokens_map.json`'s. On the hub, only the files the repository has are read
+    /// (offline, those its cached snapshot holds).
+    pub fn of(spec: &crate::source::ModelSpec) -> Result<Self> {
+        use crate::source::ModelSpec;
+        let name = spec.origin();
+        let file_names = [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "special_tokens_map.json",
+        ];
+        let files: Vec<Option<PathBuf>> = match spec {
+            ModelSpec::Gguf(path) => {
+                let (content, _) = crate::gguf_header(path)?;
+                let tokenizer = crate::gguf_tokenizer(&content, path)?.ok_or_else(|| {
+                    config_error(
+                    path,
                     "has no tokenizer this crate can rebuild (needs tokenizer.ggml.model = gpt2)",
                 )
-            })?;
-            let template = ChatTemplate::from_gguf(&content.metadata)
-                .map_err(|message| config_error(&path, message))?;
-            return Ok((tokenizer, template));
-        }
-        ModelSpec::Folder(dir) => file_names
-            .iter()
-            .map(|name| Some(dir.join(name)).filter(|path| path.is_file()))
-            .collect(),
-        // Offline: what the cached snapshot holds. Online: the files the repository has
-        // (only a file it lacks is absent; any other failure is an error).
-        ModelSpec::Hub { repo_id, revision } if crate::source::hub_offline() => {
-            let kind = crate::source::RepoType::Model;
-            let snapshot =
-                crate::source::cached_snapshot(kind, &repo_id, &revision).ok_or_else(|| {
-                    crate::source::not_cached(
-                        kind,
-                        &repo_id,
-                        &revision,
-                        "HF_HUB_OFFLINE is set and nothing of it is cached".into(),
-                    )
                 })?;
-            file_names
+                let template = ChatTemplate::from_gguf(&content.metadata)
+                    .map_err(|message| config_error(path, message))?;
+                return Ok(Self {
+                    turn_end_ids: turn_end_ids(Some(&content.metadata), &tokenizer),
+                    tokenizer,
+                    template,
+                });
+            }
+            ModelSpec::Folder(dir) => file_names
                 .iter()
-                .map(|name| Some(snapshot.join(name)).filter(|path| path.is_file()))
-                .collect()
-        }
-        ModelSpec::Hub { repo_id, revision } => file_names
-            .iter()
-            .enumerate()
-            .map(|(i, name)| {
-                match crate::source::hub_repo_files(&repo_id, &revision, &[name.to_string()]) {
-                    Ok(mut paths) => Ok(Some(paths.remove(0))),
-                    // Only tokenizer.json (the first) must be there.
-                    Err(Error::NotOnHub { .. }) if i > 0 => Ok(None),
-                    Err(e) => Err(e),
-                }
-            })
-            .collect::<Result<_>>()?,
-    };
-    let [tokenizer, config, jinja, special_map] = [0, 1, 2, 3].map(|i| files[i].as_deref());
-    let tokenizer = tokenizer.ok_or_else(|| {
-        Error::InvalidArgument(format!(
-            "{name}: has no tokenizer.json (needed to read prompts)"
-        ))
-    })?;
-    let tokenizer = Tokenizer::from_file(tokenizer, None)?;
-    let read_json = |path: &Path| -> Result<serde_json::Value> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| config_error(path, format!("cannot read: {e}")))?;
-        serde_json::from_str(&text).map_err(|e| config_error(path, format!("not valid JSON: {e}")))
-    };
-    let config_json = config.map(read_json).transpose()?;
-    let source = match (jinja, config_json.as_ref().map(|c| &c["chat_template"])) {
-        (Some(jinja), _) => std::fs::read_to_string(jinja)
-            .map_err(|e| config_error(jinja, format!("cannot read: {e}")))?,
-        (None, Some(serde_json::Value::String(source))) => source.clone(),
-        // Older files list named templates; the one named "default" is the chat's.
-        (None, Some(serde_json::Value::Array(named))) => named
-            .iter()
-            .find(|t| t["name"] == "default")
-            .and_then(|t| t["template"].as_str())
-            .map(str::to_string)
-            .ok_or_else(|| {
-                config_error(
-                    config.expect("read above"),
-                    "chat_template lists no template named 'default'",
-                )
-            })?,
-        _ => {
-            return Err(Error::InvalidArgument(format!(
+                .map(|name| Some(dir.join(name)).filter(|path| path.is_file()))
+                .collect(),
+            // Offline: what the cached snapshot holds. Online: the files the repository has
+            // (only a file it lacks is absent; any other failure is an error).
+            ModelSpec::Hub { repo_id, revision } if crate::source::hub_offline() => {
+                let kind = crate::source::RepoType::Model;
+                let snapshot =
+                    crate::source::cached_snapshot(kind, repo_id, revision).ok_or_else(|| {
+                        crate::source::not_cached(
+                            kind,
+                            repo_id,
+                            revision,
+                            "HF_HUB_OFFLINE is set and nothing of it is cached".into(),
+                        )
+                    })?;
+                file_names
+                    .iter()
+                    .map(|name| Some(snapshot.join(name)).filter(|path| path.is_file()))
+                    .collect()
+            }
+            ModelSpec::Hub { repo_id, revision } => file_names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    match crate::source::hub_repo_files(repo_id, revision, &[name.to_string()]) {
+                        Ok(mut paths) => Ok(Some(paths.remove(0))),
+                        // Only tokenizer.json (the first) must be there.
+                        Err(Error::NotOnHub { .. }) if i > 0 => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                })
+                .collect::<Result<_>>()?,
+        };
+        let [tokenizer, config, jinja, special_map] = [0, 1, 2, 3].map(|i| files[i].as_deref());
+        let tokenizer = tokenizer.ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{name}: has no tokenizer.json (needed to read prompts)"
+            ))
+        })?;
+        let tokenizer = Tokenizer::from_file(tokenizer, None)?;
+        let read_json = |path: &Path| -> Result<serde_json::Value> {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| config_error(path, format!("cannot read: {e}")))?;
+            serde_json::from_str(&text)
+                .map_err(|e| config_error(path, format!("not valid JSON: {e}")))
+        };
+        let config_json = config.map(read_json).transpose()?;
+        let source = match (jinja, config_json.as_ref().map(|c| &c["chat_template"])) {
+            (Some(jinja), _) => std::fs::read_to_string(jinja)
+                .map_err(|e| config_error(jinja, format!("cannot read: {e}")))?,
+            (None, Some(serde_json::Value::String(source))) => source.clone(),
+            // Older files list named templates; the one named "default" is the chat's.
+            (None, Some(serde_json::Value::Array(named))) => named
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str())
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    config_error(
+                        config.expect("read above"),
+                        "chat_template lists no template named 'default'",
+                    )
+                })?,
+            _ => {
+                return Err(Error::InvalidArgument(format!(
                 "{name}: has no chat template (neither chat_template.jinja nor a chat_template \
                  in tokenizer_config.json)"
             )))
-        }
-    };
-    // A special token is its text, or an object with its text as `content`.
-    let special_map_json = special_map.map(read_json).transpose()?;
-    let special_tokens = ["bos_token", "eos_token", "unk_token", "pad_token"]
-        .into_iter()
-        .filter_map(|name| {
-            let text = [&config_json, &special_map_json]
-                .into_iter()
-                .flatten()
-                .find_map(|json| {
-                    let value = &json[name];
-                    value.as_str().or_else(|| value["content"].as_str())
-                })?;
-            Some((name.to_string(), text.to_string()))
+            }
+        };
+        // A special token is its text, or an object with its text as `content`.
+        let special_map_json = special_map.map(read_json).transpose()?;
+        let special_tokens = ["bos_token", "eos_token", "unk_token", "pad_token"]
+            .into_iter()
+            .filter_map(|name| {
+                let text = [&config_json, &special_map_json]
+                    .into_iter()
+                    .flatten()
+                    .find_map(|json| {
+                        let value = &json[name];
+                        value.as_str().or_else(|| value["content"].as_str())
+                    })?;
+                Some((name.to_string(), text.to_string()))
+            })
+            .collect();
+        let template = ChatTemplate::new(&source, special_tokens).map_err(|message| {
+            Error::InvalidArgument(format!("{name}: chat template: {message}"))
+        })?;
+        Ok(Self {
+            turn_end_ids: turn_end_ids(None, &tokenizer),
+            tokenizer,
+            template,
         })
-        .collect();
-    let template = ChatTemplate::new(&source, special_tokens)
-        .map_err(|message| Error::InvalidArgument(format!("{name}: chat template: {message}")))?;
-    Ok((tokenizer, template))
+    }
 }
 
 /// An error in a file of a model's tokenizer or template, naming it.
@@ -625,6 +652,40 @@ mod tests {
         assert_eq!(checked, 50);
     }
 
+    /// A model loaded from a folder reads its chat format from the same folder (at the
+    /// revision loaded); a folder without a template is an error naming what is missing.
+    #[test]
+    fn a_folder_models_chat_is_its_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokenizer =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/gpt-neox-20b-tokenizer.json");
+        let step = dir.path().join("step1000");
+        crate::synthetic::write_synthetic_model(
+            &step,
+            &crate::synthetic::tiny_gpt_neox_config(1),
+            Some(&tokenizer),
+        )
+        .unwrap();
+        let options = crate::LoadOptions {
+            revision: Some("step1000".into()),
+            ..Default::default()
+        };
+        let model = crate::Model::load(dir.path().to_str().unwrap(), &options).unwrap();
+        let err = model.chat().unwrap_err().to_string();
+        assert!(err.contains("has no chat template"), "{err}");
+        let config = serde_json::json!({"chat_template": "<{{ messages[0].content }}>", "eos_token": "<|endoftext|>"});
+        std::fs::write(step.join("tokenizer_config.json"), config.to_string()).unwrap();
+        let chat = model.chat().unwrap();
+        assert_eq!(
+            chat.template
+                .render(&[message("user", "Hi")], true)
+                .unwrap(),
+            "<Hi>"
+        );
+        let endoftext = chat.tokenizer.inner().token_to_id("<|endoftext|>").unwrap();
+        assert!(chat.turn_end_ids.contains(&endoftext));
+    }
+
     /// A model folder's template: `tokenizer_config.json`'s string, its list of named
     /// templates, or `chat_template.jinja`; special tokens as text or as `{"content": ...}`.
     #[test]
@@ -633,9 +694,10 @@ mod tests {
         let folder = dir.path().to_str().unwrap().to_string();
         let config = dir.path().join("tokenizer_config.json");
         let render = || {
-            tokenizer_and_template(&folder, None)
-                .and_then(|(_, t)| {
-                    t.render(&[message("user", "Hi")], true)
+            ModelChat::for_model(&folder, None)
+                .and_then(|chat| {
+                    chat.template
+                        .render(&[message("user", "Hi")], true)
                         .map_err(Error::InvalidArgument)
                 })
                 .map_err(|e| e.to_string())

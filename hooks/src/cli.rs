@@ -204,10 +204,20 @@ struct CacheArgs {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// The text to continue (tokenized without special tokens).
+    /// The text to continue (tokenized without special tokens), or with --chat the user's
+    /// message.
     #[arg(long, short)]
     prompt: String,
-    /// The most tokens to add; generation also stops at the end-of-text token.
+    /// Answer --prompt as a chat model: the conversation is written with the model's chat
+    /// template (as transformers' apply_chat_template), and the answer ends at the end of the
+    /// model's turn.
+    #[arg(long)]
+    chat: bool,
+    /// With --chat: a system message before the user's.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// The most tokens to add; generation also stops at the end-of-text token (with --chat,
+    /// at the end of the turn).
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
     /// 0 takes the most likely token; above 0, tokens are drawn from softmax(logits / T).
@@ -513,7 +523,24 @@ fn tokenize(args: TokenizeArgs) -> Result<()> {
 fn generate(args: GenerateArgs) -> Result<()> {
     let model = args.model.load()?;
     let tokenizer = model.tokenizer()?;
-    let prompt = tokenizer.encode(&args.prompt)?;
+    let (text, stop_tokens) = match args.chat {
+        true => {
+            let chat = model.chat()?;
+            let messages: Vec<serde_json::Value> = args
+                .system
+                .iter()
+                .map(|system| serde_json::json!({"role": "system", "content": system}))
+                .chain([serde_json::json!({"role": "user", "content": args.prompt})])
+                .collect();
+            let text = chat
+                .template
+                .render(&messages, true)
+                .map_err(|message| anyhow::anyhow!("the chat template: {message}"))?;
+            (text, Some(chat.turn_end_ids.clone()))
+        }
+        false => (args.prompt, None),
+    };
+    let prompt = tokenizer.encode(&text)?;
     if prompt.is_empty() {
         anyhow::bail!("--prompt makes no tokens");
     }
@@ -521,9 +548,18 @@ fn generate(args: GenerateArgs) -> Result<()> {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
         seed: args.seed,
-        stop_tokens: None,
+        stop_tokens: stop_tokens.clone(),
     };
-    let generated = model.generate(&prompt, &mut crate::Hooks::new(), &options)?;
+    let mut generated = model.generate(&prompt, &mut crate::Hooks::new(), &options)?;
+    // A chat answer is printed without the token that ended the turn.
+    let ended = generated.last().is_some_and(|last| {
+        stop_tokens
+            .as_ref()
+            .is_some_and(|stops| stops.contains(last))
+    });
+    if ended {
+        generated.pop();
+    }
     println!("{}", tokenizer.decode(&generated)?);
     Ok(())
 }

@@ -762,6 +762,47 @@ fn smollm2_greedy_decoding_matches_transformers() {
     assert_eq!(meta()["greedy"]["plain"]["next_token_decoded"], " Paris");
 }
 
+/// The model's own chat format (`Model::chat`, read from the GGUF metadata): the user's
+/// question written as transformers' `apply_chat_template` writes it (SmolLM2's default
+/// system prompt included), the same ids, and greedy generation on the KV cache ending, at
+/// `<|im_end|>`, with transformers' answer ("The capital of France is Paris.").
+#[test]
+fn smollm2_chat_answers_like_transformers() {
+    let Some(model) = smollm2() else { return };
+    let expected = &meta()["greedy"]["chat_template_question"];
+    let chat = model.chat().unwrap();
+    let messages =
+        [serde_json::json!({"role": "user", "content": "What is the capital of France?"})];
+    let text = chat.template.render(&messages, true).unwrap();
+    assert_eq!(text, expected["text"].as_str().unwrap());
+    let ids = model.tokenizer().unwrap().encode(&text).unwrap();
+    assert_eq!(ids, ids_of(&expected["input_ids"]));
+    let im_end = model
+        .tokenizer()
+        .unwrap()
+        .inner()
+        .token_to_id("<|im_end|>")
+        .unwrap();
+    assert!(
+        chat.turn_end_ids.contains(&im_end),
+        "{:?}",
+        chat.turn_end_ids
+    );
+    let options = hooks::GenerateOptions {
+        max_new_tokens: 32,
+        stop_tokens: Some(chat.turn_end_ids.clone()),
+        ..Default::default()
+    };
+    let answer = model.generate(&ids, &mut Hooks::new(), &options).unwrap();
+    assert_eq!(answer, ids_of(&expected["generated_ids"]));
+    assert_eq!(
+        model.tokenizer().unwrap().decode(&answer).unwrap(),
+        expected["generated_decoded"].as_str().unwrap()
+    );
+    // Asked again, the chat format is the one already read.
+    assert!(std::ptr::eq(chat, model.chat().unwrap()));
+}
+
 /// `LoadOptions::quantized`: the blocks' Q4_1/Q8_0 projections kept as they are (8-bit
 /// activations). On the fixture's three sequences the next-token distribution stays within
 /// 0.02 nats (KL) of transformers' (measured: at most 0.0076; the f32 model's is 2e-7), and

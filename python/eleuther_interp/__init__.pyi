@@ -2,7 +2,7 @@
 
 import os
 import pathlib
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union, final, overload
+from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Sequence, Union, final, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -130,6 +130,19 @@ class Model:
     ) -> Union[tuple[_I64, _I64], list[_I64]]:
         """With padding (default): ``(ids, attention_mask)``, each int64 ``[batch, max_len]``,
         right-padded; without: a list of 1-D arrays."""
+    @overload
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = False, tokenize: Literal[True] = True
+    ) -> _I64:
+        """The conversation written with the model's chat template, as token ids (int64)."""
+    @overload
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = False, tokenize: Literal[False]
+    ) -> str:
+        """The conversation written with the model's chat template, as text."""
+    @property
+    def turn_end_ids(self) -> list[int]:
+        """The tokens that end the model's turn in a chat (``stop=`` for :meth:`generate`)."""
     def forward(self, ids: _Ids) -> _F32:
         """The logits: ``[seq, vocab]`` or ``[batch, seq, vocab]``."""
     def run_with_cache(

@@ -712,6 +712,45 @@ impl PyModel {
         device_name(&self.inner)
     }
 
+    /// The conversation ``messages`` (a list of ``{"role": ..., "content": ...}`` dicts of
+    /// strings) written with the model's chat template, as transformers'
+    /// ``tokenizer.apply_chat_template`` writes it: its token ids (int64, nothing added) with
+    /// ``tokenize=True``, else the text. With ``add_generation_prompt=True`` it ends with the
+    /// opening of the assistant's turn. The template is read from the model's files (a GGUF
+    /// file's metadata; a folder's or hub repository's ``tokenizer_config.json`` or
+    /// ``chat_template.jinja``); a model without one, or a conversation the template refuses,
+    /// raises ``ValueError``. To answer: ``model.generate(ids, stop=model.turn_end_ids)``.
+    #[pyo3(signature = (messages, *, add_generation_prompt = false, tokenize = true))]
+    fn apply_chat_template<'py>(
+        &self,
+        py: Python<'py>,
+        messages: Vec<std::collections::BTreeMap<String, String>>,
+        add_generation_prompt: bool,
+        tokenize: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let chat = py.detach(|| self.inner.chat()).into_py_result()?;
+        let text = chat
+            .template
+            .render(&messages, add_generation_prompt)
+            .map_err(|message| PyValueError::new_err(format!("the chat template: {message}")))?;
+        if !tokenize {
+            return Ok(PyString::new(py, &text).into_any());
+        }
+        let tokenizer = self.inner.tokenizer().into_py_result()?;
+        let ids = py.detach(|| tokenizer.encode(&text)).into_py_result()?;
+        let n = ids.len();
+        int64_array(py, ids.into_iter().map(i64::from).collect(), &[n])
+    }
+
+    /// The tokens that end the model's turn in a chat (its end-of-text and end-of-turn
+    /// tokens, such as ``<|im_end|>`` or ``<|eot_id|>``): ``stop=`` for :meth:`generate` after
+    /// :meth:`apply_chat_template`. ``ValueError`` for a model without a chat template.
+    #[getter]
+    fn turn_end_ids(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
+        let chat = py.detach(|| self.inner.chat()).into_py_result()?;
+        Ok(chat.turn_end_ids.clone())
+    }
+
     /// Token ids of text, as int64 numpy arrays (no special tokens are added unless
     /// ``add_special_tokens=True``).
     ///

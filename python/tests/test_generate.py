@@ -9,7 +9,7 @@ import pytest
 
 import eleuther_interp as ei
 
-from conftest import FIXTURES
+from conftest import FIXTURES, TOKENIZER_JSON
 
 GENERATION = json.loads((FIXTURES / "smollm2" / "generation.json").read_text())
 
@@ -57,6 +57,42 @@ def test_sampling_is_seeded_and_stops_where_told(smollm2):
     assert any(other != draws[0] for other in others), "the seed changes nothing"
     first = GENERATION["plain"]["generated_ids"][0]
     assert smollm2.generate(prompt, 10, stop=[first]).tolist() == [first]
+
+
+def test_chat_answers_like_transformers(smollm2, tmp_path):
+    """apply_chat_template writes the conversation as transformers' apply_chat_template
+    (tests/fixtures/smollm2/meta.json), and generating with stop=turn_end_ids ends the answer
+    at <|im_end|> as transformers' greedy decoding does. A model without a chat template
+    (a synthetic folder) raises ValueError; so does a conversation the template refuses."""
+    expected = json.loads((FIXTURES / "smollm2" / "meta.json").read_text())["greedy"]["chat_template_question"]
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    text = smollm2.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == expected["text"]
+    ids = smollm2.apply_chat_template(messages, add_generation_prompt=True)
+    assert ids.dtype == np.int64 and ids.tolist() == expected["input_ids"]
+    assert not smollm2.apply_chat_template(messages, tokenize=False).endswith("assistant\n")
+    im_end = smollm2.tokenizer.token_to_id("<|im_end|>")
+    assert im_end in smollm2.turn_end_ids
+    answer = smollm2.generate(ids, 32, stop=smollm2.turn_end_ids)
+    assert answer.tolist() == expected["generated_ids"]
+    assert smollm2.tokenizer.decode(answer) == expected["generated_decoded"]
+
+    folder = ei.make_synthetic_model(
+        tmp_path / "base", {"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 1,
+                            "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 50304},
+        tokenizer=TOKENIZER_JSON)
+    base = ei.Model.from_pretrained(folder)
+    with pytest.raises(ValueError, match="has no chat template"):
+        base.apply_chat_template(messages)
+    with pytest.raises(ValueError, match="has no chat template"):
+        base.turn_end_ids
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": "{% if messages[0].role != 'user' %}{{ raise_exception('users first') }}{% endif %}ok"}))
+    assert base.apply_chat_template(messages, tokenize=False) == "ok"
+    with pytest.raises(ValueError, match="the chat template: .*users first"):
+        base.apply_chat_template([{"role": "system", "content": "s"}])
+    with pytest.raises(TypeError):
+        base.apply_chat_template([{"role": "user", "content": ["parts"]}])
 
 
 def test_generation_errors(smollm2):

@@ -62,7 +62,11 @@ impl PromptReader {
                 "prompt log-probabilities: read at least 1 token per position".into(),
             ));
         }
-        let (tokenizer, template) = hooks::chat_template::tokenizer_and_template(model, None)?;
+        let hooks::chat_template::ModelChat {
+            tokenizer,
+            template,
+            ..
+        } = hooks::chat_template::ModelChat::for_model(model, None)?;
         // Pieces of answers are tokenized on their own: a tokenizer that marks the start of
         // every text (SentencePiece's leading space, U+2581) would add a space to each.
         let first = tokenizer.encode("Hello")?.first().copied();

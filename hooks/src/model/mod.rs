@@ -139,6 +139,8 @@ pub struct Model {
     revision: Option<String>,
     /// Whether a sequence past the trained context length was already warned about.
     warned_past_context: std::sync::atomic::AtomicBool,
+    /// The chat format, read from the model's files when first asked for.
+    chat: std::sync::OnceLock<crate::chat_template::ModelChat>,
 }
 
 impl std::fmt::Debug for Model {
@@ -316,6 +318,7 @@ impl Model {
             origin,
             revision,
             warned_past_context: Default::default(),
+            chat: Default::default(),
         })
     }
 
@@ -352,6 +355,32 @@ impl Model {
     /// Where the model came from, e.g. `EleutherAI/pythia-70m@step1000` or a folder.
     pub fn origin(&self) -> &str {
         &self.origin
+    }
+
+    /// How the model holds a conversation: its chat template (with its tokenizer) and the
+    /// tokens that end a turn, read from the files it was loaded from (a GGUF file's
+    /// metadata; a folder's or hub repository's `tokenizer_config.json`,
+    /// `chat_template.jinja`, ...) the first time it is asked for. An error for a model
+    /// without a chat template (a base model, say).
+    pub fn chat(&self) -> Result<&crate::chat_template::ModelChat> {
+        if let Some(chat) = self.chat.get() {
+            return Ok(chat);
+        }
+        // Where the model came from ([`ModelSpec::origin`]): a path, or `repo@revision`.
+        let hub = self.revision.as_deref().and_then(|revision| {
+            let repo_id = self.origin.strip_suffix(&format!("@{revision}"))?;
+            let local = Path::new(&self.origin).exists();
+            (!local).then(|| ModelSpec::Hub {
+                repo_id: repo_id.to_string(),
+                revision: revision.to_string(),
+            })
+        });
+        let spec = match hub {
+            Some(spec) => spec,
+            None => ModelSpec::parse(&self.origin, None)?,
+        };
+        let chat = crate::chat_template::ModelChat::of(&spec)?;
+        Ok(self.chat.get_or_init(|| chat))
     }
 
     /// The revision loaded: the hub's, or a local folder's sub-folder given as `--revision`.

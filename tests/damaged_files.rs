@@ -111,20 +111,19 @@ impl Workspace {
         self.dir.join(name).to_str().unwrap().into()
     }
 
+    /// A command's arguments: the model, `data` in sequences of 16 tokens, then `rest`.
+    fn args<'a>(&'a self, command: &'a str, data: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+        let source = ["--model", &self.model, "--data", data, "--seq-len", "16"];
+        [&[command][..], &source, rest].concat()
+    }
+
     /// An activation cache of the model's layers.1 over 20,000 tokens, in three shards.
     fn activation_cache(&self) -> String {
         let out = self.path("activations");
         let wikitext = repo().join("data/wikitext-2-raw-test.txt");
-        let args = [
-            "cache",
-            "--model",
-            &self.model,
+        let rest = [
             "--hookpoints",
             "layers.1",
-            "--data",
-            wikitext.to_str().unwrap(),
-            "--seq-len",
-            "16",
             "--max-tokens",
             "20000",
             "--batch-size",
@@ -134,6 +133,7 @@ impl Workspace {
             "--output",
             &out,
         ];
+        let args = self.args("cache", wikitext.to_str().unwrap(), &rest);
         run(hooks_cli, &args).unwrap();
         out
     }
@@ -223,19 +223,11 @@ fn damaged_activation_caches() {
 fn damaged_token_arrays() {
     let workspace = Workspace::new();
     let out = workspace.path("tokens.npy");
-    let args = [
+    let args = workspace.args(
         "tokenize",
-        "--model",
-        &workspace.model,
-        "--data",
         &workspace.text,
-        "--seq-len",
-        "16",
-        "--max-tokens",
-        "512",
-        "--output",
-        &out,
-    ];
+        &["--max-tokens", "512", "--output", &out],
+    );
     run(hooks_cli, &args).unwrap();
     damage_and_read(Path::new(&out), &[], 150, &read_data);
 }
@@ -307,18 +299,11 @@ fn damaged_latent_caches() {
     let sae = sae::Sae::new(sae::SaeConfig::new(32, 16, 4), 5, &Device::Cpu).unwrap();
     sae.save(&saes.join("layers.1")).unwrap();
     let out = workspace.path("latents");
-    let args = [
-        "cache",
-        "--model",
-        &workspace.model,
+    let rest = [
         "--sae",
         saes.to_str().unwrap(),
         "--hookpoints",
         "layers.1",
-        "--data",
-        &workspace.text,
-        "--seq-len",
-        "16",
         "--max-tokens",
         "512",
         "--batch-size",
@@ -328,6 +313,7 @@ fn damaged_latent_caches() {
         "--output",
         &out,
     ];
+    let args = workspace.args("cache", &workspace.text, &rest);
     run(delphi_cli, &args).unwrap();
     let files = files_in(Path::new(&out));
     assert!(files.len() > 3, "{files:?}");
@@ -401,14 +387,7 @@ fn damaged_sae_training_outputs() {
 fn damaged_lens_training_outputs() {
     let workspace = Workspace::new();
     let out = workspace.path("lens");
-    let args = [
-        "train",
-        "--model",
-        &workspace.model,
-        "--data",
-        &workspace.text,
-        "--seq-len",
-        "16",
+    let rest = [
         "--tokens-per-step",
         "64",
         "--steps",
@@ -418,6 +397,7 @@ fn damaged_lens_training_outputs() {
         "--checkpoint-every",
         "1",
     ];
+    let args = workspace.args("train", &workspace.text, &rest);
     rerun_on_damaged_output(lens_cli, &args, &out, 30);
 }
 

@@ -331,6 +331,8 @@ fn a_model_downloads_at_its_revision_and_then_loads_offline() {
     let _turn = serial();
     let tmp = tempfile::tempdir().unwrap();
     let folder = common::model_folder(tmp.path(), 32, 64);
+    let template = serde_json::json!({"chat_template": "[{{ messages[0].content }}]", "eos_token": "<|endoftext|>"});
+    std::fs::write(folder.join("tokenizer_config.json"), template.to_string()).unwrap();
     let hub = MockHub::serve(vec![HubRepo::model_folder(
         "test-org/tiny-neox",
         "step8",
@@ -362,11 +364,26 @@ fn a_model_downloads_at_its_revision_and_then_loads_offline() {
         .join(commit.trim())
         .join("model.safetensors")
         .is_file());
+    // Its chat template: fetched from the same revision (the files the repository lacks are
+    // skipped), then read from the cache.
+    let hi = [serde_json::json!({"role": "user", "content": "hi"})];
+    let chat = downloaded.chat().unwrap();
+    assert_eq!(chat.template.render(&hi, true).unwrap(), "[hi]");
+    let get = "GET /test-org/tiny-neox/resolve/step8/tokenizer_config.json".to_string();
+    assert!(hub.take_requests().contains(&get), "{get}");
+    let again = hooks::Model::load("test-org/tiny-neox", &options).unwrap();
+    hub.take_requests();
+    assert_eq!(
+        again.chat().unwrap().template.render(&hi, true).unwrap(),
+        "[hi]"
+    );
+    assert_eq!(hub.take_requests(), Vec::<String>::new());
 
     // Offline, from the cache: the same model, and no request.
     std::env::set_var("HF_HUB_OFFLINE", "1");
     let offline = hooks::Model::load("test-org/tiny-neox", &options).unwrap();
     assert_eq!(logits(&offline), logits(&local));
+    assert!(offline.chat().is_ok());
     assert_eq!(hub.take_requests(), Vec::<String>::new());
     std::env::remove_var("HF_HUB_OFFLINE");
 

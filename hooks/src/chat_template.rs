@@ -107,6 +107,18 @@ impl ChatTemplate {
         messages: &[M],
         add_generation_prompt: bool,
     ) -> std::result::Result<String, String> {
+        self.render_with(messages, add_generation_prompt, &BTreeMap::new())
+    }
+
+    /// [`ChatTemplate::render`] with more variables for the template (transformers passes
+    /// `apply_chat_template`'s extra keyword arguments so: `enable_thinking`, `tools`, ...);
+    /// they override the defaults of the same name.
+    pub fn render_with<M: serde::Serialize>(
+        &self,
+        messages: &[M],
+        add_generation_prompt: bool,
+        variables: &BTreeMap<String, serde_json::Value>,
+    ) -> std::result::Result<String, String> {
         let mut context: BTreeMap<&str, Value> = self
             .special_tokens
             .iter()
@@ -117,6 +129,9 @@ impl ChatTemplate {
         // transformers passes these as None when there are none.
         context.insert("tools", Value::from(()));
         context.insert("documents", Value::from(()));
+        for (name, value) in variables {
+            context.insert(name, Value::from(Serde(value)));
+        }
         let template = self.env.get_template(NAME).map_err(|e| e.to_string())?;
         template.render(Serde(context)).map_err(|e| e.to_string())
     }
@@ -127,11 +142,11 @@ impl ChatTemplate {
 /// any architecture will do).
 #[derive(Debug)]
 pub struct ModelChat {
-    /// The tokenizer the template's text is tokenized with.
+    /// The tokenizer of the model's files (a model given another one tokenizes with that).
     pub tokenizer: Tokenizer,
     /// The chat template.
     pub template: ChatTemplate,
-    /// The tokens where an answer ends.
+    /// The tokens where an answer ends, sorted.
     pub turn_end_ids: Vec<u32>,
 }
 
@@ -179,9 +194,12 @@ impl ModelChat {
                 .iter()
                 .map(|name| Some(dir.join(name)).filter(|path| path.is_file()))
                 .collect(),
-            // Offline: what the cached snapshot holds. Online: the files the repository has
-            // (only a file it lacks is absent; any other failure is an error).
-            ModelSpec::Hub { repo_id, revision } if crate::source::hub_offline() => {
+            // Offline, or when the cached snapshot has the tokenizer and a template (the model
+            // was loaded from it): what the snapshot holds. Online: the files the repository
+            // has (only a file it lacks is absent; any other failure is an error).
+            ModelSpec::Hub { repo_id, revision }
+                if crate::source::hub_offline() || cached_chat(repo_id, revision).is_some() =>
+            {
                 let kind = crate::source::RepoType::Model;
                 let snapshot =
                     crate::source::cached_snapshot(kind, repo_id, revision).ok_or_else(|| {
@@ -249,28 +267,46 @@ impl ModelChat {
         };
         // A special token is its text, or an object with its text as `content`.
         let special_map_json = special_map.map(read_json).transpose()?;
-        let special_tokens = ["bos_token", "eos_token", "unk_token", "pad_token"]
-            .into_iter()
-            .filter_map(|name| {
-                let text = [&config_json, &special_map_json]
-                    .into_iter()
-                    .flatten()
-                    .find_map(|json| {
-                        let value = &json[name];
-                        value.as_str().or_else(|| value["content"].as_str())
-                    })?;
-                Some((name.to_string(), text.to_string()))
-            })
-            .collect();
+        let special_tokens: BTreeMap<String, String> =
+            ["bos_token", "eos_token", "unk_token", "pad_token"]
+                .into_iter()
+                .filter_map(|name| {
+                    let text = [&config_json, &special_map_json]
+                        .into_iter()
+                        .flatten()
+                        .find_map(|json| {
+                            let value = &json[name];
+                            value.as_str().or_else(|| value["content"].as_str())
+                        })?;
+                    Some((name.to_string(), text.to_string()))
+                })
+                .collect();
+        // The template's own end-of-sequence token ends a turn too.
+        let mut ends = turn_end_ids(None, &tokenizer);
+        let eos: Option<&String> = special_tokens.get("eos_token");
+        ends.extend(eos.and_then(|text| tokenizer.inner().token_to_id(text)));
+        ends.sort_unstable();
+        ends.dedup();
         let template = ChatTemplate::new(&source, special_tokens).map_err(|message| {
             Error::InvalidArgument(format!("{name}: chat template: {message}"))
         })?;
         Ok(Self {
-            turn_end_ids: turn_end_ids(None, &tokenizer),
+            turn_end_ids: ends,
             tokenizer,
             template,
         })
     }
+}
+
+/// The cached snapshot of a hub model, when it holds `tokenizer.json` and a chat template.
+fn cached_chat(repo_id: &str, revision: &str) -> Option<PathBuf> {
+    let kind = crate::source::RepoType::Model;
+    crate::source::cached_snapshot(kind, repo_id, revision).filter(|snapshot| {
+        snapshot.join("tokenizer.json").is_file()
+            && ["tokenizer_config.json", "chat_template.jinja"]
+                .iter()
+                .any(|name| snapshot.join(name).is_file())
+    })
 }
 
 /// An error in a file of a model's tokenizer or template, naming it.
@@ -653,7 +689,8 @@ mod tests {
     }
 
     /// A model loaded from a folder reads its chat format from the same folder (at the
-    /// revision loaded); a folder without a template is an error naming what is missing.
+    /// revision loaded); a folder without a template is an error naming what is missing; a
+    /// tokenizer given in place of the folder's brings its own end tokens.
     #[test]
     fn a_folder_models_chat_is_its_folders() {
         let dir = tempfile::tempdir().unwrap();
@@ -684,6 +721,11 @@ mod tests {
         );
         let endoftext = chat.tokenizer.inner().token_to_id("<|endoftext|>").unwrap();
         assert!(chat.turn_end_ids.contains(&endoftext));
+        assert!(!chat.turn_end_ids.contains(&7));
+        // Another tokenizer given: its end tokens (here its EOS, 7).
+        let mut model = model;
+        model.set_tokenizer(Tokenizer::from_file(&tokenizer, Some(7)).unwrap());
+        assert!(model.chat().unwrap().turn_end_ids.contains(&7));
     }
 
     /// A model folder's template: `tokenizer_config.json`'s string, its list of named

@@ -132,14 +132,34 @@ class Model:
         right-padded; without: a list of 1-D arrays."""
     @overload
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = False, tokenize: Literal[True] = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = False,
+        tokenize: Literal[True] = True,
+        **variables: Any,
     ) -> _I64:
         """The conversation written with the model's chat template, as token ids (int64)."""
     @overload
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = False, tokenize: Literal[False]
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = False,
+        tokenize: Literal[False],
+        **variables: Any,
     ) -> str:
         """The conversation written with the model's chat template, as text."""
+    @overload
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = False,
+        tokenize: bool = True,
+        **variables: Any,
+    ) -> Union[_I64, str]:
+        """Token ids with ``tokenize=True``, else the text."""
     @property
     def turn_end_ids(self) -> list[int]:
         """The tokens that end the model's turn in a chat (``stop=`` for :meth:`generate`)."""

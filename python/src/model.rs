@@ -712,26 +712,47 @@ impl PyModel {
         device_name(&self.inner)
     }
 
-    /// The conversation ``messages`` (a list of ``{"role": ..., "content": ...}`` dicts of
-    /// strings) written with the model's chat template, as transformers'
-    /// ``tokenizer.apply_chat_template`` writes it: its token ids (int64, nothing added) with
-    /// ``tokenize=True``, else the text. With ``add_generation_prompt=True`` it ends with the
-    /// opening of the assistant's turn. The template is read from the model's files (a GGUF
-    /// file's metadata; a folder's or hub repository's ``tokenizer_config.json`` or
-    /// ``chat_template.jinja``); a model without one, or a conversation the template refuses,
-    /// raises ``ValueError``. To answer: ``model.generate(ids, stop=model.turn_end_ids)``.
-    #[pyo3(signature = (messages, *, add_generation_prompt = false, tokenize = true))]
+    /// The conversation ``messages`` (a list of dicts such as ``{"role": "user", "content":
+    /// "..."}``, any JSON-like values) written with the model's chat template, as
+    /// transformers' ``tokenizer.apply_chat_template`` writes it: its token ids (int64,
+    /// nothing added) with ``tokenize=True``, else the text. With
+    /// ``add_generation_prompt=True`` it ends with the opening of the assistant's turn. Other
+    /// keyword arguments are variables for the template, as in transformers
+    /// (``enable_thinking=False``, ``tools=[...]``). The template is read from the model's
+    /// files (a GGUF file's metadata; a folder's or hub repository's
+    /// ``tokenizer_config.json`` or ``chat_template.jinja``); a model without one, or a
+    /// conversation the template refuses, raises ``ValueError`` (``FileNotFoundError`` when a
+    /// hub file cannot be fetched). To answer: ``model.generate(ids, stop=model.turn_end_ids)``.
+    #[pyo3(signature = (messages, *, add_generation_prompt = false, tokenize = true, **variables))]
     fn apply_chat_template<'py>(
         &self,
         py: Python<'py>,
-        messages: Vec<std::collections::BTreeMap<String, String>>,
+        messages: &Bound<'py, PyAny>,
         add_generation_prompt: bool,
         tokenize: bool,
+        variables: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        // As JSON: dicts, lists, strings, numbers, booleans and None, as the template sees them.
+        let json = py.import("json")?;
+        let as_json = |value: &Bound<'py, PyAny>| -> PyResult<serde_json::Value> {
+            let text: String = json.call_method1("dumps", (value,))?.extract()?;
+            serde_json::from_str(&text).map_err(|e| PyValueError::new_err(e.to_string()))
+        };
+        let messages: Vec<serde_json::Value> = match as_json(messages)? {
+            serde_json::Value::Array(messages) if messages.iter().all(|m| m.is_object()) => {
+                messages
+            }
+            _ => return Err(PyTypeError::new_err("messages must be a list of dicts")),
+        };
+        let variables = match variables {
+            Some(variables) => serde_json::from_value(as_json(variables.as_any())?)
+                .map_err(|e| PyValueError::new_err(e.to_string()))?,
+            None => Default::default(),
+        };
         let chat = py.detach(|| self.inner.chat()).into_py_result()?;
         let text = chat
             .template
-            .render(&messages, add_generation_prompt)
+            .render_with(&messages, add_generation_prompt, &variables)
             .map_err(|message| PyValueError::new_err(format!("the chat template: {message}")))?;
         if !tokenize {
             return Ok(PyString::new(py, &text).into_any());

@@ -91,8 +91,15 @@ def test_chat_answers_like_transformers(smollm2, tmp_path):
     assert base.apply_chat_template(messages, tokenize=False) == "ok"
     with pytest.raises(ValueError, match="the chat template: .*users first"):
         base.apply_chat_template([{"role": "system", "content": "s"}])
-    with pytest.raises(TypeError):
-        base.apply_chat_template([{"role": "user", "content": ["parts"]}])
+    # Any JSON-like content, and template variables as keyword arguments.
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": "{{ messages[0].content[0].text }}{% if think %}!{% endif %}"}))
+    base = ei.Model.from_pretrained(folder)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    assert base.apply_chat_template(parts, tokenize=False) == "hi"
+    assert base.apply_chat_template(parts, tokenize=False, think=True) == "hi!"
+    with pytest.raises(TypeError, match="messages must be a list of dicts"):
+        base.apply_chat_template("hi")
 
 
 def test_generation_errors(smollm2):

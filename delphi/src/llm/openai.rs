@@ -103,8 +103,9 @@ impl PromptReader {
     /// would be read at the wrong tokens without a sign. Tokens written as nothing or as
     /// U+FFFD (parts of a character, special tokens left out) are not compared, nor is
     /// anything on a server that writes no text; at least [`Self::CHECKED_TOKENS`] tokens
-    /// must be compared before a server is refused. Once a reply passes, later ones are not
-    /// checked.
+    /// must be compared before a server is refused, and more than half of them must differ
+    /// (special tokens a server writes otherwise stay a minority). Once a reply passes, later
+    /// ones are not checked.
     fn check_served_tokens(
         &self,
         ids: &[u32],

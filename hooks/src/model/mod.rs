@@ -141,6 +141,8 @@ pub struct Model {
     warned_past_context: std::sync::atomic::AtomicBool,
     /// The chat format, read from the model's files when first asked for.
     chat: std::sync::OnceLock<crate::chat_template::ModelChat>,
+    /// Whether [`Model::set_tokenizer`] replaced the files' tokenizer.
+    tokenizer_replaced: bool,
 }
 
 impl std::fmt::Debug for Model {
@@ -319,6 +321,7 @@ impl Model {
             revision,
             warned_past_context: Default::default(),
             chat: Default::default(),
+            tokenizer_replaced: false,
         })
     }
 
@@ -350,6 +353,9 @@ impl Model {
             );
         }
         self.tokenizer = Some(tokenizer);
+        self.tokenizer_replaced = true;
+        // The turn-end tokens are the new vocabulary's.
+        self.chat = Default::default();
     }
 
     /// Where the model came from, e.g. `EleutherAI/pythia-70m@step1000` or a folder.
@@ -360,8 +366,10 @@ impl Model {
     /// How the model holds a conversation: its chat template (with its tokenizer) and the
     /// tokens that end a turn, read from the files it was loaded from (a GGUF file's
     /// metadata; a folder's or hub repository's `tokenizer_config.json`,
-    /// `chat_template.jinja`, ...) the first time it is asked for. An error for a model
-    /// without a chat template (a base model, say).
+    /// `chat_template.jinja`, ...) the first time it is asked for. The turn-end tokens include
+    /// the config's and the template's end-of-sequence tokens; with a tokenizer given by
+    /// [`Model::set_tokenizer`], they are that tokenizer's. An error for a model without a
+    /// chat template (a base model, say).
     pub fn chat(&self) -> Result<&crate::chat_template::ModelChat> {
         if let Some(chat) = self.chat.get() {
             return Ok(chat);
@@ -379,7 +387,16 @@ impl Model {
             Some(spec) => spec,
             None => ModelSpec::parse(&self.origin, None)?,
         };
-        let chat = crate::chat_template::ModelChat::of(&spec)?;
+        let mut chat = crate::chat_template::ModelChat::of(&spec)?;
+        // A tokenizer given in place of the files' own: its end tokens, not the files'.
+        if self.tokenizer_replaced {
+            let tokenizer = self.tokenizer()?;
+            chat.turn_end_ids = crate::chat_template::turn_end_ids(None, tokenizer);
+        }
+        // The config's end-of-sequence token (as transformers' generate stops at it).
+        chat.turn_end_ids.extend(self.config.eos_token_id());
+        chat.turn_end_ids.sort_unstable();
+        chat.turn_end_ids.dedup();
         Ok(self.chat.get_or_init(|| chat))
     }
 
